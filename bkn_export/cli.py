@@ -1,0 +1,47 @@
+"""The ``bkn`` command line: ``bkn demo | train-demo | export | parity``.
+
+Each subcommand lives in its own module under :mod:`bkn_export.commands` with
+``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when
+chosen, so ``bkn --help`` is fast. Exit status: 0 success, 1 a failed check
+(e.g. a parity mismatch), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: subcommand -> (module under bkn_export.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "train a BKN CNN on digits at batch 2, export both modes, run parity, write reports"),
+    "train-demo": ("train_demo", "micro-batch benchmark: BatchNorm vs GroupNorm vs BKN on digits"),
+    "export": ("export", "export a model (factory + checkpoint) to ONNX"),
+    "parity": ("parity", "compare an ONNX model on every runtime against PyTorch"),
+}
+
+
+def _command_module(command: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(f"bkn_export.commands.{COMMANDS[command][0]}")
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bkn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (_, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            _command_module(name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(_command_module(args.command).run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``bkn`` CLI (one module each)."""

@@ -1,0 +1,453 @@
+"""Functional reference for Batch Kalman Normalization (BKN).
+
+This module is the single source of truth for the math. Every fast path (the CPU
+custom op, the Triton kernels, the ONNX function body, the TensorRT plugin) is
+tested against the functions here, and nothing else re-derives the equations.
+
+Notation for layer ``k`` with input ``x_k`` of shape ``(N, C_k, *)``; all
+statistics are per channel (diagonal covariances)::
+
+    batch statistics  x̄_k = mean_{N,*} x_k              S_k = biased variance_{N,*} x_k
+    prediction        μ_{k|k-1} = T_k(μ_{k-1|k-1})      Σ_{k|k-1} = T_k^var(Σ_{k-1|k-1}) + R_k
+    update            μ_{k|k} = p_k μ_{k|k-1} + q_k x̄_k                         (q_k = 1 - p_k)
+                      Σ_{k|k} = p_k Σ_{k|k-1} + q_k S_k + p_k q_k (x̄_k - μ_{k|k-1})²
+    normalize         y_k = γ_k (x_k - μ_{k|k}) / sqrt(Σ_{k|k} + ε) + β_k
+    running stats     r_μ ← (1-α) r_μ + α μ_{k|k}      r_Σ ← (1-α) r_Σ + α n/(n-1) Σ_{k|k}
+    inference         y = γ (x - r_μ) / sqrt(r_Σ + ε) + β        (an affine map: foldable)
+
+``p_k`` is the weight on the prior (the Kalman gain's complement). The update is
+the moment-matched mixture of the prior N(μ_{k|k-1}, Σ_{k|k-1}) and the batch
+N(x̄_k, S_k) with weights (p, q); with ``p = 0`` it is exactly BatchNorm.
+
+Transitions ``T_k`` (how the previous posterior is carried to layer k):
+
+* ``propagate`` (default): the previous posterior is pushed through the layer that
+  feeds this normalization: rectified-Gaussian moments for the ReLU, then the mean
+  through ΣW and the variance through ΣW² of the Conv/Linear weights, treating inputs
+  as independent (the same assumption the authors' sampling makes). Deterministic.
+* ``sampled``: the authors' Monte Carlo version: one Gaussian sample per position,
+  ReLU, the feeding layer itself, then the sample's moments (reparameterized so that
+  gradients reach the previous posterior).
+* ``learned``: a free matrix ``A`` (C_k, C_{k-1}): μ = A μ', Σ = (A∘A) Σ' + R.
+* ``identity``: μ = μ', Σ = Σ' + R (channel counts must match).
+
+Half-precision inputs (float16, bfloat16) accumulate statistics in float32; the
+posterior statistics are float32 for them, and ``y`` has the dtype of ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "BatchStatistics",
+    "KalmanStep",
+    "PRIOR_WEIGHT_LIMIT",
+    "statistics_dtype",
+    "reduction_dims",
+    "batch_statistics",
+    "rectified_gaussian_moments",
+    "channel_maps",
+    "predict_propagate",
+    "predict_sampled",
+    "predict_linear",
+    "predict_identity",
+    "effective_prior_weight",
+    "kalman_update",
+    "batch_kalman_norm",
+    "batch_kalman_norm_backward",
+    "running_statistics_update",
+    "kalman_norm_inference",
+    "inference_affine",
+]
+
+#: Largest prior weight the learned gain can reach; keeps q = 1 - p away from 0 so
+#: the batch always contributes and gradients reach the input statistics.
+PRIOR_WEIGHT_LIMIT = 0.999
+
+
+class BatchStatistics(NamedTuple):
+    """Per-channel statistics of one micro-batch.
+
+    mean, variance: (C,) in the statistics dtype (biased variance).
+    count: elements per channel, ``n = N * prod(*)``.
+    """
+
+    mean: Tensor
+    variance: Tensor
+    count: int
+
+
+class KalmanStep(NamedTuple):
+    """Result of one BKN training step.
+
+    output: (N, C, *) dtype of ``x``.
+    posterior_mean, posterior_variance: (C,) in the statistics dtype.
+    """
+
+    output: Tensor
+    posterior_mean: Tensor
+    posterior_variance: Tensor
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype in which statistics are accumulated: float32 for half types."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def reduction_dims(x: Tensor) -> list[int]:
+    """All dims of ``x: (N, C, *)`` except the channel dim 1."""
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """View a (C,) tensor so it broadcasts against ``x: (N, C, *)``."""
+    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def batch_statistics(x: Tensor) -> BatchStatistics:
+    """Mean and biased variance over (N, *) of ``x: (N, C, *)``.
+
+    Returns (C,) tensors in :func:`statistics_dtype`; count = N * prod(*).
+    """
+    dims = reduction_dims(x)
+    x_acc = x.to(statistics_dtype(x.dtype))
+    variance, mean = torch.var_mean(x_acc, dim=dims, correction=0)
+    count = x.numel() // max(x.shape[1], 1)
+    return BatchStatistics(mean, variance, count)
+
+
+# --------------------------------------------------------------------------- prediction
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_VARIANCE_FLOOR = 1e-12
+
+
+def rectified_gaussian_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of ReLU(z) for z ~ N(mean, variance), elementwise.
+
+    With σ = sqrt(v), a = μ/σ, φ the standard normal pdf and Φ its cdf::
+
+        E[ReLU z]   = μ Φ(a) + σ φ(a)
+        E[ReLU z]²  = (μ² + v) Φ(a) + μ σ φ(a)
+        Var         = E[ReLU z²] - E[ReLU z]²   (clamped at 0)
+    """
+    std = torch.sqrt(variance.clamp_min(_VARIANCE_FLOOR))
+    a = mean / std
+    pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
+    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
+    first = mean * cdf + std * pdf
+    second = (mean * mean + variance) * cdf + mean * std * pdf
+    return first, (second - first * first).clamp_min(0.0)
+
+
+def channel_maps(layer: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Channel-to-channel maps of a Conv/ConvTranspose/Linear layer for ``propagate``.
+
+    Returns ``(sum_weight, sum_weight_squared, bias)`` with the maps of shape
+    (C_out, C_in): entry (o, i) is Σ over the kernel of W[o, i, ...] (resp. W²).
+    Grouped convolutions give block-diagonal maps. Gradients flow into the weights.
+    """
+    weight = layer.weight
+    if isinstance(layer, torch.nn.Linear):
+        return weight, weight * weight, layer.bias
+    if isinstance(layer, torch.nn.modules.conv._ConvNd):
+        groups = layer.groups
+        kernel_dims = list(range(2, weight.dim()))
+        if layer.transposed:  # (C_in, C_out/g, *k) -> per group (C_out/g, C_in/g)
+            c_in, c_out_g = weight.shape[0], weight.shape[1]
+            blocks = weight.reshape(groups, c_in // groups, c_out_g, *weight.shape[2:])
+            summed = blocks.sum(dim=[d + 1 for d in kernel_dims]).transpose(1, 2)
+            squared = (blocks * blocks).sum(dim=[d + 1 for d in kernel_dims]).transpose(1, 2)
+        else:  # (C_out, C_in/g, *k) -> per group (C_out/g, C_in/g)
+            c_out, c_in_g = weight.shape[0], weight.shape[1]
+            blocks = weight.reshape(groups, c_out // groups, c_in_g, *weight.shape[2:])
+            summed = blocks.sum(dim=[d + 1 for d in kernel_dims])
+            squared = (blocks * blocks).sum(dim=[d + 1 for d in kernel_dims])
+        return torch.block_diag(*summed), torch.block_diag(*squared), layer.bias
+    raise TypeError(f"channel_maps: {type(layer).__name__} is not a Conv, ConvTranspose or Linear layer")
+
+
+def predict_propagate(
+    previous_mean: Tensor,
+    previous_variance: Tensor,
+    sum_weight: Tensor,
+    sum_weight_squared: Tensor,
+    bias: Tensor | None,
+    process_noise: Tensor | None,
+    rectify: bool,
+) -> tuple[Tensor, Tensor]:
+    """Analytic prediction through (ReLU →) a Conv/Linear layer.
+
+    previous_mean, previous_variance: (C_prev,); sum_weight, sum_weight_squared:
+    (C, C_prev) from :func:`channel_maps`; bias, process_noise: (C,) or None.
+    Returns μ_{k|k-1} = ΣW m' + b and Σ_{k|k-1} = ΣW² v' + R, where (m', v') are the
+    rectified-Gaussian moments when ``rectify`` else the previous moments.
+    """
+    mean, variance = previous_mean, previous_variance
+    if rectify:
+        mean, variance = rectified_gaussian_moments(mean, variance)
+    dtype = mean.dtype
+    predicted_mean = sum_weight.to(dtype) @ mean
+    predicted_variance = sum_weight_squared.to(dtype) @ variance
+    if bias is not None:
+        predicted_mean = predicted_mean + bias.to(dtype)
+    if process_noise is not None:
+        predicted_variance = predicted_variance + process_noise.to(dtype)
+    return predicted_mean, predicted_variance
+
+
+def predict_sampled(
+    previous_mean: Tensor,
+    previous_variance: Tensor,
+    noise: Tensor,
+    layer: Callable[[Tensor], Tensor],
+    process_noise: Tensor | None,
+    rectify: bool,
+) -> tuple[Tensor, Tensor]:
+    """The authors' Monte Carlo prediction.
+
+    noise: (N, C_prev, *) standard normal, the shape of the feeding layer's input.
+    The sample z = m + sqrt(v) · noise (per position) goes through ReLU (if
+    ``rectify``) and ``layer``; returns its per-channel mean and biased variance (+ R).
+    """
+    shaped_mean = _per_channel(previous_mean, noise)
+    shaped_std = _per_channel(torch.sqrt(previous_variance.clamp_min(_VARIANCE_FLOOR)), noise)
+    sample = shaped_mean + shaped_std * noise.to(previous_mean.dtype)
+    if rectify:
+        sample = torch.relu(sample)
+    stats = batch_statistics(layer(sample))
+    variance = stats.variance
+    if process_noise is not None:
+        variance = variance + process_noise.to(variance.dtype)
+    return stats.mean, variance
+
+
+def predict_linear(
+    previous_mean: Tensor, previous_variance: Tensor, matrix: Tensor, process_noise: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Learned transition: μ = A m', Σ = (A∘A) v' + R with A: (C, C_prev)."""
+    matrix = matrix.to(previous_mean.dtype)
+    variance = (matrix * matrix) @ previous_variance
+    if process_noise is not None:
+        variance = variance + process_noise.to(variance.dtype)
+    return matrix @ previous_mean, variance
+
+
+def predict_identity(
+    previous_mean: Tensor, previous_variance: Tensor, process_noise: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Identity transition: μ = m', Σ = v' + R (C == C_prev)."""
+    if process_noise is None:
+        return previous_mean, previous_variance
+    return previous_mean, previous_variance + process_noise.to(previous_variance.dtype)
+
+
+# --------------------------------------------------------------------------- update
+
+
+def effective_prior_weight(
+    prior_weight: Tensor, prior_variance: Tensor, batch_variance: Tensor, fallback_ratio: float
+) -> Tensor:
+    """The prior weight after the authors' fallback rule.
+
+    When ``fallback_ratio > 0`` and mean(Σ_{k|k-1} / S_k) ≥ fallback_ratio, the prior is
+    considered unreliable and the layer uses plain batch statistics (p = 0). The
+    comparison is not differentiable; gradients pass to ``prior_weight`` elsewhere.
+    """
+    if fallback_ratio <= 0:
+        return prior_weight
+    fired = _fallback_fired(prior_variance, batch_variance, fallback_ratio)
+    return torch.where(fired, torch.zeros_like(prior_weight), prior_weight)
+
+
+def _fallback_fired(prior_variance: Tensor, batch_variance: Tensor, fallback_ratio: float) -> Tensor:
+    """0-dim bool: mean(Σ_{k|k-1} / S_k) ≥ fallback_ratio."""
+    return (prior_variance / batch_variance.clamp_min(_VARIANCE_FLOOR)).mean() >= fallback_ratio
+
+
+def kalman_update(
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    batch_mean: Tensor,
+    batch_variance: Tensor,
+    prior_weight: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Moment-matched blend of prior and batch (all (C,)); returns (μ_{k|k}, Σ_{k|k})."""
+    batch_weight = 1.0 - prior_weight
+    innovation = batch_mean - prior_mean
+    mean = prior_mean + batch_weight * innovation
+    variance = (
+        prior_weight * prior_variance
+        + batch_weight * batch_variance
+        + prior_weight * batch_weight * innovation * innovation
+    )
+    return mean, variance
+
+
+def batch_kalman_norm(
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    fallback_ratio: float = 0.0,
+) -> KalmanStep:
+    """One BKN training step after the prediction: batch statistics, update, normalize.
+
+    x: (N, C, *) any float dtype (channels_last allowed); prior_mean, prior_variance,
+    prior_weight: (C,) (``prior_weight`` = 0 gives BatchNorm); weight (γ), bias (β):
+    (C,) or None. Returns y (dtype of x) and the posterior (C,) in the statistics dtype.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"batch_kalman_norm expects x of shape (N, C, *), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"batch_kalman_norm got an empty batch of shape {tuple(x.shape)}")
+    acc = statistics_dtype(x.dtype)
+    stats = batch_statistics(x)
+    prior_mean = prior_mean.to(acc)
+    prior_variance = prior_variance.to(acc)
+    p = effective_prior_weight(prior_weight.to(acc), prior_variance, stats.variance, fallback_ratio)
+    mean, variance = kalman_update(prior_mean, prior_variance, stats.mean, stats.variance, p)
+    scale = torch.rsqrt(variance + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    y = x.to(acc) * _per_channel(scale, x) + _per_channel(shift, x)
+    return KalmanStep(y.to(x.dtype), mean, variance)
+
+
+def batch_kalman_norm_backward(
+    grad_output: Tensor | None,
+    grad_posterior_mean: Tensor | None,
+    grad_posterior_variance: Tensor | None,
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    fallback_ratio: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Closed-form gradients of :func:`batch_kalman_norm`.
+
+    Returns grads for (x, prior_mean, prior_variance, prior_weight, weight, bias).
+    With x̂ = (x - μ)/s, s = sqrt(Σ + ε), g_x̂ = g γ, d = x̄ - m_pred, q = 1 - p::
+
+        ∂L/∂μ   = -Σ g_x̂ / s + ḡ_μ          ∂L/∂Σ = -Σ g_x̂ x̂ / (2 s²) + ḡ_Σ
+        ∂L/∂x̄   = q ∂L/∂μ + 2pq d ∂L/∂Σ      ∂L/∂S = q ∂L/∂Σ
+        ∂L/∂m   = p ∂L/∂μ - 2pq d ∂L/∂Σ      ∂L/∂Σ_pred = p ∂L/∂Σ
+        ∂L/∂p   = -d ∂L/∂μ + (Σ_pred - S + (1 - 2p) d²) ∂L/∂Σ
+        ∂L/∂x_i = g_x̂,i / s + ∂L/∂x̄ / n + 2 (x_i - x̄) ∂L/∂S / n
+
+    This is what the fused kernels implement; tests check it against autograd.
+    """
+    acc = statistics_dtype(x.dtype)
+    dims = reduction_dims(x)
+    x_acc = x.to(acc)
+    stats = batch_statistics(x)
+    n = stats.count
+    m = prior_mean.to(acc)
+    v_pred = prior_variance.to(acc)
+    p_raw = prior_weight.to(acc)
+    p = effective_prior_weight(p_raw, v_pred, stats.variance, fallback_ratio)
+    q = 1.0 - p
+    mean, variance = kalman_update(m, v_pred, stats.mean, stats.variance, p)
+    inv_std = torch.rsqrt(variance + eps)
+    x_hat = (x_acc - _per_channel(mean, x)) * _per_channel(inv_std, x)
+    zeros = torch.zeros_like(mean)
+    if grad_output is None:
+        grad_output = torch.zeros_like(x)
+    g = grad_output.to(acc)
+    sum_g = g.sum(dim=dims)
+    sum_g_xhat = (g * x_hat).sum(dim=dims)
+    gamma = weight.to(acc) if weight is not None else torch.ones_like(mean)
+    grad_mean = -gamma * sum_g * inv_std + (grad_posterior_mean.to(acc) if grad_posterior_mean is not None else zeros)
+    grad_variance = -0.5 * gamma * sum_g_xhat * inv_std * inv_std + (
+        grad_posterior_variance.to(acc) if grad_posterior_variance is not None else zeros
+    )
+    innovation = stats.mean - m
+    cross = 2.0 * p * q * innovation * grad_variance
+    grad_batch_mean = q * grad_mean + cross
+    grad_batch_variance = q * grad_variance
+    grad_prior_mean = p * grad_mean - cross
+    grad_prior_variance = p * grad_variance
+    grad_p = -innovation * grad_mean + (v_pred - stats.variance + (1.0 - 2.0 * p) * innovation * innovation) * grad_variance
+    if fallback_ratio > 0:  # where the fallback fired, p is the constant 0
+        fired = _fallback_fired(v_pred, stats.variance, fallback_ratio)
+        grad_p = torch.where(fired, torch.zeros_like(grad_p), grad_p)
+    grad_x = (
+        g * _per_channel(gamma * inv_std, x)
+        + _per_channel(grad_batch_mean / n, x)
+        + (x_acc - _per_channel(stats.mean, x)) * _per_channel(2.0 * grad_batch_variance / n, x)
+    )
+    grad_weight = sum_g_xhat if weight is not None else None
+    return (
+        grad_x.to(x.dtype),
+        grad_prior_mean.to(prior_mean.dtype),
+        grad_prior_variance.to(prior_variance.dtype),
+        grad_p.to(prior_weight.dtype),
+        grad_weight,
+        sum_g,
+    )
+
+
+def running_statistics_update(
+    running_mean: Tensor,
+    running_variance: Tensor,
+    posterior_mean: Tensor,
+    posterior_variance: Tensor,
+    momentum: float,
+    count: int,
+) -> tuple[Tensor, Tensor]:
+    """BatchNorm's running-statistics rule applied to the posterior (no gradient).
+
+    r_μ ← (1-α) r_μ + α μ_{k|k};  r_Σ ← (1-α) r_Σ + α · n/(n-1) · Σ_{k|k}.
+    For n = 1 the unbiased factor is undefined; the posterior variance is used as is.
+    Returns new tensors in the dtype of the running buffers.
+    """
+    unbiased = count / (count - 1) if count > 1 else 1.0
+    new_mean = torch.lerp(running_mean, posterior_mean.detach().to(running_mean.dtype), momentum)
+    new_variance = torch.lerp(
+        running_variance, (posterior_variance.detach() * unbiased).to(running_variance.dtype), momentum
+    )
+    return new_mean, new_variance
+
+
+def inference_affine(
+    running_mean: Tensor, running_variance: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode BKN as y = a x + b per channel: a = γ / sqrt(r_Σ + ε), b = β - a r_μ."""
+    scale = torch.rsqrt(running_variance + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def kalman_norm_inference(
+    x: Tensor,
+    running_mean: Tensor,
+    running_variance: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Eval-mode BKN: y = γ (x - r_μ) / sqrt(r_Σ + ε) + β, lowered to ``F.batch_norm``.
+
+    Using ``F.batch_norm`` is deliberate: the ONNX exporter folds it into a preceding
+    Conv/Gemm, and CPU/cuDNN have fused kernels for it.
+    """
+    return F.batch_norm(x, running_mean, running_variance, weight, bias, False, 0.0, eps)

@@ -1,0 +1,167 @@
+"""The custom op ``torch.ops.bkn.batch_kalman_norm`` (and its backward op).
+
+The op is one BKN step after the prediction (batch statistics, Kalman update,
+normalize); its math is :func:`bkn_export.functional.batch_kalman_norm`. Keeping it an
+opaque op gives three things: the ONNX exporter can map it to the custom ONNX op
+``ai.bkn::BatchKalmanNorm`` (``bkn_export.export.training``), the CUDA implementation
+can be a fused Triton kernel (``bkn_export.kernels``), and ``torch.export`` /
+``torch.compile`` see one node with a fake implementation for shapes.
+
+Default (CPU and any device without a registered kernel) implementations are the
+functional reference; autograd uses the closed-form backward, itself a custom op so
+that devices can provide a fused kernel for it too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bkn_export import functional as Fk
+
+__all__ = ["batch_kalman_norm", "batch_kalman_norm_backward"]
+
+
+@torch.library.custom_op("bkn::batch_kalman_norm", mutates_args=())
+def batch_kalman_norm(
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (N, C, *); prior_*: (C,); returns (y, posterior_mean, posterior_variance)."""
+    step = Fk.batch_kalman_norm(x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio)
+    # Custom ops may not return their inputs (aliasing); the functional never does.
+    return step.output, step.posterior_mean, step.posterior_variance
+
+
+@batch_kalman_norm.register_fake
+def _batch_kalman_norm_fake(
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = Fk.statistics_dtype(x.dtype)
+    channels = x.shape[1]
+    return (
+        torch.empty_like(x),
+        x.new_empty((channels,), dtype=acc),
+        x.new_empty((channels,), dtype=acc),
+    )
+
+
+@torch.library.custom_op("bkn::batch_kalman_norm_backward", mutates_args=())
+def batch_kalman_norm_backward(
+    grad_output: Tensor,
+    grad_posterior_mean: Tensor,
+    grad_posterior_variance: Tensor,
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (x, prior_mean, prior_variance, prior_weight, weight, bias).
+
+    The weight gradient is returned even when ``weight`` is None (autograd drops it).
+    """
+    grads = Fk.batch_kalman_norm_backward(
+        grad_output,
+        grad_posterior_mean,
+        grad_posterior_variance,
+        x,
+        prior_mean,
+        prior_variance,
+        prior_weight,
+        weight,
+        eps,
+        fallback_ratio,
+    )
+    grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = grads
+    if grad_weight is None:
+        grad_weight = torch.zeros_like(grad_bias)
+    return grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias
+
+
+@batch_kalman_norm_backward.register_fake
+def _batch_kalman_norm_backward_fake(
+    grad_output: Tensor,
+    grad_posterior_mean: Tensor,
+    grad_posterior_variance: Tensor,
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    acc = Fk.statistics_dtype(x.dtype)
+    channels = x.shape[1]
+    return (
+        torch.empty_like(x),
+        torch.empty_like(prior_mean),
+        torch.empty_like(prior_variance),
+        torch.empty_like(prior_weight),
+        x.new_empty((channels,), dtype=acc),
+        x.new_empty((channels,), dtype=acc),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio = inputs
+    ctx.save_for_backward(x, prior_mean, prior_variance, prior_weight, weight)
+    ctx.eps = eps
+    ctx.fallback_ratio = fallback_ratio
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx: Any, grad_output: Tensor, grad_mean: Tensor, grad_variance: Tensor) -> tuple[Any, ...]:
+    x, prior_mean, prior_variance, prior_weight, weight = ctx.saved_tensors
+    acc = Fk.statistics_dtype(x.dtype)
+    channels = x.shape[1]
+    # Autograd passes None for outputs that did not reach the loss.
+    if grad_output is None:
+        grad_output = torch.zeros_like(x)
+    if grad_mean is None:
+        grad_mean = x.new_zeros((channels,), dtype=acc)
+    if grad_variance is None:
+        grad_variance = x.new_zeros((channels,), dtype=acc)
+    grad_x, g_mean, g_var, g_p, g_weight, g_bias = batch_kalman_norm_backward(
+        grad_output,
+        grad_mean,
+        grad_variance,
+        x,
+        prior_mean,
+        prior_variance,
+        prior_weight,
+        weight,
+        ctx.eps,
+        ctx.fallback_ratio,
+    )
+    return (
+        grad_x,
+        g_mean,
+        g_var,
+        g_p,
+        g_weight.to(weight.dtype) if weight is not None else None,
+        g_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
+        None,
+        None,
+    )
+
+
+batch_kalman_norm.register_autograd(_backward, setup_context=_setup_context)
