@@ -1,0 +1,12 @@
+"""ONNX export of BKN models: ``export_onnx(model, example_inputs, path, mode=...)``.
+
+* ``mode="inference"`` (:mod:`bkn_export.export.inference`): running statistics folded
+  into the preceding Conv/Gemm; a deployed BKN model costs what a BatchNorm model costs.
+* ``mode="training"`` (:mod:`bkn_export.export.training`): batch statistics and the
+  Kalman chain as ``ai.bkn::BatchKalmanNorm`` nodes with an ONNX function body.
+"""
+
+from bkn_export.export.api import SUPPORTED_MODES, export_onnx
+from bkn_export.export.result import ExportResult, FoldRecord
+
+__all__ = ["SUPPORTED_MODES", "ExportResult", "FoldRecord", "export_onnx"]

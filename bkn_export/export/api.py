@@ -1,0 +1,63 @@
+"""The one entry point ``export_onnx``; each mode lives in its own module."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD
+from bkn_export.export.result import ExportResult
+
+SUPPORTED_MODES = ("inference", "training")
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    mode: str = "inference",
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    dynamic_spatial: bool = False,
+    fp16: bool = False,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    **mode_options: Any,
+) -> ExportResult:
+    """Export ``model`` to ONNX at ``path`` (written atomically).
+
+    example_inputs: a tensor or a tuple of tensors (N, C, *). mode: "inference" folds
+    the eval-mode BKN into the preceding Conv/Gemm; "training" exports batch statistics
+    and the Kalman chain. The model's train/eval mode is left as it was found.
+    ``mode_options`` go to the mode's exporter (e.g. ``running_stats_io=True`` for training).
+    """
+    if mode == "inference":
+        from bkn_export.export.inference import export_inference
+
+        return export_inference(
+            model,
+            example_inputs,
+            path,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            dynamic_spatial=dynamic_spatial,
+            fp16=fp16,
+            external_data_threshold=external_data_threshold,
+            **mode_options,
+        )
+    if mode == "training":
+        from bkn_export.export.training import export_training
+
+        return export_training(
+            model,
+            example_inputs,
+            path,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            dynamic_spatial=dynamic_spatial,
+            fp16=fp16,
+            external_data_threshold=external_data_threshold,
+            **mode_options,
+        )
+    raise ValueError(f"unknown export mode {mode!r}; choose one of {SUPPORTED_MODES}")
