@@ -126,88 +126,97 @@ def _num_features(module: nn.Module) -> int:
     return int(module.num_features)  # type: ignore[arg-type]
 
 
+Event = tuple[str, str, "nn.Module | None", int]
+
+
 def _plan_links(
-    events: list[tuple[str, str, nn.Module | None, int]], options: KalmanOptions | None
+    events: list[Event], options: KalmanOptions | None
 ) -> tuple[list[str], dict[str, tuple[ChainLink, int, nn.Module | None]]]:
-    """From recorded events, decide each normalization layer's link."""
-    order: list[str] = []
+    """From recorded events, decide each normalization layer's link.
+
+    Returns the chain order (first call of each layer) and, per layer, its link, the
+    position of its predecessor (-1 for none) and its feeding layer.
+    """
+    norms: list[tuple[int, str, nn.Module]] = []  # (event index, name, module), first calls only
+    seen: set[str] = set()
+    for index, (kind, name, module, _rank) in enumerate(events):
+        if kind == "module" and isinstance(module, (*_BN_TYPES, _BatchKalmanNorm)):
+            if name in seen:
+                warnings.warn(
+                    f"normalization layer '{name}' runs more than once per forward; it is wired by its first call",
+                    stacklevel=3,
+                )
+                continue
+            seen.add(name)
+            norms.append((index, name, module))
+    order = [name for _, name, _ in norms]
     plans: dict[str, tuple[ChainLink, int, nn.Module | None]] = {}
-    last_norm: tuple[str, nn.Module] | None = None
-    window: list[tuple[str, str, nn.Module | None, int]] = []
-    for event in events:
-        kind, name, module, _rank = event
-        is_norm = kind == "module" and isinstance(module, (*_BN_TYPES, _BatchKalmanNorm))
-        if not is_norm:
-            window.append(event)
-            continue
-        assert module is not None
-        if name in plans:
-            warnings.warn(
-                f"normalization layer '{name}' runs more than once per forward; it is wired by its first call",
-                stacklevel=3,
-            )
-            window = []
-            last_norm = (name, module)
+    for position, (index, name, module) in enumerate(norms):
+        if position == 0:
+            plans[name] = (ChainLink(name=name, predecessor=None, transition=None, feeding_layer=None, rectify=False), -1, None)
             continue
         layer_options = options if options is not None else getattr(module, "options", KalmanOptions())
-        if last_norm is None:
-            link = ChainLink(name=name, predecessor=None, transition=None, feeding_layer=None, rectify=False)
-            plans[name] = (link, -1, None)
-        else:
-            link = _link_to(name, module, last_norm, window, layer_options)
-            feeding = None
-            if link.feeding_layer is not None:
-                feeding = next(m for k, n, m, _ in window if k == "module" and n == link.feeding_layer)
-            plans[name] = (link, order.index(last_norm[0]), feeding)
-        order.append(name)
-        last_norm = (name, module)
-        window = []
+        plans[name] = _link_to(position, norms, events, layer_options)
     return order, plans
 
 
 def _link_to(
-    name: str,
-    module: nn.Module,
-    previous: tuple[str, nn.Module],
-    window: list[tuple[str, str, nn.Module | None, int]],
+    position: int,
+    norms: list[tuple[int, str, nn.Module]],
+    events: list[Event],
     options: KalmanOptions,
-) -> ChainLink:
-    prev_name, prev_module = previous
-    c_prev, c = _num_features(prev_module), _num_features(module)
+) -> tuple[ChainLink, int, nn.Module | None]:
+    """Link norm ``position`` to a predecessor, a feeding layer and a transition.
+
+    The predecessor is the previous norm in execution order, unless the feeding layer's
+    input channels only match an earlier norm (e.g. a projection shortcut, whose input
+    is the block input, not the residual branch): then the most recent such norm.
+    """
+    index, name, module = norms[position]
+    c = _num_features(module)
     wanted = options.transition
-    base = ChainLink(name=name, predecessor=prev_name, transition=wanted, feeding_layer=None, rectify=False)
-    base.num_previous_features = c_prev
+    pred_pos = position - 1
+    prev_index, _, _ = norms[pred_pos]
+    window = range(prev_index + 1, index)
+    feeding_index = max((i for i in window if events[i][0] == "module" and isinstance(events[i][2], _FEEDING_TYPES)), default=-1)
+    feeding: nn.Module | None = events[feeding_index][2] if feeding_index >= 0 else None
+    note = ""
+    if feeding is not None:
+        c_in, _ = _channels(feeding)
+        if c_in != _num_features(norms[pred_pos][2]):
+            match = next((p for p in range(position - 2, -1, -1) if _num_features(norms[p][2]) == c_in), None)
+            if match is not None:
+                pred_pos = match
+                note = f"predecessor chosen by channel match with feeding layer '{events[feeding_index][1]}'"
+    pred_index, pred_name, pred_module = norms[pred_pos]
+    c_prev = _num_features(pred_module)
+    link = ChainLink(name=name, predecessor=pred_name, transition=wanted, feeding_layer=None, rectify=False, note=note)
+    link.num_previous_features = c_prev
     if wanted in ("propagate", "sampled"):
-        feeding_index = max(
-            (i for i, (k, _, m, _) in enumerate(window) if k == "module" and isinstance(m, _FEEDING_TYPES)),
-            default=-1,
-        )
         reason = ""
-        if feeding_index < 0:
-            reason = f"no Conv/Linear runs between '{prev_name}' and '{name}'"
+        if feeding is None:
+            reason = f"no Conv/Linear runs between '{pred_name}' and '{name}'"
         else:
-            _, feeding_name, feeding, _ = window[feeding_index]
-            assert feeding is not None
             c_in, c_out = _channels(feeding)
             if (c_in, c_out) != (c_prev, c):
                 reason = (
-                    f"feeding layer '{feeding_name}' maps {c_in}->{c_out} channels, "
-                    f"not '{prev_name}' ({c_prev}) -> '{name}' ({c})"
+                    f"feeding layer '{events[feeding_index][1]}' maps {c_in}->{c_out} channels, "
+                    f"not '{pred_name}' ({c_prev}) -> '{name}' ({c})"
                 )
         if not reason:
-            base.feeding_layer = feeding_name
-            base.rectify = any(k == "relu" for k, *_ in window[:feeding_index])
-            return base
+            link.feeding_layer = events[feeding_index][1]
+            link.rectify = any(events[i][0] == "relu" for i in range(pred_index + 1, feeding_index))
+            return link, pred_pos, feeding
         fallback = "identity" if c == c_prev else "learned"
-        base.transition = fallback
-        base.note = f"{wanted} unavailable ({reason}); fell back to {fallback}"
-        return base
+        link.transition = fallback
+        link.note = f"{wanted} unavailable ({reason}); fell back to {fallback}"
+        return link, pred_pos, None
     if wanted == "identity" and c != c_prev:
         raise ChainWiringError(
-            f"transition='identity' needs equal channel counts, but '{prev_name}' has {c_prev} and "
+            f"transition='identity' needs equal channel counts, but '{pred_name}' has {c_prev} and "
             f"'{name}' has {c}; use transition='learned' or 'propagate'"
         )
-    return base
+    return link, pred_pos, None
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
