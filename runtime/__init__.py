@@ -1,0 +1,1 @@
+"""runtime: run one model under every runtime, compare with PyTorch, localise, report."""
