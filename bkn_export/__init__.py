@@ -13,16 +13,19 @@ from bkn_export.convert import (
     load_batchnorm_state_dict,
     wire_chain,
 )
+from bkn_export.distributed import SyncBatchKalmanNorm, convert_sync_batchkalmannorm
 from bkn_export.errors import (
     BKNError,
     BKNInputError,
     ChainWiringError,
     CheckpointError,
+    DistributedError,
     ExportError,
     InvalidStatisticsError,
     UnsupportedLayerError,
 )
 from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, ChainLink, KalmanOptions
+from bkn_export.export.fold import fold
 
 __version__ = "0.1.0"
 
@@ -34,15 +37,19 @@ __all__ = [
     "ChainLink",
     "KalmanOptions",
     "convert_batchnorm",
+    "fold",
     "wire_chain",
     "describe_chain",
     "format_chain",
     "bkn_layers",
     "load_batchnorm_state_dict",
+    "SyncBatchKalmanNorm",
+    "convert_sync_batchkalmannorm",
     "BKNError",
     "BKNInputError",
     "ChainWiringError",
     "CheckpointError",
+    "DistributedError",
     "ExportError",
     "InvalidStatisticsError",
     "UnsupportedLayerError",

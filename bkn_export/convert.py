@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from bkn_export.errors import BKNInputError, ChainWiringError, CheckpointError
+from bkn_export.errors import BKNInputError, ChainWiringError, CheckpointError, KalmanOptionsError
 from bkn_export.nn import (
     BatchKalmanNorm1d,
     BatchKalmanNorm2d,
@@ -301,7 +301,9 @@ def _merge_options(options: KalmanOptions | None, overrides: dict[str, Any]) -> 
     fields = {**base.__dict__, **overrides}
     unknown = set(fields) - set(KalmanOptions.__dataclass_fields__)
     if unknown:
-        raise TypeError(f"unknown BKN options {sorted(unknown)}; known: {sorted(KalmanOptions.__dataclass_fields__)}")
+        raise KalmanOptionsError(
+            f"unknown BKN options {sorted(unknown)}; known: {sorted(KalmanOptions.__dataclass_fields__)}"
+        )
     return KalmanOptions(**fields)
 
 

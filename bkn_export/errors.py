@@ -6,10 +6,21 @@ __all__ = [
     "BKNError",
     "BKNInputError",
     "ChainWiringError",
+    "KalmanOptionsError",
     "CheckpointError",
     "ExportError",
     "UnsupportedLayerError",
     "InvalidStatisticsError",
+    "KernelError",
+    "FoldError",
+    "FactoryError",
+    "DistributedError",
+    "ModelFileError",
+    "UnknownRuntimeError",
+    "RuntimeLoadError",
+    "ParityMismatchError",
+    "PluginLibraryNotFoundError",
+    "RuntimeExecutionError",
 ]
 
 
@@ -19,6 +30,10 @@ class BKNError(Exception):
 
 class BKNInputError(BKNError, ValueError):
     """An input tensor has the wrong rank, channel count, dtype or is empty."""
+
+
+class KalmanOptionsError(BKNError, ValueError):
+    """A BKN option is unknown or out of range (transition, prior weight, fallback ratio)."""
 
 
 class ChainWiringError(BKNError):
@@ -39,3 +54,43 @@ class UnsupportedLayerError(ExportError):
 
 class InvalidStatisticsError(ExportError):
     """Running statistics are NaN/Inf or a running variance is negative."""
+
+
+class FoldError(ExportError):
+    """An inference export left a normalization node after an op that should have absorbed it."""
+
+
+class FactoryError(BKNError, ValueError):
+    """A ``pkg.module:factory`` model spec cannot be imported, called, or does not return an nn.Module."""
+
+
+class ModelFileError(BKNError):
+    """An ONNX file is missing, truncated, corrupt or fails ``onnx.checker``."""
+
+
+class UnknownRuntimeError(BKNError, ValueError):
+    """A runtime name (``bkn parity --runtimes``) matches no known runtime."""
+
+
+class RuntimeLoadError(BKNError):
+    """A runtime cannot load a model: a custom-op library / plugin is missing, or an op has no implementation."""
+
+
+class ParityMismatchError(BKNError, AssertionError):
+    """A runtime's outputs differ from the PyTorch reference beyond tolerance (``runtime.assert_parity``)."""
+
+
+class DistributedError(BKNError, RuntimeError):
+    """A synchronized layer cannot combine statistics: no process group, or the ranks disagree on shapes."""
+
+
+class PluginLibraryNotFoundError(RuntimeLoadError, FileNotFoundError):
+    """A native plugin library (e.g. the TensorRT plugin) is not where it was looked for."""
+
+
+class KernelError(BKNError, RuntimeError):
+    """A Triton kernel launch failed (or the interpreter process running it, in tests)."""
+
+
+class RuntimeExecutionError(BKNError, RuntimeError):
+    """A runtime loaded a model but failed while running it (e.g. a TensorRT enqueue error)."""

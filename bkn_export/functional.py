@@ -60,9 +60,13 @@ __all__ = [
     "predict_identity",
     "effective_prior_weight",
     "kalman_update",
+    "kalman_posterior",
+    "StatisticGradients",
+    "statistic_gradients",
     "batch_kalman_norm",
     "batch_kalman_norm_backward",
     "running_statistics_update",
+    "update_running_statistics_",
     "kalman_norm_inference",
     "inference_affine",
 ]
@@ -279,16 +283,93 @@ def kalman_update(
     batch_variance: Tensor,
     prior_weight: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Moment-matched blend of prior and batch (all (C,)); returns (μ_{k|k}, Σ_{k|k})."""
+    """Moment-matched blend of prior and batch (all (C,)); returns (μ_{k|k}, Σ_{k|k}).
+
+    μ = p m + q x̄ and Σ = p Σ_pred + q S + p q (x̄ - m)² with q = 1 - p, written with
+    ``lerp`` (exact at q = 1, so p = 0 gives the batch statistics bit for bit) and
+    few ops (the CPU fast path runs this per step; each op costs microseconds).
+    """
     batch_weight = 1.0 - prior_weight
     innovation = batch_mean - prior_mean
-    mean = prior_mean + batch_weight * innovation
-    variance = (
-        prior_weight * prior_variance
-        + batch_weight * batch_variance
-        + prior_weight * batch_weight * innovation * innovation
-    )
+    mean = torch.lerp(prior_mean, batch_mean, batch_weight)
+    blend = torch.lerp(prior_variance, batch_variance, batch_weight)
+    variance = torch.addcmul(blend, prior_weight * batch_weight, innovation * innovation)
     return mean, variance
+
+
+def kalman_posterior(
+    stats: BatchStatistics,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Prior and batch statistics → posterior; returns (μ_{k|k}, Σ_{k|k}, p) all (C,).
+
+    ``p`` is the prior weight actually used (0 where the fallback fired). The prior is
+    cast to the statistics dtype of ``stats``.
+    """
+    acc = stats.mean.dtype
+    prior_mean = prior_mean.to(acc)
+    prior_variance = prior_variance.to(acc)
+    p = effective_prior_weight(prior_weight.to(acc), prior_variance, stats.variance, fallback_ratio)
+    mean, variance = kalman_update(prior_mean, prior_variance, stats.mean, stats.variance, p)
+    return mean, variance, p
+
+
+class StatisticGradients(NamedTuple):
+    """Gradients of one BKN step with respect to its per-channel quantities, all (C,).
+
+    batch_mean = ∂L/∂x̄, batch_variance = ∂L/∂S, prior_mean = ∂L/∂μ_{k|k-1},
+    prior_variance = ∂L/∂Σ_{k|k-1}, prior_weight = ∂L/∂p (0 where the fallback fired).
+    """
+
+    batch_mean: Tensor
+    batch_variance: Tensor
+    prior_mean: Tensor
+    prior_variance: Tensor
+    prior_weight: Tensor
+
+
+def statistic_gradients(
+    grad_mean: Tensor,
+    grad_variance: Tensor,
+    stats: BatchStatistics,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    fallback_ratio: float,
+) -> StatisticGradients:
+    """Backward of :func:`kalman_posterior` (the update), given ∂L/∂μ_{k|k} and ∂L/∂Σ_{k|k}.
+
+    With d = x̄ - μ_{k|k-1} and q = 1 - p::
+
+        ∂L/∂x̄ = q ∂L/∂μ + 2pq d ∂L/∂Σ           ∂L/∂S = q ∂L/∂Σ
+        ∂L/∂μ_{k|k-1} = p ∂L/∂μ - 2pq d ∂L/∂Σ    ∂L/∂Σ_{k|k-1} = p ∂L/∂Σ
+        ∂L/∂p = -d ∂L/∂μ + (Σ_{k|k-1} - S + (1 - 2p) d²) ∂L/∂Σ
+
+    Shared by the reference backward and every CPU/GPU fast path.
+    """
+    acc = stats.mean.dtype
+    m = prior_mean.to(acc)
+    v_pred = prior_variance.to(acc)
+    p = effective_prior_weight(prior_weight.to(acc), v_pred, stats.variance, fallback_ratio)
+    q = 1.0 - p
+    innovation = stats.mean - m
+    cross = 2.0 * p * q * innovation * grad_variance
+    # (Σ_pred - S + (1 - 2p) d²) ∂L/∂Σ - d ∂L/∂μ, with 1 - 2p = q - p
+    grad_p = torch.addcmul(v_pred - stats.variance, q - p, innovation * innovation) * grad_variance
+    grad_p = torch.addcmul(grad_p, innovation, grad_mean, value=-1.0)
+    if fallback_ratio > 0:  # where the fallback fired, p is the constant 0
+        fired = _fallback_fired(v_pred, stats.variance, fallback_ratio)
+        grad_p = torch.where(fired, torch.zeros_like(grad_p), grad_p)
+    return StatisticGradients(
+        batch_mean=torch.addcmul(cross, q, grad_mean),
+        batch_variance=q * grad_variance,
+        prior_mean=p * grad_mean - cross,
+        prior_variance=p * grad_variance,
+        prior_weight=grad_p,
+    )
 
 
 def batch_kalman_norm(
@@ -313,10 +394,7 @@ def batch_kalman_norm(
         raise ValueError(f"batch_kalman_norm got an empty batch of shape {tuple(x.shape)}")
     acc = statistics_dtype(x.dtype)
     stats = batch_statistics(x)
-    prior_mean = prior_mean.to(acc)
-    prior_variance = prior_variance.to(acc)
-    p = effective_prior_weight(prior_weight.to(acc), prior_variance, stats.variance, fallback_ratio)
-    mean, variance = kalman_update(prior_mean, prior_variance, stats.mean, stats.variance, p)
+    mean, variance, _ = kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
     scale = torch.rsqrt(variance + eps)
     if weight is not None:
         scale = scale * weight.to(acc)
@@ -356,47 +434,36 @@ def batch_kalman_norm_backward(
     dims = reduction_dims(x)
     x_acc = x.to(acc)
     stats = batch_statistics(x)
-    n = stats.count
-    m = prior_mean.to(acc)
-    v_pred = prior_variance.to(acc)
-    p_raw = prior_weight.to(acc)
-    p = effective_prior_weight(p_raw, v_pred, stats.variance, fallback_ratio)
-    q = 1.0 - p
-    mean, variance = kalman_update(m, v_pred, stats.mean, stats.variance, p)
+    mean, variance, _ = kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
     inv_std = torch.rsqrt(variance + eps)
     x_hat = (x_acc - _per_channel(mean, x)) * _per_channel(inv_std, x)
-    zeros = torch.zeros_like(mean)
     if grad_output is None:
         grad_output = torch.zeros_like(x)
     g = grad_output.to(acc)
     sum_g = g.sum(dim=dims)
     sum_g_xhat = (g * x_hat).sum(dim=dims)
     gamma = weight.to(acc) if weight is not None else torch.ones_like(mean)
-    grad_mean = -gamma * sum_g * inv_std + (grad_posterior_mean.to(acc) if grad_posterior_mean is not None else zeros)
-    grad_variance = -0.5 * gamma * sum_g_xhat * inv_std * inv_std + (
-        grad_posterior_variance.to(acc) if grad_posterior_variance is not None else zeros
+    grad_mean = -gamma * sum_g * inv_std
+    if grad_posterior_mean is not None:
+        grad_mean = grad_mean + grad_posterior_mean.to(acc)
+    grad_variance = -0.5 * gamma * sum_g_xhat * inv_std * inv_std
+    if grad_posterior_variance is not None:
+        grad_variance = grad_variance + grad_posterior_variance.to(acc)
+    grads = statistic_gradients(
+        grad_mean, grad_variance, stats, prior_mean, prior_variance, prior_weight, fallback_ratio
     )
-    innovation = stats.mean - m
-    cross = 2.0 * p * q * innovation * grad_variance
-    grad_batch_mean = q * grad_mean + cross
-    grad_batch_variance = q * grad_variance
-    grad_prior_mean = p * grad_mean - cross
-    grad_prior_variance = p * grad_variance
-    grad_p = -innovation * grad_mean + (v_pred - stats.variance + (1.0 - 2.0 * p) * innovation * innovation) * grad_variance
-    if fallback_ratio > 0:  # where the fallback fired, p is the constant 0
-        fired = _fallback_fired(v_pred, stats.variance, fallback_ratio)
-        grad_p = torch.where(fired, torch.zeros_like(grad_p), grad_p)
+    n = stats.count
     grad_x = (
         g * _per_channel(gamma * inv_std, x)
-        + _per_channel(grad_batch_mean / n, x)
-        + (x_acc - _per_channel(stats.mean, x)) * _per_channel(2.0 * grad_batch_variance / n, x)
+        + _per_channel(grads.batch_mean / n, x)
+        + (x_acc - _per_channel(stats.mean, x)) * _per_channel(2.0 * grads.batch_variance / n, x)
     )
     grad_weight = sum_g_xhat if weight is not None else None
     return (
         grad_x.to(x.dtype),
-        grad_prior_mean.to(prior_mean.dtype),
-        grad_prior_variance.to(prior_variance.dtype),
-        grad_p.to(prior_weight.dtype),
+        grads.prior_mean.to(prior_mean.dtype),
+        grads.prior_variance.to(prior_variance.dtype),
+        grads.prior_weight.to(prior_weight.dtype),
         grad_weight,
         sum_g,
     )
@@ -416,12 +483,25 @@ def running_statistics_update(
     For n = 1 the unbiased factor is undefined; the posterior variance is used as is.
     Returns new tensors in the dtype of the running buffers.
     """
-    unbiased = count / (count - 1) if count > 1 else 1.0
-    new_mean = torch.lerp(running_mean, posterior_mean.detach().to(running_mean.dtype), momentum)
-    new_variance = torch.lerp(
-        running_variance, (posterior_variance.detach() * unbiased).to(running_variance.dtype), momentum
-    )
+    new_mean, new_variance = running_mean.clone(), running_variance.clone()
+    update_running_statistics_(new_mean, new_variance, posterior_mean, posterior_variance, momentum, count)
     return new_mean, new_variance
+
+
+def update_running_statistics_(
+    running_mean: Tensor,
+    running_variance: Tensor,
+    posterior_mean: Tensor,
+    posterior_variance: Tensor,
+    momentum: float,
+    count: int,
+) -> None:
+    """In-place form of :func:`running_statistics_update` (what the modules call)."""
+    # sym_max, not a branch: with a symbolic count (torch.export, dynamic batch) a branch
+    # would specialise the graph on n > 1; for n = 1 this gives 1 / 1 (variance as is).
+    unbiased = count / torch.sym_max(count - 1, 1)
+    running_mean.lerp_(posterior_mean.detach().to(running_mean.dtype), momentum)
+    running_variance.lerp_((posterior_variance.detach() * unbiased).to(running_variance.dtype), momentum)
 
 
 def inference_affine(

@@ -54,15 +54,23 @@ class ResidualBlock(nn.Module):
 
 
 class DigitsResNet(nn.Module):
-    """A small residual CNN for (N, 1, 8, 8) digits → (N, 10) logits."""
+    """A small residual CNN for (N, 1, 8, 8) digits → (N, 10) logits.
 
-    def __init__(self, norm: str = "bkn", width: int = 16, num_classes: int = 10) -> None:
+    stem (conv3x3, stride ``stem_stride``) → norm → ReLU → block (width) → block
+    (2·width, stride 2) → global average pool → Linear. With ``stem_stride=1`` the
+    normalized maps are 8×8, 8×8 and 4×4; with ``stem_stride=2`` they are 4×4, 4×4
+    and 2×2, so each BatchNorm sees 4× fewer values per channel in a batch (noisier
+    batch statistics, as in larger images with larger strides). No normalization
+    layer sees a (N, C) input: the head is a plain Linear.
+    """
+
+    def __init__(self, norm: str = "bkn", width: int = 16, num_classes: int = 10, stem_stride: int = 1) -> None:
         super().__init__()
 
         def layer(c: int) -> nn.Module:
             return make_norm(norm, c)
 
-        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.stem = nn.Conv2d(1, width, 3, stride=stem_stride, padding=1, bias=False)
         self.stem_norm = layer(width)
         self.block1 = ResidualBlock(width, width, 1, layer)
         self.block2 = ResidualBlock(width, 2 * width, 2, layer)
@@ -75,11 +83,11 @@ class DigitsResNet(nn.Module):
         return self.head(torch.flatten(self.pool(out), 1))
 
 
-def digits_resnet(norm: str = "bkn", width: int = 16, example_batch: int = 2) -> nn.Module:
+def digits_resnet(norm: str = "bkn", width: int = 16, example_batch: int = 2, stem_stride: int = 1) -> nn.Module:
     """A :class:`DigitsResNet` with its BKN layers wired into a Kalman chain (factory for the CLI)."""
     from bkn_export.convert import wire_chain
 
-    model = DigitsResNet(norm, width)
+    model = DigitsResNet(norm, width, stem_stride=stem_stride)
     if norm.startswith("bkn"):
         wire_chain(model, torch.zeros(example_batch, 1, 8, 8))
     return model

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import bkn_export.ops  # noqa: F401  (registers torch.ops.bkn.*)
 from bkn_export import functional as Fk
-from bkn_export.errors import BKNInputError, ChainWiringError
+from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 
 __all__ = [
     "Transition",
@@ -66,13 +66,16 @@ class KalmanOptions:
 
     def __post_init__(self) -> None:
         if self.transition not in TRANSITIONS:
-            raise ValueError(f"transition must be one of {TRANSITIONS}, got {self.transition!r}")
+            raise KalmanOptionsError(f"BKN option transition must be one of {TRANSITIONS}, got {self.transition!r}")
         for name in ("prior_weight", "initial_prior_weight"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if self.fallback_ratio < 0:
-            raise ValueError(f"fallback_ratio must be >= 0, got {self.fallback_ratio}")
+                raise KalmanOptionsError(
+                    f"BKN option {name} must be in [0, 1) (the weight on the prior; 1 would ignore the batch), "
+                    f"got {value}"
+                )
+        if not self.fallback_ratio >= 0:
+            raise KalmanOptionsError(f"BKN option fallback_ratio must be >= 0 (0 disables it), got {self.fallback_ratio}")
 
     @classmethod
     def authors(cls) -> KalmanOptions:
@@ -268,17 +271,29 @@ class _BatchKalmanNorm(nn.Module):
         if chain is not None and self._position == 0:
             chain.posteriors.clear()  # a new forward pass starts
         prior_mean, prior_variance, prior_weight = self._prediction(x)
-        y, posterior_mean, posterior_variance = torch.ops.bkn.batch_kalman_norm(
-            x, prior_mean, prior_variance, prior_weight, self.weight, self.bias, self.eps, self.options.fallback_ratio
-        )
+        y, posterior_mean, posterior_variance, count = self._kalman_step(x, prior_mean, prior_variance, prior_weight)
         if self.training and self.track_running_stats:
-            self._update_running_statistics(posterior_mean, posterior_variance, x)
+            self._update_running_statistics(posterior_mean, posterior_variance, count)
         if chain is not None:
             if self._position == len(chain.names) - 1:
                 chain.posteriors.clear()  # the pass ends: hold nothing between calls
             else:
                 chain.posteriors[self._position] = (posterior_mean, posterior_variance, x.shape)
         return y
+
+    def _kalman_step(
+        self, x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Batch statistics, Kalman update, normalize: (y, μ_{k|k}, Σ_{k|k}, n).
+
+        n is the element count per channel the batch statistics span (here x's own).
+        The extension point for layers whose statistics span more than ``x``
+        (:class:`bkn_export.distributed.SyncBatchKalmanNorm`).
+        """
+        y, posterior_mean, posterior_variance = torch.ops.bkn.batch_kalman_norm(
+            x, prior_mean, prior_variance, prior_weight, self.weight, self.bias, self.eps, self.options.fallback_ratio
+        )
+        return y, posterior_mean, posterior_variance, x.numel() // x.shape[1]
 
     def _prediction(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(μ_{k|k-1}, Σ_{k|k-1}, p_k), all (C,); p = 0 (BatchNorm) without a predecessor posterior."""
@@ -318,17 +333,14 @@ class _BatchKalmanNorm(nn.Module):
             return F.linear(rows.to(weight.dtype), weight, layer.bias)
         return layer(sample.to(weight.dtype))
 
-    @torch.no_grad()
-    def _update_running_statistics(self, posterior_mean: Tensor, posterior_variance: Tensor, x: Tensor) -> None:
+    def _update_running_statistics(self, posterior_mean: Tensor, posterior_variance: Tensor, count: int) -> None:
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
-        count = x.numel() // x.shape[1]
-        new_mean, new_variance = Fk.running_statistics_update(
+        # The posterior is detached inside, so no gradient reaches the buffers.
+        Fk.update_running_statistics_(
             self.running_mean, self.running_var, posterior_mean, posterior_variance, self._momentum(), count
         )
-        self.running_mean.copy_(new_mean)
-        self.running_var.copy_(new_variance)
 
     # ------------------------------------------------------------------ state
 

@@ -7,9 +7,10 @@ opaque op gives three things: the ONNX exporter can map it to the custom ONNX op
 can be a fused Triton kernel (``bkn_export.kernels``), and ``torch.export`` /
 ``torch.compile`` see one node with a fake implementation for shapes.
 
-Default (CPU and any device without a registered kernel) implementations are the
-functional reference; autograd uses the closed-form backward, itself a custom op so
-that devices can provide a fused kernel for it too.
+The default implementations (any device without a registered kernel) are the
+functional reference; on CPU both ops run :mod:`bkn_export.cpu_kernels`, a fast path
+with fewer passes that is tested against the reference. Autograd uses the closed-form
+backward, itself a custom op so that devices can provide a fused kernel for it too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bkn_export import cpu_kernels
 from bkn_export import functional as Fk
 
 __all__ = ["batch_kalman_norm", "batch_kalman_norm_backward"]
@@ -165,3 +167,9 @@ def _backward(ctx: Any, grad_output: Tensor, grad_mean: Tensor, grad_variance: T
 
 
 batch_kalman_norm.register_autograd(_backward, setup_context=_setup_context)
+batch_kalman_norm.register_kernel("cpu")(cpu_kernels.batch_kalman_norm)
+batch_kalman_norm_backward.register_kernel("cpu")(cpu_kernels.batch_kalman_norm_backward)
+
+# Registers the Triton kernels for CUDA tensors when triton and a GPU are present; it never
+# imports triton here, so CPU use cannot break for want of it.
+from bkn_export import kernels as _kernels  # noqa: E402, F401

@@ -182,7 +182,7 @@ def train_and_evaluate(
             optimizer.step()
             schedule.step()
             if step >= tail_start:
-                tail_losses.append(float(loss))
+                tail_losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(1)
         seconds = time.perf_counter() - started

@@ -1,1 +1,42 @@
-"""runtime: run one model under every runtime, compare with PyTorch, localise, report."""
+"""runtime: run one model under every runtime, compare with PyTorch, localise, report.
+
+Public API (imported lazily, so ``import runtime`` stays cheap; the pytest plugin relies
+on that): :func:`assert_parity`, :func:`run_parity`, :class:`ParityReport`,
+:class:`Tolerance`, :data:`DEFAULT_TOLERANCES`, :func:`discover` and the reports
+:func:`print_report`, :func:`write_json`, :func:`write_html`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "ParityReport",
+    "Tolerance",
+    "assert_parity",
+    "discover",
+    "print_report",
+    "run_parity",
+    "write_html",
+    "write_json",
+]
+
+_LOCATIONS = {
+    "assert_parity": "runtime.assertions",
+    "run_parity": "runtime.parity",
+    "ParityReport": "runtime.parity",
+    "Tolerance": "runtime.compare",
+    "DEFAULT_TOLERANCES": "runtime.compare",
+    "discover": "runtime.registry",
+    "print_report": "runtime.report",
+    "write_json": "runtime.report",
+    "write_html": "runtime.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOCATIONS:
+        return getattr(importlib.import_module(_LOCATIONS[name]), name)
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

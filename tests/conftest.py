@@ -13,7 +13,10 @@ def _has_cuda() -> bool:
 
 
 def _has_tensorrt() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    spec = importlib.util.find_spec("tensorrt")
+    # tensorrt-stubs alone leaves a `tensorrt/` folder of .pyi files: a namespace package
+    # (origin None) that imports but has no bindings. Real TensorRT has tensorrt/__init__.py.
+    return spec is not None and spec.origin is not None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,85 +1,142 @@
-"""Atomic ONNX writes: a temporary file beside the target, then ``os.replace``."""
+"""Atomic ONNX writes: temporary files beside the target, then ``os.replace``.
+
+A reader never sees a half-written model: the model (and its external-data file, if
+any) are written in full under unique temporary names in the target's directory,
+flushed to disk, and renamed over the targets (data first, then the model that refers
+to it). On any failure the temporaries are removed and :class:`ExportError` names the
+path; an existing target is left as it was.
+
+External data: when the model's tensors hold more than ``external_data_threshold``
+bytes (protobuf cannot hold more than 2 GiB in one file), every tensor of at least
+``min(threshold, 1 KiB)`` bytes is stored in ``<model file name>.data`` beside the
+model, each at a 4 KiB-aligned offset, as ONNX external data (``location`` relative to
+the model's directory).
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import set_external_data
 
 from bkn_export.errors import ExportError
 
-__all__ = ["DEFAULT_EXTERNAL_DATA_THRESHOLD", "save_model_atomic"]
+__all__ = ["DEFAULT_EXTERNAL_DATA_THRESHOLD", "model_tensors", "tensor_bytes", "save_model_atomic"]
 
-#: Models whose initializers exceed this many bytes are saved with external data
-#: (protobuf cannot hold more than 2 GiB in one file).
+#: Models whose tensors exceed this many bytes are saved with external data.
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+#: Tensors smaller than this stay inline even in an external-data model (as onnx does).
+_INLINE_TENSOR_BYTES = 1024
+_ALIGNMENT = 4096
 
 
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    total = sum(len(t.raw_data) for t in model.graph.initializer)
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: object) -> Iterator[onnx.TensorProto]:
+    for node in nodes:  # type: ignore[attr-defined]
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _graph_tensors(attribute.g)
+            for graph in attribute.graphs:
+                yield from _graph_tensors(graph)
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``model``: initializers and node attributes, in subgraphs and functions too."""
+    yield from _graph_tensors(model.graph)
     for function in model.functions:
-        for node in function.node:
-            for attribute in node.attribute:
-                total += len(attribute.t.raw_data)
-    return total
+        yield from _node_tensors(function.node)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held inline (raw_data) in ``model``."""
+    return sum(len(tensor.raw_data) for tensor in model_tensors(model))
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _externalize(model: onnx.ModelProto, data_name: str, data_path: Path, min_bytes: int) -> None:
+    """Move large raw tensors of ``model`` (a copy) into ``data_path``, recorded as ``data_name``."""
+    with open(data_path, "wb") as handle:
+        offset = 0
+        for tensor in model_tensors(model):
+            if len(tensor.raw_data) < min_bytes or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            padding = (-offset) % _ALIGNMENT
+            handle.write(b"\0" * padding)
+            offset += padding
+            raw = tensor.raw_data
+            handle.write(raw)
+            set_external_data(tensor, location=data_name, offset=offset, length=len(raw))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+            offset += len(raw)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _temporary(directory: Path, name: str) -> Path:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return Path(tmp_name)
 
 
 def save_model_atomic(
     model: onnx.ModelProto, path: str | os.PathLike[str], external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD
 ) -> Path:
-    """Write ``model`` to ``path`` so that readers see either nothing or the whole file.
+    """Write ``model`` to ``path`` so that readers see either the old file or the whole new one.
 
-    Above ``external_data_threshold`` bytes of initializers, tensors go to
-    ``<name>.data`` beside the model (written first, also atomically). Raises
-    :class:`ExportError` naming the path when the directory is not writable.
+    Above ``external_data_threshold`` bytes of tensors, tensors go to ``<name>.data``
+    beside the model (see the module docstring). ``model`` itself is not modified.
+    Raises :class:`ExportError` naming the path when its directory is missing or not
+    writable, or when writing fails; no temporary file is left behind.
     """
+    if external_data_threshold < 0:
+        raise ValueError(f"external_data_threshold must be >= 0, got {external_data_threshold}")
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
+    directory = target.parent
     if not directory.is_dir():
         raise ExportError(f"cannot write {target}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
         raise ExportError(f"cannot write {target}: directory {directory} is not writable")
-    external = _initializer_bytes(model) > external_data_threshold
+    if target.is_dir():
+        raise ExportError(f"cannot write {target}: it is a directory; give a file name such as model.onnx")
+    external = tensor_bytes(model) > external_data_threshold
     data_name = target.name + ".data"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp_data = directory / f".{data_name}.tmp"
+    temporaries: list[Path] = []
     try:
+        tmp_model = _temporary(directory, target.name)
+        temporaries.append(tmp_model)
+        to_save = model
         if external:
+            tmp_data = _temporary(directory, data_name)
+            temporaries.append(tmp_data)
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
-            # Save to the temp name with the *final* data location recorded in the model,
-            # by writing under a temp data file and renaming it afterwards.
-            onnx.save_model(
-                to_save,
-                str(tmp),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=tmp_data.name,
-                size_threshold=1024,
-            )
-            for tensor in _external_tensors(to_save):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            onnx.save_model(to_save, str(tmp), save_as_external_data=False)
+            _externalize(to_save, data_name, tmp_data, min(external_data_threshold, _INLINE_TENSOR_BYTES))
+        _fsync_write(tmp_model, to_save.SerializeToString())
+        if external:
             os.replace(tmp_data, directory / data_name)
-        else:
-            onnx.save_model(model, str(tmp))
-        os.replace(tmp, target)
-    except OSError as error:
+        os.replace(tmp_model, target)
+    except (OSError, ValueError) as error:
         raise ExportError(f"cannot write {target}: {error}") from error
     finally:
-        for leftover in (tmp, tmp_data):
+        for leftover in temporaries:
             if leftover.exists():
                 leftover.unlink()
     return target
-
-
-def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    from onnx.external_data_helper import _get_all_tensors
-
-    return [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bkn_export.errors import ExportError
+
 __all__ = [
     "DOMAIN",
     "DOMAIN_VERSION",
@@ -28,6 +30,10 @@ __all__ = [
     "INPUTS",
     "OUTPUTS",
     "ATTRIBUTES",
+    "TYPE_CONSTRAINTS",
+    "DOC",
+    "check_opset",
+    "attribute_defaults",
 ]
 
 DOMAIN = "ai.bkn"
@@ -103,3 +109,26 @@ TYPE_CONSTRAINTS: dict[str, tuple[tuple[str, ...], str]] = {
     "T": (("tensor(double)", "tensor(float)", "tensor(float16)", "tensor(bfloat16)"), "input and output data"),
     "U": (("tensor(double)", "tensor(float)"), "statistics: float for float/float16/bfloat16 X, double for double X"),
 }
+
+#: One-paragraph description: the schema's doc string and the operator doc's summary.
+DOC = (
+    "One step of Batch Kalman Normalization after the prediction: the per-channel batch "
+    "statistics of X (mean and biased variance over every dim but 1, accumulated in U), "
+    "the Kalman update of the prior (prior_mean, prior_variance) with weight prior_weight "
+    "on the prior, and the normalization of X with the posterior. With prior_weight = 0 "
+    "the op is BatchNormalization in training mode (batch statistics)."
+)
+
+
+def check_opset(opset: int) -> None:
+    """Raise :class:`ExportError` unless ``opset`` is a default-domain opset the op supports."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"{DOMAIN}::{OP_TYPE} is defined for ONNX opsets {MIN_OPSET}..{MAX_OPSET}, got opset {opset}; "
+            f"pass opset=None (default) or a value in that range"
+        )
+
+
+def attribute_defaults() -> dict[str, float | str]:
+    """Attribute name -> default value, in declaration order."""
+    return {attribute.name: attribute.default for attribute in ATTRIBUTES}

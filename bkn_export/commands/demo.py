@@ -1,0 +1,124 @@
+"""``bkn demo``: train a BKN CNN at batch 2, export both modes, check parity everywhere, write reports.
+
+Steps: train :func:`bkn_export.models.digits_resnet` ("bkn") on scikit-learn's digits at
+micro-batch 2 for ``--steps`` SGD steps (:func:`bkn_export.training.train_and_evaluate`),
+save the checkpoint, export ``mode="inference"`` (BKN folded into the convolutions) and
+``mode="training"`` (``ai.bkn::BatchKalmanNorm`` nodes), run parity on every available
+runtime against PyTorch (eval forward for the first, train-mode forward at batch 2 for
+the second), and write a JSON and an HTML report per mode into ``--out``.
+
+Exit status: 0 both modes agree on every runtime that ran, 1 a mismatch or a failed
+export, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="bkn-demo", help="directory for the checkpoint, ONNX files and reports")
+    parser.add_argument("--steps", type=_positive, default=300, help="SGD steps at batch 2 (default 300)")
+    parser.add_argument("--batch-size", type=_positive, default=2, help="training micro-batch size (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runtimes", default="all", help="'all' or a comma-separated list (see bkn parity)")
+    parser.add_argument(
+        "--parity-batch", type=_positive, default=16, help="batch of test digits for the inference-mode parity"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from bkn_export.errors import BKNError, UnknownRuntimeError
+
+    try:
+        return _run(args)
+    except UnknownRuntimeError as error:
+        print(f"bkn demo: {error}", file=sys.stderr)
+        return 2
+    except BKNError as error:
+        print(f"bkn demo: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+def _train(args: argparse.Namespace, data: Any, console: Any) -> tuple[Any, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bkn_export.models import digits_resnet
+    from bkn_export.training import TrainConfig, train_and_evaluate
+
+    built: list[Any] = []
+
+    def build() -> Any:
+        built.append(digits_resnet("bkn", example_batch=args.batch_size))
+        return built[-1]
+
+    epochs = args.steps * args.batch_size / len(data.x_train)
+    config = TrainConfig(batch_size=args.batch_size, seed=args.seed, epochs=epochs)
+    with Progress(
+        TextColumn("train (batch {task.fields[batch]})"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(), console=console,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("train", total=config.steps(len(data.x_train)), batch=args.batch_size)
+        result = train_and_evaluate(build, data, config, on_step=lambda k: progress.advance(task, k))
+    return built[-1], result
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from bkn_export.data import load_digits_split
+    from bkn_export.export import export_onnx
+    from runtime.parity import run_parity
+    from runtime.report import print_report, write_html, write_json
+
+    console = Console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_digits_split()
+    model, result = _train(args, data, console)
+    console.print(
+        f"trained {result.steps} steps at batch {args.batch_size} in {result.seconds:.1f} s: "
+        f"test accuracy {result.test_accuracy:.1%} (eval mode, running statistics)"
+    )
+    checkpoint = out / "digits_bkn.pt"
+    torch.save(model.state_dict(), checkpoint)
+    written: list[Path] = [checkpoint]
+    verdicts: dict[str, bool] = {}
+    batches = {"inference": args.parity_batch, "training": args.batch_size}
+    for mode, batch in batches.items():
+        inputs = data.x_test[:batch]
+        onnx_path = out / f"digits_bkn_{mode}.onnx"
+        console.rule(f"{mode} mode")
+        export_onnx(model, (data.x_test[: args.batch_size],), onnx_path, mode=mode)
+        written.append(onnx_path)
+        with console.status(f"parity ({mode}, batch {batch}) on every available runtime"):
+            report = run_parity(
+                model, onnx_path, [inputs.numpy()], mode=mode, runtimes=args.runtimes,
+                model_description=f"bkn_export.models:digits_resnet + {checkpoint}",
+            )  # fmt: skip
+        print_report(report, console)
+        written.append(write_json(report, out / f"parity_{mode}.json"))
+        written.append(write_html(report, out / f"parity_{mode}.html"))
+        verdicts[mode] = report.passed
+    console.rule("written")
+    for path in written:
+        console.print(f"  {path}")
+    summary = ", ".join(f"{mode}: {'parity' if ok else 'MISMATCH'}" for mode, ok in verdicts.items())
+    console.print(f"open {out / 'parity_inference.html'} and {out / 'parity_training.html'} in a browser ({summary})")
+    return 0 if all(verdicts.values()) else 1

@@ -1,0 +1,152 @@
+"""CPU fast path of the custom ops ``bkn::batch_kalman_norm`` and its backward.
+
+Same math as :func:`bkn_export.functional.batch_kalman_norm` and
+:func:`~bkn_export.functional.batch_kalman_norm_backward` (tested against them), with
+fewer passes over the (N, C, *) tensors. It reuses ATen's vectorized per-channel
+BatchNorm kernels where that is mathematically exact:
+
+* The normalization y = γ (x - μ_{k|k}) / sqrt(Σ_{k|k} + ε) + β is eval-mode
+  BatchNorm with the posterior in place of the running statistics: one fused pass.
+* The backward of eval-mode BatchNorm with the same posterior gives, in one
+  reduction pass plus one elementwise pass, Σ g, Σ g x̂ and g γ / s; the batch
+  statistics' share of ∂L/∂x is per-channel affine in x and added in place.
+* Batch statistics: see :func:`batch_statistics` (ATen's BatchNorm statistics kernel is
+  fast for channels-last inputs but slow for contiguous NC* ones on CPU).
+
+The fast path covers float32 and float64 inputs whose prior, gain and affine
+parameters have the same dtype (what the modules pass); anything else, and every
+error case, goes to the reference so that messages and numerics stay the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bkn_export import functional as Fk
+
+__all__ = ["fast_path_applies", "batch_statistics", "batch_kalman_norm", "batch_kalman_norm_backward"]
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+_aten = torch.ops.aten
+
+
+def fast_path_applies(x: Tensor, *per_channel: Tensor | None) -> bool:
+    """True when ``x: (N, C, *)`` is a non-empty float32/float64 CPU tensor and every
+    given (C,) tensor (None allowed) has its dtype and device."""
+    dtype = x.dtype
+    if dtype not in _FAST_DTYPES or x.dim() < 2 or x.numel() == 0 or x.device.type != "cpu":
+        return False
+    for t in per_channel:  # a loop, not all(<genexpr>): this runs twice per training step
+        if t is not None and (t.dtype != dtype or t.dim() != 1 or t.device.type != "cpu"):
+            return False
+    return True
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def batch_statistics(x: Tensor) -> Fk.BatchStatistics:
+    """Mean and biased variance over (N, *) of a float32/float64 ``x: (N, C, *)``.
+
+    Channels-last layouts use ATen's BatchNorm statistics kernel (fast for them). For
+    contiguous (N, C, *) that kernel is slow on CPU, so: x̄ by a sum, c = x - x̄ by
+    eval-mode BatchNorm (one pass), then Σ c and Σ c² from the weight/bias gradients
+    of eval-mode BatchNorm's backward with ``grad_output = input = c``. Centering first
+    keeps float32 precision for inputs whose mean is large against their spread;
+    n S = Σ c² - (Σ c)² / n removes the rounding of x̄.
+    """
+    dims = Fk.reduction_dims(x)
+    count = x.numel() // x.shape[1]
+    if not x.is_contiguous():
+        mean, variance = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return Fk.BatchStatistics(mean, variance, count)
+    mean = x.mean(dim=dims)
+    zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
+    centered = torch.batch_norm(x, None, None, mean, ones, False, 0.0, 0.0, False)
+    _, sum_squares, sum_centered = _aten.native_batch_norm_backward(
+        centered, centered, None, zeros, ones, None, None, False, 0.0, [False, True, True]
+    )
+    variance = torch.addcmul(sum_squares, sum_centered, sum_centered, value=-1.0 / count).div_(count).clamp_min_(0.0)
+    return Fk.BatchStatistics(mean, variance, count)
+
+
+def batch_kalman_norm(
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CPU implementation of ``bkn::batch_kalman_norm``: (y, posterior_mean, posterior_variance)."""
+    if not fast_path_applies(x, prior_mean, prior_variance, prior_weight, weight, bias):
+        step = Fk.batch_kalman_norm(x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio)
+        return step.output, step.posterior_mean, step.posterior_variance
+    stats = batch_statistics(x)
+    mean, variance, _ = Fk.kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
+    y = torch.batch_norm(x, weight, bias, mean, variance, False, 0.0, eps, False)
+    return y, mean, variance
+
+
+def batch_kalman_norm_backward(
+    grad_output: Tensor,
+    grad_posterior_mean: Tensor,
+    grad_posterior_variance: Tensor,
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """CPU implementation of ``bkn::batch_kalman_norm_backward`` (same outputs as the op)."""
+    applies = fast_path_applies(
+        x, prior_mean, prior_variance, prior_weight, weight, grad_posterior_mean, grad_posterior_variance
+    ) and (grad_output.dtype == x.dtype and grad_output.shape == x.shape)
+    if not applies:
+        grads = Fk.batch_kalman_norm_backward(
+            grad_output,
+            grad_posterior_mean,
+            grad_posterior_variance,
+            x,
+            prior_mean,
+            prior_variance,
+            prior_weight,
+            weight,
+            eps,
+            fallback_ratio,
+        )
+        grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = grads
+        assert grad_bias is not None
+        return (
+            grad_x,
+            grad_mean,
+            grad_variance,
+            grad_p,
+            grad_weight if grad_weight is not None else torch.zeros_like(grad_bias),
+            grad_bias,
+        )
+    stats = batch_statistics(x)
+    mean, variance, _ = Fk.kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
+    # Eval-mode BatchNorm backward with the posterior: g γ / s, Σ g x̂, Σ g in two passes.
+    grad_x, sum_g_xhat, sum_g = _aten.native_batch_norm_backward(
+        grad_output, x, weight, mean, variance, None, None, False, eps, [True, True, True]
+    )
+    inv_std = torch.rsqrt(variance + eps)
+    gamma_inv_std = inv_std * weight if weight is not None else inv_std
+    grad_mean = grad_posterior_mean - gamma_inv_std * sum_g
+    grad_variance = grad_posterior_variance - 0.5 * gamma_inv_std * inv_std * sum_g_xhat
+    grads = Fk.statistic_gradients(
+        grad_mean, grad_variance, stats, prior_mean, prior_variance, prior_weight, fallback_ratio
+    )
+    # ∂L/∂x += ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n, an affine map of x per channel.
+    slope = 2.0 * grads.batch_variance / stats.count
+    offset = grads.batch_mean / stats.count - slope * stats.mean
+    grad_x.addcmul_(x, _per_channel(slope, x)).add_(_per_channel(offset, x))
+    grad_weight = sum_g_xhat if weight is not None else torch.zeros_like(sum_g)
+    return grad_x, grads.prior_mean, grads.prior_variance, grads.prior_weight, grad_weight, sum_g

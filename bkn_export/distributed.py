@@ -1,0 +1,251 @@
+"""``SyncBatchKalmanNorm``: BKN whose batch statistics span a whole process group.
+
+Under ``DistributedDataParallel`` a plain :class:`~bkn_export.BatchKalmanNorm2d` (like
+``nn.BatchNorm2d``) takes its batch statistics over the rank's own micro-batch. This
+layer, like ``nn.SyncBatchNorm``, combines them across the process group *before* the
+Kalman update, so that ``W`` ranks with ``N`` samples each train exactly as one process
+with a batch of ``W·N``. Per training step and layer:
+
+1. every rank gathers ``[C, n_r, dtype]`` (one small fixed-size ``all_gather``), so
+   mismatched channel counts or dtypes raise :class:`~bkn_export.errors.DistributedError`
+   on every rank instead of hanging or corrupting the next collective, and ranks with
+   an empty batch (``n_r = 0``) are known to all;
+2. every rank gathers its local statistics ``(x̄_r, S_r)`` — mean and *biased* variance,
+   never raw sums of squares — and all ranks combine them with the parallel formula of
+   Chan et al. (:func:`combine_batch_statistics`), stable in float32;
+3. the prediction, the Kalman update and the normalization are those of
+   :mod:`bkn_export.functional` with the global statistics; running statistics follow
+   :func:`~bkn_export.functional.running_statistics_update` with ``n = Σ n_r``.
+
+Gradients: the gather in step 2 is an autograd function whose backward all-reduces
+(sums) the gradient of the gathered statistics and hands each rank the rows of its own
+statistics. Every rank's loss depends on every rank's input through the global
+statistics; the sum makes each rank's input gradient that of the *sum of all ranks'
+losses*, which is the convention of ``nn.SyncBatchNorm``. DDP then averages parameter
+gradients, so a mean loss per rank gives the gradient of the global mean loss.
+
+For the ``sampled`` transition each rank draws its own Monte Carlo sample of the prior;
+the sample moments are combined across ranks in the same collective, so all ranks use
+one prior (the moments of the union of the samples).
+
+In eval mode the layer is exactly BKN (running statistics, no communication). Training
+needs an initialised process group; with a world size of 1 it runs the local custom op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bkn_export import functional as Fk
+from bkn_export.errors import BKNInputError, DistributedError
+from bkn_export.nn import _BatchKalmanNorm
+
+__all__ = ["SyncBatchKalmanNorm", "combine_batch_statistics", "convert_sync_batchkalmannorm"]
+
+#: Statistics dtypes a rank may send, by position (the dtype code in the header).
+_DTYPE_CODES: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_BKN_PARAMETERS = ("prior_weight_logit", "process_noise_raw", "transition_matrix")
+
+
+def combine_batch_statistics(means: Tensor, variances: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of the union of W groups (the parallel formula of Chan et al.).
+
+    means, variances: (W, C) per-group mean and biased variance; counts: (W,) elements
+    per channel in each group (a group with count 0 contributes nothing; its rows must be
+    finite). With n = Σ n_r and w_r = n_r / n::
+
+        x̄ = Σ w_r x̄_r            S = Σ w_r (S_r + (x̄_r − x̄)²)
+
+    i.e. M2 = Σ M2_r + Σ n_r δ_r² with δ_r = x̄_r − x̄: deviations from the mean, never
+    raw sums of squares, so no cancellation in float32. Differentiable. Returns (C,), (C,).
+    """
+    weights = (counts / counts.sum()).to(means.dtype).unsqueeze(1)
+    mean = (weights * means).sum(dim=0)
+    spread = means - mean
+    variance = (weights * (variances + spread * spread)).sum(dim=0)
+    return mean, variance
+
+
+class _AllGatherWithGradient(torch.autograd.Function):
+    """all_gather of a (K,) tensor into (W, K); backward sums the gradient over ranks.
+
+    The ``anchor`` input (a 0-dim leaf that requires grad) makes the output require grad
+    on every rank whenever grad mode is on, even on a rank whose local rows are constants
+    (an empty batch): then every rank runs this backward, and so its all_reduce, and no
+    rank waits for a peer that skipped it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, group: Any, anchor: Tensor) -> Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad_gathered: Tensor) -> tuple[Tensor, None, None]:
+        # Row r of the gathered tensor is rank r's local statistics on every rank; the
+        # total gradient of those statistics is the sum over ranks of each rank's row-r gradient.
+        total = grad_gathered.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total[ctx.rank], None, None
+
+
+def _gather_header(x: Tensor, channels: int, count: int, group: Any, label: str) -> list[int]:
+    """All ranks' element counts; raises DistributedError on every rank if C or dtypes differ."""
+    acc = Fk.statistics_dtype(x.dtype)
+    header = torch.tensor([channels, count, _DTYPE_CODES.index(acc)], dtype=torch.int64, device=x.device)
+    parts = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, header, group=group)
+    rows = [part.tolist() for part in parts]
+    if len({row[0] for row in rows}) > 1 or len({row[2] for row in rows}) > 1:
+        described = ", ".join(f"rank {r}: {row[0]} channels ({_DTYPE_CODES[row[2]]})" for r, row in enumerate(rows))
+        raise DistributedError(
+            f"{label}: ranks disagree on the input of this synchronized layer ({described}). Every rank must "
+            "run the same model on inputs with the same channel count and dtype, calling the synchronized "
+            "layers in the same order."
+        )
+    return [row[1] for row in rows]
+
+
+class SyncBatchKalmanNorm(_BatchKalmanNorm):
+    """BKN over (N, C, *) inputs with batch statistics combined across a process group.
+
+    Args: those of :class:`~bkn_export.BatchKalmanNorm2d` plus ``process_group`` (None:
+    the default group). Input (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); a rank
+    may pass an empty batch in training (it contributes nothing). Build it with
+    :func:`convert_sync_batchkalmannorm` from a converted, wired model.
+    """
+
+    _expected_ranks = (2, 3, 4, 5)
+
+    def __init__(self, num_features: int, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and not (dist.is_available() and dist.is_initialized()):
+            raise DistributedError(
+                f"{self._label()}: training a SyncBatchKalmanNorm needs an initialised process group; call "
+                "torch.distributed.init_process_group(...) first (torchrun sets up its environment), or "
+                "train with BatchKalmanNorm (per-process statistics). Eval mode needs no process group."
+            )
+        return super().forward(x)
+
+    def _syncs(self) -> bool:
+        return self.training and dist.get_world_size(self.process_group) > 1
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.numel() == 0 and x.dim() >= 2 and self._syncs():
+            # An empty local batch is allowed here; check rank and channels on its shape alone.
+            x = torch.empty((1, x.shape[1], *([1] * (x.dim() - 2))), device="meta")
+        super()._check_input_dim(x)
+
+    def _prediction(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.numel() > 0 or self.link.transition != "sampled" or not self._syncs():
+            return super()._prediction(x)
+        # An empty rank draws no sample (count 0: its rows are ignored). R stays in the
+        # graph with a zero gradient so every rank reduces the same DDP parameters.
+        acc = Fk.statistics_dtype(x.dtype)
+        zeros = x.new_zeros((self.num_features,), dtype=acc)
+        noise = self.process_noise()
+        variance = zeros if noise is None else zeros + 0.0 * noise.to(acc)
+        return zeros, variance, self.prior_weight().to(acc)
+
+    def _kalman_step(
+        self, x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The Kalman step with the group's batch statistics: (y, μ_{k|k}, Σ_{k|k}, Σ n_r)."""
+        if not self._syncs():
+            return super()._kalman_step(x, prior_mean, prior_variance, prior_weight)
+        group = self.process_group
+        c = self.num_features
+        count = x.numel() // c
+        counts = _gather_header(x, c, count, group, self._label())
+        total = sum(counts)
+        if total == 0:
+            raise BKNInputError(f"{self._label()}: every rank passed an empty batch; there are no statistics")
+        acc = Fk.statistics_dtype(x.dtype)
+        if count > 0:
+            local_mean, local_variance, _ = Fk.batch_statistics(x)
+        else:
+            local_mean = local_variance = x.new_zeros((c,), dtype=acc)
+        sampled = self.link.transition == "sampled" and self.has_predecessor
+        pieces = [local_mean, local_variance] + ([prior_mean, prior_variance] if sampled else [])
+        anchor = torch.zeros((), dtype=acc, requires_grad=torch.is_grad_enabled())
+        gathered = _AllGatherWithGradient.apply(torch.cat(pieces), group, anchor)
+        gathered = gathered.view(len(counts), len(pieces), c)
+        weights = torch.tensor(counts, dtype=acc, device=x.device)
+        batch_mean, batch_variance = combine_batch_statistics(gathered[:, 0], gathered[:, 1], weights)
+        if sampled:
+            prior_mean, prior_variance = combine_batch_statistics(gathered[:, 2], gathered[:, 3], weights)
+        p = Fk.effective_prior_weight(prior_weight, prior_variance, batch_variance, self.options.fallback_ratio)
+        mean, variance = Fk.kalman_update(prior_mean, prior_variance, batch_mean, batch_variance, p)
+        weight = self.weight.to(acc) if self.weight is not None else None
+        bias = self.bias.to(acc) if self.bias is not None else None
+        scale, shift = Fk.inference_affine(mean, variance, weight, bias, self.eps)
+        shape = (1, c, *([1] * (x.dim() - 2)))
+        y = x.to(acc) * scale.view(shape) + shift.view(shape)
+        return y.to(x.dtype), mean, variance, total
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", process_group={self.process_group}" if self.process_group else "")
+
+
+def _to_sync(module: _BatchKalmanNorm, process_group: Any) -> SyncBatchKalmanNorm:
+    """A SyncBatchKalmanNorm sharing ``module``'s parameters, buffers, options and chain wiring."""
+    sync = SyncBatchKalmanNorm(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        process_group=process_group,
+        transition=module.options.transition,
+        prior_weight=module.options.prior_weight,
+        initial_prior_weight=module.options.initial_prior_weight,
+        process_noise=module.options.process_noise,
+        fallback_ratio=module.options.fallback_ratio,
+    )
+    # The same Parameter and buffer objects (as nn.SyncBatchNorm.convert_sync_batchnorm),
+    # so an optimizer built before the conversion keeps working.
+    for name in ("weight", "bias", *_BKN_PARAMETERS):
+        if name in module._parameters:
+            sync._parameters[name] = module._parameters[name]
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        sync._buffers[name] = module._buffers[name]
+    # Wiring: same chain object and position, so the posterior flows between sync and
+    # non-sync layers of one chain exactly as before.
+    sync.options = module.options
+    sync.link = module.link
+    sync._chain = module._chain
+    sync._position = module._position
+    sync._predecessor_position = module._predecessor_position
+    sync._feeding = module._feeding
+    sync.train(module.training)
+    return sync
+
+
+def convert_sync_batchkalmannorm(model: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace every BatchKalmanNorm1d/2d/3d in ``model`` by a :class:`SyncBatchKalmanNorm`.
+
+    In the spirit of ``nn.SyncBatchNorm.convert_sync_batchnorm``: converted in place and
+    returned (which matters only when ``model`` itself is a BKN layer); weights, running
+    statistics, BKN parameters (gain, process noise, transition) and the Kalman-chain
+    wiring are kept, the parameter objects themselves are shared. Convert and wire first
+    (:func:`bkn_export.convert_batchnorm` / :func:`bkn_export.wire_chain`), then call this,
+    then wrap in ``DistributedDataParallel``. The state dict keys are unchanged, so a
+    checkpoint loads into the non-sync model (e.g. for export).
+    """
+    if isinstance(model, _BatchKalmanNorm) and not isinstance(model, SyncBatchKalmanNorm):
+        return _to_sync(model, process_group)
+    for name, child in model.named_children():
+        converted = convert_sync_batchkalmannorm(child, process_group)
+        if converted is not child:
+            setattr(model, name, converted)
+    return model

@@ -1,0 +1,166 @@
+"""Fold eval-mode BKN / BatchNorm layers into the Conv / ConvTranspose / Linear before them, in PyTorch.
+
+For users who deploy PyTorch: ``fold(model)`` returns a new model (the input is left
+untouched) in eval mode where each normalization whose input is the output of a
+Conv/ConvTranspose/Linear, used by nothing else, is absorbed into that layer and
+replaced by ``nn.Identity``. With the eval affine map a, s of
+:func:`bkn_export.functional.inference_affine`::
+
+    Conv           W'[o] = a[o] W[o]                    b' = a b + s     (W: (C_out, C_in/G, *k))
+    ConvTranspose  W'[i, j] = a[g C_out/G + j] W[i, j]   b' = a b + s     (W: (C_in, C_out/G, *k), i in group g)
+    Linear         W'[o] = a[o] W[o]                    b' = a b + s     (only with a proven (N, C) output)
+
+The data flow comes from ``torch.fx`` symbolic tracing with Conv/Linear/normalization
+layers as leaves. A Linear is folded only when ``example_inputs`` show its output is
+(N, C_out): on (N, L, C_out) the normalization's channel axis is L, not C_out.
+Normalizations that cannot be folded stay (they compute the same affine map in eval).
+The folded model computes the eval-mode function in either mode: it is for inference.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+import torch
+from torch import fx, nn
+
+from bkn_export import functional as Fk
+from bkn_export.errors import ExportError
+from bkn_export.export.checks import NORMALIZATION_TYPES, check_inference_ready
+from bkn_export.export.result import FoldRecord
+
+__all__ = ["FoldResult", "fold"]
+
+_HOST_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class FoldResult(NamedTuple):
+    """model: the folded copy (eval mode); report: one FoldRecord per normalization layer.
+
+    FoldRecord.target is the name of the absorbing module (None if standalone) and kind is
+    "conv" | "conv_transpose" | "linear" | "standalone" | "unused".
+    """
+
+    model: nn.Module
+    report: list[FoldRecord]
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (*NORMALIZATION_TYPES, *_HOST_TYPES)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    try:
+        return _LeafTracer().trace(model)
+    except Exception as error:  # fx raises many kinds (TraceError, TypeError, ...)
+        raise ExportError(
+            f"fold: torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error}). "
+            "Use bkn_export.export.export_onnx(..., mode='inference'), which folds in the ONNX graph."
+        ) from error
+
+
+def _output_ranks(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Rank of each host module's output on ``example_inputs`` (module name -> rank)."""
+    ranks: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _HOST_TYPES):
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _i, out, name=name: ranks.__setitem__(name, out.dim())  # type: ignore[misc]
+                )
+            )
+    try:
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ranks
+
+
+def _folded_host(host: nn.Module, norm: nn.Module) -> nn.Module:
+    """A copy of ``host`` with the eval affine of ``norm`` absorbed (computed in float64)."""
+    scale, shift = Fk.inference_affine(
+        norm.running_mean.double(),  # type: ignore[union-attr]
+        norm.running_var.double(),  # type: ignore[union-attr]
+        None if norm.weight is None else norm.weight.detach().double(),  # type: ignore[union-attr]
+        None if norm.bias is None else norm.bias.detach().double(),  # type: ignore[union-attr]
+        float(norm.eps),  # type: ignore[arg-type]
+    )
+    new = copy.deepcopy(host)
+    weight = host.weight.detach().double()
+    if isinstance(host, nn.modules.conv._ConvNd) and host.transposed:
+        groups = host.groups
+        c_in, c_out_per_group, *kernel = weight.shape
+        blocks = weight.reshape(groups, c_in // groups, c_out_per_group, *kernel)
+        folded = (blocks * scale.reshape(groups, 1, c_out_per_group, *([1] * len(kernel)))).reshape(weight.shape)
+    else:
+        folded = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    bias = shift if host.bias is None else host.bias.detach().double() * scale + shift
+    dtype, device = host.weight.dtype, host.weight.device
+    new.weight = nn.Parameter(folded.to(dtype=dtype, device=device))
+    new.bias = nn.Parameter(bias.to(dtype=dtype, device=device))
+    return new
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _kind(host: nn.Module) -> str:
+    if isinstance(host, nn.Linear):
+        return "linear"
+    return "conv_transpose" if getattr(host, "transposed", False) else "conv"
+
+
+def fold(model: nn.Module, example_inputs: Any = None) -> FoldResult:
+    """Return a copy of ``model`` with every foldable normalization absorbed, and a report.
+
+    example_inputs: optional tensor or tuple (N, C, *); needed to fold into ``Linear``
+    layers (to prove their output is (N, C)). Raises :class:`InvalidStatisticsError` /
+    :class:`UnsupportedLayerError` (see :func:`check_inference_ready`) and
+    :class:`ExportError` if the model cannot be traced. ``model`` is not modified.
+    """
+    norms = dict(check_inference_ready(model))
+    folded = copy.deepcopy(model).eval()
+    graph = _trace(folded)
+    ranks = _output_ranks(folded, example_inputs) if example_inputs is not None else None
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    records: dict[str, FoldRecord] = {}
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op != "call_module" or name not in norms:
+            continue
+        source = node.args[0] if node.args else None
+        host_name = str(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
+        host = folded.get_submodule(host_name) if host_name else None
+        reason = ""
+        if host is None or not isinstance(host, _HOST_TYPES):
+            reason = "its input is not the output of a Conv/ConvTranspose/Linear"
+        elif calls[name] > 1 or calls[host_name or ""] > 1:  # type: ignore[index]
+            reason = f"'{name}' or '{host_name}' is called more than once"
+        elif len(source.users) > 1:  # type: ignore[union-attr]
+            reason = f"the output of '{host_name}' is also used elsewhere"
+        elif isinstance(host, nn.Linear) and (ranks is None or ranks.get(host_name or "") != 2):
+            reason = (
+                "a Linear output must be (N, C) to fold; pass example_inputs to prove it"
+                if ranks is None
+                else f"the output of '{host_name}' is not (N, C)"
+            )
+        if reason:
+            records[name] = FoldRecord(name, None, "standalone", reason)
+            continue
+        assert host is not None and host_name is not None
+        _set_submodule(folded, host_name, _folded_host(host, norms[name]))
+        _set_submodule(folded, name, nn.Identity())
+        records[name] = FoldRecord(name, host_name, _kind(host), f"folded into {type(host).__name__} '{host_name}'")
+    report = [records.get(name, FoldRecord(name, None, "unused", "never called in forward")) for name in norms]
+    return FoldResult(folded.eval(), report)

@@ -1,0 +1,129 @@
+"""The ONNX function body of ``ai.bkn::BatchKalmanNorm`` (an onnxscript function).
+
+The body is what ONNX Runtime and ``onnx.reference`` run when no plugin takes the node
+over. It is written once here and generated for the model's default-domain opset
+(``onnx.checker`` rejects a local function whose opset differs from the model's).
+
+Math (:func:`bkn_export.functional.batch_kalman_norm`), per channel c of X: (N, C, *)::
+
+    x̄ = mean(X),  S = mean((X - x̄)²)                       (two-pass, biased)
+    p = 0 if fallback_ratio > 0 and mean_c(prior_variance / max(S, 1e-12)) ≥ fallback_ratio
+    d = x̄ - prior_mean,  q = 1 - p
+    μ = prior_mean + q d,  Σ = p prior_variance + q S + p q d²
+    Y = scale (X - μ) / sqrt(Σ + epsilon) + B
+
+Cost, for an input of n elements: the statistics read X three times (ReduceMean,
+Sub+Mul fused by ORT into one elementwise pass, ReduceMean), and Y is one
+``BatchNormalization`` (inference form) with the posterior as its mean and variance, a
+single fused pass. Half inputs are cast to the statistics type U once for the
+statistics; ``BatchNormalization`` (opset ≥ 15) takes X in T and its statistics in U,
+so the output needs no second cast. Everything else works on (C,) vectors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import onnx
+import onnxscript
+from onnxscript import values
+
+from bkn_export.errors import ExportError
+from bkn_export.export import op_spec
+
+__all__ = ["function_proto", "onnxscript_function"]
+
+#: Floor on the batch variance in the fallback ratio (as functional._VARIANCE_FLOOR).
+_VARIANCE_FLOOR = 1e-12
+
+
+#: How the body computes the batch statistics (see the module doc).
+STATISTICS_MODES = ("reduce", "batchnorm")
+DEFAULT_STATISTICS = "reduce"
+
+
+@functools.lru_cache(maxsize=None)
+def onnxscript_function(opset_version: int, statistics: str = DEFAULT_STATISTICS) -> onnxscript.OnnxFunction:
+    """The onnxscript function for ``BatchKalmanNorm`` against ONNX opset ``opset_version``.
+
+    statistics: "reduce" (ReduceMean/Sub/Mul/ReduceMean: runs on every ONNX backend) or
+    "batchnorm" (one training-mode BatchNormalization node: fewer passes, but backends
+    without training-mode BatchNormalization, e.g. TensorRT's own importer, reject it).
+    """
+    op_spec.check_opset(opset_version)
+    if statistics not in STATISTICS_MODES:
+        raise ExportError(f"function body statistics must be one of {STATISTICS_MODES}, got {statistics!r}")
+    fused_statistics = statistics == "batchnorm"
+    op = values.Opset("", opset_version)
+    custom = values.Opset(op_spec.DOMAIN, op_spec.DOMAIN_VERSION)
+
+    # The function's name is the op type; inputs, outputs and attributes follow op_spec
+    # (tests compare the generated FunctionProto with op_spec).
+    @onnxscript.script(custom, default_opset=op)
+    def BatchKalmanNorm(  # noqa: N802  (the ONNX op type)
+        X,  # noqa: N803
+        prior_mean,
+        prior_variance,
+        prior_weight,
+        scale,
+        B,  # noqa: N803
+        epsilon: float = 1e-5,
+        fallback_ratio: float = 0.0,
+        plugin_version: str = "1",
+        plugin_namespace: str = "bkn",
+    ):
+        # (N, C, *) -> (N, C, L): one layout for every rank (a view, no copy); the
+        # cast is a no-op unless X is a half type.
+        flat = op.Reshape(op.CastLike(X, prior_mean), op.Constant(value_ints=[0, 0, -1]))
+        if fused_statistics:
+            # BatchNormalization in training mode with momentum 0 returns the batch mean
+            # and biased variance as its "running" outputs: one fused node. Its Y (batch
+            # normalization) is unused.
+            _, batch_mean, batch_variance = op.BatchNormalization(
+                flat, scale, B, prior_mean, prior_variance, momentum=0.0, training_mode=1
+            )
+        else:
+            # Two-pass variance, free of E[x²] - E[x]² cancellation.
+            axes = op.Constant(value_ints=[0, 2])
+            batch_mean_nc = op.ReduceMean(flat, axes, keepdims=1)
+            centred = op.Sub(flat, batch_mean_nc)
+            batch_variance = op.ReduceMean(op.Mul(centred, centred), axes, keepdims=0)
+            batch_mean = op.Reshape(batch_mean_nc, op.Constant(value_ints=[-1]))
+
+        ratio = op.CastLike(fallback_ratio, prior_mean)
+        floor = op.CastLike(op.Constant(value_float=_VARIANCE_FLOOR), prior_mean)
+        zero = op.CastLike(op.Constant(value_float=0.0), prior_mean)
+        one = op.CastLike(op.Constant(value_float=1.0), prior_mean)
+        mean_ratio = op.ReduceMean(op.Div(prior_variance, op.Max(batch_variance, floor)), keepdims=0)
+        fired = op.And(op.Greater(ratio, zero), op.GreaterOrEqual(mean_ratio, ratio))
+        p = op.Where(fired, op.Mul(prior_weight, zero), prior_weight)
+        q = op.Sub(one, p)
+
+        innovation = op.Sub(batch_mean, prior_mean)
+        posterior_mean = op.Add(prior_mean, op.Mul(q, innovation))
+        posterior_variance = op.Add(
+            op.Add(op.Mul(p, prior_variance), op.Mul(q, batch_variance)),
+            op.Mul(op.Mul(p, q), op.Mul(innovation, innovation)),
+        )
+        Y = op.BatchNormalization(  # noqa: N806
+            X, scale, B, posterior_mean, posterior_variance, epsilon=epsilon, training_mode=0
+        )
+        return Y, posterior_mean, posterior_variance
+
+    return BatchKalmanNorm
+
+
+def function_proto(opset_version: int, statistics: str = DEFAULT_STATISTICS) -> onnx.FunctionProto:
+    """The ``FunctionProto`` (domain ``ai.bkn``) to put into ``ModelProto.functions``.
+
+    Its default-domain import is ``opset_version``: it must equal the model's. Attribute
+    defaults are op_spec's.
+    """
+    proto = onnxscript_function(opset_version, statistics).to_function_proto()
+    result = onnx.FunctionProto()
+    result.CopyFrom(proto)
+    del result.attribute_proto[:]
+    result.attribute_proto.extend(
+        onnx.helper.make_attribute(name, value) for name, value in op_spec.attribute_defaults().items()
+    )
+    return result

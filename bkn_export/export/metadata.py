@@ -1,0 +1,110 @@
+"""Provenance of ONNX nodes and the metadata an inference export writes into the file.
+
+The dynamo exporter records, on every node, the PyTorch module scopes it came from
+(``pkg.torch.onnx.name_scopes``, e.g. ``['', 'block1', 'block1.norm1', 'op']``; older
+versions only ``namespace``). A fold keeps the normalization's metadata on the node
+that absorbed it, so a node carrying a normalization layer's scope is where that layer
+went: a Conv/ConvTranspose/Gemm/MatMul (folded) or a BatchNormalization (standalone).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Iterable
+from dataclasses import asdict
+
+import onnx
+import onnx_ir as ir
+
+from bkn_export.export.result import FoldRecord
+from bkn_export.export.rules import FOLD_RULE_TAG, NORMALIZATION_OP_TYPES, Leftover
+
+__all__ = [
+    "METADATA_PREFIX",
+    "FOLD_KINDS",
+    "node_scopes",
+    "build_fold_report",
+    "fold_report_json",
+    "attach_metadata",
+    "read_metadata",
+]
+
+METADATA_PREFIX = "bkn_export."
+#: ONNX op type of the absorbing node -> FoldRecord.kind
+FOLD_KINDS = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "gemm", "MatMul": "matmul"}
+_RULE_KEYS = (FOLD_RULE_TAG, "pkg.onnxscript.rewriter.rule_name")
+
+
+def node_scopes(node: ir.Node) -> list[str]:
+    """The PyTorch module names a node came from, outermost first ('' for the root omitted)."""
+    text = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if text:
+        try:
+            scopes = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            scopes = []
+        if isinstance(scopes, list):
+            return [str(s) for s in scopes if s]
+    namespace = node.metadata_props.get("namespace", "")
+    # ": pkg.Model/block1: pkg.Block/block1.norm1: pkg.BKN/op: aten..." -> names before ':'
+    return [part.split(":")[0].strip() for part in namespace.split("/") if part.split(":")[0].strip()]
+
+
+def _owner(node: ir.Node, modules: set[str]) -> str | None:
+    """The innermost normalization module among the node's scopes, if any."""
+    for scope in reversed(node_scopes(node)):
+        if scope in modules:
+            return scope
+    return None
+
+
+def build_fold_report(graph: ir.Graph, modules: Iterable[str], leftovers: Iterable[Leftover]) -> list[FoldRecord]:
+    """One record per normalization layer (per call, if called more than once).
+
+    modules: names of the model's normalization layers. A layer with no node in the
+    graph is reported with kind "unused" (its forward never ran on the example inputs).
+    """
+    names = list(modules)
+    wanted = set(names)
+    reasons = {leftover.node: leftover.reason for leftover in leftovers}
+    found: dict[str, list[FoldRecord]] = {name: [] for name in names}
+    for node in graph.all_nodes():
+        owner = _owner(node, wanted)
+        if owner is None:
+            continue
+        rule = next((node.metadata_props[k] for k in _RULE_KEYS if node.metadata_props.get(k)), "")
+        if node.op_type in NORMALIZATION_OP_TYPES:
+            detail = f"standalone {node.op_type}: " + reasons.get(node.name or "", "not folded")
+            found[owner].append(FoldRecord(owner, node.name, "standalone", detail))
+        elif node.op_type in FOLD_KINDS:
+            detail = f"folded into {node.op_type}" + (f" by {rule}" if rule else "")
+            found[owner].append(FoldRecord(owner, node.name, FOLD_KINDS[node.op_type], detail))
+    report: list[FoldRecord] = []
+    for name in names:
+        report.extend(found[name] or [FoldRecord(name, None, "unused", "no node in the exported graph")])
+    return report
+
+
+def fold_report_json(report: Iterable[FoldRecord]) -> str:
+    return json.dumps([asdict(record) for record in report], sort_keys=True)
+
+
+def attach_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> dict[str, str]:
+    """Set ``bkn_export.<key>`` metadata_props on ``model`` (replacing earlier values); returns them."""
+    written = {METADATA_PREFIX + key: value for key, value in entries.items()}
+    kept = [prop for prop in model.metadata_props if prop.key not in written]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in written.items():
+        model.metadata_props.add(key=key, value=value)
+    return written
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The ``bkn_export.*`` metadata_props of ``model``, prefix removed."""
+    return {
+        prop.key[len(METADATA_PREFIX) :]: prop.value
+        for prop in model.metadata_props
+        if prop.key.startswith(METADATA_PREFIX)
+    }

@@ -1,0 +1,578 @@
+"""Training-mode ONNX export: BKN layers as ``ai.bkn::BatchKalmanNorm`` nodes.
+
+``export_training`` traces the model with ``torch.onnx.export(..., dynamo=True)``. The
+custom op ``torch.ops.bkn.batch_kalman_norm`` (one BKN step after the prediction) is
+translated into one ``ai.bkn::BatchKalmanNorm`` node per layer (its schema is registered
+first: without it the exporter cannot emit a custom-domain node); the prediction of
+each layer (transition) is ordinary ONNX ops, so the Kalman chain is explicit: node k's
+posterior outputs reach node k+1's prior inputs. The op's function body
+(:mod:`bkn_export.export.function_body`), generated for the model's opset, is stored in
+``ModelProto.functions``, so ONNX Runtime and ``onnx.reference`` run the model with no
+plugin, and a TensorRT plugin can take the node over by its op type.
+
+Only the BKN layers run in training mode (batch statistics); every other module is
+exported as in eval mode (Dropout off, any unconverted BatchNorm on running statistics).
+
+With ``running_stats_io=True`` each BKN layer that tracks running statistics gets two
+graph inputs ``<layer>.running_mean`` / ``<layer>.running_var`` and two graph outputs
+``<layer>.running_mean_out`` / ``<layer>.running_var_out`` holding BatchNorm's update
+(:func:`bkn_export.functional.running_statistics_update`)::
+
+    r_μ' = (1 - α) r_μ + α μ_{k|k}      r_Σ' = (1 - α) r_Σ + α n/max(n-1, 1) Σ_{k|k}
+
+with n = elements per channel of the layer's input, computed from the input's dynamic
+shape, and α the layer's momentum. A runtime feeds the outputs back as the next call's
+inputs (test-time adaptation: ``examples/test_time_adaptation.py``).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from bkn_export import functional as Fk
+from bkn_export.errors import BKNInputError, ExportError, ModelFileError
+from bkn_export.export import function_body, op_spec, schema
+from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_model_atomic
+from bkn_export.export.result import ExportResult
+from bkn_export.nn import _BatchKalmanNorm
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "RUNNING_MEAN_SUFFIX",
+    "RUNNING_VAR_SUFFIX",
+    "UPDATED_SUFFIX",
+    "POSTERIOR_MEAN_SUFFIX",
+    "POSTERIOR_VARIANCE_SUFFIX",
+    "TrainingGraphInfo",
+    "export_training",
+    "attach_function",
+    "check_training_model",
+    "running_stat_names",
+]
+
+#: Default ONNX opset of training-mode exports (the op is defined for MIN..MAX_OPSET).
+DEFAULT_OPSET = 18
+RUNNING_MEAN_SUFFIX = ".running_mean"
+RUNNING_VAR_SUFFIX = ".running_var"
+#: Appended to a running-statistic input's name to name its updated value (an output).
+UPDATED_SUFFIX = "_out"
+POSTERIOR_MEAN_SUFFIX = ".posterior_mean"
+POSTERIOR_VARIANCE_SUFFIX = ".posterior_variance"
+_METADATA_PREFIX = "bkn."
+
+
+@dataclass
+class _Step:
+    """What one BKN layer produced during a traced forward pass."""
+
+    posterior_mean: Tensor
+    posterior_variance: Tensor
+    count: Any  # int, or a SymInt while tracing with dynamic shapes
+
+
+@dataclass(frozen=True)
+class TrainingGraphInfo:
+    """Names in an exported training-mode graph (also stored in its metadata).
+
+    layers: BKN module names in execution order. running_stats: the layers whose running
+    statistics are graph inputs/outputs (``running_stats_io=True``), else empty.
+    """
+
+    layers: tuple[str, ...]
+    running_stats: tuple[str, ...]
+    posteriors_exposed: bool
+
+
+def running_stat_names(layer: str) -> tuple[str, str, str, str]:
+    """(mean input, var input, mean output, var output) graph names of ``layer``'s running statistics."""
+    mean, var = layer + RUNNING_MEAN_SUFFIX, layer + RUNNING_VAR_SUFFIX
+    return mean, var, mean + UPDATED_SUFFIX, var + UPDATED_SUFFIX
+
+
+# --------------------------------------------------------------------------- translation
+
+
+def _translate_batch_kalman_norm(
+    x: Any,
+    prior_mean: Any,
+    prior_variance: Any,
+    prior_weight: Any,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    fallback_ratio: float,
+) -> Any:
+    """torch.ops.bkn.batch_kalman_norm → one ``ai.bkn::BatchKalmanNorm`` node (3 outputs).
+
+    ``weight`` / ``bias`` absent (affine=False) become ones / zeros; a half γ/β is cast
+    to the statistics type U, as the op's type constraints require.
+    """
+    import onnxscript
+    from onnxscript import opset18 as op  # noqa: F401  (ops valid in every opset >= 18)
+
+    custom = onnxscript.values.Opset(op_spec.DOMAIN, op_spec.DOMAIN_VERSION)
+    zeros = op.Mul(prior_mean, op.CastLike(op.Constant(value_float=0.0), prior_mean))
+    scale = op.Add(zeros, op.CastLike(op.Constant(value_float=1.0), prior_mean)) if weight is None else weight
+    shift = zeros if bias is None else bias
+    if scale.dtype != prior_mean.dtype:
+        scale = op.CastLike(scale, prior_mean)
+    if shift.dtype != prior_mean.dtype:
+        shift = op.CastLike(shift, prior_mean)
+    return custom.BatchKalmanNorm(
+        x,
+        prior_mean,
+        prior_variance,
+        prior_weight,
+        scale,
+        shift,
+        epsilon=float(eps),
+        fallback_ratio=float(fallback_ratio),
+        plugin_version=op_spec.PLUGIN_VERSION,
+        plugin_namespace=op_spec.PLUGIN_NAMESPACE,
+    )
+
+
+def translation_table() -> dict[Any, Any]:
+    """The ``custom_translation_table`` for ``torch.onnx.export`` (registers the schema first)."""
+    schema.register_schema()
+    return {torch.ops.bkn.batch_kalman_norm.default: _translate_batch_kalman_norm}
+
+
+# --------------------------------------------------------------------------- the traced module
+
+
+class _TrainingGraph(nn.Module):
+    """The module that is traced: the model's forward plus the extra graph inputs/outputs.
+
+    forward(*inputs, *running_means, *running_vars) -> (*model outputs, *[r_μ', r_Σ'] per
+    layer in ``running_stats``, *[μ_{k|k}, Σ_{k|k}] per layer if ``expose_posteriors``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_inputs: int,
+        layers: Sequence[tuple[str, _BatchKalmanNorm]],
+        running_stats: Sequence[str],
+        expose_posteriors: bool,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.num_inputs = num_inputs
+        self.layer_names = [name for name, _ in layers]
+        self.running_stats = list(running_stats)
+        self.expose_posteriors = expose_posteriors
+        self._steps: dict[str, _Step] = {}
+        for name, layer in layers:
+            self._record_steps(name, layer)
+
+    def _record_steps(self, name: str, layer: _BatchKalmanNorm) -> None:
+        # The instance attribute shadows the method on this (deep-copied) layer only.
+        original = layer._kalman_step
+        steps = self._steps
+
+        def kalman_step(
+            x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor
+        ) -> tuple[Tensor, Tensor, Tensor, Any]:
+            y, posterior_mean, posterior_variance, count = original(x, prior_mean, prior_variance, prior_weight)
+            steps[name] = _Step(posterior_mean, posterior_variance, count)
+            return y, posterior_mean, posterior_variance, count
+
+        layer._kalman_step = kalman_step  # type: ignore[method-assign]
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        inputs, stats = args[: self.num_inputs], args[self.num_inputs :]
+        self._steps.clear()
+        outputs = self.model(*inputs)
+        flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        k = len(self.running_stats)
+        modules = dict(self.model.named_modules())
+        for i, name in enumerate(self.running_stats):
+            step = self._step(name)
+            layer = modules[name]
+            assert isinstance(layer, _BatchKalmanNorm) and layer.momentum is not None
+            flat.extend(
+                Fk.running_statistics_update(
+                    stats[i], stats[k + i], step.posterior_mean, step.posterior_variance, layer.momentum, step.count
+                )
+            )
+        if self.expose_posteriors:
+            for name in self.layer_names:
+                step = self._step(name)
+                flat.extend((step.posterior_mean, step.posterior_variance))
+        return tuple(flat)
+
+    def _step(self, name: str) -> _Step:
+        if name not in self._steps:
+            raise ExportError(
+                f"BKN layer '{name}' did not run on the example inputs, so its running statistics and "
+                "posterior cannot be graph outputs; export with example inputs that reach every BKN layer"
+            )
+        return self._steps[name]
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ExportError(
+        "export_training: example_inputs must be a tensor or a tuple of tensors (N, C, *), "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _check_layers(layers: Sequence[tuple[str, _BatchKalmanNorm]], running_stats_io: bool) -> None:
+    for name, layer in layers:
+        if layer.has_predecessor and layer.link.transition == "sampled":
+            raise ExportError(
+                f"BKN layer '{name}' uses transition='sampled', a Monte Carlo prediction that draws new noise on "
+                "every call; a training-mode graph would bake one draw in (or need a random op no plugin "
+                "reproduces). Export the deterministic analytic version instead: "
+                "bkn_export.convert_batchnorm(model, example_inputs, transition='propagate') (or "
+                "wire_chain(model, example_inputs, KalmanOptions(transition='propagate', ...)))"
+            )
+        if running_stats_io and layer.track_running_stats and layer.momentum is None:
+            raise ExportError(
+                f"BKN layer '{name}' has momentum=None (cumulative moving average), whose factor depends on "
+                "num_batches_tracked; running_stats_io supports a fixed momentum: set layer.momentum (e.g. 0.1)"
+            )
+
+
+def _widen_dynamic_dims(t: Tensor, dims: Sequence[int]) -> Tensor:
+    """Repeat size-1 dims that are to be dynamic (torch.export specialises size 1)."""
+    for d in dims:
+        if t.shape[d] == 1:
+            t = torch.cat([t, t], dim=d)
+    return t
+
+
+def export_training(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    dynamic_spatial: bool = False,
+    fp16: bool = False,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    running_stats_io: bool = False,
+    expose_posteriors: bool = False,
+    function_statistics: str = function_body.DEFAULT_STATISTICS,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> ExportResult:
+    """Export ``model`` with its BKN layers in training mode to ``path`` (written atomically).
+
+    example_inputs: a tensor or tuple of tensors (N, C, *), N ≥ 1. opset: default-domain
+    opset in [op_spec.MIN_OPSET, op_spec.MAX_OPSET] (None: :data:`DEFAULT_OPSET`).
+    dynamic_batch / dynamic_spatial: dim 0 / dims 2.. of every input symbolic. fp16: the
+    model and inputs in float16 (statistics stay float32: the op's type U).
+    running_stats_io: running statistics as graph inputs and their updates as outputs
+    (see the module doc). expose_posteriors: every layer's μ_{k|k}, Σ_{k|k} as extra
+    outputs ``<layer>.posterior_mean`` / ``<layer>.posterior_variance`` (parity, debugging).
+    function_statistics: how the function body computes batch statistics, "reduce"
+    (portable) or "batchnorm" (fused; see :mod:`bkn_export.export.function_body`).
+    input_names / output_names: names of the model's own inputs / outputs.
+
+    ``model`` itself is not changed: the export works on a deep copy, so its train/eval
+    mode and its buffers (running statistics, num_batches_tracked) stay as they were.
+    Raises :class:`ExportError` for a ``sampled`` transition, an empty example batch, an
+    opset out of range, or a chain whose shapes do not fit the example inputs.
+    """
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    op_spec.check_opset(opset)
+    if function_statistics not in function_body.STATISTICS_MODES:
+        raise ExportError(
+            f"export_training: function_statistics must be one of {function_body.STATISTICS_MODES}, "
+            f"got {function_statistics!r}"
+        )
+    inputs = _as_tuple(example_inputs)
+    for i, t in enumerate(inputs):
+        if t.dim() < 2 or t.shape[0] == 0 or t.numel() == 0:
+            raise ExportError(
+                f"export_training: example input {i} has shape {tuple(t.shape)}; BKN needs a non-empty batch "
+                "(N, C, *) with N >= 1 to trace batch statistics"
+            )
+    work = copy.deepcopy(model)
+    work.eval()
+    layers = [(name, m) for name, m in work.named_modules() if isinstance(m, _BatchKalmanNorm)]
+    if not layers:
+        raise ExportError(
+            f"export_training: {type(model).__name__} has no BatchKalmanNorm layers; convert it first with "
+            "bkn_export.convert_batchnorm(model, example_inputs), or use mode='inference'"
+        )
+    _check_layers(layers, running_stats_io)
+    tracked = [name for name, layer in layers if layer.track_running_stats] if running_stats_io else []
+    for _, layer in layers:
+        layer.train()
+        # The traced graph must not mutate buffers; updates are explicit outputs instead.
+        layer.track_running_stats = False
+    modules = dict(work.named_modules())
+    if fp16:
+        work = work.half()
+        inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
+    stat_inputs: list[Tensor] = []
+    for name in tracked:
+        layer = modules[name]
+        assert isinstance(layer, _BatchKalmanNorm) and layer.running_mean is not None
+        stat_inputs.append(layer.running_mean.detach().clone())
+    for name in tracked:
+        layer = modules[name]
+        assert isinstance(layer, _BatchKalmanNorm) and layer.running_var is not None
+        stat_inputs.append(layer.running_var.detach().clone())
+    graph = _TrainingGraph(work, len(inputs), layers, tracked, expose_posteriors)
+
+    dynamic_dims = [[0] if dynamic_batch else [] for _ in inputs]
+    if dynamic_spatial:
+        dynamic_dims = [dims + list(range(2, t.dim())) for dims, t in zip(dynamic_dims, inputs)]
+    traced_inputs = tuple(_widen_dynamic_dims(t, dims) for t, dims in zip(inputs, dynamic_dims))
+    dynamic_shapes: tuple[Any, ...] | None = None
+    if dynamic_batch or dynamic_spatial:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple(
+            {d: batch if d == 0 else torch.export.Dim(f"input{i}_dim{d}", min=1) for d in dims}
+            for i, dims in enumerate(dynamic_dims)
+        ) + tuple(None for _ in stat_inputs)
+        dynamic_shapes = (dynamic_shapes,)  # forward(*args): one entry holding every positional input
+
+    names_in = list(input_names) if input_names is not None else [f"input_{i}" for i in range(len(inputs))]
+    if len(inputs) == 1 and input_names is None:
+        names_in = ["input"]
+    names_in += [running_stat_names(n)[0] for n in tracked] + [running_stat_names(n)[1] for n in tracked]
+    names_out = _output_names(graph, traced_inputs, stat_inputs, output_names)
+    try:
+        program = torch.onnx.export(
+            graph,
+            (*traced_inputs, *stat_inputs),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            input_names=names_in,
+            output_names=names_out,
+            custom_translation_table=translation_table(),
+            optimize=True,
+            verbose=False,
+        )
+    except ExportError:
+        raise
+    except Exception as error:  # the exporter wraps model errors in its own types
+        raise ExportError(_explain_export_failure(error)) from error
+    assert program is not None
+    proto = program.model_proto
+    attach_function(proto, function_statistics)
+    node_layers = _name_nodes(proto)
+    info = TrainingGraphInfo(tuple(node_layers), tuple(tracked), expose_posteriors)
+    metadata = _metadata(info, opset, fp16)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"export_training: the exported graph fails onnx.checker: {error}") from error
+    target = save_model_atomic(proto, path, external_data_threshold)
+    return ExportResult(
+        path=Path(target), opset=opset, mode="training", metadata=metadata, extra={"graph": info}
+    )
+
+
+def _output_names(
+    graph: _TrainingGraph, inputs: tuple[Tensor, ...], stats: list[Tensor], names: Sequence[str] | None
+) -> list[str]:
+    """Names of every graph output: the model's (given or output_i), then running stats, then posteriors."""
+    with torch.no_grad():
+        num_outputs = len(graph(*inputs, *stats)) - 2 * len(graph.running_stats)
+    if graph.expose_posteriors:
+        num_outputs -= 2 * len(graph.layer_names)
+    if names is not None and len(names) != num_outputs:
+        raise ExportError(f"export_training: output_names has {len(names)} names but the model has {num_outputs} outputs")
+    result = list(names) if names is not None else (["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)])
+    result += [running_stat_names(n)[2] for n in graph.running_stats]
+    result += [running_stat_names(n)[3] for n in graph.running_stats]
+    if graph.expose_posteriors:
+        for name in graph.layer_names:
+            result += [name + POSTERIOR_MEAN_SUFFIX, name + POSTERIOR_VARIANCE_SUFFIX]
+    return result
+
+
+def _explain_export_failure(error: Exception) -> str:
+    """The root cause of an exporter failure, in one or two lines."""
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+    if any(k in str(cause) for k in ("mat1 and mat2", "size mismatch", "cannot be multiplied", "must match the size")):
+        return (
+            "export_training: the Kalman chain's shapes do not fit the example inputs (a layer's prediction "
+            "has a different channel count than its input). Re-wire the chain on inputs like these with "
+            f"bkn_export.wire_chain(model, example_inputs). Cause: {text}"
+        )
+    return f"export_training: torch.onnx.export failed. Cause: {text}"
+
+
+def attach_function(model: onnx.ModelProto, statistics: str = function_body.DEFAULT_STATISTICS) -> None:
+    """Store the op's function body (for the model's default-domain opset) in ``model.functions``.
+
+    Replaces an existing ``ai.bkn::BatchKalmanNorm`` function and imports the domain.
+    """
+    opset = _default_opset(model)
+    proto = function_body.function_proto(opset, statistics)
+    kept = [f for f in model.functions if not (f.domain == op_spec.DOMAIN and f.name == op_spec.OP_TYPE)]
+    del model.functions[:]
+    model.functions.extend([*kept, proto])
+    if not any(entry.domain == op_spec.DOMAIN for entry in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(op_spec.DOMAIN, op_spec.DOMAIN_VERSION))
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ExportError("the ONNX model imports no default-domain opset")
+
+
+def _bkn_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return [n for n in graph.node if n.domain == op_spec.DOMAIN and n.op_type == op_spec.OP_TYPE]
+
+
+def _name_nodes(model: onnx.ModelProto) -> list[str]:
+    """Name each BKN node after its module (TensorRT layers and error messages show it).
+
+    The module comes from the exporter's ``pkg.torch.onnx.name_scopes`` node metadata.
+    Returns the module names in graph (execution) order.
+    """
+    names: list[str] = []
+    for node in _bkn_nodes(model.graph):
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        try:
+            parts = ast.literal_eval(scopes) if scopes else []
+        except (ValueError, SyntaxError):
+            parts = []
+        module = str(parts[-2]) if len(parts) >= 2 else node.name
+        module = module.removeprefix("model.")
+        name = module if module not in names else f"{module}#{names.count(module) + 1}"
+        names.append(module)
+        node.name = name
+    return names
+
+
+def _metadata(info: TrainingGraphInfo, opset: int, fp16: bool) -> dict[str, str]:
+    return {
+        _METADATA_PREFIX + "mode": "training",
+        _METADATA_PREFIX + "op": f"{op_spec.DOMAIN}::{op_spec.OP_TYPE}@{op_spec.DOMAIN_VERSION}",
+        _METADATA_PREFIX + "opset": str(opset),
+        _METADATA_PREFIX + "layers": ",".join(info.layers),
+        _METADATA_PREFIX + "running_stats": ",".join(info.running_stats),
+        _METADATA_PREFIX + "fp16": str(bool(fp16)).lower(),
+    }
+
+
+# --------------------------------------------------------------------------- checks of a saved model
+
+
+def check_training_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
+    """Check that a training-mode model can run without a plugin; return it (loaded).
+
+    Verifies that every ``ai.bkn::BatchKalmanNorm`` node has the op's function body in
+    ``model.functions`` (for the model's opset), that the domain is imported, that node
+    attributes match op_spec, and that shape inference passes (which also catches a
+    prior whose channel count differs from its input's). Raises
+    :class:`ModelFileError` saying what is missing and how to get it.
+    """
+    label = "<in-memory model>"
+    if not isinstance(model, onnx.ModelProto):
+        label = str(model)
+        if not Path(model).is_file():
+            raise ModelFileError(f"{label}: no such ONNX file")
+        try:
+            model = onnx.load(label)
+        except Exception as error:
+            raise ModelFileError(f"{label}: cannot be read as an ONNX model ({error})") from error
+    nodes = _bkn_nodes(model.graph)
+    op_name = f"{op_spec.DOMAIN}::{op_spec.OP_TYPE}"
+    if not nodes:
+        return model
+    if not any(entry.domain == op_spec.DOMAIN for entry in model.opset_import):
+        raise ModelFileError(
+            f"{label}: has {op_name} nodes but does not import domain '{op_spec.DOMAIN}'; re-export it with "
+            "export_onnx(..., mode='training') or call bkn_export.export.training.attach_function(model)"
+        )
+    functions = [f for f in model.functions if f.domain == op_spec.DOMAIN and f.name == op_spec.OP_TYPE]
+    if not functions:
+        raise ModelFileError(
+            f"{label}: {len(nodes)} {op_name} node(s) (e.g. '{nodes[0].name}') but the model carries no "
+            f"function body for {op_name}, so ONNX Runtime and onnx.reference cannot run it (a TensorRT build "
+            f"needs the '{op_spec.PLUGIN_NAMESPACE}' plugin instead). Restore it with "
+            "bkn_export.export.training.attach_function(model) and save, or re-export with "
+            "export_onnx(model, example_inputs, path, mode='training')"
+        )
+    model_opset = _default_opset(model)
+    function_opsets = {e.version for e in functions[0].opset_import if e.domain in ("", "ai.onnx")}
+    if function_opsets and function_opsets != {model_opset}:
+        raise ModelFileError(
+            f"{label}: the {op_name} function body imports ONNX opset {sorted(function_opsets)} but the model "
+            f"uses opset {model_opset}; regenerate it with bkn_export.export.training.attach_function(model)"
+        )
+    expected = {a.name for a in op_spec.ATTRIBUTES}
+    for node in nodes:
+        present = {a.name for a in node.attribute}
+        if present - expected:
+            raise ModelFileError(
+                f"{label}: node '{node.name}' has attributes {sorted(present - expected)} that {op_name} "
+                f"v{op_spec.DOMAIN_VERSION} does not define (known: {sorted(expected)})"
+            )
+        if len(node.input) != len(op_spec.INPUTS) or len(node.output) != len(op_spec.OUTPUTS):
+            raise ModelFileError(
+                f"{label}: node '{node.name}' has {len(node.input)} inputs / {len(node.output)} outputs; "
+                f"{op_name} takes {[p.name for p in op_spec.INPUTS]} and returns {[p.name for p in op_spec.OUTPUTS]}"
+            )
+    schema.register_schema()
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+        raise ModelFileError(f"{label}: shape inference failed: {error}") from error
+    return model
+
+
+def check_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
+    """Check runtime inputs against a training-mode graph: names, ranks, static dims, batch ≥ 1.
+
+    Raises :class:`BKNInputError` naming the input (batch statistics of an empty batch are
+    undefined: ONNX Runtime would return NaN, not an error).
+    """
+    graph_inputs = {i.name: i for i in model.graph.input}
+    missing = sorted(set(graph_inputs) - set(feeds))
+    if missing:
+        raise BKNInputError(f"missing graph inputs {missing}; the model takes {sorted(graph_inputs)}")
+    for name, value in feeds.items():
+        if name not in graph_inputs:
+            raise BKNInputError(f"'{name}' is not an input of the model; it takes {sorted(graph_inputs)}")
+        dims = graph_inputs[name].type.tensor_type.shape.dim
+        if len(dims) != value.ndim:
+            raise BKNInputError(f"input '{name}': expected rank {len(dims)}, got shape {tuple(value.shape)}")
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value != value.shape[axis]:
+                raise BKNInputError(
+                    f"input '{name}': dim {axis} must be {dim.dim_value}, got shape {tuple(value.shape)}"
+                )
+        if value.size == 0:
+            raise BKNInputError(
+                f"input '{name}' is empty (shape {tuple(value.shape)}); training-mode BKN needs batch statistics "
+                "of at least one sample"
+            )

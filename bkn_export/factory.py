@@ -1,0 +1,120 @@
+"""Build a model from a ``pkg.module:factory`` spec and an optional checkpoint.
+
+Shared by ``bkn export`` and ``bkn parity``: the same spec + checkpoint always gives the
+same model. The spec names an importable module (or a ``.py`` file) and a callable in
+it that returns an ``nn.Module``; the checkpoint (``torch.save``) is a state dict, or a
+dict holding one under ``"state_dict"`` or ``"model"``, loaded strictly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bkn_export.errors import BKNError, CheckpointError, FactoryError
+
+__all__ = ["parse_spec", "load_factory", "load_checkpoint", "load_model"]
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """'pkg.module:factory' -> ('pkg.module', 'factory'); the attribute may be dotted ('mod:Cls.build')."""
+    module, sep, attribute = spec.rpartition(":")
+    if not sep or not module or not attribute:
+        raise FactoryError(
+            f"model spec {spec!r} is not of the form 'pkg.module:factory' (or 'path/to/file.py:factory')"
+        )
+    return module, attribute
+
+
+def _import(module: str) -> Any:
+    if module.endswith(".py"):
+        path = Path(module)
+        if not path.is_file():
+            raise FactoryError(f"model spec file {module} does not exist")
+        name = f"_bkn_factory_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise FactoryError(f"cannot load {module} as a Python module")
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[name] = loaded
+        spec.loader.exec_module(loaded)
+        return loaded
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise FactoryError(
+            f"cannot import module {module!r} of the model spec: {error}. Is the package installed, or the "
+            "current directory on PYTHONPATH?"
+        ) from error
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """The callable named by ``spec``; raises :class:`FactoryError` if absent or not callable."""
+    module_name, attribute = parse_spec(spec)
+    target: Any = _import(module_name)
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise FactoryError(f"{module_name!r} has no attribute {attribute!r} (model spec {spec!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise FactoryError(f"{spec!r} names a {type(target).__name__}, not a callable that returns an nn.Module")
+    return target  # type: ignore[no-any-return]
+
+
+def load_checkpoint(checkpoint: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """The state dict in ``checkpoint`` (plain, or under 'state_dict' / 'model')."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises pickle/zip/runtime errors
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(error).__name__}: {error}. Save it with "
+            "torch.save(model.state_dict(), path)."
+        ) from error
+    if isinstance(content, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(content.get(key), Mapping):
+                return content[key]  # type: ignore[no-any-return]
+        return content
+    raise CheckpointError(f"checkpoint {path} holds a {type(content).__name__}, not a state dict")
+
+
+def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) -> nn.Module:
+    """Call the factory named by ``spec`` with ``factory_kwargs``; load ``checkpoint`` strictly.
+
+    Raises :class:`FactoryError` (bad spec, import failure, factory error, not a module)
+    and :class:`CheckpointError` (missing/unreadable file, keys that do not match).
+    """
+    factory = load_factory(spec)
+    try:
+        model = factory(**factory_kwargs)
+    except BKNError:
+        raise
+    except Exception as error:  # the user's factory may raise anything
+        raise FactoryError(
+            f"factory {spec!r} raised {type(error).__name__}: {error} (keyword arguments: {factory_kwargs})"
+        ) from error
+    if not isinstance(model, nn.Module):
+        raise FactoryError(f"factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except BKNError:
+            raise
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} does not fit the model built by {spec!r}: {error}. Build the model with "
+                "the same factory arguments as when it was saved."
+            ) from error
+    return model

@@ -1,0 +1,532 @@
+"""Train-mode BKN backward in Triton: two per-channel reductions, then grad_x.
+
+Math (per channel; :func:`bkn_export.functional.batch_kalman_norm_backward`), with
+x̂ = (x - μ)/s, s = sqrt(Σ + ε), d = x̄ - μ_pred, q = 1 - p, n elements per channel::
+
+    Σ g,  Σ g x̂ = (Σ g (x - x̄) + (x̄ - μ) Σ g) / s                    (the two reductions)
+    ∂L/∂μ = -γ Σ g / s + ḡ_μ            ∂L/∂Σ = -γ Σ g x̂ / (2 s²) + ḡ_Σ
+    ∂L/∂x̄ = q ∂L/∂μ + 2pq d ∂L/∂Σ       ∂L/∂S = q ∂L/∂Σ
+    ∂L/∂μ_pred = p ∂L/∂μ - 2pq d ∂L/∂Σ   ∂L/∂Σ_pred = p ∂L/∂Σ
+    ∂L/∂p = -d ∂L/∂μ + (Σ_pred - S + (1 - 2p) d²) ∂L/∂Σ   (0 where the fallback fired)
+    ∂L/∂γ = Σ g x̂,  ∂L/∂β = Σ g
+    ∂L/∂x = g γ/s + ∂L/∂x̄ / n + (x - x̄) 2 ∂L/∂S / n
+
+The batch statistics are recomputed here (the op's backward receives x, not the
+forward's statistics), in the same pass as the two gradient sums: one read of (x, g)
+for all reductions, one read of (x, g) and one write for grad_x, the same traffic as
+cuDNN's BatchNorm backward. Three kernels, as in the forward:
+
+1. ``_partial_backward_kernel``: per program and channel, (mean, M2) of x and
+   (Σ g, Σ g (x - mean)) over its rows.
+2. ``_backward_statistics_kernel``: merges them into x̄, S, Σ g, Σ g (x - x̄) and,
+   without the fallback rule, computes every per-channel gradient and the three
+   coefficients of grad_x in the same program; with ``fallback_ratio > 0`` it stores
+   the sums and ``_backward_fallback_kernel`` does that after the rule.
+3. ``_grad_input_kernel``: ∂L/∂x = g a + (x - x̄) c + b elementwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from bkn_export.kernels.common import (
+    fallback_fired,
+    kalman_posterior,
+    merge_gradient_sums,
+    merge_moments,
+    partial_counts,
+)
+from bkn_export.kernels.layout import (
+    CHANNEL_BLOCK,
+    COMBINE_BLOCK_P,
+    NUM_WARPS,
+    channel_view,
+    choose_tiling,
+    restore_layout,
+    statistics_vector,
+    working_tensor,
+)
+
+__all__ = ["batch_kalman_norm_backward"]
+
+
+@triton.jit
+def _partial_backward_kernel(
+    x_ptr,
+    grad_ptr,
+    partial_mean_ptr,
+    partial_m2_ptr,
+    partial_sum_g_ptr,
+    partial_centred_ptr,
+    channels,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    programs_per_sample,
+    chunks_per_program,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Pass 1: (mean, M2) of x and (Σ g, Σ g (x - mean)) of this program's rows, per channel."""
+    partial = tl.program_id(0)
+    channel_offsets = tl.program_id(1) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+    sample = partial // programs_per_sample
+    first_row = (partial % programs_per_sample) * chunks_per_program * BLOCK_ROWS
+    base = sample.to(tl.int64) * stride_sample + channel_offsets[None, :] * stride_channel
+
+    count = 0.0
+    mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    sum_g = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    centred_sum = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    for chunk in range(0, chunks_per_program):
+        tile_start = first_row + chunk * BLOCK_ROWS
+        row_offsets = tile_start + tl.arange(0, BLOCK_ROWS)
+        mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
+        offsets = base + row_offsets[:, None] * stride_row
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tile_count = tl.maximum(tl.minimum(rows - tile_start, BLOCK_ROWS), 0).to(tl.float32)
+        tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
+        centred = tl.where(mask, x - tile_mean[None, :], 0.0)
+        previous_mean = mean
+        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred, axis=0))
+        sum_g, centred_sum = merge_gradient_sums(
+            sum_g, centred_sum, previous_mean, tl.sum(g, axis=0), tl.sum(g * centred, axis=0), tile_mean, mean
+        )
+
+    out = partial * channels + channel_offsets
+    tl.store(partial_mean_ptr + out, mean, mask=channel_mask)
+    tl.store(partial_m2_ptr + out, m2, mask=channel_mask)
+    tl.store(partial_sum_g_ptr + out, sum_g, mask=channel_mask)
+    tl.store(partial_centred_ptr + out, centred_sum, mask=channel_mask)
+
+
+@triton.jit
+def _store_channel_gradients(
+    channel_offsets,
+    channel_mask,
+    count,
+    batch_mean,
+    batch_variance,
+    sum_g,
+    centred_sum,
+    prior_weight,
+    eps,
+    prior_mean_ptr,
+    prior_variance_ptr,
+    weight_ptr,
+    grad_posterior_mean_ptr,
+    grad_posterior_variance_ptr,
+    grad_prior_mean_ptr,
+    grad_prior_variance_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    input_scale_ptr,
+    batch_mean_out_ptr,
+    centred_scale_ptr,
+    input_offset_ptr,
+    HAS_WEIGHT: tl.constexpr,
+):
+    """Per-channel gradients of one channel block (module docstring); returns ∂L/∂p."""
+    prior_mean = tl.load(prior_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    mean, variance = kalman_posterior(batch_mean, batch_variance, prior_mean, prior_variance, prior_weight)
+    inv_std = tl.rsqrt(variance + eps)
+    sum_g_xhat = inv_std * (centred_sum + (batch_mean - mean) * sum_g)
+    if HAS_WEIGHT:
+        gamma = tl.load(weight_ptr + channel_offsets, mask=channel_mask, other=1.0)
+        tl.store(grad_weight_ptr + channel_offsets, sum_g_xhat, mask=channel_mask)
+    else:
+        gamma = tl.full([1], 1.0, dtype=tl.float32)
+        tl.store(grad_weight_ptr + channel_offsets, tl.zeros_like(sum_g_xhat), mask=channel_mask)
+    tl.store(grad_bias_ptr + channel_offsets, sum_g, mask=channel_mask)
+
+    grad_mean = -gamma * sum_g * inv_std
+    grad_mean += tl.load(grad_posterior_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    grad_variance = -0.5 * gamma * sum_g_xhat * inv_std * inv_std
+    grad_variance += tl.load(grad_posterior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
+
+    batch_weight = 1.0 - prior_weight
+    innovation = batch_mean - prior_mean
+    cross = 2.0 * prior_weight * batch_weight * innovation * grad_variance
+    grad_batch_mean = batch_weight * grad_mean + cross
+    grad_batch_variance = batch_weight * grad_variance
+    tl.store(grad_prior_mean_ptr + channel_offsets, prior_weight * grad_mean - cross, mask=channel_mask)
+    tl.store(grad_prior_variance_ptr + channel_offsets, prior_weight * grad_variance, mask=channel_mask)
+
+    tl.store(input_scale_ptr + channel_offsets, gamma * inv_std, mask=channel_mask)
+    tl.store(batch_mean_out_ptr + channel_offsets, batch_mean, mask=channel_mask)
+    tl.store(centred_scale_ptr + channel_offsets, 2.0 * grad_batch_variance / count, mask=channel_mask)
+    tl.store(input_offset_ptr + channel_offsets, grad_batch_mean / count, mask=channel_mask)
+
+    spread = prior_variance - batch_variance + (1.0 - 2.0 * prior_weight) * innovation * innovation
+    return -innovation * grad_mean + spread * grad_variance
+
+
+@triton.jit
+def _backward_statistics_kernel(
+    partial_mean_ptr,
+    partial_m2_ptr,
+    partial_sum_g_ptr,
+    partial_centred_ptr,
+    batch_variance_ptr,
+    centred_sum_ptr,
+    prior_mean_ptr,
+    prior_variance_ptr,
+    prior_weight_ptr,
+    weight_ptr,
+    grad_posterior_mean_ptr,
+    grad_posterior_variance_ptr,
+    grad_prior_mean_ptr,
+    grad_prior_variance_ptr,
+    grad_prior_weight_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    input_scale_ptr,
+    batch_mean_ptr,
+    centred_scale_ptr,
+    input_offset_ptr,
+    eps,
+    channels,
+    rows,
+    num_partials,
+    programs_per_sample,
+    rows_per_program,
+    HAS_WEIGHT: tl.constexpr,
+    UPDATE: tl.constexpr,
+    BLOCK_PARTIALS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Pass 2: merge partials into x̄, S, Σ g, Σ g (x - x̄); then all gradients (UPDATE) or store the sums."""
+    channel_offsets = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+
+    count = 0.0
+    mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    sum_g = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    centred_sum = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    for start in range(0, num_partials, BLOCK_PARTIALS):
+        partial = start + tl.arange(0, BLOCK_PARTIALS)
+        counts = partial_counts(partial, num_partials, rows, programs_per_sample, rows_per_program)
+        mask = (partial < num_partials)[:, None] & channel_mask[None, :]
+        offsets = partial[:, None] * channels + channel_offsets[None, :]
+        partial_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0)
+        partial_m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0)
+        partial_sum_g = tl.load(partial_sum_g_ptr + offsets, mask=mask, other=0.0)
+        partial_centred = tl.load(partial_centred_ptr + offsets, mask=mask, other=0.0)
+        chunk_count = tl.sum(counts, axis=0)
+        chunk_mean = tl.sum(counts[:, None] * partial_mean, axis=0) / tl.maximum(chunk_count, 1.0)
+        deviation = partial_mean - chunk_mean[None, :]
+        chunk_m2 = tl.sum(partial_m2 + counts[:, None] * deviation * deviation, axis=0)
+        chunk_sum_g = tl.sum(partial_sum_g, axis=0)
+        chunk_centred = tl.sum(partial_centred + deviation * partial_sum_g, axis=0)
+        previous_mean = mean
+        count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
+        sum_g, centred_sum = merge_gradient_sums(
+            sum_g, centred_sum, previous_mean, chunk_sum_g, chunk_centred, chunk_mean, mean
+        )
+    variance = m2 / count
+
+    if UPDATE:
+        prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+        grad_prior_weight = _store_channel_gradients(
+            channel_offsets,
+            channel_mask,
+            count,
+            mean,
+            variance,
+            sum_g,
+            centred_sum,
+            prior_weight,
+            eps,
+            prior_mean_ptr,
+            prior_variance_ptr,
+            weight_ptr,
+            grad_posterior_mean_ptr,
+            grad_posterior_variance_ptr,
+            grad_prior_mean_ptr,
+            grad_prior_variance_ptr,
+            grad_weight_ptr,
+            grad_bias_ptr,
+            input_scale_ptr,
+            batch_mean_ptr,
+            centred_scale_ptr,
+            input_offset_ptr,
+            HAS_WEIGHT,
+        )
+        tl.store(grad_prior_weight_ptr + channel_offsets, grad_prior_weight, mask=channel_mask)
+    else:
+        tl.store(batch_mean_ptr + channel_offsets, mean, mask=channel_mask)
+        tl.store(batch_variance_ptr + channel_offsets, variance, mask=channel_mask)
+        tl.store(grad_bias_ptr + channel_offsets, sum_g, mask=channel_mask)
+        tl.store(centred_sum_ptr + channel_offsets, centred_sum, mask=channel_mask)
+
+
+@triton.jit
+def _backward_fallback_kernel(
+    batch_variance_ptr,
+    centred_sum_ptr,
+    prior_mean_ptr,
+    prior_variance_ptr,
+    prior_weight_ptr,
+    weight_ptr,
+    grad_posterior_mean_ptr,
+    grad_posterior_variance_ptr,
+    grad_prior_mean_ptr,
+    grad_prior_variance_ptr,
+    grad_prior_weight_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    input_scale_ptr,
+    batch_mean_ptr,
+    centred_scale_ptr,
+    input_offset_ptr,
+    eps,
+    count,
+    channels,
+    fallback_ratio,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Pass 2b (fallback_ratio > 0): the rule over all channels, then all gradients; ∂L/∂p = 0 if fired."""
+    fired = fallback_fired(prior_variance_ptr, batch_variance_ptr, channels, fallback_ratio, BLOCK_CHANNELS)
+    channel_offsets = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+    batch_mean = tl.load(batch_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    batch_variance = tl.load(batch_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    sum_g = tl.load(grad_bias_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    centred_sum = tl.load(centred_sum_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_weight = tl.where(fired, 0.0, prior_weight)
+    grad_prior_weight = _store_channel_gradients(
+        channel_offsets,
+        channel_mask,
+        count,
+        batch_mean,
+        batch_variance,
+        sum_g,
+        centred_sum,
+        prior_weight,
+        eps,
+        prior_mean_ptr,
+        prior_variance_ptr,
+        weight_ptr,
+        grad_posterior_mean_ptr,
+        grad_posterior_variance_ptr,
+        grad_prior_mean_ptr,
+        grad_prior_variance_ptr,
+        grad_weight_ptr,
+        grad_bias_ptr,
+        input_scale_ptr,
+        batch_mean_ptr,
+        centred_scale_ptr,
+        input_offset_ptr,
+        HAS_WEIGHT,
+    )
+    tl.store(grad_prior_weight_ptr + channel_offsets, tl.where(fired, 0.0, grad_prior_weight), mask=channel_mask)
+
+
+@triton.jit
+def _grad_input_kernel(
+    x_ptr,
+    grad_ptr,
+    grad_input_ptr,
+    input_scale_ptr,
+    batch_mean_ptr,
+    centred_scale_ptr,
+    input_offset_ptr,
+    channels,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    row_blocks_per_sample,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Pass 3: ∂L/∂x = g a + (x - x̄) c + b per channel (a = γ/s, c = 2 ∂L/∂S / n, b = ∂L/∂x̄ / n)."""
+    block = tl.program_id(0)
+    channel_offsets = tl.program_id(1) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+    sample = block // row_blocks_per_sample
+    row_offsets = (block % row_blocks_per_sample) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
+
+    input_scale = tl.load(input_scale_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    batch_mean = tl.load(batch_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    centred_scale = tl.load(centred_scale_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    input_offset = tl.load(input_offset_ptr + channel_offsets, mask=channel_mask, other=0.0)
+
+    offsets = (
+        sample.to(tl.int64) * stride_sample + row_offsets[:, None] * stride_row + channel_offsets[None, :] * stride_channel
+    )
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    grad_input = g * input_scale[None, :] + (x - batch_mean[None, :]) * centred_scale[None, :] + input_offset[None, :]
+    tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def batch_kalman_norm_backward(
+    grad_output: Tensor,
+    grad_posterior_mean: Tensor,
+    grad_posterior_variance: Tensor,
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused BKN backward; same contract as ``torch.ops.bkn.batch_kalman_norm_backward``.
+
+    grad_output, x: (N, C, *) float32/float16/bfloat16; grad_posterior_*, prior_*,
+    weight: (C,). Returns grads for (x, prior_mean, prior_variance, prior_weight,
+    weight, bias): grad_x in the dtype and layout of x, the prior grads in the dtypes
+    of the priors, the γ/β grads float32 (γ's is zeros when ``weight`` is None).
+    """
+    x_work = working_tensor(x)
+    if grad_output.shape != x.shape:
+        raise ValueError(f"BKN Triton backward: grad_output {tuple(grad_output.shape)} must match x {tuple(x.shape)}")
+    grad_work = grad_output
+    if grad_output.stride() != x_work.stride():  # one set of strides for every (N, C, *) tensor
+        grad_work = torch.empty_like(x_work, dtype=grad_output.dtype).copy_(grad_output)
+    view = channel_view(x_work)
+    tiling = choose_tiling(view)
+    channels = view.channels
+    prior_mean32 = statistics_vector(prior_mean, channels, "prior_mean")
+    prior_variance32 = statistics_vector(prior_variance, channels, "prior_variance")
+    prior_weight32 = statistics_vector(prior_weight, channels, "prior_weight")
+    weight32 = statistics_vector(weight, channels, "weight") if weight is not None else prior_weight32
+    grad_mean32 = statistics_vector(grad_posterior_mean, channels, "grad_posterior_mean")
+    grad_variance32 = statistics_vector(grad_posterior_variance, channels, "grad_posterior_variance")
+
+    num_partials = tiling.num_partials(view)
+    partials = x.new_empty((4, num_partials, channels), dtype=torch.float32)
+    _partial_backward_kernel[tiling.reduce_grid(view)](
+        x_work,
+        grad_work,
+        partials[0],
+        partials[1],
+        partials[2],
+        partials[3],
+        channels,
+        view.rows,
+        view.stride_sample,
+        view.stride_channel,
+        view.stride_row,
+        tiling.programs_per_sample,
+        tiling.chunks_per_program,
+        BLOCK_ROWS=tiling.block_rows,
+        BLOCK_CHANNELS=tiling.block_channels,
+        num_warps=NUM_WARPS,
+    )
+
+    # Separate allocations: a custom op's outputs may not alias one another.
+    grad_prior_mean, grad_prior_variance, grad_prior_weight, grad_weight, grad_bias = (
+        x.new_empty((channels,), dtype=torch.float32) for _ in range(5)
+    )
+    # grad_x coefficients (a, x̄, c, b) and, for the fallback path, (S, Σ g (x - x̄)).
+    workspace = x.new_empty((6, channels), dtype=torch.float32)
+    input_scale, batch_mean, centred_scale, input_offset, batch_variance, centred_sum = workspace.unbind(0)
+    update_inline = fallback_ratio <= 0
+    channel_grid = (triton.cdiv(channels, CHANNEL_BLOCK),)
+    _backward_statistics_kernel[channel_grid](
+        partials[0],
+        partials[1],
+        partials[2],
+        partials[3],
+        batch_variance,
+        centred_sum,
+        prior_mean32,
+        prior_variance32,
+        prior_weight32,
+        weight32,
+        grad_mean32,
+        grad_variance32,
+        grad_prior_mean,
+        grad_prior_variance,
+        grad_prior_weight,
+        grad_weight,
+        grad_bias,
+        input_scale,
+        batch_mean,
+        centred_scale,
+        input_offset,
+        eps,
+        channels,
+        view.rows,
+        num_partials,
+        tiling.programs_per_sample,
+        tiling.rows_per_program,
+        HAS_WEIGHT=weight is not None,
+        UPDATE=update_inline,
+        BLOCK_PARTIALS=COMBINE_BLOCK_P,
+        BLOCK_CHANNELS=CHANNEL_BLOCK,
+        num_warps=NUM_WARPS,
+    )
+    if not update_inline:
+        _backward_fallback_kernel[channel_grid](
+            batch_variance,
+            centred_sum,
+            prior_mean32,
+            prior_variance32,
+            prior_weight32,
+            weight32,
+            grad_mean32,
+            grad_variance32,
+            grad_prior_mean,
+            grad_prior_variance,
+            grad_prior_weight,
+            grad_weight,
+            grad_bias,
+            input_scale,
+            batch_mean,
+            centred_scale,
+            input_offset,
+            eps,
+            float(view.count),
+            channels,
+            float(fallback_ratio),
+            HAS_WEIGHT=weight is not None,
+            BLOCK_CHANNELS=CHANNEL_BLOCK,
+            num_warps=NUM_WARPS,
+        )
+
+    grad_x_work = torch.empty_like(x_work)
+    _grad_input_kernel[tiling.stream_grid(view)](
+        x_work,
+        grad_work,
+        grad_x_work,
+        input_scale,
+        batch_mean,
+        centred_scale,
+        input_offset,
+        channels,
+        view.rows,
+        view.stride_sample,
+        view.stride_channel,
+        view.stride_row,
+        tiling.row_blocks_per_sample,
+        BLOCK_ROWS=tiling.block_rows,
+        BLOCK_CHANNELS=tiling.block_channels,
+        num_warps=NUM_WARPS,
+    )
+    return (
+        restore_layout(grad_x_work, x, x_work),
+        grad_prior_mean.to(prior_mean.dtype),
+        grad_prior_variance.to(prior_variance.dtype),
+        grad_prior_weight.to(prior_weight.dtype),
+        grad_weight,
+        grad_bias,
+    )

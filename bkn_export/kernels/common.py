@@ -1,0 +1,98 @@
+"""Triton helpers shared by the forward and backward kernels.
+
+Statistics are accumulated in float32 with Chan et al.'s parallel combination of
+(count, mean, M2) triples (the pairwise form of Welford's algorithm): every tile
+computes its own mean and centred sum of squares M2 = Σ (x - mean_tile)² from values
+held in registers (an exact two-pass within the tile), and tiles, programs and
+partials merge as::
+
+    n = n_a + n_b     δ = mean_b - mean_a     mean = mean_a + δ n_b / n
+    M2 = M2_a + M2_b + δ² n_a n_b / n
+
+No step squares a raw mean, so the variance keeps its precision when the mean is
+large against the spread (unlike E[x²] - E[x]²). The backward carries Σ g and the
+shifted sum Σ g (x - mean) along with the moments, re-centred at every merge.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "VARIANCE_FLOOR",
+    "merge_moments",
+    "merge_gradient_sums",
+    "partial_counts",
+    "kalman_posterior",
+    "fallback_fired",
+]
+
+#: Same floor as bkn_export.functional's fallback rule (batch variance clamp); a
+#: constexpr because Triton kernels may only read constexpr globals.
+VARIANCE_FLOOR = tl.constexpr(1e-12)
+
+
+@triton.jit
+def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan's merge of two (count, mean, M2) triples; an empty side (count 0) is a no-op."""
+    count = count_a + count_b
+    weight_b = count_b / tl.maximum(count, 1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * weight_b
+    m2 = m2_a + m2_b + delta * delta * count_a * weight_b
+    return count, mean, m2
+
+
+@triton.jit
+def merge_gradient_sums(sum_g_a, centred_a, mean_a, sum_g_b, centred_b, mean_b, mean):
+    """Merge (Σ g, Σ g (x - mean_side)) of two sides, re-centred at the merged ``mean``."""
+    sum_g = sum_g_a + sum_g_b
+    centred = centred_a + (mean_a - mean) * sum_g_a + centred_b + (mean_b - mean) * sum_g_b
+    return sum_g, centred
+
+
+@triton.jit
+def partial_counts(partial, num_partials, rows, programs_per_sample, rows_per_program):
+    """Elements per channel behind each partial index (0 past ``num_partials``), float32.
+
+    Partial ``i`` covers rows [(i mod P) R, (i mod P) R + R) of its sample, clipped at
+    ``rows`` (P = programs_per_sample, R = rows_per_program): the same for every channel.
+    """
+    first_row = (partial % programs_per_sample) * rows_per_program
+    count = tl.minimum(rows - first_row, rows_per_program)
+    return tl.where(partial < num_partials, count, 0).to(tl.float32)
+
+
+@triton.jit
+def kalman_posterior(batch_mean, batch_variance, prior_mean, prior_variance, prior_weight):
+    """The Kalman update (moment-matched blend), elementwise over channels.
+
+    μ = m + q d,  Σ = p Σ_pred + q S + p q d²  with d = x̄ - m, q = 1 - p.
+    """
+    batch_weight = 1.0 - prior_weight
+    innovation = batch_mean - prior_mean
+    mean = prior_mean + batch_weight * innovation
+    variance = (
+        prior_weight * prior_variance
+        + batch_weight * batch_variance
+        + prior_weight * batch_weight * innovation * innovation
+    )
+    return mean, variance
+
+
+@triton.jit
+def fallback_fired(prior_variance_ptr, batch_variance_ptr, channels, fallback_ratio, BLOCK: tl.constexpr):
+    """The authors' rule over all channels: mean(Σ_pred / max(S, floor)) ≥ fallback_ratio.
+
+    Every program of a fallback kernel evaluates it over the whole (C,) vectors: C
+    loads per program, far cheaper than a separate launch and a grid-wide barrier.
+    """
+    total = 0.0
+    for start in range(0, channels, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < channels
+        prior_variance = tl.load(prior_variance_ptr + offsets, mask=mask, other=0.0)
+        batch_variance = tl.load(batch_variance_ptr + offsets, mask=mask, other=1.0)
+        total += tl.sum(prior_variance / tl.maximum(batch_variance, VARIANCE_FLOOR), axis=0)
+    return total / channels >= fallback_ratio

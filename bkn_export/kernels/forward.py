@@ -1,0 +1,377 @@
+"""Train-mode BKN forward in Triton: batch statistics, Kalman update, normalize.
+
+Math (per channel c, n = N · prod(*) elements; :func:`bkn_export.functional.batch_kalman_norm`)::
+
+    x̄ = mean x,  S = mean (x - x̄)²                                    (float32)
+    p = 0 if fallback fired else p;  q = 1 - p;  d = x̄ - μ_pred
+    μ = μ_pred + q d,  Σ = p Σ_pred + q S + p q d²
+    y = x · γ/sqrt(Σ + ε) + (β - μ γ/sqrt(Σ + ε))                      (dtype of x)
+
+Three passes, as three kernels read top to bottom:
+
+1. ``_partial_moments_kernel`` (grid: partials x channel blocks) streams
+   CHUNKS_PER_PROGRAM tiles of its rows and writes one (mean, M2) partial per channel.
+2. ``_forward_statistics_kernel`` (grid: channel blocks) merges the partials (Chan's
+   combination, see ``common``) into x̄ and S and, without the fallback rule, applies
+   the Kalman update in the same program. The fallback rule needs S of *all*
+   channels, so with ``fallback_ratio > 0`` it stores (x̄, S) and
+   ``_forward_fallback_kernel`` applies the rule and the update.
+3. ``_normalize_kernel`` (grid: row tiles x channel blocks) writes y; it computes the
+   per-channel affine from (μ, Σ, γ, β) in each program, so it also serves the
+   inference forward (``bkn_export.kernels.inference``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from bkn_export.kernels.common import fallback_fired, kalman_posterior, merge_moments, partial_counts
+from bkn_export.kernels.layout import (
+    CHANNEL_BLOCK,
+    COMBINE_BLOCK_P,
+    NUM_WARPS,
+    ChannelView,
+    Tiling,
+    channel_view,
+    choose_tiling,
+    restore_layout,
+    statistics_vector,
+    working_tensor,
+)
+
+__all__ = ["batch_kalman_norm_forward", "normalize_into"]
+
+
+@triton.jit
+def _partial_moments_kernel(
+    x_ptr,
+    partial_mean_ptr,
+    partial_m2_ptr,
+    channels,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    programs_per_sample,
+    chunks_per_program,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Pass 1: (mean, M2) of this program's rows, per channel of its channel block."""
+    partial = tl.program_id(0)
+    channel_offsets = tl.program_id(1) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+    sample = partial // programs_per_sample
+    first_row = (partial % programs_per_sample) * chunks_per_program * BLOCK_ROWS
+    base = x_ptr + sample.to(tl.int64) * stride_sample + channel_offsets[None, :] * stride_channel
+
+    count = 0.0
+    mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    for chunk in range(0, chunks_per_program):
+        tile_start = first_row + chunk * BLOCK_ROWS
+        row_offsets = tile_start + tl.arange(0, BLOCK_ROWS)
+        mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
+        x = tl.load(base + row_offsets[:, None] * stride_row, mask=mask, other=0.0).to(tl.float32)
+        tile_count = tl.maximum(tl.minimum(rows - tile_start, BLOCK_ROWS), 0).to(tl.float32)
+        tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
+        centred = tl.where(mask, x - tile_mean[None, :], 0.0)
+        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred, axis=0))
+
+    out = partial * channels + channel_offsets
+    tl.store(partial_mean_ptr + out, mean, mask=channel_mask)
+    tl.store(partial_m2_ptr + out, m2, mask=channel_mask)
+
+
+@triton.jit
+def _store_posterior(
+    channel_offsets,
+    channel_mask,
+    batch_mean,
+    batch_variance,
+    prior_weight,
+    prior_mean_ptr,
+    prior_variance_ptr,
+    posterior_mean_ptr,
+    posterior_variance_ptr,
+):
+    """Kalman update of one channel block and store of (μ_{k|k}, Σ_{k|k})."""
+    prior_mean = tl.load(prior_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    mean, variance = kalman_posterior(batch_mean, batch_variance, prior_mean, prior_variance, prior_weight)
+    tl.store(posterior_mean_ptr + channel_offsets, mean, mask=channel_mask)
+    tl.store(posterior_variance_ptr + channel_offsets, variance, mask=channel_mask)
+
+
+@triton.jit
+def _forward_statistics_kernel(
+    partial_mean_ptr,
+    partial_m2_ptr,
+    batch_mean_ptr,
+    batch_variance_ptr,
+    prior_mean_ptr,
+    prior_variance_ptr,
+    prior_weight_ptr,
+    posterior_mean_ptr,
+    posterior_variance_ptr,
+    channels,
+    rows,
+    num_partials,
+    programs_per_sample,
+    rows_per_program,
+    UPDATE: tl.constexpr,
+    BLOCK_PARTIALS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Pass 2: merge partials into (x̄, S); then the update (UPDATE) or store (x̄, S)."""
+    channel_offsets = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+
+    count = 0.0
+    mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    for start in range(0, num_partials, BLOCK_PARTIALS):
+        partial = start + tl.arange(0, BLOCK_PARTIALS)
+        counts = partial_counts(partial, num_partials, rows, programs_per_sample, rows_per_program)
+        mask = (partial < num_partials)[:, None] & channel_mask[None, :]
+        offsets = partial[:, None] * channels + channel_offsets[None, :]
+        partial_mean = tl.load(partial_mean_ptr + offsets, mask=mask, other=0.0)
+        partial_m2 = tl.load(partial_m2_ptr + offsets, mask=mask, other=0.0)
+        chunk_count = tl.sum(counts, axis=0)
+        chunk_mean = tl.sum(counts[:, None] * partial_mean, axis=0) / tl.maximum(chunk_count, 1.0)
+        deviation = partial_mean - chunk_mean[None, :]
+        chunk_m2 = tl.sum(partial_m2 + counts[:, None] * deviation * deviation, axis=0)
+        count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
+    variance = m2 / count
+
+    if UPDATE:
+        prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+        _store_posterior(
+            channel_offsets,
+            channel_mask,
+            mean,
+            variance,
+            prior_weight,
+            prior_mean_ptr,
+            prior_variance_ptr,
+            posterior_mean_ptr,
+            posterior_variance_ptr,
+        )
+    else:
+        tl.store(batch_mean_ptr + channel_offsets, mean, mask=channel_mask)
+        tl.store(batch_variance_ptr + channel_offsets, variance, mask=channel_mask)
+
+
+@triton.jit
+def _forward_fallback_kernel(
+    batch_mean_ptr,
+    batch_variance_ptr,
+    prior_mean_ptr,
+    prior_variance_ptr,
+    prior_weight_ptr,
+    posterior_mean_ptr,
+    posterior_variance_ptr,
+    channels,
+    fallback_ratio,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Pass 2b (fallback_ratio > 0): p = 0 everywhere if the rule fires, then the update."""
+    fired = fallback_fired(prior_variance_ptr, batch_variance_ptr, channels, fallback_ratio, BLOCK_CHANNELS)
+    channel_offsets = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+    batch_mean = tl.load(batch_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    batch_variance = tl.load(batch_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_weight = tl.where(fired, 0.0, prior_weight)
+    _store_posterior(
+        channel_offsets,
+        channel_mask,
+        batch_mean,
+        batch_variance,
+        prior_weight,
+        prior_mean_ptr,
+        prior_variance_ptr,
+        posterior_mean_ptr,
+        posterior_variance_ptr,
+    )
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr,
+    y_ptr,
+    mean_ptr,
+    variance_ptr,
+    weight_ptr,
+    bias_ptr,
+    eps,
+    channels,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    row_blocks_per_sample,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Pass 3: y = x · a + b with a = γ/sqrt(Σ + ε), b = β - μ a (per channel, float32)."""
+    block = tl.program_id(0)
+    channel_offsets = tl.program_id(1) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+    sample = block // row_blocks_per_sample
+    row_offsets = (block % row_blocks_per_sample) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
+
+    mean = tl.load(mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    variance = tl.load(variance_ptr + channel_offsets, mask=channel_mask, other=1.0)
+    scale = tl.rsqrt(variance + eps)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + channel_offsets, mask=channel_mask, other=1.0)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(bias_ptr + channel_offsets, mask=channel_mask, other=0.0)
+
+    offsets = (
+        sample.to(tl.int64) * stride_sample + row_offsets[:, None] * stride_row + channel_offsets[None, :] * stride_channel
+    )
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = x * scale[None, :] + shift[None, :]
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def normalize_into(
+    x: Tensor,
+    y: Tensor,
+    view: ChannelView,
+    tiling: Tiling,
+    mean: Tensor,
+    variance: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> None:
+    """Launch pass 3: y = γ (x - mean)/sqrt(variance + ε) + β into ``y`` (same strides as ``x``).
+
+    mean, variance, weight, bias: contiguous float32 (C,); None weight/bias mean γ = 1, β = 0.
+    """
+    _normalize_kernel[tiling.stream_grid(view)](
+        x,
+        y,
+        mean,
+        variance,
+        weight if weight is not None else mean,  # placeholder pointer, never read
+        bias if bias is not None else mean,
+        eps,
+        view.channels,
+        view.rows,
+        view.stride_sample,
+        view.stride_channel,
+        view.stride_row,
+        tiling.row_blocks_per_sample,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_ROWS=tiling.block_rows,
+        BLOCK_CHANNELS=tiling.block_channels,
+        num_warps=NUM_WARPS,
+    )
+
+
+def batch_kalman_norm_forward(
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused train-mode BKN step; same contract as ``torch.ops.bkn.batch_kalman_norm``.
+
+    x: (N, C, *) float32/float16/bfloat16, channels-first or channels-last (other
+    layouts are copied); prior_mean, prior_variance, prior_weight, weight, bias: (C,).
+    Returns y (dtype and layout of x) and the posterior mean and variance, float32 (C,).
+    Raises BKNInputError for empty, too large or mis-shaped inputs.
+    """
+    x_work = working_tensor(x)
+    view = channel_view(x_work)
+    tiling = choose_tiling(view)
+    channels = view.channels
+    prior_mean32 = statistics_vector(prior_mean, channels, "prior_mean")
+    prior_variance32 = statistics_vector(prior_variance, channels, "prior_variance")
+    prior_weight32 = statistics_vector(prior_weight, channels, "prior_weight")
+    weight32 = statistics_vector(weight, channels, "weight") if weight is not None else None
+    bias32 = statistics_vector(bias, channels, "bias") if bias is not None else None
+
+    num_partials = tiling.num_partials(view)
+    partials = x.new_empty((2, num_partials, channels), dtype=torch.float32)
+    _partial_moments_kernel[tiling.reduce_grid(view)](
+        x_work,
+        partials[0],
+        partials[1],
+        channels,
+        view.rows,
+        view.stride_sample,
+        view.stride_channel,
+        view.stride_row,
+        tiling.programs_per_sample,
+        tiling.chunks_per_program,
+        BLOCK_ROWS=tiling.block_rows,
+        BLOCK_CHANNELS=tiling.block_channels,
+        num_warps=NUM_WARPS,
+    )
+
+    posterior_mean = x.new_empty((channels,), dtype=torch.float32)
+    posterior_variance = x.new_empty((channels,), dtype=torch.float32)
+    update_inline = fallback_ratio <= 0
+    if update_inline:  # (x̄, S) stay in registers; the pointers are placeholders never written
+        batch_mean, batch_variance = posterior_mean, posterior_variance
+    else:
+        batch_mean, batch_variance = x.new_empty((2, channels), dtype=torch.float32).unbind(0)
+    channel_grid = (triton.cdiv(channels, CHANNEL_BLOCK),)
+    _forward_statistics_kernel[channel_grid](
+        partials[0],
+        partials[1],
+        batch_mean,
+        batch_variance,
+        prior_mean32,
+        prior_variance32,
+        prior_weight32,
+        posterior_mean,
+        posterior_variance,
+        channels,
+        view.rows,
+        num_partials,
+        tiling.programs_per_sample,
+        tiling.rows_per_program,
+        UPDATE=update_inline,
+        BLOCK_PARTIALS=COMBINE_BLOCK_P,
+        BLOCK_CHANNELS=CHANNEL_BLOCK,
+        num_warps=NUM_WARPS,
+    )
+    if not update_inline:
+        _forward_fallback_kernel[channel_grid](
+            batch_mean,
+            batch_variance,
+            prior_mean32,
+            prior_variance32,
+            prior_weight32,
+            posterior_mean,
+            posterior_variance,
+            channels,
+            float(fallback_ratio),
+            BLOCK_CHANNELS=CHANNEL_BLOCK,
+            num_warps=NUM_WARPS,
+        )
+
+    y_work = torch.empty_like(x_work)
+    normalize_into(x_work, y_work, view, tiling, posterior_mean, posterior_variance, weight32, bias32, eps)
+    return restore_layout(y_work, x, x_work), posterior_mean, posterior_variance

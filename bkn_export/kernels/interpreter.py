@@ -1,0 +1,141 @@
+"""Run the Triton launchers under ``TRITON_INTERPRET=1`` in a child process, on CPU tensors.
+
+Why a child process: ``@triton.jit`` decides when a kernel module is *imported*
+whether it builds a compiled kernel or an interpreted one (it reads
+``TRITON_INTERPRET`` at decoration time). One process can hold only one kind, and
+flipping the variable inside the test process would depend on import order and turn
+the real CUDA kernels of the same session (the ``gpu`` tests on a GPU machine) into
+interpreted ones. So :class:`InterpreterProcess` starts ``python -m
+bkn_export.kernels.interpreter`` with the variable set in its environment from the
+first instruction, checks there that the kernels really are interpreted, and calls
+the launchers over a pipe. The calling process never imports Triton for this.
+
+Protocol: each message is an 8-byte little-endian length and a ``torch.save``
+payload (loaded with ``weights_only=True``): request ``(launcher name, args)``, reply
+``("ok", result)`` or ``("error", exception class name, message, traceback)``. The
+child's stdout is redirected to stderr so that stray prints cannot corrupt replies.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+from typing import IO, Any
+
+import torch
+
+from bkn_export import errors
+
+__all__ = ["LAUNCHERS", "InterpreterProcess"]
+
+#: Launchers callable through the interpreter: name -> (module, function).
+LAUNCHERS: dict[str, tuple[str, str]] = {
+    "forward": ("bkn_export.kernels.forward", "batch_kalman_norm_forward"),
+    "backward": ("bkn_export.kernels.backward", "batch_kalman_norm_backward"),
+    "inference": ("bkn_export.kernels.inference", "kalman_norm_inference"),
+}
+
+_HEADER = struct.Struct("<Q")
+
+
+def _send(stream: IO[bytes], payload: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any | None:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (length,) = _HEADER.unpack(header)
+    return torch.load(io.BytesIO(stream.read(length)), weights_only=True)
+
+
+class InterpreterProcess:
+    """A child Python process that runs the launchers under the Triton interpreter.
+
+    Use as a context manager; :meth:`call` takes CPU tensors and returns CPU tensors.
+    Errors from ``bkn_export.errors`` raised in the child are raised again with the
+    same class; anything else raises :class:`bkn_export.errors.KernelError`.
+    """
+
+    def __init__(self, python: str = sys.executable) -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        self._process = subprocess.Popen(
+            [python, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+
+    def call(self, launcher: str, *args: Any) -> Any:
+        """Run ``LAUNCHERS[launcher](*args)`` in the child and return its result."""
+        stdin, stdout = self._process.stdin, self._process.stdout
+        assert stdin is not None and stdout is not None
+        _send(stdin, (launcher, args))
+        reply = _receive(stdout)
+        if reply is None:
+            raise errors.KernelError(
+                f"Triton interpreter process exited with code {self._process.poll()} while running "
+                f"'{launcher}'; see its stderr above"
+            )
+        if reply[0] == "ok":
+            return reply[1]
+        _, name, message, trace = reply
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, errors.BKNError):
+            raise cls(message)
+        raise errors.KernelError(f"Triton launcher '{launcher}' failed under TRITON_INTERPRET=1:\n{trace}")
+
+    def close(self) -> None:
+        if self._process.stdin is not None and not self._process.stdin.closed:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+
+    def __enter__(self) -> InterpreterProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _serve() -> None:
+    """Child side: answer requests until stdin closes."""
+    import importlib
+    import traceback
+
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed from here on goes to stderr
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("bkn_export.kernels.interpreter must run with TRITON_INTERPRET=1")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from bkn_export.kernels import forward
+
+    if not isinstance(forward._normalize_kernel, InterpretedFunction):
+        raise SystemExit("bkn_export.kernels were imported before TRITON_INTERPRET=1 took effect")
+    launchers = {
+        name: getattr(importlib.import_module(module), function) for name, (module, function) in LAUNCHERS.items()
+    }
+    requests = sys.stdin.buffer
+    while (request := _receive(requests)) is not None:
+        name, args = request
+        try:
+            reply: tuple[Any, ...] = ("ok", launchers[name](*args))
+        except Exception as error:
+            reply = ("error", type(error).__name__, str(error), traceback.format_exc())
+        _send(replies, reply)
+
+
+if __name__ == "__main__":
+    _serve()

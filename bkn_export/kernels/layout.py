@@ -1,0 +1,214 @@
+"""How the Triton kernels see an (N, C, *) tensor: a strided (rows, C) problem per sample.
+
+Every kernel indexes ``x: (N, C, *)`` as a 3-d strided view ``(N', C, S')`` and
+reduces over (N', S') per channel. Both memory layouts BatchNorm meets in practice
+fit that view without a copy:
+
+* channels-first (NCHW, ``torch.contiguous_format``): strides (C·S, S, 1); the rows
+  of one sample are contiguous, so a tile is a block of rows of a few channels.
+* channels-last (NHWC, ``torch.channels_last`` / ``channels_last_3d``): strides
+  (S·C, 1, C); sample and spatial index merge into one row index of N·S rows
+  (stride C), so a tile is a block of rows of a block of contiguous channels.
+
+Any other layout is copied to contiguous first. The tile shape is chosen per layout
+so that the contiguous dimension is the long side of the tile (coalesced loads); the
+kernels themselves are the same for both layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bkn_export.errors import BKNInputError
+
+__all__ = [
+    "TILE_ELEMENTS",
+    "CHANNELS_LAST_BLOCK_C",
+    "CHUNKS_PER_PROGRAM",
+    "COMBINE_BLOCK_P",
+    "CHANNEL_BLOCK",
+    "NUM_WARPS",
+    "MAX_ELEMENTS",
+    "ChannelView",
+    "Tiling",
+    "working_tensor",
+    "restore_layout",
+    "statistics_vector",
+    "channel_view",
+    "choose_tiling",
+]
+
+#: Elements in one streaming tile (BLOCK_S x BLOCK_C). 4096 float32 values are 16 KiB,
+#: 32 per thread at NUM_WARPS = 4: enough independent loads in flight per thread to
+#: hide DRAM latency, few enough registers that several programs share an SM (the
+#: same budget Triton's fused layer-norm tutorial settles on for its row block).
+TILE_ELEMENTS = 4096
+
+#: Channels per tile in channels-last layout: 64 contiguous channels are 256 bytes of
+#: float32 / 128 bytes of float16 per row, i.e. whole 128-byte memory transactions.
+CHANNELS_LAST_BLOCK_C = 64
+
+#: Tiles one program of a reduction kernel streams through before it writes its
+#: partial statistics. Each program then covers up to 32K elements (128 KiB float32),
+#: which keeps the number of partials (and so the combine step) small while a
+#: ResNet-50 layer at batch 32 still yields hundreds of programs to fill an H100's SMs.
+CHUNKS_PER_PROGRAM = 8
+
+#: Partials merged per step of the combine kernels ([COMBINE_BLOCK_P, CHANNEL_BLOCK]
+#: tile of float32 = 8 KiB: one coalesced load per array and step).
+COMBINE_BLOCK_P = 64
+
+#: Channels per program in the per-channel (combine / update) kernels; (C,) vectors
+#: are contiguous, 32 float32 = one 128-byte transaction.
+CHANNEL_BLOCK = 32
+
+#: Warps per program of every kernel (see TILE_ELEMENTS).
+NUM_WARPS = 4
+
+#: The kernels index with 32-bit offsets; larger tensors must take the reference.
+MAX_ELEMENTS = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ChannelView:
+    """An (N', C, S') strided view of ``x: (N, C, *)`` for the kernels.
+
+    ``samples`` (N') x ``rows`` (S') elements per channel, ``count = N' S' = N prod(*)``.
+    ``stride_*`` are element strides of sample, channel and row.
+    """
+
+    samples: int
+    channels: int
+    rows: int
+    stride_sample: int
+    stride_channel: int
+    stride_row: int
+
+    @property
+    def count(self) -> int:
+        """Elements per channel, n = N · prod(*)."""
+        return self.samples * self.rows
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Block sizes and grids for one ChannelView.
+
+    Streaming kernels (normalize, grad_input) run one [block_rows, block_channels]
+    tile per program on ``stream_grid``; reduction kernels run ``chunks_per_program``
+    such tiles per program on ``reduce_grid`` and write one partial per program and
+    channel (``num_partials`` of them, ``programs_per_sample`` per sample, each over
+    ``rows_per_program`` rows).
+    """
+
+    block_rows: int
+    block_channels: int
+    chunks_per_program: int
+    programs_per_sample: int
+    channel_blocks: int
+    row_blocks_per_sample: int
+
+    @property
+    def rows_per_program(self) -> int:
+        return self.block_rows * self.chunks_per_program
+
+    def num_partials(self, view: ChannelView) -> int:
+        return view.samples * self.programs_per_sample
+
+    def reduce_grid(self, view: ChannelView) -> tuple[int, int]:
+        return (self.num_partials(view), self.channel_blocks)
+
+    def stream_grid(self, view: ChannelView) -> tuple[int, int]:
+        return (view.samples * self.row_blocks_per_sample, self.channel_blocks)
+
+
+def _is_standard_layout(x: Tensor) -> bool:
+    if x.is_contiguous():
+        return True
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def working_tensor(x: Tensor, name: str = "x") -> Tensor:
+    """``x`` itself when it is channels-first or channels-last dense, else a contiguous copy.
+
+    Raises BKNInputError for rank < 2, empty tensors, or more than MAX_ELEMENTS elements.
+    """
+    if x.dim() < 2:
+        raise BKNInputError(f"BKN Triton kernel: {name} must have shape (N, C, *), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise BKNInputError(f"BKN Triton kernel: {name} is empty (shape {tuple(x.shape)}); pass a non-empty batch")
+    if x.numel() > MAX_ELEMENTS:
+        raise BKNInputError(
+            f"BKN Triton kernel: {name} has {x.numel()} elements, more than the kernels' 32-bit indexing allows "
+            f"({MAX_ELEMENTS}); split the batch or run the reference (bkn_export.functional)"
+        )
+    return x if _is_standard_layout(x) else x.contiguous()
+
+
+def restore_layout(result: Tensor, original: Tensor, working: Tensor) -> Tensor:
+    """``result`` (computed with the strides of ``working``) in the layout ``torch.empty_like(original)``
+    has, which is what the ops' fake implementations promise (one copy, only for unusual layouts)."""
+    if working is original:
+        return result
+    out = torch.empty_like(original)
+    if out.stride() == result.stride():
+        return result
+    return out.copy_(result)
+
+
+def statistics_vector(t: Tensor, channels: int, name: str) -> Tensor:
+    """A per-channel (C,) input as the contiguous float32 vector the kernels read."""
+    if t.shape != (channels,):
+        raise BKNInputError(
+            f"BKN Triton kernel: {name} must have shape ({channels},) to match the input's channels, "
+            f"got {tuple(t.shape)}"
+        )
+    return t.to(torch.float32).contiguous()
+
+
+def channel_view(x: Tensor) -> ChannelView:
+    """The (N', C, S') view of a tensor returned by :func:`working_tensor`.
+
+    Sample and row merge into one row index (N' = 1) whenever their strides allow it:
+    channels-last layouts, C == 1, and inputs without spatial dims (N, C).
+    """
+    samples, channels = x.shape[0], x.shape[1]
+    rows = x.numel() // (samples * channels)
+    stride_sample, stride_channel, stride_row = x.view(samples, channels, rows).stride()
+    if rows == 1:
+        return ChannelView(1, channels, samples, 0, stride_channel, stride_sample)
+    if samples == 1 or stride_sample == rows * stride_row:
+        return ChannelView(1, channels, samples * rows, 0, stride_channel, stride_row)
+    return ChannelView(samples, channels, rows, stride_sample, stride_channel, stride_row)
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
+
+
+def choose_tiling(view: ChannelView) -> Tiling:
+    """Tile shape with the contiguous dimension as its long side (see module docstring)."""
+    if view.stride_row == 1 and view.rows > 1:  # channels-first: rows contiguous
+        block_rows = min(_next_power_of_2(view.rows), TILE_ELEMENTS)
+        block_channels = min(_next_power_of_2(view.channels), max(1, TILE_ELEMENTS // block_rows))
+    else:  # channels contiguous (channels-last, or (N, C) inputs)
+        block_channels = min(_next_power_of_2(view.channels), CHANNELS_LAST_BLOCK_C)
+        block_rows = min(_next_power_of_2(view.rows), TILE_ELEMENTS // block_channels)
+    row_blocks = -(-view.rows // block_rows)
+    chunks = min(row_blocks, CHUNKS_PER_PROGRAM)
+    rows_per_program = block_rows * chunks
+    return Tiling(
+        block_rows=block_rows,
+        block_channels=block_channels,
+        chunks_per_program=chunks,
+        programs_per_sample=-(-view.rows // rows_per_program),
+        channel_blocks=-(-view.channels // block_channels),
+        row_blocks_per_sample=row_blocks,
+    )

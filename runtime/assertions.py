@@ -1,0 +1,108 @@
+"""``assert_parity``: export a model, run it on every runtime, raise a readable error on mismatch."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.compare import Tolerance
+from runtime.parity import ParityReport, run_parity
+
+__all__ = ["assert_parity"]
+
+
+def _as_arrays(inputs: Any) -> list[np.ndarray]:
+    items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    arrays = []
+    for item in items:
+        if hasattr(item, "detach"):
+            item = item.detach().cpu().numpy()
+        arrays.append(np.asarray(item))
+    return arrays
+
+
+def _as_tensors(arrays: Sequence[np.ndarray]) -> tuple[Any, ...]:
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+
+
+def assert_parity(
+    model: Any,
+    inputs: Any,
+    mode: str = "inference",
+    runtimes: str | Sequence[str] = "all",
+    atol: float | None = None,
+    rtol: float | None = None,
+    *,
+    tolerances: Mapping[str, Tolerance] | None = None,
+    onnx_path: str | os.PathLike[str] | None = None,
+    export_to: str | os.PathLike[str] | None = None,
+    report_dir: str | os.PathLike[str] | None = None,
+    export_options: Mapping[str, Any] | None = None,
+    custom_op_libraries: Sequence[str | os.PathLike[str]] = (),
+    plugin_libraries: Sequence[str | os.PathLike[str]] = (),
+) -> ParityReport:
+    """Check that every chosen runtime computes what ``model`` computes in PyTorch.
+
+    model: an ``nn.Module``; inputs: a tensor / array or a tuple of them, (N, C, *).
+    mode: "inference" (the eval-mode export, BKN folded) or "training" (the train-mode
+    export with ``ai.bkn::BatchKalmanNorm`` nodes, compared with the train-mode forward).
+    With ``onnx_path`` that file is checked; without, the model is exported with
+    ``bkn_export.export.export_onnx(model, inputs, path, mode=mode, **export_options)``
+    to ``export_to`` (kept) or a temporary file. atol / rtol override the dtype defaults
+    (:data:`runtime.compare.DEFAULT_TOLERANCES`) for every output, ``tolerances`` per output.
+    With ``report_dir`` the JSON and HTML reports are written there.
+
+    Returns the :class:`ParityReport`; raises :class:`bkn_export.errors.ParityMismatchError`
+    (an ``AssertionError``) naming each failing runtime, output and error, and the first
+    diverging module, when any runtime that ran differs or none could run.
+    """
+    from bkn_export.errors import ParityMismatchError
+
+    arrays = _as_arrays(inputs)
+    with tempfile.TemporaryDirectory(prefix="bkn-parity-") as tmp:
+        path = Path(onnx_path or export_to or Path(tmp) / f"model_{mode}.onnx")
+        if onnx_path is None:
+            from bkn_export.export import export_onnx
+
+            export_onnx(model, _as_tensors(arrays), path, mode=mode, **dict(export_options or {}))
+        report = run_parity(
+            model, path, arrays, mode=mode, runtimes=runtimes, atol=atol, rtol=rtol, tolerances=tolerances,
+            custom_op_libraries=custom_op_libraries, plugin_libraries=plugin_libraries,
+        )  # fmt: skip
+        if report_dir is not None:
+            from runtime.report import write_html, write_json
+
+            directory = Path(report_dir)
+            write_json(report, directory / f"parity_{mode}.json")
+            write_html(report, directory / f"parity_{mode}.html")
+    if report.passed:
+        return report
+    raise ParityMismatchError(failure_message(report))
+
+
+def failure_message(report: ParityReport) -> str:
+    """A few lines a test log can show: what failed, by how much, and where it starts."""
+    if not report.ran:
+        skipped = "; ".join(f"{r.runtime}: {r.reason}" for r in report.runtimes)
+        return f"parity: no runtime could run {report.onnx_path} ({skipped})"
+    lines = [f"parity ({report.mode}) failed for {report.onnx_path}: {len(report.failures())} of {len(report.ran)} runtime(s) differ from PyTorch"]
+    lines.extend(f"  reference: {problem}" for problem in report.reference_problems)
+    for result in report.failures():
+        if result.status == "error":
+            lines.append(f"  {result.runtime}: could not run: {result.reason}")
+        for comparison in result.outputs:
+            if not comparison.passed:
+                lines.append(f"  {result.runtime} / {comparison.output}: {comparison.message}")
+        if result.localisation is not None:
+            lines.append(f"    localisation: {result.localisation.message or result.localisation.status}")
+    passed = [r.runtime for r in report.ran if r.status == "passed"]
+    if passed:
+        lines.append(f"  agreeing: {', '.join(passed)}")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Read an ONNX file, describe its inputs and outputs, and check user inputs against them.
+
+Every problem is reported before any runtime starts: a file that is missing, truncated
+or corrupt (:class:`ModelFileError`), an op from a domain that neither ONNX nor the
+model's local functions define (:class:`RuntimeLoadError`, naming the op and what to
+load), and inputs with a wrong name, rank, shape or dtype or holding NaN/Inf
+(:class:`BKNInputError`, naming the input and the expected shape).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bkn_export.errors import BKNInputError, ModelFileError, RuntimeLoadError
+
+__all__ = [
+    "TensorSpec",
+    "load_onnx",
+    "tensor_specs",
+    "custom_domains",
+    "check_custom_ops",
+    "check_inputs",
+    "random_inputs",
+    "detect_mode",
+]
+
+#: Domains every ONNX runtime implements (the default domain and its alias).
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """name, dtype (NumPy name) and shape (ints for fixed dims, strings for symbolic ones)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def shape_text(self) -> str:
+        return "(" + ", ".join(str(d) for d in self.shape) + ")"
+
+
+def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
+    """Load and check ``path``; raises :class:`ModelFileError` naming the file and the cause."""
+    file = Path(path)
+    if not file.is_file():
+        raise ModelFileError(f"ONNX file {file} does not exist (export one with `bkn export` or export_onnx)")
+    if file.stat().st_size == 0:
+        raise ModelFileError(f"ONNX file {file} is empty; re-export it")
+    try:
+        model = onnx.load(str(file), load_external_data=load_external_data)
+    except Exception as error:  # protobuf raises DecodeError, onnx raises its own; both mean corrupt
+        raise ModelFileError(
+            f"ONNX file {file} cannot be parsed ({type(error).__name__}: {error}); it is truncated or not an "
+            "ONNX model. Re-export it."
+        ) from error
+    if not model.graph.node and not model.graph.output:
+        raise ModelFileError(f"ONNX file {file} holds no graph (truncated or not an ONNX model); re-export it")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFileError(f"ONNX file {file} fails onnx.checker: {first_line}. Re-export it.") from error
+    return model
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor_type = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else np.float32
+    dims: list[int | str] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        else:
+            dims.append(dim.dim_param or "?")
+    name = "bfloat16" if tensor_type.elem_type == onnx.TensorProto.BFLOAT16 else np.dtype(dtype).name
+    return TensorSpec(value.name, name, tuple(dims))
+
+
+def tensor_specs(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of the graph; initializers listed as inputs (old exporters) are left out."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
+    return inputs, [_spec(v) for v in model.graph.output]
+
+
+def custom_domains(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Non-standard domain -> op types used by the graph that no local function defines."""
+    local = {(f.domain, f.name) for f in model.functions}
+    missing: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.domain in STANDARD_DOMAINS or (node.domain, node.op_type) in local:
+            continue
+        ops = missing.setdefault(node.domain, [])
+        if node.op_type not in ops:
+            ops.append(node.op_type)
+    return missing
+
+
+def check_custom_ops(model: onnx.ModelProto, path: str | os.PathLike[str], runtime: str, provided: bool) -> None:
+    """Raise when the graph uses custom ops that nothing implements.
+
+    ``provided`` is True when the runtime was given a custom-op library or plugin that may
+    implement them (then the runtime itself will say whether it does).
+    """
+    missing = custom_domains(model)
+    if not missing or provided:
+        return
+    ops = ", ".join(f"{domain}::{op}" for domain, op_types in missing.items() for op in op_types)
+    raise RuntimeLoadError(
+        f"{runtime}: {path} uses {ops}, which has no ONNX function body in the model and no custom-op "
+        "library/plugin was given. Re-export with bkn_export.export.export_onnx(..., mode='training') "
+        "(which stores the function body), or pass the library (custom_op_libraries=[...] / --custom-op-library)."
+    )
+
+
+def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check names, dtypes, ranks, fixed dims and finiteness; returns the inputs in graph order."""
+    expected = [s.name for s in specs]
+    unknown = [name for name in inputs if name not in expected]
+    if unknown:
+        raise BKNInputError(f"unknown input(s) {unknown}; the model's inputs are {expected}")
+    checked: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if spec.name not in inputs:
+            raise BKNInputError(f"input {spec.name!r} is missing: expected shape {spec.shape_text()} {spec.dtype}")
+        array = np.asarray(inputs[spec.name])
+        if array.dtype.name != spec.dtype:
+            raise BKNInputError(
+                f"input {spec.name!r} has dtype {array.dtype.name}; expected {spec.dtype} with shape {spec.shape_text()}"
+            )
+        wrong_rank = array.ndim != len(spec.shape)
+        wrong_dim = not wrong_rank and any(isinstance(d, int) and d != a for d, a in zip(spec.shape, array.shape))
+        if wrong_rank or wrong_dim:
+            raise BKNInputError(
+                f"input {spec.name!r} has shape {tuple(array.shape)}; expected {spec.shape_text()} "
+                "(named dims may take any size)"
+            )
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise BKNInputError(
+                f"input {spec.name!r} holds {bad} NaN/Inf value(s); parity is only defined for finite inputs"
+            )
+        checked[spec.name] = array
+    return checked
+
+
+def random_inputs(
+    specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, batch: int = 2
+) -> dict[str, np.ndarray]:
+    """Standard-normal inputs; named dims take ``batch`` (dim 0) or 1, unless ``shapes`` says otherwise."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if shapes and spec.name in shapes:
+            shape = tuple(int(d) for d in shapes[spec.name])
+        else:
+            shape = tuple(d if isinstance(d, int) else (batch if i == 0 else 1) for i, d in enumerate(spec.shape))
+        if spec.dtype in ("float32", "float64", "float16"):
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.startswith("int"):
+            arrays[spec.name] = rng.integers(0, 4, size=shape).astype(spec.dtype)
+        else:
+            raise BKNInputError(f"input {spec.name!r}: cannot make random inputs of dtype {spec.dtype}; give them")
+    return arrays
+
+
+def detect_mode(model: onnx.ModelProto) -> str:
+    """"training" when the graph holds ``ai.bkn`` nodes or says so in its metadata, else "inference"."""
+    for prop in model.metadata_props:
+        if prop.key in ("bkn.mode", "bkn_export.mode") and prop.value in ("inference", "training"):
+            return prop.value
+    if any(node.domain == "ai.bkn" for node in model.graph.node):
+        return "training"
+    return "inference"

@@ -1,0 +1,198 @@
+"""Map ONNX values to the PyTorch modules whose outputs they are, and cut graphs for localisation.
+
+``torch.onnx.export(..., dynamo=True)`` stores on every node the module stack it came
+from, as ``metadata_props["pkg.torch.onnx.name_scopes"]``: ``repr`` of a list of module
+names from the root (``''``) to the innermost module, followed by the FX node name,
+e.g. ``['', 'block1', 'block1.norm1', '_native_batch_norm_legit_no_training_1']``.
+
+A value produced inside module M is an *output of M* (a module boundary) when some node
+outside M consumes it or it is a graph output. Each boundary is attributed to the
+innermost such module. When the exporter fuses layers (an eval BatchNorm/BKN folded into
+the preceding Conv), the fused node carries the last module's scope and still consumes
+the first module's weight initializer (``block1.conv1.weight``); both modules are
+reported as the node's ``modules``.
+
+Cutting: :func:`with_outputs` exposes values as extra graph outputs (all boundaries at
+once); :func:`prefix_model` keeps only the nodes one value depends on, with that value
+as the only output, as ``polygraphy debug reduce`` does, so a runtime optimises the
+prefix as it would inside the whole graph up to that point.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+import onnx
+
+__all__ = ["Boundary", "NAME_SCOPES_KEY", "module_boundaries", "node_scope", "prefix_model", "with_outputs"]
+
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """One ONNX value that is a module's output.
+
+    value: ONNX value name; node / op_type: its producer; position: the producer's index
+    in the (topologically sorted) graph; module: the innermost module it leaves;
+    modules: every module the producing node computes (fused layers), in model order.
+    """
+
+    value: str
+    node: str
+    op_type: str
+    position: int
+    module: str
+    modules: tuple[str, ...] = field(default_factory=tuple)
+
+
+def node_scope(node: onnx.NodeProto) -> tuple[str, ...] | None:
+    """The module path of ``node`` (root ``''`` first), or None without exporter metadata."""
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            if isinstance(scopes, list) and scopes:
+                return tuple(str(s) for s in scopes[:-1])
+    return None
+
+
+def _parameter_owner(initializer_name: str) -> str | None:
+    """``block1.conv1.weight`` -> ``block1.conv1`` (None for exporter constants like ``val_71``)."""
+    if "." not in initializer_name:
+        return None
+    return initializer_name.rsplit(".", 1)[0]
+
+
+def _unwrapped(name: str, known_modules: set[str] | None) -> str:
+    """``model.block1`` -> ``block1`` when an exporter wrapped the user's model in a module."""
+    if known_modules is None or not name or name in known_modules:
+        return name
+    parts = name.split(".")
+    for start in range(1, len(parts)):
+        candidate = ".".join(parts[start:])
+        if candidate in known_modules:
+            return candidate
+    return name
+
+
+def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = None) -> list[Boundary]:
+    """Every module boundary of the main graph, in topological order.
+
+    known_modules: the PyTorch module names; parameter owners not among them are ignored,
+    and scope names are matched to them also after dropping leading components (an
+    exporter may wrap the model, giving ``model.block1`` for ``block1``).
+    Nodes without the exporter's metadata are not attributed to any module.
+    """
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    scopes: list[tuple[str, ...] | None] = []
+    for node in graph.node:
+        scope = node_scope(node)
+        scopes.append(None if scope is None else tuple(_unwrapped(s, known_modules) for s in scope))
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    boundaries: list[Boundary] = []
+    for index, node in enumerate(graph.node):
+        scope = scopes[index]
+        if scope is None:
+            continue
+        owners = []
+        for name in node.input:
+            owner = _parameter_owner(name) if name in initializers else None
+            owner = _unwrapped(owner, known_modules) if owner else None
+            if owner and (known_modules is None or owner in known_modules) and owner not in owners:
+                owners.append(owner)
+        for value in node.output:
+            if not value:
+                continue
+            module = _innermost_left(scope, [scopes[i] for i in consumers.get(value, [])], value in graph_outputs)
+            if module is None:
+                continue
+            modules = tuple([*(o for o in owners if o != module), module])
+            boundaries.append(Boundary(value, node.name, node.op_type, index, module, modules))
+    return boundaries
+
+
+def _innermost_left(
+    scope: tuple[str, ...], consumer_scopes: list[tuple[str, ...] | None], is_graph_output: bool
+) -> str | None:
+    """The innermost non-root module of ``scope`` that the value leaves."""
+    for depth in range(len(scope) - 1, 0, -1):
+        module = scope[depth]
+        if not module:
+            continue
+        inside = scope[: depth + 1]
+        leaves = is_graph_output or any(c is None or c[: depth + 1] != inside for c in consumer_scopes)
+        if leaves:
+            return module
+    return None
+
+
+def _value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:
+    known = {v.name: v for v in (*model.graph.value_info, *model.graph.output, *model.graph.input)}
+    missing = [n for n in names if n not in known]
+    if missing:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            known.update({v.name: v for v in inferred.graph.value_info})
+        except Exception:  # inference is best effort; untyped outputs work in ORT and onnx.reference
+            pass
+    infos = []
+    for name in names:
+        if name in known and known[name].type.HasField("tensor_type"):
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(known[name])
+            infos.append(info)
+        else:
+            infos.append(onnx.helper.make_empty_tensor_value_info(name))
+    return infos
+
+
+def with_outputs(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs are its own plus ``values`` (intermediates exposed)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(_value_info(model, [v for v in values if v not in present]))
+    return exposed
+
+
+def prefix_model(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
+    """The sub-model computing ``value`` from the graph inputs: the nodes it depends on, ``value`` its output."""
+    graph = model.graph
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    needed_nodes: set[int] = set()
+    stack = [value]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in producer:
+            index = producer[name]
+            if index not in needed_nodes:
+                needed_nodes.add(index)
+                stack.extend(i for i in graph.node[index].input if i)
+    nodes = [graph.node[i] for i in sorted(needed_nodes)]
+    used = {i for node in nodes for i in node.input} | {value}
+    prefix = onnx.ModelProto()
+    prefix.CopyFrom(model)
+    del prefix.graph.node[:]
+    prefix.graph.node.extend(nodes)
+    kept_inputs = [v for v in graph.input if v.name in used]
+    kept_initializers = [t for t in graph.initializer if t.name in used]
+    del prefix.graph.input[:]
+    prefix.graph.input.extend(kept_inputs)
+    del prefix.graph.initializer[:]
+    prefix.graph.initializer.extend(kept_initializers)
+    del prefix.graph.output[:]
+    prefix.graph.output.extend(_value_info(model, [value]))
+    return prefix

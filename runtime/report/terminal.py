@@ -1,0 +1,86 @@
+"""The terminal report: one rich table row per runtime × output, then the localisations."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from runtime.parity import ParityReport
+
+__all__ = ["STATUS_STYLE", "print_report", "report_text"]
+
+STATUS_STYLE = {
+    "passed": "green",
+    "failed": "bold red",
+    "error": "bold red",
+    "unavailable": "dim",
+    "not_applicable": "dim",
+}
+
+
+def _fmt(value: float, digits: str = ".2e") -> str:
+    return "–" if value is None or not math.isfinite(value) else format(value, digits)
+
+
+def build_table(report: ParityReport) -> Table:
+    table = Table(title=f"parity vs {report.reference}: {report.onnx_path} ({report.mode})", show_lines=False)
+    for column, justify in (
+        ("runtime", "left"), ("output", "left"), ("status", "left"), ("max abs", "right"), ("max rel", "right"),
+        ("mismatch", "right"), ("cosine", "right"), ("atol / rtol", "right"), ("note", "left"),
+    ):  # fmt: skip
+        table.add_column(
+            column,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=column != "note",
+            overflow="fold" if column == "note" else "ellipsis",
+            min_width=24 if column == "note" else None,
+        )
+    for result in report.runtimes:
+        style = STATUS_STYLE.get(result.status, "")
+        if not result.outputs:
+            table.add_row(result.runtime, "", f"[{style}]{result.status}[/]", *[""] * 5, result.reason)
+            continue
+        for comparison in result.outputs:
+            status = "passed" if comparison.passed else "failed"
+            table.add_row(
+                result.runtime,
+                comparison.output,
+                f"[{STATUS_STYLE[status]}]{status}[/]",
+                _fmt(comparison.max_abs_error),
+                _fmt(comparison.max_rel_error),
+                "–" if not math.isfinite(comparison.mismatch_fraction) else f"{comparison.mismatch_fraction:.2%}",
+                _fmt(comparison.cosine_similarity, ".6f"),
+                f"{comparison.tolerance.atol:g} / {comparison.tolerance.rtol:g}",
+                comparison.message,
+            )
+    return table
+
+
+def print_report(report: ParityReport, console: Console | None = None) -> None:
+    """Print the table, the localisation of each failing runtime and the verdict."""
+    console = console or Console()
+    console.print(build_table(report))
+    for problem in report.reference_problems:
+        console.print(f"[bold red]reference:[/] {problem}")
+    for result in report.failures():
+        loc = result.localisation
+        if loc is not None:
+            detail = f" ({loc.method}, reproduced with outputs exposed: {loc.reproduced})" if loc.method else ""
+            console.print(f"[bold]{result.runtime}[/]: {loc.message or loc.status}{detail}")
+        elif result.status == "error":
+            console.print(f"[bold]{result.runtime}[/]: {result.reason}")
+    ran = len(report.ran)
+    if report.passed:
+        console.print(f"[green]parity: {ran} runtime(s) agree with PyTorch[/]")
+    else:
+        console.print(f"[bold red]parity FAILED: {len(report.failures())} of {ran} runtime(s) differ[/]")
+
+
+def report_text(report: ParityReport, width: int = 160) -> str:
+    """The terminal report as plain text (for assertion messages and logs)."""
+    console = Console(width=width, record=True, force_terminal=False, color_system=None)
+    with console.capture():
+        print_report(report, console)
+    return console.export_text()

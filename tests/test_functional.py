@@ -1,0 +1,367 @@
+"""Specification of the BKN math (bkn_export.functional), its custom ops and the CPU fast path.
+
+* gradcheck of one BKN step, prediction included, for every transition mode, with and
+  without a predecessor (float64);
+* the custom op's closed-form backward against autograd of the functional reference,
+  with the authors' fallback firing and not firing, and gradcheck/opcheck of the op;
+* ``propagate``'s analytic prior against a large-sample Monte Carlo estimate of the
+  authors' sampled prior;
+* the CPU fast path (bkn_export.cpu_kernels) against the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import bkn_export.ops  # noqa: F401  (registers torch.ops.bkn.*)
+from bkn_export import cpu_kernels
+from bkn_export import functional as Fk
+
+EPS = 1e-5
+C_PREV, C = 2, 3
+
+
+def _as_function_of(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """``layer`` with plain-tensor weight/bias (gradcheck inputs) instead of its parameters."""
+    del layer.weight
+    layer.weight = weight  # type: ignore[assignment]
+    del layer.bias
+    layer.bias = bias  # type: ignore[assignment]
+    return layer
+
+
+def _posterior_inputs(dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    previous_mean = torch.randn(C_PREV, dtype=dtype, requires_grad=True)
+    previous_variance = (torch.rand(C_PREV, dtype=dtype) + 0.5).requires_grad_()
+    return previous_mean, previous_variance
+
+
+def _step_inputs(dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+    return {
+        "x": torch.randn(4, C, 3, 3, dtype=dtype, requires_grad=True),
+        "gamma": (torch.rand(C, dtype=dtype) + 0.5).requires_grad_(),
+        "beta": torch.randn(C, dtype=dtype, requires_grad=True),
+        "prior_weight": (torch.rand(C, dtype=dtype) * 0.8 + 0.1).requires_grad_(),
+        "process_noise": (torch.rand(C, dtype=dtype) * 0.1).requires_grad_(),
+    }
+
+
+def _prediction_cases() -> dict[str, tuple[Callable[..., tuple[Tensor, Tensor]], list[Tensor]]]:
+    """Per transition: (predict(previous_mean, previous_variance, R, *params), params)."""
+    conv_weight = (0.3 * torch.randn(C, C_PREV, 3, 3, dtype=torch.float64)).requires_grad_()
+    conv_bias = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    matrix = torch.randn(C, C_PREV, dtype=torch.float64, requires_grad=True)
+    sample_noise = torch.randn(4, C_PREV, 5, 5, dtype=torch.float64)  # fixed: the seed of `sampled`
+
+    def propagate(rectify: bool) -> Callable[..., tuple[Tensor, Tensor]]:
+        def predict(mean: Tensor, variance: Tensor, noise: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+            conv = _as_function_of(nn.Conv2d(C_PREV, C, 3).double(), w, b)
+            sum_w, sum_w2, bias = Fk.channel_maps(conv)
+            return Fk.predict_propagate(mean, variance, sum_w, sum_w2, bias, noise, rectify)
+
+        return predict
+
+    def sampled(mean: Tensor, variance: Tensor, noise: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        conv = _as_function_of(nn.Conv2d(C_PREV, C, 3).double(), w, b)
+        return Fk.predict_sampled(mean, variance, sample_noise, conv, noise, rectify=True)
+
+    def learned(mean: Tensor, variance: Tensor, noise: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        return Fk.predict_linear(mean, variance, a, noise)
+
+    def identity(mean: Tensor, variance: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        # identity needs C_prev == C: embed the (C_PREV,) posterior in C channels
+        pad = torch.ones(C - C_PREV, dtype=mean.dtype)
+        return Fk.predict_identity(torch.cat([mean, pad]), torch.cat([variance, pad]), noise)
+
+    return {
+        "propagate": (propagate(rectify=False), [conv_weight, conv_bias]),
+        "propagate-relu": (propagate(rectify=True), [conv_weight, conv_bias]),
+        "sampled": (sampled, [conv_weight, conv_bias]),
+        "learned": (learned, [matrix]),
+        "identity": (identity, []),
+    }
+
+
+@pytest.mark.parametrize("transition", ["propagate", "propagate-relu", "sampled", "learned", "identity"])
+def test_gradcheck_step_with_predecessor(transition: str) -> None:
+    """Prediction + update + normalize are differentiable in every input, float64."""
+    predict, params = _prediction_cases()[transition]
+    previous_mean, previous_variance = _posterior_inputs()
+    s = _step_inputs()
+
+    def step(
+        x: Tensor, mean: Tensor, variance: Tensor, gamma: Tensor, beta: Tensor, p: Tensor, noise: Tensor, *extra: Tensor
+    ) -> tuple[Tensor, ...]:
+        prior_mean, prior_variance = predict(mean, variance, noise, *extra)
+        return tuple(Fk.batch_kalman_norm(x, prior_mean, prior_variance, p, gamma, beta, EPS))
+
+    inputs = (
+        s["x"], previous_mean, previous_variance, s["gamma"], s["beta"], s["prior_weight"], s["process_noise"], *params
+    )
+    assert torch.autograd.gradcheck(step, inputs)
+
+
+def test_gradcheck_step_without_predecessor() -> None:
+    """First in the chain (p = 0): BatchNorm, differentiable in x, γ, β."""
+    s = _step_inputs()
+    zeros = torch.zeros(C, dtype=torch.float64)
+    ones = torch.ones(C, dtype=torch.float64)
+
+    def step(x: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, ...]:
+        return tuple(Fk.batch_kalman_norm(x, zeros, ones, zeros, gamma, beta, EPS))
+
+    assert torch.autograd.gradcheck(step, (s["x"], s["gamma"], s["beta"]))
+
+
+# --------------------------------------------------------------------------- custom op
+
+
+def _op_inputs(
+    shape: tuple[int, ...], fallback_fires: bool, dtype: torch.dtype = torch.float64, affine: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    channels = shape[1]
+    x = torch.randn(shape, dtype=dtype) * 1.5 + 0.5
+    prior_mean = torch.randn(channels, dtype=dtype)
+    # mean(Σ_pred / S) is about 1 here, or about 1000 when the fallback should fire
+    prior_variance = (torch.rand(channels, dtype=dtype) + 0.5) * (1000.0 if fallback_fires else 1.0)
+    prior_weight = torch.rand(channels, dtype=dtype) * 0.8 + 0.1
+    weight = torch.rand(channels, dtype=dtype) + 0.5 if affine else None
+    bias = torch.randn(channels, dtype=dtype) if affine else None
+    return x, prior_mean, prior_variance, prior_weight, weight, bias
+
+
+FALLBACK_CASES = [  # (fallback_ratio, fires)
+    pytest.param(0.0, False, id="no-fallback"),
+    pytest.param(100.0, False, id="fallback-not-firing"),
+    pytest.param(100.0, True, id="fallback-firing"),
+]
+
+
+@pytest.mark.parametrize(("fallback_ratio", "fires"), FALLBACK_CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_closed_form_backward_matches_autograd_of_reference(fallback_ratio: float, fires: bool, affine: bool) -> None:
+    """Both the reference backward and the op's (CPU) backward equal autograd of the functional."""
+    x, m, v, p, w, b = (t.requires_grad_() if t is not None else None for t in _op_inputs((5, 3, 4), fires, affine=affine))
+    step = Fk.batch_kalman_norm(x, m, v, p, w, b, EPS, fallback_ratio)
+    grad_y = torch.randn_like(step.output)
+    grad_mean = torch.randn(3, dtype=torch.float64)
+    grad_variance = torch.randn(3, dtype=torch.float64)
+    inputs = [t for t in (x, m, v, p, w, b) if t is not None]
+    expected = torch.autograd.grad(
+        (step.output, step.posterior_mean, step.posterior_variance), inputs, (grad_y, grad_mean, grad_variance)
+    )
+    detached = [t.detach() if t is not None else None for t in (x, m, v, p, w)]
+    reference = Fk.batch_kalman_norm_backward(grad_y, grad_mean, grad_variance, *detached, EPS, fallback_ratio)  # type: ignore[arg-type]
+    op = torch.ops.bkn.batch_kalman_norm_backward(grad_y, grad_mean, grad_variance, *detached, EPS, fallback_ratio)
+    keep = [0, 1, 2, 3, 4, 5] if affine else [0, 1, 2, 3]
+    for computed in (reference, op):
+        for want, index in zip(expected, keep):
+            torch.testing.assert_close(computed[index], want, rtol=1e-9, atol=1e-10)
+    if fires:  # p is the constant 0 where the rule fired: no gradient reaches the gain
+        assert torch.count_nonzero(expected[3]) == 0
+
+
+@pytest.mark.parametrize(("fallback_ratio", "fires"), FALLBACK_CASES)
+def test_gradcheck_custom_op(fallback_ratio: float, fires: bool) -> None:
+    """The op's registered autograd (closed form) matches finite differences of the op."""
+    inputs = tuple(t.requires_grad_() for t in _op_inputs((4, 3, 2, 2), fires) if t is not None)
+
+    def op(*args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.bkn.batch_kalman_norm(*args, EPS, fallback_ratio)
+
+    assert torch.autograd.gradcheck(op, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_opcheck_custom_ops(dtype: torch.dtype) -> None:
+    """torch.library.opcheck: schema, fake (meta) implementations and autograd registration agree."""
+    x, m, v, p, w, b = _op_inputs((3, 4, 5), False, dtype=torch.float32)
+    x = x.to(dtype).requires_grad_()
+    acc = Fk.statistics_dtype(dtype)
+    per_channel = [t.to(acc) for t in (m, v, p, w, b)]  # type: ignore[union-attr]
+    torch.library.opcheck(torch.ops.bkn.batch_kalman_norm.default, (x, *per_channel, EPS, 0.0))
+    grad_y = torch.randn_like(x)
+    zeros = torch.zeros(4, dtype=acc)
+    torch.library.opcheck(
+        torch.ops.bkn.batch_kalman_norm_backward.default,
+        (grad_y, zeros, zeros, x.detach(), *per_channel[:4], EPS, 0.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+# --------------------------------------------------------------------------- propagate vs sampled
+
+
+def _monte_carlo_check(layer: nn.Module, noise_shape: tuple[int, ...], rectify: bool) -> None:
+    """propagate's prior (mean, variance) vs the sample moments of the authors' sampled prior.
+
+    Tolerance: 6 standard errors of the Monte Carlo estimates, computed from the sample
+    itself (SE(mean) = sqrt(S / n), SE(variance) = sqrt((m4 - S²) / n) with m4 the fourth
+    central moment), so the check is as tight as the sample size allows and fails with
+    probability < 1e-8 when the analytic moments are right. The sample's outputs are
+    independent (a Linear, or a conv whose one output position sees one input window).
+    """
+    torch.manual_seed(1)
+    previous_mean = torch.tensor([0.3, -0.8, 1.2], dtype=torch.float64)
+    previous_variance = torch.tensor([0.5, 2.0, 0.9], dtype=torch.float64)
+    sum_w, sum_w2, bias = Fk.channel_maps(layer)
+    mean, variance = Fk.predict_propagate(previous_mean, previous_variance, sum_w, sum_w2, bias, None, rectify)
+    noise = torch.randn(noise_shape, dtype=torch.float64)
+
+    def run(sample: Tensor) -> Tensor:
+        if isinstance(layer, nn.Linear):
+            return layer(sample)
+        return layer(sample).flatten(2)  # (N, C, positions)
+
+    with torch.no_grad():
+        mc_mean, mc_variance = Fk.predict_sampled(previous_mean, previous_variance, noise, run, None, rectify)
+        shaped = _per_channel_sample(previous_mean, previous_variance, noise, rectify)
+        out = run(shaped).transpose(0, 1).reshape(mean.shape[0], -1)
+    n = out.shape[1]
+    centered = out - out.mean(dim=1, keepdim=True)
+    fourth = (centered**4).mean(dim=1)
+    se_mean = torch.sqrt(mc_variance / n)
+    se_variance = torch.sqrt((fourth - mc_variance**2) / n)
+    assert torch.all((mc_mean - mean).abs() <= 6 * se_mean), (mc_mean, mean, se_mean)
+    assert torch.all((mc_variance - variance).abs() <= 6 * se_variance), (mc_variance, variance, se_variance)
+
+
+def _per_channel_sample(mean: Tensor, variance: Tensor, noise: Tensor, rectify: bool) -> Tensor:
+    shape = (1, -1, *([1] * (noise.dim() - 2)))
+    sample = mean.reshape(shape) + variance.sqrt().reshape(shape) * noise
+    return torch.relu(sample) if rectify else sample
+
+
+@pytest.mark.parametrize("rectify", [False, True], ids=["no-relu", "relu"])
+def test_propagate_matches_monte_carlo_linear(rectify: bool) -> None:
+    layer = nn.Linear(3, 4).double()
+    _monte_carlo_check(layer, (400_000, 3), rectify)
+
+
+@pytest.mark.parametrize("rectify", [False, True], ids=["no-relu", "relu"])
+def test_propagate_matches_monte_carlo_unpadded_conv(rectify: bool) -> None:
+    layer = nn.Conv2d(3, 2, 3, padding=0).double()
+    _monte_carlo_check(layer, (100_000, 3, 3, 3), rectify)
+
+
+def test_rectified_gaussian_moments_limits() -> None:
+    """ReLU of a Gaussian far above 0 is the identity; far below, it is 0; at 0 mean, closed form."""
+    mean = torch.tensor([50.0, -50.0, 0.0], dtype=torch.float64)
+    variance = torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)
+    first, second = Fk.rectified_gaussian_moments(mean, variance)
+    half_normal_mean = 1.0 / math.sqrt(2.0 * math.pi)
+    torch.testing.assert_close(first, torch.tensor([50.0, 0.0, half_normal_mean], dtype=torch.float64))
+    torch.testing.assert_close(
+        second, torch.tensor([2.0, 0.0, 0.5 - half_normal_mean**2], dtype=torch.float64), atol=1e-12, rtol=1e-9
+    )
+
+
+def test_channel_maps_grouped_and_transposed() -> None:
+    """Σ_k W and Σ_k W² per (out, in) channel; grouped convs are block diagonal."""
+    conv = nn.Conv2d(4, 6, 3, groups=2)
+    sum_w, sum_w2, _ = Fk.channel_maps(conv)
+    assert sum_w.shape == (6, 4)
+    torch.testing.assert_close(sum_w[:3, :2], conv.weight[:3].sum(dim=(2, 3)))
+    torch.testing.assert_close(sum_w2[3:, 2:], (conv.weight[3:] ** 2).sum(dim=(2, 3)))
+    assert torch.count_nonzero(sum_w[:3, 2:]) == 0 and torch.count_nonzero(sum_w[3:, :2]) == 0
+    transposed = nn.ConvTranspose2d(4, 6, 3)
+    sum_w, _, _ = Fk.channel_maps(transposed)
+    torch.testing.assert_close(sum_w, transposed.weight.sum(dim=(2, 3)).T)
+
+
+@pytest.mark.parametrize(("count", "factor"), [(1, 1.0), (2, 2.0), (10, 10 / 9)])
+def test_running_statistics_follow_batchnorm_convention(count: int, factor: float) -> None:
+    """r ← (1-α) r + α n/(n-1) Σ; at n = 1 the posterior variance is taken unscaled."""
+    running_mean, running_variance = torch.zeros(2), torch.ones(2)
+    mean, variance = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    new_mean, new_variance = Fk.running_statistics_update(running_mean, running_variance, mean, variance, 0.25, count)
+    torch.testing.assert_close(new_mean, 0.25 * mean)
+    torch.testing.assert_close(new_variance, 0.75 + 0.25 * factor * variance)
+    assert running_variance.eq(1.0).all()  # inputs untouched
+
+
+# --------------------------------------------------------------------------- CPU fast path
+
+FAST_SHAPES = [(6, 3), (4, 3, 7), (2, 3, 5, 4), (2, 3, 2, 3, 4), (1, 3)]
+
+
+@pytest.mark.parametrize("shape", FAST_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("fallback_ratio", "fires"), FALLBACK_CASES)
+def test_cpu_fast_path_matches_reference(
+    shape: tuple[int, ...], dtype: torch.dtype, fallback_ratio: float, fires: bool
+) -> None:
+    """The registered CPU kernels give the reference's outputs and gradients."""
+    x, m, v, p, w, b = _op_inputs(shape, fires, dtype=dtype)
+    assert cpu_kernels.fast_path_applies(x, m, v, p, w, b)
+    fast = torch.ops.bkn.batch_kalman_norm(x, m, v, p, w, b, EPS, fallback_ratio)
+    reference = Fk.batch_kalman_norm(x, m, v, p, w, b, EPS, fallback_ratio)
+    # Rounding of x - μ is amplified by 1/sqrt(Σ + ε): up to 1/sqrt(ε) ≈ 316 at n = 1.
+    amplification = float((reference.posterior_variance + EPS).rsqrt().max() * x.abs().max())
+    unit = torch.finfo(dtype).eps
+    tol = {"rtol": 1e3 * unit, "atol": 1e3 * unit + 8 * unit * amplification}
+    for got, want in zip(fast, reference):
+        torch.testing.assert_close(got, want, **tol)
+    grads = (torch.randn_like(x), torch.randn_like(m), torch.randn_like(m))
+    fast_grads = torch.ops.bkn.batch_kalman_norm_backward(*grads, x, m, v, p, w, EPS, fallback_ratio)
+    reference_grads = Fk.batch_kalman_norm_backward(*grads, x, m, v, p, w, EPS, fallback_ratio)
+    for got, want in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize(
+    ("shape", "memory_format"),
+    [((2, 3, 5, 4), torch.channels_last), ((2, 3, 2, 3, 4), torch.channels_last_3d)],
+    ids=["channels_last", "channels_last_3d"],
+)
+def test_cpu_fast_path_channels_last(shape: tuple[int, ...], memory_format: torch.memory_format) -> None:
+    x, m, v, p, w, b = _op_inputs(shape, False)
+    x_cl = x.contiguous(memory_format=memory_format)
+    y, mean, variance = torch.ops.bkn.batch_kalman_norm(x_cl, m, v, p, w, b, EPS, 0.0)
+    step = Fk.batch_kalman_norm(x, m, v, p, w, b, EPS)
+    torch.testing.assert_close(y, step.output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, step.posterior_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(variance, step.posterior_variance, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn_like(x)
+    got = torch.ops.bkn.batch_kalman_norm_backward(grad_y.contiguous(memory_format=memory_format), m, m, x_cl, m, v, p, w, EPS, 0.0)
+    want = Fk.batch_kalman_norm_backward(grad_y, m, m, x, m, v, p, w, EPS)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_fast_path_variance_keeps_precision_for_large_means() -> None:
+    """float32 input with mean 1e3 and spread 1: variance within 1e-4 of the float64 value."""
+    x64 = torch.randn(16, 4, 8, 8, dtype=torch.float64) + 1000.0
+    x32 = x64.float()
+    stats = cpu_kernels.batch_statistics(x32)
+    exact = Fk.batch_statistics(x32.double())
+    torch.testing.assert_close(stats.variance.double(), exact.variance, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(stats.mean.double(), exact.mean, rtol=1e-6, atol=0.0)
+
+
+def test_cpu_fast_path_backward_with_expanded_grad() -> None:
+    """y.sum().backward() hands the backward a stride-0 gradient; grads equal the reference's."""
+    inputs = [t.requires_grad_() for t in _op_inputs((3, 2, 4, 4), False) if t is not None]
+    torch.ops.bkn.batch_kalman_norm(*inputs, EPS, 0.0)[0].sum().backward()
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    step = Fk.batch_kalman_norm(*reference_inputs, EPS)  # type: ignore[call-arg]
+    want = torch.autograd.grad(step.output.sum(), reference_inputs)
+    for leaf, expected in zip(inputs, want):
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_kernels_leave_half_types_to_reference(dtype: torch.dtype) -> None:
+    """Half inputs accumulate in float32 through the reference (fast path does not apply)."""
+    x, m, v, p, w, b = _op_inputs((4, 3, 5), False, dtype=torch.float32)
+    x_half = x.to(dtype)
+    assert not cpu_kernels.fast_path_applies(x_half, m, v, p, w, b)
+    y, mean, variance = torch.ops.bkn.batch_kalman_norm(x_half, m, v, p, w, b, EPS, 0.0)
+    step = Fk.batch_kalman_norm(x_half, m, v, p, w, b, EPS)
+    assert y.dtype == dtype and mean.dtype == torch.float32
+    torch.testing.assert_close(y, step.output, rtol=0, atol=0)
+    torch.testing.assert_close(variance, step.posterior_variance, rtol=0, atol=0)

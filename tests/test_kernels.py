@@ -1,0 +1,483 @@
+"""The Triton BKN kernels compute what bkn_export.functional specifies.
+
+On CPU the launchers run under ``TRITON_INTERPRET=1`` in a child process
+(:class:`bkn_export.kernels.interpreter.InterpreterProcess`; its docstring says why a
+child process: Triton fixes compiled-vs-interpreted when the kernel module is
+imported, so this process never flips the variable). Every value is compared against
+the functional reference evaluated in float64 on the same inputs.
+
+Tolerances, for |kernel - reference| ≤ atol + rtol |reference| with
+atol = 1e-5 · max|reference|:
+
+* float32 results (all statistics and per-channel gradients, and y / grad_x for
+  float32 inputs): rtol = 1e-5. The kernels accumulate in float32 in another order
+  than the reference; the observed error is ~5e-7 of the largest entry.
+* y and grad_x for float16 / bfloat16 inputs: two units in the last place of the
+  output dtype (rtol = 2⁻⁹ / 2⁻⁶): both sides compute in float32 (float64) and round
+  once, so they may land on neighbouring representable values.
+
+The default suite runs a representative grid (~20 s); ``-m sweep`` runs the full one
+(N ∈ {1, 2, 3, 8}, C from 1 to 512, odd spatial sizes, both layouts, three dtypes).
+Tests marked ``gpu`` run the registered CUDA kernels through ``torch.ops.bkn`` and the
+nn modules against the CPU reference; they skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+import bkn_export
+from bkn_export import functional as Fk
+from bkn_export.errors import BKNInputError
+from bkn_export.kernels import layout
+from bkn_export.kernels.interpreter import InterpreterProcess
+from bkn_export.models import digits_resnet
+
+EPS = 1e-5
+_OUTPUT_RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
+_FLOAT32_RTOL = 1e-5
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def assert_matches(actual: Tensor, expected: Tensor, rtol: float, what: str) -> None:
+    """Compare in float64 with atol = 1e-5 · max|expected| (see module docstring)."""
+    expected = expected.double()
+    atol = 1e-5 * max(float(expected.abs().max()), 1e-30)
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration: x of ``shape`` in ``dtype``, laid out channels-first or channels-last."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    channels_last: bool = False
+
+    def __str__(self) -> str:
+        layout_name = "NHWC" if self.channels_last else "NCHW"
+        return f"{'x'.join(map(str, self.shape))}-{str(self.dtype).removeprefix('torch.')}-{layout_name}"
+
+
+def _to_layout(t: Tensor, channels_last: bool) -> Tensor:
+    if not channels_last or t.dim() < 3:
+        return t.contiguous()
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)  # (N, C, L) with channels innermost
+
+
+@dataclass
+class Inputs:
+    x: Tensor
+    prior_mean: Tensor
+    prior_variance: Tensor
+    prior_weight: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    grad_output: Tensor
+    grad_posterior_mean: Tensor
+    grad_posterior_variance: Tensor
+
+    def forward_args(self, fallback_ratio: float = 0.0) -> tuple[object, ...]:
+        return (
+            self.x,
+            self.prior_mean,
+            self.prior_variance,
+            self.prior_weight,
+            self.weight,
+            self.bias,
+            EPS,
+            fallback_ratio,
+        )
+
+    def backward_args(self, fallback_ratio: float = 0.0) -> tuple[object, ...]:
+        return (
+            self.grad_output,
+            self.grad_posterior_mean,
+            self.grad_posterior_variance,
+            self.x,
+            self.prior_mean,
+            self.prior_variance,
+            self.prior_weight,
+            self.weight,
+            EPS,
+            fallback_ratio,
+        )
+
+
+def make_inputs(case: Case, affine: bool = True, seed: int = 0) -> Inputs:
+    """x ~ 3 + 2·N(0, 1) (a mean away from 0 tests the centring), priors near the batch."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = case.shape[1]
+
+    def randn(*size: int) -> Tensor:
+        return torch.randn(*size, generator=generator)
+
+    def rand(*size: int) -> Tensor:
+        return torch.rand(*size, generator=generator)
+
+    x = _to_layout((3.0 + 2.0 * randn(*case.shape)).to(case.dtype), case.channels_last)
+    grad_output = _to_layout(randn(*case.shape).to(case.dtype), case.channels_last)
+    return Inputs(
+        x=x,
+        prior_mean=3.0 + randn(channels),
+        prior_variance=4.0 * (0.5 + rand(channels)),
+        prior_weight=0.9 * rand(channels),
+        weight=randn(channels) if affine else None,
+        bias=randn(channels) if affine else None,
+        grad_output=grad_output,
+        grad_posterior_mean=randn(channels),
+        grad_posterior_variance=randn(channels),
+    )
+
+
+def _double(t: object) -> object:
+    return t.double() if isinstance(t, Tensor) else t
+
+
+def reference(function: object, args: tuple[object, ...]) -> tuple[Tensor | None, ...]:
+    """The functional reference in float64 on the same inputs."""
+    return tuple(function(*(_double(a) for a in args)))  # type: ignore[operator]
+
+
+def check_forward(interpreter: InterpreterProcess, inputs: Inputs, fallback_ratio: float = 0.0) -> None:
+    y, mean, variance = interpreter.call("forward", *inputs.forward_args(fallback_ratio))
+    ref_y, ref_mean, ref_variance = reference(Fk.batch_kalman_norm, inputs.forward_args(fallback_ratio))
+    assert y.dtype == inputs.x.dtype and y.shape == inputs.x.shape
+    assert mean.dtype == variance.dtype == torch.float32
+    assert_matches(y, ref_y, _OUTPUT_RTOL[inputs.x.dtype], "y")
+    assert_matches(mean, ref_mean, _FLOAT32_RTOL, "posterior_mean")
+    assert_matches(variance, ref_variance, _FLOAT32_RTOL, "posterior_variance")
+
+
+_GRAD_NAMES = ("grad_x", "grad_prior_mean", "grad_prior_variance", "grad_prior_weight", "grad_weight", "grad_bias")
+
+
+def check_backward(interpreter: InterpreterProcess, inputs: Inputs, fallback_ratio: float = 0.0) -> None:
+    grads = interpreter.call("backward", *inputs.backward_args(fallback_ratio))
+    expected = reference(Fk.batch_kalman_norm_backward, inputs.backward_args(fallback_ratio))
+    assert grads[0].dtype == inputs.x.dtype
+    assert_matches(grads[0], expected[0], _OUTPUT_RTOL[inputs.x.dtype], "grad_x")
+    for name, actual, wanted in zip(_GRAD_NAMES[1:], grads[1:], expected[1:]):
+        if wanted is None:  # no γ: the op returns zeros
+            assert name == "grad_weight" and bool((actual == 0).all())
+            continue
+        assert_matches(actual, wanted, _FLOAT32_RTOL, name)
+
+
+@pytest.fixture(scope="module")
+def interpreter() -> Iterator[InterpreterProcess]:
+    pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
+    with InterpreterProcess() as process:
+        yield process
+
+
+# --------------------------------------------------------------------------- default grid
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+REPRESENTATIVE = [
+    Case((2, 3, 5, 7), F32),
+    Case((8, 64, 7, 7), F32, channels_last=True),
+    Case((3, 130, 3, 5), F16),
+    Case((3, 130, 3, 5), F16, channels_last=True),
+    Case((1, 512, 3, 3), BF16, channels_last=True),
+    Case((2, 20, 9, 11), BF16),
+    Case((8, 37), F32),
+    Case((2, 1, 9), F32),
+    Case((3, 12, 3, 5, 7), F16, channels_last=True),
+    Case((1, 2, 200, 200), F32),  # > 1 program per sample, several tiles per program
+    Case((2, 3, 101, 103), F32, channels_last=True),  # merged rows, last tile partial
+]
+
+
+@pytest.mark.parametrize("case", REPRESENTATIVE, ids=str)
+def test_forward_matches_reference(interpreter: InterpreterProcess, case: Case) -> None:
+    check_forward(interpreter, make_inputs(case))
+
+
+@pytest.mark.parametrize("case", REPRESENTATIVE, ids=str)
+def test_backward_matches_reference(interpreter: InterpreterProcess, case: Case) -> None:
+    check_backward(interpreter, make_inputs(case))
+
+
+@pytest.mark.parametrize("fires", [True, False], ids=["fires", "holds"])
+def test_fallback_rule_matches_reference(interpreter: InterpreterProcess, fires: bool) -> None:
+    """mean(Σ_pred / S) ≥ ratio switches every channel to batch statistics and zeroes ∂L/∂p."""
+    inputs = make_inputs(Case((4, 40, 5, 3), F32))
+    ratio = 1.0 / 3.0 if fires else 3.0  # Σ_pred / S is about 1 here, far from either threshold
+    batch_variance = Fk.batch_statistics(inputs.x).variance
+    fired = bool((inputs.prior_variance / batch_variance).mean() >= ratio)
+    assert fired == fires
+    check_forward(interpreter, inputs, ratio)
+    check_backward(interpreter, inputs, ratio)
+    grad_prior_weight = interpreter.call("backward", *inputs.backward_args(ratio))[3]
+    assert bool((grad_prior_weight == 0).all()) == fires
+
+
+@pytest.mark.parametrize("case", [Case((4, 24, 5, 3), F32), Case((4, 24, 5, 3), F16, channels_last=True)], ids=str)
+def test_without_affine_parameters(interpreter: InterpreterProcess, case: Case) -> None:
+    inputs = make_inputs(case, affine=False)
+    check_forward(interpreter, inputs)
+    check_backward(interpreter, inputs)
+
+
+@pytest.mark.parametrize(
+    "case", [Case((3, 130, 3, 5), F32), Case((2, 64, 7, 9), F16, channels_last=True), Case((5, 33), BF16)], ids=str
+)
+def test_inference_forward_matches_reference(interpreter: InterpreterProcess, case: Case) -> None:
+    inputs = make_inputs(case)
+    running_variance = inputs.prior_variance
+    args = (inputs.x, inputs.prior_mean, running_variance, inputs.weight, inputs.bias, EPS)
+    y = interpreter.call("inference", *args)
+    expected = Fk.kalman_norm_inference(*(_double(a) for a in args))  # type: ignore[arg-type]
+    assert y.dtype == inputs.x.dtype and y.stride() == inputs.x.stride()
+    assert_matches(y, expected, _OUTPUT_RTOL[case.dtype], "inference y")
+
+
+def test_variance_is_accurate_for_a_large_mean(interpreter: InterpreterProcess) -> None:
+    """x = 10⁴ + 0.1·N(0, 1) in float32: E[x²] - E[x]² would lose every digit; Chan's merge keeps them."""
+    x = 1e4 + 0.1 * torch.randn(8, 4, 33, 33)
+    zeros = torch.zeros(4)
+    _, _, variance = interpreter.call("forward", x, zeros, torch.ones(4), zeros, None, None, EPS, 0.0)
+    true_variance = x.double().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(variance.double(), true_variance, rtol=1e-3, atol=0.0)
+
+
+def test_outputs_keep_the_input_layout(interpreter: InterpreterProcess) -> None:
+    inputs = make_inputs(Case((2, 6, 5, 7), F16, channels_last=True))
+    y, _, _ = interpreter.call("forward", *inputs.forward_args())
+    grad_x = interpreter.call("backward", *inputs.backward_args())[0]
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unusual_layout_is_copied_and_restored(interpreter: InterpreterProcess) -> None:
+    """A permuted input (neither NCHW nor NHWC) gives the values and strides of empty_like(x)."""
+    inputs = make_inputs(Case((3, 5, 6, 7), F32))
+    inputs.x = inputs.x.transpose(2, 3)
+    inputs.grad_output = inputs.grad_output.transpose(2, 3)
+    check_forward(interpreter, inputs)
+    check_backward(interpreter, inputs)
+    y, _, _ = interpreter.call("forward", *inputs.forward_args())
+    assert y.stride() == torch.empty_like(inputs.x).stride()
+
+
+def test_grad_output_in_another_layout(interpreter: InterpreterProcess) -> None:
+    """grad_output need not share x's layout (it is brought to x's strides once)."""
+    inputs = make_inputs(Case((2, 6, 5, 7), F32, channels_last=True))
+    inputs.grad_output = inputs.grad_output.contiguous()
+    check_backward(interpreter, inputs)
+
+
+def test_mismatched_channel_count_is_rejected(interpreter: InterpreterProcess) -> None:
+    inputs = make_inputs(Case((2, 6, 5), F32))
+    inputs.prior_mean = torch.zeros(5)
+    with pytest.raises(BKNInputError, match=r"prior_mean must have shape \(6,\)"):
+        interpreter.call("forward", *inputs.forward_args())
+
+
+def test_empty_batch_is_rejected(interpreter: InterpreterProcess) -> None:
+    inputs = make_inputs(Case((2, 3, 4), F32))
+    inputs.x = inputs.x[:0]
+    with pytest.raises(BKNInputError, match="empty"):
+        interpreter.call("forward", *inputs.forward_args())
+
+
+# --------------------------------------------------------------------------- full sweep
+
+_SWEEP_SPATIAL = [(), (5,), (3, 7), (9, 11), (3, 5, 3)]
+_SWEEP = [
+    Case((n, c, *spatial), dtype, channels_last)
+    for n, c, spatial, dtype, channels_last in itertools.product(
+        [1, 2, 3, 8], [1, 3, 17, 64, 130, 512], _SWEEP_SPATIAL, [F32, F16, BF16], [False, True]
+    )
+    if not (channels_last and not spatial) and n * c * math.prod(spatial) <= 300_000
+] + [Case((8, 64, 65, 65), F32, channels_last=True)]  # > COMBINE_BLOCK_P partials per channel
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("case", _SWEEP, ids=str)
+def test_sweep_forward_and_backward(interpreter: InterpreterProcess, case: Case) -> None:
+    inputs = make_inputs(case)
+    check_forward(interpreter, inputs)
+    check_backward(interpreter, inputs)
+
+
+# --------------------------------------------------------------------------- layout (no Triton needed)
+
+
+def test_channels_first_view_reduces_along_contiguous_rows() -> None:
+    view = layout.channel_view(torch.empty(4, 6, 5, 7))
+    assert (view.samples, view.channels, view.rows) == (4, 6, 35)
+    assert (view.stride_sample, view.stride_channel, view.stride_row) == (210, 35, 1)
+    tiling = layout.choose_tiling(view)
+    assert tiling.block_rows >= 35 and tiling.block_rows * tiling.block_channels <= layout.TILE_ELEMENTS
+
+
+def test_channels_last_view_merges_sample_and_spatial_rows() -> None:
+    x = torch.empty(4, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    view = layout.channel_view(x)
+    assert (view.samples, view.channels, view.rows) == (1, 6, 140)
+    assert (view.stride_channel, view.stride_row) == (1, 6)
+    assert layout.choose_tiling(view).block_channels == 8  # channels are the contiguous side
+
+
+def test_two_dimensional_input_reduces_over_the_batch() -> None:
+    view = layout.channel_view(torch.empty(9, 5))
+    assert (view.samples, view.channels, view.rows, view.stride_row) == (1, 5, 9, 5)
+
+
+def test_tiling_covers_every_row_exactly_once() -> None:
+    for shape in [(1, 2, 200, 200), (8, 3, 5), (3, 64, 65, 65)]:
+        view = layout.channel_view(torch.empty(shape))
+        tiling = layout.choose_tiling(view)
+        assert tiling.programs_per_sample * tiling.rows_per_program >= view.rows
+        assert (tiling.programs_per_sample - 1) * tiling.rows_per_program < view.rows
+        assert tiling.row_blocks_per_sample * tiling.block_rows >= view.rows
+
+
+# --------------------------------------------------------------------------- op wiring and compile
+
+
+def test_cpu_tensors_never_take_the_cuda_kernels() -> None:
+    assert not bkn_export.kernels.uses_kernels(torch.empty(2, 3, 4))
+    if not torch.cuda.is_available():
+        assert bkn_export.kernels.REGISTERED is False
+
+
+def _train_step(model: torch.nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    model.zero_grad()
+    out = model(x)
+    (out.square().mean()).backward()
+    return out.detach(), [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_compiled_model_matches_eager_through_the_fake_implementation() -> None:
+    """torch.compile traces the opaque op with its fake impl; AOTAutograd uses its autograd formula."""
+    torch.manual_seed(0)
+    model = digits_resnet("bkn", width=8).train()
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=False)
+    x = torch.randn(4, 1, 8, 8)
+    eager_out, eager_grads = _train_step(model, x)
+    compiled_out, compiled_grads = _train_step(compiled, x)  # type: ignore[arg-type]
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    assert len(compiled_grads) == len(eager_grads) > 0
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- GPU: the registered CUDA path
+
+
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """cuDNN convolutions default to TF32 on Ampere+; the CPU comparison needs full float32."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+_GPU_CASES = [
+    Case((8, 64, 14, 14), F32),
+    Case((8, 64, 14, 14), F16, channels_last=True),
+    Case((2, 130, 7, 9), BF16),
+    Case((32, 256, 7, 7), F32, channels_last=True),
+    Case((3, 17), F32),
+]
+
+
+def _cuda_op_step(inputs: Inputs, device: str, fallback_ratio: float) -> tuple[Tensor, ...]:
+    """Forward and backward through torch.ops.bkn on ``device``; returns outputs and grads (on CPU)."""
+    leaves = [
+        t.detach().to(device).requires_grad_()
+        for t in (inputs.x, inputs.prior_mean, inputs.prior_variance, inputs.prior_weight, inputs.weight, inputs.bias)
+        if t is not None
+    ]
+    x, prior_mean, prior_variance, prior_weight, weight, bias = leaves
+    y, mean, variance = torch.ops.bkn.batch_kalman_norm(
+        x, prior_mean, prior_variance, prior_weight, weight, bias, EPS, fallback_ratio
+    )
+    torch.autograd.backward(
+        (y, mean, variance),
+        (
+            inputs.grad_output.to(device),
+            inputs.grad_posterior_mean.to(device),
+            inputs.grad_posterior_variance.to(device),
+        ),
+    )
+    results = [y, mean, variance, *(leaf.grad for leaf in leaves)]
+    return tuple(r.detach().cpu() for r in results)  # type: ignore[union-attr]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fallback_ratio", [0.0, 0.5], ids=["no-fallback", "fallback"])
+@pytest.mark.parametrize("case", _GPU_CASES, ids=str)
+def test_cuda_op_matches_cpu_reference(case: Case, fallback_ratio: float) -> None:
+    inputs = make_inputs(case)
+    assert bkn_export.kernels.REGISTERED and bkn_export.kernels.uses_kernels(inputs.x.cuda())
+    got = _cuda_op_step(inputs, "cuda", fallback_ratio)
+    double_inputs = Inputs(**{k: _double(v) for k, v in vars(inputs).items()})  # type: ignore[arg-type]
+    want = _cuda_op_step(double_inputs, "cpu", fallback_ratio)
+    names = ["y", "posterior_mean", "posterior_variance", "grad_x", *_GRAD_NAMES[1:]]
+    for name, actual, expected in zip(names, got, want):
+        rtol = _OUTPUT_RTOL[case.dtype] if name in ("y", "grad_x") else _FLOAT32_RTOL
+        assert_matches(actual, expected, rtol, name)
+    assert got[0].stride() == inputs.x.stride() and got[3].stride() == inputs.x.stride()
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
+def test_cuda_module_training_step_matches_cpu() -> None:
+    """A converted model's train step (outputs, parameter grads, running stats) on CUDA equals the CPU one."""
+    torch.manual_seed(0)
+    cpu_model = digits_resnet("bkn", width=8).train()
+    cuda_model = copy.deepcopy(cpu_model).cuda()
+    x = torch.randn(8, 1, 16, 16)
+    cpu_out, cpu_grads = _train_step(cpu_model, x)
+    cuda_out, cuda_grads = _train_step(cuda_model, x.cuda())
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, rtol=1e-4, atol=1e-4)
+    for got, want in zip(cuda_grads, cpu_grads):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-4)
+    for (name, got), (_, want) in zip(cuda_model.named_buffers(), cpu_model.named_buffers()):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
+def test_cuda_compiled_model_matches_eager() -> None:
+    """Inductor keeps the op opaque and calls the registered Triton kernels at run time."""
+    torch.manual_seed(0)
+    model = digits_resnet("bkn", width=8).cuda().train()
+    compiled = torch.compile(copy.deepcopy(model))
+    x = torch.randn(8, 1, 16, 16, device="cuda")
+    eager_out, eager_grads = _train_step(model, x)
+    compiled_out, compiled_grads = _train_step(compiled, x)  # type: ignore[arg-type]
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-4)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_inference_forward_matches_reference() -> None:
+    from bkn_export.kernels.inference import kalman_norm_inference
+
+    inputs = make_inputs(Case((4, 96, 9, 9), F16, channels_last=True))
+    args = (inputs.x, inputs.prior_mean, inputs.prior_variance, inputs.weight, inputs.bias)
+    y = kalman_norm_inference(*(t.cuda() for t in args), EPS)  # type: ignore[union-attr]
+    expected = Fk.kalman_norm_inference(*(_double(t) for t in args), EPS)  # type: ignore[arg-type]
+    assert_matches(y.cpu(), expected, _OUTPUT_RTOL[F16], "inference y")
