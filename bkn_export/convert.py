@@ -37,12 +37,12 @@ from bkn_export.nn import (
 )
 
 __all__ = [
+    "bkn_layers",
     "convert_batchnorm",
-    "wire_chain",
     "describe_chain",
     "format_chain",
     "load_batchnorm_state_dict",
-    "bkn_layers",
+    "wire_chain",
 ]
 
 _FEEDING_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -151,9 +151,10 @@ def _plan_links(
             norms.append((index, name, module))
     order = [name for _, name, _ in norms]
     plans: dict[str, tuple[ChainLink, int, nn.Module | None]] = {}
-    for position, (index, name, module) in enumerate(norms):
+    for position, (_, name, module) in enumerate(norms):
         if position == 0:
-            plans[name] = (ChainLink(name=name, predecessor=None, transition=None, feeding_layer=None, rectify=False), -1, None)
+            first = ChainLink(name=name, predecessor=None, transition=None, feeding_layer=None, rectify=False)
+            plans[name] = (first, -1, None)
             continue
         layer_options = options if options is not None else getattr(module, "options", KalmanOptions())
         plans[name] = _link_to(position, norms, events, layer_options)
@@ -178,7 +179,9 @@ def _link_to(
     pred_pos = position - 1
     prev_index, _, _ = norms[pred_pos]
     window = range(prev_index + 1, index)
-    feeding_index = max((i for i in window if events[i][0] == "module" and isinstance(events[i][2], _FEEDING_TYPES)), default=-1)
+    feeding_index = max(
+        (i for i in window if events[i][0] == "module" and isinstance(events[i][2], _FEEDING_TYPES)), default=-1
+    )
     feeding: nn.Module | None = events[feeding_index][2] if feeding_index >= 0 else None
     note = ""
     if feeding is not None:
@@ -285,7 +288,9 @@ def convert_batchnorm(
     for name, module in norms:
         if isinstance(module, _BN_TYPES):
             if name not in ranks:
-                warnings.warn(f"'{name}' did not run on the example inputs; it is converted but left unwired", stacklevel=2)
+                warnings.warn(
+                    f"'{name}' did not run on the example inputs; it is converted but left unwired", stacklevel=2
+                )
             bkn = _bkn_from_batchnorm(module, ranks.get(name, 0), options, name)
             bkn.link.name = name
             model = _replace_module(model, name, bkn)
@@ -340,7 +345,9 @@ def bkn_layers(model: nn.Module) -> list[tuple[str, _BatchKalmanNorm]]:
 
 def describe_chain(model: nn.Module) -> list[ChainLink]:
     """Each BKN layer by module name: predecessor, transition mode, feeding layer, notes."""
-    return [layer.link if layer.link.name else ChainLink(name, None, None, None, False) for name, layer in bkn_layers(model)]
+    return [
+        layer.link if layer.link.name else ChainLink(name, None, None, None, False) for name, layer in bkn_layers(model)
+    ]
 
 
 def format_chain(model: nn.Module) -> str:

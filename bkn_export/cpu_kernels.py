@@ -25,7 +25,7 @@ from torch import Tensor
 
 from bkn_export import functional as Fk
 
-__all__ = ["fast_path_applies", "batch_statistics", "batch_kalman_norm", "batch_kalman_norm_backward"]
+__all__ = ["batch_kalman_norm", "batch_kalman_norm_backward", "batch_statistics", "fast_path_applies"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 _aten = torch.ops.aten

@@ -21,7 +21,7 @@ from torch import nn
 
 from bkn_export.errors import BKNError, CheckpointError, FactoryError
 
-__all__ = ["parse_spec", "load_factory", "load_checkpoint", "load_model"]
+__all__ = ["load_checkpoint", "load_factory", "load_model", "parse_spec"]
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from bkn_export.nn import BatchKalmanNorm2d, KalmanOptions
 
-__all__ = ["NORMALIZERS", "make_norm", "ResidualBlock", "DigitsResNet", "digits_resnet"]
+__all__ = ["NORMALIZERS", "DigitsResNet", "ResidualBlock", "digits_resnet", "make_norm"]
 
 NORMALIZERS = ("batchnorm", "groupnorm", "bkn", "bkn-authors")
 

@@ -29,13 +29,13 @@ from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 
 __all__ = [
-    "Transition",
-    "KalmanOptions",
-    "KalmanChain",
-    "ChainLink",
     "BatchKalmanNorm1d",
     "BatchKalmanNorm2d",
     "BatchKalmanNorm3d",
+    "ChainLink",
+    "KalmanChain",
+    "KalmanOptions",
+    "Transition",
 ]
 
 Transition = Literal["propagate", "sampled", "learned", "identity"]
@@ -75,7 +75,9 @@ class KalmanOptions:
                     f"got {value}"
                 )
         if not self.fallback_ratio >= 0:
-            raise KalmanOptionsError(f"BKN option fallback_ratio must be >= 0 (0 disables it), got {self.fallback_ratio}")
+            raise KalmanOptionsError(
+                f"BKN option fallback_ratio must be >= 0 (0 disables it), got {self.fallback_ratio}"
+            )
 
     @classmethod
     def authors(cls) -> KalmanOptions:
@@ -214,7 +216,10 @@ class _BatchKalmanNorm(nn.Module):
             self.process_noise_raw = nn.Parameter(torch.full((c,), _INITIAL_PROCESS_NOISE_RAW, **factory))
         if link.transition == "learned":
             c_prev = link.num_previous_features
-            initial = torch.eye(c, c_prev, **factory) if c == c_prev else torch.full((c, c_prev), 1.0 / c_prev, **factory)
+            if c == c_prev:
+                initial = torch.eye(c, **factory)
+            else:
+                initial = torch.full((c, c_prev), 1.0 / c_prev, **factory)
             self.transition_matrix = nn.Parameter(initial)
 
     def prior_weight(self) -> Tensor:
@@ -325,13 +330,17 @@ class _BatchKalmanNorm(nn.Module):
         return mean.to(acc), variance.to(acc), self.prior_weight().to(acc)
 
     def _run_feeding_layer(self, sample: Tensor) -> Tensor:
-        """Apply the feeding layer to a (N, C_prev, *) sample; Linear layers see channels last."""
+        """Apply the feeding layer to a (N, C_prev, *) sample; Linear layers see channels last.
+
+        ``forward``, not ``__call__``: the sample is not an activation, so the layer's hooks
+        (feature extractors, activation recorders) must not see it.
+        """
         layer = self._feeding[0]
         weight = layer.weight
         if isinstance(layer, nn.Linear):
             rows = sample.movedim(1, -1).reshape(-1, sample.shape[1])
             return F.linear(rows.to(weight.dtype), weight, layer.bias)
-        return layer(sample.to(weight.dtype))
+        return layer.forward(sample.to(weight.dtype))
 
     def _update_running_statistics(self, posterior_mean: Tensor, posterior_variance: Tensor, count: int) -> None:
         assert self.running_mean is not None and self.running_var is not None

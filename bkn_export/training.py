@@ -35,12 +35,12 @@ from bkn_export.data import DigitsSplit
 
 __all__ = [
     "REFERENCE_BATCH",
-    "TrainConfig",
     "RunResult",
-    "shift_augment",
+    "TrainConfig",
     "batch_stream",
-    "scaled_learning_rate",
     "evaluate",
+    "scaled_learning_rate",
+    "shift_augment",
     "train_and_evaluate",
 ]
 

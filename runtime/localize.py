@@ -141,13 +141,20 @@ def localise(
     failing_outputs: list[str],
     atol: float | None = None,
     rtol: float | None = None,
+    method: str = "auto",
 ) -> Localisation:
-    """Localise the failure of ``runtime`` (see the module docstring). Never raises; errors go in the result."""
+    """Localise the failure of ``runtime`` (see the module docstring). Never raises; errors go in the result.
+
+    method: "auto" (exposed outputs, confirmed on a prefix; bisect when that does not
+    reproduce) or "bisect" (prefix models only).
+    """
+    if method not in ("auto", "bisect"):
+        raise ValueError(f"method must be 'auto' or 'bisect', got {method!r}")
     try:
         with tempfile.TemporaryDirectory(prefix="bkn-localise-") as tmp:
             return _localise(
                 model, _Runner(make_backend, inputs, Path(tmp)), runtime, reference_outputs, capture,
-                failing_outputs, atol, rtol,
+                failing_outputs, atol, rtol, method,
             )  # fmt: skip
     except Exception as error:  # a localisation failure must not hide the parity verdict
         return Localisation(runtime, "error", message=f"{type(error).__name__}: {error}")
@@ -166,6 +173,7 @@ def _localise(
     failing_outputs: list[str],
     atol: float | None,
     rtol: float | None,
+    method: str,
 ) -> Localisation:
     boundaries = module_boundaries(model, known_modules=set(capture.outputs))
     boundaries = [b for b in boundaries if b.module in capture.outputs and capture.calls.get(b.module) == 1]
@@ -200,7 +208,7 @@ def _localise(
         return _check(boundary, reference, actual, _tolerance(boundary.value, actual, atol, rtol))
 
     first_index = next((i for i, (_, c) in enumerate(checks) if not c.passed), None)
-    if result.reproduced and first_index is not None:
+    if method == "auto" and result.reproduced and first_index is not None:
         result.method = "exposed"
         confirmation = prefix_fails(first_index)
         result.confirmed = not confirmation.passed

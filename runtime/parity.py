@@ -121,6 +121,7 @@ def run_parity(
     custom_op_libraries: Sequence[str | os.PathLike[str]] = (),
     plugin_libraries: Sequence[str | os.PathLike[str]] = (),
     localise_failures: bool = True,
+    localise_method: str = "auto",
     progress: Progress | None = None,
     seed: int = 0,
     model_description: str = "",
@@ -131,6 +132,7 @@ def run_parity(
     for seeded standard-normal inputs (named dims: batch 2). mode: "inference" (eval
     forward) or "training" (train forward on a copy); None detects it from the graph.
     atol / rtol: override the dtype defaults for every output; ``tolerances`` per output.
+    localise_method: "auto" or "bisect" (see :mod:`runtime.localize`).
     Raises ModelFileError, RuntimeLoadError, UnknownRuntimeError or BKNInputError on bad input.
     """
     path = Path(onnx_path)
@@ -193,8 +195,9 @@ def run_parity(
                 progress("localise", entry.name, index, total)
             failing = [c.output for c in result.outputs if not c.passed]
             result.localisation = localise(
-                onnx_model, entry.make, entry.name, feed, reference_outputs, capture, failing, atol, rtol
-            )
+                onnx_model, entry.make, entry.name, feed, reference_outputs, capture, failing, atol, rtol,
+                localise_method,
+            )  # fmt: skip
         if progress:
             progress("done", entry.name, index, total)
         report.runtimes.append(result)

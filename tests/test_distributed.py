@@ -68,7 +68,6 @@ def _rank_entry(rank: int, world_size: int, port: int, worker: Callable[..., Non
 
 def run_on_ranks(worker: Callable[..., None], *args: Any, world_size: int = WORLD_SIZE) -> None:
     """Run ``worker(rank, world_size, *args)`` in ``world_size`` gloo processes; fail on error or hang."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     context = mp.start_processes(
         _rank_entry, args=(world_size, _free_port(), worker, args), nprocs=world_size, join=False, start_method="spawn"
     )
@@ -333,7 +332,11 @@ def _accuracy_of_example(nproc: int, *options: str) -> float:
 
 @pytest.mark.slow
 def test_ddp_example_on_two_processes_matches_one_process_accuracy() -> None:
-    """examples/ddp_digits.py, same global batch: 2 processes (SyncBKN) reach 1 process's accuracy."""
-    one = _accuracy_of_example(1, "--sync")
-    two = _accuracy_of_example(2, "--sync")
-    assert abs(two - one) <= 0.01, (one, two)
+    """examples/ddp_digits.py with the same global batch: 2 processes (SyncBKN) reach 1 process's accuracy.
+
+    float64, so that rounding drift over ~500 steps stays far below what moves a test
+    prediction; allowed: one of the 450 test images.
+    """
+    one = _accuracy_of_example(1, "--sync", "--float64")
+    two = _accuracy_of_example(2, "--sync", "--float64")
+    assert abs(two - one) <= 1.0 / 450 + 1e-9, (one, two)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -43,17 +44,24 @@ ABSORBING_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # --------------------------------------------------------------------------- models
 
 
-def randomize_statistics(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def randomize_statistics(model: ModelT, generator: torch.Generator | None = None) -> ModelT:
     """Give every BKN/BatchNorm non-trivial running statistics and affine parameters."""
     g = generator or torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (bkn_export.nn._BatchKalmanNorm, nn.modules.batchnorm._BatchNorm)):
-                c = module.num_features
-                module.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
-                module.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                module.weight.copy_((torch.rand(c, generator=g) + 0.5) * torch.sign(torch.rand(c, generator=g) - 0.3))
-                module.bias.copy_(torch.rand(c, generator=g) - 0.5)
+                c = int(module.num_features)
+                draws = {
+                    "running_mean": torch.rand(c, generator=g) * 2 - 1,
+                    "running_var": torch.rand(c, generator=g) * 1.5 + 0.25,
+                    "weight": (torch.rand(c, generator=g) + 0.5) * torch.sign(torch.rand(c, generator=g) - 0.3),
+                    "bias": torch.rand(c, generator=g) - 0.5,
+                }
+                for field, values in draws.items():
+                    getattr(module, field).copy_(values)
     return model
 
 
@@ -142,7 +150,7 @@ def converted_resnet() -> nn.Module:
     """A BatchNorm DigitsResNet trained a few steps, converted to BKN, then a few BKN train steps."""
     from bkn_export.models import DigitsResNet
 
-    model = DigitsResNet(norm="batchnorm", width=8)
+    model: nn.Module = DigitsResNet(norm="batchnorm", width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -275,8 +283,13 @@ def test_no_normalization_after_an_absorbing_op(exported: Exported) -> None:
     assert len(normalizations) == exported.expected_standalone
     for node in normalizations:
         producer = producers.get(node.input[0])
-        assert producer is None or producer.op_type not in ABSORBING_OPS | {"Add", "Transpose"} or (
-            producer.op_type == "Add" and all(producers.get(i, producer).op_type != "MatMul" for i in producer.input)
+        assert (
+            producer is None
+            or producer.op_type not in ABSORBING_OPS | {"Add", "Transpose"}
+            or (
+                producer.op_type == "Add"
+                and all(producers.get(i, producer).op_type != "MatMul" for i in producer.input)
+            )
         ), f"{node.name} follows {producer.op_type if producer else 'an input'}"
 
 
@@ -302,7 +315,8 @@ def test_metadata_carries_version_opset_and_fold_report(exported: Exported) -> N
     assert metadata["mode"] == "inference"
     assert int(metadata["opset"]) == exported.result.opset == exported.proto.opset_import[0].version
     assert json.loads(metadata["fold_report"]) == [
-        {"module": r.module, "target": r.target, "kind": r.kind, "detail": r.detail} for r in exported.result.fold_report
+        {"module": r.module, "target": r.target, "kind": r.kind, "detail": r.detail}
+        for r in exported.result.fold_report
     ]
 
 
@@ -414,7 +428,7 @@ def test_invalid_statistics_name_the_layer(tmp_path: Path, field: str, value: fl
 
 def test_layer_without_running_statistics_is_unsupported(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchKalmanNorm2d(4, track_running_stats=False))
-    with pytest.raises(UnsupportedLayerError, match="BatchKalmanNorm2d '1'.*track_running_stats=False"):
+    with pytest.raises(UnsupportedLayerError, match=r"BatchKalmanNorm2d '1'.*track_running_stats=False"):
         export_onnx(model, torch.randn(2, 3, 4, 4), tmp_path / "m.onnx")
 
 

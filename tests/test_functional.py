@@ -101,7 +101,14 @@ def test_gradcheck_step_with_predecessor(transition: str) -> None:
         return tuple(Fk.batch_kalman_norm(x, prior_mean, prior_variance, p, gamma, beta, EPS))
 
     inputs = (
-        s["x"], previous_mean, previous_variance, s["gamma"], s["beta"], s["prior_weight"], s["process_noise"], *params
+        s["x"],
+        previous_mean,
+        previous_variance,
+        s["gamma"],
+        s["beta"],
+        s["prior_weight"],
+        s["process_noise"],
+        *params,
     )
     assert torch.autograd.gradcheck(step, inputs)
 
@@ -146,7 +153,9 @@ FALLBACK_CASES = [  # (fallback_ratio, fires)
 @pytest.mark.parametrize("affine", [True, False])
 def test_closed_form_backward_matches_autograd_of_reference(fallback_ratio: float, fires: bool, affine: bool) -> None:
     """Both the reference backward and the op's (CPU) backward equal autograd of the functional."""
-    x, m, v, p, w, b = (t.requires_grad_() if t is not None else None for t in _op_inputs((5, 3, 4), fires, affine=affine))
+    x, m, v, p, w, b = (
+        t.requires_grad_() if t is not None else None for t in _op_inputs((5, 3, 4), fires, affine=affine)
+    )
     step = Fk.batch_kalman_norm(x, m, v, p, w, b, EPS, fallback_ratio)
     grad_y = torch.randn_like(step.output)
     grad_mean = torch.randn(3, dtype=torch.float64)
@@ -328,7 +337,9 @@ def test_cpu_fast_path_channels_last(shape: tuple[int, ...], memory_format: torc
     torch.testing.assert_close(mean, step.posterior_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(variance, step.posterior_variance, rtol=1e-12, atol=1e-12)
     grad_y = torch.randn_like(x)
-    got = torch.ops.bkn.batch_kalman_norm_backward(grad_y.contiguous(memory_format=memory_format), m, m, x_cl, m, v, p, w, EPS, 0.0)
+    got = torch.ops.bkn.batch_kalman_norm_backward(
+        grad_y.contiguous(memory_format=memory_format), m, m, x_cl, m, v, p, w, EPS, 0.0
+    )
     want = Fk.batch_kalman_norm_backward(grad_y, m, m, x, m, v, p, w, EPS)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
 

@@ -6,17 +6,21 @@ child process: Triton fixes compiled-vs-interpreted when the kernel module is
 imported, so this process never flips the variable). Every value is compared against
 the functional reference evaluated in float64 on the same inputs.
 
-Tolerances, for |kernel - reference| ≤ atol + rtol |reference| with
-atol = 1e-5 · max|reference|:
+Tolerances: elementwise |kernel - exact| ≤ 1e-5 · max|exact| + rtol |exact| +
+4 |same - exact|, where ``exact`` is the reference in float64 and ``same`` the
+reference in the kernels' own precision (float32 statistics). The last term admits
+what float32 cannot resolve anyway: e.g. with one element per channel (N = 1, no
+spatial dims) S = 0 and ∂L/∂p cancels to ~2e-5 of its largest entry in *either*
+float32 implementation. rtol:
 
 * float32 results (all statistics and per-channel gradients, and y / grad_x for
-  float32 inputs): rtol = 1e-5. The kernels accumulate in float32 in another order
-  than the reference; the observed error is ~5e-7 of the largest entry.
+  float32 inputs): 1e-5. The kernels accumulate in float32 in another order than the
+  reference; the observed error is ~5e-7 of the largest entry.
 * y and grad_x for float16 / bfloat16 inputs: two units in the last place of the
-  output dtype (rtol = 2⁻⁹ / 2⁻⁶): both sides compute in float32 (float64) and round
-  once, so they may land on neighbouring representable values.
+  output dtype (2⁻⁹ / 2⁻⁶): both sides compute in float32 (float64) and round once,
+  so they may land on neighbouring representable values.
 
-The default suite runs a representative grid (~20 s); ``-m sweep`` runs the full one
+The default suite runs a representative grid (~30-50 s on a shared 2-core machine); ``-m sweep`` runs the full one
 (N ∈ {1, 2, 3, 8}, C from 1 to 512, odd spatial sizes, both layouts, three dtypes).
 Tests marked ``gpu`` run the registered CUDA kernels through ``torch.ops.bkn`` and the
 nn modules against the CPU reference; they skip without a GPU.
@@ -29,6 +33,7 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import pytest
 import torch
@@ -49,11 +54,23 @@ _FLOAT32_RTOL = 1e-5
 # --------------------------------------------------------------------------- helpers
 
 
-def assert_matches(actual: Tensor, expected: Tensor, rtol: float, what: str) -> None:
-    """Compare in float64 with atol = 1e-5 · max|expected| (see module docstring)."""
-    expected = expected.double()
-    atol = 1e-5 * max(float(expected.abs().max()), 1e-30)
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+def assert_matches(actual: Tensor, exact: Tensor, rtol: float, what: str, same: Tensor | None = None) -> None:
+    """|actual - exact| ≤ 1e-5 · max|exact| + rtol |exact| + 4 |same - exact| elementwise (module docstring)."""
+    actual, exact = actual.double(), exact.double()
+    assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    bound = 1e-5 * float(exact.abs().max()) + rtol * exact.abs()
+    if same is not None:
+        bound = bound + 4.0 * (same.double() - exact).abs()
+    error = (actual - exact).abs()
+    failed = ~(error <= bound)  # NaN fails too
+    if bool(failed.any()):
+        worst = int(torch.where(failed, error - bound, torch.zeros_like(error)).flatten().argmax())
+        same_value = f", same-precision reference {float(same.flatten()[worst]):.8g}" if same is not None else ""
+        raise AssertionError(
+            f"{what}: {int(failed.sum())} of {failed.numel()} elements out of tolerance; worst at flat index "
+            f"{worst}: kernel {float(actual.flatten()[worst]):.8g}, float64 reference "
+            f"{float(exact.flatten()[worst]):.8g}{same_value}, allowed error {float(bound.flatten()[worst]):.3g}"
+        )
 
 
 @dataclass(frozen=True)
@@ -148,34 +165,38 @@ def _double(t: object) -> object:
     return t.double() if isinstance(t, Tensor) else t
 
 
-def reference(function: object, args: tuple[object, ...]) -> tuple[Tensor | None, ...]:
+def reference(function: Any, args: tuple[object, ...]) -> tuple[Any, ...]:
     """The functional reference in float64 on the same inputs."""
-    return tuple(function(*(_double(a) for a in args)))  # type: ignore[operator]
+    return tuple(function(*(_double(a) for a in args)))
 
 
 def check_forward(interpreter: InterpreterProcess, inputs: Inputs, fallback_ratio: float = 0.0) -> None:
-    y, mean, variance = interpreter.call("forward", *inputs.forward_args(fallback_ratio))
-    ref_y, ref_mean, ref_variance = reference(Fk.batch_kalman_norm, inputs.forward_args(fallback_ratio))
+    args = inputs.forward_args(fallback_ratio)
+    y, mean, variance = interpreter.call("forward", *args)
+    exact = reference(Fk.batch_kalman_norm, args)
+    same = tuple(Fk.batch_kalman_norm(*args))  # type: ignore[arg-type]
     assert y.dtype == inputs.x.dtype and y.shape == inputs.x.shape
     assert mean.dtype == variance.dtype == torch.float32
-    assert_matches(y, ref_y, _OUTPUT_RTOL[inputs.x.dtype], "y")
-    assert_matches(mean, ref_mean, _FLOAT32_RTOL, "posterior_mean")
-    assert_matches(variance, ref_variance, _FLOAT32_RTOL, "posterior_variance")
+    assert_matches(y, exact[0], _OUTPUT_RTOL[inputs.x.dtype], "y", same[0])
+    assert_matches(mean, exact[1], _FLOAT32_RTOL, "posterior_mean", same[1])
+    assert_matches(variance, exact[2], _FLOAT32_RTOL, "posterior_variance", same[2])
 
 
 _GRAD_NAMES = ("grad_x", "grad_prior_mean", "grad_prior_variance", "grad_prior_weight", "grad_weight", "grad_bias")
 
 
 def check_backward(interpreter: InterpreterProcess, inputs: Inputs, fallback_ratio: float = 0.0) -> None:
-    grads = interpreter.call("backward", *inputs.backward_args(fallback_ratio))
-    expected = reference(Fk.batch_kalman_norm_backward, inputs.backward_args(fallback_ratio))
+    args = inputs.backward_args(fallback_ratio)
+    grads = interpreter.call("backward", *args)
+    exact = reference(Fk.batch_kalman_norm_backward, args)
+    same = Fk.batch_kalman_norm_backward(*args)  # type: ignore[arg-type]
     assert grads[0].dtype == inputs.x.dtype
-    assert_matches(grads[0], expected[0], _OUTPUT_RTOL[inputs.x.dtype], "grad_x")
-    for name, actual, wanted in zip(_GRAD_NAMES[1:], grads[1:], expected[1:]):
+    for name, actual, wanted, same_precision in zip(_GRAD_NAMES, grads, exact, same):
         if wanted is None:  # no γ: the op returns zeros
             assert name == "grad_weight" and bool((actual == 0).all())
             continue
-        assert_matches(actual, wanted, _FLOAT32_RTOL, name)
+        rtol = _OUTPUT_RTOL[inputs.x.dtype] if name == "grad_x" else _FLOAT32_RTOL
+        assert_matches(actual, wanted, rtol, name, same_precision)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +274,7 @@ def test_variance_is_accurate_for_a_large_mean(interpreter: InterpreterProcess) 
     zeros = torch.zeros(4)
     _, _, variance = interpreter.call("forward", x, zeros, torch.ones(4), zeros, None, None, EPS, 0.0)
     true_variance = x.double().var(dim=(0, 2, 3), unbiased=False)
-    torch.testing.assert_close(variance.double(), true_variance, rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(variance.double(), true_variance, rtol=1e-5, atol=0.0)
 
 
 def test_outputs_keep_the_input_layout(interpreter: InterpreterProcess) -> None:
@@ -365,13 +386,25 @@ def _train_step(model: torch.nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]
     return out.detach(), [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
 
 
+def _small_chain() -> torch.nn.Sequential:
+    """Conv → BN → ReLU → Conv → BN converted to a two-layer Kalman chain (the second has a prior)."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 5, 3, padding=1),
+        torch.nn.BatchNorm2d(5),
+    )
+    return cast(torch.nn.Sequential, bkn_export.convert_batchnorm(model, torch.randn(2, 3, 6, 6), prior_weight=0.5))
+
+
 def test_compiled_model_matches_eager_through_the_fake_implementation() -> None:
     """torch.compile traces the opaque op with its fake impl; AOTAutograd uses its autograd formula."""
     torch.manual_seed(0)
-    model = digits_resnet("bkn", width=8).train()
-    compiled_model = copy.deepcopy(model)
-    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=False)
-    x = torch.randn(4, 1, 8, 8)
+    model = _small_chain().train()
+    assert model[4].has_predecessor  # the second layer really blends a prior
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    x = torch.randn(4, 3, 6, 6)
     eager_out, eager_grads = _train_step(model, x)
     compiled_out, compiled_grads = _train_step(compiled, x)  # type: ignore[arg-type]
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
@@ -425,18 +458,19 @@ def _cuda_op_step(inputs: Inputs, device: str, fallback_ratio: float) -> tuple[T
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fallback_ratio", [0.0, 0.5], ids=["no-fallback", "fallback"])
+@pytest.mark.parametrize("fallback_ratio", [0.0, 1.0 / 3.0, 3.0], ids=["no-rule", "rule-fires", "rule-holds"])
 @pytest.mark.parametrize("case", _GPU_CASES, ids=str)
 def test_cuda_op_matches_cpu_reference(case: Case, fallback_ratio: float) -> None:
     inputs = make_inputs(case)
     assert bkn_export.kernels.REGISTERED and bkn_export.kernels.uses_kernels(inputs.x.cuda())
     got = _cuda_op_step(inputs, "cuda", fallback_ratio)
     double_inputs = Inputs(**{k: _double(v) for k, v in vars(inputs).items()})  # type: ignore[arg-type]
-    want = _cuda_op_step(double_inputs, "cpu", fallback_ratio)
+    exact = _cuda_op_step(double_inputs, "cpu", fallback_ratio)
+    same = _cuda_op_step(inputs, "cpu", fallback_ratio)
     names = ["y", "posterior_mean", "posterior_variance", "grad_x", *_GRAD_NAMES[1:]]
-    for name, actual, expected in zip(names, got, want):
+    for name, actual, expected, same_precision in zip(names, got, exact, same):
         rtol = _OUTPUT_RTOL[case.dtype] if name in ("y", "grad_x") else _FLOAT32_RTOL
-        assert_matches(actual, expected, rtol, name)
+        assert_matches(actual, expected, rtol, name, same_precision)
     assert got[0].stride() == inputs.x.stride() and got[3].stride() == inputs.x.stride()
 
 
@@ -477,7 +511,10 @@ def test_cuda_inference_forward_matches_reference() -> None:
     from bkn_export.kernels.inference import kalman_norm_inference
 
     inputs = make_inputs(Case((4, 96, 9, 9), F16, channels_last=True))
-    args = (inputs.x, inputs.prior_mean, inputs.prior_variance, inputs.weight, inputs.bias)
-    y = kalman_norm_inference(*(t.cuda() for t in args), EPS)  # type: ignore[union-attr]
-    expected = Fk.kalman_norm_inference(*(_double(t) for t in args), EPS)  # type: ignore[arg-type]
+    assert inputs.weight is not None and inputs.bias is not None
+    args = [inputs.x, inputs.prior_mean, inputs.prior_variance, inputs.weight, inputs.bias]
+    x, mean, variance, weight, bias = (t.cuda() for t in args)
+    y = kalman_norm_inference(x, mean, variance, weight, bias, EPS)
+    x, mean, variance, weight, bias = (t.double() for t in args)
+    expected = Fk.kalman_norm_inference(x, mean, variance, weight, bias, EPS)
     assert_matches(y.cpu(), expected, _OUTPUT_RTOL[F16], "inference y")

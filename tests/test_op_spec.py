@@ -37,7 +37,6 @@ def single_node_model(
     x_dtype: type,
     u_dtype: type,
     rank: int,
-    statistics: str = function_body.DEFAULT_STATISTICS,
     **attributes: float | str,
 ) -> onnx.ModelProto:
     """A model with one BatchKalmanNorm node, every port a graph input/output, and the function body."""
@@ -61,7 +60,7 @@ def single_node_model(
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(op_spec.DOMAIN, op_spec.DOMAIN_VERSION)],
-        functions=[function_body.function_proto(opset, statistics)],
+        functions=[function_body.function_proto(opset)],
     )
     model.ir_version = 9
     return model
@@ -136,9 +135,8 @@ def test_plugin_fields_are_stable() -> None:
 
 
 @pytest.mark.parametrize("opset", [op_spec.MIN_OPSET, 20, op_spec.MAX_OPSET])
-@pytest.mark.parametrize("statistics", function_body.STATISTICS_MODES)
-def test_function_signature_follows_op_spec(opset: int, statistics: str) -> None:
-    proto = function_body.function_proto(opset, statistics)
+def test_function_signature_follows_op_spec(opset: int) -> None:
+    proto = function_body.function_proto(opset)
     assert (proto.domain, proto.name) == (op_spec.DOMAIN, op_spec.OP_TYPE)
     assert list(proto.input) == [p.name for p in op_spec.INPUTS]
     assert list(proto.output) == [p.name for p in op_spec.OUTPUTS]
@@ -156,10 +154,9 @@ def test_function_rejects_opsets_outside_the_spec(opset: int) -> None:
         function_body.function_proto(opset)
 
 
-@pytest.mark.parametrize("statistics", function_body.STATISTICS_MODES)
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 7), (2, 4, 5, 3), (2, 2, 3, 2, 2), (1, 3, 4, 4)])
-def test_function_body_matches_functional_on_ort_and_reference(shape: tuple[int, ...], statistics: str) -> None:
-    model = single_node_model(op_spec.MIN_OPSET, np.float32, np.float32, len(shape), statistics, epsilon=1e-3)
+def test_function_body_matches_functional_on_ort_and_reference(shape: tuple[int, ...]) -> None:
+    model = single_node_model(op_spec.MIN_OPSET, np.float32, np.float32, len(shape), epsilon=1e-3)
     onnx.checker.check_model(model, full_check=True)
     feeds = random_feeds(shape, np.float32, np.float32)
     expected = reference(feeds, 1e-3, 0.0)
@@ -170,9 +167,8 @@ def test_function_body_matches_functional_on_ort_and_reference(shape: tuple[int,
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg="reference evaluator")
 
 
-@pytest.mark.parametrize("statistics", function_body.STATISTICS_MODES)
-def test_function_body_in_double(statistics: str) -> None:
-    model = single_node_model(op_spec.MAX_OPSET, np.float64, np.float64, 4, statistics)
+def test_function_body_in_double() -> None:
+    model = single_node_model(op_spec.MAX_OPSET, np.float64, np.float64, 4)
     feeds = random_feeds((3, 4, 5, 5), np.float64, np.float64)
     expected = reference(feeds, 1e-5, 0.0)
     for got, want in zip(run_ort(model, feeds, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), expected):
@@ -180,10 +176,9 @@ def test_function_body_in_double(statistics: str) -> None:
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("statistics", function_body.STATISTICS_MODES)
-def test_half_input_keeps_float32_statistics(statistics: str) -> None:
+def test_half_input_keeps_float32_statistics() -> None:
     """X float16 → Y float16; statistics computed and returned in float32 (type U)."""
-    model = single_node_model(op_spec.MIN_OPSET, np.float16, np.float32, 4, statistics)
+    model = single_node_model(op_spec.MIN_OPSET, np.float16, np.float32, 4)
     onnx.checker.check_model(model, full_check=True)
     feeds = random_feeds((4, 3, 6, 6), np.float16, np.float32)
     expected = reference(feeds, 1e-5, 0.0)

@@ -25,7 +25,7 @@ from bkn_export.errors import (
     UnsupportedLayerError,
 )
 
-__all__ = ["add_arguments", "run", "parse_shape", "parse_factory_arg"]
+__all__ = ["add_arguments", "parse_factory_arg", "parse_shape", "run"]
 
 _BAD_INPUT = (BKNInputError, CheckpointError, FactoryError, InvalidStatisticsError, UnsupportedLayerError)
 

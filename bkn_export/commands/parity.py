@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", action="append", default=[], help="TensorRT plugin library")
     parser.add_argument("--no-localise", action="store_true", help="do not localise failures")
     parser.add_argument(
+        "--localise-method",
+        choices=("auto", "bisect"),
+        default="auto",
+        help="auto: expose every module output, confirm on a prefix model; bisect: prefix models only",
+    )
+    parser.add_argument(
         "--factory-arg", type=parse_factory_arg, action="append", default=[], help="KEY=VALUE for the factory"
     )
 
@@ -165,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         report = run_parity(
             model, args.onnx, inputs, mode=None if args.mode == "auto" else args.mode, runtimes=args.runtimes,
             atol=args.atol, rtol=args.rtol, tolerances=tolerances, custom_op_libraries=args.custom_op_library,
-            plugin_libraries=args.plugin, localise_failures=not args.no_localise, progress=on_event,
+            plugin_libraries=args.plugin, localise_failures=not args.no_localise, localise_method=args.localise_method, progress=on_event,
             seed=args.seed, model_description=f"{args.spec}" + (f" + {args.checkpoint}" if args.checkpoint else ""),
         )  # fmt: skip
         progress.update(task, description="parity: finished")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from bkn_export.errors import InvalidStatisticsError, UnsupportedLayerError
 from bkn_export.nn import _BatchKalmanNorm
 
-__all__ = ["NORMALIZATION_TYPES", "normalization_layers", "check_inference_ready"]
+__all__ = ["NORMALIZATION_TYPES", "check_inference_ready", "normalization_layers"]
 
 #: Layers whose eval computation is an affine map from running statistics.
 NORMALIZATION_TYPES: tuple[type[nn.Module], ...] = (_BatchKalmanNorm, nn.modules.batchnorm._BatchNorm)
@@ -70,7 +70,7 @@ def check_inference_ready(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Returns the normalization layers.
     """
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():  # type: ignore[misc]
             raise UnsupportedLayerError(
                 f"{type(module).__name__} '{name}' has uninitialized (lazy) parameters; run the model once "
                 "on an example input before exporting."

@@ -23,7 +23,7 @@ import copy
 from typing import Any, NamedTuple
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from bkn_export import functional as Fk
 from bkn_export.errors import ExportError
@@ -82,17 +82,26 @@ def _output_ranks(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     return ranks
 
 
+def _tensor(module: nn.Module, name: str) -> Tensor | None:
+    value = getattr(module, name, None)
+    return value.detach().double() if isinstance(value, Tensor) else None
+
+
 def _folded_host(host: nn.Module, norm: nn.Module) -> nn.Module:
     """A copy of ``host`` with the eval affine of ``norm`` absorbed (computed in float64)."""
+    running_mean, running_var = _tensor(norm, "running_mean"), _tensor(norm, "running_var")
+    assert running_mean is not None and running_var is not None  # check_inference_ready made sure
     scale, shift = Fk.inference_affine(
-        norm.running_mean.double(),  # type: ignore[union-attr]
-        norm.running_var.double(),  # type: ignore[union-attr]
-        None if norm.weight is None else norm.weight.detach().double(),  # type: ignore[union-attr]
-        None if norm.bias is None else norm.bias.detach().double(),  # type: ignore[union-attr]
+        running_mean,
+        running_var,
+        _tensor(norm, "weight"),
+        _tensor(norm, "bias"),
         float(norm.eps),  # type: ignore[arg-type]
     )
     new = copy.deepcopy(host)
-    weight = host.weight.detach().double()
+    original = host.weight
+    assert isinstance(original, Tensor)
+    weight = original.detach().double()
     if isinstance(host, nn.modules.conv._ConvNd) and host.transposed:
         groups = host.groups
         c_in, c_out_per_group, *kernel = weight.shape
@@ -100,10 +109,10 @@ def _folded_host(host: nn.Module, norm: nn.Module) -> nn.Module:
         folded = (blocks * scale.reshape(groups, 1, c_out_per_group, *([1] * len(kernel)))).reshape(weight.shape)
     else:
         folded = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    bias = shift if host.bias is None else host.bias.detach().double() * scale + shift
-    dtype, device = host.weight.dtype, host.weight.device
-    new.weight = nn.Parameter(folded.to(dtype=dtype, device=device))
-    new.bias = nn.Parameter(bias.to(dtype=dtype, device=device))
+    old_bias = _tensor(host, "bias")
+    bias = shift if old_bias is None else old_bias * scale + shift
+    new.weight = nn.Parameter(folded.to(dtype=original.dtype, device=original.device))
+    new.bias = nn.Parameter(bias.to(dtype=original.dtype, device=original.device))
     return new
 
 

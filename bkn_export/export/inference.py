@@ -43,9 +43,9 @@ from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_model_ato
 from bkn_export.export.metadata import FOLD_KINDS, attach_metadata, build_fold_report, fold_report_json, node_scopes
 from bkn_export.export.op_spec import MAX_OPSET, MIN_OPSET
 from bkn_export.export.result import ExportResult, FoldRecord
-from bkn_export.export.rules import apply_fold_rules, unfolded_normalizations
+from bkn_export.export.rules import Leftover, apply_fold_rules, unfolded_normalizations
 
-__all__ = ["DEFAULT_OPSET", "FP16_TOLERANCE", "export_inference", "resolve_opset", "eval_mode"]
+__all__ = ["DEFAULT_OPSET", "FP16_TOLERANCE", "eval_mode", "export_inference", "resolve_opset"]
 
 #: Default ONNX opset: what torch 2.13's dynamo exporter emits natively.
 DEFAULT_OPSET = 20
@@ -98,7 +98,7 @@ def _dynamic_shapes(inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_spa
         return None
     batch = torch.export.Dim("batch")
     shapes = []
-    for index, tensor in enumerate(inputs):
+    for tensor in inputs:
         spec: dict[int, Any] = {}
         if dynamic_batch and tensor.dim() > 0:
             spec[0] = batch
@@ -106,7 +106,6 @@ def _dynamic_shapes(inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_spa
             for dim in range(2, tensor.dim()):
                 spec[dim] = torch.export.Dim.DYNAMIC
         shapes.append(spec or None)
-        del index
     return tuple(shapes)
 
 
@@ -145,7 +144,7 @@ def _finish_graph(model: ir.Model) -> None:
     common_passes.NameFixPass()(model)
 
 
-def _check_guarantee(model: ir.Model, normalization_names: list[str]) -> list[Any]:
+def _check_guarantee(model: ir.Model, normalization_names: list[str]) -> list[Leftover]:
     leftovers = unfolded_normalizations(model.graph)
     broken = [leftover for leftover in leftovers if leftover.foldable]
     if broken:

@@ -25,7 +25,7 @@ from onnx.external_data_helper import set_external_data
 
 from bkn_export.errors import ExportError
 
-__all__ = ["DEFAULT_EXTERNAL_DATA_THRESHOLD", "model_tensors", "tensor_bytes", "save_model_atomic"]
+__all__ = ["DEFAULT_EXTERNAL_DATA_THRESHOLD", "model_tensors", "save_model_atomic", "tensor_bytes"]
 
 #: Models whose tensors exceed this many bytes are saved with external data.
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2 * 1024**3

@@ -21,12 +21,12 @@ from bkn_export.export.result import FoldRecord
 from bkn_export.export.rules import FOLD_RULE_TAG, NORMALIZATION_OP_TYPES, Leftover
 
 __all__ = [
-    "METADATA_PREFIX",
     "FOLD_KINDS",
-    "node_scopes",
+    "METADATA_PREFIX",
+    "attach_metadata",
     "build_fold_report",
     "fold_report_json",
-    "attach_metadata",
+    "node_scopes",
     "read_metadata",
 ]
 

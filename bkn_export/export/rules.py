@@ -39,9 +39,9 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
 
 __all__ = [
-    "FOLD_RULE_TAG",
-    "FOLD_RULES",
     "FOLDABLE_OP_TYPES",
+    "FOLD_RULES",
+    "FOLD_RULE_TAG",
     "NORMALIZATION_OP_TYPES",
     "Leftover",
     "apply_fold_rules",
@@ -138,7 +138,9 @@ class _FoldIntoWeightedOp(orp.RewriteRuleClassBase):
         """W' for output-channel scale ``scale`` (C,)."""
         return weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
 
-    def _shifted_bias(self, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, inner: ir.Node) -> np.ndarray:
+    def _shifted_bias(
+        self, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, inner: ir.Node
+    ) -> np.ndarray:
         return shift if bias is None else bias * scale + shift
 
     def rewrite(self, op: Any, x: ir.Value, inner_out: ir.Value, normalized: ir.Value) -> ir.Value:
@@ -203,7 +205,9 @@ class FoldIntoGemm(_FoldIntoWeightedOp):
             return weight * scale[:, None]  # B: (N, K)
         return weight * scale[None, :]  # B: (K, N)
 
-    def _shifted_bias(self, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, inner: ir.Node) -> np.ndarray:
+    def _shifted_bias(
+        self, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, inner: ir.Node
+    ) -> np.ndarray:
         if bias is None:
             return shift
         return inner.attributes.get_float("beta", 1.0) * bias * scale + shift
@@ -232,7 +236,9 @@ class FoldIntoMatMul(orp.RewriteRuleClassBase):
             out = op.Transpose(out, _allow_other_attributes=True, _outputs=["transposed"])
         return op.BatchNormalization(out, _allow_other_inputs=True, _outputs=["normalized"])
 
-    def check(self, context: Any, normalized: ir.Value, matmul_out: ir.Value, **values: Any) -> orp.MatchResult:
+    def check(  # type: ignore[override]
+        self, context: Any, normalized: ir.Value, matmul_out: ir.Value, **values: Any
+    ) -> orp.MatchResult:
         del context
         result = orp.MatchResult()
         batchnorm = normalized.producer()
@@ -357,7 +363,9 @@ def unfolded_normalizations(graph: ir.Graph) -> list[Leftover]:
         described = f"{producer.op_type} '{producer.name}'"
         if producer.op_type not in FOLDABLE_OP_TYPES:
             leftovers.append(
-                Leftover(node.name or "", described, False, f"it follows {described}, which cannot absorb an affine map")
+                Leftover(
+                    node.name or "", described, False, f"it follows {described}, which cannot absorb an affine map"
+                )
             )
             continue
         consumers = len(producer.outputs[0].uses()) + int(producer.outputs[0].is_graph_output())

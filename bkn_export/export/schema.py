@@ -71,7 +71,7 @@ def _infer(ctx: shape_inference.InferenceContext) -> None:
             if len(dims) != 1 or (dims[0].HasField("dim_value") and dims[0].dim_value != channel.dim_value):
                 shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
                 raise shape_inference.InferenceError(
-                    f"{op_spec.DOMAIN}::{op_spec.OP_TYPE} node '{ctx.get_display_name()}': input '{port.name}' has "
+                    f"{ctx.get_display_name()}: input '{port.name}' has "
                     f"shape {shape} but X has {channel.dim_value} channels (dim 1); every per-channel input must be "
                     f"({channel.dim_value},). In an exported chain this means a transition maps the wrong channel "
                     "count: re-wire the model (bkn_export.wire_chain) and export again"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import copy
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +156,9 @@ def translation_table() -> dict[Any, Any]:
 class _TrainingGraph(nn.Module):
     """The module that is traced: the model's forward plus the extra graph inputs/outputs.
 
-    forward(*inputs, *running_means, *running_vars) -> (*model outputs, *[r_μ', r_Σ'] per
-    layer in ``running_stats``, *[μ_{k|k}, Σ_{k|k}] per layer if ``expose_posteriors``).
+    forward(*inputs, *[r_μ, r_Σ] per layer in ``running_stats``) -> (*model outputs,
+    *[r_μ', r_Σ'] per layer in ``running_stats``, *[μ_{k|k}, Σ_{k|k}] per layer if
+    ``expose_posteriors``).
     """
 
     def __init__(
@@ -196,7 +198,6 @@ class _TrainingGraph(nn.Module):
         self._steps.clear()
         outputs = self.model(*inputs)
         flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-        k = len(self.running_stats)
         modules = dict(self.model.named_modules())
         for i, name in enumerate(self.running_stats):
             step = self._step(name)
@@ -204,7 +205,7 @@ class _TrainingGraph(nn.Module):
             assert isinstance(layer, _BatchKalmanNorm) and layer.momentum is not None
             flat.extend(
                 Fk.running_statistics_update(
-                    stats[i], stats[k + i], step.posterior_mean, step.posterior_variance, layer.momentum, step.count
+                    stats[2 * i], stats[2 * i + 1], step.posterior_mean, step.posterior_variance, layer.momentum, step.count
                 )
             )
         if self.expose_posteriors:
@@ -273,7 +274,6 @@ def export_training(
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
     running_stats_io: bool = False,
     expose_posteriors: bool = False,
-    function_statistics: str = function_body.DEFAULT_STATISTICS,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> ExportResult:
@@ -286,8 +286,6 @@ def export_training(
     running_stats_io: running statistics as graph inputs and their updates as outputs
     (see the module doc). expose_posteriors: every layer's μ_{k|k}, Σ_{k|k} as extra
     outputs ``<layer>.posterior_mean`` / ``<layer>.posterior_variance`` (parity, debugging).
-    function_statistics: how the function body computes batch statistics, "reduce"
-    (portable) or "batchnorm" (fused; see :mod:`bkn_export.export.function_body`).
     input_names / output_names: names of the model's own inputs / outputs.
 
     ``model`` itself is not changed: the export works on a deep copy, so its train/eval
@@ -297,11 +295,6 @@ def export_training(
     """
     opset = DEFAULT_OPSET if opset is None else int(opset)
     op_spec.check_opset(opset)
-    if function_statistics not in function_body.STATISTICS_MODES:
-        raise ExportError(
-            f"export_training: function_statistics must be one of {function_body.STATISTICS_MODES}, "
-            f"got {function_statistics!r}"
-        )
     inputs = _as_tuple(example_inputs)
     for i, t in enumerate(inputs):
         if t.dim() < 2 or t.shape[0] == 0 or t.numel() == 0:
@@ -330,12 +323,9 @@ def export_training(
     stat_inputs: list[Tensor] = []
     for name in tracked:
         layer = modules[name]
-        assert isinstance(layer, _BatchKalmanNorm) and layer.running_mean is not None
-        stat_inputs.append(layer.running_mean.detach().clone())
-    for name in tracked:
-        layer = modules[name]
-        assert isinstance(layer, _BatchKalmanNorm) and layer.running_var is not None
-        stat_inputs.append(layer.running_var.detach().clone())
+        assert isinstance(layer, _BatchKalmanNorm)
+        assert layer.running_mean is not None and layer.running_var is not None
+        stat_inputs += [layer.running_mean.detach().clone(), layer.running_var.detach().clone()]
     graph = _TrainingGraph(work, len(inputs), layers, tracked, expose_posteriors)
 
     dynamic_dims = [[0] if dynamic_batch else [] for _ in inputs]
@@ -354,28 +344,32 @@ def export_training(
     names_in = list(input_names) if input_names is not None else [f"input_{i}" for i in range(len(inputs))]
     if len(inputs) == 1 and input_names is None:
         names_in = ["input"]
-    names_in += [running_stat_names(n)[0] for n in tracked] + [running_stat_names(n)[1] for n in tracked]
+    for name in tracked:
+        names_in += running_stat_names(name)[:2]
     names_out = _output_names(graph, traced_inputs, stat_inputs, output_names)
     try:
-        program = torch.onnx.export(
-            graph,
-            (*traced_inputs, *stat_inputs),
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic_shapes,
-            input_names=names_in,
-            output_names=names_out,
-            custom_translation_table=translation_table(),
-            optimize=True,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # Training mode is the point of this export; the exporter's reminder is noise here.
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            program = torch.onnx.export(
+                graph,
+                (*traced_inputs, *stat_inputs),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                input_names=names_in,
+                output_names=names_out,
+                custom_translation_table=translation_table(),
+                optimize=True,
+                verbose=False,
+            )
     except ExportError:
         raise
     except Exception as error:  # the exporter wraps model errors in its own types
         raise ExportError(_explain_export_failure(error)) from error
     assert program is not None
     proto = program.model_proto
-    attach_function(proto, function_statistics)
+    attach_function(proto)
     node_layers = _name_nodes(proto)
     info = TrainingGraphInfo(tuple(node_layers), tuple(tracked), expose_posteriors)
     metadata = _metadata(info, opset, fp16)
@@ -396,15 +390,20 @@ def _output_names(
     graph: _TrainingGraph, inputs: tuple[Tensor, ...], stats: list[Tensor], names: Sequence[str] | None
 ) -> list[str]:
     """Names of every graph output: the model's (given or output_i), then running stats, then posteriors."""
-    with torch.no_grad():
-        num_outputs = len(graph(*inputs, *stats)) - 2 * len(graph.running_stats)
+    try:
+        with torch.no_grad():  # an eager run first: model errors read better than the exporter's
+            num_outputs = len(graph(*inputs, *stats)) - 2 * len(graph.running_stats)
+    except ExportError:
+        raise
+    except Exception as error:
+        raise ExportError(_explain_export_failure(error)) from error
     if graph.expose_posteriors:
         num_outputs -= 2 * len(graph.layer_names)
     if names is not None and len(names) != num_outputs:
         raise ExportError(f"export_training: output_names has {len(names)} names but the model has {num_outputs} outputs")
     result = list(names) if names is not None else (["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)])
-    result += [running_stat_names(n)[2] for n in graph.running_stats]
-    result += [running_stat_names(n)[3] for n in graph.running_stats]
+    for name in graph.running_stats:
+        result += running_stat_names(name)[2:]
     if graph.expose_posteriors:
         for name in graph.layer_names:
             result += [name + POSTERIOR_MEAN_SUFFIX, name + POSTERIOR_VARIANCE_SUFFIX]
@@ -426,13 +425,13 @@ def _explain_export_failure(error: Exception) -> str:
     return f"export_training: torch.onnx.export failed. Cause: {text}"
 
 
-def attach_function(model: onnx.ModelProto, statistics: str = function_body.DEFAULT_STATISTICS) -> None:
+def attach_function(model: onnx.ModelProto) -> None:
     """Store the op's function body (for the model's default-domain opset) in ``model.functions``.
 
     Replaces an existing ``ai.bkn::BatchKalmanNorm`` function and imports the domain.
     """
     opset = _default_opset(model)
-    proto = function_body.function_proto(opset, statistics)
+    proto = function_body.function_proto(opset)
     kept = [f for f in model.functions if not (f.domain == op_spec.DOMAIN and f.name == op_spec.OP_TYPE)]
     del model.functions[:]
     model.functions.extend([*kept, proto])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from bkn_export.kernels.registration import DISABLE_ENV, SUPPORTED_DTYPES, register, triton_installed, uses_kernels
 
-__all__ = ["REGISTERED", "DISABLE_ENV", "SUPPORTED_DTYPES", "register", "triton_installed", "uses_kernels"]
+__all__ = ["DISABLE_ENV", "REGISTERED", "SUPPORTED_DTYPES", "register", "triton_installed", "uses_kernels"]
 
 #: True when the CUDA kernels were registered at import.
 REGISTERED: bool = register()

@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bkn_export.kernels.common import (
+    channel_shift,
     fallback_fired,
     kalman_posterior,
     merge_gradient_sums,
@@ -78,6 +79,7 @@ def _partial_backward_kernel(
     sample = partial // programs_per_sample
     first_row = (partial % programs_per_sample) * chunks_per_program * BLOCK_ROWS
     base = sample.to(tl.int64) * stride_sample + channel_offsets[None, :] * stride_channel
+    shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
 
     count = 0.0
     mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
@@ -90,6 +92,7 @@ def _partial_backward_kernel(
         mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
         offsets = base + row_offsets[:, None] * stride_row
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - shift[None, :], 0.0)
         g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tile_count = tl.maximum(tl.minimum(rows - tile_start, BLOCK_ROWS), 0).to(tl.float32)
         tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
@@ -128,7 +131,6 @@ def _store_channel_gradients(
     grad_weight_ptr,
     grad_bias_ptr,
     input_scale_ptr,
-    batch_mean_out_ptr,
     centred_scale_ptr,
     input_offset_ptr,
     HAS_WEIGHT: tl.constexpr,
@@ -161,7 +163,6 @@ def _store_channel_gradients(
     tl.store(grad_prior_variance_ptr + channel_offsets, prior_weight * grad_variance, mask=channel_mask)
 
     tl.store(input_scale_ptr + channel_offsets, gamma * inv_std, mask=channel_mask)
-    tl.store(batch_mean_out_ptr + channel_offsets, batch_mean, mask=channel_mask)
     tl.store(centred_scale_ptr + channel_offsets, 2.0 * grad_batch_variance / count, mask=channel_mask)
     tl.store(input_offset_ptr + channel_offsets, grad_batch_mean / count, mask=channel_mask)
 
@@ -171,6 +172,7 @@ def _store_channel_gradients(
 
 @triton.jit
 def _backward_statistics_kernel(
+    x_ptr,
     partial_mean_ptr,
     partial_m2_ptr,
     partial_sum_g_ptr,
@@ -189,12 +191,14 @@ def _backward_statistics_kernel(
     grad_weight_ptr,
     grad_bias_ptr,
     input_scale_ptr,
-    batch_mean_ptr,
+    shifted_mean_ptr,
     centred_scale_ptr,
     input_offset_ptr,
+    batch_mean_ptr,
     eps,
     channels,
     rows,
+    stride_channel,
     num_partials,
     programs_per_sample,
     rows_per_program,
@@ -233,6 +237,8 @@ def _backward_statistics_kernel(
             sum_g, centred_sum, previous_mean, chunk_sum_g, chunk_centred, chunk_mean, mean
         )
     variance = m2 / count
+    tl.store(shifted_mean_ptr + channel_offsets, mean, mask=channel_mask)  # grad_x centres x - K at it
+    batch_mean = mean + channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
 
     if UPDATE:
         prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
@@ -240,7 +246,7 @@ def _backward_statistics_kernel(
             channel_offsets,
             channel_mask,
             count,
-            mean,
+            batch_mean,
             variance,
             sum_g,
             centred_sum,
@@ -256,14 +262,13 @@ def _backward_statistics_kernel(
             grad_weight_ptr,
             grad_bias_ptr,
             input_scale_ptr,
-            batch_mean_ptr,
             centred_scale_ptr,
             input_offset_ptr,
             HAS_WEIGHT,
         )
         tl.store(grad_prior_weight_ptr + channel_offsets, grad_prior_weight, mask=channel_mask)
     else:
-        tl.store(batch_mean_ptr + channel_offsets, mean, mask=channel_mask)
+        tl.store(batch_mean_ptr + channel_offsets, batch_mean, mask=channel_mask)
         tl.store(batch_variance_ptr + channel_offsets, variance, mask=channel_mask)
         tl.store(grad_bias_ptr + channel_offsets, sum_g, mask=channel_mask)
         tl.store(centred_sum_ptr + channel_offsets, centred_sum, mask=channel_mask)
@@ -285,9 +290,9 @@ def _backward_fallback_kernel(
     grad_weight_ptr,
     grad_bias_ptr,
     input_scale_ptr,
-    batch_mean_ptr,
     centred_scale_ptr,
     input_offset_ptr,
+    batch_mean_ptr,
     eps,
     count,
     channels,
@@ -325,7 +330,6 @@ def _backward_fallback_kernel(
         grad_weight_ptr,
         grad_bias_ptr,
         input_scale_ptr,
-        batch_mean_ptr,
         centred_scale_ptr,
         input_offset_ptr,
         HAS_WEIGHT,
@@ -339,7 +343,7 @@ def _grad_input_kernel(
     grad_ptr,
     grad_input_ptr,
     input_scale_ptr,
-    batch_mean_ptr,
+    shifted_mean_ptr,
     centred_scale_ptr,
     input_offset_ptr,
     channels,
@@ -351,7 +355,10 @@ def _grad_input_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
-    """Pass 3: ∂L/∂x = g a + (x - x̄) c + b per channel (a = γ/s, c = 2 ∂L/∂S / n, b = ∂L/∂x̄ / n)."""
+    """Pass 3: ∂L/∂x = g a + (x - x̄) c + b per channel (a = γ/s, c = 2 ∂L/∂S / n, b = ∂L/∂x̄ / n).
+
+    x - x̄ is evaluated as (x - K) - mean(x - K), as in the reductions (see ``common``).
+    """
     block = tl.program_id(0)
     channel_offsets = tl.program_id(1) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
     channel_mask = channel_offsets < channels
@@ -360,16 +367,20 @@ def _grad_input_kernel(
     mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
 
     input_scale = tl.load(input_scale_ptr + channel_offsets, mask=channel_mask, other=0.0)
-    batch_mean = tl.load(batch_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
+    shifted_mean = tl.load(shifted_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
     centred_scale = tl.load(centred_scale_ptr + channel_offsets, mask=channel_mask, other=0.0)
     input_offset = tl.load(input_offset_ptr + channel_offsets, mask=channel_mask, other=0.0)
 
     offsets = (
-        sample.to(tl.int64) * stride_sample + row_offsets[:, None] * stride_row + channel_offsets[None, :] * stride_channel
+        sample.to(tl.int64) * stride_sample
+        + row_offsets[:, None] * stride_row
+        + channel_offsets[None, :] * stride_channel
     )
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_input = g * input_scale[None, :] + (x - batch_mean[None, :]) * centred_scale[None, :] + input_offset[None, :]
+    centred = (x - shift[None, :]) - shifted_mean[None, :]
+    grad_input = g * input_scale[None, :] + centred * centred_scale[None, :] + input_offset[None, :]
     tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
 
 
@@ -436,12 +447,15 @@ def batch_kalman_norm_backward(
     grad_prior_mean, grad_prior_variance, grad_prior_weight, grad_weight, grad_bias = (
         x.new_empty((channels,), dtype=torch.float32) for _ in range(5)
     )
-    # grad_x coefficients (a, x̄, c, b) and, for the fallback path, (S, Σ g (x - x̄)).
-    workspace = x.new_empty((6, channels), dtype=torch.float32)
-    input_scale, batch_mean, centred_scale, input_offset, batch_variance, centred_sum = workspace.unbind(0)
+    # grad_x coefficients (a, mean(x - K), c, b) and, for the fallback path, (x̄, S, Σ g (x - x̄)).
+    workspace = x.new_empty((7, channels), dtype=torch.float32)
+    input_scale, shifted_mean, centred_scale, input_offset, batch_mean, batch_variance, centred_sum = workspace.unbind(
+        0
+    )
     update_inline = fallback_ratio <= 0
     channel_grid = (triton.cdiv(channels, CHANNEL_BLOCK),)
     _backward_statistics_kernel[channel_grid](
+        x_work,
         partials[0],
         partials[1],
         partials[2],
@@ -460,12 +474,14 @@ def batch_kalman_norm_backward(
         grad_weight,
         grad_bias,
         input_scale,
-        batch_mean,
+        shifted_mean,
         centred_scale,
         input_offset,
+        batch_mean,
         eps,
         channels,
         view.rows,
+        view.stride_channel,
         num_partials,
         tiling.programs_per_sample,
         tiling.rows_per_program,
@@ -491,9 +507,9 @@ def batch_kalman_norm_backward(
             grad_weight,
             grad_bias,
             input_scale,
-            batch_mean,
             centred_scale,
             input_offset,
+            batch_mean,
             eps,
             float(view.count),
             channels,
@@ -509,7 +525,7 @@ def batch_kalman_norm_backward(
         grad_work,
         grad_x_work,
         input_scale,
-        batch_mean,
+        shifted_mean,
         centred_scale,
         input_offset,
         channels,

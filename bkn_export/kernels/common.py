@@ -9,9 +9,13 @@ partials merge as::
     n = n_a + n_b     δ = mean_b - mean_a     mean = mean_a + δ n_b / n
     M2 = M2_a + M2_b + δ² n_a n_b / n
 
-No step squares a raw mean, so the variance keeps its precision when the mean is
-large against the spread (unlike E[x²] - E[x]²). The backward carries Σ g and the
-shifted sum Σ g (x - mean) along with the moments, re-centred at every merge.
+All of it runs on shifted data x - K with one K per channel, the channel's first
+element (sample 0, row 0), loaded by every program that needs it: the sums then add
+numbers of the size of the spread, not of the mean, so even the tile means stay
+exact to float32 rounding when |mean| is 10⁵ times the standard deviation; x̄ = K +
+mean(x - K) at the end. No step squares a raw mean, so the variance keeps its
+precision where E[x²] - E[x]² would lose every digit. The backward carries Σ g and
+Σ g (x - mean) along with the moments, re-centred at every merge.
 """
 
 from __future__ import annotations
@@ -21,16 +25,23 @@ import triton.language as tl
 
 __all__ = [
     "VARIANCE_FLOOR",
-    "merge_moments",
-    "merge_gradient_sums",
-    "partial_counts",
-    "kalman_posterior",
+    "channel_shift",
     "fallback_fired",
+    "kalman_posterior",
+    "merge_gradient_sums",
+    "merge_moments",
+    "partial_counts",
 ]
 
 #: Same floor as bkn_export.functional's fallback rule (batch variance clamp); a
 #: constexpr because Triton kernels may only read constexpr globals.
 VARIANCE_FLOOR = tl.constexpr(1e-12)
+
+
+@triton.jit
+def channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel):
+    """K: the first element (sample 0, row 0) of each channel, float32; the data shift."""
+    return tl.load(x_ptr + channel_offsets * stride_channel, mask=channel_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

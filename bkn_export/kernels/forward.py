@@ -28,7 +28,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bkn_export.kernels.common import fallback_fired, kalman_posterior, merge_moments, partial_counts
+from bkn_export.kernels.common import (
+    channel_shift,
+    fallback_fired,
+    kalman_posterior,
+    merge_moments,
+    partial_counts,
+)
 from bkn_export.kernels.layout import (
     CHANNEL_BLOCK,
     COMBINE_BLOCK_P,
@@ -67,6 +73,7 @@ def _partial_moments_kernel(
     sample = partial // programs_per_sample
     first_row = (partial % programs_per_sample) * chunks_per_program * BLOCK_ROWS
     base = x_ptr + sample.to(tl.int64) * stride_sample + channel_offsets[None, :] * stride_channel
+    shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
 
     count = 0.0
     mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
@@ -76,6 +83,7 @@ def _partial_moments_kernel(
         row_offsets = tile_start + tl.arange(0, BLOCK_ROWS)
         mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
         x = tl.load(base + row_offsets[:, None] * stride_row, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - shift[None, :], 0.0)
         tile_count = tl.maximum(tl.minimum(rows - tile_start, BLOCK_ROWS), 0).to(tl.float32)
         tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
         centred = tl.where(mask, x - tile_mean[None, :], 0.0)
@@ -108,6 +116,7 @@ def _store_posterior(
 
 @triton.jit
 def _forward_statistics_kernel(
+    x_ptr,
     partial_mean_ptr,
     partial_m2_ptr,
     batch_mean_ptr,
@@ -119,6 +128,7 @@ def _forward_statistics_kernel(
     posterior_variance_ptr,
     channels,
     rows,
+    stride_channel,
     num_partials,
     programs_per_sample,
     rows_per_program,
@@ -146,6 +156,7 @@ def _forward_statistics_kernel(
         chunk_m2 = tl.sum(partial_m2 + counts[:, None] * deviation * deviation, axis=0)
         count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
     variance = m2 / count
+    mean += channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
 
     if UPDATE:
         prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
@@ -232,15 +243,17 @@ def _normalize_kernel(
     scale = tl.rsqrt(variance + eps)
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + channel_offsets, mask=channel_mask, other=1.0)
-    shift = -mean * scale
+    offset = -mean * scale
     if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + channel_offsets, mask=channel_mask, other=0.0)
+        offset = offset + tl.load(bias_ptr + channel_offsets, mask=channel_mask, other=0.0)
 
     offsets = (
-        sample.to(tl.int64) * stride_sample + row_offsets[:, None] * stride_row + channel_offsets[None, :] * stride_channel
+        sample.to(tl.int64) * stride_sample
+        + row_offsets[:, None] * stride_row
+        + channel_offsets[None, :] * stride_channel
     )
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    y = x * scale[None, :] + shift[None, :]
+    y = x * scale[None, :] + offset[None, :]
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -338,6 +351,7 @@ def batch_kalman_norm_forward(
         batch_mean, batch_variance = x.new_empty((2, channels), dtype=torch.float32).unbind(0)
     channel_grid = (triton.cdiv(channels, CHANNEL_BLOCK),)
     _forward_statistics_kernel[channel_grid](
+        x_work,
         partials[0],
         partials[1],
         batch_mean,
@@ -349,6 +363,7 @@ def batch_kalman_norm_forward(
         posterior_variance,
         channels,
         view.rows,
+        view.stride_channel,
         num_partials,
         tiling.programs_per_sample,
         tiling.rows_per_program,

@@ -25,20 +25,20 @@ from torch import Tensor
 from bkn_export.errors import BKNInputError
 
 __all__ = [
-    "TILE_ELEMENTS",
     "CHANNELS_LAST_BLOCK_C",
+    "CHANNEL_BLOCK",
     "CHUNKS_PER_PROGRAM",
     "COMBINE_BLOCK_P",
-    "CHANNEL_BLOCK",
-    "NUM_WARPS",
     "MAX_ELEMENTS",
+    "NUM_WARPS",
+    "TILE_ELEMENTS",
     "ChannelView",
     "Tiling",
-    "working_tensor",
-    "restore_layout",
-    "statistics_vector",
     "channel_view",
     "choose_tiling",
+    "restore_layout",
+    "statistics_vector",
+    "working_tensor",
 ]
 
 #: Elements in one streaming tile (BLOCK_S x BLOCK_C). 4096 float32 values are 16 KiB,

@@ -30,7 +30,7 @@ from torch import Tensor
 from bkn_export import functional as Fk
 from bkn_export.kernels.layout import MAX_ELEMENTS
 
-__all__ = ["SUPPORTED_DTYPES", "DISABLE_ENV", "triton_installed", "uses_kernels", "register"]
+__all__ = ["DISABLE_ENV", "SUPPORTED_DTYPES", "register", "triton_installed", "uses_kernels"]
 
 #: Input dtypes with a Triton path (statistics always accumulate in float32).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -117,6 +117,7 @@ def _backward_cuda(
             eps,
             fallback_ratio,
         )
+        assert grad_bias is not None  # the reference returns Σ g whenever it is given a grad_output
         if grad_weight is None:  # the op always returns a γ gradient (zeros without γ)
             grad_weight = torch.zeros_like(grad_bias)
         return grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias

@@ -47,6 +47,10 @@ DEFAULT_WORKSPACE_BYTES = 1 << 30
 
 ProfileShapes = Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]]
 
+#: Plugin libraries loaded into this process's plugin registry (resolved path -> handle).
+#: TensorRT refuses to load a library twice (its creators are then already registered).
+_LOADED_LIBRARIES: dict[str, object] = {}
+
 
 def tensorrt_availability() -> Availability:
     """Whether TensorRT's Python bindings and a CUDA device are usable here (never raises)."""
@@ -71,6 +75,11 @@ def tensorrt_availability() -> Availability:
     return Availability(True, f"TensorRT {trt_module.__version__}")
 
 
+def _shape(dims: trt.Dims) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` as a tuple of ints (-1 for a dynamic dim)."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
 def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
     import torch as torch_module
 
@@ -80,9 +89,11 @@ def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
 class TensorRTBackend(Backend):
     """TensorRT engine built from the ONNX file, with the BatchKalmanNorm plugin.
 
-    plugin_library: the plugin's shared library (``libbkn_tensorrt_plugin.so``); None
-    looks it up with :func:`bkn_export.tensorrt_plugin.find_plugin_library`; it is only
-    needed when the model has BatchKalmanNorm nodes. max_batch / opt_batch: range of
+    plugin_libraries: plugin shared libraries to load through TensorRT's plugin registry
+    (``IPluginRegistry.load_library``: the ``libbkn_tensorrt_plugin.so`` kind, exporting
+    ``getCreators``). When the model has BatchKalmanNorm nodes and none of them provides
+    its creator, :func:`bkn_export.tensorrt_plugin.find_plugin_library` finds ours
+    (``$BKN_TENSORRT_PLUGIN``, then the default build folders). max_batch / opt_batch: range of
     dynamic batch dims in the profile. profile_shapes: explicit (min, opt, max) per
     input name, overriding the default profile.
     """
@@ -91,7 +102,7 @@ class TensorRTBackend(Backend):
 
     def __init__(
         self,
-        plugin_library: str | os.PathLike[str] | None = None,
+        plugin_libraries: Sequence[str | os.PathLike[str]] = (),
         max_batch: int = DEFAULT_MAX_BATCH,
         opt_batch: int | None = None,
         profile_shapes: ProfileShapes | None = None,
@@ -100,7 +111,7 @@ class TensorRTBackend(Backend):
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self._plugin_library = plugin_library
+        self._plugin_libraries = [Path(p) for p in plugin_libraries]
         self._max_batch = max_batch
         self._opt_batch = min(opt_batch if opt_batch is not None else max_batch, max_batch)
         self._profile_shapes = dict(profile_shapes or {})
@@ -109,7 +120,7 @@ class TensorRTBackend(Backend):
         self._engine: trt.ICudaEngine | None = None
         self._context: trt.IExecutionContext | None = None
         self._model_path: str | None = None
-        self.plugin_library_loaded: Path | None = None
+        self.plugin_libraries_loaded: list[Path] = []
         self.plugin_layers = 0
 
     def available(self) -> Availability:
@@ -117,26 +128,42 @@ class TensorRTBackend(Backend):
 
     # ------------------------------------------------------------------ load
 
-    def _load_plugin(self, trt_module: Any) -> None:
+    def _load_library(self, registry: trt.IPluginRegistry, library: Path) -> None:
+        key = str(library.resolve())
+        if key not in _LOADED_LIBRARIES:
+            handle = registry.load_library(key)
+            if handle is None:
+                raise RuntimeLoadError(
+                    f"TensorRT could not load the plugin library {library} (IPluginRegistry.load_library returned "
+                    "no handle; TensorRT's log above says why: a TensorRT/CUDA version mismatch, a missing symbol, "
+                    "or creators already registered by another copy of the library)"
+                )
+            _LOADED_LIBRARIES[key] = handle
+        self.plugin_libraries_loaded.append(library)
+
+    def _load_plugins(self, trt_module: Any, needs_batch_kalman_norm: bool) -> None:
+        from bkn_export.errors import PluginLibraryNotFoundError
         from bkn_export.export import op_spec
         from bkn_export.tensorrt_plugin import find_plugin_library
 
         registry = trt_module.get_plugin_registry()
-        library = find_plugin_library(self._plugin_library)
-        # A creator already registered (an earlier backend, or the static library) is
-        # reused: load_library refuses a library whose creators are registered.
-        if registry.get_creator(op_spec.PLUGIN_NAME, op_spec.PLUGIN_VERSION, op_spec.PLUGIN_NAMESPACE) is None:
-            if registry.load_library(str(library)) is None:
+        for library in self._plugin_libraries:
+            if not library.is_file():
+                raise PluginLibraryNotFoundError(f"TensorRT plugin library {library} does not exist")
+            self._load_library(registry, library)
+
+        def registered() -> bool:
+            creator = registry.get_creator(op_spec.PLUGIN_NAME, op_spec.PLUGIN_VERSION, op_spec.PLUGIN_NAMESPACE)
+            return creator is not None
+
+        if needs_batch_kalman_norm and not registered():
+            library = find_plugin_library()
+            self._load_library(registry, library)
+            if not registered():
                 raise RuntimeLoadError(
-                    f"TensorRT could not load the plugin library {library} (IPluginRegistry.load_library returned "
-                    "no handle; TensorRT's log above says why: wrong TensorRT/CUDA version or a missing symbol)"
+                    f"{library} loaded, but no creator {op_spec.PLUGIN_NAMESPACE}::{op_spec.PLUGIN_NAME} "
+                    f"version {op_spec.PLUGIN_VERSION} is registered; rebuild the plugin from this checkout"
                 )
-        if registry.get_creator(op_spec.PLUGIN_NAME, op_spec.PLUGIN_VERSION, op_spec.PLUGIN_NAMESPACE) is None:
-            raise RuntimeLoadError(
-                f"{library} loaded, but no creator {op_spec.PLUGIN_NAMESPACE}::{op_spec.PLUGIN_NAME} "
-                f"version {op_spec.PLUGIN_VERSION} is registered; rebuild the plugin from this checkout"
-            )
-        self.plugin_library_loaded = library
 
     def _profile(self, name: str, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         if name in self._profile_shapes:
@@ -169,8 +196,8 @@ class TensorRTBackend(Backend):
             raise RuntimeLoadError(f"TensorRT backend: ONNX file {path} does not exist")
         model = onnx.load(str(path), load_external_data=False)
         expected_plugins = len(plugin_nodes(model))
+        self._load_plugins(trt_module, needs_batch_kalman_norm=expected_plugins > 0)
         if expected_plugins:
-            self._load_plugin(trt_module)
             model = prepare_model_for_plugin(model)
 
         logger = trt_module.Logger(trt_module.Logger.WARNING)
@@ -196,8 +223,10 @@ class TensorRTBackend(Backend):
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
-            low, opt, high = self._profile(tensor.name, tuple(tensor.shape))
-            profile.set_shape(tensor.name, low, opt, high)
+            low, opt, high = self._profile(tensor.name, _shape(tensor.shape))
+            profile.set_shape(
+                tensor.name, trt_module.Dims(list(low)), trt_module.Dims(list(opt)), trt_module.Dims(list(high))
+            )
         config.add_optimization_profile(profile)
         with torch_module.cuda.device(self._device):
             plan = builder.build_serialized_network(network, config)
@@ -224,7 +253,7 @@ class TensorRTBackend(Backend):
         expected_dtype = np.dtype(trt_module.nptype(self._engine.get_tensor_dtype(name)))
         if array.dtype != expected_dtype:
             raise BKNInputError(f"TensorRT backend: input {name!r} has dtype {array.dtype}, expected {expected_dtype}")
-        low, _, high = (tuple(s) for s in self._engine.get_tensor_profile_shape(name, 0))
+        low, _, high = (_shape(s) for s in self._engine.get_tensor_profile_shape(name, 0))
         fits = len(array.shape) == len(low) and all(lo <= d <= hi for d, lo, hi in zip(array.shape, low, high))
         if not fits:
             raise BKNInputError(
@@ -259,7 +288,7 @@ class TensorRTBackend(Backend):
                 context.set_tensor_address(name, tensor.data_ptr())
             outputs: dict[str, torch_module.Tensor] = {}
             for name in self._io_names(trt_module.TensorIOMode.OUTPUT):
-                shape = tuple(context.get_tensor_shape(name))
+                shape = _shape(context.get_tensor_shape(name))
                 dtype = np.dtype(trt_module.nptype(self._engine.get_tensor_dtype(name)))
                 outputs[name] = torch_module.empty(shape, dtype=_torch_dtype(dtype), device=device)
                 context.set_tensor_address(name, outputs[name].data_ptr())

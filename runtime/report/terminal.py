@@ -80,7 +80,7 @@ def print_report(report: ParityReport, console: Console | None = None) -> None:
 
 def report_text(report: ParityReport, width: int = 160) -> str:
     """The terminal report as plain text (for assertion messages and logs)."""
-    console = Console(width=width, record=True, force_terminal=False, color_system=None)
-    with console.capture():
+    console = Console(width=width, force_terminal=False, color_system=None)
+    with console.capture() as captured:
         print_report(report, console)
-    return console.export_text()
+    return captured.get()

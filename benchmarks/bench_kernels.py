@@ -1,0 +1,219 @@
+"""Triton BKN vs cuDNN BatchNorm: forward+backward time on ResNet-50 layer shapes.
+
+For every BatchNorm shape of ResNet-50 (v1.5, 224x224 input) at batch 1, 2, 8 and 32,
+measured side by side in one run on one GPU:
+
+* ``bn``:  ``torch.nn.functional.batch_norm(training=True)`` (cuDNN) forward, then
+  ``autograd.grad`` for (x, γ, β); the running statistics update is inside cuDNN.
+* ``bkn``: ``torch.ops.bkn.batch_kalman_norm`` (the registered Triton kernels) with a
+  prior (p = 0.5), the running-statistics update the module does after the op, then
+  ``autograd.grad`` for (x, prior mean, prior variance, p, γ, β).
+* ``ref`` (``--reference``): the same op with ``BKN_DISABLE_TRITON=1``: the unfused
+  PyTorch reference on the GPU, to show what the fusion buys.
+
+Times are ``triton.testing.do_bench`` means (CUDA events, L2 flushed before each run).
+Bandwidth counts the traffic of a fused three-pass forward + two-pass backward, the
+minimum for training-mode BatchNorm on tensors that do not fit on chip and the same for
+both: forward reads x twice and writes y, backward reads (x, g) twice and writes
+grad_x, i.e. 8 · numel · itemsize bytes. Peak bandwidth is the device's theoretical
+DRAM bandwidth, 2 (double data rate) x memory clock x bus width / 8, from
+``torch.cuda.get_device_properties`` (``memory_clock_rate`` in kHz,
+``memory_bus_width`` in bits) or, on torches without those fields, from Triton's driver
+utilities; ``--peak-gbps`` overrides it.
+
+Usage::
+
+    python benchmarks/bench_kernels.py [--dtype float16] [--channels-last] [--batches 1 2 8 32]
+                                       [--reference] [--json results.json]
+
+Without a CUDA GPU (or without Triton) it prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: (name, channels, height = width) of every BatchNorm in ResNet-50 v1.5 at 224x224.
+RESNET50_SHAPES: list[tuple[str, int, int]] = [
+    ("conv1", 64, 112),
+    ("layer1.bn1/2", 64, 56),
+    ("layer1.bn3", 256, 56),
+    ("layer2.0.bn1", 128, 56),
+    ("layer2.bn2", 128, 28),
+    ("layer2.bn3", 512, 28),
+    ("layer3.0.bn1", 256, 28),
+    ("layer3.bn2", 256, 14),
+    ("layer3.bn3", 1024, 14),
+    ("layer4.0.bn1", 512, 14),
+    ("layer4.bn2", 512, 7),
+    ("layer4.bn3", 2048, 7),
+]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_EPS = 1e-5
+_MOMENTUM = 0.1
+
+
+@dataclass
+class Row:
+    layer: str
+    batch: int
+    shape: list[int]
+    bn_ms: float
+    bkn_ms: float
+    ratio: float
+    bn_peak_fraction: float
+    bkn_peak_fraction: float
+    ref_ms: float | None
+
+
+def peak_bandwidth_gbps(device: int) -> tuple[float, str]:
+    """Theoretical DRAM bandwidth in GB/s and where it came from."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    source = "torch.cuda.get_device_properties"
+    if not (clock_khz and bus_bits):
+        from triton.runtime import driver
+
+        info = driver.active.utils.get_device_properties(device)
+        clock_khz, bus_bits = info["mem_clock_rate"], info["mem_bus_width"]
+        source = "triton driver device properties"
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9, f"{source}: {clock_khz / 1e3:.0f} MHz x {bus_bits} bit x 2"
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100))
+
+
+def measure(
+    channels: int, size: int, batch: int, dtype: torch.dtype, channels_last: bool, reference: bool
+) -> tuple[float, float, float | None, int]:
+    """(bn ms, bkn ms, reference ms or None, bytes moved) for one shape."""
+    from bkn_export import functional as Fk
+
+    device = "cuda"
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+
+    def parameter(value: float) -> torch.Tensor:
+        return torch.full((channels,), value, device=device, requires_grad=True)
+
+    weight, bias = parameter(1.0), parameter(0.0)
+    running_mean = torch.zeros(channels, device=device)
+    running_var = torch.ones(channels, device=device)
+    prior_mean, prior_variance, prior_weight = parameter(0.0), parameter(1.0), parameter(0.5)
+    count = x.numel() // channels
+
+    def bn_step() -> None:
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, _MOMENTUM, _EPS)
+        torch.autograd.grad(y, (x, weight, bias), grad)
+
+    def bkn_step() -> None:
+        y, mean, variance = torch.ops.bkn.batch_kalman_norm(
+            x, prior_mean, prior_variance, prior_weight, weight, bias, _EPS, 0.0
+        )
+        with torch.no_grad():  # what BatchKalmanNorm*d does after the op
+            new_mean, new_var = Fk.running_statistics_update(
+                running_mean, running_var, mean, variance, _MOMENTUM, count
+            )
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+        torch.autograd.grad(y, (x, prior_mean, prior_variance, prior_weight, weight, bias), grad)
+
+    bn_ms = _bench(bn_step)
+    bkn_ms = _bench(bkn_step)
+    ref_ms = None
+    if reference:
+        os.environ["BKN_DISABLE_TRITON"] = "1"
+        try:
+            ref_ms = _bench(bkn_step)
+        finally:
+            del os.environ["BKN_DISABLE_TRITON"]
+    return bn_ms, bkn_ms, ref_ms, 8 * x.numel() * x.element_size()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC tensors (default NCHW)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8, 32])
+    parser.add_argument("--reference", action="store_true", help="also time the unfused PyTorch reference")
+    parser.add_argument("--peak-gbps", type=float, default=None, help="override the device's peak bandwidth")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU is visible to torch; nothing measured (the Triton kernels run on CUDA only).")
+        return 0
+    try:
+        import triton
+    except ImportError:
+        print("bench_kernels: triton is not installed; nothing measured (pip install triton).")
+        return 0
+    import bkn_export.kernels
+
+    if not bkn_export.kernels.REGISTERED:
+        print("bench_kernels: the Triton kernels are not registered for CUDA; nothing measured.")
+        return 0
+
+    dtype = _DTYPES[args.dtype]
+    device = torch.cuda.current_device()
+    peak, peak_source = (args.peak_gbps, "--peak-gbps") if args.peak_gbps else peak_bandwidth_gbps(device)
+    layout = "NHWC" if args.channels_last else "NCHW"
+    print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
+    print(f"dtype {args.dtype}, layout {layout}; peak bandwidth {peak:.0f} GB/s ({peak_source})")
+    print("times: forward+backward, ms (do_bench mean); BW: 8*numel*itemsize / time as a fraction of peak")
+    header = f"{'layer':<14}{'N':>4} {'shape':<18}{'bn ms':>9}{'bkn ms':>9}{'bkn/bn':>8}{'bn BW':>8}{'bkn BW':>8}"
+    print(header + (f"{'ref ms':>9}" if args.reference else ""))
+
+    rows: list[Row] = []
+    for batch in args.batches:
+        for name, channels, size in RESNET50_SHAPES:
+            bn_ms, bkn_ms, ref_ms, nbytes = measure(channels, size, batch, dtype, args.channels_last, args.reference)
+            row = Row(
+                layer=name,
+                batch=batch,
+                shape=[batch, channels, size, size],
+                bn_ms=bn_ms,
+                bkn_ms=bkn_ms,
+                ratio=bkn_ms / bn_ms,
+                bn_peak_fraction=nbytes / (bn_ms * 1e-3) / (peak * 1e9),
+                bkn_peak_fraction=nbytes / (bkn_ms * 1e-3) / (peak * 1e9),
+                ref_ms=ref_ms,
+            )
+            rows.append(row)
+            shape = "x".join(map(str, row.shape))
+            line = (
+                f"{name:<14}{batch:>4} {shape:<18}{bn_ms:>9.4f}{bkn_ms:>9.4f}{row.ratio:>8.2f}"
+                f"{row.bn_peak_fraction:>8.0%}{row.bkn_peak_fraction:>8.0%}"
+            )
+            print(line + (f"{ref_ms:>9.4f}" if ref_ms is not None else ""), flush=True)
+
+    ratios = torch.tensor([r.ratio for r in rows])
+    large = [r for r in rows if r.shape[0] * r.shape[1] * r.shape[2] * r.shape[3] >= 8 * 2**20]
+    print(f"geometric mean bkn/bn: {float(ratios.log().mean().exp()):.2f}; max {float(ratios.max()):.2f}")
+    if large:
+        fractions = ", ".join(f"{r.bkn_peak_fraction:.0%}" for r in large)
+        print(f"bkn bandwidth on tensors of >= 8M elements: {fractions}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(device), "rows": [asdict(r) for r in rows]}, handle)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""BKN train step (forward + backward) vs nn.BatchNorm2d on CPU, side by side in one run.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_layers.py [--threads 1] [--repeats 15] [--steps 5]
+
+For each shape (N, C, H, W) it times, interleaved in rotating order within every repeat:
+
+* ``batchnorm``  — ``nn.BatchNorm2d``;
+* ``bkn-first``  — a first-in-chain ``BatchKalmanNorm2d`` (BatchNorm math, BKN code path);
+* ``bkn-wired``  — a ``BatchKalmanNorm2d`` with a predecessor (default options: ``propagate``
+  through a 3x3 conv with ReLU, learned gain, process noise): prediction, update,
+  normalization and the gradients into the predecessor's posterior and the conv weights;
+* ``reference``  — (with ``--reference``) the functional reference under autograd, for scale.
+
+One timed sample is ``--steps`` train steps; the figure is the median over ``--repeats``
+samples, printed in ms and as a ratio to BatchNorm. Run on an idle machine where you can;
+the numbers in benchmarks/RESULTS.md say what else was running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bkn_export import BatchKalmanNorm2d, wire_chain
+from bkn_export import functional as Fk
+
+DEFAULT_SHAPES = ((8, 64, 32, 32), (2, 256, 14, 14), (32, 128, 16, 16))
+
+
+def _batchnorm_step(shape: tuple[int, ...]) -> Callable[[], None]:
+    layer = nn.BatchNorm2d(shape[1]).train()
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+
+    def step() -> None:
+        layer(x).backward(grad)
+
+    return step
+
+
+def _bkn_first_step(shape: tuple[int, ...]) -> Callable[[], None]:
+    channels = shape[1]
+    model = nn.Sequential(
+        BatchKalmanNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), BatchKalmanNorm2d(channels)
+    )
+    wire_chain(model, torch.randn(2, channels, 4, 4))
+    layer = model[0].train()  # position 0 of the chain: BatchNorm math through the BKN op
+    assert layer.link.predecessor is None and model[3].has_predecessor
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+
+    def step() -> None:
+        layer(x).backward(grad)
+        assert layer._chain is not None
+        layer._chain.posteriors.clear()  # the chain's other layer does not run in this benchmark
+
+    return step
+
+
+def _bkn_wired_step(shape: tuple[int, ...]) -> Callable[[], None]:
+    channels = shape[1]
+    model = nn.Sequential(
+        BatchKalmanNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), BatchKalmanNorm2d(channels)
+    )
+    wire_chain(model, torch.randn(2, channels, 4, 4))
+    layer = model[3].train()
+    assert layer.has_predecessor and layer.link.transition == "propagate"
+    chain = layer._chain
+    assert chain is not None
+    # The predecessor's posterior as leaves, so the step times this layer alone (its
+    # prediction, update, normalization, and the gradients into posterior and conv weights).
+    previous_mean = torch.randn(channels, requires_grad=True)
+    previous_variance = (torch.rand(channels) + 0.5).requires_grad_()
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+
+    def step() -> None:
+        chain.posteriors[0] = (previous_mean, previous_variance, x.shape)
+        layer(x).backward(grad)
+
+    return step
+
+
+def _reference_step(shape: tuple[int, ...]) -> Callable[[], None]:
+    channels = shape[1]
+    weight = torch.ones(channels, requires_grad=True)
+    bias = torch.zeros(channels, requires_grad=True)
+    prior_mean, prior_variance = torch.zeros(channels), torch.ones(channels)
+    prior_weight = torch.full((channels,), 0.5, requires_grad=True)
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+
+    def step() -> None:
+        out = Fk.batch_kalman_norm(x, prior_mean, prior_variance, prior_weight, weight, bias, 1e-5)
+        out.output.backward(grad)
+
+    return step
+
+
+def _time(step: Callable[[], None], steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(shape: tuple[int, ...], repeats: int, steps: int, reference: bool) -> dict[str, float]:
+    """Median seconds per train step of each variant on ``shape``, interleaved."""
+    variants: dict[str, Callable[[], None]] = {
+        "batchnorm": _batchnorm_step(shape),
+        "bkn-first": _bkn_first_step(shape),
+        "bkn-wired": _bkn_wired_step(shape),
+    }
+    if reference:
+        variants["reference"] = _reference_step(shape)
+    names = list(variants)
+    for name in names:  # warm up allocator and caches
+        _time(variants[name], 2)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]  # rotate who goes first
+        for name in order:
+            samples[name].append(_time(variants[name], steps))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.lower().split("x"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed samples per variant (median taken)")
+    parser.add_argument("--steps", type=int, default=5, help="train steps per timed sample")
+    parser.add_argument("--shapes", nargs="*", type=_parse_shape, default=list(DEFAULT_SHAPES), help="e.g. 8x64x32x32")
+    parser.add_argument("--reference", action="store_true", help="also time the functional reference (autograd)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.repeats} x {args.steps} steps"
+    )
+    header = f"{'shape (N, C, H, W)':<22}{'batchnorm ms':>14}"
+    header += f"{'bkn-first ms':>14}{'ratio':>7}{'bkn-wired ms':>14}{'ratio':>7}"
+    if args.reference:
+        header += f"{'reference ms':>14}{'ratio':>7}"
+    print(header)
+    for shape in args.shapes:
+        result = measure(shape, args.repeats, args.steps, args.reference)
+        base = result["batchnorm"]
+        line = f"{shape!s:<22}{base * 1e3:>14.3f}"
+        for name in ("bkn-first", "bkn-wired", *(("reference",) if args.reference else ())):
+            line += f"{result[name] * 1e3:>14.3f}{result[name] / base:>6.2f}x"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

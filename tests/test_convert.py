@@ -1,0 +1,303 @@
+"""Specification of BatchNorm → BKN conversion, chain wiring, chain description and checkpoints.
+
+The ResNet-style model is written here (no torchvision): a stem, an identity block, a
+block with a strided projection shortcut, and a BatchNorm after the residual sum.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from bkn_export import (
+    BatchKalmanNorm1d,
+    BatchKalmanNorm2d,
+    KalmanOptions,
+    convert_batchnorm,
+    describe_chain,
+    format_chain,
+    load_batchnorm_state_dict,
+)
+from bkn_export.errors import ChainWiringError, CheckpointError, KalmanOptionsError
+from bkn_export.nn import _BatchKalmanNorm
+
+TOL = {"rtol": 1e-6, "atol": 1e-6}
+
+
+class Block(nn.Module):
+    """conv-bn-relu-conv-bn plus an identity or projection (1x1 conv + bn) shortcut, then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.block1 = Block(8, 8, 1)
+        self.block2 = Block(8, 16, 2)
+        self.post_bn = nn.BatchNorm2d(16)  # after the residual sum: no Conv feeds it
+        self.head = nn.Linear(16, 10)
+        self.head_bn = nn.BatchNorm1d(10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = nn.functional.relu(self.stem_bn(self.stem(x)))
+        out = self.post_bn(self.block2(self.block1(out)))
+        return self.head_bn(self.head(out.mean(dim=(2, 3))))
+
+
+def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                c = module.num_features
+                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(c, generator=generator))
+                module.running_mean.copy_(torch.randn(c, generator=generator))
+                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.num_batches_tracked.fill_(7)
+    return model
+
+
+def _example() -> Tensor:
+    return torch.randn(4, 3, 8, 8, dtype=torch.float64)
+
+
+def _norm_types(model: nn.Module) -> dict[str, type]:
+    return {
+        n: type(m)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.modules.batchnorm._NormBase, _BatchKalmanNorm))
+    }
+
+
+@pytest.mark.parametrize("options", [KalmanOptions(), KalmanOptions.authors()], ids=["default", "authors"])
+def test_conversion_keeps_eval_outputs(options: KalmanOptions) -> None:
+    bn_model = _trained_like(TinyResNet().double()).eval()
+    x = _example()
+    expected = bn_model(x)
+    converted = convert_batchnorm(bn_model, x, options)
+    assert converted is bn_model  # in place
+    types = _norm_types(converted)
+    assert types["head_bn"] is BatchKalmanNorm1d
+    assert all(t is BatchKalmanNorm2d for n, t in types.items() if n != "head_bn")
+    assert not converted.training
+    torch.testing.assert_close(converted(x), expected, **TOL)
+
+
+def test_conversion_carries_state_and_training_mode() -> None:
+    bn_model = _trained_like(TinyResNet()).train()
+    reference = {k: v.clone() for k, v in bn_model.state_dict().items()}
+    converted = convert_batchnorm(bn_model, _example().float())
+    assert converted.training and all(m.training for m in converted.modules())
+    state = converted.state_dict()
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+def test_syncbatchnorm_converts() -> None:
+    bn_model = _trained_like(TinyResNet().double()).eval()
+    x = _example()
+    expected = bn_model(x)
+    sync_model = nn.SyncBatchNorm.convert_sync_batchnorm(bn_model)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync_model.modules())
+    converted = convert_batchnorm(sync_model, x)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
+    assert type(converted.get_submodule("head_bn")) is BatchKalmanNorm1d  # rank from the example input
+    torch.testing.assert_close(converted(x), expected, **TOL)
+
+
+def test_batchnorm_checkpoint_loads_into_converted_model() -> None:
+    """load_batchnorm_state_dict(converted, bn_state): BN keys load, BKN-only keys keep their initial values."""
+    trained = _trained_like(TinyResNet().double(), seed=5).eval()
+    x = _example()
+    expected = trained(x)
+    converted = convert_batchnorm(TinyResNet().double(), x)
+    initial = {k: v.clone() for k, v in converted.state_dict().items() if k.endswith("_raw") or k.endswith("_logit")}
+    left = load_batchnorm_state_dict(converted, trained.state_dict())
+    assert set(initial) <= set(left) and all(k.endswith(("_logit", "_raw", "_matrix", "_extra_state")) for k in left)
+    state = converted.state_dict()
+    for key, value in initial.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    torch.testing.assert_close(converted.eval()(x), expected, **TOL)
+
+
+def test_batchnorm_checkpoint_of_another_architecture_is_refused() -> None:
+    converted = convert_batchnorm(TinyResNet(), _example().float())
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with pytest.raises(CheckpointError, match="unexpected keys"):
+        load_batchnorm_state_dict(converted, other.state_dict())
+
+
+def test_converted_checkpoint_round_trips(tmp_path: object) -> None:
+    """state_dict → torch.save → torch.load → strict load into a fresh conversion: same outputs, train and eval."""
+    x = _example()
+    model = convert_batchnorm(_trained_like(TinyResNet().double()), x)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # move every parameter, BKN ones included, off its initial value
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 8, 8, dtype=torch.float64)).square().mean().backward()
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = convert_batchnorm(TinyResNet().double(), x)
+    fresh.load_state_dict(torch.load(buffer), strict=True)
+    model.train()
+    fresh.train()
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-12, atol=1e-12)
+    for key, value in model.state_dict().items():
+        if isinstance(value, Tensor):
+            torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+    model.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def _plain_chain() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+    )
+
+
+def test_checkpoint_with_other_wiring_raises_chain_wiring_error() -> None:
+    x = torch.randn(2, 3, 6, 6)
+    saved = convert_batchnorm(_plain_chain(), x, transition="propagate").state_dict()
+    other = convert_batchnorm(_plain_chain(), x, transition="identity")
+    assert set(other.state_dict()) == set(saved)  # same keys: only the wiring differs
+    with pytest.raises(
+        ChainWiringError, match=r"BatchKalmanNorm2d '4'.*saved with wiring.*propagate.*identity.*convert_batchnorm"
+    ):
+        other.load_state_dict(saved, strict=True)
+
+
+def test_model_without_batchnorm_converts_to_itself_with_a_warning() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="Sequential has no BatchNorm"):
+        converted = convert_batchnorm(model, torch.randn(1, 3, 5, 5))
+    assert converted is model
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_layer_that_did_not_run_is_converted_unwired_with_a_warning() -> None:
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _plain_chain()
+            self.unused = nn.BatchNorm2d(4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.body(x)
+
+    model = WithSpare()
+    with pytest.warns(UserWarning, match="'unused' did not run"):
+        convert_batchnorm(model, torch.randn(2, 3, 6, 6))
+    assert isinstance(model.unused, BatchKalmanNorm2d) and not model.unused.has_predecessor
+
+
+def test_unknown_option_is_rejected() -> None:
+    with pytest.raises(KalmanOptionsError, match=r"unknown BKN options \['gain'\]"):
+        convert_batchnorm(_plain_chain(), torch.randn(2, 3, 6, 6), gain=0.5)
+
+
+def test_describe_chain_on_residual_model() -> None:
+    """Predecessor, transition, feeding layer and ReLU of each layer in execution order; fallbacks noted."""
+    model = convert_batchnorm(TinyResNet(), _example().float())
+    links = {link.name: link for link in describe_chain(model)}
+    assert list(links) == [
+        "stem_bn",
+        "block1.bn1",
+        "block1.bn2",
+        "block2.bn1",
+        "block2.bn2",
+        "block2.shortcut.1",
+        "post_bn",
+        "head_bn",
+    ]
+    assert links["stem_bn"].predecessor is None and links["stem_bn"].transition is None
+    expected = {  # name: (predecessor, transition, feeding layer, relu before the feeding layer)
+        "block1.bn1": ("stem_bn", "propagate", "block1.conv1", True),
+        "block1.bn2": ("block1.bn1", "propagate", "block1.conv2", True),
+        "block2.bn1": ("block1.bn2", "propagate", "block2.conv1", True),
+        "block2.bn2": ("block2.bn1", "propagate", "block2.conv2", True),
+        # the projection shortcut reads the block input: its predecessor is matched by channels
+        "block2.shortcut.1": ("block1.bn2", "propagate", "block2.shortcut.0", True),
+        # nothing but an Add and a ReLU between them: propagate falls back to identity
+        "post_bn": ("block2.shortcut.1", "identity", None, False),
+        "head_bn": ("post_bn", "propagate", "head", False),
+    }
+    for name, (predecessor, transition, feeding, relu) in expected.items():
+        link = links[name]
+        assert (link.predecessor, link.transition, link.feeding_layer, link.rectify) == (
+            predecessor,
+            transition,
+            feeding,
+            relu,
+        ), name
+    assert "chosen by channel match with feeding layer 'block2.shortcut.0'" in links["block2.shortcut.1"].note
+    assert "propagate unavailable" in links["post_bn"].note and "fell back to identity" in links["post_bn"].note
+
+    table = format_chain(model).splitlines()
+    assert table[0].split() == ["layer", "predecessor", "transition", "feeding", "layer", "relu", "note"]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert "batchnorm (first in chain)" in rows["stem_bn"]
+    assert "channel match" in rows["block2.shortcut.1"]
+    assert "fell back to identity" in rows["post_bn"]
+    assert rows["block1.bn2"].split()[1:5] == ["block1.bn1", "propagate", "block1.conv2", "yes"]
+
+
+def test_learned_fallback_when_channel_counts_differ() -> None:
+    """Without a feeding layer between layers of different widths, propagate falls back to learned."""
+
+    class Widen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.bn2 = nn.BatchNorm2d(8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.bn1(self.conv(x))
+            return self.bn2(torch.cat([out, out], dim=1))
+
+    model = convert_batchnorm(Widen(), torch.randn(2, 3, 4, 4))
+    link = describe_chain(model)[1]
+    assert (link.predecessor, link.transition) == ("bn1", "learned")
+    assert "fell back to learned" in link.note
+    assert model.bn2.transition_matrix.shape == (8, 4)
+
+
+def test_conversion_under_warnings_as_errors_for_a_clean_model() -> None:
+    """A model whose BatchNorms all run converts without any warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_batchnorm(TinyResNet(), _example().float())

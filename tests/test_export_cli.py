@@ -1,0 +1,148 @@
+"""``bkn export`` and :func:`bkn_export.factory.load_model` (the spec + checkpoint form ``bkn parity`` shares).
+
+Specification: a factory spec and a checkpoint give the same model every time; the
+exported file computes that model's eval output; bad specs, checkpoints and shapes
+exit with status 2 and a message that names them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from test_export_inference import randomize_statistics
+
+from bkn_export.cli import main
+from bkn_export.errors import CheckpointError, FactoryError
+from bkn_export.export.metadata import read_metadata
+from bkn_export.factory import load_model
+
+SPEC = "bkn_export.models:digits_resnet"
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A digits_resnet(width=8) state dict with non-trivial statistics."""
+    model = randomize_statistics(load_model(SPEC, width=8))
+    path = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_export_with_checkpoint_matches_the_loaded_model(tmp_path: Path, checkpoint: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "model.onnx"
+    argv = ["export", SPEC, "--checkpoint", str(checkpoint), "--input-shape", "1,1,8,8", "-o", str(out)]
+    assert main([*argv, "--factory-arg", "width=8"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "stem_norm" in printed and "conv" in printed
+    model = load_model(SPEC, str(checkpoint), width=8).eval()
+    proto = onnx.load(out)
+    assert read_metadata(proto)["mode"] == "inference"
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, 8, 8)  # batch 3 although exported from --input-shape 1,...: the batch is dynamic
+    (actual,) = session.run(None, {proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.abs(actual - model(x).numpy()).max() <= 1e-5
+
+
+def test_cli_options_reach_the_exporter(tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    argv = ["export", SPEC, "--input-shape", "2,1,8,8", "-o", str(out), "--opset", "18", "--fp16", "--dynamic-spatial"]
+    assert main(argv) == 0
+    proto = onnx.load(out)
+    metadata = read_metadata(proto)
+    assert (metadata["opset"], metadata["fp16"], metadata["dynamic_spatial"]) == ("18", "true", "true")
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "message"),
+    [
+        (["no_such_package.models:factory"], "cannot import module 'no_such_package.models'"),
+        (["bkn_export.models:no_such_factory"], "has no attribute 'no_such_factory'"),
+        (["bkn_export.models"], "not of the form 'pkg.module:factory'"),
+        (["bkn_export.models:NORMALIZERS"], "not a callable"),
+        ([SPEC, "--checkpoint", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_a_named_cause(tmp_path: Path, capsys, argv_tail: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    spec, *rest = argv_tail
+    argv = ["export", spec, *rest, "--input-shape", "1,1,8,8", "-o", str(tmp_path / "m.onnx")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path, checkpoint: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["export", SPEC, "--checkpoint", str(checkpoint), "--input-shape", "1,1,8,8", "-o", str(tmp_path / "m.onnx")]
+    assert main(argv) == 2  # saved with width=8, built with the default width
+    assert "does not fit the model" in capsys.readouterr().err
+
+
+def test_malformed_input_shape_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", SPEC, "--input-shape", "1,one,8", "-o", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 2
+
+
+def test_load_model_from_a_python_file_with_kwargs(tmp_path: Path) -> None:
+    source = tmp_path / "my_models.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+            def build(width=4):
+                return nn.Sequential(nn.Linear(3, width))
+            def not_a_model():
+                return 42
+            def broken():
+                raise RuntimeError("factory exploded")
+            """
+        )
+    )
+    model = load_model(f"{source}:build", width=7)
+    assert model.get_submodule("0").out_features == 7
+    with pytest.raises(FactoryError, match=r"returned a int, not a torch\.nn\.Module"):
+        load_model(f"{source}:not_a_model")
+    with pytest.raises(FactoryError, match="raised RuntimeError: factory exploded"):
+        load_model(f"{source}:broken")
+
+
+def test_load_model_accepts_wrapped_state_dicts(tmp_path: Path) -> None:
+    reference = randomize_statistics(load_model(SPEC, width=8))
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": reference.state_dict(), "epoch": 3}, path)
+    loaded = load_model(SPEC, str(path), width=8)
+    for key, value in reference.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(loaded.state_dict()[key], value), key
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_model(SPEC, str(tmp_path / "garbage.pt"))
+
+
+def test_training_mode_routes_to_the_training_exporter(tmp_path: Path) -> None:
+    out = tmp_path / "train.onnx"
+    assert main(["export", SPEC, "--input-shape", "2,1,8,8", "-o", str(out), "--mode", "training"]) == 0
+    assert out.exists()
+    assert any(node.op_type == "BatchKalmanNorm" for node in onnx.load(out).graph.node)
+
+
+def test_console_entry_point_runs(tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bkn_export.cli", "export", SPEC, "--input-shape", "1,1,8,8", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert out.exists()

@@ -1,0 +1,455 @@
+"""Training-mode export: ``ai.bkn::BatchKalmanNorm`` nodes with a function body, run in ORT and onnx.reference.
+
+Every parity test compares an ONNX runtime with the PyTorch train-mode forward of the
+same model: the output, each layer's posterior (μ_{k|k}, Σ_{k|k}) and the running
+statistics after one step (BatchNorm's rule applied to the posterior).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+from torch import nn
+
+from bkn_export import BatchKalmanNorm1d, KalmanOptions, convert_batchnorm, wire_chain
+from bkn_export.errors import BKNInputError, ExportError, ModelFileError
+from bkn_export.export import export_onnx, op_spec
+from bkn_export.export.training import (
+    POSTERIOR_MEAN_SUFFIX,
+    POSTERIOR_VARIANCE_SUFFIX,
+    attach_function,
+    check_feeds,
+    check_training_model,
+    export_training,
+    running_stat_names,
+)
+from bkn_export.models import digits_resnet
+from bkn_export.nn import _BatchKalmanNorm
+
+ORT_LEVELS = [
+    ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+]
+BATCH_SIZES = [1, 2, 4, 8]
+ATOL = 1e-5
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _perturb(model: nn.Module, seed: int) -> nn.Module:
+    """Move every parameter and running statistic off its initial value (a non-trivial chain)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+        for module in model.modules():
+            if isinstance(module, _BatchKalmanNorm) and module.running_mean is not None:
+                assert module.running_var is not None
+                module.running_mean.copy_(0.3 * torch.randn(module.num_features, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=generator))
+    return model
+
+
+def resnet_model() -> tuple[nn.Module, tuple[int, ...]]:
+    """Digits ResNet: residual blocks, a projection shortcut, transition 'propagate'."""
+    return _perturb(digits_resnet(width=8), 1), (1, 8, 8)
+
+
+def mlp_model() -> tuple[nn.Module, tuple[int, ...]]:
+    """MLP with BatchKalmanNorm1d, transition 'learned' (channel counts change)."""
+    model = nn.Sequential(
+        nn.Linear(6, 12),
+        BatchKalmanNorm1d(12),
+        nn.ReLU(),
+        nn.Linear(12, 8),
+        BatchKalmanNorm1d(8, momentum=0.3),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+    wire_chain(model, torch.zeros(2, 6), KalmanOptions(transition="learned"))
+    return _perturb(model, 2), (6,)
+
+
+def converted_cnn_model() -> tuple[nn.Module, tuple[int, ...]]:
+    """A BatchNorm CNN converted to BKN: affine=False layers, transition 'identity', authors' fallback."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6, affine=False),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.BatchNorm2d(6, affine=False),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 4),
+    )
+    model = convert_batchnorm(
+        model, torch.zeros(2, 3, 6, 6), transition="identity", prior_weight=0.6, process_noise=False, fallback_ratio=100.0
+    )
+    return _perturb(model, 3), (3, 6, 6)
+
+
+MODELS = {"resnet": resnet_model, "mlp": mlp_model, "converted_cnn": converted_cnn_model}
+
+
+def bkn_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)}
+
+
+def torch_train_step(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """PyTorch train-mode forward on a copy: output, posteriors and updated running statistics by graph name."""
+    work = copy.deepcopy(model).train()
+    names = bkn_names(work)
+    result: dict[str, np.ndarray] = {}
+    original = _BatchKalmanNorm._kalman_step
+
+    def recording_step(self: _BatchKalmanNorm, *args: Any) -> Any:
+        y, mean, variance, count = original(self, *args)
+        result[names[id(self)] + POSTERIOR_MEAN_SUFFIX] = mean.detach().numpy().copy()
+        result[names[id(self)] + POSTERIOR_VARIANCE_SUFFIX] = variance.detach().numpy().copy()
+        return y, mean, variance, count
+
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(_BatchKalmanNorm, "_kalman_step", recording_step)
+        result["output"] = work(x).numpy()
+    for name, module in work.named_modules():
+        if isinstance(module, _BatchKalmanNorm) and module.running_mean is not None:
+            assert module.running_var is not None
+            _, _, mean_out, var_out = running_stat_names(name)
+            result[mean_out] = module.running_mean.numpy()
+            result[var_out] = module.running_var.numpy()
+    return result
+
+
+def feeds_for(model: nn.Module, onnx_model: onnx.ModelProto, x: torch.Tensor) -> dict[str, np.ndarray]:
+    feeds = {"input": x.numpy()}
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchKalmanNorm) and module.running_mean is not None:
+            assert module.running_var is not None
+            mean_in, var_in, _, _ = running_stat_names(name)
+            feeds[mean_in] = module.running_mean.numpy()
+            feeds[var_in] = module.running_var.numpy()
+    graph_inputs = {i.name for i in onnx_model.graph.input}
+    return {k: v for k, v in feeds.items() if k in graph_inputs}
+
+
+def ort_session(path: Path | str, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Each model exported once with running-statistics IO and exposed posteriors."""
+    torch.manual_seed(0)
+    model, sample_shape = MODELS[request.param]()
+    model.train()
+    modes = {name: m.training for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    path = tmp_path_factory.mktemp("training") / f"{request.param}.onnx"
+    result = export_training(model, torch.randn(4, *sample_shape), path, running_stats_io=True, expose_posteriors=True)
+    return {
+        "name": request.param,
+        "model": model,
+        "shape": sample_shape,
+        "path": path,
+        "result": result,
+        "before": (modes, state),
+    }
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+def test_parity_with_pytorch_train_forward(exported: dict[str, Any], batch: int) -> None:
+    """Outputs, posteriors and running-statistic updates within 1e-5 on ORT (every level) and onnx.reference."""
+    model, path = exported["model"], exported["path"]
+    onnx_model = onnx.load(str(path))
+    x = torch.randn(batch, *exported["shape"], generator=torch.Generator().manual_seed(batch))
+    expected = torch_train_step(model, x)
+    feeds = feeds_for(model, onnx_model, x)
+    output_names = [o.name for o in onnx_model.graph.output]
+    assert set(output_names) == set(expected), "every compared quantity is a graph output"
+    runs = {f"ORT {level.name}": ort_session(path, level).run(None, feeds) for level in ORT_LEVELS}
+    runs["onnx.reference"] = ReferenceEvaluator(onnx_model).run(None, feeds)
+    for runtime, values in runs.items():
+        for name, value in zip(output_names, values):
+            np.testing.assert_allclose(
+                value, expected[name], rtol=0, atol=ATOL, err_msg=f"{exported['name']} batch {batch}: {runtime} '{name}'"
+            )
+
+
+# --------------------------------------------------------------------------- graph structure
+
+
+def test_one_node_per_layer_named_after_its_module(exported: dict[str, Any]) -> None:
+    onnx_model = onnx.load(str(exported["path"]))
+    nodes = [n for n in onnx_model.graph.node if n.domain == op_spec.DOMAIN]
+    layers = {name for name, m in exported["model"].named_modules() if isinstance(m, _BatchKalmanNorm)}
+    assert {n.name for n in nodes} == layers
+    for node in nodes:
+        assert node.op_type == op_spec.OP_TYPE
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["plugin_version"] == op_spec.PLUGIN_VERSION.encode()
+        assert attributes["plugin_namespace"] == op_spec.PLUGIN_NAMESPACE.encode()
+        assert set(attributes) == {a.name for a in op_spec.ATTRIBUTES}
+
+
+def _ancestors(graph: onnx.GraphProto, value: str) -> set[str]:
+    producer = {out: node for node in graph.node for out in node.output}
+    seen: set[str] = set()
+    stack = [value]
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is None:
+            continue
+        for upstream in node.input:
+            if upstream and upstream not in seen:
+                seen.add(upstream)
+                stack.append(upstream)
+    return seen
+
+
+def test_chain_is_explicit_in_the_graph(exported: dict[str, Any]) -> None:
+    """A wired layer's prior inputs are computed from its predecessor's posterior outputs."""
+    model = exported["model"]
+    graph = onnx.load(str(exported["path"])).graph
+    nodes = {n.name: n for n in graph.node if n.domain == op_spec.DOMAIN}
+    checked = 0
+    for name, layer in model.named_modules():
+        if isinstance(layer, _BatchKalmanNorm) and layer.has_predecessor:
+            predecessor = nodes[layer.link.predecessor]
+            prior_mean, prior_variance = nodes[name].input[1], nodes[name].input[2]
+            assert predecessor.output[1] in _ancestors(graph, prior_mean) | {prior_mean}
+            assert predecessor.output[2] in _ancestors(graph, prior_variance) | {prior_variance}
+            checked += 1
+    assert checked > 0
+
+
+def test_checker_and_function_opset(exported: dict[str, Any]) -> None:
+    onnx_model = onnx.load(str(exported["path"]))
+    onnx.checker.check_model(onnx_model, full_check=True)
+    (function,) = [f for f in onnx_model.functions if f.domain == op_spec.DOMAIN]
+    model_opset = {e.domain: e.version for e in onnx_model.opset_import}
+    assert {e.domain: e.version for e in function.opset_import}[""] == model_opset[""] == exported["result"].opset
+    assert model_opset[op_spec.DOMAIN] == op_spec.DOMAIN_VERSION
+    check_training_model(exported["path"])
+
+
+def test_shape_inference_on_the_custom_nodes(exported: dict[str, Any]) -> None:
+    onnx_model = onnx.load(str(exported["path"]))
+    del onnx_model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(onnx_model, check_type=True, strict_mode=True)
+    known = {v.name: v.type.tensor_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    for node in (n for n in inferred.graph.node if n.domain == op_spec.DOMAIN):
+        for output in node.output[1:]:
+            assert len(known[output].shape.dim) == 1 and known[output].elem_type == onnx.TensorProto.FLOAT
+        assert known[node.output[0]].elem_type == onnx.TensorProto.FLOAT
+
+
+def test_shape_inference_without_our_schema_uses_the_function_body(tmp_path: Path) -> None:
+    """A fresh process that never registered the schema infers the node through its local function."""
+    model, shape = mlp_model()
+    path = tmp_path / "mlp.onnx"
+    export_training(model, torch.randn(4, *shape), path)
+    script = (
+        "import onnx, sys\n"
+        "m = onnx.load(sys.argv[1]); del m.graph.value_info[:]\n"
+        "m = onnx.shape_inference.infer_shapes(m, strict_mode=True)\n"
+        "node = [n for n in m.graph.node if n.domain == 'ai.bkn'][0]\n"
+        "vi = {v.name: v for v in m.graph.value_info}\n"
+        "print([d.dim_value for d in vi[node.output[1]].type.tensor_type.shape.dim])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[12]"
+
+
+# --------------------------------------------------------------------------- options and API
+
+
+def test_default_export_has_only_model_inputs_and_outputs(tmp_path: Path) -> None:
+    model, shape = mlp_model()
+    path = tmp_path / "plain.onnx"
+    result = export_onnx(model, torch.randn(4, *shape), path, mode="training", opset=op_spec.MAX_OPSET)
+    onnx_model = onnx.load(str(path))
+    assert [i.name for i in onnx_model.graph.input] == ["input"]
+    assert [o.name for o in onnx_model.graph.output] == ["output"]
+    assert result.mode == "training" and result.opset == op_spec.MAX_OPSET
+    assert result.metadata["bkn.mode"] == "training"
+    onnx.checker.check_model(onnx_model, full_check=True)
+    x = torch.randn(5, *shape)
+    got = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, torch_train_step(model, x)["output"], rtol=0, atol=ATOL)
+
+
+def test_dynamic_spatial_dims(tmp_path: Path) -> None:
+    model, _ = converted_cnn_model()
+    path = tmp_path / "spatial.onnx"
+    export_training(model, torch.randn(2, 3, 6, 6), path, dynamic_spatial=True)
+    x = torch.randn(3, 3, 9, 5)
+    got = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, torch_train_step(model, x)["output"], rtol=0, atol=ATOL)
+
+
+def test_fp16_export_keeps_float32_statistics(tmp_path: Path) -> None:
+    model, shape = converted_cnn_model()
+    path = tmp_path / "half.onnx"
+    export_training(model, torch.randn(4, *shape), path, fp16=True, expose_posteriors=True)
+    onnx_model = onnx.load(str(path))
+    onnx.checker.check_model(onnx_model, full_check=True)
+    assert onnx_model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    outputs = {o.name: o.type.tensor_type.elem_type for o in onnx_model.graph.output}
+    assert outputs.pop("output") == onnx.TensorProto.FLOAT16
+    assert set(outputs.values()) == {onnx.TensorProto.FLOAT}
+    x = torch.randn(4, *shape)
+    expected = torch_train_step(copy.deepcopy(model).half(), x.half())
+    got = ReferenceEvaluator(onnx_model).run(None, {"input": x.half().numpy()})
+    for name, value in zip(outputs_order(onnx_model), got):
+        # float16 activations between layers: compare at half precision.
+        np.testing.assert_allclose(value.astype(np.float32), expected[name].astype(np.float32), rtol=0, atol=2e-2)
+
+
+def outputs_order(onnx_model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in onnx_model.graph.output]
+
+
+def test_external_data_is_written_beside_the_model(tmp_path: Path) -> None:
+    model, shape = converted_cnn_model()
+    path = tmp_path / "external.onnx"
+    export_training(model, torch.randn(4, *shape), path, external_data_threshold=4096)
+    assert (tmp_path / "external.onnx.data").is_file()
+    x = torch.randn(3, *shape)
+    got = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, torch_train_step(model, x)["output"], rtol=0, atol=ATOL)
+
+
+def _assert_unchanged(model: nn.Module, modes: dict[str, bool], state: dict[str, torch.Tensor]) -> None:
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[key]), key
+
+
+def test_export_leaves_a_train_mode_model_as_it_was(exported: dict[str, Any]) -> None:
+    """Mode, parameters, running statistics and num_batches_tracked are untouched by exporting."""
+    _assert_unchanged(exported["model"], *exported["before"])
+
+
+def test_export_leaves_an_eval_mode_model_as_it_was(tmp_path: Path) -> None:
+    model, shape = mlp_model()
+    model.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    export_training(model, torch.randn(4, *shape), tmp_path / "m.onnx", running_stats_io=True)
+    _assert_unchanged(model, modes, state)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_sampled_transition_is_refused_with_the_alternative() -> None:
+    model = digits_resnet(width=8)
+    wire_chain(model, torch.zeros(2, 1, 8, 8), KalmanOptions(transition="sampled"))
+    with pytest.raises(ExportError, match=r"transition='sampled'.*transition='propagate'"):
+        export_training(model, torch.randn(2, 1, 8, 8), "unused.onnx")
+
+
+def test_cumulative_momentum_is_refused_for_running_stats_io() -> None:
+    model, shape = mlp_model()
+    model[1].momentum = None
+    with pytest.raises(ExportError, match=r"'1' has momentum=None"):
+        export_training(model, torch.randn(2, *shape), "unused.onnx", running_stats_io=True)
+
+
+def test_empty_example_batch_is_refused() -> None:
+    model, shape = mlp_model()
+    with pytest.raises(ExportError, match=r"shape \(0, 6\).*N >= 1"):
+        export_training(model, torch.randn(0, *shape), "unused.onnx")
+
+
+def test_model_without_bkn_layers_is_refused() -> None:
+    with pytest.raises(ExportError, match="convert_batchnorm"):
+        export_training(nn.Sequential(nn.Linear(3, 2)), torch.randn(2, 3), "unused.onnx")
+
+
+def test_mismatched_chain_shapes_are_reported(tmp_path: Path) -> None:
+    model, shape = mlp_model()
+    layer = model[4]
+    assert isinstance(layer, _BatchKalmanNorm)
+    layer.transition_matrix = nn.Parameter(torch.randn(8, 13))  # predecessor has 12 channels
+    with pytest.raises(ExportError, match=r"Kalman chain's shapes do not fit.*wire_chain"):
+        export_training(model, torch.randn(2, *shape), tmp_path / "bad.onnx")
+
+
+def test_mismatched_chain_in_a_graph_is_caught_by_the_check(exported: dict[str, Any], tmp_path: Path) -> None:
+    onnx_model = onnx.load(str(exported["path"]))
+    node = next(n for n in onnx_model.graph.node if n.domain == op_spec.DOMAIN)
+    wrong = onnx.helper.make_tensor("wrong_prior", onnx.TensorProto.FLOAT, [99], [0.0] * 99)
+    onnx_model.graph.initializer.append(wrong)
+    node.input[1] = "wrong_prior"
+    with pytest.raises(ModelFileError, match=rf"BatchKalmanNorm.*\({node.name}\).*'prior_mean' has shape \[99\]"):
+        check_training_model(onnx_model)
+
+
+def test_stripped_function_is_explained_and_restorable(exported: dict[str, Any], tmp_path: Path) -> None:
+    onnx_model = onnx.load(str(exported["path"]))
+    del onnx_model.functions[:]
+    stripped = tmp_path / "stripped.onnx"
+    onnx.save(onnx_model, str(stripped))
+    with pytest.raises(Exception, match="BatchKalmanNorm"):  # ORT alone: no implementation for the op
+        ort_session(stripped, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    with pytest.raises(ModelFileError, match=r"no function body.*attach_function\(model\).*mode='training'"):
+        check_training_model(stripped)
+    attach_function(onnx_model)
+    check_training_model(onnx_model)
+    x = torch.randn(2, *exported["shape"])
+    feeds = feeds_for(exported["model"], onnx_model, x)
+    restored = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        restored.run(["output"], feeds)[0], torch_train_step(exported["model"], x)["output"], rtol=0, atol=ATOL
+    )
+
+
+def test_unknown_domain_is_explained(exported: dict[str, Any]) -> None:
+    onnx_model = onnx.load(str(exported["path"]))
+    kept = [e for e in onnx_model.opset_import if e.domain != op_spec.DOMAIN]
+    del onnx_model.opset_import[:]
+    onnx_model.opset_import.extend(kept)
+    with pytest.raises(ModelFileError, match=r"does not import domain 'ai.bkn'.*attach_function"):
+        check_training_model(onnx_model)
+
+
+def test_missing_file_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="no such ONNX file"):
+        check_training_model(tmp_path / "absent.onnx")
+
+
+def test_runtime_feeds_are_checked(exported: dict[str, Any]) -> None:
+    onnx_model = onnx.load(str(exported["path"]))
+    good = feeds_for(exported["model"], onnx_model, torch.randn(2, *exported["shape"]))
+    check_feeds(onnx_model, good)
+    empty = dict(good, input=np.zeros((0, *exported["shape"]), np.float32))
+    with pytest.raises(BKNInputError, match=r"input 'input' is empty"):
+        check_feeds(onnx_model, empty)
+    wrong_channels = dict(good, input=np.zeros((2, 7, *exported["shape"][1:]), np.float32))
+    with pytest.raises(BKNInputError, match=r"input 'input': dim 1 must be"):
+        check_feeds(onnx_model, wrong_channels)

@@ -1,0 +1,107 @@
+"""Runtime discovery, the backends against independent computations, and Polygraphy as a peer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from bkn_export.errors import RuntimeLoadError, UnknownRuntimeError
+from runtime.backends.ort import OPTIMIZATION_LEVELS, OnnxRuntimeBackend
+from runtime.backends.reference import ReferenceEvaluatorBackend
+from runtime.registry import discover, select
+from test_runtime_support import digits_inputs, exported_digits
+
+
+def _gemm_relu_model(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """y = relu(x @ W^T + b) with x: (N, 3); returns (W, b)."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 3)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])],
+        "gemm_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(weight, "W"), onnx.numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return weight, bias
+
+
+def test_cpu_provider_runs_at_every_optimisation_level() -> None:
+    names = {e.name for e in discover() if e.availability.ok}
+    assert {f"ort:cpu:{level}" for level in OPTIMIZATION_LEVELS} <= names
+    assert "reference" in names
+
+
+def test_non_compute_and_missing_providers_are_reported_with_a_reason() -> None:
+    entries = {e.name: e for e in discover()}
+    azure = entries.get("ort:azure")
+    if azure is not None:  # listed by the CPU wheel of onnxruntime
+        assert not azure.availability.ok and not azure.availability.applicable
+    cuda = entries["ort:cuda"]
+    if not cuda.availability.ok:
+        assert cuda.availability.reason  # says why (not built / falls back / ORT's error)
+    trt = entries["tensorrt"]
+    if not trt.availability.ok:
+        assert trt.availability.reason
+
+
+@pytest.mark.parametrize("make", [lambda: OnnxRuntimeBackend("CPUExecutionProvider", "all"), ReferenceEvaluatorBackend])
+def test_onnx_backends_compute_gemm_relu(tmp_path: Path, make) -> None:  # type: ignore[no-untyped-def]
+    weight, bias = _gemm_relu_model(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)
+    backend = make()
+    backend.load(str(tmp_path / "m.onnx"))
+    y = backend.run({"x": x})["y"]
+    np.testing.assert_allclose(y, np.maximum(x @ weight.T + bias, 0), rtol=1e-6, atol=1e-6)
+
+
+def test_selection_by_prefix_and_unknown_name_lists_available_runtimes() -> None:
+    entries = discover()
+    assert [e.name for e in select(entries, "ort:cpu")] == [f"ort:cpu:{level}" for level in OPTIMIZATION_LEVELS]
+    assert [e.name for e in select(entries, "reference,ort:cpu:all")] == ["ort:cpu:all", "reference"]
+    with pytest.raises(UnknownRuntimeError, match=r"unknown runtime 'onnxruntime-gpu'.*Available here: .*ort:cpu:all"):
+        select(entries, "onnxruntime-gpu")
+
+
+def test_missing_custom_op_library_is_named(tmp_path: Path) -> None:
+    _gemm_relu_model(tmp_path / "m.onnx")
+    backend = OnnxRuntimeBackend("CPUExecutionProvider", "all", custom_op_libraries=[tmp_path / "libbkn_ops.so"])
+    with pytest.raises(RuntimeLoadError, match=r"custom-op library .*libbkn_ops\.so does not exist"):
+        backend.load(str(tmp_path / "m.onnx"))
+
+
+def test_unloadable_custom_op_library_reports_the_loader_error(tmp_path: Path) -> None:
+    _gemm_relu_model(tmp_path / "m.onnx")
+    fake = tmp_path / "libnot_a_library.so"
+    fake.write_bytes(b"not an ELF file")
+    backend = OnnxRuntimeBackend("CPUExecutionProvider", "all", custom_op_libraries=[fake])
+    with pytest.raises(RuntimeLoadError, match=r"cannot load custom-op library .*libnot_a_library\.so"):
+        backend.load(str(tmp_path / "m.onnx"))
+
+
+def test_polygraphy_onnxrt_gives_the_same_outputs_as_our_backend() -> None:
+    """Peer check: Polygraphy's ONNX Runtime runner, same model, inputs, provider and level."""
+    polygraphy_onnxrt = pytest.importorskip("polygraphy.backend.onnxrt")
+    import onnxruntime as ort
+
+    path = exported_digits("inference")
+    feed = {"x": digits_inputs(batch=3)[0]}
+    session_loader = polygraphy_onnxrt.SessionFromOnnx(
+        str(path), providers=["cpu"], graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    with polygraphy_onnxrt.OnnxrtRunner(session_loader) as runner:
+        theirs = runner.infer(feed)
+    ours_backend = OnnxRuntimeBackend("CPUExecutionProvider", "all")
+    ours_backend.load(str(path))
+    ours = ours_backend.run(feed)
+    assert set(theirs) == set(ours)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name])  # same ORT build and settings: bit-identical

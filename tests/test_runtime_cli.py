@@ -1,0 +1,111 @@
+"""``bkn parity`` exit status 0 / 1 / 2 and its reports; ``bkn demo`` end to end (few steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from bkn_export.cli import main
+from test_runtime_support import exported_digits, trained_digits
+
+SPEC = "bkn_export.models:digits_resnet"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "digits.pt"
+    torch.save(trained_digits().state_dict(), path)
+    return path
+
+
+def test_parity_exit_0_and_reports_written(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("inference")),
+        "--runtimes", "ort:cpu:all,reference", "--input-shape", "3,1,8,8",
+        "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["passed"] and data["model"]["inputs"][0]["shape"] == [3, 1, 8, 8]
+    assert [r["runtime"] for r in data["runtimes"]] == ["ort:cpu:all", "reference"]
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+    assert "agree with PyTorch" in capsys.readouterr().out
+
+
+def test_parity_training_mode_is_detected(checkpoint: Path) -> None:
+    argv = ["parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("training")), "--runtimes", "ort:cpu:all"]
+    assert main(argv) == 0
+
+
+def test_parity_exit_1_on_mismatch_names_the_module(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = onnx.load(exported_digits("inference"))
+    head = next(t for t in model.graph.initializer if t.name == "head.weight")
+    array = numpy_helper.to_array(head).copy()
+    array[0, 0] += 1.0
+    head.CopyFrom(numpy_helper.from_array(array, head.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad)
+    assert main(["parity", SPEC, "--checkpoint", str(checkpoint), str(bad), "--runtimes", "ort:cpu:basic"]) == 1
+    out = capsys.readouterr().out
+    assert "parity FAILED" in out and "first diverging module: head" in out
+
+
+def test_without_the_checkpoint_the_weights_differ_and_parity_fails() -> None:
+    # a fresh factory model is not the trained one: a genuine mismatch, not bad input
+    assert main(["parity", SPEC, str(exported_digits("inference")), "--runtimes", "reference", "--no-localise"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--runtimes", "nope"], "unknown runtime 'nope'"),
+        (["--input-shape", "2,3,8,8"], "input 'x' has shape (2, 3, 8, 8); expected"),
+        (["--custom-op-library", "/nonexistent/libops.so"], "custom-op library /nonexistent/libops.so does not exist"),
+    ],
+)
+def test_parity_exit_2_on_bad_input(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    argv = ["parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("inference")), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parity_exit_2_on_missing_file_and_bad_checkpoint(tmp_path: Path, checkpoint: Path) -> None:
+    assert main(["parity", SPEC, "--checkpoint", str(checkpoint), str(tmp_path / "none.onnx")]) == 2
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    assert main(["parity", SPEC, "--checkpoint", str(broken), str(exported_digits("inference"))]) == 2
+
+
+def test_parity_exit_2_when_no_chosen_runtime_is_available(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("inference")), "--runtimes", "ort:cuda"]
+    from runtime.registry import discover
+
+    if any(e.name.startswith("ort:cuda") and e.availability.ok for e in discover()):
+        pytest.skip("the CUDA provider works here")
+    assert main(argv) == 2
+    assert "none of the chosen runtimes" in capsys.readouterr().err
+
+
+def test_list_runtimes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["parity", SPEC, "unused.onnx", "--list-runtimes"]) == 0
+    assert "ort:cpu:all" in capsys.readouterr().out
+
+
+def test_demo_trains_exports_both_modes_and_reports_parity(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "4", "--runtimes", "ort:cpu:all,reference"]) == 0
+    for name in ("digits_bkn.pt", "digits_bkn_inference.onnx", "digits_bkn_training.onnx"):
+        assert (out / name).is_file()
+    for mode in ("inference", "training"):
+        data = json.loads((out / f"parity_{mode}.json").read_text())
+        assert data["passed"] and data["model"]["mode"] == mode
+        assert (out / f"parity_{mode}.html").is_file()

@@ -1,0 +1,99 @@
+"""Specification of the per-output verdict (runtime.compare)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.compare import HISTOGRAM_EDGES, Tolerance, compare_output, default_tolerance, resolve_tolerance
+
+
+def test_identical_outputs_pass_with_zero_error() -> None:
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    result = compare_output("y", x, x.copy(), Tolerance(0.0, 0.0))
+    assert result.passed
+    assert result.max_abs_error == 0.0
+    assert result.mismatch_fraction == 0.0
+    assert result.cosine_similarity == pytest.approx(1.0)
+    assert result.histogram[0] == x.size  # zero errors land in the first bin
+
+
+def test_errors_follow_numpy_allclose_rule() -> None:
+    reference = np.array([1.0, 10.0, 100.0, 0.0], dtype=np.float32)
+    actual = reference + np.array([1e-5, 5e-4, 2e-2, 2e-5], dtype=np.float32)
+    tolerance = Tolerance(1e-5, 1e-4)
+    result = compare_output("y", reference, actual, tolerance)
+    expected_outside = ~np.isclose(actual, reference, rtol=1e-4, atol=1e-5)
+    assert result.mismatch_fraction == pytest.approx(expected_outside.mean())
+    assert result.max_abs_error == pytest.approx(float(np.abs(actual.astype(np.float64) - reference).max()))
+    assert not result.passed and "outside atol=1e-05 rtol=0.0001" in result.message
+
+
+def test_cosine_and_relative_error_match_an_independent_computation() -> None:
+    rng = np.random.default_rng(1)
+    reference = rng.standard_normal(100)
+    actual = reference + 1e-3 * rng.standard_normal(100)
+    result = compare_output("y", reference, actual, Tolerance(1.0, 0.0))
+    cosine = reference @ actual / (np.linalg.norm(reference) * np.linalg.norm(actual))
+    assert result.cosine_similarity == pytest.approx(cosine, rel=1e-12)
+    assert result.max_rel_error == pytest.approx(np.max(np.abs(actual - reference) / np.abs(reference)))
+
+
+def test_histogram_counts_every_element_by_decade() -> None:
+    reference = np.zeros(4)
+    actual = np.array([0.0, 3e-7, 3e-3, 1e6])
+    result = compare_output("y", reference, actual, Tolerance(1e-5, 0.0))
+    assert sum(result.histogram) == 4
+    edges = np.asarray(HISTOGRAM_EDGES)
+    assert result.histogram[int(np.searchsorted(edges, 3e-7, "right")) - 1] == 1
+    assert result.histogram[int(np.searchsorted(edges, 3e-3, "right")) - 1] == 1
+    assert result.histogram[-1] == 1  # above the last edge
+
+
+@pytest.mark.parametrize("side", ["reference", "actual"])
+def test_nan_or_inf_fails_loudly_on_either_side(side: str) -> None:
+    good = np.ones(5, dtype=np.float32)
+    bad = good.copy()
+    bad[2] = np.nan
+    bad[3] = np.inf
+    reference, actual = (bad, good) if side == "reference" else (good, bad)
+    # even a tolerance that accepts anything finite cannot accept NaN/Inf
+    result = compare_output("logits", reference, actual, Tolerance(1e30, 1e30), runtime="ort:cpu:all")
+    assert not result.passed
+    assert "NaN/Inf" in result.message and "'logits'" in result.message
+    if side == "reference":
+        assert result.nonfinite_reference == 2 and "PyTorch reference" in result.message
+    else:
+        assert result.nonfinite_actual == 2 and "ort:cpu:all" in result.message
+
+
+def test_shape_mismatch_fails_with_both_shapes() -> None:
+    result = compare_output("y", np.zeros((2, 3)), np.zeros((3, 2)), Tolerance(1.0, 1.0))
+    assert not result.passed
+    assert "(3, 2)" in result.message and "(2, 3)" in result.message
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol", "rtol"), [("float32", 1e-5, 1e-4), ("float16", 1e-3, 1e-3), ("bfloat16", 1e-2, 1e-2)]
+)
+def test_default_tolerances_are_dtype_aware(dtype: str, atol: float, rtol: float) -> None:
+    assert default_tolerance(dtype) == Tolerance(atol, rtol)
+
+
+def test_float16_output_within_its_tolerance_passes_where_float32_would_fail() -> None:
+    reference = np.linspace(-2, 2, 50).astype(np.float16)
+    actual = (reference.astype(np.float32) + 5e-4).astype(np.float16)
+    assert compare_output("y", reference, actual, default_tolerance("float16")).passed
+    assert not compare_output("y", reference, actual, default_tolerance("float32")).passed
+
+
+def test_integer_outputs_must_be_exact() -> None:
+    assert default_tolerance("int64") == Tolerance(0.0, 0.0)
+    assert not compare_output("idx", np.array([1, 2]), np.array([1, 3]), default_tolerance("int64")).passed
+
+
+def test_per_output_override_beats_global_and_dtype_default() -> None:
+    per_output = {"logits": Tolerance(0.5, 0.0)}
+    assert resolve_tolerance("logits", "float32", atol=1e-3, per_output=per_output) == Tolerance(0.5, 0.0)
+    assert resolve_tolerance("other", "float32", atol=1e-3, per_output=per_output) == Tolerance(1e-3, 1e-4)
+    assert resolve_tolerance("other", "float16") == Tolerance(1e-3, 1e-3)

@@ -1,0 +1,163 @@
+"""End to end: export_onnx in both modes, every available runtime vs PyTorch, localisation, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from bkn_export.errors import BKNInputError, ModelFileError, RuntimeLoadError, UnknownRuntimeError
+from runtime.model_io import detect_mode
+from runtime.parity import run_parity
+from test_runtime_support import digits_inputs, exported_digits, trained_digits
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_available_runtime_agrees_with_pytorch(mode: str, batch: int) -> None:
+    report = run_parity(trained_digits(), exported_digits(mode), digits_inputs(batch), mode=mode)
+    ran = {r.runtime for r in report.ran}
+    assert {"ort:cpu:disable_all", "ort:cpu:all", "reference"} <= ran
+    failures = {r.runtime: [c.message for c in r.outputs] or r.reason for r in report.failures()}
+    assert report.passed, failures
+    for result in report.ran:
+        for comparison in result.outputs:
+            assert comparison.max_abs_error <= 1e-5  # the float32 default atol, also for max error
+            assert comparison.cosine_similarity > 1 - 1e-9
+
+
+def test_mode_is_detected_from_the_exported_file() -> None:
+    assert detect_mode(onnx.load(exported_digits("inference"))) == "inference"
+    assert detect_mode(onnx.load(exported_digits("training"))) == "training"
+
+
+def _perturb(source: Path, target: Path, initializer: str, delta: float = 0.5) -> None:
+    model = onnx.load(source)
+    for tensor in model.graph.initializer:
+        if tensor.name.endswith(initializer):
+            array = numpy_helper.to_array(tensor).copy()
+            array.flat[0] += delta
+            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+            break
+    else:
+        raise AssertionError(f"no initializer {initializer} in {source}")
+    onnx.save(model, target)
+
+
+@pytest.mark.parametrize("method", ["auto", "bisect"])
+def test_perturbed_weight_is_localised_to_its_module_inference(tmp_path: Path, method: str) -> None:
+    bad = tmp_path / "perturbed.onnx"
+    _perturb(exported_digits("inference"), bad, "block2.conv1.weight")
+    report = run_parity(
+        trained_digits(), bad, digits_inputs(), runtimes="ort:cpu:all,reference", localise_method=method
+    )
+    assert not report.passed
+    for result in report.failures():
+        loc = result.localisation
+        assert loc is not None and loc.status == "localised", loc
+        assert loc.first is not None
+        # BKN was folded into the Conv: the ONNX node computes both modules, the conv first
+        assert loc.first.modules == ["block2.conv1", "block2.norm1"]
+        assert loc.last_passing == "block1"
+        assert loc.method == ("exposed" if method == "auto" else "bisect")
+        if method == "auto":
+            assert loc.reproduced and loc.confirmed
+
+
+def test_perturbed_weight_is_localised_to_its_module_training(tmp_path: Path) -> None:
+    bad = tmp_path / "perturbed_train.onnx"
+    _perturb(exported_digits("training"), bad, "block1.conv2.weight")
+    report = run_parity(trained_digits(), bad, digits_inputs(), runtimes="ort:cpu:extended", mode="training")
+    (result,) = report.failures()
+    loc = result.localisation
+    assert loc is not None and loc.first is not None, loc
+    assert loc.first.module == "block1.conv2"  # training mode keeps the Conv on its own
+
+
+def test_nan_in_a_runtime_output_fails_and_is_localised(tmp_path: Path) -> None:
+    bad = tmp_path / "nan.onnx"
+    _perturb(exported_digits("inference"), bad, "head.bias", delta=float("nan"))
+    report = run_parity(trained_digits(), bad, digits_inputs(), runtimes="ort:cpu:all")
+    (result,) = report.failures()
+    assert "NaN/Inf" in result.outputs[0].message
+    assert result.localisation is not None and result.localisation.first_module == "head"
+
+
+def test_nan_in_the_reference_fails_loudly(tmp_path: Path) -> None:
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(trained_digits())
+    with torch.no_grad():
+        model.head.bias[0] = float("inf")
+    report = run_parity(model, exported_digits("inference"), digits_inputs(), runtimes="ort:cpu:all")
+    assert not report.passed
+    assert report.reference_problems and "NaN/Inf" in report.reference_problems[0]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_truncated_onnx_file_is_rejected_with_its_path(tmp_path: Path) -> None:
+    data = exported_digits("inference").read_bytes()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelFileError, match=r"truncated\.onnx.*(cannot be parsed|fails onnx.checker|no graph)"):
+        run_parity(trained_digits(), truncated, digits_inputs())
+
+
+def test_corrupt_and_missing_onnx_files_are_rejected(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage\xff\xfe" * 50)
+    with pytest.raises(ModelFileError, match="corrupt.onnx"):
+        run_parity(trained_digits(), corrupt, digits_inputs())
+    with pytest.raises(ModelFileError, match="does not exist"):
+        run_parity(trained_digits(), tmp_path / "absent.onnx", digits_inputs())
+
+
+def test_wrong_input_shape_names_the_input_and_the_expected_shape() -> None:
+    wrong = [np.zeros((2, 3, 8, 8), np.float32)]
+    with pytest.raises(BKNInputError, match=r"input 'x' has shape \(2, 3, 8, 8\); expected \(.+, 1, 8, 8\)"):
+        run_parity(trained_digits(), exported_digits("inference"), wrong)
+
+
+def test_wrong_input_dtype_names_the_input_and_the_expected_dtype() -> None:
+    wrong = [np.zeros((2, 1, 8, 8), np.float64)]
+    with pytest.raises(BKNInputError, match=r"input 'x' has dtype float64; expected float32 with shape \("):
+        run_parity(trained_digits(), exported_digits("inference"), wrong)
+
+
+def test_nan_in_the_inputs_is_rejected() -> None:
+    x = digits_inputs()[0]
+    x[0, 0, 3, 3] = np.nan
+    with pytest.raises(BKNInputError, match=r"input 'x' holds 1 NaN/Inf"):
+        run_parity(trained_digits(), exported_digits("inference"), [x])
+
+
+def test_unknown_runtime_lists_the_available_ones() -> None:
+    with pytest.raises(UnknownRuntimeError, match=r"unknown runtime 'tensorrtx'.*Available here: .*reference"):
+        run_parity(trained_digits(), exported_digits("inference"), digits_inputs(), runtimes="tensorrtx")
+
+
+def test_missing_custom_op_library_is_rejected_before_running(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeLoadError, match=r"custom-op library .*libbkn\.so does not exist"):
+        run_parity(
+            trained_digits(), exported_digits("training"), digits_inputs(), custom_op_libraries=[tmp_path / "libbkn.so"]
+        )
+    with pytest.raises(RuntimeLoadError, match=r"TensorRT plugin library .*libbkn_trt\.so does not exist"):
+        run_parity(
+            trained_digits(), exported_digits("training"), digits_inputs(), plugin_libraries=[tmp_path / "libbkn_trt.so"]
+        )
+
+
+def test_custom_op_without_function_body_or_library_says_what_to_load(tmp_path: Path) -> None:
+    stripped = onnx.load(exported_digits("training"))
+    del stripped.functions[:]
+    path = tmp_path / "stripped.onnx"
+    onnx.save(stripped, path)
+    with pytest.raises(RuntimeLoadError, match=r"ai\.bkn::BatchKalmanNorm, which has no ONNX function body.*mode='training'"):
+        run_parity(trained_digits(), path, digits_inputs(), mode="training")

@@ -1,0 +1,94 @@
+"""The pytest plugin: cheap to load, its fixture passes on parity and fails readably on a mismatch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bkn_export.errors import ParityMismatchError
+from runtime import assert_parity
+from test_runtime_support import trained_digits
+
+
+def test_plugin_module_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, runtime.pytest_plugin, runtime; "
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_plugin_is_registered_as_a_pytest11_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    assert any(e.value == "runtime.pytest_plugin" for e in entry_points(group="pytest11"))
+
+
+def test_assert_parity_passes_and_returns_the_report() -> None:
+    report = assert_parity(trained_digits(), torch.randn(3, 1, 8, 8), mode="inference", runtimes="ort:cpu:all")
+    assert report.passed and [r.runtime for r in report.ran] == ["ort:cpu:all"]
+
+
+def test_assert_parity_failure_message_is_readable(tmp_path: Path) -> None:
+    import copy
+
+    model = trained_digits()
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.block1.conv1.weight[0, 0, 1, 1] += 0.5
+    onnx_path = tmp_path / "good.onnx"
+    from bkn_export.export import export_onnx
+
+    export_onnx(model, (torch.randn(2, 1, 8, 8),), onnx_path, mode="inference")
+    with pytest.raises(ParityMismatchError) as caught:
+        assert_parity(broken, torch.randn(2, 1, 8, 8), runtimes="ort:cpu:all", onnx_path=onnx_path)
+    message = str(caught.value)
+    assert message.startswith(f"parity (inference) failed for {onnx_path}: 1 of 1 runtime(s) differ")
+    assert "ort:cpu:all / linear:" in message and "outside atol=1e-05 rtol=0.0001" in message
+    assert "localisation: first diverging module: block1.conv1 + block1.norm1" in message
+    assert isinstance(caught.value, AssertionError)
+
+
+def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
+    """A user's test file using the fixture, run by pytest with the plugin from its entry point."""
+    (tmp_path / "test_user.py").write_text(
+        textwrap.dedent(
+            """
+            import copy
+            import torch
+            from bkn_export.models import digits_resnet
+
+            def make():
+                torch.manual_seed(0)
+                return digits_resnet("bkn")
+
+            def test_exports_match(bkn_parity):
+                report = bkn_parity(make(), torch.randn(2, 1, 8, 8), mode="training", atol=1e-5)
+                assert report.passed
+
+            def test_mismatch_is_reported(bkn_parity):
+                model = make()
+                other = copy.deepcopy(model)
+                with torch.no_grad():
+                    other.head.bias += 1.0
+                from bkn_export.export import export_onnx
+                export_onnx(model, (torch.randn(2, 1, 8, 8),), "m.onnx")
+                bkn_parity(other, torch.randn(2, 1, 8, 8), onnx_path="m.onnx")
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--bkn-parity-runtimes", "ort:cpu:all",
+         f"--bkn-parity-report-dir={tmp_path / 'reports'}", "test_user.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "1 failed, 1 passed" in result.stdout, result.stdout[-3000:]
+    assert "ParityMismatchError: parity (inference) failed for m.onnx" in result.stdout
+    assert "first diverging module: head" in result.stdout
+    assert (tmp_path / "reports" / "test_exports_match" / "parity_training.html").is_file()

@@ -1,0 +1,196 @@
+"""Specification of the micro-batch benchmark: the training loop and ``bkn train-demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from torch import nn
+
+from bkn_export.cli import main
+from bkn_export.commands import train_demo
+from bkn_export.data import load_digits_split
+from bkn_export.models import NORMALIZERS, digits_resnet
+from bkn_export.training import (
+    REFERENCE_BATCH,
+    TrainConfig,
+    batch_stream,
+    evaluate,
+    scaled_learning_rate,
+    shift_augment,
+    train_and_evaluate,
+)
+
+TINY = ["--batch-sizes", "4", "--seeds", "1", "--epochs", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def digits():  # type: ignore[no-untyped-def]
+    return load_digits_split()
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def test_command_runs_end_to_end_and_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "nested" / "out"
+    status = main(["train-demo", *TINY, "--normalizers", "batchnorm,bkn", "--out", str(out)])
+    assert status == 0
+    report = json.loads((out / train_demo.RESULTS_NAME).read_text())
+    assert report["complete"] is True
+    assert report["settings"]["batch_sizes"] == [4]
+    assert report["settings"]["normalizers"] == ["batchnorm", "bkn"]
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["started"] and report["finished"]
+    assert [(r["normalizer"], r["batch_size"], r["seed"]) for r in report["runs"]] == [
+        ("batchnorm", 4, 0),
+        ("bkn", 4, 0),
+    ]
+    steps = TrainConfig(batch_size=4, seed=0, epochs=0.05).steps(report["data"]["train"])
+    for entry in report["runs"]:
+        assert entry["result"]["steps"] == steps
+        assert 0.0 <= entry["result"]["test_accuracy"] <= 1.0
+        assert entry["result"]["finite"] is True
+        name = entry["normalizer"]
+        assert report["summary"][name]["4"]["mean"] == entry["result"]["test_accuracy"]
+        assert report["summary"][name]["4"]["n"] == 1
+    image = matplotlib.image.imread(out / train_demo.PLOT_NAME)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert sorted(p.name for p in out.iterdir()) == sorted([train_demo.RESULTS_NAME, train_demo.PLOT_NAME])
+    printed = capsys.readouterr().out
+    assert str((out / train_demo.RESULTS_NAME).resolve()) in printed.replace("\n", "")
+    assert "batchnorm" in printed and "bkn" in printed
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--normalizers", "layernorm"], "unknown normalizer 'layernorm'"),
+        (["--batch-sizes", "0"], "batch size 0 must be a positive integer"),
+        (["--batch-sizes", "2,two"], "batch size 'two' is not an integer"),
+        (["--seeds", "0"], "'0' must be > 0"),
+        (["--epochs", "-1"], "'-1' must be > 0"),
+    ],
+)
+def test_bad_arguments_exit_with_status_2_and_say_why(
+    arguments: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["train-demo", *arguments, "--out", str(tmp_path)])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_rejects_bad_settings_given_programmatically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    train_demo.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "out")])
+    args.normalizers = [["batchnorm", "nonorm"]]
+    assert train_demo.run(args) == 2
+    assert "unknown normalizer 'nonorm'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_is_a_subset_and_explicit_options_override_it() -> None:
+    parser = argparse.ArgumentParser()
+    train_demo.add_arguments(parser)
+    quick = train_demo._settings(parser.parse_args(["--quick"]))
+    full = train_demo._settings(parser.parse_args([]))
+    assert full["batch_sizes"] == [1, 2, 4, 8, 32] and len(full["seeds"]) >= 3
+    assert full["normalizers"] == list(NORMALIZERS) and set(quick["normalizers"]) <= set(NORMALIZERS)
+    assert set(quick["batch_sizes"]) < set(full["batch_sizes"]) and {2, 32} <= set(quick["batch_sizes"])
+    overridden = train_demo._settings(parser.parse_args(["--quick", "--normalizers", "bkn", "--batch-sizes", "8"]))
+    assert overridden["normalizers"] == ["bkn"] and overridden["batch_sizes"] == [8]
+    assert overridden["seeds"] == quick["seeds"]
+
+
+# ---------------------------------------------------------------------- the training loop
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "bkn-authors"])
+def test_training_is_deterministic_given_a_seed(norm: str, digits) -> None:  # type: ignore[no-untyped-def]
+    config = TrainConfig(batch_size=8, seed=3, epochs=0.1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = train_and_evaluate(lambda: digits_resnet(norm), digits, config)
+    assert torch.equal(torch.get_rng_state(), before), "a run must leave the caller's RNG state alone"
+    second = train_and_evaluate(lambda: digits_resnet(norm), digits, config)
+    other_seed = train_and_evaluate(lambda: digits_resnet(norm), digits, TrainConfig(8, seed=4, epochs=0.1))
+    same = ("test_accuracy", "test_loss", "train_loss", "steps", "samples_seen", "lr")
+    assert [getattr(first, k) for k in same] == [getattr(second, k) for k in same]
+    assert (first.test_loss, first.train_loss) != (other_seed.test_loss, other_seed.train_loss)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 8, 32])
+def test_every_batch_size_sees_the_same_number_of_samples(batch_size: int) -> None:
+    config = TrainConfig(batch_size=batch_size, seed=0, epochs=2.0)
+    samples = config.steps(1347) * batch_size
+    assert 2 * 1347 - batch_size < samples <= 2 * 1347
+    assert scaled_learning_rate(0.1, batch_size) == pytest.approx(0.1 * batch_size / REFERENCE_BATCH)
+
+
+def test_batch_stream_visits_every_sample_once_per_epoch() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = batch_stream(num_samples=12, batch_size=4, steps=6, generator=generator)
+    assert all(b.shape == (4,) for b in batches)
+    first_epoch, second_epoch = torch.cat(batches[:3]), torch.cat(batches[3:])
+    assert sorted(first_epoch.tolist()) == list(range(12)) == sorted(second_epoch.tolist())
+    assert not torch.equal(first_epoch, second_epoch)
+
+
+def test_shift_augment_translates_each_image_and_fills_the_background() -> None:
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).view(2, 1, 4, 5)
+    fill = -7.0
+    shifted = shift_augment(x, 1, torch.Generator().manual_seed(1), fill)
+    assert shifted.shape == x.shape
+    for image, result in zip(x, shifted):
+        candidates = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                expected = torch.full_like(image, fill)
+                h, w = image.shape[1:]
+                expected[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+                    :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+                ]
+                candidates.append(expected)
+        assert any(torch.equal(result, c) for c in candidates)
+    assert torch.equal(shift_augment(x, 0, torch.Generator(), fill), x)
+
+
+def test_evaluation_uses_running_statistics(digits) -> None:  # type: ignore[no-untyped-def]
+    model = digits_resnet("batchnorm")
+    model.train()
+    with torch.no_grad():
+        model(digits.x_train[:64])  # move the running statistics away from their initial values
+    accuracy_full, loss_full = evaluate(model, digits.x_test, digits.y_test, batch_size=512)
+    accuracy_small, loss_small = evaluate(model, digits.x_test, digits.y_test, batch_size=3)
+    assert model.training, "evaluate must restore the training flag"
+    # With running statistics an example's output does not depend on its batch.
+    assert accuracy_full == accuracy_small
+    assert loss_full == pytest.approx(loss_small, rel=1e-5)
+
+
+@pytest.mark.parametrize("stem_stride", [1, 2])
+@pytest.mark.parametrize("norm", NORMALIZERS)
+def test_demo_net_trains_at_batch_size_1(norm: str, stem_stride: int) -> None:
+    """Every normalizer of the demo net sees (1, C, H, W) with H·W ≥ 4; none sees (1, C)."""
+    model = digits_resnet(norm, stem_stride=stem_stride)
+    model.train()
+    shapes: list[tuple[int, ...]] = []
+    norm_types = (nn.BatchNorm2d, nn.GroupNorm, type(model.stem_norm))
+    hooks = [
+        m.register_forward_hook(lambda _m, inputs, _o: shapes.append(tuple(inputs[0].shape)))
+        for m in model.modules()
+        if isinstance(m, norm_types)
+    ]
+    logits = model(torch.randn(1, 1, 8, 8))
+    logits.sum().backward()
+    for hook in hooks:
+        hook.remove()
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+    assert shapes and all(len(s) == 4 and s[0] == 1 and s[2] * s[3] >= 4 for s in shapes)
