@@ -47,12 +47,11 @@ def _batchnorm_step(shape: tuple[int, ...]) -> Callable[[], None]:
 
 def _bkn_first_step(shape: tuple[int, ...]) -> Callable[[], None]:
     channels = shape[1]
-    model = nn.Sequential(
-        BatchKalmanNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), BatchKalmanNorm2d(channels)
-    )
+    layer, follower = BatchKalmanNorm2d(channels), BatchKalmanNorm2d(channels)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), follower)
     wire_chain(model, torch.randn(2, channels, 4, 4))
-    layer = model[0].train()  # position 0 of the chain: BatchNorm math through the BKN op
-    assert layer.link.predecessor is None and model[3].has_predecessor
+    layer.train()  # position 0 of the chain: BatchNorm math through the BKN op
+    assert layer.link.predecessor is None and follower.has_predecessor
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
 
@@ -66,11 +65,10 @@ def _bkn_first_step(shape: tuple[int, ...]) -> Callable[[], None]:
 
 def _bkn_wired_step(shape: tuple[int, ...]) -> Callable[[], None]:
     channels = shape[1]
-    model = nn.Sequential(
-        BatchKalmanNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), BatchKalmanNorm2d(channels)
-    )
+    layer = BatchKalmanNorm2d(channels)
+    model = nn.Sequential(BatchKalmanNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), layer)
     wire_chain(model, torch.randn(2, channels, 4, 4))
-    layer = model[3].train()
+    layer.train()
     assert layer.has_predecessor and layer.link.transition == "propagate"
     chain = layer._chain
     assert chain is not None

@@ -231,7 +231,9 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def _bkn_from_batchnorm(bn: nn.Module, rank: int, options: KalmanOptions, name: str) -> _BatchKalmanNorm:
+def _bkn_from_batchnorm(
+    bn: nn.modules.batchnorm._NormBase, rank: int, options: KalmanOptions, name: str
+) -> _BatchKalmanNorm:
     cls = _BKN_FOR_BN.get(type(bn)) or _BKN_FOR_RANK.get(rank)
     if cls is None:
         raise BKNInputError(f"cannot tell the dimensionality of '{name}' ({type(bn).__name__}, input rank {rank})")
@@ -251,13 +253,10 @@ def _bkn_from_batchnorm(bn: nn.Module, rank: int, options: KalmanOptions, name: 
         fallback_ratio=options.fallback_ratio,
     )
     with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight)
-            new.bias.copy_(bn.bias)
-        if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean)  # type: ignore[union-attr]
-            new.running_var.copy_(bn.running_var)  # type: ignore[union-attr]
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)  # type: ignore[union-attr]
+        for attribute in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            source, target = getattr(bn, attribute), getattr(new, attribute)
+            if source is not None and target is not None:
+                target.copy_(source)
     new.train(bn.training)
     return new
 

@@ -109,7 +109,7 @@ def batch_kalman_norm_backward(
         x, prior_mean, prior_variance, prior_weight, weight, grad_posterior_mean, grad_posterior_variance
     ) and (grad_output.dtype == x.dtype and grad_output.shape == x.shape)
     if not applies:
-        grads = Fk.batch_kalman_norm_backward(
+        reference = Fk.batch_kalman_norm_backward(
             grad_output,
             grad_posterior_mean,
             grad_posterior_variance,
@@ -121,7 +121,7 @@ def batch_kalman_norm_backward(
             eps,
             fallback_ratio,
         )
-        grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = grads
+        grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = reference
         assert grad_bias is not None
         return (
             grad_x,

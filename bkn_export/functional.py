@@ -85,7 +85,7 @@ class BatchStatistics(NamedTuple):
 
     mean: Tensor
     variance: Tensor
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count, which nothing here uses
 
 
 class KalmanStep(NamedTuple):
@@ -158,10 +158,10 @@ def channel_maps(layer: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor | None]
     (C_out, C_in): entry (o, i) is Σ over the kernel of W[o, i, ...] (resp. W²).
     Grouped convolutions give block-diagonal maps. Gradients flow into the weights.
     """
-    weight = layer.weight
     if isinstance(layer, torch.nn.Linear):
-        return weight, weight * weight, layer.bias
+        return layer.weight, layer.weight * layer.weight, layer.bias
     if isinstance(layer, torch.nn.modules.conv._ConvNd):
+        weight = layer.weight
         groups = layer.groups
         kernel_dims = list(range(2, weight.dim()))
         if layer.transposed:  # (C_in, C_out/g, *k) -> per group (C_out/g, C_in/g)

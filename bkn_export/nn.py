@@ -11,7 +11,16 @@ BatchNorm (prior weight 0) and owns no BKN parameters. Wiring is done by
 execution order on example inputs. The posterior of one layer reaches the next as a
 tensor within one forward pass, through the chain's per-pass scratch dict, which the
 first layer of the chain resets and the last one empties: no module attribute holds a
-posterior between calls.
+posterior between calls. (A pass that stops early, by an exception or by running only
+part of the model, leaves the scratch filled until the chain's first layer runs again.)
+
+Batch size 1 in train mode (n = 1 element per channel, e.g. (1, C) input), where
+``nn.BatchNorm1d`` raises: the batch variance S is 0. A layer with a predecessor still
+has a variance, p Σ_{k|k-1} + p q (x̄ - μ_{k|k-1})² > 0, supplied by the prior, so it
+normalizes meaningfully; this is the micro-batch case BKN exists for. A first-in-chain
+layer has no prior and degenerates to y = β (x - x̄ = 0), as BatchNorm would if it
+accepted the input. The running variance takes the posterior variance unscaled at
+n = 1 (the unbiased factor n/(n-1) is undefined).
 """
 
 from __future__ import annotations
@@ -130,6 +139,13 @@ class _BatchKalmanNorm(nn.Module):
 
     _version = 1
     _expected_ranks: tuple[int, ...] = ()
+    # Registered parameters and buffers (None when disabled), declared for type checkers.
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    transition_matrix: Tensor  # only on layers wired with transition="learned"
 
     def __init__(
         self,
@@ -336,11 +352,11 @@ class _BatchKalmanNorm(nn.Module):
         (feature extractors, activation recorders) must not see it.
         """
         layer = self._feeding[0]
-        weight = layer.weight
         if isinstance(layer, nn.Linear):
             rows = sample.movedim(1, -1).reshape(-1, sample.shape[1])
-            return F.linear(rows.to(weight.dtype), weight, layer.bias)
-        return layer.forward(sample.to(weight.dtype))
+            return F.linear(rows.to(layer.weight.dtype), layer.weight, layer.bias)
+        assert isinstance(layer, nn.modules.conv._ConvNd)
+        return layer.forward(sample.to(layer.weight.dtype))
 
     def _update_running_statistics(self, posterior_mean: Tensor, posterior_variance: Tensor, count: int) -> None:
         assert self.running_mean is not None and self.running_var is not None

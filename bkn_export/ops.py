@@ -93,6 +93,7 @@ def batch_kalman_norm_backward(
         fallback_ratio,
     )
     grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = grads
+    assert grad_bias is not None  # the reference always returns Σ g
     if grad_weight is None:
         grad_weight = torch.zeros_like(grad_bias)
     return grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias

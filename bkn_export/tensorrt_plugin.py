@@ -18,7 +18,7 @@ How TensorRT's ONNX parser chooses between the plugin and the node's model-local
 function body (which the training export adds for ONNX Runtime); read in
 onnx/onnx-tensorrt ``ModelImporter.cpp``:
 
-* TensorRT >= 10.15 / 11.x, ``parseNode``: if the parser flag
+* Current sources (with ``kENABLE_PLUGIN_OVERRIDE``, new in 10.15), ``parseNode``: if the parser flag
   ``kENABLE_PLUGIN_OVERRIDE`` is set *or the node has a* ``plugin_namespace``
   *attribute*, and ``isNodeInPluginRegistry`` finds a creator for (op type,
   ``plugin_version`` [default "1"], ``plugin_namespace`` [default ""]), the node goes
@@ -26,8 +26,9 @@ onnx/onnx-tensorrt ``ModelImporter.cpp``:
   op type, else a model-local function of that name (``LocalFunctionImporter``),
   else ``FallbackPluginImporter``. ``parseNodeStaticCheck`` likewise lets a registered
   plugin take precedence over a local function.
-* TensorRT 10.0/10.1 (branch 10.1-GA, ``ModelImporter.cpp`` ``parseGraph``): built-in
-  importer, else local function, else plugin — the function body wins.
+* TensorRT 10.0/10.1 (branch 10.1-GA, ``ModelImporter.cpp`` ``parseNode`` and ``parseNodeStaticCheck``): built-in
+  importer, else local function, else plugin — the function body wins. (Versions in
+  between were not read.)
 
 Our nodes carry ``plugin_namespace`` = :data:`op_spec.PLUGIN_NAMESPACE`, which selects
 the plugin on current parsers once the library is loaded; :func:`prepare_model_for_plugin`
@@ -66,7 +67,7 @@ __all__ = [
 #: Loaded through ``IPluginRegistry::loadLibrary`` / ``trtexec --dynamicPlugins``
 #: (exports ``getCreators`` and ``setLoggerFinder``).
 DYNAMIC_LIBRARY_NAME = "libbkn_tensorrt_plugin.so"
-#: Registers its creator with ``REGISTER_TENSORRT_PLUGIN`` when dlopen'ed
+#: Registers its creator when dlopen'ed (a static registrar, as ``REGISTER_TENSORRT_PLUGIN``)
 #: (``trtexec --staticPlugins``, ``ctypes.CDLL``, linking into an application).
 STATIC_LIBRARY_NAME = "libbkn_tensorrt_plugin_static.so"
 #: Environment variable naming the plugin library (a file) to load.

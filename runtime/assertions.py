@@ -92,7 +92,10 @@ def failure_message(report: ParityReport) -> str:
     if not report.ran:
         skipped = "; ".join(f"{r.runtime}: {r.reason}" for r in report.runtimes)
         return f"parity: no runtime could run {report.onnx_path} ({skipped})"
-    lines = [f"parity ({report.mode}) failed for {report.onnx_path}: {len(report.failures())} of {len(report.ran)} runtime(s) differ from PyTorch"]
+    lines = [
+        f"parity ({report.mode}) failed for {report.onnx_path}: "
+        f"{len(report.failures())} of {len(report.ran)} runtime(s) differ from PyTorch"
+    ]
     lines.extend(f"  reference: {problem}" for problem in report.reference_problems)
     for result in report.failures():
         if result.status == "error":

@@ -186,7 +186,9 @@ def _localise(
     result = Localisation(runtime, "not_localised")
     exposed = runner.run(with_outputs(model, [b.value for b in boundaries]))
     result.reproduced = any(
-        not compare_output(name, reference_outputs[name], exposed[name], _tolerance(name, exposed[name], atol, rtol)).passed
+        not compare_output(
+            name, reference_outputs[name], exposed[name], _tolerance(name, exposed[name], atol, rtol)
+        ).passed
         for name in failing_outputs
         if name in exposed
     )
@@ -222,7 +224,9 @@ def _localise(
         verdicts: dict[int, BoundaryCheck] = {}
         if _cached(verdicts, prefix_fails, high).passed:
             result.prefix_runs = runner.count - 1
-            result.message = "every module output agrees with PyTorch in its prefix model: the divergence is after the last module"
+            result.message = (
+                "every module output agrees with PyTorch in its prefix model: the divergence is after the last module"
+            )
             return result
         while low < high:
             middle = (low + high) // 2
@@ -246,9 +250,7 @@ def _localise(
     return result
 
 
-def _cached(
-    verdicts: dict[int, BoundaryCheck], evaluate: Callable[[int], BoundaryCheck], index: int
-) -> BoundaryCheck:
+def _cached(verdicts: dict[int, BoundaryCheck], evaluate: Callable[[int], BoundaryCheck], index: int) -> BoundaryCheck:
     if index not in verdicts:
         verdicts[index] = evaluate(index)
     return verdicts[index]

@@ -21,13 +21,13 @@ from bkn_export.errors import BKNInputError, ModelFileError, RuntimeLoadError
 
 __all__ = [
     "TensorSpec",
-    "load_onnx",
-    "tensor_specs",
-    "custom_domains",
     "check_custom_ops",
     "check_inputs",
-    "random_inputs",
+    "custom_domains",
     "detect_mode",
+    "load_onnx",
+    "random_inputs",
+    "tensor_specs",
 ]
 
 #: Domains every ONNX runtime implements (the default domain and its alias).
@@ -133,7 +133,8 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
         array = np.asarray(inputs[spec.name])
         if array.dtype.name != spec.dtype:
             raise BKNInputError(
-                f"input {spec.name!r} has dtype {array.dtype.name}; expected {spec.dtype} with shape {spec.shape_text()}"
+                f"input {spec.name!r} has dtype {array.dtype.name}; "
+                f"expected {spec.dtype} with shape {spec.shape_text()}"
             )
         wrong_rank = array.ndim != len(spec.shape)
         wrong_dim = not wrong_rank and any(isinstance(d, int) and d != a for d, a in zip(spec.shape, array.shape))
@@ -172,7 +173,7 @@ def random_inputs(
 
 
 def detect_mode(model: onnx.ModelProto) -> str:
-    """"training" when the graph holds ``ai.bkn`` nodes or says so in its metadata, else "inference"."""
+    """ "training" when the graph holds ``ai.bkn`` nodes or says so in its metadata, else "inference"."""
     for prop in model.metadata_props:
         if prop.key in ("bkn.mode", "bkn_export.mode") and prop.value in ("inference", "training"):
             return prop.value

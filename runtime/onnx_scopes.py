@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-__all__ = ["Boundary", "NAME_SCOPES_KEY", "module_boundaries", "node_scope", "prefix_model", "with_outputs"]
+__all__ = ["NAME_SCOPES_KEY", "Boundary", "module_boundaries", "node_scope", "prefix_model", "with_outputs"]
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 

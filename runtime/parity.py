@@ -104,9 +104,7 @@ def _sha256(path: Path) -> str:
 def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str) -> None:
     for path in paths:
         if not Path(path).is_file():
-            raise RuntimeLoadError(
-                f"{kind} {path} does not exist; build it (see docs/runtime.md) or fix the path"
-            )
+            raise RuntimeLoadError(f"{kind} {path} does not exist; build it (see docs/runtime.md) or fix the path")
 
 
 def run_parity(
@@ -145,9 +143,7 @@ def run_parity(
     elif not isinstance(inputs, Mapping):
         arrays = list(inputs)
         if len(arrays) != len(input_specs):
-            raise BKNInputError(
-                f"got {len(arrays)} inputs; the model's inputs are {[s.name for s in input_specs]}"
-            )
+            raise BKNInputError(f"got {len(arrays)} inputs; the model's inputs are {[s.name for s in input_specs]}")
         inputs = {spec.name: np.asarray(a) for spec, a in zip(input_specs, arrays)}
     feed = check_inputs(input_specs, inputs)
     mode = mode or detect_mode(onnx_model)

@@ -13,6 +13,7 @@ import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bkn_export.errors import UnknownRuntimeError
 from runtime.backends.base import Availability, Backend
@@ -63,14 +64,16 @@ def _tensorrt_entry(plugin_libraries: Sequence[str | os.PathLike[str]]) -> Runti
         from runtime.backends import tensorrt as trt_module
     except ImportError as error:
         return RuntimeEntry("tensorrt", Availability(False, f"the TensorRT backend does not import: {error}"))
-    classes = [
+    preferred = getattr(trt_module, "TensorRTBackend", None)
+    classes = [preferred] if inspect.isclass(preferred) and issubclass(preferred, Backend) else []
+    classes += [
         c
         for c in vars(trt_module).values()
         if inspect.isclass(c) and issubclass(c, Backend) and c is not Backend and not inspect.isabstract(c)
     ]
     if not classes:
         return RuntimeEntry("tensorrt", Availability(False, "runtime.backends.tensorrt defines no backend class"))
-    cls = classes[0]
+    cls: Any = classes[0]
     accepts_plugins = "plugin_libraries" in inspect.signature(cls).parameters
 
     def make() -> Backend:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bkn_export import BatchKalmanNorm2d, wire_chain
+from bkn_export.nn import KalmanChain
 
 
 def _model(transition: str = "propagate") -> nn.Module:
@@ -27,6 +28,12 @@ def _model(transition: str = "propagate") -> nn.Module:
         BatchKalmanNorm2d(6, transition=transition),  # type: ignore[arg-type]
     )
     return wire_chain(model, torch.randn(2, 3, 5, 5))
+
+
+def _chain(model: nn.Module) -> KalmanChain:
+    layer = model.get_submodule("1")
+    assert isinstance(layer, BatchKalmanNorm2d) and layer._chain is not None
+    return layer._chain
 
 
 def _bkn_nodes(program: torch.export.ExportedProgram) -> int:
@@ -44,7 +51,7 @@ def test_export_train_mode(transition: str) -> None:
     torch.testing.assert_close(exported(x), eager(x))
     for name, buffer in eager.named_buffers():  # running statistics updated alike
         torch.testing.assert_close(exported.get_buffer(name), buffer, msg=name)
-    assert model[1]._chain.posteriors == {}
+    assert _chain(model).posteriors == {}
 
 
 def test_export_eval_mode_lowers_to_batch_norm() -> None:
@@ -70,7 +77,7 @@ def test_compile_matches_eager(training: bool) -> None:
         torch.testing.assert_close(x.grad, x_eager.grad)
         for (name, p), (_, p_eager) in zip(model.named_parameters(), eager.named_parameters()):
             torch.testing.assert_close(p.grad, p_eager.grad, msg=name)
-    assert model[1]._chain.posteriors == {}
+    assert _chain(model).posteriors == {}
 
 
 @pytest.mark.slow

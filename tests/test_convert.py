@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from bkn_export import (
 from bkn_export.errors import ChainWiringError, CheckpointError, KalmanOptionsError
 from bkn_export.nn import _BatchKalmanNorm
 
-TOL = {"rtol": 1e-6, "atol": 1e-6}
+TOL: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}
 
 
 class Block(nn.Module):
@@ -71,6 +72,8 @@ def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._NormBase):
                 c = module.num_features
+                assert module.running_mean is not None and module.running_var is not None
+                assert module.num_batches_tracked is not None
                 module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
                 module.bias.copy_(torch.randn(c, generator=generator))
                 module.running_mean.copy_(torch.randn(c, generator=generator))
@@ -293,7 +296,7 @@ def test_learned_fallback_when_channel_counts_differ() -> None:
     link = describe_chain(model)[1]
     assert (link.predecessor, link.transition) == ("bn1", "learned")
     assert "fell back to learned" in link.note
-    assert model.bn2.transition_matrix.shape == (8, 4)
+    assert model.get_parameter("bn2.transition_matrix").shape == (8, 4)
 
 
 def test_conversion_under_warnings_as_errors_for_a_clean_model() -> None:

@@ -130,11 +130,24 @@ def test_load_model_accepts_wrapped_state_dicts(tmp_path: Path) -> None:
 
 def test_training_mode_routes_to_the_training_exporter(tmp_path: Path) -> None:
     out = tmp_path / "train.onnx"
-    assert main(["export", SPEC, "--input-shape", "2,1,8,8", "-o", str(out), "--mode", "training"]) == 0
+    argv = [
+        "export",
+        SPEC,
+        "--input-shape",
+        "2,1,8,8",
+        "-o",
+        str(out),
+        "--mode",
+        "training",
+        "--factory-arg",
+        "width=4",
+    ]
+    assert main(argv) == 0
     assert out.exists()
     assert any(node.op_type == "BatchKalmanNorm" for node in onnx.load(out).graph.node)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and the exporter (~20 s here)
 def test_console_entry_point_runs(tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     completed = subprocess.run(

@@ -335,9 +335,8 @@ def test_matmul_cases_the_exporter_leaves_are_folded(export_of: Callable[[str], 
 # --------------------------------------------------------------------------- modes, options
 
 
-@pytest.mark.parametrize("start_in_train_mode", [True, False])
-def test_model_mode_and_statistics_are_left_as_found(tmp_path: Path, start_in_train_mode: bool) -> None:
-    model = randomize_statistics(SmallCNN()).train(start_in_train_mode)
+def test_model_mode_and_statistics_are_left_as_found(tmp_path: Path) -> None:
+    model = randomize_statistics(SmallCNN()).train()
     model.norm2.eval()  # a mixed-mode model: each submodule keeps its own flag
     modes = {name: m.training for name, m in model.named_modules()}
     state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
@@ -451,9 +450,16 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporaries(tmp_path: Pat
     target.write_bytes(b"previous model")
     (tmp_path / "m.onnx.data").mkdir()  # the external-data rename cannot replace a directory
     with pytest.raises(ExportError, match=r"m\.onnx"):
-        export_onnx(randomize_statistics(MLP()), torch.randn(2, 6), target, external_data_threshold=1)
+        save_model_atomic(_tiny_model(1000), target, external_data_threshold=1)
     assert target.read_bytes() == b"previous model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_target_that_is_a_directory_is_refused_before_exporting(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").mkdir()
+    with pytest.raises(ExportError, match="is a directory"):
+        export_onnx(randomize_statistics(MLP()), torch.randn(2, 6), tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 # --------------------------------------------------------------------------- external data
@@ -499,3 +505,118 @@ def test_external_data_threshold_is_strictly_above(tmp_path: Path, threshold: in
     assert (tmp_path / "t.onnx.data").exists() == external
     loaded = onnx.load(tmp_path / "t.onnx")
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]), np.arange(1000))
+
+
+# --------------------------------------------------------------------------- each rule on a hand-built graph
+
+
+def _batchnorm_node(channels: int, rng: np.random.Generator, name: str = "bn") -> tuple[onnx.NodeProto, list]:
+    tensors = {
+        f"{name}_scale": rng.uniform(0.5, 1.5, channels) * rng.choice([-1, 1], channels),
+        f"{name}_bias": rng.uniform(-1, 1, channels),
+        f"{name}_mean": rng.uniform(-1, 1, channels),
+        f"{name}_var": rng.uniform(0.25, 2, channels),
+    }
+    initializers = [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()]
+    node = onnx.helper.make_node("BatchNormalization", ["h", *tensors], ["y"], epsilon=1e-3, name=name)
+    return node, initializers
+
+
+def _graph_model(nodes: list, initializers: list, x_shape: list[int], y_shape: list[int]) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        nodes,
+        "rule_case",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_shape)],
+        initializers,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _rule_case(case: str) -> tuple[onnx.ModelProto, list[int]]:
+    """A graph Op(x, W[, b]) -> BatchNormalization whose fold only our rules can do, and the input shape."""
+    rng = np.random.default_rng(7)
+    f32 = np.float32
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(f32), name)
+
+    if case == "gemm_transB0_alpha_beta":
+        bn, inits = _batchnorm_node(5, rng)
+        op = onnx.helper.make_node("Gemm", ["x", "w", "c"], ["h"], alpha=0.5, beta=2.0, transB=0)
+        return _graph_model([op, bn], [weight("w", 4, 5), weight("c", 5), *inits], [3, 4], [3, 5]), [3, 4]
+    if case == "conv_grouped_shared_weight":
+        bn, inits = _batchnorm_node(6, rng)
+        conv = onnx.helper.make_node("Conv", ["x", "w"], ["h"], group=2, pads=[1, 1, 1, 1])
+        # a second Conv uses the same weight: the fold must not change it under that node
+        other = onnx.helper.make_node("Conv", ["x", "w"], ["h2"], group=2, pads=[1, 1, 1, 1])
+        add = onnx.helper.make_node("Add", ["y0", "h2"], ["y"])
+        bn.output[0] = "y0"
+        nodes = [conv, bn, other, add]
+        return _graph_model(nodes, [weight("w", 6, 2, 3, 3), *inits], [2, 4, 5, 5], [2, 6, 5, 5]), [2, 4, 5, 5]
+    if case == "conv_transpose_grouped":
+        bn, inits = _batchnorm_node(6, rng)
+        op = onnx.helper.make_node("ConvTranspose", ["x", "w", "b"], ["h"], group=2, strides=[2, 2])
+        model = _graph_model([op, bn], [weight("w", 4, 3, 2, 2), weight("b", 6), *inits], [2, 4, 3, 3], [2, 6, 6, 6])
+        return model, [2, 4, 3, 3]
+    if case == "matmul_add_rank2":
+        bn, inits = _batchnorm_node(5, rng)
+        nodes = [
+            onnx.helper.make_node("MatMul", ["x", "w"], ["m"]),
+            onnx.helper.make_node("Add", ["m", "b"], ["h"]),
+            bn,
+        ]
+        return _graph_model(nodes, [weight("w", 4, 5), weight("b", 5), *inits], [3, 4], [3, 5]), [3, 4]
+    raise ValueError(case)
+
+
+RULE_CASES = ["gemm_transB0_alpha_beta", "conv_grouped_shared_weight", "conv_transpose_grouped", "matmul_add_rank2"]
+
+
+@pytest.mark.parametrize("case", RULE_CASES)
+def test_each_fold_rule_preserves_the_function(case: str) -> None:
+    import onnx_ir as ir
+
+    from bkn_export.export.rules import apply_fold_rules, unfolded_normalizations
+
+    original, x_shape = _rule_case(case)
+    graph = ir.serde.deserialize_model(original)
+    assert apply_fold_rules(graph) == 1
+    assert unfolded_normalizations(graph.graph) == []
+    folded = ir.serde.serialize_model(graph)
+    onnx.checker.check_model(folded, full_check=True)
+    assert not any(node.op_type == "BatchNormalization" for node in folded.graph.node)
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+
+    def run(model: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(
+            model.SerializeToString(), ort_options(ORT_LEVELS[0]), providers=["CPUExecutionProvider"]
+        )
+        return session.run(None, {"x": x})[0]
+
+    assert np.abs(run(folded) - run(original)).max() <= FLOAT32_TOLERANCE
+
+
+def ort_options(level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.intra_op_num_threads = 1
+    return options
+
+
+def test_normalization_after_a_shared_output_stays_standalone(tmp_path: Path) -> None:
+    from test_fold import _SharedConv, _SharedOutput
+
+    # _SharedConv calls one conv twice on the same input; the exporter merges the two calls into one
+    # Conv node feeding both normalizations, so neither can be folded without duplicating the Conv.
+    for factory in (_SharedOutput, _SharedConv):
+        model = randomize_statistics(factory())
+        result = export_onnx(model, torch.randn(2, 2, 3, 3), tmp_path / "m.onnx")
+        assert {r.kind for r in result.fold_report} == {"standalone"}, result.fold_report
+        assert all("also feeds" in r.detail for r in result.fold_report)
+        x = torch.randn(3, 2, 3, 3)
+        proto = onnx.load(result.path)
+        (actual,) = ort_session(result.path, ORT_LEVELS[-1]).run(None, {proto.graph.input[0].name: x.numpy()})
+        with torch.no_grad():
+            assert np.abs(actual - model.eval()(x).numpy()).max() <= FLOAT32_TOLERANCE

@@ -98,10 +98,15 @@ def converted_cnn_model() -> tuple[nn.Module, tuple[int, ...]]:
         nn.Flatten(),
         nn.Linear(6, 4),
     )
-    model = convert_batchnorm(
-        model, torch.zeros(2, 3, 6, 6), transition="identity", prior_weight=0.6, process_noise=False, fallback_ratio=100.0
+    converted = convert_batchnorm(
+        model,
+        torch.zeros(2, 3, 6, 6),
+        transition="identity",
+        prior_weight=0.6,
+        process_noise=False,
+        fallback_ratio=100.0,
     )
-    return _perturb(model, 3), (3, 6, 6)
+    return _perturb(converted, 3), (3, 6, 6)
 
 
 MODELS = {"resnet": resnet_model, "mlp": mlp_model, "converted_cnn": converted_cnn_model}
@@ -193,7 +198,11 @@ def test_parity_with_pytorch_train_forward(exported: dict[str, Any], batch: int)
     for runtime, values in runs.items():
         for name, value in zip(output_names, values):
             np.testing.assert_allclose(
-                value, expected[name], rtol=0, atol=ATOL, err_msg=f"{exported['name']} batch {batch}: {runtime} '{name}'"
+                value,
+                expected[name],
+                rtol=0,
+                atol=ATOL,
+                err_msg=f"{exported['name']} batch {batch}: {runtime} '{name}'",
             )
 
 
@@ -294,7 +303,8 @@ def test_default_export_has_only_model_inputs_and_outputs(tmp_path: Path) -> Non
     assert [i.name for i in onnx_model.graph.input] == ["input"]
     assert [o.name for o in onnx_model.graph.output] == ["output"]
     assert result.mode == "training" and result.opset == op_spec.MAX_OPSET
-    assert result.metadata["bkn.mode"] == "training"
+    assert result.metadata["bkn_export.mode"] == "training"
+    assert result.metadata["bkn_export.layers"] == "1,4"
     onnx.checker.check_model(onnx_model, full_check=True)
     x = torch.randn(5, *shape)
     got = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": x.numpy()})[0]
@@ -335,7 +345,7 @@ def outputs_order(onnx_model: onnx.ModelProto) -> list[str]:
 def test_external_data_is_written_beside_the_model(tmp_path: Path) -> None:
     model, shape = converted_cnn_model()
     path = tmp_path / "external.onnx"
-    export_training(model, torch.randn(4, *shape), path, external_data_threshold=4096)
+    export_training(model, torch.randn(4, *shape), path, external_data_threshold=2048)
     assert (tmp_path / "external.onnx.data").is_file()
     x = torch.randn(3, *shape)
     got = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": x.numpy()})[0]
@@ -375,6 +385,7 @@ def test_sampled_transition_is_refused_with_the_alternative() -> None:
 
 def test_cumulative_momentum_is_refused_for_running_stats_io() -> None:
     model, shape = mlp_model()
+    assert isinstance(model, nn.Sequential) and isinstance(model[1], _BatchKalmanNorm)
     model[1].momentum = None
     with pytest.raises(ExportError, match=r"'1' has momentum=None"):
         export_training(model, torch.randn(2, *shape), "unused.onnx", running_stats_io=True)
@@ -393,6 +404,7 @@ def test_model_without_bkn_layers_is_refused() -> None:
 
 def test_mismatched_chain_shapes_are_reported(tmp_path: Path) -> None:
     model, shape = mlp_model()
+    assert isinstance(model, nn.Sequential)
     layer = model[4]
     assert isinstance(layer, _BatchKalmanNorm)
     layer.transition_matrix = nn.Parameter(torch.randn(8, 13))  # predecessor has 12 channels
@@ -453,3 +465,21 @@ def test_runtime_feeds_are_checked(exported: dict[str, Any]) -> None:
     wrong_channels = dict(good, input=np.zeros((2, 7, *exported["shape"][1:]), np.float32))
     with pytest.raises(BKNInputError, match=r"input 'input': dim 1 must be"):
         check_feeds(onnx_model, wrong_channels)
+
+
+# --------------------------------------------------------------------------- the example
+
+
+@pytest.mark.slow
+def test_time_adaptation_example_recovers_accuracy() -> None:
+    """examples/test_time_adaptation.py: ORT-adapted running statistics beat the source statistics."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "test_time_adaptation.py"
+    spec = importlib.util.spec_from_file_location("test_time_adaptation_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--epochs", "3", "--passes", "1"])
+    assert results["clean"] > 0.85
+    assert results["shifted_after"] > results["shifted_before"] + 0.2

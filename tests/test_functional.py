@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -153,9 +154,10 @@ FALLBACK_CASES = [  # (fallback_ratio, fires)
 @pytest.mark.parametrize("affine", [True, False])
 def test_closed_form_backward_matches_autograd_of_reference(fallback_ratio: float, fires: bool, affine: bool) -> None:
     """Both the reference backward and the op's (CPU) backward equal autograd of the functional."""
-    x, m, v, p, w, b = (
-        t.requires_grad_() if t is not None else None for t in _op_inputs((5, 3, 4), fires, affine=affine)
-    )
+    x, m, v, p, w, b = _op_inputs((5, 3, 4), fires, affine=affine)
+    for t in (x, m, v, p, w, b):
+        if t is not None:
+            t.requires_grad_()
     step = Fk.batch_kalman_norm(x, m, v, p, w, b, EPS, fallback_ratio)
     grad_y = torch.randn_like(step.output)
     grad_mean = torch.randn(3, dtype=torch.float64)
@@ -164,9 +166,10 @@ def test_closed_form_backward_matches_autograd_of_reference(fallback_ratio: floa
     expected = torch.autograd.grad(
         (step.output, step.posterior_mean, step.posterior_variance), inputs, (grad_y, grad_mean, grad_variance)
     )
-    detached = [t.detach() if t is not None else None for t in (x, m, v, p, w)]
-    reference = Fk.batch_kalman_norm_backward(grad_y, grad_mean, grad_variance, *detached, EPS, fallback_ratio)  # type: ignore[arg-type]
-    op = torch.ops.bkn.batch_kalman_norm_backward(grad_y, grad_mean, grad_variance, *detached, EPS, fallback_ratio)
+    x, m, v, p = x.detach(), m.detach(), v.detach(), p.detach()
+    w = w.detach() if w is not None else None
+    reference = Fk.batch_kalman_norm_backward(grad_y, grad_mean, grad_variance, x, m, v, p, w, EPS, fallback_ratio)
+    op = torch.ops.bkn.batch_kalman_norm_backward(grad_y, grad_mean, grad_variance, x, m, v, p, w, EPS, fallback_ratio)
     keep = [0, 1, 2, 3, 4, 5] if affine else [0, 1, 2, 3]
     for computed in (reference, op):
         for want, index in zip(expected, keep):
@@ -313,14 +316,14 @@ def test_cpu_fast_path_matches_reference(
     # Rounding of x - μ is amplified by 1/sqrt(Σ + ε): up to 1/sqrt(ε) ≈ 316 at n = 1.
     amplification = float((reference.posterior_variance + EPS).rsqrt().max() * x.abs().max())
     unit = torch.finfo(dtype).eps
-    tol = {"rtol": 1e3 * unit, "atol": 1e3 * unit + 8 * unit * amplification}
+    tol: dict[str, Any] = {"rtol": 1e3 * unit, "atol": 1e3 * unit + 8 * unit * amplification}
     for got, want in zip(fast, reference):
         torch.testing.assert_close(got, want, **tol)
     grads = (torch.randn_like(x), torch.randn_like(m), torch.randn_like(m))
     fast_grads = torch.ops.bkn.batch_kalman_norm_backward(*grads, x, m, v, p, w, EPS, fallback_ratio)
     reference_grads = Fk.batch_kalman_norm_backward(*grads, x, m, v, p, w, EPS, fallback_ratio)
-    for got, want in zip(fast_grads, reference_grads):
-        torch.testing.assert_close(got, want, **tol)
+    for got_grad, want_grad in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(got_grad, want_grad, **tol)
 
 
 @pytest.mark.parametrize(
@@ -359,7 +362,8 @@ def test_cpu_fast_path_backward_with_expanded_grad() -> None:
     inputs = [t.requires_grad_() for t in _op_inputs((3, 2, 4, 4), False) if t is not None]
     torch.ops.bkn.batch_kalman_norm(*inputs, EPS, 0.0)[0].sum().backward()
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    step = Fk.batch_kalman_norm(*reference_inputs, EPS)  # type: ignore[call-arg]
+    x, m, v, p, w, b = reference_inputs
+    step = Fk.batch_kalman_norm(x, m, v, p, w, b, EPS)
     want = torch.autograd.grad(step.output.sum(), reference_inputs)
     for leaf, expected in zip(inputs, want):
         torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-10)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -335,6 +336,97 @@ def test_sweep_forward_and_backward(interpreter: InterpreterProcess, case: Case)
     inputs = make_inputs(case)
     check_forward(interpreter, inputs)
     check_backward(interpreter, inputs)
+
+
+# --------------------------------------------------------------------------- ahead-of-time compilation for a GPU
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _recorded_kernel_calls(monkeypatch: pytest.MonkeyPatch, case: Case, fallback_ratio: float, affine: bool) -> list:
+    """Run both launchers with every kernel replaced by a recorder; returns (kernel, args, kwargs) per launch."""
+    from bkn_export.kernels import backward, forward
+
+    calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    class Recorder:
+        def __init__(self, kernel: Any) -> None:
+            self.kernel = kernel
+
+        def __getitem__(self, grid: object) -> Any:
+            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
+
+    for module in (forward, backward):
+        for name, value in list(vars(module).items()):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Recorder(value))
+    inputs = make_inputs(case, affine=affine)
+    forward.batch_kalman_norm_forward(*inputs.forward_args(fallback_ratio))  # type: ignore[arg-type]
+    backward.batch_kalman_norm_backward(*inputs.backward_args(fallback_ratio))  # type: ignore[arg-type]
+    return calls
+
+
+def _compile_for_hopper(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """triton.compile for sm_90 with the signature and specializations a launch with these args gets."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature: dict[str, str] = {}
+    constants: dict[str, Any] = {}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    for name, value in [*zip(kernel.arg_names, args), *kwargs.items()]:
+        param = kernel.params[kernel.arg_names.index(name)]
+        if param.is_constexpr or (type(value) is int and value == 1):  # Triton specializes ints equal to 1
+            signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+        else:
+            signature[name] = {int: "i32", float: "fp32"}[type(value)]
+    source = ASTSource(kernel, signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+_COMPILE_DEFAULT = [(Case((4, 6, 5, 7), F16, channels_last=True), 2.0, False)]
+_COMPILE_ALL = [
+    (Case((3, 6, 5, 7), F32), 0.0, True),
+    (Case((2, 40, 9, 11), BF16), 0.5, True),
+    (Case((32, 256, 56, 56), F16, channels_last=True), 0.0, True),
+    (Case((32, 64, 56, 56), F32), 0.0, True),
+    (Case((8, 37), F32), 0.0, False),
+]
+
+
+def _check_compiles(monkeypatch: pytest.MonkeyPatch, case: Case, fallback_ratio: float, affine: bool) -> None:
+    if bkn_export.kernels.triton_installed() is False:
+        pytest.skip("the kernels need the triton package (pip install triton)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process; kernels are interpreted, not compiled")
+    calls = _recorded_kernel_calls(monkeypatch, case, fallback_ratio, affine)
+    assert len(calls) == (8 if fallback_ratio > 0 else 6)
+    for kernel, args, kwargs in calls:
+        compiled = _compile_for_hopper(kernel, args, dict(kwargs))
+        assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin"
+
+
+@pytest.mark.parametrize(("case", "fallback_ratio", "affine"), _COMPILE_DEFAULT, ids=str)
+def test_kernels_compile_for_an_h100(
+    monkeypatch: pytest.MonkeyPatch, case: Case, fallback_ratio: float, affine: bool
+) -> None:
+    """Every kernel the launchers start compiles to an sm_90 cubin (Triton's own ptxas; no GPU needed).
+
+    The interpreter runs the kernels as NumPy; this is what checks that they also pass
+    Triton's compiler (types of loop-carried values, constexpr branches, layouts).
+    """
+    _check_compiles(monkeypatch, case, fallback_ratio, affine)
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize(("case", "fallback_ratio", "affine"), _COMPILE_ALL, ids=str)
+def test_sweep_kernels_compile_for_an_h100(
+    monkeypatch: pytest.MonkeyPatch, case: Case, fallback_ratio: float, affine: bool
+) -> None:
+    _check_compiles(monkeypatch, case, fallback_ratio, affine)
 
 
 # --------------------------------------------------------------------------- layout (no Triton needed)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, 
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 from bkn_export.nn import _BatchKalmanNorm
 
-TOL = {"rtol": 1e-6, "atol": 1e-6}
+TOL: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}
 C = 4
 
 # (BatchNorm class, BKN class, input shape)
@@ -49,14 +50,25 @@ def _first_in_chain(bkn: _BatchKalmanNorm, shape: tuple[int, ...]) -> nn.Module:
     return model
 
 
+def _bkn(module: nn.Module) -> _BatchKalmanNorm:
+    assert isinstance(module, _BatchKalmanNorm)
+    return module
+
+
+def _affine(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    assert isinstance(weight, Tensor) and isinstance(bias, Tensor)
+    return weight, bias
+
+
 def _randomise_affine(*layers: nn.Module) -> None:
     torch.manual_seed(3)
     weight, bias = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
     with torch.no_grad():
         for layer in layers:
             if getattr(layer, "weight", None) is not None:
-                layer.weight.copy_(weight)
-                layer.bias.copy_(bias)
+                for target, value in zip(_affine(layer), (weight, bias)):
+                    target.copy_(value)
 
 
 @pytest.mark.parametrize(("bn_cls", "bkn_cls", "shape"), LAYER_CASES)
@@ -77,11 +89,11 @@ def test_layer_without_predecessor_is_batchnorm(
     wiring: str,
 ) -> None:
     """Three train steps then eval: outputs, running stats, num_batches_tracked, gradients equal BatchNorm's."""
-    options = {"momentum": momentum, "affine": affine, "track_running_stats": track_running_stats}
+    options: dict[str, Any] = {"momentum": momentum, "affine": affine, "track_running_stats": track_running_stats}
     bn = bn_cls(C, **options).double()
     bkn = bkn_cls(C, **options).double()
     _randomise_affine(bn, bkn)
-    run = bkn
+    run: nn.Module = bkn
     outputs: list[Tensor] = []
     if wiring == "first-in-chain":
         run = _first_in_chain(bkn, shape)
@@ -101,14 +113,15 @@ def test_layer_without_predecessor_is_batchnorm(
         y_bkn.backward(grad_y)
         torch.testing.assert_close(x_bkn.grad, x.grad, **TOL)
         if affine:
-            torch.testing.assert_close(bkn.weight.grad, bn.weight.grad, **TOL)
-            torch.testing.assert_close(bkn.bias.grad, bn.bias.grad, **TOL)
+            for mine, theirs in zip(_affine(bkn), _affine(bn)):
+                torch.testing.assert_close(mine.grad, theirs.grad, **TOL)
             bn.zero_grad()
             bkn.zero_grad()
         if track_running_stats:
             torch.testing.assert_close(bkn.running_mean, bn.running_mean, **TOL)
             torch.testing.assert_close(bkn.running_var, bn.running_var, **TOL)
-            assert int(bkn.num_batches_tracked) == int(bn.num_batches_tracked) == step + 1
+            assert bkn.num_batches_tracked is not None
+            assert int(bkn.num_batches_tracked) == int(bn.get_buffer("num_batches_tracked")) == step + 1
         else:
             assert bkn.running_mean is None and bkn.running_var is None and bkn.num_batches_tracked is None
 
@@ -150,7 +163,7 @@ def test_eval_mode_uses_running_statistics_only() -> None:
     for _ in range(3):
         model(torch.randn(4, 3, 6, 6))
     model.eval()
-    layer = model[4]
+    layer = _bkn(model[4])
     x = torch.randn(3, 5, 6, 6)
     expected = F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
@@ -183,7 +196,7 @@ def test_wired_layer_blends_prior_and_gradients_reach_the_chain(transition: str)
     model.train()
     x = torch.randn(2, 3, 6, 6)
     y = model(x)
-    layer = model[4]
+    layer = _bkn(model[4])
     hidden = model[:4](x)  # what the second norm saw
     batchnorm = F.batch_norm(hidden, None, None, layer.weight, layer.bias, True)
     assert not torch.allclose(model[:5](x), batchnorm, atol=1e-3)
@@ -198,7 +211,7 @@ def test_no_posterior_is_held_after_a_forward() -> None:
     model = _wired_chain()
     model.train()
     model(torch.randn(2, 3, 6, 6)).sum().backward()
-    chain = model[1]._chain
+    chain = _bkn(model[1])._chain
     assert chain is not None and chain.posteriors == {}
     for name, module in model.named_modules():
         stray = [k for k, v in vars(module).items() if isinstance(v, Tensor)]
@@ -219,6 +232,16 @@ def test_sampled_prior_draws_fresh_noise_each_step() -> None:
     torch.testing.assert_close(first, again)
 
 
+def test_sampled_prior_does_not_fire_the_feeding_layers_hooks() -> None:
+    """The Monte Carlo sample goes through the conv's forward, not its __call__: hooks see activations only."""
+    model = _wired_chain("sampled", prior_weight=0.9)
+    calls: list[int] = []
+    model[3].register_forward_hook(lambda _m, _i, _o: calls.append(1))
+    model.train()
+    model(torch.randn(2, 3, 6, 6))
+    assert len(calls) == 1
+
+
 # --------------------------------------------------------------------------- batch size 1
 
 
@@ -231,21 +254,21 @@ def test_batch_of_one_trains_where_batchnorm_refuses() -> None:
         nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), BatchKalmanNorm1d(C, prior_weight=0.5)
     )
     wire_chain(model, torch.randn(2, 3))
-    first, second = model[1], model[4]
+    first, second = _bkn(model[1]), _bkn(model[4])
     with torch.no_grad():
-        first.bias.copy_(torch.arange(C, dtype=torch.float32))
+        _affine(first)[1].copy_(torch.arange(C, dtype=torch.float32))
     model.train()
     outputs: dict[str, Tensor] = {}
     first.register_forward_hook(lambda _m, _i, out: outputs.__setitem__("first", out))
     y = model(torch.randn(1, 3))
     # first layer: n = 1, S = 0, so y = γ (x - x̄)/sqrt(ε) + β = β exactly up to rounding
-    torch.testing.assert_close(outputs["first"], first.bias.detach().unsqueeze(0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs["first"], _affine(first)[1].detach().unsqueeze(0), atol=1e-4, rtol=0)
     # running variance takes the posterior variance unscaled at n = 1 (it is 0 here)
     torch.testing.assert_close(first.running_var, torch.full((C,), 0.9))
     assert torch.isfinite(y).all()
     # the wired layer's posterior variance is the prior's p·Σ_pred + p q d² > 0: not collapsed onto β
-    assert (second.running_var > 0.9).all()
-    assert not torch.allclose(y, second.bias.detach().unsqueeze(0), atol=1e-3)
+    assert second.running_var is not None and bool((second.running_var > 0.9).all())
+    assert not torch.allclose(y, _affine(second)[1].detach().unsqueeze(0), atol=1e-3)
     y.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -272,7 +295,7 @@ def _named_model() -> nn.Module:
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bad_input_names_the_layer_and_the_problem(x: Tensor, problem: str, training: bool) -> None:
     model = _named_model()
-    layer = model.features[1]
+    layer = _bkn(model.get_submodule("features.1"))
     layer.train(training)
     with pytest.raises(BKNInputError, match=problem) as info:
         layer(x)

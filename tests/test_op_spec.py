@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,7 +30,11 @@ ORT_LEVELS = [
     ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 ]
-_ONNX_TYPES = {np.float32: onnx.TensorProto.FLOAT, np.float64: onnx.TensorProto.DOUBLE, np.float16: onnx.TensorProto.FLOAT16}
+_ONNX_TYPES: dict[Any, int] = {
+    np.float32: onnx.TensorProto.FLOAT,
+    np.float64: onnx.TensorProto.DOUBLE,
+    np.float16: onnx.TensorProto.FLOAT16,
+}
 
 
 def single_node_model(
@@ -41,7 +46,7 @@ def single_node_model(
 ) -> onnx.ModelProto:
     """A model with one BatchKalmanNorm node, every port a graph input/output, and the function body."""
     schema.register_schema()
-    attrs = {**op_spec.attribute_defaults(), **attributes}
+    attrs: dict[str, Any] = {**op_spec.attribute_defaults(), **attributes}
     node = helper.make_node(
         op_spec.OP_TYPE,
         [p.name for p in op_spec.INPUTS],
@@ -87,7 +92,9 @@ def reference(feeds: dict[str, np.ndarray], epsilon: float, fallback_ratio: floa
     return [step.output.numpy(), step.posterior_mean.numpy(), step.posterior_variance.numpy()]
 
 
-def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: ort.GraphOptimizationLevel) -> list[np.ndarray]:
+def run_ort(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: ort.GraphOptimizationLevel
+) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.intra_op_num_threads = 1
@@ -182,7 +189,7 @@ def test_half_input_keeps_float32_statistics() -> None:
     onnx.checker.check_model(model, full_check=True)
     feeds = random_feeds((4, 3, 6, 6), np.float16, np.float32)
     expected = reference(feeds, 1e-5, 0.0)
-    got = ReferenceEvaluator(model).run(None, feeds)
+    got: list[Any] = list(ReferenceEvaluator(model).run(None, feeds))
     assert [g.dtype for g in got] == [np.float16, np.float32, np.float32]
     np.testing.assert_allclose(got[1], expected[1], rtol=0, atol=1e-6)
     np.testing.assert_allclose(got[2], expected[2], rtol=0, atol=1e-5)
@@ -234,7 +241,9 @@ def _doc() -> str:
 def test_doc_lists_every_port_and_attribute_of_op_spec() -> None:
     text = _doc()
     for port in (*op_spec.INPUTS, *op_spec.OUTPUTS):
-        assert re.search(rf"^\| `{port.name}` \| {port.type_var} \| `{re.escape(port.shape)}` \|", text, re.M), port.name
+        assert re.search(rf"^\| `{port.name}` \| {port.type_var} \| `{re.escape(port.shape)}` \|", text, re.M), (
+            port.name
+        )
     for attribute in op_spec.ATTRIBUTES:
         default = f'"{attribute.default}"' if isinstance(attribute.default, str) else repr(attribute.default)
         row = rf"^\| `{attribute.name}` \| {attribute.kind} \| `{re.escape(default)}` \|"
@@ -245,7 +254,7 @@ def test_doc_lists_every_port_and_attribute_of_op_spec() -> None:
     assert f"opsets {op_spec.MIN_OPSET} to {op_spec.MAX_OPSET}" in text
 
 
-def _worked_example() -> dict[str, object]:
+def _worked_example() -> dict[str, Any]:
     match = re.search(r"<!-- worked-example -->\s*```json\n(.*?)```", _doc(), re.S)
     assert match, "the worked example block is missing from the doc"
     return json.loads(match.group(1))

@@ -27,7 +27,7 @@ SETTINGS = settings(max_examples=40, deadline=None, database=None, suppress_heal
 
 
 @st.composite
-def steps(draw: st.DrawFn) -> dict[str, object]:
+def steps(draw: st.DrawFn) -> dict[str, Tensor]:
     """One op call: x (float64 master copy) and float64 per-channel inputs."""
     rank = draw(st.integers(2, 5))
     batch = draw(st.integers(1, 8))
@@ -53,33 +53,33 @@ def steps(draw: st.DrawFn) -> dict[str, object]:
 
 
 def _run(
-    case: dict[str, object], dtype: torch.dtype, memory_format: torch.memory_format | None = None
+    case: dict[str, Tensor], dtype: torch.dtype, memory_format: torch.memory_format | None = None
 ) -> tuple[Tensor, ...]:
-    x = case["x"].to(dtype)  # type: ignore[union-attr]
+    x = case["x"].to(dtype)
     if memory_format is not None:
         x = x.contiguous(memory_format=memory_format)
     acc = Fk.statistics_dtype(dtype)
-    per_channel = [case[k].to(acc) for k in ("prior_mean", "prior_variance", "prior_weight", "weight", "bias")]  # type: ignore[union-attr]
+    per_channel = [case[k].to(acc) for k in ("prior_mean", "prior_variance", "prior_weight", "weight", "bias")]
     return tuple(torch.ops.bkn.batch_kalman_norm(x, *per_channel, EPS, 0.0))
 
 
-def _scale_of_terms(case: dict[str, object], variance: Tensor) -> float:
+def _scale_of_terms(case: dict[str, Tensor], variance: Tensor) -> float:
     """Largest |γ (x - μ) / sqrt(Σ + ε)| term bound: rounding in x - μ is amplified by it.
 
     At n = 1 without a prior Σ = 0 and the amplification is 1/sqrt(ε) ≈ 316."""
     x = case["x"]
     weight = case["weight"]
-    bound = (x.abs().max() + 1.0) * weight.abs().max() * (variance.double() + EPS).rsqrt().max()  # type: ignore[union-attr]
+    bound = (x.abs().max() + 1.0) * weight.abs().max() * (variance.double() + EPS).rsqrt().max()
     return float(bound)
 
 
 @SETTINGS
 @given(steps(), st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
-def test_outputs_are_finite_and_keep_shape_and_dtype(case: dict[str, object], dtype: torch.dtype) -> None:
+def test_outputs_are_finite_and_keep_shape_and_dtype(case: dict[str, Tensor], dtype: torch.dtype) -> None:
     y, mean, variance = _run(case, dtype)
     x = case["x"]
-    assert y.shape == x.shape and y.dtype == dtype  # type: ignore[union-attr]
-    assert mean.shape == variance.shape == (x.shape[1],)  # type: ignore[union-attr]
+    assert y.shape == x.shape and y.dtype == dtype
+    assert mean.shape == variance.shape == (x.shape[1],)
     assert mean.dtype == variance.dtype == Fk.statistics_dtype(dtype)
     assert torch.isfinite(y).all() and torch.isfinite(mean).all() and torch.isfinite(variance).all()
     assert (variance >= 0).all()
@@ -87,11 +87,11 @@ def test_outputs_are_finite_and_keep_shape_and_dtype(case: dict[str, object], dt
 
 @SETTINGS
 @given(steps())
-def test_float32_agrees_with_float64(case: dict[str, object]) -> None:
+def test_float32_agrees_with_float64(case: dict[str, Tensor]) -> None:
     """Tolerance: 1e-5 relative on the statistics; on y, 1e-5 of the largest normalization term."""
     y64, mean64, variance64 = _run(case, torch.float64)
     y32, mean32, variance32 = _run(case, torch.float32)
-    spread = float(case["x"].abs().max()) + 1.0  # type: ignore[union-attr]
+    spread = float(case["x"].abs().max()) + 1.0
     torch.testing.assert_close(mean32.double(), mean64, rtol=1e-5, atol=1e-6 * spread)
     torch.testing.assert_close(variance32.double(), variance64, rtol=1e-4, atol=1e-6 * spread**2)
     torch.testing.assert_close(y32.double(), y64, rtol=1e-5, atol=1e-5 * _scale_of_terms(case, variance64))
@@ -99,9 +99,9 @@ def test_float32_agrees_with_float64(case: dict[str, object]) -> None:
 
 @SETTINGS
 @given(steps(), st.sampled_from([torch.float16, torch.bfloat16]))
-def test_half_types_accumulate_in_float32(case: dict[str, object], dtype: torch.dtype) -> None:
+def test_half_types_accumulate_in_float32(case: dict[str, Tensor], dtype: torch.dtype) -> None:
     """On the same (half-representable) values, half and float32 share statistics; y differs by output rounding."""
-    half_case = dict(case, x=case["x"].to(dtype).double())  # type: ignore[union-attr]
+    half_case = dict(case, x=case["x"].to(dtype).double())
     y_half, mean_half, variance_half = _run(half_case, dtype)
     y32, mean32, variance32 = _run(half_case, torch.float32)
     torch.testing.assert_close(mean_half, mean32, rtol=1e-6, atol=1e-6)
@@ -113,9 +113,9 @@ def test_half_types_accumulate_in_float32(case: dict[str, object], dtype: torch.
 
 
 @SETTINGS
-@given(steps().filter(lambda c: c["x"].dim() in (4, 5)), st.sampled_from([torch.float64, torch.float32]))  # type: ignore[union-attr]
-def test_channels_last_gives_the_same_values(case: dict[str, object], dtype: torch.dtype) -> None:
-    memory_format = torch.channels_last if case["x"].dim() == 4 else torch.channels_last_3d  # type: ignore[union-attr]
+@given(steps().filter(lambda c: c["x"].dim() in (4, 5)), st.sampled_from([torch.float64, torch.float32]))
+def test_channels_last_gives_the_same_values(case: dict[str, Tensor], dtype: torch.dtype) -> None:
+    memory_format = torch.channels_last if case["x"].dim() == 4 else torch.channels_last_3d
     contiguous = _run(case, dtype)
     channels_last = _run(case, dtype, memory_format)
     unit = torch.finfo(dtype).eps

@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from test_runtime_support import digits_inputs, exported_digits
 
 from bkn_export.errors import RuntimeLoadError, UnknownRuntimeError
 from runtime.backends.ort import OPTIMIZATION_LEVELS, OnnxRuntimeBackend
 from runtime.backends.reference import ReferenceEvaluatorBackend
 from runtime.registry import discover, select
-from test_runtime_support import digits_inputs, exported_digits
 
 
 def _gemm_relu_model(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,9 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from test_runtime_support import exported_digits, trained_digits
 
 from bkn_export.cli import main
-from test_runtime_support import exported_digits, trained_digits
 
 SPEC = "bkn_export.models:digits_resnet"
 
@@ -23,7 +23,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_parity_exit_0_and_reports_written(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_parity_exit_0_and_reports_written(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = [
         "parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("inference")),
         "--runtimes", "ort:cpu:all,reference", "--input-shape", "3,1,8,8",
@@ -38,7 +40,15 @@ def test_parity_exit_0_and_reports_written(tmp_path: Path, checkpoint: Path, cap
 
 
 def test_parity_training_mode_is_detected(checkpoint: Path) -> None:
-    argv = ["parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("training")), "--runtimes", "ort:cpu:all"]
+    argv = [
+        "parity",
+        SPEC,
+        "--checkpoint",
+        str(checkpoint),
+        str(exported_digits("training")),
+        "--runtimes",
+        "ort:cpu:all",
+    ]
     assert main(argv) == 0
 
 
@@ -85,8 +95,18 @@ def test_parity_exit_2_on_missing_file_and_bad_checkpoint(tmp_path: Path, checkp
     assert main(["parity", SPEC, "--checkpoint", str(broken), str(exported_digits("inference"))]) == 2
 
 
-def test_parity_exit_2_when_no_chosen_runtime_is_available(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("inference")), "--runtimes", "ort:cuda"]
+def test_parity_exit_2_when_no_chosen_runtime_is_available(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "parity",
+        SPEC,
+        "--checkpoint",
+        str(checkpoint),
+        str(exported_digits("inference")),
+        "--runtimes",
+        "ort:cuda",
+    ]
     from runtime.registry import discover
 
     if any(e.name.startswith("ort:cuda") and e.availability.ok for e in discover()):

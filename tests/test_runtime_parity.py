@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_runtime_support import digits_inputs, exported_digits, trained_digits
 
 from bkn_export.errors import BKNInputError, ModelFileError, RuntimeLoadError, UnknownRuntimeError
 from runtime.model_io import detect_mode
 from runtime.parity import run_parity
-from test_runtime_support import digits_inputs, exported_digits, trained_digits
 
 
 @pytest.mark.parametrize("mode", ["inference", "training"])
@@ -113,7 +113,7 @@ def test_truncated_onnx_file_is_rejected_with_its_path(tmp_path: Path) -> None:
 def test_corrupt_and_missing_onnx_files_are_rejected(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07garbage\xff\xfe" * 50)
-    with pytest.raises(ModelFileError, match="corrupt.onnx"):
+    with pytest.raises(ModelFileError, match=r"corrupt\.onnx"):
         run_parity(trained_digits(), corrupt, digits_inputs())
     with pytest.raises(ModelFileError, match="does not exist"):
         run_parity(trained_digits(), tmp_path / "absent.onnx", digits_inputs())
@@ -150,7 +150,10 @@ def test_missing_custom_op_library_is_rejected_before_running(tmp_path: Path) ->
         )
     with pytest.raises(RuntimeLoadError, match=r"TensorRT plugin library .*libbkn_trt\.so does not exist"):
         run_parity(
-            trained_digits(), exported_digits("training"), digits_inputs(), plugin_libraries=[tmp_path / "libbkn_trt.so"]
+            trained_digits(),
+            exported_digits("training"),
+            digits_inputs(),
+            plugin_libraries=[tmp_path / "libbkn_trt.so"],
         )
 
 
@@ -159,5 +162,21 @@ def test_custom_op_without_function_body_or_library_says_what_to_load(tmp_path: 
     del stripped.functions[:]
     path = tmp_path / "stripped.onnx"
     onnx.save(stripped, path)
-    with pytest.raises(RuntimeLoadError, match=r"ai\.bkn::BatchKalmanNorm, which has no ONNX function body.*mode='training'"):
+    with pytest.raises(
+        RuntimeLoadError, match=r"ai\.bkn::BatchKalmanNorm, which has no ONNX function body.*mode='training'"
+    ):
         run_parity(trained_digits(), path, digits_inputs(), mode="training")
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_parity_leaves_the_models_mode_and_statistics_as_found(mode: str) -> None:
+    model = trained_digits()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        run_parity(model, exported_digits(mode), digits_inputs(), mode=mode, runtimes="reference")
+        assert all(m.training for m in model.modules())
+        for key, value in model.state_dict().items():
+            assert (value == before[key]).all(), key
+    finally:
+        model.train()

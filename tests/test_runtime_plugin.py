@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_runtime_support import trained_digits
 
 from bkn_export.errors import ParityMismatchError
 from runtime import assert_parity
-from test_runtime_support import trained_digits
 
 
 def test_plugin_module_imports_nothing_heavy() -> None:

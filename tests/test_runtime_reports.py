@@ -12,13 +12,13 @@ from pathlib import Path
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_runtime_support import digits_inputs, exported_digits, trained_digits, workdir
 
 from runtime.parity import SCHEMA_VERSION, ParityReport, run_parity
 from runtime.report import SCHEMA_PATH, load_schema, render_html, report_text, write_html, write_json
-from test_runtime_support import digits_inputs, exported_digits, trained_digits, workdir
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def failing_report() -> ParityReport:
     """A parity run on a model with one perturbed weight: passes on nothing, localised."""
     model = onnx.load(exported_digits("inference"))
@@ -32,7 +32,7 @@ def failing_report() -> ParityReport:
     return run_parity(trained_digits(), path, digits_inputs(), runtimes="ort:cpu,reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def passing_report() -> ParityReport:
     return run_parity(trained_digits(), exported_digits("training"), digits_inputs(), mode="training")
 
@@ -101,8 +101,7 @@ def test_html_report_renders_in_headless_chromium_with_plots_visible(tmp_path: P
     # Replace the document with the decoded sizes of its images once loaded, then dump it.
     probe = tmp_path / "probe.html"
     probe.write_text(
-        page.read_text()
-        + "<script>window.addEventListener('load',()=>{document.title='sizes:'+"
+        page.read_text() + "<script>window.addEventListener('load',()=>{document.title='sizes:'+"
         "[...document.images].map(i=>i.complete?i.naturalWidth+'x'+i.naturalHeight:'0x0').join(',');});</script>"
     )
     flags = [

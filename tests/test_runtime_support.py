@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from bkn_export.export import export_onnx
 from bkn_export.models import digits_resnet
@@ -21,8 +21,8 @@ from bkn_export.models import digits_resnet
 _WORKDIR = Path(tempfile.mkdtemp(prefix="bkn-runtime-tests-"))
 
 
-@functools.lru_cache(maxsize=None)
-def trained_digits() -> nn.Module:
+@functools.cache
+def trained_digits() -> Any:  # a DigitsResNet (Any: tests reach into its submodules)
     """A digits_resnet('bkn') after 3 train-mode steps at batch 2 (statistics and chain exercised)."""
     torch.manual_seed(0)
     model = digits_resnet("bkn")
@@ -36,7 +36,7 @@ def trained_digits() -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported_digits(mode: str) -> Path:
     """``trained_digits()`` exported with ``export_onnx(..., mode=mode)`` (dynamic batch)."""
     path = _WORKDIR / f"digits_{mode}.onnx"

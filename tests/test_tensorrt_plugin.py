@@ -338,6 +338,18 @@ def test_backend_load_refuses_when_unavailable(tmp_path: Path) -> None:
         backend.load(str(tmp_path / "model.onnx"))
 
 
+def test_backend_profile_spans_the_dynamic_batch() -> None:
+    """One optimization profile: dynamic dim 0 from 1 to max_batch, fixed dims as declared."""
+    backend = TensorRTBackend(max_batch=16, opt_batch=4)
+    assert backend._profile("X", (-1, 8, 5, 5)) == ((1, 8, 5, 5), (4, 8, 5, 5), (16, 8, 5, 5))
+    assert backend._profile("prior_mean", (8,)) == ((8,), (8,), (8,))
+    assert backend._profile("step", ()) == ((), (), ())
+    explicit = TensorRTBackend(profile_shapes={"X": ((1, 8, 2, 2), (2, 8, 4, 4), (4, 8, 8, 8))})
+    assert explicit._profile("X", (-1, 8, -1, -1)) == ((1, 8, 2, 2), (2, 8, 4, 4), (4, 8, 8, 8))
+    with pytest.raises(RuntimeLoadError, match=r"'X' has dynamic non-batch dims.*profile_shapes"):
+        backend._profile("X", (-1, 8, -1, -1))
+
+
 def test_missing_plugin_library_is_named(tmp_path: Path) -> None:
     missing = tmp_path / DYNAMIC_LIBRARY_NAME
     with pytest.raises(PluginLibraryNotFoundError, match=re.escape(str(missing))):
@@ -386,6 +398,14 @@ def test_kernel_launcher_rejects_empty_shapes_before_touching_the_gpu(
     pointers = [ctypes.c_void_p(16)] * 11  # never dereferenced: the shape is checked first
     status = api.bkn_batch_kalman_norm_forward(0, batch, channels, spatial, 1e-5, 0.0, *pointers)
     assert status == CUDA_ERROR_INVALID_VALUE
+
+
+def test_kernel_launcher_rejects_missing_tensors_before_touching_the_gpu(kernel_library: Path) -> None:
+    api = _kernel_api(kernel_library)
+    pointers = [ctypes.c_void_p(16)] * 11
+    for missing in range(10):  # x, the five (C,) inputs, y, both posteriors, the workspace
+        with_null = [ctypes.c_void_p(None) if i == missing else p for i, p in enumerate(pointers)]
+        assert api.bkn_batch_kalman_norm_forward(0, 2, 4, 1, 1e-5, 0.0, *with_null) == CUDA_ERROR_INVALID_VALUE
 
 
 def test_kernel_launcher_rejects_an_unknown_element_type(kernel_library: Path) -> None:

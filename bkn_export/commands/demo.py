@@ -70,7 +70,8 @@ def _train(args: argparse.Namespace, data: Any, console: Any) -> tuple[Any, Any]
     epochs = args.steps * args.batch_size / len(data.x_train)
     config = TrainConfig(batch_size=args.batch_size, seed=args.seed, epochs=epochs)
     with Progress(
-        TextColumn("train (batch {task.fields[batch]})"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("train (batch {task.fields[batch]})"), BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
         TimeElapsedColumn(), console=console,
     ) as progress:  # fmt: skip
         task = progress.add_task("train", total=config.steps(len(data.x_train)), batch=args.batch_size)

@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_arguments", "run", "parse_named_shape", "parse_tolerance"]
+__all__ = ["add_arguments", "parse_named_shape", "parse_tolerance", "run"]
 
 
 def parse_named_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
@@ -171,7 +171,8 @@ def _run(args: argparse.Namespace) -> int:
         report = run_parity(
             model, args.onnx, inputs, mode=None if args.mode == "auto" else args.mode, runtimes=args.runtimes,
             atol=args.atol, rtol=args.rtol, tolerances=tolerances, custom_op_libraries=args.custom_op_library,
-            plugin_libraries=args.plugin, localise_failures=not args.no_localise, localise_method=args.localise_method, progress=on_event,
+            plugin_libraries=args.plugin, localise_failures=not args.no_localise,
+            localise_method=args.localise_method, progress=on_event,
             seed=args.seed, model_description=f"{args.spec}" + (f" + {args.checkpoint}" if args.checkpoint else ""),
         )  # fmt: skip
         progress.update(task, description="parity: finished")
@@ -181,6 +182,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"wrote {writer(report, path)}")
     if not report.ran:
         reasons = "; ".join(f"{r.runtime}: {r.reason}" for r in report.runtimes)
-        print(f"bkn parity: none of the chosen runtimes ({args.runtimes}) is available here: {reasons}", file=sys.stderr)
+        print(
+            f"bkn parity: none of the chosen runtimes ({args.runtimes}) is available here: {reasons}", file=sys.stderr
+        )
         return 2
     return 0 if report.passed else 1

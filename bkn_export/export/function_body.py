@@ -42,7 +42,7 @@ __all__ = ["function_proto", "onnxscript_function"]
 _VARIANCE_FLOOR = 1e-12
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onnxscript_function(opset_version: int) -> onnxscript.OnnxFunction:
     """The onnxscript function for ``BatchKalmanNorm`` against ONNX opset ``opset_version``."""
     op_spec.check_opset(opset_version)
@@ -52,13 +52,13 @@ def onnxscript_function(opset_version: int) -> onnxscript.OnnxFunction:
     # The function's name is the op type; inputs, outputs and attributes follow op_spec
     # (tests compare the generated FunctionProto with op_spec).
     @onnxscript.script(custom, default_opset=op)
-    def BatchKalmanNorm(  # noqa: N802  (the ONNX op type)
-        X,  # noqa: N803
+    def BatchKalmanNorm(
+        X,
         prior_mean,
         prior_variance,
         prior_weight,
         scale,
-        B,  # noqa: N803
+        B,
         epsilon: float = 1e-5,
         fallback_ratio: float = 0.0,
         plugin_version: str = "1",
@@ -89,9 +89,7 @@ def onnxscript_function(opset_version: int) -> onnxscript.OnnxFunction:
             op.Add(op.Mul(p, prior_variance), op.Mul(q, batch_variance)),
             op.Mul(op.Mul(p, q), op.Mul(innovation, innovation)),
         )
-        Y = op.BatchNormalization(  # noqa: N806
-            X, scale, B, posterior_mean, posterior_variance, epsilon=epsilon, training_mode=0
-        )
+        Y = op.BatchNormalization(X, scale, B, posterior_mean, posterior_variance, epsilon=epsilon, training_mode=0)
         return Y, posterior_mean, posterior_variance
 
     return BatchKalmanNorm

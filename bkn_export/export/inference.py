@@ -39,7 +39,7 @@ import bkn_export
 from bkn_export.errors import BKNError, ExportError, FoldError
 from bkn_export.export.checks import check_inference_ready
 from bkn_export.export.fold import fold
-from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_model_atomic
+from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, check_writable, save_model_atomic
 from bkn_export.export.metadata import FOLD_KINDS, attach_metadata, build_fold_report, fold_report_json, node_scopes
 from bkn_export.export.op_spec import MAX_OPSET, MIN_OPSET
 from bkn_export.export.result import ExportResult, FoldRecord
@@ -200,6 +200,7 @@ def export_inference(
     :class:`FoldError` (the guarantee broke) or :class:`ExportError` (exporter / write).
     """
     opset = resolve_opset(opset)
+    check_writable(path)  # fail before the (slow) export, not after
     inputs = _as_tuple(example_inputs)
     normalizations = [name for name, _ in check_inference_ready(model)]
     torch_report: list[FoldRecord] = []

@@ -25,7 +25,7 @@ from onnx.external_data_helper import set_external_data
 
 from bkn_export.errors import ExportError
 
-__all__ = ["DEFAULT_EXTERNAL_DATA_THRESHOLD", "model_tensors", "save_model_atomic", "tensor_bytes"]
+__all__ = ["DEFAULT_EXTERNAL_DATA_THRESHOLD", "check_writable", "model_tensors", "save_model_atomic", "tensor_bytes"]
 
 #: Models whose tensors exceed this many bytes are saved with external data.
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
@@ -96,6 +96,19 @@ def _temporary(directory: Path, name: str) -> Path:
     return Path(tmp_name)
 
 
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path if a file can be created there, else :class:`ExportError` naming it."""
+    target = Path(path)
+    directory = target.parent
+    if not directory.is_dir():
+        raise ExportError(f"cannot write {target}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise ExportError(f"cannot write {target}: directory {directory} is not writable")
+    if target.is_dir():
+        raise ExportError(f"cannot write {target}: it is a directory; give a file name such as model.onnx")
+    return target
+
+
 def save_model_atomic(
     model: onnx.ModelProto, path: str | os.PathLike[str], external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD
 ) -> Path:
@@ -108,14 +121,8 @@ def save_model_atomic(
     """
     if external_data_threshold < 0:
         raise ValueError(f"external_data_threshold must be >= 0, got {external_data_threshold}")
-    target = Path(path)
+    target = check_writable(path)
     directory = target.parent
-    if not directory.is_dir():
-        raise ExportError(f"cannot write {target}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ExportError(f"cannot write {target}: directory {directory} is not writable")
-    if target.is_dir():
-        raise ExportError(f"cannot write {target}: it is a directory; give a file name such as model.onnx")
     external = tensor_bytes(model) > external_data_threshold
     data_name = target.name + ".data"
     temporaries: list[Path] = []

@@ -17,23 +17,23 @@ from dataclasses import dataclass
 from bkn_export.errors import ExportError
 
 __all__ = [
+    "ATTRIBUTES",
+    "DOC",
     "DOMAIN",
     "DOMAIN_VERSION",
-    "OP_TYPE",
-    "PLUGIN_NAME",
-    "PLUGIN_VERSION",
-    "PLUGIN_NAMESPACE",
-    "MIN_OPSET",
-    "MAX_OPSET",
-    "Port",
-    "Attribute",
     "INPUTS",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "OP_TYPE",
     "OUTPUTS",
-    "ATTRIBUTES",
+    "PLUGIN_NAME",
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_VERSION",
     "TYPE_CONSTRAINTS",
-    "DOC",
-    "check_opset",
+    "Attribute",
+    "Port",
     "attribute_defaults",
+    "check_opset",
 ]
 
 DOMAIN = "ai.bkn"

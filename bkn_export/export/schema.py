@@ -15,7 +15,7 @@ from onnx import defs, shape_inference
 
 from bkn_export.export import op_spec
 
-__all__ = ["build_schema", "register_schema", "is_registered"]
+__all__ = ["build_schema", "is_registered", "register_schema"]
 
 _LOCK = threading.Lock()
 
@@ -36,7 +36,6 @@ def build_schema() -> defs.OpSchema:
             defs.OpSchema.Attribute(a.name, onnx.helper.make_attribute(a.name, a.default), a.doc)
             for a in op_spec.ATTRIBUTES
         ],
-        node_determinism=defs.OpSchema.NodeDeterminism.Deterministic,
     )
     schema.set_type_and_shape_inference_function(_infer)
     return schema

@@ -41,36 +41,37 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+import bkn_export
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ExportError, ModelFileError
 from bkn_export.export import function_body, op_spec, schema
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_model_atomic
+from bkn_export.export.metadata import attach_metadata
 from bkn_export.export.result import ExportResult
 from bkn_export.nn import _BatchKalmanNorm
 
 __all__ = [
     "DEFAULT_OPSET",
+    "POSTERIOR_MEAN_SUFFIX",
+    "POSTERIOR_VARIANCE_SUFFIX",
     "RUNNING_MEAN_SUFFIX",
     "RUNNING_VAR_SUFFIX",
     "UPDATED_SUFFIX",
-    "POSTERIOR_MEAN_SUFFIX",
-    "POSTERIOR_VARIANCE_SUFFIX",
     "TrainingGraphInfo",
-    "export_training",
     "attach_function",
     "check_training_model",
+    "export_training",
     "running_stat_names",
 ]
 
-#: Default ONNX opset of training-mode exports (the op is defined for MIN..MAX_OPSET).
-DEFAULT_OPSET = 18
+#: Default ONNX opset of training-mode exports (as the inference export; the op supports MIN..MAX_OPSET).
+DEFAULT_OPSET = 20
 RUNNING_MEAN_SUFFIX = ".running_mean"
 RUNNING_VAR_SUFFIX = ".running_var"
 #: Appended to a running-statistic input's name to name its updated value (an output).
 UPDATED_SUFFIX = "_out"
 POSTERIOR_MEAN_SUFFIX = ".posterior_mean"
 POSTERIOR_VARIANCE_SUFFIX = ".posterior_variance"
-_METADATA_PREFIX = "bkn."
 
 
 @dataclass
@@ -120,11 +121,13 @@ def _translate_batch_kalman_norm(
     to the statistics type U, as the op's type constraints require.
     """
     import onnxscript
-    from onnxscript import opset18 as op  # noqa: F401  (ops valid in every opset >= 18)
+    from onnxscript import opset18 as op
 
     custom = onnxscript.values.Opset(op_spec.DOMAIN, op_spec.DOMAIN_VERSION)
-    zeros = op.Mul(prior_mean, op.CastLike(op.Constant(value_float=0.0), prior_mean))
-    scale = op.Add(zeros, op.CastLike(op.Constant(value_float=1.0), prior_mean)) if weight is None else weight
+    zero: Any = op.Constant(value_float=0.0)
+    one: Any = op.Constant(value_float=1.0)
+    zeros = op.Mul(prior_mean, op.CastLike(zero, prior_mean))
+    scale = op.Add(zeros, op.CastLike(one, prior_mean)) if weight is None else weight
     shift = zeros if bias is None else bias
     if scale.dtype != prior_mean.dtype:
         scale = op.CastLike(scale, prior_mean)
@@ -205,7 +208,12 @@ class _TrainingGraph(nn.Module):
             assert isinstance(layer, _BatchKalmanNorm) and layer.momentum is not None
             flat.extend(
                 Fk.running_statistics_update(
-                    stats[2 * i], stats[2 * i + 1], step.posterior_mean, step.posterior_variance, layer.momentum, step.count
+                    stats[2 * i],
+                    stats[2 * i + 1],
+                    step.posterior_mean,
+                    step.posterior_variance,
+                    layer.momentum,
+                    step.count,
                 )
             )
         if self.expose_posteriors:
@@ -372,18 +380,13 @@ def export_training(
     attach_function(proto)
     node_layers = _name_nodes(proto)
     info = TrainingGraphInfo(tuple(node_layers), tuple(tracked), expose_posteriors)
-    metadata = _metadata(info, opset, fp16)
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    metadata = attach_metadata(proto, _metadata(info, opset, fp16, dynamic_batch, dynamic_spatial))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
         raise ExportError(f"export_training: the exported graph fails onnx.checker: {error}") from error
     target = save_model_atomic(proto, path, external_data_threshold)
-    return ExportResult(
-        path=Path(target), opset=opset, mode="training", metadata=metadata, extra={"graph": info}
-    )
+    return ExportResult(path=Path(target), opset=opset, mode="training", metadata=metadata, extra={"graph": info})
 
 
 def _output_names(
@@ -400,8 +403,14 @@ def _output_names(
     if graph.expose_posteriors:
         num_outputs -= 2 * len(graph.layer_names)
     if names is not None and len(names) != num_outputs:
-        raise ExportError(f"export_training: output_names has {len(names)} names but the model has {num_outputs} outputs")
-    result = list(names) if names is not None else (["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)])
+        raise ExportError(
+            f"export_training: output_names has {len(names)} names but the model has {num_outputs} outputs"
+        )
+    result = (
+        list(names)
+        if names is not None
+        else (["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)])
+    )
     for name in graph.running_stats:
         result += running_stat_names(name)[2:]
     if graph.expose_posteriors:
@@ -471,14 +480,20 @@ def _name_nodes(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _metadata(info: TrainingGraphInfo, opset: int, fp16: bool) -> dict[str, str]:
+def _metadata(
+    info: TrainingGraphInfo, opset: int, fp16: bool, dynamic_batch: bool, dynamic_spatial: bool
+) -> dict[str, str]:
+    """The ``bkn_export.*`` metadata entries (same keys as an inference export, plus the chain)."""
     return {
-        _METADATA_PREFIX + "mode": "training",
-        _METADATA_PREFIX + "op": f"{op_spec.DOMAIN}::{op_spec.OP_TYPE}@{op_spec.DOMAIN_VERSION}",
-        _METADATA_PREFIX + "opset": str(opset),
-        _METADATA_PREFIX + "layers": ",".join(info.layers),
-        _METADATA_PREFIX + "running_stats": ",".join(info.running_stats),
-        _METADATA_PREFIX + "fp16": str(bool(fp16)).lower(),
+        "version": bkn_export.__version__,
+        "mode": "training",
+        "opset": str(opset),
+        "fp16": str(bool(fp16)).lower(),
+        "dynamic_batch": str(bool(dynamic_batch)).lower(),
+        "dynamic_spatial": str(bool(dynamic_spatial)).lower(),
+        "op": f"{op_spec.DOMAIN}::{op_spec.OP_TYPE}@{op_spec.DOMAIN_VERSION}",
+        "layers": ",".join(info.layers),
+        "running_stats": ",".join(info.running_stats),
     }
 
 

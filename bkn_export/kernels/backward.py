@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bkn_export.errors import BKNInputError
 from bkn_export.kernels.common import (
     channel_shift,
     fallback_fired,
@@ -408,7 +409,10 @@ def batch_kalman_norm_backward(
     """
     x_work = working_tensor(x)
     if grad_output.shape != x.shape:
-        raise ValueError(f"BKN Triton backward: grad_output {tuple(grad_output.shape)} must match x {tuple(x.shape)}")
+        raise BKNInputError(
+            f"BKN Triton backward: grad_output has shape {tuple(grad_output.shape)} but x has {tuple(x.shape)}; "
+            "pass the gradient of the op's output y"
+        )
     grad_work = grad_output
     if grad_output.stride() != x_work.stride():  # one set of strides for every (N, C, *) tensor
         grad_work = torch.empty_like(x_work, dtype=grad_output.dtype).copy_(grad_output)

@@ -58,7 +58,7 @@ def _captured_stderr() -> Iterator[list[str]]:
             captured.append(sink.read().decode("utf-8", "replace"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_provider(provider: str) -> Availability:
     """Create a session for a one-node model on ``provider`` and check it stayed there."""
     try:
@@ -100,9 +100,7 @@ class OnnxRuntimeBackend(Backend):
     :class:`RuntimeLoadError` naming it.
     """
 
-    def __init__(
-        self, provider: str, level: str, custom_op_libraries: Sequence[str | os.PathLike[str]] = ()
-    ) -> None:
+    def __init__(self, provider: str, level: str, custom_op_libraries: Sequence[str | os.PathLike[str]] = ()) -> None:
         if level not in OPTIMIZATION_LEVELS:
             raise ValueError(f"unknown optimisation level {level!r}; choose one of {list(OPTIMIZATION_LEVELS)}")
         self.provider = provider

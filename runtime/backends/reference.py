@@ -39,7 +39,9 @@ class ReferenceEvaluatorBackend(Backend):
         try:
             self._evaluator = ReferenceEvaluator(onnx.load(model_path))
         except Exception as error:
-            raise RuntimeLoadError(f"{self.name}: the ONNX reference evaluator cannot load {model_path}: {error}") from error
+            raise RuntimeLoadError(
+                f"{self.name}: the ONNX reference evaluator cannot load {model_path}: {error}"
+            ) from error
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._evaluator is None:

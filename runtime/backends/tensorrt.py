@@ -174,11 +174,10 @@ class TensorRTBackend(Backend):
                 f"TensorRT backend: input {name!r} has dynamic non-batch dims {tuple(shape)}; "
                 "pass profile_shapes={name: (min, opt, max)} to TensorRTBackend"
             )
-        first = shape[0] if shape else 1
-        rest = tuple(shape[1:])
-        if first >= 0:
-            fixed = (first, *rest)
+        if not shape or shape[0] >= 0:
+            fixed = tuple(shape)
             return fixed, fixed, fixed
+        rest = tuple(shape[1:])
         return (1, *rest), (self._opt_batch, *rest), (self._max_batch, *rest)
 
     def load(self, model_path: str) -> None:

@@ -12,8 +12,9 @@ localisation (:mod:`runtime.localize`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,13 +89,8 @@ class TorchEagerBackend(Backend):
         names = self.input_names or list(inputs)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         args = [torch.from_numpy(np.ascontiguousarray(inputs[name])).to(device) for name in names]
-        was_training = {m: m.training for m in self.model.modules()}
-        try:
-            with torch.no_grad():
-                result = model(*args)
-        finally:
-            for module, training in was_training.items():
-                module.training = training
+        with torch.no_grad():
+            result = model(*args)
         leaves = [t.detach().cpu().numpy() for t in _tensor_leaves(result)]
         output_names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
         if len(leaves) > len(output_names):
@@ -108,12 +104,28 @@ class TorchEagerBackend(Backend):
         # PyTorch counterpart and are left out; fewer would be a wrong model/ONNX pairing.
         return dict(zip(output_names, leaves))
 
+    @contextlib.contextmanager
+    def _modes_kept(self) -> Iterator[None]:
+        """Leave every module of the user's model in the train/eval mode it was found in."""
+        was_training = {m: m.training for m in self.model.modules()}
+        try:
+            yield
+        finally:
+            for module, training in was_training.items():
+                module.training = training
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._forward(self._instance(), inputs)
+        with self._modes_kept():
+            return self._forward(self._instance(), inputs)
 
     def run_capturing(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], ModuleCapture]:
         """Run once with forward hooks on every named module; returns (outputs, capture)."""
-        model = self._instance()
+        with self._modes_kept():
+            return self._run_capturing(self._instance(), inputs)
+
+    def _run_capturing(
+        self, model: Any, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], ModuleCapture]:
         capture = ModuleCapture()
         handles = []
         for module_name, module in model.named_modules():

@@ -4,4 +4,13 @@ from runtime.report.html_report import render_html, write_html
 from runtime.report.json_report import SCHEMA_PATH, load_schema, report_to_dict, write_json
 from runtime.report.terminal import print_report, report_text
 
-__all__ = ["SCHEMA_PATH", "load_schema", "print_report", "render_html", "report_text", "report_to_dict", "write_html", "write_json"]
+__all__ = [
+    "SCHEMA_PATH",
+    "load_schema",
+    "print_report",
+    "render_html",
+    "report_text",
+    "report_to_dict",
+    "write_html",
+    "write_json",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import math
 import os
 from pathlib import Path
@@ -53,7 +54,7 @@ def _histogram_plot(report: ParityReport, output: str) -> str | None:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 3.2))
-    centres = [math.sqrt(a * b) for a, b in zip(HISTOGRAM_EDGES[:-1], HISTOGRAM_EDGES[1:])]
+    centres = [math.sqrt(a * b) for a, b in itertools.pairwise(HISTOGRAM_EDGES)]
     for runtime, comparison in rows:
         axis.step(centres, comparison.histogram, where="mid", label=runtime, alpha=0.85)
         axis.axvline(comparison.tolerance.atol, color="grey", linestyle=":", linewidth=1)
@@ -102,7 +103,8 @@ def render_html(report: ParityReport) -> str:
         f"<title>bkn parity: {e(Path(report.onnx_path).name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>Parity report: <code>{e(report.onnx_path)}</code></h1>",
         f"<p class='verdict {verdict}' id='verdict'>{'PASSED' if report.passed else 'FAILED'}: "
-        f"{len(report.ran) - len(report.failures())} of {len(report.ran)} runtime(s) agree with {e(report.reference)}</p>",
+        f"{len(report.ran) - len(report.failures())} of {len(report.ran)} runtime(s) agree with "
+        f"{e(report.reference)}</p>",
         "<p>",
         f"mode <b>{e(report.mode)}</b>; inputs "
         + ", ".join(f"<code>{e(s.name)}</code> {e(s.dtype)} {e(str(tuple(s.shape)))}" for s in report.inputs),
@@ -136,7 +138,9 @@ def render_html(report: ParityReport) -> str:
     for spec in report.outputs:
         png = _histogram_plot(report, spec.name)
         if png:
-            parts.append(f"<img class='plot' alt='error histogram of {e(spec.name)}' src='data:image/png;base64,{png}'>")
+            parts.append(
+                f"<img class='plot' alt='error histogram of {e(spec.name)}' src='data:image/png;base64,{png}'>"
+            )
     failures = report.failures()
     parts.append("<h2>Localisation</h2>")
     if not failures:
@@ -154,7 +158,9 @@ def render_html(report: ParityReport) -> str:
         )
         png = _localisation_plot(loc)
         if png:
-            parts.append(f"<img class='plot' alt='module errors on {e(result.runtime)}' src='data:image/png;base64,{png}'>")
+            parts.append(
+                f"<img class='plot' alt='module errors on {e(result.runtime)}' src='data:image/png;base64,{png}'>"
+            )
     parts.append("<h2>Environment</h2><table>")
     parts.extend(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in report.environment.items())
     parts.append("</table></body></html>")

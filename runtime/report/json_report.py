@@ -17,7 +17,7 @@ from runtime.compare import HISTOGRAM_EDGES, OutputComparison
 from runtime.localize import BoundaryCheck, Localisation
 from runtime.parity import SCHEMA_VERSION, ParityReport
 
-__all__ = ["SCHEMA_PATH", "report_to_dict", "write_json", "load_schema"]
+__all__ = ["SCHEMA_PATH", "load_schema", "report_to_dict", "write_json"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "report_schema.json"
 
