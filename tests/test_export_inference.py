@@ -374,14 +374,15 @@ def test_fp16_export_within_stated_tolerance(tmp_path: Path) -> None:
     assert read_metadata(proto)["fp16"] == "true"
     assert [r.kind for r in result.fold_report].count("standalone") == 1
     onnx.checker.check_model(proto, full_check=True)
-    session = ort_session(result.path, ORT_LEVELS[-1])
-    for batch in BATCHES:
-        x = inputs_for((2, 6, 6), batch)
-        (actual,) = session.run(None, {proto.graph.input[0].name: x.half().numpy()})
-        with torch.no_grad():
-            expected = model.eval()(x).numpy()
-        error = np.abs(actual.astype(np.float32) - expected)
-        assert (error <= FP16_TOLERANCE * (1 + np.abs(expected))).all(), error.max()
+    for level in ORT_LEVELS:
+        session = ort_session(result.path, level)
+        for batch in BATCHES:
+            x = inputs_for((2, 6, 6), batch)
+            (actual,) = session.run(None, {proto.graph.input[0].name: x.half().numpy()})
+            with torch.no_grad():
+                expected = model.eval()(x).numpy()
+            error = np.abs(actual.astype(np.float32) - expected)
+            assert (error <= FP16_TOLERANCE * (1 + np.abs(expected))).all(), (level, batch, error.max())
 
 
 def test_dynamic_spatial_dims(tmp_path: Path) -> None:
@@ -620,3 +621,49 @@ def test_normalization_after_a_shared_output_stays_standalone(tmp_path: Path) ->
         (actual,) = ort_session(result.path, ORT_LEVELS[-1]).run(None, {proto.graph.input[0].name: x.numpy()})
         with torch.no_grad():
             assert np.abs(actual - model.eval()(x).numpy()).max() <= FLOAT32_TOLERANCE
+
+
+class _SumOfProjections(nn.Module):
+    """Two bias-free Linears on (N, L, C) summed, then BKN1d: an Add of two MatMuls absorbs nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False)
+        self.norm = BatchKalmanNorm1d(6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm((self.a(x) + self.b(x)).transpose(1, 2))
+
+
+def test_sum_of_matmuls_is_standalone_not_a_broken_guarantee(tmp_path: Path) -> None:
+    model = randomize_statistics(_SumOfProjections())
+    result = export_onnx(model, torch.randn(2, 5, 4), tmp_path / "m.onnx")
+    assert [r.kind for r in result.fold_report] == ["standalone"]
+    x = torch.randn(3, 5, 4)
+    proto = onnx.load(result.path)
+    (actual,) = ort_session(result.path, ORT_LEVELS[-1]).run(None, {proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.abs(actual - model.eval()(x).numpy()).max() <= FLOAT32_TOLERANCE
+
+
+class _NormOverSequenceAxis(nn.Module):
+    """Linear on (N, L, C) fed straight into BKN1d(L): the normalized axis is L, not the Linear's features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Linear(4, 6), BatchKalmanNorm1d(5)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, 5, 4)
+        return self.norm(self.proj(x))
+
+
+def test_normalization_over_another_axis_is_standalone(tmp_path: Path) -> None:
+    model = randomize_statistics(_NormOverSequenceAxis())
+    result = export_onnx(model, torch.randn(2, 5, 4), tmp_path / "m.onnx")
+    (record,) = result.fold_report
+    assert record.kind == "standalone" and "not the output-feature axis" in record.detail
+    x = torch.randn(3, 5, 4)
+    proto = onnx.load(result.path)
+    (actual,) = ort_session(result.path, ORT_LEVELS[-1]).run(None, {proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.abs(actual - model.eval()(x).numpy()).max() <= FLOAT32_TOLERANCE

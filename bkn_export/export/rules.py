@@ -328,53 +328,98 @@ class Leftover:
     reason: str
 
 
-def _producer_chain(value: ir.Value) -> ir.Node | None:
-    """The node feeding ``value``, looking through one Add and one Transpose (the MatMul forms)."""
+def _single_use(value: ir.Value) -> bool:
+    return len(value.uses()) + int(value.is_graph_output()) == 1
+
+
+def _linear_chain(value: ir.Value) -> tuple[ir.Node | None, ir.Node | None, ir.Value | None, str]:
+    """(absorbing candidate, Transpose between, bias operand of an Add, why not) for a normalization input.
+
+    Looks through a Transpose and a constant-bias Add over a MatMul (the forms of a
+    ``Linear``). The candidate is the op right before the normalization otherwise.
+    """
     node = value.producer()
+    transpose = None
     if node is not None and node.op_type == "Transpose" and node.inputs[0] is not None:
         inner = node.inputs[0].producer()
-        node = inner if inner is not None and inner.op_type in ("Add", "MatMul") else node
-    if node is not None and node.op_type == "Add":
-        for operand in node.inputs:
+        if inner is not None and inner.op_type in ("Add", "MatMul"):
+            if not _single_use(node.inputs[0]):
+                return inner, node, None, f"the output of {inner.op_type} '{inner.name}' is also used elsewhere"
+            transpose, node = node, inner
+    if node is not None and node.op_type == "Add" and len(node.inputs) == 2:
+        for operand, other in (node.inputs, node.inputs[::-1]):
             inner = operand.producer() if operand is not None else None
-            if inner is not None and inner.op_type == "MatMul":
-                return inner
-    return node
+            if inner is not None and inner.op_type == "MatMul" and _constant(other) is not None:
+                if not _single_use(operand):  # type: ignore[arg-type]
+                    return inner, transpose, other, f"the output of MatMul '{inner.name}' is also used elsewhere"
+                return inner, transpose, other, ""
+    if transpose is not None and node is not None and node.op_type != "MatMul":
+        return transpose, None, None, ""  # e.g. Transpose(Add(a, b)): nothing absorbs
+    return node, transpose, None, ""
+
+
+def _fold_blocker(normalization: ir.Node) -> tuple[str, str]:
+    """(producer description, reason it cannot be folded); reason "" means a rule should have folded it.
+
+    Mirrors the ``check`` of the rules above, so "foldable" means exactly "a rule applies".
+    """
+    source = normalization.inputs[0]
+    assert source is not None
+    producer, transpose, bias, blocked = _linear_chain(source)
+    if producer is None:
+        return "graph input", "its input is a graph input"
+    described = f"{producer.op_type} '{producer.name}'"
+    if blocked:
+        return described, blocked
+    if producer.op_type not in FOLDABLE_OP_TYPES or (transpose is not None and producer.op_type != "MatMul"):
+        return described, f"it follows {described}, which cannot absorb an affine map"
+    output = producer.outputs[0]
+    if not _single_use(output):
+        return described, f"the output of {described} also feeds {len(output.uses()) - 1} other consumer(s)"
+    weight = _constant(producer.inputs[1]) if len(producer.inputs) > 1 else None
+    if weight is None:
+        return described, f"{described} has a non-constant weight"
+    if producer.op_type != "MatMul" and len(producer.inputs) > 2 and producer.inputs[2] is not None:
+        if _constant(producer.inputs[2]) is None:
+            return described, f"{described} has a non-constant bias"
+    batchnorm_check = _check_batchnorm(normalization, orp.MatchResult())
+    if not batchnorm_check:
+        return described, batchnorm_check.reason
+    if producer.op_type == "MatMul":
+        rank = output.shape.rank() if output.shape is not None else None
+        if weight.ndim != 2 or rank is None:
+            return described, f"{described} is not a 2-D constant weight product of known rank"
+        channels = weight.shape[1]
+        if bias is not None:
+            bias_array = _constant(bias)
+            assert bias_array is not None
+            if bias_array.size != channels or bias_array.shape[-1] != channels:
+                return described, f"the bias added after {described} is not per output column"
+        if transpose is not None:
+            perm = list(transpose.attributes.get_ints("perm", list(range(rank))[::-1]))
+            if len(perm) != rank or perm[1] != rank - 1:
+                return described, "the normalized axis is not the output-feature axis of " + described
+        elif rank != 2:
+            return described, "the normalized axis is not the output-feature axis of " + described
+    return described, ""
 
 
 def unfolded_normalizations(graph: ir.Graph) -> list[Leftover]:
     """Every normalization node left in ``graph``, classified.
 
-    A node is *foldable* (a broken guarantee) when it is fed by a Conv / ConvTranspose /
-    Gemm / MatMul whose weight is a constant initializer and whose output feeds nothing
-    else. Otherwise the reason says what prevents folding (an Add, a ReLU, a graph input,
-    a second consumer, non-constant weights).
+    ``foldable`` (a broken guarantee) is True when a rule of :data:`FOLD_RULES` applies
+    to it: fed by a Conv / ConvTranspose / Gemm / MatMul(+bias)(+Transpose) with constant
+    weights, used by nothing else, normalizing the output-feature axis, with constant
+    statistics. Otherwise the reason says what prevents folding (an Add, a ReLU, a graph
+    input, a second consumer, non-constant weights, another axis).
     """
     leftovers: list[Leftover] = []
     for node in graph:
         if node.op_type not in NORMALIZATION_OP_TYPES:
             continue
-        source = node.inputs[0]
-        assert source is not None
-        producer = _producer_chain(source)
-        if producer is None:
-            leftovers.append(Leftover(node.name or "", "graph input", False, "its input is a graph input"))
-            continue
-        described = f"{producer.op_type} '{producer.name}'"
-        if producer.op_type not in FOLDABLE_OP_TYPES:
-            leftovers.append(
-                Leftover(
-                    node.name or "", described, False, f"it follows {described}, which cannot absorb an affine map"
-                )
-            )
-            continue
-        consumers = len(producer.outputs[0].uses()) + int(producer.outputs[0].is_graph_output())
-        weight_constant = len(producer.inputs) > 1 and _constant(producer.inputs[1]) is not None
-        if consumers > 1:
-            reason = f"the output of {described} also feeds {consumers - 1} other consumer(s)"
+        described, reason = _fold_blocker(node)
+        if reason:
             leftovers.append(Leftover(node.name or "", described, False, reason))
-        elif not weight_constant:
-            leftovers.append(Leftover(node.name or "", described, False, f"{described} has a non-constant weight"))
         else:
             leftovers.append(Leftover(node.name or "", described, True, f"no rule folded it into {described}"))
     return leftovers
