@@ -24,8 +24,8 @@ from bkn_export.errors import (
     InvalidStatisticsError,
     UnsupportedLayerError,
 )
-from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, ChainLink, KalmanOptions
 from bkn_export.export.fold import fold
+from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, ChainLink, KalmanOptions
 
 __version__ = "0.1.0"
 

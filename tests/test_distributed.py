@@ -82,8 +82,8 @@ def run_on_ranks(worker: Callable[..., None], *args: Any, world_size: int = WORL
                 process.kill()
 
 
-def _load_ranks(directory: Path, world_size: int = WORLD_SIZE) -> list[dict[str, Any]]:
-    return [torch.load(directory / f"rank{r}.pt") for r in range(world_size)]
+def _load_ranks(directory: Path, prefix: str = "", world_size: int = WORLD_SIZE) -> list[dict[str, Any]]:
+    return [torch.load(directory / f"{prefix}rank{r}.pt") for r in range(world_size)]
 
 
 # --------------------------------------------------------------------------- models
@@ -133,14 +133,22 @@ def _step(model: nn.Module, x: Tensor, loss_weight: Tensor) -> dict[str, Any]:
 # --------------------------------------------------------------------------- workers (run in the children)
 
 
-def _sync_chain_worker(
-    rank: int, world_size: int, transition: Transition, sizes: list[int], x: Tensor, loss_weight: Tensor, out: Path
-) -> None:
-    start = sum(sizes[:rank])
-    shard = slice(start, start + sizes[rank])
-    model = convert_sync_batchkalmannorm(_chain_model(transition)).train()
-    torch.manual_seed(100 + rank)  # the `sampled` transition draws per-rank noise
-    torch.save(_step(model, x[shard], loss_weight[shard]), out / f"rank{rank}.pt")
+#: Scenarios of the SyncBKN chain: transition and the batch size on each rank (4 samples in all).
+SYNC_SCENARIOS: dict[str, tuple[Transition, list[int]]] = {
+    "propagate-2x2": ("propagate", [2, 2]),
+    "learned-2x2": ("learned", [2, 2]),
+    "propagate-empty-rank": ("propagate", [4, 0]),
+    "sampled-3-1": ("sampled", [3, 1]),
+}
+
+
+def _sync_chain_worker(rank: int, world_size: int, x: Tensor, loss_weight: Tensor, out: Path) -> None:
+    for key, (transition, sizes) in SYNC_SCENARIOS.items():
+        start = sum(sizes[:rank])
+        shard = slice(start, start + sizes[rank])
+        model = convert_sync_batchkalmannorm(_chain_model(transition)).train()
+        torch.manual_seed(100 + rank)  # the `sampled` transition draws per-rank noise
+        torch.save(_step(model, x[shard], loss_weight[shard]), out / f"{key}-rank{rank}.pt")
 
 
 def _mismatched_channels_worker(rank: int, world_size: int, out: Path) -> None:
@@ -153,17 +161,24 @@ def _mismatched_channels_worker(rank: int, world_size: int, out: Path) -> None:
     torch.save({"message": message}, out / f"rank{rank}.pt")
 
 
-def _ddp_worker(rank: int, world_size: int, sync: bool, x: Tensor, target: Tensor, out: Path) -> None:
-    model = _demo_model(sync)
-    ddp = DistributedDataParallel(model)  # no find_unused_parameters
+def _ddp_worker(rank: int, world_size: int, x: Tensor, target: Tensor, out: Path) -> None:
     half = len(x) // world_size
     shard = slice(rank * half, (rank + 1) * half)
-    logits = ddp(x[shard])
-    F.cross_entropy(logits, target[shard]).backward()
-    torch.save(
-        {"logits": logits.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}},
-        out / f"rank{rank}.pt",
-    )
+    for sync in (False, True):
+        model = _demo_model(sync)
+        ddp = DistributedDataParallel(model)  # no find_unused_parameters
+        logits = ddp(x[shard])
+        F.cross_entropy(logits, target[shard]).backward()
+        torch.save(
+            {"logits": logits.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}},
+            out / f"sync{int(sync)}-rank{rank}.pt",
+        )
+
+
+def _ddp_inputs() -> tuple[Tensor, Tensor]:
+    """x: (4, 1, 8, 8) float64 digits-shaped noise; target: (4,) classes."""
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64), torch.tensor([3, 1, 4, 1])
 
 
 def _demo_model(sync: bool) -> nn.Module:
@@ -179,23 +194,35 @@ def _demo_model(sync: bool) -> nn.Module:
 # --------------------------------------------------------------------------- tests: 2 processes
 
 
-@pytest.mark.parametrize(
-    ("transition", "sizes"),
-    [("propagate", [2, 2]), ("learned", [2, 2]), ("propagate", [4, 0])],
-    ids=["propagate-2x2", "learned-2x2", "propagate-empty-rank"],
-)
+# One spawn per group of scenarios (starting 2 processes costs seconds); each test checks one behaviour.
+
+
+@pytest.fixture(scope="module")
+def sync_chain_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sync_chain")
+    run_on_ranks(_sync_chain_worker, *_chain_inputs(), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    run_on_ranks(_ddp_worker, *_ddp_inputs(), out)
+    return out
+
+
+@pytest.mark.parametrize("scenario", ["propagate-2x2", "learned-2x2", "propagate-empty-rank"])
 def test_sync_bkn_on_two_ranks_equals_bkn_on_one_process_with_the_whole_batch(
-    tmp_path: Path, transition: Transition, sizes: list[int]
+    sync_chain_runs: Path, scenario: str
 ) -> None:
     """Outputs, input and parameter gradients, running statistics: 2 ranks == 1 process (float64).
 
-    [4, 0]: a rank with an empty batch contributes nothing; the other rank goes on and
-    both end with the running statistics of the whole batch.
+    propagate-empty-rank (batches of 4 and 0): a rank with an empty batch contributes
+    nothing; the other rank goes on and both end with the running statistics of the whole batch.
     """
-    x, loss_weight = _chain_inputs()
-    run_on_ranks(_sync_chain_worker, transition, sizes, x, loss_weight, tmp_path)
-    ranks = _load_ranks(tmp_path)
-    reference = _step(_chain_model(transition).train(), x, loss_weight)
+    transition, _ = SYNC_SCENARIOS[scenario]
+    ranks = _load_ranks(sync_chain_runs, f"{scenario}-")
+    reference = _step(_chain_model(transition).train(), *_chain_inputs())
 
     torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), reference["y"], atol=ATOL, rtol=0.0)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), reference["x_grad"], atol=ATOL, rtol=0.0)
@@ -209,11 +236,9 @@ def test_sync_bkn_on_two_ranks_equals_bkn_on_one_process_with_the_whole_batch(
             torch.testing.assert_close(r["buffers"][name], expected, atol=ATOL, rtol=0.0, msg=f"buffer {name}")
 
 
-def test_sampled_transition_shares_one_prior_across_ranks(tmp_path: Path) -> None:
-    """Each rank samples its own noise, but the sample moments are combined: equal running statistics."""
-    x, loss_weight = _chain_inputs()
-    run_on_ranks(_sync_chain_worker, "sampled", [3, 1], x, loss_weight, tmp_path)
-    first, second = _load_ranks(tmp_path)
+def test_sampled_transition_shares_one_prior_across_ranks(sync_chain_runs: Path) -> None:
+    """Ranks with 3 and 1 samples draw their own noise, but combine the sample moments: equal running statistics."""
+    first, second = _load_ranks(sync_chain_runs, "sampled-3-1-")
     for name, value in first["buffers"].items():
         torch.testing.assert_close(second["buffers"][name], value, atol=0.0, rtol=0.0, msg=f"buffer {name}")
 
@@ -225,19 +250,15 @@ def test_mismatched_channel_counts_raise_on_every_rank_without_hanging(tmp_path:
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["bkn-per-rank", "sync-bkn"])
-def test_ddp_trains_the_demo_network_without_find_unused_parameters(tmp_path: Path, sync: bool) -> None:
+def test_ddp_trains_the_demo_network_without_find_unused_parameters(ddp_runs: Path, sync: bool) -> None:
     """DDP over 2 ranks × batch 2: every parameter gets a gradient on every rank, and it is the right one.
 
     BKN (per-rank statistics): each rank's logits are those of the model on its own
     shard, and DDP's gradient is the mean of the per-shard gradients. SyncBKN: logits and
     gradient are those of one process on the whole batch of 4.
     """
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
-    target = torch.tensor([3, 1, 4, 1])
-    run_on_ranks(_ddp_worker, sync, x, target, tmp_path)
-    ranks = _load_ranks(tmp_path)
-
+    x, target = _ddp_inputs()
+    ranks = _load_ranks(ddp_runs, f"sync{int(sync)}-")
     shards = [slice(0, 2), slice(2, 4)]
     if sync:
         expected_logits, expected_grads = _logits_and_grads(x, target)

@@ -275,14 +275,15 @@ def test_shape_inference_on_the_custom_nodes(exported: dict[str, Any]) -> None:
         assert known[node.output[0]].elem_type == onnx.TensorProto.FLOAT
 
 
-def test_shape_inference_without_our_schema_uses_the_function_body(tmp_path: Path) -> None:
-    """A fresh process that never registered the schema infers the node through its local function."""
+def test_checker_and_shape_inference_without_our_schema(tmp_path: Path) -> None:
+    """A fresh process that never registered the schema checks the model and infers the node via its function."""
     model, shape = mlp_model()
     path = tmp_path / "mlp.onnx"
     export_training(model, torch.randn(4, *shape), path)
     script = (
         "import onnx, sys\n"
         "m = onnx.load(sys.argv[1]); del m.graph.value_info[:]\n"
+        "onnx.checker.check_model(m, full_check=True)\n"
         "m = onnx.shape_inference.infer_shapes(m, strict_mode=True)\n"
         "node = [n for n in m.graph.node if n.domain == 'ai.bkn'][0]\n"
         "vi = {v.name: v for v in m.graph.value_info}\n"

@@ -59,9 +59,11 @@ __all__ = [
     "UPDATED_SUFFIX",
     "TrainingGraphInfo",
     "attach_function",
+    "check_feeds",
     "check_training_model",
     "export_training",
     "running_stat_names",
+    "translation_table",
 ]
 
 #: Default ONNX opset of training-mode exports (as the inference export; the op supports MIN..MAX_OPSET).

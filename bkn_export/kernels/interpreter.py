@@ -109,6 +109,28 @@ class InterpreterProcess:
         self.close()
 
 
+def _patch_scalar_index() -> None:
+    """Make ``range(<scalar kernel argument>)`` work in Triton 3.6's interpreter with NumPy ≥ 2.4.
+
+    The interpreter holds a scalar argument as a NumPy array of shape (1,) and Triton ≤ 3.6
+    converts it with ``int(array)``, which NumPy 2.4 rejects ("only 0-dimensional arrays
+    can be converted to Python scalars"); Triton 3.9 squeezes first. We re-patch
+    ``tensor.__index__`` the 3.9 way after Triton's own patching, so the interpreted
+    kernels run on both (the compiled kernels are untouched).
+    """
+    from triton.runtime import interpreter as triton_interpreter
+
+    patch_tensor = getattr(triton_interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:
+        return
+
+    def patch_with_scalar_index(tensor: Any, scope: Any) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    triton_interpreter._patch_lang_tensor = patch_with_scalar_index
+
+
 def _serve() -> None:
     """Child side: answer requests until stdin closes."""
     import importlib
@@ -119,6 +141,8 @@ def _serve() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("bkn_export.kernels.interpreter must run with TRITON_INTERPRET=1")
     from triton.runtime.interpreter import InterpretedFunction
+
+    _patch_scalar_index()
 
     from bkn_export.kernels import forward
 
