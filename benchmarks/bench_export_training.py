@@ -11,6 +11,7 @@ noise), timed side by side in one process, interleaved, medians over repeats
 * ``ort_train_io`` — the same with ``running_stats_io=True`` (running statistics in and out)
 
 Printed ratios: ort_train / torch_train and ort_train_io / torch_train (goal <= 1.0).
+``--profile`` adds the share of ORT kernel time per op type at the largest batch.
 ``run(args)`` is also called by ``benchmarks/bench_export.py --modes training``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_export_training.py --batch 1,8,32 --repeats 31
@@ -99,8 +100,44 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def profile(args: argparse.Namespace, batch: int, calls: int = 50) -> dict[str, float]:
+    """Share of ORT kernel time per op type for the training-mode graph (ORT's own profiler).
+
+    Ops inlined from the BatchKalmanNorm function body are counted under their own types
+    (ReduceMean, Sub, Mul, BatchNormalization, ...), as ORT runs them.
+    """
+    import json
+
+    import onnxruntime as ort
+
+    from bkn_export.export import export_onnx
+
+    _, model = bench_export._models(args.width)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.onnx"
+        export_onnx(model.train(), torch.randn(2, 1, 8, 8), path, mode="training")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {"input": torch.randn(batch, 1, 8, 8).numpy()}
+        for _ in range(calls):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"]
+    grand = sum(totals.values())
+    return {op: t / grand for op, t in sorted(totals.items(), key=lambda item: -item[1])}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = bench_export.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with_profile = "--profile" in argv  # ours; the other options are bench_export's
+    args = bench_export.parse_args([a for a in argv if a != "--profile"])
     import onnxruntime
 
     print(
@@ -108,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         f"repeats {args.repeats}, width {args.width}"
     )
     bench_export.print_rows(run(args))
+    if with_profile:
+        batch = max(args.batches)
+        print(f"ORT kernel time by op type, training-mode graph, batch {batch}:")
+        for op, share in profile(args, batch).items():
+            if share >= 0.005:
+                print(f"  {op:<22} {share:6.1%}")
     return 0
 
 

@@ -97,12 +97,17 @@ def _bench(fn: Callable[[], object]) -> float:
 
 
 def measure(
-    channels: int, size: int, batch: int, dtype: torch.dtype, channels_last: bool, reference: bool
+    channels: int,
+    size: int,
+    batch: int,
+    dtype: torch.dtype,
+    channels_last: bool,
+    reference: bool,
+    device: str = "cuda",
 ) -> tuple[float, float, float | None, int]:
     """(bn ms, bkn ms, reference ms or None, bytes moved) for one shape."""
     from bkn_export import functional as Fk
 
-    device = "cuda"
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -174,6 +174,8 @@ def channel_maps(layer: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor | None]
             blocks = weight.reshape(groups, c_out // groups, c_in_g, *weight.shape[2:])
             summed = blocks.sum(dim=[d + 1 for d in kernel_dims])
             squared = (blocks * blocks).sum(dim=[d + 1 for d in kernel_dims])
+        if groups == 1:  # the common case: no block-diagonal copy
+            return summed[0], squared[0], layer.bias
         return torch.block_diag(*summed), torch.block_diag(*squared), layer.bias
     raise TypeError(f"channel_maps: {type(layer).__name__} is not a Conv, ConvTranspose or Linear layer")
 

@@ -333,10 +333,16 @@ def test_fp16_export_keeps_float32_statistics(tmp_path: Path) -> None:
     assert set(outputs.values()) == {onnx.TensorProto.FLOAT}
     x = torch.randn(4, *shape)
     expected = torch_train_step(copy.deepcopy(model).half(), x.half())
-    got = ReferenceEvaluator(onnx_model).run(None, {"input": x.half().numpy()})
-    for name, value in zip(outputs_order(onnx_model), got):
-        # float16 activations between layers: compare at half precision.
-        np.testing.assert_allclose(value.astype(np.float32), expected[name].astype(np.float32), rtol=0, atol=2e-2)
+    feeds = {"input": x.half().numpy()}
+    runs = {"onnx.reference": ReferenceEvaluator(onnx_model).run(None, feeds)}
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        runs[f"ORT {level.name}"] = ort_session(path, level).run(None, feeds)
+    for runtime, values in runs.items():
+        for name, value in zip(outputs_order(onnx_model), values):
+            # float16 activations between layers: compare at half precision.
+            np.testing.assert_allclose(
+                value.astype(np.float32), expected[name].astype(np.float32), rtol=0, atol=2e-2, err_msg=runtime
+            )
 
 
 def outputs_order(onnx_model: onnx.ModelProto) -> list[str]:

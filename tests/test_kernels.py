@@ -171,9 +171,11 @@ def reference(function: Any, args: tuple[object, ...]) -> tuple[Any, ...]:
     return tuple(function(*(_double(a) for a in args)))
 
 
-def check_forward(interpreter: InterpreterProcess, inputs: Inputs, fallback_ratio: float = 0.0) -> None:
+def check_forward(
+    interpreter: InterpreterProcess, inputs: Inputs, fallback_ratio: float = 0.0, single_program: bool | None = None
+) -> None:
     args = inputs.forward_args(fallback_ratio)
-    y, mean, variance = interpreter.call("forward", *args)
+    y, mean, variance = interpreter.call("forward", *args, single_program=single_program)
     exact = reference(Fk.batch_kalman_norm, args)
     same = tuple(Fk.batch_kalman_norm(*args))  # type: ignore[arg-type]
     assert y.dtype == inputs.x.dtype and y.shape == inputs.x.shape
@@ -186,9 +188,11 @@ def check_forward(interpreter: InterpreterProcess, inputs: Inputs, fallback_rati
 _GRAD_NAMES = ("grad_x", "grad_prior_mean", "grad_prior_variance", "grad_prior_weight", "grad_weight", "grad_bias")
 
 
-def check_backward(interpreter: InterpreterProcess, inputs: Inputs, fallback_ratio: float = 0.0) -> None:
+def check_backward(
+    interpreter: InterpreterProcess, inputs: Inputs, fallback_ratio: float = 0.0, single_program: bool | None = None
+) -> None:
     args = inputs.backward_args(fallback_ratio)
-    grads = interpreter.call("backward", *args)
+    grads = interpreter.call("backward", *args, single_program=single_program)
     exact = reference(Fk.batch_kalman_norm_backward, args)
     same = Fk.batch_kalman_norm_backward(*args)  # type: ignore[arg-type]
     assert grads[0].dtype == inputs.x.dtype
@@ -225,14 +229,34 @@ REPRESENTATIVE = [
 ]
 
 
-@pytest.mark.parametrize("case", REPRESENTATIVE, ids=str)
-def test_forward_matches_reference(interpreter: InterpreterProcess, case: Case) -> None:
-    check_forward(interpreter, make_inputs(case))
+_PATHS = {"one-kernel": True, "three-kernel": False}
 
 
+@pytest.mark.parametrize("path", _PATHS)
 @pytest.mark.parametrize("case", REPRESENTATIVE, ids=str)
-def test_backward_matches_reference(interpreter: InterpreterProcess, case: Case) -> None:
-    check_backward(interpreter, make_inputs(case))
+def test_forward_matches_reference(interpreter: InterpreterProcess, case: Case, path: str) -> None:
+    check_forward(interpreter, make_inputs(case), single_program=_PATHS[path])
+
+
+@pytest.mark.parametrize("path", _PATHS)
+@pytest.mark.parametrize("case", REPRESENTATIVE, ids=str)
+def test_backward_matches_reference(interpreter: InterpreterProcess, case: Case, path: str) -> None:
+    check_backward(interpreter, make_inputs(case), single_program=_PATHS[path])
+
+
+def test_small_inputs_take_one_kernel_and_large_ones_three() -> None:
+    """The size rule of ``layout.use_single_program`` on ResNet-50 shapes (and never with the fallback rule)."""
+    small = layout.channel_view(torch.empty(8, 2048, 7, 7))
+    large = layout.channel_view(torch.empty(32, 256, 56, 56))
+    assert layout.use_single_program(small, fallback_ratio=0.0)
+    assert not layout.use_single_program(small, fallback_ratio=100.0)
+    assert not layout.use_single_program(large, fallback_ratio=0.0)
+
+
+def test_one_kernel_path_refuses_the_fallback_rule(interpreter: InterpreterProcess) -> None:
+    inputs = make_inputs(Case((2, 3, 4), F32))
+    with pytest.raises(BKNInputError, match="fallback rule"):
+        interpreter.call("forward", *inputs.forward_args(100.0), single_program=True)
 
 
 @pytest.mark.parametrize("fires", [True, False], ids=["fires", "holds"])
@@ -333,9 +357,11 @@ _SWEEP = [
 @pytest.mark.sweep
 @pytest.mark.parametrize("case", _SWEEP, ids=str)
 def test_sweep_forward_and_backward(interpreter: InterpreterProcess, case: Case) -> None:
+    """Both paths on every case (the size rule alone would send most of these small cases to one)."""
     inputs = make_inputs(case)
-    check_forward(interpreter, inputs)
-    check_backward(interpreter, inputs)
+    for single_program in (True, False):
+        check_forward(interpreter, inputs, single_program=single_program)
+        check_backward(interpreter, inputs, single_program=single_program)
 
 
 # --------------------------------------------------------------------------- ahead-of-time compilation for a GPU
@@ -387,9 +413,13 @@ def _compile_for_hopper(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, An
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-_COMPILE_DEFAULT = [(Case((4, 6, 5, 7), F16, channels_last=True), 2.0, False)]
+_COMPILE_DEFAULT = [
+    (Case((4, 6, 5, 7), F16, channels_last=True), 2.0, False),  # three kernels + the fallback kernels
+    (Case((4, 6, 5, 7), BF16), 0.0, True),  # one kernel each way
+]
 _COMPILE_ALL = [
     (Case((3, 6, 5, 7), F32), 0.0, True),
+    (Case((8, 2048, 7, 7), F16, channels_last=True), 0.0, True),
     (Case((2, 40, 9, 11), BF16), 0.5, True),
     (Case((32, 256, 56, 56), F16, channels_last=True), 0.0, True),
     (Case((32, 64, 56, 56), F32), 0.0, True),
@@ -403,7 +433,8 @@ def _check_compiles(monkeypatch: pytest.MonkeyPatch, case: Case, fallback_ratio:
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process; kernels are interpreted, not compiled")
     calls = _recorded_kernel_calls(monkeypatch, case, fallback_ratio, affine)
-    assert len(calls) == (8 if fallback_ratio > 0 else 6)
+    one_kernel = layout.use_single_program(layout.channel_view(make_inputs(case).x), fallback_ratio)
+    assert len(calls) == (2 if one_kernel else 8 if fallback_ratio > 0 else 6)
     for kernel, args, kwargs in calls:
         compiled = _compile_for_hopper(kernel, args, dict(kwargs))
         assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin"

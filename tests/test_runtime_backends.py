@@ -87,13 +87,15 @@ def test_unloadable_custom_op_library_reports_the_loader_error(tmp_path: Path) -
         backend.load(str(tmp_path / "m.onnx"))
 
 
-def test_polygraphy_onnxrt_gives_the_same_outputs_as_our_backend() -> None:
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_polygraphy_onnxrt_gives_the_same_outputs_as_our_backend(mode: str) -> None:
     """Peer check: Polygraphy's ONNX Runtime runner, same model, inputs, provider and level."""
     polygraphy_onnxrt = pytest.importorskip("polygraphy.backend.onnxrt")
     import onnxruntime as ort
 
-    path = exported_digits("inference")
-    feed = {"x": digits_inputs(batch=3)[0]}
+    path = exported_digits(mode)
+    input_name = onnx.load(path, load_external_data=False).graph.input[0].name
+    feed = {input_name: digits_inputs(batch=3)[0]}
     session_loader = polygraphy_onnxrt.SessionFromOnnx(
         str(path), providers=["cpu"], graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runtime_support import trained_digits
+from test_runtime_support import exported_digits, trained_digits
 
 from bkn_export.errors import ParityMismatchError
 from runtime import assert_parity
@@ -56,30 +56,26 @@ def test_assert_parity_failure_message_is_readable(tmp_path: Path) -> None:
 
 
 def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
-    """A user's test file using the fixture, run by pytest with the plugin from its entry point."""
+    """A user's test file using the fixture, run by pytest with the plugin from its entry point.
+
+    The first test exports through the fixture; the second checks a model against an ONNX
+    file of a different model (the trained digits network exported here) and must fail.
+    """
     (tmp_path / "test_user.py").write_text(
         textwrap.dedent(
-            """
-            import copy
+            f"""
             import torch
             from bkn_export.models import digits_resnet
 
-            def make():
-                torch.manual_seed(0)
-                return digits_resnet("bkn")
-
             def test_exports_match(bkn_parity):
-                report = bkn_parity(make(), torch.randn(2, 1, 8, 8), mode="training", atol=1e-5)
+                torch.manual_seed(0)
+                report = bkn_parity(digits_resnet("bkn"), torch.randn(2, 1, 8, 8), mode="training", atol=1e-5)
                 assert report.passed
 
             def test_mismatch_is_reported(bkn_parity):
-                model = make()
-                other = copy.deepcopy(model)
-                with torch.no_grad():
-                    other.head.bias += 1.0
-                from bkn_export.export import export_onnx
-                export_onnx(model, (torch.randn(2, 1, 8, 8),), "m.onnx")
-                bkn_parity(other, torch.randn(2, 1, 8, 8), onnx_path="m.onnx")
+                torch.manual_seed(0)
+                untrained = digits_resnet("bkn")
+                bkn_parity(untrained, torch.randn(2, 1, 8, 8), onnx_path={str(exported_digits("inference"))!r})
             """
         )
     )
@@ -89,6 +85,7 @@ def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert "1 failed, 1 passed" in result.stdout, result.stdout[-3000:]
-    assert "ParityMismatchError: parity (inference) failed for m.onnx" in result.stdout
-    assert "first diverging module: head" in result.stdout
+    assert "ParityMismatchError: parity (inference) failed for" in result.stdout
+    assert "localisation: first diverging module: " in result.stdout
     assert (tmp_path / "reports" / "test_exports_match" / "parity_training.html").is_file()
+    assert (tmp_path / "reports" / "test_mismatch_is_reported" / "parity_inference.json").is_file()

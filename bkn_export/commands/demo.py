@@ -33,7 +33,7 @@ def _positive(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bkn-demo", help="directory for the checkpoint, ONNX files and reports")
-    parser.add_argument("--steps", type=_positive, default=300, help="SGD steps at batch 2 (default 300)")
+    parser.add_argument("--steps", type=_positive, default=1000, help="SGD steps at batch 2 (default 1000)")
     parser.add_argument("--batch-size", type=_positive, default=2, help="training micro-batch size (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtimes", default="all", help="'all' or a comma-separated list (see bkn parity)")

@@ -74,13 +74,17 @@ def onnxscript_function(opset_version: int) -> onnxscript.OnnxFunction:
         batch_variance = op.ReduceMean(op.Mul(centred, centred), axes, keepdims=0)
         batch_mean = op.Reshape(batch_mean_nc, op.Constant(value_ints=[-1]))
 
+        # The fallback threshold is NaN when fallback_ratio <= 0 (disabled: every comparison
+        # with NaN is false); it depends on attributes and constants only, so runtimes fold
+        # it when they inline the function.
         ratio = op.CastLike(fallback_ratio, prior_mean)
         floor = op.CastLike(op.Constant(value_float=_VARIANCE_FLOOR), prior_mean)
         zero = op.CastLike(op.Constant(value_float=0.0), prior_mean)
         one = op.CastLike(op.Constant(value_float=1.0), prior_mean)
+        disabled = op.CastLike(op.Constant(value_float=float("nan")), prior_mean)
+        threshold = op.Where(op.Greater(ratio, zero), ratio, disabled)
         mean_ratio = op.ReduceMean(op.Div(prior_variance, op.Max(batch_variance, floor)), keepdims=0)
-        fired = op.And(op.Greater(ratio, zero), op.GreaterOrEqual(mean_ratio, ratio))
-        p = op.Where(fired, op.Mul(prior_weight, zero), prior_weight)
+        p = op.Where(op.GreaterOrEqual(mean_ratio, threshold), zero, prior_weight)
         q = op.Sub(one, p)
 
         innovation = op.Sub(batch_mean, prior_mean)

@@ -23,6 +23,11 @@ cuDNN's BatchNorm backward. Three kernels, as in the forward:
    coefficients of grad_x in the same program; with ``fallback_ratio > 0`` it stores
    the sums and ``_backward_fallback_kernel`` does that after the rule.
 3. ``_grad_input_kernel``: ∂L/∂x = g a + (x - x̄) c + b elementwise.
+
+Small channels without the fallback rule take one launch instead
+(``_single_program_backward_kernel``, see ``layout.use_single_program``): one program
+per channel block streams (x, g) for the sums, computes the per-channel gradients, and
+streams (x, g) again to write grad_x.
 """
 
 from __future__ import annotations
@@ -40,12 +45,15 @@ from bkn_export.kernels.common import (
     merge_gradient_sums,
     merge_moments,
     partial_counts,
+    tile_moments,
+    tile_offsets,
 )
 from bkn_export.kernels.layout import (
     CHANNEL_BLOCK,
     COMBINE_BLOCK_P,
     NUM_WARPS,
     channel_view,
+    choose_single_program,
     choose_tiling,
     restore_layout,
     statistics_vector,
@@ -53,6 +61,44 @@ from bkn_export.kernels.layout import (
 )
 
 __all__ = ["batch_kalman_norm_backward"]
+
+
+@triton.jit
+def _accumulate_tile(
+    x_ptr,
+    grad_ptr,
+    shift,
+    sample,
+    tile_start,
+    channel_offsets,
+    channel_mask,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    count,
+    mean,
+    m2,
+    sum_g,
+    centred_sum,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """Merge one tile of (x, g) into (count, mean, M2) of x - K and (Σ g, Σ g (x - mean))."""
+    offsets, mask = tile_offsets(
+        sample, tile_start, channel_offsets, channel_mask, rows, stride_sample, stride_channel, stride_row, BLOCK_ROWS
+    )
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tile_count, tile_mean, centred = tile_moments(
+        tl.where(mask, x - shift[None, :], 0.0), mask, rows, tile_start, BLOCK_ROWS
+    )
+    new_count, new_mean, new_m2 = merge_moments(
+        count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred, axis=0)
+    )
+    sum_g, centred_sum = merge_gradient_sums(
+        sum_g, centred_sum, mean, tl.sum(g, axis=0), tl.sum(g * centred, axis=0), tile_mean, new_mean
+    )
+    return new_count, new_mean, new_m2, sum_g, centred_sum
 
 
 @triton.jit
@@ -79,7 +125,6 @@ def _partial_backward_kernel(
     channel_mask = channel_offsets < channels
     sample = partial // programs_per_sample
     first_row = (partial % programs_per_sample) * chunks_per_program * BLOCK_ROWS
-    base = sample.to(tl.int64) * stride_sample + channel_offsets[None, :] * stride_channel
     shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
 
     count = 0.0
@@ -88,20 +133,24 @@ def _partial_backward_kernel(
     sum_g = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
     centred_sum = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
     for chunk in range(0, chunks_per_program):
-        tile_start = first_row + chunk * BLOCK_ROWS
-        row_offsets = tile_start + tl.arange(0, BLOCK_ROWS)
-        mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
-        offsets = base + row_offsets[:, None] * stride_row
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, x - shift[None, :], 0.0)
-        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        tile_count = tl.maximum(tl.minimum(rows - tile_start, BLOCK_ROWS), 0).to(tl.float32)
-        tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
-        centred = tl.where(mask, x - tile_mean[None, :], 0.0)
-        previous_mean = mean
-        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred, axis=0))
-        sum_g, centred_sum = merge_gradient_sums(
-            sum_g, centred_sum, previous_mean, tl.sum(g, axis=0), tl.sum(g * centred, axis=0), tile_mean, mean
+        count, mean, m2, sum_g, centred_sum = _accumulate_tile(
+            x_ptr,
+            grad_ptr,
+            shift,
+            sample,
+            first_row + chunk * BLOCK_ROWS,
+            channel_offsets,
+            channel_mask,
+            rows,
+            stride_sample,
+            stride_channel,
+            stride_row,
+            count,
+            mean,
+            m2,
+            sum_g,
+            centred_sum,
+            BLOCK_ROWS,
         )
 
     out = partial * channels + channel_offsets
@@ -131,12 +180,10 @@ def _store_channel_gradients(
     grad_prior_variance_ptr,
     grad_weight_ptr,
     grad_bias_ptr,
-    input_scale_ptr,
-    centred_scale_ptr,
-    input_offset_ptr,
     HAS_WEIGHT: tl.constexpr,
 ):
-    """Per-channel gradients of one channel block (module docstring); returns ∂L/∂p."""
+    """Per-channel gradients of one channel block (module docstring): stores those of
+    μ_pred, Σ_pred, γ, β; returns ∂L/∂p and grad_x's coefficients (a, c, b)."""
     prior_mean = tl.load(prior_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
     prior_variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
     mean, variance = kalman_posterior(batch_mean, batch_variance, prior_mean, prior_variance, prior_weight)
@@ -163,12 +210,26 @@ def _store_channel_gradients(
     tl.store(grad_prior_mean_ptr + channel_offsets, prior_weight * grad_mean - cross, mask=channel_mask)
     tl.store(grad_prior_variance_ptr + channel_offsets, prior_weight * grad_variance, mask=channel_mask)
 
-    tl.store(input_scale_ptr + channel_offsets, gamma * inv_std, mask=channel_mask)
-    tl.store(centred_scale_ptr + channel_offsets, 2.0 * grad_batch_variance / count, mask=channel_mask)
-    tl.store(input_offset_ptr + channel_offsets, grad_batch_mean / count, mask=channel_mask)
-
     spread = prior_variance - batch_variance + (1.0 - 2.0 * prior_weight) * innovation * innovation
-    return -innovation * grad_mean + spread * grad_variance
+    grad_prior_weight = -innovation * grad_mean + spread * grad_variance
+    return grad_prior_weight, gamma * inv_std, 2.0 * grad_batch_variance / count, grad_batch_mean / count
+
+
+@triton.jit
+def _store_input_coefficients(
+    channel_offsets,
+    channel_mask,
+    input_scale,
+    centred_scale,
+    input_offset,
+    input_scale_ptr,
+    centred_scale_ptr,
+    input_offset_ptr,
+):
+    """Store grad_x's per-channel coefficients (a, c, b) for ``_grad_input_kernel``."""
+    tl.store(input_scale_ptr + channel_offsets, input_scale, mask=channel_mask)
+    tl.store(centred_scale_ptr + channel_offsets, centred_scale, mask=channel_mask)
+    tl.store(input_offset_ptr + channel_offsets, input_offset, mask=channel_mask)
 
 
 @triton.jit
@@ -243,7 +304,7 @@ def _backward_statistics_kernel(
 
     if UPDATE:
         prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
-        grad_prior_weight = _store_channel_gradients(
+        grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
             channel_offsets,
             channel_mask,
             count,
@@ -262,12 +323,19 @@ def _backward_statistics_kernel(
             grad_prior_variance_ptr,
             grad_weight_ptr,
             grad_bias_ptr,
-            input_scale_ptr,
-            centred_scale_ptr,
-            input_offset_ptr,
             HAS_WEIGHT,
         )
         tl.store(grad_prior_weight_ptr + channel_offsets, grad_prior_weight, mask=channel_mask)
+        _store_input_coefficients(
+            channel_offsets,
+            channel_mask,
+            input_scale,
+            centred_scale,
+            input_offset,
+            input_scale_ptr,
+            centred_scale_ptr,
+            input_offset_ptr,
+        )
     else:
         tl.store(batch_mean_ptr + channel_offsets, batch_mean, mask=channel_mask)
         tl.store(batch_variance_ptr + channel_offsets, variance, mask=channel_mask)
@@ -311,7 +379,7 @@ def _backward_fallback_kernel(
     centred_sum = tl.load(centred_sum_ptr + channel_offsets, mask=channel_mask, other=0.0)
     prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
     prior_weight = tl.where(fired, 0.0, prior_weight)
-    grad_prior_weight = _store_channel_gradients(
+    grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
         channel_offsets,
         channel_mask,
         count,
@@ -330,12 +398,50 @@ def _backward_fallback_kernel(
         grad_prior_variance_ptr,
         grad_weight_ptr,
         grad_bias_ptr,
-        input_scale_ptr,
-        centred_scale_ptr,
-        input_offset_ptr,
         HAS_WEIGHT,
     )
     tl.store(grad_prior_weight_ptr + channel_offsets, tl.where(fired, 0.0, grad_prior_weight), mask=channel_mask)
+    _store_input_coefficients(
+        channel_offsets,
+        channel_mask,
+        input_scale,
+        centred_scale,
+        input_offset,
+        input_scale_ptr,
+        centred_scale_ptr,
+        input_offset_ptr,
+    )
+
+
+@triton.jit
+def _grad_input_tile(
+    x_ptr,
+    grad_ptr,
+    grad_input_ptr,
+    shift,
+    shifted_mean,
+    input_scale,
+    centred_scale,
+    input_offset,
+    sample,
+    tile_start,
+    channel_offsets,
+    channel_mask,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """∂L/∂x = g a + ((x - K) - mean(x - K)) c + b on one tile (see ``common`` for K)."""
+    offsets, mask = tile_offsets(
+        sample, tile_start, channel_offsets, channel_mask, rows, stride_sample, stride_channel, stride_row, BLOCK_ROWS
+    )
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    centred = (x - shift[None, :]) - shifted_mean[None, :]
+    grad_input = g * input_scale[None, :] + centred * centred_scale[None, :] + input_offset[None, :]
+    tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -356,33 +462,133 @@ def _grad_input_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
-    """Pass 3: ∂L/∂x = g a + (x - x̄) c + b per channel (a = γ/s, c = 2 ∂L/∂S / n, b = ∂L/∂x̄ / n).
-
-    x - x̄ is evaluated as (x - K) - mean(x - K), as in the reductions (see ``common``).
-    """
+    """Pass 3: ∂L/∂x = g a + (x - x̄) c + b per channel (a = γ/s, c = 2 ∂L/∂S / n, b = ∂L/∂x̄ / n)."""
     block = tl.program_id(0)
     channel_offsets = tl.program_id(1) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
     channel_mask = channel_offsets < channels
-    sample = block // row_blocks_per_sample
-    row_offsets = (block % row_blocks_per_sample) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
-
-    input_scale = tl.load(input_scale_ptr + channel_offsets, mask=channel_mask, other=0.0)
-    shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
-    shifted_mean = tl.load(shifted_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
-    centred_scale = tl.load(centred_scale_ptr + channel_offsets, mask=channel_mask, other=0.0)
-    input_offset = tl.load(input_offset_ptr + channel_offsets, mask=channel_mask, other=0.0)
-
-    offsets = (
-        sample.to(tl.int64) * stride_sample
-        + row_offsets[:, None] * stride_row
-        + channel_offsets[None, :] * stride_channel
+    _grad_input_tile(
+        x_ptr,
+        grad_ptr,
+        grad_input_ptr,
+        channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel),
+        tl.load(shifted_mean_ptr + channel_offsets, mask=channel_mask, other=0.0),
+        tl.load(input_scale_ptr + channel_offsets, mask=channel_mask, other=0.0),
+        tl.load(centred_scale_ptr + channel_offsets, mask=channel_mask, other=0.0),
+        tl.load(input_offset_ptr + channel_offsets, mask=channel_mask, other=0.0),
+        block // row_blocks_per_sample,
+        (block % row_blocks_per_sample) * BLOCK_ROWS,
+        channel_offsets,
+        channel_mask,
+        rows,
+        stride_sample,
+        stride_channel,
+        stride_row,
+        BLOCK_ROWS,
     )
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    centred = (x - shift[None, :]) - shifted_mean[None, :]
-    grad_input = g * input_scale[None, :] + centred * centred_scale[None, :] + input_offset[None, :]
-    tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _single_program_backward_kernel(
+    x_ptr,
+    grad_ptr,
+    grad_input_ptr,
+    prior_mean_ptr,
+    prior_variance_ptr,
+    prior_weight_ptr,
+    weight_ptr,
+    grad_posterior_mean_ptr,
+    grad_posterior_variance_ptr,
+    grad_prior_mean_ptr,
+    grad_prior_variance_ptr,
+    grad_prior_weight_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    eps,
+    channels,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    num_tiles,
+    row_blocks_per_sample,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """All three passes for one channel block in one program (small n, no fallback rule)."""
+    channel_offsets = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+    shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
+
+    count = 0.0
+    mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    sum_g = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    centred_sum = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    for tile in range(0, num_tiles):
+        count, mean, m2, sum_g, centred_sum = _accumulate_tile(
+            x_ptr,
+            grad_ptr,
+            shift,
+            tile // row_blocks_per_sample,
+            (tile % row_blocks_per_sample) * BLOCK_ROWS,
+            channel_offsets,
+            channel_mask,
+            rows,
+            stride_sample,
+            stride_channel,
+            stride_row,
+            count,
+            mean,
+            m2,
+            sum_g,
+            centred_sum,
+            BLOCK_ROWS,
+        )
+
+    prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
+        channel_offsets,
+        channel_mask,
+        count,
+        mean + shift,
+        m2 / count,
+        sum_g,
+        centred_sum,
+        prior_weight,
+        eps,
+        prior_mean_ptr,
+        prior_variance_ptr,
+        weight_ptr,
+        grad_posterior_mean_ptr,
+        grad_posterior_variance_ptr,
+        grad_prior_mean_ptr,
+        grad_prior_variance_ptr,
+        grad_weight_ptr,
+        grad_bias_ptr,
+        HAS_WEIGHT,
+    )
+    tl.store(grad_prior_weight_ptr + channel_offsets, grad_prior_weight, mask=channel_mask)
+    for tile in range(0, num_tiles):
+        _grad_input_tile(
+            x_ptr,
+            grad_ptr,
+            grad_input_ptr,
+            shift,
+            mean,
+            input_scale,
+            centred_scale,
+            input_offset,
+            tile // row_blocks_per_sample,
+            (tile % row_blocks_per_sample) * BLOCK_ROWS,
+            channel_offsets,
+            channel_mask,
+            rows,
+            stride_sample,
+            stride_channel,
+            stride_row,
+            BLOCK_ROWS,
+        )
 
 
 # --------------------------------------------------------------------------- launcher
@@ -399,6 +605,7 @@ def batch_kalman_norm_backward(
     weight: Tensor | None,
     eps: float,
     fallback_ratio: float,
+    single_program: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused BKN backward; same contract as ``torch.ops.bkn.batch_kalman_norm_backward``.
 
@@ -406,6 +613,7 @@ def batch_kalman_norm_backward(
     weight: (C,). Returns grads for (x, prior_mean, prior_variance, prior_weight,
     weight, bias): grad_x in the dtype and layout of x, the prior grads in the dtypes
     of the priors, the γ/β grads float32 (γ's is zeros when ``weight`` is None).
+    ``single_program`` as in :func:`~bkn_export.kernels.forward.batch_kalman_norm_forward`.
     """
     x_work = working_tensor(x)
     if grad_output.shape != x.shape:
@@ -425,6 +633,52 @@ def batch_kalman_norm_backward(
     weight32 = statistics_vector(weight, channels, "weight") if weight is not None else prior_weight32
     grad_mean32 = statistics_vector(grad_posterior_mean, channels, "grad_posterior_mean")
     grad_variance32 = statistics_vector(grad_posterior_variance, channels, "grad_posterior_variance")
+    # Separate allocations: a custom op's outputs may not alias one another.
+    grad_prior_mean, grad_prior_variance, grad_prior_weight, grad_weight, grad_bias = (
+        x.new_empty((channels,), dtype=torch.float32) for _ in range(5)
+    )
+    grad_x_work = torch.empty_like(x_work)
+
+    def results() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return (
+            restore_layout(grad_x_work, x, x_work),
+            grad_prior_mean.to(prior_mean.dtype),
+            grad_prior_variance.to(prior_variance.dtype),
+            grad_prior_weight.to(prior_weight.dtype),
+            grad_weight,
+            grad_bias,
+        )
+
+    if choose_single_program(view, fallback_ratio, single_program):
+        _single_program_backward_kernel[(tiling.channel_blocks,)](
+            x_work,
+            grad_work,
+            grad_x_work,
+            prior_mean32,
+            prior_variance32,
+            prior_weight32,
+            weight32,
+            grad_mean32,
+            grad_variance32,
+            grad_prior_mean,
+            grad_prior_variance,
+            grad_prior_weight,
+            grad_weight,
+            grad_bias,
+            eps,
+            channels,
+            view.rows,
+            view.stride_sample,
+            view.stride_channel,
+            view.stride_row,
+            view.samples * tiling.row_blocks_per_sample,
+            tiling.row_blocks_per_sample,
+            HAS_WEIGHT=weight is not None,
+            BLOCK_ROWS=tiling.block_rows,
+            BLOCK_CHANNELS=tiling.block_channels,
+            num_warps=NUM_WARPS,
+        )
+        return results()
 
     num_partials = tiling.num_partials(view)
     partials = x.new_empty((4, num_partials, channels), dtype=torch.float32)
@@ -447,10 +701,6 @@ def batch_kalman_norm_backward(
         num_warps=NUM_WARPS,
     )
 
-    # Separate allocations: a custom op's outputs may not alias one another.
-    grad_prior_mean, grad_prior_variance, grad_prior_weight, grad_weight, grad_bias = (
-        x.new_empty((channels,), dtype=torch.float32) for _ in range(5)
-    )
     # grad_x coefficients (a, mean(x - K), c, b) and, for the fallback path, (x̄, S, Σ g (x - x̄)).
     workspace = x.new_empty((7, channels), dtype=torch.float32)
     input_scale, shifted_mean, centred_scale, input_offset, batch_mean, batch_variance, centred_sum = workspace.unbind(
@@ -523,7 +773,6 @@ def batch_kalman_norm_backward(
             num_warps=NUM_WARPS,
         )
 
-    grad_x_work = torch.empty_like(x_work)
     _grad_input_kernel[tiling.stream_grid(view)](
         x_work,
         grad_work,
@@ -542,11 +791,4 @@ def batch_kalman_norm_backward(
         BLOCK_CHANNELS=tiling.block_channels,
         num_warps=NUM_WARPS,
     )
-    return (
-        restore_layout(grad_x_work, x, x_work),
-        grad_prior_mean.to(prior_mean.dtype),
-        grad_prior_variance.to(prior_variance.dtype),
-        grad_prior_weight.to(prior_weight.dtype),
-        grad_weight,
-        grad_bias,
-    )
+    return results()

@@ -31,11 +31,45 @@ __all__ = [
     "merge_gradient_sums",
     "merge_moments",
     "partial_counts",
+    "tile_moments",
+    "tile_offsets",
 ]
 
 #: Same floor as bkn_export.functional's fallback rule (batch variance clamp); a
 #: constexpr because Triton kernels may only read constexpr globals.
 VARIANCE_FLOOR = tl.constexpr(1e-12)
+
+
+@triton.jit
+def tile_offsets(
+    sample,
+    tile_start,
+    channel_offsets,
+    channel_mask,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """Element offsets and mask of the [BLOCK_ROWS, channels] tile starting at row ``tile_start`` of ``sample``."""
+    row_offsets = tile_start + tl.arange(0, BLOCK_ROWS)
+    mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
+    offsets = (
+        sample.to(tl.int64) * stride_sample
+        + row_offsets[:, None] * stride_row
+        + channel_offsets[None, :] * stride_channel
+    )
+    return offsets, mask
+
+
+@triton.jit
+def tile_moments(shifted, mask, rows, tile_start, BLOCK_ROWS: tl.constexpr):
+    """(count, mean, masked x - mean) of a tile of shifted float32 values (zeros where masked)."""
+    count = tl.maximum(tl.minimum(rows - tile_start, BLOCK_ROWS), 0).to(tl.float32)
+    mean = tl.sum(shifted, axis=0) / tl.maximum(count, 1.0)
+    centred = tl.where(mask, shifted - mean[None, :], 0.0)
+    return count, mean, centred
 
 
 @triton.jit

@@ -19,6 +19,11 @@ Three passes, as three kernels read top to bottom:
 3. ``_normalize_kernel`` (grid: row tiles x channel blocks) writes y; it computes the
    per-channel affine from (μ, Σ, γ, β) in each program, so it also serves the
    inference forward (``bkn_export.kernels.inference``).
+
+Small channels (n ≤ SINGLE_PROGRAM_MAX_COUNT, no fallback rule) take one launch instead:
+``_single_program_forward_kernel`` gives each channel block one program that streams
+its elements twice (statistics, then normalize; the second read mostly hits L2). At
+batch 1-8 on late ResNet layers the three-kernel path would be launch-bound.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from bkn_export.kernels.common import (
     kalman_posterior,
     merge_moments,
     partial_counts,
+    tile_moments,
+    tile_offsets,
 )
 from bkn_export.kernels.layout import (
     CHANNEL_BLOCK,
@@ -42,6 +49,7 @@ from bkn_export.kernels.layout import (
     ChannelView,
     Tiling,
     channel_view,
+    choose_single_program,
     choose_tiling,
     restore_layout,
     statistics_vector,
@@ -49,6 +57,34 @@ from bkn_export.kernels.layout import (
 )
 
 __all__ = ["batch_kalman_norm_forward", "normalize_into"]
+
+
+@triton.jit
+def _accumulate_tile(
+    x_ptr,
+    shift,
+    sample,
+    tile_start,
+    channel_offsets,
+    channel_mask,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    count,
+    mean,
+    m2,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """Merge one tile of x into (count, mean, M2) of x - K (see ``common``)."""
+    offsets, mask = tile_offsets(
+        sample, tile_start, channel_offsets, channel_mask, rows, stride_sample, stride_channel, stride_row, BLOCK_ROWS
+    )
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tile_count, tile_mean, centred = tile_moments(
+        tl.where(mask, x - shift[None, :], 0.0), mask, rows, tile_start, BLOCK_ROWS
+    )
+    return merge_moments(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred, axis=0))
 
 
 @triton.jit
@@ -72,22 +108,28 @@ def _partial_moments_kernel(
     channel_mask = channel_offsets < channels
     sample = partial // programs_per_sample
     first_row = (partial % programs_per_sample) * chunks_per_program * BLOCK_ROWS
-    base = x_ptr + sample.to(tl.int64) * stride_sample + channel_offsets[None, :] * stride_channel
     shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
 
     count = 0.0
     mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
     for chunk in range(0, chunks_per_program):
-        tile_start = first_row + chunk * BLOCK_ROWS
-        row_offsets = tile_start + tl.arange(0, BLOCK_ROWS)
-        mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
-        x = tl.load(base + row_offsets[:, None] * stride_row, mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, x - shift[None, :], 0.0)
-        tile_count = tl.maximum(tl.minimum(rows - tile_start, BLOCK_ROWS), 0).to(tl.float32)
-        tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
-        centred = tl.where(mask, x - tile_mean[None, :], 0.0)
-        count, mean, m2 = merge_moments(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred, axis=0))
+        count, mean, m2 = _accumulate_tile(
+            x_ptr,
+            shift,
+            sample,
+            first_row + chunk * BLOCK_ROWS,
+            channel_offsets,
+            channel_mask,
+            rows,
+            stride_sample,
+            stride_channel,
+            stride_row,
+            count,
+            mean,
+            m2,
+            BLOCK_ROWS,
+        )
 
     out = partial * channels + channel_offsets
     tl.store(partial_mean_ptr + out, mean, mask=channel_mask)
@@ -106,12 +148,13 @@ def _store_posterior(
     posterior_mean_ptr,
     posterior_variance_ptr,
 ):
-    """Kalman update of one channel block and store of (μ_{k|k}, Σ_{k|k})."""
+    """Kalman update of one channel block; stores and returns (μ_{k|k}, Σ_{k|k})."""
     prior_mean = tl.load(prior_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
     prior_variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
     mean, variance = kalman_posterior(batch_mean, batch_variance, prior_mean, prior_variance, prior_weight)
     tl.store(posterior_mean_ptr + channel_offsets, mean, mask=channel_mask)
     tl.store(posterior_variance_ptr + channel_offsets, variance, mask=channel_mask)
+    return mean, variance
 
 
 @triton.jit
@@ -211,6 +254,28 @@ def _forward_fallback_kernel(
 
 
 @triton.jit
+def _affine(
+    channel_offsets,
+    channel_mask,
+    mean,
+    variance,
+    weight_ptr,
+    bias_ptr,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """(a, b) of y = x a + b: a = γ/sqrt(Σ + ε), b = β - μ a, float32 per channel."""
+    scale = tl.rsqrt(variance + eps)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + channel_offsets, mask=channel_mask, other=1.0)
+    offset = -mean * scale
+    if HAS_BIAS:
+        offset = offset + tl.load(bias_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    return scale, offset
+
+
+@triton.jit
 def _normalize_kernel(
     x_ptr,
     y_ptr,
@@ -234,27 +299,110 @@ def _normalize_kernel(
     block = tl.program_id(0)
     channel_offsets = tl.program_id(1) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
     channel_mask = channel_offsets < channels
-    sample = block // row_blocks_per_sample
-    row_offsets = (block % row_blocks_per_sample) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    mask = (row_offsets < rows)[:, None] & channel_mask[None, :]
-
     mean = tl.load(mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
     variance = tl.load(variance_ptr + channel_offsets, mask=channel_mask, other=1.0)
-    scale = tl.rsqrt(variance + eps)
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + channel_offsets, mask=channel_mask, other=1.0)
-    offset = -mean * scale
-    if HAS_BIAS:
-        offset = offset + tl.load(bias_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    scale, offset = _affine(
+        channel_offsets, channel_mask, mean, variance, weight_ptr, bias_ptr, eps, HAS_WEIGHT, HAS_BIAS
+    )
 
-    offsets = (
-        sample.to(tl.int64) * stride_sample
-        + row_offsets[:, None] * stride_row
-        + channel_offsets[None, :] * stride_channel
+    sample = block // row_blocks_per_sample
+    tile_start = (block % row_blocks_per_sample) * BLOCK_ROWS
+    offsets, mask = tile_offsets(
+        sample, tile_start, channel_offsets, channel_mask, rows, stride_sample, stride_channel, stride_row, BLOCK_ROWS
     )
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     y = x * scale[None, :] + offset[None, :]
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _single_program_forward_kernel(
+    x_ptr,
+    y_ptr,
+    prior_mean_ptr,
+    prior_variance_ptr,
+    prior_weight_ptr,
+    weight_ptr,
+    bias_ptr,
+    posterior_mean_ptr,
+    posterior_variance_ptr,
+    eps,
+    channels,
+    rows,
+    stride_sample,
+    stride_channel,
+    stride_row,
+    num_tiles,
+    row_blocks_per_sample,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """All three passes for one channel block in one program (small n, no fallback rule)."""
+    channel_offsets = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_mask = channel_offsets < channels
+    shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
+
+    count = 0.0
+    mean = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_CHANNELS], dtype=tl.float32)
+    for tile in range(0, num_tiles):
+        count, mean, m2 = _accumulate_tile(
+            x_ptr,
+            shift,
+            tile // row_blocks_per_sample,
+            (tile % row_blocks_per_sample) * BLOCK_ROWS,
+            channel_offsets,
+            channel_mask,
+            rows,
+            stride_sample,
+            stride_channel,
+            stride_row,
+            count,
+            mean,
+            m2,
+            BLOCK_ROWS,
+        )
+
+    prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    posterior_mean, posterior_variance = _store_posterior(
+        channel_offsets,
+        channel_mask,
+        mean + shift,
+        m2 / count,
+        prior_weight,
+        prior_mean_ptr,
+        prior_variance_ptr,
+        posterior_mean_ptr,
+        posterior_variance_ptr,
+    )
+    scale, offset = _affine(
+        channel_offsets,
+        channel_mask,
+        posterior_mean,
+        posterior_variance,
+        weight_ptr,
+        bias_ptr,
+        eps,
+        HAS_WEIGHT,
+        HAS_BIAS,
+    )
+    for tile in range(0, num_tiles):
+        offsets, mask = tile_offsets(
+            tile // row_blocks_per_sample,
+            (tile % row_blocks_per_sample) * BLOCK_ROWS,
+            channel_offsets,
+            channel_mask,
+            rows,
+            stride_sample,
+            stride_channel,
+            stride_row,
+            BLOCK_ROWS,
+        )
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = x * scale[None, :] + offset[None, :]
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -306,12 +454,15 @@ def batch_kalman_norm_forward(
     bias: Tensor | None,
     eps: float,
     fallback_ratio: float,
+    single_program: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused train-mode BKN step; same contract as ``torch.ops.bkn.batch_kalman_norm``.
 
     x: (N, C, *) float32/float16/bfloat16, channels-first or channels-last (other
     layouts are copied); prior_mean, prior_variance, prior_weight, weight, bias: (C,).
     Returns y (dtype and layout of x) and the posterior mean and variance, float32 (C,).
+    ``single_program``: force (True) or forbid (False) the one-kernel path; None picks
+    it by size (``layout.use_single_program``). Tests use it to cover both paths.
     Raises BKNInputError for empty, too large or mis-shaped inputs.
     """
     x_work = working_tensor(x)
@@ -323,6 +474,36 @@ def batch_kalman_norm_forward(
     prior_weight32 = statistics_vector(prior_weight, channels, "prior_weight")
     weight32 = statistics_vector(weight, channels, "weight") if weight is not None else None
     bias32 = statistics_vector(bias, channels, "bias") if bias is not None else None
+    posterior_mean = x.new_empty((channels,), dtype=torch.float32)
+    posterior_variance = x.new_empty((channels,), dtype=torch.float32)
+    y_work = torch.empty_like(x_work)
+
+    if choose_single_program(view, fallback_ratio, single_program):
+        _single_program_forward_kernel[(tiling.channel_blocks,)](
+            x_work,
+            y_work,
+            prior_mean32,
+            prior_variance32,
+            prior_weight32,
+            weight32 if weight32 is not None else prior_weight32,  # placeholder pointer, never read
+            bias32 if bias32 is not None else prior_weight32,
+            posterior_mean,
+            posterior_variance,
+            eps,
+            channels,
+            view.rows,
+            view.stride_sample,
+            view.stride_channel,
+            view.stride_row,
+            view.samples * tiling.row_blocks_per_sample,
+            tiling.row_blocks_per_sample,
+            HAS_WEIGHT=weight32 is not None,
+            HAS_BIAS=bias32 is not None,
+            BLOCK_ROWS=tiling.block_rows,
+            BLOCK_CHANNELS=tiling.block_channels,
+            num_warps=NUM_WARPS,
+        )
+        return restore_layout(y_work, x, x_work), posterior_mean, posterior_variance
 
     num_partials = tiling.num_partials(view)
     partials = x.new_empty((2, num_partials, channels), dtype=torch.float32)
@@ -342,8 +523,6 @@ def batch_kalman_norm_forward(
         num_warps=NUM_WARPS,
     )
 
-    posterior_mean = x.new_empty((channels,), dtype=torch.float32)
-    posterior_variance = x.new_empty((channels,), dtype=torch.float32)
     update_inline = fallback_ratio <= 0
     if update_inline:  # (x̄, S) stay in registers; the pointers are placeholders never written
         batch_mean, batch_variance = posterior_mean, posterior_variance
@@ -387,6 +566,5 @@ def batch_kalman_norm_forward(
             num_warps=NUM_WARPS,
         )
 
-    y_work = torch.empty_like(x_work)
     normalize_into(x_work, y_work, view, tiling, posterior_mean, posterior_variance, weight32, bias32, eps)
     return restore_layout(y_work, x, x_work), posterior_mean, posterior_variance

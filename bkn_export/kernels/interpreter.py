@@ -11,7 +11,7 @@ first instruction, checks there that the kernels really are interpreted, and cal
 the launchers over a pipe. The calling process never imports Triton for this.
 
 Protocol: each message is an 8-byte little-endian length and a ``torch.save``
-payload (loaded with ``weights_only=True``): request ``(launcher name, args)``, reply
+payload (loaded with ``weights_only=True``): request ``(launcher name, args, kwargs)``, reply
 ``("ok", result)`` or ``("error", exception class name, message, traceback)``. The
 child's stdout is redirected to stderr so that stray prints cannot corrupt replies.
 """
@@ -72,11 +72,11 @@ class InterpreterProcess:
             [python, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
 
-    def call(self, launcher: str, *args: Any) -> Any:
-        """Run ``LAUNCHERS[launcher](*args)`` in the child and return its result."""
+    def call(self, launcher: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``LAUNCHERS[launcher](*args, **kwargs)`` in the child and return its result."""
         stdin, stdout = self._process.stdin, self._process.stdout
         assert stdin is not None and stdout is not None
-        _send(stdin, (launcher, args))
+        _send(stdin, (launcher, args, kwargs))
         reply = _receive(stdout)
         if reply is None:
             raise errors.KernelError(
@@ -153,9 +153,9 @@ def _serve() -> None:
     }
     requests = sys.stdin.buffer
     while (request := _receive(requests)) is not None:
-        name, args = request
+        name, args, kwargs = request
         try:
-            reply: tuple[Any, ...] = ("ok", launchers[name](*args))
+            reply: tuple[Any, ...] = ("ok", launchers[name](*args, **kwargs))
         except Exception as error:
             reply = ("error", type(error).__name__, str(error), traceback.format_exc())
         _send(replies, reply)

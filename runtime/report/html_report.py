@@ -26,7 +26,7 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222}
 h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.9em} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
-th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .passed{background:#e6f6e6;color:#145214} .failed,.error{background:#fde8e8;color:#8a1010;font-weight:600}
 .unavailable,.not_applicable{color:#777} .verdict{font-size:1.2em;padding:.5em 1em;display:inline-block}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0} code{background:#f6f6f6;padding:0 .2em}
