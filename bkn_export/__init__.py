@@ -5,6 +5,8 @@ Public API: the modules ``BatchKalmanNorm1d/2d/3d``, ``KalmanOptions``, and
 The math is in :mod:`bkn_export.functional`.
 """
 
+from typing import TYPE_CHECKING
+
 from bkn_export.convert import (
     bkn_layers,
     convert_batchnorm,
@@ -24,33 +26,45 @@ from bkn_export.errors import (
     InvalidStatisticsError,
     UnsupportedLayerError,
 )
-from bkn_export.export.fold import fold
 from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, ChainLink, KalmanOptions
+
+if TYPE_CHECKING:
+    from bkn_export.export.fold import fold
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # `fold` needs onnx machinery; import it on first use so `import bkn_export` stays light.
+    if name == "fold":
+        from bkn_export.export.fold import fold
+
+        return fold
+    raise AttributeError(f"module 'bkn_export' has no attribute {name!r}")
+
+
 __all__ = [
-    "__version__",
+    "BKNError",
+    "BKNInputError",
     "BatchKalmanNorm1d",
     "BatchKalmanNorm2d",
     "BatchKalmanNorm3d",
     "ChainLink",
-    "KalmanOptions",
-    "convert_batchnorm",
-    "fold",
-    "wire_chain",
-    "describe_chain",
-    "format_chain",
-    "bkn_layers",
-    "load_batchnorm_state_dict",
-    "SyncBatchKalmanNorm",
-    "convert_sync_batchkalmannorm",
-    "BKNError",
-    "BKNInputError",
     "ChainWiringError",
     "CheckpointError",
     "DistributedError",
     "ExportError",
     "InvalidStatisticsError",
+    "KalmanOptions",
+    "SyncBatchKalmanNorm",
     "UnsupportedLayerError",
+    "__version__",
+    "bkn_layers",
+    "convert_batchnorm",
+    "convert_sync_batchkalmannorm",
+    "describe_chain",
+    "fold",
+    "format_chain",
+    "load_batchnorm_state_dict",
+    "wire_chain",
 ]

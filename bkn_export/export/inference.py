@@ -41,14 +41,14 @@ from bkn_export.export.checks import check_inference_ready
 from bkn_export.export.fold import fold
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, check_writable, save_model_atomic
 from bkn_export.export.metadata import FOLD_KINDS, attach_metadata, build_fold_report, fold_report_json, node_scopes
-from bkn_export.export.op_spec import MAX_OPSET, MIN_OPSET
+from bkn_export.export.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from bkn_export.export.result import ExportResult, FoldRecord
 from bkn_export.export.rules import Leftover, apply_fold_rules, unfolded_normalizations
 
 __all__ = ["DEFAULT_OPSET", "FP16_TOLERANCE", "eval_mode", "export_inference", "resolve_opset"]
 
 #: Default ONNX opset: what torch 2.13's dynamo exporter emits natively.
-DEFAULT_OPSET = 20
+
 #: fp16 export parity bound against the float32 PyTorch eval output y:
 #: |y_fp16 - y| <= FP16_TOLERANCE * (1 + |y|) elementwise (float16 has an 11-bit significand, ~4.9e-4 per rounding).
 FP16_TOLERANCE = 1e-2

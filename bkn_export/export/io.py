@@ -8,7 +8,8 @@ path; an existing target is left as it was.
 
 External data: when the model's tensors hold more than ``external_data_threshold``
 bytes (protobuf cannot hold more than 2 GiB in one file), every tensor of at least
-``min(threshold, 1 KiB)`` bytes is stored in ``<model file name>.data`` beside the
+1 KiB is stored (smaller ones, such as shape constants that runtimes must read while
+building a session, always stay inline, as ``onnx.save``'s default does) in ``<model file name>.data`` beside the
 model, each at a 4 KiB-aligned offset, as ONNX external data (``location`` relative to
 the model's directory).
 """
@@ -135,7 +136,7 @@ def save_model_atomic(
             temporaries.append(tmp_data)
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
-            _externalize(to_save, data_name, tmp_data, min(external_data_threshold, _INLINE_TENSOR_BYTES))
+            _externalize(to_save, data_name, tmp_data, _INLINE_TENSOR_BYTES)
         _fsync_write(tmp_model, to_save.SerializeToString())
         if external:
             os.replace(tmp_data, directory / data_name)

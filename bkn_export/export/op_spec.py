@@ -18,6 +18,7 @@ from bkn_export.errors import ExportError
 
 __all__ = [
     "ATTRIBUTES",
+    "DEFAULT_OPSET",
     "DOC",
     "DOMAIN",
     "DOMAIN_VERSION",
@@ -48,6 +49,8 @@ PLUGIN_NAMESPACE = "bkn"
 #: The dynamo exporter needs opset >= 18; 23 is the newest the tested stack emits.
 MIN_OPSET = 18
 MAX_OPSET = 23
+#: What both exporters use when no opset is given: what torch 2.13's exporter emits natively.
+DEFAULT_OPSET = 20
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 #: Default ONNX opset of training-mode exports (as the inference export; the op supports MIN..MAX_OPSET).
-DEFAULT_OPSET = 20
+DEFAULT_OPSET = op_spec.DEFAULT_OPSET
 RUNNING_MEAN_SUFFIX = ".running_mean"
 RUNNING_VAR_SUFFIX = ".running_var"
 #: Appended to a running-statistic input's name to name its updated value (an output).
