@@ -14,8 +14,11 @@ For each shape (N, C, H, W) it times, interleaved in rotating order within every
 * ``reference``  — (with ``--reference``) the functional reference under autograd, for scale.
 
 One timed sample is ``--steps`` train steps; the figure is the median over ``--repeats``
-samples, printed in ms and as a ratio to BatchNorm. Run on an idle machine where you can;
-the numbers in benchmarks/RESULTS.md say what else was running.
+samples, printed in ms and as a ratio to BatchNorm. The default clock is this process's
+CPU time (``time.process_time``), which on a machine shared with other jobs leaves out the
+time the process waits for a core (with one torch thread it is the step's own work);
+``--clock wall`` uses ``time.perf_counter``. The numbers in benchmarks/RESULTS.md say
+what else was running.
 """
 
 from __future__ import annotations
@@ -102,14 +105,19 @@ def _reference_step(shape: tuple[int, ...]) -> Callable[[], None]:
     return step
 
 
-def _time(step: Callable[[], None], steps: int) -> float:
-    start = time.perf_counter()
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _time(step: Callable[[], None], steps: int, clock: Callable[[], float] = time.process_time) -> float:
+    start = clock()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
-def measure(shape: tuple[int, ...], repeats: int, steps: int, reference: bool) -> dict[str, float]:
+def measure(
+    shape: tuple[int, ...], repeats: int, steps: int, reference: bool, clock: Callable[[], float] = time.process_time
+) -> dict[str, float]:
     """Median seconds per train step of each variant on ``shape``, interleaved."""
     variants: dict[str, Callable[[], None]] = {
         "batchnorm": _batchnorm_step(shape),
@@ -125,7 +133,7 @@ def measure(shape: tuple[int, ...], repeats: int, steps: int, reference: bool) -
     for repeat in range(repeats):
         order = names[repeat % len(names) :] + names[: repeat % len(names)]  # rotate who goes first
         for name in order:
-            samples[name].append(_time(variants[name], steps))
+            samples[name].append(_time(variants[name], steps, clock))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -140,11 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="train steps per timed sample")
     parser.add_argument("--shapes", nargs="*", type=_parse_shape, default=list(DEFAULT_SHAPES), help="e.g. 8x64x32x32")
     parser.add_argument("--reference", action="store_true", help="also time the functional reference (autograd)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: process CPU time; wall: elapsed")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.repeats} x {args.steps} steps"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, "
+        f"median of {args.repeats} x {args.steps} steps"
     )
     header = f"{'shape (N, C, H, W)':<22}{'batchnorm ms':>14}"
     header += f"{'bkn-first ms':>14}{'ratio':>7}{'bkn-wired ms':>14}{'ratio':>7}"
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         header += f"{'reference ms':>14}{'ratio':>7}"
     print(header)
     for shape in args.shapes:
-        result = measure(shape, args.repeats, args.steps, args.reference)
+        result = measure(shape, args.repeats, args.steps, args.reference, CLOCKS[args.clock])
         base = result["batchnorm"]
         line = f"{shape!s:<22}{base * 1e3:>14.3f}"
         for name in ("bkn-first", "bkn-wired", *(("reference",) if args.reference else ())):

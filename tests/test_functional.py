@@ -326,6 +326,20 @@ def test_cpu_fast_path_matches_reference(
         torch.testing.assert_close(got_grad, want_grad, **tol)
 
 
+def test_cpu_kernels_are_the_ops_cpu_implementation() -> None:
+    """On CPU the op runs bkn_export.cpu_kernels (bit for bit), not the default reference body."""
+    x, m, v, p, w, b = _op_inputs((4, 3, 5, 5), False, dtype=torch.float32)
+    via_op = torch.ops.bkn.batch_kalman_norm(x, m, v, p, w, b, EPS, 0.0)
+    direct = cpu_kernels.batch_kalman_norm(x, m, v, p, w, b, EPS, 0.0)
+    for got, want in zip(via_op, direct):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grads = (torch.randn_like(x), torch.randn_like(m), torch.randn_like(m))
+    via_op_grads = torch.ops.bkn.batch_kalman_norm_backward(*grads, x, m, v, p, w, EPS, 0.0)
+    direct_grads = cpu_kernels.batch_kalman_norm_backward(*grads, x, m, v, p, w, EPS, 0.0)
+    for got, want in zip(via_op_grads, direct_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("shape", "memory_format"),
     [((2, 3, 5, 4), torch.channels_last), ((2, 3, 2, 3, 4), torch.channels_last_3d)],
