@@ -264,7 +264,7 @@ def _bkn_from_batchnorm(
 def convert_batchnorm(
     model: nn.Module, example_inputs: Any, options: KalmanOptions | None = None, **option_overrides: Any
 ) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d and SyncBatchNorm with BKN and wire the Kalman chain.
+    """Replace every BatchNorm1d/2d/3d (and SyncBatchNorm, by SyncBatchKalmanNorm) with BKN; wire the chain.
 
     model: converted in place (the converted model is also returned, which matters only
     when ``model`` itself is a BatchNorm). example_inputs: a tensor, a tuple of
@@ -284,16 +284,26 @@ def convert_batchnorm(
             f"{type(model).__name__} has no BatchNorm or BatchKalmanNorm layers; returned unchanged", stacklevel=2
         )
         return model
+    synchronised: dict[str, Any] = {}  # SyncBatchNorm name -> its process group
     for name, module in norms:
         if isinstance(module, _BN_TYPES):
             if name not in ranks:
                 warnings.warn(
                     f"'{name}' did not run on the example inputs; it is converted but left unwired", stacklevel=2
                 )
+            if isinstance(module, nn.SyncBatchNorm):
+                synchronised[name] = module.process_group
             bkn = _bkn_from_batchnorm(module, ranks.get(name, 0), options, name)
             bkn.link.name = name
             model = _replace_module(model, name, bkn)
-    return wire_chain(model, example_inputs, options)
+    model = wire_chain(model, example_inputs, options)
+    if synchronised:
+        # SyncBatchNorm keeps synchronised statistics: it becomes SyncBatchKalmanNorm (same group).
+        from bkn_export.distributed import convert_sync_batchkalmannorm
+
+        for name, group in synchronised.items():
+            model = _replace_module(model, name, convert_sync_batchkalmannorm(model.get_submodule(name), group))
+    return model
 
 
 def _merge_options(options: KalmanOptions | None, overrides: dict[str, Any]) -> KalmanOptions:

@@ -6,6 +6,7 @@ block with a strided projection shortcut, and a BatchNorm after the residual sum
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from typing import Any
@@ -24,6 +25,7 @@ from bkn_export import (
     load_batchnorm_state_dict,
 )
 from bkn_export.errors import ChainWiringError, CheckpointError, KalmanOptionsError
+from bkn_export.distributed import SyncBatchKalmanNorm
 from bkn_export.nn import _BatchKalmanNorm
 
 TOL: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}
@@ -118,16 +120,20 @@ def test_conversion_carries_state_and_training_mode() -> None:
         torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 
 
-def test_syncbatchnorm_converts() -> None:
+def test_syncbatchnorm_converts_to_syncbatchkalmannorm() -> None:
+    """SyncBatchNorm keeps synchronised statistics: it becomes SyncBatchKalmanNorm, wired, eval outputs kept."""
     bn_model = _trained_like(TinyResNet().double()).eval()
     x = _example()
     expected = bn_model(x)
+    plain_chain = describe_chain(convert_batchnorm(copy.deepcopy(bn_model), x))
     sync_model = nn.SyncBatchNorm.convert_sync_batchnorm(bn_model)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in sync_model.modules())
     converted = convert_batchnorm(sync_model, x)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
-    assert type(converted.get_submodule("head_bn")) is BatchKalmanNorm1d  # rank from the example input
-    torch.testing.assert_close(converted(x), expected, **TOL)
+    norms = [m for m in converted.modules() if isinstance(m, _BatchKalmanNorm)]
+    assert norms and all(isinstance(m, SyncBatchKalmanNorm) for m in norms)
+    assert describe_chain(converted) == plain_chain
+    torch.testing.assert_close(converted(x), expected, **TOL)  # eval mode needs no process group
 
 
 def test_batchnorm_checkpoint_loads_into_converted_model() -> None:
