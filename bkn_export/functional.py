@@ -22,9 +22,13 @@ N(x̄_k, S_k) with weights (p, q); with ``p = 0`` it is exactly BatchNorm.
 Transitions ``T_k`` (how the previous posterior is carried to layer k):
 
 * ``propagate`` (default): the previous posterior is pushed through the layer that
-  feeds this normalization: rectified-Gaussian moments for the ReLU, then the mean
-  through ΣW and the variance through ΣW² of the Conv/Linear weights, treating inputs
-  as independent (the same assumption the authors' sampling makes). Deterministic.
+  feeds this normalization: rectified-Gaussian moments for the ReLU, then the exact
+  moments of that layer's output pooled over positions, treating inputs as independent
+  (the same assumption the authors' sampling makes): its analytic expectation.
+  Linear: mean through ΣW, variance through ΣW². Conv/ConvTranspose: the same per
+  kernel tap, weighted by how often each tap reads a real input rather than zero
+  padding, plus the spread of the mean over positions (:func:`predict_propagate_conv`).
+  Deterministic.
 * ``sampled``: the authors' Monte Carlo version: one Gaussian sample per position,
   ReLU, the feeding layer itself, then the sample's moments (reparameterized so that
   gradients reach the previous posterior).
@@ -38,7 +42,7 @@ posterior statistics are float32 for them, and ``y`` has the dtype of ``x``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -62,6 +66,7 @@ __all__ = [
     "predict_identity",
     "predict_linear",
     "predict_propagate",
+    "predict_propagate_conv",
     "predict_sampled",
     "rectified_gaussian_moments",
     "reduction_dims",
@@ -204,6 +209,126 @@ def predict_propagate(
     predicted_variance = sum_weight_squared.to(dtype) @ variance
     if bias is not None:
         predicted_mean = predicted_mean + bias.to(dtype)
+    if process_noise is not None:
+        predicted_variance = predicted_variance + process_noise.to(dtype)
+    return predicted_mean, predicted_variance
+
+
+def _tap_coverage(layer: torch.nn.modules.conv._ConvNd, dim: int, size: int, dtype: torch.dtype) -> Tensor:
+    """(L_out, K_d) 0/1 of ``dtype``: whether kernel tap t of output position q reads a real input.
+
+    For one spatial dim ``dim`` of ``layer`` with input length ``size``: a conv's tap t at
+    output q reads input q·s - pad + t·dil, a transposed conv's output q takes input j
+    where j·s - pad + t·dil = q. A tap that lands in the zero padding (or, transposed,
+    on no input) contributes nothing. Other padding modes copy real inputs into the
+    border, so every tap of theirs counts.
+    """
+    kernel, stride, dilation = layer.kernel_size[dim], layer.stride[dim], layer.dilation[dim]
+    span = dilation * (kernel - 1)
+    if layer.transposed:
+        pad = layer.padding[dim]
+        assert isinstance(pad, int)  # ConvTranspose has no string padding
+        out = (size - 1) * stride - 2 * pad + span + layer.output_padding[dim] + 1
+    elif isinstance(layer.padding, str):  # "valid", or "same" (stride 1): total span, extra on the right
+        pad = span // 2 if layer.padding == "same" else 0
+        out = size if layer.padding == "same" else (size - span - 1) // stride + 1
+    else:
+        pad = layer.padding[dim]
+        out = (size + 2 * pad - span - 1) // stride + 1
+    device = layer.weight.device
+    if not layer.transposed and layer.padding_mode != "zeros":  # reflect/replicate/circular: real inputs
+        return torch.ones(out, kernel, dtype=dtype, device=device)
+    position = torch.arange(out, device=device).unsqueeze(1)
+    tap = torch.arange(kernel, device=device).unsqueeze(0)
+    if layer.transposed:
+        source = position + pad - tap * dilation  # = j · stride for the input j it takes
+        valid = (source >= 0) & (source < size * stride) & (torch.remainder(source, stride) == 0)
+    else:
+        source = position * stride - pad + tap * dilation
+        valid = (source >= 0) & (source < size)
+    return valid.to(dtype)
+
+
+def _per_tap(weight: Tensor, groups: int, transposed: bool, moment: Tensor) -> Tensor:
+    """(C, *k): Σ_i W[o, i, t] · moment_i per output channel o and kernel tap t.
+
+    weight: (C, C_prev/g, *k), or (C_prev, C/g, *k) when ``transposed``; moment: (C_prev,).
+    """
+    kernel = weight.shape[2:]
+    blocks = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
+    if transposed:  # per group (C_prev/g, C/g · K): contract the first dim
+        return (moment.reshape(groups, 1, -1) @ blocks.flatten(2)).reshape(-1, *kernel)
+    return (moment.reshape(groups, 1, 1, -1) @ blocks).reshape(-1, *kernel)  # per (g, o): (1, C_prev/g) @ (., K)
+
+
+def predict_propagate_conv(
+    previous_mean: Tensor,
+    previous_variance: Tensor,
+    layer: torch.nn.modules.conv._ConvNd,
+    spatial_shape: Sequence[int],
+    process_noise: Tensor | None,
+    rectify: bool,
+) -> tuple[Tensor, Tensor]:
+    """Exact analytic prediction through (ReLU →) a Conv/ConvTranspose layer, borders included.
+
+    previous_mean, previous_variance: (C_prev,); ``layer``: a ``nn.Conv{1,2,3}d`` or
+    ``nn.ConvTranspose{1,2,3}d`` (any padding, stride, dilation, groups) with C_prev input
+    channels; spatial_shape: the spatial size of one sample of its input (the ``*`` of
+    (N, C_prev, *), what ``sampled`` draws; SymInts while tracing with dynamic shapes);
+    process_noise: (C,) or None. Returns μ_{k|k-1}, Σ_{k|k-1}: (C,).
+
+    Input z: independent per position with per-channel moments (m', v') (rectified-Gaussian
+    moments when ``rectify``). The layer's output at position p has mean M_p and variance
+    V_p, the maps the layer gives for a constant input m' (with W², no bias, on v'); at the
+    border, taps that fall into the zero padding drop out. The prior is the moments of
+    the output pooled over positions, what ``sampled`` estimates (law of total variance)::
+
+        μ = mean_p M_p                  Σ = mean_p V_p + var_p M_p + R
+
+    Computed without running the conv: with a_t = Σ_i W[:, i, t] m'_i and
+    b_t = Σ_i W[:, i, t]² v'_i per kernel tap t, and c_p(t) ∈ {0, 1} whether tap t at p
+    reads a real input, M_p = bias + Σ_t a_t c_p(t) and V_p = Σ_t b_t c_p(t). The coverage
+    c is a product over spatial dims, so with f_d(t) = mean_q c_q(t) and
+    g_d(t, t') = mean_q c_q(t) c_q(t') per dim (small (K_d,) and (K_d, K_d) tables)::
+
+        mean_p M_p = bias + Σ_t a_t Π_d f_d(t_d)        mean_p V_p = Σ_t b_t Π_d f_d(t_d)
+        var_p M_p  = Σ_{t,t'} a_t a_t' Π_d g_d(t_d, t'_d) - (mean_p M_p - bias)²
+
+    Cost O(C·C_prev/groups·K), independent of the spatial size. Gradients flow into the
+    weights, bias and the previous posterior. With padding modes other than zeros, the
+    border repeats inputs within a window (reflect, replicate), which V_p ignores.
+    """
+    mean, variance = previous_mean, previous_variance
+    if rectify:
+        mean, variance = rectified_gaussian_moments(mean, variance)
+    dtype = mean.dtype
+    weight = layer.weight.to(dtype)
+    groups = layer.groups
+    kernel = weight.shape[2:]
+    rank = len(kernel)
+    if len(spatial_shape) != rank:
+        raise ValueError(
+            f"predict_propagate_conv: a {rank}d {type(layer).__name__} needs a {rank}d spatial shape, "
+            f"got {tuple(spatial_shape)}"
+        )
+    tap_mean = _per_tap(weight, groups, layer.transposed, mean)
+    tap_variance = _per_tap(weight * weight, groups, layer.transposed, variance)
+    coverage = [_tap_coverage(layer, d, spatial_shape[d], dtype) for d in range(rank)]
+    fraction = coverage[0].mean(dim=0)
+    for d in range(1, rank):
+        fraction = fraction.unsqueeze(-1) * coverage[d].mean(dim=0)
+    kernel_dims = list(range(1, rank + 1))
+    centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
+    mean_of_variance = (tap_variance * fraction).sum(dim=kernel_dims)
+    # Σ_{t,t'} a_t a_t' Π_d g_d(t_d, t'_d): apply each symmetric g_d along its own kernel dim.
+    mixed = tap_mean
+    for d in range(rank):
+        pairs = coverage[d].transpose(0, 1) @ coverage[d] / coverage[d].shape[0]
+        mixed = (mixed.movedim(d + 1, -1) @ pairs).movedim(-1, d + 1)
+    mean_of_square = (tap_mean * mixed).sum(dim=kernel_dims)
+    variance_of_mean = (mean_of_square - centred_mean * centred_mean).clamp_min(0.0)
+    predicted_mean = centred_mean if layer.bias is None else centred_mean + layer.bias.to(dtype)
+    predicted_variance = mean_of_variance + variance_of_mean
     if process_noise is not None:
         predicted_variance = predicted_variance + process_noise.to(dtype)
     return predicted_mean, predicted_variance

@@ -330,10 +330,18 @@ class _BatchKalmanNorm(nn.Module):
         noise = self.process_noise()
         mode = self.link.transition
         if mode == "propagate":
-            sum_w, sum_w2, layer_bias = Fk.channel_maps(self._feeding[0])
-            mean, variance = Fk.predict_propagate(
-                prev_mean, prev_variance, sum_w, sum_w2, layer_bias, noise, self.link.rectify
-            )
+            layer = self._feeding[0]
+            spatial_shape = prev_shape[2:]
+            if isinstance(layer, nn.modules.conv._ConvNd) and len(spatial_shape) == layer.weight.dim() - 2:
+                # The spatial size `sampled` draws: the predecessor's input, so borders count exactly.
+                mean, variance = Fk.predict_propagate_conv(
+                    prev_mean, prev_variance, layer, spatial_shape, noise, self.link.rectify
+                )
+            else:  # Linear, or a conv whose input rank differs from the predecessor's: no borders known
+                sum_w, sum_w2, layer_bias = Fk.channel_maps(layer)
+                mean, variance = Fk.predict_propagate(
+                    prev_mean, prev_variance, sum_w, sum_w2, layer_bias, noise, self.link.rectify
+                )
         elif mode == "sampled":
             sample_noise = torch.randn(prev_shape, device=x.device, dtype=prev_mean.dtype)
             mean, variance = Fk.predict_sampled(

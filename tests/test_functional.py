@@ -5,7 +5,8 @@
 * the custom op's closed-form backward against autograd of the functional reference,
   with the authors' fallback firing and not firing, and gradcheck/opcheck of the op;
 * ``propagate``'s analytic prior against a large-sample Monte Carlo estimate of the
-  authors' sampled prior;
+  authors' sampled prior (Linear, and convs with padding, stride, dilation, groups,
+  transposed), and its closed form for convs against running the conv on the moment maps;
 * the CPU fast path (bkn_export.cpu_kernels) against the reference.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bkn_export.ops  # noqa: F401  (registers torch.ops.bkn.*)
@@ -61,11 +63,13 @@ def _prediction_cases() -> dict[str, tuple[Callable[..., tuple[Tensor, Tensor]],
 
     def propagate(rectify: bool) -> Callable[..., tuple[Tensor, Tensor]]:
         def predict(mean: Tensor, variance: Tensor, noise: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-            conv = _as_function_of(nn.Conv2d(C_PREV, C, 3).double(), w, b)
-            sum_w, sum_w2, bias = Fk.channel_maps(conv)
-            return Fk.predict_propagate(mean, variance, sum_w, sum_w2, bias, noise, rectify)
+            conv = _as_function_of(nn.Conv2d(C_PREV, C, 3, padding=1, stride=2).double(), w, b)
+            return Fk.predict_propagate_conv(mean, variance, conv, (5, 5), noise, rectify)
 
         return predict
+
+    def propagate_linear(mean: Tensor, variance: Tensor, noise: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return Fk.predict_propagate(mean, variance, a, a * a, b, noise, rectify=True)
 
     def sampled(mean: Tensor, variance: Tensor, noise: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         conv = _as_function_of(nn.Conv2d(C_PREV, C, 3).double(), w, b)
@@ -82,13 +86,16 @@ def _prediction_cases() -> dict[str, tuple[Callable[..., tuple[Tensor, Tensor]],
     return {
         "propagate": (propagate(rectify=False), [conv_weight, conv_bias]),
         "propagate-relu": (propagate(rectify=True), [conv_weight, conv_bias]),
+        "propagate-linear": (propagate_linear, [matrix, conv_bias]),
         "sampled": (sampled, [conv_weight, conv_bias]),
         "learned": (learned, [matrix]),
         "identity": (identity, []),
     }
 
 
-@pytest.mark.parametrize("transition", ["propagate", "propagate-relu", "sampled", "learned", "identity"])
+@pytest.mark.parametrize(
+    "transition", ["propagate", "propagate-relu", "propagate-linear", "sampled", "learned", "identity"]
+)
 def test_gradcheck_step_with_predecessor(transition: str) -> None:
     """Prediction + update + normalize are differentiable in every input, float64."""
     predict, params = _prediction_cases()[transition]
@@ -209,20 +216,31 @@ def test_opcheck_custom_ops(dtype: torch.dtype) -> None:
 # --------------------------------------------------------------------------- propagate vs sampled
 
 
+def _propagate(layer: nn.Module, spatial_shape: tuple[int, ...], mean: Tensor, variance: Tensor, rectify: bool):
+    """propagate's prior through ``layer`` (the module's choice: exact conv version, or ΣW maps for Linear)."""
+    if isinstance(layer, nn.Linear):
+        sum_w, sum_w2, bias = Fk.channel_maps(layer)
+        return Fk.predict_propagate(mean, variance, sum_w, sum_w2, bias, None, rectify)
+    assert isinstance(layer, nn.modules.conv._ConvNd)
+    return Fk.predict_propagate_conv(mean, variance, layer, spatial_shape, None, rectify)
+
+
 def _monte_carlo_check(layer: nn.Module, noise_shape: tuple[int, ...], rectify: bool) -> None:
     """propagate's prior (mean, variance) vs the sample moments of the authors' sampled prior.
 
-    Tolerance: 6 standard errors of the Monte Carlo estimates, computed from the sample
-    itself (SE(mean) = sqrt(S / n), SE(variance) = sqrt((m4 - S²) / n) with m4 the fourth
-    central moment), so the check is as tight as the sample size allows and fails with
-    probability < 1e-8 when the analytic moments are right. The sample's outputs are
-    independent (a Linear, or a conv whose one output position sees one input window).
+    The sampled prior pools the layer's output over samples and positions; positions of
+    one sample are correlated (overlapping windows), samples are independent. So the
+    standard errors come from per-sample quantities a_n = mean_p y, b_n = mean_p y²:
+    pooled mean ā (SE = sd(a)/√N) and pooled variance b̄ - ā² (delta method:
+    SE = sd(b - 2ā a)/√N). Tolerance: 6 standard errors, computed from the sample itself,
+    so the check is as tight as the sample size allows and fails with probability
+    < 1e-8 when the analytic moments are right.
     """
     torch.manual_seed(1)
-    previous_mean = torch.tensor([0.3, -0.8, 1.2], dtype=torch.float64)
-    previous_variance = torch.tensor([0.5, 2.0, 0.9], dtype=torch.float64)
-    sum_w, sum_w2, bias = Fk.channel_maps(layer)
-    mean, variance = Fk.predict_propagate(previous_mean, previous_variance, sum_w, sum_w2, bias, None, rectify)
+    channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+    previous_mean = torch.tensor([0.3, -0.8, 1.2, 0.1, -0.2, 0.6], dtype=torch.float64)[:channels]
+    previous_variance = torch.tensor([0.5, 2.0, 0.9, 1.3, 0.2, 1.0], dtype=torch.float64)[:channels]
+    mean, variance = _propagate(layer, noise_shape[2:], previous_mean, previous_variance, rectify)
     noise = torch.randn(noise_shape, dtype=torch.float64)
 
     def run(sample: Tensor) -> Tensor:
@@ -232,13 +250,12 @@ def _monte_carlo_check(layer: nn.Module, noise_shape: tuple[int, ...], rectify: 
 
     with torch.no_grad():
         mc_mean, mc_variance = Fk.predict_sampled(previous_mean, previous_variance, noise, run, None, rectify)
-        shaped = _per_channel_sample(previous_mean, previous_variance, noise, rectify)
-        out = run(shaped).transpose(0, 1).reshape(mean.shape[0], -1)
-    n = out.shape[1]
-    centered = out - out.mean(dim=1, keepdim=True)
-    fourth = (centered**4).mean(dim=1)
-    se_mean = torch.sqrt(mc_variance / n)
-    se_variance = torch.sqrt((fourth - mc_variance**2) / n)
+        out = run(_per_channel_sample(previous_mean, previous_variance, noise, rectify))
+    out = out.unsqueeze(-1) if out.dim() == 2 else out  # (N, C, positions)
+    per_sample_mean, per_sample_square = out.mean(dim=2), (out * out).mean(dim=2)  # (N, C) each
+    n = out.shape[0]
+    se_mean = per_sample_mean.std(dim=0) / math.sqrt(n)
+    se_variance = (per_sample_square - 2 * mc_mean * per_sample_mean).std(dim=0) / math.sqrt(n)
     assert torch.all((mc_mean - mean).abs() <= 6 * se_mean), (mc_mean, mean, se_mean)
     assert torch.all((mc_variance - variance).abs() <= 6 * se_variance), (mc_variance, variance, se_variance)
 
@@ -255,10 +272,131 @@ def test_propagate_matches_monte_carlo_linear(rectify: bool) -> None:
     _monte_carlo_check(layer, (400_000, 3), rectify)
 
 
+#: (layer, shape of the sample: (N, C_prev, *)); borders matter in all but the first.
+_MONTE_CARLO_CONVS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "unpadded": (lambda: nn.Conv2d(3, 2, 3, padding=0), (100_000, 3, 3, 3)),
+    "padded": (lambda: nn.Conv2d(3, 2, 3, padding=1), (20_000, 3, 4, 4)),
+    "strided": (lambda: nn.Conv2d(3, 2, 3, padding=1, stride=2), (20_000, 3, 5, 5)),
+    "dilated": (lambda: nn.Conv2d(3, 2, 3, padding=2, dilation=2), (20_000, 3, 5, 4)),
+    "grouped": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2), (20_000, 4, 4, 4)),
+    "conv1d-same": (lambda: nn.Conv1d(3, 2, 4, padding="same"), (20_000, 3, 7)),
+    "conv3d": (lambda: nn.Conv3d(3, 2, 3, padding=1), (10_000, 3, 3, 3, 3)),
+    "transposed": (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1), (20_000, 3, 4, 4)),
+    "transposed-grouped": (lambda: nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1, groups=2), (20_000, 4, 5)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("rectify", [False, True], ids=["no-relu", "relu"])
-def test_propagate_matches_monte_carlo_unpadded_conv(rectify: bool) -> None:
-    layer = nn.Conv2d(3, 2, 3, padding=0).double()
-    _monte_carlo_check(layer, (100_000, 3, 3, 3), rectify)
+@pytest.mark.parametrize("case", list(_MONTE_CARLO_CONVS))
+def test_propagate_matches_monte_carlo_conv(case: str, rectify: bool) -> None:
+    """Through any conv, zero padding included, propagate is the expectation of the sampled prior."""
+    make_layer, noise_shape = _MONTE_CARLO_CONVS[case]
+    torch.manual_seed(0)
+    layer = make_layer().double()
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # a large bias makes the border's spread of the mean visible
+    _monte_carlo_check(layer, noise_shape, rectify)
+
+
+def _conv_maps_prior(layer: nn.Module, spatial_shape: tuple[int, ...], mean: Tensor, variance: Tensor, rectify: bool):
+    """The same prior by running the layer: mean map M = layer(m' broadcast over one sample),
+    variance map V = the layer's conv with W² and no bias on v'; pooled over positions
+    (law of total variance). O(C·C_prev·K·positions): the independent computation."""
+    if rectify:
+        mean, variance = Fk.rectified_gaussian_moments(mean, variance)
+    shape = (1, -1, *([1] * len(spatial_shape)))
+    mean_map = layer(mean.reshape(shape).expand(1, -1, *spatial_shape))
+    constant = variance.reshape(shape).expand(1, -1, *spatial_shape)
+    if layer.transposed:
+        conv_transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(spatial_shape) - 1]
+        args = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+        variance_map = conv_transpose(constant, layer.weight**2, None, *args)
+    else:
+        variance_map = layer._conv_forward(constant, layer.weight**2, None)
+    mean_map, variance_map = mean_map.flatten(2)[0], variance_map.flatten(2)[0]
+    return mean_map.mean(dim=1), variance_map.mean(dim=1) + mean_map.var(dim=1, correction=0)
+
+
+_CONVS: dict[str, Callable[[], nn.Module]] = {
+    "padded": lambda: nn.Conv2d(3, 4, 3, padding=1),
+    "strided": lambda: nn.Conv2d(3, 4, 3, padding=2, stride=2),
+    "rectangular": lambda: nn.Conv2d(3, 4, (3, 5), padding=(1, 2), stride=(2, 1)),
+    "dilated": lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2),
+    "dilated-strided": lambda: nn.Conv2d(3, 4, 5, padding=1, dilation=2, stride=3),
+    "grouped": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+    "depthwise-no-bias": lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+    "same-even": lambda: nn.Conv2d(3, 4, 4, padding="same"),
+    "valid": lambda: nn.Conv2d(3, 4, 3, padding="valid"),
+    "circular": lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    "conv1d": lambda: nn.Conv1d(3, 4, 5, padding=2, stride=3),
+    "conv3d": lambda: nn.Conv3d(2, 4, 3, padding=1),
+    "transposed": lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+    "transposed-grouped": lambda: nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1, groups=2),
+    "transposed1d-dilated": lambda: nn.ConvTranspose1d(3, 4, 3, stride=3, padding=2, dilation=2),
+    "transposed3d": lambda: nn.ConvTranspose3d(2, 3, 3, stride=2),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("rectify", [False, True], ids=["no-relu", "relu"])
+@pytest.mark.parametrize("case", list(_CONVS))
+def test_propagate_conv_equals_pooled_conv_maps(case: str, rectify: bool) -> None:
+    """The closed form (per-tap coverage tables) equals running the layer on the mean and variance maps."""
+    torch.manual_seed(0)
+    layer = _CONVS[case]().double()
+    rank = layer.weight.dim() - 2
+    for spatial_shape in ((8,) * rank, (9, 7, 6)[:rank] if rank > 1 else (11,)):
+        mean = torch.randn(layer.in_channels, dtype=torch.float64)
+        variance = torch.rand(layer.in_channels, dtype=torch.float64) + 0.5
+        with torch.no_grad():
+            got = Fk.predict_propagate_conv(mean, variance, layer, spatial_shape, None, rectify)
+            expected = _conv_maps_prior(layer, spatial_shape, mean, variance, rectify)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["strided", "grouped", "conv1d", "conv3d", "transposed-grouped"])
+def test_gradcheck_propagate_conv(case: str) -> None:
+    """Gradients of the conv prior reach the previous posterior, the weights, the bias and R (float64)."""
+    torch.manual_seed(0)
+    template = _CONVS[case]().double()
+    rank = template.weight.dim() - 2
+    spatial_shape = (5, 4, 3)[:rank]
+    weight = (0.5 * torch.randn_like(template.weight)).requires_grad_()
+    bias = torch.randn_like(template.bias).requires_grad_()
+    mean = torch.randn(template.in_channels, dtype=torch.float64, requires_grad=True)
+    variance = (torch.rand(template.in_channels, dtype=torch.float64) + 0.5).requires_grad_()
+    noise = (torch.rand(template.out_channels, dtype=torch.float64) * 0.1).requires_grad_()
+
+    def predict(m: Tensor, v: Tensor, w: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        layer = _as_function_of(_CONVS[case]().double(), w, b)
+        return Fk.predict_propagate_conv(m, v, layer, spatial_shape, r, rectify=True)
+
+    assert torch.autograd.gradcheck(predict, (mean, variance, weight, bias, noise))
+
+
+def test_propagate_conv_rejects_a_spatial_rank_mismatch() -> None:
+    with pytest.raises(ValueError, match=r"2d Conv2d needs a 2d spatial shape, got \(5,\)"):
+        Fk.predict_propagate_conv(torch.zeros(3), torch.ones(3), nn.Conv2d(3, 4, 3), (5,), None, rectify=False)
+
+
+def test_module_propagates_through_its_feeding_conv_at_the_predecessors_input_size() -> None:
+    """A wired layer's prior is predict_propagate_conv over the spatial shape of its predecessor's input."""
+    from bkn_export import BatchKalmanNorm2d, wire_chain
+
+    first, second = BatchKalmanNorm2d(3), BatchKalmanNorm2d(4)
+    conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+    model = nn.Sequential(first, nn.ReLU(), conv, second)
+    wire_chain(model, torch.randn(2, 3, 6, 6))
+    assert second.link.transition == "propagate" and second.link.rectify
+    model.train()
+    x = torch.randn(2, 3, 7, 5)
+    first_output = first(x)  # leaves first's posterior in the chain's scratch
+    previous_mean, previous_variance, shape = second._chain.posteriors[0]
+    assert shape == x.shape
+    prior_mean, prior_variance, _ = second._prediction(torch.relu(conv(first_output)))
+    expected = Fk.predict_propagate_conv(previous_mean, previous_variance, conv, (7, 5), second.process_noise(), True)
+    torch.testing.assert_close((prior_mean, prior_variance), expected)
 
 
 def test_rectified_gaussian_moments_limits() -> None:

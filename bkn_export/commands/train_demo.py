@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_sizes": [1, 2, 4, 8, 32],
     "seeds": 3,
     "normalizers": list(NORMALIZERS),
-    "epochs": 4.0,
+    "epochs": 6.0,
 }
 #: ``--quick``: the two batch sizes that show the effect, two seeds, without the slowest
 #: normalizer (bkn-authors samples its prior): a few minutes on 2 cores.
@@ -46,7 +46,7 @@ QUICK: dict[str, Any] = {
     "batch_sizes": [2, 32],
     "seeds": 2,
     "normalizers": ["batchnorm", "groupnorm", "bkn"],
-    "epochs": 4.0,
+    "epochs": 6.0,
 }
 RESULTS_NAME = "results.json"
 PLOT_NAME = "accuracy_vs_batch_size.png"
