@@ -249,16 +249,46 @@ def _tap_coverage(layer: torch.nn.modules.conv._ConvNd, dim: int, size: int, dty
     return valid.to(dtype)
 
 
+def _weight_blocks(weight: Tensor, groups: int) -> Tensor:
+    """(g, A, B, K) view of a conv weight: (C/g, C_prev/g) per group, (C_prev/g, C/g) if transposed."""
+    return weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
+
+
 def _per_tap(weight: Tensor, groups: int, transposed: bool, moment: Tensor) -> Tensor:
     """(C, *k): Σ_i W[o, i, t] · moment_i per output channel o and kernel tap t.
 
     weight: (C, C_prev/g, *k), or (C_prev, C/g, *k) when ``transposed``; moment: (C_prev,).
     """
-    kernel = weight.shape[2:]
-    blocks = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
-    if transposed:  # per group (C_prev/g, C/g · K): contract the first dim
-        return (moment.reshape(groups, 1, -1) @ blocks.flatten(2)).reshape(-1, *kernel)
-    return (moment.reshape(groups, 1, 1, -1) @ blocks).reshape(-1, *kernel)  # per (g, o): (1, C_prev/g) @ (., K)
+    blocks = _weight_blocks(weight, groups)
+    if transposed:  # per group (1, C_prev/g) @ (C_prev/g, C/g · K)
+        taps = moment.reshape(groups, 1, -1) @ blocks.flatten(2)
+    elif groups == 1:  # per output channel (1, C_prev) @ (C_prev, K); 3d: matmul's fast broadcast
+        taps = moment.reshape(1, 1, -1) @ blocks[0]
+    else:  # per group and output channel (1, C_prev/g) @ (C_prev/g, K)
+        taps = moment.reshape(groups, 1, 1, -1) @ blocks
+    return taps.reshape(-1, *weight.shape[2:])
+
+
+def _tap_weighted(weight: Tensor, groups: int, transposed: bool, moment: Tensor, tap_weights: Tensor) -> Tensor:
+    """(C,): Σ_{i,t} W[o, i, t] · tap_weights_t · moment_i (weight, moment as :func:`_per_tap`).
+
+    Sums over the (contiguous) kernel first, then over input channels: cheaper than
+    :func:`_per_tap` followed by a weighted sum over taps.
+    """
+    summed = _weight_blocks(weight, groups) @ tap_weights.reshape(-1).to(weight.dtype)  # (g, A, B)
+    if transposed:
+        return (moment.reshape(groups, 1, -1) @ summed).reshape(-1)
+    return (summed @ moment.reshape(groups, -1, 1)).reshape(-1)
+
+
+def _borders_vary(layer: torch.nn.modules.conv._ConvNd) -> bool:
+    """Whether some output position's window has taps outside the input (zero padding,
+    or a transposed conv's border and stride gaps); if not, every tap counts everywhere."""
+    if layer.transposed:
+        return True
+    if layer.padding_mode != "zeros" or layer.padding == "valid":
+        return False
+    return layer.padding == "same" or any(p != 0 for p in layer.padding)
 
 
 def predict_propagate_conv(
@@ -311,24 +341,28 @@ def predict_propagate_conv(
             f"predict_propagate_conv: a {rank}d {type(layer).__name__} needs a {rank}d spatial shape, "
             f"got {tuple(spatial_shape)}"
         )
-    tap_mean = _per_tap(weight, groups, layer.transposed, mean)
-    tap_variance = _per_tap(weight * weight, groups, layer.transposed, variance)
-    coverage = [_tap_coverage(layer, d, spatial_shape[d], dtype) for d in range(rank)]
-    fraction = coverage[0].mean(dim=0)
-    for d in range(1, rank):
-        fraction = fraction.unsqueeze(-1) * coverage[d].mean(dim=0)
-    kernel_dims = list(range(1, rank + 1))
-    centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
-    mean_of_variance = (tap_variance * fraction).sum(dim=kernel_dims)
-    # Σ_{t,t'} a_t a_t' Π_d g_d(t_d, t'_d): apply each symmetric g_d along its own kernel dim.
-    mixed = tap_mean
-    for d in range(rank):
-        pairs = coverage[d].transpose(0, 1) @ coverage[d] / coverage[d].shape[0]
-        mixed = (mixed.movedim(d + 1, -1) @ pairs).movedim(-1, d + 1)
-    mean_of_square = (tap_mean * mixed).sum(dim=kernel_dims)
-    variance_of_mean = (mean_of_square - centred_mean * centred_mean).clamp_min(0.0)
+    transposed = layer.transposed
+    if not _borders_vary(layer):  # every tap reads a real input at every position: M is constant
+        all_taps = weight.new_ones(kernel)
+        centred_mean = _tap_weighted(weight, groups, transposed, mean, all_taps)
+        predicted_variance = _tap_weighted(weight * weight, groups, transposed, variance, all_taps)
+    else:
+        coverage = [_tap_coverage(layer, d, spatial_shape[d], dtype) for d in range(rank)]
+        fraction = coverage[0].mean(dim=0)
+        for d in range(1, rank):
+            fraction = fraction.unsqueeze(-1) * coverage[d].mean(dim=0)
+        tap_mean = _per_tap(weight, groups, transposed, mean)
+        kernel_dims = list(range(1, rank + 1))
+        centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
+        mean_of_variance = _tap_weighted(weight * weight, groups, transposed, variance, fraction)
+        # Σ_{t,t'} a_t a_t' Π_d g_d(t_d, t'_d): apply each symmetric g_d along its own kernel dim.
+        mixed = tap_mean
+        for d in range(rank):
+            pairs = coverage[d].transpose(0, 1) @ coverage[d] / coverage[d].shape[0]
+            mixed = (mixed.movedim(d + 1, -1) @ pairs).movedim(-1, d + 1)
+        mean_of_square = (tap_mean * mixed).sum(dim=kernel_dims)
+        predicted_variance = mean_of_variance + (mean_of_square - centred_mean * centred_mean).clamp_min(0.0)
     predicted_mean = centred_mean if layer.bias is None else centred_mean + layer.bias.to(dtype)
-    predicted_variance = mean_of_variance + variance_of_mean
     if process_noise is not None:
         predicted_variance = predicted_variance + process_noise.to(dtype)
     return predicted_mean, predicted_variance

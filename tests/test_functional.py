@@ -328,6 +328,8 @@ _CONVS: dict[str, Callable[[], nn.Module]] = {
     "depthwise-no-bias": lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
     "same-even": lambda: nn.Conv2d(3, 4, 4, padding="same"),
     "valid": lambda: nn.Conv2d(3, 4, 3, padding="valid"),
+    "unpadded-strided": lambda: nn.Conv2d(3, 4, 3, stride=2),
+    "pointwise-grouped": lambda: nn.Conv2d(4, 6, 1, groups=2),
     "circular": lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
     "conv1d": lambda: nn.Conv1d(3, 4, 5, padding=2, stride=3),
     "conv3d": lambda: nn.Conv3d(2, 4, 3, padding=1),
@@ -355,7 +357,9 @@ def test_propagate_conv_equals_pooled_conv_maps(case: str, rectify: bool) -> Non
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["strided", "grouped", "conv1d", "conv3d", "transposed-grouped"])
+@pytest.mark.parametrize(
+    "case", ["strided", "grouped", "conv1d", "conv3d", "transposed-grouped", "unpadded-strided", "pointwise-grouped"]
+)
 def test_gradcheck_propagate_conv(case: str) -> None:
     """Gradients of the conv prior reach the previous posterior, the weights, the bias and R (float64)."""
     torch.manual_seed(0)
