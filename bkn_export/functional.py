@@ -262,10 +262,12 @@ def _per_tap(weight: Tensor, groups: int, transposed: bool, moment: Tensor) -> T
     blocks = _weight_blocks(weight, groups)
     if transposed:  # per group (1, C_prev/g) @ (C_prev/g, C/g · K)
         taps = moment.reshape(groups, 1, -1) @ blocks.flatten(2)
-    elif groups == 1:  # per output channel (1, C_prev) @ (C_prev, K); 3d: matmul's fast broadcast
-        taps = moment.reshape(1, 1, -1) @ blocks[0]
     else:  # per group and output channel (1, C_prev/g) @ (C_prev/g, K)
-        taps = moment.reshape(groups, 1, 1, -1) @ blocks
+        # An explicit bmm on W's own layout: matmul's broadcasting would copy W transposed,
+        # forward and backward, and W-sized temporaries dominate this prediction's cost.
+        _, per_group, inputs, taps_count = blocks.shape
+        rows = moment.reshape(groups, 1, 1, inputs).expand(groups, per_group, 1, inputs)
+        taps = torch.bmm(rows.reshape(-1, 1, inputs), blocks.reshape(-1, inputs, taps_count))
     return taps.reshape(-1, *weight.shape[2:])
 
 

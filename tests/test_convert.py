@@ -24,8 +24,8 @@ from bkn_export import (
     format_chain,
     load_batchnorm_state_dict,
 )
-from bkn_export.errors import ChainWiringError, CheckpointError, KalmanOptionsError
 from bkn_export.distributed import SyncBatchKalmanNorm
+from bkn_export.errors import ChainWiringError, CheckpointError, KalmanOptionsError
 from bkn_export.nn import _BatchKalmanNorm
 
 TOL: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}

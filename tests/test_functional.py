@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -29,7 +29,10 @@ EPS = 1e-5
 C_PREV, C = 2, 3
 
 
-def _as_function_of(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+_Layer = TypeVar("_Layer", bound=nn.Module)
+
+
+def _as_function_of(layer: _Layer, weight: Tensor, bias: Tensor | None) -> _Layer:
     """``layer`` with plain-tensor weight/bias (gradcheck inputs) instead of its parameters."""
     del layer.weight
     layer.weight = weight  # type: ignore[assignment]
@@ -273,7 +276,7 @@ def test_propagate_matches_monte_carlo_linear(rectify: bool) -> None:
 
 
 #: (layer, shape of the sample: (N, C_prev, *)); borders matter in all but the first.
-_MONTE_CARLO_CONVS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+_MONTE_CARLO_CONVS: dict[str, tuple[Callable[[], nn.modules.conv._ConvNd], tuple[int, ...]]] = {
     "unpadded": (lambda: nn.Conv2d(3, 2, 3, padding=0), (100_000, 3, 3, 3)),
     "padded": (lambda: nn.Conv2d(3, 2, 3, padding=1), (20_000, 3, 4, 4)),
     "strided": (lambda: nn.Conv2d(3, 2, 3, padding=1, stride=2), (20_000, 3, 5, 5)),
@@ -294,12 +297,15 @@ def test_propagate_matches_monte_carlo_conv(case: str, rectify: bool) -> None:
     make_layer, noise_shape = _MONTE_CARLO_CONVS[case]
     torch.manual_seed(0)
     layer = make_layer().double()
+    assert layer.bias is not None
     with torch.no_grad():
         layer.bias.add_(1.0)  # a large bias makes the border's spread of the mean visible
     _monte_carlo_check(layer, noise_shape, rectify)
 
 
-def _conv_maps_prior(layer: nn.Module, spatial_shape: tuple[int, ...], mean: Tensor, variance: Tensor, rectify: bool):
+def _conv_maps_prior(
+    layer: nn.modules.conv._ConvNd, spatial_shape: tuple[int, ...], mean: Tensor, variance: Tensor, rectify: bool
+):
     """The same prior by running the layer: mean map M = layer(m' broadcast over one sample),
     variance map V = the layer's conv with W² and no bias on v'; pooled over positions
     (law of total variance). O(C·C_prev·K·positions): the independent computation."""
@@ -310,15 +316,18 @@ def _conv_maps_prior(layer: nn.Module, spatial_shape: tuple[int, ...], mean: Ten
     constant = variance.reshape(shape).expand(1, -1, *spatial_shape)
     if layer.transposed:
         conv_transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(spatial_shape) - 1]
-        args = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
-        variance_map = conv_transpose(constant, layer.weight**2, None, *args)
+        stride, padding, output_padding = layer.stride, layer.padding, layer.output_padding
+        assert not isinstance(padding, str)  # ConvTranspose pads by numbers
+        variance_map = conv_transpose(
+            constant, layer.weight**2, None, stride, padding, output_padding, layer.groups, layer.dilation
+        )
     else:
         variance_map = layer._conv_forward(constant, layer.weight**2, None)
     mean_map, variance_map = mean_map.flatten(2)[0], variance_map.flatten(2)[0]
     return mean_map.mean(dim=1), variance_map.mean(dim=1) + mean_map.var(dim=1, correction=0)
 
 
-_CONVS: dict[str, Callable[[], nn.Module]] = {
+_CONVS: dict[str, Callable[[], nn.modules.conv._ConvNd]] = {
     "padded": lambda: nn.Conv2d(3, 4, 3, padding=1),
     "strided": lambda: nn.Conv2d(3, 4, 3, padding=2, stride=2),
     "rectangular": lambda: nn.Conv2d(3, 4, (3, 5), padding=(1, 2), stride=(2, 1)),
@@ -364,6 +373,7 @@ def test_gradcheck_propagate_conv(case: str) -> None:
     """Gradients of the conv prior reach the previous posterior, the weights, the bias and R (float64)."""
     torch.manual_seed(0)
     template = _CONVS[case]().double()
+    assert template.bias is not None
     rank = template.weight.dim() - 2
     spatial_shape = (5, 4, 3)[:rank]
     weight = (0.5 * torch.randn_like(template.weight)).requires_grad_()
@@ -396,6 +406,7 @@ def test_module_propagates_through_its_feeding_conv_at_the_predecessors_input_si
     model.train()
     x = torch.randn(2, 3, 7, 5)
     first_output = first(x)  # leaves first's posterior in the chain's scratch
+    assert second._chain is not None
     previous_mean, previous_variance, shape = second._chain.posteriors[0]
     assert shape == x.shape
     prior_mean, prior_variance, _ = second._prediction(torch.relu(conv(first_output)))
