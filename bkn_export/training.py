@@ -61,7 +61,7 @@ class TrainConfig:
 
     batch_size: int
     seed: int
-    epochs: float = 4.0
+    epochs: float = 6.0
     base_lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
