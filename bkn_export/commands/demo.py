@@ -81,14 +81,13 @@ def _train(args: argparse.Namespace, data: Any, console: Any) -> tuple[Any, Any]
 
 def _run(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
 
     from bkn_export.data import load_digits_split
     from bkn_export.export import export_onnx
     from runtime.parity import run_parity
-    from runtime.report import print_report, write_html, write_json
+    from runtime.report import print_report, report_console, write_html, write_json
 
-    console = Console()
+    console = report_console()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_digits_split()

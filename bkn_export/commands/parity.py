@@ -111,10 +111,10 @@ def _inputs(args: argparse.Namespace, specs: Any) -> dict[str, Any] | None:
 
 
 def _list_runtimes(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from runtime.registry import discover
+    from runtime.report import report_console
 
     table = Table(title="runtimes on this machine")
     for column in ("runtime", "available", "reason"):
@@ -122,7 +122,7 @@ def _list_runtimes(args: argparse.Namespace) -> int:
     for entry in discover(args.custom_op_library, args.plugin):
         state = "yes" if entry.availability.ok else ("n/a" if not entry.availability.applicable else "no")
         table.add_row(entry.name, state, entry.availability.reason)
-    Console().print(table)
+    report_console().print(table)
     return 0
 
 
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     from runtime.compare import Tolerance
     from runtime.model_io import load_onnx, tensor_specs
     from runtime.parity import run_parity
-    from runtime.report import print_report, write_html, write_json
+    from runtime.report import print_report, report_console, write_html, write_json
 
     specs, _ = tensor_specs(load_onnx(args.onnx))
     inputs = _inputs(args, specs)
@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed, model_description=f"{args.spec}" + (f" + {args.checkpoint}" if args.checkpoint else ""),
         )  # fmt: skip
         progress.update(task, description="parity: finished")
-    print_report(report, Console())
+    print_report(report, report_console())
     for path, writer in ((args.json, write_json), (args.html, write_html)):
         if path:
             print(f"wrote {writer(report, path)}")

@@ -9,7 +9,10 @@ from rich.table import Table
 
 from runtime.parity import ParityReport
 
-__all__ = ["STATUS_STYLE", "print_report", "report_text"]
+__all__ = ["STATUS_STYLE", "print_report", "report_console", "report_text"]
+
+#: Width used when output is not a terminal (CI logs, pipes): wide enough that no number is cut.
+LOG_WIDTH = 180
 
 STATUS_STYLE = {
     "passed": "green",
@@ -58,9 +61,15 @@ def build_table(report: ParityReport) -> Table:
     return table
 
 
+def report_console(stderr: bool = False) -> Console:
+    """A console for reports: the terminal's width, or :data:`LOG_WIDTH` when writing to a log or pipe."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+
+
 def print_report(report: ParityReport, console: Console | None = None) -> None:
     """Print the table, the localisation of each failing runtime and the verdict."""
-    console = console or Console()
+    console = console or report_console()
     console.print(build_table(report))
     for problem in report.reference_problems:
         console.print(f"[bold red]reference:[/] {problem}")
