@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import bkn_export.ops  # noqa: F401  (registers torch.ops.bkn.*)
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
+from bkn_export.ops import kalman_norm_step  # also registers torch.ops.bkn.*
 
 __all__ = [
     "BatchKalmanNorm1d",
@@ -311,7 +311,7 @@ class _BatchKalmanNorm(nn.Module):
         The extension point for layers whose statistics span more than ``x``
         (:class:`bkn_export.distributed.SyncBatchKalmanNorm`).
         """
-        y, posterior_mean, posterior_variance = torch.ops.bkn.batch_kalman_norm(
+        y, posterior_mean, posterior_variance = kalman_norm_step(
             x, prior_mean, prior_variance, prior_weight, self.weight, self.bias, self.eps, self.options.fallback_ratio
         )
         return y, posterior_mean, posterior_variance, x.numel() // x.shape[1]

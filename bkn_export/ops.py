@@ -15,15 +15,17 @@ backward, itself a custom op so that devices can provide a fused kernel for it t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from bkn_export import cpu_kernels
 from bkn_export import functional as Fk
 
-__all__ = ["batch_kalman_norm", "batch_kalman_norm_backward"]
+__all__ = ["batch_kalman_norm", "batch_kalman_norm_backward", "kalman_norm_step"]
 
 
 @torch.library.custom_op("bkn::batch_kalman_norm", mutates_args=())
@@ -132,7 +134,14 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx: Any, grad_output: Tensor, grad_mean: Tensor, grad_variance: Tensor) -> tuple[Any, ...]:
+def _backward_with(
+    implementation: Callable[..., tuple[Tensor, ...]],
+    ctx: Any,
+    grad_output: Tensor | None,
+    grad_mean: Tensor | None,
+    grad_variance: Tensor | None,
+) -> tuple[Any, ...]:
+    """Gradients of the forward op's 8 inputs, computed by ``implementation`` (the backward op or a kernel)."""
     x, prior_mean, prior_variance, prior_weight, weight = ctx.saved_tensors
     acc = Fk.statistics_dtype(x.dtype)
     channels = x.shape[1]
@@ -143,7 +152,7 @@ def _backward(ctx: Any, grad_output: Tensor, grad_mean: Tensor, grad_variance: T
         grad_mean = x.new_zeros((channels,), dtype=acc)
     if grad_variance is None:
         grad_variance = x.new_zeros((channels,), dtype=acc)
-    grad_x, g_mean, g_var, g_p, g_weight, g_bias = batch_kalman_norm_backward(
+    grad_x, g_mean, g_var, g_p, g_weight, g_bias = implementation(
         grad_output,
         grad_mean,
         grad_variance,
@@ -164,6 +173,72 @@ def _backward(ctx: Any, grad_output: Tensor, grad_mean: Tensor, grad_variance: T
         g_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
         None,
         None,
+    )
+
+
+def _backward(ctx: Any, grad_output: Tensor, grad_mean: Tensor, grad_variance: Tensor) -> tuple[Any, ...]:
+    return _backward_with(batch_kalman_norm_backward, ctx, grad_output, grad_mean, grad_variance)
+
+
+class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
+    """The op's CPU kernels and autograd without torch.library's Python dispatch.
+
+    Same kernels (:mod:`bkn_export.cpu_kernels`), same context and backward as the op;
+    used only by :func:`kalman_norm_step` in plain eager CPU execution, where the op's
+    dispatch layers cost about a third of a small layer's training step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        outputs = cpu_kernels.batch_kalman_norm(*inputs)
+        _setup_context(ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return _backward_with(cpu_kernels.batch_kalman_norm_backward, ctx, *grads)
+
+
+def _plain_eager_cpu(x: Tensor) -> bool:
+    """True when nothing traces or transforms this call: eager CPU, a plain tensor, no mode active."""
+    return (
+        type(x) is Tensor
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not _is_exporting()
+        and _current_dispatch_mode() is None
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def _is_exporting() -> bool:
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check()) if check is not None else False
+
+
+def kalman_norm_step(
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.bkn.batch_kalman_norm`` as the modules call it.
+
+    Under tracing (torch.export, the ONNX exporter, torch.compile, functorch) and on other
+    devices this is the custom op itself, so graphs keep one opaque node and CUDA gets the
+    Triton kernels. In plain eager CPU execution it runs the op's CPU kernels and autograd
+    directly (identical results), skipping the dispatch overhead.
+    """
+    if _plain_eager_cpu(x):
+        return _EagerCpuBatchKalmanNorm.apply(  # type: ignore[no-any-return]
+            x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio
+        )
+    return torch.ops.bkn.batch_kalman_norm(  # type: ignore[no-any-return]
+        x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio
     )
 
 

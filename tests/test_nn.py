@@ -325,3 +325,35 @@ def test_identity_transition_needs_equal_channel_counts() -> None:
     model = _wired_chain()
     with pytest.raises(ChainWiringError, match=r"needs equal channel counts.*'1'.*4.*'4'.*5"):
         wire_chain(copy.deepcopy(model), torch.randn(2, 3, 6, 6), KalmanOptions(transition="identity"))
+
+
+def test_eager_cpu_step_matches_the_custom_op_in_values_and_gradients() -> None:
+    """kalman_norm_step skips torch.library dispatch in eager CPU mode; results must be the op's, bit for bit."""
+    from bkn_export.ops import kalman_norm_step
+
+    torch.manual_seed(3)
+    c = 5
+    leaves = [
+        torch.randn(3, c, 4, 4, dtype=torch.float64),
+        torch.randn(c, dtype=torch.float64),
+        torch.rand(c, dtype=torch.float64) + 0.5,
+        torch.rand(c, dtype=torch.float64) * 0.9,
+        torch.randn(c, dtype=torch.float64),
+        torch.randn(c, dtype=torch.float64),
+    ]
+    results = []
+    for step in (kalman_norm_step, torch.ops.bkn.batch_kalman_norm):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        y, mean, variance = step(*inputs, 1e-5, 0.0)
+        (y.square().sum() + mean.sum() + variance.sum()).backward()
+        results.append([y, mean, variance, *[t.grad for t in inputs]])
+    for eager, op in zip(*results):
+        torch.testing.assert_close(eager, op, rtol=0, atol=0)
+
+
+def test_traced_step_keeps_the_custom_op_node() -> None:
+    """Under torch.export the modules still emit bkn::batch_kalman_norm (what the ONNX exporter maps)."""
+    model = BatchKalmanNorm2d(3).train()
+    exported = torch.export.export(model, (torch.randn(2, 3, 4, 4),))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert any("bkn.batch_kalman_norm" in target for target in targets)
