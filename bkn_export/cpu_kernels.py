@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from bkn_export import functional as Fk
+from bkn_export.op_reference import reference_backward, reference_forward
 
 __all__ = ["batch_kalman_norm", "batch_kalman_norm_backward", "batch_statistics", "fast_path_applies"]
 
@@ -84,8 +85,7 @@ def batch_kalman_norm(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CPU implementation of ``bkn::batch_kalman_norm``: (y, posterior_mean, posterior_variance)."""
     if not fast_path_applies(x, prior_mean, prior_variance, prior_weight, weight, bias):
-        step = Fk.batch_kalman_norm(x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio)
-        return step.output, step.posterior_mean, step.posterior_variance
+        return reference_forward(x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio)
     stats = batch_statistics(x)
     mean, variance, _ = Fk.kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
     y = torch.batch_norm(x, weight, bias, mean, variance, False, 0.0, eps, False)
@@ -109,7 +109,7 @@ def batch_kalman_norm_backward(
         x, prior_mean, prior_variance, prior_weight, weight, grad_posterior_mean, grad_posterior_variance
     ) and (grad_output.dtype == x.dtype and grad_output.shape == x.shape)
     if not applies:
-        reference = Fk.batch_kalman_norm_backward(
+        return reference_backward(
             grad_output,
             grad_posterior_mean,
             grad_posterior_variance,
@@ -120,16 +120,6 @@ def batch_kalman_norm_backward(
             weight,
             eps,
             fallback_ratio,
-        )
-        grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = reference
-        assert grad_bias is not None
-        return (
-            grad_x,
-            grad_mean,
-            grad_variance,
-            grad_p,
-            grad_weight if grad_weight is not None else torch.zeros_like(grad_bias),
-            grad_bias,
         )
     stats = batch_statistics(x)
     mean, variance, _ = Fk.kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
