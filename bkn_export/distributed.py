@@ -184,8 +184,10 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
         batch_mean, batch_variance = combine_batch_statistics(gathered[:, 0], gathered[:, 1], weights)
         if sampled:
             prior_mean, prior_variance = combine_batch_statistics(gathered[:, 2], gathered[:, 3], weights)
-        p = Fk.effective_prior_weight(prior_weight, prior_variance, batch_variance, self.options.fallback_ratio)
-        mean, variance = Fk.kalman_update(prior_mean, prior_variance, batch_mean, batch_variance, p)
+        stats = Fk.BatchStatistics(batch_mean, batch_variance, total)
+        mean, variance, _ = Fk.kalman_posterior(
+            stats, prior_mean, prior_variance, prior_weight, self.options.fallback_ratio
+        )
         weight = self.weight.to(acc) if self.weight is not None else None
         bias = self.bias.to(acc) if self.bias is not None else None
         scale, shift = Fk.inference_affine(mean, variance, weight, bias, self.eps)
