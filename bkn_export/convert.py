@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -246,11 +247,7 @@ def _bkn_from_batchnorm(
         track_running_stats=bn.track_running_stats,
         device=ref.device if ref is not None else None,
         dtype=ref.dtype if ref is not None else None,
-        transition=options.transition,
-        prior_weight=options.prior_weight,
-        initial_prior_weight=options.initial_prior_weight,
-        process_noise=options.process_noise,
-        fallback_ratio=options.fallback_ratio,
+        **asdict(options),
     )
     with torch.no_grad():
         for attribute in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):

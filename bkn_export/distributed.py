@@ -34,6 +34,7 @@ needs an initialised process group; with a world size of 1 it runs the local cus
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -208,11 +209,7 @@ def _to_sync(module: _BatchKalmanNorm, process_group: Any) -> SyncBatchKalmanNor
         module.affine,
         module.track_running_stats,
         process_group=process_group,
-        transition=module.options.transition,
-        prior_weight=module.options.prior_weight,
-        initial_prior_weight=module.options.initial_prior_weight,
-        process_noise=module.options.process_noise,
-        fallback_ratio=module.options.fallback_ratio,
+        **asdict(module.options),
     )
     # The same Parameter and buffer objects (as nn.SyncBatchNorm.convert_sync_batchnorm),
     # so an optimizer built before the conversion keeps working.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from torch import Tensor, nn
@@ -23,14 +24,7 @@ def make_norm(kind: str, channels: int, groups: int = 4) -> nn.Module:
     if kind == "bkn":
         return BatchKalmanNorm2d(channels)
     if kind == "bkn-authors":
-        options = KalmanOptions.authors()
-        return BatchKalmanNorm2d(
-            channels,
-            transition=options.transition,
-            prior_weight=options.prior_weight,
-            process_noise=options.process_noise,
-            fallback_ratio=options.fallback_ratio,
-        )
+        return BatchKalmanNorm2d(channels, **asdict(KalmanOptions.authors()))
     raise ValueError(f"unknown normalizer {kind!r}; choose one of {NORMALIZERS}")
 
 
