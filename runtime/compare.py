@@ -24,6 +24,7 @@ __all__ = [
     "Tolerance",
     "compare_output",
     "default_tolerance",
+    "nonfinite_count",
     "resolve_tolerance",
 ]
 
@@ -96,7 +97,8 @@ class OutputComparison:
     message: str = ""
 
 
-def _nonfinite(array: np.ndarray) -> int:
+def nonfinite_count(array: np.ndarray) -> int:
+    """How many NaN/Inf elements ``array`` holds (0 for integer and bool arrays)."""
     if array.dtype.kind not in "fc":
         return 0
     return int(array.size - np.count_nonzero(np.isfinite(array)))
@@ -122,8 +124,8 @@ def compare_output(
         reference_shape=list(reference.shape),
         tolerance=tolerance,
         passed=False,
-        nonfinite_reference=_nonfinite(reference),
-        nonfinite_actual=_nonfinite(actual),
+        nonfinite_reference=nonfinite_count(reference),
+        nonfinite_actual=nonfinite_count(actual),
     )
     if reference.shape != actual.shape:
         result.message = f"shape {tuple(actual.shape)} differs from the reference shape {tuple(reference.shape)}"

@@ -2,7 +2,7 @@
 
 Method (documented in docs/runtime.md):
 
-1. The PyTorch reference runs once more with forward hooks on every module
+1. The PyTorch reference run records every module's output through forward hooks
    (:meth:`TorchEagerBackend.run_capturing`); the ONNX graph's module boundaries come
    from the exporter's node metadata (:mod:`runtime.onnx_scopes`).
 2. The failing runtime configuration (same provider, same optimisation level) runs the
@@ -201,18 +201,22 @@ def _localise(
         checks.append((boundary, _check(boundary, reference, actual, _tolerance(boundary.value, actual, atol, rtol))))
     result.checks = [c for _, c in checks]
 
-    def prefix_fails(index: int) -> BoundaryCheck:
-        boundary, _ = checks[index]
-        outputs = runner.run(prefix_model(model, boundary.value))
-        actual = outputs[boundary.value]
-        reference = _match(capture, boundary.module, actual)
-        assert reference is not None
-        return _check(boundary, reference, actual, _tolerance(boundary.value, actual, atol, rtol))
+    verdicts: dict[int, BoundaryCheck] = {}  # boundary index -> its check on its prefix model (run once each)
+
+    def prefix_check(index: int) -> BoundaryCheck:
+        if index not in verdicts:
+            boundary, _ = checks[index]
+            outputs = runner.run(prefix_model(model, boundary.value))
+            actual = outputs[boundary.value]
+            reference = _match(capture, boundary.module, actual)
+            assert reference is not None
+            verdicts[index] = _check(boundary, reference, actual, _tolerance(boundary.value, actual, atol, rtol))
+        return verdicts[index]
 
     first_index = next((i for i, (_, c) in enumerate(checks) if not c.passed), None)
     if method == "auto" and result.reproduced and first_index is not None:
         result.method = "exposed"
-        confirmation = prefix_fails(first_index)
+        confirmation = prefix_check(first_index)
         result.confirmed = not confirmation.passed
         if result.confirmed:
             result.first = confirmation
@@ -221,8 +225,7 @@ def _localise(
         # Bisect on prefix models: the smallest index whose prefix fails.
         result.method = "bisect"
         low, high = 0, len(checks) - 1
-        verdicts: dict[int, BoundaryCheck] = {}
-        if _cached(verdicts, prefix_fails, high).passed:
+        if prefix_check(high).passed:
             result.prefix_runs = runner.count - 1
             result.message = (
                 "every module output agrees with PyTorch in its prefix model: the divergence is after the last module"
@@ -230,7 +233,7 @@ def _localise(
             return result
         while low < high:
             middle = (low + high) // 2
-            if _cached(verdicts, prefix_fails, middle).passed:
+            if prefix_check(middle).passed:
                 low = middle + 1
             else:
                 high = middle
@@ -248,9 +251,3 @@ def _localise(
     elif not checks:
         result.message = "no ONNX module output could be matched to a PyTorch module output by shape"
     return result
-
-
-def _cached(verdicts: dict[int, BoundaryCheck], evaluate: Callable[[int], BoundaryCheck], index: int) -> BoundaryCheck:
-    if index not in verdicts:
-        verdicts[index] = evaluate(index)
-    return verdicts[index]

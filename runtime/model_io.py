@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from bkn_export.errors import BKNInputError, ModelFileError, RuntimeLoadError
+from runtime.compare import nonfinite_count
 
 __all__ = [
     "TensorSpec",
@@ -143,8 +144,8 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
                 f"input {spec.name!r} has shape {tuple(array.shape)}; expected {spec.shape_text()} "
                 "(named dims may take any size)"
             )
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
-            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        bad = nonfinite_count(array)
+        if bad:
             raise BKNInputError(
                 f"input {spec.name!r} holds {bad} NaN/Inf value(s); parity is only defined for finite inputs"
             )

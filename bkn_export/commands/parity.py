@@ -84,11 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _inputs(args: argparse.Namespace, specs: Any) -> dict[str, Any] | None:
+def _inputs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The --inputs arrays, random ones of the --input-shape shapes, or None (run_parity makes them)."""
     import numpy as np
 
     from bkn_export.errors import BKNInputError
-    from runtime.model_io import random_inputs
+    from runtime.model_io import load_onnx, random_inputs, tensor_specs
 
     if args.inputs:
         try:
@@ -98,6 +99,7 @@ def _inputs(args: argparse.Namespace, specs: Any) -> dict[str, Any] | None:
             raise BKNInputError(f"--inputs {args.inputs}: cannot read it as an .npz file: {error}") from error
     if not args.input_shape:
         return None
+    specs, _ = tensor_specs(load_onnx(args.onnx))  # only here: run_parity loads and checks the file itself
     shapes: dict[str, tuple[int, ...]] = {}
     for position, (name, shape) in enumerate(args.input_shape):
         if name is None:
@@ -129,14 +131,11 @@ def _list_runtimes(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.list_runtimes:
         return _list_runtimes(args)
-    from bkn_export.errors import BKNError, BKNInputError, CheckpointError, FactoryError
+    from bkn_export.errors import BKNError
 
     try:
         return _run(args)
-    except (BKNInputError, CheckpointError, FactoryError) as error:
-        print(f"bkn parity: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
-    except BKNError as error:  # ModelFileError, UnknownRuntimeError, RuntimeLoadError: all bad input
+    except BKNError as error:  # BKNInputError, CheckpointError, FactoryError, ModelFileError, ...: all bad input
         print(f"bkn parity: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
 
@@ -147,12 +146,10 @@ def _run(args: argparse.Namespace) -> int:
 
     from bkn_export.factory import load_model
     from runtime.compare import Tolerance
-    from runtime.model_io import load_onnx, tensor_specs
     from runtime.parity import run_parity
     from runtime.report import print_report, report_console, write_html, write_json
 
-    specs, _ = tensor_specs(load_onnx(args.onnx))
-    inputs = _inputs(args, specs)
+    inputs = _inputs(args)
     model = load_model(args.spec, args.checkpoint, **dict(args.factory_arg))
     tolerances = {name: Tolerance(atol, rtol) for name, atol, rtol in args.tolerance}
     errors = Console(stderr=True)

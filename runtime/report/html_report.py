@@ -19,6 +19,7 @@ from typing import Any
 from runtime.compare import HISTOGRAM_EDGES
 from runtime.localize import Localisation
 from runtime.parity import ParityReport
+from runtime.report.cells import COLUMNS, comparison_cells
 
 __all__ = ["render_html", "write_html"]
 
@@ -90,10 +91,6 @@ def _localisation_plot(loc: Localisation) -> str | None:
     return png
 
 
-def _fmt(value: float | None, spec: str = ".2e") -> str:
-    return "–" if value is None or not math.isfinite(value) else format(value, spec)
-
-
 def render_html(report: ParityReport) -> str:
     """The whole report as one HTML string."""
     e = html.escape
@@ -115,8 +112,7 @@ def render_html(report: ParityReport) -> str:
     for problem in report.reference_problems:
         parts.append(f"<p class='failed'>reference: {e(problem)}</p>")
     parts.append("<h2>Runtimes × outputs</h2><table id='results'><tr>")
-    headers = ("runtime", "output", "status", "max abs", "max rel", "mismatch", "cosine", "atol / rtol", "note")
-    parts.append("".join(f"<th>{h}</th>" for h in headers) + "</tr>")
+    parts.append("".join(f"<th>{h}</th>" for h in COLUMNS) + "</tr>")
     for result in report.runtimes:
         if not result.outputs:
             parts.append(
@@ -126,12 +122,10 @@ def render_html(report: ParityReport) -> str:
             continue
         for c in result.outputs:
             status = "passed" if c.passed else "failed"
-            mismatch = "–" if not math.isfinite(c.mismatch_fraction) else f"{c.mismatch_fraction:.2%}"
+            numbers = "".join(f"<td class='num'>{cell}</td>" for cell in comparison_cells(c))
             parts.append(
                 f"<tr><td>{e(result.runtime)}</td><td>{e(c.output)}</td><td class='{status}'>{status}</td>"
-                f"<td class='num'>{_fmt(c.max_abs_error)}</td><td class='num'>{_fmt(c.max_rel_error)}</td>"
-                f"<td class='num'>{mismatch}</td><td class='num'>{_fmt(c.cosine_similarity, '.6f')}</td>"
-                f"<td class='num'>{c.tolerance.atol:g} / {c.tolerance.rtol:g}</td><td>{e(c.message)}</td></tr>"
+                f"{numbers}<td>{e(c.message)}</td></tr>"
             )
     parts.append("</table>")
     parts.append("<h2>Error histograms</h2>")

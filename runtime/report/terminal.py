@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 from rich.console import Console
 from rich.table import Table
 
 from runtime.parity import ParityReport
+from runtime.report.cells import COLUMNS, comparison_cells
 
 __all__ = ["STATUS_STYLE", "print_report", "report_console", "report_text"]
 
@@ -23,19 +22,12 @@ STATUS_STYLE = {
 }
 
 
-def _fmt(value: float, digits: str = ".2e") -> str:
-    return "–" if value is None or not math.isfinite(value) else format(value, digits)
-
-
 def build_table(report: ParityReport) -> Table:
     table = Table(title=f"parity vs {report.reference}: {report.onnx_path} ({report.mode})", show_lines=False)
-    for column, justify in (
-        ("runtime", "left"), ("output", "left"), ("status", "left"), ("max abs", "right"), ("max rel", "right"),
-        ("mismatch", "right"), ("cosine", "right"), ("atol / rtol", "right"), ("note", "left"),
-    ):  # fmt: skip
+    for column in COLUMNS:
         table.add_column(
             column,
-            justify=justify,  # type: ignore[arg-type]
+            justify="left" if column in ("runtime", "output", "status", "note") else "right",
             no_wrap=column != "note",
             overflow="fold" if column == "note" else "ellipsis",
             min_width=24 if column == "note" else None,
@@ -51,11 +43,7 @@ def build_table(report: ParityReport) -> Table:
                 result.runtime,
                 comparison.output,
                 f"[{STATUS_STYLE[status]}]{status}[/]",
-                _fmt(comparison.max_abs_error),
-                _fmt(comparison.max_rel_error),
-                "–" if not math.isfinite(comparison.mismatch_fraction) else f"{comparison.mismatch_fraction:.2%}",
-                _fmt(comparison.cosine_similarity, ".6f"),
-                f"{comparison.tolerance.atol:g} / {comparison.tolerance.rtol:g}",
+                *comparison_cells(comparison),
                 comparison.message,
             )
     return table
