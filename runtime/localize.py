@@ -142,6 +142,7 @@ def localise(
     atol: float | None = None,
     rtol: float | None = None,
     method: str = "auto",
+    tolerances: Mapping[str, Tolerance] | None = None,
 ) -> Localisation:
     """Localise the failure of ``runtime`` (see the module docstring). Never raises; errors go in the result.
 
@@ -154,14 +155,22 @@ def localise(
         with tempfile.TemporaryDirectory(prefix="bkn-localise-") as tmp:
             return _localise(
                 model, _Runner(make_backend, inputs, Path(tmp)), runtime, reference_outputs, capture,
-                failing_outputs, atol, rtol, method,
+                failing_outputs, _ToleranceRule(atol, rtol, tolerances or {}), method,
             )  # fmt: skip
     except Exception as error:  # a localisation failure must not hide the parity verdict
         return Localisation(runtime, "error", message=f"{type(error).__name__}: {error}")
 
 
-def _tolerance(value: str, actual: np.ndarray, atol: float | None, rtol: float | None) -> Tolerance:
-    return resolve_tolerance(value, actual.dtype.name, atol, rtol)
+@dataclass(frozen=True)
+class _ToleranceRule:
+    """The parity run's tolerances: per-output overrides, else global atol/rtol, else the dtype default."""
+
+    atol: float | None
+    rtol: float | None
+    per_output: Mapping[str, Tolerance]
+
+    def __call__(self, value: str, actual: np.ndarray) -> Tolerance:
+        return resolve_tolerance(value, actual.dtype.name, self.atol, self.rtol, self.per_output)
 
 
 def _localise(
@@ -171,8 +180,7 @@ def _localise(
     reference_outputs: Mapping[str, np.ndarray],
     capture: ModuleCapture,
     failing_outputs: list[str],
-    atol: float | None,
-    rtol: float | None,
+    tolerance: _ToleranceRule,
     method: str,
 ) -> Localisation:
     boundaries = module_boundaries(model, known_modules=set(capture.outputs))
@@ -187,7 +195,7 @@ def _localise(
     exposed = runner.run(with_outputs(model, [b.value for b in boundaries]))
     result.reproduced = any(
         not compare_output(
-            name, reference_outputs[name], exposed[name], _tolerance(name, exposed[name], atol, rtol)
+            name, reference_outputs[name], exposed[name], tolerance(name, exposed[name])
         ).passed
         for name in failing_outputs
         if name in exposed
@@ -198,7 +206,7 @@ def _localise(
         reference = _match(capture, boundary.module, actual) if actual is not None else None
         if actual is None or reference is None:
             continue
-        checks.append((boundary, _check(boundary, reference, actual, _tolerance(boundary.value, actual, atol, rtol))))
+        checks.append((boundary, _check(boundary, reference, actual, tolerance(boundary.value, actual))))
     result.checks = [c for _, c in checks]
 
     verdicts: dict[int, BoundaryCheck] = {}  # boundary index -> its check on its prefix model (run once each)
@@ -210,7 +218,7 @@ def _localise(
             actual = outputs[boundary.value]
             reference = _match(capture, boundary.module, actual)
             assert reference is not None
-            verdicts[index] = _check(boundary, reference, actual, _tolerance(boundary.value, actual, atol, rtol))
+            verdicts[index] = _check(boundary, reference, actual, tolerance(boundary.value, actual))
         return verdicts[index]
 
     first_index = next((i for i, (_, c) in enumerate(checks) if not c.passed), None)

@@ -200,7 +200,7 @@ def run_parity(
             failing = [c.output for c in result.outputs if not c.passed]
             result.localisation = localise(
                 onnx_model, entry.make, entry.name, feed, reference_outputs, capture, failing, atol, rtol,
-                localise_method,
+                localise_method, tolerances,
             )  # fmt: skip
         if progress:
             progress("done", entry.name, index, total)

@@ -97,3 +97,16 @@ def test_per_output_override_beats_global_and_dtype_default() -> None:
     assert resolve_tolerance("logits", "float32", atol=1e-3, per_output=per_output) == Tolerance(0.5, 0.0)
     assert resolve_tolerance("other", "float32", atol=1e-3, per_output=per_output) == Tolerance(1e-3, 1e-4)
     assert resolve_tolerance("other", "float16") == Tolerance(1e-3, 1e-3)
+
+
+def test_localisation_judges_with_the_runs_per_output_tolerances() -> None:
+    """Localisation uses the same tolerance rule as the parity verdict: override, else atol/rtol, else dtype."""
+    import numpy as np
+
+    from runtime.compare import Tolerance
+    from runtime.localize import _ToleranceRule
+
+    rule = _ToleranceRule(atol=1e-3, rtol=None, per_output={"logits": Tolerance(0.5, 0.0)})
+    value = np.zeros(3, dtype=np.float32)
+    assert rule("logits", value) == Tolerance(0.5, 0.0)
+    assert rule("other", value).atol == 1e-3
