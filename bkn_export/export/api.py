@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -32,32 +33,21 @@ def export_onnx(
     and the Kalman chain. The model's train/eval mode is left as it was found.
     ``mode_options`` go to the mode's exporter (e.g. ``running_stats_io=True`` for training).
     """
+    exporter: Callable[..., ExportResult]
     if mode == "inference":
-        from bkn_export.export.inference import export_inference
-
-        return export_inference(
-            model,
-            example_inputs,
-            path,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            dynamic_spatial=dynamic_spatial,
-            fp16=fp16,
-            external_data_threshold=external_data_threshold,
-            **mode_options,
-        )
-    if mode == "training":
-        from bkn_export.export.training import export_training
-
-        return export_training(
-            model,
-            example_inputs,
-            path,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            dynamic_spatial=dynamic_spatial,
-            fp16=fp16,
-            external_data_threshold=external_data_threshold,
-            **mode_options,
-        )
-    raise ValueError(f"unknown export mode {mode!r}; choose one of {SUPPORTED_MODES}")
+        from bkn_export.export.inference import export_inference as exporter
+    elif mode == "training":
+        from bkn_export.export.training import export_training as exporter
+    else:
+        raise ValueError(f"unknown export mode {mode!r}; choose one of {SUPPORTED_MODES}")
+    return exporter(
+        model,
+        example_inputs,
+        path,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        dynamic_spatial=dynamic_spatial,
+        fp16=fp16,
+        external_data_threshold=external_data_threshold,
+        **mode_options,
+    )

@@ -28,6 +28,7 @@ from torch import Tensor, fx, nn
 from bkn_export import functional as Fk
 from bkn_export.errors import ExportError
 from bkn_export.export.checks import NORMALIZATION_TYPES, check_inference_ready
+from bkn_export.export.common import example_tuple
 from bkn_export.export.result import FoldRecord
 
 __all__ = ["FoldResult", "fold"]
@@ -73,9 +74,8 @@ def _output_ranks(model: nn.Module, example_inputs: Any) -> dict[str, int]:
                 )
             )
     try:
-        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         with torch.no_grad():
-            model(*inputs)
+            model(*example_tuple(example_inputs))
     finally:
         for handle in handles:
             handle.remove()

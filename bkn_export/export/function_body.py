@@ -35,11 +35,9 @@ import onnxscript
 from onnxscript import values
 
 from bkn_export.export import op_spec
+from bkn_export.functional import _VARIANCE_FLOOR  # floor on the batch variance in the fallback ratio
 
 __all__ = ["function_proto", "onnxscript_function"]
-
-#: Floor on the batch variance in the fallback ratio (as functional._VARIANCE_FLOOR).
-_VARIANCE_FLOOR = 1e-12
 
 
 @functools.cache

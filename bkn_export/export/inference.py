@@ -29,42 +29,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 from torch import Tensor, nn
 
-import bkn_export
-from bkn_export.errors import BKNError, ExportError, FoldError
+from bkn_export.errors import ExportError, FoldError
 from bkn_export.export.checks import check_inference_ready
+from bkn_export.export.common import check_model, example_tuple, resolve_opset, run_dynamo_export
 from bkn_export.export.fold import fold
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, check_writable, save_model_atomic
-from bkn_export.export.metadata import FOLD_KINDS, attach_metadata, build_fold_report, fold_report_json, node_scopes
-from bkn_export.export.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from bkn_export.export.metadata import (
+    FOLD_KINDS,
+    attach_metadata,
+    build_fold_report,
+    export_metadata,
+    fold_report_json,
+    node_scopes,
+)
+from bkn_export.export.op_spec import DEFAULT_OPSET
 from bkn_export.export.result import ExportResult, FoldRecord
 from bkn_export.export.rules import Leftover, apply_fold_rules, unfolded_normalizations
 
 __all__ = ["DEFAULT_OPSET", "FP16_TOLERANCE", "eval_mode", "export_inference", "resolve_opset"]
-
-#: Default ONNX opset: what torch 2.13's dynamo exporter emits natively.
 
 #: fp16 export parity bound against the float32 PyTorch eval output y:
 #: |y_fp16 - y| <= FP16_TOLERANCE * (1 + |y|) elementwise (float16 has an 11-bit significand, ~4.9e-4 per rounding).
 FP16_TOLERANCE = 1e-2
 
 _log = logging.getLogger(__name__)
-
-
-def resolve_opset(opset: int | None) -> int:
-    """``opset`` or :data:`DEFAULT_OPSET`; raises :class:`ExportError` outside MIN_OPSET..MAX_OPSET."""
-    chosen = DEFAULT_OPSET if opset is None else int(opset)
-    if not MIN_OPSET <= chosen <= MAX_OPSET:
-        raise ExportError(
-            f"opset {chosen} is not supported: choose {MIN_OPSET}..{MAX_OPSET} (the dynamo exporter needs >= "
-            f"{MIN_OPSET}; {MAX_OPSET} is the newest the tested stack emits)"
-        )
-    return chosen
 
 
 @contextlib.contextmanager
@@ -77,13 +70,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
-    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise ExportError("example_inputs must be a tensor or a tuple of tensors (N, C, *)")
-    return tuple(inputs)
 
 
 def _tracing_inputs(inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[Tensor, ...]:
@@ -112,27 +98,17 @@ def _dynamic_shapes(inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_spa
 def _run_exporter(
     model: nn.Module, inputs: tuple[Tensor, ...], opset: int, dynamic_batch: bool, dynamic_spatial: bool
 ) -> ir.Model:
-    dynamic_shapes = _dynamic_shapes(inputs, dynamic_batch, dynamic_spatial)
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                model,
-                _tracing_inputs(inputs, dynamic_batch),
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
-                optimize=True,
-                verbose=False,
-            )
-    except BKNError:
-        raise
-    except Exception as error:  # the exporter raises many types; keep its message
-        hint = " (drop dynamic_spatial / --dynamic-spatial if the model needs fixed spatial sizes)" * dynamic_spatial
-        raise ExportError(
+    hint = " (drop dynamic_spatial / --dynamic-spatial if the model needs fixed spatial sizes)" * dynamic_spatial
+
+    def explain(error: Exception) -> str:  # keep the exporter's message
+        return (
             f"torch.onnx.export failed for {type(model).__name__} at opset {opset}{hint}: "
             f"{type(error).__name__}: {str(error)[:2000]}"
-        ) from error
-    assert program is not None
+        )
+
+    dynamic_shapes = _dynamic_shapes(inputs, dynamic_batch, dynamic_spatial)
+    with torch.no_grad():
+        program = run_dynamo_export(model, _tracing_inputs(inputs, dynamic_batch), opset, dynamic_shapes, explain)
     return program.model
 
 
@@ -160,14 +136,12 @@ def _check_guarantee(model: ir.Model, normalization_names: list[str]) -> list[Le
 
 def _records_for_torch_folds(model: ir.Model, torch_report: list[FoldRecord]) -> list[FoldRecord]:
     """fp16 path: a layer folded in PyTorch went into its host module; find the host's ONNX node."""
+    hosts = [(n, node_scopes(n)) for n in model.graph if n.op_type in FOLD_KINDS]
     records = []
     for record in torch_report:
         if record.target is None:
             continue
-        node = next(
-            (n for n in model.graph if n.op_type in FOLD_KINDS and record.target in node_scopes(n)),
-            None,
-        )
+        node = next((n for n, scopes in hosts if record.target in scopes), None)
         kind = FOLD_KINDS[node.op_type] if node is not None else record.kind
         records.append(
             FoldRecord(record.module, node.name if node is not None else None, kind, f"{record.detail} (in PyTorch)")
@@ -201,7 +175,7 @@ def export_inference(
     """
     opset = resolve_opset(opset)
     check_writable(path)  # fail before the (slow) export, not after
-    inputs = _as_tuple(example_inputs)
+    inputs = example_tuple(example_inputs)
     normalizations = [name for name, _ in check_inference_ready(model)]
     torch_report: list[FoldRecord] = []
     with eval_mode(model):
@@ -223,16 +197,11 @@ def export_inference(
     metadata = attach_metadata(
         proto,
         {
-            "version": bkn_export.__version__,
-            "mode": "inference",
-            "opset": str(opset),
-            "fp16": str(bool(fp16)).lower(),
-            "dynamic_batch": str(bool(dynamic_batch)).lower(),
-            "dynamic_spatial": str(bool(dynamic_spatial)).lower(),
+            **export_metadata("inference", opset, fp16, dynamic_batch, dynamic_spatial),
             "fold_report": fold_report_json(report),
         },
     )
-    _check_model(proto, path)
+    check_model(proto, f"the inference export for {os.fspath(path)}")
     written = save_model_atomic(proto, path, external_data_threshold=external_data_threshold)
     return ExportResult(
         path=Path(written),
@@ -252,13 +221,3 @@ def _fp16_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[nn.Module
         _log.info("fp16 export: %s; folding in the ONNX graph instead", error)
         folded, report = copy.deepcopy(model).eval(), []
     return folded.half(), report
-
-
-def _check_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """onnx.checker with full_check (strict shape inference); models over 2 GiB are checked by the writer's caller."""
-    if proto.ByteSize() >= 2**31 - 1:
-        return
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(f"the inference export for {os.fspath(path)} fails onnx.checker: {error}") from error

@@ -17,6 +17,7 @@ from dataclasses import asdict
 import onnx
 import onnx_ir as ir
 
+import bkn_export
 from bkn_export.export.result import FoldRecord
 from bkn_export.export.rules import FOLD_RULE_TAG, NORMALIZATION_OP_TYPES, Leftover
 
@@ -25,8 +26,10 @@ __all__ = [
     "METADATA_PREFIX",
     "attach_metadata",
     "build_fold_report",
+    "export_metadata",
     "fold_report_json",
     "node_scopes",
+    "parse_name_scopes",
     "read_metadata",
 ]
 
@@ -36,16 +39,25 @@ FOLD_KINDS = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "gemm",
 _RULE_KEYS = (FOLD_RULE_TAG, "pkg.onnxscript.rewriter.rule_name")
 
 
+def parse_name_scopes(text: str | None) -> list[str] | None:
+    """The list in a ``pkg.torch.onnx.name_scopes`` value ('' entries dropped).
+
+    None when the value is absent or not a list; [] when it cannot be parsed.
+    """
+    if not text:
+        return None
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(s) for s in scopes if s] if isinstance(scopes, list) else None
+
+
 def node_scopes(node: ir.Node) -> list[str]:
     """The PyTorch module names a node came from, outermost first ('' for the root omitted)."""
-    text = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if text:
-        try:
-            scopes = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            scopes = []
-        if isinstance(scopes, list):
-            return [str(s) for s in scopes if s]
+    scopes = parse_name_scopes(node.metadata_props.get("pkg.torch.onnx.name_scopes"))
+    if scopes is not None:
+        return scopes
     namespace = node.metadata_props.get("namespace", "")
     # ": pkg.Model/block1: pkg.Block/block1.norm1: pkg.BKN/op: aten..." -> names before ':'
     return [part.split(":")[0].strip() for part in namespace.split("/") if part.split(":")[0].strip()]
@@ -88,6 +100,18 @@ def build_fold_report(graph: ir.Graph, modules: Iterable[str], leftovers: Iterab
 
 def fold_report_json(report: Iterable[FoldRecord]) -> str:
     return json.dumps([asdict(record) for record in report], sort_keys=True)
+
+
+def export_metadata(mode: str, opset: int, fp16: bool, dynamic_batch: bool, dynamic_spatial: bool) -> dict[str, str]:
+    """The metadata entries every export writes (each mode adds its own)."""
+    return {
+        "version": bkn_export.__version__,
+        "mode": mode,
+        "opset": str(opset),
+        "fp16": str(bool(fp16)).lower(),
+        "dynamic_batch": str(bool(dynamic_batch)).lower(),
+        "dynamic_spatial": str(bool(dynamic_spatial)).lower(),
+    }
 
 
 def attach_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> dict[str, str]:

@@ -88,6 +88,27 @@ def _check_batchnorm(batchnorm: ir.Node, result: orp.MatchResult) -> orp.MatchRe
     return result
 
 
+def _matmul_layout_problem(
+    weight: np.ndarray, bias: np.ndarray | None, rank: int | None, transpose: ir.Node | None, described: str
+) -> str:
+    """Why a normalization of MatMul(x, W) [+ b] [-> Transpose] (``described``) cannot fold; "" if it can.
+
+    W must be 2-D, b per output column, and the normalized axis 1 the MatMul's last axis.
+    """
+    if weight.ndim != 2 or rank is None:
+        return f"{described} is not a 2-D constant weight product of known rank"
+    channels = weight.shape[1]
+    if bias is not None and (bias.size != channels or bias.shape[-1] != channels):
+        return f"the bias added after {described} is not per output column"
+    if transpose is not None:
+        perm = list(transpose.attributes.get_ints("perm", list(range(rank))[::-1]))
+        if len(perm) != rank or perm[1] != rank - 1:
+            return "the normalized axis is not the output-feature axis of " + described
+    elif rank != 2:
+        return "the normalized axis is not the output-feature axis of " + described
+    return ""
+
+
 def _tag(values: Sequence[ir.Value], batchnorm: ir.Node, rule_name: str) -> None:
     """Give the replacement nodes the normalization's provenance and the rule's name."""
     for value in values:
@@ -246,24 +267,15 @@ class FoldIntoMatMul(orp.RewriteRuleClassBase):
         if not _check_batchnorm(batchnorm, result):
             return result
         weight = _constant(values["weight"])
-        if weight is None or weight.ndim != 2:
-            return result.fail("MatMul weight is not a constant 2-D initializer")
-        channels = weight.shape[1]
-        if self.with_bias:
-            bias = _constant(values["bias"])
-            if bias is None or bias.size != channels or bias.shape[-1] != channels:
-                return result.fail("Add operand is not a constant per-column bias")
+        if weight is None:
+            return result.fail("MatMul weight is not a constant initializer")
+        bias = _constant(values["bias"]) if self.with_bias else None
+        if self.with_bias and bias is None:
+            return result.fail("Add operand is not a constant")
         rank = matmul_out.shape.rank() if matmul_out.shape is not None else None
-        if rank is None:
-            return result.fail("MatMul output rank unknown")
-        if self.through_transpose:
-            transpose = values["transposed"].producer()
-            perm = list(transpose.attributes.get_ints("perm", list(range(rank))[::-1]))
-            if len(perm) != rank or perm[1] != rank - 1:
-                return result.fail("Transpose does not move the MatMul's last axis to axis 1")
-        elif rank != 2:
-            return result.fail("normalization axis 1 is not the MatMul's last axis")
-        return result
+        transpose = values["transposed"].producer() if self.through_transpose else None
+        problem = _matmul_layout_problem(weight, bias, rank, transpose, "MatMul")
+        return result.fail(problem) if problem else result
 
     def rewrite(self, op: Any, x: ir.Value, weight: ir.Value, normalized: ir.Value, **values: Any) -> ir.Value:
         batchnorm = normalized.producer()
@@ -387,20 +399,7 @@ def _fold_blocker(normalization: ir.Node) -> tuple[str, str]:
         return described, batchnorm_check.reason
     if producer.op_type == "MatMul":
         rank = output.shape.rank() if output.shape is not None else None
-        if weight.ndim != 2 or rank is None:
-            return described, f"{described} is not a 2-D constant weight product of known rank"
-        channels = weight.shape[1]
-        if bias is not None:
-            bias_array = _constant(bias)
-            assert bias_array is not None
-            if bias_array.size != channels or bias_array.shape[-1] != channels:
-                return described, f"the bias added after {described} is not per output column"
-        if transpose is not None:
-            perm = list(transpose.attributes.get_ints("perm", list(range(rank))[::-1]))
-            if len(perm) != rank or perm[1] != rank - 1:
-                return described, "the normalized axis is not the output-feature axis of " + described
-        elif rank != 2:
-            return described, "the normalized axis is not the output-feature axis of " + described
+        return described, _matmul_layout_problem(weight, _constant(bias), rank, transpose, described)
     return described, ""
 
 

@@ -27,7 +27,6 @@ inputs (test-time adaptation: ``examples/test_time_adaptation.py``).
 
 from __future__ import annotations
 
-import ast
 import copy
 import os
 import warnings
@@ -41,12 +40,12 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-import bkn_export
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ExportError, ModelFileError
 from bkn_export.export import function_body, op_spec, schema
-from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_model_atomic
-from bkn_export.export.metadata import attach_metadata
+from bkn_export.export.common import check_model, example_tuple, resolve_opset, run_dynamo_export
+from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, check_writable, save_model_atomic
+from bkn_export.export.metadata import attach_metadata, export_metadata, parse_name_scopes
 from bkn_export.export.result import ExportResult
 from bkn_export.nn import _BatchKalmanNorm
 
@@ -178,6 +177,7 @@ class _TrainingGraph(nn.Module):
         self.model = model
         self.num_inputs = num_inputs
         self.layer_names = [name for name, _ in layers]
+        self._layers = dict(layers)
         self.running_stats = list(running_stats)
         self.expose_posteriors = expose_posteriors
         self._steps: dict[str, _Step] = {}
@@ -203,11 +203,10 @@ class _TrainingGraph(nn.Module):
         self._steps.clear()
         outputs = self.model(*inputs)
         flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-        modules = dict(self.model.named_modules())
         for i, name in enumerate(self.running_stats):
             step = self._step(name)
-            layer = modules[name]
-            assert isinstance(layer, _BatchKalmanNorm) and layer.momentum is not None
+            layer = self._layers[name]
+            assert layer.momentum is not None
             flat.extend(
                 Fk.running_statistics_update(
                     stats[2 * i],
@@ -234,17 +233,6 @@ class _TrainingGraph(nn.Module):
 
 
 # --------------------------------------------------------------------------- export
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise ExportError(
-        "export_training: example_inputs must be a tensor or a tuple of tensors (N, C, *), "
-        f"got {type(example_inputs).__name__}"
-    )
 
 
 def _check_layers(layers: Sequence[tuple[str, _BatchKalmanNorm]], running_stats_io: bool) -> None:
@@ -303,9 +291,9 @@ def export_training(
     Raises :class:`ExportError` for a ``sampled`` transition, an empty example batch, an
     opset out of range, or a chain whose shapes do not fit the example inputs.
     """
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    op_spec.check_opset(opset)
-    inputs = _as_tuple(example_inputs)
+    opset = resolve_opset(opset)
+    check_writable(path)  # fail before the (slow) export, not after
+    inputs = example_tuple(example_inputs)
     for i, t in enumerate(inputs):
         if t.dim() < 2 or t.shape[0] == 0 or t.numel() == 0:
             raise ExportError(
@@ -326,14 +314,13 @@ def export_training(
         layer.train()
         # The traced graph must not mutate buffers; updates are explicit outputs instead.
         layer.track_running_stats = False
-    modules = dict(work.named_modules())
     if fp16:
         work = work.half()
         inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
     stat_inputs: list[Tensor] = []
+    by_name = dict(layers)
     for name in tracked:
-        layer = modules[name]
-        assert isinstance(layer, _BatchKalmanNorm)
+        layer = by_name[name]
         assert layer.running_mean is not None and layer.running_var is not None
         stat_inputs += [layer.running_mean.detach().clone(), layer.running_var.detach().clone()]
     graph = _TrainingGraph(work, len(inputs), layers, tracked, expose_posteriors)
@@ -357,36 +344,25 @@ def export_training(
     for name in tracked:
         names_in += running_stat_names(name)[:2]
     names_out = _output_names(graph, traced_inputs, stat_inputs, output_names)
-    try:
-        with warnings.catch_warnings():
-            # Training mode is the point of this export; the exporter's reminder is noise here.
-            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-            program = torch.onnx.export(
-                graph,
-                (*traced_inputs, *stat_inputs),
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
-                input_names=names_in,
-                output_names=names_out,
-                custom_translation_table=translation_table(),
-                optimize=True,
-                verbose=False,
-            )
-    except ExportError:
-        raise
-    except Exception as error:  # the exporter wraps model errors in its own types
-        raise ExportError(_explain_export_failure(error)) from error
-    assert program is not None
+    with warnings.catch_warnings():
+        # Training mode is the point of this export; the exporter's reminder is noise here.
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        program = run_dynamo_export(
+            graph,
+            (*traced_inputs, *stat_inputs),
+            opset,
+            dynamic_shapes,
+            _explain_export_failure,
+            input_names=names_in,
+            output_names=names_out,
+            custom_translation_table=translation_table(),
+        )
     proto = program.model_proto
     attach_function(proto)
     node_layers = _name_nodes(proto)
     info = TrainingGraphInfo(tuple(node_layers), tuple(tracked), expose_posteriors)
     metadata = attach_metadata(proto, _metadata(info, opset, fp16, dynamic_batch, dynamic_spatial))
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as error:
-        raise ExportError(f"export_training: the exported graph fails onnx.checker: {error}") from error
+    check_model(proto, "export_training: the exported graph")
     target = save_model_atomic(proto, path, external_data_threshold)
     return ExportResult(path=Path(target), opset=opset, mode="training", metadata=metadata, extra={"graph": info})
 
@@ -470,10 +446,7 @@ def _name_nodes(model: onnx.ModelProto) -> list[str]:
     names: list[str] = []
     for node in _bkn_nodes(model.graph):
         scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-        try:
-            parts = ast.literal_eval(scopes) if scopes else []
-        except (ValueError, SyntaxError):
-            parts = []
+        parts = parse_name_scopes(scopes) or []
         module = str(parts[-2]) if len(parts) >= 2 else node.name
         module = module.removeprefix("model.")
         name = module if module not in names else f"{module}#{names.count(module) + 1}"
@@ -487,12 +460,7 @@ def _metadata(
 ) -> dict[str, str]:
     """The ``bkn_export.*`` metadata entries (same keys as an inference export, plus the chain)."""
     return {
-        "version": bkn_export.__version__,
-        "mode": "training",
-        "opset": str(opset),
-        "fp16": str(bool(fp16)).lower(),
-        "dynamic_batch": str(bool(dynamic_batch)).lower(),
-        "dynamic_spatial": str(bool(dynamic_spatial)).lower(),
+        **export_metadata("training", opset, fp16, dynamic_batch, dynamic_spatial),
         "op": f"{op_spec.DOMAIN}::{op_spec.OP_TYPE}@{op_spec.DOMAIN_VERSION}",
         "layers": ",".join(info.layers),
         "running_stats": ",".join(info.running_stats),

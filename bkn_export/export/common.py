@@ -1,0 +1,80 @@
+"""Pieces both exporters (inference and training) share: opset, example inputs, checker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import torch
+from torch import Tensor
+
+from bkn_export.errors import BKNError, ExportError
+from bkn_export.export.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+
+__all__ = ["check_model", "example_tuple", "resolve_opset", "run_dynamo_export"]
+
+
+def resolve_opset(opset: int | None) -> int:
+    """``opset`` or :data:`DEFAULT_OPSET`; raises :class:`ExportError` outside MIN_OPSET..MAX_OPSET."""
+    chosen = DEFAULT_OPSET if opset is None else int(opset)
+    if not MIN_OPSET <= chosen <= MAX_OPSET:
+        raise ExportError(
+            f"opset {chosen} is not supported: choose {MIN_OPSET}..{MAX_OPSET} (the dynamo exporter needs >= "
+            f"{MIN_OPSET}; {MAX_OPSET} is the newest the tested stack emits)"
+        )
+    return chosen
+
+
+def example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
+    """``example_inputs`` (a tensor, or a non-empty tuple/list of tensors) as a tuple."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise ExportError(
+            f"example_inputs must be a tensor or a tuple of tensors (N, C, *), got {type(example_inputs).__name__}"
+        )
+    return tuple(inputs)
+
+
+def run_dynamo_export(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    opset: int,
+    dynamic_shapes: Any,
+    explain: Callable[[Exception], str],
+    **options: Any,
+) -> torch.onnx.ONNXProgram:
+    """``torch.onnx.export(dynamo=True, optimize=True)``; an exporter failure becomes ExportError(explain(error)).
+
+    bkn_export's own errors pass through unchanged.
+    """
+    try:
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+            **options,
+        )
+    except BKNError:
+        raise
+    except Exception as error:  # the exporter raises (and wraps model errors in) many types
+        raise ExportError(explain(error)) from error
+    assert program is not None
+    return program
+
+
+def check_model(proto: onnx.ModelProto, label: str) -> None:
+    """onnx.checker with full_check (strict shape inference), as :class:`ExportError` naming ``label``.
+
+    Models of 2 GiB or more cannot be checked in memory (protobuf's limit) and are skipped.
+    """
+    if proto.ByteSize() >= 2**31 - 1:
+        return
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(f"{label} fails onnx.checker: {error}") from error
