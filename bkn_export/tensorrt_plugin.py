@@ -245,13 +245,9 @@ def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from _walk_nodes(subgraph)
 
 
-def _is_plugin_node(node: onnx.NodeProto) -> bool:
-    return node.op_type == op_spec.OP_TYPE and node.domain == op_spec.DOMAIN
-
-
 def plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The ``ai.bkn::BatchKalmanNorm`` nodes of ``model`` (main graph and subgraphs)."""
-    return [node for node in _walk_nodes(model.graph) if _is_plugin_node(node)]
+    return [node for node in _walk_nodes(model.graph) if op_spec.is_op_node(node)]
 
 
 def prepare_model_for_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -281,7 +277,7 @@ def prepare_model_for_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
                     f"TensorRT plugin registers {value!r}; re-export the model with this bkn_export version or "
                     f"build the plugin that matches it"
                 )
-    kept = [f for f in prepared.functions if not (f.domain == op_spec.DOMAIN and f.name == op_spec.OP_TYPE)]
+    kept = [f for f in prepared.functions if not op_spec.is_op_function(f)]
     del prepared.functions[:]
     prepared.functions.extend(kept)
     return prepared

@@ -13,6 +13,7 @@ explicit in the graph: node k's posterior outputs feed node k+1's prior through 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from bkn_export.errors import ExportError
 
@@ -35,6 +36,8 @@ __all__ = [
     "Port",
     "attribute_defaults",
     "check_opset",
+    "is_op_function",
+    "is_op_node",
 ]
 
 DOMAIN = "ai.bkn"
@@ -51,6 +54,16 @@ MIN_OPSET = 18
 MAX_OPSET = 23
 #: What both exporters use when no opset is given: what torch 2.13's exporter emits natively.
 DEFAULT_OPSET = 20
+
+
+def is_op_node(node: Any) -> bool:
+    """Whether an ONNX NodeProto is an ``ai.bkn::BatchKalmanNorm`` node."""
+    return bool(node.domain == DOMAIN and node.op_type == OP_TYPE)
+
+
+def is_op_function(function: Any) -> bool:
+    """Whether an ONNX FunctionProto is the body of ``ai.bkn::BatchKalmanNorm``."""
+    return bool(function.domain == DOMAIN and function.name == OP_TYPE)
 
 
 @dataclass(frozen=True)

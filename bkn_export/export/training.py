@@ -419,7 +419,7 @@ def attach_function(model: onnx.ModelProto) -> None:
     """
     opset = _default_opset(model)
     proto = function_body.function_proto(opset)
-    kept = [f for f in model.functions if not (f.domain == op_spec.DOMAIN and f.name == op_spec.OP_TYPE)]
+    kept = [f for f in model.functions if not op_spec.is_op_function(f)]
     del model.functions[:]
     model.functions.extend([*kept, proto])
     if not any(entry.domain == op_spec.DOMAIN for entry in model.opset_import):
@@ -434,7 +434,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _bkn_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    return [n for n in graph.node if n.domain == op_spec.DOMAIN and n.op_type == op_spec.OP_TYPE]
+    return [n for n in graph.node if op_spec.is_op_node(n)]
 
 
 def _name_nodes(model: onnx.ModelProto) -> list[str]:
@@ -497,7 +497,7 @@ def check_training_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onn
             f"{label}: has {op_name} nodes but does not import domain '{op_spec.DOMAIN}'; re-export it with "
             "export_onnx(..., mode='training') or call bkn_export.export.training.attach_function(model)"
         )
-    functions = [f for f in model.functions if f.domain == op_spec.DOMAIN and f.name == op_spec.OP_TYPE]
+    functions = [f for f in model.functions if op_spec.is_op_function(f)]
     if not functions:
         raise ModelFileError(
             f"{label}: {len(nodes)} {op_name} node(s) (e.g. '{nodes[0].name}') but the model carries no "
