@@ -26,7 +26,10 @@ Usage::
     python benchmarks/bench_kernels.py [--dtype float16] [--channels-last] [--batches 1 2 8 32]
                                        [--reference] [--json results.json]
 
-Without a CUDA GPU (or without Triton) it prints why and exits 0.
+Without a CUDA GPU (or without Triton) it prints why and exits 0. ``--smoke`` runs the
+same code on one tiny shape on the CPU (the op's CPU implementation, wall-clock timer,
+nominal 1 GB/s peak): a check that the script works, its figures mean nothing
+(tests/test_gpu_check.py runs it; benchmarks/gpu_check.sh runs the real thing).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -90,22 +94,29 @@ def peak_bandwidth_gbps(device: int) -> tuple[float, str]:
     return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9, f"{source}: {clock_khz / 1e3:.0f} MHz x {bus_bits} bit x 2"
 
 
-def _bench(fn: Callable[[], object]) -> float:
+def _bench(fn: Callable[[], object], rep_ms: int = 100) -> float:
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=100))
+    return float(do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms))
 
 
-def measure(
-    channels: int,
-    size: int,
-    batch: int,
-    dtype: torch.dtype,
-    channels_last: bool,
-    reference: bool,
-    device: str = "cuda",
-) -> tuple[float, float, float | None, int]:
-    """(bn ms, bkn ms, reference ms or None, bytes moved) for one shape."""
+def _bench_wall(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Mean wall-clock ms of ``repeats`` calls after one warm-up (``--smoke`` on CPU only)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / repeats
+
+
+def training_steps(
+    channels: int, size: int, batch: int, dtype: torch.dtype, channels_last: bool, device: str = "cuda"
+) -> tuple[Callable[[], None], Callable[[], None], int]:
+    """(bn step, bkn step, bytes moved per step) on x: (batch, channels, size, size), as described above.
+
+    Also what benchmarks/gpu/ncu_kernels.py profiles.
+    """
+    import bkn_export.ops  # noqa: F401  (registers torch.ops.bkn.*)
     from bkn_export import functional as Fk
 
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
@@ -139,16 +150,35 @@ def measure(
             running_var.copy_(new_var)
         torch.autograd.grad(y, (x, prior_mean, prior_variance, prior_weight, weight, bias), grad)
 
-    bn_ms = _bench(bn_step)
-    bkn_ms = _bench(bkn_step)
+    return bn_step, bkn_step, 8 * x.numel() * x.element_size()
+
+
+def measure(
+    channels: int,
+    size: int,
+    batch: int,
+    dtype: torch.dtype,
+    channels_last: bool,
+    reference: bool,
+    device: str = "cuda",
+    rep_ms: int = 100,
+) -> tuple[float, float, float | None, int]:
+    """(bn ms, bkn ms, reference ms or None, bytes moved) for one shape; ``rep_ms``: do_bench's time per figure."""
+    bn_step, bkn_step, nbytes = training_steps(channels, size, batch, dtype, channels_last, device)
+
+    def bench(fn: Callable[[], object]) -> float:
+        return _bench(fn, rep_ms) if device == "cuda" else _bench_wall(fn)
+
+    bn_ms = bench(bn_step)
+    bkn_ms = bench(bkn_step)
     ref_ms = None
     if reference:
         os.environ["BKN_DISABLE_TRITON"] = "1"
         try:
-            ref_ms = _bench(bkn_step)
+            ref_ms = bench(bkn_step)
         finally:
             del os.environ["BKN_DISABLE_TRITON"]
-    return bn_ms, bkn_ms, ref_ms, 8 * x.numel() * x.element_size()
+    return bn_ms, bkn_ms, ref_ms, nbytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true", help="also time the unfused PyTorch reference")
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the device's peak bandwidth")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench's measuring time per figure (ms)")
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape on the CPU: checks the script runs")
     args = parser.parse_args(argv)
 
+    if args.smoke:
+        return _report(
+            args,
+            [("smoke", 4, 5)],
+            "cpu",
+            "CPU (--smoke: figures mean nothing)",
+            "",
+            args.peak_gbps or 1.0,
+            "nominal (--smoke)",
+        )
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA GPU is visible to torch; nothing measured (the Triton kernels run on CUDA only).")
         return 0
@@ -169,17 +211,38 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("bench_kernels: triton is not installed; nothing measured (pip install triton).")
         return 0
-    import bkn_export.kernels
+    from bkn_export.kernels import uses_kernels
 
-    if not bkn_export.kernels.REGISTERED:
-        print("bench_kernels: the Triton kernels are not registered for CUDA; nothing measured.")
+    if not uses_kernels(torch.empty(2, 2, device="cuda")):
+        print("bench_kernels: the op would not run the Triton kernels on CUDA here; nothing measured.")
         return 0
 
-    dtype = _DTYPES[args.dtype]
     device = torch.cuda.current_device()
     peak, peak_source = (args.peak_gbps, "--peak-gbps") if args.peak_gbps else peak_bandwidth_gbps(device)
+    return _report(
+        args,
+        RESNET50_SHAPES,
+        "cuda",
+        torch.cuda.get_device_name(device),
+        f", triton {triton.__version__}",
+        peak,
+        peak_source,
+    )
+
+
+def _report(
+    args: argparse.Namespace,
+    shapes: list[tuple[str, int, int]],
+    device: str,
+    device_name: str,
+    versions: str,
+    peak: float,
+    peak_source: str,
+) -> int:
+    """Measure every (batch, shape), print the table, write ``--json`` (device, dtype, layout, peak, rows)."""
+    dtype = _DTYPES[args.dtype]
     layout = "NHWC" if args.channels_last else "NCHW"
-    print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
+    print(f"device: {device_name}; torch {torch.__version__}{versions}")
     print(f"dtype {args.dtype}, layout {layout}; peak bandwidth {peak:.0f} GB/s ({peak_source})")
     print("times: forward+backward, ms (do_bench mean); BW: 8*numel*itemsize / time as a fraction of peak")
     header = f"{'layer':<14}{'N':>4} {'shape':<18}{'bn ms':>9}{'bkn ms':>9}{'bkn/bn':>8}{'bn BW':>8}{'bkn BW':>8}"
@@ -187,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     for batch in args.batches:
-        for name, channels, size in RESNET50_SHAPES:
-            bn_ms, bkn_ms, ref_ms, nbytes = measure(channels, size, batch, dtype, args.channels_last, args.reference)
+        for name, channels, size in shapes:
+            bn_ms, bkn_ms, ref_ms, nbytes = measure(
+                channels, size, batch, dtype, args.channels_last, args.reference, device, args.rep_ms
+            )
             row = Row(
                 layer=name,
                 batch=batch,
@@ -216,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bkn bandwidth on tensors of >= 8M elements: {fractions}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": torch.cuda.get_device_name(device), "rows": [asdict(r) for r in rows]}, handle)
+            summary = {"device": device_name, "dtype": args.dtype, "layout": layout, "peak_gbps": peak}
+            json.dump({**summary, "peak_source": peak_source, "rows": [asdict(r) for r in rows]}, handle)
     return 0
 
 

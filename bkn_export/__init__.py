@@ -7,15 +7,9 @@ The math is in :mod:`bkn_export.functional`.
 
 from typing import TYPE_CHECKING
 
-from bkn_export.convert import (
-    bkn_layers,
-    convert_batchnorm,
-    describe_chain,
-    format_chain,
-    load_batchnorm_state_dict,
-    wire_chain,
-)
-from bkn_export.distributed import SyncBatchKalmanNorm, convert_sync_batchkalmannorm
+# The exceptions import nothing heavy; everything else is imported on first use (module
+# __getattr__), so that `bkn --help`, `bkn parity --help` and the pytest plugin start
+# without torch. `from bkn_export import X` and `bkn_export.X` work as before.
 from bkn_export.errors import (
     BKNError,
     BKNInputError,
@@ -26,20 +20,46 @@ from bkn_export.errors import (
     InvalidStatisticsError,
     UnsupportedLayerError,
 )
-from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, ChainLink, KalmanOptions
 
 if TYPE_CHECKING:
+    from bkn_export.chain import (
+        ChainLink,
+        LayerStatistics,
+        PriorSource,
+        bkn_layers,
+        chain_statistics,
+        describe_chain,
+        format_chain,
+        wire_chain,
+    )
+    from bkn_export.convert import convert_batchnorm, load_batchnorm_state_dict
+    from bkn_export.distributed import SyncBatchKalmanNorm, convert_sync_batchkalmannorm
     from bkn_export.export.fold import fold
+    from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
 
 __version__ = "0.1.0"
 
+#: public name -> the module that defines it (imported on first access)
+_LAZY = {
+    **dict.fromkeys(
+        ("ChainLink", "LayerStatistics", "PriorSource", "bkn_layers", "chain_statistics", "describe_chain",
+         "format_chain", "wire_chain"),
+        "bkn_export.chain",
+    ),
+    **dict.fromkeys(("convert_batchnorm", "load_batchnorm_state_dict"), "bkn_export.convert"),
+    **dict.fromkeys(("SyncBatchKalmanNorm", "convert_sync_batchkalmannorm"), "bkn_export.distributed"),
+    **dict.fromkeys(("BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "KalmanOptions"), "bkn_export.nn"),
+    "fold": "bkn_export.export.fold",
+}  # fmt: skip
+
 
 def __getattr__(name: str) -> object:
-    # `fold` needs onnx machinery; import it on first use so `import bkn_export` stays light.
-    if name == "fold":
-        from bkn_export.export.fold import fold
+    if name in _LAZY:
+        import importlib
 
-        return fold
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'bkn_export' has no attribute {name!r}")
 
 
@@ -56,10 +76,13 @@ __all__ = [
     "ExportError",
     "InvalidStatisticsError",
     "KalmanOptions",
+    "LayerStatistics",
+    "PriorSource",
     "SyncBatchKalmanNorm",
     "UnsupportedLayerError",
     "__version__",
     "bkn_layers",
+    "chain_statistics",
     "convert_batchnorm",
     "convert_sync_batchkalmannorm",
     "describe_chain",

@@ -2,8 +2,10 @@
 
 Each subcommand lives in its own module under :mod:`bkn_export.commands` with
 ``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when
-chosen, so ``bkn --help`` is fast. Exit status: 0 success, 1 a failed check
-(e.g. a parity mismatch), 2 bad input.
+chosen, and nothing heavy (torch, NumPy, onnx) is imported before a command runs, so
+``bkn --help`` and ``bkn <command> --help`` are fast. Exit status
+(:mod:`bkn_export.commands.exit_codes`): 0 success, 1 the command found a problem with
+the model (e.g. a parity mismatch), 2 bad input or environment.
 """
 
 from __future__ import annotations
@@ -39,8 +41,18 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
-    return int(_command_module(args.command).run(args))
+    parser = build_parser(argv)
+    args, extras = parser.parse_known_args(argv)
+    module = _command_module(args.command)
+    # argparse cannot split one variable-length positional around options
+    # (`bkn parity SPEC --checkpoint C MODEL.onnx`); a command that takes such a list
+    # names its attribute in POSITIONAL_LIST and gets the leftover positionals appended.
+    target: str | None = getattr(module, "POSITIONAL_LIST", None)
+    if extras and (target is None or any(e.startswith("-") for e in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras and target is not None:
+        getattr(args, target).extend(extras)
+    return int(module.run(args))
 
 
 if __name__ == "__main__":

@@ -1,40 +1,39 @@
-"""BatchNorm → BKN conversion, Kalman-chain wiring, chain description, checkpoint loading.
+"""BatchNorm → BKN conversion and checkpoint loading.
 
-The chain is recorded from one forward pass on example inputs (in eval mode, so no
-statistics change): forward hooks on every leaf module and a ``TorchFunctionMode``
-that notices functional ReLUs give the execution order. For each BKN layer:
-
-* its predecessor is the BKN layer that ran before it;
-* its feeding layer is the last Conv/ConvTranspose/Linear that ran between the two,
-  if its input channels equal the predecessor's and its output channels its own;
-* ``rectify`` is set when a ReLU ran between the predecessor and the feeding layer.
-
-``propagate`` and ``sampled`` need a feeding layer; without one the layer falls back to
-``identity`` (same channel counts) or ``learned`` (different counts), and the chain
-description says so.
+Wiring the Kalman chain (``wire_chain``, ``describe_chain``, ``format_chain``,
+``bkn_layers``) lives in :mod:`bkn_export.chain`, by the data flow of one example
+forward; the names are re-exported here for backward compatibility.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch import nn
 
-from bkn_export.errors import BKNInputError, ChainWiringError, CheckpointError, KalmanOptionsError
+from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
+from bkn_export.chain.scope import move_root
+from bkn_export.conversion_guard import ConversionGuard
+from bkn_export.errors import BKNInputError, CheckpointError, ConversionError, KalmanOptionsError
 from bkn_export.nn import (
+    BKN_PARAMETERS,
     BatchKalmanNorm1d,
     BatchKalmanNorm2d,
     BatchKalmanNorm3d,
-    ChainLink,
-    KalmanChain,
     KalmanOptions,
     _BatchKalmanNorm,
+)
+from bkn_export.norm_act import (
+    BatchKalmanNormAct1d,
+    BatchKalmanNormAct2d,
+    BatchKalmanNormAct3d,
+    adapter_for,
+    synchronise_submodules,
 )
 
 __all__ = [
@@ -46,16 +45,6 @@ __all__ = [
     "wire_chain",
 ]
 
-_FEEDING_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_RELU_FUNCTIONS: set[Callable[..., Any]] = {
-    torch.relu,
-    torch.relu_,
-    torch.nn.functional.relu,
-    torch.nn.functional.relu6,
-    Tensor.relu,
-    Tensor.relu_,
-}
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _BKN_FOR_RANK = {2: BatchKalmanNorm1d, 3: BatchKalmanNorm1d, 4: BatchKalmanNorm2d, 5: BatchKalmanNorm3d}
 _BKN_FOR_BN: dict[type[nn.Module], type[_BatchKalmanNorm]] = {
@@ -64,163 +53,14 @@ _BKN_FOR_BN: dict[type[nn.Module], type[_BatchKalmanNorm]] = {
     nn.BatchNorm3d: BatchKalmanNorm3d,
 }
 
-
-class _ReluRecorder(TorchFunctionMode):
-    def __init__(self, events: list[tuple[str, str, nn.Module | None, int]]) -> None:
-        super().__init__()
-        self.events = events
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in _RELU_FUNCTIONS:
-            self.events.append(("relu", "", None, 0))
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def _recording(model: nn.Module) -> Iterator[list[tuple[str, str, nn.Module | None, int]]]:
-    """Record ("module", name, module, input rank) and ("relu", ...) events of one forward."""
-    events: list[tuple[str, str, nn.Module | None, int]] = []
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (*_FEEDING_TYPES, *_BN_TYPES, _BatchKalmanNorm, *_RELU_MODULES)):
-
-            def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any, _name: str = name) -> None:
-                rank = inputs[0].dim() if inputs and isinstance(inputs[0], Tensor) else 0
-                if isinstance(mod, _RELU_MODULES):
-                    events.append(("relu", _name, mod, rank))
-                else:
-                    events.append(("module", _name, mod, rank))
-
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with _ReluRecorder(events):
-            yield events
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _run_example(model: nn.Module, example_inputs: Any) -> None:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(example_inputs, Mapping):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
-def _channels(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    assert isinstance(layer, nn.modules.conv._ConvNd)
-    return layer.in_channels, layer.out_channels
-
-
-def _num_features(module: nn.Module) -> int:
-    return int(module.num_features)  # type: ignore[arg-type]
-
-
-Event = tuple[str, str, "nn.Module | None", int]
-
-
-def _plan_links(
-    events: list[Event], options: KalmanOptions | None
-) -> tuple[list[str], dict[str, tuple[ChainLink, int, nn.Module | None]]]:
-    """From recorded events, decide each normalization layer's link.
-
-    Returns the chain order (first call of each layer) and, per layer, its link, the
-    position of its predecessor (-1 for none) and its feeding layer.
-    """
-    norms: list[tuple[int, str, nn.Module]] = []  # (event index, name, module), first calls only
-    seen: set[str] = set()
-    for index, (kind, name, module, _rank) in enumerate(events):
-        if kind == "module" and isinstance(module, (*_BN_TYPES, _BatchKalmanNorm)):
-            if name in seen:
-                warnings.warn(
-                    f"normalization layer '{name}' runs more than once per forward; it is wired by its first call",
-                    stacklevel=3,
-                )
-                continue
-            seen.add(name)
-            norms.append((index, name, module))
-    order = [name for _, name, _ in norms]
-    plans: dict[str, tuple[ChainLink, int, nn.Module | None]] = {}
-    for position, (_, name, module) in enumerate(norms):
-        if position == 0:
-            first = ChainLink(name=name, predecessor=None, transition=None, feeding_layer=None, rectify=False)
-            plans[name] = (first, -1, None)
-            continue
-        layer_options = options if options is not None else getattr(module, "options", KalmanOptions())
-        plans[name] = _link_to(position, norms, events, layer_options)
-    return order, plans
-
-
-def _link_to(
-    position: int,
-    norms: list[tuple[int, str, nn.Module]],
-    events: list[Event],
-    options: KalmanOptions,
-) -> tuple[ChainLink, int, nn.Module | None]:
-    """Link norm ``position`` to a predecessor, a feeding layer and a transition.
-
-    The predecessor is the previous norm in execution order, unless the feeding layer's
-    input channels only match an earlier norm (e.g. a projection shortcut, whose input
-    is the block input, not the residual branch): then the most recent such norm.
-    """
-    index, name, module = norms[position]
-    c = _num_features(module)
-    wanted = options.transition
-    pred_pos = position - 1
-    prev_index, _, _ = norms[pred_pos]
-    window = range(prev_index + 1, index)
-    feeding_index = max(
-        (i for i in window if events[i][0] == "module" and isinstance(events[i][2], _FEEDING_TYPES)), default=-1
-    )
-    feeding: nn.Module | None = events[feeding_index][2] if feeding_index >= 0 else None
-    note = ""
-    if feeding is not None:
-        c_in, _ = _channels(feeding)
-        if c_in != _num_features(norms[pred_pos][2]):
-            match = next((p for p in range(position - 2, -1, -1) if _num_features(norms[p][2]) == c_in), None)
-            if match is not None:
-                pred_pos = match
-                note = f"predecessor chosen by channel match with feeding layer '{events[feeding_index][1]}'"
-    pred_index, pred_name, pred_module = norms[pred_pos]
-    c_prev = _num_features(pred_module)
-    link = ChainLink(name=name, predecessor=pred_name, transition=wanted, feeding_layer=None, rectify=False, note=note)
-    link.num_previous_features = c_prev
-    if wanted in ("propagate", "sampled"):
-        reason = ""
-        if feeding is None:
-            reason = f"no Conv/Linear runs between '{pred_name}' and '{name}'"
-        else:
-            c_in, c_out = _channels(feeding)
-            if (c_in, c_out) != (c_prev, c):
-                reason = (
-                    f"feeding layer '{events[feeding_index][1]}' maps {c_in}->{c_out} channels, "
-                    f"not '{pred_name}' ({c_prev}) -> '{name}' ({c})"
-                )
-        if not reason:
-            link.feeding_layer = events[feeding_index][1]
-            link.rectify = any(events[i][0] == "relu" for i in range(pred_index + 1, feeding_index))
-            return link, pred_pos, feeding
-        fallback = "identity" if c == c_prev else "learned"
-        link.transition = fallback
-        link.note = f"{wanted} unavailable ({reason}); fell back to {fallback}"
-        return link, pred_pos, None
-    if wanted == "identity" and c != c_prev:
-        raise ChainWiringError(
-            f"transition='identity' needs equal channel counts, but '{pred_name}' has {c_prev} and "
-            f"'{name}' has {c}; use transition='learned' or 'propagate'"
-        )
-    return link, pred_pos, None
+_SYNCHRONISABLE = (
+    BatchKalmanNorm1d,
+    BatchKalmanNorm2d,
+    BatchKalmanNorm3d,
+    BatchKalmanNormAct1d,
+    BatchKalmanNormAct2d,
+    BatchKalmanNormAct3d,
+)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -235,7 +75,20 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 def _bkn_from_batchnorm(
     bn: nn.modules.batchnorm._NormBase, rank: int, options: KalmanOptions, name: str
 ) -> _BatchKalmanNorm:
-    cls = _BKN_FOR_BN.get(type(bn)) or _BKN_FOR_RANK.get(rank)
+    """The BKN layer replacing ``bn``: its class (by type, adapter or input rank), state and extra submodules.
+
+    Raises ConversionError for a BatchNorm subclass whose ``forward`` adds behaviour that no
+    adapter carries over (:func:`bkn_export.norm_act.adapter_for`).
+    """
+    adapter = adapter_for(bn, name)
+    if adapter is not None:
+        try:
+            cls: type[_BatchKalmanNorm] | None = adapter.target(rank)
+        except KeyError:
+            cls = None
+    else:
+        cls = next((bkn for bn_type, bkn in _BKN_FOR_BN.items() if isinstance(bn, bn_type)), None)
+        cls = cls or _BKN_FOR_RANK.get(rank)
     if cls is None:
         raise BKNInputError(f"cannot tell the dimensionality of '{name}' ({type(bn).__name__}, input rank {rank})")
     ref = bn.running_mean if bn.running_mean is not None else bn.weight
@@ -254,8 +107,46 @@ def _bkn_from_batchnorm(
             source, target = getattr(bn, attribute), getattr(new, attribute)
             if source is not None and target is not None:
                 target.copy_(source)
+    carried = adapter.submodules if adapter is not None else ()
+    for child in carried:
+        if isinstance(getattr(bn, child, None), nn.Module):
+            new.add_module(child, getattr(bn, child))
+    left = [child for child, _ in bn.named_children() if child not in carried]
+    if left:
+        warnings.warn(
+            f"'{name}' ({type(bn).__name__}) has submodules {left} that its forward does not use; "
+            "they are not carried over to the BKN layer",
+            stacklevel=3,
+        )
     new.train(bn.training)
     return new
+
+
+def _working_copy(model: nn.Module, norm_names: list[str]) -> nn.Module:
+    """A deep copy of ``model`` sharing every parameter, buffer and module that holds no normalization layer.
+
+    Conversion replaces and wires modules in this copy; its new layers are then put into
+    ``model`` by name, so ``model`` changes only when the guard passed, and the modules it
+    keeps (Conv, Linear, activations: the feeding layers the chain refers to) stay the
+    same objects, as do their parameters (an optimizer built before conversion keeps them).
+    """
+    modules = dict(model.named_modules())
+    holding = {id(m) for name in norm_names for prefix, m in modules.items() if _within(name, prefix)}
+    memo: dict[int, Any] = {id(m): m for m in modules.values() if id(m) not in holding}
+    memo.update({id(t): t for t in (*model.parameters(), *model.buffers())})
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as error:  # deepcopy raises whatever an attribute's __deepcopy__/__reduce__ raises
+        raise ConversionError(
+            f"cannot copy {type(model).__name__} to convert it without touching the original ({error}); "
+            "convert_batchnorm converts a copy and swaps the new layers in only after checking them. "
+            "Make the model deep-copyable (copy.deepcopy), e.g. by moving non-copyable attributes out of it."
+        ) from error
+
+
+def _within(name: str, prefix: str) -> bool:
+    """Whether module ``name`` is ``prefix`` or lies below it ("" is the root)."""
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
 def convert_batchnorm(
@@ -270,36 +161,60 @@ def convert_batchnorm(
     Weights, biases and running statistics are carried over; BKN layers already in the
     model are kept and wired too. A model without normalization layers is returned
     unchanged with a warning.
+
+    BatchNorm subclasses: see :mod:`bkn_export.norm_act` (timm's ``BatchNormAct2d`` keeps
+    its ``drop``/``act``; a subclass overriding ``forward`` without an adapter is refused).
+    The conversion guard (:mod:`bkn_export.conversion_guard`) checks every converted layer
+    against its original on the input it saw in the example forward, in eval and train
+    mode, and the whole model's eval-mode outputs; on a difference it raises
+    :class:`~bkn_export.errors.ConversionError` and ``model`` is left exactly as it was.
     """
     options = _merge_options(options, option_overrides)
-    with _recording(model) as events:
-        _run_example(model, example_inputs)
-    ranks = {name: rank for kind, name, _, rank in events if kind == "module"}
-    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, (*_BN_TYPES, _BatchKalmanNorm))]
-    if not norms:
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, (*_BN_TYPES, _BatchKalmanNorm))}
+    if not originals:
         warnings.warn(
             f"{type(model).__name__} has no BatchNorm or BatchKalmanNorm layers; returned unchanged", stacklevel=2
         )
         return model
+    guard = ConversionGuard.record(model, example_inputs, list(originals))
+    candidate = _working_copy(model, list(originals))
     synchronised: dict[str, Any] = {}  # SyncBatchNorm name -> its process group
-    for name, module in norms:
+    converted: list[str] = []
+    for name, module in list(candidate.named_modules()):
         if isinstance(module, _BN_TYPES):
-            if name not in ranks:
+            if name not in guard.inputs:
                 warnings.warn(
-                    f"'{name}' did not run on the example inputs; it is converted but left unwired", stacklevel=2
+                    f"'{name}' did not run on the example inputs; it is converted but left unwired and unchecked",
+                    stacklevel=2,
                 )
             if isinstance(module, nn.SyncBatchNorm):
                 synchronised[name] = module.process_group
-            bkn = _bkn_from_batchnorm(module, ranks.get(name, 0), options, name)
-            bkn.link.name = name
-            model = _replace_module(model, name, bkn)
-    model = wire_chain(model, example_inputs, options)
+            rank = guard.inputs[name].dim() if name in guard.inputs else 0
+            bkn = _bkn_from_batchnorm(module, rank, options, name)
+            candidate = _replace_module(candidate, name, bkn)
+            converted.append(name)
+    candidate = wire_chain(candidate, example_inputs, options)
+    guard.check_layers(originals, {name: candidate.get_submodule(name) for name in converted})
     if synchronised:
         # SyncBatchNorm keeps synchronised statistics: it becomes SyncBatchKalmanNorm (same group).
         from bkn_export.distributed import convert_sync_batchkalmannorm
 
         for name, group in synchronised.items():
-            model = _replace_module(model, name, convert_sync_batchkalmannorm(model.get_submodule(name), group))
+            layer = candidate.get_submodule(name)
+            if type(layer) not in _SYNCHRONISABLE:
+                raise ConversionError(
+                    f"'{name}' ({type(originals[name]).__name__}) is synchronised, but its adapter builds a "
+                    f"{type(layer).__name__}, which has no synchronised form; convert it to a BatchKalmanNorm*d "
+                    "or BatchKalmanNormAct*d, or replace it with a non-synchronised BatchNorm before converting"
+                )
+            sync = synchronise_submodules(convert_sync_batchkalmannorm(layer, group), layer)
+            candidate = _replace_module(candidate, name, sync)
+    guard.check_model(candidate, example_inputs)
+    if "" in originals:  # the model is itself a normalization layer
+        return candidate
+    for name in originals:
+        _replace_module(model, name, candidate.get_submodule(name))
+    move_root(candidate, model)  # the chain was wired on the copy; its forwards are now model's
     return model
 
 
@@ -318,63 +233,7 @@ def _merge_options(options: KalmanOptions | None, overrides: dict[str, Any]) -> 
     return KalmanOptions(**fields)
 
 
-def wire_chain(model: nn.Module, example_inputs: Any, options: KalmanOptions | None = None) -> nn.Module:
-    """Wire the BKN layers of ``model`` into one Kalman chain by execution order.
-
-    Use it for models built with BKN layers directly. Layers keep their own options
-    unless ``options`` is given. Re-wiring replaces earlier BKN parameters.
-    """
-    with _recording(model) as events:
-        _run_example(model, example_inputs)
-    order, plans = _plan_links(events, options)
-    chain = KalmanChain(order)
-    modules = dict(model.named_modules())
-    for position, name in enumerate(order):
-        layer = modules[name]
-        if not isinstance(layer, _BatchKalmanNorm):
-            raise ChainWiringError(f"'{name}' is a {type(layer).__name__}; convert it with convert_batchnorm first")
-        link, predecessor_position, feeding = plans[name]
-        if options is not None:
-            layer.options = options
-        layer.wire(chain, position, link, predecessor_position, feeding)
-    for name, module in modules.items():
-        if isinstance(module, _BatchKalmanNorm) and name not in plans:
-            module.link = ChainLink(name=name, predecessor=None, transition=None, feeding_layer=None, rectify=False)
-    return model
-
-
-def bkn_layers(model: nn.Module) -> list[tuple[str, _BatchKalmanNorm]]:
-    """(name, layer) of every BKN layer, in chain order where wired."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)]
-    return sorted(layers, key=lambda item: (item[1]._position < 0, item[1]._position))
-
-
-def describe_chain(model: nn.Module) -> list[ChainLink]:
-    """Each BKN layer by module name: predecessor, transition mode, feeding layer, notes."""
-    return [
-        layer.link if layer.link.name else ChainLink(name, None, None, None, False) for name, layer in bkn_layers(model)
-    ]
-
-
-def format_chain(model: nn.Module) -> str:
-    """The chain as a plain-text table (also what ``bkn`` prints)."""
-    rows = [("layer", "predecessor", "transition", "feeding layer", "relu", "note")]
-    for link in describe_chain(model):
-        rows.append(
-            (
-                link.name,
-                link.predecessor or "-",
-                link.transition or "batchnorm (first in chain)",
-                link.feeding_layer or "-",
-                "yes" if link.rectify else "no",
-                link.note,
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-
-
-_BKN_ONLY_SUFFIXES = ("prior_weight_logit", "process_noise_raw", "transition_matrix", "_extra_state")
+_BKN_ONLY_SUFFIXES = (*BKN_PARAMETERS, "_extra_state")
 
 
 def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:

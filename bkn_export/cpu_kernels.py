@@ -14,8 +14,10 @@ BatchNorm kernels where that is mathematically exact:
   fast for channels-last inputs but slow for contiguous NC* ones on CPU).
 
 The fast path covers float32 and float64 inputs whose prior, gain and affine
-parameters have the same dtype (what the modules pass); anything else, and every
-error case, goes to the reference so that messages and numerics stay the same.
+parameters have the same dtype (what the modules pass): :func:`covers` says so, and
+:mod:`bkn_export.ops` runs the functional reference for anything else (every error
+case included, so that messages and numerics stay the same). This module registers
+nothing; ``ops`` makes it the CPU implementation of both ops.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 from torch import Tensor
 
 from bkn_export import functional as Fk
-from bkn_export.op_reference import reference_backward, reference_forward
+from bkn_export.functional import KalmanNormInputs, KalmanStep
 
-__all__ = ["batch_kalman_norm", "batch_kalman_norm_backward", "batch_statistics", "fast_path_applies"]
+__all__ = ["batch_kalman_norm", "batch_kalman_norm_backward", "batch_statistics", "covers", "fast_path_applies"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 _aten = torch.ops.aten
@@ -73,54 +75,48 @@ def batch_statistics(x: Tensor) -> Fk.BatchStatistics:
     return Fk.BatchStatistics(mean, variance, count)
 
 
-def batch_kalman_norm(
-    x: Tensor,
-    prior_mean: Tensor,
-    prior_variance: Tensor,
-    prior_weight: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    fallback_ratio: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """CPU implementation of ``bkn::batch_kalman_norm``: (y, posterior_mean, posterior_variance)."""
-    if not fast_path_applies(x, prior_mean, prior_variance, prior_weight, weight, bias):
-        return reference_forward(x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio)
+def covers(inputs: KalmanNormInputs, grads: KalmanStep | None = None) -> bool:
+    """Whether the fast path takes these inputs (and, for the backward, these output gradients).
+
+    grads: ∂L/∂(y, posterior_mean, posterior_variance) in the op's output shapes; the
+    fast backward needs them in x's dtype.
+    """
+    x, prior_mean, prior_variance, prior_weight, weight, bias, _, _ = inputs
+    if grads is None:
+        return fast_path_applies(x, prior_mean, prior_variance, prior_weight, weight, bias)
+    return (
+        grads.output.dtype == x.dtype
+        and grads.output.shape == x.shape
+        and fast_path_applies(
+            x, prior_mean, prior_variance, prior_weight, weight, grads.posterior_mean, grads.posterior_variance
+        )
+    )
+
+
+def batch_kalman_norm(inputs: KalmanNormInputs) -> KalmanStep:
+    """CPU forward of ``bkn::batch_kalman_norm`` for inputs that :func:`covers` accepts.
+
+    Returns (y, posterior_mean, posterior_variance) as :func:`functional.batch_kalman_norm` does.
+    """
+    x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio = inputs
     stats = batch_statistics(x)
     mean, variance, _ = Fk.kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
     y = torch.batch_norm(x, weight, bias, mean, variance, False, 0.0, eps, False)
-    return y, mean, variance
+    return KalmanStep(y, mean, variance)
 
 
 def batch_kalman_norm_backward(
-    grad_output: Tensor,
-    grad_posterior_mean: Tensor,
-    grad_posterior_variance: Tensor,
-    x: Tensor,
-    prior_mean: Tensor,
-    prior_variance: Tensor,
-    prior_weight: Tensor,
-    weight: Tensor | None,
-    eps: float,
-    fallback_ratio: float,
+    inputs: KalmanNormInputs, grads: KalmanStep
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """CPU implementation of ``bkn::batch_kalman_norm_backward`` (same outputs as the op)."""
-    applies = fast_path_applies(
-        x, prior_mean, prior_variance, prior_weight, weight, grad_posterior_mean, grad_posterior_variance
-    ) and (grad_output.dtype == x.dtype and grad_output.shape == x.shape)
-    if not applies:
-        return reference_backward(
-            grad_output,
-            grad_posterior_mean,
-            grad_posterior_variance,
-            x,
-            prior_mean,
-            prior_variance,
-            prior_weight,
-            weight,
-            eps,
-            fallback_ratio,
-        )
+    """CPU backward of ``bkn::batch_kalman_norm`` for inputs that :func:`covers` accepts.
+
+    grads: ∂L/∂(y, posterior_mean, posterior_variance). Returns the gradients of (x,
+    prior_mean, prior_variance, prior_weight, weight, bias), the weight's as zeros when
+    ``weight`` is None (what the backward op returns); the math is
+    :func:`functional.batch_kalman_norm_backward`'s.
+    """
+    x, prior_mean, prior_variance, prior_weight, weight, _, eps, fallback_ratio = inputs
+    grad_output, grad_posterior_mean, grad_posterior_variance = grads
     stats = batch_statistics(x)
     mean, variance, _ = Fk.kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
     # Eval-mode BatchNorm backward with the posterior: g γ / s, Σ g x̂, Σ g in two passes.
@@ -131,12 +127,19 @@ def batch_kalman_norm_backward(
     gamma_inv_std = inv_std * weight if weight is not None else inv_std
     grad_mean = grad_posterior_mean - gamma_inv_std * sum_g
     grad_variance = grad_posterior_variance - 0.5 * gamma_inv_std * inv_std * sum_g_xhat
-    grads = Fk.statistic_gradients(
+    statistic_grads = Fk.statistic_gradients(
         grad_mean, grad_variance, stats, prior_mean, prior_variance, prior_weight, fallback_ratio
     )
     # ∂L/∂x += ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n, an affine map of x per channel.
-    slope = 2.0 * grads.batch_variance / stats.count
-    offset = grads.batch_mean / stats.count - slope * stats.mean
+    slope = 2.0 * statistic_grads.batch_variance / stats.count
+    offset = statistic_grads.batch_mean / stats.count - slope * stats.mean
     grad_x.addcmul_(x, _per_channel(slope, x)).add_(_per_channel(offset, x))
     grad_weight = sum_g_xhat if weight is not None else torch.zeros_like(sum_g)
-    return grad_x, grads.prior_mean, grads.prior_variance, grads.prior_weight, grad_weight, sum_g
+    return (
+        grad_x,
+        statistic_grads.prior_mean,
+        statistic_grads.prior_variance,
+        statistic_grads.prior_weight,
+        grad_weight,
+        sum_g,
+    )

@@ -49,7 +49,6 @@ __all__ = ["SyncBatchKalmanNorm", "combine_batch_statistics", "convert_sync_batc
 
 #: Statistics dtypes a rank may send, by position (the dtype code in the header).
 _DTYPE_CODES: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_BKN_PARAMETERS = ("prior_weight_logit", "process_noise_raw", "transition_matrix")
 
 
 def combine_batch_statistics(means: Tensor, variances: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,9 +146,18 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
             x = torch.empty((1, x.shape[1], *([1] * (x.dim() - 2))), device="meta")
         super()._check_input_dim(x)
 
-    def _prediction(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if x.numel() > 0 or self.link.transition != "sampled" or not self._syncs():
-            return super()._prediction(x)
+    def _sampled(self) -> bool:
+        return self.chain is not None and self.chain.transition == "sampled"
+
+    def _empty(self, x: Tensor, use_batch: bool) -> Tensor:
+        # An empty local batch still takes part in the group's collectives.
+        if use_batch and self._syncs():
+            return self._batch_step(x)
+        return super()._empty(x, use_batch)
+
+    def _prior(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.numel() > 0 or not self._sampled() or not self._syncs():
+            return super()._prior(x)
         # An empty rank draws no sample (count 0: its rows are ignored). R stays in the
         # graph with a zero gradient so every rank reduces the same DDP parameters.
         acc = Fk.statistics_dtype(x.dtype)
@@ -176,7 +184,7 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
             local_mean, local_variance, _ = Fk.batch_statistics(x)
         else:
             local_mean = local_variance = x.new_zeros((c,), dtype=acc)
-        sampled = self.link.transition == "sampled" and self.has_predecessor
+        sampled = self._sampled()
         pieces = [local_mean, local_variance] + ([prior_mean, prior_variance] if sampled else [])
         anchor = torch.zeros((), dtype=acc, requires_grad=torch.is_grad_enabled())
         gathered = _AllGatherWithGradient.apply(torch.cat(pieces), group, anchor)
@@ -201,7 +209,7 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
 
 
 def _to_sync(module: _BatchKalmanNorm, process_group: Any) -> SyncBatchKalmanNorm:
-    """A SyncBatchKalmanNorm sharing ``module``'s parameters, buffers, options and chain wiring."""
+    """A SyncBatchKalmanNorm sharing ``module``'s parameters and buffers, with its options and chain."""
     sync = SyncBatchKalmanNorm(
         module.num_features,
         module.eps,
@@ -213,19 +221,9 @@ def _to_sync(module: _BatchKalmanNorm, process_group: Any) -> SyncBatchKalmanNor
     )
     # The same Parameter and buffer objects (as nn.SyncBatchNorm.convert_sync_batchnorm),
     # so an optimizer built before the conversion keeps working.
-    for name in ("weight", "bias", *_BKN_PARAMETERS):
-        if name in module._parameters:
-            sync._parameters[name] = module._parameters[name]
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        sync._buffers[name] = module._buffers[name]
-    # Wiring: same chain object and position, so the posterior flows between sync and
-    # non-sync layers of one chain exactly as before.
-    sync.options = module.options
-    sync.link = module.link
-    sync._chain = module._chain
-    sync._position = module._position
-    sync._predecessor_position = module._predecessor_position
-    sync._feeding = module._feeding
+    sync._parameters.update(module._parameters)
+    sync._buffers.update(module._buffers)
+    sync.chain = module.chain  # an immutable value: the same wiring, transition and root
     sync.train(module.training)
     return sync
 

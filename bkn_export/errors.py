@@ -1,4 +1,8 @@
-"""Exception classes. Messages name the layer, input or file and say what to do."""
+"""Exception classes. Messages name the layer, input or file and say what to do.
+
+The parity checker's own errors (UnknownRuntimeError, ParityMismatchError,
+RuntimeExecutionError) live in ``runtime.errors``; the ones both packages raise stay here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ __all__ = [
     "BKNInputError",
     "ChainWiringError",
     "CheckpointError",
+    "ConversionError",
     "DistributedError",
     "ExportError",
     "FactoryError",
@@ -15,11 +20,11 @@ __all__ = [
     "KalmanOptionsError",
     "KernelError",
     "ModelFileError",
-    "ParityMismatchError",
+    "NonFiniteWeightsError",
+    "OptionError",
+    "OutputWriteError",
     "PluginLibraryNotFoundError",
-    "RuntimeExecutionError",
     "RuntimeLoadError",
-    "UnknownRuntimeError",
     "UnsupportedLayerError",
 ]
 
@@ -44,6 +49,10 @@ class CheckpointError(BKNError):
     """A checkpoint does not fit the model (unexpected or missing keys)."""
 
 
+class ConversionError(BKNError):
+    """``convert_batchnorm`` would change what a module or the model computes; the model is left as it was."""
+
+
 class ExportError(BKNError):
     """A model cannot be exported in the requested mode."""
 
@@ -54,6 +63,10 @@ class UnsupportedLayerError(ExportError):
 
 class InvalidStatisticsError(ExportError):
     """Running statistics are NaN/Inf or a running variance is negative."""
+
+
+class NonFiniteWeightsError(ExportError):
+    """A Conv/ConvTranspose/Linear weight or bias holds NaN/Inf: the exported model would compute garbage."""
 
 
 class FoldError(ExportError):
@@ -68,16 +81,8 @@ class ModelFileError(BKNError):
     """An ONNX file is missing, truncated, corrupt or fails ``onnx.checker``."""
 
 
-class UnknownRuntimeError(BKNError, ValueError):
-    """A runtime name (``bkn parity --runtimes``) matches no known runtime."""
-
-
 class RuntimeLoadError(BKNError):
     """A runtime cannot load a model: a custom-op library / plugin is missing, or an op has no implementation."""
-
-
-class ParityMismatchError(BKNError, AssertionError):
-    """A runtime's outputs differ from the PyTorch reference beyond tolerance (``runtime.assert_parity``)."""
 
 
 class DistributedError(BKNError, RuntimeError):
@@ -92,5 +97,12 @@ class KernelError(BKNError, RuntimeError):
     """A Triton kernel launch failed (or the interpreter process running it, in tests)."""
 
 
-class RuntimeExecutionError(BKNError, RuntimeError):
-    """A runtime loaded a model but failed while running it (e.g. a TensorRT enqueue error)."""
+class OptionError(BKNError, ValueError):
+    """An option is invalid: a non-integer opset, a negative threshold, an unknown input or output name."""
+
+
+class OutputWriteError(BKNError, OSError):
+    """A file cannot be written: its directory is missing or read-only, a directory is in the way, the disk is full.
+
+    Raised by :mod:`bkn_export.atomic`; the file at the path is left as it was (no partial file).
+    """

@@ -34,9 +34,22 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return module, attribute
 
 
+def _import_failure(what: str, error: BaseException) -> FactoryError:
+    """A FactoryError for a module that raised while it was imported (syntax error, its own exception)."""
+    if isinstance(error, SyntaxError):
+        where = f"{error.filename}, line {error.lineno}" if error.lineno else str(error.filename)
+        return FactoryError(f"cannot import {what}: SyntaxError at {where}: {error.msg}")
+    return FactoryError(
+        f"cannot import {what}: importing it raised {type(error).__name__}: {error}. Fix the module (or its "
+        "dependencies) so that it imports"
+    )
+
+
 def _import(module: str) -> Any:
     if module.endswith(".py"):
         path = Path(module)
+        if path.is_dir():
+            raise FactoryError(f"model spec file {module} is a directory, not a .py file")
         if not path.is_file():
             raise FactoryError(f"model spec file {module} does not exist")
         name = f"_bkn_factory_{path.stem}"
@@ -45,7 +58,11 @@ def _import(module: str) -> Any:
             raise FactoryError(f"cannot load {module} as a Python module")
         loaded = importlib.util.module_from_spec(spec)
         sys.modules[name] = loaded
-        spec.loader.exec_module(loaded)
+        try:
+            spec.loader.exec_module(loaded)
+        except Exception as error:  # the user's file may raise anything at import
+            del sys.modules[name]
+            raise _import_failure(f"model spec file {module}", error) from error
         return loaded
     try:
         return importlib.import_module(module)
@@ -54,6 +71,8 @@ def _import(module: str) -> Any:
             f"cannot import module {module!r} of the model spec: {error}. Is the package installed, or the "
             "current directory on PYTHONPATH?"
         ) from error
+    except Exception as error:  # the module itself raised while importing
+        raise _import_failure(f"module {module!r} of the model spec", error) from error
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
@@ -72,6 +91,8 @@ def load_factory(spec: str) -> Callable[..., Any]:
 def load_checkpoint(checkpoint: str | os.PathLike[str]) -> Mapping[str, Any]:
     """The state dict in ``checkpoint`` (plain, or under 'state_dict' / 'model')."""
     path = Path(checkpoint)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file saved with torch.save")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -112,7 +133,7 @@ def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) 
             model.load_state_dict(state, strict=True)
         except BKNError:
             raise
-        except RuntimeError as error:
+        except Exception as error:  # RuntimeError for key/shape mismatches; other types for odd values
             raise CheckpointError(
                 f"checkpoint {checkpoint} does not fit the model built by {spec!r}: {error}. Build the model with "
                 "the same factory arguments as when it was saved."

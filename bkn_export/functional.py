@@ -49,9 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bkn_export.moments import conv_moments
+
 __all__ = [
     "PRIOR_WEIGHT_LIMIT",
     "BatchStatistics",
+    "KalmanNormInputs",
     "KalmanStep",
     "StatisticGradients",
     "batch_kalman_norm",
@@ -103,6 +106,24 @@ class KalmanStep(NamedTuple):
     output: Tensor
     posterior_mean: Tensor
     posterior_variance: Tensor
+
+
+class KalmanNormInputs(NamedTuple):
+    """The inputs of one BKN training step, in the order of :func:`batch_kalman_norm`'s
+    arguments and of the custom op ``bkn::batch_kalman_norm``'s schema.
+
+    x: (N, C, *); prior_mean, prior_variance, prior_weight: (C,); weight (γ), bias (β):
+    (C,) or None; eps: ε; fallback_ratio: the authors' fallback threshold (0 = off).
+    """
+
+    x: Tensor
+    prior_mean: Tensor
+    prior_variance: Tensor
+    prior_weight: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    fallback_ratio: float
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -214,85 +235,6 @@ def predict_propagate(
     return predicted_mean, predicted_variance
 
 
-def _tap_coverage(layer: torch.nn.modules.conv._ConvNd, dim: int, size: int, dtype: torch.dtype) -> Tensor:
-    """(L_out, K_d) 0/1 of ``dtype``: whether kernel tap t of output position q reads a real input.
-
-    For one spatial dim ``dim`` of ``layer`` with input length ``size``: a conv's tap t at
-    output q reads input q·s - pad + t·dil, a transposed conv's output q takes input j
-    where j·s - pad + t·dil = q. A tap that lands in the zero padding (or, transposed,
-    on no input) contributes nothing. Other padding modes copy real inputs into the
-    border, so every tap of theirs counts.
-    """
-    kernel, stride, dilation = layer.kernel_size[dim], layer.stride[dim], layer.dilation[dim]
-    span = dilation * (kernel - 1)
-    if layer.transposed:
-        pad = layer.padding[dim]
-        assert isinstance(pad, int)  # ConvTranspose has no string padding
-        out = (size - 1) * stride - 2 * pad + span + layer.output_padding[dim] + 1
-    elif isinstance(layer.padding, str):  # "valid", or "same" (stride 1): total span, extra on the right
-        pad = span // 2 if layer.padding == "same" else 0
-        out = size if layer.padding == "same" else (size - span - 1) // stride + 1
-    else:
-        pad = layer.padding[dim]
-        out = (size + 2 * pad - span - 1) // stride + 1
-    device = layer.weight.device
-    if not layer.transposed and layer.padding_mode != "zeros":  # reflect/replicate/circular: real inputs
-        return torch.ones(out, kernel, dtype=dtype, device=device)
-    position = torch.arange(out, device=device).unsqueeze(1)
-    tap = torch.arange(kernel, device=device).unsqueeze(0)
-    if layer.transposed:
-        source = position + pad - tap * dilation  # = j · stride for the input j it takes
-        valid = (source >= 0) & (source < size * stride) & (torch.remainder(source, stride) == 0)
-    else:
-        source = position * stride - pad + tap * dilation
-        valid = (source >= 0) & (source < size)
-    return valid.to(dtype)
-
-
-def _weight_blocks(weight: Tensor, groups: int) -> Tensor:
-    """(g, A, B, K) view of a conv weight: (C/g, C_prev/g) per group, (C_prev/g, C/g) if transposed."""
-    return weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
-
-
-def _per_tap(weight: Tensor, groups: int, transposed: bool, moment: Tensor) -> Tensor:
-    """(C, *k): Σ_i W[o, i, t] · moment_i per output channel o and kernel tap t.
-
-    weight: (C, C_prev/g, *k), or (C_prev, C/g, *k) when ``transposed``; moment: (C_prev,).
-    """
-    blocks = _weight_blocks(weight, groups)
-    if transposed:  # per group (1, C_prev/g) @ (C_prev/g, C/g · K)
-        taps = moment.reshape(groups, 1, -1) @ blocks.flatten(2)
-    else:  # per group and output channel (1, C_prev/g) @ (C_prev/g, K)
-        # An explicit bmm on W's own layout: matmul's broadcasting would copy W transposed,
-        # forward and backward, and W-sized temporaries dominate this prediction's cost.
-        _, per_group, inputs, taps_count = blocks.shape
-        rows = moment.reshape(groups, 1, 1, inputs).expand(groups, per_group, 1, inputs)
-        taps = torch.bmm(rows.reshape(-1, 1, inputs), blocks.reshape(-1, inputs, taps_count))
-    return taps.reshape(-1, *weight.shape[2:])
-
-
-def _tap_weighted(weight: Tensor, groups: int, transposed: bool, moment: Tensor, tap_weights: Tensor) -> Tensor:
-    """(C,): Σ_{i,t} W[o, i, t] · tap_weights_t · moment_i (weight, moment as :func:`_per_tap`).
-
-    Sums over the (contiguous) kernel first, then over input channels: cheaper than
-    :func:`_per_tap` followed by a weighted sum over taps.
-    """
-    summed = _weight_blocks(weight, groups) @ tap_weights.reshape(-1).to(weight.dtype)  # (g, A, B)
-    if transposed:
-        return (moment.reshape(groups, 1, -1) @ summed).reshape(-1)
-    return (summed @ moment.reshape(groups, -1, 1)).reshape(-1)
-
-
-def _borders_vary(layer: torch.nn.modules.conv._ConvNd) -> bool:
-    """Whether some output position's window has taps outside the input (zero padding,
-    or a transposed conv's border and stride gaps); if not, every tap counts everywhere."""
-    if layer.transposed:
-        return True
-    if layer.padding_mode != "zeros" or layer.padding == "valid":
-        return False
-    return layer.padding == "same" or any(p != 0 for p in layer.padding)
-
-
 def predict_propagate_conv(
     previous_mean: Tensor,
     previous_variance: Tensor,
@@ -327,46 +269,16 @@ def predict_propagate_conv(
         var_p M_p  = Σ_{t,t'} a_t a_t' Π_d g_d(t_d, t'_d) - (mean_p M_p - bias)²
 
     Cost O(C·C_prev/groups·K), independent of the spatial size. Gradients flow into the
-    weights, bias and the previous posterior. With padding modes other than zeros, the
-    border repeats inputs within a window (reflect, replicate), which V_p ignores.
+    weights, bias and the previous posterior. The computation is
+    :func:`bkn_export.moments.conv_moments`, which is also exact for reflect, replicate and
+    circular padding (where one window reads an input twice, weights add before squaring).
     """
     mean, variance = previous_mean, previous_variance
     if rectify:
         mean, variance = rectified_gaussian_moments(mean, variance)
-    dtype = mean.dtype
-    weight = layer.weight.to(dtype)
-    groups = layer.groups
-    kernel = weight.shape[2:]
-    rank = len(kernel)
-    if len(spatial_shape) != rank:
-        raise ValueError(
-            f"predict_propagate_conv: a {rank}d {type(layer).__name__} needs a {rank}d spatial shape, "
-            f"got {tuple(spatial_shape)}"
-        )
-    transposed = layer.transposed
-    if not _borders_vary(layer):  # every tap reads a real input at every position: M is constant
-        all_taps = weight.new_ones(kernel)
-        centred_mean = _tap_weighted(weight, groups, transposed, mean, all_taps)
-        predicted_variance = _tap_weighted(weight * weight, groups, transposed, variance, all_taps)
-    else:
-        coverage = [_tap_coverage(layer, d, spatial_shape[d], dtype) for d in range(rank)]
-        fraction = coverage[0].mean(dim=0)
-        for d in range(1, rank):
-            fraction = fraction.unsqueeze(-1) * coverage[d].mean(dim=0)
-        tap_mean = _per_tap(weight, groups, transposed, mean)
-        kernel_dims = list(range(1, rank + 1))
-        centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
-        mean_of_variance = _tap_weighted(weight * weight, groups, transposed, variance, fraction)
-        # Σ_{t,t'} a_t a_t' Π_d g_d(t_d, t'_d): apply each symmetric g_d along its own kernel dim.
-        mixed = tap_mean
-        for d in range(rank):
-            pairs = coverage[d].transpose(0, 1) @ coverage[d] / coverage[d].shape[0]
-            mixed = (mixed.movedim(d + 1, -1) @ pairs).movedim(-1, d + 1)
-        mean_of_square = (tap_mean * mixed).sum(dim=kernel_dims)
-        predicted_variance = mean_of_variance + (mean_of_square - centred_mean * centred_mean).clamp_min(0.0)
-    predicted_mean = centred_mean if layer.bias is None else centred_mean + layer.bias.to(dtype)
+    predicted_mean, predicted_variance, _ = conv_moments(layer, mean, variance, spatial_shape)
     if process_noise is not None:
-        predicted_variance = predicted_variance + process_noise.to(dtype)
+        predicted_variance = predicted_variance + process_noise.to(predicted_variance.dtype)
     return predicted_mean, predicted_variance
 
 
@@ -656,10 +568,14 @@ def update_running_statistics_(
     running_variance: Tensor,
     posterior_mean: Tensor,
     posterior_variance: Tensor,
-    momentum: float,
+    momentum: float | Tensor,
     count: int,
 ) -> None:
-    """In-place form of :func:`running_statistics_update` (what the modules call)."""
+    """In-place form of :func:`running_statistics_update` (what the modules call).
+
+    momentum: α, a float or a 0-dim tensor of the running buffers' dtype (the modules'
+    ``momentum=None`` passes 1 / num_batches_tracked as a tensor: no host read).
+    """
     # sym_max, not a branch: with a symbolic count (torch.export, dynamic batch) a branch
     # would specialise the graph on n > 1; for n = 1 this gives 1 / 1 (variance as is).
     unbiased = count / torch.sym_max(count - 1, 1)

@@ -1,18 +1,20 @@
 """``BatchKalmanNorm1d/2d/3d``: drop-in replacements for ``nn.BatchNorm1d/2d/3d``.
 
-A module owns state (γ, β, running statistics, and once wired into a Kalman chain,
-its gain, process noise and transition parameters); the math lives in
-:mod:`bkn_export.functional` and the train-mode step runs through the custom op
-``torch.ops.bkn.batch_kalman_norm``.
+A module owns state (γ, β, running statistics, and once wired into a Kalman chain with
+a predecessor, its gain, process noise and, for ``transition="learned"``, its transition
+matrix); the math lives in :mod:`bkn_export.functional` and the train-mode step runs
+through the custom op ``torch.ops.bkn.batch_kalman_norm``.
 
-A layer that is not wired into a chain, or is first in its chain, is exactly
-BatchNorm (prior weight 0) and owns no BKN parameters. Wiring is done by
-:func:`bkn_export.convert_batchnorm` / :func:`bkn_export.wire_chain`, which record the
-execution order on example inputs. The posterior of one layer reaches the next as a
-tensor within one forward pass, through the chain's per-pass scratch dict, which the
-first layer of the chain resets and the last one empties: no module attribute holds a
-posterior between calls. (A pass that stops early, by an exception or by running only
-part of the model, leaves the scratch filled until the chain's first layer runs again.)
+The chain is not this module's business: :func:`bkn_export.wire_chain` (or
+:func:`bkn_export.convert_batchnorm`) gives a layer a :class:`ChainMember` — its wiring
+value and transition, from :mod:`bkn_export.chain` — and the layer asks it for a prior
+and hands it its posterior. The posterior travels as tensors in a scratch that exists
+only during one forward of the model that was wired (the *root*): no module attribute
+holds a posterior between calls.
+
+A layer with no predecessor — never wired, first in its chain, or **called on its own
+outside a forward of its root** — is exactly ``nn.BatchNorm*d`` (prior weight 0) and
+owns no BKN parameters.
 
 Batch size 1 in train mode (n = 1 element per channel, e.g. (1, C) input), where
 ``nn.BatchNorm1d`` raises: the batch variance S is 0. A layer with a predecessor still
@@ -21,13 +23,17 @@ normalizes meaningfully; this is the micro-batch case BKN exists for. A first-in
 layer has no prior and degenerates to y = β (x - x̄ = 0), as BatchNorm would if it
 accepted the input. The running variance takes the posterior variance unscaled at
 n = 1 (the unbiased factor n/(n-1) is undefined).
+
+An empty input (batch 0, or a spatial size 0) is accepted as ``nn.BatchNorm*d`` accepts
+it, in train and eval mode: the output is empty, running statistics keep their values,
+``num_batches_tracked`` counts the call, and nothing is published to the chain.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +44,26 @@ from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsErro
 from bkn_export.ops import kalman_norm_step  # also registers torch.ops.bkn.*
 
 __all__ = [
+    "BKN_PARAMETERS",
     "BatchKalmanNorm1d",
     "BatchKalmanNorm2d",
     "BatchKalmanNorm3d",
-    "ChainLink",
-    "KalmanChain",
+    "ChainMember",
     "KalmanOptions",
+    "Prior",
+    "PriorSource",
+    "Residual",
     "Transition",
 ]
 
 Transition = Literal["propagate", "sampled", "learned", "identity"]
 TRANSITIONS: tuple[str, ...] = ("propagate", "sampled", "learned", "identity")
+PriorSourceKind = Literal["input", "output"]
+PRIOR_SOURCES: tuple[str, ...] = ("input", "output")
+Residual = Literal["sum", "branch"]
+RESIDUALS: tuple[str, ...] = ("sum", "branch")
+#: The parameters a wired layer with a predecessor may own beyond γ, β (the one list of them).
+BKN_PARAMETERS: tuple[str, ...] = ("prior_weight_logit", "process_noise_raw", "transition_matrix")
 
 #: Process noise R_k = softplus(raw); raw = -7 starts R_k near 1e-3.
 _INITIAL_PROCESS_NOISE_RAW = -7.0
@@ -58,13 +73,27 @@ _INITIAL_PROCESS_NOISE_RAW = -7.0
 class KalmanOptions:
     """BKN options of a layer (shared by a whole converted model by default).
 
-    transition: how the previous posterior is carried forward (see functional).
+    transition: how the sources' posteriors are carried to this layer
+        (:mod:`bkn_export.chain.transitions`): ``propagate`` (analytic, default),
+        ``sampled`` (the authors' Monte Carlo), ``learned`` (a free matrix A_k),
+        ``identity``.
     prior_weight: a fixed weight p on the prior (the authors use 0.9), or None for a
         learned per-channel gain p = PRIOR_WEIGHT_LIMIT · sigmoid(θ).
     initial_prior_weight: starting p of the learned gain.
     process_noise: learn a per-channel R_k ≥ 0 added to the predicted variance.
     fallback_ratio: the authors' rule; use batch statistics alone when
         mean(Σ_{k|k-1} / S_k) ≥ fallback_ratio (0 disables it; the authors use 100).
+    prior_source: which Gaussian of a source normalization enters the path to this
+        layer. ``"input"`` (default, the authors'): the source's posterior of its *input*
+        statistics N(μ_{j|j}, Σ_{j|j}), skipping its γ, β. ``"output"``
+        (normalization-aware): the moments of the source's normalized output
+        γ(x − μ_{j|j})/sqrt(Σ_{j|j} + ε) + β for x ~ N(μ_{j|j}, Σ_{j|j})
+        (:func:`bkn_export.moments.normalized_output_moments`).
+    residual: the prediction of a layer fed by a residual sum ``s + f(x)``. ``"sum"``
+        (default, the authors' ``m + m3, v + v3``): the addends' predictions add, means
+        and variances (independent addends), an addend with fewer channels zero-padded.
+        ``"branch"``: only the addend whose source normalization ran last (the residual
+        branch) is used, as if the shortcut added nothing.
     """
 
     transition: Transition = "propagate"
@@ -72,10 +101,17 @@ class KalmanOptions:
     initial_prior_weight: float = 0.5
     process_noise: bool = True
     fallback_ratio: float = 0.0
+    prior_source: PriorSourceKind = "input"
+    residual: Residual = "sum"
 
     def __post_init__(self) -> None:
-        if self.transition not in TRANSITIONS:
-            raise KalmanOptionsError(f"BKN option transition must be one of {TRANSITIONS}, got {self.transition!r}")
+        for name, allowed in (
+            ("transition", TRANSITIONS),
+            ("prior_source", PRIOR_SOURCES),
+            ("residual", RESIDUALS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise KalmanOptionsError(f"BKN option {name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("prior_weight", "initial_prior_weight"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -91,42 +127,88 @@ class KalmanOptions:
     @classmethod
     def authors(cls) -> KalmanOptions:
         """The settings of the authors' CIFAR micro-batch run (tensorpack code)."""
-        return cls(transition="sampled", prior_weight=0.9, process_noise=False, fallback_ratio=100.0)
+        return cls(
+            transition="sampled",
+            prior_weight=0.9,
+            process_noise=False,
+            fallback_ratio=100.0,
+            prior_source="input",
+            residual="sum",
+        )
 
 
-@dataclass
-class ChainLink:
-    """How one BKN layer is wired (what :func:`describe_chain` reports)."""
+class PriorSource(NamedTuple):
+    """One Gaussian a transition pushes into a layer's prior (what ``chain_statistics`` shows).
 
-    name: str
-    predecessor: str | None
-    transition: str | None
-    feeding_layer: str | None
-    rectify: bool
-    note: str = ""
-    num_previous_features: int = 0
-
-
-@dataclass
-class KalmanChain:
-    """The layers of one model's Kalman chain, in execution order, and per-pass scratch.
-
-    ``posteriors`` maps a layer's position to its posterior (mean, variance, input
-    shape) during one forward pass only.
+    name: the source normalization's module name; mean, variance: (C_j,) the Gaussian
+    entering the path (per ``KalmanOptions.prior_source``); shape: (N, C_j, *) at which
+    it enters the path (the source's input shape).
     """
 
-    names: list[str]
-    posteriors: dict[int, tuple[Tensor, Tensor, torch.Size]] = field(default_factory=dict)
+    name: str
+    mean: Tensor
+    variance: Tensor
+    shape: tuple[int, ...]
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> KalmanChain:
-        return KalmanChain(list(self.names))
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"names": list(self.names)}
+class Prior(NamedTuple):
+    """A layer's prediction μ_{k|k-1}, Σ_{k|k-1}: (C,) each, before process noise.
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.names = state["names"]
-        self.posteriors = {}
+    known: (C,) 1 where the prediction is defined and 0 on channels with no source (a
+    concatenation part with no normalization upstream: those channels take batch
+    statistics alone, p = 0), or None where every channel is known. sources: the
+    Gaussians that were pushed (for :func:`bkn_export.chain_statistics`).
+    """
+
+    mean: Tensor
+    variance: Tensor
+    known: Tensor | None
+    sources: tuple[PriorSource, ...]
+
+
+class ChainMember(Protocol):
+    """What a layer needs from the chain it is wired into (built by :mod:`bkn_export.chain`).
+
+    ``has_predecessor``: whether the layer blends a prior (owns BKN parameters).
+    ``transition``: the transition kind, or None for a first-in-chain layer.
+    ``prior(layer, x)``: the prior for this call, or None when there is none (first in
+    chain, or the layer runs outside a forward of its root).
+    ``publish(layer, x, op_prior, posterior_mean, posterior_variance, count)``: hand the
+    posterior on; op_prior is (μ_{k|k-1}, Σ_{k|k-1} + R_k, p_k) as the op received them.
+    ``wiring_state()`` / ``load_state(state, label)``: the wiring saved in / checked
+    against the versioned extra state.
+    ``name``: the layer's qualified name in its root model.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def has_predecessor(self) -> bool: ...
+
+    @property
+    def transition(self) -> str | None: ...
+
+    def prior(self, layer: _BatchKalmanNorm, x: Tensor) -> Prior | None: ...
+
+    def publish(
+        self,
+        layer: _BatchKalmanNorm,
+        x: Tensor,
+        op_prior: tuple[Tensor, Tensor, Tensor],
+        posterior_mean: Tensor,
+        posterior_variance: Tensor,
+        count: Any,
+    ) -> None: ...
+
+    def wiring_state(self) -> dict[str, Any] | None: ...
+
+    def load_state(self, state: Any, label: str) -> None: ...
+
+
+#: The extra-state format version this module writes (1: the execution-order link of
+#: bkn_export ≤ 0.1; 2: data-flow sources and steps).
+EXTRA_STATE_VERSION = 2
 
 
 class _BatchKalmanNorm(nn.Module):
@@ -137,7 +219,7 @@ class _BatchKalmanNorm(nn.Module):
     :class:`KalmanOptions` as keywords. Input (N, C, *) per subclass.
     """
 
-    _version = 1
+    _version = 2
     _expected_ranks: tuple[int, ...] = ()
     # Registered parameters and buffers (None when disabled), declared for type checkers.
     weight: Tensor | None
@@ -162,6 +244,8 @@ class _BatchKalmanNorm(nn.Module):
         initial_prior_weight: float = 0.5,
         process_noise: bool = True,
         fallback_ratio: float = 0.0,
+        prior_source: PriorSourceKind = "input",
+        residual: Residual = "sum",
     ) -> None:
         super().__init__()
         if num_features <= 0:
@@ -172,7 +256,9 @@ class _BatchKalmanNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.options = KalmanOptions(transition, prior_weight, initial_prior_weight, process_noise, fallback_ratio)
+        self.options = KalmanOptions(
+            transition, prior_weight, initial_prior_weight, process_noise, fallback_ratio, prior_source, residual
+        )
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))  # type: ignore[arg-type]
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))  # type: ignore[arg-type]
@@ -187,37 +273,25 @@ class _BatchKalmanNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        # Wiring (set by wire_chain); an unwired layer is BatchNorm.
-        self.link = ChainLink(name="", predecessor=None, transition=None, feeding_layer=None, rectify=False)
-        self._chain: KalmanChain | None = None
-        self._position = -1
-        self._predecessor_position = -1
-        self._feeding: tuple[nn.Module, ...] = ()  # a tuple so it is not registered as a submodule
+        #: The chain this layer is wired into (set by bkn_export.wire_chain); None: BatchNorm.
+        self.chain: ChainMember | None = None
 
     # ------------------------------------------------------------------ wiring
 
     @property
     def has_predecessor(self) -> bool:
-        return self._predecessor_position >= 0
+        return self.chain is not None and self.chain.has_predecessor
 
-    def wire(
-        self,
-        chain: KalmanChain,
-        position: int,
-        link: ChainLink,
-        predecessor_position: int,
-        feeding_layer: nn.Module | None,
-    ) -> None:
-        """Attach this layer to ``chain`` and create its BKN parameters (if it has a predecessor)."""
-        self._chain = chain
-        self._position = position
-        self._predecessor_position = predecessor_position
-        self._feeding = (feeding_layer,) if feeding_layer is not None else ()
-        self.link = link
-        for name in ("prior_weight_logit", "process_noise_raw", "transition_matrix"):
-            if name in self._parameters:
-                del self._parameters[name]
-        if predecessor_position < 0:
+    def join_chain(self, member: ChainMember | None, previous_features: int = 0) -> None:
+        """Attach ``member`` (None: leave any chain) and own exactly the BKN parameters it needs.
+
+        previous_features: C_{k-1}, the columns of the transition matrix of a
+        ``learned`` transition (ignored otherwise). Earlier BKN parameters are dropped.
+        """
+        self.chain = member
+        for name in BKN_PARAMETERS:
+            self._parameters.pop(name, None)
+        if member is None or not member.has_predecessor:
             return
         ref = self.weight if self.weight is not None else self.running_mean
         factory: dict[str, Any] = {"device": ref.device if ref is not None else None, "dtype": torch.float32}
@@ -230,12 +304,13 @@ class _BatchKalmanNorm(nn.Module):
             self.prior_weight_logit = nn.Parameter(torch.full((c,), logit, **factory))
         if self.options.process_noise:
             self.process_noise_raw = nn.Parameter(torch.full((c,), _INITIAL_PROCESS_NOISE_RAW, **factory))
-        if link.transition == "learned":
-            c_prev = link.num_previous_features
-            if c == c_prev:
+        if member.transition == "learned":
+            if previous_features <= 0:
+                raise ChainWiringError(f"{self._label()}: a learned transition needs previous_features > 0")
+            if c == previous_features:
                 initial = torch.eye(c, **factory)
             else:
-                initial = torch.full((c, c_prev), 1.0 / c_prev, **factory)
+                initial = torch.full((c, previous_features), 1.0 / previous_features, **factory)
             self.transition_matrix = nn.Parameter(initial)
 
     def prior_weight(self) -> Tensor:
@@ -269,38 +344,62 @@ class _BatchKalmanNorm(nn.Module):
             raise BKNInputError(
                 f"{self._label()}: expected {self.num_features} channels in dim 1, got shape {tuple(x.shape)}"
             )
-        if x.shape[0] == 0 or x.numel() == 0:
-            raise BKNInputError(f"{self._label()}: got an empty batch of shape {tuple(x.shape)}")
 
     def _label(self) -> str:
-        name = self.link.name or "<unwired>"
+        name = getattr(self.chain, "name", "") or "<unwired>"
         return f"{type(self).__name__} '{name}'"
 
-    def _momentum(self) -> float:
+    def _momentum(self) -> float | Tensor:
+        """α: the momentum, or 1 / num_batches_tracked (a 0-dim tensor: no host read) for None."""
         if self.momentum is not None:
             return self.momentum
-        assert self.num_batches_tracked is not None
-        return 1.0 / float(self.num_batches_tracked)
+        assert self.num_batches_tracked is not None and self.running_mean is not None
+        return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         use_batch = self.training or not self.track_running_stats
+        if x.numel() == 0:
+            return self._empty(x, use_batch)
         if not use_batch:
             assert self.running_mean is not None and self.running_var is not None
             return Fk.kalman_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
-        chain = self._chain
-        if chain is not None and self._position == 0:
-            chain.posteriors.clear()  # a new forward pass starts
-        prior_mean, prior_variance, prior_weight = self._prediction(x)
-        y, posterior_mean, posterior_variance, count = self._kalman_step(x, prior_mean, prior_variance, prior_weight)
+        return self._batch_step(x)
+
+    def _batch_step(self, x: Tensor) -> Tensor:
+        """Prior, Kalman step, running statistics, publish: the train-mode forward of x (N, C, *)."""
+        prior = self._prior(x)
+        y, posterior_mean, posterior_variance, count = self._kalman_step(x, *prior)
         if self.training and self.track_running_stats:
             self._update_running_statistics(posterior_mean, posterior_variance, count)
-        if chain is not None:
-            if self._position == len(chain.names) - 1:
-                chain.posteriors.clear()  # the pass ends: hold nothing between calls
-            else:
-                chain.posteriors[self._position] = (posterior_mean, posterior_variance, x.shape)
+        if self.chain is not None:
+            self.chain.publish(self, x, prior, posterior_mean, posterior_variance, count)
         return y
+
+    def _empty(self, x: Tensor, use_batch: bool) -> Tensor:
+        """BatchNorm on an empty input: an empty output (γ, β in its graph), statistics untouched."""
+        if use_batch and self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        acc = Fk.statistics_dtype(x.dtype)
+        mean = self.running_mean if self.running_mean is not None else x.new_zeros((self.num_features,), dtype=acc)
+        var = self.running_var if self.running_var is not None else x.new_ones((self.num_features,), dtype=acc)
+        return Fk.kalman_norm_inference(x, mean, var, self.weight, self.bias, self.eps)
+
+    def _prior(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(μ_{k|k-1}, Σ_{k|k-1} + R_k, p_k), all (C,); p = 0 (BatchNorm) without a prior in this call."""
+        acc = Fk.statistics_dtype(x.dtype)
+        prior = self.chain.prior(self, x) if self.chain is not None else None
+        if prior is None:
+            zeros = x.new_zeros((self.num_features,), dtype=acc)
+            return zeros, x.new_ones((self.num_features,), dtype=acc), zeros
+        variance = prior.variance.to(acc)
+        noise = self.process_noise()
+        if noise is not None:
+            variance = variance + noise.to(acc)
+        weight = self.prior_weight().to(acc)
+        if prior.known is not None:
+            weight = weight * prior.known.to(acc)
+        return prior.mean.to(acc), variance, weight
 
     def _kalman_step(
         self, x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor
@@ -315,56 +414,6 @@ class _BatchKalmanNorm(nn.Module):
             x, prior_mean, prior_variance, prior_weight, self.weight, self.bias, self.eps, self.options.fallback_ratio
         )
         return y, posterior_mean, posterior_variance, x.numel() // x.shape[1]
-
-    def _prediction(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(μ_{k|k-1}, Σ_{k|k-1}, p_k), all (C,); p = 0 (BatchNorm) without a predecessor posterior."""
-        acc = Fk.statistics_dtype(x.dtype)
-        c = self.num_features
-        previous = None
-        if self._chain is not None and self._predecessor_position >= 0:
-            previous = self._chain.posteriors.get(self._predecessor_position)
-        if previous is None:
-            zeros = x.new_zeros((c,), dtype=acc)
-            return zeros, x.new_ones((c,), dtype=acc), zeros
-        prev_mean, prev_variance, prev_shape = previous
-        noise = self.process_noise()
-        mode = self.link.transition
-        if mode == "propagate":
-            layer = self._feeding[0]
-            spatial_shape = prev_shape[2:]
-            if isinstance(layer, nn.modules.conv._ConvNd) and len(spatial_shape) == layer.weight.dim() - 2:
-                # The spatial size `sampled` draws: the predecessor's input, so borders count exactly.
-                mean, variance = Fk.predict_propagate_conv(
-                    prev_mean, prev_variance, layer, spatial_shape, noise, self.link.rectify
-                )
-            else:  # Linear, or a conv whose input rank differs from the predecessor's: no borders known
-                sum_w, sum_w2, layer_bias = Fk.channel_maps(layer)
-                mean, variance = Fk.predict_propagate(
-                    prev_mean, prev_variance, sum_w, sum_w2, layer_bias, noise, self.link.rectify
-                )
-        elif mode == "sampled":
-            sample_noise = torch.randn(prev_shape, device=x.device, dtype=prev_mean.dtype)
-            mean, variance = Fk.predict_sampled(
-                prev_mean, prev_variance, sample_noise, self._run_feeding_layer, noise, self.link.rectify
-            )
-        elif mode == "learned":
-            mean, variance = Fk.predict_linear(prev_mean, prev_variance, self.transition_matrix, noise)
-        else:
-            mean, variance = Fk.predict_identity(prev_mean, prev_variance, noise)
-        return mean.to(acc), variance.to(acc), self.prior_weight().to(acc)
-
-    def _run_feeding_layer(self, sample: Tensor) -> Tensor:
-        """Apply the feeding layer to a (N, C_prev, *) sample; Linear layers see channels last.
-
-        ``forward``, not ``__call__``: the sample is not an activation, so the layer's hooks
-        (feature extractors, activation recorders) must not see it.
-        """
-        layer = self._feeding[0]
-        if isinstance(layer, nn.Linear):
-            rows = sample.movedim(1, -1).reshape(-1, sample.shape[1])
-            return F.linear(rows.to(layer.weight.dtype), layer.weight, layer.bias)
-        assert isinstance(layer, nn.modules.conv._ConvNd)
-        return layer.forward(sample.to(layer.weight.dtype))
 
     def _update_running_statistics(self, posterior_mean: Tensor, posterior_variance: Tensor, count: int) -> None:
         assert self.running_mean is not None and self.running_var is not None
@@ -386,19 +435,22 @@ class _BatchKalmanNorm(nn.Module):
             self.num_batches_tracked.zero_()
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The wiring, saved with the state so a checkpoint records its chain."""
-        return {"version": self._version, "link": asdict(self.link), "options": asdict(self.options)}
+        """The versioned wiring, saved with the state so a checkpoint records its chain.
+
+        ``{"version": 2, "wiring": {...} | None, "options": {...}}`` (None: unwired).
+        """
+        wiring = self.chain.wiring_state() if self.chain is not None else None
+        return {"version": EXTRA_STATE_VERSION, "wiring": wiring, "options": _options_state(self.options)}
 
     def set_extra_state(self, state: Any) -> None:
-        saved = dict(state.get("link", {})) if isinstance(state, dict) else {}
-        current = asdict(self.link)
-        keys = ("predecessor", "transition", "feeding_layer", "rectify")
-        if any(saved.get(k) != current[k] for k in keys):
+        """Check a checkpoint's wiring against this layer's; raises ChainWiringError on a difference."""
+        if self.chain is not None:
+            self.chain.load_state(state, self._label())
+        elif _saved_has_predecessor(state):
             raise ChainWiringError(
-                f"{self._label()}: the checkpoint was saved with wiring "
-                f"{ {k: saved.get(k) for k in keys} } but this model is wired "
-                f"{ {k: current[k] for k in keys} }. Build the model the same way and call "
-                "bkn_export.convert_batchnorm(model, example_inputs, ...) with the same options "
+                f"{self._label()}: the checkpoint was saved from a layer wired into a Kalman chain, but this "
+                "layer is not wired. Build the model the same way and call "
+                "bkn_export.convert_batchnorm(model, example_inputs, ...) (or wire_chain) with the same options "
                 "before load_state_dict."
             )
 
@@ -407,9 +459,23 @@ class _BatchKalmanNorm(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
         )
-        if self.has_predecessor:
-            text += f", predecessor={self.link.predecessor!r}, transition={self.link.transition!r}"
+        if self.chain is not None and self.chain.transition is not None:
+            text += f", transition={self.chain.transition!r}"
         return text
+
+
+def _options_state(options: KalmanOptions) -> dict[str, Any]:
+    return {name: getattr(options, name) for name in KalmanOptions.__dataclass_fields__}
+
+
+def _saved_has_predecessor(state: Any) -> bool:
+    """Whether a saved extra state (version 1 or 2) describes a layer with a predecessor."""
+    if not isinstance(state, dict):
+        return False
+    if state.get("version", 1) == 1:
+        return bool((state.get("link") or {}).get("predecessor"))
+    wiring = state.get("wiring") or {}
+    return wiring.get("transition") is not None
 
 
 class BatchKalmanNorm1d(_BatchKalmanNorm):

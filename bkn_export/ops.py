@@ -1,213 +1,355 @@
-"""The custom op ``torch.ops.bkn.batch_kalman_norm`` (and its backward op).
+"""The custom op ``bkn::batch_kalman_norm`` and its backward op: definition, fakes, autograd, dispatch.
 
-The op is one BKN step after the prediction (batch statistics, Kalman update,
-normalize); its math is :func:`bkn_export.functional.batch_kalman_norm`. Keeping it an
-opaque op gives three things: the ONNX exporter can map it to the custom ONNX op
-``ai.bkn::BatchKalmanNorm`` (``bkn_export.export.training``), the CUDA implementation
-can be a fused Triton kernel (``bkn_export.kernels``), and ``torch.export`` /
-``torch.compile`` see one node with a fake implementation for shapes.
+One BKN step after the prediction (batch statistics, Kalman update, normalize), as one
+opaque op: the ONNX exporter maps it to the custom ONNX op ``ai.bkn::BatchKalmanNorm``
+(``bkn_export.export.training``), the TensorRT plugin mirrors it, CUDA runs it as fused
+Triton kernels, and ``torch.export`` / ``torch.compile`` see one node with a fake
+implementation for shapes. The math is :func:`bkn_export.functional.batch_kalman_norm`
+(forward) and :func:`~bkn_export.functional.batch_kalman_norm_backward` (its closed-form
+vector-Jacobian product)::
 
-The default implementations (any device without a registered kernel) are the
-functional reference; on CPU both ops run :mod:`bkn_export.cpu_kernels`, a fast path
-with fewer passes that is tested against the reference. Autograd uses the closed-form
-backward, itself a custom op so that devices can provide a fused kernel for it too.
+    x̄, S = mean, biased variance of x over (N, *)        d = x̄ - μ_pred,  q = 1 - p
+    p ← 0 where the fallback rule fires: mean(Σ_pred / S) ≥ fallback_ratio  (a device-side select)
+    μ = p μ_pred + q x̄,  Σ = p Σ_pred + q S + p q d²,  y = γ (x - μ) / sqrt(Σ + ε) + β
+
+This file is the one place that says what runs where::
+
+    torch.ops.bkn.batch_kalman_norm(*KalmanNormInputs)         → (y, posterior_mean, posterior_variance)
+    torch.ops.bkn.batch_kalman_norm_backward(∂L/∂outputs, inputs without β) → ∂L/∂(x, μ_pred, Σ_pred, p, γ, β)
+
+    device      both ops                                                    (BACKENDS)
+    cpu         cpu_kernels, where cpu_kernels.covers the inputs; else the reference
+    cuda        kernels' Triton launchers, where kernels.uses_kernels(x); else the reference
+    any other   the functional reference
+    fake/meta   _forward_fake / _backward_fake (shapes and dtypes only)
+    autograd    forward op → the backward op;
+                backward op → VJP of the functional backward (second derivatives, any order)
+
+On the Python side the forward op's arguments travel as one value,
+:class:`~bkn_export.functional.KalmanNormInputs`; the ``torch.library`` schemas below
+stay flat (the ONNX op and the TensorRT plugin mirror them). The backward op's
+arguments are the output gradients (a :class:`~bkn_export.functional.KalmanStep` of
+gradients) and the forward's inputs without β (its gradient needs no input).
+
+:func:`kalman_norm_step` is what the modules call: the op itself, except in plain eager
+CPU execution, where it runs the CPU row of the table through an ``autograd.Function``
+directly (same functions, bit for bit the same results) because the op's dispatch layers
+cost about a third of a small layer's training step.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
-from bkn_export import cpu_kernels
+# Private: the innermost active TorchDispatchMode (FakeTensorMode, make_fx's proxy mode, a
+# FlopCounterMode...), which the eager fast path must not bypass. torch has no public
+# equivalent; present since torch 2.0; run with torch 2.13 here and 2.11 on the GPU machine.
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from bkn_export import cpu_kernels, kernels
 from bkn_export import functional as Fk
-from bkn_export.op_reference import reference_backward, reference_forward
+from bkn_export.functional import KalmanNormInputs, KalmanStep
 
-__all__ = ["batch_kalman_norm", "batch_kalman_norm_backward", "kalman_norm_step"]
+__all__ = [
+    "BACKENDS",
+    "BACKWARD_SCHEMA",
+    "FORWARD_SCHEMA",
+    "Backend",
+    "KalmanNormInputs",
+    "batch_kalman_norm",
+    "batch_kalman_norm_backward",
+    "kalman_norm_step",
+]
+
+#: ``bkn::batch_kalman_norm``'s schema; argument names and order are KalmanNormInputs' fields.
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor prior_mean, Tensor prior_variance, Tensor prior_weight, Tensor? weight, Tensor? bias, "
+    "float eps, float fallback_ratio) -> (Tensor, Tensor, Tensor)"
+)
+
+#: ``bkn::batch_kalman_norm_backward``'s schema: ∂L/∂(y, posterior_mean, posterior_variance),
+#: then the forward's inputs without ``bias``; returns ∂L/∂(x, prior_mean, prior_variance,
+#: prior_weight, weight, bias) (the weight's as zeros when ``weight`` is None).
+BACKWARD_SCHEMA = (
+    "(Tensor grad_output, Tensor grad_posterior_mean, Tensor grad_posterior_variance, Tensor x, "
+    "Tensor prior_mean, Tensor prior_variance, Tensor prior_weight, Tensor? weight, float eps, "
+    "float fallback_ratio) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+_InputGradients = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-@torch.library.custom_op("bkn::batch_kalman_norm", mutates_args=())
-def batch_kalman_norm(
-    x: Tensor,
-    prior_mean: Tensor,
-    prior_variance: Tensor,
-    prior_weight: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    fallback_ratio: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """x: (N, C, *); prior_*: (C,); returns (y, posterior_mean, posterior_variance)."""
-    return reference_forward(x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio)
+def _backward_arguments(inputs: KalmanNormInputs, grads: KalmanStep) -> tuple[Any, ...]:
+    """The backward op's flat arguments (BACKWARD_SCHEMA) from the forward's inputs and the output gradients."""
+    x, prior_mean, prior_variance, prior_weight, weight, _bias, eps, fallback_ratio = inputs
+    return (*grads, x, prior_mean, prior_variance, prior_weight, weight, eps, fallback_ratio)
+
+
+def _split_backward_arguments(args: tuple[Any, ...]) -> tuple[KalmanNormInputs, KalmanStep]:
+    """Inverse of :func:`_backward_arguments` (``bias`` comes back as None)."""
+    grad_output, grad_mean, grad_variance, x, prior_mean, prior_variance, prior_weight, weight, eps, ratio = args
+    inputs = KalmanNormInputs(x, prior_mean, prior_variance, prior_weight, weight, None, eps, ratio)
+    return inputs, KalmanStep(grad_output, grad_mean, grad_variance)
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def _reference_forward(inputs: KalmanNormInputs) -> KalmanStep:
+    # A custom op may not return its inputs (aliasing); the functional never does.
+    return Fk.batch_kalman_norm(*inputs)
+
+
+def _reference_backward(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
+    grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = Fk.batch_kalman_norm_backward(
+        *_backward_arguments(inputs, grads)
+    )
+    assert grad_bias is not None  # the reference always returns Σ g
+    if grad_weight is None:  # the op always returns one
+        grad_weight = torch.zeros_like(grad_bias)
+    return grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Backend(NamedTuple):
+    """How one device type runs both ops.
+
+    ``covers(inputs, grads)`` says whether ``forward(inputs)`` (grads None) or
+    ``backward(inputs, grads)`` takes these inputs; where it does not, the functional
+    reference runs instead (same results, same error messages).
+    """
+
+    covers: Callable[[KalmanNormInputs, KalmanStep | None], bool]
+    forward: Callable[[KalmanNormInputs], KalmanStep]
+    backward: Callable[[KalmanNormInputs, KalmanStep], _InputGradients]
+
+
+def _cuda_covers(inputs: KalmanNormInputs, grads: KalmanStep | None) -> bool:
+    return kernels.uses_kernels(inputs.x)
+
+
+def _cuda_launchers() -> kernels.Launchers:
+    launchers = kernels.launchers()
+    assert launchers is not None  # kernels.uses_kernels checked it
+    return launchers
+
+
+def _cuda_forward(inputs: KalmanNormInputs) -> KalmanStep:
+    with torch.cuda.device(inputs.x.device):  # Triton launches on the current device
+        return KalmanStep(*_cuda_launchers().forward(*inputs))
+
+
+def _cuda_backward(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
+    with torch.cuda.device(inputs.x.device):
+        return _cuda_launchers().backward(*_backward_arguments(inputs, grads))
+
+
+#: Device type → its implementation of both ops (registered below, whatever the machine has).
+BACKENDS: dict[str, Backend] = {
+    "cpu": Backend(cpu_kernels.covers, cpu_kernels.batch_kalman_norm, cpu_kernels.batch_kalman_norm_backward),
+    "cuda": Backend(_cuda_covers, _cuda_forward, _cuda_backward),
+}
+
+
+def _forward_on(backend: Backend, inputs: KalmanNormInputs) -> KalmanStep:
+    if backend.covers(inputs, None):
+        return backend.forward(inputs)
+    return _reference_forward(inputs)
+
+
+def _backward_on(backend: Backend, inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
+    if backend.covers(inputs, grads):
+        return backend.backward(inputs, grads)
+    return _reference_backward(inputs, grads)
+
+
+# --------------------------------------------------------------------------- the ops and their fakes
+
+
+@torch.library.custom_op("bkn::batch_kalman_norm", mutates_args=(), schema=FORWARD_SCHEMA)
+def batch_kalman_norm(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Devices without a backend: the functional reference. x: (N, C, *); returns (y, μ_{k|k}, Σ_{k|k})."""
+    return _reference_forward(KalmanNormInputs(*args))
+
+
+@torch.library.custom_op("bkn::batch_kalman_norm_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+def batch_kalman_norm_backward(*args: Any) -> _InputGradients:
+    """Devices without a backend: the functional reference's closed-form gradients."""
+    return _reference_backward(*_split_backward_arguments(args))
 
 
 @batch_kalman_norm.register_fake
-def _batch_kalman_norm_fake(
-    x: Tensor,
-    prior_mean: Tensor,
-    prior_variance: Tensor,
-    prior_weight: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    fallback_ratio: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    acc = Fk.statistics_dtype(x.dtype)
-    channels = x.shape[1]
-    return (
-        torch.empty_like(x),
-        x.new_empty((channels,), dtype=acc),
-        x.new_empty((channels,), dtype=acc),
-    )
-
-
-@torch.library.custom_op("bkn::batch_kalman_norm_backward", mutates_args=())
-def batch_kalman_norm_backward(
-    grad_output: Tensor,
-    grad_posterior_mean: Tensor,
-    grad_posterior_variance: Tensor,
-    x: Tensor,
-    prior_mean: Tensor,
-    prior_variance: Tensor,
-    prior_weight: Tensor,
-    weight: Tensor | None,
-    eps: float,
-    fallback_ratio: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (x, prior_mean, prior_variance, prior_weight, weight, bias).
-
-    The weight gradient is returned even when ``weight`` is None (autograd drops it).
-    """
-    return reference_backward(
-        grad_output,
-        grad_posterior_mean,
-        grad_posterior_variance,
-        x,
-        prior_mean,
-        prior_variance,
-        prior_weight,
-        weight,
-        eps,
-        fallback_ratio,
-    )
+def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    x = KalmanNormInputs(*args).x
+    statistics = x.new_empty((x.shape[1],), dtype=Fk.statistics_dtype(x.dtype))
+    return torch.empty_like(x), statistics, torch.empty_like(statistics)
 
 
 @batch_kalman_norm_backward.register_fake
-def _batch_kalman_norm_backward_fake(
-    grad_output: Tensor,
-    grad_posterior_mean: Tensor,
-    grad_posterior_variance: Tensor,
-    x: Tensor,
-    prior_mean: Tensor,
-    prior_variance: Tensor,
-    prior_weight: Tensor,
-    weight: Tensor | None,
-    eps: float,
-    fallback_ratio: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    acc = Fk.statistics_dtype(x.dtype)
-    channels = x.shape[1]
+def _backward_fake(*args: Any) -> _InputGradients:
+    inputs, _ = _split_backward_arguments(args)
+    x = inputs.x
+    statistics = x.new_empty((x.shape[1],), dtype=Fk.statistics_dtype(x.dtype))
     return (
         torch.empty_like(x),
-        torch.empty_like(prior_mean),
-        torch.empty_like(prior_variance),
-        torch.empty_like(prior_weight),
-        x.new_empty((channels,), dtype=acc),
-        x.new_empty((channels,), dtype=acc),
+        torch.empty_like(inputs.prior_mean),
+        torch.empty_like(inputs.prior_variance),
+        torch.empty_like(inputs.prior_weight),
+        statistics,
+        torch.empty_like(statistics),
     )
+
+
+# --------------------------------------------------------------------------- autograd
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio = inputs
-    ctx.save_for_backward(x, prior_mean, prior_variance, prior_weight, weight)
-    ctx.eps = eps
-    ctx.fallback_ratio = fallback_ratio
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    step_inputs = KalmanNormInputs(*inputs)
+    ctx.save_for_backward(*step_inputs[:6])  # the six tensors; eps and fallback_ratio are floats
+    ctx.eps, ctx.fallback_ratio = step_inputs.eps, step_inputs.fallback_ratio
 
 
-def _backward_with(
-    implementation: Callable[..., tuple[Tensor, ...]],
-    ctx: Any,
-    grad_output: Tensor | None,
-    grad_mean: Tensor | None,
-    grad_variance: Tensor | None,
-) -> tuple[Any, ...]:
-    """Gradients of the forward op's 8 inputs, computed by ``implementation`` (the backward op or a kernel)."""
-    x, prior_mean, prior_variance, prior_weight, weight = ctx.saved_tensors
-    acc = Fk.statistics_dtype(x.dtype)
+def _saved_inputs(ctx: Any) -> KalmanNormInputs:
+    saved: tuple[Any, ...] = (*ctx.saved_tensors, ctx.eps, ctx.fallback_ratio)
+    return KalmanNormInputs(*saved)
+
+
+def _defined_gradients(grads: tuple[Tensor | None, ...], inputs: KalmanNormInputs) -> KalmanStep:
+    """Zeros for the outputs that did not reach the loss (autograd passes None for them)."""
+    grad_output, grad_mean, grad_variance = grads
+    x = inputs.x
+    statistics_dtype = Fk.statistics_dtype(x.dtype)
     channels = x.shape[1]
-    # Autograd passes None for outputs that did not reach the loss.
-    if grad_output is None:
-        grad_output = torch.zeros_like(x)
-    if grad_mean is None:
-        grad_mean = x.new_zeros((channels,), dtype=acc)
-    if grad_variance is None:
-        grad_variance = x.new_zeros((channels,), dtype=acc)
-    grad_x, g_mean, g_var, g_p, g_weight, g_bias = implementation(
-        grad_output,
-        grad_mean,
-        grad_variance,
-        x,
-        prior_mean,
-        prior_variance,
-        prior_weight,
-        weight,
-        ctx.eps,
-        ctx.fallback_ratio,
+    return KalmanStep(
+        torch.zeros_like(x) if grad_output is None else grad_output,
+        x.new_zeros((channels,), dtype=statistics_dtype) if grad_mean is None else grad_mean,
+        x.new_zeros((channels,), dtype=statistics_dtype) if grad_variance is None else grad_variance,
     )
+
+
+def _through_backward_op(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
+    return torch.ops.bkn.batch_kalman_norm_backward(*_backward_arguments(inputs, grads))  # type: ignore[no-any-return]
+
+
+def _input_gradients(
+    ctx: Any,
+    output_grads: tuple[Tensor | None, ...],
+    backward: Callable[[KalmanNormInputs, KalmanStep], _InputGradients],
+) -> tuple[Tensor | None, ...]:
+    """Gradients of the forward op's 8 inputs, computed by ``backward`` (the backward op or a backend)."""
+    inputs = _saved_inputs(ctx)
+    grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = backward(
+        inputs, _defined_gradients(output_grads, inputs)
+    )
+    weight, bias = inputs.weight, inputs.bias
     return (
         grad_x,
-        g_mean,
-        g_var,
-        g_p,
-        g_weight.to(weight.dtype) if weight is not None else None,
-        g_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
+        grad_mean,
+        grad_variance,
+        grad_p,
+        grad_weight.to(weight.dtype) if weight is not None else None,
+        grad_bias.to(bias.dtype) if bias is not None else None,
         None,
         None,
     )
 
 
-def _backward(ctx: Any, grad_output: Tensor, grad_mean: Tensor, grad_variance: Tensor) -> tuple[Any, ...]:
-    return _backward_with(batch_kalman_norm_backward, ctx, grad_output, grad_mean, grad_variance)
+def _backward(ctx: Any, *output_grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    return _input_gradients(ctx, output_grads, _through_backward_op)
+
+
+def _setup_double_backward(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    step_inputs, grads = _split_backward_arguments(inputs)
+    ctx.save_for_backward(*grads, *step_inputs[:5])  # x, the prior, the gain, γ (β is not an input here)
+    ctx.eps, ctx.fallback_ratio = step_inputs.eps, step_inputs.fallback_ratio
+
+
+def _double_backward(ctx: Any, *cotangents: Tensor | None) -> tuple[Tensor | None, ...]:
+    """VJP of the backward op: autograd through the functional backward's plain ops, recomputed.
+
+    The functional backward is differentiable (the fallback rule is a ``torch.where`` on
+    a comparison, the rest smooth), and ``torch.func.vjp`` keeps the result attached to
+    the saved tensors' graph, so third and higher derivatives follow.
+    """
+    saved: tuple[Tensor | None, ...] = ctx.saved_tensors
+    primals = [t for t in saved if t is not None]  # γ may be None
+
+    def backward_of(*tensors: Tensor) -> _InputGradients:
+        given = iter(tensors)
+        args = [None if t is None else next(given) for t in saved]
+        return _reference_backward(*_split_backward_arguments((*args, ctx.eps, ctx.fallback_ratio)))
+
+    outputs, vjp, *_ = torch.func.vjp(backward_of, *primals)
+    defined = tuple(torch.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs))
+    grads = iter(vjp(defined))
+    return (*(None if t is None else next(grads) for t in saved), None, None)
+
+
+# --------------------------------------------------------------------------- registration, in one place
+
+
+def _device_kernels(backend: Backend) -> tuple[Callable[..., KalmanStep], Callable[..., _InputGradients]]:
+    def forward(*args: Any) -> KalmanStep:
+        return _forward_on(backend, KalmanNormInputs(*args))
+
+    def backward(*args: Any) -> _InputGradients:
+        return _backward_on(backend, *_split_backward_arguments(args))
+
+    return forward, backward
+
+
+for _device, _backend in BACKENDS.items():
+    _forward_kernel, _backward_kernel = _device_kernels(_backend)
+    batch_kalman_norm.register_kernel(_device)(_forward_kernel)
+    batch_kalman_norm_backward.register_kernel(_device)(_backward_kernel)
+batch_kalman_norm.register_autograd(_backward, setup_context=_setup_context)
+batch_kalman_norm_backward.register_autograd(_double_backward, setup_context=_setup_double_backward)
+
+
+# --------------------------------------------------------------------------- the modules' entry point
+
+_CPU = BACKENDS["cpu"]
 
 
 class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
-    """The op's CPU kernels and autograd without torch.library's Python dispatch.
+    """The op's CPU row and autograd without torch.library's Python dispatch (see the module docstring).
 
-    Same kernels (:mod:`bkn_export.cpu_kernels`), same context and backward as the op;
-    used only by :func:`kalman_norm_step` in plain eager CPU execution, where the op's
-    dispatch layers cost about a third of a small layer's training step.
+    ``forward`` takes ``ctx`` instead of a separate ``setup_context``: with the latter,
+    ``apply`` binds the arguments through ``inspect.signature`` on every call (~25 µs, a
+    tenth of a small layer's step here). Neither this nor the op supports torch.func
+    transforms (torch.library's registered autograd is ctx-style too, torch 2.13).
     """
 
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        outputs = cpu_kernels.batch_kalman_norm(*inputs)
-        _setup_context(ctx, inputs, outputs)
-        return outputs
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        _setup_context(ctx, args, None)
+        return tuple(_forward_on(_CPU, KalmanNormInputs(*args)))  # type: ignore[return-value]
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        return _backward_with(cpu_kernels.batch_kalman_norm_backward, ctx, *grads)
+    def backward(ctx: Any, *output_grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the backward op has the second derivative
+            return _input_gradients(ctx, output_grads, _through_backward_op)
+        return _input_gradients(ctx, output_grads, functools.partial(_backward_on, _CPU))
 
 
 def _plain_eager_cpu(x: Tensor) -> bool:
-    """True when nothing traces or transforms this call: eager CPU, a plain tensor, no mode active."""
+    """True when nothing traces this call: a plain CPU tensor, no compile, export, jit trace or
+    dispatch mode (fake tensors, make_fx, FlopCounterMode...)."""
     return (
         type(x) is Tensor
         and x.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and not _is_exporting()
-        and _current_dispatch_mode() is None
-        and not torch._C._are_functorch_transforms_active()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
     )
-
-
-def _is_exporting() -> bool:
-    check = getattr(torch.compiler, "is_exporting", None)
-    return bool(check()) if check is not None else False
 
 
 def kalman_norm_step(
@@ -220,12 +362,12 @@ def kalman_norm_step(
     eps: float,
     fallback_ratio: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.ops.bkn.batch_kalman_norm`` as the modules call it.
+    """``torch.ops.bkn.batch_kalman_norm`` as the modules call it: (y, posterior_mean, posterior_variance).
 
-    Under tracing (torch.export, the ONNX exporter, torch.compile, functorch) and on other
-    devices this is the custom op itself, so graphs keep one opaque node and CUDA gets the
-    Triton kernels. In plain eager CPU execution it runs the op's CPU kernels and autograd
-    directly (identical results), skipping the dispatch overhead.
+    x: (N, C, *); prior_*: (C,); weight, bias: (C,) or None. Under tracing (torch.export, the
+    ONNX exporter, torch.compile, make_fx, dispatch modes) and on other devices this is the
+    custom op itself, so graphs keep one opaque node and CUDA gets the Triton kernels. In
+    plain eager CPU execution it runs the op's CPU implementation and autograd directly.
     """
     if _plain_eager_cpu(x):
         return _EagerCpuBatchKalmanNorm.apply(  # type: ignore[no-any-return]
@@ -234,12 +376,3 @@ def kalman_norm_step(
     return torch.ops.bkn.batch_kalman_norm(  # type: ignore[no-any-return]
         x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio
     )
-
-
-batch_kalman_norm.register_autograd(_backward, setup_context=_setup_context)
-batch_kalman_norm.register_kernel("cpu")(cpu_kernels.batch_kalman_norm)
-batch_kalman_norm_backward.register_kernel("cpu")(cpu_kernels.batch_kalman_norm_backward)
-
-# Registers the Triton kernels for CUDA tensors when triton and a GPU are present; it never
-# imports triton here, so CPU use cannot break for want of it.
-from bkn_export import kernels as _kernels  # noqa: E402, F401

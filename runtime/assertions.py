@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.compare import Tolerance
+from runtime.compare import Criteria, Tolerance
 from runtime.parity import ParityReport, run_parity
 
 __all__ = ["assert_parity"]
@@ -47,6 +47,10 @@ def assert_parity(
     export_options: Mapping[str, Any] | None = None,
     custom_op_libraries: Sequence[str | os.PathLike[str]] = (),
     plugin_libraries: Sequence[str | os.PathLike[str]] = (),
+    criteria: Criteria | None = None,
+    openvino_precision: str = "f32",
+    report_name: str | None = None,
+    **parity_options: Any,
 ) -> ParityReport:
     """Check that every chosen runtime computes what ``model`` computes in PyTorch.
 
@@ -57,31 +61,38 @@ def assert_parity(
     ``bkn_export.export.export_onnx(model, inputs, path, mode=mode, **export_options)``
     to ``export_to`` (kept) or a temporary file. atol / rtol override the dtype defaults
     (:data:`runtime.compare.DEFAULT_TOLERANCES`) for every output, ``tolerances`` per output.
-    With ``report_dir`` the JSON and HTML reports are written there.
+    ``criteria``: how outputs are judged (:class:`runtime.compare.Criteria`); other
+    keywords go to :func:`runtime.parity.run_parity` (``save_inputs``, ``save_outputs``,
+    ``repro_dir``, ...). With ``report_dir`` the JSON and HTML reports are written there as
+    ``<report_name or parity_<mode>>.json`` / ``.html``.
 
-    Returns the :class:`ParityReport`; raises :class:`bkn_export.errors.ParityMismatchError`
+    Returns the :class:`ParityReport`; raises :class:`runtime.errors.ParityMismatchError`
     (an ``AssertionError``) naming each failing runtime, output and error, and the first
     diverging module, when any runtime that ran differs or none could run.
     """
-    from bkn_export.errors import ParityMismatchError
+    from runtime.errors import ParityMismatchError
 
     arrays = _as_arrays(inputs)
     with tempfile.TemporaryDirectory(prefix="bkn-parity-") as tmp:
         path = Path(onnx_path or export_to or Path(tmp) / f"model_{mode}.onnx")
         if onnx_path is None:
-            from bkn_export.export import export_onnx
+            from runtime._bkn import export_onnx
 
             export_onnx(model, _as_tensors(arrays), path, mode=mode, **dict(export_options or {}))
+        if report_dir is not None:
+            Path(report_dir).mkdir(parents=True, exist_ok=True)
         report = run_parity(
             model, path, arrays, mode=mode, runtimes=runtimes, atol=atol, rtol=rtol, tolerances=tolerances,
-            custom_op_libraries=custom_op_libraries, plugin_libraries=plugin_libraries,
+            custom_op_libraries=custom_op_libraries, plugin_libraries=plugin_libraries, criteria=criteria,
+            openvino_precision=openvino_precision, **parity_options,
         )  # fmt: skip
         if report_dir is not None:
             from runtime.report import write_html, write_json
 
             directory = Path(report_dir)
-            write_json(report, directory / f"parity_{mode}.json")
-            write_html(report, directory / f"parity_{mode}.html")
+            stem = report_name or f"parity_{mode}"
+            write_json(report, directory / f"{stem}.json")
+            write_html(report, directory / f"{stem}.html")
     if report.passed:
         return report
     raise ParityMismatchError(failure_message(report))
@@ -94,7 +105,8 @@ def failure_message(report: ParityReport) -> str:
         return f"parity: no runtime could run {report.onnx_path} ({skipped})"
     lines = [
         f"parity ({report.mode}) failed for {report.onnx_path}: "
-        f"{len(report.failures())} of {len(report.ran)} runtime(s) differ from PyTorch"
+        f"{len(report.failures())} of {len(report.ran)} runtime(s) differ from "
+        + ("PyTorch" if report.reference.startswith("pytorch") else "the saved outputs")
     ]
     lines.extend(f"  reference: {problem}" for problem in report.reference_problems)
     for result in report.failures():

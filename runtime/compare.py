@@ -1,9 +1,21 @@
 """Judge one runtime's output against the reference: errors, tolerances, verdict.
 
-An element passes when ``|actual - reference| <= atol + rtol * |reference|`` (NumPy's
-``allclose`` rule). An output passes when every element passes, the shapes agree and
-neither side holds NaN or Inf: a non-finite value fails loudly, also in the reference,
-because a NaN compares unequal to everything and would otherwise hide a broken layer.
+Criteria (:class:`Criteria`, one per run, the same for every output):
+
+* ``elementwise`` (default): an element passes when ``|a - r| <= atol + rtol * |r|``
+  (NumPy's ``allclose`` rule); the output passes when the share of failing elements is at
+  most ``max_mismatch`` (0 by default: every element). Note: Polygraphy's ``elemwise``
+  fails an element only when it exceeds *both* atol and rtol·|r|, a looser rule.
+* ``max`` / ``mean`` / ``median`` / ``quantile``: Polygraphy's semantics: the output
+  passes when ``stat(|a - r|) <= atol`` or ``stat(|a - r| / |r|) <= rtol``, with exact
+  zeros of r replaced by 2.22e-16 in the relative error (as Polygraphy does); quantile
+  is NumPy's linear-interpolation quantile at ``error_quantile``.
+* ``cosine_min``: additionally, the cosine similarity of the flattened tensors must be at
+  least this.
+
+Whatever the criterion, an output fails when the shapes differ or either side holds NaN
+or Inf: a non-finite value fails loudly, also in the reference, because a NaN compares
+unequal to everything and would otherwise hide a broken layer.
 
 Errors are computed in float64 whatever the dtype, so the judgement does not itself
 round. Tolerances default per dtype (:data:`DEFAULT_TOLERANCES`) and can be overridden
@@ -19,14 +31,22 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "ERROR_STATS",
     "HISTOGRAM_EDGES",
+    "Criteria",
     "OutputComparison",
     "Tolerance",
+    "TolerancePolicy",
     "compare_output",
     "default_tolerance",
     "nonfinite_count",
     "resolve_tolerance",
 ]
+
+#: The error statistics a run can judge by (``elemwise``, Polygraphy's spelling, is accepted).
+ERROR_STATS = ("elementwise", "max", "mean", "median", "quantile")
+#: What Polygraphy adds to zero reference values before dividing (``compare.py``).
+_RELATIVE_EPSILON = 2.220446049250313e-16
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,90 @@ def resolve_tolerance(
     return Tolerance(base.atol if atol is None else atol, base.rtol if rtol is None else rtol)
 
 
+@dataclass(frozen=True)
+class Criteria:
+    """How an output is judged (see the module docstring); validated on construction."""
+
+    error_stat: str = "elementwise"
+    error_quantile: float = 0.99
+    cosine_min: float | None = None
+    max_mismatch: float = 0.0
+
+    def __post_init__(self) -> None:
+        from runtime.errors import BKNInputError
+
+        if self.error_stat == "elemwise":
+            object.__setattr__(self, "error_stat", "elementwise")
+        if self.error_stat not in ERROR_STATS:
+            raise BKNInputError(f"check_error_stat must be one of {', '.join(ERROR_STATS)}; got {self.error_stat!r}")
+        if not 0.0 <= self.error_quantile <= 1.0:
+            raise BKNInputError(f"error_quantile must be in [0, 1]; got {self.error_quantile}")
+        if not 0.0 <= self.max_mismatch <= 1.0:
+            raise BKNInputError(f"max_mismatch is a fraction in [0, 1]; got {self.max_mismatch}")
+        if self.cosine_min is not None and not -1.0 <= self.cosine_min <= 1.0:
+            raise BKNInputError(f"cosine_min must be in [-1, 1]; got {self.cosine_min}")
+
+    def describe(self) -> str:
+        """e.g. ``elementwise, max mismatch 0`` or ``quantile 0.99 (abs ≤ atol or rel ≤ rtol)``."""
+        if self.error_stat == "elementwise":
+            text = f"elementwise |a-r| <= atol + rtol*|r|, max mismatch {self.max_mismatch:g}"
+        else:
+            stat = f"quantile {self.error_quantile:g}" if self.error_stat == "quantile" else self.error_stat
+            text = f"{stat} error: abs <= atol or rel <= rtol (Polygraphy's rule)"
+        if self.cosine_min is not None:
+            text += f"; cosine >= {self.cosine_min:g}"
+        return text
+
+
+@dataclass(frozen=True)
+class TolerancePolicy:
+    """The run's tolerances and criteria, built once: per-output override, else global, else the dtype default.
+
+    The dtype is the ONNX output's (the runtime's), so a float16 file is judged with the
+    float16 tolerances even though the PyTorch reference is float32.
+    """
+
+    atol: float | None = None
+    rtol: float | None = None
+    per_output: Mapping[str, Tolerance] = field(default_factory=dict)
+    criteria: Criteria = field(default_factory=Criteria)
+
+    def __post_init__(self) -> None:
+        from runtime.errors import BKNInputError
+
+        values = [("atol", self.atol), ("rtol", self.rtol)]
+        values += [(f"{name} atol", t.atol) for name, t in self.per_output.items()]
+        values += [(f"{name} rtol", t.rtol) for name, t in self.per_output.items()]
+        for label, value in values:
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise BKNInputError(f"tolerance {label} must be a finite number >= 0; got {value}")
+
+    def tolerance(self, output: str, dtype_name: str) -> Tolerance:
+        return resolve_tolerance(output, dtype_name, self.atol, self.rtol, self.per_output)
+
+    def source(self, output: str, dtype_name: str) -> str:
+        """Where an output's tolerance comes from, for the report."""
+        if output in self.per_output:
+            return "per-output tolerance"
+        if self.atol is not None and self.rtol is not None:
+            return "atol/rtol given"
+        return f"{dtype_name} defaults" + ("" if self.atol is None and self.rtol is None else " + atol/rtol given")
+
+    def judge(self, name: str, reference: np.ndarray, actual: np.ndarray, runtime: str = "runtime") -> OutputComparison:
+        """:func:`compare_output` with this policy's tolerance for ``actual``'s dtype and its criteria."""
+        dtype_name = _dtype_name(actual)
+        result = compare_output(name, reference, actual, self.tolerance(name, dtype_name), runtime, self.criteria)
+        reference_dtype = _dtype_name(np.asarray(reference))
+        result.tolerance_source = self.source(name, dtype_name)
+        if reference_dtype != dtype_name:
+            result.tolerance_source += f" ({dtype_name} ONNX output vs {reference_dtype} reference)"
+        return result
+
+
+def _dtype_name(array: np.ndarray) -> str:
+    return "bfloat16" if array.dtype.name in ("bfloat16", "void16") else array.dtype.name
+
+
 @dataclass
 class OutputComparison:
     """The verdict on one output of one runtime against the reference.
@@ -95,10 +199,19 @@ class OutputComparison:
     nonfinite_reference: int = 0
     nonfinite_actual: int = 0
     message: str = ""
+    criteria: Criteria = field(default_factory=Criteria)
+    #: The chosen statistic of |a - r| and of |a - r| / |r| (max for elementwise).
+    stat_abs_error: float = float("nan")
+    stat_rel_error: float = float("nan")
+    mean_abs_error: float = float("nan")
+    median_abs_error: float = float("nan")
+    tolerance_source: str = ""
 
 
 def nonfinite_count(array: np.ndarray) -> int:
     """How many NaN/Inf elements ``array`` holds (0 for integer and bool arrays)."""
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 is not kind "f" to NumPy
+        array = array.astype(np.float32)
     if array.dtype.kind not in "fc":
         return 0
     return int(array.size - np.count_nonzero(np.isfinite(array)))
@@ -111,10 +224,29 @@ def _histogram(abs_error: np.ndarray) -> list[int]:
     return np.bincount(indices, minlength=len(edges) - 1).astype(int).tolist()
 
 
+def _statistic(values: np.ndarray, criteria: Criteria) -> float:
+    if values.size == 0:
+        return 0.0
+    stat = criteria.error_stat
+    if stat in ("elementwise", "max"):
+        return float(values.max())
+    if stat == "mean":
+        return float(values.mean())
+    if stat == "median":
+        return float(np.median(values))
+    return float(np.quantile(values, criteria.error_quantile))
+
+
 def compare_output(
-    name: str, reference: np.ndarray, actual: np.ndarray, tolerance: Tolerance, runtime: str = "runtime"
+    name: str,
+    reference: np.ndarray,
+    actual: np.ndarray,
+    tolerance: Tolerance,
+    runtime: str = "runtime",
+    criteria: Criteria | None = None,
 ) -> OutputComparison:
-    """Compare ``actual`` with ``reference`` (any shapes); never raises, the verdict says why."""
+    """Compare ``actual`` with ``reference`` (any shapes) under ``criteria``; never raises, the verdict says why."""
+    criteria = criteria or Criteria()
     reference = np.asarray(reference)
     actual = np.asarray(actual)
     result = OutputComparison(
@@ -126,6 +258,7 @@ def compare_output(
         passed=False,
         nonfinite_reference=nonfinite_count(reference),
         nonfinite_actual=nonfinite_count(actual),
+        criteria=criteria,
     )
     if reference.shape != actual.shape:
         result.message = f"shape {tuple(actual.shape)} differs from the reference shape {tuple(reference.shape)}"
@@ -146,9 +279,19 @@ def compare_output(
         result.histogram = _histogram(np.where(finite, abs_error, np.inf))
         norms = float(np.linalg.norm(np.where(finite, ref64, 0.0)) * np.linalg.norm(np.where(finite, act64, 0.0)))
         dot = float(np.sum(np.where(finite, ref64 * act64, 0.0)))
-        result.cosine_similarity = dot / norms if norms > 0 else (1.0 if dot == 0 else float("nan"))
+        if not finite.any():  # nothing finite to compare: no similarity to show
+            result.cosine_similarity = float("nan")
+        else:
+            result.cosine_similarity = dot / norms if norms > 0 else (1.0 if dot == 0 else float("nan"))
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            relative = abs_error / np.abs(np.where(ref64 == 0, _RELATIVE_EPSILON, ref64))
+        result.mean_abs_error = float(abs_error.mean())
+        result.median_abs_error = float(np.median(abs_error))
+        result.stat_abs_error = _statistic(abs_error, criteria)
+        result.stat_rel_error = _statistic(relative, criteria)
     else:
         result.max_abs_error = result.max_rel_error = result.mismatch_fraction = 0.0
+        result.mean_abs_error = result.median_abs_error = result.stat_abs_error = result.stat_rel_error = 0.0
         result.cosine_similarity = 1.0
         result.histogram = [0] * (len(HISTOGRAM_EDGES) - 1)
     if result.nonfinite_reference:
@@ -158,11 +301,22 @@ def compare_output(
         )
     elif result.nonfinite_actual:
         result.message = f"{runtime} output {name!r} holds {result.nonfinite_actual} NaN/Inf values"
-    elif result.mismatch_fraction > 0:
+    elif criteria.error_stat == "elementwise" and result.mismatch_fraction > criteria.max_mismatch:
+        allowed = f" (allowed {criteria.max_mismatch:.2%})" if criteria.max_mismatch else ""
         result.message = (
-            f"{result.mismatch_fraction:.2%} of {name!r} outside atol={tolerance.atol:g} rtol={tolerance.rtol:g} "
-            f"(max abs error {result.max_abs_error:.3g})"
+            f"{result.mismatch_fraction:.2%} of {name!r} outside atol={tolerance.atol:g} rtol={tolerance.rtol:g}"
+            f"{allowed} (max abs error {result.max_abs_error:.3g})"
         )
+    elif criteria.error_stat != "elementwise" and not (
+        result.stat_abs_error <= tolerance.atol or result.stat_rel_error <= tolerance.rtol
+    ):
+        stat = f"quantile {criteria.error_quantile:g}" if criteria.error_stat == "quantile" else criteria.error_stat
+        result.message = (
+            f"{stat} error of {name!r}: abs {result.stat_abs_error:.3g} > atol={tolerance.atol:g} and "
+            f"rel {result.stat_rel_error:.3g} > rtol={tolerance.rtol:g}"
+        )
+    elif criteria.cosine_min is not None and not result.cosine_similarity >= criteria.cosine_min:
+        result.message = f"cosine similarity of {name!r} {result.cosine_similarity:.6f} < {criteria.cosine_min:g}"
     else:
         result.passed = True
     return result

@@ -20,6 +20,15 @@ Method (documented in docs/runtime.md):
 Each boundary is compared with the output of the module it leaves, matched by shape
 (a module with several outputs, e.g. a training-mode BKN's posterior statistics, keeps
 only the tensor its forward returned). Modules called more than once are skipped.
+
+Without exporter metadata (``torch.onnx.export(dynamo=False)``, third-party files) or
+without a PyTorch model (saved reference outputs), the localisation is **node by node
+against the ONNX reference evaluator** (method "nodes"): every node output, in graph
+order, is exposed on the failing runtime and on ``onnx.reference`` in chunks of
+:data:`NODE_CHUNK` values (so memory stays bounded on large models), and the first value
+outside tolerance names its ONNX node. This judges the runtime against ONNX's own
+semantics, not against PyTorch; it cannot localise a failure of the reference evaluator
+itself.
 """
 
 from __future__ import annotations
@@ -34,10 +43,13 @@ import onnx
 
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture
-from runtime.compare import OutputComparison, Tolerance, compare_output, resolve_tolerance
+from runtime.compare import OutputComparison, TolerancePolicy, compare_output
 from runtime.onnx_scopes import Boundary, module_boundaries, prefix_model, with_outputs
 
-__all__ = ["BoundaryCheck", "Localisation", "localise"]
+__all__ = ["NODE_CHUNK", "BoundaryCheck", "Localisation", "localise"]
+
+#: Node outputs exposed per run in the node-by-node localisation.
+NODE_CHUNK = 64
 
 
 @dataclass
@@ -66,9 +78,10 @@ class Localisation:
     """Where a failing runtime first diverges from PyTorch.
 
     status: "localised" (``first`` set), "not_localised" (every boundary passed: the
-    divergence is after the last module output), "no_metadata" (the graph has no
-    exporter scopes) or "error" (``message`` says what went wrong).
-    method: "exposed" (all boundaries in one run, confirmed on a prefix) or "bisect".
+    divergence is after the last module output), "no_metadata" (no exporter scopes and
+    no node-by-node result) or "error" (``message`` says what went wrong).
+    method: "exposed" (all boundaries in one run, confirmed on a prefix), "bisect", or
+    "nodes" (node by node against the ONNX reference evaluator).
     reproduced: whether the failure was still there with every boundary exposed.
     """
 
@@ -96,8 +109,9 @@ def _match(capture: ModuleCapture, module: str, actual: np.ndarray) -> np.ndarra
     return candidates[-1] if candidates else None
 
 
-def _check(boundary: Boundary, reference: np.ndarray, actual: np.ndarray, tolerance: Tolerance) -> BoundaryCheck:
-    result: OutputComparison = compare_output(boundary.value, reference, actual, tolerance)
+def _check(boundary: Boundary, reference: np.ndarray, actual: np.ndarray, policy: TolerancePolicy) -> BoundaryCheck:
+    tolerance = policy.tolerance(boundary.value, actual.dtype.name)
+    result: OutputComparison = compare_output(boundary.value, reference, actual, tolerance, criteria=policy.criteria)
     return BoundaryCheck(
         module=boundary.module,
         modules=list(boundary.modules),
@@ -115,15 +129,22 @@ def _check(boundary: Boundary, reference: np.ndarray, actual: np.ndarray, tolera
 class _Runner:
     """Runs modified models on fresh backends of the failing configuration."""
 
-    def __init__(self, make_backend: Callable[[], Backend], inputs: Mapping[str, np.ndarray], workdir: Path) -> None:
+    def __init__(
+        self,
+        make_backend: Callable[[], Backend],
+        inputs: Mapping[str, np.ndarray],
+        workdir: Path,
+        prefix: str = "cut",
+    ) -> None:
         self.make_backend = make_backend
         self.inputs = inputs
         self.workdir = workdir
+        self.prefix = prefix
         self.count = 0
 
     def run(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         self.count += 1
-        path = self.workdir / f"cut_{self.count}.onnx"
+        path = self.workdir / f"{self.prefix}_{self.count}.onnx"
         onnx.save_model(model, str(path))
         backend = self.make_backend()
         backend.load(str(path))
@@ -137,40 +158,82 @@ def localise(
     runtime: str,
     inputs: Mapping[str, np.ndarray],
     reference_outputs: Mapping[str, np.ndarray],
-    capture: ModuleCapture,
+    capture: ModuleCapture | None,
     failing_outputs: list[str],
-    atol: float | None = None,
-    rtol: float | None = None,
+    policy: TolerancePolicy | None = None,
     method: str = "auto",
-    tolerances: Mapping[str, Tolerance] | None = None,
 ) -> Localisation:
     """Localise the failure of ``runtime`` (see the module docstring). Never raises; errors go in the result.
 
+    capture: the PyTorch module outputs, or None (no PyTorch model: node by node).
     method: "auto" (exposed outputs, confirmed on a prefix; bisect when that does not
-    reproduce) or "bisect" (prefix models only).
+    reproduce) or "bisect" (prefix models only); both fall back to "nodes" without
+    exporter metadata.
     """
     if method not in ("auto", "bisect"):
         raise ValueError(f"method must be 'auto' or 'bisect', got {method!r}")
+    policy = policy or TolerancePolicy()
     try:
         with tempfile.TemporaryDirectory(prefix="bkn-localise-") as tmp:
-            return _localise(
-                model, _Runner(make_backend, inputs, Path(tmp)), runtime, reference_outputs, capture,
-                failing_outputs, _ToleranceRule(atol, rtol, tolerances or {}), method,
-            )  # fmt: skip
+            runner = _Runner(make_backend, inputs, Path(tmp))
+            result = None
+            if capture is not None:
+                result = _localise(model, runner, runtime, reference_outputs, capture, failing_outputs, policy, method)
+            if result is None or result.status == "no_metadata":
+                result = _localise_nodes(model, runner, runtime, Path(tmp), policy)
+            return result
     except Exception as error:  # a localisation failure must not hide the parity verdict
         return Localisation(runtime, "error", message=f"{type(error).__name__}: {error}")
 
 
-@dataclass(frozen=True)
-class _ToleranceRule:
-    """The parity run's tolerances: per-output overrides, else global atol/rtol, else the dtype default."""
+def _node_values(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto]]:
+    """Every node output in graph order with its node (optional outputs left empty are left out)."""
+    return [(v, node) for node in model.graph.node for v in node.output if v]
 
-    atol: float | None
-    rtol: float | None
-    per_output: Mapping[str, Tolerance]
 
-    def __call__(self, value: str, actual: np.ndarray) -> Tolerance:
-        return resolve_tolerance(value, actual.dtype.name, self.atol, self.rtol, self.per_output)
+def _localise_nodes(
+    model: onnx.ModelProto, runner: _Runner, runtime: str, workdir: Path, policy: TolerancePolicy
+) -> Localisation:
+    from runtime.backends.reference import ReferenceEvaluatorBackend
+
+    if runtime == "reference":
+        return Localisation(
+            runtime, "no_metadata", method="nodes",
+            message="no exporter module scopes, and the failing runtime is the ONNX reference evaluator itself: "
+            "nothing independent to compare its node outputs with",
+        )  # fmt: skip
+    oracle = _Runner(ReferenceEvaluatorBackend, runner.inputs, workdir, prefix="oracle")
+    values = _node_values(model)
+    result = Localisation(runtime, "not_localised", method="nodes")
+    previous: BoundaryCheck | None = None
+    for start in range(0, len(values), NODE_CHUNK):
+        chunk = values[start : start + NODE_CHUNK]
+        names = [v for v, _ in chunk]
+        actual = runner.run(with_outputs(model, names))
+        expected = oracle.run(with_outputs(model, names))
+        for value, node in chunk:
+            if value not in actual or value not in expected:
+                continue
+            boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
+            check = _check(boundary, expected[value], actual[value], policy)
+            result.checks.append(check)
+            if not check.passed:
+                result.status = "localised"
+                result.first = check
+                result.last_passing = previous.onnx_node if previous else None
+                result.prefix_runs = runner.count
+                result.message = (
+                    f"first diverging ONNX node: {node.name or '(unnamed)'} ({node.op_type}, value {value!r}), "
+                    f"max abs error {check.max_abs_error:.3g} against the ONNX reference evaluator"
+                )
+                return result
+            previous = check
+    result.prefix_runs = runner.count
+    result.message = (
+        "every node output agrees with the ONNX reference evaluator: the difference is in the graph outputs' "
+        "last nodes, or the reference (PyTorch / saved outputs) differs from ONNX's semantics"
+    )
+    return result
 
 
 def _localise(
@@ -180,7 +243,7 @@ def _localise(
     reference_outputs: Mapping[str, np.ndarray],
     capture: ModuleCapture,
     failing_outputs: list[str],
-    tolerance: _ToleranceRule,
+    policy: TolerancePolicy,
     method: str,
 ) -> Localisation:
     boundaries = module_boundaries(model, known_modules=set(capture.outputs))
@@ -194,9 +257,7 @@ def _localise(
     result = Localisation(runtime, "not_localised")
     exposed = runner.run(with_outputs(model, [b.value for b in boundaries]))
     result.reproduced = any(
-        not compare_output(
-            name, reference_outputs[name], exposed[name], tolerance(name, exposed[name])
-        ).passed
+        not policy.judge(name, reference_outputs[name], exposed[name]).passed
         for name in failing_outputs
         if name in exposed
     )
@@ -206,7 +267,7 @@ def _localise(
         reference = _match(capture, boundary.module, actual) if actual is not None else None
         if actual is None or reference is None:
             continue
-        checks.append((boundary, _check(boundary, reference, actual, tolerance(boundary.value, actual))))
+        checks.append((boundary, _check(boundary, reference, actual, policy)))
     result.checks = [c for _, c in checks]
 
     verdicts: dict[int, BoundaryCheck] = {}  # boundary index -> its check on its prefix model (run once each)
@@ -218,7 +279,7 @@ def _localise(
             actual = outputs[boundary.value]
             reference = _match(capture, boundary.module, actual)
             assert reference is not None
-            verdicts[index] = _check(boundary, reference, actual, tolerance(boundary.value, actual))
+            verdicts[index] = _check(boundary, reference, actual, policy)
         return verdicts[index]
 
     first_index = next((i for i, (_, c) in enumerate(checks) if not c.passed), None)
@@ -236,7 +297,8 @@ def _localise(
         if prefix_check(high).passed:
             result.prefix_runs = runner.count - 1
             result.message = (
-                "every module output agrees with PyTorch in its prefix model: the divergence is after the last module"
+                "every module output agrees with PyTorch in its prefix model: the divergence is in the nodes after "
+                "the last module output"
             )
             return result
         while low < high:

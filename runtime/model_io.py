@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bkn_export.errors import BKNInputError, ModelFileError, RuntimeLoadError
+from runtime._bkn import is_op_node
 from runtime.compare import nonfinite_count
+from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError
 
 __all__ = [
     "TensorSpec",
@@ -26,6 +27,7 @@ __all__ = [
     "check_inputs",
     "custom_domains",
     "detect_mode",
+    "input_sets",
     "load_onnx",
     "random_inputs",
     "tensor_specs",
@@ -154,23 +156,79 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
 
 
 def random_inputs(
-    specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, batch: int = 2
+    specs: Sequence[TensorSpec],
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    batch: int = 2,
+    val_range: Mapping[str | None, tuple[float, float]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Standard-normal inputs; named dims take ``batch`` (dim 0) or 1, unless ``shapes`` says otherwise."""
+    """Seeded inputs in each input's ONNX dtype; named dims take ``batch`` (dim 0) or 1, unless ``shapes`` says.
+
+    Floating inputs are standard normal, or uniform in [lo, hi) where ``val_range`` gives a
+    range for the input's name (or for None: every input); integer inputs are uniform in
+    [0, 4) or [lo, hi).
+    """
+    import ml_dtypes
+
     rng = np.random.default_rng(seed)
+    ranges = dict(val_range or {})
     arrays: dict[str, np.ndarray] = {}
     for spec in specs:
         if shapes and spec.name in shapes:
             shape = tuple(int(d) for d in shapes[spec.name])
         else:
             shape = tuple(d if isinstance(d, int) else (batch if i == 0 else 1) for i, d in enumerate(spec.shape))
-        if spec.dtype in ("float32", "float64", "float16"):
-            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype.startswith("int"):
-            arrays[spec.name] = rng.integers(0, 4, size=shape).astype(spec.dtype)
+        limits = ranges.get(spec.name, ranges.get(None))
+        _check_size(spec, shape)
+        if spec.dtype in ("float32", "float64", "float16", "bfloat16"):
+            values = rng.standard_normal(shape) if limits is None else rng.uniform(limits[0], limits[1], shape)
+            dtype = ml_dtypes.bfloat16 if spec.dtype == "bfloat16" else spec.dtype
+            arrays[spec.name] = values.astype(dtype)
+        elif spec.dtype.startswith(("int", "uint")):
+            low, high = (0, 4) if limits is None else (int(limits[0]), int(limits[1]))
+            arrays[spec.name] = rng.integers(low, max(high, low + 1), size=shape).astype(spec.dtype)
+        elif spec.dtype == "bool":
+            arrays[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
         else:
             raise BKNInputError(f"input {spec.name!r}: cannot make random inputs of dtype {spec.dtype}; give them")
     return arrays
+
+
+#: Largest random input made (elements); more is almost always a typo in a shape.
+MAX_RANDOM_ELEMENTS = 1 << 28
+
+
+def _check_size(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    if any(d < 0 for d in shape):
+        raise BKNInputError(f"input {spec.name!r}: shape {shape} has a negative dim")
+    elements = int(np.prod(shape, dtype=np.float64))
+    if elements > MAX_RANDOM_ELEMENTS:
+        raise BKNInputError(
+            f"input {spec.name!r}: shape {shape} has {elements:.3g} elements, more than {MAX_RANDOM_ELEMENTS:.3g} "
+            "(check --input-shape)"
+        )
+
+
+def input_sets(
+    specs: Sequence[TensorSpec],
+    shape_sets: Sequence[Mapping[str, Sequence[int]]] = (),
+    iterations: int = 1,
+    seed: int = 0,
+    val_range: Mapping[str | None, tuple[float, float]] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """``iterations`` seeded input sets per shape set (one shape set of the defaults when none given).
+
+    Set k (counting over shape sets, then iterations) uses seed ``seed + k``, so a run is
+    reproducible from the seed in the report.
+    """
+    if iterations < 1:
+        raise BKNInputError(f"iterations must be >= 1, got {iterations}")
+    shape_list: list[Mapping[str, Sequence[int]] | None] = list(shape_sets) or [None]
+    feeds: list[dict[str, np.ndarray]] = []
+    for shapes in shape_list:
+        for _ in range(iterations):
+            feeds.append(random_inputs(specs, shapes, seed=seed + len(feeds), val_range=val_range))
+    return feeds
 
 
 def detect_mode(model: onnx.ModelProto) -> str:
@@ -178,6 +236,6 @@ def detect_mode(model: onnx.ModelProto) -> str:
     for prop in model.metadata_props:
         if prop.key in ("bkn.mode", "bkn_export.mode") and prop.value in ("inference", "training"):
             return prop.value
-    if any(node.domain == "ai.bkn" for node in model.graph.node):
+    if any(is_op_node(node) for node in model.graph.node):
         return "training"
     return "inference"

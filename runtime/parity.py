@@ -1,29 +1,46 @@
-"""Run one ONNX model on every chosen runtime and compare each with the PyTorch reference.
+"""Run one ONNX model on every chosen runtime and compare each with a reference.
+
+The reference is the PyTorch model (``model``), or outputs saved earlier
+(``reference_outputs``, e.g. read from a Polygraphy ``RunResults`` file), in which case no
+PyTorch model is needed.
 
 ``run_parity`` checks everything about its inputs first (the file, custom ops, input
-names / shapes / dtypes / finiteness, runtime names) and raises on bad input; after
-that it never raises for a runtime's behaviour: a runtime that cannot load the model,
-crashes, or returns wrong or non-finite values is recorded as failed in the
-:class:`ParityReport`, and localised (:mod:`runtime.localize`).
+names / shapes / dtypes / finiteness, runtime names, tolerances) and raises on bad input;
+after that it never raises for a runtime's behaviour: a runtime that cannot load the
+model, crashes, or returns wrong or non-finite values is recorded as failed in the
+:class:`ParityReport`, and localised (:mod:`runtime.localize`). A runtime that cannot run
+the model's data type at all (ONNX Runtime's CPU provider has no bfloat16 Conv) is
+recorded as unavailable for that dtype, with the runtime's own reason.
+
+Several input sets (iterations, several shapes) run through the same loaded runtime; each
+output's row in the report is its worst iteration.
+
+Mixed precision: the inputs are made (or given) in the ONNX input dtype; the PyTorch
+model gets the same values cast to its own parameter dtype (float16 → float32 is exact),
+and each output is judged with the tolerance of the ONNX output's dtype; the report says
+which (``tolerance_source``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 import hashlib
 import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bkn_export.errors import BKNInputError, RuntimeLoadError
+from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture, TorchEagerBackend
-from runtime.compare import OutputComparison, Tolerance, compare_output, nonfinite_count, resolve_tolerance
+from runtime.compare import Criteria, OutputComparison, Tolerance, TolerancePolicy, nonfinite_count
+from runtime.errors import BKNInputError, RuntimeLoadError
 from runtime.localize import Localisation, localise
 from runtime.model_io import (
     TensorSpec,
@@ -36,29 +53,51 @@ from runtime.model_io import (
 )
 from runtime.registry import RuntimeEntry, discover, select
 
-__all__ = ["SCHEMA_VERSION", "ParityReport", "RuntimeResult", "run_parity"]
+__all__ = ["REFERENCE_DESCRIPTION", "SCHEMA_VERSION", "ParityReport", "RuntimeResult", "Status", "run_parity"]
 
 #: Version of the JSON report layout (runtime/report_schema.json); bump on incompatible changes.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+
+#: What the PyTorch reference computes, per mode (shown in every report).
+REFERENCE_DESCRIPTION = {
+    "inference": "pytorch (eval-mode forward)",
+    "training": "pytorch (BKN layers in train mode, every other module in eval, on a copy: the export's semantics)",
+}
 
 #: Progress callback: (event, runtime name, index, total); events "start", "done", "skip", "localise".
 Progress = Callable[[str, str, int, int], None]
 
+Feed = dict[str, np.ndarray]
+
+
+class Status(str, enum.Enum):
+    """What happened to one runtime. A ``str`` enum: ``Status.PASSED == "passed"``."""
+
+    PASSED = "passed"
+    FAILED = "failed"  # ran, and an output differs or holds NaN/Inf
+    ERROR = "error"  # could not load or run the model
+    UNAVAILABLE = "unavailable"  # not usable here, or cannot run the model's dtype at all
+    NOT_APPLICABLE = "not_applicable"  # not a compute backend on this machine
+
+    def __str__(self) -> str:
+        return self.value
+
 
 @dataclass
 class RuntimeResult:
-    """One runtime: status "passed" | "failed" | "error" | "unavailable" | "not_applicable"."""
+    """One runtime's verdict; ``outputs``: one comparison per output (its worst iteration)."""
 
     runtime: str
-    status: str
+    status: Status
     reason: str = ""
     seconds: float = 0.0
     outputs: list[OutputComparison] = field(default_factory=list)
     localisation: Localisation | None = None
+    failing_iteration: int | None = None
 
     @property
     def ran(self) -> bool:
-        return self.status in ("passed", "failed", "error")
+        return self.status in (Status.PASSED, Status.FAILED, Status.ERROR)
 
 
 @dataclass
@@ -77,6 +116,14 @@ class ParityReport:
     model_description: str = ""
     reference_problems: list[str] = field(default_factory=list)
     uncompared_outputs: list[str] = field(default_factory=list)
+    criteria: Criteria = field(default_factory=Criteria)
+    seed: int | None = 0
+    input_sets: list[list[TensorSpec]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def iterations(self) -> int:
+        return len(self.input_sets) or 1
 
     @property
     def ran(self) -> list[RuntimeResult]:
@@ -84,19 +131,18 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.ran) and not self.reference_problems and all(r.status == "passed" for r in self.ran)
+        return bool(self.ran) and not self.reference_problems and all(r.status == Status.PASSED for r in self.ran)
 
     def failures(self) -> list[RuntimeResult]:
-        return [r for r in self.ran if r.status != "passed"]
+        return [r for r in self.ran if r.status != Status.PASSED]
 
 
 def _environment() -> dict[str, str]:
     versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt"):
+    for package in ("bkn-export", "torch", "onnx", "onnxruntime", "onnxscript", "openvino", "tensorrt", "polygraphy"):
         try:
-            module = __import__(package)
-            versions[package] = str(getattr(module, "__version__", "?"))
-        except Exception:  # absent or broken packages are simply not listed
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # absent packages are simply not listed
             continue
     return versions
 
@@ -115,10 +161,30 @@ def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str) -> None
             raise RuntimeLoadError(f"{kind} {path} does not exist; build it (see docs/runtime.md) or fix the path")
 
 
+def _as_feeds(inputs: Any, specs: Sequence[TensorSpec]) -> list[Feed]:
+    """One feed dict, a sequence of arrays in graph-input order, or a sequence of feed dicts -> feed dicts."""
+    if isinstance(inputs, Mapping):
+        return [dict(inputs)]
+    items = list(inputs)
+    if items and all(isinstance(item, Mapping) for item in items):
+        return [dict(item) for item in items]
+    if len(items) != len(specs):
+        raise BKNInputError(f"got {len(items)} inputs; the model's inputs are {[s.name for s in specs]}")
+    return [{spec.name: np.asarray(a) for spec, a in zip(specs, items)}]
+
+
+#: Substrings of a runtime's load error that mean "this data type is not implemented here".
+_DTYPE_UNSUPPORTED = ("NOT_IMPLEMENTED", "Could not find an implementation", "not supported for", "Unsupported type")
+
+
+def _half_dtypes(specs: Sequence[TensorSpec]) -> set[str]:
+    return {s.dtype for s in specs if s.dtype in ("float16", "bfloat16")}
+
+
 def run_parity(
     model: Any,
     onnx_path: str | os.PathLike[str],
-    inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | None = None,
+    inputs: Mapping[str, np.ndarray] | Sequence[Any] | None = None,
     mode: str | None = None,
     runtimes: str | Sequence[str] = "all",
     atol: float | None = None,
@@ -131,125 +197,252 @@ def run_parity(
     progress: Progress | None = None,
     seed: int = 0,
     model_description: str = "",
+    *,
+    criteria: Criteria | None = None,
+    reference_outputs: Sequence[Mapping[str, np.ndarray]] | None = None,
+    reference_name: str = "saved outputs",
+    openvino_precision: str = "f32",
+    save_inputs: str | os.PathLike[str] | None = None,
+    save_outputs: str | os.PathLike[str] | None = None,
+    repro_dir: str | os.PathLike[str] | None = None,
 ) -> ParityReport:
-    """Compare ``onnx_path`` on the chosen runtimes with ``model`` (an ``nn.Module``) in PyTorch.
+    """Compare ``onnx_path`` on the chosen runtimes with ``model`` (an ``nn.Module``) or saved outputs.
 
-    inputs: arrays keyed by ONNX input name, or a sequence in graph-input order, or None
-    for seeded standard-normal inputs (named dims: batch 2). mode: "inference" (eval
-    forward) or "training" (train forward on a copy); None detects it from the graph.
-    atol / rtol: override the dtype defaults for every output; ``tolerances`` per output.
-    localise_method: "auto" or "bisect" (see :mod:`runtime.localize`).
-    Raises ModelFileError, RuntimeLoadError, UnknownRuntimeError or BKNInputError on bad input.
+    inputs: arrays keyed by ONNX input name, a sequence in graph-input order, a sequence of
+    such dicts (several input sets: iterations, shapes; see :func:`runtime.model_io.input_sets`),
+    or None for seeded standard-normal inputs (named dims: batch 2). mode: "inference"
+    (eval forward) or "training" (BKN layers in train mode, every other module in eval,
+    on a copy: what the training export computes); None detects it from the graph.
+    atol / rtol: override the dtype defaults for every output; ``tolerances`` per output;
+    ``criteria``: how an output is judged (:class:`runtime.compare.Criteria`).
+    reference_outputs: per input set, the expected outputs keyed by ONNX output name
+    (then ``model`` may be None and ``inputs`` must be given). save_inputs / save_outputs:
+    write the inputs / the reference outputs as Polygraphy JSON (:mod:`runtime.polygraphy_io`);
+    outputs always get their inputs beside them. repro_dir: on a failure, a repro bundle
+    (:mod:`runtime.repro`). localise_method: "auto" or "bisect" (see :mod:`runtime.localize`).
+    Raises ModelFileError, RuntimeLoadError, UnknownRuntimeError, SavedDataError or
+    BKNInputError on bad input.
     """
     path = Path(onnx_path)
     onnx_model = load_onnx(path)
     input_specs, output_specs = tensor_specs(onnx_model)
+    policy = TolerancePolicy(atol, rtol, dict(tolerances or {}), criteria or Criteria())
+    known_outputs = {s.name for s in output_specs}
+    unknown = [name for name in policy.per_output if name not in known_outputs]
+    if unknown:
+        raise BKNInputError(
+            f"tolerance for unknown output(s) {unknown}; the model's outputs are {sorted(known_outputs)}"
+        )
+    if model is None and reference_outputs is None:
+        raise BKNInputError("give a PyTorch model or saved reference outputs to compare with")
     if inputs is None:
+        if reference_outputs is not None:
+            raise BKNInputError("saved reference outputs need the inputs they were computed from (--load-inputs)")
         inputs = random_inputs(input_specs, seed=seed)
-    elif not isinstance(inputs, Mapping):
-        arrays = list(inputs)
-        if len(arrays) != len(input_specs):
-            raise BKNInputError(f"got {len(arrays)} inputs; the model's inputs are {[s.name for s in input_specs]}")
-        inputs = {spec.name: np.asarray(a) for spec, a in zip(input_specs, arrays)}
-    feed = check_inputs(input_specs, inputs)
+    feeds = [check_inputs(input_specs, feed) for feed in _as_feeds(inputs, input_specs)]
     mode = mode or detect_mode(onnx_model)
     if mode not in ("inference", "training"):
         raise BKNInputError(f"mode must be 'inference' or 'training', got {mode!r}")
     _check_libraries(custom_op_libraries, "custom-op library")
     _check_libraries(plugin_libraries, "TensorRT plugin library")
     check_custom_ops(onnx_model, path, "every runtime", provided=bool(custom_op_libraries or plugin_libraries))
-    chosen = select(discover(custom_op_libraries, plugin_libraries), runtimes)
+    chosen = select(discover(custom_op_libraries, plugin_libraries, openvino_precision), runtimes)
 
     onnx_outputs = [s.name for s in output_specs]
-    reference_backend = TorchEagerBackend(model, mode)
-    # what load() would read from the file, already known: key inputs and outputs by graph name
-    reference_backend.input_names = [s.name for s in input_specs]
-    reference_backend.output_names = onnx_outputs
-    capture: ModuleCapture | None = None
-    if localise_failures:
-        reference_outputs, capture = reference_backend.run_capturing(feed)
+    notes: list[str] = []
+    reference_backend: TorchEagerBackend | None = None
+    if reference_outputs is not None:
+        references = _saved_references(reference_outputs, feeds, onnx_outputs)
+        description = f"{reference_name} (no PyTorch model run)"
     else:
-        reference_outputs = reference_backend.run(feed)
-    if not reference_outputs:
-        raise BKNInputError(f"the PyTorch model returned no tensors; {path} has outputs {onnx_outputs}")
+        reference_backend = TorchEagerBackend(model, mode)
+        # what load() would read from the file, already known: key inputs and outputs by graph name
+        reference_backend.input_names = [s.name for s in input_specs]
+        reference_backend.output_names = onnx_outputs
+        references = [reference_backend.run(feed) for feed in feeds]
+        notes.extend(reference_backend.notes)
+        description = REFERENCE_DESCRIPTION[mode]
+        if not references[0]:
+            raise BKNInputError(f"the PyTorch model returned no tensors; {path} has outputs {onnx_outputs}")
+    if save_inputs is not None or save_outputs is not None:
+        _save(feeds, references, save_inputs, save_outputs)
     report = ParityReport(
         onnx_path=str(path),
         onnx_sha256=_sha256(path),
         mode=mode,
-        inputs=[TensorSpec(s.name, s.dtype, tuple(feed[s.name].shape)) for s in input_specs],
+        inputs=[TensorSpec(s.name, s.dtype, tuple(feeds[0][s.name].shape)) for s in input_specs],
         outputs=output_specs,
-        reference=f"pytorch ({'train' if mode == 'training' else 'eval'}-mode forward)",
+        reference=description,
         runtimes=[],
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         environment=_environment(),
         model_description=model_description,
-        uncompared_outputs=[name for name in onnx_outputs if name not in reference_outputs],
+        uncompared_outputs=[name for name in onnx_outputs if name not in references[0]],
+        criteria=policy.criteria,
+        seed=seed if inputs is None or reference_outputs is None else None,
+        input_sets=[[TensorSpec(s.name, s.dtype, tuple(f[s.name].shape)) for s in input_specs] for f in feeds],
+        notes=notes,
     )
-    for name, array in reference_outputs.items():
-        if nonfinite_count(array):
-            report.reference_problems.append(
-                f"the PyTorch reference output {name!r} holds NaN/Inf for these inputs: the model is broken "
-                "(check the checkpoint and the inputs); no runtime can be judged against it"
-            )
+    for iteration, outputs in enumerate(references):
+        for name, array in outputs.items():
+            if nonfinite_count(array):
+                report.reference_problems.append(
+                    f"the reference output {name!r} holds NaN/Inf for input set {iteration}: the model is broken "
+                    "(check the checkpoint and the inputs); no runtime can be judged against it"
+                )
+    half = _half_dtypes([*input_specs, *output_specs])
     total = len(chosen)
     for index, entry in enumerate(chosen):
-        result = _run_one(entry, path, feed, reference_outputs, atol, rtol, tolerances, progress, index, total)
-        if result.status in ("failed", "error") and localise_failures and capture is not None and entry.make:
-            if progress:
-                progress("localise", entry.name, index, total)
+        result = _run_one(entry, path, feeds, references, policy, half, progress, index, total)
+        if result.status in (Status.FAILED, Status.ERROR) and entry.make is not None:
             failing = [c.output for c in result.outputs if not c.passed]
-            result.localisation = localise(
-                onnx_model, entry.make, entry.name, feed, reference_outputs, capture, failing, atol, rtol,
-                localise_method, tolerances,
-            )  # fmt: skip
+            feed = feeds[result.failing_iteration or 0]
+            if localise_failures and result.outputs and failing:
+                if progress:
+                    progress("localise", entry.name, index, total)
+                result.localisation = _localise(
+                    onnx_model, entry, feed, references[result.failing_iteration or 0], reference_backend,
+                    failing, policy, localise_method,
+                )  # fmt: skip
+            if repro_dir is not None and result.outputs:
+                from runtime.repro import write_repro
+
+                report.notes.append(
+                    write_repro(
+                        onnx_model,
+                        path,
+                        entry,
+                        feed,
+                        references[result.failing_iteration or 0],
+                        result,
+                        Path(repro_dir) / entry.name.replace(":", "_"),
+                    )
+                )
         if progress:
             progress("done", entry.name, index, total)
         report.runtimes.append(result)
     return report
 
 
+def _saved_references(
+    saved: Sequence[Mapping[str, np.ndarray]], feeds: Sequence[Feed], onnx_outputs: Sequence[str]
+) -> list[Feed]:
+    from runtime.errors import SavedDataError
+
+    if len(saved) != len(feeds):
+        raise SavedDataError(
+            f"the saved outputs hold {len(saved)} iteration(s) but the inputs {len(feeds)}; give the inputs they "
+            "were computed from"
+        )
+    references = []
+    for iteration, outputs in enumerate(saved):
+        unknown = [name for name in outputs if name not in onnx_outputs]
+        if unknown:
+            raise SavedDataError(
+                f"the saved outputs of iteration {iteration} name {unknown}, which the model does not output "
+                f"(its outputs are {list(onnx_outputs)}): they belong to another model"
+            )
+        references.append({name: np.asarray(array) for name, array in outputs.items()})
+    return references
+
+
+def _save(
+    feeds: Sequence[Feed],
+    references: Sequence[Feed],
+    save_inputs: str | os.PathLike[str] | None,
+    save_outputs: str | os.PathLike[str] | None,
+) -> None:
+    from runtime import polygraphy_io
+
+    if save_outputs is not None and save_inputs is None:
+        target = Path(save_outputs)
+        save_inputs = target.with_name(f"{target.stem}_inputs{target.suffix}")
+    if save_inputs is not None:
+        polygraphy_io.save_inputs(save_inputs, feeds)
+    if save_outputs is not None:
+        polygraphy_io.save_outputs(save_outputs, references, runner="pytorch")
+
+
+def _localise(
+    onnx_model: Any,
+    entry: RuntimeEntry,
+    feed: Feed,
+    reference: Feed,
+    reference_backend: TorchEagerBackend | None,
+    failing: list[str],
+    policy: TolerancePolicy,
+    method: str,
+) -> Localisation:
+    assert entry.make is not None
+    capture: ModuleCapture | None = None
+    if reference_backend is not None:
+        _, capture = reference_backend.run_capturing(feed)
+    return localise(onnx_model, entry.make, entry.name, feed, reference, capture, failing, policy, method)
+
+
+def _unsupported_dtype(error: Exception, half: set[str]) -> bool:
+    text = f"{type(error).__name__}: {error}"
+    return bool(half) and any(marker in text for marker in _DTYPE_UNSUPPORTED)
+
+
 def _run_one(
     entry: RuntimeEntry,
     path: Path,
-    feed: Mapping[str, np.ndarray],
-    reference_outputs: Mapping[str, np.ndarray],
-    atol: float | None,
-    rtol: float | None,
-    tolerances: Mapping[str, Tolerance] | None,
+    feeds: Sequence[Feed],
+    references: Sequence[Feed],
+    policy: TolerancePolicy,
+    half: set[str],
     progress: Progress | None,
     index: int,
     total: int,
 ) -> RuntimeResult:
     if not entry.availability.ok or entry.make is None:
-        status = "unavailable" if entry.availability.applicable else "not_applicable"
+        status = Status.UNAVAILABLE if entry.availability.applicable else Status.NOT_APPLICABLE
         if progress:
             progress("skip", entry.name, index, total)
         return RuntimeResult(entry.name, status, entry.availability.reason)
     if progress:
         progress("start", entry.name, index, total)
     started = time.perf_counter()
+    backend: Backend = entry.make()
     try:
-        backend = entry.make()
         backend.load(str(path))
-        outputs = backend.run(feed)
     except Exception as error:  # the runtime's failure is a finding, not a crash of the tool
-        return RuntimeResult(
-            entry.name, "error", f"{type(error).__name__}: {error}", seconds=time.perf_counter() - started
-        )
-    seconds = time.perf_counter() - started
-    comparisons = []
-    for name, reference in reference_outputs.items():
-        if name not in outputs:
-            comparisons.append(
-                OutputComparison(
-                    output=name, dtype="", shape=[], reference_shape=list(reference.shape),
-                    tolerance=resolve_tolerance(name, reference.dtype.name, atol, rtol, tolerances),
-                    passed=False, message=f"{entry.name} returned no output {name!r}",
-                )
+        seconds = time.perf_counter() - started
+        if _unsupported_dtype(error, half):
+            reason = f"cannot run {'/'.join(sorted(half))} models: {type(error).__name__}: {error}"
+            return RuntimeResult(entry.name, Status.UNAVAILABLE, reason, seconds)
+        return RuntimeResult(entry.name, Status.ERROR, f"{type(error).__name__}: {error}", seconds)
+    worst: dict[str, tuple[int, OutputComparison]] = {}
+    for iteration, (feed, reference_outputs) in enumerate(zip(feeds, references)):
+        try:
+            outputs = backend.run(feed)
+        except Exception as error:
+            return RuntimeResult(
+                entry.name, Status.ERROR, f"input set {iteration}: {type(error).__name__}: {error}",
+                time.perf_counter() - started, failing_iteration=iteration,
             )  # fmt: skip
-            continue
-        actual = outputs[name]
-        tolerance = resolve_tolerance(name, actual.dtype.name, atol, rtol, tolerances)
-        comparisons.append(compare_output(name, reference, actual, tolerance, entry.name))
-    status = "passed" if all(c.passed for c in comparisons) else "failed"
-    return RuntimeResult(entry.name, status, entry.availability.reason, seconds, comparisons)
+        for name, reference in reference_outputs.items():
+            if name not in outputs:
+                comparison = OutputComparison(
+                    output=name, dtype="", shape=[], reference_shape=list(reference.shape),
+                    tolerance=policy.tolerance(name, reference.dtype.name), passed=False,
+                    message=f"{entry.name} returned no output {name!r}", criteria=policy.criteria,
+                )  # fmt: skip
+            else:
+                comparison = policy.judge(name, reference, outputs[name], entry.name)
+            if name not in worst or _worse(comparison, worst[name][1]):
+                worst[name] = (iteration, comparison)
+    seconds = time.perf_counter() - started
+    comparisons = [c for _, c in worst.values()]
+    status = Status.PASSED if all(c.passed for c in comparisons) else Status.FAILED
+    failing = next((i for i, c in worst.values() if not c.passed), None)
+    return RuntimeResult(entry.name, status, entry.availability.reason, seconds, comparisons, failing_iteration=failing)
+
+
+def _worse(candidate: OutputComparison, current: OutputComparison) -> bool:
+    """Failing beats passing; then the larger max abs error (NaN counts as the largest)."""
+    if candidate.passed != current.passed:
+        return not candidate.passed
+    a, b = candidate.max_abs_error, current.max_abs_error
+    return bool(np.isnan(a) and not np.isnan(b)) or bool(a > b)

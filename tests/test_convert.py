@@ -239,7 +239,7 @@ def test_unknown_option_is_rejected() -> None:
 
 
 def test_describe_chain_on_residual_model() -> None:
-    """Predecessor, transition, feeding layer and ReLU of each layer in execution order; fallbacks noted."""
+    """Each layer's sources by data flow, in execution order: residual sums and the steps after them."""
     model = convert_batchnorm(TinyResNet(), _example().float())
     links = {link.name: link for link in describe_chain(model)}
     assert list(links) == [
@@ -253,39 +253,38 @@ def test_describe_chain_on_residual_model() -> None:
         "head_bn",
     ]
     assert links["stem_bn"].predecessor is None and links["stem_bn"].transition is None
-    expected = {  # name: (predecessor, transition, feeding layer, relu before the feeding layer)
-        "block1.bn1": ("stem_bn", "propagate", "block1.conv1", True),
-        "block1.bn2": ("block1.bn1", "propagate", "block1.conv2", True),
-        "block2.bn1": ("block1.bn2", "propagate", "block2.conv1", True),
-        "block2.bn2": ("block2.bn1", "propagate", "block2.conv2", True),
-        # the projection shortcut reads the block input: its predecessor is matched by channels
-        "block2.shortcut.1": ("block1.bn2", "propagate", "block2.shortcut.0", True),
-        # nothing but an Add and a ReLU between them: propagate falls back to identity
-        "post_bn": ("block2.shortcut.1", "identity", None, False),
-        "head_bn": ("post_bn", "propagate", "head", False),
+    assert "no normalization upstream" in links["stem_bn"].note
+    block_input = "sum('block1.bn2' + 'stem_bn' → relu()) → relu()"
+    expected = {  # name: the source paths in words
+        "block1.bn1": ("'stem_bn' → relu() → conv 'block1.conv1'",),
+        "block1.bn2": ("'block1.bn1' → relu() → conv 'block1.conv2'",),
+        # the second block reads the first block's output: the sum of its branch and its identity shortcut
+        "block2.bn1": (f"{block_input} → conv 'block2.conv1'",),
+        "block2.bn2": ("'block2.bn1' → relu() → conv 'block2.conv2'",),
+        "block2.shortcut.1": (f"{block_input} → conv 'block2.shortcut.0'",),
+        # after the residual sum: both addends, then the ReLU
+        "post_bn": ("sum('block2.bn2' + 'block2.shortcut.1') → relu()",),
+        "head_bn": ("'post_bn' → adaptive_avg_pool2d(output (1, 1)) → reshape(N, C) → linear 'head'",),
     }
-    for name, (predecessor, transition, feeding, relu) in expected.items():
-        link = links[name]
-        assert (link.predecessor, link.transition, link.feeding_layer, link.rectify) == (
-            predecessor,
-            transition,
-            feeding,
-            relu,
-        ), name
-    assert "chosen by channel match with feeding layer 'block2.shortcut.0'" in links["block2.shortcut.1"].note
-    assert "propagate unavailable" in links["post_bn"].note and "fell back to identity" in links["post_bn"].note
+    for name, sources in expected.items():
+        assert (links[name].transition, links[name].sources) == ("propagate", sources), name
+    # the one-predecessor view where a single path comes from one normalization
+    assert (links["block1.bn2"].predecessor, links["block1.bn2"].feeding_layer, links["block1.bn2"].rectify) == (
+        "block1.bn1",
+        "block1.conv2",
+        True,
+    )
+    assert links["head_bn"].approximations == ()  # global average pooling and Linear are exact
 
     table = format_chain(model).splitlines()
-    assert table[0].split() == ["layer", "predecessor", "transition", "feeding", "layer", "relu", "note"]
+    assert table[0].split() == ["layer", "transition", "sources", "notes"]
     rows = {line.split()[0]: line for line in table[1:]}
     assert "batchnorm (first in chain)" in rows["stem_bn"]
-    assert "channel match" in rows["block2.shortcut.1"]
-    assert "fell back to identity" in rows["post_bn"]
-    assert rows["block1.bn2"].split()[1:5] == ["block1.bn1", "propagate", "block1.conv2", "yes"]
+    assert "sum('block2.bn2' + 'block2.shortcut.1') → relu()" in rows["post_bn"]
 
 
-def test_learned_fallback_when_channel_counts_differ() -> None:
-    """Without a feeding layer between layers of different widths, propagate falls back to learned."""
+def test_concatenation_is_predicted_part_by_part_without_a_learned_matrix() -> None:
+    """A layer fed by torch.cat([out, out]) gets the concatenation of both parts' predictions."""
 
     class Widen(nn.Module):
         def __init__(self) -> None:
@@ -300,9 +299,11 @@ def test_learned_fallback_when_channel_counts_differ() -> None:
 
     model = convert_batchnorm(Widen(), torch.randn(2, 3, 4, 4))
     link = describe_chain(model)[1]
-    assert (link.predecessor, link.transition) == ("bn1", "learned")
-    assert "fell back to learned" in link.note
-    assert model.get_parameter("bn2.transition_matrix").shape == (8, 4)
+    assert (link.predecessor, link.transition, link.combine) == ("bn1", "propagate", "concat")
+    assert link.sources == ("'bn1'", "'bn1'")
+    assert not any(name.endswith("transition_matrix") for name, _ in model.named_parameters())
+    learned = convert_batchnorm(Widen(), torch.randn(2, 3, 4, 4), transition="learned")
+    assert learned.get_parameter("bn2.transition_matrix").shape == (8, 4)  # C_k x C of the one source
 
 
 def test_conversion_under_warnings_as_errors_for_a_clean_model() -> None:

@@ -8,7 +8,10 @@ op that could absorb it; its metadata names where every BKN layer went.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -23,10 +26,10 @@ from torch import Tensor, nn
 
 import bkn_export
 from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d
-from bkn_export.errors import ExportError, InvalidStatisticsError, UnsupportedLayerError
+from bkn_export.errors import ExportError, InvalidStatisticsError, OptionError, OutputWriteError, UnsupportedLayerError
 from bkn_export.export import export_onnx
 from bkn_export.export.inference import FP16_TOLERANCE
-from bkn_export.export.io import save_model_atomic
+from bkn_export.export.io import save_onnx
 from bkn_export.export.metadata import read_metadata
 from bkn_export.export.op_spec import MAX_OPSET, MIN_OPSET
 
@@ -362,7 +365,7 @@ def test_supported_opset_range(tmp_path: Path, opset: int) -> None:
 
 @pytest.mark.parametrize("opset", [MIN_OPSET - 1, MAX_OPSET + 1])
 def test_opset_outside_range_is_refused(tmp_path: Path, opset: int) -> None:
-    with pytest.raises(ExportError, match=f"opset {opset}"):
+    with pytest.raises(OptionError, match=f"opset {opset}"):
         export_onnx(MLP(), torch.randn(2, 6), tmp_path / "m.onnx", opset=opset)
 
 
@@ -441,24 +444,29 @@ def test_uninitialized_lazy_layer_is_unsupported(tmp_path: Path) -> None:
 def test_unwritable_path_is_an_error_and_leaves_nothing(tmp_path: Path) -> None:
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where a directory should be")
-    with pytest.raises(ExportError, match="not_a_directory"):
+    with pytest.raises(OutputWriteError, match="not_a_directory"):
         export_onnx(randomize_statistics(MLP()), torch.randn(2, 6), blocker / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_directory"]
 
 
-def test_failed_write_keeps_the_old_file_and_leaves_no_temporaries(tmp_path: Path) -> None:
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporaries(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     target = tmp_path / "m.onnx"
     target.write_bytes(b"previous model")
-    (tmp_path / "m.onnx.data").mkdir()  # the external-data rename cannot replace a directory
-    with pytest.raises(ExportError, match=r"m\.onnx"):
-        save_model_atomic(_tiny_model(1000), target, external_data_threshold=1)
+
+    def refuse(source: object, destination: object) -> None:  # the rename that publishes the model fails
+        raise OSError(errno.EROFS, "Read-only file system", str(destination))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputWriteError, match=r"m\.onnx: Read-only file system"):
+        save_onnx(_tiny_model(1000), target, external_data_threshold=1)  # with external data
+    monkeypatch.undo()
     assert target.read_bytes() == b"previous model"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 def test_target_that_is_a_directory_is_refused_before_exporting(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").mkdir()
-    with pytest.raises(ExportError, match="is a directory"):
+    with pytest.raises(OutputWriteError, match="is a directory"):
         export_onnx(randomize_statistics(MLP()), torch.randn(2, 6), tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
@@ -470,8 +478,9 @@ def test_tiny_external_data_threshold_writes_a_data_file_that_runs(tmp_path: Pat
     model = randomize_statistics(SmallCNN())
     path = tmp_path / "ext.onnx"
     export_onnx(model, torch.randn(2, 3, 8, 8), path, external_data_threshold=64)
-    assert (tmp_path / "ext.onnx.data").stat().st_size > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]
+    (data,) = data_files(tmp_path, "ext.onnx")
+    assert data.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", data.name]
     header = onnx.load(path, load_external_data=False)
     external = [t for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and all(not t.raw_data for t in external)
@@ -483,6 +492,13 @@ def test_tiny_external_data_threshold_writes_a_data_file_that_runs(tmp_path: Pat
     assert np.abs(actual - expected).max() <= FLOAT32_TOLERANCE
     (actual,) = ReferenceEvaluator(onnx.load(path)).run(None, {header.graph.input[0].name: x.numpy()})
     assert np.abs(actual - expected).max() <= FLOAT32_TOLERANCE
+
+
+def data_files(directory: Path, model_name: str) -> list[Path]:
+    """The external-data files of ``model_name`` in ``directory`` (``<name>.<pid>-<random>.data``)."""
+    return sorted(
+        p for p in directory.iterdir() if re.fullmatch(re.escape(model_name) + r"\.\d+-[0-9a-f]+\.data", p.name)
+    )
 
 
 def _tiny_model(values: int) -> onnx.ModelProto:
@@ -501,9 +517,9 @@ def _tiny_model(values: int) -> onnx.ModelProto:
 def test_external_data_threshold_is_strictly_above(tmp_path: Path, threshold: int, external: bool) -> None:
     model = _tiny_model(1000)  # 4000 bytes of weights
     before = model.SerializeToString()
-    save_model_atomic(model, tmp_path / "t.onnx", external_data_threshold=threshold)
+    save_onnx(model, tmp_path / "t.onnx", external_data_threshold=threshold)
     assert model.SerializeToString() == before  # the caller's proto is untouched
-    assert (tmp_path / "t.onnx.data").exists() == external
+    assert len(data_files(tmp_path, "t.onnx")) == int(external)
     loaded = onnx.load(tmp_path / "t.onnx")
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]), np.arange(1000))
 

@@ -395,23 +395,24 @@ def test_propagate_conv_rejects_a_spatial_rank_mismatch() -> None:
 
 
 def test_module_propagates_through_its_feeding_conv_at_the_predecessors_input_size() -> None:
-    """A wired layer's prior is predict_propagate_conv over the spatial shape of its predecessor's input."""
-    from bkn_export import BatchKalmanNorm2d, wire_chain
+    """A wired layer's prior is its source's posterior pushed through ReLU and the conv at the source's input size."""
+    from bkn_export import BatchKalmanNorm2d, chain_statistics, wire_chain
+    from bkn_export.moments import conv_moments, elementwise_moments
 
     first, second = BatchKalmanNorm2d(3), BatchKalmanNorm2d(4)
     conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
     model = nn.Sequential(first, nn.ReLU(), conv, second)
     wire_chain(model, torch.randn(2, 3, 6, 6))
-    assert second.link.transition == "propagate" and second.link.rectify
-    model.train()
-    x = torch.randn(2, 3, 7, 5)
-    first_output = first(x)  # leaves first's posterior in the chain's scratch
-    assert second._chain is not None
-    previous_mean, previous_variance, shape = second._chain.posteriors[0]
-    assert shape == x.shape
-    prior_mean, prior_variance, _ = second._prediction(torch.relu(conv(first_output)))
-    expected = Fk.predict_propagate_conv(previous_mean, previous_variance, conv, (7, 5), second.process_noise(), True)
-    torch.testing.assert_close((prior_mean, prior_variance), expected)
+    x = torch.randn(2, 3, 7, 5)  # another spatial size than the example's
+    source, layer = chain_statistics(model, x)
+    assert layer.transition == "propagate" and [s.name for s in layer.sources] == ["0"]
+    assert layer.sources[0].shape == x.shape
+    mean, variance = elementwise_moments("relu", source.posterior_mean, source.posterior_variance)
+    mean, variance, _ = conv_moments(conv, mean, variance, (7, 5))
+    noise = second.process_noise()
+    assert noise is not None and layer.prior_mean is not None and layer.prior_variance is not None
+    torch.testing.assert_close(layer.prior_mean, mean)
+    torch.testing.assert_close(layer.prior_variance, variance + noise.detach())
 
 
 def test_rectified_gaussian_moments_limits() -> None:
@@ -483,12 +484,14 @@ def test_cpu_kernels_are_the_ops_cpu_implementation() -> None:
     """On CPU the op runs bkn_export.cpu_kernels (bit for bit), not the default reference body."""
     x, m, v, p, w, b = _op_inputs((4, 3, 5, 5), False, dtype=torch.float32)
     via_op = torch.ops.bkn.batch_kalman_norm(x, m, v, p, w, b, EPS, 0.0)
-    direct = cpu_kernels.batch_kalman_norm(x, m, v, p, w, b, EPS, 0.0)
+    direct = cpu_kernels.batch_kalman_norm(Fk.KalmanNormInputs(x, m, v, p, w, b, EPS, 0.0))
     for got, want in zip(via_op, direct):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     grads = (torch.randn_like(x), torch.randn_like(m), torch.randn_like(m))
     via_op_grads = torch.ops.bkn.batch_kalman_norm_backward(*grads, x, m, v, p, w, EPS, 0.0)
-    direct_grads = cpu_kernels.batch_kalman_norm_backward(*grads, x, m, v, p, w, EPS, 0.0)
+    direct_grads = cpu_kernels.batch_kalman_norm_backward(
+        Fk.KalmanNormInputs(x, m, v, p, w, None, EPS, 0.0), Fk.KalmanStep(*grads)
+    )
     for got, want in zip(via_op_grads, direct_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions, wire_chain
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
+from bkn_export.chain.scope import ROOT_ATTRIBUTE, scratch_for
 from bkn_export.nn import _BatchKalmanNorm
 
 TOL: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}
@@ -46,7 +48,7 @@ def _first_in_chain(bkn: _BatchKalmanNorm, shape: tuple[int, ...]) -> nn.Module:
         follower = type(bkn)(C)
     model = nn.Sequential(bkn, nn.ReLU(), mapping, follower).double()
     wire_chain(model, torch.randn(shape, dtype=torch.float64))
-    assert bkn.link.predecessor is None and follower.has_predecessor
+    assert not bkn.has_predecessor and follower.has_predecessor
     return model
 
 
@@ -134,7 +136,7 @@ def test_layer_without_predecessor_is_batchnorm(
 def test_unwired_layer_runs_twice_per_forward_as_batchnorm() -> None:
     """A layer built directly is not part of any chain and keeps no state between calls."""
     layer = BatchKalmanNorm2d(3)
-    assert layer.link.predecessor is None and not layer.has_predecessor
+    assert layer.chain is None and not layer.has_predecessor
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(layer(x), F.batch_norm(x, None, None, layer.weight, layer.bias, True), **TOL)
 
@@ -195,51 +197,92 @@ def test_wired_layer_blends_prior_and_gradients_reach_the_chain(transition: str)
     model = _wired_chain(transition)
     model.train()
     x = torch.randn(2, 3, 6, 6)
-    y = model(x)
     layer = _bkn(model[4])
-    hidden = model[:4](x)  # what the second norm saw
+    seen: list[tuple[Tensor, Tensor]] = []
+    layer.register_forward_hook(lambda _m, inputs, out: seen.append((inputs[0].detach(), out.detach())))
+    y = model(x)
+    hidden, output = seen[0]  # what the second norm saw and gave, within the root's forward
     batchnorm = F.batch_norm(hidden, None, None, layer.weight, layer.bias, True)
-    assert not torch.allclose(model[:5](x), batchnorm, atol=1e-3)
+    assert not torch.allclose(output, batchnorm, atol=1e-3)
     y.square().mean().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
         assert parameter.grad.abs().sum() > 0, name
 
 
+def _stray_tensors(model: nn.Module) -> dict[str, list[str]]:
+    """Module attributes (besides parameters and buffers) that hold tensors."""
+    stray = {
+        name: [k for k, v in vars(module).items() if isinstance(v, Tensor)] for name, module in model.named_modules()
+    }
+    return {name: keys for name, keys in stray.items() if keys}
+
+
 def test_no_posterior_is_held_after_a_forward() -> None:
-    """The chain's scratch is empty after the pass; no module attribute holds a tensor besides state."""
+    """After a train step no module attribute holds a tensor besides its state, and no scratch is open."""
     model = _wired_chain()
     model.train()
     model(torch.randn(2, 3, 6, 6)).sum().backward()
-    chain = _bkn(model[1])._chain
-    assert chain is not None and chain.posteriors == {}
-    for name, module in model.named_modules():
-        stray = [k for k, v in vars(module).items() if isinstance(v, Tensor)]
-        assert not stray, f"{name} holds tensors {stray}"
+    assert _stray_tensors(model) == {}
+    root = model.__dict__[ROOT_ATTRIBUTE]
+    assert scratch_for(root) is None and root.traced is None
 
 
-def test_sampled_prior_draws_fresh_noise_each_step() -> None:
-    model = _wired_chain("sampled", prior_weight=0.9)
+def test_a_forward_that_raises_leaves_no_scratch_open() -> None:
+    """The root's scratch is dropped even when the forward raises; the next call works as usual."""
+    model = _wired_chain()
     model.train()
+    root = model.__dict__[ROOT_ATTRIBUTE]
+    failing = model[6]
+
+    def fail(_module: nn.Module, _inputs: Any) -> None:
+        assert scratch_for(root) is not None  # inside the forward, the scratch is open
+        raise RuntimeError("planted")
+
+    handle = failing.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="planted"):
+        model(torch.randn(2, 3, 6, 6))
+    assert scratch_for(root) is None
+    handle.remove()
     x = torch.randn(2, 3, 6, 6)
-    torch.manual_seed(1)
-    first = model(x)
-    torch.manual_seed(2)
-    second = model(x)
-    torch.manual_seed(1)
-    again = model(x)
-    assert not torch.allclose(first, second)
-    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(model(x), copy.deepcopy(model)(x))
 
 
-def test_sampled_prior_does_not_fire_the_feeding_layers_hooks() -> None:
-    """The Monte Carlo sample goes through the conv's forward, not its __call__: hooks see activations only."""
-    model = _wired_chain("sampled", prior_weight=0.9)
-    calls: list[int] = []
-    model[3].register_forward_hook(lambda _m, _i, _o: calls.append(1))
+def test_layer_called_outside_its_roots_forward_is_batchnorm() -> None:
+    """A wired layer with a predecessor, called on its own, is nn.BatchNorm2d (p = 0): documented behaviour."""
+    model = _wired_chain()
     model.train()
-    model(torch.randn(2, 3, 6, 6))
-    assert len(calls) == 1
+    layer = _bkn(model[4])
+    assert layer.has_predecessor
+    x = torch.randn(2, 5, 6, 6)
+    expected = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+    torch.testing.assert_close(layer(x), expected, **TOL)
+
+
+def test_threads_never_see_each_others_posteriors() -> None:
+    """Two threads in the middle of a forward of the same model at once get their own priors.
+
+    A pre-hook on the conv between the chain's layers holds each thread there until the
+    other arrives: both have published their first layer's posterior before either reads it.
+    """
+    model = _wired_chain()
+    model.train()
+    inputs = [torch.randn(2, 3, 6, 6), 3.0 * torch.randn(2, 3, 6, 6) + 1.0]
+    expected = [model(x).detach() for x in inputs]  # outputs do not depend on the running statistics
+    barrier = threading.Barrier(2, timeout=30)
+
+    def meet(_module: nn.Module, _inputs: Any) -> None:
+        barrier.wait()
+
+    model[3].register_forward_pre_hook(meet)
+    results: dict[int, Tensor] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, model(inputs[i]).detach())) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, y in enumerate(expected):
+        torch.testing.assert_close(results[i], y, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- batch size 1
@@ -287,10 +330,8 @@ def _named_model() -> nn.Module:
     [
         (torch.randn(2, 5, 4, 4), "expected 4 channels"),
         (torch.randn(2, 4, 4), "expected a 4D input"),
-        (torch.randn(0, 4, 4, 4), "empty batch"),
-        (torch.randn(2, 4, 0, 4), "empty batch"),
     ],
-    ids=["channels", "rank", "empty-batch", "empty-spatial"],
+    ids=["channels", "rank"],
 )
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bad_input_names_the_layer_and_the_problem(x: Tensor, problem: str, training: bool) -> None:
@@ -301,6 +342,47 @@ def test_bad_input_names_the_layer_and_the_problem(x: Tensor, problem: str, trai
         layer(x)
     assert "BatchKalmanNorm2d 'features.1'" in str(info.value)
     assert str(tuple(x.shape)) in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3)], ids=["batch-0", "spatial-0"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("position", ["first", "wired"])
+def test_empty_input_is_accepted_as_batchnorm_accepts_it(shape: tuple[int, ...], training: bool, position: str) -> None:
+    """Empty output of the input's shape, running statistics kept, num_batches_tracked counted, gradients flow."""
+    bn = nn.BatchNorm2d(4).train(training)
+    model = _wired_chain()
+    layer = BatchKalmanNorm2d(4) if position == "first" else _bkn(model[4])
+    model.train(training)
+    layer.train(training)
+    state = {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, Tensor)}
+    c = layer.num_features
+    x = torch.randn(shape[0], c, *shape[2:], requires_grad=True)
+    x_bn = torch.randn(shape[0], 4, *shape[2:], requires_grad=True)
+    y, y_bn = layer(x), bn(x_bn)
+    assert y.shape == x.shape and y_bn.shape == x_bn.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert layer.running_mean is not None and layer.running_var is not None and layer.num_batches_tracked is not None
+    torch.testing.assert_close(layer.running_mean, state["running_mean"], rtol=0, atol=0)
+    torch.testing.assert_close(layer.running_var, state["running_var"], rtol=0, atol=0)
+    counted = int(layer.num_batches_tracked) - int(state["num_batches_tracked"])
+    assert counted == int(bn.get_buffer("num_batches_tracked")) == int(training)
+
+
+def test_empty_batch_flows_through_a_wired_chain() -> None:
+    model = _wired_chain()
+    model.train()
+    y = model(torch.randn(0, 3, 6, 6))
+    assert y.shape == (0, 5, 6, 6)
+
+
+def test_cumulative_momentum_reads_no_host_value() -> None:
+    """momentum=None: α = 1/num_batches_tracked stays a tensor; the traced step has no .item() / host sync."""
+    layer = BatchKalmanNorm2d(3, momentum=None).train()
+    exported = torch.export.export(layer, (torch.randn(2, 3, 4, 4),))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert not any(t.startswith("aten.item") or "_local_scalar_dense" in t for t in targets), targets
+    assert any("reciprocal" in t for t in targets), targets
 
 
 @pytest.mark.parametrize(

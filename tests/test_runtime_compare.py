@@ -103,10 +103,9 @@ def test_localisation_judges_with_the_runs_per_output_tolerances() -> None:
     """Localisation uses the same tolerance rule as the parity verdict: override, else atol/rtol, else dtype."""
     import numpy as np
 
-    from runtime.compare import Tolerance
-    from runtime.localize import _ToleranceRule
+    from runtime.compare import Tolerance, TolerancePolicy
 
-    rule = _ToleranceRule(atol=1e-3, rtol=None, per_output={"logits": Tolerance(0.5, 0.0)})
+    policy = TolerancePolicy(atol=1e-3, rtol=None, per_output={"logits": Tolerance(0.5, 0.0)})
     value = np.zeros(3, dtype=np.float32)
-    assert rule("logits", value) == Tolerance(0.5, 0.0)
-    assert rule("other", value).atol == 1e-3
+    assert policy.tolerance("logits", value.dtype.name) == Tolerance(0.5, 0.0)
+    assert policy.tolerance("other", value.dtype.name).atol == 1e-3

@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 from test_runtime_support import digits_inputs, exported_digits, trained_digits
 
-from bkn_export.errors import BKNInputError, ModelFileError, RuntimeLoadError, UnknownRuntimeError
+from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError, UnknownRuntimeError
 from runtime.model_io import detect_mode
 from runtime.parity import run_parity
 

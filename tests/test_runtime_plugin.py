@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_runtime_support import exported_digits, trained_digits
 
-from bkn_export.errors import ParityMismatchError
+from runtime.errors import ParityMismatchError
 from runtime import assert_parity
 
 

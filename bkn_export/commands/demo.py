@@ -7,52 +7,59 @@ save the checkpoint, export ``mode="inference"`` (BKN folded into the convolutio
 runtime against PyTorch (eval forward for the first, train-mode forward at batch 2 for
 the second), and write a JSON and an HTML report per mode into ``--out``.
 
-Exit status: 0 both modes agree on every runtime that ran, 1 a mismatch or a failed
-export, 2 bad arguments.
+Exit status (the rule of every ``bkn`` command, :mod:`bkn_export.commands.exit_codes`): 0
+both modes agree on every runtime that ran; 1 a mismatch or a failed export; 2 bad
+arguments or environment (an unknown runtime name, an ``--out`` that is a file or cannot be
+written, a full disk). ``--out`` and ``--runtimes`` are checked before training. Every file
+is written atomically (:mod:`bkn_export.atomic`).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
+
+from bkn_export.commands.arguments import positive_int
+from bkn_export.commands.exit_codes import run_command
 
 __all__ = ["add_arguments", "run"]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bkn-demo", help="directory for the checkpoint, ONNX files and reports")
-    parser.add_argument("--steps", type=_positive, default=1000, help="SGD steps at batch 2 (default 1000)")
-    parser.add_argument("--batch-size", type=_positive, default=2, help="training micro-batch size (default 2)")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="SGD steps at batch 2 (default 1000)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="training micro-batch size (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtimes", default="all", help="'all' or a comma-separated list (see bkn parity)")
     parser.add_argument(
-        "--parity-batch", type=_positive, default=16, help="batch of test digits for the inference-mode parity"
+        "--parity-batch", type=positive_int, default=16, help="batch of test digits for the inference-mode parity"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from bkn_export.errors import BKNError, UnknownRuntimeError
+    return run_command("demo", lambda: _run(args))
 
+
+def _prepare_out(out: Path) -> None:
+    """Create ``out`` (a directory) or fail with OutputWriteError before any training."""
+    from bkn_export.atomic import check_writable
+    from bkn_export.errors import OutputWriteError
+
+    if out.exists() and not out.is_dir():
+        raise OutputWriteError(f"--out {out} is a file; give a directory (it is created if missing)")
     try:
-        return _run(args)
-    except UnknownRuntimeError as error:
-        print(f"bkn demo: {error}", file=sys.stderr)
-        return 2
-    except BKNError as error:
-        print(f"bkn demo: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputWriteError(f"cannot create --out directory {out}: {error.strerror or error}") from error
+    check_writable(out / "digits_bkn.pt")
+
+
+def _check_runtimes(spec: str) -> None:
+    """Refuse an unknown or empty ``--runtimes`` before training (UnknownRuntimeError)."""
+    from runtime.registry import discover, select
+
+    select(discover(), spec)
 
 
 def _train(args: argparse.Namespace, data: Any, console: Any) -> tuple[Any, Any]:
@@ -82,6 +89,7 @@ def _train(args: argparse.Namespace, data: Any, console: Any) -> tuple[Any, Any]
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from bkn_export.atomic import atomic_writer
     from bkn_export.data import load_digits_split
     from bkn_export.export import export_onnx
     from runtime.parity import run_parity
@@ -89,7 +97,8 @@ def _run(args: argparse.Namespace) -> int:
 
     console = report_console()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out)
+    _check_runtimes(args.runtimes)
     data = load_digits_split()
     model, result = _train(args, data, console)
     console.print(
@@ -97,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
         f"test accuracy {result.test_accuracy:.1%} (eval mode, running statistics)"
     )
     checkpoint = out / "digits_bkn.pt"
-    torch.save(model.state_dict(), checkpoint)
+    with atomic_writer(checkpoint) as handle:
+        torch.save(model.state_dict(), handle)
     written: list[Path] = [checkpoint]
     verdicts: dict[str, bool] = {}
     batches = {"inference": args.parity_batch, "training": args.batch_size}

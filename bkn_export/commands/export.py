@@ -2,54 +2,29 @@
 
 Builds the model with :func:`bkn_export.factory.load_model` (the same spec and checkpoint
 that ``bkn parity`` takes), exports it with :func:`bkn_export.export.export_onnx` and
-prints where each normalization layer went. Exit status: 0 written, 1 the export failed
-a check (a fold guarantee, the exporter, onnx.checker, the write), 2 bad input (spec,
-checkpoint, shape, statistics, an unsupported layer).
+prints where each normalization layer went. Exit status (the rule of every ``bkn``
+command, :mod:`bkn_export.commands.exit_codes`): 0 written; 1 the model cannot be exported
+(an unsupported layer, non-finite weights or statistics, an exporter or checker failure, a
+dynamic-spatial file that does not run at other sizes); 2 bad input or environment (spec,
+checkpoint, options, input names or shapes, an unwritable output path, a full disk).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import os
 import sys
 from typing import Any
 
-import torch
-
-from bkn_export.errors import (
-    BKNError,
-    BKNInputError,
-    CheckpointError,
-    FactoryError,
-    InvalidStatisticsError,
-    UnsupportedLayerError,
+from bkn_export.commands.arguments import (
+    nonnegative_int,
+    parse_factory_arg,
+    parse_named_shape,
+    parse_shape,
 )
+from bkn_export.commands.exit_codes import run_command
 
-__all__ = ["add_arguments", "parse_factory_arg", "parse_shape", "run"]
-
-_BAD_INPUT = (BKNInputError, CheckpointError, FactoryError, InvalidStatisticsError, UnsupportedLayerError)
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,1,8,8' -> (1, 1, 8, 8); every entry a positive integer."""
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected positive integers like 1,3,32,32")
-    return shape
-
-
-def parse_factory_arg(text: str) -> tuple[str, Any]:
-    """'width=32' -> ('width', 32); values are Python literals, else strings."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"--factory-arg {text!r}: expected KEY=VALUE")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+__all__ = ["add_arguments", "example_inputs", "parse_factory_arg", "parse_shape", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="state dict saved with torch.save(model.state_dict(), path)")
     parser.add_argument(
         "--input-shape",
-        type=parse_shape,
+        type=parse_named_shape,
         action="append",
         required=True,
-        help="shape of an example input, e.g. 1,1,8,8 (repeat for several inputs)",
+        help="shape of an example input, e.g. 1,1,8,8, or NAME:1,1,8,8 with NAME a forward() argument "
+        "(repeat for several inputs)",
     )
     parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     parser.add_argument("--mode", choices=("inference", "training"), default="inference")
@@ -75,17 +51,92 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ONNX opset of the default domain",
     )
     parser.add_argument("--fp16", action="store_true", help="float16 weights, inputs and outputs")
-    parser.add_argument("--dynamic-spatial", action="store_true", help="make dims 2.. of every input symbolic")
+    parser.add_argument(
+        "--dynamic-spatial",
+        action="store_true",
+        help="make dims 2.. of every input symbolic (checked by running the file at two other sizes)",
+    )
     parser.add_argument("--static-batch", action="store_true", help="keep the batch size of --input-shape fixed")
     parser.add_argument(
         "--factory-arg", type=parse_factory_arg, action="append", default=[], help="KEY=VALUE for the factory"
     )
     parser.add_argument(
         "--external-data-threshold",
-        type=int,
+        type=nonnegative_int,
         default=None,
-        help="bytes of weights above which they go to <output>.data (default 2 GiB)",
+        help="bytes of weights above which they go to <output>.<id>.data (default 2 GiB)",
     )
+    parser.add_argument(
+        "--input-names", help="comma-separated graph input names (default: the forward() argument names)"
+    )
+    parser.add_argument(
+        "--output-names", help="comma-separated graph output names (default: output, or output_0, output_1, ...)"
+    )
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of this machine in bytes, if the OS says."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def example_inputs(model: Any, shapes: list[tuple[str | None, tuple[int, ...]]]) -> tuple[Any, ...]:
+    """Random float32 example tensors for ``model.forward``, from ``--input-shape`` values.
+
+    Named shapes (``x:1,3,8,8``) are placed by the forward() argument of that name; they
+    must cover the first k arguments. Raises :class:`OptionError` for unknown, repeated or
+    mixed names, and when the tensors would need more than a quarter of this machine's
+    memory (the export traces one example; its batch is dynamic, so a small one is enough).
+    """
+    import math
+
+    import torch
+
+    from bkn_export.errors import OptionError
+    from bkn_export.export.pipeline import forward_argument_names
+
+    named = [name for name, _ in shapes if name is not None]
+    if named and len(named) != len(shapes):
+        raise OptionError("--input-shape: give every input as NAME:SHAPE, or none (then they follow forward()'s order)")
+    if named:
+        arguments = forward_argument_names(model)
+        unknown = [name for name in named if name not in arguments]
+        if unknown:
+            raise OptionError(
+                f"--input-shape names {unknown} that are not arguments of {type(model).__name__}.forward(); "
+                f"it takes {arguments}"
+            )
+        if len(set(named)) != len(named):
+            raise OptionError(f"--input-shape gives an input twice: {named}")
+        positions = sorted(arguments.index(name) for name in named)
+        if positions != list(range(len(named))):
+            raise OptionError(
+                f"--input-shape: give shapes for the first {max(positions) + 1} forward() arguments "
+                f"{arguments[: max(positions) + 1]}, got {named}"
+            )
+        shapes = sorted(shapes, key=lambda item: arguments.index(str(item[0])))
+    needed = sum(4 * math.prod(shape) for _, shape in shapes)
+    memory = _memory_bytes()
+    if memory is not None and needed > memory // 4:
+        raise OptionError(
+            f"--input-shape {[list(s) for _, s in shapes]} needs {needed / 2**30:.1f} GiB for the example alone "
+            f"(this machine has {memory / 2**30:.1f} GiB); the batch is dynamic, so export with a small example "
+            "such as batch 1"
+        )
+    return tuple(torch.randn(*shape) for _, shape in shapes)
+
+
+def _names(text: str | None, option: str) -> list[str] | None:
+    from bkn_export.errors import OptionError
+
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise OptionError(f"{option} {text!r}: expected comma-separated non-empty names")
+    return names
 
 
 def _print_report(result: Any) -> None:
@@ -95,32 +146,34 @@ def _print_report(result: Any) -> None:
         print(f"  {record.module:<32} {record.kind:<15} {target:<40} {record.detail}")
 
 
-def run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
+    from bkn_export.atomic import check_writable
     from bkn_export.export import export_onnx
     from bkn_export.factory import load_model
 
+    check_writable(args.output)  # before building and tracing the model
     options: dict[str, Any] = {}
     if args.external_data_threshold is not None:
         options["external_data_threshold"] = args.external_data_threshold
-    try:
-        model = load_model(args.spec, args.checkpoint, **dict(args.factory_arg))
-        example = tuple(torch.randn(*shape) for shape in args.input_shape)
-        result = export_onnx(
-            model,
-            example,
-            args.output,
-            mode=args.mode,
-            opset=args.opset,
-            dynamic_batch=not args.static_batch,
-            dynamic_spatial=args.dynamic_spatial,
-            fp16=args.fp16,
-            **options,
-        )
-    except _BAD_INPUT as error:
-        print(f"bkn export: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
-    except BKNError as error:
-        print(f"bkn export: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    model = load_model(args.spec, args.checkpoint, **dict(args.factory_arg))
+    example = example_inputs(model, args.input_shape)
+    result = export_onnx(
+        model,
+        example,
+        args.output,
+        mode=args.mode,
+        opset=args.opset,
+        dynamic_batch=not args.static_batch,
+        dynamic_spatial=args.dynamic_spatial,
+        fp16=args.fp16,
+        input_names=_names(args.input_names, "--input-names"),
+        output_names=_names(args.output_names, "--output-names"),
+        **options,
+    )
     _print_report(result)
+    sys.stdout.flush()
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_command("export", lambda: _run(args))

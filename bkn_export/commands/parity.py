@@ -1,74 +1,197 @@
-"""``bkn parity pkg.module:factory --checkpoint ckpt.pt model.onnx``: every runtime vs PyTorch.
+"""``bkn parity [SPEC] MODEL.onnx``: every runtime against PyTorch (or against saved outputs).
 
-Builds the PyTorch model with :func:`bkn_export.factory.load_model` (the spec and
-checkpoint that ``bkn export`` took), runs the ONNX file on the chosen runtimes, compares
-each output with PyTorch, localises failures, prints a table and writes the reports.
+With a model spec (``pkg.module:factory`` or ``file.py:factory``, plus ``--checkpoint``)
+the PyTorch model is built with :func:`bkn_export.factory.load_model` and is the
+reference. Without one, ``--load-outputs REF.json --load-inputs IN.json`` (Polygraphy
+``RunResults`` / inputs JSON) are the reference: no PyTorch needed. Runs the ONNX file on
+the chosen runtimes, compares each output, localises failures, prints a table and writes
+the reports.
 
-Exit status: 0 every runtime that ran agrees; 1 a runtime differs (or could not run the
-model); 2 bad input (spec, checkpoint, ONNX file, input shape/dtype/NaN, runtime name,
-custom-op library, or none of the chosen runtimes is available here).
+Exit status (:mod:`bkn_export.commands.exit_codes`): 0 every runtime that ran agrees; 1 a
+runtime differs (or could not run the model); 2 bad input or environment (spec,
+checkpoint, ONNX file, inputs/outputs files, input shape/dtype/NaN, runtime name, options,
+custom-op library, an unwritable report path or a full disk, or none of the chosen
+runtimes is available here).
+
+Only argparse and the shared argument types are imported at module level, so
+``bkn parity --help`` starts without torch, NumPy or onnx.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
-__all__ = ["add_arguments", "parse_named_shape", "parse_tolerance", "run"]
+from bkn_export.commands.arguments import parse_factory_arg, parse_named_shape, positive_int
+
+__all__ = [
+    "add_arguments",
+    "parse_shape_set",
+    "parse_tolerance",
+    "parse_val_range",
+    "run",
+]
+
+#: The positional list the CLI extends with positionals given after options (see bkn_export.cli).
+POSITIONAL_LIST = "targets"
+
+#: How several shape sets are written: one --shape-set per set, inputs separated by ';'.
+SHAPE_SET_SYNTAX = "NAME:D,D,...;NAME:D,... (or D,D,...;D,... for the inputs in order)"
 
 
-def parse_named_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
-    """'x:2,1,8,8' -> ('x', (2, 1, 8, 8)); '2,1,8,8' -> (None, ...) for the inputs in graph order."""
-    from bkn_export.commands.export import parse_shape
+def _finite_nonnegative(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: expected a finite number >= 0")
+    return value
 
-    name, sep, shape = text.rpartition(":")
-    return (name if sep else None), parse_shape(shape)
+
+def _tolerance_value(text: str) -> float:
+    return _finite_nonnegative(text, "tolerance")
+
+
+def _fraction(text: str) -> float:
+    value = _finite_nonnegative(text, "fraction")
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"fraction {text!r}: expected a number in [0, 1]")
+    return value
+
+
+def _cosine(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--cosine-min {text!r}: expected a number in [-1, 1]")
+    return value
 
 
 def parse_tolerance(text: str) -> tuple[str, float, float]:
-    """'logits=1e-4,1e-3' -> ('logits', 1e-4, 1e-3): per-output atol, rtol."""
+    """'logits=1e-4,1e-3' -> ('logits', 1e-4, 1e-3): per-output atol, rtol (finite, >= 0)."""
     name, sep, values = text.partition("=")
     parts = values.split(",")
+    if not sep or not name or len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"--tolerance {text!r}: expected OUTPUT=ATOL,RTOL")
+    return name, _tolerance_value(parts[0]), _tolerance_value(parts[1])
+
+
+def parse_val_range(text: str) -> tuple[str | None, tuple[float, float]]:
+    """'x:-1,1', 'x:[-1,1]' (Polygraphy's spelling), '-1,1' or '[-1,1]' -> (name or None, (lo, hi))."""
+    body = text.strip()
+    name: str | None = None
+    if ":" in body:
+        name, _, body = body.rpartition(":")
+    parts = body.strip().removeprefix("[").removesuffix("]").split(",")
     try:
-        if not sep or not name or len(parts) != 2:
-            raise ValueError
-        return name, float(parts[0]), float(parts[1])
+        low, high = (float(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--tolerance {text!r}: expected OUTPUT=ATOL,RTOL") from None
+        raise argparse.ArgumentTypeError(f"--val-range {text!r}: expected [NAME:]LO,HI or NAME:[LO,HI]") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise argparse.ArgumentTypeError(f"--val-range {text!r}: expected finite LO < HI")
+    return (name or None), (low, high)
+
+
+def parse_shape_set(text: str) -> list[tuple[str | None, tuple[int, ...]]]:
+    """'x:1,1,8,8;y:1,4' -> [('x', (1, 1, 8, 8)), ('y', (1, 4))]: one input-shape set."""
+    parts = [p for p in text.split(";") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"--shape-set {text!r}: expected {SHAPE_SET_SYNTAX}")
+    return [parse_named_shape(p.strip()) for p in parts]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bkn_export.commands.export import parse_factory_arg
-
-    parser.add_argument("spec", help="model factory as pkg.module:factory (or path/to/file.py:factory)")
-    parser.add_argument("onnx", help="the .onnx file to check")
+    parser.add_argument(
+        "targets",
+        nargs="+",
+        metavar="[SPEC] MODEL.onnx",
+        help="model factory as pkg.module:factory (or path/to/file.py:factory) and the .onnx file to check; "
+        "the .onnx file alone with --load-outputs",
+    )
     parser.add_argument("--checkpoint", help="state dict saved with torch.save(model.state_dict(), path)")
     parser.add_argument(
         "--mode",
         choices=("auto", "inference", "training"),
         default="auto",
-        help="reference forward: eval (inference) or train-mode (training); auto reads the ONNX file",
+        help="reference forward: eval (inference), or BKN layers in train mode and every other module in eval "
+        "(training, what the training export computes); auto reads the ONNX file",
     )
     parser.add_argument(
         "--runtimes", default="all", help="'all' or a comma-separated list of names/prefixes (see --list-runtimes)"
     )
     parser.add_argument("--list-runtimes", action="store_true", help="list the runtimes known here and exit")
+    parser.add_argument(
+        "--openvino-precision",
+        choices=("f32", "engine"),
+        default="f32",
+        help="OpenVINO INFERENCE_PRECISION_HINT: f32 (default) or the device's own hint (bf16 on some CPUs)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the JSON report (schema: runtime/report_schema.json)")
     parser.add_argument("--html", metavar="PATH", help="write the self-contained HTML report")
-    parser.add_argument(
+    data = parser.add_argument_group("inputs and outputs (Polygraphy-compatible JSON)")
+    data.add_argument(
         "--input-shape",
         type=parse_named_shape,
         action="append",
         default=[],
-        help="shape of the random input, e.g. 2,1,8,8 or x:2,1,8,8 (repeat per input; default: batch 2)",
+        help="shape of a random input, e.g. 2,1,8,8 or x:2,1,8,8 (repeat per input; default: batch 2)",
     )
-    parser.add_argument("--inputs", metavar="NPZ", help="an .npz file with the inputs, keyed by ONNX input name")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance for every output")
-    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance for every output")
-    parser.add_argument(
+    data.add_argument(
+        "--shape-set",
+        type=parse_shape_set,
+        action="append",
+        default=[],
+        help=f"one input-shape set, {SHAPE_SET_SYNTAX}; repeat to check a dynamic model at several shapes",
+    )
+    data.add_argument("--iterations", type=positive_int, default=1, help="random input sets per shape set (seeded)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the first random input set (set k: seed + k)")
+    data.add_argument(
+        "--val-range",
+        type=parse_val_range,
+        nargs="+",
+        action="extend",
+        default=[],
+        help="uniform random values in [LO, HI): [NAME:]LO,HI or NAME:[LO,HI] (default: standard normal)",
+    )
+    data.add_argument(
+        "--load-inputs",
+        "--inputs",
+        dest="load_inputs",
+        metavar="PATH",
+        help=".npz keyed by input name, a Polygraphy inputs JSON, or a folder of per-iteration JSON files",
+    )
+    data.add_argument("--save-inputs", metavar="PATH", help="write the inputs for `polygraphy run --load-inputs`")
+    data.add_argument(
+        "--save-outputs",
+        metavar="PATH",
+        help="write the PyTorch reference outputs as Polygraphy RunResults (runner 'pytorch'), inputs beside it",
+    )
+    data.add_argument(
+        "--load-outputs", metavar="PATH", help="compare with saved outputs (Polygraphy RunResults) instead of PyTorch"
+    )
+    data.add_argument("--reference-runner", help="the runner in --load-outputs to compare with (when it has several)")
+    criteria = parser.add_argument_group("criteria")
+    criteria.add_argument("--atol", type=_tolerance_value, default=None, help="absolute tolerance for every output")
+    criteria.add_argument("--rtol", type=_tolerance_value, default=None, help="relative tolerance for every output")
+    criteria.add_argument(
         "--tolerance", type=parse_tolerance, action="append", default=[], help="per-output OUTPUT=ATOL,RTOL"
+    )
+    criteria.add_argument(
+        "--check-error-stat",
+        choices=("elementwise", "elemwise", "max", "mean", "median", "quantile"),
+        default="elementwise",
+        help="elementwise: |a-r| <= atol + rtol*|r| per element (default); max/mean/median/quantile: Polygraphy's "
+        "rule, stat(|a-r|) <= atol or stat(|a-r|/|r|) <= rtol",
+    )
+    criteria.add_argument("--error-quantile", type=_fraction, default=0.99, help="quantile for --check-error-stat")
+    criteria.add_argument("--cosine-min", type=_cosine, default=None, help="also require this cosine similarity")
+    criteria.add_argument(
+        "--max-mismatch", type=_fraction, default=0.0, help="elementwise: allowed fraction of elements outside"
     )
     parser.add_argument("--custom-op-library", action="append", default=[], help="ONNX Runtime custom-op library")
     parser.add_argument("--plugin", action="append", default=[], help="TensorRT plugin library")
@@ -77,42 +200,98 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--localise-method",
         choices=("auto", "bisect"),
         default="auto",
-        help="auto: expose every module output, confirm on a prefix model; bisect: prefix models only",
+        help="auto: expose every module output, confirm on a prefix model; bisect: prefix models only "
+        "(without exporter metadata: node by node against the ONNX reference evaluator)",
     )
+    parser.add_argument("--repro", metavar="DIR", help="on a failure, write a repro bundle per failing runtime here")
     parser.add_argument(
         "--factory-arg", type=parse_factory_arg, action="append", default=[], help="KEY=VALUE for the factory"
     )
 
 
-def _inputs(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The --inputs arrays, random ones of the --input-shape shapes, or None (run_parity makes them)."""
-    import numpy as np
+def _targets(args: argparse.Namespace) -> tuple[str | None, str]:
+    from runtime.errors import BKNInputError
 
-    from bkn_export.errors import BKNInputError
-    from runtime.model_io import load_onnx, random_inputs, tensor_specs
+    if len(args.targets) == 2:
+        return args.targets[0], args.targets[1]
+    if len(args.targets) == 1:
+        if not args.load_outputs and not args.list_runtimes:
+            raise BKNInputError(
+                f"bkn parity {args.targets[0]}: give the model spec before the ONNX file (SPEC MODEL.onnx), or "
+                "--load-outputs REF.json --load-inputs IN.json to compare with saved outputs"
+            )
+        return None, args.targets[0]
+    raise BKNInputError(f"expected [SPEC] MODEL.onnx, got {len(args.targets)} positional arguments")
 
-    if args.inputs:
-        try:
-            with np.load(args.inputs) as data:
-                return {key: data[key] for key in data.files}
-        except (OSError, ValueError) as error:
-            raise BKNInputError(f"--inputs {args.inputs}: cannot read it as an .npz file: {error}") from error
-    if not args.input_shape:
+
+def _shape_sets(args: argparse.Namespace, specs: Any) -> list[dict[str, tuple[int, ...]]]:
+    from runtime.errors import BKNInputError
+
+    if args.input_shape and args.shape_set:
+        raise BKNInputError("give --input-shape (one set) or --shape-set (one or more sets), not both")
+    raw_sets = args.shape_set or ([args.input_shape] if args.input_shape else [])
+    names = [s.name for s in specs]
+    sets = []
+    for raw in raw_sets:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for position, (name, shape) in enumerate(raw):
+            if name is None:
+                if position >= len(specs):
+                    raise BKNInputError(f"{len(raw)} shapes given; the model has inputs {names}")
+                name = names[position]
+            if name not in names:
+                raise BKNInputError(f"shape given for unknown input {name!r}; the model's inputs are {names}")
+            shapes[name] = shape
+        sets.append(shapes)
+    return sets
+
+
+def _inputs(args: argparse.Namespace, onnx_path: str) -> list[Any] | None:
+    """The loaded input sets, random ones of the given shapes / ranges / iterations, or None (run_parity's default)."""
+    from runtime.errors import BKNInputError
+    from runtime.model_io import input_sets, load_onnx, tensor_specs
+    from runtime.polygraphy_io import load_inputs
+
+    if args.load_inputs:
+        if args.input_shape or args.shape_set or args.val_range or args.iterations != 1:
+            raise BKNInputError(
+                "--load-inputs gives the inputs: drop --input-shape/--shape-set/--val-range/--iterations"
+            )
+        return list(load_inputs(args.load_inputs))
+    if not (args.input_shape or args.shape_set or args.val_range or args.iterations != 1):
         return None
-    specs, _ = tensor_specs(load_onnx(args.onnx))  # only here: run_parity loads and checks the file itself
-    shapes: dict[str, tuple[int, ...]] = {}
-    for position, (name, shape) in enumerate(args.input_shape):
-        if name is None:
-            if position >= len(specs):
-                raise BKNInputError(
-                    f"--input-shape given {len(args.input_shape)} times; the model has inputs {[s.name for s in specs]}"
-                )
-            name = specs[position].name
-        shapes[name] = shape
-    return random_inputs(specs, shapes, seed=args.seed)
+    specs, _ = tensor_specs(load_onnx(onnx_path))
+    ranges = dict(args.val_range)
+    unknown = [name for name in ranges if name is not None and name not in {s.name for s in specs}]
+    if unknown:
+        raise BKNInputError(
+            f"--val-range for unknown input(s) {unknown}; the model's inputs are {[s.name for s in specs]}"
+        )
+    return input_sets(specs, _shape_sets(args, specs), args.iterations, args.seed, ranges)
+
+
+def _saved_reference(args: argparse.Namespace) -> tuple[list[Any], str]:
+    from runtime.errors import SavedDataError
+    from runtime.polygraphy_io import load_outputs
+
+    runs = load_outputs(args.load_outputs)
+    if args.reference_runner:
+        if args.reference_runner not in runs:
+            raise SavedDataError(
+                f"--reference-runner {args.reference_runner!r}: {args.load_outputs} holds runners {sorted(runs)}"
+            )
+        name = args.reference_runner
+    elif len(runs) == 1:
+        name = next(iter(runs))
+    else:
+        raise SavedDataError(
+            f"{args.load_outputs} holds several runners {sorted(runs)}; name the reference with --reference-runner"
+        )
+    return runs[name], f"saved outputs of runner {name!r} ({args.load_outputs})"
 
 
 def _list_runtimes(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from runtime.registry import discover
@@ -121,37 +300,51 @@ def _list_runtimes(args: argparse.Namespace) -> int:
     table = Table(title="runtimes on this machine")
     for column in ("runtime", "available", "reason"):
         table.add_column(column)
-    for entry in discover(args.custom_op_library, args.plugin):
+    for entry in discover(args.custom_op_library, args.plugin, args.openvino_precision):
         state = "yes" if entry.availability.ok else ("n/a" if not entry.availability.applicable else "no")
-        table.add_row(entry.name, state, entry.availability.reason)
+        table.add_row(escape(entry.name), state, escape(entry.availability.reason))
     report_console().print(table)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list_runtimes:
-        return _list_runtimes(args)
-    from bkn_export.errors import BKNError
+    from bkn_export.commands.exit_codes import run_command
 
-    try:
-        return _run(args)
-    except BKNError as error:  # BKNInputError, CheckpointError, FactoryError, ModelFileError, ...: all bad input
-        print(f"bkn parity: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+    if args.list_runtimes:
+        return run_command("parity", lambda: _list_runtimes(args))
+    return run_command("parity", lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from bkn_export.factory import load_model
-    from runtime.compare import Tolerance
+    from runtime.compare import Criteria, Tolerance
+    from runtime.errors import BKNInputError
     from runtime.parity import run_parity
     from runtime.report import print_report, report_console, write_html, write_json
 
-    inputs = _inputs(args)
-    model = load_model(args.spec, args.checkpoint, **dict(args.factory_arg))
+    spec, onnx_path = _targets(args)
+    criteria = Criteria(args.check_error_stat, args.error_quantile, args.cosine_min, args.max_mismatch)
+    inputs = _inputs(args, onnx_path)
     tolerances = {name: Tolerance(atol, rtol) for name, atol, rtol in args.tolerance}
+    model: Any = None
+    reference_outputs = None
+    reference_name = "saved outputs"
+    if args.load_outputs:
+        if spec is not None:
+            raise BKNInputError("give a model spec or --load-outputs, not both: they are two references")
+        if inputs is None:
+            raise BKNInputError("--load-outputs needs the inputs they were computed from: add --load-inputs")
+        if args.save_outputs:
+            raise BKNInputError("--save-outputs writes the PyTorch reference; there is none with --load-outputs")
+        reference_outputs, reference_name = _saved_reference(args)
+    else:
+        from bkn_export.factory import load_model
+
+        assert spec is not None
+        model = load_model(spec, args.checkpoint, **dict(args.factory_arg))
     errors = Console(stderr=True)
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -161,16 +354,19 @@ def _run(args: argparse.Namespace) -> int:
 
         def on_event(event: str, runtime: str, index: int, total: int) -> None:
             words = {"start": "running", "skip": "skipping", "localise": "localising", "done": "done"}
-            progress.update(task, total=total, description=f"parity: {words.get(event, event)} {runtime}")
+            progress.update(task, total=total, description=f"parity: {words.get(event, event)} {escape(runtime)}")
             if event == "done":
                 progress.advance(task)
 
         report = run_parity(
-            model, args.onnx, inputs, mode=None if args.mode == "auto" else args.mode, runtimes=args.runtimes,
+            model, onnx_path, inputs, mode=None if args.mode == "auto" else args.mode, runtimes=args.runtimes,
             atol=args.atol, rtol=args.rtol, tolerances=tolerances, custom_op_libraries=args.custom_op_library,
             plugin_libraries=args.plugin, localise_failures=not args.no_localise,
-            localise_method=args.localise_method, progress=on_event,
-            seed=args.seed, model_description=f"{args.spec}" + (f" + {args.checkpoint}" if args.checkpoint else ""),
+            localise_method=args.localise_method, progress=on_event, seed=args.seed,
+            model_description=(spec or "") + (f" + {args.checkpoint}" if args.checkpoint else ""),
+            criteria=criteria, reference_outputs=reference_outputs, reference_name=reference_name,
+            openvino_precision=args.openvino_precision, save_inputs=args.save_inputs,
+            save_outputs=args.save_outputs, repro_dir=args.repro,
         )  # fmt: skip
         progress.update(task, description="parity: finished")
     print_report(report, report_console())

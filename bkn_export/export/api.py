@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
+from bkn_export.errors import OptionError
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD
 from bkn_export.export.result import ExportResult
 
@@ -24,6 +25,8 @@ def export_onnx(
     dynamic_spatial: bool = False,
     fp16: bool = False,
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
     **mode_options: Any,
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``path`` (written atomically).
@@ -31,7 +34,12 @@ def export_onnx(
     example_inputs: a tensor or a tuple of tensors (N, C, *). mode: "inference" folds
     the eval-mode BKN into the preceding Conv/Gemm; "training" exports batch statistics
     and the Kalman chain. The model's train/eval mode is left as it was found.
-    ``mode_options`` go to the mode's exporter (e.g. ``running_stats_io=True`` for training).
+    input_names / output_names: graph I/O names, the same rule in both modes (default:
+    forward()'s argument names; ``output`` or ``output_<i>``; see
+    :mod:`bkn_export.export.pipeline`). ``mode_options`` go to the mode's exporter (e.g.
+    ``running_stats_io=True`` for training). Errors follow the exit-code rule's split:
+    :class:`OptionError` / :class:`OutputWriteError` (the request), :class:`ExportError`
+    and subclasses (the model).
     """
     exporter: Callable[..., ExportResult]
     if mode == "inference":
@@ -39,7 +47,7 @@ def export_onnx(
     elif mode == "training":
         from bkn_export.export.training import export_training as exporter
     else:
-        raise ValueError(f"unknown export mode {mode!r}; choose one of {SUPPORTED_MODES}")
+        raise OptionError(f"unknown export mode {mode!r}; choose one of {SUPPORTED_MODES}")
     return exporter(
         model,
         example_inputs,
@@ -49,5 +57,7 @@ def export_onnx(
         dynamic_spatial=dynamic_spatial,
         fp16=fp16,
         external_data_threshold=external_data_threshold,
+        input_names=input_names,
+        output_names=output_names,
         **mode_options,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -9,17 +10,30 @@ import onnx
 import torch
 from torch import Tensor
 
-from bkn_export.errors import BKNError, ExportError
+from bkn_export.errors import BKNError, ExportError, OptionError
 from bkn_export.export.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 __all__ = ["check_model", "example_tuple", "resolve_opset", "run_dynamo_export"]
 
 
 def resolve_opset(opset: int | None) -> int:
-    """``opset`` or :data:`DEFAULT_OPSET`; raises :class:`ExportError` outside MIN_OPSET..MAX_OPSET."""
-    chosen = DEFAULT_OPSET if opset is None else int(opset)
+    """``opset`` or :data:`DEFAULT_OPSET`.
+
+    Raises :class:`OptionError` for a value that is not an integer (``20.7`` is refused, not
+    truncated; ``True`` too) or lies outside MIN_OPSET..MAX_OPSET.
+    """
+    if opset is None:
+        return DEFAULT_OPSET
+    try:
+        if isinstance(opset, bool):
+            raise TypeError
+        chosen = operator.index(opset)
+    except TypeError:
+        raise OptionError(
+            f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET}, got {opset!r} ({type(opset).__name__})"
+        ) from None
     if not MIN_OPSET <= chosen <= MAX_OPSET:
-        raise ExportError(
+        raise OptionError(
             f"opset {chosen} is not supported: choose {MIN_OPSET}..{MAX_OPSET} (the dynamo exporter needs >= "
             f"{MIN_OPSET}; {MAX_OPSET} is the newest the tested stack emits)"
         )

@@ -8,6 +8,7 @@ Math (:func:`bkn_export.functional.batch_kalman_norm`), per channel c of X: (N, 
 
     x̄ = mean(X),  S = mean((X - x̄)²)                       (two-pass, biased)
     p = 0 if fallback_ratio > 0 and mean_c(prior_variance / max(S, 1e-12)) ≥ fallback_ratio
+                                                            (one And of two comparisons; no NaN)
     d = x̄ - prior_mean,  q = 1 - p
     μ = prior_mean + q d,  Σ = p prior_variance + q S + p q d²
     Y = scale (X - μ) / sqrt(Σ + epsilon) + B
@@ -72,17 +73,18 @@ def onnxscript_function(opset_version: int) -> onnxscript.OnnxFunction:
         batch_variance = op.ReduceMean(op.Mul(centred, centred), axes, keepdims=0)
         batch_mean = op.Reshape(batch_mean_nc, op.Constant(value_ints=[-1]))
 
-        # The fallback threshold is NaN when fallback_ratio <= 0 (disabled: every comparison
-        # with NaN is false); it depends on attributes and constants only, so runtimes fold
-        # it when they inline the function.
+        # The fallback rule as one boolean: enabled (fallback_ratio > 0, from the attribute
+        # alone, so runtimes fold it when they inline the function) AND the ratio reached.
+        # No NaN sentinel and no comparison whose result depends on NaN semantics: engines
+        # disagree on those (OpenVINO evaluates GreaterOrEqual(x, NaN) as true).
         ratio = op.CastLike(fallback_ratio, prior_mean)
         floor = op.CastLike(op.Constant(value_float=_VARIANCE_FLOOR), prior_mean)
         zero = op.CastLike(op.Constant(value_float=0.0), prior_mean)
         one = op.CastLike(op.Constant(value_float=1.0), prior_mean)
-        disabled = op.CastLike(op.Constant(value_float=float("nan")), prior_mean)
-        threshold = op.Where(op.Greater(ratio, zero), ratio, disabled)
+        enabled = op.Greater(ratio, zero)
         mean_ratio = op.ReduceMean(op.Div(prior_variance, op.Max(batch_variance, floor)), keepdims=0)
-        p = op.Where(op.GreaterOrEqual(mean_ratio, threshold), zero, prior_weight)
+        fall_back = op.And(enabled, op.GreaterOrEqual(mean_ratio, ratio))
+        p = op.Where(fall_back, zero, prior_weight)
         q = op.Sub(one, p)
 
         innovation = op.Sub(batch_mean, prior_mean)

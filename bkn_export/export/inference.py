@@ -1,14 +1,18 @@
 """Inference export: the eval-mode computation, with every BKN folded where it can be.
 
-Pipeline (each step its own function)::
+The steps of the shared pipeline (:mod:`bkn_export.export.pipeline`), with this mode's own::
 
+    validate_request               opset, names, threshold, path (before anything slow)
     check_inference_ready          running statistics finite, variances ≥ 0, layers exportable
-    torch.onnx.export(dynamo=True) eval mode, no grad; its optimizer already folds
-                                   BatchNormalization into a preceding Conv/ConvTranspose/Gemm
+    check_finite_parameters        no NaN/Inf weight (named)
+    trace                          eval mode, no grad, torch.onnx.export(dynamo=True); its
+                                   optimizer already folds BatchNormalization into a preceding
+                                   Conv/ConvTranspose/Gemm
     apply_fold_rules               our rules (export/rules.py) fold what is left that can be
-    unfolded_normalizations        the guarantee: no normalization after a foldable op, else FoldError
+    _check_guarantee               no normalization left that a rule matches, else FoldError
     build_fold_report + metadata   module -> node, written into metadata_props as JSON
-    onnx.checker (full_check)      then an atomic write (export/io.py)
+    check_model (+ dynamic sizes)  onnx.checker full_check; verify_dynamic_spatial
+    save_onnx                      the atomic write (export/io.py)
 
 Where nothing can absorb a BKN (after an Add, a ReLU, a graph input, or an op whose
 output is also used elsewhere) it stays one ``BatchNormalization`` node in inference
@@ -25,7 +29,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +40,9 @@ from torch import Tensor, nn
 
 from bkn_export.errors import ExportError, FoldError
 from bkn_export.export.checks import check_inference_ready
-from bkn_export.export.common import check_model, example_tuple, resolve_opset, run_dynamo_export
+from bkn_export.export.common import check_model, resolve_opset
 from bkn_export.export.fold import fold
-from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, check_writable, save_model_atomic
+from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_onnx
 from bkn_export.export.metadata import (
     FOLD_KINDS,
     attach_metadata,
@@ -48,6 +52,13 @@ from bkn_export.export.metadata import (
     node_scopes,
 )
 from bkn_export.export.op_spec import DEFAULT_OPSET
+from bkn_export.export.pipeline import (
+    Traceable,
+    check_finite_parameters,
+    trace,
+    validate_request,
+    verify_dynamic_spatial,
+)
 from bkn_export.export.result import ExportResult, FoldRecord
 from bkn_export.export.rules import Leftover, apply_fold_rules, unfolded_normalizations
 
@@ -72,32 +83,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _tracing_inputs(inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[Tensor, ...]:
-    """A batch of 1 would be specialized by torch.export; trace a dynamic batch with 2 rows."""
-    if dynamic_batch:
-        return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
-    return inputs
-
-
-def _dynamic_shapes(inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_spatial: bool) -> Any:
-    if not (dynamic_batch or dynamic_spatial):
-        return None
-    batch = torch.export.Dim("batch")
-    shapes = []
-    for tensor in inputs:
-        spec: dict[int, Any] = {}
-        if dynamic_batch and tensor.dim() > 0:
-            spec[0] = batch
-        if dynamic_spatial:
-            for dim in range(2, tensor.dim()):
-                spec[dim] = torch.export.Dim.DYNAMIC
-        shapes.append(spec or None)
-    return tuple(shapes)
-
-
-def _run_exporter(
-    model: nn.Module, inputs: tuple[Tensor, ...], opset: int, dynamic_batch: bool, dynamic_spatial: bool
-) -> ir.Model:
+def _explain(model: nn.Module, opset: int, dynamic_spatial: bool) -> Callable[[Exception], str]:
     hint = " (drop dynamic_spatial / --dynamic-spatial if the model needs fixed spatial sizes)" * dynamic_spatial
 
     def explain(error: Exception) -> str:  # keep the exporter's message
@@ -106,10 +92,7 @@ def _run_exporter(
             f"{type(error).__name__}: {str(error)[:2000]}"
         )
 
-    dynamic_shapes = _dynamic_shapes(inputs, dynamic_batch, dynamic_spatial)
-    with torch.no_grad():
-        program = run_dynamo_export(model, _tracing_inputs(inputs, dynamic_batch), opset, dynamic_shapes, explain)
-    return program.model
+    return explain
 
 
 def _finish_graph(model: ir.Model) -> None:
@@ -159,57 +142,74 @@ def export_inference(
     dynamic_spatial: bool = False,
     fp16: bool = False,
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> ExportResult:
     """Export the eval-mode computation of ``model`` to ``path`` with BKN/BatchNorm folded.
 
     example_inputs: tensor or tuple of tensors (N, C, *) (any batch; values unused).
     dynamic_batch: dim 0 of every input is symbolic ("batch"); dynamic_spatial: dims
-    2.. are symbolic too. fp16: float16 weights, inputs and outputs (see FP16_TOLERANCE).
+    2.. are symbolic too, verified by running the file at two other sizes
+    (:func:`~bkn_export.export.pipeline.verify_dynamic_spatial`). fp16: float16 weights,
+    inputs and outputs (see FP16_TOLERANCE). input_names / output_names: graph I/O names
+    (default: forward()'s argument names; ``output`` or ``output_<i>``).
     The model's (and each submodule's) train/eval mode is restored afterwards.
 
     Returns an :class:`ExportResult` whose ``fold_report`` has one record per
     normalization layer: kind "conv" | "conv_transpose" | "gemm" | "matmul" (folded into
     ``target``) or "standalone" (one BatchNormalization node ``target``, with the reason)
-    or "unused". Raises :class:`InvalidStatisticsError`, :class:`UnsupportedLayerError`,
-    :class:`FoldError` (the guarantee broke) or :class:`ExportError` (exporter / write).
+    or "unused". Raises :class:`InvalidStatisticsError`, :class:`NonFiniteWeightsError`,
+    :class:`UnsupportedLayerError`, :class:`FoldError` (the guarantee broke),
+    :class:`ExportError` (exporter, checker, dynamic_spatial), :class:`OptionError` (opset,
+    threshold, names) or :class:`OutputWriteError` (the path).
     """
-    opset = resolve_opset(opset)
-    check_writable(path)  # fail before the (slow) export, not after
-    inputs = example_tuple(example_inputs)
+    request = validate_request(
+        example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial, fp16=fp16,
+        external_data_threshold=external_data_threshold, input_names=input_names, output_names=output_names,
+    )  # fmt: skip
     normalizations = [name for name, _ in check_inference_ready(model)]
+    check_finite_parameters(model)
     torch_report: list[FoldRecord] = []
-    with eval_mode(model):
-        if fp16:
-            target, torch_report = _fp16_model(model, inputs)
-            export_inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
+    explain = _explain(model, request.opset, request.dynamic_spatial)
+    with eval_mode(model), torch.no_grad():
+        if request.fp16:
+            target, torch_report = _fp16_model(model, request.inputs)
+            inputs = tuple(t.half() if t.is_floating_point() else t for t in request.inputs)
         else:
-            target, export_inputs = model, inputs
-        graph_model = _run_exporter(target, export_inputs, opset, dynamic_batch, dynamic_spatial)
-    _finish_graph(graph_model)
-    leftovers = _check_guarantee(graph_model, normalizations)
-    folded_in_torch = {record.module for record in torch_report if record.target is not None}
-    report = _records_for_torch_folds(graph_model, torch_report) + build_fold_report(
-        graph_model.graph, [n for n in normalizations if n not in folded_in_torch], leftovers
-    )
-    order = {name: index for index, name in enumerate(normalizations)}
-    report.sort(key=lambda record: order.get(record.module, len(order)))
-    proto = ir.serde.serialize_model(graph_model)
-    metadata = attach_metadata(
-        proto,
-        {
-            **export_metadata("inference", opset, fp16, dynamic_batch, dynamic_spatial),
-            "fold_report": fold_report_json(report),
-        },
-    )
-    check_model(proto, f"the inference export for {os.fspath(path)}")
-    written = save_model_atomic(proto, path, external_data_threshold=external_data_threshold)
+            target, inputs = model, request.inputs
+        traceable = Traceable(module=target, model=model, inputs=inputs)
+        traced = trace(traceable, request, explain)
+        graph_model = traced.program.model
+        _finish_graph(graph_model)
+        leftovers = _check_guarantee(graph_model, normalizations)
+        folded_in_torch = {record.module for record in torch_report if record.target is not None}
+        report = _records_for_torch_folds(graph_model, torch_report) + build_fold_report(
+            graph_model.graph, [n for n in normalizations if n not in folded_in_torch], leftovers
+        )
+        order = {name: index for index, name in enumerate(normalizations)}
+        report.sort(key=lambda record: order.get(record.module, len(order)))
+        proto = ir.serde.serialize_model(graph_model)
+        metadata = attach_metadata(
+            proto,
+            {
+                **export_metadata("inference", request.opset, request.fp16, request.dynamic_batch, dynamic_spatial),
+                "fold_report": fold_report_json(report),
+            },
+        )
+        check_model(proto, f"the inference export for {os.fspath(path)}")
+        checked_sizes = verify_dynamic_spatial(proto, traceable, traced) if request.dynamic_spatial else []
+    written = save_onnx(proto, path, external_data_threshold=request.external_data_threshold)
     return ExportResult(
         path=Path(written),
-        opset=opset,
+        opset=request.opset,
         mode="inference",
         fold_report=report,
         metadata=metadata,
-        extra={"standalone": [leftover.node for leftover in leftovers], "fp16": fp16},
+        extra={
+            "standalone": [leftover.node for leftover in leftovers],
+            "fp16": request.fp16,
+            "dynamic_spatial_checked": checked_sizes,
+        },
     )
 
 

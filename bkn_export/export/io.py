@@ -1,38 +1,69 @@
-"""Atomic ONNX writes: temporary files beside the target, then ``os.replace``.
+"""``save_onnx``: the one writer of ONNX files, atomic for the model and its external data as a pair.
 
-A reader never sees a half-written model: the model (and its external-data file, if
-any) are written in full under unique temporary names in the target's directory,
-flushed to disk, and renamed over the targets (data first, then the model that refers
-to it). On any failure the temporaries are removed and :class:`ExportError` names the
-path; an existing target is left as it was.
+A reader (or a concurrent writer) never gets a model with another write's data:
 
-External data: when the model's tensors hold more than ``external_data_threshold``
-bytes (protobuf cannot hold more than 2 GiB in one file), every tensor of at least
-1 KiB is stored (smaller ones, such as shape constants that runtimes must read while
-building a session, always stay inline, as ``onnx.save``'s default does) in ``<model file name>.data`` beside the
-model, each at a 4 KiB-aligned offset, as ONNX external data (``location`` relative to
-the model's directory).
+1. When the model's tensors hold more than ``external_data_threshold`` bytes (protobuf
+   cannot hold more than 2 GiB in one file), every tensor of at least 1 KiB (smaller
+   ones, such as shape constants that runtimes must read while building a session, stay
+   inline, as ``onnx.save`` does) goes to a data file under a name **unique to this
+   write**, ``<model file name>.<pid>-<random>.data`` (e.g. ``model.onnx.4242-9f3a1c0b2e7d.data``),
+   each tensor at a 4 KiB-aligned offset, recorded as ONNX external data with a
+   ``location`` relative to the model's directory. The data file is fsync-ed in full before
+   anything refers to it.
+2. The model is written through :func:`bkn_export.atomic.atomic_writer` (a temporary
+   beside it, fsync, ``os.replace``): renaming it into place is the single step that
+   publishes the new pair.
+3. Then the data files of earlier writes that the model now at the path does not refer
+   to are removed (no stale ``.data``, also after an export without external data),
+   except those of a writer process that is still alive (it may be about to publish its
+   own pair) — they go on a later write, once that process has ended. The old fixed name
+   ``<model>.data`` of earlier versions is removed the same way.
+
+A reader that opened the old model just before step 3 may then fail loudly on a missing
+data file (re-open the path); it never reads one write's model with another's data.
+Writers in one process are serialised by a lock. A writer killed mid-write leaves a
+temporary model (``.<name>.<pid>-<random>.tmp``) and possibly an unreferenced data file;
+the next write to the same path removes both (their PID is dead). The data file gets the
+permission bits of the model it accompanies (a replaced model's mode, else 0666 & ~umask).
+Errors: :class:`~bkn_export.errors.OutputWriteError` (path + reason; a full disk, a
+read-only directory, a directory in the way) — the file at the path is then unchanged and
+nothing of this write is left; :class:`~bkn_export.errors.OptionError` for a negative or
+non-integer threshold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import re
+import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 from onnx.external_data_helper import set_external_data
 
-from bkn_export.errors import ExportError
+from bkn_export.atomic import atomic_writer, check_writable, existing_mode, new_file, pid_alive
+from bkn_export.errors import OptionError
 
-__all__ = ["DEFAULT_EXTERNAL_DATA_THRESHOLD", "check_writable", "model_tensors", "save_model_atomic", "tensor_bytes"]
+__all__ = [
+    "DEFAULT_EXTERNAL_DATA_THRESHOLD",
+    "check_external_data_threshold",
+    "check_writable",
+    "data_file_name",
+    "model_tensors",
+    "save_onnx",
+    "tensor_bytes",
+]
 
 #: Models whose tensors exceed this many bytes are saved with external data.
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 #: Tensors smaller than this stay inline even in an external-data model (as onnx does).
 _INLINE_TENSOR_BYTES = 1024
 _ALIGNMENT = 4096
+_SAVE_LOCK = threading.Lock()
 
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -64,87 +95,110 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(tensor.raw_data) for tensor in model_tensors(model))
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+def check_external_data_threshold(threshold: object) -> int:
+    """``threshold`` if it is an int >= 0 (bytes), else :class:`OptionError` saying what is expected."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise OptionError(
+            f"external_data_threshold must be a whole number of bytes >= 0 (0 puts every tensor of 1 KiB or "
+            f"more in the data file), got {threshold!r}"
+        )
+    return threshold
 
 
-def _externalize(model: onnx.ModelProto, data_name: str, data_path: Path, min_bytes: int) -> None:
-    """Move large raw tensors of ``model`` (a copy) into ``data_path``, recorded as ``data_name``."""
-    with open(data_path, "wb") as handle:
-        offset = 0
-        for tensor in model_tensors(model):
-            if len(tensor.raw_data) < min_bytes or tensor.data_location == onnx.TensorProto.EXTERNAL:
-                continue
-            padding = (-offset) % _ALIGNMENT
-            handle.write(b"\0" * padding)
-            offset += padding
-            raw = tensor.raw_data
-            handle.write(raw)
-            set_external_data(tensor, location=data_name, offset=offset, length=len(raw))
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            tensor.ClearField("raw_data")
-            offset += len(raw)
-        handle.flush()
-        os.fsync(handle.fileno())
+def data_file_name(model_name: str) -> str:
+    """A data file name unique to one write of ``model_name``: ``<model_name>.<pid>-<random>.data``."""
+    return f"{model_name}.{os.getpid()}-{secrets.token_hex(6)}.data"
 
 
-def _temporary(directory: Path, name: str) -> Path:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    return Path(tmp_name)
+def _data_pattern(model_name: str) -> re.Pattern[str]:
+    """Data files of ``model_name``: this version's unique names, and the fixed ``<name>.data`` of earlier ones."""
+    return re.compile(rf"{re.escape(model_name)}\.(?:(?P<pid>\d+)-[0-9a-f]+\.)?data")
 
 
-def check_writable(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a Path if a file can be created there, else :class:`ExportError` naming it."""
-    target = Path(path)
-    directory = target.parent
-    if not directory.is_dir():
-        raise ExportError(f"cannot write {target}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ExportError(f"cannot write {target}: directory {directory} is not writable")
-    if target.is_dir():
-        raise ExportError(f"cannot write {target}: it is a directory; give a file name such as model.onnx")
-    return target
+def _externalize(model: onnx.ModelProto, data_name: str, handle: BinaryIO, min_bytes: int) -> None:
+    """Move ``model``'s (a copy's) raw tensors of ``min_bytes`` or more into ``handle``, recorded as ``data_name``."""
+    offset = 0
+    for tensor in model_tensors(model):
+        if len(tensor.raw_data) < min_bytes or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        padding = (-offset) % _ALIGNMENT
+        handle.write(b"\0" * padding)
+        offset += padding
+        raw = tensor.raw_data
+        handle.write(raw)
+        set_external_data(tensor, location=data_name, offset=offset, length=len(raw))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.ClearField("raw_data")
+        offset += len(raw)
 
 
-def save_model_atomic(
-    model: onnx.ModelProto, path: str | os.PathLike[str], external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD
-) -> Path:
-    """Write ``model`` to ``path`` so that readers see either the old file or the whole new one.
-
-    Above ``external_data_threshold`` bytes of tensors, tensors go to ``<name>.data``
-    beside the model (see the module docstring). ``model`` itself is not modified.
-    Raises :class:`ExportError` naming the path when its directory is missing or not
-    writable, or when writing fails; no temporary file is left behind.
-    """
-    if external_data_threshold < 0:
-        raise ValueError(f"external_data_threshold must be >= 0, got {external_data_threshold}")
-    target = check_writable(path)
-    directory = target.parent
-    external = tensor_bytes(model) > external_data_threshold
-    data_name = target.name + ".data"
-    temporaries: list[Path] = []
+def _referenced_locations(path: Path) -> set[str] | None:
+    """The external-data locations the model file at ``path`` refers to; None if it cannot be read."""
     try:
-        tmp_model = _temporary(directory, target.name)
-        temporaries.append(tmp_model)
-        to_save = model
-        if external:
-            tmp_data = _temporary(directory, data_name)
-            temporaries.append(tmp_data)
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # whatever is at the path now: do not delete what it may use
+        return None
+    locations: set[str] = set()
+    for tensor in model_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    return locations
+
+
+def _remove_unreferenced_data(target: Path) -> list[Path]:
+    """Remove data files of ``target`` that its current model does not use and no live writer may publish."""
+    referenced = _referenced_locations(target)
+    if referenced is None:
+        return []
+    pattern = _data_pattern(target.name)
+    own = os.getpid()
+    removed: list[Path] = []
+    for entry in target.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or entry.name in referenced:
+            continue
+        pid = int(match["pid"]) if match["pid"] else None
+        if pid is not None and pid != own and pid_alive(pid):
+            continue  # another live writer may rename its model (referring to it) next
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def save_onnx(
+    model_proto: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+) -> Path:
+    """Write ``model_proto`` to ``path``: readers see the old model with its data, or the new one with its own.
+
+    Above ``external_data_threshold`` bytes of tensors (strictly), tensors of 1 KiB or more
+    go to ``<name>.<pid>-<random>.data`` beside the model (see the module docstring for the
+    protocol, permissions and cleanup). ``model_proto`` itself is not modified. Returns the
+    path. Raises :class:`OutputWriteError` (nothing written, the old file kept) or
+    :class:`OptionError` (bad threshold).
+    """
+    threshold = check_external_data_threshold(external_data_threshold)
+    target = check_writable(path)
+    with _SAVE_LOCK:
+        to_save = model_proto
+        data_path: Path | None = None
+        if tensor_bytes(model_proto) > threshold:
+            data_name = data_file_name(target.name)
+            data_path = target.parent / data_name
             to_save = onnx.ModelProto()
-            to_save.CopyFrom(model)
-            _externalize(to_save, data_name, tmp_data, _INLINE_TENSOR_BYTES)
-        _fsync_write(tmp_model, to_save.SerializeToString())
-        if external:
-            os.replace(tmp_data, directory / data_name)
-        os.replace(tmp_model, target)
-    except (OSError, ValueError) as error:
-        raise ExportError(f"cannot write {target}: {error}") from error
-    finally:
-        for leftover in temporaries:
-            if leftover.exists():
-                leftover.unlink()
+            to_save.CopyFrom(model_proto)
+            with new_file(data_path, existing_mode(target), label=f"{target} (external data {data_name})") as handle:
+                _externalize(to_save, data_name, handle, _INLINE_TENSOR_BYTES)
+        try:
+            with atomic_writer(target) as handle:
+                handle.write(to_save.SerializeToString())
+        except BaseException:
+            if data_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    data_path.unlink()
+            raise
+        _remove_unreferenced_data(target)
     return target

@@ -41,11 +41,20 @@ import torch
 from torch import Tensor, nn
 
 from bkn_export import functional as Fk
+from bkn_export.chain.observe import observe
+from bkn_export.chain.scope import Observation, Published
 from bkn_export.errors import BKNInputError, ExportError, ModelFileError
 from bkn_export.export import function_body, op_spec, schema
-from bkn_export.export.common import check_model, example_tuple, resolve_opset, run_dynamo_export
-from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, check_writable, save_model_atomic
+from bkn_export.export.common import check_model
+from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_onnx
 from bkn_export.export.metadata import attach_metadata, export_metadata, parse_name_scopes
+from bkn_export.export.pipeline import (
+    Traceable,
+    check_finite_parameters,
+    trace,
+    validate_request,
+    verify_dynamic_spatial,
+)
 from bkn_export.export.result import ExportResult
 from bkn_export.nn import _BatchKalmanNorm
 
@@ -73,15 +82,6 @@ RUNNING_VAR_SUFFIX = ".running_var"
 UPDATED_SUFFIX = "_out"
 POSTERIOR_MEAN_SUFFIX = ".posterior_mean"
 POSTERIOR_VARIANCE_SUFFIX = ".posterior_variance"
-
-
-@dataclass
-class _Step:
-    """What one BKN layer produced during a traced forward pass."""
-
-    posterior_mean: Tensor
-    posterior_variance: Tensor
-    count: Any  # int, or a SymInt while tracing with dynamic shapes
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,8 @@ class _TrainingGraph(nn.Module):
 
     forward(*inputs, *[r_μ, r_Σ] per layer in ``running_stats``) -> (*model outputs,
     *[r_μ', r_Σ'] per layer in ``running_stats``, *[μ_{k|k}, Σ_{k|k}] per layer if
-    ``expose_posteriors``).
+    ``expose_posteriors``). Posteriors and element counts are read from the chain's
+    observer (:func:`bkn_export.chain.observe`) of this call: no layer is patched.
     """
 
     def __init__(
@@ -180,31 +181,15 @@ class _TrainingGraph(nn.Module):
         self._layers = dict(layers)
         self.running_stats = list(running_stats)
         self.expose_posteriors = expose_posteriors
-        self._steps: dict[str, _Step] = {}
-        for name, layer in layers:
-            self._record_steps(name, layer)
-
-    def _record_steps(self, name: str, layer: _BatchKalmanNorm) -> None:
-        # The instance attribute shadows the method on this (deep-copied) layer only.
-        original = layer._kalman_step
-        steps = self._steps
-
-        def kalman_step(
-            x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor
-        ) -> tuple[Tensor, Tensor, Tensor, Any]:
-            y, posterior_mean, posterior_variance, count = original(x, prior_mean, prior_variance, prior_weight)
-            steps[name] = _Step(posterior_mean, posterior_variance, count)
-            return y, posterior_mean, posterior_variance, count
-
-        layer._kalman_step = kalman_step  # type: ignore[method-assign]
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         inputs, stats = args[: self.num_inputs], args[self.num_inputs :]
-        self._steps.clear()
-        outputs = self.model(*inputs)
+        with observe(self.model) as observer:
+            outputs = self.model(*inputs)
+        steps = observer.observations
         flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
         for i, name in enumerate(self.running_stats):
-            step = self._step(name)
+            step = self._step(steps, name)
             layer = self._layers[name]
             assert layer.momentum is not None
             flat.extend(
@@ -219,17 +204,18 @@ class _TrainingGraph(nn.Module):
             )
         if self.expose_posteriors:
             for name in self.layer_names:
-                step = self._step(name)
+                step = self._step(steps, name)
                 flat.extend((step.posterior_mean, step.posterior_variance))
         return tuple(flat)
 
-    def _step(self, name: str) -> _Step:
-        if name not in self._steps:
+    @staticmethod
+    def _step(steps: Mapping[str, Observation], name: str) -> Published:
+        if name not in steps:
             raise ExportError(
                 f"BKN layer '{name}' did not run on the example inputs, so its running statistics and "
                 "posterior cannot be graph outputs; export with example inputs that reach every BKN layer"
             )
-        return self._steps[name]
+        return steps[name].published
 
 
 # --------------------------------------------------------------------------- export
@@ -237,7 +223,7 @@ class _TrainingGraph(nn.Module):
 
 def _check_layers(layers: Sequence[tuple[str, _BatchKalmanNorm]], running_stats_io: bool) -> None:
     for name, layer in layers:
-        if layer.has_predecessor and layer.link.transition == "sampled":
+        if layer.chain is not None and layer.chain.transition == "sampled":
             raise ExportError(
                 f"BKN layer '{name}' uses transition='sampled', a Monte Carlo prediction that draws new noise on "
                 "every call; a training-mode graph would bake one draw in (or need a random op no plugin "
@@ -250,14 +236,6 @@ def _check_layers(layers: Sequence[tuple[str, _BatchKalmanNorm]], running_stats_
                 f"BKN layer '{name}' has momentum=None (cumulative moving average), whose factor depends on "
                 "num_batches_tracked; running_stats_io supports a fixed momentum: set layer.momentum (e.g. 0.1)"
             )
-
-
-def _widen_dynamic_dims(t: Tensor, dims: Sequence[int]) -> Tensor:
-    """Repeat size-1 dims that are to be dynamic (torch.export specialises size 1)."""
-    for d in dims:
-        if t.shape[d] == 1:
-            t = torch.cat([t, t], dim=d)
-    return t
 
 
 def export_training(
@@ -279,27 +257,33 @@ def export_training(
 
     example_inputs: a tensor or tuple of tensors (N, C, *), N ≥ 1. opset: default-domain
     opset in [op_spec.MIN_OPSET, op_spec.MAX_OPSET] (None: :data:`DEFAULT_OPSET`).
-    dynamic_batch / dynamic_spatial: dim 0 / dims 2.. of every input symbolic. fp16: the
-    model and inputs in float16 (statistics stay float32: the op's type U).
+    dynamic_batch / dynamic_spatial: dim 0 / dims 2.. of every input symbolic (dynamic_spatial
+    is verified by running the file at two other sizes). fp16: the model and inputs in
+    float16 (statistics stay float32: the op's type U).
     running_stats_io: running statistics as graph inputs and their updates as outputs
     (see the module doc). expose_posteriors: every layer's μ_{k|k}, Σ_{k|k} as extra
     outputs ``<layer>.posterior_mean`` / ``<layer>.posterior_variance`` (parity, debugging).
-    input_names / output_names: names of the model's own inputs / outputs.
+    input_names / output_names: names of the model's own inputs / outputs (default, as in
+    inference mode: forward()'s argument names; ``output`` or ``output_<i>``).
 
     ``model`` itself is not changed: the export works on a deep copy, so its train/eval
     mode and its buffers (running statistics, num_batches_tracked) stay as they were.
-    Raises :class:`ExportError` for a ``sampled`` transition, an empty example batch, an
-    opset out of range, or a chain whose shapes do not fit the example inputs.
+    Raises :class:`ExportError` for a ``sampled`` transition, an empty example batch, or a
+    chain whose shapes do not fit the example inputs; :class:`NonFiniteWeightsError`;
+    :class:`OptionError` (opset, threshold, names); :class:`OutputWriteError` (the path).
     """
-    opset = resolve_opset(opset)
-    check_writable(path)  # fail before the (slow) export, not after
-    inputs = example_tuple(example_inputs)
+    request = validate_request(
+        example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial, fp16=fp16,
+        external_data_threshold=external_data_threshold, input_names=input_names, output_names=output_names,
+    )  # fmt: skip
+    inputs = request.inputs
     for i, t in enumerate(inputs):
         if t.dim() < 2 or t.shape[0] == 0 or t.numel() == 0:
             raise ExportError(
                 f"export_training: example input {i} has shape {tuple(t.shape)}; BKN needs a non-empty batch "
                 "(N, C, *) with N >= 1 to trace batch statistics"
             )
+    check_finite_parameters(model)
     work = copy.deepcopy(model)
     work.eval()
     layers = [(name, m) for name, m in work.named_modules() if isinstance(m, _BatchKalmanNorm)]
@@ -314,7 +298,7 @@ def export_training(
         layer.train()
         # The traced graph must not mutate buffers; updates are explicit outputs instead.
         layer.track_running_stats = False
-    if fp16:
+    if request.fp16:
         work = work.half()
         inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
     stat_inputs: list[Tensor] = []
@@ -323,78 +307,40 @@ def export_training(
         layer = by_name[name]
         assert layer.running_mean is not None and layer.running_var is not None
         stat_inputs += [layer.running_mean.detach().clone(), layer.running_var.detach().clone()]
-    graph = _TrainingGraph(work, len(inputs), layers, tracked, expose_posteriors)
-
-    dynamic_dims = [[0] if dynamic_batch else [] for _ in inputs]
-    if dynamic_spatial:
-        dynamic_dims = [dims + list(range(2, t.dim())) for dims, t in zip(dynamic_dims, inputs)]
-    traced_inputs = tuple(_widen_dynamic_dims(t, dims) for t, dims in zip(inputs, dynamic_dims))
-    dynamic_shapes: tuple[Any, ...] | None = None
-    if dynamic_batch or dynamic_spatial:
-        batch = torch.export.Dim("batch", min=1)
-        dynamic_shapes = tuple(
-            {d: batch if d == 0 else torch.export.Dim(f"input{i}_dim{d}", min=1) for d in dims}
-            for i, dims in enumerate(dynamic_dims)
-        ) + tuple(None for _ in stat_inputs)
-        dynamic_shapes = (dynamic_shapes,)  # forward(*args): one entry holding every positional input
-
-    names_in = list(input_names) if input_names is not None else [f"input_{i}" for i in range(len(inputs))]
-    if len(inputs) == 1 and input_names is None:
-        names_in = ["input"]
-    for name in tracked:
-        names_in += running_stat_names(name)[:2]
-    names_out = _output_names(graph, traced_inputs, stat_inputs, output_names)
+    extra_outputs = [running_stat_names(name)[2 + i] for name in tracked for i in range(2)]
+    if expose_posteriors:
+        suffixes = (POSTERIOR_MEAN_SUFFIX, POSTERIOR_VARIANCE_SUFFIX)
+        extra_outputs += [name + suffix for name, _ in layers for suffix in suffixes]
+    traceable = Traceable(
+        module=_TrainingGraph(work, len(inputs), layers, tracked, expose_posteriors),
+        model=model,
+        inputs=inputs,
+        extra_inputs=tuple(stat_inputs),
+        extra_input_names=tuple(n for name in tracked for n in running_stat_names(name)[:2]),
+        extra_output_names=tuple(extra_outputs),
+        options={"custom_translation_table": translation_table()},
+    )
     with warnings.catch_warnings():
         # Training mode is the point of this export; the exporter's reminder is noise here.
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-        program = run_dynamo_export(
-            graph,
-            (*traced_inputs, *stat_inputs),
-            opset,
-            dynamic_shapes,
-            _explain_export_failure,
-            input_names=names_in,
-            output_names=names_out,
-            custom_translation_table=translation_table(),
-        )
-    proto = program.model_proto
+        traced = trace(traceable, request, _explain_export_failure)
+    proto = traced.program.model_proto
     attach_function(proto)
     node_layers = _name_nodes(proto)
     info = TrainingGraphInfo(tuple(node_layers), tuple(tracked), expose_posteriors)
-    metadata = attach_metadata(proto, _metadata(info, opset, fp16, dynamic_batch, dynamic_spatial))
-    check_model(proto, "export_training: the exported graph")
-    target = save_model_atomic(proto, path, external_data_threshold)
-    return ExportResult(path=Path(target), opset=opset, mode="training", metadata=metadata, extra={"graph": info})
-
-
-def _output_names(
-    graph: _TrainingGraph, inputs: tuple[Tensor, ...], stats: list[Tensor], names: Sequence[str] | None
-) -> list[str]:
-    """Names of every graph output: the model's (given or output_i), then running stats, then posteriors."""
-    try:
-        with torch.no_grad():  # an eager run first: model errors read better than the exporter's
-            num_outputs = len(graph(*inputs, *stats)) - 2 * len(graph.running_stats)
-    except ExportError:
-        raise
-    except Exception as error:
-        raise ExportError(_explain_export_failure(error)) from error
-    if graph.expose_posteriors:
-        num_outputs -= 2 * len(graph.layer_names)
-    if names is not None and len(names) != num_outputs:
-        raise ExportError(
-            f"export_training: output_names has {len(names)} names but the model has {num_outputs} outputs"
-        )
-    result = (
-        list(names)
-        if names is not None
-        else (["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)])
+    metadata = attach_metadata(
+        proto, _metadata(info, request.opset, request.fp16, request.dynamic_batch, request.dynamic_spatial)
     )
-    for name in graph.running_stats:
-        result += running_stat_names(name)[2:]
-    if graph.expose_posteriors:
-        for name in graph.layer_names:
-            result += [name + POSTERIOR_MEAN_SUFFIX, name + POSTERIOR_VARIANCE_SUFFIX]
-    return result
+    check_model(proto, "export_training: the exported graph")
+    checked_sizes = verify_dynamic_spatial(proto, traceable, traced) if request.dynamic_spatial else []
+    target = save_onnx(proto, path, external_data_threshold=request.external_data_threshold)
+    return ExportResult(
+        path=Path(target),
+        opset=request.opset,
+        mode="training",
+        metadata=metadata,
+        extra={"graph": info, "dynamic_spatial_checked": checked_sizes},
+    )
 
 
 def _explain_export_failure(error: Exception) -> str:

@@ -1,8 +1,14 @@
-"""Fused Triton kernels for BKN: the CUDA implementation of ``torch.ops.bkn.*``.
+"""Fused Triton kernels for BKN training: plain launchers for CUDA tensors.
 
-Importing this package (``bkn_export.ops`` does) registers the kernels for CUDA
-tensors when Triton is installed and a CUDA device is visible; ``REGISTERED`` says
-whether it did. Triton itself is imported only on the first CUDA call.
+This package registers nothing. :mod:`bkn_export.ops` makes it the CUDA implementation
+of ``torch.ops.bkn.batch_kalman_norm`` and its backward: inputs that
+:func:`uses_kernels` accepts go to :func:`launchers`' forward and backward, any other
+input to the functional reference (the fallback lives in ``ops``, beside the CPU one).
+
+Importing this package does not import Triton. The kernel modules are imported on the
+first call of :func:`launchers`, so ``import bkn_export`` stays fast and never fails for
+want of Triton, and a broken Triton install warns once and leaves CUDA on the reference.
+Nothing here imports from ``bkn_export`` beyond ``kernels.layout`` and ``errors``.
 
 Modules, in reading order:
 
@@ -10,21 +16,80 @@ Modules, in reading order:
   (the block sizes, as named constants with the reason for each).
 * ``common``: Triton helpers shared by both directions (Chan's merge of moments, the
   Kalman update, the fallback rule).
-* ``forward``: train-mode forward kernels and launcher.
-* ``backward``: backward kernels and launcher.
-* ``inference``: eval-mode forward launcher.
-* ``registration``: which inputs take the kernels, and the ``torch.library`` wiring.
-* ``interpreter``: run the launchers under ``TRITON_INTERPRET=1`` in a child process
-  (how the CPU tests exercise the kernels).
+* ``forward``: train-mode forward kernels and their launcher.
+* ``backward``: backward kernels and their launcher.
 
-See docs/kernels.md for the design, numerics and how to benchmark.
+See docs/kernels.md for the design, numerics and how to test and benchmark.
 """
 
 from __future__ import annotations
 
-from bkn_export.kernels.registration import DISABLE_ENV, SUPPORTED_DTYPES, register, triton_installed, uses_kernels
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
-__all__ = ["DISABLE_ENV", "REGISTERED", "SUPPORTED_DTYPES", "register", "triton_installed", "uses_kernels"]
+import torch
+from torch import Tensor
 
-#: True when the CUDA kernels were registered at import.
-REGISTERED: bool = register()
+from bkn_export.kernels.layout import MAX_ELEMENTS
+
+__all__ = ["DISABLE_ENV", "SUPPORTED_DTYPES", "Launchers", "launchers", "triton_installed", "uses_kernels"]
+
+#: Input dtypes with a Triton path (statistics always accumulate in float32).
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Set to "1" to run the PyTorch reference on CUDA instead (debugging, A/B timing).
+DISABLE_ENV = "BKN_DISABLE_TRITON"
+
+
+class Launchers(NamedTuple):
+    """The two launchers (``forward.batch_kalman_norm_forward``, ``backward.batch_kalman_norm_backward``).
+
+    Each takes the flat arguments of its op's schema, plus an optional ``single_program``.
+    """
+
+    forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]
+
+
+def triton_installed() -> bool:
+    """True when the ``triton`` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def launchers() -> Launchers | None:
+    """The Triton launchers, imported on first use; None (with one warning) when Triton cannot be imported."""
+    try:
+        from bkn_export.kernels.backward import batch_kalman_norm_backward
+        from bkn_export.kernels.forward import batch_kalman_norm_forward
+    except ImportError as error:
+        warnings.warn(
+            f"bkn_export.kernels: Triton could not be imported ({error}); BKN on CUDA runs the PyTorch "
+            "reference. Reinstall a Triton that matches your torch to get the fused kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return Launchers(batch_kalman_norm_forward, batch_kalman_norm_backward)
+
+
+def uses_kernels(x: Tensor) -> bool:
+    """Whether a call with input ``x: (N, C, *)`` runs the Triton kernels.
+
+    Only CUDA tensors of a supported dtype with 1 to 2³¹ - 1 elements (the kernels index
+    with 32 bits; an empty batch goes to the reference so that its error message matches
+    the CPU path's), while ``BKN_DISABLE_TRITON`` is not "1" and Triton imports.
+    """
+    return (
+        x.is_cuda
+        and x.dtype in SUPPORTED_DTYPES
+        and x.dim() >= 2
+        and 0 < x.numel() <= MAX_ELEMENTS
+        and os.environ.get(DISABLE_ENV, "0") != "1"
+        and triton_installed()
+        and launchers() is not None
+    )

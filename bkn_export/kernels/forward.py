@@ -17,8 +17,7 @@ Three passes, as three kernels read top to bottom:
    channels, so with ``fallback_ratio > 0`` it stores (x̄, S) and
    ``_forward_fallback_kernel`` applies the rule and the update.
 3. ``_normalize_kernel`` (grid: row tiles x channel blocks) writes y; it computes the
-   per-channel affine from (μ, Σ, γ, β) in each program, so it also serves the
-   inference forward (``bkn_export.kernels.inference``).
+   per-channel affine from (μ, Σ, γ, β) in each program.
 
 Small channels (n ≤ SINGLE_PROGRAM_MAX_COUNT, no fallback rule) take one launch instead:
 ``_single_program_forward_kernel`` gives each channel block one program that streams
@@ -56,7 +55,7 @@ from bkn_export.kernels.layout import (
     working_tensor,
 )
 
-__all__ = ["batch_kalman_norm_forward", "normalize_into"]
+__all__ = ["batch_kalman_norm_forward"]
 
 
 @triton.jit
@@ -408,7 +407,7 @@ def _single_program_forward_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-def normalize_into(
+def _launch_normalize(
     x: Tensor,
     y: Tensor,
     view: ChannelView,
@@ -566,5 +565,5 @@ def batch_kalman_norm_forward(
             num_warps=NUM_WARPS,
         )
 
-    normalize_into(x_work, y_work, view, tiling, posterior_mean, posterior_variance, weight32, bias32, eps)
+    _launch_normalize(x_work, y_work, view, tiling, posterior_mean, posterior_variance, weight32, bias32, eps)
     return restore_layout(y_work, x, x_work), posterior_mean, posterior_variance

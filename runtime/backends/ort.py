@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bkn_export.errors import RuntimeLoadError
 from runtime.backends.base import Availability, Backend
+from runtime.errors import RuntimeLoadError
 
 __all__ = ["NOT_COMPUTE_PROVIDERS", "OPTIMIZATION_LEVELS", "OnnxRuntimeBackend", "provider_short_name"]
 

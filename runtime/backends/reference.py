@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from bkn_export.errors import RuntimeLoadError
 from runtime.backends.base import Availability, Backend
+from runtime.errors import RuntimeLoadError
 
 __all__ = ["ReferenceEvaluatorBackend"]
 

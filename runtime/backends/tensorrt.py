@@ -1,42 +1,53 @@
-"""TensorRT backend: build an engine from the ONNX file with TensorRT's Python API, run it.
+"""TensorRT backend on Polygraphy's loaders, with the ``BatchKalmanNorm`` plugin.
 
-``BatchKalmanNorm`` nodes run as the plugin in ``plugins/tensorrt/``: ``load`` loads the
-plugin library through TensorRT's plugin registry (``IPluginRegistry.load_library``),
-hands the parser the model prepared by
-:func:`bkn_export.tensorrt_plugin.prepare_model_for_plugin` (the op's local function
-removed, so the parser cannot fall back to the function body), and checks that every
-BKN node became a plugin layer before building. The engine has one optimization
-profile: dynamic batch dims span ``1..max_batch`` (other dynamic dims need
-``profile_shapes``). Buffers live in torch CUDA tensors; the engine runs on torch's
-current stream.
+The engine is built by Polygraphy's maintained loader chain, the one every TensorRT user's
+``polygraphy run --trt`` goes through::
 
-Typed against ``tensorrt-stubs`` 10.13. Where TensorRT 11 differs for what is used here:
+    LoadPlugins(plugins=[...], obj=
+        EngineFromNetwork(
+            PostprocessNetwork(NetworkFromOnnxBytes(model bytes, strongly_typed=True), check_plugin_layers),
+            config=CreateConfig(profiles=[Profile], memory_pool_limits={WORKSPACE: ...})))
+    TrtRunner(engine).infer(feed)
 
-* networks are always strongly typed in 11 (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
-  is deprecated there but still accepted); in 10.x we set it so that float16 models run
-  in the precisions the ONNX file states, as in 11. ``BuilderFlag.FP16/BF16/INT8`` and
-  ``EXPLICIT_BATCH`` no longer exist in 11; this backend uses none of them.
-* ``OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` exists from 10.15 on (not in the 10.13 stubs);
-  it is not needed: see :mod:`bkn_export.tensorrt_plugin` for how the parser picks the plugin.
-* ``load_library``, ``execute_async_v3``, ``set_input_shape``, ``set_tensor_address``,
-  ``get_tensor_profile_shape`` have the same signatures in 10.x and 11.x.
+What is ours around it:
+
+* **The plugin is chosen.** A model with ``ai.bkn::BatchKalmanNorm`` nodes is handed to
+  the parser as :func:`runtime._bkn.prepare_model_for_plugin` makes it (the op's local
+  function removed), so no parser version can fall back to the function body.
+* **One plugin layer per node**, checked on the parsed network before the build
+  (``PostprocessNetwork``); otherwise :class:`RuntimeLoadError`.
+* **Plugin libraries.** ``LoadPlugins`` ``dlopen``\\ s each library (a library with a
+  static registrar registers its creator then, as ``polygraphy run --plugins`` does); a
+  library that exports ``getCreators`` (our ``libbkn_tensorrt_plugin.so``) is also handed
+  to ``IPluginRegistry.load_library``, which is how TensorRT reads such libraries. When
+  the model needs our plugin and no library gave its creator,
+  :func:`runtime._bkn.find_plugin_library` finds ours.
+* **One optimization profile**: dynamic batch dims span ``1..max_batch``; other dynamic
+  dims need ``profile_shapes``.
+
+Typed against ``tensorrt-stubs`` 10.13 where TensorRT objects are touched; Polygraphy's
+loaders are untyped. TensorRT 10 and 11 agree on everything used here (networks are
+strongly typed in 11; in 10 ``strongly_typed=True`` makes float16 models run in the
+precisions the ONNX file states, as in 11). Models over protobuf's 2 GiB limit are
+parsed from a temporary copy with external data (``NetworkFromOnnxPath``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bkn_export.errors import BKNInputError, RuntimeExecutionError, RuntimeLoadError
 from runtime.backends.base import Availability, Backend
+from runtime.errors import BKNInputError, PluginLibraryNotFoundError, RuntimeExecutionError, RuntimeLoadError
 
 if TYPE_CHECKING:
     import tensorrt as trt
-    import torch
 
 __all__ = ["DEFAULT_MAX_BATCH", "TensorRTBackend", "tensorrt_availability"]
 
@@ -44,16 +55,18 @@ __all__ = ["DEFAULT_MAX_BATCH", "TensorRTBackend", "tensorrt_availability"]
 DEFAULT_MAX_BATCH = 32
 #: Builder workspace limit (bytes); the plugin itself needs 16 bytes per channel.
 DEFAULT_WORKSPACE_BYTES = 1 << 30
+#: Above this the prepared model is parsed from a file with external data.
+_PROTOBUF_LIMIT = 1_800_000_000
 
 ProfileShapes = Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]]
 
-#: Plugin libraries loaded into this process's plugin registry (resolved path -> handle).
+#: Libraries handed to IPluginRegistry.load_library in this process (resolved path -> handle):
 #: TensorRT refuses to load a library twice (its creators are then already registered).
 _LOADED_LIBRARIES: dict[str, object] = {}
 
 
 def tensorrt_availability() -> Availability:
-    """Whether TensorRT's Python bindings and a CUDA device are usable here (never raises)."""
+    """Whether TensorRT's Python bindings, Polygraphy and a CUDA device are usable here (never raises)."""
     try:
         import tensorrt as trt_module
     except Exception as error:  # ImportError, or a broken install raising anything
@@ -66,36 +79,31 @@ def tensorrt_availability() -> Availability:
             "(tensorrt-stubs without TensorRT); install TensorRT (pip install tensorrt) on a machine with a GPU",
         )
     try:
+        import polygraphy
+    except Exception as error:
+        return Availability(False, f"`import polygraphy` failed ({error}); pip install 'bkn-export[tensorrt]'")
+    try:
         import torch as torch_module
 
         if not torch_module.cuda.is_available():
             return Availability(False, f"TensorRT {trt_module.__version__} imports, but torch sees no CUDA device")
     except Exception as error:
         return Availability(False, f"cannot query CUDA through torch ({type(error).__name__}: {error})")
-    return Availability(True, f"TensorRT {trt_module.__version__}")
+    return Availability(True, f"TensorRT {trt_module.__version__} via Polygraphy {polygraphy.__version__}")
 
 
-def _shape(dims: trt.Dims) -> tuple[int, ...]:
-    """A TensorRT ``Dims`` as a tuple of ints (-1 for a dynamic dim)."""
-    return tuple(int(dims[i]) for i in range(len(dims)))
-
-
-def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
-    import torch as torch_module
-
-    return torch_module.from_numpy(np.empty(0, dtype=dtype)).dtype
+def _onnx_dims(value: Any) -> tuple[int, ...]:
+    """A graph input's dims, -1 for a symbolic one."""
+    dims = value.type.tensor_type.shape.dim
+    return tuple(int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims)
 
 
 class TensorRTBackend(Backend):
-    """TensorRT engine built from the ONNX file, with the BatchKalmanNorm plugin.
+    """TensorRT engine built from the ONNX file through Polygraphy, with the BatchKalmanNorm plugin.
 
-    plugin_libraries: plugin shared libraries to load through TensorRT's plugin registry
-    (``IPluginRegistry.load_library``: the ``libbkn_tensorrt_plugin.so`` kind, exporting
-    ``getCreators``). When the model has BatchKalmanNorm nodes and none of them provides
-    its creator, :func:`bkn_export.tensorrt_plugin.find_plugin_library` finds ours
-    (``$BKN_TENSORRT_PLUGIN``, then the default build folders). max_batch / opt_batch: range of
-    dynamic batch dims in the profile. profile_shapes: explicit (min, opt, max) per
-    input name, overriding the default profile.
+    plugin_libraries: plugin shared libraries (see the module docstring). max_batch /
+    opt_batch: range of dynamic batch dims in the profile. profile_shapes: explicit
+    (min, opt, max) per input name, overriding the default profile.
     """
 
     name = "tensorrt"
@@ -117,8 +125,7 @@ class TensorRTBackend(Backend):
         self._profile_shapes = dict(profile_shapes or {})
         self._workspace_bytes = workspace_bytes
         self._device = device
-        self._engine: trt.ICudaEngine | None = None
-        self._context: trt.IExecutionContext | None = None
+        self._runner: Any = None
         self._model_path: str | None = None
         self.plugin_libraries_loaded: list[Path] = []
         self.plugin_layers = 0
@@ -126,9 +133,10 @@ class TensorRTBackend(Backend):
     def available(self) -> Availability:
         return tensorrt_availability()
 
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ plugins
 
-    def _load_library(self, registry: trt.IPluginRegistry, library: Path) -> None:
+    def _register(self, registry: trt.IPluginRegistry, library: Path) -> None:
+        """Hand a ``getCreators`` library to TensorRT's registry (once per process)."""
         key = str(library.resolve())
         if key not in _LOADED_LIBRARIES:
             handle = registry.load_library(key)
@@ -139,31 +147,40 @@ class TensorRTBackend(Backend):
                     "or creators already registered by another copy of the library)"
                 )
             _LOADED_LIBRARIES[key] = handle
-        self.plugin_libraries_loaded.append(library)
 
-    def _load_plugins(self, trt_module: Any, needs_batch_kalman_norm: bool) -> None:
-        from bkn_export.errors import PluginLibraryNotFoundError
-        from bkn_export.export import op_spec
-        from bkn_export.tensorrt_plugin import find_plugin_library
+    def _libraries(self, trt_module: Any, needs_plugin: bool) -> list[Path]:
+        """Every library to load: the given ones, plus ours when the model needs it and none provides it."""
+        from runtime._bkn import find_plugin_library, plugin_identity
 
-        registry = trt_module.get_plugin_registry()
         for library in self._plugin_libraries:
             if not library.is_file():
                 raise PluginLibraryNotFoundError(f"TensorRT plugin library {library} does not exist")
-            self._load_library(registry, library)
-
-        def registered() -> bool:
-            creator = registry.get_creator(op_spec.PLUGIN_NAME, op_spec.PLUGIN_VERSION, op_spec.PLUGIN_NAMESPACE)
-            return creator is not None
-
-        if needs_batch_kalman_norm and not registered():
-            library = find_plugin_library()
-            self._load_library(registry, library)
-            if not registered():
+        libraries = list(self._plugin_libraries)
+        registry = trt_module.get_plugin_registry()
+        name, version, namespace = plugin_identity()
+        self._load(trt_module, libraries)
+        if needs_plugin and registry.get_creator(name, version, namespace) is None:
+            ours = find_plugin_library()
+            self._load(trt_module, [ours])
+            libraries.append(ours)
+            if registry.get_creator(name, version, namespace) is None:
                 raise RuntimeLoadError(
-                    f"{library} loaded, but no creator {op_spec.PLUGIN_NAMESPACE}::{op_spec.PLUGIN_NAME} "
-                    f"version {op_spec.PLUGIN_VERSION} is registered; rebuild the plugin from this checkout"
+                    f"{ours} loaded, but no creator {namespace}::{name} version {version} is registered; "
+                    "rebuild the plugin from this checkout"
                 )
+        return libraries
+
+    def _load(self, trt_module: Any, libraries: Sequence[Path]) -> None:
+        from polygraphy.backend.trt import LoadPlugins
+
+        LoadPlugins(plugins=[str(p) for p in libraries])()  # dlopen: static registrars register here
+        registry = trt_module.get_plugin_registry()
+        for library in libraries:
+            if hasattr(ctypes.CDLL(str(library)), "getCreators"):
+                self._register(registry, library)
+            self.plugin_libraries_loaded.append(library)
+
+    # ------------------------------------------------------------------ profile
 
     def _profile(self, name: str, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         if name in self._profile_shapes:
@@ -180,122 +197,102 @@ class TensorRTBackend(Backend):
         rest = tuple(shape[1:])
         return (1, *rest), (self._opt_batch, *rest), (self._max_batch, *rest)
 
+    # ------------------------------------------------------------------ load
+
     def load(self, model_path: str) -> None:
         import onnx
-        import tensorrt as trt_module
-        import torch as torch_module
-
-        from bkn_export.tensorrt_plugin import plugin_nodes, prepare_model_for_plugin
 
         availability = self.available()
         if not availability:
             raise RuntimeLoadError(f"TensorRT backend unavailable: {availability.reason}")
+        import tensorrt as trt_module
+        from polygraphy.backend.trt import (
+            CreateConfig,
+            EngineFromNetwork,
+            NetworkFromOnnxBytes,
+            NetworkFromOnnxPath,
+            PostprocessNetwork,
+            Profile,
+            TrtRunner,
+        )
+
+        from runtime._bkn import plugin_nodes, prepare_model_for_plugin
+
         path = Path(model_path)
         if not path.is_file():
             raise RuntimeLoadError(f"TensorRT backend: ONNX file {path} does not exist")
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path))
         expected_plugins = len(plugin_nodes(model))
-        self._load_plugins(trt_module, needs_batch_kalman_norm=expected_plugins > 0)
+        self._libraries(trt_module, needs_plugin=expected_plugins > 0)
         if expected_plugins:
             model = prepare_model_for_plugin(model)
 
-        logger = trt_module.Logger(trt_module.Logger.WARNING)
-        builder = trt_module.Builder(logger)
-        network = builder.create_network(1 << int(trt_module.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt_module.OnnxParser(network, logger)
-        # `path` lets the parser find external data files beside the original model.
-        if not parser.parse(model.SerializeToString(), str(path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeLoadError(f"TensorRT's ONNX parser rejected {path}: {errors}")
-        plugin_layers = sum(
-            1 for i in range(network.num_layers) if network.get_layer(i).type == trt_module.LayerType.PLUGIN_V3
-        )
-        if plugin_layers < expected_plugins:
-            raise RuntimeLoadError(
-                f"{path}: only {plugin_layers} of {expected_plugins} BatchKalmanNorm nodes became TensorRT plugin "
-                "layers; the parser imported the others some other way"
+        def check_plugin_layers(network: trt.INetworkDefinition) -> None:
+            layers = sum(
+                1 for i in range(network.num_layers) if network.get_layer(i).type == trt_module.LayerType.PLUGIN_V3
             )
-        self.plugin_layers = plugin_layers
+            if layers < expected_plugins:
+                raise RuntimeLoadError(
+                    f"{path}: only {layers} of {expected_plugins} BatchKalmanNorm nodes became TensorRT plugin "
+                    "layers; the parser imported the others some other way"
+                )
+            self.plugin_layers = layers
 
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt_module.MemoryPoolType.WORKSPACE, self._workspace_bytes)
-        profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            low, opt, high = self._profile(tensor.name, _shape(tensor.shape))
-            profile.set_shape(
-                tensor.name, trt_module.Dims(list(low)), trt_module.Dims(list(opt)), trt_module.Dims(list(high))
-            )
-        config.add_optimization_profile(profile)
-        with torch_module.cuda.device(self._device):
-            plan = builder.build_serialized_network(network, config)
-            if plan is None:
-                raise RuntimeLoadError(f"TensorRT could not build an engine for {path}; see TensorRT's log above")
-            engine = trt_module.Runtime(logger).deserialize_cuda_engine(plan)
-            if engine is None:
-                raise RuntimeLoadError(f"TensorRT could not deserialize the engine built for {path}")
-            self._engine = engine
-            self._context = engine.create_execution_context()
+        profile = Profile()
+        initializers = {t.name for t in model.graph.initializer}
+        for value in model.graph.input:
+            if value.name not in initializers:
+                profile.add(value.name, *self._profile(value.name, _onnx_dims(value)))
+        config = CreateConfig(
+            profiles=[profile], memory_pool_limits={trt_module.MemoryPoolType.WORKSPACE: self._workspace_bytes}
+        )
+        with tempfile.TemporaryDirectory(prefix="bkn-trt-") as tmp:
+            if model.ByteSize() < _PROTOBUF_LIMIT:
+                network = NetworkFromOnnxBytes(model.SerializeToString(), strongly_typed=True)
+            else:
+                copy = Path(tmp) / path.name
+                onnx.save_model(model, str(copy), save_as_external_data=True)
+                network = NetworkFromOnnxPath(str(copy), strongly_typed=True)
+            engine = EngineFromNetwork(PostprocessNetwork(network, check_plugin_layers), config=config)
+            try:
+                import torch as torch_module
+
+                with torch_module.cuda.device(self._device):
+                    runner = TrtRunner(engine)
+                    runner.activate()
+            except RuntimeLoadError:
+                raise
+            except Exception as error:  # Polygraphy reports parser/builder errors as PolygraphyException
+                raise RuntimeLoadError(f"TensorRT could not build an engine for {path}: {error}") from error
+        self._runner = runner
         self._model_path = str(path)
 
     # ------------------------------------------------------------------ run
 
-    def _io_names(self, mode: trt.TensorIOMode) -> list[str]:
-        assert self._engine is not None
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        return [n for n in names if self._engine.get_tensor_mode(n) == mode]
-
-    def _check_input(self, name: str, array: np.ndarray) -> None:
-        import tensorrt as trt_module
-
-        assert self._engine is not None
-        expected_dtype = np.dtype(trt_module.nptype(self._engine.get_tensor_dtype(name)))
-        if array.dtype != expected_dtype:
-            raise BKNInputError(f"TensorRT backend: input {name!r} has dtype {array.dtype}, expected {expected_dtype}")
-        low, _, high = (_shape(s) for s in self._engine.get_tensor_profile_shape(name, 0))
-        fits = len(array.shape) == len(low) and all(lo <= d <= hi for d, lo, hi in zip(array.shape, low, high))
-        if not fits:
-            raise BKNInputError(
-                f"TensorRT backend: input {name!r} has shape {tuple(array.shape)}; the engine accepts shapes from "
-                f"{low} to {high} (rebuild with a larger max_batch or profile_shapes)"
-            )
-
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tensorrt as trt_module
-        import torch as torch_module
-
-        if self._engine is None or self._context is None:
+        if self._runner is None:
             raise RuntimeLoadError("TensorRT backend: call load(model_path) before run()")
-        context = self._context
-        input_names = self._io_names(trt_module.TensorIOMode.INPUT)
-        missing = [n for n in input_names if n not in inputs]
-        unknown = [n for n in inputs if n not in input_names]
+        expected = list(self._runner.get_input_metadata().keys())
+        missing = [n for n in expected if n not in inputs]
+        unknown = [n for n in inputs if n not in expected]
         if missing or unknown:
             raise BKNInputError(
-                f"TensorRT backend: inputs {sorted(inputs)} do not match the engine's {input_names} "
+                f"TensorRT backend: inputs {sorted(inputs)} do not match the engine's {expected} "
                 f"(missing {missing}, unknown {unknown})"
             )
-        device = torch_module.device("cuda", self._device)
-        keep_alive: list[torch_module.Tensor] = []
-        with torch_module.cuda.device(self._device):
-            for name in input_names:
-                array = np.ascontiguousarray(inputs[name])
-                self._check_input(name, array)
-                tensor = torch_module.from_numpy(array).to(device)
-                keep_alive.append(tensor)
-                context.set_input_shape(name, tuple(array.shape))
-                context.set_tensor_address(name, tensor.data_ptr())
-            outputs: dict[str, torch_module.Tensor] = {}
-            for name in self._io_names(trt_module.TensorIOMode.OUTPUT):
-                shape = _shape(context.get_tensor_shape(name))
-                dtype = np.dtype(trt_module.nptype(self._engine.get_tensor_dtype(name)))
-                outputs[name] = torch_module.empty(shape, dtype=_torch_dtype(dtype), device=device)
-                context.set_tensor_address(name, outputs[name].data_ptr())
-            stream = torch_module.cuda.current_stream(device)
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeExecutionError(
-                    f"TensorRT engine for {self._model_path} failed to run (execute_async_v3 returned False); "
-                    "see TensorRT's log above"
-                )
-            stream.synchronize()
-        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+        try:
+            outputs = self._runner.infer({name: np.ascontiguousarray(array) for name, array in inputs.items()})
+        except Exception as error:
+            raise RuntimeExecutionError(
+                f"TensorRT engine for {self._model_path} failed to run: {error} (shapes outside the profile "
+                f"1..{self._max_batch} need a larger max_batch or profile_shapes)"
+            ) from error
+        return {name: np.array(value, copy=True) for name, value in outputs.items()}
+
+    def __del__(self) -> None:
+        runner = getattr(self, "_runner", None)
+        if runner is not None and getattr(runner, "is_active", False):
+            try:
+                runner.deactivate()
+            except Exception:  # interpreter shutdown: nothing left to release into
+                pass

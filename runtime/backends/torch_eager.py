@@ -1,10 +1,17 @@
 """PyTorch eager: the reference every other runtime is compared with.
 
-``mode="inference"`` runs the model in eval mode; ``mode="training"`` runs the
-train-mode forward (batch statistics and the Kalman chain) on a deep copy, so the
-user's running statistics never change and every call starts from the same state.
-Inputs are matched to the ONNX graph inputs by position and the flattened PyTorch
-outputs to the ONNX graph outputs by position (as ``torch.onnx.export`` orders them).
+``mode="inference"`` runs the model in eval mode. ``mode="training"`` runs what the
+training-mode export computes: on a deep copy of the model, every module in eval mode
+except the BKN layers, which run in train mode (batch statistics and the Kalman chain).
+So Dropout, drop-path, an unconverted BatchNorm and any other module with its own
+train-mode behaviour act as in eval mode, exactly as in the exported graph; the user's
+model (modes and running statistics) never changes and every call starts from the same
+state.
+Inputs are matched to ``forward``'s parameters by ONNX input name when every ONNX input
+names one (an argument the exporter dropped keeps its default, or gets None, with a
+note), else by position; floating inputs are cast to the model's parameter dtype. The
+flattened PyTorch outputs are matched to the ONNX graph outputs by position (as
+``torch.onnx.export`` orders them).
 
 ``run_capturing`` also records every module's output through forward hooks, for the
 localisation (:mod:`runtime.localize`).
@@ -45,6 +52,18 @@ def _tensor_leaves(value: Any) -> list[Any]:
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
+def _forward_parameters(model: Any) -> dict[str, bool]:
+    """``forward``'s named parameters (name -> has a default); empty for ``*args`` forwards."""
+    import inspect
+
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default is not inspect.Parameter.empty for p in signature.parameters.values() if p.kind in kinds}
+
+
 class TorchEagerBackend(Backend):
     """``pytorch``: the model itself, eager, on CPU (or wherever its parameters live)."""
 
@@ -57,6 +76,8 @@ class TorchEagerBackend(Backend):
         self.mode = mode
         self.input_names: list[str] = []
         self.output_names: list[str] = []
+        #: What the reference did that a reader of the report should know (dropped arguments).
+        self.notes: list[str] = []
 
     def available(self) -> Availability:
         try:
@@ -79,22 +100,66 @@ class TorchEagerBackend(Backend):
         if self.mode == "inference":
             self.model.eval()
             return self.model
+        from runtime._bkn import bkn_layers
+
         instance = copy.deepcopy(self.model)
-        instance.train()
+        instance.eval()
+        for _, layer in bkn_layers(instance):
+            layer.train()
         return instance
+
+    def _arguments(self, model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
+        """PyTorch arguments for the ONNX inputs: by name where they match ``forward``'s parameters, else by position.
+
+        Floating inputs are cast at the boundary to the model's floating parameter dtype
+        (a float16 ONNX input feeds a float32 model the same values). A ``forward``
+        parameter the exporter dropped (not an ONNX input) keeps its default, or gets
+        None when it has none; either way it is noted in :attr:`notes`.
+        """
+        import torch
+
+        names = self.input_names or list(inputs)
+        parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        dtype = parameter.dtype if parameter is not None else None
+
+        def tensor(name: str) -> Any:
+            array = inputs[name]
+            if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: torch reads it through float32 (exact)
+                array = array.astype(np.float32)
+            value = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+            return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+        parameters = _forward_parameters(model)
+        if not parameters or not all(name in parameters for name in names):
+            return [tensor(name) for name in names], {}
+        kwargs = {name: tensor(name) for name in names}
+        for name, has_default in parameters.items():
+            if name in kwargs:
+                continue
+            if has_default:
+                self._note(
+                    f"forward argument {name!r} is not an ONNX input (dropped by the exporter): its default used"
+                )
+            else:
+                kwargs[name] = None
+                self._note(f"forward argument {name!r} is not an ONNX input (dropped by the exporter): passed None")
+        return [], kwargs
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
     def _forward(self, model: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        names = self.input_names or list(inputs)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[name])).to(device) for name in names]
+        args, kwargs = self._arguments(model, inputs)
         with torch.no_grad():
-            result = model(*args)
+            result = model(*args, **kwargs)
         leaves = [t.detach().cpu().numpy() for t in _tensor_leaves(result)]
         output_names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
         if len(leaves) > len(output_names):
-            from bkn_export.errors import BKNInputError
+            from runtime.errors import BKNInputError
 
             raise BKNInputError(
                 f"the PyTorch model returns {len(leaves)} tensors but the ONNX graph has {len(output_names)} "

@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from runtime._bkn import write_text_atomic
 from runtime.compare import HISTOGRAM_EDGES
 from runtime.localize import Localisation
 from runtime.parity import ParityReport
-from runtime.report.cells import COLUMNS, comparison_cells
+from runtime.report.cells import COLUMNS, comparison_cells, note
 
 __all__ = ["render_html", "write_html"]
 
@@ -107,8 +108,11 @@ def render_html(report: ParityReport) -> str:
         + ", ".join(f"<code>{e(s.name)}</code> {e(s.dtype)} {e(str(tuple(s.shape)))}" for s in report.inputs),
         f"; created {e(report.created)}; sha256 <code>{e(report.onnx_sha256[:16])}…</code>",
         (f"; model {e(report.model_description)}" if report.model_description else ""),
+        f"; criteria: <span id='criteria'>{e(report.criteria.describe())}</span>",
+        f"; {report.iterations} input set(s)" + (f", seed {report.seed}" if report.seed is not None else ""),
         "</p>",
     ]
+    parts.extend(f"<p class='note'>note: {e(line)}</p>" for line in report.notes)
     for problem in report.reference_problems:
         parts.append(f"<p class='failed'>reference: {e(problem)}</p>")
     parts.append("<h2>Runtimes × outputs</h2><table id='results'><tr>")
@@ -117,15 +121,15 @@ def render_html(report: ParityReport) -> str:
         if not result.outputs:
             parts.append(
                 f"<tr><td>{e(result.runtime)}</td><td></td><td class='{result.status}'>{e(result.status)}</td>"
-                f"<td colspan='5'></td><td>{e(result.reason)}</td></tr>"
+                f"<td colspan='{len(COLUMNS) - 4}'></td><td>{e(result.reason)}</td></tr>"
             )
             continue
         for c in result.outputs:
             status = "passed" if c.passed else "failed"
-            numbers = "".join(f"<td class='num'>{cell}</td>" for cell in comparison_cells(c))
+            numbers = "".join(f"<td class='num'>{e(cell)}</td>" for cell in comparison_cells(c))
             parts.append(
                 f"<tr><td>{e(result.runtime)}</td><td>{e(c.output)}</td><td class='{status}'>{status}</td>"
-                f"{numbers}<td>{e(c.message)}</td></tr>"
+                f"{numbers}<td>{e(note(c))}</td></tr>"
             )
     parts.append("</table>")
     parts.append("<h2>Error histograms</h2>")
@@ -162,8 +166,8 @@ def render_html(report: ParityReport) -> str:
 
 
 def write_html(report: ParityReport, path: str | os.PathLike[str]) -> Path:
-    """Write :func:`render_html` to ``path`` (parent directories created)."""
+    """Write :func:`render_html` to ``path`` atomically (parent directories created); raises OSError."""
     target = Path(path)
+    text = render_html(report)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_html(report), encoding="utf-8")
-    return target
+    return write_text_atomic(target, text)

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from runtime._bkn import write_text_atomic
 from runtime.compare import HISTOGRAM_EDGES, OutputComparison
 from runtime.localize import BoundaryCheck, Localisation
 from runtime.parity import SCHEMA_VERSION, ParityReport
@@ -43,6 +44,12 @@ def _comparison(c: OutputComparison) -> dict[str, Any]:
         "nonfinite_actual": c.nonfinite_actual,
         "histogram": list(c.histogram),
         "message": c.message,
+        "error_stat": c.criteria.error_stat,
+        "stat_abs_error": _number(c.stat_abs_error),
+        "stat_rel_error": _number(c.stat_rel_error),
+        "mean_abs_error": _number(c.mean_abs_error),
+        "median_abs_error": _number(c.median_abs_error),
+        "tolerance_source": c.tolerance_source,
     }
 
 
@@ -87,12 +94,26 @@ def report_to_dict(report: ParityReport) -> dict[str, Any]:
         },
         "reference": report.reference,
         "reference_problems": list(report.reference_problems),
+        "criteria": {
+            "check_error_stat": report.criteria.error_stat,
+            "error_quantile": report.criteria.error_quantile,
+            "cosine_min": report.criteria.cosine_min,
+            "max_mismatch": report.criteria.max_mismatch,
+            "description": report.criteria.describe(),
+        },
+        "seed": report.seed,
+        "iterations": report.iterations,
+        "input_sets": [
+            [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in f] for f in report.input_sets
+        ],
+        "notes": list(report.notes),
         "environment": dict(report.environment),
         "histogram_edges": list(HISTOGRAM_EDGES),
         "runtimes": [
             {
                 "runtime": r.runtime,
-                "status": r.status,
+                "status": str(r.status),
+                "failing_iteration": r.failing_iteration,
                 "reason": r.reason,
                 "seconds": round(r.seconds, 6),
                 "outputs": [_comparison(c) for c in r.outputs],
@@ -104,11 +125,11 @@ def report_to_dict(report: ParityReport) -> dict[str, Any]:
 
 
 def write_json(report: ParityReport, path: str | os.PathLike[str]) -> Path:
-    """Write the report to ``path`` (parent directories created); returns the path."""
+    """Write the report to ``path`` atomically (parent directories created); returns the path. Raises OSError."""
     target = Path(path)
+    text = json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return target
+    return write_text_atomic(target, text)
 
 
 def load_schema() -> dict[str, Any]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from runtime.parity import ParityReport
-from runtime.report.cells import COLUMNS, comparison_cells
+from runtime.report.cells import COLUMNS, comparison_cells, note
 
 __all__ = ["STATUS_STYLE", "print_report", "report_console", "report_text"]
 
@@ -23,7 +24,12 @@ STATUS_STYLE = {
 
 
 def build_table(report: ParityReport) -> Table:
-    table = Table(title=f"parity vs {report.reference}: {report.onnx_path} ({report.mode})", show_lines=False)
+    # Every string that comes from the user or the model (paths, names, runtime messages) is
+    # escaped: an output named "[/]" or "[blink red]x" must print as written, not as markup.
+    table = Table(
+        title=escape(f"parity vs {report.reference}: {report.onnx_path} ({report.mode}); {report.criteria.describe()}"),
+        show_lines=False,
+    )
     for column in COLUMNS:
         table.add_column(
             column,
@@ -35,16 +41,16 @@ def build_table(report: ParityReport) -> Table:
     for result in report.runtimes:
         style = STATUS_STYLE.get(result.status, "")
         if not result.outputs:
-            table.add_row(result.runtime, "", f"[{style}]{result.status}[/]", *[""] * 5, result.reason)
+            table.add_row(escape(result.runtime), "", f"[{style}]{result.status}[/]", *[""] * 6, escape(result.reason))
             continue
         for comparison in result.outputs:
             status = "passed" if comparison.passed else "failed"
             table.add_row(
-                result.runtime,
-                comparison.output,
+                escape(result.runtime),
+                escape(comparison.output),
                 f"[{STATUS_STYLE[status]}]{status}[/]",
-                *comparison_cells(comparison),
-                comparison.message,
+                *(escape(cell) for cell in comparison_cells(comparison)),
+                escape(note(comparison)),
             )
     return table
 
@@ -59,18 +65,24 @@ def print_report(report: ParityReport, console: Console | None = None) -> None:
     """Print the table, the localisation of each failing runtime and the verdict."""
     console = console or report_console()
     console.print(build_table(report))
+    if report.iterations > 1:
+        seed = f" (seed {report.seed})" if report.seed is not None else ""
+        console.print(f"{report.iterations} input sets{seed}; each row is the output's worst set")
+    for line in report.notes:
+        console.print(f"note: {escape(line)}")
     for problem in report.reference_problems:
-        console.print(f"[bold red]reference:[/] {problem}")
+        console.print(f"[bold red]reference:[/] {escape(problem)}")
     for result in report.failures():
         loc = result.localisation
         if loc is not None:
             detail = f" ({loc.method}, reproduced with outputs exposed: {loc.reproduced})" if loc.method else ""
-            console.print(f"[bold]{result.runtime}[/]: {loc.message or loc.status}{detail}")
+            console.print(f"[bold]{escape(result.runtime)}[/]: {escape(loc.message or loc.status)}{escape(detail)}")
         elif result.status == "error":
-            console.print(f"[bold]{result.runtime}[/]: {result.reason}")
+            console.print(f"[bold]{escape(result.runtime)}[/]: {escape(result.reason)}")
     ran = len(report.ran)
     if report.passed:
-        console.print(f"[green]parity: {ran} runtime(s) agree with PyTorch[/]")
+        against = "PyTorch" if report.reference.startswith("pytorch") else "the saved outputs"
+        console.print(f"[green]parity: {ran} runtime(s) agree with {against}[/]")
     else:
         console.print(f"[bold red]parity FAILED: {len(report.failures())} of {ran} runtime(s) differ[/]")
 

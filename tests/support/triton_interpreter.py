@@ -5,10 +5,13 @@ whether it builds a compiled kernel or an interpreted one (it reads
 ``TRITON_INTERPRET`` at decoration time). One process can hold only one kind, and
 flipping the variable inside the test process would depend on import order and turn
 the real CUDA kernels of the same session (the ``gpu`` tests on a GPU machine) into
-interpreted ones. So :class:`InterpreterProcess` starts ``python -m
-bkn_export.kernels.interpreter`` with the variable set in its environment from the
-first instruction, checks there that the kernels really are interpreted, and calls
-the launchers over a pipe. The calling process never imports Triton for this.
+interpreted ones. So :class:`InterpreterProcess` runs this file as a script with the
+variable set in its environment from the first instruction, checks there that the
+kernels really are interpreted, and calls the launchers over a pipe. The calling
+process never imports Triton for this.
+
+Test infrastructure, not part of the shipped package: the child patches one Triton
+interpreter internal (:func:`_patch_scalar_index`).
 
 Protocol: each message is an 8-byte little-endian length and a ``torch.save``
 payload (loaded with ``weights_only=True``): request ``(launcher name, args, kwargs)``, reply
@@ -29,14 +32,7 @@ import torch
 
 from bkn_export import errors
 
-__all__ = ["LAUNCHERS", "InterpreterProcess"]
-
-#: Launchers callable through the interpreter: name -> (module, function).
-LAUNCHERS: dict[str, tuple[str, str]] = {
-    "forward": ("bkn_export.kernels.forward", "batch_kalman_norm_forward"),
-    "backward": ("bkn_export.kernels.backward", "batch_kalman_norm_backward"),
-    "inference": ("bkn_export.kernels.inference", "kalman_norm_inference"),
-}
+__all__ = ["InterpreterProcess"]
 
 _HEADER = struct.Struct("<Q")
 
@@ -69,11 +65,11 @@ class InterpreterProcess:
     def __init__(self, python: str = sys.executable) -> None:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         self._process = subprocess.Popen(
-            [python, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            [python, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
 
     def call(self, launcher: str, *args: Any, **kwargs: Any) -> Any:
-        """Run ``LAUNCHERS[launcher](*args, **kwargs)`` in the child and return its result."""
+        """Run launcher "forward" or "backward" (``bkn_export.kernels``) in the child and return its result."""
         stdin, stdout = self._process.stdin, self._process.stdout
         assert stdin is not None and stdout is not None
         _send(stdin, (launcher, args, kwargs))
@@ -133,24 +129,21 @@ def _patch_scalar_index() -> None:
 
 def _serve() -> None:
     """Child side: answer requests until stdin closes."""
-    import importlib
     import traceback
 
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed from here on goes to stderr
     if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("bkn_export.kernels.interpreter must run with TRITON_INTERPRET=1")
+        raise SystemExit("tests/support/triton_interpreter.py must run with TRITON_INTERPRET=1")
     from triton.runtime.interpreter import InterpretedFunction
 
     _patch_scalar_index()
 
-    from bkn_export.kernels import forward
+    from bkn_export.kernels import backward, forward
 
     if not isinstance(forward._normalize_kernel, InterpretedFunction):
         raise SystemExit("bkn_export.kernels were imported before TRITON_INTERPRET=1 took effect")
-    launchers = {
-        name: getattr(importlib.import_module(module), function) for name, (module, function) in LAUNCHERS.items()
-    }
+    launchers = {"forward": forward.batch_kalman_norm_forward, "backward": backward.batch_kalman_norm_backward}
     requests = sys.stdin.buffer
     while (request := _receive(requests)) is not None:
         name, args, kwargs = request

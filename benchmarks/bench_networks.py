@@ -1,0 +1,181 @@
+"""Whole-network train step (forward + backward + SGD) of a converted network over the same network with BatchNorm.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
+        [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
+
+For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
+converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
+within every repeat (the order alternates), in one process with one torch thread. One sample is ``--steps`` steps;
+the figure is the median over ``--repeats`` samples and the ratio BKN / BatchNorm of the medians. The default clock
+is this process's CPU time, which on a shared machine leaves out time spent waiting for a core; ``--clock wall``
+uses elapsed time. ``--compile`` adds the same pair under ``torch.compile`` (default backend).
+
+The networks come from packages installed without torchvision (``pip install --no-deps monai efficientnet-pytorch
+geffnet``); a network whose package is missing is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from bkn_export import convert_batchnorm
+
+
+def _monai_resnet18() -> nn.Module:
+    from monai.networks.nets import resnet18
+
+    return resnet18(spatial_dims=2, n_input_channels=3, num_classes=10)
+
+
+def _monai_densenet121() -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(spatial_dims=2, in_channels=3, out_channels=10)
+
+
+def _geffnet_mobilenetv3() -> nn.Module:
+    import geffnet
+
+    return geffnet.mobilenetv3_large_100(pretrained=False, num_classes=10)
+
+
+def _efficientnet_b0() -> nn.Module:
+    from efficientnet_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-b0", num_classes=10)
+
+
+NETWORKS: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": _monai_resnet18,
+    "mobilenetv3": _geffnet_mobilenetv3,
+    "efficientnet_b0": _efficientnet_b0,
+    "densenet121": _monai_densenet121,
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    network: str
+    batch: int
+    variant: str  # "eager" or "compile"
+    batchnorm_ms: float
+    bkn_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.bkn_ms / self.batchnorm_ms
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), target).backward()
+        optimizer.step()
+
+    return step
+
+
+def _time(step: Callable[[], None], steps: int, clock: Callable[[], float]) -> float:
+    start = clock()
+    for _ in range(steps):
+        step()
+    return (clock() - start) / steps * 1e3
+
+
+def _pair(
+    name: str, batch: int, size: int, repeats: int, steps: int, clock: Callable[[], float], compiled: bool
+) -> Row:
+    torch.manual_seed(0)
+    batchnorm_model = NETWORKS[name]()
+    bkn_model = copy.deepcopy(batchnorm_model)
+    example = torch.randn(2, 3, size, size)
+    bkn_model = convert_batchnorm(bkn_model, example)
+    x = torch.randn(batch, 3, size, size)
+    target = torch.randint(0, 10, (batch,))
+    if compiled:
+        batchnorm_model = torch.compile(batchnorm_model)  # type: ignore[assignment]
+        bkn_model = torch.compile(bkn_model)  # type: ignore[assignment]
+    steps_by_variant = {
+        "batchnorm": _train_step(batchnorm_model, x, target),
+        "bkn": _train_step(bkn_model, x, target),
+    }
+    for step in steps_by_variant.values():  # warm-up (and compilation)
+        step()
+        step()
+    samples: dict[str, list[float]] = {key: [] for key in steps_by_variant}
+    order = list(steps_by_variant)
+    for repeat in range(repeats):
+        for key in order if repeat % 2 == 0 else reversed(order):
+            samples[key].append(_time(steps_by_variant[key], steps, clock))
+    return Row(
+        name,
+        batch,
+        "compile" if compiled else "eager",
+        statistics.median(samples["batchnorm"]),
+        statistics.median(samples["bkn"]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--networks", default=",".join(NETWORKS))
+    parser.add_argument("--batches", default="2,16")
+    parser.add_argument("--size", type=int, default=64, help="input height = width")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("process", "wall"), default="process")
+    parser.add_argument("--compile", action="store_true", help="also time both under torch.compile")
+    parser.add_argument("--json", help="write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    names = [n for n in args.networks.split(",") if n]
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown:
+        print(f"unknown networks {unknown}; known: {sorted(NETWORKS)}", file=sys.stderr)
+        return 2
+    batches = [int(b) for b in args.batches.split(",") if b]
+    rows: list[Row] = []
+    print(f"torch {torch.__version__}, {args.threads} thread(s), clock={args.clock}, input {args.size}x{args.size}")
+    print(f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7}")
+    for name in names:
+        for batch in batches:
+            for compiled in (False, True) if args.compile else (False,):
+                try:
+                    row = _pair(name, batch, args.size, args.repeats, args.steps, clock, compiled)
+                except ImportError as error:
+                    print(f"{name:<16} skipped: {error}")
+                    break
+                rows.append(row)
+                print(
+                    f"{row.network:<16} {row.batch:>5} {row.variant:<8} {row.batchnorm_ms:>9.2f} "
+                    f"{row.bkn_ms:>9.2f} {row.ratio:>6.2f}x",
+                    flush=True,
+                )
+    if args.json:
+        from bkn_export.atomic import write_text_atomic
+
+        payload = {"torch": torch.__version__, "args": vars(args), "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}
+        write_text_atomic(args.json, json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

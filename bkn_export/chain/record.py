@@ -1,0 +1,1256 @@
+"""Record which tensor feeds which module or op on one example forward (data flow, not execution order).
+
+:func:`record_dataflow` runs the model once in eval mode under ``torch.no_grad()`` and
+remembers, for every tensor, the node that produced it: forward hooks on the leaf modules
+it understands and on the normalization layers, and a ``TorchFunctionMode`` for the
+functional ops and tensor methods (``F.relu``, ``torch.cat``, ``+``, ``x.flatten`` ...).
+Ops that run inside a recognised module (a conv's own ``F.conv2d``, a BatchNorm's
+``F.batch_norm``) are not recorded separately. In-place ops (``relu_``, ``+=``) make
+the op the tensor's new producer.
+
+Then, for each normalization layer (``BatchNorm*d``, ``SyncBatchNorm``, their
+subclasses, BKN layers) in first-call order, it walks the layer's input back through
+the recorded producers to the outputs of normalization layers and returns a
+:class:`LayerRecord`: one :class:`SourcePath` per concatenation part (in channel order)
+or per addend of a residual sum, each a tuple of steps (:mod:`bkn_export.chain.steps`)
+from a normalization's output to this layer's input. A walk that reaches another
+concatenation or sum after some steps (a ResNet block's ``conv1`` after ``relu(a + b)``,
+a UNet decoder's conv after ``cat([skip, up])``) continues into its parts: the path's
+``origin`` is then that :class:`Combination` instead of a normalization. A walk stops
+with a note, and the part falls back, where it meets something it cannot push moments
+through (attention, a product, a reshape that mixes channels, an unknown module) or the
+model's input.
+
+Limits, named where they apply: a layer called more than once per forward is wired by
+its first call; a BatchNorm subclass's own ``drop`` / ``act`` children (timm's
+``BatchNormAct2d``, :class:`bkn_export.norm_act.BatchKalmanNormAct2d`) are taken to run
+after the normalization, in that order; a Linear layer is understood only on
+``(N, C)`` inputs (its features are the channels).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from bkn_export import moments
+from bkn_export.chain.steps import (
+    Affine,
+    Channels,
+    Elementwise,
+    Flatten,
+    Identity,
+    Pool,
+    Resample,
+    Reshape,
+    Step,
+    commute_max_pools,
+    step_from_dict,
+)
+from bkn_export.errors import ChainWiringError
+
+__all__ = [
+    "Combination",
+    "LayerRecord",
+    "RecordedChain",
+    "SourcePath",
+    "is_normalization",
+    "record_dataflow",
+]
+
+Shape = tuple[int, ...]
+Combine = Literal["none", "single", "concat", "sum"]
+
+
+# --------------------------------------------------------------------------- recorded values
+
+
+@dataclass(frozen=True)
+class Combination:
+    """A concatenation along channels (parts in channel order) or a sum (addends) of paths."""
+
+    combine: Literal["concat", "sum"]
+    sources: tuple[SourcePath, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"combine": self.combine, "sources": [s.to_dict() for s in self.sources]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Combination:
+        return cls(data["combine"], tuple(SourcePath.from_dict(s) for s in data["sources"]))
+
+
+@dataclass(frozen=True)
+class SourcePath:
+    """One input part of a normalization layer, walked back to where its statistics come from.
+
+    normalization: the qualified name of the normalization layer whose *output* the path
+        starts from, or None (the path starts at ``origin``, or falls back).
+    steps: applied in order from there to this part of the layer's input.
+    channels: the part's channel count at its end (its share of the layer's input).
+    entry_shape: ``(N, C, *)`` where the path starts (the normalization's output, the
+        combination's output, or where the walk stopped).
+    origin: the concatenation or sum the path starts from, when it does.
+    fallback: why the path reaches no normalization ("" when it does, or has an origin).
+    """
+
+    normalization: str | None
+    steps: tuple[Step, ...]
+    channels: int
+    entry_shape: Shape
+    origin: Combination | None = None
+    fallback: str = ""
+
+    @property
+    def falls_back(self) -> bool:
+        """No normalization and no combination at the start: nothing to push moments from."""
+        return self.normalization is None and self.origin is None
+
+    @property
+    def reaches_normalization(self) -> bool:
+        """Whether some normalization's statistics reach this path (through its origin too)."""
+        if self.normalization is not None:
+            return True
+        return self.origin is not None and any(s.reaches_normalization for s in self.origin.sources)
+
+    def normalizations(self) -> Iterator[str]:
+        """Names of the normalization layers the path (and its origin) starts from, depth first."""
+        if self.normalization is not None:
+            yield self.normalization
+        if self.origin is not None:
+            for source in self.origin.sources:
+                yield from source.normalizations()
+
+    def describe(self) -> str:
+        """One line: ``start → step → step``."""
+        if self.normalization is not None:
+            start = f"'{self.normalization}'"
+        elif self.origin is not None:
+            joined = " | " if self.origin.combine == "concat" else " + "
+            start = f"{self.origin.combine}({joined.join(s.describe() for s in self.origin.sources)})"
+        else:
+            start = f"<falls back: {self.fallback}>"
+        return " → ".join([start, *(step.describe() for step in self.steps)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "normalization": self.normalization,
+            "steps": [step.to_dict() for step in self.steps],
+            "channels": self.channels,
+            "entry_shape": list(self.entry_shape),
+            "origin": None if self.origin is None else self.origin.to_dict(),
+            "fallback": self.fallback,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SourcePath:
+        origin = data.get("origin")
+        return cls(
+            normalization=data["normalization"],
+            steps=tuple(step_from_dict(s) for s in data["steps"]),
+            channels=int(data["channels"]),
+            entry_shape=tuple(data["entry_shape"]),
+            origin=None if origin is None else Combination.from_dict(origin),
+            fallback=data.get("fallback", ""),
+        )
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A normalization layer's recorded input: what feeds it, by data flow.
+
+    name: qualified module name; input_shape: ``(N, C, *)`` on the example forward.
+    combine: ``"single"`` (one path), ``"concat"`` (one source per part, channel order),
+    ``"sum"`` (one source per addend), or ``"none"`` (no normalization upstream; sources
+    is empty, the layer is first in its chain). notes: every fallback and limit met.
+    """
+
+    name: str
+    input_shape: Shape
+    sources: tuple[SourcePath, ...]
+    combine: Combine
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "sources": [s.to_dict() for s in self.sources],
+            "combine": self.combine,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerRecord:
+        return cls(
+            name=data["name"],
+            input_shape=tuple(data["input_shape"]),
+            sources=tuple(SourcePath.from_dict(s) for s in data["sources"]),
+            combine=data["combine"],
+            notes=tuple(data.get("notes", ())),
+        )
+
+
+@dataclass(frozen=True)
+class RecordedChain:
+    """Every normalization layer that ran, in first-call order, and model-level notes
+    (layers that did not run)."""
+
+    layers: tuple[LayerRecord, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def __getitem__(self, name: str) -> LayerRecord:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no normalization layer named {name!r} ran on the example forward (ran: {self.names})")
+
+
+# --------------------------------------------------------------------------- recognition
+
+
+def is_normalization(module: nn.Module) -> bool:
+    """BatchNorm1d/2d/3d, SyncBatchNorm and their subclasses, and BKN layers.
+
+    BKN layers are recognised by class name (``*BatchKalmanNorm*`` in the MRO), so that
+    recording does not import :mod:`bkn_export.nn`, which builds on this package.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return any("BatchKalmanNorm" in cls.__name__ for cls in type(module).__mro__)
+
+
+def _defining_class(module: nn.Module, table: Mapping[type, Any]) -> type | None:
+    """The most derived class of ``module`` in ``table``, if ``module`` runs that class's forward.
+
+    A subclass that overrides ``forward`` (a conv with padding computed at run time) is
+    not that class for our purposes: its own ops are recorded instead.
+    """
+    for cls in type(module).__mro__:
+        if cls in table:
+            return cls if type(module).forward is cls.forward else None  # type: ignore[attr-defined]
+    return None
+
+
+def _attrs(*names: str) -> Callable[[nn.Module], tuple[tuple[str, Any], ...]]:
+    return lambda m: tuple((n, getattr(m, n)) for n in names)
+
+
+_ACTIVATION_MODULES: dict[type, tuple[str, Callable[[nn.Module], tuple[tuple[str, Any], ...]]]] = {
+    nn.ReLU: ("relu", _attrs()),
+    nn.ReLU6: ("relu6", _attrs()),
+    nn.LeakyReLU: ("leaky_relu", _attrs("negative_slope")),
+    nn.PReLU: ("prelu", _attrs()),
+    nn.Hardtanh: ("hardtanh", _attrs("min_val", "max_val")),
+    nn.Hardsigmoid: ("hardsigmoid", _attrs()),
+    nn.Hardswish: ("hardswish", _attrs()),
+    nn.ELU: ("elu", _attrs("alpha")),
+    nn.SELU: ("selu", _attrs()),
+    nn.CELU: ("celu", _attrs("alpha")),
+    nn.SiLU: ("silu", _attrs()),
+    nn.GELU: ("gelu", _attrs("approximate")),
+    nn.Sigmoid: ("sigmoid", _attrs()),
+    nn.Tanh: ("tanh", _attrs()),
+    nn.Mish: ("mish", _attrs()),
+    nn.Softplus: ("softplus", _attrs("beta", "threshold")),
+}
+
+_POOL_MODULES = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+_TRANSPARENT = object()  # the op's output is its input, as far as moments go: no step
+
+
+class _Unsupported(Exception):
+    """A recognised module or op in a form whose moments are not carried: ``what`` it is, ``why``."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what} ({why})")
+        self.what, self.why = what, why
+
+
+def _leaf_kind(module: nn.Module) -> str | None:
+    """'norm', 'activation', 'affine', 'pool', 'resample', 'dropout', 'flatten', 'identity' or None."""
+    if is_normalization(module):
+        return "norm"
+    if _defining_class(module, _ACTIVATION_MODULES) is not None:
+        return "activation"
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return "affine" if _defining_class(module, _AFFINE_FORWARD) is not None else None
+    if isinstance(module, _POOL_MODULES):
+        return "pool"
+    if isinstance(module, nn.Upsample):
+        return "resample"
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return "dropout"
+    if isinstance(module, nn.Flatten):
+        return "flatten"
+    if isinstance(module, nn.modules.padding._ConstantPadNd) and module.value == 0:
+        return "pad"
+    if type(module) is nn.Identity:
+        return "identity"
+    return None
+
+
+_AFFINE_FORWARD: dict[type, None] = dict.fromkeys(
+    (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+)
+
+
+def _module_step(name: str, module: nn.Module, kind: str, inp: Tensor, out: Tensor) -> Any:
+    """The step a recognised leaf module adds, or _TRANSPARENT; raises _Unsupported with a reason."""
+    label = f"'{name}' ({type(module).__name__})"
+    if kind == "activation":
+        cls = _defining_class(module, _ACTIVATION_MODULES)
+        assert cls is not None
+        act, params = _ACTIVATION_MODULES[cls]
+        return Elementwise(act, params(module), name)
+    if kind == "affine":
+        if isinstance(module, nn.Linear):
+            if inp.dim() != 2:
+                raise _Unsupported(label, f"on a {tuple(inp.shape)} input it mixes the last dim, not the channels")
+            return Affine(name, "linear")
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        if inp.dim() != module.weight.dim():
+            raise _Unsupported(label, f"on an unbatched {tuple(inp.shape)} input")
+        return Affine(name, "conv")
+    if kind == "pool":
+        if not isinstance(out, Tensor):
+            raise _Unsupported(label, "returns indices")
+        try:
+            return Pool(moments.PoolSpec.from_module(module), name)
+        except moments.MomentsError as error:
+            raise _Unsupported(label, str(error)) from None
+    if kind == "resample":
+        try:
+            return Resample(moments.ResampleSpec.from_module(module), name)
+        except moments.MomentsError as error:
+            raise _Unsupported(label, str(error)) from None
+    if kind == "dropout":
+        return Identity("dropout", name)
+    if kind == "flatten":
+        return _reshape_step(tuple(inp.shape), tuple(out.shape), label)
+    return _TRANSPARENT
+
+
+def _reshape_step(before: Shape, after: Shape, label: str) -> Any:
+    """The step for a reshape ``before → after`` of ``(N, C, *)`` that keeps N and the channels.
+
+    Flatten(start ≥ 2) where spatial dims merge, Flatten(1, end) where channels absorb
+    leading spatial dims, Reshape(spatial) for any other reshape that keeps N and C.
+    """
+    if before == after:
+        return _TRANSPARENT
+    if len(before) < 2 or len(after) < 2 or after[0] != before[0]:
+        raise _Unsupported(label, f"reshaping {before} to {after}: the batch dim does not survive")
+    for start in range(1, len(before)):
+        for end in range(start + 1, len(before)):
+            if (*before[:start], math.prod(before[start : end + 1]), *before[end + 1 :]) == after:
+                return Flatten(start, -1 if end == len(before) - 1 else end)
+    if after[1] == before[1]:
+        return Reshape(tuple(after[2:]))
+    raise _Unsupported(label, f"reshaping {before} to {after} mixes the channels (dim 1)")
+
+
+def _op_label(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if func in _POOL_FUNCTIONS:
+        return f"F.{_POOL_FUNCTIONS[func]}"
+    module = getattr(func, "__module__", None) or ""
+    qualname = getattr(func, "__qualname__", name)
+    if qualname.startswith("TensorBase.") or qualname.startswith("Tensor."):
+        return "Tensor." + qualname.split(".", 1)[1]
+    if qualname.startswith("_VariableFunctionsClass."):
+        return "torch." + name
+    if module == "torch.nn.functional" or module == "torch._C._nn":
+        return f"F.{name}"
+    return f"{module}.{name}" if module else name
+
+
+def _functions(*names: str, owners: Sequence[Any] = (F, torch, Tensor)) -> list[Any]:
+    found = []
+    for owner in owners:
+        for name in names:
+            func = getattr(owner, name, None)
+            if func is not None:
+                found.append(func)
+    return found
+
+
+_ELEMENTWISE_FUNCTIONS: dict[Any, tuple[str, tuple[tuple[str, Any], ...]]] = {}
+for _names, _kind, _params in (
+    (("relu", "relu_"), "relu", ()),
+    (("relu6",), "relu6", ()),
+    (("leaky_relu", "leaky_relu_"), "leaky_relu", (("negative_slope", 0.01),)),
+    (("hardtanh", "hardtanh_"), "hardtanh", (("min_val", -1.0), ("max_val", 1.0))),
+    (("hardsigmoid",), "hardsigmoid", ()),
+    (("hardswish",), "hardswish", ()),
+    (("elu", "elu_"), "elu", (("alpha", 1.0),)),
+    (("selu", "selu_"), "selu", ()),
+    (("celu", "celu_"), "celu", (("alpha", 1.0),)),
+    (("silu",), "silu", ()),
+    (("gelu",), "gelu", (("approximate", "none"),)),
+    (("sigmoid", "sigmoid_"), "sigmoid", ()),
+    (("tanh", "tanh_"), "tanh", ()),
+    (("mish",), "mish", ()),
+    (("softplus",), "softplus", (("beta", 1.0), ("threshold", 20.0))),
+):
+    for _func in _functions(*_names):
+        _ELEMENTWISE_FUNCTIONS.setdefault(_func, (_kind, _params))
+
+_POOL_FUNCTIONS: dict[Any, str] = {
+    getattr(F, f"{kind}_pool{rank}d"): f"{kind}_pool{rank}d"
+    for kind in ("max", "avg", "adaptive_avg", "adaptive_max")
+    for rank in (1, 2, 3)
+}
+_RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
+_DROPOUT_FUNCTIONS = set(
+    _functions("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+) | set(_functions("dropout_", "alpha_dropout_", "feature_dropout", "feature_alpha_dropout", owners=(torch,)))
+_TRANSPARENT_METHODS = set(
+    _functions(
+        "contiguous",
+        "clone",
+        "detach",
+        "to",
+        "float",
+        "double",
+        "half",
+        "bfloat16",
+        "type_as",
+        "cpu",
+        "cuda",
+        "requires_grad_",
+        owners=(Tensor,),
+    )
+) | {torch.clone, torch.detach}
+_RESHAPE_FUNCTIONS = set(
+    _functions("flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as", owners=(torch, Tensor))
+)
+_CONCAT_FUNCTIONS = set(_functions("cat", "concat", "concatenate", owners=(torch,)))
+_ADD_FUNCTIONS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
+_MEAN_FUNCTIONS = {torch.mean, Tensor.mean}
+_SPLIT_FUNCTIONS = set(_functions("split", "chunk", "tensor_split", owners=(torch, Tensor)))
+_NARROW_FUNCTIONS = set(_functions("narrow", owners=(torch, Tensor)))
+_AFFINE_FUNCTIONS: dict[Any, bool] = {  # -> transposed
+    F.conv1d: False, F.conv2d: False, F.conv3d: False, F.linear: False,
+    F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
+}  # fmt: skip
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__"}
+
+
+def _arg(args: Sequence[Any], kwargs: Mapping[str, Any], index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+# --------------------------------------------------------------------------- recording
+
+
+@dataclass(eq=False)
+class _Node:
+    """What produced a tensor. ``inputs``: (producer or None, shape) per data input."""
+
+    kind: Literal["input", "norm", "step", "concat", "sum", "pad", "opaque"]
+    shape: Shape
+    inputs: tuple[tuple[_Node | None, Shape], ...] = ()
+    step: Step | None = None
+    label: str = ""
+    post_steps: tuple[Step, ...] = ()
+    pads: tuple[int, ...] = ()  # a "pad" node's zero padding, F.pad order
+    why: str = ""  # an "opaque" node's reason, where it is a known op in an unsupported form
+
+
+@dataclass
+class _NormCall:
+    name: str
+    input: _Node | None
+    input_shape: Shape
+    calls: int = 1
+
+
+class _Recorder(TorchFunctionMode):
+    """The producer of every tensor of one forward (hooks + function mode), and each
+    normalization layer's first-call input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.producers: dict[int, tuple[weakref.ref[Tensor], _Node]] = {}  # id(tensor) -> (tensor, producer)
+        self.norms: dict[str, _NormCall] = {}
+        self.stack: list[tuple[str, nn.Module]] = []  # modules whose forward is running
+        self.leaf_depth = 0  # > 0 inside a recognised module: its own ops are not recorded
+        self.busy = False  # the recorder's own tensor calls are not recorded
+        self.nodes: list[_Node] = []  # keeps every node alive (and its id unique) for the walks
+        self.kinds: list[str | None] = []  # per running module: its leaf kind (None: not a leaf we know)
+        self.probed: dict[int, Elementwise | None] = {}  # id(module) -> the activation its forward computes
+
+    # ----------------------------------------------------------------- producers
+
+    def producer(self, tensor: Tensor) -> _Node | None:
+        entry = self.producers.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:  # a dead tensor's id, reused
+            return None
+        return entry[1]
+
+    def edge(self, tensor: Tensor) -> tuple[_Node | None, Shape]:
+        return self.producer(tensor), tuple(tensor.shape)
+
+    def produce(self, tensor: Tensor, node: _Node) -> None:
+        self.producers[id(tensor)] = (weakref.ref(tensor), node)
+        self.nodes.append(node)
+
+    def step_node(self, step: Any, source: tuple[_Node | None, Shape], out: Tensor) -> None:
+        if step is _TRANSPARENT:
+            if source[0] is not None:
+                self.produce(out, source[0])
+            return
+        self.produce(out, _Node("step", tuple(out.shape), (source,), step=step))
+
+    def opaque(
+        self, label: str, sources: Sequence[tuple[_Node | None, Shape]], outputs: Sequence[Tensor], why: str = ""
+    ) -> None:
+        """``outputs`` come from ``label`` (an op or module), which moments cannot pass (``why``, if known)."""
+        for out in outputs:
+            self.produce(out, _Node("opaque", tuple(out.shape), tuple(sources), label=label, why=why))
+
+    def where(self) -> str:
+        if not self.stack:
+            return ""
+        name, module = self.stack[-1]
+        where = f"'{name}'" if name else "the model's forward"
+        return f" in {where} ({type(module).__name__})"
+
+    # ----------------------------------------------------------------- modules
+
+    def pre_hook(self, name: str, static_kind: str | None) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            args = (*args, *kwargs.values())
+            kind = static_kind
+            if kind is None and self.leaf_depth == 0 and not self.busy and _probe_candidate(module, args):
+                kind = self._probe(name, module, args[0])
+            self.stack.append((name, module))
+            self.kinds.append(kind)
+            if kind is not None:
+                self.leaf_depth += 1
+
+        return hook
+
+    def _probe(self, name: str, module: nn.Module, example: Tensor) -> str | None:
+        """'probed' if the parameter-free module ``name`` computes a known activation
+        (:func:`_identify_activation`); cached per module."""
+        if id(module) not in self.probed:
+            self.busy = True
+            try:
+                self.probed[id(module)] = _identify_activation(module, example, name)
+            finally:
+                self.busy = False
+        return "probed" if self.probed[id(module)] is not None else None
+
+    def post_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            args = (*args, *kwargs.values())
+            self.stack.pop()
+            kind = self.kinds.pop()
+            if kind is not None:
+                self.leaf_depth -= 1
+            if self.leaf_depth > 0:
+                return
+            self.busy = True
+            try:
+                if kind is None:
+                    self._unseen_outputs(name, module, args, output)
+                else:
+                    self._leaf(name, module, kind, args, output)
+            finally:
+                self.busy = False
+
+        return hook
+
+    def _unseen_outputs(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        """An unrecognised module whose outputs no recorded op produced (custom autograd
+        functions, C++ ops): the module itself is their producer, an opaque one."""
+        unseen = [t for t in _tensors(output) if self.producer(t) is None]
+        if unseen and name:
+            sources = [self.edge(t) for t in _tensors(args)]
+            self.opaque(f"'{name}' ({type(module).__name__})", sources, unseen)
+
+    def _leaf(self, name: str, module: nn.Module, kind: str, args: Any, output: Any) -> None:
+        inputs = list(_tensors(args))
+        outputs = list(_tensors(output))
+        label = f"'{name}' ({type(module).__name__})"
+        if not inputs or not outputs:
+            self.opaque(label, [self.edge(t) for t in inputs], outputs)
+            return
+        inp, out = inputs[0], outputs[0]
+        source = self.edge(inp)
+        if kind == "norm":
+            self._norm(name, module, source, out)
+            return
+        try:
+            if kind == "probed":
+                step = self.probed[id(module)]
+            elif kind == "pad":
+                self._pad(_module_pads(module), source, out, label)
+                return
+            else:
+                step = _module_step(name, module, kind, inp, out)
+        except _Unsupported as reason:
+            self.opaque(reason.what, [source], outputs, reason.why)
+            return
+        self.step_node(step, source, out)
+
+    def _norm(self, name: str, module: nn.Module, source: tuple[_Node | None, Shape], out: Tensor) -> None:
+        if name in self.norms:
+            self.norms[name].calls += 1
+        else:
+            self.norms[name] = _NormCall(name, source[0], source[1])
+        post_steps, unsupported = _norm_post_steps(name, module)
+        node = _Node("norm", tuple(out.shape), (source,), label=name, post_steps=post_steps)
+        if unsupported:
+            self.nodes.append(node)
+            self.opaque(unsupported, [(node, tuple(out.shape))], [out])
+        else:
+            self.produce(out, node)
+
+    # ----------------------------------------------------------------- functions
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.leaf_depth > 0 or self.busy:
+            return func(*args, **kwargs)
+        sources = [self.edge(t) for t in _tensors(args)] + [self.edge(t) for t in _tensors(kwargs)]
+        out = func(*args, **kwargs)
+        self.busy = True
+        try:
+            self._function(func, args, kwargs, sources, out)
+        finally:
+            self.busy = False
+        return out
+
+    def _function(
+        self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], sources: list[tuple[_Node | None, Shape]],
+        out: Any,
+    ) -> None:  # fmt: skip
+        outputs = list(_tensors(out))
+        mutated = _mutated(func, args)
+        if not outputs and mutated is None:
+            return
+        label = _op_label(func) + self.where()
+        try:
+            if func in _SPLIT_FUNCTIONS and sources and outputs and self._split(args, kwargs, sources[0], outputs):
+                return
+            if isinstance(out, Tensor) and sources:
+                if self._recognised(func, args, kwargs, sources, out, label):
+                    return
+        except _Unsupported as reason:
+            label, why = reason.what, reason.why
+        else:
+            why = ""
+        targets = outputs if mutated is None or any(t is mutated for t in outputs) else [*outputs, mutated]
+        self.opaque(label, sources, targets, why)
+
+    def _recognised(
+        self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], sources: list[tuple[_Node | None, Shape]],
+        out: Tensor, label: str,
+    ) -> bool:  # fmt: skip
+        """Record ``func`` if it is an op whose moments are carried; False if it is not one."""
+        source = sources[0]
+        first = args[0] if args else None
+        if func in _ELEMENTWISE_FUNCTIONS:
+            kind, defaults = _ELEMENTWISE_FUNCTIONS[func]
+            params = tuple((n, _arg(args, kwargs, i + 1, n, d)) for i, (n, d) in enumerate(defaults))
+            self.step_node(Elementwise(kind, params), source, out)
+            return True
+        if func is F.prelu:
+            owner = self._owner_of(_arg(args, kwargs, 1, "weight"))
+            if owner is None:
+                raise _Unsupported(label, "a weight that is no module's parameter")
+            self.step_node(Elementwise("prelu", (), owner), source, out)
+            return True
+        if func in _POOL_FUNCTIONS:
+            try:
+                spec = moments.PoolSpec.from_call(_POOL_FUNCTIONS[func], args, kwargs)
+            except moments.MomentsError as error:
+                raise _Unsupported(label, str(error)) from None
+            self.step_node(Pool(spec), source, out)
+            return True
+        if func in _RESAMPLE_FUNCTIONS:
+            try:
+                resample = moments.ResampleSpec.from_call(args, kwargs)
+            except moments.MomentsError as error:
+                raise _Unsupported(label, str(error)) from None
+            self.step_node(Resample(resample), source, out)
+            return True
+        if func in _AFFINE_FUNCTIONS:
+            return self._affine(func, args, kwargs, source, out, label)
+        if func is F.pad:
+            mode = _arg(args, kwargs, 2, "mode", "constant")
+            value = _arg(args, kwargs, 3, "value", None)
+            pads = tuple(_arg(args, kwargs, 1, "pad"))
+            if any(pads) and (mode != "constant" or value not in (None, 0)):
+                raise _Unsupported(label, f"{mode} padding {list(pads)}, value {value}")
+            self._pad(pads, source, out, label)
+            return True
+        if func in _DROPOUT_FUNCTIONS:
+            self.step_node(Identity("dropout"), source, out)
+            return True
+        if func in _TRANSPARENT_METHODS and isinstance(first, Tensor) and first.shape == out.shape:
+            self.step_node(_TRANSPARENT, source, out)
+            return True
+        if func in _RESHAPE_FUNCTIONS and isinstance(first, Tensor):
+            self.step_node(_reshape_step(tuple(first.shape), tuple(out.shape), label), source, out)
+            return True
+        if func is Tensor.__getitem__ and isinstance(first, Tensor):
+            self.step_node(_channel_index(args[1], first.shape, label), source, out)
+            return True
+        if func in _NARROW_FUNCTIONS and isinstance(first, Tensor):
+            dim, start = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "start")
+            if not isinstance(dim, int) or dim % first.dim() != 1 or not isinstance(start, int):
+                raise _Unsupported(label, f"along dim {dim}: not the channel dim")
+            self.step_node(Channels(start % first.shape[1], start % first.shape[1] + out.shape[1]), source, out)
+            return True
+        if func in _MEAN_FUNCTIONS and isinstance(first, Tensor):
+            return self._mean(first, args, kwargs, source, out, label)
+        if func in _CONCAT_FUNCTIONS:
+            return self._concat(args, kwargs, sources, out, label)
+        if func in _ADD_FUNCTIONS:
+            return self._add(args, kwargs, sources, out, label)
+        return False
+
+    def _pad(self, pads: tuple[int, ...], source: tuple[_Node | None, Shape], out: Tensor, label: str) -> None:
+        """Zero padding ``pads`` (``F.pad`` order: last dim first): kept as a 'pad' node, which only
+        a following conv can absorb (as its own padding); no padding at all is no step."""
+        if not any(pads):
+            self.step_node(_TRANSPARENT, source, out)
+            return
+        self.produce(
+            out, _Node("pad", tuple(out.shape), (source,), label=f"zero padding {list(pads)} ({label})", pads=pads)
+        )
+
+    def _affine(
+        self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], source: tuple[_Node | None, Shape],
+        out: Tensor, label: str,
+    ) -> bool:  # fmt: skip
+        """``F.conv*d`` / ``F.linear`` with the weight of a Conv/Linear module whose own forward
+        calls it (a subclass that pads first, e.g. TensorFlow-style "same" padding): recorded as
+        that module, with the explicit zero padding before it folded into its padding."""
+        owner = self._owner_of(_arg(args, kwargs, 1, "weight"))
+        module = None if owner is None else self._module(owner)
+        if owner is None or module is None:
+            raise _Unsupported(label, "a weight that is no Conv/Linear module's parameter")
+        if _arg(args, kwargs, 2, "bias") is not module.bias:
+            raise _Unsupported(label, f"a bias other than its module '{owner}''s")
+        if func is F.linear:
+            if not isinstance(module, nn.Linear) or out.dim() != 2:
+                raise _Unsupported(label, f"'{owner}''s weight on a {tuple(out.shape)} output")
+            self.step_node(Affine(owner, "linear"), source, out)
+            return True
+        transposed = _AFFINE_FUNCTIONS[func]
+        if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed != transposed:
+            raise _Unsupported(label, f"the weight of '{owner}' ({type(module).__name__})")
+        names: tuple[str, ...]
+        if transposed:  # (input, weight, bias, stride, padding, output_padding, groups, dilation)
+            names = ("stride", "padding", "output_padding", "groups", "dilation")
+        else:  # (input, weight, bias, stride, padding, dilation, groups)
+            names = ("stride", "padding", "dilation", "groups")
+        defaults = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+        rank = module.weight.dim() - 2
+        for index, key in enumerate(names):
+            value = _arg(args, kwargs, 3 + index, key, defaults[key])
+            expected = getattr(module, key)
+            expected = tuple(expected) if isinstance(expected, list) else expected
+            if not isinstance(value, str) and key != "groups":
+                value = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+            if value != expected or module.padding_mode != "zeros":
+                raise _Unsupported(
+                    label,
+                    f"{key}={value} where its module '{owner}' has {expected}, padding_mode {module.padding_mode!r}",
+                )
+        padding: tuple[int, ...] | None = None
+        pad_node = source[0]
+        if pad_node is not None and pad_node.kind == "pad" and not transposed and not isinstance(module.padding, str):
+            per_dim = _symmetric_pads(pad_node.pads, rank)
+            if per_dim is None:
+                raise _Unsupported(
+                    f"asymmetric zero padding {list(pad_node.pads)} before '{owner}' ({type(module).__name__})",
+                    "conv moments take symmetric padding only",
+                )
+            padding = tuple(p + q for p, q in zip(module.padding, per_dim))  # type: ignore[operator]
+            source = pad_node.inputs[0]
+        self.step_node(Affine(owner, "conv", padding), source, out)
+        return True
+
+    def _module(self, name: str) -> nn.Module | None:
+        for entry_name, module in self.stack:
+            if entry_name == name:
+                return module
+        return None
+
+    def _split(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], source: tuple[_Node | None, Shape], outputs: list[Tensor]
+    ) -> bool:
+        """``split`` / ``chunk`` / ``tensor_split`` along the channels: one channel range per output."""
+        dim = _arg(args, kwargs, 2, "dim", 0)
+        first = args[0] if args else None
+        if not isinstance(first, Tensor) or not isinstance(dim, int) or first.dim() < 2 or dim % first.dim() != 1:
+            return False
+        start = 0
+        for out in outputs:
+            self.step_node(Channels(start, start + out.shape[1]), source, out)
+            start += out.shape[1]
+        return True
+
+    def _owner_of(self, parameter: Any) -> str | None:
+        """The innermost module on the call stack that holds ``parameter`` directly."""
+        for name, module in reversed(self.stack):
+            if any(p is parameter for p in module.parameters(recurse=False)):
+                return name
+        return None
+
+    def _mean(
+        self, first: Tensor, args: Sequence[Any], kwargs: Mapping[str, Any], source: tuple[_Node | None, Shape],
+        out: Tensor, label: str,
+    ) -> bool:  # fmt: skip
+        """``x.mean(spatial dims)``: global average pooling (and a reshape when not keepdim)."""
+        dims = _arg(args, kwargs, 1, "dim")
+        keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
+        rank = first.dim() - 2
+        if dims is None or rank < 1 or _arg(args, kwargs, 3, "dtype") is not None:
+            raise _Unsupported(label, f"over {dims}: not a mean over the spatial dims")
+        dims = {d % first.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
+        if dims != set(range(2, first.dim())):
+            raise _Unsupported(label, f"over dims {sorted(dims)} of {tuple(first.shape)}: not the spatial dims")
+        pooled_shape = (*first.shape[:2], *([1] * rank))
+        spec = moments.PoolSpec.create("adaptive_avg", rank, output_size=1)
+        pool = _Node("step", pooled_shape, (source,), step=Pool(spec))
+        if keepdim:
+            self.produce(out, pool)
+        else:
+            self.nodes.append(pool)
+            self.step_node(Reshape(()), (pool, pooled_shape), out)
+        return True
+
+    def _concat(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], sources: list[tuple[_Node | None, Shape]], out: Tensor,
+        label: str,
+    ) -> bool:  # fmt: skip
+        dim = _arg(args, kwargs, 1, "dim", kwargs.get("axis", 0))
+        if not isinstance(dim, int) or out.dim() < 2 or dim % out.dim() != 1:
+            raise _Unsupported(label, f"along dim {dim} of {tuple(out.shape)}: not the channel dim")
+        parts = [s for s in sources if s[1] and s[1][1:2] != (0,)]  # empty parts add no channels
+        self.produce(out, _Node("concat", tuple(out.shape), tuple(parts)))
+        return True
+
+    def _add(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], sources: list[tuple[_Node | None, Shape]], out: Tensor,
+        label: str,
+    ) -> bool:  # fmt: skip
+        other = _arg(args, kwargs, 1, "other")
+        alpha = kwargs.get("alpha", 1)
+        if not isinstance(other, Tensor):
+            if isinstance(other, (int, float)) and other == 0:  # sum(tensors) starts at 0
+                self.step_node(_TRANSPARENT, sources[0], out)
+                return True
+            raise _Unsupported(label, f"of the constant {other!r}")
+        if alpha != 1 or len(sources) != 2 or any(shape != tuple(out.shape) for _, shape in sources):
+            shapes = [shape for _, shape in sources]
+            raise _Unsupported(label, f"of shapes {shapes} (alpha={alpha}): not a residual sum of equal shapes")
+        self.produce(out, _Node("sum", tuple(out.shape), tuple(sources)))
+        return True
+
+
+def _channel_index(index: Any, shape: torch.Size, label: str) -> Any:
+    """The step for ``x[index]`` on ``x: (N, C, *)`` if it keeps N and all positions: a channel
+    range ``x[:, a:b]`` (trailing full slices or ``...`` allowed) or nothing at all."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    full = slice(None)
+    while items and (items[-1] is Ellipsis or items[-1] == full):
+        items.pop()
+    if not items:
+        return _TRANSPARENT
+    if len(items) == 2 and items[0] == full and isinstance(items[1], slice) and items[1].step in (None, 1):
+        start, stop, _ = items[1].indices(shape[1])
+        return Channels(start, max(start, stop))
+    raise _Unsupported(label, f"index {index!r}: not a range of channels")
+
+
+def _module_pads(module: nn.Module) -> tuple[int, ...]:
+    """A ``nn.ConstantPad*d`` / ``nn.ZeroPad*d``'s padding, in ``F.pad`` order."""
+    padding: Any = module.padding
+    return tuple(padding) if isinstance(padding, (tuple, list)) else (int(padding),) * 2
+
+
+def _symmetric_pads(pads: tuple[int, ...], rank: int) -> tuple[int, ...] | None:
+    """Per spatial dim (first to last), the padding of ``pads`` (``F.pad`` order, last dim
+    first, possibly covering only the last dims) if it pads each side alike; else None."""
+    if len(pads) % 2 or len(pads) // 2 > rank:
+        return None
+    pairs = [(pads[2 * i], pads[2 * i + 1]) for i in range(len(pads) // 2)]  # last dim first
+    if any(left != right for left, right in pairs):
+        return None
+    per_dim = [left for left, _ in reversed(pairs)]
+    return (0,) * (rank - len(per_dim)) + tuple(per_dim)
+
+
+#: Activations a parameter-free module is tried against (its forward on a probe tensor),
+#: in order; the first match wins (elu and celu with alpha 1 are the same function).
+_PROBE_CANDIDATES: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = (
+    ("identity", ()), ("relu", ()), ("relu6", ()), ("leaky_relu", (("negative_slope", 0.01),)),
+    ("hardtanh", (("max_val", 1.0), ("min_val", -1.0))), ("hardsigmoid", ()), ("hardswish", ()),
+    ("elu", (("alpha", 1.0),)), ("selu", ()), ("silu", ()), ("gelu", (("approximate", "none"),)),
+    ("gelu", (("approximate", "tanh"),)), ("sigmoid", ()), ("tanh", ()), ("mish", ()),
+    ("softplus", (("beta", 1.0), ("threshold", 20.0))),
+)  # fmt: skip
+_PROBE_RANGE = 8.0
+
+
+def _probe_candidate(module: nn.Module, args: Any) -> bool:
+    """A leaf module without parameters or buffers, called on one floating-point tensor."""
+    if next(module.children(), None) is not None or next(module.parameters(), None) is not None:
+        return False
+    if next(module.buffers(), None) is not None:
+        return False
+    return len(args) == 1 and isinstance(args[0], Tensor) and args[0].is_floating_point() and args[0].numel() >= 32
+
+
+def _identify_activation(module: nn.Module, example: Tensor, name: str) -> Elementwise | None:
+    """The activation that ``module.forward`` computes, found by running it on a probe.
+
+    The probe has ``example``'s shape, dtype and device and values spread evenly over
+    [-8, 8] (where every candidate's pieces differ); the module must match a candidate
+    there to 1e-4 relative / 1e-5 absolute (e.g. geffnet's ``HardSwishMe``,
+    efficientnet-pytorch's ``MemoryEfficientSwish``, custom ``Swish`` modules).
+    """
+    probe = torch.linspace(-_PROBE_RANGE, _PROBE_RANGE, example.numel(), dtype=example.dtype, device=example.device)
+    probe = probe.reshape(example.shape)
+    candidates = [Elementwise(kind, params, name) for kind, params in _PROBE_CANDIDATES]
+    results = [(step, step.apply(probe.clone(), {})) for step in candidates]
+    try:
+        actual = module.forward(probe.clone())
+    except Exception:  # any failure on the probe means "not a plain activation"
+        return None
+    if not isinstance(actual, Tensor) or actual.shape != probe.shape:
+        return None
+    for step, result in results:
+        if torch.allclose(actual, result, rtol=1e-4, atol=1e-5):
+            return step
+    return None
+
+
+def _mutated(func: Any, args: Sequence[Any]) -> Tensor | None:
+    """The tensor an in-place op writes to (its first argument), if ``func`` is one."""
+    name = getattr(func, "__name__", "")
+    inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
+    if inplace and args and isinstance(args[0], Tensor):
+        return args[0]
+    return None
+
+
+def _forward_understood(module: nn.Module) -> bool:
+    """A normalization whose forward is torch's or bkn_export's, or normalizes then runs its own
+    ``drop`` / ``act`` children (timm's norm-act layers): what :func:`_norm_post_steps` reads."""
+    owner = next(cls for cls in type(module).__mro__ if "forward" in cls.__dict__)
+    if owner.__module__.startswith(("torch.", "bkn_export.")):
+        return True
+    return any(name in ("drop", "act") for name, _ in module.named_children())
+
+
+def _norm_post_steps(name: str, module: nn.Module) -> tuple[tuple[Step, ...], str]:
+    """Steps a normalization module applies after normalizing: its ``drop`` then its ``act``
+    child (timm's ``BatchNormAct2d`` and BKN's norm-act layers). Returns (steps, reason
+    the output cannot carry moments, or "")."""
+    children = dict(module.named_children())
+    unknown = sorted(set(children) - {"drop", "act"})
+    if unknown:
+        return (), f"'{name}' ({type(module).__name__}) with submodules {unknown} after the normalization"
+    steps: list[Step] = []
+    for child_name in ("drop", "act"):
+        if child_name not in children:
+            continue
+        child, qualified = children[child_name], f"{name}.{child_name}"
+        kind = _leaf_kind(child)
+        if kind == "identity":
+            continue
+        if kind == "dropout":
+            steps.append(Identity("dropout", qualified))
+        elif kind == "activation":
+            cls = _defining_class(child, _ACTIVATION_MODULES)
+            assert cls is not None
+            act, params = _ACTIVATION_MODULES[cls]
+            steps.append(Elementwise(act, params(child), qualified))
+        else:
+            return (), f"'{qualified}' ({type(child).__name__}) inside the normalization '{name}'"
+    return tuple(steps), ""
+
+
+# --------------------------------------------------------------------------- walking back
+
+
+class _Walker:
+    """Turns recorded producer nodes into SourcePaths (memoised: a node feeds many layers)."""
+
+    def __init__(self) -> None:
+        self._paths: dict[int, SourcePath] = {}
+
+    def path(self, node: _Node | None, shape: Shape) -> SourcePath:
+        key = id(node)
+        if node is not None and key in self._paths:
+            return self._paths[key]
+        steps: list[Step] = []
+        current, current_shape = node, shape
+        while current is not None and current.kind == "step":
+            assert current.step is not None
+            steps.append(current.step)
+            current, current_shape = current.inputs[0]
+        steps.reverse()
+        channels = shape[1] if len(shape) > 1 else 1
+        if current is None:
+            path = SourcePath(
+                None,
+                tuple(steps),
+                channels,
+                current_shape,
+                fallback="reaches a tensor no recorded op produced (a parameter, buffer or constant)",
+            )
+        elif current.kind == "norm":
+            path = SourcePath(
+                current.label, commute_max_pools(current.post_steps + tuple(steps)), channels, current.shape
+            )
+        elif current.kind in ("concat", "sum"):
+            origin = self.combination(current)
+            path = SourcePath(None, commute_max_pools(tuple(steps)), channels, current.shape, origin=origin)
+        elif current.kind == "input":
+            path = SourcePath(
+                None, tuple(steps), channels, current.shape, fallback=f"reaches the model input {current.label}"
+            )
+        else:
+            why = f" ({current.why})" if current.why else ""
+            path = SourcePath(
+                None, tuple(steps), channels, current.shape, fallback=f"{current.label} cannot carry moments{why}"
+            )
+        if node is not None:
+            self._paths[key] = path
+        return path
+
+    def parts(self, node: _Node) -> list[SourcePath]:
+        """The parts of a concat / addends of a sum; directly nested ones of the same kind flattened."""
+        parts: list[SourcePath] = []
+        for source, shape in node.inputs:
+            if source is not None and source.kind == node.kind:
+                parts.extend(self.parts(source))
+            else:
+                parts.append(self.path(source, shape))
+        return parts
+
+    def combination(self, node: _Node) -> Combination:
+        assert node.kind in ("concat", "sum")
+        return Combination(node.kind, tuple(self.parts(node)))  # type: ignore[arg-type]
+
+
+def _where(combine: str, index: int, source: SourcePath, prefix: str) -> str:
+    if combine == "concat":
+        return f"{prefix}concat part {index} ({source.channels} channels)"
+    if combine == "sum":
+        return f"{prefix}addend {index}"
+    return f"{prefix}its input"
+
+
+def _fallbacks(sources: Sequence[SourcePath], combine: str, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(where, why) for every part of ``sources`` (nested ones too) that falls back."""
+    for index, source in enumerate(sources):
+        where = _where(combine, index, source, prefix)
+        if source.falls_back:
+            yield where, source.fallback
+        elif source.origin is not None:
+            yield from _fallbacks(source.origin.sources, source.origin.combine, f"{where} → ")
+
+
+def _kernel_and_stride(step: Step, modules: Mapping[str, nn.Module]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Window and stride over positions of a conv or a pooling step (() for others)."""
+    if isinstance(step, Affine) and step.kind == "conv" and step.module in modules:
+        layer = modules[step.module]
+        assert isinstance(layer, nn.modules.conv._ConvNd)
+        return tuple(layer.kernel_size), tuple(layer.stride)
+    if isinstance(step, Pool) and not step.spec.kind.startswith("adaptive"):
+        return step.spec.kernel_size, step.spec.stride
+    return (), ()
+
+
+def _combines_positions(step: Step, modules: Mapping[str, nn.Module]) -> bool:
+    """A step whose outputs sum or compare several input positions (its moments assume them independent)."""
+    if isinstance(step, Pool) and step.spec.kind.startswith("adaptive"):
+        return True
+    if isinstance(step, Resample):
+        return not step.spec.mode.startswith("nearest")
+    kernel, _ = _kernel_and_stride(step, modules)
+    return math.prod(kernel) > 1
+
+
+def _makes_positions_dependent(step: Step, modules: Mapping[str, nn.Module]) -> bool:
+    """A step after which positions are no longer independent and alike: resampling (copies or
+    blends neighbours), windows that overlap (kernel > stride), or padded pooling windows."""
+    if isinstance(step, Resample):
+        return True
+    kernel, stride = _kernel_and_stride(step, modules)
+    if isinstance(step, Pool) and any(step.spec.padding):
+        return True
+    return any(k > s for k, s in zip(kernel, stride))
+
+
+def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) -> tuple[str | None, list[str]]:
+    """(the step after which the path's positions are dependent, or None; approximation notes)."""
+    dependent: str | None = None
+    notes: list[str] = []
+    if path.origin is not None:
+        for index, part in enumerate(path.origin.sources):
+            part_dependent, part_notes = _dependence(
+                part, modules, _where(path.origin.combine, index, part, f"{where} → ")
+            )
+            notes += part_notes
+            dependent = dependent or part_dependent
+    for step in path.steps:
+        if dependent is not None and _combines_positions(step, modules):
+            notes.append(
+                f"{where}: approximate variance: {step.describe()} combines positions that {dependent} made "
+                "dependent, and the moments take them as independent"
+            )
+            dependent = None  # one note per cause
+        if _makes_positions_dependent(step, modules):
+            dependent = step.describe()
+    return dependent, notes
+
+
+def _layer_record(call: _NormCall, walker: _Walker, modules: Mapping[str, nn.Module]) -> LayerRecord:
+    node = call.input
+    if node is not None and node.kind in ("concat", "sum"):
+        combine: Combine = node.kind  # type: ignore[assignment]
+        sources = tuple(walker.parts(node))
+    else:
+        combine = "single"
+        sources = (walker.path(node, call.input_shape),)
+    fallbacks = list(_fallbacks(sources, combine))
+    if any(source.reaches_normalization for source in sources):
+        notes = [f"{where} {why}; this part falls back" for where, why in fallbacks]
+        for index, source in enumerate(sources):
+            notes += _dependence(source, modules, _where(combine, index, source, ""))[1]
+    else:
+        reasons = "; ".join(f"{where} {why}" for where, why in fallbacks)
+        notes = [f"first in its chain: no normalization upstream ({reasons})"]
+        combine, sources = "none", ()
+    if call.calls > 1:
+        notes.append(f"runs {call.calls} times per forward; wired by its first call")
+    return LayerRecord(call.name, call.input_shape, sources, combine, tuple(notes))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _input_nodes(example_inputs: Any, label: str) -> Iterator[tuple[Tensor, _Node]]:
+    if isinstance(example_inputs, Tensor):
+        yield example_inputs, _Node("input", tuple(example_inputs.shape), label=label)
+    elif isinstance(example_inputs, Mapping):
+        for key, value in example_inputs.items():
+            yield from _input_nodes(value, f"{label}[{key!r}]")
+    elif isinstance(example_inputs, (tuple, list)):
+        for index, value in enumerate(example_inputs):
+            yield from _input_nodes(value, f"{label}[{index}]")
+
+
+@contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no_grad for one forward; every module's mode restored afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
+    """Record which tensor feeds which module/op on one forward and walk each normalization's input back.
+
+    model: any ``nn.Module``; example_inputs: a tensor, a tuple/list of positional
+    inputs, or a dict of keyword inputs (nested containers allowed; outputs may be
+    anything). The forward runs once, in eval mode under ``torch.no_grad()`` (no
+    statistic changes; every module's mode is restored). Returns every normalization
+    layer that ran, in first-call order, as a :class:`LayerRecord`; layers that did not
+    run are named in ``RecordedChain.notes``.
+    """
+    recorder = _Recorder()
+    handles = []
+    for name, module in model.named_modules():
+        kind = _leaf_kind(module)
+        handles.append(module.register_forward_pre_hook(recorder.pre_hook(name, kind), with_kwargs=True))
+        handles.append(module.register_forward_hook(recorder.post_hook(name), with_kwargs=True, always_call=True))
+    label = "'input'" if isinstance(example_inputs, Tensor) else "input"
+    for tensor, node in _input_nodes(example_inputs, label):
+        recorder.produce(tensor, node)
+    try:
+        with _eval_no_grad(model), recorder:
+            if isinstance(example_inputs, Mapping):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    except Exception as error:
+        raise ChainWiringError(
+            f"the example forward of {type(model).__name__} failed while recording its chain "
+            f"({type(error).__name__}: {error}); pass example_inputs the model accepts: a tensor, a tuple of "
+            "positional inputs or a dict of keyword inputs"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    walker = _Walker()
+    modules = dict(model.named_modules())
+    layers = tuple(_layer_record(call, walker, modules) for call in recorder.norms.values())
+    notes: list[str] = []
+    for name, module in model.named_modules():
+        label = f"'{name}' ({type(module).__name__})"
+        if is_normalization(module) and name not in recorder.norms:
+            notes.append(f"{label} did not run on the example inputs; it is not wired")
+        if name in recorder.norms and not _forward_understood(module):
+            notes.append(
+                f"{label} has its own forward, which this recorder cannot see into: its output is taken as the "
+                "normalization's (if it also applies an activation, give the module `drop`/`act` children)"
+            )
+        probed = recorder.probed.get(id(module))
+        if probed is not None:
+            notes.append(
+                f"{label} is taken as {probed.describe().split(' ')[0]}: its forward matched it on a probe over "
+                f"[-{_PROBE_RANGE:g}, {_PROBE_RANGE:g}]"
+            )
+    return RecordedChain(layers, tuple(notes))

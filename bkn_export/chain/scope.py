@@ -1,0 +1,256 @@
+"""The chain's per-call state: what each layer published during one forward of its root.
+
+A wired *root* (the model :func:`bkn_export.wire_chain` was called on) carries a
+:class:`ChainRoot` token and two hooks: a forward pre-hook opens a fresh
+:class:`ChainScratch` for the call, and a forward hook registered with
+``always_call=True`` drops it, so that a forward that raises leaves nothing behind.
+Within the call, each wired layer publishes its posterior into the scratch under its
+name and reads its sources' posteriors from it; when the call returns, the scratch is
+gone. No module attribute holds a posterior between calls, and nothing is cleared by
+position.
+
+Where the scratch lives during the call:
+
+* eager (and non-strict ``torch.export``, which runs the Python code as is): a
+  ``contextvars.ContextVar`` mapping each open root to its scratch, so two threads (or
+  asyncio tasks) running the same model never see each other's posteriors;
+* while dynamo traces (``torch.compile``, strict ``torch.export``), which cannot trace a
+  ContextVar: a slot on the root's token, set and cleared within the traced call (the
+  traced graph itself carries the posteriors as plain data flow, and dynamo compiles
+  one frame at a time). Compile the root you wired: a layer traced by dynamo inside a
+  compiled *submodule* of an eager root does not see the eager scratch and runs as
+  first in chain.
+
+A layer called outside a forward of its root finds no scratch and behaves exactly as a
+first-in-chain layer, i.e. as ``nn.BatchNorm*d``.
+
+:func:`bkn_export.chain.observe.observe` opens an additional scratch in which *every* BKN layer of a model
+publishes (wired or not), with its prior and batch statistics: what the training-mode
+export and :func:`bkn_export.chain_statistics` read instead of patching the layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar, Token
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from bkn_export import functional as Fk
+from bkn_export.nn import Prior, _BatchKalmanNorm
+
+__all__ = [
+    "ChainRoot",
+    "ChainScratch",
+    "Observation",
+    "Observer",
+    "Published",
+    "Submodules",
+    "attach_root",
+    "close_observer",
+    "detach_roots",
+    "move_root",
+    "observers",
+    "open_observer",
+    "scratch_for",
+]
+
+#: The attribute of a wired root module that holds its ChainRoot token.
+ROOT_ATTRIBUTE = "_bkn_chain_root"
+
+
+class Published(NamedTuple):
+    """What one layer hands on within a call.
+
+    posterior_mean, posterior_variance: (C,) μ_{j|j}, Σ_{j|j}; count: elements per channel
+    its statistics span (an int, a SymInt while tracing); input_shape: (N, C, *) of its
+    input; weight, bias: γ, β (C,) or None; eps: ε (for ``prior_source="output"``).
+    """
+
+    posterior_mean: Tensor
+    posterior_variance: Tensor
+    count: Any
+    input_shape: tuple[int, ...]
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+
+class ChainRoot:
+    """The identity of one wired root model (compared by identity; copied with the model).
+
+    ``traced`` holds the open scratch only while dynamo traces a call of the root.
+    """
+
+    __slots__ = ("traced",)
+
+    def __init__(self) -> None:
+        self.traced: ChainScratch | None = None
+
+    def __reduce__(self) -> tuple[type[ChainRoot], tuple[()]]:
+        # A copy (deepcopy, pickle) is a new identity with no open scratch.
+        return ChainRoot, ()
+
+
+class Submodules(Mapping[str, nn.Module]):
+    """The live modules of ``root`` by qualified name (what steps look their modules up in).
+
+    Lookups walk the module tree (``get_submodule``): nothing is copied per call.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self._root = root
+
+    def __getitem__(self, name: str) -> nn.Module:
+        try:
+            return self._root.get_submodule(name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._root.named_modules())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._root.named_modules())
+
+
+class ChainScratch:
+    """The posteriors published during one forward of a root, by layer name."""
+
+    def __init__(self, root: ChainRoot, modules: Mapping[str, nn.Module]) -> None:
+        self.root = root
+        self.modules = modules
+        self.published: dict[str, Published] = {}
+        self.token: Token[Mapping[ChainRoot, ChainScratch]] | None = None
+
+
+_OPEN: ContextVar[Mapping[ChainRoot, ChainScratch]] = ContextVar("bkn_chain_scratches", default=MappingProxyType({}))
+
+
+def scratch_for(root: ChainRoot) -> ChainScratch | None:
+    """The scratch of the current call of ``root`` in this thread/task, or None outside one."""
+    if torch.compiler.is_dynamo_compiling():
+        return root.traced
+    return _OPEN.get().get(root)
+
+
+def _open_scratch(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a wired root: a fresh scratch for this call."""
+    root: ChainRoot = module.__dict__[ROOT_ATTRIBUTE]
+    scratch = ChainScratch(root, Submodules(module))
+    if torch.compiler.is_dynamo_compiling():
+        root.traced = scratch
+        return
+    scratch.token = _OPEN.set(MappingProxyType({**_OPEN.get(), root: scratch}))
+
+
+def _close_scratch(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook (always called, also when the forward raises): drop this call's scratch."""
+    root: ChainRoot = module.__dict__[ROOT_ATTRIBUTE]
+    if torch.compiler.is_dynamo_compiling():
+        root.traced = None
+        return
+    scratch = _OPEN.get().get(root)
+    if scratch is not None and scratch.token is not None:
+        _OPEN.reset(scratch.token)
+
+
+def attach_root(model: nn.Module) -> ChainRoot:
+    """Make ``model`` a chain root: a new token and the two hooks (earlier ones of the tree removed)."""
+    root = ChainRoot()
+    _install(model, root)
+    return root
+
+
+def _install(model: nn.Module, root: ChainRoot) -> None:
+    detach_roots(model)
+    model.__dict__[ROOT_ATTRIBUTE] = root
+    # First among the pre-hooks, so that no other pre-hook can fail before the scratch is open.
+    model.register_forward_pre_hook(_open_scratch, prepend=True)
+    model.register_forward_hook(_close_scratch, always_call=True)
+
+
+def move_root(source: nn.Module, target: nn.Module) -> None:
+    """Make ``target`` the root of the chain wired on ``source`` (same token: its layers follow).
+
+    For a conversion that wires a working copy and then moves the new layers into the
+    original model. A ``source`` that is not a root leaves ``target`` as it is.
+    """
+    root = source.__dict__.get(ROOT_ATTRIBUTE)
+    if source is target or not isinstance(root, ChainRoot):
+        return
+    detach_roots(source)
+    _install(target, root)
+
+
+def detach_roots(model: nn.Module) -> None:
+    """Remove the chain-root token and hooks from ``model`` and every submodule."""
+    for module in model.modules():
+        module.__dict__.pop(ROOT_ATTRIBUTE, None)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _open_scratch:
+                del module._forward_pre_hooks[key]
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is _close_scratch:
+                del module._forward_hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+
+
+# --------------------------------------------------------------------------- observation
+
+
+class Observation(NamedTuple):
+    """One layer's train-mode step as an :class:`Observer` saw it (first call per forward).
+
+    prior: the transition's prediction with the Gaussians it pushed (None: no prior in
+    this call); op_prior: (μ_{k|k-1}, Σ_{k|k-1} + R_k, p_k) as the op received them;
+    batch: the layer's batch statistics of its local input; published: the posterior.
+    """
+
+    prior: Prior | None
+    op_prior: tuple[Tensor, Tensor, Tensor]
+    batch: Fk.BatchStatistics
+    published: Published
+
+
+class Observer:
+    """Collects an :class:`Observation` per BKN layer of ``model``, in call order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(m): name for name, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)}
+        self.observations: dict[str, Observation] = {}
+        self._priors: dict[int, Prior | None] = {}
+
+    def saw_prior(self, layer: nn.Module, prior: Prior | None) -> None:
+        if id(layer) in self.names:
+            self._priors[id(layer)] = prior
+
+    def saw_posterior(
+        self, layer: nn.Module, published: Published, op_prior: tuple[Tensor, Tensor, Tensor], x: Tensor
+    ) -> None:
+        name = self.names.get(id(layer))
+        if name is not None and name not in self.observations:
+            prior = self._priors.pop(id(layer), None)
+            self.observations[name] = Observation(prior, op_prior, Fk.batch_statistics(x), published)
+
+
+_OBSERVERS: ContextVar[tuple[Observer, ...]] = ContextVar("bkn_chain_observers", default=())
+
+
+def observers() -> tuple[Observer, ...]:
+    """The observers open in this thread/task (none while dynamo traces)."""
+    if torch.compiler.is_dynamo_compiling():
+        return ()
+    return _OBSERVERS.get()
+
+
+def open_observer(observer: Observer) -> Token[tuple[Observer, ...]]:
+    """Start reporting to ``observer`` in this thread/task; pass the token to :func:`close_observer`."""
+    return _OBSERVERS.set((*_OBSERVERS.get(), observer))
+
+
+def close_observer(token: Token[tuple[Observer, ...]]) -> None:
+    _OBSERVERS.reset(token)

@@ -1,0 +1,112 @@
+"""``chain_statistics``: each BKN layer's prior, batch and posterior statistics on one forward.
+
+How users debug a chain, and how the tests check a transition against a Monte Carlo of
+the real modules between the sources and the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bkn_export import functional as Fk
+from bkn_export.chain.observe import observe
+from bkn_export.nn import PriorSource, _BatchKalmanNorm
+
+__all__ = ["LayerStatistics", "PriorSource", "chain_statistics"]
+
+
+@dataclass(frozen=True)
+class LayerStatistics:
+    """One BKN layer's train-mode step (all per-channel tensors (C,), detached).
+
+    name: the layer; transition: its transition kind (None: first in chain); sources:
+    one :class:`PriorSource` per Gaussian the transition pushed into the prior (empty
+    without a prior); prior_mean, prior_variance: μ_{k|k-1}, Σ_{k|k-1} + R_k as the op
+    received them (None without a prior: first in chain); batch_mean, batch_variance:
+    x̄_k and biased S_k of the layer's input; posterior_mean, posterior_variance:
+    μ_{k|k}, Σ_{k|k}; prior_weight: p_k after the fallback rule (and 0 on channels
+    without a prior); input_shape: (N, C, *).
+    """
+
+    name: str
+    transition: str | None
+    sources: tuple[PriorSource, ...]
+    prior_mean: Tensor | None
+    prior_variance: Tensor | None
+    batch_mean: Tensor
+    batch_variance: Tensor
+    posterior_mean: Tensor
+    posterior_variance: Tensor
+    prior_weight: Tensor
+    input_shape: tuple[int, ...]
+
+
+@contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Restore every module's mode, every buffer and the RNG states after the block."""
+    modes = {module: module.training for module in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _run(model: nn.Module, example_inputs: Any) -> None:
+    if isinstance(example_inputs, Mapping):
+        model(**example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        model(*example_inputs)
+    else:
+        model(example_inputs)
+
+
+def chain_statistics(model: nn.Module, example_inputs: Any) -> list[LayerStatistics]:
+    """Run ``model`` once in train mode on ``example_inputs`` and report every BKN layer's step.
+
+    example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+    Changes no parameter, running statistic, module mode or RNG state (the forward runs
+    under no_grad; buffers, modes and the RNG are restored). Returns one
+    :class:`LayerStatistics` per BKN layer that ran, in execution (first-call) order.
+    """
+    with _untouched(model), observe(model) as observer:
+        model.train()
+        _run(model, example_inputs)
+    modules = dict(model.named_modules())
+    result = []
+    for name, seen in observer.observations.items():
+        layer = modules[name]
+        assert isinstance(layer, _BatchKalmanNorm)
+        prior_mean, prior_variance, prior_weight = seen.op_prior
+        effective = Fk.effective_prior_weight(
+            prior_weight, prior_variance, seen.batch.variance, layer.options.fallback_ratio
+        )
+        has_prior = seen.prior is not None
+        result.append(
+            LayerStatistics(
+                name=name,
+                transition=layer.chain.transition if layer.chain is not None else None,
+                sources=seen.prior.sources if seen.prior is not None else (),
+                prior_mean=prior_mean if has_prior else None,
+                prior_variance=prior_variance if has_prior else None,
+                batch_mean=seen.batch.mean,
+                batch_variance=seen.batch.variance,
+                posterior_mean=seen.published.posterior_mean,
+                posterior_variance=seen.published.posterior_variance,
+                prior_weight=effective,
+                input_shape=tuple(seen.published.input_shape),
+            )
+        )
+    return result

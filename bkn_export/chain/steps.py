@@ -1,0 +1,550 @@
+"""Steps: what sits on a path between one normalization's output and the next one's input.
+
+A path (:class:`bkn_export.chain.record.SourcePath`) is a tuple of steps applied in
+order to a tensor ``x: (N, C, *)`` whose positions are i.i.d. per channel and whose
+channels are independent. Each step does two things with the same meaning:
+
+* ``predict(mean, variance, spatial, modules) -> (mean, variance, spatial)`` pushes the
+  per-channel moments ``mean, variance: (C,)`` of such an ``x`` with spatial size
+  ``spatial`` (the ``*``) through the step analytically, by :mod:`bkn_export.moments`
+  (deterministic, differentiable, traceable);
+* ``apply(sample, modules) -> Tensor`` runs the real op on a sample ``(N, C, *)``, for the
+  ``sampled`` transition and for Monte Carlo checks of ``predict``.
+
+``modules`` maps qualified module names (``dict(model.named_modules())``) to the live
+modules; steps hold only names and plain parameters (never tensors or modules), so a
+path is a plain, comparable, hashable value that ``to_dict`` / :func:`step_from_dict`
+turn into JSON-able dicts and back (for checkpoints).
+
+Modules are run with ``module.forward``, not ``__call__``: samples are not activations,
+so user hooks (feature extractors, activation recorders) must not see them.
+
+Approximations, named here and by ``describe()``:
+
+* :class:`Identity` steps (dropout, clone, ...) pass moments unchanged. Dropout in train
+  mode scales kept entries by 1/(1-p), which raises the variance to
+  ((v + m²)/(1-p) - m²); the path uses its eval-mode behaviour (identity), and
+  ``apply`` does too, so ``sampled`` and ``propagate`` agree.
+* :class:`Reshape` fixes the spatial size to the one recorded on the example forward.
+* The accuracy of each elementwise kind and of max pooling is stated by
+  :mod:`bkn_export.moments` (``ACCURACY``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bkn_export import moments
+from bkn_export.errors import ChainWiringError
+
+__all__ = [
+    "Affine",
+    "Channels",
+    "Elementwise",
+    "Flatten",
+    "Identity",
+    "Pool",
+    "Resample",
+    "Reshape",
+    "Step",
+    "apply_steps",
+    "commute_max_pools",
+    "predict_steps",
+    "step_from_dict",
+]
+
+Spatial = tuple[int, ...]
+Moments = tuple[Tensor, Tensor, Spatial]
+ParamValue = float | int | str | bool | None
+
+
+def _module(modules: Mapping[str, nn.Module], name: str, step: str) -> nn.Module:
+    try:
+        return modules[name]
+    except KeyError:
+        raise ChainWiringError(
+            f"step {step}: module '{name}' is not in the model; the chain was recorded on another model "
+            "structure: re-record it (bkn_export.convert_batchnorm / wire_chain) on this model"
+        ) from None
+
+
+# --------------------------------------------------------------------------- elementwise
+
+_ELEMENTWISE_OPS: dict[str, Callable[..., Tensor]] = {
+    "identity": lambda x: x,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "prelu": F.prelu,
+    "hardtanh": F.hardtanh,
+    "hardsigmoid": F.hardsigmoid,
+    "hardswish": F.hardswish,
+    "elu": F.elu,
+    "selu": F.selu,
+    "celu": F.celu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+    "softplus": F.softplus,
+}
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """An elementwise activation ``y = f(x)`` (module or functional form).
+
+    kind: one of :data:`bkn_export.moments.ELEMENTWISE_KINDS`; params: its plain
+    parameters as sorted (name, value) pairs, e.g. ``(("negative_slope", 0.2),)``;
+    module: the qualified name of the module it came from, if any. PReLU's weight is a
+    tensor, so a ``prelu`` step needs ``module`` (its weight is read from it).
+    Moments: :func:`bkn_export.moments.elementwise_moments`; channels and spatial size unchanged.
+    """
+
+    kind: str
+    params: tuple[tuple[str, ParamValue], ...] = ()
+    module: str | None = None
+    step: ClassVar[str] = "elementwise"
+
+    def __post_init__(self) -> None:
+        if self.kind not in _ELEMENTWISE_OPS:
+            raise ChainWiringError(
+                f"elementwise step: unknown kind {self.kind!r}{self._where()}; known: {sorted(_ELEMENTWISE_OPS)}"
+            )
+        if self.kind == "prelu" and self.module is None:
+            raise ChainWiringError("elementwise step 'prelu' needs the module that holds its weight")
+        object.__setattr__(self, "params", tuple(sorted(self.params)))
+
+    def _where(self) -> str:
+        return f" ('{self.module}')" if self.module else ""
+
+    def _kwargs(self, modules: Mapping[str, nn.Module]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(self.params)
+        if self.kind == "prelu":
+            assert self.module is not None
+            kwargs["weight"] = _module(modules, self.module, self.describe()).weight
+        return kwargs
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        mean, variance = moments.elementwise_moments(self.kind, mean, variance, **self._kwargs(modules))
+        return mean, variance, tuple(spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        kwargs = self._kwargs(modules)
+        if self.kind == "prelu":
+            return F.prelu(sample, kwargs["weight"].to(sample.dtype))
+        return _ELEMENTWISE_OPS[self.kind](sample, **kwargs)
+
+    def describe(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.kind}({params})" + (f" '{self.module}'" if self.module else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "kind": self.kind, "params": dict(self.params), "module": self.module}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Elementwise:
+        return cls(data["kind"], tuple(dict(data.get("params", {})).items()), data.get("module"))
+
+
+# --------------------------------------------------------------------------- pooling and resampling
+
+
+def _spec_dict(spec: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
+
+
+def _spec_from(cls: type[Any], data: Mapping[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+
+
+def _pool_function(spec: moments.PoolSpec) -> Callable[[Tensor], Tensor]:
+    """The functional pooling op that ``spec`` describes (rank = spec.rank)."""
+    rank = spec.rank
+    if spec.kind == "avg":
+        avg = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[rank]
+        extra = {} if rank == 1 else {"divisor_override": spec.divisor_override}
+        return lambda x: avg(
+            x, spec.kernel_size, spec.stride, spec.padding, spec.ceil_mode, spec.count_include_pad, **extra
+        )
+    if spec.kind == "max":
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[rank]
+        return lambda x: pool(x, spec.kernel_size, spec.stride, spec.padding, spec.dilation, spec.ceil_mode)
+    if spec.kind == "adaptive_avg":
+        adaptive = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[rank]
+        return lambda x: adaptive(x, spec.output_size)  # type: ignore[arg-type]
+    if spec.kind == "adaptive_max":
+        adaptive_max = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[rank]
+        return lambda x: adaptive_max(x, spec.output_size)  # type: ignore[arg-type]
+    raise ChainWiringError(f"pool step: unknown pooling kind {spec.kind!r}")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Pooling over positions: average / max / adaptive average / adaptive max (spec).
+
+    Moments: :func:`bkn_export.moments.pool_moments` (average pooling exact under
+    independence, padding and ``count_include_pad`` included; max pooling approximate,
+    as stated there); the spatial size becomes the pooled one; channels unchanged.
+    """
+
+    spec: moments.PoolSpec
+    module: str | None = None
+    step: ClassVar[str] = "pool"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        return moments.pool_moments(self.spec, mean, variance, spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        if self.module is not None:
+            return _module(modules, self.module, self.describe()).forward(sample)
+        return _pool_function(self.spec)(sample)
+
+    def describe(self) -> str:
+        spec = self.spec
+        shape = f"output {spec.output_size}" if spec.kind.startswith("adaptive") else f"kernel {spec.kernel_size}"
+        stride = f" stride {spec.stride}" if spec.stride not in ((), spec.kernel_size) else ""
+        padding = f" padding {spec.padding}" if any(spec.padding) else ""
+        return f"{spec.kind}_pool{spec.rank}d({shape}{stride}{padding})" + (f" '{self.module}'" if self.module else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "spec": _spec_dict(self.spec), "module": self.module}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Pool:
+        return cls(_spec_from(moments.PoolSpec, data["spec"]), data.get("module"))
+
+
+@dataclass(frozen=True)
+class Resample:
+    """Nearest / (bi/tri)linear up- or down-sampling (``nn.Upsample``, ``F.interpolate``).
+
+    Moments: :func:`bkn_export.moments.resample_moments`; the spatial size becomes the
+    resampled one; channels unchanged.
+    """
+
+    spec: moments.ResampleSpec
+    module: str | None = None
+    step: ClassVar[str] = "resample"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        return moments.resample_moments(self.spec, mean, variance, spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        if self.module is not None:
+            return _module(modules, self.module, self.describe()).forward(sample)
+        spec = self.spec
+        return F.interpolate(
+            sample,
+            size=spec.size,
+            scale_factor=spec.scale_factor,
+            mode=spec.mode,
+            align_corners=spec.align_corners,
+            recompute_scale_factor=spec.recompute_scale_factor,
+        )
+
+    def describe(self) -> str:
+        spec = self.spec
+        by = f"size {spec.size}" if spec.size is not None else f"scale {spec.scale_factor}"
+        return f"resample({spec.mode}, {by})" + (f" '{self.module}'" if self.module else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "spec": _spec_dict(self.spec), "module": self.module}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Resample:
+        return cls(_spec_from(moments.ResampleSpec, data["spec"]), data.get("module"))
+
+
+# --------------------------------------------------------------------------- affine layers
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A Conv/ConvTranspose (``kind="conv"``) or Linear (``kind="linear"``) module, by qualified name.
+
+    Moments: :func:`bkn_export.moments.conv_moments` (exact under independence for every
+    padding mode, stride, dilation, groups, transposed; the spatial size becomes the
+    output's) or :func:`bkn_export.moments.linear_moments` (μ = W m + b, Σ = W² v, on an
+    input without spatial dims). Channels become the layer's output channels.
+        A Linear layer sees channels last: ``apply`` moves dim 1 last and back. padding:
+    the zero padding the module's forward actually applies, where a subclass pads
+    explicitly before its conv (TensorFlow-style "same" padding): predict and apply use
+    a shallow copy of the module with this padding (same parameters); ``apply`` runs the
+    torch class's forward, not the subclass's.
+    """
+
+    module: str
+    kind: Literal["conv", "linear"] = "conv"
+    padding: tuple[int, ...] | None = None
+    step: ClassVar[str] = "affine"
+
+    def _layer(self, modules: Mapping[str, nn.Module]) -> nn.Module:
+        """The module, or for ``padding`` a shallow copy with that padding (same parameters)."""
+        layer = _module(modules, self.module, self.describe())
+        if self.padding is None:
+            return layer
+        padded = copy.copy(layer)
+        padded.padding = self.padding  # type: ignore[assignment]
+        return padded
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        layer = self._layer(modules)
+        if self.kind == "linear":
+            assert isinstance(layer, nn.Linear)
+            mean, variance = moments.linear_moments(layer.weight, layer.bias, mean, variance)
+            return mean, variance, tuple(spatial)
+        return moments.conv_moments(layer, mean, variance, spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        layer = self._layer(modules)
+        weight = layer.weight
+        assert isinstance(weight, Tensor)
+        sample = sample.to(weight.dtype)
+        forward = _torch_forward(layer)
+        if self.kind == "linear":
+            return forward(layer, sample.movedim(1, -1)).movedim(-1, 1)
+        return forward(layer, sample)
+
+    def describe(self) -> str:
+        padding = f" (padding {self.padding})" if self.padding is not None else ""
+        return f"{self.kind} '{self.module}'{padding}"
+
+    def to_dict(self) -> dict[str, Any]:
+        padding = None if self.padding is None else list(self.padding)
+        return {"step": self.step, "module": self.module, "kind": self.kind, "padding": padding}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Affine:
+        padding = data.get("padding")
+        return cls(data["module"], data.get("kind", "conv"), None if padding is None else tuple(padding))
+
+
+_TORCH_AFFINE = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+)  # fmt: skip
+
+
+def _torch_forward(layer: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The forward of the torch class ``layer`` derives from: a subclass's own forward (one
+    that pads first, say) is what the recorded path already spells out with ``padding``."""
+    for cls in type(layer).__mro__:
+        if cls in _TORCH_AFFINE:
+            forward: Callable[[nn.Module, Tensor], Tensor] = cls.forward  # type: ignore[assignment]
+            return forward
+    raise ChainWiringError(f"affine step: {type(layer).__name__} is not a Conv, ConvTranspose or Linear layer")
+
+
+# --------------------------------------------------------------------------- shape changes
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """``x.flatten(start_dim, end_dim)`` on ``x: (N, C, *)`` with ``start_dim >= 1``.
+
+    start_dim >= 2 merges spatial dims: moments unchanged, spatial dims merged.
+    start_dim == 1 merges the channels with the leading spatial dims up to ``end_dim``:
+    feature ``c · P + p`` (P = product of the merged spatial sizes) is channel c at
+    position p, so under i.i.d. positions its moments are channel c's
+    (``repeat_interleave(P)``); e.g. (N, C, H, W) → (N, C·H·W) before a classifier.
+    """
+
+    start_dim: int = 1
+    end_dim: int = -1
+    step: ClassVar[str] = "flatten"
+
+    def __post_init__(self) -> None:
+        if self.start_dim < 1:
+            raise ChainWiringError(f"flatten step: start_dim must be >= 1 (the batch dim stays), got {self.start_dim}")
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        rank = len(spatial) + 2
+        end = self.end_dim % rank
+        if end < self.start_dim:
+            return mean, variance, tuple(spatial)
+        merged = math.prod(spatial[max(self.start_dim, 2) - 2 : end - 1])
+        if self.start_dim == 1:
+            return mean.repeat_interleave(merged), variance.repeat_interleave(merged), tuple(spatial[end - 1 :])
+        start = self.start_dim - 2
+        return mean, variance, (*spatial[:start], merged, *spatial[end - 1 :])
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        return sample.flatten(self.start_dim, self.end_dim)
+
+    def describe(self) -> str:
+        return f"flatten({self.start_dim}, {self.end_dim})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "start_dim": self.start_dim, "end_dim": self.end_dim}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Flatten:
+        return cls(data["start_dim"], data["end_dim"])
+
+
+@dataclass(frozen=True)
+class Reshape:
+    """A view/reshape that keeps N and C and sets the spatial size to ``spatial``.
+
+    Moments unchanged (positions are i.i.d.). Approximation: ``spatial`` is the one
+    recorded on the example forward; inputs of another spatial size keep it.
+    """
+
+    spatial: Spatial
+    step: ClassVar[str] = "reshape"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        return mean, variance, self.spatial
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        return sample.reshape(sample.shape[0], sample.shape[1], *self.spatial)
+
+    def describe(self) -> str:
+        return f"reshape(N, C, {', '.join(map(str, self.spatial))})".replace(", )", ")")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "spatial": list(self.spatial)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Reshape:
+        return cls(tuple(data["spatial"]))
+
+
+@dataclass(frozen=True)
+class Channels:
+    """A contiguous range of channels, ``x[:, start:stop]`` (slicing, ``split``, ``chunk``, ``narrow``).
+
+    Moments: the range of the per-channel moments; spatial size unchanged. Exact.
+    """
+
+    start: int
+    stop: int
+    step: ClassVar[str] = "channels"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        return mean[self.start : self.stop], variance[self.start : self.stop], tuple(spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        return sample[:, self.start : self.stop]
+
+    def describe(self) -> str:
+        return f"channels[{self.start}:{self.stop}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "start": self.start, "stop": self.stop}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Channels:
+        return cls(int(data["start"]), int(data["stop"]))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Something that leaves the tensor as it is for the prior: dropout (its eval-mode
+    behaviour; see the module docstring), ``nn.Identity``, clone.
+
+    what: what it is (``"dropout"``); module: its qualified name, if a module.
+    """
+
+    what: str
+    module: str | None = None
+    step: ClassVar[str] = "identity"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        return mean, variance, tuple(spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        return sample
+
+    def describe(self) -> str:
+        label = f"{self.what} (as identity)" if self.what == "dropout" else self.what
+        return label + (f" '{self.module}'" if self.module else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "what": self.what, "module": self.module}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Identity:
+        return cls(data["what"], data.get("module"))
+
+
+Step = Elementwise | Pool | Resample | Affine | Flatten | Reshape | Channels | Identity
+_STEP_TYPES: dict[str, type[Step]] = {
+    cls.step: cls for cls in (Elementwise, Pool, Resample, Affine, Flatten, Reshape, Channels, Identity)
+}
+
+
+def step_from_dict(data: Mapping[str, Any]) -> Step:
+    """The step that ``step.to_dict()`` wrote."""
+    kind = data.get("step")
+    if kind not in _STEP_TYPES:
+        raise ChainWiringError(
+            f"saved chain step {dict(data)!r} has unknown type {kind!r} (known: {sorted(_STEP_TYPES)}); "
+            "the checkpoint comes from another bkn_export version: re-convert the model"
+        )
+    return _STEP_TYPES[kind].from_dict(data)
+
+
+def _nondecreasing(step: Step) -> bool:
+    """Whether ``step`` is an elementwise f with f(x) ≤ f(y) for x ≤ y (so that it commutes with a max)."""
+    if isinstance(step, Identity):
+        return True
+    if not isinstance(step, Elementwise):
+        return False
+    params = dict(step.params)
+    if step.kind in ("identity", "relu", "relu6", "hardsigmoid", "selu", "sigmoid", "tanh", "softplus"):
+        return True
+    if step.kind == "leaky_relu":
+        return float(params.get("negative_slope", 0.01) or 0.0) >= 0.0
+    if step.kind in ("elu", "celu"):
+        return float(params.get("alpha", 1.0) or 0.0) >= 0.0
+    if step.kind == "hardtanh":
+        return float(params.get("min_val", -1.0) or 0.0) <= float(params.get("max_val", 1.0) or 0.0)
+    return False
+
+
+def commute_max_pools(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """Move each max pooling in front of the nondecreasing elementwise steps just before it.
+
+    For nondecreasing f, max_i f(x_i) = f(max_i x_i) exactly (PyTorch's max pooling skips
+    its padding), so ``apply`` computes the same; ``predict`` then takes the max over the
+    Gaussian the path starts from, which the max-of-Gaussians moments assume, instead of
+    over rectified values (ReLU → 3×3/2 max pool: mean 13 %, variance 92 % off before the
+    swap, 1 % and 11 % after, measured by Monte Carlo).
+    """
+    ordered = list(steps)
+    moved = True
+    while moved:
+        moved = False
+        for i in range(len(ordered) - 1):
+            first, second = ordered[i], ordered[i + 1]
+            if isinstance(second, Pool) and second.spec.kind in ("max", "adaptive_max") and _nondecreasing(first):
+                ordered[i], ordered[i + 1] = second, first
+                moved = True
+    return tuple(ordered)
+
+
+def predict_steps(
+    steps: tuple[Step, ...], mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]
+) -> Moments:
+    """Push per-channel moments ``(C,)`` at spatial size ``spatial`` through ``steps`` in order."""
+    for step in steps:
+        mean, variance, spatial = step.predict(mean, variance, spatial, modules)
+    return mean, variance, spatial
+
+
+def apply_steps(steps: tuple[Step, ...], sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+    """Run the real ops of ``steps`` in order on ``sample: (N, C, *)``."""
+    for step in steps:
+        sample = step.apply(sample, modules)
+    return sample

@@ -1,0 +1,291 @@
+"""Transitions: how a layer's prior (μ_{k|k-1}, Σ_{k|k-1}) comes from its sources' posteriors.
+
+A transition object is built from a layer's :class:`~bkn_export.chain.wiring.Wiring`
+and called once per train-mode forward with what the sources published in this call
+(:class:`~bkn_export.chain.scope.Published`, by layer name) and the live modules. Every
+source normalization j contributes one Gaussian per channel, chosen by
+``KalmanOptions.prior_source``:
+
+* ``"input"`` (the authors'): its posterior N(μ_{j|j}, Σ_{j|j}) of its *input*
+  statistics, skipping its γ, β;
+* ``"output"`` (normalization-aware): the moments of its normalized output
+  γ(x − μ_{j|j})/sqrt(Σ_{j|j} + ε) + β, x ~ N(μ_{j|j}, Σ_{j|j})
+  (:func:`bkn_export.moments.normalized_output_moments`),
+
+entering the path at the source's input shape (N, C_j, *). Positions are treated as
+i.i.d. and channels as independent (the assumption the authors' sampling makes).
+
+* :class:`Propagate` (deterministic, exportable): each Gaussian pushed analytically
+  through the steps of its path (``step.predict``, :mod:`bkn_export.moments`); a
+  concatenation concatenates its parts' moments, a sum adds its addends' means and
+  variances (independent addends; an addend with fewer channels is zero-padded at the
+  end), recursively where a path starts from a combination.
+* :class:`Sampled` (the authors' Monte Carlo): one sample per position of one example,
+  shape (1, C_j, *spatial_j) (as the authors draw one per position per micro-batch
+  group; an input without spatial dims, (N, C_j), draws one per sample instead, since
+  one position would have no spread), reparameterised z = μ + sqrt(Σ)·ε so that
+  gradients reach the sources; the real ops of each path run on it (``step.apply``),
+  parts are concatenated / addends added as samples, and the prior is the biased
+  per-channel mean and variance of the result. For a path ending in a Conv/Linear its
+  mean is unbiased, its variance is low by a factor (P−1)/P at P positions.
+* :class:`Learned`: a free matrix A_k (C_k, C_src) over the concatenated source
+  Gaussians: μ = A m, Σ = (A∘A) v (no path is used).
+* :class:`Identity`: the sources' Gaussians combined as they are (no steps).
+
+Channels that no normalization reaches (a concatenation part that falls back) get a
+prior of N(0, 1) and ``known = 0``: the layer gives them prior weight 0, i.e. batch
+statistics alone. Any other part that falls back, or a source that did not run in this
+call, leaves the layer without a prior for the call (batch statistics, as BatchNorm).
+Process noise R_k is the layer's and is added by the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from bkn_export import functional as Fk
+from bkn_export import moments
+from bkn_export.chain.record import SourcePath
+from bkn_export.chain.scope import Published
+from bkn_export.chain.steps import apply_steps, predict_steps
+from bkn_export.chain.wiring import Wiring
+from bkn_export.nn import Prior, PriorSource, _BatchKalmanNorm
+
+__all__ = ["Identity", "Learned", "Propagate", "Sampled", "Transition", "source_gaussian", "transition_for"]
+
+_VARIANCE_FLOOR = 1e-12
+
+
+def source_gaussian(name: str, published: Published, prior_source: str) -> PriorSource:
+    """The Gaussian a source normalization contributes (per ``prior_source``), at its input shape."""
+    mean, variance = published.posterior_mean, published.posterior_variance
+    if prior_source == "output":
+        mean, variance = moments.normalized_output_moments(
+            mean, variance, published.weight, published.bias, published.eps
+        )
+    return PriorSource(name, mean, variance, tuple(published.input_shape))
+
+
+class _Part(NamedTuple):
+    """Moments (C,) of one part at its end, spatial size, and which channels are known."""
+
+    mean: Tensor
+    variance: Tensor
+    spatial: tuple[int, ...]
+    known: Tensor | None  # (C,) 0/1, None: all known
+
+
+def _pad(t: Tensor, channels: int) -> Tensor:
+    return torch.cat([t, t.new_zeros((channels - t.shape[0],))]) if t.shape[0] < channels else t
+
+
+def _combine(combine: str, parts: Sequence[_Part | None], channels: Sequence[int], total: int) -> _Part | None:
+    """Concatenate or add parts' moments; None where the result is not known at all."""
+    if combine == "concat":
+        if all(p is None for p in parts):
+            return None
+        ref = next(p for p in parts if p is not None)
+        means, variances, known = [], [], []
+        for part, c in zip(parts, channels):
+            if part is None:
+                means.append(ref.mean.new_zeros((c,)))
+                variances.append(ref.mean.new_ones((c,)))
+                known.append(ref.mean.new_zeros((c,)))
+            else:
+                means.append(part.mean)
+                variances.append(part.variance)
+                known.append(part.known if part.known is not None else part.mean.new_ones((c,)))
+        mask = torch.cat(known)
+        return _Part(
+            torch.cat(means), torch.cat(variances), ref.spatial, mask if any(p is None for p in parts) else None
+        )
+    if any(p is None or p.known is not None for p in parts):  # an unknown addend: the sum is unknown
+        return None
+    known_parts = [p for p in parts if p is not None]
+    if combine == "sum":
+        mean = sum((_pad(p.mean, total) for p in known_parts[1:]), _pad(known_parts[0].mean, total))
+        variance = sum((_pad(p.variance, total) for p in known_parts[1:]), _pad(known_parts[0].variance, total))
+        return _Part(mean, variance, known_parts[0].spatial, None)
+    return known_parts[0]
+
+
+class Transition:
+    """Base: a layer's wiring value → its prior for one call (see the module docstring)."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, wiring: Wiring) -> None:
+        self.wiring = wiring
+
+    def predict(
+        self,
+        layer: _BatchKalmanNorm,
+        published: Mapping[str, Published],
+        modules: Mapping[str, nn.Module],
+        x: Tensor,
+    ) -> Prior | None:
+        """μ_{k|k-1}, Σ_{k|k-1}: (C,) each for ``layer`` (input x: (N, C, *)), or None (no prior this call)."""
+        raise NotImplementedError
+
+    def _gaussians(self, published: Mapping[str, Published]) -> dict[str, PriorSource] | None:
+        """Each source normalization's Gaussian, or None if one did not publish in this call."""
+        gaussians = {}
+        for name in self.wiring.source_names:
+            entry = published.get(name)
+            if entry is None:
+                return None
+            gaussians[name] = source_gaussian(name, entry, self.wiring.prior_source)
+        return gaussians
+
+
+def _as_prior(part: _Part | None, gaussians: Mapping[str, PriorSource]) -> Prior | None:
+    if part is None:
+        return None
+    return Prior(part.mean, part.variance, part.known, tuple(gaussians.values()))
+
+
+class Propagate(Transition):
+    """Analytic: each source's Gaussian pushed through its path's steps, then combined."""
+
+    kind = "propagate"
+
+    def predict(
+        self, layer: _BatchKalmanNorm, published: Mapping[str, Published], modules: Mapping[str, nn.Module], x: Tensor
+    ) -> Prior | None:
+        gaussians = self._gaussians(published)
+        if gaussians is None:
+            return None
+        wiring = self.wiring
+        parts = [self._path(path, gaussians, modules) for path in wiring.sources]
+        return _as_prior(
+            _combine(wiring.combine, parts, [p.channels for p in wiring.sources], layer.num_features), gaussians
+        )
+
+    def _path(
+        self, path: SourcePath, gaussians: Mapping[str, PriorSource], modules: Mapping[str, nn.Module]
+    ) -> _Part | None:
+        if path.normalization is not None:
+            entry = gaussians[path.normalization]
+            start = _Part(entry.mean, entry.variance, tuple(entry.shape[2:]), None)
+        elif path.origin is not None:
+            parts = [self._path(p, gaussians, modules) for p in path.origin.sources]
+            channels = [p.channels for p in path.origin.sources]
+            start_or_none = _combine(path.origin.combine, parts, channels, max(channels))
+            if start_or_none is None or (start_or_none.known is not None and path.steps):
+                return None
+            start = start_or_none
+        else:
+            return None
+        if not path.steps:
+            return start
+        mean, variance, spatial = predict_steps(path.steps, start.mean, start.variance, start.spatial, modules)
+        return _Part(mean, variance, tuple(spatial), None)
+
+
+class Sampled(Transition):
+    """Monte Carlo: one reparameterised sample per position through the real ops (module docstring)."""
+
+    kind = "sampled"
+
+    def predict(
+        self, layer: _BatchKalmanNorm, published: Mapping[str, Published], modules: Mapping[str, nn.Module], x: Tensor
+    ) -> Prior | None:
+        gaussians = self._gaussians(published)
+        if gaussians is None:
+            return None
+        wiring = self.wiring
+        samples = [self._path(path, gaussians, modules) for path in wiring.sources]
+        parts: list[_Part | None] = []
+        for sample in samples:
+            if sample is None:
+                parts.append(None)
+            else:
+                stats = Fk.batch_statistics(sample)
+                parts.append(_Part(stats.mean, stats.variance, tuple(sample.shape[2:]), None))
+        return _as_prior(
+            _combine(wiring.combine, parts, [p.channels for p in wiring.sources], layer.num_features), gaussians
+        )
+
+    def _path(
+        self, path: SourcePath, gaussians: Mapping[str, PriorSource], modules: Mapping[str, nn.Module]
+    ) -> Tensor | None:
+        if path.normalization is not None:
+            sample = _draw(gaussians[path.normalization])
+        elif path.origin is not None:
+            parts = [self._path(p, gaussians, modules) for p in path.origin.sources]
+            if any(p is None for p in parts):
+                return None
+            known = [p for p in parts if p is not None]
+            if path.origin.combine == "concat":
+                sample = torch.cat(known, dim=1)
+            else:
+                width = max(p.shape[1] for p in known)
+                sample = sum((_pad_channels(p, width) for p in known[1:]), _pad_channels(known[0], width))
+        else:
+            return None
+        return apply_steps(path.steps, sample, modules)
+
+
+def _draw(gaussian: PriorSource) -> Tensor:
+    """z = μ + sqrt(Σ)·ε: (1, C, *spatial), or (N, C) for an input without spatial dims."""
+    shape = gaussian.shape
+    draw_shape = (1, *shape[1:]) if len(shape) > 2 else tuple(shape)
+    noise = torch.randn(draw_shape, device=gaussian.mean.device, dtype=gaussian.mean.dtype)
+    view = (1, -1, *([1] * (len(draw_shape) - 2)))
+    std = torch.sqrt(gaussian.variance.clamp_min(_VARIANCE_FLOOR))
+    return gaussian.mean.reshape(view) + std.reshape(view) * noise
+
+
+def _pad_channels(sample: Tensor, channels: int) -> Tensor:
+    missing = channels - sample.shape[1]
+    if missing <= 0:
+        return sample
+    return torch.cat([sample, sample.new_zeros((sample.shape[0], missing, *sample.shape[2:]))], dim=1)
+
+
+class Learned(Transition):
+    """A free matrix A_k (C_k, C_src) over the concatenated source Gaussians (the layer's parameter)."""
+
+    kind = "learned"
+
+    def predict(
+        self, layer: _BatchKalmanNorm, published: Mapping[str, Published], modules: Mapping[str, nn.Module], x: Tensor
+    ) -> Prior | None:
+        gaussians = self._gaussians(published)
+        if gaussians is None:
+            return None
+        mean = torch.cat([g.mean for g in gaussians.values()])
+        variance = torch.cat([g.variance for g in gaussians.values()])
+        predicted_mean, predicted_variance = Fk.predict_linear(mean, variance, layer.transition_matrix, None)
+        return Prior(predicted_mean, predicted_variance, None, tuple(gaussians.values()))
+
+
+class Identity(Transition):
+    """The sources' Gaussians combined as they are (equal channel counts; no steps)."""
+
+    kind = "identity"
+
+    def predict(
+        self, layer: _BatchKalmanNorm, published: Mapping[str, Published], modules: Mapping[str, nn.Module], x: Tensor
+    ) -> Prior | None:
+        gaussians = self._gaussians(published)
+        if gaussians is None:
+            return None
+        parts = [_Part(gaussians[name].mean, gaussians[name].variance, (), None) for name in self.wiring.source_names]
+        combine = "concat" if self.wiring.combine == "concat" else "sum"
+        channels = [int(g.mean.shape[0]) for g in gaussians.values()]
+        return _as_prior(_combine(combine, parts, channels, layer.num_features), gaussians)
+
+
+_TRANSITIONS: dict[str, type[Transition]] = {t.kind: t for t in (Propagate, Sampled, Learned, Identity)}
+
+
+def transition_for(wiring: Wiring) -> Transition | None:
+    """The transition object of ``wiring`` (None for a first-in-chain layer)."""
+    if wiring.transition is None:
+        return None
+    return _TRANSITIONS[wiring.transition](wiring)

@@ -1,0 +1,214 @@
+"""Wiring: from the recorded data flow of one example forward to each layer's wiring value.
+
+:func:`wire_chain` records the model once (:func:`bkn_export.chain.record.record_dataflow`),
+makes the model the chain's root (:func:`bkn_export.chain.scope.attach_root`) and gives
+every BKN layer a :class:`~bkn_export.chain.member.ChainMembership` whose
+:class:`~bkn_export.chain.wiring.Wiring` :func:`plan_wiring` decides from the layer's
+:class:`~bkn_export.chain.record.LayerRecord` and options:
+
+* no normalization upstream (``combine="none"``): first in chain, BatchNorm;
+* ``propagate`` / ``sampled``: the recorded sources and their steps, as recorded. A
+  concatenation part that reaches no normalization takes batch statistics alone on its
+  channels (noted). A single path or a residual addend that reaches none leaves the
+  layer first in chain (BatchNorm), noted: with the upstream statistics unknown there is
+  nothing to predict from;
+* ``residual="branch"``: every sum on the paths keeps only the addend whose source
+  normalization ran last (the residual branch), noted;
+* ``learned``: a free matrix over the concatenated source Gaussians (C_k × Σ C_j);
+* ``identity``: the source Gaussians as they are; the channel counts must match.
+
+Every choice is a note that :func:`bkn_export.describe_chain` shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from bkn_export.chain.member import ChainMembership
+from bkn_export.chain.record import (
+    Combination,
+    LayerRecord,
+    RecordedChain,
+    SourcePath,
+    is_normalization,
+    record_dataflow,
+)
+from bkn_export.chain.scope import attach_root
+from bkn_export.chain.wiring import Wiring
+from bkn_export.errors import ChainWiringError
+from bkn_export.nn import KalmanOptions, _BatchKalmanNorm
+
+__all__ = ["bkn_layers", "plan_wiring", "wire_chain"]
+
+
+def wire_chain(
+    model: nn.Module,
+    example_inputs: Any,
+    options: KalmanOptions | None = None,
+    *,
+    recorded: RecordedChain | None = None,
+) -> nn.Module:
+    """Wire the BKN layers of ``model`` into one Kalman chain by the data flow of one example forward.
+
+    model: the root; its forwards carry the chain (a BKN layer called outside a forward
+    of ``model`` runs as first in chain, i.e. BatchNorm). example_inputs: a tensor, a
+    tuple of positional inputs or a dict of keyword inputs (one eval-mode, no_grad
+    forward; nothing changes). options: applied to every BKN layer (None: each keeps its
+    own). recorded: a recording of this model on these inputs, to skip recording again.
+    Re-wiring replaces earlier BKN parameters (gain, process noise, transition matrix).
+    Returns ``model``. Raises ChainWiringError for a normalization layer that is not BKN.
+    """
+    if recorded is None:
+        recorded = record_dataflow(model, example_inputs)
+    modules = dict(model.named_modules())
+    for record in recorded.layers:
+        if not isinstance(modules.get(record.name), _BatchKalmanNorm):
+            kind = type(modules.get(record.name)).__name__
+            raise ChainWiringError(f"'{record.name}' is a {kind}; convert it with convert_batchnorm first")
+    root = attach_root(model)
+    order = {record.name: position for position, record in enumerate(recorded.layers)}
+    features = {name: int(m.num_features) for name, m in modules.items() if is_normalization(m)}  # type: ignore[arg-type]
+    for record in recorded.layers:
+        layer = modules[record.name]
+        assert isinstance(layer, _BatchKalmanNorm)
+        if options is not None:
+            layer.options = options
+        wiring = plan_wiring(record, layer.options, order, features, layer.num_features)
+        layer.join_chain(ChainMembership(root, wiring), wiring.previous_features)
+    for name, module in modules.items():
+        if isinstance(module, _BatchKalmanNorm) and name not in order:
+            if options is not None:
+                module.options = options
+            note = "did not run on the example inputs: not wired (BatchNorm)"
+            module.join_chain(ChainMembership(root, Wiring(name, None, notes=(note,))))
+    return model
+
+
+def bkn_layers(model: nn.Module) -> list[tuple[str, _BatchKalmanNorm]]:
+    """(name, layer) of every BKN layer: wired ones in first-call order, then the others."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)]
+
+    def position(item: tuple[str, _BatchKalmanNorm]) -> tuple[bool, int]:
+        wiring = getattr(item[1].chain, "wiring", None)
+        order = wiring.order if isinstance(wiring, Wiring) else -1
+        return order < 0, order
+
+    return sorted(layers, key=position)
+
+
+def plan_wiring(
+    record: LayerRecord,
+    options: KalmanOptions,
+    order: Mapping[str, int],
+    features: Mapping[str, int],
+    channels: int,
+) -> Wiring:
+    """The wiring of one layer (see the module docstring).
+
+    order: first-call position of every normalization that ran; features: C_j of every
+    normalization; channels: C_k of this layer.
+    """
+    name = record.name
+    notes = list(record.notes)
+    position = order.get(name, -1)
+
+    def first_in_chain(*why: str) -> Wiring:
+        return Wiring(name, None, (), "none", options.prior_source, 0, position, (*notes, *why))
+
+    if record.combine == "none" or not record.sources:
+        return first_in_chain() if notes else first_in_chain("no normalization upstream: first in chain (BatchNorm)")
+    sources, combine = record.sources, record.combine
+    if options.residual == "branch":
+        sources, combine, branch_notes = _branches_only(sources, combine, order)
+        notes += branch_notes
+    names = tuple(dict.fromkeys(n for s in sources for n in s.normalizations()))
+    kind = options.transition
+    if kind == "identity":
+        widths = [features[n] for n in names]
+        width = sum(widths) if combine == "concat" else max(widths)
+        if width != channels or (combine != "concat" and min(widths) != channels):
+            raise ChainWiringError(
+                f"transition='identity' needs equal channel counts, but '{names[0]}' has {widths[0]} and "
+                f"'{name}' has {channels}; use transition='learned' or 'propagate'"
+            )
+        return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes))
+    if kind == "learned":
+        previous = sum(features[n] for n in names)
+        notes.append(f"learned: a free {channels}x{previous} matrix over {list(names)} (no path used)")
+        return Wiring(name, kind, sources, combine, options.prior_source, previous, position, tuple(notes))
+    problem = _unusable(sources, combine, channels)
+    if problem:
+        return first_in_chain(f"{kind} unavailable ({problem}): batch statistics only, as BatchNorm")
+    if combine == "concat":
+        offset = 0
+        for source in sources:
+            if not source.reaches_normalization:
+                notes.append(
+                    f"channels {offset}:{offset + source.channels} have no normalization upstream: "
+                    "batch statistics alone on them (prior weight 0)"
+                )
+            offset += source.channels
+    return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes))
+
+
+def _unusable(sources: tuple[SourcePath, ...], combine: str, channels: int) -> str:
+    """Why the sources give no prediction at all ("" when they do)."""
+    if combine == "concat":
+        total = sum(s.channels for s in sources)
+        if total != channels:
+            return f"the concatenation's parts have {total} channels, the layer {channels}"
+        if not any(s.reaches_normalization for s in sources):
+            return "no part reaches a normalization"
+        return ""
+    for index, source in enumerate(sources):
+        where = f"addend {index}" if combine == "sum" else "its input"
+        if not _fully_known(source):
+            return f"{where} does not reach a normalization along every part"
+        if source.channels > channels or (combine != "sum" and source.channels != channels):
+            return f"{where} has {source.channels} channels, the layer {channels}"
+    return ""
+
+
+def _fully_known(path: SourcePath) -> bool:
+    """Whether every part of ``path`` starts at a normalization (a concatenation part that
+    falls back is fine at the top level only, where its channels can take batch statistics)."""
+    if path.normalization is not None:
+        return True
+    if path.origin is None:
+        return False
+    return all(_fully_known(s) for s in path.origin.sources)
+
+
+def _latest(path: SourcePath, order: Mapping[str, int]) -> int:
+    return max((order.get(n, -1) for n in path.normalizations()), default=-1)
+
+
+def _branch(path: SourcePath, order: Mapping[str, int], dropped: list[str]) -> SourcePath:
+    """``path`` with every sum replaced by its addend whose normalization ran last."""
+    if path.origin is None:
+        return path
+    inner = [_branch(s, order, dropped) for s in path.origin.sources]
+    if path.origin.combine == "concat":
+        return replace(path, origin=Combination("concat", tuple(inner)))
+    best = max(inner, key=lambda s: _latest(s, order))
+    dropped.extend(s.describe() for s in inner if s is not best)
+    return SourcePath(
+        best.normalization, best.steps + path.steps, path.channels, best.entry_shape, best.origin, best.fallback
+    )
+
+
+def _branches_only(
+    sources: tuple[SourcePath, ...], combine: str, order: Mapping[str, int]
+) -> tuple[tuple[SourcePath, ...], str, list[str]]:
+    dropped: list[str] = []
+    inner = tuple(_branch(s, order, dropped) for s in sources)
+    if combine == "sum":
+        best = max(inner, key=lambda s: _latest(s, order))
+        dropped.extend(s.describe() for s in inner if s is not best)
+        inner, combine = (best,), "single"
+    notes = [f"residual='branch': dropped the shortcut {d}" for d in dropped]
+    return inner, combine, notes

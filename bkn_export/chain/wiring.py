@@ -1,0 +1,173 @@
+"""A layer's wiring: an immutable, versioned value saved with the checkpoint.
+
+Extra-state format of a BKN layer (``get_extra_state``), version 2::
+
+    {"version": 2, "wiring": {"name", "transition", "combine", "prior_source",
+                              "previous_features", "order", "notes",
+                              "sources": [SourcePath.to_dict(), ...]} | None,
+     "options": {KalmanOptions fields}}
+
+Version 1 (bkn_export ≤ 0.1, execution-order wiring) was
+``{"version": 1, "link": {"name", "predecessor", "transition", "feeding_layer",
+"rectify", "note", "num_previous_features"}, "options": {...}}``. A version-1
+checkpoint loads when its link computes what this model's wiring computes (no
+predecessor on both sides; or one source from the same predecessor through the same
+ReLU and feeding layer, the same transition, ``prior_source="input"``); otherwise
+:func:`check_saved_wiring` raises :class:`~bkn_export.errors.ChainWiringError` saying to
+re-convert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from bkn_export.chain.record import SourcePath
+from bkn_export.errors import ChainWiringError
+
+__all__ = ["WIRING_VERSION", "Wiring", "check_saved_wiring"]
+
+WIRING_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """How one BKN layer is wired into its chain.
+
+    name: the layer's qualified name in its root; transition: ``propagate``,
+    ``sampled``, ``learned``, ``identity``, or None (first in chain: BatchNorm);
+    sources: one :class:`~bkn_export.chain.record.SourcePath` per concatenation part (in
+    channel order) or per residual addend (empty for a first-in-chain layer); combine:
+    ``none``, ``single``, ``concat`` or ``sum``; prior_source: ``input`` or ``output``
+    (:class:`~bkn_export.nn.KalmanOptions`); previous_features: C_src, the columns of a
+    learned transition matrix (0 otherwise); order: the layer's first-call position in
+    the root's forward (-1: it did not run on the example inputs); notes: every
+    fallback, approximation and choice made while wiring.
+    """
+
+    version: ClassVar[int] = WIRING_VERSION
+
+    name: str
+    transition: str | None
+    sources: tuple[SourcePath, ...] = ()
+    combine: str = "none"
+    prior_source: str = "input"
+    previous_features: int = 0
+    order: int = -1
+    notes: tuple[str, ...] = ()
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """The normalization layers whose statistics reach this layer, depth first, each once."""
+        return tuple(dict.fromkeys(_names(self.sources)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "transition": self.transition,
+            "sources": [s.to_dict() for s in self.sources],
+            "combine": self.combine,
+            "prior_source": self.prior_source,
+            "previous_features": self.previous_features,
+            "order": self.order,
+            "notes": list(self.notes),
+        }
+
+
+def _names(sources: tuple[SourcePath, ...]) -> Iterator[str]:
+    for source in sources:
+        yield from source.normalizations()
+
+
+def _path_signature(path: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes a saved path compute what it computes (no example shapes, no wording)."""
+    origin = path.get("origin")
+    return {
+        "normalization": path.get("normalization"),
+        "steps": path.get("steps"),
+        "channels": path.get("channels"),
+        "origin": None
+        if origin is None
+        else {"combine": origin.get("combine"), "sources": [_path_signature(s) for s in origin.get("sources", ())]},
+    }
+
+
+def _signature(wiring: Mapping[str, Any] | None) -> dict[str, Any]:
+    if wiring is None or wiring.get("transition") is None:
+        return {"transition": None}
+    return {
+        "transition": wiring.get("transition"),
+        "combine": wiring.get("combine"),
+        "prior_source": wiring.get("prior_source"),
+        "previous_features": wiring.get("previous_features"),
+        "sources": [_path_signature(s) for s in wiring.get("sources", ())],
+    }
+
+
+def _summary(signature: Mapping[str, Any]) -> str:
+    if signature.get("transition") is None:
+        return "first in chain (BatchNorm)"
+    names = [s.get("normalization") or "<combination>" for s in signature.get("sources", ())]
+    return f"transition={signature['transition']!r}, combine={signature.get('combine')!r}, sources={names}"
+
+
+def _v1_equivalent(link: Mapping[str, Any], current: Wiring) -> bool:
+    """Whether a version-1 link computes what ``current`` computes."""
+    predecessor = link.get("predecessor")
+    if predecessor is None:
+        return current.transition is None
+    if current.transition != link.get("transition") or current.prior_source != "input":
+        return False
+    if len(current.sources) != 1 or current.sources[0].normalization != predecessor:
+        return False
+    path = current.sources[0]
+    if path.origin is not None:
+        return False
+    if current.transition in ("learned", "identity"):
+        return True
+    steps = [s.to_dict() for s in path.steps if s.to_dict().get("step") != "identity"]
+    expected: list[tuple[str, str | None]] = [("relu", None)] if link.get("rectify") else []
+    expected.append(("affine", link.get("feeding_layer")))
+    actual = [
+        ("relu", None)
+        if s.get("step") == "elementwise" and s.get("kind") == "relu"
+        else (s.get("step"), s.get("module"))
+        for s in steps
+    ]
+    return actual == expected
+
+
+def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
+    """Raise ChainWiringError unless the saved extra state ``saved`` describes ``current``'s wiring."""
+    if not isinstance(saved, Mapping) or "version" not in saved:
+        raise ChainWiringError(
+            f"{label}: the checkpoint's wiring entry is not a BKN extra state ({type(saved).__name__}); "
+            "re-convert the original model with bkn_export.convert_batchnorm(model, example_inputs, ...)"
+        )
+    version = saved["version"]
+    if version == 1:
+        link = saved.get("link") or {}
+        if not _v1_equivalent(link, current):
+            raise ChainWiringError(
+                f"{label}: the checkpoint was saved by an earlier bkn_export (wiring format 1: predecessor "
+                f"{link.get('predecessor')!r}, transition {link.get('transition')!r}, feeding layer "
+                f"{link.get('feeding_layer')!r}), whose chain differs from this model's data-flow wiring "
+                f"({_summary(_signature(current.to_dict()))}). Re-convert: build the BatchNorm model, call "
+                "bkn_export.convert_batchnorm(model, example_inputs, ...) and load its BatchNorm weights with "
+                "bkn_export.load_batchnorm_state_dict, then train again."
+            )
+        return
+    if version != WIRING_VERSION:
+        raise ChainWiringError(
+            f"{label}: the checkpoint's wiring has format version {version!r}; this bkn_export reads 1 and "
+            f"{WIRING_VERSION}. Load it with the bkn_export that saved it, or re-convert the model."
+        )
+    saved_signature = _signature(saved.get("wiring"))
+    current_signature = _signature(current.to_dict())
+    if saved_signature != current_signature:
+        raise ChainWiringError(
+            f"{label}: the checkpoint was saved with wiring {_summary(saved_signature)} but this model is "
+            f"wired {_summary(current_signature)}. Build the model the same way and call "
+            "bkn_export.convert_batchnorm(model, example_inputs, ...) with the same options before load_state_dict."
+        )

@@ -1,0 +1,76 @@
+"""Argument types shared by the ``bkn`` subcommands (argparse ``type=`` callables).
+
+Each raises :class:`argparse.ArgumentTypeError` with what was expected, so argparse
+prints a usage error and exits 2 (the exit-code rule's "bad option"). Imports nothing
+heavy: ``bkn <command> --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from typing import Any
+
+__all__ = [
+    "nonnegative_int",
+    "parse_factory_arg",
+    "parse_named_shape",
+    "parse_shape",
+    "positive_int",
+]
+
+#: Largest single dimension accepted in a shape (ONNX and the runtimes index with int64,
+#: but no real example input comes near this; a typo such as 1000000000 is caught here).
+MAX_DIMENSION = 2**31 - 1
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,1,8,8' (or '1x1x8x8') -> (1, 1, 8, 8); every entry an integer in 1..2**31-1."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected positive integers like 1,3,32,32")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: a dimension exceeds {MAX_DIMENSION}")
+    return shape
+
+
+def parse_named_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """'x:2,1,8,8' -> ('x', (2, 1, 8, 8)); '2,1,8,8' -> (None, (2, 1, 8, 8)) (inputs in order)."""
+    name, sep, shape = text.rpartition(":")
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected NAME:SHAPE or SHAPE, e.g. x:1,3,32,32")
+    return (name if sep else None), parse_shape(shape)
+
+
+def parse_factory_arg(text: str) -> tuple[str, Any]:
+    """'width=32' -> ('width', 32); values are Python literals, else strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--factory-arg {text!r}: expected KEY=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _integer(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _integer(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _integer(text, 0, "an integer >= 0")

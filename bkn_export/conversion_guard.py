@@ -1,0 +1,272 @@
+"""The conversion guard: a converted model computes what the original computed, or conversion is refused.
+
+``convert_batchnorm`` calls it on every conversion. Before anything changes, one eval-mode
+forward of the original model on the example inputs records the outputs and, with forward
+pre-hooks, a clone of the input each normalization module received (its first call). Then,
+for every converted layer, called on its own (outside a forward of the root model, which by
+the chain's contract is exactly a first-in-chain layer: prior weight p = 0, i.e. BatchNorm):
+
+* **eval mode**: ``converted(x)`` against ``original(x)``;
+* **train mode**: the output, and the running-statistics update (``running_mean``,
+  ``running_var``, ``num_batches_tracked``), both modules on deep copies so nothing in the
+  model changes; dropout-like submodules see the same random stream (one seed for both);
+* **the whole model**: the converted model's eval-mode outputs against the original's.
+
+Any difference beyond tolerance raises :class:`~bkn_export.errors.ConversionError` naming the
+module, the mode and the largest difference; the caller then leaves the model as it was.
+
+Tolerance (per dtype of the compared tensor, elementwise ``|a − b| ≤ atol + rtol·|b|``),
+:data:`TOLERANCES`: float64 1e-10, float32 5e-5, float16 5e-3, bfloat16 4e-2 (atol = rtol).
+Eval mode is the same ``F.batch_norm`` call on both sides (bitwise equal in practice); the
+tolerance is for train mode, where BatchNorm's fused kernel and BKN's op reduce in a
+different order. Measured float32 worst case: 3.3e-6 on a (64, 8, 16, 16) input with mean
+100 and std 10 (the rounding grows with mean/std); a missing activation, a different eps
+or a lost running statistic is orders of magnitude above it.
+
+Exempt, by design (each also stated in the README):
+
+* **BatchNorm raises, BKN does not**: one value per channel in train mode (e.g. a (1, C)
+  input): ``nn.BatchNorm*d`` raises, a first-in-chain BKN layer returns β (see
+  :mod:`bkn_export.nn`). Where the original raises on the example input in train mode,
+  only eval mode is compared.
+* **Synchronised layers** (``nn.SyncBatchNorm``): the layer is checked before it is made a
+  ``SyncBatchKalmanNorm``, with one process's statistics, which is what ``nn.SyncBatchNorm``
+  computes without a process group. ``SyncBatchKalmanNorm`` refuses to train without a
+  process group, where ``nn.SyncBatchNorm`` silently falls back to local statistics. When a
+  process group is initialised during conversion, only eval mode is compared for them (the
+  train-mode reference would run a collective on one rank alone).
+
+Not exempt, and checked: ``track_running_stats=False`` (both use batch statistics in eval
+mode too: the same function) and ``momentum=None`` (both take the cumulative average).
+A module constructed with running statistics whose ``track_running_stats`` was switched off
+afterwards is refused: BatchNorm then normalizes with the buffers in eval mode and leaves
+them untouched in training, which a BKN layer does not express.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from bkn_export.errors import ConversionError
+
+__all__ = [
+    "TOLERANCES",
+    "ConversionGuard",
+    "Tolerance",
+    "check_layer",
+    "check_outputs",
+    "eval_forward",
+    "tolerance_for",
+]
+
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+_SEED = 20_251_130
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise ``|actual − expected| ≤ atol + rtol · |expected|``."""
+
+    rtol: float
+    atol: float
+
+
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(1e-10, 1e-10),
+    torch.float32: Tolerance(5e-5, 5e-5),
+    torch.float16: Tolerance(5e-3, 5e-3),
+    torch.bfloat16: Tolerance(4e-2, 4e-2),
+}
+
+
+def tolerance_for(dtype: torch.dtype) -> Tolerance:
+    """The guard's tolerance for tensors of ``dtype``; integers and bools compare exactly."""
+    return TOLERANCES.get(dtype, Tolerance(0.0, 0.0))
+
+
+def _excess(actual: Tensor, expected: Tensor) -> tuple[float, bool]:
+    """(largest |actual − expected|, within tolerance) for two tensors of one shape."""
+    if actual.shape != expected.shape:
+        return float("inf"), False
+    a = actual.detach().to(torch.float64)
+    b = expected.detach().to(torch.float64)
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    difference = torch.where(both_nan, torch.zeros_like(a), (a - b).abs())
+    difference = torch.where(torch.isnan(difference), torch.full_like(a, float("inf")), difference)
+    tolerance = tolerance_for(expected.dtype)
+    bound = tolerance.atol + tolerance.rtol * b.abs().nan_to_num(0.0)
+    largest = float(difference.max()) if difference.numel() else 0.0
+    return largest, bool((difference <= bound).all())
+
+
+def eval_forward(model: nn.Module, example_inputs: Any) -> Any:
+    """One eval-mode, no-grad forward; every module's train/eval flag is restored afterwards.
+
+    example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, Mapping):
+                return model(**example_inputs)
+            if isinstance(example_inputs, (tuple, list)):
+                return model(*example_inputs)
+            return model(example_inputs)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _clone(value: Any) -> Any:
+    leaves, spec = tree_flatten(value)
+    return spec.unflatten([leaf.detach().clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves])
+
+
+@contextmanager
+def _seeded(x: Tensor) -> Iterator[None]:
+    """The same random stream for the original and the converted module (dropout in a fused layer)."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(_SEED)
+        yield
+
+
+def _run(module: nn.Module, x: Tensor, training: bool) -> tuple[nn.Module, Tensor]:
+    """Run a deep copy of ``module`` in the given mode on a clone of ``x``; return the copy and its output."""
+    twin = copy.deepcopy(module).train(training)
+    with torch.no_grad(), _seeded(x):
+        output = twin(x.clone())
+    return twin, output
+
+
+def _refuse(name: str, original: nn.Module, converted: nn.Module, what: str, largest: float, hint: str = "") -> None:
+    raise ConversionError(
+        f"converting '{name}' ({type(original).__name__} -> {type(converted).__name__}) would change {what}: "
+        f"largest difference {largest:.3g}, beyond the guard's tolerance "
+        f"(bkn_export.conversion_guard.TOLERANCES). The model was left unchanged. "
+        + (hint or "If the module adds behaviour to BatchNorm, register an adapter "
+        "(bkn_export.norm_act.register_batchnorm_adapter) or replace it before converting.")
+    )
+
+
+def _hint(original: nn.Module) -> str:
+    tracking = getattr(original, "track_running_stats", True)
+    if not tracking and getattr(original, "running_mean", None) is not None:
+        return (
+            "It has running statistics but track_running_stats=False, so BatchNorm normalizes with the "
+            "buffers in eval mode and never updates them; BKN cannot express that. Set "
+            "track_running_stats=True, or delete running_mean/running_var, before converting."
+        )
+    return ""
+
+
+def check_layer(name: str, original: nn.Module, converted: nn.Module, x: Tensor) -> None:
+    """Raise ConversionError unless ``converted`` computes what ``original`` computes on ``x``.
+
+    original: the BatchNorm (or subclass) as found; converted: its BKN replacement, called on
+    its own (p = 0). x: (N, C, *) the input ``original`` saw in the example forward. Compared
+    in eval mode (output) and train mode (output and running statistics), on deep copies.
+    """
+    hint = _hint(original)
+    _, expected = _run(original, x, training=False)
+    _, actual = _run(converted, x, training=False)
+    largest, ok = _excess(actual, expected)
+    if not ok:
+        _refuse(name, original, converted, "its eval-mode output", largest, hint)
+    if isinstance(original, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized():
+        return  # its train mode would run a collective on this rank alone: only eval mode is compared
+    try:
+        expected_module, expected = _run(original, x, training=True)
+    except ValueError:
+        return  # BatchNorm refuses one value per channel in training; BKN's answer (β) is documented
+    actual_module, actual = _run(converted, x, training=True)
+    largest, ok = _excess(actual, expected)
+    if not ok:
+        _refuse(name, original, converted, "its train-mode output", largest, hint)
+    for statistic in _STATISTICS:
+        before = getattr(expected_module, statistic, None)
+        after = getattr(actual_module, statistic, None)
+        if before is None and after is None:
+            continue
+        if before is None or after is None:
+            _refuse(name, original, converted, f"whether it keeps {statistic}", float("inf"), hint)
+            continue
+        largest, ok = _excess(after, before)
+        if not ok:
+            _refuse(name, original, converted, f"its train-mode {statistic} update", largest, hint)
+
+
+def check_outputs(expected: Any, actual: Any, what: str = "the model's eval-mode outputs") -> None:
+    """Raise ConversionError unless two output structures (tensors in tuples/lists/dicts) match."""
+    expected_leaves, expected_spec = tree_flatten(expected)
+    actual_leaves, actual_spec = tree_flatten(actual)
+    if expected_spec != actual_spec:
+        raise ConversionError(
+            f"conversion would change the structure of {what} ({expected_spec} -> {actual_spec}); "
+            "the model was left unchanged"
+        )
+    for index, (before, after) in enumerate(zip(expected_leaves, actual_leaves)):
+        if isinstance(before, Tensor) and isinstance(after, Tensor):
+            largest, ok = _excess(after, before)
+        else:
+            largest, ok = (0.0, True) if before == after else (float("inf"), False)
+        if not ok:
+            raise ConversionError(
+                f"conversion would change {what} (output {index}): largest difference {largest:.3g}, beyond the "
+                "guard's tolerance (bkn_export.conversion_guard.TOLERANCES). The model was left unchanged; "
+                "every normalization layer matched on its own, so look for code that inspects module types "
+                "(isinstance(m, nn.BatchNorm2d)) in the model's forward."
+            )
+
+
+class ConversionGuard:
+    """What the original model computed on the example inputs, recorded before conversion.
+
+    ``inputs``: per normalization module name, a clone of its first call's input (N, C, *);
+    ``outputs``: a clone of the model's eval-mode outputs.
+    """
+
+    def __init__(self, inputs: dict[str, Tensor], outputs: Any) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+
+    @classmethod
+    def record(cls, model: nn.Module, example_inputs: Any, names: list[str]) -> ConversionGuard:
+        """One eval-mode forward of ``model`` with pre-hooks on the modules called ``names``."""
+        inputs: dict[str, Tensor] = {}
+        handles = []
+        modules = dict(model.named_modules())
+        for name in names:
+
+            def hook(_module: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
+                if _name not in inputs and args and isinstance(args[0], Tensor):
+                    inputs[_name] = args[0].detach().clone()
+
+            handles.append(modules[name].register_forward_pre_hook(hook))
+        try:
+            outputs = _clone(eval_forward(model, example_inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return cls(inputs, outputs)
+
+    def check_layers(self, originals: Mapping[str, nn.Module], converted: Mapping[str, nn.Module]) -> None:
+        """:func:`check_layer` for every name in ``converted`` that ran in the example forward."""
+        for name, layer in converted.items():
+            x = self.inputs.get(name)
+            if x is not None:
+                check_layer(name, originals[name], layer, x)
+
+    def check_model(self, converted_model: nn.Module, example_inputs: Any) -> None:
+        """The converted model's eval-mode outputs against the recorded ones."""
+        check_outputs(self.outputs, eval_forward(converted_model, example_inputs))

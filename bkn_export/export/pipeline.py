@@ -1,0 +1,411 @@
+"""The export pipeline both modes run, step by step::
+
+    request       validate_request: opset (an integer in range), example inputs, the
+                  external-data threshold, input/output names; check_writable(path) — all
+                  before anything slow
+    checks        check_finite_parameters: no NaN/Inf in any parameter (names it)
+    prepare       the mode builds a Traceable: the module to trace (the model, its folded
+                  fp16 copy, or the training graph), its example inputs, extra static inputs
+                  (running statistics) and the names of extra outputs
+    trace         trace: one eager run (output count, strides), then
+                  torch.onnx.export(dynamo=True) with dynamic_shapes() — the one builder
+                  of dynamic shapes — and the graph input/output names of io_names()
+    post-process  the mode's own (inference: fold rules + guarantee + fold report;
+                  training: the op's function body, node names)
+    check         onnx.checker (check_model) and, with dynamic_spatial, verify_dynamic_spatial:
+                  the file is run at two other spatial sizes
+    write         save_onnx (export/io.py): atomic, model and external data as a pair
+
+I/O names, the same in both modes: graph inputs are named after ``forward()``'s positional
+arguments (``input_<i>`` for arguments collected by ``*args``), outputs ``output`` (one) or
+``output_0``, ``output_1``, ... (the model's outputs flattened in order); ``input_names`` /
+``output_names`` replace them. The training mode's extra inputs/outputs (running
+statistics, posteriors) follow under their own documented names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from bkn_export.atomic import check_writable
+from bkn_export.errors import BKNError, ExportError, NonFiniteWeightsError, OptionError
+from bkn_export.export.common import example_tuple, resolve_opset, run_dynamo_export
+from bkn_export.export.io import check_external_data_threshold
+
+__all__ = [
+    "ExportRequest",
+    "Traceable",
+    "Traced",
+    "check_finite_parameters",
+    "dynamic_shapes",
+    "forward_argument_names",
+    "io_names",
+    "trace",
+    "tracing_inputs",
+    "validate_request",
+    "verify_dynamic_spatial",
+]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What the caller asked for, validated. inputs: the example tensors (N, C, *), as given."""
+
+    opset: int
+    inputs: tuple[Tensor, ...]
+    dynamic_batch: bool
+    dynamic_spatial: bool
+    fp16: bool
+    external_data_threshold: int
+    input_names: tuple[str, ...] | None
+    output_names: tuple[str, ...] | None
+
+
+def _names(names: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise OptionError(f"{what} must be a list of non-empty strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise OptionError(f"{what} has repeated names: {list(names)}")
+    return tuple(names)
+
+
+def validate_request(
+    example_inputs: Any,
+    path: Any,
+    *,
+    opset: int | None,
+    dynamic_batch: bool,
+    dynamic_spatial: bool,
+    fp16: bool,
+    external_data_threshold: int,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+) -> ExportRequest:
+    """Check every option and the path before any work; raise OptionError / OutputWriteError / ExportError."""
+    request = ExportRequest(
+        opset=resolve_opset(opset),
+        inputs=example_tuple(example_inputs),
+        dynamic_batch=bool(dynamic_batch),
+        dynamic_spatial=bool(dynamic_spatial),
+        fp16=bool(fp16),
+        external_data_threshold=check_external_data_threshold(external_data_threshold),
+        input_names=_names(input_names, "input_names"),
+        output_names=_names(output_names, "output_names"),
+    )
+    if request.input_names is not None and len(request.input_names) != len(request.inputs):
+        raise OptionError(
+            f"input_names has {len(request.input_names)} names {list(request.input_names)} for "
+            f"{len(request.inputs)} example input(s)"
+        )
+    check_writable(path)
+    return request
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first parameter with NaN/Inf values.
+
+    A Conv/Linear weight with a NaN exports without complaint and computes NaN everywhere
+    downstream; normalization statistics are checked separately (with channels).
+    """
+    owners = {id(p): (name, type(m).__name__) for name, m in model.named_modules() for p in m.parameters(False)}
+    for name, parameter in model.named_parameters():
+        values = parameter.detach()
+        if not values.is_floating_point():
+            continue
+        bad = ~torch.isfinite(values)
+        count = int(bad.sum())
+        if count:
+            index = tuple(int(i) for i in torch.nonzero(bad)[0])
+            module, kind = owners.get(id(parameter), (name.rpartition(".")[0], "module"))
+            raise NonFiniteWeightsError(
+                f"parameter '{name}' of {kind} '{module}' has {count} NaN/Inf value(s) (first at index {index}); "
+                "the exported model would compute NaN/Inf. Retrain or reload the weights (a diverged training "
+                "run, a bad checkpoint) before exporting."
+            )
+
+
+def forward_argument_names(model: nn.Module) -> list[str]:
+    """The positional argument names of ``model.forward`` (before any ``*args``), in order."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward
+        return []
+    names: list[str] = []
+    for parameter in parameters:
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(parameter.name)
+    return names
+
+
+def io_names(
+    model: nn.Module, num_inputs: int, num_outputs: int, request: ExportRequest
+) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the model's own inputs/outputs under the rule of the module docstring."""
+    if request.input_names is not None:
+        inputs = list(request.input_names)
+    else:
+        arguments = forward_argument_names(model)
+        inputs = [arguments[i] if i < len(arguments) else f"input_{i}" for i in range(num_inputs)]
+    if request.output_names is not None:
+        if len(request.output_names) != num_outputs:
+            raise OptionError(
+                f"output_names has {len(request.output_names)} names {list(request.output_names)} but "
+                f"{type(model).__name__} returns {num_outputs} output(s)"
+            )
+        outputs = list(request.output_names)
+    else:
+        outputs = ["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)]
+    return inputs, outputs
+
+
+@dataclass
+class Traceable:
+    """What a mode hands to :func:`trace`.
+
+    module: what torch.onnx.export traces, called as module(*inputs, *extra_inputs);
+    model: the user's model (its forward() names the inputs); inputs: the model's example
+    inputs (N, C, *) in the export dtype; extra_inputs: static-shape inputs after them
+    (running statistics (C,)), named extra_input_names; extra_output_names: the names of
+    the outputs that follow the model's own; options: more torch.onnx.export keywords.
+    """
+
+    module: nn.Module
+    model: nn.Module
+    inputs: tuple[Tensor, ...]
+    extra_inputs: tuple[Tensor, ...] = ()
+    extra_input_names: tuple[str, ...] = ()
+    extra_output_names: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Traced:
+    """The exporter's program, the graph I/O names, and what the eager run measured.
+
+    strides: per spatial dim of input 0, the network's total stride estimated from the
+    Conv/pooling outputs of the eager run (1 where none was seen); empty unless dynamic_spatial.
+    """
+
+    program: torch.onnx.ONNXProgram
+    input_names: list[str]
+    output_names: list[str]
+    strides: tuple[int, ...] = ()
+
+
+def _leaves(value: Any) -> list[Any]:
+    """The tensors of a (nested) tuple/list/dict output, in the exporter's flattening order."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for key in value for leaf in _leaves(value[key])]
+    return [value]
+
+
+_STRIDED = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+
+
+def _eager_run(
+    traceable: Traceable, explain: Callable[[Exception], str], spatial: tuple[int, ...]
+) -> tuple[int, tuple[int, ...]]:
+    """Run the module once: (number of outputs, total stride per spatial dim of input 0)."""
+    smallest = list(spatial)
+    handles = []
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+            return
+        if isinstance(output, Tensor) and output.dim() == len(spatial) + 2:
+            for d, size in enumerate(output.shape[2:]):
+                smallest[d] = min(smallest[d], int(size))
+
+    if spatial:
+        handles = [m.register_forward_hook(record) for m in traceable.module.modules() if isinstance(m, _STRIDED)]
+    try:
+        with torch.no_grad():
+            outputs = traceable.module(*traceable.inputs, *traceable.extra_inputs)
+    except BKNError:
+        raise
+    except Exception as error:  # the model's own error reads better than the exporter's
+        raise ExportError(explain(error)) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    strides = tuple(max(1, round(size / max(low, 1))) for size, low in zip(spatial, smallest))
+    return len(_leaves(outputs)) - len(traceable.extra_output_names), strides
+
+
+def tracing_inputs(inputs: Sequence[Tensor], dims: Sequence[Sequence[int]]) -> tuple[Tensor, ...]:
+    """Repeat every size-1 dim that is to be dynamic (torch.export specialises size 1 to a constant)."""
+    widened = []
+    for tensor, dynamic in zip(inputs, dims):
+        for d in dynamic:
+            if tensor.shape[d] == 1:
+                tensor = torch.cat([tensor, tensor], dim=d)
+        widened.append(tensor)
+    return tuple(widened)
+
+
+def _dynamic_dims(inputs: Sequence[Tensor], request: ExportRequest) -> list[list[int]]:
+    dims = []
+    for tensor in inputs:
+        dynamic = [0] if request.dynamic_batch and tensor.dim() > 0 else []
+        if request.dynamic_spatial:
+            dynamic += list(range(2, tensor.dim()))
+        dims.append(dynamic)
+    return dims
+
+
+def dynamic_shapes(module: nn.Module, dims: Sequence[Sequence[int]], num_extra: int) -> Any:
+    """torch.export ``dynamic_shapes`` for module(*inputs, *extra): the one builder of both modes.
+
+    dims[i]: the dynamic dims of input i. Dim 0 is the symbol "batch" shared by every input
+    (all inputs are batched along dim 0); other dims are ``Dim.DYNAMIC`` (torch.export
+    infers their relations, e.g. two inputs added together). Extra inputs are static.
+    Nested in a 1-tuple when forward takes ``*args``. None when nothing is dynamic.
+    """
+    if not any(dims):
+        return None
+    batch = torch.export.Dim("batch", min=1)
+    shapes: tuple[Any, ...] = tuple(
+        {d: batch if d == 0 else torch.export.Dim.DYNAMIC for d in dynamic} or None for dynamic in dims
+    ) + (None,) * num_extra
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if parameters and parameters[0].kind == inspect.Parameter.VAR_POSITIONAL:
+        return (shapes,)
+    return shapes
+
+
+def trace(traceable: Traceable, request: ExportRequest, explain: Callable[[Exception], str]) -> Traced:
+    """Eager run, then torch.onnx.export(dynamo=True) with the one dynamic-shape builder and the I/O names."""
+    spatial = tuple(int(s) for s in traceable.inputs[0].shape[2:]) if request.dynamic_spatial else ()
+    num_outputs, strides = _eager_run(traceable, explain, spatial)
+    inputs, outputs = io_names(traceable.model, len(traceable.inputs), num_outputs, request)
+    all_inputs = [*inputs, *traceable.extra_input_names]
+    all_outputs = [*outputs, *traceable.extra_output_names]
+    clashes = sorted({n for n in all_inputs if all_inputs.count(n) > 1} | {n for n in all_outputs if n in all_inputs})
+    if clashes:
+        raise OptionError(f"graph input/output names clash: {clashes}; choose other input_names / output_names")
+    dims = _dynamic_dims(traceable.inputs, request)
+    program = run_dynamo_export(
+        traceable.module,
+        (*tracing_inputs(traceable.inputs, dims), *traceable.extra_inputs),
+        request.opset,
+        dynamic_shapes(traceable.module, dims, len(traceable.extra_inputs)),
+        explain,
+        input_names=all_inputs,
+        output_names=all_outputs,
+        **traceable.options,
+    )
+    return Traced(program, all_inputs, all_outputs, strides)
+
+
+# --------------------------------------------------------------------------- dynamic_spatial
+
+
+def _other_sizes(spatial: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Twice the example size, then the multiples k·T (T the total stride) below it, smallest first."""
+    doubled = tuple(2 * s for s in spatial)
+    sizes = [doubled]
+    for k in range(1, max(2 * s // t for s, t in zip(spatial, strides)) + 1):
+        size = tuple(min(k * t, 2 * s) for s, t in zip(spatial, strides))
+        if size not in (spatial, doubled) and size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def _resized(tensor: Tensor, spatial: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    shape = (*tensor.shape[:2], *spatial[: tensor.dim() - 2]) if tensor.dim() > 2 else tuple(tensor.shape)
+    if tensor.is_floating_point():
+        return torch.randn(shape, generator=generator).to(tensor.dtype)
+    return torch.zeros(shape, dtype=tensor.dtype)
+
+
+def _onnx_runner(proto: onnx.ModelProto) -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
+    """(engine name, run(feeds) -> outputs): ONNX Runtime CPU if installed, else onnx's reference evaluator."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(proto)
+        return "onnx.reference", lambda feeds: list(evaluator.run(None, feeds))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return "onnxruntime", lambda feeds: list(session.run(None, feeds))
+
+
+def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced: Traced) -> list[tuple[int, ...]]:
+    """Run the exported file at two other spatial sizes valid for the network; return the sizes checked.
+
+    Sizes: twice the example size (E) — which the network must run in PyTorch, else the
+    model needs fixed spatial sizes (e.g. flatten into a Linear) and ExportError says so —
+    and the smallest multiple of the network's total stride T (from the eager run) other
+    than E that PyTorch runs. At each size the ONNX file (ONNX Runtime CPU, or the reference
+    evaluator without it) must run and return outputs of the shapes PyTorch returns;
+    values are parity's job. Inputs of rank > 2 all take the new spatial size. Models of
+    2 GiB or more are not run (protobuf cannot hold them in memory): returns [].
+    """
+    if proto.ByteSize() >= 2**31 - 1:
+        return []
+    spatial = tuple(int(s) for s in traceable.inputs[0].shape[2:])
+    generator = torch.Generator().manual_seed(0)
+    engine, run = _onnx_runner(proto)
+    graph_inputs = {value.name for value in proto.graph.input}
+    checked: list[tuple[int, ...]] = []
+    for size in _other_sizes(spatial, traced.strides or (1,) * len(spatial)):
+        first = not checked
+        inputs = tuple(_resized(t, size, generator) for t in traceable.inputs)
+        try:
+            with torch.no_grad():
+                expected = _leaves(traceable.module(*inputs, *traceable.extra_inputs))
+        except Exception as error:
+            if first:
+                raise ExportError(
+                    f"dynamic_spatial: {type(traceable.model).__name__} does not run at spatial size {list(size)} "
+                    f"(twice the example's {list(spatial)}) in PyTorch ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); it needs fixed spatial sizes (e.g. a "
+                    "flatten into a Linear). Export without dynamic_spatial / --dynamic-spatial."
+                ) from error
+            continue  # below the network's smallest valid size: try the next multiple of the stride
+        feeds = {
+            name: value.numpy()
+            for name, value in zip(traced.input_names, (*inputs, *traceable.extra_inputs))
+            if name in graph_inputs
+        }
+        try:
+            actual = run(feeds)
+        except Exception as error:  # the engine's own error types
+            raise ExportError(
+                f"dynamic_spatial: the exported file does not run at spatial size {list(size)} on {engine} "
+                f"although PyTorch does ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                "; export without dynamic_spatial / --dynamic-spatial, or report the model"
+            ) from error
+        shapes = [tuple(a.shape) for a in actual]
+        wanted = [tuple(e.shape) for e in expected if isinstance(e, Tensor)]
+        if shapes[: len(wanted)] != wanted:
+            raise ExportError(
+                f"dynamic_spatial: at spatial size {list(size)} the exported file returns shapes {shapes} on "
+                f"{engine}, PyTorch {wanted}; export without dynamic_spatial / --dynamic-spatial"
+            )
+        checked.append(size)
+        if len(checked) == 2:
+            break
+    return checked
+
+
+def example_bytes(inputs: Sequence[Tensor]) -> int:
+    """Bytes held by the example tensors."""
+    return sum(math.prod(t.shape) * t.element_size() for t in inputs)

@@ -1,0 +1,51 @@
+"""Exceptions of ``runtime``, one hierarchy with ``bkn_export``'s (the CLI maps them to exit codes).
+
+Shared with ``bkn_export`` (both raise them; through :mod:`runtime._bkn`):
+:class:`BKNInputError` (bad inputs or options), :class:`ModelFileError` (a missing,
+corrupt or wrong-kind ONNX file), :class:`RuntimeLoadError` (a custom-op library or plugin
+is missing), :class:`PluginLibraryNotFoundError`.
+
+Raised by ``runtime`` only: :class:`UnknownRuntimeError`, :class:`ParityMismatchError`,
+:class:`RuntimeExecutionError` and :class:`SavedDataError` (an inputs/outputs file that
+cannot be read).
+"""
+
+from __future__ import annotations
+
+from runtime._bkn import BKNError, BKNInputError, ModelFileError, PluginLibraryNotFoundError, RuntimeLoadError
+
+__all__ = [
+    "BKNError",
+    "BKNInputError",
+    "ModelFileError",
+    "ParityMismatchError",
+    "PluginLibraryNotFoundError",
+    "RuntimeExecutionError",
+    "RuntimeLoadError",
+    "SavedDataError",
+    "UnknownRuntimeError",
+]
+
+
+class UnknownRuntimeError(BKNError, ValueError):
+    """A runtime selection (``bkn parity --runtimes``) names no known runtime, or nothing at all."""
+
+    exit_code = 2  # bad input (bkn_export.commands.exit_codes reads this)
+
+
+class ParityMismatchError(BKNError, AssertionError):
+    """A runtime's outputs differ from the reference beyond tolerance (``runtime.assert_parity``)."""
+
+    exit_code = 1  # a problem with the model
+
+
+class RuntimeExecutionError(BKNError, RuntimeError):
+    """A runtime loaded a model but failed while running it (e.g. a TensorRT enqueue error)."""
+
+    exit_code = 1
+
+
+class SavedDataError(BKNInputError):
+    """An inputs or outputs file (``.npz``, Polygraphy JSON) is missing, corrupt or does not fit the model."""
+
+    exit_code = 2

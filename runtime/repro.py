@@ -1,0 +1,126 @@
+"""Repro bundles: the smallest failing sub-model, its inputs, expected outputs, and the command.
+
+On a failure, :func:`write_repro` writes into a folder (``bkn parity --repro DIR``, one
+sub-folder per failing runtime)::
+
+    model.onnx      the sub-model around the first diverging node (``onnx.utils.extract_model``:
+                    that node alone, its inputs as graph inputs), or the whole model when the
+                    failure was not localised to a node
+    inputs.json     its inputs, Polygraphy JSON (``polygraphy run --load-inputs``)
+    expected.json   the expected outputs as a Polygraphy ``RunResults``, runner ``reference``:
+                    the ONNX reference evaluator's for a sub-model (ONNX's own semantics), the
+                    run's reference (PyTorch or saved outputs) for the whole model
+    README.txt      what failed and the commands that re-check it (``bkn parity`` and ``polygraphy run``)
+
+The bundle is then re-run on the failing runtime and the README says whether it
+reproduces (a fused kernel may only fail inside the whole graph).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from runtime._bkn import write_bytes_atomic, write_text_atomic
+from runtime.compare import TolerancePolicy
+
+__all__ = ["write_repro"]
+
+
+def _node_of(model: onnx.ModelProto, value: str) -> onnx.NodeProto | None:
+    return next((node for node in model.graph.node if value in node.output), None)
+
+
+def _sub_model(model: onnx.ModelProto, value: str, workdir: Path) -> tuple[onnx.ModelProto, list[str]] | None:
+    """The one-node model producing ``value`` (its non-initializer inputs as graph inputs), or None."""
+    node = _node_of(model, value)
+    if node is None:
+        return None
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [name for name in node.input if name and name not in initializers]
+    source = workdir / "full.onnx"
+    target = workdir / "sub.onnx"
+    onnx.save_model(model, str(source))
+    onnx.utils.extract_model(str(source), str(target), inputs, [value], check_model=False)
+    sub = onnx.load(str(target))
+    if len(model.functions) and not len(sub.functions):
+        sub.functions.extend(model.functions)
+    return sub, inputs
+
+
+def _evaluate(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], workdir: Path, name: str) -> dict[str, Any]:
+    from runtime.backends.reference import ReferenceEvaluatorBackend
+
+    path = workdir / name
+    onnx.save_model(model, str(path))
+    backend = ReferenceEvaluatorBackend()
+    backend.load(str(path))
+    return backend.run(dict(feed))
+
+
+def write_repro(
+    model: onnx.ModelProto,
+    model_path: Path,
+    entry: Any,
+    feed: Mapping[str, np.ndarray],
+    reference_outputs: Mapping[str, np.ndarray],
+    result: Any,
+    directory: Path,
+) -> str:
+    """Write the bundle for one failing runtime (``entry``, ``result``) into ``directory``; returns a one-line note."""
+    from runtime import polygraphy_io
+    from runtime.onnx_scopes import with_outputs
+
+    directory.mkdir(parents=True, exist_ok=True)
+    loc = result.localisation
+    first_value = loc.first.onnx_value if loc is not None and loc.first is not None else None
+    with tempfile.TemporaryDirectory(prefix="bkn-repro-") as tmp:
+        workdir = Path(tmp)
+        cut = _sub_model(model, first_value, workdir) if first_value else None
+        if cut is not None:
+            sub, input_names = cut
+            values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx")
+            sub_feed = {name: values[name] if name in values else feed[name] for name in input_names}
+            expected = _evaluate(sub, sub_feed, workdir, "expected.onnx")
+            scope = f"the node producing {first_value!r} ({loc.first.op_type}, node {loc.first.onnx_node!r})"
+        else:
+            sub = model
+            sub_feed = dict(feed)
+            expected = dict(reference_outputs)
+            scope = f"the whole model {model_path.name} (the failure was not localised to a node)"
+        write_bytes_atomic(directory / "model.onnx", sub.SerializeToString())
+        polygraphy_io.save_inputs(directory / "inputs.json", [sub_feed])
+        polygraphy_io.save_outputs(directory / "expected.json", [expected], runner="reference")
+        reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected)
+    command = (
+        f"bkn parity {directory / 'model.onnx'} --load-inputs {directory / 'inputs.json'} "
+        f"--load-outputs {directory / 'expected.json'} --runtimes {entry.name}"
+    )
+    readme = (
+        f"Repro of a parity failure of {entry.name} on {model_path}\n\n"
+        f"model.onnx: {scope}\n"
+        "inputs.json / expected.json: its inputs and expected outputs (Polygraphy JSON)\n"
+        f"Re-running model.onnx on {entry.name} reproduces the failure: {reproduces}\n\n"
+        f"Re-check:\n  {command}\n"
+        f"  polygraphy run {directory / 'model.onnx'} --onnxrt --load-inputs {directory / 'inputs.json'} "
+        f"--load-outputs {directory / 'expected.json'}\n"
+    )
+    write_text_atomic(directory / "README.txt", readme)
+    return f"repro bundle for {entry.name} in {directory} (reproduces: {reproduces}): {command}"
+
+
+def _reproduces(entry: Any, path: Path, feed: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> str:
+    try:
+        backend = entry.make()
+        backend.load(str(path))
+        outputs = backend.run(dict(feed))
+    except Exception as error:
+        return f"yes ({type(error).__name__} on load/run)"
+    policy = TolerancePolicy()
+    failing = [name for name, value in expected.items() if not policy.judge(name, value, outputs[name]).passed]
+    return f"yes ({', '.join(failing)} differ)" if failing else "no (the failure needs the surrounding graph)"

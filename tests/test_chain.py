@@ -1,0 +1,310 @@
+"""Specification of the chain's wiring, transitions, checkpoints and ``chain_statistics``.
+
+* a layer's prior is its sources' Gaussians pushed through the real modules between them
+  and the layer: checked against a Monte Carlo of those modules, positions drawn i.i.d.
+  from the sources (SiLU, average pooling, reflect padding, concatenation, residual sum);
+* ``KalmanOptions.prior_source`` and ``residual`` reach the wiring and the checkpoint;
+* fallbacks are never silent (hand-built records);
+* checkpoints of the version-1 wiring load when equivalent, else say to re-convert;
+* ``chain_statistics`` changes no parameter, buffer, mode or RNG state.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bkn_export import (
+    ChainWiringError,
+    KalmanOptions,
+    LayerStatistics,
+    chain_statistics,
+    convert_batchnorm,
+    describe_chain,
+    format_chain,
+)
+from bkn_export.chain import plan_wiring
+from bkn_export.chain.record import Combination, LayerRecord, SourcePath
+from bkn_export.chain.steps import Affine, Elementwise
+
+DATA = Path(__file__).parent / "data"
+
+
+class Net(nn.Module):
+    """A stem, two branches (SiLU + average pooling; ReLU + average pooling) concatenated
+    into a reflect-padded conv, then a residual block whose sum feeds the last norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv_a = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.conv_b = nn.Conv2d(8, 5, 1)
+        self.bn_b = nn.BatchNorm2d(5)
+        self.conv_c = nn.Conv2d(11, 8, 3, padding=1, padding_mode="reflect")
+        self.bn_c = nn.BatchNorm2d(8)
+        self.conv_d = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn_d = nn.BatchNorm2d(8)
+        self.bn_e = nn.BatchNorm2d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn0(self.stem(x))
+        a = self.bn_a(self.conv_a(F.avg_pool2d(F.silu(h), 2)))
+        b = self.bn_b(self.conv_b(F.avg_pool2d(torch.relu(h), 2)))
+        c = self.bn_c(self.conv_c(torch.cat([torch.relu(a), F.hardswish(b)], dim=1)))
+        d = self.bn_d(self.conv_d(torch.relu(c)))
+        return self.bn_e(torch.relu(d + c))
+
+
+def _net(**options: Any) -> nn.Module:
+    torch.manual_seed(0)
+    model = Net().double()
+    with torch.no_grad():  # non-trivial γ, β so that the two prior conventions differ
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.5)
+    return convert_batchnorm(model, _inputs(), process_noise=False, **options)
+
+
+def _inputs(n: int = 4) -> Tensor:
+    return 1.5 * torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.3
+
+
+#: Per layer: the real modules between its sources and its input, as a function of one
+#: i.i.d. sample per source (in the order of LayerStatistics.sources).
+def _paths(model: nn.Module) -> dict[str, Callable[..., Tensor]]:
+    m: Any = model
+    return {
+        "bn_a": lambda h: m.conv_a(F.avg_pool2d(F.silu(h), 2)),
+        "bn_b": lambda h: m.conv_b(F.avg_pool2d(torch.relu(h), 2)),
+        "bn_c": lambda a, b: m.conv_c(torch.cat([torch.relu(a), F.hardswish(b)], dim=1)),
+        "bn_d": lambda c: m.conv_d(torch.relu(c)),
+        "bn_e": lambda d, c: torch.relu(d + c),
+    }
+
+
+def _monte_carlo(layer: LayerStatistics, path: Callable[..., Tensor], draws: int = 256) -> tuple[Tensor, Tensor]:
+    """Mean and variance per channel of the path's output, positions drawn i.i.d. from the sources."""
+    generator = torch.Generator().manual_seed(11)
+    samples = []
+    for source in layer.sources:
+        shape = (draws, *source.shape[1:])
+        view = (1, -1, *([1] * (len(shape) - 2)))
+        noise = torch.randn(shape, generator=generator, dtype=source.mean.dtype)
+        samples.append(source.mean.reshape(view) + source.variance.sqrt().reshape(view) * noise)
+    with torch.no_grad():
+        out = path(*samples)
+    dims = [0, *range(2, out.dim())]
+    return out.mean(dim=dims), out.var(dim=dims, correction=0)
+
+
+@pytest.mark.parametrize("prior_source", ["input", "output"])
+@pytest.mark.parametrize("layer_name", ["bn_a", "bn_b", "bn_c", "bn_d", "bn_e"])
+def test_propagated_prior_matches_a_monte_carlo_of_the_real_modules(prior_source: str, layer_name: str) -> None:
+    """Within 10 % in mean (of the largest |mean| or std) and in variance (per channel)."""
+    model = _net(prior_source=prior_source)
+    layers = {s.name: s for s in chain_statistics(model, _inputs())}
+    layer = layers[layer_name]
+    assert layer.transition == "propagate" and layer.prior_mean is not None and layer.prior_variance is not None
+    mc_mean, mc_variance = _monte_carlo(layer, _paths(model)[layer_name])
+    scale = torch.maximum(mc_mean.abs().max(), mc_variance.sqrt().max())
+    assert float((layer.prior_mean - mc_mean).abs().max() / scale) < 0.10
+    assert float(((layer.prior_variance - mc_variance) / mc_variance).abs().max()) < 0.10
+
+
+def test_sources_are_named_with_the_shape_they_enter_at() -> None:
+    model = _net()
+    layers = {s.name: s for s in chain_statistics(model, _inputs(2))}
+    assert [(s.name, s.shape) for s in layers["bn_c"].sources] == [("bn_a", (2, 6, 4, 4)), ("bn_b", (2, 5, 4, 4))]
+    assert [s.name for s in layers["bn_e"].sources] == ["bn_d", "bn_c"]
+    first = layers["bn0"]
+    assert first.transition is None and first.sources == () and first.prior_mean is None
+    assert torch.equal(first.prior_weight, torch.zeros(8, dtype=torch.float64))
+
+
+def test_prior_source_output_pushes_the_normalized_output_moments() -> None:
+    """'input' pushes the source's posterior; 'output' its normalized output γ(x-μ)/sqrt(Σ+ε)+β: N(≈β, ≈γ²)."""
+    inputs = {s.name: s for s in chain_statistics(_net(prior_source="input"), _inputs())}
+    outputs = {s.name: s for s in chain_statistics(_net(prior_source="output"), _inputs())}
+    source_in, source_out = inputs["bn_d"].sources[0], outputs["bn_d"].sources[0]
+    bn_c = inputs["bn_c"]
+    torch.testing.assert_close(source_in.mean, bn_c.posterior_mean)
+    torch.testing.assert_close(source_in.variance, bn_c.posterior_variance)
+    layer = _net().get_submodule("bn_c")
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    posterior = outputs["bn_c"].posterior_variance  # bn_c's own prior differs between the conventions
+    torch.testing.assert_close(source_out.mean, bias)
+    torch.testing.assert_close(source_out.variance, weight * weight * posterior / (posterior + layer.eps))
+
+
+def test_learned_sampled_and_identity_transitions_run_on_the_same_wiring() -> None:
+    for transition in ("learned", "sampled"):
+        model = _net(transition=transition)
+        layers = {s.name: s for s in chain_statistics(model, _inputs())}
+        assert layers["bn_c"].transition == transition and layers["bn_c"].prior_mean is not None
+    assert _net(transition="learned").get_parameter("bn_c.transition_matrix").shape == (8, 11)
+
+
+def test_residual_branch_option_keeps_only_the_branch_and_says_so() -> None:
+    model = _net(residual="branch")
+    link = next(link for link in describe_chain(model) if link.name == "bn_e")
+    assert link.sources == ("'bn_d' → relu()",) and link.combine == "single"
+    assert "residual='branch': dropped the shortcut 'bn_c'" in link.note
+    layers = {s.name: s for s in chain_statistics(model, _inputs())}
+    assert [s.name for s in layers["bn_e"].sources] == ["bn_d"]
+
+
+def test_describe_chain_names_every_source_step_and_approximation() -> None:
+    model = _net()
+    links = {link.name: link for link in describe_chain(model)}
+    assert links["bn_a"].sources == ("'bn0' → silu() → avg_pool2d(kernel (2, 2)) → conv 'conv_a'",)
+    assert links["bn_c"].sources == ("concat('bn_a' → relu() | 'bn_b' → hardswish()) → conv 'conv_c'",)
+    assert links["bn_e"].sources == ("sum('bn_d' + 'bn_c') → relu()",)
+    assert any("silu" in a and "Gauss–Hermite" in a for a in links["bn_a"].approximations)
+    rows = {line.split()[0]: line for line in format_chain(model).splitlines()[1:]}
+    assert "concat('bn_a' → relu() | 'bn_b' → hardswish())" in rows["bn_c"]
+    assert "approximate: silu()" in rows["bn_a"]
+
+
+def test_max_pooling_is_named_as_an_approximation() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.MaxPool2d(2), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model = convert_batchnorm(model, torch.randn(2, 3, 6, 6))
+    (approximation,) = describe_chain(model)[1].approximations
+    assert approximation.startswith("max_pool2d") and "approximated" in approximation
+
+
+# --------------------------------------------------------------------------- plan_wiring on hand-built records
+
+
+def _path(normalization: str | None, channels: int, *steps: Any, fallback: str = "") -> SourcePath:
+    return SourcePath(normalization, tuple(steps), channels, (2, channels, 4, 4), fallback=fallback)
+
+
+FEATURES = {"a": 4, "b": 4, "layer": 8}
+ORDER = {"a": 0, "b": 1, "layer": 2}
+
+
+def test_a_concatenation_part_without_normalization_takes_batch_statistics_on_its_channels() -> None:
+    record = LayerRecord(
+        "layer", (2, 8, 4, 4), (_path("a", 4), _path(None, 4, fallback="reaches the model input")), "concat"
+    )
+    wiring = plan_wiring(record, KalmanOptions(), ORDER, FEATURES, 8)
+    assert wiring.transition == "propagate" and wiring.source_names == ("a",)
+    assert any("channels 4:8 have no normalization upstream" in note for note in wiring.notes)
+
+
+def test_a_residual_addend_without_normalization_leaves_the_layer_first_in_chain_with_a_note() -> None:
+    record = LayerRecord("layer", (2, 4, 4, 4), (_path("a", 4), _path(None, 4, fallback="an opaque op")), "sum")
+    wiring = plan_wiring(record, KalmanOptions(), ORDER, FEATURES, 4)
+    assert wiring.transition is None
+    assert any("propagate unavailable (addend 1 does not reach a normalization" in note for note in wiring.notes)
+
+
+def test_identity_needs_matching_channels() -> None:
+    record = LayerRecord("layer", (2, 8, 4, 4), (_path("a", 8, Affine("conv")),), "single")
+    with pytest.raises(ChainWiringError, match=r"identity' needs equal channel counts, but 'a' has 4 and 'layer' has 8"):
+        plan_wiring(record, KalmanOptions(transition="identity"), ORDER, FEATURES, 8)
+
+
+def test_branch_rule_follows_sums_inside_paths() -> None:
+    inner = Combination("sum", (_path("a", 4), _path("b", 4)))
+    path = SourcePath(None, (Elementwise("relu"), Affine("conv")), 4, (2, 4, 4, 4), origin=inner)
+    record = LayerRecord("layer", (2, 4, 4, 4), (path,), "single")
+    wiring = plan_wiring(record, KalmanOptions(residual="branch"), ORDER, FEATURES, 4)
+    (source,) = wiring.sources
+    assert source.normalization == "b" and source.origin is None  # b ran after a
+    assert source.steps == (Elementwise("relu"), Affine("conv"))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _plain_chain() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+    )
+
+
+def _v1(transition: str) -> dict[str, Any]:
+    saved: dict[str, Any] = torch.load(DATA / "chain_v1_state_dicts.pt")[transition]
+    return saved
+
+
+@pytest.mark.parametrize("transition", ["propagate", "identity"])
+def test_version_1_checkpoint_loads_into_an_equivalent_wiring_and_computes_what_it_computed(transition: str) -> None:
+    """Saved by the execution-order wiring (commit 9ccb94c): same outputs in train and eval mode."""
+    saved = _v1(transition)
+    assert saved["state_dict"]["4._extra_state"]["version"] == 1
+    model = convert_batchnorm(_plain_chain(), torch.randn(2, 3, 6, 6), transition=transition)
+    model.load_state_dict(saved["state_dict"], strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(model).train()(saved["x"]), saved["train_output"])
+        torch.testing.assert_close(model.eval()(saved["x"]), saved["eval_output"])
+
+
+def test_version_1_checkpoint_of_another_wiring_says_to_reconvert() -> None:
+    model = convert_batchnorm(_plain_chain(), torch.randn(2, 3, 6, 6), prior_source="output")
+    with pytest.raises(ChainWiringError, match=r"BatchKalmanNorm2d '4'.*wiring format 1.*Re-convert.*convert_batchnorm"):
+        model.load_state_dict(_v1("propagate")["state_dict"], strict=True)
+
+
+def test_version_1_checkpoint_with_a_predecessor_into_an_unwired_layer_is_refused() -> None:
+    from bkn_export import BatchKalmanNorm2d
+
+    layer = BatchKalmanNorm2d(4)
+    state = {k[2:]: v for k, v in _v1("identity")["state_dict"].items() if k.startswith("4.")}
+    with pytest.raises(ChainWiringError, match="this layer is not wired"):
+        layer.load_state_dict(state, strict=False)
+
+
+def test_checkpoint_round_trip_keeps_the_wiring_options() -> None:
+    """prior_source and residual are saved (version 2) and checked on load."""
+    model = _net(prior_source="output", residual="branch")
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    extra = state["bn_e._extra_state"]
+    assert extra["version"] == 2 and extra["options"]["prior_source"] == "output"
+    assert extra["wiring"]["prior_source"] == "output" and extra["wiring"]["combine"] == "single"
+    _net(prior_source="output", residual="branch").load_state_dict(state, strict=True)
+    with pytest.raises(ChainWiringError, match=r"'bn_a'.*saved with wiring.*but this model is wired"):
+        _net(prior_source="input", residual="branch").load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- chain_statistics changes nothing
+
+
+def test_chain_statistics_changes_no_state() -> None:
+    model = _net(transition="sampled")  # draws random numbers
+    model.add_module("drop", nn.Dropout(0.5))  # a module whose mode matters (not called)
+    model.eval()
+    model.bn_c.train()  # mixed modes are restored as they were
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+    modes = {name: m.training for name, m in model.named_modules()}
+    rng = torch.get_rng_state()
+    stats = chain_statistics(model, _inputs())
+    assert [s.name for s in stats] == ["bn0", "bn_a", "bn_b", "bn_c", "bn_d", "bn_e"]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for key, value in model.state_dict().items():
+        if isinstance(value, Tensor):
+            assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())

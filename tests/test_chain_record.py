@@ -1,0 +1,663 @@
+"""record_dataflow: which normalization feeds which, by data flow, with the steps in between.
+
+Each test builds a small network whose topology is known by construction and checks the
+recorded LayerRecords (sources, steps, channel counts, combine, notes) against it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bkn_export.chain.record import Combination, LayerRecord, SourcePath, record_dataflow
+from bkn_export.chain.steps import Affine, Channels, Elementwise, Flatten, Identity, Pool, Resample, Reshape
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)]
+
+
+# --------------------------------------------------------------------------- plain chains
+
+
+def test_conv_bn_relu_chain_links_each_bn_to_the_previous_one_through_relu_and_conv() -> None:
+    model = nn.Sequential(*_conv_bn(3, 8), nn.ReLU(), *_conv_bn(8, 16), nn.ReLU(), *_conv_bn(16, 4))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+
+    assert chain.names == ["1", "4", "7"]
+    first, second, third = chain.layers
+    assert first.combine == "none" and first.sources == ()
+    assert "reaches the model input" in first.notes[0]
+    assert second == LayerRecord(
+        "4", (2, 16, 8, 8), (SourcePath("1", (Elementwise("relu", (), "2"), Affine("3")), 16, (2, 8, 8, 8)),), "single"
+    )
+    assert third.sources[0].normalization == "4"
+    assert third.sources[0].steps == (Elementwise("relu", (), "5"), Affine("6"))
+    assert third.sources[0].channels == 4
+
+
+def test_recording_changes_no_statistic_and_restores_every_module_mode() -> None:
+    model = nn.Sequential(*_conv_bn(3, 8), nn.ReLU(), *_conv_bn(8, 8), nn.Dropout(0.5))
+    model.train()
+    model[4].eval()  # a submodule in its own mode
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    record_dataflow(model, torch.randn(2, 3, 8, 8))
+
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, False, True]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+class _Functional(nn.Module):
+    """Conv–BN pairs joined by functional activations and tensor methods (in place too)."""
+
+    def __init__(self, activation: str) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.conv2, self.bn2 = *_conv_bn(3, 8), *_conv_bn(8, 8)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn1(self.conv1(x))
+        if self.activation == "silu":
+            x = F.silu(x)
+        elif self.activation == "hardswish":
+            x = F.hardswish(x)
+        elif self.activation == "gelu_tanh":
+            x = F.gelu(x, approximate="tanh")
+        elif self.activation == "leaky_relu":
+            x = F.leaky_relu(x, 0.2)
+        elif self.activation == "relu_":
+            x.relu_()
+        elif self.activation == "torch.sigmoid":
+            x = torch.sigmoid(x)
+        return self.bn2(self.conv2(x))
+
+
+@pytest.mark.parametrize(
+    ("activation", "expected"),
+    [
+        ("silu", Elementwise("silu")),
+        ("hardswish", Elementwise("hardswish")),
+        ("gelu_tanh", Elementwise("gelu", (("approximate", "tanh"),))),
+        ("leaky_relu", Elementwise("leaky_relu", (("negative_slope", 0.2),))),
+        ("relu_", Elementwise("relu")),
+        ("torch.sigmoid", Elementwise("sigmoid")),
+    ],
+)
+def test_functional_activations_become_elementwise_steps(activation: str, expected: Elementwise) -> None:
+    chain = record_dataflow(_Functional(activation), torch.randn(2, 3, 8, 8))
+    assert chain["bn2"].sources[0].steps == (expected, Affine("conv2"))
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (nn.SiLU(), Elementwise("silu", (), "act")),
+        (nn.Hardswish(), Elementwise("hardswish", (), "act")),
+        (nn.GELU(), Elementwise("gelu", (("approximate", "none"),), "act")),
+        (nn.ReLU6(inplace=True), Elementwise("relu6", (), "act")),
+        (nn.Hardtanh(-2.0, 2.0), Elementwise("hardtanh", (("max_val", 2.0), ("min_val", -2.0)), "act")),
+        (nn.PReLU(8), Elementwise("prelu", (), "act")),
+    ],
+)
+def test_activation_modules_become_elementwise_steps_with_their_parameters(module: nn.Module, expected: object) -> None:
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(3, 8, 3))
+    model.add_module("bn1", nn.BatchNorm2d(8))
+    model.add_module("act", module)
+    model.add_module("conv2", nn.Conv2d(8, 8, 1))
+    model.add_module("bn2", nn.BatchNorm2d(8))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+    assert chain["bn2"].sources[0].steps == (expected, Affine("conv2"))
+
+
+class _Swish(nn.Module):
+    """An activation written out by hand, as in older model zoos."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x)
+
+
+def test_a_parameter_free_module_is_identified_by_probing_and_named_in_the_notes() -> None:
+    model = nn.Sequential(*_conv_bn(3, 8), _Swish(), *_conv_bn(8, 8))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+    assert chain["4"].sources[0].steps == (Elementwise("silu", (), "2"), Affine("3"))
+    assert any("'2' (_Swish) is taken as silu" in note for note in chain.notes)
+
+
+# --------------------------------------------------------------------------- pooling, resampling, reshapes
+
+
+class _Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(3, 8)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2, self.bn2 = _conv_bn(8, 16)
+        self.fc = nn.Linear(16, 10)
+        self.bn3 = nn.BatchNorm1d(10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = F.avg_pool2d(self.conv2(x), 2)  # pooling after the feeding conv
+        x = self.bn2(x)
+        return self.bn3(self.fc(torch.flatten(x.mean((2, 3), keepdim=True), 1)))
+
+
+def test_pooling_before_and_after_the_feeding_conv_are_steps_on_the_path() -> None:
+    chain = record_dataflow(_Pooled(), torch.randn(2, 3, 16, 16))
+
+    steps = chain["bn2"].sources[0].steps
+    # max pooling moves in front of the ReLU (they commute), then the conv, then the functional avg pool
+    assert [type(s) for s in steps] == [Pool, Elementwise, Affine, Pool]
+    max_pool, avg_pool = steps[0], steps[3]
+    assert isinstance(max_pool, Pool) and isinstance(avg_pool, Pool)
+    assert (max_pool.module, max_pool.spec.kind, max_pool.spec.stride) == ("pool", "max", (2, 2))
+    assert (avg_pool.module, avg_pool.spec.kind, avg_pool.spec.kernel_size) == (None, "avg", (2, 2))
+    head = chain["bn3"].sources[0]
+    assert head.normalization == "bn2"
+    assert [type(s) for s in head.steps] == [Pool, Flatten, Affine]  # x.mean(keepdim) → flatten → fc
+    assert head.steps[-1] == Affine("fc", "linear")
+
+
+def test_steps_that_combine_positions_made_dependent_are_named_as_approximate() -> None:
+    chain = record_dataflow(_Pooled(), torch.randn(2, 3, 16, 16))
+
+    assert chain["bn2"].notes == (
+        "its input: approximate variance: conv 'conv2' combines positions that "
+        "max_pool2d(kernel (3, 3) stride (2, 2) padding (1, 1)) 'pool' made dependent, "
+        "and the moments take them as independent",
+        "its input: approximate variance: avg_pool2d(kernel (2, 2)) combines positions that conv 'conv2' made "
+        "dependent, and the moments take them as independent",
+    )
+    assert chain["bn3"].notes == ()  # global pooling right after a normalization: exact
+
+
+def test_flattening_channels_with_positions_is_a_flatten_step() -> None:
+    model = nn.Sequential(*_conv_bn(3, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5))
+    chain = record_dataflow(model, torch.randn(2, 3, 6, 6))
+    assert chain["5"].sources[0].steps == (Elementwise("relu", (), "2"), Flatten(1, -1), Affine("4", "linear"))
+
+
+class _Decoder(nn.Module):
+    """A UNet level: skip connection concatenated with an upsampled deeper feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc_conv, self.enc_bn = _conv_bn(3, 4)
+        self.down_conv, self.down_bn = _conv_bn(4, 6, stride=2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec_conv, self.dec_bn = _conv_bn(10, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip = F.relu(self.enc_bn(self.enc_conv(x)))
+        deep = F.relu(self.down_bn(self.down_conv(skip)))
+        up = F.interpolate(self.up(deep), scale_factor=0.5, mode="bilinear", align_corners=False)
+        up = F.interpolate(up, size=skip.shape[2:], mode="bilinear", align_corners=False)
+        return self.dec_bn(self.dec_conv(torch.cat([skip, up], dim=1)))
+
+
+def test_a_conv_after_a_concatenation_has_a_path_whose_origin_is_the_concatenation() -> None:
+    chain = record_dataflow(_Decoder(), torch.randn(2, 3, 8, 8))
+
+    (path,) = chain["dec_bn"].sources
+    assert chain["dec_bn"].combine == "single"
+    assert path.normalization is None and path.steps == (Affine("dec_conv"),)
+    assert isinstance(path.origin, Combination) and path.origin.combine == "concat"
+    skip, up = path.origin.sources
+    assert (skip.normalization, skip.channels, skip.steps) == ("enc_bn", 4, (Elementwise("relu"),))
+    assert (up.normalization, up.channels) == ("down_bn", 6)
+    assert [type(s) for s in up.steps] == [Elementwise, Resample, Resample, Resample]
+    assert [s.spec.mode for s in up.steps[1:]] == ["nearest", "bilinear", "bilinear"]  # type: ignore[union-attr]
+    assert chain["dec_bn"].notes[-1] == (
+        "its input: approximate variance: conv 'dec_conv' combines positions that resample(bilinear, size (8, 8)) "
+        "made dependent, and the moments take them as independent"
+    )
+
+
+class _Split(nn.Module):
+    """Channel ranges: slicing, split, chunk (CSP / GhostNet / ShuffleNet-style halves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = _conv_bn(3, 8)
+        self.bn_slice, self.bn_split, self.bn_chunk = nn.BatchNorm2d(3), nn.BatchNorm2d(5), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        x = F.relu(self.bn(self.conv(x)))
+        _, rest = torch.split(x, [3, 5], dim=1)
+        first, _ = x.chunk(2, dim=1)
+        return self.bn_slice(x[:, 2:5, ...]), self.bn_split(rest), self.bn_chunk(first)
+
+
+def test_channel_ranges_are_channels_steps() -> None:
+    chain = record_dataflow(_Split(), torch.randn(2, 3, 8, 8))
+    relu = Elementwise("relu")
+    assert chain["bn_slice"].sources == (SourcePath("bn", (relu, Channels(2, 5)), 3, (2, 8, 8, 8)),)
+    assert chain["bn_split"].sources[0].steps == (relu, Channels(3, 8))
+    assert chain["bn_chunk"].sources[0].steps == (relu, Channels(0, 4))
+
+
+# --------------------------------------------------------------------------- residual sums and concatenations
+
+
+class _Block(nn.Module):
+    """A ResNet basic block with a projection (conv + BN) or identity shortcut; ``+=`` in place."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(c_in, c_out, stride)
+        self.conv2, self.bn2 = _conv_bn(c_out, c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class _ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, 8), nn.ReLU())
+        self.block1 = _Block(8, 8, 1)
+        self.block2 = _Block(8, 16, 2)
+        self.head_conv, self.head_bn = _conv_bn(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head_bn(self.head_conv(self.block2(self.block1(self.stem(x)))))
+
+
+def test_a_projection_shortcut_block_feeds_the_next_bn_through_the_sum_of_both_sides() -> None:
+    chain = record_dataflow(_ResNet(), torch.randn(2, 3, 8, 8))
+
+    (path,) = chain["head_bn"].sources
+    assert path.steps == (Elementwise("relu"), Affine("head_conv"))
+    assert path.origin is not None and path.origin.combine == "sum"
+    branch, shortcut = path.origin.sources
+    assert (branch.normalization, branch.steps) == ("block2.bn2", ())
+    assert (shortcut.normalization, shortcut.steps) == ("block2.shortcut.1", ())
+    assert chain["head_bn"].notes == ()
+
+
+def test_an_identity_shortcut_is_walked_back_to_the_normalization_that_describes_it() -> None:
+    chain = record_dataflow(_ResNet(), torch.randn(2, 3, 8, 8))
+
+    # block2's projection sees relu(block1.bn2 + stem output): the identity shortcut is the stem's ReLU.
+    (path,) = chain["block2.shortcut.1"].sources
+    assert path.steps == (Elementwise("relu"), Affine("block2.shortcut.0"))
+    assert path.origin is not None
+    branch, shortcut = path.origin.sources
+    assert branch == SourcePath("block1.bn2", (), 8, (2, 8, 8, 8))
+    assert shortcut == SourcePath("stem.1", (Elementwise("relu", (), "stem.2"),), 8, (2, 8, 8, 8))
+
+
+class _PreActivation(nn.Module):
+    """A BN applied directly to a residual sum and to a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a, self.bn_a = _conv_bn(3, 8)
+        self.conv_b, self.bn_b = _conv_bn(3, 8)
+        self.bn_sum = nn.BatchNorm2d(8)
+        self.bn_cat = nn.BatchNorm2d(16)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.bn_a(self.conv_a(x)), self.bn_b(self.conv_b(x))
+        return self.bn_sum(torch.add(a, F.silu(b))), self.bn_cat(torch.cat((a, b), dim=1))
+
+
+def test_a_bn_fed_directly_by_a_sum_or_a_concat_has_one_source_per_addend_or_part() -> None:
+    chain = record_dataflow(_PreActivation(), torch.randn(2, 3, 8, 8))
+
+    assert chain["bn_sum"].combine == "sum"
+    assert [(s.normalization, s.steps) for s in chain["bn_sum"].sources] == [
+        ("bn_a", ()),
+        ("bn_b", (Elementwise("silu"),)),
+    ]
+    assert chain["bn_cat"].combine == "concat"
+    assert [(s.normalization, s.channels) for s in chain["bn_cat"].sources] == [("bn_a", 8), ("bn_b", 8)]
+
+
+class _DenseBlock(nn.Module):
+    """DenseNet-style: every layer sees the concatenation of all earlier feature maps."""
+
+    def __init__(self, c_in: int, growth: int, layers: int) -> None:
+        super().__init__()
+        self.stem_conv, self.stem_bn = _conv_bn(3, c_in)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c_in + i * growth) for i in range(layers))
+        self.convs = nn.ModuleList(nn.Conv2d(c_in + i * growth, growth, 3, padding=1) for i in range(layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.stem_bn(self.stem_conv(x))
+        for norm, conv in zip(self.norms, self.convs):
+            features = torch.cat([features, conv(F.relu(norm(features)))], 1)
+        return features
+
+
+def test_densenet_concatenations_give_one_source_per_part_in_channel_order() -> None:
+    chain = record_dataflow(_DenseBlock(6, 3, 3), torch.randn(2, 3, 8, 8))
+
+    last = chain["norms.2"]
+    assert last.combine == "concat"
+    assert [(s.normalization, s.channels) for s in last.sources] == [("stem_bn", 6), ("norms.0", 3), ("norms.1", 3)]
+    assert last.sources[1].steps == (Elementwise("relu"), Affine("convs.0"))
+    assert sum(s.channels for s in last.sources) == last.input_shape[1] == 12
+
+
+def test_monai_densenet121_needs_no_fallback_beyond_its_first_layer() -> None:
+    from monai.networks.nets import DenseNet121
+
+    model = DenseNet121(spatial_dims=2, in_channels=3, out_channels=2)
+    chain = record_dataflow(model, torch.randn(1, 3, 64, 64))
+
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert chain.names == bns and len(bns) == 121
+    assert [layer.name for layer in chain.layers if layer.combine == "none"] == ["features.norm0"]
+    assert sum(layer.combine == "concat" for layer in chain.layers) == 58
+    for layer in chain.layers[1:]:
+        assert layer.notes == (), layer.name
+        assert sum(s.channels for s in layer.sources) == layer.input_shape[1], layer.name
+
+
+def test_monai_basic_unet_skips_and_upsampling_have_full_paths() -> None:
+    from monai.networks.nets import BasicUNet
+
+    model = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, norm="batch", upsample="nontrainable")
+    chain = record_dataflow(model, torch.randn(1, 1, 32, 32))
+
+    assert len(chain.layers) == 18
+    assert chain.layers[0].combine == "none"
+    assert not any("falls back" in note for layer in chain.layers for note in layer.notes)
+    decoders = [
+        layer for layer in chain.layers if layer.name.startswith("upcat_") and layer.name.endswith("conv_0.adn.N")
+    ]
+    assert len(decoders) == 4
+    for layer in decoders:
+        (path,) = layer.sources
+        assert path.origin is not None and path.origin.combine == "concat", layer.name
+        assert any(isinstance(step, Resample) for step in path.origin.sources[1].steps), layer.name
+        # the decoder conv reads upsampled (copied) positions as if independent: named
+        assert any("approximate variance: conv" in note for note in layer.notes), layer.name
+
+
+# --------------------------------------------------------------------------- norm-act layers and conv subclasses
+
+
+class _BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d shape: normalization, then its own drop and act children."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.drop = nn.Dropout(0.1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def test_a_norm_act_layer_s_own_drop_and_act_start_the_next_layer_s_path() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _BatchNormAct2d(8), nn.Conv2d(8, 8, 3), _BatchNormAct2d(8))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+
+    assert chain.names == ["1", "3"]
+    assert chain["3"].sources[0].steps == (Identity("dropout", "1.drop"), Elementwise("silu", (), "1.act"), Affine("2"))
+
+
+def test_a_bn_subclass_with_its_own_forward_and_no_act_children_is_named_in_the_notes() -> None:
+    class BatchNormRelu(nn.BatchNorm2d):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.relu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormRelu(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+    assert chain["3"].sources[0].steps == (Affine("2"),)
+    assert chain.notes == (
+        "'1' (BatchNormRelu) has its own forward, which this recorder cannot see into: its output is taken as the "
+        "normalization's (if it also applies an activation, give the module `drop`/`act` children)",
+    )
+
+
+class _SameConv(nn.Conv2d):
+    """TensorFlow-style "same" padding, explicit before the conv (efficientnet-pytorch's shape)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int) -> None:
+        super().__init__(c_in, c_out, kernel, stride, padding=0, bias=False)
+        self.static_padding = nn.ZeroPad2d((kernel - 1) // 2 if stride == 1 else (0, 1, 0, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding)
+
+
+def test_a_conv_subclass_that_pads_first_is_an_affine_step_with_that_padding() -> None:
+    model = nn.Sequential(_SameConv(3, 8, 3, 1), nn.BatchNorm2d(8), _SameConv(8, 8, 5, 1), nn.BatchNorm2d(8))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+    assert chain["3"].sources[0].steps == (Affine("2", "conv", (2, 2)),)
+
+
+def test_asymmetric_padding_before_a_conv_falls_back_with_a_note() -> None:
+    model = nn.Sequential(_SameConv(3, 8, 3, 1), nn.BatchNorm2d(8), _SameConv(8, 8, 3, 2), nn.BatchNorm2d(8))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+    assert chain["3"].combine == "none"
+    assert "asymmetric zero padding [0, 1, 0, 1] before '2' (_SameConv)" in chain["3"].notes[0]
+
+
+# --------------------------------------------------------------------------- what cannot be carried, and limits
+
+
+class _TokenAttention(nn.Module):
+    """Self-attention over positions, (N, C, H, W) in and out."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(channels, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        return self.mha(tokens, tokens, tokens)[0].transpose(1, 2).reshape(x.shape)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(3, 8)
+        self.attn = _TokenAttention(8)
+        self.conv2, self.bn2 = _conv_bn(16, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(torch.cat([x, self.attn(x)], 1)))
+
+
+def test_a_part_through_attention_falls_back_with_a_note_naming_the_module() -> None:
+    chain = record_dataflow(_Attention(), torch.randn(2, 3, 4, 4))
+
+    (path,) = chain["bn2"].sources
+    assert path.origin is not None
+    kept, attended = path.origin.sources
+    assert kept.normalization == "bn1" and not kept.falls_back
+    assert attended.falls_back
+    assert attended.fallback == "Tensor.transpose in 'attn' (_TokenAttention) cannot carry moments"
+    (note,) = chain["bn2"].notes
+    assert note == (
+        "its input → concat part 1 (8 channels) Tensor.transpose in 'attn' (_TokenAttention) cannot carry moments; "
+        "this part falls back"
+    )
+
+
+def test_a_layer_that_runs_twice_is_wired_by_its_first_call_with_a_note() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = _conv_bn(3, 8)
+            self.conv2, self.bn2 = _conv_bn(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = self.bn1(self.conv1(x))
+            return self.bn2(self.conv2(self.bn2(self.conv2(x))))
+
+    chain = record_dataflow(Twice(), torch.randn(2, 3, 8, 8))
+    assert chain.names == ["bn1", "bn2"]
+    assert chain["bn2"].sources[0].normalization == "bn1"
+    assert chain["bn2"].notes == ("runs 2 times per forward; wired by its first call",)
+
+
+def test_layers_that_do_not_run_are_named_in_the_chain_notes() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = _conv_bn(3, 8)
+            self.spare = nn.BatchNorm2d(8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn(self.conv(x))
+
+    chain = record_dataflow(Unused(), torch.randn(2, 3, 8, 8))
+    assert chain.notes == ("'spare' (BatchNorm2d) did not run on the example inputs; it is not wired",)
+
+
+def test_multiple_and_keyword_inputs_and_tuple_outputs() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv_a, self.bn_a = _conv_bn(3, 4)
+            self.conv_b, self.bn_b = _conv_bn(1, 2)
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, image: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            a, b = self.bn_a(self.conv_a(image)), self.bn_b(self.conv_b(mask))
+            return a, {"joint": self.bn(torch.cat([a, F.relu(b)], 1))}
+
+    inputs = (torch.randn(2, 3, 8, 8), torch.randn(2, 1, 8, 8))
+    for example in (inputs, {"image": inputs[0], "mask": inputs[1]}):
+        chain = record_dataflow(TwoInputs(), example)
+        assert chain.names == ["bn_a", "bn_b", "bn"]
+        assert [(s.normalization, s.channels) for s in chain["bn"].sources] == [("bn_a", 4), ("bn_b", 2)]
+        label = "input[1]" if isinstance(example, tuple) else "input['mask']"
+        assert chain["bn_b"].notes == (
+            f"first in its chain: no normalization upstream (its input reaches the model input {label})",
+        )
+
+
+def test_a_linear_layer_on_tokens_is_not_a_channel_map() -> None:
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.Linear(5, 5), nn.BatchNorm1d(4))
+    chain = record_dataflow(model, torch.randn(2, 3, 5))
+    assert chain["3"].combine == "none"
+    assert "'2' (Linear) cannot carry moments (on a (2, 4, 5) input it mixes the last dim" in chain["3"].notes[0]
+
+
+def test_recorded_values_round_trip_through_json() -> None:
+    chains = [record_dataflow(_Decoder(), torch.randn(2, 3, 8, 8)), record_dataflow(_ResNet(), torch.randn(2, 3, 8, 8))]
+    chains.append(record_dataflow(_Pooled(), torch.randn(2, 3, 16, 16)))
+    for chain in chains:
+        for layer in chain.layers:
+            restored = LayerRecord.from_dict(json.loads(json.dumps(layer.to_dict())))
+            assert restored == layer
+            assert hash(restored.sources) == hash(layer.sources)
+    assert any(isinstance(s, Reshape) or isinstance(s, Flatten) for s in chains[2]["bn3"].sources[0].steps)
+
+
+# --------------------------------------------------------------------------- real networks
+
+
+def test_efficientnet_pytorch_b0_records_with_notes_for_what_it_cannot_carry() -> None:
+    from efficientnet_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-b0")
+    chain = record_dataflow(model, torch.randn(1, 3, 64, 64))
+
+    assert len(chain.layers) == 49
+    full = [layer for layer in chain.layers if layer.combine != "none"]
+    assert len(full) == 28
+    fallbacks = [layer.notes[0] for layer in chain.layers if layer.combine == "none"]
+    assert sum("Tensor.mul in '_blocks." in note for note in fallbacks) == 16  # squeeze-excitation gates
+    assert sum("asymmetric zero padding" in note for note in fallbacks) == 5  # stride-2 "same" padding
+    assert any("(MemoryEfficientSwish) is taken as silu" in note for note in chain.notes)
+
+
+def test_geffnet_mobilenetv3_records_with_notes_for_what_it_cannot_carry() -> None:
+    geffnet = pytest.importorskip("geffnet")
+    chain = record_dataflow(geffnet.mobilenetv3_large_100(pretrained=False), torch.randn(1, 3, 64, 64))
+
+    assert len(chain.layers) == 46
+    first = [layer for layer in chain.layers if layer.combine == "none"]
+    assert len(first) == 9
+    assert "reaches the model input" in first[0].notes[0]
+    assert all("(SqueezeExcite) cannot carry moments" in layer.notes[0] for layer in first[1:])
+    assert any("(HardSwishMe) is taken as hardswish" in note for note in chain.notes)
+
+
+# --------------------------------------------------------------------------- recorded paths are consistent
+
+
+def _predict(path: SourcePath, modules: dict[str, nn.Module]) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Push unit Gaussians from where ``path`` starts through its steps (concat: cat; sum: add)."""
+    if path.origin is not None:
+        parts = [_predict(source, modules) for source in path.origin.sources]
+        assert len({spatial for _, _, spatial in parts}) == 1, [p[2] for p in parts]
+        if path.origin.combine == "concat":
+            mean, variance = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            mean, variance = sum(p[0] for p in parts), sum(p[1] for p in parts)  # type: ignore[assignment]
+        spatial = parts[0][2]
+    else:
+        channels = path.entry_shape[1]
+        mean, variance = torch.zeros(channels), torch.ones(channels)
+        spatial = tuple(path.entry_shape[2:])
+    from bkn_export.chain.steps import predict_steps
+
+    with torch.no_grad():
+        return predict_steps(path.steps, mean, variance, spatial, modules)
+
+
+def _check_paths_predict_the_layer_input(model: nn.Module, example: Tensor) -> None:
+    """Every recorded source predicts moments of its channel count at the layer's input size."""
+    chain = record_dataflow(model, example)
+    modules = dict(model.named_modules())
+    for layer in chain.layers:
+        if layer.combine in ("single", "sum"):
+            assert all(s.channels == layer.input_shape[1] for s in layer.sources), layer.name
+        for source in layer.sources:
+            mean, variance, spatial = _predict(source, modules)
+            assert mean.shape == variance.shape == (source.channels,), layer.name
+            assert tuple(spatial) == layer.input_shape[2:], layer.name
+            assert torch.isfinite(mean).all() and (variance >= 0).all(), layer.name
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (_ResNet(), (2, 3, 8, 8)),
+        (_Decoder(), (2, 3, 8, 8)),
+        (_Pooled(), (2, 3, 16, 16)),
+        (_DenseBlock(6, 3, 3), (2, 3, 8, 8)),
+    ],
+    ids=["resnet", "decoder", "pooled", "dense"],
+)
+def test_recorded_paths_predict_moments_of_the_layer_input_size(model: nn.Module, shape: tuple[int, ...]) -> None:
+    _check_paths_predict_the_layer_input(model, torch.randn(shape))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("network", ["densenet121", "basic_unet", "unet_residual", "efficientnet-b0", "mobilenetv3"])
+def test_zoo_recorded_paths_predict_moments_of_the_layer_input_size(network: str) -> None:
+    from monai.networks.nets import BasicUNet, DenseNet121, UNet
+
+    models = {
+        "densenet121": lambda: DenseNet121(spatial_dims=2, in_channels=3, out_channels=2),
+        "basic_unet": lambda: BasicUNet(spatial_dims=2, in_channels=3, out_channels=2, norm="batch"),
+        "unet_residual": lambda: UNet(
+            spatial_dims=2, in_channels=3, out_channels=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=2,
+            norm="batch",
+        ),
+        "efficientnet-b0": lambda: __import__("efficientnet_pytorch").EfficientNet.from_name("efficientnet-b0"),
+        "mobilenetv3": lambda: __import__("geffnet").mobilenetv3_large_100(pretrained=False),
+    }  # fmt: skip
+    _check_paths_predict_the_layer_input(models[network](), torch.randn(1, 3, 64, 64))

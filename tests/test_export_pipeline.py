@@ -1,0 +1,203 @@
+"""The export pipeline both modes share (:mod:`bkn_export.export.pipeline`).
+
+Specification:
+
+* I/O names, the same rule in both modes: inputs after ``forward()``'s arguments, outputs
+  ``output`` or ``output_<i>``; ``input_names`` / ``output_names`` replace them in both
+  modes, and a wrong count or a clash is an OptionError;
+* ``dynamic_spatial=True`` is verified by running the file at twice the example size and
+  at the smallest multiple of the network's total stride; a model that cannot run there is
+  an ExportError, no file written;
+* non-finite parameters are refused in both modes, naming the parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import Tensor, nn
+
+from bkn_export import convert_batchnorm
+from bkn_export.errors import ExportError, NonFiniteWeightsError, OptionError
+from bkn_export.export import export_onnx
+from bkn_export.export.pipeline import dynamic_shapes, forward_argument_names
+
+MODES = ("inference", "training")
+
+
+class TwoInTwoOut(nn.Module):
+    """forward(image, mask) -> (features, pooled): two named inputs, two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        features = torch.relu(self.norm(self.conv(image))) * mask
+        return features, features.mean(dim=(2, 3))
+
+
+class Strided(nn.Module):
+    """Total stride 4 (two stride-2 convolutions), global pooling, a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = torch.relu(self.norm2(self.conv2(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def prepared(model: nn.Module, mode: str, example: tuple[Tensor, ...]) -> nn.Module:
+    """The model as each mode exports it: as is (inference) or converted to BKN (training)."""
+    return convert_batchnorm(model, example) if mode == "training" else model
+
+
+def pair_example() -> tuple[Tensor, Tensor]:
+    return torch.randn(2, 1, 6, 6), torch.rand(2, 4, 6, 6)
+
+
+# --------------------------------------------------------------------------- I/O names
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inputs_after_forward_arguments_outputs_numbered(tmp_path: Path, mode: str) -> None:
+    example = pair_example()
+    model = prepared(TwoInTwoOut(), mode, example)
+    export_onnx(model, example, tmp_path / "m.onnx", mode=mode)
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert [i.name for i in graph.input] == ["image", "mask"]
+    assert [o.name for o in graph.output] == ["output_0", "output_1"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_single_output_is_named_output(tmp_path: Path, mode: str) -> None:
+    model = prepared(Strided(), mode, (torch.randn(2, 1, 8, 8),))
+    export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "m.onnx", mode=mode)
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert ([i.name for i in graph.input], [o.name for o in graph.output]) == (["x"], ["output"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_given_names_replace_the_defaults_and_run(tmp_path: Path, mode: str) -> None:
+    example = pair_example()
+    model = prepared(TwoInTwoOut(), mode, example)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, example, path, mode=mode, input_names=["img", "valid"], output_names=["feat", "pool"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["img", "valid"]
+    assert [o.name for o in session.get_outputs()] == ["feat", "pool"]
+    feat, pool = session.run(None, {"img": example[0].numpy(), "valid": example[1].numpy()})
+    assert feat.shape == (2, 4, 6, 6) and pool.shape == (2, 4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"input_names": ["only_one"]}, "input_names has 1 names"),
+        ({"output_names": ["a", "b", "c"]}, "output_names has 3 names"),
+        ({"input_names": ["x", "x"]}, "repeated names"),
+        ({"input_names": ["a", "b"], "output_names": ["a", "c"]}, "clash"),
+    ],
+)
+def test_wrong_names_are_option_errors(tmp_path: Path, mode: str, options: dict, message: str) -> None:  # type: ignore[type-arg]
+    example = pair_example()
+    model = prepared(TwoInTwoOut(), mode, example)
+    with pytest.raises(OptionError, match=message):
+        export_onnx(model, example, tmp_path / "m.onnx", mode=mode, **options)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_running_statistics_names_follow_the_model_inputs(tmp_path: Path) -> None:
+    model = prepared(Strided(), "training", (torch.randn(2, 1, 8, 8),))
+    export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "m.onnx", mode="training", running_stats_io=True)
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert [i.name for i in graph.input] == ["x", "norm1.running_mean", "norm1.running_var", "norm2.running_mean",
+                                             "norm2.running_var"]  # fmt: skip
+    assert [o.name for o in graph.output][0] == "output"
+
+
+def test_forward_argument_names() -> None:
+    assert forward_argument_names(TwoInTwoOut()) == ["image", "mask"]
+    assert forward_argument_names(nn.Sequential(nn.ReLU())) == ["input"]
+
+    class Varargs(nn.Module):
+        def forward(self, *tensors: Tensor) -> Tensor:
+            return tensors[0]
+
+    assert forward_argument_names(Varargs()) == []
+
+
+def test_one_dynamic_shape_builder_for_both_forms() -> None:
+    class Varargs(nn.Module):
+        def forward(self, *tensors: Tensor) -> Tensor:
+            return tensors[0]
+
+    plain = dynamic_shapes(TwoInTwoOut(), [[0, 2, 3], [0]], num_extra=0)
+    assert len(plain) == 2 and plain[0][0] is plain[1][0]  # one "batch" symbol shared by every input
+    assert plain[0][2] is torch.export.Dim.DYNAMIC
+    nested = dynamic_shapes(Varargs(), [[0]], num_extra=2)
+    assert len(nested) == 1 and nested[0][1:] == (None, None)  # *args: one entry; extra inputs static
+    assert dynamic_shapes(TwoInTwoOut(), [[], []], num_extra=0) is None
+
+
+# --------------------------------------------------------------------------- dynamic_spatial
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dynamic_spatial_is_checked_at_twice_the_size_and_at_the_total_stride(tmp_path: Path, mode: str) -> None:
+    example = torch.randn(2, 1, 8, 8)
+    model = prepared(Strided(), mode, (example,))
+    result = export_onnx(model, example, tmp_path / "m.onnx", mode=mode, dynamic_spatial=True)
+    assert result.extra["dynamic_spatial_checked"] == [(16, 16), (4, 4)]  # 2 × 8, and the total stride 4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": np.random.default_rng(0).standard_normal((3, 1, 20, 12), np.float32)})
+    assert out.shape == (3, 3)
+
+
+class FlattenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.norm = nn.BatchNorm2d(2)
+        self.head = nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.flatten(self.norm(self.conv(x)), 1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dynamic_spatial_on_a_fixed_size_model_is_an_export_error(tmp_path: Path, mode: str) -> None:
+    example = torch.randn(2, 1, 8, 8)
+    model = prepared(FlattenHead(), mode, (example,))
+    with pytest.raises(ExportError, match=r"does not run at spatial size \[16, 16\].*needs fixed spatial sizes"):
+        export_onnx(model, example, tmp_path / "m.onnx", mode=mode, dynamic_spatial=True)
+    assert not (tmp_path / "m.onnx").exists()
+    export_onnx(model, example, tmp_path / "m.onnx", mode=mode)  # fine with fixed spatial sizes
+
+
+# --------------------------------------------------------------------------- non-finite weights
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_parameter(tmp_path: Path, mode: str, value: float) -> None:
+    example = torch.randn(2, 1, 8, 8)
+    model = prepared(Strided(), mode, (example,))
+    with torch.no_grad():
+        model.head.bias[2] = value
+    with pytest.raises(NonFiniteWeightsError, match=r"parameter 'head\.bias' of Linear 'head' has 1 NaN/Inf value"):
+        export_onnx(model, example, tmp_path / "m.onnx", mode=mode)

@@ -1,0 +1,394 @@
+"""Every bad input to ``bkn export`` / ``bkn demo`` is one clear line and the rule's exit code.
+
+Specification (README, "Exit codes"; :mod:`bkn_export.commands.exit_codes`): 0 success;
+1 the command ran and found a problem with the model (it cannot be exported: an
+unsupported layer, non-finite weights, a dynamic-spatial file that does not run at other
+sizes); 2 the command could not do its job because of its input or environment (missing,
+corrupt or wrong-kind files, bad options or names, an unloadable factory or checkpoint, an
+unwritable path, a full disk). The message is one line on stderr naming the problem; never
+a traceback; no file is left at the output path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_hardening_faults import fill_disk_after
+from torch import nn
+
+from bkn_export.cli import main
+from bkn_export.commands.exit_codes import EXIT_BAD_INPUT, EXIT_MODEL_PROBLEM, error_line, exit_code_for, run_command
+from bkn_export.errors import (
+    BKNInputError,
+    CheckpointError,
+    ExportError,
+    FactoryError,
+    FoldError,
+    InvalidStatisticsError,
+    ModelFileError,
+    NonFiniteWeightsError,
+    OptionError,
+    OutputWriteError,
+    PluginLibraryNotFoundError,
+    RuntimeLoadError,
+    UnsupportedLayerError,
+)
+from runtime.errors import ParityMismatchError, RuntimeExecutionError, UnknownRuntimeError
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from bkn_export import BatchKalmanNorm2d
+
+    def small():
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def pair():
+        class Pair(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            def forward(self, image, mask):
+                return self.conv(image) * mask
+        return Pair()
+
+    def flatten_linear():
+        return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+
+    def batch_statistics_only():
+        return nn.Sequential(nn.Conv2d(1, 4, 1), BatchKalmanNorm2d(4, track_running_stats=False))
+
+    def nan_weight():
+        model = small()
+        with torch.no_grad():
+            model[0].weight[1, 0, 2, 2] = float("nan")
+        return model
+    """
+)
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> str:
+    """Path of a .py file with small factories (spec prefix ``<path>:``)."""
+    path = tmp_path / "models.py"
+    path.write_text(MODELS)
+    return str(path)
+
+
+def export_argv(spec: str, out: Path, *extra: str, shape: str = "1,1,8,8") -> list[str]:
+    return ["export", spec, "--input-shape", shape, "-o", str(out), *extra]
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """(exit status, stderr) of ``bkn argv``; argparse usage errors count as their SystemExit code."""
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(stderr: str, *fragments: str) -> None:
+    """The failure is reported on one line (argparse adds its usage line first), no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# --------------------------------------------------------------------------- the rule itself
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UnsupportedLayerError("x"), EXIT_MODEL_PROBLEM),
+        (InvalidStatisticsError("x"), EXIT_MODEL_PROBLEM),
+        (NonFiniteWeightsError("x"), EXIT_MODEL_PROBLEM),
+        (FoldError("x"), EXIT_MODEL_PROBLEM),
+        (ExportError("x"), EXIT_MODEL_PROBLEM),
+        (ParityMismatchError("x"), EXIT_MODEL_PROBLEM),
+        (RuntimeExecutionError("x"), EXIT_MODEL_PROBLEM),
+        (BKNInputError("x"), EXIT_BAD_INPUT),
+        (OptionError("x"), EXIT_BAD_INPUT),
+        (FactoryError("x"), EXIT_BAD_INPUT),
+        (CheckpointError("x"), EXIT_BAD_INPUT),
+        (ModelFileError("x"), EXIT_BAD_INPUT),
+        (UnknownRuntimeError("x"), EXIT_BAD_INPUT),
+        (RuntimeLoadError("x"), EXIT_BAD_INPUT),
+        (PluginLibraryNotFoundError("x"), EXIT_BAD_INPUT),
+        (OutputWriteError("x"), EXIT_BAD_INPUT),
+        (OSError(errno.ENOSPC, "No space left on device"), EXIT_BAD_INPUT),
+        (MemoryError(), EXIT_BAD_INPUT),
+    ],
+)
+def test_each_error_class_maps_to_the_rule(error: Exception, code: int) -> None:
+    assert exit_code_for(error) == code
+
+
+def test_a_class_declares_its_own_code_where_it_is_defined() -> None:
+    class RuntimeSpecific(Exception):  # e.g. an error class that lives in runtime/
+        exit_code = 1
+
+    class Narrower(OutputWriteError):
+        exit_code = 1
+
+    assert exit_code_for(RuntimeSpecific()) == 1
+    assert exit_code_for(Narrower("x")) == 1  # the class's own declaration beats its base's table entry
+
+
+def test_an_unknown_error_is_a_bug_and_keeps_its_traceback() -> None:
+    def buggy() -> int:
+        raise KeyError("not covered by the rule")
+
+    assert exit_code_for(KeyError("x")) is None
+    with pytest.raises(KeyError):
+        run_command("export", buggy)
+
+
+def test_run_command_prints_one_line_and_returns_the_code(capsys: pytest.CaptureFixture[str]) -> None:
+    def fails() -> int:
+        raise CheckpointError("checkpoint c.pt does not exist\nsecond line of detail")
+
+    assert run_command("export", fails) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == (
+        "bkn export: CheckpointError: checkpoint c.pt does not exist; second line of detail\n"
+    )
+    assert error_line("demo", MemoryError()).startswith("bkn demo: MemoryError: out of memory")
+
+
+# --------------------------------------------------------------------------- bkn export: input (exit 2)
+
+
+def test_factory_file_with_a_syntax_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "broken.py"
+    source.write_text("def build(:\n    pass\n")
+    code, err = run_cli(export_argv(f"{source}:build", tmp_path / "m.onnx"), capsys)
+    assert code == 2
+    assert_one_line(err, "FactoryError", "SyntaxError", "broken.py, line 1")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_factory_file_raising_at_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "raises.py"
+    source.write_text("raise RuntimeError('no GPU found')\n")
+    code, err = run_cli(export_argv(f"{source}:build", tmp_path / "m.onnx"), capsys)
+    assert code == 2
+    assert_one_line(err, "FactoryError", "raises.py", "RuntimeError: no GPU found")
+
+
+def test_module_raising_a_non_import_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "raising_module_for_bkn_test.py").write_text("raise ValueError('bad config')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = run_cli(export_argv("raising_module_for_bkn_test:build", tmp_path / "m.onnx"), capsys)
+    assert code == 2
+    assert_one_line(err, "module 'raising_module_for_bkn_test'", "ValueError: bad config")
+
+
+def test_checkpoint_that_is_a_directory(tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "ckpt").mkdir()
+    argv = export_argv(f"{models}:small", tmp_path / "m.onnx", "--checkpoint", str(tmp_path / "ckpt"))
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "CheckpointError", "is a directory")
+
+
+def test_corrupt_checkpoint(tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    argv = export_argv(f"{models}:small", tmp_path / "m.onnx", "--checkpoint", str(tmp_path / "ckpt.pt"))
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "CheckpointError", "cannot read checkpoint")
+
+
+def test_huge_input_shape_is_refused_before_allocating(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_cli(export_argv(f"{models}:small", tmp_path / "m.onnx", shape="1000000000,1,224,224"), capsys)
+    assert code == 2
+    assert_one_line(err, "OptionError", "GiB for the example alone")
+
+
+@pytest.mark.parametrize("value", ["-5", "1.5", "lots"])
+def test_external_data_threshold_must_be_a_nonnegative_integer(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    argv = export_argv(f"{models}:small", tmp_path / "m.onnx", "--external-data-threshold", value)
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "--external-data-threshold", "an integer >= 0")
+
+
+@pytest.mark.parametrize("value", ["20.7", "17", "24"])
+def test_opset_must_be_an_integer_in_range(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code, err = run_cli(export_argv(f"{models}:small", tmp_path / "m.onnx", "--opset", value), capsys)
+    assert code == 2
+    assert_one_line(err, "--opset")
+
+
+def test_unknown_input_name_in_input_shape(tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["export", f"{models}:pair", "--input-shape", "image:1,1,8,8", "--input-shape", "maks:1,4,8,8"]
+    code, err = run_cli([*argv, "-o", str(tmp_path / "m.onnx")], capsys)
+    assert code == 2
+    assert_one_line(err, "OptionError", "['maks']", "['image', 'mask']")
+
+
+def test_named_input_shapes_follow_forward_order(tmp_path: Path, models: str) -> None:
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    argv = ["export", f"{models}:pair", "--input-shape", "mask:1,4,8,8", "--input-shape", "image:1,1,8,8"]
+    assert main([*argv, "-o", str(out)]) == 0
+    graph = onnx.load(out).graph
+    assert [i.name for i in graph.input] == ["image", "mask"]
+    assert [d.dim_value for d in graph.input[1].type.tensor_type.shape.dim][1:] == [4, 8, 8]
+
+
+def test_output_names_of_the_wrong_count(tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = export_argv(f"{models}:small", tmp_path / "m.onnx", "--output-names", "a,b")
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "OptionError", "output_names has 2 names", "returns 1 output")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory", "under a file"])
+def test_unwritable_output_path(tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    out = {
+        "missing directory": tmp_path / "no" / "such" / "m.onnx",
+        "a directory": tmp_path / "a_dir",
+        "under a file": tmp_path / "a_file" / "m.onnx",
+    }[where]
+    code, err = run_cli(export_argv(f"{models}:small", out), capsys)
+    assert code == 2
+    assert_one_line(err, "OutputWriteError", f"cannot write {out}")
+
+
+def test_full_disk_while_writing_the_model(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill_disk_after(monkeypatch, tmp_path, 100)
+    out = tmp_path / "m.onnx"
+    code, err = run_cli(export_argv(f"{models}:small", out), capsys)
+    assert code == 2
+    assert_one_line(err, "OutputWriteError", f"cannot write {out}", "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models.py"]  # no partial file, no temporary
+
+
+# --------------------------------------------------------------------------- bkn export: the model (exit 1)
+
+
+def test_unsupported_layer_is_a_model_problem(tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(export_argv(f"{models}:batch_statistics_only", tmp_path / "m.onnx"), capsys)
+    assert code == 1
+    assert_one_line(err, "UnsupportedLayerError", "track_running_stats=False")
+
+
+def test_non_finite_conv_weight_is_refused_naming_the_parameter(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_cli(export_argv(f"{models}:nan_weight", tmp_path / "m.onnx"), capsys)
+    assert code == 1
+    assert_one_line(err, "NonFiniteWeightsError", "parameter '0.weight' of Conv2d '0'", "index (1, 0, 2, 2)")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_dynamic_spatial_on_flatten_linear_is_an_export_error(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    if mode == "training":
+        source = Path(models)
+        source.write_text(
+            source.read_text()
+            + "\nfrom bkn_export import convert_batchnorm\n"
+            + "def converted():\n    return convert_batchnorm(flatten_linear(), torch.randn(2, 1, 8, 8))\n"
+        )
+    spec = f"{models}:{'flatten_linear' if mode == 'inference' else 'converted'}"
+    code, err = run_cli(export_argv(spec, tmp_path / "m.onnx", "--dynamic-spatial", "--mode", mode), capsys)
+    assert code == 1
+    assert_one_line(err, "ExportError", "dynamic_spatial", "[16, 16]", "needs fixed spatial sizes")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# --------------------------------------------------------------------------- bkn demo
+
+
+def test_demo_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "out").write_text("x")
+    code, err = run_cli(["demo", "--out", str(tmp_path / "out"), "--steps", "1"], capsys)
+    assert code == 2
+    assert_one_line(err, "OutputWriteError", "is a file")
+
+
+def test_demo_empty_runtime_list_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(["demo", "--out", str(tmp_path / "out"), "--steps", "1", "--runtimes", ""], capsys)
+    assert code == 2
+    assert_one_line(err, "UnknownRuntimeError")
+    assert not list((tmp_path / "out").iterdir())  # nothing trained or written
+
+
+@pytest.fixture
+def read_only_directory(tmp_path: Path) -> object:
+    """A directory writes to which fail with EROFS or EACCES: a read-only tmpfs, or chmod 0555 for non-root."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() != 0:
+        target.chmod(0o555)
+        yield target
+        target.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("running as root and cannot mount a read-only tmpfs: permissions do not apply to root")
+    yield target
+    subprocess.run(["umount", str(target)], check=False)
+
+
+def test_demo_out_in_a_read_only_directory(read_only_directory: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(["demo", "--out", str(read_only_directory / "sub"), "--steps", "1"], capsys)
+    assert code == 2
+    assert_one_line(err, "OutputWriteError", str(read_only_directory / "sub"))
+
+
+def test_export_into_a_read_only_directory(
+    read_only_directory: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_cli(export_argv(f"{models}:small", read_only_directory / "m.onnx"), capsys)
+    assert code == 2
+    assert_one_line(err, "OutputWriteError", "m.onnx")
+
+
+# --------------------------------------------------------------------------- the API raises the same classes
+
+
+def test_api_refuses_a_non_integer_opset(tmp_path: Path) -> None:
+    from bkn_export.export import export_onnx
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    for bad in (20.7, 20.0, "20", True):
+        with pytest.raises(OptionError, match="opset must be an integer"):
+            export_onnx(model, torch.randn(1, 1, 4, 4), tmp_path / "m.onnx", opset=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [-5, 1.5, None])
+def test_api_refuses_a_bad_external_data_threshold(tmp_path: Path, bad: object) -> None:
+    from bkn_export.export import export_onnx
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    with pytest.raises(OptionError, match="external_data_threshold must be a whole number of bytes"):
+        export_onnx(model, torch.randn(1, 1, 4, 4), tmp_path / "m.onnx", external_data_threshold=bad)  # type: ignore[arg-type]

@@ -1,0 +1,157 @@
+"""OpenVINO as a second engine: both export modes, the fallback rule on and off, no NaN-dependent body.
+
+The function body of ``ai.bkn::BatchKalmanNorm`` once encoded "fallback disabled" as a NaN
+threshold and relied on ``GreaterOrEqual(x, NaN)`` being false; OpenVINO evaluates it as
+true, which zeroed every prior weight. These tests run the body, with the rule on and off,
+on OpenVINO and on the ONNX reference evaluator against an independent NumPy spelling of
+the op's math, and whole exports in both modes through parity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from bkn_export import KalmanOptions, convert_batchnorm
+from bkn_export.export import export_onnx
+from bkn_export.export.function_body import function_proto
+from runtime.backends.openvino import OpenVINOBackend, openvino_devices
+from runtime.backends.reference import ReferenceEvaluatorBackend
+from runtime.parity import run_parity
+
+pytestmark = pytest.mark.skipif(not openvino_devices()[0], reason=f"OpenVINO unusable here: {openvino_devices()[1]}")
+
+OPSET = 20
+
+
+def _one_node_model(path: Path, fallback_ratio: float) -> None:
+    names = ["X", "prior_mean", "prior_variance", "prior_weight", "scale", "B"]
+    node = helper.make_node(
+        "BatchKalmanNorm", names, ["Y", "posterior_mean", "posterior_variance"], domain="ai.bkn",
+        epsilon=1e-5, fallback_ratio=fallback_ratio,
+    )  # fmt: skip
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [4, 3, 5, 5])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in names[1:]]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [4, 3, 5, 5])]
+    outputs += [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in ("posterior_mean", "posterior_variance")
+    ]
+    model = helper.make_model(
+        helper.make_graph([node], "bkn", inputs, outputs),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.bkn", 1)],
+        functions=[function_proto(OPSET)],
+    )
+    model.ir_version = 10
+    onnx.save(model, path)
+
+
+def _numpy_op(feed: dict[str, np.ndarray], fallback_ratio: float) -> dict[str, np.ndarray]:
+    """The op's math (op_spec / function_body docstring) in float64 NumPy."""
+    x = feed["X"].astype(np.float64)
+    mean = x.mean(axis=(0, 2, 3))
+    variance = ((x - mean[None, :, None, None]) ** 2).mean(axis=(0, 2, 3))
+    prior_mean, prior_variance = feed["prior_mean"].astype(np.float64), feed["prior_variance"].astype(np.float64)
+    ratio = np.mean(prior_variance / np.maximum(variance, 1e-12))
+    p = np.zeros(3) if fallback_ratio > 0 and ratio >= fallback_ratio else feed["prior_weight"].astype(np.float64)
+    q = 1 - p
+    d = mean - prior_mean
+    mu = prior_mean + q * d
+    sigma = p * prior_variance + q * variance + p * q * d * d
+    y = feed["scale"][None, :, None, None] * (x - mu[None, :, None, None]) / np.sqrt(sigma + 1e-5)[None, :, None, None]
+    return {"Y": y + feed["B"][None, :, None, None], "posterior_mean": mu, "posterior_variance": sigma}
+
+
+def _feed(prior_variance_scale: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "X": rng.standard_normal((4, 3, 5, 5)).astype(np.float32),
+        "prior_mean": np.array([0.3, -0.2, 0.1], np.float32),
+        "prior_variance": (np.array([1.0, 2.0, 0.5]) * prior_variance_scale).astype(np.float32),
+        "prior_weight": np.array([0.9, 0.5, 0.7], np.float32),
+        "scale": np.array([1.5, 0.5, 1.0], np.float32),
+        "B": np.array([0.1, 0.0, -0.1], np.float32),
+    }
+
+
+@pytest.mark.parametrize("backend", ["openvino", "reference"])
+@pytest.mark.parametrize(
+    ("fallback_ratio", "prior_variance_scale", "falls_back"),
+    [(0.0, 1000.0, False), (100.0, 1000.0, True), (100.0, 1.0, False)],
+    ids=["rule-off", "rule-on-fires", "rule-on-quiet"],
+)
+def test_function_body_fallback_rule_on_and_off(
+    tmp_path: Path, backend: str, fallback_ratio: float, prior_variance_scale: float, falls_back: bool
+) -> None:
+    path = tmp_path / "bkn.onnx"
+    _one_node_model(path, fallback_ratio)
+    runner = OpenVINOBackend() if backend == "openvino" else ReferenceEvaluatorBackend()
+    runner.load(str(path))
+    feed = _feed(prior_variance_scale)
+    outputs = runner.run(feed)
+    expected = _numpy_op(feed, fallback_ratio)
+    for name, value in expected.items():
+        np.testing.assert_allclose(outputs[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+    # the branch taken is visible in the posterior mean: the batch mean exactly when falling back
+    batch_mean = feed["X"].astype(np.float64).mean(axis=(0, 2, 3))
+    assert np.allclose(outputs["posterior_mean"], batch_mean, atol=1e-5) == falls_back
+
+
+def test_function_body_holds_no_nan_constant() -> None:
+    body = function_proto(OPSET)
+    for node in body.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.FLOAT:
+                assert np.isfinite(attribute.f), node
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                assert np.all(np.isfinite(onnx.numpy_helper.to_array(attribute.t).astype(np.float64))), node
+
+
+def _digits(fallback_ratio: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(6 * 6 * 6, 5),
+    )  # fmt: skip
+    options = KalmanOptions(prior_weight=0.9, fallback_ratio=fallback_ratio)
+    model = convert_batchnorm(model, torch.randn(2, 1, 6, 6), options)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 1, 6, 6))  # running statistics away from 0 / 1
+    return model
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+@pytest.mark.parametrize("fallback_ratio", [0.0, 1e-3, 100.0], ids=["rule-off", "rule-fires", "rule-on"])
+def test_both_export_modes_pass_parity_on_openvino(tmp_path: Path, mode: str, fallback_ratio: float) -> None:
+    model = _digits(fallback_ratio)
+    x = torch.randn(3, 1, 6, 6)
+    path = tmp_path / f"m_{mode}.onnx"
+    export_onnx(model, (x,), path, mode=mode)
+    report = run_parity(model, path, [x.numpy()], mode=mode, runtimes="openvino:cpu,reference")
+    assert {r.runtime for r in report.ran} == {"openvino:cpu", "reference"}
+    assert report.passed, [(r.runtime, [c.message for c in r.outputs], r.reason) for r in report.failures()]
+    assert "precision hint f32" in next(r.reason for r in report.ran if r.runtime == "openvino:cpu")
+
+
+def test_training_export_functions_are_inlined_before_openvino_reads_them(tmp_path: Path) -> None:
+    model = _digits(0.0)
+    path = tmp_path / "train.onnx"
+    export_onnx(model, (torch.randn(2, 1, 6, 6),), path, mode="training")
+    assert len(onnx.load(path).functions) >= 1
+    backend = OpenVINOBackend()
+    backend.load(str(path))  # would crash the process (segfault) without inlining
+    assert backend.inlined_functions >= 1
+
+
+def test_engine_precision_hint_is_an_option_and_reported() -> None:
+    backend = OpenVINOBackend(precision="engine")
+    assert "the device's default" in backend.available().reason
+    with pytest.raises(ValueError, match="precision must be one of"):
+        OpenVINOBackend(precision="int4")

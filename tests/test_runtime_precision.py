@@ -1,0 +1,110 @@
+"""Mixed precision: float16 / bfloat16 ONNX files against the float32 PyTorch model.
+
+Inputs are made in the ONNX input dtype and cast at the boundary for PyTorch; outputs are
+judged with the tolerance of the ONNX output dtype, and the report says so. A runtime that
+cannot run a dtype at all is reported unavailable for it, with its reason, not as a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from test_runtime_support import trained_digits
+
+from bkn_export.cli import main
+from runtime.parity import run_parity
+
+SPEC = "bkn_export.models:digits_resnet"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("precision") / "digits.pt"
+    torch.save(trained_digits().state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_bkn_export_fp16_then_parity_exits_0(tmp_path: Path, checkpoint: Path, mode: str) -> None:
+    onnx_path = tmp_path / f"digits_{mode}_fp16.onnx"
+    export_argv = [
+        "export", SPEC, "--checkpoint", str(checkpoint), "--input-shape", "2,1,8,8", "-o", str(onnx_path),
+        "--mode", mode, "--fp16",
+    ]  # fmt: skip
+    assert main(export_argv) == 0
+    assert onnx.load(onnx_path).graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    report_path = tmp_path / "r.json"
+    argv = [
+        "parity", SPEC, str(onnx_path), "--checkpoint", str(checkpoint), "--runtimes", "ort:cpu:all,reference",
+        "--input-shape", "4,1,8,8", "--json", str(report_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(report_path.read_text())
+    assert data["model"]["inputs"][0]["dtype"] == "float16"
+    for runtime in data["runtimes"]:
+        for output in runtime["outputs"]:
+            assert output["dtype"] == "float16" and (output["atol"], output["rtol"]) == (1e-3, 1e-3)
+            assert output["tolerance_source"] == "float16 defaults (float16 ONNX output vs float32 reference)"
+
+
+def test_tampered_fp16_file_exits_1(tmp_path: Path, checkpoint: Path) -> None:
+    onnx_path = tmp_path / "digits_fp16.onnx"
+    export_argv = [
+        "export",
+        SPEC,
+        "--checkpoint",
+        str(checkpoint),
+        "--input-shape",
+        "2,1,8,8",
+        "-o",
+        str(onnx_path),
+        "--fp16",
+    ]
+    assert main(export_argv) == 0
+    model = onnx.load(onnx_path)
+    head = next(t for t in model.graph.initializer if "head" in t.name and numpy_helper.to_array(t).ndim == 1)
+    array = numpy_helper.to_array(head).copy()
+    array[0] += np.float16(0.05)  # a bias off by 0.05: 50x the float16 atol
+    head.CopyFrom(numpy_helper.from_array(array, head.name))
+    onnx.save(model, onnx_path)
+    argv = [
+        "parity",
+        SPEC,
+        str(onnx_path),
+        "--checkpoint",
+        str(checkpoint),
+        "--runtimes",
+        "ort:cpu:all",
+        "--no-localise",
+    ]
+    assert main(argv) == 1
+
+
+def _bf16_relu_model(path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "bf16_relu",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["N", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, path)
+
+
+def test_runtime_without_bf16_kernels_is_unavailable_for_the_dtype_not_failed(tmp_path: Path) -> None:
+    path = tmp_path / "relu_bf16.onnx"
+    _bf16_relu_model(path)
+    report = run_parity(torch.nn.ReLU(), path, runtimes="ort:cpu:all,reference")
+    ort_result = next(r for r in report.runtimes if r.runtime == "ort:cpu:all")
+    assert ort_result.status == "unavailable", ort_result
+    assert "cannot run bfloat16 models" in ort_result.reason and "NOT_IMPLEMENTED" in ort_result.reason
+    reference = next(r for r in report.runtimes if r.runtime == "reference")
+    assert reference.status == "passed", reference
+    assert reference.outputs[0].dtype == "bfloat16" and reference.outputs[0].tolerance.atol == 1e-2
