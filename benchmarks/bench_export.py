@@ -1,6 +1,6 @@
 """Export latency: the folded BKN model in ONNX Runtime vs BatchNorm and vs PyTorch eager.
 
-One network (:class:`bkn_export.models.DigitsResNet`, width ``--width``) in three forms,
+One network (:class:`bkn_export.demo.models.DigitsResNet`, width ``--width``) in three forms,
 timed side by side in one process, interleaved (each repeat runs every contender once,
 in a rotating order), medians over repeats:
 
@@ -100,7 +100,7 @@ def graph_signature(path: Path) -> list[tuple[str, tuple[tuple[int, ...], ...]]]
 def _models(width: int) -> tuple[nn.Module, nn.Module]:
     """(BatchNorm model, BKN model converted from it): same weights and running statistics."""
     import bkn_export
-    from bkn_export.models import DigitsResNet
+    from bkn_export.demo.models import DigitsResNet
 
     torch.manual_seed(0)
     bn_model = DigitsResNet(norm="batchnorm", width=width)

@@ -1,6 +1,6 @@
 """Training-mode export latency: the ``ai.bkn::BatchKalmanNorm`` graph in ONNX Runtime vs PyTorch train forward.
 
-One network (:class:`bkn_export.models.DigitsResNet`, width ``--width``, converted from
+One network (:class:`bkn_export.demo.models.DigitsResNet`, width ``--width``, converted from
 BatchNorm with the default options: transition ``propagate``, learned gain, process
 noise), timed side by side in one process, interleaved, medians over repeats
 (``bench_export.time_interleaved``):
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         with_io = bench_export._session(io_path, args.threads)
         for n in args.batches:
             x = torch.randn(n, 1, 8, 8)
-            feed = {"input": x.numpy()}
+            feed = {plain.get_inputs()[0].name: x.numpy()}
             feed_io = {**feed, **stats}
             torch_model = copy.deepcopy(model)
             with torch.no_grad():
@@ -121,7 +121,7 @@ def profile(args: argparse.Namespace, batch: int, calls: int = 50) -> dict[str, 
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {"input": torch.randn(batch, 1, 8, 8).numpy()}
+        feed = {session.get_inputs()[0].name: torch.randn(batch, 1, 8, 8).numpy()}
         for _ in range(calls):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())

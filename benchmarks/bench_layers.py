@@ -33,6 +33,7 @@ from torch import nn
 
 from bkn_export import BatchKalmanNorm2d, wire_chain
 from bkn_export import functional as Fk
+from bkn_export.chain.scope import Published, forward_scope
 
 DEFAULT_SHAPES = ((8, 64, 32, 32), (2, 256, 14, 14), (32, 128, 16, 16))
 
@@ -53,15 +54,13 @@ def _bkn_first_step(shape: tuple[int, ...]) -> Callable[[], None]:
     layer, follower = BatchKalmanNorm2d(channels), BatchKalmanNorm2d(channels)
     model = nn.Sequential(layer, nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), follower)
     wire_chain(model, torch.randn(2, channels, 4, 4))
-    layer.train()  # position 0 of the chain: BatchNorm math through the BKN op
-    assert layer.link.predecessor is None and follower.has_predecessor
+    layer.train()  # first in the chain: BatchNorm math through the BKN op
+    assert not layer.has_predecessor and follower.has_predecessor
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
 
     def step() -> None:
-        layer(x).backward(grad)
-        assert layer._chain is not None
-        layer._chain.posteriors.clear()  # the chain's other layer does not run in this benchmark
+        layer(x).backward(grad)  # outside a forward of the model: no scratch is kept
 
     return step
 
@@ -72,9 +71,8 @@ def _bkn_wired_step(shape: tuple[int, ...]) -> Callable[[], None]:
     model = nn.Sequential(BatchKalmanNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), layer)
     wire_chain(model, torch.randn(2, channels, 4, 4))
     layer.train()
-    assert layer.has_predecessor and layer.link.transition == "propagate"
-    chain = layer._chain
-    assert chain is not None
+    assert layer.chain is not None and layer.chain.transition == "propagate"
+    source = model[0]
     # The predecessor's posterior as leaves, so the step times this layer alone (its
     # prediction, update, normalization, and the gradients into posterior and conv weights).
     previous_mean = torch.randn(channels, requires_grad=True)
@@ -83,8 +81,17 @@ def _bkn_wired_step(shape: tuple[int, ...]) -> Callable[[], None]:
     grad = torch.randn(shape)
 
     def step() -> None:
-        chain.posteriors[0] = (previous_mean, previous_variance, x.shape)
-        layer(x).backward(grad)
+        with forward_scope(model) as scratch:
+            scratch.published["0"] = Published(
+                previous_mean,
+                previous_variance,
+                x.numel() // channels,
+                tuple(x.shape),
+                source.weight,
+                source.bias,
+                1e-5,
+            )
+            layer(x).backward(grad)
 
     return step
 

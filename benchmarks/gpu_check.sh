@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU check of bkn-export (issue #12; how to run it: docs/gpu-check.md).
 #
-#   benchmarks/gpu_check.sh [--only STEP[,STEP...]] [--dry-run] [--help]
+#   bash benchmarks/gpu_check.sh [--only STEP[,STEP...]] [--dry-run] [--help]
 #
 # Steps, in order (each timed; a failure or timeout is recorded and the next step runs):
 #   env      nvidia-smi, versions, device bandwidth (benchmarks.gpu.device_info), pip install -e .
@@ -226,7 +226,7 @@ run_step() {  # run_step NAME: time it under its timeout, record one line in ste
   fi
   echo "== $step (limit ${limit} s)"
   start=$(date +%s.%N)
-  timeout --kill-after=10 "$limit" "$SELF" --run-step "$step" > "$WORK/logs/$step.log" 2>&1
+  timeout --kill-after=10 "$limit" bash "$SELF" --run-step "$step" > "$WORK/logs/$step.log" 2>&1
   rc=$?
   local seconds
   seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')

@@ -1,7 +1,7 @@
 """The ``bkn`` command line: ``bkn demo | train-demo | export | parity``.
 
-Each subcommand lives in its own module under :mod:`bkn_export.commands` with
-``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when
+Each subcommand lives in its own module under :mod:`bkn_export.commands` (``train-demo``
+under :mod:`bkn_export.demo`) with ``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when
 chosen, and nothing heavy (torch, NumPy, onnx) is imported before a command runs, so
 ``bkn --help`` and ``bkn <command> --help`` are fast. Exit status
 (:mod:`bkn_export.commands.exit_codes`): 0 success, 1 the command found a problem with
@@ -15,17 +15,20 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-#: subcommand -> (module under bkn_export.commands, one-line help)
+#: subcommand -> (its module, one-line help); the demo's commands need the [demo] extra
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "train a BKN CNN on digits at batch 2, export both modes, run parity, write reports"),
-    "train-demo": ("train_demo", "micro-batch benchmark: BatchNorm vs GroupNorm vs BKN on digits"),
-    "export": ("export", "export a model (factory + checkpoint) to ONNX"),
-    "parity": ("parity", "compare an ONNX model on every runtime against PyTorch"),
+    "demo": (
+        "bkn_export.commands.demo",
+        "train a BKN CNN on digits at batch 2, export both modes, run parity, write reports",
+    ),
+    "train-demo": ("bkn_export.demo.train_demo", "micro-batch benchmark: BatchNorm vs GroupNorm vs BKN on digits"),
+    "export": ("bkn_export.commands.export", "export a model (factory + checkpoint) to ONNX"),
+    "parity": ("bkn_export.commands.parity", "compare an ONNX model on every runtime against PyTorch"),
 }
 
 
 def _command_module(command: str):  # type: ignore[no-untyped-def]
-    return importlib.import_module(f"bkn_export.commands.{COMMANDS[command][0]}")
+    return importlib.import_module(COMMANDS[command][0])
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:

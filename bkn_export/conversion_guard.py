@@ -14,6 +14,8 @@ the chain's contract is exactly a first-in-chain layer: prior weight p = 0, i.e.
 
 Any difference beyond tolerance raises :class:`~bkn_export.errors.ConversionError` naming the
 module, the mode and the largest difference; the caller then leaves the model as it was.
+Cost: one more eval forward, a clone of every normalization input (memory: their total size)
+and, per layer, two calls each of a copy of the original and of the converted module.
 
 Tolerance (per dtype of the compared tensor, elementwise ``|a − b| ≤ atol + rtol·|b|``),
 :data:`TOLERANCES`: float64 1e-10, float32 5e-5, float16 5e-3, bfloat16 4e-2 (atol = rtol).
@@ -49,7 +51,7 @@ import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -149,13 +151,17 @@ def _run(module: nn.Module, x: Tensor, training: bool) -> tuple[nn.Module, Tenso
     return twin, output
 
 
-def _refuse(name: str, original: nn.Module, converted: nn.Module, what: str, largest: float, hint: str = "") -> None:
+def _refuse(
+    name: str, original: nn.Module, converted: nn.Module, what: str, largest: float, hint: str = ""
+) -> NoReturn:
+    advice = hint or (
+        "If the module adds behaviour to BatchNorm, register an adapter "
+        "(bkn_export.norm_act.register_batchnorm_adapter) or replace it before converting."
+    )
     raise ConversionError(
         f"converting '{name}' ({type(original).__name__} -> {type(converted).__name__}) would change {what}: "
-        f"largest difference {largest:.3g}, beyond the guard's tolerance "
-        f"(bkn_export.conversion_guard.TOLERANCES). The model was left unchanged. "
-        + (hint or "If the module adds behaviour to BatchNorm, register an adapter "
-        "(bkn_export.norm_act.register_batchnorm_adapter) or replace it before converting.")
+        f"largest difference {largest:.3g}, beyond the guard's tolerance (bkn_export.conversion_guard.TOLERANCES); "
+        f"convert_batchnorm leaves the model unchanged when it raises this. {advice}"
     )
 
 
@@ -187,8 +193,10 @@ def check_layer(name: str, original: nn.Module, converted: nn.Module, x: Tensor)
         return  # its train mode would run a collective on this rank alone: only eval mode is compared
     try:
         expected_module, expected = _run(original, x, training=True)
-    except ValueError:
-        return  # BatchNorm refuses one value per channel in training; BKN's answer (β) is documented
+    except ValueError as error:
+        if "more than 1 value per channel" in str(error):
+            return  # BatchNorm refuses one value per channel in training; BKN's answer (β) is documented
+        raise
     actual_module, actual = _run(converted, x, training=True)
     largest, ok = _excess(actual, expected)
     if not ok:
@@ -200,7 +208,6 @@ def check_layer(name: str, original: nn.Module, converted: nn.Module, x: Tensor)
             continue
         if before is None or after is None:
             _refuse(name, original, converted, f"whether it keeps {statistic}", float("inf"), hint)
-            continue
         largest, ok = _excess(after, before)
         if not ok:
             _refuse(name, original, converted, f"its train-mode {statistic} update", largest, hint)

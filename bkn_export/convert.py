@@ -113,9 +113,9 @@ def _bkn_from_batchnorm(
             new.add_module(child, getattr(bn, child))
     left = [child for child, _ in bn.named_children() if child not in carried]
     if left:
+        why = "its adapter does not carry over" if adapter is not None else "its forward (BatchNorm's own) does not use"
         warnings.warn(
-            f"'{name}' ({type(bn).__name__}) has submodules {left} that its forward does not use; "
-            "they are not carried over to the BKN layer",
+            f"'{name}' ({type(bn).__name__}) has submodules {left} that {why}; the BKN layer does not keep them",
             stacklevel=3,
         )
     new.train(bn.training)

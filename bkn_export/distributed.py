@@ -140,12 +140,6 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
     def _syncs(self) -> bool:
         return self.training and dist.get_world_size(self.process_group) > 1
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.numel() == 0 and x.dim() >= 2 and self._syncs():
-            # An empty local batch is allowed here; check rank and channels on its shape alone.
-            x = torch.empty((1, x.shape[1], *([1] * (x.dim() - 2))), device="meta")
-        super()._check_input_dim(x)
-
     def _sampled(self) -> bool:
         return self.chain is not None and self.chain.transition == "sampled"
 

@@ -110,6 +110,22 @@ def load_checkpoint(checkpoint: str | os.PathLike[str]) -> Mapping[str, Any]:
     raise CheckpointError(f"checkpoint {path} holds a {type(content).__name__}, not a state dict")
 
 
+def _check_shapes(model: nn.Module, state: Mapping[str, Any], checkpoint: str, spec: str) -> None:
+    """CheckpointError naming the tensors whose shapes differ (checked before anything else reads the state)."""
+    own = model.state_dict()
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and isinstance(own.get(key), torch.Tensor) and value.shape != own[key].shape
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not fit the model built by {spec!r}: {len(mismatched)} tensor(s) differ "
+            f"in shape ({'; '.join(mismatched[:3])}{'; ...' if len(mismatched) > 3 else ''}). Build the model with "
+            "the same factory arguments as when it was saved."
+        )
+
+
 def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) -> nn.Module:
     """Call the factory named by ``spec`` with ``factory_kwargs``; load ``checkpoint`` strictly.
 
@@ -129,6 +145,7 @@ def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) 
         raise FactoryError(f"factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
+        _check_shapes(model, state, checkpoint, spec)
         try:
             model.load_state_dict(state, strict=True)
         except BKNError:

@@ -54,12 +54,15 @@ __all__ = [
     "ELEMENTWISE_KINDS",
     "GAUSS_HERMITE_ACCURACY",
     "GAUSS_HERMITE_NODES",
+    "LinearStep",
     "MomentsError",
+    "PadSpec",
     "PoolSpec",
     "ResampleSpec",
     "conv_moments",
     "elementwise_moments",
     "linear_moments",
+    "linear_path_moments",
     "max_of_normals_moments",
     "normalized_output_moments",
     "pool_moments",
@@ -75,6 +78,7 @@ _VARIANCE_FLOOR = 1e-12
 #: Standardized breakpoints are clamped to ±this: the Gaussian mass beyond is < 1e-190.
 _Z_LIMIT = 30.0
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 
 
 # --------------------------------------------------------------------------- Gaussian pieces
@@ -89,17 +93,42 @@ def _pdf(z: Tensor) -> Tensor:
 
 
 def _cdf(z: Tensor) -> Tensor:
-    """Φ(z), accurate in the lower tail (torch.special.ndtr, 1 + erf, loses it below z ≈ −5)."""
-    return torch.exp(torch.special.log_ndtr(z))
+    """Φ(z) = erfc(−z/√2)/2: accurate in the lower tail in torch (``torch.special.ndtr``, 1 + erf,
+    loses it below z ≈ −5); exported to ONNX it becomes 1 − Erf, exact to an absolute 1e-16
+    (float64) but no longer relative in the far tail, and never NaN (``log_ndtr``'s export is)."""
+    return 0.5 * torch.special.erfc(-z * _SQRT_HALF)
+
+
+_MILLS_SWITCH = 3.0
+_MILLS_TERMS = 24
+
+
+def _mills_ratio(y: Tensor) -> Tensor:
+    """R(y) = Φ(−y)/φ(y) for y ≥ 0 (clamped), without underflow.
+
+    Below 3 directly; from 3 on by Laplace's continued fraction
+    R = 1/(y + 1/(y + 2/(y + 3/(y + …)))) cut at 24 terms (relative error < 1e-10 there),
+    built from Add/Div only, so that it exports and differentiates everywhere.
+    """
+    y = y.clamp_min(0.0)
+    near = y.clamp_max(_MILLS_SWITCH)
+    direct = _cdf(-near) / _pdf(near)
+    far = y.clamp_min(_MILLS_SWITCH)
+    tail = torch.zeros_like(far)
+    for k in range(_MILLS_TERMS, 0, -1):
+        tail = k / (far + tail)
+    return torch.where(y < _MILLS_SWITCH, direct, 1.0 / (far + tail))
 
 
 def _probability_between(lo: Tensor, hi: Tensor) -> Tensor:
-    """P(lo ≤ Z < hi) for Z ~ N(0, 1), computed in the lower tail to avoid 1 − 1 cancellation."""
-    return torch.where(lo > 0, _cdf(-lo) - _cdf(-hi), _cdf(hi) - _cdf(lo))
+    """P(lo ≤ Z < hi) for Z ~ N(0, 1), computed in the lower tail to avoid 1 − 1 cancellation:
+    Φ(−lo) − Φ(−hi) when lo > 0, else Φ(hi) − Φ(lo), i.e. s (erfc(s lo/√2) − erfc(s hi/√2))/2."""
+    sign = torch.where(lo > 0, 1.0, -1.0).to(lo.dtype)
+    return 0.5 * sign * (torch.special.erfc(sign * lo * _SQRT_HALF) - torch.special.erfc(sign * hi * _SQRT_HALF))
 
 
-def _partial_moments(lo: Tensor, hi: Tensor) -> list[Tensor]:
-    """[E[Z^k · 1{lo ≤ Z < hi}] for k = 0..4], Z ~ N(0, 1); lo, hi clamped to ±_Z_LIMIT.
+def _partial_moments(lo: Tensor, hi: Tensor, order: int = 4) -> list[Tensor]:
+    """[E[Z^k · 1{lo ≤ Z < hi}] for k = 0..order], Z ~ N(0, 1); lo, hi clamped to ±_Z_LIMIT.
 
     I_0 = Φ(hi) − Φ(lo), I_1 = φ(lo) − φ(hi), I_k = (k−1) I_{k−2} + lo^{k−1} φ(lo) − hi^{k−1} φ(hi).
     """
@@ -108,7 +137,7 @@ def _partial_moments(lo: Tensor, hi: Tensor) -> list[Tensor]:
     pdf_lo, pdf_hi = _pdf(lo), _pdf(hi)
     moments = [_probability_between(lo, hi), pdf_lo - pdf_hi]
     power_lo, power_hi = lo, hi
-    for k in range(2, 5):
+    for k in range(2, order + 1):
         moments.append((k - 1) * moments[k - 2] + power_lo * pdf_lo - power_hi * pdf_hi)
         power_lo, power_hi = power_lo * lo, power_hi * hi
     return moments
@@ -140,6 +169,7 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
     as Σ_pieces E[(f − m)² 1_piece], so that it does not cancel when σ ≪ |m|.
     """
     std = _std(variance)
+    quadratic = any(not isinstance(piece.c2, float) or piece.c2 != 0.0 for piece in pieces)
     parts = []
     for piece in pieces:
         lo = torch.full_like(mean, -_Z_LIMIT) if piece.lo is None else (piece.lo - mean) / std
@@ -147,25 +177,50 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
         d0 = piece.c0 + piece.c1 * mean + piece.c2 * mean * mean
         d1 = (piece.c1 + 2.0 * piece.c2 * mean) * std
         d2 = piece.c2 * std * std
-        parts.append((d0, d1, d2, _partial_moments(lo, hi)))
+        parts.append((d0, d1, d2, _partial_moments(lo, hi, 4 if quadratic else 2)))
     out_mean = sum(d0 * i[0] + d1 * i[1] + d2 * i[2] for d0, d1, d2, i in parts)
     assert isinstance(out_mean, Tensor)
     out_variance = torch.zeros_like(out_mean)
     for d0, d1, d2, i in parts:
         e0 = d0 - out_mean
-        out_variance = out_variance + (
-            e0 * e0 * i[0]
-            + 2.0 * e0 * d1 * i[1]
-            + (d1 * d1 + 2.0 * e0 * d2) * i[2]
-            + 2.0 * d1 * d2 * i[3]
-            + d2 * d2 * i[4]
-        )
+        term = e0 * e0 * i[0] + 2.0 * e0 * d1 * i[1] + d1 * d1 * i[2]
+        if quadratic:
+            term = term + 2.0 * e0 * d2 * i[2] + 2.0 * d1 * d2 * i[3] + d2 * d2 * i[4]
+        out_variance = out_variance + term
     return out_mean, out_variance.clamp_min(0.0)
 
 
+def _relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact moments of ReLU(X), the common case, in few operations (a = μ/σ)::
+
+        E = μ Φ(a) + σ φ(a)
+        Var = σ² (a² Φ(a) Φ(−a) + Φ(a) + a φ(a) (Φ(−a) − Φ(a)) − φ(a)²)
+
+    The variance is written so that nothing cancels as a → +∞ (it tends to σ²); as a → −∞
+    the relative rounding grows like a⁴ ε (1e-12 at a = −10 in float64), on a variance that
+    is then below σ² 1e-23.
+    """
+    std = _std(variance)
+    a = (mean / std).clamp(-_Z_LIMIT, _Z_LIMIT)
+    pdf, below, above = _pdf(a), _cdf(a), _cdf(-a)
+    out_mean = mean * below + std * pdf
+    ratio = a * a * below * above + below + a * pdf * (above - below) - pdf * pdf
+    return out_mean, (std * std * ratio).clamp_min(0.0)
+
+
 def _exponential_partial(rate: float, mean: Tensor, std: Tensor) -> Tensor:
-    """E[exp(rate · X) · 1{X < 0}] = exp(rate μ + rate² σ²/2) Φ(−μ/σ − rate σ), in log space (no overflow)."""
-    return torch.exp(rate * mean + 0.5 * (rate * std) ** 2 + torch.special.log_ndtr(-mean / std - rate * std))
+    """E[exp(rate · X) · 1{X < 0}] = exp(rate μ + rate² σ²/2) Φ(−y), y = μ/σ + rate σ, without overflow.
+
+    For y ≥ 0 the two factors are rewritten as exp(−μ²/2σ²) φ(0) R(y) with the Mills ratio
+    R (:func:`_mills_ratio`): e^{50} · Φ(−20)-like products at σ = 10 never form. For y < 0
+    the exponent is below −rate²σ²/2 ≤ 0 (clamped there, so the branch not taken cannot
+    overflow and poison the gradient).
+    """
+    y = mean / std + rate * std
+    scaled = torch.exp(-0.5 * (mean / std) ** 2) * _INV_SQRT_2PI * _mills_ratio(y)
+    exponent = (rate * mean + 0.5 * (rate * std) ** 2).clamp_max(0.0)
+    direct = torch.exp(exponent) * _cdf(-y.clamp_max(0.0))
+    return torch.where(y >= 0, scaled, direct)
 
 
 def _exponential_linear_moments(
@@ -197,12 +252,22 @@ def _exponential_linear_moments(
     return out_mean, (positive_part + negative_part).clamp_min(0.0)
 
 
-@functools.lru_cache(maxsize=16)
-def _hermite_rule(nodes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _compute_hermite_rule(nodes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Probabilists' Gauss–Hermite nodes and weights (weights sum to 1) for N(0, 1)."""
     points, weights = np.polynomial.hermite_e.hermegauss(nodes)
     weights = weights / weights.sum()
     return tuple(float(p) for p in points), tuple(float(w) for w in weights)
+
+
+#: Rules for the usual counts, as plain floats computed once: a traced or compiled forward
+#: reads constants (dynamo cannot trace numpy.polynomial). Other counts are computed per
+#: call, which only eager mode and torch.export (not torch.compile) can do.
+_HERMITE_RULES = {nodes: _compute_hermite_rule(nodes) for nodes in (16, 32, 64, 128, 256)}
+
+
+def _hermite_rule(nodes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    rule = _HERMITE_RULES.get(nodes)
+    return rule if rule is not None else _compute_hermite_rule(nodes)
 
 
 def _gauss_hermite_moments(
@@ -403,6 +468,8 @@ def elementwise_moments(kind: str, mean: Tensor, variance: Tensor, **params: Any
         return _exponential_linear_moments(mean, variance, 1.0, alpha, 1.0 / alpha)
     if name == "selu":
         return _exponential_linear_moments(mean, variance, _SELU_SCALE, _SELU_ALPHA, 1.0)
+    if name == "relu":
+        return _relu_moments(mean, variance)
     return _piecewise_quadratic_moments(_pieces(name, resolved, mean), mean, variance)
 
 
@@ -411,14 +478,16 @@ def elementwise_moments(kind: str, mean: Tensor, variance: Tensor, **params: Any
 _MAX_GRID = (-10.0, 12.0, 2201)
 
 
-@functools.lru_cache(maxsize=1)
-def _max_grid() -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _compute_max_grid() -> tuple[tuple[float, ...], tuple[float, ...]]:
     """A uniform z grid on [−10, 12] (step 0.01) and log Φ(z) there, computed in float64."""
     low, high, count = _MAX_GRID
     step = (high - low) / (count - 1)
     points = [low + k * step for k in range(count)]
     log_cdf = [math.log(0.5 * math.erfc(-z / math.sqrt(2.0))) for z in points]
     return tuple(points), tuple(log_cdf)
+
+
+_MAX_GRID_TABLE = _compute_max_grid()  # constants (plain floats), as the Gauss–Hermite rules
 
 
 def max_of_normals_moments(count: Tensor) -> tuple[Tensor, Tensor]:
@@ -430,7 +499,7 @@ def max_of_normals_moments(count: Tensor) -> tuple[Tensor, Tensor]:
     decaying integrand): mean and variance are within 1e-6 of the exact values for
     n = 1…10⁶ (tests/test_moments.py::test_max_of_normals_known_values). Cost O(numel · 2201).
     """
-    points_list, log_cdf_list = _max_grid()
+    points_list, log_cdf_list = _MAX_GRID_TABLE
     points = torch.tensor(points_list, dtype=count.dtype, device=count.device)
     log_cdf = torch.tensor(log_cdf_list, dtype=count.dtype, device=count.device)
     exponent = -0.5 * points * points + (count.clamp_min(1.0).unsqueeze(-1) - 1.0) * log_cdf
@@ -966,37 +1035,83 @@ def _conv_output_length(layer: torch.nn.modules.conv._ConvNd, dim: int, size: in
     return (size + left + right - span - 1) // stride + 1
 
 
-def _conv_index_map(layer: torch.nn.modules.conv._ConvNd, dim: int, size: int) -> Tensor:
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _padded_source(index: Tensor, size: int, mode: str) -> Tensor:
+    """Map indices into a padded frame shifted to the input's origin (``index`` = padded − left)
+    back to the input index ``F.pad`` copies there, or −1 (zeros) outside; −1 stays −1."""
+    if mode == "zeros":
+        return torch.where((index >= 0) & (index < size), index, -1)
+    if mode == "reflect":
+        mapped = torch.where(index < 0, -index, index)
+        mapped = torch.where(mapped >= size, 2 * (size - 1) - mapped, mapped)
+    elif mode == "replicate":
+        mapped = torch.clamp(index, 0, size - 1)
+    elif mode == "circular":
+        mapped = torch.remainder(index, size)
+    else:
+        raise MomentsError(f"conv_moments: padding mode {mode!r} is not one of {_PADDING_MODES}")
+    return mapped
+
+
+def _conv_index_map(
+    layer: torch.nn.modules.conv._ConvNd,
+    dim: int,
+    size: int,
+    input_padding: tuple[int, int] = (0, 0),
+    input_padding_mode: str = "zeros",
+) -> Tensor:
     """(L_out, K_d) long: the input index that kernel tap t of output position q reads, −1 for none.
 
     A conv's tap t at output q reads the padded input at q·s + t·dil, i.e. input
     j = q·s − pad_left + t·dil, mapped back into [0, size) by the padding mode exactly as
     ``F.pad`` does (reflect: −j or 2(size−1)−j; replicate: clamp; circular: j mod size) or
     reading nothing (zeros) outside. A transposed conv's output q takes input j where
-    j·s − pad + t·dil = q (nothing when no such j exists).
+    j·s − pad + t·dil = q (nothing when no such j exists). ``input_padding`` (left, right),
+    a pad applied to the input before the layer (``F.pad`` / ``nn.ZeroPad2d`` …, mode
+    ``input_padding_mode``), composes: the layer's map on the padded length, then that pad's.
     """
     kernel, stride, dilation = layer.kernel_size[dim], layer.stride[dim], layer.dilation[dim]
-    out = _conv_output_length(layer, dim, size)
+    before, after = input_padding
+    padded = size + before + after
+    out = _conv_output_length(layer, dim, padded)
     left, _ = _conv_pads(layer, dim)
     device = layer.weight.device
     position = torch.arange(out, device=device).unsqueeze(1)
     tap = torch.arange(kernel, device=device).unsqueeze(0)
     if layer.transposed:
         source = position + left - tap * dilation  # = j · stride for the input j it takes
-        valid = (source >= 0) & (source < size * stride) & (torch.remainder(source, stride) == 0)
-        return torch.where(valid, torch.div(source, stride, rounding_mode="floor"), -1)
-    index = position * stride - left + tap * dilation
-    mode = layer.padding_mode
-    if mode == "zeros":
-        return torch.where((index >= 0) & (index < size), index, -1)
-    if mode == "reflect":
-        index = torch.where(index < 0, -index, index)
-        return torch.where(index >= size, 2 * (size - 1) - index, index)
-    if mode == "replicate":
-        return torch.clamp(index, 0, size - 1)
-    if mode == "circular":
-        return torch.remainder(index, size)
-    raise MomentsError(f"conv_moments: padding_mode {mode!r} of {type(layer).__name__} is not supported")
+        valid = (source >= 0) & (source < padded * stride) & (torch.remainder(source, stride) == 0)
+        index = torch.where(valid, torch.div(source, stride, rounding_mode="floor"), -1)
+    else:
+        index = _padded_source(position * stride - left + tap * dilation, padded, layer.padding_mode)
+    if before == 0 and after == 0:
+        return index
+    return torch.where(index >= 0, _padded_source(index - before, size, input_padding_mode), -1)
+
+
+def _inputs_repeat(layer: torch.nn.modules.conv._ConvNd, input_padding: Sequence[tuple[int, int]], mode: str) -> bool:
+    """Whether one window can read the same input twice (padding modes that copy inputs)."""
+    if mode != "zeros" and any(p != 0 for pair in input_padding for p in pair):
+        return True
+    if layer.transposed or layer.padding_mode == "zeros":
+        return False
+    return layer.padding == "same" or (not isinstance(layer.padding, str) and any(p != 0 for p in layer.padding))
+
+
+def _borders_vary(
+    layer: torch.nn.modules.conv._ConvNd, input_padding: Sequence[tuple[int, int]] = (), mode: str = "zeros"
+) -> bool:
+    """Whether some output position's window has taps outside the input (zero padding,
+    or a transposed conv's border and stride gaps); if not, every tap counts everywhere."""
+    if mode == "zeros" and any(p != 0 for pair in input_padding for p in pair):
+        return True
+    if layer.transposed:
+        return True
+    if layer.padding_mode != "zeros" or layer.padding == "valid":
+        return False
+    return layer.padding == "same" or any(p != 0 for p in layer.padding)
 
 
 def _coverage_tables(index: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -1018,42 +1133,30 @@ def _apply_along_kernel(tensor: Tensor, tables: Sequence[Tensor], first_kernel_d
     return tensor
 
 
-def _inputs_repeat(layer: torch.nn.modules.conv._ConvNd) -> bool:
-    """Whether one window can read the same input twice (padding modes that copy inputs)."""
-    if layer.transposed or layer.padding_mode == "zeros":
-        return False
-    return layer.padding == "same" or (not isinstance(layer.padding, str) and any(p != 0 for p in layer.padding))
-
-
-def _borders_vary(layer: torch.nn.modules.conv._ConvNd) -> bool:
-    """Whether some output position's window has taps outside the input (zero padding,
-    or a transposed conv's border and stride gaps); if not, every tap counts everywhere."""
-    if layer.transposed:
-        return True
-    if layer.padding_mode != "zeros" or layer.padding == "valid":
-        return False
-    return layer.padding == "same" or any(p != 0 for p in layer.padding)
-
-
-def _tap_coverage(layer: torch.nn.modules.conv._ConvNd, dim: int, size: int, dtype: torch.dtype) -> Tensor:
-    """(L_out, K_d) 0/1 of ``dtype``: whether kernel tap t of output position q reads a real input."""
-    return (_conv_index_map(layer, dim, size) >= 0).to(dtype)
-
-
 def conv_moments(
-    layer: torch.nn.Module, mean: Tensor, variance: Tensor, spatial: Sequence[int]
+    layer: torch.nn.Module,
+    mean: Tensor,
+    variance: Tensor,
+    spatial: Sequence[int],
+    *,
+    input_padding: Sequence[tuple[int, int]] | None = None,
+    input_padding_mode: str = "zeros",
 ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """Exact moments of a Conv/ConvTranspose layer's output, pooled over positions.
 
     layer: ``nn.Conv{1,2,3}d`` or ``nn.ConvTranspose{1,2,3}d`` (any padding and padding
     mode, stride, dilation, groups, output_padding), weight W; mean, variance: (C_in,)
     moments of the independent input positions; spatial: the input's spatial size.
-    Returns (C_out,), (C_out,) and the output spatial size.
+    ``input_padding``: per spatial dim, in order, the (left, right) of a pad applied to the
+    input before the layer (``nn.ZeroPad2d``, ``nn.ReflectionPad2d``, ``F.pad``, the static
+    "same" padding of TF-ported convs …) with mode ``input_padding_mode`` (zeros, reflect,
+    replicate, circular); not for ConvTranspose. Returns (C_out,), (C_out,) and the output
+    spatial size.
 
     Output o at position p is b_o + Σ_{i,t} W[o,i,t] x_{i, j(p,t)}, where j(p,t) is the
     input that tap t reads (:func:`_conv_index_map`: none in zero padding; for reflect,
-    replicate and circular padding several taps of one window can read the same input).
-    Its moments::
+    replicate and circular padding several taps of one window can read the same input,
+    at the border or, when a circular window wraps, anywhere). Its moments::
 
         M_p = b + Σ_t a_t c_p(t)                   a_t = Σ_i W[:,i,t] μ_i,  c_p(t) = [tap t reads an input]
         V_p = Σ_i σ²_i Σ_{t,t'} W[:,i,t] W[:,i,t'] [j(p,t) = j(p,t') exists]
@@ -1065,10 +1168,10 @@ def conv_moments(
         mean     = b + Σ_t a_t Π_d f_d(t_d)
         variance = Σ_i σ²_i Σ_{t,t'} W W' Π_d g_d(t_d, t'_d)  +  Σ_{t,t'} a_t a_t' Π_d h_d − (mean − b)²
 
-    Cost: O(Σ_d L_out,d · K_d²) for the tables plus O(C_out · C_in/groups · K) (zeros
-    padding) or O(C_out · C_in/groups · K · Σ_d K_d) (reflect, replicate, circular, where
-    g is not diagonal), independent of the batch. Gradients flow into W, b, mean and
-    variance.
+    (g is diagonal, = f, where no input repeats.) Cost: O(Σ_d L_out,d · K_d²) for the
+    tables plus O(C_out · C_in/groups · K) without repeats, O(C_out · C_in/groups · K · Σ_d K_d)
+    with them (reflect, replicate, circular), independent of the batch. Gradients flow into
+    W, b, mean and variance.
     """
     if not isinstance(layer, torch.nn.modules.conv._ConvNd):
         raise MomentsError(f"conv_moments: {type(layer).__name__} is not a Conv or ConvTranspose layer")
@@ -1077,37 +1180,286 @@ def conv_moments(
     groups = layer.groups
     kernel = weight.shape[2:]
     rank = len(kernel)
+    name = type(layer).__name__
     if len(spatial) != rank:
+        raise MomentsError(f"conv_moments: a {rank}d {name} needs a {rank}d spatial shape, got {tuple(spatial)}")
+    pairs = [(0, 0)] * rank if input_padding is None else [tuple(pair) for pair in input_padding]
+    if len(pairs) != rank or any(len(pair) != 2 or min(pair) < 0 for pair in pairs):
         raise MomentsError(
-            f"conv_moments: a {rank}d {type(layer).__name__} needs a {rank}d spatial size, got {tuple(spatial)}"
+            f"conv_moments: input_padding for a {rank}d {name} must be {rank} non-negative (left, right) pairs, "
+            f"got {input_padding}"
         )
+    pre_padding: list[tuple[int, int]] = [(pair[0], pair[1]) for pair in pairs]
+    if layer.transposed and any(p != 0 for pair in pre_padding for p in pair):
+        raise MomentsError(f"conv_moments: input_padding before a {name} is not supported")
+    if input_padding_mode not in _PADDING_MODES:
+        raise MomentsError(f"conv_moments: input_padding_mode must be one of {_PADDING_MODES}")
     transposed = layer.transposed
-    out_spatial = tuple(_conv_output_length(layer, d, spatial[d]) for d in range(rank))
+    out_spatial = tuple(_conv_output_length(layer, d, spatial[d] + sum(pre_padding[d])) for d in range(rank))
     kernel_dims = list(range(1, rank + 1))
-    if _inputs_repeat(layer):  # every tap reads an input, some twice: M constant, V a quadratic form
-        indices = [_conv_index_map(layer, d, spatial[d]) for d in range(rank)]
-        same = [_coverage_tables(index, dtype)[2] for index in indices]
-        centred_mean = _tap_weighted(weight, groups, transposed, mean, weight.new_ones(kernel))
-        quadratic = (weight * _apply_along_kernel(weight, same, 2)).sum(dim=[k + 1 for k in kernel_dims])
-        blocks = quadratic.reshape(groups, -1, quadratic.shape[1])  # (g, C_out/g, C_in/g)
-        predicted_variance = (blocks @ variance.reshape(groups, -1, 1)).reshape(-1)
-    elif not _borders_vary(layer):  # every tap reads a distinct input everywhere: M is constant
+    repeats = _inputs_repeat(layer, pre_padding, input_padding_mode)
+    if not repeats and not _borders_vary(layer, pre_padding, input_padding_mode):
+        # every tap reads a distinct input at every position: M is constant
         all_taps = weight.new_ones(kernel)
         centred_mean = _tap_weighted(weight, groups, transposed, mean, all_taps)
         predicted_variance = _tap_weighted(weight * weight, groups, transposed, variance, all_taps)
-    else:  # zero padding / transposed gaps: taps drop out at the border, never repeat
-        tables = [_coverage_tables(_conv_index_map(layer, d, spatial[d]), dtype) for d in range(rank)]
+    else:
+        tables = [
+            _coverage_tables(
+                _conv_index_map(layer, d, spatial[d], pre_padding[d], input_padding_mode),
+                dtype,
+            )
+            for d in range(rank)
+        ]
         fraction = tables[0][0]
         for d in range(1, rank):
             fraction = fraction.unsqueeze(-1) * tables[d][0]
         tap_mean = _per_tap(weight, groups, transposed, mean)
         centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
-        mean_of_variance = _tap_weighted(weight * weight, groups, transposed, variance, fraction)
+        if repeats:  # Σ_i σ²_i Σ_{t,t'} W W' Π_d g_d: apply each g_d along its kernel dim of W
+            same = [table[2] for table in tables]
+            quadratic = (weight * _apply_along_kernel(weight, same, 2)).sum(dim=[k + 1 for k in kernel_dims])
+            blocks = quadratic.reshape(groups, -1, quadratic.shape[1])  # (g, C_out/g, C_in/g)
+            mean_of_variance = (blocks @ variance.reshape(groups, -1, 1)).reshape(-1)
+        else:
+            mean_of_variance = _tap_weighted(weight * weight, groups, transposed, variance, fraction)
         mixed = _apply_along_kernel(tap_mean, [pairs for _, pairs, _ in tables], 1)
         mean_of_square = (tap_mean * mixed).sum(dim=kernel_dims)
         predicted_variance = mean_of_variance + (mean_of_square - centred_mean * centred_mean).clamp_min(0.0)
     predicted_mean = centred_mean if layer.bias is None else centred_mean + layer.bias.to(dtype)
     return predicted_mean, predicted_variance, out_spatial
+
+
+# --------------------------------------------------------------------------- linear paths
+
+
+@dataclass(frozen=True)
+class PadSpec:
+    """A pad before a layer (``F.pad``, ``nn.ZeroPad2d``, ``nn.ReflectionPad2d`` …): per spatial
+    dim in order (not ``F.pad``'s last-dim-first order), the (left, right) counts, and the mode
+    (zeros, reflect, replicate, circular; a constant pad other than 0 is not supported)."""
+
+    padding: tuple[tuple[int, int], ...]
+    mode: str = "zeros"
+
+    def __post_init__(self) -> None:
+        if self.mode not in _PADDING_MODES:
+            raise MomentsError(f"PadSpec: mode {self.mode!r} is not one of {_PADDING_MODES}")
+
+
+#: A step of a linear path: average pooling, resampling, a pad, or a Conv/ConvTranspose module.
+LinearStep = PoolSpec | ResampleSpec | PadSpec | torch.nn.Module
+
+
+def _one_hot(index: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """(..., size) rows e_index, a zero row where index is −1."""
+    return (index.unsqueeze(-1) == torch.arange(size, device=index.device)).to(dtype)
+
+
+def _pool_matrix(spec: PoolSpec, dim: int, size: int, out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(L_out, L_in): average pooling along one dim (divisor_override: the indicator; its 1/D is global)."""
+    start, end = _window_bounds(spec, dim, size, out, device)
+    position = torch.arange(size, device=device)
+    inside = (position >= start.unsqueeze(1)) & (position < end.unsqueeze(1))
+    counts = inside.sum(dim=1).to(dtype)
+    if spec.kind == "avg" and spec.divisor_override is not None:
+        return inside.to(dtype)
+    if spec.kind == "avg" and spec.count_include_pad:
+        divisor = (end - start).to(dtype)
+    else:
+        divisor = counts
+    return inside.to(dtype) / divisor.unsqueeze(1)
+
+
+def _resample_matrix(
+    spec: ResampleSpec, size: int, out: int, scale: float | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """(L_out, L_in): PyTorch's interpolation along one dim (weights of taps on one input add)."""
+    if spec.mode in ("nearest", "nearest-exact"):
+        ratio = scale if scale is not None and scale > 0 else size / out
+        position = torch.arange(out, device=device, dtype=torch.float32)
+        offset = 0.5 if spec.mode == "nearest-exact" else 0.0
+        source = torch.clamp(torch.floor((position + offset) * ratio), max=size - 1).long()
+        return _one_hot(source, size, dtype)
+    if spec.mode in ("linear", "bilinear", "trilinear"):
+        lower, upper, weight = _linear_taps(size, out, scale, bool(spec.align_corners), device, dtype)
+        return _one_hot(lower.long(), size, dtype) * (1 - weight).unsqueeze(1) + _one_hot(
+            upper.long(), size, dtype
+        ) * weight.unsqueeze(1)
+    # bicubic
+    position = torch.arange(out, device=device, dtype=dtype)
+    if spec.align_corners:
+        source = position * ((size - 1) / (out - 1) if out > 1 else 0.0)
+    else:
+        ratio = scale if scale is not None and scale > 0 else size / out
+        source = (position + 0.5) * ratio - 0.5
+    base = torch.floor(source)
+    matrix = torch.zeros(out, size, dtype=dtype, device=device)
+    for offset, weight in zip((-1, 0, 1, 2), _cubic_weights(source - base)):
+        matrix = matrix + _one_hot(torch.clamp(base + offset, 0, size - 1).long(), size, dtype) * weight.unsqueeze(1)
+    return matrix
+
+
+def _step_matrix(
+    step: LinearStep, dim: int, size: int, dtype: torch.dtype, device: torch.device, spatial: Sequence[int]
+) -> tuple[Tensor, int]:
+    """(L_out, L_in) matrix of a non-conv linear step along ``dim``, and L_out."""
+    if isinstance(step, PadSpec):
+        before, after = step.padding[dim]
+        out = size + before + after
+        source = _padded_source(torch.arange(out, device=device) - before, size, step.mode)
+        return _one_hot(source, size, dtype), out
+    if isinstance(step, PoolSpec):
+        out = step.output_shape(spatial)[dim]
+        return _pool_matrix(step, dim, size, out, dtype, device), out
+    assert isinstance(step, ResampleSpec)
+    out = step.output_shape(spatial)[dim]
+    if step.mode == "area":
+        adaptive = PoolSpec.create("adaptive_avg", len(spatial), output_size=step.output_shape(spatial))
+        return _pool_matrix(adaptive, dim, size, out, dtype, device), out
+    return _resample_matrix(step, size, out, step.source_scales(spatial)[dim], dtype, device), out
+
+
+def _global_scale(step: LinearStep) -> float:
+    """The factor a step applies to every output beyond its per-dim matrices (divisor_override)."""
+    if isinstance(step, PoolSpec) and step.kind == "avg" and step.divisor_override is not None:
+        return 1.0 / step.divisor_override
+    return 1.0
+
+
+def _check_linear_step(step: LinearStep) -> None:
+    if isinstance(step, PoolSpec) and step.kind not in ("avg", "adaptive_avg"):
+        raise MomentsError(
+            f"linear_path_moments: {step.kind} pooling is not linear; push it with pool_moments "
+            "(its input positions are then taken as independent)"
+        )
+    if isinstance(step, torch.nn.Module) and not isinstance(step, torch.nn.modules.conv._ConvNd):
+        raise MomentsError(f"linear_path_moments: {type(step).__name__} is not a Conv/ConvTranspose layer")
+
+
+def linear_path_moments(
+    steps: Sequence[LinearStep], mean: Tensor, variance: Tensor, spatial: Sequence[int]
+) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Exact moments of a path of linear spatial steps around at most one Conv/ConvTranspose.
+
+    steps: in order, any of average pooling (``PoolSpec`` avg / adaptive_avg),
+    resampling (``ResampleSpec``), pads (``PadSpec``) and at most one ``nn.Conv*d`` /
+    ``nn.ConvTranspose*d``; mean, variance: (C_in,) moments of the independent input
+    positions; spatial: the input's spatial size. Returns (C_out,), (C_out,) and the
+    output spatial size.
+
+    Chaining :func:`pool_moments`, :func:`resample_moments` and :func:`conv_moments`
+    treats every intermediate output as having independent positions, which it has not
+    after a window or an interpolation (AvgPool2d(3, 2, 1) → Conv 3×3: variance 31 % off,
+    bilinear ×2 → Conv 3×3: 40 %, Conv 3×3 → AvgPool2d(2): 23 %; docs/prior.md). This
+    function is exact for the whole path: each step is a linear map that factors over
+    spatial dims, so along dim d the path is, per conv tap t, a matrix
+    T_d^{(t)} = Post_d S_d^{(t)} Pre_d (L_out,d × L_in,d) — the steps after the conv, the
+    conv's tap selection (its padding modes included), the steps before — and output o at
+    Q is b_o β(Q) + Σ_{i,t} W[o,i,t] Σ_j Π_d T_d^{(t_d)}[Q_d, j_d] x_{i,j}. Its moments,
+    pooled over Q, need only per-dim (K_d,) and (K_d, K_d) tables::
+
+        mean     = b Π_d E[β_d] + Σ_t a_t Π_d E_Q[r_d^{(t)}]          r^{(t)} = row sums of T^{(t)}
+        variance = Σ_i σ²_i Σ_{t,t'} W W' Π_d ⟨T_d^{(t)}, T_d^{(t')}⟩/L_out,d  +  Var_Q(M_Q)
+
+    with β_d the row sums of Post_d. Without a conv the channels pass through one by one.
+    Cost: O(Σ_d K_d · L_out,d · L_mid,d · L_in,d) for the dense per-dim matrices (a few
+    million operations at 112²), plus O(C_out · C_in/groups · K · Σ_d K_d).
+    """
+    for step in steps:
+        _check_linear_step(step)
+    convs = [step for step in steps if isinstance(step, torch.nn.modules.conv._ConvNd)]
+    if len(convs) > 1:
+        raise MomentsError("linear_path_moments: at most one Conv/ConvTranspose per path")
+    dtype, device = mean.dtype, mean.device
+    rank = len(spatial)
+    split = steps.index(convs[0]) if convs else len(steps)
+    before, after = list(steps[:split]), list(steps[split + 1 :])
+    pre_scale = math.prod(_global_scale(step) for step in before)
+    post_scale = math.prod(_global_scale(step) for step in after)
+    mean, variance = mean * pre_scale, variance * pre_scale * pre_scale
+    # per-dim matrices before the conv
+    pre: list[Tensor] = []
+    sizes = list(spatial)
+    for d in range(rank):
+        pre.append(torch.eye(spatial[d], dtype=dtype, device=device))
+    for step in before:
+        new_sizes = list(sizes)
+        for d in range(rank):
+            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
+            pre[d] = matrix @ pre[d]
+        sizes = new_sizes
+    # the conv's per-tap selections (K_d, L_out, L_mid), or one identity "tap"
+    if convs:
+        layer = convs[0]
+        assert isinstance(layer, torch.nn.modules.conv._ConvNd)
+        if len(layer.kernel_size) != rank:
+            raise MomentsError(
+                f"linear_path_moments: a {len(layer.kernel_size)}d {type(layer).__name__} in a {rank}d path"
+            )
+        weight = layer.weight.to(dtype)
+        groups, transposed, bias = layer.groups, layer.transposed, layer.bias
+        taps = []
+        for d in range(rank):
+            index = _conv_index_map(layer, d, sizes[d])  # (L_out, K_d)
+            taps.append(_one_hot(index.transpose(0, 1), sizes[d], dtype))  # (K_d, L_out, L_mid)
+        sizes = [tap.shape[1] for tap in taps]
+    else:
+        channels = mean.shape[0]
+        weight = torch.ones(channels, 1, *([1] * rank), dtype=dtype, device=device)
+        groups, transposed, bias = channels, False, None
+        taps = [torch.eye(sizes[d], dtype=dtype, device=device).unsqueeze(0) for d in range(rank)]
+    post = [torch.eye(sizes[d], dtype=dtype, device=device) for d in range(rank)]
+    for step in after:
+        new_sizes = list(sizes)
+        for d in range(rank):
+            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
+            post[d] = matrix @ post[d]
+        sizes = new_sizes
+    # per-dim tables
+    fraction_tables, pair_tables, same_tables, bias_tables, bias_means, bias_squares = [], [], [], [], [], []
+    for d in range(rank):
+        paths = post[d] @ taps[d] @ pre[d]  # (K_d, L_out, L_in)
+        count = paths.shape[1]
+        rows = paths.sum(dim=2)  # (K_d, L_out)
+        beta = post[d].sum(dim=1)  # (L_out,)
+        fraction_tables.append(rows.mean(dim=1))
+        pair_tables.append(rows @ rows.transpose(0, 1) / count)
+        flat = paths.flatten(1)
+        same_tables.append(flat @ flat.transpose(0, 1) / count)
+        bias_tables.append(rows @ beta / count)
+        bias_means.append(beta.mean())
+        bias_squares.append((beta * beta).mean())
+    fraction = fraction_tables[0]
+    bias_cross = bias_tables[0]
+    for d in range(1, rank):
+        fraction = fraction.unsqueeze(-1) * fraction_tables[d]
+        bias_cross = bias_cross.unsqueeze(-1) * bias_tables[d]
+    kernel_dims = list(range(1, rank + 1))
+    tap_mean = _per_tap(weight, groups, transposed, mean)  # (C_out, *K)
+    centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
+    mean_of_square = (tap_mean * _apply_along_kernel(tap_mean, pair_tables, 1)).sum(dim=kernel_dims)
+    if transposed:
+        weight_out_first = (
+            _weight_blocks(weight, groups).transpose(1, 2).reshape(-1, weight.shape[0] // groups, *weight.shape[2:])
+        )
+    else:
+        weight_out_first = weight
+    quadratic = (weight_out_first * _apply_along_kernel(weight_out_first, same_tables, 2)).sum(
+        dim=[k + 1 for k in kernel_dims]
+    )
+    blocks = quadratic.reshape(groups, -1, quadratic.shape[1])  # (g, C_out/g, C_in/g)
+    mean_of_variance = (blocks @ variance.reshape(groups, -1, 1)).reshape(-1)
+    out_mean = centred_mean
+    if bias is not None:
+        b = bias.to(dtype)
+        beta_mean = math.prod(bias_means) if rank else torch.ones((), dtype=dtype)
+        beta_square = math.prod(bias_squares) if rank else torch.ones((), dtype=dtype)
+        out_mean = out_mean + b * beta_mean
+        mean_of_square = mean_of_square + b * b * beta_square + 2 * b * (tap_mean * bias_cross).sum(dim=kernel_dims)
+    spread = (mean_of_square - out_mean * out_mean).clamp_min(0.0)
+    out_variance = mean_of_variance + spread
+    return out_mean * post_scale, out_variance * post_scale * post_scale, tuple(sizes)
 
 
 def linear_moments(weight: Tensor, bias: Tensor | None, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:

@@ -100,7 +100,7 @@ class _NormActMixin:
         **kalman_options: Any,
     ) -> None:
         super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kalman_options
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **kalman_options
         )
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = _make_act(act_layer, act_kwargs, inplace, apply_act)
@@ -187,11 +187,14 @@ def register_batchnorm_adapter(
 
 def _known_family(module: nn.Module) -> BatchNormAdapter | None:
     """timm's BatchNormAct2d / SyncBatchNormAct, with ``forward`` not overridden further."""
+    forward = type(module).forward
     for base in type(module).__mro__:
-        if base.__name__ == "BatchNormAct2d" and type(module).forward is base.forward:
+        if getattr(base, "forward", None) is not forward:
+            continue
+        if base.__name__ == "BatchNormAct2d":
             if all(isinstance(getattr(module, n, None), nn.Module) for n in _POST_NORMALIZATION):
                 return BatchNormAdapter(lambda _rank: BatchKalmanNormAct2d, _POST_NORMALIZATION)
-        if base.__name__ == "SyncBatchNormAct" and type(module).forward is base.forward:
+        if base.__name__ == "SyncBatchNormAct":
             return BatchNormAdapter(_ACT_FOR_RANK.__getitem__, _POST_NORMALIZATION)
     return None
 
@@ -219,7 +222,7 @@ def adapter_for(module: nn.Module, name: str) -> BatchNormAdapter | None:
     )
 
 
-def synchronise_submodules(sync: SyncBatchKalmanNorm, source: _BatchKalmanNorm) -> SyncBatchKalmanNorm:
+def synchronise_submodules(sync: nn.Module, source: nn.Module) -> nn.Module:
     """Give a freshly synchronised layer the ``drop`` / ``act`` of the BKN layer it replaced.
 
     ``source`` is a :class:`BatchKalmanNormAct1d/2d/3d` (else ``sync`` is returned as is);
@@ -228,7 +231,7 @@ def synchronise_submodules(sync: SyncBatchKalmanNorm, source: _BatchKalmanNorm) 
     :class:`SyncBatchKalmanNormAct` in place: that class adds only ``forward`` and the two
     submodules, so no state is lost; the same submodule objects are attached.
     """
-    if not isinstance(source, _NormActMixin):
+    if not isinstance(source, _NormActMixin) or not isinstance(sync, SyncBatchKalmanNorm):
         return sync
     sync.__class__ = SyncBatchKalmanNormAct
     for name in _POST_NORMALIZATION:

@@ -46,9 +46,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-# Private: the innermost active TorchDispatchMode (FakeTensorMode, make_fx's proxy mode, a
-# FlopCounterMode...), which the eager fast path must not bypass. torch has no public
-# equivalent; present since torch 2.0; run with torch 2.13 here and 2.11 on the GPU machine.
+# Private API: the innermost active TorchDispatchMode (FakeTensorMode, make_fx's proxy mode,
+# a FlopCounterMode...), which the eager fast path must not bypass; torch has no public
+# equivalent. Tested with torch 2.13 (this repository's CPU machine); the GPU machine's 2.11
+# has it too (it exists since torch 2.0) but was not lent to the session that wrote this.
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from bkn_export import cpu_kernels, kernels
@@ -210,10 +211,13 @@ def _backward_fake(*args: Any) -> _InputGradients:
 # --------------------------------------------------------------------------- autograd
 
 
+def _save_inputs(ctx: Any, inputs: KalmanNormInputs) -> None:
+    ctx.save_for_backward(*inputs[:6])  # the six tensors; eps and fallback_ratio are floats
+    ctx.eps, ctx.fallback_ratio = inputs.eps, inputs.fallback_ratio
+
+
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    step_inputs = KalmanNormInputs(*inputs)
-    ctx.save_for_backward(*step_inputs[:6])  # the six tensors; eps and fallback_ratio are floats
-    ctx.eps, ctx.fallback_ratio = step_inputs.eps, step_inputs.fallback_ratio
+    _save_inputs(ctx, KalmanNormInputs(*inputs))
 
 
 def _saved_inputs(ctx: Any) -> KalmanNormInputs:
@@ -329,8 +333,9 @@ class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        _setup_context(ctx, args, None)
-        return tuple(_forward_on(_CPU, KalmanNormInputs(*args)))  # type: ignore[return-value]
+        inputs = KalmanNormInputs(*args)
+        _save_inputs(ctx, inputs)
+        return tuple(_forward_on(_CPU, inputs))  # type: ignore[return-value]
 
     @staticmethod
     def backward(ctx: Any, *output_grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]

@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from bkn_export import convert_sync_batchkalmannorm
-from bkn_export.data import load_digits_split
-from bkn_export.models import digits_resnet
-from bkn_export.training import evaluate
+from bkn_export.demo.data import load_digits_split
+from bkn_export.demo.models import digits_resnet
+from bkn_export.demo.training import evaluate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bkn_export.data import load_digits_split
+from bkn_export.demo.data import load_digits_split
 from bkn_export.export import export_onnx
 from bkn_export.export.training import check_feeds, check_training_model, running_stat_names
-from bkn_export.models import digits_resnet
+from bkn_export.demo.models import digits_resnet
 from bkn_export.nn import _BatchKalmanNorm
 
 
@@ -92,16 +92,17 @@ def adapt_in_ort(
     onnx_model = check_training_model(path)
     run = session(path)
     output_names = [o.name for o in run.get_outputs()]
+    input_name = run.get_inputs()[0].name  # named after the model's forward() argument
     correct = seen = 0
     for _ in range(passes):
         for start in range(0, len(stream), batch):
-            feeds = {"input": stream[start : start + batch].numpy(), **stats}
+            feeds = {input_name: stream[start : start + batch].numpy(), **stats}
             check_feeds(onnx_model, feeds)
             results = dict(zip(output_names, run.run(None, feeds)))
             for name in stats:  # "<layer>.running_mean" ← "<layer>.running_mean_out"
                 stats[name] = results[name + "_out"]
             correct += int((results["output"].argmax(1) == labels[start : start + batch].numpy()).sum())
-            seen += len(feeds["input"])
+            seen += len(feeds[input_name])
     return stats, correct / seen
 
 

@@ -2,8 +2,10 @@
 
 Public API (imported lazily, so ``import runtime`` stays cheap; the pytest plugin relies
 on that): :func:`assert_parity`, :func:`run_parity`, :class:`ParityReport`,
-:class:`Tolerance`, :data:`DEFAULT_TOLERANCES`, :func:`discover` and the reports
-:func:`print_report`, :func:`write_json`, :func:`write_html`.
+:class:`Status`, :class:`Tolerance`, :class:`TolerancePolicy`, :class:`Criteria`,
+:data:`DEFAULT_TOLERANCES`, :func:`discover`, :func:`input_sets`, the reports
+:func:`print_report`, :func:`write_json`, :func:`write_html`, and
+:mod:`runtime.polygraphy_io` (Polygraphy's inputs / outputs JSON).
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "Criteria",
     "ParityReport",
+    "Status",
     "Tolerance",
+    "TolerancePolicy",
     "assert_parity",
     "discover",
+    "input_sets",
     "print_report",
     "run_parity",
     "write_html",
@@ -27,7 +33,11 @@ _LOCATIONS = {
     "assert_parity": "runtime.assertions",
     "run_parity": "runtime.parity",
     "ParityReport": "runtime.parity",
+    "Status": "runtime.parity",
     "Tolerance": "runtime.compare",
+    "TolerancePolicy": "runtime.compare",
+    "Criteria": "runtime.compare",
+    "input_sets": "runtime.model_io",
     "DEFAULT_TOLERANCES": "runtime.compare",
     "discover": "runtime.registry",
     "print_report": "runtime.report",

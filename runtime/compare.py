@@ -5,7 +5,8 @@ Criteria (:class:`Criteria`, one per run, the same for every output):
 * ``elementwise`` (default): an element passes when ``|a - r| <= atol + rtol * |r|``
   (NumPy's ``allclose`` rule); the output passes when the share of failing elements is at
   most ``max_mismatch`` (0 by default: every element). Note: Polygraphy's ``elemwise``
-  fails an element only when it exceeds *both* atol and rtol·|r|, a looser rule.
+  fails an element when it exceeds *both* atol and rtol·|r| (it passes up to
+  ``max(atol, rtol·|r|)``), so at equal tolerances this rule is looser by at most 2x.
 * ``max`` / ``mean`` / ``median`` / ``quantile``: Polygraphy's semantics: the output
   passes when ``stat(|a - r|) <= atol`` or ``stat(|a - r| / |r|) <= rtol``, with exact
   zeros of r replaced by 2.22e-16 in the relative error (as Polygraphy does); quantile

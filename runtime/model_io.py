@@ -52,6 +52,8 @@ class TensorSpec:
 def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
     """Load and check ``path``; raises :class:`ModelFileError` naming the file and the cause."""
     file = Path(path)
+    if file.is_dir():
+        raise ModelFileError(f"{file} is a directory, not an ONNX file; give the path of the .onnx file")
     if not file.is_file():
         raise ModelFileError(f"ONNX file {file} does not exist (export one with `bkn export` or export_onnx)")
     if file.stat().st_size == 0:
@@ -59,6 +61,12 @@ def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> 
     try:
         model = onnx.load(str(file), load_external_data=load_external_data)
     except Exception as error:  # protobuf raises DecodeError, onnx raises its own; both mean corrupt
+        text = str(error)
+        if "should be stored in" in text:  # onnx's message for a missing or unreadable external-data file
+            raise ModelFileError(
+                f"ONNX file {file} keeps tensors in an external data file that is missing or unreadable "
+                f"({text.strip()}); copy the data file beside the model or re-export it"
+            ) from error
         raise ModelFileError(
             f"ONNX file {file} cannot be parsed ({type(error).__name__}: {error}); it is truncated or not an "
             "ONNX model. Re-export it."

@@ -200,7 +200,7 @@ def test_a_concatenation_part_without_normalization_takes_batch_statistics_on_it
     )
     wiring = plan_wiring(record, KalmanOptions(), ORDER, FEATURES, 8)
     assert wiring.transition == "propagate" and wiring.source_names == ("a",)
-    assert any("channels 4:8 have no normalization upstream" in note for note in wiring.notes)
+    assert any("channels 4:8 have no normalization upstream along every part" in note for note in wiring.notes)
 
 
 def test_a_residual_addend_without_normalization_leaves_the_layer_first_in_chain_with_a_note() -> None:
@@ -212,7 +212,9 @@ def test_a_residual_addend_without_normalization_leaves_the_layer_first_in_chain
 
 def test_identity_needs_matching_channels() -> None:
     record = LayerRecord("layer", (2, 8, 4, 4), (_path("a", 8, Affine("conv")),), "single")
-    with pytest.raises(ChainWiringError, match=r"identity' needs equal channel counts, but 'a' has 4 and 'layer' has 8"):
+    with pytest.raises(
+        ChainWiringError, match=r"identity' needs equal channel counts, but 'a' has 4 and 'layer' has 8"
+    ):
         plan_wiring(record, KalmanOptions(transition="identity"), ORDER, FEATURES, 8)
 
 
@@ -261,7 +263,9 @@ def test_version_1_checkpoint_loads_into_an_equivalent_wiring_and_computes_what_
 
 def test_version_1_checkpoint_of_another_wiring_says_to_reconvert() -> None:
     model = convert_batchnorm(_plain_chain(), torch.randn(2, 3, 6, 6), prior_source="output")
-    with pytest.raises(ChainWiringError, match=r"BatchKalmanNorm2d '4'.*wiring format 1.*Re-convert.*convert_batchnorm"):
+    with pytest.raises(
+        ChainWiringError, match=r"BatchKalmanNorm2d '4'.*wiring format 1.*Re-convert.*convert_batchnorm"
+    ):
         model.load_state_dict(_v1("propagate")["state_dict"], strict=True)
 
 
@@ -308,3 +312,83 @@ def test_chain_statistics_changes_no_state() -> None:
         if isinstance(value, Tensor):
             assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the option in the training export
+
+
+def test_training_export_computes_the_normalization_aware_prior(tmp_path: Path) -> None:
+    """prior_source='output' reaches the training-mode ONNX graph: ORT's posteriors are PyTorch's."""
+    import onnxruntime as ort
+
+    from bkn_export.export.training import POSTERIOR_MEAN_SUFFIX, POSTERIOR_VARIANCE_SUFFIX, export_training
+
+    torch.manual_seed(1)
+    bn_model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5))
+    with torch.no_grad():
+        bn_model[1].weight.uniform_(0.5, 2.0)
+        bn_model[1].bias.normal_()
+    model = convert_batchnorm(bn_model, torch.randn(2, 3, 6, 6), prior_source="output")
+    x = torch.randn(3, 3, 6, 6)
+    path = tmp_path / "train.onnx"
+    export_training(model, x, path, expose_posteriors=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x.numpy()})))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got["output"]), copy.deepcopy(model).train()(x), atol=1e-5, rtol=0)
+    for layer in chain_statistics(model, x):
+        mean, variance = got[layer.name + POSTERIOR_MEAN_SUFFIX], got[layer.name + POSTERIOR_VARIANCE_SUFFIX]
+        torch.testing.assert_close(torch.from_numpy(mean), layer.posterior_mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(variance), layer.posterior_variance, atol=1e-5, rtol=0)
+    # and the convention matters here: the 'input' prior gives another second posterior
+    other = {s.name: s for s in chain_statistics(convert_batchnorm(copy.deepcopy(bn_model), x), x)}
+    assert not torch.allclose(other["3"].posterior_mean, torch.from_numpy(got["3" + POSTERIOR_MEAN_SUFFIX]))
+
+
+def test_sampled_prior_draws_one_sample_per_position_and_averages_to_propagate() -> None:
+    """'sampled' draws as the authors do, one (1, C, H, W) sample per micro-batch: on average its mean is
+    propagate's, and its spread over draws does not shrink with the batch size (an (N, C, H, W) draw's would, by √N).
+    """
+
+    def model(transition: str) -> nn.Module:
+        torch.manual_seed(3)
+        bn = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5)).double()
+        return convert_batchnorm(bn, torch.randn(2, 4, 8, 8, dtype=torch.float64), transition=transition)
+
+    x = 2.0 * torch.randn(16, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 1.0
+    sampled = model("sampled")
+
+    def draws(batch: Tensor) -> Tensor:
+        means = []
+        for seed in range(64):
+            torch.manual_seed(seed)
+            means.append(chain_statistics(sampled, batch)[1].prior_mean)
+        return torch.stack(means)
+
+    expected = chain_statistics(model("propagate"), x)[1].prior_mean
+    assert expected is not None
+    large, small = draws(x), draws(x[:2])
+    spread = large.std(dim=0)
+    assert float(((large.mean(dim=0) - expected) / (spread / 8)).abs().max()) < 4.0  # within 4 standard errors
+    ratio = spread / small.std(dim=0)
+    assert 0.6 < float(ratio.min()) and float(ratio.max()) < 1.6, ratio  # (N, C, H, W) draws: about 1/√8 = 0.35
+
+
+def test_channels_of_a_part_without_normalization_get_prior_weight_zero() -> None:
+    """cat([bn1(conv1(x)), conv2(x)]): the second part's channels take batch statistics alone (p = 0)."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+            self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(6)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn2(torch.cat([self.bn1(self.conv1(x)), self.conv2(x)], dim=1))
+
+    model = convert_batchnorm(Mixed(), torch.randn(2, 3, 4, 4), prior_weight=0.5)
+    layer = chain_statistics(model, torch.randn(3, 3, 4, 4))[1]
+    assert layer.transition == "propagate"
+    torch.testing.assert_close(layer.prior_weight, torch.tensor([0.5] * 4 + [0.0] * 2))
+    assert "channels 4:6 have no normalization upstream" in describe_chain(model)[1].note

@@ -13,8 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bkn_export import BatchKalmanNorm2d
 from bkn_export.chain.record import Combination, LayerRecord, SourcePath, record_dataflow
-from bkn_export.chain.steps import Affine, Channels, Elementwise, Flatten, Identity, Pool, Resample, Reshape
+from bkn_export.chain.steps import (
+    Affine,
+    Channels,
+    Elementwise,
+    Flatten,
+    Gate,
+    Identity,
+    Pool,
+    Resample,
+    Reshape,
+    ScaleShift,
+)
+from bkn_export.errors import ChainWiringError
+from bkn_export.norm_act import BatchKalmanNormAct2d
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -38,6 +52,14 @@ def test_conv_bn_relu_chain_links_each_bn_to_the_previous_one_through_relu_and_c
     assert third.sources[0].normalization == "4"
     assert third.sources[0].steps == (Elementwise("relu", (), "5"), Affine("6"))
     assert third.sources[0].channels == 4
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, nn.SyncBatchNorm, BatchKalmanNorm2d])
+def test_every_batchnorm_kind_is_a_normalization(norm: type[nn.Module]) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm(8), nn.ReLU(), nn.Conv2d(8, 4, 3), norm(4))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+    assert chain.names == ["1", "4"]
+    assert chain["4"].sources == (SourcePath("1", (Elementwise("relu", (), "2"), Affine("3")), 4, (2, 8, 6, 6)),)
 
 
 def test_recording_changes_no_statistic_and_restores_every_module_mode() -> None:
@@ -243,6 +265,35 @@ def test_channel_ranges_are_channels_steps() -> None:
     assert chain["bn_chunk"].sources[0].steps == (relu, Channels(0, 4))
 
 
+class _SqueezeExcite(nn.Module):
+    """MBConv's gate, written with a clamp-based hard sigmoid and scalar arithmetic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(3, 8)
+        self.reduce, self.expand = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+        self.conv2, self.bn2 = _conv_bn(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.neg(F.silu(self.bn1(self.conv1(x))).neg())
+        gate = self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        gate = torch.clamp(gate + 3, 0, 6) / 6
+        return self.bn2(self.conv2(x * gate))
+
+
+def test_a_squeeze_excitation_gate_is_a_gate_step_with_its_branch() -> None:
+    chain = record_dataflow(_SqueezeExcite(), torch.randn(2, 3, 8, 8))
+    steps = chain["bn2"].sources[0].steps
+    assert steps[0] == Elementwise("silu")
+    assert steps[1:3] == (ScaleShift(-1.0, 0.0), ScaleShift(-1.0, 0.0))
+    assert isinstance(steps[3], Gate) and steps[4] == Affine("conv2")
+    assert [step.describe() for step in steps[3].branch] == [
+        "adaptive_avg_pool2d(output (1, 1))", "conv 'reduce'", "relu()", "conv 'expand'", "×1 + 3",
+        "hardtanh(max_val=6.0, min_val=0.0)", "×0.166667 + 0",
+    ]  # fmt: skip
+    assert chain["bn2"].notes == ()
+
+
 # --------------------------------------------------------------------------- residual sums and concatenations
 
 
@@ -409,6 +460,19 @@ def test_a_norm_act_layer_s_own_drop_and_act_start_the_next_layer_s_path() -> No
 
     assert chain.names == ["1", "3"]
     assert chain["3"].sources[0].steps == (Identity("dropout", "1.drop"), Elementwise("silu", (), "1.act"), Affine("2"))
+    assert chain.notes == ()
+
+
+def test_bkn_norm_act_layers_are_read_like_timm_s() -> None:
+    def norm_act(channels: int) -> nn.Module:
+        return BatchKalmanNormAct2d(channels, act_layer=nn.Hardswish, drop_layer=lambda: nn.Dropout(0.1))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm_act(8), nn.Conv2d(8, 8, 3), norm_act(8))
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+    assert chain["3"].sources[0].steps == (
+        Identity("dropout", "1.drop"), Elementwise("hardswish", (), "1.act"), Affine("2"),
+    )  # fmt: skip
+    assert chain.notes == ()
 
 
 def test_a_bn_subclass_with_its_own_forward_and_no_act_children_is_named_in_the_notes() -> None:
@@ -439,14 +503,31 @@ class _SameConv(nn.Conv2d):
 def test_a_conv_subclass_that_pads_first_is_an_affine_step_with_that_padding() -> None:
     model = nn.Sequential(_SameConv(3, 8, 3, 1), nn.BatchNorm2d(8), _SameConv(8, 8, 5, 1), nn.BatchNorm2d(8))
     chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
-    assert chain["3"].sources[0].steps == (Affine("2", "conv", (2, 2)),)
+    assert chain["3"].sources[0].steps == (Affine("2", "conv", ((2, 2), (2, 2))),)
 
 
-def test_asymmetric_padding_before_a_conv_falls_back_with_a_note() -> None:
-    model = nn.Sequential(_SameConv(3, 8, 3, 1), nn.BatchNorm2d(8), _SameConv(8, 8, 3, 2), nn.BatchNorm2d(8))
+def test_asymmetric_and_reflection_padding_before_a_conv_fold_into_its_step() -> None:
+    model = nn.Sequential(
+        _SameConv(3, 8, 3, 1), nn.BatchNorm2d(8), _SameConv(8, 8, 3, 2), nn.BatchNorm2d(8),
+        nn.ReflectionPad2d((1, 1, 2, 2)), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4),
+    )  # fmt: skip
     chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
-    assert chain["3"].combine == "none"
-    assert "asymmetric zero padding [0, 1, 0, 1] before '2' (_SameConv)" in chain["3"].notes[0]
+    assert chain["3"].sources[0].steps == (Affine("2", "conv", ((0, 1), (0, 1))),)
+    assert chain["6"].sources[0].steps == (Affine("5", "conv", ((2, 2), (1, 1)), "reflect"),)
+    assert chain["6"].notes == ()
+
+
+def test_padding_that_no_conv_reads_falls_back() -> None:
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn2(F.pad(self.bn1(self.conv(x)), (1, 1, 1, 1)))
+
+    (note,) = record_dataflow(Padded(), torch.randn(2, 3, 8, 8))["bn2"].notes
+    assert "its input zeros padding [1, 1, 1, 1] (F.pad in the model's forward (Padded)) not followed by a conv" in note
 
 
 # --------------------------------------------------------------------------- what cannot be carried, and limits
@@ -490,6 +571,28 @@ def test_a_part_through_attention_falls_back_with_a_note_naming_the_module() -> 
         "its input → concat part 1 (8 channels) Tensor.transpose in 'attn' (_TokenAttention) cannot carry moments; "
         "this part falls back"
     )
+
+
+@pytest.mark.parametrize("edit", ["exp_", "setitem"])
+def test_an_unknown_in_place_op_becomes_the_tensor_s_producer(edit: str) -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = _conv_bn(3, 8)
+            self.conv2, self.bn2 = _conv_bn(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = F.relu(self.bn1(self.conv1(x)))
+            if edit == "exp_":
+                x.exp_()
+            else:
+                x[:, 0] = 0.0
+            return self.bn2(self.conv2(x))
+
+    chain = record_dataflow(InPlace(), torch.randn(2, 3, 8, 8))
+    assert chain["bn2"].combine == "none"
+    op = "Tensor.exp_" if edit == "exp_" else "Tensor.__setitem__"
+    assert f"its input {op} in the model's forward (InPlace) cannot carry moments" in chain["bn2"].notes[0]
 
 
 def test_a_layer_that_runs_twice_is_wired_by_its_first_call_with_a_note() -> None:
@@ -546,6 +649,28 @@ def test_multiple_and_keyword_inputs_and_tuple_outputs() -> None:
         )
 
 
+def test_a_failing_example_forward_names_the_model_and_what_to_pass() -> None:
+    model = nn.Sequential(*_conv_bn(3, 8))
+    with pytest.raises(ChainWiringError, match=r"example forward of Sequential failed .*RuntimeError.*a tuple of"):
+        record_dataflow(model, torch.randn(2, 5, 8, 8))
+    assert model.training  # modes restored after the failure
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_keyword_arguments_of_a_submodule_call_are_its_inputs() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = _conv_bn(3, 8)
+            self.act, self.conv2, self.bn2 = nn.SiLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn2(self.conv2(input=self.act(input=self.bn1(self.conv1(x)))))
+
+    chain = record_dataflow(Wrapper(), torch.randn(2, 3, 8, 8))
+    assert chain["bn2"].sources[0].steps == (Elementwise("silu", (), "act"), Affine("conv2"))
+
+
 def test_a_linear_layer_on_tokens_is_not_a_channel_map() -> None:
     model = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.Linear(5, 5), nn.BatchNorm1d(4))
     chain = record_dataflow(model, torch.randn(2, 3, 5))
@@ -574,11 +699,11 @@ def test_efficientnet_pytorch_b0_records_with_notes_for_what_it_cannot_carry() -
     chain = record_dataflow(model, torch.randn(1, 3, 64, 64))
 
     assert len(chain.layers) == 49
-    full = [layer for layer in chain.layers if layer.combine != "none"]
-    assert len(full) == 28
-    fallbacks = [layer.notes[0] for layer in chain.layers if layer.combine == "none"]
-    assert sum("Tensor.mul in '_blocks." in note for note in fallbacks) == 16  # squeeze-excitation gates
-    assert sum("asymmetric zero padding" in note for note in fallbacks) == 5  # stride-2 "same" padding
+    # all but the stem: stride-2 convs' asymmetric "same" padding folds into their step, SE gates are Gate steps
+    assert [layer.name for layer in chain.layers if layer.combine == "none"] == ["_bn0"]
+    assert all(layer.notes == () for layer in chain.layers[1:])
+    gated = chain["_blocks.1._bn2"].sources[0].steps
+    assert [type(step) for step in gated] == [Elementwise, Gate, Affine]
     assert any("(MemoryEfficientSwish) is taken as silu" in note for note in chain.notes)
 
 
@@ -587,10 +712,11 @@ def test_geffnet_mobilenetv3_records_with_notes_for_what_it_cannot_carry() -> No
     chain = record_dataflow(geffnet.mobilenetv3_large_100(pretrained=False), torch.randn(1, 3, 64, 64))
 
     assert len(chain.layers) == 46
-    first = [layer for layer in chain.layers if layer.combine == "none"]
-    assert len(first) == 9
-    assert "reaches the model input" in first[0].notes[0]
-    assert all("(SqueezeExcite) cannot carry moments" in layer.notes[0] for layer in first[1:])
+    assert [layer.name for layer in chain.layers if layer.combine == "none"] == ["bn1"]
+    assert all(layer.notes == () for layer in chain.layers[1:])
+    # the squeeze-excitation gate uses hard_sigmoid = relu6(x + 3) / 6
+    gate = next(step for step in chain["blocks.2.0.bn3"].sources[0].steps if isinstance(step, Gate))
+    assert gate.branch[-3:] == (ScaleShift(1.0, 3.0), Elementwise("relu6"), ScaleShift(1 / 6, 0.0))
     assert any("(HardSwishMe) is taken as hardswish" in note for note in chain.notes)
 
 

@@ -22,10 +22,12 @@ from bkn_export.chain.steps import (
     Channels,
     Elementwise,
     Flatten,
+    Gate,
     Identity,
     Pool,
     Resample,
     Reshape,
+    ScaleShift,
     Step,
     apply_steps,
     commute_max_pools,
@@ -50,6 +52,9 @@ def _modules() -> dict[str, nn.Module]:
         "conv_circular": nn.Conv2d(_C, 6, 5, padding=2, padding_mode="circular"),
         "deconv": nn.ConvTranspose2d(_C, 3, 3, stride=2, padding=1, output_padding=1),
         "conv_same": nn.Conv2d(_C, 6, 3, padding=0),
+        "conv_valid_s2": nn.Conv2d(_C, 6, 3, stride=2, padding=0),
+        "se_reduce": nn.Conv2d(_C, 2, 1),
+        "se_expand": nn.Conv2d(2, _C, 1),
         "fc": nn.Linear(_C * 4, 5),
         "fc_c": nn.Linear(_C, 5),
         "act": prelu,
@@ -64,6 +69,7 @@ def _avg_pool(kernel: int, stride: int, padding: int, count_include_pad: bool) -
                                         count_include_pad=count_include_pad))  # fmt: skip
 
 
+_GLOBAL_MEAN = Pool(moments.PoolSpec.create("adaptive_avg", 2, output_size=1))
 _MAX_3_2 = Pool(moments.PoolSpec.create("max", 2, kernel_size=3, stride=2, padding=1), "pool")
 _MAX_2 = Pool(moments.PoolSpec.create("max", 2, kernel_size=2))
 _NEAREST_2 = Resample(moments.ResampleSpec("nearest", scale_factor=2.0))
@@ -83,7 +89,15 @@ PATHS: dict[str, tuple[Step, ...]] = {
     "prelu (module weight) → dropout → transposed conv": (
         Elementwise("prelu", (), "act"), Identity("dropout", "drop"), Affine("deconv"),
     ),
-    "sigmoid → pad-first conv (padding)": (Elementwise("sigmoid"), Affine("conv_same", "conv", (1, 1))),
+    "sigmoid → symmetric zero padding → conv": (
+        Elementwise("sigmoid"), Affine("conv_same", "conv", ((1, 1), (1, 1))),
+    ),
+    "relu → asymmetric zero padding → conv stride 2": (
+        Elementwise("relu"), Affine("conv_valid_s2", "conv", ((0, 1), (0, 1))),
+    ),
+    "silu → reflection padding → conv": (
+        Elementwise("silu"), Affine("conv_same", "conv", ((2, 2), (1, 1)), "reflect"),
+    ),
     "sigmoid → adaptive avg 2x2 → flatten → linear": (
         Elementwise("sigmoid"), Pool(moments.PoolSpec.create("adaptive_avg", 2, output_size=2)), Flatten(1, -1),
         Affine("fc", "linear"),
@@ -96,6 +110,16 @@ PATHS: dict[str, tuple[Step, ...]] = {
     "elu → bilinear ×2": (Elementwise("elu", (("alpha", 1.0),)), _BILINEAR_2),
     "max pool 2 → conv": (_MAX_2, Affine("conv")),
     "silu → channels 1:3": (Elementwise("silu"), Channels(1, 3)),
+    "silu → squeeze-excitation gate → conv 1x1": (
+        Elementwise("silu"),
+        Gate((_GLOBAL_MEAN, Affine("se_reduce"), Elementwise("silu"), Affine("se_expand"), Elementwise("sigmoid"))),
+        Affine("conv_1x1"),
+    ),
+    "hardswish → hard-sigmoid gate (x + 3, relu6, / 6)": (
+        Elementwise("hardswish"),
+        Gate((_GLOBAL_MEAN, Affine("se_reduce"), Elementwise("relu"), Affine("se_expand"), ScaleShift(1.0, 3.0),
+              Elementwise("relu6"), ScaleShift(1 / 6, 0.0))),
+    ),
 }  # fmt: skip
 
 #: Paths the moments get wrong by more than 10 % (Monte Carlo, this test's inputs), recorded
@@ -204,7 +228,7 @@ def test_an_affine_step_with_padding_runs_what_a_pad_first_conv_subclass_compute
 
     layer = SameConv(_C, 6, 3).double()
     sample = torch.randn(2, _C, 5, 5, dtype=torch.float64)
-    out = Affine("same", "conv", (1, 1)).apply(sample, {"same": layer})
+    out = Affine("same", "conv", ((1, 1), (1, 1))).apply(sample, {"same": layer})
     torch.testing.assert_close(out, layer(sample))
     assert layer.padding == (0, 0)  # the module itself is left as it is
 

@@ -36,7 +36,7 @@ from bkn_export import (
     wire_chain,
 )
 from bkn_export.distributed import combine_batch_statistics
-from bkn_export.models import digits_resnet
+from bkn_export.demo.models import digits_resnet
 from bkn_export.nn import Transition
 
 WORLD_SIZE = 2

@@ -24,7 +24,7 @@ from bkn_export.errors import CheckpointError, FactoryError
 from bkn_export.export.metadata import read_metadata
 from bkn_export.factory import load_model
 
-SPEC = "bkn_export.models:digits_resnet"
+SPEC = "bkn_export.demo.models:digits_resnet"
 
 
 @pytest.fixture
@@ -66,9 +66,9 @@ def test_cli_options_reach_the_exporter(tmp_path: Path) -> None:
     ("argv_tail", "message"),
     [
         (["no_such_package.models:factory"], "cannot import module 'no_such_package.models'"),
-        (["bkn_export.models:no_such_factory"], "has no attribute 'no_such_factory'"),
-        (["bkn_export.models"], "not of the form 'pkg.module:factory'"),
-        (["bkn_export.models:NORMALIZERS"], "not a callable"),
+        (["bkn_export.demo.models:no_such_factory"], "has no attribute 'no_such_factory'"),
+        (["bkn_export.demo.models"], "not of the form 'pkg.module:factory'"),
+        (["bkn_export.demo.models:NORMALIZERS"], "not a callable"),
         ([SPEC, "--checkpoint", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
     ],
 )

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import bkn_export
 from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d
-from bkn_export.errors import ExportError, InvalidStatisticsError, OptionError, OutputWriteError, UnsupportedLayerError
+from bkn_export.errors import InvalidStatisticsError, OptionError, OutputWriteError, UnsupportedLayerError
 from bkn_export.export import export_onnx
 from bkn_export.export.inference import FP16_TOLERANCE
 from bkn_export.export.io import save_onnx
@@ -151,7 +151,7 @@ class SequenceNet(nn.Module):
 
 def converted_resnet() -> nn.Module:
     """A BatchNorm DigitsResNet trained a few steps, converted to BKN, then a few BKN train steps."""
-    from bkn_export.models import DigitsResNet
+    from bkn_export.demo.models import DigitsResNet
 
     model: nn.Module = DigitsResNet(norm="batchnorm", width=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

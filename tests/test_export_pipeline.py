@@ -127,7 +127,7 @@ def test_running_statistics_names_follow_the_model_inputs(tmp_path: Path) -> Non
     graph = onnx.load(tmp_path / "m.onnx").graph
     assert [i.name for i in graph.input] == ["x", "norm1.running_mean", "norm1.running_var", "norm2.running_mean",
                                              "norm2.running_var"]  # fmt: skip
-    assert [o.name for o in graph.output][0] == "output"
+    assert graph.output[0].name == "output"
 
 
 def test_forward_argument_names() -> None:

@@ -33,7 +33,7 @@ from bkn_export.export.training import (
     export_training,
     running_stat_names,
 )
-from bkn_export.models import digits_resnet
+from bkn_export.demo.models import digits_resnet
 from bkn_export.nn import _BatchKalmanNorm
 
 ORT_LEVELS = [
@@ -459,7 +459,7 @@ def test_unknown_domain_is_explained(exported: dict[str, Any]) -> None:
 
 
 def test_missing_file_is_explained(tmp_path: Path) -> None:
-    with pytest.raises(ModelFileError, match="no such ONNX file"):
+    with pytest.raises(ModelFileError, match="does not exist"):
         check_training_model(tmp_path / "absent.onnx")
 
 
@@ -472,8 +472,15 @@ def test_runtime_feeds_are_checked(exported: dict[str, Any]) -> None:
     with pytest.raises(BKNInputError, match=rf"input '{name}' is empty"):
         check_feeds(onnx_model, empty)
     wrong_channels = {**good, name: np.zeros((2, 7, *exported["shape"][1:]), np.float32)}
-    with pytest.raises(BKNInputError, match=rf"input '{name}': dim 1 must be"):
+    with pytest.raises(BKNInputError, match=rf"input '{name}' has shape \(2, 7[,)].*; expected \(batch"):
         check_feeds(onnx_model, wrong_channels)
+    with pytest.raises(BKNInputError, match=rf"input '{name}' has dtype float64"):
+        check_feeds(onnx_model, {**good, name: good[name].astype(np.float64)})
+    with pytest.raises(BKNInputError, match=rf"input '{name}' holds 1 NaN/Inf"):
+        check_feeds(onnx_model, {**good, name: np.where(np.arange(good[name].size).reshape(good[name].shape) == 3,
+                                                         np.nan, good[name]).astype(np.float32)})  # fmt: skip
+    with pytest.raises(BKNInputError, match=r"unknown input\(s\) \['nope'\]"):
+        check_feeds(onnx_model, {**good, "nope": good[name]})
 
 
 # --------------------------------------------------------------------------- the example

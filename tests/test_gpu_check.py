@@ -63,7 +63,7 @@ def _required_files() -> list[str]:
 
 
 def test_dry_run_lists_every_step_and_finds_every_file() -> None:
-    result = _run([str(SCRIPT), "--dry-run"])
+    result = _run(["bash", str(SCRIPT), "--dry-run"])
     assert result.returncode == 0, result.stdout + result.stderr
     for step in STEPS:
         assert re.search(rf"^  {step} \(\d+ s\)$", result.stdout, flags=re.MULTILINE), step
@@ -79,7 +79,7 @@ def test_dry_run_fails_naming_a_missing_file(tmp_path: Path) -> None:
         (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / file, tmp_path / file)
     (tmp_path / "benchmarks/gpu/network_step.py").unlink()
-    result = _run([str(tmp_path / "benchmarks/gpu_check.sh"), "--dry-run"])
+    result = _run(["bash", str(tmp_path / "benchmarks/gpu_check.sh"), "--dry-run"])
     assert result.returncode == 1, result.stdout + result.stderr
     assert "MISSING  benchmarks/gpu/network_step.py" in result.stdout
 
@@ -87,7 +87,7 @@ def test_dry_run_fails_naming_a_missing_file(tmp_path: Path) -> None:
 @pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: the script would run")
 def test_without_a_gpu_it_refuses_with_exit_2_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = _run([str(SCRIPT)], OUT=str(out))
+    result = _run(["bash", str(SCRIPT)], OUT=str(out))
     assert result.returncode == 2
     assert "no NVIDIA GPU" in result.stderr and "--dry-run" in result.stderr
     assert not out.exists()
@@ -95,7 +95,7 @@ def test_without_a_gpu_it_refuses_with_exit_2_and_writes_nothing(tmp_path: Path)
 
 @pytest.mark.parametrize("args", [["--only", "benchmarks"], ["--frobnicate"]], ids=["unknown-step", "unknown-flag"])
 def test_bad_arguments_exit_2(args: list[str]) -> None:
-    result = _run([str(SCRIPT), "--dry-run", *args])
+    result = _run(["bash", str(SCRIPT), "--dry-run", *args])
     assert result.returncode == 2
     assert "gpu_check: unknown" in result.stderr
 
@@ -104,7 +104,7 @@ def test_smoke_run_writes_one_summary_and_one_archive(tmp_path: Path) -> None:
     """Both benchmark steps on the CPU: each step recorded ok, the summary filled, the details archived."""
     out, work = tmp_path / "out", tmp_path / "work"
     result = _run(
-        [str(SCRIPT), "--only", "kernels,network"],
+        ["bash", str(SCRIPT), "--only", "kernels,network"],
         OUT=str(out),
         GPU_CHECK_WORK=str(work),
         GPU_CHECK_SMOKE="1",
@@ -135,7 +135,7 @@ def test_smoke_run_writes_one_summary_and_one_archive(tmp_path: Path) -> None:
 @pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: the env step would describe it")
 def test_env_step_records_versions_and_the_missing_gpu(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
-    result = _run([str(SCRIPT), "--only", "env"], OUT=str(out), GPU_CHECK_WORK=str(work), GPU_CHECK_SMOKE="1")
+    result = _run(["bash", str(SCRIPT), "--only", "env"], OUT=str(out), GPU_CHECK_WORK=str(work), GPU_CHECK_SMOKE="1")
     assert result.returncode == 0, result.stdout + result.stderr
     env = json.loads((work / "env.json").read_text())
     assert env["torch"] and env["python"] == platform.python_version()
@@ -148,7 +148,7 @@ def test_env_step_records_versions_and_the_missing_gpu(tmp_path: Path) -> None:
 def test_a_step_without_budget_left_is_skipped_and_recorded(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     result = _run(
-        [str(SCRIPT), "--only", "kernels"],
+        ["bash", str(SCRIPT), "--only", "kernels"],
         OUT=str(out),
         GPU_CHECK_WORK=str(work),
         GPU_CHECK_SMOKE="1",

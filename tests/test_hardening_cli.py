@@ -39,7 +39,7 @@ from bkn_export.errors import (
     RuntimeLoadError,
     UnsupportedLayerError,
 )
-from runtime.errors import ParityMismatchError, RuntimeExecutionError, UnknownRuntimeError
+from runtime.errors import ParityMismatchError, RuntimeExecutionError, SavedDataError, UnknownRuntimeError
 
 MODELS = textwrap.dedent(
     """
@@ -123,6 +123,7 @@ def assert_one_line(stderr: str, *fragments: str) -> None:
         (CheckpointError("x"), EXIT_BAD_INPUT),
         (ModelFileError("x"), EXIT_BAD_INPUT),
         (UnknownRuntimeError("x"), EXIT_BAD_INPUT),
+        (SavedDataError("x"), EXIT_BAD_INPUT),
         (RuntimeLoadError("x"), EXIT_BAD_INPUT),
         (PluginLibraryNotFoundError("x"), EXIT_BAD_INPUT),
         (OutputWriteError("x"), EXIT_BAD_INPUT),

@@ -45,7 +45,7 @@ import bkn_export
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError
 from bkn_export.kernels import layout
-from bkn_export.models import digits_resnet
+from bkn_export.demo.models import digits_resnet
 
 EPS = 1e-5
 _OUTPUT_RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}

@@ -237,7 +237,7 @@ def test_elementwise_accuracy_full_grid(case: tuple[str, dict[str, Any], Any]) -
     assert mean_error <= mean_bound and variance_error <= variance_bound, (mean_error, variance_error)
 
 
-def test_ten_fewer_gauss_hermite_nodes_would_break_the_tanh_bound() -> None:
+def test_too_few_gauss_hermite_nodes_break_the_bound() -> None:
     """The node count matters: tanh at 16 nodes misses the 5 % variance bound (so the test above can fail)."""
     mean, std = _grid(9, 7)
     _, variance = M.elementwise_moments("tanh", mean, std * std, nodes=16)
@@ -488,6 +488,37 @@ def test_conv_matches_monte_carlo_of_the_module(case: tuple[Callable[[], nn.Modu
     _assert_within_contract(predicted, _monte_carlo(layer, mean, variance, spatial, batch=20_000))
 
 
+# (pad module, its (left, right) per spatial dim in order, its mode, the conv after it, input size)
+PADDED_CONV_CASES: list[
+    tuple[Callable[[], nn.Module], list[tuple[int, int]], str, Callable[[], nn.Module], tuple[int, ...]]
+] = [
+    (lambda: nn.ZeroPad2d((1, 0, 2, 1)), [(2, 1), (1, 0)], "zeros", lambda: nn.Conv2d(5, 4, 3, stride=2), (7, 6)),
+    (lambda: nn.ReflectionPad2d(1), [(1, 1), (1, 1)], "reflect", lambda: nn.Conv2d(5, 4, 3), (5, 4)),
+    (lambda: nn.ReplicationPad1d((2, 1)), [(2, 1)], "replicate", lambda: nn.Conv1d(5, 4, 3, padding=1), (5,)),
+    (
+        lambda: nn.CircularPad2d((2, 2, 1, 0)),
+        [(1, 0), (2, 2)],
+        "circular",
+        lambda: nn.Conv2d(5, 4, 3, padding=1, padding_mode="reflect"),
+        (4, 3),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", PADDED_CONV_CASES, ids=lambda c: f"{c[0]()}+{c[3]()}".replace(" ", ""))
+def test_conv_after_an_explicit_pad_is_exact(case: tuple[Any, ...]) -> None:
+    """A pad module before the conv (ReflectionPad2d + Conv2d, TF-style asymmetric "same" …) composes exactly."""
+    pad, pairs, mode, conv_factory, spatial = case
+    layer = _conv(conv_factory)
+    path = nn.Sequential(pad(), layer)
+    mean, variance = _channel_moments()
+    out_mean, out_variance, out_spatial = M.conv_moments(
+        layer, mean, variance, spatial, input_padding=pairs, input_padding_mode=mode
+    )
+    assert out_spatial == tuple(path(torch.zeros(1, 5, *spatial, dtype=torch.float64)).shape[2:])
+    _assert_exact((out_mean, out_variance), _jacobian_moments(path, mean, variance, spatial))
+
+
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_index_map_is_what_f_pad_does(mode: str) -> None:
     """The input each tap reads is the one F.pad copies into the border (pad an arange, unfold it)."""
@@ -496,6 +527,114 @@ def test_index_map_is_what_f_pad_does(mode: str) -> None:
     padded = F.pad(torch.arange(size, dtype=torch.float64).reshape(1, 1, -1), (2, 2), mode=mode).reshape(-1)
     windows = padded.unfold(0, 2 * (3 - 1) + 1, 2)[:, ::2]  # (L_out, K): dilation 2
     assert torch.equal(M._conv_index_map(layer, 0, size), windows.long())
+
+
+# Paths of linear steps whose intermediate positions are correlated: pushed step by step they are
+# not exact (docs/prior.md), as one linear path they are.
+LINEAR_PATHS: list[tuple[Callable[[], list[nn.Module]], tuple[int, ...]]] = [
+    (lambda: [nn.AvgPool2d(3, 2, 1), nn.Conv2d(5, 4, 3, padding=1)], (9, 8)),
+    (lambda: [nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(5, 4, 3, padding=1)], (4, 5)),
+    (lambda: [nn.Upsample(scale_factor=2), nn.Conv2d(5, 4, 3, padding=1, padding_mode="reflect")], (4, 3)),
+    (lambda: [nn.Conv2d(5, 4, 3, padding=1), nn.AvgPool2d(2)], (6, 8)),
+    (
+        lambda: [
+            nn.Conv2d(5, 4, 3, stride=2, bias=True),
+            nn.Upsample(size=(5, 4), mode="bilinear", align_corners=True),
+            nn.AvgPool2d(2, 2, 1, ceil_mode=True, count_include_pad=False),
+        ],
+        (9, 8),
+    ),
+    (lambda: [nn.ReflectionPad2d((1, 0, 1, 2)), nn.Conv2d(5, 4, 3), nn.AvgPool2d(2, divisor_override=3)], (6, 5)),
+    (lambda: [nn.AvgPool2d(3, 1, 1), nn.Upsample(scale_factor=2, mode="bicubic")], (4, 5)),  # no conv
+    (lambda: [nn.ConvTranspose2d(5, 4, 3, stride=2, padding=1, output_padding=1), nn.AvgPool2d(2)], (3, 4)),
+    (
+        lambda: [
+            nn.Upsample(scale_factor=3, mode="linear", align_corners=True),
+            nn.Conv1d(5, 6, 5, padding=2, padding_mode="circular"),
+        ],
+        (3,),
+    ),
+    (lambda: [nn.AvgPool3d(2, 1, 1), nn.Conv3d(5, 2, 3, padding=1, groups=1)], (3, 2, 3)),
+    (lambda: [nn.Upsample(size=(3, 2), mode="area"), nn.Conv2d(5, 5, 3, padding=1, groups=5)], (7, 5)),
+    (lambda: [nn.ZeroPad2d((1, 0, 0, 2)), nn.Conv2d(5, 4, 3, stride=2, padding_mode="zeros")], (7, 6)),
+]
+
+
+def _linear_step(module: nn.Module) -> M.LinearStep:
+    if isinstance(module, nn.Upsample):
+        return M.ResampleSpec.from_module(module)
+    if isinstance(module, (nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd, nn.ZeroPad2d)):
+        flat = module.padding  # F.pad order: last dim first
+        pairs = tuple((flat[2 * k], flat[2 * k + 1]) for k in reversed(range(len(flat) // 2)))
+        mode = (
+            "reflect"
+            if "Reflection" in type(module).__name__
+            else "zeros"
+            if "Zero" in type(module).__name__
+            else "replicate"
+        )
+        return M.PadSpec(pairs, mode)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module
+    return M.PoolSpec.from_module(module)
+
+
+def _path_id(case: tuple[Callable[[], list[nn.Module]], tuple[int, ...]]) -> str:
+    return "+".join(type(m).__name__ for m in case[0]()) + f"@{case[1]}"
+
+
+@pytest.mark.parametrize("case", LINEAR_PATHS, ids=_path_id)
+def test_linear_paths_are_exact(case: tuple[Callable[[], list[nn.Module]], tuple[int, ...]]) -> None:
+    torch.manual_seed(0)
+    modules, spatial = [m.double() for m in case[0]()], case[1]
+    path = nn.Sequential(*modules)
+    mean, variance = _channel_moments()
+    out_mean, out_variance, out_spatial = M.linear_path_moments(
+        [_linear_step(m) for m in modules], mean, variance, spatial
+    )
+    assert out_spatial == tuple(path(torch.zeros(1, 5, *spatial, dtype=torch.float64)).shape[2:])
+    _assert_exact((out_mean, out_variance), _jacobian_moments(path, mean, variance, spatial))
+
+
+@pytest.mark.parametrize("case", LINEAR_PATHS[:2], ids=_path_id)
+def test_linear_paths_match_monte_carlo_where_step_by_step_does_not(
+    case: tuple[Callable[[], list[nn.Module]], tuple[int, ...]],
+) -> None:
+    torch.manual_seed(0)
+    modules, spatial = [m.double() for m in case[0]()], (16, 16)
+    mean, variance = _channel_moments()
+    reference = _monte_carlo(nn.Sequential(*modules), mean, variance, spatial, batch=3_000)
+    predicted = M.linear_path_moments([_linear_step(m) for m in modules], mean, variance, spatial)[:2]
+    _assert_within_contract(predicted, reference)
+    step_mean, step_variance, step_spatial = mean, variance, spatial
+    for module in modules:
+        step = _linear_step(module)
+        if isinstance(step, M.PoolSpec):
+            step_mean, step_variance, step_spatial = M.pool_moments(step, step_mean, step_variance, step_spatial)
+        elif isinstance(step, M.ResampleSpec):
+            step_mean, step_variance, step_spatial = M.resample_moments(step, step_mean, step_variance, step_spatial)
+        else:
+            step_mean, step_variance, step_spatial = M.conv_moments(module, step_mean, step_variance, step_spatial)
+    with pytest.raises(AssertionError, match="off by"):  # mean or variance outside the 10 % contract
+        _assert_within_contract((step_mean, step_variance), reference)
+
+
+def test_a_single_conv_path_is_conv_moments() -> None:
+    torch.manual_seed(0)
+    layer = nn.Conv2d(5, 4, 3, stride=2, padding=1, padding_mode="replicate").double()
+    mean, variance = _channel_moments()
+    path = M.linear_path_moments([layer], mean, variance, (7, 6))
+    single = M.conv_moments(layer, mean, variance, (7, 6))
+    assert path[2] == single[2]
+    _assert_exact(path[:2], single[:2], rtol=1e-12)
+
+
+def test_linear_paths_reject_max_pooling_and_two_convs() -> None:
+    mean, variance = _channel_moments()
+    with pytest.raises(M.MomentsError, match="not linear"):
+        M.linear_path_moments([M.PoolSpec.from_module(nn.MaxPool2d(2))], mean, variance, (4, 4))
+    with pytest.raises(M.MomentsError, match="at most one"):
+        M.linear_path_moments([nn.Conv2d(5, 5, 1), nn.Conv2d(5, 5, 1)], mean, variance, (4, 4))
 
 
 def test_linear_moments_match_monte_carlo() -> None:
@@ -511,7 +650,7 @@ def test_conv_rejects_other_layers_and_ranks() -> None:
     mean, variance = _channel_moments()
     with pytest.raises(M.MomentsError, match="Linear"):
         M.conv_moments(nn.Linear(5, 2), mean, variance, (3, 3))
-    with pytest.raises(M.MomentsError, match="2d spatial size"):
+    with pytest.raises(M.MomentsError, match=r"2d Conv2d needs a 2d spatial shape, got \(3,\)"):
         M.conv_moments(nn.Conv2d(5, 2, 3), mean, variance, (3,))
 
 
@@ -556,6 +695,25 @@ def test_elementwise_gradients(kind: str) -> None:
         _gradcheck(lambda m, v, w: M.elementwise_moments(kind, m, v, weight=w), mean, variance, slope)
     else:
         _gradcheck(lambda m, v: M.elementwise_moments(kind, m, v), mean, variance)
+
+
+def test_exponential_kinds_are_smooth_across_their_branch_switch() -> None:
+    """ELU's closed form switches formulas at μ/σ + σ = 0 and, inside, at 3: gradients stay exact there."""
+    mean = torch.tensor([-0.25, -1.0, -4.0, -2.9, 1.0], dtype=torch.float64, requires_grad=True)
+    variance = torch.tensor([0.25, 1.0, 4.0, 0.01, 9.0], dtype=torch.float64, requires_grad=True)
+    _gradcheck(lambda m, v: M.elementwise_moments("elu", m, v), mean, variance)
+    _gradcheck(lambda m, v: M.elementwise_moments("celu", m, v, alpha=0.5), mean, variance)
+
+
+def test_linear_path_gradients() -> None:
+    torch.manual_seed(0)
+    layer = nn.Conv2d(5, 3, 3, padding=1, padding_mode="reflect").double()
+    steps: list[M.LinearStep] = [
+        M.ResampleSpec("bilinear", scale_factor=2),
+        layer,
+        M.PoolSpec.from_module(nn.AvgPool2d(2)),
+    ]
+    _gradcheck(lambda m, v: M.linear_path_moments(steps, m, v, (3, 4))[:2], *_leaf_moments())
 
 
 @pytest.mark.parametrize("module", [nn.AvgPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1)], ids=str)
@@ -617,6 +775,63 @@ def test_a_path_exports_with_dynamic_spatial_size() -> None:
         x = torch.zeros(shape)
         for eager, exported in zip(module(x, mean, variance), program.module()(x, mean, variance)):
             torch.testing.assert_close(eager, exported)
+
+
+def test_a_path_compiles_without_graph_breaks() -> None:
+    """torch.compile(fullgraph=True) traces every kind of step (constants, no numpy in the traced code)."""
+    module = _PriorPath()
+    mean, variance = _channel_moments(torch.float32)
+    x = torch.zeros(1, 5, 12, 10)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for eager, traced in zip(module(x, mean, variance), compiled(x, mean, variance)):
+        torch.testing.assert_close(eager, traced)
+    for kind in M.ELEMENTWISE_KINDS:
+        params = {"weight": torch.tensor([0.25])} if kind == "prelu" else {}
+        function = torch.compile(lambda m, v, k=kind, p=params: M.elementwise_moments(k, m, v, **p), fullgraph=True)
+        function.__name__ = kind
+        for eager, traced in zip(M.elementwise_moments(kind, mean, variance, **params), function(mean, variance)):
+            torch.testing.assert_close(eager, traced)
+
+
+class _AllKinds(nn.Module):
+    """Every elementwise kind, max pooling → reflect conv, and a linear path, on the same moments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")
+        self.max_pool = M.PoolSpec.from_module(nn.MaxPool2d(3, 2, 1))
+        self.path: list[M.LinearStep] = [
+            M.PoolSpec.from_module(nn.AvgPool2d(3, 2, 1)),
+            self.conv,
+            M.ResampleSpec("bilinear", scale_factor=2),
+        ]
+
+    def forward(self, mean: Tensor, variance: Tensor) -> tuple[Tensor, ...]:
+        outputs: list[Tensor] = []
+        for kind in M.ELEMENTWISE_KINDS:
+            params = {"weight": torch.full((1,), 0.25)} if kind == "prelu" else {}
+            outputs += M.elementwise_moments(kind, mean, variance, **params)
+        pooled_mean, pooled_variance, spatial = M.pool_moments(self.max_pool, mean, variance, (8, 8))
+        outputs += M.conv_moments(self.conv, pooled_mean, pooled_variance, spatial)[:2]
+        outputs += M.linear_path_moments(self.path, mean, variance, (8, 8))[:2]
+        return tuple(outputs)
+
+
+@pytest.mark.slow
+def test_onnx_export_runs_in_onnxruntime_without_nan() -> None:
+    """The training-mode ONNX graph computes the same moments (saturated inputs and variance 0 included)."""
+    ort = pytest.importorskip("onnxruntime")
+    module = _AllKinds()
+    mean = torch.tensor([-50.0, -3.0, 0.0, 0.5, 3.0, 50.0])
+    variance = torch.tensor([0.0, 1e-8, 1.0, 100.0, 0.01, 1.0])
+    program = torch.onnx.export(module, (mean, variance), dynamo=True)
+    assert program is not None
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [entry.name for entry in session.get_inputs()]
+    outputs = session.run(None, dict(zip(names, [mean.numpy(), variance.numpy()])))
+    for got, expected in zip(outputs, module(mean, variance)):
+        assert torch.isfinite(torch.from_numpy(got)).all()
+        torch.testing.assert_close(torch.from_numpy(got), expected.detach(), rtol=1e-3, atol=1e-6)
 
 
 def test_deterministic() -> None:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions, wire_chain
-from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 from bkn_export.chain.scope import ROOT_ATTRIBUTE, scratch_for
+from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 from bkn_export.nn import _BatchKalmanNorm
 
 TOL: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}

@@ -10,9 +10,9 @@ import pytest
 from onnx import TensorProto, helper
 from test_runtime_support import digits_inputs, exported_digits
 
-from runtime.errors import RuntimeLoadError, UnknownRuntimeError
 from runtime.backends.ort import OPTIMIZATION_LEVELS, OnnxRuntimeBackend
 from runtime.backends.reference import ReferenceEvaluatorBackend
+from runtime.errors import RuntimeLoadError, UnknownRuntimeError
 from runtime.registry import discover, select
 
 

@@ -13,7 +13,7 @@ from test_runtime_support import exported_digits, trained_digits
 
 from bkn_export.cli import main
 
-SPEC = "bkn_export.models:digits_resnet"
+SPEC = "bkn_export.demo.models:digits_resnet"
 
 
 @pytest.fixture(scope="module")

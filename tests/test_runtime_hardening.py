@@ -10,11 +10,7 @@ the ONNX reference evaluator, and a repro bundle re-checks on its own.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +25,7 @@ from runtime.backends.openvino import openvino_devices
 from runtime.parity import run_parity
 from runtime.report import report_text
 
-SPEC = "bkn_export.models:digits_resnet"
+SPEC = "bkn_export.demo.models:digits_resnet"
 needs_openvino = pytest.mark.skipif(not openvino_devices()[0], reason=f"OpenVINO: {openvino_devices()[1]}")
 
 
@@ -223,34 +219,8 @@ def test_a_runtime_that_cannot_load_the_file_is_not_localised(tmp_path: Path) ->
     assert "after the last module" not in report_text(report)
 
 
-def test_fixture_keeps_every_report_of_a_test(tmp_path: Path) -> None:
-    (tmp_path / "test_user.py").write_text(
-        textwrap.dedent(
-            f"""
-            import sys, torch
-            sys.path.insert(0, {str(Path(__file__).parent)!r})
-            from test_runtime_support import exported_digits, trained_digits
-
-            def test_two_checks_same_mode(bkn_parity):
-                path = exported_digits("inference")
-                bkn_parity(trained_digits(), torch.randn(2, 1, 8, 8), onnx_path=path)
-                bkn_parity(trained_digits(), torch.randn(5, 1, 8, 8), onnx_path=path)
-            """
-        )
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--bkn-parity-runtimes", "reference",
-         f"--bkn-parity-report-dir={tmp_path / 'reports'}", "test_user.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert "1 passed" in result.stdout, result.stdout[-3000:]
-    folder = tmp_path / "reports" / "test_two_checks_same_mode"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "parity_inference.html", "parity_inference.json", "parity_inference_2.html", "parity_inference_2.json",
-    ]  # fmt: skip
-    batches = [json.loads((folder / n).read_text())["model"]["inputs"][0]["shape"][0] for n in
-               ("parity_inference.json", "parity_inference_2.json")]  # fmt: skip
-    assert batches == [2, 5]
+# The fixture keeping every report of a test is checked in
+# test_runtime_plugin.py::test_bkn_parity_fixture_in_a_users_test_suite (test_two_checks_same_mode).
 
 
 def test_iterations_are_seeded_and_reproducible() -> None:
@@ -263,3 +233,21 @@ def test_iterations_are_seeded_and_reproducible() -> None:
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a["x"], b["x"])
     assert all(f["x"].min() >= -2.0 and f["x"].max() < 2.0 for f in first)
+
+
+def test_a_directory_given_as_the_onnx_file_says_so(tmp_path: Path) -> None:
+    from runtime.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match="is a directory, not an ONNX file"):
+        run_parity(trained_digits(), tmp_path, digits_inputs())
+
+
+def test_a_missing_external_data_file_is_named(tmp_path: Path) -> None:
+    from runtime.errors import ModelFileError
+
+    model = onnx.load(exported_digits("inference"))
+    path = tmp_path / "external.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="external.data", size_threshold=0)
+    (tmp_path / "external.data").unlink()
+    with pytest.raises(ModelFileError, match=r"external data file that is missing.*external\.data"):
+        run_parity(trained_digits(), path, digits_inputs())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,8 +12,8 @@ import pytest
 import torch
 from test_runtime_support import exported_digits, trained_digits
 
-from runtime.errors import ParityMismatchError
 from runtime import assert_parity
+from runtime.errors import ParityMismatchError
 
 
 def test_plugin_module_imports_nothing_heavy() -> None:
@@ -60,12 +61,20 @@ def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
 
     The first test exports through the fixture; the second checks a model against an ONNX
     file of a different model (the trained digits network exported here) and must fail.
+    The third checks a training export of a model with Dropout, drop-path and a module
+    with its own train-mode behaviour (the reference must run only BKN in train mode);
+    the fourth makes two checks of one mode, and both reports must be kept. (One pytest
+    subprocess for all four: each costs seconds of start-up on a shared machine.)
     """
     (tmp_path / "test_user.py").write_text(
         textwrap.dedent(
             f"""
+            import sys
             import torch
-            from bkn_export.models import digits_resnet
+            from bkn_export.demo.models import digits_resnet
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from test_runtime_reference import _converted
+            from test_runtime_support import exported_digits, trained_digits
 
             def test_exports_match(bkn_parity):
                 torch.manual_seed(0)
@@ -76,6 +85,14 @@ def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
                 torch.manual_seed(0)
                 untrained = digits_resnet("bkn")
                 bkn_parity(untrained, torch.randn(2, 1, 8, 8), onnx_path={str(exported_digits("inference"))!r})
+
+            def test_training_export_semantics(bkn_parity):
+                assert bkn_parity(_converted(), torch.randn(4, 1, 6, 6), mode="training").passed
+
+            def test_two_checks_same_mode(bkn_parity):
+                path = exported_digits("inference")
+                bkn_parity(trained_digits(), torch.randn(2, 1, 8, 8), onnx_path=path)
+                bkn_parity(trained_digits(), torch.randn(5, 1, 8, 8), onnx_path=path)
             """
         )
     )
@@ -84,8 +101,15 @@ def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
          f"--bkn-parity-report-dir={tmp_path / 'reports'}", "test_user.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert "1 failed, 1 passed" in result.stdout, result.stdout[-3000:]
+    assert "1 failed, 3 passed" in result.stdout, result.stdout[-3000:]
     assert "ParityMismatchError: parity (inference) failed for" in result.stdout
     assert "localisation: first diverging module: " in result.stdout
     assert (tmp_path / "reports" / "test_exports_match" / "parity_training.html").is_file()
     assert (tmp_path / "reports" / "test_mismatch_is_reported" / "parity_inference.json").is_file()
+    kept = tmp_path / "reports" / "test_two_checks_same_mode"
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "parity_inference.html", "parity_inference.json", "parity_inference_2.html", "parity_inference_2.json",
+    ]  # fmt: skip
+    batches = [json.loads((kept / f"{n}.json").read_text())["model"]["inputs"][0]["shape"][0] for n in
+               ("parity_inference", "parity_inference_2")]  # fmt: skip
+    assert batches == [2, 5]

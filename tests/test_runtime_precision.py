@@ -20,7 +20,7 @@ from test_runtime_support import trained_digits
 from bkn_export.cli import main
 from runtime.parity import run_parity
 
-SPEC = "bkn_export.models:digits_resnet"
+SPEC = "bkn_export.demo.models:digits_resnet"
 
 
 @pytest.fixture(scope="module")

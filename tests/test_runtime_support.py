@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bkn_export.export import export_onnx
-from bkn_export.models import digits_resnet
+from bkn_export.demo.models import digits_resnet
 
 _WORKDIR = Path(tempfile.mkdtemp(prefix="bkn-runtime-tests-"))
 

@@ -1,9 +1,11 @@
-"""Specification of the micro-batch benchmark: the training loop and ``bkn train-demo``."""
+"""Specification of the demo package: its networks, the training loop, ``bkn train-demo``, the [demo] extra."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -11,11 +13,22 @@ import pytest
 import torch
 from torch import nn
 
+from bkn_export.chain.record import record_dataflow
+from bkn_export.chain.steps import Affine, Elementwise, Pool
 from bkn_export.cli import main
-from bkn_export.commands import train_demo
-from bkn_export.data import load_digits_split
-from bkn_export.models import NORMALIZERS, digits_resnet
-from bkn_export.training import (
+from bkn_export.demo import INSTALL_DEMO, DemoDependencyError, train_demo
+from bkn_export.demo.data import load_digits_split
+from bkn_export.demo.models import (
+    NETWORKS,
+    NORMALIZERS,
+    DigitsSiLUPoolNet,
+    build_network,
+    digits_resnet,
+    make_norm,
+)
+from bkn_export.demo.plots import accuracy_vs_batch_size_png
+from bkn_export.nn import BatchKalmanNorm2d, KalmanOptions
+from bkn_export.demo.training import (
     REFERENCE_BATCH,
     TrainConfig,
     batch_stream,
@@ -36,12 +49,16 @@ def digits():  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------- the command
 
 
-def test_command_runs_end_to_end_and_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("network", NETWORKS)
+def test_command_runs_end_to_end_and_writes_json_and_png(
+    network: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "nested" / "out"
-    status = main(["train-demo", *TINY, "--normalizers", "batchnorm,bkn", "--out", str(out)])
+    status = main(["train-demo", *TINY, "--network", network, "--normalizers", "batchnorm,bkn", "--out", str(out)])
     assert status == 0
     report = json.loads((out / train_demo.RESULTS_NAME).read_text())
     assert report["complete"] is True
+    assert report["settings"]["network"] == network and network in report["measures"]
     assert report["settings"]["batch_sizes"] == [4]
     assert report["settings"]["normalizers"] == ["batchnorm", "bkn"]
     assert report["environment"]["torch"] == torch.__version__
@@ -74,6 +91,7 @@ def test_command_runs_end_to_end_and_writes_json_and_png(tmp_path: Path, capsys:
         (["--batch-sizes", "2,two"], "batch size 'two' is not an integer"),
         (["--seeds", "0"], "'0' must be > 0"),
         (["--epochs", "-1"], "'-1' must be > 0"),
+        (["--network", "resnet50"], "invalid choice: 'resnet50'"),
     ],
 )
 def test_bad_arguments_exit_with_status_2_and_say_why(
@@ -175,14 +193,14 @@ def test_evaluation_uses_running_statistics(digits) -> None:  # type: ignore[no-
     assert loss_full == pytest.approx(loss_small, rel=1e-5)
 
 
-@pytest.mark.parametrize("stem_stride", [1, 2])
+@pytest.mark.parametrize(("network", "stem_stride"), [("digits_resnet", 1), ("digits_resnet", 2), ("digits_silu_pool", 2)])
 @pytest.mark.parametrize("norm", NORMALIZERS)
-def test_demo_net_trains_at_batch_size_1(norm: str, stem_stride: int) -> None:
-    """Every normalizer of the demo net sees (1, C, H, W) with H·W ≥ 4; none sees (1, C)."""
-    model = digits_resnet(norm, stem_stride=stem_stride)
+def test_demo_net_trains_at_batch_size_1(network: str, norm: str, stem_stride: int) -> None:
+    """Every normalizer of the demo nets sees (1, C, H, W) with H·W ≥ 4; none sees (1, C)."""
+    model = build_network(network, norm, stem_stride=stem_stride)
     model.train()
     shapes: list[tuple[int, ...]] = []
-    norm_types = (nn.BatchNorm2d, nn.GroupNorm, type(model.stem_norm))
+    norm_types = (nn.BatchNorm2d, nn.GroupNorm, BatchKalmanNorm2d)
     hooks = [
         m.register_forward_hook(lambda _m, inputs, _o: shapes.append(tuple(inputs[0].shape)))
         for m in model.modules()
@@ -194,3 +212,112 @@ def test_demo_net_trains_at_batch_size_1(norm: str, stem_stride: int) -> None:
         hook.remove()
     assert logits.shape == (1, 10) and torch.isfinite(logits).all()
     assert shapes and all(len(s) == 4 and s[0] == 1 and s[2] * s[3] >= 4 for s in shapes)
+
+
+# ---------------------------------------------------------------------- the networks
+
+
+def test_silu_pool_net_has_silu_and_pooling_on_every_link_of_its_chain() -> None:
+    """norm1 → SiLU → AvgPool → conv → norm2 → SiLU → conv → MaxPool → norm3, as recorded by data flow."""
+    chain = record_dataflow(DigitsSiLUPoolNet("batchnorm"), torch.randn(2, 1, 8, 8))
+    assert chain.names == ["norm1", "norm2", "norm3"]
+    assert [tuple(chain[n].input_shape[2:]) for n in chain.names] == [(8, 8), (4, 4), (2, 2)]
+
+    def steps(name: str) -> list[str]:
+        (source,) = chain[name].sources
+        described = []
+        for step in source.steps:
+            if isinstance(step, Elementwise):
+                described.append(step.kind)
+            elif isinstance(step, Pool):
+                described.append(f"{step.spec.kind}_pool")
+            elif isinstance(step, Affine):
+                described.append(step.kind)
+            else:
+                described.append(type(step).__name__)
+        return [f"{source.normalization}", *described]
+
+    assert steps("norm2") == ["norm1", "silu", "avg_pool", "conv"]
+    assert steps("norm3") == ["norm2", "silu", "conv", "max_pool"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "prior_source"),
+    [("bkn", KalmanOptions().prior_source), ("bkn-input", "input"), ("bkn-output", "output"),
+     ("bkn-authors", "input")],
+)  # fmt: skip
+def test_bkn_normalizers_fix_the_prior_convention(kind: str, prior_source: str) -> None:
+    layer = make_norm(kind, 8)
+    assert isinstance(layer, BatchKalmanNorm2d)
+    assert layer.options.prior_source == prior_source
+    if kind == "bkn-authors":
+        assert layer.options == KalmanOptions.authors()
+
+
+def test_unknown_network_or_normalizer_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown network 'lenet'; choose one of \('digits_resnet'"):
+        build_network("lenet")
+    with pytest.raises(ValueError, match=r"unknown normalizer 'layernorm'; choose one of \('batchnorm'"):
+        make_norm("layernorm", 4)
+
+
+# ---------------------------------------------------------------------- the [demo] extra
+
+
+def _block(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
+    """Make ``import <module>`` fail as it does when the distribution is not installed."""
+    for name in list(sys.modules):
+        if any(name == m or name.startswith(m + ".") for m in modules):
+            monkeypatch.delitem(sys.modules, name)
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_digits_without_scikit_learn_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    _block(monkeypatch, "sklearn")
+    with pytest.raises(DemoDependencyError, match=r"digits data .* needs scikit-learn.*") as raised:
+        load_digits_split()
+    assert INSTALL_DEMO in str(raised.value) and INSTALL_DEMO == 'pip install -e ".[demo]"'
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    _block(monkeypatch, "matplotlib")
+    with pytest.raises(DemoDependencyError, match=r"plot .* needs matplotlib.*pip install -e \"\.\[demo\]\""):
+        accuracy_vs_batch_size_png({"bkn": [(2, 0.9, 0.01)]})
+
+
+@pytest.mark.parametrize("missing", ["sklearn", "matplotlib"])
+def test_train_demo_without_the_extra_exits_2_before_writing_anything(
+    missing: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _block(monkeypatch, missing)
+    out = tmp_path / "out"
+    assert main(["train-demo", *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bkn train-demo: DemoDependencyError: ") and len(err.splitlines()) == 1
+    assert INSTALL_DEMO in err
+    assert not out.exists()
+
+
+def test_library_and_demo_import_without_the_extra() -> None:
+    """Importing the package, the demo modules and ``bkn train-demo --help`` need neither sklearn nor matplotlib."""
+    code = """
+import sys
+sys.modules["sklearn"] = None
+sys.modules["matplotlib"] = None
+import torch, bkn_export
+from bkn_export.demo import data, models, plots, training, train_demo
+model = bkn_export.convert_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                                     torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4)),
+                                     torch.randn(2, 1, 8, 8))
+models.digits_silu_pool("bkn-output")(torch.randn(2, 1, 8, 8))
+from bkn_export.cli import main
+try:
+    main(["train-demo", "--help"])
+except SystemExit as done:
+    assert done.code == 0, done.code
+print("imports ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--network" in result.stdout and result.stdout.rstrip().endswith("imports ok")

@@ -4,8 +4,9 @@ For every network (``tests/zoo``): ``convert_batchnorm`` on the example input (i
 checks each layer and the model's eval outputs; checked here again independently), every
 BatchNorm replaced, five training steps at batch 2 with a finite, changing loss, then the
 inference-mode and training-mode ONNX exports compared with PyTorch in ONNX Runtime
-(``runtime.assert_parity`` with its dtype defaults). The small mimics and four real networks
-run in the default suite; the larger ones under ``-m slow``.
+(``runtime.assert_parity`` with its dtype defaults), one test per network and export mode.
+The small mimics and four real networks run in the default suite (MobileNetV3 and
+EfficientNet-B0 without their training-mode export); the rest under ``-m slow``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from zoo.mimics import MIMICS, trained_like
 from zoo.networks import NETWORKS, ZooNetwork
 
@@ -43,7 +44,8 @@ def _train(model: nn.Module, shape: tuple[int, ...], steps: int = 5) -> list[flo
     return losses
 
 
-def _check(model: nn.Module, shape: tuple[int, ...]) -> None:
+def _converted_and_trained(model: nn.Module, shape: tuple[int, ...]) -> tuple[nn.Module, Tensor]:
+    """Convert (guard on), check the eval outputs independently, train five steps; (model, example input)."""
     batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert batchnorms > 0
     model = trained_like(model).eval()
@@ -61,23 +63,30 @@ def _check(model: nn.Module, shape: tuple[int, ...]) -> None:
     losses = _train(converted, shape)
     assert all(math.isfinite(loss) for loss in losses), losses
     assert losses[0] != losses[-1]
-
-    for mode in ("inference", "training"):
-        runtime.assert_parity(converted, x, mode=mode, runtimes=_RUNTIMES)
+    return converted, x
 
 
 def _network_params() -> list[object]:
-    return [pytest.param(n, id=n.name, marks=[pytest.mark.slow] if n.slow else []) for n in NETWORKS]
+    params = []
+    for network in NETWORKS:
+        for mode in ("inference", "training"):
+            slow = network.slow or (mode == "training" and network.slow_training_export)
+            marks = [pytest.mark.slow] if slow else []
+            params.append(pytest.param(network, mode, id=f"{network.name}-{mode}", marks=marks))
+    return params
 
 
-@pytest.mark.parametrize("network", _network_params())
-def test_zoo_network_converts_trains_and_exports(network: ZooNetwork) -> None:
+@pytest.mark.parametrize(("network", "mode"), _network_params())
+def test_zoo_network_converts_trains_and_exports(network: ZooNetwork, mode: str) -> None:
     library = next(module for prefix, module in _LIBRARY.items() if network.name.startswith(prefix))
     pytest.importorskip(library, reason=f"{library} is in the `test` extra (geffnet: pip install --no-deps geffnet)")
-    _check(network.build(), network.input_shape)
+    converted, x = _converted_and_trained(network.build(), network.input_shape)
+    runtime.assert_parity(converted, x, mode=mode, runtimes=_RUNTIMES)
 
 
+@pytest.mark.parametrize("mode", ["inference", "training"])
 @pytest.mark.parametrize("name", list(MIMICS))
-def test_mimic_network_converts_trains_and_exports(name: str) -> None:
+def test_mimic_network_converts_trains_and_exports(name: str, mode: str) -> None:
     build, shape = MIMICS[name]
-    _check(build(), shape)
+    converted, x = _converted_and_trained(build(), shape)
+    runtime.assert_parity(converted, x, mode=mode, runtimes=_RUNTIMES)

@@ -1,10 +1,8 @@
-"""The Kalman chain: which normalization feeds which, by the data flow of an example forward, and how.
+"""The Kalman chain: which normalization feeds which (by the data flow of an example forward), and how.
 
-``record`` (data flow → per-layer records of source paths), ``steps`` (what sits on a
-path), ``wiring`` (a layer's immutable, versioned wiring value), ``transitions`` (the
-prior from the sources' posteriors), ``scope`` (the per-call scratch owned by the root),
-``member`` (a layer's membership), ``wire`` / ``describe`` / ``statistics`` /
-``observe`` (the public functions).
+record (data flow → source paths), steps (what sits on a path), wiring (a layer's versioned wiring value),
+transitions (the prior from the sources' posteriors), scope (the per-call scratch the root owns), member (a
+layer's membership); wire, describe, statistics, observe: the public functions.
 """
 
 from bkn_export.chain.describe import ChainLink, describe_chain, format_chain

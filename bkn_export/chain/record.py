@@ -1,31 +1,46 @@
 """Record which tensor feeds which module or op on one example forward (data flow, not execution order).
 
 :func:`record_dataflow` runs the model once in eval mode under ``torch.no_grad()`` and
-remembers, for every tensor, the node that produced it: forward hooks on the leaf modules
-it understands and on the normalization layers, and a ``TorchFunctionMode`` for the
-functional ops and tensor methods (``F.relu``, ``torch.cat``, ``+``, ``x.flatten`` ...).
-Ops that run inside a recognised module (a conv's own ``F.conv2d``, a BatchNorm's
-``F.batch_norm``) are not recorded separately. In-place ops (``relu_``, ``+=``) make
-the op the tensor's new producer.
+remembers, for every tensor, the node that produced it: forward hooks on the modules it
+understands (normalizations, Conv/ConvTranspose/Linear, activations, pooling, upsampling,
+dropout, flatten, zero padding) and a ``TorchFunctionMode`` for functional ops and tensor
+methods (``F.relu``, ``x.relu_()``, ``torch.cat``, ``+`` / ``+=``, ``x.flatten``,
+``x.mean((2, 3))``, ``x[:, a:b]``, ``split``, ``F.interpolate`` ...). Ops inside a recognised
+module (a conv's own ``F.conv2d``, a BatchNorm's ``F.batch_norm``) are not recorded again.
+An in-place op makes itself the tensor's new producer. Tensors are keyed by ``id`` with a
+weak reference, so a dead tensor's reused id is never mistaken for it.
 
 Then, for each normalization layer (``BatchNorm*d``, ``SyncBatchNorm``, their
-subclasses, BKN layers) in first-call order, it walks the layer's input back through
-the recorded producers to the outputs of normalization layers and returns a
-:class:`LayerRecord`: one :class:`SourcePath` per concatenation part (in channel order)
-or per addend of a residual sum, each a tuple of steps (:mod:`bkn_export.chain.steps`)
-from a normalization's output to this layer's input. A walk that reaches another
-concatenation or sum after some steps (a ResNet block's ``conv1`` after ``relu(a + b)``,
-a UNet decoder's conv after ``cat([skip, up])``) continues into its parts: the path's
-``origin`` is then that :class:`Combination` instead of a normalization. A walk stops
-with a note, and the part falls back, where it meets something it cannot push moments
-through (attention, a product, a reshape that mixes channels, an unknown module) or the
-model's input.
+subclasses, BKN layers) in first-call order, it walks the layer's input back through the
+producers to normalization outputs and returns a :class:`LayerRecord`: one
+:class:`SourcePath` per concatenation part (channel order) or per addend of a residual
+sum, each a tuple of steps (:mod:`bkn_export.chain.steps`) from a normalization's output
+to this layer's input. A walk that reaches another concatenation or sum after some steps
+(a ResNet block's ``conv1`` after ``relu(a + b)``, a UNet decoder conv after
+``cat([skip, up])``) continues into its parts: the path's ``origin`` is that
+:class:`Combination`. A walk stops, and its part falls back with a note naming the op
+or module, where it meets something moments cannot pass (attention, a product such as a
+squeeze-excitation gate, a reshape that mixes channels, an unknown module) or the model input.
 
-Limits, named where they apply: a layer called more than once per forward is wired by
-its first call; a BatchNorm subclass's own ``drop`` / ``act`` children (timm's
-``BatchNormAct2d``, :class:`bkn_export.norm_act.BatchKalmanNormAct2d`) are taken to run
-after the normalization, in that order; a Linear layer is understood only on
-``(N, C)`` inputs (its features are the channels).
+Choices and limits, each named in the notes where it applies:
+
+* A layer called more than once per forward is wired by its first call.
+* A BatchNorm subclass's own ``drop`` / ``act`` children (timm's ``BatchNormAct2d``,
+  :mod:`bkn_export.norm_act`) run after the normalization, in that order: the next
+  layer's path starts with them. Another subclass with its own forward is noted.
+* A parameter-free module the recorder does not know (geffnet's ``HardSwishMe``,
+  efficientnet-pytorch's ``MemoryEfficientSwish``) is run once more on a probe tensor and
+  taken as the activation it matches, with a note.
+* A Conv subclass that pads explicitly and then calls ``F.conv2d`` with its own weight
+  (TensorFlow-style "same" padding) is that conv with the padding folded in, if the padding
+  is symmetric; asymmetric padding falls back.
+* A max pooling right after a nondecreasing activation is moved in front of it (exact:
+  they commute; see :func:`bkn_export.chain.steps.commute_max_pools`).
+* Where a step that combines positions (a conv with a window, a pooling, bilinear
+  resampling) reads positions that an earlier step of the path made dependent
+  (resampling, overlapping or padded windows), the note says its variance is approximate:
+  the moments take positions as independent.
+* A Linear layer is understood on ``(N, C)`` inputs only (its features are the channels).
 """
 
 from __future__ import annotations
@@ -48,10 +63,12 @@ from bkn_export.chain.steps import (
     Channels,
     Elementwise,
     Flatten,
+    Gate,
     Identity,
     Pool,
     Resample,
     Reshape,
+    ScaleShift,
     Step,
     commute_max_pools,
     step_from_dict,
@@ -302,7 +319,7 @@ def _leaf_kind(module: nn.Module) -> str | None:
         return "dropout"
     if isinstance(module, nn.Flatten):
         return "flatten"
-    if isinstance(module, nn.modules.padding._ConstantPadNd) and module.value == 0:
+    if _pad_mode(module) is not None:
         return "pad"
     if type(module) is nn.Identity:
         return "identity"
@@ -446,6 +463,11 @@ _RESHAPE_FUNCTIONS = set(
 )
 _CONCAT_FUNCTIONS = set(_functions("cat", "concat", "concatenate", owners=(torch,)))
 _ADD_FUNCTIONS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
+_SUB_FUNCTIONS = {torch.sub, Tensor.sub, Tensor.sub_, Tensor.__sub__, Tensor.__isub__}
+_MUL_FUNCTIONS = {torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__}
+_DIV_FUNCTIONS = {torch.div, Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__itruediv__}
+_NEG_FUNCTIONS = {torch.neg, Tensor.neg, Tensor.__neg__}
+_CLAMP_FUNCTIONS = set(_functions("clamp", "clamp_", "clip", "clip_", owners=(torch, Tensor)))
 _MEAN_FUNCTIONS = {torch.mean, Tensor.mean}
 _SPLIT_FUNCTIONS = set(_functions("split", "chunk", "tensor_split", owners=(torch, Tensor)))
 _NARROW_FUNCTIONS = set(_functions("narrow", owners=(torch, Tensor)))
@@ -486,7 +508,8 @@ class _Node:
     step: Step | None = None
     label: str = ""
     post_steps: tuple[Step, ...] = ()
-    pads: tuple[int, ...] = ()  # a "pad" node's zero padding, F.pad order
+    pads: tuple[int, ...] = ()  # a "pad" node's padding, F.pad order
+    pad_mode: str = "zeros"
     why: str = ""  # an "opaque" node's reason, where it is a known op in an unsupported form
 
 
@@ -619,13 +642,18 @@ class _Recorder(TorchFunctionMode):
             if kind == "probed":
                 step = self.probed[id(module)]
             elif kind == "pad":
-                self._pad(_module_pads(module), source, out, label)
+                mode = _pad_mode(module)
+                assert mode is not None
+                self._pad(_module_pads(module), mode, source, out, label)
                 return
             else:
                 step = _module_step(name, module, kind, inp, out)
         except _Unsupported as reason:
             self.opaque(reason.what, [source], outputs, reason.why)
             return
+        if isinstance(step, Affine) and step.kind == "conv":
+            assert isinstance(module, nn.modules.conv._ConvNd)
+            source, step = _fold_padding(source, module, step)
         self.step_node(step, source, out)
 
     def _norm(self, name: str, module: nn.Module, source: tuple[_Node | None, Shape], out: Tensor) -> None:
@@ -716,9 +744,11 @@ class _Recorder(TorchFunctionMode):
             mode = _arg(args, kwargs, 2, "mode", "constant")
             value = _arg(args, kwargs, 3, "value", None)
             pads = tuple(_arg(args, kwargs, 1, "pad"))
-            if any(pads) and (mode != "constant" or value not in (None, 0)):
+            if mode == "constant" and value in (None, 0):
+                mode = "zeros"
+            if any(pads) and mode not in ("zeros", "reflect", "replicate", "circular"):
                 raise _Unsupported(label, f"{mode} padding {list(pads)}, value {value}")
-            self._pad(pads, source, out, label)
+            self._pad(pads, mode, source, out, label)
             return True
         if func in _DROPOUT_FUNCTIONS:
             self.step_node(Identity("dropout"), source, out)
@@ -744,17 +774,34 @@ class _Recorder(TorchFunctionMode):
             return self._concat(args, kwargs, sources, out, label)
         if func in _ADD_FUNCTIONS:
             return self._add(args, kwargs, sources, out, label)
+        if func in _SUB_FUNCTIONS | _DIV_FUNCTIONS | _NEG_FUNCTIONS or func is Tensor.__rsub__:
+            self.step_node(_constant_step(func, args, kwargs, label), source, out)
+            return True
+        if func in _MUL_FUNCTIONS:
+            return self._mul(args, kwargs, sources, out, label)
+        if func in _CLAMP_FUNCTIONS:
+            low, high = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+            if low == 0 and high is None:
+                self.step_node(Elementwise("relu"), source, out)
+            elif isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= high:
+                self.step_node(
+                    Elementwise("hardtanh", (("min_val", float(low)), ("max_val", float(high)))), source, out
+                )
+            else:
+                raise _Unsupported(label, f"to [{low}, {high}]: only clamp(min=0) or clamp(lo, hi) with numbers")
+            return True
         return False
 
-    def _pad(self, pads: tuple[int, ...], source: tuple[_Node | None, Shape], out: Tensor, label: str) -> None:
-        """Zero padding ``pads`` (``F.pad`` order: last dim first): kept as a 'pad' node, which only
-        a following conv can absorb (as its own padding); no padding at all is no step."""
+    def _pad(
+        self, pads: tuple[int, ...], mode: str, source: tuple[_Node | None, Shape], out: Tensor, label: str
+    ) -> None:
+        """Padding ``pads`` (``F.pad`` order: last dim first) in ``mode``: kept as a 'pad' node,
+        which only a following conv absorbs (:func:`_fold_padding`); no padding is no step."""
         if not any(pads):
             self.step_node(_TRANSPARENT, source, out)
             return
-        self.produce(
-            out, _Node("pad", tuple(out.shape), (source,), label=f"zero padding {list(pads)} ({label})", pads=pads)
-        )
+        text = f"{mode} padding {list(pads)} ({label}) not followed by a conv"
+        self.produce(out, _Node("pad", tuple(out.shape), (source,), label=text, pads=pads, pad_mode=mode))
 
     def _affine(
         self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], source: tuple[_Node | None, Shape],
@@ -762,7 +809,7 @@ class _Recorder(TorchFunctionMode):
     ) -> bool:  # fmt: skip
         """``F.conv*d`` / ``F.linear`` with the weight of a Conv/Linear module whose own forward
         calls it (a subclass that pads first, e.g. TensorFlow-style "same" padding): recorded as
-        that module, with the explicit zero padding before it folded into its padding."""
+        that module, with the explicit padding before it folded in (:func:`_fold_padding`)."""
         owner = self._owner_of(_arg(args, kwargs, 1, "weight"))
         module = None if owner is None else self._module(owner)
         if owner is None or module is None:
@@ -795,18 +842,8 @@ class _Recorder(TorchFunctionMode):
                     label,
                     f"{key}={value} where its module '{owner}' has {expected}, padding_mode {module.padding_mode!r}",
                 )
-        padding: tuple[int, ...] | None = None
-        pad_node = source[0]
-        if pad_node is not None and pad_node.kind == "pad" and not transposed and not isinstance(module.padding, str):
-            per_dim = _symmetric_pads(pad_node.pads, rank)
-            if per_dim is None:
-                raise _Unsupported(
-                    f"asymmetric zero padding {list(pad_node.pads)} before '{owner}' ({type(module).__name__})",
-                    "conv moments take symmetric padding only",
-                )
-            padding = tuple(p + q for p, q in zip(module.padding, per_dim))  # type: ignore[operator]
-            source = pad_node.inputs[0]
-        self.step_node(Affine(owner, "conv", padding), source, out)
+        source, step = _fold_padding(source, module, Affine(owner, "conv"))
+        self.step_node(step, source, out)
         return True
 
     def _module(self, name: str) -> nn.Module | None:
@@ -877,15 +914,72 @@ class _Recorder(TorchFunctionMode):
         other = _arg(args, kwargs, 1, "other")
         alpha = kwargs.get("alpha", 1)
         if not isinstance(other, Tensor):
-            if isinstance(other, (int, float)) and other == 0:  # sum(tensors) starts at 0
-                self.step_node(_TRANSPARENT, sources[0], out)
+            if isinstance(other, (int, float)) and isinstance(alpha, (int, float)):
+                step = _TRANSPARENT if other == 0 else ScaleShift(1.0, float(other) * alpha)  # sum() starts at 0
+                self.step_node(step, sources[0], out)
                 return True
-            raise _Unsupported(label, f"of the constant {other!r}")
+            raise _Unsupported(label, f"of {other!r} (alpha={alpha!r})")
         if alpha != 1 or len(sources) != 2 or any(shape != tuple(out.shape) for _, shape in sources):
             shapes = [shape for _, shape in sources]
             raise _Unsupported(label, f"of shapes {shapes} (alpha={alpha}): not a residual sum of equal shapes")
         self.produce(out, _Node("sum", tuple(out.shape), tuple(sources)))
         return True
+
+    def _mul(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], sources: list[tuple[_Node | None, Shape]], out: Tensor,
+        label: str,
+    ) -> bool:  # fmt: skip
+        """``x · c`` by a number (a ScaleShift), or ``x · g`` by a gate computed from x itself (a Gate)."""
+        first, other = (args[0] if args else None), _arg(args, kwargs, 1, "other")
+        if isinstance(first, Tensor) and isinstance(other, (int, float)):
+            self.step_node(ScaleShift(float(other), 0.0), sources[0], out)
+            return True
+        if not (isinstance(first, Tensor) and isinstance(other, Tensor)) or len(sources) != 2:
+            raise _Unsupported(label, f"of {type(first).__name__} and {type(other).__name__}")
+        if first.shape == out.shape and _is_gate_shape(other.shape, out.shape):
+            x, gate = sources[0], sources[1]
+        elif other.shape == out.shape and _is_gate_shape(first.shape, out.shape):
+            x, gate = sources[1], sources[0]
+        else:
+            raise _Unsupported(label, f"of shapes {[s for _, s in sources]}: not a per-channel gate")
+        branch = _branch_from(gate[0], x[0])
+        if branch is None:
+            raise _Unsupported(label, "by a gate that is not computed from the gated tensor by steps alone")
+        self.step_node(Gate(branch), x, out)
+        return True
+
+
+def _is_gate_shape(gate: Sequence[int], full: Sequence[int]) -> bool:
+    """(N, C, 1, ...) against (N, C, *): one value per sample and channel."""
+    return len(gate) == len(full) > 2 and tuple(gate[:2]) == tuple(full[:2]) and all(g == 1 for g in gate[2:])
+
+
+def _branch_from(node: _Node | None, origin: _Node | None) -> tuple[Step, ...] | None:
+    """The steps from ``origin``'s output to ``node``'s, if only step nodes lie between."""
+    steps: list[Step] = []
+    while node is not None and node is not origin and node.kind == "step":
+        assert node.step is not None
+        steps.append(node.step)
+        node = node.inputs[0][0]
+    if node is None or node is not origin or not steps:
+        return None
+    return tuple(reversed(steps))
+
+
+def _constant_step(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], label: str) -> ScaleShift:
+    """``x - c``, ``c - x``, ``x / c``, ``-x`` as a ScaleShift."""
+    if func in _NEG_FUNCTIONS:
+        return ScaleShift(-1.0, 0.0)
+    other = _arg(args, kwargs, 1, "other")
+    if not isinstance(other, (int, float)) or kwargs.get("rounding_mode") is not None:
+        raise _Unsupported(label, f"by {type(other).__name__} {other!r}, not a number")
+    if func in _DIV_FUNCTIONS:
+        if other == 0:
+            raise _Unsupported(label, "by zero")
+        return ScaleShift(1.0 / float(other), 0.0)
+    if func is Tensor.__rsub__:
+        return ScaleShift(-1.0, float(other))
+    return ScaleShift(1.0, -float(other) * kwargs.get("alpha", 1))
 
 
 def _channel_index(index: Any, shape: torch.Size, label: str) -> Any:
@@ -903,22 +997,38 @@ def _channel_index(index: Any, shape: torch.Size, label: str) -> Any:
     raise _Unsupported(label, f"index {index!r}: not a range of channels")
 
 
+_PAD_MODULES: tuple[tuple[type, str], ...] = (
+    (nn.modules.padding._ReflectionPadNd, "reflect"),
+    (nn.modules.padding._ReplicationPadNd, "replicate"),
+    (nn.modules.padding._CircularPadNd, "circular"),
+)
+
+
+def _pad_mode(module: nn.Module) -> str | None:
+    """The padding mode of a padding module (zeros for ``ConstantPad*d`` with value 0), or None."""
+    if isinstance(module, nn.modules.padding._ConstantPadNd):
+        return "zeros" if module.value == 0 else None
+    return next((mode for cls, mode in _PAD_MODULES if isinstance(module, cls)), None)
+
+
 def _module_pads(module: nn.Module) -> tuple[int, ...]:
-    """A ``nn.ConstantPad*d`` / ``nn.ZeroPad*d``'s padding, in ``F.pad`` order."""
+    """A padding module's padding, in ``F.pad`` order."""
     padding: Any = module.padding
     return tuple(padding) if isinstance(padding, (tuple, list)) else (int(padding),) * 2
 
 
-def _symmetric_pads(pads: tuple[int, ...], rank: int) -> tuple[int, ...] | None:
-    """Per spatial dim (first to last), the padding of ``pads`` (``F.pad`` order, last dim
-    first, possibly covering only the last dims) if it pads each side alike; else None."""
-    if len(pads) % 2 or len(pads) // 2 > rank:
-        return None
-    pairs = [(pads[2 * i], pads[2 * i + 1]) for i in range(len(pads) // 2)]  # last dim first
-    if any(left != right for left, right in pairs):
-        return None
-    per_dim = [left for left, _ in reversed(pairs)]
-    return (0,) * (rank - len(per_dim)) + tuple(per_dim)
+def _fold_padding(
+    source: tuple[_Node | None, Shape], layer: nn.modules.conv._ConvNd, step: Affine
+) -> tuple[tuple[_Node | None, Shape], Affine]:
+    """A conv fed directly by a 'pad' node: the pad becomes the step's ``input_padding``
+    (per spatial dim, first to last) and the conv reads the pad's input."""
+    node = source[0]
+    rank = layer.weight.dim() - 2
+    if node is None or node.kind != "pad" or layer.transposed or len(node.pads) % 2 or len(node.pads) // 2 > rank:
+        return source, step
+    pairs = [(node.pads[2 * i], node.pads[2 * i + 1]) for i in range(len(node.pads) // 2)]  # last dim first
+    per_dim = ((0, 0),) * (rank - len(pairs)) + tuple(reversed(pairs))
+    return node.inputs[0], Affine(step.module, "conv", per_dim, node.pad_mode)
 
 
 #: Activations a parameter-free module is tried against (its forward on a probe tensor),

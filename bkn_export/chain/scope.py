@@ -32,6 +32,7 @@ export and :func:`bkn_export.chain_statistics` read instead of patching the laye
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -52,6 +53,7 @@ __all__ = [
     "attach_root",
     "close_observer",
     "detach_roots",
+    "forward_scope",
     "move_root",
     "observers",
     "open_observer",
@@ -156,6 +158,22 @@ def _close_scratch(module: nn.Module, args: Any, output: Any) -> None:
     scratch = _OPEN.get().get(root)
     if scratch is not None and scratch.token is not None:
         _OPEN.reset(scratch.token)
+
+
+@contextmanager
+def forward_scope(model: nn.Module) -> Iterator[ChainScratch]:
+    """The scratch of a forward of the wired root ``model``, opened by hand (eager only).
+
+    What the root's hooks do around ``model(...)``, for code that calls layers of the
+    chain one by one (benchmarks, tests) and publishes a source's posterior itself.
+    """
+    _open_scratch(model, ())
+    try:
+        scratch = scratch_for(model.__dict__[ROOT_ATTRIBUTE])
+        assert scratch is not None
+        yield scratch
+    finally:
+        _close_scratch(model, (), None)
 
 
 def attach_root(model: nn.Module) -> ChainRoot:

@@ -32,7 +32,6 @@ Approximations, named here and by ``describe()``:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -50,10 +49,12 @@ __all__ = [
     "Channels",
     "Elementwise",
     "Flatten",
+    "Gate",
     "Identity",
     "Pool",
     "Resample",
     "Reshape",
+    "ScaleShift",
     "Step",
     "apply_steps",
     "commute_max_pools",
@@ -277,57 +278,74 @@ class Affine:
     padding mode, stride, dilation, groups, transposed; the spatial size becomes the
     output's) or :func:`bkn_export.moments.linear_moments` (μ = W m + b, Σ = W² v, on an
     input without spatial dims). Channels become the layer's output channels.
-        A Linear layer sees channels last: ``apply`` moves dim 1 last and back. padding:
-    the zero padding the module's forward actually applies, where a subclass pads
-    explicitly before its conv (TensorFlow-style "same" padding): predict and apply use
-    a shallow copy of the module with this padding (same parameters); ``apply`` runs the
-    torch class's forward, not the subclass's.
+    A Linear layer sees channels last: ``apply`` moves dim 1 last and back.
+
+    input_padding, input_padding_mode: a pad applied just before the conv (an
+    ``nn.ZeroPad2d`` / ``nn.ReflectionPad2d`` module, ``F.pad``, or the explicit padding of
+    a Conv subclass with TensorFlow-style "same" padding), per spatial dim in order as
+    (left, right), folded into the step so that its moments stay exact. ``apply`` pads,
+    then runs the forward of the torch class the module derives from (a subclass's own
+    forward would pad a second time).
     """
 
     module: str
     kind: Literal["conv", "linear"] = "conv"
-    padding: tuple[int, ...] | None = None
+    input_padding: tuple[tuple[int, int], ...] | None = None
+    input_padding_mode: str = "zeros"
     step: ClassVar[str] = "affine"
 
-    def _layer(self, modules: Mapping[str, nn.Module]) -> nn.Module:
-        """The module, or for ``padding`` a shallow copy with that padding (same parameters)."""
-        layer = _module(modules, self.module, self.describe())
-        if self.padding is None:
-            return layer
-        padded = copy.copy(layer)
-        padded.padding = self.padding  # type: ignore[assignment]
-        return padded
-
     def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
-        layer = self._layer(modules)
+        layer = _module(modules, self.module, self.describe())
         if self.kind == "linear":
             assert isinstance(layer, nn.Linear)
             mean, variance = moments.linear_moments(layer.weight, layer.bias, mean, variance)
             return mean, variance, tuple(spatial)
-        return moments.conv_moments(layer, mean, variance, spatial)
+        if self.input_padding is None:
+            return moments.conv_moments(layer, mean, variance, spatial)
+        return moments.conv_moments(
+            layer,
+            mean,
+            variance,
+            spatial,
+            input_padding=self.input_padding,
+            input_padding_mode=self.input_padding_mode,
+        )
 
     def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
-        layer = self._layer(modules)
+        layer = _module(modules, self.module, self.describe())
         weight = layer.weight
         assert isinstance(weight, Tensor)
         sample = sample.to(weight.dtype)
         forward = _torch_forward(layer)
         if self.kind == "linear":
             return forward(layer, sample.movedim(1, -1)).movedim(-1, 1)
+        if self.input_padding is not None:
+            pads = [side for pair in reversed(self.input_padding) for side in pair]  # F.pad: last dim first
+            mode = "constant" if self.input_padding_mode == "zeros" else self.input_padding_mode
+            sample = F.pad(sample, pads, mode=mode)
         return forward(layer, sample)
 
     def describe(self) -> str:
-        padding = f" (padding {self.padding})" if self.padding is not None else ""
+        padding = ""
+        if self.input_padding is not None:
+            padding = f" after {self.input_padding_mode} padding {[list(pair) for pair in self.input_padding]}"
         return f"{self.kind} '{self.module}'{padding}"
 
     def to_dict(self) -> dict[str, Any]:
-        padding = None if self.padding is None else list(self.padding)
-        return {"step": self.step, "module": self.module, "kind": self.kind, "padding": padding}
+        padding = None if self.input_padding is None else [list(pair) for pair in self.input_padding]
+        return {
+            "step": self.step,
+            "module": self.module,
+            "kind": self.kind,
+            "input_padding": padding,
+            "input_padding_mode": self.input_padding_mode,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Affine:
-        padding = data.get("padding")
-        return cls(data["module"], data.get("kind", "conv"), None if padding is None else tuple(padding))
+        padding = data.get("input_padding")
+        pairs = None if padding is None else tuple((int(left), int(right)) for left, right in padding)
+        return cls(data["module"], data.get("kind", "conv"), pairs, data.get("input_padding_mode", "zeros"))
 
 
 _TORCH_AFFINE = (
@@ -337,7 +355,7 @@ _TORCH_AFFINE = (
 
 def _torch_forward(layer: nn.Module) -> Callable[[nn.Module, Tensor], Tensor]:
     """The forward of the torch class ``layer`` derives from: a subclass's own forward (one
-    that pads first, say) is what the recorded path already spells out with ``padding``."""
+    that pads first, say) is what the recorded path already spells out with ``input_padding``."""
     for cls in type(layer).__mro__:
         if cls in _TORCH_AFFINE:
             forward: Callable[[nn.Module, Tensor], Tensor] = cls.forward  # type: ignore[assignment]
@@ -421,6 +439,69 @@ class Reshape:
 
 
 @dataclass(frozen=True)
+class ScaleShift:
+    """``y = scale · x + shift`` by constants (``x + 3``, ``x / 6``, ``-x``). Exact:
+    mean → scale · mean + shift, variance → scale² · variance."""
+
+    scale: float = 1.0
+    shift: float = 0.0
+    step: ClassVar[str] = "scale_shift"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        return mean * self.scale + self.shift, variance * (self.scale * self.scale), tuple(spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        return sample * self.scale + self.shift
+
+    def describe(self) -> str:
+        return f"×{self.scale:g} {'+' if self.shift >= 0 else '-'} {abs(self.shift):g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "scale": self.scale, "shift": self.shift}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScaleShift:
+        return cls(float(data["scale"]), float(data["shift"]))
+
+
+@dataclass(frozen=True)
+class Gate:
+    """``y = x · g`` with a per-sample, per-channel gate ``g = branch(x)`` of spatial size 1
+    (squeeze-and-excitation: global pooling → conv → act → conv → sigmoid).
+
+    Moments: the gate's (m_g, v_g) from ``branch`` applied to x's moments, then, taking the
+    gate as independent of the position it scales (it depends on it only through the
+    average over all positions)::
+
+        mean = m · m_g            variance = (v + m²)(v_g + m_g²) − mean²
+
+    ``apply`` runs the branch on the sample and multiplies.
+    """
+
+    branch: tuple[Step, ...]
+    step: ClassVar[str] = "gate"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        gate_mean, gate_variance, _ = predict_steps(self.branch, mean, variance, spatial, modules)
+        out_mean = mean * gate_mean
+        second = (variance + mean * mean) * (gate_variance + gate_mean * gate_mean)
+        return out_mean, (second - out_mean * out_mean).clamp_min(0.0), tuple(spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        return sample * apply_steps(self.branch, sample, modules)
+
+    def describe(self) -> str:
+        return f"gate(× {' → '.join(step.describe() for step in self.branch)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "branch": [step.to_dict() for step in self.branch]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Gate:
+        return cls(tuple(step_from_dict(item) for item in data["branch"]))
+
+
+@dataclass(frozen=True)
 class Channels:
     """A contiguous range of channels, ``x[:, start:stop]`` (slicing, ``split``, ``chunk``, ``narrow``).
 
@@ -478,9 +559,10 @@ class Identity:
         return cls(data["what"], data.get("module"))
 
 
-Step = Elementwise | Pool | Resample | Affine | Flatten | Reshape | Channels | Identity
+Step = Elementwise | Pool | Resample | Affine | Flatten | Reshape | ScaleShift | Gate | Channels | Identity
 _STEP_TYPES: dict[str, type[Step]] = {
-    cls.step: cls for cls in (Elementwise, Pool, Resample, Affine, Flatten, Reshape, Channels, Identity)
+    cls.step: cls
+    for cls in (Elementwise, Pool, Resample, Affine, Flatten, Reshape, ScaleShift, Gate, Channels, Identity)
 }
 
 

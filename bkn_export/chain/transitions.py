@@ -26,8 +26,9 @@ i.i.d. and channels as independent (the assumption the authors' sampling makes).
   one position would have no spread), reparameterised z = μ + sqrt(Σ)·ε so that
   gradients reach the sources; the real ops of each path run on it (``step.apply``),
   parts are concatenated / addends added as samples, and the prior is the biased
-  per-channel mean and variance of the result. For a path ending in a Conv/Linear its
-  mean is unbiased, its variance is low by a factor (P−1)/P at P positions.
+  per-channel mean and variance of the result. Its mean is unbiased; its variance is
+  the biased variance of P drawn positions (low by (P−1)/P where they are independent,
+  e.g. the N rows of a Linear feed; otherwise by a factor that depends on their overlap).
 * :class:`Learned`: a free matrix A_k (C_k, C_src) over the concatenated source
   Gaussians: μ = A m, Σ = (A∘A) v (no path is used).
 * :class:`Identity`: the sources' Gaussians combined as they are (no steps).

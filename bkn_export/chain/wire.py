@@ -121,7 +121,7 @@ def plan_wiring(
 
     if record.combine == "none" or not record.sources:
         return first_in_chain() if notes else first_in_chain("no normalization upstream: first in chain (BatchNorm)")
-    sources, combine = record.sources, record.combine
+    sources, combine = record.sources, str(record.combine)
     if options.residual == "branch":
         sources, combine, branch_notes = _branches_only(sources, combine, order)
         notes += branch_notes
@@ -146,10 +146,10 @@ def plan_wiring(
     if combine == "concat":
         offset = 0
         for source in sources:
-            if not source.reaches_normalization:
+            if not _fully_known(source):
                 notes.append(
-                    f"channels {offset}:{offset + source.channels} have no normalization upstream: "
-                    "batch statistics alone on them (prior weight 0)"
+                    f"channels {offset}:{offset + source.channels} have no normalization upstream along every "
+                    "part: batch statistics alone on them (prior weight 0)"
                 )
             offset += source.channels
     return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes))

@@ -25,10 +25,9 @@ from typing import Any, ClassVar
 
 from bkn_export.chain.record import SourcePath
 from bkn_export.errors import ChainWiringError
+from bkn_export.nn import EXTRA_STATE_VERSION
 
-__all__ = ["WIRING_VERSION", "Wiring", "check_saved_wiring"]
-
-WIRING_VERSION = 2
+__all__ = ["Wiring", "check_saved_wiring"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Wiring:
     fallback, approximation and choice made while wiring.
     """
 
-    version: ClassVar[int] = WIRING_VERSION
+    version: ClassVar[int] = EXTRA_STATE_VERSION
 
     name: str
     transition: str | None
@@ -158,10 +157,10 @@ def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
                 "bkn_export.load_batchnorm_state_dict, then train again."
             )
         return
-    if version != WIRING_VERSION:
+    if version != EXTRA_STATE_VERSION:
         raise ChainWiringError(
             f"{label}: the checkpoint's wiring has format version {version!r}; this bkn_export reads 1 and "
-            f"{WIRING_VERSION}. Load it with the bkn_export that saved it, or re-convert the model."
+            f"{EXTRA_STATE_VERSION}. Load it with the bkn_export that saved it, or re-convert the model."
         )
     saved_signature = _signature(saved.get("wiring"))
     current_signature = _signature(current.to_dict())

@@ -1,7 +1,7 @@
 """``bkn demo``: train a BKN CNN at batch 2, export both modes, check parity everywhere, write reports.
 
-Steps: train :func:`bkn_export.models.digits_resnet` ("bkn") on scikit-learn's digits at
-micro-batch 2 for ``--steps`` SGD steps (:func:`bkn_export.training.train_and_evaluate`),
+Steps: train :func:`bkn_export.demo.models.digits_resnet` ("bkn") on scikit-learn's digits at
+micro-batch 2 for ``--steps`` SGD steps (:func:`bkn_export.demo.training.train_and_evaluate`),
 save the checkpoint, export ``mode="inference"`` (BKN folded into the convolutions) and
 ``mode="training"`` (``ai.bkn::BatchKalmanNorm`` nodes), run parity on every available
 runtime against PyTorch (eval forward for the first, train-mode forward at batch 2 for
@@ -65,8 +65,8 @@ def _check_runtimes(spec: str) -> None:
 def _train(args: argparse.Namespace, data: Any, console: Any) -> tuple[Any, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bkn_export.models import digits_resnet
-    from bkn_export.training import TrainConfig, train_and_evaluate
+    from bkn_export.demo.models import digits_resnet
+    from bkn_export.demo.training import TrainConfig, train_and_evaluate
 
     built: list[Any] = []
 
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from bkn_export.atomic import atomic_writer
-    from bkn_export.data import load_digits_split
+    from bkn_export.demo.data import load_digits_split
     from bkn_export.export import export_onnx
     from runtime.parity import run_parity
     from runtime.report import print_report, report_console, write_html, write_json
@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         with console.status(f"parity ({mode}, batch {batch}) on every available runtime"):
             report = run_parity(
                 model, onnx_path, [inputs.numpy()], mode=mode, runtimes=args.runtimes,
-                model_description=f"bkn_export.models:digits_resnet + {checkpoint}",
+                model_description=f"bkn_export.demo.models:digits_resnet + {checkpoint}",
             )  # fmt: skip
         print_report(report, console)
         written.append(write_json(report, out / f"parity_{mode}.json"))

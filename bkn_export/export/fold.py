@@ -4,7 +4,8 @@ For users who deploy PyTorch: ``fold(model)`` returns a new model (the input is 
 untouched) in eval mode where each normalization whose input is the output of a
 Conv/ConvTranspose/Linear, used by nothing else, is absorbed into that layer and
 replaced by ``nn.Identity``. With the eval affine map a, s of
-:func:`bkn_export.functional.inference_affine`::
+:func:`bkn_export.functional.inference_affine` (the math in :mod:`bkn_export.export.fold_math`,
+shared with the ONNX rules)::
 
     Conv           W'[o] = a[o] W[o]                    b' = a b + s     (W: (C_out, C_in/G, *k))
     ConvTranspose  W'[i, j] = a[g C_out/G + j] W[i, j]   b' = a b + s     (W: (C_in, C_out/G, *k), i in group g)
@@ -25,10 +26,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, fx, nn
 
-from bkn_export import functional as Fk
 from bkn_export.errors import ExportError
 from bkn_export.export.checks import NORMALIZATION_TYPES, check_inference_ready
 from bkn_export.export.common import example_tuple
+from bkn_export.export.fold_math import affine_of, folded_bias, folded_weight
 from bkn_export.export.result import FoldRecord
 
 __all__ = ["FoldResult", "fold"]
@@ -91,7 +92,7 @@ def _folded_host(host: nn.Module, norm: nn.Module) -> nn.Module:
     """A copy of ``host`` with the eval affine of ``norm`` absorbed (computed in float64)."""
     running_mean, running_var = _tensor(norm, "running_mean"), _tensor(norm, "running_var")
     assert running_mean is not None and running_var is not None  # check_inference_ready made sure
-    scale, shift = Fk.inference_affine(
+    scale, shift = affine_of(
         running_mean,
         running_var,
         _tensor(norm, "weight"),
@@ -101,16 +102,10 @@ def _folded_host(host: nn.Module, norm: nn.Module) -> nn.Module:
     new = copy.deepcopy(host)
     original = host.weight
     assert isinstance(original, Tensor)
-    weight = original.detach().double()
-    if isinstance(host, nn.modules.conv._ConvNd) and host.transposed:
-        groups = host.groups
-        c_in, c_out_per_group, *kernel = weight.shape
-        blocks = weight.reshape(groups, c_in // groups, c_out_per_group, *kernel)
-        folded = (blocks * scale.reshape(groups, 1, c_out_per_group, *([1] * len(kernel)))).reshape(weight.shape)
-    else:
-        folded = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    old_bias = _tensor(host, "bias")
-    bias = shift if old_bias is None else old_bias * scale + shift
+    transposed = isinstance(host, nn.modules.conv._ConvNd) and host.transposed
+    groups = host.groups if isinstance(host, nn.modules.conv._ConvNd) else 1
+    folded = folded_weight(original.detach().double(), scale, "transposed" if transposed else "out_first", groups)
+    bias = folded_bias(_tensor(host, "bias"), scale, shift)
     new.weight = nn.Parameter(folded.to(dtype=original.dtype, device=original.device))
     new.bias = nn.Parameter(bias.to(dtype=original.dtype, device=original.device))
     return new

@@ -104,7 +104,7 @@ def _finish_graph(model: ir.Model) -> None:
 
 
 def _check_guarantee(model: ir.Model, normalization_names: list[str]) -> list[Leftover]:
-    leftovers = unfolded_normalizations(model.graph)
+    leftovers = unfolded_normalizations(model)
     broken = [leftover for leftover in leftovers if leftover.foldable]
     if broken:
         node_owner = {node.name: node_scopes(node) for node in model.graph}

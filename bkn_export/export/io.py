@@ -46,13 +46,14 @@ import onnx
 from onnx.external_data_helper import set_external_data
 
 from bkn_export.atomic import atomic_writer, check_writable, existing_mode, new_file, pid_alive
-from bkn_export.errors import OptionError
+from bkn_export.errors import ModelFileError, OptionError
 
 __all__ = [
     "DEFAULT_EXTERNAL_DATA_THRESHOLD",
     "check_external_data_threshold",
     "check_writable",
     "data_file_name",
+    "load_onnx_file",
     "model_tensors",
     "save_onnx",
     "tensor_bytes",
@@ -202,3 +203,61 @@ def save_onnx(
             raise
         _remove_unreferenced_data(target)
     return target
+
+
+def _external_locations(model: onnx.ModelProto) -> dict[str, int]:
+    """External-data file name -> the end offset the model reads up to in it (0: unknown length)."""
+    ends: dict[str, int] = {}
+    for tensor in model_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        ends[location] = max(ends.get(location, 0), end)
+    return ends
+
+
+def load_onnx_file(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file; :class:`ModelFileError` says what is actually wrong.
+
+    Distinguishes a missing path, a directory, an empty file, a file that is not (or no
+    longer) an ONNX model, and a model whose external-data file is missing or shorter than
+    the model says (each named, with what to do). Not a check of the graph (onnx.checker).
+    """
+    file = Path(path)
+    if file.is_dir():
+        raise ModelFileError(f"{file} is a directory, not an ONNX file; give the .onnx file inside it")
+    if not file.exists():
+        raise ModelFileError(f"ONNX file {file} does not exist (export one with `bkn export` or export_onnx)")
+    if file.stat().st_size == 0:
+        raise ModelFileError(f"ONNX file {file} is empty; re-export it")
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and onnx's own: the bytes are not a model
+        raise ModelFileError(
+            f"ONNX file {file} cannot be parsed ({type(error).__name__}: {error}); it is truncated or not an ONNX "
+            "model. Re-export it."
+        ) from error
+    for location, end in _external_locations(model).items():
+        data = file.parent / location
+        if not data.is_file():
+            raise ModelFileError(
+                f"ONNX file {file} keeps its weights in the external-data file {location}, which is missing from "
+                f"{file.parent}; copy it together with the model, or re-export"
+            )
+        if data.stat().st_size < end:
+            raise ModelFileError(
+                f"the external-data file {data} of {file} holds {data.stat().st_size} bytes but the model reads up to "
+                f"byte {end}: it is truncated or belongs to another export; re-export"
+            )
+    if load_external_data:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(file.parent))
+        except Exception as error:  # the data file vanished or changed since the check above
+            raise ModelFileError(
+                f"cannot read the external data of {file}: {error}; re-export or open it again"
+            ) from error
+    return model

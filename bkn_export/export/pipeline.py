@@ -277,9 +277,10 @@ def dynamic_shapes(module: nn.Module, dims: Sequence[Sequence[int]], num_extra: 
     if not any(dims):
         return None
     batch = torch.export.Dim("batch", min=1)
-    shapes: tuple[Any, ...] = tuple(
-        {d: batch if d == 0 else torch.export.Dim.DYNAMIC for d in dynamic} or None for dynamic in dims
-    ) + (None,) * num_extra
+    shapes: tuple[Any, ...] = (
+        tuple({d: batch if d == 0 else torch.export.Dim.DYNAMIC for d in dynamic} or None for dynamic in dims)
+        + (None,) * num_extra
+    )
     parameters = list(inspect.signature(module.forward).parameters.values())
     if parameters and parameters[0].kind == inspect.Parameter.VAR_POSITIONAL:
         return (shapes,)

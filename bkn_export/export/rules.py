@@ -16,27 +16,41 @@ before it is linear in its input with constant weights, the map is absorbed ther
 
 Each rule is a class in onnxscript's rewriter style: ``pattern`` (what to match),
 ``check`` (when folding is exact) and ``rewrite`` (the replacement); all rules are
-registered in :data:`FOLD_RULES`. The folded weights are computed in float64 and
-stored in the weight's dtype, under new initializer names, so a weight shared with
-another node is never changed under it. Each replacement node carries the
-BatchNormalization's metadata (the PyTorch module it came from) plus
-``bkn_export.fold_rule`` so the fold report can name module and node.
+registered in :data:`FOLD_RULES`. The math is :mod:`bkn_export.export.fold_math` (shared
+with the PyTorch-side ``fold``), in float64, stored in the weight's dtype under new
+initializer names, so a weight shared with another node is never changed under it. Each
+replacement node carries the BatchNormalization's metadata (the PyTorch module it came
+from) plus ``bkn_export.fold_rule`` so the fold report can name module and node.
 
-The exporter's own optimizer already applies onnxscript's Conv/ConvTranspose/Gemm
-fusions; these rules are applied after it and catch what it leaves (a MatMul from a
-``Linear`` on (N, L, C) inputs transposed to (N, C, L), bias-free MatMuls, weights
-shared between nodes, other onnxscript versions).
+"Can this normalization fold?" is decided once, by the rules: :func:`unfolded_normalizations`
+asks each rule's own ``pattern`` + ``check`` at every normalization left in the graph and
+reports its verdict (a rule that matches means the guarantee broke; otherwise the reason
+is the failing rule's own ``check`` message, or that no rule's pattern fits).
+
+Why Conv / ConvTranspose / Gemm rules are kept although onnxscript has
+``_fuse_batchnorm`` (which the exporter's optimizer runs first): onnxscript 0.7 refuses
+to fold into a weight shared by two nodes (its new initializer would reuse the shared
+name), which ours fold under new names; and ``pyproject`` allows onnxscript >= 0.5,
+whose fusions lack Gemm's ``beta`` and grouped ConvTranspose. The MatMul rules (a
+``Linear`` on (N, L, C) transposed to (N, C, L), bias-free MatMuls) have no onnxscript
+counterpart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
+import torch
 from onnxscript.rewriter import pattern as orp
+
+from bkn_export.export.fold_math import Layout, affine_of, folded_bias, folded_weight
+
+if TYPE_CHECKING:  # the tracer's record type; onnxscript 0.7 does not re-export it from rewriter.pattern
+    from onnxscript.rewriter._basics import MatchInfo
 
 __all__ = [
     "FOLDABLE_OP_TYPES",
@@ -50,7 +64,7 @@ __all__ = [
 
 #: metadata_props key set on every node a rule creates: the rule's name.
 FOLD_RULE_TAG = "bkn_export.fold_rule"
-#: Ops whose output a following normalization can always be folded into (constant weights, single use).
+#: Ops a rule can fold a following normalization into (with constant weights, output used once).
 FOLDABLE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Ops that count as a normalization left in the graph.
 NORMALIZATION_OP_TYPES = ("BatchNormalization",)
@@ -71,10 +85,9 @@ def _batchnorm_affine(batchnorm: ir.Node) -> tuple[np.ndarray, np.ndarray] | Non
     arrays = [_constant(v) for v in batchnorm.inputs[1:5]]
     if len(arrays) != 4 or any(a is None for a in arrays):
         return None
-    gamma, beta, mean, variance = (np.asarray(a, dtype=np.float64) for a in arrays)  # type: ignore[arg-type]
-    epsilon = batchnorm.attributes.get_float("epsilon", 1e-5)
-    scale = gamma / np.sqrt(variance + epsilon)
-    return scale, beta - mean * scale
+    gamma, beta, mean, variance = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in arrays)  # type: ignore[arg-type]
+    scale, shift = affine_of(mean, variance, gamma, beta, batchnorm.attributes.get_float("epsilon", 1e-5))
+    return scale.numpy(), shift.numpy()
 
 
 def _check_batchnorm(batchnorm: ir.Node, result: orp.MatchResult) -> orp.MatchResult:
@@ -120,6 +133,15 @@ def _tag(values: Sequence[ir.Value], batchnorm: ir.Node, rule_name: str) -> None
         node.metadata_props[FOLD_RULE_TAG] = rule_name
 
 
+def _fold(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, layout: Layout,
+          groups: int = 1) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(W', b') in float64 by :mod:`bkn_export.export.fold_math`."""
+    a, s = torch.from_numpy(scale), torch.from_numpy(shift)
+    w = folded_weight(torch.from_numpy(weight.astype(np.float64)), a, layout, groups)
+    b = folded_bias(None if bias is None else torch.from_numpy(bias.astype(np.float64)), a, s)
+    return w.numpy(), b.numpy()
+
+
 def _new_initializer(op: Any, array: np.ndarray, dtype: np.dtype, name: str) -> ir.Value:
     return op.initializer(ir.tensor(np.ascontiguousarray(array.astype(dtype))), name=name)
 
@@ -155,14 +177,13 @@ class _FoldIntoWeightedOp(orp.RewriteRuleClassBase):
     def _check_layout(self, inner: ir.Node, result: orp.MatchResult) -> orp.MatchResult:
         return result
 
-    def _scaled_weight(self, weight: np.ndarray, scale: np.ndarray, inner: ir.Node) -> np.ndarray:
-        """W' for output-channel scale ``scale`` (C,)."""
-        return weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+    def _layout(self, inner: ir.Node) -> Layout:
+        """The weight's layout (fold_math): Conv's W is (C_out, C_in/G, *k)."""
+        return "out_first"
 
-    def _shifted_bias(
-        self, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, inner: ir.Node
-    ) -> np.ndarray:
-        return shift if bias is None else bias * scale + shift
+    def _bias(self, bias: np.ndarray | None, inner: ir.Node) -> np.ndarray | None:
+        """The bias the op adds (Gemm scales its C by beta)."""
+        return bias
 
     def rewrite(self, op: Any, x: ir.Value, inner_out: ir.Value, normalized: ir.Value) -> ir.Value:
         inner, batchnorm = inner_out.producer(), normalized.producer()
@@ -176,8 +197,9 @@ class _FoldIntoWeightedOp(orp.RewriteRuleClassBase):
         assert weight is not None
         bias_value = inner.inputs[2] if len(inner.inputs) > 2 else None
         bias = _constant(bias_value)
-        new_weight = self._scaled_weight(weight.astype(np.float64), scale, inner)
-        new_bias = self._shifted_bias(None if bias is None else bias.astype(np.float64), scale, shift, inner)
+        new_weight, new_bias = _fold(
+            weight, self._bias(bias, inner), scale, shift, self._layout(inner), inner.attributes.get_int("group", 1)
+        )
         attributes = {name: attr for name, attr in inner.attributes.items() if name != "beta"}
         out = op.op(
             self.op_type,
@@ -208,12 +230,8 @@ class FoldIntoConvTranspose(_FoldIntoWeightedOp):
             return result.fail(f"{inner.name}: input channels not divisible by group")
         return result
 
-    def _scaled_weight(self, weight: np.ndarray, scale: np.ndarray, inner: ir.Node) -> np.ndarray:
-        groups = inner.attributes.get_int("group", 1)
-        c_in, c_out_per_group, *kernel = weight.shape
-        blocks = weight.reshape(groups, c_in // groups, c_out_per_group, *kernel)
-        per_group = scale.reshape(groups, 1, c_out_per_group, *([1] * len(kernel)))
-        return (blocks * per_group).reshape(weight.shape)
+    def _layout(self, inner: ir.Node) -> Layout:
+        return "transposed"
 
 
 class FoldIntoGemm(_FoldIntoWeightedOp):
@@ -221,17 +239,11 @@ class FoldIntoGemm(_FoldIntoWeightedOp):
 
     op_type = "Gemm"
 
-    def _scaled_weight(self, weight: np.ndarray, scale: np.ndarray, inner: ir.Node) -> np.ndarray:
-        if inner.attributes.get_int("transB", 0):
-            return weight * scale[:, None]  # B: (N, K)
-        return weight * scale[None, :]  # B: (K, N)
+    def _layout(self, inner: ir.Node) -> Layout:
+        return "out_first" if inner.attributes.get_int("transB", 0) else "out_last"  # B: (N, K) or (K, N)
 
-    def _shifted_bias(
-        self, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, inner: ir.Node
-    ) -> np.ndarray:
-        if bias is None:
-            return shift
-        return inner.attributes.get_float("beta", 1.0) * bias * scale + shift
+    def _bias(self, bias: np.ndarray | None, inner: ir.Node) -> np.ndarray | None:
+        return None if bias is None else inner.attributes.get_float("beta", 1.0) * bias
 
 
 class FoldIntoMatMul(orp.RewriteRuleClassBase):
@@ -285,9 +297,8 @@ class FoldIntoMatMul(orp.RewriteRuleClassBase):
         scale, shift = affine
         w = _constant(weight)
         assert w is not None
-        new_weight = w.astype(np.float64) * scale[None, :]
         bias = _constant(values.get("bias")) if self.with_bias else None
-        new_bias = shift if bias is None else bias.astype(np.float64).reshape(-1) * scale + shift
+        new_weight, new_bias = _fold(w, bias, scale, shift, "out_last")
         matmul = op.MatMul(x, _new_initializer(op, new_weight, w.dtype, f"{batchnorm.name}.folded_weight"))
         out = op.Add(matmul, _new_initializer(op, new_bias, w.dtype, f"{batchnorm.name}.folded_bias"))
         created = [matmul, out]
@@ -340,85 +351,64 @@ class Leftover:
     reason: str
 
 
-def _single_use(value: ir.Value) -> bool:
-    return len(value.uses()) + int(value.is_graph_output()) == 1
+def _verdicts(model: ir.Model, node: ir.Node, removable: bool) -> list[tuple[str, MatchInfo]]:
+    """(rule name, its verdict at ``node``) for each rule whose pattern got anywhere, in rule order.
 
-
-def _linear_chain(value: ir.Value) -> tuple[ir.Node | None, ir.Node | None, ir.Value | None, str]:
-    """(absorbing candidate, Transpose between, bias operand of an Add, why not) for a normalization input.
-
-    Looks through a Transpose and a constant-bias Add over a MatMul (the forms of a
-    ``Linear``). The candidate is the op right before the normalization otherwise.
+    The verdict is the rule's own: its pattern, then its ``check``. ``removable``: require
+    the matched nodes to have no other consumers, as a rewrite does. Nothing in the graph
+    changes (only ``match`` runs; no replacement is built).
     """
-    node = value.producer()
-    transpose = None
-    if node is not None and node.op_type == "Transpose" and node.inputs[0] is not None:
-        inner = node.inputs[0].producer()
-        if inner is not None and inner.op_type in ("Add", "MatMul"):
-            if not _single_use(node.inputs[0]):
-                return inner, node, None, f"the output of {inner.op_type} '{inner.name}' is also used elsewhere"
-            transpose, node = node, inner
-    if node is not None and node.op_type == "Add" and len(node.inputs) == 2:
-        for operand, other in (node.inputs, node.inputs[::-1]):
-            inner = operand.producer() if operand is not None else None
-            if inner is not None and inner.op_type == "MatMul" and _constant(other) is not None:
-                if not _single_use(operand):  # type: ignore[arg-type]
-                    return inner, transpose, other, f"the output of MatMul '{inner.name}' is also used elsewhere"
-                return inner, transpose, other, ""
-    if transpose is not None and node is not None and node.op_type != "MatMul":
-        return transpose, None, None, ""  # e.g. Transpose(Add(a, b)): nothing absorbs
-    return node, transpose, None, ""
+    tracer = orp.MatchingTracer()
+    for rule in FOLD_RULES.rules:
+        rule.match(model, model.graph, node, check_nodes_are_removable=removable, tracer=tracer)
+    return [(str(rule.name), info) for rule in FOLD_RULES.rules for info in tracer.best_matches_map.get(rule, [])]
 
 
-def _fold_blocker(normalization: ir.Node) -> tuple[str, str]:
-    """(producer description, reason it cannot be folded); reason "" means a rule should have folded it.
-
-    Mirrors the ``check`` of the rules above, so "foldable" means exactly "a rule applies".
-    """
-    source = normalization.inputs[0]
-    assert source is not None
-    producer, transpose, bias, blocked = _linear_chain(source)
-    if producer is None:
-        return "graph input", "its input is a graph input"
-    described = f"{producer.op_type} '{producer.name}'"
-    if blocked:
-        return described, blocked
-    if producer.op_type not in FOLDABLE_OP_TYPES or (transpose is not None and producer.op_type != "MatMul"):
-        return described, f"it follows {described}, which cannot absorb an affine map"
-    output = producer.outputs[0]
-    if not _single_use(output):
-        return described, f"the output of {described} also feeds {len(output.uses()) - 1} other consumer(s)"
-    weight = _constant(producer.inputs[1]) if len(producer.inputs) > 1 else None
-    if weight is None:
-        return described, f"{described} has a non-constant weight"
-    if producer.op_type != "MatMul" and len(producer.inputs) > 2 and producer.inputs[2] is not None:
-        if _constant(producer.inputs[2]) is None:
-            return described, f"{described} has a non-constant bias"
-    batchnorm_check = _check_batchnorm(normalization, orp.MatchResult())
-    if not batchnorm_check:
-        return described, batchnorm_check.reason
-    if producer.op_type == "MatMul":
-        rank = output.shape.rank() if output.shape is not None else None
-        return described, _matmul_layout_problem(weight, _constant(bias), rank, transpose, described)
-    return described, ""
-
-
-def unfolded_normalizations(graph: ir.Graph) -> list[Leftover]:
-    """Every normalization node left in ``graph``, classified.
-
-    ``foldable`` (a broken guarantee) is True when a rule of :data:`FOLD_RULES` applies
-    to it: fed by a Conv / ConvTranspose / Gemm / MatMul(+bias)(+Transpose) with constant
-    weights, used by nothing else, normalizing the output-feature axis, with constant
-    statistics. Otherwise the reason says what prevents folding (an Add, a ReLU, a graph
-    input, a second consumer, non-constant weights, another axis).
-    """
-    leftovers: list[Leftover] = []
-    for node in graph:
-        if node.op_type not in NORMALIZATION_OP_TYPES:
+def _shared_value(info: MatchInfo, normalization: ir.Node) -> str:
+    """'the output of <op> '<name>' also feeds N other consumer(s)' for the first matched value used elsewhere."""
+    matched = set(info.match_result.nodes)
+    for node in info.match_result.nodes:
+        if node is normalization:
             continue
-        described, reason = _fold_blocker(node)
-        if reason:
-            leftovers.append(Leftover(node.name or "", described, False, reason))
-        else:
-            leftovers.append(Leftover(node.name or "", described, True, f"no rule folded it into {described}"))
-    return leftovers
+        for output in node.outputs:
+            others = len([user for user, _ in output.uses() if user not in matched]) + int(output.is_graph_output())
+            if others:
+                return f"the output of {node.op_type} '{node.name}' also feeds {others} other consumer(s)"
+    return "a value between the op and the normalization is used elsewhere"
+
+
+def _classify(model: ir.Model, normalization: ir.Node) -> Leftover:
+    """The Leftover of one normalization node, from the rules' own verdicts."""
+    name = normalization.name or ""
+    source = normalization.inputs[0]
+    producer = source.producer() if source is not None else None
+    described = "graph input" if producer is None else f"{producer.op_type} '{producer.name}'"
+    verdicts = _verdicts(model, normalization, removable=True)
+    for rule, info in verdicts:
+        if info.status == orp.MatchStatus.SUCCESS:
+            return Leftover(name, described, True, f"rule {rule} applies to it but did not fold it")
+    for _, info in verdicts:
+        if info.status == orp.MatchStatus.CONDITION_FAILED:
+            return Leftover(name, described, False, str(info.match_result.reason))
+    for _, info in _verdicts(model, normalization, removable=False):
+        if info.status >= orp.MatchStatus.CONDITION_FAILED:  # it matches once other consumers are allowed
+            return Leftover(name, described, False, _shared_value(info, normalization))
+    if producer is None:
+        return Leftover(name, described, False, "its input is a graph input")
+    return Leftover(name, described, False, f"it follows {described}, which cannot absorb an affine map")
+
+
+def unfolded_normalizations(model: ir.Model | ir.Graph) -> list[Leftover]:
+    """Every normalization node left in the graph, classified by the rules themselves.
+
+    ``foldable`` (a broken guarantee) is True when a rule of :data:`FOLD_RULES` matches the
+    node (its pattern and its ``check``, with the matched nodes used by nothing else).
+    Otherwise the reason is, in this order: the ``check`` message of a rule whose pattern
+    matched (non-constant weights or statistics, another axis, ...); that a value between
+    the op and the normalization also feeds another consumer (a rule matches once that is
+    allowed); that the input is a graph input; or that the op before it cannot absorb an
+    affine map (an Add, a ReLU, ...).
+    """
+    if isinstance(model, ir.Graph):
+        model = ir.Model(model, ir_version=10)
+    return [_classify(model, node) for node in model.graph if node.op_type in NORMALIZATION_OP_TYPES]

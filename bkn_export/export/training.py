@@ -43,10 +43,11 @@ from torch import Tensor, nn
 from bkn_export import functional as Fk
 from bkn_export.chain.observe import observe
 from bkn_export.chain.scope import Observation, Published
-from bkn_export.errors import BKNInputError, ExportError, ModelFileError
+from bkn_export.errors import ExportError, ModelFileError
 from bkn_export.export import function_body, op_spec, schema
 from bkn_export.export.common import check_model
-from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_onnx
+from bkn_export.export.feeds import check_feeds as feeds_check
+from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
 from bkn_export.export.metadata import attach_metadata, export_metadata, parse_name_scopes
 from bkn_export.export.pipeline import (
     Traceable,
@@ -428,12 +429,7 @@ def check_training_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onn
     label = "<in-memory model>"
     if not isinstance(model, onnx.ModelProto):
         label = str(model)
-        if not Path(model).is_file():
-            raise ModelFileError(f"{label}: no such ONNX file")
-        try:
-            model = onnx.load(label)
-        except Exception as error:
-            raise ModelFileError(f"{label}: cannot be read as an ONNX model ({error})") from error
+        model = load_onnx_file(model)
     nodes = _bkn_nodes(model.graph)
     op_name = f"{op_spec.DOMAIN}::{op_spec.OP_TYPE}"
     if not nodes:
@@ -481,28 +477,10 @@ def check_training_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onn
 
 
 def check_feeds(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
-    """Check runtime inputs against a training-mode graph: names, ranks, static dims, batch ≥ 1.
+    """Check runtime inputs against a training-mode graph: names, dtypes, ranks, static dims, batch ≥ 1, finite.
 
-    Raises :class:`BKNInputError` naming the input (batch statistics of an empty batch are
+    :func:`bkn_export.export.feeds.check_feeds` with empty inputs refused; raises
+    :class:`BKNInputError` naming the input (batch statistics of an empty batch are
     undefined: ONNX Runtime would return NaN, not an error).
     """
-    graph_inputs = {i.name: i for i in model.graph.input}
-    missing = sorted(set(graph_inputs) - set(feeds))
-    if missing:
-        raise BKNInputError(f"missing graph inputs {missing}; the model takes {sorted(graph_inputs)}")
-    for name, value in feeds.items():
-        if name not in graph_inputs:
-            raise BKNInputError(f"'{name}' is not an input of the model; it takes {sorted(graph_inputs)}")
-        dims = graph_inputs[name].type.tensor_type.shape.dim
-        if len(dims) != value.ndim:
-            raise BKNInputError(f"input '{name}': expected rank {len(dims)}, got shape {tuple(value.shape)}")
-        for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value != value.shape[axis]:
-                raise BKNInputError(
-                    f"input '{name}': dim {axis} must be {dim.dim_value}, got shape {tuple(value.shape)}"
-                )
-        if value.size == 0:
-            raise BKNInputError(
-                f"input '{name}' is empty (shape {tuple(value.shape)}); training-mode BKN needs batch statistics "
-                "of at least one sample"
-            )
+    feeds_check(model, feeds, allow_empty=False)

@@ -55,8 +55,9 @@ class Launchers(NamedTuple):
     backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]
 
 
+@functools.cache
 def triton_installed() -> bool:
-    """True when the ``triton`` package can be imported (checked without importing it)."""
+    """True when the ``triton`` package can be imported (checked once, without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 

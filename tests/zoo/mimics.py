@@ -51,12 +51,16 @@ class ActSubclassNet(nn.Module):
 
 
 class TimmStyleNet(nn.Module):
-    """timm's pattern: conv → BatchNormAct2d (SiLU, dropout; ReLU; PReLU with a parameter; no act) → pool → linear."""
+    """timm's pattern: conv → BatchNormAct2d (SiLU + dropout; ReLU; PReLU with a parameter; no act) → pool → linear.
+
+    The dropout has p = 0 so that the training-mode parity check compares deterministic forwards;
+    tests/test_conversion_guard.py checks a fused layer with a real dropout.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = _conv(3, 8)
-        self.bn1 = BatchNormAct2d(8, act_layer=nn.SiLU, drop_layer=lambda: nn.Dropout(0.2))
+        self.bn1 = BatchNormAct2d(8, act_layer=nn.SiLU, drop_layer=lambda: nn.Dropout(0.0))
         self.conv2 = _conv(8, 8, 2)
         self.bn2 = BatchNormAct2d(8)
         self.conv3 = _conv(8, 16)

@@ -1,4 +1,4 @@
-"""A small, deterministic train/evaluate loop for the demo networks.
+"""A small, deterministic train/evaluate loop for the demo networks (needs torch only).
 
 One run = one model, one batch size, one seed. Runs are compared at a fixed number of
 *samples seen* (``epochs`` × training-set size), not a fixed number of steps, so a
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export.data import DigitsSplit
+from bkn_export.demo.data import DigitsSplit
 
 __all__ = [
     "REFERENCE_BATCH",

@@ -1,6 +1,7 @@
 """Built-in data: scikit-learn's handwritten digits (1797 images, 8×8, 10 classes).
 
-Nothing is downloaded: the data ships inside scikit-learn.
+Nothing is downloaded: the data ships inside scikit-learn, which the ``[demo]`` extra
+installs; it is imported on use (:class:`bkn_export.demo.DemoDependencyError` without it).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from bkn_export.demo import missing_dependency
 
 __all__ = ["DigitsSplit", "load_digits_split"]
 
@@ -24,9 +27,15 @@ class DigitsSplit(NamedTuple):
 
 
 def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit:
-    """A stratified, seeded train/test split of the digits, standardized per pixel-set."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """A stratified, seeded train/test split of the digits, standardized per pixel-set.
+
+    Raises :class:`bkn_export.demo.DemoDependencyError` when scikit-learn is missing.
+    """
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as error:
+        raise missing_dependency("scikit-learn", "the digits data (bkn_export.demo.data)", error) from error
 
     digits = load_digits()
     images = digits.images.astype(np.float32)[:, None, :, :]

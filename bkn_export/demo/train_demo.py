@@ -1,15 +1,17 @@
 """``bkn train-demo``: the micro-batch benchmark.
 
-Trains :class:`bkn_export.models.DigitsResNet` on scikit-learn's digits with each
+Trains a demo network (``--network``: :class:`bkn_export.demo.models.DigitsResNet` or
+:class:`bkn_export.demo.models.DigitsSiLUPoolNet`) on scikit-learn's digits with each
 normaliser at each batch size for several seeds, at a fixed number of samples seen
-(see :mod:`bkn_export.training`), and reports the test accuracy in eval mode
+(see :mod:`bkn_export.demo.training`), and reports the test accuracy in eval mode
 (running statistics) as mean ± std over seeds: a rich table on the console, a JSON
 file with the settings and every run, and a PNG plot. Files are written atomically
-and the JSON is rewritten after every run, so an interrupted benchmark keeps what
-it finished.
+(:mod:`bkn_export.atomic`) and the JSON is rewritten after every run, so an
+interrupted benchmark keeps what it finished.
 
-Exit status: 0 when every run finished, 1 when a run raised an error (recorded in the
-JSON), 2 for bad arguments.
+Exit status (:mod:`bkn_export.commands.exit_codes`): 0 when every run finished, 1 when a
+run raised an error (recorded in the JSON), 2 for bad arguments or environment (an
+unwritable ``--out``; scikit-learn or matplotlib missing: ``pip install -e ".[demo]"``).
 """
 
 from __future__ import annotations
@@ -22,18 +24,19 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bkn_export.models import NORMALIZERS
+from bkn_export.atomic import write_bytes_atomic
+from bkn_export.commands.exit_codes import run_command
+from bkn_export.demo.models import NETWORKS, NORMALIZERS
 
 __all__ = ["DEFAULTS", "QUICK", "add_arguments", "run", "summarize"]
 
-#: The full benchmark.
+#: The full benchmark (on ``--network``, default digits_resnet).
 DEFAULTS: dict[str, Any] = {
     "batch_sizes": [1, 2, 4, 8, 32],
     "seeds": 3,
@@ -99,6 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``bkn train-demo`` (defaults: the full benchmark; see ``--quick``)."""
     full = DEFAULTS
     parser.add_argument(
+        "--network",
+        choices=NETWORKS,
+        default=NETWORKS[0],
+        help=(
+            "digits_resnet: Conv-norm-ReLU residual net; digits_silu_pool: SiLU and average/max pooling between "
+            f"its normalizations (default {NETWORKS[0]})"
+        ),
+    )
+    parser.add_argument(
         "--batch-sizes",
         type=_batch_sizes,
         nargs="+",
@@ -127,7 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         choices=(1, 2),
         default=2,
-        help="stride of the first conv: 2 gives 4×4/2×2 maps, so batch statistics are noisier (default 2)",
+        help=(
+            "stride of digits_resnet's first conv: 2 gives 4×4/2×2 maps, so batch statistics are noisier "
+            "(default 2; digits_silu_pool pools instead and ignores it)"
+        ),
     )
     parser.add_argument("--max-shift", type=int, default=1, help="random shift augmentation in pixels (default 1)")
     parser.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
@@ -154,6 +169,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     batch_sizes = _flatten(args.batch_sizes) or base["batch_sizes"]
     normalizers = _flatten(args.normalizers) or base["normalizers"]
     settings: dict[str, Any] = {
+        "network": str(args.network),
         "quick": bool(args.quick),
         "batch_sizes": sorted(dict.fromkeys(batch_sizes)),
         "normalizers": list(dict.fromkeys(normalizers)),
@@ -171,25 +187,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     for value in settings["normalizers"]:
         if value not in NORMALIZERS:
             raise ValueError(f"unknown normalizer {value!r}; choose from {', '.join(NORMALIZERS)}")
+    if settings["network"] not in NETWORKS:
+        raise ValueError(f"unknown network {settings['network']!r}; choose from {', '.join(NETWORKS)}")
     if settings["max_shift"] < 0:
         raise ValueError(f"--max-shift must be >= 0, got {settings['max_shift']}")
     return settings
 
 
 # ---------------------------------------------------------------------- outputs
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file beside it and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _now() -> str:
@@ -238,7 +243,10 @@ def _table(summary: dict[str, dict[str, dict[str, float | int]]], settings: dict
 
     table = Table(
         min_width=60,
-        title=f"Test accuracy (%) on digits, eval mode, mean ± std over {len(settings['seeds'])} seed(s)",
+        title=(
+            f"Test accuracy (%) of {settings['network']} on digits, eval mode, "
+            f"mean ± std over {len(settings['seeds'])} seed(s)"
+        ),
         caption=f"{settings['epochs']:g} epochs of samples at every batch size; lr {settings['base_lr']:g}·B/32",
     )
     table.add_column("normalizer")
@@ -257,14 +265,18 @@ def _table(summary: dict[str, dict[str, dict[str, float | int]]], settings: dict
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args``; write JSON + PNG under ``args.out``."""
+    """Run the benchmark described by ``args``; write JSON + PNG under ``args.out``; return the exit status."""
+    return run_command("train-demo", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bkn_export.data import load_digits_split
-    from bkn_export.models import digits_resnet
-    from bkn_export.plots import accuracy_vs_batch_size_png
-    from bkn_export.training import TrainConfig, train_and_evaluate
+    from bkn_export.demo.data import load_digits_split
+    from bkn_export.demo.models import build_network
+    from bkn_export.demo.plots import accuracy_vs_batch_size_png, require_matplotlib
+    from bkn_export.demo.training import TrainConfig, train_and_evaluate
 
     console = Console()
     error_console = Console(stderr=True)
@@ -273,6 +285,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         error_console.print(f"bkn train-demo: error: {error}")
         return 2
+    # The demo extra's dependencies are checked before anything is created or trained.
+    require_matplotlib()
+    data = load_digits_split()
     out: Path = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +296,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(settings["threads"])
 
-    data = load_digits_split()
     # Seed-major order: an interrupted benchmark still has every setting for its first seeds.
     configs = [
         (name, TrainConfig(batch_size, seed, settings["epochs"], settings["base_lr"], max_shift=settings["max_shift"]))
@@ -292,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     total_steps = sum(config.steps(len(data.x_train)) for _, config in configs)
     report: dict[str, Any] = {
         "benchmark": "bkn train-demo",
-        "measures": "test accuracy in eval mode (running statistics) of DigitsResNet on sklearn digits",
+        "measures": f"test accuracy in eval mode (running statistics) of {settings['network']} on sklearn digits",
         "settings": {**settings, "reference_batch": 32, "lr_rule": "base_lr * batch_size / 32, cosine decay"},
         "data": {"train": len(data.x_train), "test": len(data.x_test), "split_seed": 0},
         "environment": _environment(),
@@ -306,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
 
     def save() -> None:
         report["summary"] = summarize(report["runs"])
-        _write_atomic(results_path, (json.dumps(report, indent=2) + "\n").encode())
+        write_bytes_atomic(results_path, (json.dumps(report, indent=2) + "\n").encode())
 
     console.print(
         f"[bold]bkn train-demo[/]: {len(configs)} runs ({len(settings['normalizers'])} normalizers × "
@@ -335,7 +349,9 @@ def run(args: argparse.Namespace) -> int:
 
             entry: dict[str, Any] = {"normalizer": name, "batch_size": config.batch_size, "seed": config.seed}
             try:
-                build = functools.partial(digits_resnet, name, settings["width"], stem_stride=settings["stem_stride"])
+                build = functools.partial(
+                    build_network, settings["network"], name, settings["width"], stem_stride=settings["stem_stride"]
+                )
                 result = train_and_evaluate(build, data, config, on_step=advance)
                 entry["result"] = result.as_dict()
             except Exception as error:  # one failing setting must not lose the others
@@ -356,9 +372,12 @@ def run(args: argparse.Namespace) -> int:
             name: [(int(b), float(cell["mean"]), float(cell["std"])) for b, cell in by_batch.items()]
             for name, by_batch in report["summary"].items()
         },
-        title=f"Digits, eval-mode test accuracy ({len(settings['seeds'])} seed(s), {settings['epochs']:g} epochs)",
+        title=(
+            f"{settings['network']}, eval-mode test accuracy "
+            f"({len(settings['seeds'])} seed(s), {settings['epochs']:g} epochs)"
+        ),
     )
-    _write_atomic(plot_path, plot)
+    write_bytes_atomic(plot_path, plot)
 
     console.print(_table(report["summary"], settings))
     diverged = [r for r in report["runs"] if r.get("result") and not r["result"]["finite"]]

@@ -1,14 +1,35 @@
 """Plots for the benchmarks (matplotlib, Agg backend: no display needed).
 
-Functions return PNG bytes; callers write them (atomically) where they want.
+Functions return PNG bytes; callers write them (atomically) where they want. matplotlib
+comes with the ``[demo]`` extra and is imported on use
+(:class:`bkn_export.demo.DemoDependencyError` without it).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["accuracy_vs_batch_size_png"]
+from bkn_export.demo import missing_dependency
+
+__all__ = ["accuracy_vs_batch_size_png", "require_matplotlib"]
+
+
+def _agg_classes() -> tuple[Any, Any]:
+    """matplotlib's Agg canvas and Figure classes, or DemoDependencyError naming the extra."""
+    # The Agg canvas directly (no pyplot): no global backend switch, no display needed.
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise missing_dependency("matplotlib", "the accuracy plot (bkn_export.demo.plots)", error) from error
+    return FigureCanvasAgg, Figure
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`bkn_export.demo.DemoDependencyError` now if matplotlib is missing (before a long run)."""
+    _agg_classes()
 
 
 def accuracy_vs_batch_size_png(
@@ -20,10 +41,7 @@ def accuracy_vs_batch_size_png(
     summary: normaliser -> [(batch_size, mean_accuracy, std_accuracy), ...], accuracies
     as fractions in [0, 1]; plotted in percent with ±1 std error bars on a log2 x-axis.
     """
-    # The Agg canvas directly (no pyplot): no global backend switch, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    FigureCanvasAgg, Figure = _agg_classes()
     figure = Figure(figsize=(6.4, 4.4), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
