@@ -48,7 +48,6 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch

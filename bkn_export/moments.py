@@ -16,9 +16,15 @@ spatial size ``*`` of one sample ``(C, *)`` entering the step)::
         PoolSpec.from_module(nn.AvgPool2d(...)) / PoolSpec.from_call("avg_pool2d", args, kwargs)
     resample_moments(ResampleSpec, mean, variance, spatial) -> (mean, variance, out_spatial)
         ResampleSpec.from_module(nn.Upsample(...)) / ResampleSpec.from_call(args, kwargs) (F.interpolate)
-    conv_moments(conv_layer, mean, variance, spatial) -> (mean, variance, out_spatial)
+    conv_moments(conv_layer, mean, variance, spatial, *, input_padding=None, input_padding_mode="zeros")
+        -> (mean, variance, out_spatial)          (input_padding: a pad module just before the conv)
+    linear_path_moments([PoolSpec | ResampleSpec | PadSpec | conv_layer, ...], mean, variance, spatial)
+        -> (mean, variance, out_spatial)          (a run of linear steps around ≤ 1 conv, exactly)
     linear_moments(weight, bias, mean, variance) -> (mean, variance)
     normalized_output_moments(posterior_mean, posterior_variance, weight, bias, eps) -> (mean, variance)
+    max_of_normals_moments(count) -> (mean, variance)     of the max of `count` i.i.d. N(0, 1)
+
+Errors: :class:`MomentsError` (a ``ValueError``) names the unsupported layer, call or argument.
 
 The model (the assumption the authors' sampled prior makes): every position of every
 sample is an independent draw, channel c from N(mean_c, variance_c) at the entry of
@@ -32,8 +38,11 @@ output position p, by the law of total variance::
 
 Chained calls treat each step's output as Gaussian and its positions as independent
 again (moment matching); that, and the independence itself, are the approximations of
-a chain. Within one step everything is exact except where :data:`ACCURACY` or the
-function's docstring names a quadrature.
+a chain. After a window or an interpolation the positions are correlated: a run of
+linear steps is exact only as one :func:`linear_path_moments` call (step by step, e.g.
+bilinear ×2 → 3×3 conv misses the variance by 40 %; docs/prior.md). Within one step
+everything is exact except where :data:`ACCURACY` or the function's docstring names a
+quadrature.
 """
 
 from __future__ import annotations
@@ -120,26 +129,41 @@ def _mills_ratio(y: Tensor) -> Tensor:
     return torch.where(y < _MILLS_SWITCH, direct, 1.0 / (far + tail))
 
 
-def _probability_between(lo: Tensor, hi: Tensor) -> Tensor:
-    """P(lo ≤ Z < hi) for Z ~ N(0, 1), computed in the lower tail to avoid 1 − 1 cancellation:
-    Φ(−lo) − Φ(−hi) when lo > 0, else Φ(hi) − Φ(lo), i.e. s (erfc(s lo/√2) − erfc(s hi/√2))/2."""
-    sign = torch.where(lo > 0, 1.0, -1.0).to(lo.dtype)
-    return 0.5 * sign * (torch.special.erfc(sign * lo * _SQRT_HALF) - torch.special.erfc(sign * hi * _SQRT_HALF))
+class _Boundary:
+    """The standard-normal terms at one standardized breakpoint z = (b − μ)/σ (clamped to
+    ±_Z_LIMIT), shared by the two pieces that meet there: Φ(z), Φ(−z) and z^k φ(z)."""
+
+    def __init__(self, z: Tensor, order: int) -> None:
+        self.z = z.clamp(-_Z_LIMIT, _Z_LIMIT)
+        self.below = _cdf(self.z)
+        self.above = _cdf(-self.z)
+        pdf = _pdf(self.z)
+        self.powers = [pdf]  # z^k φ(z), k = 0..order−1
+        for _ in range(1, order):
+            self.powers.append(self.powers[-1] * self.z)
 
 
-def _partial_moments(lo: Tensor, hi: Tensor, order: int = 4) -> list[Tensor]:
-    """[E[Z^k · 1{lo ≤ Z < hi}] for k = 0..order], Z ~ N(0, 1); lo, hi clamped to ±_Z_LIMIT.
+def _partial_moments(lo: _Boundary | None, hi: _Boundary | None, order: int) -> list[Tensor | float]:
+    """[E[Z^k · 1{lo ≤ Z < hi}] for k = 0..order], Z ~ N(0, 1); None: ∓∞.
 
-    I_0 = Φ(hi) − Φ(lo), I_1 = φ(lo) − φ(hi), I_k = (k−1) I_{k−2} + lo^{k−1} φ(lo) − hi^{k−1} φ(hi).
+    I_0 = P(lo ≤ Z < hi), taken in the lower tail (Φ(−lo) − Φ(−hi) when lo > 0) so that it
+    does not cancel; I_1 = φ(lo) − φ(hi); I_k = (k−1) I_{k−2} + lo^{k−1} φ(lo) − hi^{k−1} φ(hi).
     """
-    lo = lo.clamp(-_Z_LIMIT, _Z_LIMIT)
-    hi = hi.clamp(-_Z_LIMIT, _Z_LIMIT)
-    pdf_lo, pdf_hi = _pdf(lo), _pdf(hi)
-    moments = [_probability_between(lo, hi), pdf_lo - pdf_hi]
-    power_lo, power_hi = lo, hi
-    for k in range(2, order + 1):
-        moments.append((k - 1) * moments[k - 2] + power_lo * pdf_lo - power_hi * pdf_hi)
-        power_lo, power_hi = power_lo * lo, power_hi * hi
+    if lo is None and hi is None:
+        probability: Tensor | float = 1.0
+    elif lo is None:
+        assert hi is not None
+        probability = hi.below
+    elif hi is None:
+        probability = lo.above
+    else:
+        probability = torch.where(lo.z > 0, lo.above - hi.above, hi.below - lo.below)
+    moments: list[Tensor | float] = [probability]
+    for k in range(1, order + 1):
+        edge_lo = 0.0 if lo is None else lo.powers[k - 1]
+        edge_hi = 0.0 if hi is None else hi.powers[k - 1]
+        previous = (k - 1) * moments[k - 2] if k >= 2 else 0.0
+        moments.append(previous + edge_lo - edge_hi)
     return moments
 
 
@@ -170,16 +194,23 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
     """
     std = _std(variance)
     quadratic = any(not isinstance(piece.c2, float) or piece.c2 != 0.0 for piece in pieces)
+    order = 4 if quadratic else 2
+    boundaries: dict[float, _Boundary] = {}
+    for piece in pieces:
+        for edge in (piece.lo, piece.hi):
+            if edge is not None and edge not in boundaries:
+                boundaries[edge] = _Boundary((edge - mean) / std, order)
     parts = []
     for piece in pieces:
-        lo = torch.full_like(mean, -_Z_LIMIT) if piece.lo is None else (piece.lo - mean) / std
-        hi = torch.full_like(mean, _Z_LIMIT) if piece.hi is None else (piece.hi - mean) / std
+        lo = None if piece.lo is None else boundaries[piece.lo]
+        hi = None if piece.hi is None else boundaries[piece.hi]
         d0 = piece.c0 + piece.c1 * mean + piece.c2 * mean * mean
         d1 = (piece.c1 + 2.0 * piece.c2 * mean) * std
         d2 = piece.c2 * std * std
-        parts.append((d0, d1, d2, _partial_moments(lo, hi, 4 if quadratic else 2)))
-    out_mean = sum(d0 * i[0] + d1 * i[1] + d2 * i[2] for d0, d1, d2, i in parts)
-    assert isinstance(out_mean, Tensor)
+        parts.append((d0, d1, d2, _partial_moments(lo, hi, order)))
+    out_mean = torch.zeros_like(mean)
+    for d0, d1, d2, i in parts:
+        out_mean = out_mean + d0 * i[0] + d1 * i[1] + d2 * i[2]
     out_variance = torch.zeros_like(out_mean)
     for d0, d1, d2, i in parts:
         e0 = d0 - out_mean
@@ -234,16 +265,14 @@ def _exponential_linear_moments(
     The variance is centred on the mean, piece by piece.
     """
     std = _std(variance)
-    positive = _Piece(0.0, None, 0.0, scale)
-    positive_mean, _ = _piecewise_quadratic_moments([positive], mean, variance)
-    p_negative = _cdf(-mean / std)
+    zero = _Boundary(-mean / std, 2)
+    i = _partial_moments(zero, None, 2)  # truncated moments of Z over the positive piece
+    p_negative = zero.below
     e1 = _exponential_partial(rate, mean, std)
     e2 = _exponential_partial(2.0 * rate, mean, std)
     amplitude = scale * alpha
-    out_mean = positive_mean + amplitude * (e1 - p_negative)
-    # E[(scale·X − m)² 1{X ≥ 0}] from the truncated moments of Z, centred on m.
-    z0 = -mean / std
-    i = _partial_moments(z0, torch.full_like(mean, _Z_LIMIT))
+    out_mean = scale * (mean * i[0] + std * i[1]) + amplitude * (e1 - p_negative)
+    # E[(scale·X − m)² 1{X ≥ 0}], centred on m.
     e0 = scale * mean - out_mean
     d1 = scale * std
     positive_part = e0 * e0 * i[0] + 2.0 * e0 * d1 * i[1] + d1 * d1 * i[2]
@@ -1373,10 +1402,16 @@ def linear_path_moments(
         raise MomentsError("linear_path_moments: at most one Conv/ConvTranspose per path")
     dtype, device = mean.dtype, mean.device
     rank = len(spatial)
-    split = steps.index(convs[0]) if convs else len(steps)
+    split = len(steps)
+    for k, step in enumerate(steps):
+        if isinstance(step, torch.nn.modules.conv._ConvNd):
+            split = k
     before, after = list(steps[:split]), list(steps[split + 1 :])
-    pre_scale = math.prod(_global_scale(step) for step in before)
-    post_scale = math.prod(_global_scale(step) for step in after)
+    pre_scale, post_scale = 1.0, 1.0
+    for step in before:
+        pre_scale *= _global_scale(step)
+    for step in after:
+        post_scale *= _global_scale(step)
     mean, variance = mean * pre_scale, variance * pre_scale * pre_scale
     # per-dim matrices before the conv
     pre: list[Tensor] = []
@@ -1453,8 +1488,9 @@ def linear_path_moments(
     out_mean = centred_mean
     if bias is not None:
         b = bias.to(dtype)
-        beta_mean = math.prod(bias_means) if rank else torch.ones((), dtype=dtype)
-        beta_square = math.prod(bias_squares) if rank else torch.ones((), dtype=dtype)
+        beta_mean, beta_square = bias_means[0], bias_squares[0]
+        for d in range(1, rank):
+            beta_mean, beta_square = beta_mean * bias_means[d], beta_square * bias_squares[d]
         out_mean = out_mean + b * beta_mean
         mean_of_square = mean_of_square + b * b * beta_square + 2 * b * (tap_mean * bias_cross).sum(dim=kernel_dims)
     spread = (mean_of_square - out_mean * out_mean).clamp_min(0.0)

@@ -33,8 +33,9 @@ gradients) and the forward's inputs without β (its gradient needs no input).
 
 :func:`kalman_norm_step` is what the modules call: the op itself, except in plain eager
 CPU execution, where it runs the CPU row of the table through an ``autograd.Function``
-directly (same functions, bit for bit the same results) because the op's dispatch layers
-cost about a third of a small layer's training step.
+directly (same functions, bit for bit the same results), skipping the op's dispatch layers:
+about 50 µs of a training step (forward + backward of a (2, 4, 2, 2) input: ~235 µs through
+the op, ~185 µs this way; torch 2.13, 1 thread).
 """
 
 from __future__ import annotations
@@ -326,8 +327,8 @@ class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
     """The op's CPU row and autograd without torch.library's Python dispatch (see the module docstring).
 
     ``forward`` takes ``ctx`` instead of a separate ``setup_context``: with the latter,
-    ``apply`` binds the arguments through ``inspect.signature`` on every call (~25 µs, a
-    tenth of a small layer's step here). Neither this nor the op supports torch.func
+    ``apply`` binds the arguments through ``inspect.signature`` on every call (~25 µs here,
+    against ~185 µs for a whole step on a tiny input). Neither this nor the op supports torch.func
     transforms (torch.library's registered autograd is ctx-style too, torch 2.13).
     """
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bkn_export.demo.data import load_digits_split
+from bkn_export.demo.models import digits_resnet
 from bkn_export.export import export_onnx
 from bkn_export.export.training import check_feeds, check_training_model, running_stat_names
-from bkn_export.demo.models import digits_resnet
 from bkn_export.nn import _BatchKalmanNorm
 
 

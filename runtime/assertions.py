@@ -26,6 +26,27 @@ def _as_arrays(inputs: Any) -> list[np.ndarray]:
     return arrays
 
 
+def _cast_to_onnx_inputs(arrays: list[np.ndarray], path: Path) -> list[np.ndarray]:
+    """Floating inputs cast to the ONNX file's floating input dtypes (e.g. float32 -> float16 for an fp16 export).
+
+    The PyTorch reference gets the cast values back in its own dtype (run_parity), so both
+    sides see the same numbers. Other mismatches are left for run_parity to reject.
+    """
+    import ml_dtypes
+    import onnx
+
+    from runtime.model_io import tensor_specs
+
+    specs, _ = tensor_specs(onnx.load(str(path), load_external_data=False))
+    floating = ("float16", "bfloat16", "float32", "float64")
+    cast = []
+    for array, spec in zip(arrays, specs):
+        if array.dtype.name in floating and spec.dtype in floating and array.dtype.name != spec.dtype:
+            array = array.astype(ml_dtypes.bfloat16 if spec.dtype == "bfloat16" else spec.dtype)
+        cast.append(array)
+    return cast + arrays[len(specs) :]
+
+
 def _as_tensors(arrays: Sequence[np.ndarray]) -> tuple[Any, ...]:
     import torch
 
@@ -81,6 +102,7 @@ def assert_parity(
             export_onnx(model, _as_tensors(arrays), path, mode=mode, **dict(export_options or {}))
         if report_dir is not None:
             Path(report_dir).mkdir(parents=True, exist_ok=True)
+        arrays = _cast_to_onnx_inputs(arrays, path)
         report = run_parity(
             model, path, arrays, mode=mode, runtimes=runtimes, atol=atol, rtol=rtol, tolerances=tolerances,
             custom_op_libraries=custom_op_libraries, plugin_libraries=plugin_libraries, criteria=criteria,

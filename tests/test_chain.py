@@ -392,3 +392,21 @@ def test_channels_of_a_part_without_normalization_get_prior_weight_zero() -> Non
     assert layer.transition == "propagate"
     torch.testing.assert_close(layer.prior_weight, torch.tensor([0.5] * 4 + [0.0] * 2))
     assert "channels 4:6 have no normalization upstream" in describe_chain(model)[1].note
+
+
+def test_a_squeeze_excitation_gate_is_named_as_an_approximation() -> None:
+    class SqueezeExcite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn1, self.conv, self.bn2 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.reduce, self.expand = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.bn1(x))
+            gate = torch.sigmoid(self.expand(torch.relu(self.reduce(F.adaptive_avg_pool2d(h, 1)))))
+            return self.bn2(self.conv(h * gate))
+
+    model = convert_batchnorm(SqueezeExcite(), torch.randn(2, 4, 6, 6))
+    link = describe_chain(model)[1]
+    assert link.transition == "propagate"
+    assert any(a.startswith("gate(") and "independent" in a for a in link.approximations), link.approximations

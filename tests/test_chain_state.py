@@ -14,6 +14,7 @@ import io
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from bkn_export import convert_batchnorm, describe_chain
 from bkn_export.chain.scope import ROOT_ATTRIBUTE, scratch_for
@@ -85,7 +86,8 @@ def _depends_on(node: torch.fx.Node, target: torch.fx.Node) -> bool:
 def test_compile_train_step_matches_eager() -> None:
     model = _model()
     eager = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     x_eager = x.detach().clone().requires_grad_()
     y, y_eager = compiled(x), eager(x_eager)
@@ -98,6 +100,8 @@ def test_compile_train_step_matches_eager() -> None:
     for (name, b), (_, b_eager) in zip(model.named_buffers(), eager.named_buffers()):
         torch.testing.assert_close(b, b_eager, msg=name)
     assert _closed(model)
+    compiled(torch.randn(2, 3, 8, 8, requires_grad=True))
+    assert counter.frame_count == 1  # one graph: the per-call scratch causes no recompilation
 
 
 def test_a_deep_copy_is_a_chain_of_its_own() -> None:

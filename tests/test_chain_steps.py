@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from bkn_export import moments
 from bkn_export.chain.steps import (
     Affine,
+    ChannelPad,
     Channels,
     Elementwise,
     Flatten,
@@ -29,6 +30,7 @@ from bkn_export.chain.steps import (
     Reshape,
     ScaleShift,
     Step,
+    Subsample,
     apply_steps,
     commute_max_pools,
     predict_steps,
@@ -110,6 +112,10 @@ PATHS: dict[str, tuple[Step, ...]] = {
     "elu → bilinear ×2": (Elementwise("elu", (("alpha", 1.0),)), _BILINEAR_2),
     "max pool 2 → conv": (_MAX_2, Affine("conv")),
     "silu → channels 1:3": (Elementwise("silu"), Channels(1, 3)),
+    "relu → every 2nd position → zero channels → conv 1x1 stride 2": (
+        Elementwise("relu"), Subsample((0, 1), (2, 2)), ChannelPad(0, 0), Affine("conv_1x1"),
+    ),
+    "elu → zero channels (option A shortcut)": (Elementwise("elu", (("alpha", 1.0),)), ChannelPad(2, 3)),
     "silu → squeeze-excitation gate → conv 1x1": (
         Elementwise("silu"),
         Gate((_GLOBAL_MEAN, Affine("se_reduce"), Elementwise("silu"), Affine("se_expand"), Elementwise("sigmoid"))),

@@ -35,8 +35,8 @@ from bkn_export import (
     describe_chain,
     wire_chain,
 )
-from bkn_export.distributed import combine_batch_statistics
 from bkn_export.demo.models import digits_resnet
+from bkn_export.distributed import combine_batch_statistics
 from bkn_export.nn import Transition
 
 WORLD_SIZE = 2

@@ -22,6 +22,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from bkn_export import BatchKalmanNorm1d, KalmanOptions, convert_batchnorm, describe_chain, wire_chain
+from bkn_export.demo.models import digits_resnet
 from bkn_export.errors import BKNInputError, ExportError, ModelFileError
 from bkn_export.export import export_onnx, op_spec
 from bkn_export.export.training import (
@@ -33,7 +34,6 @@ from bkn_export.export.training import (
     export_training,
     running_stat_names,
 )
-from bkn_export.demo.models import digits_resnet
 from bkn_export.nn import _BatchKalmanNorm
 
 ORT_LEVELS = [

@@ -308,19 +308,10 @@ def test_non_finite_conv_weight_is_refused_naming_the_parameter(
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("mode", ["inference", "training"])
 def test_dynamic_spatial_on_flatten_linear_is_an_export_error(
-    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], mode: str
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if mode == "training":
-        source = Path(models)
-        source.write_text(
-            source.read_text()
-            + "\nfrom bkn_export import convert_batchnorm\n"
-            + "def converted():\n    return convert_batchnorm(flatten_linear(), torch.randn(2, 1, 8, 8))\n"
-        )
-    spec = f"{models}:{'flatten_linear' if mode == 'inference' else 'converted'}"
-    code, err = run_cli(export_argv(spec, tmp_path / "m.onnx", "--dynamic-spatial", "--mode", mode), capsys)
+    code, err = run_cli(export_argv(f"{models}:flatten_linear", tmp_path / "m.onnx", "--dynamic-spatial"), capsys)
     assert code == 1
     assert_one_line(err, "ExportError", "dynamic_spatial", "[16, 16]", "needs fixed spatial sizes")
     assert not (tmp_path / "m.onnx").exists()

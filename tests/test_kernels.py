@@ -40,12 +40,13 @@ import pytest
 import torch
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bkn_export
 from bkn_export import functional as Fk
+from bkn_export.demo.models import digits_resnet
 from bkn_export.errors import BKNInputError
 from bkn_export.kernels import layout
-from bkn_export.demo.models import digits_resnet
 
 EPS = 1e-5
 _OUTPUT_RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
@@ -425,6 +426,33 @@ def _check_compiles(monkeypatch: pytest.MonkeyPatch, case: Case, fallback_ratio:
     for kernel, args, kwargs in calls:
         compiled = _compile_for_hopper(kernel, args, dict(kwargs))
         assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin"
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Records every read of a tensor value by the host (``.item()``, ``bool(t)``, ``float(t)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fallback_ratio", [0.0, 2.0], ids=["no-rule", "rule"])
+def test_launchers_read_no_tensor_value_on_the_host(monkeypatch: pytest.MonkeyPatch, fallback_ratio: float) -> None:
+    """Launch decisions (path, grid, the fallback rule's kernels) use shapes and Python floats only.
+
+    Both launchers run with their kernels recorded instead of launched; no tensor value is
+    read back (on a GPU that would be a host synchronisation), with or without the rule.
+    """
+    pytest.importorskip("triton", reason="the launchers import triton (pip install triton)")
+    with _ScalarReads() as mode:
+        calls = _recorded_kernel_calls(monkeypatch, Case((4, 6, 5, 7), F32), fallback_ratio, affine=True)
+    assert len(calls) == (8 if fallback_ratio > 0 else 2)
+    assert mode.reads == []
 
 
 @pytest.mark.parametrize(("case", "fallback_ratio", "affine"), _COMPILE_DEFAULT, ids=str)

@@ -118,6 +118,9 @@ def test_parity_exit_2_when_no_chosen_runtime_is_available(
 def test_list_runtimes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["parity", SPEC, "unused.onnx", "--list-runtimes"]) == 0
     assert "ort:cpu:all" in capsys.readouterr().out
+    assert main(["parity", "--list-runtimes"]) == 0  # no model needed to list
+    out = capsys.readouterr().out
+    assert "openvino" in out and "tensorrt" in out
 
 
 def test_demo_trains_exports_both_modes_and_reports_parity(tmp_path: Path) -> None:

@@ -108,3 +108,15 @@ def test_runtime_without_bf16_kernels_is_unavailable_for_the_dtype_not_failed(tm
     reference = next(r for r in report.runtimes if r.runtime == "reference")
     assert reference.status == "passed", reference
     assert reference.outputs[0].dtype == "bfloat16" and reference.outputs[0].tolerance.atol == 1e-2
+
+
+def test_api_fp16_export_is_checked_against_the_float32_model() -> None:
+    """assert_parity (and so the fixture) exports fp16 and casts the float32 example inputs at the boundary."""
+    from runtime import assert_parity
+
+    report = assert_parity(
+        trained_digits(), torch.randn(3, 1, 8, 8), runtimes="ort:cpu:all", export_options={"fp16": True}
+    )
+    assert report.inputs[0].dtype == "float16"
+    (result,) = report.ran
+    assert result.outputs[0].dtype == "float16" and result.outputs[0].tolerance.atol == 1e-3

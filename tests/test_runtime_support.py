@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bkn_export.export import export_onnx
 from bkn_export.demo.models import digits_resnet
+from bkn_export.export import export_onnx
 
 _WORKDIR = Path(tempfile.mkdtemp(prefix="bkn-runtime-tests-"))
 

@@ -27,7 +27,6 @@ from bkn_export.demo.models import (
     make_norm,
 )
 from bkn_export.demo.plots import accuracy_vs_batch_size_png
-from bkn_export.nn import BatchKalmanNorm2d, KalmanOptions
 from bkn_export.demo.training import (
     REFERENCE_BATCH,
     TrainConfig,
@@ -37,6 +36,7 @@ from bkn_export.demo.training import (
     shift_augment,
     train_and_evaluate,
 )
+from bkn_export.nn import BatchKalmanNorm2d, KalmanOptions
 
 TINY = ["--batch-sizes", "4", "--seeds", "1", "--epochs", "0.05"]
 
@@ -193,7 +193,9 @@ def test_evaluation_uses_running_statistics(digits) -> None:  # type: ignore[no-
     assert loss_full == pytest.approx(loss_small, rel=1e-5)
 
 
-@pytest.mark.parametrize(("network", "stem_stride"), [("digits_resnet", 1), ("digits_resnet", 2), ("digits_silu_pool", 2)])
+@pytest.mark.parametrize(
+    ("network", "stem_stride"), [("digits_resnet", 1), ("digits_resnet", 2), ("digits_silu_pool", 2)]
+)
 @pytest.mark.parametrize("norm", NORMALIZERS)
 def test_demo_net_trains_at_batch_size_1(network: str, norm: str, stem_stride: int) -> None:
     """Every normalizer of the demo nets sees (1, C, H, W) with H·W ≥ 4; none sees (1, C)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from bkn_export import moments
 from bkn_export.chain.record import SourcePath
-from bkn_export.chain.steps import Affine, Elementwise, Identity, Pool, Reshape, Step
+from bkn_export.chain.steps import Affine, Elementwise, Gate, Identity, Pool, Reshape, Step
 from bkn_export.chain.wire import bkn_layers
 from bkn_export.chain.wiring import Wiring
 
@@ -51,7 +51,15 @@ def _steps(paths: tuple[SourcePath, ...]) -> Iterator[Step]:
     for path in paths:
         if path.origin is not None:
             yield from _steps(path.origin.sources)
-        yield from path.steps
+        yield from _flat(path.steps)
+
+
+def _flat(steps: tuple[Step, ...]) -> Iterator[Step]:
+    """Steps in order, a gate's own branch before the gate."""
+    for step in steps:
+        if isinstance(step, Gate):
+            yield from _flat(step.branch)
+        yield step
 
 
 def _approximation(step: Step) -> str:
@@ -61,6 +69,8 @@ def _approximation(step: Step) -> str:
     if isinstance(step, Elementwise):
         note = accuracy.get(step.kind, "")
         return "" if not note or note.startswith("exact") else f"{step.describe()}: {note}"
+    if isinstance(step, Gate):
+        return f"{step.describe()}: the gate is taken as independent of the values it scales"
     if isinstance(step, Reshape) and step.spatial:
         return f"{step.describe()}: spatial size fixed to the example's"
     if isinstance(step, Identity) and step.what == "dropout":

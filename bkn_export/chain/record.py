@@ -5,7 +5,8 @@ remembers, for every tensor, the node that produced it: forward hooks on the mod
 understands (normalizations, Conv/ConvTranspose/Linear, activations, pooling, upsampling,
 dropout, flatten, zero padding) and a ``TorchFunctionMode`` for functional ops and tensor
 methods (``F.relu``, ``x.relu_()``, ``torch.cat``, ``+`` / ``+=``, ``x.flatten``,
-``x.mean((2, 3))``, ``x[:, a:b]``, ``split``, ``F.interpolate`` ...). Ops inside a recognised
+``x.mean((2, 3))``, ``x[:, a:b]``, ``split``, ``F.interpolate``, ``F.pad``, arithmetic with
+numbers, ``clamp`` ...). Ops inside a recognised
 module (a conv's own ``F.conv2d``, a BatchNorm's ``F.batch_norm``) are not recorded again.
 An in-place op makes itself the tensor's new producer. Tensors are keyed by ``id`` with a
 weak reference, so a dead tensor's reused id is never mistaken for it.
@@ -34,10 +35,14 @@ Choices and limits, each named in the notes where it applies:
 * A Conv subclass that pads explicitly and then calls ``F.conv2d`` with its own weight
   (TensorFlow-style "same" padding) is that conv with the padding folded in, if the padding
   is symmetric; asymmetric padding falls back.
+* ``x * g`` with ``g`` of shape (N, C, 1, ...) computed from ``x`` by steps alone
+  (squeeze-and-excitation) is a :class:`~bkn_export.chain.steps.Gate` step (an
+  approximation, stated there); ``x * sigmoid(x)``, ``x * relu6(x + 3) / 6`` and
+  ``x * tanh(softplus(x))`` written out are SiLU, Hardswish and Mish.
 * A max pooling right after a nondecreasing activation is moved in front of it (exact:
   they commute; see :func:`bkn_export.chain.steps.commute_max_pools`).
 * Where a step that combines positions (a conv with a window, a pooling, bilinear
-  resampling) reads positions that an earlier step of the path made dependent
+  resampling) reads positions that an earlier step of the path left dependent or unlike
   (resampling, overlapping or padded windows), the note says its variance is approximate:
   the moments take positions as independent.
 * A Linear layer is understood on ``(N, C)`` inputs only (its features are the channels).
@@ -60,6 +65,7 @@ from torch.overrides import TorchFunctionMode
 from bkn_export import moments
 from bkn_export.chain.steps import (
     Affine,
+    ChannelPad,
     Channels,
     Elementwise,
     Flatten,
@@ -70,6 +76,7 @@ from bkn_export.chain.steps import (
     Reshape,
     ScaleShift,
     Step,
+    Subsample,
     commute_max_pools,
     step_from_dict,
 )
@@ -304,7 +311,7 @@ class _Unsupported(Exception):
 
 
 def _leaf_kind(module: nn.Module) -> str | None:
-    """'norm', 'activation', 'affine', 'pool', 'resample', 'dropout', 'flatten', 'identity' or None."""
+    """'norm', 'activation', 'affine', 'pool', 'resample', 'dropout', 'flatten', 'pad', 'identity' or None."""
     if is_normalization(module):
         return "norm"
     if _defining_class(module, _ACTIVATION_MODULES) is not None:
@@ -551,6 +558,21 @@ class _Recorder(TorchFunctionMode):
         self.producers[id(tensor)] = (weakref.ref(tensor), node)
         self.nodes.append(node)
 
+    def steps_node(
+        self, steps: tuple[Step, ...], source: tuple[_Node | None, Shape], out: Tensor | None
+    ) -> tuple[_Node | None, Shape]:
+        """Chain ``steps`` after ``source``; ``out`` (if given) is produced by the last. Returns the
+        last edge (intermediate shapes are taken as ``out``'s, or the source's)."""
+        shape = tuple(out.shape) if out is not None else source[1]
+        edge = source
+        for step in steps:
+            node = _Node("step", shape, (edge,), step=step)
+            self.nodes.append(node)
+            edge = (node, shape)
+        if out is not None and edge[0] is not None:
+            self.produce(out, edge[0])
+        return edge
+
     def step_node(self, step: Any, source: tuple[_Node | None, Shape], out: Tensor) -> None:
         if step is _TRANSPARENT:
             if source[0] is not None:
@@ -748,7 +770,13 @@ class _Recorder(TorchFunctionMode):
                 mode = "zeros"
             if any(pads) and mode not in ("zeros", "reflect", "replicate", "circular"):
                 raise _Unsupported(label, f"{mode} padding {list(pads)}, value {value}")
-            self._pad(pads, mode, source, out, label)
+            spatial_pairs = 2 * (out.dim() - 2)
+            if len(pads) > spatial_pairs and any(pads[spatial_pairs:]):  # pads the channels (or the batch)
+                if len(pads) > spatial_pairs + 2 or mode != "zeros":
+                    raise _Unsupported(label, f"{mode} padding {list(pads)} beyond the channel dim")
+                before, after = pads[spatial_pairs], pads[spatial_pairs + 1]
+                source = self.steps_node((ChannelPad(before, after),), source, None)
+            self._pad(pads[:spatial_pairs], mode, source, out, label)
             return True
         if func in _DROPOUT_FUNCTIONS:
             self.step_node(Identity("dropout"), source, out)
@@ -760,7 +788,7 @@ class _Recorder(TorchFunctionMode):
             self.step_node(_reshape_step(tuple(first.shape), tuple(out.shape), label), source, out)
             return True
         if func is Tensor.__getitem__ and isinstance(first, Tensor):
-            self.step_node(_channel_index(args[1], first.shape, label), source, out)
+            self.steps_node(_index_steps(args[1], first.shape, label), source, out)
             return True
         if func in _NARROW_FUNCTIONS and isinstance(first, Tensor):
             dim, start = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "start")
@@ -936,6 +964,13 @@ class _Recorder(TorchFunctionMode):
             return True
         if not (isinstance(first, Tensor) and isinstance(other, Tensor)) or len(sources) != 2:
             raise _Unsupported(label, f"of {type(first).__name__} and {type(other).__name__}")
+        if first.shape == other.shape == out.shape:  # x · f(x), elementwise: a known activation written out?
+            for x, factor in ((sources[0], sources[1]), (sources[1], sources[0])):
+                steps = _SELF_GATED.get(_branch_from(factor[0], x[0]) or ())
+                if steps is not None and x[0] is not None:
+                    self.steps_node(steps, x, out)
+                    return True
+            raise _Unsupported(label, "of x by a function of x that is no known activation")
         if first.shape == out.shape and _is_gate_shape(other.shape, out.shape):
             x, gate = sources[0], sources[1]
         elif other.shape == out.shape and _is_gate_shape(first.shape, out.shape):
@@ -947,6 +982,21 @@ class _Recorder(TorchFunctionMode):
             raise _Unsupported(label, "by a gate that is not computed from the gated tensor by steps alone")
         self.step_node(Gate(branch), x, out)
         return True
+
+
+_HARD_SIGMOID_TIMES_6 = (ScaleShift(1.0, 3.0), Elementwise("relu6"))
+_CLAMPED_TIMES_6 = (ScaleShift(1.0, 3.0), Elementwise("hardtanh", (("min_val", 0.0), ("max_val", 6.0))))
+
+#: x · f(x) written out, by the steps of f: the activation it is (and a scale, where f lacks its "/ 6").
+_SELF_GATED: dict[tuple[Step, ...], tuple[Step, ...]] = {
+    (Elementwise("sigmoid"),): (Elementwise("silu"),),
+    (Elementwise("hardsigmoid"),): (Elementwise("hardswish"),),
+    (*_HARD_SIGMOID_TIMES_6, ScaleShift(1 / 6, 0.0)): (Elementwise("hardswish"),),
+    (*_CLAMPED_TIMES_6, ScaleShift(1 / 6, 0.0)): (Elementwise("hardswish"),),
+    _HARD_SIGMOID_TIMES_6: (Elementwise("hardswish"), ScaleShift(6.0, 0.0)),
+    _CLAMPED_TIMES_6: (Elementwise("hardswish"), ScaleShift(6.0, 0.0)),
+    (Elementwise("softplus", (("beta", 1.0), ("threshold", 20.0))), Elementwise("tanh")): (Elementwise("mish"),),
+}
 
 
 def _is_gate_shape(gate: Sequence[int], full: Sequence[int]) -> bool:
@@ -982,19 +1032,35 @@ def _constant_step(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], la
     return ScaleShift(1.0, -float(other) * kwargs.get("alpha", 1))
 
 
-def _channel_index(index: Any, shape: torch.Size, label: str) -> Any:
-    """The step for ``x[index]`` on ``x: (N, C, *)`` if it keeps N and all positions: a channel
-    range ``x[:, a:b]`` (trailing full slices or ``...`` allowed) or nothing at all."""
+def _index_steps(index: Any, shape: torch.Size, label: str) -> tuple[Step, ...]:
+    """The steps for ``x[index]`` on ``x: (N, C, *)`` that keeps N: a channel range ``x[:, a:b]``
+    and/or strided positions ``x[:, :, i::s, j::t]`` (trailing full slices or ``...`` allowed)."""
     items = list(index) if isinstance(index, tuple) else [index]
     full = slice(None)
     while items and (items[-1] is Ellipsis or items[-1] == full):
         items.pop()
     if not items:
-        return _TRANSPARENT
-    if len(items) == 2 and items[0] == full and isinstance(items[1], slice) and items[1].step in (None, 1):
+        return ()
+    spatial = items[2:]
+    if (
+        items[0] != full
+        or len(items) > len(shape)
+        or not all(isinstance(item, slice) and item.step in (None, 1) for item in items[1:2])
+        or not all(isinstance(item, slice) and item.stop is None and (item.step or 1) > 0 for item in spatial)
+    ):
+        raise _Unsupported(label, f"index {index!r}: not a channel range and strided positions")
+    steps: list[Step] = []
+    if len(items) > 1 and items[1] != full:
         start, stop, _ = items[1].indices(shape[1])
-        return Channels(start, max(start, stop))
-    raise _Unsupported(label, f"index {index!r}: not a range of channels")
+        steps.append(Channels(start, max(start, stop)))
+    if spatial:
+        rank = len(shape) - 2
+        starts = [item.start or 0 for item in spatial] + [0] * (rank - len(spatial))
+        strides = [item.step or 1 for item in spatial] + [1] * (rank - len(spatial))
+        if any(a < 0 for a in starts):
+            raise _Unsupported(label, f"index {index!r}: positions counted from the end")
+        steps.append(Subsample(tuple(starts), tuple(strides)))
+    return tuple(steps)
 
 
 _PAD_MODULES: tuple[tuple[type, str], ...] = (
@@ -1227,12 +1293,17 @@ def _combines_positions(step: Step, modules: Mapping[str, nn.Module]) -> bool:
 
 def _makes_positions_dependent(step: Step, modules: Mapping[str, nn.Module]) -> bool:
     """A step after which positions are no longer independent and alike: resampling (copies or
-    blends neighbours), windows that overlap (kernel > stride), or padded pooling windows."""
+    blends neighbours), windows that overlap (kernel > stride), padded pooling windows, or a
+    strided transposed conv (each output phase uses other taps)."""
     if isinstance(step, Resample):
         return True
-    kernel, stride = _kernel_and_stride(step, modules)
     if isinstance(step, Pool) and any(step.spec.padding):
         return True
+    kernel, stride = _kernel_and_stride(step, modules)
+    if isinstance(step, Affine) and step.kind == "conv" and step.module in modules:
+        layer = modules[step.module]
+        if isinstance(layer, nn.modules.conv._ConvNd) and layer.transposed and any(s > 1 for s in stride):
+            return True
     return any(k > s for k, s in zip(kernel, stride))
 
 
@@ -1250,8 +1321,8 @@ def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) 
     for step in path.steps:
         if dependent is not None and _combines_positions(step, modules):
             notes.append(
-                f"{where}: approximate variance: {step.describe()} combines positions that {dependent} made "
-                "dependent, and the moments take them as independent"
+                f"{where}: approximate variance: {step.describe()} combines positions that {dependent} left "
+                "dependent or unlike, and the moments take them as independent and alike"
             )
             dependent = None  # one note per cause
         if _makes_positions_dependent(step, modules):

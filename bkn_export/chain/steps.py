@@ -19,13 +19,22 @@ turn into JSON-able dicts and back (for checkpoints).
 Modules are run with ``module.forward``, not ``__call__``: samples are not activations,
 so user hooks (feature extractors, activation recorders) must not see them.
 
+Steps: :class:`Elementwise` (activations), :class:`Pool`, :class:`Resample`,
+:class:`Affine` (Conv/ConvTranspose/Linear modules, with a pad folded in),
+:class:`Flatten`, :class:`Reshape`, :class:`Channels` (a channel range),
+:class:`ChannelPad` (zero channels), :class:`Subsample` (``x[:, :, ::2, ::2]``),
+:class:`ScaleShift` (arithmetic with numbers), :class:`Gate` (squeeze-and-excitation),
+:class:`Identity` (dropout). :func:`predict_steps` / :func:`apply_steps` run a tuple of them.
+
 Approximations, named here and by ``describe()``:
 
 * :class:`Identity` steps (dropout, clone, ...) pass moments unchanged. Dropout in train
   mode scales kept entries by 1/(1-p), which raises the variance to
   ((v + m²)/(1-p) - m²); the path uses its eval-mode behaviour (identity), and
   ``apply`` does too, so ``sampled`` and ``propagate`` agree.
-* :class:`Reshape` fixes the spatial size to the one recorded on the example forward.
+* :class:`Reshape` fixes the spatial size to the one recorded on the example forward,
+  and so does a :class:`Resample` to a fixed ``size``.
+* :class:`Gate` takes the gate as independent of the position it scales.
 * The accuracy of each elementwise kind and of max pooling is stated by
   :mod:`bkn_export.moments` (``ACCURACY``).
 """
@@ -46,6 +55,7 @@ from bkn_export.errors import ChainWiringError
 
 __all__ = [
     "Affine",
+    "ChannelPad",
     "Channels",
     "Elementwise",
     "Flatten",
@@ -56,6 +66,7 @@ __all__ = [
     "Reshape",
     "ScaleShift",
     "Step",
+    "Subsample",
     "apply_steps",
     "commute_max_pools",
     "predict_steps",
@@ -530,6 +541,60 @@ class Channels:
 
 
 @dataclass(frozen=True)
+class ChannelPad:
+    """Zero channels added before and after, ``F.pad`` over dim 1 (a ResNet "option A" shortcut
+    over a channel increase). Exact: the new channels have mean 0 and variance 0."""
+
+    before: int
+    after: int
+    step: ClassVar[str] = "channel_pad"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        return F.pad(mean, (self.before, self.after)), F.pad(variance, (self.before, self.after)), tuple(spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        return F.pad(sample, (0, 0) * (sample.dim() - 2) + (self.before, self.after))
+
+    def describe(self) -> str:
+        return f"zero channels +{self.before}/+{self.after}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "before": self.before, "after": self.after}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChannelPad:
+        return cls(int(data["before"]), int(data["after"]))
+
+
+@dataclass(frozen=True)
+class Subsample:
+    """Every ``stride``-th position from ``start`` per spatial dim, ``x[:, :, a::s, b::t]``.
+    Exact: positions are i.i.d., so the moments stay; the spatial size becomes
+    ceil((size − start) / stride)."""
+
+    start: tuple[int, ...]
+    stride: tuple[int, ...]
+    step: ClassVar[str] = "subsample"
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        sizes = tuple(-(-(size - a) // s) for size, a, s in zip(spatial, self.start, self.stride))
+        return mean, variance, sizes
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        return sample[(slice(None), slice(None), *(slice(a, None, s) for a, s in zip(self.start, self.stride)))]
+
+    def describe(self) -> str:
+        return f"subsample(start {self.start}, stride {self.stride})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "start": list(self.start), "stride": list(self.stride)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Subsample:
+        return cls(tuple(data["start"]), tuple(data["stride"]))
+
+
+@dataclass(frozen=True)
 class Identity:
     """Something that leaves the tensor as it is for the prior: dropout (its eval-mode
     behaviour; see the module docstring), ``nn.Identity``, clone.
@@ -559,11 +624,27 @@ class Identity:
         return cls(data["what"], data.get("module"))
 
 
-Step = Elementwise | Pool | Resample | Affine | Flatten | Reshape | ScaleShift | Gate | Channels | Identity
+Step = (
+    Elementwise
+    | Pool
+    | Resample
+    | Affine
+    | Flatten
+    | Reshape
+    | ScaleShift
+    | Gate
+    | Channels
+    | ChannelPad
+    | Subsample
+    | Identity
+)
 _STEP_TYPES: dict[str, type[Step]] = {
     cls.step: cls
-    for cls in (Elementwise, Pool, Resample, Affine, Flatten, Reshape, ScaleShift, Gate, Channels, Identity)
-}
+    for cls in (
+        Elementwise, Pool, Resample, Affine, Flatten, Reshape, ScaleShift, Gate, Channels, ChannelPad, Subsample,
+        Identity,
+    )
+}  # fmt: skip
 
 
 def step_from_dict(data: Mapping[str, Any]) -> Step:

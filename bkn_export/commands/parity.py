@@ -108,7 +108,7 @@ def parse_shape_set(text: str) -> list[tuple[str | None, tuple[int, ...]]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "targets",
-        nargs="+",
+        nargs="*",
         metavar="[SPEC] MODEL.onnx",
         help="model factory as pkg.module:factory (or path/to/file.py:factory) and the .onnx file to check; "
         "the .onnx file alone with --load-outputs",
@@ -221,7 +221,9 @@ def _targets(args: argparse.Namespace) -> tuple[str | None, str]:
                 "--load-outputs REF.json --load-inputs IN.json to compare with saved outputs"
             )
         return None, args.targets[0]
-    raise BKNInputError(f"expected [SPEC] MODEL.onnx, got {len(args.targets)} positional arguments")
+    raise BKNInputError(
+        f"expected [SPEC] MODEL.onnx, got {len(args.targets)} positional argument(s): {' '.join(args.targets)}"
+    )
 
 
 def _shape_sets(args: argparse.Namespace, specs: Any) -> list[dict[str, tuple[int, ...]]]:
