@@ -195,30 +195,42 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
     std = _std(variance)
     quadratic = any(not isinstance(piece.c2, float) or piece.c2 != 0.0 for piece in pieces)
     order = 4 if quadratic else 2
-    boundaries: dict[float, _Boundary] = {}
-    for piece in pieces:
-        for edge in (piece.lo, piece.hi):
-            if edge is not None and edge not in boundaries:
-                boundaries[edge] = _Boundary((edge - mean) / std, order)
-    parts = []
-    for piece in pieces:
-        lo = None if piece.lo is None else boundaries[piece.lo]
-        hi = None if piece.hi is None else boundaries[piece.hi]
-        d0 = piece.c0 + piece.c1 * mean + piece.c2 * mean * mean
-        d1 = (piece.c1 + 2.0 * piece.c2 * mean) * std
-        d2 = piece.c2 * std * std
-        parts.append((d0, d1, d2, _partial_moments(lo, hi, order)))
-    out_mean = torch.zeros_like(mean)
-    for d0, d1, d2, i in parts:
-        out_mean = out_mean + d0 * i[0] + d1 * i[1] + d2 * i[2]
-    out_variance = torch.zeros_like(out_mean)
-    for d0, d1, d2, i in parts:
-        e0 = d0 - out_mean
-        term = e0 * e0 * i[0] + 2.0 * e0 * d1 * i[1] + d1 * d1 * i[2]
-        if quadratic:
-            term = term + 2.0 * e0 * d2 * i[2] + 2.0 * d1 * d2 * i[3] + d2 * d2 * i[4]
-        out_variance = out_variance + term
-    return out_mean, out_variance.clamp_min(0.0)
+    dtype, device = mean.dtype, mean.device
+    # All pieces at once, stacked along a leading dim P: one op per formula, whatever P.
+    edges_lo = torch.tensor([-math.inf if p.lo is None else p.lo for p in pieces], dtype=dtype, device=device)
+    edges_hi = torch.tensor([math.inf if p.hi is None else p.hi for p in pieces], dtype=dtype, device=device)
+    edge_shape = (-1,) + (1,) * mean.dim()
+    lo = ((edges_lo.reshape(edge_shape) - mean) / std).clamp(-_Z_LIMIT, _Z_LIMIT)  # (P, *mean.shape)
+    hi = ((edges_hi.reshape(edge_shape) - mean) / std).clamp(-_Z_LIMIT, _Z_LIMIT)
+
+    def stacked(values: Sequence[_Coefficient]) -> Tensor:
+        return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).expand_as(mean) for v in values])
+
+    c0 = stacked([p.c0 for p in pieces])
+    c1 = stacked([p.c1 for p in pieces])
+    # I_0 in the lower tail (Φ(−lo) − Φ(−hi) when lo > 0), so that it does not cancel
+    sign = torch.where(lo > 0, 1.0, -1.0).to(dtype)
+    probability = 0.5 * sign * (torch.special.erfc(sign * lo * _SQRT_HALF) - torch.special.erfc(sign * hi * _SQRT_HALF))
+    pdf_lo, pdf_hi = _pdf(lo), _pdf(hi)
+    moments = [probability, pdf_lo - pdf_hi]  # I_k = (k−1) I_{k−2} + lo^{k−1} φ(lo) − hi^{k−1} φ(hi)
+    edge_lo, edge_hi = pdf_lo, pdf_hi
+    for k in range(2, order + 1):
+        edge_lo, edge_hi = edge_lo * lo, edge_hi * hi
+        moments.append((k - 1) * moments[k - 2] + edge_lo - edge_hi)
+    d0 = c0 + c1 * mean
+    d1 = c1 * std
+    out_mean = (d0 * moments[0] + d1 * moments[1]).sum(dim=0)
+    if quadratic:
+        c2 = stacked([p.c2 for p in pieces])
+        d0 = d0 + c2 * mean * mean
+        d1 = d1 + 2.0 * c2 * mean * std
+        d2 = c2 * std * std
+        out_mean = (d0 * moments[0] + d1 * moments[1] + d2 * moments[2]).sum(dim=0)
+    e0 = d0 - out_mean
+    terms = e0 * e0 * moments[0] + 2.0 * e0 * d1 * moments[1] + d1 * d1 * moments[2]
+    if quadratic:
+        terms = terms + 2.0 * e0 * d2 * moments[2] + 2.0 * d1 * d2 * moments[3] + d2 * d2 * moments[4]
+    return out_mean, terms.sum(dim=0).clamp_min(0.0)
 
 
 def _relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
@@ -1143,13 +1155,16 @@ def _borders_vary(
     return layer.padding == "same" or any(p != 0 for p in layer.padding)
 
 
-def _coverage_tables(index: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _coverage_tables(index: Tensor, dtype: torch.dtype, repeats: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """From a (L_out, K) index map: f (K,) = E_q[tap reads an input], h (K, K) = E_q[both taps read
-    inputs], g (K, K) = E_q[both taps read the same input]. Cost O(L_out · K²)."""
+    inputs], and when ``repeats``, g (K, K) = E_q[both taps read the same input] (else g = diag f,
+    not built). Cost O(L_out · K²)."""
     valid = (index >= 0).to(dtype)
     count = index.shape[0]
     fraction = valid.mean(dim=0)
     pairs = valid.transpose(0, 1) @ valid / count
+    if not repeats:
+        return fraction, pairs, None
     same = ((index.unsqueeze(2) == index.unsqueeze(1)) & (index >= 0).unsqueeze(2)).to(dtype).mean(dim=0)
     return fraction, pairs, same
 
@@ -1237,6 +1252,7 @@ def conv_moments(
             _coverage_tables(
                 _conv_index_map(layer, d, spatial[d], pre_padding[d], input_padding_mode),
                 dtype,
+                repeats,
             )
             for d in range(rank)
         ]
@@ -1246,7 +1262,7 @@ def conv_moments(
         tap_mean = _per_tap(weight, groups, transposed, mean)
         centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
         if repeats:  # Σ_i σ²_i Σ_{t,t'} W W' Π_d g_d: apply each g_d along its kernel dim of W
-            same = [table[2] for table in tables]
+            same = [table[2] for table in tables if table[2] is not None]
             quadratic = (weight * _apply_along_kernel(weight, same, 2)).sum(dim=[k + 1 for k in kernel_dims])
             blocks = quadratic.reshape(groups, -1, quadratic.shape[1])  # (g, C_out/g, C_in/g)
             mean_of_variance = (blocks @ variance.reshape(groups, -1, 1)).reshape(-1)

@@ -266,3 +266,12 @@ def test_load_outputs_bad_input_exits_2(
     argv = ["parity", str(exported_digits("inference")), *[mapping.get(a, a) for a in extra]]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_npz_inputs_load_as_one_set_and_pickles_are_refused(tmp_path: Path) -> None:
+    feed = _feeds()[0]
+    np.savez(tmp_path / "in.npz", **feed)
+    _equal(polygraphy_io.load_inputs(tmp_path / "in.npz"), [feed])
+    np.savez(tmp_path / "pickled.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(SavedDataError, match="cannot read it as an .npz archive"):
+        polygraphy_io.load_inputs(tmp_path / "pickled.npz")

@@ -738,6 +738,8 @@ class _Recorder(TorchFunctionMode):
         if func in _ELEMENTWISE_FUNCTIONS:
             kind, defaults = _ELEMENTWISE_FUNCTIONS[func]
             params = tuple((n, _arg(args, kwargs, i + 1, n, d)) for i, (n, d) in enumerate(defaults))
+            if not all(isinstance(value, (int, float, str, bool)) for _, value in params):
+                raise _Unsupported(label, f"with parameters {dict(params)} that are not plain numbers")
             self.step_node(Elementwise(kind, params), source, out)
             return True
         if func is F.prelu:

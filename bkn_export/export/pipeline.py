@@ -26,7 +26,6 @@ statistics, posteriors) follow under their own documented names.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -405,8 +404,3 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
         if len(checked) == 2:
             break
     return checked
-
-
-def example_bytes(inputs: Sequence[Tensor]) -> int:
-    """Bytes held by the example tensors."""
-    return sum(math.prod(t.shape) * t.element_size() for t in inputs)
