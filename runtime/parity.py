@@ -195,7 +195,7 @@ def run_parity(
     localise_failures: bool = True,
     localise_method: str = "auto",
     progress: Progress | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     model_description: str = "",
     *,
     criteria: Criteria | None = None,
@@ -210,7 +210,8 @@ def run_parity(
 
     inputs: arrays keyed by ONNX input name, a sequence in graph-input order, a sequence of
     such dicts (several input sets: iterations, shapes; see :func:`runtime.model_io.input_sets`),
-    or None for seeded standard-normal inputs (named dims: batch 2). mode: "inference"
+    or None for seeded standard-normal inputs (named dims: batch 2). seed: of the random
+    inputs (reported; give None when the inputs were loaded, not made). mode: "inference"
     (eval forward) or "training" (BKN layers in train mode, every other module in eval,
     on a copy: what the training export computes); None detects it from the graph.
     atol / rtol: override the dtype defaults for every output; ``tolerances`` per output;
@@ -238,7 +239,7 @@ def run_parity(
     if inputs is None:
         if reference_outputs is not None:
             raise BKNInputError("saved reference outputs need the inputs they were computed from (--load-inputs)")
-        inputs = random_inputs(input_specs, seed=seed)
+        inputs = random_inputs(input_specs, seed=seed or 0)
     feeds = [check_inputs(input_specs, feed) for feed in _as_feeds(inputs, input_specs)]
     mode = mode or detect_mode(onnx_model)
     if mode not in ("inference", "training"):
@@ -279,7 +280,7 @@ def run_parity(
         model_description=model_description,
         uncompared_outputs=[name for name in onnx_outputs if name not in references[0]],
         criteria=policy.criteria,
-        seed=seed if inputs is None or reference_outputs is None else None,
+        seed=seed if reference_outputs is None else None,
         input_sets=[[TensorSpec(s.name, s.dtype, tuple(f[s.name].shape)) for s in input_specs] for f in feeds],
         notes=notes,
     )

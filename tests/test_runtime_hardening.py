@@ -251,3 +251,16 @@ def test_a_missing_external_data_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "external.data").unlink()
     with pytest.raises(ModelFileError, match=r"external data file that is missing.*external\.data"):
         run_parity(trained_digits(), path, digits_inputs())
+
+
+def test_a_report_path_that_is_a_symlink_is_replaced_not_written_through(tmp_path: Path) -> None:
+    from runtime.report import write_json
+
+    target = tmp_path / "elsewhere.json"
+    target.write_text("keep me\n")
+    link = tmp_path / "report.json"
+    link.symlink_to(target)
+    report = run_parity(trained_digits(), exported_digits("inference"), digits_inputs(), runtimes="reference")
+    write_json(report, link)
+    assert not link.is_symlink() and json.loads(link.read_text())["passed"]
+    assert target.read_text() == "keep me\n"

@@ -273,5 +273,5 @@ def test_npz_inputs_load_as_one_set_and_pickles_are_refused(tmp_path: Path) -> N
     np.savez(tmp_path / "in.npz", **feed)
     _equal(polygraphy_io.load_inputs(tmp_path / "in.npz"), [feed])
     np.savez(tmp_path / "pickled.npz", x=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(SavedDataError, match="cannot read it as an .npz archive"):
+    with pytest.raises(SavedDataError, match=r"cannot read it as an \.npz archive"):
         polygraphy_io.load_inputs(tmp_path / "pickled.npz")
