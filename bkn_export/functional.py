@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bkn_export.moments import conv_moments
+from bkn_export.moments import conv_moments, elementwise_moments
 
 __all__ = [
     "PRIOR_WEIGHT_LIMIT",
@@ -165,16 +165,12 @@ def rectified_gaussian_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, 
     With σ = sqrt(v), a = μ/σ, φ the standard normal pdf and Φ its cdf::
 
         E[ReLU z]   = μ Φ(a) + σ φ(a)
-        E[ReLU z]²  = (μ² + v) Φ(a) + μ σ φ(a)
-        Var         = E[ReLU z²] - E[ReLU z]²   (clamped at 0)
+        Var         = σ² (a² Φ(a) Φ(−a) + Φ(a) + a φ(a) (Φ(−a) − Φ(a)) − φ(a)²)
+
+    (:func:`bkn_export.moments.elementwise_moments`, kind "relu": written so that nothing
+    cancels as a → +∞, with Φ accurate in the lower tail.)
     """
-    std = torch.sqrt(variance.clamp_min(_VARIANCE_FLOOR))
-    a = mean / std
-    pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
-    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
-    first = mean * cdf + std * pdf
-    second = (mean * mean + variance) * cdf + mean * std * pdf
-    return first, (second - first * first).clamp_min(0.0)
+    return elementwise_moments("relu", mean, variance)
 
 
 def channel_maps(layer: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor | None]:

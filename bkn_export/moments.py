@@ -197,11 +197,17 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
     order = 4 if quadratic else 2
     dtype, device = mean.dtype, mean.device
     # All pieces at once, stacked along a leading dim P: one op per formula, whatever P.
-    edges_lo = torch.tensor([-math.inf if p.lo is None else p.lo for p in pieces], dtype=dtype, device=device)
-    edges_hi = torch.tensor([math.inf if p.hi is None else p.hi for p in pieces], dtype=dtype, device=device)
     edge_shape = (-1,) + (1,) * mean.dim()
-    lo = ((edges_lo.reshape(edge_shape) - mean) / std).clamp(-_Z_LIMIT, _Z_LIMIT)  # (P, *mean.shape)
-    hi = ((edges_hi.reshape(edge_shape) - mean) / std).clamp(-_Z_LIMIT, _Z_LIMIT)
+
+    def standardized(edges: Sequence[float | None], unbounded: float) -> Tensor:
+        """(P, *mean.shape) z of each piece's edge; an unbounded edge is ±_Z_LIMIT (no gradient path)."""
+        finite = torch.tensor([0.0 if e is None else e for e in edges], dtype=dtype, device=device)
+        is_unbounded = torch.tensor([e is None for e in edges], device=device).reshape(edge_shape)
+        z = ((finite.reshape(edge_shape) - mean) / std).clamp(-_Z_LIMIT, _Z_LIMIT)
+        return torch.where(is_unbounded, unbounded, z)
+
+    lo = standardized([p.lo for p in pieces], -_Z_LIMIT)  # (P, *mean.shape)
+    hi = standardized([p.hi for p in pieces], _Z_LIMIT)
 
     def stacked(values: Sequence[_Coefficient]) -> Tensor:
         return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).expand_as(mean) for v in values])

@@ -293,12 +293,13 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])  # no handler: both end the writer
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path: Path, signal_number: int) -> None:
     target = tmp_path / "report.json"
     target.write_text("old")
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
-    os.kill(writer.pid, signal.SIGKILL)
+    os.kill(writer.pid, signal_number)
     writer.wait(timeout=30)
     (left,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert f".{writer.pid}-" in left.name and target.read_text() == "old"

@@ -182,12 +182,7 @@ _Case = tuple[str, dict[str, Any], Callable[[], nn.Module]]
 @functools.lru_cache(maxsize=32)
 def _reference_on_grid(case_id: str, mean_points: int, std_points: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(μ, σ, reference mean, reference variance) on the grid, for the case named ``case_id``."""
-    function = next(
-        factory
-        for factory_case in ELEMENTWISE_CASES
-        if _case_id(factory_case) == case_id
-        for factory in [factory_case[2]]
-    )()
+    function = next(case[2] for case in ELEMENTWISE_CASES if _case_id(case) == case_id)()
     mean, std = _grid(mean_points, std_points)
     return (mean, std, *_dense_reference(function, mean, std))
 

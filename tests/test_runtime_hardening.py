@@ -10,6 +10,7 @@ the ONNX reference evaluator, and a repro bundle re-checks on its own.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
