@@ -23,7 +23,12 @@ Eval mode is the same ``F.batch_norm`` call on both sides (bitwise equal in prac
 tolerance is for train mode, where BatchNorm's fused kernel and BKN's op reduce in a
 different order. Measured float32 worst case: 3.3e-6 on a (64, 8, 16, 16) input with mean
 100 and std 10 (the rounding grows with mean/std); a missing activation, a different eps
-or a lost running statistic is orders of magnitude above it.
+or a lost running statistic is orders of magnitude above it. A train-mode *output* also gets
+a per-channel allowance for ill-conditioned channels, :func:`conditioning_slack`
+(4 · u · max|x_c| / sqrt(S_c + ε) · |γ_c|), because there both implementations lose the same
+digits: in MONAI's 3-D ResNet-10 at batch 2 and 16³ input, ``layer4`` sees 2 values per
+channel with max|x|/std ≈ 3.6e4, and BatchNorm and BKN differ by 9.6e-5 (each 6.1e-5 from
+float64).
 
 Exempt, by design (each also stated in the README):
 
@@ -66,6 +71,7 @@ __all__ = [
     "Tolerance",
     "check_layer",
     "check_outputs",
+    "conditioning_slack",
     "eval_forward",
     "tolerance_for",
 ]
@@ -95,8 +101,11 @@ def tolerance_for(dtype: torch.dtype) -> Tolerance:
     return TOLERANCES.get(dtype, Tolerance(0.0, 0.0))
 
 
-def _excess(actual: Tensor, expected: Tensor) -> tuple[float, bool]:
-    """(largest |actual − expected|, within tolerance) for two tensors of one shape."""
+def _excess(actual: Tensor, expected: Tensor, slack: Tensor | None = None) -> tuple[float, bool]:
+    """(largest |actual − expected|, within tolerance) for two tensors of one shape.
+
+    slack: an extra allowance broadcast against the tensors (float64), or None.
+    """
     if actual.shape != expected.shape:
         return float("inf"), False
     a = actual.detach().to(torch.float64)
@@ -106,6 +115,8 @@ def _excess(actual: Tensor, expected: Tensor) -> tuple[float, bool]:
     difference = torch.where(torch.isnan(difference), torch.full_like(a, float("inf")), difference)
     tolerance = tolerance_for(expected.dtype)
     bound = tolerance.atol + tolerance.rtol * b.abs().nan_to_num(0.0)
+    if slack is not None:
+        bound = bound + slack
     largest = float(difference.max()) if difference.numel() else 0.0
     return largest, bool((difference <= bound).all())
 
@@ -149,6 +160,28 @@ def _run(module: nn.Module, x: Tensor, training: bool) -> tuple[nn.Module, Tenso
     with torch.no_grad(), _seeded(x):
         output = twin(x.clone())
     return twin, output
+
+
+def conditioning_slack(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """Per-channel rounding allowance of a train-mode normalization of ``x: (N, C, *)``: (1, C, 1, ...) float64.
+
+    4 · u · κ_c · |γ_c| with u the unit roundoff of ``x``'s dtype and κ_c = max|x_c| / sqrt(S_c + ε)
+    (S_c the biased batch variance): computing (x − x̄)/sqrt(S + ε) in floating point loses
+    about u · κ relative to the normalized scale (the subtraction of a mean that is large
+    against the spread), once per implementation, so two implementations may differ by twice
+    that; 4 leaves room for an activation of slope up to 2 after the normalization. Zero in
+    practice for well-conditioned channels (κ ≈ 3–10 gives ~1e-6 in float32, under the fixed
+    tolerance); it matters where a channel holds a few nearly equal values (a batch of 2 at
+    1×1×1 resolution: κ ≈ 4e4, BatchNorm and BKN then differ by ~1e-4 in float32, each ~6e-5
+    from the float64 result).
+    """
+    x64 = x.detach().to(torch.float64)
+    dims = [0, *range(2, x.dim())]
+    variance = x64.var(dim=dims, correction=0)
+    condition = x64.abs().amax(dim=dims) / torch.sqrt(variance + eps)
+    scale = weight.detach().to(torch.float64).abs() if weight is not None else torch.ones_like(condition)
+    roundoff = torch.finfo(x.dtype).eps / 2 if x.dtype.is_floating_point else 0.0
+    return (4.0 * roundoff * condition * scale).reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
 def _refuse(
@@ -198,7 +231,10 @@ def check_layer(name: str, original: nn.Module, converted: nn.Module, x: Tensor)
             return  # BatchNorm refuses one value per channel in training; BKN's answer (β) is documented
         raise
     actual_module, actual = _run(converted, x, training=True)
-    largest, ok = _excess(actual, expected)
+    slack = None
+    if actual.shape == x.shape:
+        slack = conditioning_slack(x, getattr(original, "weight", None), float(getattr(original, "eps", 0.0)))
+    largest, ok = _excess(actual, expected, slack)
     if not ok:
         _refuse(name, original, converted, "its train-mode output", largest, hint)
     for statistic in _STATISTICS:

@@ -41,7 +41,6 @@ posterior statistics are float32 for them, and ``y`` has the dtype of ``x``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -155,7 +154,6 @@ def batch_statistics(x: Tensor) -> BatchStatistics:
 
 # --------------------------------------------------------------------------- prediction
 
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _VARIANCE_FLOOR = 1e-12
 
 

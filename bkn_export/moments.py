@@ -1414,8 +1414,8 @@ def linear_path_moments(
         variance = Σ_i σ²_i Σ_{t,t'} W W' Π_d ⟨T_d^{(t)}, T_d^{(t')}⟩/L_out,d  +  Var_Q(M_Q)
 
     with β_d the row sums of Post_d. Without a conv the channels pass through one by one.
-    Cost: O(Σ_d K_d · L_out,d · L_mid,d · L_in,d) for the dense per-dim matrices (a few
-    million operations at 112²), plus O(C_out · C_in/groups · K · Σ_d K_d).
+    Cost: O(Σ_d K_d · L_out,d · L_mid,d · L_in,d) for the dense per-dim matrices (about
+    2·10⁷ multiply-adds for a 3×3 conv at 112²), plus O(C_out · C_in/groups · K · Σ_d K_d).
     """
     for step in steps:
         _check_linear_step(step)

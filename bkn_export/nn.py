@@ -84,11 +84,13 @@ class KalmanOptions:
     fallback_ratio: the authors' rule; use batch statistics alone when
         mean(Σ_{k|k-1} / S_k) ≥ fallback_ratio (0 disables it; the authors use 100).
     prior_source: which Gaussian of a source normalization enters the path to this
-        layer. ``"input"`` (default, the authors'): the source's posterior of its *input*
-        statistics N(μ_{j|j}, Σ_{j|j}), skipping its γ, β. ``"output"``
-        (normalization-aware): the moments of the source's normalized output
-        γ(x − μ_{j|j})/sqrt(Σ_{j|j} + ε) + β for x ~ N(μ_{j|j}, Σ_{j|j})
-        (:func:`bkn_export.moments.normalized_output_moments`).
+        layer. ``"output"`` (default, normalization-aware): the moments of the source's
+        normalized output γ(x − μ_{j|j})/sqrt(Σ_{j|j} + ε) + β for x ~ N(μ_{j|j}, Σ_{j|j})
+        (:func:`bkn_export.moments.normalized_output_moments`). ``"input"`` (the authors'):
+        the source's posterior of its *input* statistics N(μ_{j|j}, Σ_{j|j}), skipping its
+        γ, β. The default was chosen by measurement (benchmarks/RESULTS.md, "Kalman prior:
+        convention and accuracy"): on real networks the "input" prior misses the next
+        layer's input statistics by orders of magnitude, compounding along the chain.
     residual: the prediction of a layer fed by a residual sum ``s + f(x)``. ``"sum"``
         (default, the authors' ``m + m3, v + v3``): the addends' predictions add, means
         and variances (independent addends), an addend with fewer channels zero-padded.
@@ -101,7 +103,7 @@ class KalmanOptions:
     initial_prior_weight: float = 0.5
     process_noise: bool = True
     fallback_ratio: float = 0.0
-    prior_source: PriorSourceKind = "input"
+    prior_source: PriorSourceKind = "output"
     residual: Residual = "sum"
 
     def __post_init__(self) -> None:
@@ -244,7 +246,7 @@ class _BatchKalmanNorm(nn.Module):
         initial_prior_weight: float = 0.5,
         process_noise: bool = True,
         fallback_ratio: float = 0.0,
-        prior_source: PriorSourceKind = "input",
+        prior_source: PriorSourceKind = "output",
         residual: Residual = "sum",
     ) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from zoo.mimics import ActBatchNorm2d, ActSubclassNet, TaggedBatchNorm2d, TimmStyleNet, trained_like
 from zoo.timm_mimic import BatchNormAct2d, FrozenBatchNormAct2d, convert_sync_batchnorm
 
-from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, convert_batchnorm
+from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, convert_batchnorm
 from bkn_export import norm_act as norm_act_module
 from bkn_export.conversion_guard import TOLERANCES, check_layer, check_outputs
 from bkn_export.errors import ConversionError
@@ -211,6 +211,31 @@ def test_one_value_per_channel_in_train_mode_is_exempt() -> None:
     model = trained_like(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)))
     converted = convert_batchnorm(model, torch.randn(1, 5))
     assert type(converted[1]) is BatchKalmanNorm1d
+
+
+class _TrainScaled3d(BatchKalmanNorm3d):
+    """Differs from BatchNorm3d only in train mode, by 10% of its output."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return 1.1 * y if self.training else y
+
+
+def test_ill_conditioned_channels_convert_but_a_real_difference_there_is_caught() -> None:
+    """Two nearly equal values per channel (max|x|/std ≈ 3e4): both implementations lose the same digits.
+
+    The per-channel allowance (conditioning_slack, here ≈ 0.8% of |γ|) admits that rounding, not
+    a changed function: a layer whose train-mode output is 10% larger is refused on that input.
+    """
+    bn = trained_like(nn.BatchNorm3d(4))
+    x = 1e4 + 0.3 * torch.randn(2, 4, 1, 1, 1)
+    converted = BatchKalmanNorm3d(4)
+    converted.load_state_dict(bn.state_dict(), strict=False)
+    check_layer("layer4.0.downsample.1", bn, converted, x)
+    scaled = _TrainScaled3d(4)
+    scaled.load_state_dict(bn.state_dict(), strict=False)
+    with pytest.raises(ConversionError, match=r"'layer4\.0\.downsample\.1'.*train-mode output"):
+        check_layer("layer4.0.downsample.1", bn, scaled, x)
 
 
 # ----------------------------------------------------------------- the whole model

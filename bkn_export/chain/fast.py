@@ -89,14 +89,20 @@ def uses_fused(mean: Tensor) -> bool:
 _COVERAGE: dict[tuple[Any, ...], tuple[Tensor, Tensor] | None] = {}
 
 
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
 def _coverage(
     layer: nn.modules.conv._ConvNd, spatial: Spatial, padding: tuple[tuple[int, int], ...], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor] | None:
     """(f (K,), H (K, K)) of ``layer``'s geometry on ``spatial`` after a zero pad ``padding``,
     or None where every tap reads an input at every position (computed once per geometry)."""
-    key = (
-        layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.weight.device, spatial, padding, dtype,
-    )  # fmt: skip
+    key = _hashable(
+        (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.weight.device, spatial, padding, dtype)
+    )  # modules may hold lists (efficientnet-pytorch's stride)
     if key in _COVERAGE:
         return _COVERAGE[key]
     coverage = None
@@ -131,8 +137,20 @@ def _affine_forward(
     weight: Tensor, mean: Tensor, variance: Tensor, fraction: Tensor | None, pairs: Tensor | None
 ) -> tuple[Tensor, ...]:
     """(M, V, and what the backward keeps) of an affine map without bias. weight: (C_out, B, K)."""
-    rows, inputs, _ = weight.shape
+    rows, inputs, kernel = weight.shape
     groups = mean.shape[0] // inputs
+    if groups == 1 and kernel == 1:  # 1×1 conv, Linear: matrix-vector products (bmm of vectors is slow)
+        matrix = weight.squeeze(2)
+        square_sums = matrix * matrix if fraction is None else (matrix * matrix) * fraction
+        taps = (matrix @ mean).unsqueeze(1)
+        out_variance = square_sums @ variance
+        mean_rows, variance_rows = mean.unsqueeze(0), variance.unsqueeze(0)  # broadcast as (1, B)
+        if fraction is None:
+            return taps.squeeze(1), out_variance, mean_rows, variance_rows, taps, square_sums
+        out_mean = taps.squeeze(1) * fraction
+        mixed = taps * pairs
+        spread = (mixed * taps).squeeze(1) - out_mean * out_mean
+        return out_mean, out_variance + spread.clamp_min(0.0), mean_rows, variance_rows, taps, square_sums, mixed, spread
     mean_rows = mean.reshape(groups, 1, inputs).expand(groups, rows // groups, inputs).reshape(rows, inputs)
     variance_rows = variance.reshape(groups, 1, inputs).expand(groups, rows // groups, inputs).reshape(rows, inputs)
     taps = torch.bmm(mean_rows.unsqueeze(1), weight).squeeze(1)  # T (C_out, K)
@@ -203,6 +221,15 @@ class _AffineMoments(torch.autograd.Function):
             grad_taps = (grad_mean - 2.0 * grad_spread * out_mean).unsqueeze(1) * fraction + 2.0 * (
                 grad_spread.unsqueeze(1) * mixed
             )
+        if groups == 1 and kernel == 1:
+            matrix = weight.squeeze(2)
+            grad_input_mean = matrix.t() @ grad_taps.squeeze(1)
+            grad_input_variance = square_sums.t() @ grad_variance
+            grad_matrix = matrix * (2.0 * grad_variance.unsqueeze(1) * variance_rows)
+            if fraction is not None:
+                grad_matrix.mul_(fraction)
+            grad_matrix.addr_(grad_taps.squeeze(1), mean)
+            return grad_matrix.unsqueeze(2), grad_input_mean, grad_input_variance, None, None
         grad_mean_rows = torch.bmm(weight, grad_taps.unsqueeze(2)).squeeze(2)  # Σ_t gT W  (C_out, B)
         grad_input_mean = grad_mean_rows.reshape(groups, -1, inputs).sum(1).reshape(-1)
         grad_input_variance = (grad_variance.unsqueeze(1) * square_sums).reshape(groups, -1, inputs).sum(1).reshape(-1)

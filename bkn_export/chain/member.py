@@ -54,7 +54,7 @@ class ChainMembership:
         if self._transition is not None and self.root is not None:
             scratch = scratch_for(self.root)
             if scratch is not None:
-                prior = self._transition.predict(layer, scratch.published, scratch.modules, x)
+                prior = self._transition.predict(layer, scratch.published, scratch.modules, x, scratch.predictions)
         for observer in observers():
             observer.saw_prior(layer, prior)
         return prior

@@ -120,12 +120,18 @@ class Submodules(Mapping[str, nn.Module]):
 
 
 class ChainScratch:
-    """The posteriors published during one forward of a root, by layer name."""
+    """The posteriors published during one forward of a root, by layer name.
+
+    predictions: the moments already pushed through a path in this call (what
+    :meth:`bkn_export.chain.transitions.Transition.predict` reuses), keyed by the path's
+    start and steps, with the published entry they were computed from.
+    """
 
     def __init__(self, root: ChainRoot, modules: Mapping[str, nn.Module]) -> None:
         self.root = root
         self.modules = modules
         self.published: dict[str, Published] = {}
+        self.predictions: dict[Any, Any] = {}
         self.token: Token[Mapping[ChainRoot, ChainScratch]] | None = None
 
 

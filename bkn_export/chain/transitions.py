@@ -42,8 +42,8 @@ Process noise R_k is the layer's and is added by the layer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import ClassVar, NamedTuple
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -129,8 +129,15 @@ class Transition:
         published: Mapping[str, Published],
         modules: Mapping[str, nn.Module],
         x: Tensor,
+        memo: MutableMapping[Any, Any] | None = None,
     ) -> Prior | None:
-        """μ_{k|k-1}, Σ_{k|k-1}: (C,) each for ``layer`` (input x: (N, C, *)), or None (no prior this call)."""
+        """μ_{k|k-1}, Σ_{k|k-1}: (C,) each for ``layer`` (input x: (N, C, *)), or None (no prior this call).
+
+        memo: the call's store of predictions already pushed through a path (the root's
+        scratch keeps one per forward): a path from one source's posterior through the
+        same steps gives the same moments to every layer it feeds (DenseNet: each dense
+        layer's output reaches all later layers of its block), so it is computed once.
+        """
         raise NotImplementedError
 
     def _gaussians(self, published: Mapping[str, Published]) -> dict[str, PriorSource] | None:
@@ -156,25 +163,45 @@ class Propagate(Transition):
     kind = "propagate"
 
     def predict(
-        self, layer: _BatchKalmanNorm, published: Mapping[str, Published], modules: Mapping[str, nn.Module], x: Tensor
+        self,
+        layer: _BatchKalmanNorm,
+        published: Mapping[str, Published],
+        modules: Mapping[str, nn.Module],
+        x: Tensor,
+        memo: MutableMapping[Any, Any] | None = None,
     ) -> Prior | None:
         gaussians = self._gaussians(published)
         if gaussians is None:
             return None
         wiring = self.wiring
-        parts = [self._path(path, gaussians, modules) for path in wiring.sources]
+        parts = [self._path(path, gaussians, modules, published, memo) for path in wiring.sources]
         return _as_prior(
             _combine(wiring.combine, parts, [p.channels for p in wiring.sources], layer.num_features), gaussians
         )
 
     def _path(
-        self, path: SourcePath, gaussians: Mapping[str, PriorSource], modules: Mapping[str, nn.Module]
+        self,
+        path: SourcePath,
+        gaussians: Mapping[str, PriorSource],
+        modules: Mapping[str, nn.Module],
+        published: Mapping[str, Published],
+        memo: MutableMapping[Any, Any] | None,
     ) -> _Part | None:
+        if path.normalization is not None and path.steps and memo is not None:
+            # Valid while the source's published entry is the one it was computed from.
+            key = (path.normalization, path.steps, path.entry_shape, self.wiring.prior_source)
+            source = published[path.normalization]
+            hit = memo.get(key)
+            if hit is not None and hit[0] is source:
+                return hit[1]  # type: ignore[no-any-return]
+            part = self._path(path, gaussians, modules, published, None)
+            memo[key] = (source, part)
+            return part
         if path.normalization is not None:
             entry = gaussians[path.normalization]
             start = _Part(entry.mean, entry.variance, tuple(entry.shape[2:]), None)
         elif path.origin is not None:
-            parts = [self._path(p, gaussians, modules) for p in path.origin.sources]
+            parts = [self._path(p, gaussians, modules, published, memo) for p in path.origin.sources]
             channels = [p.channels for p in path.origin.sources]
             start_or_none = _combine(path.origin.combine, parts, channels, max(channels))
             if start_or_none is None or (start_or_none.known is not None and path.steps):
@@ -194,7 +221,12 @@ class Sampled(Transition):
     kind = "sampled"
 
     def predict(
-        self, layer: _BatchKalmanNorm, published: Mapping[str, Published], modules: Mapping[str, nn.Module], x: Tensor
+        self,
+        layer: _BatchKalmanNorm,
+        published: Mapping[str, Published],
+        modules: Mapping[str, nn.Module],
+        x: Tensor,
+        memo: MutableMapping[Any, Any] | None = None,
     ) -> Prior | None:
         gaussians = self._gaussians(published)
         if gaussians is None:
@@ -255,7 +287,12 @@ class Learned(Transition):
     kind = "learned"
 
     def predict(
-        self, layer: _BatchKalmanNorm, published: Mapping[str, Published], modules: Mapping[str, nn.Module], x: Tensor
+        self,
+        layer: _BatchKalmanNorm,
+        published: Mapping[str, Published],
+        modules: Mapping[str, nn.Module],
+        x: Tensor,
+        memo: MutableMapping[Any, Any] | None = None,
     ) -> Prior | None:
         gaussians = self._gaussians(published)
         if gaussians is None:
@@ -272,7 +309,12 @@ class Identity(Transition):
     kind = "identity"
 
     def predict(
-        self, layer: _BatchKalmanNorm, published: Mapping[str, Published], modules: Mapping[str, nn.Module], x: Tensor
+        self,
+        layer: _BatchKalmanNorm,
+        published: Mapping[str, Published],
+        modules: Mapping[str, nn.Module],
+        x: Tensor,
+        memo: MutableMapping[Any, Any] | None = None,
     ) -> Prior | None:
         gaussians = self._gaussians(published)
         if gaussians is None:

@@ -163,7 +163,7 @@ def digits_silu_pool(norm: str = "bkn", width: int = 16, example_batch: int = 2)
 NETWORKS = ("digits_resnet", "digits_silu_pool")
 
 
-def build_network(network: str, norm: str = "bkn", width: int = 16, stem_stride: int = 2) -> nn.Module:
+def build_network(network: str, norm: str = "bkn", width: int = 16, stem_stride: int = 1) -> nn.Module:
     """One of :data:`NETWORKS`, wired. ``stem_stride`` applies to ``digits_resnet`` only.
 
     (``digits_silu_pool`` reduces its maps by pooling; a stride-2 stem would leave its

@@ -1,0 +1,242 @@
+"""Speed work without timing: the fused eager predictions equal the reference, and the traced step stays small.
+
+* :mod:`bkn_export.chain.fast` computes conv / linear and ReLU moments with closed-form
+  backward; :mod:`bkn_export.moments` (through each step's ``predict``) is the reference.
+  Compared in float64: values, first derivatives into W, b, μ, σ², second derivatives.
+* A path shared by several layers (DenseNet's concatenations) is pushed once per forward.
+* GPU launch budget proxy (issue 18.2): the op count of a wired layer's traced train step
+  (``make_fx`` under fake tensors, forward and forward + backward), per transition, over
+  the same model with that layer first in chain; no host read (``_local_scalar_dense``)
+  anywhere, ``momentum=None`` included — tracing under fake tensors would fail on one.
+  Timings are in ``benchmarks/bench_networks.py``, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from bkn_export import KalmanOptions, convert_batchnorm, moments
+from bkn_export.chain import fast, transitions
+from bkn_export.chain.steps import Affine, Elementwise
+
+F64 = torch.float64
+
+
+def _inputs(channels: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(channels, generator=generator, dtype=F64).requires_grad_()
+    variance = (torch.rand(channels, generator=generator, dtype=F64) + 0.05).requires_grad_()
+    return mean, variance
+
+
+CONVS: dict[str, Callable[[], nn.Module]] = {
+    "3x3 zero padding": lambda: nn.Conv2d(6, 5, 3, padding=1),
+    "3x3 valid stride 2": lambda: nn.Conv2d(6, 5, 3, stride=2, bias=False),
+    "1x1": lambda: nn.Conv2d(6, 5, 1),
+    "1x1 padded": lambda: nn.Conv2d(6, 5, 1, padding=1),
+    "depthwise 3x3": lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6),
+    "grouped dilated": lambda: nn.Conv2d(6, 4, 3, padding=2, dilation=2, groups=2),
+    "conv1d": lambda: nn.Conv1d(6, 5, 5, padding=2),
+    "conv3d": lambda: nn.Conv3d(6, 3, 3, padding=1),
+    "5x5 on 3x3 input": lambda: nn.Conv2d(6, 5, 5, padding=2),
+}
+SPATIAL = {1: (7,), 2: (5, 4), 3: (3, 4, 3)}
+
+
+def _grads(outputs: tuple[Tensor, Tensor], wrt: list[Tensor], seed: int = 1) -> tuple[Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    cotangents = [torch.randn(o.shape, generator=generator, dtype=F64) for o in outputs]
+    return torch.autograd.grad(outputs, wrt, cotangents)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.parametrize("input_padding", [None, ((1, 0), (0, 2))])
+def test_fused_conv_moments_equal_the_reference(name: str, input_padding: Any) -> None:
+    torch.manual_seed(0)
+    conv = CONVS[name]().to(F64)
+    rank = conv.weight.dim() - 2
+    if input_padding is not None and rank != 2:
+        pytest.skip("the pad pairs are for a 2-d conv")
+    step = Affine("conv", "conv", input_padding)
+    assert fast.conv_covered(conv, input_padding, "zeros")
+    mean, variance = _inputs(conv.in_channels)
+    modules = {"conv": conv}
+    reference = step.predict(mean, variance, SPATIAL[rank], modules)
+    fused = fast.predict_steps((step,), mean, variance, SPATIAL[rank], modules)
+    assert fused[2] == reference[2]
+    torch.testing.assert_close(fused[:2], reference[:2], rtol=1e-12, atol=1e-14)
+    wrt = [mean, variance, *conv.parameters()]
+    torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference[:2], wrt), rtol=1e-11, atol=1e-13)
+
+
+def test_fused_linear_moments_equal_the_reference() -> None:
+    linear = nn.Linear(7, 3).to(F64)
+    mean, variance = _inputs(7)
+    step = Affine("fc", "linear")
+    reference = step.predict(mean, variance, (), {"fc": linear})
+    fused = fast.predict_steps((step,), mean, variance, (), {"fc": linear})
+    torch.testing.assert_close(fused[:2], reference[:2], rtol=1e-12, atol=1e-14)
+    wrt = [mean, variance, linear.weight, linear.bias]
+    torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference[:2], wrt), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 0.3, 1.0, 30.0])
+def test_fused_relu_moments_equal_the_reference(scale: float) -> None:
+    """a = μ/σ from -8 to 8 and beyond the ±30 clamp; variances below the 1e-12 floor at scale 1e-8."""
+    mean = torch.cat([torch.linspace(-8.0, 8.0, 41, dtype=F64), torch.tensor([-50.0, 50.0], dtype=F64)])
+    std = torch.full_like(mean, scale)
+    std[-2:] = 1.0
+    mean = (mean * std).requires_grad_()
+    variance = (std * std).requires_grad_()
+    reference = moments.elementwise_moments("relu", mean, variance)
+    fused = fast.predict_steps((Elementwise("relu"),), mean, variance, (), {})
+    torch.testing.assert_close(fused[:2], reference, rtol=1e-12, atol=1e-300)
+    wrt = [mean, variance]
+    torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference, wrt), rtol=1e-9, atol=1e-12)
+
+
+def test_fused_functions_differentiate_twice() -> None:
+    conv = nn.Conv2d(4, 3, 3, padding=1, groups=1).to(F64)
+    mean, variance = _inputs(4)
+    coverage = fast._coverage(conv, (4, 3), ((0, 0), (0, 0)), F64)
+    assert coverage is not None
+    weight = conv.weight.detach().requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda w, m, v: fast.affine_moments(w, None, m, v, coverage), (weight, mean, variance)
+    )
+    positive = (torch.randn(5, dtype=F64) * 2).requires_grad_()
+    assert torch.autograd.gradgradcheck(fast.relu_moments, (positive, variance[:4].detach()[[0, 1, 2, 3, 0]].requires_grad_()))
+
+
+def test_reference_only_turns_the_fused_forms_off() -> None:
+    mean, variance = _inputs(6)
+    assert fast.uses_fused(mean)
+    with fast.reference_only():
+        assert not fast.uses_fused(mean)
+    assert fast.uses_fused(mean)
+
+
+# --------------------------------------------------------------------------- a whole network
+
+
+class DenseBlock(nn.Module):
+    """Three dense layers: each BN sees the concatenation of every earlier layer's output."""
+
+    def __init__(self, growth: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm0 = nn.BatchNorm2d(4)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(4 + i * growth) for i in range(3))
+        self.convs = nn.ModuleList(nn.Conv2d(4 + i * growth, growth, 3, padding=1) for i in range(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [self.norm0(self.stem(x))]
+        for norm, conv in zip(self.norms, self.convs):
+            features.append(conv(torch.relu(norm(torch.cat(features, dim=1)))))
+        return torch.cat(features, dim=1).mean()
+
+
+def _dense_model() -> nn.Module:
+    torch.manual_seed(0)
+    return convert_batchnorm(DenseBlock().to(F64), torch.randn(2, 3, 6, 6, dtype=F64)).train()
+
+
+def test_a_train_step_with_fused_forms_equals_the_reference() -> None:
+    model = _dense_model()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    loss = model(x)
+    fused = torch.autograd.grad(loss, list(model.parameters()))
+    with fast.reference_only():
+        reference_loss = model(x)
+        reference = torch.autograd.grad(reference_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_a_path_shared_by_later_layers_is_pushed_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """norms[1] and norms[2] both see convs[0]'s output: its moments are computed once per forward."""
+    model = _dense_model()
+    pushed: list[tuple[Any, ...]] = []
+    original = transitions.predict_steps
+
+    def counting(steps: Any, *args: Any) -> Any:
+        pushed.append(steps)
+        return original(steps, *args)
+
+    monkeypatch.setattr(transitions, "predict_steps", counting)
+    model(torch.randn(2, 3, 6, 6, dtype=F64))
+    assert pushed and len(pushed) == len(set(pushed))
+    assert len(pushed) == 3 + 1  # each dense layer's relu → conv once, and norm0 → relu → conv... below
+    pushed.clear()
+    model(torch.randn(2, 3, 6, 6, dtype=F64))
+    assert len(pushed) == 4  # a new forward computes them again (new posteriors)
+
+
+# --------------------------------------------------------------------------- GPU launch budget proxy
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn1(self.conv1(torch.relu(self.bn0(self.conv0(x)))))
+
+
+def _traced_ops(transition: str | None, momentum: float | None = 0.1) -> tuple[list[Any], list[Any]]:
+    """Ops of the traced forward and of forward + backward; transition None: bn1 first in chain."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    for layer in (model.bn0, model.bn1):
+        layer.momentum = momentum
+    example = torch.randn(2, 3, 6, 6)
+    converted = convert_batchnorm(model, example, KalmanOptions(transition=transition or "propagate")).train()
+    if transition is None:
+        converted.bn1.join_chain(None)
+    params, buffers = dict(converted.named_parameters()), dict(converted.named_buffers())
+
+    def forward(x: Tensor, p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(converted, (p, b), (x,)).square().sum()
+
+    def step(x: Tensor, p: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(forward(x, p, b), list(p.values()))
+
+    graphs = [make_fx(f, tracing_mode="fake")(example, params, buffers) for f in (forward, step)]
+    ops = [[n.target for n in g.graph.nodes if n.op == "call_function"] for g in graphs]
+    return ops[0], ops[1]
+
+
+#: Measured op counts a wired layer adds to the traced train step (torch 2.13): an upper bound that
+#: catches regressions. The issue's goal (≤ 4 forward, ≤ 4 backward) needs a fused prediction op and is
+#: not met: "propagate" runs the reference moments (conv moments rebuild their coverage tables in the
+#: graph; a compiler folds those constants, the eager fused forms cache them).
+LAUNCH_BOUND = {"identity": (9, 25), "learned": (14, 44), "propagate": (131, 290)}
+
+
+@pytest.mark.parametrize("transition", sorted(LAUNCH_BOUND))
+def test_a_wired_layer_adds_a_bounded_number_of_ops(transition: str) -> None:
+    forward, step = _traced_ops(transition)
+    base_forward, base_step = _traced_ops(None)
+    added_forward = len(forward) - len(base_forward)
+    added_backward = (len(step) - len(forward)) - (len(base_step) - len(base_forward))
+    bound_forward, bound_backward = LAUNCH_BOUND[transition]
+    assert 0 < added_forward <= bound_forward
+    assert added_backward <= bound_backward
+    assert forward.count(torch.ops.bkn.batch_kalman_norm.default) == 2
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_traced_train_step_never_reads_a_tensor_on_the_host(momentum: float | None) -> None:
+    _, step = _traced_ops("propagate", momentum)
+    host_reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+    assert not host_reads & set(step)
