@@ -7,6 +7,8 @@ The math is in :mod:`bkn_export.functional`.
 
 from typing import TYPE_CHECKING
 
+from bkn_export._version import package_version
+
 # The exceptions import nothing heavy; everything else is imported on first use (module
 # __getattr__), so that `bkn --help`, `bkn parity --help` and the pytest plugin start
 # without torch. `from bkn_export import X` and `bkn_export.X` work as before.
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 #: public name -> the module that defines it (imported on first access)
 _LAZY = {

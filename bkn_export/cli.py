@@ -1,9 +1,9 @@
 """The ``bkn`` command line: ``bkn demo | train-demo | export | parity``.
 
-Each subcommand lives in its own module under :mod:`bkn_export.commands` (``train-demo``
-under :mod:`bkn_export.demo`) with ``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when
-chosen, and nothing heavy (torch, NumPy, onnx) is imported before a command runs, so
-``bkn --help`` and ``bkn <command> --help`` are fast. Exit status
+Each subcommand lives in its own module under :mod:`bkn_export.commands` with
+``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when chosen,
+and nothing heavy (torch, NumPy, onnx) is imported before a command runs, so ``bkn
+--help`` and ``bkn <command> --help`` are fast. Exit status
 (:mod:`bkn_export.commands.exit_codes`): 0 success, 1 the command found a problem with
 the model (e.g. a parity mismatch), 2 bad input or environment.
 """
@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bkn_export.commands.demo",
         "train a BKN CNN on digits at batch 2, export both modes, run parity, write reports",
     ),
-    "train-demo": ("bkn_export.demo.train_demo", "micro-batch benchmark: BatchNorm vs GroupNorm vs BKN on digits"),
+    "train-demo": ("bkn_export.commands.train_demo", "micro-batch benchmark: BatchNorm vs GroupNorm vs BKN on digits"),
     "export": ("bkn_export.commands.export", "export a model (factory + checkpoint) to ONNX"),
     "parity": ("bkn_export.commands.parity", "compare an ONNX model on every runtime against PyTorch"),
 }

@@ -46,10 +46,6 @@ def fast_path_applies(x: Tensor, *per_channel: Tensor | None) -> bool:
     return True
 
 
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    return t.reshape(1, -1, *([1] * (x.dim() - 2)))
-
-
 def batch_statistics(x: Tensor) -> Fk.BatchStatistics:
     """Mean and biased variance over (N, *) of a float32/float64 ``x: (N, C, *)``.
 
@@ -133,7 +129,7 @@ def batch_kalman_norm_backward(
     # ∂L/∂x += ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n, an affine map of x per channel.
     slope = 2.0 * statistic_grads.batch_variance / stats.count
     offset = statistic_grads.batch_mean / stats.count - slope * stats.mean
-    grad_x.addcmul_(x, _per_channel(slope, x)).add_(_per_channel(offset, x))
+    grad_x.addcmul_(x, Fk._per_channel(slope, x)).add_(Fk._per_channel(offset, x))
     grad_weight = sum_g_xhat if weight is not None else torch.zeros_like(sum_g)
     return (
         grad_x,

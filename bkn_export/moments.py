@@ -799,8 +799,8 @@ def pool_moments(
 
         mean = μ + σ E_p[e(n_p)]      variance = σ² (E_p[v(n_p)] + Var_p[e(n_p)])
 
-    The adaptive max pool's largest window is read from the sizes (a Python int: a
-    dynamic spatial size is specialized there).
+    The adaptive max pool's histogram runs up to its largest window, ceil(L_in / L_out) + 1
+    per dim (a symbolic size under dynamic shapes, not a specialized one).
     """
     out_spatial = spec.output_shape(spatial)
     dtype, device = mean.dtype, mean.device

@@ -4,10 +4,15 @@
 about Batch Kalman Normalization is small and lives here, so that a change on the
 ``bkn_export`` side is a change to this file only:
 
-* the op contract (:data:`OP_DOMAIN`, :func:`is_op_node`): to detect a training-mode
-  export and to find the op's nodes;
+* the op contract (:mod:`bkn_export.export.op`: :data:`OP_DOMAIN`, :func:`is_op_node`,
+  the plugin's identity): to detect a training-mode export and to find the op's nodes;
+* the ONNX file I/O (:func:`load_onnx_file`, :func:`save_onnx`) and the one check of
+  runtime inputs against a graph (:class:`TensorSpec`, :func:`tensor_spec`,
+  :func:`check_feeds`, :func:`nonfinite_count`), so that both packages read, write and
+  check models with one wording;
 * the BKN layers of a model (:func:`bkn_layers`): the training reference runs exactly
-  them in train mode, as the training-mode export does;
+  them in train mode, as the training-mode export does; :func:`kept_modes` gives the
+  user's model back in the train/eval flags it was found in;
 * the export call (:func:`export_onnx`) for :func:`runtime.assert_parity`;
 * the TensorRT plugin helpers (:func:`plugin_nodes`, :func:`prepare_model_for_plugin`,
   :func:`find_plugin_library`, plugin name / version / namespace);
@@ -15,16 +20,26 @@ about Batch Kalman Normalization is small and lives here, so that a change on th
 * the exceptions both packages raise (bad input, unreadable model file, a runtime that
   cannot load a model): one hierarchy, so the CLI maps every one of them to exit 2.
 
-Everything heavy (torch, onnx) is imported inside the functions.
+Everything heavy (torch, onnx) is imported inside the functions (``TensorSpec`` on first
+use, by module ``__getattr__``), so that ``bkn parity --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bkn_export.errors import BKNError, BKNInputError, ModelFileError, PluginLibraryNotFoundError, RuntimeLoadError
+from bkn_export.export.op import op_spec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+    from bkn_export.export.feeds import TensorSpec
 
 __all__ = [
     "OP_DOMAIN",
@@ -34,26 +49,85 @@ __all__ = [
     "ModelFileError",
     "PluginLibraryNotFoundError",
     "RuntimeLoadError",
+    "TensorSpec",
     "bkn_layers",
+    "check_feeds",
     "export_onnx",
     "find_plugin_library",
     "is_op_node",
+    "kept_modes",
+    "load_onnx_file",
+    "nonfinite_count",
     "plugin_identity",
     "plugin_nodes",
     "prepare_model_for_plugin",
+    "save_onnx",
+    "tensor_spec",
     "write_bytes_atomic",
     "write_text_atomic",
 ]
 
-#: The custom domain and op type of a training-mode export (``bkn_export.export.op_spec``);
-#: spelled here so that detecting a mode does not import the export package.
-OP_DOMAIN = "ai.bkn"
-OP_TYPE = "BatchKalmanNorm"
+#: The custom domain and op type of a training-mode export (:mod:`bkn_export.export.op.op_spec`,
+#: which imports neither torch nor onnx).
+OP_DOMAIN = op_spec.DOMAIN
+OP_TYPE = op_spec.OP_TYPE
+is_op_node = op_spec.is_op_node
 
 
-def is_op_node(node: Any) -> bool:
-    """Whether an ONNX NodeProto is an ``ai.bkn::BatchKalmanNorm`` node."""
-    return bool(node.domain == OP_DOMAIN and node.op_type == OP_TYPE)
+def __getattr__(name: str) -> Any:
+    if name == "TensorSpec":  # imports onnx and NumPy: only when a model is read
+        from bkn_export.export.feeds import TensorSpec
+
+        return TensorSpec
+    raise AttributeError(f"module 'runtime._bkn' has no attribute {name!r}")
+
+
+def tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    """name, dtype (NumPy name) and shape of a graph input or output (:func:`bkn_export.export.feeds.tensor_spec`)."""
+    from bkn_export.export.feeds import tensor_spec as spec
+
+    return spec(value)
+
+
+def check_feeds(
+    specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray], *, allow_empty: bool = True
+) -> dict[str, np.ndarray]:
+    """Check inputs against the graph's (:func:`bkn_export.export.feeds.check_feeds`); returns them in graph order.
+
+    Raises ``BKNInputError`` naming the input: unknown or missing name, wrong dtype, rank or
+    fixed dim, NaN/Inf (and, with ``allow_empty=False``, no elements).
+    """
+    from bkn_export.export.feeds import check_feeds as check
+
+    return check(specs, feeds, allow_empty=allow_empty)
+
+
+def nonfinite_count(array: np.ndarray) -> int:
+    """How many NaN/Inf elements ``array`` holds (0 for integer and bool arrays; bfloat16 counted)."""
+    from bkn_export.export.feeds import nonfinite_count as count
+
+    return count(array)
+
+
+def load_onnx_file(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file (:func:`bkn_export.export.io.load_onnx_file`).
+
+    Raises ``ModelFileError`` naming the file and what is wrong: missing, a directory, empty,
+    not a model, an external-data file missing or truncated. Not a check of the graph.
+    """
+    from bkn_export.export.io import load_onnx_file as load
+
+    return load(path, load_external_data=load_external_data)
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` to ``path`` atomically, tensors above the default threshold as external data.
+
+    :func:`bkn_export.export.io.save_onnx`; raises ``OutputWriteError`` naming the path.
+    """
+    from bkn_export.export.io import save_onnx as save
+
+    return Path(save(model, path))
 
 
 def bkn_layers(model: Any) -> list[tuple[str, Any]]:
@@ -61,6 +135,13 @@ def bkn_layers(model: Any) -> list[tuple[str, Any]]:
     from bkn_export.convert import bkn_layers as layers
 
     return list(layers(model))
+
+
+def kept_modes(model: Any) -> AbstractContextManager[Any]:
+    """Context manager: every submodule's train/eval flag restored after the block (:mod:`bkn_export.module_modes`)."""
+    from bkn_export.module_modes import kept_modes as kept
+
+    return kept(model)
 
 
 def export_onnx(model: Any, example_inputs: Any, path: str | os.PathLike[str], **options: Any) -> Any:
@@ -72,8 +153,6 @@ def export_onnx(model: Any, example_inputs: Any, path: str | os.PathLike[str], *
 
 def plugin_identity() -> tuple[str, str, str]:
     """(name, version, namespace) under which the TensorRT plugin registers its creator."""
-    from bkn_export.export import op_spec
-
     return op_spec.PLUGIN_NAME, op_spec.PLUGIN_VERSION, op_spec.PLUGIN_NAMESPACE
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from runtime._bkn import nonfinite_count
+
 __all__ = [
     "DEFAULT_TOLERANCES",
     "ERROR_STATS",
@@ -207,15 +209,6 @@ class OutputComparison:
     mean_abs_error: float = float("nan")
     median_abs_error: float = float("nan")
     tolerance_source: str = ""
-
-
-def nonfinite_count(array: np.ndarray) -> int:
-    """How many NaN/Inf elements ``array`` holds (0 for integer and bool arrays)."""
-    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 is not kind "f" to NumPy
-        array = array.astype(np.float32)
-    if array.dtype.kind not in "fc":
-        return 0
-    return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
 def _histogram(abs_error: np.ndarray) -> list[int]:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from runtime._bkn import save_onnx
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture
 from runtime.compare import OutputComparison, TolerancePolicy, compare_output
@@ -145,7 +146,7 @@ class _Runner:
     def run(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         self.count += 1
         path = self.workdir / f"{self.prefix}_{self.count}.onnx"
-        onnx.save_model(model, str(path))
+        save_onnx(model, path)
         backend = self.make_backend()
         backend.load(str(path))
         wanted = {i.name for i in model.graph.input}

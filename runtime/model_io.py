@@ -5,26 +5,27 @@ or corrupt (:class:`ModelFileError`), an op from a domain that neither ONNX nor 
 model's local functions define (:class:`RuntimeLoadError`, naming the op and what to
 load), and inputs with a wrong name, rank, shape or dtype or holding NaN/Inf
 (:class:`BKNInputError`, naming the input and the expected shape).
+
+Reading a file, describing a graph input and checking user inputs are
+``bkn_export``'s (through :mod:`runtime._bkn`): one check, one wording for both packages.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from runtime._bkn import is_op_node
-from runtime.compare import nonfinite_count
+from runtime._bkn import TensorSpec, check_feeds, is_op_node, load_onnx_file, tensor_spec
 from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError
 
 __all__ = [
     "TensorSpec",
     "check_custom_ops",
-    "check_inputs",
+    "check_feeds",
     "custom_domains",
     "detect_mode",
     "input_sets",
@@ -37,40 +38,15 @@ __all__ = [
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """name, dtype (NumPy name) and shape (ints for fixed dims, strings for symbolic ones)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def shape_text(self) -> str:
-        return "(" + ", ".join(str(d) for d in self.shape) + ")"
-
-
 def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
-    """Load and check ``path``; raises :class:`ModelFileError` naming the file and the cause."""
+    """Load and check ``path``; raises :class:`ModelFileError` naming the file and the cause.
+
+    The file is read by ``bkn_export``'s loader (missing, directory, empty, not a model,
+    external data missing or truncated); then the graph must hold something and pass
+    ``onnx.checker``.
+    """
     file = Path(path)
-    if file.is_dir():
-        raise ModelFileError(f"{file} is a directory, not an ONNX file; give the path of the .onnx file")
-    if not file.is_file():
-        raise ModelFileError(f"ONNX file {file} does not exist (export one with `bkn export` or export_onnx)")
-    if file.stat().st_size == 0:
-        raise ModelFileError(f"ONNX file {file} is empty; re-export it")
-    try:
-        model = onnx.load(str(file), load_external_data=load_external_data)
-    except Exception as error:  # protobuf raises DecodeError, onnx raises its own; both mean corrupt
-        text = str(error)
-        if "should be stored in" in text:  # onnx's message for a missing or unreadable external-data file
-            raise ModelFileError(
-                f"ONNX file {file} keeps tensors in an external data file that is missing or unreadable "
-                f"({text.strip()}); copy the data file beside the model or re-export it"
-            ) from error
-        raise ModelFileError(
-            f"ONNX file {file} cannot be parsed ({type(error).__name__}: {error}); it is truncated or not an "
-            "ONNX model. Re-export it."
-        ) from error
+    model = load_onnx_file(file, load_external_data=load_external_data)
     if not model.graph.node and not model.graph.output:
         raise ModelFileError(f"ONNX file {file} holds no graph (truncated or not an ONNX model); re-export it")
     try:
@@ -81,24 +57,11 @@ def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> 
     return model
 
 
-def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
-    tensor_type = value.type.tensor_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else np.float32
-    dims: list[int | str] = []
-    for dim in tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
-            dims.append(int(dim.dim_value))
-        else:
-            dims.append(dim.dim_param or "?")
-    name = "bfloat16" if tensor_type.elem_type == onnx.TensorProto.BFLOAT16 else np.dtype(dtype).name
-    return TensorSpec(value.name, name, tuple(dims))
-
-
 def tensor_specs(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) of the graph; initializers listed as inputs (old exporters) are left out."""
     initializers = {t.name for t in model.graph.initializer}
-    inputs = [_spec(v) for v in model.graph.input if v.name not in initializers]
-    return inputs, [_spec(v) for v in model.graph.output]
+    inputs = [tensor_spec(v) for v in model.graph.input if v.name not in initializers]
+    return inputs, [tensor_spec(v) for v in model.graph.output]
 
 
 def custom_domains(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -129,38 +92,6 @@ def check_custom_ops(model: onnx.ModelProto, path: str | os.PathLike[str], runti
         "library/plugin was given. Re-export with bkn_export.export.export_onnx(..., mode='training') "
         "(which stores the function body), or pass the library (custom_op_libraries=[...] / --custom-op-library)."
     )
-
-
-def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Check names, dtypes, ranks, fixed dims and finiteness; returns the inputs in graph order."""
-    expected = [s.name for s in specs]
-    unknown = [name for name in inputs if name not in expected]
-    if unknown:
-        raise BKNInputError(f"unknown input(s) {unknown}; the model's inputs are {expected}")
-    checked: dict[str, np.ndarray] = {}
-    for spec in specs:
-        if spec.name not in inputs:
-            raise BKNInputError(f"input {spec.name!r} is missing: expected shape {spec.shape_text()} {spec.dtype}")
-        array = np.asarray(inputs[spec.name])
-        if array.dtype.name != spec.dtype:
-            raise BKNInputError(
-                f"input {spec.name!r} has dtype {array.dtype.name}; "
-                f"expected {spec.dtype} with shape {spec.shape_text()}"
-            )
-        wrong_rank = array.ndim != len(spec.shape)
-        wrong_dim = not wrong_rank and any(isinstance(d, int) and d != a for d, a in zip(spec.shape, array.shape))
-        if wrong_rank or wrong_dim:
-            raise BKNInputError(
-                f"input {spec.name!r} has shape {tuple(array.shape)}; expected {spec.shape_text()} "
-                "(named dims may take any size)"
-            )
-        bad = nonfinite_count(array)
-        if bad:
-            raise BKNInputError(
-                f"input {spec.name!r} holds {bad} NaN/Inf value(s); parity is only defined for finite inputs"
-            )
-        checked[spec.name] = array
-    return checked
 
 
 def random_inputs(

@@ -45,7 +45,7 @@ from runtime.localize import Localisation, localise
 from runtime.model_io import (
     TensorSpec,
     check_custom_ops,
-    check_inputs,
+    check_feeds,
     detect_mode,
     load_onnx,
     random_inputs,
@@ -240,7 +240,7 @@ def run_parity(
         if reference_outputs is not None:
             raise BKNInputError("saved reference outputs need the inputs they were computed from (--load-inputs)")
         inputs = random_inputs(input_specs, seed=seed or 0)
-    feeds = [check_inputs(input_specs, feed) for feed in _as_feeds(inputs, input_specs)]
+    feeds = [check_feeds(input_specs, feed) for feed in _as_feeds(inputs, input_specs)]
     mode = mode or detect_mode(onnx_model)
     if mode not in ("inference", "training"):
         raise BKNInputError(f"mode must be 'inference' or 'training', got {mode!r}")

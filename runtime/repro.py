@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from runtime._bkn import write_bytes_atomic, write_text_atomic
+from runtime._bkn import save_onnx, write_text_atomic
 from runtime.compare import TolerancePolicy
 
 __all__ = ["write_repro"]
@@ -45,7 +45,7 @@ def _sub_model(model: onnx.ModelProto, value: str, workdir: Path) -> tuple[onnx.
     inputs = [name for name in node.input if name and name not in initializers]
     source = workdir / "full.onnx"
     target = workdir / "sub.onnx"
-    onnx.save_model(model, str(source))
+    save_onnx(model, source)
     onnx.utils.extract_model(str(source), str(target), inputs, [value], check_model=False)
     sub = onnx.load(str(target))
     if len(model.functions) and not len(sub.functions):
@@ -57,7 +57,7 @@ def _evaluate(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], workdir: P
     from runtime.backends.reference import ReferenceEvaluatorBackend
 
     path = workdir / name
-    onnx.save_model(model, str(path))
+    save_onnx(model, path)
     backend = ReferenceEvaluatorBackend()
     backend.load(str(path))
     return backend.run(dict(feed))
@@ -93,7 +93,7 @@ def write_repro(
             sub_feed = dict(feed)
             expected = dict(reference_outputs)
             scope = f"the whole model {model_path.name} (the failure was not localised to a node)"
-        write_bytes_atomic(directory / "model.onnx", sub.SerializeToString())
+        save_onnx(sub, directory / "model.onnx")
         polygraphy_io.save_inputs(directory / "inputs.json", [sub_feed])
         polygraphy_io.save_outputs(directory / "expected.json", [expected], runner="reference")
         reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected)

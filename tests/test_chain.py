@@ -254,7 +254,8 @@ def test_version_1_checkpoint_loads_into_an_equivalent_wiring_and_computes_what_
     """Saved by the execution-order wiring (commit 9ccb94c): same outputs in train and eval mode."""
     saved = _v1(transition)
     assert saved["state_dict"]["4._extra_state"]["version"] == 1
-    model = convert_batchnorm(_plain_chain(), torch.randn(2, 3, 6, 6), transition=transition)
+    # version 1 had only the authors' prior (the source's input statistics)
+    model = convert_batchnorm(_plain_chain(), torch.randn(2, 3, 6, 6), transition=transition, prior_source="input")
     model.load_state_dict(saved["state_dict"], strict=True)
     with torch.no_grad():
         torch.testing.assert_close(copy.deepcopy(model).train()(saved["x"]), saved["train_output"])
@@ -342,7 +343,8 @@ def test_training_export_computes_the_normalization_aware_prior(tmp_path: Path) 
         torch.testing.assert_close(torch.from_numpy(mean), layer.posterior_mean, atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.from_numpy(variance), layer.posterior_variance, atol=1e-5, rtol=0)
     # and the convention matters here: the 'input' prior gives another second posterior
-    other = {s.name: s for s in chain_statistics(convert_batchnorm(copy.deepcopy(bn_model), x), x)}
+    authors = convert_batchnorm(copy.deepcopy(bn_model), x, prior_source="input")
+    other = {s.name: s for s in chain_statistics(authors, x)}
     assert not torch.allclose(other["3"].posterior_mean, torch.from_numpy(got["3" + POSTERIOR_MEAN_SUFFIX]))
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bkn_export import BatchKalmanNorm2d, wire_chain
+from bkn_export.chain import fast
 from bkn_export.chain.scope import ROOT_ATTRIBUTE, scratch_for
 
 
@@ -69,11 +70,16 @@ def test_compile_matches_eager(training: bool) -> None:
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 5, 5, requires_grad=training)
     x_eager = x.detach().clone().requires_grad_(training)
-    y, y_eager = compiled(x), eager(x_eager)
+    # The compiled graph traces the reference moments; eager's fused forms (bkn_export.chain.fast) equal
+    # them to rounding (tests/test_speed.py, float64), which float32 gradients here would exceed.
+    with fast.reference_only():
+        y_eager = eager(x_eager)
+        if training:
+            y_eager.square().sum().backward()
+    y = compiled(x)
     torch.testing.assert_close(y, y_eager)
     if training:
         y.square().sum().backward()
-        y_eager.square().sum().backward()
         torch.testing.assert_close(x.grad, x_eager.grad)
         for (name, p), (_, p_eager) in zip(model.named_parameters(), eager.named_parameters()):
             torch.testing.assert_close(p.grad, p_eager.grad, msg=name)

@@ -31,7 +31,7 @@ from bkn_export.export import export_onnx
 from bkn_export.export.inference import FP16_TOLERANCE
 from bkn_export.export.io import save_onnx
 from bkn_export.export.metadata import read_metadata
-from bkn_export.export.op_spec import MAX_OPSET, MIN_OPSET
+from bkn_export.export.op.op_spec import MAX_OPSET, MIN_OPSET
 
 FLOAT32_TOLERANCE = 1e-5
 BATCHES = (1, 3, 64)

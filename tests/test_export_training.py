@@ -24,7 +24,8 @@ from torch import nn
 from bkn_export import BatchKalmanNorm1d, KalmanOptions, convert_batchnorm, describe_chain, wire_chain
 from bkn_export.demo.models import digits_resnet
 from bkn_export.errors import BKNInputError, ExportError, ModelFileError
-from bkn_export.export import export_onnx, op_spec
+from bkn_export.export import export_onnx
+from bkn_export.export.op import op_spec
 from bkn_export.export.training import (
     POSTERIOR_MEAN_SUFFIX,
     POSTERIOR_VARIANCE_SUFFIX,

@@ -740,7 +740,8 @@ def test_conv_gradients_reach_weights(padding_mode: str) -> None:
 
 class _PriorPath(nn.Module):
     """A path as the chain pushes it, sized by its input x: (N, C, H, W) (only its shape is read):
-    SiLU → AvgPool (ceil_mode) → reflect-padded conv → MaxPool → bilinear ×2 → Hardswish."""
+    SiLU → AvgPool (ceil_mode) → reflect-padded conv → MaxPool → bilinear ×2 → Hardswish; and
+    AvgPool(3, 2, 1) → reflect-padded conv → bilinear ×2 as one linear path."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -749,13 +750,15 @@ class _PriorPath(nn.Module):
         self.max_pool = M.PoolSpec.from_module(nn.MaxPool2d(3, 2, 1))
         self.upsample = M.ResampleSpec("bilinear", scale_factor=2)
 
-    def forward(self, x: Tensor, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, mean: Tensor, variance: Tensor) -> tuple[Tensor, ...]:
+        linear_path = [M.PoolSpec.from_module(nn.AvgPool2d(3, 2, 1)), self.conv, self.upsample]
+        path_mean, path_variance, _ = M.linear_path_moments(linear_path, mean, variance, x.shape[2:])
         mean, variance = M.elementwise_moments("silu", mean, variance)
         mean, variance, spatial = M.pool_moments(self.avg_pool, mean, variance, x.shape[2:])
         mean, variance, spatial = M.conv_moments(self.conv, mean, variance, spatial)
         mean, variance, spatial = M.pool_moments(self.max_pool, mean, variance, spatial)
         mean, variance, _ = M.resample_moments(self.upsample, mean, variance, spatial)
-        return M.elementwise_moments("hardswish", mean, variance)
+        return (*M.elementwise_moments("hardswish", mean, variance), path_mean, path_variance)
 
 
 def test_a_path_exports_with_dynamic_spatial_size() -> None:

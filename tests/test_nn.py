@@ -289,12 +289,17 @@ def test_threads_never_see_each_others_posteriors() -> None:
 
 
 def test_batch_of_one_trains_where_batchnorm_refuses() -> None:
-    """(1, C): BatchNorm raises; a first-in-chain BKN returns β (variance 0) and a wired one blends in the prior."""
+    """(1, C): BatchNorm raises; a first-in-chain BKN returns β (variance 0) and a wired one blends in the prior.
+
+    prior_source="input": the prior comes from the first layer's input statistics, not from its
+    output β (which at n = 1 is exact, variance 0, so that an "output" prior would reproduce the
+    second layer's input and its output would collapse onto β as well).
+    """
     x = torch.randn(1, C)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         nn.BatchNorm1d(C).train()(x)
     model = nn.Sequential(
-        nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), BatchKalmanNorm1d(C, prior_weight=0.5)
+        nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), BatchKalmanNorm1d(C, prior_weight=0.5, prior_source="input")
     )
     wire_chain(model, torch.randn(2, 3))
     first, second = _bkn(model[1]), _bkn(model[4])

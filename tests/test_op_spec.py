@@ -21,7 +21,7 @@ from onnx.reference import ReferenceEvaluator
 
 from bkn_export import functional as Fk
 from bkn_export.errors import ExportError
-from bkn_export.export import function_body, op_spec, schema
+from bkn_export.export.op import function_body, op_spec, schema
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ops" / "BatchKalmanNorm.md"
 ORT_LEVELS = [

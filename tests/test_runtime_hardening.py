@@ -250,7 +250,7 @@ def test_a_missing_external_data_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "external.onnx"
     onnx.save(model, path, save_as_external_data=True, location="external.data", size_threshold=0)
     (tmp_path / "external.data").unlink()
-    with pytest.raises(ModelFileError, match=r"external data file that is missing.*external\.data"):
+    with pytest.raises(ModelFileError, match=r"external-data file external\.data, which is missing"):
         run_parity(trained_digits(), path, digits_inputs())
 
 

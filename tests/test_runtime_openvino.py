@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 from bkn_export import KalmanOptions, convert_batchnorm
 from bkn_export.export import export_onnx
-from bkn_export.export.function_body import function_proto
+from bkn_export.export.op.function_body import function_proto
 from runtime.backends.openvino import OpenVINOBackend, openvino_devices
 from runtime.backends.reference import ReferenceEvaluatorBackend
 from runtime.parity import run_parity

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 
 from bkn_export import functional
 from bkn_export.errors import PluginLibraryNotFoundError, RuntimeLoadError
-from bkn_export.export import op_spec
+from bkn_export.export.op import op_spec
 from bkn_export.tensorrt_plugin import (
     DYNAMIC_LIBRARY_NAME,
     PLUGIN_SOURCE_DIR,

@@ -16,7 +16,8 @@ from torch import nn
 from bkn_export.chain.record import record_dataflow
 from bkn_export.chain.steps import Affine, Elementwise, Pool
 from bkn_export.cli import main
-from bkn_export.demo import INSTALL_DEMO, DemoDependencyError, train_demo
+from bkn_export.commands import train_demo
+from bkn_export.demo import INSTALL_DEMO, DemoDependencyError
 from bkn_export.demo.data import load_digits_split
 from bkn_export.demo.models import (
     NETWORKS,
@@ -308,7 +309,8 @@ import sys
 sys.modules["sklearn"] = None
 sys.modules["matplotlib"] = None
 import torch, bkn_export
-from bkn_export.demo import data, models, plots, training, train_demo
+from bkn_export.demo import data, models, plots, training
+from bkn_export.commands import train_demo
 model = bkn_export.convert_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
                                      torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4)),
                                      torch.randn(2, 1, 8, 8))

@@ -81,6 +81,7 @@ from bkn_export.chain.steps import (
     step_from_dict,
 )
 from bkn_export.errors import ChainWiringError
+from bkn_export.module_modes import eval_mode
 
 __all__ = [
     "Combination",
@@ -1371,14 +1372,8 @@ def _input_nodes(example_inputs: Any, label: str) -> Iterator[tuple[Tensor, _Nod
 @contextmanager
 def _eval_no_grad(model: nn.Module) -> Iterator[None]:
     """Eval mode and no_grad for one forward; every module's mode restored afterwards."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:

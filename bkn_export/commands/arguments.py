@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import argparse
 import ast
-from typing import Any
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 __all__ = [
+    "finite_float_in",
     "nonnegative_int",
     "parse_factory_arg",
     "parse_named_shape",
     "parse_shape",
+    "positive_float",
     "positive_int",
 ]
+
+_Number = TypeVar("_Number", int, float)
 
 #: Largest single dimension accepted in a shape (ONNX and the runtimes index with int64,
 #: but no real example input comes near this; a typo such as 1000000000 is caught here).
@@ -56,21 +62,39 @@ def parse_factory_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _integer(text: str, minimum: int, what: str) -> int:
+def _number(text: str, kind: type[_Number], what: str, accept: Callable[[_Number], bool], rule: str) -> _Number:
+    """``kind(text)``, or an ArgumentTypeError: "expected <what>, got '<text>'" / "'<text>' <rule>: expected <what>"."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"{text!r} {rule}: expected {what}")
     return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    return _integer(text, 1, "a positive integer")
+    return _number(text, int, "a positive integer", lambda v: v >= 1, "must be > 0")
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    return _integer(text, 0, "an integer >= 0")
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0, "must be >= 0")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _number(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0, "must be > 0")
+
+
+def finite_float_in(text: str, what: str, low: float, high: float = math.inf) -> float:
+    """A finite number in [low, high]; the error names ``what`` (an option or a part of one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and low <= value <= high):
+        expected = f"a finite number >= {low:g}" if high == math.inf else f"a number in [{low:g}, {high:g}]"
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: expected {expected}")
+    return value

@@ -28,7 +28,7 @@ __all__ = ["add_arguments", "example_inputs", "parse_factory_arg", "parse_shape"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bkn_export.export.op_spec import MAX_OPSET, MIN_OPSET
+    from bkn_export.export.op.op_spec import MAX_OPSET, MIN_OPSET
 
     parser.add_argument("spec", help="model factory as pkg.module:factory (or path/to/file.py:factory)")
     parser.add_argument("--checkpoint", help="state dict saved with torch.save(model.state_dict(), path)")

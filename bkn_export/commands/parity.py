@@ -24,7 +24,7 @@ import math
 import sys
 from typing import Any
 
-from bkn_export.commands.arguments import parse_factory_arg, parse_named_shape, positive_int
+from bkn_export.commands.arguments import finite_float_in, parse_factory_arg, parse_named_shape, positive_int
 
 __all__ = [
     "add_arguments",
@@ -41,35 +41,16 @@ POSITIONAL_LIST = "targets"
 SHAPE_SET_SYNTAX = "NAME:D,D,...;NAME:D,... (or D,D,...;D,... for the inputs in order)"
 
 
-def _finite_nonnegative(text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{what} {text!r}: expected a finite number >= 0")
-    return value
-
-
 def _tolerance_value(text: str) -> float:
-    return _finite_nonnegative(text, "tolerance")
+    return finite_float_in(text, "tolerance", 0.0)
 
 
 def _fraction(text: str) -> float:
-    value = _finite_nonnegative(text, "fraction")
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"fraction {text!r}: expected a number in [0, 1]")
-    return value
+    return finite_float_in(text, "fraction", 0.0, 1.0)
 
 
 def _cosine(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--cosine-min {text!r}: expected a number in [-1, 1]")
-    return value
+    return finite_float_in(text, "--cosine-min", -1.0, 1.0)
 
 
 def parse_tolerance(text: str) -> tuple[str, float, float]:

@@ -1,11 +1,11 @@
-"""The demo: small digits networks, their data, a training loop, plots and ``bkn train-demo``.
+"""The demo: small digits networks, their data, a training loop and plots (``bkn train-demo``, ``bkn demo``).
 
 Not part of the library proper. :mod:`bkn_export.demo.models` and
 :mod:`bkn_export.demo.training` need only torch; the digits data needs scikit-learn and
 the plots matplotlib, both in the ``[demo]`` extra (``pip install -e ".[demo]"``). They
 are imported where they are used, so importing this package, its modules or running
-``bkn train-demo --help`` works without them; using the data or a plot without them
-raises :class:`DemoDependencyError`, which says what to install.
+``bkn train-demo --help`` (:mod:`bkn_export.commands.train_demo`) works without them;
+using the data or a plot without them raises :class:`DemoDependencyError`, which says what to install.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bkn_export.errors import BKNError, ExportError, OptionError
-from bkn_export.export.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from bkn_export.export.op.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 __all__ = ["check_model", "example_tuple", "resolve_opset", "run_dynamo_export"]
 

@@ -1,9 +1,10 @@
 """The one check of runtime inputs ("feeds") against an ONNX graph's inputs.
 
-Used by the training-mode helper :func:`bkn_export.export.training.check_feeds` and meant
-for ``runtime`` (through its adapter, ``runtime/_bkn.py``) in place of its own copy:
-names, dtypes, ranks, fixed dims, NaN/Inf and (optionally) empty inputs, each a
-:class:`~bkn_export.errors.BKNInputError` naming the input and what was expected.
+Used by the training-mode helper :func:`bkn_export.export.training.check_feeds` and by
+``runtime`` (through its adapter, ``runtime/_bkn.py``): names, dtypes, ranks, fixed dims,
+NaN/Inf and (optionally) empty inputs, each a :class:`~bkn_export.errors.BKNInputError`
+naming the input and what was expected. :func:`tensor_spec` describes one graph input
+or output.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import onnx
 
 from bkn_export.errors import BKNInputError
 
-__all__ = ["TensorSpec", "check_feeds", "graph_input_specs", "nonfinite_count"]
+__all__ = ["TensorSpec", "check_feeds", "graph_input_specs", "nonfinite_count", "tensor_spec"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class TensorSpec:
         return "(" + ", ".join(str(d) for d in self.shape) + ")"
 
 
-def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+def tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    """The :class:`TensorSpec` of a graph input or output (no element type: float32)."""
     tensor_type = value.type.tensor_type
     if tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
         dtype = "bfloat16"
@@ -48,7 +50,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
 def graph_input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
     """The graph's inputs in order; initializers listed as inputs (old exporters) are left out."""
     initializers = {t.name for t in model.graph.initializer}
-    return [_spec(v) for v in model.graph.input if v.name not in initializers]
+    return [tensor_spec(v) for v in model.graph.input if v.name not in initializers]
 
 
 def nonfinite_count(array: np.ndarray) -> int:

@@ -111,11 +111,6 @@ def _folded_host(host: nn.Module, norm: nn.Module) -> nn.Module:
     return new
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _kind(host: nn.Module) -> str:
     if isinstance(host, nn.Linear):
         return "linear"
@@ -163,8 +158,8 @@ def fold(model: nn.Module, example_inputs: Any = None) -> FoldResult:
             records[name] = FoldRecord(name, None, "standalone", reason)
             continue
         assert host is not None and host_name is not None
-        _set_submodule(folded, host_name, _folded_host(host, norms[name]))
-        _set_submodule(folded, name, nn.Identity())
+        folded.set_submodule(host_name, _folded_host(host, norms[name]))
+        folded.set_submodule(name, nn.Identity())
         records[name] = FoldRecord(name, host_name, _kind(host), f"folded into {type(host).__name__} '{host_name}'")
     report = [records.get(name, FoldRecord(name, None, "unused", "never called in forward")) for name in norms]
     return FoldResult(folded.eval(), report)

@@ -25,11 +25,10 @@ the folded copy to float16 and exports that, so the weights are rounded once.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from bkn_export.export.metadata import (
     fold_report_json,
     node_scopes,
 )
-from bkn_export.export.op_spec import DEFAULT_OPSET
+from bkn_export.export.op.op_spec import DEFAULT_OPSET
 from bkn_export.export.pipeline import (
     Traceable,
     check_finite_parameters,
@@ -61,6 +60,7 @@ from bkn_export.export.pipeline import (
 )
 from bkn_export.export.result import ExportResult, FoldRecord
 from bkn_export.export.rules import Leftover, apply_fold_rules, unfolded_normalizations
+from bkn_export.module_modes import eval_mode
 
 __all__ = ["DEFAULT_OPSET", "FP16_TOLERANCE", "eval_mode", "export_inference", "resolve_opset"]
 
@@ -69,18 +69,6 @@ __all__ = ["DEFAULT_OPSET", "FP16_TOLERANCE", "eval_mode", "export_inference", "
 FP16_TOLERANCE = 1e-2
 
 _log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; restore each one's own mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _explain(model: nn.Module, opset: int, dynamic_spatial: bool) -> Callable[[Exception], str]:

@@ -17,7 +17,7 @@ from dataclasses import asdict
 import onnx
 import onnx_ir as ir
 
-import bkn_export
+from bkn_export._version import package_version
 from bkn_export.export.result import FoldRecord
 from bkn_export.export.rules import FOLD_RULE_TAG, NORMALIZATION_OP_TYPES, Leftover
 
@@ -105,7 +105,7 @@ def fold_report_json(report: Iterable[FoldRecord]) -> str:
 def export_metadata(mode: str, opset: int, fp16: bool, dynamic_batch: bool, dynamic_spatial: bool) -> dict[str, str]:
     """The metadata entries every export writes (each mode adds its own)."""
     return {
-        "version": bkn_export.__version__,
+        "version": package_version(),
         "mode": mode,
         "opset": str(opset),
         "fp16": str(bool(fp16)).lower(),

@@ -6,7 +6,7 @@ translated into one ``ai.bkn::BatchKalmanNorm`` node per layer (its schema is re
 first: without it the exporter cannot emit a custom-domain node); the prediction of
 each layer (transition) is ordinary ONNX ops, so the Kalman chain is explicit: node k's
 posterior outputs reach node k+1's prior inputs. The op's function body
-(:mod:`bkn_export.export.function_body`), generated for the model's opset, is stored in
+(:mod:`bkn_export.export.op.function_body`), generated for the model's opset, is stored in
 ``ModelProto.functions``, so ONNX Runtime and ``onnx.reference`` run the model with no
 plugin, and a TensorRT plugin can take the node over by its op type.
 
@@ -37,18 +37,18 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 from torch import Tensor, nn
 
 from bkn_export import functional as Fk
 from bkn_export.chain.observe import observe
 from bkn_export.chain.scope import Observation, Published
 from bkn_export.errors import ExportError, ModelFileError
-from bkn_export.export import function_body, op_spec, schema
 from bkn_export.export.common import check_model
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
 from bkn_export.export.metadata import attach_metadata, export_metadata, parse_name_scopes
+from bkn_export.export.op import function_body, op_spec, schema
+from bkn_export.export.op.translation import translation_table
 from bkn_export.export.pipeline import (
     Traceable,
     check_finite_parameters,
@@ -102,57 +102,6 @@ def running_stat_names(layer: str) -> tuple[str, str, str, str]:
     """(mean input, var input, mean output, var output) graph names of ``layer``'s running statistics."""
     mean, var = layer + RUNNING_MEAN_SUFFIX, layer + RUNNING_VAR_SUFFIX
     return mean, var, mean + UPDATED_SUFFIX, var + UPDATED_SUFFIX
-
-
-# --------------------------------------------------------------------------- translation
-
-
-def _translate_batch_kalman_norm(
-    x: Any,
-    prior_mean: Any,
-    prior_variance: Any,
-    prior_weight: Any,
-    weight: Any,
-    bias: Any,
-    eps: float,
-    fallback_ratio: float,
-) -> Any:
-    """torch.ops.bkn.batch_kalman_norm → one ``ai.bkn::BatchKalmanNorm`` node (3 outputs).
-
-    ``weight`` / ``bias`` absent (affine=False) become ones / zeros; a half γ/β is cast
-    to the statistics type U, as the op's type constraints require.
-    """
-    import onnxscript
-    from onnxscript import opset18 as op
-
-    custom = onnxscript.values.Opset(op_spec.DOMAIN, op_spec.DOMAIN_VERSION)
-    zero: Any = op.Constant(value_float=0.0)
-    one: Any = op.Constant(value_float=1.0)
-    zeros = op.Mul(prior_mean, op.CastLike(zero, prior_mean))
-    scale = op.Add(zeros, op.CastLike(one, prior_mean)) if weight is None else weight
-    shift = zeros if bias is None else bias
-    if scale.dtype != prior_mean.dtype:
-        scale = op.CastLike(scale, prior_mean)
-    if shift.dtype != prior_mean.dtype:
-        shift = op.CastLike(shift, prior_mean)
-    return custom.BatchKalmanNorm(
-        x,
-        prior_mean,
-        prior_variance,
-        prior_weight,
-        scale,
-        shift,
-        epsilon=float(eps),
-        fallback_ratio=float(fallback_ratio),
-        plugin_version=op_spec.PLUGIN_VERSION,
-        plugin_namespace=op_spec.PLUGIN_NAMESPACE,
-    )
-
-
-def translation_table() -> dict[Any, Any]:
-    """The ``custom_translation_table`` for ``torch.onnx.export`` (registers the schema first)."""
-    schema.register_schema()
-    return {torch.ops.bkn.batch_kalman_norm.default: _translate_batch_kalman_norm}
 
 
 # --------------------------------------------------------------------------- the traced module

@@ -2,7 +2,7 @@
 // batch statistics, Kalman update with the given prior, normalization).
 //
 // Name, version, namespace, inputs, outputs and fields come from BatchKalmanNormFields.h,
-// generated from bkn_export/export/op_spec.py. The math is bkn_export/functional.py:
+// generated from bkn_export/export/op/op_spec.py. The math is bkn_export/functional.py:
 // batch_kalman_norm; the kernels are in batchKalmanNormKernel.cu.
 //
 // I/O (all kLINEAR):

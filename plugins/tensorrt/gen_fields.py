@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write BatchKalmanNormFields.h from bkn_export/export/op_spec.py (the one declaration).
+"""Write BatchKalmanNormFields.h from bkn_export/export/op/op_spec.py (the one declaration).
 
     python plugins/tensorrt/gen_fields.py           # rewrite the header beside this script
     python plugins/tensorrt/gen_fields.py --check   # exit 1 if the committed header is stale

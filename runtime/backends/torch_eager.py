@@ -19,14 +19,14 @@ localisation (:mod:`runtime.localize`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from runtime._bkn import kept_modes
 from runtime.backends.base import Availability, Backend
 
 __all__ = ["ModuleCapture", "TorchEagerBackend"]
@@ -169,23 +169,13 @@ class TorchEagerBackend(Backend):
         # PyTorch counterpart and are left out; fewer would be a wrong model/ONNX pairing.
         return dict(zip(output_names, leaves))
 
-    @contextlib.contextmanager
-    def _modes_kept(self) -> Iterator[None]:
-        """Leave every module of the user's model in the train/eval mode it was found in."""
-        was_training = {m: m.training for m in self.model.modules()}
-        try:
-            yield
-        finally:
-            for module, training in was_training.items():
-                module.training = training
-
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._modes_kept():
+        with kept_modes(self.model):
             return self._forward(self._instance(), inputs)
 
     def run_capturing(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], ModuleCapture]:
         """Run once with forward hooks on every named module; returns (outputs, capture)."""
-        with self._modes_kept():
+        with kept_modes(self.model):
             return self._run_capturing(self._instance(), inputs)
 
     def _run_capturing(

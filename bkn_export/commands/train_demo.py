@@ -31,8 +31,10 @@ from typing import Any
 import torch
 
 from bkn_export.atomic import write_bytes_atomic
+from bkn_export.commands.arguments import positive_float, positive_int
 from bkn_export.commands.exit_codes import run_command
 from bkn_export.demo.models import NETWORKS, NORMALIZERS
+from bkn_export.errors import OptionError, OutputWriteError
 
 __all__ = ["DEFAULTS", "QUICK", "add_arguments", "run", "summarize"]
 
@@ -85,19 +87,6 @@ def _normalizers(text: str) -> list[str]:
     return values
 
 
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``bkn train-demo`` (defaults: the full benchmark; see ``--quick``)."""
     full = DEFAULTS
@@ -117,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"batch sizes, comma- or space-separated (default {','.join(map(str, full['batch_sizes']))})",
     )
     parser.add_argument(
-        "--seeds", type=_positive(int), help=f"number of seeds per setting, 0..N-1 (default {full['seeds']})"
+        "--seeds", type=positive_int, help=f"number of seeds per setting, 0..N-1 (default {full['seeds']})"
     )
     parser.add_argument(
         "--normalizers",
@@ -127,13 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--epochs",
-        type=_positive(float),
+        type=positive_float,
         help=f"passes over the training set, the same samples seen at every batch size (default {full['epochs']})",
     )
     parser.add_argument(
-        "--lr", type=_positive(float), default=0.1, help="SGD learning rate at batch 32, scaled linearly (default 0.1)"
+        "--lr", type=positive_float, default=0.1, help="SGD learning rate at batch 32, scaled linearly (default 0.1)"
     )
-    parser.add_argument("--width", type=_positive(int), default=16, help="channels of the first stage (default 16)")
+    parser.add_argument("--width", type=positive_int, default=16, help="channels of the first stage (default 16)")
     parser.add_argument(
         "--stem-stride",
         type=int,
@@ -145,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument("--max-shift", type=int, default=1, help="random shift augmentation in pixels (default 1)")
-    parser.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -164,7 +153,7 @@ def _flatten(lists: list[list[Any]] | None) -> list[Any] | None:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The resolved settings: explicit options override the --quick or full defaults."""
+    """The resolved settings: options given override the --quick or full defaults; OptionError (exit 2) if invalid."""
     base = QUICK if args.quick else DEFAULTS
     batch_sizes = _flatten(args.batch_sizes) or base["batch_sizes"]
     normalizers = _flatten(args.normalizers) or base["normalizers"]
@@ -183,14 +172,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
     for value in settings["batch_sizes"]:
         if value < 1:
-            raise ValueError(f"batch size {value} must be a positive integer (>= 1)")
+            raise OptionError(f"batch size {value} must be a positive integer (>= 1)")
     for value in settings["normalizers"]:
         if value not in NORMALIZERS:
-            raise ValueError(f"unknown normalizer {value!r}; choose from {', '.join(NORMALIZERS)}")
+            raise OptionError(f"unknown normalizer {value!r}; choose from {', '.join(NORMALIZERS)}")
     if settings["network"] not in NETWORKS:
-        raise ValueError(f"unknown network {settings['network']!r}; choose from {', '.join(NETWORKS)}")
+        raise OptionError(f"unknown network {settings['network']!r}; choose from {', '.join(NETWORKS)}")
     if settings["max_shift"] < 0:
-        raise ValueError(f"--max-shift must be >= 0, got {settings['max_shift']}")
+        raise OptionError(f"--max-shift must be >= 0, got {settings['max_shift']}")
     return settings
 
 
@@ -280,11 +269,7 @@ def _run(args: argparse.Namespace) -> int:
 
     console = Console()
     error_console = Console(stderr=True)
-    try:
-        settings = _settings(args)
-    except ValueError as error:
-        error_console.print(f"bkn train-demo: error: {error}")
-        return 2
+    settings = _settings(args)
     # The demo extra's dependencies are checked before anything is created or trained.
     require_matplotlib()
     data = load_digits_split()
@@ -292,8 +277,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        error_console.print(f"bkn train-demo: error: cannot create output directory {out}: {error}")
-        return 2
+        raise OutputWriteError(f"cannot create output directory {out}: {error}; choose a writable --out") from error
     torch.set_num_threads(settings["threads"])
 
     # Seed-major order: an interrupted benchmark still has every setting for its first seeds.

@@ -13,7 +13,7 @@ import threading
 import onnx
 from onnx import defs, shape_inference
 
-from bkn_export.export import op_spec
+from bkn_export.export.op import op_spec
 
 __all__ = ["build_schema", "is_registered", "register_schema"]
 

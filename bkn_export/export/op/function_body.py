@@ -35,7 +35,7 @@ import onnx
 import onnxscript
 from onnxscript import values
 
-from bkn_export.export import op_spec
+from bkn_export.export.op import op_spec
 from bkn_export.functional import _VARIANCE_FLOOR  # floor on the batch variance in the fallback ratio
 
 __all__ = ["function_proto", "onnxscript_function"]
