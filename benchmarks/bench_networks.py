@@ -4,13 +4,18 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
         [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
+        [--profile N] [--reference-moments]
 
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
 within every repeat (the order alternates), in one process with one torch thread. One sample is ``--steps`` steps;
 the figure is the median over ``--repeats`` samples and the ratio BKN / BatchNorm of the medians. The default clock
 is this process's CPU time, which on a shared machine leaves out time spent waiting for a core; ``--clock wall``
-uses elapsed time. ``--compile`` adds the same pair under ``torch.compile`` (default backend).
+uses elapsed time. ``--compile`` adds the same pair under ``torch.compile`` (default backend). ``--profile N``
+instead prints, per network and batch, the N operators with the most self CPU time over 3 steps of the converted
+network (``torch.profiler``; the Python-level ``autograd.Function`` s of ``bkn_export`` show up by name).
+``--reference-moments`` runs every prediction through the reference :mod:`bkn_export.moments` instead of the
+fused eager forms of :mod:`bkn_export.chain.fast` (what the speed work is measured against).
 
 The networks come from packages installed without torchvision (``pip install --no-deps monai efficientnet-pytorch
 geffnet``); a network whose package is missing is reported and skipped.
@@ -132,6 +137,20 @@ def _pair(
     )
 
 
+def _profile(name: str, batch: int, size: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = convert_batchnorm(NETWORKS[name](), torch.randn(2, 3, size, size))
+    step = _train_step(model, torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        for _ in range(3):
+            step()
+    print(f"== {name}, batch {batch}: converted network, 3 train steps")
+    print(recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--networks", default=",".join(NETWORKS))
@@ -143,7 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("process", "wall"), default="process")
     parser.add_argument("--compile", action="store_true", help="also time both under torch.compile")
     parser.add_argument("--json", help="write the rows as JSON to this path")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops instead of timing")
+    parser.add_argument("--reference-moments", action="store_true", help="no fused eager predictions")
     args = parser.parse_args(argv)
+    if args.reference_moments:
+        from bkn_export.chain import fast
+
+        with fast.reference_only():
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "process" else time.perf_counter
     names = [n for n in args.networks.split(",") if n]
@@ -152,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown networks {unknown}; known: {sorted(NETWORKS)}", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batches.split(",") if b]
+    if args.profile:
+        for name in names:
+            for batch in batches:
+                _profile(name, batch, args.size, args.profile)
+        return 0
     rows: list[Row] = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock={args.clock}, input {args.size}x{args.size}")
     print(f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7}")
@@ -172,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from bkn_export.atomic import write_text_atomic
 
-        payload = {"torch": torch.__version__, "args": vars(args), "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}
+        rows_out = [asdict(r) | {"ratio": r.ratio} for r in rows]
+        payload = {"torch": torch.__version__, "args": vars(args), "rows": rows_out}
         write_text_atomic(args.json, json.dumps(payload, indent=2))
     return 0
 

@@ -7,8 +7,6 @@ The math is in :mod:`bkn_export.functional`.
 
 from typing import TYPE_CHECKING
 
-from bkn_export._version import package_version
-
 # The exceptions import nothing heavy; everything else is imported on first use (module
 # __getattr__), so that `bkn --help`, `bkn parity --help` and the pytest plugin start
 # without torch. `from bkn_export import X` and `bkn_export.X` work as before.
@@ -39,7 +37,7 @@ if TYPE_CHECKING:
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
 
-__version__ = package_version()
+    __version__: str
 
 #: public name -> the module that defines it (imported on first access)
 _LAZY = {
@@ -56,6 +54,11 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
+    if name == "__version__":  # importlib.metadata takes ~0.1 s to import: read on first use
+        from bkn_export._version import package_version
+
+        globals()[name] = version = package_version()
+        return version
     if name in _LAZY:
         import importlib
 

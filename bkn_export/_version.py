@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import metadata
-
 __all__ = ["DISTRIBUTION", "package_version"]
 
 #: The distribution name in ``pyproject.toml``.
@@ -12,6 +10,8 @@ DISTRIBUTION = "bkn-export"
 
 def package_version() -> str:
     """``importlib.metadata.version("bkn-export")``; ``"0+unknown"`` when run uninstalled (a bare checkout)."""
+    from importlib import metadata  # ~0.1 s to import: only when the version is asked for
+
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:

@@ -19,21 +19,10 @@ statistics are per channel (diagonal covariances)::
 the moment-matched mixture of the prior N(μ_{k|k-1}, Σ_{k|k-1}) and the batch
 N(x̄_k, S_k) with weights (p, q); with ``p = 0`` it is exactly BatchNorm.
 
-Transitions ``T_k`` (how the previous posterior is carried to layer k):
-
-* ``propagate`` (default): the previous posterior is pushed through the layer that
-  feeds this normalization: rectified-Gaussian moments for the ReLU, then the exact
-  moments of that layer's output pooled over positions, treating inputs as independent
-  (the same assumption the authors' sampling makes): its analytic expectation.
-  Linear: mean through ΣW, variance through ΣW². Conv/ConvTranspose: the same per
-  kernel tap, weighted by how often each tap reads a real input rather than zero
-  padding, plus the spread of the mean over positions (:func:`predict_propagate_conv`).
-  Deterministic.
-* ``sampled``: the authors' Monte Carlo version: one Gaussian sample per position,
-  ReLU, the feeding layer itself, then the sample's moments (reparameterized so that
-  gradients reach the previous posterior).
-* ``learned``: a free matrix ``A`` (C_k, C_{k-1}): μ = A μ', Σ = (A∘A) Σ' + R.
-* ``identity``: μ = μ', Σ = Σ' + R (channel counts must match).
+Transitions ``T_k`` (how the previous posterior is carried to layer k) live in
+:mod:`bkn_export.chain.transitions`; the moment propagation they use (activations,
+pooling, resampling, convolutions, linear paths) is :mod:`bkn_export.moments`, and here
+only the learned one, :func:`predict_linear`: μ = A μ', Σ = (A∘A) Σ' + R.
 
 Half-precision inputs (float16, bfloat16) accumulate statistics in float32; the
 posterior statistics are float32 for them, and ``y`` has the dtype of ``x``.
@@ -41,14 +30,13 @@ posterior statistics are float32 for them, and ``y`` has the dtype of ``x``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bkn_export.moments import conv_moments, elementwise_moments
+from bkn_export.moments import linear_moments
 
 __all__ = [
     "PRIOR_WEIGHT_LIMIT",
@@ -59,18 +47,12 @@ __all__ = [
     "batch_kalman_norm",
     "batch_kalman_norm_backward",
     "batch_statistics",
-    "channel_maps",
     "effective_prior_weight",
     "inference_affine",
     "kalman_norm_inference",
     "kalman_posterior",
     "kalman_update",
-    "predict_identity",
     "predict_linear",
-    "predict_propagate",
-    "predict_propagate_conv",
-    "predict_sampled",
-    "rectified_gaussian_moments",
     "reduction_dims",
     "running_statistics_update",
     "statistic_gradients",
@@ -157,169 +139,15 @@ def batch_statistics(x: Tensor) -> BatchStatistics:
 _VARIANCE_FLOOR = 1e-12
 
 
-def rectified_gaussian_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and variance of ReLU(z) for z ~ N(mean, variance), elementwise.
-
-    With σ = sqrt(v), a = μ/σ, φ the standard normal pdf and Φ its cdf::
-
-        E[ReLU z]   = μ Φ(a) + σ φ(a)
-        Var         = σ² (a² Φ(a) Φ(−a) + Φ(a) + a φ(a) (Φ(−a) − Φ(a)) − φ(a)²)
-
-    (:func:`bkn_export.moments.elementwise_moments`, kind "relu": written so that nothing
-    cancels as a → +∞, with Φ accurate in the lower tail.)
-    """
-    return elementwise_moments("relu", mean, variance)
-
-
-def channel_maps(layer: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Channel-to-channel maps of a Conv/ConvTranspose/Linear layer for ``propagate``.
-
-    Returns ``(sum_weight, sum_weight_squared, bias)`` with the maps of shape
-    (C_out, C_in): entry (o, i) is Σ over the kernel of W[o, i, ...] (resp. W²).
-    Grouped convolutions give block-diagonal maps. Gradients flow into the weights.
-    """
-    if isinstance(layer, torch.nn.Linear):
-        return layer.weight, layer.weight * layer.weight, layer.bias
-    if isinstance(layer, torch.nn.modules.conv._ConvNd):
-        weight = layer.weight
-        groups = layer.groups
-        kernel_dims = list(range(2, weight.dim()))
-        if layer.transposed:  # (C_in, C_out/g, *k) -> per group (C_out/g, C_in/g)
-            c_in, c_out_g = weight.shape[0], weight.shape[1]
-            blocks = weight.reshape(groups, c_in // groups, c_out_g, *weight.shape[2:])
-            summed = blocks.sum(dim=[d + 1 for d in kernel_dims]).transpose(1, 2)
-            squared = (blocks * blocks).sum(dim=[d + 1 for d in kernel_dims]).transpose(1, 2)
-        else:  # (C_out, C_in/g, *k) -> per group (C_out/g, C_in/g)
-            c_out, c_in_g = weight.shape[0], weight.shape[1]
-            blocks = weight.reshape(groups, c_out // groups, c_in_g, *weight.shape[2:])
-            summed = blocks.sum(dim=[d + 1 for d in kernel_dims])
-            squared = (blocks * blocks).sum(dim=[d + 1 for d in kernel_dims])
-        if groups == 1:  # the common case: no block-diagonal copy
-            return summed[0], squared[0], layer.bias
-        return torch.block_diag(*summed), torch.block_diag(*squared), layer.bias
-    raise TypeError(f"channel_maps: {type(layer).__name__} is not a Conv, ConvTranspose or Linear layer")
-
-
-def predict_propagate(
-    previous_mean: Tensor,
-    previous_variance: Tensor,
-    sum_weight: Tensor,
-    sum_weight_squared: Tensor,
-    bias: Tensor | None,
-    process_noise: Tensor | None,
-    rectify: bool,
-) -> tuple[Tensor, Tensor]:
-    """Analytic prediction through (ReLU →) a Conv/Linear layer.
-
-    previous_mean, previous_variance: (C_prev,); sum_weight, sum_weight_squared:
-    (C, C_prev) from :func:`channel_maps`; bias, process_noise: (C,) or None.
-    Returns μ_{k|k-1} = ΣW m' + b and Σ_{k|k-1} = ΣW² v' + R, where (m', v') are the
-    rectified-Gaussian moments when ``rectify`` else the previous moments.
-    """
-    mean, variance = previous_mean, previous_variance
-    if rectify:
-        mean, variance = rectified_gaussian_moments(mean, variance)
-    dtype = mean.dtype
-    predicted_mean = sum_weight.to(dtype) @ mean
-    predicted_variance = sum_weight_squared.to(dtype) @ variance
-    if bias is not None:
-        predicted_mean = predicted_mean + bias.to(dtype)
-    if process_noise is not None:
-        predicted_variance = predicted_variance + process_noise.to(dtype)
-    return predicted_mean, predicted_variance
-
-
-def predict_propagate_conv(
-    previous_mean: Tensor,
-    previous_variance: Tensor,
-    layer: torch.nn.modules.conv._ConvNd,
-    spatial_shape: Sequence[int],
-    process_noise: Tensor | None,
-    rectify: bool,
-) -> tuple[Tensor, Tensor]:
-    """Exact analytic prediction through (ReLU →) a Conv/ConvTranspose layer, borders included.
-
-    previous_mean, previous_variance: (C_prev,); ``layer``: a ``nn.Conv{1,2,3}d`` or
-    ``nn.ConvTranspose{1,2,3}d`` (any padding, stride, dilation, groups) with C_prev input
-    channels; spatial_shape: the spatial size of one sample of its input (the ``*`` of
-    (N, C_prev, *), what ``sampled`` draws; SymInts while tracing with dynamic shapes);
-    process_noise: (C,) or None. Returns μ_{k|k-1}, Σ_{k|k-1}: (C,).
-
-    Input z: independent per position with per-channel moments (m', v') (rectified-Gaussian
-    moments when ``rectify``). The layer's output at position p has mean M_p and variance
-    V_p, the maps the layer gives for a constant input m' (with W², no bias, on v'); at the
-    border, taps that fall into the zero padding drop out. The prior is the moments of
-    the output pooled over positions, what ``sampled`` estimates (law of total variance)::
-
-        μ = mean_p M_p                  Σ = mean_p V_p + var_p M_p + R
-
-    Computed without running the conv: with a_t = Σ_i W[:, i, t] m'_i and
-    b_t = Σ_i W[:, i, t]² v'_i per kernel tap t, and c_p(t) ∈ {0, 1} whether tap t at p
-    reads a real input, M_p = bias + Σ_t a_t c_p(t) and V_p = Σ_t b_t c_p(t). The coverage
-    c is a product over spatial dims, so with f_d(t) = mean_q c_q(t) and
-    g_d(t, t') = mean_q c_q(t) c_q(t') per dim (small (K_d,) and (K_d, K_d) tables)::
-
-        mean_p M_p = bias + Σ_t a_t Π_d f_d(t_d)        mean_p V_p = Σ_t b_t Π_d f_d(t_d)
-        var_p M_p  = Σ_{t,t'} a_t a_t' Π_d g_d(t_d, t'_d) - (mean_p M_p - bias)²
-
-    Cost O(C·C_prev/groups·K), independent of the spatial size. Gradients flow into the
-    weights, bias and the previous posterior. The computation is
-    :func:`bkn_export.moments.conv_moments`, which is also exact for reflect, replicate and
-    circular padding (where one window reads an input twice, weights add before squaring).
-    """
-    mean, variance = previous_mean, previous_variance
-    if rectify:
-        mean, variance = rectified_gaussian_moments(mean, variance)
-    predicted_mean, predicted_variance, _ = conv_moments(layer, mean, variance, spatial_shape)
-    if process_noise is not None:
-        predicted_variance = predicted_variance + process_noise.to(predicted_variance.dtype)
-    return predicted_mean, predicted_variance
-
-
-def predict_sampled(
-    previous_mean: Tensor,
-    previous_variance: Tensor,
-    noise: Tensor,
-    layer: Callable[[Tensor], Tensor],
-    process_noise: Tensor | None,
-    rectify: bool,
-) -> tuple[Tensor, Tensor]:
-    """The authors' Monte Carlo prediction.
-
-    noise: (N, C_prev, *) standard normal, the shape of the feeding layer's input.
-    The sample z = m + sqrt(v) · noise (per position) goes through ReLU (if
-    ``rectify``) and ``layer``; returns its per-channel mean and biased variance (+ R).
-    """
-    shaped_mean = _per_channel(previous_mean, noise)
-    shaped_std = _per_channel(torch.sqrt(previous_variance.clamp_min(_VARIANCE_FLOOR)), noise)
-    sample = shaped_mean + shaped_std * noise.to(previous_mean.dtype)
-    if rectify:
-        sample = torch.relu(sample)
-    stats = batch_statistics(layer(sample))
-    variance = stats.variance
-    if process_noise is not None:
-        variance = variance + process_noise.to(variance.dtype)
-    return stats.mean, variance
-
-
 def predict_linear(
     previous_mean: Tensor, previous_variance: Tensor, matrix: Tensor, process_noise: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Learned transition: μ = A m', Σ = (A∘A) v' + R with A: (C, C_prev)."""
-    matrix = matrix.to(previous_mean.dtype)
-    variance = (matrix * matrix) @ previous_variance
+    """Learned transition: μ = A m', Σ = (A∘A) v' + R with A: (C, C_prev); m', v': (C_prev,);
+    R: (C,) or None (:func:`bkn_export.moments.linear_moments`, no bias, plus R)."""
+    mean, variance = linear_moments(matrix, None, previous_mean, previous_variance)
     if process_noise is not None:
         variance = variance + process_noise.to(variance.dtype)
-    return matrix @ previous_mean, variance
-
-
-def predict_identity(
-    previous_mean: Tensor, previous_variance: Tensor, process_noise: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Identity transition: μ = m', Σ = v' + R (C == C_prev)."""
-    if process_noise is None:
-        return previous_mean, previous_variance
-    return previous_mean, previous_variance + process_noise.to(previous_variance.dtype)
+    return mean, variance
 
 
 # --------------------------------------------------------------------------- update

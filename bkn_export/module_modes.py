@@ -1,20 +1,24 @@
-"""Running a user's model in another train/eval mode and giving it back as it was found.
+"""Running a user's model on example inputs, in another train/eval mode, and giving it back as it was found.
 
 ``model.train()`` / ``model.eval()`` set every submodule's ``training`` flag, which loses
 a mixed state (a frozen BatchNorm in eval inside a training model). Every place that runs
 a model in a mode of its own (export, recording the chain, the conversion guard, the
 runtime's PyTorch reference) goes through :func:`kept_modes`, so the flags of all
 submodules are restored, each to its own value, also after an exception.
+:func:`call_example` is the one reading of "example inputs": a tensor, a tuple/list of
+positional inputs or a dict of keyword inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["eval_mode", "kept_modes"]
+__all__ = ["call_example", "eval_forward", "eval_mode", "kept_modes"]
 
 
 @contextmanager
@@ -34,3 +38,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     with kept_modes(model):
         model.eval()
         yield model
+
+
+def call_example(model: nn.Module, example_inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple/list, else ``model(inputs)``."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def eval_forward(model: nn.Module, example_inputs: Any) -> Any:
+    """One eval-mode, no-grad forward on ``example_inputs``; every module's train/eval flag restored afterwards."""
+    with eval_mode(model), torch.no_grad():
+        return call_example(model, example_inputs)

@@ -6,6 +6,8 @@ about Batch Kalman Normalization is small and lives here, so that a change on th
 
 * the op contract (:mod:`bkn_export.export.op`: :data:`OP_DOMAIN`, :func:`is_op_node`,
   the plugin's identity): to detect a training-mode export and to find the op's nodes;
+* the exporter's node provenance (:data:`NAME_SCOPES_KEY`, :func:`read_name_scopes`):
+  localisation maps ONNX values to modules with it;
 * the ONNX file I/O (:func:`load_onnx_file`, :func:`save_onnx`) and the one check of
   runtime inputs against a graph (:class:`TensorSpec`, :func:`tensor_spec`,
   :func:`check_feeds`, :func:`nonfinite_count`), so that both packages read, write and
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bkn_export.errors import BKNError, BKNInputError, ModelFileError, PluginLibraryNotFoundError, RuntimeLoadError
+from bkn_export.export.name_scopes import NAME_SCOPES_KEY, read_name_scopes
 from bkn_export.export.op import op_spec
 
 if TYPE_CHECKING:
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from bkn_export.export.feeds import TensorSpec
 
 __all__ = [
+    "NAME_SCOPES_KEY",
     "OP_DOMAIN",
     "OP_TYPE",
     "BKNError",
@@ -61,6 +65,7 @@ __all__ = [
     "plugin_identity",
     "plugin_nodes",
     "prepare_model_for_plugin",
+    "read_name_scopes",
     "save_onnx",
     "tensor_spec",
     "write_bytes_atomic",

@@ -20,14 +20,13 @@ prefix as it would inside the whole graph up to that point.
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass, field
 
 import onnx
 
-__all__ = ["NAME_SCOPES_KEY", "Boundary", "module_boundaries", "node_scope", "prefix_model", "with_outputs"]
+from runtime._bkn import NAME_SCOPES_KEY, read_name_scopes
 
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+__all__ = ["NAME_SCOPES_KEY", "Boundary", "module_boundaries", "node_scope", "prefix_model", "with_outputs"]
 
 
 @dataclass(frozen=True)
@@ -51,12 +50,8 @@ def node_scope(node: onnx.NodeProto) -> tuple[str, ...] | None:
     """The module path of ``node`` (root ``''`` first), or None without exporter metadata."""
     for prop in node.metadata_props:
         if prop.key == NAME_SCOPES_KEY:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return None
-            if isinstance(scopes, list) and scopes:
-                return tuple(str(s) for s in scopes[:-1])
+            scopes = read_name_scopes(prop.value)
+            return tuple(scopes[:-1]) if scopes else None
     return None
 
 

@@ -210,14 +210,42 @@ def test_pooling_before_and_after_the_feeding_conv_are_steps_on_the_path() -> No
 def test_steps_that_combine_positions_made_dependent_are_named_as_approximate() -> None:
     chain = record_dataflow(_Pooled(), torch.randn(2, 3, 16, 16))
 
+    # max pool → ReLU → conv: the ReLU between them keeps the conv's input positions as the max pool left them
+    # (overlapping windows); conv → avg pool is one linear run, exact (linear_path_moments): no note
     assert chain["bn2"].notes == (
         "its input: approximate variance: conv 'conv2' combines positions that "
         "max_pool2d(kernel (3, 3) stride (2, 2) padding (1, 1)) 'pool' left dependent or unlike, "
         "and the moments take them as independent and alike",
-        "its input: approximate variance: avg_pool2d(kernel (2, 2)) combines positions that conv 'conv2' left "
-        "dependent or unlike, and the moments take them as independent and alike",
     )
     assert chain["bn3"].notes == ()  # global pooling right after a normalization: exact
+
+
+def test_what_stays_approximate_after_linear_runs_is_named_where_format_chain_shows_it() -> None:
+    """Upsampling → conv and conv → avg pooling are exact (one linear run): no note. A max pooling
+    after a conv (dependent positions) or after SiLU (non-Gaussian values) is named, and
+    ``format_chain`` prints the notes."""
+    from bkn_export import convert_batchnorm, format_chain
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2),
+        nn.BatchNorm2d(4),  # "6": relu → (bilinear → conv → avg pool) as one linear map
+        nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.BatchNorm2d(4),  # "9": conv → max pool
+        nn.SiLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),  # "13": silu → max pool
+    )  # fmt: skip
+    chain = record_dataflow(model, torch.randn(2, 3, 8, 8))
+    assert chain["6"].notes == ()
+    assert chain["9"].notes == (
+        "its input: approximate variance: max_pool2d(kernel (3, 3) stride (2, 2) padding (1, 1)) '8' combines "
+        "positions that conv '7' left dependent or unlike, and the moments take them as independent and alike",
+    )
+    assert chain["13"].notes == (
+        "its input: approximate: max_pool2d(kernel (2, 2)) '11' takes the maximum of silu() '10' outputs as of "
+        "Gaussians (it does not commute with that activation)",
+    )
+    table = format_chain(convert_batchnorm(model, torch.randn(2, 3, 8, 8)))
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    assert "conv '7' left dependent" in rows["9"] and "maximum of silu() '10' outputs" in rows["13"]
 
 
 def test_flattening_channels_with_positions_is_a_flatten_step() -> None:

@@ -318,11 +318,13 @@ def test_readme_sampled_variance_is_low_by_n_minus_one_over_n_for_a_linear_feed(
     """README (transitions, departures): ``propagate``'s mean is the expectation of ``sampled``'s, its variance not.
 
     For a Linear feed the N rows of a micro-batch are independent draws, so the expected biased
-    sample variance is (N−1)/N of the pushed-through variance W² v. ``predict_sampled`` is
+    sample variance is (N−1)/N of the pushed-through variance W² v. The ``sampled`` transition's
+    ops (the path's Linear step on a reparameterised draw, then batch statistics) are
     checked on one micro-batch against the direct formula, which then runs on 20 000 float64
     micro-batches at once: the ratio's Monte Carlo standard error is ≤ 0.01, the bound ±0.04.
     """
     from bkn_export import functional as Fk
+    from bkn_export.chain.steps import Affine
 
     generator = torch.Generator().manual_seed(3)
     layer = nn.Linear(6, 5).double()
@@ -335,7 +337,8 @@ def test_readme_sampled_variance_is_low_by_n_minus_one_over_n_for_a_linear_feed(
         return out.mean(dim=-2), out.var(dim=-2, correction=0)
 
     noise = torch.randn(n, 6, generator=generator, dtype=torch.float64)
-    library = Fk.predict_sampled(mean, variance, noise, layer, None, False)
+    drawn = Affine("fc", "linear").apply(mean + variance.sqrt() * noise, {"fc": layer})
+    library = tuple(Fk.batch_statistics(drawn))[:2]
     torch.testing.assert_close(library, direct(noise), rtol=1e-12, atol=1e-12)
 
     sampled_mean, sampled_variance = direct(torch.randn(20_000, n, 6, generator=generator, dtype=torch.float64))

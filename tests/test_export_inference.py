@@ -9,6 +9,7 @@ op that could absorb it; its metadata names where every BKN layer went.
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import json
 import os
 import re
@@ -310,6 +311,11 @@ def test_fold_report_names_every_layer_and_its_node(exported: Exported) -> None:
                 record.kind
             ] == op_type
     assert sum(r.kind == "standalone" for r in report) == exported.expected_standalone
+
+
+def test_package_version_is_the_installed_distributions() -> None:
+    """One source of the version: pyproject.toml, read through the distribution metadata."""
+    assert bkn_export.__version__ == importlib.metadata.version("bkn-export")
 
 
 def test_metadata_carries_version_opset_and_fold_report(exported: Exported) -> None:

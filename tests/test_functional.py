@@ -4,9 +4,10 @@
   without a predecessor (float64);
 * the custom op's closed-form backward against autograd of the functional reference,
   with the authors' fallback firing and not firing, and gradcheck/opcheck of the op;
-* ``propagate``'s analytic prior against a large-sample Monte Carlo estimate of the
-  authors' sampled prior (Linear, and convs with padding, stride, dilation, groups,
-  transposed), and its closed form for convs against running the conv on the moment maps;
+* the ``propagate`` prior's math (:mod:`bkn_export.moments`: ReLU, Linear, conv) against
+  a large-sample Monte Carlo estimate of the authors' sampled prior (convs with padding,
+  stride, dilation, groups, transposed), and its closed form for convs against running
+  the conv on the moment maps; a wired layer's prior under each ``prior_source``;
 * the CPU fast path (bkn_export.cpu_kernels) against the reference.
 """
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 import bkn_export.ops  # noqa: F401  (registers torch.ops.bkn.*)
 from bkn_export import cpu_kernels
 from bkn_export import functional as Fk
+from bkn_export import moments as M
 
 EPS = 1e-5
 C_PREV, C = 2, 3
@@ -67,16 +69,21 @@ def _prediction_cases() -> dict[str, tuple[Callable[..., tuple[Tensor, Tensor]],
     def propagate(rectify: bool) -> Callable[..., tuple[Tensor, Tensor]]:
         def predict(mean: Tensor, variance: Tensor, noise: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
             conv = _as_function_of(nn.Conv2d(C_PREV, C, 3, padding=1, stride=2).double(), w, b)
-            return Fk.predict_propagate_conv(mean, variance, conv, (5, 5), noise, rectify)
+            if rectify:
+                mean, variance = M.elementwise_moments("relu", mean, variance)
+            mean, variance, _ = M.conv_moments(conv, mean, variance, (5, 5))
+            return mean, variance + noise
 
         return predict
 
     def propagate_linear(mean: Tensor, variance: Tensor, noise: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        return Fk.predict_propagate(mean, variance, a, a * a, b, noise, rectify=True)
+        mean, variance = M.linear_moments(a, b, *M.elementwise_moments("relu", mean, variance))
+        return mean, variance + noise
 
     def sampled(mean: Tensor, variance: Tensor, noise: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         conv = _as_function_of(nn.Conv2d(C_PREV, C, 3).double(), w, b)
-        return Fk.predict_sampled(mean, variance, sample_noise, conv, noise, rectify=True)
+        stats = Fk.batch_statistics(conv(torch.relu(_per_channel_sample(mean, variance, sample_noise, False))))
+        return stats.mean, stats.variance + noise
 
     def learned(mean: Tensor, variance: Tensor, noise: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         return Fk.predict_linear(mean, variance, a, noise)
@@ -84,7 +91,7 @@ def _prediction_cases() -> dict[str, tuple[Callable[..., tuple[Tensor, Tensor]],
     def identity(mean: Tensor, variance: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         # identity needs C_prev == C: embed the (C_PREV,) posterior in C channels
         pad = torch.ones(C - C_PREV, dtype=mean.dtype)
-        return Fk.predict_identity(torch.cat([mean, pad]), torch.cat([variance, pad]), noise)
+        return torch.cat([mean, pad]), torch.cat([variance, pad]) + noise
 
     return {
         "propagate": (propagate(rectify=False), [conv_weight, conv_bias]),
@@ -220,12 +227,12 @@ def test_opcheck_custom_ops(dtype: torch.dtype) -> None:
 
 
 def _propagate(layer: nn.Module, spatial_shape: tuple[int, ...], mean: Tensor, variance: Tensor, rectify: bool):
-    """propagate's prior through ``layer`` (the module's choice: exact conv version, or ΣW maps for Linear)."""
+    """propagate's prior through (ReLU →) ``layer``: :mod:`bkn_export.moments`."""
+    if rectify:
+        mean, variance = M.elementwise_moments("relu", mean, variance)
     if isinstance(layer, nn.Linear):
-        sum_w, sum_w2, bias = Fk.channel_maps(layer)
-        return Fk.predict_propagate(mean, variance, sum_w, sum_w2, bias, None, rectify)
-    assert isinstance(layer, nn.modules.conv._ConvNd)
-    return Fk.predict_propagate_conv(mean, variance, layer, spatial_shape, None, rectify)
+        return M.linear_moments(layer.weight, layer.bias, mean, variance)
+    return M.conv_moments(layer, mean, variance, spatial_shape)[:2]
 
 
 def _monte_carlo_check(layer: nn.Module, noise_shape: tuple[int, ...], rectify: bool) -> None:
@@ -252,9 +259,9 @@ def _monte_carlo_check(layer: nn.Module, noise_shape: tuple[int, ...], rectify: 
         return layer(sample).flatten(2)  # (N, C, positions)
 
     with torch.no_grad():
-        mc_mean, mc_variance = Fk.predict_sampled(previous_mean, previous_variance, noise, run, None, rectify)
         out = run(_per_channel_sample(previous_mean, previous_variance, noise, rectify))
     out = out.unsqueeze(-1) if out.dim() == 2 else out  # (N, C, positions)
+    mc_mean, mc_variance = out.mean(dim=(0, 2)), out.var(dim=(0, 2), correction=0)  # the sampled prior
     per_sample_mean, per_sample_square = out.mean(dim=2), (out * out).mean(dim=2)  # (N, C) each
     n = out.shape[0]
     se_mean = per_sample_mean.std(dim=0) / math.sqrt(n)
@@ -310,7 +317,7 @@ def _conv_maps_prior(
     variance map V = the layer's conv with W² and no bias on v'; pooled over positions
     (law of total variance). O(C·C_prev·K·positions): the independent computation."""
     if rectify:
-        mean, variance = Fk.rectified_gaussian_moments(mean, variance)
+        mean, variance = M.elementwise_moments("relu", mean, variance)
     shape = (1, -1, *([1] * len(spatial_shape)))
     mean_map = layer(mean.reshape(shape).expand(1, -1, *spatial_shape))
     constant = variance.reshape(shape).expand(1, -1, *spatial_shape)
@@ -361,7 +368,7 @@ def test_propagate_conv_equals_pooled_conv_maps(case: str, rectify: bool) -> Non
         mean = torch.randn(layer.in_channels, dtype=torch.float64)
         variance = torch.rand(layer.in_channels, dtype=torch.float64) + 0.5
         with torch.no_grad():
-            got = Fk.predict_propagate_conv(mean, variance, layer, spatial_shape, None, rectify)
+            got = _propagate(layer, spatial_shape, mean, variance, rectify)
             expected = _conv_maps_prior(layer, spatial_shape, mean, variance, rectify)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
@@ -384,22 +391,32 @@ def test_gradcheck_propagate_conv(case: str) -> None:
 
     def predict(m: Tensor, v: Tensor, w: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
         layer = _as_function_of(_CONVS[case]().double(), w, b)
-        return Fk.predict_propagate_conv(m, v, layer, spatial_shape, r, rectify=True)
+        predicted_mean, predicted_variance = _propagate(layer, spatial_shape, m, v, rectify=True)
+        return predicted_mean, predicted_variance + r
 
     assert torch.autograd.gradcheck(predict, (mean, variance, weight, bias, noise))
 
 
 def test_propagate_conv_rejects_a_spatial_rank_mismatch() -> None:
-    with pytest.raises(ValueError, match=r"2d Conv2d needs a 2d spatial shape, got \(5,\)"):
-        Fk.predict_propagate_conv(torch.zeros(3), torch.ones(3), nn.Conv2d(3, 4, 3), (5,), None, rectify=False)
+    with pytest.raises(M.MomentsError, match=r"2d Conv2d needs a 2d spatial shape, got \(5,\)"):
+        _propagate(nn.Conv2d(3, 4, 3), (5,), torch.zeros(3), torch.ones(3), rectify=False)
 
 
-def test_module_propagates_through_its_feeding_conv_at_the_predecessors_input_size() -> None:
-    """A wired layer's prior is its source's posterior pushed through ReLU and the conv at the source's input size."""
+@pytest.mark.parametrize("prior_source", ["input", "output"])
+def test_module_propagates_through_its_feeding_conv_at_the_predecessors_input_size(prior_source: str) -> None:
+    """A wired layer's prior is its source's Gaussian pushed through ReLU and the conv at the source's input size.
+
+    The Gaussian is the source's posterior of its input statistics N(μ, Σ) with
+    ``prior_source="input"`` (the authors'), and the moments of its normalized output
+    N(β, γ² Σ/(Σ + ε)) with ``"output"`` (the default).
+    """
     from bkn_export import BatchKalmanNorm2d, chain_statistics, wire_chain
-    from bkn_export.moments import conv_moments, elementwise_moments
 
-    first, second = BatchKalmanNorm2d(3), BatchKalmanNorm2d(4)
+    first = BatchKalmanNorm2d(3, prior_source=prior_source)  # type: ignore[arg-type]
+    second = BatchKalmanNorm2d(4, prior_source=prior_source)  # type: ignore[arg-type]
+    with torch.no_grad():  # γ, β away from their initial 1, 0: the two conventions differ
+        first.weight.copy_(torch.tensor([0.5, 1.5, 2.0]))
+        first.bias.copy_(torch.tensor([0.3, -0.7, 1.1]))
     conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
     model = nn.Sequential(first, nn.ReLU(), conv, second)
     wire_chain(model, torch.randn(2, 3, 6, 6))
@@ -407,37 +424,31 @@ def test_module_propagates_through_its_feeding_conv_at_the_predecessors_input_si
     source, layer = chain_statistics(model, x)
     assert layer.transition == "propagate" and [s.name for s in layer.sources] == ["0"]
     assert layer.sources[0].shape == x.shape
-    mean, variance = elementwise_moments("relu", source.posterior_mean, source.posterior_variance)
-    mean, variance, _ = conv_moments(conv, mean, variance, (7, 5))
+    assert source.posterior_mean is not None and source.posterior_variance is not None
+    mean, variance = source.posterior_mean, source.posterior_variance
+    if prior_source == "output":
+        gamma, beta = first.weight.detach(), first.bias.detach()
+        mean, variance = M.normalized_output_moments(mean, variance, gamma, beta, first.eps)
+    torch.testing.assert_close(layer.sources[0].mean, mean)
+    torch.testing.assert_close(layer.sources[0].variance, variance)
+    mean, variance = M.elementwise_moments("relu", mean, variance)
+    mean, variance, _ = M.conv_moments(conv, mean, variance, (7, 5))
     noise = second.process_noise()
     assert noise is not None and layer.prior_mean is not None and layer.prior_variance is not None
     torch.testing.assert_close(layer.prior_mean, mean)
     torch.testing.assert_close(layer.prior_variance, variance + noise.detach())
 
 
-def test_rectified_gaussian_moments_limits() -> None:
+def test_relu_moments_limits() -> None:
     """ReLU of a Gaussian far above 0 is the identity; far below, it is 0; at 0 mean, closed form."""
     mean = torch.tensor([50.0, -50.0, 0.0], dtype=torch.float64)
     variance = torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)
-    first, second = Fk.rectified_gaussian_moments(mean, variance)
+    first, second = M.elementwise_moments("relu", mean, variance)
     half_normal_mean = 1.0 / math.sqrt(2.0 * math.pi)
     torch.testing.assert_close(first, torch.tensor([50.0, 0.0, half_normal_mean], dtype=torch.float64))
     torch.testing.assert_close(
         second, torch.tensor([2.0, 0.0, 0.5 - half_normal_mean**2], dtype=torch.float64), atol=1e-12, rtol=1e-9
     )
-
-
-def test_channel_maps_grouped_and_transposed() -> None:
-    """Σ_k W and Σ_k W² per (out, in) channel; grouped convs are block diagonal."""
-    conv = nn.Conv2d(4, 6, 3, groups=2)
-    sum_w, sum_w2, _ = Fk.channel_maps(conv)
-    assert sum_w.shape == (6, 4)
-    torch.testing.assert_close(sum_w[:3, :2], conv.weight[:3].sum(dim=(2, 3)))
-    torch.testing.assert_close(sum_w2[3:, 2:], (conv.weight[3:] ** 2).sum(dim=(2, 3)))
-    assert torch.count_nonzero(sum_w[:3, 2:]) == 0 and torch.count_nonzero(sum_w[3:, :2]) == 0
-    transposed = nn.ConvTranspose2d(4, 6, 3)
-    sum_w, _, _ = Fk.channel_maps(transposed)
-    torch.testing.assert_close(sum_w, transposed.weight.sum(dim=(2, 3)).T)
 
 
 @pytest.mark.parametrize(("count", "factor"), [(1, 1.0), (2, 2.0), (10, 10 / 9)])

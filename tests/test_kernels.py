@@ -245,6 +245,12 @@ def test_backward_matches_reference(interpreter: InterpreterProcess, case: Case,
     check_backward(interpreter, make_inputs(case), single_program=_PATHS[path])
 
 
+def test_kernels_floor_the_batch_variance_as_the_reference_does() -> None:
+    """The fallback ratio's floor on the batch variance is one number: the kernels' constexpr is the reference's."""
+    common = pytest.importorskip("bkn_export.kernels.common", reason="Triton is not installed")
+    assert common.VARIANCE_FLOOR.value == Fk._VARIANCE_FLOOR
+
+
 def test_small_inputs_take_one_kernel_and_large_ones_three() -> None:
     """The size rule of ``layout.use_single_program`` on ResNet-50 shapes (and never with the fallback rule)."""
     small = layout.channel_view(torch.empty(8, 2048, 7, 7))

@@ -298,9 +298,8 @@ def test_batch_of_one_trains_where_batchnorm_refuses() -> None:
     x = torch.randn(1, C)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         nn.BatchNorm1d(C).train()(x)
-    model = nn.Sequential(
-        nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), BatchKalmanNorm1d(C, prior_weight=0.5, prior_source="input")
-    )
+    second_layer = BatchKalmanNorm1d(C, prior_weight=0.5, prior_source="input")
+    model = nn.Sequential(nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), second_layer)
     wire_chain(model, torch.randn(2, 3))
     first, second = _bkn(model[1]), _bkn(model[4])
     with torch.no_grad():

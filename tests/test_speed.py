@@ -23,7 +23,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from bkn_export import KalmanOptions, convert_batchnorm, moments
 from bkn_export.chain import fast, transitions
-from bkn_export.chain.steps import Affine, Elementwise
+from bkn_export.chain.steps import Affine, Elementwise, Gate, Pool
 
 F64 = torch.float64
 
@@ -100,6 +100,19 @@ def test_fused_relu_moments_equal_the_reference(scale: float) -> None:
     torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference, wrt), rtol=1e-9, atol=1e-12)
 
 
+def test_a_squeeze_and_excitation_gate_through_the_fused_forms_equals_the_reference() -> None:
+    torch.manual_seed(0)
+    modules = {"reduce": nn.Conv2d(6, 3, 1).to(F64), "expand": nn.Conv2d(3, 6, 1).to(F64)}
+    squeeze = Pool(moments.PoolSpec.create("adaptive_avg", 2, output_size=1))
+    gate = Gate((squeeze, Affine("reduce"), Elementwise("relu"), Affine("expand"), Elementwise("sigmoid")))
+    mean, variance = _inputs(6)
+    reference = gate.predict(mean, variance, (4, 4), modules)
+    fused = fast.predict_steps((gate,), mean, variance, (4, 4), modules)
+    torch.testing.assert_close(fused[:2], reference[:2], rtol=1e-12, atol=1e-14)
+    wrt = [mean, variance, *modules["reduce"].parameters(), *modules["expand"].parameters()]
+    torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference[:2], wrt), rtol=1e-11, atol=1e-13)
+
+
 def test_fused_functions_differentiate_twice() -> None:
     conv = nn.Conv2d(4, 3, 3, padding=1, groups=1).to(F64)
     mean, variance = _inputs(4)
@@ -113,7 +126,7 @@ def test_fused_functions_differentiate_twice() -> None:
 
 
 def test_reference_only_turns_the_fused_forms_off() -> None:
-    mean, variance = _inputs(6)
+    mean, _ = _inputs(6)
     assert fast.uses_fused(mean)
     with fast.reference_only():
         assert not fast.uses_fused(mean)

@@ -33,7 +33,9 @@ Here the same math runs as two ``torch.autograd.Function`` s with closed-form ba
 
 :func:`predict_steps` is what the transitions call: these functions for the steps they
 cover when nothing traces the call (plain eager, any device), the steps' own
-``predict`` (the reference) otherwise and for every other step. :func:`reference_only`
+``predict`` (the reference) otherwise and for every other step. A squeeze-and-excitation
+:class:`~bkn_export.chain.steps.Gate` runs its branch through :func:`predict_steps` too
+(the product with the gate is :class:`~bkn_export.chain.steps.Gate`'s, repeated here). :func:`reference_only`
 switches the fused forms off (benchmarks and tests compare the two).
 """
 
@@ -51,7 +53,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from bkn_export import moments
-from bkn_export.chain.steps import Affine, Elementwise, Moments, Spatial, Step
+from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, Step, linear_runs
 
 __all__ = ["affine_moments", "predict_steps", "reference_only", "relu_moments", "uses_fused"]
 
@@ -147,10 +149,20 @@ def _affine_forward(
         mean_rows, variance_rows = mean.unsqueeze(0), variance.unsqueeze(0)  # broadcast as (1, B)
         if fraction is None:
             return taps.squeeze(1), out_variance, mean_rows, variance_rows, taps, square_sums
+        assert pairs is not None
         out_mean = taps.squeeze(1) * fraction
         mixed = taps * pairs
         spread = (mixed * taps).squeeze(1) - out_mean * out_mean
-        return out_mean, out_variance + spread.clamp_min(0.0), mean_rows, variance_rows, taps, square_sums, mixed, spread
+        return (
+            out_mean,
+            out_variance + spread.clamp_min(0.0),
+            mean_rows,
+            variance_rows,
+            taps,
+            square_sums,
+            mixed,
+            spread,
+        )
     mean_rows = mean.reshape(groups, 1, inputs).expand(groups, rows // groups, inputs).reshape(rows, inputs)
     variance_rows = variance.reshape(groups, 1, inputs).expand(groups, rows // groups, inputs).reshape(rows, inputs)
     taps = torch.bmm(mean_rows.unsqueeze(1), weight).squeeze(1)  # T (C_out, K)
@@ -203,11 +215,17 @@ class _AffineMoments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        weight, mean, variance, fraction, pairs, mean_rows, variance_rows, taps, square_sums, out_mean, mixed, spread = (
+        weight, mean, variance, fraction, pairs, mean_rows, variance_rows, _, square_sums, out_mean, mixed, spread = (
             ctx.saved_tensors
         )
         if torch.is_grad_enabled():
-            return (*_differentiated(_affine_forward, (weight, mean, variance), (fraction, pairs), (grad_mean, grad_variance)), None, None)
+            return (
+                *_differentiated(
+                    _affine_forward, (weight, mean, variance), (fraction, pairs), (grad_mean, grad_variance)
+                ),
+                None,
+                None,
+            )
         rows, inputs, kernel = weight.shape
         groups = mean.shape[0] // inputs
         if grad_mean is None:
@@ -315,10 +333,17 @@ def relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- dispatch
 
 
-def _fused_step(step: Step, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments | None:
+def _fused_step(
+    step: Step, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]
+) -> Moments | None:
     if isinstance(step, Elementwise) and step.kind == "relu":
         out_mean, out_variance = relu_moments(mean, variance)
         return out_mean, out_variance, tuple(spatial)
+    if isinstance(step, Gate):  # the branch (squeeze-and-excitation) through the fused forms, then Gate's product
+        gate_mean, gate_variance, _ = predict_steps(step.branch, mean, variance, spatial, modules)
+        out_mean = mean * gate_mean
+        second = (variance + mean * mean) * (gate_variance + gate_mean * gate_mean)
+        return out_mean, (second - out_mean * out_mean).clamp_min(0.0), tuple(spatial)
     if isinstance(step, Affine):
         layer = modules.get(step.module)
         if layer is None:  # the reference names the missing module
@@ -336,7 +361,7 @@ def predict_steps(
 ) -> Moments:
     """:func:`bkn_export.chain.steps.predict_steps`, with the fused forms where they apply (module docstring)."""
     fused = uses_fused(mean)
-    for step in steps:
+    for step in linear_runs(steps, modules):  # runs of linear steps that need it: one exact LinearRun (PRIOR)
         result = _fused_step(step, mean, variance, spatial, modules) if fused else None
         if result is None:
             result = step.predict(mean, variance, spatial, modules)

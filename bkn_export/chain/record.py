@@ -44,7 +44,12 @@ Choices and limits, each named in the notes where it applies:
 * Where a step that combines positions (a conv with a window, a pooling, bilinear
   resampling) reads positions that an earlier step of the path left dependent or unlike
   (resampling, overlapping or padded windows), the note says its variance is approximate:
-  the moments take positions as independent.
+  the moments take positions as independent. Not where both sit in one run of linear steps
+  (:func:`bkn_export.chain.steps.linear_runs`: upsampling → conv, conv → average pooling),
+  which the chain pushes as one exact linear map; a nonlinear step or a second conv
+  between them (conv → max pooling, upsampling → ReLU → conv) keeps the note.
+* A max pooling after an activation it does not commute with (SiLU, GELU, Hardswish ...)
+  takes the maximum of non-Gaussian values as of Gaussians: noted.
 * A Linear layer is understood on ``(N, C)`` inputs only (its features are the channels).
 """
 
@@ -53,7 +58,6 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,17 +75,21 @@ from bkn_export.chain.steps import (
     Flatten,
     Gate,
     Identity,
+    LinearRun,
     Pool,
     Resample,
     Reshape,
     ScaleShift,
     Step,
     Subsample,
+    combines_positions,
     commute_max_pools,
+    linear_runs,
+    makes_positions_dependent,
     step_from_dict,
 )
 from bkn_export.errors import ChainWiringError
-from bkn_export.module_modes import eval_mode
+from bkn_export.module_modes import call_example, eval_mode
 
 __all__ = [
     "Combination",
@@ -1273,43 +1281,6 @@ def _fallbacks(sources: Sequence[SourcePath], combine: str, prefix: str = "") ->
             yield from _fallbacks(source.origin.sources, source.origin.combine, f"{where} → ")
 
 
-def _kernel_and_stride(step: Step, modules: Mapping[str, nn.Module]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Window and stride over positions of a conv or a pooling step (() for others)."""
-    if isinstance(step, Affine) and step.kind == "conv" and step.module in modules:
-        layer = modules[step.module]
-        assert isinstance(layer, nn.modules.conv._ConvNd)
-        return tuple(layer.kernel_size), tuple(layer.stride)
-    if isinstance(step, Pool) and not step.spec.kind.startswith("adaptive"):
-        return step.spec.kernel_size, step.spec.stride
-    return (), ()
-
-
-def _combines_positions(step: Step, modules: Mapping[str, nn.Module]) -> bool:
-    """A step whose outputs sum or compare several input positions (its moments assume them independent)."""
-    if isinstance(step, Pool) and step.spec.kind.startswith("adaptive"):
-        return True
-    if isinstance(step, Resample):
-        return not step.spec.mode.startswith("nearest")
-    kernel, _ = _kernel_and_stride(step, modules)
-    return math.prod(kernel) > 1
-
-
-def _makes_positions_dependent(step: Step, modules: Mapping[str, nn.Module]) -> bool:
-    """A step after which positions are no longer independent and alike: resampling (copies or
-    blends neighbours), windows that overlap (kernel > stride), padded pooling windows, or a
-    strided transposed conv (each output phase uses other taps)."""
-    if isinstance(step, Resample):
-        return True
-    if isinstance(step, Pool) and any(step.spec.padding):
-        return True
-    kernel, stride = _kernel_and_stride(step, modules)
-    if isinstance(step, Affine) and step.kind == "conv" and step.module in modules:
-        layer = modules[step.module]
-        if isinstance(layer, nn.modules.conv._ConvNd) and layer.transposed and any(s > 1 for s in stride):
-            return True
-    return any(k > s for k, s in zip(kernel, stride))
-
-
 def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) -> tuple[str | None, list[str]]:
     """(the step after which the path's positions are dependent, or None; approximation notes)."""
     dependent: str | None = None
@@ -1321,16 +1292,40 @@ def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) 
             )
             notes += part_notes
             dependent = dependent or part_dependent
-    for step in path.steps:
-        if dependent is not None and _combines_positions(step, modules):
+    shaped: Step | None = None  # the activation whose (non-Gaussian) outputs reach the next step
+    for step in linear_runs(path.steps, modules):  # within a LinearRun the moments are exact
+        if isinstance(step, Pool) and "max" in step.spec.kind and shaped is not None:
             notes.append(
-                f"{where}: approximate variance: {step.describe()} combines positions that {dependent} left "
-                "dependent or unlike, and the moments take them as independent and alike"
+                f"{where}: approximate: {step.describe()} takes the maximum of {shaped.describe()} outputs as "
+                "of Gaussians (it does not commute with that activation)"
+            )
+        if isinstance(step, Elementwise) and step.kind != "identity":
+            shaped = step
+        elif isinstance(step, (Affine, LinearRun, Gate, Pool)):
+            shaped = None
+        if dependent is not None and combines_positions(step, modules):
+            notes.append(
+                f"{where}: approximate variance: {_combining(step, modules).describe()} combines positions that "
+                f"{dependent} left dependent or unlike, and the moments take them as independent and alike"
             )
             dependent = None  # one note per cause
-        if _makes_positions_dependent(step, modules):
-            dependent = step.describe()
+        if makes_positions_dependent(step, modules):
+            dependent = _last_dependent(step, modules).describe()
     return dependent, notes
+
+
+def _combining(step: Step, modules: Mapping[str, nn.Module]) -> Step:
+    """The step itself, or a run's first step that combines positions."""
+    if isinstance(step, LinearRun):
+        return next(member for member in step.steps if combines_positions(member, modules))
+    return step
+
+
+def _last_dependent(step: Step, modules: Mapping[str, nn.Module]) -> Step:
+    """The step itself, or a run's last step that leaves positions dependent."""
+    if isinstance(step, LinearRun):
+        return [member for member in step.steps if makes_positions_dependent(member, modules)][-1]
+    return step
 
 
 def _layer_record(call: _NormCall, walker: _Walker, modules: Mapping[str, nn.Module]) -> LayerRecord:
@@ -1369,13 +1364,6 @@ def _input_nodes(example_inputs: Any, label: str) -> Iterator[tuple[Tensor, _Nod
             yield from _input_nodes(value, f"{label}[{index}]")
 
 
-@contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad for one forward; every module's mode restored afterwards."""
-    with eval_mode(model), torch.no_grad():
-        yield
-
-
 def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
     """Record which tensor feeds which module/op on one forward and walk each normalization's input back.
 
@@ -1396,13 +1384,8 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
     for tensor, node in _input_nodes(example_inputs, label):
         recorder.produce(tensor, node)
     try:
-        with _eval_no_grad(model), recorder:
-            if isinstance(example_inputs, Mapping):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+        with eval_mode(model), torch.no_grad(), recorder:
+            call_example(model, example_inputs)
     except Exception as error:
         raise ChainWiringError(
             f"the example forward of {type(model).__name__} failed while recording its chain "

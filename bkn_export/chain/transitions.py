@@ -50,9 +50,9 @@ from torch import Tensor, nn
 
 from bkn_export import functional as Fk
 from bkn_export import moments
+from bkn_export.chain.fast import predict_steps
 from bkn_export.chain.record import SourcePath
 from bkn_export.chain.scope import Published
-from bkn_export.chain.fast import predict_steps
 from bkn_export.chain.steps import apply_steps
 from bkn_export.chain.wiring import Wiring
 from bkn_export.nn import Prior, PriorSource, _BatchKalmanNorm

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from bkn_export.errors import ExportError, FoldError
 from bkn_export.export.checks import check_inference_ready
-from bkn_export.export.common import check_model, resolve_opset
+from bkn_export.export.common import resolve_opset
 from bkn_export.export.fold import fold
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_onnx
 from bkn_export.export.metadata import (
@@ -53,10 +53,10 @@ from bkn_export.export.metadata import (
 from bkn_export.export.op.op_spec import DEFAULT_OPSET
 from bkn_export.export.pipeline import (
     Traceable,
+    check_exported,
     check_finite_parameters,
     trace,
     validate_request,
-    verify_dynamic_spatial,
 )
 from bkn_export.export.result import ExportResult, FoldRecord
 from bkn_export.export.rules import Leftover, apply_fold_rules, unfolded_normalizations
@@ -184,8 +184,7 @@ def export_inference(
                 "fold_report": fold_report_json(report),
             },
         )
-        check_model(proto, f"the inference export for {os.fspath(path)}")
-        checked_sizes = verify_dynamic_spatial(proto, traceable, traced) if request.dynamic_spatial else []
+        checked_sizes = check_exported(proto, request, traceable, traced, f"the inference export for {os.fspath(path)}")
     written = save_onnx(proto, path, external_data_threshold=request.external_data_threshold)
     return ExportResult(
         path=Path(written),

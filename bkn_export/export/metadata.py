@@ -9,7 +9,6 @@ went: a Conv/ConvTranspose/Gemm/MatMul (folded) or a BatchNormalization (standal
 
 from __future__ import annotations
 
-import ast
 import json
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -18,6 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from bkn_export._version import package_version
+from bkn_export.export.name_scopes import NAME_SCOPES_KEY, read_name_scopes
 from bkn_export.export.result import FoldRecord
 from bkn_export.export.rules import FOLD_RULE_TAG, NORMALIZATION_OP_TYPES, Leftover
 
@@ -44,18 +44,13 @@ def parse_name_scopes(text: str | None) -> list[str] | None:
 
     None when the value is absent or not a list; [] when it cannot be parsed.
     """
-    if not text:
-        return None
-    try:
-        scopes = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return []
-    return [str(s) for s in scopes if s] if isinstance(scopes, list) else None
+    scopes = read_name_scopes(text)
+    return None if scopes is None else [s for s in scopes if s]
 
 
 def node_scopes(node: ir.Node) -> list[str]:
     """The PyTorch module names a node came from, outermost first ('' for the root omitted)."""
-    scopes = parse_name_scopes(node.metadata_props.get("pkg.torch.onnx.name_scopes"))
+    scopes = parse_name_scopes(node.metadata_props.get(NAME_SCOPES_KEY))
     if scopes is not None:
         return scopes
     namespace = node.metadata_props.get("namespace", "")

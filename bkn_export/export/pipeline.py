@@ -36,13 +36,14 @@ from torch import Tensor, nn
 
 from bkn_export.atomic import check_writable
 from bkn_export.errors import BKNError, ExportError, NonFiniteWeightsError, OptionError
-from bkn_export.export.common import example_tuple, resolve_opset, run_dynamo_export
+from bkn_export.export.common import check_model, example_tuple, resolve_opset, run_dynamo_export
 from bkn_export.export.io import check_external_data_threshold
 
 __all__ = [
     "ExportRequest",
     "Traceable",
     "Traced",
+    "check_exported",
     "check_finite_parameters",
     "dynamic_shapes",
     "forward_argument_names",
@@ -345,6 +346,18 @@ def _onnx_runner(proto: onnx.ModelProto) -> tuple[str, Callable[[dict[str, Any]]
     options.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return "onnxruntime", lambda feeds: list(session.run(None, feeds))
+
+
+def check_exported(
+    proto: onnx.ModelProto, request: ExportRequest, traceable: Traceable, traced: Traced, label: str
+) -> list[tuple[int, ...]]:
+    """The check step of both modes: onnx.checker (full check) on ``proto``, then, when the
+    request asks for dynamic_spatial, :func:`verify_dynamic_spatial`; returns the sizes it ran.
+
+    ``label`` names the graph in an :class:`ExportError`.
+    """
+    check_model(proto, label)
+    return verify_dynamic_spatial(proto, traceable, traced) if request.dynamic_spatial else []
 
 
 def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced: Traced) -> list[tuple[int, ...]]:

@@ -43,18 +43,18 @@ from bkn_export import functional as Fk
 from bkn_export.chain.observe import observe
 from bkn_export.chain.scope import Observation, Published
 from bkn_export.errors import ExportError, ModelFileError
-from bkn_export.export.common import check_model
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
 from bkn_export.export.metadata import attach_metadata, export_metadata, parse_name_scopes
+from bkn_export.export.name_scopes import NAME_SCOPES_KEY
 from bkn_export.export.op import function_body, op_spec, schema
 from bkn_export.export.op.translation import translation_table
 from bkn_export.export.pipeline import (
     Traceable,
+    check_exported,
     check_finite_parameters,
     trace,
     validate_request,
-    verify_dynamic_spatial,
 )
 from bkn_export.export.result import ExportResult
 from bkn_export.nn import _BatchKalmanNorm
@@ -281,8 +281,7 @@ def export_training(
     metadata = attach_metadata(
         proto, _metadata(info, request.opset, request.fp16, request.dynamic_batch, request.dynamic_spatial)
     )
-    check_model(proto, "export_training: the exported graph")
-    checked_sizes = verify_dynamic_spatial(proto, traceable, traced) if request.dynamic_spatial else []
+    checked_sizes = check_exported(proto, request, traceable, traced, "export_training: the exported graph")
     target = save_onnx(proto, path, external_data_threshold=request.external_data_threshold)
     return ExportResult(
         path=Path(target),
@@ -341,7 +340,7 @@ def _name_nodes(model: onnx.ModelProto) -> list[str]:
     """
     names: list[str] = []
     for node in _bkn_nodes(model.graph):
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES_KEY), "")
         parts = parse_name_scopes(scopes) or []
         module = str(parts[-2]) if len(parts) >= 2 else node.name
         module = module.removeprefix("model.")

@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 #: Same floor as bkn_export.functional's fallback rule (batch variance clamp); a
-#: constexpr because Triton kernels may only read constexpr globals.
+#: constexpr because Triton kernels may only read constexpr globals, spelled here because
+#: kernels/ imports nothing from bkn_export beyond layout and errors (tests/test_kernels.py
+#: asserts the two are equal).
 VARIANCE_FLOOR = tl.constexpr(1e-12)
 
 
