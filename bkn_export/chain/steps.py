@@ -830,14 +830,18 @@ def linear_runs(steps: tuple[Step, ...], modules: Mapping[str, nn.Module]) -> tu
     What stays approximate is what a nonlinear step separates (conv → max pooling, resampling
     → ReLU → conv) or a second conv; :mod:`bkn_export.chain.record`'s notes name it.
     """
-    if len(steps) < 2:
-        return steps
+    if sum(isinstance(step, (Pool, Resample, Affine)) for step in steps) < 2:
+        return steps  # the common case (ReLU → conv), without a module lookup
     grouped: list[Step] = []
     run: list[Step] = []
     joined = [False]
 
     def close() -> None:
-        if len(run) > 1 and _needs_joint(run, modules):
+        # a missing module or another layer type: left as steps, whose own predict names it
+        convs = all(
+            isinstance(modules.get(step.module), nn.modules.conv._ConvNd) for step in run if isinstance(step, Affine)
+        )
+        if len(run) > 1 and convs and _needs_joint(run, modules):
             grouped.append(LinearRun(tuple(run)))
             joined[0] = True
         else:
@@ -846,10 +850,8 @@ def linear_runs(steps: tuple[Step, ...], modules: Mapping[str, nn.Module]) -> tu
 
     for step in steps:
         member = _linear_member(step)
-        if isinstance(step, Affine):  # a missing module: left alone, its own predict names it
-            member = member and isinstance(modules.get(step.module), nn.modules.conv._ConvNd)
-            if member and any(isinstance(other, Affine) for other in run):
-                close()
+        if member and isinstance(step, Affine) and any(isinstance(other, Affine) for other in run):
+            close()
         if member:
             run.append(step)
         else:

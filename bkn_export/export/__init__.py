@@ -8,7 +8,7 @@
   and its external data are published as a pair, atomically.
 
 The names below are imported on first use (module ``__getattr__``), so that importing a
-light submodule (``op_spec``, ``io``) or ``save_onnx`` does not import torch.
+light submodule (``op.op_spec``, ``io``) or ``save_onnx`` does not import torch.
 """
 
 from __future__ import annotations
