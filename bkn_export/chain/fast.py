@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -57,24 +58,23 @@ from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, 
 
 __all__ = ["affine_moments", "predict_steps", "reference_only", "relu_moments", "uses_fused"]
 
-_ENABLED = [True]
+_ENABLED: ContextVar[bool] = ContextVar("bkn_fused_predictions", default=True)
 
 
 @contextmanager
 def reference_only() -> Iterator[None]:
-    """Within the block, :func:`predict_steps` runs every step's reference ``predict``."""
-    previous = _ENABLED[0]
-    _ENABLED[0] = False
+    """Within the block (this thread / task), :func:`predict_steps` runs every step's reference ``predict``."""
+    token = _ENABLED.set(False)
     try:
         yield
     finally:
-        _ENABLED[0] = previous
+        _ENABLED.reset(token)
 
 
 def uses_fused(mean: Tensor) -> bool:
     """Whether :func:`predict_steps` takes the fused forms for this call (eager, nothing tracing)."""
     return (
-        _ENABLED[0]
+        _ENABLED.get()
         and type(mean) is Tensor
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()

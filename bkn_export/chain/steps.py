@@ -760,8 +760,8 @@ def commute_max_pools(steps: tuple[Step, ...]) -> tuple[Step, ...]:
 
 def _kernel_and_stride(step: Step, modules: Mapping[str, nn.Module]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Window and stride over positions of a conv or a pooling step (() for others)."""
-    if isinstance(step, Affine) and step.kind == "conv" and step.module in modules:
-        layer = modules[step.module]
+    if isinstance(step, Affine) and step.kind == "conv":
+        layer = modules.get(step.module)
         if isinstance(layer, nn.modules.conv._ConvNd):
             return tuple(layer.kernel_size), tuple(layer.stride)
     if isinstance(step, Pool) and not step.spec.kind.startswith("adaptive"):
@@ -793,9 +793,9 @@ def makes_positions_dependent(step: Step, modules: Mapping[str, nn.Module]) -> b
     if isinstance(step, Pool) and any(step.spec.padding):
         return True
     kernel, stride = _kernel_and_stride(step, modules)
-    if isinstance(step, Affine) and step.kind == "conv" and step.module in modules:
-        layer = modules[step.module]
-        if isinstance(layer, nn.modules.conv._ConvNd) and layer.transposed and any(s > 1 for s in stride):
+    if isinstance(step, Affine) and any(s > 1 for s in stride):
+        layer = modules.get(step.module)
+        if isinstance(layer, nn.modules.conv._ConvNd) and layer.transposed:
             return True
     return any(k > s for k, s in zip(kernel, stride))
 
@@ -819,6 +819,14 @@ def _needs_joint(run: Sequence[Step], modules: Mapping[str, nn.Module]) -> bool:
     return False
 
 
+def _convs_present(run: Sequence[Step], modules: Mapping[str, nn.Module]) -> bool:
+    """Whether every conv of ``run`` is a Conv/ConvTranspose of the model (else the run stays as
+    steps, and the step's own predict names what is missing)."""
+    return all(
+        isinstance(modules.get(step.module), nn.modules.conv._ConvNd) for step in run if isinstance(step, Affine)
+    )
+
+
 def linear_runs(steps: tuple[Step, ...], modules: Mapping[str, nn.Module]) -> tuple[Step, ...]:
     """``steps`` with each maximal run of linear spatial steps (average pooling, resampling,
     identity, at most one conv: a second conv starts a new run) that step-by-step moments
@@ -837,11 +845,7 @@ def linear_runs(steps: tuple[Step, ...], modules: Mapping[str, nn.Module]) -> tu
     joined = [False]
 
     def close() -> None:
-        # a missing module or another layer type: left as steps, whose own predict names it
-        convs = all(
-            isinstance(modules.get(step.module), nn.modules.conv._ConvNd) for step in run if isinstance(step, Affine)
-        )
-        if len(run) > 1 and convs and _needs_joint(run, modules):
+        if len(run) > 1 and _convs_present(run, modules) and _needs_joint(run, modules):
             grouped.append(LinearRun(tuple(run)))
             joined[0] = True
         else:
