@@ -73,14 +73,15 @@ def reference_only() -> Iterator[None]:
 
 def uses_fused(mean: Tensor) -> bool:
     """Whether :func:`predict_steps` takes the fused forms for this call (eager, nothing tracing)."""
+    # Compiling first: dynamo cannot trace the ContextVar (nor needs to).
     return (
-        _ENABLED.get()
-        and type(mean) is Tensor
-        and not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing()
+        and type(mean) is Tensor
         and _get_current_dispatch_mode() is None
         and not torch.overrides.has_torch_function((mean,))
+        and _ENABLED.get()
     )
 
 
