@@ -1,8 +1,9 @@
 """Speed work without timing: the fused eager predictions equal the reference, and the traced step stays small.
 
 * :mod:`bkn_export.chain.fast` computes conv / linear and ReLU moments with closed-form
-  backward; :mod:`bkn_export.moments` (through each step's ``predict``) is the reference.
-  Compared in float64: values, first derivatives into W, b, μ, σ², second derivatives.
+  backward (and a squeeze-and-excitation gate's branch through them); :mod:`bkn_export.moments`
+  (through each step's ``predict``) is the reference. Compared in float64: values, first
+  derivatives into W, b, μ, σ², second derivatives; what it does not cover runs the reference.
 * A path shared by several layers (DenseNet's concatenations) is pushed once per forward.
 * GPU launch budget proxy (issue 18.2): the op count of a wired layer's traced train step
   (``make_fx`` under fake tensors, forward and forward + backward), per transition, over
@@ -44,7 +45,7 @@ CONVS: dict[str, Callable[[], nn.Module]] = {
     "grouped dilated": lambda: nn.Conv2d(6, 4, 3, padding=2, dilation=2, groups=2),
     "conv1d": lambda: nn.Conv1d(6, 5, 5, padding=2),
     "conv3d": lambda: nn.Conv3d(6, 3, 3, padding=1),
-    "5x5 on 3x3 input": lambda: nn.Conv2d(6, 5, 5, padding=2),
+    "5x5 padding 2": lambda: nn.Conv2d(6, 5, 5, padding=2),
 }
 SPATIAL = {1: (7,), 2: (5, 4), 3: (3, 4, 3)}
 
@@ -72,6 +73,20 @@ def test_fused_conv_moments_equal_the_reference(name: str, padded: bool) -> None
     torch.testing.assert_close(fused[:2], reference[:2], rtol=1e-12, atol=1e-14)
     wrt = [mean, variance, *conv.parameters()]
     torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference[:2], wrt), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [nn.Conv2d(4, 3, 3, padding=1, padding_mode="reflect"), nn.ConvTranspose2d(4, 3, 3, stride=2)],
+    ids=["reflect padding", "transposed"],
+)
+def test_convs_the_fused_form_does_not_cover_run_the_reference(conv: nn.Module) -> None:
+    conv = conv.to(F64)
+    assert not fast.conv_covered(conv, None, "zeros")
+    mean, variance = _inputs(4)
+    reference = Affine("conv").predict(mean, variance, (5, 4), {"conv": conv})
+    fused = fast.predict_steps((Affine("conv"),), mean, variance, (5, 4), {"conv": conv})
+    torch.testing.assert_close(fused, reference, rtol=0, atol=0)
 
 
 def test_fused_linear_moments_equal_the_reference() -> None:
