@@ -19,7 +19,11 @@ Method (documented in docs/runtime.md):
 
 Each boundary is compared with the output of the module it leaves, matched by shape
 (a module with several outputs, e.g. a training-mode BKN's posterior statistics, keeps
-only the tensor its forward returned). Modules called more than once are skipped.
+only the tensor its forward returned), as copied when that module returned: a later
+in-place op (``ReLU(inplace=True)``, ``x += shortcut``) does not change it. A fused node
+(Conv with a folded BKN) carries the normalization's scope, so it is compared with the
+normalization's output, the last module of its group. Modules called more than once are
+skipped.
 
 Without exporter metadata (``torch.onnx.export(dynamo=False)``, third-party files) or
 without a PyTorch model (saved reference outputs), the localisation is **node by node

@@ -1,14 +1,14 @@
-"""Fused eager forms of the hot prediction steps (conv / linear moments, ReLU moments).
+"""Fused eager forms of the hot prediction steps (conv / linear, ReLU and piecewise activation moments).
 
 :mod:`bkn_export.moments` is the reference: plain differentiable tensor code that
 ``torch.export``, dynamo and the ONNX exporter trace. Run eagerly, its autograd graph
 has one node per small op, and a conv's prediction touches its weight W (C_out, C_in/g, *k)
 many times: W∘W, a per-tap product, their backward's outer products and W-sized
 products, each a full pass over W. On a micro-batch those passes cost more than the conv
-itself (a (512, 512, 3, 3) conv on a (2, 512, 2, 2) input, torch 2.13, 1 thread:
-conv forward + backward ≈ 5 ms, reference moments forward + backward ≈ 14 ms).
+itself (``benchmarks/bench_networks.py --profile``; benchmarks/RESULTS.md, "Whole-network
+train step on CPU").
 
-Here the same math runs as two ``torch.autograd.Function`` s with closed-form backward:
+Here the same math runs as ``torch.autograd.Function`` s with closed-form backward:
 
 * :func:`affine_moments` — a Conv{1,2,3}d whose windows never read one input twice
   (zero padding, a zero pad folded in, or none; not transposed), or a Linear (K = 1).
@@ -26,10 +26,16 @@ Here the same math runs as two ``torch.autograd.Function`` s with closed-form ba
       ∂μ_i = Σ_{o,t} gT[o,t] W[o,i,t]      ∂σ²_i = Σ_o ∂V_o S[o,i]
 
   W is read three times forward (T, W∘W for S) and three times backward (∂μ and ∂W),
-  and S is kept instead of W∘W. The backward is made of differentiable ops, so a
-  second derivative still works.
+  and S is kept instead of W∘W.
 * :func:`relu_moments` — with a = μ/σ, E = μ Φ(a) + σ φ(a): ∂E/∂μ = Φ(a), ∂E/∂σ = φ(a),
   ∂Var/∂μ = 2 E Φ(−a), ∂Var/∂σ = 2 σ Φ(a) − 2 E φ(a) (the forward is the reference's).
+* :func:`piecewise_moments` — relu6, leaky_relu, hardtanh, hardsigmoid, hardswish
+  (continuous, piecewise quadratic): the reference's forward, and Stein's identities
+  ∂E[g(X)]/∂μ = E[g'(X)], ∂E[g(X)]/∂σ = E[g'(X) Z] for g = f, f² as truncated moments
+  (:class:`_PiecewiseMoments`).
+
+Under ``create_graph=True`` each backward instead recomputes its forward with autograd
+and differentiates that, so second and higher derivatives are the reference's.
 
 :func:`predict_steps` is what the transitions call: these functions for the steps they
 cover when nothing traces the call (plain eager, any device), the steps' own
@@ -41,6 +47,7 @@ switches the fused forms off (benchmarks and tests compare the two).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -56,7 +63,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from bkn_export import moments
 from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, Step, linear_runs
 
-__all__ = ["affine_moments", "predict_steps", "reference_only", "relu_moments", "uses_fused"]
+__all__ = ["affine_moments", "piecewise_moments", "predict_steps", "reference_only", "relu_moments", "uses_fused"]
 
 _ENABLED: ContextVar[bool] = ContextVar("bkn_fused_predictions", default=True)
 
@@ -81,6 +88,7 @@ def uses_fused(mean: Tensor) -> bool:
         and type(mean) is Tensor
         and _get_current_dispatch_mode() is None
         and not torch.overrides.has_torch_function((mean,))
+        and not torch._C._are_functorch_transforms_active()  # torch.func: these Functions have no vmap rule
         and _ENABLED.get()
     )
 
@@ -326,6 +334,91 @@ class _ReluMoments(torch.autograd.Function):
         return grad_input_mean, grad_input_variance
 
 
+class _PiecewiseMoments(torch.autograd.Function):
+    """(E, Var) of f(X) for a continuous piecewise-quadratic f (reference forward, Stein backward).
+
+    With X = μ + σZ and f continuous (so f and f² are absolutely continuous),
+    ∂E[g(X)]/∂μ = E[g'(X)] and ∂E[g(X)]/∂σ = E[g'(X) Z]; for g = f and g = f², on each
+    piece f = c0 + c1 x + c2 x², f' = e0 + e1 Z (e0 = c1 + 2 c2 μ, e1 = 2 c2 σ) and
+    f = d0 + d1 Z + d2 Z², so every expectation is a sum of truncated moments
+    I_k = E[Z^k 1{piece}], k ≤ 4 (the recursion of the reference). Var = E[f²] − E².
+    """
+
+    @staticmethod
+    def forward(ctx: Any, mean: Tensor, variance: Tensor, pieces: Any) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        out_mean, out_variance = moments._piecewise_quadratic_moments(pieces, mean, variance)
+        ctx.save_for_backward(mean, variance, out_mean)
+        ctx.pieces = pieces
+        return out_mean, out_variance
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mean, variance, out_mean = ctx.saved_tensors
+        pieces = ctx.pieces
+        if torch.is_grad_enabled():
+            return (
+                *_differentiated(
+                    lambda m, v: moments._piecewise_quadratic_moments(pieces, m, v),
+                    (mean, variance),
+                    (),
+                    (grad_mean, grad_variance),
+                ),
+                None,
+            )
+        floor, limit = moments._VARIANCE_FLOOR, moments._Z_LIMIT
+        dtype, device = mean.dtype, mean.device
+        std = variance.clamp_min(floor).sqrt()
+        shape = (-1,) + (1,) * mean.dim()
+
+        def table(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device).reshape(shape)
+
+        lo = ((table([-math.inf if p.lo is None else p.lo for p in pieces]) - mean) / std).clamp(-limit, limit)
+        hi = ((table([math.inf if p.hi is None else p.hi for p in pieces]) - mean) / std).clamp(-limit, limit)
+        c0, c1, c2 = (table([float(getattr(p, c)) for p in pieces]) for c in ("c0", "c1", "c2"))
+        sign = torch.where(lo > 0, 1.0, -1.0).to(dtype)
+        root_half = math.sqrt(0.5)
+        truncated = [
+            0.5 * sign * (torch.special.erfc(sign * lo * root_half) - torch.special.erfc(sign * hi * root_half))
+        ]
+        pdf_lo, pdf_hi = moments._pdf(lo), moments._pdf(hi)
+        truncated.append(pdf_lo - pdf_hi)
+        edge_lo, edge_hi = pdf_lo, pdf_hi
+        for k in range(2, 5):
+            edge_lo, edge_hi = edge_lo * lo, edge_hi * hi
+            truncated.append((k - 1) * truncated[k - 2] + edge_lo - edge_hi)
+        i0, i1, i2, i3, i4 = truncated
+        e0, e1 = c1 + 2.0 * c2 * mean, 2.0 * c2 * std
+        d0, d1, d2 = c0 + c1 * mean + c2 * mean * mean, e0 * std, c2 * std * std
+        a0, a1, a2, a3 = d0 * e0, d0 * e1 + d1 * e0, d1 * e1 + d2 * e0, d2 * e1  # f f' in powers of Z
+        slope_mean = (e0 * i0 + e1 * i1).sum(0)  # E[f']
+        slope_std = (e0 * i1 + e1 * i2).sum(0)  # E[f' Z]
+        square_mean = 2.0 * (a0 * i0 + a1 * i1 + a2 * i2 + a3 * i3).sum(0)  # ∂E[f²]/∂μ
+        square_std = 2.0 * (a0 * i1 + a1 * i2 + a2 * i3 + a3 * i4).sum(0)  # ∂E[f²]/∂σ
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_variance = torch.zeros_like(mean) if grad_variance is None else grad_variance
+        grad_input_mean = grad_mean * slope_mean + grad_variance * (square_mean - 2.0 * out_mean * slope_mean)
+        grad_std = grad_mean * slope_std + grad_variance * (square_std - 2.0 * out_mean * slope_std)
+        grad_input_variance = torch.where(variance >= floor, grad_std / (2.0 * std), 0.0)
+        return grad_input_mean, grad_input_variance, None
+
+
+#: Continuous piecewise-quadratic kinds with number parameters (prelu's slope is a tensor: reference).
+_PIECEWISE_KINDS = frozenset({"relu6", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish"})
+
+
+def piecewise_moments(kind: str, mean: Tensor, variance: Tensor, **params: Any) -> tuple[Tensor, Tensor] | None:
+    """:func:`bkn_export.moments.elementwise_moments` for a continuous piecewise kind with a fused
+    backward, or None for another kind (or a hardtanh with min_val > max_val, not continuous)."""
+    name, resolved, _ = moments._resolve_parameters(kind, params)
+    if name not in _PIECEWISE_KINDS:
+        return None
+    if name == "hardtanh" and float(resolved["min_val"]) > float(resolved["max_val"]):
+        return None
+    pieces = moments._pieces(name, resolved, mean)
+    return _PiecewiseMoments.apply(mean, variance, pieces)  # type: ignore[no-any-return]
+
+
 def relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`bkn_export.moments.elementwise_moments` ``("relu", ...)`` with a fused backward."""
     return _ReluMoments.apply(mean, variance)  # type: ignore[no-any-return]
@@ -340,6 +433,9 @@ def _fused_step(
     if isinstance(step, Elementwise) and step.kind == "relu":
         out_mean, out_variance = relu_moments(mean, variance)
         return out_mean, out_variance, tuple(spatial)
+    if isinstance(step, Elementwise) and step.module is None:
+        fused = piecewise_moments(step.kind, mean, variance, **dict(step.params))
+        return None if fused is None else (*fused, tuple(spatial))
     if isinstance(step, Gate):  # the branch (squeeze-and-excitation) through the fused forms, then Gate's product
         gate_mean, gate_variance, _ = predict_steps(step.branch, mean, variance, spatial, modules)
         out_mean = mean * gate_mean

@@ -36,7 +36,9 @@ __all__ = ["ModuleCapture", "TorchEagerBackend"]
 class ModuleCapture:
     """Module outputs of one forward pass.
 
-    outputs: module name -> its tensor outputs (first call), as NumPy arrays;
+    outputs: module name -> its tensor outputs (first call), as NumPy arrays copied when
+    the hook ran (:func:`_snapshot`): a later in-place op (``nn.ReLU(inplace=True)`` after a
+    normalization, ``x += shortcut``) must not rewrite what the module returned;
     order: module names in the order their forward finished; calls: how often each ran.
     """
 
@@ -50,6 +52,17 @@ def _tensor_leaves(value: Any) -> list[Any]:
     from torch.utils._pytree import tree_leaves
 
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def _snapshot(tensor: Any) -> np.ndarray:
+    """A NumPy copy of ``tensor`` as it is now.
+
+    ``Tensor.numpy()`` of a CPU tensor shares its memory, so a module output captured that
+    way would later show what an in-place op wrote into it (a BatchNorm output read after
+    ``ReLU(inplace=True)`` holds the ReLU's output), and localisation would blame a module
+    that agrees.
+    """
+    return np.array(tensor.detach().cpu().numpy(), copy=True)
 
 
 def _forward_parameters(model: Any) -> dict[str, bool]:
@@ -156,7 +169,7 @@ class TorchEagerBackend(Backend):
         args, kwargs = self._arguments(model, inputs)
         with torch.no_grad():
             result = model(*args, **kwargs)
-        leaves = [t.detach().cpu().numpy() for t in _tensor_leaves(result)]
+        leaves = [_snapshot(t) for t in _tensor_leaves(result)]
         output_names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
         if len(leaves) > len(output_names):
             from runtime.errors import BKNInputError
@@ -192,7 +205,7 @@ class TorchEagerBackend(Backend):
                 if _name in capture.outputs:
                     return
                 capture.order.append(_name)
-                capture.outputs[_name] = [t.detach().cpu().numpy() for t in _tensor_leaves(output)]
+                capture.outputs[_name] = [_snapshot(t) for t in _tensor_leaves(output)]
 
             handles.append(module.register_forward_hook(hook))
         try:
