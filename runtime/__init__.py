@@ -4,8 +4,9 @@ Public API (imported lazily, so ``import runtime`` stays cheap; the pytest plugi
 on that): :func:`assert_parity`, :func:`run_parity`, :class:`ParityReport`,
 :class:`Status`, :class:`Tolerance`, :class:`TolerancePolicy`, :class:`Criteria`,
 :data:`DEFAULT_TOLERANCES`, :func:`discover`, :func:`input_sets`, the reports
-:func:`print_report`, :func:`write_json`, :func:`write_html`, and
-:mod:`runtime.polygraphy_io` (Polygraphy's inputs / outputs JSON).
+:func:`print_report`, :func:`write_json`, :func:`write_html`, the reference-noise floor
+for deep float32 networks :func:`reference_noise` / :func:`noise_tolerance`
+(:mod:`runtime.noise`), and :mod:`runtime.polygraphy_io` (Polygraphy's inputs / outputs JSON).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ __all__ = [
     "assert_parity",
     "discover",
     "input_sets",
+    "noise_tolerance",
     "print_report",
+    "reference_noise",
     "run_parity",
     "write_html",
     "write_json",
@@ -40,6 +43,8 @@ _LOCATIONS = {
     "input_sets": "runtime.model_io",
     "DEFAULT_TOLERANCES": "runtime.compare",
     "discover": "runtime.registry",
+    "reference_noise": "runtime.noise",
+    "noise_tolerance": "runtime.noise",
     "print_report": "runtime.report",
     "write_json": "runtime.report",
     "write_html": "runtime.report",
