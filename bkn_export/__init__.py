@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         format_chain,
         wire_chain,
     )
-    from bkn_export.convert import convert_batchnorm, load_batchnorm_state_dict
+    from bkn_export.convert import BatchKalmanNormBase, convert_batchnorm, load_batchnorm_state_dict
     from bkn_export.distributed import SyncBatchKalmanNorm, convert_sync_batchkalmannorm
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
@@ -46,7 +46,7 @@ _LAZY = {
          "format_chain", "wire_chain"),
         "bkn_export.chain",
     ),
-    **dict.fromkeys(("convert_batchnorm", "load_batchnorm_state_dict"), "bkn_export.convert"),
+    **dict.fromkeys(("BatchKalmanNormBase", "convert_batchnorm", "load_batchnorm_state_dict"), "bkn_export.convert"),
     **dict.fromkeys(("SyncBatchKalmanNorm", "convert_sync_batchkalmannorm"), "bkn_export.distributed"),
     **dict.fromkeys(("BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "KalmanOptions"), "bkn_export.nn"),
     "fold": "bkn_export.export.fold",
@@ -74,6 +74,7 @@ __all__ = [
     "BatchKalmanNorm1d",
     "BatchKalmanNorm2d",
     "BatchKalmanNorm3d",
+    "BatchKalmanNormBase",
     "ChainLink",
     "ChainWiringError",
     "CheckpointError",

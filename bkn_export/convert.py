@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
 from bkn_export.chain.scope import move_root
@@ -37,6 +37,7 @@ from bkn_export.norm_act import (
 )
 
 __all__ = [
+    "BatchKalmanNormBase",
     "bkn_layers",
     "convert_batchnorm",
     "describe_chain",
@@ -44,6 +45,12 @@ __all__ = [
     "load_batchnorm_state_dict",
     "wire_chain",
 ]
+
+#: The common base class of every BKN layer (BatchKalmanNorm1d/2d/3d, SyncBatchKalmanNorm and the
+#: fused BatchKalmanNormAct*d). BKN layers are not ``nn.modules.batchnorm._BatchNorm`` instances:
+#: code that finds BatchNorms by isinstance (freezing BN, weight-decay exclusion, fusion passes)
+#: must test this class too.
+BatchKalmanNormBase = _BatchKalmanNorm
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _BKN_FOR_RANK = {2: BatchKalmanNorm1d, 3: BatchKalmanNorm1d, 4: BatchKalmanNorm2d, 5: BatchKalmanNorm3d}
@@ -91,6 +98,7 @@ def _bkn_from_batchnorm(
         cls = cls or _BKN_FOR_RANK.get(rank)
     if cls is None:
         raise BKNInputError(f"cannot tell the dimensionality of '{name}' ({type(bn).__name__}, input rank {rank})")
+    parametrized = _parametrized_names(bn)
     ref = bn.running_mean if bn.running_mean is not None else bn.weight
     new = cls(
         bn.num_features,
@@ -102,24 +110,100 @@ def _bkn_from_batchnorm(
         dtype=ref.dtype if ref is not None else None,
         **asdict(options),
     )
-    with torch.no_grad():
-        for attribute in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            source, target = getattr(bn, attribute), getattr(new, attribute)
-            if source is not None and target is not None:
-                target.copy_(source)
+    _take_over_state(bn, new, parametrized)
     carried = adapter.submodules if adapter is not None else ()
     for child in carried:
         if isinstance(getattr(bn, child, None), nn.Module):
             new.add_module(child, getattr(bn, child))
-    left = [child for child, _ in bn.named_children() if child not in carried]
+    left = [child for child, _ in bn.named_children() if child not in carried and child != "parametrizations"]
     if left:
         why = "its adapter does not carry over" if adapter is not None else "its forward (BatchNorm's own) does not use"
         warnings.warn(
             f"'{name}' ({type(bn).__name__}) has submodules {left} that {why}; the BKN layer does not keep them",
             stacklevel=3,
         )
+    _take_over_hooks(bn, new, name)
     new.train(bn.training)
     return new
+
+
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_CARRIED_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_call",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+_UNCARRIED_HOOKS = (
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _parametrized_names(bn: nn.Module) -> tuple[str, ...]:
+    """The names of ``bn``'s tensors under ``torch.nn.utils.parametrize`` (e.g. ``("weight",)``)."""
+    if not parametrize.is_parametrized(bn):
+        return ()
+    return tuple(bn.parametrizations.keys())  # type: ignore[union-attr, operator]
+
+
+def _take_over_state(bn: nn.Module, new: _BatchKalmanNorm, parametrized: tuple[str, ...]) -> None:
+    """Give ``new`` the very parameter and buffer objects of ``bn`` (as ``nn.SyncBatchNorm.convert_sync_batchnorm``).
+
+    The objects, not copies of their values: ``requires_grad`` (a frozen BatchNorm stays
+    frozen), dtype and device survive, and an optimizer or EMA built before conversion keeps
+    updating the tensors the converted layer uses. A parametrized tensor
+    (``torch.nn.utils.parametrize``, e.g. a softplus-constrained weight) keeps its
+    constraint: ``bn``'s ``ParametrizationList`` (holding the unconstrained ``original`` and
+    the parametrization modules) is moved to ``new`` under the same name, so ``new.weight``
+    is computed as ``bn.weight`` was and the state-dict keys
+    (``parametrizations.weight.original``) are unchanged. ``bn`` itself is not modified.
+    """
+    for attribute in _STATE:
+        if attribute in parametrized:
+            # Register a placeholder to make `new` parametrized at `attribute` (a public-API way to
+            # get the property), then put bn's own ParametrizationList in its place.
+            parametrize.register_parametrization(new, attribute, nn.Identity(), unsafe=True)
+            new.parametrizations[attribute] = bn.parametrizations[attribute]  # type: ignore[index, operator]
+            continue
+        source, target = getattr(bn, attribute, None), getattr(new, attribute, None)
+        if source is not None and target is not None:
+            setattr(new, attribute, source)
+
+
+def _take_over_hooks(bn: nn.Module, new: nn.Module, name: str) -> None:
+    """Move ``bn``'s forward (pre-)hooks and backward hooks to ``new``: the same dicts, so their handles still work.
+
+    The hooks fire on the converted layer as they did on the BatchNorm (with kwargs and
+    always_call as registered; ``handle.remove()`` removes them from the converted layer).
+    State-dict hooks are not carried over: warned, naming the module. The hooks are moved
+    before the guard's checks, so (as on the BatchNorm during the guard's recording forward)
+    they also run in the conversion's own forward passes. The dicts stay shared with ``bn``,
+    which the converted model no longer holds.
+    """
+    for attribute in _CARRIED_HOOKS:
+        theirs = getattr(bn, attribute, None)
+        if not theirs:
+            continue
+        ours = getattr(new, attribute)
+        if ours:
+            ours.update(theirs)
+        else:
+            object.__setattr__(new, attribute, theirs)
+    if getattr(bn, "_is_full_backward_hook", None) is not None:
+        object.__setattr__(new, "_is_full_backward_hook", bn._is_full_backward_hook)
+    dropped = [attribute.strip("_") for attribute in _UNCARRIED_HOOKS if getattr(bn, attribute, None)]
+    if dropped:
+        warnings.warn(
+            f"'{name}' ({type(bn).__name__}) has {', '.join(dropped)} registered, which the BKN layer does not keep; "
+            "register them again on the converted layer",
+            stacklevel=4,
+        )
 
 
 def _working_copy(model: nn.Module, norm_names: list[str]) -> nn.Module:
@@ -158,9 +242,11 @@ def convert_batchnorm(
     when ``model`` itself is a BatchNorm). example_inputs: a tensor, a tuple of
     positional inputs, or a dict of keyword inputs for one forward pass (run in eval
     mode under no_grad). Options: a :class:`KalmanOptions` and/or its fields as keywords.
-    Weights, biases and running statistics are carried over; BKN layers already in the
-    model are kept and wired too. A model without normalization layers is returned
-    unchanged with a warning.
+    Each new layer takes over its BatchNorm's own parameter and buffer objects (so
+    ``requires_grad`` survives and an optimizer built before conversion keeps them), its
+    ``torch.nn.utils.parametrize`` parametrizations and its forward/backward hooks (state-dict
+    hooks are not carried over: warned); BKN layers already in the model are kept and wired
+    too. A model without normalization layers is returned unchanged with a warning.
 
     BatchNorm subclasses: see :mod:`bkn_export.norm_act` (timm's ``BatchNormAct2d`` keeps
     its ``drop``/``act``; a subclass overriding ``forward`` without an adapter is refused).
@@ -190,7 +276,18 @@ def convert_batchnorm(
             if isinstance(module, nn.SyncBatchNorm):
                 synchronised[name] = module.process_group
             rank = guard.inputs[name].dim() if name in guard.inputs else 0
-            bkn = _bkn_from_batchnorm(module, rank, options, name)
+            # Built from the original module: the new layer takes over its parameter, buffer,
+            # submodule and hook objects (the working copy holds deep copies of the latter two).
+            source = originals[name]
+            assert isinstance(source, _BN_TYPES)  # the same module tree: the copy's BatchNorm is a copy of it
+            if isinstance(source, nn.SyncBatchNorm) and _parametrized_names(source):
+                raise ConversionError(
+                    f"'{name}' is a parametrized SyncBatchNorm (torch.nn.utils.parametrize on "
+                    f"{list(_parametrized_names(source))}); SyncBatchKalmanNorm cannot keep the parametrization. "
+                    "Replace it with a plain nn.BatchNorm*d holding the same state, or remove "
+                    "the parametrization (parametrize.remove_parametrizations) before converting"
+                )
+            bkn = _bkn_from_batchnorm(source, rank, options, name)
             candidate = _replace_module(candidate, name, bkn)
             converted.append(name)
     candidate = wire_chain(candidate, example_inputs, options)
@@ -208,6 +305,7 @@ def convert_batchnorm(
                     "or BatchKalmanNormAct*d, or replace it with a non-synchronised BatchNorm before converting"
                 )
             sync = synchronise_submodules(convert_sync_batchkalmannorm(layer, group), layer)
+            _take_over_hooks(layer, sync, name)
             candidate = _replace_module(candidate, name, sync)
     guard.check_model(candidate, example_inputs)
     if "" in originals:  # the model is itself a normalization layer

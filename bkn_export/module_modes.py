@@ -11,14 +11,14 @@ positional inputs or a dict of keyword inputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["call_example", "eval_forward", "eval_mode", "kept_modes"]
+__all__ = ["call_example", "eval_forward", "eval_mode", "kept_modes", "train_layers_only"]
 
 
 @contextmanager
@@ -38,6 +38,19 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     with kept_modes(model):
         model.eval()
         yield model
+
+
+def train_layers_only(layers: Iterable[nn.Module]) -> None:
+    """Set ``training = True`` on each of ``layers`` itself, not on its children.
+
+    ``layer.train()`` is recursive: on a normalization layer that carries submodules (a
+    ``BatchKalmanNormAct2d`` with a ``drop`` Dropout and an ``act``) it would switch the
+    Dropout to train mode too, so a training-mode export would bake a fixed random mask into
+    the graph and the PyTorch reference would be random. Here only the layers' own flags
+    change (batch statistics); every child keeps the mode it has (eval, after ``model.eval()``).
+    """
+    for layer in layers:
+        layer.training = True
 
 
 def call_example(model: nn.Module, example_inputs: Any) -> Any:

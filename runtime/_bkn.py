@@ -68,6 +68,7 @@ __all__ = [
     "read_name_scopes",
     "save_onnx",
     "tensor_spec",
+    "train_bkn_layers",
     "write_bytes_atomic",
     "write_text_atomic",
 ]
@@ -140,6 +141,16 @@ def bkn_layers(model: Any) -> list[tuple[str, Any]]:
     from bkn_export.convert import bkn_layers as layers
 
     return list(layers(model))
+
+
+def train_bkn_layers(model: Any) -> None:
+    """BKN layers of ``model`` in train mode, their children (a norm-act's ``drop``, ``act``) untouched.
+
+    :func:`bkn_export.module_modes.train_layers_only`, the same call the training-mode export makes.
+    """
+    from bkn_export.module_modes import train_layers_only
+
+    train_layers_only(layer for _, layer in bkn_layers(model))
 
 
 def kept_modes(model: Any) -> AbstractContextManager[Any]:

@@ -6,8 +6,8 @@ corrupt or wrong-kind ONNX file), :class:`RuntimeLoadError` (a custom-op library
 is missing), :class:`PluginLibraryNotFoundError`.
 
 Raised by ``runtime`` only: :class:`UnknownRuntimeError`, :class:`ParityMismatchError`,
-:class:`RuntimeExecutionError` and :class:`SavedDataError` (an inputs/outputs file that
-cannot be read).
+:class:`RuntimeExecutionError`, :class:`RuntimeLimitationError` (a runtime's own known
+limit on a valid model) and :class:`SavedDataError` (an inputs/outputs file that cannot be read).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = [
     "ParityMismatchError",
     "PluginLibraryNotFoundError",
     "RuntimeExecutionError",
+    "RuntimeLimitationError",
     "RuntimeLoadError",
     "SavedDataError",
     "UnknownRuntimeError",
@@ -43,6 +44,18 @@ class RuntimeExecutionError(BKNError, RuntimeError):
     """A runtime loaded a model but failed while running it (e.g. a TensorRT enqueue error)."""
 
     exit_code = 1
+
+
+class RuntimeLimitationError(BKNError, RuntimeError):
+    """A runtime cannot run this valid model because of a known limitation of its own.
+
+    Raised by a backend's ``load`` for a construct it is known to compute wrongly or not at
+    all (the ONNX reference evaluator's grouped ConvTranspose); :func:`runtime.run_parity`
+    reports that runtime unavailable for the model with this message, not as a mismatch.
+    Only named limitations raise it: any other failure of a runtime stays a failure.
+    """
+
+    exit_code = 2
 
 
 class SavedDataError(BKNInputError):

@@ -20,6 +20,7 @@ prefix as it would inside the whole graph up to that point.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import onnx
@@ -93,6 +94,7 @@ def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = N
     for index, node in enumerate(graph.node):
         for name in node.input:
             consumers.setdefault(name, []).append(index)
+    folded_into = _folded_in_pytorch(model)
     boundaries: list[Boundary] = []
     for index, node in enumerate(graph.node):
         scope = scopes[index]
@@ -111,8 +113,41 @@ def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = N
             if module is None:
                 continue
             modules = tuple([*(o for o in owners if o != module), module])
+            folded = [m for m in folded_into.get(node.name, []) if m not in modules]
+            if folded and (known_modules is None or all(m in known_modules for m in folded)):
+                # Folded on the PyTorch side (fp16 export): the node computes host + normalization,
+                # so its value is the normalization's output, the last module of the group.
+                modules = (*modules, *folded)
+                module = folded[-1]
             boundaries.append(Boundary(value, node.name, node.op_type, index, module, modules))
     return boundaries
+
+
+#: bkn_export's fold report: JSON list of {"module", "target" (ONNX node name), "kind", "detail"}.
+FOLD_REPORT_KEY = "bkn_export.fold_report"
+
+
+def _folded_in_pytorch(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """ONNX node name -> normalization modules folded into it (in model order), from the fold report.
+
+    An fp16 inference export folds BKN/BatchNorm into the preceding Conv in PyTorch before
+    exporting, so the host node carries only the host's scope; the fold report names the
+    normalization. Empty for files without a (readable) report.
+    """
+    text = next((p.value for p in model.metadata_props if p.key == FOLD_REPORT_KEY), None)
+    if text is None:
+        return {}
+    try:
+        records = json.loads(text)
+    except ValueError:
+        return {}
+    folded: dict[str, list[str]] = {}
+    if not isinstance(records, list):
+        return folded
+    for record in records:
+        if isinstance(record, dict) and isinstance(record.get("target"), str) and isinstance(record.get("module"), str):
+            folded.setdefault(record["target"], []).append(record["module"])
+    return folded
 
 
 def _innermost_left(

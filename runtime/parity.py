@@ -10,7 +10,10 @@ after that it never raises for a runtime's behaviour: a runtime that cannot load
 model, crashes, or returns wrong or non-finite values is recorded as failed in the
 :class:`ParityReport`, and localised (:mod:`runtime.localize`). A runtime that cannot run
 the model's data type at all (ONNX Runtime's CPU provider has no bfloat16 Conv) is
-recorded as unavailable for that dtype, with the runtime's own reason.
+recorded as unavailable for that dtype, with the runtime's own reason; one that has a
+known limitation of its own on a valid model (:class:`~runtime.errors.RuntimeLimitationError`:
+the ONNX reference evaluator's grouped ConvTranspose) is recorded as unavailable for that
+model, with the limitation named. Any other failure stays a failure.
 
 Several input sets (iterations, several shapes) run through the same loaded runtime; each
 output's row in the report is its worst iteration.
@@ -40,7 +43,7 @@ import numpy as np
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture, TorchEagerBackend
 from runtime.compare import Criteria, OutputComparison, Tolerance, TolerancePolicy, nonfinite_count
-from runtime.errors import BKNInputError, RuntimeLoadError
+from runtime.errors import BKNInputError, RuntimeLimitationError, RuntimeLoadError
 from runtime.localize import Localisation, localise
 from runtime.model_io import (
     TensorSpec,
@@ -174,7 +177,16 @@ def _as_feeds(inputs: Any, specs: Sequence[TensorSpec]) -> list[Feed]:
 
 
 #: Substrings of a runtime's load error that mean "this data type is not implemented here".
-_DTYPE_UNSUPPORTED = ("NOT_IMPLEMENTED", "Could not find an implementation", "not supported for", "Unsupported type")
+#: Messages by which a runtime says it cannot run a (half-precision) dtype. "Input element types
+#: do not match": OpenVINO's ONNX frontend needs BatchNormalization's statistics in X's type,
+#: while ONNX (opset >= 15) allows float16 X with float32 statistics, as an fp16 training export has.
+_DTYPE_UNSUPPORTED = (
+    "NOT_IMPLEMENTED",
+    "Could not find an implementation",
+    "not supported for",
+    "Unsupported type",
+    "Input element types do not match",
+)
 
 
 def _half_dtypes(specs: Sequence[TensorSpec]) -> set[str]:
@@ -408,6 +420,8 @@ def _run_one(
     backend: Backend = entry.make()
     try:
         backend.load(str(path))
+    except RuntimeLimitationError as error:  # the runtime's own known limit on a valid model
+        return RuntimeResult(entry.name, Status.UNAVAILABLE, str(error), time.perf_counter() - started)
     except Exception as error:  # the runtime's failure is a finding, not a crash of the tool
         seconds = time.perf_counter() - started
         if _unsupported_dtype(error, half):

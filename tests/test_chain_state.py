@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
+from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from bkn_export import convert_batchnorm, describe_chain
+from bkn_export import LayerStatistics, chain_statistics, convert_batchnorm, describe_chain, wire_chain
+from bkn_export import nn as bkn_nn
 from bkn_export.chain import fast
-from bkn_export.chain.scope import ROOT_ATTRIBUTE, scratch_for
+from bkn_export.chain.scope import ROOT_ATTRIBUTE, PathWatch, scratch_for
 
 
 class Branchy(nn.Module):
@@ -136,3 +140,182 @@ def test_a_wired_model_inside_a_larger_one_keeps_its_chain() -> None:
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(parent(x), copy.deepcopy(model)(x))
     assert _closed(model)
+
+
+# --------------------------------------------------------------------------- paths that did not run
+
+
+class Switch(nn.Module):
+    """bn1 → relu → c2 → bn2 on the recorded branch; ``branch = 3`` takes c3 (×10) instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.branch = 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.relu(self.bn1(self.c1(x)))
+        if self.branch == 2:
+            return self.bn2(self.c2(a))
+        return self.bn2(self.c3(a) * 10.0)
+
+
+def _switch() -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    return convert_batchnorm(Switch().eval(), x, prior_weight=0.9), x
+
+
+def _statistics(model: nn.Module, x: Tensor, name: str) -> tuple[LayerStatistics, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = {s.name: s for s in chain_statistics(model, x)}
+    return layers[name], [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def _watches(module: nn.Module) -> int:
+    return sum(isinstance(h, PathWatch) for h in module._forward_pre_hooks.values())
+
+
+def test_the_recorded_branch_keeps_the_prior() -> None:
+    model, x = _switch()
+    bn2, warned = _statistics(model, x, "bn2")
+    assert bn2.prior_mean is not None and bn2.unrun == () and warned == []
+    torch.testing.assert_close(bn2.prior_weight, torch.full((8,), 0.9))
+
+
+def test_a_branch_that_skips_a_module_of_the_path_drops_the_prior_and_warns_once() -> None:
+    """QA repro: the prior pushed through c2 (mean −0.2, var 0.1) must not meet c3's batch (mean 3.7, var 9.6)."""
+    model, x = _switch()
+    model.branch = 3
+    bn2, warned = _statistics(model, x, "bn2")
+    assert bn2.prior_mean is None and bn2.sources == ()
+    torch.testing.assert_close(bn2.prior_weight, torch.zeros(8))
+    assert bn2.unrun == ("'bn1' → relu() → conv 'c2': 'c2' did not run after its source in this call",)
+    assert len(warned) == 1 and "'bn2'" in warned[0] and "'c2' did not run" in warned[0]
+    # once per layer; every call still falls back and reports it
+    again, warned_again = _statistics(model, x, "bn2")
+    assert warned_again == [] and again.prior_mean is None and again.unrun == bn2.unrun
+    # the recorded branch again: the prior is back
+    model.branch = 2
+    back, _ = _statistics(model, x, "bn2")
+    assert back.prior_mean is not None and back.unrun == ()
+
+
+def test_a_module_of_the_path_that_ran_before_the_source_does_not_count() -> None:
+    """c2 runs in this forward, but before bn1 publishes: the path did not run as recorded."""
+
+    class Early(Switch):
+        def forward(self, x: Tensor) -> Tensor:
+            self.c2(torch.zeros(1, 8, 4, 4))
+            a = torch.relu(self.bn1(self.c1(x)))
+            return self.bn2(self.c3(a) if self.branch == 3 else self.c2(a))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    model = convert_batchnorm(Early().eval(), x)
+    model.branch = 3
+    bn2, warned = _statistics(model, x, "bn2")
+    assert bn2.prior_mean is None and len(warned) == 1
+
+
+class Shared(nn.Module):
+    """One conv module on two paths: bn1 → c → bn2 and bn3 → c → bn4; ``late=False`` feeds bn4 from d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.bn3, self.bn4 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.d = nn.Conv2d(4, 4, 1)
+        self.late = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn2(self.c(self.bn1(x)))
+        z = self.bn3(y)
+        return self.bn4(self.c(z) if self.late else self.d(z))
+
+
+def test_a_module_on_two_paths_is_watched_once_and_checked_per_path() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    model = convert_batchnorm(Shared(), x)
+    assert _watches(model.c) == 1
+    layers = {s.name: s for s in chain_statistics(model, x)}
+    assert layers["bn2"].prior_mean is not None and layers["bn4"].prior_mean is not None
+    model.late = False  # c still runs (for bn2), but not after bn3 published
+    bn4, warned = _statistics(model, x, "bn4")
+    assert bn4.prior_mean is None and "'c' did not run" in bn4.unrun[0] and len(warned) == 1
+    bn2, _ = _statistics(model, x, "bn2")
+    assert bn2.prior_mean is not None and bn2.unrun == ()
+
+
+class Twice(nn.Module):
+    """The path bn1 → relu → c → bn2 runs twice per forward (a weight-shared block applied twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for _ in range(2):
+            x = self.bn2(self.c(torch.relu(self.bn1(x))))
+        return x
+
+
+def test_a_path_that_runs_twice_keeps_the_prior_on_both_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    model = convert_batchnorm(Twice(), x, prior_weight=0.7).train()
+    weights: list[Tensor] = []
+    step = bkn_nn.kalman_norm_step
+
+    def spy(*args: Any) -> Any:
+        weights.append(args[3].detach().clone())
+        return step(*args)
+
+    monkeypatch.setattr(bkn_nn, "kalman_norm_step", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model(x)
+    # calls: bn1, bn2, bn1, bn2; bn1 is first in chain (p = 0), bn2 has its prior both times
+    assert [float(w.max()) for w in weights] == pytest.approx([0.0, 0.7, 0.0, 0.7])
+
+
+def test_watch_hooks_are_replaced_on_rewiring_and_not_saved() -> None:
+    model, x = _switch()
+    convert_batchnorm(model, x)  # re-converting re-wires
+    wire_chain(model, x)
+    assert _watches(model.c2) == 1 and _watches(model.c1) == 0 and _watches(model.c3) == 0
+    assert all(not isinstance(v, PathWatch) for v in model.state_dict().values())
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)  # the checkpoint holds tensors and plain data only
+    clone = copy.deepcopy(model)
+    hook = next(h for h in clone.c2._forward_pre_hooks.values() if isinstance(h, PathWatch))
+    assert hook.root is clone.__dict__[ROOT_ATTRIBUTE]  # a copy watches its own forwards
+
+
+def test_compiled_forward_drops_the_prior_of_a_branch_that_did_not_run() -> None:
+    """Compiled or eager, bn2 falls back to BatchNorm on branch 3: the model computes what its original does."""
+    torch.manual_seed(0)
+    torch.randn(2, 1, 8, 8)  # as _switch draws x first
+    original = Switch().train()
+    original.branch = 3
+    model, x = _switch()
+    model.train()
+    model.branch = 3
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with fast.reference_only(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = eager(x)
+    torch.testing.assert_close(expected, original(x))
+    torch.testing.assert_close(compiled(x), expected)

@@ -21,7 +21,7 @@ from zoo.timm_mimic import BatchNormAct2d, FrozenBatchNormAct2d, convert_sync_ba
 
 from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, convert_batchnorm
 from bkn_export import norm_act as norm_act_module
-from bkn_export.conversion_guard import TOLERANCES, check_layer, check_outputs
+from bkn_export.conversion_guard import TOLERANCES, check_layer, check_outputs, prior_off
 from bkn_export.errors import ConversionError
 from bkn_export.norm_act import (
     BatchKalmanNormAct2d,
@@ -278,3 +278,48 @@ def test_tolerance_is_the_stated_one_per_dtype(dtype: torch.dtype) -> None:
     check_outputs(expected.to(dtype), (expected + 0.5 * bound).to(dtype))
     with pytest.raises(ConversionError, match="largest difference"):
         check_outputs(expected.to(dtype), (expected + 2.0 * bound).to(dtype))
+
+
+# ----------------------------------------------------------------- no running statistics (exempt by design)
+
+
+class _NoRunningStats(nn.Module):
+    """conv-bn-relu-conv-bn with track_running_stats=False: the second layer is wired with a prior."""
+
+    def __init__(self, scale_when_batchnorm: float = 1.0) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)
+        self.scale_when_batchnorm = scale_when_batchnorm
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return out * self.scale_when_batchnorm if isinstance(self.bn2, nn.BatchNorm2d) else out
+
+
+def test_no_running_statistics_converts_with_the_prior_difference_exempt_and_named() -> None:
+    """In eval mode the wired second layer blends its prior with the batch statistics, BatchNorm does not.
+
+    The guard compares the whole model with that layer's prior weight held at 0 (prior_off):
+    then the converted model equals the original; with the prior on it differs (by design).
+    """
+    model = trained_like(_NoRunningStats()).eval()
+    original = copy.deepcopy(model)
+    x = _input()
+    convert_batchnorm(model, x)
+    assert isinstance(model.bn2, BatchKalmanNorm2d) and model.bn2.has_predecessor
+    with torch.no_grad():
+        expected = original(x)
+        with prior_off([model.bn2]):
+            torch.testing.assert_close(model(x), expected, rtol=5e-5, atol=5e-5)
+        assert (model(x) - expected).abs().max() > 1e-3  # the prior is back on: BKN's by-design difference
+    assert "prior_weight" not in vars(model.bn2)
+
+
+def test_no_running_statistics_still_refuses_a_real_model_difference() -> None:
+    """The exemption covers the prior only: a forward that changes with the module type is still refused."""
+    model = trained_like(_NoRunningStats(scale_when_batchnorm=2.0))
+    before = _snapshot(model)
+    with pytest.raises(ConversionError, match=r"eval-mode outputs \(output 0\)"):
+        convert_batchnorm(model, _input())
+    _assert_unchanged(model, before)

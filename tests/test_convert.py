@@ -25,7 +25,7 @@ from bkn_export import (
     load_batchnorm_state_dict,
 )
 from bkn_export.distributed import SyncBatchKalmanNorm
-from bkn_export.errors import ChainWiringError, CheckpointError, KalmanOptionsError
+from bkn_export.errors import ChainWiringError, CheckpointError, ConversionError, KalmanOptionsError
 from bkn_export.nn import _BatchKalmanNorm
 
 TOL: dict[str, Any] = {"rtol": 1e-6, "atol": 1e-6}
@@ -345,3 +345,139 @@ def test_readme_sampled_variance_is_low_by_n_minus_one_over_n_for_a_linear_feed(
     torch.testing.assert_close(sampled_mean.mean(0), weight @ mean + bias, rtol=0, atol=0.03)
     ratio = sampled_variance.mean(0) / ((weight * weight) @ variance)
     torch.testing.assert_close(ratio, torch.full_like(ratio, (n - 1) / n), rtol=0, atol=0.04)
+
+
+# ----------------------------------------------------------------- what the converted layer takes over
+
+
+def _conv_bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+    )
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_converted_layers_take_over_the_batchnorms_parameter_and_buffer_objects() -> None:
+    """A frozen BatchNorm stays frozen, and an optimizer built before conversion still trains the new layers."""
+    model = _conv_bn_net()
+    model[1].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    originals = {
+        (index, attribute): getattr(model[index], attribute)
+        for index in (1, 4)
+        for attribute in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    }
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(model[1], BatchKalmanNorm2d) and isinstance(model[4], BatchKalmanNorm2d)
+    for (index, attribute), tensor in originals.items():
+        assert getattr(model[index], attribute) is tensor, (index, attribute)
+    assert not model[1].weight.requires_grad and not model[1].bias.requires_grad
+    assert model[4].weight.requires_grad
+    trained_before = model[4].weight.detach().clone()
+    frozen_before = model[1].weight.detach().clone()
+    model.train()
+    model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    optimizer.step()
+    assert not torch.equal(model[4].weight.detach(), trained_before)  # the optimizer holds the converted layer's
+    assert torch.equal(model[1].weight.detach(), frozen_before) and model[1].weight.grad is None
+
+
+class _Softplus(nn.Module):
+    def forward(self, w: Tensor) -> Tensor:
+        return nn.functional.softplus(w)
+
+
+def test_a_parametrized_weight_keeps_its_constraint() -> None:
+    """torch.nn.utils.parametrize on a BatchNorm weight: the converted layer computes its weight the same way."""
+    from torch.nn.utils import parametrize
+
+    model = _conv_bn_net()
+    parametrize.register_parametrization(model[1], "weight", _Softplus())
+    unconstrained = model[1].parametrizations.weight.original
+    keys = set(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    layer = model[1]
+    assert isinstance(layer, BatchKalmanNorm2d) and parametrize.is_parametrized(layer, "weight")
+    assert layer.parametrizations.weight.original is unconstrained
+    with torch.no_grad():
+        unconstrained.fill_(-3.0)  # the constraint is live: softplus(-3) > 0
+        torch.testing.assert_close(layer.weight, nn.functional.softplus(torch.full((4,), -3.0)))
+    assert {k for k in model.state_dict() if not k.endswith("_extra_state")} >= keys
+
+
+def test_forward_hooks_and_pre_hooks_carry_over_and_their_handles_still_remove_them() -> None:
+    model = _conv_bn_net()
+    calls: list[str] = []
+    model[1].register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    model[1].register_forward_pre_hook(lambda module, args, kwargs: calls.append("pre-kwargs"), with_kwargs=True)
+    handle = model[1].register_forward_hook(lambda module, args, output: calls.append("post"), always_call=True)
+    convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(model[1], BatchKalmanNorm2d)
+    calls.clear()
+    model(torch.randn(2, 3, 8, 8))
+    assert calls == ["pre", "pre-kwargs", "post"]
+    handle.remove()
+    calls.clear()
+    model(torch.randn(2, 3, 8, 8))
+    assert calls == ["pre", "pre-kwargs"]
+
+
+def test_a_refused_conversion_leaves_the_batchnorms_parameters_and_hooks_alone() -> None:
+    class Doubling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _conv_bn_net()
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.body(x)
+            return out * 2 if isinstance(self.body[4], nn.BatchNorm2d) else out
+
+    model = Doubling()
+    bn = model.body[1]
+    bn.weight.requires_grad_(False)
+    weight, calls = bn.weight, []
+    bn.register_forward_hook(lambda module, args, output: calls.append(1))
+    with pytest.raises(ConversionError, match="eval-mode outputs"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert model.body[1] is bn and type(bn) is nn.BatchNorm2d and bn.weight is weight and not weight.requires_grad
+    calls.clear()
+    model(torch.randn(2, 3, 8, 8))
+    assert calls == [1]
+
+
+def test_bkn_layers_are_not_batchnorm_instances_but_share_a_public_base() -> None:
+    """Code that finds BatchNorms by isinstance must also test bkn_export.BatchKalmanNormBase (README)."""
+    import bkn_export
+
+    model = convert_batchnorm(_conv_bn_net(), torch.randn(2, 3, 8, 8))
+    assert not isinstance(model[1], nn.modules.batchnorm._BatchNorm)
+    assert bkn_export.BatchKalmanNormBase is _BatchKalmanNorm
+    assert isinstance(model[1], bkn_export.BatchKalmanNormBase)
+
+
+def test_hooks_on_a_syncbatchnorm_carry_over_to_its_synchronised_bkn_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)).eval()
+    calls: list[int] = []
+    model[1].register_forward_hook(lambda module, args, output: calls.append(1))
+    convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(model[1], SyncBatchKalmanNorm)
+    calls.clear()
+    model(torch.randn(2, 3, 8, 8))
+    assert calls == [1]
+
+
+def test_state_dict_hooks_are_not_carried_over_and_the_warning_names_the_module() -> None:
+    model = _conv_bn_net()
+    model[4].register_state_dict_pre_hook(lambda module, prefix, keep_vars: None)
+    with pytest.warns(UserWarning, match=r"'4' \(BatchNorm2d\) has state_dict_pre_hooks registered"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))

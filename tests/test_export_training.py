@@ -507,3 +507,37 @@ def test_time_adaptation_example_recovers_accuracy() -> None:
     results = example.main(["--epochs", "3", "--passes", "1"])
     assert results["clean"] > 0.85
     assert results["shifted_after"] > results["shifted_before"] + 0.2
+
+
+# --------------------------------------------------------------------------- submodules of a BKN layer
+
+
+def test_norm_act_dropout_stays_in_eval_in_export_and_reference(tmp_path: Path) -> None:
+    """A BatchKalmanNormAct2d's ``drop`` (Dropout(0.5)) is not put in train mode: no Dropout node, parity passes.
+
+    Only the BKN layers run in train mode (batch statistics); their children stay in eval,
+    so the graph is deterministic and the PyTorch training reference is too.
+    """
+    import runtime
+    from bkn_export.norm_act import BatchKalmanNormAct2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        BatchKalmanNormAct2d(8, drop_layer=lambda: nn.Dropout(0.5)),
+        nn.Conv2d(8, 8, 3, padding=1),
+        BatchKalmanNormAct2d(8, drop_layer=lambda: nn.Dropout(0.5)),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 4),
+    ).eval()
+    x = torch.randn(4, 1, 6, 6)
+    wire_chain(model, x)
+    path = tmp_path / "norm_act_train.onnx"
+    export_onnx(model, x, path, mode="training")
+    graph = onnx.load(str(path)).graph
+    assert [n.name for n in graph.node if n.op_type == "Dropout"] == []
+    session = ort_session(path, ORT_LEVELS[0])
+    feeds = {session.get_inputs()[0].name: x.numpy()}
+    np.testing.assert_array_equal(session.run(None, feeds)[0], session.run(None, feeds)[0])
+    runtime.assert_parity(model, (x,), mode="training", runtimes="ort:cpu:all", onnx_path=path)
+    assert all(not m.training for m in model.modules()), "the user's model is given back in eval"

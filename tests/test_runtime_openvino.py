@@ -159,3 +159,23 @@ def test_engine_precision_hint_is_an_option_and_reported() -> None:
     assert "the device's default" in backend.available().reason
     with pytest.raises(ValueError, match="precision must be one of"):
         OpenVINOBackend(precision="int4")
+
+
+def test_fp16_training_export_reports_openvino_unavailable_for_float16(tmp_path: Path) -> None:
+    """OpenVINO rejects BatchNormalization with float16 X and float32 statistics (valid ONNX, opset >= 15).
+
+    That is the runtime's limit for the dtype (issue 16.3): OpenVINO is reported unavailable
+    for float16 with its own reason, not as a mismatch, and the run passes on ORT and the reference.
+    """
+    model = _digits(0.0)
+    x = torch.randn(3, 1, 6, 6)
+    path = tmp_path / "train_fp16.onnx"
+    export_onnx(model, (x,), path, mode="training", fp16=True)
+    report = run_parity(
+        model, path, [x.numpy().astype(np.float16)], mode="training", runtimes="ort:cpu:all,reference,openvino:cpu"
+    )
+    status = {r.runtime: r.status.value for r in report.runtimes}
+    assert status == {"ort:cpu:all": "passed", "reference": "passed", "openvino:cpu": "unavailable"}, status
+    reason = next(r.reason for r in report.runtimes if r.runtime == "openvino:cpu")
+    assert reason.startswith("cannot run float16 models") and "Input element types do not match" in reason
+    assert report.passed

@@ -179,3 +179,30 @@ def test_parity_leaves_the_models_mode_and_statistics_as_found(mode: str) -> Non
             assert torch.equal(model.state_dict()[key], value), key
     finally:
         model.train()
+
+
+def test_fp16_tampered_linear_is_localised_to_the_linear_not_the_folded_stem(tmp_path: Path) -> None:
+    """fp16 inference folds BKN into the Conv in PyTorch: the Conv node is compared with conv + BKN, not the Conv.
+
+    Only the Linear's weight is changed (x 1.05); the first diverging module must be that
+    Linear and every module before it must agree (the folded stem included).
+    """
+    from bkn_export.export import export_onnx
+
+    model = trained_digits()
+    good = tmp_path / "fp16.onnx"
+    export_onnx(model, (torch.randn(2, 1, 8, 8),), good, fp16=True)
+    onnx_model = onnx.load(good)
+    gemm = next(n for n in onnx_model.graph.node if n.op_type in ("Gemm", "MatMul"))
+    weight = next(t for t in onnx_model.graph.initializer if t.name == gemm.input[1])
+    tampered = (numpy_helper.to_array(weight) * np.float16(1.05)).astype(np.float16)
+    weight.CopyFrom(numpy_helper.from_array(tampered, weight.name))
+    linear = weight.name.rsplit(".", 1)[0]
+    bad = tmp_path / "fp16_linear_tampered.onnx"
+    onnx.save(onnx_model, bad)
+    report = run_parity(model, bad, [x.astype(np.float16) for x in digits_inputs()], runtimes="ort:cpu:all")
+    (result,) = report.failures()
+    loc = result.localisation
+    assert loc is not None and loc.first is not None, loc
+    assert loc.first.module == linear, loc.message
+    assert all(check.passed for check in loc.checks[: loc.checks.index(loc.first)] if check.module != linear)

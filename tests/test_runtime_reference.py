@@ -165,3 +165,69 @@ def test_cli_training_parity_uses_export_semantics(tmp_path: Path) -> None:
 # The pytest fixture's training reference is checked in
 # test_runtime_plugin.py::test_bkn_parity_fixture_in_a_users_test_suite (test_training_export_semantics),
 # which shares one pytest subprocess with the other fixture checks.
+
+
+def _grouped_convtranspose(tmp_path: Path) -> tuple[nn.Module, torch.Tensor, Path]:
+    from bkn_export.export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 8, 3, stride=2, groups=2), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    convert_batchnorm(model, x)
+    path = tmp_path / "grouped_convtranspose.onnx"
+    export_onnx(model, (x,), path)
+    return model, x, path
+
+
+def test_reference_evaluator_grouped_convtranspose_is_its_limitation_not_a_mismatch(tmp_path: Path) -> None:
+    """onnx.reference cannot run ConvTranspose with group > 1: 'reference' is unavailable for the model, ORT judges it."""
+    model, x, path = _grouped_convtranspose(tmp_path)
+    report = run_parity(model, path, [x.numpy()], runtimes="ort:cpu:all,reference")
+    status = {r.runtime: r.status.value for r in report.runtimes}
+    assert status == {"ort:cpu:all": "passed", "reference": "unavailable"}, status
+    reason = next(r.reason for r in report.runtimes if r.runtime == "reference")
+    assert "ConvTranspose" in reason and "group=2" in reason
+    assert report.passed
+
+
+def test_a_broken_grouped_convtranspose_model_still_fails(tmp_path: Path) -> None:
+    """The reference's limitation does not hide a wrong model: ORT, which can run it, reports the mismatch."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, x, path = _grouped_convtranspose(tmp_path)
+    onnx_model = onnx.load(path)
+    node = next(n for n in onnx_model.graph.node if n.op_type == "ConvTranspose")
+    weight = next(t for t in onnx_model.graph.initializer if t.name == node.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.5), weight.name))
+    bad = tmp_path / "broken.onnx"
+    onnx.save(onnx_model, bad)
+    report = run_parity(model, bad, [x.numpy()], runtimes="ort:cpu:all,reference")
+    status = {r.runtime: r.status.value for r in report.runtimes}
+    assert status == {"ort:cpu:all": "failed", "reference": "unavailable"}, status
+    assert not report.passed
+
+
+def test_a_reference_crash_on_a_broken_model_is_an_error_not_unavailable(tmp_path: Path) -> None:
+    """Only the named limitation makes 'reference' unavailable; any other failure of it stays visible."""
+    import onnx
+    from onnx import helper
+
+    from bkn_export.export import export_onnx
+
+    model = _converted()
+    x = torch.randn(4, 1, 6, 6)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, (x,), path)
+    onnx_model = onnx.load(path)
+    first = onnx_model.graph.node[0]
+    # a Reshape to an impossible shape in front of the first node: no runtime can run this file
+    onnx_model.graph.initializer.append(helper.make_tensor("bad_shape", onnx.TensorProto.INT64, [2], [7, -1]))
+    onnx_model.graph.node.insert(0, helper.make_node("Reshape", [first.input[0], "bad_shape"], ["reshaped"]))
+    first.input[0] = "reshaped"
+    bad = tmp_path / "broken.onnx"
+    onnx.save(onnx_model, bad)
+    report = run_parity(model, bad, [x.numpy()], runtimes="reference")
+    (result,) = report.runtimes
+    assert result.status.value == "error", (result.status, result.reason)
+    assert not report.passed

@@ -29,13 +29,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import Tensor, nn
-from zoo.mimics import MIMICS, trained_like
+from zoo.mimics import MIMICS, calibrated, trained_like
 from zoo.networks import NETWORKS, ZooNetwork
 
 import runtime
 from bkn_export import convert_batchnorm
 from bkn_export.conversion_guard import tolerance_for
 from bkn_export.nn import _BatchKalmanNorm
+from runtime.backends.torch_eager import TorchEagerBackend
+from runtime.compare import default_tolerance
 from runtime.noise import noise_tolerance, reference_noise
 
 _RUNTIMES = ["ort:cpu:all"]
@@ -46,6 +48,10 @@ _RUNTIMES = ["ort:cpu:all"]
 #: output by at most 9.3e-4, the same order as that rounding: no float32 comparison can
 #: attribute it to the file. 1e-2 moves it by 9.3e-3, far above the floor.
 _TAMPER = {"inference": 1e-3, "training": 1e-2}
+#: Relative element-wise perturbation (random signs) of the first weight tensor that must fail parity.
+_EARLY_TAMPER = 1e-2
+#: max|f(x1) - f(x2)| over two N(0, 1) inputs must be at least this many times the parity atol.
+_INPUT_DEPENDENCE = 100.0
 _LIBRARY = {"monai": "monai", "geffnet": "geffnet", "efficientnet": "efficientnet_pytorch"}
 
 
@@ -74,7 +80,7 @@ def _converted_and_trained(model: nn.Module, shape: tuple[int, ...]) -> tuple[nn
     """Convert (guard on), check the eval outputs independently, train five steps; (model, example input)."""
     batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert batchnorms > 0
-    model = trained_like(model).eval()
+    model = trained_like(model).eval()  # PLANTED
     x = torch.randn(shape)
     with torch.no_grad():
         expected = model(x)
@@ -109,16 +115,67 @@ def test_zoo_network_converts_trains_and_exports(network: ZooNetwork, mode: str,
     converted, x = _converted_and_trained(network.build(), network.input_shape)
     (noise,) = reference_noise(converted, [x.numpy()], mode).values()
     tolerance = noise_tolerance(noise)
+    _assert_input_dependent(converted, x, mode, tolerance.atol)
     path = tmp_path / f"{network.name}_{mode}.onnx"
     runtime.assert_parity(
         converted, x, mode=mode, runtimes=_RUNTIMES, atol=tolerance.atol, rtol=tolerance.rtol, export_to=path
     )
-    tampered = _scaled_last_weight(path, tmp_path / "tampered.onnx", _TAMPER[mode])
-    report = runtime.run_parity(
-        converted, tampered, [x.numpy()], mode=mode, runtimes=_RUNTIMES, atol=tolerance.atol, rtol=tolerance.rtol,
-        localise_failures=False,
-    )  # fmt: skip
-    assert not report.passed, f"weight x (1 + {_TAMPER[mode]:g}) passed under atol={tolerance.atol:.3g} ({noise})"
+    tampers = {
+        f"last weight x (1 + {_TAMPER[mode]:g})": _scaled_last_weight(path, tmp_path / "last.onnx", _TAMPER[mode]),
+        f"first weight x (1 +- {_EARLY_TAMPER:g})": _perturbed_first_weight(path, tmp_path / "first.onnx"),
+    }
+    for what, tampered in tampers.items():
+        report = runtime.run_parity(
+            converted, tampered, [x.numpy()], mode=mode, runtimes=_RUNTIMES, atol=tolerance.atol,
+            rtol=tolerance.rtol, localise_failures=False,
+        )  # fmt: skip
+        assert not report.passed, f"{what} passed under atol={tolerance.atol:.3g} ({noise})"
+
+
+def _assert_input_dependent(model: nn.Module, x: Tensor, mode: str, atol: float) -> None:
+    """The reference's output for a second N(0, 1) input differs from that for ``x`` by >= 100 · atol somewhere.
+
+    A network whose output does not depend on its input (activations collapsed before the
+    head) passes parity whatever its feature path computes; this makes the parity and
+    tamper checks below able to fail. ``mode`` as in :func:`runtime.run_parity`.
+    """
+    reference = TorchEagerBackend(model, mode)
+    (first,) = reference.run({"input_0": x.numpy()}).values()
+    (second,) = reference.run({"input_0": torch.randn_like(x).numpy()}).values()
+    spread = float(np.abs(first - second).max())
+    assert spread >= _INPUT_DEPENDENCE * atol, (
+        f"{mode} output barely depends on the input: max|f(x1) - f(x2)| = {spread:.3g} < "
+        f"{_INPUT_DEPENDENCE:g} x atol {atol:.3g} (max|f| = {np.abs(first).max():.3g}); a parity check cannot fail"
+    )
+
+
+def _perturbed_first_weight(source: Path, target: Path, relative: float = _EARLY_TAMPER) -> Path:
+    """``source`` with its first weight (the >= 2-D initializer used first: the stem) perturbed element-wise.
+
+    Each element is scaled by 1 + relative or 1 - relative (random signs, seed 0): unlike a
+    uniform scale, which a following normalization in training mode divides out, this
+    changes the direction of every filter, so it shows after any normalization. It tests
+    the whole feature path, from the first layer on.
+    """
+    model = onnx.load(source)
+    tensor = min(_weights(model, source), key=lambda item: item[0])[1]
+    array = numpy_helper.to_array(tensor)
+    signs = np.random.default_rng(0).choice(np.array([-1.0, 1.0], dtype=np.float32), size=array.shape)
+    perturbed = (array * (1 + np.float32(relative) * signs)).astype(np.float32)
+    tensor.CopyFrom(numpy_helper.from_array(perturbed, tensor.name))
+    onnx.save(model, target)
+    return target
+
+
+def _weights(model: onnx.ModelProto, source: Path) -> list[tuple[int, onnx.TensorProto]]:
+    """(index of the first node that reads it, tensor) for every >= 2-D initializer the graph reads."""
+    first_use: dict[str, int] = {}
+    for index, node in enumerate(model.graph.node):
+        for name in node.input:
+            first_use.setdefault(name, index)
+    weights = [(first_use[t.name], t) for t in model.graph.initializer if len(t.dims) >= 2 and t.name in first_use]
+    assert weights, f"no weight initializer in {source}"
+    return weights
 
 
 def _scaled_last_weight(source: Path, target: Path, relative: float) -> Path:
@@ -129,13 +186,7 @@ def _scaled_last_weight(source: Path, target: Path, relative: float) -> Path:
     projection up to 0.12 for the stem), so it is the hardest honest tamper to see.
     """
     model = onnx.load(source)
-    first_use: dict[str, int] = {}
-    for index, node in enumerate(model.graph.node):
-        for name in node.input:
-            first_use.setdefault(name, index)
-    weights = [t for t in model.graph.initializer if len(t.dims) >= 2 and t.name in first_use]
-    assert weights, f"no weight initializer in {source}"
-    tensor = max(weights, key=lambda t: first_use[t.name])
+    tensor = max(_weights(model, source), key=lambda item: item[0])[1]
     array = numpy_helper.to_array(tensor) * np.float32(1 + relative)
     tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float32), tensor.name))
     onnx.save(model, target)
@@ -147,4 +198,5 @@ def _scaled_last_weight(source: Path, target: Path, relative: float) -> Path:
 def test_mimic_network_converts_trains_and_exports(name: str, mode: str) -> None:
     build, shape = MIMICS[name]
     converted, x = _converted_and_trained(build(), shape)
+    _assert_input_dependent(converted, x, mode, default_tolerance("float32").atol)
     runtime.assert_parity(converted, x, mode=mode, runtimes=_RUNTIMES)

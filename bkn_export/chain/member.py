@@ -8,13 +8,15 @@ model carry it as it is.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from bkn_export.chain.scope import ChainRoot, Published, observers, scratch_for
-from bkn_export.chain.transitions import Transition, transition_for
+from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, observers, scratch_for
+from bkn_export.chain.transitions import Transition, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring
 from bkn_export.nn import Prior, _BatchKalmanNorm
 
@@ -31,7 +33,11 @@ class ChainMembership:
 
     root: ChainRoot | None = field(compare=False, repr=False)
     wiring: Wiring
+    #: The modules on the layer's paths that the root watches (:func:`bkn_export.chain.scope.watch_modules`).
+    watched: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     _transition: Transition | None = field(init=False, compare=False, repr=False)
+    #: Whether the layer has warned that a recorded path did not run (once per layer).
+    _warned: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_transition", transition_for(self.wiring))
@@ -49,15 +55,55 @@ class ChainMembership:
         return self.wiring.transition
 
     def prior(self, layer: _BatchKalmanNorm, x: Tensor) -> Prior | None:
-        """This call's prior from the root's scratch; None outside a forward of the root."""
+        """This call's prior from the root's scratch; None outside a forward of the root.
+
+        A recorded path whose watched modules did not run after its source published in
+        this call counts as absent (a warning, once per layer; observers see it).
+        """
         prior = None
+        unrun: dict[int, str] = {}
         if self._transition is not None and self.root is not None:
             scratch = scratch_for(self.root)
             if scratch is not None:
-                prior = self._transition.predict(layer, scratch.published, scratch.modules, x, scratch.predictions)
+                unrun = self._unrun(scratch)
+                if unrun:
+                    self._warn(unrun)
+                prior = self._transition.predict(
+                    layer, scratch.published, scratch.modules, x, scratch.predictions, frozenset(unrun)
+                )
         for observer in observers():
-            observer.saw_prior(layer, prior)
+            observer.saw_prior(layer, prior, tuple(self._describe(i, m) for i, m in unrun.items()))
         return prior
+
+    def _unrun(self, scratch: ChainScratch) -> dict[int, str]:
+        """Index into ``wiring.sources`` → the watched module on that path that did not run."""
+        if not self.watched:
+            return {}
+        found = {}
+        for index, path in enumerate(self.wiring.sources):
+            if path.normalization is not None and path.normalization not in scratch.published:
+                continue  # the source did not run at all: no prior anyway
+            missing = unrun_module(path, scratch, self.watched)
+            if missing is not None:
+                found[index] = missing
+        return found
+
+    def _describe(self, index: int, module: str) -> str:
+        return f"{self.wiring.sources[index].describe()}: '{module}' did not run after its source in this call"
+
+    def _warn(self, unrun: dict[int, str]) -> None:
+        if self._warned or torch.compiler.is_compiling():
+            return
+        self._warned.append(True)
+        paths = "; ".join(self._describe(i, m) for i, m in unrun.items())
+        warnings.warn(
+            f"BKN layer '{self.wiring.name}': a recorded path did not run in this forward ({paths}); that "
+            "source counts as absent (prior weight 0 on its channels; BatchNorm statistics without another "
+            "source). The chain was recorded on one example forward: if this branch is expected, re-wire on "
+            "inputs that take it (bkn_export.wire_chain). Warned once per layer; chain_statistics shows every call.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def publish(
         self,
@@ -75,7 +121,7 @@ class ChainMembership:
         if self.root is not None:
             scratch = scratch_for(self.root)
             if scratch is not None:
-                scratch.published[self.wiring.name] = published
+                scratch.publish(self.wiring.name, published)
         for observer in observers():
             observer.saw_posterior(layer, published, op_prior, x)
 

@@ -24,6 +24,16 @@ Where the scratch lives during the call:
 A layer called outside a forward of its root finds no scratch and behaves exactly as a
 first-in-chain layer, i.e. as ``nn.BatchNorm*d``.
 
+Which paths ran: the scratch keeps a call counter (``clock``). Each publication stamps the
+counter (``published_at``), and :func:`watch_modules` puts a forward pre-hook
+(:class:`PathWatch`) on every leaf module that sits on a recorded path (the Conv/Linear of
+an ``Affine`` step, and the module of a ``Pool``, ``Resample``, ``Elementwise`` or
+``Identity`` step that came from one), which appends the counter to ``calls[name]``.
+:func:`bkn_export.chain.transitions.unrun_module` then checks, per call, that the modules of
+a path ran, in path order, after its source published. Functional steps (``F.relu``,
+``F.avg_pool2d``, arithmetic) leave no trace and are not checked; neither is whether a
+module that ran was fed by the recorded source.
+
 :func:`bkn_export.chain.observe.observe` opens an additional scratch in which *every* BKN layer of a model
 publishes (wired or not), with its prior and batch statistics: what the training-mode
 export and :func:`bkn_export.chain_statistics` read instead of patching the layers.
@@ -31,7 +41,7 @@ export and :func:`bkn_export.chain_statistics` read instead of patching the laye
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from types import MappingProxyType
@@ -48,6 +58,7 @@ __all__ = [
     "ChainScratch",
     "Observation",
     "Observer",
+    "PathWatch",
     "Published",
     "Submodules",
     "attach_root",
@@ -58,6 +69,7 @@ __all__ = [
     "observers",
     "open_observer",
     "scratch_for",
+    "watch_modules",
 ]
 
 #: The attribute of a wired root module that holds its ChainRoot token.
@@ -125,6 +137,10 @@ class ChainScratch:
     predictions: the moments already pushed through a path in this call (what
     :meth:`bkn_export.chain.transitions.Transition.predict` reuses), keyed by the path's
     start and steps, with the published entry they were computed from.
+    clock: a counter of publications and watched module calls in this call;
+    published_at: the clock at each layer's latest publication (a posterior put into
+    ``published`` by hand has none, and its paths are not checked); calls: the clock at
+    every call of each watched module (:class:`PathWatch`), in order.
     """
 
     def __init__(self, root: ChainRoot, modules: Mapping[str, nn.Module]) -> None:
@@ -133,6 +149,15 @@ class ChainScratch:
         self.published: dict[str, Published] = {}
         self.predictions: dict[Any, Any] = {}
         self.token: Token[Mapping[ChainRoot, ChainScratch]] | None = None
+        self.clock = 0
+        self.published_at: dict[str, int] = {}
+        self.calls: dict[str, list[int]] = {}
+
+    def publish(self, name: str, published: Published) -> None:
+        """Hand on ``name``'s posterior, stamped with the clock."""
+        self.clock += 1
+        self.published[name] = published
+        self.published_at[name] = self.clock
 
 
 _OPEN: ContextVar[Mapping[ChainRoot, ChainScratch]] = ContextVar("bkn_chain_scratches", default=MappingProxyType({}))
@@ -206,16 +231,70 @@ def move_root(source: nn.Module, target: nn.Module) -> None:
     root = source.__dict__.get(ROOT_ATTRIBUTE)
     if source is target or not isinstance(root, ChainRoot):
         return
+    watched = [
+        name
+        for module in source.modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, PathWatch) and hook.root is root
+        for name in hook.names
+    ]
     detach_roots(source)
     _install(target, root)
+    watch_modules(target, root, watched)
+
+
+class PathWatch:
+    """Forward pre-hook on a module of a recorded path: stamps each call into the open scratch.
+
+    root: the chain's token; names: the module's qualified names in the root (one module
+    may be registered under several). Outside a forward of the root it does nothing.
+    """
+
+    __slots__ = ("names", "root")
+
+    def __init__(self, root: ChainRoot, names: tuple[str, ...]) -> None:
+        self.root = root
+        self.names = names
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        scratch = scratch_for(self.root)
+        if scratch is None:
+            return
+        scratch.clock += 1
+        for name in self.names:
+            scratch.calls.setdefault(name, []).append(scratch.clock)
+
+
+def watch_modules(model: nn.Module, root: ChainRoot, names: Iterable[str]) -> frozenset[str]:
+    """Put one :class:`PathWatch` of ``root`` on each module named in ``names`` (once per module
+    object); returns the names now watched.
+
+    Only leaf modules are watched: a module with children may run a step inside a forward
+    that also runs the normalizations around it, so its call says nothing about the order.
+    """
+    by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name in dict.fromkeys(names):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if next(module.children(), None) is not None:
+            continue
+        by_module.setdefault(id(module), (module, []))[1].append(name)
+    for module, module_names in by_module.values():
+        module.register_forward_pre_hook(PathWatch(root, tuple(module_names)))
+    return frozenset(n for _, module_names in by_module.values() for n in module_names)
 
 
 def detach_roots(model: nn.Module) -> None:
-    """Remove the chain-root token and hooks from ``model`` and every submodule."""
-    for module in model.modules():
+    """Remove the chain-root tokens and hooks from ``model`` and every submodule, with the
+    :class:`PathWatch` hooks of those roots (also where they sit on modules of this tree)."""
+    modules = list(model.modules())
+    roots = {id(r) for m in modules if isinstance(r := m.__dict__.get(ROOT_ATTRIBUTE), ChainRoot)}
+    for module in modules:
         module.__dict__.pop(ROOT_ATTRIBUTE, None)
         for key, hook in list(module._forward_pre_hooks.items()):
-            if hook is _open_scratch:
+            if hook is _open_scratch or (isinstance(hook, PathWatch) and id(hook.root) in roots):
                 del module._forward_pre_hooks[key]
         for key, hook in list(module._forward_hooks.items()):
             if hook is _close_scratch:
@@ -246,11 +325,16 @@ class Observer:
     def __init__(self, model: nn.Module) -> None:
         self.names = {id(m): name for name, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)}
         self.observations: dict[str, Observation] = {}
+        #: Per layer name: the recorded paths that did not run (first call per forward).
+        self.unrun: dict[str, tuple[str, ...]] = {}
         self._priors: dict[int, Prior | None] = {}
 
-    def saw_prior(self, layer: nn.Module, prior: Prior | None) -> None:
-        if id(layer) in self.names:
+    def saw_prior(self, layer: nn.Module, prior: Prior | None, unrun: tuple[str, ...] = ()) -> None:
+        name = self.names.get(id(layer))
+        if name is not None:
             self._priors[id(layer)] = prior
+            if name not in self.observations:
+                self.unrun[name] = unrun
 
     def saw_posterior(
         self, layer: nn.Module, published: Published, op_prior: tuple[Tensor, Tensor, Tensor], x: Tensor

@@ -31,7 +31,9 @@ class LayerStatistics:
     received them (None without a prior: first in chain); batch_mean, batch_variance:
     x̄_k and biased S_k of the layer's input; posterior_mean, posterior_variance:
     μ_{k|k}, Σ_{k|k}; prior_weight: p_k after the fallback rule (and 0 on channels
-    without a prior); input_shape: (N, C, *).
+    without a prior); input_shape: (N, C, *); unrun: each recorded path whose watched
+    modules did not run after its source published in this forward (that source counted
+    as absent), as ``"path: 'module' did not run ..."``; empty when every path ran.
     """
 
     name: str
@@ -45,6 +47,7 @@ class LayerStatistics:
     posterior_variance: Tensor
     prior_weight: Tensor
     input_shape: tuple[int, ...]
+    unrun: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -107,6 +110,7 @@ def chain_statistics(model: nn.Module, example_inputs: Any) -> list[LayerStatist
                 posterior_variance=seen.published.posterior_variance,
                 prior_weight=effective,
                 input_shape=tuple(seen.published.input_shape),
+                unrun=observer.unrun.get(name, ()),
             )
         )
     return result

@@ -33,6 +33,13 @@ i.i.d. and channels as independent (the assumption the authors' sampling makes).
   Gaussians: μ = A m, Σ = (A∘A) v (no path is used).
 * :class:`Identity`: the sources' Gaussians combined as they are (no steps).
 
+Before a transition predicts, :func:`unrun_module` checks each recorded path against this
+call: every watched module on it (:mod:`bkn_export.chain.scope`, leaf modules of ``Affine``,
+``Pool``, ``Resample``, ``Elementwise`` and ``Identity`` steps) must have run, in path
+order, after the source published. A path that did not counts as absent for the call
+(``known = 0`` on its concatenation channels; no prior for a single path or a sum).
+Functional steps cannot be checked.
+
 Channels that no normalization reaches (a concatenation part that falls back) get a
 prior of N(0, 1) and ``known = 0``: the layer gives them prior weight 0, i.e. batch
 statistics alone. Any other part that falls back, or a source that did not run in this
@@ -42,7 +49,8 @@ Process noise R_k is the layer's and is added by the layer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -52,12 +60,22 @@ from bkn_export import functional as Fk
 from bkn_export import moments
 from bkn_export.chain.fast import predict_steps
 from bkn_export.chain.record import SourcePath
-from bkn_export.chain.scope import Published
-from bkn_export.chain.steps import apply_steps
+from bkn_export.chain.scope import ChainScratch, Published
+from bkn_export.chain.steps import Gate, LinearRun, Step, apply_steps
 from bkn_export.chain.wiring import Wiring
 from bkn_export.nn import Prior, PriorSource, _BatchKalmanNorm
 
-__all__ = ["Identity", "Learned", "Propagate", "Sampled", "Transition", "source_gaussian", "transition_for"]
+__all__ = [
+    "Identity",
+    "Learned",
+    "Propagate",
+    "Sampled",
+    "Transition",
+    "path_modules",
+    "source_gaussian",
+    "transition_for",
+    "unrun_module",
+]
 
 _VARIANCE_FLOOR = 1e-12
 
@@ -70,6 +88,60 @@ def source_gaussian(name: str, published: Published, prior_source: str) -> Prior
             mean, variance, published.weight, published.bias, published.eps
         )
     return PriorSource(name, mean, variance, tuple(published.input_shape))
+
+
+def _step_modules(steps: Sequence[Step]) -> Iterator[str]:
+    for step in steps:
+        if isinstance(step, Gate):
+            yield from _step_modules(step.branch)
+        elif isinstance(step, LinearRun):
+            yield from _step_modules(step.steps)
+        else:
+            module = getattr(step, "module", None)
+            if isinstance(module, str):
+                yield module
+
+
+def path_modules(path: SourcePath) -> Iterator[str]:
+    """The qualified names of the modules on ``path`` (and its origin's paths), in order."""
+    if path.origin is not None:
+        for source in path.origin.sources:
+            yield from path_modules(source)
+    yield from _step_modules(path.steps)
+
+
+def _path_end(path: SourcePath, scratch: ChainScratch, watched: AbstractSet[str]) -> int | str | None:
+    """The clock at which ``path``'s last watched module ran in this call, or the name of the
+    first watched module that did not run after the path's start (None: not checkable)."""
+    start: int | None
+    if path.normalization is not None:
+        start = scratch.published_at.get(path.normalization)
+    elif path.origin is not None:
+        ends = [_path_end(source, scratch, watched) for source in path.origin.sources]
+        missing = next((e for e in ends if isinstance(e, str)), None)
+        if missing is not None:
+            return missing
+        known = [e for e in ends if isinstance(e, int)]
+        start = max(known) if known else None
+    else:
+        start = None
+    if start is None:
+        return None
+    for name in _step_modules(path.steps):
+        if name not in watched:
+            continue
+        after = next((tick for tick in scratch.calls.get(name, ()) if tick > start), None)
+        if after is None:
+            return name
+        start = after
+    return start
+
+
+def unrun_module(path: SourcePath, scratch: ChainScratch, watched: AbstractSet[str]) -> str | None:
+    """The first module of ``watched`` on ``path`` that did not run, in path order, after the
+    path's source published in this call (None: the path ran as recorded, or cannot be checked)."""
+    end = _path_end(path, scratch, watched)
+    return end if isinstance(end, str) else None
 
 
 class _Part(NamedTuple):
@@ -130,6 +202,7 @@ class Transition:
         modules: Mapping[str, nn.Module],
         x: Tensor,
         memo: MutableMapping[Any, Any] | None = None,
+        absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
         """μ_{k|k-1}, Σ_{k|k-1}: (C,) each for ``layer`` (input x: (N, C, *)), or None (no prior this call).
 
@@ -137,6 +210,8 @@ class Transition:
         scratch keeps one per forward): a path from one source's posterior through the
         same steps gives the same moments to every layer it feeds (DenseNet: each dense
         layer's output reaches all later layers of its block), so it is computed once.
+        absent: indices into ``wiring.sources`` of the paths that did not run in this call
+        (:func:`unrun_module`): they count as absent.
         """
         raise NotImplementedError
 
@@ -169,12 +244,16 @@ class Propagate(Transition):
         modules: Mapping[str, nn.Module],
         x: Tensor,
         memo: MutableMapping[Any, Any] | None = None,
+        absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
         gaussians = self._gaussians(published)
         if gaussians is None:
             return None
         wiring = self.wiring
-        parts = [self._path(path, gaussians, modules, published, memo) for path in wiring.sources]
+        parts = [
+            None if index in absent else self._path(path, gaussians, modules, published, memo)
+            for index, path in enumerate(wiring.sources)
+        ]
         return _as_prior(
             _combine(wiring.combine, parts, [p.channels for p in wiring.sources], layer.num_features), gaussians
         )
@@ -227,12 +306,16 @@ class Sampled(Transition):
         modules: Mapping[str, nn.Module],
         x: Tensor,
         memo: MutableMapping[Any, Any] | None = None,
+        absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
         gaussians = self._gaussians(published)
         if gaussians is None:
             return None
         wiring = self.wiring
-        samples = [self._path(path, gaussians, modules) for path in wiring.sources]
+        samples = [
+            None if index in absent else self._path(path, gaussians, modules)
+            for index, path in enumerate(wiring.sources)
+        ]
         parts: list[_Part | None] = []
         for sample in samples:
             if sample is None:
@@ -293,9 +376,10 @@ class Learned(Transition):
         modules: Mapping[str, nn.Module],
         x: Tensor,
         memo: MutableMapping[Any, Any] | None = None,
+        absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
         gaussians = self._gaussians(published)
-        if gaussians is None:
+        if gaussians is None or absent:  # the matrix was learned for the recorded paths
             return None
         mean = torch.cat([g.mean for g in gaussians.values()])
         variance = torch.cat([g.variance for g in gaussians.values()])
@@ -315,9 +399,10 @@ class Identity(Transition):
         modules: Mapping[str, nn.Module],
         x: Tensor,
         memo: MutableMapping[Any, Any] | None = None,
+        absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
         gaussians = self._gaussians(published)
-        if gaussians is None:
+        if gaussians is None or absent:
             return None
         parts = [_Part(gaussians[name].mean, gaussians[name].variance, (), None) for name in self.wiring.source_names]
         combine = "concat" if self.wiring.combine == "concat" else "sum"

@@ -17,6 +17,10 @@ every BKN layer a :class:`~bkn_export.chain.member.ChainMembership` whose
 * ``learned``: a free matrix over the concatenated source Gaussians (C_k × Σ C_j);
 * ``identity``: the source Gaussians as they are; the channel counts must match.
 
+The leaf modules on the paths get a forward pre-hook of the root (removed on re-wiring):
+a forward in which one of them did not run after its path's source published leaves
+that path out of the prior, with a warning (:mod:`bkn_export.chain.scope`).
+
 Every choice is a note that :func:`bkn_export.describe_chain` shows.
 """
 
@@ -37,7 +41,8 @@ from bkn_export.chain.record import (
     is_normalization,
     record_dataflow,
 )
-from bkn_export.chain.scope import attach_root
+from bkn_export.chain.scope import attach_root, watch_modules
+from bkn_export.chain.transitions import path_modules
 from bkn_export.chain.wiring import Wiring
 from bkn_export.errors import ChainWiringError
 from bkn_export.nn import KalmanOptions, _BatchKalmanNorm
@@ -72,13 +77,17 @@ def wire_chain(
     root = attach_root(model)
     order = {record.name: position for position, record in enumerate(recorded.layers)}
     features = {name: int(m.num_features) for name, m in modules.items() if is_normalization(m)}  # type: ignore[arg-type]
+    wirings = []
     for record in recorded.layers:
         layer = modules[record.name]
         assert isinstance(layer, _BatchKalmanNorm)
         if options is not None:
             layer.options = options
-        wiring = plan_wiring(record, layer.options, order, features, layer.num_features)
-        layer.join_chain(ChainMembership(root, wiring), wiring.previous_features)
+        wirings.append((layer, plan_wiring(record, layer.options, order, features, layer.num_features)))
+    # The modules on the paths: each forward checks that they ran (bkn_export.chain.scope).
+    watched = watch_modules(model, root, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
+    for layer, wiring in wirings:
+        layer.join_chain(ChainMembership(root, wiring, watched), wiring.previous_features)
     for name, module in modules.items():
         if isinstance(module, _BatchKalmanNorm) and name not in order:
             if options is not None:

@@ -57,6 +57,7 @@ from bkn_export.export.pipeline import (
     validate_request,
 )
 from bkn_export.export.result import ExportResult
+from bkn_export.module_modes import train_layers_only
 from bkn_export.nn import _BatchKalmanNorm
 
 __all__ = [
@@ -244,8 +245,10 @@ def export_training(
         )
     _check_layers(layers, running_stats_io)
     tracked = [name for name, layer in layers if layer.track_running_stats] if running_stats_io else []
+    # Only the BKN layers themselves: a recursive ``train()`` would put their children (a
+    # norm-act's Dropout) in train mode and bake a fixed random mask into the graph.
+    train_layers_only(layer for _, layer in layers)
     for _, layer in layers:
-        layer.train()
         # The traced graph must not mutate buffers; updates are explicit outputs instead.
         layer.track_running_stats = False
     if request.fp16:

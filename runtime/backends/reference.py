@@ -7,13 +7,36 @@ training-mode ``ai.bkn::BatchKalmanNorm`` through its function body) as they are
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from runtime.backends.base import Availability, Backend
-from runtime.errors import RuntimeLoadError
+from runtime.errors import RuntimeLimitationError, RuntimeLoadError
 
-__all__ = ["ReferenceEvaluatorBackend"]
+__all__ = ["ReferenceEvaluatorBackend", "reference_limitations"]
+
+
+def reference_limitations(model: Any) -> list[str]:
+    """What in ``model`` (an ``onnx.ModelProto``) the reference evaluator is known to get wrong; [] when nothing.
+
+    ``onnx.reference``'s ConvTranspose with ``group > 1`` slices the weight by output
+    channels instead of input channels and adds the whole bias to every group: it crashes
+    ("cannot reshape array") or returns wrong values on a valid model.
+    """
+    found = []
+    graphs = [("graph", list(model.graph.node))] + [(f"function {f.name}", list(f.node)) for f in model.functions]
+    for where, nodes in graphs:
+        for node in nodes:
+            if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx"):
+                continue
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1:
+                found.append(
+                    f"ConvTranspose node {node.name or '(unnamed)'} in the {where} has group={group}; onnx.reference "
+                    "implements only group=1 (it crashes or computes wrong values); judge this model on the other runtimes"
+                )
+    return found
 
 
 class ReferenceEvaluatorBackend(Backend):
@@ -37,7 +60,14 @@ class ReferenceEvaluatorBackend(Backend):
         from onnx.reference import ReferenceEvaluator
 
         try:
-            self._evaluator = ReferenceEvaluator(onnx.load(model_path))
+            model = onnx.load(model_path)
+        except Exception as error:
+            raise RuntimeLoadError(f"{self.name}: cannot read {model_path}: {error}") from error
+        limitations = reference_limitations(model)
+        if limitations:
+            raise RuntimeLimitationError(f"{self.name}: {'; '.join(limitations)}")
+        try:
+            self._evaluator = ReferenceEvaluator(model)
         except Exception as error:
             raise RuntimeLoadError(
                 f"{self.name}: the ONNX reference evaluator cannot load {model_path}: {error}"

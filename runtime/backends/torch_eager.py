@@ -113,12 +113,12 @@ class TorchEagerBackend(Backend):
         if self.mode == "inference":
             self.model.eval()
             return self.model
-        from runtime._bkn import bkn_layers
+        from runtime._bkn import train_bkn_layers
 
         instance = copy.deepcopy(self.model)
         instance.eval()
-        for _, layer in bkn_layers(instance):
-            layer.train()
+        # Only the BKN layers themselves: their children (a norm-act's Dropout) stay in eval.
+        train_bkn_layers(instance)
         return instance
 
     def _arguments(self, model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
