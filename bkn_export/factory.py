@@ -98,8 +98,18 @@ def load_checkpoint(checkpoint: str | os.PathLike[str]) -> Mapping[str, Any]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises pickle/zip/runtime errors
+        text = str(error).strip()
+        if "weights only load failed" in text.lower():
+            # torch's message advises retrying with weights_only=False, which can run arbitrary code: not repeated.
+            cause = text.partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip()
+            text = (
+                f"the safe (weights-only) load refused it ({cause or 'unreadable content'}): it is corrupt, "
+                "or holds objects other than tensors and plain containers"
+            )
+        else:
+            text = (text.splitlines() or [""])[0]
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(error).__name__}: {error}. Save it with "
+            f"cannot read checkpoint {path}: {type(error).__name__}: {text}. Save it with "
             "torch.save(model.state_dict(), path)."
         ) from error
     if isinstance(content, Mapping):

@@ -58,6 +58,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# Private API, as in bkn_export.ops and bkn_export.chain.fast: an active dispatch mode (fake
+# tensors, make_fx, FlopCounterMode) must see constants built in its own graph.
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 __all__ = [
     "ACCURACY",
     "ELEMENTWISE_KINDS",
@@ -87,6 +91,9 @@ _VARIANCE_FLOOR = 1e-12
 #: Standardized breakpoints are clamped to ±this: the Gaussian mass beyond is < 1e-190.
 _Z_LIMIT = 30.0
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+#: Bound on the entries of each constant cache below (constants of a layer's shape: a network
+#: uses tens of them; a full cache is emptied, not grown).
+_CACHE_SIZE = 512
 _SQRT_HALF = math.sqrt(0.5)
 
 
@@ -106,6 +113,24 @@ def _cdf(z: Tensor) -> Tensor:
     loses it below z ≈ −5); exported to ONNX it becomes 1 − Erf, exact to an absolute 1e-16
     (float64) but no longer relative in the far tail, and never NaN (``log_ndtr``'s export is)."""
     return 0.5 * torch.special.erfc(-z * _SQRT_HALF)
+
+
+def _caches_constants(tensor: Tensor) -> bool:
+    """Whether constant tensors (edges, coefficients, quadrature rules, coverage tables) may be
+    taken from a cache for this call: plain eager mode only. Under torch.compile / torch.export /
+    jit tracing, a dispatch mode (fake tensors, make_fx), a tensor subclass, torch.func
+    transforms or inference mode (whose tensors cannot be saved for backward later) they are
+    built in the call, so that a graph stays self-contained."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and type(tensor) is Tensor
+        and _get_current_dispatch_mode() is None
+        and not torch.overrides.has_torch_function((tensor,))
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.is_inference_mode_enabled()
+    )
 
 
 _MILLS_SWITCH = 3.0
@@ -197,19 +222,26 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
     order = 4 if quadratic else 2
     dtype, device = mean.dtype, mean.device
     # All pieces at once, stacked along a leading dim P: one op per formula, whatever P.
-    edge_shape = (-1,) + (1,) * mean.dim()
+    lo_edges, hi_edges = tuple(p.lo for p in pieces), tuple(p.hi for p in pieces)
+    if _caches_constants(mean):  # eager: the (P, 1, …) edge and float coefficient tensors, built once
+        lo_finite, lo_unbounded = _piece_edges(lo_edges, dtype, device, mean.dim())
+        hi_finite, hi_unbounded = _piece_edges(hi_edges, dtype, device, mean.dim())
+    else:
+        lo_finite, lo_unbounded = _build_piece_edges(lo_edges, dtype, device, mean.dim())
+        hi_finite, hi_unbounded = _build_piece_edges(hi_edges, dtype, device, mean.dim())
 
-    def standardized(edges: Sequence[float | None], unbounded: float) -> Tensor:
+    def standardized(finite: Tensor, is_unbounded: Tensor, unbounded: float) -> Tensor:
         """(P, *mean.shape) z of each piece's edge; an unbounded edge is ±_Z_LIMIT (no gradient path)."""
-        finite = torch.tensor([0.0 if e is None else e for e in edges], dtype=dtype, device=device)
-        is_unbounded = torch.tensor([e is None for e in edges], device=device).reshape(edge_shape)
-        z = ((finite.reshape(edge_shape) - mean) / std).clamp(-_Z_LIMIT, _Z_LIMIT)
+        z = ((finite - mean) / std).clamp(-_Z_LIMIT, _Z_LIMIT)
         return torch.where(is_unbounded, unbounded, z)
 
-    lo = standardized([p.lo for p in pieces], -_Z_LIMIT)  # (P, *mean.shape)
-    hi = standardized([p.hi for p in pieces], _Z_LIMIT)
+    lo = standardized(lo_finite, lo_unbounded, -_Z_LIMIT)  # (P, *mean.shape)
+    hi = standardized(hi_finite, hi_unbounded, _Z_LIMIT)
 
     def stacked(values: Sequence[_Coefficient]) -> Tensor:
+        """(P, *mean.shape), or (P, 1, …) (broadcasting alike) when every value is a float."""
+        if all(isinstance(v, float) for v in values) and _caches_constants(mean):
+            return _piece_coefficients(tuple(float(v) for v in values), dtype, device, mean.dim())
         return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).expand_as(mean) for v in values])
 
     c0 = stacked([p.c0 for p in pieces])
@@ -237,6 +269,29 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
     if quadratic:
         terms = terms + 2.0 * e0 * d2 * moments[2] + 2.0 * d1 * d2 * moments[3] + d2 * d2 * moments[4]
     return out_mean, terms.sum(dim=0).clamp_min(0.0)
+
+
+def _build_piece_edges(
+    edges: Sequence[float | None], dtype: torch.dtype, device: torch.device, rank: int
+) -> tuple[Tensor, Tensor]:
+    """(P, 1 × rank) finite edges (0 where unbounded) and the (P, 1 × rank) bool mask of unbounded ones."""
+    shape = (-1,) + (1,) * rank
+    finite = torch.tensor([0.0 if e is None else e for e in edges], dtype=dtype, device=device).reshape(shape)
+    return finite, torch.tensor([e is None for e in edges], device=device).reshape(shape)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _piece_edges(
+    edges: tuple[float | None, ...], dtype: torch.dtype, device: torch.device, rank: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`_build_piece_edges`, cached (eager only; plain constants, no grad)."""
+    return _build_piece_edges(edges, dtype, device, rank)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _piece_coefficients(values: tuple[float, ...], dtype: torch.dtype, device: torch.device, rank: int) -> Tensor:
+    """(P, 1 × rank) tensor of float coefficients, cached (eager only; plain constants, no grad)."""
+    return torch.tensor(values, dtype=dtype, device=device).reshape((-1,) + (1,) * rank)
 
 
 def _relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
@@ -317,6 +372,13 @@ def _hermite_rule(nodes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return rule if rule is not None else _compute_hermite_rule(nodes)
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _hermite_tensors(nodes: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(nodes,) points and weights of :func:`_hermite_rule` as tensors, cached (eager only)."""
+    points, weights = _hermite_rule(nodes)
+    return torch.tensor(points, dtype=dtype, device=device), torch.tensor(weights, dtype=dtype, device=device)
+
+
 def _gauss_hermite_moments(
     function: Callable[[Tensor], Tensor], mean: Tensor, variance: Tensor, nodes: int
 ) -> tuple[Tensor, Tensor]:
@@ -325,9 +387,12 @@ def _gauss_hermite_moments(
     E f(X) ≈ Σ_j w_j f(μ + σ z_j); Var ≈ Σ_j w_j (f(μ + σ z_j) − E)². The nodes are fixed
     (constants of the graph); cost O(C · nodes).
     """
-    points_list, weights_list = _hermite_rule(nodes)
-    points = torch.tensor(points_list, dtype=mean.dtype, device=mean.device)
-    weights = torch.tensor(weights_list, dtype=mean.dtype, device=mean.device)
+    if _caches_constants(mean):
+        points, weights = _hermite_tensors(nodes, mean.dtype, mean.device)
+    else:
+        points_list, weights_list = _hermite_rule(nodes)
+        points = torch.tensor(points_list, dtype=mean.dtype, device=mean.device)
+        weights = torch.tensor(weights_list, dtype=mean.dtype, device=mean.device)
     values = function(mean.unsqueeze(-1) + _std(variance).unsqueeze(-1) * points)
     out_mean = values @ weights
     centred = values - out_mean.unsqueeze(-1)
@@ -1175,6 +1240,49 @@ def _coverage_tables(index: Tensor, dtype: torch.dtype, repeats: bool) -> tuple[
     return fraction, pairs, same
 
 
+#: Coverage tables per (geometry of one dim, input size, pad, dtype, device, repeats); eager only.
+_COVERAGE_TABLES: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor | None]] = {}
+
+
+def _layer_coverage_tables(
+    layer: torch.nn.modules.conv._ConvNd,
+    dim: int,
+    size: int,
+    input_padding: tuple[int, int],
+    input_padding_mode: str,
+    dtype: torch.dtype,
+    repeats: bool,
+    cached: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`_coverage_tables` of :func:`_conv_index_map` for one spatial dim; taken from a
+    bounded cache when ``cached`` (the tables depend only on the key below: constants of the
+    layer's shape, built from integer index maps, never requiring grad)."""
+    if not cached:
+        return _coverage_tables(_conv_index_map(layer, dim, size, input_padding, input_padding_mode), dtype, repeats)
+    key = (
+        layer.transposed,
+        layer.kernel_size[dim],
+        layer.stride[dim],
+        layer.dilation[dim],
+        _conv_pads(layer, dim),
+        layer.output_padding[dim] if layer.transposed else 0,
+        layer.padding_mode,
+        size,
+        input_padding,
+        input_padding_mode,
+        dtype,
+        layer.weight.device,
+        repeats,
+    )
+    tables = _COVERAGE_TABLES.get(key)
+    if tables is None:
+        tables = _coverage_tables(_conv_index_map(layer, dim, size, input_padding, input_padding_mode), dtype, repeats)
+        if len(_COVERAGE_TABLES) >= _CACHE_SIZE:
+            _COVERAGE_TABLES.clear()
+        _COVERAGE_TABLES[key] = tables
+    return tables
+
+
 def _apply_along_kernel(tensor: Tensor, tables: Sequence[Tensor], first_kernel_dim: int) -> Tensor:
     """Multiply ``tensor`` by a symmetric (K_d, K_d) table along each kernel dim d."""
     for d, table in enumerate(tables):
@@ -1254,12 +1362,9 @@ def conv_moments(
         centred_mean = _tap_weighted(weight, groups, transposed, mean, all_taps)
         predicted_variance = _tap_weighted(weight * weight, groups, transposed, variance, all_taps)
     else:
+        cached = _caches_constants(mean)
         tables = [
-            _coverage_tables(
-                _conv_index_map(layer, d, spatial[d], pre_padding[d], input_padding_mode),
-                dtype,
-                repeats,
-            )
+            _layer_coverage_tables(layer, d, spatial[d], pre_padding[d], input_padding_mode, dtype, repeats, cached)
             for d in range(rank)
         ]
         fraction = tables[0][0]

@@ -95,6 +95,7 @@ def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = N
         for name in node.input:
             consumers.setdefault(name, []).append(index)
     folded_into = _folded_in_pytorch(model)
+    scoped = {name for scope in scopes if scope is not None for name in scope}
     boundaries: list[Boundary] = []
     for index, node in enumerate(graph.node):
         scope = scopes[index]
@@ -114,7 +115,13 @@ def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = N
                 continue
             modules = tuple([*(o for o in owners if o != module), module])
             folded = [m for m in folded_into.get(node.name, []) if m not in modules]
-            if folded and (known_modules is None or all(m in known_modules for m in folded)):
+            if folded:
+                if any(m in scoped for m in folded) or (
+                    known_modules is not None and not all(m in known_modules for m in folded)
+                ):
+                    # A norm-act folded in PyTorch keeps its activation as nodes of its own: this value
+                    # (host + normalization) is the output of no PyTorch module, so it is not compared.
+                    continue
                 # Folded on the PyTorch side (fp16 export): the node computes host + normalization,
                 # so its value is the normalization's output, the last module of the group.
                 modules = (*modules, *folded)

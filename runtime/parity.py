@@ -43,7 +43,7 @@ import numpy as np
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture, TorchEagerBackend
 from runtime.compare import Criteria, OutputComparison, Tolerance, TolerancePolicy, nonfinite_count
-from runtime.errors import BKNInputError, RuntimeLimitationError, RuntimeLoadError
+from runtime.errors import BKNError, BKNInputError, RuntimeLimitationError, RuntimeLoadError
 from runtime.localize import Localisation, localise
 from runtime.model_io import (
     TensorSpec,
@@ -266,13 +266,14 @@ def run_parity(
     reference_backend: TorchEagerBackend | None = None
     if reference_outputs is not None:
         references = _saved_references(reference_outputs, feeds, onnx_outputs)
+        _check_saved_shapes(references, feeds, input_specs, output_specs)
         description = f"{reference_name} (no PyTorch model run)"
     else:
         reference_backend = TorchEagerBackend(model, mode)
         # what load() would read from the file, already known: key inputs and outputs by graph name
         reference_backend.input_names = [s.name for s in input_specs]
         reference_backend.output_names = onnx_outputs
-        references = [reference_backend.run(feed) for feed in feeds]
+        references = [_reference_run(reference_backend, feed, path) for feed in feeds]
         notes.extend(reference_backend.notes)
         description = REFERENCE_DESCRIPTION[mode]
         if not references[0]:
@@ -337,6 +338,24 @@ def run_parity(
     return report
 
 
+def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path) -> Feed:
+    """The PyTorch model's outputs on ``feed``; a model that cannot take the ONNX file's inputs is bad input.
+
+    Raises BKNInputError naming the file, the input shapes and PyTorch's own (first) line.
+    """
+    try:
+        return backend.run(feed)
+    except BKNError:
+        raise
+    except Exception as error:
+        shapes = ", ".join(f"{name} {tuple(array.shape)} {array.dtype}" for name, array in feed.items())
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise BKNInputError(
+            f"the PyTorch model does not run on the inputs of {path} ({shapes}): {type(error).__name__}: {first}; "
+            "pass the model (or factory arguments) that was exported to this file"
+        ) from error
+
+
 def _saved_references(
     saved: Sequence[Mapping[str, np.ndarray]], feeds: Sequence[Feed], onnx_outputs: Sequence[str]
 ) -> list[Feed]:
@@ -357,6 +376,41 @@ def _saved_references(
             )
         references.append({name: np.asarray(array) for name, array in outputs.items()})
     return references
+
+
+def _check_saved_shapes(
+    references: Sequence[Feed], feeds: Sequence[Feed], input_specs: Sequence[TensorSpec],
+    output_specs: Sequence[TensorSpec],
+) -> None:  # fmt: skip
+    """SavedDataError when a saved output's shape cannot be what the model outputs for these inputs.
+
+    Checked against the ONNX output's rank and fixed dims, and its symbolic dims that also
+    name an input dim (``batch``), whose value the inputs fix. Outputs without shape
+    information in the file are not checked.
+    """
+    from runtime.errors import SavedDataError
+
+    specs = {s.name: s for s in output_specs}
+    for iteration, (outputs, feed) in enumerate(zip(references, feeds)):
+        symbols: dict[str, int] = {}
+        for spec in input_specs:
+            for dim, size in zip(spec.shape, feed[spec.name].shape):
+                if isinstance(dim, str):
+                    symbols.setdefault(dim, int(size))
+        for name, array in outputs.items():
+            output = specs.get(name)
+            if output is None or not output.shape:
+                continue
+            expected = tuple(symbols.get(d, d) if isinstance(d, str) else d for d in output.shape)
+            fits = len(expected) == array.ndim and all(
+                isinstance(e, str) or e == a for e, a in zip(expected, array.shape)
+            )
+            if not fits:
+                raise SavedDataError(
+                    f"the saved output {name!r} of iteration {iteration} has shape {tuple(array.shape)}, but the "
+                    f"model outputs {tuple(expected)} for these inputs: the outputs belong to other inputs or another "
+                    "model"
+                )
 
 
 def _save(

@@ -19,10 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from bkn_export import LayerStatistics, chain_statistics, convert_batchnorm, describe_chain, wire_chain
+from bkn_export import (
+    BatchKalmanNorm2d,
+    LayerStatistics,
+    chain_statistics,
+    convert_batchnorm,
+    describe_chain,
+    wire_chain,
+)
 from bkn_export import nn as bkn_nn
 from bkn_export.chain import fast
-from bkn_export.chain.scope import ROOT_ATTRIBUTE, PathWatch, scratch_for
+from bkn_export.chain.scope import ROOT_ATTRIBUTE, PathWatch, Published, forward_scope, scratch_for
 
 
 class Branchy(nn.Module):
@@ -319,3 +326,17 @@ def test_compiled_forward_drops_the_prior_of_a_branch_that_did_not_run() -> None
         expected = eager(x)
     torch.testing.assert_close(expected, original(x))
     torch.testing.assert_close(compiled(x), expected)
+
+
+def test_a_posterior_published_by_hand_is_not_checked_against_module_calls() -> None:
+    """forward_scope (benchmarks call one layer at a time): the conv on the path never runs, the prior is kept."""
+    model = nn.Sequential(BatchKalmanNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), BatchKalmanNorm2d(4))
+    wire_chain(model, torch.randn(2, 4, 5, 5))
+    model.train()
+    x = torch.randn(2, 4, 5, 5)
+    source = Published(torch.zeros(4), torch.ones(4), 50, (2, 4, 5, 5), None, None, 1e-5)
+    with forward_scope(model) as scratch, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        scratch.published["0"] = source
+        prior = model[3].chain.prior(model[3], x)  # type: ignore[union-attr]
+    assert prior is not None and prior.sources[0].name == "0"

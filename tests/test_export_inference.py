@@ -691,3 +691,53 @@ def test_normalization_over_another_axis_is_standalone(tmp_path: Path) -> None:
     (actual,) = ort_session(result.path, ORT_LEVELS[-1]).run(None, {proto.graph.input[0].name: x.numpy()})
     with torch.no_grad():
         assert np.abs(actual - model.eval()(x).numpy()).max() <= FLOAT32_TOLERANCE
+
+
+# --------------------------------------------------------------------------- norm-act layers in the fp16 fold
+
+
+def _norm_act_model() -> nn.Module:
+    from bkn_export.norm_act import BatchKalmanNormAct2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), BatchKalmanNormAct2d(8), nn.Conv2d(8, 8, 3, padding=1), BatchKalmanNormAct2d(8),
+        nn.Flatten(), nn.Linear(8 * 6 * 6, 4),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for layer in (model[1], model[3]):
+            layer.running_mean.uniform_(-1, 1)
+            layer.bias.uniform_(-1, 1)  # so that the ReLU clips: dropping it would show
+    return model
+
+
+def test_fp16_fold_keeps_a_norm_act_layers_activation(tmp_path: Path) -> None:
+    """fp16 folds in PyTorch: a BatchKalmanNormAct2d's norm goes into the Conv, its ReLU stays (one Relu per layer)."""
+    import runtime
+
+    model = _norm_act_model()
+    x = torch.randn(4, 1, 6, 6)
+    path = tmp_path / "norm_act16.onnx"
+    result = export_onnx(model, x, path, fp16=True)
+    assert [r.kind for r in result.fold_report] == ["conv", "conv"]
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["Conv", "Relu", "Conv", "Relu", "Reshape", "Gemm"]
+    runtime.assert_parity(model, (x,), runtimes="ort:cpu:all", onnx_path=path)
+
+
+def test_fold_leaves_a_normalization_with_unknown_submodules_standalone() -> None:
+    """A BN subclass with a child the fold cannot place in its forward is not folded (its output is kept exact)."""
+
+    class Gated(nn.BatchNorm2d):
+        def __init__(self, channels: int) -> None:
+            super().__init__(channels)
+            self.gate = nn.Sigmoid()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.gate(super().forward(x)) * x
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), Gated(4)).eval()
+    folded = bkn_export.fold(model)
+    (record,) = folded.report
+    assert record.kind == "standalone" and "submodules ['gate']" in record.detail
+    x = torch.randn(2, 1, 6, 6)
+    torch.testing.assert_close(folded.model(x), model(x))

@@ -384,3 +384,97 @@ def test_api_refuses_a_bad_external_data_threshold(tmp_path: Path, bad: object) 
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
     with pytest.raises(OptionError, match="external_data_threshold must be a whole number of bytes"):
         export_onnx(model, torch.randn(1, 1, 4, 4), tmp_path / "m.onnx", external_data_threshold=bad)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- QA sweep: shapes, checkpoints, parity
+
+
+@pytest.mark.parametrize(("text", "bad"), [("2,x,8", "'x'"), ("2,,8", "''"), ("1,3,a,8", "'a'")])
+def test_input_shape_with_a_non_integer_part_is_refused_naming_it(text: str, bad: str) -> None:
+    """No part of a shape is skipped: '2,x,8' would otherwise become (2, 8) without a word."""
+    import argparse
+
+    from bkn_export.commands.arguments import parse_shape
+
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"part\(s\) {bad} are not integers"):
+        parse_shape(text)
+    assert parse_shape("2,1,8,8") == parse_shape("2x1x8x8") == (2, 1, 8, 8)
+
+
+def test_input_shape_with_the_wrong_channel_count_is_bad_input(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.onnx"
+    code, err = run_cli(export_argv(f"{models}:small", out, shape="2,3,8,8"), capsys)
+    assert code == 2
+    assert_one_line(err, "OptionError", "--input-shape 2,3,8,8", "to have 1 channels, but got 3")
+    assert not out.exists()
+
+
+def test_corrupt_checkpoint_message_does_not_advise_an_unsafe_load(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "ckpt.pt").write_bytes(b"garbage, not a torch.save file")
+    argv = export_argv(f"{models}:small", tmp_path / "m.onnx", "--checkpoint", str(tmp_path / "ckpt.pt"))
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "CheckpointError", "cannot read checkpoint", "weights-only")
+    assert "weights_only" not in err and "False" not in err
+
+
+def _exported_small(tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]) -> Path:
+    out = tmp_path / "small.onnx"
+    code, err = run_cli(export_argv(f"{models}:small", out, shape="2,1,8,8"), capsys)
+    assert code == 0, err
+    return out
+
+
+def test_parity_with_a_model_that_does_not_fit_the_file_is_bad_input(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A factory whose model cannot take the ONNX inputs: one line naming the mismatch, exit 2, no traceback."""
+    onnx_path = _exported_small(tmp_path, models, capsys)
+    (tmp_path / "other.py").write_text(
+        "from torch import nn\n\ndef three():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+    )
+    argv = ["parity", f"{tmp_path / 'other.py'}:three", str(onnx_path), "--runtimes", "ort:cpu:all"]
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "BKNInputError", "the PyTorch model does not run on the inputs of", "(2, 1, 8, 8)")
+
+
+def test_parity_load_outputs_of_the_wrong_shape_is_bad_input(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from runtime import polygraphy_io
+
+    onnx_path = _exported_small(tmp_path, models, capsys)
+    inputs, outputs = tmp_path / "in.json", tmp_path / "out.json"
+    polygraphy_io.save_inputs(inputs, [{"input": np.zeros((2, 1, 8, 8), np.float32)}])
+    polygraphy_io.save_outputs(outputs, [{"output": np.zeros((1, 4, 8, 8), np.float32)}], runner="pytorch")
+    argv = ["parity", str(onnx_path), "--runtimes", "ort:cpu:all", "--load-inputs", str(inputs)]
+    code, err = run_cli([*argv, "--load-outputs", str(outputs)], capsys)
+    assert code == 2
+    assert_one_line(err, "SavedDataError", "'output'", "(1, 4, 8, 8)", "(2, 4, 8, 8)")
+
+
+def test_checkpoint_with_other_wiring_names_the_differing_steps() -> None:
+    """C3: the message shows what differs (the ReLU vs SiLU step), not two identical summaries."""
+    from bkn_export import convert_batchnorm
+    from bkn_export.errors import ChainWiringError
+
+    def net(act: type[nn.Module]) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), act(), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        ).eval()
+
+    x = torch.randn(2, 1, 8, 8)
+    saved = convert_batchnorm(net(nn.ReLU), x).state_dict()
+    other = convert_batchnorm(net(nn.SiLU), x)
+    with pytest.raises(
+        ChainWiringError, match=r"wiring differs in sources\[0\]\.steps: saved \[relu 2 .*this model \[silu 2"
+    ):
+        other.load_state_dict(saved)

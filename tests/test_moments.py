@@ -799,6 +799,60 @@ class _AllKinds(nn.Module):
         return tuple(outputs)
 
 
+def _constants_path(mean: Tensor, variance: Tensor) -> tuple[Tensor, ...]:
+    """Every kind of constant the module caches in eager mode: piecewise edges and coefficients,
+    a Gauss–Hermite rule, zero- and reflect-padded conv coverage tables."""
+    zero_padded = nn.Conv2d(5, 4, 3, padding=1, stride=2).double()
+    reflected = nn.Conv2d(5, 3, 3, padding=1, padding_mode="reflect").double()
+    torch.manual_seed(0)
+    outputs = [*M.elementwise_moments("hardswish", mean, variance), *M.elementwise_moments("silu", mean, variance)]
+    outputs += M.conv_moments(zero_padded, mean, variance, (7, 6))[:2]
+    outputs += M.conv_moments(reflected, mean, variance, (5, 5))[:2]
+    return tuple(outputs)
+
+
+def test_cached_constants_give_the_uncached_values_and_hold_no_graph() -> None:
+    """Eager calls take constants from bounded caches; the values equal a call that builds them
+    (under an active dispatch mode nothing is cached), and no cached tensor requires grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    mean, variance = _leaf_moments()
+    first = _constants_path(mean, variance)
+    second = _constants_path(mean, variance)  # from the caches
+    with _Passthrough():
+        built = _constants_path(mean, variance)
+    for a, b, c in zip(first, second, built, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+    torch.stack([t.sum() for t in second]).sum().backward()
+    assert mean.grad is not None and torch.isfinite(mean.grad).all()
+    cached = [*M._COVERAGE_TABLES.values()]
+    assert cached, "conv_moments cached no coverage table in eager mode"
+    tensors = [t for entry in cached for t in entry if t is not None]
+    assert M._piece_edges.cache_info().currsize > 0 and M._hermite_tensors.cache_info().currsize > 0
+    assert not any(t.requires_grad for t in tensors)
+    assert M._piece_edges.cache_info().maxsize == M._CACHE_SIZE
+
+
+def test_a_call_in_inference_mode_does_not_poison_later_training_calls() -> None:
+    """Constants built under torch.inference_mode cannot be saved for backward: such calls build
+    their own, so a later call with gradients still back-propagates."""
+    mean, variance = _channel_moments()
+    M._COVERAGE_TABLES.clear()
+    M._piece_edges.cache_clear()
+    M._piece_coefficients.cache_clear()
+    M._hermite_tensors.cache_clear()
+    with torch.inference_mode():
+        _constants_path(mean, variance)
+    leaf_mean, leaf_variance = _leaf_moments()
+    torch.stack([t.sum() for t in _constants_path(leaf_mean, leaf_variance)]).sum().backward()
+    assert leaf_variance.grad is not None and torch.isfinite(leaf_variance.grad).all()
+
+
 @pytest.mark.slow  # ~20 s; the chain's own compile test runs in the default suite
 def test_a_path_compiles_without_graph_breaks() -> None:
     """torch.compile(fullgraph=True) traces the steps (constants, no numpy in the traced code)."""

@@ -466,3 +466,24 @@ def test_dispatch_modes_see_the_op_not_its_decomposition() -> None:
     with Recorder() as recorder:
         ops.kalman_norm_step(*inputs)
     assert recorder.ops == ["bkn.batch_kalman_norm.default"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((2, 6, 2, 2), torch.float32),  # ≤ cpu_kernels._SMALL_COUNT values per channel: ATen's statistics kernel
+        ((2, 6, 7, 7), torch.float32),
+        ((4, 6, 8, 8), torch.float32),  # above it: the centred two-kernel path
+        ((2, 6, 8, 8), torch.float64),  # float64: ATen's statistics kernel at every size
+    ],
+)
+def test_cpu_batch_statistics_keep_precision_on_every_branch(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Mean 1e4, spread 1: each branch of cpu_kernels.batch_statistics gives the variance of the
+    float64 reference within 1e-6 relative in float32 (1e-11 in float64) and its count."""
+    x = (torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 1e4).to(dtype)
+    got = cpu_kernels.batch_statistics(x)
+    want = Fk.batch_statistics(x.double())
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-11
+    assert got.count == want.count == x.numel() // x.shape[1]
+    torch.testing.assert_close(got.variance.double(), want.variance, rtol=tolerance, atol=0.0)
+    torch.testing.assert_close(got.mean.double(), want.mean, rtol=tolerance, atol=0.0)

@@ -206,3 +206,32 @@ def test_fp16_tampered_linear_is_localised_to_the_linear_not_the_folded_stem(tmp
     assert loc is not None and loc.first is not None, loc
     assert loc.first.module == linear, loc.message
     assert all(check.passed for check in loc.checks[: loc.checks.index(loc.first)] if check.module != linear)
+
+
+def test_fp16_norm_act_fold_is_not_blamed_for_a_tampered_linear(tmp_path: Path) -> None:
+    """A norm-act folded in PyTorch keeps its ReLU as a node: conv + norm is no module's output and is not compared."""
+    from bkn_export.export import export_onnx
+    from bkn_export.norm_act import BatchKalmanNormAct2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), BatchKalmanNormAct2d(8), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 4)
+    ).eval()
+    with torch.no_grad():
+        model[1].bias.uniform_(-1, 1)
+    x = torch.randn(4, 1, 6, 6)
+    good = tmp_path / "norm_act16.onnx"
+    export_onnx(model, (x,), good, fp16=True)
+    onnx_model = onnx.load(good)
+    gemm = next(n for n in onnx_model.graph.node if n.op_type == "Gemm")
+    weight = next(t for t in onnx_model.graph.initializer if t.name == gemm.input[1])
+    weight.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(weight) * np.float16(1.05)), weight.name))
+    bad = tmp_path / "tampered.onnx"
+    onnx.save(onnx_model, bad)
+    report = run_parity(model, bad, [x.numpy().astype(np.float16)], runtimes="ort:cpu:all")
+    (result,) = report.failures()
+    loc = result.localisation
+    assert loc is not None and loc.first is not None, loc
+    assert loc.first.module == "3", loc.message
+    assert loc.last_passing == "1.act"
+    assert "conv2d" not in [c.onnx_value for c in loc.checks]

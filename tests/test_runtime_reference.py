@@ -180,7 +180,7 @@ def _grouped_convtranspose(tmp_path: Path) -> tuple[nn.Module, torch.Tensor, Pat
 
 
 def test_reference_evaluator_grouped_convtranspose_is_its_limitation_not_a_mismatch(tmp_path: Path) -> None:
-    """onnx.reference cannot run ConvTranspose with group > 1: 'reference' is unavailable for the model, ORT judges it."""
+    """onnx.reference cannot run ConvTranspose with group > 1: 'reference' is unavailable for it, ORT judges it."""
     model, x, path = _grouped_convtranspose(tmp_path)
     report = run_parity(model, path, [x.numpy()], runtimes="ort:cpu:all,reference")
     status = {r.runtime: r.status.value for r in report.runtimes}

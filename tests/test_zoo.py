@@ -1,9 +1,14 @@
 """Real and mimic networks: converted without changing them, trained, exported in both modes, run in ORT.
 
-For every network (``tests/zoo``): ``convert_batchnorm`` on the example input (its guard
-checks each layer and the model's eval outputs; checked here again independently), every
-BatchNorm replaced, five training steps at batch 2 with a finite, changing loss, then the
-inference-mode and training-mode ONNX exports compared with PyTorch in ONNX Runtime
+For every network (``tests/zoo``): random affine parameters (``trained_like``) and running
+statistics calibrated on the data that reaches each BatchNorm (``calibrated``: with random
+running statistics, efficientnet-pytorch's B0 output did not depend on its input at all),
+``convert_batchnorm`` on the example input (its guard checks each layer and the model's
+eval outputs; checked here again independently), every BatchNorm replaced, five training
+steps at batch 2 with a finite, changing loss; then, per export mode, the output for a
+second input must differ by at least 100 x the parity atol (``_assert_input_dependent``:
+otherwise no parity check on the network could fail), and the inference-mode and
+training-mode ONNX exports are compared with PyTorch in ONNX Runtime
 (``runtime.assert_parity``), one test per network and export mode.
 
 Tolerances: the mimics are judged with the float32 defaults. The real networks are deep
@@ -11,9 +16,11 @@ enough that PyTorch's own float32 output is not exact to the default's few ulps 
 MobileNetV3-large: 3.3e-5 from its float64 evaluation, failing the default rule on 0.20 %
 of its own elements), so each is judged with an explicit tolerance measured on it:
 ``atol = max(1e-5, 4 * max|r32 - r64|)``, rtol 1e-4 (:mod:`runtime.noise`, docs/runtime.md
-"Deep float32 networks"). The same test proves the floor does not pass a real difference:
-the export with its last weight tensor scaled by 1 + 1e-3 (inference) or 1 + 1e-2
-(training, see ``_TAMPER``) must fail under it.
+"Deep float32 networks"). The same test proves the floor does not pass a real difference,
+at both ends of the feature path: the export with its last weight tensor scaled by
+1 + 1e-3 (inference) or 1 + 1e-2 (training, see ``_TAMPER``), and the export with its first
+weight tensor (the stem) scaled element-wise by 1 ± 1e-2 (random signs, ``_EARLY_TAMPER``),
+must each fail under it.
 The small mimics and four real networks run in the default suite (MobileNetV3 and
 EfficientNet-B0 without their training-mode export); the rest under ``-m slow``.
 """
@@ -77,10 +84,10 @@ def _train(model: nn.Module, shape: tuple[int, ...], steps: int = 5) -> list[flo
 
 
 def _converted_and_trained(model: nn.Module, shape: tuple[int, ...]) -> tuple[nn.Module, Tensor]:
-    """Convert (guard on), check the eval outputs independently, train five steps; (model, example input)."""
+    """Calibrate, convert (guard on), check the eval outputs independently, train five steps; (model, input)."""
     batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert batchnorms > 0
-    model = trained_like(model).eval()  # PLANTED
+    model = calibrated(trained_like(model), shape).eval()
     x = torch.randn(shape)
     with torch.no_grad():
         expected = model(x)
@@ -99,7 +106,7 @@ def _converted_and_trained(model: nn.Module, shape: tuple[int, ...]) -> tuple[nn
 
 
 def _network_params() -> list[object]:
-    params = []
+    params: list[object] = []
     for network in NETWORKS:
         for mode in ("inference", "training"):
             slow = network.slow or (mode == "training" and network.slow_training_export)
@@ -153,9 +160,9 @@ def _perturbed_first_weight(source: Path, target: Path, relative: float = _EARLY
     """``source`` with its first weight (the >= 2-D initializer used first: the stem) perturbed element-wise.
 
     Each element is scaled by 1 + relative or 1 - relative (random signs, seed 0): unlike a
-    uniform scale, which a following normalization in training mode divides out, this
-    changes the direction of every filter, so it shows after any normalization. It tests
-    the whole feature path, from the first layer on.
+    uniform scale, which a following normalization in training mode largely divides out
+    (batch statistics), this changes the direction of every filter, so it shows after any
+    normalization. It tests the whole feature path, from the first layer on.
     """
     model = onnx.load(source)
     tensor = min(_weights(model, source), key=lambda item: item[0])[1]

@@ -58,7 +58,8 @@ class ChainMembership:
         """This call's prior from the root's scratch; None outside a forward of the root.
 
         A recorded path whose watched modules did not run after its source published in
-        this call counts as absent (a warning, once per layer; observers see it).
+        this call counts as absent (a RuntimeWarning, once per layer and not while dynamo
+        traces; observers, hence ``chain_statistics``, see it on every call).
         """
         prior = None
         unrun: dict[int, str] = {}

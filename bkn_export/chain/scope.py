@@ -30,7 +30,7 @@ counter (``published_at``), and :func:`watch_modules` puts a forward pre-hook
 an ``Affine`` step, and the module of a ``Pool``, ``Resample``, ``Elementwise`` or
 ``Identity`` step that came from one), which appends the counter to ``calls[name]``.
 :func:`bkn_export.chain.transitions.unrun_module` then checks, per call, that the modules of
-a path ran, in path order, after its source published. Functional steps (``F.relu``,
+a path ran after its source published (not their order among themselves). Functional steps (``F.relu``,
 ``F.avg_pool2d``, arithmetic) leave no trace and are not checked; neither is whether a
 module that ran was fed by the recorded source.
 
@@ -196,7 +196,9 @@ def forward_scope(model: nn.Module) -> Iterator[ChainScratch]:
     """The scratch of a forward of the wired root ``model``, opened by hand (eager only).
 
     What the root's hooks do around ``model(...)``, for code that calls layers of the
-    chain one by one (benchmarks, tests) and publishes a source's posterior itself.
+    chain one by one (benchmarks, tests) and publishes a source's posterior itself. A
+    posterior put into ``scratch.published`` by hand carries no clock, so the paths from
+    it are not checked for having run (:class:`ChainScratch`).
     """
     _open_scratch(model, ())
     try:

@@ -35,9 +35,11 @@ i.i.d. and channels as independent (the assumption the authors' sampling makes).
 
 Before a transition predicts, :func:`unrun_module` checks each recorded path against this
 call: every watched module on it (:mod:`bkn_export.chain.scope`, leaf modules of ``Affine``,
-``Pool``, ``Resample``, ``Elementwise`` and ``Identity`` steps) must have run, in path
-order, after the source published. A path that did not counts as absent for the call
-(``known = 0`` on its concatenation channels; no prior for a single path or a sum).
+``Pool``, ``Resample``, ``Elementwise`` and ``Identity`` steps) must have run after the
+source published (after the latest source, for steps after a combination; their order
+among themselves is not checked). A path that did not counts as absent for the call
+(``known = 0`` on its concatenation channels; no prior for a single path, a sum, or a
+``learned`` / ``identity`` transition).
 Functional steps cannot be checked.
 
 Channels that no normalization reaches (a concatenation part that falls back) get a
@@ -110,38 +112,39 @@ def path_modules(path: SourcePath) -> Iterator[str]:
     yield from _step_modules(path.steps)
 
 
-def _path_end(path: SourcePath, scratch: ChainScratch, watched: AbstractSet[str]) -> int | str | None:
-    """The clock at which ``path``'s last watched module ran in this call, or the name of the
-    first watched module that did not run after the path's start (None: not checkable)."""
+def _path_start(path: SourcePath, scratch: ChainScratch, watched: AbstractSet[str]) -> int | str | None:
+    """The clock at which ``path``'s input was ready in this call (its source's publication; for a
+    combination, the latest of its parts' starts), or the name of a watched module on it that did not
+    run after that (None: not checkable, e.g. a posterior published by hand).
+
+    Each watched module must have run after the path's start; their order among themselves is not
+    checked, as the recording may reorder steps that commute (a ReLU and a max pooling).
+    """
     start: int | None
     if path.normalization is not None:
         start = scratch.published_at.get(path.normalization)
     elif path.origin is not None:
-        ends = [_path_end(source, scratch, watched) for source in path.origin.sources]
-        missing = next((e for e in ends if isinstance(e, str)), None)
+        starts = [_path_start(source, scratch, watched) for source in path.origin.sources]
+        missing = next((s for s in starts if isinstance(s, str)), None)
         if missing is not None:
             return missing
-        known = [e for e in ends if isinstance(e, int)]
+        known = [s for s in starts if isinstance(s, int)]
         start = max(known) if known else None
     else:
         start = None
     if start is None:
         return None
     for name in _step_modules(path.steps):
-        if name not in watched:
-            continue
-        after = next((tick for tick in scratch.calls.get(name, ()) if tick > start), None)
-        if after is None:
+        if name in watched and all(tick <= start for tick in scratch.calls.get(name, ())):
             return name
-        start = after
     return start
 
 
 def unrun_module(path: SourcePath, scratch: ChainScratch, watched: AbstractSet[str]) -> str | None:
-    """The first module of ``watched`` on ``path`` that did not run, in path order, after the
-    path's source published in this call (None: the path ran as recorded, or cannot be checked)."""
-    end = _path_end(path, scratch, watched)
-    return end if isinstance(end, str) else None
+    """A module of ``watched`` on ``path`` that did not run after the path's source published in
+    this call (None: every one did, or the path cannot be checked)."""
+    start = _path_start(path, scratch, watched)
+    return start if isinstance(start, str) else None
 
 
 class _Part(NamedTuple):

@@ -111,6 +111,43 @@ def _summary(signature: Mapping[str, Any]) -> str:
     return f"transition={signature['transition']!r}, combine={signature.get('combine')!r}, sources={names}"
 
 
+def _steps_text(steps: Any) -> str:
+    """A saved step list as 'relu -> affine 2' (kind or step name, then the module where there is one)."""
+    if not isinstance(steps, (list, tuple)):
+        return repr(steps)
+    parts = []
+    for step in steps:
+        if isinstance(step, Mapping):
+            head = step.get("kind") or step.get("step") or "?"
+            parts.append(f"{head} {step['module']}" if step.get("module") else str(head))
+        else:
+            parts.append(repr(step))
+    return "[" + " -> ".join(parts) + "]"
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], where: str = "") -> list[str]:
+    """'field: saved X, this model Y' for every field that differs (sources path by path, steps as lists)."""
+    found = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        name = f"{where}{key}"
+        if key == "sources" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for index, (x, y) in enumerate(zip(a, b)):
+                if isinstance(x, Mapping) and isinstance(y, Mapping):
+                    found += _differences(x, y, f"{name}[{index}].")
+        elif key == "origin" and isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += _differences(a, b, f"{name}.")
+        elif key == "steps":
+            found.append(f"{name}: saved {_steps_text(a)}, this model {_steps_text(b)}")
+        elif key == "sources":
+            found.append(f"{name}: saved {len(a or [])} path(s), this model {len(b or [])}")
+        else:
+            found.append(f"{name}: saved {a!r}, this model {b!r}")
+    return found
+
+
 def _v1_equivalent(link: Mapping[str, Any], current: Wiring) -> bool:
     """Whether a version-1 link computes what ``current`` computes."""
     predecessor = link.get("predecessor")
@@ -166,7 +203,9 @@ def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
     current_signature = _signature(current.to_dict())
     if saved_signature != current_signature:
         raise ChainWiringError(
-            f"{label}: the checkpoint was saved with wiring {_summary(saved_signature)} but this model is "
-            f"wired {_summary(current_signature)}. Build the model the same way and call "
+            f"{label}: the checkpoint's wiring differs in "
+            f"{'; '.join(_differences(saved_signature, current_signature)) or 'the wiring'} (it was saved with "
+            f"wiring {_summary(saved_signature)} but this model is wired {_summary(current_signature)}). Build the "
+            "model the same way and call "
             "bkn_export.convert_batchnorm(model, example_inputs, ...) with the same options before load_state_dict."
         )

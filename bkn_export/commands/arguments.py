@@ -31,11 +31,19 @@ MAX_DIMENSION = 2**31 - 1
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,1,8,8' (or '1x1x8x8') -> (1, 1, 8, 8); every entry an integer in 1..2**31-1."""
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        shape = ()
+    """'1,1,8,8' (or '1x1x8x8', no commas) -> (1, 1, 8, 8); every entry an integer in 1..2**31-1.
+
+    Every part between separators must be an integer: '2,x,8' or '2,,8' is refused naming
+    the bad part (no part is skipped, so a typo cannot silently drop a dimension).
+    """
+    parts = [part.strip() for part in text.split("," if "," in text else "x")]
+    bad = [part for part in parts if not part.lstrip("+-").isdigit()]
+    if text.strip() and bad:
+        shown = ", ".join(repr(part) for part in bad)
+        raise argparse.ArgumentTypeError(
+            f"--input-shape {text!r}: part(s) {shown} are not integers; expected positive integers like 1,3,32,32"
+        )
+    shape = tuple(int(part) for part in parts) if text.strip() else ()
     if not shape or any(d <= 0 for d in shape):
         raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected positive integers like 1,3,32,32")
     if any(d > MAX_DIMENSION for d in shape):

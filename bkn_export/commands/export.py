@@ -146,6 +146,36 @@ def _print_report(result: Any) -> None:
         print(f"  {record.module:<32} {record.kind:<15} {target:<40} {record.detail}")
 
 
+def _check_example_runs(model: Any, example: Any, shapes: list[tuple[str | None, tuple[int, ...]]]) -> None:
+    """One eval, no-grad forward on the example: a shape the model cannot take is bad input (OptionError, exit 2).
+
+    Catches a wrong channel count (``--input-shape 2,3,8,8`` for a 1-channel stem) before
+    tracing, where it would read as an export failure of the model. Modes are restored.
+    """
+    from bkn_export.errors import BKNError, OptionError
+    from bkn_export.module_modes import call_example, eval_mode
+
+    try:
+        with eval_mode(model), torch_no_grad():
+            call_example(model, example)
+    except BKNError:
+        raise
+    except Exception as error:
+        given = ", ".join(f"{name + ':' if name else ''}{','.join(map(str, shape))}" for name, shape in shapes)
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise OptionError(
+            f"--input-shape {given}: the model does not run on an example of this shape ({type(error).__name__}: "
+            f"{first}); give the shape its forward() expects (N, C, ...)"
+        ) from error
+
+
+def torch_no_grad() -> Any:
+    """``torch.no_grad()``, imported late so that ``bkn --help`` stays fast."""
+    import torch
+
+    return torch.no_grad()
+
+
 def _run(args: argparse.Namespace) -> int:
     from bkn_export.atomic import check_writable
     from bkn_export.export import export_onnx
@@ -157,6 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         options["external_data_threshold"] = args.external_data_threshold
     model = load_model(args.spec, args.checkpoint, **dict(args.factory_arg))
     example = example_inputs(model, args.input_shape)
+    _check_example_runs(model, example, args.input_shape)
     result = export_onnx(
         model,
         example,

@@ -331,7 +331,7 @@ def _run(args: argparse.Namespace) -> int:
     errors = Console(stderr=True)
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=errors, transient=False,
+        TimeElapsedColumn(), console=errors, transient=True,
     ) as progress:  # fmt: skip
         task = progress.add_task("parity: discovering runtimes", total=None)
 

@@ -3,7 +3,8 @@
 For users who deploy PyTorch: ``fold(model)`` returns a new model (the input is left
 untouched) in eval mode where each normalization whose input is the output of a
 Conv/ConvTranspose/Linear, used by nothing else, is absorbed into that layer and
-replaced by ``nn.Identity``. With the eval affine map a, s of
+replaced by ``nn.Identity`` (a norm-act layer by its ``drop`` then ``act``, which
+stay). With the eval affine map a, s of
 :func:`bkn_export.functional.inference_affine` (the math in :mod:`bkn_export.export.fold_math`,
 shared with the ONNX rules)::
 
@@ -111,6 +112,36 @@ def _folded_host(host: nn.Module, norm: nn.Module) -> nn.Module:
     return new
 
 
+class _DropAct(nn.Module):
+    """``act(drop(x))``: what is left of a folded norm-act layer (same child names, so module paths stay)."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(x))  # type: ignore[no-any-return]
+
+
+def _remainder(norm: nn.Module) -> nn.Module | None:
+    """What replaces ``norm`` once its affine map is in the host; None when that is not known.
+
+    A plain normalization (no submodules) -> ``nn.Identity``. A norm-act layer
+    (``BatchKalmanNormAct*d``, ``SyncBatchKalmanNormAct``: ``act(drop(norm(x)))``) ->
+    ``act(drop(x))`` (:class:`_DropAct`) in eval, so its activation is kept. Any other layer with
+    submodules: None (its forward may use them in ways the fold cannot see; it is not folded).
+    """
+    from bkn_export.norm_act import SyncBatchKalmanNormAct, _NormActMixin
+
+    children = dict(norm.named_children())
+    if not children:
+        return nn.Identity()
+    if isinstance(norm, (_NormActMixin, SyncBatchKalmanNormAct)) and set(children) == {"drop", "act"}:
+        return _DropAct(copy.deepcopy(children["drop"]), copy.deepcopy(children["act"])).eval()
+    return None
+
+
 def _kind(host: nn.Module) -> str:
     if isinstance(host, nn.Linear):
         return "linear"
@@ -154,12 +185,16 @@ def fold(model: nn.Module, example_inputs: Any = None) -> FoldResult:
                 if ranks is None
                 else f"the output of '{host_name}' is not (N, C)"
             )
+        remainder = _remainder(norms[name])
+        if not reason and remainder is None:
+            children = [child for child, _ in norms[name].named_children()]
+            reason = f"'{name}' has submodules {children} whose place in its forward is not known"
         if reason:
             records[name] = FoldRecord(name, None, "standalone", reason)
             continue
-        assert host is not None and host_name is not None
+        assert host is not None and host_name is not None and remainder is not None
         folded.set_submodule(host_name, _folded_host(host, norms[name]))
-        folded.set_submodule(name, nn.Identity())
+        folded.set_submodule(name, remainder)
         records[name] = FoldRecord(name, host_name, _kind(host), f"folded into {type(host).__name__} '{host_name}'")
     report = [records.get(name, FoldRecord(name, None, "unused", "never called in forward")) for name in norms]
     return FoldResult(folded.eval(), report)

@@ -34,7 +34,8 @@ def reference_limitations(model: Any) -> list[str]:
             if group > 1:
                 found.append(
                     f"ConvTranspose node {node.name or '(unnamed)'} in the {where} has group={group}; onnx.reference "
-                    "implements only group=1 (it crashes or computes wrong values); judge this model on the other runtimes"
+                    "implements only group=1 (it crashes or computes wrong values); judge this model on the other "
+                    "runtimes"
                 )
     return found
 

@@ -2,7 +2,9 @@
 
 Every BatchNorm gets non-trivial affine parameters and running statistics
 (:func:`trained_like`), so that a conversion that drops or changes anything shows in the
-outputs. Input (N, 3, 16, 16) unless a network says otherwise.
+outputs; tests/test_zoo.py then replaces the running statistics by those of the data
+(:func:`calibrated`), so that the eval outputs depend on the input. Input (N, 3, 16, 16)
+unless a network says otherwise.
 """
 
 from __future__ import annotations
@@ -172,8 +174,8 @@ def calibrated(model: nn.Module, input_shape: tuple[int, ...], batch: int = 16, 
     finally:
         for module, momentum in zip(norms, momenta, strict=True):
             module.momentum = momentum
-        for module, training in modes.items():
-            module.train(training)
+        for submodule, training in modes.items():
+            submodule.train(training)
     return model
 
 
