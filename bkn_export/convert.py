@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
-from bkn_export.chain.scope import move_root
+from bkn_export.chain.scope import detach_roots, move_root
 from bkn_export.conversion_guard import ConversionGuard
 from bkn_export.errors import BKNInputError, CheckpointError, ConversionError, KalmanOptionsError
 from bkn_export.nn import (
@@ -291,6 +291,30 @@ def convert_batchnorm(
             candidate = _replace_module(candidate, name, bkn)
             converted.append(name)
     candidate = wire_chain(candidate, example_inputs, options)
+    try:
+        candidate = _check_and_synchronise(candidate, originals, converted, synchronised, guard, example_inputs)
+    except BaseException:
+        # The copy shares every module without a normalization with `model`: the path hooks the
+        # wiring put there must not outlive a refused conversion.
+        detach_roots(candidate)
+        raise
+    if "" in originals:  # the model is itself a normalization layer
+        return candidate
+    for name in originals:
+        _replace_module(model, name, candidate.get_submodule(name))
+    move_root(candidate, model)  # the chain was wired on the copy; its forwards are now model's
+    return model
+
+
+def _check_and_synchronise(
+    candidate: nn.Module,
+    originals: Mapping[str, nn.Module],
+    converted: list[str],
+    synchronised: Mapping[str, Any],
+    guard: ConversionGuard,
+    example_inputs: Any,
+) -> nn.Module:
+    """The guard's per-layer checks, SyncBatchNorm → SyncBatchKalmanNorm, then the whole-model check."""
     guard.check_layers(originals, {name: candidate.get_submodule(name) for name in converted})
     if synchronised:
         # SyncBatchNorm keeps synchronised statistics: it becomes SyncBatchKalmanNorm (same group).
@@ -308,12 +332,7 @@ def convert_batchnorm(
             _take_over_hooks(layer, sync, name)
             candidate = _replace_module(candidate, name, sync)
     guard.check_model(candidate, example_inputs)
-    if "" in originals:  # the model is itself a normalization layer
-        return candidate
-    for name in originals:
-        _replace_module(model, name, candidate.get_submodule(name))
-    move_root(candidate, model)  # the chain was wired on the copy; its forwards are now model's
-    return model
+    return candidate
 
 
 def _merge_options(options: KalmanOptions | None, overrides: dict[str, Any]) -> KalmanOptions:

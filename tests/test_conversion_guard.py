@@ -323,3 +323,21 @@ def test_no_running_statistics_still_refuses_a_real_model_difference() -> None:
     with pytest.raises(ConversionError, match=r"eval-mode outputs \(output 0\)"):
         convert_batchnorm(model, _input())
     _assert_unchanged(model, before)
+
+
+def test_a_conversion_refused_after_wiring_leaves_no_chain_hooks_on_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy that is wired shares the Conv/ReLU modules with the model: a refusal must take its hooks back."""
+    from bkn_export.chain.scope import PathWatch
+    from bkn_export.conversion_guard import ConversionGuard
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    hooks_before = {name: dict(m._forward_pre_hooks) for name, m in model.named_modules()}
+
+    def refuse(self: ConversionGuard, *args: object, **kwargs: object) -> None:
+        raise ConversionError("planted refusal after wiring")
+
+    monkeypatch.setattr(ConversionGuard, "check_model", refuse)
+    with pytest.raises(ConversionError, match="planted refusal"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert not any(isinstance(h, PathWatch) for m in model.modules() for h in m._forward_pre_hooks.values())
+    assert {name: dict(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks_before
