@@ -155,7 +155,9 @@ def test_a_step_without_budget_left_is_skipped_and_recorded(tmp_path: Path) -> N
         GPU_CHECK_BUDGET_S="10",
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "| kernels | skipped | 0 | budget exhausted (0 of 10 s used) |" in (out / "summary.md").read_text()
+    # The setup before the step takes a second or two on a loaded machine: the used time is not asserted.
+    row = r"\| kernels \| skipped \| 0 \| budget exhausted \(\d+ of 10 s used\) \|"
+    assert re.search(row, (out / "summary.md").read_text())
 
 
 # --------------------------------------------------------------------------- the pieces
