@@ -62,6 +62,9 @@ def _rank_entry(rank: int, world_size: int, port: int, worker: Callable[..., Non
     )
     try:
         worker(rank, world_size, *args)
+        # Every rank's outstanding collective work (DDP's bucketed all-reduces) completes before any rank tears
+        # its process group down; without it a rank was seen aborting in C++ at exit (SIGABRT, gloo).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
