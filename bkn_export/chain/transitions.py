@@ -235,10 +235,8 @@ def _as_prior(part: _Part | None, gaussians: Mapping[str, PriorSource]) -> Prior
     return Prior(part.mean, part.variance, part.known, tuple(gaussians.values()))
 
 
-class Propagate(Transition):
-    """Analytic: each source's Gaussian pushed through its path's steps, then combined."""
-
-    kind = "propagate"
+class _PathTransition(Transition):
+    """A transition that turns each recorded source path into moments, then combines them (wiring.combine)."""
 
     def predict(
         self,
@@ -254,12 +252,39 @@ class Propagate(Transition):
             return None
         wiring = self.wiring
         parts = [
-            None if index in absent else self._path(path, gaussians, modules, published, memo)
+            None if index in absent else self._source_part(path, gaussians, modules, published, memo)
             for index, path in enumerate(wiring.sources)
         ]
         return _as_prior(
             _combine(wiring.combine, parts, [p.channels for p in wiring.sources], layer.num_features), gaussians
         )
+
+    def _source_part(
+        self,
+        path: SourcePath,
+        gaussians: Mapping[str, PriorSource],
+        modules: Mapping[str, nn.Module],
+        published: Mapping[str, Published],
+        memo: MutableMapping[Any, Any] | None,
+    ) -> _Part | None:
+        """The moments one source path delivers to this layer, or None where it reaches no source."""
+        raise NotImplementedError
+
+
+class Propagate(_PathTransition):
+    """Analytic: each source's Gaussian pushed through its path's steps, then combined."""
+
+    kind = "propagate"
+
+    def _source_part(
+        self,
+        path: SourcePath,
+        gaussians: Mapping[str, PriorSource],
+        modules: Mapping[str, nn.Module],
+        published: Mapping[str, Published],
+        memo: MutableMapping[Any, Any] | None,
+    ) -> _Part | None:
+        return self._path(path, gaussians, modules, published, memo)
 
     def _path(
         self,
@@ -297,38 +322,24 @@ class Propagate(Transition):
         return _Part(mean, variance, tuple(spatial), None)
 
 
-class Sampled(Transition):
+class Sampled(_PathTransition):
     """Monte Carlo: one reparameterised sample per position through the real ops (module docstring)."""
 
     kind = "sampled"
 
-    def predict(
+    def _source_part(
         self,
-        layer: _BatchKalmanNorm,
-        published: Mapping[str, Published],
+        path: SourcePath,
+        gaussians: Mapping[str, PriorSource],
         modules: Mapping[str, nn.Module],
-        x: Tensor,
-        memo: MutableMapping[Any, Any] | None = None,
-        absent: AbstractSet[int] = frozenset(),
-    ) -> Prior | None:
-        gaussians = self._gaussians(published)
-        if gaussians is None:
+        published: Mapping[str, Published],
+        memo: MutableMapping[Any, Any] | None,
+    ) -> _Part | None:
+        sample = self._path(path, gaussians, modules)
+        if sample is None:
             return None
-        wiring = self.wiring
-        samples = [
-            None if index in absent else self._path(path, gaussians, modules)
-            for index, path in enumerate(wiring.sources)
-        ]
-        parts: list[_Part | None] = []
-        for sample in samples:
-            if sample is None:
-                parts.append(None)
-            else:
-                stats = Fk.batch_statistics(sample)
-                parts.append(_Part(stats.mean, stats.variance, tuple(sample.shape[2:]), None))
-        return _as_prior(
-            _combine(wiring.combine, parts, [p.channels for p in wiring.sources], layer.num_features), gaussians
-        )
+        stats = Fk.batch_statistics(sample)
+        return _Part(stats.mean, stats.variance, tuple(sample.shape[2:]), None)
 
     def _path(
         self, path: SourcePath, gaussians: Mapping[str, PriorSource], modules: Mapping[str, nn.Module]
