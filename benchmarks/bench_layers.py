@@ -7,7 +7,10 @@ Usage::
 For each shape (N, C, H, W) it times, interleaved in rotating order within every repeat:
 
 * ``batchnorm``  — ``nn.BatchNorm2d``;
-* ``bkn-first``  — a first-in-chain ``BatchKalmanNorm2d`` (BatchNorm math, BKN code path);
+* ``bkn-unwired`` — an unwired ``BatchKalmanNorm2d`` (no chain: BatchNorm, which in eager CPU
+  training with a float momentum runs as ATen's BatchNorm, ``_BatchKalmanNorm._batchnorm_step``);
+* ``bkn-first``  — a first-in-chain ``BatchKalmanNorm2d`` (BatchNorm math through the BKN op:
+  its posterior is published to the chain), the op's fixed cost;
 * ``bkn-wired``  — a ``BatchKalmanNorm2d`` with a predecessor (default options: ``propagate``
   through a 3x3 conv with ReLU, learned gain, process noise): prediction, update,
   normalization and the gradients into the predecessor's posterior and the conv weights;
@@ -42,6 +45,18 @@ def _batchnorm_step(shape: tuple[int, ...]) -> Callable[[], None]:
     layer = nn.BatchNorm2d(shape[1]).train()
     x = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
+
+    def step() -> None:
+        layer(x).backward(grad)
+
+    return step
+
+
+def _bkn_unwired_step(shape: tuple[int, ...]) -> Callable[[], None]:
+    layer = BatchKalmanNorm2d(shape[1]).train()
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    assert layer.chain is None and layer._is_plain_batchnorm(x)
 
     def step() -> None:
         layer(x).backward(grad)
@@ -128,6 +143,7 @@ def measure(
     """Median seconds per train step of each variant on ``shape``, interleaved."""
     variants: dict[str, Callable[[], None]] = {
         "batchnorm": _batchnorm_step(shape),
+        "bkn-unwired": _bkn_unwired_step(shape),
         "bkn-first": _bkn_first_step(shape),
         "bkn-wired": _bkn_wired_step(shape),
     }
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.repeats} x {args.steps} steps"
     )
     header = f"{'shape (N, C, H, W)':<22}{'batchnorm ms':>14}"
-    header += f"{'bkn-first ms':>14}{'ratio':>7}{'bkn-wired ms':>14}{'ratio':>7}"
+    header += f"{'unwired ms':>14}{'ratio':>7}{'bkn-first ms':>14}{'ratio':>7}{'bkn-wired ms':>14}{'ratio':>7}"
     if args.reference:
         header += f"{'reference ms':>14}{'ratio':>7}"
     print(header)
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         result = measure(shape, args.repeats, args.steps, args.reference, CLOCKS[args.clock])
         base = result["batchnorm"]
         line = f"{shape!s:<22}{base * 1e3:>14.3f}"
-        for name in ("bkn-first", "bkn-wired", *(("reference",) if args.reference else ())):
+        for name in ("bkn-unwired", "bkn-first", "bkn-wired", *(("reference",) if args.reference else ())):
             line += f"{result[name] * 1e3:>14.3f}{result[name] / base:>6.2f}x"
         print(line, flush=True)
 

@@ -12,6 +12,10 @@ BatchNorm kernels where that is mathematically exact:
   statistics' share of ∂L/∂x is per-channel affine in x and added in place.
 * Batch statistics: see :func:`batch_statistics` (ATen's BatchNorm statistics kernel is
   fast for channels-last inputs but slow for contiguous NC* ones on CPU).
+* The backward needs the forward's batch statistics and update terms
+  (:class:`ForwardState`): the backward op recomputes them (:func:`forward_state`), the
+  eager path of :mod:`bkn_export.ops` keeps them from its forward; both then run
+  :func:`backward_from_state`, so their results are bit for bit the same.
 
 The fast path covers float32 and float64 inputs whose prior, gain and affine
 parameters have the same dtype (what the modules pass): :func:`covers` says so, and
@@ -22,20 +26,36 @@ nothing; ``ops`` makes it the CPU implementation of both ops.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from bkn_export import functional as Fk
 from bkn_export.functional import KalmanNormInputs, KalmanStep
 
-__all__ = ["batch_kalman_norm", "batch_kalman_norm_backward", "batch_statistics", "covers", "fast_path_applies"]
+__all__ = [
+    "ForwardState",
+    "backward_from_state",
+    "batch_kalman_norm",
+    "batch_kalman_norm_backward",
+    "batch_statistics",
+    "covers",
+    "fast_path_applies",
+    "forward_state",
+    "forward_with_state",
+]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 _aten = torch.ops.aten
 # Per-channel value count (N * prod(*)) up to which ATen's statistics kernel is the faster
 # one for contiguous float32 inputs (measured with 1 thread: about equal at 98, 2-10x faster
-# below; at (2, 64, 112, 112) it is 5x slower).
+# below; at (2, 64, 112, 112) it is 5x slower)...
 _SMALL_COUNT = 100
+# ...and total size up to which it is faster whatever the count: the other path costs a fixed
+# ~16 µs in four ops (torch 2.13, 1 thread: ATen 3.9 / 10.5 / 10.8 µs against 17 / 19 / 18 µs
+# at (2, 16, 8, 8), (2, 64, 8, 8), (2, 16, 16, 16); 38 against 24 µs at (2, 64, 16, 16)).
+_SMALL_NUMEL = 16384
 
 
 def fast_path_applies(x: Tensor, *per_channel: Tensor | None) -> bool:
@@ -54,8 +74,9 @@ def batch_statistics(x: Tensor) -> Fk.BatchStatistics:
     """Mean and biased variance over (N, *) of a float32/float64 ``x: (N, C, *)``.
 
     Channels-last layouts, float64 inputs and float32 inputs with at most
-    ``_SMALL_COUNT`` values per channel use ATen's BatchNorm statistics kernel (two
-    passes, centred; fast for them: at (2, 1024, 2, 2) about 10x the path below). For
+    ``_SMALL_COUNT`` values per channel or ``_SMALL_NUMEL`` values in all use ATen's
+    BatchNorm statistics kernel (two passes, centred; fast for them: at (2, 1024, 2, 2)
+    about 10x the path below). For
     other contiguous float32 (N, C, *) that kernel is slow on CPU, so: x̄ by a sum, c = x - x̄ by
     eval-mode BatchNorm (one pass), then Σ c and Σ c² from the weight/bias gradients
     of eval-mode BatchNorm's backward with ``grad_output = input = c``. Centering first
@@ -64,7 +85,7 @@ def batch_statistics(x: Tensor) -> Fk.BatchStatistics:
     """
     dims = Fk.reduction_dims(x)
     count = x.numel() // x.shape[1]
-    if not x.is_contiguous() or x.dtype == torch.float64 or count <= _SMALL_COUNT:
+    if not x.is_contiguous() or x.dtype == torch.float64 or count <= _SMALL_COUNT or x.numel() <= _SMALL_NUMEL:
         mean, variance = torch.batch_norm_update_stats(x, None, None, 0.0)
         return Fk.BatchStatistics(mean, variance, count)
     mean = x.mean(dim=dims)
@@ -95,16 +116,47 @@ def covers(inputs: KalmanNormInputs, grads: KalmanStep | None = None) -> bool:
     )
 
 
+class ForwardState(NamedTuple):
+    """What the CPU forward computed that its backward needs again, all (C,) in x's dtype.
+
+    stats: x̄, S, n; prior_weight: p after the fallback rule; terms: the update's posterior
+    μ_{k|k}, Σ_{k|k} and intermediates (:func:`functional.kalman_update_terms`); fired: the
+    fallback rule's 0-dim bool, None when the rule is off (``fallback_ratio`` 0).
+    """
+
+    stats: Fk.BatchStatistics
+    prior_weight: Tensor
+    terms: Fk.UpdateTerms
+    fired: Tensor | None
+
+
+def forward_state(inputs: KalmanNormInputs) -> ForwardState:
+    """Batch statistics and the Kalman update of :func:`covers`-ed inputs (no dtype casts:
+    the fast path's per-channel tensors already have x's dtype)."""
+    x, prior_mean, prior_variance, prior_weight, _, _, _, fallback_ratio = inputs
+    stats = batch_statistics(x)
+    fired = None
+    if fallback_ratio > 0:
+        fired = Fk._fallback_fired(prior_variance, stats.variance, fallback_ratio)
+        prior_weight = torch.where(fired, torch.zeros_like(prior_weight), prior_weight)
+    terms = Fk.kalman_update_terms(prior_mean, prior_variance, stats.mean, stats.variance, prior_weight)
+    return ForwardState(stats, prior_weight, terms, fired)
+
+
+def forward_with_state(inputs: KalmanNormInputs) -> tuple[KalmanStep, ForwardState]:
+    """:func:`batch_kalman_norm` and what :func:`backward_from_state` needs of it."""
+    state = forward_state(inputs)
+    mean, variance = state.terms.mean, state.terms.variance
+    y = torch.batch_norm(inputs.x, inputs.weight, inputs.bias, mean, variance, False, 0.0, inputs.eps, False)
+    return KalmanStep(y, mean, variance), state
+
+
 def batch_kalman_norm(inputs: KalmanNormInputs) -> KalmanStep:
     """CPU forward of ``bkn::batch_kalman_norm`` for inputs that :func:`covers` accepts.
 
     Returns (y, posterior_mean, posterior_variance) as :func:`functional.batch_kalman_norm` does.
     """
-    x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio = inputs
-    stats = batch_statistics(x)
-    mean, variance, _ = Fk.kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
-    y = torch.batch_norm(x, weight, bias, mean, variance, False, 0.0, eps, False)
-    return KalmanStep(y, mean, variance)
+    return forward_with_state(inputs)[0]
 
 
 def batch_kalman_norm_backward(
@@ -115,33 +167,54 @@ def batch_kalman_norm_backward(
     grads: ∂L/∂(y, posterior_mean, posterior_variance). Returns the gradients of (x,
     prior_mean, prior_variance, prior_weight, weight, bias), the weight's as zeros when
     ``weight`` is None (what the backward op returns); the math is
-    :func:`functional.batch_kalman_norm_backward`'s.
+    :func:`functional.batch_kalman_norm_backward`'s. Recomputes the forward's state, so
+    the result is bit for bit :func:`backward_from_state` after :func:`forward_with_state`.
     """
-    x, prior_mean, prior_variance, prior_weight, weight, _, eps, fallback_ratio = inputs
-    grad_output, grad_posterior_mean, grad_posterior_variance = grads
-    stats = batch_statistics(x)
-    mean, variance, _ = Fk.kalman_posterior(stats, prior_mean, prior_variance, prior_weight, fallback_ratio)
+    grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = backward_from_state(
+        inputs, forward_state(inputs), *grads
+    )
+    assert grad_mean is not None and grad_variance is not None and grad_p is not None  # all needed by default
+    return grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias
+
+
+def backward_from_state(
+    inputs: KalmanNormInputs,
+    state: ForwardState,
+    grad_output: Tensor,
+    grad_posterior_mean: Tensor | None,
+    grad_posterior_variance: Tensor | None,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor, Tensor]:
+    """:func:`batch_kalman_norm_backward` given the forward's state (nothing recomputed).
+
+    grad_output: (N, C, *) in x's dtype; grad_posterior_mean, grad_posterior_variance:
+    (C,) in x's dtype, or None where the posterior did not reach the loss (zero). needs:
+    whether the gradients of (prior_mean, prior_variance, prior_weight) are wanted; those
+    that are not come back as None (:func:`functional.update_gradients`).
+    """
+    x, _, prior_variance, _, weight, _, eps, _ = inputs
+    stats, terms = state.stats, state.terms
     # Eval-mode BatchNorm backward with the posterior: g γ / s, Σ g x̂, Σ g in two passes.
     grad_x, sum_g_xhat, sum_g = _aten.native_batch_norm_backward(
-        grad_output, x, weight, mean, variance, None, None, False, eps, [True, True, True]
+        grad_output, x, weight, terms.mean, terms.variance, None, None, False, eps, [True, True, True]
     )
-    inv_std = torch.rsqrt(variance + eps)
+    inv_std = torch.rsqrt(terms.variance + eps)
     gamma_inv_std = inv_std * weight if weight is not None else inv_std
-    grad_mean = grad_posterior_mean - gamma_inv_std * sum_g
-    grad_variance = grad_posterior_variance - 0.5 * gamma_inv_std * inv_std * sum_g_xhat
-    statistic_grads = Fk.statistic_gradients(
-        grad_mean, grad_variance, stats, prior_mean, prior_variance, prior_weight, fallback_ratio
+    # ∂L/∂μ = ḡ_μ - γ Σ g / s,  ∂L/∂Σ = ḡ_Σ - γ Σ g x̂ / (2 s²)
+    if grad_posterior_mean is None:
+        grad_mean = torch.mul(gamma_inv_std, sum_g).neg_()
+    else:
+        grad_mean = torch.addcmul(grad_posterior_mean, gamma_inv_std, sum_g, value=-1.0)
+    if grad_posterior_variance is None:
+        grad_variance = torch.mul(gamma_inv_std * inv_std, sum_g_xhat).mul_(-0.5)
+    else:
+        grad_variance = torch.addcmul(grad_posterior_variance, gamma_inv_std * inv_std, sum_g_xhat, value=-0.5)
+    grad_batch_mean, grad_batch_variance, grad_prior_mean, grad_prior_variance, grad_p = Fk.update_gradients(
+        grad_mean, grad_variance, prior_variance, stats.variance, state.prior_weight, terms, state.fired, needs
     )
     # ∂L/∂x += ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n, an affine map of x per channel.
-    slope = 2.0 * statistic_grads.batch_variance / stats.count
-    offset = statistic_grads.batch_mean / stats.count - slope * stats.mean
+    slope = grad_batch_variance * (2.0 / stats.count)
+    offset = torch.addcmul(grad_batch_mean * (1.0 / stats.count), slope, stats.mean, value=-1.0)
     grad_x.addcmul_(x, Fk._per_channel(slope, x)).add_(Fk._per_channel(offset, x))
     grad_weight = sum_g_xhat if weight is not None else torch.zeros_like(sum_g)
-    return (
-        grad_x,
-        statistic_grads.prior_mean,
-        statistic_grads.prior_variance,
-        statistic_grads.prior_weight,
-        grad_weight,
-        sum_g,
-    )
+    return grad_x, grad_prior_mean, grad_prior_variance, grad_p, grad_weight, sum_g

@@ -44,6 +44,7 @@ __all__ = [
     "KalmanNormInputs",
     "KalmanStep",
     "StatisticGradients",
+    "UpdateTerms",
     "batch_kalman_norm",
     "batch_kalman_norm_backward",
     "batch_statistics",
@@ -52,11 +53,13 @@ __all__ = [
     "kalman_norm_inference",
     "kalman_posterior",
     "kalman_update",
+    "kalman_update_terms",
     "predict_linear",
     "reduction_dims",
     "running_statistics_update",
     "statistic_gradients",
     "statistics_dtype",
+    "update_gradients",
     "update_running_statistics_",
 ]
 
@@ -186,12 +189,40 @@ def kalman_update(
     ``lerp`` (exact at q = 1, so p = 0 gives the batch statistics bit for bit) and
     few ops (the CPU fast path runs this per step; each op costs microseconds).
     """
+    terms = kalman_update_terms(prior_mean, prior_variance, batch_mean, batch_variance, prior_weight)
+    return terms.mean, terms.variance
+
+
+class UpdateTerms(NamedTuple):
+    """:func:`kalman_update`'s result and the intermediates its gradient reuses, all (C,).
+
+    mean, variance: μ_{k|k}, Σ_{k|k}; batch_weight: q = 1 - p; innovation: d = x̄ - m;
+    weight_product: p q; innovation_squared: d².
+    """
+
+    mean: Tensor
+    variance: Tensor
+    batch_weight: Tensor
+    innovation: Tensor
+    weight_product: Tensor
+    innovation_squared: Tensor
+
+
+def kalman_update_terms(
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    batch_mean: Tensor,
+    batch_variance: Tensor,
+    prior_weight: Tensor,
+) -> UpdateTerms:
+    """:func:`kalman_update` keeping its intermediates (what :func:`update_gradients` needs again)."""
     batch_weight = 1.0 - prior_weight
     innovation = batch_mean - prior_mean
     mean = torch.lerp(prior_mean, batch_mean, batch_weight)
     blend = torch.lerp(prior_variance, batch_variance, batch_weight)
-    variance = torch.addcmul(blend, prior_weight * batch_weight, innovation * innovation)
-    return mean, variance
+    weight_product, innovation_squared = prior_weight * batch_weight, innovation * innovation
+    variance = torch.addcmul(blend, weight_product, innovation_squared)
+    return UpdateTerms(mean, variance, batch_weight, innovation, weight_product, innovation_squared)
 
 
 def kalman_posterior(
@@ -250,23 +281,49 @@ def statistic_gradients(
     acc = stats.mean.dtype
     m = prior_mean.to(acc)
     v_pred = prior_variance.to(acc)
-    p = effective_prior_weight(prior_weight.to(acc), v_pred, stats.variance, fallback_ratio)
-    q = 1.0 - p
-    innovation = stats.mean - m
-    cross = 2.0 * p * q * innovation * grad_variance
-    # (Σ_pred - S + (1 - 2p) d²) ∂L/∂Σ - d ∂L/∂μ, with 1 - 2p = q - p
-    grad_p = torch.addcmul(v_pred - stats.variance, q - p, innovation * innovation) * grad_variance
-    grad_p = torch.addcmul(grad_p, innovation, grad_mean, value=-1.0)
-    if fallback_ratio > 0:  # where the fallback fired, p is the constant 0
-        fired = _fallback_fired(v_pred, stats.variance, fallback_ratio)
-        grad_p = torch.where(fired, torch.zeros_like(grad_p), grad_p)
-    return StatisticGradients(
-        batch_mean=torch.addcmul(cross, q, grad_mean),
-        batch_variance=q * grad_variance,
-        prior_mean=p * grad_mean - cross,
-        prior_variance=p * grad_variance,
-        prior_weight=grad_p,
+    p = prior_weight.to(acc)
+    fired = _fallback_fired(v_pred, stats.variance, fallback_ratio) if fallback_ratio > 0 else None
+    if fired is not None:
+        p = torch.where(fired, torch.zeros_like(p), p)
+    terms = kalman_update_terms(m, v_pred, stats.mean, stats.variance, p)
+    batch_mean, batch_variance, grad_m, grad_v, grad_p = update_gradients(
+        grad_mean, grad_variance, v_pred, stats.variance, p, terms, fired
     )
+    assert grad_m is not None and grad_v is not None and grad_p is not None  # all needed by default
+    return StatisticGradients(batch_mean, batch_variance, grad_m, grad_v, grad_p)
+
+
+def update_gradients(
+    grad_mean: Tensor,
+    grad_variance: Tensor,
+    prior_variance: Tensor,
+    batch_variance: Tensor,
+    prior_weight: Tensor,
+    terms: UpdateTerms,
+    fired: Tensor | None,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`statistic_gradients` from the update's terms, all (C,) in one dtype.
+
+    prior_weight: p after the fallback rule; terms: :func:`kalman_update_terms` of it;
+    fired: the rule's 0-dim bool (None when it is off), where ∂L/∂p = 0. needs: whether
+    ∂L/∂(μ_{k|k-1}, Σ_{k|k-1}, p) are wanted; those that are not come back as None (a
+    constant prior, e.g. a first-in-chain layer's, saves their ops). Returns ∂L/∂x̄, ∂L/∂S,
+    then those three. The CPU fast path passes what its forward kept.
+    """
+    p, q, innovation = prior_weight, terms.batch_weight, terms.innovation
+    pqd = terms.weight_product * innovation  # cross term: 2 p q d ∂L/∂Σ
+    batch_mean = torch.addcmul(q * grad_mean, pqd, grad_variance, value=2.0)
+    grad_prior_mean = torch.addcmul(p * grad_mean, pqd, grad_variance, value=-2.0) if needs[0] else None
+    grad_prior_variance = p * grad_variance if needs[1] else None
+    grad_p = None
+    if needs[2]:
+        # (Σ_pred - S + (1 - 2p) d²) ∂L/∂Σ - d ∂L/∂μ, with 1 - 2p = q - p
+        grad_p = torch.addcmul(prior_variance - batch_variance, q - p, terms.innovation_squared) * grad_variance
+        grad_p = torch.addcmul(grad_p, innovation, grad_mean, value=-1.0)
+        if fired is not None:  # where the fallback fired, p is the constant 0
+            grad_p = torch.where(fired, torch.zeros_like(grad_p), grad_p)
+    return batch_mean, q * grad_variance, grad_prior_mean, grad_prior_variance, grad_p
 
 
 def batch_kalman_norm(
@@ -398,11 +455,20 @@ def update_running_statistics_(
     momentum: α, a float or a 0-dim tensor of the running buffers' dtype (the modules'
     ``momentum=None`` passes 1 / num_batches_tracked as a tensor: no host read).
     """
+    mean, variance = posterior_mean.detach(), posterior_variance.detach()
+    if mean.dtype != running_mean.dtype:
+        mean = mean.to(running_mean.dtype)
+    if isinstance(count, int) and isinstance(momentum, float) and variance.dtype == running_variance.dtype:
+        # Eager, float α (the common case): r_Σ ← (1-α) r_Σ + (α n/(n-1)) Σ in place, two ops
+        # and no temporary.
+        running_mean.lerp_(mean, momentum)
+        running_variance.mul_(1.0 - momentum).add_(variance, alpha=momentum * count / max(count - 1, 1))
+        return
     # sym_max, not a branch: with a symbolic count (torch.export, dynamic batch) a branch
     # would specialise the graph on n > 1; for n = 1 this gives 1 / 1 (variance as is).
     unbiased = count / torch.sym_max(count - 1, 1)
-    running_mean.lerp_(posterior_mean.detach().to(running_mean.dtype), momentum)
-    running_variance.lerp_((posterior_variance.detach() * unbiased).to(running_variance.dtype), momentum)
+    running_mean.lerp_(mean, momentum)
+    running_variance.lerp_((variance * unbiased).to(running_variance.dtype), momentum)
 
 
 def inference_affine(

@@ -14,7 +14,9 @@ holds a posterior between calls.
 
 A layer with no predecessor — never wired, first in its chain, or **called on its own
 outside a forward of its root** — is exactly ``nn.BatchNorm*d`` (prior weight 0) and
-owns no BKN parameters.
+owns no BKN parameters. An unwired layer (no chain: nothing reads its posterior) trains
+through ATen's BatchNorm itself in plain eager CPU execution where that is exact
+(:meth:`_BatchKalmanNorm._is_plain_batchnorm`); traced, it still emits the BKN op.
 
 Batch size 1 in train mode (n = 1 element per channel, e.g. (1, C) input), where
 ``nn.BatchNorm1d`` raises: the batch variance S is 0. A layer with a predecessor still
@@ -39,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bkn_export import cpu_kernels
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
-from bkn_export.ops import kalman_norm_step  # also registers torch.ops.bkn.*
+from bkn_export.ops import kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
 
 __all__ = [
     "BKN_PARAMETERS",
@@ -370,6 +373,8 @@ class _BatchKalmanNorm(nn.Module):
 
     def _batch_step(self, x: Tensor) -> Tensor:
         """Prior, Kalman step, running statistics, publish: the train-mode forward of x (N, C, *)."""
+        if self.chain is None and self._is_plain_batchnorm(x):
+            return self._batchnorm_step(x)
         prior = self._prior(x)
         y, posterior_mean, posterior_variance, count = self._kalman_step(x, *prior)
         if self.training and self.track_running_stats:
@@ -377,6 +382,38 @@ class _BatchKalmanNorm(nn.Module):
         if self.chain is not None:
             self.chain.publish(self, x, prior, posterior_mean, posterior_variance, count)
         return y
+
+    def _is_plain_batchnorm(self, x: Tensor) -> bool:
+        """Whether this step of an unwired layer (p = 0, its posterior read by nothing but the
+        running statistics) may run as ATen's train-mode BatchNorm: what the Kalman step computes
+        then, in one op instead of the BKN op plus the running-statistics update.
+
+        Only in plain eager CPU execution (traced, the layer keeps emitting
+        ``bkn::batch_kalman_norm``), with this class's own ``_kalman_step`` (a
+        :class:`~bkn_export.distributed.SyncBatchKalmanNorm`'s statistics span its group), a float
+        momentum (``momentum=None`` would need num_batches_tracked on the host), n > 1 values per
+        channel (BatchNorm refuses n = 1) and float32/float64 tensors of one dtype.
+        """
+        if type(self)._kalman_step is not _KALMAN_STEP or self.momentum is None:
+            return False
+        if not plain_eager_cpu(x) or x.numel() <= x.shape[1]:
+            return False
+        return cpu_kernels.fast_path_applies(x, self.weight, self.bias, self.running_mean, self.running_var)
+
+    def _batchnorm_step(self, x: Tensor) -> Tensor:
+        """The train-mode step of an unwired layer as ``F.batch_norm(training=True)`` (see
+        :meth:`_is_plain_batchnorm`): y = γ (x - x̄) / sqrt(S + ε) + β, and with running
+        statistics r_μ ← (1-α) r_μ + α x̄, r_Σ ← (1-α) r_Σ + α n/(n-1) S, which is the Kalman
+        step and :func:`~bkn_export.functional.update_running_statistics_` at p = 0 (posterior
+        = batch statistics)."""
+        update = self.training and self.track_running_stats
+        if update:
+            assert self.num_batches_tracked is not None
+            self.num_batches_tracked.add_(1)
+        running_mean, running_var = (self.running_mean, self.running_var) if update else (None, None)
+        momentum = self.momentum
+        assert momentum is not None  # _is_plain_batchnorm checked it
+        return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
 
     def _empty(self, x: Tensor, use_batch: bool) -> Tensor:
         """BatchNorm on an empty input: an empty output (γ, β in its graph), statistics untouched."""
@@ -394,14 +431,14 @@ class _BatchKalmanNorm(nn.Module):
         if prior is None:
             zeros = x.new_zeros((self.num_features,), dtype=acc)
             return zeros, x.new_ones((self.num_features,), dtype=acc), zeros
-        variance = prior.variance.to(acc)
+        variance = _cast(prior.variance, acc)
         noise = self.process_noise()
         if noise is not None:
-            variance = variance + noise.to(acc)
-        weight = self.prior_weight().to(acc)
+            variance = variance + _cast(noise, acc)
+        weight = _cast(self.prior_weight(), acc)
         if prior.known is not None:
-            weight = weight * prior.known.to(acc)
-        return prior.mean.to(acc), variance, weight
+            weight = weight * _cast(prior.known, acc)
+        return _cast(prior.mean, acc), variance, weight
 
     def _kalman_step(
         self, x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor
@@ -466,6 +503,11 @@ class _BatchKalmanNorm(nn.Module):
         return text
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call where it is a no-op (per layer and step, it adds up)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _options_state(options: KalmanOptions) -> dict[str, Any]:
     return {name: getattr(options, name) for name in KalmanOptions.__dataclass_fields__}
 
@@ -478,6 +520,10 @@ def _saved_has_predecessor(state: Any) -> bool:
         return bool((state.get("link") or {}).get("predecessor"))
     wiring = state.get("wiring") or {}
     return wiring.get("transition") is not None
+
+
+#: The base class's Kalman step; a subclass or patch that replaces it keeps the BKN op path.
+_KALMAN_STEP = _BatchKalmanNorm._kalman_step
 
 
 class BatchKalmanNorm1d(_BatchKalmanNorm):

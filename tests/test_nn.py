@@ -2,6 +2,9 @@
 
 * a layer with no predecessor (never wired, or first in its chain) is nn.BatchNorm*d:
   outputs, running statistics, num_batches_tracked and gradients, train and eval;
+* an unwired layer's eager CPU route through ATen's BatchNorm equals the functional
+  reference at p = 0 (float64, values, first and second derivatives, running statistics)
+  and is taken only where that is exact;
 * batch size 1 trains (where BatchNorm refuses);
 * bad input and bad options raise errors that name the layer and the problem;
 * no module attribute holds a posterior after a forward pass.
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions, wire_chain
+from bkn_export import functional as Fk
 from bkn_export.chain.scope import ROOT_ATTRIBUTE, scratch_for
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 from bkn_export.nn import _BatchKalmanNorm
@@ -443,3 +447,100 @@ def test_traced_step_keeps_the_custom_op_node() -> None:
     exported = torch.export.export(model, (torch.randn(2, 3, 4, 4),))
     targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
     assert any("bkn.batch_kalman_norm" in target for target in targets)
+
+
+# --------------------------------------------------------------------------- the unwired layer's BatchNorm route
+
+
+def _kalman_step_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of the BKN op's entry point from the modules."""
+    import bkn_export.nn as bkn_nn
+
+    calls: list[int] = []
+    step = bkn_nn.kalman_norm_step
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        return step(*args)
+
+    monkeypatch.setattr(bkn_nn, "kalman_norm_step", spy)
+    return calls
+
+
+def _two_orders(output: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    """First derivatives of sum(sin(output)) (create_graph) and those of their squared norm."""
+    first = torch.autograd.grad(output.sin().sum(), inputs, create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), inputs)
+    return [*first, *second]
+
+
+@pytest.mark.parametrize(("bn_cls", "bkn_cls", "shape"), LAYER_CASES)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_unwired_layer_equals_the_functional_reference(
+    bn_cls: type[nn.Module], bkn_cls: type[_BatchKalmanNorm], shape: tuple[int, ...], affine: bool
+) -> None:
+    """float64, the ATen route of an unwired layer against the reference at p = 0: outputs, the
+    gradients of x, γ, β (first and, with create_graph, second order) and the running statistics."""
+    torch.manual_seed(5)
+    layer = bkn_cls(C, affine=affine, momentum=0.3).double().train()
+    _randomise_affine(layer)
+    assert layer._is_plain_batchnorm(torch.randn(shape, dtype=torch.float64))
+    running_mean, running_var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    zeros, ones = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for step in range(2):
+        x = (torch.randn(shape, dtype=torch.float64) * (step + 2) + step).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+        params_ref = [p.detach().clone().requires_grad_() for p in params]
+        weight_ref, bias_ref = params_ref if affine else (None, None)
+        y = layer(x)
+        reference = Fk.batch_kalman_norm(x_ref, zeros, ones, zeros, weight_ref, bias_ref, layer.eps)
+        torch.testing.assert_close(y, reference.output, rtol=1e-10, atol=1e-10)
+        Fk.update_running_statistics_(
+            running_mean, running_var, reference.posterior_mean, reference.posterior_variance, 0.3, x.numel() // C
+        )
+        assert layer.running_mean is not None and layer.running_var is not None
+        torch.testing.assert_close(layer.running_mean, running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, running_var, rtol=1e-12, atol=1e-12)
+        assert int(layer.num_batches_tracked) == step + 1  # type: ignore[arg-type]
+        got, want = _two_orders(y, [x, *params]), _two_orders(reference.output, [x_ref, *params_ref])
+        for mine, theirs in zip(got, want):
+            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
+
+
+def test_unwired_layer_takes_the_batchnorm_route_only_where_it_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The route is taken by an unwired float32/float64 layer with a float momentum and n > 1; a
+    first-in-chain layer (its posterior is published), momentum=None, n = 1 and other dtypes keep the op."""
+    calls = _kalman_step_calls(monkeypatch)
+
+    def op_calls(layer: nn.Module, x: Tensor) -> int:
+        before = len(calls)
+        layer(x)
+        return len(calls) - before
+
+    x = torch.randn(3, C, 2, 2)
+    assert op_calls(BatchKalmanNorm2d(C).train(), x) == 0
+    assert op_calls(BatchKalmanNorm2d(C, track_running_stats=False).eval(), x) == 0
+    assert op_calls(BatchKalmanNorm2d(C).double().train(), x.double()) == 0
+    assert op_calls(BatchKalmanNorm2d(C, momentum=None).train(), x) == 1
+    assert op_calls(BatchKalmanNorm1d(C).train(), torch.randn(1, C)) == 1  # n = 1: BatchNorm would refuse
+    assert op_calls(BatchKalmanNorm2d(C).train(), x.double()) == 1  # float32 layer, float64 input
+    assert op_calls(BatchKalmanNorm2d(C).train(), x.bfloat16()) == 1
+    first = BatchKalmanNorm2d(C)
+    model = _first_in_chain(first, (3, C, 2, 2))
+    assert op_calls(model.train(), x.double()) == 2  # first in chain and its follower
+
+
+def test_a_patched_kalman_step_turns_the_route_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subclass or a patch that replaces _kalman_step (SyncBatchKalmanNorm, the ONNX parity
+    recorder) gets every call: its statistics may span more than x."""
+    seen: list[int] = []
+    original = _BatchKalmanNorm._kalman_step
+
+    def recording(self: _BatchKalmanNorm, *args: Any) -> Any:
+        seen.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(_BatchKalmanNorm, "_kalman_step", recording)
+    BatchKalmanNorm2d(C).train()(torch.randn(3, C, 2, 2))
+    assert seen == [1]

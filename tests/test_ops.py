@@ -11,7 +11,9 @@
   (``kalman_norm_step``) and the modules, 1-d/2-d/3-d, with and without affine
   parameters, with the fallback rule off, firing and holding;
 * the fallback rule is a device-side select: the op's implementations trace into one
-  graph without a host synchronisation or a data-dependent Python branch.
+  graph without a host synchronisation or a data-dependent Python branch;
+* the eager CPU backward starts from its forward's saved state (not recomputed), skips the
+  gradients of inputs that need none, and equals the reference (float64) either way.
 """
 
 from __future__ import annotations
@@ -473,7 +475,8 @@ def test_dispatch_modes_see_the_op_not_its_decomposition() -> None:
     [
         ((2, 6, 2, 2), torch.float32),  # ≤ cpu_kernels._SMALL_COUNT values per channel: ATen's statistics kernel
         ((2, 6, 7, 7), torch.float32),
-        ((4, 6, 8, 8), torch.float32),  # above it: the centred two-kernel path
+        ((4, 6, 8, 8), torch.float32),  # above it, but ≤ cpu_kernels._SMALL_NUMEL in all: ATen's kernel too
+        ((4, 6, 32, 32), torch.float32),  # above both: the centred two-kernel path
         ((2, 6, 8, 8), torch.float64),  # float64: ATen's statistics kernel at every size
     ],
 )
@@ -487,3 +490,96 @@ def test_cpu_batch_statistics_keep_precision_on_every_branch(shape: tuple[int, .
     assert got.count == want.count == x.numel() // x.shape[1]
     torch.testing.assert_close(got.variance.double(), want.variance, rtol=tolerance, atol=0.0)
     torch.testing.assert_close(got.mean.double(), want.mean, rtol=tolerance, atol=0.0)
+
+
+# ------------------------------------------------------------------- the eager backward from the forward's state
+
+# Which outputs reach the loss: the backward gets None for the others.
+_LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "all": lambda y, mean, variance: y.sin().sum() + (mean * variance).sum() + variance.square().sum(),
+    "output only": lambda y, mean, variance: y.sin().sum(),
+    "posterior only": lambda y, mean, variance: mean.square().sum() + variance.sum(),
+}
+
+
+@pytest.mark.parametrize("loss", _LOSSES)
+@pytest.mark.parametrize("fallback", FALLBACK)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_eager_backward_from_saved_state_equals_the_reference(affine: bool, fallback: str, loss: str) -> None:
+    """float64: the eager path's values and every input gradient (its backward starts from the
+    forward's saved statistics and update terms) against autograd through the functional reference."""
+    inputs = make_inputs((3, 4, 5, 2), affine, fallback)
+    results = []
+    for step in (ops.kalman_norm_step, Fk.batch_kalman_norm):
+        tensors = [None if t is None else t.detach().requires_grad_() for t in inputs[:6]]
+        outputs = step(*tensors, EPS, inputs.fallback_ratio)
+        leaves = [t for t in tensors if t is not None]
+        grads = torch.autograd.grad(_LOSSES[loss](*outputs), leaves, allow_unused=True)
+        results.append([*outputs, *(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))])
+    for eager, reference in zip(*results):
+        torch.testing.assert_close(eager, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_eager_backward_does_not_recompute_the_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statistics and the update run once per step (forward), not again in the backward;
+    create_graph=True still goes through the backward op (which recomputes them)."""
+    calls: list[str] = []
+    original = cpu_kernels.forward_state
+
+    def counting(inputs: KalmanNormInputs) -> cpu_kernels.ForwardState:
+        calls.append("state")
+        return original(inputs)
+
+    monkeypatch.setattr(cpu_kernels, "forward_state", counting)
+    inputs = make_inputs((3, 2, 4))
+    tensors = [t.detach().requires_grad_() for t in inputs[:6]]
+    y, mean, variance = ops.kalman_norm_step(*tensors, EPS, 0.0)
+    assert calls == ["state"]
+    (y.sin().sum() + mean.sum()).backward(retain_graph=True)
+    assert calls == ["state"]
+    torch.autograd.grad(y.sin().sum() + variance.sum(), tensors, create_graph=True)
+    assert calls == ["state", "state"]
+
+
+def test_eager_path_refuses_a_saved_posterior_modified_in_place() -> None:
+    """The posterior the backward reuses is saved with save_for_backward: an in-place change raises."""
+    inputs = make_inputs((3, 2, 4))
+    tensors = [t.detach().requires_grad_() for t in inputs[:6]]
+    y, mean, _ = ops.kalman_norm_step(*tensors, EPS, 0.0)
+    with torch.no_grad():
+        mean.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("fallback", FALLBACK)
+@pytest.mark.parametrize("constant", ["prior", "gain", "prior and gain"])
+def test_eager_backward_with_a_constant_prior_equals_the_reference(constant: str, fallback: str) -> None:
+    """Inputs that need no gradient (a first-in-chain layer's prior, a fixed gain) get none and
+    the others are the reference's: the eager backward skips the prior's gradient ops for them."""
+    inputs = make_inputs((3, 4, 5, 2), fallback=fallback)
+    constants = {"prior": {1, 2}, "gain": {3}, "prior and gain": {1, 2, 3}}[constant]
+    results = []
+    for step in (ops.kalman_norm_step, Fk.batch_kalman_norm):
+        tensors = [t.detach().requires_grad_(i not in constants) for i, t in enumerate(inputs[:6])]
+        outputs = step(*tensors, EPS, inputs.fallback_ratio)
+        loss = _LOSSES["all"](*outputs)
+        results.append(torch.autograd.grad(loss, [t for t in tensors if t.requires_grad]))
+    for eager, reference in zip(*results):
+        torch.testing.assert_close(eager, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_eager_backward_returns_no_gradient_for_a_constant_prior(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The needs passed to the fast backward follow autograd's needs_input_grad."""
+    seen: list[tuple[bool, bool, bool]] = []
+    original = cpu_kernels.backward_from_state
+
+    def recording(*args: Any) -> Any:
+        seen.append(args[5])
+        return original(*args)
+
+    monkeypatch.setattr(cpu_kernels, "backward_from_state", recording)
+    inputs = make_inputs((3, 2, 4))
+    tensors = [t.detach().requires_grad_(i in (0, 3, 4, 5)) for i, t in enumerate(inputs[:6])]
+    ops.kalman_norm_step(*tensors, EPS, 0.0)[0].sum().backward()
+    assert seen == [(False, False, True)]
