@@ -4,7 +4,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
         [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
-        [--profile N] [--reference-moments]
+        [--profile N] [--count-ops] [--reference-moments]
 
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
@@ -14,6 +14,11 @@ is this process's CPU time, which on a shared machine leaves out time spent wait
 uses elapsed time. ``--compile`` adds the same pair under ``torch.compile`` (default backend). ``--profile N``
 instead prints, per network and batch, the N operators with the most self CPU time over 3 steps of the converted
 network (``torch.profiler``; the Python-level ``autograd.Function`` s of ``bkn_export`` show up by name).
+``--count-ops`` instead counts, per network and batch, the compute operators one eager train step dispatches
+(``torch.profiler`` events that call no other operator, without views, allocations and metadata ops: on a GPU each is
+about one kernel launch, the cost that dominates a micro-batch step there), BatchNorm against BKN; with ``--compile``
+it counts the kernels inductor generates for the compiled forward and backward instead (on this CPU: C++ kernels, the
+proxy for the Triton kernels it would generate on a GPU).
 ``--reference-moments`` runs every prediction through the reference :mod:`bkn_export.moments` instead of the
 fused eager forms of :mod:`bkn_export.chain.fast` (what the speed work is measured against).
 
@@ -31,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,6 +157,49 @@ def _profile(name: str, batch: int, size: int, rows: int) -> None:
     print(recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+#: Operators that launch no kernel: views, allocation, metadata (excluded from ``--count-ops``).
+_NO_KERNEL = (
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view", "aten::as_strided",
+    "aten::reshape", "aten::expand", "aten::squeeze", "aten::unsqueeze", "aten::permute", "aten::t",
+    "aten::transpose", "aten::select", "aten::slice", "aten::alias", "aten::detach", "aten::lift_fresh",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::is_nonzero", "aten::split", "aten::chunk", "aten::unbind",
+    "aten::narrow", "aten::diagonal", "aten::set_", "aten::_reshape_alias", "aten::result_type",
+)  # fmt: skip
+
+
+def _compute_ops(recorded: Any) -> int:
+    """Operators in a profile that call no other operator and launch a kernel (see ``--count-ops``)."""
+    return sum(
+        1 for e in recorded.events() if e.name.startswith("aten::") and not e.cpu_children and e.name not in _NO_KERNEL
+    )
+
+
+def _count_ops(name: str, batch: int, size: int, compiled: bool) -> tuple[int, int]:
+    """(BatchNorm, BKN): compute operators one eager train step dispatches, or with ``compiled`` the kernels
+    inductor generates for the compiled forward and backward (see ``--count-ops``)."""
+    from torch._inductor import metrics
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    torch.manual_seed(0)
+    batchnorm_model = NETWORKS[name]()
+    bkn_model = convert_batchnorm(copy.deepcopy(batchnorm_model), torch.randn(2, 3, size, size))
+    x, target = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    for model in (batchnorm_model, bkn_model):
+        if compiled:
+            torch._dynamo.reset()
+            metrics.reset()
+            _train_step(torch.compile(model), x, target)()  # type: ignore[arg-type]
+            counts.append(metrics.generated_kernel_count)
+            continue
+        step = _train_step(model, x, target)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as recorded:
+            step()
+        counts.append(_compute_ops(recorded))
+    return counts[0], counts[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--networks", default=",".join(NETWORKS))
@@ -163,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time both under torch.compile")
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops instead of timing")
+    parser.add_argument("--count-ops", action="store_true", help="count dispatched compute ops instead of timing")
     parser.add_argument("--reference-moments", action="store_true", help="no fused eager predictions")
     args = parser.parse_args(argv)
     if args.reference_moments:
@@ -186,6 +236,14 @@ def _run(args: argparse.Namespace) -> int:
         for name in names:
             for batch in batches:
                 _profile(name, batch, args.size, args.profile)
+        return 0
+    if args.count_ops:
+        what = "inductor kernels (torch.compile)" if args.compile else "compute ops dispatched (eager)"
+        print(f"{'network':<16} {'batch':>5} {'BN':>8} {'BKN':>8} {'BKN/BN':>7}  ({what} per train step)")
+        for name in names:
+            for batch in batches:
+                bn_ops, bkn_ops = _count_ops(name, batch, args.size, args.compile)
+                print(f"{name:<16} {batch:>5} {bn_ops:>8} {bkn_ops:>8} {bkn_ops / bn_ops:>6.2f}x", flush=True)
         return 0
     rows: list[Row] = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock={args.clock}, input {args.size}x{args.size}")

@@ -50,13 +50,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Public (documented as user-code friendly) and understood by dynamo: whether a size is static.
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 # Private API, as in bkn_export.ops and bkn_export.chain.fast: an active dispatch mode (fake
 # tensors, make_fx, FlopCounterMode) must see constants built in its own graph.
@@ -116,7 +119,7 @@ def _cdf(z: Tensor) -> Tensor:
 
 
 def _caches_constants(tensor: Tensor) -> bool:
-    """Whether constant tensors (edges, coefficients, quadrature rules, coverage tables) may be
+    """Whether constant tensors (edges, coefficients, quadrature rules, coverage tables, pooling factors) may be
     taken from a cache for this call: plain eager mode only. Under torch.compile / torch.export /
     jit tracing, a dispatch mode (fake tensors, make_fx), a tensor subclass, torch.func
     transforms or inference mode (whose tensors cannot be saved for backward later) they are
@@ -131,6 +134,32 @@ def _caches_constants(tensor: Tensor) -> bool:
         and not torch._C._are_functorch_transforms_active()
         and not torch.is_inference_mode_enabled()
     )
+
+
+def _compiles_constants(spatial: Sequence[Any]) -> bool:
+    """Whether dynamo is tracing the call with static ``spatial`` sizes: constants that depend only on
+    shapes can then be :func:`_graph_constants` (with symbolic sizes they are built in the graph)."""
+    return torch.compiler.is_dynamo_compiling() and all(has_static_value(size) for size in spatial)
+
+
+@torch._dynamo.assume_constant_result
+def _constant_values(
+    build: Callable[..., tuple[Tensor, ...]], key: tuple[Any, ...], dtype: torch.dtype
+) -> tuple[Any, ...]:
+    """``build(*key, dtype, cpu)``'s tensors as (nested lists of) Python floats, exactly their values.
+
+    Dynamo calls this function when it traces it, instead of tracing it (``key``: plain values
+    that the result depends on alone), so that the result is a constant of the graph."""
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(table.tolist() for table in build(*key, dtype, torch.device("cpu")))
+
+
+def _graph_constants(
+    build: Callable[..., tuple[Tensor, ...]], key: tuple[Any, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, ...]:
+    """``build(*key, dtype, device)`` as constants of a dynamo graph (:func:`_compiles_constants`):
+    tensors made from Python floats, not kernels that recompute them every step."""
+    return tuple(torch.tensor(values, dtype=dtype, device=device) for values in _constant_values(build, key, dtype))
 
 
 _MILLS_SWITCH = 3.0
@@ -240,8 +269,9 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
 
     def stacked(values: Sequence[_Coefficient]) -> Tensor:
         """(P, *mean.shape), or (P, 1, …) (broadcasting alike) when every value is a float."""
-        if all(isinstance(v, float) for v in values) and _caches_constants(mean):
-            return _piece_coefficients(tuple(float(v) for v in values), dtype, device, mean.dim())
+        if all(isinstance(v, float) for v in values):  # a constant: cached in eager, built as one when traced
+            build = _piece_coefficients if _caches_constants(mean) else _build_piece_coefficients
+            return build(tuple(float(v) for v in values), dtype, device, mean.dim())
         return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).expand_as(mean) for v in values])
 
     c0 = stacked([p.c0 for p in pieces])
@@ -257,18 +287,28 @@ def _piecewise_quadratic_moments(pieces: Sequence[_Piece], mean: Tensor, varianc
         moments.append((k - 1) * moments[k - 2] + edge_lo - edge_hi)
     d0 = c0 + c1 * mean
     d1 = c1 * std
-    out_mean = (d0 * moments[0] + d1 * moments[1]).sum(dim=0)
+    out_mean = _sum_pieces(d0 * moments[0] + d1 * moments[1])
     if quadratic:
         c2 = stacked([p.c2 for p in pieces])
         d0 = d0 + c2 * mean * mean
         d1 = d1 + 2.0 * c2 * mean * std
         d2 = c2 * std * std
-        out_mean = (d0 * moments[0] + d1 * moments[1] + d2 * moments[2]).sum(dim=0)
+        out_mean = _sum_pieces(d0 * moments[0] + d1 * moments[1] + d2 * moments[2])
     e0 = d0 - out_mean
     terms = e0 * e0 * moments[0] + 2.0 * e0 * d1 * moments[1] + d1 * d1 * moments[2]
     if quadratic:
         terms = terms + 2.0 * e0 * d2 * moments[2] + 2.0 * d1 * d2 * moments[3] + d2 * d2 * moments[4]
-    return out_mean, terms.sum(dim=0).clamp_min(0.0)
+    return out_mean, _sum_pieces(terms).clamp_min(0.0)
+
+
+def _sum_pieces(stacked: Tensor) -> Tensor:
+    """Σ over the leading (piece) dim of a (P, …) tensor, as P − 1 elementwise adds in order: a compiler
+    fuses them with the per-piece terms, where a sum over dim 0 is a reduction kernel of its own."""
+    pieces = stacked.unbind(0)
+    total = pieces[0]
+    for piece in pieces[1:]:
+        total = total + piece
+    return total
 
 
 def _build_piece_edges(
@@ -288,10 +328,15 @@ def _piece_edges(
     return _build_piece_edges(edges, dtype, device, rank)
 
 
+def _build_piece_coefficients(values: tuple[float, ...], dtype: torch.dtype, device: torch.device, rank: int) -> Tensor:
+    """(P, 1 × rank) tensor of float coefficients (from Python floats: a constant of a traced graph)."""
+    return torch.tensor(values, dtype=dtype, device=device).reshape((-1,) + (1,) * rank)
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _piece_coefficients(values: tuple[float, ...], dtype: torch.dtype, device: torch.device, rank: int) -> Tensor:
-    """(P, 1 × rank) tensor of float coefficients, cached (eager only; plain constants, no grad)."""
-    return torch.tensor(values, dtype=dtype, device=device).reshape((-1,) + (1,) * rank)
+    """:func:`_build_piece_coefficients`, cached (eager only; plain constants, no grad)."""
+    return _build_piece_coefficients(values, dtype, device, rank)
 
 
 def _relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
@@ -866,12 +911,43 @@ def pool_moments(
 
     The adaptive max pool's histogram runs up to its largest window, ceil(L_in / L_out) + 1
     per dim (a symbolic size under dynamic shapes, not a specialized one).
+
+    The factors of μ and σ² above depend only on the geometry: eager calls take them from a
+    cache (:func:`_pool_factors`), dynamo with static sizes makes them constants of its graph,
+    other traces build them in the graph.
     """
     out_spatial = spec.output_shape(spatial)
-    dtype, device = mean.dtype, mean.device
+    factors = None
+    if _caches_constants(mean):  # eager: the position averages are constants of the geometry, built once
+        try:
+            factors = _pool_factors(spec, tuple(spatial), mean.dtype, mean.device)
+        except TypeError:  # a spec built by hand with lists: not hashable
+            factors = None
+    elif _compiles_constants(spatial):  # dynamo, static sizes: constants of the graph
+        key = (tuple(getattr(spec, field.name) for field in fields(spec)), tuple(spatial))
+        factors = _graph_constants(_spec_pool_factors, key, mean.dtype, mean.device)
+    if factors is None:
+        factors = _build_pool_factors(spec, spatial, out_spatial, mean)
+    if spec.kind in ("avg", "adaptive_avg"):
+        first, second, spread = factors
+        out_mean = mean * first
+        out_variance = variance * second + mean * mean * spread
+        return out_mean, out_variance, out_spatial
+    mean_e, scale = factors
+    std = _std(variance)
+    return mean + std * mean_e, variance * scale, out_spatial
+
+
+def _build_pool_factors(
+    spec: PoolSpec, spatial: Sequence[int], out_spatial: Sequence[int], like: Tensor
+) -> tuple[Tensor, ...]:
+    """The 0-dim constants of :func:`pool_moments` (dtype and device of ``like``): average kinds
+    (Π_d E[n/D], Π_d E[n/D²], max(Π_d E[(n/D)²] − (Π_d E[n/D])², 0)); max kinds
+    (E_p[e(n_p)], E_p[v(n_p)] + Var_p[e(n_p)])."""
+    dtype, device = like.dtype, like.device
     counts = [_real_counts(spec, d, spatial[d], out_spatial[d], device).to(dtype) for d in range(spec.rank)]
     if spec.kind in ("avg", "adaptive_avg"):
-        one = mean.new_ones(())
+        one = like.new_ones(())
         first, second, square = one, one, one  # Π_d E[n/D], Π_d E[n/D²], Π_d E[(n/D)²]
         for d in range(spec.rank):
             if spec.kind == "avg" and spec.divisor_override is None and spec.count_include_pad:
@@ -888,9 +964,7 @@ def pool_moments(
         if spec.kind == "avg" and spec.divisor_override is not None:
             scale = 1.0 / spec.divisor_override
             first, second, square = first * scale, second * scale * scale, square * scale * scale
-        out_mean = mean * first
-        out_variance = variance * second + mean * mean * (square - first * first).clamp_min(0.0)
-        return out_mean, out_variance, out_spatial
+        return first, second, (square - first * first).clamp_min(0.0)
     # max: histogram of window sizes, per dim then joint
     joint: Tensor | None = None
     sizes: Tensor | None = None
@@ -908,8 +982,25 @@ def pool_moments(
     mean_e = (joint * expected).sum()
     var_e = (joint * (expected - mean_e) ** 2).sum()
     mean_v = (joint * spread).sum()
-    std = _std(variance)
-    return mean + std * mean_e, variance * (mean_v + var_e), out_spatial
+    return mean_e, mean_v + var_e
+
+
+def _spec_pool_factors(
+    spec_fields: tuple[Any, ...], spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, ...]:
+    """:func:`_build_pool_factors` of the :class:`PoolSpec` with these field values (for :func:`_graph_constants`)."""
+    spec = PoolSpec(*spec_fields)
+    return _build_pool_factors(spec, spatial, spec.output_shape(spatial), torch.empty((), dtype=dtype, device=device))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _pool_factors(
+    spec: PoolSpec, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, ...]:
+    """:func:`_build_pool_factors`, cached (eager only; plain constants, no grad)."""
+    with torch.inference_mode(False), torch.no_grad():
+        like = torch.empty((), dtype=dtype, device=device)
+        return _build_pool_factors(spec, spatial, spec.output_shape(spatial), like)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -1138,13 +1229,39 @@ def _conv_pads(layer: torch.nn.modules.conv._ConvNd, dim: int) -> tuple[int, int
     return pad, pad
 
 
+class _ConvDim(NamedTuple):
+    """One spatial dim of a conv's geometry: all that its index map depends on besides the sizes."""
+
+    transposed: bool
+    kernel: int
+    stride: int
+    dilation: int
+    pads: tuple[int, int]
+    output_padding: int
+    padding_mode: str
+
+    @classmethod
+    def of(cls, layer: torch.nn.modules.conv._ConvNd, dim: int) -> _ConvDim:
+        return cls(
+            bool(layer.transposed),
+            int(layer.kernel_size[dim]),
+            int(layer.stride[dim]),
+            int(layer.dilation[dim]),
+            _conv_pads(layer, dim),
+            int(layer.output_padding[dim]) if layer.transposed else 0,
+            str(layer.padding_mode),
+        )
+
+    def output_length(self, size: int) -> int:
+        span = self.dilation * (self.kernel - 1)
+        left, right = self.pads
+        if self.transposed:
+            return (size - 1) * self.stride - 2 * left + span + self.output_padding + 1
+        return (size + left + right - span - 1) // self.stride + 1
+
+
 def _conv_output_length(layer: torch.nn.modules.conv._ConvNd, dim: int, size: int) -> int:
-    kernel, stride, dilation = layer.kernel_size[dim], layer.stride[dim], layer.dilation[dim]
-    span = dilation * (kernel - 1)
-    left, right = _conv_pads(layer, dim)
-    if layer.transposed:
-        return (size - 1) * stride - 2 * left + span + layer.output_padding[dim] + 1
-    return (size + left + right - span - 1) // stride + 1
+    return _ConvDim.of(layer, dim).output_length(size)
 
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -1184,20 +1301,26 @@ def _conv_index_map(
     a pad applied to the input before the layer (``F.pad`` / ``nn.ZeroPad2d`` …, mode
     ``input_padding_mode``), composes: the layer's map on the padded length, then that pad's.
     """
-    kernel, stride, dilation = layer.kernel_size[dim], layer.stride[dim], layer.dilation[dim]
+    return _index_map(_ConvDim.of(layer, dim), size, input_padding, input_padding_mode, layer.weight.device)
+
+
+def _index_map(
+    geometry: _ConvDim, size: int, input_padding: tuple[int, int], input_padding_mode: str, device: torch.device
+) -> Tensor:
+    """:func:`_conv_index_map` of one dim's geometry."""
+    kernel, stride, dilation = geometry.kernel, geometry.stride, geometry.dilation
     before, after = input_padding
     padded = size + before + after
-    out = _conv_output_length(layer, dim, padded)
-    left, _ = _conv_pads(layer, dim)
-    device = layer.weight.device
+    out = geometry.output_length(padded)
+    left, _ = geometry.pads
     position = torch.arange(out, device=device).unsqueeze(1)
     tap = torch.arange(kernel, device=device).unsqueeze(0)
-    if layer.transposed:
+    if geometry.transposed:
         source = position + left - tap * dilation  # = j · stride for the input j it takes
         valid = (source >= 0) & (source < padded * stride) & (torch.remainder(source, stride) == 0)
         index = torch.where(valid, torch.div(source, stride, rounding_mode="floor"), -1)
     else:
-        index = _padded_source(position * stride - left + tap * dilation, padded, layer.padding_mode)
+        index = _padded_source(position * stride - left + tap * dilation, padded, geometry.padding_mode)
     if before == 0 and after == 0:
         return index
     return torch.where(index >= 0, _padded_source(index - before, size, input_padding_mode), -1)
@@ -1240,55 +1363,80 @@ def _coverage_tables(index: Tensor, dtype: torch.dtype, repeats: bool) -> tuple[
     return fraction, pairs, same
 
 
-#: Coverage tables per (geometry of one dim, input size, pad, dtype, device, repeats); eager only.
-_COVERAGE_TABLES: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor | None]] = {}
+#: What a conv's coverage tables depend on: per spatial dim its geometry, input size and the
+#: (left, right) of a pad before it; the pad's mode; whether one window can read an input twice.
+_CoverageKey = tuple[tuple[_ConvDim, ...], tuple[int, ...], tuple[tuple[int, int], ...], str, bool]
+#: Whole-kernel f (*k) and h (K, K), then, where an input can repeat, g (K, K).
+_Coverage = tuple[Tensor, ...]
+
+
+def _build_coverage(key: _CoverageKey, dtype: torch.dtype, device: torch.device) -> _Coverage:
+    """The coverage tables of a conv over all its spatial dims (K = Π_d K_d, the kernel flattened
+    with the last dim fastest): f = ⊗_d f_d reshaped to the kernel, h = ⊗_d h_d (K, K) and, when
+    ``repeats``, g = ⊗_d g_d (K, K): Kronecker products of the per-dim :func:`_coverage_tables`."""
+    geometries, spatial, input_padding, input_padding_mode, repeats = key
+    per_dim = [
+        _coverage_tables(_index_map(geometry, size, pad, input_padding_mode, device), dtype, repeats)
+        for geometry, size, pad in zip(geometries, spatial, input_padding)
+    ]
+    fraction, pairs, same = per_dim[0]
+    for f, h, g in per_dim[1:]:
+        fraction = torch.outer(fraction, f).reshape(-1)
+        pairs = torch.kron(pairs, h)
+        same = None if same is None or g is None else torch.kron(same, g)
+    kernel = tuple(geometry.kernel for geometry in geometries)
+    return (fraction.reshape(kernel), pairs) if same is None else (fraction.reshape(kernel), pairs, same)
+
+
+#: Coverage tables per :data:`_CoverageKey`, dtype and device; eager only.
+_COVERAGE_TABLES: dict[tuple[Any, ...], _Coverage] = {}
 
 
 def _layer_coverage_tables(
     layer: torch.nn.modules.conv._ConvNd,
-    dim: int,
-    size: int,
-    input_padding: tuple[int, int],
+    spatial: Sequence[int],
+    input_padding: Sequence[tuple[int, int]],
     input_padding_mode: str,
     dtype: torch.dtype,
     repeats: bool,
     cached: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`_coverage_tables` of :func:`_conv_index_map` for one spatial dim; taken from a
-    bounded cache when ``cached`` (the tables depend only on the key below: constants of the
-    layer's shape, built from integer index maps, never requiring grad)."""
-    if not cached:
-        return _coverage_tables(_conv_index_map(layer, dim, size, input_padding, input_padding_mode), dtype, repeats)
-    key = (
-        layer.transposed,
-        layer.kernel_size[dim],
-        layer.stride[dim],
-        layer.dilation[dim],
-        _conv_pads(layer, dim),
-        layer.output_padding[dim] if layer.transposed else 0,
-        layer.padding_mode,
-        size,
-        input_padding,
+) -> _Coverage:
+    """:func:`_build_coverage` for ``layer`` on an input of size ``spatial`` after a pad
+    ``input_padding``: taken from a bounded cache when ``cached`` (eager); under dynamo with
+    static sizes, constants of the graph (:func:`_graph_constants`); otherwise (other tracers,
+    symbolic sizes) built in the graph. Constants of the layer's shape, never requiring grad."""
+    key: _CoverageKey = (
+        tuple(_ConvDim.of(layer, d) for d in range(len(spatial))),
+        tuple(spatial),
+        tuple((pad[0], pad[1]) for pad in input_padding),
         input_padding_mode,
-        dtype,
-        layer.weight.device,
         repeats,
     )
-    tables = _COVERAGE_TABLES.get(key)
-    if tables is None:
-        tables = _coverage_tables(_conv_index_map(layer, dim, size, input_padding, input_padding_mode), dtype, repeats)
-        if len(_COVERAGE_TABLES) >= _CACHE_SIZE:
-            _COVERAGE_TABLES.clear()
-        _COVERAGE_TABLES[key] = tables
-    return tables
+    device = layer.weight.device
+    if cached:
+        full_key = (key, dtype, device)
+        tables = _COVERAGE_TABLES.get(full_key)
+        if tables is None:
+            tables = _build_coverage(key, dtype, device)
+            if len(_COVERAGE_TABLES) >= _CACHE_SIZE:
+                _COVERAGE_TABLES.clear()
+            _COVERAGE_TABLES[full_key] = tables
+        return tables
+    if _compiles_constants(spatial):
+        return _graph_constants(_build_coverage, (key,), dtype, device)
+    return _build_coverage(key, dtype, device)
 
 
-def _apply_along_kernel(tensor: Tensor, tables: Sequence[Tensor], first_kernel_dim: int) -> Tensor:
-    """Multiply ``tensor`` by a symmetric (K_d, K_d) table along each kernel dim d."""
-    for d, table in enumerate(tables):
-        axis = first_kernel_dim + d
-        tensor = (tensor.movedim(axis, -1) @ table).movedim(-1, axis)
-    return tensor
+def _quadratic_form(taps: Tensor, table: Tensor) -> Tensor:
+    """(C,): Σ_{t,t'} taps[c,t] table[t,t'] taps[c,t'] for taps (C, K), table (K, K): one product and
+    one reduction (compiled: one kernel, where a matmul by a constant table is a copy and an extern call)."""
+    return (taps.unsqueeze(2) * table * taps.unsqueeze(1)).sum(dim=(1, 2))
+
+
+def _weight_quadratic(weight: Tensor, table: Tensor) -> Tensor:
+    """(A, B): Σ_{t,t'} W[a,b,t] table[t,t'] W[a,b,t'] for W (A, B, *k), table (K, K)."""
+    flat = weight.flatten(2)
+    return (flat * (flat @ table)).sum(dim=2)
 
 
 def conv_moments(
@@ -1326,9 +1474,10 @@ def conv_moments(
         mean     = b + Σ_t a_t Π_d f_d(t_d)
         variance = Σ_i σ²_i Σ_{t,t'} W W' Π_d g_d(t_d, t'_d)  +  Σ_{t,t'} a_t a_t' Π_d h_d − (mean − b)²
 
-    (g is diagonal, = f, where no input repeats.) Cost: O(Σ_d L_out,d · K_d²) for the
-    tables plus O(C_out · C_in/groups · K) without repeats, O(C_out · C_in/groups · K · Σ_d K_d)
-    with them (reflect, replicate, circular), independent of the batch. Gradients flow into
+    (g is diagonal, = f, where no input repeats.) Cost: O(Σ_d L_out,d · K_d² + K²) for the
+    tables (once per geometry in eager mode, and constants of a graph compiled with static
+    sizes) plus O(C_out · (C_in/groups + K) · K) without repeats, O(C_out · C_in/groups · K²) with
+    them (reflect, replicate, circular), independent of the batch. Gradients flow into
     W, b, mean and variance.
     """
     if not isinstance(layer, torch.nn.modules.conv._ConvNd):
@@ -1362,25 +1511,18 @@ def conv_moments(
         centred_mean = _tap_weighted(weight, groups, transposed, mean, all_taps)
         predicted_variance = _tap_weighted(weight * weight, groups, transposed, variance, all_taps)
     else:
-        cached = _caches_constants(mean)
-        tables = [
-            _layer_coverage_tables(layer, d, spatial[d], pre_padding[d], input_padding_mode, dtype, repeats, cached)
-            for d in range(rank)
-        ]
-        fraction = tables[0][0]
-        for d in range(1, rank):
-            fraction = fraction.unsqueeze(-1) * tables[d][0]
+        fraction, both, *same = _layer_coverage_tables(
+            layer, spatial, pre_padding, input_padding_mode, dtype, repeats, _caches_constants(mean)
+        )
         tap_mean = _per_tap(weight, groups, transposed, mean)
         centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
-        if repeats:  # Σ_i σ²_i Σ_{t,t'} W W' Π_d g_d: apply each g_d along its kernel dim of W
-            same = [table[2] for table in tables if table[2] is not None]
-            quadratic = (weight * _apply_along_kernel(weight, same, 2)).sum(dim=[k + 1 for k in kernel_dims])
+        if repeats:  # Σ_i σ²_i Σ_{t,t'} W W' g(t, t'), g = Π_d g_d of the whole kernel
+            quadratic = _weight_quadratic(weight, same[0])
             blocks = quadratic.reshape(groups, -1, quadratic.shape[1])  # (g, C_out/g, C_in/g)
             mean_of_variance = (blocks @ variance.reshape(groups, -1, 1)).reshape(-1)
-        else:
-            mean_of_variance = _tap_weighted(weight * weight, groups, transposed, variance, fraction)
-        mixed = _apply_along_kernel(tap_mean, [pairs for _, pairs, _ in tables], 1)
-        mean_of_square = (tap_mean * mixed).sum(dim=kernel_dims)
+        else:  # Σ_t f_t Σ_i W[:,i,t]² σ²_i: the same per-tap reduction as the mean's (one kernel compiled)
+            mean_of_variance = (_per_tap(weight * weight, groups, transposed, variance) * fraction).sum(dim=kernel_dims)
+        mean_of_square = _quadratic_form(tap_mean.flatten(1), both)  # Σ_{t,t'} a_t a_t' h(t, t')
         predicted_variance = mean_of_variance + (mean_of_square - centred_mean * centred_mean).clamp_min(0.0)
     predicted_mean = centred_mean if layer.bias is None else centred_mean + layer.bias.to(dtype)
     return predicted_mean, predicted_variance, out_spatial
@@ -1460,20 +1602,122 @@ def _step_matrix(
     step: LinearStep, dim: int, size: int, dtype: torch.dtype, device: torch.device, spatial: Sequence[int]
 ) -> tuple[Tensor, int]:
     """(L_out, L_in) matrix of a non-conv linear step along ``dim``, and L_out."""
+    out = _step_output_size(step, dim, size, spatial)
     if isinstance(step, PadSpec):
-        before, after = step.padding[dim]
-        out = size + before + after
-        source = _padded_source(torch.arange(out, device=device) - before, size, step.mode)
+        source = _padded_source(torch.arange(out, device=device) - step.padding[dim][0], size, step.mode)
         return _one_hot(source, size, dtype), out
     if isinstance(step, PoolSpec):
-        out = step.output_shape(spatial)[dim]
         return _pool_matrix(step, dim, size, out, dtype, device), out
     assert isinstance(step, ResampleSpec)
-    out = step.output_shape(spatial)[dim]
     if step.mode == "area":
         adaptive = PoolSpec.create("adaptive_avg", len(spatial), output_size=step.output_shape(spatial))
         return _pool_matrix(adaptive, dim, size, out, dtype, device), out
     return _resample_matrix(step, size, out, step.source_scales(spatial)[dim], dtype, device), out
+
+
+def _step_output_size(step: LinearStep, dim: int, size: int, spatial: Sequence[int]) -> int:
+    """L_out of a non-conv linear step along ``dim`` (``spatial``: its input's size in every dim)."""
+    if isinstance(step, PadSpec):
+        before, after = step.padding[dim]
+        return size + before + after
+    assert isinstance(step, (PoolSpec, ResampleSpec))
+    return step.output_shape(spatial)[dim]
+
+
+#: A non-conv linear step as plain values: its class and its field values.
+_StepKey = tuple[type, tuple[Any, ...]]
+
+
+def _step_key(step: LinearStep) -> _StepKey:
+    return type(step), tuple(getattr(step, field.name) for field in fields(step))  # type: ignore[arg-type]
+
+
+def _path_sizes(
+    before: Sequence[LinearStep], geometries: tuple[_ConvDim, ...] | None, after: Sequence[LinearStep],
+    spatial: Sequence[int],
+) -> list[int]:  # fmt: skip
+    """The output size of a linear path: ``before``, the conv of these ``geometries`` (if any), ``after``."""
+    sizes = list(spatial)
+    for step in before:
+        sizes = [_step_output_size(step, d, sizes[d], sizes) for d in range(len(sizes))]
+    if geometries is not None:
+        sizes = [geometry.output_length(size) for geometry, size in zip(geometries, sizes)]
+    for step in after:
+        sizes = [_step_output_size(step, d, sizes[d], sizes) for d in range(len(sizes))]
+    return sizes
+
+
+def _build_path_tables(
+    before_keys: tuple[_StepKey, ...],
+    geometries: tuple[_ConvDim, ...] | None,
+    after_keys: tuple[_StepKey, ...],
+    spatial: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, ...]:
+    """The tables of :func:`linear_path_moments` (steps as :func:`_step_key` values, the conv as its
+    per-dim geometry or None), over the whole kernel (K = Π_d K_d, flattened with the last dim fastest;
+    products of per-dim tables): f (*k), h and g (K, K), the bias cross term (*k), Π_d E[β_d] and
+    Π_d E[β_d²] (0-dim)."""
+    before = [cls(*values) for cls, values in before_keys]
+    after = [cls(*values) for cls, values in after_keys]
+    rank = len(spatial)
+    # per-dim matrices before the conv
+    pre: list[Tensor] = []
+    sizes = list(spatial)
+    for d in range(rank):
+        pre.append(torch.eye(spatial[d], dtype=dtype, device=device))
+    for step in before:
+        new_sizes = list(sizes)
+        for d in range(rank):
+            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
+            pre[d] = matrix @ pre[d]
+        sizes = new_sizes
+    # the conv's per-tap selections (K_d, L_out, L_mid), or one identity "tap"
+    if geometries is not None:
+        taps = []
+        for d in range(rank):
+            index = _index_map(geometries[d], sizes[d], (0, 0), "zeros", device)  # (L_out, K_d)
+            taps.append(_one_hot(index.transpose(0, 1), sizes[d], dtype))  # (K_d, L_out, L_mid)
+        sizes = [tap.shape[1] for tap in taps]
+    else:
+        taps = [torch.eye(sizes[d], dtype=dtype, device=device).unsqueeze(0) for d in range(rank)]
+    post = [torch.eye(sizes[d], dtype=dtype, device=device) for d in range(rank)]
+    for step in after:
+        new_sizes = list(sizes)
+        for d in range(rank):
+            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
+            post[d] = matrix @ post[d]
+        sizes = new_sizes
+    tables: list[Tensor] = []
+    for d in range(rank):
+        paths = post[d] @ taps[d] @ pre[d]  # (K_d, L_out, L_in)
+        count = paths.shape[1]
+        rows = paths.sum(dim=2)  # (K_d, L_out)
+        beta = post[d].sum(dim=1)  # (L_out,)
+        flat = paths.flatten(1)
+        per_dim = [
+            rows.mean(dim=1),
+            rows @ rows.transpose(0, 1) / count,
+            flat @ flat.transpose(0, 1) / count,
+            rows @ beta / count,
+            beta.mean(),
+            (beta * beta).mean(),
+        ]
+        if not tables:
+            tables = per_dim
+            continue
+        fraction, pairs, same, bias_cross, beta_mean, beta_square = tables
+        tables = [
+            torch.outer(fraction, per_dim[0]).reshape(-1),
+            torch.kron(pairs, per_dim[1]),
+            torch.kron(same, per_dim[2]),
+            torch.outer(bias_cross, per_dim[3]).reshape(-1),
+            beta_mean * per_dim[4],
+            beta_square * per_dim[5],
+        ]
+    kernel = tuple(tap.shape[0] for tap in taps)
+    return tables[0].reshape(kernel), tables[1], tables[2], tables[3].reshape(kernel), tables[4], tables[5]
 
 
 def _global_scale(step: LinearStep) -> float:
@@ -1520,7 +1764,7 @@ def linear_path_moments(
 
     with β_d the row sums of Post_d. Without a conv the channels pass through one by one.
     Cost: O(Σ_d K_d · L_out,d · L_mid,d · L_in,d) for the dense per-dim matrices (about
-    2·10⁷ multiply-adds for a 3×3 conv at 112²), plus O(C_out · C_in/groups · K · Σ_d K_d).
+    2·10⁷ multiply-adds for a 3×3 conv at 112²), plus O(C_out · C_in/groups · K²).
     """
     for step in steps:
         _check_linear_step(step)
@@ -1540,18 +1784,6 @@ def linear_path_moments(
     for step in after:
         post_scale *= _global_scale(step)
     mean, variance = mean * pre_scale, variance * pre_scale * pre_scale
-    # per-dim matrices before the conv
-    pre: list[Tensor] = []
-    sizes = list(spatial)
-    for d in range(rank):
-        pre.append(torch.eye(spatial[d], dtype=dtype, device=device))
-    for step in before:
-        new_sizes = list(sizes)
-        for d in range(rank):
-            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
-            pre[d] = matrix @ pre[d]
-        sizes = new_sizes
-    # the conv's per-tap selections (K_d, L_out, L_mid), or one identity "tap"
     if convs:
         layer = convs[0]
         assert isinstance(layer, torch.nn.modules.conv._ConvNd)
@@ -1561,63 +1793,36 @@ def linear_path_moments(
             )
         weight = layer.weight.to(dtype)
         groups, transposed, bias = layer.groups, layer.transposed, layer.bias
-        taps = []
-        for d in range(rank):
-            index = _conv_index_map(layer, d, sizes[d])  # (L_out, K_d)
-            taps.append(_one_hot(index.transpose(0, 1), sizes[d], dtype))  # (K_d, L_out, L_mid)
-        sizes = [tap.shape[1] for tap in taps]
+        geometries: tuple[_ConvDim, ...] | None = tuple(_ConvDim.of(layer, d) for d in range(rank))
     else:
         channels = mean.shape[0]
         weight = torch.ones(channels, 1, *([1] * rank), dtype=dtype, device=device)
         groups, transposed, bias = channels, False, None
-        taps = [torch.eye(sizes[d], dtype=dtype, device=device).unsqueeze(0) for d in range(rank)]
-    post = [torch.eye(sizes[d], dtype=dtype, device=device) for d in range(rank)]
-    for step in after:
-        new_sizes = list(sizes)
-        for d in range(rank):
-            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
-            post[d] = matrix @ post[d]
-        sizes = new_sizes
-    # per-dim tables
-    fraction_tables, pair_tables, same_tables, bias_tables, bias_means, bias_squares = [], [], [], [], [], []
-    for d in range(rank):
-        paths = post[d] @ taps[d] @ pre[d]  # (K_d, L_out, L_in)
-        count = paths.shape[1]
-        rows = paths.sum(dim=2)  # (K_d, L_out)
-        beta = post[d].sum(dim=1)  # (L_out,)
-        fraction_tables.append(rows.mean(dim=1))
-        pair_tables.append(rows @ rows.transpose(0, 1) / count)
-        flat = paths.flatten(1)
-        same_tables.append(flat @ flat.transpose(0, 1) / count)
-        bias_tables.append(rows @ beta / count)
-        bias_means.append(beta.mean())
-        bias_squares.append((beta * beta).mean())
-    fraction = fraction_tables[0]
-    bias_cross = bias_tables[0]
-    for d in range(1, rank):
-        fraction = fraction.unsqueeze(-1) * fraction_tables[d]
-        bias_cross = bias_cross.unsqueeze(-1) * bias_tables[d]
+        geometries = None
+    # the tables: constants of the path's shape (of the graph, when dynamo traces static sizes)
+    key = (tuple(_step_key(step) for step in before), geometries, tuple(_step_key(step) for step in after))
+    if _compiles_constants(spatial):
+        tables = _graph_constants(_build_path_tables, (*key, tuple(spatial)), dtype, device)
+    else:
+        tables = _build_path_tables(*key, tuple(spatial), dtype, device)
+    fraction, pairs, same, bias_cross, beta_mean, beta_square = tables
+    sizes = _path_sizes(before, geometries, after, spatial)
     kernel_dims = list(range(1, rank + 1))
     tap_mean = _per_tap(weight, groups, transposed, mean)  # (C_out, *K)
     centred_mean = (tap_mean * fraction).sum(dim=kernel_dims)
-    mean_of_square = (tap_mean * _apply_along_kernel(tap_mean, pair_tables, 1)).sum(dim=kernel_dims)
+    mean_of_square = _quadratic_form(tap_mean.flatten(1), pairs)
     if transposed:
         weight_out_first = (
             _weight_blocks(weight, groups).transpose(1, 2).reshape(-1, weight.shape[0] // groups, *weight.shape[2:])
         )
     else:
         weight_out_first = weight
-    quadratic = (weight_out_first * _apply_along_kernel(weight_out_first, same_tables, 2)).sum(
-        dim=[k + 1 for k in kernel_dims]
-    )
+    quadratic = _weight_quadratic(weight_out_first, same)
     blocks = quadratic.reshape(groups, -1, quadratic.shape[1])  # (g, C_out/g, C_in/g)
     mean_of_variance = (blocks @ variance.reshape(groups, -1, 1)).reshape(-1)
     out_mean = centred_mean
     if bias is not None:
         b = bias.to(dtype)
-        beta_mean, beta_square = bias_means[0], bias_squares[0]
-        for d in range(1, rank):
-            beta_mean, beta_square = beta_mean * bias_means[d], beta_square * bias_squares[d]
         out_mean = out_mean + b * beta_mean
         mean_of_square = mean_of_square + b * b * beta_square + 2 * b * (tap_mean * bias_cross).sum(dim=kernel_dims)
     spread = (mean_of_square - out_mean * out_mean).clamp_min(0.0)

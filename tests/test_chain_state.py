@@ -340,3 +340,38 @@ def test_a_posterior_published_by_hand_is_not_checked_against_module_calls() -> 
         scratch.published["0"] = source
         prior = model[3].chain.prior(model[3], x)  # type: ignore[union-attr]
     assert prior is not None and prior.sources[0].name == "0"
+
+
+class _DenseBlock(nn.Module):
+    """A DenseNet-style block: each BatchNorm sees the concatenation of every earlier output, so one
+    source feeds several later layers and a call reuses its Gaussian and its path predictions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(4 + 2 * i), nn.ReLU(), nn.Conv2d(4 + 2 * i, 2, 3, padding=1, bias=False))
+            for i in range(3)
+        )
+        self.head = nn.BatchNorm2d(10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.head(torch.cat(features, 1))
+
+
+def test_a_compiled_dense_block_reuses_predictions_in_one_graph() -> None:
+    """The per-call memo of shared predictions is plain data to dynamo: no graph break, no recompilation."""
+    torch.manual_seed(0)
+    model = convert_batchnorm(_DenseBlock(), torch.randn(2, 3, 8, 8)).train()
+    eager = copy.deepcopy(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 3, 8, 8)
+    with fast.reference_only():
+        expected = eager(x)
+    torch.testing.assert_close(compiled(x), expected)
+    compiled(torch.randn(2, 3, 8, 8))
+    assert counter.frame_count == 1

@@ -799,15 +799,29 @@ class _AllKinds(nn.Module):
         return tuple(outputs)
 
 
+_CACHED_POOLS = [
+    M.PoolSpec.from_module(pool)
+    for pool in (
+        nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True),
+        nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+        nn.AdaptiveAvgPool2d((2, 3)),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.AdaptiveMaxPool2d(3),
+    )
+]
+
+
 def _constants_path(mean: Tensor, variance: Tensor) -> tuple[Tensor, ...]:
     """Every kind of constant the module caches in eager mode: piecewise edges and coefficients,
-    a Gauss–Hermite rule, zero- and reflect-padded conv coverage tables."""
+    a Gauss–Hermite rule, zero- and reflect-padded conv coverage tables, pooling factors."""
     zero_padded = nn.Conv2d(5, 4, 3, padding=1, stride=2).double()
     reflected = nn.Conv2d(5, 3, 3, padding=1, padding_mode="reflect").double()
     torch.manual_seed(0)
     outputs = [*M.elementwise_moments("hardswish", mean, variance), *M.elementwise_moments("silu", mean, variance)]
     outputs += M.conv_moments(zero_padded, mean, variance, (7, 6))[:2]
     outputs += M.conv_moments(reflected, mean, variance, (5, 5))[:2]
+    for spec in _CACHED_POOLS:
+        outputs += M.pool_moments(spec, mean, variance, (7, 6))[:2]
     return tuple(outputs)
 
 
@@ -834,6 +848,9 @@ def test_cached_constants_give_the_uncached_values_and_hold_no_graph() -> None:
     assert cached, "conv_moments cached no coverage table in eager mode"
     tensors = [t for entry in cached for t in entry if t is not None]
     assert M._piece_edges.cache_info().currsize > 0 and M._hermite_tensors.cache_info().currsize > 0
+    hits = M._pool_factors.cache_info().hits
+    tensors += [t for spec in _CACHED_POOLS for t in M._pool_factors(spec, (7, 6), torch.float64, torch.device("cpu"))]
+    assert M._pool_factors.cache_info().hits == hits + len(_CACHED_POOLS)  # the path cached each one
     assert not any(t.requires_grad for t in tensors)
     assert M._piece_edges.cache_info().maxsize == M._CACHE_SIZE
 
@@ -846,6 +863,7 @@ def test_a_call_in_inference_mode_does_not_poison_later_training_calls() -> None
     M._piece_edges.cache_clear()
     M._piece_coefficients.cache_clear()
     M._hermite_tensors.cache_clear()
+    M._pool_factors.cache_clear()
     with torch.inference_mode():
         _constants_path(mean, variance)
     leaf_mean, leaf_variance = _leaf_moments()

@@ -1,11 +1,13 @@
 """Speed work without timing: the fused eager predictions equal the reference, and the traced step stays small.
 
-* :mod:`bkn_export.chain.fast` computes conv / linear, ReLU and piecewise-linear/quadratic
-  activation moments with closed-form backward (and a squeeze-and-excitation gate's branch
-  through them); :mod:`bkn_export.moments` (through each step's ``predict``) is the reference.
-  Compared in float64: values, first derivatives into W, b, μ, σ², second derivatives; what
-  it does not cover runs the reference.
-* A path shared by several layers (DenseNet's concatenations) is pushed once per forward.
+* :mod:`bkn_export.chain.fast` computes conv / linear, ReLU, piecewise-linear/quadratic and
+  silu / sigmoid / tanh (Gauss–Hermite) activation moments and a squeeze-and-excitation
+  gate's product with closed-form backward (the gate's branch through them, module and
+  functional activations alike); :mod:`bkn_export.moments` (through each step's ``predict``)
+  is the reference. Compared in float64: values, first derivatives into W, b, μ, σ², second
+  derivatives; what it does not cover runs the reference.
+* A path shared by several layers (DenseNet's concatenations) is pushed once per forward,
+  and each source's Gaussian is computed once per forward.
 * GPU launch budget proxy (issue 18.2): the op count of a wired layer's traced train step
   (``make_fx`` under fake tensors, forward and forward + backward), per transition, over
   the same model with that layer first in chain; no host read (``_local_scalar_dense``)
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +46,7 @@ CONVS: dict[str, Callable[[], nn.Module]] = {
     "1x1": lambda: nn.Conv2d(6, 5, 1),
     "1x1 padded": lambda: nn.Conv2d(6, 5, 1, padding=1),
     "depthwise 3x3": lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6),
+    "depthwise x2": lambda: nn.Conv2d(6, 12, 3, padding=1, groups=6),
     "grouped dilated": lambda: nn.Conv2d(6, 4, 3, padding=2, dilation=2, groups=2),
     "conv1d": lambda: nn.Conv1d(6, 5, 5, padding=2),
     "conv3d": lambda: nn.Conv3d(6, 3, 3, padding=1),
@@ -143,6 +147,55 @@ def test_fused_piecewise_moments_equal_the_reference(kind: str, scale: float) ->
     torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference[:2], wrt), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["silu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("scale", [1e-7, 0.3, 1.0, 4.0])
+def test_fused_gauss_hermite_moments_equal_the_reference(kind: str, scale: float) -> None:
+    """The same quadrature (forward op for op), its gradient in closed form; variances down to the floor."""
+    mean = torch.linspace(-6.0, 6.0, 25, dtype=F64).requires_grad_()
+    variance = torch.full_like(mean, scale * scale).requires_grad_()
+    step = Elementwise(kind)
+    reference = step.predict(mean, variance, (), {})
+    fused = fast.predict_steps((step,), mean, variance, (), {})
+    assert type(fused[0].grad_fn).__name__ == "_GaussHermiteMomentsBackward"
+    torch.testing.assert_close(fused[:2], reference[:2], rtol=0, atol=0)  # the forward is the reference's
+    wrt = [mean, variance]
+    torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference[:2], wrt), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["relu", *sorted(PIECEWISE), "silu"])
+def test_module_activations_take_the_fused_forms_too(kind: str) -> None:
+    """A step recorded from a module (nn.Hardswish, nn.ReLU) holds only its name: the same fused form."""
+    mean, variance = _inputs(9)
+    step = Elementwise(kind, PIECEWISE.get(kind, ()), module="act")
+    modules = {"act": nn.Identity()}  # never read: the parameters are the step's
+    fused = fast.predict_steps((step,), mean, variance, (), modules)
+    expected = {"relu": "_ReluMoments", "silu": "_GaussHermiteMoments"}.get(kind, "_PiecewiseMoments")
+    assert type(fused[0].grad_fn).__name__ == expected + "Backward"
+    reference = step.predict(mean, variance, (), modules)
+    torch.testing.assert_close(fused[:2], reference[:2], rtol=0, atol=0)
+    wrt = [mean, variance]
+    torch.testing.assert_close(_grads(fused[:2], wrt), _grads(reference[:2], wrt), rtol=1e-11, atol=1e-13)
+
+
+def _gate_reference(mean: Tensor, variance: Tensor, gate_mean: Tensor, gate_variance: Tensor) -> tuple[Tensor, Tensor]:
+    """Gate.predict's product, as written there."""
+    out_mean = mean * gate_mean
+    second = (variance + mean * mean) * (gate_variance + gate_mean * gate_mean)
+    return out_mean, (second - out_mean * out_mean).clamp_min(0.0)
+
+
+@pytest.mark.parametrize("gate_channels", [6, 1], ids=["per channel", "broadcast (unfused)"])
+def test_the_fused_gate_product_equals_the_reference(gate_channels: int) -> None:
+    mean, variance = _inputs(6)
+    gate_mean, gate_variance = _inputs(gate_channels, seed=1)
+    inputs = (mean, variance, gate_mean, gate_variance)
+    fused = fast.gate_product(*inputs)
+    reference = _gate_reference(*inputs)
+    torch.testing.assert_close(fused, reference, rtol=1e-14, atol=0)
+    wrt = list(inputs)
+    torch.testing.assert_close(_grads(fused, wrt), _grads(reference, wrt), rtol=1e-12, atol=1e-14)
+
+
 def test_a_squeeze_and_excitation_gate_through_the_fused_forms_equals_the_reference() -> None:
     torch.manual_seed(0)
     modules = {"reduce": nn.Conv2d(6, 3, 1).to(F64), "expand": nn.Conv2d(3, 6, 1).to(F64)}
@@ -167,6 +220,13 @@ def test_fused_functions_differentiate_twice() -> None:
     )
     assert torch.autograd.gradgradcheck(fast.relu_moments, (mean, variance))
     assert torch.autograd.gradgradcheck(lambda m, v: fast.piecewise_moments("hardswish", m, v), (mean, variance))
+    assert torch.autograd.gradgradcheck(lambda m, v: fast.piecewise_moments("relu6", m, v), (mean, variance))
+    for kind in ("silu", "sigmoid", "tanh"):
+        smooth = functools.partial(fast.gauss_hermite_moments, kind)
+        assert torch.autograd.gradgradcheck(smooth, (mean, variance))
+    gate_mean, gate_variance = _inputs(4, seed=1)
+    assert torch.autograd.gradcheck(fast.gate_product, (mean, variance, gate_mean, gate_variance))
+    assert torch.autograd.gradgradcheck(fast.gate_product, (mean, variance, gate_mean, gate_variance))
 
 
 def test_torch_func_transforms_see_the_reference() -> None:
@@ -247,6 +307,24 @@ def test_a_path_shared_by_later_layers_is_pushed_once_per_forward(monkeypatch: p
     pushed.clear()
     model(torch.randn(2, 3, 6, 6, dtype=F64))
     assert len(pushed) == 2  # a new forward pushes its own posteriors
+
+
+def test_each_source_gaussian_is_computed_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """norm0 feeds all three dense layers, norms[0] two, norms[1] one: 3 Gaussians, not 6."""
+    model = _dense_model()
+    sources: list[Tensor] = []
+    original = moments.normalized_output_moments
+
+    def counting(mean: Tensor, *args: Any) -> Any:
+        sources.append(mean)
+        return original(mean, *args)
+
+    monkeypatch.setattr(moments, "normalized_output_moments", counting)
+    model(torch.randn(2, 3, 6, 6, dtype=F64))
+    assert len(sources) == len({id(t) for t in sources}) == 3
+    sources.clear()
+    model(torch.randn(2, 3, 6, 6, dtype=F64))
+    assert len(sources) == 3  # a new forward computes its own
 
 
 # --------------------------------------------------------------------------- GPU launch budget proxy

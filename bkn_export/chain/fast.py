@@ -1,4 +1,5 @@
-"""Fused eager forms of the hot prediction steps (conv / linear, ReLU and piecewise activation moments).
+"""Fused eager forms of the hot prediction steps (conv / linear, activation moments, the
+squeeze-and-excitation product).
 
 :mod:`bkn_export.moments` is the reference: plain differentiable tensor code that
 ``torch.export``, dynamo and the ONNX exporter trace. Run eagerly, its autograd graph
@@ -14,7 +15,8 @@ Here the same math runs as ``torch.autograd.Function`` s with closed-form backwa
   (zero padding, a zero pad folded in, or none; not transposed), or a Linear (K = 1).
   With T = per-tap means (C_out, K), f (K,) the fraction of positions at which tap t
   reads an input and H (K, K) the fraction at which taps t and t' both do (products of
-  per-dim tables, :func:`bkn_export.moments._coverage_tables`, cached per geometry)::
+  per-dim tables, :func:`bkn_export.moments._coverage_tables`, cached per geometry with
+  the output size)::
 
       T[o,t] = Σ_i W[o,i,t] μ_i            S[o,i] = Σ_t W[o,i,t]² f_t
       M_o = Σ_t T[o,t] f_t                 V_o = Σ_i S[o,i] σ²_i + max(T_o H T_oᵀ − M_o², 0)
@@ -26,34 +28,50 @@ Here the same math runs as ``torch.autograd.Function`` s with closed-form backwa
       ∂μ_i = Σ_{o,t} gT[o,t] W[o,i,t]      ∂σ²_i = Σ_o ∂V_o S[o,i]
 
   W is read three times forward (T, W∘W for S) and three times backward (∂μ and ∂W),
-  and S is kept instead of W∘W.
+  and S is kept instead of W∘W; a depthwise conv's T and ∂μ are elementwise products. A 1×1
+  conv's or Linear's ∂W is built in its own buffer, without a W-sized outer product: on CPU a
+  fresh W-sized temporary costs more than a pass over W (1.1 ms against 0.09 ms at 1152 × 320).
 * :func:`relu_moments` — with a = μ/σ, E = μ Φ(a) + σ φ(a): ∂E/∂μ = Φ(a), ∂E/∂σ = φ(a),
-  ∂Var/∂μ = 2 E Φ(−a), ∂Var/∂σ = 2 σ Φ(a) − 2 E φ(a) (the forward is the reference's).
+  ∂Var/∂μ = 2 E Φ(−a), ∂Var/∂σ = 2 σ Φ(a) − 2 E φ(a) (the forward is the reference's,
+  op for op, keeping Φ(±a), φ(a) and σ for the backward).
 * :func:`piecewise_moments` — relu6, leaky_relu, hardtanh, hardsigmoid, hardswish
-  (continuous, piecewise quadratic): the reference's forward, and Stein's identities
-  ∂E[g(X)]/∂μ = E[g'(X)], ∂E[g(X)]/∂σ = E[g'(X) Z] for g = f, f² as truncated moments
-  (:class:`_PiecewiseMoments`).
+  (continuous, piecewise quadratic): the reference's formulas with the breakpoints and
+  coefficients as constants cached per (kind, parameters, dtype, device, rank), each
+  breakpoint standardized once for the two pieces that share it (the same values as the
+  reference, bit for bit); the backward by Stein's identities ∂E[g(X)]/∂μ = E[g'(X)],
+  ∂E[g(X)]/∂σ = E[g'(X) Z] for g = f, (f − E)², from the truncated moments the forward
+  kept (:class:`_PiecewiseMoments`).
+* :func:`gauss_hermite_moments` — silu (swish), sigmoid, tanh: the reference's quadrature
+  E = Σ_j w_j f(μ + σ z_j), Var = Σ_j w_j (f − E)², op for op, with the backward
+  ∂L/∂x_j = w_j (gE − 2 gV Σ_k w_k c_k + 2 gV c_j) f'(x_j) (c = f − E), with fewer (C, n)
+  buffers than autograd's graph (efficientnet-b0: 0.6-3 % of a train step, measured).
+* :func:`gate_product` — a :class:`~bkn_export.chain.steps.Gate`'s product of the input's
+  and the gate's moments (:class:`_GateProduct`).
 
 Under ``create_graph=True`` each backward instead recomputes its forward with autograd
 and differentiates that, so second and higher derivatives are the reference's.
 
 :func:`predict_steps` is what the transitions call: these functions for the steps they
 cover when nothing traces the call (plain eager, any device), the steps' own
-``predict`` (the reference) otherwise and for every other step. A squeeze-and-excitation
-:class:`~bkn_export.chain.steps.Gate` runs its branch through :func:`predict_steps` too
-(the product with the gate is :class:`~bkn_export.chain.steps.Gate`'s, repeated here). :func:`reference_only`
-switches the fused forms off (benchmarks and tests compare the two).
+``predict`` (the reference) otherwise and for every other step (prelu, elu / selu / celu,
+gelu, mish, softplus, pooling, resampling, ...). An elementwise step takes its fused
+form whether it was recorded from a module or a function. A squeeze-and-excitation
+:class:`~bkn_export.chain.steps.Gate` runs its branch through :func:`predict_steps` too,
+then :func:`gate_product`. :func:`reference_only` switches the fused forms off
+(benchmarks and tests compare the two).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Private API, as in bkn_export.ops: a dispatch mode (fake tensors, make_fx, FlopCounterMode)
@@ -63,7 +81,17 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from bkn_export import moments
 from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, Step, linear_runs
 
-__all__ = ["affine_moments", "piecewise_moments", "predict_steps", "reference_only", "relu_moments", "uses_fused"]
+__all__ = [
+    "affine_moments",
+    "elementwise_moments",
+    "gate_product",
+    "gauss_hermite_moments",
+    "piecewise_moments",
+    "predict_steps",
+    "reference_only",
+    "relu_moments",
+    "uses_fused",
+]
 
 _ENABLED: ContextVar[bool] = ContextVar("bkn_fused_predictions", default=True)
 
@@ -96,8 +124,8 @@ def uses_fused(mean: Tensor) -> bool:
 # --------------------------------------------------------------------------- conv / linear
 
 
-#: (f, H) or None per conv geometry, input size and dtype: constants of the layer's shape.
-_COVERAGE: dict[tuple[Any, ...], tuple[Tensor, Tensor] | None] = {}
+#: ((f, H) or None, output spatial size) per conv geometry, input size and dtype: constants of the layer's shape.
+_COVERAGE: dict[tuple[Any, ...], tuple[tuple[Tensor, Tensor] | None, Spatial]] = {}
 
 
 def _hashable(value: Any) -> Any:
@@ -111,11 +139,23 @@ def _coverage(
 ) -> tuple[Tensor, Tensor] | None:
     """(f (K,), H (K, K)) of ``layer``'s geometry on ``spatial`` after a zero pad ``padding``,
     or None where every tap reads an input at every position (computed once per geometry)."""
-    key = _hashable(
-        (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.weight.device, spatial, padding, dtype)
-    )  # modules may hold lists (efficientnet-pytorch's stride)
-    if key in _COVERAGE:
-        return _COVERAGE[key]
+    return _conv_geometry(layer, spatial, padding, dtype)[0]
+
+
+def _conv_geometry(
+    layer: nn.modules.conv._ConvNd, spatial: Spatial, padding: tuple[tuple[int, int], ...], dtype: torch.dtype
+) -> tuple[tuple[Tensor, Tensor] | None, Spatial]:
+    """(:func:`_coverage`, the output's spatial size), computed once per geometry."""
+    key: tuple[Any, ...] = (
+        layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.weight.device, spatial, padding, dtype,
+    )  # fmt: skip
+    try:
+        found = _COVERAGE.get(key)
+    except TypeError:  # modules may hold lists (efficientnet-pytorch's stride)
+        key = _hashable(key)
+        found = _COVERAGE.get(key)
+    if found is not None:
+        return found
     coverage = None
     if moments._borders_vary(layer, padding, "zeros"):
         # Constants: never part of a graph, and usable outside the inference mode they may be built in.
@@ -131,8 +171,13 @@ def _coverage(
                 fraction = torch.outer(fraction, tables[d][0]).reshape(-1)
                 pairs = torch.kron(pairs, tables[d][1])
             coverage = (fraction.reshape(-1).contiguous(), pairs.contiguous())
-    _COVERAGE[key] = coverage
-    return coverage
+    out_spatial = tuple(
+        moments._conv_output_length(layer, d, spatial[d] + padding[d][0] + padding[d][1]) for d in range(len(spatial))
+    )
+    if len(_COVERAGE) >= moments._CACHE_SIZE:
+        _COVERAGE.clear()
+    _COVERAGE[key] = (coverage, out_spatial)
+    return coverage, out_spatial
 
 
 def conv_covered(layer: nn.Module, input_padding: tuple[tuple[int, int], ...] | None, mode: str) -> bool:
@@ -152,7 +197,7 @@ def _affine_forward(
     groups = mean.shape[0] // inputs
     if groups == 1 and kernel == 1:  # 1×1 conv, Linear: matrix-vector products (bmm of vectors is slow)
         matrix = weight.squeeze(2)
-        square_sums = matrix * matrix if fraction is None else (matrix * matrix) * fraction
+        square_sums = matrix * matrix if fraction is None else (matrix * matrix).mul_(fraction)
         taps = (matrix @ mean).unsqueeze(1)
         out_variance = square_sums @ variance
         mean_rows, variance_rows = mean.unsqueeze(0), variance.unsqueeze(0)  # broadcast as (1, B)
@@ -174,7 +219,10 @@ def _affine_forward(
         )
     mean_rows = mean.reshape(groups, 1, inputs).expand(groups, rows // groups, inputs).reshape(rows, inputs)
     variance_rows = variance.reshape(groups, 1, inputs).expand(groups, rows // groups, inputs).reshape(rows, inputs)
-    taps = torch.bmm(mean_rows.unsqueeze(1), weight).squeeze(1)  # T (C_out, K)
+    if inputs == 1:  # depthwise: T[o, t] = W[o, 0, t] μ_o (no batch of 1×1 products)
+        taps = weight.squeeze(1) * mean_rows
+    else:
+        taps = torch.bmm(mean_rows.unsqueeze(1), weight).squeeze(1)  # T (C_out, K)
     squares = weight * weight
     square_sums = squares.sum(-1) if fraction is None else squares @ fraction  # S (C_out, B)
     del squares
@@ -252,13 +300,19 @@ class _AffineMoments(torch.autograd.Function):
             matrix = weight.squeeze(2)
             grad_input_mean = matrix.t() @ grad_taps.squeeze(1)
             grad_input_variance = square_sums.t() @ grad_variance
-            grad_matrix = matrix * (2.0 * grad_variance.unsqueeze(1) * variance_rows)
-            if fraction is not None:
-                grad_matrix.mul_(fraction)
+            # One W-sized buffer: a fresh W-sized temporary (the outer product 2 ∂V σ²ᵀ) costs more
+            # than the passes over W themselves (1.1 ms against 0.09 ms at 1152 × 320, measured).
+            scale = 2.0 * grad_variance if fraction is None else (2.0 * grad_variance) * fraction
+            grad_matrix = matrix * scale.unsqueeze(1)
+            grad_matrix.mul_(variance_rows)
             grad_matrix.addr_(grad_taps.squeeze(1), mean)
             return grad_matrix.unsqueeze(2), grad_input_mean, grad_input_variance, None, None
-        grad_mean_rows = torch.bmm(weight, grad_taps.unsqueeze(2)).squeeze(2)  # Σ_t gT W  (C_out, B)
-        grad_input_mean = grad_mean_rows.reshape(groups, -1, inputs).sum(1).reshape(-1)
+        if inputs == 1 and rows == groups:  # depthwise: ∂μ_o = Σ_t gT[o, t] W[o, 0, t]
+            grad_input_mean = (weight.squeeze(1) * grad_taps).sum(1)
+        else:  # Σ_t gT W per row (C_out, B), then over each group's rows (a copy of W permuted for
+            # one matrix-vector product is slower in a network: a fresh W-sized buffer, measured)
+            grad_mean_rows = torch.bmm(weight, grad_taps.unsqueeze(2)).squeeze(2)
+            grad_input_mean = grad_mean_rows.reshape(groups, -1, inputs).sum(1).reshape(-1)
         grad_input_variance = (grad_variance.unsqueeze(1) * square_sums).reshape(groups, -1, inputs).sum(1).reshape(-1)
         grad_weight = weight * (2.0 * grad_variance.unsqueeze(1) * variance_rows).unsqueeze(2)  # one W-sized buffer
         if fraction is not None:
@@ -297,15 +351,31 @@ def _conv_step(step: Affine, layer: nn.Module, mean: Tensor, variance: Tensor, s
     padding = step.input_padding if step.input_padding is not None else ((0, 0),) * rank
     if len(spatial) != rank:  # the reference names the mismatch
         return step.predict(mean, variance, spatial, {step.module: layer})
-    coverage = _coverage(layer, tuple(spatial), padding, mean.dtype)
-    out_spatial = tuple(
-        moments._conv_output_length(layer, d, spatial[d] + padding[d][0] + padding[d][1]) for d in range(rank)
-    )
+    coverage, out_spatial = _conv_geometry(layer, tuple(spatial), padding, mean.dtype)
     out_mean, out_variance = affine_moments(layer.weight, layer.bias, mean, variance, coverage)
     return out_mean, out_variance, out_spatial
 
 
-# --------------------------------------------------------------------------- ReLU
+# --------------------------------------------------------------------------- elementwise
+
+
+def _constant(values: Any, dtype: torch.dtype, device: torch.device, shape: tuple[int, ...]) -> Tensor:
+    """A constant tensor that is never part of a graph and is usable outside the inference mode
+    it may be built in (the caches below are filled under whatever mode the first call runs)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(values, dtype=dtype, device=device).reshape(shape)
+
+
+def _relu_forward(mean: Tensor, variance: Tensor) -> tuple[Tensor, ...]:
+    """:func:`bkn_export.moments._relu_moments` op for op (same values), with what the backward reuses:
+    (E, Var, σ, φ(a), Φ(a), Φ(−a), E[...] before the clamp at 0)."""
+    std = torch.sqrt(variance.clamp_min(moments._VARIANCE_FLOOR))
+    a = (mean / std).clamp(-moments._Z_LIMIT, moments._Z_LIMIT)
+    pdf, below, above = moments._pdf(a), moments._cdf(a), moments._cdf(-a)
+    out_mean = mean * below + std * pdf
+    ratio = a * a * below * above + below + a * pdf * (above - below) - pdf * pdf
+    spread = std * std * ratio
+    return out_mean, spread.clamp_min(0.0), std, pdf, below, above, spread
 
 
 class _ReluMoments(torch.autograd.Function):
@@ -313,115 +383,428 @@ class _ReluMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        out_mean, out_variance = moments._relu_moments(mean, variance)
-        ctx.save_for_backward(mean, variance, out_mean)
+        out_mean, out_variance, std, pdf, below, above, spread = _relu_forward(mean, variance)
+        ctx.save_for_backward(mean, variance, out_mean, std, pdf, below, above, spread)
         return out_mean, out_variance
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        mean, variance, out_mean = ctx.saved_tensors
+        mean, variance, out_mean, std, pdf, below, above, spread = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiated(moments._relu_moments, (mean, variance), (), (grad_mean, grad_variance))  # type: ignore[return-value]
-        floor = moments._VARIANCE_FLOOR
-        std = variance.clamp_min(floor).sqrt()
-        a = (mean / std).clamp(-moments._Z_LIMIT, moments._Z_LIMIT)
-        below, above, pdf = moments._cdf(a), moments._cdf(-a), moments._pdf(a)
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-        grad_variance = torch.zeros_like(mean) if grad_variance is None else grad_variance
-        grad_input_mean = grad_mean * below + grad_variance * 2.0 * out_mean * above
-        grad_std = grad_mean * pdf + grad_variance * 2.0 * (std * below - out_mean * pdf)
-        grad_input_variance = torch.where(variance >= floor, grad_std / (2.0 * std), 0.0)
+        grad_variance = (
+            torch.zeros_like(mean) if grad_variance is None else torch.where(spread >= 0, grad_variance, 0.0)
+        )  # the clamp at 0 passes where Var ≥ 0
+        twice = 2.0 * grad_variance
+        grad_input_mean = grad_mean * below + twice * out_mean * above
+        grad_std = grad_mean * pdf + twice * (std * below - out_mean * pdf)
+        grad_input_variance = torch.where(variance >= moments._VARIANCE_FLOOR, grad_std / (2.0 * std), 0.0)
         return grad_input_mean, grad_input_variance
+
+
+def relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`bkn_export.moments.elementwise_moments` ``("relu", ...)`` with a fused backward."""
+    return _ReluMoments.apply(mean, variance)  # type: ignore[no-any-return]
+
+
+class _PiecewiseTable(NamedTuple):
+    """A continuous piecewise-quadratic f as constants of shape (·, 1 × rank).
+
+    edges: (P + 1, …) the breakpoints −∞ = b_0 < b_1 < … < b_P = +∞ (piece p is b_p ≤ x < b_{p+1});
+    c0, c1: (P, …) f = c0 + c1 x + c2 x² on each piece; c2, twice_c2: (P, …) c2 and 2 c2, or None
+    where every c2 is 0 (piecewise linear: truncated moments up to order 2 suffice, not 4).
+    """
+
+    edges: Tensor
+    c0: Tensor
+    c1: Tensor
+    c2: Tensor | None
+    twice_c2: Tensor | None
+    pieces: tuple[moments._Piece, ...]  # the reference's form (create_graph differentiates it)
+
+
+#: Their constant tensors per (plan, dtype, device, rank).
+_PIECEWISE_TABLES: dict[tuple[Any, ...], _PiecewiseTable] = {}
+
+#: Continuous piecewise-quadratic kinds with number parameters (prelu's slope is a tensor: reference).
+_PIECEWISE_KINDS = frozenset({"relu6", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish"})
+
+
+def _piecewise_plan(name: str, resolved: Mapping[str, Any]) -> Any:
+    """(edges (P + 1,), c0, c1, c2 (P,)) as float tuples of a continuous piecewise kind; None where
+    its pieces are not a continuous partition (a hardtanh with min_val ≥ max_val)."""
+    if name == "hardtanh" and float(resolved["min_val"]) > float(resolved["max_val"]):
+        return None
+    pieces = moments._pieces(name, resolved, torch.empty(0))
+    coefficients = [tuple(float(getattr(p, c)) for p in pieces) for c in ("c0", "c1", "c2")]
+    edges = (-math.inf, *(float(p.hi) for p in pieces[:-1] if p.hi is not None), math.inf)
+    joined = all(a.hi == b.lo for a, b in itertools.pairwise(pieces))
+    increasing = len(edges) == len(pieces) + 1 and all(a < b for a, b in itertools.pairwise(edges))
+    if not (joined and increasing and pieces[0].lo is None and pieces[-1].hi is None):
+        return None
+    return (edges, *coefficients)
+
+
+def _piecewise_table(plan: Any, dtype: torch.dtype, device: torch.device, rank: int) -> _PiecewiseTable:
+    key = (plan, dtype, device, rank)
+    table = _PIECEWISE_TABLES.get(key)
+    if table is None:
+        edges, c0, c1, c2 = plan
+        shape = (-1,) + (1,) * rank
+        quadratic = any(c != 0.0 for c in c2)
+        table = _PiecewiseTable(
+            _constant(edges, dtype, device, shape),
+            _constant(c0, dtype, device, shape),
+            _constant(c1, dtype, device, shape),
+            _constant(c2, dtype, device, shape) if quadratic else None,
+            _constant([2.0 * c for c in c2], dtype, device, shape) if quadratic else None,
+            tuple(
+                moments._Piece(None if lo == -math.inf else lo, None if hi == math.inf else hi, *c)
+                for lo, hi, *c in zip(edges[:-1], edges[1:], c0, c1, c2, strict=True)
+            ),
+        )
+        if len(_PIECEWISE_TABLES) >= moments._CACHE_SIZE:
+            _PIECEWISE_TABLES.clear()
+        _PIECEWISE_TABLES[key] = table
+    return table
+
+
+def _piecewise_forward(mean: Tensor, variance: Tensor, table: _PiecewiseTable) -> tuple[Tensor | None, ...]:
+    """(E, Var) of f(X) with what the backward reuses: the values of
+    :func:`bkn_export.moments._piecewise_quadratic_moments` (same formulas, same rounding), the
+    standardized breakpoints computed once for the two pieces that share each.
+
+    With z_b = (b − μ)/σ (clamped to ±30; ±∞ edges give ±30, as there), on piece p:
+    I_0 = Φ(z_{p+1}) − Φ(z_p) (in the upper tail where z_p > 0), I_1 = φ(z_p) − φ(z_{p+1}),
+    I_k = (k−1) I_{k−2} + z_p^{k−1} φ(z_p) − z_{p+1}^{k−1} φ(z_{p+1}); f = d0 + d1 Z + d2 Z² there.
+    Returns (E, Var, σ, d0 − E, d1, d2 or None, ΣVar before the clamp, I_0, …, I_order) (P, …) each.
+    """
+    std = torch.sqrt(variance.clamp_min(moments._VARIANCE_FLOOR))
+    z = ((table.edges - mean) / std).clamp(-moments._Z_LIMIT, moments._Z_LIMIT)  # (P + 1, *mean.shape)
+    lo = z[:-1]
+    scaled = z * moments._SQRT_HALF
+    upper, lower = torch.special.erfc(scaled), torch.special.erfc(-scaled)  # 2Φ(−z), 2Φ(z)
+    probability = 0.5 * torch.where(lo > 0, upper[:-1] - upper[1:], lower[1:] - lower[:-1])
+    edge = moments._pdf(z)
+    truncated = [probability, edge[:-1] - edge[1:]]
+    for k in range(2, 5 if table.c2 is not None else 3):
+        edge = edge * z
+        previous = truncated[k - 2] if k == 2 else (k - 1) * truncated[k - 2]
+        truncated.append(previous + edge[:-1] - edge[1:])
+    d0 = table.c0 + table.c1 * mean
+    d1 = table.c1 * std
+    d2 = None
+    if table.c2 is not None:
+        assert table.twice_c2 is not None
+        d0 = d0 + table.c2 * mean * mean
+        d1 = d1 + table.twice_c2 * mean * std
+        d2 = table.c2 * std * std
+        out_mean = (d0 * truncated[0] + d1 * truncated[1] + d2 * truncated[2]).sum(dim=0)
+    else:
+        out_mean = (d0 * truncated[0] + d1 * truncated[1]).sum(dim=0)
+    e0 = d0 - out_mean
+    terms = e0 * e0 * truncated[0] + 2.0 * e0 * d1 * truncated[1] + d1 * d1 * truncated[2]
+    if d2 is not None:
+        terms = terms + 2.0 * e0 * d2 * truncated[2] + 2.0 * d1 * d2 * truncated[3] + d2 * d2 * truncated[4]
+    spread = terms.sum(dim=0)
+    return out_mean, spread.clamp_min(0.0), std, e0, d1, d2, spread, *truncated
 
 
 class _PiecewiseMoments(torch.autograd.Function):
     """(E, Var) of f(X) for a continuous piecewise-quadratic f (reference forward, Stein backward).
 
     With X = μ + σZ and f continuous (so f and f² are absolutely continuous),
-    ∂E[g(X)]/∂μ = E[g'(X)] and ∂E[g(X)]/∂σ = E[g'(X) Z]; for g = f and g = f², on each
-    piece f = c0 + c1 x + c2 x², f' = e0 + e1 Z (e0 = c1 + 2 c2 μ, e1 = 2 c2 σ) and
-    f = d0 + d1 Z + d2 Z², so every expectation is a sum of truncated moments
-    I_k = E[Z^k 1{piece}], k ≤ 4 (the recursion of the reference). Var = E[f²] − E².
+    ∂E[g(X)]/∂μ = E[g'(X)] and ∂E[g(X)]/∂σ = E[g'(X) Z]; for g = f and g = (f − E)², on each
+    piece f − E = d0' + d1 Z + d2 Z² (d0' = d0 − E) and f' = e0 + e1 Z (e0 = c1 + 2 c2 μ,
+    e1 = 2 c2 σ), so with the truncated moments I_k of the forward::
+
+        ∂E/∂μ = Σ e0 I0 + e1 I1              ∂E/∂σ = Σ e0 I1 + e1 I2
+        ∂Var/∂μ = 2 Σ_k a_k I_k              ∂Var/∂σ = 2 Σ_k a_k I_{k+1}
+
+    (a0, a1, a2, a3) = (d0' e0, d0' e1 + d1 e0, d1 e1 + d2 e0, d2 e1), the coefficients of
+    (f − E) f' in powers of Z (∂Var = ∂E[(f − E)²] as E[f − E] = 0); centred, so that nothing
+    cancels where σ ≪ |E|. Var's clamp at 0 passes where the centred sum is ≥ 0.
     """
 
     @staticmethod
-    def forward(ctx: Any, mean: Tensor, variance: Tensor, pieces: Any) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        out_mean, out_variance = moments._piecewise_quadratic_moments(pieces, mean, variance)
-        ctx.save_for_backward(mean, variance, out_mean)
-        ctx.pieces = pieces
-        return out_mean, out_variance
+    def forward(ctx: Any, mean: Tensor, variance: Tensor, table: _PiecewiseTable) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        out_mean, out_variance, std, e0, d1, d2, spread, *truncated = _piecewise_forward(mean, variance, table)
+        ctx.save_for_backward(mean, variance, std, e0, d1, d2, spread, *truncated)
+        ctx.table = table
+        return out_mean, out_variance  # type: ignore[return-value]
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        mean, variance, out_mean = ctx.saved_tensors
-        pieces = ctx.pieces
+        mean, variance, std, centred, d1, d2, spread, *truncated = ctx.saved_tensors
+        table: _PiecewiseTable = ctx.table
         if torch.is_grad_enabled():
             return (
                 *_differentiated(
-                    lambda m, v: moments._piecewise_quadratic_moments(pieces, m, v),
+                    lambda m, v: moments._piecewise_quadratic_moments(table.pieces, m, v),
                     (mean, variance),
                     (),
                     (grad_mean, grad_variance),
                 ),
                 None,
             )
-        floor, limit = moments._VARIANCE_FLOOR, moments._Z_LIMIT
-        dtype, device = mean.dtype, mean.device
-        std = variance.clamp_min(floor).sqrt()
-        shape = (-1,) + (1,) * mean.dim()
-
-        def table(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=dtype, device=device).reshape(shape)
-
-        lo = ((table([-math.inf if p.lo is None else p.lo for p in pieces]) - mean) / std).clamp(-limit, limit)
-        hi = ((table([math.inf if p.hi is None else p.hi for p in pieces]) - mean) / std).clamp(-limit, limit)
-        c0, c1, c2 = (table([float(getattr(p, c)) for p in pieces]) for c in ("c0", "c1", "c2"))
-        sign = torch.where(lo > 0, 1.0, -1.0).to(dtype)
-        root_half = math.sqrt(0.5)
-        truncated = [
-            0.5 * sign * (torch.special.erfc(sign * lo * root_half) - torch.special.erfc(sign * hi * root_half))
-        ]
-        pdf_lo, pdf_hi = moments._pdf(lo), moments._pdf(hi)
-        truncated.append(pdf_lo - pdf_hi)
-        edge_lo, edge_hi = pdf_lo, pdf_hi
-        for k in range(2, 5):
-            edge_lo, edge_hi = edge_lo * lo, edge_hi * hi
-            truncated.append((k - 1) * truncated[k - 2] + edge_lo - edge_hi)
-        i0, i1, i2, i3, i4 = truncated
-        e0, e1 = c1 + 2.0 * c2 * mean, 2.0 * c2 * std
-        d0, d1, d2 = c0 + c1 * mean + c2 * mean * mean, e0 * std, c2 * std * std
-        a0, a1, a2, a3 = d0 * e0, d0 * e1 + d1 * e0, d1 * e1 + d2 * e0, d2 * e1  # f f' in powers of Z
-        slope_mean = (e0 * i0 + e1 * i1).sum(0)  # E[f']
-        slope_std = (e0 * i1 + e1 * i2).sum(0)  # E[f' Z]
-        square_mean = 2.0 * (a0 * i0 + a1 * i1 + a2 * i2 + a3 * i3).sum(0)  # ∂E[f²]/∂μ
-        square_std = 2.0 * (a0 * i1 + a1 * i2 + a2 * i3 + a3 * i4).sum(0)  # ∂E[f²]/∂σ
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-        grad_variance = torch.zeros_like(mean) if grad_variance is None else grad_variance
-        grad_input_mean = grad_mean * slope_mean + grad_variance * (square_mean - 2.0 * out_mean * slope_mean)
-        grad_std = grad_mean * slope_std + grad_variance * (square_std - 2.0 * out_mean * slope_std)
-        grad_input_variance = torch.where(variance >= floor, grad_std / (2.0 * std), 0.0)
-        return grad_input_mean, grad_input_variance, None
-
-
-#: Continuous piecewise-quadratic kinds with number parameters (prelu's slope is a tensor: reference).
-_PIECEWISE_KINDS = frozenset({"relu6", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish"})
+        grad_variance = (
+            torch.zeros_like(mean) if grad_variance is None else torch.where(spread >= 0, grad_variance, 0.0)
+        )
+        twice = 2.0 * grad_variance
+        e0 = table.c1 if table.twice_c2 is None else table.c1 + table.twice_c2 * mean
+        # Per power of Z: the coefficient of I_k in ∂/∂μ (and of I_{k+1} in ∂/∂σ) of gE E + gV Var.
+        shared = grad_mean + twice * centred
+        coefficients = [e0 * shared, twice * d1 * e0]
+        if d2 is not None:
+            assert table.twice_c2 is not None
+            e1 = table.twice_c2 * std
+            coefficients[1] = coefficients[1] + e1 * shared
+            coefficients.append(twice * (d1 * e1 + d2 * e0))
+            coefficients.append(twice * d2 * e1)
+        along_mean = coefficients[0] * truncated[0]
+        along_std = coefficients[0] * truncated[1]
+        for k in range(1, len(coefficients)):
+            along_mean = along_mean + coefficients[k] * truncated[k]
+            along_std = along_std + coefficients[k] * truncated[k + 1]
+        grad_std = along_std.sum(dim=0)
+        grad_input_variance = torch.where(variance >= moments._VARIANCE_FLOOR, grad_std / (2.0 * std), 0.0)
+        return along_mean.sum(dim=0), grad_input_variance, None
 
 
 def piecewise_moments(kind: str, mean: Tensor, variance: Tensor, **params: Any) -> tuple[Tensor, Tensor] | None:
     """:func:`bkn_export.moments.elementwise_moments` for a continuous piecewise kind with a fused
     backward, or None for another kind (or a hardtanh with min_val > max_val, not continuous)."""
-    name, resolved, _ = moments._resolve_parameters(kind, params)
-    if name not in _PIECEWISE_KINDS:
+    plan = _plan(kind, tuple(sorted(params.items())))
+    if plan is None or plan[0] != "piecewise":
         return None
-    if name == "hardtanh" and float(resolved["min_val"]) > float(resolved["max_val"]):
-        return None
-    pieces = moments._pieces(name, resolved, mean)
-    return _PiecewiseMoments.apply(mean, variance, pieces)  # type: ignore[no-any-return]
+    table = _piecewise_table(plan[1], mean.dtype, mean.device, mean.dim())
+    return _PiecewiseMoments.apply(mean, variance, table)  # type: ignore[no-any-return]
 
 
-def relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`bkn_export.moments.elementwise_moments` ``("relu", ...)`` with a fused backward."""
-    return _ReluMoments.apply(mean, variance)  # type: ignore[no-any-return]
+def _silu_derivative(x: Tensor) -> Tensor:
+    """silu'(x) = s (1 + x (1 − s)), s = sigmoid(x) (in place on new buffers: no further temporaries)."""
+    sigmoid = torch.sigmoid(x)
+    return torch.rsub(sigmoid, 1.0).mul_(x).add_(1.0).mul_(sigmoid)
+
+
+def _sigmoid_derivative(x: Tensor) -> Tensor:
+    """sigmoid'(x) = s (1 − s)."""
+    sigmoid = torch.sigmoid(x)
+    return torch.rsub(sigmoid, 1.0).mul_(sigmoid)
+
+
+def _tanh_derivative(x: Tensor) -> Tensor:
+    """tanh'(x) = 1 − tanh(x)²."""
+    tanh = torch.tanh(x)
+    return tanh.mul_(tanh).neg_().add_(1.0)
+
+
+#: The Gauss–Hermite kinds with a fused backward: f (the reference's function) and f'.
+_SMOOTH: dict[str, tuple[Any, Any]] = {
+    "silu": (F.silu, _silu_derivative),
+    "sigmoid": (torch.sigmoid, _sigmoid_derivative),
+    "tanh": (torch.tanh, _tanh_derivative),
+}
+
+
+def _gauss_hermite_forward(
+    mean: Tensor, variance: Tensor, function: Any, points: Tensor, weights: Tensor
+) -> tuple[Tensor, ...]:
+    """:func:`bkn_export.moments._gauss_hermite_moments` op for op, with what the backward reuses:
+    (E, Var, σ, x (…, n) = μ + σ z, f(x) − E, Var before the clamp at 0)."""
+    std = torch.sqrt(variance.clamp_min(moments._VARIANCE_FLOOR))
+    x = mean.unsqueeze(-1) + std.unsqueeze(-1) * points
+    values = function(x)
+    out_mean = values @ weights
+    centred = values - out_mean.unsqueeze(-1)
+    spread = (centred * centred) @ weights
+    return out_mean, spread.clamp_min(0.0), std, x, centred, spread
+
+
+class _GaussHermiteMoments(torch.autograd.Function):
+    """(E, Var) of f(X) by an n-node Gauss–Hermite rule (the reference's forward), closed-form backward.
+
+    E = Σ_j w_j f(x_j), Var = Σ_j w_j (f(x_j) − E)², x_j = μ + σ z_j. With c_j = f(x_j) − E and
+    S = Σ_j w_j c_j (0 up to rounding, kept so that the gradient is the reference's)::
+
+        ∂L/∂f(x_j) = w_j (gE − 2 gV S + 2 gV c_j)      ∂L/∂x_j = that · f'(x_j)
+        ∂L/∂μ = Σ_j ∂L/∂x_j                             ∂L/∂σ = Σ_j ∂L/∂x_j z_j
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, mean: Tensor, variance: Tensor, kind: str, points: Tensor, weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        out_mean, out_variance, std, x, centred, spread = _gauss_hermite_forward(
+            mean, variance, _SMOOTH[kind][0], points, weights
+        )
+        ctx.save_for_backward(mean, variance, std, x, centred, spread, points, weights)
+        ctx.kind = kind
+        return out_mean, out_variance
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mean, variance, std, x, centred, spread, points, weights = ctx.saved_tensors
+        function, derivative = _SMOOTH[ctx.kind]
+        if torch.is_grad_enabled():
+            return (
+                *_differentiated(
+                    lambda m, v: _gauss_hermite_forward(m, v, function, points, weights)[:2],
+                    (mean, variance),
+                    (),
+                    (grad_mean, grad_variance),
+                ),
+                None,
+                None,
+                None,
+            )
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_variance = (
+            torch.zeros_like(mean) if grad_variance is None else torch.where(spread >= 0, grad_variance, 0.0)
+        )
+        twice = 2.0 * grad_variance
+        shared = grad_mean - twice * (centred @ weights)
+        grad_x = (centred * twice.unsqueeze(-1)).add_(shared.unsqueeze(-1)).mul_(weights).mul_(derivative(x))
+        grad_std = grad_x @ points
+        grad_input_variance = torch.where(variance >= moments._VARIANCE_FLOOR, grad_std / (2.0 * std), 0.0)
+        return grad_x.sum(-1), grad_input_variance, None, None, None
+
+
+#: Gauss–Hermite (points, weights) per (nodes, dtype, device), as constants.
+_HERMITE: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+
+def gauss_hermite_moments(kind: str, mean: Tensor, variance: Tensor, **params: Any) -> tuple[Tensor, Tensor] | None:
+    """:func:`bkn_export.moments.elementwise_moments` for silu (swish), sigmoid and tanh with a fused
+    backward, or None for another kind."""
+    plan = _plan(kind, tuple(sorted(params.items())))
+    if plan is None or plan[0] != "smooth":
+        return None
+    return _gauss_hermite(plan, mean, variance)
+
+
+def _gauss_hermite(plan: tuple[Any, ...], mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+    _, name, nodes = plan
+    key = (nodes, mean.dtype, mean.device)
+    rule = _HERMITE.get(key)
+    if rule is None:
+        points, weights = moments._hermite_rule(nodes)
+        rule = (_constant(points, mean.dtype, mean.device, (-1,)), _constant(weights, mean.dtype, mean.device, (-1,)))
+        if len(_HERMITE) >= moments._CACHE_SIZE:
+            _HERMITE.clear()
+        _HERMITE[key] = rule
+    return _GaussHermiteMoments.apply(mean, variance, name, *rule)  # type: ignore[no-any-return]
+
+
+#: What the fused forms do per (kind, sorted params): ("relu",), ("piecewise", plan), or None (the
+#: reference: another kind, or parameters it rejects and names).
+_PLANS: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[Any, ...] | None] = {}
+
+
+def _plan(kind: str, params: tuple[tuple[str, Any], ...]) -> tuple[Any, ...] | None:
+    key = (kind, params)
+    if key in _PLANS:
+        return _PLANS[key]
+    plan: tuple[Any, ...] | None = None
+    try:
+        name, resolved, nodes = moments._resolve_parameters(kind, dict(params))
+    except moments.MomentsError:
+        name, resolved, nodes = "", {}, None
+    if name == "relu":
+        plan = ("relu",)
+    elif name in _PIECEWISE_KINDS:
+        pieces = _piecewise_plan(name, resolved)
+        plan = None if pieces is None else ("piecewise", pieces)
+    elif name in _SMOOTH:
+        plan = ("smooth", name, nodes if nodes is not None else moments.GAUSS_HERMITE_NODES[name])
+    if len(_PLANS) >= moments._CACHE_SIZE:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def elementwise_moments(
+    kind: str, params: tuple[tuple[str, Any], ...], mean: Tensor, variance: Tensor
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`bkn_export.moments.elementwise_moments` through the fused forms (params: sorted
+    (name, value) pairs, as :class:`~bkn_export.chain.steps.Elementwise` holds them), or None
+    where none applies."""
+    plan = _plan(kind, params)
+    if plan is None:
+        return None
+    if plan[0] == "relu":
+        return relu_moments(mean, variance)
+    if plan[0] == "smooth":
+        return _gauss_hermite(plan, mean, variance)
+    table = _piecewise_table(plan[1], mean.dtype, mean.device, mean.dim())
+    return _PiecewiseMoments.apply(mean, variance, table)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- squeeze-and-excitation product
+
+
+def _gate_forward(
+    mean: Tensor, variance: Tensor, gate_mean: Tensor, gate_variance: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:class:`~bkn_export.chain.steps.Gate`'s product op for op: (mean, variance, E[x²], E[g²], the
+    variance before the clamp at 0)."""
+    out_mean = mean * gate_mean
+    second_input = variance + mean * mean
+    second_gate = gate_variance + gate_mean * gate_mean
+    spread = second_input * second_gate - out_mean * out_mean
+    return out_mean, spread.clamp_min(0.0), second_input, second_gate, spread
+
+
+class _GateProduct(torch.autograd.Function):
+    """Moments of x · g for independent x ~ (m, v), g ~ (m_g, v_g) of one shape::
+
+        mean = m m_g        variance = (v + m²)(v_g + m_g²) − mean²
+
+    Backward (gV passing where the variance is ≥ 0): ∂m = gE m_g + 2 gV m v_g,
+    ∂v = gV (v_g + m_g²), ∂m_g = gE m + 2 gV m_g v, ∂v_g = gV (v + m²).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, mean: Tensor, variance: Tensor, gate_mean: Tensor, gate_variance: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        out_mean, out_variance, second_input, second_gate, spread = _gate_forward(
+            mean, variance, gate_mean, gate_variance
+        )
+        ctx.save_for_backward(mean, variance, gate_mean, gate_variance, second_input, second_gate, spread)
+        return out_mean, out_variance
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        mean, variance, gate_mean, gate_variance, second_input, second_gate, spread = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _differentiated(
+                lambda *t: _gate_forward(*t)[:2],
+                (mean, variance, gate_mean, gate_variance),
+                (),
+                (grad_mean, grad_variance),
+            )
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_variance = (
+            torch.zeros_like(mean) if grad_variance is None else torch.where(spread >= 0, grad_variance, 0.0)
+        )
+        twice = 2.0 * grad_variance
+        return (
+            grad_mean * gate_mean + twice * mean * gate_variance,
+            grad_variance * second_gate,
+            grad_mean * mean + twice * gate_mean * variance,
+            grad_variance * second_input,
+        )
+
+
+def gate_product(mean: Tensor, variance: Tensor, gate_mean: Tensor, gate_variance: Tensor) -> tuple[Tensor, Tensor]:
+    """:class:`~bkn_export.chain.steps.Gate`'s product of moments (all four of one shape; else unfused)."""
+    if mean.shape == variance.shape == gate_mean.shape == gate_variance.shape:
+        return _GateProduct.apply(mean, variance, gate_mean, gate_variance)  # type: ignore[no-any-return]
+    out_mean, out_variance, *_ = _gate_forward(mean, variance, gate_mean, gate_variance)
+    return out_mean, out_variance
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -430,17 +813,13 @@ def relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
 def _fused_step(
     step: Step, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]
 ) -> Moments | None:
-    if isinstance(step, Elementwise) and step.kind == "relu":
-        out_mean, out_variance = relu_moments(mean, variance)
-        return out_mean, out_variance, tuple(spatial)
-    if isinstance(step, Elementwise) and step.module is None:
-        fused = piecewise_moments(step.kind, mean, variance, **dict(step.params))
+    if isinstance(step, Elementwise):  # module or functional form alike; prelu (a tensor slope): reference
+        fused = None if step.kind == "prelu" else elementwise_moments(step.kind, step.params, mean, variance)
         return None if fused is None else (*fused, tuple(spatial))
     if isinstance(step, Gate):  # the branch (squeeze-and-excitation) through the fused forms, then Gate's product
         gate_mean, gate_variance, _ = predict_steps(step.branch, mean, variance, spatial, modules)
-        out_mean = mean * gate_mean
-        second = (variance + mean * mean) * (gate_variance + gate_mean * gate_mean)
-        return out_mean, (second - out_mean * out_mean).clamp_min(0.0), tuple(spatial)
+        out_mean, out_variance = gate_product(mean, variance, gate_mean, gate_variance)
+        return out_mean, out_variance, tuple(spatial)
     if isinstance(step, Affine):
         layer = modules.get(step.module)
         if layer is None:  # the reference names the missing module

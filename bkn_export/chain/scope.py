@@ -112,17 +112,25 @@ class ChainRoot:
 class Submodules(Mapping[str, nn.Module]):
     """The live modules of ``root`` by qualified name (what steps look their modules up in).
 
-    Lookups walk the module tree (``get_submodule``): nothing is copied per call.
+    Lookups walk the module tree (``get_submodule``): nothing is copied per call. Each name's
+    module is remembered after its first lookup: a scratch (one forward of the root) makes its
+    own instance, and a path's steps look up the same names for every layer they feed.
     """
 
     def __init__(self, root: nn.Module) -> None:
         self._root = root
+        self._found: dict[str, nn.Module] = {}
 
     def __getitem__(self, name: str) -> nn.Module:
+        module = self._found.get(name)
+        if module is not None:
+            return module
         try:
-            return self._root.get_submodule(name)
+            module = self._root.get_submodule(name)
         except AttributeError:
             raise KeyError(name) from None
+        self._found[name] = module
+        return module
 
     def __iter__(self) -> Iterator[str]:
         return (name for name, _ in self._root.named_modules())

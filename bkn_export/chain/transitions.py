@@ -212,20 +212,34 @@ class Transition:
         memo: the call's store of predictions already pushed through a path (the root's
         scratch keeps one per forward): a path from one source's posterior through the
         same steps gives the same moments to every layer it feeds (DenseNet: each dense
-        layer's output reaches all later layers of its block), so it is computed once.
+        layer's output reaches all later layers of its block), so it is computed once; so
+        is each source's Gaussian (:func:`source_gaussian`).
         absent: indices into ``wiring.sources`` of the paths that did not run in this call
         (:func:`unrun_module`): they count as absent.
         """
         raise NotImplementedError
 
-    def _gaussians(self, published: Mapping[str, Published]) -> dict[str, PriorSource] | None:
-        """Each source normalization's Gaussian, or None if one did not publish in this call."""
+    def _gaussians(
+        self, published: Mapping[str, Published], memo: MutableMapping[Any, Any] | None = None
+    ) -> dict[str, PriorSource] | None:
+        """Each source normalization's Gaussian, or None if one did not publish in this call
+        (taken from ``memo`` where this call already computed it from the same published entry)."""
         gaussians = {}
+        prior_source = self.wiring.prior_source
         for name in self.wiring.source_names:
             entry = published.get(name)
             if entry is None:
                 return None
-            gaussians[name] = source_gaussian(name, entry, self.wiring.prior_source)
+            if memo is None:
+                gaussians[name] = source_gaussian(name, entry, prior_source)
+                continue
+            key = ("source gaussian", name, prior_source)  # path keys have 4 elements
+            hit = memo.get(key)
+            if hit is not None and hit[0] is entry:
+                gaussians[name] = hit[1]
+            else:
+                gaussians[name] = source_gaussian(name, entry, prior_source)
+                memo[key] = (entry, gaussians[name])
         return gaussians
 
 
@@ -247,7 +261,7 @@ class _PathTransition(Transition):
         memo: MutableMapping[Any, Any] | None = None,
         absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
-        gaussians = self._gaussians(published)
+        gaussians = self._gaussians(published, memo)
         if gaussians is None:
             return None
         wiring = self.wiring
@@ -392,7 +406,7 @@ class Learned(Transition):
         memo: MutableMapping[Any, Any] | None = None,
         absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
-        gaussians = self._gaussians(published)
+        gaussians = self._gaussians(published, memo)
         if gaussians is None or absent:  # the matrix was learned for the recorded paths
             return None
         mean = torch.cat([g.mean for g in gaussians.values()])
@@ -415,7 +429,7 @@ class Identity(Transition):
         memo: MutableMapping[Any, Any] | None = None,
         absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
-        gaussians = self._gaussians(published)
+        gaussians = self._gaussians(published, memo)
         if gaussians is None or absent:
             return None
         parts = [_Part(gaussians[name].mean, gaussians[name].variance, (), None) for name in self.wiring.source_names]
