@@ -61,8 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- timing
 
 
-def time_interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, min_time: float) -> dict[str, float]:
-    """Median seconds per call of each contender; every repeat runs all, in a rotating order."""
+def time_interleaved(
+    contenders: dict[str, Callable[[], Any]],
+    repeats: int,
+    min_time: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds per call of each contender (measured with ``clock``); every repeat runs all, in a rotating
+    order."""
     names = list(contenders)
     calls = {}
     for name, fn in contenders.items():  # warm up and size the inner loop to ~min_time
@@ -75,10 +81,10 @@ def time_interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, min
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
             fn, n = contenders[name], calls[name]
-            start = time.perf_counter()
+            start = clock()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - start) / n)
+            samples[name].append((clock() - start) / n)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

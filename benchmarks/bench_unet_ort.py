@@ -46,7 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -57,6 +57,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # run from anywhere: the shared timing lives beside this script
+    sys.path.insert(0, str(HERE))
+from bench_export import time_interleaved  # noqa: E402  (interleaved, rotating order, medians)
 
 #: Ranges the BatchNorm statistics and affine parameters are drawn from (fresh ones fold to identity).
 _STATISTICS_RANGES = {"running_mean": (-0.5, 0.5), "running_var": (0.5, 2.0), "weight": (0.5, 1.5), "bias": (-0.5, 0.5)}
@@ -226,28 +231,6 @@ def session(path: Path, threads: int, level: str = "all", profile_prefix: str | 
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def time_interleaved(
-    contenders: dict[str, Callable[[], Any]], repeats: int, min_time: float, clock: Callable[[], float]
-) -> dict[str, float]:
-    """Median seconds per call of each contender; every repeat runs all, in a rotating order."""
-    names = list(contenders)
-    calls = {}
-    for name, fn in contenders.items():  # warm up and size the inner loop to ~min_time
-        fn()
-        start = time.perf_counter()
-        fn()
-        calls[name] = max(1, int(min_time / max(time.perf_counter() - start, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-            fn, n = contenders[name], calls[name]
-            start = clock()
-            for _ in range(n):
-                fn()
-            samples[name].append((clock() - start) / n)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _ort_call(sess: Any, x: np.ndarray) -> Callable[[], Any]:
