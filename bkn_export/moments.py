@@ -142,7 +142,7 @@ def _compiles_constants(spatial: Sequence[Any]) -> bool:
     return torch.compiler.is_dynamo_compiling() and all(has_static_value(size) for size in spatial)
 
 
-@torch._dynamo.assume_constant_result
+@torch.compiler.assume_constant_result
 def _constant_values(
     build: Callable[..., tuple[Tensor, ...]], key: tuple[Any, ...], dtype: torch.dtype
 ) -> tuple[Any, ...]:
@@ -924,8 +924,7 @@ def pool_moments(
         except TypeError:  # a spec built by hand with lists: not hashable
             factors = None
     elif _compiles_constants(spatial):  # dynamo, static sizes: constants of the graph
-        key = (tuple(getattr(spec, field.name) for field in fields(spec)), tuple(spatial))
-        factors = _graph_constants(_spec_pool_factors, key, mean.dtype, mean.device)
+        factors = _graph_constants(_spec_pool_factors, (_step_key(spec), tuple(spatial)), mean.dtype, mean.device)
     if factors is None:
         factors = _build_pool_factors(spec, spatial, out_spatial, mean)
     if spec.kind in ("avg", "adaptive_avg"):
@@ -986,10 +985,11 @@ def _build_pool_factors(
 
 
 def _spec_pool_factors(
-    spec_fields: tuple[Any, ...], spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    key: _StepKey, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, ...]:
-    """:func:`_build_pool_factors` of the :class:`PoolSpec` with these field values (for :func:`_graph_constants`)."""
-    spec = PoolSpec(*spec_fields)
+    """:func:`_build_pool_factors` of the :class:`PoolSpec` of this :func:`_step_key` (for :func:`_graph_constants`)."""
+    cls, values = key
+    spec = cls(*values)
     return _build_pool_factors(spec, spatial, spec.output_shape(spatial), torch.empty((), dtype=dtype, device=device))
 
 
@@ -1169,13 +1169,29 @@ def resample_moments(
     expected_rank = {"linear": 1, "bilinear": 2, "trilinear": 3, "bicubic": 2}[spec.mode]
     if rank != expected_rank:
         raise MomentsError(f"resample_moments: mode {spec.mode!r} needs {expected_rank} spatial dims, got {rank}")
-    scales = spec.source_scales(spatial)
-    factor = torch.ones((), dtype=mean.dtype, device=mean.device)
-    for d in range(rank):
-        factor = factor * _resample_variance_factor(
-            spec, spatial[d], out_spatial[d], scales[d], mean.device, mean.dtype
-        )
+    if _compiles_constants(spatial):  # dynamo, static sizes: a constant of the graph
+        (factor,) = _graph_constants(_spec_resample_factor, (_step_key(spec), tuple(spatial)), mean.dtype, mean.device)
+    else:
+        factor = _resample_factor(spec, spatial, mean.dtype, mean.device)
     return mean, variance * factor, out_spatial
+
+
+def _resample_factor(spec: ResampleSpec, spatial: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Π_d :func:`_resample_variance_factor` (0-dim): the variance factor of :func:`resample_moments`."""
+    out_spatial, scales = spec.output_shape(spatial), spec.source_scales(spatial)
+    factor = torch.ones((), dtype=dtype, device=device)
+    for d in range(len(spatial)):
+        factor = factor * _resample_variance_factor(spec, spatial[d], out_spatial[d], scales[d], device, dtype)
+    return factor
+
+
+def _spec_resample_factor(
+    key: _StepKey, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor]:
+    """(:func:`_resample_factor`,) of the :class:`ResampleSpec` of this :func:`_step_key` (for
+    :func:`_graph_constants`)."""
+    cls, values = key
+    return (_resample_factor(cls(*values), spatial, dtype, device),)
 
 
 # --------------------------------------------------------------------------- conv / linear

@@ -367,11 +367,12 @@ def _traced_ops(transition: str | None, momentum: float | None = 0.1) -> tuple[l
 
 #: (forward, backward) ops a wired layer adds to the traced train step, as upper bounds. Measured with
 #: torch 2.13 (tests/test_speed.py's own helper): identity 8 + 16, learned 13 + 30, propagate through
-#: ReLU → 3×3 conv 129 + 158 (bound with room for the moments still being edited). The issue's goal
-#: (≤ 4 forward, ≤ 4 backward) needs a fused prediction op and is not met: "propagate" traces the
-#: reference moments, which rebuild the conv's coverage tables in the graph (constants that a compiler
-#: folds; the eager fused forms of bkn_export.chain.fast cache them).
-LAUNCH_BOUND = {"identity": (8, 16), "learned": (13, 30), "propagate": (140, 175)}
+#: ReLU → 3×3 conv 119 + 152 (129 + 158 before the shape-only tables became graph constants; the bound keeps
+#: ~10 % room for other torch versions). The issue's goal (≤ 4 forward, ≤ 4 backward) needs a fused
+#: prediction op and is not met: make_fx traces the reference moments op by op, and under make_fx the
+#: coverage tables are still built in the graph (dynamo takes them as constants: tests/test_compile_kernels.py,
+#: benchmarks/bench_compile.py count what inductor then generates).
+LAUNCH_BOUND = {"identity": (9, 18), "learned": (15, 33), "propagate": (131, 167)}
 
 
 @pytest.mark.parametrize("transition", sorted(LAUNCH_BOUND))
