@@ -3,8 +3,9 @@
 Specification:
 
 * I/O names, the same rule in both modes: inputs after ``forward()``'s arguments, outputs
-  ``output`` or ``output_<i>``; ``input_names`` / ``output_names`` replace them in both
-  modes, and a wrong count or a clash is an OptionError;
+  ``output`` or ``output_<i>``, or the dict keys / named-tuple fields that lead to them (each
+  graph output holds the tensor under that key); ``input_names`` / ``output_names`` replace
+  them in both modes, and a wrong count or a clash is an OptionError;
 * ``dynamic_spatial=True`` is verified by running the file at twice the example size and
   at the smallest multiple of the network's total stride; a model that cannot run there is
   an ExportError, no file written;
@@ -14,6 +15,7 @@ Specification:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from bkn_export import convert_batchnorm
 from bkn_export.errors import ExportError, NonFiniteWeightsError, OptionError
 from bkn_export.export import export_onnx
-from bkn_export.export.pipeline import dynamic_shapes, forward_argument_names
+from bkn_export.export.pipeline import dynamic_shapes, forward_argument_names, output_keys
 
 MODES = ("inference", "training")
 
@@ -111,6 +113,82 @@ def test_wrong_names_are_option_errors(tmp_path: Path, mode: str, options: dict,
     with pytest.raises(OptionError, match=message):
         export_onnx(model, example, tmp_path / "m.onnx", mode=mode, **options)
     assert not (tmp_path / "m.onnx").exists()
+
+
+class Heads(NamedTuple):
+    scores: Tensor
+    boxes: Tensor
+
+
+class KeyedOutputs(nn.Module):
+    """forward(x) -> {"zeta": (N, 4), "alpha": {"mask": (N, 4, H, W)}, "heads": Heads, "extra": (tensor,)}:
+    keys in non-sorted order, a nested dict, a named tuple and a plain position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> dict[str, object]:
+        y = torch.relu(self.norm(self.conv(x)))
+        pooled = y.mean(dim=(2, 3))
+        return {
+            "zeta": pooled,
+            "alpha": {"mask": y},
+            "heads": Heads(pooled * 2.0, pooled + 1.0),
+            "extra": (pooled - 3.0,),
+        }
+
+
+def test_output_keys_follow_dict_keys_and_named_tuple_fields() -> None:
+    t = torch.zeros(1)
+    assert output_keys(t) == [None]
+    assert output_keys((t, t)) == [None, None]
+    assert output_keys({"b": t, "a": {"c": t}}) == ["b", "a.c"]
+    assert output_keys((Heads(t, t), t)) == ["scores", "boxes", None]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_keyed_outputs_are_named_after_their_keys_and_hold_their_tensors(tmp_path: Path, mode: str) -> None:
+    example = torch.randn(2, 1, 6, 6)
+    model = prepared(KeyedOutputs(), mode, (example,))
+    path = tmp_path / "m.onnx"
+    export_onnx(model, example, path, mode=mode)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["zeta", "alpha.mask", "heads.scores", "heads.boxes", "extra"]
+    got = dict(zip(names, session.run(None, {"x": example.numpy()})))
+    model.train(mode == "training")
+    with torch.no_grad():
+        out = model(example)
+    expected = {
+        "zeta": out["zeta"],
+        "alpha.mask": out["alpha"]["mask"],
+        "heads.scores": out["heads"].scores,
+        "heads.boxes": out["heads"].boxes,
+        "extra": out["extra"][0],
+    }
+    for name, tensor in expected.items():
+        np.testing.assert_allclose(got[name], tensor.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+class ClashingKeys(nn.Module):
+    """A dict output whose key is also the input's name: the keyed names would clash."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(1)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"x": self.norm(x), "pooled": x.mean(dim=(2, 3))}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_keyed_names_that_clash_fall_back_to_numbers(tmp_path: Path, mode: str) -> None:
+    example = torch.randn(2, 1, 6, 6)
+    model = prepared(ClashingKeys(), mode, (example,))
+    export_onnx(model, example, tmp_path / "m.onnx", mode=mode)
+    assert [o.name for o in onnx.load(tmp_path / "m.onnx").graph.output][:2] == ["output_0", "output_1"]
 
 
 def test_running_statistics_names_follow_the_model_inputs(tmp_path: Path) -> None:

@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--input-names", help="comma-separated graph input names (default: the forward() argument names)"
     )
     parser.add_argument(
-        "--output-names", help="comma-separated graph output names (default: output, or output_0, output_1, ...)"
+        "--output-names",
+        help="comma-separated graph output names (default: output, output_0, output_1, ... or a dict output's keys)",
     )
 
 

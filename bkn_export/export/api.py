@@ -35,7 +35,7 @@ def export_onnx(
     the eval-mode BKN into the preceding Conv/Gemm; "training" exports batch statistics
     and the Kalman chain. The model's train/eval mode is left as it was found.
     input_names / output_names: graph I/O names, the same rule in both modes (default:
-    forward()'s argument names; ``output`` or ``output_<i>``; see
+    forward()'s argument names; ``output``, ``output_<i>`` or a dict output's keys; see
     :mod:`bkn_export.export.pipeline`). ``mode_options`` go to the mode's exporter (e.g.
     ``running_stats_io=True`` for training). Errors follow the exit-code rule's split:
     :class:`OptionError` / :class:`OutputWriteError` (the request), :class:`ExportError`

@@ -18,8 +18,11 @@
 
 I/O names, the same in both modes: graph inputs are named after ``forward()``'s positional
 arguments (``input_<i>`` for arguments collected by ``*args``), outputs ``output`` (one) or
-``output_0``, ``output_1``, ... (the model's outputs flattened in order); ``input_names`` /
-``output_names`` replace them. The training mode's extra inputs/outputs (running
+``output_0``, ``output_1``, ... (the model's outputs flattened in order); an output reached
+through dict keys or named-tuple fields is named after them, joined by ``.`` (a model returning
+``{"logits": y, "aux": {"mask": m}}`` gives ``logits``, ``aux.mask``; a plain tensor beside them
+keeps ``output_<i>``), unless such names repeat or clash, when all fall back to
+``output_<i>``; ``input_names`` / ``output_names`` replace them. The training mode's extra inputs/outputs (running
 statistics, posteriors) follow under their own documented names.
 """
 
@@ -149,9 +152,18 @@ def forward_argument_names(model: nn.Module) -> list[str]:
 
 
 def io_names(
-    model: nn.Module, num_inputs: int, num_outputs: int, request: ExportRequest
+    model: nn.Module,
+    num_inputs: int,
+    num_outputs: int,
+    request: ExportRequest,
+    output_keys: Sequence[str | None] = (),
+    reserved: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
-    """(input names, output names) of the model's own inputs/outputs under the rule of the module docstring."""
+    """(input names, output names) of the model's own inputs/outputs under the rule of the module docstring.
+
+    output_keys: per output, the dict keys / named-tuple fields on its path (:func:`output_keys`),
+    or None; reserved: names the defaults must not take (the mode's extra inputs and outputs).
+    """
     if request.input_names is not None:
         inputs = list(request.input_names)
     else:
@@ -164,9 +176,33 @@ def io_names(
                 f"{type(model).__name__} returns {num_outputs} output(s)"
             )
         outputs = list(request.output_names)
-    else:
-        outputs = ["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)]
+        return inputs, outputs
+    outputs = ["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)]
+    if len(output_keys) == num_outputs and any(key is not None for key in output_keys):
+        keyed = [key if key is not None else default for key, default in zip(output_keys, outputs)]
+        taken = {*inputs, *reserved}
+        if len(set(keyed)) == len(keyed) and not taken & set(keyed) and all(keyed):
+            outputs = keyed
     return inputs, outputs
+
+
+def output_keys(value: Any) -> list[str | None]:
+    """Per tensor of a (nested) output, in :func:`_leaves` order: the dict keys and named-tuple
+    fields on its path joined by ``.``, or None where the path has none (positions only)."""
+
+    def walk(item: Any, keys: tuple[str, ...]) -> list[str | None]:
+        if isinstance(item, dict):
+            return [name for key in item for name in walk(item[key], (*keys, str(key)))]
+        if isinstance(item, (tuple, list)):
+            fields = getattr(item, "_fields", None)
+            return [
+                name
+                for i, element in enumerate(item)
+                for name in walk(element, (*keys, str(fields[i])) if fields else keys)
+            ]
+        return [".".join(keys) if keys else None]
+
+    return walk(value, ())
 
 
 @dataclass
@@ -217,8 +253,9 @@ _STRIDED = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.p
 
 def _eager_run(
     traceable: Traceable, explain: Callable[[Exception], str], spatial: tuple[int, ...]
-) -> tuple[int, tuple[int, ...]]:
-    """Run the module once: (number of outputs, total stride per spatial dim of input 0)."""
+) -> tuple[list[str | None], tuple[int, ...]]:
+    """Run the module once: (the model's own outputs' :func:`output_keys`, total stride per spatial
+    dim of input 0)."""
     smallest = list(spatial)
     handles = []
 
@@ -242,7 +279,8 @@ def _eager_run(
         for handle in handles:
             handle.remove()
     strides = tuple(max(1, round(size / max(low, 1))) for size, low in zip(spatial, smallest))
-    return len(_leaves(outputs)) - len(traceable.extra_output_names), strides
+    keys = output_keys(outputs)
+    return keys[: len(keys) - len(traceable.extra_output_names)], strides
 
 
 def tracing_inputs(inputs: Sequence[Tensor], dims: Sequence[Sequence[int]]) -> tuple[Tensor, ...]:
@@ -290,8 +328,9 @@ def dynamic_shapes(module: nn.Module, dims: Sequence[Sequence[int]], num_extra: 
 def trace(traceable: Traceable, request: ExportRequest, explain: Callable[[Exception], str]) -> Traced:
     """Eager run, then torch.onnx.export(dynamo=True) with the one dynamic-shape builder and the I/O names."""
     spatial = tuple(int(s) for s in traceable.inputs[0].shape[2:]) if request.dynamic_spatial else ()
-    num_outputs, strides = _eager_run(traceable, explain, spatial)
-    inputs, outputs = io_names(traceable.model, len(traceable.inputs), num_outputs, request)
+    keys, strides = _eager_run(traceable, explain, spatial)
+    reserved = [*traceable.extra_input_names, *traceable.extra_output_names]
+    inputs, outputs = io_names(traceable.model, len(traceable.inputs), len(keys), request, keys, reserved)
     all_inputs = [*inputs, *traceable.extra_input_names]
     all_outputs = [*outputs, *traceable.extra_output_names]
     clashes = sorted({n for n in all_inputs if all_inputs.count(n) > 1} | {n for n in all_outputs if n in all_inputs})
