@@ -214,3 +214,48 @@ def test_a_compiled_wired_layer_launches_a_bounded_number_of_kernels(probe: str,
     assert converted.forward.extern.get("bkn.batch_kalman_norm") == 2
     assert 0 < added[0] <= KERNEL_BOUND[probe, transition][0]
     assert added[1] <= KERNEL_BOUND[probe, transition][1]
+
+
+class _Residual(nn.Module):
+    """conv → BN → hardswish → depthwise conv → BN, plus a shortcut BN and a ReLU → 3×3 conv → BN head:
+    fused-kind activations, a residual sum and zero-padded convs on one chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.branch = nn.Sequential(
+            nn.Hardswish(), nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        )
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        stem = self.stem(x)
+        return self.head(stem + self.branch(stem))
+
+
+@pytest.mark.slow  # inductor's C++ compile: ~1 min on a fresh cache
+def test_an_inductor_compiled_train_step_equals_eager() -> None:
+    """The default inductor backend (what a GPU user would compile with; here its CPU code) computes eager's
+    train step in float64: outputs, every parameter gradient and the running statistics."""
+    import copy
+
+    from bkn_export import convert_batchnorm
+    from bkn_export.chain import fast
+
+    torch.manual_seed(0)
+    model = convert_batchnorm(_Residual(), torch.randn(2, 3, 8, 8)).double().train()
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with fast.reference_only():
+        expected = eager(x)
+        expected.square().sum().backward()
+    got = compiled(x)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters(), strict=True):
+        assert q.grad is not None and p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, a), (_, b) in zip(model.named_buffers(), eager.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
