@@ -1663,6 +1663,20 @@ def _path_sizes(
     return sizes
 
 
+def _through_steps(
+    steps: Sequence[Any], matrices: list[Tensor], sizes: list[int], dtype: torch.dtype, device: torch.device
+) -> list[int]:
+    """Left-multiply each dim's matrix in ``matrices`` (in place) by every step's per-dim matrix, in order;
+    returns the sizes after the steps."""
+    for step in steps:
+        new_sizes = list(sizes)
+        for d in range(len(sizes)):
+            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
+            matrices[d] = matrix @ matrices[d]
+        sizes = new_sizes
+    return sizes
+
+
 def _build_path_tables(
     before_keys: tuple[_StepKey, ...],
     geometries: tuple[_ConvDim, ...] | None,
@@ -1683,12 +1697,7 @@ def _build_path_tables(
     sizes = list(spatial)
     for d in range(rank):
         pre.append(torch.eye(spatial[d], dtype=dtype, device=device))
-    for step in before:
-        new_sizes = list(sizes)
-        for d in range(rank):
-            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
-            pre[d] = matrix @ pre[d]
-        sizes = new_sizes
+    sizes = _through_steps(before, pre, sizes, dtype, device)
     # the conv's per-tap selections (K_d, L_out, L_mid), or one identity "tap"
     if geometries is not None:
         taps = []
@@ -1699,12 +1708,7 @@ def _build_path_tables(
     else:
         taps = [torch.eye(sizes[d], dtype=dtype, device=device).unsqueeze(0) for d in range(rank)]
     post = [torch.eye(sizes[d], dtype=dtype, device=device) for d in range(rank)]
-    for step in after:
-        new_sizes = list(sizes)
-        for d in range(rank):
-            matrix, new_sizes[d] = _step_matrix(step, d, sizes[d], dtype, device, sizes)
-            post[d] = matrix @ post[d]
-        sizes = new_sizes
+    sizes = _through_steps(after, post, sizes, dtype, device)
     tables: list[Tensor] = []
     for d in range(rank):
         paths = post[d] @ taps[d] @ pre[d]  # (K_d, L_out, L_in)
