@@ -135,10 +135,7 @@ def forward_state(inputs: KalmanNormInputs) -> ForwardState:
     the fast path's per-channel tensors already have x's dtype)."""
     x, prior_mean, prior_variance, prior_weight, _, _, _, fallback_ratio = inputs
     stats = batch_statistics(x)
-    fired = None
-    if fallback_ratio > 0:
-        fired = Fk._fallback_fired(prior_variance, stats.variance, fallback_ratio)
-        prior_weight = torch.where(fired, torch.zeros_like(prior_weight), prior_weight)
+    prior_weight, fired = Fk.prior_weight_after_fallback(prior_weight, prior_variance, stats.variance, fallback_ratio)
     terms = Fk.kalman_update_terms(prior_mean, prior_variance, stats.mean, stats.variance, prior_weight)
     return ForwardState(stats, prior_weight, terms, fired)
 

@@ -55,6 +55,7 @@ __all__ = [
     "kalman_update",
     "kalman_update_terms",
     "predict_linear",
+    "prior_weight_after_fallback",
     "reduction_dims",
     "running_statistics_update",
     "statistic_gradients",
@@ -165,10 +166,18 @@ def effective_prior_weight(
     considered unreliable and the layer uses plain batch statistics (p = 0). The
     comparison is not differentiable; gradients pass to ``prior_weight`` elsewhere.
     """
+    return prior_weight_after_fallback(prior_weight, prior_variance, batch_variance, fallback_ratio)[0]
+
+
+def prior_weight_after_fallback(
+    prior_weight: Tensor, prior_variance: Tensor, batch_variance: Tensor, fallback_ratio: float
+) -> tuple[Tensor, Tensor | None]:
+    """(:func:`effective_prior_weight`, whether the rule fired: a 0-dim bool, None when the rule
+    is off) — the backward needs both (∂L/∂p is 0 where it fired)."""
     if fallback_ratio <= 0:
-        return prior_weight
+        return prior_weight, None
     fired = _fallback_fired(prior_variance, batch_variance, fallback_ratio)
-    return torch.where(fired, torch.zeros_like(prior_weight), prior_weight)
+    return torch.where(fired, torch.zeros_like(prior_weight), prior_weight), fired
 
 
 def _fallback_fired(prior_variance: Tensor, batch_variance: Tensor, fallback_ratio: float) -> Tensor:
@@ -281,10 +290,7 @@ def statistic_gradients(
     acc = stats.mean.dtype
     m = prior_mean.to(acc)
     v_pred = prior_variance.to(acc)
-    p = prior_weight.to(acc)
-    fired = _fallback_fired(v_pred, stats.variance, fallback_ratio) if fallback_ratio > 0 else None
-    if fired is not None:
-        p = torch.where(fired, torch.zeros_like(p), p)
+    p, fired = prior_weight_after_fallback(prior_weight.to(acc), v_pred, stats.variance, fallback_ratio)
     terms = kalman_update_terms(m, v_pred, stats.mean, stats.variance, p)
     batch_mean, batch_variance, grad_m, grad_v, grad_p = update_gradients(
         grad_mean, grad_variance, v_pred, stats.variance, p, terms, fired

@@ -349,12 +349,20 @@ def _relu_moments(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
     the relative rounding grows like a⁴ ε (1e-12 at a = −10 in float64), on a variance that
     is then below σ² 1e-23.
     """
+    out_mean, out_variance, *_ = _relu_terms(mean, variance)
+    return out_mean, out_variance
+
+
+def _relu_terms(mean: Tensor, variance: Tensor) -> tuple[Tensor, ...]:
+    """:func:`_relu_moments` with its intermediates (a fused backward reuses them):
+    (E, Var, σ, φ(a), Φ(a), Φ(−a), Var before the clamp at 0)."""
     std = _std(variance)
     a = (mean / std).clamp(-_Z_LIMIT, _Z_LIMIT)
     pdf, below, above = _pdf(a), _cdf(a), _cdf(-a)
     out_mean = mean * below + std * pdf
     ratio = a * a * below * above + below + a * pdf * (above - below) - pdf * pdf
-    return out_mean, (std * std * ratio).clamp_min(0.0)
+    spread = std * std * ratio
+    return out_mean, spread.clamp_min(0.0), std, pdf, below, above, spread
 
 
 def _exponential_partial(rate: float, mean: Tensor, std: Tensor) -> Tensor:
@@ -438,10 +446,22 @@ def _gauss_hermite_moments(
         points_list, weights_list = _hermite_rule(nodes)
         points = torch.tensor(points_list, dtype=mean.dtype, device=mean.device)
         weights = torch.tensor(weights_list, dtype=mean.dtype, device=mean.device)
-    values = function(mean.unsqueeze(-1) + _std(variance).unsqueeze(-1) * points)
+    out_mean, out_variance, *_ = _gauss_hermite_terms(function, mean, variance, points, weights)
+    return out_mean, out_variance
+
+
+def _gauss_hermite_terms(
+    function: Callable[[Tensor], Tensor], mean: Tensor, variance: Tensor, points: Tensor, weights: Tensor
+) -> tuple[Tensor, ...]:
+    """:func:`_gauss_hermite_moments` on the rule (points, weights) (n,), with its intermediates (a
+    fused backward reuses them): (E, Var, σ, x (…, n) = μ + σ z, f(x) − E, Var before the clamp at 0)."""
+    std = _std(variance)
+    x = mean.unsqueeze(-1) + std.unsqueeze(-1) * points
+    values = function(x)
     out_mean = values @ weights
     centred = values - out_mean.unsqueeze(-1)
-    return out_mean, ((centred * centred) @ weights).clamp_min(0.0)
+    spread = (centred * centred) @ weights
+    return out_mean, spread.clamp_min(0.0), std, x, centred, spread
 
 
 # --------------------------------------------------------------------------- elementwise

@@ -366,24 +366,12 @@ def _constant(values: Any, dtype: torch.dtype, device: torch.device, shape: tupl
         return torch.tensor(values, dtype=dtype, device=device).reshape(shape)
 
 
-def _relu_forward(mean: Tensor, variance: Tensor) -> tuple[Tensor, ...]:
-    """:func:`bkn_export.moments._relu_moments` op for op (same values), with what the backward reuses:
-    (E, Var, σ, φ(a), Φ(a), Φ(−a), E[...] before the clamp at 0)."""
-    std = torch.sqrt(variance.clamp_min(moments._VARIANCE_FLOOR))
-    a = (mean / std).clamp(-moments._Z_LIMIT, moments._Z_LIMIT)
-    pdf, below, above = moments._pdf(a), moments._cdf(a), moments._cdf(-a)
-    out_mean = mean * below + std * pdf
-    ratio = a * a * below * above + below + a * pdf * (above - below) - pdf * pdf
-    spread = std * std * ratio
-    return out_mean, spread.clamp_min(0.0), std, pdf, below, above, spread
-
-
 class _ReluMoments(torch.autograd.Function):
     """(E, Var) of ReLU(X), X ~ N(μ, v): the reference's forward, closed-form backward."""
 
     @staticmethod
     def forward(ctx: Any, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        out_mean, out_variance, std, pdf, below, above, spread = _relu_forward(mean, variance)
+        out_mean, out_variance, std, pdf, below, above, spread = moments._relu_terms(mean, variance)
         ctx.save_for_backward(mean, variance, out_mean, std, pdf, below, above, spread)
         return out_mean, out_variance
 
@@ -609,20 +597,6 @@ _SMOOTH: dict[str, tuple[Any, Any]] = {
 }
 
 
-def _gauss_hermite_forward(
-    mean: Tensor, variance: Tensor, function: Any, points: Tensor, weights: Tensor
-) -> tuple[Tensor, ...]:
-    """:func:`bkn_export.moments._gauss_hermite_moments` op for op, with what the backward reuses:
-    (E, Var, σ, x (…, n) = μ + σ z, f(x) − E, Var before the clamp at 0)."""
-    std = torch.sqrt(variance.clamp_min(moments._VARIANCE_FLOOR))
-    x = mean.unsqueeze(-1) + std.unsqueeze(-1) * points
-    values = function(x)
-    out_mean = values @ weights
-    centred = values - out_mean.unsqueeze(-1)
-    spread = (centred * centred) @ weights
-    return out_mean, spread.clamp_min(0.0), std, x, centred, spread
-
-
 class _GaussHermiteMoments(torch.autograd.Function):
     """(E, Var) of f(X) by an n-node Gauss–Hermite rule (the reference's forward), closed-form backward.
 
@@ -637,8 +611,8 @@ class _GaussHermiteMoments(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, mean: Tensor, variance: Tensor, kind: str, points: Tensor, weights: Tensor
     ) -> tuple[Tensor, Tensor]:
-        out_mean, out_variance, std, x, centred, spread = _gauss_hermite_forward(
-            mean, variance, _SMOOTH[kind][0], points, weights
+        out_mean, out_variance, std, x, centred, spread = moments._gauss_hermite_terms(
+            _SMOOTH[kind][0], mean, variance, points, weights
         )
         ctx.save_for_backward(mean, variance, std, x, centred, spread, points, weights)
         ctx.kind = kind
@@ -651,7 +625,7 @@ class _GaussHermiteMoments(torch.autograd.Function):
         if torch.is_grad_enabled():
             return (
                 *_differentiated(
-                    lambda m, v: _gauss_hermite_forward(m, v, function, points, weights)[:2],
+                    lambda m, v: moments._gauss_hermite_terms(function, m, v, points, weights)[:2],
                     (mean, variance),
                     (),
                     (grad_mean, grad_variance),

@@ -51,9 +51,10 @@ Process noise R_k is the layer's and is added by the layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -230,17 +231,29 @@ class Transition:
             entry = published.get(name)
             if entry is None:
                 return None
-            if memo is None:
-                gaussians[name] = source_gaussian(name, entry, prior_source)
-                continue
             key = ("source gaussian", name, prior_source)  # path keys have 4 elements
-            hit = memo.get(key)
-            if hit is not None and hit[0] is entry:
-                gaussians[name] = hit[1]
-            else:
-                gaussians[name] = source_gaussian(name, entry, prior_source)
-                memo[key] = (entry, gaussians[name])
+            gaussians[name] = _remembered(
+                memo, key, entry, functools.partial(source_gaussian, name, entry, prior_source)
+            )
         return gaussians
+
+
+_Value = TypeVar("_Value")
+
+
+def _remembered(
+    memo: MutableMapping[Any, Any] | None, key: Any, source: Published, compute: Callable[[], _Value]
+) -> _Value:
+    """``compute()``, or what it gave earlier in this call for the same published ``source``
+    (memo: key → (source, value); an entry counts only while its source is the one it was computed from)."""
+    if memo is None:
+        return compute()
+    hit = memo.get(key)
+    if hit is not None and hit[0] is source:
+        return hit[1]  # type: ignore[no-any-return]
+    value = compute()
+    memo[key] = (source, value)
+    return value
 
 
 def _as_prior(part: _Part | None, gaussians: Mapping[str, PriorSource]) -> Prior | None:
@@ -298,31 +311,19 @@ class Propagate(_PathTransition):
         published: Mapping[str, Published],
         memo: MutableMapping[Any, Any] | None,
     ) -> _Part | None:
-        return self._path(path, gaussians, modules, published, memo)
-
-    def _path(
-        self,
-        path: SourcePath,
-        gaussians: Mapping[str, PriorSource],
-        modules: Mapping[str, nn.Module],
-        published: Mapping[str, Published],
-        memo: MutableMapping[Any, Any] | None,
-    ) -> _Part | None:
         if path.normalization is not None and path.steps and memo is not None:
-            # Valid while the source's published entry is the one it was computed from.
             key = (path.normalization, path.steps, path.entry_shape, self.wiring.prior_source)
-            source = published[path.normalization]
-            hit = memo.get(key)
-            if hit is not None and hit[0] is source:
-                return hit[1]  # type: ignore[no-any-return]
-            part = self._path(path, gaussians, modules, published, None)
-            memo[key] = (source, part)
-            return part
+            return _remembered(
+                memo,
+                key,
+                published[path.normalization],
+                lambda: self._source_part(path, gaussians, modules, published, None),
+            )
         if path.normalization is not None:
             entry = gaussians[path.normalization]
             start = _Part(entry.mean, entry.variance, tuple(entry.shape[2:]), None)
         elif path.origin is not None:
-            parts = [self._path(p, gaussians, modules, published, memo) for p in path.origin.sources]
+            parts = [self._source_part(p, gaussians, modules, published, memo) for p in path.origin.sources]
             channels = [p.channels for p in path.origin.sources]
             start_or_none = _combine(path.origin.combine, parts, channels, max(channels))
             if start_or_none is None or (start_or_none.known is not None and path.steps):
