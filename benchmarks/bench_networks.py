@@ -4,7 +4,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
         [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
-        [--profile N] [--count-ops] [--reference-moments]
+        [--profile N] [--count-ops] [--reference-moments] [--no-native]
 
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
@@ -19,8 +19,10 @@ network (``torch.profiler``; the Python-level ``autograd.Function`` s of ``bkn_e
 about one kernel launch, the cost that dominates a micro-batch step there), BatchNorm against BKN; with ``--compile``
 it counts the kernels inductor generates for the compiled forward and backward instead (on this CPU: C++ kernels, the
 proxy for the Triton kernels it would generate on a GPU).
-``--reference-moments`` runs every prediction through the reference :mod:`bkn_export.moments` instead of the
-fused eager forms of :mod:`bkn_export.chain.fast` (what the speed work is measured against).
+``--no-native`` runs the PyTorch forms of the per-channel kernels instead of the C kernels of
+:mod:`bkn_export.native` (the header line says which ran). ``--reference-moments`` runs every prediction
+through the reference :mod:`bkn_export.moments` instead of the fused eager forms of :mod:`bkn_export.chain.fast`
+(what the speed work is measured against).
 
 The networks come from packages installed without torchvision (``pip install --no-deps monai efficientnet-pytorch
 geffnet``); a network whose package is missing is reported and skipped.
@@ -29,6 +31,7 @@ geffnet``); a network whose package is missing is reported and skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -41,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bkn_export import convert_batchnorm
+from bkn_export import convert_batchnorm, native
 
 
 def _monai_resnet18() -> nn.Module:
@@ -214,13 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops instead of timing")
     parser.add_argument("--count-ops", action="store_true", help="count dispatched compute ops instead of timing")
     parser.add_argument("--reference-moments", action="store_true", help="no fused eager predictions")
+    parser.add_argument("--no-native", action="store_true", help="no bkn_export.native C kernels")
     args = parser.parse_args(argv)
-    if args.reference_moments:
-        from bkn_export.chain import fast
+    with contextlib.ExitStack() as stack:
+        if args.reference_moments:
+            from bkn_export.chain import fast
 
-        with fast.reference_only():
-            return _run(args)
-    return _run(args)
+            stack.enter_context(fast.reference_only())
+        if args.no_native:
+            stack.enter_context(native.disabled())
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -247,6 +253,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     rows: list[Row] = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock={args.clock}, input {args.size}x{args.size}")
+    print(f"bkn_export.native: {native.status() if native.takes(torch.zeros(1)) else 'off (PyTorch forms)'}")
     print(f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7}")
     for name in names:
         for batch in batches:
@@ -266,7 +273,8 @@ def _run(args: argparse.Namespace) -> int:
         from bkn_export.atomic import write_text_atomic
 
         rows_out = [asdict(r) | {"ratio": r.ratio} for r in rows]
-        payload = {"torch": torch.__version__, "args": vars(args), "rows": rows_out}
+        native_line = native.status() if native.takes(torch.zeros(1)) else "off (PyTorch forms)"
+        payload = {"torch": torch.__version__, "native": native_line, "args": vars(args), "rows": rows_out}
         write_text_atomic(args.json, json.dumps(payload, indent=2))
     return 0
 

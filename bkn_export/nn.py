@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export import cpu_kernels
+from bkn_export import cpu_kernels, fast_prior
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 from bkn_export.ops import kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
@@ -432,6 +432,13 @@ class _BatchKalmanNorm(nn.Module):
             zeros = x.new_zeros((self.num_features,), dtype=acc)
             return zeros, x.new_ones((self.num_features,), dtype=acc), zeros
         variance = _cast(prior.variance, acc)
+        if self._assembles_prior_fused:
+            raw, logit = self._parameters.get("process_noise_raw"), self._parameters.get("prior_weight_logit")
+            if raw is not None and logit is not None:
+                known = None if prior.known is None else _cast(prior.known, acc)
+                fused = fast_prior.assembled_prior(variance, _cast(raw, acc), _cast(logit, acc), known)
+                if fused is not None:
+                    return _cast(prior.mean, acc), *fused
         noise = self.process_noise()
         if noise is not None:
             variance = variance + _cast(noise, acc)
@@ -439,6 +446,12 @@ class _BatchKalmanNorm(nn.Module):
         if prior.known is not None:
             weight = weight * _cast(prior.known, acc)
         return _cast(prior.mean, acc), variance, weight
+
+    @property
+    def _assembles_prior_fused(self) -> bool:
+        """Whether :meth:`_prior` may add R and form p in one fused node (:mod:`bkn_export.fast_prior`):
+        not for subclasses that override :meth:`process_noise` or :meth:`prior_weight`."""
+        return (type(self).process_noise, type(self).prior_weight) == _PRIOR_PARTS
 
     def _kalman_step(
         self, x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor
@@ -524,6 +537,7 @@ def _saved_has_predecessor(state: Any) -> bool:
 
 #: The base class's Kalman step; a subclass or patch that replaces it keeps the BKN op path.
 _KALMAN_STEP = _BatchKalmanNorm._kalman_step
+_PRIOR_PARTS = (_BatchKalmanNorm.process_noise, _BatchKalmanNorm.prior_weight)
 
 
 class BatchKalmanNorm1d(_BatchKalmanNorm):

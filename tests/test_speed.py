@@ -13,6 +13,9 @@
   the same model with that layer first in chain; no host read (``_local_scalar_dense``)
   anywhere, ``momentum=None`` included — tracing under fake tensors would fail on one.
   Timings are in ``benchmarks/bench_networks.py``, not here.
+
+The fused forms here are the PyTorch ones (:func:`bkn_export.native.disabled`, autouse): their C
+kernels (:mod:`bkn_export.native`) are compared with the reference in ``tests/test_native.py``.
 """
 
 from __future__ import annotations
@@ -26,11 +29,17 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from bkn_export import KalmanOptions, convert_batchnorm, moments
+from bkn_export import KalmanOptions, convert_batchnorm, moments, native
 from bkn_export.chain import fast, transitions
 from bkn_export.chain.steps import Affine, Elementwise, Gate, Pool
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_forms() -> Any:
+    with native.disabled():
+        yield
 
 
 def _inputs(channels: int, seed: int = 0) -> tuple[Tensor, Tensor]:

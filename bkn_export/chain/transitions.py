@@ -59,8 +59,8 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import torch
 from torch import Tensor, nn
 
+from bkn_export import fast_prior
 from bkn_export import functional as Fk
-from bkn_export import moments
 from bkn_export.chain.fast import predict_steps
 from bkn_export.chain.record import SourcePath
 from bkn_export.chain.scope import ChainScratch, Published
@@ -87,7 +87,7 @@ def source_gaussian(name: str, published: Published, prior_source: str) -> Prior
     """The Gaussian a source normalization contributes (per ``prior_source``), at its input shape."""
     mean, variance = published.posterior_mean, published.posterior_variance
     if prior_source == "output":
-        mean, variance = moments.normalized_output_moments(
+        mean, variance = fast_prior.normalized_output_moments(
             mean, variance, published.weight, published.bias, published.eps
         )
     return PriorSource(name, mean, variance, tuple(published.input_shape))

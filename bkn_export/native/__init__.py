@@ -1,0 +1,189 @@
+"""Per-channel CPU kernels in C: one call where eager PyTorch dispatches dozens of tiny operators.
+
+A wired BKN layer's prediction and Kalman update are arithmetic on (C,)-sized tensors (moments
+of an activation, the update's terms, their gradients). In eager PyTorch every one of those
+formulas is 10–60 operators of ~2–4 µs each, whatever C is: at micro-batch that fixed cost is
+what a train step pays over BatchNorm. The C sources beside this file (``csrc/*.c``) evaluate the
+same formulas per element in one loop, in double precision, reading and writing the tensors'
+dtype (float32 or float64); they are what :mod:`bkn_export.chain.fast` and
+:mod:`bkn_export.cpu_kernels` call in plain eager CPU execution, each tested against the
+functional reference (``tests/test_native.py``).
+
+Build: on first use the sources are compiled with the system C compiler (``$CC``, else ``cc``)
+into ``$BKN_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/bkn_export`` or ``~/.cache/bkn_export``),
+named by a hash of the sources, flags and compiler; written to a temporary file and renamed
+into place (atomic: a concurrent or interrupted build never leaves a half-written library), then
+loaded with :mod:`ctypes`. About half a second, once per machine and version.
+
+Where there is no compiler, the build fails, or ``BKN_NATIVE=0`` is set, :func:`library`
+returns None and every caller runs its PyTorch form instead: the same math, op for op the
+reference (slower, never different beyond rounding). :func:`status` says which and why;
+``bkn doctor``-style diagnostics and the benchmarks print it.
+
+Calling convention (:func:`call`): ``bkn_<name>_f32`` / ``bkn_<name>_f64`` take the element
+count, then pointers to contiguous tensors of one dtype (None for an absent optional input: a
+NULL pointer). Callers check dtype, device, contiguity and shapes (:func:`takes`) before calling.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["FLAGS", "SOURCES", "call", "disabled", "library", "status", "takes"]
+
+#: The C sources of the library, compiled together.
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
+#: Compiler flags: optimised, strict IEEE (no fast-math, no contraction into FMA: results do not
+#: depend on the CPU's FMA units), position-independent, C99.
+FLAGS = ("-O2", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
+
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+_ENABLED: ContextVar[bool] = ContextVar("bkn_native_kernels", default=True)
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, :func:`takes` is False: callers run their PyTorch forms (tests and
+    benchmarks compare the two)."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def _compiler() -> str | None:
+    candidate = os.environ.get("CC") or "cc"
+    return shutil.which(candidate)
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("BKN_NATIVE_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bkn_export"
+
+
+def _build(compiler: str) -> Path:
+    """Compile :data:`SOURCES` into the cache (once per hash of sources, headers, flags, compiler)."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "csrc").iterdir()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(" ".join((compiler, *FLAGS, sys.platform)).encode())
+    target = _cache_dir() / f"libbkn_native-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        command = [compiler, *FLAGS, "-o", temporary, *map(str, SOURCES), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise OSError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[:2000]}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+def _load() -> None:
+    if os.environ.get("BKN_NATIVE", "1") == "0":
+        _STATE.update(library=None, status="disabled by BKN_NATIVE=0: PyTorch forms")
+        return
+    if sys.platform == "win32":
+        _STATE.update(library=None, status="not built on Windows: PyTorch forms")
+        return
+    if not SOURCES:
+        _STATE.update(library=None, status="no C sources in the installed package: PyTorch forms")
+        return
+    compiler = _compiler()
+    if compiler is None:
+        _STATE.update(library=None, status="no C compiler ($CC or cc) found: PyTorch forms")
+        return
+    try:
+        path = _build(compiler)
+        loaded = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as error:
+        _STATE.update(library=None, status=f"build failed, PyTorch forms instead: {error}")
+        return
+    _STATE.update(library=loaded, status=f"loaded {path}")
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built and loaded on first use; None where unavailable (:func:`status`)."""
+    if "status" not in _STATE:
+        with _LOCK:
+            if "status" not in _STATE:
+                _load()
+    return _STATE["library"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """One line: where the library was loaded from, or why the PyTorch forms run instead."""
+    library()
+    return str(_STATE["status"])
+
+
+def takes(*tensors: Tensor | None) -> bool:
+    """Whether :func:`call` can take these tensors: the library is available and every given
+    tensor is a contiguous float32/float64 CPU tensor of the first one's dtype and element count
+    (plain tensors only: no subclass, nothing requiring a dispatch mode; callers check tracing)."""
+    first = tensors[0]
+    assert first is not None
+    dtype, count = first.dtype, first.numel()
+    if dtype not in _DTYPE_SUFFIX or not _ENABLED.get() or library() is None:
+        return False
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if (
+            type(tensor) is not Tensor
+            or tensor.dtype != dtype
+            or tensor.device.type != "cpu"
+            or tensor.numel() != count
+            or not tensor.is_contiguous()
+        ):
+            return False
+    return True
+
+
+_FUNCTIONS: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}  # type: ignore[name-defined]
+
+
+def call(name: str, *tensors: Tensor | None, count: int | None = None) -> None:
+    """Run ``bkn_<name>_<dtype>(count, pointers...)`` on tensors that :func:`takes` accepts.
+
+    count: the element count passed first (default: the first tensor's numel). Outputs are
+    among ``tensors`` (allocated by the caller); None passes NULL."""
+    first = tensors[0]
+    assert first is not None
+    key = (name, first.dtype)
+    function = _FUNCTIONS.get(key)
+    if function is None:
+        loaded = library()
+        assert loaded is not None, "native.call without native.takes"
+        function = getattr(loaded, f"bkn_{name}_{_DTYPE_SUFFIX[first.dtype]}")
+        function.restype = None
+        function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * len(tensors)
+        _FUNCTIONS[key] = function
+    function(first.numel() if count is None else count, *[None if t is None else t.data_ptr() for t in tensors])
