@@ -8,9 +8,10 @@ Per wired layer and train step, two small formulas sit outside the prediction's 
   variance plus the process noise R = softplus(r), and the gain p = L · sigmoid(l) (L =
   :data:`bkn_export.functional.PRIOR_WEIGHT_LIMIT`), times the known-channel mask where there is one.
 
-Eagerly, those are nine operators forward and nine autograd nodes backward (Add, Div, Expand,
-Mul ×3, Sigmoid, Softplus, Add); here each is one ``autograd.Function`` running a C kernel of
-:mod:`bkn_export.native` (``csrc/prior.c``) forward and backward::
+Eagerly, those are eight operators forward and eight autograd nodes backward (Add, Div, Mul ×2;
+Mul, Sigmoid, Softplus, Add); here each formula is one ``autograd.Function`` running a C kernel of
+:mod:`bkn_export.native` (``csrc/prior.c``) forward and backward (β stays a view of the bias, as in
+the reference: a plain tensor, so that the fused prediction steps take it)::
 
     output variance   v = γ² (Σ/(Σ+ε))        ∂Σ = ∂v γ² ε/(Σ+ε)²,   ∂γ = ∂v 2γ Σ/(Σ+ε)
     prior assembly    v = v_pred + softplus(r)  ∂v_pred = ∂v,  ∂r = ∂v sigmoid(r)
@@ -48,6 +49,16 @@ def _parameter(value: float) -> Tensor:
             _PARAMETERS.clear()
         _PARAMETERS[value] = table
     return table
+
+
+def _applies(*tensors: Tensor | None) -> bool:
+    """Plain eager CPU (nothing tracing, no torch.func transform: these Functions have no vmap rule)
+    and tensors the kernels take."""
+    first = tensors[0]
+    assert first is not None
+    return (
+        ops.plain_eager_cpu(first) and not torch._C._are_functorch_transforms_active() and native.takes(*tensors)
+    )
 
 
 def _contiguous(grad: Tensor | None) -> Tensor | None:
@@ -106,17 +117,14 @@ def normalized_output_moments(
 ) -> tuple[Tensor, Tensor]:
     """:func:`bkn_export.moments.normalized_output_moments`, the variance as one fused node where it can be.
 
-    posterior_mean, posterior_variance: (C,); weight γ, bias β: (C,) or None. Returns (β, γ² Σ/(Σ+ε)),
-    β itself where it has the posterior's shape and dtype (no copy, no Expand node)."""
+    posterior_mean, posterior_variance: (C,); weight γ, bias β: (C,) or None. Returns (β, γ² Σ/(Σ+ε))."""
     same = weight is None or (weight.dtype == posterior_variance.dtype and weight.shape == posterior_variance.shape)
-    if not (same and ops.plain_eager_cpu(posterior_variance) and native.takes(posterior_variance, weight)):
+    if not (same and _applies(posterior_variance, weight)):
         return moments.normalized_output_moments(posterior_mean, posterior_variance, weight, bias, eps)
-    if bias is not None and bias.dtype == posterior_mean.dtype and bias.shape == posterior_mean.shape:
-        out_mean = bias
-    elif bias is None:
-        out_mean = torch.zeros_like(posterior_mean)
-    else:
-        out_mean = bias.to(posterior_mean.dtype).expand_as(posterior_mean)
+    # β as a view, as the reference returns it (a plain tensor: never the Parameter itself).
+    out_mean = (
+        torch.zeros_like(posterior_mean) if bias is None else bias.to(posterior_mean.dtype).expand_as(posterior_mean)
+    )
     return out_mean, _OutputVariance.apply(posterior_variance, weight, eps)
 
 
@@ -160,7 +168,7 @@ def _reference_assembly(variance: Tensor, raw: Tensor, logit: Tensor, known: Ten
 def assembled_prior(variance: Tensor, raw: Tensor, logit: Tensor, known: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """(v_pred + softplus(r), L sigmoid(l) [· k]) as one node, or None where the fused form does
     not apply (the caller then runs its own operators). All (C,) of one dtype."""
-    if not (ops.plain_eager_cpu(variance) and native.takes(variance, raw, logit, known)):
+    if not _applies(variance, raw, logit, known):
         return None
     if known is not None and known.requires_grad:
         return None

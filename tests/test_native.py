@@ -232,3 +232,26 @@ def test_a_converted_network_trains_the_same_with_and_without_the_kernels() -> N
         assert got is not None and want is not None
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(buffers, buffers_ref, rtol=1e-13, atol=1e-15)
+
+
+@needs_library
+def test_a_converted_network_step_runs_the_fused_nodes() -> None:
+    """The autograd graph of a converted network's step holds the fused nodes and none of the unfused
+    glue: a fallback to the PyTorch forms or the reference would be silent otherwise (only slower)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    loss = convert_batchnorm(model, x).train()(x).square().mean()
+    names: set[str] = set()
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    assert {"_ReluMomentsBackward", "_PriorAssemblyBackward", "_OutputVarianceBackward"} <= names
+    assert not names & {"SigmoidBackward0", "SoftplusBackward0", "ErfcBackward0", "DivBackward0"}

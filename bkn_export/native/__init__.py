@@ -52,6 +52,9 @@ SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
 FLAGS = ("-O2", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
 
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+#: Tensor types whose memory the kernels may read: plain tensors and parameters (no subclass
+#: that intercepts operations: a fake or traced tensor has no data to read).
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _ENABLED: ContextVar[bool] = ContextVar("bkn_native_kernels", default=True)
@@ -147,7 +150,7 @@ def status() -> str:
 def takes(*tensors: Tensor | None) -> bool:
     """Whether :func:`call` can take these tensors: the library is available and every given
     tensor is a contiguous float32/float64 CPU tensor of the first one's dtype and element count
-    (plain tensors only: no subclass, nothing requiring a dispatch mode; callers check tracing)."""
+    (plain tensors or parameters: no other subclass; callers check tracing and dispatch modes)."""
     first = tensors[0]
     assert first is not None
     dtype, count = first.dtype, first.numel()
@@ -157,7 +160,7 @@ def takes(*tensors: Tensor | None) -> bool:
         if tensor is None:
             continue
         if (
-            type(tensor) is not Tensor
+            type(tensor) not in _PLAIN_TYPES
             or tensor.dtype != dtype
             or tensor.device.type != "cpu"
             or tensor.numel() != count
