@@ -66,9 +66,10 @@ def _contiguous(grad: Tensor | None) -> Tensor | None:
 
 
 def _differentiable(tensor: Tensor) -> Tensor:
-    """A saved input to differentiate the reference at: itself where it has a graph (so that a
-    ``create_graph`` backward stays connected to it), else a detached leaf."""
-    return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
+    """A saved input to differentiate the reference at: an alias where it has a graph (so that a
+    ``create_graph`` backward stays connected to it, and ``autograd.grad`` counts only the paths
+    through this use, not through other inputs computed from it), else a detached leaf."""
+    return tensor.view_as(tensor) if tensor.requires_grad else tensor.detach().requires_grad_()
 
 
 class _OutputVariance(torch.autograd.Function):

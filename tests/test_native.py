@@ -255,3 +255,28 @@ def test_a_converted_network_step_runs_the_fused_nodes() -> None:
         stack.extend(next_node for next_node, _ in node.next_functions)
     assert {"_ReluMomentsBackward", "_PriorAssemblyBackward", "_OutputVarianceBackward"} <= names
     assert not names & {"SigmoidBackward0", "SoftplusBackward0", "ErfcBackward0", "DivBackward0"}
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["C kernels", "PyTorch forms"])
+def test_second_derivatives_through_a_gate_whose_moments_depend_on_the_input(kernels: bool) -> None:
+    """A squeeze-and-excitation gate's moments are computed from the input's: the create_graph
+    backward must not count that path twice (it did before the fused forms differentiated aliases)."""
+    mean = torch.linspace(-1.0, 2.0, 6, dtype=F64).requires_grad_()
+    variance = torch.linspace(0.2, 1.5, 6, dtype=F64).requires_grad_()
+
+    def through(product: object) -> Tensor:
+        gate_mean, gate_variance = torch.sigmoid(mean * 0.7), variance * 0.3 + mean * mean * 0.1
+        out = product(mean, variance, gate_mean, gate_variance)  # type: ignore[operator]
+        return (out[0] * out[1]).sum() + out[1].square().sum()
+
+    def reference(m: Tensor, v: Tensor, gm: Tensor, gv: Tensor) -> tuple[Tensor, Tensor]:
+        out_mean = m * gm
+        return out_mean, ((v + m * m) * (gv + gm * gm) - out_mean * out_mean).clamp_min(0.0)
+
+    with contextlib.nullcontext() if kernels else native.disabled():
+        first = torch.autograd.grad(through(fast.gate_product), [mean, variance], create_graph=True)
+        second = torch.autograd.grad(first[0].sum() + first[1].square().sum(), [mean, variance])
+    first_ref = torch.autograd.grad(through(reference), [mean, variance], create_graph=True)
+    second_ref = torch.autograd.grad(first_ref[0].sum() + first_ref[1].square().sum(), [mean, variance])
+    torch.testing.assert_close(first, first_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(second, second_ref, rtol=1e-12, atol=1e-14)

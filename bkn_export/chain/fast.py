@@ -48,7 +48,10 @@ Here the same math runs as ``torch.autograd.Function`` s with closed-form backwa
 * :func:`gate_product` — a :class:`~bkn_export.chain.steps.Gate`'s product of the input's
   and the gate's moments (:class:`_GateProduct`).
 
-Under ``create_graph=True`` each backward instead recomputes its forward with autograd
+On CPU the elementwise Functions (ReLU, piecewise, Gauss–Hermite, the gate product) run
+C kernels of :mod:`bkn_export.native` forward and backward where it takes the tensors (the
+same formulas per element in double; ``docs/native.md``), else the PyTorch forms described
+above. Under ``create_graph=True`` each backward instead recomputes its forward with autograd
 and differentiates that, so second and higher derivatives are the reference's.
 
 :func:`predict_steps` is what the transitions call: these functions for the steps they
@@ -78,7 +81,7 @@ from torch import Tensor, nn
 # must see the reference ops, not one opaque Function.
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from bkn_export import moments
+from bkn_export import moments, native
 from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, Step, linear_runs
 
 __all__ = [
@@ -239,8 +242,14 @@ def _affine_forward(
 def _differentiated(
     forward: Any, inputs: tuple[Tensor, ...], extra: tuple[Any, ...], grads: tuple[Tensor | None, ...]
 ) -> tuple[Tensor | None, ...]:
-    """create_graph=True: the VJP of ``forward`` recomputed with autograd, so that it differentiates again."""
+    """create_graph=True: the VJP of ``forward`` recomputed with autograd, so that it differentiates again.
+
+    The forward runs on aliases of the inputs (``view_as``): ``autograd.grad`` with respect to a
+    tensor counts every path from it, so where one input depends on another (a gate's moments on
+    the input's, in a squeeze-and-excitation block) it would add that path a second time — the
+    outer backward already follows it."""
     with torch.enable_grad():
+        inputs = tuple(t.view_as(t) if t.requires_grad else t for t in inputs)
         outputs = forward(*inputs, *extra)[: len(grads)]
         wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
@@ -366,20 +375,55 @@ def _constant(values: Any, dtype: torch.dtype, device: torch.device, shape: tupl
         return torch.tensor(values, dtype=dtype, device=device).reshape(shape)
 
 
+def _native_elementwise(mean: Tensor, variance: Tensor) -> bool:
+    """Whether an elementwise moments Function runs its C kernel (:mod:`bkn_export.native`) on
+    these inputs: CPU float32/float64, contiguous, one shape."""
+    return mean.shape == variance.shape and native.takes(mean, variance)
+
+
+def _native_backward(
+    kernel: str, saved: tuple[Tensor, ...], grad_mean: Tensor | None, grad_variance: Tensor | None
+) -> tuple[Tensor, Tensor] | None:
+    """First-order backward of an elementwise moments Function by its C kernel ``kernel``
+    (arguments: the saved inputs, then ∂L/∂(E, Var) or NULL), or None where the kernel cannot take
+    the gradients (another dtype: autograd's own, or an expanded zero: made contiguous here)."""
+    mean = saved[0]
+    grads = [None if g is None else g.contiguous() for g in (grad_mean, grad_variance)]
+    if not native.takes(mean, *grads):
+        return None
+    grad_input_mean, grad_input_variance = torch.empty_like(mean), torch.empty_like(mean)
+    native.call(kernel, *saved, *grads, grad_input_mean, grad_input_variance)
+    return grad_input_mean, grad_input_variance
+
+
 class _ReluMoments(torch.autograd.Function):
-    """(E, Var) of ReLU(X), X ~ N(μ, v): the reference's forward, closed-form backward."""
+    """(E, Var) of ReLU(X), X ~ N(μ, v): the reference's forward, closed-form backward; on CPU the
+    C kernel ``relu_moments`` for both (the same formulas in double, :mod:`bkn_export.native`)."""
 
     @staticmethod
     def forward(ctx: Any, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.native = _native_elementwise(mean, variance)
+        if ctx.native:
+            out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
+            native.call("relu_moments", mean, variance, out_mean, out_variance)
+            ctx.save_for_backward(mean, variance)
+            return out_mean, out_variance
         out_mean, out_variance, std, pdf, below, above, spread = moments._relu_terms(mean, variance)
         ctx.save_for_backward(mean, variance, out_mean, std, pdf, below, above, spread)
         return out_mean, out_variance
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        mean, variance, out_mean, std, pdf, below, above, spread = ctx.saved_tensors
+        saved = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return _differentiated(moments._relu_moments, (mean, variance), (), (grad_mean, grad_variance))  # type: ignore[return-value]
+            return _differentiated(moments._relu_moments, saved[:2], (), (grad_mean, grad_variance))  # type: ignore[return-value]
+        if ctx.native:
+            grads = _native_backward("relu_moments_backward", saved, grad_mean, grad_variance)
+            if grads is not None:
+                return grads
+            terms = moments._relu_terms(*saved)
+            saved = (*saved, terms[0], *terms[2:])
+        mean, variance, out_mean, std, pdf, below, above, spread = saved
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
         grad_variance = (
             torch.zeros_like(mean) if grad_variance is None else torch.where(spread >= 0, grad_variance, 0.0)
@@ -402,6 +446,9 @@ class _PiecewiseTable(NamedTuple):
     edges: (P + 1, …) the breakpoints −∞ = b_0 < b_1 < … < b_P = +∞ (piece p is b_p ≤ x < b_{p+1});
     c0, c1: (P, …) f = c0 + c1 x + c2 x² on each piece; c2, twice_c2: (P, …) c2 and 2 c2, or None
     where every c2 is 0 (piecewise linear: truncated moments up to order 2 suffice, not 4).
+    native: the kernel ``piecewise_moments``' parameters (float64, CPU), [P, order, b_0 … b_P, c0, c1,
+    c2] (order 4, or 2 where every c2 is 0); None off the CPU or beyond its piece count. native_kept: the
+    count (order + 1) P of truncated moments it keeps per element for its backward.
     """
 
     edges: Tensor
@@ -410,10 +457,15 @@ class _PiecewiseTable(NamedTuple):
     c2: Tensor | None
     twice_c2: Tensor | None
     pieces: tuple[moments._Piece, ...]  # the reference's form (create_graph differentiates it)
+    native: Tensor | None
+    native_kept: int
 
 
 #: Their constant tensors per (plan, dtype, device, rank).
 _PIECEWISE_TABLES: dict[tuple[Any, ...], _PiecewiseTable] = {}
+
+#: The most pieces the kernel ``piecewise_moments`` takes (BKN_MAX_PIECES in csrc/piecewise.c).
+_NATIVE_MAX_PIECES = 8
 
 #: Continuous piecewise-quadratic kinds with number parameters (prelu's slope is a tensor: reference).
 _PIECEWISE_KINDS = frozenset({"relu6", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish"})
@@ -451,6 +503,10 @@ def _piecewise_table(plan: Any, dtype: torch.dtype, device: torch.device, rank: 
                 moments._Piece(None if lo == -math.inf else lo, None if hi == math.inf else hi, *c)
                 for lo, hi, *c in zip(edges[:-1], edges[1:], c0, c1, c2, strict=True)
             ),
+            _constant([len(c0), 4 if quadratic else 2, *edges, *c0, *c1, *c2], torch.float64, device, (-1,))
+            if device.type == "cpu" and len(c0) <= _NATIVE_MAX_PIECES
+            else None,
+            (5 if quadratic else 3) * len(c0),
         )
         if len(_PIECEWISE_TABLES) >= moments._CACHE_SIZE:
             _PIECEWISE_TABLES.clear()
@@ -513,29 +569,49 @@ class _PiecewiseMoments(torch.autograd.Function):
     (a0, a1, a2, a3) = (d0' e0, d0' e1 + d1 e0, d1 e1 + d2 e0, d2 e1), the coefficients of
     (f − E) f' in powers of Z (∂Var = ∂E[(f − E)²] as E[f − E] = 0); centred, so that nothing
     cancels where σ ≪ |E|. Var's clamp at 0 passes where the centred sum is ≥ 0.
+
+    On CPU the C kernels ``piecewise_moments`` / ``piecewise_moments_backward`` evaluate both
+    (:mod:`bkn_export.native`; the forward keeps the truncated moments, float64, for the backward).
     """
 
     @staticmethod
     def forward(ctx: Any, mean: Tensor, variance: Tensor, table: _PiecewiseTable) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        out_mean, out_variance, std, e0, d1, d2, spread, *truncated = _piecewise_forward(mean, variance, table)
-        ctx.save_for_backward(mean, variance, std, e0, d1, d2, spread, *truncated)
         ctx.table = table
-        return out_mean, out_variance  # type: ignore[return-value]
+        ctx.native = table.native is not None and _native_elementwise(mean, variance)
+        if ctx.native:
+            out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
+            kept = mean.new_empty((mean.numel(), table.native_kept), dtype=torch.float64)
+            native.call("piecewise_moments", mean, variance, table.native, kept, out_mean, out_variance)
+            ctx.save_for_backward(mean, variance, kept)
+            return out_mean, out_variance
+        terms = _piecewise_forward(mean, variance, table)
+        ctx.save_for_backward(mean, variance, *terms[2:])
+        return terms[0], terms[1]  # type: ignore[return-value]
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        mean, variance, std, centred, d1, d2, spread, *truncated = ctx.saved_tensors
+        saved = ctx.saved_tensors
         table: _PiecewiseTable = ctx.table
         if torch.is_grad_enabled():
             return (
                 *_differentiated(
                     lambda m, v: moments._piecewise_quadratic_moments(table.pieces, m, v),
-                    (mean, variance),
+                    saved[:2],
                     (),
                     (grad_mean, grad_variance),
                 ),
                 None,
             )
+        if ctx.native:
+            assert table.native is not None
+            mean, variance, kept = saved
+            grads = _native_backward(
+                "piecewise_moments_backward", (mean, variance, table.native, kept), grad_mean, grad_variance
+            )
+            if grads is not None:
+                return (*grads, None)
+            saved = (mean, variance, *_piecewise_forward(mean, variance, table)[2:])
+        mean, variance, std, centred, d1, d2, spread, *truncated = saved
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
         grad_variance = (
             torch.zeros_like(mean) if grad_variance is None else torch.where(spread >= 0, grad_variance, 0.0)
@@ -605,22 +681,39 @@ class _GaussHermiteMoments(torch.autograd.Function):
 
         ∂L/∂f(x_j) = w_j (gE − 2 gV S + 2 gV c_j)      ∂L/∂x_j = that · f'(x_j)
         ∂L/∂μ = Σ_j ∂L/∂x_j                             ∂L/∂σ = Σ_j ∂L/∂x_j z_j
+
+    On CPU (``parameters``: :func:`_hermite_parameters`) the C kernels ``gauss_hermite_moments`` /
+    ``gauss_hermite_moments_backward`` evaluate both (:mod:`bkn_export.native`) where the rule has at most
+    :data:`_HERMITE_NATIVE_NODES` nodes in all; the forward keeps the (…, n) sigmoid or tanh per node for
+    the backward.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, mean: Tensor, variance: Tensor, kind: str, points: Tensor, weights: Tensor
+        ctx: Any, mean: Tensor, variance: Tensor, kind: str, points: Tensor, weights: Tensor, parameters: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        out_mean, out_variance, std, x, centred, spread = moments._gauss_hermite_terms(
+        ctx.kind, ctx.parameters = kind, parameters
+        ctx.native = (
+            parameters is not None
+            and mean.numel() * points.numel() <= _HERMITE_NATIVE_NODES
+            and _native_elementwise(mean, variance)
+        )
+        if ctx.native:
+            out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
+            # The kernel's sigmoid / tanh per node, for a backward without exponentials (float64: as it computes).
+            kept = mean.new_empty((*mean.shape, points.numel()), dtype=torch.float64)
+            native.call("gauss_hermite_moments", mean, variance, parameters, kept, out_mean, out_variance)
+            ctx.save_for_backward(mean, variance, points, weights, kept)
+            return out_mean, out_variance
+        out_mean, out_variance, *kept_terms = moments._gauss_hermite_terms(
             _SMOOTH[kind][0], mean, variance, points, weights
         )
-        ctx.save_for_backward(mean, variance, std, x, centred, spread, points, weights)
-        ctx.kind = kind
+        ctx.save_for_backward(mean, variance, points, weights, *kept_terms)
         return out_mean, out_variance
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        mean, variance, std, x, centred, spread, points, weights = ctx.saved_tensors
+        mean, variance, points, weights, *kept = ctx.saved_tensors
         function, derivative = _SMOOTH[ctx.kind]
         if torch.is_grad_enabled():
             return (
@@ -633,7 +726,16 @@ class _GaussHermiteMoments(torch.autograd.Function):
                 None,
                 None,
                 None,
+                None,
             )
+        if ctx.native:
+            grads = _native_backward(
+                "gauss_hermite_moments_backward", (mean, variance, ctx.parameters, *kept), grad_mean, grad_variance
+            )
+            if grads is not None:
+                return (*grads, None, None, None, None)
+            kept = moments._gauss_hermite_terms(function, mean, variance, points, weights)[2:]
+        std, x, centred, spread = kept
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
         grad_variance = (
             torch.zeros_like(mean) if grad_variance is None else torch.where(spread >= 0, grad_variance, 0.0)
@@ -643,11 +745,32 @@ class _GaussHermiteMoments(torch.autograd.Function):
         grad_x = (centred * twice.unsqueeze(-1)).add_(shared.unsqueeze(-1)).mul_(weights).mul_(derivative(x))
         grad_std = grad_x @ points
         grad_input_variance = torch.where(variance >= moments._VARIANCE_FLOOR, grad_std / (2.0 * std), 0.0)
-        return grad_x.sum(-1), grad_input_variance, None, None, None
+        return grad_x.sum(-1), grad_input_variance, None, None, None, None
 
 
 #: Gauss–Hermite (points, weights) per (nodes, dtype, device), as constants.
 _HERMITE: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+#: The kernel ``gauss_hermite_moments``' parameters per (kind, nodes): float64 [n, kind code, points, weights].
+_HERMITE_NATIVE: dict[tuple[str, int], Tensor] = {}
+#: The most nodes in all (elements × nodes) for which the kernels run (one thread; 8 nodes at a time): beyond,
+#: PyTorch's form, whose large ops split across threads. Forward + backward on one thread (measured, µs,
+#: kernel against PyTorch): silu 240 × 64 nodes 87 / 133, 1152 × 64 237 / 262; sigmoid 1152 × 128 345 / 553.
+_HERMITE_NATIVE_NODES = 1 << 17
+#: csrc/gauss_hermite.c's codes of the kinds.
+_HERMITE_KIND_CODES = {"silu": 0, "sigmoid": 1, "tanh": 2}
+
+
+def _hermite_parameters(name: str, nodes: int) -> Tensor:
+    parameters = _HERMITE_NATIVE.get((name, nodes))
+    if parameters is None:
+        points, weights = moments._hermite_rule(nodes)
+        parameters = _constant(
+            [nodes, _HERMITE_KIND_CODES[name], *points, *weights], torch.float64, torch.device("cpu"), (-1,)
+        )
+        if len(_HERMITE_NATIVE) >= moments._CACHE_SIZE:
+            _HERMITE_NATIVE.clear()
+        _HERMITE_NATIVE[(name, nodes)] = parameters
+    return parameters
 
 
 def gauss_hermite_moments(kind: str, mean: Tensor, variance: Tensor, **params: Any) -> tuple[Tensor, Tensor] | None:
@@ -669,7 +792,8 @@ def _gauss_hermite(plan: tuple[Any, ...], mean: Tensor, variance: Tensor) -> tup
         if len(_HERMITE) >= moments._CACHE_SIZE:
             _HERMITE.clear()
         _HERMITE[key] = rule
-    return _GaussHermiteMoments.apply(mean, variance, name, *rule)  # type: ignore[no-any-return]
+    parameters = _hermite_parameters(name, nodes) if mean.device.type == "cpu" else None
+    return _GaussHermiteMoments.apply(mean, variance, name, *rule, parameters)  # type: ignore[no-any-return]
 
 
 #: What the fused forms do per (kind, sorted params): ("relu",), ("piecewise", plan), or None (the
@@ -737,29 +861,39 @@ class _GateProduct(torch.autograd.Function):
         mean = m m_g        variance = (v + m²)(v_g + m_g²) − mean²
 
     Backward (gV passing where the variance is ≥ 0): ∂m = gE m_g + 2 gV m v_g,
-    ∂v = gV (v_g + m_g²), ∂m_g = gE m + 2 gV m_g v, ∂v_g = gV (v + m²).
+    ∂v = gV (v_g + m_g²), ∂m_g = gE m + 2 gV m_g v, ∂v_g = gV (v + m²). On CPU the C kernels
+    ``gate_product`` / ``gate_product_backward`` evaluate both (:mod:`bkn_export.native`).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, mean: Tensor, variance: Tensor, gate_mean: Tensor, gate_variance: Tensor
     ) -> tuple[Tensor, Tensor]:
-        out_mean, out_variance, second_input, second_gate, spread = _gate_forward(
-            mean, variance, gate_mean, gate_variance
-        )
-        ctx.save_for_backward(mean, variance, gate_mean, gate_variance, second_input, second_gate, spread)
+        inputs = (mean, variance, gate_mean, gate_variance)
+        ctx.native = native.takes(*inputs)
+        if ctx.native:
+            out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
+            native.call("gate_product", *inputs, out_mean, out_variance)
+            ctx.save_for_backward(*inputs)
+            return out_mean, out_variance
+        out_mean, out_variance, *kept = _gate_forward(*inputs)
+        ctx.save_for_backward(*inputs, *kept)
         return out_mean, out_variance
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        mean, variance, gate_mean, gate_variance, second_input, second_gate, spread = ctx.saved_tensors
+        mean, variance, gate_mean, gate_variance, *kept = ctx.saved_tensors
+        inputs = (mean, variance, gate_mean, gate_variance)
         if torch.is_grad_enabled():
-            return _differentiated(
-                lambda *t: _gate_forward(*t)[:2],
-                (mean, variance, gate_mean, gate_variance),
-                (),
-                (grad_mean, grad_variance),
-            )
+            return _differentiated(lambda *t: _gate_forward(*t)[:2], inputs, (), (grad_mean, grad_variance))
+        if ctx.native:
+            grads = [None if g is None else g.contiguous() for g in (grad_mean, grad_variance)]
+            if native.takes(mean, *grads):
+                outputs = [torch.empty_like(mean) for _ in range(4)]
+                native.call("gate_product_backward", *inputs, *grads, *outputs)
+                return tuple(outputs)
+            kept = list(_gate_forward(*inputs)[2:])
+        second_input, second_gate, spread = kept
         grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
         grad_variance = (
             torch.zeros_like(mean) if grad_variance is None else torch.where(spread >= 0, grad_variance, 0.0)
