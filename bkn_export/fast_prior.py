@@ -56,9 +56,7 @@ def _applies(*tensors: Tensor | None) -> bool:
     and tensors the kernels take."""
     first = tensors[0]
     assert first is not None
-    return (
-        ops.plain_eager_cpu(first) and not torch._C._are_functorch_transforms_active() and native.takes(*tensors)
-    )
+    return ops.plain_eager_cpu(first) and not torch._C._are_functorch_transforms_active() and native.takes(*tensors)
 
 
 def _contiguous(grad: Tensor | None) -> Tensor | None:
