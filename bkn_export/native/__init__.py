@@ -22,7 +22,8 @@ reference (slower, never different beyond rounding). :func:`status` says which a
 
 Calling convention (:func:`call`): ``bkn_<name>_f32`` / ``bkn_<name>_f64`` take the element
 count, then pointers to contiguous tensors of one dtype (None for an absent optional input: a
-NULL pointer). Callers check dtype, device, contiguity and shapes (:func:`takes`) before calling.
+NULL pointer; a kernel's constants, such as a piece table, as a float64 tensor). Callers check
+dtype, device, contiguity and shapes (:func:`takes`) before calling.
 """
 
 from __future__ import annotations
@@ -149,11 +150,12 @@ def status() -> str:
 
 def takes(*tensors: Tensor | None) -> bool:
     """Whether :func:`call` can take these tensors: the library is available and every given
-    tensor is a contiguous float32/float64 CPU tensor of the first one's dtype and element count
-    (plain tensors or parameters: no other subclass; callers check tracing and dispatch modes)."""
+    tensor is a contiguous float32/float64 CPU tensor of the first one's dtype and shape. The kernels
+    pair elements by position, so tensors that would broadcast are refused. Plain tensors or
+    parameters only, no other subclass; callers check tracing and dispatch modes."""
     first = tensors[0]
     assert first is not None
-    dtype, count = first.dtype, first.numel()
+    dtype, shape = first.dtype, first.shape
     if dtype not in _DTYPE_SUFFIX or not _ENABLED.get() or library() is None:
         return False
     for tensor in tensors:
@@ -163,7 +165,7 @@ def takes(*tensors: Tensor | None) -> bool:
             type(tensor) not in _PLAIN_TYPES
             or tensor.dtype != dtype
             or tensor.device.type != "cpu"
-            or tensor.numel() != count
+            or tensor.shape != shape
             or not tensor.is_contiguous()
         ):
             return False
