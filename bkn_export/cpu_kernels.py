@@ -16,6 +16,13 @@ BatchNorm kernels where that is mathematically exact:
   (:class:`ForwardState`): the backward op recomputes them (:func:`forward_state`), the
   eager path of :mod:`bkn_export.ops` keeps them from its forward; both then run
   :func:`backward_from_state`, so their results are bit for bit the same.
+* The per-channel arithmetic (the Kalman update forward; the posterior's gradient, the
+  update's gradients and the slope and offset of ∂L/∂x backward) is one call each to the C
+  kernels of :mod:`bkn_export.native` (``csrc/kalman.c``, in double) in untraced eager
+  execution where they take the tensors, instead of ~7 and ~20 operators on (C,) tensors;
+  else (no library, :func:`bkn_export.native.disabled`, tracing, other strides) the same
+  formulas as PyTorch operators (:func:`functional.kalman_update_terms`,
+  :func:`functional.update_gradients`). The fallback rule, where it is on, stays PyTorch.
 
 The fast path covers float32 and float64 inputs whose prior, gain and affine
 parameters have the same dtype (what the modules pass): :func:`covers` says so, and
@@ -31,10 +38,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+# Private API, as in bkn_export.ops: the innermost active TorchDispatchMode (fake tensors, make_fx...),
+# under which the C kernels must not run (they read and write raw memory).
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 from bkn_export import functional as Fk
+from bkn_export import native
 from bkn_export.functional import KalmanNormInputs, KalmanStep
 
 __all__ = [
+    "NOT_KEPT",
     "ForwardState",
     "backward_from_state",
     "batch_kalman_norm",
@@ -120,8 +133,10 @@ class ForwardState(NamedTuple):
     """What the CPU forward computed that its backward needs again, all (C,) in x's dtype.
 
     stats: x̄, S, n; prior_weight: p after the fallback rule; terms: the update's posterior
-    μ_{k|k}, Σ_{k|k} and intermediates (:func:`functional.kalman_update_terms`); fired: the
-    fallback rule's 0-dim bool, None when the rule is off (``fallback_ratio`` 0).
+    μ_{k|k}, Σ_{k|k} and intermediates (:func:`functional.kalman_update_terms`), the latter
+    :data:`NOT_KEPT` where the C kernel computed the posterior (the backward recomputes
+    them); fired: the fallback rule's 0-dim bool, None when the rule is off
+    (``fallback_ratio`` 0).
     """
 
     stats: Fk.BatchStatistics
@@ -130,13 +145,67 @@ class ForwardState(NamedTuple):
     fired: Tensor | None
 
 
+#: Stands for the update's intermediates (q, d, p q, d²) in a :class:`ForwardState` whose
+#: posterior the C kernel computed: it keeps only the posterior, the backward recomputes the rest.
+NOT_KEPT = torch.empty(0)
+
+
+def _untraced() -> bool:
+    """Whether nothing traces this call (no compile, export, jit trace or dispatch mode: fake
+    tensors, make_fx...), so that the C kernels may read the tensors' memory. Asked before
+    :func:`native.takes`, which Dynamo cannot trace (a ContextVar)."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+    )
+
+
+def _posterior(
+    prior_mean: Tensor, prior_variance: Tensor, stats: Fk.BatchStatistics, prior_weight: Tensor
+) -> Fk.UpdateTerms:
+    """:func:`functional.kalman_update_terms`; by the C kernel ``kalman_update`` where it takes
+    the tensors (the posterior only: intermediates :data:`NOT_KEPT`) and rounds as ATen does."""
+    per_channel = (prior_mean, prior_variance, stats.mean, stats.variance, prior_weight)
+    if _untraced() and native.takes(*per_channel) and _update_kernel_rounds_as_aten(prior_mean.dtype):
+        mean, variance = torch.empty_like(prior_mean), torch.empty_like(prior_mean)
+        native.call("kalman_update", *per_channel, mean, variance)
+        return Fk.UpdateTerms(mean, variance, NOT_KEPT, NOT_KEPT, NOT_KEPT, NOT_KEPT)
+    return Fk.kalman_update_terms(*per_channel)
+
+
+_ROUNDS_AS_ATEN: dict[torch.dtype, bool] = {}
+
+
+def _update_kernel_rounds_as_aten(dtype: torch.dtype) -> bool:
+    """Whether the ``kalman_update`` kernel gives ATen's posterior bit for bit in ``dtype``
+    (checked once, on 67 channels: ATen's vector loop and its tail). The kernel rounds as ATen's
+    kernels do with FMA (``csrc/kalman.c``); where this machine's ATen rounds otherwise, the
+    PyTorch form runs, so that eager and traced steps (the same operators) agree bit for bit."""
+    rounds = _ROUNDS_AS_ATEN.get(dtype)
+    if rounds is None:
+        with torch.inference_mode(False), torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            mean, batch_mean = torch.randn((2, 67), generator=generator, dtype=dtype)
+            variance, batch_variance, prior_weight = torch.rand((3, 67), generator=generator, dtype=dtype)
+            prior_weight[::5] = 0.0
+            probe = (mean, variance + 0.1, batch_mean, batch_variance + 0.1, prior_weight)
+            want = Fk.kalman_update_terms(*probe)
+            got = (torch.empty_like(mean), torch.empty_like(mean))
+            native.call("kalman_update", *probe, *got)
+            rounds = torch.equal(got[0], want.mean) and torch.equal(got[1], want.variance)
+        _ROUNDS_AS_ATEN[dtype] = rounds
+    return rounds
+
+
 def forward_state(inputs: KalmanNormInputs) -> ForwardState:
     """Batch statistics and the Kalman update of :func:`covers`-ed inputs (no dtype casts:
     the fast path's per-channel tensors already have x's dtype)."""
     x, prior_mean, prior_variance, prior_weight, _, _, _, fallback_ratio = inputs
     stats = batch_statistics(x)
     prior_weight, fired = Fk.prior_weight_after_fallback(prior_weight, prior_variance, stats.variance, fallback_ratio)
-    terms = Fk.kalman_update_terms(prior_mean, prior_variance, stats.mean, stats.variance, prior_weight)
+    terms = _posterior(prior_mean, prior_variance, stats, prior_weight)
     return ForwardState(stats, prior_weight, terms, fired)
 
 
@@ -189,12 +258,91 @@ def backward_from_state(
     whether the gradients of (prior_mean, prior_variance, prior_weight) are wanted; those
     that are not come back as None (:func:`functional.update_gradients`).
     """
-    x, _, prior_variance, _, weight, _, eps, _ = inputs
-    stats, terms = state.stats, state.terms
+    x, weight, eps, terms = inputs.x, inputs.weight, inputs.eps, state.terms
     # Eval-mode BatchNorm backward with the posterior: g γ / s, Σ g x̂, Σ g in two passes.
     grad_x, sum_g_xhat, sum_g = _aten.native_batch_norm_backward(
         grad_output, x, weight, terms.mean, terms.variance, None, None, False, eps, [True, True, True]
     )
+    sums = (sum_g, sum_g_xhat, grad_posterior_mean, grad_posterior_variance)
+    per_channel = _per_channel_backward(inputs, state, *sums, needs)
+    if per_channel is None:
+        per_channel = _per_channel_backward_pytorch(inputs, state, *sums, needs)
+    grad_prior_mean, grad_prior_variance, grad_p, slope, offset = per_channel
+    if grad_p is not None and state.fired is not None:  # where the fallback fired, p is the constant 0
+        grad_p = torch.where(state.fired, torch.zeros_like(grad_p), grad_p)
+    # ∂L/∂x += ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n, an affine map of x per channel.
+    grad_x.addcmul_(x, Fk._per_channel(slope, x)).add_(Fk._per_channel(offset, x))
+    grad_weight = sum_g_xhat if weight is not None else torch.zeros_like(sum_g)
+    return grad_x, grad_prior_mean, grad_prior_variance, grad_p, grad_weight, sum_g
+
+
+class _PerChannelGradients(NamedTuple):
+    """∂L/∂(prior_mean, prior_variance, p) (None where not wanted; ∂L/∂p before the fallback
+    rule's zero) and ∂L/∂x's per-channel slope and offset, all (C,)."""
+
+    prior_mean: Tensor | None
+    prior_variance: Tensor | None
+    prior_weight: Tensor | None
+    slope: Tensor
+    offset: Tensor
+
+
+_PARAMETERS: dict[tuple[int, float], Tensor] = {}
+
+
+def _backward_parameters(count: int, eps: float) -> Tensor:
+    """The float64 constants of the ``kalman_norm_backward`` kernel: [n, ε] (cached: a network has few)."""
+    key = (count, eps)
+    parameters = _PARAMETERS.get(key)
+    if parameters is None:
+        with torch.inference_mode(False), torch.no_grad():
+            parameters = torch.tensor([float(count), eps], dtype=torch.float64)
+        _PARAMETERS[key] = parameters
+    return parameters
+
+
+def _per_channel_backward(
+    inputs: KalmanNormInputs,
+    state: ForwardState,
+    sum_g: Tensor,
+    sum_g_xhat: Tensor,
+    grad_posterior_mean: Tensor | None,
+    grad_posterior_variance: Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> _PerChannelGradients | None:
+    """The C kernel ``kalman_norm_backward``: everything per channel between eval-mode
+    BatchNorm's sums and the pass over ∂L/∂x, in one call; None where it does not take the tensors."""
+    prior_mean, prior_variance, weight = inputs.prior_mean, inputs.prior_variance, inputs.weight
+    stats, posterior_variance = state.stats, state.terms.variance
+    grad_mean = None if grad_posterior_mean is None else grad_posterior_mean.contiguous()
+    grad_variance = None if grad_posterior_variance is None else grad_posterior_variance.contiguous()
+    per_channel = (sum_g, sum_g_xhat, weight, grad_mean, grad_variance, prior_mean, prior_variance)
+    statistics = (stats.mean, stats.variance, state.prior_weight, posterior_variance)
+    if not (_untraced() and native.takes(*per_channel, *statistics)):
+        return None
+    grad_m, grad_v, grad_p = (torch.empty_like(sum_g) if wanted else None for wanted in needs)
+    slope, offset = torch.empty_like(sum_g), torch.empty_like(sum_g)
+    parameters = _backward_parameters(stats.count, inputs.eps)
+    native.call("kalman_norm_backward", *per_channel, *statistics, parameters, grad_m, grad_v, grad_p, slope, offset)
+    return _PerChannelGradients(grad_m, grad_v, grad_p, slope, offset)
+
+
+def _per_channel_backward_pytorch(
+    inputs: KalmanNormInputs,
+    state: ForwardState,
+    sum_g: Tensor,
+    sum_g_xhat: Tensor,
+    grad_posterior_mean: Tensor | None,
+    grad_posterior_variance: Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> _PerChannelGradients:
+    """:func:`_per_channel_backward` as PyTorch operators (the update's gradients by
+    :func:`functional.update_gradients`, ∂L/∂p without the fallback rule's zero)."""
+    prior_mean, prior_variance, weight, eps = inputs.prior_mean, inputs.prior_variance, inputs.weight, inputs.eps
+    stats, terms = state.stats, state.terms
+    if terms.batch_weight is NOT_KEPT:  # the C kernel ran the forward: recompute the intermediates
+        kept = Fk.kalman_update_terms(prior_mean, prior_variance, stats.mean, stats.variance, state.prior_weight)
+        terms = Fk.UpdateTerms(terms.mean, terms.variance, *kept[2:])
     inv_std = torch.rsqrt(terms.variance + eps)
     gamma_inv_std = inv_std * weight if weight is not None else inv_std
     # ∂L/∂μ = ḡ_μ - γ Σ g / s,  ∂L/∂Σ = ḡ_Σ - γ Σ g x̂ / (2 s²)
@@ -207,11 +355,8 @@ def backward_from_state(
     else:
         grad_variance = torch.addcmul(grad_posterior_variance, gamma_inv_std * inv_std, sum_g_xhat, value=-0.5)
     grad_batch_mean, grad_batch_variance, grad_prior_mean, grad_prior_variance, grad_p = Fk.update_gradients(
-        grad_mean, grad_variance, prior_variance, stats.variance, state.prior_weight, terms, state.fired, needs
+        grad_mean, grad_variance, prior_variance, stats.variance, state.prior_weight, terms, None, needs
     )
-    # ∂L/∂x += ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n, an affine map of x per channel.
     slope = grad_batch_variance * (2.0 / stats.count)
     offset = torch.addcmul(grad_batch_mean * (1.0 / stats.count), slope, stats.mean, value=-1.0)
-    grad_x.addcmul_(x, Fk._per_channel(slope, x)).add_(Fk._per_channel(offset, x))
-    grad_weight = sum_g_xhat if weight is not None else torch.zeros_like(sum_g)
-    return grad_x, grad_prior_mean, grad_prior_variance, grad_p, grad_weight, sum_g
+    return _PerChannelGradients(grad_prior_mean, grad_prior_variance, grad_p, slope, offset)

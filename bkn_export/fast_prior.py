@@ -25,6 +25,9 @@ expressions run, which is also what ``tests/test_native.py`` compares these with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -33,7 +36,7 @@ from torch import Tensor
 from bkn_export import functional as Fk
 from bkn_export import moments, native, ops
 
-__all__ = ["assembled_prior", "normalized_output_moments"]
+__all__ = ["assembled_prior", "normalized_output_moments", "unfused"]
 
 #: float64 constant tensors of the kernels' scalar parameters, per value (eps, the gain's limit).
 _PARAMETERS: dict[float, Tensor] = {}
@@ -51,12 +54,31 @@ def _parameter(value: float) -> Tensor:
     return table
 
 
+_ENABLED: ContextVar[bool] = ContextVar("bkn_fused_prior", default=True)
+
+
+@contextmanager
+def unfused() -> Iterator[None]:
+    """Within the block (this thread / task) the callers' own operators run, as under tracing
+    (:func:`bkn_export.chain.fast.reference_only` enters it too)."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
 def _applies(*tensors: Tensor | None) -> bool:
-    """Plain eager CPU (nothing tracing, no torch.func transform: these Functions have no vmap rule)
-    and tensors the kernels take."""
+    """Plain eager CPU (nothing tracing, no torch.func transform: these Functions have no vmap rule),
+    not :func:`unfused`, and tensors the kernels take."""
     first = tensors[0]
     assert first is not None
-    return ops.plain_eager_cpu(first) and not torch._C._are_functorch_transforms_active() and native.takes(*tensors)
+    return (
+        ops.plain_eager_cpu(first)
+        and not torch._C._are_functorch_transforms_active()
+        and _ENABLED.get()
+        and native.takes(*tensors)
+    )
 
 
 def _contiguous(grad: Tensor | None) -> Tensor | None:

@@ -334,8 +334,10 @@ class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
     transforms (torch.library's registered autograd is ctx-style too, torch 2.13).
 
     Where :func:`cpu_kernels.covers` the inputs, the forward keeps its batch statistics and
-    update terms (:class:`cpu_kernels.ForwardState`) and a first-order backward starts from
-    them (:func:`cpu_kernels.backward_from_state`) instead of recomputing them, and skips the
+    update terms (:class:`cpu_kernels.ForwardState`; only the posterior where the C kernel of
+    :mod:`bkn_export.native` computed it: its backward kernel recomputes the rest) and a
+    first-order backward starts from them (:func:`cpu_kernels.backward_from_state`) instead of
+    recomputing the batch statistics, and skips the
     prior's gradients where autograd needs none (a constant prior: a first-in-chain layer's,
     or a fixed gain); that is bit for bit the backward op's result, which recomputes the same
     state. The posterior

@@ -164,7 +164,7 @@ def takes(*tensors: Tensor | None) -> bool:
         if (
             type(tensor) not in _PLAIN_TYPES
             or tensor.dtype != dtype
-            or tensor.device.type != "cpu"
+            or not tensor.is_cpu
             or tensor.shape != shape
             or not tensor.is_contiguous()
         ):

@@ -1,0 +1,75 @@
+/* The per-channel part of bkn::batch_kalman_norm's CPU fast path (bkn_export/cpu_kernels.py), per channel c.
+ *
+ * Forward, kalman_update: bkn_export.functional.kalman_update_terms' posterior, with q = 1 - p, d = xbar - m:
+ *   mu = lerp(m, xbar, q),  Sigma = lerp(Sigma_pred, S, q) + (p q) d^2
+ *   lerp(a, b, w) = w < 0.5 ? a + w (b - a) : b - (b - a)(1 - w)   (torch.lerp's formula: exact at w = 1,
+ *   so p = 0 gives the batch statistics bit for bit).
+ * Unlike the other kernels this one computes in T, not double, and rounds as ATen's CPU kernels do on
+ * CPUs with FMA (vectorized lerp: fma(w < 0.5 ? w : w - 1, b - a, w < 0.5 ? a : b); addcmul:
+ * fma(p q, d^2, blend)), so that the eager fast path equals the traced one (the same PyTorch operators)
+ * bit for bit; the float32 result is then exactly as accurate as the float32 reference. cpu_kernels
+ * checks that on a probe once per dtype and runs the PyTorch form where this machine's ATen rounds
+ * otherwise.
+ *
+ * Backward, kalman_norm_backward, in double: the per-channel lines of cpu_kernels.backward_from_state and
+ * bkn_export.functional.update_gradients, from eval-mode BatchNorm's sums sum_g, sum_g_xhat (ATen),
+ * with s = sqrt(Sigma + eps), G = gamma / s (1 / s without gamma):
+ *   dL/dmu = gbar_mu - G sum_g,  dL/dSigma = gbar_Sigma - G sum_g_xhat / (2 s^2)
+ *   dL/dxbar = q dL/dmu + 2 p q d dL/dSigma,  dL/dS = q dL/dSigma
+ *   dL/dm = p dL/dmu - 2 p q d dL/dSigma,     dL/dSigma_pred = p dL/dSigma
+ *   dL/dp = (Sigma_pred - S + (q - p) d^2) dL/dSigma - d dL/dmu
+ *   slope = 2 dL/dS / n,  offset = dL/dxbar / n - slope xbar   (dL/dx += slope x + offset; the offset uses
+ *   the slope rounded to T, as the caller's pass over x does)
+ * q, d and p q are recomputed here from the inputs (the forward keeps only the posterior).
+ * The fallback rule's zero of dL/dp where it fired is left to the caller.
+ */
+#include "common.h"
+
+#define KALMAN_UPDATE(T, NAME, FMA)                                                                   \
+  void bkn_##NAME(int64_t n, const T* prior_mean, const T* prior_variance, const T* batch_mean,       \
+                  const T* batch_variance, const T* prior_weight, T* mean, T* variance) {             \
+    for (int64_t c = 0; c < n; ++c) {                                                                 \
+      T m = prior_mean[c], xbar = batch_mean[c], p = prior_weight[c], v = prior_variance[c];         \
+      T s = batch_variance[c], q = (T)1 - p, d = xbar - m;                                            \
+      int small = q < (T)0.5;                                                                         \
+      T coefficient = small ? q : q - (T)1;                                                           \
+      mean[c] = FMA(coefficient, d, small ? m : xbar);                                                \
+      T blend = FMA(coefficient, s - v, small ? v : s);                                               \
+      variance[c] = FMA(p * q, d * d, blend);                                                         \
+    }                                                                                                 \
+  }
+KALMAN_UPDATE(float, kalman_update_f32, fmaf)
+KALMAN_UPDATE(double, kalman_update_f64, fma)
+
+/* params (float64): [0] n, the values per channel; [1] eps.
+ * weight, grad_posterior_mean, grad_posterior_variance may be NULL (no gamma; a posterior that did not
+ * reach the loss: zero); grad_prior_mean, grad_prior_variance, grad_prior_weight may be NULL (not wanted). */
+#define KALMAN_NORM_BACKWARD(T, NAME)                                                                     \
+  void bkn_##NAME(int64_t n, const T* sum_g, const T* sum_g_xhat, const T* weight,                        \
+                  const T* grad_posterior_mean, const T* grad_posterior_variance, const T* prior_mean,    \
+                  const T* prior_variance, const T* batch_mean, const T* batch_variance,                  \
+                  const T* prior_weight, const T* posterior_variance, const double* params,               \
+                  T* grad_prior_mean, T* grad_prior_variance, T* grad_prior_weight, T* slope, T* offset) { \
+    double count = params[0], eps = params[1];                                                            \
+    for (int64_t c = 0; c < n; ++c) {                                                                     \
+      double inv_std = 1.0 / sqrt((double)posterior_variance[c] + eps);                                   \
+      double gain = weight ? inv_std * (double)weight[c] : inv_std;                                       \
+      double grad_mean = -gain * (double)sum_g[c];                                                        \
+      double grad_variance = -0.5 * gain * inv_std * (double)sum_g_xhat[c];                               \
+      if (grad_posterior_mean) grad_mean += (double)grad_posterior_mean[c];                               \
+      if (grad_posterior_variance) grad_variance += (double)grad_posterior_variance[c];                   \
+      double xbar = (double)batch_mean[c], p = (double)prior_weight[c];                                   \
+      double q = 1.0 - p, d = xbar - (double)prior_mean[c], cross = 2.0 * p * q * d * grad_variance;     \
+      double grad_batch_mean = q * grad_mean + cross;                                                     \
+      double grad_slope = 2.0 * q * grad_variance / count;                                                \
+      T rounded_slope = (T)grad_slope; /* the offset cancels the slope that dL/dx is built with */        \
+      slope[c] = rounded_slope;                                                                           \
+      offset[c] = (T)(grad_batch_mean / count - (double)rounded_slope * xbar);                            \
+      if (grad_prior_mean) grad_prior_mean[c] = (T)(p * grad_mean - cross);                               \
+      if (grad_prior_variance) grad_prior_variance[c] = (T)(p * grad_variance);                           \
+      if (grad_prior_weight)                                                                              \
+        grad_prior_weight[c] = (T)(((double)prior_variance[c] - (double)batch_variance[c] + (q - p) * d * d) \
+                                   * grad_variance - d * grad_mean);                                      \
+    }                                                                                                     \
+  }
+BKN_BOTH_DTYPES(KALMAN_NORM_BACKWARD, kalman_norm_backward)

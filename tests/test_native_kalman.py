@@ -1,0 +1,292 @@
+"""The Kalman update's C kernels (``native/csrc/kalman.c``) in the CPU fast path of ``bkn::batch_kalman_norm``.
+
+:mod:`bkn_export.cpu_kernels` runs the per-channel update forward (``kalman_update``) and its
+per-channel backward (``kalman_norm_backward``) in C where they take the tensors. Compared here with
+the functional reference (:func:`functional.batch_kalman_norm`, :func:`functional.batch_kalman_norm_backward`)
+in float64, with the fast path's own PyTorch form (:func:`native.disabled`) to isolate the kernels'
+rounding, and in float32 against the float64 reference. Without a C compiler the tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from bkn_export import cpu_kernels, native
+from bkn_export import functional as Fk
+from bkn_export.functional import KalmanNormInputs, KalmanStep
+from bkn_export.ops import kalman_norm_step
+
+F64 = torch.float64
+EPS = 1e-5
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"bkn_export.native: {native.status()}")
+
+FALLBACKS = {  # fallback_ratio, prior variance scale: mean(Σ_pred / S) is about 1, or 1000 where it fires
+    "off": (0.0, 1.0),
+    "holds": (100.0, 1.0),
+    "fires": (100.0, 1000.0),
+}
+
+
+def _inputs(
+    shape: tuple[int, ...],
+    fallback: str = "off",
+    dtype: torch.dtype = F64,
+    affine: bool = True,
+    seed: int = 0,
+    shift: float = 0.5,
+) -> KalmanNormInputs:
+    """x: N(shift, 1.5²) per channel, the prior mean shift + N(0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    ratio, scale = FALLBACKS[fallback]
+    channels = shape[1]
+
+    def draw(*size: int) -> Tensor:
+        return torch.randn(size, generator=generator, dtype=F64)
+
+    def uniform(*size: int) -> Tensor:
+        return torch.rand(size, generator=generator, dtype=F64)
+
+    x = draw(*shape) * 1.5 + shift
+    prior_weight = uniform(channels) * 0.9  # both sides of lerp's w = q < 0.5 switch
+    weight = uniform(channels) + 0.5 if affine else None
+    bias = draw(channels) if affine else None
+    values = (x, draw(channels) + shift, (uniform(channels) + 0.5) * scale, prior_weight, weight, bias)
+    cast = (None if t is None else t.to(dtype) for t in values)
+    return KalmanNormInputs(*cast, EPS, ratio)  # type: ignore[call-arg]
+
+
+def _output_grads(inputs: KalmanNormInputs, seed: int = 1) -> KalmanStep:
+    generator = torch.Generator().manual_seed(seed)
+    x, channels = inputs.x, inputs.x.shape[1]
+    draws = (
+        torch.randn(x.shape, generator=generator, dtype=F64),
+        *torch.randn((2, channels), generator=generator, dtype=F64),
+    )
+    return KalmanStep(*(g.to(x.dtype) for g in draws))
+
+
+def _assert_update_kernel_ran(state: cpu_kernels.ForwardState, dtype: torch.dtype) -> None:
+    """The forward ran the kernel (its posterior only), unless this machine's ATen rounds the
+    update otherwise (then the PyTorch form, intermediates kept)."""
+    kernel_ran = state.terms.batch_weight is cpu_kernels.NOT_KEPT
+    assert kernel_ran == cpu_kernels._update_kernel_rounds_as_aten(dtype)
+
+
+def _fast(inputs: KalmanNormInputs, grads: KalmanStep) -> tuple[Tensor, ...]:
+    """cpu_kernels' forward then its backward from the forward's state (the eager path's sequence)."""
+    step, state = cpu_kernels.forward_with_state(inputs)
+    return (*step, *cpu_kernels.backward_from_state(inputs, state, *grads))
+
+
+def _reference(inputs: KalmanNormInputs, grads: KalmanStep) -> tuple[Tensor | None, ...]:
+    step = Fk.batch_kalman_norm(*inputs)
+    x, m, v, p, w, _, eps, ratio = inputs
+    return (*step, *Fk.batch_kalman_norm_backward(*grads, x, m, v, p, w, eps, ratio))
+
+
+def _assert_close_all(got: tuple[Tensor | None, ...], want: tuple[Tensor | None, ...], rtol: float) -> None:
+    """Each pair within rtol of the larger of the value and its tensor's largest magnitude (the
+    gradients are sums of terms of that size: their small entries carry absolute rounding)."""
+    for index, (a, b) in enumerate(zip(got, want)):
+        if b is None:
+            continue
+        assert a is not None, f"output {index}"
+        scale = float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, msg=lambda m, i=index: f"output {i}: {m}")
+
+
+SHAPES = [(4, 3, 5), (2, 64, 4, 4), (2, 37, 3, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("fallback", FALLBACKS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_kernels_equal_the_reference_in_float64(shape: tuple[int, ...], fallback: str, affine: bool) -> None:
+    """Values and every input gradient; the update's rounding is 1e-15, the reference sums
+    (x - μ) / s its own way (x̂ over (N, *)): 1e-12 of the largest entry."""
+    inputs = _inputs(shape, fallback, affine=affine)
+    grads = _output_grads(inputs)
+    _assert_update_kernel_ran(cpu_kernels.forward_state(inputs), F64)
+    got = _fast(inputs, grads)
+    want = _reference(inputs, grads)
+    _assert_close_all(got, want, 1e-13)  # without γ the reference's ∂L/∂γ is None: skipped
+    if fallback == "fires":
+        assert torch.equal(got[6], torch.zeros_like(got[6]))  # ∂L/∂p where p is the constant 0
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("fallback", FALLBACKS)
+def test_kernels_equal_the_pytorch_form_to_rounding(shape: tuple[int, ...], fallback: str) -> None:
+    """Against cpu_kernels' own PyTorch form (same ATen passes): only the per-channel rounding differs."""
+    inputs = _inputs(shape, fallback)
+    grads = _output_grads(inputs)
+    with native.disabled():
+        state = cpu_kernels.forward_state(inputs)
+        pytorch_form = _fast(inputs, grads)
+    assert state.terms.batch_weight is not cpu_kernels.NOT_KEPT
+    _assert_close_all(_fast(inputs, grads), pytorch_form, 1e-14)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("fallback", ["off", "fires"])
+def test_zero_prior_weight_gives_the_batch_statistics_bit_for_bit(dtype: torch.dtype, fallback: str) -> None:
+    inputs = _inputs((3, 40, 5, 5), fallback, dtype=dtype)._replace(prior_weight=torch.zeros(40, dtype=dtype))
+    state = cpu_kernels.forward_state(inputs)
+    _assert_update_kernel_ran(state, dtype)
+    assert torch.equal(state.terms.mean, state.stats.mean)
+    assert torch.equal(state.terms.variance, state.stats.variance)
+
+
+def _update_kernel(dtype: torch.dtype, *per_channel: Tensor) -> tuple[Tensor, Tensor]:
+    cast = [t.to(dtype) for t in per_channel]
+    mean, variance = torch.empty_like(cast[0]), torch.empty_like(cast[0])
+    native.call("kalman_update", *cast, mean, variance)
+    return mean, variance
+
+
+def _update_values(channels: int) -> tuple[Tensor, ...]:
+    """(m, Σ_pred, x̄, S, p) in float64, p on both sides of lerp's switch at q = 0.5 and at 0."""
+    generator = torch.Generator().manual_seed(channels)
+    means = torch.randn((2, channels), generator=generator, dtype=F64) * 3.0
+    variances = torch.rand((2, channels), generator=generator, dtype=F64) + 0.01
+    prior_weight = torch.rand(channels, generator=generator, dtype=F64)
+    prior_weight[::4] = 0.0
+    return means[0], variances[0], means[1], variances[1], prior_weight
+
+
+def test_the_update_kernel_equals_the_reference() -> None:
+    """The kernel itself (whatever the probe says): float64 within 2 ulp of the reference, float32
+    as accurate as the float32 reference (against float64)."""
+    values = _update_values(301)
+    exact = Fk.kalman_update_terms(*values)
+    torch.testing.assert_close(_update_kernel(F64, *values), (exact.mean, exact.variance), rtol=4e-16, atol=0)
+    reference32 = Fk.kalman_update_terms(*(t.float() for t in values))
+    for got, ref32, want in zip(_update_kernel(torch.float32, *values), reference32[:2], exact[:2]):
+        error, reference_error = ((t.double() - want).abs() for t in (got, ref32))
+        assert bool((error <= reference_error + 1e-7 * want.abs()).all())
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("channels", [1, 7, 16, 17, 64, 200, 961])
+def test_the_update_kernel_rounds_as_aten(dtype: torch.dtype, channels: int) -> None:
+    """Where the probe says so (ATen with FMA), the posterior is the PyTorch form's bit for bit, in
+    ATen's vector loops and their tails: eager and traced (compiled, exported) steps agree."""
+    if not cpu_kernels._update_kernel_rounds_as_aten(dtype):
+        pytest.skip("this machine's ATen rounds the update otherwise: the PyTorch form runs")
+    inputs = _inputs((2, channels, 3), "off", dtype=dtype, seed=channels)
+    state = cpu_kernels.forward_state(inputs)
+    _assert_update_kernel_ran(state, dtype)
+    with native.disabled():
+        want = cpu_kernels.forward_state(inputs).terms
+    assert torch.equal(state.terms.mean, want.mean)
+    assert torch.equal(state.terms.variance, want.variance)
+
+
+@pytest.mark.parametrize("fallback", FALLBACKS)
+@pytest.mark.parametrize("shift", [0.5, 1e4], ids=["centred", "mean-1e4"])
+def test_float32_kernels_are_as_accurate_as_the_float32_pytorch_form(fallback: str, shift: float) -> None:
+    """Against the float64 reference on the same (float32) inputs: each output's and gradient's
+    error is at most the float32 PyTorch form's (the forward rounds as it does; the backward
+    computes in double and rounds once). With the mean 1e4 the slope and offset of ∂L/∂x cancel."""
+    inputs = _inputs((2, 96, 6, 6), fallback, dtype=torch.float32, shift=shift)
+    grads = _output_grads(inputs)
+    exact = _reference(
+        KalmanNormInputs(*(t.double() if isinstance(t, Tensor) else t for t in inputs)),
+        KalmanStep(*(g.double() for g in grads)),
+    )
+    kernel = _fast(inputs, grads)
+    with native.disabled():
+        pytorch_form = _fast(inputs, grads)
+    for index, (got, ref32, want) in enumerate(zip(kernel, pytorch_form, exact)):
+        assert want is not None and got.dtype == torch.float32
+        error, reference_error = ((t.double() - want).abs().max() for t in (got, ref32))
+        assert error <= reference_error + 1e-7 * want.abs().max(), f"output {index}: {error} > {reference_error}"
+
+
+@pytest.mark.parametrize(
+    "wanted", [(True, True, True), (False, False, False), (True, False, True), (False, True, False)]
+)
+def test_needs_subsets_give_the_same_gradients(wanted: tuple[bool, bool, bool]) -> None:
+    """Gradients not wanted come back None, the others are those of the full backward bit for bit."""
+    inputs = _inputs((2, 20, 3, 3), "holds")
+    grads = _output_grads(inputs)
+    state = cpu_kernels.forward_state(inputs)
+    full = cpu_kernels.backward_from_state(inputs, state, *grads)
+    subset = cpu_kernels.backward_from_state(inputs, state, *grads, needs=wanted)
+    for index, (got, want) in enumerate(zip(subset, full)):
+        if index in (1, 2, 3) and not wanted[index - 1]:
+            assert got is None
+        else:
+            assert got is not None and want is not None and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("reaching", ["output only", "posterior mean only", "all"])
+def test_outputs_that_do_not_reach_the_loss(reaching: str) -> None:
+    """A None posterior gradient (NULL in the kernel) is a zero one; an expanded one (autograd's
+    gradient of a sum) is taken after a copy."""
+    inputs = _inputs((3, 6, 4), "off")
+    grad_output, grad_mean, grad_variance = _output_grads(inputs)
+    given = {
+        "output only": (None, None),
+        "posterior mean only": (torch.ones(1, dtype=F64).expand(6), None),
+        "all": (grad_mean, grad_variance),
+    }[reaching]
+    zeros = torch.zeros(6, dtype=F64)
+    state = cpu_kernels.forward_state(inputs)
+    got = cpu_kernels.backward_from_state(inputs, state, grad_output, *given)
+    defined = [zeros if g is None else g for g in given]
+    x, m, v, p, w, _, eps, ratio = inputs
+    want = Fk.batch_kalman_norm_backward(grad_output, *defined, x, m, v, p, w, eps, ratio)
+    _assert_close_all(got, want, 1e-12)
+
+
+def test_eager_autograd_with_a_constant_prior_equals_the_op_bit_for_bit() -> None:
+    """The eager Function skips the prior's gradients autograd does not need (NULL outputs); the
+    others equal the backward op's, which recomputes the state and asks for all three."""
+    inputs = _inputs((2, 12, 5, 5), "holds")
+    grads = _output_grads(inputs)
+    results = []
+    for step in (kalman_norm_step, torch.ops.bkn.batch_kalman_norm):
+        x, weight, bias = (t.detach().clone().requires_grad_() for t in (inputs.x, inputs.weight, inputs.bias))
+        outputs = step(x, *inputs[1:4], weight, bias, inputs.eps, inputs.fallback_ratio)
+        torch.autograd.backward(outputs, grads)
+        results.append([*outputs, x.grad, weight.grad, bias.grad])
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)
+
+
+def test_disabled_gives_the_pytorch_form() -> None:
+    """Under native.disabled the fast path keeps the update's intermediates (the PyTorch form) and
+    its values are those of the functional update, bit for bit."""
+    inputs = _inputs((2, 9, 4), "holds")
+    with native.disabled():
+        state = cpu_kernels.forward_state(inputs)
+    want = Fk.kalman_update_terms(inputs.prior_mean, inputs.prior_variance, *state.stats[:2], state.prior_weight)
+    for got, expected in zip(state.terms, want):
+        assert torch.equal(got, expected)
+
+
+def test_a_pytorch_backward_after_a_kernel_forward_recomputes_the_terms() -> None:
+    """A forward by the kernel (terms NOT_KEPT) and a backward without it (disabled since) agree
+    with the all-PyTorch sequence to rounding."""
+    inputs = _inputs((2, 9, 4), "holds")
+    grads = _output_grads(inputs)
+    state = cpu_kernels.forward_state(inputs)
+    with native.disabled():
+        mixed = cpu_kernels.backward_from_state(inputs, state, *grads)
+        pytorch_form = cpu_kernels.backward_from_state(inputs, cpu_kernels.forward_state(inputs), *grads)
+    _assert_close_all(mixed, pytorch_form, 1e-13)
+
+
+def test_inputs_the_kernels_do_not_take_run_the_pytorch_form() -> None:
+    """A strided prior: the PyTorch form, the reference's values."""
+    inputs = _inputs((2, 5, 4), "off")
+    strided = torch.stack([inputs.prior_mean, inputs.prior_mean], dim=1)[:, 0]
+    inputs = inputs._replace(prior_mean=strided)
+    grads = _output_grads(inputs)
+    state = cpu_kernels.forward_state(inputs)
+    assert state.terms.batch_weight is not cpu_kernels.NOT_KEPT
+    _assert_close_all(_fast(inputs, grads), _reference(inputs, grads), 1e-12)
