@@ -143,6 +143,42 @@ def test_the_library_is_built_once_into_the_cache(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [built[0].name]
 
 
+
+@needs_library
+def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
+    _status_in_subprocess({"BKN_NATIVE_CACHE": str(tmp_path)})
+    (built,) = tmp_path.glob("libbkn_native-*.so")
+    built.write_bytes(b"not a shared object")
+    out = _status_in_subprocess({"BKN_NATIVE_CACHE": str(tmp_path)})
+    assert f"loaded {built}" in out and out.strip().endswith("False")
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_an_unwritable_cache_falls_back_with_the_reason(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the cache directory cannot be created under a file")
+    out = _status_in_subprocess({"BKN_NATIVE_CACHE": str(blocker / "cache")})
+    assert "build failed" in out and out.strip().endswith("True")
+
+
+@needs_library
+def test_concurrent_first_builds_leave_one_whole_library(tmp_path: Path) -> None:
+    """Four processes building into an empty cache at once: each loads, one library is left, no temporary."""
+    code = "from bkn_export import native; print(native.library() is not None)"
+    env = {**os.environ, "BKN_NATIVE_CACHE": str(tmp_path)}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=300)[0].strip() for process in processes]
+    assert outputs == ["True"] * 4
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+def test_cc_may_be_a_command_with_arguments(tmp_path: Path) -> None:
+    """``CC="env cc"`` (as ``ccache gcc`` would be): the program resolved on PATH, its arguments kept."""
+    out = _status_in_subprocess({"CC": "env cc", "BKN_NATIVE_CACHE": str(tmp_path)})
+    assert ("loaded" in out) == (native.library() is not None)
+
 # --------------------------------------------------------------------------- the prior's glue (fast_prior)
 
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -72,9 +74,11 @@ def disabled() -> Iterator[None]:
         _ENABLED.reset(token)
 
 
-def _compiler() -> str | None:
-    candidate = os.environ.get("CC") or "cc"
-    return shutil.which(candidate)
+def _compiler() -> list[str] | None:
+    """``$CC`` (a command with arguments, e.g. ``ccache gcc``) or ``cc``, its program resolved on PATH."""
+    words = shlex.split(os.environ.get("CC") or "cc")
+    program = shutil.which(words[0]) if words else None
+    return None if program is None else [program, *words[1:]]
 
 
 def _cache_dir() -> Path:
@@ -85,21 +89,24 @@ def _cache_dir() -> Path:
     return Path(base) / "bkn_export"
 
 
-def _build(compiler: str) -> Path:
-    """Compile :data:`SOURCES` into the cache (once per hash of sources, headers, flags, compiler)."""
+def _target(compiler: list[str]) -> Path:
+    """The library's path in the cache: named by a hash of the sources (every file in csrc/),
+    the compiler command, the flags and the platform."""
     digest = hashlib.sha256()
     for path in sorted((Path(__file__).parent / "csrc").iterdir()):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    digest.update(" ".join((compiler, *FLAGS, sys.platform)).encode())
-    target = _cache_dir() / f"libbkn_native-{digest.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
+    digest.update(" ".join((*compiler, *FLAGS, sys.platform, platform.machine())).encode())
+    return _cache_dir() / f"libbkn_native-{digest.hexdigest()[:16]}.so"
+
+
+def _build(compiler: list[str], target: Path) -> None:
+    """Compile :data:`SOURCES` into ``target``: into a temporary file beside it, renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:
-        command = [compiler, *FLAGS, "-o", temporary, *map(str, SOURCES), "-lm"]
+        command = [*compiler, *FLAGS, "-o", temporary, *map(str, SOURCES), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             raise OSError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[:2000]}")
@@ -107,7 +114,21 @@ def _build(compiler: str) -> Path:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
-    return target
+
+
+def _built_and_loaded(compiler: list[str]) -> tuple[ctypes.CDLL, Path]:
+    """Load the cached library, building it first where it is missing; a cached file that does not
+    load (damaged outside this module: its own writes are atomic) is rebuilt once."""
+    target = _target(compiler)
+    if not target.exists():
+        _build(compiler, target)
+        return ctypes.CDLL(str(target)), target
+    try:
+        return ctypes.CDLL(str(target)), target
+    except OSError:
+        target.unlink(missing_ok=True)
+        _build(compiler, target)
+        return ctypes.CDLL(str(target)), target
 
 
 def _load() -> None:
@@ -125,8 +146,7 @@ def _load() -> None:
         _STATE.update(library=None, status="no C compiler ($CC or cc) found: PyTorch forms")
         return
     try:
-        path = _build(compiler)
-        loaded = ctypes.CDLL(str(path))
+        loaded, path = _built_and_loaded(compiler)
     except (OSError, subprocess.SubprocessError) as error:
         _STATE.update(library=None, status=f"build failed, PyTorch forms instead: {error}")
         return
