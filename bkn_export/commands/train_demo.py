@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bkn_export import native
 from bkn_export.atomic import write_bytes_atomic
 from bkn_export.commands.arguments import positive_float, positive_int
 from bkn_export.commands.exit_codes import run_command
@@ -223,6 +224,7 @@ def _environment() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "native_kernels": native.status(),
         "argv": list(sys.argv),
     }
 
