@@ -4,7 +4,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
         [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
-        [--profile N] [--count-ops] [--reference-moments] [--no-native]
+        [--profile N] [--count-ops] [--reference-moments] [--no-native] [--compare-native]
 
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
@@ -21,7 +21,9 @@ PyTorch forms of the per-channel kernels (:mod:`bkn_export.native` is CPU-only);
 it counts the kernels inductor generates for the compiled forward and backward instead (on this CPU: C++ kernels, the
 proxy for the Triton kernels it would generate on a GPU).
 ``--no-native`` runs the PyTorch forms of the per-channel kernels instead of the C kernels of
-:mod:`bkn_export.native` (the header line says which ran). ``--reference-moments`` runs every prediction
+:mod:`bkn_export.native` (the header line says which ran); ``--compare-native`` times a third variant in the
+same interleaved loop, a copy of the converted network stepped with the PyTorch forms (its ms and ratio to
+BatchNorm in the last two columns). ``--reference-moments`` runs every prediction
 through the reference :mod:`bkn_export.moments` instead of the fused eager forms of :mod:`bkn_export.chain.fast`
 (what the speed work is measured against).
 
@@ -87,6 +89,8 @@ class Row:
     variant: str  # "eager" or "compile"
     batchnorm_ms: float
     bkn_ms: float
+    #: The converted network stepped with the PyTorch forms (``--compare-native``), else None.
+    bkn_pytorch_forms_ms: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -113,8 +117,23 @@ def _time(step: Callable[[], None], steps: int, clock: Callable[[], float]) -> f
     return (clock() - start) / steps * 1e3
 
 
+def _without_native(step: Callable[[], None]) -> Callable[[], None]:
+    def stepped() -> None:
+        with native.disabled():
+            step()
+
+    return stepped
+
+
 def _pair(
-    name: str, batch: int, size: int, repeats: int, steps: int, clock: Callable[[], float], compiled: bool
+    name: str,
+    batch: int,
+    size: int,
+    repeats: int,
+    steps: int,
+    clock: Callable[[], float],
+    compiled: bool,
+    compare_native: bool = False,
 ) -> Row:
     torch.manual_seed(0)
     batchnorm_model = NETWORKS[name]()
@@ -130,6 +149,8 @@ def _pair(
         "batchnorm": _train_step(batchnorm_model, x, target),
         "bkn": _train_step(bkn_model, x, target),
     }
+    if compare_native and not compiled:  # a copy of the converted network, its own optimizer
+        steps_by_variant["bkn_pytorch_forms"] = _without_native(_train_step(copy.deepcopy(bkn_model), x, target))
     for step in steps_by_variant.values():  # warm-up (and compilation)
         step()
         step()
@@ -144,6 +165,7 @@ def _pair(
         "compile" if compiled else "eager",
         statistics.median(samples["batchnorm"]),
         statistics.median(samples["bkn"]),
+        statistics.median(samples["bkn_pytorch_forms"]) if "bkn_pytorch_forms" in samples else None,
     )
 
 
@@ -219,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count-ops", action="store_true", help="count dispatched compute ops instead of timing")
     parser.add_argument("--reference-moments", action="store_true", help="no fused eager predictions")
     parser.add_argument("--no-native", action="store_true", help="no bkn_export.native C kernels")
+    parser.add_argument(
+        "--compare-native", action="store_true", help="also time BKN with the PyTorch forms, interleaved"
+    )
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         if args.reference_moments:
@@ -256,19 +281,22 @@ def _run(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock={args.clock}, input {args.size}x{args.size}")
     print(f"bkn_export.native: {native.status() if native.takes(torch.zeros(1)) else 'off (PyTorch forms)'}")
-    print(f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7}")
+    extra = f" {'BKN-PyTorch ms':>15} {'ratio':>7}" if args.compare_native else ""
+    print(f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7}{extra}")
     for name in names:
         for batch in batches:
             for compiled in (False, True) if args.compile else (False,):
                 try:
-                    row = _pair(name, batch, args.size, args.repeats, args.steps, clock, compiled)
+                    row = _pair(name, batch, args.size, args.repeats, args.steps, clock, compiled, args.compare_native)
                 except ImportError as error:
                     print(f"{name:<16} skipped: {error}")
                     break
                 rows.append(row)
+                forms = row.bkn_pytorch_forms_ms
+                extra = "" if forms is None else f" {forms:>15.2f} {forms / row.batchnorm_ms:>6.2f}x"
                 print(
                     f"{row.network:<16} {row.batch:>5} {row.variant:<8} {row.batchnorm_ms:>9.2f} "
-                    f"{row.bkn_ms:>9.2f} {row.ratio:>6.2f}x",
+                    f"{row.bkn_ms:>9.2f} {row.ratio:>6.2f}x{extra}",
                     flush=True,
                 )
     if args.json:
