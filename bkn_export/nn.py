@@ -450,8 +450,14 @@ class _BatchKalmanNorm(nn.Module):
     @property
     def _assembles_prior_fused(self) -> bool:
         """Whether :meth:`_prior` may add R and form p in one fused node (:mod:`bkn_export.fast_prior`):
-        not for subclasses that override :meth:`process_noise` or :meth:`prior_weight`."""
-        return (type(self).process_noise, type(self).prior_weight) == _PRIOR_PARTS
+        not where a subclass or the instance itself (``conversion_guard.prior_off``) replaces
+        :meth:`process_noise` or :meth:`prior_weight`."""
+        own = self.__dict__
+        return (
+            (type(self).process_noise, type(self).prior_weight) == _PRIOR_PARTS
+            and "prior_weight" not in own
+            and "process_noise" not in own
+        )
 
     def _kalman_step(
         self, x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor

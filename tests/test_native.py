@@ -143,7 +143,6 @@ def test_the_library_is_built_once_into_the_cache(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [built[0].name]
 
 
-
 @needs_library
 def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
     _status_in_subprocess({"BKN_NATIVE_CACHE": str(tmp_path)})
@@ -178,6 +177,7 @@ def test_cc_may_be_a_command_with_arguments(tmp_path: Path) -> None:
     """``CC="env cc"`` (as ``ccache gcc`` would be): the program resolved on PATH, its arguments kept."""
     out = _status_in_subprocess({"CC": "env cc", "BKN_NATIVE_CACHE": str(tmp_path)})
     assert ("loaded" in out) == (native.library() is not None)
+
 
 # --------------------------------------------------------------------------- the prior's glue (fast_prior)
 
@@ -316,3 +316,22 @@ def test_second_derivatives_through_a_gate_whose_moments_depend_on_the_input(ker
     second_ref = torch.autograd.grad(first_ref[0].sum() + first_ref[1].square().sum(), [mean, variance])
     torch.testing.assert_close(first, first_ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(second, second_ref, rtol=1e-12, atol=1e-14)
+
+
+@needs_library
+def test_a_gain_replaced_on_the_instance_is_honoured() -> None:
+    """``conversion_guard.prior_off`` shadows ``prior_weight`` on the layer: the fused prior assembly
+    (which reads the gain's logit itself) must step aside, and the layer computes BatchNorm."""
+    from bkn_export.conversion_guard import prior_off
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+    )
+    x = torch.randn(2, 3, 6, 6)
+    converted = convert_batchnorm(copy.deepcopy(model), x).train()
+    with prior_off([converted[4]]):
+        y = converted(x)
+    batchnorm = model.train()(x)
+    torch.testing.assert_close(y, batchnorm, rtol=1e-5, atol=1e-5)
+    assert (converted(x) - batchnorm).abs().max() > 1e-3  # the prior back on
