@@ -394,7 +394,7 @@ class _BatchKalmanNorm(nn.Module):
         momentum (``momentum=None`` would need num_batches_tracked on the host), n > 1 values per
         channel (BatchNorm refuses n = 1) and float32/float64 tensors of one dtype.
         """
-        if type(self)._kalman_step is not _KALMAN_STEP or self.momentum is None:
+        if type(self)._kalman_step is not _KALMAN_STEP or "_kalman_step" in self.__dict__ or self.momentum is None:
             return False
         if not plain_eager_cpu(x) or x.numel() <= x.shape[1]:
             return False
