@@ -27,10 +27,11 @@ Here the same math runs as ``torch.autograd.Function`` s with closed-form backwa
       ∂W[o,i,t] = gT[o,t] μ_i + 2 ∂V_o σ²_i f_t W[o,i,t]
       ∂μ_i = Σ_{o,t} gT[o,t] W[o,i,t]      ∂σ²_i = Σ_o ∂V_o S[o,i]
 
-  W is read three times forward (T, W∘W for S) and three times backward (∂μ and ∂W),
-  and S is kept instead of W∘W; a depthwise conv's T and ∂μ are elementwise products. A 1×1
-  conv's or Linear's ∂W is built in its own buffer, without a W-sized outer product: on CPU a
-  fresh W-sized temporary costs more than a pass over W (1.1 ms against 0.09 ms at 1152 × 320).
+  In the PyTorch form W is read three times forward (T, W∘W for S) and three times backward
+  (∂μ and ∂W), and S is kept instead of W∘W (the C kernel: once each way, below); a
+  depthwise conv's T and ∂μ are elementwise products. A 1×1 conv's or Linear's ∂W is built
+  in its own buffer, without a W-sized outer product: on CPU a fresh W-sized temporary costs
+  more than a pass over W (1.1 ms against 0.09 ms at 1152 × 320).
 * :func:`relu_moments` — with a = μ/σ, E = μ Φ(a) + σ φ(a): ∂E/∂μ = Φ(a), ∂E/∂σ = φ(a),
   ∂Var/∂μ = 2 E Φ(−a), ∂Var/∂σ = 2 σ Φ(a) − 2 E φ(a) (the forward is the reference's,
   op for op, keeping Φ(±a), φ(a) and σ for the backward).
@@ -51,8 +52,13 @@ Here the same math runs as ``torch.autograd.Function`` s with closed-form backwa
 On CPU the elementwise Functions (ReLU, piecewise, Gauss–Hermite, the gate product) run
 C kernels of :mod:`bkn_export.native` forward and backward where it takes the tensors (the
 same formulas per element in double; ``docs/native.md``), else the PyTorch forms described
-above. Under ``create_graph=True`` each backward instead recomputes its forward with autograd
-and differentiates that, so second and higher derivatives are the reference's.
+above. So does :func:`affine_moments` (``csrc/affine.c``): one pass over W forward (T and
+Σ_i S σ² together, no W∘W) and one backward (∂W written, ∂μ and ∂σ² accumulated), in double,
+with one torch thread or W up to :data:`_AFFINE_NATIVE_WEIGHTS` elements (the kernel is
+single-threaded; beyond, ATen's multi-threaded ops), an unpadded 1×1 / Linear up to
+:data:`_AFFINE_NATIVE_MATRIX` (beyond, BLAS matrix-vector products are as fast). Under
+``create_graph=True`` each backward instead recomputes its forward with autograd and
+differentiates that, so second and higher derivatives are the reference's.
 
 :func:`predict_steps` is what the transitions call: these functions for the steps they
 cover when nothing traces the call (plain eager, any device), the steps' own
@@ -81,7 +87,7 @@ from torch import Tensor, nn
 # must see the reference ops, not one opaque Function.
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from bkn_export import moments, native
+from bkn_export import fast_prior, moments, native
 from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, Step, linear_runs
 
 __all__ = [
@@ -101,10 +107,12 @@ _ENABLED: ContextVar[bool] = ContextVar("bkn_fused_predictions", default=True)
 
 @contextmanager
 def reference_only() -> Iterator[None]:
-    """Within the block (this thread / task), :func:`predict_steps` runs every step's reference ``predict``."""
+    """Within the block (this thread / task), :func:`predict_steps` runs every step's reference ``predict``
+    and the prior's glue its unfused operators (:func:`bkn_export.fast_prior.unfused`)."""
     token = _ENABLED.set(False)
     try:
-        yield
+        with fast_prior.unfused():
+            yield
     finally:
         _ENABLED.reset(token)
 
@@ -263,14 +271,86 @@ def _differentiated(
     return tuple(result)
 
 
+#: The most weight elements for which :class:`_AffineMoments` runs its C kernels while torch has several
+#: threads (the kernels run on one; with one torch thread they always run). Beyond, ATen's multi-threaded ops.
+#: Measured forward + backward on two cores (µs, kernel against ATen on 2 threads): 128 → 128 3×3 (147k)
+#: 240 / 350, 256 → 256 3×3 (590k) 720 / 1000 (about break-even); a quarter of that for more cores.
+_AFFINE_NATIVE_WEIGHTS = 1 << 17
+#: The most weight elements for which an unpadded 1×1 conv or Linear (K = 1, no coverage tables) runs the
+#: C kernels: beyond, ATen's BLAS matrix-vector products are as fast on one thread (measured, forward +
+#: backward, µs, kernel against PyTorch: 512 × 128 130 / 135, 1024 × 128 188 / 186, 960 × 160 205 / 201).
+_AFFINE_NATIVE_MATRIX = 1 << 16
+#: The kernel ``affine_moments``' parameters per (B, K, groups): float64 [B, K, groups].
+_AFFINE_PARAMETERS: dict[tuple[int, int, int], Tensor] = {}
+
+
+def _native_affine(
+    weight: Tensor, mean: Tensor, variance: Tensor, fraction: Tensor | None, pairs: Tensor | None
+) -> Tensor | None:
+    """The parameters of the C kernels ``affine_moments`` / ``affine_moments_backward`` (:mod:`bkn_export.native`)
+    where :class:`_AffineMoments` runs them on these inputs, else None: CPU float32/float64, contiguous, one
+    dtype, and one torch thread or at most :data:`_AFFINE_NATIVE_WEIGHTS` weights (the kernels use one thread)."""
+    rows, inputs, kernel = weight.shape
+    if weight.numel() == 0 or not (torch.get_num_threads() == 1 or weight.numel() <= _AFFINE_NATIVE_WEIGHTS):
+        return None
+    if kernel == 1 and fraction is None and weight.numel() > _AFFINE_NATIVE_MATRIX:
+        return None
+    if mean.dim() != 1 or mean.shape != variance.shape or mean.shape[0] % inputs or weight.dtype != mean.dtype:
+        return None
+    groups = mean.shape[0] // inputs
+    if groups == 0 or rows % groups or not (native.takes(mean, variance) and native.takes(weight)):
+        return None
+    tables = (fraction, pairs)
+    if fraction is not None and (pairs is None or (fraction.numel(), pairs.shape) != (kernel, (kernel, kernel))):
+        return None
+    if any(t is not None and (t.dtype != mean.dtype or not native.takes(t)) for t in tables):
+        return None
+    key = (inputs, kernel, groups)
+    parameters = _AFFINE_PARAMETERS.get(key)
+    if parameters is None:
+        parameters = _constant(list(key), torch.float64, torch.device("cpu"), (-1,))
+        if len(_AFFINE_PARAMETERS) >= moments._CACHE_SIZE:
+            _AFFINE_PARAMETERS.clear()
+        _AFFINE_PARAMETERS[key] = parameters
+    return parameters
+
+
+def _taps_view(weight: Tensor) -> Tensor:
+    """W as (C_out, B, K) (a Linear's (C_out, C_in) with K = 1)."""
+    return weight.reshape(weight.shape[0], weight.shape[1], math.prod(weight.shape[2:]))
+
+
+def _affine_forward_of(weight: Tensor, *args: Any) -> tuple[Tensor, ...]:
+    """:func:`_affine_forward` of the layer's own weight (C_out, B, *k)."""
+    return _affine_forward(_taps_view(weight), *args)
+
+
 class _AffineMoments(torch.autograd.Function):
-    """(M, V) of an affine map without bias; see the module docstring. W: (C_out, B, K)."""
+    """(M, V) of an affine map without bias; see the module docstring. W: (C_out, B, *k), seen as (C_out, B, K).
+
+    On CPU the C kernels ``affine_moments`` / ``affine_moments_backward`` evaluate both with one pass over W each
+    (:func:`_native_affine` says where); the forward then keeps only T (C_out, K), in float64. ∂W comes back in
+    W's own shape, not as a view: where the conv's own ∂W arrives second, autograd then adds it in place (onto
+    a view it allocates a new W-sized sum: 1.9 ms for 512 × 512 × 3 × 3, measured).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, weight: Tensor, mean: Tensor, variance: Tensor, fraction: Tensor | None, pairs: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        out_mean, out_variance, *kept = _affine_forward(weight, mean, variance, fraction, pairs)
+        matrix = _taps_view(weight)
+        ctx.parameters = _native_affine(matrix, mean, variance, fraction, pairs)
+        if ctx.parameters is not None:
+            rows, _, kernel = matrix.shape
+            taps = weight.new_empty((rows, kernel), dtype=torch.float64)
+            out_mean, out_variance = mean.new_empty(rows), mean.new_empty(rows)
+            native.call(
+                "affine_moments", matrix, mean, variance, fraction, pairs, ctx.parameters, taps, out_mean,
+                out_variance, count=rows,
+            )  # fmt: skip
+            ctx.save_for_backward(weight, mean, variance, fraction, pairs, taps)
+            return out_mean, out_variance
+        out_mean, out_variance, *kept = _affine_forward(matrix, mean, variance, fraction, pairs)
         mean_rows, variance_rows, taps, square_sums, *border = kept
         mixed, spread = border if border else (None, None)
         ctx.save_for_backward(
@@ -281,17 +361,25 @@ class _AffineMoments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        weight, mean, variance, fraction, pairs, mean_rows, variance_rows, _, square_sums, out_mean, mixed, spread = (
-            ctx.saved_tensors
-        )
+        saved = ctx.saved_tensors
+        layer_weight, mean, variance, fraction, pairs = saved[:5]
         if torch.is_grad_enabled():
             return (
                 *_differentiated(
-                    _affine_forward, (weight, mean, variance), (fraction, pairs), (grad_mean, grad_variance)
+                    _affine_forward_of, (layer_weight, mean, variance), (fraction, pairs), (grad_mean, grad_variance)
                 ),
                 None,
                 None,
             )
+        weight = _taps_view(layer_weight)
+        if ctx.parameters is not None:
+            grads = _native_affine_backward(saved, ctx.parameters, grad_mean, grad_variance)
+            if grads is not None:
+                return (*grads, None, None)
+            out_mean, _, *kept = _affine_forward(weight, mean, variance, fraction, pairs)
+            border = kept[4:] if len(kept) > 4 else [None, None]
+            saved = (*saved[:5], *kept[:4], out_mean, *border)
+        mean_rows, variance_rows, _, square_sums, out_mean, mixed, spread = saved[5:]
         rows, inputs, kernel = weight.shape
         groups = mean.shape[0] // inputs
         if grad_mean is None:
@@ -315,7 +403,7 @@ class _AffineMoments(torch.autograd.Function):
             grad_matrix = matrix * scale.unsqueeze(1)
             grad_matrix.mul_(variance_rows)
             grad_matrix.addr_(grad_taps.squeeze(1), mean)
-            return grad_matrix.unsqueeze(2), grad_input_mean, grad_input_variance, None, None
+            return grad_matrix.reshape(layer_weight.shape), grad_input_mean, grad_input_variance, None, None
         if inputs == 1 and rows == groups:  # depthwise: ∂μ_o = Σ_t gT[o, t] W[o, 0, t]
             grad_input_mean = (weight.squeeze(1) * grad_taps).sum(1)
         else:  # Σ_t gT W per row (C_out, B), then over each group's rows (a copy of W permuted for
@@ -327,7 +415,29 @@ class _AffineMoments(torch.autograd.Function):
         if fraction is not None:
             grad_weight.mul_(fraction)
         grad_weight.addcmul_(grad_taps.unsqueeze(1), mean_rows.unsqueeze(2))
-        return grad_weight, grad_input_mean, grad_input_variance, None, None
+        return grad_weight.reshape(layer_weight.shape), grad_input_mean, grad_input_variance, None, None
+
+
+def _native_affine_backward(
+    saved: tuple[Tensor, ...], parameters: Tensor, grad_mean: Tensor | None, grad_variance: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(∂W in W's shape, ∂μ, ∂σ²) by the C kernel ``affine_moments_backward`` from what the native forward kept,
+    or None where it cannot take the gradients (another dtype: autograd's own; an expanded zero is made
+    contiguous)."""
+    layer_weight, mean, variance, fraction, pairs, taps = saved
+    weight = _taps_view(layer_weight)
+    grads = [None if g is None else g.contiguous() for g in (grad_mean, grad_variance)]
+    given = [g for g in grads if g is not None]
+    if not given or given[0].dtype != weight.dtype or not native.takes(*given) or given[0].numel() != weight.shape[0]:
+        return None
+    grad_weight = torch.empty_like(layer_weight, memory_format=torch.contiguous_format)
+    grad_input_mean = mean.new_empty(mean.shape, dtype=torch.float64)
+    grad_input_variance = mean.new_empty(mean.shape, dtype=torch.float64)
+    native.call(
+        "affine_moments_backward", weight, mean, variance, fraction, pairs, parameters, taps, *grads, grad_weight,
+        grad_input_mean, grad_input_variance, count=weight.shape[0],
+    )  # fmt: skip
+    return grad_weight, grad_input_mean.to(mean.dtype), grad_input_variance.to(mean.dtype)
 
 
 def affine_moments(
@@ -346,7 +456,6 @@ def affine_moments(
     """
     dtype = mean.dtype
     w = weight.to(dtype)
-    w = w.reshape(w.shape[0], w.shape[1], -1)
     fraction, pairs = (None, None) if coverage is None else (coverage[0].to(dtype), coverage[1].to(dtype))
     out_mean, out_variance = _AffineMoments.apply(w, mean, variance, fraction, pairs)
     if bias is not None:
