@@ -17,6 +17,7 @@ tanh's flat tails) and carries f's rounding of a few ulp (up to 3e-7 relative; b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -104,12 +105,10 @@ def test_piecewise_kernel_equals_the_reference(kind: str, scale: float) -> None:
         torch.testing.assert_close(kernel_grads, _grads(reference, wrt), rtol=1e-9, atol=1e-12)
 
 
-@needs_library
-@pytest.mark.parametrize("kind", sorted(PIECEWISE))
-def test_piecewise_kernel_in_float32_is_as_accurate_as_the_float32_reference(kind: str) -> None:
-    step = Elementwise(kind, PIECEWISE[kind])
+def _assert_float32_as_accurate(step: Elementwise, inputs: Callable[[float], tuple[Tensor, Tensor]]) -> None:
+    """The kernel in float32 against the float64 reference: no worse than the float32 reference (+1e-7 of the scale)."""
     for scale in (1e-3, 0.3, 1.0, 4.0):
-        mean64, variance64 = (t.detach() for t in _piecewise_inputs(scale))
+        mean64, variance64 = (t.detach() for t in inputs(scale))
         exact = step.predict(mean64, variance64, (), {})[:2]
         mean, variance = mean64.float(), variance64.float()
         kernel = fast.predict_steps((step,), mean, variance, (), {})[:2]
@@ -118,6 +117,12 @@ def test_piecewise_kernel_in_float32_is_as_accurate_as_the_float32_reference(kin
             assert got.dtype == torch.float32
             kernel_error = (got.double() - want).abs().max()
             assert kernel_error <= (ref32.double() - want).abs().max() + 1e-7 * want.abs().max()
+
+
+@needs_library
+@pytest.mark.parametrize("kind", sorted(PIECEWISE))
+def test_piecewise_kernel_in_float32_is_as_accurate_as_the_float32_reference(kind: str) -> None:
+    _assert_float32_as_accurate(Elementwise(kind, PIECEWISE[kind]), _piecewise_inputs)
 
 
 # --------------------------------------------------------------------------- Gauss–Hermite
@@ -152,17 +157,7 @@ def test_gauss_hermite_kernel_equals_the_reference(kind: str, scale: float) -> N
 @needs_library
 @pytest.mark.parametrize("kind", SMOOTH)
 def test_gauss_hermite_kernel_in_float32_is_as_accurate_as_the_float32_reference(kind: str) -> None:
-    step = Elementwise(kind)
-    for scale in (1e-3, 0.3, 1.0, 4.0):
-        mean64, variance64 = (t.detach() for t in _smooth_inputs(scale))
-        exact = step.predict(mean64, variance64, (), {})[:2]
-        mean, variance = mean64.float(), variance64.float()
-        kernel = fast.predict_steps((step,), mean, variance, (), {})[:2]
-        float32_reference = step.predict(mean, variance, (), {})[:2]
-        for got, ref32, want in zip(kernel, float32_reference, exact):
-            assert got.dtype == torch.float32
-            kernel_error = (got.double() - want).abs().max()
-            assert kernel_error <= (ref32.double() - want).abs().max() + 1e-7 * want.abs().max()
+    _assert_float32_as_accurate(Elementwise(kind), _smooth_inputs)
 
 
 @needs_library
