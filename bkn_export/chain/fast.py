@@ -117,19 +117,24 @@ def reference_only() -> Iterator[None]:
         _ENABLED.reset(token)
 
 
-def uses_fused(mean: Tensor) -> bool:
-    """Whether :func:`predict_steps` takes the fused forms for this call (eager, nothing tracing)."""
-    # Compiling first: dynamo cannot trace the ContextVar (nor needs to).
+def _untraced() -> bool:
+    """Nothing traces this call (compile, export, jit trace, a dispatch mode: fake tensors, make_fx...) and no
+    torch.func transform is active: the C kernels may read the tensors' memory. The fused functions are public,
+    so their Functions ask this themselves (under make_fx on real tensors a kernel's output would be traced as
+    the ``empty_like`` it was written into)."""
     return (
         not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing()
-        and type(mean) is Tensor
         and _get_current_dispatch_mode() is None
-        and not torch.overrides.has_torch_function((mean,))
         and not torch._C._are_functorch_transforms_active()  # torch.func: these Functions have no vmap rule
-        and _ENABLED.get()
     )
+
+
+def uses_fused(mean: Tensor) -> bool:
+    """Whether :func:`predict_steps` takes the fused forms for this call (eager, nothing tracing)."""
+    # Compiling first (in _untraced): dynamo cannot trace the ContextVar (nor needs to).
+    return _untraced() and type(mean) is Tensor and not torch.overrides.has_torch_function((mean,)) and _ENABLED.get()
 
 
 # --------------------------------------------------------------------------- conv / linear
@@ -280,6 +285,9 @@ _AFFINE_NATIVE_WEIGHTS = 1 << 17
 #: C kernels: beyond, ATen's BLAS matrix-vector products are as fast on one thread (measured, forward +
 #: backward, µs, kernel against PyTorch: 512 × 128 130 / 135, 1024 × 128 188 / 186, 960 × 160 205 / 201).
 _AFFINE_NATIVE_MATRIX = 1 << 16
+#: The most taps K for which the C kernels run: they keep O(K) doubles per row on the C stack (about 100 K bytes
+#: backward; a 2¹⁹-tap Conv1d overflowed it), so that a thread's smaller stack holds them too. 7×7×7 is 343.
+_AFFINE_NATIVE_TAPS = 512
 #: The kernel ``affine_moments``' parameters per (B, K, groups): float64 [B, K, groups].
 _AFFINE_PARAMETERS: dict[tuple[int, int, int], Tensor] = {}
 
@@ -289,9 +297,12 @@ def _native_affine(
 ) -> Tensor | None:
     """The parameters of the C kernels ``affine_moments`` / ``affine_moments_backward`` (:mod:`bkn_export.native`)
     where :class:`_AffineMoments` runs them on these inputs, else None: CPU float32/float64, contiguous, one
-    dtype, and one torch thread or at most :data:`_AFFINE_NATIVE_WEIGHTS` weights (the kernels use one thread)."""
+    dtype, at most :data:`_AFFINE_NATIVE_TAPS` taps, nothing tracing (:func:`_untraced`), and one torch thread
+    or at most :data:`_AFFINE_NATIVE_WEIGHTS` weights (the kernels use one thread)."""
     rows, inputs, kernel = weight.shape
     if weight.numel() == 0 or not (torch.get_num_threads() == 1 or weight.numel() <= _AFFINE_NATIVE_WEIGHTS):
+        return None
+    if kernel > _AFFINE_NATIVE_TAPS or not _untraced():
         return None
     if kernel == 1 and fraction is None and weight.numel() > _AFFINE_NATIVE_MATRIX:
         return None
@@ -455,6 +466,9 @@ def affine_moments(
     :func:`bkn_export.moments.conv_moments` / :func:`~bkn_export.moments.linear_moments`.
     """
     dtype = mean.dtype
+    if weight.shape[1] == 0:  # no inputs (C_in = 0): W μ and (W∘W) σ² are empty sums, as in the reference
+        zeros = mean.new_zeros(weight.shape[0])
+        return (zeros if bias is None else zeros + bias.to(dtype)), zeros
     w = weight.to(dtype)
     fraction, pairs = (None, None) if coverage is None else (coverage[0].to(dtype), coverage[1].to(dtype))
     out_mean, out_variance = _AffineMoments.apply(w, mean, variance, fraction, pairs)
@@ -487,7 +501,7 @@ def _constant(values: Any, dtype: torch.dtype, device: torch.device, shape: tupl
 def _native_elementwise(mean: Tensor, variance: Tensor) -> bool:
     """Whether an elementwise moments Function runs its C kernel (:mod:`bkn_export.native`) on
     these inputs: CPU float32/float64, contiguous, one shape."""
-    return mean.shape == variance.shape and native.takes(mean, variance)
+    return mean.shape == variance.shape and _untraced() and native.takes(mean, variance)
 
 
 def _native_backward(
@@ -979,7 +993,7 @@ class _GateProduct(torch.autograd.Function):
         ctx: Any, mean: Tensor, variance: Tensor, gate_mean: Tensor, gate_variance: Tensor
     ) -> tuple[Tensor, Tensor]:
         inputs = (mean, variance, gate_mean, gate_variance)
-        ctx.native = native.takes(*inputs)
+        ctx.native = _untraced() and native.takes(*inputs)
         if ctx.native:
             out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
             native.call("gate_product", *inputs, out_mean, out_variance)

@@ -59,6 +59,16 @@ _DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 #: that intercepts operations: a fake or traced tensor has no data to read).
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 _LOCK = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """A process forked while another thread held the build lock would wait on it forever."""
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 _STATE: dict[str, object] = {}
 _ENABLED: ContextVar[bool] = ContextVar("bkn_native_kernels", default=True)
 
@@ -131,9 +141,14 @@ def _built_and_loaded(compiler: list[str]) -> tuple[ctypes.CDLL, Path]:
         return ctypes.CDLL(str(target)), target
 
 
+#: Values of ``$BKN_NATIVE`` that switch the library off (any case; anything else leaves it on).
+_OFF = frozenset({"0", "false", "no", "off"})
+
+
 def _load() -> None:
-    if os.environ.get("BKN_NATIVE", "1") == "0":
-        _STATE.update(library=None, status="disabled by BKN_NATIVE=0: PyTorch forms")
+    setting = os.environ.get("BKN_NATIVE", "1")
+    if setting.strip().lower() in _OFF:
+        _STATE.update(library=None, status=f"disabled by BKN_NATIVE={setting}: PyTorch forms")
         return
     if sys.platform == "win32":
         _STATE.update(library=None, status="not built on Windows: PyTorch forms")
@@ -141,7 +156,13 @@ def _load() -> None:
     if not SOURCES:
         _STATE.update(library=None, status="no C sources in the installed package: PyTorch forms")
         return
-    compiler = _compiler()
+    try:
+        compiler = _compiler()
+    except ValueError as error:  # shlex: an unbalanced quote
+        _STATE.update(
+            library=None, status=f"$CC={os.environ.get('CC')!r} is not a command line ({error}): PyTorch forms"
+        )
+        return
     if compiler is None:
         _STATE.update(library=None, status="no C compiler ($CC or cc) found: PyTorch forms")
         return

@@ -184,7 +184,7 @@ static inline int64_t affine_block(int64_t o, int64_t K, int64_t per_group) {
         else                                                                                                \
           for (int64_t t = 0; t < K; ++t) m += tp[t];                                                       \
         out_mean[o] = (T)m;                                                                                 \
-        out_variance[o] = (T)(square_sums + (spread > 0.0 ? spread : 0.0));                                 \
+        out_variance[o] = (T)(square_sums + (spread < 0.0 ? 0.0 : spread));                                 \
       }                                                                                                     \
     }                                                                                                       \
   }

@@ -18,7 +18,7 @@
 #define BKN_SQRT_HALF 0.7071067811865475244008443621048490392848359376884740365883
 
 static inline double bkn_std(double variance) {
-  return sqrt(variance > BKN_VARIANCE_FLOOR ? variance : BKN_VARIANCE_FLOOR);
+  return sqrt(variance < BKN_VARIANCE_FLOOR ? BKN_VARIANCE_FLOOR : variance); /* NaN stays NaN, as clamp_min */
 }
 
 static inline double bkn_clamp_z(double z) {

@@ -27,7 +27,7 @@ static inline void relu_terms(double mu, double v, double* std, double* pdf, dou
       double s, pdf, below, above, e, spread;                                                      \
       relu_terms((double)mean[i], (double)variance[i], &s, &pdf, &below, &above, &e, &spread);    \
       out_mean[i] = (T)e;                                                                          \
-      out_variance[i] = (T)(spread > 0.0 ? spread : 0.0);                                          \
+      out_variance[i] = (T)(spread < 0.0 ? 0.0 : spread);                                          \
     }                                                                                              \
   }
 BKN_BOTH_DTYPES(RELU_FORWARD, relu_moments)
