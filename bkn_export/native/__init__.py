@@ -13,7 +13,7 @@ Build: on first use the sources are compiled with the system C compiler (``$CC``
 into ``$BKN_NATIVE_CACHE`` (default ``$XDG_CACHE_HOME/bkn_export`` or ``~/.cache/bkn_export``),
 named by a hash of the sources, flags and compiler; written to a temporary file and renamed
 into place (atomic: a concurrent or interrupted build never leaves a half-written library), then
-loaded with :mod:`ctypes`. About half a second, once per machine and version.
+loaded with :mod:`ctypes`. About a second, once per machine and version.
 
 Where there is no compiler, the build fails, or ``BKN_NATIVE=0`` is set, :func:`library`
 returns None and every caller runs its PyTorch form instead: the same math, op for op the
