@@ -38,10 +38,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-# Private API, as in bkn_export.ops: the innermost active TorchDispatchMode (fake tensors, make_fx...),
-# under which the C kernels must not run (they read and write raw memory).
-from torch.utils._python_dispatch import _get_current_dispatch_mode
-
 from bkn_export import functional as Fk
 from bkn_export import native
 from bkn_export.functional import KalmanNormInputs, KalmanStep
@@ -150,25 +146,13 @@ class ForwardState(NamedTuple):
 NOT_KEPT = torch.empty(0)
 
 
-def _untraced() -> bool:
-    """Whether nothing traces this call (no compile, export, jit trace or dispatch mode: fake
-    tensors, make_fx...), so that the C kernels may read the tensors' memory. Asked before
-    :func:`native.takes`, which Dynamo cannot trace (a ContextVar)."""
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
-    )
-
-
 def _posterior(
     prior_mean: Tensor, prior_variance: Tensor, stats: Fk.BatchStatistics, prior_weight: Tensor
 ) -> Fk.UpdateTerms:
     """:func:`functional.kalman_update_terms`; by the C kernel ``kalman_update`` where it takes
     the tensors (the posterior only: intermediates :data:`NOT_KEPT`) and rounds as ATen does."""
     per_channel = (prior_mean, prior_variance, stats.mean, stats.variance, prior_weight)
-    if _untraced() and native.takes(*per_channel) and _update_kernel_rounds_as_aten(prior_mean.dtype):
+    if native.untraced() and native.takes(*per_channel) and _update_kernel_rounds_as_aten(prior_mean.dtype):
         mean, variance = torch.empty_like(prior_mean), torch.empty_like(prior_mean)
         native.call("kalman_update", *per_channel, mean, variance)
         return Fk.UpdateTerms(mean, variance, NOT_KEPT, NOT_KEPT, NOT_KEPT, NOT_KEPT)
@@ -287,20 +271,6 @@ class _PerChannelGradients(NamedTuple):
     offset: Tensor
 
 
-_PARAMETERS: dict[tuple[int, float], Tensor] = {}
-
-
-def _backward_parameters(count: int, eps: float) -> Tensor:
-    """The float64 constants of the ``kalman_norm_backward`` kernel: [n, ε] (cached: a network has few)."""
-    key = (count, eps)
-    parameters = _PARAMETERS.get(key)
-    if parameters is None:
-        with torch.inference_mode(False), torch.no_grad():
-            parameters = torch.tensor([float(count), eps], dtype=torch.float64)
-        _PARAMETERS[key] = parameters
-    return parameters
-
-
 def _per_channel_backward(
     inputs: KalmanNormInputs,
     state: ForwardState,
@@ -318,11 +288,11 @@ def _per_channel_backward(
     grad_variance = None if grad_posterior_variance is None else grad_posterior_variance.contiguous()
     per_channel = (sum_g, sum_g_xhat, weight, grad_mean, grad_variance, prior_mean, prior_variance)
     statistics = (stats.mean, stats.variance, state.prior_weight, posterior_variance)
-    if not (_untraced() and native.takes(*per_channel, *statistics)):
+    if not (native.untraced() and native.takes(*per_channel, *statistics)):
         return None
     grad_m, grad_v, grad_p = (torch.empty_like(sum_g) if wanted else None for wanted in needs)
     slope, offset = torch.empty_like(sum_g), torch.empty_like(sum_g)
-    parameters = _backward_parameters(stats.count, inputs.eps)
+    parameters = native.parameters(stats.count, inputs.eps)  # [n, ε]
     native.call("kalman_norm_backward", *per_channel, *statistics, parameters, grad_m, grad_v, grad_p, slope, offset)
     return _PerChannelGradients(grad_m, grad_v, grad_p, slope, offset)
 

@@ -34,24 +34,11 @@ import torch
 from torch import Tensor
 
 from bkn_export import functional as Fk
-from bkn_export import moments, native, ops
+from bkn_export import moments, native
 
 __all__ = ["assembled_prior", "normalized_output_moments", "unfused"]
 
-#: float64 constant tensors of the kernels' scalar parameters, per value (eps, the gain's limit).
-_PARAMETERS: dict[float, Tensor] = {}
 _LIMIT = Fk.PRIOR_WEIGHT_LIMIT
-
-
-def _parameter(value: float) -> Tensor:
-    table = _PARAMETERS.get(value)
-    if table is None:
-        with torch.inference_mode(False), torch.no_grad():
-            table = torch.tensor([value], dtype=torch.float64)
-        if len(_PARAMETERS) >= 64:
-            _PARAMETERS.clear()
-        _PARAMETERS[value] = table
-    return table
 
 
 _ENABLED: ContextVar[bool] = ContextVar("bkn_fused_prior", default=True)
@@ -69,16 +56,9 @@ def unfused() -> Iterator[None]:
 
 
 def _applies(*tensors: Tensor | None) -> bool:
-    """Plain eager CPU (nothing tracing, no torch.func transform: these Functions have no vmap rule),
-    not :func:`unfused`, and tensors the kernels take."""
-    first = tensors[0]
-    assert first is not None
-    return (
-        ops.plain_eager_cpu(first)
-        and not torch._C._are_functorch_transforms_active()
-        and _ENABLED.get()
-        and native.takes(*tensors)
-    )
+    """Nothing tracing (:func:`bkn_export.native.untraced`), not :func:`unfused`, and CPU tensors the
+    kernels take."""
+    return native.untraced() and _ENABLED.get() and native.takes(*tensors)
 
 
 def _contiguous(grad: Tensor | None) -> Tensor | None:
@@ -98,7 +78,7 @@ class _OutputVariance(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, variance: Tensor, weight: Tensor | None, eps: float) -> Tensor:  # type: ignore[override]
         out = torch.empty_like(variance)
-        native.call("output_variance", variance, weight, _parameter(eps), out)
+        native.call("output_variance", variance, weight, native.parameters(eps), out)
         ctx.save_for_backward(variance, weight)
         ctx.eps = eps
         return out
@@ -121,7 +101,7 @@ class _OutputVariance(torch.autograd.Function):
             "output_variance_backward",
             variance,
             weight,
-            _parameter(ctx.eps),
+            native.parameters(ctx.eps),
             grad.contiguous(),
             grad_variance,
             grad_weight,
@@ -157,7 +137,7 @@ class _PriorAssembly(torch.autograd.Function):
         ctx: Any, variance: Tensor, raw: Tensor, logit: Tensor, known: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         out_variance, out_weight = torch.empty_like(variance), torch.empty_like(variance)
-        native.call("prior_assembly", variance, raw, logit, known, _parameter(_LIMIT), out_variance, out_weight)
+        native.call("prior_assembly", variance, raw, logit, known, native.parameters(_LIMIT), out_variance, out_weight)
         ctx.save_for_backward(raw, logit, known)
         return out_variance, out_weight
 
@@ -176,7 +156,9 @@ class _PriorAssembly(torch.autograd.Function):
                 )  # fmt: skip
             return grad_variance, found[0], found[1], None
         grad_raw, grad_logit = torch.empty_like(raw), torch.empty_like(raw)
-        native.call("prior_assembly_backward", raw, logit, known, _parameter(_LIMIT), *grads, grad_raw, grad_logit)
+        native.call(
+            "prior_assembly_backward", raw, logit, known, native.parameters(_LIMIT), *grads, grad_raw, grad_logit
+        )
         return grad_variance, grad_raw, grad_logit, None
 
 

@@ -83,10 +83,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Private API, as in bkn_export.ops: a dispatch mode (fake tensors, make_fx, FlopCounterMode)
-# must see the reference ops, not one opaque Function.
-from torch.utils._python_dispatch import _get_current_dispatch_mode
-
 from bkn_export import fast_prior, moments, native
 from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, Step, linear_runs
 
@@ -117,24 +113,15 @@ def reference_only() -> Iterator[None]:
         _ENABLED.reset(token)
 
 
-def _untraced() -> bool:
-    """Nothing traces this call (compile, export, jit trace, a dispatch mode: fake tensors, make_fx...) and no
-    torch.func transform is active: the C kernels may read the tensors' memory. The fused functions are public,
-    so their Functions ask this themselves (under make_fx on real tensors a kernel's output would be traced as
-    the ``empty_like`` it was written into)."""
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
-        and not torch._C._are_functorch_transforms_active()  # torch.func: these Functions have no vmap rule
-    )
-
-
 def uses_fused(mean: Tensor) -> bool:
     """Whether :func:`predict_steps` takes the fused forms for this call (eager, nothing tracing)."""
-    # Compiling first (in _untraced): dynamo cannot trace the ContextVar (nor needs to).
-    return _untraced() and type(mean) is Tensor and not torch.overrides.has_torch_function((mean,)) and _ENABLED.get()
+    # Compiling first (in native.untraced): dynamo cannot trace the ContextVar (nor needs to).
+    return (
+        native.untraced()
+        and type(mean) is Tensor
+        and not torch.overrides.has_torch_function((mean,))
+        and _ENABLED.get()
+    )
 
 
 # --------------------------------------------------------------------------- conv / linear
@@ -288,8 +275,6 @@ _AFFINE_NATIVE_MATRIX = 1 << 16
 #: The most taps K for which the C kernels run: they keep O(K) doubles per row on the C stack (about 100 K bytes
 #: backward; a 2¹⁹-tap Conv1d overflowed it), so that a thread's smaller stack holds them too. 7×7×7 is 343.
 _AFFINE_NATIVE_TAPS = 512
-#: The kernel ``affine_moments``' parameters per (B, K, groups): float64 [B, K, groups].
-_AFFINE_PARAMETERS: dict[tuple[int, int, int], Tensor] = {}
 
 
 def _native_affine(
@@ -297,12 +282,12 @@ def _native_affine(
 ) -> Tensor | None:
     """The parameters of the C kernels ``affine_moments`` / ``affine_moments_backward`` (:mod:`bkn_export.native`)
     where :class:`_AffineMoments` runs them on these inputs, else None: CPU float32/float64, contiguous, one
-    dtype, at most :data:`_AFFINE_NATIVE_TAPS` taps, nothing tracing (:func:`_untraced`), and one torch thread
-    or at most :data:`_AFFINE_NATIVE_WEIGHTS` weights (the kernels use one thread)."""
+    dtype, at most :data:`_AFFINE_NATIVE_TAPS` taps, nothing tracing (:func:`bkn_export.native.untraced`), and
+    one torch thread or at most :data:`_AFFINE_NATIVE_WEIGHTS` weights (the kernels use one thread)."""
     rows, inputs, kernel = weight.shape
     if weight.numel() == 0 or not (torch.get_num_threads() == 1 or weight.numel() <= _AFFINE_NATIVE_WEIGHTS):
         return None
-    if kernel > _AFFINE_NATIVE_TAPS or not _untraced():
+    if kernel > _AFFINE_NATIVE_TAPS or not native.untraced():
         return None
     if kernel == 1 and fraction is None and weight.numel() > _AFFINE_NATIVE_MATRIX:
         return None
@@ -316,14 +301,7 @@ def _native_affine(
         return None
     if any(t is not None and (t.dtype != mean.dtype or not native.takes(t)) for t in tables):
         return None
-    key = (inputs, kernel, groups)
-    parameters = _AFFINE_PARAMETERS.get(key)
-    if parameters is None:
-        parameters = _constant(list(key), torch.float64, torch.device("cpu"), (-1,))
-        if len(_AFFINE_PARAMETERS) >= moments._CACHE_SIZE:
-            _AFFINE_PARAMETERS.clear()
-        _AFFINE_PARAMETERS[key] = parameters
-    return parameters
+    return native.parameters(inputs, kernel, groups)  # the kernels' [B, K, groups]
 
 
 def _taps_view(weight: Tensor) -> Tensor:
@@ -501,7 +479,7 @@ def _constant(values: Any, dtype: torch.dtype, device: torch.device, shape: tupl
 def _native_elementwise(mean: Tensor, variance: Tensor) -> bool:
     """Whether an elementwise moments Function runs its C kernel (:mod:`bkn_export.native`) on
     these inputs: CPU float32/float64, contiguous, one shape."""
-    return mean.shape == variance.shape and _untraced() and native.takes(mean, variance)
+    return mean.shape == variance.shape and native.untraced() and native.takes(mean, variance)
 
 
 def _native_backward(
@@ -993,7 +971,7 @@ class _GateProduct(torch.autograd.Function):
         ctx: Any, mean: Tensor, variance: Tensor, gate_mean: Tensor, gate_variance: Tensor
     ) -> tuple[Tensor, Tensor]:
         inputs = (mean, variance, gate_mean, gate_variance)
-        ctx.native = _untraced() and native.takes(*inputs)
+        ctx.native = native.untraced() and native.takes(*inputs)
         if ctx.native:
             out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
             native.call("gate_product", *inputs, out_mean, out_variance)

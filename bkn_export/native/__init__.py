@@ -46,7 +46,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["FLAGS", "SOURCES", "call", "disabled", "library", "status", "takes"]
+# Private API, as in bkn_export.ops: the innermost active TorchDispatchMode (fake tensors, make_fx...).
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["FLAGS", "SOURCES", "call", "disabled", "library", "parameters", "status", "takes", "untraced"]
 
 #: The C sources of the library, compiled together.
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
@@ -189,6 +192,21 @@ def status() -> str:
     return str(_STATE["status"])
 
 
+def untraced() -> bool:
+    """Whether the kernels may read the tensors' memory in this call: nothing traces it (compile, export,
+    jit trace, a dispatch mode: fake tensors, make_fx...) and no torch.func transform is active (the
+    Functions that call the kernels have no vmap rule). Callers ask this before :func:`takes`, which
+    Dynamo cannot trace (a ContextVar); under make_fx on real tensors a kernel's output would be traced as
+    the ``empty_like`` it was written into."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
 def takes(*tensors: Tensor | None) -> bool:
     """Whether :func:`call` can take these tensors: the library is available and every given
     tensor is a contiguous float32/float64 CPU tensor of the first one's dtype and shape. The kernels
@@ -211,6 +229,25 @@ def takes(*tensors: Tensor | None) -> bool:
         ):
             return False
     return True
+
+
+#: :func:`parameters`' tensors per tuple of values (bounded: emptied when full).
+_PARAMETERS: dict[tuple[float, ...], Tensor] = {}
+_PARAMETERS_SIZE = 512
+
+
+def parameters(*values: float) -> Tensor:
+    """A kernel's scalar constants (an eps, a count, a conv's (B, K, groups)) as the contiguous float64
+    CPU tensor :func:`call` passes, built once per tuple of values and usable under any autograd or
+    inference mode."""
+    table = _PARAMETERS.get(values)
+    if table is None:
+        with torch.inference_mode(False), torch.no_grad():
+            table = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        if len(_PARAMETERS) >= _PARAMETERS_SIZE:
+            _PARAMETERS.clear()
+        _PARAMETERS[values] = table
+    return table
 
 
 _FUNCTIONS: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}  # type: ignore[name-defined]
