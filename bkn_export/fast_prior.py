@@ -17,8 +17,9 @@ the reference: a plain tensor, so that the fused prediction steps take it)::
     prior assembly    v = v_pred + softplus(r)  ∂v_pred = ∂v,  ∂r = ∂v sigmoid(r)
                       p = L sigmoid(l) k        ∂l = ∂p k L s (1 − s),  s = sigmoid(l)
 
-They apply in plain eager CPU execution where :func:`bkn_export.native.takes` the tensors (the
-library is built, float32/float64, contiguous, one dtype); otherwise — tracing, export, other
+They apply in plain eager execution where :func:`bkn_export.per_channel.takes` the tensors (on the
+CPU the C library is built; on CUDA the Triton twins of :mod:`bkn_export.kernels.prior_moments`;
+float32/float64, contiguous, one dtype); otherwise — tracing, export, other
 devices, ``create_graph=True`` backward, a fixed gain or no process noise — the callers' PyTorch
 expressions run, which is also what ``tests/test_native.py`` compares these with.
 """
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from bkn_export import functional as Fk
-from bkn_export import moments, native
+from bkn_export import moments, native, per_channel
 
 __all__ = ["assembled_prior", "normalized_output_moments", "unfused"]
 
@@ -55,10 +56,10 @@ def unfused() -> Iterator[None]:
         _ENABLED.reset(token)
 
 
-def _applies(*tensors: Tensor | None) -> bool:
-    """Nothing tracing (:func:`bkn_export.native.untraced`), not :func:`unfused`, and CPU tensors the
-    kernels take."""
-    return native.untraced() and _ENABLED.get() and native.takes(*tensors)
+def _applies(kernel: str, *tensors: Tensor | None) -> bool:
+    """Nothing tracing (:func:`bkn_export.native.untraced`), not :func:`unfused`, and tensors that
+    ``kernel`` takes (:mod:`bkn_export.per_channel`: C on CPU, Triton on CUDA)."""
+    return native.untraced() and _ENABLED.get() and per_channel.takes(*tensors, kernel=kernel)
 
 
 def _contiguous(grad: Tensor | None) -> Tensor | None:
@@ -78,7 +79,7 @@ class _OutputVariance(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, variance: Tensor, weight: Tensor | None, eps: float) -> Tensor:  # type: ignore[override]
         out = torch.empty_like(variance)
-        native.call("output_variance", variance, weight, native.parameters(eps), out)
+        per_channel.call("output_variance", variance, weight, native.parameters(eps), out)
         ctx.save_for_backward(variance, weight)
         ctx.eps = eps
         return out
@@ -86,7 +87,9 @@ class _OutputVariance(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         variance, weight = ctx.saved_tensors
-        if torch.is_grad_enabled() or not native.takes(variance, weight, grad.contiguous()):
+        if torch.is_grad_enabled() or not per_channel.takes(
+            variance, weight, grad.contiguous(), kernel="output_variance_backward"
+        ):
             with torch.enable_grad():
                 inputs = [_differentiable(t) for t in (variance, weight) if t is not None]
                 if weight is None:
@@ -97,7 +100,7 @@ class _OutputVariance(torch.autograd.Function):
             return found[0], (found[1] if weight is not None else None), None
         grad_variance = torch.empty_like(variance)
         grad_weight = torch.empty_like(variance) if weight is not None and ctx.needs_input_grad[1] else None
-        native.call(
+        per_channel.call(
             "output_variance_backward",
             variance,
             weight,
@@ -120,7 +123,7 @@ def normalized_output_moments(
 
     posterior_mean, posterior_variance: (C,); weight γ, bias β: (C,) or None. Returns (β, γ² Σ/(Σ+ε))."""
     same = weight is None or (weight.dtype == posterior_variance.dtype and weight.shape == posterior_variance.shape)
-    if not (same and _applies(posterior_variance, weight)):
+    if not (same and _applies("output_variance", posterior_variance, weight)):
         return moments.normalized_output_moments(posterior_mean, posterior_variance, weight, bias, eps)
     # β as a view, as the reference returns it (a plain tensor: never the Parameter itself).
     out_mean = (
@@ -137,7 +140,8 @@ class _PriorAssembly(torch.autograd.Function):
         ctx: Any, variance: Tensor, raw: Tensor, logit: Tensor, known: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         out_variance, out_weight = torch.empty_like(variance), torch.empty_like(variance)
-        native.call("prior_assembly", variance, raw, logit, known, native.parameters(_LIMIT), out_variance, out_weight)
+        parameters = native.parameters(_LIMIT)
+        per_channel.call("prior_assembly", variance, raw, logit, known, parameters, out_variance, out_weight)
         ctx.save_for_backward(raw, logit, known)
         return out_variance, out_weight
 
@@ -145,7 +149,7 @@ class _PriorAssembly(torch.autograd.Function):
     def backward(ctx: Any, grad_variance: Tensor | None, grad_weight: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         raw, logit, known = ctx.saved_tensors
         grads = (_contiguous(grad_variance), _contiguous(grad_weight))
-        if torch.is_grad_enabled() or not native.takes(raw, *grads):
+        if torch.is_grad_enabled() or not per_channel.takes(raw, *grads, kernel="prior_assembly_backward"):
             with torch.enable_grad():
                 inputs = [_differentiable(t) for t in (raw, logit)]
                 outputs = _reference_assembly(torch.zeros_like(raw), inputs[0], inputs[1], known)
@@ -156,7 +160,7 @@ class _PriorAssembly(torch.autograd.Function):
                 )  # fmt: skip
             return grad_variance, found[0], found[1], None
         grad_raw, grad_logit = torch.empty_like(raw), torch.empty_like(raw)
-        native.call(
+        per_channel.call(
             "prior_assembly_backward", raw, logit, known, native.parameters(_LIMIT), *grads, grad_raw, grad_logit
         )
         return grad_variance, grad_raw, grad_logit, None
@@ -171,7 +175,7 @@ def _reference_assembly(variance: Tensor, raw: Tensor, logit: Tensor, known: Ten
 def assembled_prior(variance: Tensor, raw: Tensor, logit: Tensor, known: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """(v_pred + softplus(r), L sigmoid(l) [· k]) as one node, or None where the fused form does
     not apply (the caller then runs its own operators). All (C,) of one dtype."""
-    if not _applies(variance, raw, logit, known):
+    if not _applies("prior_assembly", variance, raw, logit, known):
         return None
     if known is not None and known.requires_grad:
         return None

@@ -1777,6 +1777,11 @@ def _check_linear_step(step: LinearStep) -> None:
         raise MomentsError(f"linear_path_moments: {type(step).__name__} is not a Conv/ConvTranspose layer")
 
 
+#: :func:`_build_path_tables`' tables per (path key, input size, dtype, device), in eager mode
+#: (:func:`_caches_constants`): constants of the path's shape, never requiring grad.
+_PATH_TABLES: dict[tuple[Any, ...], tuple[Tensor, ...]] = {}
+
+
 def linear_path_moments(
     steps: Sequence[LinearStep], mean: Tensor, variance: Tensor, spatial: Sequence[int]
 ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
@@ -1841,7 +1846,16 @@ def linear_path_moments(
         geometries = None
     # the tables: constants of the path's shape (of the graph, when dynamo traces static sizes)
     key = (tuple(_step_key(step) for step in before), geometries, tuple(_step_key(step) for step in after))
-    if _compiles_constants(spatial):
+    if _caches_constants(mean):  # eager: built once per path shape, dtype and device (bounded cache)
+        full_key = (*key, tuple(spatial), dtype, device)
+        tables = _PATH_TABLES.get(full_key)
+        if tables is None:
+            with torch.no_grad():
+                tables = _build_path_tables(*key, tuple(spatial), dtype, device)
+            if len(_PATH_TABLES) >= _CACHE_SIZE:
+                _PATH_TABLES.clear()
+            _PATH_TABLES[full_key] = tables
+    elif _compiles_constants(spatial):
         tables = _graph_constants(_build_path_tables, (*key, tuple(spatial)), dtype, device)
     else:
         tables = _build_path_tables(*key, tuple(spatial), dtype, device)

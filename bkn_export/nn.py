@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export import cpu_kernels, fast_prior
+from bkn_export import cpu_kernels, fast_prior, per_channel
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 from bkn_export.ops import kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
@@ -477,6 +477,16 @@ class _BatchKalmanNorm(nn.Module):
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
+        if per_channel.update_running_statistics_(  # one Triton launch on CUDA
+            self.running_mean,
+            self.running_var,
+            posterior_mean,
+            posterior_variance,
+            self.momentum,
+            count,
+            self.num_batches_tracked,
+        ):
+            return
         # The posterior is detached inside, so no gradient reaches the buffers.
         Fk.update_running_statistics_(
             self.running_mean, self.running_var, posterior_mean, posterior_variance, self._momentum(), count

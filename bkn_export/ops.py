@@ -41,6 +41,7 @@ through the op, ~110 µs this way (torch 2.13, 1 thread, on a shared machine).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -145,20 +146,31 @@ def _cuda_launchers() -> kernels.Launchers:
     return launchers
 
 
+def _on_device(x: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device: make it x's (nothing for CPU tensors under
+    :data:`kernels.TRITON_ON_CPU`)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _cuda_forward(inputs: KalmanNormInputs) -> KalmanStep:
-    with torch.cuda.device(inputs.x.device):  # Triton launches on the current device
+    with _on_device(inputs.x):
         return KalmanStep(*_cuda_launchers().forward(*inputs))
 
 
 def _cuda_backward(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
-    with torch.cuda.device(inputs.x.device):
+    with _on_device(inputs.x):
         return _cuda_launchers().backward(*_backward_arguments(inputs, grads))
 
 
-#: Device type → its implementation of both ops (registered below, whatever the machine has).
+_TRITON = Backend(_cuda_covers, _cuda_forward, _cuda_backward)
+
+#: Device type → its implementation of both ops (registered below, whatever the machine has). Under
+#: :data:`kernels.TRITON_ON_CPU` (tests: Triton's interpreter) the CPU takes the CUDA row.
 BACKENDS: dict[str, Backend] = {
-    "cpu": Backend(cpu_kernels.covers, cpu_kernels.batch_kalman_norm, cpu_kernels.batch_kalman_norm_backward),
-    "cuda": Backend(_cuda_covers, _cuda_forward, _cuda_backward),
+    "cpu": _TRITON
+    if kernels.TRITON_ON_CPU
+    else Backend(cpu_kernels.covers, cpu_kernels.batch_kalman_norm, cpu_kernels.batch_kalman_norm_backward),
+    "cuda": _TRITON,
 }
 
 
@@ -401,6 +413,7 @@ def plain_eager_cpu(x: Tensor) -> bool:
     return (
         type(x) is Tensor
         and x.device.type == "cpu"
+        and not kernels.TRITON_ON_CPU  # the CPU takes the CUDA route (tests, Triton's interpreter)
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.jit.is_tracing()

@@ -401,3 +401,32 @@ def test_a_traced_train_step_never_reads_a_tensor_on_the_host(momentum: float | 
     _, step = _traced_ops("propagate", momentum)
     host_reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
     assert not host_reads & set(step)
+
+
+def test_linear_path_tables_are_built_once_per_shape_in_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exact linear run (nearest ×2 → 3×3 conv, a UNet decoder) takes its per-dim tables from a cache
+    in eager mode (they were rebuilt every step: ~100 small operators), with the same moments."""
+    built: list[tuple[Any, ...]] = []
+    build = moments._build_path_tables
+
+    def counting(*args: Any) -> Any:
+        built.append(args)
+        return build(*args)
+
+    monkeypatch.setattr(moments, "_build_path_tables", counting)
+    monkeypatch.setattr(moments, "_PATH_TABLES", {})
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    steps: list[moments.LinearStep] = [moments.ResampleSpec(scale_factor=(2.0, 2.0), mode="nearest"), conv]
+    mean, variance = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.1
+    first = moments.linear_path_moments(steps, mean, variance, (5, 7))
+    second = moments.linear_path_moments(steps, mean, variance, (5, 7))
+    assert len(built) == 1
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1]) and first[2] == second[2]
+    moments.linear_path_moments(steps, mean, variance, (6, 7))  # another input size: its own tables
+    assert len(built) == 2
+    with torch.inference_mode():  # inference tensors are never cached (they cannot be saved for backward)
+        moments.linear_path_moments(steps, mean, variance, (5, 7))
+    assert len(built) == 3
+    monkeypatch.setattr(moments, "_PATH_TABLES", {})
+    uncached = moments.linear_path_moments(steps, mean, variance, (5, 7))
+    assert torch.equal(uncached[1], first[1])

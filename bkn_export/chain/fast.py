@@ -51,12 +51,14 @@ Here the same math runs as ``torch.autograd.Function`` s with closed-form backwa
 
 On CPU the elementwise Functions (ReLU, piecewise, Gauss–Hermite, the gate product) run
 C kernels of :mod:`bkn_export.native` forward and backward where it takes the tensors (the
-same formulas per element in double; ``docs/native.md``), else the PyTorch forms described
-above. So does :func:`affine_moments` (``csrc/affine.c``): one pass over W forward (T and
+same formulas per element in double; ``docs/native.md``), on CUDA their Triton twins
+(:mod:`bkn_export.per_channel` dispatches by device; ``docs/kernels.md``), else the PyTorch
+forms described above. So does :func:`affine_moments` (``csrc/affine.c``): one pass over W forward (T and
 Σ_i S σ² together, no W∘W) and one backward (∂W written, ∂μ and ∂σ² accumulated), in double,
 with one torch thread or W up to :data:`_AFFINE_NATIVE_WEIGHTS` elements (the kernel is
 single-threaded; beyond, ATen's multi-threaded ops), an unpadded 1×1 / Linear up to
-:data:`_AFFINE_NATIVE_MATRIX` (beyond, BLAS matrix-vector products are as fast). Under
+:data:`_AFFINE_NATIVE_MATRIX` (beyond, BLAS matrix-vector products are as fast); on CUDA its
+Triton twin, whatever the size. Under
 ``create_graph=True`` each backward instead recomputes its forward with autograd and
 differentiates that, so second and higher derivatives are the reference's.
 
@@ -83,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export import fast_prior, moments, native
+from bkn_export import fast_prior, moments, native, per_channel
 from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, Step, linear_runs
 
 __all__ = [
@@ -280,26 +282,33 @@ _AFFINE_NATIVE_TAPS = 512
 def _native_affine(
     weight: Tensor, mean: Tensor, variance: Tensor, fraction: Tensor | None, pairs: Tensor | None
 ) -> Tensor | None:
-    """The parameters of the C kernels ``affine_moments`` / ``affine_moments_backward`` (:mod:`bkn_export.native`)
-    where :class:`_AffineMoments` runs them on these inputs, else None: CPU float32/float64, contiguous, one
-    dtype, at most :data:`_AFFINE_NATIVE_TAPS` taps, nothing tracing (:func:`bkn_export.native.untraced`), and
-    one torch thread or at most :data:`_AFFINE_NATIVE_WEIGHTS` weights (the kernels use one thread)."""
+    """The parameters of the kernels ``affine_moments`` / ``affine_moments_backward`` (:mod:`bkn_export.per_channel`:
+    C on the CPU, the Triton twins on CUDA) where :class:`_AffineMoments` runs them on these inputs, else None:
+    float32/float64, contiguous, one dtype, at most :data:`_AFFINE_NATIVE_TAPS` taps, nothing tracing
+    (:func:`bkn_export.native.untraced`), and on the CPU one torch thread or at most
+    :data:`_AFFINE_NATIVE_WEIGHTS` weights (the C kernels use one thread)."""
     rows, inputs, kernel = weight.shape
-    if weight.numel() == 0 or not (torch.get_num_threads() == 1 or weight.numel() <= _AFFINE_NATIVE_WEIGHTS):
+    on_cpu = not per_channel.triton_route(mean)  # the size limits are the C kernels' (one thread, C stack)
+    if weight.numel() == 0 or not native.untraced():
         return None
-    if kernel > _AFFINE_NATIVE_TAPS or not native.untraced():
+    if on_cpu and not (torch.get_num_threads() == 1 or weight.numel() <= _AFFINE_NATIVE_WEIGHTS):
         return None
-    if kernel == 1 and fraction is None and weight.numel() > _AFFINE_NATIVE_MATRIX:
+    if kernel > _AFFINE_NATIVE_TAPS:
+        return None
+    if on_cpu and kernel == 1 and fraction is None and weight.numel() > _AFFINE_NATIVE_MATRIX:
         return None
     if mean.dim() != 1 or mean.shape != variance.shape or mean.shape[0] % inputs or weight.dtype != mean.dtype:
         return None
     groups = mean.shape[0] // inputs
-    if groups == 0 or rows % groups or not (native.takes(mean, variance) and native.takes(weight)):
+    name = "affine_moments"
+    if groups == 0 or rows % groups:
+        return None
+    if not (per_channel.takes(mean, variance, kernel=name) and per_channel.takes(weight, kernel=name)):
         return None
     tables = (fraction, pairs)
     if fraction is not None and (pairs is None or (fraction.numel(), pairs.shape) != (kernel, (kernel, kernel))):
         return None
-    if any(t is not None and (t.dtype != mean.dtype or not native.takes(t)) for t in tables):
+    if any(t is not None and (t.dtype != mean.dtype or not per_channel.takes(t, kernel=name)) for t in tables):
         return None
     return native.parameters(inputs, kernel, groups)  # the kernels' [B, K, groups]
 
@@ -333,7 +342,7 @@ class _AffineMoments(torch.autograd.Function):
             rows, _, kernel = matrix.shape
             taps = weight.new_empty((rows, kernel), dtype=torch.float64)
             out_mean, out_variance = mean.new_empty(rows), mean.new_empty(rows)
-            native.call(
+            per_channel.call(
                 "affine_moments", matrix, mean, variance, fraction, pairs, ctx.parameters, taps, out_mean,
                 out_variance, count=rows,
             )  # fmt: skip
@@ -417,12 +426,19 @@ def _native_affine_backward(
     weight = _taps_view(layer_weight)
     grads = [None if g is None else g.contiguous() for g in (grad_mean, grad_variance)]
     given = [g for g in grads if g is not None]
-    if not given or given[0].dtype != weight.dtype or not native.takes(*given) or given[0].numel() != weight.shape[0]:
+    if (
+        not given
+        or given[0].dtype != weight.dtype
+        or given[0].numel() != weight.shape[0]
+        or not per_channel.takes(*given, kernel="affine_moments_backward")
+    ):
         return None
     grad_weight = torch.empty_like(layer_weight, memory_format=torch.contiguous_format)
-    grad_input_mean = mean.new_empty(mean.shape, dtype=torch.float64)
-    grad_input_variance = mean.new_empty(mean.shape, dtype=torch.float64)
-    native.call(
+    # The C kernel writes its double sums as they are; the Triton twin rounds them into the data's dtype.
+    sums_dtype = mean.dtype if per_channel.triton_route(mean) else torch.float64
+    grad_input_mean = mean.new_empty(mean.shape, dtype=sums_dtype)
+    grad_input_variance = mean.new_empty(mean.shape, dtype=sums_dtype)
+    per_channel.call(
         "affine_moments_backward", weight, mean, variance, fraction, pairs, parameters, taps, *grads, grad_weight,
         grad_input_mean, grad_input_variance, count=weight.shape[0],
     )  # fmt: skip
@@ -476,10 +492,10 @@ def _constant(values: Any, dtype: torch.dtype, device: torch.device, shape: tupl
         return torch.tensor(values, dtype=dtype, device=device).reshape(shape)
 
 
-def _native_elementwise(mean: Tensor, variance: Tensor) -> bool:
-    """Whether an elementwise moments Function runs its C kernel (:mod:`bkn_export.native`) on
-    these inputs: CPU float32/float64, contiguous, one shape."""
-    return mean.shape == variance.shape and native.untraced() and native.takes(mean, variance)
+def _native_elementwise(mean: Tensor, variance: Tensor, kernel: str) -> bool:
+    """Whether an elementwise moments Function runs its kernel (:mod:`bkn_export.per_channel`: C on
+    CPU, Triton on CUDA) on these inputs: float32/float64, contiguous, one shape, nothing tracing."""
+    return mean.shape == variance.shape and native.untraced() and per_channel.takes(mean, variance, kernel=kernel)
 
 
 def _native_backward(
@@ -490,10 +506,10 @@ def _native_backward(
     the gradients (another dtype: autograd's own, or an expanded zero: made contiguous here)."""
     mean = saved[0]
     grads = [None if g is None else g.contiguous() for g in (grad_mean, grad_variance)]
-    if not native.takes(mean, *grads):
+    if not per_channel.takes(mean, *grads, kernel=kernel):
         return None
     grad_input_mean, grad_input_variance = torch.empty_like(mean), torch.empty_like(mean)
-    native.call(kernel, *saved, *grads, grad_input_mean, grad_input_variance)
+    per_channel.call(kernel, *saved, *grads, grad_input_mean, grad_input_variance)
     return grad_input_mean, grad_input_variance
 
 
@@ -503,10 +519,10 @@ class _ReluMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        ctx.native = _native_elementwise(mean, variance)
+        ctx.native = _native_elementwise(mean, variance, "relu_moments")
         if ctx.native:
             out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
-            native.call("relu_moments", mean, variance, out_mean, out_variance)
+            per_channel.call("relu_moments", mean, variance, out_mean, out_variance)
             ctx.save_for_backward(mean, variance)
             return out_mean, out_variance
         out_mean, out_variance, std, pdf, below, above, spread = moments._relu_terms(mean, variance)
@@ -547,8 +563,9 @@ class _PiecewiseTable(NamedTuple):
     edges: (P + 1, …) the breakpoints −∞ = b_0 < b_1 < … < b_P = +∞ (piece p is b_p ≤ x < b_{p+1});
     c0, c1: (P, …) f = c0 + c1 x + c2 x² on each piece; c2, twice_c2: (P, …) c2 and 2 c2, or None
     where every c2 is 0 (piecewise linear: truncated moments up to order 2 suffice, not 4).
-    native: the kernel ``piecewise_moments``' parameters (float64, CPU), [P, order, b_0 … b_P, c0, c1,
-    c2] (order 4, or 2 where every c2 is 0); None off the CPU or beyond its piece count. native_kept: the
+    native: the kernel ``piecewise_moments``' parameters (float64, on the CPU whatever the data's device:
+    the Triton twin reads them on the host), [P, order, b_0 … b_P, c0, c1, c2] (order 4, or 2 where every
+    c2 is 0); None beyond its piece count. native_kept: the
     count (order + 1) P of truncated moments it keeps per element for its backward.
     """
 
@@ -561,6 +578,8 @@ class _PiecewiseTable(NamedTuple):
     native: Tensor | None
     native_kept: int
 
+
+_CPU = torch.device("cpu")
 
 #: Their constant tensors per (plan, dtype, device, rank).
 _PIECEWISE_TABLES: dict[tuple[Any, ...], _PiecewiseTable] = {}
@@ -604,8 +623,8 @@ def _piecewise_table(plan: Any, dtype: torch.dtype, device: torch.device, rank: 
                 moments._Piece(None if lo == -math.inf else lo, None if hi == math.inf else hi, *c)
                 for lo, hi, *c in zip(edges[:-1], edges[1:], c0, c1, c2, strict=True)
             ),
-            _constant([len(c0), 4 if quadratic else 2, *edges, *c0, *c1, *c2], torch.float64, device, (-1,))
-            if device.type == "cpu" and len(c0) <= _NATIVE_MAX_PIECES
+            _constant([len(c0), 4 if quadratic else 2, *edges, *c0, *c1, *c2], torch.float64, _CPU, (-1,))
+            if len(c0) <= _NATIVE_MAX_PIECES
             else None,
             (5 if quadratic else 3) * len(c0),
         )
@@ -678,11 +697,11 @@ class _PiecewiseMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, mean: Tensor, variance: Tensor, table: _PiecewiseTable) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         ctx.table = table
-        ctx.native = table.native is not None and _native_elementwise(mean, variance)
+        ctx.native = table.native is not None and _native_elementwise(mean, variance, "piecewise_moments")
         if ctx.native:
             out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
             kept = mean.new_empty((mean.numel(), table.native_kept), dtype=torch.float64)
-            native.call("piecewise_moments", mean, variance, table.native, kept, out_mean, out_variance)
+            per_channel.call("piecewise_moments", mean, variance, table.native, kept, out_mean, out_variance)
             ctx.save_for_backward(mean, variance, kept)
             return out_mean, out_variance
         terms = _piecewise_forward(mean, variance, table)
@@ -796,14 +815,14 @@ class _GaussHermiteMoments(torch.autograd.Function):
         ctx.kind, ctx.parameters = kind, parameters
         ctx.native = (
             parameters is not None
-            and mean.numel() * points.numel() <= _HERMITE_NATIVE_NODES
-            and _native_elementwise(mean, variance)
+            and (mean.numel() * points.numel() <= _HERMITE_NATIVE_NODES or per_channel.triton_route(mean))
+            and _native_elementwise(mean, variance, "gauss_hermite_moments")
         )
         if ctx.native:
             out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
             # The kernel's sigmoid / tanh per node, for a backward without exponentials (float64: as it computes).
             kept = mean.new_empty((*mean.shape, points.numel()), dtype=torch.float64)
-            native.call("gauss_hermite_moments", mean, variance, parameters, kept, out_mean, out_variance)
+            per_channel.call("gauss_hermite_moments", mean, variance, parameters, kept, out_mean, out_variance)
             ctx.save_for_backward(mean, variance, points, weights, kept)
             return out_mean, out_variance
         out_mean, out_variance, *kept_terms = moments._gauss_hermite_terms(
@@ -865,9 +884,7 @@ def _hermite_parameters(name: str, nodes: int) -> Tensor:
     parameters = _HERMITE_NATIVE.get((name, nodes))
     if parameters is None:
         points, weights = moments._hermite_rule(nodes)
-        parameters = _constant(
-            [nodes, _HERMITE_KIND_CODES[name], *points, *weights], torch.float64, torch.device("cpu"), (-1,)
-        )
+        parameters = _constant([nodes, _HERMITE_KIND_CODES[name], *points, *weights], torch.float64, _CPU, (-1,))
         if len(_HERMITE_NATIVE) >= moments._CACHE_SIZE:
             _HERMITE_NATIVE.clear()
         _HERMITE_NATIVE[(name, nodes)] = parameters
@@ -893,7 +910,7 @@ def _gauss_hermite(plan: tuple[Any, ...], mean: Tensor, variance: Tensor) -> tup
         if len(_HERMITE) >= moments._CACHE_SIZE:
             _HERMITE.clear()
         _HERMITE[key] = rule
-    parameters = _hermite_parameters(name, nodes) if mean.device.type == "cpu" else None
+    parameters = _hermite_parameters(name, nodes)
     return _GaussHermiteMoments.apply(mean, variance, name, *rule, parameters)  # type: ignore[no-any-return]
 
 
@@ -971,10 +988,10 @@ class _GateProduct(torch.autograd.Function):
         ctx: Any, mean: Tensor, variance: Tensor, gate_mean: Tensor, gate_variance: Tensor
     ) -> tuple[Tensor, Tensor]:
         inputs = (mean, variance, gate_mean, gate_variance)
-        ctx.native = native.untraced() and native.takes(*inputs)
+        ctx.native = native.untraced() and per_channel.takes(*inputs, kernel="gate_product")
         if ctx.native:
             out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
-            native.call("gate_product", *inputs, out_mean, out_variance)
+            per_channel.call("gate_product", *inputs, out_mean, out_variance)
             ctx.save_for_backward(*inputs)
             return out_mean, out_variance
         out_mean, out_variance, *kept = _gate_forward(*inputs)
@@ -989,9 +1006,9 @@ class _GateProduct(torch.autograd.Function):
             return _differentiated(lambda *t: _gate_forward(*t)[:2], inputs, (), (grad_mean, grad_variance))
         if ctx.native:
             grads = [None if g is None else g.contiguous() for g in (grad_mean, grad_variance)]
-            if native.takes(mean, *grads):
+            if per_channel.takes(mean, *grads, kernel="gate_product_backward"):
                 outputs = [torch.empty_like(mean) for _ in range(4)]
-                native.call("gate_product_backward", *inputs, *grads, *outputs)
+                per_channel.call("gate_product_backward", *inputs, *grads, *outputs)
                 return tuple(outputs)
             kept = list(_gate_forward(*inputs)[2:])
         second_input, second_gate, spread = kept

@@ -25,10 +25,11 @@ See docs/kernels.md for the design, numerics and how to test and benchmark.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -36,13 +37,37 @@ from torch import Tensor
 
 from bkn_export.kernels.layout import MAX_ELEMENTS
 
-__all__ = ["DISABLE_ENV", "SUPPORTED_DTYPES", "Launchers", "launchers", "triton_installed", "uses_kernels"]
+__all__ = [
+    "DISABLE_ENV",
+    "MOMENT_MODULES",
+    "SUPPORTED_DTYPES",
+    "TRITON_ON_CPU",
+    "TRITON_ON_CPU_ENV",
+    "Launchers",
+    "launchers",
+    "moment_kernels_take",
+    "moment_launchers",
+    "triton_device",
+    "triton_installed",
+    "uses_kernels",
+]
 
 #: Input dtypes with a Triton path (statistics always accumulate in float32).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Set to "1" to run the PyTorch reference on CUDA instead (debugging, A/B timing).
 DISABLE_ENV = "BKN_DISABLE_TRITON"
+
+#: Set to "1" together with ``TRITON_INTERPRET=1`` (both at import) to run every Triton kernel on CPU
+#: tensors, in Triton's interpreter: the CPU then takes the CUDA device's route (the op's launchers, the
+#: prediction's twins). Slow; for tests and launch counts on a machine without a GPU, never for training.
+TRITON_ON_CPU_ENV = "BKN_TRITON_ON_CPU"
+TRITON_ON_CPU = os.environ.get(TRITON_ON_CPU_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_device(x: Tensor) -> bool:
+    """Whether ``x``'s device runs the Triton kernels: CUDA (and the CPU under :data:`TRITON_ON_CPU`)."""
+    return x.is_cuda or (TRITON_ON_CPU and x.is_cpu)
 
 
 class Launchers(NamedTuple):
@@ -81,12 +106,13 @@ def launchers() -> Launchers | None:
 def uses_kernels(x: Tensor) -> bool:
     """Whether a call with input ``x: (N, C, *)`` runs the Triton kernels.
 
-    Only CUDA tensors of a supported dtype with 1 to 2³¹ - 1 elements (the kernels index
-    with 32 bits; an empty batch goes to the reference so that its error message matches
-    the CPU path's), while ``BKN_DISABLE_TRITON`` is not "1" and Triton imports.
+    Only CUDA tensors (CPU ones under :data:`TRITON_ON_CPU`) of a supported dtype with 1 to
+    2³¹ - 1 elements (the kernels index with 32 bits; an empty batch goes to the reference so
+    that its error message matches the CPU path's), while ``BKN_DISABLE_TRITON`` is not "1" and
+    Triton imports.
     """
     return (
-        x.is_cuda
+        triton_device(x)
         and x.dtype in SUPPORTED_DTYPES
         and x.dim() >= 2
         and 0 < x.numel() <= MAX_ELEMENTS
@@ -94,3 +120,56 @@ def uses_kernels(x: Tensor) -> bool:
         and triton_installed()
         and launchers() is not None
     )
+
+
+#: The modules of the Triton twins of the per-channel C kernels (:mod:`bkn_export.per_channel`); each
+#: exports ``LAUNCHERS`` (C kernel name → launcher with the C kernel's arguments) and ``LAUNCHES``.
+MOMENT_MODULES = ("elementwise_moments", "affine_moments", "prior_moments")
+
+#: Data dtypes the twins take (they compute in the data's precision; see each module).
+MOMENT_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.cache
+def moment_launchers() -> Mapping[str, Callable[..., None]] | None:
+    """Every twin's launcher by C kernel name, imported on first use; None (with one warning) when
+    Triton cannot be imported."""
+    found: dict[str, Callable[..., None]] = {}
+    try:
+        for name in MOMENT_MODULES:
+            found.update(importlib.import_module(f"{__name__}.{name}").LAUNCHERS)
+    except ImportError as error:
+        warnings.warn(
+            f"bkn_export.kernels: Triton could not be imported ({error}); BKN's prediction on CUDA runs "
+            "PyTorch operators. Reinstall a Triton that matches your torch to get the fused kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return found
+
+
+def moment_kernels_take(kernel: str, *tensors: Tensor | None) -> bool:
+    """Whether twin ``kernel`` runs on these tensors: Triton available and not disabled
+    (``BKN_DISABLE_TRITON``), and every given tensor a contiguous plain tensor or parameter of the
+    first one's dtype (float32/float64), shape and device."""
+    first = tensors[0]
+    assert first is not None
+    if first.dtype not in MOMENT_DTYPES or os.environ.get(DISABLE_ENV, "0") == "1" or not triton_installed():
+        return False
+    launchers_by_name = moment_launchers()
+    if launchers_by_name is None or kernel not in launchers_by_name:
+        return False
+    dtype, shape, device = first.dtype, first.shape, first.device
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if (
+            type(tensor) not in (Tensor, torch.nn.Parameter)
+            or tensor.dtype != dtype
+            or tensor.shape != shape
+            or tensor.device != device
+            or not tensor.is_contiguous()
+        ):
+            return False
+    return True

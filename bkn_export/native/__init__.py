@@ -78,13 +78,19 @@ _ENABLED: ContextVar[bool] = ContextVar("bkn_native_kernels", default=True)
 
 @contextmanager
 def disabled() -> Iterator[None]:
-    """Within the block, :func:`takes` is False: callers run their PyTorch forms (tests and
-    benchmarks compare the two)."""
+    """Within the block (this thread / task), :func:`takes` is False and so are the Triton twins'
+    (:func:`bkn_export.per_channel.takes`): callers run their PyTorch forms (tests and benchmarks
+    compare the two)."""
     token = _ENABLED.set(False)
     try:
         yield
     finally:
         _ENABLED.reset(token)
+
+
+def enabled() -> bool:
+    """False within :func:`disabled`."""
+    return _ENABLED.get()
 
 
 def _compiler() -> list[str] | None:

@@ -62,17 +62,26 @@ class InterpreterProcess:
     same class; anything else raises :class:`bkn_export.errors.KernelError`.
     """
 
-    def __init__(self, python: str = sys.executable) -> None:
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
+    def __init__(self, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, **(env or {}), "TRITON_INTERPRET": "1"}
         self._process = subprocess.Popen(
             [python, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
 
     def call(self, launcher: str, *args: Any, **kwargs: Any) -> Any:
-        """Run launcher "forward" or "backward" (``bkn_export.kernels``) in the child and return its result."""
+        """Run a launcher in the child and return its result: "forward" or "backward" (``bkn_export.kernels``),
+        or any function named "module:attribute" (imported in the child under the interpreter)."""
+        return self._request(launcher, args, kwargs, False)
+
+    def call_in_place(self, launcher: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Run a launcher that writes into some of its arguments (the ``native.call`` convention: outputs
+        allocated by the caller) and return the positional arguments as they are after the call."""
+        return self._request(launcher, args, kwargs, True)  # type: ignore[no-any-return]
+
+    def _request(self, launcher: str, args: tuple[Any, ...], kwargs: dict[str, Any], in_place: bool) -> Any:
         stdin, stdout = self._process.stdin, self._process.stdout
         assert stdin is not None and stdout is not None
-        _send(stdin, (launcher, args, kwargs))
+        _send(stdin, (launcher, args, kwargs, in_place))
         reply = _receive(stdout)
         if reply is None:
             raise errors.KernelError(
@@ -146,12 +155,30 @@ def _serve() -> None:
     launchers = {"forward": forward.batch_kalman_norm_forward, "backward": backward.batch_kalman_norm_backward}
     requests = sys.stdin.buffer
     while (request := _receive(requests)) is not None:
-        name, args, kwargs = request
+        name, args, kwargs, in_place = request
         try:
-            reply: tuple[Any, ...] = ("ok", launchers[name](*args, **kwargs))
+            launcher: Any = launchers[name] if name in launchers else _resolve(name)
+            result = launcher(*args, **kwargs)
+            reply: tuple[Any, ...] = ("ok", tuple(args) if in_place else result)
         except Exception as error:
             reply = ("error", type(error).__name__, str(error), traceback.format_exc())
         _send(replies, reply)
+
+
+def _resolve(name: str) -> Any:
+    """The function "module:attribute", imported here (so its kernels are interpreted ones)."""
+    import importlib
+
+    module_name, _, attribute = name.partition(":")
+    if not module_name.startswith(("bkn_export.", "support.")) or not attribute:
+        raise ValueError(f"launcher {name!r}: expected 'bkn_export.<module>:<function>' or 'support.<module>:...'")
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if tests not in sys.path:  # support.<module> of the test suite
+        sys.path.insert(0, tests)
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""Where the per-channel kernels of the fused eager forms run: C on CPU, Triton on CUDA.
+
+The fused prediction and prior Functions (:mod:`bkn_export.chain.fast`, :mod:`bkn_export.fast_prior`)
+evaluate their per-channel formulas in one kernel call per direction where a kernel takes the
+tensors, else as PyTorch operators (on a GPU each of those is a kernel launch: 10-60 per formula).
+A kernel is named by its C name (``"relu_moments"``, ``"affine_moments_backward"``, ...) and called
+with the C kernel's arguments: outputs allocated by the caller, None for NULL, small float64
+parameter tensors (:func:`parameters`) on the CPU whatever the data's device.
+
+* CPU tensors: the C kernels of :mod:`bkn_export.native` (``docs/native.md``).
+* CUDA tensors: their Triton twins (:func:`bkn_export.kernels.moment_launchers`; the launches per
+  call are in each module's ``LAUNCHES``), where Triton imports and ``BKN_DISABLE_TRITON`` is not "1".
+  They read no tensor value on the host, so a train step that runs them can be captured in a CUDA graph.
+* Testing without a GPU: with ``TRITON_INTERPRET=1`` and ``BKN_TRITON_ON_CPU=1`` set at import
+  (:data:`bkn_export.kernels.TRITON_ON_CPU`), CPU tensors take the Triton twins instead, run by Triton's
+  interpreter (slow: for tests and for counting the CUDA path's launches on a machine without a GPU,
+  ``benchmarks/count_launches.py``).
+
+Callers ask :func:`bkn_export.native.untraced` first (nothing traces the call): under tracing the
+PyTorch forms run, so that graphs keep plain operators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bkn_export import kernels, native
+
+__all__ = ["call", "parameters", "takes", "triton_route", "update_running_statistics_"]
+
+parameters = native.parameters
+
+
+def triton_route(tensor: Tensor) -> bool:
+    """Whether tensors on ``tensor``'s device go to the Triton twins (CUDA; the CPU only under the
+    interpreter switch in the module docstring) rather than the C kernels."""
+    return kernels.triton_device(tensor)
+
+
+def takes(*tensors: Tensor | None, kernel: str) -> bool:
+    """Whether :func:`call` can run ``kernel`` on these tensors: every given tensor a contiguous
+    float32/float64 plain tensor or parameter of the first one's dtype, shape and device, and the
+    kernel available there (the C library built; Triton importable, not disabled), outside
+    :func:`bkn_export.native.disabled` (which turns both off)."""
+    first = tensors[0]
+    assert first is not None
+    if triton_route(first):
+        return native.enabled() and kernels.moment_kernels_take(kernel, *tensors)
+    return native.takes(*tensors)
+
+
+def call(name: str, *tensors: Tensor | None, count: int | None = None) -> None:
+    """Run kernel ``name`` on tensors that :func:`takes` accepted (see :func:`bkn_export.native.call`
+    for ``count``); the data's device picks C or Triton."""
+    first = tensors[0]
+    assert first is not None
+    if triton_route(first):
+        launchers = kernels.moment_launchers()
+        assert launchers is not None, "per_channel.call without per_channel.takes"
+        with _launching_on(first):
+            launchers[name](*tensors, count=count)
+        return
+    native.call(name, *tensors, count=count)
+
+
+def _launching_on(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device: make it ``tensor``'s (a model on ``cuda:1``)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def update_running_statistics_(
+    running_mean: Tensor,
+    running_variance: Tensor,
+    posterior_mean: Tensor,
+    posterior_variance: Tensor,
+    momentum: float | None,
+    count: int,
+    num_batches_tracked: Tensor | None,
+) -> bool:
+    """:func:`bkn_export.functional.update_running_statistics_` as one Triton launch on the Triton
+    route (instead of three operators), where it takes the tensors; False (nothing done) elsewhere.
+
+    momentum: α, or None for the cumulative average 1 / ``num_batches_tracked`` (the kernel reads the
+    counter on the device, after the caller counted this batch). All (C,) of one dtype and device."""
+    # untraced() first: Dynamo cannot trace enabled()'s ContextVar (a fullgraph compile would fail).
+    if not (triton_route(running_mean) and native.untraced() and native.enabled()):
+        return False
+    mean, variance = posterior_mean.detach(), posterior_variance.detach()
+    kernel = "running_statistics_update"
+    if not kernels.moment_kernels_take(kernel, running_mean, running_variance, mean, variance):
+        return False
+    if momentum is None and (num_batches_tracked is None or num_batches_tracked.device != running_mean.device):
+        return False
+    launchers = kernels.moment_launchers()
+    assert launchers is not None
+    with _launching_on(running_mean):
+        launchers[kernel](running_mean, running_variance, mean, variance, momentum, count, num_batches_tracked)
+    return True

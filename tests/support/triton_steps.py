@@ -1,0 +1,138 @@
+"""A converted network's train step, run once per route of :mod:`bkn_export.per_channel`.
+
+:func:`train_step` builds a small network whose wired layers cover every fused prediction kind
+(ReLU, ReLU6 and hardswish (piecewise), SiLU and sigmoid (Gauss–Hermite), a squeeze-and-excitation
+gate, 3×3 / strided / depthwise / 1×1 convs with and without border tables, a Linear, a residual
+sum), converts it, runs one forward + backward and returns what a step produces. The test calls it
+in this process (C kernels, or PyTorch forms under ``native.disabled()``) and in a Triton
+interpreter child started with ``BKN_TRITON_ON_CPU=1`` (the Triton twins on CPU tensors), and
+compares. ``launches`` counts, in the child, the calls of each twin (proof that the route ran).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from bkn_export import convert_batchnorm, kernels, native, per_channel
+
+
+class _Excite(nn.Module):
+    """Squeeze-and-excitation: x · sigmoid(conv(relu(conv(mean over positions))))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, 4, 1)
+        self.expand = nn.Conv2d(4, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(gate)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.act = nn.Hardswish()
+        self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16))
+        self.silu = nn.SiLU()
+        self.excite = _Excite(16)
+        self.project = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.head = nn.Linear(16, 12)
+        self.head_norm = nn.BatchNorm1d(12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.down(self.stem(x))
+        x = self.act(x)
+        x = x + self.project(self.excite(self.silu(self.depthwise(x))))  # a residual sum
+        return self.head_norm(self.head(x.mean((2, 3))))
+
+
+@contextlib.contextmanager
+def _counted_launches(counts: collections.Counter[str]) -> Iterator[None]:
+    """Count the calls of each Triton twin (wrapping the launcher table's entries for the block)."""
+    table = kernels.moment_launchers()
+    if table is None:
+        yield
+        return
+    assert isinstance(table, dict)
+    originals = dict(table)
+
+    def counting(name: str):  # type: ignore[no-untyped-def]
+        launcher = originals[name]
+
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            counts[name] += 1
+            return launcher(*args, **kwargs)
+
+        return run
+
+    table.update({name: counting(name) for name in originals})
+    try:
+        yield
+    finally:
+        table.update(originals)
+
+
+def train_step(
+    dtype: str, seed: int = 0, forms: str = "kernels", device: str = "cpu"
+) -> dict[str, Tensor | dict[str, int]]:
+    """One train step of the converted :class:`_Net` (batch 2, 12×12) in ``dtype`` ("float32"/"float64")
+    on ``device`` (converted on the CPU, then moved; results come back on the CPU).
+
+    forms: "kernels" (whatever :mod:`bkn_export.per_channel` routes to) or "pytorch" (the PyTorch
+    forms: ``native.disabled()``, C kernels and Triton twins off; the op keeps its own kernels).
+    Returns the output, every parameter's gradient, every running statistic (by name) and, under
+    "launches", the twin calls counted."""
+    torch.manual_seed(seed)
+    float_type = getattr(torch, dtype)
+    net = _Net().to(float_type)
+    example = torch.randn(2, 3, 12, 12, dtype=float_type)
+    model = convert_batchnorm(net, example).to(device)
+    model.train()
+    x = torch.randn(2, 3, 12, 12, dtype=float_type).to(device)
+    counts: collections.Counter[str] = collections.Counter()
+    routes = contextlib.ExitStack()
+    with routes:
+        if forms == "pytorch":
+            routes.enter_context(native.disabled())
+        if per_channel.triton_route(x):
+            routes.enter_context(_counted_launches(counts))
+        output = model(x)
+        (output * torch.linspace(-1.0, 1.0, output.numel(), dtype=float_type).reshape(output.shape)).sum().backward()
+    result: dict[str, Tensor | dict[str, int]] = {"output": output.detach().cpu()}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            result[f"grad.{name}"] = parameter.grad.cpu()
+    for name, buffer in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            result[f"buffer.{name}"] = buffer.cpu()
+    result["launches"] = dict(counts)
+    result["triton_route"] = {x.device.type: int(per_channel.triton_route(x))}
+    return result
+
+
+def cumulative_running_statistics(dtype: str) -> dict[str, Tensor]:
+    """Running statistics of the converted :class:`_Net` with ``momentum=None`` after two train steps
+    (the cumulative average reads num_batches_tracked), by buffer name."""
+    torch.manual_seed(3)
+    float_type = getattr(torch, dtype)
+    net = _Net().to(float_type)
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+    model = convert_batchnorm(net, torch.randn(2, 3, 12, 12, dtype=float_type))
+    model.train()
+    for _ in range(2):
+        model(torch.randn(2, 3, 12, 12, dtype=float_type)).sum().backward()
+    return {
+        name: buffer.clone()
+        for name, buffer in model.named_buffers()
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
