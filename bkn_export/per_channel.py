@@ -99,4 +99,8 @@ def update_running_statistics_(
     assert launchers is not None
     with _launching_on(running_mean):
         launchers[kernel](running_mean, running_variance, mean, variance, momentum, count, num_batches_tracked)
+    # The kernel writes through the pointers: count the change as torch's in-place operators do, so that a graph
+    # that saved a buffer before this update refuses its backward instead of reading the new values.
+    for buffer in (running_mean, running_variance):  # one at a time: torch 2.6 takes no list
+        torch.autograd.graph.increment_version(buffer)
     return True

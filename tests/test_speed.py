@@ -430,3 +430,29 @@ def test_linear_path_tables_are_built_once_per_shape_in_eager(monkeypatch: pytes
     monkeypatch.setattr(moments, "_PATH_TABLES", {})
     uncached = moments.linear_path_moments(steps, mean, variance, (5, 7))
     assert torch.equal(uncached[1], first[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_affine_moments_pytorch_forms_under_autocast(dtype: torch.dtype) -> None:
+    """Under ``torch.autocast`` the fused conv moments' PyTorch forms keep their products in the moments'
+    dtype (their backward crashed on a bfloat16 matrix product, found by the hostile review); the values and
+    gradients are those without autocast."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    mean, variance = torch.randn(3, requires_grad=True), (torch.rand(3) + 0.1).requires_grad_()
+
+    def step() -> list[Tensor]:
+        out_mean, out_variance = fast.affine_moments(weight, None, mean, variance, None)
+        (out_mean.float().sum() + out_variance.float().sum()).backward()
+        grads = [t.grad.clone() for t in (weight, mean, variance)]  # type: ignore[union-attr]
+        for t in (weight, mean, variance):
+            t.grad = None
+        return [out_mean.detach(), out_variance.detach(), *grads]
+
+    with native.disabled():
+        plain = step()
+        with torch.autocast("cpu", dtype=dtype):
+            autocast = step()
+    for want, got in zip(plain, autocast, strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -74,6 +74,7 @@ then :func:`gate_product`. :func:`reference_only` switches the fused forms off
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Mapping
@@ -336,6 +337,18 @@ class _AffineMoments(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, weight: Tensor, mean: Tensor, variance: Tensor, fraction: Tensor | None, pairs: Tensor | None
     ) -> tuple[Tensor, Tensor]:
+        with _without_autocast(mean):
+            return _AffineMoments._forward(ctx, weight, mean, variance, fraction, pairs)
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        with _without_autocast(ctx.saved_tensors[1]):
+            return _AffineMoments._backward(ctx, grad_mean, grad_variance)
+
+    @staticmethod
+    def _forward(
+        ctx: Any, weight: Tensor, mean: Tensor, variance: Tensor, fraction: Tensor | None, pairs: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         matrix = _taps_view(weight)
         ctx.parameters = _native_affine(matrix, mean, variance, fraction, pairs)
         if ctx.parameters is not None:
@@ -358,7 +371,7 @@ class _AffineMoments(torch.autograd.Function):
         return out_mean, out_variance
 
     @staticmethod
-    def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def _backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         layer_weight, mean, variance, fraction, pairs = saved[:5]
         if torch.is_grad_enabled():
@@ -414,6 +427,15 @@ class _AffineMoments(torch.autograd.Function):
             grad_weight.mul_(fraction)
         grad_weight.addcmul_(grad_taps.unsqueeze(1), mean_rows.unsqueeze(2))
         return grad_weight.reshape(layer_weight.shape), grad_input_mean, grad_input_variance, None, None
+
+
+def _without_autocast(like: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off on ``like``'s device where it is on: the moments' matrix products stay in their dtype
+    (statistics; under bfloat16 autocast the backward's products also met float32 operands and failed)."""
+    device = like.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _native_affine_backward(

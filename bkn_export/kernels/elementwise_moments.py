@@ -150,6 +150,28 @@ def _tanh(x):
 
 
 @triton.jit
+def _output_gradients(
+    grad_mean_ptr,
+    grad_variance_ptr,
+    index,
+    inside,
+    spread,
+    HAS_GRAD_MEAN: tl.constexpr,
+    HAS_GRAD_VARIANCE: tl.constexpr,
+):
+    """(∂L/∂E, ∂L/∂Var) at ``index``, in float64: 0 for a NULL gradient (its output did not reach the loss),
+    ∂L/∂Var passing only where the variance before its clamp at 0 (``spread``) is ≥ 0."""
+    grad_mean = tl.zeros_like(spread)
+    if HAS_GRAD_MEAN:
+        grad_mean = tl.load(grad_mean_ptr + index, mask=inside, other=0.0).to(tl.float64)
+    grad_variance = tl.zeros_like(spread)
+    if HAS_GRAD_VARIANCE:
+        grad_variance = tl.load(grad_variance_ptr + index, mask=inside, other=0.0).to(tl.float64)
+        grad_variance = tl.where(spread >= 0.0, grad_variance, 0.0)
+    return grad_mean, grad_variance
+
+
+@triton.jit
 def _pdf(z):
     """φ(z) = e^(−z²/2) / sqrt(2π)."""
     return tl.exp(-0.5 * z * z) * 0.3989422804014326779399460599343818684758586311649346576659
@@ -252,13 +274,9 @@ def _relu_backward_kernel(
     mean = tl.load(mean_ptr + offsets, mask=inside, other=0.0).to(tl.float64)
     variance = tl.load(variance_ptr + offsets, mask=inside, other=1.0).to(tl.float64)
     s, pdf, below, above, out_mean, spread = _relu_terms(mean, variance)
-    grad_mean = tl.zeros_like(mean)
-    if HAS_GRAD_MEAN:
-        grad_mean = tl.load(grad_mean_ptr + offsets, mask=inside, other=0.0).to(tl.float64)
-    grad_variance = tl.zeros_like(mean)
-    if HAS_GRAD_VARIANCE:
-        grad_variance = tl.load(grad_variance_ptr + offsets, mask=inside, other=0.0).to(tl.float64)
-        grad_variance = tl.where(spread >= 0.0, grad_variance, 0.0)
+    grad_mean, grad_variance = _output_gradients(
+        grad_mean_ptr, grad_variance_ptr, offsets, inside, spread, HAS_GRAD_MEAN, HAS_GRAD_VARIANCE
+    )
     twice = 2.0 * grad_variance
     tl.store(grad_input_mean_ptr + offsets, grad_mean * below + twice * out_mean * above, mask=inside)
     grad_std = grad_mean * pdf + twice * (s * below - out_mean * pdf)
@@ -314,13 +332,9 @@ def _gate_backward_kernel(
     second_gate = vg + mg * mg
     e = m * mg
     spread = second_input * second_gate - e * e
-    grad_mean = tl.zeros_like(m)
-    if HAS_GRAD_MEAN:
-        grad_mean = tl.load(grad_mean_ptr + offsets, mask=inside, other=0.0).to(tl.float64)
-    grad_variance = tl.zeros_like(m)
-    if HAS_GRAD_VARIANCE:
-        grad_variance = tl.load(grad_variance_ptr + offsets, mask=inside, other=0.0).to(tl.float64)
-        grad_variance = tl.where(spread >= 0.0, grad_variance, 0.0)
+    grad_mean, grad_variance = _output_gradients(
+        grad_mean_ptr, grad_variance_ptr, offsets, inside, spread, HAS_GRAD_MEAN, HAS_GRAD_VARIANCE
+    )
     twice = 2.0 * grad_variance
     tl.store(grad_input_mean_ptr + offsets, grad_mean * mg + twice * m * vg, mask=inside)
     tl.store(grad_input_variance_ptr + offsets, grad_variance * second_gate, mask=inside)
@@ -426,13 +440,9 @@ def _hermite_backward_kernel(
     kept_mask = inside[:, None] & nodes_inside
     u = tl.load(kept_ptr + rows[:, None] * NODES + nodes[None, :], mask=kept_mask, other=0.0).to(tl.float64)
     _out_mean, spread, total, centred = _hermite_moments(x, u, weights, nodes_inside, KIND)
-    grad_mean = tl.zeros_like(mean)
-    if HAS_GRAD_MEAN:
-        grad_mean = tl.load(grad_mean_ptr + rows, mask=inside, other=0.0).to(tl.float64)
-    grad_variance = tl.zeros_like(mean)
-    if HAS_GRAD_VARIANCE:
-        grad_variance = tl.load(grad_variance_ptr + rows, mask=inside, other=0.0).to(tl.float64)
-        grad_variance = tl.where(spread >= 0.0, grad_variance, 0.0)
+    grad_mean, grad_variance = _output_gradients(
+        grad_mean_ptr, grad_variance_ptr, rows, inside, spread, HAS_GRAD_MEAN, HAS_GRAD_VARIANCE
+    )
     twice = 2.0 * grad_variance
     shared = grad_mean - twice * total
     if KIND == 0:
@@ -594,13 +604,9 @@ def _piecewise_backward_kernel(
     _out_mean, spread, centred, d1, d2 = _piecewise_combine(
         m, s[:, None], c0, c1, c2, i0, i1, i2, i3, i4, pieces_inside, ORDER
     )
-    grad_mean = tl.zeros_like(mean)
-    if HAS_GRAD_MEAN:
-        grad_mean = tl.load(grad_mean_ptr + rows, mask=inside, other=0.0).to(tl.float64)
-    grad_variance = tl.zeros_like(mean)
-    if HAS_GRAD_VARIANCE:
-        grad_variance = tl.load(grad_variance_ptr + rows, mask=inside, other=0.0).to(tl.float64)
-        grad_variance = tl.where(spread >= 0.0, grad_variance, 0.0)
+    grad_mean, grad_variance = _output_gradients(
+        grad_mean_ptr, grad_variance_ptr, rows, inside, spread, HAS_GRAD_MEAN, HAS_GRAD_VARIANCE
+    )
     twice = (2.0 * grad_variance)[:, None]
     e0 = c1 + 2.0 * c2 * m
     shared = grad_mean[:, None] + twice * centred

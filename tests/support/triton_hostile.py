@@ -18,10 +18,6 @@ from torch import Tensor, nn
 from bkn_export import convert_batchnorm, kernels, native, per_channel
 
 
-class _Sequence(nn.Sequential):
-    pass
-
-
 def _grouped() -> tuple[nn.Module, tuple[int, ...]]:
     """Grouped (not depthwise) convs with border tables: 5×5 (a backward program per group of rows) and 3×3
     of 20 rows per group (several programs per group: partial sums added by a second kernel); a strided
@@ -106,6 +102,13 @@ CASES: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
 }
 
 
+def _draw(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A standard normal draw made in float64, then rounded: the same values in every dtype (torch.randn in
+    float32 draws other numbers than in float64 beyond 16 elements), so that a float32 step can be compared
+    with the float64 one."""
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
 @contextlib.contextmanager
 def _counted_launches(counts: collections.Counter[str]) -> Iterator[None]:
     """Count the calls of each Triton twin (wrapping the launcher table's entries for the block)."""
@@ -158,12 +161,12 @@ def network_step(
     float_type = getattr(torch, dtype)
     net, shape = CASES[case]()
     net = net.to(float_type)
-    model = convert_batchnorm(net, torch.randn(*shape, dtype=float_type))
+    model = convert_batchnorm(net, _draw(shape, float_type))
     model.train(mode != "eval")
     for name, parameter in model.named_parameters():
         if frozen == "all" or (frozen == "weight" and name.endswith("weight")):
             parameter.requires_grad_(False)
-    inputs = [torch.randn(*shape, dtype=float_type) for _ in range(steps)]
+    inputs = [_draw(shape, float_type) for _ in range(steps)]
     if poison:
         inputs[0].view(-1)[: shape[-1]] = poison
     if layout == "channels_last":
@@ -213,10 +216,10 @@ def compiled_step(dtype: str = "float64") -> dict[str, Tensor]:
     torch.manual_seed(0)
     float_type = getattr(torch, dtype)
     net, shape = CASES["plain_norms"]()
-    model = convert_batchnorm(net.to(float_type), torch.randn(*shape, dtype=float_type))
+    model = convert_batchnorm(net.to(float_type), _draw(shape, float_type))
     model.train()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
-    output = compiled(torch.randn(*shape, dtype=float_type))
+    output = compiled(_draw(shape, float_type))
     output.sum().backward()
     result = {"output": output.detach()}
     for name, buffer in model.named_buffers():
@@ -287,7 +290,7 @@ def host_reads(case: str = "grouped", dtype: str = "float32") -> list[tuple[str,
     torch.manual_seed(0)
     float_type = getattr(torch, dtype)
     net, shape = CASES[case]()
-    model = convert_batchnorm(net.to(float_type), torch.randn(*shape, dtype=float_type))
+    model = convert_batchnorm(net.to(float_type), _draw(shape, float_type))
     model.train()
     reads: set[tuple[str, str, int, str, str]] = set()
     originals = {name: getattr(Tensor, name) for name in _HOST_READS}
@@ -309,8 +312,27 @@ def host_reads(case: str = "grouped", dtype: str = "float32") -> list[tuple[str,
         for name in _HOST_READS:
             setattr(Tensor, name, recording(name))
         for _ in range(2):
-            model(torch.randn(*shape, dtype=float_type)).sum().backward()
+            model(_draw(shape, float_type)).sum().backward()
     finally:
         for name, original in originals.items():
             setattr(Tensor, name, original)
     return sorted(reads)
+
+
+def stale_running_statistics() -> str:
+    """A graph that saved a running mean, then a train step that updates it in place: autograd must refuse the
+    backward (the buffer's version moved on), as it does after torch's own in-place update. Returns the error
+    message, or "no error" with the gradient it computed from the updated buffer."""
+    torch.manual_seed(0)
+    net, shape = CASES["plain_norms"]()
+    model = convert_batchnorm(net.double(), _draw(shape, torch.float64))
+    model.train()
+    running_mean = model.get_buffer("4.running_mean")
+    scale = torch.ones(running_mean.shape, dtype=torch.float64, requires_grad=True)
+    saved = (scale * running_mean).sum()  # mul saves the running mean for ∂/∂scale
+    model(_draw(shape, torch.float64))
+    try:
+        saved.backward()
+    except RuntimeError as error:
+        return str(error)
+    return f"no error: gradient {scale.grad}"

@@ -93,10 +93,10 @@ def train_step(
     torch.manual_seed(seed)
     float_type = getattr(torch, dtype)
     net = _Net().to(float_type)
-    example = torch.randn(2, 3, 12, 12, dtype=float_type)
+    example = torch.randn(2, 3, 12, 12, dtype=torch.float64).to(float_type)  # the same values in either dtype
     model = convert_batchnorm(net, example).to(device)
     model.train()
-    x = torch.randn(2, 3, 12, 12, dtype=float_type).to(device)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64).to(float_type).to(device)
     counts: collections.Counter[str] = collections.Counter()
     routes = contextlib.ExitStack()
     with routes:
@@ -127,10 +127,10 @@ def cumulative_running_statistics(dtype: str) -> dict[str, Tensor]:
     for module in net.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = None
-    model = convert_batchnorm(net, torch.randn(2, 3, 12, 12, dtype=float_type))
+    model = convert_batchnorm(net, torch.randn(2, 3, 12, 12, dtype=torch.float64).to(float_type))
     model.train()
     for _ in range(2):
-        model(torch.randn(2, 3, 12, 12, dtype=float_type)).sum().backward()
+        model(torch.randn(2, 3, 12, 12, dtype=torch.float64).to(float_type)).sum().backward()
     return {
         name: buffer.clone()
         for name, buffer in model.named_buffers()
