@@ -411,10 +411,12 @@ class _AffineMoments(torch.autograd.Function):
             # One W-sized buffer: a fresh W-sized temporary (the outer product 2 ∂V σ²ᵀ) costs more
             # than the passes over W themselves (1.1 ms against 0.09 ms at 1152 × 320, measured).
             scale = 2.0 * grad_variance if fraction is None else (2.0 * grad_variance) * fraction
-            grad_matrix = matrix * scale.unsqueeze(1)
+            grad_weight = _weight_shaped(layer_weight)
+            grad_matrix = grad_weight.view(rows, inputs)
+            torch.mul(matrix, scale.unsqueeze(1), out=grad_matrix)
             grad_matrix.mul_(variance_rows)
             grad_matrix.addr_(grad_taps.squeeze(1), mean)
-            return grad_matrix.reshape(layer_weight.shape), grad_input_mean, grad_input_variance, None, None
+            return grad_weight, grad_input_mean, grad_input_variance, None, None
         if inputs == 1 and rows == groups:  # depthwise: ∂μ_o = Σ_t gT[o, t] W[o, 0, t]
             grad_input_mean = (weight.squeeze(1) * grad_taps).sum(1)
         else:  # Σ_t gT W per row (C_out, B), then over each group's rows (a copy of W permuted for
@@ -422,11 +424,20 @@ class _AffineMoments(torch.autograd.Function):
             grad_mean_rows = torch.bmm(weight, grad_taps.unsqueeze(2)).squeeze(2)
             grad_input_mean = grad_mean_rows.reshape(groups, -1, inputs).sum(1).reshape(-1)
         grad_input_variance = (grad_variance.unsqueeze(1) * square_sums).reshape(groups, -1, inputs).sum(1).reshape(-1)
-        grad_weight = weight * (2.0 * grad_variance.unsqueeze(1) * variance_rows).unsqueeze(2)  # one W-sized buffer
+        grad_weight = _weight_shaped(layer_weight)  # one W-sized buffer
+        grad_taps_weight = grad_weight.view(rows, inputs, kernel)
+        torch.mul(weight, (2.0 * grad_variance.unsqueeze(1) * variance_rows).unsqueeze(2), out=grad_taps_weight)
         if fraction is not None:
-            grad_weight.mul_(fraction)
-        grad_weight.addcmul_(grad_taps.unsqueeze(1), mean_rows.unsqueeze(2))
-        return grad_weight.reshape(layer_weight.shape), grad_input_mean, grad_input_variance, None, None
+            grad_taps_weight.mul_(fraction)
+        grad_taps_weight.addcmul_(grad_taps.unsqueeze(1), mean_rows.unsqueeze(2))
+        return grad_weight, grad_input_mean, grad_input_variance, None, None
+
+
+def _weight_shaped(layer_weight: Tensor) -> Tensor:
+    """A new contiguous buffer for ∂W in W's own shape, which the backward fills through a (C_out, B[, K]) view
+    and returns itself: autograd adds the conv's own ∂W into it in place, where onto a returned view (a
+    reshape) it allocates a new W-sized sum (0.43 ms for a 240 × 960 1×1 conv in MobileNetV3, measured)."""
+    return torch.empty_like(layer_weight, memory_format=torch.contiguous_format)
 
 
 def _without_autocast(like: Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -455,7 +466,7 @@ def _native_affine_backward(
         or not per_channel.takes(*given, kernel="affine_moments_backward")
     ):
         return None
-    grad_weight = torch.empty_like(layer_weight, memory_format=torch.contiguous_format)
+    grad_weight = _weight_shaped(layer_weight)
     # The C kernel writes its double sums as they are; the Triton twin rounds them into the data's dtype.
     sums_dtype = mean.dtype if per_channel.triton_route(mean) else torch.float64
     grad_input_mean = mean.new_empty(mean.shape, dtype=sums_dtype)
