@@ -96,9 +96,17 @@ _HERMITE_KINDS = {0: "silu", 1: "sigmoid", 2: "tanh"}
 
 
 @triton.jit
+def _variance_floor():
+    """The variance floor 1e-12 as a float64 constant: Triton 3.6 compares a float64 tensor with a bare float
+    literal at float32 precision (1e-12 becomes 9.99999996e-13, so v = float32(1e-12) passed the floor)."""
+    return tl.full([], 1e-12, tl.float64)
+
+
+@triton.jit
 def _std(variance):
     """sqrt(max(v, 1e-12)); NaN stays NaN (as clamp_min and the C bkn_std)."""
-    return tl.sqrt(tl.where(variance < 1e-12, 1e-12, variance))
+    floor = _variance_floor()
+    return tl.sqrt(tl.where(variance < floor, floor, variance))
 
 
 @triton.jit
@@ -280,7 +288,7 @@ def _relu_backward_kernel(
     twice = 2.0 * grad_variance
     tl.store(grad_input_mean_ptr + offsets, grad_mean * below + twice * out_mean * above, mask=inside)
     grad_std = grad_mean * pdf + twice * (s * below - out_mean * pdf)
-    grad_input_variance = tl.where(variance >= 1e-12, grad_std / (2.0 * s), 0.0)
+    grad_input_variance = tl.where(variance >= _variance_floor(), grad_std / (2.0 * s), 0.0)
     tl.store(grad_input_variance_ptr + offsets, grad_input_variance, mask=inside)
 
 
@@ -455,7 +463,7 @@ def _hermite_backward_kernel(
     along_mean = tl.sum(tl.where(nodes_inside, grad_x, 0.0), axis=1)
     along_std = tl.sum(tl.where(nodes_inside, grad_x * points, 0.0), axis=1)
     tl.store(grad_input_mean_ptr + rows, along_mean, mask=inside)
-    grad_input_variance = tl.where(variance >= 1e-12, along_std / (2.0 * s), 0.0)
+    grad_input_variance = tl.where(variance >= _variance_floor(), along_std / (2.0 * s), 0.0)
     tl.store(grad_input_variance_ptr + rows, grad_input_variance, mask=inside)
 
 
@@ -631,7 +639,7 @@ def _piecewise_backward_kernel(
     along_mean = tl.sum(tl.where(pieces_inside, piece_mean, 0.0), axis=1)
     along_std = tl.sum(tl.where(pieces_inside, piece_std, 0.0), axis=1)
     tl.store(grad_input_mean_ptr + rows, along_mean, mask=inside)
-    grad_input_variance = tl.where(variance >= 1e-12, along_std / (2.0 * s), 0.0)
+    grad_input_variance = tl.where(variance >= _variance_floor(), along_std / (2.0 * s), 0.0)
     tl.store(grad_input_variance_ptr + rows, grad_input_variance, mask=inside)
 
 
