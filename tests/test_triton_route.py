@@ -105,6 +105,30 @@ def test_running_statistics_with_cumulative_momentum(interpreter: InterpreterPro
         torch.testing.assert_close(child[name], here[name], rtol=1e-12, atol=1e-14, msg=name)
 
 
+#: Launches the two converted layers of each probe add to BatchNorm's train step on the CUDA route (forward,
+#: backward), as counted by benchmarks/count_launches.py (benchmarks/RESULTS.md): pinned as upper bounds.
+LAUNCH_BOUND = {
+    "relu_conv3x3": (8, 11),
+    "hardswish_dw": (8, 10),
+    "silu_conv1x1": (8, 10),
+    "relu_maxpool_conv3x3": (13, 18),
+    "relu_upsample_conv3x3": (29, 40),
+}
+
+
+@pytest.mark.parametrize("probe", sorted(LAUNCH_BOUND))
+def test_a_wired_layer_launches_a_bounded_number_of_kernels(interpreter: InterpreterProcess, probe: str) -> None:
+    """Issue 18.2's CPU proxy for the GPU launch count: the CUDA route run in the interpreter, every Triton
+    launch and every ATen operator that launches a kernel counted; the twins cut the PyTorch forms' count."""
+    pytest.importorskip("benchmarks.count_launches")
+    base = interpreter.call("support.triton_steps:launches", probe, "bn")
+    twins = interpreter.call("support.triton_steps:launches", probe, "bkn")
+    forms = interpreter.call("support.triton_steps:launches", probe, "bkn_pytorch_forms")
+    added = (twins["forward"] - base["forward"], twins["backward"] - base["backward"])
+    assert 0 < added[0] <= LAUNCH_BOUND[probe][0] and 0 < added[1] <= LAUNCH_BOUND[probe][1], added
+    assert twins["forward"] < forms["forward"] and twins["backward"] < forms["backward"]
+
+
 @pytest.mark.gpu
 def test_cuda_step_takes_the_twins_and_matches_the_cpu_route(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU: the same step on CUDA runs every twin (compiled, not interpreted) and is as accurate

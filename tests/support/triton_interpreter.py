@@ -170,11 +170,12 @@ def _resolve(name: str) -> Any:
     import importlib
 
     module_name, _, attribute = name.partition(":")
-    if not module_name.startswith(("bkn_export.", "support.")) or not attribute:
-        raise ValueError(f"launcher {name!r}: expected 'bkn_export.<module>:<function>' or 'support.<module>:...'")
+    if not module_name.startswith(("bkn_export.", "support.", "benchmarks.")) or not attribute:
+        raise ValueError(f"launcher {name!r}: expected '<bkn_export|support|benchmarks>.<module>:<function>'")
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if tests not in sys.path:  # support.<module> of the test suite
-        sys.path.insert(0, tests)
+    for folder in (tests, os.path.dirname(tests)):  # support.<module> of the test suite, benchmarks.<module>
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     target: Any = importlib.import_module(module_name)
     for part in attribute.split("."):
         target = getattr(target, part)

@@ -136,3 +136,12 @@ def cumulative_running_statistics(dtype: str) -> dict[str, Tensor]:
         for name, buffer in model.named_buffers()
         if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
     }
+
+
+def launches(probe: str, variant: str) -> dict[str, int]:
+    """Kernel launches of one train step of a ``benchmarks/count_launches.py`` probe as ``variant`` ("bn",
+    "bkn", "bkn_pytorch_forms"): {"forward": n, "backward": n}, Triton launches and ATen operators together."""
+    from benchmarks import count_launches
+
+    counted = count_launches.count(probe, variant)
+    return {"forward": counted.forward.total, "backward": counted.backward.total}
