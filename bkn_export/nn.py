@@ -476,8 +476,10 @@ class _BatchKalmanNorm(nn.Module):
     def _update_running_statistics(self, posterior_mean: Tensor, posterior_variance: Tensor, count: int) -> None:
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
-        self.num_batches_tracked.add_(1)
-        if per_channel.update_running_statistics_(  # one Triton launch on CUDA
+        counted_by_kernel = self.momentum is not None  # the cumulative average reads the counter: count first
+        if not counted_by_kernel:
+            self.num_batches_tracked.add_(1)
+        if per_channel.update_running_statistics_(  # one Triton launch on CUDA (counting the batch too)
             self.running_mean,
             self.running_var,
             posterior_mean,
@@ -485,8 +487,11 @@ class _BatchKalmanNorm(nn.Module):
             self.momentum,
             count,
             self.num_batches_tracked,
+            count_batch=counted_by_kernel,
         ):
             return
+        if counted_by_kernel:
+            self.num_batches_tracked.add_(1)
         # The posterior is detached inside, so no gradient reaches the buffers.
         Fk.update_running_statistics_(
             self.running_mean, self.running_var, posterior_mean, posterior_variance, self._momentum(), count

@@ -80,12 +80,15 @@ def update_running_statistics_(
     momentum: float | None,
     count: int,
     num_batches_tracked: Tensor | None,
+    count_batch: bool = False,
 ) -> bool:
     """:func:`bkn_export.functional.update_running_statistics_` as one Triton launch on the Triton
     route (instead of three operators), where it takes the tensors; False (nothing done) elsewhere.
 
     momentum: α, or None for the cumulative average 1 / ``num_batches_tracked`` (the kernel reads the
-    counter on the device, after the caller counted this batch). All (C,) of one dtype and device."""
+    counter on the device, after the caller counted this batch). count_batch (a number momentum only):
+    the launch also adds 1 to ``num_batches_tracked``; where this returns False nothing was counted. All
+    (C,) of one dtype and device."""
     # untraced() first: Dynamo cannot trace enabled()'s ContextVar (a fullgraph compile would fail).
     if not (triton_route(running_mean) and native.untraced() and native.enabled()):
         return False
@@ -93,14 +96,20 @@ def update_running_statistics_(
     kernel = "running_statistics_update"
     if not kernels.moment_kernels_take(kernel, running_mean, running_variance, mean, variance):
         return False
-    if momentum is None and (num_batches_tracked is None or num_batches_tracked.device != running_mean.device):
+    needs_counter = momentum is None or count_batch
+    if needs_counter and (num_batches_tracked is None or num_batches_tracked.device != running_mean.device):
+        return False
+    if count_batch and momentum is None:
         return False
     launchers = kernels.moment_launchers()
     assert launchers is not None
     with _launching_on(running_mean):
-        launchers[kernel](running_mean, running_variance, mean, variance, momentum, count, num_batches_tracked)
+        statistics = (running_mean, running_variance, mean, variance)
+        launchers[kernel](*statistics, momentum, count, num_batches_tracked, count_batch=count_batch)
     # The kernel writes through the pointers: count the change as torch's in-place operators do, so that a graph
     # that saved a buffer before this update refuses its backward instead of reading the new values.
-    for buffer in (running_mean, running_variance):  # one at a time: torch 2.6 takes no list
+    written = (running_mean, running_variance, num_batches_tracked) if count_batch else (running_mean, running_variance)
+    for buffer in written:  # one at a time: torch 2.6 takes no list
+        assert buffer is not None
         torch.autograd.graph.increment_version(buffer)
     return True

@@ -570,6 +570,8 @@ def _launch_arguments() -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
         counter = torch.zeros((), dtype=torch.long, device=_META)
         for momentum in (0.1, 1, None):
             calls.append(("running_statistics_update", (data(), data(), data(), data(), momentum, 37, counter), {}))
+        arguments = (data(), data(), data(), data(), 0.1, 37, counter)
+        calls.append(("running_statistics_update", arguments, {"count_batch": True}))
     return calls
 
 
@@ -668,3 +670,26 @@ def test_every_kernel_variant_compiles_for_an_h100(monkeypatch: pytest.MonkeyPat
         assert not re.search(r"div\.(full|approx)", binary.asm["ptx"]), f"{name}: an approximate division"
         compiled.add(name)
     assert compiled == {name for name, _, _ in _launch_arguments()}
+
+
+@pytest.mark.parametrize("channels", [0, 3, 2500], ids=["none", "one-program", "three-programs"])
+def test_count_batch_adds_one_to_the_counter_once(interpreter: InterpreterProcess, channels: int) -> None:
+    """count_batch: the same launch counts the batch (program 0 only, however many programs run; with no
+    channel, no launch: the counter is still counted); the statistics are those without it."""
+    generator = torch.Generator().manual_seed(5)
+    buffers = [torch.rand(channels, generator=generator, dtype=F32) + 0.5 for _ in range(4)]
+    counter = torch.tensor(41)
+    got = interpreter.call_in_place(
+        f"{MODULE}:running_statistics_update", *[b.clone() for b in buffers], 0.1, 6, counter, count_batch=True
+    )
+    assert int(got[6]) == 42
+    plain = kernel(interpreter, "running_statistics_update", *[b.clone() for b in buffers], 0.1, 6, torch.tensor(41))
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+
+
+def test_count_batch_refuses_the_cumulative_average(interpreter: InterpreterProcess) -> None:
+    buffers = [torch.zeros(3) for _ in range(4)]
+    with pytest.raises(errors.BKNInputError, match="count_batch"):
+        interpreter.call_in_place(
+            f"{MODULE}:running_statistics_update", *buffers, None, 4, torch.tensor(2), count_batch=True
+        )

@@ -240,11 +240,16 @@ def _running_statistics_kernel(
     unbiased: tl.float64,
     FROM_COUNTER: tl.constexpr,
     LERP_VARIANCE: tl.constexpr,
+    COUNT_BATCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """r_μ ← lerp(r_μ, μ, α), α = momentum, or 1 / num_batches_tracked (FROM_COUNTER: read here, on the
     device). r_Σ ← lerp(r_Σ, Σ · n/max(n-1, 1), α) (LERP_VARIANCE), else fma(Σ, α n/max(n-1, 1), r_Σ (1 - α)).
-    Scalars are rounded to the buffers' dtype first, as torch does with a Python scalar."""
+    Scalars are rounded to the buffers' dtype first, as torch does with a Python scalar. COUNT_BATCH (never
+    with FROM_COUNTER: no program reads the counter then): program 0 adds 1 to num_batches_tracked."""
+    if COUNT_BATCH:
+        if tl.program_id(0) == 0:
+            tl.store(num_batches_tracked_ptr, tl.load(num_batches_tracked_ptr) + 1)
     offsets, mask = _channel_block(n, BLOCK)
     dtype = running_mean_ptr.dtype.element_ty
     running_mean = tl.load(running_mean_ptr + offsets, mask=mask)
@@ -438,8 +443,11 @@ def running_statistics_update(
     momentum: float | int | None,
     count: int,
     num_batches_tracked: Tensor | None = None,
+    count_batch: bool = False,
 ) -> None:
-    """:func:`bkn_export.functional.update_running_statistics_` in one launch, in place.
+    """:func:`bkn_export.functional.update_running_statistics_` in one launch, in place; with
+    ``count_batch`` (a number momentum only) the same launch also adds 1 to ``num_batches_tracked``
+    (the module's ``num_batches_tracked += 1``, one launch fewer per layer and step).
 
     running_mean, running_variance, posterior_mean, posterior_variance: (C,), contiguous, one dtype
     (float32 or float64; the posterior is used as it is, no gradient flows: nothing here records
@@ -455,15 +463,22 @@ def running_statistics_update(
     """
     kernel = "running_statistics_update"
     n = _channels((running_mean, running_variance, posterior_mean, posterior_variance), None, kernel)
-    if momentum is None:
+    if count_batch and momentum is None:
+        raise BKNInputError(f"{kernel}: count_batch with momentum=None (the update reads the counter: count first)")
+    if momentum is None or count_batch:
         if num_batches_tracked is None or num_batches_tracked.numel() != 1:
-            raise BKNInputError(f"{kernel}: momentum=None needs the one-element num_batches_tracked counter")
+            raise BKNInputError(
+                f"{kernel}: momentum=None and count_batch need the one-element num_batches_tracked counter"
+            )
         if num_batches_tracked.device != running_mean.device:
             raise BKNInputError(
                 f"{kernel}: num_batches_tracked is on {num_batches_tracked.device}, the buffers on "
                 f"{running_mean.device}; keep the counter with the buffers"
             )
     if n == 0:
+        if count_batch:
+            assert num_batches_tracked is not None
+            num_batches_tracked.add_(1)
         return
     unbiased = count / max(count - 1, 1)
     alpha = 0.0 if momentum is None else float(momentum)
@@ -481,6 +496,7 @@ def running_statistics_update(
         FROM_COUNTER=momentum is None,
         # The reference's two-operator form is for a Python float α only (an int α takes its lerp form).
         LERP_VARIANCE=not isinstance(momentum, float),
+        COUNT_BATCH=count_batch,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
         enable_fp_fusion=False,

@@ -111,7 +111,7 @@ def train_step(
         if parameter.grad is not None:
             result[f"grad.{name}"] = parameter.grad.cpu()
     for name, buffer in model.named_buffers():
-        if name.endswith(("running_mean", "running_var")):
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
             result[f"buffer.{name}"] = buffer.cpu()
     result["launches"] = dict(counts)
     result["triton_route"] = {x.device.type: int(per_channel.triton_route(x))}
