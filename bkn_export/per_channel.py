@@ -35,10 +35,9 @@ __all__ = ["call", "parameters", "takes", "triton_route", "update_running_statis
 parameters = native.parameters
 
 
-def triton_route(tensor: Tensor) -> bool:
-    """Whether tensors on ``tensor``'s device go to the Triton twins (CUDA; the CPU only under the
-    interpreter switch in the module docstring) rather than the C kernels."""
-    return kernels.triton_device(tensor)
+#: Whether tensors on a tensor's device go to the Triton twins (CUDA; the CPU only under the interpreter
+#: switch in the module docstring) rather than the C kernels.
+triton_route = kernels.triton_device
 
 
 def takes(*tensors: Tensor | None, kernel: str) -> bool:

@@ -38,9 +38,9 @@ from typing import Any, cast
 
 import pytest
 import torch
+from support.triton_compile import ScalarReads, compile_for_hopper
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bkn_export
 from bkn_export import functional as Fk
@@ -360,8 +360,6 @@ def test_sweep_forward_and_backward(interpreter: InterpreterProcess, case: Case)
 
 # --------------------------------------------------------------------------- ahead-of-time compilation for a GPU
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
 
 def _recorded_kernel_calls(monkeypatch: pytest.MonkeyPatch, case: Case, fallback_ratio: float, affine: bool) -> list:
     """Run both launchers with every kernel replaced by a recorder; returns (kernel, args, kwargs) per launch."""
@@ -384,27 +382,6 @@ def _recorded_kernel_calls(monkeypatch: pytest.MonkeyPatch, case: Case, fallback
     forward.batch_kalman_norm_forward(*inputs.forward_args(fallback_ratio))  # type: ignore[arg-type]
     backward.batch_kalman_norm_backward(*inputs.backward_args(fallback_ratio))  # type: ignore[arg-type]
     return calls
-
-
-def _compile_for_hopper(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """triton.compile for sm_90 with the signature and specializations a launch with these args gets."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature: dict[str, str] = {}
-    constants: dict[str, Any] = {}
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    for name, value in [*zip(kernel.arg_names, args), *kwargs.items()]:
-        param = kernel.params[kernel.arg_names.index(name)]
-        if param.is_constexpr or (type(value) is int and value == 1):  # Triton specializes ints equal to 1
-            signature[name], constants[name] = "constexpr", value
-        elif isinstance(value, Tensor):
-            signature[name] = "*" + _TRITON_TYPES[value.dtype]
-        else:
-            signature[name] = {int: "i32", float: "fp32"}[type(value)]
-    source = ASTSource(kernel, signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 _COMPILE_DEFAULT = [
@@ -430,21 +407,8 @@ def _check_compiles(monkeypatch: pytest.MonkeyPatch, case: Case, fallback_ratio:
     one_kernel = layout.use_single_program(layout.channel_view(make_inputs(case).x), fallback_ratio)
     assert len(calls) == (2 if one_kernel else 8 if fallback_ratio > 0 else 6)
     for kernel, args, kwargs in calls:
-        compiled = _compile_for_hopper(kernel, args, dict(kwargs))
+        compiled = compile_for_hopper(kernel, args, dict(kwargs))
         assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin"
-
-
-class _ScalarReads(TorchDispatchMode):
-    """Records every read of a tensor value by the host (``.item()``, ``bool(t)``, ``float(t)``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("fallback_ratio", [0.0, 2.0], ids=["no-rule", "rule"])
@@ -455,7 +419,7 @@ def test_launchers_read_no_tensor_value_on_the_host(monkeypatch: pytest.MonkeyPa
     read back (on a GPU that would be a host synchronisation), with or without the rule.
     """
     pytest.importorskip("triton", reason="the launchers import triton (pip install triton)")
-    with _ScalarReads() as mode:
+    with ScalarReads() as mode:
         calls = _recorded_kernel_calls(monkeypatch, Case((4, 6, 5, 7), F32), fallback_ratio, affine=True)
     assert len(calls) == (8 if fallback_ratio > 0 else 2)
     assert mode.reads == []

@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.triton_compile import ScalarReads, compile_for_hopper
 from support.triton_interpreter import InterpreterProcess
 from test_speed import CONVS, SPATIAL
 from torch import Tensor, nn
@@ -513,12 +514,10 @@ def test_launches_per_call_and_no_tensor_value_read_on_the_host(monkeypatch: pyt
     """One forward launch; the backward's one or two (LAUNCHES: at most). No tensor value is read on the host
     (recorded reads, and the data on the meta device). A parameters tensor on the device (not read: B, K, groups
     from the shapes) gives the same launches as the CPU one."""
-    from test_kernels import _ScalarReads
-
     affine = pytest.importorskip(MODULE, reason="the kernels need the triton package (pip install triton)")
     shape, backward_launches = _LAUNCH_CASES[name]
     case = synthetic_case(*shape)
-    with _ScalarReads() as mode:
+    with ScalarReads() as mode:
         forward, backward = _recorded_launches(monkeypatch, case, (True, True))
     assert mode.reads == []
     assert len(forward) == affine.LAUNCHES["affine_moments"] == 1
@@ -549,14 +548,6 @@ def test_cpu_coverage_tables_are_copied_to_the_device_once(monkeypatch: pytest.M
     assert third[0][0][1][3] is tables[0][0] and third[0][0][1][4] is not tables[0][1]
 
 
-@pytest.fixture
-def compile_float64(monkeypatch: pytest.MonkeyPatch) -> None:
-    """tests/test_kernels.py's ``_compile_for_hopper`` knows the BKN kernels' dtypes; these take float64 too."""
-    import test_kernels
-
-    monkeypatch.setitem(test_kernels._TRITON_TYPES, F64, "fp64")
-
-
 #: (case, gradients given (mean, variance), dtype): every kernel variant (tables or not, each gradient present
 #: or not, the partials' kernel or not, K = 1 / 9 / 343, float32 / float64).
 _COMPILE_CASES = {
@@ -570,18 +561,15 @@ _COMPILE_CASES = {
 }
 
 
-@pytest.mark.usefixtures("compile_float64")
 @pytest.mark.parametrize("name", _COMPILE_CASES)
 def test_kernels_compile_for_an_h100(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Every kernel the launchers start compiles to an sm_90 cubin (Triton's compiler and ptxas; no GPU)."""
     import os
-
-    from test_kernels import _compile_for_hopper
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process; kernels are interpreted, not compiled")
     shape, grads, dtype = _COMPILE_CASES[name]
     launches = _recorded_launches(monkeypatch, synthetic_case(*shape).to(dtype), grads)
     for kernel, args, kwargs in (call for calls in launches for call in calls):
-        compiled = _compile_for_hopper(kernel, args, dict(kwargs))
+        compiled = compile_for_hopper(kernel, args, dict(kwargs))
         assert compiled.asm["cubin"], f"{kernel}: no cubin"

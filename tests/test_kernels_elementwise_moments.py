@@ -44,9 +44,9 @@ from typing import Any
 
 import pytest
 import torch
+from support.triton_compile import ScalarReads, compile_for_hopper
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bkn_export import moments, native
 from bkn_export.chain import fast
@@ -523,19 +523,6 @@ def test_kept_in_float32(interpreter: InterpreterProcess, kind: Kind) -> None:
 # --------------------------------------------------------------------------- no host reads, launches, sm_90
 
 
-class _ScalarReads(TorchDispatchMode):
-    """Records every read of a tensor value by the host (``.item()``, ``bool(t)``, ``float(t)``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 #: Every constexpr branch of the kernels: each family, each Gauss–Hermite kind (at its default node count),
 #: both piecewise orders (quadratic: hardswish; linear: relu6, as leaky_relu and hardtanh).
 _VARIANTS = [
@@ -596,37 +583,10 @@ def test_launchers_read_no_tensor_value_on_the_host(kind: Kind) -> None:
     synchronise and break CUDA-graph capture): with the data on the meta device (any read raises) and the
     kernels recorded, nothing is read back, one launch per call (``LAUNCHES``)."""
     for which in ("both", "mean", "variance"):
-        with _ScalarReads() as mode:
+        with ScalarReads() as mode:
             calls = _recorded_launches(kind, F32, which)
         assert mode.reads == []
         assert all(t.device.type == "meta" for _, args, _ in calls for t in args if isinstance(t, Tensor))
-
-
-_TRITON_TYPES = {F32: "fp32", F64: "fp64"}
-_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-
-
-def _compile_for_hopper(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """triton.compile for sm_90 with the signature and specializations a launch with these args gets
-    (tests/test_kernels.py's helper, with float64 pointers and the fp-fusion option)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature: dict[str, str] = {}
-    constants: dict[str, Any] = {}
-    options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-    for name, value in [*zip(kernel.arg_names, args), *kwargs.items()]:
-        param = kernel.params[kernel.arg_names.index(name)]
-        if param.is_constexpr or (type(value) is int and value == 1):  # Triton specializes ints equal to 1
-            signature[name], constants[name] = "constexpr", value
-        elif isinstance(value, Tensor):
-            signature[name] = "*" + _TRITON_TYPES[value.dtype]
-        else:
-            signature[name] = {int: "i32", float: "fp32"}[type(value)]
-    return triton.compile(
-        ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32), options=options
-    )
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
@@ -647,7 +607,7 @@ def test_kernels_compile_for_an_h100(kind: Kind, dtype: torch.dtype) -> None:
             if key in seen:
                 continue
             seen.add(key)
-            compiled = _compile_for_hopper(kernel, args, dict(kwargs))
+            compiled = compile_for_hopper(kernel, args, dict(kwargs))
             assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin"
             usage = _resource_usage(compiled.asm["cubin"])
             assert usage is None or ("STACK:0" in usage and "LOCAL:0" in usage), f"{kernel.__name__} spills: {usage}"

@@ -33,9 +33,9 @@ from typing import Any
 
 import pytest
 import torch
+from support.triton_compile import ScalarReads, compile_for_hopper
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bkn_export import errors, fast_prior, moments, native
 from bkn_export import functional as Fk
@@ -599,23 +599,10 @@ def _recorded_launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, 
     return launches
 
 
-class _ScalarReads(TorchDispatchMode):
-    """Records every read of a tensor value by the host (``.item()``, ``bool(t)``, ``float(t)``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_launchers_read_no_tensor_value_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """Grids and flags come from shapes, dtypes and the CPU parameter tables; the counter of momentum=None is
     handed to the kernel. On meta data tensors any read of a value would raise; none is recorded either."""
-    with _ScalarReads() as mode:
+    with ScalarReads() as mode:
         launches = _recorded_launches(monkeypatch)
     assert mode.reads == []
     assert len(launches) == len(_launch_arguments())
@@ -629,33 +616,6 @@ def test_parameters_on_the_device_are_refused() -> None:
         prior_moments.output_variance(data, None, torch.ones(1, dtype=F64, device=_META), data)
 
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64"}
-
-
-def _compile_for_hopper(jit_kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """triton.compile for sm_90 with the signature a launch with these arguments gets (as tests/test_kernels.py's
-    helper, plus float64 pointers, int64 counters and annotated float64 scalars)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature: dict[str, str] = {}
-    constants: dict[str, Any] = {}
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
-    for name, value in [*zip(jit_kernel.arg_names, args), *kwargs.items()]:
-        param = jit_kernel.params[jit_kernel.arg_names.index(name)]
-        if param.is_constexpr or (type(value) is int and value == 1):  # Triton specializes ints equal to 1
-            signature[name], constants[name] = "constexpr", value
-        elif isinstance(value, Tensor):
-            signature[name] = "*" + _TRITON_TYPES[value.dtype]
-        elif param.annotation_type:
-            signature[name] = param.annotation_type
-        else:
-            signature[name] = {int: "i32", float: "fp32"}[type(value)]
-    return triton.compile(ASTSource(jit_kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
-                          options=options)  # fmt: skip
-
-
 def test_every_kernel_variant_compiles_for_an_h100(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each kernel, for both dtypes and every combination of its optional tensors, compiles to an sm_90 cubin
     (Triton's own compiler and ptxas: no GPU needed); the interpreter does not check Triton's typing rules, nor
@@ -664,7 +624,7 @@ def test_every_kernel_variant_compiles_for_an_h100(monkeypatch: pytest.MonkeyPat
         pytest.skip("TRITON_INTERPRET=1 is set in this process; kernels are interpreted, not compiled")
     compiled: set[str] = set()
     for name, jit_kernel, args, kwargs in _recorded_launches(monkeypatch):
-        binary = _compile_for_hopper(jit_kernel, args, dict(kwargs))
+        binary = compile_for_hopper(jit_kernel, args, dict(kwargs))
         assert binary.asm["cubin"], f"{name}: no cubin"
         # Every division IEEE-rounded, as in C and torch (Triton's float32 "/" is div.full: 2 ulp).
         assert not re.search(r"div\.(full|approx)", binary.asm["ptx"]), f"{name}: an approximate division"

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bkn_export import convert_batchnorm, kernels, native, per_channel
+from bkn_export import convert_batchnorm, native, per_channel
+from support.triton_steps import counted_launches, draw
 
 
 def _grouped() -> tuple[nn.Module, tuple[int, ...]]:
@@ -102,40 +104,12 @@ CASES: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
 }
 
 
-def _draw(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A standard normal draw made in float64, then rounded: the same values in every dtype (torch.randn in
-    float32 draws other numbers than in float64 beyond 16 elements), so that a float32 step can be compared
-    with the float64 one."""
-    return torch.randn(*shape, dtype=torch.float64).to(dtype)
-
-
-@contextlib.contextmanager
-def _counted_launches(counts: collections.Counter[str]) -> Iterator[None]:
-    """Count the calls of each Triton twin (wrapping the launcher table's entries for the block)."""
-    table = kernels.moment_launchers()
-    if table is None:
-        yield
-        return
-    assert isinstance(table, dict)
-    originals = dict(table)
-
-    def counting(name: str):  # type: ignore[no-untyped-def]
-        launcher = originals[name]
-
-        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
-            counts[name] += 1
-            if name == "affine_moments":  # its parameters [B, K, groups]: which geometries took the twin
-                inputs, taps, groups = (int(v) for v in args[5].tolist())
-                counts[f"affine B={inputs} K={taps} groups={groups}"] += 1
-            return launcher(*args, **kwargs)
-
-        return run
-
-    table.update({name: counting(name) for name in originals})
-    try:
-        yield
-    finally:
-        table.update(originals)
+def _affine_geometry(name: str, args: tuple[Any, ...]) -> str | None:
+    """For the affine twin, which geometry took it: its parameters [B, K, groups]."""
+    if name != "affine_moments":
+        return None
+    inputs, taps, groups = (int(v) for v in args[5].tolist())
+    return f"affine B={inputs} K={taps} groups={groups}"
 
 
 def network_step(
@@ -161,12 +135,12 @@ def network_step(
     float_type = getattr(torch, dtype)
     net, shape = CASES[case]()
     net = net.to(float_type)
-    model = convert_batchnorm(net, _draw(shape, float_type))
+    model = convert_batchnorm(net, draw(shape, float_type))
     model.train(mode != "eval")
     for name, parameter in model.named_parameters():
         if frozen == "all" or (frozen == "weight" and name.endswith("weight")):
             parameter.requires_grad_(False)
-    inputs = [_draw(shape, float_type) for _ in range(steps)]
+    inputs = [draw(shape, float_type) for _ in range(steps)]
     if poison:
         inputs[0].view(-1)[: shape[-1]] = poison
     if layout == "channels_last":
@@ -178,7 +152,7 @@ def network_step(
         if forms == "pytorch":
             routes.enter_context(native.disabled())
         if per_channel.triton_route(inputs[0]):
-            routes.enter_context(_counted_launches(counts))
+            routes.enter_context(counted_launches(counts, _affine_geometry))
         for index, x in enumerate(inputs):
             if mode == "no_grad":
                 with torch.no_grad():
@@ -216,10 +190,10 @@ def compiled_step(dtype: str = "float64") -> dict[str, Tensor]:
     torch.manual_seed(0)
     float_type = getattr(torch, dtype)
     net, shape = CASES["plain_norms"]()
-    model = convert_batchnorm(net.to(float_type), _draw(shape, float_type))
+    model = convert_batchnorm(net.to(float_type), draw(shape, float_type))
     model.train()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
-    output = compiled(_draw(shape, float_type))
+    output = compiled(draw(shape, float_type))
     output.sum().backward()
     result = {"output": output.detach()}
     for name, buffer in model.named_buffers():
@@ -265,7 +239,7 @@ def affine_step(
         if forms == "pytorch":
             routes.enter_context(native.disabled())
         if per_channel.triton_route(mean):
-            routes.enter_context(_counted_launches(counts))
+            routes.enter_context(counted_launches(counts, _affine_geometry))
         out_mean, out_variance = fast.affine_moments(weight, None, mean, variance, coverage)
         grad_mean, grad_variance = draw(rows), draw(rows)
         torch.autograd.backward((out_mean, out_variance), (grad_mean, grad_variance))
@@ -290,7 +264,7 @@ def host_reads(case: str = "grouped", dtype: str = "float32") -> list[tuple[str,
     torch.manual_seed(0)
     float_type = getattr(torch, dtype)
     net, shape = CASES[case]()
-    model = convert_batchnorm(net.to(float_type), _draw(shape, float_type))
+    model = convert_batchnorm(net.to(float_type), draw(shape, float_type))
     model.train()
     reads: set[tuple[str, str, int, str, str]] = set()
     originals = {name: getattr(Tensor, name) for name in _HOST_READS}
@@ -312,7 +286,7 @@ def host_reads(case: str = "grouped", dtype: str = "float32") -> list[tuple[str,
         for name in _HOST_READS:
             setattr(Tensor, name, recording(name))
         for _ in range(2):
-            model(_draw(shape, float_type)).sum().backward()
+            model(draw(shape, float_type)).sum().backward()
     finally:
         for name, original in originals.items():
             setattr(Tensor, name, original)
@@ -325,12 +299,12 @@ def stale_running_statistics() -> str:
     message, or "no error" with the gradient it computed from the updated buffer."""
     torch.manual_seed(0)
     net, shape = CASES["plain_norms"]()
-    model = convert_batchnorm(net.double(), _draw(shape, torch.float64))
+    model = convert_batchnorm(net.double(), draw(shape, torch.float64))
     model.train()
     running_mean = model.get_buffer("4.running_mean")
     scale = torch.ones(running_mean.shape, dtype=torch.float64, requires_grad=True)
     saved = (scale * running_mean).sum()  # mul saves the running mean for ∂/∂scale
-    model(_draw(shape, torch.float64))
+    model(draw(shape, torch.float64))
     try:
         saved.backward()
     except RuntimeError as error:

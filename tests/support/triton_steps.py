@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,9 +55,19 @@ class _Net(nn.Module):
         return self.head_norm(self.head(x.mean((2, 3))))
 
 
+def draw(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A standard normal draw made in float64, then rounded: the same values in every dtype (torch.randn in
+    float32 draws other numbers than in float64 beyond 16 elements), so that a float32 step can be compared
+    with the float64 one."""
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
 @contextlib.contextmanager
-def _counted_launches(counts: collections.Counter[str]) -> Iterator[None]:
-    """Count the calls of each Triton twin (wrapping the launcher table's entries for the block)."""
+def counted_launches(
+    counts: collections.Counter[str], detail: Callable[[str, tuple[Any, ...]], str | None] | None = None
+) -> Iterator[None]:
+    """Count the calls of each Triton twin (wrapping the launcher table's entries for the block); ``detail``
+    may name one more key to count for a call (its launcher name and positional arguments)."""
     table = kernels.moment_launchers()
     if table is None:
         yield
@@ -69,6 +80,9 @@ def _counted_launches(counts: collections.Counter[str]) -> Iterator[None]:
 
         def run(*args, **kwargs):  # type: ignore[no-untyped-def]
             counts[name] += 1
+            extra = None if detail is None else detail(name, args)
+            if extra is not None:
+                counts[extra] += 1
             return launcher(*args, **kwargs)
 
         return run
@@ -93,17 +107,17 @@ def train_step(
     torch.manual_seed(seed)
     float_type = getattr(torch, dtype)
     net = _Net().to(float_type)
-    example = torch.randn(2, 3, 12, 12, dtype=torch.float64).to(float_type)  # the same values in either dtype
+    example = draw((2, 3, 12, 12), float_type)  # the same values in either dtype
     model = convert_batchnorm(net, example).to(device)
     model.train()
-    x = torch.randn(2, 3, 12, 12, dtype=torch.float64).to(float_type).to(device)
+    x = draw((2, 3, 12, 12), float_type).to(device)
     counts: collections.Counter[str] = collections.Counter()
     routes = contextlib.ExitStack()
     with routes:
         if forms == "pytorch":
             routes.enter_context(native.disabled())
         if per_channel.triton_route(x):
-            routes.enter_context(_counted_launches(counts))
+            routes.enter_context(counted_launches(counts))
         output = model(x)
         (output * torch.linspace(-1.0, 1.0, output.numel(), dtype=float_type).reshape(output.shape)).sum().backward()
     result: dict[str, Tensor | dict[str, int]] = {"output": output.detach().cpu()}
@@ -127,10 +141,10 @@ def cumulative_running_statistics(dtype: str) -> dict[str, Tensor]:
     for module in net.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = None
-    model = convert_batchnorm(net, torch.randn(2, 3, 12, 12, dtype=torch.float64).to(float_type))
+    model = convert_batchnorm(net, draw((2, 3, 12, 12), float_type))
     model.train()
     for _ in range(2):
-        model(torch.randn(2, 3, 12, 12, dtype=torch.float64).to(float_type)).sum().backward()
+        model(draw((2, 3, 12, 12), float_type)).sum().backward()
     return {
         name: buffer.clone()
         for name, buffer in model.named_buffers()

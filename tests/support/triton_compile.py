@@ -1,0 +1,66 @@
+"""Checks of Triton kernels that need no GPU: compile a recorded launch for sm_90, record host reads.
+
+Test infrastructure, not part of the shipped package; shared by ``tests/test_kernels.py`` (the op's
+kernels) and ``tests/test_kernels_*_moments.py`` (the per-channel twins).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["ScalarReads", "compile_for_hopper"]
+
+#: Pointer types of the tensors the kernels take.
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+}
+#: Launch keywords that are compile options, not kernel arguments.
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
+def compile_for_hopper(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``triton.compile`` for sm_90 with the signature and specializations a launch with these arguments
+    gets: constexprs and ints equal to 1 (which Triton specializes) as constants, tensors as pointers of
+    their dtype, annotated scalars (``x: tl.float64``) as annotated, other scalars as i32 / fp32. ``kwargs``
+    loses its compile options (num_warps, num_stages, enable_fp_fusion)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature: dict[str, str] = {}
+    constants: dict[str, Any] = {}
+    options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+    for name, value in [*zip(kernel.arg_names, args), *kwargs.items()]:
+        param = kernel.params[kernel.arg_names.index(name)]
+        if param.is_constexpr or (type(value) is int and value == 1):  # Triton specializes ints equal to 1
+            signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, Tensor):
+            signature[name] = "*" + TRITON_TYPES[value.dtype]
+        elif param.annotation_type:
+            signature[name] = param.annotation_type
+        else:
+            signature[name] = {int: "i32", float: "fp32"}[type(value)]
+    source = ASTSource(kernel, signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+class ScalarReads(TorchDispatchMode):
+    """Records every read of a tensor value by the host (``.item()``, ``bool(t)``, ``float(t)``): on a GPU
+    each would be a synchronisation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
