@@ -144,11 +144,11 @@ def _operator(event: Any) -> bool:
 def _launches_kernel(event: Any) -> bool:
     """An operator with no operator under it that launches something (the lowest level that does: a
     convolution whose children only resize its output counts once, as ``mkldnn_convolution``)."""
-    return _operator(event) and not any(_operator(c) or _launches_below(c) for c in event.cpu_children)
+    return _operator(event) and not _operator_below(event)
 
 
-def _launches_below(event: Any) -> bool:
-    return any(_operator(c) or _launches_below(c) for c in event.cpu_children)
+def _operator_below(event: Any) -> bool:
+    return any(_operator(c) or _operator_below(c) for c in event.cpu_children)
 
 
 def count(probe: str, variant: str, size: int = 8) -> Count:

@@ -476,8 +476,8 @@ class _BatchKalmanNorm(nn.Module):
     def _update_running_statistics(self, posterior_mean: Tensor, posterior_variance: Tensor, count: int) -> None:
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
-        counted_by_kernel = self.momentum is not None  # the cumulative average reads the counter: count first
-        if not counted_by_kernel:
+        counts_first = self.momentum is None  # the cumulative average reads the counter; else the Triton update counts
+        if counts_first:
             self.num_batches_tracked.add_(1)
         if per_channel.update_running_statistics_(  # one Triton launch on CUDA (counting the batch too)
             self.running_mean,
@@ -487,10 +487,10 @@ class _BatchKalmanNorm(nn.Module):
             self.momentum,
             count,
             self.num_batches_tracked,
-            count_batch=counted_by_kernel,
+            count_batch=not counts_first,
         ):
             return
-        if counted_by_kernel:
+        if not counts_first:
             self.num_batches_tracked.add_(1)
         # The posterior is detached inside, so no gradient reaches the buffers.
         Fk.update_running_statistics_(

@@ -98,8 +98,6 @@ def update_running_statistics_(
     needs_counter = momentum is None or count_batch
     if needs_counter and (num_batches_tracked is None or num_batches_tracked.device != running_mean.device):
         return False
-    if count_batch and momentum is None:
-        return False
     launchers = kernels.moment_launchers()
     assert launchers is not None
     with _launching_on(running_mean):
