@@ -14,7 +14,9 @@ For each shape (N, C, H, W) it times, interleaved in rotating order within every
 * ``bkn-wired``  — a ``BatchKalmanNorm2d`` with a predecessor (default options: ``propagate``
   through a 3x3 conv with ReLU, learned gain, process noise): prediction, update,
   normalization and the gradients into the predecessor's posterior and the conv weights;
-* ``reference``  — (with ``--reference``) the functional reference under autograd, for scale.
+* ``reference``  — (with ``--reference``) the functional reference under autograd, for scale;
+* ``bkn-first-3pass`` — (with ``--three-pass``) ``bkn-first`` with ∂L/∂x built by ATen's three passes
+  instead of the one-pass C kernel (:func:`bkn_export.cpu_kernels.aten_input_gradient`).
 
 One timed sample is ``--steps`` train steps; the figure is the median over ``--repeats``
 samples, printed in ms and as a ratio to BatchNorm. The default clock is this process's
@@ -34,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bkn_export import BatchKalmanNorm2d, wire_chain
+from bkn_export import BatchKalmanNorm2d, cpu_kernels, wire_chain
 from bkn_export import functional as Fk
 from bkn_export.chain.scope import Published, forward_scope
 
@@ -111,6 +113,14 @@ def _bkn_wired_step(shape: tuple[int, ...]) -> Callable[[], None]:
     return step
 
 
+def _three_pass(step: Callable[[], None]) -> Callable[[], None]:
+    def stepped() -> None:
+        with cpu_kernels.aten_input_gradient():
+            step()
+
+    return stepped
+
+
 def _reference_step(shape: tuple[int, ...]) -> Callable[[], None]:
     channels = shape[1]
     weight = torch.ones(channels, requires_grad=True)
@@ -138,7 +148,12 @@ def _time(step: Callable[[], None], steps: int, clock: Callable[[], float] = tim
 
 
 def measure(
-    shape: tuple[int, ...], repeats: int, steps: int, reference: bool, clock: Callable[[], float] = time.process_time
+    shape: tuple[int, ...],
+    repeats: int,
+    steps: int,
+    reference: bool,
+    clock: Callable[[], float] = time.process_time,
+    three_pass: bool = False,
 ) -> dict[str, float]:
     """Median seconds per train step of each variant on ``shape``, interleaved."""
     variants: dict[str, Callable[[], None]] = {
@@ -149,6 +164,8 @@ def measure(
     }
     if reference:
         variants["reference"] = _reference_step(shape)
+    if three_pass:
+        variants["bkn-first-3pass"] = _three_pass(_bkn_first_step(shape))
     names = list(variants)
     for name in names:  # warm up allocator and caches
         _time(variants[name], 2)
@@ -172,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="*", type=_parse_shape, default=list(DEFAULT_SHAPES), help="e.g. 8x64x32x32")
     parser.add_argument("--reference", action="store_true", help="also time the functional reference (autograd)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: process CPU time; wall: elapsed")
+    parser.add_argument(
+        "--three-pass", action="store_true", help="also time bkn-first with ATen's three passes for the input gradient"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -181,14 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     header = f"{'shape (N, C, H, W)':<22}{'batchnorm ms':>14}"
     header += f"{'unwired ms':>14}{'ratio':>7}{'bkn-first ms':>14}{'ratio':>7}{'bkn-wired ms':>14}{'ratio':>7}"
-    if args.reference:
-        header += f"{'reference ms':>14}{'ratio':>7}"
+    extra = (*(("reference",) if args.reference else ()), *(("bkn-first-3pass",) if args.three_pass else ()))
+    for name in extra:
+        header += f"{name + ' ms':>{max(14, len(name) + 5)}}{'ratio':>7}"
     print(header)
     for shape in args.shapes:
-        result = measure(shape, args.repeats, args.steps, args.reference, CLOCKS[args.clock])
+        result = measure(shape, args.repeats, args.steps, args.reference, CLOCKS[args.clock], args.three_pass)
         base = result["batchnorm"]
         line = f"{shape!s:<22}{base * 1e3:>14.3f}"
-        for name in ("bkn-unwired", "bkn-first", "bkn-wired", *(("reference",) if args.reference else ())):
+        for name in ("bkn-unwired", "bkn-first", "bkn-wired", *extra):
             line += f"{result[name] * 1e3:>14.3f}{result[name] / base:>6.2f}x"
         print(line, flush=True)
 

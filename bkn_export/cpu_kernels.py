@@ -7,9 +7,11 @@ BatchNorm kernels where that is mathematically exact:
 
 * The normalization y = γ (x - μ_{k|k}) / sqrt(Σ_{k|k} + ε) + β is eval-mode
   BatchNorm with the posterior in place of the running statistics: one fused pass.
-* The backward of eval-mode BatchNorm with the same posterior gives, in one
-  reduction pass plus one elementwise pass, Σ g, Σ g x̂ and g γ / s; the batch
-  statistics' share of ∂L/∂x is per-channel affine in x and added in place.
+* The backward of eval-mode BatchNorm with the same posterior gives Σ g and Σ g x̂ in one
+  reduction pass. ∂L/∂x = g γ / s + (the batch statistics' share, per-channel affine in x) is
+  then one pass of the C kernel ``kalman_input_gradient`` (in double, rounded once; one torch
+  thread or small tensors, :func:`_one_pass_input_gradient`), else ATen's g γ / s pass with the
+  affine share added in place (two more passes).
 * Batch statistics: see :func:`batch_statistics` (ATen's BatchNorm statistics kernel is
   fast for channels-last inputs but slow for contiguous NC* ones on CPU).
 * The backward needs the forward's batch statistics and update terms
@@ -33,6 +35,9 @@ nothing; ``ops`` makes it the CPU implementation of both ops.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -45,6 +50,7 @@ from bkn_export.functional import KalmanNormInputs, KalmanStep
 __all__ = [
     "NOT_KEPT",
     "ForwardState",
+    "aten_input_gradient",
     "backward_from_state",
     "batch_kalman_norm",
     "batch_kalman_norm_backward",
@@ -65,6 +71,10 @@ _SMALL_COUNT = 100
 # ~16 µs in four ops (torch 2.13, 1 thread: ATen 3.9 / 10.5 / 10.8 µs against 17 / 19 / 18 µs
 # at (2, 16, 8, 8), (2, 64, 8, 8), (2, 16, 16, 16); 38 against 24 µs at (2, 64, 16, 16)).
 _SMALL_NUMEL = 16384
+#: The most elements for which ∂L/∂x's one-pass C kernel runs under several torch threads: ATen's grain size
+#: (``at::internal::GRAIN_SIZE``), below which its own passes use one thread too. Measured with 1 thread (torch
+#: 2.13), the kernel against ATen's three passes: 154 / 309 µs at (2, 144, 56, 56), 2157 / 6802 at (16, 144, 56, 56).
+_ONE_PASS_SHARED_LIMIT = 32768
 
 
 def fast_path_applies(x: Tensor, *per_channel: Tensor | None) -> bool:
@@ -243,9 +253,11 @@ def backward_from_state(
     that are not come back as None (:func:`functional.update_gradients`).
     """
     x, weight, eps, terms = inputs.x, inputs.weight, inputs.eps, state.terms
-    # Eval-mode BatchNorm backward with the posterior: g γ / s, Σ g x̂, Σ g in two passes.
+    one_pass = _one_pass_input_gradient(x, grad_output, weight, terms.variance)
+    # Eval-mode BatchNorm backward with the posterior: Σ g x̂, Σ g in one reduction pass, and g γ / s in a
+    # second one unless the C kernel writes all of ∂L/∂x in its own pass below.
     grad_x, sum_g_xhat, sum_g = _aten.native_batch_norm_backward(
-        grad_output, x, weight, terms.mean, terms.variance, None, None, False, eps, [True, True, True]
+        grad_output, x, weight, terms.mean, terms.variance, None, None, False, eps, [not one_pass, True, True]
     )
     sums = (sum_g, sum_g_xhat, grad_posterior_mean, grad_posterior_variance)
     per_channel = _per_channel_backward(inputs, state, *sums, needs)
@@ -254,10 +266,49 @@ def backward_from_state(
     grad_prior_mean, grad_prior_variance, grad_p, slope, offset = per_channel
     if grad_p is not None and state.fired is not None:  # where the fallback fired, p is the constant 0
         grad_p = torch.where(state.fired, torch.zeros_like(grad_p), grad_p)
-    # ∂L/∂x += ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n, an affine map of x per channel.
-    grad_x.addcmul_(x, Fk._per_channel(slope, x)).add_(Fk._per_channel(offset, x))
+    # ∂L/∂x = g γ / s + ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n: the batch statistics' share is an affine map of x per channel.
+    if one_pass and native.takes(slope, offset):
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        parameters = native.parameters(eps, x.shape[1], x[0, 0].numel())
+        native.call("kalman_input_gradient", grad_output, x, weight, terms.variance, slope, offset, parameters, grad_x)
+    else:
+        if one_pass:  # the per-channel terms came from the PyTorch form in another dtype: ATen's pass after all
+            grad_x = _aten.native_batch_norm_backward(
+                grad_output, x, weight, terms.mean, terms.variance, None, None, False, eps, [True, False, False]
+            )[0]
+        grad_x.addcmul_(x, Fk._per_channel(slope, x)).add_(Fk._per_channel(offset, x))
     grad_weight = sum_g_xhat if weight is not None else torch.zeros_like(sum_g)
     return grad_x, grad_prior_mean, grad_prior_variance, grad_p, grad_weight, sum_g
+
+
+_ONE_PASS: ContextVar[bool] = ContextVar("bkn_one_pass_input_gradient", default=True)
+
+
+@contextmanager
+def aten_input_gradient() -> Iterator[None]:
+    """Within the block (this thread / task) the backward builds ∂L/∂x with ATen's three passes instead of the
+    one-pass C kernel (``benchmarks/bench_layers.py --three-pass`` compares the two)."""
+    token = _ONE_PASS.set(False)
+    try:
+        yield
+    finally:
+        _ONE_PASS.reset(token)
+
+
+def _one_pass_input_gradient(x: Tensor, grad_output: Tensor, weight: Tensor | None, posterior_variance: Tensor) -> bool:
+    """Whether the C kernel ``kalman_input_gradient`` writes ∂L/∂x (one pass over g and x, in double) instead of
+    ATen's eval-mode BatchNorm pass plus two in-place passes: eager, contiguous x and g of one dtype, a
+    non-empty (N, C, *) with per-channel tensors the kernels take, and one torch thread or at most
+    :data:`_ONE_PASS_SHARED_LIMIT` elements (the kernel is single-threaded)."""
+    return (
+        _ONE_PASS.get()
+        and native.untraced()
+        and x.dim() >= 2
+        and 0 < x.numel()
+        and (x.numel() <= _ONE_PASS_SHARED_LIMIT or torch.get_num_threads() == 1)
+        and native.takes(x, grad_output)
+        and native.takes(posterior_variance, weight)
+    )
 
 
 class _PerChannelGradients(NamedTuple):

@@ -290,3 +290,51 @@ def test_inputs_the_kernels_do_not_take_run_the_pytorch_form() -> None:
     state = cpu_kernels.forward_state(inputs)
     assert state.terms.batch_weight is not cpu_kernels.NOT_KEPT
     _assert_close_all(_fast(inputs, grads), _reference(inputs, grads), 1e-12)
+
+
+#: (N, C, *) whose planes have no 8-element block, blocks and a tail, or blocks only; 2-D (one value per plane) to 5-D.
+ONE_PASS_SHAPES = [(6, 5), (3, 4, 21), (2, 3, 4, 4), (1, 2, 2, 3, 3)]
+
+
+@pytest.mark.parametrize("shape", ONE_PASS_SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_the_input_gradient_is_one_kernel_pass_equal_to_the_reference(
+    shape: tuple[int, ...], affine: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """∂L/∂x by ``kalman_input_gradient`` (the eval-mode BatchNorm backward then only reduces): float64
+    within 1e-13 of the reference on every plane layout the kernel's 8-lane blocks and scalar tail meet."""
+    calls: list[str] = []
+    call = native.call
+    monkeypatch.setattr(native, "call", lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1])
+    inputs = _inputs(shape, affine=affine)
+    grads = _output_grads(inputs)
+    got = _fast(inputs, grads)
+    assert "kalman_input_gradient" in calls
+    _assert_close_all(got, _reference(inputs, grads), 1e-13)
+
+
+def test_a_strided_output_gradient_takes_aten_passes_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channels-last ∂L/∂y is not the kernel's (contiguous planes): ATen's passes run, to the same values."""
+    calls: list[str] = []
+    call = native.call
+    monkeypatch.setattr(native, "call", lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1])
+    inputs = _inputs((2, 6, 5, 3))
+    grads = _output_grads(inputs)
+    strided = KalmanStep(grads.output.contiguous(memory_format=torch.channels_last), *grads[1:])
+    got = _fast(inputs, strided)
+    assert "kalman_input_gradient" not in calls
+    torch.testing.assert_close(got[3], _fast(inputs, grads)[3], rtol=1e-13, atol=1e-13)
+
+
+def test_several_threads_leave_large_inputs_to_aten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel is single-threaded: under several torch threads it takes only tensors below ATen's grain size."""
+    calls: list[str] = []
+    call = native.call
+    monkeypatch.setattr(native, "call", lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    large = _inputs((2, 4, 64, 65))  # 33280 elements: above the limit
+    _fast(large, _output_grads(large))
+    assert "kalman_input_gradient" not in calls
+    small = _inputs((2, 4, 8, 8))
+    _fast(small, _output_grads(small))
+    assert "kalman_input_gradient" in calls

@@ -23,6 +23,8 @@
  * q, d and p q are recomputed here from the inputs (the forward keeps only the posterior).
  * The fallback rule's zero of dL/dp where it fired is left to the caller.
  */
+#include <string.h>
+
 #include "common.h"
 
 #define KALMAN_UPDATE(T, NAME, FMA)                                                                   \
@@ -73,3 +75,65 @@ KALMAN_UPDATE(double, kalman_update_f64, fma)
     }                                                                                                     \
   }
 BKN_BOTH_DTYPES(KALMAN_NORM_BACKWARD, kalman_norm_backward)
+
+/* kalman_input_gradient: dL/dx in one pass over (g, x) = (dL/dy, x), both (N, C, inner) contiguous, per channel c
+ * with G = gamma / sqrt(Sigma + eps) (1 / sqrt(Sigma + eps) without gamma) and kalman_norm_backward's slope, offset:
+ *   dL/dx = G g + slope x + offset     (in double, ((G g) + (slope x)) + offset, rounded once to T)
+ * This is the pass cpu_kernels.backward_from_state otherwise makes as three (eval-mode BatchNorm's G g, then
+ * addcmul_ and add_), each rounding to T. Eight elements at a time (GCC / clang vector extensions; on x86-64
+ * Linux with GCC also AVX2 and AVX-512 builds chosen at load time): lane by lane the same IEEE operations as
+ * the scalar tail, so every build gives the same bits.
+ * params (float64): [0] eps, [1] C, [2] inner (the values per (sample, channel) plane). n: N * C * inner. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define BKN_KALMAN_BUILDS __attribute__((target_clones("avx512f", "avx2", "default")))
+#pragma GCC diagnostic ignored "-Wpsabi"
+#else
+#define BKN_KALMAN_BUILDS
+#endif
+
+typedef double bkn_kalman_d8 __attribute__((vector_size(8 * sizeof(double)), aligned(sizeof(double))));
+typedef float bkn_kalman_f8 __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
+
+static inline __attribute__((always_inline)) bkn_kalman_d8 bkn_kalman_load_float(const float* p) {
+  bkn_kalman_f8 v;
+  memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, bkn_kalman_d8);
+}
+static inline __attribute__((always_inline)) bkn_kalman_d8 bkn_kalman_load_double(const double* p) {
+  bkn_kalman_d8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline __attribute__((always_inline)) void bkn_kalman_store_float(float* p, bkn_kalman_d8 v) {
+  bkn_kalman_f8 rounded = __builtin_convertvector(v, bkn_kalman_f8);
+  memcpy(p, &rounded, sizeof rounded);
+}
+static inline __attribute__((always_inline)) void bkn_kalman_store_double(double* p, bkn_kalman_d8 v) {
+  memcpy(p, &v, sizeof v);
+}
+
+#define KALMAN_INPUT_GRADIENT(T, NAME)                                                                      \
+  BKN_KALMAN_BUILDS void bkn_##NAME(int64_t n, const T* restrict grad_output, const T* restrict x,        \
+                                    const T* restrict weight, const T* restrict posterior_variance,       \
+                                    const T* restrict slope, const T* restrict offset,                    \
+                                    const double* params, T* restrict grad_x) {                           \
+    double eps = params[0];                                                                                 \
+    int64_t channels = (int64_t)params[1], inner = (int64_t)params[2];                                      \
+    int64_t planes = inner > 0 ? n / inner : 0;                                                             \
+    for (int64_t plane = 0; plane < planes; ++plane) {                                                      \
+      int64_t c = plane % channels, start = plane * inner;                                                  \
+      double inv_std = 1.0 / sqrt((double)posterior_variance[c] + eps);                                     \
+      double gain = weight ? inv_std * (double)weight[c] : inv_std;                                         \
+      double a = (double)slope[c], b = (double)offset[c];                                                   \
+      const T* g = grad_output + start;                                                                     \
+      const T* v = x + start;                                                                               \
+      T* out = grad_x + start;                                                                              \
+      int64_t i = 0;                                                                                        \
+      for (; i + 8 <= inner; i += 8) {                                                                      \
+        bkn_kalman_d8 r = (bkn_kalman_load_##T(g + i) * gain + bkn_kalman_load_##T(v + i) * a) + b;         \
+        bkn_kalman_store_##T(out + i, r);                                                                   \
+      }                                                                                                     \
+      for (; i < inner; ++i) out[i] = (T)(((double)g[i] * gain + (double)v[i] * a) + b);                    \
+    }                                                                                                       \
+  }
+BKN_BOTH_DTYPES(KALMAN_INPUT_GRADIENT, kalman_input_gradient)
