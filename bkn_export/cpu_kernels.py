@@ -269,7 +269,7 @@ def backward_from_state(
     # ∂L/∂x = g γ / s + ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n: the batch statistics' share is an affine map of x per channel.
     if one_pass and native.takes(slope, offset):
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-        parameters = native.parameters(eps, x.shape[1], x[0, 0].numel())
+        parameters = native.parameters(eps, x.shape[1], x.numel() // (x.shape[0] * x.shape[1]))
         native.call("kalman_input_gradient", grad_output, x, weight, terms.variance, slope, offset, parameters, grad_x)
     else:
         if one_pass:  # the per-channel terms came from the PyTorch form in another dtype: ATen's pass after all
@@ -301,8 +301,8 @@ def _one_pass_input_gradient(x: Tensor, grad_output: Tensor, weight: Tensor | No
     non-empty (N, C, *) with per-channel tensors the kernels take, and one torch thread or at most
     :data:`_ONE_PASS_SHARED_LIMIT` elements (the kernel is single-threaded)."""
     return (
-        _ONE_PASS.get()
-        and native.untraced()
+        native.untraced()  # first: Dynamo cannot trace the ContextVar (nor needs to)
+        and _ONE_PASS.get()
         and x.dim() >= 2
         and 0 < x.numel()
         and (x.numel() <= _ONE_PASS_SHARED_LIMIT or torch.get_num_threads() == 1)

@@ -360,6 +360,10 @@ class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         inputs = KalmanNormInputs(*args)
+        # Outputs that do not reach the loss (every layer's posterior mean in efficientnet-b0 / mobilenetv3)
+        # come to backward as None instead of autograd's materialized zeros: one (C,) zeros per layer and step
+        # saved; backward and backward_from_state take None for any of the three.
+        ctx.set_materialize_grads(False)
         ctx.eps, ctx.fallback_ratio = inputs.eps, inputs.fallback_ratio
         if not _CPU.covers(inputs, None):
             ctx.state = None
