@@ -18,7 +18,12 @@ order differs, both in double). The tolerances below are test_speed.py's (1e-12 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +250,172 @@ def test_the_weight_gradient_comes_back_in_the_weights_shape_not_as_a_view() -> 
     assert _ran_kernel(out_variance)
     (grad_weight,) = torch.autograd.grad(out_mean.sum() + out_variance.sum(), [conv.weight])
     assert grad_weight.shape == conv.weight.shape and grad_weight._base is None
+
+
+#: Shapes for the kernels' vector paths (eight doubles a vector): B or K not multiples of eight, so that every
+#: tail runs. K = 1: four-row blocks over B = 13 (a vector and five inputs alone), B = 5 (no vector), B = 37, and
+#: rows left over after the blocks (10 rows: 4 + 4 + 1 + 1; grouped: 6 rows per group). K > 1 with several rows per
+#: group (the flat backward): K = 2 (a vector spans four inputs), 9 with B = 130 (three tiles of inputs, the last
+#: partial, W's flat run not a multiple of eight), 16, 17, 25 (depthwise with multiplier 2), 27. One row per group
+#: (row by row): depthwise 5×5 (K = 25: three vectors and one tap). (module, input spatial size)
+VECTOR_TAILS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "1x1 13 to 10": (lambda: nn.Conv2d(13, 10, 1), (3, 4)),
+    "1x1 5 to 6": (lambda: nn.Conv2d(5, 6, 1), (3, 4)),
+    "linear 37 to 9": (lambda: nn.Linear(37, 9), ()),
+    "grouped 1x1 2 groups of 6 rows": (lambda: nn.Conv2d(22, 12, 1, groups=2), (3, 4)),
+    "3x3 130 to 3": (lambda: nn.Conv2d(130, 3, 3, padding=1), (5, 4)),
+    "conv1d k2": (lambda: nn.Conv1d(20, 5, 2, padding=1), (6,)),
+    "4x4 3 to 5": (lambda: nn.Conv2d(3, 5, 4, padding=1), (6, 5)),
+    "conv1d k17": (lambda: nn.Conv1d(9, 4, 17, padding=8), (12,)),
+    "depthwise 5x5": (lambda: nn.Conv2d(12, 12, 5, padding=2, groups=12), (6, 5)),
+    "depthwise x2 5x5": (lambda: nn.Conv2d(6, 12, 5, padding=2, groups=6), (6, 5)),
+    "3x3x3 5 to 4": (lambda: nn.Conv3d(5, 4, 3, padding=1), (4, 3, 5)),
+}
+#: (name, the conv's own zero padding kept: coverage tables) for every shape (a Linear has none).
+VECTOR_CASES = [
+    (name, padded)
+    for name in VECTOR_TAILS
+    for padded in (False, True)
+    if not (padded and (name.startswith(("1x1", "linear", "grouped 1x1"))))
+]
+
+
+def _vector_case(name: str, padded: bool, dtype: torch.dtype) -> tuple[Tensor, tuple[Tensor, Tensor] | None, int]:
+    """The layer's weight (float64 values, in ``dtype``), its coverage tables (None without padding), its inputs."""
+    torch.manual_seed(0)
+    factory, spatial = VECTOR_TAILS[name]
+    layer = factory().to(F64)
+    if not padded and isinstance(layer, nn.modules.conv._ConvNd):
+        layer.padding = (0,) * len(spatial)
+    coverage = None
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        coverage = fast._coverage(layer, spatial, ((0, 0),) * len(spatial), dtype)
+        assert (coverage is not None) == padded
+        return layer.weight.detach().to(dtype), coverage, layer.in_channels
+    assert isinstance(layer, nn.Linear)
+    return layer.weight.detach().to(dtype), coverage, layer.in_features
+
+
+def _moments_and_gradients(
+    weight: Tensor, mean: Tensor, variance: Tensor, coverage: tuple[Tensor, Tensor] | None, kernel: bool
+) -> tuple[Tensor, ...]:
+    weight, mean, variance = (t.detach().clone().requires_grad_() for t in (weight, mean, variance))
+    with contextlib.nullcontext() if kernel else native.disabled():
+        outputs = fast.affine_moments(weight, None, mean, variance, coverage)
+    assert _ran_kernel(outputs[1]) == kernel
+    generator = torch.Generator().manual_seed(1)  # cotangents that float32 holds exactly: the same in both dtypes
+    cotangents = [torch.randn(o.shape, generator=generator).to(o.dtype) for o in outputs]
+    return (*(o.detach() for o in outputs), *torch.autograd.grad(outputs, [weight, mean, variance], cotangents))
+
+
+@needs_library
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("name", "padded"), VECTOR_CASES, ids=[f"{n}{' padded' if p else ''}" for n, p in VECTOR_CASES]
+)
+def test_every_vector_tail_equals_the_float64_reference(name: str, padded: bool) -> None:
+    """Values and gradients (W, μ, σ²): float64 against the PyTorch form at this file's tolerances; float32 against
+    the float64 PyTorch form on the same (upcast) inputs: rounded once, within half a float32 ulp of it (plus the
+    double-precision error, 1e-13 of the largest magnitude)."""
+    weight64, coverage64, in_channels = _vector_case(name, padded, F64)
+    mean64, variance64 = (t.detach() for t in _inputs(in_channels))
+    exact = _moments_and_gradients(weight64, mean64, variance64, coverage64, kernel=False)
+    kernel64 = _moments_and_gradients(weight64, mean64, variance64, coverage64, kernel=True)
+    torch.testing.assert_close(kernel64[:2], exact[:2], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kernel64[2:], exact[2:], rtol=1e-11, atol=1e-13)
+    weight32, coverage32, _ = _vector_case(name, padded, torch.float32)
+    mean32, variance32 = mean64.float(), variance64.float()
+    upcast = _moments_and_gradients(
+        weight32.double(), mean32.double(), variance32.double(),
+        None if coverage32 is None else (coverage32[0].double(), coverage32[1].double()), kernel=False,
+    )  # fmt: skip
+    kernel32 = _moments_and_gradients(weight32, mean32, variance32, coverage32, kernel=True)
+    for what, got, want in zip(("M", "V", "dW", "dmu", "ds2"), kernel32, upcast):
+        assert got.dtype == torch.float32, what
+        bound = 2.0**-24 * 1.01 * want.abs() + 1e-13 * want.abs().max()
+        error = (got.double() - want).abs()
+        assert bool((error <= bound).all()), f"{what}: worst {float((error - bound).max()):.3g} beyond the bound"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+#: The builds of affine.c that ``target_clones`` makes with GCC on x86-64 Linux, each alone (BKN_AFFINE_BUILDS given
+#: on the command line), where this CPU runs them: SSE2 (the default), AVX2, AVX-512.
+_BUILDS = {
+    "default": "",
+    "avx2": '__attribute__((target("avx2")))',
+    "avx512f": '__attribute__((target("avx512f")))',
+}
+
+
+@needs_library
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="target_clones: x86-64 Linux"
+)
+def test_every_build_gives_the_same_bits(tmp_path: Path) -> None:
+    """Lane by lane the same operations and every sum across lanes in a fixed order: each build of the kernels,
+    compiled alone, returns the library's results bit for bit (forward and backward, float32 and float64, the
+    1×1 blocks, the row-by-row and the flat paths, with coverage tables)."""
+    compiler = native._compiler()
+    assert compiler is not None
+    macros = subprocess.run([*compiler, "-dM", "-E", "-x", "c", "/dev/null"], capture_output=True, text=True).stdout
+    if "__GNUC__" not in macros or "__clang__" in macros:
+        pytest.skip("the builds are GCC's target_clones")
+    flags = _cpu_flags()
+    builds = {name: attribute for name, attribute in _BUILDS.items() if name == "default" or name in flags}
+    csrc = native.SOURCES[0].parent
+    cases = [_vector_case(name, padded, dtype) for name, padded in VECTOR_CASES for dtype in (F64, torch.float32)]
+    results: dict[str, list[list[Tensor]]] = {}
+    for build, attribute in {"library": None, **builds}.items():
+        if attribute is None:
+            functions = None
+        else:
+            target = tmp_path / f"affine_{build}.so"
+            command = [*compiler, *native.FLAGS, f"-DBKN_AFFINE_BUILDS={attribute}", f"-I{csrc}", "-o", str(target)]
+            subprocess.run([*command, str(csrc / "affine.c"), "-lm"], check=True, capture_output=True, text=True)
+            functions = ctypes.CDLL(str(target))
+        results[build] = [_raw_kernels(functions, *case) for case in cases]
+    for build in builds:
+        for case, got, want in zip(cases, results[build], results["library"]):
+            for g, w in zip(got, want):
+                assert torch.equal(g, w), (build, tuple(case[0].shape), g.dtype)
+
+
+def _raw_kernels(
+    library: ctypes.CDLL | None, weight: Tensor, coverage: tuple[Tensor, Tensor] | None, in_channels: int
+) -> list[Tensor]:
+    """Forward and backward of the kernels (``library``: another build's; None: the package's) on one case."""
+    dtype = weight.dtype
+    matrix = fast._taps_view(weight).contiguous()
+    rows, inputs, taps_count = matrix.shape
+    generator = torch.Generator().manual_seed(2)
+    mean = torch.randn(in_channels, generator=generator, dtype=F64).to(dtype)
+    variance = (torch.rand(in_channels, generator=generator, dtype=F64) + 0.05).to(dtype)
+    grad_mean, grad_variance = (torch.randn(rows, generator=generator, dtype=F64).to(dtype) for _ in range(2))
+    fraction, pairs = (None, None) if coverage is None else coverage
+    parameters = native.parameters(inputs, taps_count, in_channels // inputs)
+    taps = torch.empty(rows, taps_count, dtype=F64)
+    out_mean, out_variance = torch.empty(rows, dtype=dtype), torch.empty(rows, dtype=dtype)
+    grad_weight = torch.empty_like(matrix)
+    grad_input_mean, grad_input_variance = torch.empty(in_channels, dtype=F64), torch.empty(in_channels, dtype=F64)
+    forward = (matrix, mean, variance, fraction, pairs, parameters)
+    calls = [
+        ("affine_moments", (*forward, taps, out_mean, out_variance)),
+        ("affine_moments_backward", (*forward, taps, grad_mean, grad_variance, grad_weight, grad_input_mean,
+                                     grad_input_variance)),
+    ]  # fmt: skip
+    for name, tensors in calls:
+        if library is None:
+            native.call(name, *tensors, count=rows)
+            continue
+        function = getattr(library, f"bkn_{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+        function.restype = None
+        function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * len(tensors)
+        function(rows, *[None if t is None else t.data_ptr() for t in tensors])
+    return [taps, out_mean, out_variance, grad_weight, grad_input_mean, grad_input_variance]

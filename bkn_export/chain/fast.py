@@ -57,7 +57,7 @@ forms described above. So does :func:`affine_moments` (``csrc/affine.c``): one p
 Σ_i S σ² together, no W∘W) and one backward (∂W written, ∂μ and ∂σ² accumulated), in double,
 with one torch thread or W up to :data:`_AFFINE_NATIVE_WEIGHTS` elements (the kernel is
 single-threaded; beyond, ATen's multi-threaded ops), an unpadded 1×1 / Linear up to
-:data:`_AFFINE_NATIVE_MATRIX` (beyond, BLAS matrix-vector products are as fast); on CUDA its
+:data:`_AFFINE_NATIVE_MATRIX` (measured: the kernel ahead of BLAS up to there); on CUDA its
 Triton twin, whatever the size. Under
 ``create_graph=True`` each backward instead recomputes its forward with autograd and
 differentiates that, so second and higher derivatives are the reference's.
@@ -266,15 +266,19 @@ def _differentiated(
     return tuple(result)
 
 
-#: The most weight elements for which :class:`_AffineMoments` runs its C kernels while torch has several
-#: threads (the kernels run on one; with one torch thread they always run). Beyond, ATen's multi-threaded ops.
-#: Measured forward + backward on two cores (µs, kernel against ATen on 2 threads): 128 → 128 3×3 (147k)
-#: 240 / 350, 256 → 256 3×3 (590k) 720 / 1000 (about break-even); a quarter of that for more cores.
-_AFFINE_NATIVE_WEIGHTS = 1 << 17
+#: The most weight elements for which :class:`_AffineMoments` runs its C kernels while torch has several threads (the
+#: kernels run on one; with one torch thread they always run). Beyond, ATen's multi-threaded ops. Measured forward +
+#: backward on two cores, float32 (µs, kernel against ATen on 2 threads, benchmarks/bench_affine_moments.py
+#: --threads 2 --large): 3×3 128 → 128 (147k) 153 / 310, 256 → 256 (590k) 555 / 1307, 512 → 512 (2.4M) 2590 / 5400;
+#: 1×1 1280 × 320 (410k) 238 / 248, 2048 × 512 (1M) 517 / 501 (break-even), 1280 × 960 (1.2M) 720-1770 / 1040-1190.
+#: ATen's ops scale with threads and the kernels do not: 1×1's break-even, below 3×3's on more cores.
+_AFFINE_NATIVE_WEIGHTS = 1 << 20
 #: The most weight elements for which an unpadded 1×1 conv or Linear (K = 1, no coverage tables) runs the
-#: C kernels: beyond, ATen's BLAS matrix-vector products are as fast on one thread (measured, forward +
-#: backward, µs, kernel against PyTorch: 512 × 128 130 / 135, 1024 × 128 188 / 186, 960 × 160 205 / 201).
-_AFFINE_NATIVE_MATRIX = 1 << 16
+#: C kernels: beyond, ATen's BLAS matrix-vector products (larger than measured). Measured on one thread, forward +
+#: backward, float32 (µs, kernel against PyTorch): 512 × 128 101 / 116, 960 × 160 132 / 165, 1152 × 192 165 / 209,
+#: 1280 × 320 256 / 330, 2048 × 512 (1M) 670-720 / 970-1020, 1280 × 960 (1.2M) 1590-1700 / 3210-4550: the kernel
+#: ahead throughout.
+_AFFINE_NATIVE_MATRIX = 1 << 21
 #: The most taps K for which the C kernels run: they keep O(K) doubles per row on the C stack (about 100 K bytes
 #: backward; a 2¹⁹-tap Conv1d overflowed it), so that a thread's smaller stack holds them too. 7×7×7 is 343.
 _AFFINE_NATIVE_TAPS = 512
