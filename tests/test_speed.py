@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from bkn_export import KalmanOptions, convert_batchnorm, moments, native
-from bkn_export.chain import fast, transitions
+from bkn_export.chain import fast
 from bkn_export.chain.steps import Affine, Elementwise, Gate, Pool
 
 F64 = torch.float64
@@ -301,18 +301,19 @@ def test_a_train_step_with_fused_forms_equals_the_reference() -> None:
 def test_a_path_shared_by_later_layers_is_pushed_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """norms[1] and norms[2] both see convs[0]'s output: its moments are computed once per forward."""
     model = _dense_model()
-    pushed: list[tuple[Any, ...]] = []
-    original = transitions.predict_steps
+    pushed: list[Tensor] = []  # the weight of each conv a path's moments go through
+    original = fast._AffineMoments.forward
 
-    def counting(steps: Any, *args: Any) -> Any:
-        pushed.append(steps)
-        return original(steps, *args)
+    def counting(ctx: Any, weight: Tensor, *args: Any) -> Any:
+        pushed.append(weight)
+        return original(ctx, weight, *args)
 
-    monkeypatch.setattr(transitions, "predict_steps", counting)
+    # Whether the conv's moments run as their own node or as a stage of a path's head (path_moments).
+    monkeypatch.setattr(fast._AffineMoments, "forward", staticmethod(counting))
     model(torch.randn(2, 3, 6, 6, dtype=F64))
     # norms[0] → relu → convs[0] (read by norms[1] and norms[2]) and norms[1] → relu → convs[1];
     # norm0's output reaches every dense layer with no steps. Without the memo: 3 pushes.
-    assert len(pushed) == len(set(pushed)) == 2
+    assert len(pushed) == len({id(w) for w in pushed}) == 2
     pushed.clear()
     model(torch.randn(2, 3, 6, 6, dtype=F64))
     assert len(pushed) == 2  # a new forward pushes its own posteriors

@@ -91,10 +91,12 @@ from bkn_export.chain.steps import Affine, Elementwise, Gate, Moments, Spatial, 
 
 __all__ = [
     "affine_moments",
+    "elementwise_function",
     "elementwise_moments",
     "gate_product",
     "gauss_hermite_moments",
     "piecewise_moments",
+    "predict_grouped",
     "predict_steps",
     "reference_only",
     "relu_moments",
@@ -938,6 +940,12 @@ def gauss_hermite_moments(kind: str, mean: Tensor, variance: Tensor, **params: A
 
 
 def _gauss_hermite(plan: tuple[Any, ...], mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+    return _GaussHermiteMoments.apply(mean, variance, *_gauss_hermite_constants(plan, mean))  # type: ignore[no-any-return]
+
+
+def _gauss_hermite_constants(plan: tuple[Any, ...], mean: Tensor) -> tuple[str, Tensor, Tensor, Tensor]:
+    """:class:`_GaussHermiteMoments`' arguments after (mean, variance): the kind, the rule's points and weights
+    in ``mean``'s dtype and device, the kernels' parameters."""
     _, name, nodes = plan
     key = (nodes, mean.dtype, mean.device)
     rule = _HERMITE.get(key)
@@ -947,8 +955,7 @@ def _gauss_hermite(plan: tuple[Any, ...], mean: Tensor, variance: Tensor) -> tup
         if len(_HERMITE) >= moments._CACHE_SIZE:
             _HERMITE.clear()
         _HERMITE[key] = rule
-    parameters = _hermite_parameters(name, nodes)
-    return _GaussHermiteMoments.apply(mean, variance, name, *rule, parameters)  # type: ignore[no-any-return]
+    return name, *rule, _hermite_parameters(name, nodes)
 
 
 #: What the fused forms do per (kind, sorted params): ("relu",), ("piecewise", plan), or None (the
@@ -978,21 +985,33 @@ def _plan(kind: str, params: tuple[tuple[str, Any], ...]) -> tuple[Any, ...] | N
     return plan
 
 
+def elementwise_function(
+    kind: str, params: tuple[tuple[str, Any], ...], mean: Tensor
+) -> tuple[type[torch.autograd.Function], tuple[Any, ...]] | None:
+    """The fused moments Function of an activation and its constant arguments after (mean, variance) (params:
+    sorted (name, value) pairs, as :class:`~bkn_export.chain.steps.Elementwise` holds them; the constants are
+    built for ``mean``'s dtype, device and rank), or None where none applies."""
+    plan = _plan(kind, params)
+    if plan is None:
+        return None
+    if plan[0] == "relu":
+        return _ReluMoments, ()
+    if plan[0] == "smooth":
+        return _GaussHermiteMoments, _gauss_hermite_constants(plan, mean)
+    return _PiecewiseMoments, (_piecewise_table(plan[1], mean.dtype, mean.device, mean.dim()),)
+
+
 def elementwise_moments(
     kind: str, params: tuple[tuple[str, Any], ...], mean: Tensor, variance: Tensor
 ) -> tuple[Tensor, Tensor] | None:
     """:func:`bkn_export.moments.elementwise_moments` through the fused forms (params: sorted
     (name, value) pairs, as :class:`~bkn_export.chain.steps.Elementwise` holds them), or None
     where none applies."""
-    plan = _plan(kind, params)
-    if plan is None:
+    found = elementwise_function(kind, params, mean)
+    if found is None:
         return None
-    if plan[0] == "relu":
-        return relu_moments(mean, variance)
-    if plan[0] == "smooth":
-        return _gauss_hermite(plan, mean, variance)
-    table = _piecewise_table(plan[1], mean.dtype, mean.device, mean.dim())
-    return _PiecewiseMoments.apply(mean, variance, table)  # type: ignore[no-any-return]
+    function, constants = found
+    return function.apply(mean, variance, *constants)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- squeeze-and-excitation product
@@ -1099,8 +1118,17 @@ def predict_steps(
     steps: tuple[Step, ...], mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]
 ) -> Moments:
     """:func:`bkn_export.chain.steps.predict_steps`, with the fused forms where they apply (module docstring)."""
+    # Runs of linear steps that need it become one exact LinearRun (PRIOR).
+    return predict_grouped(linear_runs(steps, modules), mean, variance, spatial, modules)
+
+
+def predict_grouped(
+    steps: tuple[Step, ...], mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]
+) -> Moments:
+    """:func:`predict_steps` on steps already grouped by :func:`~bkn_export.chain.steps.linear_runs` (or a suffix
+    of such a tuple)."""
     fused = uses_fused(mean)
-    for step in linear_runs(steps, modules):  # runs of linear steps that need it: one exact LinearRun (PRIOR)
+    for step in steps:
         result = _fused_step(step, mean, variance, spatial, modules) if fused else None
         if result is None:
             result = step.predict(mean, variance, spatial, modules)

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from bkn_export import fast_prior
 from bkn_export import functional as Fk
-from bkn_export.chain.fast import predict_steps
+from bkn_export.chain import path_moments
 from bkn_export.chain.record import SourcePath
 from bkn_export.chain.scope import ChainScratch, Published
 from bkn_export.chain.steps import Gate, LinearRun, Step, apply_steps
@@ -225,17 +225,65 @@ class Transition:
     ) -> dict[str, PriorSource] | None:
         """Each source normalization's Gaussian, or None if one did not publish in this call
         (taken from ``memo`` where this call already computed it from the same published entry)."""
-        gaussians = {}
-        prior_source = self.wiring.prior_source
-        for name in self.wiring.source_names:
-            entry = published.get(name)
-            if entry is None:
-                return None
-            key = ("source gaussian", name, prior_source)  # path keys have 4 elements
-            gaussians[name] = _remembered(
-                memo, key, entry, functools.partial(source_gaussian, name, entry, prior_source)
-            )
-        return gaussians
+        gaussians = _SourceGaussians.of(self.wiring, published, memo)
+        return None if gaussians is None else dict(gaussians.items())
+
+
+class _SourceGaussians(Mapping[str, PriorSource]):
+    """Each source normalization's Gaussian for one call (:func:`source_gaussian`), computed on first use or
+    taken from the call's memo, or :meth:`offer` ed by a path that computed it on its way
+    (:func:`bkn_export.chain.path_moments.predict_source_path`). Iterates in the wiring's source order."""
+
+    def __init__(
+        self, wiring: Wiring, published: Mapping[str, Published], memo: MutableMapping[Any, Any] | None
+    ) -> None:
+        self._names = wiring.source_names
+        self._prior_source = wiring.prior_source
+        self._published = published
+        self._memo = memo
+        self._values: dict[str, PriorSource] = {}
+
+    @classmethod
+    def of(
+        cls, wiring: Wiring, published: Mapping[str, Published], memo: MutableMapping[Any, Any] | None
+    ) -> _SourceGaussians | None:
+        """None if a source did not publish in this call."""
+        if any(published.get(name) is None for name in wiring.source_names):
+            return None
+        return cls(wiring, published, memo)
+
+    def _key(self, name: str) -> tuple[str, str, str]:
+        return ("source gaussian", name, self._prior_source)  # path keys have 4 elements
+
+    def __getitem__(self, name: str) -> PriorSource:
+        value = self._values.get(name)
+        if value is None:
+            entry = self._published[name]
+            compute = functools.partial(source_gaussian, name, entry, self._prior_source)
+            value = self._values[name] = _remembered(self._memo, self._key(name), entry, compute)
+        return value
+
+    def known(self, name: str) -> PriorSource | None:
+        """The Gaussian where this call already has it (here or in the memo), without computing it."""
+        value = self._values.get(name)
+        if value is None and self._memo is not None:
+            hit = self._memo.get(self._key(name))
+            if hit is not None and hit[0] is self._published[name]:
+                value = self._values[name] = hit[1]
+        return value
+
+    def offer(self, name: str, gaussian: PriorSource) -> None:
+        """A Gaussian computed elsewhere from this call's published entry (kept unless one is known)."""
+        if self.known(name) is None:
+            self._values[name] = gaussian
+            if self._memo is not None:
+                self._memo[self._key(name)] = (self._published[name], gaussian)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 _Value = TypeVar("_Value")
@@ -274,10 +322,10 @@ class _PathTransition(Transition):
         memo: MutableMapping[Any, Any] | None = None,
         absent: AbstractSet[int] = frozenset(),
     ) -> Prior | None:
-        gaussians = self._gaussians(published, memo)
+        wiring = self.wiring
+        gaussians = _SourceGaussians.of(wiring, published, memo)  # computed as the paths need them
         if gaussians is None:
             return None
-        wiring = self.wiring
         parts = [
             None if index in absent else self._source_part(path, gaussians, modules, published, memo)
             for index, path in enumerate(wiring.sources)
@@ -320,6 +368,9 @@ class Propagate(_PathTransition):
                 lambda: self._source_part(path, gaussians, modules, published, None),
             )
         if path.normalization is not None:
+            head = self._fused_head(path, gaussians, modules, published)
+            if head is not None:
+                return head
             entry = gaussians[path.normalization]
             start = _Part(entry.mean, entry.variance, tuple(entry.shape[2:]), None)
         elif path.origin is not None:
@@ -333,8 +384,35 @@ class Propagate(_PathTransition):
             return None
         if not path.steps:
             return start
-        mean, variance, spatial = predict_steps(path.steps, start.mean, start.variance, start.spatial, modules)
+        mean, variance, spatial = path_moments.predict_steps(
+            path.steps, start.mean, start.variance, start.spatial, modules
+        )
         return _Part(mean, variance, tuple(spatial), None)
+
+    def _fused_head(
+        self,
+        path: SourcePath,
+        gaussians: Mapping[str, PriorSource],
+        modules: Mapping[str, nn.Module],
+        published: Mapping[str, Published],
+    ) -> _Part | None:
+        """The path's moments with its head (the source's output variance, an activation, a conv / Linear) as one
+        autograd node (:func:`bkn_export.chain.path_moments.predict_source_path`), or None where that does not
+        apply. Starts from the source's Gaussian where this call already has it; else computes it on the way and
+        offers it to ``gaussians`` (one computation per source and call, as before)."""
+        name = path.normalization
+        if not path.steps or name is None or not isinstance(gaussians, _SourceGaussians):
+            return None
+        known = gaussians.known(name)
+        entry = published[name]
+        start = None if known is None else (known.mean, known.variance)
+        output_gaussian = self.wiring.prior_source == "output"
+        found = path_moments.predict_source_path(entry, start, output_gaussian, path.steps, modules)
+        if found is None:
+            return None
+        if known is None:
+            gaussians.offer(name, PriorSource(name, *found.gaussian, tuple(entry.input_shape)))
+        return _Part(found.mean, found.variance, found.spatial, None)
 
 
 class Sampled(_PathTransition):
