@@ -4,7 +4,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
         [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
-        [--profile N] [--count-ops] [--reference-moments] [--no-native] [--compare-native]
+        [--profile N] [--count-ops] [--reference-moments] [--no-native] [--compare-native] [--steady-malloc]
 
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
@@ -26,6 +26,12 @@ same interleaved loop, a copy of the converted network stepped with the PyTorch 
 BatchNorm in the last two columns). ``--reference-moments`` runs every prediction
 through the reference :mod:`bkn_export.moments` instead of the fused eager forms of :mod:`bkn_export.chain.fast`
 (what the speed work is measured against).
+
+``--steady-malloc`` fixes glibc's allocator thresholds for the whole process (``mallopt``: no ``mmap`` for blocks
+below 32 MiB, no trimming, 256 MiB top pad; what ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=...
+MALLOC_TOP_PAD_=268435456`` would set) for BatchNorm and BKN alike: with the default dynamic thresholds, whether a
+step's activation-sized buffers come back as fresh pages (page faults) changes from run to run, and moved the same
+code's ratio by up to ±0.06 at 224×224 (benchmarks/RESULTS.md); the header says which ran.
 
 The networks come from packages installed without torchvision (``pip install --no-deps monai efficientnet-pytorch
 geffnet``); a network whose package is missing is reported and skipped.
@@ -244,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare-native", action="store_true", help="also time BKN with the PyTorch forms, interleaved"
     )
+    parser.add_argument(
+        "--steady-malloc", action="store_true", help="fix glibc's malloc thresholds (fewer page faults, less noise)"
+    )
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         if args.reference_moments:
@@ -255,8 +264,29 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+#: glibc's ``mallopt`` parameters (malloc.h): M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def _steady_malloc() -> str:
+    """Fix glibc's allocator thresholds (see the module docstring); says what it did."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return "default (no glibc mallopt here)"
+    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 256 << 20))
+    if not all(mallopt(parameter, value) == 1 for parameter, value in settings):
+        return "default (mallopt refused)"
+    return "steady (mmap threshold 32 MiB, no trim, top pad 256 MiB)"
+
+
 def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    allocator = _steady_malloc() if args.steady_malloc else "default (glibc's dynamic thresholds)"
     clock = time.process_time if args.clock == "process" else time.perf_counter
     names = [n for n in args.networks.split(",") if n]
     unknown = [n for n in names if n not in NETWORKS]
@@ -280,6 +310,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     rows: list[Row] = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock={args.clock}, input {args.size}x{args.size}")
+    print(f"malloc: {allocator}")
     print(f"bkn_export.native: {native.status() if native.takes(torch.zeros(1)) else 'off (PyTorch forms)'}")
     extra = f" {'BKN-PyTorch ms':>15} {'ratio':>7}" if args.compare_native else ""
     print(f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7}{extra}")
@@ -304,7 +335,8 @@ def _run(args: argparse.Namespace) -> int:
 
         rows_out = [asdict(r) | {"ratio": r.ratio} for r in rows]
         native_line = native.status() if native.takes(torch.zeros(1)) else "off (PyTorch forms)"
-        payload = {"torch": torch.__version__, "native": native_line, "args": vars(args), "rows": rows_out}
+        payload: dict[str, Any] = {"torch": torch.__version__, "native": native_line, "malloc": allocator}
+        payload |= {"args": vars(args), "rows": rows_out}
         write_text_atomic(args.json, json.dumps(payload, indent=2))
     return 0
 
