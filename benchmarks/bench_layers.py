@@ -16,7 +16,10 @@ For each shape (N, C, H, W) it times, interleaved in rotating order within every
   normalization and the gradients into the predecessor's posterior and the conv weights;
 * ``reference``  — (with ``--reference``) the functional reference under autograd, for scale;
 * ``bkn-first-3pass`` — (with ``--three-pass``) ``bkn-first`` with ∂L/∂x built by ATen's three passes
-  instead of the one-pass C kernel (:func:`bkn_export.cpu_kernels.aten_input_gradient`).
+  instead of the one-pass C kernel (:func:`bkn_export.cpu_kernels.aten_input_gradient`);
+* ``bkn-wired-separate`` — (with ``--separate-heads``) ``bkn-wired`` with its path's head (the source's output
+  variance, ReLU's and the conv's moments) as separate autograd nodes instead of one
+  (:func:`bkn_export.chain.path_moments.separate`).
 
 One timed sample is ``--steps`` train steps; the figure is the median over ``--repeats``
 samples, printed in ms and as a ratio to BatchNorm. The default clock is this process's
@@ -38,6 +41,7 @@ from torch import nn
 
 from bkn_export import BatchKalmanNorm2d, cpu_kernels, wire_chain
 from bkn_export import functional as Fk
+from bkn_export.chain import path_moments
 from bkn_export.chain.scope import Published, forward_scope
 
 DEFAULT_SHAPES = ((8, 64, 32, 32), (2, 256, 14, 14), (32, 128, 16, 16))
@@ -113,6 +117,14 @@ def _bkn_wired_step(shape: tuple[int, ...]) -> Callable[[], None]:
     return step
 
 
+def _separate_heads(step: Callable[[], None]) -> Callable[[], None]:
+    def stepped() -> None:
+        with path_moments.separate():
+            step()
+
+    return stepped
+
+
 def _three_pass(step: Callable[[], None]) -> Callable[[], None]:
     def stepped() -> None:
         with cpu_kernels.aten_input_gradient():
@@ -154,6 +166,7 @@ def measure(
     reference: bool,
     clock: Callable[[], float] = time.process_time,
     three_pass: bool = False,
+    separate_heads: bool = False,
 ) -> dict[str, float]:
     """Median seconds per train step of each variant on ``shape``, interleaved."""
     variants: dict[str, Callable[[], None]] = {
@@ -166,6 +179,8 @@ def measure(
         variants["reference"] = _reference_step(shape)
     if three_pass:
         variants["bkn-first-3pass"] = _three_pass(_bkn_first_step(shape))
+    if separate_heads:
+        variants["bkn-wired-separate"] = _separate_heads(_bkn_wired_step(shape))
     names = list(variants)
     for name in names:  # warm up allocator and caches
         _time(variants[name], 2)
@@ -192,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--three-pass", action="store_true", help="also time bkn-first with ATen's three passes for the input gradient"
     )
+    parser.add_argument(
+        "--separate-heads", action="store_true", help="also time bkn-wired with its path head as separate nodes"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -201,12 +219,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     header = f"{'shape (N, C, H, W)':<22}{'batchnorm ms':>14}"
     header += f"{'unwired ms':>14}{'ratio':>7}{'bkn-first ms':>14}{'ratio':>7}{'bkn-wired ms':>14}{'ratio':>7}"
-    extra = (*(("reference",) if args.reference else ()), *(("bkn-first-3pass",) if args.three_pass else ()))
+    extra = (
+        *(("reference",) if args.reference else ()),
+        *(("bkn-first-3pass",) if args.three_pass else ()),
+        *(("bkn-wired-separate",) if args.separate_heads else ()),
+    )
     for name in extra:
         header += f"{name + ' ms':>{max(14, len(name) + 5)}}{'ratio':>7}"
     print(header)
     for shape in args.shapes:
-        result = measure(shape, args.repeats, args.steps, args.reference, CLOCKS[args.clock], args.three_pass)
+        result = measure(
+            shape, args.repeats, args.steps, args.reference, CLOCKS[args.clock], args.three_pass, args.separate_heads
+        )
         base = result["batchnorm"]
         line = f"{shape!s:<22}{base * 1e3:>14.3f}"
         for name in ("bkn-unwired", "bkn-first", "bkn-wired", *extra):
