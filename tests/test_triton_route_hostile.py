@@ -80,15 +80,26 @@ _STEPS: dict[str, tuple[str, str, dict[str, Any], set[str]]] = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("heads", ["separate", "fused"])
 @pytest.mark.parametrize("name", _STEPS)
-def test_step_on_the_triton_route_matches_the_cpu_route(interpreter: InterpreterProcess, name: str) -> None:
+def test_step_on_the_triton_route_matches_the_cpu_route(interpreter: InterpreterProcess, name: str, heads: str) -> None:
+    """Each case with every path head's stages as their own twins ("separate": the twins named in _STEPS must run)
+    and with the fused path-head kernels ("fused": they must run, and the heads' twins then need not)."""
     case, dtype, options, twins = _STEPS[name]
+    options = {**options, "heads": heads}
     child = interpreter.call("support.triton_hostile:network_step", case, dtype, 1, **options)
     launches = child["launches"]
     forward_only = options.get("mode") in ("no_grad", "inference")
-    assert "affine_moments" in launches and "relu_moments" in launches, "the twins did not run"
-    assert forward_only != ("relu_moments_backward" in launches)
-    assert twins <= set(launches), sorted(launches)
+    if heads == "separate":
+        assert "affine_moments" in launches and "relu_moments" in launches, "the twins did not run"
+        assert forward_only != ("relu_moments_backward" in launches)
+        assert twins <= set(launches), sorted(launches)
+    else:
+        assert "path_moments" in launches, "the fused heads did not run"
+        if options.get("mode", "grad") == "grad":
+            assert "path_moments_backward" in launches, sorted(launches)
+        elif forward_only:
+            assert "path_moments_backward" not in launches, sorted(launches)
     here = triton_hostile.network_step(case, dtype, 1, **options)
     assert here["launches"] == {}
     if dtype == "float64":
@@ -158,6 +169,8 @@ def test_train_steps_read_no_data_on_the_host(interpreter: InterpreterProcess) -
         ("kernels/affine_moments.py", "_geometry"),
         ("kernels/elementwise_moments.py", "_table"),
         ("kernels/prior_moments.py", "_first_parameter"),
+        ("kernels/path_moments.py", "_activation_taken"),  # the header of a CPU piece / Gauss–Hermite table
+        ("kernels/path_moments.py", "path_moments_take"),  # the CPU [B, K, groups] of an affine stage
     }
     for case in ("grouped", "plain_norms"):
         reads = interpreter.call("support.triton_hostile:host_reads", case)

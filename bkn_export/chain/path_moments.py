@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from bkn_export import fast_prior
+from bkn_export import fast_prior, kernels, native, per_channel
 from bkn_export.chain import fast
 from bkn_export.chain.scope import Published
 from bkn_export.chain.steps import Affine, Elementwise, Moments, Spatial, Step, linear_runs
@@ -97,6 +97,18 @@ class _PathMoments(torch.autograd.Function):
         ctx.plan = plan
         ctx.save_for_backward(mean, variance, source_weight, weight, bias)  # checked for in-place changes
         ctx.set_materialize_grads(False)  # v0 mostly reaches no loss: no zeros made for it
+        ctx.fused = _fused_arguments(plan, mean, variance, source_weight, weight, bias)
+        if ctx.fused is not None:  # CUDA: one Triton launch for the whole head
+            launcher = kernels.path_kernels()
+            assert launcher is not None
+            with per_channel._launching_on(variance):
+                out_mean, out_variance, fused_gaussian, taps = launcher.path_moments(*ctx.fused)
+            ctx.fused = (ctx.fused, taps)
+            ctx.stages = None
+            if fused_gaussian is None:
+                fused_gaussian = variance.new_empty(0)
+                ctx.mark_non_differentiable(fused_gaussian)
+            return out_mean, out_variance, fused_gaussian
         needs = ctx.needs_input_grad
         stages: list[_StageContext | None] = [None, None, None]
         gaussian = None
@@ -132,6 +144,21 @@ class _PathMoments(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the separate Functions, differentiated again
             grads = (grad_mean, grad_variance, grad_gaussian)
             return (None, *_differentiated(plan, saved, grads, ctx.needs_input_grad))
+        if ctx.fused is not None:  # CUDA: two Triton launches (the rows' pass, then the inputs')
+            arguments, taps = ctx.fused
+            launcher = kernels.path_kernels()
+            assert launcher is not None
+            with per_channel._launching_on(saved[1]):
+                grads = launcher.path_moments_backward(
+                    *arguments, taps, grad_mean, grad_variance, grad_gaussian,
+                    weight_shape=None if saved[3] is None else tuple(saved[3].shape),
+                )  # fmt: skip
+            grad_mean_in, grad_variance_in, grad_source_weight, grad_weight, grad_bias = grads
+            needs = ctx.needs_input_grad
+            return (
+                None, grad_mean_in, grad_variance_in, grad_source_weight if needs[3] else None,
+                grad_weight if needs[4] else None, grad_bias if needs[5] else None,
+            )  # fmt: skip
         outvar, activation, affine = ctx.stages
         grad_weight = grad_bias = grad_source_weight = None
         if plan.affine is not None:
@@ -146,6 +173,44 @@ class _PathMoments(torch.autograd.Function):
                 grad_variance = torch.zeros_like(saved[1])
             grad_variance, grad_source_weight = fast_prior._OutputVariance.backward(outvar, grad_variance)[:2]
         return None, grad_mean, grad_variance, grad_source_weight, grad_weight, grad_bias
+
+
+def _fused_arguments(
+    plan: PathPlan,
+    mean: Tensor,
+    variance: Tensor,
+    source_weight: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[Any, ...] | None:
+    """The arguments of :func:`bkn_export.kernels.path_moments.path_moments` for this head where its fused
+    kernels take it (the Triton route: CUDA; every stage a kernel the twins would run), else None (the stages)."""
+    if not (per_channel.triton_route(variance) and native.enabled()):
+        return None
+    launcher = kernels.path_kernels()
+    if launcher is None:
+        return None
+    activation: tuple[str, Tensor | None] | None = None
+    if plan.activation is not None:
+        function, constants = plan.activation
+        if function is fast._ReluMoments:
+            activation = ("relu", None)
+        elif function is fast._PiecewiseMoments and constants[0].native is not None:
+            activation = ("piecewise", constants[0].native)
+        elif function is fast._GaussHermiteMoments and constants[3] is not None:
+            activation = ("smooth", constants[3])
+        else:
+            return None
+    matrix = parameters = fraction = pairs = None
+    if plan.affine is not None:
+        assert weight is not None
+        fraction, pairs = plan.affine
+        matrix = fast._taps_view(weight)
+        parameters = fast._native_affine(matrix, mean, variance, fraction, pairs)
+        if parameters is None:
+            return None
+    arguments = (mean, variance, source_weight, plan.eps, activation, matrix, fraction, pairs, parameters, bias)
+    return arguments if launcher.path_moments_take(*arguments) else None
 
 
 def _separate(

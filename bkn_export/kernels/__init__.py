@@ -30,6 +30,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "launchers",
     "moment_kernels_take",
     "moment_launchers",
+    "path_kernels",
     "triton_device",
     "triton_installed",
     "uses_kernels",
@@ -147,6 +149,15 @@ def moment_launchers() -> Mapping[str, Callable[..., None]] | None:
         )
         return None
     return found
+
+
+@functools.cache
+def path_kernels() -> ModuleType | None:
+    """:mod:`bkn_export.kernels.path_moments` (a prediction path's head in one launch each way), imported on first
+    use; None where Triton cannot be imported (:func:`moment_launchers` warns)."""
+    if not triton_installed() or moment_launchers() is None:
+        return None
+    return importlib.import_module(f"{__name__}.path_moments")
 
 
 def moment_kernels_take(kernel: str, *tensors: Tensor | None) -> bool:

@@ -153,15 +153,13 @@ def _rows_border(
 
 
 @triton.jit
-def _affine_forward_kernel(
+def _affine_forward_rows(
     weight_ptr,
     mean_ptr,
     variance_ptr,
     fraction_ptr,
     pairs_ptr,
     taps_ptr,
-    out_mean_ptr,
-    out_variance_ptr,
     rows_total,
     B,
     K,
@@ -172,7 +170,8 @@ def _affine_forward_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Rows o of this program's BLOCK_O lanes (any groups): T[o, :] into ``taps``, then M_o and V_o."""
+    """The body of :func:`_affine_forward_kernel` (also run by ``kernels.path_moments``): T[o, :] into ``taps``
+    for the rows o of this program's BLOCK_O lanes (any groups); returns (rows, row_mask, M, V) in float64."""
     rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     row_mask = rows < rows_total
     inputs = (rows // per_group) * B  # the first input of each lane's group
@@ -204,12 +203,40 @@ def _affine_forward_kernel(
     mean, spread = _rows_border(taps_ptr, rows, row_mask, fraction_ptr, pairs_ptr, K, HAS_TABLES, BLOCK_O, BLOCK_U,
                                 BLOCK_T)  # fmt: skip
     variance = tl.sum(square_lanes, axis=1) + tl.where(spread < 0.0, 0.0, spread)  # NaN stays NaN, as in C
+    return rows, row_mask, mean, variance
+
+
+@triton.jit
+def _affine_forward_kernel(
+    weight_ptr,
+    mean_ptr,
+    variance_ptr,
+    fraction_ptr,
+    pairs_ptr,
+    taps_ptr,
+    out_mean_ptr,
+    out_variance_ptr,
+    rows_total,
+    B,
+    K,
+    per_group,
+    HAS_TABLES: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Rows o of this program's BLOCK_O lanes (any groups): T[o, :] into ``taps``, then M_o and V_o."""
+    rows, row_mask, mean, variance = _affine_forward_rows(
+        weight_ptr, mean_ptr, variance_ptr, fraction_ptr, pairs_ptr, taps_ptr, rows_total, B, K, per_group,
+        HAS_TABLES, BLOCK_O, BLOCK_I, BLOCK_U, BLOCK_T,
+    )  # fmt: skip
     tl.store(out_mean_ptr + rows, mean.to(out_mean_ptr.dtype.element_ty), mask=row_mask)
     tl.store(out_variance_ptr + rows, variance.to(out_variance_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
-def _affine_backward_kernel(
+def _affine_backward_program(
     weight_ptr,
     mean_ptr,
     variance_ptr,
@@ -319,6 +346,44 @@ def _affine_backward_kernel(
         sum_s2 = tl.sum(grad_s2, axis=0)
     tl.store(input_mean_ptr + out, sum_mu.to(input_mean_ptr.dtype.element_ty), mask=out_mask)
     tl.store(input_variance_ptr + out, sum_s2.to(input_variance_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _affine_backward_kernel(
+    weight_ptr,
+    mean_ptr,
+    variance_ptr,
+    fraction_ptr,
+    pairs_ptr,
+    taps_ptr,
+    grad_mean_ptr,
+    grad_variance_ptr,
+    grad_weight_ptr,
+    input_mean_ptr,
+    input_variance_ptr,
+    B,
+    K,
+    groups,
+    per_group,
+    chunks,
+    rows_per_program,
+    inputs_total,
+    HAS_TABLES: tl.constexpr,
+    HAS_GRAD_MEAN: tl.constexpr,
+    HAS_GRAD_VARIANCE: tl.constexpr,
+    ACROSS_GROUPS: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """∂W of some rows and the sums of ∂μ, ∂σ² over them: :func:`_affine_backward_program` (the body, also run by
+    ``kernels.path_moments``)."""
+    _affine_backward_program(
+        weight_ptr, mean_ptr, variance_ptr, fraction_ptr, pairs_ptr, taps_ptr, grad_mean_ptr, grad_variance_ptr,
+        grad_weight_ptr, input_mean_ptr, input_variance_ptr, B, K, groups, per_group, chunks, rows_per_program,
+        inputs_total, HAS_TABLES, HAS_GRAD_MEAN, HAS_GRAD_VARIANCE, ACROSS_GROUPS, BLOCK_O, BLOCK_I, BLOCK_U, BLOCK_T,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -479,6 +479,35 @@ def _edge_z(edge, mean, s):
 
 
 @triton.jit
+def _piecewise_truncated(mean, s, lo_edge, hi_edge, ORDER: tl.constexpr):
+    """The truncated moments (I_0, I_1, I_2, I_3, I_4) of a (rows, pieces) tile (I_3 = I_4 = I_2 for ORDER 2,
+    unused there): :func:`_piecewise_forward_kernel`'s, also run by ``kernels.path_moments``."""
+    lo = _edge_z(lo_edge, mean, s)
+    hi = _edge_z(hi_edge, mean, s)
+    # erfc(±z/√2) on the side of the tail: 2Φ(−z) where lo > 0, else 2Φ(z).
+    sign = tl.where(lo > 0.0, 1.0, -1.0)
+    tail_lo = _erfc(sign * lo * 0.7071067811865475244008443621048490392848359376884740365883)
+    tail_hi = _erfc(sign * hi * 0.7071067811865475244008443621048490392848359376884740365883)
+    i0 = 0.5 * tl.where(lo > 0.0, tail_lo - tail_hi, tail_hi - tail_lo)
+    edge_lo = _pdf(lo)
+    edge_hi = _pdf(hi)
+    i1 = edge_lo - edge_hi
+    edge_lo = edge_lo * lo
+    edge_hi = edge_hi * hi
+    i2 = i0 + edge_lo - edge_hi
+    i3 = i2
+    i4 = i2
+    if ORDER == 4:
+        edge_lo = edge_lo * lo
+        edge_hi = edge_hi * hi
+        i3 = 2.0 * i1 + edge_lo - edge_hi
+        edge_lo = edge_lo * lo
+        edge_hi = edge_hi * hi
+        i4 = 3.0 * i2 + edge_lo - edge_hi
+    return i0, i1, i2, i3, i4
+
+
+@triton.jit
 def _piecewise_combine(mean, s, c0, c1, c2, i0, i1, i2, i3, i4, pieces_inside, ORDER: tl.constexpr):
     """(E, the unclamped Var, d0 − E, d1, d2) of a (rows, pieces) tile from its truncated moments."""
     d0 = c0 + c1 * mean
@@ -530,33 +559,13 @@ def _piecewise_forward_kernel(
     c2 = tl.load(table_ptr + 3 + 3 * PIECES + pieces, mask=on_piece, other=0.0)[None, :]
     mean = tl.load(mean_ptr + rows, mask=inside, other=0.0).to(tl.float64)
     s = _std(tl.load(variance_ptr + rows, mask=inside, other=1.0).to(tl.float64))
-    lo = _edge_z(lo_edge, mean[:, None], s[:, None])
-    hi = _edge_z(hi_edge, mean[:, None], s[:, None])
-    # erfc(±z/√2) on the side of the tail: 2Φ(−z) where lo > 0, else 2Φ(z).
-    sign = tl.where(lo > 0.0, 1.0, -1.0)
-    tail_lo = _erfc(sign * lo * 0.7071067811865475244008443621048490392848359376884740365883)
-    tail_hi = _erfc(sign * hi * 0.7071067811865475244008443621048490392848359376884740365883)
-    i0 = 0.5 * tl.where(lo > 0.0, tail_lo - tail_hi, tail_hi - tail_lo)
-    edge_lo = _pdf(lo)
-    edge_hi = _pdf(hi)
-    i1 = edge_lo - edge_hi
-    edge_lo = edge_lo * lo
-    edge_hi = edge_hi * hi
-    i2 = i0 + edge_lo - edge_hi
+    i0, i1, i2, i3, i4 = _piecewise_truncated(mean[:, None], s[:, None], lo_edge, hi_edge, ORDER)
     kept = kept_ptr + rows[:, None] * ((ORDER + 1) * PIECES) + pieces[None, :]
     kept_mask = inside[:, None] & pieces_inside
     tl.store(kept, i0, mask=kept_mask)
     tl.store(kept + PIECES, i1, mask=kept_mask)
     tl.store(kept + 2 * PIECES, i2, mask=kept_mask)
-    i3 = i2
-    i4 = i2
     if ORDER == 4:
-        edge_lo = edge_lo * lo
-        edge_hi = edge_hi * hi
-        i3 = 2.0 * i1 + edge_lo - edge_hi
-        edge_lo = edge_lo * lo
-        edge_hi = edge_hi * hi
-        i4 = 3.0 * i2 + edge_lo - edge_hi
         tl.store(kept + 3 * PIECES, i3, mask=kept_mask)
         tl.store(kept + 4 * PIECES, i4, mask=kept_mask)
     out_mean, spread, _centred, _d1, _d2 = _piecewise_combine(

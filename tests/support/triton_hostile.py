@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bkn_export import convert_batchnorm, native, per_channel
+from bkn_export.chain import path_moments
 from support.triton_steps import counted_launches, draw
 
 
@@ -105,11 +106,17 @@ CASES: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
 
 
 def _affine_geometry(name: str, args: tuple[Any, ...]) -> str | None:
-    """For the affine twin, which geometry took it: its parameters [B, K, groups]."""
-    if name != "affine_moments":
+    """For the affine twin or a fused path head with an affine stage, which geometry took it: the parameters
+    [B, K, groups] (the twin's sixth argument, the head's ninth)."""
+    if name == "affine_moments":
+        parameters = args[5]
+    elif name == "path_moments" and args[8] is not None:
+        parameters = args[8]
+    else:
         return None
-    inputs, taps, groups = (int(v) for v in args[5].tolist())
-    return f"affine B={inputs} K={taps} groups={groups}"
+    inputs, taps, groups = (int(v) for v in parameters.tolist())
+    prefix = "affine" if name == "affine_moments" else "path head"
+    return f"{prefix} B={inputs} K={taps} groups={groups}"
 
 
 def network_step(
@@ -122,6 +129,7 @@ def network_step(
     mode: str = "grad",
     steps: int = 1,
     poison: float = 0.0,
+    heads: str = "fused",
 ) -> dict[str, object]:
     """``steps`` train steps of case ``case`` in ``dtype``; returns outputs, gradients, buffers, twin calls.
 
@@ -130,7 +138,9 @@ def network_step(
     gradient), "all" (every parameter). mode: "grad" (backward of a weighted sum), "no_grad", "inference"
     (forward only, under that mode: running statistics still update), "double" (a create_graph backward,
     then the gradient of the gradients' squared norm), "eval" (eval mode, then as "grad": layers without
-    running statistics still normalise by the batch, with their prior)."""
+    running statistics still normalise by the batch, with their prior). heads: "fused" (a path's head as one
+    node: on the Triton route the fused kernels of ``kernels.path_moments``) or "separate"
+    (:func:`bkn_export.chain.path_moments.separate`: each stage's own twin)."""
     torch.manual_seed(seed)
     float_type = getattr(torch, dtype)
     net, shape = CASES[case]()
@@ -151,6 +161,8 @@ def network_step(
     with contextlib.ExitStack() as routes:
         if forms == "pytorch":
             routes.enter_context(native.disabled())
+        if heads == "separate":
+            routes.enter_context(path_moments.separate())
         if per_channel.triton_route(inputs[0]):
             routes.enter_context(counted_launches(counts, _affine_geometry))
         for index, x in enumerate(inputs):

@@ -66,14 +66,17 @@ def draw(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 def counted_launches(
     counts: collections.Counter[str], detail: Callable[[str, tuple[Any, ...]], str | None] | None = None
 ) -> Iterator[None]:
-    """Count the calls of each Triton twin (wrapping the launcher table's entries for the block); ``detail``
-    may name one more key to count for a call (its launcher name and positional arguments)."""
+    """Count the calls of each Triton twin (wrapping the launcher table's entries for the block) and of the fused
+    path-head launchers (``kernels.path_moments``: ``path_moments``, ``path_moments_backward``); ``detail`` may
+    name one more key to count for a call (its launcher name and positional arguments)."""
     table = kernels.moment_launchers()
-    if table is None:
+    path_module = kernels.path_kernels()
+    if table is None or path_module is None:
         yield
         return
     assert isinstance(table, dict)
     originals = dict(table)
+    path_originals = {name: getattr(path_module, name) for name in ("path_moments", "path_moments_backward")}
 
     def counting(name: str):  # type: ignore[no-untyped-def]
         launcher = originals[name]
@@ -87,11 +90,16 @@ def counted_launches(
 
         return run
 
-    table.update({name: counting(name) for name in originals})
+    originals.update(path_originals)
+    table.update({name: counting(name) for name in table})
+    for name in path_originals:
+        setattr(path_module, name, counting(name))
     try:
         yield
     finally:
-        table.update(originals)
+        table.update({name: originals[name] for name in table})
+        for name, launcher in path_originals.items():
+            setattr(path_module, name, launcher)
 
 
 def train_step(
