@@ -576,6 +576,38 @@ def _piecewise_forward_kernel(
 
 
 @triton.jit
+def _piecewise_stein(
+    m, s, c1, c2, centred, d1, d2, i0, i1, i2, i3, i4, twice, grad_mean, pieces_inside, ORDER: tl.constexpr
+):
+    """Stein's backward of the piecewise moments (:class:`bkn_export.chain.fast._PiecewiseMoments`), summed over
+    the pieces: (∂L/∂μ, ∂L/∂σ) from the truncated moments I_k, twice = 2 ∂Var (where the clamp passes) and ∂E,
+    all (·, 1) or (·, pieces) as the callers lay them out."""
+    e0 = c1 + 2.0 * c2 * m
+    shared = grad_mean + twice * centred
+    a0 = e0 * shared
+    a1 = twice * d1 * e0
+    piece_mean = a0 * i0
+    piece_std = a0 * i1
+    if ORDER == 4:
+        e1 = 2.0 * c2 * s
+        a1 = a1 + e1 * shared
+        a2 = twice * (d1 * e1 + d2 * e0)
+        a3 = twice * d2 * e1
+        piece_mean = piece_mean + a1 * i1
+        piece_std = piece_std + a1 * i2
+        piece_mean = piece_mean + a2 * i2
+        piece_std = piece_std + a2 * i3
+        piece_mean = piece_mean + a3 * i3
+        piece_std = piece_std + a3 * i4
+    else:
+        piece_mean = piece_mean + a1 * i1
+        piece_std = piece_std + a1 * i2
+    along_mean = tl.sum(tl.where(pieces_inside, piece_mean, 0.0), axis=1)
+    along_std = tl.sum(tl.where(pieces_inside, piece_std, 0.0), axis=1)
+    return along_mean, along_std
+
+
+@triton.jit
 def _piecewise_backward_kernel(
     mean_ptr,
     variance_ptr,
@@ -625,28 +657,9 @@ def _piecewise_backward_kernel(
         grad_mean_ptr, grad_variance_ptr, rows, inside, spread, HAS_GRAD_MEAN, HAS_GRAD_VARIANCE
     )
     twice = (2.0 * grad_variance)[:, None]
-    e0 = c1 + 2.0 * c2 * m
-    shared = grad_mean[:, None] + twice * centred
-    a0 = e0 * shared
-    a1 = twice * d1 * e0
-    piece_mean = a0 * i0
-    piece_std = a0 * i1
-    if ORDER == 4:
-        e1 = 2.0 * c2 * s[:, None]
-        a1 = a1 + e1 * shared
-        a2 = twice * (d1 * e1 + d2 * e0)
-        a3 = twice * d2 * e1
-        piece_mean = piece_mean + a1 * i1
-        piece_std = piece_std + a1 * i2
-        piece_mean = piece_mean + a2 * i2
-        piece_std = piece_std + a2 * i3
-        piece_mean = piece_mean + a3 * i3
-        piece_std = piece_std + a3 * i4
-    else:
-        piece_mean = piece_mean + a1 * i1
-        piece_std = piece_std + a1 * i2
-    along_mean = tl.sum(tl.where(pieces_inside, piece_mean, 0.0), axis=1)
-    along_std = tl.sum(tl.where(pieces_inside, piece_std, 0.0), axis=1)
+    along_mean, along_std = _piecewise_stein(
+        m, s[:, None], c1, c2, centred, d1, d2, i0, i1, i2, i3, i4, twice, grad_mean[:, None], pieces_inside, ORDER
+    )
     tl.store(grad_input_mean_ptr + rows, along_mean, mask=inside)
     grad_input_variance = tl.where(variance >= _variance_floor(), along_std / (2.0 * s), 0.0)
     tl.store(grad_input_variance_ptr + rows, grad_input_variance, mask=inside)

@@ -64,6 +64,7 @@ from bkn_export.kernels.elementwise_moments import (
     _hermite_kept,
     _hermite_moments,
     _piecewise_combine,
+    _piecewise_stein,
     _piecewise_truncated,
     _relu_terms,
     _std,
@@ -206,28 +207,10 @@ def _activation_backward(
             m, s[:, None], c0, c1, c2, i0, i1, i2, i3, i4, pieces_inside, ORDER
         )
         twice = (2.0 * tl.where(spread >= 0.0, grad_variance, 0.0))[:, None]
-        e0 = c1 + 2.0 * c2 * m
-        shared = grad_mean[:, None] + twice * centred
-        a0 = e0 * shared
-        a1 = twice * d1 * e0
-        piece_mean = a0 * i0
-        piece_std = a0 * i1
-        if ORDER == 4:
-            e1 = 2.0 * c2 * s[:, None]
-            a1 = a1 + e1 * shared
-            a2 = twice * (d1 * e1 + d2 * e0)
-            a3 = twice * d2 * e1
-            piece_mean = piece_mean + a1 * i1
-            piece_std = piece_std + a1 * i2
-            piece_mean = piece_mean + a2 * i2
-            piece_std = piece_std + a2 * i3
-            piece_mean = piece_mean + a3 * i3
-            piece_std = piece_std + a3 * i4
-        else:
-            piece_mean = piece_mean + a1 * i1
-            piece_std = piece_std + a1 * i2
-        along_mean = tl.sum(tl.where(pieces_inside, piece_mean, 0.0), axis=1)
-        along_std = tl.sum(tl.where(pieces_inside, piece_std, 0.0), axis=1)
+        along_mean, along_std = _piecewise_stein(
+            m, s[:, None], c1, c2, centred, d1, d2, i0, i1, i2, i3, i4, twice, grad_mean[:, None], pieces_inside,
+            ORDER,
+        )  # fmt: skip
         along_variance = tl.where(variance >= _variance_floor(), along_std / (2.0 * s), 0.0)
     elif ACTIVATION == 3:
         points, weights, nodes_inside = _hermite_rule(table_ptr, NODES, SUB_BLOCK)
