@@ -185,8 +185,9 @@ def test_large_weights_with_several_threads_run_the_pytorch_form() -> None:
 
 
 @needs_library
-def test_large_unpadded_matrices_run_the_pytorch_form() -> None:
-    """A 1×1 conv or Linear without coverage tables beyond _AFFINE_NATIVE_MATRIX: ATen's BLAS products."""
+def test_large_unpadded_matrices_run_the_pytorch_form(one_thread: None) -> None:
+    """A 1×1 conv or Linear without coverage tables beyond _AFFINE_NATIVE_MATRIX: ATen's BLAS products (one torch
+    thread: with several, weights beyond _AFFINE_NATIVE_WEIGHTS take them already)."""
     mean, variance = _inputs(256)
     rows = fast._AFFINE_NATIVE_MATRIX // 256
     fits, beyond = torch.randn(rows, 256, 1, dtype=F64), torch.randn(rows + 1, 256, 1, dtype=F64)
