@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.autograd_graph import graph_nodes
 from torch import Tensor, nn
 
 from bkn_export import convert_batchnorm, fast_prior, moments, native
@@ -288,18 +289,9 @@ def test_a_converted_network_step_runs_the_fused_nodes() -> None:
     )
     x = torch.randn(2, 3, 8, 8)
     loss = convert_batchnorm(model, x).train()(x).square().mean()
-    names: set[str] = set()
-    heads = []
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        if type(node).__name__ == "_PathMomentsBackward":
-            heads.append(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
+    nodes = graph_nodes(loss)
+    names = {type(node).__name__ for node in nodes}
+    heads = [node for node in nodes if type(node).__name__ == "_PathMomentsBackward"]
     # The source's output variance, ReLU's and the conv's moments: one node (chain/path_moments.py) whose
     # stages ran their kernels.
     assert {"_PathMomentsBackward", "_PriorAssemblyBackward"} <= names

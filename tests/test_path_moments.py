@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.autograd_graph import graph_nodes
 from torch import Tensor, nn
 
 from bkn_export import chain_statistics, convert_batchnorm, fast_prior, native
@@ -120,16 +121,7 @@ def test_a_train_step_is_bit_for_bit_the_separate_functions(
 
 
 def _node_names(loss: Tensor) -> set[str]:
-    names: set[str] = set()
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
+    return {type(node).__name__ for node in graph_nodes(loss)}
 
 
 def test_the_graph_holds_one_node_per_path_head() -> None:
@@ -220,19 +212,10 @@ def test_the_node_leaves_no_reference_cycle() -> None:
     gc.disable()
     try:
         loss = model(torch.randn(2, 3, 8, 8)).sum()
-        heads = []
-        stack, seen = [loss.grad_fn], set()
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if type(node).__name__ == "_PathMomentsBackward":
-                heads.append(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
+        heads = [node for node in graph_nodes(loss) if type(node).__name__ == "_PathMomentsBackward"]
         assert len(heads) == 1
         kept = weakref.ref(heads[0].stages[1].saved_tensors[1])  # the ReLU stage's input: the output variance
-        del heads, stack, seen, node
+        del heads
         loss.backward()
         del loss
         assert kept() is None
