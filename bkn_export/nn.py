@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from bkn_export import cpu_kernels, fast_prior, per_channel
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
-from bkn_export.ops import kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
+from bkn_export.ops import channel_constant, kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
 
 __all__ = [
     "BKN_PARAMETERS",
@@ -428,9 +428,9 @@ class _BatchKalmanNorm(nn.Module):
         """(μ_{k|k-1}, Σ_{k|k-1} + R_k, p_k), all (C,); p = 0 (BatchNorm) without a prior in this call."""
         acc = Fk.statistics_dtype(x.dtype)
         prior = self.chain.prior(self, x) if self.chain is not None else None
-        if prior is None:
-            zeros = x.new_zeros((self.num_features,), dtype=acc)
-            return zeros, x.new_ones((self.num_features,), dtype=acc), zeros
+        if prior is None:  # cached read-only constants in eager (no fill kernels per step on CUDA)
+            zeros = channel_constant(x, 0.0)
+            return zeros, channel_constant(x, 1.0), zeros
         variance = _cast(prior.variance, acc)
         if self._assembles_prior_fused:
             raw, logit = self._parameters.get("process_noise_raw"), self._parameters.get("prior_weight_logit")

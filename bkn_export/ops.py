@@ -67,6 +67,7 @@ __all__ = [
     "KalmanNormInputs",
     "batch_kalman_norm",
     "batch_kalman_norm_backward",
+    "channel_constant",
     "kalman_norm_step",
     "plain_eager_cpu",
 ]
@@ -233,6 +234,9 @@ def _save_inputs(ctx: Any, inputs: KalmanNormInputs) -> None:
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     _save_inputs(ctx, KalmanNormInputs(*inputs))
+    # Outputs that reach no loss come to _backward as None (not zeros autograd would fill per call): the backward
+    # op then reads one cached zeros tensor (_defined_gradients).
+    ctx.set_materialize_grads(False)
 
 
 def _saved_inputs(ctx: Any) -> KalmanNormInputs:
@@ -244,12 +248,48 @@ def _defined_gradients(grads: tuple[Tensor | None, ...], inputs: KalmanNormInput
     """Zeros for the outputs that did not reach the loss (autograd passes None for them)."""
     grad_output, grad_mean, grad_variance = grads
     x = inputs.x
+    if grad_mean is None or grad_variance is None:
+        zeros = channel_constant(x, 0.0)
+        grad_mean = zeros if grad_mean is None else grad_mean
+        grad_variance = zeros if grad_variance is None else grad_variance
+    return KalmanStep(torch.zeros_like(x) if grad_output is None else grad_output, grad_mean, grad_variance)
+
+
+#: (C,) constants in the statistics dtype per (value, C, dtype, device), in plain eager execution: read-only inputs
+#: of the ops (``mutates_args=()``), never written.
+_CHANNEL_CONSTANTS: dict[tuple[float, int, torch.dtype, torch.device], Tensor] = {}
+_CHANNEL_CONSTANTS_SIZE = 512
+
+
+def channel_constant(x: Tensor, value: float) -> Tensor:
+    """(C,) filled with ``value`` in ``x: (N, C, *)``'s statistics dtype, on its device: the absent gradients of
+    the posteriors (zeros) and a first-in-chain layer's constant prior (zeros, ones). In plain eager execution one
+    cached tensor per value, shape, dtype and device, never to be written into: on CUDA such a constant then costs
+    no fill kernel per step (made in the first step: run one before capturing a CUDA graph). Traced (compile,
+    export, a dispatch mode, a torch.func transform), a fresh tensor, so that graphs build their own."""
     statistics_dtype = Fk.statistics_dtype(x.dtype)
     channels = x.shape[1]
-    return KalmanStep(
-        torch.zeros_like(x) if grad_output is None else grad_output,
-        x.new_zeros((channels,), dtype=statistics_dtype) if grad_mean is None else grad_mean,
-        x.new_zeros((channels,), dtype=statistics_dtype) if grad_variance is None else grad_variance,
+    if not (type(x) is Tensor and _untraced() and not torch._C._are_functorch_transforms_active()):
+        return x.new_full((channels,), value, dtype=statistics_dtype)
+    key = (float(value), int(channels), statistics_dtype, x.device)
+    constant = _CHANNEL_CONSTANTS.get(key)
+    if constant is None:
+        with torch.inference_mode(False), torch.no_grad():
+            constant = torch.full((channels,), value, dtype=statistics_dtype, device=x.device)
+        if len(_CHANNEL_CONSTANTS) >= _CHANNEL_CONSTANTS_SIZE:
+            _CHANNEL_CONSTANTS.clear()
+        _CHANNEL_CONSTANTS[key] = constant
+    return constant
+
+
+def _untraced() -> bool:
+    """Nothing traces this call: no compile, export, jit trace or dispatch mode (fake tensors, make_fx,
+    FlopCounterMode...)."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
     )
 
 
@@ -418,10 +458,7 @@ def plain_eager_cpu(x: Tensor) -> bool:
         type(x) is Tensor
         and x.device.type == "cpu"
         and not kernels.TRITON_ON_CPU  # the CPU takes the CUDA route (tests, Triton's interpreter)
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
+        and _untraced()
     )
 
 

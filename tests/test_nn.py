@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions, wire_chain
+from bkn_export import (
+    BatchKalmanNorm1d,
+    BatchKalmanNorm2d,
+    BatchKalmanNorm3d,
+    KalmanOptions,
+    convert_batchnorm,
+    ops,
+    wire_chain,
+)
 from bkn_export import functional as Fk
 from bkn_export.chain.scope import ROOT_ATTRIBUTE, scratch_for
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
@@ -544,3 +552,22 @@ def test_a_patched_kalman_step_turns_the_route_off(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(_BatchKalmanNorm, "_kalman_step", recording)
     BatchKalmanNorm2d(C).train()(torch.randn(3, C, 2, 2))
     assert seen == [1]
+
+
+def test_a_first_in_chain_layer_reads_cached_constant_priors_that_stay_constant() -> None:
+    """In eager training a layer without a prior passes the op cached (C,) zeros and ones
+    (:func:`bkn_export.ops.channel_constant`); steps leave them as they were."""
+    torch.manual_seed(0)
+    model = convert_batchnorm(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
+        torch.randn(2, 3, 6, 6),
+    ).train()
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(2):
+        model(x).square().sum().backward()
+    zeros, ones = ops.channel_constant(torch.empty(2, 4, 1, 1), 0.0), ops.channel_constant(torch.empty(2, 4, 1, 1), 1.0)
+    assert not zeros.any() and bool((ones == 1.0).all())
+    first = model[1]
+    assert first.chain is not None and not first.has_predecessor
+    prior = first._prior(torch.randn(2, 4, 4, 4))
+    assert prior[0] is zeros and prior[1] is ones and prior[2] is zeros

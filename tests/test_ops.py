@@ -583,3 +583,36 @@ def test_eager_backward_returns_no_gradient_for_a_constant_prior(monkeypatch: py
     tensors = [t.detach().requires_grad_(i in (0, 3, 4, 5)) for i, t in enumerate(inputs[:6])]
     ops.kalman_norm_step(*tensors, EPS, 0.0)[0].sum().backward()
     assert seen == [(False, False, True)]
+
+
+def _absent_gradient_inputs(channels: int = 5) -> KalmanNormInputs:
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, channels, 3, 3, generator=generator)
+    prior = (torch.randn(channels, generator=generator), torch.rand(channels, generator=generator) + 0.5)
+    weight = torch.full((channels,), 0.4)
+    return KalmanNormInputs(x, *prior, weight, torch.ones(channels), torch.zeros(channels), 1e-5, 0.0)
+
+
+def test_absent_posterior_gradients_are_one_cached_zeros_tensor_in_eager() -> None:
+    """Posteriors that reach no loss get the same (C,) zeros each call in plain eager execution (on CUDA no fill
+    kernel per step; a first-in-chain layer's constant prior the same way), fresh zeros while tracing, and the op
+    never writes into them."""
+    inputs = _absent_gradient_inputs()
+    first = ops._defined_gradients((None, None, None), inputs)
+    second = ops._defined_gradients((torch.ones_like(inputs.x), None, None), inputs)
+    assert first.posterior_mean is second.posterior_mean is second.posterior_variance
+    assert ops.channel_constant(inputs.x, 0.0) is first.posterior_mean  # also a first-in-chain layer's prior
+    ones = ops.channel_constant(inputs.x, 1.0)
+    assert ones is ops.channel_constant(inputs.x, 1.0) and bool((ones == 1.0).all())
+    traced = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda x: ops._defined_gradients((None, None, None), inputs._replace(x=x)).posterior_mean
+    )(inputs.x)
+    assert any("zeros" in str(node.target) for node in traced.graph.nodes)  # built in the graph, not a constant
+    leaves = [t.clone().requires_grad_() for t in inputs[:6]]
+    y, _, _ = torch.ops.bkn.batch_kalman_norm(*leaves, 1e-5, 0.0)  # the op's own autograd: posteriors unused
+    got = torch.autograd.grad(y.square().sum(), leaves)
+    zeros = first.posterior_mean
+    assert zeros.dtype == torch.float32 and zeros.shape == (5,) and not zeros.any()
+    references = [t.clone().requires_grad_() for t in inputs[:6]]
+    want = torch.autograd.grad(Fk.batch_kalman_norm(*references, 1e-5, 0.0).output.square().sum(), references)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
