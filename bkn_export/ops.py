@@ -41,7 +41,6 @@ through the op, ~110 µs this way (torch 2.13, 1 thread, on a shared machine).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -55,7 +54,7 @@ from torch import Tensor
 # has it too (it exists since torch 2.0) but was not lent to the session that wrote this.
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from bkn_export import cpu_kernels, kernels
+from bkn_export import cpu_kernels, kernels, native
 from bkn_export import functional as Fk
 from bkn_export.functional import KalmanNormInputs, KalmanStep
 
@@ -147,19 +146,13 @@ def _cuda_launchers() -> kernels.Launchers:
     return launchers
 
 
-def _on_device(x: Tensor) -> contextlib.AbstractContextManager[Any]:
-    """Triton launches on the current CUDA device: make it x's (nothing for CPU tensors under
-    :data:`kernels.TRITON_ON_CPU`)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _cuda_forward(inputs: KalmanNormInputs) -> KalmanStep:
-    with _on_device(inputs.x):
+    with kernels.launching_on(inputs.x):
         return KalmanStep(*_cuda_launchers().forward(*inputs))
 
 
 def _cuda_backward(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
-    with _on_device(inputs.x):
+    with kernels.launching_on(inputs.x):
         return _cuda_launchers().backward(*_backward_arguments(inputs, grads))
 
 
@@ -269,7 +262,7 @@ def channel_constant(x: Tensor, value: float) -> Tensor:
     export, a dispatch mode, a torch.func transform), a fresh tensor, so that graphs build their own."""
     statistics_dtype = Fk.statistics_dtype(x.dtype)
     channels = x.shape[1]
-    if not (type(x) is Tensor and _untraced() and not torch._C._are_functorch_transforms_active()):
+    if not (native.untraced() and type(x) is Tensor):
         return x.new_full((channels,), value, dtype=statistics_dtype)
     key = (float(value), int(channels), statistics_dtype, x.device)
     constant = _CHANNEL_CONSTANTS.get(key)
@@ -280,17 +273,6 @@ def channel_constant(x: Tensor, value: float) -> Tensor:
             _CHANNEL_CONSTANTS.clear()
         _CHANNEL_CONSTANTS[key] = constant
     return constant
-
-
-def _untraced() -> bool:
-    """Nothing traces this call: no compile, export, jit trace or dispatch mode (fake tensors, make_fx,
-    FlopCounterMode...)."""
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
-    )
 
 
 def _through_backward_op(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
@@ -458,7 +440,10 @@ def plain_eager_cpu(x: Tensor) -> bool:
         type(x) is Tensor
         and x.device.type == "cpu"
         and not kernels.TRITON_ON_CPU  # the CPU takes the CUDA route (tests, Triton's interpreter)
-        and _untraced()
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
     )
 
 

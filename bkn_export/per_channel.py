@@ -22,9 +22,6 @@ PyTorch forms run, so that graphs keep plain operators.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -60,15 +57,10 @@ def call(name: str, *tensors: Tensor | None, count: int | None = None) -> None:
     if triton_route(first):
         launchers = kernels.moment_launchers()
         assert launchers is not None, "per_channel.call without per_channel.takes"
-        with _launching_on(first):
+        with kernels.launching_on(first):
             launchers[name](*tensors, count=count)
         return
     native.call(name, *tensors, count=count)
-
-
-def _launching_on(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
-    """Triton launches on the current CUDA device: make it ``tensor``'s (a model on ``cuda:1``)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def update_running_statistics_(
@@ -100,7 +92,7 @@ def update_running_statistics_(
         return False
     launchers = kernels.moment_launchers()
     assert launchers is not None
-    with _launching_on(running_mean):
+    with kernels.launching_on(running_mean):
         statistics = (running_mean, running_variance, mean, variance)
         launchers[kernel](*statistics, momentum, count, num_batches_tracked, count_batch=count_batch)
     # The kernel writes through the pointers: count the change as torch's in-place operators do, so that a graph

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 import torch
-from support.triton_compile import ScalarReads, compile_for_hopper
+from support.triton_compile import ScalarReads, compile_for_hopper, resource_usage
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor, nn
 
@@ -489,23 +489,5 @@ def test_kernels_compile_for_an_h100(name: str) -> None:
     for kernel, args, kwargs in (call for calls in _recorded_launches(path, _gradients(path, which)) for call in calls):
         compiled = compile_for_hopper(kernel, args, dict(kwargs))
         assert compiled.asm["cubin"], f"{kernel}: no cubin"
-        usage = _resource_usage(compiled.asm["cubin"])
+        usage = resource_usage(compiled.asm["cubin"])
         assert usage is None or ("STACK:0" in usage and "LOCAL:0" in usage), f"{kernel} spills: {usage}"
-
-
-def _resource_usage(cubin: bytes) -> str | None:
-    """cuobjdump -res-usage of a cubin (registers, stack, local memory), or None without Triton's cuobjdump."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        return None
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.cubin"
-        path.write_bytes(cubin)
-        result = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=False)
-    return result.stdout if result.returncode == 0 else None

@@ -101,7 +101,7 @@ class _PathMoments(torch.autograd.Function):
         if ctx.fused is not None:  # CUDA: one Triton launch for the whole head
             launcher = kernels.path_kernels()
             assert launcher is not None
-            with per_channel._launching_on(variance):
+            with kernels.launching_on(variance):
                 out_mean, out_variance, fused_gaussian, taps = launcher.path_moments(*ctx.fused)
             ctx.fused = (ctx.fused, taps)
             ctx.stages = None
@@ -148,7 +148,7 @@ class _PathMoments(torch.autograd.Function):
             arguments, taps = ctx.fused
             launcher = kernels.path_kernels()
             assert launcher is not None
-            with per_channel._launching_on(saved[1]):
+            with kernels.launching_on(saved[1]):
                 grads = launcher.path_moments_backward(
                     *arguments, taps, grad_mean, grad_variance, grad_gaussian,
                     weight_shape=None if saved[3] is None else tuple(saved[3].shape),

@@ -24,6 +24,7 @@ See docs/kernels.md for the design, numerics and how to test and benchmark.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -31,7 +32,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,6 +47,7 @@ __all__ = [
     "TRITON_ON_CPU_ENV",
     "Launchers",
     "launchers",
+    "launching_on",
     "moment_kernels_take",
     "moment_launchers",
     "path_kernels",
@@ -65,6 +67,12 @@ DISABLE_ENV = "BKN_DISABLE_TRITON"
 #: prediction's twins). Slow; for tests and launch counts on a machine without a GPU, never for training.
 TRITON_ON_CPU_ENV = "BKN_TRITON_ON_CPU"
 TRITON_ON_CPU = os.environ.get(TRITON_ON_CPU_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launching_on(x: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device: make it ``x``'s (a model on ``cuda:1``); nothing for CPU tensors
+    under :data:`TRITON_ON_CPU`."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def triton_device(x: Tensor) -> bool:

@@ -415,6 +415,24 @@ def _hermite_forward_kernel(
 
 
 @triton.jit
+def _hermite_gradients(x, u, points, weights, nodes_inside, centred, total, twice, grad_mean, KIND: tl.constexpr):
+    """The Gauss–Hermite backward (:class:`bkn_export.chain.fast._GaussHermiteMoments`) summed over the nodes:
+    (∂L/∂μ, ∂L/∂σ) from the nodes x, u = sigmoid / tanh of them, the centred values and their weighted sum,
+    twice = 2 ∂Var (where the clamp passes) and ∂E, per row."""
+    shared = grad_mean - twice * total
+    if KIND == 0:
+        derivative = u * (1.0 + x * (1.0 - u))
+    elif KIND == 1:
+        derivative = u * (1.0 - u)
+    else:
+        derivative = 1.0 - u * u
+    grad_x = (centred * twice[:, None] + shared[:, None]) * weights * derivative
+    along_mean = tl.sum(tl.where(nodes_inside, grad_x, 0.0), axis=1)
+    along_std = tl.sum(tl.where(nodes_inside, grad_x * points, 0.0), axis=1)
+    return along_mean, along_std
+
+
+@triton.jit
 def _hermite_backward_kernel(
     mean_ptr,
     variance_ptr,
@@ -451,17 +469,9 @@ def _hermite_backward_kernel(
     grad_mean, grad_variance = _output_gradients(
         grad_mean_ptr, grad_variance_ptr, rows, inside, spread, HAS_GRAD_MEAN, HAS_GRAD_VARIANCE
     )
-    twice = 2.0 * grad_variance
-    shared = grad_mean - twice * total
-    if KIND == 0:
-        derivative = u * (1.0 + x * (1.0 - u))
-    elif KIND == 1:
-        derivative = u * (1.0 - u)
-    else:
-        derivative = 1.0 - u * u
-    grad_x = (centred * twice[:, None] + shared[:, None]) * weights * derivative
-    along_mean = tl.sum(tl.where(nodes_inside, grad_x, 0.0), axis=1)
-    along_std = tl.sum(tl.where(nodes_inside, grad_x * points, 0.0), axis=1)
+    along_mean, along_std = _hermite_gradients(
+        x, u, points, weights, nodes_inside, centred, total, 2.0 * grad_variance, grad_mean, KIND
+    )
     tl.store(grad_input_mean_ptr + rows, along_mean, mask=inside)
     grad_input_variance = tl.where(variance >= _variance_floor(), along_std / (2.0 * s), 0.0)
     tl.store(grad_input_variance_ptr + rows, grad_input_variance, mask=inside)

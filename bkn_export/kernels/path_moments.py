@@ -61,6 +61,7 @@ from bkn_export.kernels import affine_moments as _affine
 from bkn_export.kernels import elementwise_moments as _elementwise
 from bkn_export.kernels.affine_moments import _affine_backward_program, _affine_forward_rows
 from bkn_export.kernels.elementwise_moments import (
+    _hermite_gradients,
     _hermite_kept,
     _hermite_moments,
     _piecewise_combine,
@@ -219,16 +220,9 @@ def _activation_backward(
         u = _hermite_kept(x, KIND)
         _out_mean, spread, total, centred = _hermite_moments(x, u, weights, nodes_inside, KIND)
         twice = 2.0 * tl.where(spread >= 0.0, grad_variance, 0.0)
-        shared = grad_mean - twice * total
-        if KIND == 0:
-            derivative = u * (1.0 + x * (1.0 - u))
-        elif KIND == 1:
-            derivative = u * (1.0 - u)
-        else:
-            derivative = 1.0 - u * u
-        grad_x = (centred * twice[:, None] + shared[:, None]) * weights * derivative
-        along_mean = tl.sum(tl.where(nodes_inside, grad_x, 0.0), axis=1)
-        along_std = tl.sum(tl.where(nodes_inside, grad_x * points, 0.0), axis=1)
+        along_mean, along_std = _hermite_gradients(
+            x, u, points, weights, nodes_inside, centred, total, twice, grad_mean, KIND
+        )
         along_variance = tl.where(variance >= _variance_floor(), along_std / (2.0 * s), 0.0)
     else:
         along_mean = grad_mean

@@ -6,13 +6,16 @@ kernels) and ``tests/test_kernels_*_moments.py`` (the per-channel twins).
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["ScalarReads", "compile_for_hopper"]
+__all__ = ["ScalarReads", "compile_for_hopper", "resource_usage"]
 
 #: Pointer types of the tensors the kernels take.
 TRITON_TYPES = {
@@ -64,3 +67,17 @@ class ScalarReads(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.reads.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def resource_usage(cubin: bytes) -> str | None:
+    """cuobjdump -res-usage of a cubin (registers, stack, local memory), or None without Triton's cuobjdump."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        result = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=False)
+    return result.stdout if result.returncode == 0 else None
