@@ -97,18 +97,15 @@ class _PathMoments(torch.autograd.Function):
         ctx.plan = plan
         ctx.save_for_backward(mean, variance, source_weight, weight, bias)  # checked for in-place changes
         ctx.set_materialize_grads(False)  # v0 mostly reaches no loss: no zeros made for it
-        ctx.fused = _fused_arguments(plan, mean, variance, source_weight, weight, bias)
-        if ctx.fused is not None:  # CUDA: one Triton launch for the whole head
+        arguments = _fused_arguments(plan, mean, variance, source_weight, weight, bias)
+        ctx.fused = ctx.stages = None
+        if arguments is not None:  # CUDA: one Triton launch for the whole head
             launcher = kernels.path_kernels()
             assert launcher is not None
             with kernels.launching_on(variance):
-                out_mean, out_variance, fused_gaussian, taps = launcher.path_moments(*ctx.fused)
-            ctx.fused = (ctx.fused, taps)
-            ctx.stages = None
-            if fused_gaussian is None:
-                fused_gaussian = variance.new_empty(0)
-                ctx.mark_non_differentiable(fused_gaussian)
-            return out_mean, out_variance, fused_gaussian
+                out_mean, out_variance, fused_gaussian, taps = launcher.path_moments(*arguments)
+            ctx.fused = (arguments, taps)  # the kernel's gaussian output is its own tensor: returned as it is
+            return out_mean, out_variance, _gaussian_output(ctx, fused_gaussian, variance)
         needs = ctx.needs_input_grad
         stages: list[_StageContext | None] = [None, None, None]
         gaussian = None
@@ -127,13 +124,8 @@ class _PathMoments(torch.autograd.Function):
             if bias is not None:
                 mean = mean + bias
         ctx.stages = stages
-        if gaussian is None:
-            out_gaussian = variance.new_empty(0)
-            ctx.mark_non_differentiable(out_gaussian)
-        else:
-            # A view: the stage keeps the tensor itself; the output (whose grad_fn is this node) must not be it.
-            out_gaussian = gaussian.view_as(gaussian)
-        return mean, variance, out_gaussian
+        # A view: the stage keeps the tensor itself; the output (whose grad_fn is this node) must not be it.
+        return mean, variance, _gaussian_output(ctx, None if gaussian is None else gaussian.view_as(gaussian), variance)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -173,6 +165,16 @@ class _PathMoments(torch.autograd.Function):
                 grad_variance = torch.zeros_like(saved[1])
             grad_variance, grad_source_weight = fast_prior._OutputVariance.backward(outvar, grad_variance)[:2]
         return None, grad_mean, grad_variance, grad_source_weight, grad_weight, grad_bias
+
+
+def _gaussian_output(ctx: Any, gaussian: Tensor | None, like: Tensor) -> Tensor:
+    """The node's third output: the source's output variance, or an empty non-differentiable tensor without that
+    stage."""
+    if gaussian is not None:
+        return gaussian
+    empty = like.new_empty(0)
+    ctx.mark_non_differentiable(empty)
+    return empty
 
 
 def _fused_arguments(
