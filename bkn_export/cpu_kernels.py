@@ -12,8 +12,10 @@ BatchNorm kernels where that is mathematically exact:
   then one pass of the C kernel ``kalman_input_gradient`` (in double, rounded once; one torch
   thread or small tensors, :func:`_one_pass_input_gradient`), else ATen's g γ / s pass with the
   affine share added in place (two more passes).
-* Batch statistics: see :func:`batch_statistics` (ATen's BatchNorm statistics kernel is
-  fast for channels-last inputs but slow for contiguous NC* ones on CPU).
+* Batch statistics: in untraced eager execution the C kernel ``kalman_batch_statistics`` (two
+  passes per channel in double, rounded once, no temporary the size of x); else ATen
+  (:func:`batch_statistics`). A traced step (torch.compile, export, make_fx) therefore rounds
+  its statistics as the ATen form does, which may differ from the eager step's by an ulp.
 * The backward needs the forward's batch statistics and update terms
   (:class:`ForwardState`): the backward op recomputes them (:func:`forward_state`), the
   eager path of :mod:`bkn_export.ops` keeps them from its forward; both then run
@@ -92,7 +94,12 @@ def fast_path_applies(x: Tensor, *per_channel: Tensor | None) -> bool:
 def batch_statistics(x: Tensor) -> Fk.BatchStatistics:
     """Mean and biased variance over (N, *) of a float32/float64 ``x: (N, C, *)``.
 
-    Channels-last layouts, float64 inputs and float32 inputs with at most
+    In untraced eager execution, for a contiguous x (one torch thread, or at most
+    :data:`_ONE_PASS_SHARED_LIMIT` elements), the C kernel ``kalman_batch_statistics``: per channel
+    Σ x, then Σ (x - x̄) and Σ (x - x̄)² in double, S = (Σ (x - x̄)² - (Σ (x - x̄))² / n) / n, each
+    rounded once to x's dtype (1.7-3x faster than the ATen form below at micro-batch shapes, and
+    exact to half an ulp). Otherwise ATen:
+    channels-last layouts, float64 inputs and float32 inputs with at most
     ``_SMALL_COUNT`` values per channel or ``_SMALL_NUMEL`` values in all use ATen's
     BatchNorm statistics kernel (two passes, centred; fast for them: at (2, 1024, 2, 2)
     about 10x the path below). For
@@ -102,8 +109,13 @@ def batch_statistics(x: Tensor) -> Fk.BatchStatistics:
     keeps float32 precision for inputs whose mean is large against their spread;
     n S = Σ c² - (Σ c)² / n removes the rounding of x̄.
     """
-    dims = Fk.reduction_dims(x)
     count = x.numel() // x.shape[1]
+    if _statistics_kernel_applies(x):
+        mean, variance = x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+        parameters = native.parameters(x.shape[1], x.numel() // (x.shape[0] * x.shape[1]))
+        native.call("kalman_batch_statistics", x, parameters, mean, variance)
+        return Fk.BatchStatistics(mean, variance, count)
+    dims = Fk.reduction_dims(x)
     if not x.is_contiguous() or x.dtype == torch.float64 or count <= _SMALL_COUNT or x.numel() <= _SMALL_NUMEL:
         mean, variance = torch.batch_norm_update_stats(x, None, None, 0.0)
         return Fk.BatchStatistics(mean, variance, count)
@@ -293,6 +305,19 @@ def aten_input_gradient() -> Iterator[None]:
         yield
     finally:
         _ONE_PASS.reset(token)
+
+
+def _statistics_kernel_applies(x: Tensor) -> bool:
+    """Whether the C kernel ``kalman_batch_statistics`` computes the batch statistics: eager, a contiguous
+    non-empty float32/float64 (N, C, *), and one torch thread or at most :data:`_ONE_PASS_SHARED_LIMIT`
+    elements (the kernel is single-threaded; ATen's reductions share larger inputs among the threads)."""
+    return (
+        native.untraced()  # first: Dynamo cannot trace the ContextVar in native.takes (nor needs to)
+        and x.dim() >= 2
+        and 0 < x.numel()
+        and (x.numel() <= _ONE_PASS_SHARED_LIMIT or torch.get_num_threads() == 1)
+        and native.takes(x)
+    )
 
 
 def _one_pass_input_gradient(x: Tensor, grad_output: Tensor, weight: Tensor | None, posterior_variance: Tensor) -> bool:

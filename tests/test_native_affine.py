@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import platform
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from support import native_builds
 from test_speed import CONVS, SPATIAL
 from torch import Tensor, nn
 
@@ -338,54 +336,20 @@ def test_every_vector_tail_equals_the_float64_reference(name: str, padded: bool)
         assert bool((error <= bound).all()), f"{what}: worst {float((error - bound).max()):.3g} beyond the bound"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-
-
-#: The builds of affine.c that ``target_clones`` makes with GCC on x86-64 Linux, each alone (BKN_AFFINE_BUILDS given
-#: on the command line), where this CPU runs them: SSE2 (the default), AVX2, AVX-512.
-_BUILDS = {
-    "default": "",
-    "avx2": '__attribute__((target("avx2")))',
-    "avx512f": '__attribute__((target("avx512f")))',
-}
-
-
 @needs_library
-@pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="target_clones: x86-64 Linux"
-)
+@native_builds.x86_64_linux
 def test_every_build_gives_the_same_bits(tmp_path: Path) -> None:
     """Lane by lane the same operations and every sum across lanes in a fixed order: each build of the kernels,
     compiled alone, returns the library's results bit for bit (forward and backward, float32 and float64, the
     1×1 blocks, the row-by-row and the flat paths, with coverage tables)."""
-    compiler = native._compiler()
-    assert compiler is not None
-    macros = subprocess.run([*compiler, "-dM", "-E", "-x", "c", "/dev/null"], capture_output=True, text=True).stdout
-    if "__GNUC__" not in macros or "__clang__" in macros:
-        pytest.skip("the builds are GCC's target_clones")
-    flags = _cpu_flags()
-    builds = {name: attribute for name, attribute in _BUILDS.items() if name == "default" or name in flags}
-    csrc = native.SOURCES[0].parent
+    native_builds.require_gcc()
     cases = [_vector_case(name, padded, dtype) for name, padded in VECTOR_CASES for dtype in (F64, torch.float32)]
-    results: dict[str, list[list[Tensor]]] = {}
-    for build, attribute in {"library": None, **builds}.items():
-        if attribute is None:
-            functions = None
-        else:
-            target = tmp_path / f"affine_{build}.so"
-            command = [*compiler, *native.FLAGS, f"-DBKN_AFFINE_BUILDS={attribute}", f"-I{csrc}", "-o", str(target)]
-            subprocess.run([*command, str(csrc / "affine.c"), "-lm"], check=True, capture_output=True, text=True)
-            functions = ctypes.CDLL(str(target))
-        results[build] = [_raw_kernels(functions, *case) for case in cases]
-    for build in builds:
-        for case, got, want in zip(cases, results[build], results["library"]):
-            for g, w in zip(got, want):
-                assert torch.equal(g, w), (build, tuple(case[0].shape), g.dtype)
+    want = [_raw_kernels(None, *case) for case in cases]
+    for build, attribute in native_builds.runnable_builds().items():
+        library = native_builds.compile_alone("affine.c", f"BKN_AFFINE_BUILDS={attribute}", tmp_path / f"{build}.so")
+        for case, expected in zip(cases, want):
+            for got, wanted in zip(_raw_kernels(library, *case), expected):
+                assert torch.equal(got, wanted), (build, tuple(case[0].shape), got.dtype)
 
 
 def _raw_kernels(
@@ -412,11 +376,5 @@ def _raw_kernels(
                                      grad_input_variance)),
     ]  # fmt: skip
     for name, tensors in calls:
-        if library is None:
-            native.call(name, *tensors, count=rows)
-            continue
-        function = getattr(library, f"bkn_{name}_{'f32' if dtype == torch.float32 else 'f64'}")
-        function.restype = None
-        function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * len(tensors)
-        function(rows, *[None if t is None else t.data_ptr() for t in tensors])
+        native_builds.call(library, name, rows, *tensors)
     return [taps, out_mean, out_variance, grad_weight, grad_input_mean, grad_input_variance]

@@ -18,15 +18,13 @@ tanh's flat tails) and carries f's rounding of a few ulp (up to 3e-7 relative; b
 from __future__ import annotations
 
 import ctypes
-import platform
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from support import native_builds
 from torch import Tensor
 
 from bkn_export import moments, native
@@ -368,14 +366,6 @@ def test_a_chain_with_hardswish_and_a_squeeze_excitation_gate_equals_the_referen
     torch.testing.assert_close(_grads(fused, wrt), _grads(reference, wrt), rtol=1e-9, atol=1e-12)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-
-
 #: The builds of gauss_hermite.c, each alone (BKN_HERMITE_LANES given on the command line: the lanes of its vectors),
 #: and the CPU flag it needs: SSE2 (two lanes, every x86-64 CPU), AVX2 (four), AVX-512 (eight).
 _HERMITE_BUILDS = {2: None, 4: "avx2", 8: "avx512f"}
@@ -399,29 +389,18 @@ def _hermite_kernels(
                                             grad_input_mean, grad_input_variance)),
     ]  # fmt: skip
     for name, tensors in calls:
-        if library is None:
-            native.call(name, *tensors, count=count)
-            continue
-        function = getattr(library, f"bkn_{name}_{'f32' if dtype == torch.float32 else 'f64'}")
-        function.restype = None
-        function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * len(tensors)
-        function(count, *[t.data_ptr() for t in tensors])
+        native_builds.call(library, name, count, *tensors)
     return [kept, out_mean, out_variance, grad_input_mean, grad_input_variance]
 
 
 @needs_library
-@pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="the builds: x86-64 Linux"
-)
+@native_builds.x86_64_linux
 def test_every_gauss_hermite_build_gives_the_same_bits(tmp_path: Path) -> None:
     """Lane by lane the same operations and the sums across the eight lanes of a block in a fixed order: each build
     of gauss_hermite.c that this CPU runs, compiled alone, returns the library's results bit for bit (forward and
     backward, float32 and float64, silu / sigmoid / tanh, element and node counts that are not multiples of 8)."""
-    compiler = native._compiler()
-    assert compiler is not None
-    flags = _cpu_flags()
+    flags = native_builds.cpu_flags()
     builds = [lanes for lanes, flag in _HERMITE_BUILDS.items() if flag is None or flag in flags]
-    csrc = native.SOURCES[0].parent
     cases = [
         (kind, count, nodes, dtype)
         for kind in SMOOTH
@@ -430,10 +409,7 @@ def test_every_gauss_hermite_build_gives_the_same_bits(tmp_path: Path) -> None:
     ]
     want = [_hermite_kernels(None, *case) for case in cases]
     for lanes in builds:
-        target = tmp_path / f"gauss_hermite_{lanes}.so"
-        command = [*compiler, *native.FLAGS, f"-DBKN_HERMITE_LANES={lanes}", f"-I{csrc}", "-o", str(target)]
-        subprocess.run([*command, str(csrc / "gauss_hermite.c"), "-lm"], check=True, capture_output=True, text=True)
-        library = ctypes.CDLL(str(target))
+        library = native_builds.compile_alone("gauss_hermite.c", f"BKN_HERMITE_LANES={lanes}", tmp_path / f"{lanes}.so")
         for case, expected in zip(cases, want):
             for got, wanted in zip(_hermite_kernels(library, *case), expected):
                 assert torch.equal(got, wanted), (lanes, case)

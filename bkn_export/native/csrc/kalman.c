@@ -6,8 +6,8 @@
  *   so p = 0 gives the batch statistics bit for bit).
  * Unlike the other kernels this one computes in T, not double, and rounds as ATen's CPU kernels do on
  * CPUs with FMA (vectorized lerp: fma(w < 0.5 ? w : w - 1, b - a, w < 0.5 ? a : b); addcmul:
- * fma(p q, d^2, blend)), so that the eager fast path equals the traced one (the same PyTorch operators)
- * bit for bit; the float32 result is then exactly as accurate as the float32 reference. cpu_kernels
+ * fma(p q, d^2, blend)), so that on the same batch statistics it equals the PyTorch form (what a traced
+ * step runs) bit for bit; the float32 result is then exactly as accurate as the float32 reference. cpu_kernels
  * checks that on a probe once per dtype and runs the PyTorch form where this machine's ATen rounds
  * otherwise.
  *
@@ -84,11 +84,15 @@ BKN_BOTH_DTYPES(KALMAN_NORM_BACKWARD, kalman_norm_backward)
  * Linux with GCC also AVX2 and AVX-512 builds chosen at load time): lane by lane the same IEEE operations as
  * the scalar tail, so every build gives the same bits.
  * params (float64): [0] eps, [1] C, [2] inner (the values per (sample, channel) plane). n: N * C * inner. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#ifndef BKN_KALMAN_BUILDS /* given on the command line, one build alone (tests/test_native_kalman.py) */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define BKN_KALMAN_BUILDS __attribute__((target_clones("avx512f", "avx2", "default")))
-#pragma GCC diagnostic ignored "-Wpsabi"
 #else
 #define BKN_KALMAN_BUILDS
+#endif
 #endif
 
 typedef double bkn_kalman_d8 __attribute__((vector_size(8 * sizeof(double)), aligned(sizeof(double))));
@@ -110,6 +114,10 @@ static inline __attribute__((always_inline)) void bkn_kalman_store_float(float* 
 }
 static inline __attribute__((always_inline)) void bkn_kalman_store_double(double* p, bkn_kalman_d8 v) {
   memcpy(p, &v, sizeof v);
+}
+/* The eight lanes summed in a fixed order, then the scalar tail. */
+static inline __attribute__((always_inline)) double bkn_kalman_lane_sum(bkn_kalman_d8 v, double tail) {
+  return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) + tail;
 }
 
 #define KALMAN_INPUT_GRADIENT(T, NAME)                                                                      \
@@ -137,3 +145,63 @@ static inline __attribute__((always_inline)) void bkn_kalman_store_double(double
     }                                                                                                       \
   }
 BKN_BOTH_DTYPES(KALMAN_INPUT_GRADIENT, kalman_input_gradient)
+
+/* kalman_batch_statistics: the batch mean and biased variance per channel c of x: (N, C, inner) contiguous, in
+ * double, rounded once to T (the forward's statistics; cpu_kernels.batch_statistics):
+ *   xbar = sum x / n,   S = (sum (x - xbar)^2 - (sum (x - xbar))^2 / n) / n, clamped at 0,   n = N inner
+ * Two passes over the channel's N planes, one after the other (the second reads them from cache where they fit):
+ * the sum, then the centred sums (the centred form keeps inputs whose mean is large against their spread exact;
+ * the second term removes the rounding of xbar). Each sum runs in two sets of eight lanes (two dependency chains)
+ * in a fixed order, whatever the build, so every build gives the same bits. No temporary the size of x.
+ * params (float64): [0] C, [1] inner. n: N * C * inner. mean, variance: (C,). */
+#define KALMAN_BATCH_STATISTICS(T, NAME)                                                                    \
+  BKN_KALMAN_BUILDS void bkn_##NAME(int64_t n, const T* restrict x, const double* params, T* restrict mean, \
+                                    T* restrict variance) {                                                 \
+    int64_t channels = (int64_t)params[0], inner = (int64_t)params[1];                                      \
+    int64_t samples = channels > 0 && inner > 0 ? n / (channels * inner) : 0;                               \
+    double count = (double)(samples * inner);                                                               \
+    for (int64_t c = 0; c < channels; ++c) {                                                                \
+      bkn_kalman_d8 lanes = {0}, lanes_b = {0};                                                             \
+      double tail = 0.0;                                                                                    \
+      for (int64_t s = 0; s < samples; ++s) {                                                               \
+        const T* v = x + (s * channels + c) * inner;                                                        \
+        int64_t i = 0;                                                                                      \
+        for (; i + 16 <= inner; i += 16) {                                                                  \
+          lanes += bkn_kalman_load_##T(v + i);                                                              \
+          lanes_b += bkn_kalman_load_##T(v + i + 8);                                                        \
+        }                                                                                                   \
+        for (; i + 8 <= inner; i += 8) lanes += bkn_kalman_load_##T(v + i);                                 \
+        for (; i < inner; ++i) tail += (double)v[i];                                                        \
+      }                                                                                                     \
+      double xbar = bkn_kalman_lane_sum(lanes + lanes_b, tail) / count;                                     \
+      bkn_kalman_d8 centred = {0}, squares = {0}, centred_b = {0}, squares_b = {0};                         \
+      double centred_tail = 0.0, squares_tail = 0.0;                                                        \
+      for (int64_t s = 0; s < samples; ++s) {                                                               \
+        const T* v = x + (s * channels + c) * inner;                                                        \
+        int64_t i = 0;                                                                                      \
+        for (; i + 16 <= inner; i += 16) {                                                                  \
+          bkn_kalman_d8 d = bkn_kalman_load_##T(v + i) - xbar, e = bkn_kalman_load_##T(v + i + 8) - xbar;   \
+          centred += d;                                                                                     \
+          squares += d * d;                                                                                 \
+          centred_b += e;                                                                                   \
+          squares_b += e * e;                                                                               \
+        }                                                                                                   \
+        for (; i + 8 <= inner; i += 8) {                                                                    \
+          bkn_kalman_d8 d = bkn_kalman_load_##T(v + i) - xbar;                                              \
+          centred += d;                                                                                     \
+          squares += d * d;                                                                                 \
+        }                                                                                                   \
+        for (; i < inner; ++i) {                                                                            \
+          double d = (double)v[i] - xbar;                                                                   \
+          centred_tail += d;                                                                                \
+          squares_tail += d * d;                                                                            \
+        }                                                                                                   \
+      }                                                                                                     \
+      double sum_centred = bkn_kalman_lane_sum(centred + centred_b, centred_tail);                          \
+      double sum_squares = bkn_kalman_lane_sum(squares + squares_b, squares_tail);                          \
+      double spread = (sum_squares - sum_centred * sum_centred / count) / count;                            \
+      mean[c] = (T)xbar;                                                                                    \
+      variance[c] = (T)(spread < 0.0 ? 0.0 : spread); /* NaN stays NaN, as clamp_min */                     \
+    }                                                                                                       \
+  }
+BKN_BOTH_DTYPES(KALMAN_BATCH_STATISTICS, kalman_batch_statistics)
