@@ -9,7 +9,7 @@ BatchNorm kernels where that is mathematically exact:
   BatchNorm with the posterior in place of the running statistics: one fused pass.
 * The backward of eval-mode BatchNorm with the same posterior gives Σ g and Σ g x̂ in one
   reduction pass. ∂L/∂x = g γ / s + (the batch statistics' share, per-channel affine in x) is
-  then one pass of the C kernel ``kalman_input_gradient`` (in double, rounded once; one torch
+  then one pass of the C kernel ``kalman_input_gradient`` (centred on x̄, in x's dtype; one torch
   thread or small tensors, :func:`_one_pass_input_gradient`), else ATen's g γ / s pass with the
   affine share added in place (two more passes).
 * Batch statistics: in untraced eager execution the C kernel ``kalman_batch_statistics`` (two
@@ -279,10 +279,12 @@ def backward_from_state(
     if grad_p is not None and state.fired is not None:  # where the fallback fired, p is the constant 0
         grad_p = torch.where(state.fired, torch.zeros_like(grad_p), grad_p)
     # ∂L/∂x = g γ / s + ∂L/∂x̄ / n + 2 (x - x̄) ∂L/∂S / n: the batch statistics' share is an affine map of x per channel.
-    if one_pass and native.takes(slope, offset):
+    batch_mean = state.stats.mean
+    if one_pass and native.takes(batch_mean, slope, offset):
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
         parameters = native.parameters(eps, x.shape[1], x.numel() // (x.shape[0] * x.shape[1]))
-        native.call("kalman_input_gradient", grad_output, x, weight, terms.variance, slope, offset, parameters, grad_x)
+        per_channel_terms = (weight, terms.variance, batch_mean, slope, offset)
+        native.call("kalman_input_gradient", grad_output, x, *per_channel_terms, parameters, grad_x)
     else:
         if one_pass:  # the per-channel terms came from the PyTorch form in another dtype: ATen's pass after all
             grad_x = _aten.native_batch_norm_backward(
@@ -321,7 +323,7 @@ def _statistics_kernel_applies(x: Tensor) -> bool:
 
 
 def _one_pass_input_gradient(x: Tensor, grad_output: Tensor, weight: Tensor | None, posterior_variance: Tensor) -> bool:
-    """Whether the C kernel ``kalman_input_gradient`` writes ∂L/∂x (one pass over g and x, in double) instead of
+    """Whether the C kernel ``kalman_input_gradient`` writes ∂L/∂x (one pass over g and x, centred on x̄) instead of
     ATen's eval-mode BatchNorm pass plus two in-place passes: eager, contiguous x and g of one dtype, a
     non-empty (N, C, *) with per-channel tensors the kernels take, and one torch thread or at most
     :data:`_ONE_PASS_SHARED_LIMIT` elements (the kernel is single-threaded)."""

@@ -207,7 +207,7 @@ def test_float32_kernels_are_as_accurate_as_the_float32_pytorch_form(
     offsets: list[Tensor] = []
     call = native.call
     monkeypatch.setattr(
-        native, "call", lambda name, *a, **k: (offsets.append(a[5]) if name == "kalman_input_gradient" else None,
+        native, "call", lambda name, *a, **k: (offsets.append(a[6]) if name == "kalman_input_gradient" else None,
                                                call(name, *a, **k))[1],
     )  # fmt: skip
     kernel = _fast(inputs, grads)
@@ -452,7 +452,7 @@ def _kalman_kernels(library: ctypes.CDLL | None, shape: tuple[int, ...], dtype: 
     grad_x = torch.empty_like(x)
     parameters = native.parameters(EPS, channels, inner)
     native_builds.call(library, "kalman_input_gradient", x.numel(), grads.output, x, inputs.weight,
-                       inputs.prior_variance, slope, offset, parameters, grad_x)  # fmt: skip
+                       inputs.prior_variance, mean, slope, offset, parameters, grad_x)  # fmt: skip
     return [mean, variance, grad_x]
 
 

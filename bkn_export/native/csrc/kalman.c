@@ -77,12 +77,15 @@ KALMAN_UPDATE(double, kalman_update_f64, fma)
 BKN_BOTH_DTYPES(KALMAN_NORM_BACKWARD, kalman_norm_backward)
 
 /* kalman_input_gradient: dL/dx in one pass over (g, x) = (dL/dy, x), both (N, C, inner) contiguous, per channel c
- * with G = gamma / sqrt(Sigma + eps) (1 / sqrt(Sigma + eps) without gamma) and kalman_norm_backward's slope, offset:
- *   dL/dx = G g + slope x + offset     (in double, ((G g) + (slope x)) + offset, rounded once to T)
+ * with G = gamma / sqrt(Sigma + eps) (1 / sqrt(Sigma + eps) without gamma), the batch mean xbar and
+ * kalman_norm_backward's slope, offset, in the centred form
+ *   dL/dx = (G g + slope (x - xbar)) + b,   b = offset + slope xbar   (G and b per channel in double, rounded to T)
+ * computed in T: slope x and offset cancel where the mean is large against the spread (offset ~ -slope xbar), and
+ * x - xbar does not; the offset's own rounding to T is the only cancellation left, as in the PyTorch form.
  * This is the pass cpu_kernels.backward_from_state otherwise makes as three (eval-mode BatchNorm's G g, then
- * addcmul_ and add_), each rounding to T. Eight elements at a time (GCC / clang vector extensions; on x86-64
- * Linux with GCC also AVX2 and AVX-512 builds chosen at load time): lane by lane the same IEEE operations as
- * the scalar tail, so every build gives the same bits.
+ * addcmul_ and add_), each rounding to T. Sixteen floats or eight doubles at a time (GCC / clang vector
+ * extensions; on x86-64 Linux with GCC also AVX2 and AVX-512 builds chosen at load time): lane by lane the same
+ * IEEE operations as the scalar tail, so every build gives the same bits.
  * params (float64): [0] eps, [1] C, [2] inner (the values per (sample, channel) plane). n: N * C * inner. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -97,6 +100,7 @@ BKN_BOTH_DTYPES(KALMAN_NORM_BACKWARD, kalman_norm_backward)
 
 typedef double bkn_kalman_d8 __attribute__((vector_size(8 * sizeof(double)), aligned(sizeof(double))));
 typedef float bkn_kalman_f8 __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
+typedef float bkn_kalman_f16 __attribute__((vector_size(16 * sizeof(float)), aligned(sizeof(float))));
 
 static inline __attribute__((always_inline)) bkn_kalman_d8 bkn_kalman_load_float(const float* p) {
   bkn_kalman_f8 v;
@@ -120,31 +124,36 @@ static inline __attribute__((always_inline)) double bkn_kalman_lane_sum(bkn_kalm
   return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) + tail;
 }
 
-#define KALMAN_INPUT_GRADIENT(T, NAME)                                                                      \
+#define KALMAN_INPUT_GRADIENT(T, V, LANES, NAME)                                                            \
   BKN_KALMAN_BUILDS void bkn_##NAME(int64_t n, const T* restrict grad_output, const T* restrict x,        \
                                     const T* restrict weight, const T* restrict posterior_variance,       \
-                                    const T* restrict slope, const T* restrict offset,                    \
-                                    const double* params, T* restrict grad_x) {                           \
+                                    const T* restrict batch_mean, const T* restrict slope,                \
+                                    const T* restrict offset, const double* params, T* restrict grad_x) { \
     double eps = params[0];                                                                                 \
     int64_t channels = (int64_t)params[1], inner = (int64_t)params[2];                                      \
     int64_t planes = inner > 0 ? n / inner : 0;                                                             \
     for (int64_t plane = 0; plane < planes; ++plane) {                                                      \
       int64_t c = plane % channels, start = plane * inner;                                                  \
       double inv_std = 1.0 / sqrt((double)posterior_variance[c] + eps);                                     \
-      double gain = weight ? inv_std * (double)weight[c] : inv_std;                                         \
-      double a = (double)slope[c], b = (double)offset[c];                                                   \
+      T gain = (T)(weight ? inv_std * (double)weight[c] : inv_std);                                         \
+      T a = slope[c], xbar = batch_mean[c];                                                                 \
+      T b = (T)((double)offset[c] + (double)slope[c] * (double)batch_mean[c]);                              \
       const T* g = grad_output + start;                                                                     \
       const T* v = x + start;                                                                               \
       T* out = grad_x + start;                                                                              \
       int64_t i = 0;                                                                                        \
-      for (; i + 8 <= inner; i += 8) {                                                                      \
-        bkn_kalman_d8 r = (bkn_kalman_load_##T(g + i) * gain + bkn_kalman_load_##T(v + i) * a) + b;         \
-        bkn_kalman_store_##T(out + i, r);                                                                   \
+      for (; i + LANES <= inner; i += LANES) {                                                              \
+        V gv, xv;                                                                                           \
+        memcpy(&gv, g + i, sizeof gv);                                                                      \
+        memcpy(&xv, v + i, sizeof xv);                                                                      \
+        V r = (gv * gain + (xv - xbar) * a) + b;                                                            \
+        memcpy(out + i, &r, sizeof r);                                                                      \
       }                                                                                                     \
-      for (; i < inner; ++i) out[i] = (T)(((double)g[i] * gain + (double)v[i] * a) + b);                    \
+      for (; i < inner; ++i) out[i] = (g[i] * gain + (v[i] - xbar) * a) + b;                                \
     }                                                                                                       \
   }
-BKN_BOTH_DTYPES(KALMAN_INPUT_GRADIENT, kalman_input_gradient)
+KALMAN_INPUT_GRADIENT(float, bkn_kalman_f16, 16, kalman_input_gradient_f32)
+KALMAN_INPUT_GRADIENT(double, bkn_kalman_d8, 8, kalman_input_gradient_f64)
 
 /* kalman_batch_statistics: the batch mean and biased variance per channel c of x: (N, C, inner) contiguous, in
  * double, rounded once to T (the forward's statistics; cpu_kernels.batch_statistics):
