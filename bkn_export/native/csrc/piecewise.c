@@ -50,9 +50,14 @@ static inline void piecewise_truncated(const double* params, const piecewise_unb
     }
     z[b] = bkn_clamp_z((edges[b] - mu) / s);
     edge[b] = bkn_pdf(z[b]);
-    int lo_piece_upper = b < P && z[b] > 0.0, hi_piece_upper = b > 0 && z[b - 1] > 0.0;
-    if (lo_piece_upper || hi_piece_upper) upper[b] = erfc(z[b] * BKN_SQRT_HALF);
-    if ((b < P && !lo_piece_upper) || (b > 0 && !hi_piece_upper)) lower[b] = erfc(-(z[b] * BKN_SQRT_HALF));
+    /* One erfc per edge: the tail on z's own side; the other side, where a piece reads it, is 2 - that (a value
+     * >= 1, one rounding). Only an edge with z > 0 can have both (the piece below it starting at z <= 0). */
+    if (z[b] > 0.0) {
+      upper[b] = erfc(z[b] * BKN_SQRT_HALF);
+      if (b > 0 && !(z[b - 1] > 0.0)) lower[b] = 2.0 - upper[b];
+    } else {
+      lower[b] = erfc(-(z[b] * BKN_SQRT_HALF));
+    }
   }
   for (int p = 0; p < P; ++p) {
     truncated[p] = 0.5 * (z[p] > 0.0 ? upper[p] - upper[p + 1] : lower[p + 1] - lower[p]);
