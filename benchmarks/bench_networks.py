@@ -4,7 +4,8 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
         [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
-        [--profile N] [--count-ops] [--reference-moments] [--no-native] [--compare-native] [--steady-malloc]
+        [--profile N] [--count-ops] [--reference-moments] [--no-native] [--compare-native] [--unwired]
+        [--steady-malloc]
 
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
@@ -97,6 +98,8 @@ class Row:
     bkn_ms: float
     #: The converted network stepped with the PyTorch forms (``--compare-native``), else None.
     bkn_pytorch_forms_ms: float | None = None
+    #: The converted network without its chain (``--unwired``), else None.
+    bkn_unwired_ms: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -140,6 +143,7 @@ def _pair(
     clock: Callable[[], float],
     compiled: bool,
     compare_native: bool = False,
+    unwired: bool = False,
 ) -> Row:
     torch.manual_seed(0)
     batchnorm_model = NETWORKS[name]()
@@ -157,6 +161,8 @@ def _pair(
     }
     if compare_native and not compiled:  # a copy of the converted network, its own optimizer
         steps_by_variant["bkn_pytorch_forms"] = _without_native(_train_step(copy.deepcopy(bkn_model), x, target))
+    if unwired and not compiled:
+        steps_by_variant["bkn_unwired"] = _train_step(_unwire(copy.deepcopy(bkn_model)), x, target)
     for step in steps_by_variant.values():  # warm-up (and compilation)
         step()
         step()
@@ -172,7 +178,16 @@ def _pair(
         statistics.median(samples["batchnorm"]),
         statistics.median(samples["bkn"]),
         statistics.median(samples["bkn_pytorch_forms"]) if "bkn_pytorch_forms" in samples else None,
+        statistics.median(samples["bkn_unwired"]) if "bkn_unwired" in samples else None,
     )
+
+
+def _unwire(model: nn.Module) -> nn.Module:
+    """``model`` with every BKN layer's chain membership removed (``--unwired``)."""
+    for module in model.modules():
+        if getattr(module, "chain", None) is not None:
+            module.chain = None
+    return model
 
 
 def _profile(name: str, batch: int, size: int, rows: int) -> None:
@@ -251,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-native", action="store_true", help="also time BKN with the PyTorch forms, interleaved"
     )
     parser.add_argument(
+        "--unwired", action="store_true", help="also time BKN without its chain (no prediction), interleaved"
+    )
+    parser.add_argument(
         "--steady-malloc", action="store_true", help="fix glibc's malloc thresholds (fewer page faults, less noise)"
     )
     args = parser.parse_args(argv)
@@ -313,18 +331,23 @@ def _run(args: argparse.Namespace) -> int:
     print(f"malloc: {allocator}")
     print(f"bkn_export.native: {native.status() if native.takes(torch.zeros(1)) else 'off (PyTorch forms)'}")
     extra = f" {'BKN-PyTorch ms':>15} {'ratio':>7}" if args.compare_native else ""
+    extra += f" {'unwired ms':>11} {'ratio':>7}" if args.unwired else ""
     print(f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7}{extra}")
     for name in names:
         for batch in batches:
             for compiled in (False, True) if args.compile else (False,):
                 try:
-                    row = _pair(name, batch, args.size, args.repeats, args.steps, clock, compiled, args.compare_native)
+                    row = _pair(
+                        name, batch, args.size, args.repeats, args.steps, clock, compiled, args.compare_native,
+                        args.unwired,
+                    )  # fmt: skip
                 except ImportError as error:
                     print(f"{name:<16} skipped: {error}")
                     break
                 rows.append(row)
-                forms = row.bkn_pytorch_forms_ms
+                forms, unwired = row.bkn_pytorch_forms_ms, row.bkn_unwired_ms
                 extra = "" if forms is None else f" {forms:>15.2f} {forms / row.batchnorm_ms:>6.2f}x"
+                extra += "" if unwired is None else f" {unwired:>11.2f} {unwired / row.batchnorm_ms:>6.2f}x"
                 print(
                     f"{row.network:<16} {row.batch:>5} {row.variant:<8} {row.batchnorm_ms:>9.2f} "
                     f"{row.bkn_ms:>9.2f} {row.ratio:>6.2f}x{extra}",
