@@ -24,7 +24,11 @@ proxy for the Triton kernels it would generate on a GPU).
 ``--no-native`` runs the PyTorch forms of the per-channel kernels instead of the C kernels of
 :mod:`bkn_export.native` (the header line says which ran); ``--compare-native`` times a third variant in the
 same interleaved loop, a copy of the converted network stepped with the PyTorch forms (its ms and ratio to
-BatchNorm in the last two columns). ``--reference-moments`` runs every prediction
+BatchNorm in the last two columns). ``--unwired`` times another one: a copy of the converted network with every
+layer's chain membership removed, so that no layer predicts and each takes an unwired layer's train step (ATen's
+train-mode BatchNorm where it applies: ``BatchKalmanNorm._is_plain_batchnorm``); against the converted network
+this is what the chain costs (the prediction through the network's layers, forward and backward, and the Kalman
+op it feeds) over the modules' own overhead. ``--reference-moments`` runs every prediction
 through the reference :mod:`bkn_export.moments` instead of the fused eager forms of :mod:`bkn_export.chain.fast`
 (what the speed work is measured against).
 
