@@ -1,0 +1,57 @@
+"""The speed benchmarks' own logic (not their timings, which live in benchmarks/RESULTS.md): what the
+``--unwired`` variant of ``bench_networks.py`` steps, and ``bench_op_passes.py``'s table and input errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bkn_export import BatchKalmanNorm2d, native
+from bkn_export.chain.wire import wire_chain
+
+bench_networks = pytest.importorskip("benchmarks.bench_networks")
+bench_op_passes = pytest.importorskip("benchmarks.bench_op_passes")
+
+
+def _wired() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), BatchKalmanNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1),
+        BatchKalmanNorm2d(5),
+    )  # fmt: skip
+    return wire_chain(model, torch.randn(2, 3, 6, 6))
+
+
+def test_the_unwired_variant_has_no_chain_and_steps_as_batchnorm() -> None:
+    """``--unwired``: every layer's chain membership removed on a copy (the timed network keeps its own), and its
+    train step is the unwired layers' BatchNorm step: outputs and running statistics as nn.BatchNorm2d's."""
+    torch.manual_seed(0)
+    wired = _wired()
+    unwired = bench_networks._unwire(copy.deepcopy(wired))
+    assert all(getattr(m, "chain", None) is not None for m in wired.modules() if isinstance(m, BatchKalmanNorm2d))
+    assert all(m.chain is None for m in unwired.modules() if isinstance(m, BatchKalmanNorm2d))
+    reference = nn.Sequential(
+        copy.deepcopy(wired[0]), nn.BatchNorm2d(4), nn.ReLU(), copy.deepcopy(wired[3]), nn.BatchNorm2d(5)
+    ).train()
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(unwired.train()(x), reference(x), rtol=1e-6, atol=1e-6)
+    for mine, theirs in ((unwired[1], reference[1]), (unwired[4], reference[4])):
+        torch.testing.assert_close(mine.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(mine.running_var, theirs.running_var, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"bkn_export.native: {native.status()}")
+def test_op_passes_prints_a_row_per_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_op_passes.main(["--shapes", "2x3x5x5", "3x4x9", "--repeats", "1", "--calls", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split(")")[0] + ")" for row in rows] == ["(2, 3, 5, 5)", "(3, 4, 9)"]
+    errors = [float(row.split()[-5]) for row in rows]  # the kernel's relative error: within half an ulp
+    assert all(error <= 2.0**-24 for error in errors)
+
+
+@pytest.mark.parametrize("shape", ["2x0x3", "7", "2xAx3", "-2x3"])
+def test_op_passes_refuses_a_bad_shape_with_exit_code_2(shape: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_op_passes.main([f"--shapes={shape}"]) == 2
+    assert f"bad shape '{shape}'" in capsys.readouterr().err
