@@ -61,6 +61,7 @@ __all__ = [
     "fast_path_applies",
     "forward_state",
     "forward_with_state",
+    "op_outruns_batchnorm",
 ]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
@@ -307,6 +308,21 @@ def aten_input_gradient() -> Iterator[None]:
         yield
     finally:
         _ONE_PASS.reset(token)
+
+
+#: The size from which an unwired layer's train step runs faster through the op (its one-pass C statistics and ∂L/∂x)
+#: than as ATen's train-mode BatchNorm, with one torch thread (benchmarks/bench_layers.py, "unwired" against
+#: "first in chain", torch 2.13: equal at (2, 256, 14, 14), 100352 elements; 1.7x at (2, 144, 56, 56), 1.9x at
+#: (16, 144, 56, 56)).
+_OP_OUTRUNS_BATCHNORM = 1 << 17
+
+
+def op_outruns_batchnorm(x: Tensor) -> bool:
+    """Whether the op's CPU fast path is faster on ``x: (N, C, *)`` than ATen's train-mode BatchNorm, so that an
+    unwired layer should take it (``nn.BatchKalmanNorm._is_plain_batchnorm``): more than
+    :data:`_OP_OUTRUNS_BATCHNORM` elements that the C statistics kernel takes (one torch thread: ATen's
+    BatchNorm shares larger inputs among several)."""
+    return x.numel() > _OP_OUTRUNS_BATCHNORM and _statistics_kernel_applies(x)
 
 
 def _statistics_kernel_applies(x: Tensor) -> bool:

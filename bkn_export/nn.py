@@ -392,11 +392,12 @@ class _BatchKalmanNorm(nn.Module):
         ``bkn::batch_kalman_norm``), with this class's own ``_kalman_step`` (a
         :class:`~bkn_export.distributed.SyncBatchKalmanNorm`'s statistics span its group), a float
         momentum (``momentum=None`` would need num_batches_tracked on the host), n > 1 values per
-        channel (BatchNorm refuses n = 1) and float32/float64 tensors of one dtype.
+        channel (BatchNorm refuses n = 1) and float32/float64 tensors of one dtype; not on inputs where
+        the op's own CPU fast path is the faster one (:func:`cpu_kernels.op_outruns_batchnorm`).
         """
         if type(self)._kalman_step is not _KALMAN_STEP or "_kalman_step" in self.__dict__ or self.momentum is None:
             return False
-        if not plain_eager_cpu(x) or x.numel() <= x.shape[1]:
+        if not plain_eager_cpu(x) or x.numel() <= x.shape[1] or cpu_kernels.op_outruns_batchnorm(x):
             return False
         return cpu_kernels.fast_path_applies(x, self.weight, self.bias, self.running_mean, self.running_var)
 

@@ -27,6 +27,8 @@ from bkn_export import (
     BatchKalmanNorm3d,
     KalmanOptions,
     convert_batchnorm,
+    cpu_kernels,
+    native,
     ops,
     wire_chain,
 )
@@ -537,6 +539,38 @@ def test_unwired_layer_takes_the_batchnorm_route_only_where_it_is_exact(monkeypa
     first = BatchKalmanNorm2d(C)
     model = _first_in_chain(first, (3, C, 2, 2))
     assert op_calls(model.train(), x.double()) == 2  # first in chain and its follower
+
+
+def test_a_large_input_takes_the_op_where_it_outruns_batchnorm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one torch thread and the C kernels, an unwired layer steps inputs above
+    cpu_kernels._OP_OUTRUNS_BATCHNORM elements through the op (its one-pass statistics and ∂L/∂x are then
+    the faster): outputs, gradients and running statistics still BatchNorm's, to float32 rounding."""
+    if native.library() is None:
+        pytest.skip(f"bkn_export.native: {native.status()}")
+    calls = _kalman_step_calls(monkeypatch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 96, 96) * 2.0 + 1.0  # 147456 elements
+    assert x.numel() > cpu_kernels._OP_OUTRUNS_BATCHNORM
+    layer, reference = BatchKalmanNorm2d(8).train(), nn.BatchNorm2d(8).train()
+    for module in (layer, reference):
+        with torch.no_grad():
+            module.weight.copy_(torch.linspace(0.5, 1.5, 8))
+            module.bias.copy_(torch.linspace(-1.0, 1.0, 8))
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    outputs = [module(t) for module, t in zip((layer, reference), inputs)]
+    assert len(calls) == 1
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(x)
+    for output in outputs:
+        output.backward(grad)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(layer.running_mean, reference.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-5, atol=1e-6)
+    small = torch.randn(2, 8, 8, 8)
+    layer(small)
+    assert len(calls) == 1  # below the size: ATen's BatchNorm
 
 
 def test_a_patched_kalman_step_turns_the_route_off(monkeypatch: pytest.MonkeyPatch) -> None:
