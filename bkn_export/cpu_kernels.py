@@ -111,9 +111,9 @@ def batch_statistics(x: Tensor) -> Fk.BatchStatistics:
     n S = Σ c² - (Σ c)² / n removes the rounding of x̄.
     """
     count = x.numel() // x.shape[1]
-    if _statistics_kernel_applies(x):
+    if _pass_kernels_take(x):
         mean, variance = x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
-        parameters = native.parameters(x.shape[1], x.numel() // (x.shape[0] * x.shape[1]))
+        parameters = native.parameters(x.shape[1], _plane_size(x))
         native.call("kalman_batch_statistics", x, parameters, mean, variance)
         return Fk.BatchStatistics(mean, variance, count)
     dims = Fk.reduction_dims(x)
@@ -283,7 +283,7 @@ def backward_from_state(
     batch_mean = state.stats.mean
     if one_pass and native.takes(batch_mean, slope, offset):
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-        parameters = native.parameters(eps, x.shape[1], x.numel() // (x.shape[0] * x.shape[1]))
+        parameters = native.parameters(eps, x.shape[1], _plane_size(x))
         per_channel_terms = (weight, terms.variance, batch_mean, slope, offset)
         native.call("kalman_input_gradient", grad_output, x, *per_channel_terms, parameters, grad_x)
     else:
@@ -322,13 +322,14 @@ def op_outruns_batchnorm(x: Tensor) -> bool:
     unwired layer should take it (``nn.BatchKalmanNorm._is_plain_batchnorm``): more than
     :data:`_OP_OUTRUNS_BATCHNORM` elements that the C statistics kernel takes (one torch thread: ATen's
     BatchNorm shares larger inputs among several)."""
-    return x.numel() > _OP_OUTRUNS_BATCHNORM and _statistics_kernel_applies(x)
+    return x.numel() > _OP_OUTRUNS_BATCHNORM and _pass_kernels_take(x)
 
 
-def _statistics_kernel_applies(x: Tensor) -> bool:
-    """Whether the C kernel ``kalman_batch_statistics`` computes the batch statistics: eager, a contiguous
-    non-empty float32/float64 (N, C, *), and one torch thread or at most :data:`_ONE_PASS_SHARED_LIMIT`
-    elements (the kernel is single-threaded; ATen's reductions share larger inputs among the threads)."""
+def _pass_kernels_take(x: Tensor) -> bool:
+    """Whether the C kernels of the op's passes over x (``kalman_batch_statistics``, ``kalman_input_gradient``)
+    take it: eager, a contiguous non-empty float32/float64 (N, C, *), and one torch thread or at most
+    :data:`_ONE_PASS_SHARED_LIMIT` elements (the kernels are single-threaded; ATen's passes share larger inputs
+    among the threads)."""
     return (
         native.untraced()  # first: Dynamo cannot trace the ContextVar in native.takes (nor needs to)
         and x.dim() >= 2
@@ -338,17 +339,19 @@ def _statistics_kernel_applies(x: Tensor) -> bool:
     )
 
 
+def _plane_size(x: Tensor) -> int:
+    """The values per (sample, channel) plane of ``x: (N, C, *)``, as the kernels over x take it."""
+    return x.numel() // (x.shape[0] * x.shape[1])
+
+
 def _one_pass_input_gradient(x: Tensor, grad_output: Tensor, weight: Tensor | None, posterior_variance: Tensor) -> bool:
     """Whether the C kernel ``kalman_input_gradient`` writes ∂L/∂x (one pass over g and x, centred on x̄) instead of
     ATen's eval-mode BatchNorm pass plus two in-place passes: eager, contiguous x and g of one dtype, a
     non-empty (N, C, *) with per-channel tensors the kernels take, and one torch thread or at most
     :data:`_ONE_PASS_SHARED_LIMIT` elements (the kernel is single-threaded)."""
     return (
-        native.untraced()  # first: Dynamo cannot trace the ContextVar (nor needs to)
+        _pass_kernels_take(x)  # first: its tracing check comes before the ContextVar below
         and _ONE_PASS.get()
-        and x.dim() >= 2
-        and 0 < x.numel()
-        and (x.numel() <= _ONE_PASS_SHARED_LIMIT or torch.get_num_threads() == 1)
         and native.takes(x, grad_output)
         and native.takes(posterior_variance, weight)
     )

@@ -102,6 +102,14 @@ def _assert_close_all(got: tuple[Tensor | None, ...], want: tuple[Tensor | None,
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, msg=lambda m, i=index: f"output {i}: {m}")
 
 
+def _kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the C kernels :func:`native.call` runs from here on (this test only), in order."""
+    calls: list[str] = []
+    call = native.call
+    monkeypatch.setattr(native, "call", lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1])
+    return calls
+
+
 SHAPES = [(4, 3, 5), (2, 64, 4, 4), (2, 37, 3, 3)]
 
 
@@ -323,9 +331,7 @@ def test_the_input_gradient_is_one_kernel_pass_equal_to_the_reference(
 ) -> None:
     """∂L/∂x by ``kalman_input_gradient`` (the eval-mode BatchNorm backward then only reduces): float64
     within 1e-13 of the reference on every plane layout the kernel's 8-lane blocks and scalar tail meet."""
-    calls: list[str] = []
-    call = native.call
-    monkeypatch.setattr(native, "call", lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1])
+    calls = _kernel_calls(monkeypatch)
     inputs = _inputs(shape, affine=affine)
     grads = _output_grads(inputs)
     got = _fast(inputs, grads)
@@ -335,9 +341,7 @@ def test_the_input_gradient_is_one_kernel_pass_equal_to_the_reference(
 
 def test_a_strided_output_gradient_takes_aten_passes_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """A channels-last ∂L/∂y is not the kernel's (contiguous planes): ATen's passes run, to the same values."""
-    calls: list[str] = []
-    call = native.call
-    monkeypatch.setattr(native, "call", lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1])
+    calls = _kernel_calls(monkeypatch)
     inputs = _inputs((2, 6, 5, 3))
     grads = _output_grads(inputs)
     strided = KalmanStep(grads.output.contiguous(memory_format=torch.channels_last), *grads[1:])
@@ -348,9 +352,7 @@ def test_a_strided_output_gradient_takes_aten_passes_with_the_same_result(monkey
 
 def test_several_threads_leave_large_inputs_to_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel is single-threaded: under several torch threads it takes only tensors below ATen's grain size."""
-    calls: list[str] = []
-    call = native.call
-    monkeypatch.setattr(native, "call", lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1])
+    calls = _kernel_calls(monkeypatch)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     large = _inputs((2, 4, 64, 65))  # 33280 elements: above the limit
     _fast(large, _output_grads(large))
@@ -366,20 +368,13 @@ def test_several_threads_leave_large_inputs_to_aten(monkeypatch: pytest.MonkeyPa
 STATISTICS_SHAPES = [(6, 5), (3, 4, 21), (2, 3, 16), (2, 3, 4, 4), (1, 2, 2, 3, 3), (5, 7, 37)]
 
 
-def _statistics_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    call = native.call
-    monkeypatch.setattr(native, "call", lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1])
-    return calls
-
-
 @pytest.mark.parametrize("shape", STATISTICS_SHAPES, ids=str)
 def test_the_batch_statistics_kernel_equals_the_reference_in_float64(
     shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``kalman_batch_statistics``: the reference's mean and biased variance within 1e-14 in float64, on every plane
     layout its 16- and 8-element blocks and scalar tail meet."""
-    calls = _statistics_calls(monkeypatch)
+    calls = _kernel_calls(monkeypatch)
     x = _inputs(shape, shift=3.0).x
     got = cpu_kernels.batch_statistics(x)
     assert calls == ["kalman_batch_statistics"]
@@ -423,7 +418,7 @@ def test_batch_statistics_keep_nan_and_inf() -> None:
 def test_statistics_the_kernel_does_not_take_run_the_pytorch_form(monkeypatch: pytest.MonkeyPatch) -> None:
     """Channels-last inputs, half types, and large inputs under several torch threads (the kernel is
     single-threaded) keep ATen's statistics; traced code has no kernel to call."""
-    calls = _statistics_calls(monkeypatch)
+    calls = _kernel_calls(monkeypatch)
     x = _inputs((2, 6, 5, 3)).x
     cpu_kernels.batch_statistics(x.contiguous(memory_format=torch.channels_last))
     cpu_kernels.batch_statistics(x.to(torch.bfloat16))
