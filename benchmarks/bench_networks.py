@@ -123,7 +123,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Call
     return step
 
 
-def _time(step: Callable[[], None], steps: int, clock: Callable[[], float]) -> float:
+def _time(step: Callable[[], Any], steps: int, clock: Callable[[], float]) -> float:
     start = clock()
     for _ in range(steps):
         step()
@@ -167,23 +167,32 @@ def _pair(
         steps_by_variant["bkn_pytorch_forms"] = _without_native(_train_step(copy.deepcopy(bkn_model), x, target))
     if unwired and not compiled:
         steps_by_variant["bkn_unwired"] = _train_step(_unwire(copy.deepcopy(bkn_model)), x, target)
-    for step in steps_by_variant.values():  # warm-up (and compilation)
-        step()
-        step()
-    samples: dict[str, list[float]] = {key: [] for key in steps_by_variant}
-    order = list(steps_by_variant)
-    for repeat in range(repeats):
-        for key in order if repeat % 2 == 0 else reversed(order):
-            samples[key].append(_time(steps_by_variant[key], steps, clock))
+    medians = interleaved_medians(steps_by_variant, repeats, steps, clock)
     return Row(
         name,
         batch,
         "compile" if compiled else "eager",
-        statistics.median(samples["batchnorm"]),
-        statistics.median(samples["bkn"]),
-        statistics.median(samples["bkn_pytorch_forms"]) if "bkn_pytorch_forms" in samples else None,
-        statistics.median(samples["bkn_unwired"]) if "bkn_unwired" in samples else None,
+        medians["batchnorm"],
+        medians["bkn"],
+        medians.get("bkn_pytorch_forms"),
+        medians.get("bkn_unwired"),
     )
+
+
+def interleaved_medians(
+    variants: dict[str, Callable[[], Any]], repeats: int, steps: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Median ms per call of each variant: two warm-up calls each (and compilation), then ``repeats`` samples of
+    ``steps`` calls, the variants interleaved within every repeat in an order that alternates."""
+    for step in variants.values():
+        step()
+        step()
+    samples: dict[str, list[float]] = {key: [] for key in variants}
+    order = list(variants)
+    for repeat in range(repeats):
+        for key in order if repeat % 2 == 0 else reversed(order):
+            samples[key].append(_time(variants[key], steps, clock))
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 def _unwire(model: nn.Module) -> nn.Module:

@@ -20,7 +20,6 @@ Per shape (N, C, H, W), float32, one torch thread, interleaved in every repeat (
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,26 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_networks import _steady_malloc
+from bench_networks import _steady_malloc, interleaved_medians
 
 from bkn_export import cpu_kernels, native
 from bkn_export import functional as Fk
 
 
 def _interleaved(variants: dict[str, Callable[[], object]], repeats: int, calls: int) -> dict[str, float]:
-    """Median µs per call of each variant, the variants interleaved (alternating order) in every repeat."""
-    for function in variants.values():
-        function()
-        function()
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for repeat in range(repeats):
-        for name in order if repeat % 2 == 0 else reversed(order):
-            start = time.perf_counter()
-            for _ in range(calls):
-                variants[name]()
-            samples[name].append((time.perf_counter() - start) / calls * 1e6)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median µs per call of each variant, interleaved (:func:`bench_networks.interleaved_medians`), elapsed time."""
+    medians = interleaved_medians(variants, repeats, calls, time.perf_counter)
+    return {name: milliseconds * 1e3 for name, milliseconds in medians.items()}
 
 
 def _relative_error(got: Fk.BatchStatistics, exact: Fk.BatchStatistics) -> float:
