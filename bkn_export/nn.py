@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export import cpu_kernels, fast_prior, per_channel
+from bkn_export import cpu_kernels, fast_prior, per_channel, triton_step
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 from bkn_export.ops import channel_constant, kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
@@ -178,8 +178,11 @@ class ChainMember(Protocol):
     ``transition``: the transition kind, or None for a first-in-chain layer.
     ``prior(layer, x)``: the prior for this call, or None when there is none (first in
     chain, or the layer runs outside a forward of its root).
-    ``publish(layer, x, op_prior, posterior_mean, posterior_variance, count)``: hand the
-    posterior on; op_prior is (μ_{k|k-1}, Σ_{k|k-1} + R_k, p_k) as the op received them.
+    ``publish(layer, x, op_prior, posterior_mean, posterior_variance, count, affine)``: hand the
+    posterior on; op_prior is (μ_{k|k-1}, Σ_{k|k-1} + R_k, p_k) as the op received them (None where the op's
+    kernels assembled the prior: only where ``observed`` is False); affine: the (γ, β) the next layers read, where
+    not the layer's own parameters (:mod:`bkn_export.triton_step` returns them as outputs of its node).
+    ``observed``: whether an observer records this call's steps.
     ``wiring_state()`` / ``load_state(state, label)``: the wiring saved in / checked
     against the versioned extra state.
     ``name``: the layer's qualified name in its root model.
@@ -194,16 +197,20 @@ class ChainMember(Protocol):
     @property
     def transition(self) -> str | None: ...
 
+    @property
+    def observed(self) -> bool: ...
+
     def prior(self, layer: _BatchKalmanNorm, x: Tensor) -> Prior | None: ...
 
     def publish(
         self,
         layer: _BatchKalmanNorm,
         x: Tensor,
-        op_prior: tuple[Tensor, Tensor, Tensor],
+        op_prior: tuple[Tensor, Tensor, Tensor] | None,
         posterior_mean: Tensor,
         posterior_variance: Tensor,
         count: Any,
+        affine: tuple[Tensor | None, Tensor | None] | None = None,
     ) -> None: ...
 
     def wiring_state(self) -> dict[str, Any] | None: ...
@@ -375,12 +382,60 @@ class _BatchKalmanNorm(nn.Module):
         """Prior, Kalman step, running statistics, publish: the train-mode forward of x (N, C, *)."""
         if self.chain is None and self._is_plain_batchnorm(x):
             return self._batchnorm_step(x)
+        if self._steps_on_triton(x):
+            return self._triton_step(x)
         prior = self._prior(x)
         y, posterior_mean, posterior_variance, count = self._kalman_step(x, *prior)
         if self.training and self.track_running_stats:
             self._update_running_statistics(posterior_mean, posterior_variance, count)
         if self.chain is not None:
             self.chain.publish(self, x, prior, posterior_mean, posterior_variance, count)
+        return y
+
+    def _steps_on_triton(self, x: Tensor) -> bool:
+        """Whether this step runs as :mod:`bkn_export.triton_step`'s one node (eager, the op's Triton route), with
+        this class's own ``_kalman_step`` (a :class:`~bkn_export.distributed.SyncBatchKalmanNorm`'s statistics
+        span its group)."""
+        if type(self)._kalman_step is not _KALMAN_STEP or "_kalman_step" in self.__dict__:
+            return False
+        return triton_step.applies(x)
+
+    def _triton_step(self, x: Tensor) -> Tensor:
+        """:meth:`_batch_step` as one :mod:`bkn_export.triton_step` node: the prior assembled in the op's kernels
+        where it can be (else here), γ and β published as the node's outputs."""
+        acc = Fk.statistics_dtype(x.dtype)
+        chain = self.chain
+        prior = chain.prior(self, x) if chain is not None else None
+        raw, logit = self._parameters.get("process_noise_raw"), self._parameters.get("prior_weight_logit")
+        in_kernels = (
+            prior is not None
+            and raw is not None
+            and logit is not None
+            and self._assembles_prior_fused
+            and self.options.fallback_ratio <= 0
+            and not (prior.known is not None and prior.known.requires_grad)
+            and not (chain is not None and chain.observed)
+        )
+        op_prior: tuple[Tensor, Tensor, Tensor] | None = None
+        if in_kernels:
+            assert prior is not None and raw is not None and logit is not None
+            known = None if prior.known is None else _cast(prior.known, acc)
+            mean, variance = _cast(prior.mean, acc), _cast(prior.variance, acc)
+            step = triton_step.kalman_norm_step(
+                x, mean, variance, None, (_cast(raw, acc), _cast(logit, acc), known),
+                self.weight, self.bias, self.eps, self.options.fallback_ratio,
+            )  # fmt: skip
+        else:
+            op_prior = self._assembled(prior, x)
+            step = triton_step.kalman_norm_step(
+                x, *op_prior, None, self.weight, self.bias, self.eps, self.options.fallback_ratio
+            )
+        y, posterior_mean, posterior_variance, weight, bias = step
+        count = x.numel() // x.shape[1]
+        if self.training and self.track_running_stats:
+            self._update_running_statistics(posterior_mean, posterior_variance, count)
+        if chain is not None:
+            chain.publish(self, x, op_prior, posterior_mean, posterior_variance, count, (weight, bias))
         return y
 
     def _is_plain_batchnorm(self, x: Tensor) -> bool:
@@ -427,8 +482,11 @@ class _BatchKalmanNorm(nn.Module):
 
     def _prior(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(μ_{k|k-1}, Σ_{k|k-1} + R_k, p_k), all (C,); p = 0 (BatchNorm) without a prior in this call."""
+        return self._assembled(self.chain.prior(self, x) if self.chain is not None else None, x)
+
+    def _assembled(self, prior: Prior | None, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_prior` of the chain's ``prior`` for this call."""
         acc = Fk.statistics_dtype(x.dtype)
-        prior = self.chain.prior(self, x) if self.chain is not None else None
         if prior is None:  # cached read-only constants in eager (no fill kernels per step on CUDA)
             zeros = channel_constant(x, 0.0)
             return zeros, channel_constant(x, 1.0), zeros

@@ -107,13 +107,17 @@ def test_running_statistics_with_cumulative_momentum(interpreter: InterpreterPro
 
 
 #: Launches the two converted layers of each probe add to BatchNorm's train step on the CUDA route (forward,
-#: backward), as counted by benchmarks/count_launches.py (benchmarks/RESULTS.md): pinned as upper bounds.
+#: backward), as counted by benchmarks/count_launches.py (benchmarks/RESULTS.md): pinned as upper bounds. The first
+#: layer (first in its chain) launches as many as its BatchNorm (2 / 1: the op, the running statistics with the
+#: batch count / the op's backward), so the wired layer of a fused-head probe launches 2 + 1 = 3 forward and
+#: 1 + 3 = 4 backward: issue 18's goal of at most 4 each way.
+#: (The max-pool and resampling probes' heads are not fused: their steps run as separate twins.)
 LAUNCH_BOUND = {
-    "relu_conv3x3": (2, 6),
-    "hardswish_dw": (2, 6),
-    "silu_conv1x1": (2, 6),
-    "relu_maxpool_conv3x3": (9, 15),
-    "relu_upsample_conv3x3": (24, 36),
+    "relu_conv3x3": (1, 3),
+    "hardswish_dw": (1, 3),
+    "silu_conv1x1": (1, 3),
+    "relu_maxpool_conv3x3": (8, 12),
+    "relu_upsample_conv3x3": (23, 33),
 }
 
 

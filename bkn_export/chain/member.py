@@ -54,6 +54,10 @@ class ChainMembership:
     def transition(self) -> str | None:
         return self.wiring.transition
 
+    @property
+    def observed(self) -> bool:
+        return bool(observers())
+
     def prior(self, layer: _BatchKalmanNorm, x: Tensor) -> Prior | None:
         """This call's prior from the root's scratch; None outside a forward of the root.
 
@@ -110,20 +114,24 @@ class ChainMembership:
         self,
         layer: _BatchKalmanNorm,
         x: Tensor,
-        op_prior: tuple[Tensor, Tensor, Tensor],
+        op_prior: tuple[Tensor, Tensor, Tensor] | None,
         posterior_mean: Tensor,
         posterior_variance: Tensor,
         count: Any,
+        affine: tuple[Tensor | None, Tensor | None] | None = None,
     ) -> None:
-        """Hand the posterior on to the layers this one feeds (and to observers)."""
-        published = Published(
-            posterior_mean, posterior_variance, count, tuple(x.shape), layer.weight, layer.bias, layer.eps
-        )
+        """Hand the posterior on to the layers this one feeds (and to observers, which need ``op_prior``).
+
+        affine: the (γ, β) the next layers read where not ``layer``'s parameters themselves (the outputs of
+        :mod:`bkn_export.triton_step`'s node, so that their gradients reach it)."""
+        weight, bias = affine if affine is not None else (layer.weight, layer.bias)
+        published = Published(posterior_mean, posterior_variance, count, tuple(x.shape), weight, bias, layer.eps)
         if self.root is not None:
             scratch = scratch_for(self.root)
             if scratch is not None:
                 scratch.publish(self.wiring.name, published)
         for observer in observers():
+            assert op_prior is not None, "the op assembled the prior under an observer (ChainMember.observed)"
             observer.saw_posterior(layer, published, op_prior, x)
 
     def wiring_state(self) -> dict[str, Any] | None:

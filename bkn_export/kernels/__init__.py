@@ -81,13 +81,17 @@ def triton_device(x: Tensor) -> bool:
 
 
 class Launchers(NamedTuple):
-    """The two launchers (``forward.batch_kalman_norm_forward``, ``backward.batch_kalman_norm_backward``).
+    """The op's launchers (``forward.batch_kalman_norm_forward``, ``backward.batch_kalman_norm_backward``,
+    ``backward.batch_kalman_norm_backward_assembled``).
 
-    Each takes the flat arguments of its op's schema, plus an optional ``single_program``.
+    The first two take the flat arguments of their op's schema, plus an optional ``single_program`` (and the
+    keyword extensions :mod:`bkn_export.triton_step` uses: ``assembly``, ``extra_grad_weight``, ``extra_grad_bias``);
+    the third is the backward of a forward that assembled its prior.
     """
 
     forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]
+    backward_assembled: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]
 
 
 @functools.cache
@@ -100,7 +104,7 @@ def triton_installed() -> bool:
 def launchers() -> Launchers | None:
     """The Triton launchers, imported on first use; None (with one warning) when Triton cannot be imported."""
     try:
-        from bkn_export.kernels.backward import batch_kalman_norm_backward
+        from bkn_export.kernels.backward import batch_kalman_norm_backward, batch_kalman_norm_backward_assembled
         from bkn_export.kernels.forward import batch_kalman_norm_forward
     except ImportError as error:
         warnings.warn(
@@ -110,7 +114,7 @@ def launchers() -> Launchers | None:
             stacklevel=3,
         )
         return None
-    return Launchers(batch_kalman_norm_forward, batch_kalman_norm_backward)
+    return Launchers(batch_kalman_norm_forward, batch_kalman_norm_backward, batch_kalman_norm_backward_assembled)
 
 
 def uses_kernels(x: Tensor) -> bool:

@@ -39,15 +39,19 @@ from torch import Tensor
 
 from bkn_export.errors import BKNInputError
 from bkn_export.kernels.common import (
+    PriorAssembly,
     channel_shift,
     fallback_fired,
     kalman_posterior,
     merge_gradient_sums,
     merge_moments,
     partial_counts,
+    prior_statistics,
+    store_prior_gradients,
     tile_moments,
     tile_offsets,
 )
+from bkn_export.kernels.forward import prior_weight_or_assembly
 from bkn_export.kernels.layout import (
     CHANNEL_BLOCK,
     COMBINE_BLOCK_P,
@@ -60,7 +64,7 @@ from bkn_export.kernels.layout import (
     working_tensor,
 )
 
-__all__ = ["batch_kalman_norm_backward"]
+__all__ = ["batch_kalman_norm_backward", "batch_kalman_norm_backward_assembled"]
 
 
 @triton.jit
@@ -169,10 +173,10 @@ def _store_channel_gradients(
     batch_variance,
     sum_g,
     centred_sum,
+    prior_variance,
     prior_weight,
     eps,
     prior_mean_ptr,
-    prior_variance_ptr,
     weight_ptr,
     grad_posterior_mean_ptr,
     grad_posterior_variance_ptr,
@@ -180,22 +184,32 @@ def _store_channel_gradients(
     grad_prior_variance_ptr,
     grad_weight_ptr,
     grad_bias_ptr,
+    extra_grad_weight_ptr,
+    extra_grad_bias_ptr,
     HAS_WEIGHT: tl.constexpr,
+    HAS_EXTRA_WEIGHT: tl.constexpr,
+    HAS_EXTRA_BIAS: tl.constexpr,
 ):
-    """Per-channel gradients of one channel block (module docstring): stores those of
-    μ_pred, Σ_pred, γ, β; returns ∂L/∂p and grad_x's coefficients (a, c, b)."""
+    """Per-channel gradients of one channel block (module docstring; Σ_pred and p given): stores those of
+    μ_pred, Σ_pred, γ, β (plus ∂L/∂γ, ∂L/∂β from γ's and β's other uses under HAS_EXTRA_*: one add here
+    instead of autograd's launch); returns ∂L/∂Σ_pred, ∂L/∂p and grad_x's coefficients (a, c, b)."""
     prior_mean = tl.load(prior_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
-    prior_variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
     mean, variance = kalman_posterior(batch_mean, batch_variance, prior_mean, prior_variance, prior_weight)
     inv_std = tl.rsqrt(variance + eps)
     sum_g_xhat = inv_std * (centred_sum + (batch_mean - mean) * sum_g)
     if HAS_WEIGHT:
         gamma = tl.load(weight_ptr + channel_offsets, mask=channel_mask, other=1.0)
-        tl.store(grad_weight_ptr + channel_offsets, sum_g_xhat, mask=channel_mask)
+        grad_weight = sum_g_xhat
+        if HAS_EXTRA_WEIGHT:
+            grad_weight = grad_weight + tl.load(extra_grad_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+        tl.store(grad_weight_ptr + channel_offsets, grad_weight, mask=channel_mask)
     else:
         gamma = tl.full([1], 1.0, dtype=tl.float32)
         tl.store(grad_weight_ptr + channel_offsets, tl.zeros_like(sum_g_xhat), mask=channel_mask)
-    tl.store(grad_bias_ptr + channel_offsets, sum_g, mask=channel_mask)
+    grad_bias = sum_g
+    if HAS_EXTRA_BIAS:
+        grad_bias = grad_bias + tl.load(extra_grad_bias_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    tl.store(grad_bias_ptr + channel_offsets, grad_bias, mask=channel_mask)
 
     grad_mean = -gamma * sum_g * inv_std
     grad_mean += tl.load(grad_posterior_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
@@ -208,11 +222,14 @@ def _store_channel_gradients(
     grad_batch_mean = batch_weight * grad_mean + cross
     grad_batch_variance = batch_weight * grad_variance
     tl.store(grad_prior_mean_ptr + channel_offsets, prior_weight * grad_mean - cross, mask=channel_mask)
-    tl.store(grad_prior_variance_ptr + channel_offsets, prior_weight * grad_variance, mask=channel_mask)
+    grad_prior_variance = prior_weight * grad_variance
+    tl.store(grad_prior_variance_ptr + channel_offsets, grad_prior_variance, mask=channel_mask)
 
     spread = prior_variance - batch_variance + (1.0 - 2.0 * prior_weight) * innovation * innovation
     grad_prior_weight = -innovation * grad_mean + spread * grad_variance
-    return grad_prior_weight, gamma * inv_std, 2.0 * grad_batch_variance / count, grad_batch_mean / count
+    input_scale = gamma * inv_std
+    centred_scale = 2.0 * grad_batch_variance / count
+    return grad_prior_variance, grad_prior_weight, input_scale, centred_scale, grad_batch_mean / count
 
 
 @triton.jit
@@ -244,20 +261,27 @@ def _backward_statistics_kernel(
     prior_mean_ptr,
     prior_variance_ptr,
     prior_weight_ptr,
+    raw_ptr,
+    logit_ptr,
+    known_ptr,
     weight_ptr,
     grad_posterior_mean_ptr,
     grad_posterior_variance_ptr,
     grad_prior_mean_ptr,
     grad_prior_variance_ptr,
     grad_prior_weight_ptr,
+    grad_raw_ptr,
     grad_weight_ptr,
     grad_bias_ptr,
+    extra_grad_weight_ptr,
+    extra_grad_bias_ptr,
     input_scale_ptr,
     shifted_mean_ptr,
     centred_scale_ptr,
     input_offset_ptr,
     batch_mean_ptr,
     eps,
+    limit: tl.float64,
     channels,
     rows,
     stride_channel,
@@ -266,6 +290,10 @@ def _backward_statistics_kernel(
     rows_per_program,
     HAS_WEIGHT: tl.constexpr,
     UPDATE: tl.constexpr,
+    ASSEMBLE: tl.constexpr,
+    HAS_KNOWN: tl.constexpr,
+    HAS_EXTRA_WEIGHT: tl.constexpr,
+    HAS_EXTRA_BIAS: tl.constexpr,
     BLOCK_PARTIALS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
@@ -303,8 +331,19 @@ def _backward_statistics_kernel(
     batch_mean = mean + channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
 
     if UPDATE:
-        prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
-        grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
+        prior_variance, prior_weight = prior_statistics(
+            channel_offsets,
+            channel_mask,
+            prior_variance_ptr,
+            prior_weight_ptr,
+            raw_ptr,
+            logit_ptr,
+            known_ptr,
+            limit,
+            ASSEMBLE,
+            HAS_KNOWN,
+        )
+        grad_prior_variance, grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
             channel_offsets,
             channel_mask,
             count,
@@ -312,10 +351,10 @@ def _backward_statistics_kernel(
             variance,
             sum_g,
             centred_sum,
+            prior_variance,
             prior_weight,
             eps,
             prior_mean_ptr,
-            prior_variance_ptr,
             weight_ptr,
             grad_posterior_mean_ptr,
             grad_posterior_variance_ptr,
@@ -323,9 +362,27 @@ def _backward_statistics_kernel(
             grad_prior_variance_ptr,
             grad_weight_ptr,
             grad_bias_ptr,
+            extra_grad_weight_ptr,
+            extra_grad_bias_ptr,
             HAS_WEIGHT,
+            HAS_EXTRA_WEIGHT,
+            HAS_EXTRA_BIAS,
         )
-        tl.store(grad_prior_weight_ptr + channel_offsets, grad_prior_weight, mask=channel_mask)
+        store_prior_gradients(
+            channel_offsets,
+            channel_mask,
+            grad_prior_variance,
+            grad_prior_weight,
+            grad_prior_weight_ptr,
+            grad_raw_ptr,
+            raw_ptr,
+            logit_ptr,
+            known_ptr,
+            limit,
+            ASSEMBLE,
+            HAS_KNOWN,
+            BLOCK_CHANNELS,
+        )
         _store_input_coefficients(
             channel_offsets,
             channel_mask,
@@ -358,6 +415,8 @@ def _backward_fallback_kernel(
     grad_prior_weight_ptr,
     grad_weight_ptr,
     grad_bias_ptr,
+    extra_grad_weight_ptr,
+    extra_grad_bias_ptr,
     input_scale_ptr,
     centred_scale_ptr,
     input_offset_ptr,
@@ -367,6 +426,8 @@ def _backward_fallback_kernel(
     channels,
     fallback_ratio,
     HAS_WEIGHT: tl.constexpr,
+    HAS_EXTRA_WEIGHT: tl.constexpr,
+    HAS_EXTRA_BIAS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
     """Pass 2b (fallback_ratio > 0): the rule over all channels, then all gradients; ∂L/∂p = 0 if fired."""
@@ -377,9 +438,10 @@ def _backward_fallback_kernel(
     batch_variance = tl.load(batch_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
     sum_g = tl.load(grad_bias_ptr + channel_offsets, mask=channel_mask, other=0.0)
     centred_sum = tl.load(centred_sum_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
     prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
     prior_weight = tl.where(fired, 0.0, prior_weight)
-    grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
+    _, grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
         channel_offsets,
         channel_mask,
         count,
@@ -387,10 +449,10 @@ def _backward_fallback_kernel(
         batch_variance,
         sum_g,
         centred_sum,
+        prior_variance,
         prior_weight,
         eps,
         prior_mean_ptr,
-        prior_variance_ptr,
         weight_ptr,
         grad_posterior_mean_ptr,
         grad_posterior_variance_ptr,
@@ -398,7 +460,11 @@ def _backward_fallback_kernel(
         grad_prior_variance_ptr,
         grad_weight_ptr,
         grad_bias_ptr,
+        extra_grad_weight_ptr,
+        extra_grad_bias_ptr,
         HAS_WEIGHT,
+        HAS_EXTRA_WEIGHT,
+        HAS_EXTRA_BIAS,
     )
     tl.store(grad_prior_weight_ptr + channel_offsets, tl.where(fired, 0.0, grad_prior_weight), mask=channel_mask)
     _store_input_coefficients(
@@ -495,15 +561,22 @@ def _single_program_backward_kernel(
     prior_mean_ptr,
     prior_variance_ptr,
     prior_weight_ptr,
+    raw_ptr,
+    logit_ptr,
+    known_ptr,
     weight_ptr,
     grad_posterior_mean_ptr,
     grad_posterior_variance_ptr,
     grad_prior_mean_ptr,
     grad_prior_variance_ptr,
     grad_prior_weight_ptr,
+    grad_raw_ptr,
     grad_weight_ptr,
     grad_bias_ptr,
+    extra_grad_weight_ptr,
+    extra_grad_bias_ptr,
     eps,
+    limit: tl.float64,
     channels,
     rows,
     stride_sample,
@@ -512,6 +585,10 @@ def _single_program_backward_kernel(
     num_tiles,
     row_blocks_per_sample,
     HAS_WEIGHT: tl.constexpr,
+    ASSEMBLE: tl.constexpr,
+    HAS_KNOWN: tl.constexpr,
+    HAS_EXTRA_WEIGHT: tl.constexpr,
+    HAS_EXTRA_BIAS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
@@ -546,8 +623,19 @@ def _single_program_backward_kernel(
             BLOCK_ROWS,
         )
 
-    prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
-    grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
+    prior_variance, prior_weight = prior_statistics(
+        channel_offsets,
+        channel_mask,
+        prior_variance_ptr,
+        prior_weight_ptr,
+        raw_ptr,
+        logit_ptr,
+        known_ptr,
+        limit,
+        ASSEMBLE,
+        HAS_KNOWN,
+    )
+    grad_prior_variance, grad_prior_weight, input_scale, centred_scale, input_offset = _store_channel_gradients(
         channel_offsets,
         channel_mask,
         count,
@@ -555,10 +643,10 @@ def _single_program_backward_kernel(
         m2 / count,
         sum_g,
         centred_sum,
+        prior_variance,
         prior_weight,
         eps,
         prior_mean_ptr,
-        prior_variance_ptr,
         weight_ptr,
         grad_posterior_mean_ptr,
         grad_posterior_variance_ptr,
@@ -566,9 +654,27 @@ def _single_program_backward_kernel(
         grad_prior_variance_ptr,
         grad_weight_ptr,
         grad_bias_ptr,
+        extra_grad_weight_ptr,
+        extra_grad_bias_ptr,
         HAS_WEIGHT,
+        HAS_EXTRA_WEIGHT,
+        HAS_EXTRA_BIAS,
     )
-    tl.store(grad_prior_weight_ptr + channel_offsets, grad_prior_weight, mask=channel_mask)
+    store_prior_gradients(
+        channel_offsets,
+        channel_mask,
+        grad_prior_variance,
+        grad_prior_weight,
+        grad_prior_weight_ptr,
+        grad_raw_ptr,
+        raw_ptr,
+        logit_ptr,
+        known_ptr,
+        limit,
+        ASSEMBLE,
+        HAS_KNOWN,
+        BLOCK_CHANNELS,
+    )
     for tile in range(0, num_tiles):
         _grad_input_tile(
             x_ptr,
@@ -606,6 +712,8 @@ def batch_kalman_norm_backward(
     eps: float,
     fallback_ratio: float,
     single_program: bool | None = None,
+    extra_grad_weight: Tensor | None = None,
+    extra_grad_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused BKN backward; same contract as ``torch.ops.bkn.batch_kalman_norm_backward``.
 
@@ -614,7 +722,66 @@ def batch_kalman_norm_backward(
     weight, bias): grad_x in the dtype and layout of x, the prior grads in the dtypes
     of the priors, the γ/β grads float32 (γ's is zeros when ``weight`` is None).
     ``single_program`` as in :func:`~bkn_export.kernels.forward.batch_kalman_norm_forward`.
+    ``extra_grad_weight``, ``extra_grad_bias``: (C,) gradients of γ and β from their other uses (the next
+    layers' predictions), added in the kernel to the op's own (what autograd would add in a launch of its own).
     """
+    grad_x, grad_prior_mean, grad_prior_variance, grad_prior_weight, _, grad_weight, grad_bias = _backward(
+        grad_output, grad_posterior_mean, grad_posterior_variance, x, prior_mean, prior_variance, prior_weight,
+        None, weight, eps, fallback_ratio, single_program, extra_grad_weight, extra_grad_bias,
+    )  # fmt: skip
+    return (
+        grad_x,
+        grad_prior_mean.to(prior_mean.dtype),
+        grad_prior_variance.to(prior_variance.dtype),
+        grad_prior_weight.to(prior_weight.dtype),
+        grad_weight,
+        grad_bias,
+    )
+
+
+def batch_kalman_norm_backward_assembled(
+    grad_output: Tensor,
+    grad_posterior_mean: Tensor,
+    grad_posterior_variance: Tensor,
+    x: Tensor,
+    prior_mean: Tensor,
+    variance: Tensor,
+    assembly: PriorAssembly,
+    weight: Tensor | None,
+    eps: float,
+    single_program: bool | None = None,
+    extra_grad_weight: Tensor | None = None,
+    extra_grad_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`batch_kalman_norm_backward` of a forward that assembled its prior (``assembly``, see
+    :func:`~bkn_export.kernels.forward.batch_kalman_norm_forward`; no fallback rule), the assembly's backward in
+    the same kernels: returns ∂L/∂(x, μ_pred, v, r, l, γ, β), the (C,) ones float32. ``variance`` is the
+    prediction's v."""
+    grad_x, grad_prior_mean, grad_variance, grad_logit, grad_raw, grad_weight, grad_bias = _backward(
+        grad_output, grad_posterior_mean, grad_posterior_variance, x, prior_mean, variance, None, assembly,
+        weight, eps, 0.0, single_program, extra_grad_weight, extra_grad_bias,
+    )  # fmt: skip
+    assert grad_raw is not None
+    return grad_x, grad_prior_mean, grad_variance, grad_raw, grad_logit, grad_weight, grad_bias
+
+
+def _backward(
+    grad_output: Tensor,
+    grad_posterior_mean: Tensor,
+    grad_posterior_variance: Tensor,
+    x: Tensor,
+    prior_mean: Tensor,
+    prior_variance: Tensor,
+    prior_weight: Tensor | None,
+    assembly: PriorAssembly | None,
+    weight: Tensor | None,
+    eps: float,
+    fallback_ratio: float,
+    single_program: bool | None,
+    extra_grad_weight: Tensor | None,
+    extra_grad_bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """Both launchers: (∂x, ∂μ_pred, ∂Σ_pred or ∂v, ∂p or ∂l, ∂r or None, ∂γ, ∂β), the (C,) ones float32."""
     x_work = working_tensor(x)
     if grad_output.shape != x.shape:
         raise BKNInputError(
@@ -629,26 +796,37 @@ def batch_kalman_norm_backward(
     channels = view.channels
     prior_mean32 = statistics_vector(prior_mean, channels, "prior_mean")
     prior_variance32 = statistics_vector(prior_variance, channels, "prior_variance")
-    prior_weight32 = statistics_vector(prior_weight, channels, "prior_weight")
+    prior_weight32, assembled = prior_weight_or_assembly(prior_weight, assembly, channels, fallback_ratio)
     weight32 = statistics_vector(weight, channels, "weight") if weight is not None else prior_weight32
     grad_mean32 = statistics_vector(grad_posterior_mean, channels, "grad_posterior_mean")
     grad_variance32 = statistics_vector(grad_posterior_variance, channels, "grad_posterior_variance")
+    extra_weight32, extra_bias32 = (
+        statistics_vector(extra, channels, name) if extra is not None else None
+        for extra, name in ((extra_grad_weight, "extra_grad_weight"), (extra_grad_bias, "extra_grad_bias"))
+    )
+    has_extra_weight = extra_weight32 is not None and weight is not None
+    extras = (
+        extra_weight32 if extra_weight32 is not None else grad_mean32,  # placeholder pointers, never read
+        extra_bias32 if extra_bias32 is not None else grad_mean32,
+    )
     # Separate allocations: a custom op's outputs may not alias one another.
     grad_prior_mean, grad_prior_variance, grad_prior_weight, grad_weight, grad_bias = (
         x.new_empty((channels,), dtype=torch.float32) for _ in range(5)
     )
+    grad_raw = x.new_empty((channels,), dtype=torch.float32) if assembled.assemble else None
     grad_x_work = torch.empty_like(x_work)
 
-    def results() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return (
-            restore_layout(grad_x_work, x, x_work),
-            grad_prior_mean.to(prior_mean.dtype),
-            grad_prior_variance.to(prior_variance.dtype),
-            grad_prior_weight.to(prior_weight.dtype),
-            grad_weight,
-            grad_bias,
-        )
+    def results() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        grad_x = restore_layout(grad_x_work, x, x_work)
+        return grad_x, grad_prior_mean, grad_prior_variance, grad_prior_weight, grad_raw, grad_weight, grad_bias
 
+    flags = {
+        "HAS_WEIGHT": weight is not None,
+        "ASSEMBLE": assembled.assemble,
+        "HAS_KNOWN": assembled.has_known,
+        "HAS_EXTRA_WEIGHT": has_extra_weight,
+        "HAS_EXTRA_BIAS": extra_bias32 is not None,
+    }
     if choose_single_program(view, fallback_ratio, single_program):
         _single_program_backward_kernel[(tiling.channel_blocks,)](
             x_work,
@@ -657,15 +835,19 @@ def batch_kalman_norm_backward(
             prior_mean32,
             prior_variance32,
             prior_weight32,
+            *assembled.pointers,
             weight32,
             grad_mean32,
             grad_variance32,
             grad_prior_mean,
             grad_prior_variance,
             grad_prior_weight,
+            grad_raw if grad_raw is not None else grad_prior_weight,  # placeholder pointer, never written
             grad_weight,
             grad_bias,
+            *extras,
             eps,
+            assembled.limit,
             channels,
             view.rows,
             view.stride_sample,
@@ -673,7 +855,7 @@ def batch_kalman_norm_backward(
             view.stride_row,
             view.samples * tiling.row_blocks_per_sample,
             tiling.row_blocks_per_sample,
-            HAS_WEIGHT=weight is not None,
+            **flags,
             BLOCK_ROWS=tiling.block_rows,
             BLOCK_CHANNELS=tiling.block_channels,
             num_warps=NUM_WARPS,
@@ -719,27 +901,31 @@ def batch_kalman_norm_backward(
         prior_mean32,
         prior_variance32,
         prior_weight32,
+        *assembled.pointers,
         weight32,
         grad_mean32,
         grad_variance32,
         grad_prior_mean,
         grad_prior_variance,
         grad_prior_weight,
+        grad_raw if grad_raw is not None else grad_prior_weight,
         grad_weight,
         grad_bias,
+        *extras,
         input_scale,
         shifted_mean,
         centred_scale,
         input_offset,
         batch_mean,
         eps,
+        assembled.limit,
         channels,
         view.rows,
         view.stride_channel,
         num_partials,
         tiling.programs_per_sample,
         tiling.rows_per_program,
-        HAS_WEIGHT=weight is not None,
+        **flags,
         UPDATE=update_inline,
         BLOCK_PARTIALS=COMBINE_BLOCK_P,
         BLOCK_CHANNELS=CHANNEL_BLOCK,
@@ -760,6 +946,7 @@ def batch_kalman_norm_backward(
             grad_prior_weight,
             grad_weight,
             grad_bias,
+            *extras,
             input_scale,
             centred_scale,
             input_offset,
@@ -769,6 +956,8 @@ def batch_kalman_norm_backward(
             channels,
             float(fallback_ratio),
             HAS_WEIGHT=weight is not None,
+            HAS_EXTRA_WEIGHT=has_extra_weight,
+            HAS_EXTRA_BIAS=extra_bias32 is not None,
             BLOCK_CHANNELS=CHANNEL_BLOCK,
             num_warps=NUM_WARPS,
         )

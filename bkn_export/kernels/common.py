@@ -20,20 +20,45 @@ precision where E[x²] - E[x]² would lose every digit. The backward carries Σ 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from bkn_export.kernels.prior_moments import assembled_prior, assembly_gradients
 
 __all__ = [
     "VARIANCE_FLOOR",
+    "PriorAssembly",
     "channel_shift",
     "fallback_fired",
     "kalman_posterior",
     "merge_gradient_sums",
     "merge_moments",
     "partial_counts",
+    "prior_statistics",
+    "store_prior_gradients",
     "tile_moments",
     "tile_offsets",
 ]
+
+
+class PriorAssembly(NamedTuple):
+    """The prior's last step, for the op's launchers to do in their kernels (:func:`prior_statistics`,
+    :func:`store_prior_gradients`) instead of a launch of its own each way::
+
+        Σ_pred = v + softplus(r),  p = L sigmoid(l) [· k]
+
+    raw r, logit l, known k (or None): (C,) float32; limit: L. The launchers then take the prediction's
+    variance v in place of Σ_pred and no p; the backward returns ∂L/∂(v, r, l) in place of ∂L/∂(Σ_pred, p).
+    """
+
+    raw: Tensor
+    logit: Tensor
+    known: Tensor | None
+    limit: float
+
 
 #: Same floor as bkn_export.functional's fallback rule (batch variance clamp); a
 #: constexpr because Triton kernels may only read constexpr globals, spelled here because
@@ -143,3 +168,81 @@ def fallback_fired(prior_variance_ptr, batch_variance_ptr, channels, fallback_ra
         batch_variance = tl.load(batch_variance_ptr + offsets, mask=mask, other=1.0)
         total += tl.sum(prior_variance / tl.maximum(batch_variance, VARIANCE_FLOOR), axis=0)
     return total / channels >= fallback_ratio
+
+
+@triton.jit
+def _load64(pointer, channel_offsets, channel_mask):
+    return tl.load(pointer + channel_offsets, mask=channel_mask, other=0.0).to(tl.float64)
+
+
+@triton.jit
+def prior_statistics(
+    channel_offsets,
+    channel_mask,
+    prior_variance_ptr,
+    prior_weight_ptr,
+    raw_ptr,
+    logit_ptr,
+    known_ptr,
+    limit,
+    ASSEMBLE: tl.constexpr,
+    HAS_KNOWN: tl.constexpr,
+):
+    """(Σ_pred, p) of one channel block, float32: loaded, or under ASSEMBLE the prior's last step done here
+    from the prediction's variance v (at ``prior_variance_ptr``), r, l and the known-channel mask k::
+
+        Σ_pred = v + softplus(r),  p = L sigmoid(l) [· k]      (L = ``limit``)
+
+    in float64 and rounded once (:func:`bkn_export.kernels.prior_moments.assembled_prior`): the values the
+    separate ``prior_assembly`` launch stores, so the op's result is that of the two launches."""
+    if ASSEMBLE:
+        r = _load64(raw_ptr, channel_offsets, channel_mask)
+        logit = _load64(logit_ptr, channel_offsets, channel_mask)
+        if HAS_KNOWN:
+            known = _load64(known_ptr, channel_offsets, channel_mask)
+        else:
+            known = logit  # not read
+        v = _load64(prior_variance_ptr, channel_offsets, channel_mask)
+        variance64, weight64 = assembled_prior(v, r, logit, known, limit, HAS_KNOWN)
+        variance = variance64.to(tl.float32)
+        weight = weight64.to(tl.float32)
+    else:
+        variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
+        weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    return variance, weight
+
+
+@triton.jit
+def store_prior_gradients(
+    channel_offsets,
+    channel_mask,
+    grad_prior_variance,
+    grad_prior_weight,
+    grad_prior_weight_ptr,
+    grad_raw_ptr,
+    raw_ptr,
+    logit_ptr,
+    known_ptr,
+    limit,
+    ASSEMBLE: tl.constexpr,
+    HAS_KNOWN: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Store ∂L/∂p at ``grad_prior_weight_ptr``; under ASSEMBLE (see :func:`prior_statistics`) the assembly's
+    backward instead: ∂L/∂r at ``grad_raw_ptr`` and ∂L/∂l at ``grad_prior_weight_ptr``
+    (:func:`bkn_export.kernels.prior_moments.assembly_gradients`, float64, rounded once). ∂L/∂v is ∂L/∂Σ_pred,
+    which the caller stores."""
+    if ASSEMBLE:
+        r = _load64(raw_ptr, channel_offsets, channel_mask)
+        logit = _load64(logit_ptr, channel_offsets, channel_mask)
+        if HAS_KNOWN:
+            known = _load64(known_ptr, channel_offsets, channel_mask)
+        else:
+            known = tl.full([BLOCK_CHANNELS], 1.0, tl.float64)
+        grad_raw, grad_logit = assembly_gradients(
+            r, logit, known, grad_prior_variance.to(tl.float64), grad_prior_weight.to(tl.float64), limit
+        )
+        tl.store(grad_raw_ptr + channel_offsets, grad_raw.to(tl.float32), mask=channel_mask)
+        tl.store(grad_prior_weight_ptr + channel_offsets, grad_logit.to(tl.float32), mask=channel_mask)
+    else:
+        tl.store(grad_prior_weight_ptr + channel_offsets, grad_prior_weight, mask=channel_mask)

@@ -27,17 +27,22 @@ batch 1-8 on late ResNet layers the three-kernel path would be launch-bound.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from bkn_export.errors import BKNInputError
 from bkn_export.kernels.common import (
+    PriorAssembly,
     channel_shift,
     fallback_fired,
     kalman_posterior,
     merge_moments,
     partial_counts,
+    prior_statistics,
     tile_moments,
     tile_offsets,
 )
@@ -141,15 +146,14 @@ def _store_posterior(
     channel_mask,
     batch_mean,
     batch_variance,
+    prior_variance,
     prior_weight,
     prior_mean_ptr,
-    prior_variance_ptr,
     posterior_mean_ptr,
     posterior_variance_ptr,
 ):
-    """Kalman update of one channel block; stores and returns (μ_{k|k}, Σ_{k|k})."""
+    """Kalman update of one channel block (Σ_pred, p given); stores and returns (μ_{k|k}, Σ_{k|k})."""
     prior_mean = tl.load(prior_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
-    prior_variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
     mean, variance = kalman_posterior(batch_mean, batch_variance, prior_mean, prior_variance, prior_weight)
     tl.store(posterior_mean_ptr + channel_offsets, mean, mask=channel_mask)
     tl.store(posterior_variance_ptr + channel_offsets, variance, mask=channel_mask)
@@ -166,8 +170,12 @@ def _forward_statistics_kernel(
     prior_mean_ptr,
     prior_variance_ptr,
     prior_weight_ptr,
+    raw_ptr,
+    logit_ptr,
+    known_ptr,
     posterior_mean_ptr,
     posterior_variance_ptr,
+    limit: tl.float64,
     channels,
     rows,
     stride_channel,
@@ -175,10 +183,13 @@ def _forward_statistics_kernel(
     programs_per_sample,
     rows_per_program,
     UPDATE: tl.constexpr,
+    ASSEMBLE: tl.constexpr,
+    HAS_KNOWN: tl.constexpr,
     BLOCK_PARTIALS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
-    """Pass 2: merge partials into (x̄, S); then the update (UPDATE) or store (x̄, S)."""
+    """Pass 2: merge partials into (x̄, S); then the update (UPDATE; the prior assembled here under ASSEMBLE,
+    ``common.prior_statistics``) or store (x̄, S)."""
     channel_offsets = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
     channel_mask = channel_offsets < channels
 
@@ -201,15 +212,26 @@ def _forward_statistics_kernel(
     mean += channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
 
     if UPDATE:
-        prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+        prior_variance, prior_weight = prior_statistics(
+            channel_offsets,
+            channel_mask,
+            prior_variance_ptr,
+            prior_weight_ptr,
+            raw_ptr,
+            logit_ptr,
+            known_ptr,
+            limit,
+            ASSEMBLE,
+            HAS_KNOWN,
+        )
         _store_posterior(
             channel_offsets,
             channel_mask,
             mean,
             variance,
+            prior_variance,
             prior_weight,
             prior_mean_ptr,
-            prior_variance_ptr,
             posterior_mean_ptr,
             posterior_variance_ptr,
         )
@@ -237,6 +259,7 @@ def _forward_fallback_kernel(
     channel_mask = channel_offsets < channels
     batch_mean = tl.load(batch_mean_ptr + channel_offsets, mask=channel_mask, other=0.0)
     batch_variance = tl.load(batch_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_variance = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0)
     prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
     prior_weight = tl.where(fired, 0.0, prior_weight)
     _store_posterior(
@@ -244,9 +267,9 @@ def _forward_fallback_kernel(
         channel_mask,
         batch_mean,
         batch_variance,
+        prior_variance,
         prior_weight,
         prior_mean_ptr,
-        prior_variance_ptr,
         posterior_mean_ptr,
         posterior_variance_ptr,
     )
@@ -321,11 +344,15 @@ def _single_program_forward_kernel(
     prior_mean_ptr,
     prior_variance_ptr,
     prior_weight_ptr,
+    raw_ptr,
+    logit_ptr,
+    known_ptr,
     weight_ptr,
     bias_ptr,
     posterior_mean_ptr,
     posterior_variance_ptr,
     eps,
+    limit: tl.float64,
     channels,
     rows,
     stride_sample,
@@ -335,10 +362,13 @@ def _single_program_forward_kernel(
     row_blocks_per_sample,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ASSEMBLE: tl.constexpr,
+    HAS_KNOWN: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
-    """All three passes for one channel block in one program (small n, no fallback rule)."""
+    """All three passes for one channel block in one program (small n, no fallback rule; the prior assembled here
+    under ASSEMBLE, ``common.prior_statistics``)."""
     channel_offsets = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
     channel_mask = channel_offsets < channels
     shift = channel_shift(x_ptr, channel_offsets, channel_mask, stride_channel)
@@ -364,15 +394,26 @@ def _single_program_forward_kernel(
             BLOCK_ROWS,
         )
 
-    prior_weight = tl.load(prior_weight_ptr + channel_offsets, mask=channel_mask, other=0.0)
+    prior_variance, prior_weight = prior_statistics(
+        channel_offsets,
+        channel_mask,
+        prior_variance_ptr,
+        prior_weight_ptr,
+        raw_ptr,
+        logit_ptr,
+        known_ptr,
+        limit,
+        ASSEMBLE,
+        HAS_KNOWN,
+    )
     posterior_mean, posterior_variance = _store_posterior(
         channel_offsets,
         channel_mask,
         mean + shift,
         m2 / count,
+        prior_variance,
         prior_weight,
         prior_mean_ptr,
-        prior_variance_ptr,
         posterior_mean_ptr,
         posterior_variance_ptr,
     )
@@ -405,6 +446,42 @@ def _single_program_forward_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
+
+
+class AssemblyArguments(NamedTuple):
+    """The kernels' assembly arguments: (r, l, k) pointers (placeholders without ``assemble``), L, flags."""
+
+    pointers: tuple[Tensor, Tensor, Tensor]
+    limit: float
+    assemble: bool
+    has_known: bool
+
+
+def prior_weight_or_assembly(
+    prior_weight: Tensor | None, assembly: PriorAssembly | None, channels: int, fallback_ratio: float
+) -> tuple[Tensor, AssemblyArguments]:
+    """(p as a float32 (C,) vector, or a placeholder under ``assembly``; the kernels' assembly arguments). Checks
+    that exactly one of ``prior_weight`` and ``assembly`` is given and that the fallback rule is off with an
+    assembly."""
+    if (prior_weight is None) == (assembly is None):
+        raise BKNInputError(
+            "BKN Triton launcher: pass either prior_weight (the gain p) or assembly (the prior's last step), "
+            f"not {'both' if assembly is not None else 'neither'}"
+        )
+    if assembly is None:
+        assert prior_weight is not None
+        weight32 = statistics_vector(prior_weight, channels, "prior_weight")
+        return weight32, AssemblyArguments((weight32, weight32, weight32), 0.0, False, False)
+    if fallback_ratio > 0:
+        raise BKNInputError(
+            "BKN Triton launcher: the prior's assembly cannot run in the op's kernels under the fallback rule "
+            "(fallback_ratio > 0 reads every channel's assembled Σ_pred first); assemble the prior separately"
+        )
+    raw = statistics_vector(assembly.raw, channels, "raw")
+    logit = statistics_vector(assembly.logit, channels, "logit")
+    known = statistics_vector(assembly.known, channels, "known") if assembly.known is not None else None
+    pointers = (raw, logit, known if known is not None else raw)
+    return raw, AssemblyArguments(pointers, float(assembly.limit), True, known is not None)
 
 
 def _launch_normalize(
@@ -448,12 +525,13 @@ def batch_kalman_norm_forward(
     x: Tensor,
     prior_mean: Tensor,
     prior_variance: Tensor,
-    prior_weight: Tensor,
+    prior_weight: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
     fallback_ratio: float,
     single_program: bool | None = None,
+    assembly: PriorAssembly | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused train-mode BKN step; same contract as ``torch.ops.bkn.batch_kalman_norm``.
 
@@ -462,6 +540,9 @@ def batch_kalman_norm_forward(
     Returns y (dtype and layout of x) and the posterior mean and variance, float32 (C,).
     ``single_program``: force (True) or forbid (False) the one-kernel path; None picks
     it by size (``layout.use_single_program``). Tests use it to cover both paths.
+    ``assembly``: the prior's last step in these kernels (:class:`~bkn_export.kernels.common.PriorAssembly`):
+    ``prior_variance`` is then the prediction's variance v and ``prior_weight`` None; the launches are the
+    same. Not with the fallback rule (it reads every channel's Σ_pred before any update).
     Raises BKNInputError for empty, too large or mis-shaped inputs.
     """
     x_work = working_tensor(x)
@@ -470,7 +551,7 @@ def batch_kalman_norm_forward(
     channels = view.channels
     prior_mean32 = statistics_vector(prior_mean, channels, "prior_mean")
     prior_variance32 = statistics_vector(prior_variance, channels, "prior_variance")
-    prior_weight32 = statistics_vector(prior_weight, channels, "prior_weight")
+    prior_weight32, assembled = prior_weight_or_assembly(prior_weight, assembly, channels, fallback_ratio)
     weight32 = statistics_vector(weight, channels, "weight") if weight is not None else None
     bias32 = statistics_vector(bias, channels, "bias") if bias is not None else None
     posterior_mean = x.new_empty((channels,), dtype=torch.float32)
@@ -484,11 +565,13 @@ def batch_kalman_norm_forward(
             prior_mean32,
             prior_variance32,
             prior_weight32,
+            *assembled.pointers,
             weight32 if weight32 is not None else prior_weight32,  # placeholder pointer, never read
             bias32 if bias32 is not None else prior_weight32,
             posterior_mean,
             posterior_variance,
             eps,
+            assembled.limit,
             channels,
             view.rows,
             view.stride_sample,
@@ -498,6 +581,8 @@ def batch_kalman_norm_forward(
             tiling.row_blocks_per_sample,
             HAS_WEIGHT=weight32 is not None,
             HAS_BIAS=bias32 is not None,
+            ASSEMBLE=assembled.assemble,
+            HAS_KNOWN=assembled.has_known,
             BLOCK_ROWS=tiling.block_rows,
             BLOCK_CHANNELS=tiling.block_channels,
             num_warps=NUM_WARPS,
@@ -537,8 +622,10 @@ def batch_kalman_norm_forward(
         prior_mean32,
         prior_variance32,
         prior_weight32,
+        *assembled.pointers,
         posterior_mean,
         posterior_variance,
+        assembled.limit,
         channels,
         view.rows,
         view.stride_channel,
@@ -546,6 +633,8 @@ def batch_kalman_norm_forward(
         tiling.programs_per_sample,
         tiling.rows_per_program,
         UPDATE=update_inline,
+        ASSEMBLE=assembled.assemble,
+        HAS_KNOWN=assembled.has_known,
         BLOCK_PARTIALS=COMBINE_BLOCK_P,
         BLOCK_CHANNELS=CHANNEL_BLOCK,
         num_warps=NUM_WARPS,

@@ -59,6 +59,8 @@ from bkn_export.errors import BKNInputError
 __all__ = [
     "LAUNCHERS",
     "LAUNCHES",
+    "assembled_prior",
+    "assembly_gradients",
     "output_variance",
     "output_variance_backward",
     "prior_assembly",
@@ -96,6 +98,28 @@ def _softplus(x):
     near_one = u == 1.0
     log1p = tl.where(near_one, e, tl.log(u) * (e / tl.where(near_one, 1.0, u - 1.0)))
     return tl.where(x > SOFTPLUS_THRESHOLD, x, log1p)
+
+
+@triton.jit
+def assembled_prior(v, r, lg, k, limit, HAS_KNOWN: tl.constexpr):
+    """(v + softplus(r), L sigmoid(l) [· k]) of float64 values (l: ``lg``): the prior assembly's formulas, in
+    ``prior.c``'s order. Also the op's kernels' (``kernels.common.prior_statistics``), so that both evaluate the
+    same expression; ``k`` is not read without HAS_KNOWN."""
+    variance = v + _softplus(r)
+    p = limit * _sigmoid(lg)
+    if HAS_KNOWN:
+        p = p * k
+    return variance, p
+
+
+@triton.jit
+def assembly_gradients(r, lg, k, gv, gw, limit):
+    """(∂r, ∂l) = (∂v sigmoid(r) (∂v for r > 20), ∂p k L s (1 - s)), s = sigmoid(l) (l: ``lg``), of float64
+    values (k = 1 without a known-channel mask): the prior assembly's backward, shared with the op's backward
+    kernels (``kernels.common.store_prior_gradients``)."""
+    grad_raw = tl.where(r > SOFTPLUS_THRESHOLD, gv, gv * _sigmoid(r))
+    s = _sigmoid(lg)
+    return grad_raw, gw * k * limit * s * (1.0 - s)
 
 
 @triton.jit
@@ -172,10 +196,13 @@ def _prior_assembly_kernel(
     offsets, mask = _channel_block(n, BLOCK)
     v = _load64(variance_ptr, offsets, mask)
     r = _load64(raw_ptr, offsets, mask)
-    _store(out_variance_ptr, offsets, mask, v + _softplus(r))
-    p = limit * _sigmoid(_load64(logit_ptr, offsets, mask))
+    logit = _load64(logit_ptr, offsets, mask)
     if HAS_KNOWN:
-        p = p * _load64(known_ptr, offsets, mask)
+        k = _load64(known_ptr, offsets, mask)
+    else:
+        k = logit  # not read
+    variance, p = assembled_prior(v, r, logit, k, limit, HAS_KNOWN)
+    _store(out_variance_ptr, offsets, mask, variance)
     _store(out_weight_ptr, offsets, mask, p)
 
 
@@ -197,12 +224,11 @@ def _prior_assembly_backward_kernel(
 ):
     offsets, mask = _channel_block(n, BLOCK)
     r = _load64(raw_ptr, offsets, mask)
+    logit = _load64(logit_ptr, offsets, mask)
     if HAS_GRAD_VARIANCE:
         gv = _load64(grad_variance_ptr, offsets, mask)
     else:
         gv = tl.zeros([BLOCK], tl.float64)
-    _store(grad_raw_ptr, offsets, mask, tl.where(r > SOFTPLUS_THRESHOLD, gv, gv * _sigmoid(r)))
-    s = _sigmoid(_load64(logit_ptr, offsets, mask))
     if HAS_GRAD_WEIGHT:
         gw = _load64(grad_weight_ptr, offsets, mask)
     else:
@@ -211,7 +237,9 @@ def _prior_assembly_backward_kernel(
         k = _load64(known_ptr, offsets, mask)
     else:
         k = tl.full([BLOCK], 1.0, tl.float64)
-    _store(grad_logit_ptr, offsets, mask, gw * k * limit * s * (1.0 - s))
+    grad_raw, grad_logit = assembly_gradients(r, logit, k, gv, gw, limit)
+    _store(grad_raw_ptr, offsets, mask, grad_raw)
+    _store(grad_logit_ptr, offsets, mask, grad_logit)
 
 
 # --------------------------------------------------------------------------- kernel: running statistics

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bkn_export import convert_batchnorm, kernels, native, per_channel
+from bkn_export import convert_batchnorm, kernels, native, per_channel, triton_step
 
 
 class _Excite(nn.Module):
@@ -102,28 +103,86 @@ def counted_launches(
             setattr(path_module, name, launcher)
 
 
-def train_step(
-    dtype: str, seed: int = 0, forms: str = "kernels", device: str = "cpu"
-) -> dict[str, Tensor | dict[str, int]]:
-    """One train step of the converted :class:`_Net` (batch 2, 12×12) in ``dtype`` ("float32"/"float64")
-    on ``device`` (converted on the CPU, then moved; results come back on the CPU).
-
-    forms: "kernels" (whatever :mod:`bkn_export.per_channel` routes to) or "pytorch" (the PyTorch
-    forms: ``native.disabled()``, C kernels and Triton twins off; the op keeps its own kernels).
-    Returns the output, every parameter's gradient, every running statistic (by name) and, under
-    "launches", the twin calls counted."""
+def _converted(dtype: str, seed: int, device: str = "cpu", **options: Any) -> nn.Module:
+    """The converted :class:`_Net` in ``dtype``, seeded, in train mode (the draws after it seeded too)."""
     torch.manual_seed(seed)
     float_type = getattr(torch, dtype)
     net = _Net().to(float_type)
     example = draw((2, 3, 12, 12), float_type)  # the same values in either dtype
-    model = convert_batchnorm(net, example).to(device)
+    return convert_batchnorm(net, example, **options).to(device).train()
+
+
+def _routes(forms: str) -> contextlib.ExitStack:
+    routes = contextlib.ExitStack()
+    if forms == "pytorch":
+        routes.enter_context(native.disabled())
+    if forms == "separate":
+        routes.enter_context(_without_triton_step())
+    return routes
+
+
+def gradient_penalty_step(dtype: str, seed: int, forms: str = "kernels") -> dict[str, Tensor]:
+    """Second derivatives through every layer's step: the gradients of ‖∂L/∂θ‖² (``create_graph=True``) of
+    the converted :class:`_Net`, by parameter name (``forms`` as in :func:`train_step`)."""
+    model = _converted(dtype, seed)
+    float_type = getattr(torch, dtype)
+    x = draw((2, 3, 12, 12), float_type)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    with _routes(forms):
+        loss = (model(x) * torch.linspace(-1.0, 1.0, 24, dtype=float_type).reshape(2, 12)).sum()
+        grads = torch.autograd.grad(loss, parameters, create_graph=True, allow_unused=True)
+        sum(g.square().sum() for g in grads if g is not None).backward()  # type: ignore[union-attr]
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def observed_statistics(dtype: str, seed: int, forms: str = "kernels") -> dict[str, Tensor]:
+    """:func:`bkn_export.chain_statistics` of the converted :class:`_Net` (an observer records every layer's
+    step, the prior the op received included), by layer and field."""
+    from bkn_export import chain_statistics
+
+    model = _converted(dtype, seed)
+    x = draw((2, 3, 12, 12), getattr(torch, dtype))
+    with _routes(forms):
+        found = chain_statistics(model, x)
+    result: dict[str, Tensor] = {}
+    for layer in found:
+        for field in dataclasses.fields(layer):
+            value = getattr(layer, field.name)
+            if isinstance(value, Tensor):
+                result[f"{layer.name}.{field.name}"] = value
+    return result
+
+
+@contextlib.contextmanager
+def _without_triton_step() -> Iterator[None]:
+    """Every layer takes the op (``torch.ops.bkn.batch_kalman_norm``) instead of :mod:`bkn_export.triton_step`."""
+    original = triton_step.applies
+    triton_step.applies = lambda x: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        triton_step.applies = original  # type: ignore[assignment]
+
+
+def train_step(
+    dtype: str, seed: int = 0, forms: str = "kernels", device: str = "cpu", **options: Any
+) -> dict[str, Tensor | dict[str, int]]:
+    """One train step of the converted :class:`_Net` (batch 2, 12×12) in ``dtype`` ("float32"/"float64")
+    on ``device`` (converted on the CPU, then moved; results come back on the CPU).
+
+    forms: "kernels" (whatever :mod:`bkn_export.per_channel` routes to), "pytorch" (the PyTorch
+    forms: ``native.disabled()``, C kernels and Triton twins off; the op keeps its own kernels) or "separate"
+    (kernels, but every layer's step as the op with the prior assembled by its own launch and autograd adding
+    γ's and β's gradients: :mod:`bkn_export.triton_step` switched off).
+    Returns the output, every parameter's gradient, every running statistic (by name) and, under
+    "launches", the twin calls counted. ``options``: BKN options for the conversion."""
+    model = _converted(dtype, seed, device, **options)
+    float_type = getattr(torch, dtype)
     model.train()
     x = draw((2, 3, 12, 12), float_type).to(device)
     counts: collections.Counter[str] = collections.Counter()
-    routes = contextlib.ExitStack()
+    routes = _routes(forms)
     with routes:
-        if forms == "pytorch":
-            routes.enter_context(native.disabled())
         if per_channel.triton_route(x):
             routes.enter_context(counted_launches(counts))
         output = model(x)

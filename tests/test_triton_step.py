@@ -1,0 +1,83 @@
+"""A layer's step as :mod:`bkn_export.triton_step`'s one node against the op with the prior assembled separately.
+
+On the Triton route (CUDA; here the CPU under Triton's interpreter, :data:`bkn_export.kernels.TRITON_ON_CPU`, in a
+child process), a BKN layer's eager train step runs the op's kernels with the prior's assembly inside them and
+returns γ and β as outputs of its node, so that the next layers' gradients of γ and β are added in the op's
+backward kernel instead of by autograd. Nothing of the math changes: the step of a converted network
+(``tests/support/triton_steps.py``: every fused prediction kind, a residual sum, a Linear) is compared with the
+same step where every layer takes ``torch.ops.bkn.batch_kalman_norm`` with the separate assembly launch
+(``forms="separate"``): outputs, every parameter gradient and every running statistic, bit for bit (the
+interpreter evaluates the same float64 assembly formulas, rounded once, and the same float32 additions; on a GPU
+the compiled kernels may contract differently into FMA, which no test here can see).
+``tests/test_kernels_assembled.py`` compares the launchers themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from support.triton_interpreter import InterpreterProcess
+from torch import Tensor
+
+
+@pytest.fixture(scope="module")
+def interpreter() -> Iterator[InterpreterProcess]:
+    pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
+    with InterpreterProcess(env={"BKN_TRITON_ON_CPU": "1"}) as process:
+        yield process
+
+
+def _tensors(step: dict[str, object]) -> dict[str, Tensor]:
+    return {k: v for k, v in step.items() if isinstance(v, Tensor)}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_node_step_equals_the_separate_step(interpreter: InterpreterProcess, seed: int) -> None:
+    fused = interpreter.call("support.triton_steps:train_step", "float32", seed)
+    separate = interpreter.call("support.triton_steps:train_step", "float32", seed, "separate")
+    assert "prior_assembly" not in fused["launches"], "the fused step ran the separate assembly launch"
+    assert separate["launches"].get("prior_assembly", 0) == 4, "the 4 wired layers' priors not assembled apart"
+    fused_tensors, separate_tensors = _tensors(fused), _tensors(separate)
+    assert fused_tensors.keys() == separate_tensors.keys()
+    assert len([k for k in fused_tensors if k.startswith("grad.")]) >= 20
+    differing = [k for k in fused_tensors if not torch.equal(fused_tensors[k], separate_tensors[k])]
+    assert differing == [], differing
+
+
+def test_with_the_fallback_rule_the_prior_is_assembled_apart_and_the_step_still_equal(
+    interpreter: InterpreterProcess,
+) -> None:
+    """fallback_ratio > 0: the rule reads every channel's assembled Σ_pred first, so the layer assembles its prior
+    itself (the separate launch) and the node still adds γ's and β's other gradients in the op's kernels."""
+    fused = interpreter.call("support.triton_steps:train_step", "float32", 4, "kernels", "cpu", fallback_ratio=50.0)
+    separate = interpreter.call("support.triton_steps:train_step", "float32", 4, "separate", "cpu", fallback_ratio=50.0)
+    assert fused["launches"].get("prior_assembly", 0) == 4
+    fused_tensors, separate_tensors = _tensors(fused), _tensors(separate)
+    differing = [k for k in fused_tensors if not torch.equal(fused_tensors[k], separate_tensors[k])]
+    assert differing == [], differing
+
+
+def test_second_derivatives_through_the_node_equal_the_separate_steps(interpreter: InterpreterProcess) -> None:
+    """create_graph=True: the node differentiates the op and the assembly's PyTorch operators again; the
+    gradients of ‖∂L/∂θ‖² agree with those of the separate step (both through the op's reference double
+    backward: float32, one rounding order apart)."""
+    fused = interpreter.call("support.triton_steps:gradient_penalty_step", "float32", 5)
+    separate = interpreter.call("support.triton_steps:gradient_penalty_step", "float32", 5, "separate")
+    assert fused.keys() == separate.keys() and len(fused) >= 20
+    assert sum(int(bool(separate[name].abs().sum() > 0)) for name in separate) >= 20
+    for name in fused:
+        scale = max(separate[name].abs().max().item(), 1e-3)
+        torch.testing.assert_close(fused[name], separate[name], rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_an_observer_sees_the_prior_the_op_received(interpreter: InterpreterProcess) -> None:
+    """chain_statistics records the assembled prior: under an observer the layer assembles it itself (the op's
+    kernels would not hand it out), and every recorded value equals the separate step's."""
+    fused = interpreter.call("support.triton_steps:observed_statistics", "float32", 6)
+    separate = interpreter.call("support.triton_steps:observed_statistics", "float32", 6, "separate")
+    assert fused.keys() == separate.keys()
+    assert len([k for k in fused if k.endswith(".prior_variance")]) == 4
+    differing = [k for k in fused if not torch.equal(fused[k], separate[k])]
+    assert differing == [], differing
