@@ -382,61 +382,59 @@ class _BatchKalmanNorm(nn.Module):
         """Prior, Kalman step, running statistics, publish: the train-mode forward of x (N, C, *)."""
         if self.chain is None and self._is_plain_batchnorm(x):
             return self._batchnorm_step(x)
-        if self._steps_on_triton(x):
-            return self._triton_step(x)
-        prior = self._prior(x)
-        y, posterior_mean, posterior_variance, count = self._kalman_step(x, *prior)
-        if self.training and self.track_running_stats:
-            self._update_running_statistics(posterior_mean, posterior_variance, count)
-        if self.chain is not None:
-            self.chain.publish(self, x, prior, posterior_mean, posterior_variance, count)
-        return y
-
-    def _steps_on_triton(self, x: Tensor) -> bool:
-        """Whether this step runs as :mod:`bkn_export.triton_step`'s one node (eager, the op's Triton route), with
-        this class's own ``_kalman_step`` (a :class:`~bkn_export.distributed.SyncBatchKalmanNorm`'s statistics
-        span its group)."""
-        if type(self)._kalman_step is not _KALMAN_STEP or "_kalman_step" in self.__dict__:
-            return False
-        return triton_step.applies(x)
-
-    def _triton_step(self, x: Tensor) -> Tensor:
-        """:meth:`_batch_step` as one :mod:`bkn_export.triton_step` node: the prior assembled in the op's kernels
-        where it can be (else here), γ and β published as the node's outputs."""
-        acc = Fk.statistics_dtype(x.dtype)
         chain = self.chain
         prior = chain.prior(self, x) if chain is not None else None
-        raw, logit = self._parameters.get("process_noise_raw"), self._parameters.get("prior_weight_logit")
-        in_kernels = (
-            prior is not None
-            and raw is not None
-            and logit is not None
-            and self._assembles_prior_fused
-            and self.options.fallback_ratio <= 0
-            and not (prior.known is not None and prior.known.requires_grad)
-            and not (chain is not None and chain.observed)
-        )
-        op_prior: tuple[Tensor, Tensor, Tensor] | None = None
-        if in_kernels:
-            assert prior is not None and raw is not None and logit is not None
-            known = None if prior.known is None else _cast(prior.known, acc)
-            mean, variance = _cast(prior.mean, acc), _cast(prior.variance, acc)
-            step = triton_step.kalman_norm_step(
-                x, mean, variance, None, (_cast(raw, acc), _cast(logit, acc), known),
-                self.weight, self.bias, self.eps, self.options.fallback_ratio,
-            )  # fmt: skip
+        node = self._triton_step(x, prior)
+        affine: tuple[Tensor | None, Tensor | None] | None = None
+        if node is not None:
+            y, posterior_mean, posterior_variance, op_prior, affine = node
+            count = x.numel() // x.shape[1]
         else:
             op_prior = self._assembled(prior, x)
-            step = triton_step.kalman_norm_step(
-                x, *op_prior, None, self.weight, self.bias, self.eps, self.options.fallback_ratio
-            )
-        y, posterior_mean, posterior_variance, weight, bias = step
-        count = x.numel() // x.shape[1]
+            y, posterior_mean, posterior_variance, count = self._kalman_step(x, *op_prior)
         if self.training and self.track_running_stats:
             self._update_running_statistics(posterior_mean, posterior_variance, count)
         if chain is not None:
-            chain.publish(self, x, op_prior, posterior_mean, posterior_variance, count, (weight, bias))
+            chain.publish(self, x, op_prior, posterior_mean, posterior_variance, count, affine)
         return y
+
+    def _triton_step(self, x: Tensor, prior: Prior | None) -> _NodeStep | None:
+        """The step as :mod:`bkn_export.triton_step`'s one node (eager, the op's Triton route): (y, μ_{k|k},
+        Σ_{k|k}, the prior the op received or None where its kernels assembled it, the node's (γ, β) to publish);
+        None elsewhere, and where this class or instance replaces ``_kalman_step`` (a
+        :class:`~bkn_export.distributed.SyncBatchKalmanNorm`'s statistics span its group)."""
+        if type(self)._kalman_step is not _KALMAN_STEP or "_kalman_step" in self.__dict__ or not triton_step.applies(x):
+            return None
+        acc = Fk.statistics_dtype(x.dtype)
+        ratio = self.options.fallback_ratio
+        assembly = self._kernel_assembly(prior, acc)
+        op_prior: tuple[Tensor, Tensor, Tensor] | None = None
+        if assembly is not None:
+            assert prior is not None
+            mean, variance = _cast(prior.mean, acc), _cast(prior.variance, acc)
+            step = triton_step.kalman_norm_step(
+                x, mean, variance, None, assembly, self.weight, self.bias, self.eps, ratio
+            )
+        else:
+            op_prior = self._assembled(prior, x)
+            step = triton_step.kalman_norm_step(x, *op_prior, None, self.weight, self.bias, self.eps, ratio)
+        y, posterior_mean, posterior_variance, weight, bias = step
+        return y, posterior_mean, posterior_variance, op_prior, (weight, bias)
+
+    def _kernel_assembly(self, prior: Prior | None, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """(r, l, k) in the statistics dtype for the op's kernels to assemble the prior (:mod:`bkn_export.triton_step`);
+        None where the layer assembles it itself (:meth:`_assembled`): no prior, a fixed gain or no process noise, a
+        subclass's or this instance's own ``process_noise`` / ``prior_weight``, the fallback rule (it reads every
+        channel's assembled Σ_pred first), a known-channel mask with a gradient, or an observer (it records the
+        prior the op received)."""
+        raw, logit = self._parameters.get("process_noise_raw"), self._parameters.get("prior_weight_logit")
+        if prior is None or raw is None or logit is None or not self._assembles_prior_fused:
+            return None
+        if self.options.fallback_ratio > 0 or (prior.known is not None and prior.known.requires_grad):
+            return None
+        if self.chain is not None and self.chain.observed:
+            return None
+        return _cast(raw, acc), _cast(logit, acc), None if prior.known is None else _cast(prior.known, acc)
 
     def _is_plain_batchnorm(self, x: Tensor) -> bool:
         """Whether this step of an unwired layer (p = 0, its posterior read by nothing but the
@@ -594,6 +592,11 @@ class _BatchKalmanNorm(nn.Module):
         if self.chain is not None and self.chain.transition is not None:
             text += f", transition={self.chain.transition!r}"
         return text
+
+
+#: :meth:`_BatchKalmanNorm._triton_step`'s result: y, μ_{k|k}, Σ_{k|k}, the prior the op received (None: its kernels
+#: assembled it), the node's (γ, β) to publish.
+_NodeStep = tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor | None, Tensor | None]]
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
