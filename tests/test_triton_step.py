@@ -81,3 +81,23 @@ def test_an_observer_sees_the_prior_the_op_received(interpreter: InterpreterProc
     assert len([k for k in fused if k.endswith(".prior_variance")]) == 4
     differing = [k for k in fused if not torch.equal(fused[k], separate[k])]
     assert differing == [], differing
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_one_node_step_agrees_with_the_separate_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA (compiled kernels): the same comparison in float32. Not bit for bit there: the compiled assembly
+    may contract into FMA differently from the separate launch (float64, then rounded to float32 once), so each
+    tensor is held to 1e-5 of its scale. TF32 off: the convs must compute in float32."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none is visible to torch on this machine")
+    pytest.importorskip("triton", reason="the kernels need the triton package")
+    from support import triton_steps
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    fused = _tensors(triton_steps.train_step("float32", 7, device="cuda"))
+    separate = _tensors(triton_steps.train_step("float32", 7, "separate", device="cuda"))
+    assert fused.keys() == separate.keys() and len([k for k in fused if k.startswith("grad.")]) >= 20
+    for name in fused:
+        scale = max(separate[name].abs().max().item(), 1e-3)
+        torch.testing.assert_close(fused[name], separate[name], rtol=0, atol=1e-5 * scale, msg=name)
