@@ -61,9 +61,7 @@ from torch import Tensor
 # Public (documented as user-code friendly) and understood by dynamo: whether a size is static.
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
-# Private API, as in bkn_export.ops and bkn_export.chain.fast: an active dispatch mode (fake
-# tensors, make_fx, FlopCounterMode) must see constants built in its own graph.
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from bkn_export.tracing import nothing_traces
 
 __all__ = [
     "ACCURACY",
@@ -125,11 +123,8 @@ def _caches_constants(tensor: Tensor) -> bool:
     transforms or inference mode (whose tensors cannot be saved for backward later) they are
     built in the call, so that a graph stays self-contained."""
     return (
-        not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
+        nothing_traces()
         and type(tensor) is Tensor
-        and _get_current_dispatch_mode() is None
         and not torch.overrides.has_torch_function((tensor,))
         and not torch._C._are_functorch_transforms_active()
         and not torch.is_inference_mode_enabled()

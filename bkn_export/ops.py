@@ -48,15 +48,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-# Private API: the innermost active TorchDispatchMode (FakeTensorMode, make_fx's proxy mode,
-# a FlopCounterMode...), which the eager fast path must not bypass; torch has no public
-# equivalent. Tested with torch 2.13 (this repository's CPU machine); the GPU machine's 2.11
-# has it too (it exists since torch 2.0) but was not lent to the session that wrote this.
-from torch.utils._python_dispatch import _get_current_dispatch_mode
-
 from bkn_export import cpu_kernels, kernels, native
 from bkn_export import functional as Fk
 from bkn_export.functional import KalmanNormInputs, KalmanStep
+from bkn_export.tracing import nothing_traces
 
 __all__ = [
     "BACKENDS",
@@ -440,10 +435,7 @@ def plain_eager_cpu(x: Tensor) -> bool:
         type(x) is Tensor
         and x.device.type == "cpu"
         and not kernels.TRITON_ON_CPU  # the CPU takes the CUDA route (tests, Triton's interpreter)
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
+        and nothing_traces()
     )
 
 

@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode  # private; see bkn_export.ops
 
 from bkn_export import fast_prior, kernels
 from bkn_export import functional as Fk
 from bkn_export.ops import channel_constant
+from bkn_export.tracing import nothing_traces
 
 __all__ = ["TritonStep", "applies", "kalman_norm_step"]
 
@@ -50,14 +50,7 @@ def applies(x: Tensor) -> bool:
     """Whether the step of input ``x: (N, C, *)`` runs here: the op's Triton route
     (:func:`bkn_export.kernels.uses_kernels`) with nothing tracing the call (compile, export, jit trace, a
     dispatch mode): graphs keep the op."""
-    return (
-        type(x) is Tensor
-        and kernels.uses_kernels(x)
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
-    )
+    return type(x) is Tensor and kernels.uses_kernels(x) and nothing_traces()
 
 
 def kalman_norm_step(

@@ -46,8 +46,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-# Private API, as in bkn_export.ops: the innermost active TorchDispatchMode (fake tensors, make_fx...).
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from bkn_export.tracing import nothing_traces
 
 __all__ = ["FLAGS", "SOURCES", "call", "disabled", "library", "parameters", "status", "takes", "untraced"]
 
@@ -204,13 +203,7 @@ def untraced() -> bool:
     Functions that call the kernels have no vmap rule). Callers ask this before :func:`takes`, which
     Dynamo cannot trace (a ContextVar); under make_fx on real tensors a kernel's output would be traced as
     the ``empty_like`` it was written into."""
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and _get_current_dispatch_mode() is None
-        and not torch._C._are_functorch_transforms_active()
-    )
+    return nothing_traces() and not torch._C._are_functorch_transforms_active()
 
 
 def takes(*tensors: Tensor | None) -> bool:
