@@ -48,11 +48,14 @@ import argparse
 import contextlib
 import copy
 import json
+import os
+import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -315,6 +318,18 @@ def _steady_malloc() -> str:
     return "steady (mmap threshold 32 MiB, no trim, top pad 256 MiB)"
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the cores this process may use (ratios differ between machines: the chain's
+    per-layer cost weighs differently against each machine's convolutions; RESULTS.md's eighth round)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} core(s)"
+
+
 def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     allocator = _steady_malloc() if args.steady_malloc else "default (glibc's dynamic thresholds)"
@@ -341,6 +356,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     rows: list[Row] = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock={args.clock}, input {args.size}x{args.size}")
+    print(f"cpu: {cpu_model()}")
     print(f"malloc: {allocator}")
     print(f"bkn_export.native: {native.status() if native.takes(torch.zeros(1)) else 'off (PyTorch forms)'}")
     extra = f" {'BKN-PyTorch ms':>15} {'ratio':>7}" if args.compare_native else ""
@@ -372,6 +388,7 @@ def _run(args: argparse.Namespace) -> int:
         rows_out = [asdict(r) | {"ratio": r.ratio} for r in rows]
         native_line = native.status() if native.takes(torch.zeros(1)) else "off (PyTorch forms)"
         payload: dict[str, Any] = {"torch": torch.__version__, "native": native_line, "malloc": allocator}
+        payload["cpu"] = cpu_model()
         payload |= {"args": vars(args), "rows": rows_out}
         write_text_atomic(args.json, json.dumps(payload, indent=2))
     return 0
