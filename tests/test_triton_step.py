@@ -15,6 +15,7 @@ the compiled kernels may contract differently into FMA, which no test here can s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -101,3 +102,48 @@ def test_on_a_gpu_the_one_node_step_agrees_with_the_separate_step(monkeypatch: p
     for name in fused:
         scale = max(separate[name].abs().max().item(), 1e-3)
         torch.testing.assert_close(fused[name], separate[name], rtol=0, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("assembled", [True, False], ids=["assembly in the kernels", "prior weight given"])
+def test_the_node_reads_no_tensor_value_on_the_host(monkeypatch: pytest.MonkeyPatch, assembled: bool) -> None:
+    """Forward and backward of the one-node step decide on shapes and Python floats only, so that a train step can
+    be captured in a CUDA graph: run in this process with every Triton kernel recorded instead of launched, no
+    tensor value is read back (``.item()``, ``bool(t)``: on a GPU each would be a host synchronisation)."""
+    pytest.importorskip("triton", reason="the launchers import triton (pip install triton)")
+    from support.assembled_cases import draw_inputs
+    from support.triton_compile import ScalarReads
+
+    from bkn_export import triton_step
+    from bkn_export.kernels import backward, forward
+
+    launched: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid: object) -> Any:
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for module in (forward, backward):
+        for name in list(vars(module)):
+            if name.startswith("_") and name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Recorder(name))
+    inputs = draw_inputs(seed=3)
+    leaves = {k: inputs[k].requires_grad_() for k in ("x", "prior_mean", "variance", "raw", "logit", "weight", "bias")}
+    prior_weight = None if assembled else torch.full_like(inputs["variance"], 0.25)
+    assembly = (leaves["raw"], leaves["logit"], inputs["known"]) if assembled else None
+    with ScalarReads() as mode:
+        y, mean, variance, weight, bias = triton_step.kalman_norm_step(
+            leaves["x"], leaves["prior_mean"], leaves["variance"], prior_weight, assembly, leaves["weight"],
+            leaves["bias"], 1e-5, 0.0,
+        )  # fmt: skip
+        assert all(t is not None for t in (y, mean, variance, weight, bias))
+        torch.autograd.backward(
+            [y, mean, variance, weight, bias],
+            [inputs["grad_output"], inputs["grad_posterior_mean"], inputs["grad_posterior_variance"],
+             inputs["extra_grad_weight"], inputs["extra_grad_bias"]],
+        )  # fmt: skip
+    assert mode.reads == []
+    assert any("forward" in name for name in launched) and any("backward" in name for name in launched), launched
+    assert leaves["x"].grad is not None and (leaves["raw"].grad is not None) == assembled
