@@ -147,3 +147,26 @@ def test_the_node_reads_no_tensor_value_on_the_host(monkeypatch: pytest.MonkeyPa
     assert mode.reads == []
     assert any("forward" in name for name in launched) and any("backward" in name for name in launched), launched
     assert leaves["x"].grad is not None and (leaves["raw"].grad is not None) == assembled
+
+
+#: The only host reads a step on the CUDA route makes: tables of constants that :mod:`bkn_export.native` keeps as
+#: CPU float64 tensors (a conv's (B, K, groups), an activation's (pieces, kind)), each read after its caller
+#: checked ``device.type == "cpu"``; they never live on the GPU, so reading them synchronises nothing.
+_CPU_TABLE_READS = {
+    "tolist kernels/affine_moments.py:_geometry",
+    "tolist kernels/path_moments.py:path_moments_take",
+    "tolist kernels/path_moments.py:_activation_taken",
+}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum 0.1", "momentum None"])
+def test_a_train_step_on_the_cuda_route_reads_only_cpu_tables_on_the_host(
+    interpreter: InterpreterProcess, momentum: float | None
+) -> None:
+    """Issue 18.2's condition for capturing a step in a CUDA graph, for the whole eager step of a converted network
+    (every fused prediction kind, the one-node step, running statistics; with ``momentum=None``,
+    num_batches_tracked is not read on the host): every read of a tensor value made by ``bkn_export`` code is
+    one of the CPU-table reads above."""
+    reads = interpreter.call("support.triton_steps:host_reads", "float32", 8, momentum)
+    assert reads, "no read recorded: the recorder did not see bkn_export's table reads"
+    assert set(reads) <= _CPU_TABLE_READS, sorted(set(reads) - _CPU_TABLE_READS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -197,6 +198,45 @@ def train_step(
     result["launches"] = dict(counts)
     result["triton_route"] = {x.device.type: int(per_channel.triton_route(x))}
     return result
+
+
+#: Tensor methods that copy a value to the host (on a GPU each is a synchronisation).
+_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def host_reads(dtype: str, seed: int = 0, momentum: float | None = None) -> dict[str, int]:
+    """Where one eager train step of the converted :class:`_Net` reads a tensor's value on the host, counted by
+    "method file:function" of the innermost ``bkn_export`` frame (reads made inside Triton's interpreter, which
+    is the stand-in for the device, are not counted). Every layer's ``momentum`` is set first (None: the
+    cumulative average, α = 1 / num_batches_tracked). One step runs first unrecorded (the chain's first call)."""
+    model = _converted(dtype, seed)
+    for module in model.modules():
+        if hasattr(module, "num_batches_tracked"):
+            module.momentum = momentum
+    x = draw((2, 3, 12, 12), getattr(torch, dtype))
+    model(x).square().mean().backward()
+    reads: collections.Counter[str] = collections.Counter()
+
+    def recorded(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def read(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            stack = traceback.extract_stack()[:-1]
+            ours = [frame for frame in stack if "/bkn_export/" in frame.filename]
+            if ours and not any("/triton/" in frame.filename for frame in stack):
+                site = ours[-1]
+                reads[f"{method} {site.filename.rsplit('/bkn_export/', 1)[1]}:{site.name}"] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    originals = {method: getattr(Tensor, method) for method in _HOST_READS}
+    try:
+        for method, original in originals.items():
+            setattr(Tensor, method, recorded(method, original))
+        model(x).square().mean().backward()
+    finally:
+        for method, original in originals.items():
+            setattr(Tensor, method, original)
+    return dict(reads)
 
 
 def cumulative_running_statistics(dtype: str) -> dict[str, Tensor]:
