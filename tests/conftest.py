@@ -1,11 +1,13 @@
-"""Shared test configuration: markers that skip with a reason, deterministic seeds."""
+"""Shared test configuration: markers that skip with a reason, deterministic seeds, the CUDA-route interpreter."""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 
 import pytest
 import torch
+from support.triton_interpreter import InterpreterProcess
 
 
 def _has_cuda() -> bool:
@@ -32,3 +34,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def route_interpreter() -> Iterator[InterpreterProcess]:
+    """A Triton-interpreter child with ``BKN_TRITON_ON_CPU=1``: there the CPU takes the CUDA route (the op's
+    Triton kernels, the one-node step, every twin); one per test module."""
+    pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
+    with InterpreterProcess(env={"BKN_TRITON_ON_CPU": "1"}) as process:
+        yield process

@@ -25,12 +25,11 @@ none on the PyTorch-forms step), so that a comparison cannot pass by both sides 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from support import triton_steps
 from support.triton_interpreter import InterpreterProcess
+from support.triton_steps import tensors_of
 from torch import Tensor
 
 #: Every twin the step of triton_steps._Net calls (forward and backward).
@@ -47,17 +46,6 @@ _EXPECTED_TWINS = {
 _SCALE_FLOOR = 1e-3
 
 
-@pytest.fixture(scope="module")
-def interpreter() -> Iterator[InterpreterProcess]:
-    pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
-    with InterpreterProcess(env={"BKN_TRITON_ON_CPU": "1"}) as process:
-        yield process
-
-
-def _tensors(step: dict[str, object]) -> dict[str, Tensor]:
-    return {k: v for k, v in step.items() if isinstance(v, Tensor)}
-
-
 def _relative_error(actual: Tensor, exact: Tensor) -> float:
     """max |actual - exact| over max(max |exact|, 1e-3): the floor for gradients that are 0 in exact
     arithmetic and rounding noise in practice (a conv or Linear bias before a normalization)."""
@@ -67,20 +55,20 @@ def _relative_error(actual: Tensor, exact: Tensor) -> float:
     return (actual.double() - exact.double()).abs().max().item() / scale
 
 
-def test_the_child_runs_every_twin_and_this_process_none(interpreter: InterpreterProcess) -> None:
-    child = interpreter.call("support.triton_steps:train_step", "float64")
+def test_the_child_runs_every_twin_and_this_process_none(route_interpreter: InterpreterProcess) -> None:
+    child = route_interpreter.call("support.triton_steps:train_step", "float64")
     assert child["triton_route"] == {"cpu": 1}
     assert set(child["launches"]) == _EXPECTED_TWINS, "a twin did not run (or an unexpected one did)"
     here = triton_steps.train_step("float64")
     assert here["triton_route"] == {"cpu": 0} and here["launches"] == {}
-    forms = interpreter.call("support.triton_steps:train_step", "float64", 0, "pytorch")
+    forms = route_interpreter.call("support.triton_steps:train_step", "float64", 0, "pytorch")
     assert forms["launches"] == {}, "native.disabled() must switch the twins off too"
 
 
-def test_float64_step_matches_the_cpu_route(interpreter: InterpreterProcess) -> None:
-    child = _tensors(interpreter.call("support.triton_steps:train_step", "float64", 1))
-    here = _tensors(triton_steps.train_step("float64", 1))
-    forms = _tensors(triton_steps.train_step("float64", 1, "pytorch"))
+def test_float64_step_matches_the_cpu_route(route_interpreter: InterpreterProcess) -> None:
+    child = tensors_of(route_interpreter.call("support.triton_steps:train_step", "float64", 1))
+    here = tensors_of(triton_steps.train_step("float64", 1))
+    forms = tensors_of(triton_steps.train_step("float64", 1, "pytorch"))
     assert child.keys() == here.keys() == forms.keys()
     assert len([k for k in child if k.startswith("grad.")]) >= 20
     for name in child:
@@ -88,18 +76,18 @@ def test_float64_step_matches_the_cpu_route(interpreter: InterpreterProcess) -> 
         assert _relative_error(child[name], forms[name]) <= 1e-10, name
 
 
-def test_float32_step_is_as_accurate_as_the_cpu_route(interpreter: InterpreterProcess) -> None:
-    child = _tensors(interpreter.call("support.triton_steps:train_step", "float32", 2))
-    here = _tensors(triton_steps.train_step("float32", 2))
-    exact = _tensors(triton_steps.train_step("float64", 2))
+def test_float32_step_is_as_accurate_as_the_cpu_route(route_interpreter: InterpreterProcess) -> None:
+    child = tensors_of(route_interpreter.call("support.triton_steps:train_step", "float32", 2))
+    here = tensors_of(triton_steps.train_step("float32", 2))
+    exact = tensors_of(triton_steps.train_step("float64", 2))
     for name in child:
         own = _relative_error(here[name], exact[name])
         assert _relative_error(child[name], exact[name]) <= 4 * own + 1e-6, (name, own)
 
 
-def test_running_statistics_with_cumulative_momentum(interpreter: InterpreterProcess) -> None:
+def test_running_statistics_with_cumulative_momentum(route_interpreter: InterpreterProcess) -> None:
     """momentum=None: the Triton update reads num_batches_tracked on the device (two steps)."""
-    child = interpreter.call("support.triton_steps:cumulative_running_statistics", "float64")
+    child = route_interpreter.call("support.triton_steps:cumulative_running_statistics", "float64")
     here = triton_steps.cumulative_running_statistics("float64")
     assert child.keys() == here.keys() and len(child) >= 8
     for name in child:
@@ -122,13 +110,13 @@ LAUNCH_BOUND = {
 
 
 @pytest.mark.parametrize("probe", sorted(LAUNCH_BOUND))
-def test_a_wired_layer_launches_a_bounded_number_of_kernels(interpreter: InterpreterProcess, probe: str) -> None:
+def test_a_wired_layer_launches_a_bounded_number_of_kernels(route_interpreter: InterpreterProcess, probe: str) -> None:
     """Issue 18.2's CPU proxy for the GPU launch count: the CUDA route run in the interpreter, every Triton
     launch and every ATen operator that launches a kernel counted; the twins cut the PyTorch forms' count."""
     pytest.importorskip("benchmarks.count_launches")
-    base = interpreter.call("support.triton_steps:launches", probe, "bn")
-    twins = interpreter.call("support.triton_steps:launches", probe, "bkn")
-    forms = interpreter.call("support.triton_steps:launches", probe, "bkn_pytorch_forms")
+    base = route_interpreter.call("support.triton_steps:launches", probe, "bn")
+    twins = route_interpreter.call("support.triton_steps:launches", probe, "bkn")
+    forms = route_interpreter.call("support.triton_steps:launches", probe, "bkn_pytorch_forms")
     added = (twins["forward"] - base["forward"], twins["backward"] - base["backward"])
     assert 0 < added[0] <= LAUNCH_BOUND[probe][0] and 0 < added[1] <= LAUNCH_BOUND[probe][1], added
     assert twins["forward"] < forms["forward"] and twins["backward"] < forms["backward"]
@@ -147,11 +135,11 @@ def test_cuda_step_takes_the_twins_and_matches_the_cpu_route(monkeypatch: pytest
     step = triton_steps.train_step("float64", 4, device="cuda")
     assert step["triton_route"] == {"cuda": 1}
     assert set(step["launches"]) == _EXPECTED_TWINS
-    exact = _tensors(triton_steps.train_step("float64", 4))
-    for name, value in _tensors(step).items():
+    exact = tensors_of(triton_steps.train_step("float64", 4))
+    for name, value in tensors_of(step).items():
         assert _relative_error(value, exact[name]) <= 1e-10, name
-    single = _tensors(triton_steps.train_step("float32", 4, device="cuda"))
-    here = _tensors(triton_steps.train_step("float32", 4))
+    single = tensors_of(triton_steps.train_step("float32", 4, device="cuda"))
+    here = tensors_of(triton_steps.train_step("float32", 4))
     for name, value in single.items():
         own = _relative_error(here[name], exact[name])
         assert _relative_error(value, exact[name]) <= 4 * own + 1e-6, (name, own)

@@ -21,7 +21,6 @@ the gradients reach 1e4):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,13 +28,6 @@ import torch
 from support import triton_hostile
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor
-
-
-@pytest.fixture(scope="module")
-def interpreter() -> Iterator[InterpreterProcess]:
-    pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
-    with InterpreterProcess(env={"BKN_TRITON_ON_CPU": "1"}) as process:
-        yield process
 
 
 def _tensors(step: dict[str, Any]) -> dict[str, Tensor]:
@@ -82,12 +74,14 @@ _STEPS: dict[str, tuple[str, str, dict[str, Any], set[str]]] = {
 
 @pytest.mark.parametrize("heads", ["separate", "fused"])
 @pytest.mark.parametrize("name", _STEPS)
-def test_step_on_the_triton_route_matches_the_cpu_route(interpreter: InterpreterProcess, name: str, heads: str) -> None:
+def test_step_on_the_triton_route_matches_the_cpu_route(
+    route_interpreter: InterpreterProcess, name: str, heads: str
+) -> None:
     """Each case with every path head's stages as their own twins ("separate": the twins named in _STEPS must run)
     and with the fused path-head kernels ("fused": they must run, and the heads' twins then need not)."""
     case, dtype, options, twins = _STEPS[name]
     options = {**options, "heads": heads}
-    child = interpreter.call("support.triton_hostile:network_step", case, dtype, 1, **options)
+    child = route_interpreter.call("support.triton_hostile:network_step", case, dtype, 1, **options)
     launches = child["launches"]
     forward_only = options.get("mode") in ("no_grad", "inference")
     if heads == "separate":
@@ -110,7 +104,7 @@ def test_step_on_the_triton_route_matches_the_cpu_route(interpreter: Interpreter
         return
     # The op's float32 Triton kernels sum in float32 tiles (the CPU op's in double): the child's own PyTorch forms,
     # behind the same op, are the float32 accuracy the twins must keep.
-    forms = interpreter.call("support.triton_hostile:network_step", case, dtype, 1, forms="pytorch", **options)
+    forms = route_interpreter.call("support.triton_hostile:network_step", case, dtype, 1, forms="pytorch", **options)
     exact = _tensors(triton_hostile.network_step(case, "float64", 1, **options))
     own = _errors(_tensors(forms), exact)
     errors = _errors(_tensors(child), exact)
@@ -127,11 +121,11 @@ _GEOMETRIES = [(8, 2, 1, 4, False), (8, 2, 1, 4, True), (134, 1, 9, 67, True), (
 
 @pytest.mark.parametrize("geometry", _GEOMETRIES, ids=str)
 def test_affine_geometries_match_the_cpu_route(
-    interpreter: InterpreterProcess, geometry: tuple[int, int, int, int, bool]
+    route_interpreter: InterpreterProcess, geometry: tuple[int, int, int, int, bool]
 ) -> None:
     """M, V, ∂W, ∂μ, ∂σ² of the affine twin through the Function, in float64, against the C route and the
     PyTorch forms."""
-    child = interpreter.call("support.triton_hostile:affine_step", *geometry, "float64")
+    child = route_interpreter.call("support.triton_hostile:affine_step", *geometry, "float64")
     assert int(child.pop("twin")) == 1
     for forms in ("kernels", "pytorch"):
         reference = triton_hostile.affine_step(*geometry, "float64", forms)
@@ -140,29 +134,31 @@ def test_affine_geometries_match_the_cpu_route(
         assert max(errors.values()) <= 1e-12, errors
 
 
-def test_compiled_train_step_leaves_the_triton_route(interpreter: InterpreterProcess) -> None:
+def test_compiled_train_step_leaves_the_triton_route(route_interpreter: InterpreterProcess) -> None:
     """torch.compile(fullgraph=True) of a train step whose tensors take the Triton route traces the PyTorch forms:
     the running-statistics update asks whether anything traces before reading native.disabled()'s ContextVar,
     which Dynamo cannot trace (it raised there)."""
-    child = interpreter.call("support.triton_hostile:compiled_step")
+    child = route_interpreter.call("support.triton_hostile:compiled_step")
     here = triton_hostile.compiled_step()
     errors = _errors(_tensors(child), _tensors(here))
     assert len(errors) >= 7 and max(errors.values()) <= 1e-10, errors
 
 
-def test_running_statistics_updated_by_the_kernel_count_as_changed_in_place(interpreter: InterpreterProcess) -> None:
+def test_running_statistics_updated_by_the_kernel_count_as_changed_in_place(
+    route_interpreter: InterpreterProcess,
+) -> None:
     """A graph that saved a running mean refuses its backward after a train step updated the buffer, on both
     routes (the kernel writes through the pointer: it computed ∂/∂scale from the new values, silently)."""
     stale = "modified by an inplace operation"
     assert stale in triton_hostile.stale_running_statistics()
-    assert stale in interpreter.call("support.triton_hostile:stale_running_statistics")
+    assert stale in route_interpreter.call("support.triton_hostile:stale_running_statistics")
 
 
-def test_meta_tensors_take_the_pytorch_forms(interpreter: InterpreterProcess) -> None:
-    assert interpreter.call("support.triton_hostile:meta_step") == triton_hostile.meta_step() == (2, 40, 5, 5)
+def test_meta_tensors_take_the_pytorch_forms(route_interpreter: InterpreterProcess) -> None:
+    assert route_interpreter.call("support.triton_hostile:meta_step") == triton_hostile.meta_step() == (2, 40, 5, 5)
 
 
-def test_train_steps_read_no_data_on_the_host(interpreter: InterpreterProcess) -> None:
+def test_train_steps_read_no_data_on_the_host(route_interpreter: InterpreterProcess) -> None:
     """Two float32 train steps on the Triton route (the op's Triton launchers and the twins) read tensor values
     on the host only from the CPU float64 parameter tables the launchers take (a CUDA graph can capture them)."""
     allowed = {
@@ -173,7 +169,7 @@ def test_train_steps_read_no_data_on_the_host(interpreter: InterpreterProcess) -
         ("kernels/path_moments.py", "path_moments_take"),  # the CPU [B, K, groups] of an affine stage
     }
     for case in ("grouped", "plain_norms"):
-        reads = interpreter.call("support.triton_hostile:host_reads", case)
+        reads = route_interpreter.call("support.triton_hostile:host_reads", case)
         assert reads, "the recorder saw no read (the launchers read their CPU tables)"
         for method, dtype, dims, file, function in reads:
             where = (method, dtype, file, function)
@@ -191,7 +187,7 @@ _UPDATES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_running_statistics_update_equals_the_functional_form_bit_for_bit(
-    interpreter: InterpreterProcess, dtype: torch.dtype
+    route_interpreter: InterpreterProcess, dtype: torch.dtype
 ) -> None:
     """1100 channels (two programs) with NaN, ±inf and 1e38 in the posterior, every momentum form."""
     from bkn_export import functional
@@ -206,7 +202,7 @@ def test_running_statistics_update_equals_the_functional_form_bit_for_bit(
     posterior[1][:4] = torch.tensor([float("inf"), float("nan"), 0.0, 1e38])
     for momentum, count, batches in _UPDATES:
         counter = None if batches is None else torch.tensor(batches)
-        mean, variance, *_ = interpreter.call_in_place(
+        mean, variance, *_ = route_interpreter.call_in_place(
             "bkn_export.kernels.prior_moments:running_statistics_update",
             *(t.clone() for t in running), *posterior, momentum, count, counter,
         )  # fmt: skip

@@ -14,33 +14,21 @@ the compiled kernels may contract differently into FMA, which no test here can s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from support.triton_interpreter import InterpreterProcess
-from torch import Tensor
-
-
-@pytest.fixture(scope="module")
-def interpreter() -> Iterator[InterpreterProcess]:
-    pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
-    with InterpreterProcess(env={"BKN_TRITON_ON_CPU": "1"}) as process:
-        yield process
-
-
-def _tensors(step: dict[str, object]) -> dict[str, Tensor]:
-    return {k: v for k, v in step.items() if isinstance(v, Tensor)}
+from support.triton_steps import tensors_of
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_one_node_step_equals_the_separate_step(interpreter: InterpreterProcess, seed: int) -> None:
-    fused = interpreter.call("support.triton_steps:train_step", "float32", seed)
-    separate = interpreter.call("support.triton_steps:train_step", "float32", seed, "separate")
+def test_one_node_step_equals_the_separate_step(route_interpreter: InterpreterProcess, seed: int) -> None:
+    fused = route_interpreter.call("support.triton_steps:train_step", "float32", seed)
+    separate = route_interpreter.call("support.triton_steps:train_step", "float32", seed, "separate")
     assert "prior_assembly" not in fused["launches"], "the fused step ran the separate assembly launch"
     assert separate["launches"].get("prior_assembly", 0) == 4, "the 4 wired layers' priors not assembled apart"
-    fused_tensors, separate_tensors = _tensors(fused), _tensors(separate)
+    fused_tensors, separate_tensors = tensors_of(fused), tensors_of(separate)
     assert fused_tensors.keys() == separate_tensors.keys()
     assert len([k for k in fused_tensors if k.startswith("grad.")]) >= 20
     differing = [k for k in fused_tensors if not torch.equal(fused_tensors[k], separate_tensors[k])]
@@ -48,24 +36,28 @@ def test_one_node_step_equals_the_separate_step(interpreter: InterpreterProcess,
 
 
 def test_with_the_fallback_rule_the_prior_is_assembled_apart_and_the_step_still_equal(
-    interpreter: InterpreterProcess,
+    route_interpreter: InterpreterProcess,
 ) -> None:
     """fallback_ratio > 0: the rule reads every channel's assembled Σ_pred first, so the layer assembles its prior
     itself (the separate launch) and the node still adds γ's and β's other gradients in the op's kernels."""
-    fused = interpreter.call("support.triton_steps:train_step", "float32", 4, "kernels", "cpu", fallback_ratio=50.0)
-    separate = interpreter.call("support.triton_steps:train_step", "float32", 4, "separate", "cpu", fallback_ratio=50.0)
+    fused = route_interpreter.call(
+        "support.triton_steps:train_step", "float32", 4, "kernels", "cpu", fallback_ratio=50.0
+    )
+    separate = route_interpreter.call(
+        "support.triton_steps:train_step", "float32", 4, "separate", "cpu", fallback_ratio=50.0
+    )
     assert fused["launches"].get("prior_assembly", 0) == 4
-    fused_tensors, separate_tensors = _tensors(fused), _tensors(separate)
+    fused_tensors, separate_tensors = tensors_of(fused), tensors_of(separate)
     differing = [k for k in fused_tensors if not torch.equal(fused_tensors[k], separate_tensors[k])]
     assert differing == [], differing
 
 
-def test_second_derivatives_through_the_node_equal_the_separate_steps(interpreter: InterpreterProcess) -> None:
+def test_second_derivatives_through_the_node_equal_the_separate_steps(route_interpreter: InterpreterProcess) -> None:
     """create_graph=True: the node differentiates the op and the assembly's PyTorch operators again; the
     gradients of ‖∂L/∂θ‖² agree with those of the separate step (both through the op's reference double
     backward: float32, one rounding order apart)."""
-    fused = interpreter.call("support.triton_steps:gradient_penalty_step", "float32", 5)
-    separate = interpreter.call("support.triton_steps:gradient_penalty_step", "float32", 5, "separate")
+    fused = route_interpreter.call("support.triton_steps:gradient_penalty_step", "float32", 5)
+    separate = route_interpreter.call("support.triton_steps:gradient_penalty_step", "float32", 5, "separate")
     assert fused.keys() == separate.keys() and len(fused) >= 20
     assert sum(int(bool(separate[name].abs().sum() > 0)) for name in separate) >= 20
     for name in fused:
@@ -73,11 +65,11 @@ def test_second_derivatives_through_the_node_equal_the_separate_steps(interprete
         torch.testing.assert_close(fused[name], separate[name], rtol=0, atol=1e-5 * scale, msg=name)
 
 
-def test_an_observer_sees_the_prior_the_op_received(interpreter: InterpreterProcess) -> None:
+def test_an_observer_sees_the_prior_the_op_received(route_interpreter: InterpreterProcess) -> None:
     """chain_statistics records the assembled prior: under an observer the layer assembles it itself (the op's
     kernels would not hand it out), and every recorded value equals the separate step's."""
-    fused = interpreter.call("support.triton_steps:observed_statistics", "float32", 6)
-    separate = interpreter.call("support.triton_steps:observed_statistics", "float32", 6, "separate")
+    fused = route_interpreter.call("support.triton_steps:observed_statistics", "float32", 6)
+    separate = route_interpreter.call("support.triton_steps:observed_statistics", "float32", 6, "separate")
     assert fused.keys() == separate.keys()
     assert len([k for k in fused if k.endswith(".prior_variance")]) == 4
     differing = [k for k in fused if not torch.equal(fused[k], separate[k])]
@@ -96,8 +88,8 @@ def test_on_a_gpu_the_one_node_step_agrees_with_the_separate_step(monkeypatch: p
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    fused = _tensors(triton_steps.train_step("float32", 7, device="cuda"))
-    separate = _tensors(triton_steps.train_step("float32", 7, "separate", device="cuda"))
+    fused = tensors_of(triton_steps.train_step("float32", 7, device="cuda"))
+    separate = tensors_of(triton_steps.train_step("float32", 7, "separate", device="cuda"))
     assert fused.keys() == separate.keys() and len([k for k in fused if k.startswith("grad.")]) >= 20
     for name in fused:
         scale = max(separate[name].abs().max().item(), 1e-3)
@@ -161,12 +153,12 @@ _CPU_TABLE_READS = {
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum 0.1", "momentum None"])
 def test_a_train_step_on_the_cuda_route_reads_only_cpu_tables_on_the_host(
-    interpreter: InterpreterProcess, momentum: float | None
+    route_interpreter: InterpreterProcess, momentum: float | None
 ) -> None:
     """Issue 18.2's condition for capturing a step in a CUDA graph, for the whole eager step of a converted network
     (every fused prediction kind, the one-node step, running statistics; with ``momentum=None``,
     num_batches_tracked is not read on the host): every read of a tensor value made by ``bkn_export`` code is
     one of the CPU-table reads above."""
-    reads = interpreter.call("support.triton_steps:host_reads", "float32", 8, momentum)
+    reads = route_interpreter.call("support.triton_steps:host_reads", "float32", 8, momentum)
     assert reads, "no read recorded: the recorder did not see bkn_export's table reads"
     assert set(reads) <= _CPU_TABLE_READS, sorted(set(reads) - _CPU_TABLE_READS)

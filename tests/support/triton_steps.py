@@ -104,6 +104,11 @@ def counted_launches(
             setattr(path_module, name, launcher)
 
 
+def tensors_of(step: dict[str, Any]) -> dict[str, Tensor]:
+    """The tensors of a step's result (:func:`train_step`'s, without its counters)."""
+    return {k: v for k, v in step.items() if isinstance(v, Tensor)}
+
+
 def _converted(dtype: str, seed: int, device: str = "cpu", **options: Any) -> nn.Module:
     """The converted :class:`_Net` in ``dtype``, seeded, in train mode (the draws after it seeded too)."""
     torch.manual_seed(seed)
