@@ -382,29 +382,28 @@ class _BatchKalmanNorm(nn.Module):
         """Prior, Kalman step, running statistics, publish: the train-mode forward of x (N, C, *)."""
         if self.chain is None and self._is_plain_batchnorm(x):
             return self._batchnorm_step(x)
-        chain = self.chain
-        prior = chain.prior(self, x) if chain is not None else None
-        node = self._triton_step(x, prior)
+        node = self._triton_step(x)
         affine: tuple[Tensor | None, Tensor | None] | None = None
         if node is not None:
             y, posterior_mean, posterior_variance, op_prior, affine = node
             count = x.numel() // x.shape[1]
         else:
-            op_prior = self._assembled(prior, x)
+            op_prior = self._prior(x)
             y, posterior_mean, posterior_variance, count = self._kalman_step(x, *op_prior)
         if self.training and self.track_running_stats:
             self._update_running_statistics(posterior_mean, posterior_variance, count)
-        if chain is not None:
-            chain.publish(self, x, op_prior, posterior_mean, posterior_variance, count, affine)
+        if self.chain is not None:
+            self.chain.publish(self, x, op_prior, posterior_mean, posterior_variance, count, affine)
         return y
 
-    def _triton_step(self, x: Tensor, prior: Prior | None) -> _NodeStep | None:
+    def _triton_step(self, x: Tensor) -> _NodeStep | None:
         """The step as :mod:`bkn_export.triton_step`'s one node (eager, the op's Triton route): (y, μ_{k|k},
         Σ_{k|k}, the prior the op received or None where its kernels assembled it, the node's (γ, β) to publish);
-        None elsewhere, and where this class or instance replaces ``_kalman_step`` (a
-        :class:`~bkn_export.distributed.SyncBatchKalmanNorm`'s statistics span its group)."""
-        if type(self)._kalman_step is not _KALMAN_STEP or "_kalman_step" in self.__dict__ or not triton_step.applies(x):
+        None elsewhere, and where :attr:`_kalman_step_replaced` (the layer then takes :meth:`_prior` and
+        :meth:`_kalman_step`, its subclass's extension points)."""
+        if self._kalman_step_replaced or not triton_step.applies(x):
             return None
+        prior = self.chain.prior(self, x) if self.chain is not None else None
         acc = Fk.statistics_dtype(x.dtype)
         ratio = self.options.fallback_ratio
         assembly = self._kernel_assembly(prior, acc)
@@ -448,7 +447,7 @@ class _BatchKalmanNorm(nn.Module):
         channel (BatchNorm refuses n = 1) and float32/float64 tensors of one dtype; not on inputs where
         the op's own CPU fast path is the faster one (:func:`cpu_kernels.op_outruns_batchnorm`).
         """
-        if type(self)._kalman_step is not _KALMAN_STEP or "_kalman_step" in self.__dict__ or self.momentum is None:
+        if self._kalman_step_replaced or self.momentum is None:
             return False
         if not plain_eager_cpu(x) or x.numel() <= x.shape[1] or cpu_kernels.op_outruns_batchnorm(x):
             return False
@@ -503,6 +502,13 @@ class _BatchKalmanNorm(nn.Module):
         if prior.known is not None:
             weight = weight * _cast(prior.known, acc)
         return _cast(prior.mean, acc), variance, weight
+
+    @property
+    def _kalman_step_replaced(self) -> bool:
+        """Whether a subclass or the instance itself replaces :meth:`_kalman_step` (a
+        :class:`~bkn_export.distributed.SyncBatchKalmanNorm`'s statistics span its group): then no fused route
+        (ATen's BatchNorm, :mod:`bkn_export.triton_step`) may take the step in its place."""
+        return type(self)._kalman_step is not _KALMAN_STEP or "_kalman_step" in self.__dict__
 
     @property
     def _assembles_prior_fused(self) -> bool:

@@ -588,6 +588,29 @@ def test_a_patched_kalman_step_turns_the_route_off(monkeypatch: pytest.MonkeyPat
     assert seen == [1]
 
 
+def test_a_subclass_prior_is_the_prior_the_op_receives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_prior`` is an extension point (SyncBatchKalmanNorm replaces it for an empty rank of the ``sampled``
+    transition): a subclass that replaces it, together with ``_kalman_step``, gets every train step's prior
+    from it, and the op receives exactly what it returned."""
+    received: list[tuple[Tensor, ...]] = []
+    prior = (torch.full((C,), 0.5), torch.full((C,), 2.0), torch.full((C,), 0.25))
+
+    class _OwnPrior(BatchKalmanNorm2d):
+        def _prior(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return prior
+
+        def _kalman_step(self, x: Tensor, *op_prior: Tensor) -> Any:
+            received.append(op_prior)
+            return super()._kalman_step(x, *op_prior)
+
+    layer = _OwnPrior(C).train()
+    x = torch.randn(3, C, 2, 2)
+    y = layer(x)
+    assert len(received) == 1 and all(a is b for a, b in zip(received[0], prior, strict=True))
+    expected = Fk.batch_kalman_norm(x, *prior, layer.weight, layer.bias, layer.eps).output
+    torch.testing.assert_close(y, expected)
+
+
 def test_a_first_in_chain_layer_reads_cached_constant_priors_that_stay_constant() -> None:
     """In eager training a layer without a prior passes the op cached (C,) zeros and ones
     (:func:`bkn_export.ops.channel_constant`); steps leave them as they were."""
