@@ -181,10 +181,7 @@ def _separate(
     """What :class:`_TritonKalmanStep` computes, as the op and the assembly's PyTorch operators."""
     if raw is not None:
         assert logit is not None
-        prior_variance = prior_variance + torch.nn.functional.softplus(raw)
-        prior_weight = Fk.PRIOR_WEIGHT_LIMIT * torch.sigmoid(logit)
-        if known is not None:
-            prior_weight = prior_weight * known
+        prior_variance, prior_weight = fast_prior._reference_assembly(prior_variance, raw, logit, known)
     assert prior_weight is not None
     y, mean, variance = torch.ops.bkn.batch_kalman_norm(
         x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio

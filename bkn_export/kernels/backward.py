@@ -381,7 +381,6 @@ def _backward_statistics_kernel(
             limit,
             ASSEMBLE,
             HAS_KNOWN,
-            BLOCK_CHANNELS,
         )
         _store_input_coefficients(
             channel_offsets,
@@ -673,7 +672,6 @@ def _single_program_backward_kernel(
         limit,
         ASSEMBLE,
         HAS_KNOWN,
-        BLOCK_CHANNELS,
     )
     for tile in range(0, num_tiles):
         _grad_input_tile(

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bkn_export.kernels.prior_moments import assembled_prior, assembly_gradients
+from bkn_export.kernels.prior_moments import assembled_prior, assembly_gradients, load_assembly_inputs
 
 __all__ = [
     "VARIANCE_FLOOR",
@@ -171,11 +171,6 @@ def fallback_fired(prior_variance_ptr, batch_variance_ptr, channels, fallback_ra
 
 
 @triton.jit
-def _load64(pointer, channel_offsets, channel_mask):
-    return tl.load(pointer + channel_offsets, mask=channel_mask, other=0.0).to(tl.float64)
-
-
-@triton.jit
 def prior_statistics(
     channel_offsets,
     channel_mask,
@@ -196,13 +191,8 @@ def prior_statistics(
     in float64 and rounded once (:func:`bkn_export.kernels.prior_moments.assembled_prior`): the values the
     separate ``prior_assembly`` launch stores, so the op's result is that of the two launches."""
     if ASSEMBLE:
-        r = _load64(raw_ptr, channel_offsets, channel_mask)
-        logit = _load64(logit_ptr, channel_offsets, channel_mask)
-        if HAS_KNOWN:
-            known = _load64(known_ptr, channel_offsets, channel_mask)
-        else:
-            known = logit  # not read
-        v = _load64(prior_variance_ptr, channel_offsets, channel_mask)
+        r, logit, known = load_assembly_inputs(raw_ptr, logit_ptr, known_ptr, channel_offsets, channel_mask, HAS_KNOWN)
+        v = tl.load(prior_variance_ptr + channel_offsets, mask=channel_mask, other=0.0).to(tl.float64)
         variance64, weight64 = assembled_prior(v, r, logit, known, limit, HAS_KNOWN)
         variance = variance64.to(tl.float32)
         weight = weight64.to(tl.float32)
@@ -226,19 +216,13 @@ def store_prior_gradients(
     limit,
     ASSEMBLE: tl.constexpr,
     HAS_KNOWN: tl.constexpr,
-    BLOCK_CHANNELS: tl.constexpr,
 ):
     """Store ∂L/∂p at ``grad_prior_weight_ptr``; under ASSEMBLE (see :func:`prior_statistics`) the assembly's
     backward instead: ∂L/∂r at ``grad_raw_ptr`` and ∂L/∂l at ``grad_prior_weight_ptr``
     (:func:`bkn_export.kernels.prior_moments.assembly_gradients`, float64, rounded once). ∂L/∂v is ∂L/∂Σ_pred,
     which the caller stores."""
     if ASSEMBLE:
-        r = _load64(raw_ptr, channel_offsets, channel_mask)
-        logit = _load64(logit_ptr, channel_offsets, channel_mask)
-        if HAS_KNOWN:
-            known = _load64(known_ptr, channel_offsets, channel_mask)
-        else:
-            known = tl.full([BLOCK_CHANNELS], 1.0, tl.float64)
+        r, logit, known = load_assembly_inputs(raw_ptr, logit_ptr, known_ptr, channel_offsets, channel_mask, HAS_KNOWN)
         grad_raw, grad_logit = assembly_gradients(
             r, logit, known, grad_prior_variance.to(tl.float64), grad_prior_weight.to(tl.float64), limit
         )

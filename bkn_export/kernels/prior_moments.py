@@ -113,6 +113,20 @@ def assembled_prior(v, r, lg, k, limit, HAS_KNOWN: tl.constexpr):
 
 
 @triton.jit
+def load_assembly_inputs(raw_ptr, logit_ptr, known_ptr, offsets, mask, HAS_KNOWN: tl.constexpr):
+    """(r, l, k) of one channel block in float64, masked lanes 0 and k = 1 without a known-channel mask: what
+    :func:`assembled_prior` and :func:`assembly_gradients` take (the twins' kernels and the op's,
+    ``kernels.common.prior_statistics`` / ``store_prior_gradients``, load them alike)."""
+    r = tl.load(raw_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    logit = tl.load(logit_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    if HAS_KNOWN:
+        known = tl.load(known_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    else:
+        known = tl.zeros_like(r) + 1.0
+    return r, logit, known
+
+
+@triton.jit
 def assembly_gradients(r, lg, k, gv, gw, limit):
     """(∂r, ∂l) = (∂v sigmoid(r) (∂v for r > 20), ∂p k L s (1 - s)), s = sigmoid(l) (l: ``lg``), of float64
     values (k = 1 without a known-channel mask): the prior assembly's backward, shared with the op's backward
@@ -195,12 +209,7 @@ def _prior_assembly_kernel(
 ):
     offsets, mask = _channel_block(n, BLOCK)
     v = _load64(variance_ptr, offsets, mask)
-    r = _load64(raw_ptr, offsets, mask)
-    logit = _load64(logit_ptr, offsets, mask)
-    if HAS_KNOWN:
-        k = _load64(known_ptr, offsets, mask)
-    else:
-        k = logit  # not read
+    r, logit, k = load_assembly_inputs(raw_ptr, logit_ptr, known_ptr, offsets, mask, HAS_KNOWN)
     variance, p = assembled_prior(v, r, logit, k, limit, HAS_KNOWN)
     _store(out_variance_ptr, offsets, mask, variance)
     _store(out_weight_ptr, offsets, mask, p)
@@ -223,8 +232,7 @@ def _prior_assembly_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     offsets, mask = _channel_block(n, BLOCK)
-    r = _load64(raw_ptr, offsets, mask)
-    logit = _load64(logit_ptr, offsets, mask)
+    r, logit, k = load_assembly_inputs(raw_ptr, logit_ptr, known_ptr, offsets, mask, HAS_KNOWN)
     if HAS_GRAD_VARIANCE:
         gv = _load64(grad_variance_ptr, offsets, mask)
     else:
@@ -233,10 +241,6 @@ def _prior_assembly_backward_kernel(
         gw = _load64(grad_weight_ptr, offsets, mask)
     else:
         gw = tl.zeros([BLOCK], tl.float64)
-    if HAS_KNOWN:
-        k = _load64(known_ptr, offsets, mask)
-    else:
-        k = tl.full([BLOCK], 1.0, tl.float64)
     grad_raw, grad_logit = assembly_gradients(r, logit, k, gv, gw, limit)
     _store(grad_raw_ptr, offsets, mask, grad_raw)
     _store(grad_logit_ptr, offsets, mask, grad_logit)
