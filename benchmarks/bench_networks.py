@@ -319,8 +319,8 @@ def _steady_malloc() -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and the cores this process may use (ratios differ between machines: the chain's
-    per-layer cost weighs differently against each machine's convolutions; RESULTS.md's eighth round)."""
+    """The CPU's model name and the cores this process may use (absolute times differ between machines:
+    RESULTS.md's eighth round)."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -356,7 +356,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     rows: list[Row] = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), clock={args.clock}, input {args.size}x{args.size}")
-    print(f"cpu: {cpu_model()}")
+    cpu = cpu_model()
+    print(f"cpu: {cpu}")
     print(f"malloc: {allocator}")
     print(f"bkn_export.native: {native.status() if native.takes(torch.zeros(1)) else 'off (PyTorch forms)'}")
     extra = f" {'BKN-PyTorch ms':>15} {'ratio':>7}" if args.compare_native else ""
@@ -387,8 +388,7 @@ def _run(args: argparse.Namespace) -> int:
 
         rows_out = [asdict(r) | {"ratio": r.ratio} for r in rows]
         native_line = native.status() if native.takes(torch.zeros(1)) else "off (PyTorch forms)"
-        payload: dict[str, Any] = {"torch": torch.__version__, "native": native_line, "malloc": allocator}
-        payload["cpu"] = cpu_model()
+        payload: dict[str, Any] = {"torch": torch.__version__, "native": native_line, "malloc": allocator, "cpu": cpu}
         payload |= {"args": vars(args), "rows": rows_out}
         write_text_atomic(args.json, json.dumps(payload, indent=2))
     return 0
