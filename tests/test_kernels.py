@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import pytest
 import torch
-from support.triton_compile import ScalarReads, compile_for_hopper
+from support.triton_compile import Launch, ScalarReads, compile_for_hopper, record_kernels
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor
 
@@ -365,19 +365,8 @@ def _recorded_kernel_calls(monkeypatch: pytest.MonkeyPatch, case: Case, fallback
     """Run both launchers with every kernel replaced by a recorder; returns (kernel, args, kwargs) per launch."""
     from bkn_export.kernels import backward, forward
 
-    calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
-
-    class Recorder:
-        def __init__(self, kernel: Any) -> None:
-            self.kernel = kernel
-
-        def __getitem__(self, grid: object) -> Any:
-            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
-
-    for module in (forward, backward):
-        for name, value in list(vars(module).items()):
-            if name.startswith("_") and name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, Recorder(value))
+    calls: list[Launch] = []
+    record_kernels(monkeypatch, (forward, backward), calls)
     inputs = make_inputs(case, affine=affine)
     forward.batch_kalman_norm_forward(*inputs.forward_args(fallback_ratio))  # type: ignore[arg-type]
     backward.batch_kalman_norm_backward(*inputs.backward_args(fallback_ratio))  # type: ignore[arg-type]

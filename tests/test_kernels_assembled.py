@@ -37,7 +37,7 @@ import pytest
 import torch
 from support import assembled_cases
 from support.assembled_cases import EPS, HOSTILE_PERIOD, UNKNOWN_CHANNELS
-from support.triton_compile import ScalarReads, compile_for_hopper
+from support.triton_compile import Launch, ScalarReads, compile_for_hopper, record_kernels
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor
 
@@ -254,30 +254,16 @@ def _meta_inputs(shape: tuple[int, ...] = (4, 6, 5, 7)) -> dict[str, Any]:
     return inputs
 
 
-class _Recorder:
-    """Stands in for a jit kernel: ``kernel[grid](*args, **kwargs)`` appends (kernel, args, kwargs) to ``calls``."""
-
-    def __init__(self, kernel: Any, calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> None:
-        self.kernel, self.calls = kernel, calls
-
-    def __getitem__(self, grid: object) -> Any:
-        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
-
-
 def _recorded_launches(
     monkeypatch: pytest.MonkeyPatch, single_program: bool, assembled: bool, fallback_ratio: float = 0.0
-) -> tuple[list[tuple[Any, tuple[Any, ...], dict[str, Any]]], list[tuple[Any, tuple[Any, ...], dict[str, Any]]]]:
+) -> tuple[list[Launch], list[Launch]]:
     """Forward and backward launches (kernel, args, kwargs) on meta tensors with every kernel recorded instead of
     launched: assembled (with known and both extras) or with p (and both extras on the backward)."""
     from bkn_export.kernels import backward, forward
     from bkn_export.kernels.common import PriorAssembly
 
-    calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
-    for module in (forward, backward):
-        for name, value in list(vars(module).items()):
-            if name.startswith("_") and name.endswith("_kernel"):
-                kernel = value.kernel if isinstance(value, _Recorder) else value  # patched by an earlier call
-                monkeypatch.setattr(module, name, _Recorder(kernel, calls))
+    calls: list[Launch] = []
+    record_kernels(monkeypatch, (forward, backward), calls)
     inputs = _meta_inputs()
     grads = (inputs["grad_output"], inputs["grad_posterior_mean"], inputs["grad_posterior_variance"], inputs["x"])
     extras = {"extra_grad_weight": inputs["extra_grad_weight"], "extra_grad_bias": inputs["extra_grad_bias"]}

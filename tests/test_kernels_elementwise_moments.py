@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 import torch
-from support.triton_compile import ScalarReads, compile_for_hopper, resource_usage
+from support.triton_compile import Launch, ScalarReads, compile_for_hopper, record_kernels, resource_usage
 from support.triton_interpreter import InterpreterProcess
 from torch import Tensor
 
@@ -543,19 +543,9 @@ def _recorded_launches(
     (meta: no value to read) and the CPU parameters the Functions pass; (kernel, args, kwargs) per launch."""
     from bkn_export.kernels import elementwise_moments as kernels
 
-    calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
-
-    class Recorder:
-        def __init__(self, kernel: Any) -> None:
-            self.kernel = kernel
-
-        def __getitem__(self, grid: object) -> Any:
-            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
-
+    calls: list[Launch] = []
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in list(vars(kernels).items()):
-            if name.startswith("_") and name.endswith("_kernel"):
-                patch.setattr(kernels, name, Recorder(value))
+        record_kernels(patch, (kernels,), calls)
         _launch_both(kernels, kind, dtype, which, device, calls)
     return calls
 

@@ -14,8 +14,6 @@ the compiled kernels may contract differently into FMA, which no test here can s
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from support.triton_interpreter import InterpreterProcess
@@ -103,24 +101,13 @@ def test_the_node_reads_no_tensor_value_on_the_host(monkeypatch: pytest.MonkeyPa
     tensor value is read back (``.item()``, ``bool(t)``: on a GPU each would be a host synchronisation)."""
     pytest.importorskip("triton", reason="the launchers import triton (pip install triton)")
     from support.assembled_cases import draw_inputs
-    from support.triton_compile import ScalarReads
+    from support.triton_compile import Launch, ScalarReads, record_kernels
 
     from bkn_export import triton_step
     from bkn_export.kernels import backward, forward
 
-    launched: list[str] = []
-
-    class Recorder:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def __getitem__(self, grid: object) -> Any:
-            return lambda *args, **kwargs: launched.append(self.name)
-
-    for module in (forward, backward):
-        for name in list(vars(module)):
-            if name.startswith("_") and name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, Recorder(name))
+    calls: list[Launch] = []
+    record_kernels(monkeypatch, (forward, backward), calls)
     inputs = draw_inputs(seed=3)
     leaves = {k: inputs[k].requires_grad_() for k in ("x", "prior_mean", "variance", "raw", "logit", "weight", "bias")}
     prior_weight = None if assembled else torch.full_like(inputs["variance"], 0.25)
@@ -137,6 +124,7 @@ def test_the_node_reads_no_tensor_value_on_the_host(monkeypatch: pytest.MonkeyPa
              inputs["extra_grad_weight"], inputs["extra_grad_bias"]],
         )  # fmt: skip
     assert mode.reads == []
+    launched = [kernel.__name__ for kernel, _, _ in calls]
     assert any("forward" in name for name in launched) and any("backward" in name for name in launched), launched
     assert leaves["x"].grad is not None and (leaves["raw"].grad is not None) == assembled
 

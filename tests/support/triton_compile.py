@@ -9,13 +9,15 @@ from __future__ import annotations
 import subprocess
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["ScalarReads", "compile_for_hopper", "resource_usage"]
+__all__ = ["KernelRecorder", "Launch", "ScalarReads", "compile_for_hopper", "record_kernels", "resource_usage"]
 
 #: Pointer types of the tensors the kernels take.
 TRITON_TYPES = {
@@ -27,6 +29,31 @@ TRITON_TYPES = {
 }
 #: Launch keywords that are compile options, not kernel arguments.
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
+#: One recorded launch: (the jit kernel, its positional arguments, its keyword arguments).
+Launch = tuple[Any, tuple[Any, ...], dict[str, Any]]
+
+
+class KernelRecorder:
+    """Stands in for a jit kernel: ``kernel[grid](*args, **kwargs)`` appends (kernel, args, kwargs) to ``calls``
+    instead of launching."""
+
+    def __init__(self, kernel: Any, calls: list[Launch]) -> None:
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid: object) -> Any:
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def record_kernels(monkeypatch: pytest.MonkeyPatch, modules: tuple[ModuleType, ...], calls: list[Launch]) -> None:
+    """Replace every jit kernel of ``modules`` (the ``_*_kernel`` names) by a :class:`KernelRecorder` appending to
+    ``calls`` (a kernel recorded by an earlier call in the same test is recorded once, as itself)."""
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if name.startswith("_") and name.endswith("_kernel"):
+                kernel = value.kernel if isinstance(value, KernelRecorder) else value
+                monkeypatch.setattr(module, name, KernelRecorder(kernel, calls))
 
 
 def compile_for_hopper(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
