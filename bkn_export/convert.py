@@ -214,9 +214,13 @@ def _working_copy(model: nn.Module, norm_names: list[str]) -> nn.Module:
     keeps (Conv, Linear, activations: the feeding layers the chain refers to) stay the
     same objects, as do their parameters (an optimizer built before conversion keeps them).
     """
-    modules = dict(model.named_modules())
-    holding = {id(m) for name in norm_names for prefix, m in modules.items() if _within(name, prefix)}
-    memo: dict[int, Any] = {id(m): m for m in modules.values() if id(m) not in holding}
+    # Every name of every module (remove_duplicate=False): a module registered under two names (a block that
+    # another container also holds, as MONAI's DynUNet does) holds a normalization if any of its names does.
+    named = list(model.named_modules(remove_duplicate=False))
+    aliases = _aliases(model)
+    norm_paths = [alias for name in norm_names for alias in aliases[id(model.get_submodule(name))]]
+    holding = {id(m) for prefix, m in named if any(_within(name, prefix) for name in norm_paths)}
+    memo: dict[int, Any] = {id(m): m for _, m in named if id(m) not in holding}
     memo.update({id(t): t for t in (*model.parameters(), *model.buffers())})
     try:
         return copy.deepcopy(model, memo)
@@ -226,6 +230,15 @@ def _working_copy(model: nn.Module, norm_names: list[str]) -> nn.Module:
             "convert_batchnorm converts a copy and swaps the new layers in only after checking them. "
             "Make the model deep-copyable (copy.deepcopy), e.g. by moving non-copyable attributes out of it."
         ) from error
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every qualified name under which each module of ``model`` is registered, by ``id``: one name for most
+    modules, several for a module that two containers hold (``named_modules()`` lists it once)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -246,7 +259,9 @@ def convert_batchnorm(
     ``requires_grad`` survives and an optimizer built before conversion keeps them), its
     ``torch.nn.utils.parametrize`` parametrizations and its forward/backward hooks (state-dict
     hooks are not carried over: warned); BKN layers already in the model are kept and wired
-    too. A model without normalization layers is returned unchanged with a warning.
+    too. A BatchNorm registered under several names (a module two containers hold) becomes one BKN layer
+    under all of them, so what was shared stays shared. A model without normalization layers is returned
+    unchanged with a warning.
 
     BatchNorm subclasses: see :mod:`bkn_export.norm_act` (timm's ``BatchNormAct2d`` keeps
     its ``drop``/``act``; a subclass overriding ``forward`` without an adapter is refused).
@@ -264,6 +279,7 @@ def convert_batchnorm(
         return model
     guard = ConversionGuard.record(model, example_inputs, list(originals))
     candidate = _working_copy(model, list(originals))
+    candidate_aliases = _aliases(candidate)
     synchronised: dict[str, Any] = {}  # SyncBatchNorm name -> its process group
     converted: list[str] = []
     for name, module in list(candidate.named_modules()):
@@ -288,7 +304,8 @@ def convert_batchnorm(
                     "the parametrization (parametrize.remove_parametrizations) before converting"
                 )
             bkn = _bkn_from_batchnorm(source, rank, options, name)
-            candidate = _replace_module(candidate, name, bkn)
+            for alias in candidate_aliases[id(module)]:  # one layer under each name the BatchNorm had
+                candidate = _replace_module(candidate, alias, bkn)
             converted.append(name)
     candidate = wire_chain(candidate, example_inputs, options)
     try:
@@ -300,8 +317,10 @@ def convert_batchnorm(
         raise
     if "" in originals:  # the model is itself a normalization layer
         return candidate
-    for name in originals:
-        _replace_module(model, name, candidate.get_submodule(name))
+    model_aliases = _aliases(model)
+    for name, original in originals.items():
+        for alias in model_aliases[id(original)]:
+            _replace_module(model, alias, candidate.get_submodule(name))
     move_root(candidate, model)  # the chain was wired on the copy; its forwards are now model's
     return model
 

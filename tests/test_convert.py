@@ -481,3 +481,86 @@ def test_state_dict_hooks_are_not_carried_over_and_the_warning_names_the_module(
     model[4].register_state_dict_pre_hook(lambda module, prefix, keep_vars: None)
     with pytest.warns(UserWarning, match=r"'4' \(BatchNorm2d\) has state_dict_pre_hooks registered"):
         convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+
+
+class _ConvBnRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _Holder(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+
+class _SharedBlock(nn.Module):
+    """A block that a second container also holds (never called through it), as MONAI's DynUNet holds its input
+    block again in ``skip_layers``: ``named_modules()`` lists the BatchNorm once, as ``block.bn``."""
+
+    def __init__(self, doubles_while_batchnorm: bool = False) -> None:
+        super().__init__()
+        self.block = _ConvBnRelu()
+        self.holder = _Holder(self.block)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.doubles_while_batchnorm = doubles_while_batchnorm
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.block(x)))
+        if self.doubles_while_batchnorm and isinstance(self.block.bn, nn.BatchNorm2d):
+            out = out * 2
+        return out
+
+
+def test_a_block_held_under_two_names_is_converted_once_and_stays_shared() -> None:
+    """Both names reach the one converted layer, the block stays one object, and the chain is wired through it.
+    (The working copy used to share the second holder with the original model, so its BatchNorm came out as a
+    second, unknown one: a KeyError from inside the conversion.)"""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model = _trained_like(_SharedBlock().double()).eval()
+    expected = model(x)
+    convert_batchnorm(model, x)
+    assert model.holder.block is model.block and isinstance(model.block.bn, BatchKalmanNorm2d)
+    assert model.bn2.has_predecessor
+    assert not any(isinstance(m, nn.BatchNorm2d) for _, m in model.named_modules(remove_duplicate=False))
+    torch.testing.assert_close(model.eval()(x), expected, rtol=1e-12, atol=1e-12)
+    fresh = convert_batchnorm(_SharedBlock().double(), x)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    model.train(), fresh.train()
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_a_refused_conversion_of_a_shared_block_leaves_both_names_on_the_batchnorm() -> None:
+    model = _SharedBlock(doubles_while_batchnorm=True).eval()
+    block, bn = model.block, model.block.bn
+    with pytest.raises(ConversionError, match="eval-mode outputs"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert model.block is block and model.holder.block is block and block.bn is bn and type(bn) is nn.BatchNorm2d
+
+
+def test_a_batchnorm_registered_under_two_names_becomes_one_layer_under_both() -> None:
+    """Called through its second name (once through each), the BatchNorm used to stay a BatchNorm there; the
+    wiring then refused it with a message telling the user to convert what they were converting."""
+
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.norm = self.bn
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.norm(self.conv2(torch.relu(self.bn(self.conv(x)))))
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model = _trained_like(Aliased().double()).eval()
+    expected = model(x)
+    convert_batchnorm(model, x)
+    assert model.norm is model.bn and isinstance(model.bn, BatchKalmanNorm2d)
+    torch.testing.assert_close(model.eval()(x), expected, rtol=1e-12, atol=1e-12)
+    model.train()(x).sum().backward()
+    assert model.bn.weight.grad is not None
