@@ -231,12 +231,24 @@ def convert_sync_batchkalmannorm(model: nn.Module, process_group: Any = None) ->
     wiring are kept, the parameter objects themselves are shared. Convert and wire first
     (:func:`bkn_export.convert_batchnorm` / :func:`bkn_export.wire_chain`), then call this,
     then wrap in ``DistributedDataParallel``. The state dict keys are unchanged, so a
-    checkpoint loads into the non-sync model (e.g. for export).
+    checkpoint loads into the non-sync model (e.g. for export). A layer registered under several names becomes
+    one synchronised layer under all of them.
     """
+    return _synchronised(model, process_group, {})
+
+
+def _synchronised(model: nn.Module, process_group: Any, done: dict[int, nn.Module]) -> nn.Module:
+    """:func:`convert_sync_batchkalmannorm` with ``done``: id of each module visited → what replaces it."""
+    if id(model) in done:
+        return done[id(model)]
     if isinstance(model, _BatchKalmanNorm) and not isinstance(model, SyncBatchKalmanNorm):
-        return _to_sync(model, process_group)
-    for name, child in model.named_children():
-        converted = convert_sync_batchkalmannorm(child, process_group)
+        done[id(model)] = _to_sync(model, process_group)
+        return done[id(model)]
+    done[id(model)] = model
+    for name, child in list(model._modules.items()):  # every name: named_children() lists a child once
+        if child is None:
+            continue
+        converted = _synchronised(child, process_group, done)
         if converted is not child:
             setattr(model, name, converted)
     return model

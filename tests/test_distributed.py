@@ -364,3 +364,12 @@ def test_ddp_example_on_two_processes_matches_one_process_accuracy() -> None:
     one = _accuracy_of_example(1, "--sync", "--float64")
     two = _accuracy_of_example(2, "--sync", "--float64")
     assert abs(two - one) <= 1.0 / 450 + 1e-9, (one, two)
+
+
+def test_a_layer_registered_under_two_names_becomes_one_synchronised_layer() -> None:
+    model = _chain_model("propagate")
+    first = next(m for m in model.modules() if isinstance(m, BatchKalmanNorm2d))
+    name = next(n for n, m in model.named_modules() if m is first)
+    model.add_module("alias", first)
+    sync = convert_sync_batchkalmannorm(model)
+    assert isinstance(sync.alias, SyncBatchKalmanNorm) and sync.alias is sync.get_submodule(name)
