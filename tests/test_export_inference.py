@@ -741,3 +741,24 @@ def test_fold_leaves_a_normalization_with_unknown_submodules_standalone() -> Non
     assert record.kind == "standalone" and "submodules ['gate']" in record.detail
     x = torch.randn(2, 1, 6, 6)
     torch.testing.assert_close(folded.model(x), model(x))
+
+
+def test_fold_report_finds_a_layer_the_forward_reaches_through_its_second_name(tmp_path: Path) -> None:
+    """MONAI's DynUNet holds its blocks twice and runs them through the second holder: the exporter scopes the
+    nodes by that name, and the report used to call every layer "unused" although each was folded."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchKalmanNorm2d(4), nn.ReLU())
+            self.skip = nn.ModuleDict({"down": self.block})  # registered after `block`: named_modules() lists block.1
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.skip["down"](x)
+
+    model = Shared().eval()
+    with torch.no_grad():
+        model.block[1].running_mean.uniform_(-1, 1)
+        model.block[1].running_var.uniform_(0.5, 2)
+    result = export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "shared.onnx")
+    assert [(r.module, r.kind) for r in result.fold_report] == [("block.1", "conv")]

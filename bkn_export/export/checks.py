@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from bkn_export.errors import InvalidStatisticsError, UnsupportedLayerError
 from bkn_export.nn import _BatchKalmanNorm
 
-__all__ = ["NORMALIZATION_TYPES", "check_inference_ready", "normalization_layers"]
+__all__ = ["NORMALIZATION_TYPES", "check_inference_ready", "normalization_aliases", "normalization_layers"]
 
 #: Layers whose eval computation is an affine map from running statistics.
 NORMALIZATION_TYPES: tuple[type[nn.Module], ...] = (_BatchKalmanNorm, nn.modules.batchnorm._BatchNorm)
@@ -22,6 +22,19 @@ NORMALIZATION_TYPES: tuple[type[nn.Module], ...] = (_BatchKalmanNorm, nn.modules
 def normalization_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every BKN / BatchNorm layer, in registration order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, NORMALIZATION_TYPES)]
+
+
+def normalization_aliases(model: nn.Module) -> dict[str, str]:
+    """Each further name of a BKN / BatchNorm layer registered under several names (a module two containers
+    hold) → its name in :func:`normalization_layers` (the first)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, NORMALIZATION_TYPES):
+            canonical = first.setdefault(id(module), name)
+            if canonical != name:
+                aliases[name] = canonical
+    return aliases
 
 
 def _bad_channels(values: Tensor, negative_too: bool) -> list[int]:

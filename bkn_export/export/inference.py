@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from bkn_export.errors import ExportError, FoldError
-from bkn_export.export.checks import check_inference_ready
+from bkn_export.export.checks import check_inference_ready, normalization_aliases
 from bkn_export.export.common import resolve_opset
 from bkn_export.export.fold import fold
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_onnx
@@ -172,7 +172,10 @@ def export_inference(
         leftovers = _check_guarantee(graph_model, normalizations)
         folded_in_torch = {record.module for record in torch_report if record.target is not None}
         report = _records_for_torch_folds(graph_model, torch_report) + build_fold_report(
-            graph_model.graph, [n for n in normalizations if n not in folded_in_torch], leftovers
+            graph_model.graph,
+            [n for n in normalizations if n not in folded_in_torch],
+            leftovers,
+            normalization_aliases(model),
         )
         order = {name: index for index, name in enumerate(normalizations)}
         report.sort(key=lambda record: order.get(record.module, len(order)))

@@ -10,7 +10,7 @@ went: a Conv/ConvTranspose/Gemm/MatMul (folded) or a BatchNormalization (standal
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 
 import onnx
@@ -58,22 +58,26 @@ def node_scopes(node: ir.Node) -> list[str]:
     return [part.split(":")[0].strip() for part in namespace.split("/") if part.split(":")[0].strip()]
 
 
-def _owner(node: ir.Node, modules: set[str]) -> str | None:
-    """The innermost normalization module among the node's scopes, if any."""
+def _owner(node: ir.Node, modules: Mapping[str, str]) -> str | None:
+    """The innermost normalization module among the node's scopes, if any, by the name ``modules`` maps it to."""
     for scope in reversed(node_scopes(node)):
         if scope in modules:
-            return scope
+            return modules[scope]
     return None
 
 
-def build_fold_report(graph: ir.Graph, modules: Iterable[str], leftovers: Iterable[Leftover]) -> list[FoldRecord]:
+def build_fold_report(
+    graph: ir.Graph, modules: Iterable[str], leftovers: Iterable[Leftover], aliases: Mapping[str, str] | None = None
+) -> list[FoldRecord]:
     """One record per normalization layer (per call, if called more than once).
 
-    modules: names of the model's normalization layers. A layer with no node in the
-    graph is reported with kind "unused" (its forward never ran on the example inputs).
+    modules: names of the model's normalization layers. aliases: another name of such a layer (a module
+    registered under two names: the exporter scopes its nodes by the name the forward reached it through) →
+    its name in ``modules``. A layer with no node in the graph is reported with kind "unused" (its forward
+    never ran on the example inputs).
     """
     names = list(modules)
-    wanted = set(names)
+    wanted = {**{alias: name for alias, name in (aliases or {}).items() if name in names}, **{n: n for n in names}}
     reasons = {leftover.node: leftover.reason for leftover in leftovers}
     found: dict[str, list[FoldRecord]] = {name: [] for name in names}
     for node in graph.all_nodes():
