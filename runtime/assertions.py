@@ -139,6 +139,8 @@ def failure_message(report: ParityReport) -> str:
                 lines.append(f"  {result.runtime} / {comparison.output}: {comparison.message}")
         if result.localisation is not None:
             lines.append(f"    localisation: {result.localisation.message or result.localisation.status}")
+        prefix = f"{result.runtime}: "
+        lines.extend(f"    note: {note[len(prefix) :]}" for note in report.notes if note.startswith(prefix))
     passed = [r.runtime for r in report.ran if r.status == "passed"]
     if passed:
         lines.append(f"  agreeing: {', '.join(passed)}")

@@ -307,7 +307,8 @@ def run_parity(
     half = _half_dtypes([*input_specs, *output_specs])
     total = len(chosen)
     for index, entry in enumerate(chosen):
-        result = _run_one(entry, path, feeds, references, policy, half, progress, index, total)
+        result, failure_notes = _run_one(entry, path, feeds, references, policy, half, progress, index, total)
+        report.notes.extend(f"{entry.name}: {note}" for note in failure_notes)
         if result.status in (Status.FAILED, Status.ERROR) and entry.make is not None:
             failing = [c.output for c in result.outputs if not c.passed]
             feed = feeds[result.failing_iteration or 0]
@@ -462,12 +463,14 @@ def _run_one(
     progress: Progress | None,
     index: int,
     total: int,
-) -> RuntimeResult:
+) -> tuple[RuntimeResult, list[str]]:
+    """The runtime's verdict, and where it failed, what its backend knows it computes less accurately
+    (:meth:`Backend.failure_notes`)."""
     if not entry.availability.ok or entry.make is None:
         status = Status.UNAVAILABLE if entry.availability.applicable else Status.NOT_APPLICABLE
         if progress:
             progress("skip", entry.name, index, total)
-        return RuntimeResult(entry.name, status, entry.availability.reason)
+        return RuntimeResult(entry.name, status, entry.availability.reason), []
     if progress:
         progress("start", entry.name, index, total)
     started = time.perf_counter()
@@ -475,13 +478,13 @@ def _run_one(
     try:
         backend.load(str(path))
     except RuntimeLimitationError as error:  # the runtime's own known limit on a valid model
-        return RuntimeResult(entry.name, Status.UNAVAILABLE, str(error), time.perf_counter() - started)
+        return RuntimeResult(entry.name, Status.UNAVAILABLE, str(error), time.perf_counter() - started), []
     except Exception as error:  # the runtime's failure is a finding, not a crash of the tool
         seconds = time.perf_counter() - started
         if _unsupported_dtype(error, half):
             reason = f"cannot run {'/'.join(sorted(half))} models: {type(error).__name__}: {error}"
-            return RuntimeResult(entry.name, Status.UNAVAILABLE, reason, seconds)
-        return RuntimeResult(entry.name, Status.ERROR, f"{type(error).__name__}: {error}", seconds)
+            return RuntimeResult(entry.name, Status.UNAVAILABLE, reason, seconds), []
+        return RuntimeResult(entry.name, Status.ERROR, f"{type(error).__name__}: {error}", seconds), []
     worst: dict[str, tuple[int, OutputComparison]] = {}
     for iteration, (feed, reference_outputs) in enumerate(zip(feeds, references)):
         try:
@@ -490,7 +493,7 @@ def _run_one(
             return RuntimeResult(
                 entry.name, Status.ERROR, f"input set {iteration}: {type(error).__name__}: {error}",
                 time.perf_counter() - started, failing_iteration=iteration,
-            )  # fmt: skip
+            ), []  # fmt: skip
         for name, reference in reference_outputs.items():
             if name not in outputs:
                 comparison = OutputComparison(
@@ -506,7 +509,9 @@ def _run_one(
     comparisons = [c for _, c in worst.values()]
     status = Status.PASSED if all(c.passed for c in comparisons) else Status.FAILED
     failing = next((i for i, c in worst.values() if not c.passed), None)
-    return RuntimeResult(entry.name, status, entry.availability.reason, seconds, comparisons, failing_iteration=failing)
+    reason = entry.availability.reason
+    result = RuntimeResult(entry.name, status, reason, seconds, comparisons, failing_iteration=failing)
+    return result, backend.failure_notes() if status is Status.FAILED else []
 
 
 def _worse(candidate: OutputComparison, current: OutputComparison) -> bool:

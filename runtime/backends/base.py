@@ -45,3 +45,8 @@ class Backend(ABC):
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; inputs and outputs keyed by ONNX value name."""
+
+    def failure_notes(self) -> list[str]:
+        """What this runtime is known to compute less accurately than float32 rounding in the loaded model, in
+        words, for a report to show beside a failed comparison (none by default)."""
+        return []
