@@ -541,3 +541,40 @@ def test_norm_act_dropout_stays_in_eval_in_export_and_reference(tmp_path: Path) 
     np.testing.assert_array_equal(session.run(None, feeds)[0], session.run(None, feeds)[0])
     runtime.assert_parity(model, (x,), mode="training", runtimes="ort:cpu:all", onnx_path=path)
     assert all(not m.training for m in model.modules()), "the user's model is given back in eval"
+
+
+class _SharedNorm(nn.Module):
+    """One BatchNorm called twice per forward (its weights shared): train mode updates its statistics twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.c2(torch.relu(self.bn(self.c1(x)))))
+
+
+def test_running_statistics_outputs_of_a_layer_called_twice_take_both_updates(tmp_path: Path) -> None:
+    """They held the first call's update only (the second call's was lost without a word)."""
+    x = torch.randn(2, 3, 8, 8)
+    model = convert_batchnorm(_SharedNorm().eval(), x)
+    path = tmp_path / "shared.onnx"
+    export_training(model, x, path, running_stats_io=True)
+    mean_in, var_in, mean_out, var_out = running_stat_names("bn")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {session.get_inputs()[0].name: x.numpy(), mean_in: model.bn.running_mean.numpy(),
+             var_in: model.bn.running_var.numpy()}  # fmt: skip
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    stepped = copy.deepcopy(model).train()
+    with torch.no_grad():
+        stepped(x)
+    np.testing.assert_allclose(got[mean_out], stepped.bn.running_mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got[var_out], stepped.bn.running_var.numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(stepped.bn.running_var.numpy(), model.bn.running_var.numpy())
+
+
+def test_posteriors_of_a_layer_called_twice_are_refused_by_name(tmp_path: Path) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    model = convert_batchnorm(_SharedNorm().eval(), x)
+    with pytest.raises(ExportError, match=r"'bn' runs 2 times in one forward.*without expose_posteriors"):
+        export_training(model, x, tmp_path / "shared.onnx", expose_posteriors=True)

@@ -335,6 +335,9 @@ class Observer:
     def __init__(self, model: nn.Module) -> None:
         self.names = {id(m): name for name, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)}
         self.observations: dict[str, Observation] = {}
+        #: Per layer name: what each of its calls in this forward published, in call order (a layer that the
+        #: forward calls twice, its weights shared, updates its running statistics twice).
+        self.calls: dict[str, list[Published]] = {}
         #: Per layer name: the recorded paths that did not run (first call per forward).
         self.unrun: dict[str, tuple[str, ...]] = {}
         self._priors: dict[int, Prior | None] = {}
@@ -350,6 +353,8 @@ class Observer:
         self, layer: nn.Module, published: Published, op_prior: tuple[Tensor, Tensor, Tensor], x: Tensor
     ) -> None:
         name = self.names.get(id(layer))
+        if name is not None:
+            self.calls.setdefault(name, []).append(published)
         if name is not None and name not in self.observations:
             prior = self._priors.pop(id(layer), None)
             self.observations[name] = Observation(prior, op_prior, Fk.batch_statistics(x), published)

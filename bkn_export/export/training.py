@@ -140,22 +140,23 @@ class _TrainingGraph(nn.Module):
         steps = observer.observations
         flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
         for i, name in enumerate(self.running_stats):
-            step = self._step(steps, name)
+            self._step(steps, name)  # names a layer that did not run
             layer = self._layers[name]
             assert layer.momentum is not None
-            flat.extend(
-                Fk.running_statistics_update(
-                    stats[2 * i],
-                    stats[2 * i + 1],
-                    step.posterior_mean,
-                    step.posterior_variance,
-                    layer.momentum,
-                    step.count,
+            running_mean, running_var = stats[2 * i], stats[2 * i + 1]
+            for call in observer.calls[name]:  # one update per call, in order, as the layer's own forward does
+                running_mean, running_var = Fk.running_statistics_update(
+                    running_mean, running_var, call.posterior_mean, call.posterior_variance, layer.momentum, call.count
                 )
-            )
+            flat.extend((running_mean, running_var))
         if self.expose_posteriors:
             for name in self.layer_names:
                 step = self._step(steps, name)
+                if len(observer.calls[name]) > 1:
+                    raise ExportError(
+                        f"BKN layer '{name}' runs {len(observer.calls[name])} times in one forward (its weights "
+                        "shared), so it has no single posterior to expose; export without expose_posteriors"
+                    )
                 flat.extend((step.posterior_mean, step.posterior_variance))
         return tuple(flat)
 
