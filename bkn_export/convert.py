@@ -259,9 +259,10 @@ def convert_batchnorm(
     ``requires_grad`` survives and an optimizer built before conversion keeps them), its
     ``torch.nn.utils.parametrize`` parametrizations and its forward/backward hooks (state-dict
     hooks are not carried over: warned); BKN layers already in the model are kept and wired
-    too. A BatchNorm registered under several names (a module two containers hold) becomes one BKN layer
-    under all of them, so what was shared stays shared. A model without normalization layers is returned
-    unchanged with a warning.
+    too (wiring gives those with a predecessor new BKN parameters at their initial values: warned where they
+    held some). A BatchNorm registered under several names (a module two containers hold) becomes one BKN
+    layer under all of them, so what was shared stays shared. A model without normalization layers is
+    returned unchanged with a warning.
 
     BatchNorm subclasses: see :mod:`bkn_export.norm_act` (timm's ``BatchNormAct2d`` keeps
     its ``drop``/``act``; a subclass overriding ``forward`` without an adapter is refused).
@@ -277,6 +278,7 @@ def convert_batchnorm(
             f"{type(model).__name__} has no BatchNorm or BatchKalmanNorm layers; returned unchanged", stacklevel=2
         )
         return model
+    _warn_of_rewired_parameters(originals)
     guard = ConversionGuard.record(model, example_inputs, list(originals))
     candidate = _working_copy(model, list(originals))
     candidate_aliases = _aliases(candidate)
@@ -323,6 +325,25 @@ def convert_batchnorm(
             _replace_module(model, alias, candidate.get_submodule(name))
     move_root(candidate, model)  # the chain was wired on the copy; its forwards are now model's
     return model
+
+
+def _warn_of_rewired_parameters(originals: Mapping[str, nn.Module]) -> None:
+    """Warn, naming them, where BKN layers already in the model hold learned BKN parameters: wiring the chain
+    again gives them new, initial ones (a converted model converted again)."""
+    held = [
+        f"'{name}' ({', '.join(p for p in BKN_PARAMETERS if p in module._parameters)})"
+        for name, module in originals.items()
+        if isinstance(module, _BatchKalmanNorm) and any(p in module._parameters for p in BKN_PARAMETERS)
+    ]
+    if held:
+        warnings.warn(
+            f"{len(held)} layer(s) are BKN layers already, with learned BKN parameters: {', '.join(held[:5])}"
+            + (" ..." if len(held) > 5 else "")
+            + ". Converting again wires the chain again and gives them new parameters at their initial values "
+            "(new objects: an optimizer built before holds the old ones). To keep what was learned, load the saved "
+            "state_dict after converting instead of converting a converted model",
+            stacklevel=3,
+        )
 
 
 def _check_and_synchronise(

@@ -564,3 +564,13 @@ def test_a_batchnorm_registered_under_two_names_becomes_one_layer_under_both() -
     torch.testing.assert_close(model.eval()(x), expected, rtol=1e-12, atol=1e-12)
     model.train()(x).sum().backward()
     assert model.bn.weight.grad is not None
+
+
+def test_converting_a_converted_model_warns_that_its_learned_bkn_parameters_start_again() -> None:
+    x = torch.randn(2, 3, 6, 6)
+    model = convert_batchnorm(_plain_chain(), x)
+    with pytest.warns(UserWarning, match=r"'4' \(prior_weight_logit, process_noise_raw\).*initial values"):
+        convert_batchnorm(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_batchnorm(_plain_chain(), x)  # a first conversion: no such warning
