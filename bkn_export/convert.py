@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -120,7 +121,7 @@ def _bkn_from_batchnorm(
         why = "its adapter does not carry over" if adapter is not None else "its forward (BatchNorm's own) does not use"
         warnings.warn(
             f"'{name}' ({type(bn).__name__}) has submodules {left} that {why}; the BKN layer does not keep them",
-            stacklevel=3,
+            stacklevel=4,
         )
     _take_over_hooks(bn, new, name)
     new.train(bn.training)
@@ -202,7 +203,7 @@ def _take_over_hooks(bn: nn.Module, new: nn.Module, name: str) -> None:
         warnings.warn(
             f"'{name}' ({type(bn).__name__}) has {', '.join(dropped)} registered, which the BKN layer does not keep; "
             "register them again on the converted layer",
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
@@ -272,10 +273,18 @@ def convert_batchnorm(
     :class:`~bkn_export.errors.ConversionError` and ``model`` is left exactly as it was.
     """
     options = _merge_options(options, option_overrides)
+    # Called under torch.inference_mode(), the new BKN parameters would be inference tensors, which no training
+    # step can save for backward: they are made, and the chain wired, outside it.
+    with torch.inference_mode(False):
+        return _convert(model, example_inputs, options)
+
+
+def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> nn.Module:
+    """:func:`convert_batchnorm` with its options merged."""
     originals = {n: m for n, m in model.named_modules() if isinstance(m, (*_BN_TYPES, _BatchKalmanNorm))}
     if not originals:
         warnings.warn(
-            f"{type(model).__name__} has no BatchNorm or BatchKalmanNorm layers; returned unchanged", stacklevel=2
+            f"{type(model).__name__} has no BatchNorm or BatchKalmanNorm layers; returned unchanged", stacklevel=3
         )
         return model
     _warn_of_rewired_parameters(originals)
@@ -289,7 +298,7 @@ def convert_batchnorm(
             if name not in guard.inputs:
                 warnings.warn(
                     f"'{name}' did not run on the example inputs; it is converted but left unwired and unchecked",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             if isinstance(module, nn.SyncBatchNorm):
                 synchronised[name] = module.process_group
@@ -298,6 +307,12 @@ def convert_batchnorm(
             # submodule and hook objects (the working copy holds deep copies of the latter two).
             source = originals[name]
             assert isinstance(source, _BN_TYPES)  # the same module tree: the copy's BatchNorm is a copy of it
+            if not source.eps > 0:
+                raise ConversionError(
+                    f"'{name}' ({type(source).__name__}) has eps={source.eps}: PyTorch's BatchNorm refuses to train "
+                    "with eps <= 0 (the conversion checks each layer in train mode), and a channel of equal values "
+                    "would divide by zero; set its eps > 0 (BatchNorm's default is 1e-5) before converting"
+                )
             if isinstance(source, nn.SyncBatchNorm) and _parametrized_names(source):
                 raise ConversionError(
                     f"'{name}' is a parametrized SyncBatchNorm (torch.nn.utils.parametrize on "
@@ -342,7 +357,7 @@ def _warn_of_rewired_parameters(originals: Mapping[str, nn.Module]) -> None:
             + ". Converting again wires the chain again and gives them new parameters at their initial values "
             "(new objects: an optimizer built before holds the old ones). To keep what was learned, load the saved "
             "state_dict after converting instead of converting a converted model",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

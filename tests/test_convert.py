@@ -574,3 +574,27 @@ def test_converting_a_converted_model_warns_that_its_learned_bkn_parameters_star
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert_batchnorm(_plain_chain(), x)  # a first conversion: no such warning
+
+
+def test_a_batchnorm_with_eps_zero_is_refused_by_name() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.0)).eval()
+    with pytest.raises(ConversionError, match=r"'1' \(BatchNorm2d\) has eps=0.0.*set its eps > 0"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert type(model[1]) is nn.BatchNorm2d
+
+
+def test_a_model_converted_under_inference_mode_trains() -> None:
+    """The new BKN parameters were inference tensors: the first backward failed far from the conversion."""
+    x = torch.randn(4, 5)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6), nn.BatchNorm1d(6)).eval()
+    with torch.inference_mode():
+        convert_batchnorm(model, x)
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    model.train()(x).sum().backward()
+    assert model[4].prior_weight_logit.grad is not None
+
+
+def test_warnings_point_at_the_callers_line() -> None:
+    with pytest.warns(UserWarning, match="has no BatchNorm") as record:
+        convert_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 5, 5))
+    assert record[0].filename == __file__
