@@ -21,7 +21,13 @@ def _as_arrays(inputs: Any) -> list[np.ndarray]:
     arrays = []
     for item in items:
         if hasattr(item, "detach"):
-            item = item.detach().cpu().numpy()
+            item = item.detach().cpu()
+            if str(item.dtype) == "torch.bfloat16":  # numpy has no bfloat16: ml_dtypes' (exact through float32)
+                import ml_dtypes
+
+                item = item.float().numpy().astype(ml_dtypes.bfloat16)
+            else:
+                item = item.numpy()
         arrays.append(np.asarray(item))
     return arrays
 
@@ -50,7 +56,12 @@ def _cast_to_onnx_inputs(arrays: list[np.ndarray], path: Path) -> list[np.ndarra
 def _as_tensors(arrays: Sequence[np.ndarray]) -> tuple[Any, ...]:
     import torch
 
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    def tensor(array: np.ndarray) -> Any:
+        if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: through float32 (exact)
+            return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+    return tuple(tensor(a) for a in arrays)
 
 
 def assert_parity(

@@ -120,3 +120,35 @@ def test_api_fp16_export_is_checked_against_the_float32_model() -> None:
     assert report.inputs[0].dtype == "float16"
     (result,) = report.ran
     assert result.outputs[0].dtype == "float16" and result.outputs[0].tolerance.atol == 1e-3
+
+
+def _bfloat16_chain() -> torch.nn.Module:
+    from bkn_export import convert_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+    ).bfloat16().eval()  # fmt: skip
+    return convert_batchnorm(model, torch.randn(2, 3, 8, 8, dtype=torch.bfloat16))
+
+
+def test_assert_parity_takes_a_bfloat16_model_and_input() -> None:
+    """numpy has no bfloat16: the inputs and the reference's outputs crashed with torch's 'unsupported ScalarType'."""
+    from runtime import assert_parity
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    report = assert_parity(
+        _bfloat16_chain(), x, mode="training", runtimes="reference,ort:cpu:all", export_options={"opset": 23}
+    )
+    status = {r.runtime: r.status.value for r in report.runtimes}
+    assert status["reference"] == "passed", status
+    assert status["ort:cpu:all"] == "unavailable"  # ORT's CPU provider has no bfloat16 Conv: its own reason
+
+
+def test_a_bfloat16_export_at_an_early_opset_says_which_opset_to_use(tmp_path: Path) -> None:
+    from bkn_export.errors import ExportError
+    from bkn_export.export import export_onnx
+
+    with pytest.raises(ExportError, match=r"bfloat16 .* from opset 22 on: export with opset=23 \(this file: 20\)"):
+        export_onnx(_bfloat16_chain(), torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), tmp_path / "m.onnx", opset=20)

@@ -91,4 +91,11 @@ def check_model(proto: onnx.ModelProto, label: str) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(f"{label} fails onnx.checker: {error}") from error
+        hint = ""
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if "unsupported type: tensor(bfloat16)" in str(error) and opset is not None and opset < 22:
+            hint = (
+                "; ONNX defines bfloat16 for Conv and its neighbours from opset 22 on: export with opset=23 "
+                f"(this file: {opset})"
+            )
+        raise ExportError(f"{label} fails onnx.checker: {error}{hint}") from error

@@ -62,7 +62,12 @@ def _snapshot(tensor: Any) -> np.ndarray:
     ``ReLU(inplace=True)`` holds the ReLU's output), and localisation would blame a module
     that agrees.
     """
-    return np.array(tensor.detach().cpu().numpy(), copy=True)
+    value = tensor.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16: ml_dtypes', through float32 (exact)
+        import ml_dtypes
+
+        return value.float().numpy().astype(ml_dtypes.bfloat16)
+    return np.array(value.numpy(), copy=True)
 
 
 def _forward_parameters(model: Any) -> dict[str, bool]:
