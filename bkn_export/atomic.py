@@ -45,6 +45,7 @@ from bkn_export.errors import OutputWriteError
 
 __all__ = [
     "atomic_writer",
+    "check_creatable",
     "check_writable",
     "existing_mode",
     "new_file",
@@ -118,6 +119,20 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
         raise OutputWriteError(f"cannot write {target}: it is a directory; give a file name")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot write {target}: directory {directory} is not writable")
+    return target
+
+
+def check_creatable(path: str | os.PathLike[str]) -> Path:
+    """:func:`check_writable` for a writer that creates missing parent directories (the parity reports): the
+    nearest existing ancestor must be a writable directory. Raises :class:`OutputWriteError` saying why."""
+    target = Path(path)
+    if target.parent.exists():
+        return check_writable(target)
+    ancestor = next(parent for parent in target.parents if parent.exists())
+    if not ancestor.is_dir():
+        raise OutputWriteError(f"cannot write {target}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"cannot write {target}: directory {ancestor} is not writable")
     return target
 
 

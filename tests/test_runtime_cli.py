@@ -132,3 +132,18 @@ def test_demo_trains_exports_both_modes_and_reports_parity(tmp_path: Path) -> No
         data = json.loads((out / f"parity_{mode}.json").read_text())
         assert data["passed"] and data["model"]["mode"] == mode
         assert (out / f"parity_{mode}.html").is_file()
+
+
+@pytest.mark.parametrize("option", ["--json", "--html"])
+def test_parity_report_under_a_file_exits_2_before_running(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """It ran every runtime, then died with a raw FileExistsError while writing the report."""
+    (tmp_path / "blocker").write_text("a file")
+    argv = [
+        "parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("inference")),
+        "--runtimes", "reference", "--input-shape", "3,1,8,8", option, str(tmp_path / "blocker" / "sub" / "r.out"),
+    ]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "blocker is a file, not a directory" in captured.err and "agree with PyTorch" not in captured.out

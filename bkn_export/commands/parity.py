@@ -303,12 +303,16 @@ def _run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from bkn_export.atomic import check_creatable
     from runtime.compare import Criteria, Tolerance
     from runtime.errors import BKNInputError
     from runtime.parity import run_parity
     from runtime.report import print_report, report_console, write_html, write_json
 
     spec, onnx_path = _targets(args)
+    for report_path in (args.json, args.html):  # a bad report path fails before the runs, not after them
+        if report_path:
+            check_creatable(report_path)
     criteria = Criteria(args.check_error_stat, args.error_quantile, args.cosine_min, args.max_mismatch)
     inputs = _inputs(args, onnx_path)
     tolerances = {name: Tolerance(atol, rtol) for name, atol, rtol in args.tolerance}
