@@ -405,7 +405,9 @@ def _merge_options(options: KalmanOptions | None, overrides: dict[str, Any]) -> 
     return KalmanOptions(**fields)
 
 
-_BKN_ONLY_SUFFIXES = (*BKN_PARAMETERS, "_extra_state")
+#: The state-dict key endings of entries that a BatchNorm model has no counterpart for.
+#: The state-dict key endings of entries that a BatchNorm model has no counterpart for.
+BKN_ONLY_SUFFIXES = (*BKN_PARAMETERS, "_extra_state")
 
 
 def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
@@ -417,7 +419,7 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
     """
     result = model.load_state_dict(state_dict, strict=False)
     unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if not k.endswith(_BKN_ONLY_SUFFIXES)]
+    missing = [k for k in result.missing_keys if not k.endswith(BKN_ONLY_SUFFIXES)]
     if unexpected or missing:
         raise CheckpointError(
             "checkpoint does not fit the converted model: "
@@ -425,4 +427,4 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
             + (f"missing keys {missing}; " if missing else "")
             + "was it saved from the same architecture?"
         )
-    return [k for k in result.missing_keys if k.endswith(_BKN_ONLY_SUFFIXES)]
+    return [k for k in result.missing_keys if k.endswith(BKN_ONLY_SUFFIXES)]

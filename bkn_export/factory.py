@@ -162,7 +162,23 @@ def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) 
             raise
         except Exception as error:  # RuntimeError for key/shape mismatches; other types for odd values
             raise CheckpointError(
-                f"checkpoint {checkpoint} does not fit the model built by {spec!r}: {error}. Build the model with "
-                "the same factory arguments as when it was saved."
+                f"checkpoint {checkpoint} does not fit the model built by {spec!r}: {str(error).rstrip('. ')}. "
+                + _batchnorm_checkpoint_hint(model, state)
             ) from error
     return model
+
+
+def _batchnorm_checkpoint_hint(model: nn.Module, state: Mapping[str, Any]) -> str:
+    """What to do about a checkpoint that does not load: a BatchNorm model's checkpoint (it lacks only BKN-only
+    entries) loads with :func:`bkn_export.load_batchnorm_state_dict`; otherwise, build the same model."""
+    from bkn_export.convert import BKN_ONLY_SUFFIXES
+
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    if missing and all(key in own for key in state) and all(key.endswith(BKN_ONLY_SUFFIXES) for key in missing):
+        return (
+            f"It lacks only BKN-only entries ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it is "
+            "the checkpoint of the model with BatchNorm. Load it in the factory, after converting, with "
+            "bkn_export.load_batchnorm_state_dict(model, torch.load(path)), and pass no --checkpoint."
+        )
+    return "Build the model with the same factory arguments as when it was saved."

@@ -65,6 +65,13 @@ MODELS = textwrap.dedent(
     def batch_statistics_only():
         return nn.Sequential(nn.Conv2d(1, 4, 1), BatchKalmanNorm2d(4, track_running_stats=False))
 
+    def converted_chain():
+        import bkn_export
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        )
+        return bkn_export.convert_batchnorm(model.eval(), torch.randn(2, 1, 8, 8))
+
     def nan_weight():
         model = small()
         with torch.no_grad():
@@ -478,3 +485,17 @@ def test_checkpoint_with_other_wiring_names_the_differing_steps() -> None:
         ChainWiringError, match=r"wiring differs in sources\[0\]\.steps: saved \[relu 2 .*this model \[silu 2"
     ):
         other.load_state_dict(saved)
+
+
+def test_a_batchnorm_checkpoint_for_a_converted_factory_points_at_load_batchnorm_state_dict(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hint said to build the model with the same factory arguments, which would not help."""
+    batchnorm = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+    )
+    torch.save(batchnorm.state_dict(), tmp_path / "bn.pt")
+    argv = export_argv(f"{models}:converted_chain", tmp_path / "m.onnx", "--checkpoint", str(tmp_path / "bn.pt"))
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "CheckpointError", "lacks only BKN-only entries", "load_batchnorm_state_dict")
