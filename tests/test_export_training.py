@@ -578,3 +578,14 @@ def test_posteriors_of_a_layer_called_twice_are_refused_by_name(tmp_path: Path) 
     model = convert_batchnorm(_SharedNorm().eval(), x)
     with pytest.raises(ExportError, match=r"'bn' runs 2 times in one forward.*without expose_posteriors"):
         export_training(model, x, tmp_path / "shared.onnx", expose_posteriors=True)
+
+
+def test_a_float64_training_export_warns_that_the_file_is_not_float64_exact(tmp_path: Path) -> None:
+    """eps is a 32-bit ONNX attribute and the exporter rounds the prior's scalar constants to float32: parity at
+    float64's 1e-10 fails on every runtime, so the export says so (it was silent)."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model = convert_batchnorm(_SharedNorm().double().eval(), x)
+    with pytest.warns(UserWarning, match=r"float64 model's training-mode file is not float64-exact"):
+        export_training(model, x, tmp_path / "f64.onnx")
+    eps = [a.f for n in onnx.load(tmp_path / "f64.onnx").graph.node for a in n.attribute if a.name == "epsilon"]
+    assert eps and all(e != 1e-5 and abs(e - 1e-5) < 1e-12 for e in eps)  # 1e-5 rounded to float32

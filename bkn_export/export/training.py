@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 from torch import Tensor, nn
 
 from bkn_export import functional as Fk
@@ -245,6 +246,14 @@ def export_training(
             "bkn_export.convert_batchnorm(model, example_inputs), or use mode='inference'"
         )
     _check_layers(layers, running_stats_io)
+    if any(t.dtype == torch.float64 for t in inputs):
+        warnings.warn(
+            "export_training: a float64 model's training-mode file is not float64-exact: the op's eps and "
+            "fallback_ratio are ONNX float attributes (32-bit), and the exporter stores the prior's Python-scalar "
+            "constants (1/sqrt(2 pi), 1/sqrt(2), ...) rounded to float32, so runtimes differ from the model by "
+            "about 1e-8 relative (judge with atol/rtol ~1e-7, not float64's 1e-10)",
+            stacklevel=3,
+        )
     tracked = [name for name, layer in layers if layer.track_running_stats] if running_stats_io else []
     # Only the BKN layers themselves: a recursive ``train()`` would put their children (a
     # norm-act's Dropout) in train mode and bake a fixed random mask into the graph.
