@@ -152,3 +152,18 @@ def test_a_bfloat16_export_at_an_early_opset_says_which_opset_to_use(tmp_path: P
 
     with pytest.raises(ExportError, match=r"bfloat16 .* from opset 22 on: export with opset=23 \(this file: 20\)"):
         export_onnx(_bfloat16_chain(), torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), tmp_path / "m.onnx", opset=20)
+
+
+def test_a_bfloat16_inference_export_at_opset_23_folds_into_bfloat16_weights(tmp_path: Path) -> None:
+    """onnxscript's fold stored float32 products of bfloat16 weights: onnx.checker refused the file."""
+    from runtime import assert_parity
+
+    path = tmp_path / "bf16.onnx"
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    report = assert_parity(
+        _bfloat16_chain(), x, mode="inference", runtimes="reference", export_options={"opset": 23}, export_to=path
+    )
+    assert [r.status.value for r in report.runtimes] == ["passed"]
+    graph = onnx.load(path).graph
+    assert [n.op_type for n in graph.node] == ["Conv", "Relu", "Conv"]
+    assert {t.data_type for t in graph.initializer} == {TensorProto.BFLOAT16}

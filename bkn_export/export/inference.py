@@ -84,11 +84,41 @@ def _explain(model: nn.Module, opset: int, dynamic_spatial: bool) -> Callable[[E
 
 
 def _finish_graph(model: ir.Model) -> None:
-    """Fold what the exporter left, drop dead values, name every node."""
+    """Fold what the exporter left, store folded weights in their data's dtype, drop dead values, name every
+    node."""
     folds = apply_fold_rules(model)
     _log.debug("bkn_export fold rules applied %d time(s)", folds)
+    _weights_in_data_dtype(model.graph)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.NameFixPass()(model)
+
+
+def _weights_in_data_dtype(graph: ir.Graph) -> None:
+    """Round a folded Conv / ConvTranspose / Gemm weight or bias that is not in its input's dtype into it.
+
+    onnxscript's ``FuseBatchNormIntoConv`` (the exporter's optimizer, before our rules) multiplies a bfloat16
+    weight by a float32 scale and stores the float32 product, which ``onnx.checker`` refuses ("W has
+    inconsistent type"); rounded once into bfloat16, it is what our own rules store."""
+    for node in graph:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or node.inputs[0] is None:
+            continue
+        data_type = node.inputs[0].dtype
+        if data_type not in (ir.DataType.BFLOAT16, ir.DataType.FLOAT16):
+            continue
+        for index, value in enumerate(node.inputs[1:3], start=1):
+            if value is None or value.const_value is None or value.is_graph_input():
+                continue
+            tensor = value.const_value
+            if tensor.dtype == data_type:
+                continue
+            rounded = ir.Value(
+                name=f"{value.name}.{data_type.name.lower()}",
+                type=ir.TensorType(data_type),
+                shape=value.shape,
+                const_value=ir.tensor(tensor.numpy().astype(data_type.numpy())),
+            )
+            graph.register_initializer(rounded)
+            node.replace_input_with(index, rounded)
 
 
 def _check_guarantee(model: ir.Model, normalization_names: list[str]) -> list[Leftover]:
