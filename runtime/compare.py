@@ -231,6 +231,43 @@ def _statistic(values: np.ndarray, criteria: Criteria) -> float:
     return float(np.quantile(values, criteria.error_quantile))
 
 
+#: dtype kinds compared element by element for equality: signed / unsigned integers, bool, strings, objects.
+_EXACT_KINDS = "iubUSO"
+
+
+def _percent(fraction: float) -> str:
+    """A share as a percentage that is not 0.00% when it is not zero (one element in a million: 0.0001%)."""
+    return f"{fraction:.2%}" if fraction == 0 or fraction >= 1e-4 else f"{fraction * 100:.2g}%"
+
+
+def _compare_exactly(
+    result: OutputComparison, name: str, reference: np.ndarray, actual: np.ndarray
+) -> OutputComparison:
+    """Integer, bool and string outputs: equal element by element, with no tolerance and no float conversion (a
+    float64 view of int64 values above 2^53 would round distinct values to one)."""
+    differ = np.asarray(reference != actual, dtype=bool)
+    count = int(np.count_nonzero(differ))
+    numeric = reference.dtype.kind in "iub" and actual.dtype.kind in "iub"
+    errors = (
+        [abs(int(a) - int(r)) for r, a in zip(reference[differ].tolist(), actual[differ].tolist())] if numeric else []
+    )
+    result.max_abs_error = float(max(errors, default=0)) if numeric else float(count > 0)
+    result.mismatch_fraction = count / reference.size if reference.size else 0.0
+    result.max_rel_error = result.mean_abs_error = result.median_abs_error = 0.0
+    result.stat_abs_error = result.stat_rel_error = 0.0
+    result.cosine_similarity = 1.0 if count == 0 else float("nan")
+    result.histogram = [0] * (len(HISTOGRAM_EDGES) - 1)
+    if count:
+        largest = f", max abs error {max(errors)}" if errors else ""
+        result.message = (
+            f"{count} of {reference.size} elements of {name!r} differ ({_percent(result.mismatch_fraction)}; "
+            f"{actual.dtype} output, compared exactly{largest})"
+        )
+    else:
+        result.passed = True
+    return result
+
+
 def compare_output(
     name: str,
     reference: np.ndarray,
@@ -257,6 +294,11 @@ def compare_output(
     if reference.shape != actual.shape:
         result.message = f"shape {tuple(actual.shape)} differs from the reference shape {tuple(reference.shape)}"
         return result
+    if reference.dtype.kind in _EXACT_KINDS and actual.dtype.kind in _EXACT_KINDS:
+        return _compare_exactly(result, name, reference, actual)
+    if reference.dtype.kind == "c" or actual.dtype.kind == "c":  # complex: its real and imaginary parts
+        reference = reference.astype(np.complex128).view(np.float64).reshape(*reference.shape, 2)
+        actual = actual.astype(np.complex128).view(np.float64).reshape(*actual.shape, 2)
     ref64 = reference.astype(np.float64)
     act64 = actual.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -271,8 +313,13 @@ def compare_output(
         outside = ~(abs_error <= limit)  # NaN errors count as outside
         result.mismatch_fraction = float(np.count_nonzero(outside) / ref64.size)
         result.histogram = _histogram(np.where(finite, abs_error, np.inf))
-        norms = float(np.linalg.norm(np.where(finite, ref64, 0.0)) * np.linalg.norm(np.where(finite, act64, 0.0)))
-        dot = float(np.sum(np.where(finite, ref64 * act64, 0.0)))
+        # Scaled by the largest magnitude first, so that neither the norms nor the dot product over- or underflow.
+        scale = float(np.max(np.abs(np.where(finite, np.maximum(np.abs(ref64), np.abs(act64)), 0.0))))
+        scaled_ref, scaled_act = (ref64 / scale, act64 / scale) if scale > 0 else (ref64, act64)
+        norms = float(
+            np.linalg.norm(np.where(finite, scaled_ref, 0.0)) * np.linalg.norm(np.where(finite, scaled_act, 0.0))
+        )
+        dot = float(np.sum(np.where(finite, scaled_ref * scaled_act, 0.0)))
         if not finite.any():  # nothing finite to compare: no similarity to show
             result.cosine_similarity = float("nan")
         else:
@@ -290,15 +337,15 @@ def compare_output(
         result.histogram = [0] * (len(HISTOGRAM_EDGES) - 1)
     if result.nonfinite_reference:
         result.message = (
-            f"the PyTorch reference output {name!r} holds {result.nonfinite_reference} NaN/Inf values: "
-            "the model itself is broken for these inputs (check the inputs and the checkpoint)"
+            f"the reference's output {name!r} holds {result.nonfinite_reference} NaN/Inf values: the model (or "
+            "the saved outputs) is broken for these inputs (check the inputs and the checkpoint)"
         )
     elif result.nonfinite_actual:
         result.message = f"{runtime} output {name!r} holds {result.nonfinite_actual} NaN/Inf values"
     elif criteria.error_stat == "elementwise" and result.mismatch_fraction > criteria.max_mismatch:
         allowed = f" (allowed {criteria.max_mismatch:.2%})" if criteria.max_mismatch else ""
         result.message = (
-            f"{result.mismatch_fraction:.2%} of {name!r} outside atol={tolerance.atol:g} rtol={tolerance.rtol:g}"
+            f"{_percent(result.mismatch_fraction)} of {name!r} outside atol={tolerance.atol:g} rtol={tolerance.rtol:g}"
             f"{allowed} (max abs error {result.max_abs_error:.3g})"
         )
     elif criteria.error_stat != "elementwise" and not (

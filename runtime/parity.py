@@ -278,6 +278,17 @@ def run_parity(
         description = REFERENCE_DESCRIPTION[mode]
         if not references[0]:
             raise BKNInputError(f"the PyTorch model returned no tensors; {path} has outputs {onnx_outputs}")
+    uncompared = [name for name in onnx_outputs if name not in references[0]]
+    if len(uncompared) == len(onnx_outputs):
+        raise BKNInputError(
+            f"nothing to compare: the reference ({description}) gives none of {path}'s outputs {onnx_outputs}"
+            + (f" (it gives {list(references[0])})" if references[0] else "")
+        )
+    if uncompared:
+        notes.append(
+            f"not compared: {', '.join(repr(name) for name in uncompared)} (the reference gives no such output): "
+            "the verdict covers the other outputs only"
+        )
     if save_inputs is not None or save_outputs is not None:
         _save(feeds, references, save_inputs, save_outputs)
     report = ParityReport(
@@ -291,7 +302,7 @@ def run_parity(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         environment=_environment(),
         model_description=model_description,
-        uncompared_outputs=[name for name in onnx_outputs if name not in references[0]],
+        uncompared_outputs=uncompared,
         criteria=policy.criteria,
         seed=seed if reference_outputs is None else None,
         input_sets=[[TensorSpec(s.name, s.dtype, tuple(f[s.name].shape)) for s in input_specs] for f in feeds],

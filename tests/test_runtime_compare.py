@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.compare import HISTOGRAM_EDGES, Tolerance, compare_output, default_tolerance, resolve_tolerance
+from runtime.compare import (
+    HISTOGRAM_EDGES,
+    Criteria,
+    Tolerance,
+    compare_output,
+    default_tolerance,
+    resolve_tolerance,
+)
 
 
 def test_identical_outputs_pass_with_zero_error() -> None:
@@ -62,7 +69,7 @@ def test_nan_or_inf_fails_loudly_on_either_side(side: str) -> None:
     assert not result.passed
     assert "NaN/Inf" in result.message and "'logits'" in result.message
     if side == "reference":
-        assert result.nonfinite_reference == 2 and "PyTorch reference" in result.message
+        assert result.nonfinite_reference == 2 and "the reference's output" in result.message
     else:
         assert result.nonfinite_actual == 2 and "ort:cpu:all" in result.message
 
@@ -109,3 +116,48 @@ def test_localisation_judges_with_the_runs_per_output_tolerances() -> None:
     value = np.zeros(3, dtype=np.float32)
     assert policy.tolerance("logits", value.dtype.name) == Tolerance(0.5, 0.0)
     assert policy.tolerance("other", value.dtype.name).atol == 1e-3
+
+
+def test_integers_compare_exactly_beyond_float64s_53_bits() -> None:
+    """int64 2^53 + 1 against 2^53 passed: both became the same float64 before the comparison."""
+    reference = np.array([2**53, 7], dtype=np.int64)
+    result = compare_output("ids", reference, reference + np.array([1, 0]), Tolerance(0.0, 0.0))
+    assert not result.passed and result.max_abs_error == 1.0 and result.mismatch_fraction == 0.5
+    assert "1 of 2 elements of 'ids' differ" in result.message and "compared exactly" in result.message
+    big = np.array([2**64 - 1], dtype=np.uint64)
+    assert not compare_output("u", big, big - np.uint64(1000), Tolerance(1.0, 1.0)).passed  # no tolerance applies
+    assert compare_output("ids", reference, reference.copy(), Tolerance(0.0, 0.0)).passed
+
+
+def test_strings_compare_exactly_and_do_not_crash() -> None:
+    """A string output crashed compare_output (float conversion); numeric strings '1' and '1.0' passed as equal."""
+    reference = np.array(["1", "b"], dtype=object)
+    assert compare_output("s", reference, reference.copy(), Tolerance(1e-5, 1e-4)).passed
+    result = compare_output("s", reference, np.array(["1.0", "b"], dtype=object), Tolerance(1e-5, 1e-4))
+    assert not result.passed and "1 of 2 elements of 's' differ" in result.message
+
+
+def test_complex_outputs_compare_both_parts() -> None:
+    """Only the real parts were compared (numpy's ComplexWarning): 1+1j passed against 1-5j."""
+    reference = np.array([1 - 5j, 2 + 3j], dtype=np.complex64)
+    assert not compare_output("z", reference, np.array([1 + 1j, 2 + 3j], dtype=np.complex64), Tolerance(0, 0)).passed
+    assert compare_output("z", reference, reference.copy(), Tolerance(0, 0)).passed
+
+
+@pytest.mark.parametrize("magnitude", [1e200, 1e-200])
+def test_cosine_similarity_neither_overflows_nor_underflows(magnitude: float) -> None:
+    """Identical 1e200 values failed (cosine NaN); opposite 1e-200 values had cosine 1.0."""
+    criteria = Criteria(cosine_min=0.99, max_mismatch=1.0)
+    values = np.full(2, magnitude)
+    same = compare_output("y", values, values.copy(), Tolerance(0.0, 0.0), criteria=criteria)
+    assert same.passed and same.cosine_similarity == pytest.approx(1.0)
+    opposite = compare_output("y", values, -values, Tolerance(0.0, 0.0), criteria=criteria)
+    assert not opposite.passed and opposite.cosine_similarity == pytest.approx(-1.0)
+
+
+def test_one_element_in_a_million_is_not_reported_as_zero_percent() -> None:
+    reference = np.zeros(1_000_000, dtype=np.float32)
+    actual = reference.copy()
+    actual[123] = 5.0
+    result = compare_output("y", reference, actual, Tolerance(1e-5, 1e-4))
+    assert not result.passed and result.message.startswith("0.0001% of 'y' outside")

@@ -235,3 +235,32 @@ def test_fp16_norm_act_fold_is_not_blamed_for_a_tampered_linear(tmp_path: Path) 
     assert loc.first.module == "3", loc.message
     assert loc.last_passing == "1.act"
     assert "conv2d" not in [c.onnx_value for c in loc.checks]
+
+
+def _two_outputs(path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y0"]), helper.make_node("Neg", ["x"], ["y1"])], "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [3]) for name in ("y0", "y1")],
+    )  # fmt: skip
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_a_reference_with_none_of_the_outputs_is_bad_input_not_a_pass(tmp_path: Path) -> None:
+    """With nothing compared, the run said 'passed' (and the CLI exited 0)."""
+    path = tmp_path / "two.onnx"
+    _two_outputs(path)
+    x = np.arange(3, dtype=np.float32)
+    with pytest.raises(BKNInputError, match=r"nothing to compare: .* none of .*outputs \['y0', 'y1'\]"):
+        run_parity(None, path, [{"x": x}], mode="inference", runtimes="reference", reference_outputs=[{}])
+
+
+def test_an_output_the_reference_lacks_is_named_in_the_report(tmp_path: Path) -> None:
+    path = tmp_path / "two.onnx"
+    _two_outputs(path)
+    x = np.arange(3, dtype=np.float32)
+    report = run_parity(None, path, [{"x": x}], mode="inference", runtimes="reference", reference_outputs=[{"y0": x}])
+    assert report.passed and report.uncompared_outputs == ["y1"]
+    assert any(note.startswith("not compared: 'y1'") for note in report.notes)
