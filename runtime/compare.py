@@ -310,7 +310,11 @@ def compare_output(
         with np.errstate(over="ignore"):  # a non-zero error over a zero reference is an infinite relative error
             result.max_rel_error = float(np.max(finite_error / np.maximum(np.abs(ref64), np.finfo(np.float64).tiny)))
         limit = tolerance.atol + tolerance.rtol * np.abs(ref64)
-        outside = ~(abs_error <= limit)  # NaN errors count as outside
+        # NaN errors count as outside; an infinity counts as inside where the other side holds the same one, and as
+        # outside where it does not (+inf against -inf has an infinite limit too).
+        with np.errstate(invalid="ignore"):
+            same_infinity = np.isinf(ref64) & (act64 == ref64)
+            outside = ~((abs_error <= limit) | same_infinity) | (np.isinf(ref64) & ~same_infinity)
         result.mismatch_fraction = float(np.count_nonzero(outside) / ref64.size)
         result.histogram = _histogram(np.where(finite, abs_error, np.inf))
         # Scaled by the largest magnitude first, so that neither the norms nor the dot product over- or underflow.

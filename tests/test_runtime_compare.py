@@ -161,3 +161,13 @@ def test_one_element_in_a_million_is_not_reported_as_zero_percent() -> None:
     actual[123] = 5.0
     result = compare_output("y", reference, actual, Tolerance(1e-5, 1e-4))
     assert not result.passed and result.message.startswith("0.0001% of 'y' outside")
+
+
+def test_the_mismatch_share_counts_infinities_by_whether_they_agree() -> None:
+    """+inf against -inf counted as inside (an infinite limit); a reproduced inf counted as outside. The verdict
+    fails on any non-finite value either way; the share now says which elements differ."""
+    reference = np.array([np.inf, 1.0, 2.0], dtype=np.float32)
+    flipped = compare_output("y", reference, np.array([-np.inf, 1.0, 2.0], dtype=np.float32), Tolerance(1e-5, 1e-4))
+    reproduced = compare_output("y", reference, reference.copy(), Tolerance(1e-5, 1e-4))
+    assert flipped.mismatch_fraction == pytest.approx(1 / 3) and reproduced.mismatch_fraction == 0.0
+    assert not flipped.passed and not reproduced.passed  # non-finite values fail the verdict
