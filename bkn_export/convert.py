@@ -218,8 +218,8 @@ def _working_copy(model: nn.Module, norm_names: list[str]) -> nn.Module:
     # Every name of every module (remove_duplicate=False): a module registered under two names (a block that
     # another container also holds, as MONAI's DynUNet does) holds a normalization if any of its names does.
     named = list(model.named_modules(remove_duplicate=False))
-    aliases = _aliases(model)
-    norm_paths = [alias for name in norm_names for alias in aliases[id(model.get_submodule(name))]]
+    norms = {id(model.get_submodule(name)) for name in norm_names}
+    norm_paths = [path for path, module in named if id(module) in norms]
     holding = {id(m) for prefix, m in named if any(_within(name, prefix) for name in norm_paths)}
     memo: dict[int, Any] = {id(m): m for _, m in named if id(m) not in holding}
     memo.update({id(t): t for t in (*model.parameters(), *model.buffers())})
@@ -405,7 +405,6 @@ def _merge_options(options: KalmanOptions | None, overrides: dict[str, Any]) -> 
     return KalmanOptions(**fields)
 
 
-#: The state-dict key endings of entries that a BatchNorm model has no counterpart for.
 #: The state-dict key endings of entries that a BatchNorm model has no counterpart for.
 BKN_ONLY_SUFFIXES = (*BKN_PARAMETERS, "_extra_state")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends.torch_eager import array_of, tensor_of
 from runtime.compare import Criteria, Tolerance
 from runtime.parity import ParityReport, run_parity
 
@@ -20,15 +21,7 @@ def _as_arrays(inputs: Any) -> list[np.ndarray]:
     items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     arrays = []
     for item in items:
-        if hasattr(item, "detach"):
-            item = item.detach().cpu()
-            if str(item.dtype) == "torch.bfloat16":  # numpy has no bfloat16: ml_dtypes' (exact through float32)
-                import ml_dtypes
-
-                item = item.float().numpy().astype(ml_dtypes.bfloat16)
-            else:
-                item = item.numpy()
-        arrays.append(np.asarray(item))
+        arrays.append(array_of(item) if hasattr(item, "detach") else np.asarray(item))
     return arrays
 
 
@@ -54,14 +47,7 @@ def _cast_to_onnx_inputs(arrays: list[np.ndarray], path: Path) -> list[np.ndarra
 
 
 def _as_tensors(arrays: Sequence[np.ndarray]) -> tuple[Any, ...]:
-    import torch
-
-    def tensor(array: np.ndarray) -> Any:
-        if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: through float32 (exact)
-            return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(array))
-
-    return tuple(tensor(a) for a in arrays)
+    return tuple(tensor_of(a) for a in arrays)
 
 
 def assert_parity(

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from bkn_export import functional as Fk
 from bkn_export.chain.observe import observe
-from bkn_export.chain.scope import Observation, Published
+from bkn_export.chain.scope import Observer, Published
 from bkn_export.errors import ExportError, ModelFileError
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
@@ -138,37 +138,36 @@ class _TrainingGraph(nn.Module):
         inputs, stats = args[: self.num_inputs], args[self.num_inputs :]
         with observe(self.model) as observer:
             outputs = self.model(*inputs)
-        steps = observer.observations
         flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
         for i, name in enumerate(self.running_stats):
-            self._step(steps, name)  # names a layer that did not run
             layer = self._layers[name]
             assert layer.momentum is not None
             running_mean, running_var = stats[2 * i], stats[2 * i + 1]
-            for call in observer.calls[name]:  # one update per call, in order, as the layer's own forward does
+            for call in self._calls(observer, name):  # one update per call, in order, as its own forward does
                 running_mean, running_var = Fk.running_statistics_update(
                     running_mean, running_var, call.posterior_mean, call.posterior_variance, layer.momentum, call.count
                 )
             flat.extend((running_mean, running_var))
         if self.expose_posteriors:
             for name in self.layer_names:
-                step = self._step(steps, name)
-                if len(observer.calls[name]) > 1:
+                calls = self._calls(observer, name)
+                if len(calls) > 1:
                     raise ExportError(
-                        f"BKN layer '{name}' runs {len(observer.calls[name])} times in one forward (its weights "
+                        f"BKN layer '{name}' runs {len(calls)} times in one forward (its weights "
                         "shared), so it has no single posterior to expose; export without expose_posteriors"
                     )
-                flat.extend((step.posterior_mean, step.posterior_variance))
+                flat.extend((calls[0].posterior_mean, calls[0].posterior_variance))
         return tuple(flat)
 
     @staticmethod
-    def _step(steps: Mapping[str, Observation], name: str) -> Published:
-        if name not in steps:
+    def _calls(observer: Observer, name: str) -> list[Published]:
+        """What each call of layer ``name`` published in this forward; ExportError where it did not run."""
+        if name not in observer.calls:
             raise ExportError(
                 f"BKN layer '{name}' did not run on the example inputs, so its running statistics and "
                 "posterior cannot be graph outputs; export with example inputs that reach every BKN layer"
             )
-        return steps[name].published
+        return observer.calls[name]
 
 
 # --------------------------------------------------------------------------- export

@@ -29,7 +29,7 @@ import numpy as np
 from runtime._bkn import kept_modes
 from runtime.backends.base import Availability, Backend
 
-__all__ = ["ModuleCapture", "TorchEagerBackend"]
+__all__ = ["ModuleCapture", "TorchEagerBackend", "array_of", "tensor_of"]
 
 
 @dataclass
@@ -54,6 +54,26 @@ def _tensor_leaves(value: Any) -> list[Any]:
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
+def array_of(tensor: Any) -> np.ndarray:
+    """A CPU tensor's values as a NumPy array (sharing memory where NumPy has the dtype); bfloat16, which NumPy
+    lacks, as ``ml_dtypes.bfloat16`` through float32 (exact)."""
+    value = tensor.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+        import ml_dtypes
+
+        return value.float().numpy().astype(ml_dtypes.bfloat16)  # type: ignore[no-any-return]
+    return value.numpy()  # type: ignore[no-any-return]
+
+
+def tensor_of(array: np.ndarray) -> Any:
+    """:func:`array_of` back: a CPU tensor of ``array``'s values (``ml_dtypes.bfloat16`` as torch.bfloat16)."""
+    import torch
+
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def _snapshot(tensor: Any) -> np.ndarray:
     """A NumPy copy of ``tensor`` as it is now.
 
@@ -62,12 +82,7 @@ def _snapshot(tensor: Any) -> np.ndarray:
     ``ReLU(inplace=True)`` holds the ReLU's output), and localisation would blame a module
     that agrees.
     """
-    value = tensor.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16: ml_dtypes', through float32 (exact)
-        import ml_dtypes
-
-        return value.float().numpy().astype(ml_dtypes.bfloat16)
-    return np.array(value.numpy(), copy=True)
+    return np.array(array_of(tensor), copy=True)
 
 
 def _forward_parameters(model: Any) -> dict[str, bool]:
@@ -142,10 +157,7 @@ class TorchEagerBackend(Backend):
         dtype = parameter.dtype if parameter is not None else None
 
         def tensor(name: str) -> Any:
-            array = inputs[name]
-            if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: torch reads it through float32 (exact)
-                array = array.astype(np.float32)
-            value = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+            value = tensor_of(inputs[name]).to(device)
             return value.to(dtype) if dtype is not None and value.is_floating_point() else value
 
         parameters = _forward_parameters(model)
