@@ -193,9 +193,10 @@ def _erf_file(path: Path, size: int) -> None:
 
 
 def test_a_failure_on_a_model_with_erf_names_openvinos_measured_erf_error(tmp_path: Path) -> None:
-    """OpenVINO's float32 Erf is an approximation (5.3e-7 off near 0 with openvino 2026.4); training-mode exports
-    compute the prior's Gaussian CDF with it. Judged within 4 float32 ulps of exact erf near 0, ONNX Runtime
-    passes and OpenVINO fails, and the report names the Erf node and the error measured on this machine."""
+    """OpenVINO's float32 Erf is an approximation (5.3e-7 off near 0 with openvino 2026.4); networks that compute
+    Gaussian CDFs with it (float64 training-mode exports, other exporters' files) carry the error. Judged within
+    4 float32 ulps of exact erf near 0, ONNX Runtime passes and OpenVINO fails, and the report names the Erf node
+    and the error measured on this machine."""
     import math
 
     x = np.linspace(-0.1, 0.1, 2001).astype(np.float32)

@@ -16,8 +16,9 @@ file as it is:
 
 **Erf.** OpenVINO's CPU plugin computes float32 ``Erf`` by an approximation that is off by up to ~5e-7
 (openvino 2026.4: 5.3e-7 near 0, about 9x float32's rounding there; ONNX Runtime's is within rounding). A
-training-mode export computes the Kalman prior's Gaussian CDF through ``Erf`` (``1 - Erf`` for ``erfc``), and the
-chain carries the difference from layer to layer, so such a file can fail parity on OpenVINO alone. Where a
+network that computes Gaussian CDFs with ``Erf`` carries the difference from layer to layer, so such a file can
+fail parity on OpenVINO alone. (bkn_export's float32 training-mode exports have no ``Erf`` since their ``erfc``
+became :mod:`bkn_export.export.erfc`'s; float64 ones, older ones and other exporters' files may.) Where a
 comparison fails on a model with ``Erf`` nodes, :meth:`OpenVINOBackend.failure_notes` measures the device's
 ``Erf`` against ``math.erf`` then and there and says so in the report.
 """
@@ -176,8 +177,8 @@ class OpenVINOBackend(Backend):
         if error <= 2 * _FLOAT32_ROUNDING:
             return []
         return [
-            f"the model has {self.erf_nodes} Erf node(s) (a training-mode export's Kalman prior: its Gaussian CDF), "
-            f"and OpenVINO's {self.device} Erf is off by up to {error:.1e} in float32 (measured now against "
-            f"math.erf on [-6, 6]; float32 rounding is {_FLOAT32_ROUNDING:.1e}): where ONNX Runtime passes and "
-            "OpenVINO fails, that is the likely cause, an accuracy limit of the engine, not a difference of the file"
+            f"the model has {self.erf_nodes} Erf node(s), and OpenVINO's {self.device} Erf is off by up to "
+            f"{error:.1e} in float32 (measured now against math.erf on [-6, 6]; float32 rounding is "
+            f"{_FLOAT32_ROUNDING:.1e}): where ONNX Runtime passes and OpenVINO fails, that is the likely cause, "
+            "an accuracy limit of the engine, not a difference of the file"
         ]

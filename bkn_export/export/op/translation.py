@@ -3,6 +3,8 @@
 The training-mode export passes :func:`translation_table` to ``torch.onnx.export`` as
 its ``custom_translation_table``; the node's inputs, attributes and identity come from
 :mod:`~bkn_export.export.op.op_spec`, its schema from :mod:`~bkn_export.export.op.schema`.
+The table also replaces torch.onnx's ``erfc`` (``1 − Erf``, no digit left in the tail in
+float32) by :mod:`bkn_export.export.erfc`'s, which the chain's Gaussian moments need.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 
 import bkn_export.ops  # noqa: F401  (defines torch.ops.bkn.batch_kalman_norm)
+from bkn_export.export.erfc import ERFC_OVERLOADS, translate_erfc
 from bkn_export.export.op import op_spec, schema
 
 __all__ = ["translation_table"]
@@ -60,6 +63,9 @@ def _translate_batch_kalman_norm(
 
 
 def translation_table() -> dict[Any, Any]:
-    """The ``custom_translation_table`` for ``torch.onnx.export`` (registers the schema first)."""
+    """The ``custom_translation_table`` for ``torch.onnx.export`` (registers the schema first):
+    the BKN op, and ``erfc`` (:mod:`bkn_export.export.erfc`)."""
     schema.register_schema()
-    return {torch.ops.bkn.batch_kalman_norm.default: _translate_batch_kalman_norm}
+    table: dict[Any, Any] = {torch.ops.bkn.batch_kalman_norm.default: _translate_batch_kalman_norm}
+    table.update(dict.fromkeys(ERFC_OVERLOADS, translate_erfc))
+    return table
