@@ -66,6 +66,7 @@ __all__ = [
     "plugin_nodes",
     "prepare_model_for_plugin",
     "read_name_scopes",
+    "running_statistics_io",
     "save_onnx",
     "tensor_spec",
     "train_bkn_layers",
@@ -151,6 +152,28 @@ def train_bkn_layers(model: Any) -> None:
     from bkn_export.module_modes import train_layers_only
 
     train_layers_only(layer for _, layer in bkn_layers(model))
+
+
+def running_statistics_io(model: Any, input_names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The running statistics of a ``running_stats_io=True`` training export, on ``model``'s side.
+
+    For every BKN layer of ``model`` whose ``<layer>.running_mean`` and ``<layer>.running_var`` are
+    among ``input_names`` (:func:`bkn_export.export.training.running_stat_names`): (graph input name →
+    the layer's buffer, graph output name ``<layer>.running_*_out`` → the same buffer). The buffers
+    themselves, not copies: load the inputs into them before the train-mode forward, read the outputs
+    after it (the forward updates them as the graph does). Both empty for other files."""
+    from bkn_export.export.training import running_stat_names
+
+    names = set(input_names)
+    inputs: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+    for name, layer in bkn_layers(model):
+        mean_in, var_in, mean_out, var_out = running_stat_names(name)
+        if layer.running_mean is None or mean_in not in names or var_in not in names:
+            continue
+        inputs.update({mean_in: layer.running_mean, var_in: layer.running_var})
+        outputs.update({mean_out: layer.running_mean, var_out: layer.running_var})
+    return inputs, outputs
 
 
 def kept_modes(model: Any) -> AbstractContextManager[Any]:

@@ -164,16 +164,42 @@ def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str) -> None
             raise RuntimeLoadError(f"{kind} {path} does not exist; build it (see docs/runtime.md) or fix the path")
 
 
-def _as_feeds(inputs: Any, specs: Sequence[TensorSpec]) -> list[Feed]:
-    """One feed dict, a sequence of arrays in graph-input order, or a sequence of feed dicts -> feed dicts."""
+def _model_running_statistics(model: Any, mode: str, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """A ``running_stats_io=True`` training export's running-statistics inputs, from the PyTorch
+    model's buffers (in each input's dtype): what the user's model holds is what its next train
+    step starts from. Empty without a model, in inference mode, or for other files."""
+    if model is None or mode != "training":
+        return {}
+    from runtime._bkn import running_statistics_io
+    from runtime.backends.torch_eager import array_of
+
+    statistics, _ = running_statistics_io(model, [s.name for s in specs])
+    dtypes = {s.name: s.dtype for s in specs}
+    return {
+        name: np.array(array_of(buffer.detach().cpu()), copy=True).astype(dtypes[name])
+        for name, buffer in statistics.items()
+    }
+
+
+def _as_feeds(
+    inputs: Any, specs: Sequence[TensorSpec], optional: set[str] | frozenset[str] = frozenset()
+) -> list[Feed]:
+    """One feed dict, a sequence of arrays in graph-input order, or a sequence of feed dicts -> feed dicts.
+
+    optional: inputs that have a default (the caller fills them in): a sequence of arrays may give
+    every input or every other one."""
     if isinstance(inputs, Mapping):
         return [dict(inputs)]
     items = list(inputs)
     if items and all(isinstance(item, Mapping) for item in items):
         return [dict(item) for item in items]
-    if len(items) != len(specs):
-        raise BKNInputError(f"got {len(items)} inputs; the model's inputs are {[s.name for s in specs]}")
-    return [{spec.name: np.asarray(a) for spec, a in zip(specs, items)}]
+    required = [s for s in specs if s.name not in optional]
+    if len(items) == len(specs):
+        return [{spec.name: np.asarray(a) for spec, a in zip(specs, items)}]
+    if optional and len(items) == len(required):
+        return [{spec.name: np.asarray(a) for spec, a in zip(required, items)}]
+    also = f" (or only {[s.name for s in required]}: the others have defaults)" if optional else ""
+    raise BKNInputError(f"got {len(items)} inputs; the model's inputs are {[s.name for s in specs]}{also}")
 
 
 #: Substrings of a runtime's load error that mean "this data type is not implemented here".
@@ -248,14 +274,16 @@ def run_parity(
         )
     if model is None and reference_outputs is None:
         raise BKNInputError("give a PyTorch model or saved reference outputs to compare with")
-    if inputs is None:
-        if reference_outputs is not None:
-            raise BKNInputError("saved reference outputs need the inputs they were computed from (--load-inputs)")
-        inputs = random_inputs(input_specs, seed=seed or 0)
-    feeds = [check_feeds(input_specs, feed) for feed in _as_feeds(inputs, input_specs)]
     mode = mode or detect_mode(onnx_model)
     if mode not in ("inference", "training"):
         raise BKNInputError(f"mode must be 'inference' or 'training', got {mode!r}")
+    model_statistics = _model_running_statistics(model, mode, input_specs)
+    if inputs is None:
+        if reference_outputs is not None:
+            raise BKNInputError("saved reference outputs need the inputs they were computed from (--load-inputs)")
+        inputs = random_inputs([s for s in input_specs if s.name not in model_statistics], seed=seed or 0)
+    given = _as_feeds(inputs, input_specs, optional=set(model_statistics))
+    feeds = [check_feeds(input_specs, {**model_statistics, **feed}) for feed in given]
     _check_libraries(custom_op_libraries, "custom-op library")
     _check_libraries(plugin_libraries, "TensorRT plugin library")
     check_custom_ops(onnx_model, path, "every runtime", provided=bool(custom_op_libraries or plugin_libraries))
@@ -263,6 +291,12 @@ def run_parity(
 
     onnx_outputs = [s.name for s in output_specs]
     notes: list[str] = []
+    fed = [name for name in model_statistics if not any(name in feed for feed in given)]
+    if fed:
+        notes.append(
+            f"running statistics {', '.join(repr(name) for name in fed)} fed from the PyTorch model's buffers "
+            "(running_stats_io export; pass them among the inputs to choose others)"
+        )
     reference_backend: TorchEagerBackend | None = None
     if reference_outputs is not None:
         references = _saved_references(reference_outputs, feeds, onnx_outputs)

@@ -151,7 +151,7 @@ class TorchEagerBackend(Backend):
         """
         import torch
 
-        names = self.input_names or list(inputs)
+        names = [name for name in self.input_names if name in inputs] or list(inputs)
         parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         dtype = parameter.dtype if parameter is not None else None
@@ -183,11 +183,17 @@ class TorchEagerBackend(Backend):
     def _forward(self, model: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args, kwargs = self._arguments(model, inputs)
+        statistics_in, statistics_out = self._running_statistics(model, inputs)
+        with torch.no_grad():
+            for name, buffer in statistics_in.items():
+                buffer.copy_(tensor_of(inputs[name]).to(buffer))
+        args, kwargs = self._arguments(model, {k: v for k, v in inputs.items() if k not in statistics_in})
         with torch.no_grad():
             result = model(*args, **kwargs)
         leaves = [_snapshot(t) for t in _tensor_leaves(result)]
-        output_names = self.output_names or [f"output_{i}" for i in range(len(leaves))]
+        output_names = [n for n in self.output_names if n not in statistics_out] or [
+            f"output_{i}" for i in range(len(leaves))
+        ]
         if len(leaves) > len(output_names):
             from runtime.errors import BKNInputError
 
@@ -195,9 +201,26 @@ class TorchEagerBackend(Backend):
                 f"the PyTorch model returns {len(leaves)} tensors but the ONNX graph has {len(output_names)} "
                 f"outputs {output_names}: the model and the ONNX file do not belong together"
             )
-        # ONNX may have more outputs (e.g. running statistics as graph outputs): those have no
-        # PyTorch counterpart and are left out; fewer would be a wrong model/ONNX pairing.
-        return dict(zip(output_names, leaves))
+        # ONNX may have more outputs (e.g. exposed posteriors): those have no PyTorch counterpart
+        # and are left out; fewer would be a wrong model/ONNX pairing. Updated running statistics
+        # are the layers' buffers after the step.
+        outputs = dict(zip(output_names, leaves))
+        outputs.update(
+            {name: _snapshot(buffer) for name, buffer in statistics_out.items() if name in self.output_names}
+        )
+        return outputs
+
+    def _running_statistics(
+        self, model: Any, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A training-mode file's running-statistics inputs and outputs (``running_stats_io=True``),
+        as buffers of ``model`` (:func:`runtime._bkn.running_statistics_io`); none in inference mode."""
+        if self.mode != "training":
+            return {}, {}
+        from runtime._bkn import running_statistics_io
+
+        statistics_in, statistics_out = running_statistics_io(model, self.input_names or list(inputs))
+        return {k: v for k, v in statistics_in.items() if k in inputs}, statistics_out
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with kept_modes(self.model):
