@@ -66,6 +66,16 @@ def test_float32_erfc_is_relatively_accurate_in_its_tail(tmp_path: Path) -> None
         assert _relative(values[0], truth) < 1e-6
 
 
+def test_float32_erfc_of_infinities_and_nan_is_torchs(tmp_path: Path) -> None:
+    """erfc(+inf) = 0, erfc(-inf) = 2 (not inf - inf = NaN inside the formula), NaN stays NaN, and far arguments
+    underflow to exactly 0 / 2 as in torch."""
+    x = np.array([np.inf, -np.inf, np.nan, 11.0, 30.0, 1e30, -30.0, -1e30], dtype=np.float32)
+    model = _export(_Erfc(), (torch.from_numpy(x),), tmp_path / "erfc_inf.onnx")
+    expected = torch.special.erfc(torch.from_numpy(x)).numpy()
+    for values in _run_both(model, {_graph_inputs(model)[0]: x}):
+        np.testing.assert_array_equal(values[0], expected)
+
+
 def test_float64_erfc_keeps_one_minus_erf(tmp_path: Path) -> None:
     """float64 keeps torch.onnx's 1 − Erf, unchanged: the float32 fit's 1.2e-7 would be far from a
     float64 reference. (What runs it is the engine's: ONNX Runtime has no float64 Erf kernel, and

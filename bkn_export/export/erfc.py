@@ -46,8 +46,11 @@ _CHEBYSHEV = (
     0.17087277,
 )
 
-#: z_h = ⌊z · 2^7⌋ / 2^7: with z below 2^5 (larger z underflow exp anyway), z_h has at most 12
-#: significant bits and z_h² is exact in float32's 24.
+#: erfc(11) = 1.4e-54, below float32's smallest subnormal: the formula's z is capped there.
+_UNDERFLOW = 11.0
+
+#: z_h = ⌊z · 2^7⌋ / 2^7: with z at most _UNDERFLOW (below 2^4), z_h has at most 11 significant bits and z_h²
+#: is exact in float32's 24.
 _SPLIT = 128.0
 
 
@@ -59,7 +62,11 @@ def _erfc_float32(x: Any) -> Any:
         scalar: Any = op.Constant(value_float=value)
         return op.CastLike(scalar, x)
 
-    z = op.Abs(x)
+    # |x| beyond _UNDERFLOW gives 0 in float32 either way; capping it keeps ±inf finite (erfc(+inf) = 0,
+    # erfc(-inf) = 2, not inf - inf = NaN). A Where, not Min: NaN stays NaN on every engine.
+    magnitude = op.Abs(x)
+    cap = constant(_UNDERFLOW)
+    z = op.Where(op.Greater(magnitude, cap), cap, magnitude)
     t = op.Div(constant(1.0), op.Add(constant(1.0), op.Mul(constant(0.5), z)))
     poly = constant(_CHEBYSHEV[-1])
     for coefficient in reversed(_CHEBYSHEV[:-1]):
