@@ -292,7 +292,9 @@ def compare_output(
         criteria=criteria,
     )
     if reference.shape != actual.shape:
-        result.message = f"shape {tuple(actual.shape)} differs from the reference shape {tuple(reference.shape)}"
+        result.message = (
+            f"shape {tuple(actual.shape)} differs from the parity reference's shape {tuple(reference.shape)}"
+        )
         return result
     if reference.dtype.kind in _EXACT_KINDS and actual.dtype.kind in _EXACT_KINDS:
         return _compare_exactly(result, name, reference, actual)
@@ -340,7 +342,7 @@ def compare_output(
         result.histogram = [0] * (len(HISTOGRAM_EDGES) - 1)
     if result.nonfinite_reference:
         result.message = (
-            f"the reference's output {name!r} holds {result.nonfinite_reference} NaN/Inf values: the model (or "
+            f"the parity reference's output {name!r} holds {result.nonfinite_reference} NaN/Inf values: the model (or "
             "the saved outputs) is broken for these inputs (check the inputs and the checkpoint)"
         )
     elif result.nonfinite_actual:

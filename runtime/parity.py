@@ -315,13 +315,13 @@ def run_parity(
     uncompared = [name for name in onnx_outputs if name not in references[0]]
     if len(uncompared) == len(onnx_outputs):
         raise BKNInputError(
-            f"nothing to compare: the reference ({description}) gives none of {path}'s outputs {onnx_outputs}"
+            f"nothing to compare: the parity reference ({description}) gives none of {path}'s outputs {onnx_outputs}"
             + (f" (it gives {list(references[0])})" if references[0] else "")
         )
     if uncompared:
         notes.append(
-            f"not compared: {', '.join(repr(name) for name in uncompared)} (the reference gives no such output): "
-            "the verdict covers the other outputs only"
+            f"not compared: {', '.join(repr(name) for name in uncompared)} "
+            "(the parity reference gives no such output): the verdict covers the other outputs only"
         )
     if save_inputs is not None or save_outputs is not None:
         _save(feeds, references, save_inputs, save_outputs)
@@ -346,8 +346,8 @@ def run_parity(
         for name, array in outputs.items():
             if nonfinite_count(array):
                 report.reference_problems.append(
-                    f"the reference output {name!r} holds NaN/Inf for input set {iteration}: the model is broken "
-                    "(check the checkpoint and the inputs); no runtime can be judged against it"
+                    f"the parity reference's output {name!r} holds NaN/Inf for input set {iteration}: the model is "
+                    "broken (check the checkpoint and the inputs); no runtime can be judged against it"
                 )
     half = _half_dtypes([*input_specs, *output_specs])
     total = len(chosen)

@@ -69,7 +69,7 @@ def test_nan_or_inf_fails_loudly_on_either_side(side: str) -> None:
     assert not result.passed
     assert "NaN/Inf" in result.message and "'logits'" in result.message
     if side == "reference":
-        assert result.nonfinite_reference == 2 and "the reference's output" in result.message
+        assert result.nonfinite_reference == 2 and "the parity reference's output" in result.message
     else:
         assert result.nonfinite_actual == 2 and "ort:cpu:all" in result.message
 
