@@ -113,7 +113,7 @@ def _cdf(z: Tensor) -> Tensor:
     """Φ(z) = erfc(−z/√2)/2: accurate in the lower tail in torch (``torch.special.ndtr``, 1 + erf,
     loses it below z ≈ −5), and never NaN (``log_ndtr``'s export is). The training export writes
     erfc by :mod:`bkn_export.export.erfc` (relative to 4.6e-7 in float32), not torch.onnx's 1 − Erf,
-    which keeps no digit of the tail in float32 (float64 keeps 1 − Erf: exact to an absolute 1e-16)."""
+    which keeps no digit of the tail in float32 (float64 exports keep 1 − Erf)."""
     return 0.5 * torch.special.erfc(-z * _SQRT_HALF)
 
 
