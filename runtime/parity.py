@@ -175,10 +175,7 @@ def _model_running_statistics(model: Any, mode: str, specs: Sequence[TensorSpec]
 
     statistics, _ = running_statistics_io(model, [s.name for s in specs])
     dtypes = {s.name: s.dtype for s in specs}
-    return {
-        name: np.array(array_of(buffer.detach().cpu()), copy=True).astype(dtypes[name])
-        for name, buffer in statistics.items()
-    }
+    return {name: array_of(buffer).astype(dtypes[name]) for name, buffer in statistics.items()}  # astype copies
 
 
 def _as_feeds(

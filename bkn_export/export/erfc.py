@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 __all__ = ["ERFC_OVERLOADS", "translate_erfc"]
 
 #: P(t) of Numerical Recipes' ``erfcc``, constant term first (erfc(z) ≈ t exp(−z² + P(t))).
@@ -96,11 +98,5 @@ def translate_erfc(x: Any) -> Any:
     return _erfc_float32(x)
 
 
-def _overloads() -> tuple[Any, ...]:
-    import torch
-
-    return (torch.ops.aten.erfc.default, torch.ops.aten.special_erfc.default)
-
-
 #: The ATen overloads :func:`translate_erfc` replaces in the training export's translation table.
-ERFC_OVERLOADS = _overloads()
+ERFC_OVERLOADS = (torch.ops.aten.erfc.default, torch.ops.aten.special_erfc.default)

@@ -219,8 +219,7 @@ class TorchEagerBackend(Backend):
             return {}, {}
         from runtime._bkn import running_statistics_io
 
-        statistics_in, statistics_out = running_statistics_io(model, self.input_names or list(inputs))
-        return {k: v for k, v in statistics_in.items() if k in inputs}, statistics_out
+        return running_statistics_io(model, list(inputs))
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with kept_modes(self.model):
