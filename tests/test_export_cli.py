@@ -7,6 +7,7 @@ exit with status 2 and a message that names them.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ import torch
 from test_export_inference import randomize_statistics
 
 from bkn_export.cli import main
+from bkn_export.commands import export as export_command
 from bkn_export.errors import CheckpointError, FactoryError
 from bkn_export.export.metadata import read_metadata
 from bkn_export.factory import load_model
@@ -70,6 +72,7 @@ def test_cli_options_reach_the_exporter(tmp_path: Path) -> None:
         (["bkn_export.demo.models"], "not of the form 'pkg.module:factory'"),
         (["bkn_export.demo.models:NORMALIZERS"], "not a callable"),
         ([SPEC, "--checkpoint", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
+        ([SPEC, "--graph-optimizer", "fold"], "--graph-optimizer applies to --mode training only"),
     ],
 )
 def test_bad_input_exits_2_with_a_named_cause(tmp_path: Path, capsys, argv_tail: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
@@ -145,6 +148,20 @@ def test_training_mode_routes_to_the_training_exporter(tmp_path: Path) -> None:
     assert main(argv) == 0
     assert out.exists()
     assert any(node.op_type == "BatchKalmanNorm" for node in onnx.load(out).graph.node)
+    assert read_metadata(onnx.load(out))["graph_optimizer"] == "full"
+
+
+def test_graph_optimizer_reaches_the_training_exporter(tmp_path: Path) -> None:
+    from bkn_export.export.common import GRAPH_OPTIMIZERS
+
+    out = tmp_path / "train.onnx"
+    argv = ["export", SPEC, "--input-shape", "2,1,8,8", "-o", str(out), "--mode", "training", "--graph-optimizer"]
+    assert main([*argv, "fold", "--factory-arg", "width=4"]) == 0
+    assert read_metadata(onnx.load(out))["graph_optimizer"] == "fold"
+    parser = argparse.ArgumentParser()
+    export_command.add_arguments(parser)
+    (action,) = [action for action in parser._actions if action.dest == "graph_optimizer"]
+    assert tuple(action.choices or ()) == GRAPH_OPTIMIZERS  # the CLI's choices are the exporter's
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and the exporter (~20 s here)

@@ -23,7 +23,7 @@ from torch import nn
 
 from bkn_export import BatchKalmanNorm1d, KalmanOptions, convert_batchnorm, describe_chain, wire_chain
 from bkn_export.demo.models import digits_resnet
-from bkn_export.errors import BKNInputError, ExportError, ModelFileError
+from bkn_export.errors import BKNInputError, ExportError, ModelFileError, OptionError
 from bkn_export.export import export_onnx
 from bkn_export.export.op import op_spec
 from bkn_export.export.training import (
@@ -205,6 +205,53 @@ def test_parity_with_pytorch_train_forward(exported: dict[str, Any], batch: int)
                 atol=ATOL,
                 err_msg=f"{exported['name']} batch {batch}: {runtime} '{name}'",
             )
+
+
+@pytest.mark.parametrize("graph_optimizer", ["fold", "none"])
+def test_every_graph_optimizer_form_computes_the_train_forward(
+    exported: dict[str, Any], graph_optimizer: str, tmp_path: Path
+) -> None:
+    """``graph_optimizer="fold"`` / ``"none"`` (less of onnxscript's optimizer, for dense networks) give graphs
+    of more nodes than the default's, recorded in the metadata, with the same outputs, posteriors and
+    running-statistic updates within 1e-5 on ORT (no and all optimisations) and onnx.reference."""
+    model = exported["model"]
+    path = tmp_path / f"{graph_optimizer}.onnx"
+    result = export_training(
+        model, torch.randn(4, *exported["shape"]), path, running_stats_io=True, expose_posteriors=True,
+        graph_optimizer=graph_optimizer,
+    )  # fmt: skip
+    assert result.metadata["bkn_export.graph_optimizer"] == graph_optimizer
+    assert exported["result"].metadata["bkn_export.graph_optimizer"] == "full"
+    onnx_model, full = onnx.load(str(path)), onnx.load(str(exported["path"]))
+    assert len(onnx_model.graph.node) > len(full.graph.node)
+    if graph_optimizer == "none":
+        folded = export_training(
+            model, torch.randn(4, *exported["shape"]), tmp_path / "fold.onnx", running_stats_io=True,
+            expose_posteriors=True, graph_optimizer="fold",
+        )  # fmt: skip
+        assert len(onnx_model.graph.node) > len(onnx.load(str(folded.path)).graph.node)
+    for batch in (1, 3):
+        x = torch.randn(batch, *exported["shape"], generator=torch.Generator().manual_seed(10 + batch))
+        expected = torch_train_step(model, x)
+        feeds = feeds_for(model, onnx_model, x)
+        output_names = [o.name for o in onnx_model.graph.output]
+        assert set(output_names) == set(expected)
+        runs = {f"ORT {level.name}": ort_session(path, level).run(None, feeds) for level in ORT_LEVELS[::3]}
+        runs["onnx.reference"] = ReferenceEvaluator(onnx_model).run(None, feeds)
+        for runtime, values in runs.items():
+            for name, value in zip(output_names, values):
+                np.testing.assert_allclose(
+                    value, expected[name], rtol=0, atol=ATOL,
+                    err_msg=f"{exported['name']} {graph_optimizer} batch {batch}: {runtime} '{name}'",
+                )  # fmt: skip
+
+
+@pytest.mark.parametrize("graph_optimizer", ["fast", "", None, True])
+def test_an_unknown_graph_optimizer_is_refused_before_any_work(graph_optimizer: Any, tmp_path: Path) -> None:
+    model, shape = mlp_model()
+    with pytest.raises(OptionError, match="graph_optimizer must be one of"):
+        export_training(model, torch.randn(2, *shape), tmp_path / "m.onnx", graph_optimizer=graph_optimizer)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 # --------------------------------------------------------------------------- graph structure

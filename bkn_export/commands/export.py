@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes of weights above which they go to <output>.<id>.data (default 2 GiB)",
     )
     parser.add_argument(
+        "--graph-optimizer",
+        choices=("full", "fold", "none"),
+        default=None,
+        help="--mode training: how much of onnxscript's optimizer runs on the traced graph: full (default, the "
+        "smallest graph), fold (constant folding only: minutes faster on dense networks such as DenseNet), none",
+    )
+    parser.add_argument(
         "--input-names", help="comma-separated graph input names (default: the forward() argument names)"
     )
     parser.add_argument(
@@ -179,6 +186,7 @@ def torch_no_grad() -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from bkn_export.atomic import check_writable
+    from bkn_export.errors import OptionError
     from bkn_export.export import export_onnx
     from bkn_export.factory import load_model
 
@@ -186,6 +194,13 @@ def _run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.external_data_threshold is not None:
         options["external_data_threshold"] = args.external_data_threshold
+    if args.graph_optimizer is not None:
+        if args.mode != "training":
+            raise OptionError(
+                "--graph-optimizer applies to --mode training only (the inference export's BatchNorm fold needs "
+                "the full optimizer)"
+            )
+        options["graph_optimizer"] = args.graph_optimizer
     model = load_model(args.spec, args.checkpoint, **dict(args.factory_arg))
     example = example_inputs(model, args.input_shape)
     _check_example_runs(model, example, args.input_shape)

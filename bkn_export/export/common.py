@@ -13,7 +13,21 @@ from torch import Tensor
 from bkn_export.errors import BKNError, ExportError, OptionError
 from bkn_export.export.op.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
-__all__ = ["check_model", "example_tuple", "resolve_opset", "run_dynamo_export"]
+__all__ = [
+    "GRAPH_OPTIMIZERS",
+    "check_model",
+    "example_tuple",
+    "resolve_graph_optimizer",
+    "resolve_opset",
+    "run_dynamo_export",
+]
+
+#: How much of onnxscript's optimizer runs on the traced graph (:func:`run_dynamo_export`):
+#: ``"full"``: torch.onnx's ``optimize=True`` (constant folding, the rewriter's pattern fusions, common
+#: subexpressions, unused nodes; the smallest graph); ``"fold"``: constant folding and unused-node removal only (no
+#: rewriter, whose pattern matching takes minutes on graphs of tens of thousands of nodes: a DenseNet's training
+#: chain); ``"none"``: the graph as torch.onnx traces it (``optimize=False``).
+GRAPH_OPTIMIZERS = ("full", "fold", "none")
 
 
 def resolve_opset(opset: int | None) -> int:
@@ -40,6 +54,13 @@ def resolve_opset(opset: int | None) -> int:
     return chosen
 
 
+def resolve_graph_optimizer(graph_optimizer: Any) -> str:
+    """``graph_optimizer`` if it is one of :data:`GRAPH_OPTIMIZERS`, else :class:`OptionError`."""
+    if not isinstance(graph_optimizer, str) or graph_optimizer not in GRAPH_OPTIMIZERS:
+        raise OptionError(f"graph_optimizer must be one of {GRAPH_OPTIMIZERS}, got {graph_optimizer!r}")
+    return graph_optimizer
+
+
 def example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
     """``example_inputs`` (a tensor, or a non-empty tuple/list of tensors) as a tuple."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -56,12 +77,16 @@ def run_dynamo_export(
     opset: int,
     dynamic_shapes: Any,
     explain: Callable[[Exception], str],
+    graph_optimizer: str = "full",
     **options: Any,
 ) -> torch.onnx.ONNXProgram:
-    """``torch.onnx.export(dynamo=True, optimize=True)``; an exporter failure becomes ExportError(explain(error)).
+    """``torch.onnx.export(dynamo=True)`` with :data:`GRAPH_OPTIMIZERS` ``graph_optimizer`` (``"full"``:
+    ``optimize=True``; ``"fold"``: ``optimize=False``, then onnxscript's ``fold_constants`` and
+    ``remove_unused_nodes``); an exporter failure becomes ExportError(explain(error)).
 
     bkn_export's own errors pass through unchanged.
     """
+    resolve_graph_optimizer(graph_optimizer)
     try:
         program = torch.onnx.export(
             module,
@@ -69,10 +94,15 @@ def run_dynamo_export(
             dynamo=True,
             opset_version=opset,
             dynamic_shapes=dynamic_shapes,
-            optimize=True,
+            optimize=graph_optimizer == "full",
             verbose=False,
             **options,
         )
+        if program is not None and graph_optimizer == "fold":
+            import onnxscript.optimizer
+
+            onnxscript.optimizer.fold_constants(program.model)
+            onnxscript.optimizer.remove_unused_nodes(program.model)
     except BKNError:
         raise
     except Exception as error:  # the exporter raises (and wraps model errors in) many types

@@ -213,7 +213,8 @@ class Traceable:
     model: the user's model (its forward() names the inputs); inputs: the model's example
     inputs (N, C, *) in the export dtype; extra_inputs: static-shape inputs after them
     (running statistics (C,)), named extra_input_names; extra_output_names: the names of
-    the outputs that follow the model's own; options: more torch.onnx.export keywords.
+    the outputs that follow the model's own; options: more torch.onnx.export keywords;
+    graph_optimizer: how much of onnxscript's optimizer runs (:data:`~bkn_export.export.common.GRAPH_OPTIMIZERS`).
     """
 
     module: nn.Module
@@ -223,6 +224,7 @@ class Traceable:
     extra_input_names: tuple[str, ...] = ()
     extra_output_names: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    graph_optimizer: str = "full"
 
 
 @dataclass
@@ -343,6 +345,7 @@ def trace(traceable: Traceable, request: ExportRequest, explain: Callable[[Excep
         request.opset,
         dynamic_shapes(traceable.module, dims, len(traceable.extra_inputs)),
         explain,
+        graph_optimizer=traceable.graph_optimizer,
         input_names=all_inputs,
         output_names=all_outputs,
         **traceable.options,

@@ -44,6 +44,7 @@ from bkn_export import functional as Fk
 from bkn_export.chain.observe import observe
 from bkn_export.chain.scope import Observer, Published
 from bkn_export.errors import ExportError, ModelFileError
+from bkn_export.export.common import resolve_graph_optimizer
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
 from bkn_export.export.metadata import attach_metadata, export_metadata, parse_name_scopes
@@ -204,6 +205,7 @@ def export_training(
     expose_posteriors: bool = False,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    graph_optimizer: str = "full",
 ) -> ExportResult:
     """Export ``model`` with its BKN layers in training mode to ``path`` (written atomically).
 
@@ -217,6 +219,11 @@ def export_training(
     outputs ``<layer>.posterior_mean`` / ``<layer>.posterior_variance`` (parity, debugging).
     input_names / output_names: names of the model's own inputs / outputs (default, as in
     inference mode: forward()'s argument names; ``output`` or ``output_<i>``).
+    graph_optimizer: ``"full"`` (torch.onnx's optimizer, the smallest graph), ``"fold"`` (constant
+    folding and unused nodes only: on dense networks, whose chains give tens of thousands of
+    nodes, the full optimizer's rewriter takes minutes) or ``"none"`` (the graph as traced);
+    :data:`~bkn_export.export.common.GRAPH_OPTIMIZERS`. Every form computes the same function
+    (``tests/test_export_graph_optimizer.py``); recorded as metadata ``bkn_export.graph_optimizer``.
 
     ``model`` itself is not changed: the export works on a deep copy, so its train/eval
     mode and its buffers (running statistics, num_batches_tracked) stay as they were.
@@ -224,6 +231,7 @@ def export_training(
     chain whose shapes do not fit the example inputs; :class:`NonFiniteWeightsError`;
     :class:`OptionError` (opset, threshold, names); :class:`OutputWriteError` (the path).
     """
+    graph_optimizer = resolve_graph_optimizer(graph_optimizer)
     request = validate_request(
         example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial, fp16=fp16,
         external_data_threshold=external_data_threshold, input_names=input_names, output_names=output_names,
@@ -281,6 +289,7 @@ def export_training(
         extra_input_names=tuple(n for name in tracked for n in running_stat_names(name)[:2]),
         extra_output_names=tuple(extra_outputs),
         options={"custom_translation_table": translation_table()},
+        graph_optimizer=graph_optimizer,
     )
     with warnings.catch_warnings():
         # Training mode is the point of this export; the exporter's reminder is noise here.
@@ -291,7 +300,8 @@ def export_training(
     node_layers = _name_nodes(proto)
     info = TrainingGraphInfo(tuple(node_layers), tuple(tracked), expose_posteriors)
     metadata = attach_metadata(
-        proto, _metadata(info, request.opset, request.fp16, request.dynamic_batch, request.dynamic_spatial)
+        proto,
+        _metadata(info, request.opset, request.fp16, request.dynamic_batch, request.dynamic_spatial, graph_optimizer),
     )
     checked_sizes = check_exported(proto, request, traceable, traced, "export_training: the exported graph")
     target = save_onnx(proto, path, external_data_threshold=request.external_data_threshold)
@@ -363,14 +373,15 @@ def _name_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def _metadata(
-    info: TrainingGraphInfo, opset: int, fp16: bool, dynamic_batch: bool, dynamic_spatial: bool
+    info: TrainingGraphInfo, opset: int, fp16: bool, dynamic_batch: bool, dynamic_spatial: bool, graph_optimizer: str
 ) -> dict[str, str]:
-    """The ``bkn_export.*`` metadata entries (same keys as an inference export, plus the chain)."""
+    """The ``bkn_export.*`` metadata entries (same keys as an inference export, plus the chain and the optimizer)."""
     return {
         **export_metadata("training", opset, fp16, dynamic_batch, dynamic_spatial),
         "op": f"{op_spec.DOMAIN}::{op_spec.OP_TYPE}@{op_spec.DOMAIN_VERSION}",
         "layers": ",".join(info.layers),
         "running_stats": ",".join(info.running_stats),
+        "graph_optimizer": graph_optimizer,
     }
 
 
