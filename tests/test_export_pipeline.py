@@ -115,6 +115,26 @@ def test_wrong_names_are_option_errors(tmp_path: Path, mode: str, options: dict,
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.parametrize(
+    ("mode", "options", "message"),
+    [
+        ("inference", {"graph_optimizer": "fold"}, "export mode 'inference' takes no option 'graph_optimizer'"),
+        ("inference", {"running_stats_io": True}, "takes no option 'running_stats_io'; its options are"),
+        ("training", {"optimise": "fold", "bogus": 1}, "export mode 'training' takes no option 'bogus', 'optimise'"),
+    ],
+)
+def test_an_option_the_mode_does_not_take_is_an_option_error(
+    tmp_path: Path, mode: str, options: dict[str, object], message: str
+) -> None:
+    """Not Python's TypeError about a keyword: the error names the option and the mode's own options."""
+    example = pair_example()
+    model = prepared(TwoInTwoOut(), mode, example)
+    with pytest.raises(OptionError, match=message) as caught:
+        export_onnx(model, example, tmp_path / "m.onnx", mode=mode, **options)
+    assert "'opset'" in str(caught.value)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 class Heads(NamedTuple):
     scores: Tensor
     boxes: Tensor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,6 +49,7 @@ def export_onnx(
         from bkn_export.export.training import export_training as exporter
     else:
         raise OptionError(f"unknown export mode {mode!r}; choose one of {SUPPORTED_MODES}")
+    _check_mode_options(exporter, mode, mode_options)
     return exporter(
         model,
         example_inputs,
@@ -61,3 +63,17 @@ def export_onnx(
         output_names=output_names,
         **mode_options,
     )
+
+
+def _check_mode_options(exporter: Callable[..., ExportResult], mode: str, mode_options: dict[str, Any]) -> None:
+    """:class:`OptionError` naming ``mode_options`` that ``mode``'s exporter does not take, and the ones it does."""
+    taken = {
+        name
+        for name, parameter in inspect.signature(exporter).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    unknown = sorted(set(mode_options) - taken)
+    if unknown:
+        raise OptionError(
+            f"export mode {mode!r} takes no option {', '.join(map(repr, unknown))}; its options are {sorted(taken)}"
+        )
