@@ -11,6 +11,7 @@ import torch
 from onnx import numpy_helper
 from test_runtime_support import digits_inputs, exported_digits, trained_digits
 
+from bkn_export.export import export_onnx
 from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError, UnknownRuntimeError
 from runtime.model_io import detect_mode
 from runtime.parity import run_parity
@@ -76,6 +77,22 @@ def test_perturbed_weight_is_localised_to_its_module_training(tmp_path: Path) ->
     loc = result.localisation
     assert loc is not None and loc.first is not None, loc
     assert loc.first.module == "block1.conv2"  # training mode keeps the Conv on its own
+
+
+@pytest.mark.parametrize("graph_optimizer", ["fold", "none"])
+def test_training_files_of_every_graph_optimizer_pass_and_localise(tmp_path: Path, graph_optimizer: str) -> None:
+    """The lighter optimizers' files (more nodes, other node names) agree with PyTorch, and a perturbed weight in
+    them is localised to its module as in the default file."""
+    good, bad = tmp_path / "train.onnx", tmp_path / "perturbed.onnx"
+    export_onnx(trained_digits(), (torch.randn(2, 1, 8, 8),), good, mode="training", graph_optimizer=graph_optimizer)
+    report = run_parity(trained_digits(), good, digits_inputs(), runtimes="ort:cpu:all,reference")
+    assert report.passed and len(report.ran) == 2, [r.reason for r in report.failures()]
+    _perturb(good, bad, "block1.conv2.weight")
+    report = run_parity(trained_digits(), bad, digits_inputs(), runtimes="ort:cpu:all")
+    (result,) = report.failures()
+    loc = result.localisation
+    assert loc is not None and loc.first is not None, loc
+    assert loc.first.module == "block1.conv2"
 
 
 def test_nan_in_a_runtime_output_fails_and_is_localised(tmp_path: Path) -> None:
