@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,28 @@ def test_every_graph_optimizer_form_computes_the_train_forward(
                     value, expected[name], rtol=0, atol=ATOL,
                     err_msg=f"{exported['name']} {graph_optimizer} batch {batch}: {runtime} '{name}'",
                 )  # fmt: skip
+
+
+def test_a_large_graph_warns_before_the_full_optimizer_and_names_the_lighter_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above ``LARGE_GRAPH_NODES`` traced nodes (lowered here to fit a small model) the full optimizer is announced
+    as slow, with the option that skips it; not with that option, and never for the inference export (which
+    cannot skip it)."""
+    from bkn_export.export import common
+
+    model, shape = mlp_model()
+    monkeypatch.setattr(common, "LARGE_GRAPH_NODES", 20)
+    with pytest.warns(UserWarning, match=r"the traced graph has \d+ nodes.*graph_optimizer='fold'"):
+        export_training(model, torch.randn(2, *shape), tmp_path / "full.onnx")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the traced graph has")
+        export_training(model, torch.randn(2, *shape), tmp_path / "fold.onnx", graph_optimizer="fold")
+        export_onnx(model.eval(), torch.randn(2, *shape), tmp_path / "inference.onnx")
+    monkeypatch.setattr(common, "LARGE_GRAPH_NODES", 10**6)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the traced graph has")
+        export_training(model, torch.randn(2, *shape), tmp_path / "small.onnx")
 
 
 @pytest.mark.parametrize("graph_optimizer", ["fast", "", None, True])

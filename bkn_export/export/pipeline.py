@@ -214,7 +214,9 @@ class Traceable:
     inputs (N, C, *) in the export dtype; extra_inputs: static-shape inputs after them
     (running statistics (C,)), named extra_input_names; extra_output_names: the names of
     the outputs that follow the model's own; options: more torch.onnx.export keywords;
-    graph_optimizer: how much of onnxscript's optimizer runs (:data:`~bkn_export.export.common.GRAPH_OPTIMIZERS`).
+    graph_optimizer: how much of onnxscript's optimizer runs (:data:`~bkn_export.export.common.GRAPH_OPTIMIZERS`);
+    lighter_optimizer_hint: how the caller asks for a lighter one, for the warning before a full optimization of a
+    large graph (None: no warning; :func:`~bkn_export.export.common.run_dynamo_export`).
     """
 
     module: nn.Module
@@ -225,6 +227,7 @@ class Traceable:
     extra_output_names: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     graph_optimizer: str = "full"
+    lighter_optimizer_hint: str | None = None
 
 
 @dataclass
@@ -346,6 +349,7 @@ def trace(traceable: Traceable, request: ExportRequest, explain: Callable[[Excep
         dynamic_shapes(traceable.module, dims, len(traceable.extra_inputs)),
         explain,
         graph_optimizer=traceable.graph_optimizer,
+        lighter_optimizer_hint=traceable.lighter_optimizer_hint,
         input_names=all_inputs,
         output_names=all_outputs,
         **traceable.options,

@@ -290,6 +290,8 @@ def export_training(
         extra_output_names=tuple(extra_outputs),
         options={"custom_translation_table": translation_table()},
         graph_optimizer=graph_optimizer,
+        lighter_optimizer_hint="export_training(..., graph_optimizer='fold') (bkn export --graph-optimizer fold) "
+        "keeps the folding and skips the rewriter",
     )
     with warnings.catch_warnings():
         # Training mode is the point of this export; the exporter's reminder is noise here.
