@@ -213,8 +213,9 @@ def test_every_graph_optimizer_form_computes_the_train_forward(
     exported: dict[str, Any], graph_optimizer: str, tmp_path: Path
 ) -> None:
     """``graph_optimizer="fold"`` / ``"none"`` (less of onnxscript's optimizer, for dense networks) give graphs
-    of more nodes than the default's, recorded in the metadata, with the same outputs, posteriors and
-    running-statistic updates within 1e-5 on ORT (no and all optimisations) and onnx.reference."""
+    of more nodes than the default's (``"none"`` more than ``"fold"``: benchmarks/bench_export_time.py),
+    recorded in the metadata, with the same outputs, posteriors and running-statistic updates within 1e-5 on
+    ORT (no and all optimisations) and onnx.reference."""
     model = exported["model"]
     path = tmp_path / f"{graph_optimizer}.onnx"
     result = export_training(
@@ -225,12 +226,6 @@ def test_every_graph_optimizer_form_computes_the_train_forward(
     assert exported["result"].metadata["bkn_export.graph_optimizer"] == "full"
     onnx_model, full = onnx.load(str(path)), onnx.load(str(exported["path"]))
     assert len(onnx_model.graph.node) > len(full.graph.node)
-    if graph_optimizer == "none":
-        folded = export_training(
-            model, torch.randn(4, *exported["shape"]), tmp_path / "fold.onnx", running_stats_io=True,
-            expose_posteriors=True, graph_optimizer="fold",
-        )  # fmt: skip
-        assert len(onnx_model.graph.node) > len(onnx.load(str(folded.path)).graph.node)
     for batch in (1, 3):
         x = torch.randn(batch, *exported["shape"], generator=torch.Generator().manual_seed(10 + batch))
         expected = torch_train_step(model, x)
