@@ -94,9 +94,10 @@ def run_dynamo_export(
 
     lighter_optimizer_hint: where given, a ``"full"`` optimization of a traced graph of :data:`LARGE_GRAPH_NODES`
     or more nodes is preceded by a warning that it may take minutes, ending with this hint (how to ask for a
-    lighter one). bkn_export's own errors pass through unchanged.
+    lighter one). bkn_export's own errors pass through unchanged. Callers validate ``graph_optimizer`` first
+    (:func:`resolve_graph_optimizer`, before any work).
     """
-    resolve_graph_optimizer(graph_optimizer)
+    assert graph_optimizer in GRAPH_OPTIMIZERS, graph_optimizer
     try:
         program = torch.onnx.export(
             module,

@@ -223,7 +223,7 @@ def export_training(
     folding and unused nodes only: on dense networks, whose chains give tens of thousands of
     nodes, the full optimizer's rewriter takes minutes) or ``"none"`` (the graph as traced);
     :data:`~bkn_export.export.common.GRAPH_OPTIMIZERS`. Every form computes the same function
-    (``tests/test_export_graph_optimizer.py``); recorded as metadata ``bkn_export.graph_optimizer``.
+    (``tests/test_export_training.py``); recorded as metadata ``bkn_export.graph_optimizer``.
 
     ``model`` itself is not changed: the export works on a deep copy, so its train/eval
     mode and its buffers (running statistics, num_batches_tracked) stay as they were.
