@@ -141,6 +141,9 @@ class TolerancePolicy:
     rtol: float | None = None
     per_output: Mapping[str, Tolerance] = field(default_factory=dict)
     criteria: Criteria = field(default_factory=Criteria)
+    #: Per output, an atol below which no tolerance goes: the reference's own float32 error measured
+    #: against float64, times :data:`runtime.noise.NOISE_FACTOR` (``run_parity(noise_floor=True)``).
+    floors: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from runtime.errors import BKNInputError
@@ -148,20 +151,29 @@ class TolerancePolicy:
         values = [("atol", self.atol), ("rtol", self.rtol)]
         values += [(f"{name} atol", t.atol) for name, t in self.per_output.items()]
         values += [(f"{name} rtol", t.rtol) for name, t in self.per_output.items()]
+        values += [(f"{name} noise floor", floor) for name, floor in self.floors.items()]
         for label, value in values:
             if value is not None and not (np.isfinite(value) and value >= 0):
                 raise BKNInputError(f"tolerance {label} must be a finite number >= 0; got {value}")
 
     def tolerance(self, output: str, dtype_name: str) -> Tolerance:
-        return resolve_tolerance(output, dtype_name, self.atol, self.rtol, self.per_output)
+        given = resolve_tolerance(output, dtype_name, self.atol, self.rtol, self.per_output)
+        floor = self.floors.get(output)
+        return given if floor is None or floor <= given.atol else Tolerance(floor, given.rtol)
 
     def source(self, output: str, dtype_name: str) -> str:
         """Where an output's tolerance comes from, for the report."""
         if output in self.per_output:
-            return "per-output tolerance"
-        if self.atol is not None and self.rtol is not None:
-            return "atol/rtol given"
-        return f"{dtype_name} defaults" + ("" if self.atol is None and self.rtol is None else " + atol/rtol given")
+            text = "per-output tolerance"
+        elif self.atol is not None and self.rtol is not None:
+            text = "atol/rtol given"
+        else:
+            text = f"{dtype_name} defaults" + ("" if self.atol is None and self.rtol is None else " + atol/rtol given")
+        floor = self.floors.get(output)
+        given = resolve_tolerance(output, dtype_name, self.atol, self.rtol, self.per_output)
+        if floor is not None and floor > given.atol:
+            text += f", atol raised to the measured noise floor {floor:.2g}"
+        return text
 
     def judge(self, name: str, reference: np.ndarray, actual: np.ndarray, runtime: str = "runtime") -> OutputComparison:
         """:func:`compare_output` with this policy's tolerance for ``actual``'s dtype and its criteria."""

@@ -29,7 +29,7 @@ layers tried), 19× or more above the floor-based atol of 1.3e-4.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ import numpy as np
 
 from runtime.compare import Tolerance, default_tolerance
 
-__all__ = ["NOISE_FACTOR", "ReferenceNoise", "noise_tolerance", "reference_noise"]
+__all__ = ["NOISE_FACTOR", "ReferenceNoise", "measured_noise", "noise_tolerance", "reference_noise"]
 
 #: How many times the reference's own float32 error a runtime may differ by (see the module docstring).
 NOISE_FACTOR = 4.0
@@ -70,28 +70,54 @@ def reference_noise(
     (a module that hard-codes float32, a custom kernel without a float64 version).
     """
     from runtime.backends.torch_eager import TorchEagerBackend
-    from runtime.errors import BKNInputError
 
     feeds = dict(inputs) if isinstance(inputs, Mapping) else {f"input_{i}": a for i, a in enumerate(inputs)}
     single = TorchEagerBackend(model, mode).run(feeds)
+    return measured_noise(model, mode, [feeds], [single])
+
+
+def measured_noise(
+    model: Any,
+    mode: str,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    references: Sequence[Mapping[str, np.ndarray]],
+    input_names: Sequence[str] = (),
+    output_names: Sequence[str] = (),
+) -> dict[str, ReferenceNoise]:
+    """:func:`reference_noise` of reference outputs already computed: per output, the largest distance over the
+    input sets ``feeds`` of ``references`` (the float32 model's outputs on them, keyed as the reference keyed them)
+    from a float64 copy of ``model`` run on the same inputs (floating inputs cast to float64 by the backend,
+    integer inputs as they are). input_names / output_names: the ONNX names the reference was keyed by (empty:
+    by position, ``input_0`` ...). Raises :class:`runtime.errors.BKNInputError` when the model cannot run in
+    float64.
+    """
+    from runtime.backends.torch_eager import TorchEagerBackend
+    from runtime.errors import BKNInputError
+
+    noise: dict[str, ReferenceNoise] = {}
     try:
-        double_model = copy.deepcopy(model).double()
-        double = TorchEagerBackend(double_model, mode).run({k: v.astype(np.float64) for k, v in feeds.items()})
+        double = TorchEagerBackend(copy.deepcopy(model).double(), mode)
+        double.input_names, double.output_names = list(input_names), list(output_names)
+        evaluations = [double.run(dict(feed)) for feed in feeds]
     except Exception as error:  # any failure of the float64 run means: no floor for this model
         raise BKNInputError(
-            f"reference_noise: {type(model).__name__} does not run in float64 ({type(error).__name__}: {error}); "
+            f"reference noise: {type(model).__name__} does not run in float64 ({type(error).__name__}: {error}); "
             "judge it with the dtype defaults or explicit atol/rtol instead"
         ) from error
-    noise = {}
-    for name, r32 in single.items():
-        r64 = double[name].astype(np.float64)
-        difference = r32.astype(np.float64) - r64
-        noise[name] = ReferenceNoise(
-            output=name,
-            max_abs=float(np.abs(difference).max()) if difference.size else 0.0,
-            rms=float(np.sqrt(np.mean(difference**2))) if difference.size else 0.0,
-            scale=float(np.sqrt(np.mean(r64**2))) if r64.size else 0.0,
-        )
+    for outputs, reference in zip(evaluations, references):
+        for name, r32 in reference.items():
+            if name not in outputs or not np.issubdtype(np.asarray(r32).dtype, np.floating):
+                continue
+            r64 = outputs[name].astype(np.float64)
+            difference = r32.astype(np.float64) - r64
+            found = ReferenceNoise(
+                output=name,
+                max_abs=float(np.abs(difference).max()) if difference.size else 0.0,
+                rms=float(np.sqrt(np.mean(difference**2))) if difference.size else 0.0,
+                scale=float(np.sqrt(np.mean(r64**2))) if r64.size else 0.0,
+            )
+            if name not in noise or found.max_abs > noise[name].max_abs:
+                noise[name] = found
     return noise
 
 

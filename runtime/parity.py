@@ -33,7 +33,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -240,6 +240,7 @@ def run_parity(
     save_inputs: str | os.PathLike[str] | None = None,
     save_outputs: str | os.PathLike[str] | None = None,
     repro_dir: str | os.PathLike[str] | None = None,
+    noise_floor: bool = False,
 ) -> ParityReport:
     """Compare ``onnx_path`` on the chosen runtimes with ``model`` (an ``nn.Module``) or saved outputs.
 
@@ -256,6 +257,11 @@ def run_parity(
     write the inputs / the reference outputs as Polygraphy JSON (:mod:`runtime.polygraphy_io`);
     outputs always get their inputs beside them. repro_dir: on a failure, a repro bundle
     (:mod:`runtime.repro`). localise_method: "auto" or "bisect" (see :mod:`runtime.localize`).
+    noise_floor: also run a float64 copy of ``model`` on the same inputs and never judge an output with an atol
+    below :data:`runtime.noise.NOISE_FACTOR` times the float32 reference's own distance from it (max over the
+    input sets; :mod:`runtime.noise`); the report's notes name each floor. For deep float32 networks, whose
+    reference carries more rounding error than the dtype defaults assume (docs/runtime.md, "Deep float32
+    networks"). Needs the model (not saved outputs) and a model that runs in float64.
     Raises ModelFileError, RuntimeLoadError, UnknownRuntimeError, SavedDataError or
     BKNInputError on bad input.
     """
@@ -271,6 +277,11 @@ def run_parity(
         )
     if model is None and reference_outputs is None:
         raise BKNInputError("give a PyTorch model or saved reference outputs to compare with")
+    if noise_floor and reference_outputs is not None:
+        raise BKNInputError(
+            "the noise floor is measured on the PyTorch model (its float32 outputs against a float64 copy): "
+            "it cannot be used with saved reference outputs; give the model, or explicit atol/rtol"
+        )
     mode = mode or detect_mode(onnx_model)
     if mode not in ("inference", "training"):
         raise BKNInputError(f"mode must be 'inference' or 'training', got {mode!r}")
@@ -309,6 +320,9 @@ def run_parity(
         description = REFERENCE_DESCRIPTION[mode]
         if not references[0]:
             raise BKNInputError(f"the PyTorch model returned no tensors; {path} has outputs {onnx_outputs}")
+        if noise_floor:
+            policy, floor_notes = _with_noise_floors(policy, model, mode, feeds, references, input_specs, onnx_outputs)
+            notes.extend(floor_notes)
     uncompared = [name for name in onnx_outputs if name not in references[0]]
     if len(uncompared) == len(onnx_outputs):
         raise BKNInputError(
@@ -378,7 +392,70 @@ def run_parity(
         if progress:
             progress("done", entry.name, index, total)
         report.runtimes.append(result)
+    if model is not None and not noise_floor and report.failures():
+        report.notes.extend(_rounding_hints(report, model, mode, feeds, references, input_specs, onnx_outputs))
     return report
+
+
+def _rounding_hints(
+    report: ParityReport,
+    model: Any,
+    mode: str,
+    feeds: Sequence[Feed],
+    references: Sequence[Feed],
+    input_specs: Sequence[TensorSpec],
+    output_names: Sequence[str],
+) -> list[str]:
+    """After a failure judged without the noise floor: a note per failed runtime whose every failing output is
+    within NOISE_FACTOR times the float32 reference's own error (measured against float64), suggesting the
+    floor. The verdict stays as it is; nothing is said where the float64 run fails or the errors are larger."""
+    from runtime.noise import NOISE_FACTOR, measured_noise
+
+    try:
+        noise = measured_noise(model, mode, feeds, references, [s.name for s in input_specs], output_names)
+    except BKNInputError:
+        return []
+    hints = []
+    for result in report.failures():
+        failing = [c for c in result.outputs if not c.passed]
+        if not failing or any(c.output not in noise or c.nonfinite_actual for c in failing):
+            continue
+        if all(c.max_abs_error <= NOISE_FACTOR * noise[c.output].max_abs for c in failing):
+            worst = ", ".join(
+                f"{c.output!r} {c.max_abs_error:.2g} (reference's own error {noise[c.output].max_abs:.2g})"
+                for c in failing
+            )
+            hints.append(
+                f"{result.runtime}: every failing output is within {NOISE_FACTOR:g}x the float32 reference's own "
+                f"distance from the model in float64 ({worst}): float32 rounding of a deep network may explain it; "
+                "rerun with --noise-floor (noise_floor=True) to judge at that floor"
+            )
+    return hints
+
+
+def _with_noise_floors(
+    policy: TolerancePolicy,
+    model: Any,
+    mode: str,
+    feeds: Sequence[Feed],
+    references: Sequence[Feed],
+    input_specs: Sequence[TensorSpec],
+    output_names: Sequence[str],
+) -> tuple[TolerancePolicy, list[str]]:
+    """``policy`` with each float output's atol floor (:func:`runtime.noise.measured_noise` × NOISE_FACTOR) and a
+    note per output saying what was measured and what it set."""
+    from runtime.noise import NOISE_FACTOR, measured_noise
+
+    names = [s.name for s in input_specs]
+    noise = measured_noise(model, mode, feeds, references, names, output_names)
+    floors = {name: NOISE_FACTOR * found.max_abs for name, found in noise.items()}
+    notes = [
+        f"noise floor of {name!r}: the float32 reference is up to {found.max_abs:.2g} from the model in float64 "
+        f"(RMS {found.rms:.2g}, output RMS {found.scale:.2g}); atol is at least {NOISE_FACTOR:g} x that = "
+        f"{floors[name]:.2g}"
+        for name, found in noise.items()
+    ]
+    return replace(policy, floors=floors), notes
 
 
 def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path) -> Feed:

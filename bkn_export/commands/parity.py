@@ -163,6 +163,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance", type=parse_tolerance, action="append", default=[], help="per-output OUTPUT=ATOL,RTOL"
     )
     criteria.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="deep float32 networks: also run the model in float64 and never judge an output with an atol below 4x "
+        "the float32 reference's own distance from it (the report names each floor; needs a model that runs in "
+        "float64)",
+    )
+    criteria.add_argument(
         "--check-error-stat",
         choices=("elementwise", "elemwise", "max", "mean", "median", "quantile"),
         default="elementwise",
@@ -354,7 +361,7 @@ def _run(args: argparse.Namespace) -> int:
             model_description=(spec or "") + (f" + {args.checkpoint}" if args.checkpoint else ""),
             criteria=criteria, reference_outputs=reference_outputs, reference_name=reference_name,
             openvino_precision=args.openvino_precision, save_inputs=args.save_inputs,
-            save_outputs=args.save_outputs, repro_dir=args.repro,
+            save_outputs=args.save_outputs, repro_dir=args.repro, noise_floor=args.noise_floor,
         )  # fmt: skip
         progress.update(task, description="parity: finished")
     print_report(report, report_console())
