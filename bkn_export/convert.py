@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
@@ -412,18 +412,27 @@ BKN_ONLY_SUFFIXES = (*BKN_PARAMETERS, "_extra_state")
 def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
     """Load a plain BatchNorm checkpoint into a converted model.
 
-    Every key of ``state_dict`` must exist in ``model``; the only keys allowed to be
-    missing are BKN-only ones (gain, process noise, transition, wiring), which keep
-    their initial values. Returns the list of BKN-only keys left at their initial values.
+    Every key of ``state_dict`` must exist in ``model`` with the same tensor shape; the only
+    keys allowed to be missing are BKN-only ones (gain, process noise, transition, wiring),
+    which keep their initial values. Returns the list of BKN-only keys left at their initial
+    values. A checkpoint that does not fit raises :class:`CheckpointError` naming the keys
+    before anything is loaded: the model is left as it was.
     """
-    result = model.load_state_dict(state_dict, strict=False)
-    unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if not k.endswith(BKN_ONLY_SUFFIXES)]
-    if unexpected or missing:
+    own = model.state_dict()
+    unexpected = [k for k in state_dict if k not in own]
+    missing = [k for k in own if k not in state_dict and not k.endswith(BKN_ONLY_SUFFIXES)]
+    resized = [
+        f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})"
+        for k, v in state_dict.items()
+        if k in own and isinstance(v, Tensor) and isinstance(own[k], Tensor) and v.shape != own[k].shape
+    ]
+    if unexpected or missing or resized:
         raise CheckpointError(
-            "checkpoint does not fit the converted model: "
+            "checkpoint does not fit the converted model (nothing was loaded): "
             + (f"unexpected keys {unexpected}; " if unexpected else "")
             + (f"missing keys {missing}; " if missing else "")
+            + (f"other shapes: {', '.join(resized)}; " if resized else "")
             + "was it saved from the same architecture?"
         )
+    result = model.load_state_dict(state_dict, strict=False)
     return [k for k in result.missing_keys if k.endswith(BKN_ONLY_SUFFIXES)]

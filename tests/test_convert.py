@@ -158,6 +158,25 @@ def test_batchnorm_checkpoint_of_another_architecture_is_refused() -> None:
         load_batchnorm_state_dict(converted, other.state_dict())
 
 
+@pytest.mark.parametrize("fault", ["another width", "an extra key"])
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_loads(fault: str) -> None:
+    x = _example().float()
+    converted = convert_batchnorm(TinyResNet(), x).eval()
+    before = {k: v.clone() for k, v in converted.state_dict().items() if isinstance(v, torch.Tensor)}
+    checkpoint = {k: torch.full_like(v, 7.0) for k, v in TinyResNet().state_dict().items()}
+    if fault == "another width":
+        key = next(k for k, v in checkpoint.items() if k.endswith("weight") and v.dim() == 4)
+        checkpoint[key] = torch.zeros(checkpoint[key].shape[0] + 1, *checkpoint[key].shape[1:])
+        match = f"other shapes: {key}"
+    else:
+        checkpoint["junk.weight"] = torch.zeros(1)
+        match = "unexpected keys \\['junk.weight'\\]"
+    with pytest.raises(CheckpointError, match=match):
+        load_batchnorm_state_dict(converted, checkpoint)
+    after = converted.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was loaded
+
+
 def test_converted_checkpoint_round_trips(tmp_path: object) -> None:
     """state_dict → torch.save → torch.load → strict load into a fresh conversion: same outputs, train and eval."""
     x = _example()
