@@ -329,6 +329,13 @@ def run_parity(
             f"nothing to compare: the parity reference ({description}) gives none of {path}'s outputs {onnx_outputs}"
             + (f" (it gives {list(references[0])})" if references[0] else "")
         )
+    for iteration, outputs in enumerate(references):
+        if outputs and all(np.asarray(array).size == 0 for array in outputs.values()):
+            shapes = ", ".join(f"{name} {tuple(array.shape)}" for name, array in feeds[iteration].items())
+            raise BKNInputError(
+                f"input set {iteration} ({shapes}) compares nothing: every output of the parity reference is empty; "
+                "give inputs with at least one element (an empty batch checks no computation)"
+            )
     if uncompared:
         notes.append(
             f"not compared: {', '.join(repr(name) for name in uncompared)} "

@@ -281,3 +281,13 @@ def test_an_output_the_reference_lacks_is_named_in_the_report(tmp_path: Path) ->
     report = run_parity(None, path, [{"x": x}], mode="inference", runtimes="reference", reference_outputs=[{"y0": x}])
     assert report.passed and report.uncompared_outputs == ["y1"]
     assert any(note.startswith("not compared: 'y1'") for note in report.notes)
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_an_empty_batch_is_bad_input_not_a_pass(mode: str) -> None:
+    """An empty batch passed in inference (no element compared) and failed in training (runtimes crashed)."""
+    empty = np.zeros((0, *digits_inputs(1)[0].shape[1:]), np.float32)
+    with pytest.raises(
+        BKNInputError, match=r"input set 0 .*compares nothing: every output of the parity reference is empty"
+    ):
+        run_parity(trained_digits(), exported_digits(mode), [empty], runtimes="reference")
