@@ -105,6 +105,9 @@ def test_given_names_replace_the_defaults_and_run(tmp_path: Path, mode: str) -> 
         ({"output_names": ["a", "b", "c"]}, "output_names has 3 names"),
         ({"input_names": ["x", "x"]}, "repeated names"),
         ({"input_names": ["a", "b"], "output_names": ["a", "c"]}, "clash"),
+        # forward(image, mask) named (mask, image): parity would feed it crosswise
+        ({"input_names": ["mask", "image"]}, r"input 0 \(image\) named 'mask', forward\(\)'s argument 1.* crosswise"),
+        ({"input_names": ["mask", "valid"]}, r"input 0 \(image\) named 'mask'"),
     ],
 )
 def test_wrong_names_are_option_errors(tmp_path: Path, mode: str, options: dict, message: str) -> None:  # type: ignore[type-arg]

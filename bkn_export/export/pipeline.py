@@ -164,10 +164,11 @@ def io_names(
     output_keys: per output, the dict keys / named-tuple fields on its path (:func:`output_keys`),
     or None; reserved: names the defaults must not take (the mode's extra inputs and outputs).
     """
+    arguments = forward_argument_names(model)
     if request.input_names is not None:
         inputs = list(request.input_names)
+        _check_argument_positions(inputs, arguments, model)
     else:
-        arguments = forward_argument_names(model)
         inputs = [arguments[i] if i < len(arguments) else f"input_{i}" for i in range(num_inputs)]
     if request.output_names is not None:
         if len(request.output_names) != num_outputs:
@@ -328,6 +329,25 @@ def dynamic_shapes(module: nn.Module, dims: Sequence[Sequence[int]], num_extra: 
     if parameters and parameters[0].kind == inspect.Parameter.VAR_POSITIONAL:
         return (shapes,)
     return shapes
+
+
+def _check_argument_positions(inputs: Sequence[str], arguments: Sequence[str], model: nn.Module) -> None:
+    """Refuse input names that name another position's ``forward()`` argument: ``runtime`` (and anyone reading the
+    file) match inputs to ``forward()``'s arguments by name where every input names one, so ``forward(a, b)``
+    exported with the names ``b, a`` would be fed crosswise."""
+    crossed = [
+        f"input {i} ({arguments[i] if i < len(arguments) else 'beyond its arguments'}) named {name!r}, "
+        f"forward()'s argument {arguments.index(name)}"
+        for i, name in enumerate(inputs)
+        if name in arguments and arguments.index(name) != i
+    ]
+    if crossed:
+        raise OptionError(
+            f"input_names {list(inputs)} name other positions' forward() arguments of {type(model).__name__} "
+            f"(forward({', '.join(arguments)})): {'; '.join(crossed)}. Inputs are matched to forward()'s arguments "
+            "by name, so the file would be fed crosswise: give the arguments' own names in order, or names that "
+            "are not forward() arguments"
+        )
 
 
 def trace(traceable: Traceable, request: ExportRequest, explain: Callable[[Exception], str]) -> Traced:
