@@ -176,3 +176,27 @@ def test_console_entry_point_runs(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert out.exists()
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_a_float64_model_is_exported_from_float64_examples(tmp_path: Path, mode: str) -> None:
+    """The CLI made float32 examples whatever the model, and blamed --input-shape for a float64 model."""
+    source = tmp_path / "double_models.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+            from bkn_export import convert_batchnorm
+            def net():
+                torch.manual_seed(0)
+                model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                                      nn.BatchNorm2d(4)).double()
+                return convert_batchnorm(model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+            """
+        )
+    )
+    out = tmp_path / "m.onnx"
+    assert main(["export", f"{source}:net", "--input-shape", "2,3,8,8", "--mode", mode, "-o", str(out)]) == 0
+    graph_input = onnx.load(out).graph.input[0]
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE

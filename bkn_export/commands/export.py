@@ -91,7 +91,8 @@ def _memory_bytes() -> int | None:
 
 
 def example_inputs(model: Any, shapes: list[tuple[str | None, tuple[int, ...]]]) -> tuple[Any, ...]:
-    """Random float32 example tensors for ``model.forward``, from ``--input-shape`` values.
+    """Random example tensors for ``model.forward``, from ``--input-shape`` values, in the model's floating dtype
+    (its first floating parameter's or buffer's; float32 where it has none: a float64 model gets float64 examples).
 
     Named shapes (``x:1,3,8,8``) are placed by the forward() argument of that name; they
     must cover the first k arguments. Raises :class:`OptionError` for unknown, repeated or
@@ -125,7 +126,8 @@ def example_inputs(model: Any, shapes: list[tuple[str | None, tuple[int, ...]]])
                 f"{arguments[: max(positions) + 1]}, got {named}"
             )
         shapes = sorted(shapes, key=lambda item: arguments.index(str(item[0])))
-    needed = sum(4 * math.prod(shape) for _, shape in shapes)
+    dtype = _floating_dtype(model)
+    needed = sum(dtype.itemsize * math.prod(shape) for _, shape in shapes)
     memory = _memory_bytes()
     if memory is not None and needed > memory // 4:
         raise OptionError(
@@ -133,7 +135,14 @@ def example_inputs(model: Any, shapes: list[tuple[str | None, tuple[int, ...]]])
             f"(this machine has {memory / 2**30:.1f} GiB); the batch is dynamic, so export with a small example "
             "such as batch 1"
         )
-    return tuple(torch.randn(*shape) for _, shape in shapes)
+    return tuple(torch.randn(*shape, dtype=dtype) for _, shape in shapes)
+
+
+def _floating_dtype(model: Any) -> Any:
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
 def _names(text: str | None, option: str) -> list[str] | None:
