@@ -29,7 +29,7 @@ layers tried), 19× or more above the floor-based atol of 1.3e-4.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,33 +83,44 @@ def measured_noise(
     references: Sequence[Mapping[str, np.ndarray]],
     input_names: Sequence[str] = (),
     output_names: Sequence[str] = (),
+    output_dtypes: Mapping[str, str] | None = None,
 ) -> dict[str, ReferenceNoise]:
     """:func:`reference_noise` of reference outputs already computed: per output, the largest distance over the
     input sets ``feeds`` of ``references`` (the float32 model's outputs on them, keyed as the reference keyed them)
     from a float64 copy of ``model`` run on the same inputs (floating inputs cast to float64 by the backend,
     integer inputs as they are). input_names / output_names: the ONNX names the reference was keyed by (empty:
-    by position, ``input_0`` ...). Raises :class:`runtime.errors.BKNInputError` when the model cannot run in
-    float64.
-    """
-    from runtime.backends.torch_eager import TorchEagerBackend
-    from runtime.errors import BKNInputError
+    by position, ``input_0`` ...).
 
+    output_dtypes: the ONNX dtype name of each output; for a ``float16`` / ``bfloat16`` one (a half-precision
+    file), what is measured is a copy of the model in that dtype against float64 instead of the float32
+    reference: the error a half-precision evaluation of the model makes, which a file computing in half shares.
+    Raises :class:`runtime.errors.BKNInputError` when the model cannot run in float64 (or in the half dtype).
+    """
+    import torch
+
+    from runtime.backends.torch_eager import TorchEagerBackend
+
+    dtypes = dict(output_dtypes or {})
+    halves = sorted({d for d in dtypes.values() if d in _HALF_DTYPES})
+
+    def evaluate(dtype_name: str) -> list[dict[str, np.ndarray]]:
+        copied = copy.deepcopy(model).to(getattr(torch, dtype_name))
+        backend = TorchEagerBackend(copied, mode)
+        backend.input_names, backend.output_names = list(input_names), list(output_names)
+        return [backend.run(dict(feed)) for feed in feeds]
+
+    double = _evaluated(evaluate, "float64", model)
+    evaluations: dict[str, Sequence[Mapping[str, np.ndarray]]] = {"float32": references}
+    evaluations.update({d: _evaluated(evaluate, d, model) for d in halves})
     noise: dict[str, ReferenceNoise] = {}
-    try:
-        double = TorchEagerBackend(copy.deepcopy(model).double(), mode)
-        double.input_names, double.output_names = list(input_names), list(output_names)
-        evaluations = [double.run(dict(feed)) for feed in feeds]
-    except Exception as error:  # any failure of the float64 run means: no floor for this model
-        raise BKNInputError(
-            f"reference noise: {type(model).__name__} does not run in float64 ({type(error).__name__}: {error}); "
-            "judge it with the dtype defaults or explicit atol/rtol instead"
-        ) from error
-    for outputs, reference in zip(evaluations, references):
-        for name, r32 in reference.items():
-            if name not in outputs or not np.issubdtype(np.asarray(r32).dtype, np.floating):
+    for index, outputs in enumerate(double):
+        for name, r64_any in outputs.items():
+            evaluated = evaluations.get(dtypes.get(name, "float32"), evaluations["float32"])[index]
+            approximate = evaluated.get(name)
+            if approximate is None or not np.issubdtype(np.asarray(approximate).dtype, np.floating):
                 continue
-            r64 = outputs[name].astype(np.float64)
-            difference = r32.astype(np.float64) - r64
+            r64 = r64_any.astype(np.float64)
+            difference = np.asarray(approximate).astype(np.float64) - r64
             found = ReferenceNoise(
                 output=name,
                 max_abs=float(np.abs(difference).max()) if difference.size else 0.0,
@@ -119,6 +130,23 @@ def measured_noise(
             if name not in noise or found.max_abs > noise[name].max_abs:
                 noise[name] = found
     return noise
+
+
+_HALF_DTYPES = ("float16", "bfloat16")
+
+
+def _evaluated(
+    evaluate: Callable[[str], list[dict[str, np.ndarray]]], dtype_name: str, model: Any
+) -> list[dict[str, np.ndarray]]:
+    from runtime.errors import BKNInputError
+
+    try:
+        return evaluate(dtype_name)
+    except Exception as error:  # any failure of that run means: no floor for this model
+        raise BKNInputError(
+            f"reference noise: {type(model).__name__} does not run in {dtype_name} ({type(error).__name__}: "
+            f"{error}); judge it with the dtype defaults or explicit atol/rtol instead"
+        ) from error
 
 
 def noise_tolerance(noise: ReferenceNoise, dtype_name: str = "float32", factor: float = NOISE_FACTOR) -> Tolerance:

@@ -321,7 +321,7 @@ def run_parity(
         if not references[0]:
             raise BKNInputError(f"the PyTorch model returned no tensors; {path} has outputs {onnx_outputs}")
         if noise_floor:
-            policy, floor_notes = _with_noise_floors(policy, model, mode, feeds, references, input_specs, onnx_outputs)
+            policy, floor_notes = _with_noise_floors(policy, model, mode, feeds, references, input_specs, output_specs)
             notes.extend(floor_notes)
     uncompared = [name for name in onnx_outputs if name not in references[0]]
     if len(uncompared) == len(onnx_outputs):
@@ -400,7 +400,7 @@ def run_parity(
             progress("done", entry.name, index, total)
         report.runtimes.append(result)
     if model is not None and not noise_floor and report.failures():
-        report.notes.extend(_rounding_hints(report, model, mode, feeds, references, input_specs, onnx_outputs))
+        report.notes.extend(_rounding_hints(report, model, mode, feeds, references, input_specs, output_specs))
     return report
 
 
@@ -411,15 +411,16 @@ def _rounding_hints(
     feeds: Sequence[Feed],
     references: Sequence[Feed],
     input_specs: Sequence[TensorSpec],
-    output_names: Sequence[str],
+    output_specs: Sequence[TensorSpec],
 ) -> list[str]:
     """After a failure judged without the noise floor: a note per failed runtime whose every failing output is
-    within NOISE_FACTOR times the float32 reference's own error (measured against float64), suggesting the
-    floor. The verdict stays as it is; nothing is said where the float64 run fails or the errors are larger."""
-    from runtime.noise import NOISE_FACTOR, measured_noise
+    within NOISE_FACTOR times the measured error of the model's own evaluation in the output's dtype (float32:
+    the reference; float16 / bfloat16: a copy in that dtype) against float64, suggesting the floor. The verdict
+    stays as it is; nothing is said where the model does not run in those dtypes or the errors are larger."""
+    from runtime.noise import NOISE_FACTOR
 
     try:
-        noise = measured_noise(model, mode, feeds, references, [s.name for s in input_specs], output_names)
+        noise = _measured(model, mode, feeds, references, input_specs, output_specs)
     except BKNInputError:
         return []
     hints = []
@@ -429,12 +430,13 @@ def _rounding_hints(
             continue
         if all(c.max_abs_error <= NOISE_FACTOR * noise[c.output].max_abs for c in failing):
             worst = ", ".join(
-                f"{c.output!r} {c.max_abs_error:.2g} (reference's own error {noise[c.output].max_abs:.2g})"
+                f"{c.output!r} {c.max_abs_error:.2g} (the model's own {_dtype_of(c.output, output_specs)} error "
+                f"{noise[c.output].max_abs:.2g})"
                 for c in failing
             )
             hints.append(
-                f"{result.runtime}: every failing output is within {NOISE_FACTOR:g}x the float32 reference's own "
-                f"distance from the model in float64 ({worst}): float32 rounding of a deep network may explain it; "
+                f"{result.runtime}: every failing output is within {NOISE_FACTOR:g}x the distance of the model's own "
+                f"evaluation in that dtype from float64 ({worst}): rounding may explain it; "
                 "rerun with --noise-floor (noise_floor=True) to judge at that floor"
             )
     return hints
@@ -447,22 +449,43 @@ def _with_noise_floors(
     feeds: Sequence[Feed],
     references: Sequence[Feed],
     input_specs: Sequence[TensorSpec],
-    output_names: Sequence[str],
+    output_specs: Sequence[TensorSpec],
 ) -> tuple[TolerancePolicy, list[str]]:
     """``policy`` with each float output's atol floor (:func:`runtime.noise.measured_noise` × NOISE_FACTOR) and a
     note per output saying what was measured and what it set."""
-    from runtime.noise import NOISE_FACTOR, measured_noise
+    from runtime.noise import NOISE_FACTOR
+
+    noise = _measured(model, mode, feeds, references, input_specs, output_specs)
+    floors = {name: NOISE_FACTOR * found.max_abs for name, found in noise.items()}
+    notes = []
+    for name, found in noise.items():
+        dtype = _dtype_of(name, output_specs)
+        measured = "the float32 reference" if dtype not in ("float16", "bfloat16") else f"the model in {dtype}"
+        notes.append(
+            f"noise floor of {name!r}: {measured} is up to {found.max_abs:.2g} from the model in float64 "
+            f"(RMS {found.rms:.2g}, output RMS {found.scale:.2g}); atol is at least {NOISE_FACTOR:g} x that = "
+            f"{floors[name]:.2g}"
+        )
+    return replace(policy, floors=floors), notes
+
+
+def _measured(
+    model: Any,
+    mode: str,
+    feeds: Sequence[Feed],
+    references: Sequence[Feed],
+    input_specs: Sequence[TensorSpec],
+    output_specs: Sequence[TensorSpec],
+) -> dict[str, Any]:
+    from runtime.noise import measured_noise
 
     names = [s.name for s in input_specs]
-    noise = measured_noise(model, mode, feeds, references, names, output_names)
-    floors = {name: NOISE_FACTOR * found.max_abs for name, found in noise.items()}
-    notes = [
-        f"noise floor of {name!r}: the float32 reference is up to {found.max_abs:.2g} from the model in float64 "
-        f"(RMS {found.rms:.2g}, output RMS {found.scale:.2g}); atol is at least {NOISE_FACTOR:g} x that = "
-        f"{floors[name]:.2g}"
-        for name, found in noise.items()
-    ]
-    return replace(policy, floors=floors), notes
+    outputs = [s.name for s in output_specs]
+    return measured_noise(model, mode, feeds, references, names, outputs, {s.name: s.dtype for s in output_specs})
+
+
+def _dtype_of(output: str, output_specs: Sequence[TensorSpec]) -> str:
+    return next((s.dtype for s in output_specs if s.name == output), "float32")
 
 
 def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path) -> Feed:

@@ -222,3 +222,21 @@ def test_a_failure_within_the_references_own_error_suggests_the_noise_floor(
     assert bool(hints) == hinted, report.notes
     if hinted:
         assert run_parity(model, path, [x], runtimes="ort:cpu:disable_all", noise_floor=True).passed
+
+
+def test_a_float16_file_is_judged_against_the_models_own_float16_error(tmp_path: Path) -> None:
+    """For a half-precision file the floor measures a float16 copy of the model (the error a half evaluation
+    makes), not the float32 reference."""
+    model, x = _deep(depth=6)
+    path = tmp_path / "half.onnx"
+    export_onnx(model, torch.from_numpy(x), path, mode="inference", fp16=True)
+    x = x.astype(np.float16)  # the file's input dtype; PyTorch gets the same values (exact in float32)
+    report = run_parity(model, path, [x], runtimes="ort:cpu:all", noise_floor=True, localise_failures=False)
+    with torch.no_grad():
+        half = copy.deepcopy(model).half()(torch.from_numpy(x)).double().numpy()
+        r64 = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+    floor = NOISE_FACTOR * np.abs(half - r64).max()
+    (comparison,) = report.runtimes[0].outputs
+    assert comparison.tolerance.atol == pytest.approx(max(floor, DEFAULT_TOLERANCES["float16"].atol), rel=1e-9)
+    assert any(f"noise floor of {comparison.output!r}: the model in float16" in note for note in report.notes)
+    assert report.passed
