@@ -7,7 +7,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from torch import Tensor
 
@@ -16,6 +18,7 @@ from bkn_export.export.op.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 __all__ = [
     "GRAPH_OPTIMIZERS",
+    "check_conv_biases",
     "check_model",
     "example_tuple",
     "resolve_graph_optimizer",
@@ -92,6 +95,10 @@ def run_dynamo_export(
     program (``"full"``: ``ONNXProgram.optimize()``, what ``optimize=True`` runs; ``"fold"``: onnxscript's
     ``fold_constants`` and ``remove_unused_nodes``); an exporter failure becomes ExportError(explain(error)).
 
+    Then, in every form, a Conv / ConvTranspose bias that is provably all zeros and not a 1-D parameter is removed
+    (:func:`_drop_zero_conv_biases`: exact), and :func:`check_conv_biases` refuses any constant bias left that is
+    not of shape ``(C_out,)``, before anything is written.
+
     lighter_optimizer_hint: where given, a ``"full"`` optimization of a traced graph of :data:`LARGE_GRAPH_NODES`
     or more nodes is preceded by a warning that it may take minutes, ending with this hint (how to ask for a
     lighter one). bkn_export's own errors pass through unchanged. Callers validate ``graph_optimizer`` first
@@ -116,6 +123,8 @@ def run_dynamo_export(
     except Exception as error:  # the exporter raises (and wraps model errors in) many types
         raise ExportError(explain(error)) from error
     assert program is not None
+    _drop_zero_conv_biases(program.model)
+    check_conv_biases(program.model)
     return program
 
 
@@ -156,3 +165,132 @@ def _optimize(program: torch.onnx.ONNXProgram, graph_optimizer: str, lighter_opt
 
         onnxscript.optimizer.fold_constants(program.model)
         onnxscript.optimizer.remove_unused_nodes(program.model)
+
+
+# --------------------------------------------------------------------------- Conv biases
+
+#: The ops whose optional third input is a bias of shape (C_out,).
+_CONVOLUTIONS = ("Conv", "ConvTranspose")
+#: Ops whose output is all zeros when their first (data) input is.
+_ZERO_PRESERVING = ("Cast", "CastLike", "Expand")
+
+
+def _all_nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node of the main graph, its subgraphs and the model's functions."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    return nodes
+
+
+def _constant(value: ir.Value) -> ir.TensorProtocol | None:
+    """The tensor ``value`` always holds (an initializer that is not also a graph input, which a caller could
+    override, or a Constant node's output), else None."""
+    if value.is_graph_input():
+        return None
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant node: not provably anything
+        return None
+
+
+def _provably_zero(value: ir.Value | None) -> bool:
+    """Whether ``value`` is all zeros whatever the inputs: a zero constant, possibly through Cast / CastLike /
+    Expand (which keep a zero tensor zero)."""
+    while value is not None:
+        tensor = _constant(value)
+        if tensor is not None:
+            return not np.any(tensor.numpy())
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _ZERO_PRESERVING:
+            return False
+        value = node.inputs[0] if node.inputs else None
+    return False
+
+
+def _drop_zero_conv_biases(model: ir.Model) -> int:
+    """Remove the bias input of every Conv / ConvTranspose whose bias is provably all zeros, unless it is a 1-D
+    initializer (a parameter of the model, e.g. a zero-initialised bias, which a reader may look up by name); then
+    remove what only fed it. Returns how many biases were removed.
+
+    Exact: ``conv(x, w) + 0 == conv(x, w)``. Needed because onnxscript's ``aten_conv3d`` (torch.onnx's translation
+    of a bias-free Conv3d, up to at least onnxscript 0.7.2; microsoft/onnxscript#2931, fix proposed in #2935)
+    stands in a zero bias of shape ``(C_out, 2)``, copied from its complex variant: ONNX Runtime, the reference
+    evaluator and OpenVINO refuse the Conv ("bias must be a 1D tensor of size output_channels") while onnx.checker
+    passes it. The full optimizer leaves no such bias; ``"fold"`` folds it into a 2-D zero initializer, ``"none"``
+    keeps the ``Expand(CastLike(0, x), Concat(Shape(w)[:1], [2]))`` chain.
+    """
+    removed = 0
+    for node in _all_nodes(model):
+        if node.op_type not in _CONVOLUTIONS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        bias = node.inputs[2]
+        if bias is None or not _provably_zero(bias):
+            continue
+        if bias.is_initializer() and len(_static_dims(bias) or ()) == 1:
+            continue
+        node.resize_inputs(2)
+        _remove_if_dead(bias)
+        removed += 1
+    return removed
+
+
+def _remove_if_dead(value: ir.Value) -> None:
+    """Remove ``value``'s producer (or initializer) if nothing uses it any more, then its inputs in turn: only
+    what a removed bias leaves behind, so ``graph_optimizer="none"`` keeps the rest of the graph as traced."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        node = value.producer()
+        if node is None:
+            if value.is_initializer() and value.graph is not None and value.name is not None:
+                value.graph.initializers.pop(value.name)
+            continue
+        if any(output.uses() or output.is_graph_output() for output in node.outputs) or node.graph is None:
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        node.graph.remove(node, safe=True)
+        pending.extend(inputs)
+
+
+def _static_dims(value: ir.Value) -> tuple[int, ...] | None:
+    """``value``'s shape if every dimension is a known integer (a constant's, else the traced shape), else None."""
+    tensor = _constant(value)
+    shape = tensor.shape if tensor is not None else value.shape
+    if shape is None:
+        return None
+    dims = tuple(dim for dim in shape if isinstance(dim, int))
+    return dims if len(dims) == len(shape) else None
+
+
+def check_conv_biases(model: ir.Model) -> None:
+    """Refuse a Conv / ConvTranspose whose bias is a constant not of shape ``(C_out,)`` (Conv: ``W.shape[0]``;
+    ConvTranspose: ``W.shape[1] * group``), as :class:`ExportError` naming the node and the shapes.
+
+    onnx.checker does not look at a bias's shape, but every runtime refuses such a Conv; raised before the file
+    is written. Where the weight's shape is not static only the bias's rank is checked.
+    """
+    for node in _all_nodes(model):
+        if node.op_type not in _CONVOLUTIONS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        bias, weight = node.inputs[2], node.inputs[1]
+        if bias is None or _constant(bias) is None:
+            continue
+        bias_dims = _static_dims(bias)
+        weight_dims = _static_dims(weight) if weight is not None else None
+        out_channels: int | None = None
+        if weight_dims is not None and len(weight_dims) >= 2:
+            group = node.attributes.get_int("group", 1)
+            out_channels = weight_dims[0] if node.op_type == "Conv" else weight_dims[1] * group
+        if bias_dims is not None and len(bias_dims) == 1 and out_channels in (None, bias_dims[0]):
+            continue
+        wanted = f"[{out_channels}]" if out_channels is not None else "1-D"
+        raise ExportError(
+            f"{node.op_type} node {node.name!r}: its bias {bias.name!r} has shape "
+            f"{list(bias_dims) if bias_dims is not None else 'unknown'} (weight "
+            f"{list(weight_dims) if weight_dims is not None else 'unknown'}), but ONNX needs a bias of shape {wanted} "
+            "(C_out): ONNX Runtime, OpenVINO and the reference evaluator would refuse the node, so the file was not "
+            "written. The exporter made this bias: report the model with the torch and onnxscript versions"
+        )
