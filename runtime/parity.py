@@ -321,7 +321,8 @@ def run_parity(
         if not references[0]:
             raise BKNInputError(f"the PyTorch model returned no tensors; {path} has outputs {onnx_outputs}")
         if noise_floor:
-            policy, floor_notes = _with_noise_floors(policy, model, mode, feeds, references, input_specs, output_specs)
+            measured = _MeasuredRun(model, mode, feeds, references, input_specs, output_specs)
+            policy, floor_notes = _with_noise_floors(policy, measured)
             notes.extend(floor_notes)
     uncompared = [name for name in onnx_outputs if name not in references[0]]
     if len(uncompared) == len(onnx_outputs):
@@ -400,19 +401,38 @@ def run_parity(
             progress("done", entry.name, index, total)
         report.runtimes.append(result)
     if model is not None and not noise_floor and any(not c.passed for r in report.failures() for c in r.outputs):
-        report.notes.extend(_rounding_hints(report, model, mode, feeds, references, input_specs, output_specs))
+        measured = _MeasuredRun(model, mode, feeds, references, input_specs, output_specs)
+        report.notes.extend(_rounding_hints(report, measured))
     return report
 
 
-def _rounding_hints(
-    report: ParityReport,
-    model: Any,
-    mode: str,
-    feeds: Sequence[Feed],
-    references: Sequence[Feed],
-    input_specs: Sequence[TensorSpec],
-    output_specs: Sequence[TensorSpec],
-) -> list[str]:
+@dataclass(frozen=True)
+class _MeasuredRun:
+    """What the noise floor and the rounding hint measure against float64: the model, the mode, the input sets,
+    the reference's outputs on them and the file's I/O specs."""
+
+    model: Any
+    mode: str
+    feeds: Sequence[Feed]
+    references: Sequence[Feed]
+    input_specs: Sequence[TensorSpec]
+    output_specs: Sequence[TensorSpec]
+
+    def noise(self) -> dict[str, Any]:
+        """:func:`runtime.noise.measured_noise` per output (ReferenceNoise); BKNInputError where the model does not
+        run in float64 (or an output's half dtype)."""
+        from runtime.noise import measured_noise
+
+        return measured_noise(
+            self.model, self.mode, self.feeds, self.references, [s.name for s in self.input_specs],
+            [s.name for s in self.output_specs], {s.name: s.dtype for s in self.output_specs},
+        )  # fmt: skip
+
+    def dtype(self, output: str) -> str:
+        return next((s.dtype for s in self.output_specs if s.name == output), "float32")
+
+
+def _rounding_hints(report: ParityReport, run: _MeasuredRun) -> list[str]:
     """After a failure judged without the noise floor: a note per failed runtime whose every failing output is
     within NOISE_FACTOR times the measured error of the model's own evaluation in the output's dtype (float32:
     the reference; float16 / bfloat16: a copy in that dtype) against float64, suggesting the floor. The verdict
@@ -420,7 +440,7 @@ def _rounding_hints(
     from runtime.noise import NOISE_FACTOR
 
     try:
-        noise = _measured(model, mode, feeds, references, input_specs, output_specs)
+        noise = run.noise()
     except BKNInputError:
         return []
     hints = []
@@ -430,7 +450,7 @@ def _rounding_hints(
             continue
         if all(c.max_abs_error <= NOISE_FACTOR * noise[c.output].max_abs for c in failing):
             worst = ", ".join(
-                f"{c.output!r} {c.max_abs_error:.2g} (the model's own {_dtype_of(c.output, output_specs)} error "
+                f"{c.output!r} {c.max_abs_error:.2g} (the model's own {run.dtype(c.output)} error "
                 f"{noise[c.output].max_abs:.2g})"
                 for c in failing
             )
@@ -442,24 +462,16 @@ def _rounding_hints(
     return hints
 
 
-def _with_noise_floors(
-    policy: TolerancePolicy,
-    model: Any,
-    mode: str,
-    feeds: Sequence[Feed],
-    references: Sequence[Feed],
-    input_specs: Sequence[TensorSpec],
-    output_specs: Sequence[TensorSpec],
-) -> tuple[TolerancePolicy, list[str]]:
+def _with_noise_floors(policy: TolerancePolicy, run: _MeasuredRun) -> tuple[TolerancePolicy, list[str]]:
     """``policy`` with each float output's atol floor (:func:`runtime.noise.measured_noise` × NOISE_FACTOR) and a
     note per output saying what was measured and what it set."""
     from runtime.noise import NOISE_FACTOR
 
-    noise = _measured(model, mode, feeds, references, input_specs, output_specs)
-    floors = {name: NOISE_FACTOR * found.max_abs for name, found in noise.items()}
+    floors = {}
     notes = []
-    for name, found in noise.items():
-        dtype = _dtype_of(name, output_specs)
+    for name, found in run.noise().items():
+        floors[name] = NOISE_FACTOR * found.max_abs
+        dtype = run.dtype(name)
         measured = "the float32 reference" if dtype not in ("float16", "bfloat16") else f"the model in {dtype}"
         notes.append(
             f"noise floor of {name!r}: {measured} is up to {found.max_abs:.2g} from the model in float64 "
@@ -467,25 +479,6 @@ def _with_noise_floors(
             f"{floors[name]:.2g}"
         )
     return replace(policy, floors=floors), notes
-
-
-def _measured(
-    model: Any,
-    mode: str,
-    feeds: Sequence[Feed],
-    references: Sequence[Feed],
-    input_specs: Sequence[TensorSpec],
-    output_specs: Sequence[TensorSpec],
-) -> dict[str, Any]:
-    from runtime.noise import measured_noise
-
-    names = [s.name for s in input_specs]
-    outputs = [s.name for s in output_specs]
-    return measured_noise(model, mode, feeds, references, names, outputs, {s.name: s.dtype for s in output_specs})
-
-
-def _dtype_of(output: str, output_specs: Sequence[TensorSpec]) -> str:
-    return next((s.dtype for s in output_specs if s.name == output), "float32")
 
 
 def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path) -> Feed:
