@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 from test_runtime_support import digits_inputs, exported_digits, trained_digits, workdir
 
@@ -37,10 +38,23 @@ def passing_report() -> ParityReport:
     return run_parity(trained_digits(), exported_digits("training"), digits_inputs(), mode="training")
 
 
-@pytest.mark.parametrize("which", ["passing", "failing"])
+@functools.cache
+def failing_saved_outputs_report() -> ParityReport:
+    """The perturbed file against saved outputs (no PyTorch model): localised node by node ("nodes")."""
+    failing_report()  # writes the perturbed file
+    model = trained_digits().eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(digits_inputs()[0])).numpy()
+    output = onnx.load(exported_digits("inference")).graph.output[0].name
+    path = workdir() / "report_perturbed.onnx"
+    return run_parity(None, path, digits_inputs(), runtimes="reference", reference_outputs=[{output: expected}])
+
+
+@pytest.mark.parametrize("which", ["passing", "failing", "failing-saved"])
 def test_json_report_validates_against_the_documented_schema(tmp_path: Path, which: str) -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    report = passing_report() if which == "passing" else failing_report()
+    reports = {"passing": passing_report, "failing": failing_report, "failing-saved": failing_saved_outputs_report}
+    report = reports[which]()
     path = write_json(report, tmp_path / "report.json")
     data = json.loads(path.read_text())
     jsonschema.validate(data, load_schema())
@@ -48,6 +62,8 @@ def test_json_report_validates_against_the_documented_schema(tmp_path: Path, whi
     assert data["passed"] is (which == "passing")
     statuses = {r["runtime"]: r["status"] for r in data["runtimes"]}
     assert statuses["reference"] == ("passed" if which == "passing" else "failed")
+    if which == "failing-saved":
+        assert {r["localisation"]["method"] for r in data["runtimes"]} == {"nodes"}
     if which == "failing":
         localised = [r["localisation"] for r in data["runtimes"] if r["status"] == "failed"]
         assert localised and all(loc["first_diverging_module"] == "block1.conv2 + block1.norm2" for loc in localised)
