@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ from runtime._bkn import save_onnx
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture
 from runtime.compare import OutputComparison, TolerancePolicy, compare_output
-from runtime.onnx_scopes import Boundary, module_boundaries, prefix_model, with_outputs
+from runtime.onnx_scopes import Boundary, module_boundaries, module_inputs, prefix_model, with_outputs
 
 __all__ = ["NODE_CHUNK", "BoundaryCheck", "Localisation", "localise"]
 
@@ -97,13 +98,23 @@ class Localisation:
     confirmed: bool | None = None
     first: BoundaryCheck | None = None
     last_passing: str | None = None
+    #: Where the first diverging module's input already differs from PyTorch's: the module whose own code
+    #: (not one of its submodules) computed that input, ``""`` for the model's own forward; None otherwise.
+    own_code_of: str | None = None
+    #: The ONNX value where the divergence is first seen (the first diverging module output, or the input found
+    #: in step 5) and PyTorch's tensor there: what a repro bundle expects (:mod:`runtime.repro`). Not reported.
+    expected_value: str | None = field(default=None, repr=False)
+    expected: np.ndarray | None = field(default=None, repr=False, compare=False)
     checks: list[BoundaryCheck] = field(default_factory=list)
     prefix_runs: int = 0
     message: str = ""
 
     @property
     def first_module(self) -> str | None:
-        """The module (or fused group) whose output diverges first."""
+        """The module (or fused group) whose output diverges first; where its input already diverged, the module
+        whose own code computed that input (:attr:`own_code_of`; ``<model>`` for the model's own forward)."""
+        if self.own_code_of is not None:
+            return self.own_code_of or "<model>"
         return self.first.label if self.first else None
 
 
@@ -185,7 +196,8 @@ def localise(
             if capture is not None:
                 result = _localise(model, runner, runtime, reference_outputs, capture, failing_outputs, policy, method)
             if result is None or result.status == "no_metadata":
-                result = _localise_nodes(model, runner, runtime, Path(tmp), policy)
+                why = "no PyTorch model (saved reference outputs)" if capture is None else "no exporter module scopes"
+                result = _localise_nodes(model, runner, runtime, Path(tmp), policy, why)
             return result
     except Exception as error:  # a localisation failure must not hide the parity verdict
         return Localisation(runtime, "error", message=f"{type(error).__name__}: {error}")
@@ -197,14 +209,15 @@ def _node_values(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto]]:
 
 
 def _localise_nodes(
-    model: onnx.ModelProto, runner: _Runner, runtime: str, workdir: Path, policy: TolerancePolicy
+    model: onnx.ModelProto, runner: _Runner, runtime: str, workdir: Path, policy: TolerancePolicy, why: str
 ) -> Localisation:
+    """Node by node against the ONNX reference evaluator (``why``: why no module outputs are compared)."""
     from runtime.backends.reference import ReferenceEvaluatorBackend
 
     if runtime == "reference":
         return Localisation(
             runtime, "no_metadata", method="nodes",
-            message="no exporter module scopes, and the failing runtime is the ONNX reference evaluator itself: "
+            message=f"{why}, and the failing runtime is the ONNX reference evaluator itself: "
             "nothing independent to compare its node outputs with",
         )  # fmt: skip
     oracle = _Runner(ReferenceEvaluatorBackend, runner.inputs, workdir, prefix="oracle")
@@ -241,6 +254,45 @@ def _localise_nodes(
     return result
 
 
+def _compared(boundary: Boundary, capture: ModuleCapture) -> Boundary | None:
+    """``boundary`` attributed to the innermost module it leaves that ran once in the PyTorch forward (a block
+    whose output is a shared activation's, called twice, is compared as the block), or None."""
+    for module in (boundary.module, *boundary.enclosing):
+        if module in capture.outputs and capture.calls.get(module) == 1:
+            if module == boundary.module:
+                return boundary
+            return replace(boundary, module=module, modules=(module,), enclosing=())
+    return None
+
+
+def _diverged_input(
+    model: onnx.ModelProto, runner: _Runner, capture: ModuleCapture, first: BoundaryCheck, policy: TolerancePolicy
+) -> tuple[str, str, float, np.ndarray] | None:
+    """(value, the module whose own code computed it, max abs error, PyTorch's tensor) of an input of the first
+    diverging module
+    that already differs from that module's PyTorch input (matched by shape), in the same runtime; else None.
+    Then the divergence starts before the module, in the code of the module around it (functional code in a
+    block's ``forward``), which no module output shows."""
+    # A fused group (Conv + folded normalization) is one node in the last module's scope; its input is the
+    # group's first module's input in PyTorch.
+    first_module = first.modules[0] if first.modules else first.module
+    if capture.calls.get(first_module) != 1 or not capture.inputs.get(first_module):
+        return None
+    inputs = module_inputs(model, first.module, set(capture.outputs))
+    if not inputs:
+        return None
+    exposed = runner.run(with_outputs(model, [value for value, _ in inputs]))
+    for value, producer in inputs:
+        actual = exposed.get(value)
+        candidates = [t for t in capture.inputs[first_module] if actual is not None and t.shape == actual.shape]
+        if actual is None or len(candidates) != 1:
+            continue
+        comparison = compare_output(value, candidates[0], actual, policy.tolerance(value, actual.dtype.name))
+        if not comparison.passed:
+            return value, producer, comparison.max_abs_error, candidates[0]
+    return None
+
+
 def _localise(
     model: onnx.ModelProto,
     runner: _Runner,
@@ -251,8 +303,7 @@ def _localise(
     policy: TolerancePolicy,
     method: str,
 ) -> Localisation:
-    boundaries = module_boundaries(model, known_modules=set(capture.outputs))
-    boundaries = [b for b in boundaries if b.module in capture.outputs and capture.calls.get(b.module) == 1]
+    boundaries = [b for b in map(_compared, module_boundaries(model, set(capture.outputs)), repeat(capture)) if b]
     if not boundaries:
         return Localisation(
             runtime, "no_metadata",
@@ -314,6 +365,7 @@ def _localise(
                 high = middle
         result.first = verdicts[high]
         result.last_passing = checks[high - 1][1].module if high > 0 else None
+    diverged_input = _diverged_input(model, runner, capture, result.first, policy) if result.first else None
     result.prefix_runs = runner.count - 1
     if result.first is not None:
         result.status = "localised"
@@ -323,6 +375,18 @@ def _localise(
             + f", max abs error {result.first.max_abs_error:.3g}"
             + (f"; last agreeing module: {result.last_passing}" if result.last_passing else "")
         )  # fmt: skip
+        expected = _match(capture, result.first.module, exposed.get(result.first.onnx_value, np.empty(0)))
+        result.expected_value, result.expected = result.first.onnx_value, expected
+        if diverged_input is not None:
+            value, producer, error, result.expected = diverged_input
+            result.own_code_of, result.expected_value = producer, value
+            result.message = (
+                f"first diverging module: {producer or '<model>'}, in its own code (not a submodule): the input "
+                f"of {result.first.label} already differs from PyTorch (value {value!r}, max abs error {error:.3g}), "
+                f"computed by {producer or 'the model'}'s forward"
+                + (f" after {result.last_passing}" if result.last_passing else "")
+                + f"; first diverging module output: {result.first.label} (ONNX node {result.first.onnx_node})"
+            )
     elif not checks:
         result.message = "no ONNX module output could be matched to a PyTorch module output by shape"
     return result

@@ -27,7 +27,15 @@ import onnx
 
 from runtime._bkn import NAME_SCOPES_KEY, read_name_scopes
 
-__all__ = ["NAME_SCOPES_KEY", "Boundary", "module_boundaries", "node_scope", "prefix_model", "with_outputs"]
+__all__ = [
+    "NAME_SCOPES_KEY",
+    "Boundary",
+    "module_boundaries",
+    "module_inputs",
+    "node_scope",
+    "prefix_model",
+    "with_outputs",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,9 @@ class Boundary:
     position: int
     module: str
     modules: tuple[str, ...] = field(default_factory=tuple)
+    #: The modules around ``module`` that the value also leaves, innermost first: a block whose output is
+    #: its last submodule's (a shared activation called twice, whose own outputs are not compared).
+    enclosing: tuple[str, ...] = field(default_factory=tuple)
 
 
 def node_scope(node: onnx.NodeProto) -> tuple[str, ...] | None:
@@ -110,9 +121,10 @@ def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = N
         for value in node.output:
             if not value:
                 continue
-            module = _innermost_left(scope, [scopes[i] for i in consumers.get(value, [])], value in graph_outputs)
-            if module is None:
+            left = _modules_left(scope, [scopes[i] for i in consumers.get(value, [])], value in graph_outputs)
+            if not left:
                 continue
+            module, enclosing = left[0], tuple(left[1:])
             modules = tuple([*(o for o in owners if o != module), module])
             folded = [m for m in folded_into.get(node.name, []) if m not in modules]
             if folded:
@@ -126,8 +138,33 @@ def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = N
                 # so its value is the normalization's output, the last module of the group.
                 modules = (*modules, *folded)
                 module = folded[-1]
-            boundaries.append(Boundary(value, node.name, node.op_type, index, module, modules))
+                enclosing = ()
+            boundaries.append(Boundary(value, node.name, node.op_type, index, module, modules, enclosing))
     return boundaries
+
+
+def module_inputs(model: onnx.ModelProto, module: str, known_modules: set[str] | None = None) -> list[tuple[str, str]]:
+    """The values computed outside ``module`` that its nodes read (not graph inputs, initializers or constants),
+    each with the innermost module whose node produced it (``''``: the model's own forward), in graph order."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    produced: dict[str, tuple[str, ...] | None] = {}
+    constants: set[str] = set()
+    found: list[tuple[str, str]] = []
+    for node in graph.node:
+        raw = node_scope(node)
+        scope = None if raw is None else tuple(_unwrapped(s, known_modules) for s in raw)
+        if scope is not None and module in scope:
+            for name in node.input:
+                if name and name in produced and name not in constants and name not in initializers:
+                    outer = produced[name]
+                    if (outer is None or module not in outer) and name not in (v for v, _ in found):
+                        found.append((name, next((s for s in reversed(outer or ()) if s), "")))
+        for value in node.output:
+            produced[value] = scope
+            if node.op_type == "Constant":
+                constants.add(value)
+    return found
 
 
 #: bkn_export's fold report: JSON list of {"module", "target" (ONNX node name), "kind", "detail"}.
@@ -157,19 +194,19 @@ def _folded_in_pytorch(model: onnx.ModelProto) -> dict[str, list[str]]:
     return folded
 
 
-def _innermost_left(
+def _modules_left(
     scope: tuple[str, ...], consumer_scopes: list[tuple[str, ...] | None], is_graph_output: bool
-) -> str | None:
-    """The innermost non-root module of ``scope`` that the value leaves."""
+) -> list[str]:
+    """The non-root modules of ``scope`` that the value leaves, innermost first."""
+    left = []
     for depth in range(len(scope) - 1, 0, -1):
         module = scope[depth]
         if not module:
             continue
         inside = scope[: depth + 1]
-        leaves = is_graph_output or any(c is None or c[: depth + 1] != inside for c in consumer_scopes)
-        if leaves:
-            return module
-    return None
+        if is_graph_output or any(c is None or c[: depth + 1] != inside for c in consumer_scopes):
+            left.append(module)
+    return left
 
 
 def _value_info(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:

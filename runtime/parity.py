@@ -59,7 +59,7 @@ from runtime.registry import RuntimeEntry, discover, select
 __all__ = ["REFERENCE_DESCRIPTION", "SCHEMA_VERSION", "ParityReport", "RuntimeResult", "Status", "run_parity"]
 
 #: Version of the JSON report layout (runtime/report_schema.json); bump on incompatible changes.
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 #: What the PyTorch reference computes, per mode (shown in every report).
 REFERENCE_DESCRIPTION = {

@@ -8,8 +8,10 @@ sub-folder per failing runtime)::
                     failure was not localised to a node
     inputs.json     its inputs, Polygraphy JSON (``polygraphy run --load-inputs``)
     expected.json   the expected outputs as a Polygraphy ``RunResults``, runner ``reference``:
-                    the ONNX reference evaluator's for a sub-model (ONNX's own semantics), the
-                    run's reference (PyTorch or saved outputs) for the whole model
+                    for a sub-model PyTorch's tensor at that value where the localisation matched
+                    one (the module's output, or the input it found diverging: what the file
+                    should compute), else the ONNX reference evaluator's (ONNX's own semantics);
+                    the run's reference (PyTorch or saved outputs) for the whole model
     README.txt      what failed and the commands that re-check it (``bkn parity`` and ``polygraphy run``)
 
 The bundle is then re-run on the failing runtime and the README says whether it
@@ -79,6 +81,9 @@ def write_repro(
     directory.mkdir(parents=True, exist_ok=True)
     loc = result.localisation
     first_value = loc.first.onnx_value if loc is not None and loc.first is not None else None
+    pytorch = loc is not None and loc.expected is not None and loc.expected_value is not None
+    if pytorch:
+        first_value = loc.expected_value
     with tempfile.TemporaryDirectory(prefix="bkn-repro-") as tmp:
         workdir = Path(tmp)
         cut = _sub_model(model, first_value, workdir) if first_value else None
@@ -86,8 +91,15 @@ def write_repro(
             sub, input_names = cut
             values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx")
             sub_feed = {name: values[name] if name in values else feed[name] for name in input_names}
-            expected = _evaluate(sub, sub_feed, workdir, "expected.onnx")
-            scope = f"the node producing {first_value!r} ({loc.first.op_type}, node {loc.first.onnx_node!r})"
+            node = _node_of(model, str(first_value))
+            assert node is not None  # _sub_model found it
+            scope = f"the node producing {first_value!r} ({node.op_type}, node {node.name!r})"
+            if pytorch:
+                expected = {str(first_value): loc.expected}
+                scope += "; expected.json: PyTorch's tensor there (what the file should compute)"
+            else:
+                expected = _evaluate(sub, sub_feed, workdir, "expected.onnx")
+                scope += "; expected.json: the ONNX reference evaluator's output of that node (ONNX's semantics)"
         else:
             sub = model
             sub_feed = dict(feed)

@@ -45,6 +45,9 @@ class ModuleCapture:
     outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
+    #: module name -> its tensor inputs (first call), copied before its forward ran (an in-place module
+    #: overwrites its input).
+    inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 def _tensor_leaves(value: Any) -> list[Any]:
@@ -246,6 +249,11 @@ class TorchEagerBackend(Backend):
                 capture.order.append(_name)
                 capture.outputs[_name] = [_snapshot(t) for t in _tensor_leaves(output)]
 
+            def pre_hook(_module: Any, args: Any, _name: str = module_name) -> None:
+                if _name not in capture.inputs:
+                    capture.inputs[_name] = [_snapshot(t) for t in _tensor_leaves(args)]
+
+            handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(hook))
         try:
             outputs = self._forward(model, inputs)

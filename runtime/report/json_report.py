@@ -71,6 +71,7 @@ def _localisation(loc: Localisation | None) -> dict[str, Any] | None:
         "first_diverging_module": loc.first_module,
         "first": _check(loc.first) if loc.first else None,
         "last_passing_module": loc.last_passing,
+        "own_code_of": loc.own_code_of,
         "prefix_runs": loc.prefix_runs,
         "checks": [_check(c) for c in loc.checks],
         "message": loc.message,
