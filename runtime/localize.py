@@ -278,7 +278,7 @@ def _diverged_input(
     first_module = first.modules[0] if first.modules else first.module
     if capture.calls.get(first_module) != 1 or not capture.inputs.get(first_module):
         return None
-    inputs = module_inputs(model, first.module, set(capture.outputs))
+    inputs = module_inputs(model, first.module, set(capture.outputs), capture.aliases)
     if not inputs:
         return None
     exposed = runner.run(with_outputs(model, [value for value, _ in inputs]))
@@ -303,7 +303,8 @@ def _localise(
     policy: TolerancePolicy,
     method: str,
 ) -> Localisation:
-    boundaries = [b for b in map(_compared, module_boundaries(model, set(capture.outputs)), repeat(capture)) if b]
+    found = module_boundaries(model, set(capture.outputs), capture.aliases)
+    boundaries = [b for b in map(_compared, found, repeat(capture)) if b]
     if not boundaries:
         return Localisation(
             runtime, "no_metadata",

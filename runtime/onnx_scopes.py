@@ -86,21 +86,39 @@ def _unwrapped(name: str, known_modules: set[str] | None) -> str:
     return name
 
 
-def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = None) -> list[Boundary]:
+def _scopes(
+    model: onnx.ModelProto, known_modules: set[str] | None, aliases: dict[str, str] | None
+) -> list[tuple[str, ...] | None]:
+    """Each node's module path (None without metadata), its names matched to ``known_modules`` and an alias
+    (a module registered under several names) replaced by the name it is known by."""
+    aliases = aliases or {}
+    scopes: list[tuple[str, ...] | None] = []
+    for node in model.graph.node:
+        scope = node_scope(node)
+        if scope is None:
+            scopes.append(None)
+            continue
+        names = (_unwrapped(s, known_modules | set(aliases) if known_modules is not None else None) for s in scope)
+        scopes.append(tuple(aliases.get(s, s) for s in names))
+    return scopes
+
+
+def module_boundaries(
+    model: onnx.ModelProto, known_modules: set[str] | None = None, aliases: dict[str, str] | None = None
+) -> list[Boundary]:
     """Every module boundary of the main graph, in topological order.
 
     known_modules: the PyTorch module names; parameter owners not among them are ignored,
     and scope names are matched to them also after dropping leading components (an
-    exporter may wrap the model, giving ``model.block1`` for ``block1``).
+    exporter may wrap the model, giving ``model.block1`` for ``block1``). aliases: further
+    names of modules registered under several names -> the known name (the exporter's
+    scopes may use either).
     Nodes without the exporter's metadata are not attributed to any module.
     """
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
-    scopes: list[tuple[str, ...] | None] = []
-    for node in graph.node:
-        scope = node_scope(node)
-        scopes.append(None if scope is None else tuple(_unwrapped(s, known_modules) for s in scope))
+    scopes = _scopes(model, known_modules, aliases)
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
         for name in node.input:
@@ -143,17 +161,18 @@ def module_boundaries(model: onnx.ModelProto, known_modules: set[str] | None = N
     return boundaries
 
 
-def module_inputs(model: onnx.ModelProto, module: str, known_modules: set[str] | None = None) -> list[tuple[str, str]]:
+def module_inputs(
+    model: onnx.ModelProto, module: str, known_modules: set[str] | None = None, aliases: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
     """The values computed outside ``module`` that its nodes read (not graph inputs, initializers or constants),
-    each with the innermost module whose node produced it (``''``: the model's own forward), in graph order."""
+    each with the innermost module whose node produced it (``''``: the model's own forward), in graph order
+    (``known_modules``, ``aliases``: as :func:`module_boundaries`)."""
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     produced: dict[str, tuple[str, ...] | None] = {}
     constants: set[str] = set()
     found: list[tuple[str, str]] = []
-    for node in graph.node:
-        raw = node_scope(node)
-        scope = None if raw is None else tuple(_unwrapped(s, known_modules) for s in raw)
+    for node, scope in zip(graph.node, _scopes(model, known_modules, aliases)):
         if scope is not None and module in scope:
             for name in node.input:
                 if name and name in produced and name not in constants and name not in initializers:

@@ -143,3 +143,23 @@ def test_the_repro_bundle_cuts_at_the_planted_node_and_expects_pytorchs_tensor(
         "--load-outputs", str(bundle / "expected.json"), "--runtimes", "reference",
     ]  # fmt: skip
     assert main(recheck) == 1
+
+
+def test_a_block_the_exporter_names_by_another_registration_is_blamed_by_its_own_name(tmp_path: Path) -> None:
+    """MONAI's DynUNet registers each down block twice (``downsamples.0`` is ``skip_layers.next_layer.downsample``)
+    and calls its LeakyReLU twice; the exporter's scopes use the second name. A fault in the block's residual add
+    was blamed on the bottleneck's first layer."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    net = nets.DynUNet(2, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], res_block=True,
+                       norm_name="batch", filters=[4, 8, 16])  # fmt: skip
+    x = torch.randn(2, 1, 16, 16)
+    model = convert_batchnorm(net.eval(), x).eval()
+    assert model.downsamples[0] is model.skip_layers.next_layer.downsample
+    path = tmp_path / "dynunet.onnx"
+    export_onnx(model, (x,), path, mode="inference")
+    planted = tmp_path / "planted.onnx"
+    _planted(path, planted, "Add", "skip_layers.next_layer.downsample", "Sub")
+    report = run_parity(model, planted, runtimes="ort:cpu:all")
+    localisation = report.runtimes[0].localisation
+    assert localisation is not None and localisation.first_module == "downsamples.0", localisation.message

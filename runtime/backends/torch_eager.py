@@ -48,6 +48,9 @@ class ModuleCapture:
     #: module name -> its tensor inputs (first call), copied before its forward ran (an in-place module
     #: overwrites its input).
     inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    #: Each further name of a module registered under several names -> the name it is recorded under (the
+    #: first, as ``named_modules()`` gives it); the exporter's scopes may use any of them.
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def _tensor_leaves(value: Any) -> list[Any]:
@@ -237,6 +240,11 @@ class TorchEagerBackend(Backend):
         self, model: Any, inputs: Mapping[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], ModuleCapture]:
         capture = ModuleCapture()
+        first_names: dict[int, str] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            canonical = first_names.setdefault(id(module), name)
+            if name and canonical != name:
+                capture.aliases[name] = canonical
         handles = []
         for module_name, module in model.named_modules():
             if not module_name:
