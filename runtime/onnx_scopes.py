@@ -92,14 +92,12 @@ def _scopes(
     """Each node's module path (None without metadata), its names matched to ``known_modules`` and an alias
     (a module registered under several names) replaced by the name it is known by."""
     aliases = aliases or {}
+    known = None if known_modules is None else known_modules | set(aliases)
     scopes: list[tuple[str, ...] | None] = []
     for node in model.graph.node:
         scope = node_scope(node)
-        if scope is None:
-            scopes.append(None)
-            continue
-        names = (_unwrapped(s, known_modules | set(aliases) if known_modules is not None else None) for s in scope)
-        scopes.append(tuple(aliases.get(s, s) for s in names))
+        names = None if scope is None else (_unwrapped(s, known) for s in scope)
+        scopes.append(None if names is None else tuple(aliases.get(n, n) for n in names))
     return scopes
 
 
