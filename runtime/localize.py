@@ -269,10 +269,9 @@ def _diverged_input(
     model: onnx.ModelProto, runner: _Runner, capture: ModuleCapture, first: BoundaryCheck, policy: TolerancePolicy
 ) -> tuple[str, str, float, np.ndarray] | None:
     """(value, the module whose own code computed it, max abs error, PyTorch's tensor) of an input of the first
-    diverging module
-    that already differs from that module's PyTorch input (matched by shape), in the same runtime; else None.
-    Then the divergence starts before the module, in the code of the module around it (functional code in a
-    block's ``forward``), which no module output shows."""
+    diverging module that already differs from that module's PyTorch input (matched by shape), in the same
+    runtime; else None. Then the divergence starts before the module, in the code of the module around it
+    (functional code in a block's ``forward``), which no module output shows."""
     # A fused group (Conv + folded normalization) is one node in the last module's scope; its input is the
     # group's first module's input in PyTorch.
     first_module = first.modules[0] if first.modules else first.module
@@ -370,15 +369,16 @@ def _localise(
     result.prefix_runs = runner.count - 1
     if result.first is not None:
         result.status = "localised"
-        result.message = (
-            f"first diverging module: {result.first.label}"
-            + f" (ONNX node {result.first.onnx_node}, {result.first.op_type}, value {result.first.onnx_value!r})"
-            + f", max abs error {result.first.max_abs_error:.3g}"
-            + (f"; last agreeing module: {result.last_passing}" if result.last_passing else "")
-        )  # fmt: skip
-        expected = _match(capture, result.first.module, exposed.get(result.first.onnx_value, np.empty(0)))
-        result.expected_value, result.expected = result.first.onnx_value, expected
-        if diverged_input is not None:
+        if diverged_input is None:
+            result.expected_value = result.first.onnx_value
+            result.expected = _match(capture, result.first.module, exposed.get(result.first.onnx_value, np.empty(0)))
+            result.message = (
+                f"first diverging module: {result.first.label}"
+                + f" (ONNX node {result.first.onnx_node}, {result.first.op_type}, value {result.first.onnx_value!r})"
+                + f", max abs error {result.first.max_abs_error:.3g}"
+                + (f"; last agreeing module: {result.last_passing}" if result.last_passing else "")
+            )  # fmt: skip
+        else:
             value, producer, error, result.expected = diverged_input
             result.own_code_of, result.expected_value = producer, value
             result.message = (

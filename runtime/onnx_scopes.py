@@ -169,19 +169,19 @@ def module_inputs(
     initializers = {t.name for t in graph.initializer}
     produced: dict[str, tuple[str, ...] | None] = {}
     constants: set[str] = set()
-    found: list[tuple[str, str]] = []
+    found: dict[str, str] = {}
     for node, scope in zip(graph.node, _scopes(model, known_modules, aliases)):
         if scope is not None and module in scope:
             for name in node.input:
                 if name and name in produced and name not in constants and name not in initializers:
                     outer = produced[name]
-                    if (outer is None or module not in outer) and name not in (v for v, _ in found):
-                        found.append((name, next((s for s in reversed(outer or ()) if s), "")))
+                    if (outer is None or module not in outer) and name not in found:
+                        found[name] = next((s for s in reversed(outer or ()) if s), "")
         for value in node.output:
             produced[value] = scope
             if node.op_type == "Constant":
                 constants.add(value)
-    return found
+    return list(found.items())
 
 
 #: bkn_export's fold report: JSON list of {"module", "target" (ONNX node name), "kind", "detail"}.

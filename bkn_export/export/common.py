@@ -175,12 +175,20 @@ _CONVOLUTIONS = ("Conv", "ConvTranspose")
 _ZERO_PRESERVING = ("Cast", "CastLike", "Expand")
 
 
-def _all_nodes(model: ir.Model) -> list[ir.Node]:
-    """Every node of the main graph, its subgraphs and the model's functions."""
+def _conv_biases(model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
+    """(node, bias) of every Conv / ConvTranspose with a bias, in the main graph, its subgraphs and the model's
+    functions."""
     nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
     for function in model.functions.values():
         nodes.extend(ir.traversal.RecursiveGraphIterator(function))
-    return nodes
+    return [
+        (node, node.inputs[2])
+        for node in nodes
+        if node.op_type in _CONVOLUTIONS
+        and node.domain in ("", "ai.onnx")
+        and len(node.inputs) >= 3
+        and node.inputs[2] is not None
+    ]
 
 
 def _constant(value: ir.Value) -> ir.TensorProtocol | None:
@@ -221,13 +229,8 @@ def _drop_zero_conv_biases(model: ir.Model) -> int:
     keeps the ``Expand(CastLike(0, x), Concat(Shape(w)[:1], [2]))`` chain.
     """
     removed = 0
-    for node in _all_nodes(model):
-        if node.op_type not in _CONVOLUTIONS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
-            continue
-        bias = node.inputs[2]
-        if bias is None or not _provably_zero(bias):
-            continue
-        if bias.is_initializer() and len(_static_dims(bias) or ()) == 1:
+    for node, bias in _conv_biases(model):
+        if not _provably_zero(bias) or (bias.is_initializer() and len(_static_dims(bias) or ()) == 1):
             continue
         node.resize_inputs(2)
         _remove_if_dead(bias)
@@ -272,12 +275,10 @@ def check_conv_biases(model: ir.Model) -> None:
     onnx.checker does not look at a bias's shape, but every runtime refuses such a Conv; raised before the file
     is written. Where the weight's shape is not static only the bias's rank is checked.
     """
-    for node in _all_nodes(model):
-        if node.op_type not in _CONVOLUTIONS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+    for node, bias in _conv_biases(model):
+        if _constant(bias) is None:
             continue
-        bias, weight = node.inputs[2], node.inputs[1]
-        if bias is None or _constant(bias) is None:
-            continue
+        weight = node.inputs[1]
         bias_dims = _static_dims(bias)
         weight_dims = _static_dims(weight) if weight is not None else None
         out_channels: int | None = None
