@@ -18,6 +18,7 @@ from bkn_export.errors import (
     DistributedError,
     ExportError,
     InvalidStatisticsError,
+    RecomputationError,
     UnsupportedLayerError,
 )
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from bkn_export.distributed import SyncBatchKalmanNorm, convert_sync_batchkalmannorm
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
+    from bkn_export.recompute import checkpoint
 
     __version__: str
 
@@ -50,6 +52,7 @@ _LAZY = {
     **dict.fromkeys(("SyncBatchKalmanNorm", "convert_sync_batchkalmannorm"), "bkn_export.distributed"),
     **dict.fromkeys(("BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "KalmanOptions"), "bkn_export.nn"),
     "fold": "bkn_export.export.fold",
+    "checkpoint": "bkn_export.recompute",
 }  # fmt: skip
 
 
@@ -84,11 +87,13 @@ __all__ = [
     "KalmanOptions",
     "LayerStatistics",
     "PriorSource",
+    "RecomputationError",
     "SyncBatchKalmanNorm",
     "UnsupportedLayerError",
     "__version__",
     "bkn_layers",
     "chain_statistics",
+    "checkpoint",
     "convert_batchnorm",
     "convert_sync_batchkalmannorm",
     "describe_chain",

@@ -24,6 +24,7 @@ __all__ = [
     "OptionError",
     "OutputWriteError",
     "PluginLibraryNotFoundError",
+    "RecomputationError",
     "RuntimeLoadError",
     "UnsupportedLayerError",
 ]
@@ -43,6 +44,10 @@ class KalmanOptionsError(BKNError, ValueError):
 
 class ChainWiringError(BKNError):
     """The Kalman chain cannot be wired, or a saved wiring does not match the model."""
+
+
+class RecomputationError(BKNError, RuntimeError):
+    """A BKN layer is recomputed (activation checkpointing) without the chain its prior comes from."""
 
 
 class CheckpointError(BKNError):

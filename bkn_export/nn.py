@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export import cpu_kernels, fast_prior, per_channel, triton_step
+from bkn_export import cpu_kernels, fast_prior, per_channel, recompute, triton_step
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
 from bkn_export.ops import channel_constant, kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
@@ -390,6 +390,8 @@ class _BatchKalmanNorm(nn.Module):
         else:
             op_prior = self._prior(x)
             y, posterior_mean, posterior_variance, count = self._kalman_step(x, *op_prior)
+        if recompute.replaying() is not None:  # bkn_export.checkpoint recomputing: state stays as the forward left it
+            return y
         if self.training and self.track_running_stats:
             self._update_running_statistics(posterior_mean, posterior_variance, count)
         if self.chain is not None:
@@ -460,17 +462,21 @@ class _BatchKalmanNorm(nn.Module):
         step and :func:`~bkn_export.functional.update_running_statistics_` at p = 0 (posterior
         = batch statistics)."""
         update = self.training and self.track_running_stats
-        if update:
+        running_mean, running_var = (self.running_mean, self.running_var) if update else (None, None)
+        if update and recompute.replaying() is not None:
+            # bkn_export.checkpoint's recomputation: the same op (the same tensors saved), its update into copies.
+            assert running_mean is not None and running_var is not None
+            running_mean, running_var = running_mean.clone(), running_var.clone()
+        elif update:
             assert self.num_batches_tracked is not None
             self.num_batches_tracked.add_(1)
-        running_mean, running_var = (self.running_mean, self.running_var) if update else (None, None)
         momentum = self.momentum
         assert momentum is not None  # _is_plain_batchnorm checked it
         return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
 
     def _empty(self, x: Tensor, use_batch: bool) -> Tensor:
         """BatchNorm on an empty input: an empty output (γ, β in its graph), statistics untouched."""
-        if use_batch and self.training and self.num_batches_tracked is not None:
+        if use_batch and self.training and self.num_batches_tracked is not None and recompute.replaying() is None:
             self.num_batches_tracked.add_(1)
         acc = Fk.statistics_dtype(x.dtype)
         mean = self.running_mean if self.running_mean is not None else x.new_zeros((self.num_features,), dtype=acc)

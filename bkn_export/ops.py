@@ -227,9 +227,11 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _saved_inputs(ctx: Any) -> KalmanNormInputs:
-    saved: tuple[Any, ...] = (*ctx.saved_tensors[:6], ctx.eps, ctx.fallback_ratio)
-    return KalmanNormInputs(*saved)
+def _saved_inputs(ctx: Any, saved: tuple[Any, ...] | None = None) -> KalmanNormInputs:
+    """The forward's inputs from ``ctx`` (``saved``: its ``saved_tensors`` where the caller read them already:
+    a checkpoint's saved-tensor hooks unpack each tensor only once)."""
+    tensors: tuple[Any, ...] = (*(ctx.saved_tensors if saved is None else saved)[:6], ctx.eps, ctx.fallback_ratio)
+    return KalmanNormInputs(*tensors)
 
 
 def _defined_gradients(grads: tuple[Tensor | None, ...], inputs: KalmanNormInputs) -> KalmanStep:
@@ -275,12 +277,12 @@ def _through_backward_op(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputG
 
 
 def _input_gradients(
-    ctx: Any,
+    inputs: KalmanNormInputs,
     output_grads: tuple[Tensor | None, ...],
     backward: Callable[[KalmanNormInputs, KalmanStep], _InputGradients],
 ) -> tuple[Tensor | None, ...]:
-    """Gradients of the forward op's 8 inputs, computed by ``backward`` (the backward op or a backend)."""
-    inputs = _saved_inputs(ctx)
+    """Gradients of the forward op's 8 inputs (as saved: :func:`_saved_inputs`), computed by ``backward`` (the
+    backward op or a backend)."""
     grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias = backward(
         inputs, _defined_gradients(output_grads, inputs)
     )
@@ -298,7 +300,7 @@ def _input_gradients(
 
 
 def _backward(ctx: Any, *output_grads: Tensor | None) -> tuple[Tensor | None, ...]:
-    return _input_gradients(ctx, output_grads, _through_backward_op)
+    return _input_gradients(_saved_inputs(ctx), output_grads, _through_backward_op)
 
 
 def _setup_double_backward(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -394,15 +396,16 @@ class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *output_grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        saved = ctx.saved_tensors
+        inputs = _saved_inputs(ctx, saved)
         if torch.is_grad_enabled():  # create_graph=True: the backward op has the second derivative
-            return _input_gradients(ctx, output_grads, _through_backward_op)
+            return _input_gradients(inputs, output_grads, _through_backward_op)
         if ctx.state is None:
-            return _input_gradients(ctx, output_grads, functools.partial(_backward_on, _CPU))
-        x, prior_mean, prior_variance, prior_weight, weight, bias, mean, variance = ctx.saved_tensors
+            return _input_gradients(inputs, output_grads, functools.partial(_backward_on, _CPU))
+        x, weight, bias = inputs.x, inputs.weight, inputs.bias
+        mean, variance = saved[6:8]
         if not _state_takes(output_grads, x, mean):
-            return _input_gradients(ctx, output_grads, functools.partial(_backward_on, _CPU))
-        eps, ratio = ctx.eps, ctx.fallback_ratio
-        inputs = KalmanNormInputs(x, prior_mean, prior_variance, prior_weight, weight, bias, eps, ratio)
+            return _input_gradients(inputs, output_grads, functools.partial(_backward_on, _CPU))
         stats, effective_weight, intermediates, fired = ctx.state
         terms = Fk.UpdateTerms(mean, variance, *intermediates)
         state = cpu_kernels.ForwardState(stats, effective_weight, terms, fired)

@@ -85,6 +85,26 @@ def test_float32_step_is_as_accurate_as_the_cpu_route(route_interpreter: Interpr
         assert _relative_error(child[name], exact[name]) <= 4 * own + 1e-6, (name, own)
 
 
+@pytest.mark.parametrize("checkpointing", ["segments", "whole", "unpack-once"])
+def test_a_checkpointed_step_is_the_plain_step(route_interpreter: InterpreterProcess, checkpointing: str) -> None:
+    """Activation checkpointing on both routes (bkn_export.checkpoint on segments, torch's on the whole wired
+    model, and saved tensors that unpack once as a checkpoint's do): the plain step's output, gradients and
+    (but for the whole model, recomputed with its running statistics as nn.BatchNorm is) statistics, bit for bit."""
+    for run in (route_interpreter.call, _here):
+        plain = tensors_of(run("support.triton_steps:train_step", "float32", 3))
+        checkpointed = tensors_of(run("support.triton_steps:train_step", "float32", 3, "kernels", "cpu", checkpointing))
+        assert plain.keys() == checkpointed.keys()
+        for name in plain:
+            if checkpointing == "whole" and name.startswith("buffer."):
+                continue
+            assert torch.equal(plain[name], checkpointed[name]), (run, name)
+
+
+def _here(target: str, *args: object) -> dict[str, object]:
+    assert target == "support.triton_steps:train_step"
+    return triton_steps.train_step(*args)  # type: ignore[arg-type, return-value]
+
+
 def test_running_statistics_with_cumulative_momentum(route_interpreter: InterpreterProcess) -> None:
     """momentum=None: the Triton update reads num_batches_tracked on the device (two steps)."""
     child = route_interpreter.call("support.triton_steps:cumulative_running_statistics", "float64")

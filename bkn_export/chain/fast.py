@@ -348,8 +348,9 @@ class _AffineMoments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        with _without_autocast(ctx.saved_tensors[1]):
-            return _AffineMoments._backward(ctx, grad_mean, grad_variance)
+        saved = ctx.saved_tensors  # read once: a checkpoint's saved-tensor hooks unpack each tensor only once
+        with _without_autocast(saved[1]):
+            return _AffineMoments._backward(ctx, saved, grad_mean, grad_variance)
 
     @staticmethod
     def _forward(
@@ -377,8 +378,9 @@ class _AffineMoments(torch.autograd.Function):
         return out_mean, out_variance
 
     @staticmethod
-    def _backward(ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
+    def _backward(
+        ctx: Any, saved: tuple[Any, ...], grad_mean: Tensor | None, grad_variance: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         layer_weight, mean, variance, fraction, pairs = saved[:5]
         if torch.is_grad_enabled():
             return (

@@ -8,6 +8,7 @@ model carry it as it is.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bkn_export import recompute
 from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, observers, scratch_for
 from bkn_export.chain.transitions import Transition, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring
@@ -65,17 +67,27 @@ class ChainMembership:
         this call counts as absent (a RuntimeWarning, once per layer and not while dynamo
         traces; observers, hence ``chain_statistics``, see it on every call).
         """
+        replay = recompute.replaying()
+        if replay is not None:  # bkn_export.checkpoint recomputes a segment: the prior its forward predicted
+            prior = replay.prior_of(layer, self.name)
+            recompute.remember(layer, prior)  # a checkpoint nested in the segment records it again
+            return prior
         prior = None
         unrun: dict[int, str] = {}
-        if self._transition is not None and self.root is not None:
+        if self.root is not None:
             scratch = scratch_for(self.root)
-            if scratch is not None:
+            if scratch is None:
+                recompute.refuse_unchained(layer, self.name)
+            elif self._transition is not None:
                 unrun = self._unrun(scratch)
                 if unrun:
                     self._warn(unrun)
-                prior = self._transition.predict(
-                    layer, scratch.published, scratch.modules, x, scratch.predictions, frozenset(unrun)
-                )
+                predict = functools.partial(
+                    self._transition.predict,
+                    layer, scratch.published, scratch.modules, x, scratch.predictions, frozenset(unrun),
+                )  # fmt: skip
+                prior = recompute.kept(predict)
+        recompute.remember(layer, prior)
         for observer in observers():
             observer.saw_prior(layer, prior, tuple(self._describe(i, m) for i, m in unrun.items()))
         return prior

@@ -19,7 +19,12 @@ Where the scratch lives during the call:
   traced graph itself carries the posteriors as plain data flow, and dynamo compiles
   one frame at a time). Compile the root you wired: a layer traced by dynamo inside a
   compiled *submodule* of an eager root does not see the eager scratch and runs as
-  first in chain.
+  first in chain. The other way round works: where a compiled forward of the root runs
+  part of itself eagerly (a graph break into code dynamo does not trace:
+  ``torch.compiler.disable``, :func:`bkn_export.checkpoint`), dynamo has replayed the traced
+  frame's side effects, so the token's slot holds the scratch with real tensors and the
+  eager layers read it (an eager forward of the root clears a slot that a compiled forward
+  which raised left behind).
 
 A layer called outside a forward of its root finds no scratch and behaves exactly as a
 first-in-chain layer, i.e. as ``nn.BatchNorm*d``.
@@ -175,7 +180,11 @@ def scratch_for(root: ChainRoot) -> ChainScratch | None:
     """The scratch of the current call of ``root`` in this thread/task, or None outside one."""
     if torch.compiler.is_dynamo_compiling():
         return root.traced
-    return _OPEN.get().get(root)
+    scratch = _OPEN.get().get(root)
+    # Outside dynamo's trace inside a compiled forward of the root (a graph break into code dynamo does not
+    # trace: torch._dynamo.disable, bkn_export.checkpoint): dynamo has replayed the traced frame's side effects,
+    # so the token holds the scratch, with the published posteriors as real tensors.
+    return root.traced if scratch is None else scratch
 
 
 def _open_scratch(module: nn.Module, args: Any) -> None:
@@ -185,6 +194,7 @@ def _open_scratch(module: nn.Module, args: Any) -> None:
     if torch.compiler.is_dynamo_compiling():
         root.traced = scratch
         return
+    root.traced = None  # left behind by a compiled forward that raised: not this call's
     scratch.token = _OPEN.set(MappingProxyType({**_OPEN.get(), root: scratch}))
 
 

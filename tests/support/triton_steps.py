@@ -14,13 +14,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
+import bkn_export
 from bkn_export import convert_batchnorm, kernels, native, per_channel, triton_step
 
 
@@ -170,8 +173,42 @@ def _without_triton_step() -> Iterator[None]:
         triton_step.applies = original  # type: ignore[assignment]
 
 
+class _UnpackOnce(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that, like torch.utils.checkpoint's, let each saved tensor be unpacked once."""
+
+    def __init__(self) -> None:
+        def unpack(holder: list[Any]) -> Tensor:
+            assert not holder[1], "a backward read ctx.saved_tensors twice"
+            holder[1] = True
+            return holder[0]  # type: ignore[no-any-return]
+
+        super().__init__(lambda tensor: [tensor, False], unpack)
+
+
+def _checkpointed(model: nn.Module, checkpointing: str) -> Callable[[Tensor], Tensor]:
+    """The model's forward as ``checkpointing`` says: "none"; "segments" (its depthwise block, and the gate and
+    projection after it, under :func:`bkn_export.checkpoint`); "whole" (the wired model under
+    ``torch.utils.checkpoint``); "unpack-once" (:class:`_UnpackOnce` hooks around the forward)."""
+    if checkpointing == "segments":
+        for name in ("depthwise", "excite", "project"):
+            module = getattr(model, name)
+            module.forward = functools.partial(bkn_export.checkpoint, module.forward)
+        return model
+    if checkpointing == "whole":
+        return functools.partial(torch.utils.checkpoint.checkpoint, model, use_reentrant=False)
+    if checkpointing == "unpack-once":
+
+        def forward(x: Tensor) -> Tensor:
+            with _UnpackOnce():
+                return model(x)  # type: ignore[no-any-return]
+
+        return forward
+    assert checkpointing == "none", checkpointing
+    return model
+
+
 def train_step(
-    dtype: str, seed: int = 0, forms: str = "kernels", device: str = "cpu", **options: Any
+    dtype: str, seed: int = 0, forms: str = "kernels", device: str = "cpu", checkpointing: str = "none", **options: Any
 ) -> dict[str, Tensor | dict[str, int]]:
     """One train step of the converted :class:`_Net` (batch 2, 12×12) in ``dtype`` ("float32"/"float64")
     on ``device`` (converted on the CPU, then moved; results come back on the CPU).
@@ -181,8 +218,10 @@ def train_step(
     (kernels, but every layer's step as the op with the prior assembled by its own launch and autograd adding
     γ's and β's gradients: :mod:`bkn_export.triton_step` switched off).
     Returns the output, every parameter's gradient, every running statistic (by name) and, under
-    "launches", the twin calls counted. ``options``: BKN options for the conversion."""
+    "launches", the twin calls counted. checkpointing: see :func:`_checkpointed`. ``options``: BKN options for
+    the conversion."""
     model = _converted(dtype, seed, device, **options)
+    forward = _checkpointed(model, checkpointing)
     float_type = getattr(torch, dtype)
     model.train()
     x = draw((2, 3, 12, 12), float_type).to(device)
@@ -191,7 +230,7 @@ def train_step(
     with routes:
         if per_channel.triton_route(x):
             routes.enter_context(counted_launches(counts))
-        output = model(x)
+        output = forward(x)
         (output * torch.linspace(-1.0, 1.0, output.numel(), dtype=float_type).reshape(output.shape)).sum().backward()
     result: dict[str, Tensor | dict[str, int]] = {"output": output.detach().cpu()}
     for name, parameter in model.named_parameters():
