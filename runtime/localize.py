@@ -50,7 +50,7 @@ from runtime._bkn import save_onnx
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture
 from runtime.compare import OutputComparison, TolerancePolicy, compare_output
-from runtime.onnx_scopes import Boundary, module_boundaries, module_inputs, prefix_model, with_outputs
+from runtime.onnx_scopes import Boundary, module_boundaries, module_inputs, nearest_upstream, prefix_model, with_outputs
 
 __all__ = ["NODE_CHUNK", "BoundaryCheck", "Localisation", "localise"]
 
@@ -292,6 +292,29 @@ def _diverged_input(
     return None
 
 
+def _walked_back(
+    model: onnx.ModelProto,
+    checks: list[tuple[Boundary, BoundaryCheck]],
+    failing: int,
+    prefix_check: Callable[[int], BoundaryCheck],
+) -> tuple[int, int | None]:
+    """From a module output whose prefix model fails, up the graph to one whose nearest upstream module outputs all
+    agree: (its index, the index of the last of those in graph order, or None where it has none).
+
+    Bisection assumes that once a value diverges everything after it in graph order does; across independent
+    branches (a skip connection) it can land on a merge past the fault. Each step checks the prefix models of
+    the current output's nearest upstream module outputs and moves to the first that fails, so the result
+    is a divergence whose inputs agree, whatever the graph order."""
+    index_of = {boundary.value: index for index, (boundary, _) in enumerate(checks)}
+    current = failing
+    while True:
+        upstream = sorted(index_of[v] for v in nearest_upstream(model, checks[current][0].value, set(index_of)))
+        diverged = next((index for index in upstream if not prefix_check(index).passed), None)
+        if diverged is None:
+            return current, (upstream[-1] if upstream else None)
+        current = diverged
+
+
 def _localise(
     model: onnx.ModelProto,
     runner: _Runner,
@@ -363,8 +386,9 @@ def _localise(
                 low = middle + 1
             else:
                 high = middle
-        result.first = verdicts[high]
-        result.last_passing = checks[high - 1][1].module if high > 0 else None
+        first, last_passing = _walked_back(model, checks, high, prefix_check)
+        result.first = verdicts[first]
+        result.last_passing = checks[last_passing][1].module if last_passing is not None else None
     diverged_input = _diverged_input(model, runner, capture, result.first, policy) if result.first else None
     result.prefix_runs = runner.count - 1
     if result.first is not None:

@@ -255,6 +255,25 @@ def with_outputs(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
     return exposed
 
 
+def nearest_upstream(model: onnx.ModelProto, value: str, stops: set[str]) -> set[str]:
+    """The values of ``stops`` that ``value`` is computed from with no other value of ``stops`` between
+    (its nearest upstream boundaries; not ``value`` itself)."""
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    found: set[str] = set()
+    seen = {value}
+    stack = [i for i in producer[value].input if i] if value in producer else []
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in stops:
+            found.add(name)
+        elif name in producer:
+            stack.extend(i for i in producer[name].input if i)
+    return found
+
+
 def prefix_model(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
     """The sub-model computing ``value`` from the graph inputs: the nodes it depends on, ``value`` its output."""
     graph = model.graph
