@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from bkn_export.distributed import SyncBatchKalmanNorm, convert_sync_batchkalmannorm
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
-    from bkn_export.recompute import checkpoint
+    from bkn_export.recompute import checkpoint, checkpoint_sequential
 
     __version__: str
 
@@ -52,7 +52,7 @@ _LAZY = {
     **dict.fromkeys(("SyncBatchKalmanNorm", "convert_sync_batchkalmannorm"), "bkn_export.distributed"),
     **dict.fromkeys(("BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "KalmanOptions"), "bkn_export.nn"),
     "fold": "bkn_export.export.fold",
-    "checkpoint": "bkn_export.recompute",
+    **dict.fromkeys(("checkpoint", "checkpoint_sequential"), "bkn_export.recompute"),
 }  # fmt: skip
 
 
@@ -94,6 +94,7 @@ __all__ = [
     "bkn_layers",
     "chain_statistics",
     "checkpoint",
+    "checkpoint_sequential",
     "convert_batchnorm",
     "convert_sync_batchkalmannorm",
     "describe_chain",

@@ -48,7 +48,7 @@ from bkn_export.errors import OptionError, RecomputationError
 if TYPE_CHECKING:
     from bkn_export.nn import Prior
 
-__all__ = ["checkpoint", "kept", "refuse_unchained", "remember", "replaying"]
+__all__ = ["checkpoint", "checkpoint_sequential", "kept", "refuse_unchained", "remember", "replaying"]
 
 
 @dataclass
@@ -233,3 +233,34 @@ def checkpoint(
         return _Both(_Recording(record), forward), _Both(_Replaying(record), recompute)
 
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+
+def checkpoint_sequential(
+    functions: nn.Sequential | list[nn.Module],
+    segments: int,
+    input: Any,
+    use_reentrant: bool | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``torch.utils.checkpoint.checkpoint_sequential(functions, segments, input, use_reentrant=False)`` through
+    :func:`checkpoint`: ``functions`` (an ``nn.Sequential`` or a list of modules) split into ``segments`` chunks of
+    ``len // segments`` modules as torch splits them, each but the last checkpointed, the last run as it is.
+    kwargs: ``preserve_rng_state`` and the other keyword arguments of :func:`checkpoint`."""
+    if segments < 1:
+        raise OptionError(f"bkn_export.checkpoint_sequential: segments must be at least 1, got {segments}")
+    modules = list(functions.children()) if isinstance(functions, nn.Sequential) else list(functions)
+
+    def run(start: int, stop: int) -> Callable[[Any], Any]:
+        def forward(value: Any) -> Any:
+            for module in modules[start:stop]:
+                value = module(value)
+            return value
+
+        return forward
+
+    size = len(modules) // segments
+    stop = 0
+    for start in range(0, size * (segments - 1), size):
+        stop = start + size
+        input = checkpoint(run(start, stop), input, use_reentrant=use_reentrant, **kwargs)
+    return run(stop, len(modules))(input)

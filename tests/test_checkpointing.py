@@ -326,3 +326,45 @@ def test_an_eager_island_in_a_compiled_forward_keeps_the_chain(island: str) -> N
     for (name, b), (_, c) in zip(eager.named_buffers(), compiled_model.named_buffers(), strict=True):
         torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-12, msg=name)
     assert compiled_model.__dict__["_bkn_chain_root"].traced is None
+
+
+class _Sequence(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(_block(3, 8), *[_block(8, 8) for _ in range(4)])
+        self.head = nn.Linear(8, 4)
+        self.segments = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.segments:
+            x = bkn_export.checkpoint_sequential(self.features, self.segments, x)
+        else:
+            x = self.features(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("segments", [1, 2, 3])
+def test_checkpoint_sequential_trains_as_the_plain_model(segments: int) -> None:
+    torch.manual_seed(0)
+    model = _converted(_Sequence(), torch.randn(2, 3, 8, 8))
+
+    def set_run(m: nn.Module) -> None:
+        m.segments = segments
+
+    _train_side_by_side(model, set_run, [torch.randn(2, 3, 8, 8)], steps=2)
+
+
+def test_checkpoint_sequential_splits_as_torch_does() -> None:
+    """The same chunks as torch.utils.checkpoint.checkpoint_sequential: each but the last checkpointed."""
+    calls: list[str] = []
+    modules = [nn.Identity() for _ in range(7)]
+    for index, module in enumerate(modules):
+        module.register_forward_hook(lambda m, a, o, i=index: calls.append(str(i)))
+    x = torch.randn(2, requires_grad=True)
+    bkn_export.checkpoint_sequential(modules, 3, x).sum().backward()
+    ours = list(calls)
+    calls.clear()
+    torch.utils.checkpoint.checkpoint_sequential(modules, 3, x, use_reentrant=False).sum().backward()
+    assert ours == calls
+    with pytest.raises(OptionError, match="segments must be at least 1"):
+        bkn_export.checkpoint_sequential(modules, 0, x)
