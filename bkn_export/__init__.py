@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
     from bkn_export.recompute import checkpoint, checkpoint_sequential
+    from bkn_export.swa import update_bn
 
     __version__: str
 
@@ -53,6 +54,7 @@ _LAZY = {
     **dict.fromkeys(("BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "KalmanOptions"), "bkn_export.nn"),
     "fold": "bkn_export.export.fold",
     **dict.fromkeys(("checkpoint", "checkpoint_sequential"), "bkn_export.recompute"),
+    "update_bn": "bkn_export.swa",
 }  # fmt: skip
 
 
@@ -101,5 +103,6 @@ __all__ = [
     "fold",
     "format_chain",
     "load_batchnorm_state_dict",
+    "update_bn",
     "wire_chain",
 ]

@@ -375,8 +375,20 @@ class _BatchKalmanNorm(nn.Module):
             return self._empty(x, use_batch)
         if not use_batch:
             assert self.running_mean is not None and self.running_var is not None
-            return Fk.kalman_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            y = Fk.kalman_norm_inference(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            if self.chain is not None and recompute.replaying() is None:
+                self._publish_running_statistics(x)
+            return y
         return self._batch_step(x)
+
+    def _publish_running_statistics(self, x: Tensor) -> None:
+        """An eval-mode layer (frozen, as in fine-tuning with BatchNorm frozen) normalizes with its running statistics:
+        they are its estimate of its input's statistics, handed on as its posterior to the layers it feeds (which
+        may train). Without it they would have no prior and run as BatchNorm."""
+        assert self.chain is not None and self.running_mean is not None and self.running_var is not None
+        acc = Fk.statistics_dtype(x.dtype)
+        mean, variance = _cast(self.running_mean, acc), _cast(self.running_var, acc)
+        self.chain.publish(self, x, None, mean.detach(), variance.detach(), x.numel() // x.shape[1])
 
     def _batch_step(self, x: Tensor) -> Tensor:
         """Prior, Kalman step, running statistics, publish: the train-mode forward of x (N, C, *)."""

@@ -142,6 +142,8 @@ class ChainMembership:
             scratch = scratch_for(self.root)
             if scratch is not None:
                 scratch.publish(self.wiring.name, published)
+        if op_prior is None and not layer.training:  # an eval-mode layer's running statistics: no step to record
+            return
         for observer in observers():
             assert op_prior is not None, "the op assembled the prior under an observer (ChainMember.observed)"
             observer.saw_posterior(layer, published, op_prior, x)
