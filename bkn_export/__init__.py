@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
     from bkn_export.recompute import checkpoint, checkpoint_sequential
+    from bkn_export.param_groups import parameter_groups
     from bkn_export.swa import update_bn
 
     __version__: str
@@ -55,6 +56,7 @@ _LAZY = {
     "fold": "bkn_export.export.fold",
     **dict.fromkeys(("checkpoint", "checkpoint_sequential"), "bkn_export.recompute"),
     "update_bn": "bkn_export.swa",
+    "parameter_groups": "bkn_export.param_groups",
 }  # fmt: skip
 
 
@@ -103,6 +105,7 @@ __all__ = [
     "fold",
     "format_chain",
     "load_batchnorm_state_dict",
+    "parameter_groups",
     "update_bn",
     "wire_chain",
 ]
