@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from bkn_export.distributed import SyncBatchKalmanNorm, convert_sync_batchkalmannorm
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
-    from bkn_export.recompute import checkpoint, checkpoint_sequential
     from bkn_export.param_groups import parameter_groups
+    from bkn_export.recompute import checkpoint, checkpoint_sequential
     from bkn_export.swa import update_bn
 
     __version__: str
