@@ -30,7 +30,7 @@ def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | st
     (``model.train(was_training)``, as torch does). A BKN layer's running statistics are the average of its
     posteriors (its batch statistics blended with its Kalman prior), as in training.
     """
-    momenta: dict[nn.Module, float | None] = {}
+    momenta: dict[nn.modules.batchnorm._BatchNorm | _BatchKalmanNorm, float | None] = {}
     for module in model.modules():
         if isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchKalmanNorm)) and module.track_running_stats:
             module.reset_running_stats()
