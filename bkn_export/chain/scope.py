@@ -70,6 +70,7 @@ __all__ = [
     "close_observer",
     "detach_roots",
     "forward_scope",
+    "global_forward_hooks",
     "move_root",
     "observers",
     "open_observer",
@@ -283,6 +284,13 @@ class PathWatch:
         scratch.clock += 1
         for name in self.names:
             scratch.calls.setdefault(name, []).append(scratch.clock)
+
+
+def global_forward_hooks() -> bool:
+    """Whether global forward (pre-)hooks are registered (``nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def watch_modules(model: nn.Module, root: ChainRoot, names: Iterable[str]) -> frozenset[str]:

@@ -26,11 +26,15 @@ Every choice is a note that :func:`bkn_export.describe_chain` shows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from bkn_export.chain.member import ChainMembership
 from bkn_export.chain.record import (
@@ -41,7 +45,7 @@ from bkn_export.chain.record import (
     is_normalization,
     record_dataflow,
 )
-from bkn_export.chain.scope import attach_root, watch_modules
+from bkn_export.chain.scope import PathWatch, attach_root, global_forward_hooks, watch_modules
 from bkn_export.chain.transitions import path_modules
 from bkn_export.chain.wiring import Wiring
 from bkn_export.errors import ChainWiringError
@@ -88,6 +92,7 @@ def wire_chain(
     watched = watch_modules(model, root, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
     for layer, wiring in wirings:
         layer.join_chain(ChainMembership(root, wiring, watched), wiring.previous_features)
+    _warn_about_hooks(modules, [w for _, w in wirings if w.transition == "propagate" or w.transition == "sampled"])
     for name, module in modules.items():
         if isinstance(module, _BatchKalmanNorm) and name not in order:
             if options is not None:
@@ -95,6 +100,38 @@ def wire_chain(
             note = "did not run on the example inputs: not wired (BatchNorm)"
             module.join_chain(ChainMembership(root, Wiring(name, None, notes=(note,))))
     return model
+
+
+#: Forward pre-hooks that set a module's weight and return None (the input unchanged): ours, and torch's weight
+#: reparametrizations (``weight_norm``, ``spectral_norm``, ``prune``), whose effect the prediction reads in the weight.
+_INPUT_KEEPING_PRE_HOOKS = (PathWatch, WeightNorm, SpectralNorm, BasePruningMethod)
+
+
+def _warn_about_hooks(modules: Mapping[str, nn.Module], wirings: list[Wiring]) -> None:
+    """Warn, naming them, about forward (pre-)hooks on the modules a prediction goes through (a path's steps and its
+    source layers): the prediction follows each module's own function, so a hook that replaces an input or an
+    output is not in it, and the prior would describe the network without the hook."""
+    paths = [path for w in wirings for path in w.sources]
+    names = dict.fromkeys(n for path in paths for n in (*path.normalizations(), *path_modules(path)))
+    hooked = []
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            continue
+        pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, _INPUT_KEEPING_PRE_HOOKS)]
+        if pre or module._forward_hooks:
+            hooked.append(f"'{name}' ({len(pre)} pre-hook(s), {len(module._forward_hooks)} hook(s))")
+    if global_forward_hooks():
+        hooked.append("every module (global forward hooks)")
+    if hooked:
+        warnings.warn(
+            "forward hooks on modules the Kalman chain predicts through: " + ", ".join(hooked) + ". The prediction "
+            "follows each module's own function: a hook that returns a new input or output (not None) is not in it, "
+            "and the layers downstream would get the prior of the network without that hook. Hooks that only read "
+            "are fine; hooks added after wiring are not checked.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def bkn_layers(model: nn.Module) -> list[tuple[str, _BatchKalmanNorm]]:
