@@ -27,6 +27,7 @@ __all__ = [
     "RecomputationError",
     "RuntimeLoadError",
     "UnsupportedLayerError",
+    "UnsupportedTransformError",
 ]
 
 
@@ -48,6 +49,10 @@ class ChainWiringError(BKNError):
 
 class RecomputationError(BKNError, RuntimeError):
     """A BKN layer is recomputed (activation checkpointing) without the chain its prior comes from."""
+
+
+class UnsupportedTransformError(BKNError, RuntimeError):
+    """A BKN layer's train-mode step runs under a torch.func transform (grad, vmap, jacrev...): not supported."""
 
 
 class CheckpointError(BKNError):

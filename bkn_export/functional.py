@@ -472,7 +472,10 @@ def update_running_statistics_(
         return
     # sym_max, not a branch: with a symbolic count (torch.export, dynamic batch) a branch
     # would specialise the graph on n > 1; for n = 1 this gives 1 / 1 (variance as is).
-    unbiased = count / torch.sym_max(count - 1, 1)
+    if isinstance(count, Tensor):  # torch.jit.trace records sizes as tensors
+        unbiased = count / torch.clamp(count - 1, min=1)
+    else:
+        unbiased = count / torch.sym_max(count - 1, 1)
     running_mean.lerp_(mean, momentum)
     running_variance.lerp_((variance * unbiased).to(running_variance.dtype), momentum)
 

@@ -43,8 +43,9 @@ from torch import Tensor, nn
 
 from bkn_export import cpu_kernels, fast_prior, per_channel, recompute, triton_step
 from bkn_export import functional as Fk
-from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError
+from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError, UnsupportedTransformError
 from bkn_export.ops import channel_constant, kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
+from bkn_export.tracing import nothing_traces
 
 __all__ = [
     "BKN_PARAMETERS",
@@ -346,6 +347,13 @@ class _BatchKalmanNorm(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this first: refuse by name (the layer's step and chain have no TorchScript form)."""
+        raise UnsupportedTransformError(
+            f"{self._label()}: BKN layers cannot be compiled with torch.jit.script. Use torch.jit.trace (train or eval "
+            "mode), torch.export or torch.compile, or export to ONNX (bkn_export.export.export_onnx)."
+        )
+
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in self._expected_ranks:
             raise BKNInputError(
@@ -369,9 +377,11 @@ class _BatchKalmanNorm(nn.Module):
         return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
+        tracing = torch.jit.is_tracing()  # which records sizes as tensors: checks on them would be TracerWarnings
+        if not tracing:
+            self._check_input_dim(x)
         use_batch = self.training or not self.track_running_stats
-        if x.numel() == 0:
+        if not tracing and x.numel() == 0:
             return self._empty(x, use_batch)
         if not use_batch:
             assert self.running_mean is not None and self.running_var is not None
@@ -392,6 +402,13 @@ class _BatchKalmanNorm(nn.Module):
 
     def _batch_step(self, x: Tensor) -> Tensor:
         """Prior, Kalman step, running statistics, publish: the train-mode forward of x (N, C, *)."""
+        if nothing_traces() and torch._C._are_functorch_transforms_active():
+            raise UnsupportedTransformError(
+                f"{self._label()}: the train-mode step of a BKN layer does not run under torch.func transforms "
+                "(grad, vmap, jacrev...): its autograd Functions and kernels have no functorch rules. Eval mode "
+                "works; in train mode use torch.autograd (create_graph=True is supported for higher-order "
+                "gradients); torch.func.functional_call alone, outside a transform, works."
+            )
         if self.chain is None and self._is_plain_batchnorm(x):
             return self._batchnorm_step(x)
         node = self._triton_step(x)
