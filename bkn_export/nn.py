@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export import cpu_kernels, fast_prior, per_channel, recompute, triton_step
+from bkn_export import cpu_kernels, extra_state, fast_prior, per_channel, recompute, triton_step
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, ChainWiringError, KalmanOptionsError, UnsupportedTransformError
 from bkn_export.ops import channel_constant, kalman_norm_step, plain_eager_cpu  # also registers torch.ops.bkn.*
@@ -605,16 +605,24 @@ class _BatchKalmanNorm(nn.Module):
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """The versioned wiring, saved with the state so a checkpoint records its chain.
-
-        ``{"version": 2, "wiring": {...} | None, "options": {...}}`` (None: unwired).
-        """
-        wiring = self.chain.wiring_state() if self.chain is not None else None
-        return {"version": EXTRA_STATE_VERSION, "wiring": wiring, "options": _options_state(self.options)}
+    def get_extra_state(self) -> Tensor:
+        """The versioned wiring, saved with the state so a checkpoint records its chain: ``{"version": 2, "wiring":
+        {...} | None, "options": {...}}`` (None: unwired), as a uint8 tensor of its JSON
+        (:mod:`bkn_export.extra_state`: every value of the state dict a tensor). A fresh tensor per call."""
+        cached = self.__dict__.get("_encoded_extra_state")
+        if cached is None or cached[0] is not self.chain or cached[1] is not self.options:
+            wiring = self.chain.wiring_state() if self.chain is not None else None
+            state = {"version": EXTRA_STATE_VERSION, "wiring": wiring, "options": _options_state(self.options)}
+            cached = (self.chain, self.options, extra_state.encode(state))
+            self.__dict__["_encoded_extra_state"] = cached
+        return cached[2].clone()
 
     def set_extra_state(self, state: Any) -> None:
         """Check a checkpoint's wiring against this layer's; raises ChainWiringError on a difference."""
+        try:
+            state = extra_state.decode(state)
+        except ValueError as error:
+            raise ChainWiringError(f"{self._label()}: {error}") from None
         if self.chain is not None:
             self.chain.load_state(state, self._label())
         elif _saved_has_predecessor(state):

@@ -29,6 +29,7 @@ from bkn_export import (
     chain_statistics,
     convert_batchnorm,
     describe_chain,
+    extra_state,
     format_chain,
 )
 from bkn_export.chain import plan_wiring
@@ -286,7 +287,7 @@ def test_checkpoint_round_trip_keeps_the_wiring_options() -> None:
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer)
-    extra = state["bn_e._extra_state"]
+    extra = extra_state.decode(state["bn_e._extra_state"])
     assert extra["version"] == 2 and extra["options"]["prior_source"] == "output"
     assert extra["wiring"]["prior_source"] == "output" and extra["wiring"]["combine"] == "single"
     _net(prior_source="output", residual="branch").load_state_dict(state, strict=True)

@@ -1,6 +1,7 @@
 """A layer's wiring: an immutable, versioned value saved with the checkpoint.
 
-Extra-state format of a BKN layer (``get_extra_state``), version 2::
+Extra-state format of a BKN layer (``get_extra_state``; in the state dict as the uint8 tensor of its JSON,
+:mod:`bkn_export.extra_state`), version 2::
 
     {"version": 2, "wiring": {"name", "transition", "combine", "prior_source",
                               "previous_features", "order", "notes",
@@ -19,6 +20,7 @@ re-convert.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -199,8 +201,9 @@ def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
             f"{label}: the checkpoint's wiring has format version {version!r}; this bkn_export reads 1 and "
             f"{EXTRA_STATE_VERSION}. Load it with the bkn_export that saved it, or re-convert the model."
         )
-    saved_signature = _signature(saved.get("wiring"))
-    current_signature = _signature(current.to_dict())
+    # Both as JSON values (a saved state is JSON; an earlier bkn_export's dict may hold tuples for lists).
+    saved_signature = _signature(json.loads(json.dumps(saved.get("wiring"))))
+    current_signature = _signature(json.loads(json.dumps(current.to_dict())))
     if saved_signature != current_signature:
         raise ChainWiringError(
             f"{label}: the checkpoint's wiring differs in "

@@ -1,0 +1,98 @@
+"""Every value of a converted model's state dict is a tensor: code written for BatchNorm models keeps working.
+
+The wiring used to be saved as a dict under ``<layer>._extra_state``; EMA updaters that walk the state dict
+(timm's ModelEmaV2, ultralytics' ModelEMA, found by a tester), ``safetensors`` and checkpoint dtype conversions
+failed on it (``'dict' object has no attribute 'copy_'``). It is now the uint8 JSON of the same dict
+(:mod:`bkn_export.extra_state`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from bkn_export import ChainWiringError, convert_batchnorm, extra_state
+
+
+def _model(**options: object) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    return convert_batchnorm(net, torch.randn(2, 3, 8, 8), **options)
+
+
+def _step(model: nn.Module, x: Tensor) -> None:
+    model.train()
+    model(x).square().mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+            p.grad = None
+
+
+def test_every_state_dict_value_is_a_tensor_that_decodes_to_the_wiring() -> None:
+    state = _model().state_dict()
+    assert all(isinstance(v, Tensor) for v in state.values())
+    saved = extra_state.decode(state["4._extra_state"])
+    assert saved["version"] == 2 and saved["wiring"]["transition"] == "propagate"
+    assert state["4._extra_state"].dtype == torch.uint8 and not state["4._extra_state"].is_floating_point()
+
+
+def test_timm_v2_and_ultralytics_style_ema_updates_run_and_keep_the_wiring() -> None:
+    """Both loops as those projects write them (timm cannot be installed here)."""
+    model = _model()
+    ema_v2, ema_ul = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        _step(model, x)
+        with torch.no_grad():
+            decay = 0.9
+            for ema_v, model_v in zip(ema_v2.state_dict().values(), model.state_dict().values()):  # timm ModelEmaV2
+                ema_v.copy_(ema_v * decay + (1.0 - decay) * model_v)
+            current = model.state_dict()
+            for key, value in ema_ul.state_dict().items():  # ultralytics ModelEMA
+                if value.dtype.is_floating_point:
+                    value *= decay
+                    value += (1 - decay) * current[key].detach()
+    for ema in (ema_v2, ema_ul):
+        assert not torch.equal(ema[0].weight, model[0].weight)  # averaged
+        _model().load_state_dict(ema.state_dict(), strict=True)  # its wiring is intact
+    ours = {k: v for k, v in ema_ul.state_dict().items() if k.endswith("_extra_state")}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ours.items())
+
+
+def test_a_checkpoint_cast_to_half_or_saved_with_torch_save_loads() -> None:
+    model = _model()
+    state = {
+        k: v.half() if v.is_floating_point() or k.endswith("_extra_state") else v for k, v in model.state_dict().items()
+    }
+    target = _model()
+    target.load_state_dict(state, strict=True)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    target.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+
+
+def test_safetensors_round_trip() -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = _model()
+    data = safetensors_torch.save(model.state_dict())
+    _model().load_state_dict(safetensors_torch.load(data), strict=True)
+
+
+def test_a_checkpoint_of_another_wiring_or_a_damaged_state_is_refused() -> None:
+    state = _model(prior_source="input").state_dict()
+    with pytest.raises(ChainWiringError, match=r"'4'.*saved with wiring"):
+        _model(prior_source="output").load_state_dict(state, strict=True)
+    damaged = dict(_model().state_dict())
+    damaged["4._extra_state"] = damaged["4._extra_state"][:-3]
+    with pytest.raises(ChainWiringError, match=r"'4'.*not the JSON of a BKN wiring"):
+        _model().load_state_dict(damaged, strict=True)
