@@ -59,6 +59,7 @@ them untouched in training, which a BKN layer does not express.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -164,7 +165,9 @@ def _seeded(x: Tensor) -> Iterator[None]:
 def _run(module: nn.Module, x: Tensor, training: bool) -> tuple[nn.Module, Tensor]:
     """Run a deep copy of ``module`` in the given mode on a clone of ``x``; return the copy and its output."""
     twin = copy.deepcopy(module).train(training)
-    with torch.no_grad(), _seeded(x):
+    with torch.no_grad(), _seeded(x), warnings.catch_warnings():
+        # Called on its own on purpose: no prior (the layer would warn that it ran outside its model's forward).
+        warnings.filterwarnings("ignore", r"BKN layer .* ran in train mode outside a forward", RuntimeWarning)
         output = twin(x.clone())
     return twin, output
 

@@ -434,6 +434,7 @@ def test_a_parametrized_weight_keeps_its_constraint() -> None:
     assert {k for k in model.state_dict() if not k.endswith("_extra_state")} >= keys
 
 
+@pytest.mark.filterwarnings("ignore:forward hooks on modules the Kalman chain")
 def test_forward_hooks_and_pre_hooks_carry_over_and_their_handles_still_remove_them() -> None:
     model = _conv_bn_net()
     calls: list[str] = []
@@ -451,6 +452,7 @@ def test_forward_hooks_and_pre_hooks_carry_over_and_their_handles_still_remove_t
     assert calls == ["pre", "pre-kwargs"]
 
 
+@pytest.mark.filterwarnings("ignore:forward hooks on modules the Kalman chain")
 def test_a_refused_conversion_leaves_the_batchnorms_parameters_and_hooks_alone() -> None:
     class Doubling(nn.Module):
         def __init__(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from typing import Any
 
 import pytest
@@ -270,7 +271,11 @@ def test_layer_called_outside_its_roots_forward_is_batchnorm() -> None:
     assert layer.has_predecessor
     x = torch.randn(2, 5, 6, 6)
     expected = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
-    torch.testing.assert_close(layer(x), expected, **TOL)
+    with pytest.warns(RuntimeWarning, match=r"BKN layer '4' ran in train mode outside a forward.*wire_chain"):
+        torch.testing.assert_close(layer(x), expected, **TOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per layer
 
 
 def test_threads_never_see_each_others_posteriors() -> None:
@@ -628,3 +633,17 @@ def test_a_first_in_chain_layer_reads_cached_constant_priors_that_stay_constant(
     assert first.chain is not None and not first.has_predecessor
     prior = first._prior(torch.randn(2, 4, 4, 4))
     assert prior[0] is zeros and prior[1] is ones and prior[2] is zeros
+
+
+def test_a_torch_fx_graph_module_around_the_layers_warns_that_they_lost_their_prior() -> None:
+    """torch.fx with BKN layers as leaves builds a new root whose forward never opens the chain: every layer ran as
+    BatchNorm without a word (found by a tester); now each such layer warns once, naming wire_chain."""
+    model = _wired_chain()
+
+    class _LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: torch.nn.Module, name: str) -> bool:
+            return isinstance(module, _BatchKalmanNorm) or super().is_leaf_module(module, name)
+
+    graph_module = torch.fx.GraphModule(model, _LeafTracer().trace(model)).train()
+    with pytest.warns(RuntimeWarning, match=r"BKN layer '4' ran in train mode outside a forward"):
+        graph_module(torch.randn(2, 3, 6, 6))

@@ -40,6 +40,8 @@ class ChainMembership:
     _transition: Transition | None = field(init=False, compare=False, repr=False)
     #: Whether the layer has warned that a recorded path did not run (once per layer).
     _warned: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
+    #: Whether the layer has warned that it ran outside a forward of its root (once per layer).
+    _warned_outside: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_transition", transition_for(self.wiring))
@@ -78,6 +80,8 @@ class ChainMembership:
             scratch = scratch_for(self.root)
             if scratch is None:
                 recompute.refuse_unchained(layer, self.name)
+                if self._transition is not None:
+                    self._warn_outside_root()
             elif self._transition is not None:
                 unrun = self._unrun(scratch)
                 if unrun:
@@ -107,6 +111,21 @@ class ChainMembership:
 
     def _describe(self, index: int, module: str) -> str:
         return f"{self.wiring.sources[index].describe()}: '{module}' did not run after its source in this call"
+
+    def _warn_outside_root(self) -> None:
+        """Once per layer: a layer with a predecessor ran in train mode outside a forward of its root (called on its
+        own, or from a model rebuilt around it: a torch.fx GraphModule...), so without its prior, as BatchNorm."""
+        if self._warned_outside or torch.compiler.is_compiling():
+            return
+        self._warned_outside.append(True)
+        warnings.warn(
+            f"BKN layer '{self.wiring.name}' ran in train mode outside a forward of the model it is wired in, so "
+            "without its Kalman prior (as BatchNorm). If it is part of another model now (a torch.fx GraphModule, a "
+            "copy of a submodule, a wrapper built around the layers), wire that model: bkn_export.wire_chain(model, "
+            "example_inputs). Warned once per layer.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _warn(self, unrun: dict[int, str]) -> None:
         if self._warned or torch.compiler.is_compiling():
