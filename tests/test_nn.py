@@ -645,5 +645,13 @@ def test_a_torch_fx_graph_module_around_the_layers_warns_that_they_lost_their_pr
             return isinstance(module, _BatchKalmanNorm) or super().is_leaf_module(module, name)
 
     graph_module = torch.fx.GraphModule(model, _LeafTracer().trace(model)).train()
+    x = torch.randn(2, 3, 6, 6)
     with pytest.warns(RuntimeWarning, match=r"BKN layer '4' ran in train mode outside a forward"):
-        graph_module(torch.randn(2, 3, 6, 6))
+        graph_module(x)
+    state = copy.deepcopy(model.state_dict())
+    expected = model.train()(x)  # train-mode outputs do not depend on the running statistics
+    wire_chain(graph_module, x)  # as the warning says: the GraphModule is now the root
+    graph_module.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(graph_module(x), expected, rtol=0, atol=0)
