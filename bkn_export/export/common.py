@@ -123,9 +123,41 @@ def run_dynamo_export(
     except Exception as error:  # the exporter raises (and wraps model errors in) many types
         raise ExportError(explain(error)) from error
     assert program is not None
+    if options.get("output_names") is not None:
+        _name_outputs(program.model.graph, list(options["output_names"]))
     _drop_zero_conv_biases(program.model)
     check_conv_biases(program.model)
     return program
+
+
+def _name_outputs(graph: ir.Graph, names: list[str]) -> None:
+    """Give graph output i the name ``names[i]``, an Identity node in front of every repeat of a value.
+
+    A model that returns one tensor at two positions (MONAI's VarAutoEncoder in eval mode returns ``mu`` as ``z``
+    too) gets one value for both; the exporter names it twice, so the first position took the last name and the
+    repeat a name of its own (``[recon, z, logvar, z_alias_3]`` for ``[recon, mu, logvar, z]``): a runtime asked
+    for ``mu`` had no such output."""
+    if len(names) != len(graph.outputs):
+        return
+    seen: set[ir.Value] = set()
+    for index, value in enumerate(graph.outputs):
+        if value in seen or value.is_graph_input():
+            identity = ir.node("Identity", inputs=[value])
+            copy = identity.outputs[0]
+            copy.shape, copy.type = value.shape, value.type
+            graph.append(identity)
+            graph.outputs[index] = value = copy
+        seen.add(value)
+    wanted = set(names)
+    taken = {v.name for node in graph for v in node.outputs} | {v.name for v in graph.inputs}
+    outputs = set(graph.outputs)
+    clash = [n for n in wanted if n in taken and not any(v.name == n for v in outputs)]
+    if clash:
+        raise ExportError(f"output names {sorted(clash)} are already the names of other values in the graph")
+    for index, value in enumerate(graph.outputs):  # two passes: a wanted name may be held by another output
+        value.name = f"__bkn_output_{index}"
+    for value, name in zip(graph.outputs, names):
+        value.name = name
 
 
 def check_model(proto: onnx.ModelProto, label: str) -> None:
