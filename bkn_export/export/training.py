@@ -328,7 +328,22 @@ def _explain_export_failure(error: Exception) -> str:
             "has a different channel count than its input). Re-wire the chain on inputs like these with "
             f"bkn_export.wire_chain(model, example_inputs). Cause: {text}"
         )
-    return f"export_training: torch.onnx.export failed. Cause: {text}"
+    return f"export_training: torch.onnx.export failed. Cause: {text}{_failing_call(error)}"
+
+
+def _failing_call(error: BaseException) -> str:
+    """The model code torch.export stopped at ("The following call raised this error:" and the file, line and
+    source it names), from the exporter's messages along the chain of causes; "" where none names one."""
+    marker = "The following call raised this error:"
+    current: BaseException | None = error
+    while current is not None:
+        text = str(current)
+        if marker in text:
+            lines = [line for line in text.split(marker, 1)[1].splitlines() if line.strip()][:2]
+            if lines:
+                return " Raised at: " + " ".join(line.strip() for line in lines)
+        current = current.__cause__
+    return ""
 
 
 def attach_function(model: onnx.ModelProto) -> None:
