@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from support.small_models import two_layer_classifier
 
 import bkn_export
-from bkn_export import convert_batchnorm
 
-
-def _model(**options: object) -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
-    )  # fmt: skip
-    return convert_batchnorm(net, torch.randn(2, 3, 8, 8), **options)
+_model = two_layer_classifier
 
 
 def test_the_groups_split_normalization_parameters_from_the_rest() -> None:

@@ -13,19 +13,12 @@ import io
 
 import pytest
 import torch
+from support.small_models import two_layer_classifier
 from torch import Tensor, nn
 
-from bkn_export import ChainWiringError, convert_batchnorm, extra_state
+from bkn_export import ChainWiringError, extra_state
 
-
-def _model(**options: object) -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
-    )  # fmt: skip
-    return convert_batchnorm(net, torch.randn(2, 3, 8, 8), **options)
+_model = two_layer_classifier
 
 
 def _step(model: nn.Module, x: Tensor) -> None:
