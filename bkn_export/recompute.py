@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -45,8 +45,9 @@ from torch.utils.checkpoint import noop_context_fn
 
 from bkn_export.errors import OptionError, RecomputationError
 
-if TYPE_CHECKING:
-    from bkn_export.nn import Prior
+#: A layer's prior for one call (``bkn_export.nn.Prior`` or None), recorded and handed back as it is; this module
+#: does not read it, so it does not import the layers (which import this module).
+Prior = Any
 
 __all__ = ["checkpoint", "checkpoint_sequential", "kept", "refuse_unchained", "remember", "replaying"]
 

@@ -255,42 +255,36 @@ def with_outputs(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
     return exposed
 
 
-def nearest_upstream(model: onnx.ModelProto, value: str, stops: set[str]) -> set[str]:
-    """The values of ``stops`` that ``value`` is computed from with no other value of ``stops`` between
-    (its nearest upstream boundaries; not ``value`` itself)."""
-    producer = {out: node for node in model.graph.node for out in node.output if out}
-    found: set[str] = set()
-    seen = {value}
-    stack = [i for i in producer[value].input if i] if value in producer else []
+def _upstream(graph: onnx.GraphProto, value: str, stops: set[str]) -> tuple[set[int], set[str]]:
+    """Walk up from ``value``: (the indices of the nodes it is computed by, not past a value of ``stops``; the values
+    of ``stops`` reached, ``value`` itself not counted)."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    nodes: set[int] = set()
+    reached: set[str] = set()
+    stack, seen = [value], set()
     while stack:
         name = stack.pop()
         if name in seen:
             continue
         seen.add(name)
-        if name in stops:
-            found.add(name)
-        elif name in producer:
-            stack.extend(i for i in producer[name].input if i)
-    return found
+        if name != value and name in stops:
+            reached.add(name)
+        elif name in producer and producer[name] not in nodes:
+            nodes.add(producer[name])
+            stack.extend(i for i in graph.node[producer[name]].input if i)
+    return nodes, reached
+
+
+def nearest_upstream(model: onnx.ModelProto, value: str, stops: set[str]) -> set[str]:
+    """The values of ``stops`` that ``value`` is computed from with no other value of ``stops`` between
+    (its nearest upstream boundaries; not ``value`` itself)."""
+    return _upstream(model.graph, value, stops)[1]
 
 
 def prefix_model(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
     """The sub-model computing ``value`` from the graph inputs: the nodes it depends on, ``value`` its output."""
     graph = model.graph
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    needed_nodes: set[int] = set()
-    stack = [value]
-    seen: set[str] = set()
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in producer:
-            index = producer[name]
-            if index not in needed_nodes:
-                needed_nodes.add(index)
-                stack.extend(i for i in graph.node[index].input if i)
+    needed_nodes = _upstream(graph, value, set())[0]
     nodes = [graph.node[i] for i in sorted(needed_nodes)]
     used = {i for node in nodes for i in node.input} | {value}
     prefix = onnx.ModelProto()
