@@ -47,6 +47,7 @@ quadrature.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -81,6 +82,7 @@ __all__ = [
     "normalized_output_moments",
     "pool_moments",
     "resample_moments",
+    "without_autocast",
 ]
 
 
@@ -1381,6 +1383,24 @@ def _borders_vary(
     return layer.padding == "same" or any(p != 0 for p in layer.padding)
 
 
+#: Whether autocast exists per device type (fixed for the process: asked once per type).
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}
+#: What :func:`without_autocast` returns where autocast is off (a nullcontext is reusable and reentrant).
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off on ``device_type`` where it is on, else a no-op context. The tables cached per dtype are built
+    under it: under autocast their matrix products would run in bfloat16 / float16, and the cache would keep a
+    table of another dtype than its key for every later call (a crash in float32 steps after one autocast step)."""
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
+
+
 def _coverage_tables(index: Tensor, dtype: torch.dtype, repeats: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """From a (L_out, K) index map: f (K,) = E_q[tap reads an input], h (K, K) = E_q[both taps read
     inputs], and when ``repeats``, g (K, K) = E_q[both taps read the same input] (else g = diag f,
@@ -1449,7 +1469,8 @@ def _layer_coverage_tables(
         full_key = (key, dtype, device)
         tables = _COVERAGE_TABLES.get(full_key)
         if tables is None:
-            tables = _build_coverage(key, dtype, device)
+            with without_autocast(device.type):
+                tables = _build_coverage(key, dtype, device)
             if len(_COVERAGE_TABLES) >= _CACHE_SIZE:
                 _COVERAGE_TABLES.clear()
             _COVERAGE_TABLES[full_key] = tables
@@ -1846,7 +1867,7 @@ def linear_path_moments(
         full_key = (*key, tuple(spatial), dtype, device)
         tables = _PATH_TABLES.get(full_key)
         if tables is None:
-            with torch.no_grad():
+            with torch.no_grad(), without_autocast(device.type):
                 tables = _build_path_tables(*key, tuple(spatial), dtype, device)
             if len(_PATH_TABLES) >= _CACHE_SIZE:
                 _PATH_TABLES.clear()

@@ -152,3 +152,32 @@ def test_trains_under_cpu_autocast_bfloat16(batch: int) -> None:
     y.float().square().mean().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+def _cached_tables() -> list[tuple[torch.dtype, Tensor]]:
+    """(key dtype, table) of every constant table the moments cache (coverage and linear-path tables)."""
+    from bkn_export import moments
+    from bkn_export.chain import fast
+
+    found = [(key[-2], t) for key, tables in moments._COVERAGE_TABLES.items() for t in tables if t is not None]
+    found += [(key[-2], t) for key, tables in moments._PATH_TABLES.items() for t in tables]
+    found += [(key[-1], t) for key, (coverage, _) in fast._COVERAGE.items() for t in coverage or ()]
+    return found
+
+
+def test_tables_built_under_autocast_keep_their_dtype() -> None:
+    """The first step of a model under bfloat16 autocast builds the cached coverage tables: their matrix products
+    must run in the tables' own dtype (autocast ran them in bfloat16, the cache kept a bfloat16 H under the float32
+    key, and that step failed: "expected m1 and m2 to have the same dtype"), and float32 steps after it work."""
+    from bkn_export import moments
+    from bkn_export.chain import fast
+
+    for cache in (moments._COVERAGE_TABLES, moments._PATH_TABLES, fast._COVERAGE):
+        cache.clear()
+    model = _small_model().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 5, 5)).float().sum().backward()
+    tables = _cached_tables()
+    assert tables, "the padded 3x3 conv's prior builds coverage tables"
+    assert all(table.dtype == dtype for dtype, table in tables)
+    model(torch.randn(2, 3, 5, 5)).sum().backward()  # float32, from the same cache

@@ -167,7 +167,7 @@ def _conv_geometry(
     coverage = None
     if moments._borders_vary(layer, padding, "zeros"):
         # Constants: never part of a graph, and usable outside the inference mode they may be built in.
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), moments.without_autocast(layer.weight.device.type):
             tables = [
                 moments._coverage_tables(
                     moments._conv_index_map(layer, d, spatial[d], padding[d], "zeros"), dtype, False
@@ -451,10 +451,7 @@ def _weight_shaped(layer_weight: Tensor) -> Tensor:
 def _without_autocast(like: Tensor) -> contextlib.AbstractContextManager[Any]:
     """Autocast off on ``like``'s device where it is on: the moments' matrix products stay in their dtype
     (statistics; under bfloat16 autocast the backward's products also met float32 operands and failed)."""
-    device = like.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.autocast(device, enabled=False)
-    return contextlib.nullcontext()
+    return moments.without_autocast(like.device.type)
 
 
 def _native_affine_backward(

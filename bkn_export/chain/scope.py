@@ -131,11 +131,22 @@ class Submodules(Mapping[str, nn.Module]):
         module = self._found.get(name)
         if module is not None:
             return module
-        try:
-            module = self._root.get_submodule(name)
-        except AttributeError:
-            raise KeyError(name) from None
+        module = self._registered(name)
+        if module is None:
+            try:
+                module = self._root.get_submodule(name)
+            except AttributeError:
+                raise KeyError(name) from None
         self._found[name] = module
+        return module
+
+    def _registered(self, name: str) -> nn.Module | None:
+        """The module registered under ``name`` (each atom a key of its parent's ``_modules``, as
+        ``named_modules`` names it), or None: ``get_submodule`` then decides (an attribute that is a
+        module without being registered, or a KeyError). Without ``getattr``'s two lookups per atom."""
+        module: nn.Module | None = self._root
+        for atom in name.split(".") if name else ():
+            module = module._modules.get(atom) if module is not None else None
         return module
 
     def __iter__(self) -> Iterator[str]:
