@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import hashlib
+import math
 import os
 import platform
 import time
@@ -470,9 +471,14 @@ def _with_noise_floors(policy: TolerancePolicy, run: _MeasuredRun) -> tuple[Tole
     floors = {}
     notes = []
     for name, found in run.noise().items():
-        floors[name] = NOISE_FACTOR * found.max_abs
         dtype = run.dtype(name)
         measured = "the float32 reference" if dtype not in ("float16", "bfloat16") else f"the model in {dtype}"
+        if not math.isfinite(found.max_abs):  # NaN / Inf in an output: the reference's own problem, reported as such
+            notes.append(
+                f"noise floor of {name!r}: not set ({measured} or the model in float64 gives NaN/Inf on these inputs)"
+            )
+            continue
+        floors[name] = NOISE_FACTOR * found.max_abs
         notes.append(
             f"noise floor of {name!r}: {measured} is up to {found.max_abs:.2g} from the model in float64 "
             f"(RMS {found.rms:.2g}, output RMS {found.scale:.2g}); atol is at least {NOISE_FACTOR:g} x that = "

@@ -171,6 +171,18 @@ def test_the_noise_floor_still_fails_a_weight_changed_by_one_part_in_a_thousand(
     assert not report.passed
 
 
+def test_a_reference_that_is_not_finite_is_reported_as_such_with_the_noise_floor(tmp_path: Path) -> None:
+    """Inputs on which the model itself overflows: the measured noise is NaN, which is no floor; the report says
+    the reference is broken, as without ``noise_floor`` (it raised "tolerance ... must be a finite number")."""
+    model, x = _deep(depth=2)
+    path = _exported(model, x, tmp_path / "small.onnx")
+    huge = np.full_like(x, 3e38)
+    report = run_parity(model, path, [huge], runtimes="ort:cpu", noise_floor=True, localise_failures=False)
+    assert not report.passed
+    assert any("holds NaN/Inf" in problem for problem in report.reference_problems)
+    assert any("noise floor of" in note and "not set" in note for note in report.notes)
+
+
 def test_the_noise_floor_needs_the_model_not_saved_outputs(tmp_path: Path) -> None:
     model, x = _deep(depth=2)
     path = _exported(model, x, tmp_path / "small.onnx")
