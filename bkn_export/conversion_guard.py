@@ -32,10 +32,10 @@ float64).
 
 Exempt, by design (each also stated in the README):
 
-* **BatchNorm raises, BKN does not**: one value per channel in train mode (e.g. a (1, C)
-  input): ``nn.BatchNorm*d`` raises, a first-in-chain BKN layer returns β (see
-  :mod:`bkn_export.nn`). Where the original raises on the example input in train mode,
-  only eval mode is compared.
+* **BatchNorm raises**: one value per channel in train mode (e.g. a (1, C) input):
+  ``nn.BatchNorm*d`` raises, and so does a BKN layer without a predecessor (a layer with
+  one accepts it: :mod:`bkn_export.nn`). Where the original raises on the example input in
+  train mode, only eval mode is compared.
 * **Synchronised layers** (``nn.SyncBatchNorm``): the layer is checked before it is made a
   ``SyncBatchKalmanNorm``, with one process's statistics, which is what ``nn.SyncBatchNorm``
   computes without a process group. ``SyncBatchKalmanNorm`` refuses to train without a
@@ -238,7 +238,7 @@ def check_layer(name: str, original: nn.Module, converted: nn.Module, x: Tensor)
         expected_module, expected = _run(original, x, training=True)
     except ValueError as error:
         if "more than 1 value per channel" in str(error):
-            return  # BatchNorm refuses one value per channel in training; BKN's answer (β) is documented
+            return  # BatchNorm refuses one value per channel in training (a BKN layer without a prior too)
         raise
     actual_module, actual = _run(converted, x, training=True)
     slack = None

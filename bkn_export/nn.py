@@ -21,10 +21,11 @@ through ATen's BatchNorm itself in plain eager CPU execution where that is exact
 Batch size 1 in train mode (n = 1 element per channel, e.g. (1, C) input), where
 ``nn.BatchNorm1d`` raises: the batch variance S is 0. A layer with a predecessor still
 has a variance, p Σ_{k|k-1} + p q (x̄ - μ_{k|k-1})² > 0, supplied by the prior, so it
-normalizes meaningfully; this is the micro-batch case BKN exists for. A first-in-chain
-layer has no prior and degenerates to y = β (x - x̄ = 0), as BatchNorm would if it
-accepted the input. The running variance takes the posterior variance unscaled at
-n = 1 (the unbiased factor n/(n-1) is undefined).
+normalizes meaningfully; this is the micro-batch case BKN exists for. A layer without a
+predecessor (unwired or first in its chain) has no prior and raises BatchNorm's
+``ValueError`` (as a :class:`~bkn_export.errors.BKNInputError`): its output would be y = β
+whatever the input and its running variance would decay toward 0. The running variance
+takes the posterior variance unscaled at n = 1 (the unbiased factor n/(n-1) is undefined).
 
 An empty input (batch 0, or a spatial size 0) is accepted as ``nn.BatchNorm*d`` accepts
 it, in train and eval mode: the output is empty, running statistics keep their values,
@@ -409,6 +410,7 @@ class _BatchKalmanNorm(nn.Module):
                 "works; in train mode use torch.autograd (create_graph=True is supported for higher-order "
                 "gradients); torch.func.functional_call alone, outside a transform, works."
             )
+        self._check_batch_step(x)
         if self.chain is None and self._is_plain_batchnorm(x):
             return self._batchnorm_step(x)
         node = self._triton_step(x)
@@ -426,6 +428,31 @@ class _BatchKalmanNorm(nn.Module):
         if self.chain is not None:
             self.chain.publish(self, x, op_prior, posterior_mean, posterior_variance, count, affine)
         return y
+
+    def _check_batch_step(self, x: Tensor) -> None:
+        """BatchNorm's refusals of a batch-statistics step, where BKN's step would be silently degenerate.
+
+        ε ≤ 0 (or NaN): a constant channel (S = 0) divides by sqrt(ε) = 0, and the NaN reaches the gradients and the
+        running statistics of the layers after it. One value per channel (n = 1, e.g. a (1, C) input) in a layer with
+        no predecessor: without a prior its variance is S = 0, so its output is β whatever the input, γ gets no
+        gradient, the layers it feeds see a constant, and its running variance decays toward 0 (eval outputs grow
+        without bound); ``nn.BatchNorm*d`` raises there, and so does this layer (a layer with a predecessor takes
+        its variance from the prior and accepts n = 1; a layer whose statistics span more than x, a
+        ``SyncBatchKalmanNorm``, counts its group's values). Checked in eager calls (a tracer records sizes
+        symbolically)."""
+        if not self.eps > 0:
+            raise BKNInputError(
+                f"{self._label()}: eps must be positive for batch statistics, got {self.eps} (a channel of equal "
+                "values would be divided by sqrt(eps) = 0); nn.BatchNorm refuses it too"
+            )
+        spans_x = not self._kalman_step_replaced  # a SyncBatchKalmanNorm's statistics span its process group
+        if spans_x and x.numel() == x.shape[1] and not self.has_predecessor and nothing_traces():
+            raise BKNInputError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
+                f"({self._label()} has no predecessor in its chain, so no Kalman prior: with one value per channel its "
+                "batch variance is 0 and its output would be its bias whatever the input, as nn.BatchNorm refuses "
+                "too; a layer that a wired predecessor feeds accepts batch 1)"
+            )
 
     def _triton_step(self, x: Tensor) -> _NodeStep | None:
         """The step as :mod:`bkn_export.triton_step`'s one node (eager, the op's Triton route): (y, μ_{k|k},

@@ -207,7 +207,8 @@ def test_running_statistics_with_tracking_switched_off_are_refused() -> None:
 
 
 def test_one_value_per_channel_in_train_mode_is_exempt() -> None:
-    """nn.BatchNorm1d raises on a (1, C) batch in training; BKN returns β (documented): eval mode is compared."""
+    """nn.BatchNorm1d raises on a (1, C) batch in training (and so does the converted layer, first in its chain):
+    eval mode is compared."""
     model = trained_like(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)))
     converted = convert_batchnorm(model, torch.randn(1, 5))
     assert type(converted[1]) is BatchKalmanNorm1d

@@ -307,36 +307,59 @@ def test_threads_never_see_each_others_posteriors() -> None:
 # --------------------------------------------------------------------------- batch size 1
 
 
-def test_batch_of_one_trains_where_batchnorm_refuses() -> None:
-    """(1, C): BatchNorm raises; a first-in-chain BKN returns β (variance 0) and a wired one blends in the prior.
-
-    prior_source="input": the prior comes from the first layer's input statistics, not from its
-    output β (which at n = 1 is exact, variance 0, so that an "output" prior would reproduce the
-    second layer's input and its output would collapse onto β as well).
-    """
+def test_batch_of_one_is_refused_without_a_prior_as_batchnorm_refuses_it() -> None:
+    """(1, C) in train mode: BatchNorm raises, and so does a BKN layer without a predecessor (unwired or first in its
+    chain): its variance would be 0, its output β whatever the input, its running variance decaying toward 0. The
+    same error class (ValueError) and message as BatchNorm's; nothing of the layer's state changes."""
     x = torch.randn(1, C)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         nn.BatchNorm1d(C).train()(x)
-    second_layer = BatchKalmanNorm1d(C, prior_weight=0.5, prior_source="input")
-    model = nn.Sequential(nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), second_layer)
+    unwired = BatchKalmanNorm1d(C).train()
+    with pytest.raises(BKNInputError, match="Expected more than 1 value per channel when training.*no predecessor"):
+        unwired(x)
+    assert int(unwired.num_batches_tracked) == 0  # type: ignore[arg-type]
+    model = nn.Sequential(nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), BatchKalmanNorm1d(C))
     wire_chain(model, torch.randn(2, 3))
-    first, second = _bkn(model[1]), _bkn(model[4])
-    with torch.no_grad():
-        _affine(first)[1].copy_(torch.arange(C, dtype=torch.float32))
+    with pytest.raises(BKNInputError, match=r"Expected more than 1 value per channel.*'1'"):
+        model.train()(torch.randn(1, 3))
+    BatchKalmanNorm2d(C).train()(torch.randn(1, C, 2, 1))  # two values per channel: accepted, as by BatchNorm
+    BatchKalmanNorm1d(C).eval()(x)  # eval mode: running statistics
+
+
+def test_batch_of_one_trains_a_layer_with_a_predecessor() -> None:
+    """A layer that a wired predecessor feeds accepts (1, C): its variance p Σ_pred + p q d² > 0 comes from the prior
+    (the head of a conv net at batch 1, behind global pooling, whose first layer sees H·W values per channel)."""
+    torch.manual_seed(0)
+    head = BatchKalmanNorm1d(C, prior_weight=0.5)
+    model = nn.Sequential(
+        nn.Conv2d(3, C, 3, padding=1), BatchKalmanNorm2d(C), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(C, C), head,
+    )  # fmt: skip
+    wire_chain(model, torch.randn(2, 3, 4, 4))
+    assert head.has_predecessor
     model.train()
-    outputs: dict[str, Tensor] = {}
-    first.register_forward_hook(lambda _m, _i, out: outputs.__setitem__("first", out))
-    y = model(torch.randn(1, 3))
-    # first layer: n = 1, S = 0, so y = γ (x - x̄)/sqrt(ε) + β = β exactly up to rounding
-    torch.testing.assert_close(outputs["first"], _affine(first)[1].detach().unsqueeze(0), atol=1e-4, rtol=0)
-    # running variance takes the posterior variance unscaled at n = 1 (it is 0 here)
-    torch.testing.assert_close(first.running_var, torch.full((C,), 0.9))
-    assert torch.isfinite(y).all()
-    # the wired layer's posterior variance is the prior's p·Σ_pred + p q d² > 0: not collapsed onto β
-    assert second.running_var is not None and bool((second.running_var > 0.9).all())
-    assert not torch.allclose(y, _affine(second)[1].detach().unsqueeze(0), atol=1e-3)
-    y.sum().backward()
+    outputs = torch.cat([model(torch.randn(1, 3, 4, 4) * scale) for scale in (0.5, 1.0, 2.0)])
+    assert torch.isfinite(outputs).all()
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # depends on the input: not collapsed onto β
+    assert head.running_var is not None and bool((head.running_var > 0.05).all())
+    outputs.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert _affine(head)[0].grad is not None and bool(_affine(head)[0].grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
+def test_a_batch_step_with_eps_not_positive_is_refused(eps: float) -> None:
+    """ε ≤ 0 divides a channel of equal values by 0 (NaN in every gradient and in the next layers' running
+    statistics); nn.BatchNorm refuses it in train mode, and so does every BKN batch step, wired or not."""
+    model = nn.Sequential(nn.Conv2d(3, C, 3), BatchKalmanNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 1), BatchKalmanNorm2d(C))
+    wire_chain(model, torch.randn(2, 3, 5, 5))
+    _bkn(model[4]).eps = eps
+    with pytest.raises(BKNInputError, match="eps must be positive"):
+        model.train()(torch.randn(2, 3, 5, 5))
+    layer = BatchKalmanNorm2d(C, track_running_stats=False)
+    layer.eps = eps
+    with pytest.raises(BKNInputError, match="eps must be positive"):
+        layer.eval()(torch.randn(2, C, 3, 3))
 
 
 # --------------------------------------------------------------------------- errors
@@ -525,7 +548,7 @@ def test_unwired_layer_equals_the_functional_reference(
 
 def test_unwired_layer_takes_the_batchnorm_route_only_where_it_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """The route is taken by an unwired float32/float64 layer with a float momentum and n > 1; a
-    first-in-chain layer (its posterior is published), momentum=None, n = 1 and other dtypes keep the op."""
+    first-in-chain layer (its posterior is published), momentum=None and other dtypes keep the op."""
     calls = _kalman_step_calls(monkeypatch)
 
     def op_calls(layer: nn.Module, x: Tensor) -> int:
@@ -538,7 +561,6 @@ def test_unwired_layer_takes_the_batchnorm_route_only_where_it_is_exact(monkeypa
     assert op_calls(BatchKalmanNorm2d(C, track_running_stats=False).eval(), x) == 0
     assert op_calls(BatchKalmanNorm2d(C).double().train(), x.double()) == 0
     assert op_calls(BatchKalmanNorm2d(C, momentum=None).train(), x) == 1
-    assert op_calls(BatchKalmanNorm1d(C).train(), torch.randn(1, C)) == 1  # n = 1: BatchNorm would refuse
     assert op_calls(BatchKalmanNorm2d(C).train(), x.double()) == 1  # float32 layer, float64 input
     assert op_calls(BatchKalmanNorm2d(C).train(), x.bfloat16()) == 1
     first = BatchKalmanNorm2d(C)
