@@ -4,8 +4,8 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
         [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
-        [--profile N] [--count-ops] [--reference-moments] [--no-native] [--compare-native] [--unwired]
-        [--steady-malloc]
+        [--profile N] [--count-ops] [--kernel-times] [--reference-moments] [--no-native] [--compare-native]
+        [--unwired] [--steady-malloc]
 
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
@@ -21,6 +21,10 @@ about one kernel launch, the cost that dominates a micro-batch step there), Batc
 PyTorch forms of the per-channel kernels (:mod:`bkn_export.native` is CPU-only); with ``--compile``
 it counts the kernels inductor generates for the compiled forward and backward instead (on this CPU: C++ kernels, the
 proxy for the Triton kernels it would generate on a GPU).
+``--kernel-times`` instead times, per network and batch, each C kernel of :mod:`bkn_export.native` over
+``--repeats`` steps of the converted network (ms per step and calls per step per kernel, against the step's wall time):
+how much of the step the per-channel and per-activation kernels themselves take, the rest being Python, autograd and
+ATen.
 ``--no-native`` runs the PyTorch forms of the per-channel kernels instead of the C kernels of
 :mod:`bkn_export.native` (the header line says which ran); ``--compare-native`` times a third variant in the
 same interleaved loop, a copy of the converted network stepped with the PyTorch forms (its ms and ratio to
@@ -220,6 +224,38 @@ def _profile(name: str, batch: int, size: int, rows: int) -> None:
     print(recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def _kernel_times(name: str, batch: int, size: int, steps: int) -> None:
+    """Print, per :mod:`bkn_export.native` C kernel, its time per train step of the converted network (its calls
+    through ``native.call`` timed with ``perf_counter`` over ``steps`` steps after two), and the step itself."""
+    torch.manual_seed(0)
+    model = convert_batchnorm(NETWORKS[name](), torch.randn(2, 3, size, size))
+    step = _train_step(model, torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
+    step()
+    step()
+    seconds: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    call = native.call
+
+    def timed(kernel: str, *tensors: torch.Tensor | None, count: int | None = None) -> None:
+        start = time.perf_counter()
+        call(kernel, *tensors, count=count)
+        seconds[kernel] = seconds.get(kernel, 0.0) + time.perf_counter() - start
+        calls[kernel] = calls.get(kernel, 0) + 1
+
+    native.call = timed  # type: ignore[assignment]  # the modules that run kernels call native.call
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        step_ms = (time.perf_counter() - start) / steps * 1e3
+    finally:
+        native.call = call  # type: ignore[assignment]
+    print(f"== {name}, batch {batch}, {size}x{size}: C kernels per train step of the converted network")
+    for kernel, total in sorted(seconds.items(), key=lambda item: -item[1]):
+        print(f"{total / steps * 1e3:9.2f} ms {calls[kernel] // steps:5d} calls  {kernel}")
+    print(f"{sum(seconds.values()) / steps * 1e3:9.2f} ms in all, of a {step_ms:.1f} ms step (wall clock)")
+
+
 #: Operators that launch no kernel: views, allocation, metadata (excluded from ``--count-ops``).
 _NO_KERNEL = (
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view", "aten::as_strided",
@@ -276,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops instead of timing")
     parser.add_argument("--count-ops", action="store_true", help="count dispatched compute ops instead of timing")
+    parser.add_argument(
+        "--kernel-times", action="store_true", help="time each C kernel of bkn_export.native per step instead"
+    )
     parser.add_argument("--reference-moments", action="store_true", help="no fused eager predictions")
     parser.add_argument("--no-native", action="store_true", help="no bkn_export.native C kernels")
     parser.add_argument(
@@ -344,6 +383,11 @@ def _run(args: argparse.Namespace) -> int:
         for name in names:
             for batch in batches:
                 _profile(name, batch, args.size, args.profile)
+        return 0
+    if args.kernel_times:
+        for name in names:
+            for batch in batches:
+                _kernel_times(name, batch, args.size, max(args.repeats, 1))
         return 0
     if args.count_ops:
         what = "inductor kernels (torch.compile)" if args.compile else "compute ops dispatched (eager)"

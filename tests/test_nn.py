@@ -315,7 +315,7 @@ def test_batch_of_one_is_refused_without_a_prior_as_batchnorm_refuses_it() -> No
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         nn.BatchNorm1d(C).train()(x)
     unwired = BatchKalmanNorm1d(C).train()
-    with pytest.raises(BKNInputError, match="Expected more than 1 value per channel when training.*no predecessor"):
+    with pytest.raises(BKNInputError, match=r"Expected more than 1 value per channel when training.*no predecessor"):
         unwired(x)
     assert int(unwired.num_batches_tracked) == 0  # type: ignore[arg-type]
     model = nn.Sequential(nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), BatchKalmanNorm1d(C))
