@@ -11,7 +11,9 @@ checkpoints, reports, demo outputs) goes through here:
    ``0666 & ~umask``; ownership is the writer's, as with any replace);
 3. ``os.replace`` renames it over the target; a symlink at the target is replaced by the
    file, not written through; then the directory is ``fsync``-ed so the rename survives a
-   crash.
+   crash. A target that is not a regular file (a directory, ``/dev/null``, a named pipe, a
+   socket, or a symlink to one) is refused before anything is written: the rename would
+   replace it (:func:`check_writable`).
 
 On any failure (a full disk, a read-only directory) the temporary is removed, the target is
 left as it was and :class:`~bkn_export.errors.OutputWriteError` names the path and the
@@ -115,17 +117,66 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
         raise OutputWriteError(f"cannot write {target}: directory {directory} does not exist")
     if not directory.is_dir():
         raise OutputWriteError(f"cannot write {target}: {directory} is a file, not a directory")
-    if target.is_dir() and not target.is_symlink():
+    kind = _not_a_file(target)
+    if kind == "directory":
         raise OutputWriteError(f"cannot write {target}: it is a directory; give a file name")
+    if kind is not None:
+        raise OutputWriteError(
+            f"cannot write {target}: it is a {kind}, not a regular file; the write would replace it by a file (a new "
+            "file is renamed over the destination), so give a file path"
+        )
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot write {target}: directory {directory} is not writable")
+    _check_name_length(target)
     return target
 
 
-def check_creatable(path: str | os.PathLike[str]) -> Path:
+def _check_name_length(target: Path) -> None:
+    """Refuse a name too long for its write's temporary (``.<name>.<pid>-<random>.tmp``, the longest name a write
+    makes beside it): that write would fail only at its end, after the work."""
+    try:
+        limit = os.pathconf(target.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    length, needed = len(os.fsencode(target.name)), len(os.fsencode(temporary_name(target.name)))
+    if needed > limit:
+        raise OutputWriteError(
+            f"cannot write {target}: its name is {length} bytes, and the write's temporary file beside it "
+            f"('.<name>.<pid>-<random>.tmp') would be {needed}, over the {limit} a name may have here; give a name of "
+            f"at most {length - (needed - limit)} bytes"
+        )
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISFIFO, "named pipe"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def _not_a_file(target: Path) -> str | None:
+    """What is at ``target`` (a symlink followed) where it is neither absent nor a regular file: "directory",
+    "character device" (``/dev/null``, ``/dev/stdout``'s terminal), "block device", "named pipe", "socket"."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:  # absent, a dangling symlink, a loop: the write reports its own error
+        return None
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), None)
+
+
+def check_creatable(path: str | os.PathLike[str], directory: bool = False) -> Path:
     """:func:`check_writable` for a writer that creates missing parent directories (the parity reports): the
-    nearest existing ancestor must be a writable directory. Raises :class:`OutputWriteError` saying why."""
+    nearest existing ancestor must be a writable directory. Raises :class:`OutputWriteError` saying why.
+
+    directory: the writer may write into ``path`` as a folder (``--repro``, the folder form of ``--save-outputs``):
+    an existing directory there must be writable instead of being refused."""
     target = Path(path)
+    if directory and target.is_dir():
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise OutputWriteError(f"cannot write into {target}: the directory is not writable")
+        return target
     if target.parent.exists():
         return check_writable(target)
     ancestor = next(parent for parent in target.parents if parent.exists())
@@ -219,5 +270,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` (encoded with ``encoding``) to ``path`` atomically; return the path."""
-    return write_bytes_atomic(path, text.encode(encoding))
+    """Write ``text`` (encoded with ``encoding``) to ``path`` atomically; return the path. A file name that is not
+    valid UTF-8 reaches Python as lone surrogates (PEP 383); in the text (a report naming the file) they are
+    written back as the name's own bytes."""
+    return write_bytes_atomic(path, text.encode(encoding, errors="surrogateescape"))

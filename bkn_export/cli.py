@@ -11,7 +11,9 @@ the model (e.g. a parity mismatch), 2 bad input or environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -42,7 +44,23 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_terminate(signum: int, frame: object) -> None:
+    """SIGTERM (``timeout``, ``docker stop``, a cancelled CI job) as an exit, 128 + 15: the writes under way unwind
+    and remove their temporaries (:mod:`bkn_export.atomic`), which the default action would leave behind."""
+    raise SystemExit(128 + signum)
+
+
+def _own_the_process() -> None:
+    """Handle SIGTERM where this CLI owns the process (its entry point, not ``main([...])`` called from a program)
+    and nothing else handles it yet."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, _exit_on_terminate)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        _own_the_process()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args, extras = parser.parse_known_args(argv)

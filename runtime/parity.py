@@ -387,17 +387,14 @@ def run_parity(
             if repro_dir is not None and result.outputs:
                 from runtime.repro import write_repro
 
-                report.notes.append(
-                    write_repro(
-                        onnx_model,
-                        path,
-                        entry,
-                        feed,
-                        references[result.failing_iteration or 0],
-                        result,
-                        Path(repro_dir) / entry.name.replace(":", "_"),
+                bundle = Path(repro_dir) / entry.name.replace(":", "_")
+                try:
+                    note = write_repro(
+                        onnx_model, path, entry, feed, references[result.failing_iteration or 0], result, bundle
                     )
-                )
+                except OSError as error:  # the bundle is extra: its failure must not hide the verdict it explains
+                    note = f"repro bundle for {entry.name} not written to {bundle}: {error}"
+                report.notes.append(note)
         if progress:
             progress("done", entry.name, index, total)
         report.runtimes.append(result)

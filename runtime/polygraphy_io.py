@@ -169,7 +169,19 @@ def save_inputs(path: str | os.PathLike[str], feeds: Sequence[Mapping[str, np.nd
     target.mkdir(parents=True, exist_ok=True)
     for index, feed in enumerate(encoded):
         write_text_atomic(target / f"{index:0{ITERATION_FILE_WIDTH}d}.json", json.dumps(feed, indent=4) + "\n")
+    _remove_stale_iterations(target, len(encoded))
     return target
+
+
+def _remove_stale_iterations(folder: Path, count: int) -> None:
+    """Remove the per-iteration files of an earlier, longer save into ``folder`` (index ≥ ``count``): a reader
+    takes every ``*.json`` there, and a stale ``0000000002.json`` would be compared as a third input set or
+    iteration. Other files are left alone. Each file is written atomically, the folder is not: an interrupted
+    save can leave a mix of two runs there (the single-file form replaces its file as a unit)."""
+    for stale in folder.glob("*.json"):
+        name = stale.stem
+        if len(name) == ITERATION_FILE_WIDTH and name.isdigit() and int(name) >= count:
+            stale.unlink(missing_ok=True)
 
 
 def _run_results(runner: str, iterations: Sequence[Mapping[str, np.ndarray]], seconds: Sequence[float]) -> dict:
@@ -203,6 +215,7 @@ def save_outputs(
     for index, (outputs, elapsed) in enumerate(zip(iterations, times)):
         data = _run_results(runner, [outputs], [elapsed])
         write_text_atomic(target / f"{index:0{ITERATION_FILE_WIDTH}d}.json", json.dumps(data, indent=4) + "\n")
+    _remove_stale_iterations(target, len(iterations))
     return target
 
 

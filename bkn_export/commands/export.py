@@ -195,11 +195,13 @@ def torch_no_grad() -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from bkn_export.atomic import check_writable
+    from bkn_export.commands.paths import check_distinct_paths, spec_file
     from bkn_export.errors import OptionError
     from bkn_export.export import export_onnx
     from bkn_export.factory import load_model
 
     check_writable(args.output)  # before building and tracing the model
+    check_distinct_paths({"-o": args.output}, {"the model spec": spec_file(args.spec), "--checkpoint": args.checkpoint})
     options: dict[str, Any] = {}
     if args.external_data_threshold is not None:
         options["external_data_threshold"] = args.external_data_threshold

@@ -311,15 +311,27 @@ def _run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from bkn_export.atomic import check_creatable
+    from bkn_export.commands.paths import check_distinct_paths, spec_file
     from runtime.compare import Criteria, Tolerance
     from runtime.errors import BKNInputError
     from runtime.parity import run_parity
     from runtime.report import print_report, report_console, write_html, write_json
+    from runtime.report.terminal import stdout_closed
 
     spec, onnx_path = _targets(args)
-    for report_path in (args.json, args.html):  # a bad report path fails before the runs, not after them
-        if report_path:
-            check_creatable(report_path)
+    for report_path, folder in ((args.json, False), (args.html, False), (args.save_inputs, True),
+                                (args.save_outputs, True), (args.repro, True)):  # fmt: skip
+        if report_path:  # a bad output path fails before the runs, not after them
+            check_creatable(report_path, directory=folder)
+    outputs = {
+        "--json": args.json, "--html": args.html, "--save-inputs": args.save_inputs,
+        "--save-outputs": args.save_outputs, "--repro": args.repro,
+    }  # fmt: skip
+    input_files = {
+        "the ONNX model": onnx_path, "the model spec": spec_file(spec), "--checkpoint": args.checkpoint,
+        "--load-inputs": args.load_inputs, "--load-outputs": args.load_outputs,
+    }  # fmt: skip
+    check_distinct_paths(outputs, input_files)
     criteria = Criteria(args.check_error_stat, args.error_quantile, args.cosine_min, args.max_mismatch)
     inputs = _inputs(args, onnx_path)
     tolerances = {name: Tolerance(atol, rtol) for name, atol, rtol in args.tolerance}
@@ -364,10 +376,15 @@ def _run(args: argparse.Namespace) -> int:
             save_outputs=args.save_outputs, repro_dir=args.repro, noise_floor=args.noise_floor,
         )  # fmt: skip
         progress.update(task, description="parity: finished")
-    print_report(report, report_console())
-    for path, writer in ((args.json, write_json), (args.html, write_html)):
-        if path:
-            print(f"wrote {writer(report, path)}")
+    # The files first: a table that cannot be printed (stdout piped into `head`, a full disk) loses no report.
+    written = [writer(report, path) for path, writer in ((args.json, write_json), (args.html, write_html)) if path]
+    try:
+        print_report(report, report_console())
+        for path in written:
+            print(f"wrote {path}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader of stdout stopped reading: the verdict's exit code stands
+        stdout_closed()
     if not report.ran:
         reasons = "; ".join(f"{r.runtime}: {r.reason}" for r in report.runtimes)
         print(

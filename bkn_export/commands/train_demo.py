@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from bkn_export import native
-from bkn_export.atomic import write_bytes_atomic
+from bkn_export.atomic import check_writable, write_bytes_atomic
 from bkn_export.commands.arguments import positive_float, positive_int
 from bkn_export.commands.exit_codes import run_command
 from bkn_export.demo.models import NETWORKS, NORMALIZERS
@@ -303,6 +303,8 @@ def _run(args: argparse.Namespace) -> int:
         "summary": {},
     }
     results_path, plot_path = out / RESULTS_NAME, out / PLOT_NAME
+    for path in (results_path, plot_path):  # a read-only --out fails now, not after the first run
+        check_writable(path)
 
     def save() -> None:
         report["summary"] = summarize(report["runs"])

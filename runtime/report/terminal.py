@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -9,7 +12,7 @@ from rich.table import Table
 from runtime.parity import ParityReport
 from runtime.report.cells import COLUMNS, comparison_cells, note
 
-__all__ = ["STATUS_STYLE", "print_report", "report_console", "report_text"]
+__all__ = ["STATUS_STYLE", "print_report", "report_console", "report_text", "stdout_closed"]
 
 #: Width used when output is not a terminal (CI logs, pipes): wide enough that no number is cut.
 LOG_WIDTH = 180
@@ -55,10 +58,27 @@ def build_table(report: ParityReport) -> Table:
     return table
 
 
+def stdout_closed() -> None:
+    """After a ``BrokenPipeError`` on stdout (``bkn parity ... | head``): send the rest of stdout to the null device,
+    so that nothing fails again when Python flushes it at exit (Python's own advice for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class _ReportConsole(Console):
+    """rich's Console, except that a closed pipe raises ``BrokenPipeError`` for the caller to handle: rich's own
+    handler exits with code 1, which the exit-code rule reserves for a problem with the model."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError("the output pipe was closed by its reader")
+
+
 def report_console(stderr: bool = False) -> Console:
     """A console for reports: the terminal's width, or :data:`LOG_WIDTH` when writing to a log or pipe."""
-    console = Console(stderr=stderr)
-    return console if console.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+    console = _ReportConsole(stderr=stderr)
+    return console if console.is_terminal else _ReportConsole(stderr=stderr, width=LOG_WIDTH)
 
 
 def print_report(report: ParityReport, console: Console | None = None) -> None:
