@@ -93,8 +93,12 @@ def load_checkpoint(checkpoint: str | os.PathLike[str]) -> Mapping[str, Any]:
     path = Path(checkpoint)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory, not a file saved with torch.save")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is a device, pipe or socket: give the file saved with torch.save")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): not a file saved with torch.save")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises pickle/zip/runtime errors

@@ -178,3 +178,20 @@ def test_sigterm_during_a_write_of_the_cli_leaves_no_temporary(tmp_path: Path) -
     assert done.returncode == 143, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
     assert (tmp_path / "out.bin").read_bytes() == b"old"
+
+
+# --------------------------------------------------------------------------- checkpoints that are not files
+
+
+@pytest.mark.parametrize("kind", ["empty", "device"])
+def test_a_checkpoint_that_is_empty_or_a_device_says_so(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """An empty checkpoint read as "EOFError: ." and a device as "does not exist"."""
+    checkpoint = "/dev/null" if kind == "device" else str(tmp_path / "empty.pt")
+    if kind == "empty":
+        Path(checkpoint).write_bytes(b"")
+    code, err = run_cli(export_argv(f"{models}:small", tmp_path / "m.onnx", "--checkpoint", checkpoint), capsys)
+    assert code == 2
+    expected = "is empty (0 bytes)" if kind == "empty" else "is a device, pipe or socket"
+    assert_one_line(err, "CheckpointError", expected)
