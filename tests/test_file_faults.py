@@ -18,6 +18,7 @@ from rich.console import Console
 from test_hardening_cli import MODELS, assert_one_line, export_argv, run_cli
 
 from bkn_export.atomic import check_creatable, check_writable, write_text_atomic
+from bkn_export.cli import main
 from bkn_export.commands.paths import check_distinct_paths, spec_file
 from bkn_export.errors import OptionError, OutputWriteError
 from runtime.polygraphy_io import load_outputs, save_outputs
@@ -195,3 +196,32 @@ def test_a_checkpoint_that_is_empty_or_a_device_says_so(
     assert code == 2
     expected = "is empty (0 bytes)" if kind == "empty" else "is a device, pipe or socket"
     assert_one_line(err, "CheckpointError", expected)
+
+
+# --------------------------------------------------------------------------- bkn parity: reports
+
+
+def test_parity_prints_its_verdict_before_a_report_write_error(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reports are written before the table (so that a closed stdout loses none); a report that cannot be
+    written (a full disk) still lets the table show the verdict, then its one-line error, exit 2. (The factory
+    builds new random weights per call, so the file differs from the model parity builds: a mismatch, the case
+    where the verdict matters most.)"""
+    from test_hardening_faults import fill_disk_after
+
+    model = tmp_path / "m.onnx"
+    assert run_cli(export_argv(f"{models}:small", model, shape="2,1,8,8"), capsys)[0] == 0
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    fill_disk_after(monkeypatch, reports, 100)
+    argv = ["parity", f"{models}:small", str(model), "--runtimes", "ort:cpu:all", "--json", str(reports / "r.json")]
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "ort:cpu:all" in out and "parity FAILED" in out
+    assert_one_line(err, "OutputWriteError", "No space left on device")
+    assert list(reports.iterdir()) == []

@@ -376,8 +376,15 @@ def _run(args: argparse.Namespace) -> int:
             save_outputs=args.save_outputs, repro_dir=args.repro, noise_floor=args.noise_floor,
         )  # fmt: skip
         progress.update(task, description="parity: finished")
-    # The files first: a table that cannot be printed (stdout piped into `head`, a full disk) loses no report.
-    written = [writer(report, path) for path, writer in ((args.json, write_json), (args.html, write_html)) if path]
+    # The files first: a table that cannot be printed (stdout piped into `head`) loses no report. A report that
+    # cannot be written still lets the table show the verdict; its error (exit 2) follows.
+    written, write_error = [], None
+    for path, writer in ((args.json, write_json), (args.html, write_html)):
+        if path and write_error is None:
+            try:
+                written.append(writer(report, path))
+            except OSError as error:
+                write_error = error
     try:
         print_report(report, report_console())
         for path in written:
@@ -385,6 +392,8 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     except BrokenPipeError:  # the reader of stdout stopped reading: the verdict's exit code stands
         stdout_closed()
+    if write_error is not None:
+        raise write_error
     if not report.ran:
         reasons = "; ".join(f"{r.runtime}: {r.reason}" for r in report.runtimes)
         print(
