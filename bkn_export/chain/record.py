@@ -363,6 +363,14 @@ def _module_step(name: str, module: nn.Module, kind: str, inp: Tensor, out: Tens
         assert isinstance(module, nn.modules.conv._ConvNd)
         if inp.dim() != module.weight.dim():
             raise _Unsupported(label, f"on an unbatched {tuple(inp.shape)} input")
+        if module.transposed:
+            expected = tuple(moments._conv_output_length(module, d, size) for d, size in enumerate(inp.shape[2:]))
+            if tuple(out.shape[2:]) != expected:  # called with output_size: another output_padding than its own
+                raise _Unsupported(
+                    label,
+                    f"called with output_size (output {tuple(out.shape[2:])}, its output_padding gives {expected}); "
+                    "the moments follow the module's attributes: set output_padding instead",
+                )
         return Affine(name, "conv")
     if kind == "pool":
         if not isinstance(out, Tensor):
@@ -957,7 +965,7 @@ class _Recorder(TorchFunctionMode):
                 step = _TRANSPARENT if other == 0 else ScaleShift(1.0, float(other) * alpha)  # sum() starts at 0
                 self.step_node(step, sources[0], out)
                 return True
-            raise _Unsupported(label, f"of {other!r} (alpha={alpha!r})")
+            raise _Unsupported(label, f"of {_short(other)} (alpha={_short(alpha)})")
         if alpha != 1 or len(sources) != 2 or any(shape != tuple(out.shape) for _, shape in sources):
             shapes = [shape for _, shape in sources]
             raise _Unsupported(label, f"of shapes {shapes} (alpha={alpha}): not a residual sum of equal shapes")
@@ -1027,13 +1035,23 @@ def _branch_from(node: _Node | None, origin: _Node | None) -> tuple[Step, ...] |
     return tuple(reversed(steps))
 
 
+def _short(value: Any) -> str:
+    """A value as a note names it: a tensor by its kind and shape (its repr would put every element in the note,
+    kilobytes for an activation), anything else by its type and a repr cut to 60 characters."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return text if isinstance(value, (int, float)) else f"{type(value).__name__} {text}"
+
+
 def _constant_step(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], label: str) -> ScaleShift:
     """``x - c``, ``c - x``, ``x / c``, ``-x`` as a ScaleShift."""
     if func in _NEG_FUNCTIONS:
         return ScaleShift(-1.0, 0.0)
     other = _arg(args, kwargs, 1, "other")
     if not isinstance(other, (int, float)) or kwargs.get("rounding_mode") is not None:
-        raise _Unsupported(label, f"by {type(other).__name__} {other!r}, not a number")
+        raise _Unsupported(label, f"by {_short(other)}, not a number")
     if func in _DIV_FUNCTIONS:
         if other == 0:
             raise _Unsupported(label, "by zero")
@@ -1281,11 +1299,41 @@ def _fallbacks(sources: Sequence[SourcePath], combine: str, prefix: str = "") ->
             yield from _fallbacks(source.origin.sources, source.origin.combine, f"{where} → ")
 
 
+def shared_sources_note(combine: str, parts: Sequence[SourcePath], where: str) -> str | None:
+    """The note for a sum or concatenation whose parts start from a common normalization (``x + conv(x)``, RepVGG's
+    branches, ``cat([x, relu(x)])`` then a conv): the parts are correlated, and the moments add them, or a later
+    step mixes their channels, as if independent. None where no two parts share a source."""
+    seen: set[str] = set()
+    shared: list[str] = []
+    for part in parts:
+        names = set(part.normalizations())
+        shared += sorted(name for name in names & seen if name not in shared)
+        seen |= names
+    if not shared:
+        return None
+    kind = "addends" if combine == "sum" else "parts"
+    mixed = "the sum" if combine == "sum" else "a later step that mixes their channels (a conv, a Linear)"
+    return (
+        f"{where}approximate variance: the {kind} of this {combine} share the source "
+        f"{', '.join(repr(name) for name in shared)} (they are correlated), and {mixed} takes them as independent"
+    )
+
+
+def _separates_positions(step: Step) -> bool:
+    """Whether ``step`` treats positions one by one in a way that pooled moments cannot describe where positions
+    differ: a flatten of the channels with positions (each feature gets its channel's pooled moments; a Linear then
+    weighs positions separately), a strided selection (keeps some borders, drops others)."""
+    return (isinstance(step, Flatten) and step.start_dim == 1) or isinstance(step, Subsample)
+
+
 def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) -> tuple[str | None, list[str]]:
     """(the step after which the path's positions are dependent, or None; approximation notes)."""
     dependent: str | None = None
     notes: list[str] = []
     if path.origin is not None:
+        shared = shared_sources_note(path.origin.combine, path.origin.sources, f"{where}: ")
+        if shared is not None:
+            notes.append(shared)
         for index, part in enumerate(path.origin.sources):
             part_dependent, part_notes = _dependence(
                 part, modules, _where(path.origin.combine, index, part, f"{where} → ")
@@ -1309,6 +1357,12 @@ def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) 
                 f"{dependent} left dependent or unlike, and the moments take them as independent and alike"
             )
             dependent = None  # one note per cause
+        elif dependent is not None and _separates_positions(step):
+            notes.append(
+                f"{where}: approximate: {step.describe()} gives each position its channel's moments over all "
+                f"positions, but {dependent} left positions unlike (borders differ) or dependent"
+            )
+            dependent = None
         if makes_positions_dependent(step, modules):
             dependent = _last_dependent(step, modules).describe()
     return dependent, notes
@@ -1339,6 +1393,9 @@ def _layer_record(call: _NormCall, walker: _Walker, modules: Mapping[str, nn.Mod
     fallbacks = list(_fallbacks(sources, combine))
     if any(source.reaches_normalization for source in sources):
         notes = [f"{where} {why}; this part falls back" for where, why in fallbacks]
+        shared = shared_sources_note(combine, sources, "") if combine in ("concat", "sum") else None
+        if shared is not None:
+            notes.append(shared)
         for index, source in enumerate(sources):
             notes += _dependence(source, modules, _where(combine, index, source, ""))[1]
     else:

@@ -399,7 +399,9 @@ class Flatten:
     start_dim == 1 merges the channels with the leading spatial dims up to ``end_dim``:
     feature ``c · P + p`` (P = product of the merged spatial sizes) is channel c at
     position p, so under i.i.d. positions its moments are channel c's
-    (``repeat_interleave(P)``); e.g. (N, C, H, W) → (N, C·H·W) before a classifier.
+    (``repeat_interleave(P)``); e.g. (N, C, H, W) → (N, C·H·W) before a classifier. After a
+    step that made positions unlike or dependent (a padded conv or pooling, resampling) this
+    is an approximation, which the chain's notes name (a Linear then weighs positions one by one).
     """
 
     start_dim: int = 1
@@ -583,8 +585,9 @@ class ChannelPad:
 @dataclass(frozen=True)
 class Subsample:
     """Every ``stride``-th position from ``start`` per spatial dim, ``x[:, :, a::s, b::t]``.
-    Exact: positions are i.i.d., so the moments stay; the spatial size becomes
-    ceil((size − start) / stride)."""
+    Exact where positions are i.i.d.: the moments stay; the spatial size becomes
+    ceil((size − start) / stride). After a step that made positions unlike (a padded conv: the
+    selection keeps some borders and drops others) the chain's notes name it as approximate."""
 
     start: tuple[int, ...]
     stride: tuple[int, ...]

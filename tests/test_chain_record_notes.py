@@ -1,0 +1,164 @@
+"""Approximations the chain must name, and steps it must refuse, found by the ninth sweep (docs/zoo-sweep.md):
+positions taken one by one after a step that made them unlike, parts of a sum or concatenation from one source,
+a transposed conv called with ``output_size``, a softplus below the threshold its bound was measured at, and notes
+that printed a whole tensor."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bkn_export import convert_batchnorm, describe_chain
+from bkn_export.chain.record import record_dataflow
+
+
+class _FlattenHead(nn.Module):
+    """BN → ReLU → conv 3×3 (padding 1) → flatten → Linear → BN1d: the head of a small CNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)
+        self.conv, self.fc, self.bn1 = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2 * 4 * 4, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn1(self.fc(self.conv(F.relu(self.bn0(self.conv0(x)))).flatten(1)))
+
+
+def test_flatten_after_a_padded_conv_is_named_as_approximate() -> None:
+    """Flatten gives every feature its channel's moments pooled over positions; after a padded conv the border
+    positions differ and the Linear weighs them one by one (the sweep: mean 0.53 predicted, 0.76 by Monte Carlo)."""
+    notes = record_dataflow(_FlattenHead(), torch.randn(2, 3, 4, 4))["bn1"].notes
+    assert any("approximate: flatten" in note and "conv 'conv'" in note for note in notes), notes
+
+
+class _Strided(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn1(self.conv(self.bn0(self.conv0(x)))[:, :, ::2, ::2])
+
+
+def test_a_strided_selection_after_a_padded_conv_is_named_as_approximate() -> None:
+    """``conv(pad 1)(x)[:, :, ::2, ::2]`` keeps the first border row and column, not the last."""
+    notes = record_dataflow(_Strided(), torch.randn(2, 3, 8, 8))["bn1"].notes
+    assert any("approximate: subsample" in note for note in notes), notes
+
+
+def test_flatten_where_positions_are_alike_stays_exact() -> None:
+    """Global pooling then flatten (1×1 positions), or no padded step before it: no note."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
+        nn.BatchNorm1d(5),
+    )  # fmt: skip
+    assert record_dataflow(model, torch.randn(2, 3, 8, 8))["6"].notes == ()
+
+
+class _SharedSum(nn.Module):
+    """x + conv(x): both addends start from bn0 (correlated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn0(self.conv0(x))
+        return self.bn1(y + self.conv(y))
+
+
+class _SharedConcat(nn.Module):
+    """conv 1×1(cat[x, relu(x)]): two parts from bn0, mixed by the conv (the sweep: variance 0.43 against 0.70)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv, self.bn1 = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn0(self.conv0(x))
+        return self.bn1(self.conv(torch.cat([y, F.relu(y)], 1)))
+
+
+class _TwoSources(nn.Module):
+    """A residual sum of two different normalizations' outputs: independent, no note."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.bn1 = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn1(self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x)))
+
+
+def test_parts_from_one_source_are_named_as_correlated() -> None:
+    shared_sum = record_dataflow(_SharedSum(), torch.randn(2, 3, 6, 6))["bn1"].notes
+    assert any("addends of this sum share the source 'bn0'" in note for note in shared_sum), shared_sum
+    shared_concat = record_dataflow(_SharedConcat(), torch.randn(2, 3, 6, 6))["bn1"].notes
+    assert any("parts of this concat share the source 'bn0'" in note for note in shared_concat), shared_concat
+    assert not any(
+        "share the source" in note for note in record_dataflow(_TwoSources(), torch.randn(2, 3, 6, 6))["bn1"].notes
+    )
+
+
+class _TransposedWithSize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.up, self.bn1 = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn0(self.conv0(x))
+        return self.bn1(self.up(y, output_size=[2 * y.shape[2], 2 * y.shape[3]]))
+
+
+def test_a_transposed_conv_called_with_output_size_is_refused_by_name() -> None:
+    """``output_size`` adds an output_padding the module's attributes do not hold; the moments (and the sampled
+    transition) followed the attributes: a 15×15 map predicted for a 16×16 one. Refused: the layer is first in
+    its chain, with the reason."""
+    record = record_dataflow(_TransposedWithSize(), torch.randn(2, 3, 8, 8))["bn1"]
+    assert record.combine == "none"
+    assert any("called with output_size" in note and "set output_padding instead" in note for note in record.notes)
+
+
+def test_a_transposed_conv_without_output_size_keeps_its_prior() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 4, 3, 2, 1, 1), nn.BatchNorm2d(4)
+    )
+    record = record_dataflow(model, torch.randn(2, 3, 8, 8))["3"]
+    assert record.combine == "single" and record.notes == ()
+
+
+def test_softplus_below_its_measured_threshold_says_so() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Softplus(beta=2, threshold=1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
+    convert_batchnorm(model, torch.randn(2, 3, 6, 6))
+    described = str(describe_chain(model))
+    assert "at threshold 1" in described and "the jump where softplus switches to x" in described
+    default = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Softplus(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    convert_batchnorm(default, torch.randn(2, 3, 6, 6))
+    assert "switches to x" not in str(describe_chain(default))
+
+
+class _Difference(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.bn1 = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn1(self.bn_a(self.conv_a(x)) - self.bn_b(self.conv_b(x)))
+
+
+def test_a_note_names_a_tensor_by_its_shape_not_its_values() -> None:
+    """``a - b`` of two normalizations' outputs: the note printed ``repr(b)``, 16 kB for a small activation."""
+    notes = record_dataflow(_Difference(), torch.randn(2, 3, 16, 16))["bn1"].notes
+    assert notes and all(len(note) < 400 for note in notes), [len(n) for n in notes]
+    assert any("a tensor of shape (2, 4, 16, 16)" in note for note in notes), notes
