@@ -445,8 +445,9 @@ class _BatchKalmanNorm(nn.Module):
                 f"{self._label()}: eps must be positive for batch statistics, got {self.eps} (a channel of equal "
                 "values would be divided by sqrt(eps) = 0); nn.BatchNorm refuses it too"
             )
-        spans_x = not self._kalman_step_replaced  # a SyncBatchKalmanNorm's statistics span its process group
-        if spans_x and x.numel() == x.shape[1] and not self.has_predecessor and nothing_traces():
+        one_value = x.numel() == x.shape[1]  # cheap first: the other conditions are read only at n = 1
+        # (a SyncBatchKalmanNorm replaces _kalman_step: its statistics span its process group)
+        if one_value and not self.has_predecessor and not self._kalman_step_replaced and nothing_traces():
             raise BKNInputError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
                 f"({self._label()} has no predecessor in its chain, so no Kalman prior: with one value per channel its "

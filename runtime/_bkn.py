@@ -229,6 +229,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """``write_bytes_atomic`` of ``text`` in UTF-8 (a non-UTF-8 file name in it as its own bytes: see
-    :func:`bkn_export.atomic.write_text_atomic`)."""
-    return write_bytes_atomic(path, text.encode("utf-8", errors="surrogateescape"))
+    """``text`` in UTF-8, through the shared writer (:func:`bkn_export.atomic.write_text_atomic`: a non-UTF-8 file
+    name in it is written as its own bytes)."""
+    from bkn_export.atomic import write_text_atomic as write
+
+    return Path(write(path, text))

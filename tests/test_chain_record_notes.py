@@ -84,16 +84,18 @@ class _SharedConcat(nn.Module):
 
 
 class _TwoSources(nn.Module):
-    """A residual sum of two different normalizations' outputs: independent, no note."""
+    """Two different normalizations' outputs combined: ``a + b`` (independent, no note) or ``a - b`` (unsupported)."""
 
-    def __init__(self) -> None:
+    def __init__(self, subtract: bool = False) -> None:
         super().__init__()
         self.conv_a, self.bn_a = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
         self.conv_b, self.bn_b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
         self.bn1 = nn.BatchNorm2d(4)
+        self.subtract = subtract
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.bn1(self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x)))
+        a, b = self.bn_a(self.conv_a(x)), self.bn_b(self.conv_b(x))
+        return self.bn1(a - b if self.subtract else a + b)
 
 
 def test_parts_from_one_source_are_named_as_correlated() -> None:
@@ -146,19 +148,8 @@ def test_softplus_below_its_measured_threshold_says_so() -> None:
     assert "switches to x" not in str(describe_chain(default))
 
 
-class _Difference(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_a, self.bn_a = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
-        self.conv_b, self.bn_b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
-        self.bn1 = nn.BatchNorm2d(4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn1(self.bn_a(self.conv_a(x)) - self.bn_b(self.conv_b(x)))
-
-
 def test_a_note_names_a_tensor_by_its_shape_not_its_values() -> None:
     """``a - b`` of two normalizations' outputs: the note printed ``repr(b)``, 16 kB for a small activation."""
-    notes = record_dataflow(_Difference(), torch.randn(2, 3, 16, 16))["bn1"].notes
+    notes = record_dataflow(_TwoSources(subtract=True), torch.randn(2, 3, 16, 16))["bn1"].notes
     assert notes and all(len(note) < 400 for note in notes), [len(n) for n in notes]
     assert any("a tensor of shape (2, 4, 16, 16)" in note for note in notes), notes

@@ -72,8 +72,8 @@ def _approximation(step: Step) -> str:
         return f"{step.describe()}: the maximum's moments are approximated (bkn_export.moments.pool_moments)"
     if isinstance(step, Elementwise):
         note = accuracy.get(step.kind, "")
-        threshold = dict(step.params).get("threshold", _SOFTPLUS_MEASURED_THRESHOLD)
-        if step.kind == "softplus" and isinstance(threshold, (int, float)) and threshold < _SOFTPLUS_MEASURED_THRESHOLD:
+        threshold = dict(step.params).get("threshold") if step.kind == "softplus" else None
+        if isinstance(threshold, (int, float)) and threshold < _SOFTPLUS_MEASURED_THRESHOLD:
             note += (
                 f"; that bound holds from threshold {_SOFTPLUS_MEASURED_THRESHOLD:g} up: at threshold {threshold:g} "
                 "the jump where softplus switches to x adds error (measured: up to 2.5 % mean / 9.6 % variance at "

@@ -319,19 +319,19 @@ def _run(args: argparse.Namespace) -> int:
     from runtime.report.terminal import stdout_closed
 
     spec, onnx_path = _targets(args)
-    for report_path, folder in ((args.json, False), (args.html, False), (args.save_inputs, True),
-                                (args.save_outputs, True), (args.repro, True)):  # fmt: skip
-        if report_path:  # a bad output path fails before the runs, not after them
-            check_creatable(report_path, directory=folder)
+    # option → (path, whether it may be a folder); a bad output path fails before the runs, not after them
     outputs = {
-        "--json": args.json, "--html": args.html, "--save-inputs": args.save_inputs,
-        "--save-outputs": args.save_outputs, "--repro": args.repro,
+        "--json": (args.json, False), "--html": (args.html, False), "--save-inputs": (args.save_inputs, True),
+        "--save-outputs": (args.save_outputs, True), "--repro": (args.repro, True),
     }  # fmt: skip
+    for output_path, folder in outputs.values():
+        if output_path:
+            check_creatable(output_path, directory=folder)
     input_files = {
         "the ONNX model": onnx_path, "the model spec": spec_file(spec), "--checkpoint": args.checkpoint,
         "--load-inputs": args.load_inputs, "--load-outputs": args.load_outputs,
     }  # fmt: skip
-    check_distinct_paths(outputs, input_files)
+    check_distinct_paths({label: path for label, (path, _) in outputs.items()}, input_files)
     criteria = Criteria(args.check_error_stat, args.error_quantile, args.cosine_min, args.max_mismatch)
     inputs = _inputs(args, onnx_path)
     tolerances = {name: Tolerance(atol, rtol) for name, atol, rtol in args.tolerance}
@@ -379,12 +379,12 @@ def _run(args: argparse.Namespace) -> int:
     # The files first: a table that cannot be printed (stdout piped into `head`) loses no report. A report that
     # cannot be written still lets the table show the verdict; its error (exit 2) follows.
     written, write_error = [], None
-    for path, writer in ((args.json, write_json), (args.html, write_html)):
-        if path and write_error is None:
-            try:
+    try:
+        for path, writer in ((args.json, write_json), (args.html, write_html)):
+            if path:
                 written.append(writer(report, path))
-            except OSError as error:
-                write_error = error
+    except OSError as error:
+        write_error = error
     try:
         print_report(report, report_console())
         for path in written:
