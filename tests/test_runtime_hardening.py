@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,25 @@ def test_a_missing_external_data_file_is_named(tmp_path: Path) -> None:
     onnx.save(model, path, save_as_external_data=True, location="external.data", size_threshold=0)
     (tmp_path / "external.data").unlink()
     with pytest.raises(ModelFileError, match=r"external-data file external\.data, which is missing"):
+        run_parity(trained_digits(), path, digits_inputs())
+
+
+@pytest.mark.parametrize("location", [".", "../outside.data", "/etc/hostname"])
+def test_an_external_data_location_that_names_no_file_beside_the_model_is_named(tmp_path: Path, location: str) -> None:
+    from runtime.errors import ModelFileError
+
+    model = onnx.load(exported_digits("inference"))
+    path = tmp_path / "inner" / "external.onnx"
+    path.parent.mkdir()
+    onnx.save(model, path, save_as_external_data=True, location="external.data", size_threshold=0)
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, path)
+    (tmp_path / "outside.data").write_bytes((path.parent / "external.data").read_bytes())
+    with pytest.raises(ModelFileError, match=rf"location {re.escape(repr(location))}, which names no file in"):
         run_parity(trained_digits(), path, digits_inputs())
 
 

@@ -218,6 +218,18 @@ def _external_locations(model: onnx.ModelProto) -> dict[str, int]:
     return ends
 
 
+def _names_a_file_beside(file: Path, location: str) -> bool:
+    """Whether an external-data ``location`` is a relative path to a file under ``file``'s folder.
+
+    An empty location, ``.``, an absolute path or one that climbs out with ``..`` names no such
+    file (onnx itself refuses to read them).
+    """
+    relative = Path(location)
+    if not location or relative.is_absolute() or ".." in relative.parts:
+        return False
+    return not (file.parent / relative).is_dir()
+
+
 def load_onnx_file(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
     """Load an ONNX file; :class:`ModelFileError` says what is actually wrong.
 
@@ -241,6 +253,12 @@ def load_onnx_file(path: str | os.PathLike[str], load_external_data: bool = True
         ) from error
     for location, end in _external_locations(model).items():
         data = file.parent / location
+        if not _names_a_file_beside(file, location):
+            raise ModelFileError(
+                f"ONNX file {file} keeps weights in external data at location {location!r}, which names no file in "
+                f"the model's folder {file.parent} (an external-data location is a relative file name there); the "
+                "model is malformed: re-export it"
+            )
         if not data.is_file():
             raise ModelFileError(
                 f"ONNX file {file} keeps its weights in the external-data file {location}, which is missing from "
