@@ -414,13 +414,18 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
 
     Every key of ``state_dict`` must exist in ``model`` with the same tensor shape; the only
     keys allowed to be missing are BKN-only ones (gain, process noise, transition, wiring),
-    which keep their initial values. Returns the list of BKN-only keys left at their initial
-    values. A checkpoint that does not fit raises :class:`CheckpointError` naming the keys
-    before anything is loaded: the model is left as it was.
+    which keep their initial values, and ``num_batches_tracked`` where ``nn.BatchNorm`` itself
+    would fill it in (a checkpoint saved before PyTorch 0.4.1, as old model-zoo weights are: no
+    such key and no module version ≥ 2 in the checkpoint's metadata), which keeps the model's
+    current count as BatchNorm's loader does. Returns the list of keys left at the model's
+    values (those two kinds). A checkpoint that does not fit raises :class:`CheckpointError`
+    naming the keys (and a ``module.`` prefix left by ``DataParallel`` / DDP) before anything
+    is loaded: the model is left as it was.
     """
     own = model.state_dict()
     unexpected = [k for k in state_dict if k not in own]
-    missing = [k for k in own if k not in state_dict and not k.endswith(BKN_ONLY_SUFFIXES)]
+    kept = [k for k in own if k not in state_dict and batchnorm_fills_in(k, state_dict)]
+    missing = [k for k in own if k not in state_dict and not k.endswith(BKN_ONLY_SUFFIXES) and k not in kept]
     resized = [
         f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})"
         for k, v in state_dict.items()
@@ -432,7 +437,34 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
             + (f"unexpected keys {unexpected}; " if unexpected else "")
             + (f"missing keys {missing}; " if missing else "")
             + (f"other shapes: {', '.join(resized)}; " if resized else "")
+            + _prefix_hint(unexpected, own)
             + "was it saved from the same architecture?"
         )
     result = model.load_state_dict(state_dict, strict=False)
-    return [k for k in result.missing_keys if k.endswith(BKN_ONLY_SUFFIXES)]
+    return [k for k in result.missing_keys if k.endswith(BKN_ONLY_SUFFIXES) or k in kept]
+
+
+_COUNT_KEY = "num_batches_tracked"
+
+
+def batchnorm_fills_in(key: str, state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``nn.BatchNorm``'s loader would fill in this missing key: a ``num_batches_tracked`` of a
+    module whose version in the checkpoint's ``_metadata`` is absent or below 2 (saved before PyTorch 0.4.1)."""
+    if key != _COUNT_KEY and not key.endswith("." + _COUNT_KEY):
+        return False
+    module = key[: -len(_COUNT_KEY)].rstrip(".")
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    version = metadata.get(module, {}).get("version")
+    return version is None or version < 2
+
+
+def _prefix_hint(unexpected: list[str], own: Mapping[str, Any]) -> str:
+    """A hint where every unexpected key is one of the model's behind a ``module.`` prefix."""
+    prefix = "module."
+    if unexpected and all(k.startswith(prefix) and k[len(prefix) :] in own for k in unexpected):
+        return (
+            f"the checkpoint's keys start with {prefix!r} (saved from a DataParallel / DistributedDataParallel "
+            "wrapper): strip it first, e.g. torch.nn.modules.utils.consume_prefix_in_state_dict_if_present("
+            "state_dict, 'module.'); "
+        )
+    return ""

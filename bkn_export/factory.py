@@ -175,11 +175,15 @@ def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) 
 def _batchnorm_checkpoint_hint(model: nn.Module, state: Mapping[str, Any]) -> str:
     """What to do about a checkpoint that does not load: a BatchNorm model's checkpoint (it lacks only BKN-only
     entries) loads with :func:`bkn_export.load_batchnorm_state_dict`; otherwise, build the same model."""
-    from bkn_export.convert import BKN_ONLY_SUFFIXES
+    from bkn_export.convert import BKN_ONLY_SUFFIXES, batchnorm_fills_in
 
     own = model.state_dict()
     missing = [key for key in own if key not in state]
-    if missing and all(key in own for key in state) and all(key.endswith(BKN_ONLY_SUFFIXES) for key in missing):
+    if (
+        missing
+        and all(key in own for key in state)
+        and all(key.endswith(BKN_ONLY_SUFFIXES) or batchnorm_fills_in(key, state) for key in missing)
+    ):
         return (
             f"It lacks only BKN-only entries ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it is "
             "the checkpoint of the model with BatchNorm. Load it in the factory, after converting, with "

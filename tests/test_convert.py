@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -175,6 +176,46 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_loads(fault: 
         load_batchnorm_state_dict(converted, checkpoint)
     after = converted.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was loaded
+
+
+@pytest.mark.parametrize("metadata_version", [None, 1])
+def test_a_batchnorm_checkpoint_from_before_num_batches_tracked_loads_as_batchnorm_loads_it(
+    metadata_version: int | None,
+) -> None:
+    """Old model-zoo weights have no ``num_batches_tracked`` (PyTorch < 0.4.1): nn.BatchNorm fills in its own
+    count, and so does load_batchnorm_state_dict; every other entry loads."""
+    trained = _trained_like(TinyResNet().double(), seed=6).eval()
+    x = _example()
+    old = OrderedDict((k, v) for k, v in trained.state_dict().items() if not k.endswith("num_batches_tracked"))
+    if metadata_version is not None:
+        old._metadata = {k: {"version": metadata_version} for k in trained.state_dict()._metadata}  # type: ignore[attr-defined]
+    plain = TinyResNet().double()
+    plain.load_state_dict(old)  # what BatchNorm does with it: strict, and it loads
+    converted = convert_batchnorm(TinyResNet().double(), x)
+    counts = {k: v.clone() for k, v in converted.state_dict().items() if k.endswith("num_batches_tracked")}
+    left = load_batchnorm_state_dict(converted, old)
+    assert counts and set(counts) <= set(left)
+    state = converted.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in counts.items())  # the model's own count, as BatchNorm keeps
+    torch.testing.assert_close(converted.eval()(x), trained(x), **TOL)
+
+
+def test_a_checkpoint_without_num_batches_tracked_at_version_2_is_refused_as_batchnorm_refuses_it() -> None:
+    state = TinyResNet().state_dict()
+    key = next(k for k in state if k.endswith("num_batches_tracked"))
+    del state[key]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        TinyResNet().load_state_dict(state)
+    converted = convert_batchnorm(TinyResNet(), _example().float())
+    with pytest.raises(CheckpointError, match=f"missing keys \\['{key}'\\]"):
+        load_batchnorm_state_dict(converted, state)
+
+
+def test_a_checkpoint_saved_from_a_dataparallel_wrapper_names_the_prefix() -> None:
+    converted = convert_batchnorm(TinyResNet(), _example().float())
+    wrapped = {f"module.{k}": v for k, v in TinyResNet().state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"start with 'module\.'.*consume_prefix_in_state_dict_if_present"):
+        load_batchnorm_state_dict(converted, wrapped)
 
 
 def test_converted_checkpoint_round_trips(tmp_path: object) -> None:
