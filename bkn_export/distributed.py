@@ -234,7 +234,35 @@ def convert_sync_batchkalmannorm(model: nn.Module, process_group: Any = None) ->
     checkpoint loads into the non-sync model (e.g. for export). A layer registered under several names becomes
     one synchronised layer under all of them.
     """
+    _check_synchronisable(model)
     return _synchronised(model, process_group, {})
+
+
+def _check_synchronisable(model: nn.Module) -> None:
+    """Refuse, before anything changes, a layer that a plain :class:`SyncBatchKalmanNorm` would not reproduce: a
+    subclass with its own forward (``BatchKalmanNormAct*d``: the activation would be dropped) or a layer with a
+    ``torch.nn.utils.parametrize`` parametrization (γ would revert to the raw tensor)."""
+    from torch.nn.utils import parametrize
+
+    from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+
+    plain = (BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d)
+    for name, module in model.named_modules():
+        if not isinstance(module, _BatchKalmanNorm) or isinstance(module, SyncBatchKalmanNorm):
+            continue
+        where = f"'{name}'" if name else "the model"
+        if parametrize.is_parametrized(module):
+            raise DistributedError(
+                f"convert_sync_batchkalmannorm: {where} has parametrized tensors "
+                f"({', '.join(getattr(module, 'parametrizations', {}))}), which the synchronised layer would not "
+                "keep; remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations) first"
+            )
+        if type(module) not in plain:
+            raise DistributedError(
+                f"convert_sync_batchkalmannorm: {where} is a {type(module).__name__}, which a SyncBatchKalmanNorm "
+                "would not reproduce (its own forward, e.g. a fused activation, would be dropped); build the "
+                "model with SyncBatchNorm(Act) layers and convert it with convert_batchnorm instead"
+            )
 
 
 def _synchronised(model: nn.Module, process_group: Any, done: dict[int, nn.Module]) -> nn.Module:

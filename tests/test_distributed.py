@@ -373,3 +373,24 @@ def test_a_layer_registered_under_two_names_becomes_one_synchronised_layer() -> 
     model.add_module("alias", first)
     sync = convert_sync_batchkalmannorm(model)
     assert isinstance(sync.alias, SyncBatchKalmanNorm) and sync.alias is sync.get_submodule(name)
+
+
+@pytest.mark.parametrize("case", ["norm_act", "parametrized"])
+def test_a_layer_a_plain_sync_layer_would_not_reproduce_is_refused_before_anything_changes(case: str) -> None:
+    from torch.nn.utils import parametrize
+
+    from bkn_export.errors import DistributedError
+    from bkn_export.nn import BatchKalmanNorm2d
+    from bkn_export.norm_act import BatchKalmanNormAct2d
+
+    class Doubled(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return 2 * weight
+
+    layer = BatchKalmanNormAct2d(4, act_layer=nn.ReLU) if case == "norm_act" else BatchKalmanNorm2d(4)
+    if case == "parametrized":
+        parametrize.register_parametrization(layer, "weight", Doubled())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), layer)
+    with pytest.raises(DistributedError, match=r"'1'.*(BatchKalmanNormAct2d|parametrized)"):
+        convert_sync_batchkalmannorm(model)
+    assert model[1] is layer  # nothing replaced
