@@ -373,7 +373,7 @@ def _check_and_synchronise(
     guard.check_layers(originals, {name: candidate.get_submodule(name) for name in converted})
     if synchronised:
         # SyncBatchNorm keeps synchronised statistics: it becomes SyncBatchKalmanNorm (same group).
-        from bkn_export.distributed import convert_sync_batchkalmannorm
+        from bkn_export.distributed import synchronised_layer
 
         for name, group in synchronised.items():
             layer = candidate.get_submodule(name)
@@ -383,7 +383,7 @@ def _check_and_synchronise(
                     f"{type(layer).__name__}, which has no synchronised form; convert it to a BatchKalmanNorm*d "
                     "or BatchKalmanNormAct*d, or replace it with a non-synchronised BatchNorm before converting"
                 )
-            sync = synchronise_submodules(convert_sync_batchkalmannorm(layer, group), layer)
+            sync = synchronise_submodules(synchronised_layer(layer, group), layer)
             _take_over_hooks(layer, sync, name)
             candidate = _replace_module(candidate, name, sync)
     guard.check_model(candidate, example_inputs)

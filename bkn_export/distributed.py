@@ -202,8 +202,12 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
         return super().extra_repr() + (f", process_group={self.process_group}" if self.process_group else "")
 
 
-def _to_sync(module: _BatchKalmanNorm, process_group: Any) -> SyncBatchKalmanNorm:
-    """A SyncBatchKalmanNorm sharing ``module``'s parameters and buffers, with its options and chain."""
+def synchronised_layer(module: _BatchKalmanNorm, process_group: Any) -> SyncBatchKalmanNorm:
+    """A SyncBatchKalmanNorm sharing ``module``'s parameters and buffers, with its options and chain.
+
+    One layer, unchecked: a caller converting a fused layer (``BatchKalmanNormAct*d``) re-attaches what its forward
+    adds (:func:`bkn_export.norm_act.synchronise_submodules`), as ``convert_batchnorm`` does for a SyncBatchNormAct.
+    """
     sync = SyncBatchKalmanNorm(
         module.num_features,
         module.eps,
@@ -270,7 +274,7 @@ def _synchronised(model: nn.Module, process_group: Any, done: dict[int, nn.Modul
     if id(model) in done:
         return done[id(model)]
     if isinstance(model, _BatchKalmanNorm) and not isinstance(model, SyncBatchKalmanNorm):
-        done[id(model)] = _to_sync(model, process_group)
+        done[id(model)] = synchronised_layer(model, process_group)
         return done[id(model)]
     done[id(model)] = model
     for name, child in list(model._modules.items()):  # every name: named_children() lists a child once

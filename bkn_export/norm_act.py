@@ -227,7 +227,7 @@ def synchronise_submodules(sync: nn.Module, source: nn.Module) -> nn.Module:
 
     ``source`` is a :class:`BatchKalmanNormAct1d/2d/3d` (else ``sync`` is returned as is);
     ``sync`` shares its parameters, buffers and wiring
-    (:func:`~bkn_export.distributed.convert_sync_batchkalmannorm`). It is re-classed to
+    (:func:`~bkn_export.distributed.synchronised_layer`). It is re-classed to
     :class:`SyncBatchKalmanNormAct` in place: that class adds only ``forward`` and the two
     submodules, so no state is lost; the same submodule objects are attached.
     """
