@@ -377,7 +377,7 @@ def _check_and_synchronise(
 
         for name, group in synchronised.items():
             layer = candidate.get_submodule(name)
-            if type(layer) not in _SYNCHRONISABLE:
+            if type(layer) not in _SYNCHRONISABLE or not isinstance(layer, _BatchKalmanNorm):
                 raise ConversionError(
                     f"'{name}' ({type(originals[name]).__name__}) is synchronised, but its adapter builds a "
                     f"{type(layer).__name__}, which has no synchronised form; convert it to a BatchKalmanNorm*d "
