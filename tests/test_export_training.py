@@ -36,6 +36,7 @@ from bkn_export.export.training import (
     export_training,
     running_stat_names,
 )
+from bkn_export.module_modes import train_layers_only
 from bkn_export.nn import _BatchKalmanNorm
 
 ORT_LEVELS = [
@@ -416,6 +417,40 @@ def test_fp16_export_keeps_float32_statistics(tmp_path: Path) -> None:
             np.testing.assert_allclose(
                 value.astype(np.float32), expected[name].astype(np.float32), rtol=0, atol=2e-2, err_msg=runtime
             )
+
+
+def test_fp16_running_statistics_stay_float32_and_keep_small_momentum_updates(tmp_path: Path) -> None:
+    """At momentum 0.001 an update of r_Σ ≈ 1 is ~3e-4, under half a float16 ulp (4.9e-4): float16 running
+    statistics would never move. The file's running-statistics inputs and outputs are float32 and, fed back for
+    200 steps, track PyTorch's float32 buffers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, momentum=0.001))
+    with torch.no_grad():  # channels 0 and 1 pass the input through: variance 1.69, so r_Σ rises from 1
+        model[0].weight.copy_(torch.eye(4, 2).view(4, 2, 1, 1))
+        model[0].bias.zero_()
+    convert_batchnorm(model, torch.randn(8, 2, 8, 8))
+    path = tmp_path / "half_stats.onnx"
+    export_training(model.eval(), torch.randn(8, 2, 8, 8), path, fp16=True, running_stats_io=True)
+    onnx_model = onnx.load(str(path))
+    stats = [v for v in (*onnx_model.graph.input, *onnx_model.graph.output) if ".running_" in v.name]
+    assert len(stats) == 4 and {v.type.tensor_type.elem_type for v in stats} == {onnx.TensorProto.FLOAT}
+    session = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    names = [o.name for o in session.get_outputs()]
+    reference = copy.deepcopy(model)
+    train_layers_only(reference)
+    layer = reference[1]
+    feeds = {"1.running_mean": layer.running_mean.numpy().copy(), "1.running_var": layer.running_var.numpy().copy()}
+    for _ in range(200):
+        x = (torch.randn(16, 2, 8, 8) * 1.3 + 0.2).half()
+        with torch.no_grad():
+            reference(x.float())
+        got = dict(zip(names, session.run(None, {"input": x.numpy(), **feeds})))
+        feeds = {"1.running_mean": got["1.running_mean_out"], "1.running_var": got["1.running_var_out"]}
+    start_var = model[1].running_var.numpy()
+    assert np.all(np.abs(layer.running_var.numpy() - start_var)[:2] > 0.05)  # the statistics moved ...
+    # ... and the file moved them as PyTorch did (float16 activations: differences at half precision).
+    np.testing.assert_allclose(feeds["1.running_var"], layer.running_var.numpy(), rtol=2e-3, atol=0)
+    np.testing.assert_allclose(feeds["1.running_mean"], layer.running_mean.numpy(), rtol=0, atol=2e-3)
 
 
 def outputs_order(onnx_model: onnx.ModelProto) -> list[str]:

@@ -271,6 +271,12 @@ def export_training(
     if request.fp16:
         work = work.half()
         inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
+        for _, layer in layers:
+            # Running statistics stay float32 (the op's statistics type U): at momentum 0.001 a float16 update
+            # smaller than half a ulp of r_Σ would round away and the statistics would stall.
+            for buffer in ("running_mean", "running_var"):
+                if getattr(layer, buffer) is not None:
+                    setattr(layer, buffer, getattr(layer, buffer).float())
     stat_inputs: list[Tensor] = []
     by_name = dict(layers)
     for name in tracked:
