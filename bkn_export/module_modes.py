@@ -11,14 +11,22 @@ positional inputs or a dict of keyword inputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["call_example", "eval_forward", "eval_mode", "kept_modes", "train_layers_only"]
+__all__ = [
+    "call_example",
+    "eval_forward",
+    "eval_mode",
+    "frozen_layers",
+    "frozen_layers_note",
+    "kept_modes",
+    "train_layers_only",
+]
 
 
 @contextmanager
@@ -51,6 +59,29 @@ def train_layers_only(layers: Iterable[nn.Module]) -> None:
     """
     for layer in layers:
         layer.training = True
+
+
+def frozen_layers(model: nn.Module, layers: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    """Names of the normalization ``layers`` the user froze: in eval mode while ``model`` or another of ``layers``
+    is in train mode (``layer.eval()`` inside a training model, as in fine-tuning). A model in eval mode throughout
+    has none: a training-mode run switches all its layers to batch statistics.
+
+    A training-mode export and its PyTorch reference keep these in eval mode, as the model runs them: they
+    normalize with their running statistics and hand those on as their posterior (``bkn_export.nn``), and their
+    running statistics are not graph inputs/outputs (eval mode does not update them).
+    """
+    layers = list(layers)
+    frozen = [name for name, layer in layers if not layer.training]
+    return frozen if frozen and (model.training or len(frozen) < len(layers)) else []
+
+
+def frozen_layers_note(frozen: Sequence[str]) -> str:
+    """One sentence for a report, naming up to five of the ``frozen`` layers (:func:`frozen_layers`)."""
+    shown = ", ".join(repr(name) for name in frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
+    return (
+        f"{len(frozen)} BKN layer(s) frozen in eval mode inside a model in training mode ({shown}) run as the model "
+        "runs them: on their running statistics, handed on to the layers they feed, not updated"
+    )
 
 
 def call_example(model: nn.Module, example_inputs: Any) -> Any:

@@ -144,14 +144,20 @@ def bkn_layers(model: Any) -> list[tuple[str, Any]]:
     return list(layers(model))
 
 
-def train_bkn_layers(model: Any) -> None:
-    """BKN layers of ``model`` in train mode, their children (a norm-act's ``drop``, ``act``) untouched.
+def train_bkn_layers(model: Any) -> str | None:
+    """BKN layers of ``model`` in train mode, their children (a norm-act's ``drop``, ``act``) untouched, except the
+    layers frozen in eval mode inside a training model, which stay as the model runs them.
 
-    :func:`bkn_export.module_modes.train_layers_only`, the same call the training-mode export makes.
+    :func:`bkn_export.module_modes.train_layers_only` on the layers the training-mode export switches
+    (:func:`bkn_export.module_modes.frozen_layers`). Returns a note naming the frozen layers, or None.
     """
-    from bkn_export.module_modes import train_layers_only
+    from bkn_export.module_modes import frozen_layers, frozen_layers_note, train_layers_only
 
-    train_layers_only(layer for _, layer in bkn_layers(model))
+    layers = bkn_layers(model)
+    frozen = set(frozen_layers(model, layers))
+    model.eval()
+    train_layers_only(layer for name, layer in layers if name not in frozen)
+    return frozen_layers_note(sorted(frozen, key=[name for name, _ in layers].index)) if frozen else None
 
 
 def running_statistics_io(model: Any, input_names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:

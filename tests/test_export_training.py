@@ -689,3 +689,37 @@ def test_a_float64_training_export_warns_that_the_file_is_not_float64_exact(tmp_
         export_training(model, x, tmp_path / "f64.onnx")
     eps = [a.f for n in onnx.load(tmp_path / "f64.onnx").graph.node for a in n.attribute if a.name == "epsilon"]
     assert eps and all(e != 1e-5 and abs(e - 1e-5) < 1e-12 for e in eps)  # 1e-5 rounded to float32
+
+
+def test_a_layer_frozen_in_eval_mode_inside_a_training_model_is_exported_as_the_model_runs_it(
+    tmp_path: Path,
+) -> None:
+    """It normalizes with its running statistics and hands them on (``tests/test_frozen_layers.py``); the file
+    does the same, leaves its running statistics out of the IO, and parity's reference runs the model as it is."""
+    import runtime
+
+    model, shape = converted_cnn_model()
+    x = torch.randn(4, *shape)
+    model.train()
+    model[4].eval()  # the second of three BKN layers frozen, as in fine-tuning
+    path = tmp_path / "frozen.onnx"
+    export_training(model, x, path, running_stats_io=True)
+    onnx_model = onnx.load(str(path))
+    nodes = [n for n in onnx_model.graph.node if n.op_type == op_spec.OP_TYPE]
+    assert [n.name for n in nodes] == ["1", "7"]
+    assert not any(i.name.startswith("4.") for i in onnx_model.graph.input)
+    work = copy.deepcopy(model)
+    feeds = {
+        f"{k}.{stat}": getattr(work[k], stat).numpy().copy() for k in (1, 7) for stat in ("running_mean", "running_var")
+    }
+    with torch.no_grad():
+        expected = work(x).numpy()  # the model as the user runs it: layer 4 frozen
+    got = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(["output"], {"input": x.numpy(), **feeds})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    all_trained = copy.deepcopy(model)
+    train_layers_only([all_trained[4]])
+    with torch.no_grad():
+        assert np.abs(all_trained(x).numpy() - expected).max() > 100 * ATOL  # the switch would have shown
+    report = runtime.assert_parity(model, x, mode="training", runtimes="reference", onnx_path=path)
+    assert any("('4')" in note and "running statistics" in note for note in report.notes)
+    assert not model[4].training and model[1].training  # the user's model keeps its modes

@@ -59,7 +59,7 @@ from bkn_export.export.pipeline import (
     validate_request,
 )
 from bkn_export.export.result import ExportResult
-from bkn_export.module_modes import train_layers_only
+from bkn_export.module_modes import frozen_layers, train_layers_only
 from bkn_export.nn import _BatchKalmanNorm
 
 __all__ = [
@@ -245,9 +245,15 @@ def export_training(
             )
     check_finite_parameters(model)
     work = copy.deepcopy(model)
+    frozen = set(frozen_layers(work, ((n, m) for n, m in work.named_modules() if isinstance(m, _BatchKalmanNorm))))
     work.eval()
-    layers = [(name, m) for name, m in work.named_modules() if isinstance(m, _BatchKalmanNorm)]
+    layers = [(name, m) for name, m in work.named_modules() if isinstance(m, _BatchKalmanNorm) and name not in frozen]
     if not layers:
+        if frozen:
+            raise ExportError(
+                f"export_training: every BKN layer of {type(model).__name__} is frozen in eval mode inside a model "
+                "in training mode, so the file would have no training-mode step; export it with mode='inference'"
+            )
         raise ExportError(
             f"export_training: {type(model).__name__} has no BatchKalmanNorm layers; convert it first with "
             "bkn_export.convert_batchnorm(model, example_inputs), or use mode='inference'"

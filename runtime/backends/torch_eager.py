@@ -142,9 +142,10 @@ class TorchEagerBackend(Backend):
         from runtime._bkn import train_bkn_layers
 
         instance = copy.deepcopy(self.model)
-        instance.eval()
-        # Only the BKN layers themselves: their children (a norm-act's Dropout) stay in eval.
-        train_bkn_layers(instance)
+        # Only the BKN layers themselves: their children (a norm-act's Dropout) stay in eval; frozen layers too.
+        frozen = train_bkn_layers(instance)
+        if frozen is not None:
+            self._note(frozen)
         return instance
 
     def _arguments(self, model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
