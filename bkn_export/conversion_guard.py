@@ -70,6 +70,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from bkn_export.distributed import process_group_memo
 from bkn_export.errors import ConversionError
 
 __all__ = [
@@ -164,7 +165,7 @@ def _seeded(x: Tensor) -> Iterator[None]:
 
 def _run(module: nn.Module, x: Tensor, training: bool) -> tuple[nn.Module, Tensor]:
     """Run a deep copy of ``module`` in the given mode on a clone of ``x``; return the copy and its output."""
-    twin = copy.deepcopy(module).train(training)
+    twin = copy.deepcopy(module, process_group_memo(module)).train(training)
     with torch.no_grad(), _seeded(x), warnings.catch_warnings():
         # Called on its own on purpose: no prior (the layer would warn that it ran outside its model's forward).
         warnings.filterwarnings("ignore", r"BKN layer .* ran in train mode outside a forward", RuntimeWarning)

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
 from bkn_export.chain.scope import detach_roots, move_root
 from bkn_export.conversion_guard import ConversionGuard
+from bkn_export.distributed import process_group_memo
 from bkn_export.errors import BKNInputError, CheckpointError, ConversionError, KalmanOptionsError
 from bkn_export.nn import (
     BKN_PARAMETERS,
@@ -223,6 +224,7 @@ def _working_copy(model: nn.Module, norm_names: list[str]) -> nn.Module:
     holding = {id(m) for prefix, m in named if any(_within(name, prefix) for name in norm_paths)}
     memo: dict[int, Any] = {id(m): m for _, m in named if id(m) not in holding}
     memo.update({id(t): t for t in (*model.parameters(), *model.buffers())})
+    memo.update(process_group_memo(model))  # a SyncBatchNorm's sub-group is shared, as it cannot be copied
     try:
         return copy.deepcopy(model, memo)
     except Exception as error:  # deepcopy raises whatever an attribute's __deepcopy__/__reduce__ raises

@@ -34,6 +34,7 @@ needs an initialised process group; with a world size of 1 it runs the local cus
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from typing import Any
 
@@ -45,7 +46,12 @@ from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, DistributedError
 from bkn_export.nn import _BatchKalmanNorm
 
-__all__ = ["SyncBatchKalmanNorm", "combine_batch_statistics", "convert_sync_batchkalmannorm"]
+__all__ = [
+    "SyncBatchKalmanNorm",
+    "combine_batch_statistics",
+    "convert_sync_batchkalmannorm",
+    "process_group_memo",
+]
 
 #: Statistics dtypes a rank may send, by position (the dtype code in the header).
 _DTYPE_CODES: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -113,6 +119,13 @@ def _gather_header(x: Tensor, channels: int, count: int, group: Any, label: str)
     return [row[1] for row in rows]
 
 
+def process_group_memo(model: nn.Module) -> dict[int, Any]:
+    """``copy.deepcopy`` memo entries that make a copy of ``model`` share the process group of each of its layers
+    (``nn.SyncBatchNorm``, :class:`SyncBatchKalmanNorm`): a group cannot be copied or pickled."""
+    groups = (getattr(module, "process_group", None) for module in model.modules())
+    return {id(group): group for group in groups if group is not None}
+
+
 class SyncBatchKalmanNorm(_BatchKalmanNorm):
     """BKN over (N, C, *) inputs with batch statistics combined across a process group.
 
@@ -127,6 +140,15 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
     def __init__(self, num_features: int, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
         super().__init__(num_features, *args, **kwargs)
         self.process_group = process_group
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchKalmanNorm:
+        """A deep copy sharing the process group: a group is a handle to the processes, which cannot be copied
+        (``copy.deepcopy`` of a sub-group raised "cannot pickle ProcessGroup"); everything else is copied."""
+        memo.update(process_group_memo(self))
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and not (dist.is_available() and dist.is_initialized()):

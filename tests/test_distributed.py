@@ -8,6 +8,7 @@ test) and every collective a gloo timeout.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import socket
@@ -31,6 +32,7 @@ from bkn_export import (
     BatchKalmanNorm2d,
     DistributedError,
     SyncBatchKalmanNorm,
+    convert_batchnorm,
     convert_sync_batchkalmannorm,
     describe_chain,
     wire_chain,
@@ -394,3 +396,32 @@ def test_a_layer_a_plain_sync_layer_would_not_reproduce_is_refused_before_anythi
     with pytest.raises(DistributedError, match=r"'1'.*(BatchKalmanNormAct2d|parametrized)"):
         convert_sync_batchkalmannorm(model)
     assert model[1] is layer  # nothing replaced
+
+
+def _convert_syncbatchnorm_with_a_sub_group(rank: int, world_size: int, out: Path) -> None:
+    group = dist.new_group(list(range(world_size)))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4, process_group=group), nn.ReLU(), nn.Conv2d(4, 5, 1)
+    ).double()
+    convert_batchnorm(model, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    twin = copy.deepcopy(model)  # exports and parity copy the model
+    torch.manual_seed(1 + rank)
+    model.train()(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    torch.save(
+        {
+            "type": type(model[1]).__name__,
+            "same_group": model[1].process_group is group and twin[1].process_group is group,
+            "running_mean": model[1].running_mean.clone(),
+        },
+        out / f"rank{rank}.pt",
+    )
+
+
+def test_a_syncbatchnorm_on_a_sub_group_converts_keeping_its_group(tmp_path: Path) -> None:
+    """A process group cannot be copied: the conversion's working copy, its guard and a copy of the converted model
+    share it (it raised "cannot pickle ProcessGroup")."""
+    run_on_ranks(_convert_syncbatchnorm_with_a_sub_group, tmp_path)
+    ranks = _load_ranks(tmp_path)
+    assert all(r["type"] == "SyncBatchKalmanNorm" and r["same_group"] for r in ranks)
+    torch.testing.assert_close(ranks[0]["running_mean"], ranks[1]["running_mean"], rtol=0, atol=0)  # synchronised
