@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, DistributedError
 from bkn_export.nn import _BatchKalmanNorm
+from bkn_export.tracing import nothing_traces
 
 __all__ = [
     "SyncBatchKalmanNorm",
@@ -182,11 +183,22 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
         variance = zeros if noise is None else zeros + 0.0 * noise.to(acc)
         return zeros, variance, self.prior_weight().to(acc)
 
+    def _refuse_one_value(self, total: int, x: Tensor) -> None:
+        """BKN's and BatchNorm's refusal of one value per channel in a layer with no prior, for the group's count
+        (``nn.SyncBatchNorm`` checks only at world size 1): its variance would be 0 and its output β."""
+        if total == 1 and not self.has_predecessor and nothing_traces():
+            raise BKNInputError(
+                f"Expected more than 1 value per channel when training, got {total} across the process group (this "
+                f"rank's input size {tuple(x.shape)}); {self._label()} has no predecessor in its chain, so no Kalman "
+                "prior: its batch variance would be 0 and its output its bias whatever the input"
+            )
+
     def _kalman_step(
         self, x: Tensor, prior_mean: Tensor, prior_variance: Tensor, prior_weight: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, int]:
         """The Kalman step with the group's batch statistics: (y, μ_{k|k}, Σ_{k|k}, Σ n_r)."""
         if not self._syncs():
+            self._refuse_one_value(x.numel() // self.num_features, x)
             return super()._kalman_step(x, prior_mean, prior_variance, prior_weight)
         group = self.process_group
         c = self.num_features
@@ -195,6 +207,7 @@ class SyncBatchKalmanNorm(_BatchKalmanNorm):
         total = sum(counts)
         if total == 0:
             raise BKNInputError(f"{self._label()}: every rank passed an empty batch; there are no statistics")
+        self._refuse_one_value(total, x)  # every rank sees the same total: all raise, none waits
         acc = Fk.statistics_dtype(x.dtype)
         if count > 0:
             local_mean, local_variance, _ = Fk.batch_statistics(x)

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bkn_export import (
     BatchKalmanNorm2d,
+    BKNInputError,
     DistributedError,
     SyncBatchKalmanNorm,
     convert_batchnorm,
@@ -425,3 +426,24 @@ def test_a_syncbatchnorm_on_a_sub_group_converts_keeping_its_group(tmp_path: Pat
     ranks = _load_ranks(tmp_path)
     assert all(r["type"] == "SyncBatchKalmanNorm" and r["same_group"] for r in ranks)
     torch.testing.assert_close(ranks[0]["running_mean"], ranks[1]["running_mean"], rtol=0, atol=0)  # synchronised
+
+
+def _one_value_worker(rank: int, world_size: int, out: Path) -> None:
+    messages = []
+    for batch in ((1, 0), (1, 1)):  # one value per channel across the group, then two
+        layer = SyncBatchKalmanNorm(4).train()  # no predecessor: no prior
+        try:
+            layer(torch.randn(batch[rank], 4))
+            messages.append("no error")
+        except BKNInputError as error:
+            messages.append(str(error))
+    torch.save({"messages": messages}, out / f"rank{rank}.pt")
+
+
+def test_one_value_per_channel_across_the_group_is_refused_on_every_rank_without_hanging(tmp_path: Path) -> None:
+    """BatchNorm's and plain BKN's refusal, for the group's count: the layer would output β whatever the input."""
+    run_on_ranks(_one_value_worker, tmp_path)
+    for r, result in enumerate(_load_ranks(tmp_path)):
+        one, two = result["messages"]
+        assert re.search(r"more than 1 value per channel.*got 1 across the process group", one), f"rank {r}: {one}"
+        assert two == "no error", f"rank {r}: {two}"
