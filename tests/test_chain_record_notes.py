@@ -5,6 +5,8 @@ that printed a whole tensor."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -153,3 +155,47 @@ def test_a_note_names_a_tensor_by_its_shape_not_its_values() -> None:
     notes = record_dataflow(_TwoSources(subtract=True), torch.randn(2, 3, 16, 16))["bn1"].notes
     assert notes and all(len(note) < 400 for note in notes), [len(n) for n in notes]
     assert any("a tensor of shape (2, 4, 16, 16)" in note for note in notes), notes
+
+
+# ------------------------------------------------- activations of non-Gaussian inputs (the afternoon sweep)
+
+
+class _Shaped(nn.Module):
+    """BN → ReLU → ``kind`` → conv → BN: an activation whose input is not Gaussian."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv, self.bn = nn.Conv2d(4 if kind != "concat max" else 8, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn0(self.conv0(x)))
+        if self.kind == "relu(relu - c)":
+            h = F.relu(h - 0.5)
+        elif self.kind == "silu(relu)":
+            h = F.silu(h)
+        elif self.kind == "relu(bn + relu)":
+            h = F.relu(self.bn1(self.conv1(x)) + h)
+        elif self.kind == "concat max":
+            h = F.max_pool2d(torch.cat([h, F.relu(self.bn1(self.conv1(x)))], 1), 2)
+        elif self.kind == "relu conv relu":  # a conv in between: Gaussian-like again, no note
+            h = F.relu(self.conv1(torch.cat([h[:, :3]], 1)))
+        return self.bn(self.conv(h))
+
+
+def test_an_activation_of_a_non_gaussian_input_is_named_as_approximate() -> None:
+    """The sweep measured (Monte Carlo, float64): relu(relu(x) - 0.5) variance -30 %, SiLU of a ReLU output -21 %,
+    ResNet's relu(bn + relu) 6-10 % low, ReLU → concat → max pooling 3.3x low; every one is now named."""
+    x = torch.randn(2, 3, 8, 8)
+    expected = {
+        "relu(relu - c)": r"relu\(\) takes its input, relu\(\) outputs, as Gaussian",
+        "silu(relu)": r"silu\(\) takes its input, relu\(\) outputs, as Gaussian",
+        "relu(bn + relu)": r"relu\(\) takes its input, a sum with relu\(\) outputs, as Gaussian",
+        "concat max": r"max_pool2d.* takes the maximum of a concat with relu\(\) outputs as of Gaussians",
+    }
+    for kind, pattern in expected.items():
+        notes = record_dataflow(_Shaped(kind), x)["bn"].notes
+        assert any(re.search(pattern, note) for note in notes), (kind, notes)
+    assert record_dataflow(_Shaped("relu conv relu"), x)["bn"].notes == ()
