@@ -447,3 +447,15 @@ def test_one_value_per_channel_across_the_group_is_refused_on_every_rank_without
         one, two = result["messages"]
         assert re.search(r"more than 1 value per channel.*got 1 across the process group", one), f"rank {r}: {one}"
         assert two == "no error", f"rank {r}: {two}"
+
+
+def test_a_training_export_of_a_synchronised_model_is_refused_by_name(tmp_path: Path) -> None:
+    """It raised "training a SyncBatchKalmanNorm needs an initialised process group", which reads as about training."""
+    from bkn_export.errors import ExportError
+    from bkn_export.export import export_onnx
+
+    model = convert_sync_batchkalmannorm(_chain_model("propagate")).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with pytest.raises(ExportError, match=r"3 layer\(s\) are SyncBatchKalmanNorm \('1', '4', '7'\).*one process"):
+        export_onnx(model, x, tmp_path / "sync.onnx", mode="training")
+    assert not (tmp_path / "sync.onnx").exists()

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from bkn_export import functional as Fk
 from bkn_export.chain.observe import observe
 from bkn_export.chain.scope import Observer, Published
+from bkn_export.distributed import SyncBatchKalmanNorm
 from bkn_export.errors import ExportError, ModelFileError
 from bkn_export.export.common import resolve_graph_optimizer
 from bkn_export.export.feeds import check_feeds as feeds_check
@@ -259,6 +260,7 @@ def export_training(
             "bkn_export.convert_batchnorm(model, example_inputs), or use mode='inference'"
         )
     _check_layers(layers, running_stats_io)
+    _refuse_synchronised(layers)
     if any(t.dtype == torch.float64 for t in inputs):
         warnings.warn(
             "export_training: a float64 model's training-mode file is not float64-exact: the op's eps and "
@@ -326,6 +328,20 @@ def export_training(
         metadata=metadata,
         extra={"graph": info, "dynamic_spatial_checked": checked_sizes},
     )
+
+
+def _refuse_synchronised(layers: Sequence[tuple[str, _BatchKalmanNorm]]) -> None:
+    """A training-mode file runs in one process: a synchronised layer's statistics over a process group have no
+    meaning there, and tracing it would need (and record) collectives."""
+    synchronised = [name for name, layer in layers if isinstance(layer, SyncBatchKalmanNorm)]
+    if synchronised:
+        shown = ", ".join(repr(name) for name in synchronised[:5]) + (" ..." if len(synchronised) > 5 else "")
+        raise ExportError(
+            f"export_training: {len(synchronised)} layer(s) are SyncBatchKalmanNorm ({shown}); a training-mode file "
+            "runs in one process, on that process's batch. Load the state dict into the model built without "
+            "convert_sync_batchkalmannorm (the keys are the same) and export that; mode='inference' exports a "
+            "synchronised model as it is"
+        )
 
 
 def _explain_export_failure(error: Exception) -> str:
