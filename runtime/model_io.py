@@ -31,6 +31,7 @@ __all__ = [
     "input_sets",
     "load_onnx",
     "random_inputs",
+    "running_statistics_inputs",
     "tensor_specs",
 ]
 
@@ -168,6 +169,14 @@ def input_sets(
         for _ in range(iterations):
             feeds.append(random_inputs(specs, shapes, seed=seed + len(feeds), val_range=val_range))
     return feeds
+
+
+def running_statistics_inputs(model: onnx.ModelProto) -> set[str]:
+    """Graph inputs that are running statistics of a ``running_stats_io`` training export (``<layer>.running_mean``
+    and ``<layer>.running_var`` of each layer its ``bkn_export.running_stats`` metadata lists); empty for others."""
+    layers = next((p.value for p in model.metadata_props if p.key == "bkn_export.running_stats"), "")
+    names = {f"{layer}{suffix}" for layer in layers.split(",") if layer for suffix in (".running_mean", ".running_var")}
+    return names & {i.name for i in model.graph.input}
 
 
 def detect_mode(model: onnx.ModelProto) -> str:

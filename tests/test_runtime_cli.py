@@ -147,3 +147,28 @@ def test_parity_report_under_a_file_exits_2_before_running(
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "blocker is a file, not a directory" in captured.err and "agree with PyTorch" not in captured.out
+
+
+def test_random_inputs_leave_running_statistics_to_the_model(tmp_path: Path, checkpoint: Path) -> None:
+    """--input-shape made random running statistics for a running_stats_io file (negative "variances" among them),
+    while the docs say they come from the model's buffers, as run_parity gives them."""
+    from polygraphy.json import load_json
+
+    from bkn_export.export import export_onnx
+    from bkn_export.nn import _BatchKalmanNorm
+
+    model = trained_digits()
+    path = tmp_path / "stats.onnx"
+    export_onnx(model, torch.randn(2, 1, 8, 8), path, mode="training", running_stats_io=True)
+    saved = tmp_path / "inputs.json"
+    argv = [
+        "parity", SPEC, "--checkpoint", str(checkpoint), str(path), "--runtimes", "reference",
+        "--input-shape", "3,1,8,8", "--save-inputs", str(saved),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (feed,) = load_json(str(saved))
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)]
+    assert layers and [v.shape for k, v in feed.items() if "running" not in k] == [(3, 1, 8, 8)]
+    for name, layer in layers:
+        assert (feed[f"{name}.running_var"] == layer.running_var.numpy()).all()
+        assert (feed[f"{name}.running_mean"] == layer.running_mean.numpy()).all()

@@ -239,7 +239,7 @@ def _shape_sets(args: argparse.Namespace, specs: Any) -> list[dict[str, tuple[in
 def _inputs(args: argparse.Namespace, onnx_path: str) -> list[Any] | None:
     """The loaded input sets, random ones of the given shapes / ranges / iterations, or None (run_parity's default)."""
     from runtime.errors import BKNInputError
-    from runtime.model_io import input_sets, load_onnx, tensor_specs
+    from runtime.model_io import input_sets, load_onnx, running_statistics_inputs, tensor_specs
     from runtime.polygraphy_io import load_inputs
 
     if args.load_inputs:
@@ -250,8 +250,14 @@ def _inputs(args: argparse.Namespace, onnx_path: str) -> list[Any] | None:
         return list(load_inputs(args.load_inputs))
     if not (args.input_shape or args.shape_set or args.val_range or args.iterations != 1):
         return None
-    specs, _ = tensor_specs(load_onnx(onnx_path))
+    onnx_model = load_onnx(onnx_path)
+    specs, _ = tensor_specs(onnx_model)
     ranges = dict(args.val_range)
+    # Running statistics of a running_stats_io file come from the model's buffers (run_parity fills them in), not
+    # random values (a random "variance" is negative half the time); a --val-range or shape naming one: random.
+    named = {name for raw in (args.shape_set or [args.input_shape or []]) for name, _ in raw}
+    statistics = running_statistics_inputs(onnx_model) - set(ranges) - named
+    specs = [s for s in specs if s.name not in statistics]
     unknown = [name for name in ranges if name is not None and name not in {s.name for s in specs}]
     if unknown:
         raise BKNInputError(
