@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 import warnings
 from collections.abc import Callable
@@ -81,6 +82,12 @@ def example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
 LARGE_GRAPH_NODES = 10_000
 
 
+def _without_torchvision_notices(record: logging.LogRecord) -> bool:
+    """Drop the exporter's "torchvision is not installed. Skipping torchvision::nms" lines (one per torchvision op,
+    printed on every first export in a process): BKN models need none of those ops; every other record passes."""
+    return "torchvision is not installed" not in record.getMessage()
+
+
 def run_dynamo_export(
     module: torch.nn.Module,
     args: tuple[Any, ...],
@@ -105,6 +112,8 @@ def run_dynamo_export(
     (:func:`resolve_graph_optimizer`, before any work).
     """
     assert graph_optimizer in GRAPH_OPTIMIZERS, graph_optimizer
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addFilter(_without_torchvision_notices)
     try:
         program = torch.onnx.export(
             module,
@@ -122,6 +131,8 @@ def run_dynamo_export(
         raise
     except Exception as error:  # the exporter raises (and wraps model errors in) many types
         raise ExportError(explain(error)) from error
+    finally:
+        registration.removeFilter(_without_torchvision_notices)
     assert program is not None
     if options.get("output_names") is not None:
         _name_outputs(program.model.graph, list(options["output_names"]))
