@@ -79,8 +79,9 @@ def frozen_layers_note(frozen: Sequence[str]) -> str:
     """One sentence for a report, naming up to five of the ``frozen`` layers (:func:`frozen_layers`)."""
     shown = ", ".join(repr(name) for name in frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
     return (
-        f"{len(frozen)} BKN layer(s) frozen in eval mode inside a model in training mode ({shown}) run as the model "
-        "runs them: on their running statistics, handed on to the layers they feed, not updated"
+        f"{len(frozen)} BKN layer(s) in eval mode while the model or other BKN layers train ({shown}) run as the "
+        "model runs them, in eval mode: on their running statistics (a layer that tracks none: on its batch), "
+        "handed on to the layers they feed, never updated"
     )
 
 

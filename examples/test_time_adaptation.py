@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
@@ -70,11 +71,17 @@ def accuracy(run: ort.InferenceSession, x: torch.Tensor, y: torch.Tensor) -> flo
     return float((logits.argmax(1) == y.numpy()).mean())
 
 
-def running_statistics(model: nn.Module) -> dict[str, np.ndarray]:
-    """Graph-input feeds holding every BKN layer's running statistics."""
+def running_statistics(model: nn.Module, path: Path) -> dict[str, np.ndarray]:
+    """Graph-input feeds holding the running statistics of the BKN layers whose statistics are inputs of ``path``
+    (every layer that tracks them, except one frozen in eval mode, which the file runs as it is)."""
+    inputs = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
     feeds: dict[str, np.ndarray] = {}
     for name, module in model.named_modules():
-        if isinstance(module, _BatchKalmanNorm) and module.running_mean is not None:
+        if (
+            isinstance(module, _BatchKalmanNorm)
+            and module.running_mean is not None
+            and f"{name}.running_mean" in inputs
+        ):
             assert module.running_var is not None
             mean_in, var_in, _, _ = running_stat_names(name)
             feeds[mean_in] = module.running_mean.numpy().copy()
@@ -144,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 module.momentum = args.momentum  # baked into the graph's update rule
         train_path = directory / "model_train.onnx"
         export_onnx(adapting, stream[:4], train_path, mode="training", running_stats_io=True)
-        stats, online = adapt_in_ort(train_path, stream, labels, running_statistics(model), args.batch, args.passes)
+        stats, online = adapt_in_ort(
+            train_path, stream, labels, running_statistics(model, train_path), args.batch, args.passes
+        )
         adapted = export_eval(load_statistics(model, stats), stream[:2], directory / "adapted.onnx")
         after = accuracy(adapted, stream, labels)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -88,8 +90,9 @@ def assert_parity(
     (an ``AssertionError``) naming each failing runtime, output and error, and the first
     diverging module, when any runtime that ran differs or none could run.
     """
-    from runtime.errors import ParityMismatchError
+    from runtime.errors import NoRuntimeRanError, ParityMismatchError
 
+    _check_options(atol, rtol, parity_options)
     arrays = _as_arrays(inputs)
     with tempfile.TemporaryDirectory(prefix="bkn-parity-") as tmp:
         path = Path(onnx_path or export_to or Path(tmp) / f"model_{mode}.onnx")
@@ -114,7 +117,30 @@ def assert_parity(
             write_html(report, directory / f"{stem}.html")
     if report.passed:
         return report
+    if not report.ran and not report.reference_problems:
+        raise NoRuntimeRanError(failure_message(report))
     raise ParityMismatchError(failure_message(report))
+
+
+#: run_parity's keywords that assert_parity sets itself (the others pass through ``**parity_options``).
+_SET_HERE = frozenset({"model", "onnx_path", "inputs", "mode", "runtimes", "atol", "rtol", "tolerances",
+                       "custom_op_libraries", "plugin_libraries", "criteria", "openvino_precision"})  # fmt: skip
+
+
+def _check_options(atol: Any, rtol: Any, parity_options: Mapping[str, Any]) -> None:
+    """Refuse, before the export, a tolerance that is not a number and a keyword run_parity does not take."""
+    from runtime.errors import BKNInputError
+
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise BKNInputError(f"{name} must be a number or None, got {value!r} ({type(value).__name__})")
+    accepted = set(inspect.signature(run_parity).parameters) - _SET_HERE
+    unknown = sorted(set(parity_options) - accepted)
+    if unknown:
+        raise BKNInputError(
+            f"assert_parity got unknown keyword(s) {unknown}; it takes its own arguments and run_parity's "
+            f"{sorted(accepted)}"
+        )
 
 
 def failure_message(report: ParityReport) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "BKNError",
     "BKNInputError",
     "ModelFileError",
+    "NoRuntimeRanError",
     "ParityMismatchError",
     "PluginLibraryNotFoundError",
     "RuntimeExecutionError",
@@ -38,6 +39,13 @@ class ParityMismatchError(BKNError, AssertionError):
     """A runtime's outputs differ from the reference beyond tolerance (``runtime.assert_parity``)."""
 
     exit_code = 1  # a problem with the model
+
+
+class NoRuntimeRanError(ParityMismatchError):
+    """None of the chosen runtimes could run the model here (all unavailable); nothing was compared. The
+    ``bkn_parity`` fixture skips the test on it, with the reasons."""
+
+    exit_code = 2  # the environment, as `bkn parity` with no runnable runtime
 
 
 class RuntimeExecutionError(BKNError, RuntimeError):

@@ -27,6 +27,7 @@ __all__ = [
     "check_custom_ops",
     "check_feeds",
     "custom_domains",
+    "declared_mode",
     "detect_mode",
     "input_sets",
     "load_onnx",
@@ -172,18 +173,28 @@ def input_sets(
 
 
 def running_statistics_inputs(model: onnx.ModelProto) -> set[str]:
-    """Graph inputs that are running statistics of a ``running_stats_io`` training export (``<layer>.running_mean``
-    and ``<layer>.running_var`` of each layer its ``bkn_export.running_stats`` metadata lists); empty for others."""
-    layers = next((p.value for p in model.metadata_props if p.key == "bkn_export.running_stats"), "")
-    names = {f"{layer}{suffix}" for layer in layers.split(",") if layer for suffix in (".running_mean", ".running_var")}
-    return names & {i.name for i in model.graph.input}
+    """Graph inputs that are running statistics of a ``running_stats_io`` training export: ``<layer>.running_mean`` /
+    ``<layer>.running_var`` inputs whose update ``<name>_out`` is a graph output (any layer name, commas too);
+    empty for other files."""
+    outputs = {o.name for o in model.graph.output}
+    return {
+        i.name
+        for i in model.graph.input
+        if i.name.endswith((".running_mean", ".running_var")) and f"{i.name}_out" in outputs
+    }
 
 
-def detect_mode(model: onnx.ModelProto) -> str:
-    """ "training" when the graph holds ``ai.bkn`` nodes or says so in its metadata, else "inference"."""
+def declared_mode(model: onnx.ModelProto) -> str | None:
+    """The mode the file says it was exported in: its ``bkn_export.mode`` metadata, else "training" where the graph
+    holds ``ai.bkn`` nodes; None for a file that says nothing (exported by other tools)."""
     for prop in model.metadata_props:
         if prop.key in ("bkn.mode", "bkn_export.mode") and prop.value in ("inference", "training"):
             return prop.value
     if any(is_op_node(node) for node in model.graph.node):
         return "training"
-    return "inference"
+    return None
+
+
+def detect_mode(model: onnx.ModelProto) -> str:
+    """ "training" when the graph holds ``ai.bkn`` nodes or says so in its metadata, else "inference"."""
+    return declared_mode(model) or "inference"

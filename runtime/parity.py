@@ -50,6 +50,7 @@ from runtime.model_io import (
     TensorSpec,
     check_custom_ops,
     check_feeds,
+    declared_mode,
     detect_mode,
     load_onnx,
     random_inputs,
@@ -65,7 +66,10 @@ SCHEMA_VERSION = "1.2"
 #: What the PyTorch reference computes, per mode (shown in every report).
 REFERENCE_DESCRIPTION = {
     "inference": "pytorch (eval-mode forward)",
-    "training": "pytorch (BKN layers in train mode, every other module in eval, on a copy: the export's semantics)",
+    "training": (
+        "pytorch (BKN layers in train mode, frozen ones and every other module in eval, on a copy: the export's "
+        "semantics)"
+    ),
 }
 
 #: Progress callback: (event, runtime name, index, total); events "start", "done", "skip", "localise".
@@ -282,6 +286,12 @@ def run_parity(
         raise BKNInputError(
             "the noise floor is measured on the PyTorch model (its float32 outputs against a float64 copy): "
             "it cannot be used with saved reference outputs; give the model, or explicit atol/rtol"
+        )
+    declared = declared_mode(onnx_model)
+    if mode is not None and declared is not None and mode != declared and mode in ("inference", "training"):
+        raise BKNInputError(
+            f"mode {mode!r} contradicts {path}, a {declared}-mode export (its metadata / ai.bkn nodes): the "
+            f"{mode} reference would differ from it everywhere; use mode {declared!r} (or 'auto' on the CLI)"
         )
     mode = mode or detect_mode(onnx_model)
     if mode not in ("inference", "training"):

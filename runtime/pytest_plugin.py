@@ -9,18 +9,29 @@ Usage in a user's test::
         report = bkn_parity(model, torch.randn(2, 3, 32, 32), mode="training", atol=1e-4)
 
 Options: ``--bkn-parity-runtimes`` (default ``all``) and ``--bkn-parity-report-dir``
-(write JSON + HTML reports of every check there, one sub-directory per test; the first
-check of a mode is ``parity_<mode>``, later ones ``parity_<mode>_<n>``, so none is overwritten).
+(write JSON + HTML reports of every check there, one sub-directory per test, named by the test and a hash of its
+node id; the first check of a mode is ``parity_<mode>``, later ones ``parity_<mode>_<n>``, so none is overwritten).
+A check for which none of the chosen runtimes is available here skips the test, with the reasons; a runtime asked
+for by name (not ``all``) that is unavailable while others ran is reported as a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import warnings
 from typing import Any
 
 import pytest
 
 __all__ = ["bkn_parity"]
+
+
+def _report_folder(nodeid: str) -> str:
+    """One folder per test, also for tests whose ids differ only in characters a path cannot keep
+    (``test[a/b]``, ``test[a:b]``) or that share a name in two modules: the readable part, then a hash of the id."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.rsplit("::", 1)[-1])[:80]
+    return f"{readable}-{hashlib.sha1(nodeid.encode()).hexdigest()[:8]}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -48,17 +59,35 @@ def bkn_parity(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
     report_root = request.config.getoption("--bkn-parity-report-dir")
     calls = {"count": 0}
 
-    def check(model: Any, inputs: Any, mode: str = "inference", runtimes: Any = None, **kwargs: Any) -> Any:
+    def check(
+        model: Any,
+        inputs: Any,
+        mode: str = "inference",
+        runtimes: Any = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         from runtime.assertions import assert_parity
+        from runtime.errors import NoRuntimeRanError
 
         # Every check of the test keeps its own files: parity_<mode>_<n> (n counts the test's checks).
         calls["count"] += 1
         stem = f"parity_{mode}" if calls["count"] == 1 else f"parity_{mode}_{calls['count']}"
         if report_root and "report_dir" not in kwargs:
-            kwargs["report_dir"] = f"{report_root}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', request.node.name)}"
+            kwargs["report_dir"] = f"{report_root}/{_report_folder(request.node.nodeid)}"
             kwargs.setdefault("report_name", stem)
         if "onnx_path" not in kwargs:
             kwargs.setdefault("export_to", tmp_path / f"bkn_{stem}.onnx")
-        return assert_parity(model, inputs, mode, runtimes or runtimes_option, **kwargs)
+        chosen = runtimes or runtimes_option
+        try:
+            report = assert_parity(model, inputs, mode, chosen, atol, rtol, **kwargs)
+        except NoRuntimeRanError as error:  # the environment lacks every chosen runtime: nothing was compared
+            pytest.skip(str(error))
+        if chosen != "all":  # runtimes the test asked for by name and could not have: said, not silently dropped
+            for result in report.runtimes:
+                if str(result.status) == "unavailable":
+                    warnings.warn(f"bkn_parity: {result.runtime} did not run: {result.reason}", stacklevel=2)
+        return report
 
     return check

@@ -182,6 +182,11 @@ class _Shaped(nn.Module):
             h = F.max_pool2d(torch.cat([h, F.relu(self.bn1(self.conv1(x)))], 1), 2)
         elif self.kind == "relu conv relu":  # a conv in between: Gaussian-like again, no note
             h = F.relu(self.conv1(torch.cat([h[:, :3]], 1)))
+        elif self.kind == "gaussian slice of a concat":  # only the BN part is kept: Gaussian, no note
+            h = F.relu(torch.cat([h, self.bn1(self.conv1(x))], 1)[:, 4:])
+        elif self.kind == "relu(gate(silu) - c)":  # a squeeze-and-excitation gate scales, it does not sum
+            s = F.silu(self.bn1(self.conv1(x)))
+            h = F.relu(s * torch.sigmoid(s.mean((2, 3), keepdim=True)) - 0.3)
         return self.bn(self.conv(h))
 
 
@@ -194,8 +199,10 @@ def test_an_activation_of_a_non_gaussian_input_is_named_as_approximate() -> None
         "silu(relu)": r"silu\(\) takes its input, relu\(\) outputs, as Gaussian",
         "relu(bn + relu)": r"relu\(\) takes its input, a sum with relu\(\) outputs, as Gaussian",
         "concat max": r"max_pool2d.* takes the maximum of a concat with relu\(\) outputs as of Gaussians",
+        "relu(gate(silu) - c)": r"relu\(\) takes its input, silu\(\) outputs, as Gaussian",
     }
     for kind, pattern in expected.items():
         notes = record_dataflow(_Shaped(kind), x)["bn"].notes
         assert any(re.search(pattern, note) for note in notes), (kind, notes)
-    assert record_dataflow(_Shaped("relu conv relu"), x)["bn"].notes == ()
+    for exact in ("relu conv relu", "gaussian slice of a concat"):
+        assert record_dataflow(_Shaped(exact), x)["bn"].notes == (), exact

@@ -172,3 +172,29 @@ def test_random_inputs_leave_running_statistics_to_the_model(tmp_path: Path, che
     for name, layer in layers:
         assert (feed[f"{name}.running_var"] == layer.running_var.numpy()).all()
         assert (feed[f"{name}.running_mean"] == layer.running_mean.numpy()).all()
+
+
+def test_saving_inputs_or_outputs_under_an_npz_name_is_refused_before_any_work(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """They are written as Polygraphy JSON: a .npz name made a file --load-inputs could not read back."""
+    for option in ("--save-inputs", "--save-outputs"):
+        target = tmp_path / "saved.npz"
+        argv = [
+            "parity", SPEC, "--checkpoint", str(checkpoint), str(exported_digits("inference")),
+            "--runtimes", "reference", option, str(target),
+        ]  # fmt: skip
+        assert main(argv) == 2
+        assert not target.exists()
+
+
+def test_positional_shapes_may_cover_the_running_statistics_inputs(tmp_path: Path, checkpoint: Path) -> None:
+    """One shape per graph input by position, the statistics included: those are then random, as asked."""
+    from bkn_export.export import export_onnx
+
+    path = tmp_path / "stats.onnx"
+    export_onnx(trained_digits(), torch.randn(2, 1, 8, 8), path, mode="training", running_stats_io=True)
+    inputs = onnx.load(str(path)).graph.input
+    shapes = ["2,1,8,8"] + [str(i.type.tensor_type.shape.dim[0].dim_value) for i in inputs[1:]]
+    argv = ["parity", SPEC, "--checkpoint", str(checkpoint), str(path), "--runtimes", "reference"]
+    assert main([*argv, *(a for s in shapes for a in ("--input-shape", s))]) == 0

@@ -291,3 +291,22 @@ def test_an_empty_batch_is_bad_input_not_a_pass(mode: str) -> None:
         BKNInputError, match=r"input set 0 .*compares nothing: every output of the parity reference is empty"
     ):
         run_parity(trained_digits(), exported_digits(mode), [empty], runtimes="reference")
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_a_mode_that_contradicts_the_file_is_bad_input(mode: str) -> None:
+    """It failed every element and blamed the first module (exit 1), as if the export were wrong."""
+    other = "training" if mode == "inference" else "inference"
+    with pytest.raises(BKNInputError, match=rf"mode '{other}' contradicts .*a {mode}-mode export"):
+        run_parity(trained_digits(), exported_digits(mode), digits_inputs(2), mode=other, runtimes="reference")
+
+
+def test_assert_parity_refuses_a_bad_tolerance_or_keyword_before_exporting(tmp_path: Path) -> None:
+    from runtime import assert_parity
+
+    target = tmp_path / "never.onnx"
+    with pytest.raises(BKNInputError, match=r"atol must be a number or None, got '1e-3' \(str\)"):
+        assert_parity(trained_digits(), torch.randn(2, 1, 8, 8), atol="1e-3", export_to=target)  # type: ignore[arg-type]
+    with pytest.raises(BKNInputError, match=r"unknown keyword\(s\) \['atoll'\]"):
+        assert_parity(trained_digits(), torch.randn(2, 1, 8, 8), atoll=1e-3, export_to=target)
+    assert not target.exists()

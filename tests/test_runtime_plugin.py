@@ -95,6 +95,17 @@ def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
                 path = exported_digits("inference")
                 bkn_parity(trained_digits(), torch.randn(2, 1, 8, 8), onnx_path=path)
                 bkn_parity(trained_digits(), torch.randn(5, 1, 8, 8), onnx_path=path)
+
+            import pytest
+
+            @pytest.mark.parametrize("batch", [3, 4], ids=["a/b", "a:b"])
+            def test_ids_a_path_cannot_keep(bkn_parity, batch):
+                # positional arguments as assert_parity's: model, inputs, mode, runtimes, atol, rtol
+                path = exported_digits("inference")
+                bkn_parity(trained_digits(), torch.randn(batch, 1, 8, 8), "inference", None, 1e-5, 1e-4, onnx_path=path)
+
+            def test_only_an_unavailable_runtime(bkn_parity):
+                bkn_parity(trained_digits(), torch.randn(2, 1, 8, 8), runtimes="tensorrt")
             """
         )
     )
@@ -103,12 +114,24 @@ def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
          f"--bkn-parity-report-dir={tmp_path / 'reports'}", "test_user.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert "1 failed, 3 passed" in result.stdout, result.stdout[-3000:]
+    assert "1 failed, 5 passed, 1 skipped" in result.stdout, result.stdout[-3000:]
     assert "ParityMismatchError: parity (inference) failed for" in result.stdout
     assert "localisation: first diverging module: " in result.stdout
-    assert (tmp_path / "reports" / "test_exports_match" / "parity_training.html").is_file()
-    assert (tmp_path / "reports" / "test_mismatch_is_reported" / "parity_inference.json").is_file()
-    kept = tmp_path / "reports" / "test_two_checks_same_mode"
+    reports = tmp_path / "reports"
+    (exports,) = reports.glob("test_exports_match-*")  # one folder per test: its name and a hash of its node id
+    assert (exports / "parity_training.html").is_file()
+    (mismatch,) = reports.glob("test_mismatch_is_reported-*")
+    assert (mismatch / "parity_inference.json").is_file()
+    # ids that differ only in characters a path cannot keep: two folders, both reports kept
+    twins = sorted(reports.glob("test_ids_a_path_cannot_keep_a_b_-*"))
+    shapes = sorted(
+        json.loads((t / "parity_inference.json").read_text())["model"]["inputs"][0]["shape"][0] for t in twins
+    )
+    assert shapes == [3, 4]
+    (unavailable,) = reports.glob("test_only_an_unavailable_runtime-*/parity_inference.json")  # skipped, reported
+    assert {r["status"] for r in json.loads(unavailable.read_text())["runtimes"]} == {"unavailable"}
+    assert "SKIPPED" in result.stdout or "1 skipped" in result.stdout
+    (kept,) = reports.glob("test_two_checks_same_mode-*")
     assert sorted(p.name for p in kept.iterdir()) == [
         "parity_inference.html", "parity_inference.json", "parity_inference_2.html", "parity_inference_2.json",
     ]  # fmt: skip

@@ -1344,18 +1344,15 @@ def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) 
     for step in linear_runs(path.steps, modules):  # within a LinearRun the moments are exact
         if isinstance(step, Pool) and "max" in step.spec.kind and shaped is not None:
             notes.append(
-                f"{where}: approximate: {step.describe()} takes the maximum of {shaped} as "
+                f"{where}: approximate: {step.describe()} takes the maximum of {shaped.what} as "
                 "of Gaussians (it does not commute with that activation)"
             )
-        if isinstance(step, Elementwise) and step.kind != "identity":
-            if shaped is not None:
-                notes.append(
-                    f"{where}: approximate: {step.describe()} takes its input, {shaped}, as Gaussian (the moments "
-                    "of an activation assume a Gaussian input; measured on such inputs: variance 6–30 % off)"
-                )
-            shaped = f"{step.describe()} outputs"
-        elif isinstance(step, (Affine, LinearRun, Gate, Pool)):
-            shaped = None
+        if isinstance(step, Elementwise) and step.kind != "identity" and shaped is not None:
+            notes.append(
+                f"{where}: approximate: {step.describe()} takes its input, {shaped.what}, as Gaussian (the moments "
+                "of an activation assume a Gaussian input; measured on such inputs: variance 6–30 % off)"
+            )
+        shaped = _shaped_after(shaped, step)
         if dependent is not None and combines_positions(step, modules):
             notes.append(
                 f"{where}: approximate variance: {_combining(step, modules).describe()} combines positions that "
@@ -1373,27 +1370,66 @@ def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) 
     return dependent, notes
 
 
-def _shaped_origin(path: SourcePath, modules: Mapping[str, nn.Module]) -> str | None:
-    """What makes the values at the start of ``path`` non-Gaussian, in words, or None (a normalization's output, taken
-    as Gaussian): a concatenation or sum with a part that ends in an activation (``relu(bn(x) + relu(y))``), as
-    :func:`_dependence` follows a path (a conv, a gate or a pooling makes the values Gaussian-like again)."""
+@dataclass(frozen=True)
+class _Shaped:
+    """Values an activation left non-Gaussian: ``what`` in words; ``channels``: the [start, stop) channel ranges they
+    hold (a concatenation's part, sliced, padded), None for every channel."""
+
+    what: str
+    channels: tuple[tuple[int, int], ...] | None = None
+
+
+def _shaped_after(shaped: _Shaped | None, step: Step) -> _Shaped | None:
+    """:class:`_Shaped` after ``step``: an activation makes every channel non-Gaussian; a conv, a Linear or a pooling
+    makes them Gaussian-like again (sums over many values); a channel slice or pad moves the ranges; every other step
+    (a scale and shift, a gate's per-sample channel scale, a resampling, a reshape) keeps them."""
+    if isinstance(step, Elementwise) and step.kind != "identity":
+        return _Shaped(f"{step.describe()} outputs")
+    if shaped is None or isinstance(step, (Affine, LinearRun, Pool)):
+        return None
+    if shaped.channels is None or not isinstance(step, (Channels, ChannelPad)):
+        return shaped
+    if isinstance(step, Channels):
+        kept = tuple(
+            (max(a, step.start) - step.start, min(b, step.stop) - step.start)
+            for a, b in shaped.channels
+            if min(b, step.stop) > max(a, step.start)
+        )
+    else:
+        kept = tuple((a + step.before, b + step.before) for a, b in shaped.channels)
+    return _Shaped(shaped.what, kept) if kept else None
+
+
+def _shaped_origin(path: SourcePath, modules: Mapping[str, nn.Module]) -> _Shaped | None:
+    """What makes the values at the start of ``path`` non-Gaussian, or None (a normalization's output, taken as
+    Gaussian): a sum with a part that ends non-Gaussian (``relu(bn(x) + relu(y))``), or a concatenation with such
+    parts, in their channels."""
     if path.origin is None:
         return None
-    for part in path.origin.sources:
-        shaped = _shaped_end(part, modules)
-        if shaped is not None:
-            return f"a {path.origin.combine} with {shaped}"
-    return None
+    ends = [_shaped_end(part, modules) for part in path.origin.sources]
+    shaped = [(part, end) for part, end in zip(path.origin.sources, ends) if end is not None]
+    if not shaped:
+        return None
+    what = f"a {path.origin.combine} with {shaped[0][1].what}"
+    if path.origin.combine == "sum":  # an addend's non-Gaussian channels are the sum's
+        if any(end.channels is None for _, end in shaped):
+            return _Shaped(what)
+        return _Shaped(what, tuple(sorted({r for _, end in shaped for r in end.channels or ()})))
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    for part, end in zip(path.origin.sources, ends):
+        if end is not None:
+            inner = end.channels if end.channels is not None else ((0, part.channels),)
+            ranges += [(offset + a, offset + b) for a, b in inner]
+        offset += part.channels
+    return _Shaped(what, tuple(ranges))
 
 
-def _shaped_end(path: SourcePath, modules: Mapping[str, nn.Module]) -> str | None:
-    """What makes the values at the end of ``path`` non-Gaussian, in words, or None."""
+def _shaped_end(path: SourcePath, modules: Mapping[str, nn.Module]) -> _Shaped | None:
+    """What makes the values at the end of ``path`` non-Gaussian, or None."""
     shaped = _shaped_origin(path, modules)
     for step in linear_runs(path.steps, modules):
-        if isinstance(step, Elementwise) and step.kind != "identity":
-            shaped = f"{step.describe()} outputs"
-        elif isinstance(step, (Affine, LinearRun, Gate, Pool)):
-            shaped = None
+        shaped = _shaped_after(shaped, step)
     return shaped
 
 

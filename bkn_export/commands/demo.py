@@ -97,8 +97,8 @@ def _run(args: argparse.Namespace) -> int:
 
     console = report_console()
     out = Path(args.out)
+    _check_runtimes(args.runtimes)  # first: a refused option leaves no empty --out behind
     _prepare_out(out)
-    _check_runtimes(args.runtimes)
     data = load_digits_split()
     model, result = _train(args, data, console)
     console.print(

@@ -229,6 +229,11 @@ def _run(args: argparse.Namespace) -> int:
         **options,
     )
     _print_report(result)
+    if not args.checkpoint:
+        print(
+            "note: no --checkpoint: this file holds the factory's own weights (random unless the factory loads "
+            "some); check it with `bkn parity` on the same weights"
+        )
     sys.stdout.flush()
     return 0
 

@@ -253,17 +253,18 @@ def _inputs(args: argparse.Namespace, onnx_path: str) -> list[Any] | None:
     onnx_model = load_onnx(onnx_path)
     specs, _ = tensor_specs(onnx_model)
     ranges = dict(args.val_range)
-    # Running statistics of a running_stats_io file come from the model's buffers (run_parity fills them in), not
-    # random values (a random "variance" is negative half the time); a --val-range or shape naming one: random.
-    named = {name for raw in (args.shape_set or [args.input_shape or []]) for name, _ in raw}
-    statistics = running_statistics_inputs(onnx_model) - set(ranges) - named
-    specs = [s for s in specs if s.name not in statistics]
     unknown = [name for name in ranges if name is not None and name not in {s.name for s in specs}]
     if unknown:
         raise BKNInputError(
             f"--val-range for unknown input(s) {unknown}; the model's inputs are {[s.name for s in specs]}"
         )
-    return input_sets(specs, _shape_sets(args, specs), args.iterations, args.seed, ranges)
+    shape_sets = _shape_sets(args, specs)
+    # Running statistics of a running_stats_io file come from the model's buffers (run_parity fills them in), not
+    # random values (a random "variance" is negative half the time); one given a shape or a --val-range: random.
+    named = {name for shapes in shape_sets for name in shapes} | set(ranges)
+    statistics = running_statistics_inputs(onnx_model) - named
+    generated = [s for s in specs if s.name not in statistics]
+    return input_sets(generated, shape_sets, args.iterations, args.seed, ranges)
 
 
 def _saved_reference(args: argparse.Namespace) -> tuple[list[Any], str]:
@@ -333,6 +334,12 @@ def _run(args: argparse.Namespace) -> int:
     for output_path, folder in outputs.values():
         if output_path:
             check_creatable(output_path, directory=folder)
+    for option, path in (("--save-inputs", args.save_inputs), ("--save-outputs", args.save_outputs)):
+        if path and str(path).lower().endswith(".npz"):
+            raise BKNInputError(
+                f"{option} {path}: the file is written in Polygraphy's JSON format (which --load-inputs / "
+                "--load-outputs and `polygraphy run --load-inputs` read); name it .json"
+            )
     input_files = {
         "the ONNX model": onnx_path, "the model spec": spec_file(spec), "--checkpoint": args.checkpoint,
         "--load-inputs": args.load_inputs, "--load-outputs": args.load_outputs,
@@ -393,6 +400,11 @@ def _run(args: argparse.Namespace) -> int:
         write_error = error
     try:
         print_report(report, report_console())
+        if model is not None and not args.checkpoint and report.ran and not report.passed:
+            print(
+                "note: no --checkpoint: the reference has the factory's own weights (random unless the factory "
+                "loads some); a file exported from other weights differs everywhere"
+            )
         for path in written:
             print(f"wrote {path}")
         sys.stdout.flush()
