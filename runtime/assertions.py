@@ -148,11 +148,13 @@ def failure_message(report: ParityReport) -> str:
     if not report.ran:
         skipped = "; ".join(f"{r.runtime}: {r.reason}" for r in report.runtimes)
         return f"parity: no runtime could run {report.onnx_path} ({skipped})"
-    lines = [
-        f"parity ({report.mode}) failed for {report.onnx_path}: "
-        f"{len(report.failures())} of {len(report.ran)} runtime(s) differ from "
+    verdict = (
+        "the reference is broken; no runtime was judged against it"
+        if report.reference_problems
+        else f"{len(report.failures())} of {len(report.ran)} runtime(s) differ from "
         + ("PyTorch" if report.reference.startswith("pytorch") else "the saved outputs")
-    ]
+    )
+    lines = [f"parity ({report.mode}) failed for {report.onnx_path}: {verdict}"]
     lines.extend(f"  reference: {problem}" for problem in report.reference_problems)
     for result in report.failures():
         if result.status == "error":

@@ -323,6 +323,8 @@ def compare_output(
         result.max_abs_error = float(abs_error.max()) if not finite.all() else float(finite_error.max())
         with np.errstate(over="ignore"):  # a non-zero error over a zero reference is an infinite relative error
             result.max_rel_error = float(np.max(finite_error / np.maximum(np.abs(ref64), np.finfo(np.float64).tiny)))
+        if not finite.all():  # like the absolute error: a NaN/Inf difference is not a relative error of 0
+            result.max_rel_error = result.max_abs_error
         limit = tolerance.atol + tolerance.rtol * np.abs(ref64)
         # NaN errors count as outside; an infinity counts as inside where the other side holds the same one, and as
         # outside where it does not (+inf against -inf has an infinite limit too).

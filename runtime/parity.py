@@ -387,7 +387,8 @@ def run_parity(
         if result.status in (Status.FAILED, Status.ERROR) and entry.make is not None:
             failing = [c.output for c in result.outputs if not c.passed]
             feed = feeds[result.failing_iteration or 0]
-            if localise_failures and result.outputs and failing:
+            # Against a broken reference every runtime "differs": localising would blame a module for the model's NaN.
+            if localise_failures and result.outputs and failing and not report.reference_problems:
                 if progress:
                     progress("localise", entry.name, index, total)
                 result.localisation = _localise(

@@ -72,6 +72,8 @@ def test_nan_or_inf_fails_loudly_on_either_side(side: str) -> None:
         assert result.nonfinite_reference == 2 and "the parity reference's output" in result.message
     else:
         assert result.nonfinite_actual == 2 and "ort:cpu:all" in result.message
+    # a NaN difference shows as NaN in both error figures, not as a relative error of 0
+    assert np.isnan(result.max_abs_error) and np.isnan(result.max_rel_error)
 
 
 def test_shape_mismatch_fails_with_both_shapes() -> None:

@@ -113,6 +113,11 @@ def test_nan_in_the_reference_fails_loudly(tmp_path: Path) -> None:
     report = run_parity(model, exported_digits("inference"), digits_inputs(), runtimes="ort:cpu:all")
     assert not report.passed
     assert report.reference_problems and "NaN/Inf" in report.reference_problems[0]
+    # No runtime is blamed: nothing localised, and the verdict names the reference.
+    assert all(r.localisation is None for r in report.runtimes)
+    from runtime.assertions import failure_message
+
+    assert "the reference is broken; no runtime was judged against it" in failure_message(report)
 
 
 # ----------------------------------------------------------------------------- bad input

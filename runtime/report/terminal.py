@@ -103,6 +103,8 @@ def print_report(report: ParityReport, console: Console | None = None) -> None:
     if report.passed:
         against = "PyTorch" if report.reference.startswith("pytorch") else "the saved outputs"
         console.print(f"[green]parity: {ran} runtime(s) agree with {against}[/]")
+    elif report.reference_problems:
+        console.print("[bold red]parity FAILED: the reference is broken; no runtime was judged against it[/]")
     else:
         console.print(f"[bold red]parity FAILED: {len(report.failures())} of {ran} runtime(s) differ[/]")
 
