@@ -280,6 +280,19 @@ def test_fallback_rule_matches_reference(interpreter: InterpreterProcess, fires:
     assert bool((grad_prior_weight == 0).all()) == fires
 
 
+def test_a_nan_channel_does_not_fire_the_fallback_for_the_others(interpreter: InterpreterProcess) -> None:
+    """The reference's mean ratio is NaN there (clamp_min passes NaN) and the rule does not fire; a floor that
+    swallowed the NaN gave a ratio of ~1e12 and batch statistics in every channel."""
+    inputs = make_inputs(Case((4, 6, 5, 3), F32))
+    inputs.x[0, 0, 0, 0] = float("nan")
+    inputs.prior_variance.mul_(1000.0)  # wide enough that the rule would fire on the finite channels alone
+    args = inputs.forward_args(100.0)
+    _, mean, variance = interpreter.call("forward", *args)
+    expected = Fk.batch_kalman_norm(*args)  # type: ignore[arg-type]
+    torch.testing.assert_close(variance[1:], expected[2][1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean[1:], expected[1][1:], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", [Case((4, 24, 5, 3), F32), Case((4, 24, 5, 3), F16, channels_last=True)], ids=str)
 def test_without_affine_parameters(interpreter: InterpreterProcess, case: Case) -> None:
     inputs = make_inputs(case, affine=False)

@@ -10,6 +10,7 @@ the op's math, and whole exports in both modes through parity.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -100,6 +101,30 @@ def test_function_body_fallback_rule_on_and_off(
     # the branch taken is visible in the posterior mean: the batch mean exactly when falling back
     batch_mean = feed["X"].astype(np.float64).mean(axis=(0, 2, 3))
     assert np.allclose(outputs["posterior_mean"], batch_mean, atol=1e-5) == falls_back
+
+
+@pytest.mark.parametrize("backend", ["openvino", "reference", "onnxruntime"])
+def test_function_body_a_nan_channel_does_not_fire_the_fallback_for_the_others(tmp_path: Path, backend: str) -> None:
+    """As the reference (clamp_min passes NaN; the mean ratio is NaN, the rule off). OpenVINO's Max returned the
+    floor for a NaN (a ratio of ~1e12: batch statistics in every channel) before the body spelled it out."""
+    path = tmp_path / "bkn.onnx"
+    _one_node_model(path, 100.0)
+    if backend == "onnxruntime":
+        from runtime.backends.ort import OnnxRuntimeBackend
+
+        runner: Any = OnnxRuntimeBackend("CPUExecutionProvider", "all")
+    else:
+        runner = OpenVINOBackend() if backend == "openvino" else ReferenceEvaluatorBackend()
+    runner.load(str(path))
+    feed = _feed(1000.0)  # the rule would fire on the finite channels alone
+    feed["X"][0, 0, 0, 0] = np.nan
+    outputs = runner.run(feed)
+    x = feed["X"].astype(np.float64)[:, 1:]
+    batch_mean = x.mean(axis=(0, 2, 3))
+    prior_weight = feed["prior_weight"][1:].astype(np.float64)
+    expected_mean = batch_mean + prior_weight * (feed["prior_mean"][1:] - batch_mean)  # p kept: no fallback
+    np.testing.assert_allclose(outputs["posterior_mean"][1:], expected_mean, rtol=1e-5, atol=1e-5)
+    assert np.isnan(outputs["posterior_mean"][0])
 
 
 def test_function_body_holds_no_nan_constant() -> None:

@@ -472,7 +472,7 @@ def _prior(channels: int, variance_scale: float, device: str) -> dict[str, torch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(5, 3), (4, 6, 7, 5), (2, 3, 4, 5, 6), (64, 8, 33, 17)])
+@pytest.mark.parametrize("shape", [(5, 3), (4, 6, 7, 5), (2, 3, 4, 5, 6), (64, 8, 33, 17), (4, 300, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("fallback_ratio", "variance_scale"), [(0.0, 1.0), (100.0, 1.0), (100.0, 1000.0)])
 def test_cuda_launcher_matches_functional_reference(
@@ -510,6 +510,53 @@ def test_cuda_launcher_matches_functional_reference(
     torch.testing.assert_close(y.cpu(), expected.output, rtol=rtol, atol=atol)
 
 
+@pytest.mark.gpu
+def test_cuda_launcher_keeps_precision_over_millions_of_values_per_channel(kernel_library: Path) -> None:
+    """ReLU-like values (many repeats), 4.2M per channel: a plain float32 running sum per thread was 1e-4 off in the
+    variance (a reviewer's emulation); the per-thread sums are compensated."""
+    api = _kernel_api(kernel_library)
+    shape = (4, 2, 1024, 1024)
+    x = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(0))).contiguous()
+    prior = _prior(2, 1.0, "cuda")
+    x_gpu = x.cuda()
+    y = torch.empty_like(x_gpu)
+    posterior_mean, posterior_variance = torch.empty(2, device="cuda"), torch.empty(2, device="cuda")
+    workspace = torch.empty(api.bkn_batch_kalman_norm_workspace_size(2), dtype=torch.uint8, device="cuda")
+    status = api.bkn_batch_kalman_norm_forward(
+        0, shape[0], 2, shape[2] * shape[3], 1e-5, 0.0,
+        *(ctypes.c_void_p(t.data_ptr()) for t in (x_gpu, *prior.values(), y, posterior_mean, posterior_variance)),
+        ctypes.c_void_p(workspace.data_ptr()), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    assert status == 0
+    expected = _reference(x.double(), {k: v.cpu().double() for k, v in prior.items()}, 1e-5, 0.0)
+    torch.testing.assert_close(posterior_variance.cpu().double(), expected.posterior_variance, rtol=1e-5, atol=0)
+    torch.testing.assert_close(posterior_mean.cpu().double(), expected.posterior_mean, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_cuda_launcher_a_nan_channel_does_not_fire_the_fallback_for_the_others(kernel_library: Path) -> None:
+    """fmaxf(NaN, floor) is the floor: the ratio of a NaN channel was ~1e12, so p became 0 for every channel; the
+    reference's mean ratio is NaN there and the rule does not fire."""
+    api = _kernel_api(kernel_library)
+    x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0] = float("nan")
+    prior = _prior(3, 1.0, "cuda")
+    x_gpu = x.cuda().contiguous()
+    y = torch.empty_like(x_gpu)
+    posterior_mean, posterior_variance = torch.empty(3, device="cuda"), torch.empty(3, device="cuda")
+    workspace = torch.empty(api.bkn_batch_kalman_norm_workspace_size(3), dtype=torch.uint8, device="cuda")
+    status = api.bkn_batch_kalman_norm_forward(
+        0, 4, 3, 5, 1e-5, 100.0,
+        *(ctypes.c_void_p(t.data_ptr()) for t in (x_gpu, *prior.values(), y, posterior_mean, posterior_variance)),
+        ctypes.c_void_p(workspace.data_ptr()), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    assert status == 0
+    expected = _reference(x, {k: v.cpu() for k, v in prior.items()}, 1e-5, 100.0)
+    torch.testing.assert_close(posterior_variance.cpu()[1:], expected.posterior_variance[1:], rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- TensorRT engine (TensorRT + GPU)
 
 
@@ -526,9 +573,15 @@ def tensorrt_backend_factory(plugin_build: tuple[Path, str]) -> Iterator[Callabl
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @pytest.mark.parametrize(("elem_type", "dtype"), [(TensorProto.FLOAT, np.float32), (TensorProto.FLOAT16, np.float16)])
+@pytest.mark.parametrize("variance_scale", [1.0, 1000.0], ids=["prior-used", "fallback-fires"])
 def test_tensorrt_engine_runs_the_plugin_with_dynamic_batch(
-    tensorrt_backend_factory: Callable[..., TensorRTBackend], tmp_path: Path, elem_type: int, dtype: type
+    tensorrt_backend_factory: Callable[..., TensorRTBackend],
+    tmp_path: Path,
+    elem_type: int,
+    dtype: type,
+    variance_scale: float,
 ) -> None:
+    """fallback-fires: a prior 1000x wider than the batch, so fallback_ratio=100 must reach the engine intact."""
     channels, spatial = 6, (5, 4)
     model = _single_node_model(channels, spatial, elem_type, epsilon=1e-3, fallback_ratio=100.0)
     path = tmp_path / "single.onnx"
@@ -536,7 +589,7 @@ def test_tensorrt_engine_runs_the_plugin_with_dynamic_batch(
     backend = tensorrt_backend_factory(max_batch=16)
     backend.load(str(path))
     assert backend.plugin_layers == 1
-    prior = _prior(channels, 1.0, "cpu")
+    prior = _prior(channels, variance_scale, "cpu")
     for batch in (1, 3, 16):  # one engine, several batch sizes
         x = torch.randn(batch, channels, *spatial, generator=torch.Generator().manual_seed(batch)).to(
             torch.from_numpy(np.empty(0, dtype)).dtype

@@ -166,7 +166,10 @@ def fallback_fired(prior_variance_ptr, batch_variance_ptr, channels, fallback_ra
         mask = offsets < channels
         prior_variance = tl.load(prior_variance_ptr + offsets, mask=mask, other=0.0)
         batch_variance = tl.load(batch_variance_ptr + offsets, mask=mask, other=1.0)
-        total += tl.sum(prior_variance / tl.maximum(batch_variance, VARIANCE_FLOOR), axis=0)
+        # clamp_min's NaN passes through (tl.maximum would return the floor): a NaN channel keeps the mean NaN and
+        # the rule off, as in the reference, instead of a ratio of ~1e12 that switched every channel to the batch.
+        floored = tl.where(batch_variance != batch_variance, batch_variance, tl.maximum(batch_variance, VARIANCE_FLOOR))
+        total += tl.sum(prior_variance / floored, axis=0)
     return total / channels >= fallback_ratio
 
 

@@ -109,9 +109,10 @@ bool parseFields(PluginFieldCollection const* fc, float& epsilon, float& fallbac
         error = "epsilon must be finite and >= 0, got " + std::to_string(epsilon);
         return false;
     }
-    if (!std::isfinite(fallbackRatio))
+    if (std::isnan(fallbackRatio) || fallbackRatio < 0.0F)
     {
-        error = "fallback_ratio must be finite, got " + std::to_string(fallbackRatio);
+        // +inf is valid (the rule then fires only on an infinite ratio), as in PyTorch and the ONNX function body.
+        error = "fallback_ratio must be >= 0 (0 disables the rule), got " + std::to_string(fallbackRatio);
         return false;
     }
     return true;

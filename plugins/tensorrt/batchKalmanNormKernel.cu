@@ -90,6 +90,15 @@ __device__ float blockSum(float value, float* shared)
     return total;
 }
 
+//! `sum += value` with Kahan's compensation carried in `error` (the build keeps IEEE float arithmetic: no fast math).
+__device__ __forceinline__ void kahanAdd(float& sum, float& error, float value)
+{
+    float const corrected = __fsub_rn(value, error);
+    float const total = __fadd_rn(sum, corrected);
+    error = __fsub_rn(__fsub_rn(total, sum), corrected);
+    sum = total;
+}
+
 //! Offset of element i (counted over (n, s) of one channel) in an (N, C, S) tensor.
 __device__ __forceinline__ int64_t channelElementOffset(int64_t i, int64_t channel, int64_t channels, int64_t spatial)
 {
@@ -106,18 +115,22 @@ __global__ void __launch_bounds__(kTHREADS) channelStatisticsKernel(
     int64_t const channel = blockIdx.x;
     int64_t const count = batch * spatial;
 
+    // Each thread sums count / blockDim values in turn: compensated (Kahan), or a plain float32 running sum loses
+    // ~1e-4 relative at a few million values per channel (3-D or high-resolution inputs).
     float sum = 0.0F;
+    float sumError = 0.0F;
     for (int64_t i = threadIdx.x; i < count; i += blockDim.x)
     {
-        sum += toFloat(x[channelElementOffset(i, channel, channels, spatial)]);
+        kahanAdd(sum, sumError, toFloat(x[channelElementOffset(i, channel, channels, spatial)]));
     }
     float const mean = blockSum(sum, shared) / static_cast<float>(count);
 
     float squares = 0.0F;
+    float squaresError = 0.0F;
     for (int64_t i = threadIdx.x; i < count; i += blockDim.x)
     {
         float const deviation = toFloat(x[channelElementOffset(i, channel, channels, spatial)]) - mean;
-        squares += deviation * deviation;
+        kahanAdd(squares, squaresError, deviation * deviation);
     }
     float const variance = blockSum(squares, shared) / static_cast<float>(count);
 
@@ -142,7 +155,9 @@ __global__ void __launch_bounds__(kTHREADS) kalmanUpdateKernel(int64_t channels,
         float ratio = 0.0F;
         for (int64_t c = threadIdx.x; c < channels; c += blockDim.x)
         {
-            ratio += priorVariance[c] / fmaxf(batchVariance[c], kVARIANCE_FLOOR);
+            // fmaxf(NaN, floor) is the floor: a NaN channel must keep the ratio NaN (no fallback), as the reference.
+            float const batch = batchVariance[c];
+            ratio += priorVariance[c] / (isnan(batch) ? batch : fmaxf(batch, kVARIANCE_FLOOR));
         }
         fallback = blockSum(ratio, shared) / static_cast<float>(channels) >= attributes.fallbackRatio;
     }

@@ -8,7 +8,8 @@ Math (:func:`bkn_export.functional.batch_kalman_norm`), per channel c of X: (N, 
 
     x̄ = mean(X),  S = mean((X - x̄)²)                       (two-pass, biased)
     p = 0 if fallback_ratio > 0 and mean_c(prior_variance / max(S, 1e-12)) ≥ fallback_ratio
-                                                            (one And of two comparisons; no NaN)
+                                                            (no NaN constant; a NaN S keeps the mean NaN and
+                                                            the rule off, as ``clamp_min`` in the reference)
     d = x̄ - prior_mean,  q = 1 - p
     μ = prior_mean + q d,  Σ = p prior_variance + q S + p q d²
     Y = scale (X - μ) / sqrt(Σ + epsilon) + B
@@ -82,8 +83,12 @@ def onnxscript_function(opset_version: int) -> onnxscript.OnnxFunction:
         zero = op.CastLike(op.Constant(value_float=0.0), prior_mean)
         one = op.CastLike(op.Constant(value_float=1.0), prior_mean)
         enabled = op.Greater(ratio, zero)
-        mean_ratio = op.ReduceMean(op.Div(prior_variance, op.Max(batch_variance, floor)), keepdims=0)
-        fall_back = op.And(enabled, op.GreaterOrEqual(mean_ratio, ratio))
+        # A NaN channel keeps the mean ratio NaN and the rule off, as the reference's clamp_min does: OpenVINO's
+        # Max returns the floor for a NaN (and its GreaterOrEqual(NaN, x) is true), so both are spelled out.
+        floored = op.Where(op.IsNaN(batch_variance), batch_variance, op.Max(batch_variance, floor))
+        mean_ratio = op.ReduceMean(op.Div(prior_variance, floored), keepdims=0)
+        reached = op.And(op.Not(op.IsNaN(mean_ratio)), op.GreaterOrEqual(mean_ratio, ratio))
+        fall_back = op.And(enabled, reached)
         p = op.Where(fall_back, zero, prior_weight)
         q = op.Sub(one, p)
 
