@@ -7,6 +7,8 @@ whose input is not the sole output of a Conv/ConvTranspose/Linear stays, with a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from test_export_inference import (
@@ -128,6 +130,118 @@ def test_unsafe_folds_are_refused_with_a_reason(factory: type[nn.Module], reason
     x = torch.randn(2, 2, 3, 3)
     with torch.no_grad():
         assert (folded(x) - eval_output(model, x)).abs().max() <= TOLERANCE
+
+
+class _StdConv(nn.Conv2d):
+    """Weight standardisation (timm's StdConv2d): the forward uses a function of the weight, not the weight."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def _std_conv() -> nn.Module:
+    return nn.Sequential(_StdConv(2, 2, 1), BatchKalmanNorm2d(2))
+
+
+class _AliasedNorm(nn.Module):
+    """The normalization under two names; the forward calls the second (fx names the call by the first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(2, 2, 1), BatchKalmanNorm2d(2)
+        self.alias = self.norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.alias(self.conv(x))
+
+
+def _aliased_norm() -> nn.Module:
+    return _AliasedNorm()
+
+
+def _hooked_conv() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), BatchKalmanNorm2d(2))
+    model[0].register_forward_hook(lambda _m, _i, out: out * 2 + 1)
+    return model
+
+
+def _parametrized_conv() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), BatchKalmanNorm2d(2))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+class _TiedDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(2, 2, 1), BatchKalmanNorm2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x)) + torch.nn.functional.conv2d(x, self.conv.weight)
+
+
+@pytest.mark.parametrize(
+    ("factory", "reason"),
+    [
+        (_std_conv, "overrides its class's forward"),
+        (_aliased_norm, "registered under several names"),
+        (_hooked_conv, "has forward hooks"),
+        (_parametrized_conv, "is parametrized"),
+        (_TiedDecoder, "reads a tensor of 'conv' directly"),
+    ],
+    ids=["subclass-forward", "alias", "hook", "parametrized", "tied-weight"],
+)
+def test_folds_the_rules_cannot_see_through_are_refused(factory: Any, reason: str, tmp_path: Any) -> None:
+    """A reviewer's cases: the fp16 export and fold() folded each and changed the output (by up to 12 at |y| 20),
+    or crashed on a parametrized conv. Each stays standalone, and the fp16 file computes the model."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bkn_export.export import export_onnx
+
+    model = randomize_statistics(factory()).eval()
+    x = torch.randn(2, 2, 3, 3)
+    folded, report = bkn_export.fold(model, x)
+    (record,) = [r for r in report if r.module in ("1", "norm")]
+    assert record.kind == "standalone" and reason in record.detail, record
+    with torch.no_grad():
+        expected = eval_output(model, x)
+        assert (folded(x) - expected).abs().max() <= TOLERANCE
+    path = tmp_path / "half.onnx"
+    export_onnx(model, x, path, mode="inference", fp16=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.half().numpy()})
+    np.testing.assert_allclose(got.astype(np.float64), expected.double().numpy(), rtol=5e-3, atol=5e-3)
+
+
+def test_the_fp16_export_checks_its_fold_and_folds_in_the_graph_when_it_changed_the_model(tmp_path: Any) -> None:
+    """A global forward hook (which no rule sees) changes each conv's output: the float64 check of the PyTorch-side
+    fold catches it, warns, and the file is folded from the graph instead; it computes the model."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bkn_export.export import export_onnx
+
+    model = randomize_statistics(nn.Sequential(nn.Conv2d(2, 2, 1), BatchKalmanNorm2d(2))).eval()
+    x = torch.randn(2, 2, 3, 3)
+
+    def shift(module: nn.Module, _inputs: Any, out: Tensor) -> Tensor | None:
+        return out + 1.0 if isinstance(module, nn.Conv2d) else None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(shift)
+    try:
+        with torch.no_grad():
+            expected = eval_output(model, x)
+        path = tmp_path / "half.onnx"
+        with pytest.warns(UserWarning, match="PyTorch-side fold changed the model's output"):
+            export_onnx(model, x, path, mode="inference", fp16=True)
+    finally:
+        handle.remove()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.half().numpy()})
+    np.testing.assert_allclose(got.astype(np.float64), expected.double().numpy(), rtol=5e-3, atol=5e-3)
 
 
 def test_invalid_statistics_are_refused() -> None:

@@ -84,6 +84,15 @@ def _output_ranks(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     return ranks
 
 
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters that two or more modules hold (tied weights)."""
+    owners: dict[int, int] = {}
+    for module in {id(m): m for m in model.modules()}.values():
+        for parameter in module.parameters(recurse=False):
+            owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    return {key for key, count in owners.items() if count > 1}
+
+
 def _tensor(module: nn.Module, name: str) -> Tensor | None:
     value = getattr(module, name, None)
     return value.detach().double() if isinstance(value, Tensor) else None
@@ -142,6 +151,49 @@ def _remainder(norm: nn.Module) -> nn.Module | None:
     return None
 
 
+#: The torch classes whose forward the fold rules describe (a subclass may override it: weight standardisation, LoRA).
+_PLAIN_HOSTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is its known class's: a plain torch host, or a normalization class of this
+    package / torch whose forward a subclass did not override (BatchNorm subclasses with extra behaviour)."""
+    if isinstance(module, _HOST_TYPES):
+        return type(module) in _PLAIN_HOSTS
+    known = [base for base in type(module).__mro__ if base.__module__.startswith(("torch.nn", "bkn_export"))]
+    return bool(known) and getattr(type(module), "forward", None) is getattr(known[0], "forward", None)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks on the module itself, other than this package's (the chain's path watches only observe):
+    they would see or change the unfolded values (old-style ``weight_norm`` and pruning are such pre-hooks)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(not (getattr(hook, "__module__", None) or "").startswith("bkn_export.") for hook in hooks)
+
+
+def _unsafe(
+    name: str, norm: nn.Module, host_name: str, host: nn.Module, names: dict[int, list[str]], graph: fx.Graph
+) -> str:
+    """Why folding ``norm`` into ``host`` could change the model ("" when it cannot): the fold rules hold for the
+    torch forward of each, called once, under one name, with no hook, parametrization or other reader of the
+    host's weights (the ONNX export folds from the graph that actually ran, and is not limited so)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(host):  # first: its class is a generated subclass (ParametrizedConv2d)
+        return f"'{host_name}' is parametrized ({', '.join(getattr(host, 'parametrizations', {}))})"
+    for label, module in ((host_name, host), (name, norm)):
+        if not _own_forward(module):
+            return f"'{label}' ({type(module).__name__}) overrides its class's forward"
+        if _has_hooks(module):
+            return f"'{label}' has forward hooks"
+        if len(names.get(id(module), ())) > 1:
+            return f"'{label}' is registered under several names {names[id(module)]}"
+    prefix = f"{host_name}."
+    if any(node.op == "get_attr" and str(node.target).startswith(prefix) for node in graph.nodes):
+        return f"the forward reads a tensor of '{host_name}' directly (tied weights)"
+    return ""
+
+
 def _kind(host: nn.Module) -> str:
     if isinstance(host, nn.Linear):
         return "linear"
@@ -164,6 +216,10 @@ def fold(model: nn.Module, example_inputs: Any = None) -> FoldResult:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    names: dict[int, list[str]] = {}
+    for module_name, module in folded.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(module_name)
+    shared = _shared_parameters(folded)
     records: dict[str, FoldRecord] = {}
     for node in graph.nodes:
         name = str(node.target)
@@ -185,6 +241,11 @@ def fold(model: nn.Module, example_inputs: Any = None) -> FoldResult:
                 if ranks is None
                 else f"the output of '{host_name}' is not (N, C)"
             )
+        if not reason:
+            assert host is not None and host_name is not None
+            reason = _unsafe(name, folded.get_submodule(name), host_name, host, names, graph)
+        if not reason and host is not None and any(id(p) in shared for p in host.parameters(recurse=False)):
+            reason = f"a parameter of '{host_name}' is shared with another module (tied weights)"
         remainder = _remainder(norms[name])
         if not reason and remainder is None:
             children = [child for child, _ in norms[name].named_children()]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -234,10 +235,46 @@ def export_inference(
 
 
 def _fp16_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[nn.Module, list[FoldRecord]]:
-    """Fold in float32 (PyTorch side) where fx can trace, then convert to float16."""
+    """Fold in float32 (PyTorch side) where fx can trace and the folded copy computes the model's function in
+    float64 on the example inputs, then convert to float16; else fold in the ONNX graph (from what actually ran)."""
     try:
         folded, report = fold(model, inputs)
     except ExportError as error:  # untraceable: fold in the ONNX graph (in float16) instead
         _log.info("fp16 export: %s; folding in the ONNX graph instead", error)
-        folded, report = copy.deepcopy(model).eval(), []
+        return copy.deepcopy(model).eval().half(), []
+    difference = _fold_difference(model, inputs)
+    if difference is not None:
+        warnings.warn(
+            f"export_onnx(fp16=True): the PyTorch-side fold changed the model's output ({difference}); folding in "
+            "the ONNX graph instead (from what the forward computes). Please report the model's structure.",
+            stacklevel=4,
+        )
+        return copy.deepcopy(model).eval().half(), []
     return folded.half(), report
+
+
+def _fold_difference(model: nn.Module, inputs: tuple[Tensor, ...]) -> str | None:
+    """None when the fold keeps ``model``'s eval function: a float64 copy folded the same way computes what the
+    float64 copy computes on ``inputs``, to 1e-9 of the output's magnitude (float64 rounding; the float32 fold
+    differs from it only by rounding its weights); else what differs, in words (also when the check cannot run)."""
+    try:
+        with torch.no_grad():
+            wide = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+            reference = copy.deepcopy(model).eval().double()
+            folded, _ = fold(reference, wide)
+            pairs = list(zip(_tensors(reference(*wide)), _tensors(folded(*wide)), strict=True))
+    except Exception as error:  # a model that does not run in float64, an output structure that changed
+        return f"the float64 check could not run: {type(error).__name__}: {error}"
+    for index, (want, have) in enumerate(pairs):
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        difference = float((have - want).abs().max()) if want.numel() else 0.0
+        if not difference <= 1e-9 * max(scale, 1.0):
+            return f"output {index}: max abs difference {difference:.3g} at magnitude {scale:.3g}"
+    return None
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of a forward's output (a tensor, or nested tuples / lists / dicts of them), in order."""
+    from torch.utils._pytree import tree_leaves
+
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, Tensor)]
