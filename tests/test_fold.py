@@ -253,6 +253,20 @@ def test_invalid_statistics_are_refused() -> None:
         bkn_export.fold(model)
 
 
+def test_a_zero_variance_with_eps_zero_is_refused_not_folded_to_infinite_weights(tmp_path: Any) -> None:
+    """It folded to 36 non-finite weights without a word (a reviewer); both export paths check the statistics."""
+    from bkn_export.export import export_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.0)).eval()
+    with torch.no_grad():
+        model[1].running_var[2] = 0.0
+    with pytest.raises(InvalidStatisticsError, match=r"running_var \+ eps is 0 at channels \[2\] \(eps=0\)"):
+        bkn_export.fold(model)
+    with pytest.raises(InvalidStatisticsError, match="Set eps > 0"):
+        export_onnx(model, torch.randn(1, 3, 5, 5), tmp_path / "m.onnx", mode="inference")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 class _Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()

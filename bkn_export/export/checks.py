@@ -71,6 +71,16 @@ def _check_statistics(name: str, layer: nn.Module) -> None:
                 "compute garbage. Recompute the statistics (e.g. a few training steps in train mode, or "
                 "reset_running_stats()) before exporting."
             )
+    eps = float(getattr(layer, "eps", 0.0))
+    flat = (running_var.detach().double() + eps <= 0).flatten()
+    if bool(flat.any()):
+        channels = flat.nonzero().flatten().tolist()
+        shown = f"{channels[:8]}{' ...' if len(channels) > 8 else ''}"
+        raise InvalidStatisticsError(
+            f"{label}: running_var + eps is {float((running_var.detach().double() + eps).min()):g} at channels "
+            f"{shown} (eps={eps:g}); the eval scale 1/sqrt(running_var + eps) is infinite or undefined there, so "
+            "the folded weights would not be finite. Set eps > 0 (BatchNorm's default is 1e-5)."
+        )
 
 
 def check_inference_ready(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -79,7 +89,8 @@ def check_inference_ready(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Raises :class:`UnsupportedLayerError` naming a lazy layer that was never run
     (uninitialized parameters) or a normalization without running statistics, and
     :class:`InvalidStatisticsError` naming a normalization whose running mean, running
-    variance, γ or β has NaN/Inf values or whose running variance is negative.
+    variance, γ or β has NaN/Inf values, whose running variance is negative, or whose running variance + eps is
+    not positive (eps = 0 over a zero variance).
     Returns the normalization layers.
     """
     for name, module in model.named_modules():
