@@ -154,10 +154,10 @@ def train_bkn_layers(model: Any) -> str | None:
     from bkn_export.module_modes import frozen_layers, frozen_layers_note, train_layers_only
 
     layers = bkn_layers(model)
-    frozen = set(frozen_layers(model, layers))
+    frozen = frozen_layers(model, layers)  # in layer order
     model.eval()
     train_layers_only(layer for name, layer in layers if name not in frozen)
-    return frozen_layers_note(sorted(frozen, key=[name for name, _ in layers].index)) if frozen else None
+    return frozen_layers_note(frozen) if frozen else None
 
 
 def running_statistics_io(model: Any, input_names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:

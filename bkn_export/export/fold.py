@@ -172,7 +172,13 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _unsafe(
-    name: str, norm: nn.Module, host_name: str, host: nn.Module, names: dict[int, list[str]], graph: fx.Graph
+    name: str,
+    norm: nn.Module,
+    host_name: str,
+    host: nn.Module,
+    names: dict[int, list[str]],
+    shared: set[int],
+    graph: fx.Graph,
 ) -> str:
     """Why folding ``norm`` into ``host`` could change the model ("" when it cannot): the fold rules hold for the
     torch forward of each, called once, under one name, with no hook, parametrization or other reader of the
@@ -191,6 +197,8 @@ def _unsafe(
     prefix = f"{host_name}."
     if any(node.op == "get_attr" and str(node.target).startswith(prefix) for node in graph.nodes):
         return f"the forward reads a tensor of '{host_name}' directly (tied weights)"
+    if any(id(p) in shared for p in host.parameters(recurse=False)):
+        return f"a parameter of '{host_name}' is shared with another module (tied weights)"
     return ""
 
 
@@ -243,9 +251,7 @@ def fold(model: nn.Module, example_inputs: Any = None) -> FoldResult:
             )
         if not reason:
             assert host is not None and host_name is not None
-            reason = _unsafe(name, folded.get_submodule(name), host_name, host, names, graph)
-        if not reason and host is not None and any(id(p) in shared for p in host.parameters(recurse=False)):
-            reason = f"a parameter of '{host_name}' is shared with another module (tied weights)"
+            reason = _unsafe(name, folded.get_submodule(name), host_name, host, names, shared, graph)
         remainder = _remainder(norms[name])
         if not reason and remainder is None:
             children = [child for child, _ in norms[name].named_children()]

@@ -235,14 +235,17 @@ def export_inference(
 
 
 def _fp16_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[nn.Module, list[FoldRecord]]:
-    """Fold in float32 (PyTorch side) where fx can trace and the folded copy computes the model's function in
-    float64 on the example inputs, then convert to float16; else fold in the ONNX graph (from what actually ran)."""
+    """Fold a float64 copy on the PyTorch side where fx can trace and the folded copy computes what the copy
+    computes on the example inputs, then convert it to float16 (each weight rounded once); else fold in the ONNX
+    graph (from what actually ran)."""
+    wide = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    reference = copy.deepcopy(model).eval().double()
     try:
-        folded, report = fold(model, inputs)
+        folded, report = fold(reference, wide)
     except ExportError as error:  # untraceable: fold in the ONNX graph (in float16) instead
         _log.info("fp16 export: %s; folding in the ONNX graph instead", error)
         return copy.deepcopy(model).eval().half(), []
-    difference = _fold_difference(model, inputs)
+    difference = _fold_difference(reference, folded, wide)
     if difference is not None:
         warnings.warn(
             f"export_onnx(fp16=True): the PyTorch-side fold changed the model's output ({difference}); folding in "
@@ -253,16 +256,12 @@ def _fp16_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[nn.Module
     return folded.half(), report
 
 
-def _fold_difference(model: nn.Module, inputs: tuple[Tensor, ...]) -> str | None:
-    """None when the fold keeps ``model``'s eval function: a float64 copy folded the same way computes what the
-    float64 copy computes on ``inputs``, to 1e-9 of the output's magnitude (float64 rounding; the float32 fold
-    differs from it only by rounding its weights); else what differs, in words (also when the check cannot run)."""
+def _fold_difference(reference: nn.Module, folded: nn.Module, inputs: tuple[Tensor, ...]) -> str | None:
+    """None when ``folded`` computes ``reference``'s eval function on ``inputs`` (both float64: to 1e-9 of the
+    output's magnitude); else what differs, in words (also when the check cannot run)."""
     try:
         with torch.no_grad():
-            wide = tuple(t.double() if t.is_floating_point() else t for t in inputs)
-            reference = copy.deepcopy(model).eval().double()
-            folded, _ = fold(reference, wide)
-            pairs = list(zip(_tensors(reference(*wide)), _tensors(folded(*wide)), strict=True))
+            pairs = list(zip(_tensors(reference(*inputs)), _tensors(folded(*inputs)), strict=True))
     except Exception as error:  # a model that does not run in float64, an output structure that changed
         return f"the float64 check could not run: {type(error).__name__}: {error}"
     for index, (want, have) in enumerate(pairs):
