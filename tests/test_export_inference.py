@@ -762,3 +762,28 @@ def test_fold_report_finds_a_layer_the_forward_reaches_through_its_second_name(t
         model.block[1].running_var.uniform_(0.5, 2)
     result = export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "shared.onnx")
     assert [(r.module, r.kind) for r in result.fold_report] == [("block.1", "conv")]
+
+
+def test_fold_report_names_the_node_two_normalizations_in_a_row_went_into(tmp_path: Path) -> None:
+    """Conv → BN → BN: the exporter's optimizer folds both into the Conv, whose node keeps the second layer's scope
+    alone; the first used to be reported "unused: no node in the exported graph" though the file computes it."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), BatchKalmanNorm2d(4), BatchKalmanNorm2d(4), BatchKalmanNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 1), BatchKalmanNorm2d(4), nn.Tanh(), BatchKalmanNorm2d(4),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for _, layer in bkn_export.bkn_layers(model):
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    result = export_onnx(model, x, tmp_path / "twice.onnx")
+    records = {r.module: r for r in result.fold_report}
+    assert [(name, records[name].kind) for name in ("1", "2", "3", "6", "8")] == [
+        ("1", "conv"), ("2", "conv"), ("3", "conv"), ("6", "conv"), ("8", "standalone"),
+    ]  # fmt: skip
+    assert records["1"].target == records["2"].target == records["3"].target
+    assert records["1"].detail.endswith("(merged with the normalization after it, '2')")
+    assert records["2"].detail.endswith("(merged with the normalization after it, '3')")
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -136,6 +137,43 @@ def _check_guarantee(model: ir.Model, normalization_names: list[str]) -> list[Le
     return leftovers
 
 
+#: The traced program's eval-mode normalization ops (what BatchNorm and BKN layers trace to).
+_NORMALIZATION_TARGETS = ("_native_batch_norm_legit_no_training", "batch_norm", "native_batch_norm")
+
+
+def _is_normalization(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _NORMALIZATION_TARGETS
+
+
+def _normalization_module(node: torch.fx.Node, names: set[str]) -> str | None:
+    """The innermost module of ``names`` a traced node came from (its ``nn_module_stack``), if any."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next((path for path, _ in reversed(list(stack.values())) if path in names), None)
+
+
+def _normalization_feeds(program: torch.onnx.ONNXProgram, names: Sequence[str]) -> dict[str, str]:
+    """Layer → the layer whose normalization op reads its normalization's output directly (through the op's
+    ``getitem`` only), from the traced program: Conv → BN → BN, which the exporter's optimizer folds into one
+    Conv node scoped to the second layer alone (:func:`~bkn_export.export.metadata.build_fold_report`)."""
+    exported = getattr(program, "exported_program", None)
+    if exported is None:
+        return {}
+    wanted, feeds = set(names), {}
+    for node in exported.graph.nodes:
+        if not _is_normalization(node):
+            continue
+        reader = _normalization_module(node, wanted)
+        source = node.args[0] if node.args else None
+        while isinstance(source, torch.fx.Node) and source.target is operator.getitem:
+            source = source.args[0]
+        if reader is None or not isinstance(source, torch.fx.Node) or not _is_normalization(source):
+            continue
+        writer = _normalization_module(source, wanted)
+        if writer is not None and writer != reader:
+            feeds[writer] = reader
+    return feeds
+
+
 def _records_for_torch_folds(model: ir.Model, torch_report: list[FoldRecord]) -> list[FoldRecord]:
     """fp16 path: a layer folded in PyTorch went into its host module; find the host's ONNX node."""
     hosts = [(n, node_scopes(n)) for n in model.graph if n.op_type in FOLD_KINDS]
@@ -207,6 +245,7 @@ def export_inference(
             [n for n in normalizations if n not in folded_in_torch],
             leftovers,
             normalization_aliases(model),
+            _normalization_feeds(traced.program, normalizations),
         )
         order = {name: index for index, name in enumerate(normalizations)}
         report.sort(key=lambda record: order.get(record.module, len(order)))

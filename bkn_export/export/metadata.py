@@ -67,14 +67,21 @@ def _owner(node: ir.Node, modules: Mapping[str, str]) -> str | None:
 
 
 def build_fold_report(
-    graph: ir.Graph, modules: Iterable[str], leftovers: Iterable[Leftover], aliases: Mapping[str, str] | None = None
+    graph: ir.Graph,
+    modules: Iterable[str],
+    leftovers: Iterable[Leftover],
+    aliases: Mapping[str, str] | None = None,
+    feeds: Mapping[str, str] | None = None,
 ) -> list[FoldRecord]:
     """One record per normalization layer (per call, if called more than once).
 
     modules: names of the model's normalization layers. aliases: another name of such a layer (a module
     registered under two names: the exporter scopes its nodes by the name the forward reached it through) →
-    its name in ``modules``. A layer with no node in the graph is reported with kind "unused" (its forward
-    never ran on the example inputs).
+    its name in ``modules``. feeds: a layer → the layer whose normalization reads its output directly (the traced
+    program's Conv → BN → BN; :func:`bkn_export.export.inference`'s ``_normalization_feeds``): the exporter's
+    optimizer folds both into the Conv, whose node then carries the second layer's scope alone, so the first is
+    reported with the node its successor went into. A layer with no node in the graph otherwise is reported
+    with kind "unused" (its forward never ran on the example inputs).
     """
     names = list(modules)
     wanted = {**{alias: name for alias, name in (aliases or {}).items() if name in names}, **{n: n for n in names}}
@@ -93,8 +100,23 @@ def build_fold_report(
             found[owner].append(FoldRecord(owner, node.name, FOLD_KINDS[node.op_type], detail))
     report: list[FoldRecord] = []
     for name in names:
-        report.extend(found[name] or [FoldRecord(name, None, "unused", "no node in the exported graph")])
+        report.extend(found[name] or _merged_records(name, found, feeds or {}))
     return report
+
+
+def _merged_records(name: str, found: Mapping[str, list[FoldRecord]], feeds: Mapping[str, str]) -> list[FoldRecord]:
+    """The records of a layer with no node of its own: those of the first layer after it in ``feeds`` that has
+    a node (its normalization went into the same node), else one "unused" record."""
+    after = successor = feeds.get(name)
+    seen = {name}
+    while successor is not None and successor not in seen:
+        records = found.get(successor)
+        if records:
+            note = f" (merged with the normalization after it, '{after}')"
+            return [FoldRecord(name, r.target, r.kind, r.detail + note) for r in records]
+        seen.add(successor)
+        successor = feeds.get(successor)
+    return [FoldRecord(name, None, "unused", "no node in the exported graph")]
 
 
 def fold_report_json(report: Iterable[FoldRecord]) -> str:
