@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -787,3 +788,13 @@ def test_fold_report_names_the_node_two_normalizations_in_a_row_went_into(tmp_pa
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_passes_on_no_future_warning_of_torch_exports_own(tmp_path: Path) -> None:
+    """torch.export deep-copies its pytree specs on every export and warns that ``isinstance(treespec, LeafSpec)``
+    is deprecated (torch 2.13): nothing a caller can act on, so the export keeps it from them."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchKalmanNorm2d(4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        result = export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "quiet.onnx")
+    assert [r.kind for r in result.fold_report] == ["conv"]

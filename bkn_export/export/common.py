@@ -82,6 +82,10 @@ def example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
 LARGE_GRAPH_NODES = 10_000
 
 
+#: The FutureWarning torch.export's decomposition raises on every export (copying its own pytree specs).
+_LEAF_SPEC_NOTICE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def _without_torchvision_notices(record: logging.LogRecord) -> bool:
     """Drop the exporter's "torchvision is not installed. Skipping torchvision::nms" lines (one per torchvision op,
     printed on every first export in a process): BKN models need none of those ops; every other record passes."""
@@ -115,16 +119,19 @@ def run_dynamo_export(
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     registration.addFilter(_without_torchvision_notices)
     try:
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic_shapes,
-            optimize=False,
-            verbose=False,
-            **options,
-        )
+        with warnings.catch_warnings():
+            # torch.export's own deep copy of its pytree specs (torch 2.13): nothing a caller can change.
+            warnings.filterwarnings("ignore", message=_LEAF_SPEC_NOTICE, category=FutureWarning)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                optimize=False,
+                verbose=False,
+                **options,
+            )
         if program is not None:
             _optimize(program, graph_optimizer, lighter_optimizer_hint)
     except BKNError:
