@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from bkn_export.errors import BKNError, BKNInputError, ModelFileError, PluginLibraryNotFoundError, RuntimeLoadError
 from bkn_export.export.name_scopes import NAME_SCOPES_KEY, read_name_scopes
 from bkn_export.export.op import op_spec
+from bkn_export.export.training_names import is_running_statistic_input
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,6 +60,7 @@ __all__ = [
     "export_onnx",
     "find_plugin_library",
     "is_op_node",
+    "is_running_statistic_input",
     "kept_modes",
     "load_onnx_file",
     "nonfinite_count",

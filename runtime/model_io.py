@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtime._bkn import TensorSpec, check_feeds, is_op_node, load_onnx_file, tensor_spec
+from runtime._bkn import TensorSpec, check_feeds, is_op_node, is_running_statistic_input, load_onnx_file, tensor_spec
 from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError
 
 __all__ = [
@@ -177,11 +177,7 @@ def running_statistics_inputs(model: onnx.ModelProto) -> set[str]:
     ``<layer>.running_var`` inputs whose update ``<name>_out`` is a graph output (any layer name, commas too);
     empty for other files."""
     outputs = {o.name for o in model.graph.output}
-    return {
-        i.name
-        for i in model.graph.input
-        if i.name.endswith((".running_mean", ".running_var")) and f"{i.name}_out" in outputs
-    }
+    return {i.name for i in model.graph.input if is_running_statistic_input(i.name, outputs)}
 
 
 def declared_mode(model: onnx.ModelProto) -> str | None:

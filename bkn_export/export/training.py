@@ -60,6 +60,13 @@ from bkn_export.export.pipeline import (
     validate_request,
 )
 from bkn_export.export.result import ExportResult
+from bkn_export.export.training_names import (
+    POSTERIOR_MEAN_SUFFIX,
+    POSTERIOR_VARIANCE_SUFFIX,
+    RUNNING_MEAN_SUFFIX,
+    RUNNING_VAR_SUFFIX,
+    UPDATED_SUFFIX,
+)
 from bkn_export.module_modes import frozen_layers, train_layers_only
 from bkn_export.nn import _BatchKalmanNorm
 
@@ -81,12 +88,6 @@ __all__ = [
 
 #: Default ONNX opset of training-mode exports (as the inference export; the op supports MIN..MAX_OPSET).
 DEFAULT_OPSET = op_spec.DEFAULT_OPSET
-RUNNING_MEAN_SUFFIX = ".running_mean"
-RUNNING_VAR_SUFFIX = ".running_var"
-#: Appended to a running-statistic input's name to name its updated value (an output).
-UPDATED_SUFFIX = "_out"
-POSTERIOR_MEAN_SUFFIX = ".posterior_mean"
-POSTERIOR_VARIANCE_SUFFIX = ".posterior_variance"
 
 
 @dataclass(frozen=True)
