@@ -259,7 +259,8 @@ def convert_batchnorm(
     positional inputs, or a dict of keyword inputs for one forward pass (run in eval
     mode under no_grad). Options: a :class:`KalmanOptions` and/or its fields as keywords.
     Each new layer takes over its BatchNorm's own parameter and buffer objects (so
-    ``requires_grad`` survives and an optimizer built before conversion keeps them), its
+    ``requires_grad`` survives and an optimizer built before conversion keeps them; the BKN parameters a wired
+    layer gains are new objects, which such an optimizer never sees: build it after conversion), its
     ``torch.nn.utils.parametrize`` parametrizations and its forward/backward hooks (state-dict
     hooks are not carried over: warned); BKN layers already in the model are kept and wired
     too (wiring gives those with a predecessor new BKN parameters at their initial values: warned where they

@@ -300,7 +300,9 @@ class _BatchKalmanNorm(nn.Module):
         """Attach ``member`` (None: leave any chain) and own exactly the BKN parameters it needs.
 
         previous_features: C_{k-1}, the columns of the transition matrix of a
-        ``learned`` transition (ignored otherwise). Earlier BKN parameters are dropped.
+        ``learned`` transition (ignored otherwise). Earlier BKN parameters are dropped. The new ones
+        require grad as γ does (a layer whose γ is frozen gets frozen BKN parameters: freezing a
+        backbone before converting it keeps all of it frozen); True without γ.
         """
         self.chain = member
         for name in BKN_PARAMETERS:
@@ -311,21 +313,48 @@ class _BatchKalmanNorm(nn.Module):
         factory: dict[str, Any] = {"device": ref.device if ref is not None else None, "dtype": torch.float32}
         if ref is not None and ref.dtype.is_floating_point:
             factory["dtype"] = ref.dtype
+        trainable = self.weight is None or self.weight.requires_grad
         c = self.num_features
         if self.options.prior_weight is None:
-            p0 = self.options.initial_prior_weight / Fk.PRIOR_WEIGHT_LIMIT
-            logit = math.log(p0 / (1.0 - p0)) if p0 > 0 else -20.0
-            self.prior_weight_logit = nn.Parameter(torch.full((c,), logit, **factory))
+            self.prior_weight_logit = nn.Parameter(torch.empty((c,), **factory), requires_grad=trainable)
         if self.options.process_noise:
-            self.process_noise_raw = nn.Parameter(torch.full((c,), _INITIAL_PROCESS_NOISE_RAW, **factory))
+            self.process_noise_raw = nn.Parameter(torch.empty((c,), **factory), requires_grad=trainable)
         if member.transition == "learned":
             if previous_features <= 0:
                 raise ChainWiringError(f"{self._label()}: a learned transition needs previous_features > 0")
-            if c == previous_features:
-                initial = torch.eye(c, **factory)
+            self.transition_matrix = nn.Parameter(
+                torch.empty((c, previous_features), **factory), requires_grad=trainable
+            )
+        self._reset_bkn_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.BatchNorm``'s: running statistics reset, γ = 1, β = 0; and the BKN parameters back to their initial
+        values (:meth:`join_chain`'s): p = ``initial_prior_weight``, R = softplus of its initial raw value, a
+        learned transition matrix the identity (C_k = C_{k-1}) or the average of the previous layer's channels. For
+        re-initialisation loops and meta-device initialisation (``to_empty`` then ``reset_parameters``)."""
+        self.reset_running_stats()
+        if self.weight is not None and self.bias is not None:
+            with torch.no_grad():
+                self.weight.fill_(1.0)
+                self.bias.zero_()
+        self._reset_bkn_parameters()
+
+    @torch.no_grad()
+    def _reset_bkn_parameters(self) -> None:
+        logit = self._parameters.get("prior_weight_logit")
+        if logit is not None:
+            p0 = self.options.initial_prior_weight / Fk.PRIOR_WEIGHT_LIMIT
+            logit.fill_(math.log(p0 / (1.0 - p0)) if p0 > 0 else -20.0)
+        raw = self._parameters.get("process_noise_raw")
+        if raw is not None:
+            raw.fill_(_INITIAL_PROCESS_NOISE_RAW)
+        matrix = self._parameters.get("transition_matrix")
+        if matrix is not None:
+            rows, columns = matrix.shape
+            if rows == columns:
+                matrix.copy_(torch.eye(rows, dtype=matrix.dtype, device=matrix.device))
             else:
-                initial = torch.full((c, previous_features), 1.0 / previous_features, **factory)
-            self.transition_matrix = nn.Parameter(initial)
+                matrix.fill_(1.0 / columns)
 
     def prior_weight(self) -> Tensor:
         """p_k: (C,) in [0, PRIOR_WEIGHT_LIMIT)."""
@@ -438,8 +467,11 @@ class _BatchKalmanNorm(nn.Module):
         gradient, the layers it feeds see a constant, and its running variance decays toward 0 (eval outputs grow
         without bound); ``nn.BatchNorm*d`` raises there, and so does this layer (a layer with a predecessor takes
         its variance from the prior and accepts n = 1; a layer whose statistics span more than x, a
-        ``SyncBatchKalmanNorm``, counts its group's values). Checked in eager calls (a tracer records sizes
-        symbolically)."""
+        ``SyncBatchKalmanNorm``, counts its group's values) unless its fallback rule is on: at n = 1 the rule
+        (mean Σ_pred / S ≥ ratio) always fires, since S = 0, and the layer is BatchNorm on one value again.
+        Checked in eager calls and under torch.compile (Dynamo guards on the sizes, as it does for BatchNorm's own
+        check); not under ``torch.jit.trace`` (which records sizes as tensors) or an export (whose batch axis is
+        symbolic)."""
         if not self.eps > 0:
             raise BKNInputError(
                 f"{self._label()}: eps must be positive for batch statistics, got {self.eps} (a channel of equal "
@@ -447,7 +479,16 @@ class _BatchKalmanNorm(nn.Module):
             )
         one_value = x.numel() == x.shape[1]  # cheap first: the other conditions are read only at n = 1
         # (a SyncBatchKalmanNorm replaces _kalman_step: its statistics span its process group)
-        if one_value and not self.has_predecessor and not self._kalman_step_replaced and nothing_traces():
+        if not one_value or self._kalman_step_replaced or not _checks_sizes():
+            return
+        if self.has_predecessor and self.options.fallback_ratio > 0:
+            raise BKNInputError(
+                f"Expected more than 1 value per channel when training with the fallback rule, got input size "
+                f"{tuple(x.shape)} ({self._label()} has fallback_ratio={self.options.fallback_ratio}: with one value "
+                "per channel the batch variance is 0, so the rule always fires and the layer drops its prior; its "
+                "output would be its bias whatever the input). Train batch 1 with fallback_ratio=0, or a larger batch"
+            )
+        if not self.has_predecessor:
             raise BKNInputError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
                 f"({self._label()} has no predecessor in its chain, so no Kalman prior: with one value per channel its "
@@ -674,6 +715,11 @@ class _BatchKalmanNorm(nn.Module):
 #: :meth:`_BatchKalmanNorm._triton_step`'s result: y, μ_{k|k}, Σ_{k|k}, the prior the op received (None: its kernels
 #: assembled it), the node's (γ, β) to publish.
 _NodeStep = tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor | None, Tensor | None]]
+
+
+def _checks_sizes() -> bool:
+    """Whether size checks run in this call: eager, or traced by torch.compile (not jit trace, not an export)."""
+    return not torch.jit.is_tracing() and not torch.compiler.is_exporting()
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

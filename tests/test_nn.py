@@ -347,6 +347,77 @@ def test_batch_of_one_trains_a_layer_with_a_predecessor() -> None:
     assert _affine(head)[0].grad is not None and bool(_affine(head)[0].grad.abs().sum() > 0)
 
 
+def test_batch_of_one_is_refused_where_the_fallback_rule_would_always_fire() -> None:
+    """With fallback_ratio > 0, one value per channel gives S = 0, so mean(Σ_pred / S) ≥ ratio always: the layer
+    would drop its prior and output β whatever the input, its running variance decaying; refused, state unchanged.
+    The same model without the rule trains at batch 1."""
+    torch.manual_seed(0)
+
+    def head_model(**options: object) -> nn.Sequential:
+        model = nn.Sequential(
+            nn.Conv2d(3, C, 3, padding=1), BatchKalmanNorm2d(C), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(C, C), BatchKalmanNorm1d(C, **options),  # type: ignore[arg-type]
+        )  # fmt: skip
+        return wire_chain(model, torch.randn(2, 3, 4, 4)).train()  # type: ignore[return-value]
+
+    guarded = head_model(fallback_ratio=100.0)
+    guarded(torch.randn(2, 3, 4, 4))  # two values per channel: accepted
+    before = _bkn(guarded[6]).running_var.clone()  # type: ignore[union-attr]
+    with pytest.raises(BKNInputError, match=r"fallback rule.*\(1, 4\).*'6' has fallback_ratio=100.0"):
+        guarded(torch.randn(1, 3, 4, 4))
+    torch.testing.assert_close(_bkn(guarded[6]).running_var, before, rtol=0, atol=0)
+    unguarded = head_model()
+    outputs = torch.cat([unguarded(torch.randn(1, 3, 4, 4) * scale) for scale in (0.5, 2.0)])
+    assert torch.isfinite(outputs).all() and not torch.allclose(outputs[0], outputs[1], atol=1e-3)
+
+
+def test_batch_of_one_is_refused_under_torch_compile_too() -> None:
+    """torch.compile used to skip the size check (it ran only where nothing traces) and train a first-in-chain layer
+    on one value per channel: output β whatever the input, running variance decaying as 0.9ⁿ."""
+    model = nn.Sequential(nn.Linear(3, C), BatchKalmanNorm1d(C), nn.ReLU(), nn.Linear(C, C), BatchKalmanNorm1d(C))
+    wire_chain(model, torch.randn(2, 3))
+    compiled = torch.compile(model.train(), backend="eager")
+    compiled(torch.randn(2, 3))
+    with pytest.raises(BKNInputError, match=r"Expected more than 1 value per channel.*'1'"):
+        compiled(torch.randn(1, 3))
+    assert int(_bkn(model[1]).num_batches_tracked) == 1  # type: ignore[arg-type]
+
+
+def test_reset_parameters_restores_every_initial_value_as_batchnorms_does() -> None:
+    """Re-initialisation loops and meta-device initialisation (to_empty, then reset_parameters) reach BKN layers: γ,
+    β, running statistics and the BKN parameters (p, R, a learned transition matrix) as a freshly wired layer's."""
+    fresh = _wired_chain("learned")
+    trained = copy.deepcopy(fresh).train()
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        trained(torch.randn(2, 3, 6, 6)).square().mean().backward()
+        optimizer.step()
+    emptied = copy.deepcopy(trained).to_empty(device="cpu")
+    for model in (trained, emptied):
+        assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+        for layer in model.modules():
+            if isinstance(layer, _BatchKalmanNorm):
+                layer.reset_parameters()
+        for (name, got), expected in zip(model.state_dict().items(), fresh.state_dict().values()):
+            if not name.endswith(("_extra_state",)) and not name.startswith(("0.", "3.", "6.")):  # convs: not reset
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+
+
+def test_freezing_before_conversion_keeps_the_new_bkn_parameters_frozen() -> None:
+    """A backbone frozen with requires_grad_(False) before conversion stays frozen: the BKN parameters a frozen layer
+    gains (p, R) do not require grad; the trainable head's do."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4), nn.BatchNorm1d(4),
+    )  # fmt: skip
+    model[:6].requires_grad_(False)
+    convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"8.weight", "8.bias", "9.weight", "9.bias", "9.prior_weight_logit", "9.process_noise_raw"}
+    assert {name for name, _ in model.named_parameters()} >= {"4.prior_weight_logit", "4.process_noise_raw"}
+
+
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
 def test_a_batch_step_with_eps_not_positive_is_refused(eps: float) -> None:
     """ε ≤ 0 divides a channel of equal values by 0 (NaN in every gradient and in the next layers' running
