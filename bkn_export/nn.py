@@ -34,7 +34,9 @@ it, in train and eval mode: the output is empty, running statistics keep their v
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -687,7 +689,10 @@ class _BatchKalmanNorm(nn.Module):
         return cached[2].clone()
 
     def set_extra_state(self, state: Any) -> None:
-        """Check a checkpoint's wiring against this layer's; raises ChainWiringError on a difference."""
+        """Check a checkpoint's wiring against this layer's; raises ChainWiringError on a difference. Options that
+        change the layer's computation without a tensor of their own (:data:`_COMPUTING_OPTIONS`: a fixed prior
+        weight, the fallback rule, the transition, the prior's source, residual mode) that differ from this
+        layer's are warned about: the layer keeps its own, so it does not compute what the saved one did."""
         try:
             state = extra_state.decode(state)
         except ValueError as error:
@@ -700,6 +705,26 @@ class _BatchKalmanNorm(nn.Module):
                 "layer is not wired. Build the model the same way and call "
                 "bkn_export.convert_batchnorm(model, example_inputs, ...) (or wire_chain) with the same options "
                 "before load_state_dict."
+            )
+        self._warn_about_saved_options(state)
+
+    def _warn_about_saved_options(self, state: Any) -> None:
+        saved = state.get("options") if isinstance(state, dict) else None
+        if not isinstance(saved, dict) or not self.has_predecessor:  # first in its chain: BatchNorm whatever they say
+            return
+        own = json.loads(json.dumps(_options_state(self.options)))  # as saved: JSON values
+        differences = [
+            f"{name}={saved[name]!r} (this layer: {own[name]!r})"
+            for name in _COMPUTING_OPTIONS
+            if name in saved and name in own and saved[name] != own[name]
+        ]
+        if differences:
+            warnings.warn(
+                f"{self._label()}: the checkpoint was saved with {', '.join(differences)}; the layer keeps its own "
+                "options, so it does not compute what the saved layer did. Convert the model with the checkpoint's "
+                "options (bkn_export.convert_batchnorm(model, example_inputs, ...)) to reproduce it.",
+                UserWarning,
+                stacklevel=4,
             )
 
     def extra_repr(self) -> str:
@@ -725,6 +750,11 @@ def _checks_sizes() -> bool:
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without the call where it is a no-op (per layer and step, it adds up)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+#: The options that change a layer's computation without a tensor of their own (compared on load; the others, an
+#: initial value and whether R is learned, show in the state dict's tensors).
+_COMPUTING_OPTIONS = ("transition", "prior_weight", "fallback_ratio", "prior_source", "residual")
 
 
 def _options_state(options: KalmanOptions) -> dict[str, Any]:

@@ -213,6 +213,37 @@ def test_a_branch_that_skips_a_module_of_the_path_drops_the_prior_and_warns_once
     assert back.prior_mean is not None and back.unrun == ()
 
 
+def test_a_source_skipped_in_this_call_drops_its_path_and_warns_once() -> None:
+    """Stochastic depth that skips a block, or a source replaced by an unwired layer, publishes nothing: the layers it
+    feeds lose its path's prior, which they used to do without a word (a skipped module on a path did warn)."""
+
+    class Skippable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.bn0 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.skip = False
+
+        def forward(self, x: Tensor) -> Tensor:
+            a = torch.relu(self.bn0(self.c0(x)))
+            if not self.skip:  # a drop-path block
+                a = a + torch.relu(self.bn1(self.c1(a)))
+            return self.bn2(self.c2(a))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    model = convert_batchnorm(Skippable().eval(), x)
+    bn2, warned = _statistics(model, x, "bn2")
+    assert bn2.prior_mean is not None and warned == []
+    model.skip = True
+    bn2, warned = _statistics(model, x, "bn2")
+    assert bn2.prior_mean is None
+    assert len(warned) == 1 and "'bn2'" in warned[0] and "its source 'bn1' did not run in this call" in warned[0]
+    _, warned_again = _statistics(model, x, "bn2")
+    assert warned_again == []
+
+
 def test_a_module_of_the_path_that_ran_before_the_source_does_not_count() -> None:
     """c2 runs in this forward, but before bn1 publishes: the path did not run as recorded."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -89,3 +90,19 @@ def test_a_checkpoint_of_another_wiring_or_a_damaged_state_is_refused() -> None:
     damaged["4._extra_state"] = damaged["4._extra_state"][:-3]
     with pytest.raises(ChainWiringError, match=r"'4'.*not the JSON of a BKN wiring"):
         _model().load_state_dict(damaged, strict=True)
+
+
+def test_a_checkpoint_saved_with_other_computing_options_loads_with_a_warning_naming_them() -> None:
+    """A fixed prior weight or the fallback rule live in no tensor: a checkpoint saved with p = 0.9 used to load
+    silently into a layer with p = 0.1 (train outputs 0.085 apart). The layer keeps its own options and says so;
+    the first layer (no predecessor: BatchNorm whatever its options) does not."""
+    state = _model(prior_weight=0.9).state_dict()
+    with pytest.warns(UserWarning) as caught:
+        _model(prior_weight=0.1, fallback_ratio=100.0).load_state_dict(state, strict=True)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "'4'" in messages[0] and "prior_weight=0.9 (this layer: 0.1)" in messages[0]
+    assert "fallback_ratio=0.0 (this layer: 100.0)" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _model(prior_weight=0.9).load_state_dict(state, strict=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from bkn_export import recompute
+from bkn_export.chain.record import SourcePath
 from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, observers, scratch_for
 from bkn_export.chain.transitions import Transition, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring
@@ -84,8 +86,9 @@ class ChainMembership:
                     self._warn_outside_root()
             elif self._transition is not None:
                 unrun = self._unrun(scratch)
-                if unrun:
-                    self._warn(unrun)
+                unpublished = self._unpublished(scratch)
+                if unrun or unpublished:
+                    self._warn([self._describe(i, m) for i, m in unrun.items()] + unpublished)
                 predict = functools.partial(
                     self._transition.predict,
                     layer, scratch.published, scratch.modules, x, scratch.predictions, frozenset(unrun),
@@ -109,6 +112,16 @@ class ChainMembership:
                 found[index] = missing
         return found
 
+    def _unpublished(self, scratch: ChainScratch) -> list[str]:
+        """The sources that published nothing in this call (skipped by stochastic depth or a branch not taken,
+        replaced by an unwired layer): their paths give no prior."""
+        return [
+            f"{path.describe()}: its source '{name}' did not run in this call (or ran unwired)"
+            for path in self.wiring.sources
+            for name in dict.fromkeys(_source_names(path))
+            if name not in scratch.published
+        ]
+
     def _describe(self, index: int, module: str) -> str:
         return f"{self.wiring.sources[index].describe()}: '{module}' did not run after its source in this call"
 
@@ -127,16 +140,17 @@ class ChainMembership:
             stacklevel=4,
         )
 
-    def _warn(self, unrun: dict[int, str]) -> None:
+    def _warn(self, problems: list[str]) -> None:
         if self._warned or torch.compiler.is_compiling():
             return
         self._warned.append(True)
-        paths = "; ".join(self._describe(i, m) for i, m in unrun.items())
+        paths = "; ".join(problems)
         warnings.warn(
             f"BKN layer '{self.wiring.name}': a recorded path did not run in this forward ({paths}); that "
-            "source counts as absent (prior weight 0 on its channels; BatchNorm statistics without another "
-            "source). The chain was recorded on one example forward: if this branch is expected, re-wire on "
-            "inputs that take it (bkn_export.wire_chain). Warned once per layer; chain_statistics shows every call.",
+            "source counts as absent (no prior on its channels; none at all where it is an addend of a sum: "
+            "BatchNorm statistics there). The chain was recorded on one example forward: if this branch is "
+            "expected, re-wire on inputs that take it (bkn_export.wire_chain). Warned once per layer; "
+            "chain_statistics shows every call.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -172,6 +186,15 @@ class ChainMembership:
 
     def load_state(self, state: Any, label: str) -> None:
         check_saved_wiring(state, self.wiring, label)
+
+
+def _source_names(path: SourcePath) -> Iterator[str]:
+    """The normalizations a path starts from (through a combination's parts)."""
+    if path.normalization is not None:
+        yield path.normalization
+    elif path.origin is not None:
+        for part in path.origin.sources:
+            yield from _source_names(part)
 
 
 def standalone_member(name: str) -> ChainMembership:
