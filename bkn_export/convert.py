@@ -290,7 +290,6 @@ def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> n
             f"{type(model).__name__} has no BatchNorm or BatchKalmanNorm layers; returned unchanged", stacklevel=3
         )
         return model
-    _warn_of_rewired_parameters(originals)
     guard = ConversionGuard.record(model, example_inputs, list(originals))
     candidate = _working_copy(model, list(originals))
     candidate_aliases = _aliases(candidate)
@@ -343,25 +342,6 @@ def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> n
             _replace_module(model, alias, candidate.get_submodule(name))
     move_root(candidate, model)  # the chain was wired on the copy; its forwards are now model's
     return model
-
-
-def _warn_of_rewired_parameters(originals: Mapping[str, nn.Module]) -> None:
-    """Warn, naming them, where BKN layers already in the model hold learned BKN parameters: wiring the chain
-    again gives them new, initial ones (a converted model converted again)."""
-    held = [
-        f"'{name}' ({', '.join(p for p in BKN_PARAMETERS if p in module._parameters)})"
-        for name, module in originals.items()
-        if isinstance(module, _BatchKalmanNorm) and any(p in module._parameters for p in BKN_PARAMETERS)
-    ]
-    if held:
-        warnings.warn(
-            f"{len(held)} layer(s) are BKN layers already, with learned BKN parameters: {', '.join(held[:5])}"
-            + (" ..." if len(held) > 5 else "")
-            + ". Converting again wires the chain again and gives them new parameters at their initial values "
-            "(new objects: an optimizer built before holds the old ones). To keep what was learned, load the saved "
-            "state_dict after converting instead of converting a converted model",
-            stacklevel=4,
-        )
 
 
 def _check_and_synchronise(

@@ -504,6 +504,10 @@ def kalman_norm_inference(
     """Eval-mode BKN: y = γ (x - r_μ) / sqrt(r_Σ + ε) + β, lowered to ``F.batch_norm``.
 
     Using ``F.batch_norm`` is deliberate: the ONNX exporter folds it into a preceding
-    Conv/Gemm, and CPU/cuDNN have fused kernels for it.
+    Conv/Gemm, and CPU/cuDNN have fused kernels for it. A non-contiguous γ is made contiguous
+    first: ATen's CPU backward ignores its strides for (N, C) inputs (wrong input gradients,
+    as ``nn.BatchNorm1d``'s).
     """
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
     return F.batch_norm(x, running_mean, running_variance, weight, bias, False, 0.0, eps)

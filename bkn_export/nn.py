@@ -572,7 +572,10 @@ class _BatchKalmanNorm(nn.Module):
             self.num_batches_tracked.add_(1)
         momentum = self.momentum
         assert momentum is not None  # _is_plain_batchnorm checked it
-        return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
+        weight = self.weight  # contiguous: ATen's CPU BatchNorm backward ignores a strided γ's strides (ops.py)
+        if weight is not None and not weight.is_contiguous():
+            weight = weight.contiguous()
+        return F.batch_norm(x, running_mean, running_var, weight, self.bias, True, momentum, self.eps)
 
     def _empty(self, x: Tensor, use_batch: bool) -> Tensor:
         """BatchNorm on an empty input: an empty output (γ, β in its graph), statistics untouched."""

@@ -21,6 +21,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from bkn_export import (
     BatchKalmanNorm2d,
+    ChainWiringError,
     LayerStatistics,
     chain_statistics,
     convert_batchnorm,
@@ -406,3 +407,24 @@ def test_a_compiled_dense_block_reuses_predictions_in_one_graph() -> None:
     torch.testing.assert_close(compiled(x), expected)
     compiled(torch.randn(2, 3, 8, 8))
     assert counter.frame_count == 1
+
+
+def test_a_model_edited_in_place_after_wiring_is_refused_not_predicted_through_other_modules() -> None:
+    """Sequential.insert renames every module after the insertion: the recorded names then point at other modules
+    (conv '3' is now at '6'), whose watches stamp their recorded names, so the path check passed and the prior was
+    predicted through the wrong convs (train outputs 1.74 apart, no warning; a ReLU at a conv's name crashed with a
+    MomentsError). The lookup now names the change and asks for wiring again, which works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+    )  # fmt: skip
+    x = torch.randn(2, 2, 6, 6)
+    convert_batchnorm(model, x)
+    for _ in range(3):
+        model.insert(0, nn.Identity())
+    with pytest.raises(ChainWiringError, match=r"changed after its Kalman chain was wired: '6' is now the Conv2d"):
+        model.train()(x)
+    wire_chain(model, x)
+    assert torch.isfinite(model.train()(x)).all()

@@ -798,3 +798,25 @@ def test_export_passes_on_no_future_warning_of_torch_exports_own(tmp_path: Path)
         warnings.simplefilter("error", FutureWarning)
         result = export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "quiet.onnx")
     assert [r.kind for r in result.fold_report] == ["conv"]
+
+
+def test_an_exporter_failure_names_its_root_cause_in_one_plain_line(tmp_path: Path) -> None:
+    """The inference export's error used to carry torch.onnx's colour escapes and paragraphs of boilerplate before
+    the cause (the training export already gave the cause alone)."""
+
+    class Refuses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3), BatchKalmanNorm2d(4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            if torch.compiler.is_exporting():
+                raise RuntimeError("refused inside export")
+            return self.norm(self.conv(x))
+
+    for mode in ("inference", "training"):
+        with pytest.raises(bkn_export.ExportError) as caught:
+            export_onnx(Refuses().eval(), torch.randn(2, 3, 8, 8), tmp_path / f"{mode}.onnx", mode=mode)
+        message = str(caught.value)
+        assert "\x1b[" not in message and "Cause: RuntimeError: refused inside export" in message, message
+        assert len(message) < 600, message

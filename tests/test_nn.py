@@ -748,3 +748,49 @@ def test_a_torch_fx_graph_module_around_the_layers_warns_that_they_lost_their_pr
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(graph_module(x), expected, rtol=0, atol=0)
+
+
+def test_wiring_a_wired_model_again_warns_that_its_bkn_parameters_restart() -> None:
+    """wire_chain (and convert_batchnorm) on a wired model give its layers new BKN parameters at their initial values:
+    convert_batchnorm warned, wire_chain replaced what was learned without a word."""
+    model = _wired_chain()
+    with torch.no_grad():
+        model[4].process_noise_raw.fill_(3.0)
+    with pytest.warns(UserWarning, match=r"2 BKN layer\(s\) hold BKN parameters already: '4' \(prior_weight_logit"):
+        wire_chain(model, torch.randn(2, 3, 6, 6))
+    assert float(model[4].process_noise_raw[0]) != 3.0
+    with pytest.warns(UserWarning, match="hold BKN parameters already"):
+        convert_batchnorm(model, torch.randn(2, 3, 6, 6))
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3), BatchKalmanNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), BatchKalmanNorm2d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wire_chain(fresh, torch.randn(2, 3, 6, 6))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_strided_gamma_gets_the_gradients_a_contiguous_one_gets(training: bool) -> None:
+    """γ a strided view made a Parameter (``Parameter(big[::2])``) over (N, C) inputs: the C kernels read it by
+    position and ATen's CPU BatchNorm backward ignores its strides (nn.BatchNorm1d's input gradient is wrong there
+    too); the layer's input gradient was off by 9.35 (|g| 5.78)."""
+
+    def gradients(strided: bool) -> tuple[Tensor, Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, C), nn.BatchNorm1d(C), nn.ReLU(), nn.Linear(C, C), nn.BatchNorm1d(C))
+        model = model.double()
+        for index in (1, 4):
+            gamma = model[index].weight.detach() + torch.arange(float(C), dtype=torch.float64)
+            if strided:
+                big = torch.zeros(2 * C, dtype=torch.float64)
+                big[::2] = gamma
+                gamma = big[::2]
+            model[index].weight = nn.Parameter(gamma)
+        x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        convert_batchnorm(model, x.detach())
+        model.train(training)
+        y = model(x)
+        (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        assert x.grad is not None and model[0].weight.grad is not None
+        return x.grad, model[0].weight.grad
+
+    for got, expected in zip(gradients(strided=True), gradients(strided=False)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

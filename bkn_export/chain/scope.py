@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from bkn_export import functional as Fk
+from bkn_export.errors import ChainWiringError
 from bkn_export.nn import Prior, _BatchKalmanNorm
 
 __all__ = [
@@ -123,8 +124,9 @@ class Submodules(Mapping[str, nn.Module]):
     own instance, and a path's steps look up the same names for every layer they feed.
     """
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(self, root: nn.Module, token: ChainRoot | None = None) -> None:
         self._root = root
+        self._token = token
         self._found: dict[str, nn.Module] = {}
 
     def __getitem__(self, name: str) -> nn.Module:
@@ -137,8 +139,25 @@ class Submodules(Mapping[str, nn.Module]):
                 module = self._root.get_submodule(name)
             except AttributeError:
                 raise KeyError(name) from None
+        self._check_recorded(name, module)
         self._found[name] = module
         return module
+
+    def _check_recorded(self, name: str, module: nn.Module) -> None:
+        """Refuse a module that the chain recorded under another name: the model was edited in place after wiring
+        (``Sequential.insert``, deleting a block), so names now point at other modules, and a prediction through
+        them would describe another network (its :class:`PathWatch` stamps its recorded names, so the path check
+        passes). A module the chain does not watch (a replacement: its path counts as not run) passes."""
+        if self._token is None:
+            return
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, PathWatch) and hook.root is self._token and name not in hook.names:
+                raise ChainWiringError(
+                    f"the model changed after its Kalman chain was wired: '{name}' is now the "
+                    f"{type(module).__name__} the chain recorded as {' / '.join(repr(n) for n in hook.names)} "
+                    "(modules were inserted, removed or moved in place, renaming others). Wire the model again: "
+                    "bkn_export.wire_chain(model, example_inputs)"
+                )
 
     def _registered(self, name: str) -> nn.Module | None:
         """The module registered under ``name`` (each atom a key of its parent's ``_modules``, as
@@ -202,7 +221,7 @@ def scratch_for(root: ChainRoot) -> ChainScratch | None:
 def _open_scratch(module: nn.Module, args: Any) -> None:
     """Forward pre-hook of a wired root: a fresh scratch for this call."""
     root: ChainRoot = module.__dict__[ROOT_ATTRIBUTE]
-    scratch = ChainScratch(root, Submodules(module))
+    scratch = ChainScratch(root, Submodules(module, root))
     if torch.compiler.is_dynamo_compiling():
         root.traced = scratch
         return

@@ -49,7 +49,7 @@ from bkn_export.chain.scope import PathWatch, attach_root, global_forward_hooks,
 from bkn_export.chain.transitions import path_modules
 from bkn_export.chain.wiring import Wiring
 from bkn_export.errors import ChainWiringError
-from bkn_export.nn import KalmanOptions, _BatchKalmanNorm
+from bkn_export.nn import BKN_PARAMETERS, KalmanOptions, _BatchKalmanNorm
 
 __all__ = ["bkn_layers", "plan_wiring", "wire_chain"]
 
@@ -78,6 +78,7 @@ def wire_chain(
         if not isinstance(modules.get(record.name), _BatchKalmanNorm):
             kind = type(modules.get(record.name)).__name__
             raise ChainWiringError(f"'{record.name}' is a {kind}; convert it with convert_batchnorm first")
+    _warn_of_rewired_parameters(modules)
     root = attach_root(model)
     order = {record.name: position for position, record in enumerate(recorded.layers)}
     features = {name: int(m.num_features) for name, m in modules.items() if is_normalization(m)}  # type: ignore[arg-type]
@@ -100,6 +101,26 @@ def wire_chain(
             note = "did not run on the example inputs: not wired (BatchNorm)"
             module.join_chain(ChainMembership(root, Wiring(name, None, notes=(note,))))
     return model
+
+
+def _warn_of_rewired_parameters(modules: Mapping[str, nn.Module]) -> None:
+    """Warn, naming them, where BKN layers hold BKN parameters already (a wired model wired or converted again):
+    wiring gives them new ones at their initial values, and what they learned is gone."""
+    held = [
+        f"'{name}' ({', '.join(p for p in BKN_PARAMETERS if p in module._parameters)})"
+        for name, module in modules.items()
+        if isinstance(module, _BatchKalmanNorm) and any(p in module._parameters for p in BKN_PARAMETERS)
+    ]
+    if held:
+        warnings.warn(
+            f"{len(held)} BKN layer(s) hold BKN parameters already: {', '.join(held[:5])}"
+            + (" ..." if len(held) > 5 else "")
+            + ". Wiring the chain again (wire_chain, or convert_batchnorm on a converted model) gives them new "
+            "parameters at their initial values, and what they learned is gone (new objects: an optimizer built "
+            "before holds the old ones). To keep it, load the saved state_dict after wiring instead",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 #: Forward pre-hooks that set a module's weight and return None (the input unchanged): ours, and torch's weight

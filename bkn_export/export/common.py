@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +85,35 @@ LARGE_GRAPH_NODES = 10_000
 
 #: The FutureWarning torch.export's decomposition raises on every export (copying its own pytree specs).
 _LEAF_SPEC_NOTICE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+#: The terminal colour codes torch.onnx puts into its error messages.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def export_failure_cause(error: BaseException) -> str:
+    """The root cause of an exporter failure in one line, without the exporter's colour codes and boilerplate, and
+    the model code torch.export stopped at where its messages name it (" Raised at: <file, line> <source>")."""
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = _ANSI_ESCAPE.sub("", str(cause)).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}{_failing_call(error)}"
+
+
+def _failing_call(error: BaseException) -> str:
+    """The model code torch.export stopped at ("The following call raised this error:" and the file, line and
+    source it names), from the exporter's messages along the chain of causes; "" where none names one."""
+    marker = "The following call raised this error:"
+    current: BaseException | None = error
+    while current is not None:
+        text = _ANSI_ESCAPE.sub("", str(current))
+        if marker in text:
+            lines = [line for line in text.split(marker, 1)[1].splitlines() if line.strip()][:2]
+            if lines:
+                return " Raised at: " + " ".join(line.strip() for line in lines)
+        current = current.__cause__
+    return ""
 
 
 def _without_torchvision_notices(record: logging.LogRecord) -> bool:

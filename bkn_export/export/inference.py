@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from bkn_export.errors import ExportError, FoldError
 from bkn_export.export.checks import check_inference_ready, normalization_aliases
-from bkn_export.export.common import resolve_opset
+from bkn_export.export.common import export_failure_cause, resolve_opset
 from bkn_export.export.fold import fold
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_onnx
 from bkn_export.export.metadata import (
@@ -76,10 +76,9 @@ _log = logging.getLogger(__name__)
 def _explain(model: nn.Module, opset: int, dynamic_spatial: bool) -> Callable[[Exception], str]:
     hint = " (drop dynamic_spatial / --dynamic-spatial if the model needs fixed spatial sizes)" * dynamic_spatial
 
-    def explain(error: Exception) -> str:  # keep the exporter's message
-        return (
-            f"torch.onnx.export failed for {type(model).__name__} at opset {opset}{hint}: "
-            f"{type(error).__name__}: {str(error)[:2000]}"
+    def explain(error: Exception) -> str:  # the exporter's root cause
+        return f"torch.onnx.export failed for {type(model).__name__} at opset {opset}{hint}. Cause: " + (
+            export_failure_cause(error)
         )
 
     return explain

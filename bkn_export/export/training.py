@@ -45,7 +45,7 @@ from bkn_export.chain.observe import observe
 from bkn_export.chain.scope import Observer, Published
 from bkn_export.distributed import SyncBatchKalmanNorm
 from bkn_export.errors import ExportError, ModelFileError
-from bkn_export.export.common import resolve_graph_optimizer
+from bkn_export.export.common import export_failure_cause, resolve_graph_optimizer
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
 from bkn_export.export.metadata import attach_metadata, export_metadata, parse_name_scopes
@@ -347,32 +347,17 @@ def _refuse_synchronised(layers: Sequence[tuple[str, _BatchKalmanNorm]]) -> None
 
 def _explain_export_failure(error: Exception) -> str:
     """The root cause of an exporter failure, in one or two lines."""
+    text = export_failure_cause(error)
     cause: BaseException = error
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    text = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
     if any(k in str(cause) for k in ("mat1 and mat2", "size mismatch", "cannot be multiplied", "must match the size")):
         return (
             "export_training: the Kalman chain's shapes do not fit the example inputs (a layer's prediction "
             "has a different channel count than its input). Re-wire the chain on inputs like these with "
             f"bkn_export.wire_chain(model, example_inputs). Cause: {text}"
         )
-    return f"export_training: torch.onnx.export failed. Cause: {text}{_failing_call(error)}"
-
-
-def _failing_call(error: BaseException) -> str:
-    """The model code torch.export stopped at ("The following call raised this error:" and the file, line and
-    source it names), from the exporter's messages along the chain of causes; "" where none names one."""
-    marker = "The following call raised this error:"
-    current: BaseException | None = error
-    while current is not None:
-        text = str(current)
-        if marker in text:
-            lines = [line for line in text.split(marker, 1)[1].splitlines() if line.strip()][:2]
-            if lines:
-                return " Raised at: " + " ".join(line.strip() for line in lines)
-        current = current.__cause__
-    return ""
+    return f"export_training: torch.onnx.export failed. Cause: {text}"
 
 
 def attach_function(model: onnx.ModelProto) -> None:
