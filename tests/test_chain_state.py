@@ -422,9 +422,19 @@ def test_a_model_edited_in_place_after_wiring_is_refused_not_predicted_through_o
     )  # fmt: skip
     x = torch.randn(2, 2, 6, 6)
     convert_batchnorm(model, x)
+    shifted = copy.deepcopy(model)
+    shifted.insert(0, nn.Identity())
+    with pytest.raises(ChainWiringError, match=r"'3' is now the ReLU the chain recorded as '2'"):
+        shifted.train()(x)
     for _ in range(3):
         model.insert(0, nn.Identity())
-    with pytest.raises(ChainWiringError, match=r"changed after its Kalman chain was wired: '6' is now the Conv2d"):
+    with pytest.raises(ChainWiringError, match=r"changed after its Kalman chain was wired: '3' is now a Conv2d"):
         model.train()(x)
     wire_chain(model, x)
     assert torch.isfinite(model.train()(x)).all()
+    model[6] = nn.Sequential(model[6], nn.Dropout(0.0))  # wrapped: the recorded conv still runs, one level down
+    with pytest.raises(ChainWiringError, match=r"'6' is now a Sequential, not the module the chain recorded there"):
+        model.train()(x)
+    copied = copy.deepcopy(model)  # the copy knows its watched names too
+    with pytest.raises(ChainWiringError, match=r"'6' is now a Sequential"):
+        copied.train()(x)

@@ -103,17 +103,19 @@ class Published(NamedTuple):
 class ChainRoot:
     """The identity of one wired root model (compared by identity; copied with the model).
 
-    ``traced`` holds the open scratch only while dynamo traces a call of the root.
+    ``traced`` holds the open scratch only while dynamo traces a call of the root; ``watched`` the names of the
+    modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`).
     """
 
-    __slots__ = ("traced",)
+    __slots__ = ("traced", "watched")
 
-    def __init__(self) -> None:
+    def __init__(self, watched: frozenset[str] = frozenset()) -> None:
         self.traced: ChainScratch | None = None
+        self.watched = watched
 
-    def __reduce__(self) -> tuple[type[ChainRoot], tuple[()]]:
+    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str]]]:
         # A copy (deepcopy, pickle) is a new identity with no open scratch.
-        return ChainRoot, ()
+        return ChainRoot, (self.watched,)
 
 
 class Submodules(Mapping[str, nn.Module]):
@@ -150,14 +152,21 @@ class Submodules(Mapping[str, nn.Module]):
         passes). A module the chain does not watch (a replacement: its path counts as not run) passes."""
         if self._token is None:
             return
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, PathWatch) and hook.root is self._token and name not in hook.names:
+        watches = [h for h in module._forward_pre_hooks.values() if isinstance(h, PathWatch) and h.root is self._token]
+        for watch in watches:
+            if name not in watch.names:
                 raise ChainWiringError(
                     f"the model changed after its Kalman chain was wired: '{name}' is now the "
-                    f"{type(module).__name__} the chain recorded as {' / '.join(repr(n) for n in hook.names)} "
+                    f"{type(module).__name__} the chain recorded as {' / '.join(repr(n) for n in watch.names)} "
                     "(modules were inserted, removed or moved in place, renaming others). Wire the model again: "
                     "bkn_export.wire_chain(model, example_inputs)"
                 )
+        if not watches and name in self._token.watched:
+            raise ChainWiringError(
+                f"the model changed after its Kalman chain was wired: '{name}' is now a {type(module).__name__}, not "
+                "the module the chain recorded there, which still runs elsewhere (wrapped or moved). Wire the model "
+                "again: bkn_export.wire_chain(model, example_inputs)"
+            )
 
     def _registered(self, name: str) -> nn.Module | None:
         """The module registered under ``name`` (each atom a key of its parent's ``_modules``, as

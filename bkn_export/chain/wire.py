@@ -91,6 +91,7 @@ def wire_chain(
         wirings.append((layer, plan_wiring(record, layer.options, order, features, layer.num_features)))
     # The modules on the paths: each forward checks that they ran (bkn_export.chain.scope).
     watched = watch_modules(model, root, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
+    root.watched = watched
     for layer, wiring in wirings:
         layer.join_chain(ChainMembership(root, wiring, watched), wiring.previous_features)
     _warn_about_hooks(modules, [w for _, w in wirings if w.transition == "propagate" or w.transition == "sampled"])
