@@ -99,6 +99,15 @@ def test_checkpointed_segments_train_as_the_plain_model() -> None:
     _train_side_by_side(model, set_run, [torch.randn(2, 3, 8, 8)])
 
 
+def test_fullgraph_compile_says_why_the_checkpointed_segment_breaks_the_graph() -> None:
+    """torch.compile(fullgraph=True) stops at bkn_export.checkpoint (it runs eagerly); its error said "reason: None"."""
+    model = _blocks_model()
+    model.run = _bkn_checkpoint
+    compiled = torch.compile(model.train(), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"bkn_export.checkpoint runs its segment eagerly"):
+        compiled(torch.randn(2, 3, 8, 8))
+
+
 def test_two_forwards_before_one_backward() -> None:
     """Each forward's segments replay their own priors (a record per checkpoint call, not per layer)."""
     model = _blocks_model()
