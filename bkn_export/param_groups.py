@@ -28,7 +28,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     normalization: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, (_BatchKalmanNorm, nn.modules.batchnorm._NormBase)):
-            for parameter in module.parameters(recurse=False):
+            # its own parameters, and the originals of a parametrized γ or β (torch.nn.utils.parametrize keeps them
+            # in module.parametrizations); not those of a fused layer's activation or dropout
+            parametrizations = module._modules.get("parametrizations")
+            owned = [*module.parameters(recurse=False)]
+            if parametrizations is not None:
+                owned += parametrizations.parameters()
+            for parameter in owned:
                 normalization[id(parameter)] = parameter
     decayed = [p for p in model.parameters() if id(p) not in normalization and p.requires_grad]
     undecayed = [p for p in normalization.values() if p.requires_grad]

@@ -41,3 +41,19 @@ def test_decay_on_every_parameter_inflates_the_process_noise_and_the_groups_do_n
         noise[grouped] = F.softplus(model[4].process_noise_raw).mean().item()
     assert noise[False] > 0.3, noise
     assert noise[True] < 0.01, noise
+
+
+def test_a_parametrized_gamma_is_in_the_undecayed_group() -> None:
+    """torch.nn.utils.parametrize keeps γ's original in the layer's ``parametrizations`` child, which
+    ``parameters(recurse=False)`` missed: it was decayed, against the docstring."""
+
+    class Positive(torch.nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return F.softplus(weight)
+
+    model = _model()
+    torch.nn.utils.parametrize.register_parametrization(model[4], "weight", Positive())
+    decayed, undecayed = bkn_export.parameter_groups(model, 5e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "4.parametrizations.weight.original" in {names[id(p)] for p in undecayed["params"]}
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["0.weight", "3.weight", "8.bias", "8.weight"]
