@@ -17,6 +17,7 @@ import torch
 from support.small_models import two_layer_classifier
 from torch import Tensor, nn
 
+import bkn_export
 from bkn_export import ChainWiringError, extra_state
 
 _model = two_layer_classifier
@@ -106,3 +107,33 @@ def test_a_checkpoint_saved_with_other_computing_options_loads_with_a_warning_na
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _model(prior_weight=0.9).load_state_dict(state, strict=True)
+
+
+def test_a_checkpoint_of_the_model_wired_inside_a_wrapper_loads_into_the_model_wired_alone() -> None:
+    """Converted as ``Wrap().net`` (names 'net.1', 'net.4'), saved, the keys' 'net.' prefix removed, loaded into the
+    same network converted on its own ('1', '4'): the same chain under a root prefix, refused before; and back."""
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)  # type: ignore[no-any-return]
+
+    wrapped = Wrap()
+    with pytest.warns(UserWarning, match="hold BKN parameters already"):  # wired once more, at the wrapper
+        bkn_export.wire_chain(wrapped, torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    _step(wrapped, x)
+    state = {k.removeprefix("net."): v for k, v in wrapped.state_dict().items()}
+    alone = _model()
+    alone.load_state_dict(state, strict=True)
+    torch.testing.assert_close(alone.eval()(x), wrapped.eval()(x), rtol=0, atol=0)
+    again = Wrap()
+    with pytest.warns(UserWarning, match="hold BKN parameters already"):
+        bkn_export.wire_chain(again, torch.randn(2, 3, 8, 8))
+    again.load_state_dict({f"net.{k}": v for k, v in alone.state_dict().items()}, strict=True)
+    other = _model(prior_source="input")  # a prefix does not excuse another chain
+    with pytest.raises(ChainWiringError, match="saved with wiring"):
+        other.load_state_dict(state, strict=True)

@@ -176,6 +176,39 @@ def _v1_equivalent(link: Mapping[str, Any], current: Wiring) -> bool:
     return actual == expected
 
 
+_NAME_KEYS = ("name", "normalization", "module")
+
+
+def _without_root_prefix(saved: Any, current: Any) -> tuple[Any, Any]:
+    """Both wirings with the module-name prefix that one has over the other removed from every name in it: a
+    model wired inside a wrapper (names ``net.bn0``...) saved and loaded into the model wired on its own
+    (``bn0``), after the state dict's keys lost the same prefix, or the other way round. Unchanged where the
+    layer names differ otherwise (or either wiring is None)."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return saved, current
+    saved_name, current_name = saved.get("name"), current.get("name")
+    if not isinstance(saved_name, str) or not isinstance(current_name, str) or saved_name == current_name:
+        return saved, current
+    if saved_name.endswith("." + current_name):
+        return _strip_names(saved, saved_name[: -len(current_name)]), current
+    if current_name.endswith("." + saved_name):
+        return saved, _strip_names(current, current_name[: -len(saved_name)])
+    return saved, current
+
+
+def _strip_names(value: Any, prefix: str) -> Any:
+    if isinstance(value, list):
+        return [_strip_names(item, prefix) for item in value]
+    if not isinstance(value, dict):
+        return value
+    return {
+        key: item[len(prefix) :]
+        if key in _NAME_KEYS and isinstance(item, str) and item.startswith(prefix)
+        else _strip_names(item, prefix)
+        for key, item in value.items()
+    }
+
+
 def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
     """Raise ChainWiringError unless the saved extra state ``saved`` describes ``current``'s wiring."""
     if not isinstance(saved, Mapping) or "version" not in saved:
@@ -202,8 +235,11 @@ def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
             f"{EXTRA_STATE_VERSION}. Load it with the bkn_export that saved it, or re-convert the model."
         )
     # Both as JSON values (a saved state is JSON; an earlier bkn_export's dict may hold tuples for lists).
-    saved_signature = _signature(json.loads(json.dumps(saved.get("wiring"))))
-    current_signature = _signature(json.loads(json.dumps(current.to_dict())))
+    saved_wiring = json.loads(json.dumps(saved.get("wiring")))
+    current_wiring = json.loads(json.dumps(current.to_dict()))
+    saved_wiring, current_wiring = _without_root_prefix(saved_wiring, current_wiring)
+    saved_signature = _signature(saved_wiring)
+    current_signature = _signature(current_wiring)
     if saved_signature != current_signature:
         raise ChainWiringError(
             f"{label}: the checkpoint's wiring differs in "
