@@ -406,6 +406,14 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
     is loaded: the model is left as it was.
     """
     own = model.state_dict()
+    saved_by_bkn = [k for k in state_dict if k.endswith(BKN_ONLY_SUFFIXES)]
+    if saved_by_bkn:
+        raise CheckpointError(
+            f"the checkpoint was saved from a BKN model (it has BKN keys: {saved_by_bkn[:3]}"
+            + (" ..." if len(saved_by_bkn) > 3 else "")
+            + "), not a BatchNorm one; load it with model.load_state_dict(state_dict), which checks its wiring "
+            "(nothing was loaded)"
+        )
     unexpected = [k for k in state_dict if k not in own]
     kept = [k for k in own if k not in state_dict and batchnorm_fills_in(k, state_dict)]
     missing = [k for k in own if k not in state_dict and not k.endswith(BKN_ONLY_SUFFIXES) and k not in kept]

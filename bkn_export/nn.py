@@ -696,6 +696,12 @@ class _BatchKalmanNorm(nn.Module):
         change the layer's computation without a tensor of their own (:data:`_COMPUTING_OPTIONS`: a fixed prior
         weight, the fallback rule, the transition, the prior's source, residual mode) that differ from this
         layer's are warned about: the layer keeps its own, so it does not compute what the saved one did."""
+        self._warn_about_saved_options(self.check_saved_state(state))
+
+    def check_saved_state(self, state: Any) -> Any:
+        """The decoded extra state of a checkpoint (:meth:`get_extra_state`'s form) if its wiring is this layer's;
+        raises ChainWiringError otherwise. Loads nothing (a wired root checks every layer's first:
+        :mod:`bkn_export.chain.scope`)."""
         try:
             state = extra_state.decode(state)
         except ValueError as error:
@@ -709,7 +715,7 @@ class _BatchKalmanNorm(nn.Module):
                 "bkn_export.convert_batchnorm(model, example_inputs, ...) (or wire_chain) with the same options "
                 "before load_state_dict."
             )
-        self._warn_about_saved_options(state)
+        return state
 
     def _warn_about_saved_options(self, state: Any) -> None:
         saved = state.get("options") if isinstance(state, dict) else None

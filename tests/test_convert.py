@@ -152,6 +152,30 @@ def test_batchnorm_checkpoint_loads_into_converted_model() -> None:
     torch.testing.assert_close(converted.eval()(x), expected, **TOL)
 
 
+def test_a_bkn_checkpoint_given_to_the_batchnorm_loader_is_named_as_one() -> None:
+    """load_batchnorm_state_dict used to compare the wirings' JSON lengths ("other shapes: bn0._extra_state (410,)")."""
+    x = _example().float()
+    saved = convert_batchnorm(TinyResNet(), x).state_dict()
+    with pytest.raises(CheckpointError, match=r"saved from a BKN model .*load it with model.load_state_dict"):
+        load_batchnorm_state_dict(convert_batchnorm(TinyResNet(), x), saved)
+
+
+def test_a_checkpoint_of_another_wiring_is_refused_before_any_tensor_loads() -> None:
+    """The wiring check of the layer that differs ran as that layer loaded, after the tensors of every module
+    before it: a refused checkpoint left the model half overwritten. The wired root checks every layer's first."""
+    x = _example().float()
+    torch.manual_seed(0)
+    saved = convert_batchnorm(TinyResNet(), x, prior_source="input").state_dict()
+    saved = {k: v + 1.0 if v.is_floating_point() else v for k, v in saved.items()}
+    torch.manual_seed(1)
+    target = convert_batchnorm(TinyResNet(), x)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ChainWiringError, match="saved with wiring"):
+        target.load_state_dict(saved)
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was loaded
+
+
 def test_batchnorm_checkpoint_of_another_architecture_is_refused() -> None:
     converted = convert_batchnorm(TinyResNet(), _example().float())
     other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))

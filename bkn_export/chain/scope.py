@@ -100,6 +100,10 @@ class Published(NamedTuple):
     eps: float
 
 
+#: The state-dict key suffix of a module's extra state (``torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX``).
+_EXTRA_STATE_KEY = "_extra_state"
+
+
 class ChainRoot:
     """The identity of one wired root model (compared by identity; copied with the model).
 
@@ -280,6 +284,20 @@ def _install(model: nn.Module, root: ChainRoot) -> None:
     # First among the pre-hooks, so that no other pre-hook can fail before the scratch is open.
     model.register_forward_pre_hook(_open_scratch, prepend=True)
     model.register_forward_hook(_close_scratch, always_call=True)
+    model.register_load_state_dict_pre_hook(_check_saved_wirings)
+
+
+def _check_saved_wirings(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook of a wired root: the saved wiring of every layer of its chain is checked before any
+    tensor of the root is loaded, so that a refused checkpoint (ChainWiringError) leaves the model as it was (each
+    layer's own check ran as it loaded, after the layers before it)."""
+    root = module.__dict__.get(ROOT_ATTRIBUTE)
+    for name, layer in module.named_modules():
+        if not isinstance(layer, _BatchKalmanNorm) or getattr(layer.chain, "root", None) is not root:
+            continue
+        key = f"{prefix}{name}.{_EXTRA_STATE_KEY}" if name else f"{prefix}{_EXTRA_STATE_KEY}"
+        if key in state_dict:
+            layer.check_saved_state(state_dict[key])
 
 
 def move_root(source: nn.Module, target: nn.Module) -> None:
@@ -367,6 +385,9 @@ def detach_roots(model: nn.Module) -> None:
             if hook is _close_scratch:
                 del module._forward_hooks[key]
                 module._forward_hooks_always_called.pop(key, None)
+        for key, hook in list(module._load_state_dict_pre_hooks.items()):
+            if getattr(hook, "hook", None) is _check_saved_wirings:
+                del module._load_state_dict_pre_hooks[key]
 
 
 # --------------------------------------------------------------------------- observation
