@@ -290,6 +290,15 @@ def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> n
             f"{type(model).__name__} has no BatchNorm or BatchKalmanNorm layers; returned unchanged", stacklevel=3
         )
         return model
+    # Before the guard's example forward: torch 2.11's F.batch_norm raises a bare ValueError for eps <= 0 even in
+    # eval mode (2.13 only in train mode), which would hide this error naming the layer.
+    for name, source in originals.items():
+        if isinstance(source, _BN_TYPES) and not source.eps > 0:
+            raise ConversionError(
+                f"'{name}' ({type(source).__name__}) has eps={source.eps}: PyTorch's BatchNorm refuses to train "
+                "with eps <= 0 (the conversion checks each layer in train mode), and a channel of equal values "
+                "would divide by zero; set its eps > 0 (BatchNorm's default is 1e-5) before converting"
+            )
     guard = ConversionGuard.record(model, example_inputs, list(originals))
     candidate = _working_copy(model, list(originals))
     candidate_aliases = _aliases(candidate)
@@ -309,12 +318,6 @@ def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> n
             # submodule and hook objects (the working copy holds deep copies of the latter two).
             source = originals[name]
             assert isinstance(source, _BN_TYPES)  # the same module tree: the copy's BatchNorm is a copy of it
-            if not source.eps > 0:
-                raise ConversionError(
-                    f"'{name}' ({type(source).__name__}) has eps={source.eps}: PyTorch's BatchNorm refuses to train "
-                    "with eps <= 0 (the conversion checks each layer in train mode), and a channel of equal values "
-                    "would divide by zero; set its eps > 0 (BatchNorm's default is 1e-5) before converting"
-                )
             if isinstance(source, nn.SyncBatchNorm) and _parametrized_names(source):
                 raise ConversionError(
                     f"'{name}' is a parametrized SyncBatchNorm (torch.nn.utils.parametrize on "

@@ -474,6 +474,8 @@ def update_running_statistics_(
     # would specialise the graph on n > 1; for n = 1 this gives 1 / 1 (variance as is).
     if isinstance(count, Tensor):  # torch.jit.trace records sizes as tensors
         unbiased = count / torch.clamp(count - 1, min=1)
+    elif isinstance(count, int):  # a static size: torch 2.11's dynamo cannot trace torch.sym_max on two ints
+        unbiased = count / max(count - 1, 1)
     else:
         unbiased = count / torch.sym_max(count - 1, 1)
     running_mean.lerp_(mean, momentum)

@@ -165,6 +165,15 @@ def _serve() -> None:
         _send(replies, reply)
 
 
+def fma_rounds_once() -> bool:
+    """Child side (``call("support.triton_interpreter:fma_rounds_once")``): whether this Triton's interpreter
+    computes ``tl.fma`` with one rounding, as the GPU does. Triton 3.9's does (``fma_fp32``/``fma_fp64`` in its
+    native interpreter module); 3.6 (torch 2.11's) and 3.2 (torch 2.6's) multiply, then add: two roundings."""
+    from triton._C import libtriton
+
+    return hasattr(getattr(libtriton, "interpreter", None), "fma_fp32")
+
+
 def _resolve(name: str) -> Any:
     """The function "module:attribute", imported here (so its kernels are interpreted ones)."""
     import importlib
