@@ -434,11 +434,16 @@ class _MeasuredRun:
 
         return measured_noise(
             self.model, self.mode, self.feeds, self.references, [s.name for s in self.input_specs],
-            [s.name for s in self.output_specs], {s.name: s.dtype for s in self.output_specs},
+            [s.name for s in self.output_specs], {s.name: self.dtype(s.name) for s in self.output_specs},
         )  # fmt: skip
 
     def dtype(self, output: str) -> str:
-        return next((s.dtype for s in self.output_specs if s.name == output), "float32")
+        """The precision ``output`` was computed in: its own dtype, except a float32 output of a file that computes
+        in half precision (half inputs: an fp16 training file's running statistics), whose values come out of
+        that half computation."""
+        dtype = next((s.dtype for s in self.output_specs if s.name == output), "float32")
+        halves = sorted(_half_dtypes(self.input_specs))
+        return halves[0] if dtype == "float32" and len(halves) == 1 else dtype
 
 
 def _rounding_hints(report: ParityReport, run: _MeasuredRun) -> list[str]:

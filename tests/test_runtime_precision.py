@@ -167,3 +167,20 @@ def test_a_bfloat16_inference_export_at_opset_23_folds_into_bfloat16_weights(tmp
     graph = onnx.load(path).graph
     assert [n.op_type for n in graph.node] == ["Conv", "Relu", "Conv"]
     assert {t.data_type for t in graph.initializer} == {TensorProto.BFLOAT16}
+
+
+def test_the_float32_running_statistics_of_an_fp16_training_file_are_measured_at_float16(tmp_path: Path) -> None:
+    """An fp16 training file keeps its running statistics float32, but computes them from float16 data: their noise
+    floor (and the rounding hint after a failure) is the model's own float16 error, not the float32 reference's,
+    which failed them at float32 tolerances with no word of why."""
+    from bkn_export.export import export_onnx
+
+    model = trained_digits()
+    path = tmp_path / "fp16_training_stats.onnx"
+    export_onnx(model, torch.randn(2, 1, 8, 8), path, mode="training", fp16=True, running_stats_io=True)
+    report = run_parity(
+        model, path, None, mode="training", runtimes="ort:cpu:all", localise_failures=False, noise_floor=True
+    )
+    floors = [n for n in report.notes if n.startswith("noise floor of") and "running_mean_out" in n]
+    assert floors and all("the model in float16 is up to" in n for n in floors), floors
+    assert report.passed
