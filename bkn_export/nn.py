@@ -679,6 +679,26 @@ class _BatchKalmanNorm(nn.Module):
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """``nn.Module``'s, except that a layer without a predecessor (unwired, or first in its chain: BatchNorm)
+        does not miss its wiring entry: a BatchNorm state dict is all such a layer needs, as for the drop-in
+        ``BatchKalmanNorm2d(C).load_state_dict(nn.BatchNorm2d(C).state_dict())``."""
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        key = prefix + _EXTRA_STATE_KEY
+        if key in missing_keys and not self.has_predecessor:
+            missing_keys.remove(key)
+
     def get_extra_state(self) -> Tensor:
         """The versioned wiring, saved with the state so a checkpoint records its chain: ``{"version": 2, "wiring":
         {...} | None, "options": {...}}`` (None: unwired), as a uint8 tensor of its JSON
@@ -749,6 +769,10 @@ class _BatchKalmanNorm(nn.Module):
 #: :meth:`_BatchKalmanNorm._triton_step`'s result: y, μ_{k|k}, Σ_{k|k}, the prior the op received (None: its kernels
 #: assembled it), the node's (γ, β) to publish.
 _NodeStep = tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor | None, Tensor | None]]
+
+
+#: The state-dict key suffix of a module's extra state (``torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX``).
+_EXTRA_STATE_KEY = "_extra_state"
 
 
 def _checks_sizes() -> bool:

@@ -794,3 +794,16 @@ def test_a_strided_gamma_gets_the_gradients_a_contiguous_one_gets(training: bool
 
     for got, expected in zip(gradients(strided=True), gradients(strided=False)):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_batchnorm_state_dict_loads_strictly_into_a_layer_without_a_predecessor() -> None:
+    """The drop-in: ``BatchKalmanNorm2d(C).load_state_dict(nn.BatchNorm2d(C).state_dict())`` used to miss the wiring
+    entry; a layer that a predecessor feeds still needs its own (and its BKN parameters)."""
+    batchnorm = nn.BatchNorm2d(C)
+    batchnorm.train()(torch.randn(3, C, 4, 4) * 2 + 1)
+    layer = BatchKalmanNorm2d(C)
+    layer.load_state_dict(batchnorm.state_dict())
+    assert layer.running_var is not None and torch.equal(layer.running_var, batchnorm.running_var)
+    wired = _wired_chain()
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"prior_weight_logit\".*\"_extra_state\""):
+        wired[4].load_state_dict(nn.BatchNorm2d(5).state_dict(), strict=True)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from bkn_export import functional as Fk
 from bkn_export.errors import ChainWiringError
-from bkn_export.nn import Prior, _BatchKalmanNorm
+from bkn_export.nn import _EXTRA_STATE_KEY, Prior, _BatchKalmanNorm
 
 __all__ = [
     "ChainRoot",
@@ -98,10 +98,6 @@ class Published(NamedTuple):
     weight: Tensor | None
     bias: Tensor | None
     eps: float
-
-
-#: The state-dict key suffix of a module's extra state (``torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX``).
-_EXTRA_STATE_KEY = "_extra_state"
 
 
 class ChainRoot:
