@@ -438,3 +438,35 @@ def test_a_model_edited_in_place_after_wiring_is_refused_not_predicted_through_o
     copied = copy.deepcopy(model)  # the copy knows its watched names too
     with pytest.raises(ChainWiringError, match=r"'6' is now a Sequential"):
         copied.train()(x)
+
+
+def test_shared_layers_run_on_interleaved_inputs_warn_that_a_posterior_was_replaced_unread() -> None:
+    """a = blk1(a); b = blk1(b); a = blk2(a): blk2 reads blk1's latest posterior, b's, for a (train outputs 0.35
+    from running a alone, prior_source "input"), with only the wiring note "runs 2 times per forward". One input
+    after the other through the same layers reads each posterior before the next: no warning."""
+
+    class Streams(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk1 = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            self.blk2 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+            self.interleaved = False
+
+        def forward(self, a: Tensor, b: Tensor) -> Tensor:
+            if self.interleaved:
+                a, b = self.blk1(a), self.blk1(b)
+                return self.blk2(a) + self.blk2(b)
+            return self.blk2(self.blk1(a)) + self.blk2(self.blk1(b))
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 2, 6, 6), torch.randn(2, 2, 6, 6) * 3
+    model = convert_batchnorm(Streams(), (a, b)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(a, b)
+    model.interleaved = True
+    with pytest.warns(RuntimeWarning, match=r"'blk2.1': its source\(s\) 'blk1.1' published twice in this forward"):
+        model(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer
+        model(a, b)

@@ -44,6 +44,8 @@ class ChainMembership:
     _warned: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
     #: Whether the layer has warned that it ran outside a forward of its root (once per layer).
     _warned_outside: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
+    #: Whether the layer has warned that a source published twice before it read one (once per layer).
+    _warned_replaced: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_transition", transition_for(self.wiring))
@@ -89,6 +91,9 @@ class ChainMembership:
                 unpublished = self._unpublished(scratch)
                 if unrun or unpublished:
                     self._warn([self._describe(i, m) for i, m in unrun.items()] + unpublished)
+                replaced = scratch.unread_publications(self.name, self.wiring.source_names)
+                if replaced:
+                    self._warn_replaced(replaced)
                 predict = functools.partial(
                     self._transition.predict,
                     layer, scratch.published, scratch.modules, x, scratch.predictions, frozenset(unrun),
@@ -138,6 +143,21 @@ class ChainMembership:
             "example_inputs). Warned once per layer.",
             RuntimeWarning,
             stacklevel=4,
+        )
+
+    def _warn_replaced(self, sources: list[str]) -> None:
+        if self._warned_replaced or torch.compiler.is_compiling():
+            return
+        self._warned_replaced.append(True)
+        warnings.warn(
+            f"BKN layer '{self.wiring.name}': its source(s) {', '.join(repr(s) for s in sources)} published twice "
+            "in this forward before it read one, so it reads the latest, which may belong to another input: the "
+            "same layers run on interleaved inputs (a = block(a); b = block(b), or two streams through shared "
+            "layers). The chain is recorded per layer name, one posterior at a time: run each input through the "
+            "shared layers in turn (a = block2(block1(a)), then b), or give each stream its own layers. Warned "
+            "once per layer.",
+            RuntimeWarning,
+            stacklevel=2,
         )
 
     def _warn(self, problems: list[str]) -> None:

@@ -204,13 +204,29 @@ class ChainScratch:
         self.token: Token[Mapping[ChainRoot, ChainScratch]] | None = None
         self.clock = 0
         self.published_at: dict[str, int] = {}
+        #: Per layer, how many times it published in this call; per (reader, source), that count at the last read.
+        self.publications: dict[str, int] = {}
+        self.reads: dict[tuple[str, str], int] = {}
         self.calls: dict[str, list[int]] = {}
 
     def publish(self, name: str, published: Published) -> None:
-        """Hand on ``name``'s posterior, stamped with the clock."""
+        """Hand on ``name``'s posterior, stamped with the clock and counted."""
         self.clock += 1
         self.published[name] = published
         self.published_at[name] = self.clock
+        self.publications[name] = self.publications.get(name, 0) + 1
+
+    def unread_publications(self, reader: str, sources: Iterable[str]) -> list[str]:
+        """The sources of ``reader`` that published more than once since its last read in this call (their earlier
+        posterior replaced before it read one: the same layers run on interleaved inputs, ``a = block(a); b =
+        block(b)``), noting this read."""
+        replaced = []
+        for source in sources:
+            count = self.publications.get(source, 0)
+            if count - self.reads.get((reader, source), 0) > 1:
+                replaced.append(source)
+            self.reads[(reader, source)] = count
+        return replaced
 
 
 _OPEN: ContextVar[Mapping[ChainRoot, ChainScratch]] = ContextVar("bkn_chain_scratches", default=MappingProxyType({}))
