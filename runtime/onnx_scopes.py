@@ -34,6 +34,7 @@ __all__ = [
     "module_inputs",
     "node_scope",
     "prefix_model",
+    "unwrapped",
     "with_outputs",
 ]
 
@@ -74,7 +75,7 @@ def _parameter_owner(initializer_name: str) -> str | None:
     return initializer_name.rsplit(".", 1)[0]
 
 
-def _unwrapped(name: str, known_modules: set[str] | None) -> str:
+def unwrapped(name: str, known_modules: set[str] | None) -> str:
     """``model.block1`` -> ``block1`` when an exporter wrapped the user's model in a module."""
     if known_modules is None or not name or name in known_modules:
         return name
@@ -96,7 +97,7 @@ def _scopes(
     scopes: list[tuple[str, ...] | None] = []
     for node in model.graph.node:
         scope = node_scope(node)
-        names = None if scope is None else (_unwrapped(s, known) for s in scope)
+        names = None if scope is None else (unwrapped(s, known) for s in scope)
         scopes.append(None if names is None else tuple(aliases.get(n, n) for n in names))
     return scopes
 
@@ -131,7 +132,7 @@ def module_boundaries(
         owners = []
         for name in node.input:
             owner = _parameter_owner(name) if name in initializers else None
-            owner = _unwrapped(owner, known_modules) if owner else None
+            owner = unwrapped(owner, known_modules) if owner else None
             if owner and (known_modules is None or owner in known_modules) and owner not in owners:
                 owners.append(owner)
         for value in node.output:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend
-from runtime.backends.torch_eager import ModuleCapture, TorchEagerBackend
+from runtime.backends.torch_eager import ModuleCapture, TorchEagerBackend, op_node_layers
 from runtime.compare import Criteria, OutputComparison, Tolerance, TolerancePolicy, nonfinite_count
 from runtime.errors import BKNError, BKNInputError, RuntimeLimitationError, RuntimeLoadError
 from runtime.localize import Localisation, localise
@@ -326,6 +326,7 @@ def run_parity(
         # what load() would read from the file, already known: key inputs and outputs by graph name
         reference_backend.input_names = [s.name for s in input_specs]
         reference_backend.output_names = onnx_outputs
+        reference_backend.file_layers = op_node_layers(onnx_model)
         references = [_reference_run(reference_backend, feed, path) for feed in feeds]
         notes.extend(reference_backend.notes)
         description = REFERENCE_DESCRIPTION[mode]

@@ -723,3 +723,8 @@ def test_a_layer_frozen_in_eval_mode_inside_a_training_model_is_exported_as_the_
     report = runtime.assert_parity(model, x, mode="training", runtimes="reference", onnx_path=path)
     assert any("('4')" in note and "running statistics" in note for note in report.notes)
     assert not model[4].training and model[1].training  # the user's model keeps its modes
+    # checked against the model with every layer training (a factory, a rebuilt model): it fails, and says why
+    model[4].train()
+    mismatch = runtime.run_parity(model, path, None, mode="training", runtimes="reference", localise_failures=False)
+    assert not mismatch.passed
+    assert any("layer(s) '4' train in the model but have no BatchKalmanNorm node" in n for n in mismatch.notes)

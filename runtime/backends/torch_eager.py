@@ -117,6 +117,8 @@ class TorchEagerBackend(Backend):
         self.output_names: list[str] = []
         #: What the reference did that a reader of the report should know (dropped arguments).
         self.notes: list[str] = []
+        #: The layers the file's BatchKalmanNorm nodes came from (their exporter scopes); None where unknown.
+        self.file_layers: frozenset[str] | None = None
 
     def available(self) -> Availability:
         try:
@@ -131,9 +133,11 @@ class TorchEagerBackend(Backend):
 
         from runtime.model_io import tensor_specs
 
-        inputs, outputs = tensor_specs(onnx.load(model_path, load_external_data=False))
+        graph_model = onnx.load(model_path, load_external_data=False)
+        inputs, outputs = tensor_specs(graph_model)
         self.input_names = [s.name for s in inputs]
         self.output_names = [s.name for s in outputs]
+        self.file_layers = op_node_layers(graph_model)
 
     def _instance(self) -> Any:
         if self.mode == "inference":
@@ -146,7 +150,28 @@ class TorchEagerBackend(Backend):
         frozen = train_bkn_layers(instance)
         if frozen is not None:
             self._note(frozen)
+        self._note_layers_without_nodes(instance)
         return instance
+
+    def _note_layers_without_nodes(self, instance: Any) -> None:
+        """A note naming the layers that train here but have no BatchKalmanNorm node in the file (exported frozen,
+        in eval mode, so folded away): the reference then computes another function than the file."""
+        if not self.file_layers:
+            return
+        from runtime._bkn import bkn_layers
+        from runtime.onnx_scopes import unwrapped
+
+        layers = bkn_layers(instance)
+        known = {name for name, _ in layers}
+        in_file = {unwrapped(name, known) for name in self.file_layers}  # the export's wrapper: model.<layer>
+        missing = [name for name, layer in layers if layer.training and name not in in_file]
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:6]) + (" ..." if len(missing) > 6 else "")
+            self._note(
+                f"layer(s) {shown} train in the model but have no BatchKalmanNorm node in the file (exported frozen, "
+                "in eval mode?): the file computes them with their running statistics; put them in eval mode in the "
+                "model (model.get_submodule(name).eval()) to compare what the file computes"
+            )
 
     def _arguments(self, model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
         """PyTorch arguments for the ONNX inputs: by name where they match ``forward``'s parameters, else by position.
@@ -270,3 +295,20 @@ class TorchEagerBackend(Backend):
             for handle in handles:
                 handle.remove()
         return outputs, capture
+
+
+def op_node_layers(graph_model: Any) -> frozenset[str] | None:
+    """The innermost exporter scope of each ``ai.bkn::BatchKalmanNorm`` node (its layer); None where the file has no
+    such node or one without scopes (another exporter)."""
+    from runtime._bkn import is_op_node
+    from runtime.onnx_scopes import node_scope
+
+    layers = set()
+    for node in graph_model.graph.node:
+        if not is_op_node(node):
+            continue
+        scope = node_scope(node)
+        if not scope:
+            return None
+        layers.add(scope[-1])
+    return frozenset(layers) or None
