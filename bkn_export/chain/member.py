@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,6 @@ import torch
 from torch import Tensor
 
 from bkn_export import recompute
-from bkn_export.chain.record import SourcePath
 from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, observers, scratch_for
 from bkn_export.chain.transitions import Transition, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring
@@ -40,6 +38,8 @@ class ChainMembership:
     #: The modules on the layer's paths that the root watches (:func:`bkn_export.chain.scope.watch_modules`).
     watched: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     _transition: Transition | None = field(init=False, compare=False, repr=False)
+    #: The normalization layers whose posteriors reach this layer (``wiring.source_names``).
+    _sources: tuple[str, ...] = field(init=False, compare=False, repr=False)
     #: Whether the layer has warned that a recorded path did not run (once per layer).
     _warned: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
     #: Whether the layer has warned that it ran outside a forward of its root (once per layer).
@@ -49,6 +49,7 @@ class ChainMembership:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_transition", transition_for(self.wiring))
+        object.__setattr__(self, "_sources", self.wiring.source_names)
 
     @property
     def name(self) -> str:
@@ -91,7 +92,7 @@ class ChainMembership:
                 unpublished = self._unpublished(scratch)
                 if unrun or unpublished:
                     self._warn([self._describe(i, m) for i, m in unrun.items()] + unpublished)
-                replaced = scratch.unread_publications(self.name, self.wiring.source_names)
+                replaced = scratch.unread_publications(self.name, self._sources)
                 if replaced:
                     self._warn_replaced(replaced)
                 predict = functools.partial(
@@ -120,11 +121,14 @@ class ChainMembership:
     def _unpublished(self, scratch: ChainScratch) -> list[str]:
         """The sources that published nothing in this call (skipped by stochastic depth or a branch not taken,
         replaced by an unwired layer): their paths give no prior."""
+        published = scratch.published
+        if all(name in published for name in self._sources):  # the usual case, first: once per layer and step
+            return []
         return [
             f"{path.describe()}: its source '{name}' did not run in this call (or ran unwired)"
             for path in self.wiring.sources
-            for name in dict.fromkeys(_source_names(path))
-            if name not in scratch.published
+            for name in dict.fromkeys(path.normalizations())
+            if name not in published
         ]
 
     def _describe(self, index: int, module: str) -> str:
@@ -206,15 +210,6 @@ class ChainMembership:
 
     def load_state(self, state: Any, label: str) -> None:
         check_saved_wiring(state, self.wiring, label)
-
-
-def _source_names(path: SourcePath) -> Iterator[str]:
-    """The normalizations a path starts from (through a combination's parts)."""
-    if path.normalization is not None:
-        yield path.normalization
-    elif path.origin is not None:
-        for part in path.origin.sources:
-            yield from _source_names(part)
 
 
 def standalone_member(name: str) -> ChainMembership:
