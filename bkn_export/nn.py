@@ -777,7 +777,12 @@ _EXTRA_STATE_KEY = "_extra_state"
 
 def _checks_sizes() -> bool:
     """Whether size checks run in this call: eager, or traced by torch.compile (not jit trace, not an export)."""
-    return not torch.jit.is_tracing() and not torch.compiler.is_exporting()
+    if torch.jit.is_tracing():
+        return False
+    # The flag itself, not torch.compiler.is_exporting(): torch 2.11's Dynamo folds that call to True in every
+    # torch.compile trace (2.13 reads the flag), which skipped the checks under torch.compile.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return not (flag if isinstance(flag, bool) else torch.compiler.is_exporting())
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -199,20 +199,8 @@ class _Both(AbstractContextManager[None]):
         return bool(self._stacks.pop().__exit__(*exc))
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _graph_break(reason: str) -> Callable[[_F], _F]:
-    """``torch.compiler.disable`` with ``reason`` (what fullgraph=True's error then says), where this torch takes
-    one (2.7 and later; torch 2.6's has no such argument)."""
-    try:
-        return torch.compiler.disable(reason=reason)  # type: ignore[no-any-return]
-    except TypeError:
-        return torch.compiler.disable  # type: ignore[return-value]
-
-
-@_graph_break(
-    "bkn_export.checkpoint runs its segment eagerly (Dynamo cannot trace the context_fn that replays the "
+@torch.compiler.disable(
+    reason="bkn_export.checkpoint runs its segment eagerly (Dynamo cannot trace the context_fn that replays the "
     "Kalman chain's priors): a graph break; compile the segment's modules inside it instead of fullgraph=True"
 )
 def checkpoint(
