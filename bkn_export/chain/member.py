@@ -137,45 +137,35 @@ class ChainMembership:
     def _warn_outside_root(self) -> None:
         """Once per layer: a layer with a predecessor ran in train mode outside a forward of its root (called on its
         own, or from a model rebuilt around it: a torch.fx GraphModule...), so without its prior, as BatchNorm."""
-        if self._warned_outside or torch.compiler.is_compiling():
-            return
-        self._warned_outside.append(True)
-        warnings.warn(
+        _warn_once(
+            self._warned_outside,
             f"BKN layer '{self.wiring.name}' ran in train mode outside a forward of the model it is wired in, so "
             "without its Kalman prior (as BatchNorm). If it is part of another model now (a torch.fx GraphModule, a "
             "copy of a submodule, a wrapper built around the layers), wire that model: bkn_export.wire_chain(model, "
             "example_inputs). Warned once per layer.",
-            RuntimeWarning,
             stacklevel=4,
         )
 
     def _warn_replaced(self, sources: list[str]) -> None:
-        if self._warned_replaced or torch.compiler.is_compiling():
-            return
-        self._warned_replaced.append(True)
-        warnings.warn(
+        _warn_once(
+            self._warned_replaced,
             f"BKN layer '{self.wiring.name}': its source(s) {', '.join(repr(s) for s in sources)} published twice "
             "in this forward before it read one, so it reads the latest, which may belong to another input: the "
             "same layers run on interleaved inputs (a = block(a); b = block(b), or two streams through shared "
             "layers). The chain is recorded per layer name, one posterior at a time: run each input through the "
             "shared layers in turn (a = block2(block1(a)), then b), or give each stream its own layers. Warned "
             "once per layer.",
-            RuntimeWarning,
             stacklevel=2,
         )
 
     def _warn(self, problems: list[str]) -> None:
-        if self._warned or torch.compiler.is_compiling():
-            return
-        self._warned.append(True)
-        paths = "; ".join(problems)
-        warnings.warn(
-            f"BKN layer '{self.wiring.name}': a recorded path did not run in this forward ({paths}); that "
-            "source counts as absent (no prior on its channels; none at all where it is an addend of a sum: "
+        _warn_once(
+            self._warned,
+            f"BKN layer '{self.wiring.name}': a recorded path did not run in this forward ({'; '.join(problems)}); "
+            "that source counts as absent (no prior on its channels; none at all where it is an addend of a sum: "
             "BatchNorm statistics there). The chain was recorded on one example forward: if this branch is "
             "expected, re-wire on inputs that take it (bkn_export.wire_chain). Warned once per layer; "
             "chain_statistics shows every call.",
-            RuntimeWarning,
             stacklevel=2,
         )
 
@@ -210,6 +200,15 @@ class ChainMembership:
 
     def load_state(self, state: Any, label: str) -> None:
         check_saved_wiring(state, self.wiring, label)
+
+
+def _warn_once(flag: list[bool], text: str, stacklevel: int) -> None:
+    """A RuntimeWarning unless ``flag`` (a layer's once-per-layer marker) is set, which it then is; none while
+    Dynamo traces (it would be a graph break). stacklevel: as the caller would pass to ``warnings.warn``."""
+    if flag or torch.compiler.is_compiling():
+        return
+    flag.append(True)
+    warnings.warn(text, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def standalone_member(name: str) -> ChainMembership:
