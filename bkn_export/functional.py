@@ -48,6 +48,7 @@ __all__ = [
     "batch_kalman_norm",
     "batch_kalman_norm_backward",
     "batch_statistics",
+    "contiguous_weight",
     "effective_prior_weight",
     "inference_affine",
     "kalman_norm_inference",
@@ -506,10 +507,13 @@ def kalman_norm_inference(
     """Eval-mode BKN: y = γ (x - r_μ) / sqrt(r_Σ + ε) + β, lowered to ``F.batch_norm``.
 
     Using ``F.batch_norm`` is deliberate: the ONNX exporter folds it into a preceding
-    Conv/Gemm, and CPU/cuDNN have fused kernels for it. A non-contiguous γ is made contiguous
-    first: ATen's CPU backward ignores its strides for (N, C) inputs (wrong input gradients,
-    as ``nn.BatchNorm1d``'s).
+    Conv/Gemm, and CPU/cuDNN have fused kernels for it. γ goes through :func:`contiguous_weight`.
     """
-    if weight is not None and not weight.is_contiguous():
-        weight = weight.contiguous()
-    return F.batch_norm(x, running_mean, running_variance, weight, bias, False, 0.0, eps)
+    return F.batch_norm(x, running_mean, running_variance, contiguous_weight(weight), bias, False, 0.0, eps)
+
+
+def contiguous_weight(weight: Tensor | None) -> Tensor | None:
+    """γ (C,), made contiguous (differentiably) where it is a strided view made a Parameter: the C kernels read it
+    by position, and ATen's CPU ``native_batch_norm_backward`` ignores its strides for (N, C) inputs (wrong input
+    gradients; ``nn.BatchNorm1d`` has the same bug). Every route of a layer's step passes γ through this."""
+    return weight.contiguous() if weight is not None and not weight.is_contiguous() else weight

@@ -572,9 +572,7 @@ class _BatchKalmanNorm(nn.Module):
             self.num_batches_tracked.add_(1)
         momentum = self.momentum
         assert momentum is not None  # _is_plain_batchnorm checked it
-        weight = self.weight  # contiguous: ATen's CPU BatchNorm backward ignores a strided γ's strides (ops.py)
-        if weight is not None and not weight.is_contiguous():
-            weight = weight.contiguous()
+        weight = Fk.contiguous_weight(self.weight)
         return F.batch_norm(x, running_mean, running_var, weight, self.bias, True, momentum, self.eps)
 
     def _empty(self, x: Tensor, use_batch: bool) -> Tensor:

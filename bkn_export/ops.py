@@ -458,12 +458,9 @@ def kalman_norm_step(
     ONNX exporter, torch.compile, make_fx, dispatch modes) and on other devices this is the
     custom op itself, so graphs keep one opaque node and CUDA gets the Triton kernels. In
     plain eager CPU execution it runs the op's CPU implementation and autograd directly.
-    A non-contiguous γ (a strided view made a Parameter) is made contiguous first (differentiably): the C kernels
-    read it by position, and ATen's CPU ``native_batch_norm_backward`` ignores its strides for (N, C) inputs
-    (wrong input gradients; ``nn.BatchNorm1d`` has the same bug).
+    γ goes through :func:`bkn_export.functional.contiguous_weight`.
     """
-    if weight is not None and not weight.is_contiguous():
-        weight = weight.contiguous()
+    weight = Fk.contiguous_weight(weight)
     if plain_eager_cpu(x):
         return _EagerCpuBatchKalmanNorm.apply(  # type: ignore[no-any-return]
             x, prior_mean, prior_variance, prior_weight, weight, bias, eps, fallback_ratio

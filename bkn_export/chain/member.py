@@ -35,8 +35,6 @@ class ChainMembership:
 
     root: ChainRoot | None = field(compare=False, repr=False)
     wiring: Wiring
-    #: The modules on the layer's paths that the root watches (:func:`bkn_export.chain.scope.watch_modules`).
-    watched: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     _transition: Transition | None = field(init=False, compare=False, repr=False)
     #: The normalization layers whose posteriors reach this layer (``wiring.source_names``).
     _sources: tuple[str, ...] = field(init=False, compare=False, repr=False)
@@ -107,13 +105,15 @@ class ChainMembership:
 
     def _unrun(self, scratch: ChainScratch) -> dict[int, str]:
         """Index into ``wiring.sources`` → the watched module on that path that did not run."""
-        if not self.watched:
+        assert self.root is not None  # called within a forward of the root
+        watched = self.root.watched  # the modules on the root's paths (bkn_export.chain.scope.watch_modules)
+        if not watched:
             return {}
         found = {}
         for index, path in enumerate(self.wiring.sources):
             if path.normalization is not None and path.normalization not in scratch.published:
                 continue  # the source did not run at all: no prior anyway
-            missing = unrun_module(path, scratch, self.watched)
+            missing = unrun_module(path, scratch, watched)
             if missing is not None:
                 found[index] = missing
         return found
