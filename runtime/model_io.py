@@ -12,6 +12,7 @@ Reading a file, describing a graph input and checking user inputs are
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from runtime._bkn import TensorSpec, check_feeds, is_op_node, is_running_statist
 from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError
 
 __all__ = [
+    "OUTPUT_ORDER_METADATA",
     "TensorSpec",
     "check_custom_ops",
     "check_feeds",
@@ -32,6 +34,7 @@ __all__ = [
     "input_sets",
     "load_onnx",
     "random_inputs",
+    "returned_output_order",
     "running_statistics_inputs",
     "tensor_specs",
 ]
@@ -64,6 +67,42 @@ def tensor_specs(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorS
     initializers = {t.name for t in model.graph.initializer}
     inputs = [tensor_spec(v) for v in model.graph.input if v.name not in initializers]
     return inputs, [tensor_spec(v) for v in model.graph.output]
+
+
+#: The metadata entry in which ``bkn_export`` records the graph outputs' names in the order the PyTorch model
+#: returns its tensors (``bkn_export.export.metadata.OUTPUT_ORDER_KEY``).
+OUTPUT_ORDER_METADATA = "bkn_export.output_order"
+
+
+def returned_output_order(model: onnx.ModelProto) -> tuple[list[str], str | None]:
+    """The file's output names in the order the PyTorch model returns its tensors, and a note when that order is
+    assumed rather than recorded.
+
+    A ``bkn_export`` file records the order at export (``bkn_export.output_order``), so outputs reordered
+    afterwards by a graph tool still pair with the right PyTorch output. A file that records none, or whose
+    outputs are no longer those it recorded (renamed, added, removed), is paired by position in the graph, as
+    ``torch.onnx.verification`` does; with more than one output the note says so.
+    """
+    names = [output.name for output in model.graph.output]
+    text = next((prop.value for prop in model.metadata_props if prop.key == OUTPUT_ORDER_METADATA), None)
+    recorded: object = None
+    if text is not None:
+        try:
+            recorded = json.loads(text)
+        except ValueError:
+            recorded = None
+    if isinstance(recorded, list) and sorted(recorded) == sorted(names) and len(set(names)) == len(names):
+        return [str(name) for name in recorded], None
+    if len(names) < 2:
+        return names, None
+    if text is None:
+        why = f"the file records no output order ({OUTPUT_ORDER_METADATA}; not a bkn_export file)"
+    else:
+        why = f"its outputs are not those its export recorded in {OUTPUT_ORDER_METADATA} ({text})"
+    return names, (
+        f"PyTorch's outputs are paired with the file's by position ({', '.join(names)}): {why}; "
+        "a file whose outputs were reordered after export would fail here"
+    )
 
 
 def custom_domains(model: onnx.ModelProto) -> dict[str, list[str]]:

@@ -54,6 +54,7 @@ from runtime.model_io import (
     detect_mode,
     load_onnx,
     random_inputs,
+    returned_output_order,
     tensor_specs,
 )
 from runtime.registry import RuntimeEntry, discover, select
@@ -309,6 +310,9 @@ def run_parity(
     chosen = select(discover(custom_op_libraries, plugin_libraries, openvino_precision), runtimes)
 
     onnx_outputs = [s.name for s in output_specs]
+    returned_order, order_note = returned_output_order(onnx_model)
+    # the specs in the order the PyTorch model returns its outputs (what every rerun of the model pairs them by)
+    returned_specs = sorted(output_specs, key=lambda spec: returned_order.index(spec.name))
     notes: list[str] = []
     fed = [name for name in model_statistics if not any(name in feed for feed in given)]
     if fed:
@@ -325,15 +329,17 @@ def run_parity(
         reference_backend = TorchEagerBackend(model, mode)
         # what load() would read from the file, already known: key inputs and outputs by graph name
         reference_backend.input_names = [s.name for s in input_specs]
-        reference_backend.output_names = onnx_outputs
+        reference_backend.output_names = returned_order
         reference_backend.file_layers = op_node_layers(onnx_model)
         references = [_reference_run(reference_backend, feed, path) for feed in feeds]
         notes.extend(reference_backend.notes)
+        if order_note is not None:
+            notes.append(order_note)
         description = REFERENCE_DESCRIPTION[mode]
         if not references[0]:
             raise BKNInputError(f"the PyTorch model returned no tensors; {path} has outputs {onnx_outputs}")
         if noise_floor:
-            measured = _MeasuredRun(model, mode, feeds, references, input_specs, output_specs)
+            measured = _MeasuredRun(model, mode, feeds, references, input_specs, returned_specs)
             policy, floor_notes = _with_noise_floors(policy, measured)
             notes.extend(floor_notes)
     uncompared = [name for name in onnx_outputs if name not in references[0]]
@@ -411,7 +417,7 @@ def run_parity(
             progress("done", entry.name, index, total)
         report.runtimes.append(result)
     if model is not None and not noise_floor and any(not c.passed for r in report.failures() for c in r.outputs):
-        measured = _MeasuredRun(model, mode, feeds, references, input_specs, output_specs)
+        measured = _MeasuredRun(model, mode, feeds, references, input_specs, returned_specs)
         report.notes.extend(_rounding_hints(report, measured))
     return report
 

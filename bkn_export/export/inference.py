@@ -51,6 +51,7 @@ from bkn_export.export.metadata import (
     export_metadata,
     fold_report_json,
     node_scopes,
+    output_order_entry,
 )
 from bkn_export.export.op.op_spec import DEFAULT_OPSET
 from bkn_export.export.pipeline import (
@@ -254,6 +255,7 @@ def export_inference(
             {
                 **export_metadata("inference", request.opset, request.fp16, request.dynamic_batch, dynamic_spatial),
                 "fold_report": fold_report_json(report),
+                **output_order_entry(proto),
             },
         )
         checked_sizes = check_exported(proto, request, traceable, traced, f"the inference export for {os.fspath(path)}")

@@ -29,6 +29,7 @@ __all__ = [
     "export_metadata",
     "fold_report_json",
     "node_scopes",
+    "output_order_entry",
     "parse_name_scopes",
     "read_metadata",
 ]
@@ -133,6 +134,19 @@ def export_metadata(mode: str, opset: int, fp16: bool, dynamic_batch: bool, dyna
         "dynamic_batch": str(bool(dynamic_batch)).lower(),
         "dynamic_spatial": str(bool(dynamic_spatial)).lower(),
     }
+
+
+#: Metadata key (after :data:`METADATA_PREFIX`) of the graph outputs' names in the order the PyTorch model
+#: returns its tensors (then the file's own extras: running statistics, posteriors), as written at export; a
+#: JSON list. ``runtime`` pairs the model's outputs with the file's by it, so a graph tool that reorders
+#: outputs afterwards does not mispair them.
+OUTPUT_ORDER_KEY = "output_order"
+
+
+def output_order_entry(model: onnx.ModelProto) -> dict[str, str]:
+    """``{OUTPUT_ORDER_KEY: JSON list}`` of ``model``'s graph outputs as they stand (call right after the export,
+    whose outputs follow the PyTorch model's flattened tensor outputs)."""
+    return {OUTPUT_ORDER_KEY: json.dumps([output.name for output in model.graph.output])}
 
 
 def attach_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> dict[str, str]:

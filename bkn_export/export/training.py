@@ -48,7 +48,7 @@ from bkn_export.errors import ExportError, ModelFileError
 from bkn_export.export.common import export_failure_cause, resolve_graph_optimizer
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
-from bkn_export.export.metadata import attach_metadata, export_metadata, parse_name_scopes
+from bkn_export.export.metadata import attach_metadata, export_metadata, output_order_entry, parse_name_scopes
 from bkn_export.export.name_scopes import NAME_SCOPES_KEY
 from bkn_export.export.op import function_body, op_spec, schema
 from bkn_export.export.op.translation import translation_table
@@ -316,10 +316,10 @@ def export_training(
     attach_function(proto)
     node_layers = _name_nodes(proto)
     info = TrainingGraphInfo(tuple(node_layers), tuple(tracked), expose_posteriors)
-    metadata = attach_metadata(
-        proto,
-        _metadata(info, request.opset, request.fp16, request.dynamic_batch, request.dynamic_spatial, graph_optimizer),
+    entries = _metadata(
+        info, request.opset, request.fp16, request.dynamic_batch, request.dynamic_spatial, graph_optimizer
     )
+    metadata = attach_metadata(proto, {**entries, **output_order_entry(proto)})
     checked_sizes = check_exported(proto, request, traceable, traced, "export_training: the exported graph")
     target = save_onnx(proto, path, external_data_threshold=request.external_data_threshold)
     return ExportResult(

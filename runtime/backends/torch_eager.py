@@ -131,12 +131,14 @@ class TorchEagerBackend(Backend):
         """Read the ONNX graph's input and output names to key inputs and outputs by."""
         import onnx
 
-        from runtime.model_io import tensor_specs
+        from runtime.model_io import returned_output_order, tensor_specs
 
         graph_model = onnx.load(model_path, load_external_data=False)
-        inputs, outputs = tensor_specs(graph_model)
+        inputs, _ = tensor_specs(graph_model)
         self.input_names = [s.name for s in inputs]
-        self.output_names = [s.name for s in outputs]
+        self.output_names, order_note = returned_output_order(graph_model)
+        if order_note is not None:
+            self._note(order_note)
         self.file_layers = op_node_layers(graph_model)
 
     def _instance(self) -> Any:
