@@ -133,8 +133,10 @@ def _excess(actual: Tensor, expected: Tensor, slack: Tensor | None = None) -> tu
 def eval_forward(model: nn.Module, example_inputs: Any) -> Any:
     """One eval-mode, no-grad forward; every module's train/eval flag is restored afterwards.
 
-    example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs.
+    example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs; the forward gets a
+    copy, so one that changes its input in place changes neither the caller's tensors nor the next forward's.
     """
+    example_inputs = _clone(example_inputs)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -150,7 +152,8 @@ def eval_forward(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def _clone(value: Any) -> Any:
-    leaves, spec = tree_flatten(value)
+    """``value`` with every tensor cloned; a ``torch.Size`` kept whole (pytree would rebuild it as a tuple)."""
+    leaves, spec = tree_flatten(value, is_leaf=lambda item: isinstance(item, torch.Size))
     return spec.unflatten([leaf.detach().clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves])
 
 

@@ -20,6 +20,13 @@ __all__ = ["assert_parity"]
 
 
 def _as_arrays(inputs: Any) -> list[np.ndarray]:
+    if isinstance(inputs, Mapping):
+        from runtime.errors import BKNInputError
+
+        raise BKNInputError(
+            f"assert_parity takes a tensor or a tuple of tensors in forward()'s order (the export traces positional "
+            f"inputs), not a dict (keys {list(inputs)}): pass tuple(inputs[name] for name in forward()'s arguments)"
+        )
     items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     arrays = []
     for item in items:

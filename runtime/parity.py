@@ -215,6 +215,7 @@ _DTYPE_UNSUPPORTED = (
     "not supported for",
     "Unsupported type",
     "Input element types do not match",
+    "No corresponding Numpy type",  # ONNX Runtime's Python binding cannot return a bfloat16 output
 )
 
 
@@ -658,6 +659,9 @@ def _run_one(
         try:
             outputs = backend.run(feed)
         except Exception as error:
+            if _unsupported_dtype(error, half):
+                reason = f"cannot run {'/'.join(sorted(half))} models: {type(error).__name__}: {error}"
+                return RuntimeResult(entry.name, Status.UNAVAILABLE, reason, time.perf_counter() - started), []
             return RuntimeResult(
                 entry.name, Status.ERROR, f"input set {iteration}: {type(error).__name__}: {error}",
                 time.perf_counter() - started, failing_iteration=iteration,

@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from bkn_export import moments
 from bkn_export.chain.steps import (
@@ -1496,6 +1497,8 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
     layer that ran, in first-call order, as a :class:`LayerRecord`; layers that did not
     run are named in ``RecordedChain.notes``.
     """
+    # a copy: a forward that changes its input in place must not change the caller's tensors
+    example_inputs = tree_map(lambda leaf: leaf.detach().clone() if isinstance(leaf, Tensor) else leaf, example_inputs)
     recorder = _Recorder()
     handles = []
     for name, module in model.named_modules():

@@ -28,7 +28,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bkn-demo", help="directory for the checkpoint, ONNX files and reports")
-    parser.add_argument("--steps", type=positive_int, default=1000, help="SGD steps at batch 2 (default 1000)")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="SGD steps at --batch-size (default 1000)")
     parser.add_argument("--batch-size", type=positive_int, default=2, help="training micro-batch size (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtimes", default="all", help="'all' or a comma-separated list (see bkn parity)")

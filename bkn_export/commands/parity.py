@@ -179,7 +179,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     criteria.add_argument("--error-quantile", type=_fraction, default=0.99, help="quantile for --check-error-stat")
     criteria.add_argument("--cosine-min", type=_cosine, default=None, help="also require this cosine similarity")
     criteria.add_argument(
-        "--max-mismatch", type=_fraction, default=0.0, help="elementwise: allowed fraction of elements outside"
+        "--max-mismatch",
+        type=_fraction,
+        default=0.0,
+        help="elementwise: allowed fraction of elements outside atol + rtol*|r| (default 0)",
     )
     parser.add_argument("--custom-op-library", action="append", default=[], help="ONNX Runtime custom-op library")
     parser.add_argument("--plugin", action="append", default=[], help="TensorRT plugin library")

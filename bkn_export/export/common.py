@@ -173,6 +173,8 @@ def run_dynamo_export(
     assert program is not None
     if options.get("output_names") is not None:
         _name_outputs(program.model.graph, list(options["output_names"]))
+    if options.get("input_names") is not None:
+        _keep_input_names(program.model.graph, list(options["input_names"]))
     _drop_zero_conv_biases(program.model)
     check_conv_biases(program.model)
     return program
@@ -206,6 +208,18 @@ def _name_outputs(graph: ir.Graph, names: list[str]) -> None:
         value.name = f"__bkn_output_{index}"
     for value, name in zip(graph.outputs, names):
         value.name = name
+
+
+def _keep_input_names(graph: ir.Graph, names: list[str]) -> None:
+    """Give graph input i the name ``names[i]`` again where the exporter renamed it: an input the model also
+    returns (``forward(x, y) -> (f(x), y)``) became ``output_1_orig`` behind an Identity named for the output, so
+    the file could not be fed by ``forward()``'s names."""
+    taken = {v.name for node in graph for v in node.outputs} | {v.name for v in graph.inputs}
+    for value, name in zip(graph.inputs, names):
+        if value.name != name and name not in taken:
+            taken.discard(value.name)
+            value.name = name
+            taken.add(name)
 
 
 def check_model(proto: onnx.ModelProto, label: str) -> None:

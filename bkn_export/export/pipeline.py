@@ -97,7 +97,8 @@ def validate_request(
     """Check every option and the path before any work; raise OptionError / OutputWriteError / ExportError."""
     request = ExportRequest(
         opset=resolve_opset(opset),
-        inputs=example_tuple(example_inputs),
+        # copies: a forward that changes its input in place (x.mul_(2)) must not change the caller's tensors
+        inputs=tuple(t.detach().clone() if isinstance(t, Tensor) else t for t in example_tuple(example_inputs)),
         dynamic_batch=bool(dynamic_batch),
         dynamic_spatial=bool(dynamic_spatial),
         fp16=bool(fp16),
@@ -192,6 +193,8 @@ def output_keys(value: Any) -> list[str | None]:
     fields on its path joined by ``.``, or None where the path has none (positions only)."""
 
     def walk(item: Any, keys: tuple[str, ...]) -> list[str | None]:
+        if item is None:  # the exporter drops a None: it names no graph output
+            return []
         if isinstance(item, dict):
             return [name for key in item for name in walk(item[key], (*keys, str(key)))]
         if isinstance(item, (tuple, list)):
@@ -246,7 +249,11 @@ class Traced:
 
 
 def _leaves(value: Any) -> list[Any]:
-    """The tensors of a (nested) tuple/list/dict output, in the exporter's flattening order."""
+    """The leaves of a (nested) tuple/list/dict output that become graph outputs (tensors, and the Python numbers
+    the exporter writes as scalar outputs: a symbolic size), in the exporter's flattening order; a None is
+    dropped, as the exporter drops it."""
+    if value is None:
+        return []
     if isinstance(value, (tuple, list)):
         return [leaf for item in value for leaf in _leaves(item)]
     if isinstance(value, dict):
@@ -259,9 +266,9 @@ _STRIDED = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.p
 
 def _eager_run(
     traceable: Traceable, explain: Callable[[Exception], str], spatial: tuple[int, ...]
-) -> tuple[list[str | None], tuple[int, ...]]:
+) -> tuple[list[str | None], tuple[int, ...], list[int]]:
     """Run the module once: (the model's own outputs' :func:`output_keys`, total stride per spatial
-    dim of input 0)."""
+    dim of input 0, the positions of the outputs that are Python numbers rather than tensors)."""
     smallest = list(spatial)
     handles = []
 
@@ -276,7 +283,7 @@ def _eager_run(
         handles = [m.register_forward_hook(record) for m in traceable.module.modules() if isinstance(m, _STRIDED)]
     try:
         with torch.no_grad():
-            outputs = traceable.module(*traceable.inputs, *traceable.extra_inputs)
+            outputs = traceable.module(*(t.clone() for t in traceable.inputs), *traceable.extra_inputs)
     except BKNError:
         raise
     except Exception as error:  # the model's own error reads better than the exporter's
@@ -286,7 +293,8 @@ def _eager_run(
             handle.remove()
     strides = tuple(max(1, round(size / max(low, 1))) for size, low in zip(spatial, smallest))
     keys = output_keys(outputs)
-    return keys[: len(keys) - len(traceable.extra_output_names)], strides
+    numbers = [i for i, leaf in enumerate(_leaves(outputs)) if not isinstance(leaf, Tensor)]
+    return keys[: len(keys) - len(traceable.extra_output_names)], strides, numbers
 
 
 def tracing_inputs(inputs: Sequence[Tensor], dims: Sequence[Sequence[int]]) -> tuple[Tensor, ...]:
@@ -353,7 +361,7 @@ def _check_argument_positions(inputs: Sequence[str], arguments: Sequence[str], m
 def trace(traceable: Traceable, request: ExportRequest, explain: Callable[[Exception], str]) -> Traced:
     """Eager run, then torch.onnx.export(dynamo=True) with the one dynamic-shape builder and the I/O names."""
     spatial = tuple(int(s) for s in traceable.inputs[0].shape[2:]) if request.dynamic_spatial else ()
-    keys, strides = _eager_run(traceable, explain, spatial)
+    keys, strides, numbers = _eager_run(traceable, explain, spatial)
     reserved = [*traceable.extra_input_names, *traceable.extra_output_names]
     inputs, outputs = io_names(traceable.model, len(traceable.inputs), len(keys), request, keys, reserved)
     all_inputs = [*inputs, *traceable.extra_input_names]
@@ -362,18 +370,28 @@ def trace(traceable: Traceable, request: ExportRequest, explain: Callable[[Excep
     if clashes:
         raise OptionError(f"graph input/output names clash: {clashes}; choose other input_names / output_names")
     dims = _dynamic_dims(traceable.inputs, request)
-    program = run_dynamo_export(
-        traceable.module,
-        (*tracing_inputs(traceable.inputs, dims), *traceable.extra_inputs),
-        request.opset,
-        dynamic_shapes(traceable.module, dims, len(traceable.extra_inputs)),
-        explain,
-        graph_optimizer=traceable.graph_optimizer,
-        lighter_optimizer_hint=traceable.lighter_optimizer_hint,
-        input_names=all_inputs,
-        output_names=all_outputs,
-        **traceable.options,
-    )
+    try:
+        program = run_dynamo_export(
+            traceable.module,
+            (*tracing_inputs(traceable.inputs, dims), *traceable.extra_inputs),
+            request.opset,
+            dynamic_shapes(traceable.module, dims, len(traceable.extra_inputs)),
+            explain,
+            graph_optimizer=traceable.graph_optimizer,
+            lighter_optimizer_hint=traceable.lighter_optimizer_hint,
+            input_names=all_inputs,
+            output_names=all_outputs,
+            **traceable.options,
+        )
+    except ExportError as error:
+        if not numbers:
+            raise
+        named = ", ".join(repr(all_outputs[i]) for i in numbers if i < len(all_outputs))
+        raise ExportError(
+            f"{error}. Output(s) {named} of {type(traceable.model).__name__} are Python numbers, not tensors: only "
+            "a size read from a dynamic dim (x.shape[0] with the batch dynamic) becomes a graph output; return a "
+            "tensor (torch.tensor(value)) or leave the number out"
+        ) from error
     return Traced(program, all_inputs, all_outputs, strides)
 
 
@@ -473,7 +491,7 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
                 "; export without dynamic_spatial / --dynamic-spatial, or report the model"
             ) from error
         shapes = [tuple(a.shape) for a in actual]
-        wanted = [tuple(e.shape) for e in expected if isinstance(e, Tensor)]
+        wanted = [tuple(e.shape) if isinstance(e, Tensor) else () for e in expected]  # a number: a scalar output
         if shapes[: len(wanted)] != wanted:
             raise ExportError(
                 f"dynamic_spatial: at spatial size {list(size)} the exported file returns shapes {shapes} on "

@@ -240,10 +240,11 @@ def export_training(
     )  # fmt: skip
     inputs = request.inputs
     for i, t in enumerate(inputs):
-        if t.dim() < 2 or t.shape[0] == 0 or t.numel() == 0:
+        # the normalization layers' own (N, C, *) is checked where they run; an input may be indices (N,)
+        if t.dim() < 1 or t.numel() == 0:
             raise ExportError(
-                f"export_training: example input {i} has shape {tuple(t.shape)}; BKN needs a non-empty batch "
-                "(N, C, *) with N >= 1 to trace batch statistics"
+                f"export_training: example input {i} has shape {tuple(t.shape)}; the export needs a non-empty "
+                "batch (N, *) with N >= 1 in every input to trace batch statistics"
             )
     check_finite_parameters(model)
     work = copy.deepcopy(model)

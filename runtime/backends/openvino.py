@@ -66,6 +66,8 @@ def prepare_for_openvino(model: Any) -> Any:
 
 #: float32's unit roundoff at 1.0 (2^-24): an ``Erf`` off by more than twice this is not rounding.
 _FLOAT32_ROUNDING = 2.0**-24
+#: How OpenVINO spells bfloat16 (``str(ov.Type.bf16)``, across versions).
+_BFLOAT16_TYPES = frozenset({"<Type: 'bfloat16'>", "bf16", "bfloat16"})
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,7 +164,13 @@ class OpenVINOBackend(Backend):
         for port, value in results.items():
             names = port.get_names()
             name = port.get_any_name() if names else str(port)
-            outputs[name] = np.array(value, copy=True)
+            array = np.array(value, copy=True)
+            if str(port.get_element_type()) in _BFLOAT16_TYPES:
+                # OpenVINO hands a bf16 result over as float16 storage: the same bits, to be read as bfloat16
+                import ml_dtypes
+
+                array = array.view(ml_dtypes.bfloat16)
+            outputs[name] = array
         return outputs
 
     def failure_notes(self) -> list[str]:

@@ -60,6 +60,26 @@ def _tensor_leaves(value: Any) -> list[Any]:
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
+def _output_leaves(value: Any) -> list[np.ndarray]:
+    """A forward's outputs as the exporter flattens them into graph outputs: its tensors, and its Python numbers (a
+    size read from an input, ``x.shape[0]``, is a scalar graph output) as 0-d arrays (int64, float64, bool); a None
+    is dropped, as the exporter drops it. Each a copy (:func:`_snapshot`)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    leaves = []
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            leaves.append(_snapshot(leaf))
+        elif isinstance(leaf, bool):
+            leaves.append(np.array(leaf, dtype=np.bool_))
+        elif isinstance(leaf, int):
+            leaves.append(np.array(leaf, dtype=np.int64))
+        elif isinstance(leaf, float):
+            leaves.append(np.array(leaf, dtype=np.float64))
+    return leaves
+
+
 def array_of(tensor: Any) -> np.ndarray:
     """A CPU tensor's values as a NumPy array (sharing memory where NumPy has the dtype); bfloat16, which NumPy
     lacks, as ``ml_dtypes.bfloat16`` through float32 (exact)."""
@@ -77,7 +97,8 @@ def tensor_of(array: np.ndarray) -> Any:
 
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    # a copy: a forward that changes its input in place (x.mul_(2)) must not rewrite the inputs the runtimes get
+    return torch.from_numpy(np.array(array, copy=True, order="C"))
 
 
 def _snapshot(tensor: Any) -> np.ndarray:
@@ -224,7 +245,7 @@ class TorchEagerBackend(Backend):
         args, kwargs = self._arguments(model, {k: v for k, v in inputs.items() if k not in statistics_in})
         with torch.no_grad():
             result = model(*args, **kwargs)
-        leaves = [_snapshot(t) for t in _tensor_leaves(result)]
+        leaves = _output_leaves(result)
         output_names = [n for n in self.output_names if n not in statistics_out] or [
             f"output_{i}" for i in range(len(leaves))
         ]
