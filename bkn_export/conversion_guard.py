@@ -72,6 +72,7 @@ from torch.utils._pytree import tree_flatten
 
 from bkn_export.distributed import process_group_memo
 from bkn_export.errors import ConversionError
+from bkn_export.module_modes import copied, eval_forward
 
 __all__ = [
     "TOLERANCES",
@@ -128,33 +129,6 @@ def _excess(actual: Tensor, expected: Tensor, slack: Tensor | None = None) -> tu
         bound = bound + slack
     largest = float(difference.max()) if difference.numel() else 0.0
     return largest, bool((difference <= bound).all())
-
-
-def eval_forward(model: nn.Module, example_inputs: Any) -> Any:
-    """One eval-mode, no-grad forward; every module's train/eval flag is restored afterwards.
-
-    example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword inputs; the forward gets a
-    copy, so one that changes its input in place changes neither the caller's tensors nor the next forward's.
-    """
-    example_inputs = _clone(example_inputs)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(example_inputs, Mapping):
-                return model(**example_inputs)
-            if isinstance(example_inputs, (tuple, list)):
-                return model(*example_inputs)
-            return model(example_inputs)
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
-def _clone(value: Any) -> Any:
-    """``value`` with every tensor cloned; a ``torch.Size`` kept whole (pytree would rebuild it as a tuple)."""
-    leaves, spec = tree_flatten(value, is_leaf=lambda item: isinstance(item, torch.Size))
-    return spec.unflatten([leaf.detach().clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves])
 
 
 @contextmanager
@@ -311,7 +285,7 @@ class ConversionGuard:
 
             handles.append(modules[name].register_forward_pre_hook(hook))
         try:
-            outputs = _clone(eval_forward(model, example_inputs))
+            outputs = copied(eval_forward(model, example_inputs))
         finally:
             for handle in handles:
                 handle.remove()

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 __all__ = [
     "call_example",
+    "copied",
     "eval_forward",
     "eval_mode",
     "frozen_layers",
@@ -85,6 +87,15 @@ def frozen_layers_note(frozen: Sequence[str]) -> str:
     )
 
 
+def copied(value: Any) -> Any:
+    """``value`` (a tensor, or nested tuples / lists / dicts holding tensors) with every tensor detached and cloned;
+    a ``torch.Size`` kept whole (pytree would rebuild it as a tuple), anything else as it is. Every forward this
+    package runs on a caller's inputs gets such a copy: a forward that changes its input in place (``x.mul_(2)``)
+    must change neither the caller's tensors nor the next forward's inputs."""
+    leaves, spec = tree_flatten(value, is_leaf=lambda item: isinstance(item, torch.Size))
+    return spec.unflatten([leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves])
+
+
 def call_example(model: nn.Module, example_inputs: Any) -> Any:
     """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple/list, else ``model(inputs)``."""
     if isinstance(example_inputs, Mapping):
@@ -95,6 +106,7 @@ def call_example(model: nn.Module, example_inputs: Any) -> Any:
 
 
 def eval_forward(model: nn.Module, example_inputs: Any) -> Any:
-    """One eval-mode, no-grad forward on ``example_inputs``; every module's train/eval flag restored afterwards."""
+    """One eval-mode, no-grad forward on a :func:`copied` ``example_inputs`` (a tensor, a tuple/list of positional
+    inputs, or a dict of keyword inputs); every module's train/eval flag restored afterwards."""
     with eval_mode(model), torch.no_grad():
-        return call_example(model, example_inputs)
+        return call_example(model, copied(example_inputs))

@@ -146,7 +146,8 @@ def _node_check(boundary: Boundary, oracle: np.ndarray, actual: np.ndarray, poli
     """:func:`_check` of a runtime's node output against the ONNX reference evaluator's: there a NaN (or the same
     infinity) at the same element on both sides agrees (the file computes it, and the runtime runs the file
     faithfully), where against PyTorch any non-finite value fails. Elsewhere as :func:`_check`."""
-    if oracle.shape == actual.shape and oracle.dtype.kind == "f" and actual.dtype.kind == "f":
+    floating = [a.dtype.kind == "f" or a.dtype.name == "bfloat16" for a in (oracle, actual)]
+    if oracle.shape == actual.shape and all(floating):
         both = (np.isnan(oracle) & np.isnan(actual)) | (np.isinf(oracle) & (oracle == actual))
         if both.any():
             oracle = np.where(both, 0, oracle).astype(oracle.dtype)

@@ -75,12 +75,13 @@ OUTPUT_ORDER_METADATA = "bkn_export.output_order"
 
 
 def returned_output_order(model: onnx.ModelProto) -> tuple[list[str], str | None]:
-    """The file's output names in the order the PyTorch model returns its tensors, and a note when that order is
-    assumed rather than recorded.
+    """The names to pair the PyTorch model's tensors with, in the order it returns them, and a note when that
+    order is assumed rather than recorded, or when recorded outputs are gone from the file.
 
-    A ``bkn_export`` file records the order at export (``bkn_export.output_order``), so outputs reordered
-    afterwards by a graph tool still pair with the right PyTorch output. A file that records none, or whose
-    outputs are no longer those it recorded (renamed, added, removed), is paired by position in the graph, as
+    A ``bkn_export`` file records the order at export (``bkn_export.output_order``), so outputs reordered or
+    removed afterwards by a graph tool still pair with the right PyTorch output (tensor i with recorded name i;
+    a name the file no longer has is left out of the comparison, with the note). A file that records none, or
+    holds an output its export did not record (renamed, added), is paired by position in the graph, as
     ``torch.onnx.verification`` does; with more than one output the note says so.
     """
     names = [output.name for output in model.graph.output]
@@ -91,12 +92,26 @@ def returned_output_order(model: onnx.ModelProto) -> tuple[list[str], str | None
             recorded = json.loads(text)
         except ValueError:
             recorded = None
-    if isinstance(recorded, list) and sorted(recorded) == sorted(names) and len(set(names)) == len(names):
-        return [str(name) for name in recorded], None
+    if (
+        isinstance(recorded, list)
+        and all(isinstance(name, str) for name in recorded)
+        and len(set(recorded)) == len(recorded)
+        and set(names) <= set(recorded)
+    ):
+        gone = [name for name in recorded if name not in names]
+        note = None
+        if gone:
+            note = (
+                f"outputs {', '.join(repr(name) for name in gone)} recorded at export are not in the file (removed "
+                "after export): the PyTorch tensors they held are not compared; the others pair by their names"
+            )
+        return list(recorded), note
     if len(names) < 2:
         return names, None
     if text is None:
-        why = f"the file records no output order ({OUTPUT_ORDER_METADATA}; not a bkn_export file)"
+        exported_here = any(prop.key.startswith("bkn_export.") for prop in model.metadata_props)
+        source = "exported by a bkn_export version that did not record it" if exported_here else "not a bkn_export file"
+        why = f"the file records no output order ({OUTPUT_ORDER_METADATA}; {source})"
     else:
         why = f"its outputs are not those its export recorded in {OUTPUT_ORDER_METADATA} ({text})"
     return names, (

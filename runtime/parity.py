@@ -215,8 +215,9 @@ _DTYPE_UNSUPPORTED = (
     "not supported for",
     "Unsupported type",
     "Input element types do not match",
-    "No corresponding Numpy type",  # ONNX Runtime's Python binding cannot return a bfloat16 output
 )
+#: ONNX Runtime's Python binding on a bfloat16 output it cannot hand back as a NumPy array (at run time).
+_NO_NUMPY_TYPE = "No corresponding Numpy type"
 
 
 def _half_dtypes(specs: Sequence[TensorSpec]) -> set[str]:
@@ -312,8 +313,6 @@ def run_parity(
 
     onnx_outputs = [s.name for s in output_specs]
     returned_order, order_note = returned_output_order(onnx_model)
-    # the specs in the order the PyTorch model returns its outputs (what every rerun of the model pairs them by)
-    returned_specs = sorted(output_specs, key=lambda spec: returned_order.index(spec.name))
     notes: list[str] = []
     fed = [name for name in model_statistics if not any(name in feed for feed in given)]
     if fed:
@@ -331,6 +330,7 @@ def run_parity(
         # what load() would read from the file, already known: key inputs and outputs by graph name
         reference_backend.input_names = [s.name for s in input_specs]
         reference_backend.output_names = returned_order
+        reference_backend.file_outputs = frozenset(known_outputs)
         reference_backend.file_layers = op_node_layers(onnx_model)
         references = [_reference_run(reference_backend, feed, path) for feed in feeds]
         notes.extend(reference_backend.notes)
@@ -340,7 +340,7 @@ def run_parity(
         if not references[0]:
             raise BKNInputError(f"the PyTorch model returned no tensors; {path} has outputs {onnx_outputs}")
         if noise_floor:
-            measured = _MeasuredRun(model, mode, feeds, references, input_specs, returned_specs)
+            measured = _MeasuredRun(model, mode, feeds, references, input_specs, output_specs, returned_order)
             policy, floor_notes = _with_noise_floors(policy, measured)
             notes.extend(floor_notes)
     uncompared = [name for name in onnx_outputs if name not in references[0]]
@@ -417,8 +417,23 @@ def run_parity(
         if progress:
             progress("done", entry.name, index, total)
         report.runtimes.append(result)
+    exact = sorted(
+        {
+            c.output
+            for r in report.failures()
+            for c in r.outputs
+            if not c.passed and (c.dtype == "bool" or c.dtype.startswith(("int", "uint")))
+        }
+    )
+    if half and exact:
+        report.notes.append(
+            f"{', '.join(repr(name) for name in exact)}: integer / bool output(s) of a file that computes in "
+            f"{'/'.join(sorted(half))}: an element within rounding of a threshold (a comparison, an argmax tie) can "
+            "come out the other way than in the float32 reference; --max-mismatch (Criteria(max_mismatch=...)) "
+            "allows a share of differing elements"
+        )
     if model is not None and not noise_floor and any(not c.passed for r in report.failures() for c in r.outputs):
-        measured = _MeasuredRun(model, mode, feeds, references, input_specs, returned_specs)
+        measured = _MeasuredRun(model, mode, feeds, references, input_specs, output_specs, returned_order)
         report.notes.extend(_rounding_hints(report, measured))
     return report
 
@@ -434,6 +449,8 @@ class _MeasuredRun:
     references: Sequence[Feed]
     input_specs: Sequence[TensorSpec]
     output_specs: Sequence[TensorSpec]
+    #: The names the model's tensors pair with, in its order (:func:`runtime.model_io.returned_output_order`).
+    returned_order: Sequence[str]
 
     def noise(self) -> dict[str, Any]:
         """:func:`runtime.noise.measured_noise` per output (ReferenceNoise); BKNInputError where the model does not
@@ -442,7 +459,7 @@ class _MeasuredRun:
 
         return measured_noise(
             self.model, self.mode, self.feeds, self.references, [s.name for s in self.input_specs],
-            [s.name for s in self.output_specs], {s.name: self.dtype(s.name) for s in self.output_specs},
+            list(self.returned_order), {s.name: self.dtype(s.name) for s in self.output_specs},
         )  # fmt: skip
 
     def dtype(self, output: str) -> str:
@@ -659,8 +676,8 @@ def _run_one(
         try:
             outputs = backend.run(feed)
         except Exception as error:
-            if _unsupported_dtype(error, half):
-                reason = f"cannot run {'/'.join(sorted(half))} models: {type(error).__name__}: {error}"
+            if half and _NO_NUMPY_TYPE in str(error):  # the model ran; its outputs cannot be handed over
+                reason = f"cannot return {'/'.join(sorted(half))} outputs: {type(error).__name__}: {error}"
                 return RuntimeResult(entry.name, Status.UNAVAILABLE, reason, time.perf_counter() - started), []
             return RuntimeResult(
                 entry.name, Status.ERROR, f"input set {iteration}: {type(error).__name__}: {error}",

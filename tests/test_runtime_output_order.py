@@ -140,13 +140,14 @@ def test_a_file_without_a_recorded_order_is_paired_by_position_and_says_so(tmp_p
     assert any("reordered after export would fail here" in note for note in report.notes)
 
 
-def test_a_recorded_order_that_no_longer_matches_the_outputs_falls_back_to_position(tmp_path: Path) -> None:
+def test_a_recorded_order_that_misses_an_output_falls_back_to_position(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     _export("inference", path)
     model = onnx.load(path)
     del model.graph.output[1]
-    names, note = returned_output_order(model)
-    assert names == ["output_0"] and note is None  # one output: nothing to pair
+    names, note = returned_output_order(model)  # removed: still paired by the record, with a note
+    assert names == ["output_0", "output_1"]
+    assert note is not None and "'output_1' recorded at export are not in the file" in note
     model = onnx.load(path)
     model.graph.output[1].name = "renamed"
     names, note = returned_output_order(model)
@@ -167,3 +168,35 @@ def test_the_pytorch_backend_keys_outputs_by_the_recorded_order(tmp_path: Path) 
     np.testing.assert_array_equal(outputs["output_0"], first.numpy())
     np.testing.assert_array_equal(outputs["output_1"], second.numpy())
     assert backend.notes == []
+
+
+def test_the_runtime_reads_the_key_the_export_writes() -> None:
+    """``runtime`` keeps its own copy of the key (reading a file must not import the exporter)."""
+    from bkn_export.export.metadata import METADATA_PREFIX, OUTPUT_ORDER_KEY
+
+    assert OUTPUT_ORDER_METADATA == METADATA_PREFIX + OUTPUT_ORDER_KEY
+
+
+def test_outputs_removed_after_export_pair_by_the_recorded_order(tmp_path: Path) -> None:
+    """The first output pruned away (``onnx.utils.extract_model`` keeping ``output_1``): the model's second tensor is
+    still compared with ``output_1``, the pruned one with nothing, and a note says so."""
+    path, pruned = tmp_path / "model.onnx", tmp_path / "pruned.onnx"
+    model, feed = _export("inference", path)
+    onnx.utils.extract_model(str(path), str(pruned), ["x"], ["output_1"])
+    proto = onnx.load(pruned)
+    proto.metadata_props.extend(onnx.load(path).metadata_props)  # extract_model keeps no metadata
+    onnx.save(proto, pruned)
+    report = run_parity(model, pruned, [feed], mode="inference", runtimes="ort:cpu:all", localise_failures=False)
+    assert report.passed, [(r.runtime, r.status, r.outputs) for r in report.runtimes]
+    assert any("'output_0' recorded at export are not in the file" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("recorded", ['[1, "output_0"]', '[["output_0"], "output_1"]', '{"a": 1}', "not json"])
+def test_a_corrupt_recorded_order_falls_back_to_position(tmp_path: Path, recorded: str) -> None:
+    path = tmp_path / "model.onnx"
+    _export("inference", path)
+    model = onnx.load(path)
+    next(p for p in model.metadata_props if p.key == OUTPUT_ORDER_METADATA).value = recorded
+    names, note = returned_output_order(model)
+    assert names == ["output_0", "output_1"]
+    assert note is not None and "not those its export recorded" in note

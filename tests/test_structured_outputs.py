@@ -312,7 +312,7 @@ def test_a_constant_number_among_the_outputs_is_named_when_the_export_fails(tmp_
 
     x = torch.randn(2, 3, 8, 8)
     model = _converted(WithConstant(), x)
-    with pytest.raises(ExportError, match=r"Output\(s\) 'output_1' of WithConstant are Python numbers"):
+    with pytest.raises(ExportError, match=r"Output\(s\) 'output_1' of WithConstant are Python values"):
         export_onnx(model, x, tmp_path / "model.onnx")
 
 
@@ -324,3 +324,46 @@ def test_assert_parity_refuses_a_dict_of_inputs_by_name() -> None:
     model = _converted(_DictWithNone(), x)
     with pytest.raises(BKNInputError, match=r"not a dict \(keys \['x'\]\)"):
         assert_parity(model, {"x": x})
+
+
+def test_a_mask_of_a_half_precision_file_may_flip_within_max_mismatch(tmp_path: Path) -> None:
+    """A float16 file's comparison can come out the other way than the float32 reference's for an element within
+    rounding of the threshold: exact by default, with a note saying why; ``max_mismatch`` allows a share."""
+    from runtime.compare import Criteria
+
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "half"], ["mask"])], "mask",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1000])],
+        [helper.make_tensor_value_info("mask", TensorProto.BOOL, [1000])],
+        [helper.make_tensor("half", TensorProto.FLOAT16, [], [0.5])],
+    )  # fmt: skip
+    path = tmp_path / "mask.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    x = np.linspace(0, 1, 1000).astype(np.float16)
+    reference = x > 0.5
+    reference[np.argmin(np.abs(x.astype(np.float64) - 0.5))] ^= True  # the float32 model rounded it the other way
+    runs = {
+        "inputs": [{"x": x}],
+        "mode": "inference",
+        "runtimes": "ort:cpu:all",
+        "reference_outputs": [{"mask": reference}],
+    }
+    report = run_parity(None, path, **runs)  # type: ignore[arg-type]
+    assert not report.passed
+    assert any("within rounding of a threshold" in note and "'mask'" in note for note in report.notes)
+    assert run_parity(None, path, criteria=Criteria(max_mismatch=0.002), **runs).passed  # type: ignore[arg-type]
+    assert not run_parity(None, path, criteria=Criteria(max_mismatch=0.0005), **runs).passed  # type: ignore[arg-type]
+
+
+def test_a_size_among_the_example_inputs_is_recorded() -> None:
+    """Recording the chain copies the example; its copy had turned a torch.Size into a tuple (a regression of the
+    copies, found in review)."""
+
+    class Resized(_DictWithNone):
+        def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:  # type: ignore[override]
+            assert isinstance(size, torch.Size)
+            return nn.functional.interpolate(self.body(x), size=size[2:])
+
+    x = torch.randn(2, 3, 8, 8)
+    model = _converted(Resized(), (x, torch.Size([2, 4, 4, 4])))
+    assert model(x, torch.Size([2, 4, 4, 4])).shape == (2, 4, 4, 4)

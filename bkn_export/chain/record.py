@@ -65,7 +65,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
 from bkn_export import moments
 from bkn_export.chain.steps import (
@@ -90,7 +89,7 @@ from bkn_export.chain.steps import (
     step_from_dict,
 )
 from bkn_export.errors import ChainWiringError
-from bkn_export.module_modes import call_example, eval_mode
+from bkn_export.module_modes import call_example, copied, eval_mode
 
 __all__ = [
     "Combination",
@@ -1497,8 +1496,7 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
     layer that ran, in first-call order, as a :class:`LayerRecord`; layers that did not
     run are named in ``RecordedChain.notes``.
     """
-    # a copy: a forward that changes its input in place must not change the caller's tensors
-    example_inputs = tree_map(lambda leaf: leaf.detach().clone() if isinstance(leaf, Tensor) else leaf, example_inputs)
+    example_inputs = copied(example_inputs)  # the recorder knows the inputs by identity: copy before registering
     recorder = _Recorder()
     handles = []
     for name, module in model.named_modules():

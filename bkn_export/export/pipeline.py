@@ -384,13 +384,14 @@ def trace(traceable: Traceable, request: ExportRequest, explain: Callable[[Excep
             **traceable.options,
         )
     except ExportError as error:
-        if not numbers:
+        # the exporter's words for a graph output that is a plain Python value rather than a traced one
+        if not numbers or "object has no attribute 'name'" not in str(error):
             raise
         named = ", ".join(repr(all_outputs[i]) for i in numbers if i < len(all_outputs))
         raise ExportError(
-            f"{error}. Output(s) {named} of {type(traceable.model).__name__} are Python numbers, not tensors: only "
-            "a size read from a dynamic dim (x.shape[0] with the batch dynamic) becomes a graph output; return a "
-            "tensor (torch.tensor(value)) or leave the number out"
+            f"{error}. Output(s) {named} of {type(traceable.model).__name__} are Python values (int, float, str), "
+            "not tensors: only a size read from a dynamic dim (x.shape[0] with the batch dynamic) becomes a graph "
+            "output; return a tensor (torch.tensor(value)) or leave the value out"
         ) from error
     return Traced(program, all_inputs, all_outputs, strides)
 

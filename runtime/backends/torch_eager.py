@@ -10,8 +10,9 @@ state.
 Inputs are matched to ``forward``'s parameters by ONNX input name when every ONNX input
 names one (an argument the exporter dropped keeps its default, or gets None, with a
 note), else by position; floating inputs are cast to the model's parameter dtype. The
-flattened PyTorch outputs are matched to the ONNX graph outputs by position (as
-``torch.onnx.export`` orders them).
+flattened PyTorch outputs (tensors and Python numbers; a None is no output, as in the export) are matched to
+``output_names`` in order: the order the export recorded (``bkn_export.output_order``, so outputs reordered or
+removed later pair by name), else the graph's (:func:`runtime.model_io.returned_output_order`).
 
 ``run_capturing`` also records every module's output through forward hooks, for the
 localisation (:mod:`runtime.localize`).
@@ -140,6 +141,9 @@ class TorchEagerBackend(Backend):
         self.notes: list[str] = []
         #: The layers the file's BatchKalmanNorm nodes came from (their exporter scopes); None where unknown.
         self.file_layers: frozenset[str] | None = None
+        #: The file's graph outputs: the outputs :meth:`run` returns (``output_names`` may also name outputs the
+        #: file no longer has, to pair the model's tensors by); None: every name in ``output_names``.
+        self.file_outputs: frozenset[str] | None = None
 
     def available(self) -> Availability:
         try:
@@ -158,6 +162,7 @@ class TorchEagerBackend(Backend):
         inputs, _ = tensor_specs(graph_model)
         self.input_names = [s.name for s in inputs]
         self.output_names, order_note = returned_output_order(graph_model)
+        self.file_outputs = frozenset(output.name for output in graph_model.graph.output)
         if order_note is not None:
             self._note(order_note)
         self.file_layers = op_node_layers(graph_model)
@@ -263,6 +268,8 @@ class TorchEagerBackend(Backend):
         outputs.update(
             {name: _snapshot(buffer) for name, buffer in statistics_out.items() if name in self.output_names}
         )
+        if self.file_outputs is not None:
+            outputs = {name: array for name, array in outputs.items() if name in self.file_outputs}
         return outputs
 
     def _running_statistics(
