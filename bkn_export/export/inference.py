@@ -63,7 +63,7 @@ from bkn_export.export.pipeline import (
 )
 from bkn_export.export.result import ExportResult, FoldRecord
 from bkn_export.export.rules import Leftover, apply_fold_rules, unfolded_normalizations
-from bkn_export.module_modes import eval_mode
+from bkn_export.module_modes import copied, eval_mode
 
 __all__ = ["DEFAULT_OPSET", "FP16_TOLERANCE", "eval_mode", "export_inference", "resolve_opset"]
 
@@ -302,8 +302,8 @@ def _fold_difference(reference: nn.Module, folded: nn.Module, inputs: tuple[Tens
     try:
         with torch.no_grad():
             # each forward on its own copy: a forward that changes its input in place would feed the other its result
-            expected = _tensors(reference(*(t.clone() for t in inputs)))
-            pairs = list(zip(expected, _tensors(folded(*(t.clone() for t in inputs))), strict=True))
+            expected = _tensors(reference(*copied(inputs)))
+            pairs = list(zip(expected, _tensors(folded(*copied(inputs))), strict=True))
     except Exception as error:  # a model that does not run in float64, an output structure that changed
         return f"the float64 check could not run: {type(error).__name__}: {error}"
     for index, (want, have) in enumerate(pairs):

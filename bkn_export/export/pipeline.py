@@ -41,6 +41,7 @@ from bkn_export.atomic import check_writable
 from bkn_export.errors import BKNError, ExportError, NonFiniteWeightsError, OptionError
 from bkn_export.export.common import check_model, example_tuple, resolve_opset, run_dynamo_export
 from bkn_export.export.io import check_external_data_threshold
+from bkn_export.module_modes import copied
 
 __all__ = [
     "ExportRequest",
@@ -97,8 +98,7 @@ def validate_request(
     """Check every option and the path before any work; raise OptionError / OutputWriteError / ExportError."""
     request = ExportRequest(
         opset=resolve_opset(opset),
-        # copies: a forward that changes its input in place (x.mul_(2)) must not change the caller's tensors
-        inputs=tuple(t.detach().clone() if isinstance(t, Tensor) else t for t in example_tuple(example_inputs)),
+        inputs=copied(example_tuple(example_inputs)),  # a forward may change its input in place: not the caller's
         dynamic_batch=bool(dynamic_batch),
         dynamic_spatial=bool(dynamic_spatial),
         fp16=bool(fp16),
@@ -283,7 +283,7 @@ def _eager_run(
         handles = [m.register_forward_hook(record) for m in traceable.module.modules() if isinstance(m, _STRIDED)]
     try:
         with torch.no_grad():
-            outputs = traceable.module(*(t.clone() for t in traceable.inputs), *traceable.extra_inputs)
+            outputs = traceable.module(*copied(traceable.inputs), *traceable.extra_inputs)
     except BKNError:
         raise
     except Exception as error:  # the model's own error reads better than the exporter's
@@ -468,7 +468,7 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
         inputs = tuple(_resized(t, size, generator) for t in traceable.inputs)
         try:
             with torch.no_grad():
-                expected = _leaves(traceable.module(*inputs, *traceable.extra_inputs))
+                expected = _leaves(traceable.module(*copied(inputs), *traceable.extra_inputs))
         except Exception as error:
             if first:
                 raise ExportError(
