@@ -249,8 +249,20 @@ def check_outputs(expected: Any, actual: Any, what: str = "the model's eval-mode
     for index, (before, after) in enumerate(zip(expected_leaves, actual_leaves)):
         if isinstance(before, Tensor) and isinstance(after, Tensor):
             largest, ok = _excess(after, before)
+        elif isinstance(before, (tuple, list, dict)) and type(before) is type(after):
+            # a container subclass torch's pytree does not flatten: compared item by item
+            check_outputs(_items(before), _items(after), f"{what} (output {index})")
+            continue
         else:
-            largest, ok = (0.0, True) if before == after else (float("inf"), False)
+            try:
+                same = bool(before == after)
+            except RuntimeError as error:  # an object holding tensors that pytree does not flatten (a dataclass)
+                raise ConversionError(
+                    f"cannot compare {what} (output {index}, a {type(before).__name__}: {error}); register the type "
+                    "with torch.utils._pytree (register_dataclass / register_pytree_node) so its tensors are "
+                    "compared. The model was left unchanged"
+                ) from error
+            largest, ok = (0.0, True) if same else (float("inf"), False)
         if not ok:
             raise ConversionError(
                 f"conversion would change {what} (output {index}): largest difference {largest:.3g}, beyond the "
@@ -258,6 +270,11 @@ def check_outputs(expected: Any, actual: Any, what: str = "the model's eval-mode
                 "every normalization layer matched on its own, so look for code that inspects module types "
                 "(isinstance(m, nn.BatchNorm2d)) in the model's forward."
             )
+
+
+def _items(container: tuple[Any, ...] | list[Any] | dict[Any, Any]) -> tuple[Any, ...] | dict[Any, Any]:
+    """A tuple / list / dict subclass as the plain container of its items."""
+    return dict(container) if isinstance(container, dict) else tuple(container)
 
 
 class ConversionGuard:

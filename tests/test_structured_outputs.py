@@ -367,3 +367,39 @@ def test_a_size_among_the_example_inputs_is_recorded() -> None:
     x = torch.randn(2, 3, 8, 8)
     model = _converted(Resized(), (x, torch.Size([2, 4, 4, 4])))
     assert model(x, torch.Size([2, 4, 4, 4])).shape == (2, 4, 4, 4)
+
+
+class _Pair(tuple):  # type: ignore[type-arg]
+    """A tuple subclass torch's pytree does not know."""
+
+
+def test_a_container_subclass_output_converts_and_its_training_file_is_compared(tmp_path: Path) -> None:
+    class Paired(_DictWithNone):
+        def forward(self, x: torch.Tensor) -> _Pair:  # type: ignore[override]
+            y = self.body(x)
+            return _Pair((y, y.mean((2, 3))))
+
+    x = torch.randn(2, 3, 8, 8)
+    model = _converted(Paired(), x)  # the guard had raised "Boolean value of Tensor ... is ambiguous"
+    path = tmp_path / "model.onnx"
+    export_onnx(model.train(), x, path, mode="training")
+    report = run_parity(model, path, [{"x": x.numpy()}], mode="training", runtimes="ort:cpu:all")
+    assert report.passed  # the PyTorch side had found "no tensors" in the subclass
+    assert {c.output for r in _ran(report) for c in r.outputs} >= {"output_0", "output_1"}
+
+
+def test_an_unregistered_dataclass_output_is_refused_by_name() -> None:
+    from dataclasses import dataclass
+
+    from bkn_export.errors import ConversionError
+
+    @dataclass
+    class Out:
+        features: torch.Tensor
+
+    class Boxed(_DictWithNone):
+        def forward(self, x: torch.Tensor) -> Out:  # type: ignore[override]
+            return Out(self.body(x))
+
+    with pytest.raises(ConversionError, match=r"a Out: .*register the type with torch.utils._pytree"):
+        convert_batchnorm(Boxed(), torch.randn(2, 3, 8, 8))

@@ -70,7 +70,9 @@ def _output_leaves(value: Any) -> list[np.ndarray]:
 
     leaves = []
     for leaf in tree_leaves(value):
-        if isinstance(leaf, torch.Tensor):
+        if isinstance(leaf, (tuple, list, dict)):  # a container subclass pytree does not know; the exporter flattens it
+            leaves.extend(_output_leaves(dict(leaf) if isinstance(leaf, dict) else tuple(leaf)))
+        elif isinstance(leaf, torch.Tensor):
             leaves.append(_snapshot(leaf))
         elif isinstance(leaf, bool):
             leaves.append(np.array(leaf, dtype=np.bool_))
