@@ -268,7 +268,14 @@ def _compare_exactly(
     result.max_abs_error = float(max(errors, default=0)) if numeric else float(count > 0)
     result.mismatch_fraction = count / reference.size if reference.size else 0.0
     result.max_rel_error = result.mean_abs_error = result.median_abs_error = 0.0
-    result.stat_abs_error = result.stat_rel_error = 0.0
+    if numeric and count:  # the statistics of |a - r| over every element (the verdict above is exact)
+        distance = np.zeros(reference.shape, dtype=np.float64)
+        distance[differ] = errors
+        scale = np.maximum(np.abs(reference.astype(np.float64)), 1.0)
+        result.mean_abs_error, result.median_abs_error = float(distance.mean()), float(np.median(distance))
+        result.max_rel_error = float((distance / scale).max())
+    # what the stat columns show: the largest (an exact comparison has no error statistic of its own)
+    result.stat_abs_error, result.stat_rel_error = result.max_abs_error, result.max_rel_error
     result.cosine_similarity = 1.0 if count == 0 else float("nan")
     result.histogram = [0] * (len(HISTOGRAM_EDGES) - 1)
     if count and result.mismatch_fraction > allowed:

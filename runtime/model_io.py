@@ -39,8 +39,9 @@ __all__ = [
     "tensor_specs",
 ]
 
-#: Domains every ONNX runtime implements (the default domain and its alias).
-STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+#: The domains of the ONNX standard (the default domain and its alias, ML, and the training preview's gradient and
+#: optimizer ops): a runtime that lacks one of their ops says so itself, where a custom domain needs a library.
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"})
 
 
 def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:

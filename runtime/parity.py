@@ -352,9 +352,11 @@ def run_parity(
     for iteration, outputs in enumerate(references):
         if outputs and all(np.asarray(array).size == 0 for array in outputs.values()):
             shapes = ", ".join(f"{name} {tuple(array.shape)}" for name, array in feeds[iteration].items())
+            empty = ", ".join(f"{name} {tuple(np.asarray(array).shape)}" for name, array in outputs.items())
             raise BKNInputError(
-                f"input set {iteration} ({shapes}) compares nothing: every output of the parity reference is empty; "
-                "give inputs with at least one element (an empty batch checks no computation)"
+                f"input set {iteration} ({shapes}) compares nothing: every output of the parity reference is empty "
+                f"({empty}); give inputs for which the model computes something (an empty batch checks no "
+                "computation)"
             )
     if uncompared:
         notes.append(

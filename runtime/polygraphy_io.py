@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from runtime._bkn import write_text_atomic
-from runtime.errors import SavedDataError
+from runtime.errors import BKNInputError, SavedDataError
 
 __all__ = [
     "ITERATION_FILE_WIDTH",
@@ -54,9 +54,15 @@ Feed = dict[str, np.ndarray]
 
 
 def encode_array(array: np.ndarray) -> dict[str, str]:
-    """An array as Polygraphy encodes it."""
+    """An array as Polygraphy encodes it; an object array (ONNX strings) is refused: the format stores no pickles."""
+    array = np.asarray(array)
+    if array.dtype.kind == "O":
+        raise BKNInputError(
+            "an array of Python objects (ONNX string tensors) cannot be saved in Polygraphy's JSON, which stores "
+            "arrays without pickling: check string inputs / outputs through the Python API (run_parity)"
+        )
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array), allow_pickle=False)
+    np.save(buffer, array, allow_pickle=False)
     return {"array": base64.b64encode(buffer.getvalue()).decode("ascii"), TYPE_MARKER: "ndarray"}
 
 

@@ -47,6 +47,7 @@ class ReferenceEvaluatorBackend(Backend):
 
     def __init__(self) -> None:
         self._evaluator: object | None = None
+        self._optional: set[str] = set()
 
     def available(self) -> Availability:
         try:
@@ -67,6 +68,8 @@ class ReferenceEvaluatorBackend(Backend):
         limitations = reference_limitations(model)
         if limitations:
             raise RuntimeLimitationError(f"{self.name}: {'; '.join(limitations)}")
+        # an optional-typed output comes back as [tensor] (ONNX Runtime returns the tensor itself)
+        self._optional = {o.name for o in model.graph.output if o.type.HasField("optional_type")}
         try:
             self._evaluator = ReferenceEvaluator(model)
         except Exception as error:
@@ -80,4 +83,7 @@ class ReferenceEvaluatorBackend(Backend):
         evaluator = self._evaluator
         names = list(evaluator.output_names)  # type: ignore[attr-defined]
         values = evaluator.run(None, dict(inputs))  # type: ignore[attr-defined]
-        return dict(zip(names, (np.asarray(v) for v in values)))
+        return {
+            name: np.asarray(value[0] if name in self._optional and isinstance(value, list) and value else value)
+            for name, value in zip(names, values)
+        }
