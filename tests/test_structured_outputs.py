@@ -403,3 +403,30 @@ def test_an_unregistered_dataclass_output_is_refused_by_name() -> None:
 
     with pytest.raises(ConversionError, match=r"a Out: .*register the type with torch.utils._pytree"):
         convert_batchnorm(Boxed(), torch.randn(2, 3, 8, 8))
+
+
+class _RegisteredTwice(nn.Module):
+    """A block registered under two names and called through the second, as MONAI's DynUNet does (its
+    ``input_block`` is also ``skip_layers.downsample``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.skip = nn.Sequential(self.conv1, self.bn1, nn.ReLU(), self.conv2, self.bn2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x)
+
+
+@pytest.mark.parametrize("option", ["running_stats_io", "expose_posteriors"])
+def test_layers_registered_under_two_names_export_their_statistics(tmp_path: Path, option: str) -> None:
+    """torch.export traces such a module through copies: the export's observer did not know them ("did not run on
+    the example inputs"), and parity's note called every layer missing from the file."""
+    x = torch.randn(2, 3, 8, 8)
+    model = _converted(_RegisteredTwice(), x)
+    path = tmp_path / "model.onnx"
+    export_onnx(model.train(), x, path, mode="training", **{option: True})
+    report = run_parity(model, path, [{"x": x.numpy()}], mode="training", runtimes="ort:cpu:all")
+    assert report.passed
+    assert not any("no BatchKalmanNorm node" in note for note in report.notes), report.notes

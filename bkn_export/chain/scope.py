@@ -424,6 +424,7 @@ class Observer:
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {id(m): name for name, m in model.named_modules() if isinstance(m, _BatchKalmanNorm)}
+        self._known = frozenset(self.names.values())
         self.observations: dict[str, Observation] = {}
         #: Per layer name: what each of its calls in this forward published, in call order (a layer that the
         #: forward calls twice, its weights shared, updates its running statistics twice).
@@ -432,8 +433,20 @@ class Observer:
         self.unrun: dict[str, tuple[str, ...]] = {}
         self._priors: dict[int, Prior | None] = {}
 
-    def saw_prior(self, layer: nn.Module, prior: Prior | None, unrun: tuple[str, ...] = ()) -> None:
+    def _name(self, layer: nn.Module) -> str | None:
+        """``layer``'s name in the observed model; for a copy of one of its layers, the name its chain membership
+        carries (``torch.export`` traces a module registered under two names, as MONAI's DynUNet registers its
+        blocks, through copies of it)."""
         name = self.names.get(id(layer))
+        if name is None:
+            chain = getattr(layer, "chain", None)
+            carried = getattr(chain, "name", None)
+            if carried in self._known:
+                return str(carried)
+        return name
+
+    def saw_prior(self, layer: nn.Module, prior: Prior | None, unrun: tuple[str, ...] = ()) -> None:
+        name = self._name(layer)
         if name is not None:
             self._priors[id(layer)] = prior
             if name not in self.observations:
@@ -442,7 +455,7 @@ class Observer:
     def saw_posterior(
         self, layer: nn.Module, published: Published, op_prior: tuple[Tensor, Tensor, Tensor], x: Tensor
     ) -> None:
-        name = self.names.get(id(layer))
+        name = self._name(layer)
         if name is not None:
             self.calls.setdefault(name, []).append(published)
         if name is not None and name not in self.observations:

@@ -167,8 +167,11 @@ class _TrainingGraph(nn.Module):
         """What each call of layer ``name`` published in this forward; ExportError where it did not run."""
         if name not in observer.calls:
             raise ExportError(
-                f"BKN layer '{name}' did not run on the example inputs, so its running statistics and "
-                "posterior cannot be graph outputs; export with example inputs that reach every BKN layer"
+                f"BKN layer '{name}' did not run on the example inputs in the export's forward (the model in eval "
+                "mode, only its BKN layers in train mode), so its running statistics and posterior cannot be graph "
+                "outputs; export with example inputs that reach every BKN layer. A branch the model takes only "
+                "when it is itself in train mode (`if self.training:`, a VAE or deep-supervision head) is not in "
+                "a training-mode file"
             )
         return observer.calls[name]
 

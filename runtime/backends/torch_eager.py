@@ -192,15 +192,20 @@ class TorchEagerBackend(Backend):
         from runtime.onnx_scopes import unwrapped
 
         layers = bkn_layers(instance)
-        known = {name for name, _ in layers}
+        aliases: dict[int, set[str]] = {}  # a layer registered under several names (MONAI's DynUNet) is any of them
+        for name, module in instance.named_modules(remove_duplicate=False):
+            aliases.setdefault(id(module), set()).add(name)
+        known = {alias for _, layer in layers for alias in aliases.get(id(layer), ())}
         in_file = {unwrapped(name, known) for name in self.file_layers}  # the export's wrapper: model.<layer>
-        missing = [name for name, layer in layers if layer.training and name not in in_file]
+        missing = [name for name, layer in layers if layer.training and not aliases.get(id(layer), {name}) & in_file]
         if missing:
             shown = ", ".join(repr(n) for n in missing[:6]) + (" ..." if len(missing) > 6 else "")
             self._note(
-                f"layer(s) {shown} train in the model but have no BatchKalmanNorm node in the file (exported frozen, "
-                "in eval mode?): the file computes them with their running statistics; put them in eval mode in the "
-                "model (model.get_submodule(name).eval()) to compare what the file computes"
+                f"layer(s) {shown} train in the model but have no BatchKalmanNorm node in the file: exported frozen "
+                "(in eval mode), the file computes them with their running statistics (put them in eval mode in the "
+                "model, model.get_submodule(name).eval(), to compare what the file computes); or on a branch the "
+                "model takes only when it is itself in train mode (`if self.training:`), which the training "
+                "export's eval-mode forward does not take, and the file does not compute them at all"
             )
 
     def _arguments(self, model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
