@@ -16,7 +16,12 @@ Criteria (:class:`Criteria`, one per run, the same for every output):
 
 Whatever the criterion, an output fails when the shapes differ or either side holds NaN
 or Inf: a non-finite value fails loudly, also in the reference, because a NaN compares
-unequal to everything and would otherwise hide a broken layer.
+unequal to everything and would otherwise hide a broken layer. ``equal_nan`` (off by
+default; ``bkn parity --equal-nan``) is the opt-in for a model whose expected output holds
+them (a masked attention row, ``log(0)``): then a NaN matches a NaN at the same position,
++Inf a +Inf and -Inf a -Inf (NumPy's ``isclose(equal_nan=True)`` / ``torch.testing.assert_close``:
+same-signed infinities are equal there in any case), a NaN or Inf on one side only still
+fails, and every error statistic covers the other elements only.
 
 Errors are computed in float64 whatever the dtype, so the judgement does not itself
 round. Tolerances default per dtype (:data:`DEFAULT_TOLERANCES`) and can be overridden
@@ -102,6 +107,8 @@ class Criteria:
     error_quantile: float = 0.99
     cosine_min: float | None = None
     max_mismatch: float = 0.0
+    #: A NaN / ±Inf in the reference matches the same value at the same position (module docstring).
+    equal_nan: bool = False
 
     def __post_init__(self) -> None:
         from runtime.errors import BKNInputError
@@ -126,6 +133,8 @@ class Criteria:
             text = f"{stat} error: abs <= atol or rel <= rtol (Polygraphy's rule)"
         if self.cosine_min is not None:
             text += f"; cosine >= {self.cosine_min:g}"
+        if self.equal_nan:
+            text += "; equal NaN/Inf at the same position (statistics over the other elements)"
         return text
 
 
@@ -326,6 +335,11 @@ def compare_output(
         actual = actual.astype(np.complex128).view(np.float64).reshape(*actual.shape, 2)
     ref64 = reference.astype(np.float64)
     act64 = actual.astype(np.float64)
+    nonfinite_reference, nonfinite_actual = result.nonfinite_reference, result.nonfinite_actual
+    if criteria.equal_nan:  # the matching NaN / Inf pairs leave the comparison; the rest is judged as always
+        matched = (np.isnan(ref64) & np.isnan(act64)) | (np.isinf(ref64) & (ref64 == act64))
+        ref64, act64 = ref64[~matched], act64[~matched]
+        nonfinite_reference, nonfinite_actual = nonfinite_count(ref64), nonfinite_count(act64)
     with np.errstate(invalid="ignore", over="ignore"):
         abs_error = np.abs(act64 - ref64)
     finite = np.isfinite(abs_error)
@@ -365,13 +379,20 @@ def compare_output(
         result.mean_abs_error = result.median_abs_error = result.stat_abs_error = result.stat_rel_error = 0.0
         result.cosine_similarity = 1.0
         result.histogram = [0] * (len(HISTOGRAM_EDGES) - 1)
-    if result.nonfinite_reference:
+    if nonfinite_reference and criteria.equal_nan:
         result.message = (
-            f"the parity reference's output {name!r} holds {result.nonfinite_reference} NaN/Inf values: the model (or "
-            "the saved outputs) is broken for these inputs (check the inputs and the checkpoint)"
+            f"the parity reference's output {name!r} holds {nonfinite_reference} NaN/Inf values that {runtime}'s "
+            "output does not hold at the same positions (equal_nan matches only the same value)"
         )
-    elif result.nonfinite_actual:
-        result.message = f"{runtime} output {name!r} holds {result.nonfinite_actual} NaN/Inf values"
+    elif nonfinite_reference:
+        result.message = (
+            f"the parity reference's output {name!r} holds {nonfinite_reference} NaN/Inf values: the model (or "
+            "the saved outputs) is broken for these inputs (check the inputs and the checkpoint; --equal-nan "
+            "if they are expected)"
+        )
+    elif nonfinite_actual:
+        where = " where the reference is finite" if criteria.equal_nan else ""
+        result.message = f"{runtime} output {name!r} holds {nonfinite_actual} NaN/Inf values{where}"
     elif criteria.error_stat == "elementwise" and result.mismatch_fraction > criteria.max_mismatch:
         allowed = f" (allowed {criteria.max_mismatch:.2%})" if criteria.max_mismatch else ""
         result.message = (

@@ -33,7 +33,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -62,7 +62,7 @@ from runtime.registry import RuntimeEntry, discover, select
 __all__ = ["REFERENCE_DESCRIPTION", "SCHEMA_VERSION", "ParityReport", "RuntimeResult", "Status", "run_parity"]
 
 #: Version of the JSON report layout (runtime/report_schema.json); bump on incompatible changes.
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 #: What the PyTorch reference computes, per mode (shown in every report).
 REFERENCE_DESCRIPTION = {
@@ -323,7 +323,10 @@ def run_parity(
     reference_backend: TorchEagerBackend | None = None
     if reference_outputs is not None:
         references = _saved_references(reference_outputs, feeds, onnx_outputs)
-        _check_saved_shapes(references, feeds, input_specs, output_specs)
+        shaped = {v.name for v in onnx_model.graph.output if v.type.tensor_type.HasField("shape")}
+        _check_saved_shapes(references, feeds, input_specs, output_specs, shaped)
+        references, converted = _exact_saved_outputs(references, output_specs)
+        notes.extend(converted)
         description = f"{reference_name} (no PyTorch model run)"
     else:
         reference_backend = TorchEagerBackend(model, mode)
@@ -382,13 +385,26 @@ def run_parity(
         input_sets=[[TensorSpec(s.name, s.dtype, tuple(f[s.name].shape)) for s in input_specs] for f in feeds],
         notes=notes,
     )
-    for iteration, outputs in enumerate(references):
-        for name, array in outputs.items():
-            if nonfinite_count(array):
-                report.reference_problems.append(
-                    f"the parity reference's output {name!r} holds NaN/Inf for input set {iteration}: the model is "
-                    "broken (check the checkpoint and the inputs); no runtime can be judged against it"
-                )
+    nonfinite = [
+        (iteration, name, nonfinite_count(array))
+        for iteration, outputs in enumerate(references)
+        for name, array in outputs.items()
+        if nonfinite_count(array)
+    ]
+    if policy.criteria.equal_nan:  # not a pass like any other: the report says what was matched rather than compared
+        held = ", ".join(f"{name!r} {count} in input set {iteration}" for iteration, name, count in nonfinite)
+        report.notes.append(
+            "--equal-nan (Criteria(equal_nan=True)) is on: a NaN / ±Inf of the reference passes where a runtime's "
+            "output holds the same value at the same position, and the error statistics cover the other elements "
+            f"only; the reference holds {held or 'none'}"
+        )
+    else:
+        for iteration, name, _ in nonfinite:
+            report.reference_problems.append(
+                f"the parity reference's output {name!r} holds NaN/Inf for input set {iteration}: the model is "
+                "broken (check the checkpoint and the inputs); no runtime can be judged against it (--equal-nan "
+                "if the model is meant to output them)"
+            )
     half = _half_dtypes([*input_specs, *output_specs])
     total = len(chosen)
     for index, entry in enumerate(chosen):
@@ -569,13 +585,13 @@ def _saved_references(
 
 def _check_saved_shapes(
     references: Sequence[Feed], feeds: Sequence[Feed], input_specs: Sequence[TensorSpec],
-    output_specs: Sequence[TensorSpec],
+    output_specs: Sequence[TensorSpec], shaped: Set[str],
 ) -> None:  # fmt: skip
     """SavedDataError when a saved output's shape cannot be what the model outputs for these inputs.
 
     Checked against the ONNX output's rank and fixed dims, and its symbolic dims that also
     name an input dim (``batch``), whose value the inputs fix. Outputs without shape
-    information in the file are not checked.
+    information in the file (not in ``shaped``) are not checked; a declared scalar (rank 0) is.
     """
     from runtime.errors import SavedDataError
 
@@ -588,18 +604,70 @@ def _check_saved_shapes(
                     symbols.setdefault(dim, int(size))
         for name, array in outputs.items():
             output = specs.get(name)
-            if output is None or not output.shape:
+            if output is None or name not in shaped:
                 continue
             expected = tuple(symbols.get(d, d) if isinstance(d, str) else d for d in output.shape)
             fits = len(expected) == array.ndim and all(
                 isinstance(e, str) or e == a for e, a in zip(expected, array.shape)
             )
+            if not fits and not expected and array.size == 1:
+                raise SavedDataError(
+                    f"the saved output {name!r} of iteration {iteration} has shape {tuple(array.shape)}, but the "
+                    "model declares it a scalar (shape ()): save it with shape () (array.reshape(()))"
+                )
             if not fits:
                 raise SavedDataError(
                     f"the saved output {name!r} of iteration {iteration} has shape {tuple(array.shape)}, but the "
                     f"model outputs {tuple(expected)} for these inputs: the outputs belong to other inputs or another "
                     "model"
                 )
+
+
+def _exact_saved_outputs(
+    references: Sequence[Feed], output_specs: Sequence[TensorSpec]
+) -> tuple[list[Feed], list[str]]:
+    """The saved outputs with each float array of an integer / bool ONNX output cast to that dtype, and a note per
+    output cast: its comparison stays exact (never within a float tolerance).
+
+    Cast only where it loses nothing: every value finite, integral, within the dtype's range (bool: 0 or 1) and
+    below the float type's exact-integer limit (2^24 for float32; a larger one may be a rounded integer).
+    Raises SavedDataError naming the output, the iteration and a value that is not.
+    """
+    from runtime.errors import SavedDataError
+
+    exact = {
+        s.name: np.dtype(s.dtype) for s in output_specs if s.dtype == "bool" or s.dtype.startswith(("int", "uint"))
+    }
+    converted: dict[str, str] = {}
+    cast = []
+    for iteration, outputs in enumerate(references):
+        outputs = dict(outputs)
+        for name, array in outputs.items():
+            target = exact.get(name)
+            if target is None or array.dtype.kind != "f":
+                continue
+            limits = (0, 1) if target.kind == "b" else (np.iinfo(target).min, np.iinfo(target).max)
+            exact_limit = 2.0 ** (np.finfo(array.dtype).nmant + 1)
+            with np.errstate(invalid="ignore"):
+                lossy = ~(np.isfinite(array) & (array == np.round(array)))
+                lossy |= (array < limits[0]) | (array > limits[1]) | (np.abs(array) > exact_limit)
+            if lossy.any():
+                value = array[lossy].flat[0].item()
+                raise SavedDataError(
+                    f"the saved output {name!r} of iteration {iteration} holds {array.dtype} values, but the model "
+                    f"outputs {target}, and {value!r} is not a whole number in {target}'s range that {array.dtype} "
+                    f"holds exactly: an integer / bool output is compared exactly, never within a float tolerance; "
+                    f"save it as {target}"
+                )
+            outputs[name] = array.astype(target)
+            converted[name] = f"{array.dtype}"
+        cast.append(outputs)
+    notes = [
+        f"the saved output {name!r} is stored as {stored}: every value is a whole number, compared exactly as the "
+        f"model's {exact[name]}"
+        for name, stored in converted.items()
+    ]
+    return cast, notes
 
 
 def _save(

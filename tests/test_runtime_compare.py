@@ -173,3 +173,34 @@ def test_the_mismatch_share_counts_infinities_by_whether_they_agree() -> None:
     reproduced = compare_output("y", reference, reference.copy(), Tolerance(1e-5, 1e-4))
     assert flipped.mismatch_fraction == pytest.approx(1 / 3) and reproduced.mismatch_fraction == 0.0
     assert not flipped.passed and not reproduced.passed  # non-finite values fail the verdict
+
+
+def test_equal_nan_matches_nan_and_same_signed_inf_at_the_same_position() -> None:
+    """NumPy's isclose(equal_nan=True): NaN = NaN, +inf = +inf, -inf = -inf where both sides hold them; the error
+    statistics cover the finite elements only (an independent computation over them)."""
+    reference = np.array([np.nan, np.inf, -np.inf, 1.0, 2.0, 4.0], dtype=np.float32)
+    actual = np.array([np.nan, np.inf, -np.inf, 1.0 + 1e-6, 2.0, 4.0 - 2e-6], dtype=np.float32)
+    strict = compare_output("y", reference, actual, Tolerance(1e-5, 1e-4))
+    result = compare_output("y", reference, actual, Tolerance(1e-5, 1e-4), criteria=Criteria(equal_nan=True))
+    assert not strict.passed and result.passed, result.message
+    finite = np.isfinite(reference)
+    errors = np.abs(actual[finite].astype(np.float64) - reference[finite].astype(np.float64))
+    assert result.max_abs_error == pytest.approx(float(errors.max()))
+    assert result.mean_abs_error == pytest.approx(float(errors.mean()))
+    assert result.mismatch_fraction == 0.0 and sum(result.histogram) == finite.sum()
+    assert result.nonfinite_reference == 3 and result.nonfinite_actual == 3  # still counted, for the report
+
+
+@pytest.mark.parametrize(
+    ("reference_value", "actual_value"),
+    [(np.nan, 1.0), (1.0, np.nan), (np.inf, -np.inf), (np.inf, np.nan), (np.inf, 1e30), (1.0, np.inf)],
+)
+def test_equal_nan_still_fails_a_nonfinite_value_on_one_side_only(reference_value: float, actual_value: float) -> None:
+    reference = np.array([np.nan, reference_value, 3.0], dtype=np.float32)
+    actual = np.array([np.nan, actual_value, 3.0], dtype=np.float32)
+    result = compare_output("y", reference, actual, Tolerance(1e30, 1e30), "ort", Criteria(equal_nan=True))
+    assert not result.passed and "NaN/Inf" in result.message and "'y'" in result.message
+
+
+def test_equal_nan_is_named_in_the_criteria_description() -> None:
+    assert "equal NaN" in Criteria(equal_nan=True).describe() and "NaN" not in Criteria().describe()

@@ -184,6 +184,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="elementwise: allowed fraction of elements outside atol + rtol*|r| (default 0)",
     )
+    criteria.add_argument(
+        "--equal-nan",
+        action="store_true",
+        help="a NaN (+Inf, -Inf) in the reference matches the same value at the same position in a runtime's output "
+        "(one side only still fails; statistics over the other elements; the report notes it). Default: any NaN/Inf "
+        "in the reference fails the run",
+    )
     parser.add_argument("--custom-op-library", action="append", default=[], help="ONNX Runtime custom-op library")
     parser.add_argument("--plugin", action="append", default=[], help="TensorRT plugin library")
     parser.add_argument("--no-localise", action="store_true", help="do not localise failures")
@@ -348,7 +355,9 @@ def _run(args: argparse.Namespace) -> int:
         "--load-inputs": args.load_inputs, "--load-outputs": args.load_outputs,
     }  # fmt: skip
     check_distinct_paths({label: path for label, (path, _) in outputs.items()}, input_files)
-    criteria = Criteria(args.check_error_stat, args.error_quantile, args.cosine_min, args.max_mismatch)
+    criteria = Criteria(
+        args.check_error_stat, args.error_quantile, args.cosine_min, args.max_mismatch, equal_nan=args.equal_nan
+    )
     inputs = _inputs(args, onnx_path)
     tolerances = {name: Tolerance(atol, rtol) for name, atol, rtol in args.tolerance}
     model: Any = None

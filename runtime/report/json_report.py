@@ -100,6 +100,7 @@ def report_to_dict(report: ParityReport) -> dict[str, Any]:
             "error_quantile": report.criteria.error_quantile,
             "cosine_min": report.criteria.cosine_min,
             "max_mismatch": report.criteria.max_mismatch,
+            "equal_nan": report.criteria.equal_nan,
             "description": report.criteria.describe(),
         },
         "seed": report.seed,
