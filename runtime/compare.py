@@ -40,6 +40,7 @@ from runtime._bkn import nonfinite_count
 __all__ = [
     "DEFAULT_TOLERANCES",
     "ERROR_STATS",
+    "FLOAT_PRECISION",
     "HISTOGRAM_EDGES",
     "Criteria",
     "OutputComparison",
@@ -74,6 +75,9 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "float16": Tolerance(1e-3, 1e-3),
     "bfloat16": Tolerance(1e-2, 1e-2),
 }
+
+#: Significand bits per float dtype name: what "narrower" means (:mod:`runtime.precision`).
+FLOAT_PRECISION: Mapping[str, int] = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}
 
 #: Absolute-error histogram: one bin per decade from 1e-12 to 1e2; exact zeros are
 #: counted in the first bin, larger errors in the last.
@@ -153,6 +157,15 @@ class TolerancePolicy:
     #: Per output, an atol below which no tolerance goes: the reference's own float32 error measured
     #: against float64, times :data:`runtime.noise.NOISE_FACTOR` (``run_parity(noise_floor=True)``).
     floors: Mapping[str, float] = field(default_factory=dict)
+    #: Per output, the narrower float type its value was computed in (:func:`runtime.precision.computed_precision`:
+    #: a float64 output of a float32 graph): its defaults are that type's.
+    computed_in: Mapping[str, str] = field(default_factory=dict)
+
+    def _defaults_dtype(self, output: str, dtype_name: str) -> str:
+        computed = self.computed_in.get(output)
+        if computed is None or dtype_name not in FLOAT_PRECISION:
+            return dtype_name
+        return computed if FLOAT_PRECISION[computed] < FLOAT_PRECISION[dtype_name] else dtype_name
 
     def __post_init__(self) -> None:
         from runtime.errors import BKNInputError
@@ -166,7 +179,9 @@ class TolerancePolicy:
                 raise BKNInputError(f"tolerance {label} must be a finite number >= 0; got {value}")
 
     def tolerance(self, output: str, dtype_name: str) -> Tolerance:
-        given = resolve_tolerance(output, dtype_name, self.atol, self.rtol, self.per_output)
+        given = resolve_tolerance(
+            output, self._defaults_dtype(output, dtype_name), self.atol, self.rtol, self.per_output
+        )
         floor = self.floors.get(output)
         return given if floor is None or floor <= given.atol else Tolerance(floor, given.rtol)
 
@@ -177,9 +192,14 @@ class TolerancePolicy:
         elif self.atol is not None and self.rtol is not None:
             text = "atol/rtol given"
         else:
-            text = f"{dtype_name} defaults" + ("" if self.atol is None and self.rtol is None else " + atol/rtol given")
+            defaults = self._defaults_dtype(output, dtype_name)
+            text = f"{defaults} defaults" + ("" if self.atol is None and self.rtol is None else " + atol/rtol given")
+            if defaults != dtype_name:
+                text += f" (a {dtype_name} output computed in {defaults} in the file)"
         floor = self.floors.get(output)
-        given = resolve_tolerance(output, dtype_name, self.atol, self.rtol, self.per_output)
+        given = resolve_tolerance(
+            output, self._defaults_dtype(output, dtype_name), self.atol, self.rtol, self.per_output
+        )
         if floor is not None and floor > given.atol:
             text += f", atol raised to the measured noise floor {floor:.2g}"
         return text

@@ -57,6 +57,7 @@ from runtime.model_io import (
     returned_output_order,
     tensor_specs,
 )
+from runtime.precision import computed_precision
 from runtime.registry import RuntimeEntry, discover, select
 
 __all__ = ["REFERENCE_DESCRIPTION", "SCHEMA_VERSION", "ParityReport", "RuntimeResult", "Status", "run_parity"]
@@ -276,7 +277,8 @@ def run_parity(
     path = Path(onnx_path)
     onnx_model = load_onnx(path)
     input_specs, output_specs = tensor_specs(onnx_model)
-    policy = TolerancePolicy(atol, rtol, dict(tolerances or {}), criteria or Criteria())
+    computed_in = computed_precision(onnx_model)
+    policy = TolerancePolicy(atol, rtol, dict(tolerances or {}), criteria or Criteria(), computed_in=computed_in)
     known_outputs = {s.name for s in output_specs}
     unknown = [name for name in policy.per_output if name not in known_outputs]
     if unknown:
@@ -314,6 +316,13 @@ def run_parity(
     onnx_outputs = [s.name for s in output_specs]
     returned_order, order_note = returned_output_order(onnx_model)
     notes: list[str] = []
+    judged_wider = {name: dtype for name, dtype in computed_in.items() if name not in policy.per_output}
+    if judged_wider and (atol is None or rtol is None):
+        computed = ", ".join(f"{name!r} in {dtype}" for name, dtype in judged_wider.items())
+        notes.append(
+            f"output(s) computed in a narrower float type than they are declared as ({computed}, e.g. a float64 "
+            "output of a float32 network): judged at that type's default tolerances, the rounding they carry"
+        )
     fed = [name for name in model_statistics if not any(name in feed for feed in given)]
     if fed:
         notes.append(
@@ -427,8 +436,9 @@ def run_parity(
                 bundle = Path(repro_dir) / entry.name.replace(":", "_")
                 try:
                     note = write_repro(
-                        onnx_model, path, entry, feed, references[result.failing_iteration or 0], result, bundle
-                    )
+                        onnx_model, path, entry, feed, references[result.failing_iteration or 0], result, bundle,
+                        policy,
+                    )  # fmt: skip
                 except OSError as error:  # the bundle is extra: its failure must not hide the verdict it explains
                     note = f"repro bundle for {entry.name} not written to {bundle}: {error}"
                 report.notes.append(note)

@@ -73,8 +73,11 @@ def write_repro(
     reference_outputs: Mapping[str, np.ndarray],
     result: Any,
     directory: Path,
+    policy: TolerancePolicy | None = None,
 ) -> str:
-    """Write the bundle for one failing runtime (``entry``, ``result``) into ``directory``; returns a one-line note."""
+    """Write the bundle for one failing runtime (``entry``, ``result``) into ``directory``; returns a one-line note.
+
+    policy: the run's tolerances and criteria, by which the bundle is re-judged (default: the dtype defaults)."""
     from runtime import polygraphy_io
     from runtime.onnx_scopes import with_outputs
 
@@ -108,10 +111,10 @@ def write_repro(
         save_onnx(sub, directory / "model.onnx")
         polygraphy_io.save_inputs(directory / "inputs.json", [sub_feed])
         polygraphy_io.save_outputs(directory / "expected.json", [expected], runner="reference")
-        reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected)
+        reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected, policy or TolerancePolicy())
     command = (
         f"bkn parity {directory / 'model.onnx'} --load-inputs {directory / 'inputs.json'} "
-        f"--load-outputs {directory / 'expected.json'} --runtimes {entry.name}"
+        f"--load-outputs {directory / 'expected.json'} --runtimes {entry.name}{_criteria_flags(policy)}"
     )
     readme = (
         f"Repro of a parity failure of {entry.name} on {model_path}\n\n"
@@ -126,13 +129,30 @@ def write_repro(
     return f"repro bundle for {entry.name} in {directory} (reproduces: {reproduces}): {command}"
 
 
-def _reproduces(entry: Any, path: Path, feed: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> str:
+def _criteria_flags(policy: TolerancePolicy | None) -> str:
+    """The ``bkn parity`` flags that judge as ``policy`` does globally (per-output tolerances and noise floors name
+    the whole file's outputs, not the bundle's: not carried)."""
+    if policy is None:
+        return ""
+    criteria = policy.criteria
+    flags = [f"--atol {policy.atol!r}"] if policy.atol is not None else []
+    flags += [f"--rtol {policy.rtol!r}"] if policy.rtol is not None else []
+    if criteria.error_stat != "elementwise":
+        flags += [f"--check-error-stat {criteria.error_stat}", f"--error-quantile {criteria.error_quantile!r}"]
+    flags += [f"--cosine-min {criteria.cosine_min!r}"] if criteria.cosine_min is not None else []
+    flags += [f"--max-mismatch {criteria.max_mismatch!r}"] if criteria.max_mismatch else []
+    flags += ["--equal-nan"] if criteria.equal_nan else []
+    return "".join(f" {flag}" for flag in flags)
+
+
+def _reproduces(
+    entry: Any, path: Path, feed: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], policy: TolerancePolicy
+) -> str:
     try:
         backend = entry.make()
         backend.load(str(path))
         outputs = backend.run(dict(feed))
     except Exception as error:
         return f"yes ({type(error).__name__} on load/run)"
-    policy = TolerancePolicy()
     failing = [name for name, value in expected.items() if not policy.judge(name, value, outputs[name]).passed]
     return f"yes ({', '.join(failing)} differ)" if failing else "no (the failure needs the surrounding graph)"

@@ -163,3 +163,18 @@ def test_a_block_the_exporter_names_by_another_registration_is_blamed_by_its_own
     report = run_parity(model, planted, runtimes="ort:cpu:all")
     localisation = report.runtimes[0].localisation
     assert localisation is not None and localisation.first_module == "downsamples.0", localisation.message
+
+
+def test_the_repro_bundle_is_judged_by_the_runs_own_tolerances(
+    exported: tuple[nn.Module, Path], tmp_path: Path
+) -> None:
+    """A run at atol 1e-12 fails ONNX Runtime on float32 rounding; its bundle, re-run, fails at 1e-12 too. It was
+    re-judged at the dtype defaults, under which rounding passes: "no (the failure needs the surrounding graph)"."""
+    model, path = exported
+    report = run_parity(model, path, runtimes="ort:cpu:all", atol=1e-12, rtol=0.0, repro_dir=tmp_path / "repro")
+    assert report.runtimes[0].status.value == "failed", report.runtimes[0]
+    readme = (tmp_path / "repro" / "ort_cpu_all" / "README.txt").read_text()
+    assert "reproduces the failure: yes" in readme, readme
+    recheck = readme.split("Re-check:\n  bkn ")[1].splitlines()[0].split()
+    assert recheck[-4:] == ["--atol", "1e-12", "--rtol", "0.0"], recheck
+    assert main(recheck) == 1  # the re-check command fails it too, as the run did

@@ -1,0 +1,91 @@
+"""The precision an output of an ONNX graph was computed in: the narrowest float type on its path.
+
+A graph output's declared type does not say how precisely its value was computed: a float32 network whose
+head casts to float64 (``x.double()``, a ``Cast(to=DOUBLE)`` before a loss or a softmax) returns float64 values
+that carry float32 rounding, and two runtimes (or PyTorch and a runtime) differ on them by float32's ulps, a
+million times float64's default tolerance. Judging such an output at float64 tolerances would fail a file that
+agrees. :func:`computed_precision` finds, per float output, the narrowest float type among the values computed
+on its path (node outputs that the output depends on, through the main graph), so that the output is judged at
+that type's tolerances, and the report says so (:class:`runtime.compare.TolerancePolicy`, ``computed_in``).
+
+Only computed values count: a graph input or an initializer of a narrower type, or a ``Constant``, is the same
+bits in every runtime and adds no rounding difference by being cast up. Types come from the graph's own
+declarations (inputs, outputs, initializers, ``value_info``) completed by ONNX shape inference where it
+runs; a value of unknown type counts as nothing. Nodes inside subgraphs (``If`` / ``Loop`` bodies) and function
+bodies are not looked into: their outputs in the main graph are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import onnx
+
+from runtime.compare import FLOAT_PRECISION
+
+__all__ = ["computed_precision"]
+
+_NAMES = {
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+
+
+def computed_precision(model: onnx.ModelProto) -> dict[str, str]:
+    """Per graph output whose value was computed in a narrower float type than its own, that type's name.
+
+    model (N nodes, V named values): one pass over the nodes to map producers, one backward walk per output, so
+    O(outputs · (N + V)) at worst. Outputs not listed: computed at their own precision, or not float."""
+    types = _float_types(model)
+    producer = {name: node for node in model.graph.node for name in node.output if name}
+    narrower = {}
+    for output in model.graph.output:
+        own = types.get(output.name)
+        if own is None:
+            continue
+        narrowest = _narrowest(types.get(name) for name in _computed_ancestors(output.name, producer))
+        if narrowest is not None and FLOAT_PRECISION[narrowest] < FLOAT_PRECISION[own]:
+            narrower[output.name] = narrowest
+    return narrower
+
+
+def _float_types(model: onnx.ModelProto) -> dict[str, str]:
+    """Value name → float type name, from the graph's declarations and, where it runs, shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # a graph that inference cannot type (custom ops...): its declarations alone
+        inferred = model.graph
+    types: dict[str, str] = {}
+    for graph in (inferred, model.graph):
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            name = _NAMES.get(value.type.tensor_type.elem_type)
+            if name is not None:
+                types.setdefault(value.name, name)
+    for initializer in model.graph.initializer:
+        name = _NAMES.get(initializer.data_type)
+        if name is not None:
+            types.setdefault(initializer.name, name)
+    return types
+
+
+def _computed_ancestors(output: str, producer: Mapping[str, onnx.NodeProto]) -> Iterable[str]:
+    """The values ``output`` depends on that a node computes (itself included), ``Constant`` nodes left out."""
+    seen: set[str] = set()
+    pending = [output]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is None or (node.op_type == "Constant" and node.domain in ("", "ai.onnx")):
+            continue
+        yield name
+        pending.extend(n for n in node.input if n)
+
+
+def _narrowest(names: Iterable[str | None]) -> str | None:
+    known = [name for name in names if name is not None]
+    return min(known, key=FLOAT_PRECISION.__getitem__) if known else None

@@ -1,0 +1,138 @@
+"""Outputs computed in a narrower float type than declared (runtime.precision): judged at that type's tolerances.
+
+Specification: :func:`computed_precision` names, per float graph output, the narrowest float type among the values
+computed on its path (node outputs; graph inputs, initializers and Constants left out) where it is narrower than the
+output's own; a float64 output of a float32 network (``x.double()`` at the head) is then judged at float32's default
+tolerances, and the report says so, so that ORT's float32 rounding, which differs from PyTorch's by float32 ulps,
+does not fail a file that agrees; a float64 network stays at float64 tolerances; a real difference still fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from bkn_export import convert_batchnorm
+from bkn_export.export import export_onnx
+from runtime.compare import DEFAULT_TOLERANCES, TolerancePolicy
+from runtime.parity import run_parity
+from runtime.precision import computed_precision
+
+
+class _DoubleHead(nn.Module):
+    """A float32 conv stack whose output is cast to float64 (as a loss head or a calibration step may do)."""
+
+    def __init__(self, bias_shift: float = 0.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        self.bias_shift = bias_shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).double() * 3.0 + self.bias_shift
+
+
+def _exported(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> Path:
+    path = tmp_path / "model.onnx"
+    export_onnx(model, x, path)
+    return path
+
+
+def _model() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    return convert_batchnorm(_DoubleHead(), x).eval(), x
+
+
+def _graph(*nodes: onnx.NodeProto, input_type: int, output_type: int) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info("x", input_type, [2])]
+    outputs = [helper.make_tensor_value_info("y", output_type, [2])]
+    graph = helper.make_graph(list(nodes), "g", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_float64_output_computed_in_float32_is_named() -> None:
+    model = _graph(
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Cast", ["r"], ["y"], to=TensorProto.DOUBLE),
+        input_type=TensorProto.FLOAT,
+        output_type=TensorProto.DOUBLE,
+    )
+    assert computed_precision(model) == {"y": "float32"}
+
+
+def test_an_input_cast_up_and_computed_in_float64_is_not() -> None:
+    """A float32 input is the same bits in every runtime: cast up and computed in float64, nothing narrower."""
+    model = _graph(
+        helper.make_node("Cast", ["x"], ["c"], to=TensorProto.DOUBLE),
+        helper.make_node("Relu", ["c"], ["y"]),
+        input_type=TensorProto.FLOAT,
+        output_type=TensorProto.DOUBLE,
+    )
+    assert computed_precision(model) == {}
+
+
+def test_a_float16_step_on_the_path_of_a_float32_output_is_named() -> None:
+    model = _graph(
+        helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT),
+        input_type=TensorProto.FLOAT,
+        output_type=TensorProto.FLOAT,
+    )
+    assert computed_precision(model) == {"y": "float16"}
+
+
+def test_the_policy_judges_at_the_computed_type_and_says_so() -> None:
+    policy = TolerancePolicy(computed_in={"y": "float32"})
+    assert policy.tolerance("y", "float64") == DEFAULT_TOLERANCES["float32"]
+    assert "computed in float32" in policy.source("y", "float64")
+    assert policy.tolerance("z", "float64") == DEFAULT_TOLERANCES["float64"]
+    # an explicit atol/rtol still wins
+    explicit = TolerancePolicy(atol=1e-12, rtol=1e-12, computed_in={"y": "float32"})
+    assert explicit.tolerance("y", "float64").atol == 1e-12
+
+
+def test_a_float64_head_on_a_float32_network_passes_in_ort_and_is_noted(tmp_path: Path) -> None:
+    model, x = _model()
+    path = _exported(tmp_path, model, x)
+    (output,) = onnx.load(path).graph.output
+    assert computed_precision(onnx.load(path)) == {output.name: "float32"}
+    report = run_parity(model, path, [x.numpy()], runtimes=["ort:cpu:all"])
+    (result,) = report.runtimes
+    (comparison,) = result.outputs
+    assert comparison.passed, comparison
+    assert comparison.max_abs_error > DEFAULT_TOLERANCES["float64"].atol  # float32 rounding: float64's would fail
+    assert "computed in float32" in comparison.tolerance_source
+    assert any("narrower float type" in note for note in report.notes)
+
+
+def test_a_real_difference_in_a_float64_head_still_fails(tmp_path: Path) -> None:
+    model, x = _model()
+    path = _exported(tmp_path, model, x)
+    changed = _DoubleHead(bias_shift=1e-3)
+    changed.load_state_dict(model.state_dict(), strict=False)
+    changed = convert_batchnorm(changed, x)
+    changed.load_state_dict(model.state_dict())
+    changed.eval()
+    report = run_parity(changed, path, [x.numpy()], runtimes=["ort:cpu:all"])
+    (result,) = report.runtimes
+    assert not result.outputs[0].passed
+
+
+def test_a_float64_network_keeps_float64_tolerances(tmp_path: Path) -> None:
+    """On the ONNX reference evaluator (ORT has no float64 Conv)."""
+    model, x = _model()
+    model = model.double()
+    x = x.double()
+    path = _exported(tmp_path, model, x)
+    assert computed_precision(onnx.load(path)) == {}
+    report = run_parity(model, path, [x.numpy()], runtimes=["reference"])
+    (result,) = report.runtimes
+    assert result.outputs[0].passed
+    assert result.outputs[0].tolerance_source.startswith("float64 defaults")
+    assert np.isfinite(result.outputs[0].max_abs_error)
