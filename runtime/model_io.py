@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from runtime._bkn import TensorSpec, check_feeds, is_op_node, is_running_statistic_input, load_onnx_file, tensor_spec
+from runtime._bkn import (
+    OP_DOMAIN,
+    TensorSpec,
+    check_feeds,
+    is_op_node,
+    is_running_statistic_input,
+    load_onnx_file,
+    tensor_spec,
+)
 from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError
 
 __all__ = [
@@ -32,7 +40,9 @@ __all__ = [
     "declared_mode",
     "detect_mode",
     "input_sets",
+    "is_onnxruntime_domain",
     "load_onnx",
+    "onnxruntime_ops",
     "random_inputs",
     "returned_output_order",
     "running_statistics_inputs",
@@ -42,6 +52,19 @@ __all__ = [
 #: The domains of the ONNX standard (the default domain and its alias, ML, and the training preview's gradient and
 #: optimizer ops): a runtime that lacks one of their ops says so itself, where a custom domain needs a library.
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"})
+
+
+def is_onnxruntime_domain(domain: str) -> bool:
+    """Whether ``domain`` is one of ONNX Runtime's own (``com.microsoft``, ``com.microsoft.nchwc``,
+    ``com.ms.internal.nhwc``...): ops that ONNX Runtime implements itself and writes into the files it optimizes
+    (``SessionOptions.optimized_model_filepath``), which no other runtime runs."""
+    return domain == "com.microsoft" or domain.startswith(("com.microsoft.", "com.ms."))
+
+
+def onnxruntime_ops(model: onnx.ModelProto) -> list[str]:
+    """The ``domain::op`` of the graph's ONNX Runtime ops (:func:`is_onnxruntime_domain`), in graph order."""
+    found = (f"{node.domain}::{node.op_type}" for node in model.graph.node if is_onnxruntime_domain(node.domain))
+    return list(dict.fromkeys(found))
 
 
 def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
@@ -122,11 +145,16 @@ def returned_output_order(model: onnx.ModelProto) -> tuple[list[str], str | None
 
 
 def custom_domains(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """Non-standard domain -> op types used by the graph that no local function defines."""
+    """Non-standard domain -> op types used by the graph that no local function defines (ONNX Runtime's own
+    domains left out: ONNX Runtime runs them, and :func:`onnxruntime_ops` names them for the other runtimes)."""
     local = {(f.domain, f.name) for f in model.functions}
     missing: dict[str, list[str]] = {}
     for node in model.graph.node:
-        if node.domain in STANDARD_DOMAINS or (node.domain, node.op_type) in local:
+        if (
+            node.domain in STANDARD_DOMAINS
+            or is_onnxruntime_domain(node.domain)
+            or (node.domain, node.op_type) in local
+        ):
             continue
         ops = missing.setdefault(node.domain, [])
         if node.op_type not in ops:
@@ -144,10 +172,19 @@ def check_custom_ops(model: onnx.ModelProto, path: str | os.PathLike[str], runti
     if not missing or provided:
         return
     ops = ", ".join(f"{domain}::{op}" for domain, op_types in missing.items() for op in op_types)
+    if set(missing) != {OP_DOMAIN}:
+        raise RuntimeLoadError(
+            f"{runtime}: {path} uses {ops}, custom ops that no local function of the model defines, and no "
+            "custom-op library/plugin was given: pass the library that implements them "
+            "(custom_op_libraries=[...] / --custom-op-library)"
+        )
     raise RuntimeLoadError(
         f"{runtime}: {path} uses {ops}, which has no ONNX function body in the model and no custom-op "
         "library/plugin was given. Re-export with bkn_export.export.export_onnx(..., mode='training') "
-        "(which stores the function body), or pass the library (custom_op_libraries=[...] / --custom-op-library)."
+        "(which stores the function body), or pass the library (custom_op_libraries=[...] / --custom-op-library). "
+        "A file that another tool rewrote may have lost the body: onnx.version_converter.convert_version drops a "
+        "model's local functions (re-export with the opset you need, restore the body with "
+        "bkn_export.export.training.attach_function(model), or run onnx.inliner.inline_local_functions first)."
     )
 
 

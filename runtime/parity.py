@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime._bkn import bkn_layers
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture, TorchEagerBackend, op_node_layers
 from runtime.compare import Criteria, OutputComparison, Tolerance, TolerancePolicy, nonfinite_count
@@ -53,6 +54,7 @@ from runtime.model_io import (
     declared_mode,
     detect_mode,
     load_onnx,
+    onnxruntime_ops,
     random_inputs,
     returned_output_order,
     tensor_specs,
@@ -298,6 +300,8 @@ def run_parity(
             f"mode {mode!r} contradicts {path}, a {declared}-mode export (its metadata / ai.bkn nodes): the "
             f"{mode} reference would differ from it everywhere; use mode {declared!r} (or 'auto' on the CLI)"
         )
+    # the modes differ only in the BKN layers: a model without any (or saved outputs) computes one function in both
+    assumed = mode is None and declared is None and hasattr(model, "named_modules") and bool(bkn_layers(model))
     mode = mode or detect_mode(onnx_model)
     if mode not in ("inference", "training"):
         raise BKNInputError(f"mode must be 'inference' or 'training', got {mode!r}")
@@ -316,6 +320,13 @@ def run_parity(
     onnx_outputs = [s.name for s in output_specs]
     returned_order, order_note = returned_output_order(onnx_model)
     notes: list[str] = []
+    if assumed:
+        notes.append(
+            f"{path.name} declares no export mode (no bkn_export.mode metadata, no ai.bkn nodes: exported by another "
+            "tool, or rewritten by one that inlined the BKN op and dropped the metadata, as onnxscript's optimizer "
+            "and onnx.utils.extract_model do): compared as an inference-mode file (the eval forward); a "
+            "training-mode file needs --mode training (mode='training')"
+        )
     judged_wider = {name: dtype for name, dtype in computed_in.items() if name not in policy.per_output}
     if judged_wider and (atol is None or rtol is None):
         computed = ", ".join(f"{name!r} in {dtype}" for name, dtype in judged_wider.items())
@@ -415,9 +426,18 @@ def run_parity(
                 "if the model is meant to output them)"
             )
     half = _half_dtypes([*input_specs, *output_specs])
+    ort_only = onnxruntime_ops(onnx_model)
+    if ort_only:
+        report.notes.append(
+            f"the file holds ONNX Runtime's own ops ({', '.join(ort_only[:4])}{', ...' if len(ort_only) > 4 else ''}: "
+            "a file ONNX Runtime optimized and saved), which only ONNX Runtime runs: the other runtimes are "
+            "reported unavailable; compare them on the file before ONNX Runtime's optimization"
+        )
     total = len(chosen)
     for index, entry in enumerate(chosen):
-        result, failure_notes = _run_one(entry, path, feeds, references, policy, half, progress, index, total)
+        result, failure_notes = _run_one(
+            entry, path, feeds, references, policy, half, progress, index, total, ort_only
+        )  # fmt: skip
         report.notes.extend(f"{entry.name}: {note}" for note in failure_notes)
         if result.status in (Status.FAILED, Status.ERROR) and entry.make is not None:
             failing = [c.output for c in result.outputs if not c.passed]
@@ -729,14 +749,21 @@ def _run_one(
     progress: Progress | None,
     index: int,
     total: int,
+    ort_only: Sequence[str] = (),
 ) -> tuple[RuntimeResult, list[str]]:
     """The runtime's verdict, and where it failed, what its backend knows it computes less accurately
-    (:meth:`Backend.failure_notes`)."""
+    (:meth:`Backend.failure_notes`). ort_only: the file's ONNX Runtime ops (:func:`onnxruntime_ops`), which make
+    every other runtime unavailable."""
     if not entry.availability.ok or entry.make is None:
         status = Status.UNAVAILABLE if entry.availability.applicable else Status.NOT_APPLICABLE
         if progress:
             progress("skip", entry.name, index, total)
         return RuntimeResult(entry.name, status, entry.availability.reason), []
+    if ort_only and not entry.name.startswith("ort"):
+        if progress:
+            progress("skip", entry.name, index, total)
+        reason = f"the file holds ONNX Runtime's own ops ({', '.join(ort_only[:3])}), which {entry.name} does not run"
+        return RuntimeResult(entry.name, Status.UNAVAILABLE, reason), []
     if progress:
         progress("start", entry.name, index, total)
     started = time.perf_counter()

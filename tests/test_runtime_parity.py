@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
+import onnx.version_converter
 import pytest
 import torch
 from onnx import numpy_helper
 from test_runtime_support import digits_inputs, exported_digits, trained_digits
 
 from bkn_export.export import export_onnx
+from bkn_export.export.training import attach_function
 from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError, UnknownRuntimeError
 from runtime.model_io import detect_mode
 from runtime.parity import run_parity
@@ -187,6 +190,62 @@ def test_custom_op_without_function_body_or_library_says_what_to_load(tmp_path: 
         RuntimeLoadError, match=r"ai\.bkn::BatchKalmanNorm, which has no ONNX function body.*mode='training'"
     ):
         run_parity(trained_digits(), path, digits_inputs(), mode="training")
+
+
+def test_a_file_whose_opset_onnx_converted_says_that_the_converter_dropped_the_body(tmp_path: Path) -> None:
+    """onnx.version_converter keeps the ai.bkn nodes and drops the model's local functions (onnx 1.23): the file no
+    longer says how to compute them. The error names the converter and the two ways around it, which both work."""
+    source = onnx.load(exported_digits("training"))
+    opset = next(o.version for o in source.opset_import if o.domain in ("", "ai.onnx"))
+    converted = onnx.version_converter.convert_version(source, opset - 1)
+    assert not converted.functions  # what the converter does today; if it keeps them, this test has served
+    path = tmp_path / "converted.onnx"
+    onnx.save(converted, path)
+    with pytest.raises(RuntimeLoadError, match=r"version_converter\.convert_version drops a model's local functions"):
+        run_parity(trained_digits(), path, digits_inputs(), mode="training")
+    inlined = onnx.version_converter.convert_version(onnx.inliner.inline_local_functions(source), opset - 1)
+    attach_function(converted)  # in place: the body for the converted opset
+    for repaired in (converted, inlined):
+        onnx.save(repaired, path)
+        report = run_parity(trained_digits(), path, digits_inputs(), mode="training", runtimes="ort:cpu:all")
+        assert report.passed, report.runtimes
+
+
+def test_a_file_that_declares_no_mode_is_compared_as_inference_with_a_note_saying_so(tmp_path: Path) -> None:
+    """A training file whose op was inlined and whose metadata a tool dropped says nothing of its mode: auto-detection
+    falls back to inference, which was silent (a failure blamed on the model's own code); the note names the
+    assumption and --mode training, under which the same file passes."""
+    rewritten = onnx.inliner.inline_local_functions(onnx.load(exported_digits("training")))
+    del rewritten.metadata_props[:]
+    path = tmp_path / "rewritten.onnx"
+    onnx.save(rewritten, path)
+    assumed = run_parity(trained_digits(), path, digits_inputs(), runtimes="ort:cpu:all", localise_failures=False)
+    assert assumed.mode == "inference" and not assumed.passed
+    assert any("declares no export mode" in note and "--mode training" in note for note in assumed.notes)
+    declared = run_parity(trained_digits(), path, digits_inputs(), mode="training", runtimes="ort:cpu:all")
+    assert declared.passed and not any("declares no export mode" in note for note in declared.notes)
+
+
+@pytest.mark.parametrize(("mode", "level"), [("inference", "ORT_ENABLE_EXTENDED"), ("training", "ORT_ENABLE_ALL")])
+def test_a_file_onnx_runtime_optimized_and_saved_runs_on_onnx_runtime_and_is_unavailable_elsewhere(
+    tmp_path: Path, mode: str, level: str
+) -> None:
+    """ONNX Runtime writes its own ops (com.microsoft::FusedConv, com.microsoft.nchwc) into the files it optimizes
+    (optimized_model_filepath). They were refused up front as custom ops needing a library, with the advice to
+    re-export in training mode; ONNX Runtime runs them, so ONNX Runtime is compared and the others are unavailable."""
+    import onnxruntime as ort
+
+    optimized = tmp_path / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(exported_digits(mode)), options, providers=["CPUExecutionProvider"])
+    assert any(node.domain.startswith("com.microsoft") for node in onnx.load(optimized).graph.node)
+    report = run_parity(trained_digits(), optimized, digits_inputs(), mode=mode, runtimes=["ort:cpu", "reference"])
+    assert report.passed, report.runtimes
+    statuses = {r.runtime: r.status.value for r in report.runtimes}
+    assert statuses["reference"] == "unavailable" and statuses["ort:cpu:disable_all"] == "passed", statuses
+    assert any("ONNX Runtime's own ops" in note for note in report.notes)
 
 
 @pytest.mark.parametrize("mode", ["inference", "training"])

@@ -9,7 +9,8 @@ file as it is:
   default; ``precision="engine"`` keeps the device's own hint (reported in the reason),
   for checking what a deployment with default settings computes.
 * **Model-local functions.** OpenVINO's ONNX frontend does not read ``ModelProto.functions``
-  (reading the training-mode export crashes the process with a segmentation fault), so
+  (reading the training-mode export fails: openvino 2026.4.1 raises ``OpConversionFailure``,
+  earlier releases crashed the process with a segmentation fault), so
   a model that has them is inlined first with ``onnx.inliner.inline_local_functions``:
   every ``ai.bkn::BatchKalmanNorm`` node becomes its function body, as ONNX defines it.
   OpenVINO never sees the functions.
