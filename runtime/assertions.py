@@ -41,11 +41,10 @@ def _cast_to_onnx_inputs(arrays: list[np.ndarray], path: Path) -> list[np.ndarra
     sides see the same numbers. Other mismatches are left for run_parity to reject.
     """
     import ml_dtypes
-    import onnx
 
-    from runtime.model_io import tensor_specs
+    from runtime.model_io import load_onnx, tensor_specs
 
-    specs, _ = tensor_specs(onnx.load(str(path), load_external_data=False))
+    specs, _ = tensor_specs(load_onnx(path, load_external_data=False))
     floating = ("float16", "bfloat16", "float32", "float64")
     cast = []
     for array, spec in zip(arrays, specs):
@@ -100,6 +99,7 @@ def assert_parity(
     from runtime.errors import NoRuntimeRanError, ParityMismatchError
 
     _check_options(atol, rtol, parity_options)
+    _check_arguments(model, inputs, runtimes, tolerances, criteria, report_dir)
     arrays = _as_arrays(inputs)
     with tempfile.TemporaryDirectory(prefix="bkn-parity-") as tmp:
         path = Path(onnx_path or export_to or Path(tmp) / f"model_{mode}.onnx")
@@ -108,7 +108,12 @@ def assert_parity(
 
             export_onnx(model, _as_tensors(arrays), path, mode=mode, **dict(export_options or {}))
         if report_dir is not None:
-            Path(report_dir).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(report_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                from runtime.errors import BKNInputError
+
+                raise BKNInputError(f"report_dir {report_dir}: cannot create it ({error})") from error
         arrays = _cast_to_onnx_inputs(arrays, path)
         report = run_parity(
             model, path, arrays, mode=mode, runtimes=runtimes, atol=atol, rtol=rtol, tolerances=tolerances,
@@ -148,6 +153,33 @@ def _check_options(atol: Any, rtol: Any, parity_options: Mapping[str, Any]) -> N
             f"assert_parity got unknown keyword(s) {unknown}; it takes its own arguments and run_parity's "
             f"{sorted(accepted)}"
         )
+
+
+def _check_arguments(model: Any, inputs: Any, runtimes: Any, tolerances: Any, criteria: Any, report_dir: Any) -> None:
+    """Refuse, before the export, arguments of the wrong type (they would fail later with an error about something
+    else, or be read as something they are not)."""
+    from runtime.errors import BKNInputError
+
+    if not (hasattr(model, "named_modules") and callable(model)):
+        raise BKNInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if inputs is None or isinstance(inputs, (str, bytes)):
+        raise BKNInputError(f"inputs must be a tensor / array or a tuple of them, got {type(inputs).__name__}")
+    names = [runtimes] if isinstance(runtimes, str) else runtimes
+    if not isinstance(names, Sequence) or not all(isinstance(name, str) for name in names):
+        raise BKNInputError(
+            f"runtimes must be 'all', a comma-separated string or a sequence of runtime names, got {runtimes!r}"
+        )
+    if tolerances is not None and not isinstance(tolerances, Mapping):
+        raise BKNInputError(f"tolerances must map output names to Tolerance(atol, rtol), got {tolerances!r}")
+    for name, tolerance in (tolerances or {}).items():
+        if not isinstance(tolerance, Tolerance):
+            raise BKNInputError(
+                f"tolerances[{name!r}] must be runtime.compare.Tolerance(atol, rtol), got {tolerance!r}"
+            )
+    if criteria is not None and not isinstance(criteria, Criteria):
+        raise BKNInputError(f"criteria must be runtime.compare.Criteria(...) or None, got {criteria!r}")
+    if report_dir is not None and Path(report_dir).exists() and not Path(report_dir).is_dir():
+        raise BKNInputError(f"report_dir {report_dir} is a file, not a directory")
 
 
 def failure_message(report: ParityReport) -> str:

@@ -135,6 +135,9 @@ def module_boundaries(
             owner = unwrapped(owner, known_modules) if owner else None
             if owner and (known_modules is None or owner in known_modules) and owner not in owners:
                 owners.append(owner)
+        # A module whose parameters this node reads but which has nodes of its own (a wired BKN layer's step reads
+        # its predecessor's γ, β for the prior; a tied weight) ran separately: this node's value is not its output.
+        owners = [owner for owner in owners if owner not in scoped or owner in scope]
         for value in node.output:
             if not value:
                 continue

@@ -95,6 +95,8 @@ def test_reports_on_a_full_disk_exit_2_with_path_and_reason_and_leave_no_file(
         (["--input-shape", "y:2,1,8,8"], "unknown input 'y'"),
         (["--val-range", "y:0,1"], "--val-range for unknown input(s) ['y']"),
         (["--load-inputs", "inputs.npy"], "expected .npz"),
+        (["--json", ""], "--json was given an empty path"),  # an unset $REPORT: the report was silently not written
+        (["--html", " "], "--html was given an empty path"),
     ],
 )
 def test_bad_options_exit_2_naming_what_was_expected(

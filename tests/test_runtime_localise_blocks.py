@@ -178,3 +178,42 @@ def test_the_repro_bundle_is_judged_by_the_runs_own_tolerances(
     recheck = readme.split("Re-check:\n  bkn ")[1].splitlines()[0].split()
     assert recheck[-4:] == ["--atol", "1e-12", "--rtol", "0.0"], recheck
     assert main(recheck) == 1  # the re-check command fails it too, as the run did
+
+
+def test_a_fault_in_a_wired_layers_own_constant_is_blamed_on_that_layer(tmp_path: Path) -> None:
+    """A wired BKN layer's node reads its predecessor's γ and β (the prior's input): that made the node's value the
+    fused "bn1 + bn2", and the localisation compared bn2's ONNX input (conv2's output) with bn1's PyTorch input
+    (conv1's), blaming conv2, which is untouched. A constant only bn2's nodes read, scaled, is blamed on bn2."""
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 2, 3, padding=1), nn.BatchNorm2d(2),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    model = convert_batchnorm(model.eval(), x).eval()
+    path = tmp_path / "training.onnx"
+    export_onnx(model, (x,), path, mode="training")
+    graph = onnx.load(path)
+    users: dict[str, set[str]] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add((node_scope(node) or ("",))[-1].removeprefix("model."))
+    own = [
+        t
+        for t in graph.graph.initializer
+        if users.get(t.name) == {"4"} and numpy_helper.to_array(t).dtype.kind == "f" and numpy_helper.to_array(t).ndim
+    ]
+    assert own, "no constant read by the second BKN layer's nodes alone"
+    values = numpy_helper.to_array(own[0]).copy()
+    values *= 1.05
+    own[0].CopyFrom(numpy_helper.from_array(values, own[0].name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(graph, broken)
+    report = run_parity(model, broken, [x.numpy()], runtimes="ort:cpu:all")
+    localisation = report.runtimes[0].localisation
+    assert not report.passed and localisation is not None
+    assert localisation.first_module == "4", localisation.message
+    assert localisation.own_code_of is None, localisation.message

@@ -138,3 +138,108 @@ def test_bkn_parity_fixture_in_a_users_test_suite(tmp_path: Path) -> None:
     batches = [json.loads((kept / f"{n}.json").read_text())["model"]["inputs"][0]["shape"][0] for n in
                ("parity_inference", "parity_inference_2")]  # fmt: skip
     assert batches == [2, 5]
+
+
+def test_the_fixture_in_ci_relative_report_dir_prefix_selection_empty_list_and_uncompared_outputs(
+    tmp_path: Path,
+) -> None:
+    """What a CI run of the fixture met (a cold QA session): a relative --bkn-parity-report-dir followed a test that
+    changed directory (its reports left the artifact folder); ``runtimes=[]`` ran the command line's selection; a
+    prefix selection (``ort``) warned on every test for the providers this machine lacks (failing ``-W error``); a
+    file output the model does not return passed without a word. One pytest subprocess for the four."""
+    (tmp_path / "test_ci.py").write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            import pytest
+            import torch
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from test_runtime_support import exported_digits, trained_digits
+            from runtime.errors import UnknownRuntimeError
+
+            def test_changes_directory(bkn_parity, monkeypatch, tmp_path):
+                monkeypatch.chdir(tmp_path)
+                bkn_parity(trained_digits(), torch.randn(2, 1, 8, 8), onnx_path=exported_digits("inference"))
+
+            def test_empty_runtime_list_is_refused(bkn_parity):
+                with pytest.raises(UnknownRuntimeError):
+                    bkn_parity(trained_digits(), torch.randn(2, 1, 8, 8), runtimes=[],
+                               onnx_path=exported_digits("inference"))
+
+            def test_a_prefix_selection_does_not_warn(bkn_parity):
+                bkn_parity(trained_digits(), torch.randn(2, 1, 8, 8), runtimes="ort",
+                           onnx_path=exported_digits("inference"))
+
+            class _Fewer(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.net = trained_digits()
+
+                def forward(self, x):
+                    return self.net(x)
+
+            def test_an_uncompared_output_warns(bkn_parity, tmp_path):
+                import onnx
+                from onnx import helper
+
+                model = onnx.load(exported_digits("inference"))
+                first = model.graph.output[0]
+                model.graph.node.append(helper.make_node("Identity", [first.name], ["extra"]))
+                extra = model.graph.output.add()
+                extra.CopyFrom(first)
+                extra.name = "extra"
+                path = tmp_path / "extra.onnx"
+                onnx.save(model, path)
+                with pytest.warns(UserWarning, match="'extra' of the file not compared"):
+                    bkn_parity(_Fewer().eval(), torch.randn(2, 1, 8, 8), onnx_path=path)
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::UserWarning",
+         "--bkn-parity-runtimes", "ort:cpu:all", "--bkn-parity-report-dir=rel_reports", "test_ci.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "4 passed" in result.stdout, result.stdout[-3000:]
+    (report,) = (tmp_path / "rel_reports").glob("test_changes_directory-*/parity_inference.json")
+    assert json.loads(report.read_text())["passed"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"model": None}, "model must be a torch.nn.Module"),
+        ({"model": "digits.pt"}, "model must be a torch.nn.Module"),
+        ({"inputs": None}, "inputs must be a tensor"),
+        ({"inputs": "x.npy"}, "inputs must be a tensor"),
+        ({"runtimes": 123}, "runtimes must be"),
+        ({"tolerances": {"output": (1e-3, 1e-3)}}, r"tolerances\['output'\] must be runtime.compare.Tolerance"),
+        ({"criteria": {"equal_nan": True}}, "criteria must be runtime.compare.Criteria"),
+    ],
+)
+def test_assert_parity_refuses_arguments_of_the_wrong_type(arguments: dict[str, object], message: str) -> None:
+    """They failed later, with an error about something else (``'NoneType' object has no attribute
+    'named_modules'``, ``'tuple' object has no attribute 'atol'``, a NumPy object-array error)."""
+    from runtime.errors import BKNInputError
+
+    call = {"model": trained_digits(), "inputs": torch.randn(2, 1, 8, 8), **arguments}
+    with pytest.raises(BKNInputError, match=message):
+        assert_parity(call.pop("model"), call.pop("inputs"), onnx_path=exported_digits("inference"), **call)  # type: ignore[arg-type]
+
+
+def test_assert_parity_refuses_a_bad_onnx_path_or_report_dir_as_bad_input(tmp_path: Path) -> None:
+    """A missing file, a folder or a corrupt file raised FileNotFoundError, IsADirectoryError and protobuf's
+    DecodeError; a report_dir that is a file, FileExistsError."""
+    from runtime.errors import BKNInputError, ModelFileError
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage")
+    for path in (tmp_path / "missing.onnx", tmp_path, corrupt):
+        with pytest.raises(ModelFileError):
+            assert_parity(trained_digits(), torch.randn(2, 1, 8, 8), onnx_path=path, runtimes="ort:cpu:all")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(BKNInputError, match="is a file, not a directory"):
+        assert_parity(
+            trained_digits(), torch.randn(2, 1, 8, 8), onnx_path=exported_digits("inference"), report_dir=a_file
+        )

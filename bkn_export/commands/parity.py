@@ -341,7 +341,9 @@ def _run(args: argparse.Namespace) -> int:
         "--json": (args.json, False), "--html": (args.html, False), "--save-inputs": (args.save_inputs, True),
         "--save-outputs": (args.save_outputs, True), "--repro": (args.repro, True),
     }  # fmt: skip
-    for output_path, folder in outputs.values():
+    for option, (output_path, folder) in outputs.items():
+        if output_path is not None and not str(output_path).strip():  # an unset $REPORT in a CI script
+            raise BKNInputError(f"{option} was given an empty path: name the file to write")
         if output_path:
             check_creatable(output_path, directory=folder)
     for option, path in (("--save-inputs", args.save_inputs), ("--save-outputs", args.save_outputs)):
