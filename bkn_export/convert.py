@@ -102,11 +102,20 @@ def _bkn_from_batchnorm(
         raise BKNInputError(f"cannot tell the dimensionality of '{name}' ({type(bn).__name__}, input rank {rank})")
     parametrized = _parametrized_names(bn)
     ref = bn.running_mean if bn.running_mean is not None else bn.weight
+    # affine=True with γ and β set to None normalizes without an affine (PyTorch passes None): so does the layer,
+    # rather than gaining a trainable γ = 1, β = 0 the model never had
+    removed = [attribute for attribute in ("weight", "bias") if bn.affine and getattr(bn, attribute, None) is None]
+    if len(removed) == 1:
+        raise ConversionError(
+            f"'{name}' ({type(bn).__name__}) has affine=True but its {removed[0]} set to None (the other kept): a BKN "
+            "layer has both or neither; set both to None (no affine) or give it a "
+            f"{removed[0]} (ones for weight, zeros for bias) before converting"
+        )
     new = cls(
         bn.num_features,
         eps=bn.eps,
         momentum=bn.momentum,
-        affine=bn.affine,
+        affine=bn.affine and not removed,
         track_running_stats=bn.track_running_stats,
         device=ref.device if ref is not None else None,
         dtype=ref.dtype if ref is not None else None,
@@ -344,7 +353,34 @@ def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> n
         for alias in model_aliases[id(original)]:
             _replace_module(model, alias, candidate.get_submodule(name))
     move_root(candidate, model)  # the chain was wired on the copy; its forwards are now model's
+    _warn_about_eval_batch_statistics(model)
     return model
+
+
+def _warn_about_eval_batch_statistics(model: nn.Module) -> None:
+    """Name the converted layers whose eval outputs differ from their BatchNorm's by design: without running
+    statistics (``track_running_stats=False``) a layer normalizes by its batch statistics in eval mode too, and a
+    wired one blends them with its Kalman prior (the guard compared the model with their prior weight at 0)."""
+    blended = [
+        name
+        for name, layer in model.named_modules()
+        if isinstance(layer, _BatchKalmanNorm) and layer.has_predecessor and not layer.track_running_stats
+    ]
+    if not blended:
+        return
+    shown = ", ".join(repr(name) for name in blended[:5]) + (
+        f" and {len(blended) - 5} more" if len(blended) > 5 else ""
+    )
+    warnings.warn(
+        f"{len(blended)} converted layer(s) without running statistics (track_running_stats=False: {shown}) "
+        "normalize by their batch statistics in eval mode too, blended with their Kalman prior: the converted "
+        "model's eval outputs differ from the BatchNorm model's by design (the conversion checked them with that "
+        "prior's weight held at 0). To keep BatchNorm's eval outputs, give those layers running statistics "
+        "(track_running_stats=True) before converting, or run eval under "
+        "bkn_export.conversion_guard.prior_off([...those layers...])",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _check_and_synchronise(

@@ -684,3 +684,33 @@ def test_warnings_point_at_the_callers_line() -> None:
     with pytest.warns(UserWarning, match="has no BatchNorm") as record:
         convert_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 5, 5))
     assert record[0].filename == __file__
+
+
+def test_a_batchnorm_whose_affine_was_set_to_none_converts_without_one() -> None:
+    """BatchNorm2d(affine=True) with weight and bias set to None normalizes without an affine; it gained a trainable
+    γ = 1, β = 0 (new state-dict keys, parameters the model never had) and its own checkpoint no longer loaded."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+    )
+    model[4].weight = None
+    model[4].bias = None
+    saved = copy.deepcopy(model.state_dict())
+    original = copy.deepcopy(model).eval()
+    x = torch.randn(4, 3, 8, 8)
+    convert_batchnorm(model.eval(), x)
+    layer = model[4]
+    assert isinstance(layer, _BatchKalmanNorm) and not layer.affine and layer.weight is None and layer.bias is None
+    assert not any(key.startswith("4.weight") or key.startswith("4.bias") for key in model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=0, atol=1e-6)
+    load_batchnorm_state_dict(model, saved)
+    model.train()
+    model(x).sum().backward()  # a train step runs; only the BKN parameters are new
+
+
+def test_a_batchnorm_with_one_of_its_affine_tensors_set_to_none_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    model[1].weight = None
+    with pytest.raises(ConversionError, match=r"'1' \(BatchNorm2d\) has affine=True but its weight set to None"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
