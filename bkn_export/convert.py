@@ -291,8 +291,26 @@ def convert_batchnorm(
         return _convert(model, example_inputs, options)
 
 
+def _refuse_unconvertible(model: nn.Module) -> None:
+    """Models whose BatchNorms the conversion cannot see as such: a TorchScript module (its submodules are
+    RecursiveScriptModules, so it would be "without BatchNorm" and returned unchanged) and an uninitialised
+    ``nn.LazyBatchNorm*d`` (materialised into a BatchNorm only by the first forward)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise BKNInputError(
+            f"{type(model).__name__}: convert_batchnorm takes the nn.Module, not a TorchScript module "
+            "(torch.jit.script / torch.jit.load): convert the eager model, then script or export it"
+        )
+    lazy = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._LazyNormBase)]
+    if lazy:
+        raise BKNInputError(
+            f"{', '.join(repr(n) for n in lazy)}: uninitialised lazy BatchNorm (nn.LazyBatchNorm*d); run one forward "
+            "of the model (which gives it its number of features) before converting"
+        )
+
+
 def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> nn.Module:
     """:func:`convert_batchnorm` with its options merged."""
+    _refuse_unconvertible(model)
     originals = {n: m for n, m in model.named_modules() if isinstance(m, (*_BN_TYPES, _BatchKalmanNorm))}
     if not originals:
         warnings.warn(

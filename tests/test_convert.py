@@ -714,3 +714,21 @@ def test_a_batchnorm_with_one_of_its_affine_tensors_set_to_none_is_refused() -> 
     model[1].weight = None
     with pytest.raises(ConversionError, match=r"'1' \(BatchNorm2d\) has affine=True but its weight set to None"):
         convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+
+
+def test_a_torchscript_module_and_an_uninitialised_lazy_batchnorm_are_refused_by_name() -> None:
+    """A scripted model was returned unchanged, "without BatchNorm"; an uninitialised LazyBatchNorm2d alone was left
+    a BatchNorm the same way, and beside a BatchNorm2d it raised a bare KeyError after the guard's forward had
+    materialised it. Each is now bad input naming what to do, and the model is left as it was."""
+    from bkn_export.errors import BKNInputError
+
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)))
+    with pytest.raises(BKNInputError, match="not a TorchScript module"):
+        convert_batchnorm(scripted, torch.randn(2, 3, 8, 8))
+    lazy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LazyBatchNorm2d(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(BKNInputError, match=r"'1': uninitialised lazy BatchNorm"):
+        convert_batchnorm(lazy, torch.randn(2, 3, 8, 8))
+    assert isinstance(lazy[1], nn.modules.batchnorm._LazyNormBase)  # not materialised by a refused conversion
+    lazy(torch.randn(2, 3, 8, 8))  # the documented remedy: one forward, then it converts
+    convert_batchnorm(lazy, torch.randn(2, 3, 8, 8))
+    assert isinstance(lazy[1], BatchKalmanNorm2d)
