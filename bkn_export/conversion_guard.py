@@ -325,18 +325,19 @@ class ConversionGuard:
         still compared. Those layers themselves were compared one by one (p = 0) in
         :meth:`check_layers`.
         """
-        with prior_off(_layers_using_prior_in_eval(converted_model)):
+        with prior_off([layer for _, layer in layers_using_prior_in_eval(converted_model)]):
             actual = eval_forward(converted_model, example_inputs)
         check_outputs(self.outputs, actual)
 
 
-def _layers_using_prior_in_eval(model: nn.Module) -> list[nn.Module]:
-    """BKN layers with a predecessor and no running statistics: the ones whose eval output differs from BatchNorm's."""
+def layers_using_prior_in_eval(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the BKN layers with a predecessor and no running statistics: the ones whose eval output
+    differs from BatchNorm's."""
     from bkn_export.nn import _BatchKalmanNorm
 
     return [
-        m
-        for m in model.modules()
+        (name, m)
+        for name, m in model.named_modules()
         if isinstance(m, _BatchKalmanNorm) and m.has_predecessor and not m.track_running_stats
     ]
 

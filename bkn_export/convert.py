@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
 from bkn_export.chain.scope import detach_roots, move_root
-from bkn_export.conversion_guard import ConversionGuard
+from bkn_export.conversion_guard import ConversionGuard, layers_using_prior_in_eval
 from bkn_export.distributed import process_group_memo
 from bkn_export.errors import BKNInputError, CheckpointError, ConversionError, KalmanOptionsError
 from bkn_export.nn import (
@@ -379,11 +379,7 @@ def _warn_about_eval_batch_statistics(model: nn.Module) -> None:
     """Name the converted layers whose eval outputs differ from their BatchNorm's by design: without running
     statistics (``track_running_stats=False``) a layer normalizes by its batch statistics in eval mode too, and a
     wired one blends them with its Kalman prior (the guard compared the model with their prior weight at 0)."""
-    blended = [
-        name
-        for name, layer in model.named_modules()
-        if isinstance(layer, _BatchKalmanNorm) and layer.has_predecessor and not layer.track_running_stats
-    ]
+    blended = [name for name, _ in layers_using_prior_in_eval(model)]
     if not blended:
         return
     shown = ", ".join(repr(name) for name in blended[:5]) + (

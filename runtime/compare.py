@@ -178,10 +178,14 @@ class TolerancePolicy:
             if value is not None and not (np.isfinite(value) and value >= 0):
                 raise BKNInputError(f"tolerance {label} must be a finite number >= 0; got {value}")
 
-    def tolerance(self, output: str, dtype_name: str) -> Tolerance:
-        given = resolve_tolerance(
+    def _given(self, output: str, dtype_name: str) -> Tolerance:
+        """The tolerance before any noise floor: per output, else global, else the computed dtype's defaults."""
+        return resolve_tolerance(
             output, self._defaults_dtype(output, dtype_name), self.atol, self.rtol, self.per_output
         )
+
+    def tolerance(self, output: str, dtype_name: str) -> Tolerance:
+        given = self._given(output, dtype_name)
         floor = self.floors.get(output)
         return given if floor is None or floor <= given.atol else Tolerance(floor, given.rtol)
 
@@ -197,10 +201,7 @@ class TolerancePolicy:
             if defaults != dtype_name:
                 text += f" (a {dtype_name} output computed in {defaults} in the file)"
         floor = self.floors.get(output)
-        given = resolve_tolerance(
-            output, self._defaults_dtype(output, dtype_name), self.atol, self.rtol, self.per_output
-        )
-        if floor is not None and floor > given.atol:
+        if floor is not None and floor > self._given(output, dtype_name).atol:
             text += f", atol raised to the measured noise floor {floor:.2g}"
         return text
 

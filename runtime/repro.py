@@ -81,6 +81,8 @@ def write_repro(
     from runtime import polygraphy_io
     from runtime.onnx_scopes import with_outputs
 
+    policy = policy or TolerancePolicy()
+
     directory.mkdir(parents=True, exist_ok=True)
     loc = result.localisation
     first_value = loc.first.onnx_value if loc is not None and loc.first is not None else None
@@ -111,7 +113,7 @@ def write_repro(
         save_onnx(sub, directory / "model.onnx")
         polygraphy_io.save_inputs(directory / "inputs.json", [sub_feed])
         polygraphy_io.save_outputs(directory / "expected.json", [expected], runner="reference")
-        reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected, policy or TolerancePolicy())
+        reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected, policy)
     command = (
         f"bkn parity {directory / 'model.onnx'} --load-inputs {directory / 'inputs.json'} "
         f"--load-outputs {directory / 'expected.json'} --runtimes {entry.name}{_criteria_flags(policy)}"
@@ -129,11 +131,9 @@ def write_repro(
     return f"repro bundle for {entry.name} in {directory} (reproduces: {reproduces}): {command}"
 
 
-def _criteria_flags(policy: TolerancePolicy | None) -> str:
+def _criteria_flags(policy: TolerancePolicy) -> str:
     """The ``bkn parity`` flags that judge as ``policy`` does globally (per-output tolerances and noise floors name
-    the whole file's outputs, not the bundle's: not carried)."""
-    if policy is None:
-        return ""
+    the whole file's outputs, not the bundle's: not carried); none for the defaults."""
     criteria = policy.criteria
     flags = [f"--atol {policy.atol!r}"] if policy.atol is not None else []
     flags += [f"--rtol {policy.rtol!r}"] if policy.rtol is not None else []
