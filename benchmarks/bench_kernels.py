@@ -5,10 +5,16 @@ measured side by side in one run on one GPU:
 
 * ``bn``:  ``torch.nn.functional.batch_norm(training=True)`` (cuDNN) forward, then
   ``autograd.grad`` for (x, γ, β); the running statistics update is inside cuDNN.
-* ``bkn``: ``torch.ops.bkn.batch_kalman_norm`` (the registered Triton kernels) with a
-  prior (p = 0.5), the running-statistics update the module does after the op, then
+* ``bkn``: what a wired layer's train step runs on the Triton route in eager execution:
+  :func:`bkn_export.triton_step.kalman_norm_step` (one autograd node over the forward and
+  backward kernels) with a prior (p = 0.5), the running-statistics update as the module does
+  it (:func:`bkn_export.per_channel.update_running_statistics_`, one launch), then
   ``autograd.grad`` for (x, prior mean, prior variance, p, γ, β).
-* ``ref`` (``--reference``): the same op with ``BKN_DISABLE_TRITON=1``: the unfused
+* ``op``: the same step through the contract op ``torch.ops.bkn.batch_kalman_norm`` (what
+  traced graphs, ``torch.compile`` and a layer that replaces ``_kalman_step`` run) and the
+  functional running-statistics update: the same kernels behind ``torch.library``'s Python
+  dispatch, to show what that dispatch costs per call.
+* ``ref`` (``--reference``): the op with ``BKN_DISABLE_TRITON=1``: the unfused
   PyTorch reference on the GPU, to show what the fusion buys.
 
 Times are ``triton.testing.do_bench`` means (CUDA events, L2 flushed before each run).
@@ -41,6 +47,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +83,7 @@ class Row:
     ratio: float
     bn_peak_fraction: float
     bkn_peak_fraction: float
+    op_ms: float
     ref_ms: float | None
 
 
@@ -109,15 +117,25 @@ def _bench_wall(fn: Callable[[], object], repeats: int = 3) -> float:
     return (time.perf_counter() - start) * 1e3 / repeats
 
 
+class Steps(NamedTuple):
+    """The three timed steps on one input (module docstring) and the bytes one step moves at least."""
+
+    bn: Callable[[], None]
+    bkn: Callable[[], None]
+    op: Callable[[], None]
+    nbytes: int
+
+
 def training_steps(
     channels: int, size: int, batch: int, dtype: torch.dtype, channels_last: bool, device: str = "cuda"
-) -> tuple[Callable[[], None], Callable[[], None], int]:
-    """(bn step, bkn step, bytes moved per step) on x: (batch, channels, size, size), as described above.
+) -> Steps:
+    """The steps on x: (batch, channels, size, size), as described above.
 
-    Also what benchmarks/gpu/ncu_kernels.py profiles.
+    Also what benchmarks/gpu/ncu_kernels.py profiles. Where the Triton route does not take x (``--smoke`` on the
+    CPU), ``bkn`` is the module's CPU step (:func:`bkn_export.ops.kalman_norm_step` and the functional update).
     """
-    import bkn_export.ops  # noqa: F401  (registers torch.ops.bkn.*)
     from bkn_export import functional as Fk
+    from bkn_export import ops, per_channel, triton_step
 
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
     if channels_last:
@@ -138,19 +156,29 @@ def training_steps(
         y = F.batch_norm(x, running_mean, running_var, weight, bias, True, _MOMENTUM, _EPS)
         torch.autograd.grad(y, (x, weight, bias), grad)
 
-    def bkn_step() -> None:
-        y, mean, variance = torch.ops.bkn.batch_kalman_norm(
-            x, prior_mean, prior_variance, prior_weight, weight, bias, _EPS, 0.0
-        )
-        with torch.no_grad():  # what BatchKalmanNorm*d does after the op
-            new_mean, new_var = Fk.running_statistics_update(
-                running_mean, running_var, mean, variance, _MOMENTUM, count
-            )
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-        torch.autograd.grad(y, (x, prior_mean, prior_variance, prior_weight, weight, bias), grad)
+    tensors = (x, prior_mean, prior_variance, prior_weight, weight, bias)
 
-    return bn_step, bkn_step, 8 * x.numel() * x.element_size()
+    def bkn_step() -> None:
+        if triton_step.applies(x):
+            y, mean, variance, _, _ = triton_step.kalman_norm_step(
+                x, prior_mean, prior_variance, prior_weight, None, weight, bias, _EPS, 0.0
+            )
+        else:
+            y, mean, variance = ops.kalman_norm_step(
+                x, prior_mean, prior_variance, prior_weight, weight, bias, _EPS, 0.0
+            )
+        if not per_channel.update_running_statistics_(
+            running_mean, running_var, mean, variance, _MOMENTUM, count, None
+        ):
+            Fk.update_running_statistics_(running_mean, running_var, mean, variance, _MOMENTUM, count)
+        torch.autograd.grad(y, tensors, grad)
+
+    def op_step() -> None:
+        y, mean, variance = torch.ops.bkn.batch_kalman_norm(*tensors, _EPS, 0.0)
+        Fk.update_running_statistics_(running_mean, running_var, mean, variance, _MOMENTUM, count)
+        torch.autograd.grad(y, tensors, grad)
+
+    return Steps(bn_step, bkn_step, op_step, 8 * x.numel() * x.element_size())
 
 
 def measure(
@@ -162,23 +190,25 @@ def measure(
     reference: bool,
     device: str = "cuda",
     rep_ms: int = 100,
-) -> tuple[float, float, float | None, int]:
-    """(bn ms, bkn ms, reference ms or None, bytes moved) for one shape; ``rep_ms``: do_bench's time per figure."""
-    bn_step, bkn_step, nbytes = training_steps(channels, size, batch, dtype, channels_last, device)
+) -> tuple[float, float, float, float | None, int]:
+    """(bn ms, bkn ms, op ms, reference ms or None, bytes moved) for one shape; ``rep_ms``: do_bench's time per
+    figure."""
+    steps = training_steps(channels, size, batch, dtype, channels_last, device)
 
     def bench(fn: Callable[[], object]) -> float:
         return _bench(fn, rep_ms) if device == "cuda" else _bench_wall(fn)
 
-    bn_ms = bench(bn_step)
-    bkn_ms = bench(bkn_step)
+    bn_ms = bench(steps.bn)
+    bkn_ms = bench(steps.bkn)
+    op_ms = bench(steps.op)
     ref_ms = None
     if reference:
         os.environ["BKN_DISABLE_TRITON"] = "1"
         try:
-            ref_ms = bench(bkn_step)
+            ref_ms = bench(steps.op)
         finally:
             del os.environ["BKN_DISABLE_TRITON"]
-    return bn_ms, bkn_ms, ref_ms, nbytes
+    return bn_ms, bkn_ms, op_ms, ref_ms, steps.nbytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,13 +275,16 @@ def _report(
     print(f"device: {device_name}; torch {torch.__version__}{versions}")
     print(f"dtype {args.dtype}, layout {layout}; peak bandwidth {peak:.0f} GB/s ({peak_source})")
     print("times: forward+backward, ms (do_bench mean); BW: 8*numel*itemsize / time as a fraction of peak")
-    header = f"{'layer':<14}{'N':>4} {'shape':<18}{'bn ms':>9}{'bkn ms':>9}{'bkn/bn':>8}{'bn BW':>8}{'bkn BW':>8}"
+    header = (
+        f"{'layer':<14}{'N':>4} {'shape':<18}{'bn ms':>9}{'bkn ms':>9}{'bkn/bn':>8}{'bn BW':>8}{'bkn BW':>8}"
+        f"{'op ms':>9}{'op/bn':>7}"
+    )
     print(header + (f"{'ref ms':>9}" if args.reference else ""))
 
     rows: list[Row] = []
     for batch in args.batches:
         for name, channels, size in shapes:
-            bn_ms, bkn_ms, ref_ms, nbytes = measure(
+            bn_ms, bkn_ms, op_ms, ref_ms, nbytes = measure(
                 channels, size, batch, dtype, args.channels_last, args.reference, device, args.rep_ms
             )
             row = Row(
@@ -263,13 +296,14 @@ def _report(
                 ratio=bkn_ms / bn_ms,
                 bn_peak_fraction=nbytes / (bn_ms * 1e-3) / (peak * 1e9),
                 bkn_peak_fraction=nbytes / (bkn_ms * 1e-3) / (peak * 1e9),
+                op_ms=op_ms,
                 ref_ms=ref_ms,
             )
             rows.append(row)
             shape = "x".join(map(str, row.shape))
             line = (
                 f"{name:<14}{batch:>4} {shape:<18}{bn_ms:>9.4f}{bkn_ms:>9.4f}{row.ratio:>8.2f}"
-                f"{row.bn_peak_fraction:>8.0%}{row.bkn_peak_fraction:>8.0%}"
+                f"{row.bn_peak_fraction:>8.0%}{row.bkn_peak_fraction:>8.0%}{op_ms:>9.4f}{op_ms / bn_ms:>7.2f}"
             )
             print(line + (f"{ref_ms:>9.4f}" if ref_ms is not None else ""), flush=True)
 

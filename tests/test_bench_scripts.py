@@ -1,9 +1,14 @@
 """The speed benchmarks' own logic (not their timings, which live in benchmarks/RESULTS.md): what the
-``--unwired`` variant of ``bench_networks.py`` steps, and ``bench_op_passes.py``'s table and input errors."""
+``--unwired`` variant of ``bench_networks.py`` steps, ``bench_op_passes.py``'s table and input errors, and what
+``bench_host_overhead.py`` runs."""
 
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +60,21 @@ def test_op_passes_prints_a_row_per_shape(capsys: pytest.CaptureFixture[str]) ->
 def test_op_passes_refuses_a_bad_shape_with_exit_code_2(shape: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_op_passes.main([f"--shapes={shape}"]) == 2
     assert f"bad shape '{shape}'" in capsys.readouterr().err
+
+
+def test_host_overhead_skips_every_launch_and_counts_the_layer_steps(tmp_path: Path) -> None:
+    """``bench_host_overhead.py`` runs the CUDA route under Triton's interpreter with every launch skipped: a wired
+    layer's eager step (``triton_step`` and the one-launch update) issues 3 launches, the contract op's 2 (its
+    update is PyTorch's), BatchNorm none; each timed sample is recorded."""
+    pytest.importorskip("triton", reason="the CUDA route needs the triton package")
+    out = tmp_path / "host.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_host_overhead.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--steps", "2", "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["launches"] == {"bkn": 3, "op": 2, "bn": 0}
+    assert all(len(values) == 2 and min(values) > 0 for values in record["samples_us"].values())
+    assert "launches skipped" in done.stdout

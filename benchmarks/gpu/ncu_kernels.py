@@ -51,8 +51,8 @@ def target(variant: str, smoke: bool) -> int:
 
     device = "cpu" if smoke else "cuda"
     batch, channels, size = (2, 4, 5) if smoke else (BATCH, CHANNELS, SIZE)
-    bn_step, bkn_step, _ = training_steps(channels, size, batch, DTYPE, False, device)
-    step = bn_step if variant == "bn" else bkn_step
+    steps = training_steps(channels, size, batch, DTYPE, False, device)
+    step = steps.bn if variant == "bn" else steps.bkn
     for _ in range(3):
         step()
     if device == "cuda":

@@ -231,7 +231,8 @@ def train_step(
         if per_channel.triton_route(x):
             routes.enter_context(counted_launches(counts))
         output = forward(x)
-        (output * torch.linspace(-1.0, 1.0, output.numel(), dtype=float_type).reshape(output.shape)).sum().backward()
+        weights = torch.linspace(-1.0, 1.0, output.numel(), dtype=float_type, device=output.device)
+        (output * weights.reshape(output.shape)).sum().backward()
     result: dict[str, Tensor | dict[str, int]] = {"output": output.detach().cpu()}
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:

@@ -1,0 +1,138 @@
+"""Host time of one BKN layer's eager train step on the CUDA route, measured on a machine without a GPU.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_host_overhead.py [--channels 64] [--size 8] [--batch 2]
+        [--steps 300] [--repeats 7] [--profile N] [--json out.json]
+
+Why: on the GPU (benchmarks/RESULTS.md, "GPU check") BKN's eager step costs about a millisecond whatever the
+tensor's size: the GPU waits on the host code of each step. This script measures that host code alone. It runs
+itself again with ``TRITON_INTERPRET=1 BKN_TRITON_ON_CPU=1`` (:data:`bkn_export.kernels.TRITON_ON_CPU`: CPU
+tensors take the CUDA route, Triton launchers and all) and **replaces every Triton launch by a no-op**
+(``InterpretedFunction.run`` returns at once): the kernels' outputs are then uninitialised memory and mean
+nothing; what is timed is everything else a step does on the host — the package's Python, autograd, the
+allocations, the launchers' argument preparation. Triton's own ``JITFunction.run`` per launch is not in it
+(it is the interpreter's here; on a GPU it adds its own few to tens of µs per launch, counted in ``launches``).
+
+Steps timed (``bench_kernels.training_steps``, on x: (batch, channels, size, size), float32):
+
+* ``bkn``: a wired layer's step as the module runs it on the Triton route (``triton_step`` + one-launch update);
+* ``op``: the same through the contract op ``torch.ops.bkn.batch_kalman_norm`` and the functional update;
+* ``bn``: ``F.batch_norm`` forward and backward on the CPU, for scale only (it computes, on tiny inputs).
+
+Interleaved repeats of ``--steps`` steps each, 1 thread; the median µs per step. ``--profile N`` prints the N
+functions with the largest own time in ``bkn`` (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_CHILD_FLAG = "--child"
+
+
+@contextlib.contextmanager
+def _launches_skipped(counter: list[int]) -> Iterator[None]:
+    """Every interpreted Triton launch returns at once (counted in ``counter[0]``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def skipped(self: Any, *args: Any, **kwargs: Any) -> None:
+        counter[0] += 1
+
+    InterpretedFunction.run = skipped  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original  # type: ignore[method-assign]
+
+
+def _median_us(step: Callable[[], None], steps: int, samples: list[float]) -> None:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    samples.append((time.perf_counter() - start) / steps * 1e6)
+
+
+def _child(args: argparse.Namespace) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_kernels import training_steps
+
+    from bkn_export import kernels
+
+    if not kernels.TRITON_ON_CPU:
+        print("bench_host_overhead: the CPU is not on the CUDA route (TRITON_INTERPRET / BKN_TRITON_ON_CPU)")
+        return 1
+    torch.set_num_threads(1)
+    steps = training_steps(args.channels, args.size, args.batch, torch.float32, False, device="cpu")
+    timed = {"bkn": steps.bkn, "op": steps.op, "bn": steps.bn}
+    counter = [0]
+    samples: dict[str, list[float]] = {name: [] for name in timed}
+    launches: dict[str, float] = {}
+    with _launches_skipped(counter):
+        for name, step in timed.items():  # warm-up, and the launches per step
+            for _ in range(10):
+                step()
+            counter[0] = 0
+            step()
+            launches[name] = counter[0]
+        for _ in range(args.repeats):
+            for name, step in timed.items():
+                _median_us(step, args.steps, samples[name])
+        if args.profile:
+            profile = cProfile.Profile()
+            profile.runcall(lambda: [steps.bkn() for _ in range(args.steps)])
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    shape = f"({args.batch}, {args.channels}, {args.size}, {args.size})"
+    print(f"torch {torch.__version__}; CUDA route under Triton's interpreter, launches skipped; x {shape} float32")
+    print(f"{'step':<6}{'host µs/step':>14}{'launches':>10}")
+    for name in timed:
+        print(f"{name:<6}{medians[name]:>14.1f}{launches[name]:>10}")
+    print(f"bkn / bn host time: {medians['bkn'] / medians['bn']:.2f}; op / bn: {medians['op'] / medians['bn']:.2f}")
+    if args.profile:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
+    if args.json:
+        record: dict[str, Any] = {"shape": [args.batch, args.channels, args.size, args.size]}
+        record |= {"torch": torch.__version__, "median_us": medians, "samples_us": samples, "launches": launches}
+        with open(args.json, "w") as handle:
+            json.dump(record, handle, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--size", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=300, help="steps per timed sample")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved samples per step kind")
+    parser.add_argument("--profile", type=int, default=0, help="print the N largest own times of the bkn step")
+    parser.add_argument("--json", default=None)
+    parser.add_argument(_CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
+    given = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(given)
+    if args.child:
+        return _child(args)
+    from bkn_export import kernels
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", kernels.TRITON_ON_CPU_ENV: "1"}
+    command = [sys.executable, os.path.abspath(__file__), *given, _CHILD_FLAG]
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
