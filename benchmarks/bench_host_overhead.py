@@ -68,18 +68,23 @@ def _median_us(step: Callable[[], None], steps: int, samples: list[float]) -> No
     samples.append((time.perf_counter() - start) / steps * 1e6)
 
 
-def _child(args: argparse.Namespace) -> int:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def _layer_steps(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], str]:
     from bench_kernels import training_steps
 
+    steps = training_steps(args.channels, args.size, args.batch, torch.float32, False, device="cpu")
+    shape = f"x ({args.batch}, {args.channels}, {args.size}, {args.size}) float32"
+    return {"bkn": steps.bkn, "op": steps.op, "bn": steps.bn}, shape
+
+
+def _child(args: argparse.Namespace) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bkn_export import kernels
 
     if not kernels.TRITON_ON_CPU:
         print("bench_host_overhead: the CPU is not on the CUDA route (TRITON_INTERPRET / BKN_TRITON_ON_CPU)")
         return 1
     torch.set_num_threads(1)
-    steps = training_steps(args.channels, args.size, args.batch, torch.float32, False, device="cpu")
-    timed = {"bkn": steps.bkn, "op": steps.op, "bn": steps.bn}
+    timed, shape = _layer_steps(args)
     counter = [0]
     samples: dict[str, list[float]] = {name: [] for name in timed}
     launches: dict[str, float] = {}
@@ -95,18 +100,18 @@ def _child(args: argparse.Namespace) -> int:
                 _median_us(step, args.steps, samples[name])
         if args.profile:
             profile = cProfile.Profile()
-            profile.runcall(lambda: [steps.bkn() for _ in range(args.steps)])
+            profile.runcall(lambda: [timed["bkn"]() for _ in range(args.steps)])
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    shape = f"({args.batch}, {args.channels}, {args.size}, {args.size})"
-    print(f"torch {torch.__version__}; CUDA route under Triton's interpreter, launches skipped; x {shape} float32")
+    print(f"torch {torch.__version__}; CUDA route under Triton's interpreter, launches skipped; {shape}")
     print(f"{'step':<6}{'host µs/step':>14}{'launches':>10}")
     for name in timed:
         print(f"{name:<6}{medians[name]:>14.1f}{launches[name]:>10}")
-    print(f"bkn / bn host time: {medians['bkn'] / medians['bn']:.2f}; op / bn: {medians['op'] / medians['bn']:.2f}")
+    ratios = "; ".join(f"{name} / bn: {medians[name] / medians['bn']:.2f}" for name in timed if name != "bn")
+    print(f"host time {ratios}")
     if args.profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
     if args.json:
-        record: dict[str, Any] = {"shape": [args.batch, args.channels, args.size, args.size]}
+        record: dict[str, Any] = {"what": shape}
         record |= {"torch": torch.__version__, "median_us": medians, "samples_us": samples, "launches": launches}
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=1)

@@ -21,7 +21,7 @@
 # Environment:
 #   OUT                     output folder (default ./gpu-check-out)
 #   PYTHON                  interpreter (default python3)
-#   GPU_CHECK_BUDGET_S      total seconds for the steps (default 420); each step's timeout is
+#   GPU_CHECK_BUDGET_S      total seconds for the steps (default 480); each step's timeout is
 #                           min(its own limit, what is left); a step with < 20 s left is skipped
 #   GPU_CHECK_WORK          work folder (default a new mktemp -d)
 #   GPU_CHECK_KERNEL_BATCHES  batches for bench_kernels.py (default "2 32 256")
@@ -38,7 +38,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SELF="$ROOT/benchmarks/gpu_check.sh"
 STEPS=(env pytest plugin kernels network)
 OPTIONAL_STEPS=(ncu)
-declare -A LIMIT=([env]=60 [pytest]=240 [plugin]=60 [kernels]=150 [network]=150 [ncu]=120)
+declare -A LIMIT=([env]=60 [pytest]=240 [plugin]=60 [kernels]=150 [network]=240 [ncu]=120)
 PYTHON="${PYTHON:-python3}"
 TENSORRT_INCLUDE="${TENSORRT_INCLUDE:-$ROOT/third_party/TensorRT/include}"
 KERNEL_BATCHES="${GPU_CHECK_KERNEL_BATCHES:-2 32 256}"
@@ -193,7 +193,7 @@ step_ncu() {
 dry_run() {
   local missing=0 step file tool
   echo "gpu_check --dry-run: repository $ROOT"
-  echo "steps (limit s; total budget ${GPU_CHECK_BUDGET_S:-420} s):"
+  echo "steps (limit s; total budget ${GPU_CHECK_BUDGET_S:-480} s):"
   for step in "${SELECTED[@]}"; do echo "  $step (${LIMIT[$step]} s)"; done
   [[ -z $ONLY ]] && echo "  optional, with --only: ${OPTIONAL_STEPS[*]}"
   echo "  summary -> \$OUT/summary.md, \$OUT/gpu-check-details.tar.gz"
@@ -301,7 +301,7 @@ main() {
   OUT=$(cd "$OUT" && pwd)
   WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")}
   mkdir -p "$WORK/logs" "$WORK/scratch"
-  BUDGET=${GPU_CHECK_BUDGET_S:-420}
+  BUDGET=${GPU_CHECK_BUDGET_S:-480}
   COMMAND="benchmarks/gpu_check.sh${only:+ --only $only}"
   T0=$(date +%s)
   export WORK PYTHON TENSORRT_INCLUDE KERNEL_BATCHES CUDA_ARCH

@@ -466,6 +466,17 @@ def test_channels_last_view_merges_sample_and_spatial_rows() -> None:
     assert layout.choose_tiling(view).block_channels == 8  # channels are the contiguous side
 
 
+def test_host_cdiv_and_next_power_of_2_are_tritons() -> None:
+    """The launchers' host helpers give ``triton.cdiv`` / ``triton.next_power_of_2``'s results (their
+    ``constexpr_function`` wrappers cost µs per host call), 0 included."""
+    triton = pytest.importorskip("triton", reason="compared with triton's own")
+    values = [*range(0, 5000), 2**20 - 1, 2**20, 2**20 + 1, 2**31 - 1, 2**31, 2**40 + 3]
+    for value in values:
+        assert layout.next_power_of_2(value) == triton.next_power_of_2(value), value
+        for denominator in (1, 3, 16, 32, 1024):
+            assert layout.cdiv(value, denominator) == triton.cdiv(value, denominator), (value, denominator)
+
+
 def test_two_dimensional_input_reduces_over_the_batch() -> None:
     view = layout.channel_view(torch.empty(9, 5))
     assert (view.samples, view.channels, view.rows, view.stride_row) == (1, 5, 9, 5)
@@ -478,6 +489,34 @@ def test_tiling_covers_every_row_exactly_once() -> None:
         assert tiling.programs_per_sample * tiling.rows_per_program >= view.rows
         assert (tiling.programs_per_sample - 1) * tiling.rows_per_program < view.rows
         assert tiling.row_blocks_per_sample * tiling.block_rows >= view.rows
+
+
+def test_grids_of_inputs_the_kernels_take_fit_cudas_axis_y_limit() -> None:
+    """Up to MAX_CHANNELS channels, the three-kernel path's grids keep axis y (the channel blocks) within CUDA's
+    65535 in every layout, one channel per block included; one channel more would not (Triton's interpreter has no
+    such limit, a GPU refuses the launch). Meta tensors: shapes and strides only."""
+    limit = layout.MAX_CHANNELS
+    assert limit == 65535
+    for shape, channels_last in [((1, limit, 64, 64), False), ((1, limit, 3), False), ((4, limit), False),
+                                 ((2, limit, 3, 3), True)]:  # fmt: skip
+        x = torch.empty(shape, device="meta")
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        view = layout.channel_view(x)
+        tiling = layout.choose_tiling(view)
+        assert tiling.reduce_grid(view)[1] <= 65535 and tiling.stream_grid(view)[1] <= 65535, shape
+    over = layout.channel_view(torch.empty(1, limit + 1, 64, 64, device="meta"))
+    assert layout.choose_tiling(over).reduce_grid(over)[1] > 65535
+
+
+def test_inputs_with_more_channels_than_the_grid_allows_take_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uses_kernels refuses x with more than MAX_CHANNELS channels (they take the reference), on a device that runs
+    the kernels (here a meta tensor standing in for a CUDA one: only its shape is read)."""
+    pytest.importorskip("triton", reason="uses_kernels needs the triton package")
+    monkeypatch.setattr(bkn_export.kernels, "triton_device", lambda x: True)
+    assert bkn_export.kernels.uses_kernels(torch.empty(1, layout.MAX_CHANNELS, 64, 64, device="meta"))
+    assert not bkn_export.kernels.uses_kernels(torch.empty(1, layout.MAX_CHANNELS + 1, 64, 64, device="meta"))
+    assert not bkn_export.kernels.uses_kernels(torch.empty(4, 5_000_000, device="meta"))
 
 
 # --------------------------------------------------------------------------- op wiring and compile

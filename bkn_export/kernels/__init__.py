@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from bkn_export.kernels.layout import MAX_ELEMENTS
+from bkn_export.kernels.layout import MAX_CHANNELS, MAX_ELEMENTS
 
 __all__ = [
     "DISABLE_ENV",
@@ -122,7 +122,8 @@ def uses_kernels(x: Tensor) -> bool:
 
     Only CUDA tensors (CPU ones under :data:`TRITON_ON_CPU`) of a supported dtype with 1 to
     2³¹ - 1 elements (the kernels index with 32 bits; an empty batch goes to the reference so
-    that its error message matches the CPU path's), while ``BKN_DISABLE_TRITON`` is not "1" and
+    that its error message matches the CPU path's) and at most 65535 channels (CUDA's grid axis y:
+    :data:`~bkn_export.kernels.layout.MAX_CHANNELS`), while ``BKN_DISABLE_TRITON`` is not "1" and
     Triton imports.
     """
     return (
@@ -130,6 +131,7 @@ def uses_kernels(x: Tensor) -> bool:
         and x.dtype in SUPPORTED_DTYPES
         and x.dim() >= 2
         and 0 < x.numel() <= MAX_ELEMENTS
+        and x.shape[1] <= MAX_CHANNELS
         and os.environ.get(DISABLE_ENV, "0") != "1"
         and triton_installed()
         and launchers() is not None

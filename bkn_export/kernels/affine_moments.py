@@ -61,7 +61,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bkn_export.errors import BKNInputError
-from bkn_export.kernels.layout import MAX_ELEMENTS
+from bkn_export.kernels.layout import MAX_ELEMENTS, cdiv, next_power_of_2
 
 __all__ = ["LAUNCHERS", "LAUNCHES", "affine_moments", "affine_moments_backward"]
 
@@ -425,12 +425,12 @@ class _Geometry(NamedTuple):
 
     @property
     def block_t(self) -> int:
-        return min(triton.next_power_of_2(self.taps), MAX_BLOCK_T)
+        return min(next_power_of_2(self.taps), MAX_BLOCK_T)
 
     @property
     def block_i(self) -> int:
         """All of a row's inputs where they fit a tile (with its taps), else as many as fit."""
-        return max(1, min(triton.next_power_of_2(max(self.inputs, 1)), TILE_ELEMENTS // self.block_t))
+        return max(1, min(next_power_of_2(max(self.inputs, 1)), TILE_ELEMENTS // self.block_t))
 
 
 class _Tiles(NamedTuple):
@@ -446,7 +446,7 @@ class _Tiles(NamedTuple):
     def of(cls, geometry: _Geometry, lanes: int) -> _Tiles:
         """Tiles for ``lanes`` row lanes in all (rows or groups): as many lanes as fill the tile."""
         block_t, block_i = geometry.block_t, geometry.block_i
-        block_o = max(1, min(TILE_ELEMENTS // (block_i * block_t), triton.next_power_of_2(max(lanes, 1))))
+        block_o = max(1, min(TILE_ELEMENTS // (block_i * block_t), next_power_of_2(max(lanes, 1))))
         block_u = max(1, min(block_t, TILE_ELEMENTS // (block_o * block_t)))
         return cls(block_o, block_i, block_u, block_t)
 
@@ -578,7 +578,7 @@ def affine_moments(
         return
     f, h, has_tables = _tables(fraction, pairs, weight)
     tiles = _Tiles.of(geometry, geometry.rows)
-    _affine_forward_kernel[(triton.cdiv(geometry.rows, tiles.block_o),)](
+    _affine_forward_kernel[(cdiv(geometry.rows, tiles.block_o),)](
         weight, mean, variance, f, h, taps, out_mean, out_variance, geometry.rows, geometry.inputs, geometry.taps,
         geometry.per_group, HAS_TABLES=has_tables, **tiles.constants(),
     )  # fmt: skip
@@ -587,7 +587,7 @@ def affine_moments(
 def _rows_per_program(geometry: _Geometry) -> int:
     """Rows of one group that one backward program sums (before rounding to its lanes): at least
     MIN_ROWS_PER_PROGRAM, and ELEMENTS_PER_PARTIAL / K so that the partials stay small."""
-    return max(MIN_ROWS_PER_PROGRAM, triton.cdiv(ELEMENTS_PER_PARTIAL, geometry.taps))
+    return max(MIN_ROWS_PER_PROGRAM, cdiv(ELEMENTS_PER_PARTIAL, geometry.taps))
 
 
 def affine_moments_backward(
@@ -634,15 +634,15 @@ def affine_moments_backward(
     if geometry.groups > 1 and geometry.inputs <= geometry.block_i and geometry.per_group <= wanted_rows:
         # Many small groups (depthwise convs): lanes are groups, each program sums all its groups' rows.
         across = _Tiles.of(geometry, geometry.groups)
-        _affine_backward_kernel[(triton.cdiv(geometry.groups, across.block_o), 1)](
+        _affine_backward_kernel[(cdiv(geometry.groups, across.block_o), 1)](
             weight, mean, variance, f, h, taps, *grads, grad_weight, grad_input_mean, grad_input_variance,
             geometry.inputs, geometry.taps, geometry.groups, geometry.per_group, 1, geometry.per_group, inputs_total,
             ACROSS_GROUPS=True, **flags, **across.constants(),
         )  # fmt: skip
         return
     tiles = _Tiles.of(geometry, geometry.per_group)
-    rows_per_program = min(triton.cdiv(wanted_rows, tiles.block_o) * tiles.block_o, geometry.per_group)
-    chunks = triton.cdiv(geometry.per_group, rows_per_program)
+    rows_per_program = min(cdiv(wanted_rows, tiles.block_o) * tiles.block_o, geometry.per_group)
+    chunks = cdiv(geometry.per_group, rows_per_program)
     if chunks * inputs_total > MAX_ELEMENTS:
         raise BKNInputError(f"affine_moments_backward: {chunks * inputs_total} partial sums; 32-bit indexing")
     if chunks == 1:
@@ -650,14 +650,14 @@ def affine_moments_backward(
     else:
         partials = torch.empty((2, chunks, inputs_total), dtype=torch.float64, device=weight.device)
         input_mean, input_variance = partials[0], partials[1]
-    grid = (geometry.groups * chunks, triton.cdiv(geometry.inputs, tiles.block_i))
+    grid = (geometry.groups * chunks, cdiv(geometry.inputs, tiles.block_i))
     _affine_backward_kernel[grid](
         weight, mean, variance, f, h, taps, *grads, grad_weight, input_mean, input_variance, geometry.inputs,
         geometry.taps, geometry.groups, geometry.per_group, chunks, rows_per_program, inputs_total,
         ACROSS_GROUPS=False, **flags, **tiles.constants(),
     )  # fmt: skip
     if chunks > 1:
-        _affine_input_gradient_kernel[(triton.cdiv(inputs_total, REDUCE_BLOCK),)](
+        _affine_input_gradient_kernel[(cdiv(inputs_total, REDUCE_BLOCK),)](
             input_mean, input_variance, grad_input_mean, grad_input_variance, inputs_total, chunks,
             BLOCK=REDUCE_BLOCK, num_warps=4,
         )  # fmt: skip

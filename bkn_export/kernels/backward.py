@@ -56,6 +56,7 @@ from bkn_export.kernels.layout import (
     CHANNEL_BLOCK,
     COMBINE_BLOCK_P,
     NUM_WARPS,
+    cdiv,
     channel_view,
     choose_single_program,
     choose_tiling,
@@ -887,7 +888,7 @@ def _backward(
         0
     )
     update_inline = fallback_ratio <= 0
-    channel_grid = (triton.cdiv(channels, CHANNEL_BLOCK),)
+    channel_grid = (cdiv(channels, CHANNEL_BLOCK),)
     _backward_statistics_kernel[channel_grid](
         x_work,
         partials[0],

@@ -59,6 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bkn_export.errors import BKNInputError
+from bkn_export.kernels.layout import cdiv, next_power_of_2
 
 __all__ = [
     "LAUNCHERS",
@@ -759,7 +760,7 @@ def _table(name: str, parameters: Tensor, device: torch.device) -> _Table:
 
 
 def _grid(count: int, block: int) -> tuple[int]:
-    return (triton.cdiv(count, block),)
+    return (cdiv(count, block),)
 
 
 def relu_moments(
@@ -853,7 +854,7 @@ def _hermite_launch(name: str, parameters: Tensor, mean: Tensor, kept: Tensor, n
     if kind not in _HERMITE_KINDS or nodes < 1 or parameters.numel() < 2 + 2 * nodes:
         raise BKNInputError(f"kernels.elementwise_moments.{name}: parameters {nodes=} {kind=} are not a rule")
     _kept(name, kept, mean.device, n, nodes)
-    node_block = triton.next_power_of_2(nodes)
+    node_block = next_power_of_2(nodes)
     options = {
         "NODES": nodes,
         "KIND": kind,
@@ -930,7 +931,7 @@ def _piecewise_launch(name: str, parameters: Tensor, mean: Tensor, kept: Tensor,
             f"(1 to {MAX_PIECES} pieces, order 2 or 4)"
         )
     _kept(name, kept, mean.device, n, (order + 1) * pieces)
-    piece_block = triton.next_power_of_2(pieces)
+    piece_block = next_power_of_2(pieces)
     options = {
         "PIECES": pieces,
         "ORDER": order,

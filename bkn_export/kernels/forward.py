@@ -52,6 +52,7 @@ from bkn_export.kernels.layout import (
     NUM_WARPS,
     ChannelView,
     Tiling,
+    cdiv,
     channel_view,
     choose_single_program,
     choose_tiling,
@@ -612,7 +613,7 @@ def batch_kalman_norm_forward(
         batch_mean, batch_variance = posterior_mean, posterior_variance
     else:
         batch_mean, batch_variance = x.new_empty((2, channels), dtype=torch.float32).unbind(0)
-    channel_grid = (triton.cdiv(channels, CHANNEL_BLOCK),)
+    channel_grid = (cdiv(channels, CHANNEL_BLOCK),)
     _forward_statistics_kernel[channel_grid](
         x_work,
         partials[0],

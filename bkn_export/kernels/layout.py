@@ -29,6 +29,7 @@ __all__ = [
     "CHANNEL_BLOCK",
     "CHUNKS_PER_PROGRAM",
     "COMBINE_BLOCK_P",
+    "MAX_CHANNELS",
     "MAX_ELEMENTS",
     "NUM_WARPS",
     "SINGLE_PROGRAM_MAX_COUNT",
@@ -36,9 +37,11 @@ __all__ = [
     "TILE_ELEMENTS",
     "ChannelView",
     "Tiling",
+    "cdiv",
     "channel_view",
     "choose_single_program",
     "choose_tiling",
+    "next_power_of_2",
     "restore_layout",
     "statistics_vector",
     "use_single_program",
@@ -86,6 +89,12 @@ NUM_WARPS = 4
 
 #: The kernels index with 32-bit offsets; larger tensors must take the reference.
 MAX_ELEMENTS = 2**31 - 1
+
+#: The three-kernel path's grids (:meth:`Tiling.reduce_grid`, :meth:`Tiling.stream_grid`) put the channel blocks
+#: on CUDA's grid axis y, whose limit is 65535; a block holds one channel at the least (channels-first with more
+#: than 2048 positions), so up to 65535 channels always fit. More take the reference: a launch past the limit fails
+#: on a GPU ("invalid argument") and passes in Triton's interpreter, which has no such limit.
+MAX_CHANNELS = 65535
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,22 @@ def channel_view(x: Tensor) -> ChannelView:
 
 def _next_power_of_2(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
+
+
+def cdiv(numerator: int, denominator: int) -> int:
+    """⌈numerator / denominator⌉ for a positive denominator: ``triton.cdiv`` for host code. Triton 3.9's is a
+    ``constexpr_function``, whose wrapper costs about 1.9 µs per host call on the CPU machine (against 0.03 µs
+    for the arithmetic), and the launchers call it a few times per launch."""
+    return (numerator + denominator - 1) // denominator
+
+
+def next_power_of_2(value: int) -> int:
+    """``triton.next_power_of_2`` for host code (same bit steps and results, 0 for 0), without its
+    ``constexpr_function`` wrapper (see :func:`cdiv`)."""
+    value -= 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        value |= value >> shift
+    return value + 1
 
 
 def choose_tiling(view: ChannelView) -> Tiling:

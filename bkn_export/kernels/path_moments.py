@@ -71,7 +71,7 @@ from bkn_export.kernels.elementwise_moments import (
     _std,
     _variance_floor,
 )
-from bkn_export.kernels.layout import MAX_ELEMENTS
+from bkn_export.kernels.layout import MAX_ELEMENTS, cdiv, next_power_of_2
 
 __all__ = ["LAUNCHES", "path_moments", "path_moments_backward", "path_moments_take"]
 
@@ -488,13 +488,13 @@ def _activation_options(
     if kind == "piecewise":
         if not 1 <= first <= _elementwise.MAX_PIECES or second not in (2, 4) or parameters.numel() < 3 + 4 * first:
             raise BKNInputError(f"path_moments: parameters pieces={first} order={second} are not a piece table")
-        block = triton.next_power_of_2(first)
+        block = next_power_of_2(first)
         options = {"ACTIVATION": _PIECEWISE, "NODES": first, "KIND": 0, "ORDER": second, "SUB_BLOCK": block,
                    "BLOCK_C": _elementwise.PIECEWISE_TILE // block}  # fmt: skip
         return table.device_table, options
     if second not in (0, 1, 2) or first < 1 or parameters.numel() < 2 + 2 * first:
         raise BKNInputError(f"path_moments: parameters nodes={first} kind={second} are not a Gauss–Hermite rule")
-    block = triton.next_power_of_2(first)
+    block = next_power_of_2(first)
     options = {"ACTIVATION": _SMOOTH, "NODES": first, "KIND": second, "ORDER": 2, "SUB_BLOCK": block,
                "BLOCK_C": max(1, min(64, _elementwise.HERMITE_TILE // block))}  # fmt: skip
     return table.device_table, options
@@ -572,7 +572,7 @@ def path_moments(
         out_mean, out_variance = torch.empty_like(mean), torch.empty_like(mean)
         taps = torch.empty((0, 0), dtype=torch.float64, device=mean.device)
         if channels:
-            _path_forward_kernel[(triton.cdiv(channels, options["BLOCK_C"]),)](
+            _path_forward_kernel[(cdiv(channels, options["BLOCK_C"]),)](
                 mean, variance, weight_arg, table_arg, mean, mean, mean, mean, mean, mean, taps, out_mean,
                 out_variance, mean if gaussian is None else gaussian, channels, 0, 1, 1, 1, eps_value,
                 HAS_AFFINE=False, HAS_TABLES=False, HAS_BIAS=False, BLOCK_O=1, BLOCK_I=1, BLOCK_U=1, BLOCK_T=1,
@@ -592,7 +592,7 @@ def path_moments(
     f, h, has_tables = _affine._tables(fraction, pairs, weight)
     tiles = _affine._Tiles.of(geometry, rows)
     stage_mean, stage_variance = _stage_buffers(mean)
-    _path_forward_kernel[(triton.cdiv(rows, tiles.block_o),)](
+    _path_forward_kernel[(cdiv(rows, tiles.block_o),)](
         mean, variance, weight_arg, table_arg, weight, f, h, weight if bias is None else bias, stage_mean,
         stage_variance, taps, out_mean, out_variance, mean if gaussian is None else gaussian, channels, rows,
         geometry.inputs, geometry.taps, geometry.per_group, eps_value, HAS_AFFINE=True, HAS_TABLES=has_tables,
@@ -669,7 +669,7 @@ def path_moments_backward(
             grad_weight.zero_()
             partial.zero_()
     if channels:
-        _path_inputs_backward_kernel[(triton.cdiv(channels, options["BLOCK_C"]),)](
+        _path_inputs_backward_kernel[(cdiv(channels, options["BLOCK_C"]),)](
             mean, variance, weight_arg, table_arg, mean if partials[0] is None else partials[0],
             mean if partials[1] is None else partials[1], mean if grad_gaussian is None else grad_gaussian,
             grad_mean_in, grad_variance_in, mean if grad_source_weight is None else grad_source_weight, channels,
@@ -696,11 +696,11 @@ def _rows_plan(geometry: Any) -> _RowsPlan:
     wanted_rows = _affine._rows_per_program(geometry)
     if geometry.groups > 1 and geometry.inputs <= geometry.block_i and geometry.per_group <= wanted_rows:
         across = _affine._Tiles.of(geometry, geometry.groups)
-        return _RowsPlan(1, (triton.cdiv(geometry.groups, across.block_o), 1), True, across, geometry.per_group)
+        return _RowsPlan(1, (cdiv(geometry.groups, across.block_o), 1), True, across, geometry.per_group)
     tiles = _affine._Tiles.of(geometry, geometry.per_group)
-    rows_per_program = max(1, min(triton.cdiv(wanted_rows, tiles.block_o) * tiles.block_o, geometry.per_group))
-    chunks = triton.cdiv(geometry.per_group, rows_per_program) if geometry.per_group else 1
-    grid = (geometry.groups * chunks, triton.cdiv(geometry.inputs, tiles.block_i))
+    rows_per_program = max(1, min(cdiv(wanted_rows, tiles.block_o) * tiles.block_o, geometry.per_group))
+    chunks = cdiv(geometry.per_group, rows_per_program) if geometry.per_group else 1
+    grid = (geometry.groups * chunks, cdiv(geometry.inputs, tiles.block_i))
     return _RowsPlan(chunks, grid, False, tiles, rows_per_program)
 
 

@@ -55,6 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bkn_export.errors import BKNInputError
+from bkn_export.kernels.layout import cdiv
 
 __all__ = [
     "LAUNCHERS",
@@ -343,7 +344,7 @@ def _first_parameter(params: Tensor, kernel: str) -> float:
 
 
 def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
+    return (cdiv(n, BLOCK),)
 
 
 def output_variance(
