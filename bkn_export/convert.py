@@ -293,8 +293,10 @@ def convert_batchnorm(
 
 def _refuse_unconvertible(model: nn.Module) -> None:
     """Models whose BatchNorms the conversion cannot see as such: a TorchScript module (its submodules are
-    RecursiveScriptModules, so it would be "without BatchNorm" and returned unchanged) and an uninitialised
-    ``nn.LazyBatchNorm*d`` (materialised into a BatchNorm only by the first forward)."""
+    RecursiveScriptModules, so it would be "without BatchNorm" and returned unchanged), an uninitialised
+    ``nn.LazyBatchNorm*d`` (materialised into a BatchNorm only by the first forward) and a direct subclass of
+    ``_BatchNorm`` (no dimensionality: it was "without BatchNorm" alone, and beside BatchNorm2d layers the chain's
+    wiring then told the user to convert it with convert_batchnorm first)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise BKNInputError(
             f"{type(model).__name__}: convert_batchnorm takes the nn.Module, not a TorchScript module "
@@ -305,6 +307,20 @@ def _refuse_unconvertible(model: nn.Module) -> None:
         raise BKNInputError(
             f"{', '.join(repr(n) for n in lazy)}: uninitialised lazy BatchNorm (nn.LazyBatchNorm*d); run one forward "
             "of the model (which gives it its number of features) before converting"
+        )
+    bare = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _BN_TYPES)
+    }
+    if bare:
+        kinds = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in bare.values()})
+        raise ConversionError(
+            f"{', '.join(repr(n) for n in bare)}: {', '.join(kinds)} subclasses torch.nn.modules.batchnorm._BatchNorm "
+            "directly, not nn.BatchNorm1d / 2d / 3d or nn.SyncBatchNorm: convert_batchnorm cannot tell which "
+            "BatchKalmanNorm1d / 2d / 3d replaces it, nor what its class adds. Make it subclass the nn.BatchNorm*d "
+            "of its input (its forward() is then checked like any BatchNorm subclass's), or replace the module "
+            "before converting"
         )
 
 

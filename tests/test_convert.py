@@ -732,3 +732,33 @@ def test_a_torchscript_module_and_an_uninitialised_lazy_batchnorm_are_refused_by
     lazy(torch.randn(2, 3, 8, 8))  # the documented remedy: one forward, then it converts
     convert_batchnorm(lazy, torch.randn(2, 3, 8, 8))
     assert isinstance(lazy[1], BatchKalmanNorm2d)
+
+
+class _DirectBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm that subclasses ``_BatchNorm`` itself (as some repositories' own BatchNorm2d do)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError("expected 4D input")
+
+
+class _DirectBatchNorm2d(nn.BatchNorm2d):
+    """The remedy the refusal names: the same layer as a BatchNorm2d subclass."""
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside a BatchNorm2d"])
+def test_a_direct_batchnorm_subclass_is_refused_by_name(beside: bool) -> None:
+    """A subclass of ``_BatchNorm`` that is no BatchNorm1d/2d/3d was left unconverted: alone, with the warning that
+    the model has no BatchNorm; beside a BatchNorm2d, with the chain's "convert it with convert_batchnorm first".
+    It is now refused by name before anything changes; as a BatchNorm2d subclass the same layer converts."""
+    last: nn.Module = nn.BatchNorm2d(4) if beside else _DirectBatchNorm(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _DirectBatchNorm(8), nn.ReLU(), nn.Conv2d(8, 4, 1), last)
+    names = r"'1'" if beside else r"'1', '4'"
+    with pytest.raises(ConversionError, match=names + r": .*_DirectBatchNorm subclasses torch\.nn\.modules\.batchnorm"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(model[1], _DirectBatchNorm) and isinstance(model[4], type(last))  # left as it was
+    for index in (1, 4):
+        if isinstance(model[index], _DirectBatchNorm):
+            model[index] = _DirectBatchNorm2d(model[index].num_features)
+    converted = convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(converted[1], BatchKalmanNorm2d) and isinstance(converted[4], BatchKalmanNorm2d)
