@@ -5,7 +5,8 @@ Each subcommand lives in its own module under :mod:`bkn_export.commands` with
 and nothing heavy (torch, NumPy, onnx) is imported before a command runs, so ``bkn
 --help`` and ``bkn <command> --help`` are fast. Exit status
 (:mod:`bkn_export.commands.exit_codes`): 0 success, 1 the command found a problem with
-the model (e.g. a parity mismatch), 2 bad input or environment.
+the model (e.g. a parity mismatch), 2 bad input or environment. A usage error (a missing,
+unknown or malformed argument) is one line on stderr, like every other failure, and exits 2.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 #: subcommand -> (its module, one-line help); the demo's commands need the [demo] extra
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,18 +31,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: the attribute of the parsed arguments that holds the chosen command's parser (removed before the command runs)
+_COMMAND_PARSER = "_command_parser"
+
+
 def _command_module(command: str):  # type: ignore[no-untyped-def]
     return importlib.import_module(COMMANDS[command][0])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error reported as the exit-code rule reports a failure: one line,
+    ``<prog>: OptionError: <message>``, exit 2, where argparse prints its whole usage text first. Subcommand parsers
+    are of this class too (``add_subparsers`` builds them with the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        from bkn_export.commands.exit_codes import EXIT_BAD_INPUT
+
+        text = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: OptionError: {text} (see `{self.prog} --help`)\n")
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bkn", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="bkn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name, (_, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text)
         if name == chosen:
             _command_module(name).add_arguments(sub_parser)
+            sub_parser.set_defaults(**{_COMMAND_PARSER: sub_parser})  # for main's usage errors, under its name
     return parser
 
 
@@ -64,13 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args, extras = parser.parse_known_args(argv)
+    command_parser: argparse.ArgumentParser = vars(args).pop(_COMMAND_PARSER, parser)
     module = _command_module(args.command)
     # argparse cannot split one variable-length positional around options
     # (`bkn parity SPEC --checkpoint C MODEL.onnx`); a command that takes such a list
     # names its attribute in POSITIONAL_LIST and gets the leftover positionals appended.
     target: str | None = getattr(module, "POSITIONAL_LIST", None)
     if extras and (target is None or any(e.startswith("-") for e in extras)):
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if extras and target is not None:
         getattr(args, target).extend(extras)
     return int(module.run(args))

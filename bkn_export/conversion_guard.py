@@ -187,12 +187,28 @@ def _refuse(
 
 
 def _hint(original: nn.Module) -> str:
+    """The likely cause of a refusal, where the module's running-statistics setup explains it; else ''."""
     tracking = getattr(original, "track_running_stats", True)
     if not tracking and getattr(original, "running_mean", None) is not None:
         return (
             "It has running statistics but track_running_stats=False, so BatchNorm normalizes with the "
             "buffers in eval mode and never updates them; BKN cannot express that. Set "
-            "track_running_stats=True, or delete running_mean/running_var, before converting."
+            "track_running_stats=True, or set running_mean, running_var and num_batches_tracked to None, "
+            "before converting."
+        )
+    missing = [name for name in ("running_mean", "running_var") if getattr(original, name, None) is None]
+    counted = getattr(original, "num_batches_tracked", None) is not None
+    if missing and (tracking or counted):
+        # F.batch_norm uses batch statistics whenever both buffers are None, whatever track_running_stats says,
+        # while the BKN layer built from track_running_stats=True starts fresh running statistics (0 and 1)
+        return (
+            f"Its {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} None while "
+            f"track_running_stats={tracking}"
+            f"{' and num_batches_tracked is kept' if counted else ''}, so BatchNorm normalizes with the batch "
+            "statistics in eval mode too and keeps no running statistics; a BKN layer expresses that only as a "
+            "layer without running statistics. Before converting, either declare it as one (set "
+            "track_running_stats=False and num_batches_tracked=None), or give it running statistics again "
+            "(running_mean zeros, running_var ones, then re-estimate them with bkn_export.update_bn)."
         )
     return ""
 

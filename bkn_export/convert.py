@@ -500,7 +500,9 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
             + _prefix_hint(unexpected, own)
             + "was it saved from the same architecture?"
         )
-    result = model.load_state_dict(state_dict, strict=False)
+    with warnings.catch_warnings():  # the layers' pointer to this very function
+        warnings.filterwarnings("ignore", message="a BatchNorm checkpoint", category=UserWarning)
+        result = model.load_state_dict(state_dict, strict=False)
     return [k for k in result.missing_keys if k.endswith(BKN_ONLY_SUFFIXES) or k in kept]
 
 

@@ -13,8 +13,9 @@ code meaning
 ==== =====================================================================================
 
 A failure prints one line on stderr, ``bkn <command>: <ErrorClass>: <message>``, and no
-traceback. argparse's own usage errors already exit 2. An exception the rule does not know
-(a bug) propagates with its traceback, so that it can be reported.
+traceback; so does an argparse usage error (``OptionError``, exit 2: ``bkn_export.cli``). An
+exception the rule does not know (a bug) propagates with its traceback, so that it can be
+reported.
 
 API (for every command module's ``run``)::
 

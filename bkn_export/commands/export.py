@@ -6,7 +6,8 @@ prints where each normalization layer went. Exit status (the rule of every ``bkn
 command, :mod:`bkn_export.commands.exit_codes`): 0 written; 1 the model cannot be exported
 (an unsupported layer, non-finite weights or statistics, an exporter or checker failure, a
 dynamic-spatial file that does not run at other sizes); 2 bad input or environment (spec,
-checkpoint, options, input names or shapes, an unwritable output path, a full disk).
+checkpoint, options, input names or shapes, ``--mode training`` for a model without BKN layers, an unwritable
+output path, a full disk).
 """
 
 from __future__ import annotations
@@ -186,6 +187,20 @@ def _check_example_runs(model: Any, example: Any, shapes: list[tuple[str | None,
         ) from error
 
 
+def _check_has_bkn_layers(model: Any, spec: str) -> None:
+    """``--mode training`` for a model without BKN layers is a wrong pairing of option and model, not a defect of
+    the model (it exports in inference mode): OptionError, exit 2, before anything is traced."""
+    from bkn_export.chain.wire import bkn_layers
+    from bkn_export.errors import OptionError
+
+    if not bkn_layers(model):
+        raise OptionError(
+            f"--mode training: the model of {spec} ({type(model).__name__}) has no BatchKalmanNorm layers, so a "
+            "training-mode file would have no BKN step; convert it in the factory with "
+            "bkn_export.convert_batchnorm(model, example_inputs), or export with --mode inference"
+        )
+
+
 def torch_no_grad() -> Any:
     """``torch.no_grad()``, imported late so that ``bkn --help`` stays fast."""
     import torch
@@ -213,6 +228,8 @@ def _run(args: argparse.Namespace) -> int:
             )
         options["graph_optimizer"] = args.graph_optimizer
     model = load_model(args.spec, args.checkpoint, **dict(args.factory_arg))
+    if args.mode == "training":
+        _check_has_bkn_layers(model, args.spec)
     example = example_inputs(model, args.input_shape)
     _check_example_runs(model, example, args.input_shape)
     result = export_onnx(
