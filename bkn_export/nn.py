@@ -409,6 +409,14 @@ class _BatchKalmanNorm(nn.Module):
         return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            raise UnsupportedTransformError(
+                f"{self._label()}: torch.fx.symbolic_trace cannot trace into a BKN layer (its forward branches on "
+                "the input and on the chain's state). Use torch.export.export, torch.jit.trace or "
+                "bkn_export.export.export_onnx; for an fx graph, trace with the BKN layers as leaf modules (a "
+                "torch.fx.Tracer whose is_leaf_module returns True for them) and wire the GraphModule with "
+                "bkn_export.wire_chain, then load the state dict again."
+            )
         tracing = torch.jit.is_tracing()  # which records sizes as tensors: checks on them would be TracerWarnings
         if not tracing:
             self._check_input_dim(x)

@@ -40,3 +40,27 @@ def test_a_traced_step_is_the_eager_step(train: bool) -> None:
 def test_scripting_is_refused_by_name() -> None:
     with pytest.raises(UnsupportedTransformError, match=r"BatchKalmanNorm2d '1'.*torch\.jit\.script"):
         torch.jit.script(_model())
+
+
+def test_fx_symbolic_trace_is_refused_by_name_with_the_leaf_module_route() -> None:
+    """torch.fx.symbolic_trace failed inside the layer with fx's opaque "symbolically traced variables cannot be used
+    as inputs to control flow"; it now names the layer and the ways that work, one of which is checked here: the BKN
+    layers as leaf modules, the GraphModule wired again and given the state back, computes the model's outputs."""
+    model = _model()
+    with pytest.raises(UnsupportedTransformError, match=r"BatchKalmanNorm2d '1'.*symbolic_trace.*leaf modules"):
+        torch.fx.symbolic_trace(model)
+
+    from bkn_export import wire_chain
+    from bkn_export.nn import _BatchKalmanNorm
+
+    class _LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+            return isinstance(module, _BatchKalmanNorm) or super().is_leaf_module(module, name)
+
+    graph_module = torch.fx.GraphModule(model, _LeafTracer().trace(model))
+    example = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="hold BKN parameters already"):  # the documented re-initialisation
+        wire_chain(graph_module, example)
+    graph_module.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(graph_module.eval()(x), model.eval()(x), rtol=0, atol=0)
