@@ -160,6 +160,9 @@ class TolerancePolicy:
     #: Per output, the narrower float type its value was computed in (:func:`runtime.precision.computed_precision`:
     #: a float64 output of a float32 graph): its defaults are that type's.
     computed_in: Mapping[str, str] = field(default_factory=dict)
+    #: Per output, the dtype name the ONNX file declares: a runtime output that is not an integer / bool where the
+    #: file declares one is a wrong dtype, failed as such rather than judged within a float tolerance.
+    declared: Mapping[str, str] = field(default_factory=dict)
 
     def _defaults_dtype(self, output: str, dtype_name: str) -> str:
         computed = self.computed_in.get(output)
@@ -206,18 +209,60 @@ class TolerancePolicy:
         return text
 
     def judge(self, name: str, reference: np.ndarray, actual: np.ndarray, runtime: str = "runtime") -> OutputComparison:
-        """:func:`compare_output` with this policy's tolerance for ``actual``'s dtype and its criteria."""
-        dtype_name = _dtype_name(actual)
-        result = compare_output(name, reference, actual, self.tolerance(name, dtype_name), runtime, self.criteria)
+        """:func:`compare_output` with this policy's tolerance and criteria.
+
+        The tolerance is that of the narrower float type of ``actual`` and ``reference``: a reference saved in
+        bfloat16 carries bfloat16's rounding, so a float32 output is judged against it at bfloat16's defaults. An
+        output the file declares integer / bool (:attr:`declared`) that ``actual`` is not fails as a wrong dtype.
+        """
+        actual = np.asarray(actual)
+        output_dtype = _dtype_name(actual)
         reference_dtype = _dtype_name(np.asarray(reference))
-        result.tolerance_source = self.source(name, dtype_name)
-        if reference_dtype != dtype_name:
-            result.tolerance_source += f" ({dtype_name} ONNX output vs {reference_dtype} reference)"
+        declared = self.declared.get(name, "")
+        if _is_exact_dtype(declared) and actual.dtype.kind not in "iub":
+            return _wrong_dtype(name, reference, actual, declared, runtime, self.tolerance(name, declared))
+        judged_as = _narrower(output_dtype, reference_dtype)
+        result = compare_output(name, reference, actual, self.tolerance(name, judged_as), runtime, self.criteria)
+        result.tolerance_source = self.source(name, judged_as)
+        if reference_dtype != output_dtype:
+            result.tolerance_source += f" ({output_dtype} ONNX output vs {reference_dtype} reference)"
         return result
 
 
 def _dtype_name(array: np.ndarray) -> str:
     return "bfloat16" if array.dtype.name in ("bfloat16", "void16") else array.dtype.name
+
+
+def _narrower(dtype_name: str, other: str) -> str:
+    """``other`` where both are float types and it has fewer significand bits, else ``dtype_name``."""
+    if (
+        dtype_name in FLOAT_PRECISION
+        and other in FLOAT_PRECISION
+        and FLOAT_PRECISION[other] < FLOAT_PRECISION[dtype_name]
+    ):
+        return other
+    return dtype_name
+
+
+def _is_exact_dtype(dtype_name: str) -> bool:
+    """Whether an ONNX dtype name is an integer or bool one (compared exactly)."""
+    return dtype_name == "bool" or dtype_name.startswith(("int", "uint"))
+
+
+def _wrong_dtype(
+    name: str, reference: np.ndarray, actual: np.ndarray, declared: str, runtime: str, tolerance: Tolerance
+) -> OutputComparison:
+    """The failed verdict on a runtime output whose dtype is not the integer / bool one the file declares."""
+    reference = np.asarray(reference)
+    return OutputComparison(
+        output=name, dtype=str(actual.dtype), shape=list(actual.shape), reference_shape=list(reference.shape),
+        tolerance=tolerance, passed=False, nonfinite_reference=nonfinite_count(reference),
+        nonfinite_actual=nonfinite_count(actual), tolerance_source="exact (an integer / bool output)",
+        message=(
+            f"{runtime} returned {actual.dtype} for {name!r}, which the ONNX file declares {declared}: a wrong "
+            "dtype (an integer / bool output is compared exactly, never within a float tolerance)"
+        ),
+    )  # fmt: skip
 
 
 @dataclass

@@ -22,6 +22,7 @@ import onnx
 
 from runtime._bkn import (
     OP_DOMAIN,
+    OP_TYPE,
     TensorSpec,
     check_feeds,
     is_op_node,
@@ -44,6 +45,8 @@ __all__ = [
     "load_onnx",
     "onnxruntime_ops",
     "random_inputs",
+    "renamed_op_nodes",
+    "renamed_op_note",
     "returned_output_order",
     "running_statistics_inputs",
     "tensor_specs",
@@ -272,13 +275,39 @@ def running_statistics_inputs(model: onnx.ModelProto) -> set[str]:
     return {i.name for i in model.graph.input if is_running_statistic_input(i.name, outputs)}
 
 
+def renamed_op_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The graph's BatchKalmanNorm nodes under another name: in the ``ai.bkn`` domain with another op type, or with
+    ``BatchKalmanNorm`` inside another op type (``p_BatchKalmanNorm``, as some tools prefix what they rewrite).
+    :func:`is_op_node` does not recognise them; they still make the file a training-mode export."""
+    return [
+        node
+        for node in model.graph.node
+        if not is_op_node(node) and (node.domain == OP_DOMAIN or OP_TYPE in node.op_type)
+    ]
+
+
+def renamed_op_note(model: onnx.ModelProto) -> str | None:
+    """What the report says about :func:`renamed_op_nodes` (None where there are none)."""
+    renamed = renamed_op_nodes(model)
+    if not renamed:
+        return None
+    shown = ", ".join(f"{node.name or '<unnamed>'!r} ({node.domain}::{node.op_type})" for node in renamed[:4])
+    more = f" and {len(renamed) - 4} more" if len(renamed) > 4 else ""
+    return (
+        f"node(s) {shown}{more} are BatchKalmanNorm nodes renamed from {OP_DOMAIN}::{OP_TYPE} (by a tool that "
+        "rewrote the file): counted as BKN op nodes, so the file is a training-mode export; the TensorRT plugin and "
+        "the mapping of nodes to layers know the op only by its own name (re-export, or rename them back)"
+    )
+
+
 def declared_mode(model: onnx.ModelProto) -> str | None:
     """The mode the file says it was exported in: its ``bkn_export.mode`` metadata, else "training" where the graph
-    holds ``ai.bkn`` nodes; None for a file that says nothing (exported by other tools)."""
+    holds ``ai.bkn`` nodes (also renamed ones: :func:`renamed_op_nodes`); None for a file that says nothing
+    (exported by other tools)."""
     for prop in model.metadata_props:
         if prop.key in ("bkn.mode", "bkn_export.mode") and prop.value in ("inference", "training"):
             return prop.value
-    if any(is_op_node(node) for node in model.graph.node):
+    if any(is_op_node(node) for node in model.graph.node) or renamed_op_nodes(model):
         return "training"
     return None
 

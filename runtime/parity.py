@@ -56,6 +56,7 @@ from runtime.model_io import (
     load_onnx,
     onnxruntime_ops,
     random_inputs,
+    renamed_op_note,
     returned_output_order,
     tensor_specs,
 )
@@ -280,7 +281,10 @@ def run_parity(
     onnx_model = load_onnx(path)
     input_specs, output_specs = tensor_specs(onnx_model)
     computed_in = computed_precision(onnx_model)
-    policy = TolerancePolicy(atol, rtol, dict(tolerances or {}), criteria or Criteria(), computed_in=computed_in)
+    policy = TolerancePolicy(
+        atol, rtol, dict(tolerances or {}), criteria or Criteria(), computed_in=computed_in,
+        declared={s.name: s.dtype for s in output_specs},
+    )  # fmt: skip
     known_outputs = {s.name for s in output_specs}
     unknown = [name for name in policy.per_output if name not in known_outputs]
     if unknown:
@@ -320,6 +324,9 @@ def run_parity(
     onnx_outputs = [s.name for s in output_specs]
     returned_order, order_note = returned_output_order(onnx_model)
     notes: list[str] = []
+    renamed = renamed_op_note(onnx_model)
+    if renamed is not None:
+        notes.append(renamed)
     if assumed:
         notes.append(
             f"{path.name} declares no export mode (no bkn_export.mode metadata, no ai.bkn nodes: exported by another "
@@ -609,8 +616,33 @@ def _saved_references(
                 f"the saved outputs of iteration {iteration} name {unknown}, which the model does not output "
                 f"(its outputs are {list(onnx_outputs)}): they belong to another model"
             )
-        references.append({name: np.asarray(array) for name, array in outputs.items()})
+        references.append({name: _saved_array(array, name, iteration) for name, array in outputs.items()})
     return references
+
+
+def _saved_array(value: Any, name: str, iteration: int) -> np.ndarray:
+    """A saved output as a NumPy array: a tensor through :func:`~runtime.backends.torch_eager.array_of`, and the raw
+    2-byte records NumPy writes for a bfloat16 array (``np.save`` / ``.npz`` / Polygraphy JSON: dtype ``V2``) as
+    ``ml_dtypes.bfloat16``, the bfloat16 every runtime returns; compared in float64 at bfloat16's tolerances
+    (:meth:`~runtime.compare.TolerancePolicy.judge`). Raises SavedDataError for other raw records, naming the output.
+    """
+    from runtime.errors import SavedDataError
+
+    if hasattr(value, "detach"):  # a torch.Tensor (bfloat16 has no NumPy dtype: np.asarray refuses it)
+        from runtime.backends.torch_eager import array_of
+
+        return array_of(value)
+    array = np.asarray(value)
+    if array.dtype.type is not np.void:  # numbers, ml_dtypes' own types (bfloat16, float8) included
+        return array
+    if array.dtype.itemsize == 2 and array.dtype.names is None:
+        import ml_dtypes
+
+        return array.view(ml_dtypes.bfloat16)
+    raise SavedDataError(
+        f"the saved output {name!r} of iteration {iteration} holds raw {array.dtype} records, not numbers: only "
+        "bfloat16 (saved as 2-byte records, V2) is read back that way; save it as a numeric array"
+    )
 
 
 def _check_saved_shapes(

@@ -195,6 +195,38 @@ def test_keyed_outputs_are_named_after_their_keys_and_hold_their_tensors(tmp_pat
         np.testing.assert_allclose(got[name], tensor.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+class NamedHeads(nn.Module):
+    """A named tuple as the whole output (not inside a dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+
+    def forward(self, x: Tensor) -> Heads:
+        y = self.norm(self.conv(x))
+        return Heads(y.mean(dim=(2, 3)), y)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_named_tuple_output_is_named_after_its_fields_in_both_modes(tmp_path: Path, mode: str) -> None:
+    """The training mode named a top-level named tuple's outputs output_0, output_1 (its wrapper flattened the tuple
+    before the exporter saw its fields), the inference mode scores, boxes."""
+    example = torch.randn(2, 1, 6, 6)
+    model = prepared(NamedHeads(), mode, (example,))
+    path = tmp_path / "m.onnx"
+    export_onnx(model, example, path, mode=mode)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert names[:2] == ["scores", "boxes"]
+    got = session.run(names[:2], {"x": example.numpy()})
+    model.train(mode == "training")
+    with torch.no_grad():
+        out = model(example)
+    np.testing.assert_allclose(got[0], out.scores.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[1], out.boxes.numpy(), rtol=1e-4, atol=1e-5)
+
+
 class ClashingKeys(nn.Module):
     """A dict output whose key is also the input's name: the keyed names would clash."""
 

@@ -566,6 +566,19 @@ def test_unknown_domain_is_explained(exported: dict[str, Any]) -> None:
         check_training_model(onnx_model)
 
 
+@pytest.mark.parametrize("op_type", ["p_BatchKalmanNorm", "BKNStep"])
+def test_renamed_op_nodes_are_named_not_passed(exported: dict[str, Any], op_type: str) -> None:
+    """BKN nodes a tool renamed (a prefixed op type, or another op type in the ai.bkn domain) were not BKN nodes to
+    the check, which then passed a file nothing can run; it now names the first and how many."""
+    onnx_model = onnx.load(str(exported["path"]))
+    nodes = [n for n in onnx_model.graph.node if op_spec.is_op_node(n)]
+    for node in nodes:
+        node.op_type = op_type
+    pattern = rf"node '{nodes[0].name}' is ai\.bkn::{op_type}, a renamed ai\.bkn::BatchKalmanNorm \({len(nodes)} such"
+    with pytest.raises(ModelFileError, match=pattern):
+        check_training_model(onnx_model)
+
+
 def test_missing_file_is_explained(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="does not exist"):
         check_training_model(tmp_path / "absent.onnx")

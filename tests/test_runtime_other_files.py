@@ -53,3 +53,43 @@ def test_string_arrays_are_refused_by_the_polygraphy_json_writer(tmp_path: Path)
 def test_the_training_preview_domain_is_standard() -> None:
     """Gradient and optimizer ops (``ai.onnx.preview.training``) were called custom ops needing a library."""
     assert "ai.onnx.preview.training" in STANDARD_DOMAINS
+
+
+def _renamed_training_file(tmp_path: Path, keep_metadata: bool) -> tuple[object, Path]:
+    """A training export of a two-layer model whose BatchKalmanNorm nodes and function another tool renamed to
+    ``p_BatchKalmanNorm`` (the file still runs: the function body moved with the name)."""
+    import torch
+    from support.small_models import two_layer_classifier
+
+    from bkn_export.export import export_onnx
+
+    model = two_layer_classifier().eval()
+    path = tmp_path / "renamed.onnx"
+    export_onnx(model, (torch.randn(2, 3, 8, 8),), path, mode="training")
+    onnx_model = onnx.load(path)
+    for node in onnx_model.graph.node:
+        if node.op_type == "BatchKalmanNorm":
+            node.op_type = "p_BatchKalmanNorm"
+    for function in onnx_model.functions:
+        if function.name == "BatchKalmanNorm":
+            function.name = "p_BatchKalmanNorm"
+    if not keep_metadata:
+        del onnx_model.metadata_props[:]
+    onnx.save(onnx_model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("keep_metadata", [True, False])
+def test_renamed_bkn_op_nodes_are_named_in_a_note_and_keep_the_training_mode(
+    tmp_path: Path, keep_metadata: bool
+) -> None:
+    """Without the mode metadata such a file was taken for an inference export with "no ai.bkn nodes" and failed
+    against the eval forward; with it, nothing said that the BKN op was there under another name."""
+    from runtime.model_io import declared_mode
+
+    model, path = _renamed_training_file(tmp_path, keep_metadata)
+    assert declared_mode(onnx.load(path)) == "training"
+    report = run_parity(model, path, runtimes="ort:cpu:all", localise_failures=False)
+    assert report.mode == "training" and report.passed
+    (note,) = [note for note in report.notes if "renamed" in note]
+    assert "'1' (ai.bkn::p_BatchKalmanNorm), '4' (ai.bkn::p_BatchKalmanNorm)" in note

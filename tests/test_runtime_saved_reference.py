@@ -165,3 +165,87 @@ def test_equal_nan_through_the_python_api(tmp_path: Path) -> None:
     )  # fmt: skip
     assert report.passed and report.criteria.equal_nan
     assert any("equal_nan=True" in note for note in report.notes)
+
+
+#: x whose sum, 6.1, bfloat16 rounds to 6.09375: 6e-3 from float32, outside float32's tolerance, inside bfloat16's.
+X_ROUNDED = np.array([[0.3, 3.1, -1.0], [2.0, 0.7, 1.0]], dtype=np.float32)
+
+
+def _bfloat16_saved(total: float) -> dict[str, np.ndarray]:
+    import ml_dtypes
+
+    saved = _without("log")
+    saved["index"] = X_ROUNDED.argmax(axis=1).astype(np.int64)
+    saved["positive"] = X_ROUNDED > 0
+    saved["total"] = np.array(total, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    return saved
+
+
+@pytest.mark.parametrize(("shift", "code"), [(0.0, 0), (0.25, 1)])
+def test_a_bfloat16_output_saved_to_a_file_is_judged_at_bfloat16_tolerances(
+    tmp_path: Path, shift: float, code: int
+) -> None:
+    """NumPy saves a bfloat16 array as raw 2-byte records (V2), which crashed the comparison (ValueError); read back
+    as bfloat16, the float32 output is judged against it at bfloat16's defaults, and a real difference still fails."""
+    saved = _bfloat16_saved(float(X_ROUNDED.sum()) + shift)
+    assert _parity(tmp_path, saved, x=X_ROUNDED) == code
+    report = json.loads((tmp_path / "report.json").read_text())
+    total = [c for r in report["runtimes"] for c in r["outputs"] if c["output"] == "total"]
+    assert len(total) == 2 and all(c["passed"] is (code == 0) for c in total)
+    assert all(c["tolerance_source"] == "bfloat16 defaults (float32 ONNX output vs bfloat16 reference)" for c in total)
+
+
+@pytest.mark.parametrize("kind", ["ml_dtypes", "torch"])
+def test_a_bfloat16_reference_through_the_python_api_is_judged_at_bfloat16_tolerances(
+    tmp_path: Path, kind: str
+) -> None:
+    """A bfloat16 ``ml_dtypes`` array was judged at float32's tolerances (so its own rounding failed it), and a
+    ``torch.bfloat16`` tensor raised NumPy's TypeError."""
+    saved: dict[str, object] = dict(_bfloat16_saved(float(X_ROUNDED.sum())))
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        saved["total"] = torch.tensor(float(X_ROUNDED.sum()), dtype=torch.bfloat16)
+    report = run_parity(
+        None, _model(tmp_path), [{"x": X_ROUNDED}], runtimes="ort:cpu:all", reference_outputs=[saved],  # type: ignore[list-item]
+        localise_failures=False,
+    )  # fmt: skip
+    (result,) = report.runtimes
+    total = next(c for c in result.outputs if c.output == "total")
+    assert report.passed and total.tolerance.atol == pytest.approx(1e-2) and 0 < total.max_abs_error < 1e-2
+
+
+def test_raw_records_other_than_bfloat16_are_refused_naming_the_output(tmp_path: Path) -> None:
+    from runtime.errors import SavedDataError
+
+    saved = {**_without("log"), "total": np.zeros((), dtype="V4")}
+    with pytest.raises(SavedDataError, match=r"saved output 'total' of iteration 0 holds raw \|V4 records"):
+        run_parity(None, _model(tmp_path), [{"x": X}], runtimes="ort:cpu:all", reference_outputs=[saved])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_runtime_returning_floats_for_an_integer_output_fails_as_a_wrong_dtype(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: type
+) -> None:
+    """A runtime that returned ArgMax's int64 indices as whole floats passed, compared within float tolerances."""
+    from runtime.backends.reference import ReferenceEvaluatorBackend
+    from runtime.parity import Status
+
+    run = ReferenceEvaluatorBackend.run
+
+    def floats_for_index(self: ReferenceEvaluatorBackend, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = run(self, inputs)
+        return {**outputs, "index": outputs["index"].astype(dtype)}
+
+    monkeypatch.setattr(ReferenceEvaluatorBackend, "run", floats_for_index)
+    report = run_parity(
+        None, _model(tmp_path), [{"x": X}], runtimes="reference", reference_outputs=[_without("log")],
+        localise_failures=False,
+    )  # fmt: skip
+    (result,) = report.runtimes
+    verdicts = {c.output: c for c in result.outputs}
+    assert result.status is Status.FAILED and verdicts["total"].passed and verdicts["positive"].passed
+    assert not verdicts["index"].passed
+    assert verdicts["index"].message == (
+        f"reference returned {np.dtype(dtype).name} for 'index', which the ONNX file declares int64: a wrong dtype "
+        "(an integer / bool output is compared exactly, never within a float tolerance)"
+    )

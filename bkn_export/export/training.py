@@ -141,7 +141,10 @@ class _TrainingGraph(nn.Module):
         inputs, stats = args[: self.num_inputs], args[self.num_inputs :]
         with observe(self.model) as observer:
             outputs = self.model(*inputs)
-        flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        # A named tuple stays whole, as a dict does: its fields name its outputs (pipeline.output_keys), as in the
+        # inference mode; a plain tuple or list is the model's outputs in order.
+        plain_sequence = isinstance(outputs, (tuple, list)) and not hasattr(outputs, "_fields")
+        flat = list(outputs) if plain_sequence else [outputs]
         for i, name in enumerate(self.running_stats):
             layer = self._layers[name]
             assert layer.momentum is not None
@@ -426,7 +429,9 @@ def _metadata(
 def check_training_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
     """Check that a training-mode model can run without a plugin; return it (loaded).
 
-    Verifies that every ``ai.bkn::BatchKalmanNorm`` node has the op's function body in
+    Verifies that no node is a renamed ``ai.bkn::BatchKalmanNorm`` (another op type in the ``ai.bkn`` domain, or
+    one with ``BatchKalmanNorm`` inside it, as a tool's prefix leaves it), that every ``ai.bkn::BatchKalmanNorm``
+    node has the op's function body in
     ``model.functions`` (for the model's opset), that the domain is imported, that node
     attributes match op_spec, and that shape inference passes (which also catches a
     prior whose channel count differs from its input's). Raises
@@ -438,6 +443,18 @@ def check_training_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onn
         model = load_onnx_file(model)
     nodes = _bkn_nodes(model.graph)
     op_name = f"{op_spec.DOMAIN}::{op_spec.OP_TYPE}"
+    renamed = [
+        n
+        for n in model.graph.node
+        if not op_spec.is_op_node(n) and (n.domain == op_spec.DOMAIN or op_spec.OP_TYPE in n.op_type)
+    ]
+    if renamed:  # a tool's rewrite (a prefixed op type)
+        raise ModelFileError(
+            f"{label}: node '{renamed[0].name}' is {renamed[0].domain}::{renamed[0].op_type}, a renamed {op_name} "
+            f"({len(renamed)} such node(s)): the TensorRT plugin and this check know the op only by its own name (a "
+            "function body renamed with the nodes still runs in ONNX Runtime, unchecked); rename them back to "
+            f"{op_name}, or re-export with export_onnx(model, example_inputs, path, mode='training')"
+        )
     if not nodes:
         return model
     if not any(entry.domain == op_spec.DOMAIN for entry in model.opset_import):
