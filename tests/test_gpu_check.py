@@ -281,3 +281,32 @@ def test_harness_refuses_a_reference_that_does_not_match_its_manifest(
     result = _harness(harness_build, broken, "--host-only")
     assert result.returncode == 2
     assert f"{first}: file sizes do not match the manifest's shape" in result.stderr
+
+
+def test_graphed_agreement_compares_every_parameter_and_buffer() -> None:
+    """``network_step.compare_states``, what judges a captured step against eager steps: equal states agree; a
+    running statistic off by 1% (a replay that missed an update) and a counter off by one each fail, named."""
+    import copy
+
+    import torch
+
+    from benchmarks.gpu import network_step
+
+    torch.manual_seed(0)
+    model = network_step.smoke_convnet().train()
+    model(torch.randn(4, 3, 16, 16))
+    same = copy.deepcopy(model)
+    assert network_step.compare_states(model, same)["passed"]
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        noisy[0].weight.add_(1e-7)  # float32 noise of a few steps
+    assert network_step.compare_states(model, noisy)["passed"]
+    stale = copy.deepcopy(model)
+    with torch.no_grad():
+        stale[4].running_var.mul_(1.01)
+    verdict = network_step.compare_states(model, stale)
+    assert not verdict["passed"] and verdict["worst"] == "4.running_var" and "4.running_var" in verdict["failed"][0]
+    counted = copy.deepcopy(model)
+    counted[1].num_batches_tracked.add_(1)
+    verdict = network_step.compare_states(model, counted)
+    assert not verdict["passed"] and verdict["failed"] == ["1.num_batches_tracked: 1 != 2"]

@@ -20,6 +20,13 @@ for bn and bkn, the number of normalization layers, (bkn − bn) / layers = extr
 BKN layer, the Triton kernels (names ``_*_kernel``) per BKN layer, and the most frequent
 kernel names of the bkn step.
 
+Graphed against eager: for each (batch, norm), two copies of the model from the same state, one stepped eagerly,
+one through a captured step (``TrainStep.capture``: its warm-up steps eagerly, then replays), the same number of
+steps in all (``AGREEMENT_REPLAYS`` replays); then every parameter and buffer compared (:func:`compare_states`:
+largest difference relative to the tensor's largest magnitude, ``num_batches_tracked`` exactly). A capture that
+replays the wrong work (a running statistic not updated, a stale cached constant) shows as a difference far above
+the float32 noise of atomics in the convolutions' weight gradients.
+
 Each model runs under its own error boundary: a model that does not build or convert, or a
 variant that fails (e.g. graph capture), is recorded with its error and the rest goes on.
 
@@ -51,6 +58,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: Replays of the captured step compared against as many eager steps (after capture's warm-up, matched eagerly).
+AGREEMENT_REPLAYS = 3
+#: A tensor agrees when its largest difference is at most this times its largest magnitude (plus 1e-6): float32
+#: noise of a few steps (nondeterministic atomics) is ~1e-6 relative; a missed update is ~1e-2 and more.
+AGREEMENT_RTOL = 1e-4
 
 #: timm names of the two networks the GPU check times.
 DEFAULT_MODELS = ("resnet50", "mobilenetv3_large_100")
@@ -164,6 +177,44 @@ class TrainStep:
         self.graph.replay()
 
 
+def compare_states(reference: nn.Module, other: nn.Module) -> dict[str, Any]:
+    """Every parameter and buffer of ``other`` against ``reference`` (same architecture): the largest relative
+    difference (max |a - b| / (max |a| + 1e-12)) with the tensor it is in, counters compared exactly, and whether
+    all agree (relative difference ≤ AGREEMENT_RTOL + 1e-6 / max |a|, integer tensors equal)."""
+    worst, worst_name, failed = 0.0, "", []
+    mine = dict(other.state_dict())
+    for name, tensor in reference.state_dict().items():
+        theirs = mine.get(name)
+        if not isinstance(tensor, torch.Tensor) or not isinstance(theirs, torch.Tensor):
+            continue
+        if not tensor.is_floating_point():
+            if not torch.equal(tensor, theirs):
+                failed.append(f"{name}: {tensor.tolist()} != {theirs.tolist()}")
+            continue
+        scale = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+        difference = float((tensor.detach() - theirs.detach()).abs().max()) if tensor.numel() else 0.0
+        relative = difference / (scale + 1e-12)
+        if relative > worst:
+            worst, worst_name = relative, name
+        if difference > AGREEMENT_RTOL * scale + 1e-6:
+            failed.append(f"{name}: max difference {difference:.3g} at magnitude {scale:.3g}")
+    return {"max_relative": worst, "worst": worst_name, "failed": failed[:5], "passed": not failed}
+
+
+def graphed_agreement(model: nn.Module, x: torch.Tensor, target: torch.Tensor, amp: torch.dtype | None) -> dict:
+    """:func:`compare_states` of a copy stepped eagerly and a copy stepped through a captured step (module
+    docstring), from ``model``'s state; the model itself is not stepped."""
+    eager = TrainStep(copy.deepcopy(model), x, target, amp)
+    graphed = TrainStep(copy.deepcopy(model), x, target, amp)
+    graphed.capture(warmup=3)
+    for _ in range(AGREEMENT_REPLAYS):
+        graphed.replay()
+    for _ in range(3 + AGREEMENT_REPLAYS):
+        eager.eager()
+    torch.cuda.synchronize()
+    return compare_states(eager.model, graphed.model)
+
+
 def time_ms(step: Callable[[], None], device: torch.device, steps: int, repeats: int) -> float:
     """Median over ``repeats`` of the mean time of ``steps`` consecutive steps (CUDA events; wall clock on CPU)."""
     step()  # warm-up
@@ -207,7 +258,7 @@ def run_model(name: str, batches: list[int], args: argparse.Namespace, device: t
     """Every (batch, norm, mode) of one model; errors are recorded, never raised."""
     from bkn_export import convert_batchnorm, format_chain
 
-    result: dict[str, Any] = {"model": name, "timings": [], "kernels": [], "conversion": {}}
+    result: dict[str, Any] = {"model": name, "timings": [], "kernels": [], "conversion": {}, "agreement": []}
     size = 16 if args.smoke else 224
     modes = ["eager"] if device.type != "cuda" else ["eager", "graphed"]
     for batch in batches:
@@ -246,6 +297,16 @@ def run_model(name: str, batches: list[int], args: argparse.Namespace, device: t
             except Exception as error:
                 result["timings"].append(asdict(Timing(name, batch, norm, "eager", None, _error_text(error))))
         result["kernels"].append(asdict(_kernel_counts(name, batch, steps, counts, device)))
+        if "graphed" in modes:  # before the timed captures, which step the models
+            for norm, model in models.items():
+                if not isinstance(model, nn.Module):
+                    continue
+                try:
+                    agreement = graphed_agreement(model, x, target, args.amp_dtype)
+                except Exception as error:
+                    agreement = {"passed": False, "error": f"capture: {_error_text(error)}"}
+                    torch.cuda.synchronize()
+                result["agreement"].append({"batch": batch, "norm": norm, **agreement})
         if "graphed" in modes:  # last: a failed capture can leave the device in a bad state
             for norm in ("bn", "bkn"):
                 if norm not in steps:
@@ -333,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t['model']:<24} batch {t['batch']:>3} {t['norm']:<4} {t['mode']:<8} {figure}", flush=True)
     for r in ratios(timings):
         print(f"{r['model']:<24} batch {r['batch']:>3} {r['mode']:<8} bkn/bn {r['ratio']:.2f}")
+    for result in results:
+        for a in result["agreement"]:
+            verdict = "agrees" if a["passed"] else "DIFFERS"
+            detail = a.get("error") or f"max relative {a['max_relative']:.2g} ({a['worst']}) {'; '.join(a['failed'])}"
+            print(f"{result['model']:<24} batch {a['batch']:>3} {a['norm']:<4} graphed vs eager: {verdict}, {detail}")
     if args.json:
         payload = {
             "device": device_name,

@@ -335,7 +335,7 @@ def network_section(work: Path) -> list[str]:
     files = sorted(work.glob("network-*.json"))
     if not files:
         return [*lines, "Not run.", ""]
-    timing_rows, kernel_rows, notes = [], [], []
+    timing_rows, kernel_rows, notes, agreement_rows = [], [], [], []
     amp, size, device, steps, repeats = None, 224, "–", 10, 5
     for path in files:
         data = _read_json(path) or {}
@@ -366,6 +366,11 @@ def network_section(work: Path) -> list[str]:
                         k.get("error") or "",
                     ]
                 )
+            for a in result.get("agreement", []):
+                detail = a.get("error") or "; ".join(a.get("failed", []))
+                relative = f"{a['max_relative']:.2g} ({a['worst']})" if "max_relative" in a else "–"
+                verdict = "agrees" if a["passed"] else "DIFFERS"
+                agreement_rows.append([result["model"], str(a["batch"]), a["norm"], verdict, relative, detail[:200]])
             for batch, conversion in result.get("conversion", {}).items():
                 if not conversion.get("ok"):
                     notes.append(f"- {result['model']} batch {batch}: {conversion.get('error')}")
@@ -388,6 +393,14 @@ def network_section(work: Path) -> list[str]:
         "note",
     ]
     lines += ["Kernels per eager train step (torch.profiler):", "", *_table(header, kernel_rows), ""]
+    if agreement_rows:
+        header = ["model", "batch", "norm", "graphed vs eager", "max relative difference", "differences"]
+        lines += [
+            "Parameters and buffers after the same steps eagerly and through the captured step:",
+            "",
+            *_table(header, agreement_rows),
+            "",
+        ]
     if notes:
         lines += ["Conversion errors:", "", *notes, ""]
     return lines
