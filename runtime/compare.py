@@ -211,21 +211,27 @@ class TolerancePolicy:
     def judge(self, name: str, reference: np.ndarray, actual: np.ndarray, runtime: str = "runtime") -> OutputComparison:
         """:func:`compare_output` with this policy's tolerance and criteria.
 
-        The tolerance is that of the narrower float type of ``actual`` and ``reference``: a reference saved in
-        bfloat16 carries bfloat16's rounding, so a float32 output is judged against it at bfloat16's defaults. An
-        output the file declares integer / bool (:attr:`declared`) that ``actual`` is not fails as a wrong dtype.
+        The tolerance is that of the narrower float type of the output and ``reference``: the output's type is the
+        one the file declares (:attr:`declared`), else ``actual``'s, so that a runtime returning a narrower float
+        than the file declares (float16 for a float32 output) is held to the declared type's tolerance rather than
+        passed within its own rounding; a reference saved in bfloat16 carries bfloat16's rounding, so a float32
+        output is judged against it at bfloat16's defaults. An output the file declares integer / bool that
+        ``actual`` is not fails as a wrong dtype.
         """
         actual = np.asarray(actual)
-        output_dtype = _dtype_name(actual)
+        returned_dtype = _dtype_name(actual)
         reference_dtype = _dtype_name(np.asarray(reference))
         declared = self.declared.get(name, "")
         if _is_exact_dtype(declared) and actual.dtype.kind not in "iub":
             return _wrong_dtype(name, reference, actual, declared, runtime, self.tolerance(name, declared))
+        output_dtype = declared if declared in FLOAT_PRECISION else returned_dtype
         judged_as = _narrower(output_dtype, reference_dtype)
         result = compare_output(name, reference, actual, self.tolerance(name, judged_as), runtime, self.criteria)
         result.tolerance_source = self.source(name, judged_as)
         if reference_dtype != output_dtype:
             result.tolerance_source += f" ({output_dtype} ONNX output vs {reference_dtype} reference)"
+        if returned_dtype != output_dtype:
+            result.tolerance_source += f" ({runtime} returned {returned_dtype} for this {output_dtype} output)"
         return result
 
 

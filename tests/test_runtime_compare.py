@@ -204,3 +204,21 @@ def test_equal_nan_still_fails_a_nonfinite_value_on_one_side_only(reference_valu
 
 def test_equal_nan_is_named_in_the_criteria_description() -> None:
     assert "equal NaN" in Criteria(equal_nan=True).describe() and "NaN" not in Criteria().describe()
+
+
+def test_a_runtime_returning_a_narrower_float_is_held_to_the_declared_types_tolerance() -> None:
+    """A runtime that returns float16 for an output the file declares float32 was judged at float16's tolerance, so
+    its rounding (0.2 at 1000) passed; it is held to float32's and fails, the source saying what it returned. An
+    undeclared output keeps the returned type's tolerance, and a wider return (float64 for float32) is judged as
+    the declared float32."""
+    from runtime.compare import TolerancePolicy
+
+    reference = np.array([1000.3, 1.0], dtype=np.float32)
+    narrowed = reference.astype(np.float16)
+    declared = TolerancePolicy(declared={"y": "float32"})
+    verdict = declared.judge("y", reference, narrowed, runtime="lossy")
+    assert not verdict.passed and verdict.tolerance == Tolerance(1e-5, 1e-4)
+    assert verdict.tolerance_source == "float32 defaults (lossy returned float16 for this float32 output)"
+    assert TolerancePolicy().judge("y", reference, narrowed).passed  # nothing declared: its own type's
+    widened = declared.judge("y", reference, reference.astype(np.float64) + 1e-9)
+    assert widened.passed and widened.tolerance == Tolerance(1e-5, 1e-4)
