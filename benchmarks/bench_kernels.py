@@ -10,7 +10,7 @@ measured side by side in one run on one GPU:
   backward kernels) with a prior (p = 0.5), the running-statistics update as the module does
   it (:func:`bkn_export.per_channel.update_running_statistics_`, one launch), then
   ``autograd.grad`` for (x, prior mean, prior variance, p, γ, β).
-* ``op``: the same step through the contract op ``torch.ops.bkn.batch_kalman_norm`` (what
+* ``op`` (``--op``): the same step through the contract op ``torch.ops.bkn.batch_kalman_norm`` (what
   traced graphs, ``torch.compile`` and a layer that replaces ``_kalman_step`` run) and the
   functional running-statistics update: the same kernels behind ``torch.library``'s Python
   dispatch, to show what that dispatch costs per call.
@@ -30,7 +30,7 @@ utilities; ``--peak-gbps`` overrides it.
 Usage::
 
     python benchmarks/bench_kernels.py [--dtype float16] [--channels-last] [--batches 1 2 8 32]
-                                       [--reference] [--json results.json]
+                                       [--op] [--reference] [--json results.json]
 
 Without a CUDA GPU (or without Triton) it prints why and exits 0. ``--smoke`` runs the
 same code on one tiny shape on the CPU (the op's CPU implementation, wall-clock timer,
@@ -83,7 +83,7 @@ class Row:
     ratio: float
     bn_peak_fraction: float
     bkn_peak_fraction: float
-    op_ms: float
+    op_ms: float | None
     ref_ms: float | None
 
 
@@ -190,9 +190,10 @@ def measure(
     reference: bool,
     device: str = "cuda",
     rep_ms: int = 100,
-) -> tuple[float, float, float, float | None, int]:
-    """(bn ms, bkn ms, op ms, reference ms or None, bytes moved) for one shape; ``rep_ms``: do_bench's time per
-    figure."""
+    op: bool = False,
+) -> tuple[float, float, float | None, float | None, int]:
+    """(bn ms, bkn ms, op ms or None, reference ms or None, bytes moved) for one shape; ``rep_ms``: do_bench's time
+    per figure; ``op``: time the contract op too."""
     steps = training_steps(channels, size, batch, dtype, channels_last, device)
 
     def bench(fn: Callable[[], object]) -> float:
@@ -200,7 +201,7 @@ def measure(
 
     bn_ms = bench(steps.bn)
     bkn_ms = bench(steps.bkn)
-    op_ms = bench(steps.op)
+    op_ms = bench(steps.op) if op else None
     ref_ms = None
     if reference:
         os.environ["BKN_DISABLE_TRITON"] = "1"
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="NHWC tensors (default NCHW)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8, 32])
     parser.add_argument("--reference", action="store_true", help="also time the unfused PyTorch reference")
+    parser.add_argument("--op", action="store_true", help="also time the step through the contract op")
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the device's peak bandwidth")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench's measuring time per figure (ms)")
@@ -275,17 +277,14 @@ def _report(
     print(f"device: {device_name}; torch {torch.__version__}{versions}")
     print(f"dtype {args.dtype}, layout {layout}; peak bandwidth {peak:.0f} GB/s ({peak_source})")
     print("times: forward+backward, ms (do_bench mean); BW: 8*numel*itemsize / time as a fraction of peak")
-    header = (
-        f"{'layer':<14}{'N':>4} {'shape':<18}{'bn ms':>9}{'bkn ms':>9}{'bkn/bn':>8}{'bn BW':>8}{'bkn BW':>8}"
-        f"{'op ms':>9}{'op/bn':>7}"
-    )
-    print(header + (f"{'ref ms':>9}" if args.reference else ""))
+    header = f"{'layer':<14}{'N':>4} {'shape':<18}{'bn ms':>9}{'bkn ms':>9}{'bkn/bn':>8}{'bn BW':>8}{'bkn BW':>8}"
+    print(header + (f"{'op ms':>9}{'op/bn':>7}" if args.op else "") + (f"{'ref ms':>9}" if args.reference else ""))
 
     rows: list[Row] = []
     for batch in args.batches:
         for name, channels, size in shapes:
             bn_ms, bkn_ms, op_ms, ref_ms, nbytes = measure(
-                channels, size, batch, dtype, args.channels_last, args.reference, device, args.rep_ms
+                channels, size, batch, dtype, args.channels_last, args.reference, device, args.rep_ms, args.op
             )
             row = Row(
                 layer=name,
@@ -303,8 +302,9 @@ def _report(
             shape = "x".join(map(str, row.shape))
             line = (
                 f"{name:<14}{batch:>4} {shape:<18}{bn_ms:>9.4f}{bkn_ms:>9.4f}{row.ratio:>8.2f}"
-                f"{row.bn_peak_fraction:>8.0%}{row.bkn_peak_fraction:>8.0%}{op_ms:>9.4f}{op_ms / bn_ms:>7.2f}"
+                f"{row.bn_peak_fraction:>8.0%}{row.bkn_peak_fraction:>8.0%}"
             )
+            line += f"{op_ms:>9.4f}{op_ms / bn_ms:>7.2f}" if op_ms is not None else ""
             print(line + (f"{ref_ms:>9.4f}" if ref_ms is not None else ""), flush=True)
 
     ratios = torch.tensor([r.ratio for r in rows])

@@ -247,8 +247,8 @@ def kernels_section(work: Path, copy_gbps: float | None) -> list[str]:
     layers = {r["layer"] for path in files for r in (_read_json(path) or {}).get("rows", [])}
     lines.append(
         f"{len(layers)} shapes per batch (ResNet-50's BatchNorm shapes). bkn: a wired layer's eager step (one autograd "
-        "node, the running-statistics update in one launch); op: the same kernels through the contract op "
-        f"torch.ops.bkn.batch_kalman_norm. Goals: bkn/bn ≤ {KERNEL_RATIO_GOAL}x; bkn "
+        "node, the running-statistics update in one launch); op (bench_kernels.py --op): the same kernels through the "
+        f"contract op torch.ops.bkn.batch_kalman_norm. Goals: bkn/bn ≤ {KERNEL_RATIO_GOAL}x; bkn "
         f"bandwidth ≥ {BANDWIDTH_GOAL:.0%} of peak on tensors of ≥ 8M elements (8·numel·itemsize bytes per step)."
     )
     summary_rows: list[list[str]] = []
