@@ -169,7 +169,7 @@ step_network() {
   fi
   for model in "${NETWORK_MODELS[@]}"; do  # one process per model: a crash or timeout costs one model
     # shellcheck disable=SC2086
-    "$PYTHON" -m benchmarks.gpu.network_step --models "$model" --batches 2 32 ${GPU_CHECK_NETWORK_ARGS:-} \
+    "$PYTHON" -m benchmarks.gpu.network_step --models "$model" --batches 2 32 --repeats 3 ${GPU_CHECK_NETWORK_ARGS:-} \
       --json "$WORK/network-$model.json" || status=1
   done
   return $status
