@@ -118,13 +118,20 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--size", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300, help="steps per timed sample")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved samples per step kind")
+    parser.add_argument("--channels", type=_positive, default=64)
+    parser.add_argument("--size", type=_positive, default=8)
+    parser.add_argument("--batch", type=_positive, default=2)
+    parser.add_argument("--steps", type=_positive, default=300, help="steps per timed sample")
+    parser.add_argument("--repeats", type=_positive, default=7, help="interleaved samples per step kind")
     parser.add_argument("--profile", type=int, default=0, help="print the N largest own times of the bkn step")
     parser.add_argument("--json", default=None)
     parser.add_argument(_CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)

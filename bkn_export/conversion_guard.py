@@ -207,8 +207,10 @@ def _hint(original: nn.Module) -> str:
             f"{' and num_batches_tracked is kept' if counted else ''}, so BatchNorm normalizes with the batch "
             "statistics in eval mode too and keeps no running statistics; a BKN layer expresses that only as a "
             "layer without running statistics. Before converting, either declare it as one (set "
-            "track_running_stats=False and num_batches_tracked=None), or give it running statistics again "
-            "(running_mean zeros, running_var ones, then re-estimate them with bkn_export.update_bn)."
+            f"{'' if tracking else 'running_mean and running_var to None (both) and '}"
+            f"{'track_running_stats=False and ' if tracking else ''}num_batches_tracked=None), or give it running "
+            "statistics again (running_mean zeros, running_var ones, track_running_stats=True, then re-estimate "
+            "them with bkn_export.update_bn)."
         )
     return ""
 

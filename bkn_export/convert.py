@@ -291,6 +291,10 @@ def convert_batchnorm(
         return _convert(model, example_inputs, options)
 
 
+#: Where torch's quantized modules live (their BatchNorms subclass _BatchNorm directly).
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
 def _refuse_unconvertible(model: nn.Module) -> None:
     """Models whose BatchNorms the conversion cannot see as such: a TorchScript module (its submodules are
     RecursiveScriptModules, so it would be "without BatchNorm" and returned unchanged), an uninitialised
@@ -313,6 +317,13 @@ def _refuse_unconvertible(model: nn.Module) -> None:
         for name, m in model.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _BN_TYPES)
     }
+    quantized = [name for name, m in bare.items() if type(m).__module__.startswith(_QUANTIZED_MODULES)]
+    if quantized:
+        raise ConversionError(
+            f"{', '.join(repr(n) for n in quantized)}: a quantized BatchNorm (torch.ao quantization), which has no "
+            "BatchKalmanNorm counterpart: convert_batchnorm takes a float model; convert it before quantizing, "
+            "or remove the quantized module"
+        )
     if bare:
         kinds = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in bare.values()})
         raise ConversionError(

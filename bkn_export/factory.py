@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,9 @@ def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) 
         state = load_checkpoint(checkpoint)
         _check_shapes(model, state, checkpoint, spec)
         try:
-            model.load_state_dict(state, strict=True)
+            with warnings.catch_warnings():  # the layers' pointer to load_batchnorm_state_dict: the hint below says it
+                warnings.filterwarnings("ignore", message="a BatchNorm checkpoint", category=UserWarning)
+                model.load_state_dict(state, strict=True)
         except BKNError:
             raise
         except Exception as error:  # RuntimeError for key/shape mismatches; other types for odd values

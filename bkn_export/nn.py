@@ -699,9 +699,10 @@ class _BatchKalmanNorm(nn.Module):
         does not miss its wiring entry: a BatchNorm state dict is all such a layer needs, as for the drop-in
         ``BatchKalmanNorm2d(C).load_state_dict(nn.BatchNorm2d(C).state_dict())``.
 
-        A load that misses only this layer's BKN-only entries while the checkpoint has its BatchNorm ones (a
-        checkpoint of the model before conversion) warns, pointing to ``bkn_export.load_batchnorm_state_dict``;
-        PyTorch's strict load then fails as before, a non-strict one loads as before."""
+        A load that finds none of this layer's BKN parameters in the checkpoint but its BatchNorm entries, and
+        misses nothing else (a checkpoint of the model before conversion, also one saved before PyTorch 0.4.1,
+        without ``num_batches_tracked``) warns, pointing to ``bkn_export.load_batchnorm_state_dict``; PyTorch's
+        strict load then fails as before, a non-strict one loads as before."""
         already_missing = len(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -709,11 +710,13 @@ class _BatchKalmanNorm(nn.Module):
         key = prefix + _EXTRA_STATE_KEY
         if key in missing_keys and not self.has_predecessor:
             missing_keys.remove(key)
+        own_bkn = [name for name in BKN_PARAMETERS if getattr(self, name, None) is not None]
         own_missing = [k[len(prefix) :] for k in missing_keys[already_missing:]]
         if (
-            own_missing
-            and all(name in _BKN_ONLY_ENTRIES for name in own_missing)
-            and any(prefix + name in state_dict for name in _BATCHNORM_ENTRIES)
+            own_bkn
+            and not any(prefix + name in state_dict for name in own_bkn)
+            and all(prefix + name in state_dict for name in ("running_mean", "running_var") if hasattr(self, name))
+            and all(name in (*own_bkn, _EXTRA_STATE_KEY, "num_batches_tracked") for name in own_missing)
         ):
             warnings.warn(_BATCHNORM_CHECKPOINT_WARNING, UserWarning, stacklevel=3)
 
@@ -791,12 +794,10 @@ _NodeStep = tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, 
 
 #: The state-dict key suffix of a module's extra state (``torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX``).
 _EXTRA_STATE_KEY = "_extra_state"
-#: A layer's state-dict entries that a BatchNorm checkpoint has no counterpart for, and those it has.
-_BKN_ONLY_ENTRIES = (*BKN_PARAMETERS, _EXTRA_STATE_KEY)
-_BATCHNORM_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+#: Warned (once per call site, Python's default) where a layer finds none of its BKN parameters in a checkpoint.
 _BATCHNORM_CHECKPOINT_WARNING = (
-    "a BatchNorm checkpoint (the model's state before conversion?) is loaded into BatchKalmanNorm layers that miss "
-    f"only their BKN-only entries ({', '.join(_BKN_ONLY_ENTRIES)}), which keep their initial values; "
+    "a BatchNorm checkpoint (the model's state before conversion?) is loaded into a converted model: its "
+    "BatchKalmanNorm layers find none of their BKN parameters in it, and those keep their initial values; "
     "bkn_export.load_batchnorm_state_dict(model, state_dict) loads such a checkpoint, checking every other key"
 )
 

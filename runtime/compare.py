@@ -216,15 +216,18 @@ class TolerancePolicy:
         than the file declares (float16 for a float32 output) is held to the declared type's tolerance rather than
         passed within its own rounding; a reference saved in bfloat16 carries bfloat16's rounding, so a float32
         output is judged against it at bfloat16's defaults. An output the file declares integer / bool that
-        ``actual`` is not fails as a wrong dtype.
+        ``actual`` is not fails as a wrong dtype, and so does a float output returned as integers; an integer
+        output returned in another integer type is compared exactly, the tolerance source naming what came back.
         """
         actual = np.asarray(actual)
         returned_dtype = _dtype_name(actual)
         reference_dtype = _dtype_name(np.asarray(reference))
         declared = self.declared.get(name, "")
-        if _is_exact_dtype(declared) and actual.dtype.kind not in "iub":
+        if (_is_exact_dtype(declared) and actual.dtype.kind not in "iub") or (
+            declared in FLOAT_PRECISION and actual.dtype.kind in "iub"
+        ):
             return _wrong_dtype(name, reference, actual, declared, runtime, self.tolerance(name, declared))
-        output_dtype = declared if declared in FLOAT_PRECISION else returned_dtype
+        output_dtype = declared or returned_dtype
         judged_as = _narrower(output_dtype, reference_dtype)
         result = compare_output(name, reference, actual, self.tolerance(name, judged_as), runtime, self.criteria)
         result.tolerance_source = self.source(name, judged_as)
@@ -258,15 +261,21 @@ def _is_exact_dtype(dtype_name: str) -> bool:
 def _wrong_dtype(
     name: str, reference: np.ndarray, actual: np.ndarray, declared: str, runtime: str, tolerance: Tolerance
 ) -> OutputComparison:
-    """The failed verdict on a runtime output whose dtype is not the integer / bool one the file declares."""
+    """The failed verdict on a runtime output of the wrong kind: not integer / bool where the file declares one, or
+    integer / bool where it declares a float."""
     reference = np.asarray(reference)
     return OutputComparison(
         output=name, dtype=str(actual.dtype), shape=list(actual.shape), reference_shape=list(reference.shape),
         tolerance=tolerance, passed=False, nonfinite_reference=nonfinite_count(reference),
-        nonfinite_actual=nonfinite_count(actual), tolerance_source="exact (an integer / bool output)",
+        nonfinite_actual=nonfinite_count(actual),
+        tolerance_source="exact (an integer / bool output)" if _is_exact_dtype(declared) else f"{declared} (declared)",
         message=(
             f"{runtime} returned {actual.dtype} for {name!r}, which the ONNX file declares {declared}: a wrong "
-            "dtype (an integer / bool output is compared exactly, never within a float tolerance)"
+            + (
+                "dtype (an integer / bool output is compared exactly, never within a float tolerance)"
+                if _is_exact_dtype(declared)
+                else "dtype (a float output returned as integers has lost its fractions)"
+            )
         ),
     )  # fmt: skip
 

@@ -762,3 +762,13 @@ def test_a_direct_batchnorm_subclass_is_refused_by_name(beside: bool) -> None:
             model[index] = _DirectBatchNorm2d(model[index].num_features)
     converted = convert_batchnorm(model, torch.randn(2, 3, 8, 8))
     assert isinstance(converted[1], BatchKalmanNorm2d) and isinstance(converted[4], BatchKalmanNorm2d)
+
+
+def test_a_quantized_batchnorm_is_refused_as_quantized() -> None:
+    """torch.ao's quantized BatchNorm2d subclasses _BatchNorm directly; the advice to subclass nn.BatchNorm2d does
+    not apply to a torch class: it is named as quantized, with what to do."""
+    quantized = torch.ao.nn.quantized.BatchNorm2d(8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    model.add_module("extra", quantized)  # registered, never called
+    with pytest.raises(ConversionError, match=r"'extra': a quantized BatchNorm.*convert it before quantizing"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))

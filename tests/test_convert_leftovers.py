@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,4 +119,48 @@ def test_a_checkpoint_without_the_layers_batchnorm_entries_gets_no_pointer() -> 
         with pytest.raises(RuntimeError, match=r"Missing key\(s\)") as raised:
             model.load_state_dict(partial)
     assert "load_batchnorm_state_dict" not in str(raised.value)
+    assert not [w for w in caught if "load_batchnorm_state_dict" in str(w.message)]
+
+
+def test_the_converted_models_own_checkpoint_without_its_wiring_entries_gets_no_pointer() -> None:
+    """Parameters and buffers alone (no ``_extra_state``, as some savers write) hold the BKN parameters: not a
+    BatchNorm checkpoint, so no pointer to load_batchnorm_state_dict (which refuses such a checkpoint)."""
+    model, _ = _converted_and_batchnorm_checkpoint()
+    own = {k: v.detach().clone() for k, v in (*model.named_parameters(), *model.named_buffers())}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = copy.deepcopy(model).load_state_dict(own, strict=False)
+    assert result.missing_keys == ["4._extra_state"]
+    assert not [w for w in caught if "load_batchnorm_state_dict" in str(w.message)]
+
+
+def test_a_batchnorm_checkpoint_saved_before_pytorch_0_4_1_gets_the_pointer() -> None:
+    """Old model zoos have no ``num_batches_tracked``: still a BatchNorm checkpoint, still the pointer."""
+    model, checkpoint = _converted_and_batchnorm_checkpoint()
+    old = {k: v for k, v in checkpoint.items() if not k.endswith("num_batches_tracked")}
+    with pytest.warns(UserWarning, match="load_batchnorm_state_dict"):
+        model.load_state_dict(old, strict=False)
+
+
+def test_the_cli_loader_says_it_once_in_its_error_not_also_in_a_warning(tmp_path: Path) -> None:
+    """``bkn ... --checkpoint`` of a BatchNorm checkpoint fails with one CheckpointError line that names the loader;
+    the layers' warning saying the same was printed above it, breaking the one-line rule."""
+    from bkn_export.errors import CheckpointError
+    from bkn_export.factory import load_model
+
+    factory = tmp_path / "factory.py"
+    factory.write_text(
+        "import torch\nfrom torch import nn\nfrom bkn_export import convert_batchnorm\n"
+        "def converted():\n"
+        "    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), "
+        "nn.BatchNorm2d(4))\n"
+        "    return convert_batchnorm(net, torch.randn(4, 3, 8, 8))\n"
+    )
+    _, checkpoint = _converted_and_batchnorm_checkpoint()
+    path = tmp_path / "bn.pt"
+    torch.save(checkpoint, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match=r"load_batchnorm_state_dict\(model, torch\.load\(path\)\)"):
+            load_model(f"{factory}:converted", str(path))
     assert not [w for w in caught if "load_batchnorm_state_dict" in str(w.message)]

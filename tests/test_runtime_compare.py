@@ -222,3 +222,19 @@ def test_a_runtime_returning_a_narrower_float_is_held_to_the_declared_types_tole
     assert TolerancePolicy().judge("y", reference, narrowed).passed  # nothing declared: its own type's
     widened = declared.judge("y", reference, reference.astype(np.float64) + 1e-9)
     assert widened.passed and widened.tolerance == Tolerance(1e-5, 1e-4)
+
+
+def test_a_float_output_returned_as_integers_fails_and_another_integer_type_is_named() -> None:
+    """Integers returned for a float32 output passed when they happened to match (compared exactly as integers);
+    int32 for an int64 output was reported as an int32 output."""
+    from runtime.compare import TolerancePolicy
+
+    policy = TolerancePolicy(declared={"y": "float32", "ids": "int64"})
+    floats = np.array([1.0, 2.0], dtype=np.float32)
+    verdict = policy.judge("y", floats, floats.astype(np.int64), runtime="rt")
+    assert not verdict.passed and "rt returned int64 for 'y', which the ONNX file declares float32" in verdict.message
+    ids = np.array([3, 4], dtype=np.int64)
+    narrowed = policy.judge("ids", ids, ids.astype(np.int32), runtime="rt")
+    assert narrowed.passed and narrowed.tolerance == Tolerance(0.0, 0.0)
+    assert narrowed.tolerance_source.endswith("(rt returned int32 for this int64 output)")
+    assert not policy.judge("ids", ids, np.array([3, 5], dtype=np.int32)).passed

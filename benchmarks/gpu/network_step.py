@@ -188,8 +188,13 @@ def compare_states(reference: nn.Module, other: nn.Module) -> dict[str, Any]:
         if not isinstance(tensor, torch.Tensor) or not isinstance(theirs, torch.Tensor):
             continue
         if not tensor.is_floating_point():
-            if not torch.equal(tensor, theirs):
-                failed.append(f"{name}: {tensor.tolist()} != {theirs.tolist()}")
+            if tensor.shape != theirs.shape or not torch.equal(tensor, theirs):
+                shown = (
+                    f"{tensor.tolist()} != {theirs.tolist()}"
+                    if tensor.numel() <= 4 and tensor.shape == theirs.shape
+                    else f"{int((tensor != theirs).sum()) if tensor.shape == theirs.shape else 'shapes'} differ"
+                )
+                failed.append(f"{name}: {shown}")
             continue
         scale = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
         difference = float((tensor.detach() - theirs.detach()).abs().max()) if tensor.numel() else 0.0
