@@ -171,17 +171,24 @@ def test_output_keys_follow_dict_keys_and_named_tuple_fields() -> None:
     assert output_keys((Heads(t, t), t)) == ["scores", "boxes", None]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_keyed_outputs_are_named_after_their_keys_and_hold_their_tensors(tmp_path: Path, mode: str) -> None:
-    example = torch.randn(2, 1, 6, 6)
-    model = prepared(KeyedOutputs(), mode, (example,))
+def _exported_and_run(
+    module: nn.Module, mode: str, example: Tensor, tmp_path: Path
+) -> tuple[nn.Module, list[str], dict[str, np.ndarray]]:
+    """(the prepared model in the mode's train state, the file's output names, its outputs on ``example`` by name)."""
+    model = prepared(module, mode, (example,))
     path = tmp_path / "m.onnx"
     export_onnx(model, example, path, mode=mode)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    assert names == ["zeta", "alpha.mask", "heads.scores", "heads.boxes", "extra"]
-    got = dict(zip(names, session.run(None, {"x": example.numpy()})))
     model.train(mode == "training")
+    return model, names, dict(zip(names, session.run(None, {"x": example.numpy()})))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_keyed_outputs_are_named_after_their_keys_and_hold_their_tensors(tmp_path: Path, mode: str) -> None:
+    example = torch.randn(2, 1, 6, 6)
+    model, names, got = _exported_and_run(KeyedOutputs(), mode, example, tmp_path)
+    assert names == ["zeta", "alpha.mask", "heads.scores", "heads.boxes", "extra"]
     with torch.no_grad():
         out = model(example)
     expected = {
@@ -213,18 +220,12 @@ def test_a_named_tuple_output_is_named_after_its_fields_in_both_modes(tmp_path: 
     """The training mode named a top-level named tuple's outputs output_0, output_1 (its wrapper flattened the tuple
     before the exporter saw its fields), the inference mode scores, boxes."""
     example = torch.randn(2, 1, 6, 6)
-    model = prepared(NamedHeads(), mode, (example,))
-    path = tmp_path / "m.onnx"
-    export_onnx(model, example, path, mode=mode)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    model, names, got = _exported_and_run(NamedHeads(), mode, example, tmp_path)
     assert names[:2] == ["scores", "boxes"]
-    got = session.run(names[:2], {"x": example.numpy()})
-    model.train(mode == "training")
     with torch.no_grad():
         out = model(example)
-    np.testing.assert_allclose(got[0], out.scores.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(got[1], out.boxes.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["scores"], out.scores.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["boxes"], out.boxes.numpy(), rtol=1e-4, atol=1e-5)
 
 
 class ClashingKeys(nn.Module):
