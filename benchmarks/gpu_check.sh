@@ -283,7 +283,7 @@ main() {
     IFS=, read -r -a SELECTED <<< "$only"
     local step
     for step in "${SELECTED[@]}"; do
-      [[ -n ${LIMIT[$step]+x} ]] \
+      [[ -n $step && -n ${LIMIT[$step]+x} ]] \
         || { echo "gpu_check: unknown step '$step' (steps: ${STEPS[*]} ${OPTIONAL_STEPS[*]})" >&2; exit 2; }
     done
   fi

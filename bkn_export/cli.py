@@ -51,8 +51,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: OptionError: {text} (see `{self.prog} --help`)\n")
 
 
+class _Version(argparse.Action):
+    """``--version``: the package version, read from its metadata only when asked (~0.1 s)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from bkn_export._version import package_version
+
+        print(f"bkn-export {package_version()}")
+        parser.exit()
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = _Parser(prog="bkn", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name, (_, help_text) in COMMANDS.items():

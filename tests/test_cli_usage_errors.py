@@ -82,3 +82,11 @@ def test_training_export_of_an_unconverted_model_is_bad_input(
     assert lines[0].startswith("bkn export: OptionError: --mode training:")
     assert "has no BatchKalmanNorm layers" in lines[0] and "convert_batchnorm" in lines[0]
     assert not output.exists()
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bkn --version`` reported a missing command."""
+    from bkn_export._version import package_version
+
+    code, out, err = _run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"bkn-export {package_version()}" and not err
