@@ -27,6 +27,7 @@ from bkn_export.nn import (
     BatchKalmanNorm1d,
     BatchKalmanNorm2d,
     BatchKalmanNorm3d,
+    BatchNormCheckpointWarning,
     KalmanOptions,
     _BatchKalmanNorm,
 )
@@ -512,7 +513,7 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
             + "was it saved from the same architecture?"
         )
     with warnings.catch_warnings():  # the layers' pointer to this very function
-        warnings.filterwarnings("ignore", message="a BatchNorm checkpoint", category=UserWarning)
+        warnings.simplefilter("ignore", BatchNormCheckpointWarning)
         result = model.load_state_dict(state_dict, strict=False)
     return [k for k in result.missing_keys if k.endswith(BKN_ONLY_SUFFIXES) or k in kept]
 

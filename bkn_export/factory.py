@@ -163,7 +163,9 @@ def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) 
         _check_shapes(model, state, checkpoint, spec)
         try:
             with warnings.catch_warnings():  # the layers' pointer to load_batchnorm_state_dict: the hint below says it
-                warnings.filterwarnings("ignore", message="a BatchNorm checkpoint", category=UserWarning)
+                from bkn_export.nn import BatchNormCheckpointWarning
+
+                warnings.simplefilter("ignore", BatchNormCheckpointWarning)
                 model.load_state_dict(state, strict=True)
         except BKNError:
             raise

@@ -718,7 +718,7 @@ class _BatchKalmanNorm(nn.Module):
             and all(prefix + name in state_dict for name in ("running_mean", "running_var") if hasattr(self, name))
             and all(name in (*own_bkn, _EXTRA_STATE_KEY, "num_batches_tracked") for name in own_missing)
         ):
-            warnings.warn(_BATCHNORM_CHECKPOINT_WARNING, UserWarning, stacklevel=3)
+            warnings.warn(_BATCHNORM_CHECKPOINT_WARNING, BatchNormCheckpointWarning, stacklevel=3)
 
     def get_extra_state(self) -> Tensor:
         """The versioned wiring, saved with the state so a checkpoint records its chain: ``{"version": 2, "wiring":
@@ -794,6 +794,13 @@ _NodeStep = tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, 
 
 #: The state-dict key suffix of a module's extra state (``torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX``).
 _EXTRA_STATE_KEY = "_extra_state"
+
+
+class BatchNormCheckpointWarning(UserWarning):
+    """A BatchNorm checkpoint loaded with ``load_state_dict`` into a converted model (callers that already say so
+    filter this category)."""
+
+
 #: Warned (once per call site, Python's default) where a layer finds none of its BKN parameters in a checkpoint.
 _BATCHNORM_CHECKPOINT_WARNING = (
     "a BatchNorm checkpoint (the model's state before conversion?) is loaded into a converted model: its "
