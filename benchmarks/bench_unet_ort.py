@@ -16,20 +16,21 @@ order; one sample is as many calls as fill ``--min-time`` seconds), medians over
 
 inference mode
   * ``torch_bkn`` / ``torch_bn``: the converted / BatchNorm network in PyTorch eager eval (``inference_mode``)
-  * ``ort_bkn``: ``export_onnx(mode="inference")`` (BKN folded into Conv / ConvTranspose) in ORT CPU
+  * ``ort_bkn``: ``export_onnx(mode="inference")`` (BKN folded into Conv / ConvTranspose; a single-slope ``PRelu``
+    written as ``LeakyRelu`` by :mod:`bkn_export.export.speed_rules`) in ORT CPU
+  * ``ort_bkn_prelu``: the same export with the speed rules off (``speed_rules.disabled()``): the ``PRelu`` that
+    ``torch.onnx.export`` emits, ORT's generic broadcasting kernel
   * ``ort_bn``: the BatchNorm network by plain ``torch.onnx.export(dynamo=True)`` in ORT CPU (ORT folds its
-    BatchNormalization into the convs itself); the script checks that both graphs have the same ops and weight shapes
-  * ``ort_bkn_leaky``: ``ort_bkn``'s file with every single-slope constant ``PRelu`` rewritten as ``LeakyRelu``
-    (:func:`prelu_to_leaky_relu`, the same function ``f(x) = x if x >= 0 else a * x``): an experiment measuring
-    ORT's PRelu kernel, not what ``export_onnx`` writes
+    BatchNormalization into the convs itself); the script checks that it has the same ops and weight shapes as
+    ``ort_bkn_prelu``
 
 training mode (forward only, batch statistics)
   * ``torch_train``: the converted network's train-mode forward under ``torch.no_grad()``
   * ``ort_train``: ``export_onnx(mode="training")`` (``ai.bkn::BatchKalmanNorm``, function body inlined by ORT)
-  * ``ort_train_leaky``: the same file with the PRelu rewrite
+  * ``ort_train_prelu``: the same export with the speed rules off
 
 Ratios printed: ORT / PyTorch of the medians (below 1: ORT faster), ``ort_bkn / ort_bn``, each ORT graph's
-largest difference from PyTorch's output, and the rewritten graph's largest difference from the unrewritten one.
+largest difference from PyTorch's output, and the largest difference between the graphs with and without the rewrite.
 ORT runs with ``ORT_ENABLE_ALL``, ``intra_op_num_threads`` and ``inter_op_num_threads = 1``;
 ``torch.set_num_threads`` the same count (``--threads``, or ``--torch-threads`` and
 ``--ort-threads`` apart to show what an unequal comparison does). The default clock is this process's CPU time
@@ -127,39 +128,6 @@ def build_network(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-def prelu_to_leaky_relu(model: Any) -> int:
-    """Rewrite, in place, every ``PRelu`` whose slope is a one-element initializer as ``LeakyRelu(alpha=slope)``.
-
-    Both compute ``y = x`` where ``x >= 0`` and ``y = slope * x`` elsewhere, elementwise on X of any shape;
-    initializers left unused are removed. Returns the number of nodes rewritten. (An experiment of this
-    benchmark: ``export_onnx`` writes the ``PRelu`` that ``torch.onnx.export`` emits.)
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    rewritten = 0
-    for index, node in enumerate(list(graph.node)):
-        if node.op_type != "PRelu" or node.input[1] not in initializers:
-            continue
-        slope = numpy_helper.to_array(initializers[node.input[1]])
-        if slope.size != 1:
-            continue
-        leaky = helper.make_node(
-            "LeakyRelu", [node.input[0]], list(node.output), name=node.name, alpha=float(slope.reshape(()))
-        )
-        graph.node.remove(node)
-        graph.node.insert(index, leaky)
-        rewritten += 1
-    used = {name for node in graph.node for name in node.input}
-    for name, tensor in initializers.items():
-        if name not in used:
-            graph.initializer.remove(tensor)
-    onnx.checker.check_model(model)
-    return rewritten
-
-
 def graph_signature(path: Path) -> list[tuple[str, tuple[tuple[int, ...], ...]]]:
     """Op types in order with the shapes of their initializer inputs: equal signatures, equal work."""
     import onnx
@@ -172,10 +140,10 @@ def graph_signature(path: Path) -> list[tuple[str, tuple[tuple[int, ...], ...]]]
 def export_graphs(
     bn_model: nn.Module, bkn_model: nn.Module, example: torch.Tensor, modes: list[str], tmp: Path
 ) -> dict[str, Path]:
-    """ONNX files by contender name (``ort_bkn``, ``ort_bn``, ``ort_bkn_leaky``, ``ort_train``, ``ort_train_leaky``)."""
+    """ONNX files by contender name (``ort_bkn``, ``ort_bkn_prelu``, ``ort_bn``, ``ort_train``, ``ort_train_prelu``)."""
     import onnx
 
-    from bkn_export.export import export_onnx
+    from bkn_export.export import export_onnx, speed_rules
 
     paths: dict[str, Path] = {}
     if "inference" in modes:
@@ -183,6 +151,9 @@ def export_graphs(
         result = export_onnx(bkn_model, example, paths["ort_bkn"])
         kinds = [r.kind for r in result.fold_report]
         print(f"inference export: {sum(k != 'standalone' for k in kinds)}/{len(kinds)} BKN layers folded {kinds}")
+        paths["ort_bkn_prelu"] = tmp / "bkn_prelu.onnx"
+        with speed_rules.disabled():
+            export_onnx(bkn_model, example, paths["ort_bkn_prelu"])
         paths["ort_bn"] = tmp / "bn.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -191,18 +162,15 @@ def export_graphs(
             )
         assert program is not None
         program.save(str(paths["ort_bn"]))
-        same = graph_signature(paths["ort_bkn"]) == graph_signature(paths["ort_bn"])
-        print(f"BKN graph has the same ops and weight shapes as the plain BatchNorm export: {same}")
+        same = graph_signature(paths["ort_bkn_prelu"]) == graph_signature(paths["ort_bn"])
+        print(f"BKN graph (speed rules off) has the same ops and weight shapes as the plain BatchNorm export: {same}")
     if "training" in modes:
         paths["ort_train"] = tmp / "train.onnx"
         result = export_onnx(copy.deepcopy(bkn_model).train(), example, paths["ort_train"], mode="training")
         print(f"training export: {len(result.extra['graph'].layers)} BatchKalmanNorm nodes, opset {result.opset}")
-    for name in [n for n in ("ort_bkn", "ort_train") if n in paths]:
-        model = onnx.load(str(paths[name]))
-        count = prelu_to_leaky_relu(model)
-        paths[f"{name}_leaky"] = tmp / f"{name}_leaky.onnx"
-        onnx.save(model, str(paths[f"{name}_leaky"]))
-        print(f"{name}_leaky: {count} PRelu rewritten as LeakyRelu")
+        paths["ort_train_prelu"] = tmp / "train_prelu.onnx"
+        with speed_rules.disabled():
+            export_onnx(copy.deepcopy(bkn_model).train(), example, paths["ort_train_prelu"], mode="training")
     for graph_name, path in paths.items():
         ops: dict[str, int] = {}
         for node in onnx.load(str(path)).graph.node:
@@ -262,7 +230,7 @@ def measure(
                     return bn_model(x)
 
             contenders = {"torch_bkn": torch_bkn, "torch_bn": torch_bn}
-            names = ["ort_bkn", "ort_bn", "ort_bkn_leaky"]
+            names = ["ort_bkn", "ort_bkn_prelu", "ort_bn"]
             for name in names:
                 contenders[name] = _ort_call(session(paths[name], args.ort_threads), xn)
             if args.levels:
@@ -280,7 +248,7 @@ def measure(
                     return model(x)
 
             contenders = {"torch_train": torch_train}
-            names = ["ort_train", "ort_train_leaky"]
+            names = ["ort_train", "ort_train_prelu"]
             for name in names:
                 contenders[name] = _ort_call(session(paths[name], args.ort_threads), xn)
             reference = "torch_train"
@@ -288,8 +256,8 @@ def measure(
             if name.startswith("ort_"):
                 target = expected_bn if name == "ort_bn" else expected
                 errors[name] = float(np.abs(contenders[name]()[0] - target).max())
-        plain, leaky = ("ort_bkn", "ort_bkn_leaky") if mode == "inference" else ("ort_train", "ort_train_leaky")
-        rewrite_diff = float(np.abs(contenders[leaky]()[0] - contenders[plain]()[0]).max())
+        plain, rewritten = ("ort_bkn_prelu", "ort_bkn") if mode == "inference" else ("ort_train_prelu", "ort_train")
+        rewrite_diff = float(np.abs(contenders[rewritten]()[0] - contenders[plain]()[0]).max())
         medians = time_interleaved(contenders, args.repeats, args.min_time, clock)
         for name, seconds in medians.items():
             rows.append({"mode": mode, "batch": batch, "measurement": f"{name}_ms", "value": seconds * 1e3})
@@ -305,7 +273,7 @@ def measure(
         for name, error in errors.items():
             rows.append({"mode": mode, "batch": batch, "measurement": f"{name}_max_abs_err", "value": error})
         rows.append(
-            {"mode": mode, "batch": batch, "measurement": f"{leaky}_vs_{plain}_max_abs_diff", "value": rewrite_diff}
+            {"mode": mode, "batch": batch, "measurement": f"{rewritten}_vs_{plain}_max_abs_diff", "value": rewrite_diff}
         )
     return rows
 

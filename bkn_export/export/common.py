@@ -243,7 +243,13 @@ def check_model(proto: onnx.ModelProto, label: str) -> None:
 
 
 def _optimize(program: torch.onnx.ONNXProgram, graph_optimizer: str, lighter_optimizer_hint: str | None) -> None:
-    """:func:`run_dynamo_export`'s optimizer step, in place on ``program.model``."""
+    """:func:`run_dynamo_export`'s optimizer step, in place on ``program.model``: onnxscript's optimizer, then (with
+    either optimizer) the exact rewrites of :mod:`bkn_export.export.speed_rules` (a single-slope ``PRelu`` as
+    ``LeakyRelu``)."""
+    import onnxscript.optimizer
+
+    from bkn_export.export.speed_rules import apply_speed_rules
+
     if graph_optimizer == "full":
         nodes = program.model.graph.num_nodes()
         if lighter_optimizer_hint is not None and nodes >= LARGE_GRAPH_NODES:
@@ -255,10 +261,12 @@ def _optimize(program: torch.onnx.ONNXProgram, graph_optimizer: str, lighter_opt
             )
         program.optimize()
     elif graph_optimizer == "fold":
-        import onnxscript.optimizer
-
         onnxscript.optimizer.fold_constants(program.model)
         onnxscript.optimizer.remove_unused_nodes(program.model)
+    if graph_optimizer != "none":
+        rewrites = apply_speed_rules(program.model)
+        if rewrites:
+            onnxscript.optimizer.remove_unused_nodes(program.model)
 
 
 # --------------------------------------------------------------------------- Conv biases
