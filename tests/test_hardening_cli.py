@@ -408,6 +408,19 @@ def test_input_shape_with_a_non_integer_part_is_refused_naming_it(text: str, bad
     assert parse_shape("2,1,8,8") == parse_shape("2x1x8x8") == (2, 1, 8, 8)
 
 
+@pytest.mark.parametrize("text", ["x:1,3,a", "x:1,3,0", ":1,3", "x:1,3,8;y:"])
+def test_a_bad_shape_set_is_refused_under_its_own_flag(text: str) -> None:
+    """The message names the flag the user typed (--shape-set), not --input-shape."""
+    import argparse
+
+    from bkn_export.commands.parity import parse_shape_set
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^--shape-set ") as caught:
+        parse_shape_set(text)
+    assert "--input-shape" not in str(caught.value)
+    assert parse_shape_set("x:1,3,8;y:2") == [("x", (1, 3, 8)), ("y", (2,))]
+
+
 def test_input_shape_with_the_wrong_channel_count_is_bad_input(
     tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -30,33 +30,34 @@ _Number = TypeVar("_Number", int, float)
 MAX_DIMENSION = 2**31 - 1
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
+def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:
     """'1,1,8,8' (or '1x1x8x8', no commas) -> (1, 1, 8, 8); every entry an integer in 1..2**31-1.
 
     Every part between separators must be an integer: '2,x,8' or '2,,8' is refused naming
-    the bad part (no part is skipped, so a typo cannot silently drop a dimension).
+    the bad part (no part is skipped, so a typo cannot silently drop a dimension). option:
+    the flag the text came from, named in the error.
     """
     parts = [part.strip() for part in text.split("," if "," in text else "x")]
     bad = [part for part in parts if not part.lstrip("+-").isdigit()]
     if text.strip() and bad:
         shown = ", ".join(repr(part) for part in bad)
         raise argparse.ArgumentTypeError(
-            f"--input-shape {text!r}: part(s) {shown} are not integers; expected positive integers like 1,3,32,32"
+            f"{option} {text!r}: part(s) {shown} are not integers; expected positive integers like 1,3,32,32"
         )
     shape = tuple(int(part) for part in parts) if text.strip() else ()
     if not shape or any(d <= 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected positive integers like 1,3,32,32")
+        raise argparse.ArgumentTypeError(f"{option} {text!r}: expected positive integers like 1,3,32,32")
     if any(d > MAX_DIMENSION for d in shape):
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: a dimension exceeds {MAX_DIMENSION}")
+        raise argparse.ArgumentTypeError(f"{option} {text!r}: a dimension exceeds {MAX_DIMENSION}")
     return shape
 
 
-def parse_named_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+def parse_named_shape(text: str, option: str = "--input-shape") -> tuple[str | None, tuple[int, ...]]:
     """'x:2,1,8,8' -> ('x', (2, 1, 8, 8)); '2,1,8,8' -> (None, (2, 1, 8, 8)) (inputs in order)."""
     name, sep, shape = text.rpartition(":")
     if sep and not name:
-        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected NAME:SHAPE or SHAPE, e.g. x:1,3,32,32")
-    return (name if sep else None), parse_shape(shape)
+        raise argparse.ArgumentTypeError(f"{option} {text!r}: expected NAME:SHAPE or SHAPE, e.g. x:1,3,32,32")
+    return (name if sep else None), parse_shape(shape, option)
 
 
 def parse_factory_arg(text: str) -> tuple[str, Any]:

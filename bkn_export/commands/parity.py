@@ -83,7 +83,7 @@ def parse_shape_set(text: str) -> list[tuple[str | None, tuple[int, ...]]]:
     parts = [p for p in text.split(";") if p.strip()]
     if not parts:
         raise argparse.ArgumentTypeError(f"--shape-set {text!r}: expected {SHAPE_SET_SYNTAX}")
-    return [parse_named_shape(p.strip()) for p in parts]
+    return [parse_named_shape(p.strip(), "--shape-set") for p in parts]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
