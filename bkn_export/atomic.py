@@ -49,6 +49,7 @@ __all__ = [
     "atomic_writer",
     "check_creatable",
     "check_writable",
+    "create_directories",
     "existing_mode",
     "new_file",
     "pid_alive",
@@ -184,6 +185,18 @@ def check_creatable(path: str | os.PathLike[str], directory: bool = False) -> Pa
         raise OutputWriteError(f"cannot write {target}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot write {target}: directory {ancestor} is not writable")
+    return target
+
+
+def create_directories(directory: str | os.PathLike[str]) -> Path:
+    """``mkdir -p directory``; where it cannot be made, :class:`OutputWriteError` naming it and the reason (not a
+    bare ``FileNotFoundError``: below ``/proc`` or ``/sys`` a root user passes the permission check of
+    :func:`check_creatable` and creation still fails)."""
+    target = Path(directory)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputWriteError(f"cannot create directory {target}: {_describe(error)}") from error
     return target
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import re
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -80,18 +82,57 @@ def _exit_on_terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as one line, ``bkn: <Category>: <message>``: without the default's second line, the source
+    line of the code that warned (``super()._load_from_state_dict(``), which tells a CLI user nothing."""
+    del filename, lineno, line
+    return f"bkn: {category.__name__}: {message}\n"
+
+
 def _own_the_process() -> None:
-    """Handle SIGTERM where this CLI owns the process (its entry point, not ``main([...])`` called from a program)
-    and nothing else handles it yet."""
+    """Where this CLI owns the process (its entry point, not ``main([...])`` called from a program): handle
+    SIGTERM if nothing else handles it yet, and print warnings as one line each."""
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # not the main thread
             signal.signal(signal.SIGTERM, _exit_on_terminate)
+    warnings.formatwarning = format_warning
+
+
+#: Options whose value may start with a minus sign (a negative number): ``--val-range -1,1``.
+_SIGNED_VALUE_OPTIONS = frozenset({"--input-shape", "--shape-set", "--val-range"})
+_SIGNED_VALUE = re.compile(r"-[\d.\[]")
+
+
+def attach_signed_values(argv: Sequence[str]) -> list[str]:
+    """``--val-range -1,1`` -> ``--val-range=-1,1`` for the options of :data:`_SIGNED_VALUE_OPTIONS`.
+
+    argparse takes a value that starts with '-' for an option unless it is a single number, so
+    ``--val-range -1,1`` failed with "expected one argument" and ``--input-shape -1,3,8,8`` never reached
+    the shape's own check; attached, the value reaches its parser (which accepts or refuses it, naming it)."""
+    out: list[str] = []
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "--":
+            out.extend(tokens[index:])
+            break
+        following = tokens[index + 1] if index + 1 < len(tokens) else ""
+        if token in _SIGNED_VALUE_OPTIONS and _SIGNED_VALUE.match(following):
+            out.append(f"{token}={following}")
+            index += 2
+            continue
+        out.append(token)
+        index += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         _own_the_process()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = attach_signed_values(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args, extras = parser.parse_known_args(argv)
     command_parser: argparse.ArgumentParser = vars(args).pop(_COMMAND_PARSER, parser)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -506,10 +506,10 @@ def load_batchnorm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -
     if unexpected or missing or resized:
         raise CheckpointError(
             "checkpoint does not fit the converted model (nothing was loaded): "
-            + (f"unexpected keys {unexpected}; " if unexpected else "")
-            + (f"missing keys {missing}; " if missing else "")
-            + (f"other shapes: {', '.join(resized)}; " if resized else "")
-            + _prefix_hint(unexpected, own)
+            + (f"{len(unexpected)} unexpected key(s) ({summarize_keys(unexpected)}); " if unexpected else "")
+            + (f"{len(missing)} missing key(s) ({summarize_keys(missing)}); " if missing else "")
+            + (f"other shapes: {summarize_keys(resized)}; " if resized else "")
+            + module_prefix_hint(unexpected, own)
             + "was it saved from the same architecture?"
         )
     with warnings.catch_warnings():  # the layers' pointer to this very function
@@ -532,8 +532,8 @@ def batchnorm_fills_in(key: str, state_dict: Mapping[str, Any]) -> bool:
     return version is None or version < 2
 
 
-def _prefix_hint(unexpected: list[str], own: Mapping[str, Any]) -> str:
-    """A hint where every unexpected key is one of the model's behind a ``module.`` prefix."""
+def module_prefix_hint(unexpected: Sequence[str], own: Mapping[str, Any]) -> str:
+    """A hint where every unexpected key is one of the model's behind a ``module.`` prefix, else ''."""
     prefix = "module."
     if unexpected and all(k.startswith(prefix) and k[len(prefix) :] in own for k in unexpected):
         return (
@@ -542,3 +542,9 @@ def _prefix_hint(unexpected: list[str], own: Mapping[str, Any]) -> str:
             "state_dict, 'module.'); "
         )
     return ""
+
+
+def summarize_keys(keys: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` keys, and how many more: an error message stays one readable line."""
+    head = ", ".join(keys[:shown])
+    return head + (f", ... and {len(keys) - shown} more" if len(keys) > shown else "")

@@ -57,6 +57,7 @@ __all__ = [
     "TensorSpec",
     "bkn_layers",
     "check_feeds",
+    "create_directories",
     "export_onnx",
     "find_plugin_library",
     "is_op_node",
@@ -234,6 +235,14 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     from bkn_export.atomic import write_bytes_atomic as write
 
     return Path(write(path, data))
+
+
+def create_directories(directory: str | os.PathLike[str]) -> Path:
+    """``mkdir -p`` through the shared writer's rule (:func:`bkn_export.atomic.create_directories`): a directory
+    that cannot be made raises ``OutputWriteError`` naming it."""
+    from bkn_export.atomic import create_directories as create
+
+    return create(directory)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

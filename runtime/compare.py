@@ -489,7 +489,9 @@ def compare_output(
             f"rel {result.stat_rel_error:.3g} > rtol={tolerance.rtol:g}"
         )
     elif criteria.cosine_min is not None and not result.cosine_similarity >= criteria.cosine_min:
-        result.message = f"cosine similarity of {name!r} {result.cosine_similarity:.6f} < {criteria.cosine_min:g}"
+        result.message = (  # repr: 0.9999999999 must not print as "1.000000 < 1"
+            f"cosine similarity of {name!r} {float(result.cosine_similarity)!r} < {float(criteria.cosine_min)!r}"
+        )
     else:
         result.passed = True
     return result

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime._bkn import write_text_atomic
+from runtime._bkn import create_directories, write_text_atomic
 from runtime.errors import BKNInputError, SavedDataError
 
 __all__ = [
@@ -170,9 +170,9 @@ def save_inputs(path: str | os.PathLike[str], feeds: Sequence[Mapping[str, np.nd
     target = Path(path)
     encoded = [{name: encode_array(array) for name, array in feed.items()} for feed in feeds]
     if target.suffix:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        create_directories(target.parent)
         return write_text_atomic(target, json.dumps(encoded, indent=4) + "\n")
-    target.mkdir(parents=True, exist_ok=True)
+    create_directories(target)
     for index, feed in enumerate(encoded):
         write_text_atomic(target / f"{index:0{ITERATION_FILE_WIDTH}d}.json", json.dumps(feed, indent=4) + "\n")
     _remove_stale_iterations(target, len(encoded))
@@ -215,9 +215,9 @@ def save_outputs(
     target = Path(path)
     times = list(seconds) if seconds is not None else [0.0] * len(iterations)
     if target.suffix:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        create_directories(target.parent)
         return write_text_atomic(target, json.dumps(_run_results(runner, iterations, times), indent=4) + "\n")
-    target.mkdir(parents=True, exist_ok=True)
+    create_directories(target)
     for index, (outputs, elapsed) in enumerate(zip(iterations, times)):
         data = _run_results(runner, [outputs], [elapsed])
         write_text_atomic(target / f"{index:0{ITERATION_FILE_WIDTH}d}.json", json.dumps(data, indent=4) + "\n")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from runtime._bkn import save_onnx, write_text_atomic
+from runtime._bkn import create_directories, save_onnx, write_text_atomic
 from runtime.compare import TolerancePolicy
 
 __all__ = ["write_repro"]
@@ -83,7 +83,7 @@ def write_repro(
 
     policy = policy or TolerancePolicy()
 
-    directory.mkdir(parents=True, exist_ok=True)
+    create_directories(directory)
     loc = result.localisation
     first_value = loc.first.onnx_value if loc is not None and loc.first is not None else None
     pytorch = loc is not None and loc.expected is not None and loc.expected_value is not None

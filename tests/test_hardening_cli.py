@@ -72,6 +72,13 @@ MODELS = textwrap.dedent(
         )
         return bkn_export.convert_batchnorm(model.eval(), torch.randn(2, 1, 8, 8))
 
+    def converted_chain_at(size=8):
+        import bkn_export
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        )
+        return bkn_export.convert_batchnorm(model.eval(), torch.randn(2, 1, size, size))
+
     def nan_weight():
         model = small()
         with torch.no_grad():

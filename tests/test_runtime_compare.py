@@ -238,3 +238,14 @@ def test_a_float_output_returned_as_integers_fails_and_another_integer_type_is_n
     assert narrowed.passed and narrowed.tolerance == Tolerance(0.0, 0.0)
     assert narrowed.tolerance_source.endswith("(rt returned int32 for this int64 output)")
     assert not policy.judge("ids", ids, np.array([3, 5], dtype=np.int32)).passed
+
+
+def test_a_cosine_just_below_the_minimum_is_not_printed_as_rounded_to_it() -> None:
+    """'cosine similarity 1.000000 < 1' read as a contradiction: both numbers are printed in full."""
+    criteria = Criteria(cosine_min=0.9999999999, max_mismatch=1.0)
+    reference = np.array([1.0, 0.0])
+    actual = np.array([1.0, 1e-4])
+    result = compare_output("y", reference, actual, Tolerance(1.0, 1.0), criteria=criteria)
+    assert not result.passed
+    assert f"{result.cosine_similarity!r} < 0.9999999999" in result.message
+    assert "1.000000" not in result.message

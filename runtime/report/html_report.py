@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runtime._bkn import write_text_atomic
+from runtime._bkn import create_directories, write_text_atomic
 from runtime.compare import HISTOGRAM_EDGES
 from runtime.localize import Localisation
 from runtime.parity import ParityReport
@@ -169,5 +169,5 @@ def write_html(report: ParityReport, path: str | os.PathLike[str]) -> Path:
     """Write :func:`render_html` to ``path`` atomically (parent directories created); raises OSError."""
     target = Path(path)
     text = render_html(report)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    create_directories(target.parent)
     return write_text_atomic(target, text)

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from runtime._bkn import write_text_atomic
+from runtime._bkn import create_directories, write_text_atomic
 from runtime.compare import HISTOGRAM_EDGES, OutputComparison
 from runtime.localize import BoundaryCheck, Localisation
 from runtime.parity import SCHEMA_VERSION, ParityReport
@@ -130,7 +130,7 @@ def write_json(report: ParityReport, path: str | os.PathLike[str]) -> Path:
     """Write the report to ``path`` atomically (parent directories created); returns the path. Raises OSError."""
     target = Path(path)
     text = json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    create_directories(target.parent)
     return write_text_atomic(target, text)
 
 
