@@ -168,7 +168,10 @@ class _Shaped(nn.Module):
         self.kind = kind
         self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
         self.conv1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
-        self.conv, self.bn = nn.Conv2d(4 if kind != "concat max" else 8, 4, 3, padding=1), nn.BatchNorm2d(4)
+        kernel = 1 if kind == "relu conv relu" else 3  # 1: no second conv combining positions the first made dependent
+        self.conv = nn.Conv2d(4 if kind != "concat max" else 8, 4, kernel, padding=kernel // 2)
+        self.bn = nn.BatchNorm2d(4)
+        self.wide = nn.Conv2d(4, 4, 3, padding=1)  # 36 inputs per output
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.bn0(self.conv0(x)))
@@ -180,7 +183,9 @@ class _Shaped(nn.Module):
             h = F.relu(self.bn1(self.conv1(x)) + h)
         elif self.kind == "concat max":
             h = F.max_pool2d(torch.cat([h, F.relu(self.bn1(self.conv1(x)))], 1), 2)
-        elif self.kind == "relu conv relu":  # a conv in between: Gaussian-like again, no note
+        elif self.kind == "relu conv relu":  # a conv of 36 inputs per output in between: Gaussian-like again, no note
+            h = F.relu(self.wide(h))
+        elif self.kind == "relu narrow conv relu":  # 3 inputs per output: not Gaussian-like (cold QA, 2026-12-05)
             h = F.relu(self.conv1(torch.cat([h[:, :3]], 1)))
         elif self.kind == "gaussian slice of a concat":  # only the BN part is kept: Gaussian, no note
             h = F.relu(torch.cat([h, self.bn1(self.conv1(x))], 1)[:, 4:])
@@ -200,6 +205,7 @@ def test_an_activation_of_a_non_gaussian_input_is_named_as_approximate() -> None
         "relu(bn + relu)": r"relu\(\) takes its input, a sum with relu\(\) outputs, as Gaussian",
         "concat max": r"max_pool2d.* takes the maximum of a concat with relu\(\) outputs as of Gaussians",
         "relu(gate(silu) - c)": r"relu\(\) takes its input, silu\(\) outputs, as Gaussian",
+        "relu narrow conv relu": r"relu\(\) takes its input, a concat with relu\(\) outputs summed 3 at a time by conv",
     }
     for kind, pattern in expected.items():
         notes = record_dataflow(_Shaped(kind), x)["bn"].notes

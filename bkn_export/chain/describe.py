@@ -86,6 +86,8 @@ def _approximation(step: Step) -> str:
         return f"{step.describe()}: spatial size fixed to the example's"
     if isinstance(step, Identity) and step.what == "dropout":
         return f"{step.describe()}: dropout's train-mode effect not modelled (its variance; alpha dropout's mean too)"
+    if isinstance(step, Identity) and step.what == "train-mode":
+        return f"{step.describe()}: its train-mode effect (noise, DropPath) not modelled"
     return ""
 
 

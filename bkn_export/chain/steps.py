@@ -614,9 +614,10 @@ class Subsample:
 @dataclass(frozen=True)
 class Identity:
     """Something that leaves the tensor as it is for the prior: dropout (its eval-mode
-    behaviour; see the module docstring), ``nn.Identity``, clone.
+    behaviour; see the module docstring), ``nn.Identity``, clone, a parameter-free module that is
+    the identity in eval mode only (``"train-mode"``: Gaussian noise, DropPath).
 
-    what: what it is (``"dropout"``); module: its qualified name, if a module.
+    what: what it is (``"dropout"``, ``"train-mode"``); module: its qualified name, if a module.
     """
 
     what: str
@@ -630,7 +631,7 @@ class Identity:
         return sample
 
     def describe(self) -> str:
-        label = f"{self.what} (as identity)" if self.what == "dropout" else self.what
+        label = {"dropout": "dropout (as identity)", "train-mode": "identity in eval mode"}.get(self.what, self.what)
         return label + (f" '{self.module}'" if self.module else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -797,14 +798,20 @@ def combines_positions(step: Step, modules: Mapping[str, nn.Module]) -> bool:
 
 def makes_positions_dependent(step: Step, modules: Mapping[str, nn.Module]) -> bool:
     """Whether positions after ``step`` are no longer independent and alike: resampling (copies
-    or blends neighbours), windows that overlap (kernel > stride), padded pooling windows, a
-    strided transposed conv (each output phase uses other taps); a run: any of its steps."""
+    or blends neighbours), windows that overlap (kernel > stride), padded pooling windows, adaptive
+    pooling to more than one position per axis (its windows overlap where the output size does not
+    divide the input's), a strided transposed conv (each output phase uses other taps); a run: any
+    of its steps."""
     if isinstance(step, LinearRun):
         return any(makes_positions_dependent(member, modules) for member in step.steps)
     if isinstance(step, Resample):
         return True
     if isinstance(step, Pool) and any(step.spec.padding):
         return True
+    if isinstance(step, Pool) and step.spec.kind.startswith("adaptive"):
+        # Windows [floor(i n / m), ceil((i + 1) n / m)) overlap and differ in size unless m divides n, and the step
+        # does not keep n: taken as dependent unless the pool is global (the exact joint form covers both).
+        return any(size not in (None, 1) for size in step.spec.output_size)
     kernel, stride = _kernel_and_stride(step, modules)
     if isinstance(step, Affine) and any(s > 1 for s in stride):
         layer = modules.get(step.module)
