@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -138,10 +139,8 @@ def _check_zip_checksums(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as error:  # zlib.error is an Exception
-        raise CheckpointError(f"checkpoint {path} is corrupt: its zip structure does not read ({error})") from error
-    except Exception as error:  # zlib.error (a compressed record that does not inflate)
-        raise CheckpointError(f"checkpoint {path} is corrupt: a record does not decompress ({error})") from error
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its zip records do not read ({error})") from error
     if damaged is not None:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: the bytes of record {damaged!r} do not match their stored checksum "
