@@ -126,3 +126,15 @@ def test_an_activation_after_a_small_fan_in_conv_of_activations_is_named() -> No
     assert "relu() '4' takes its input, relu() '2' outputs summed 1 at a time by conv '3', as Gaussian" in note
     wide = record_dataflow(_act_conv_act(nn.Conv2d(32, 32, 1), channels=32), torch.randn(2, 3, 8, 8))
     assert wide["6"].notes == ()  # 32 inputs per output: taken as Gaussian, as before
+
+
+def test_a_pooling_description_names_dilation_and_ceil_mode() -> None:
+    from bkn_export.chain.steps import Pool
+    from bkn_export.moments import PoolSpec
+
+    spec = PoolSpec.create("max", 2, kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)
+    assert (
+        Pool(spec, "p").describe()
+        == "max_pool2d(kernel (3, 3) stride (2, 2) padding (1, 1) dilation (2, 2) ceil_mode) 'p'"
+    )
+    assert Pool(PoolSpec.create("avg", 2, kernel_size=2), "p").describe() == "avg_pool2d(kernel (2, 2)) 'p'"

@@ -241,7 +241,10 @@ class Pool:
         shape = f"output {spec.output_size}" if spec.kind.startswith("adaptive") else f"kernel {spec.kernel_size}"
         stride = f" stride {spec.stride}" if spec.stride not in ((), spec.kernel_size) else ""
         padding = f" padding {spec.padding}" if any(spec.padding) else ""
-        return f"{spec.kind}_pool{spec.rank}d({shape}{stride}{padding})" + (f" '{self.module}'" if self.module else "")
+        dilation = f" dilation {spec.dilation}" if any(d != 1 for d in spec.dilation) else ""
+        ceil = " ceil_mode" if spec.ceil_mode else ""
+        settings = f"{shape}{stride}{padding}{dilation}{ceil}"
+        return f"{spec.kind}_pool{spec.rank}d({settings})" + (f" '{self.module}'" if self.module else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "spec": _spec_dict(self.spec), "module": self.module}
