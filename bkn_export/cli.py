@@ -46,11 +46,41 @@ class _Parser(argparse.ArgumentParser):
     ``<prog>: OptionError: <message>``, exit 2, where argparse prints its whole usage text first. Subcommand parsers
     are of this class too (``add_subparsers`` builds them with the parent's class)."""
 
+    #: The tokens after this (sub)command's name, where :func:`build_parser` knows them.
+    command_tokens: Sequence[str] = ()
+
     def error(self, message: str) -> NoReturn:
         from bkn_export.commands.exit_codes import EXIT_BAD_INPUT
 
         text = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+        unknown = self.unknown_options()
+        if unknown and message.startswith("the following arguments are required"):
+            # argparse checks required arguments before it reports unknown ones: a misspelt option would
+            # otherwise read as "required: ..." while the user did pass them (under another name).
+            text = f"unrecognized arguments: {' '.join(unknown)}; {text}"
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: OptionError: {text} (see `{self.prog} --help`)\n")
+
+    def unknown_options(self) -> list[str]:
+        """The tokens of :attr:`command_tokens` that look like options this parser does not have (argparse's
+        abbreviations of a long option count as known; a negative number is a value, not an option)."""
+        unknown: list[str] = []
+        for token in self.command_tokens:
+            if token == "--":
+                break
+            if not token.startswith("-") or _NEGATIVE_NUMBER.match(token):
+                continue
+            name = token.split("=", 1)[0]
+            known = name in self._option_string_actions or (
+                self.allow_abbrev
+                and name.startswith("--")
+                and any(o.startswith(name) for o in self._option_string_actions)
+            )
+            if not known:
+                unknown.append(token)
+        return unknown
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d|-\.\d")
 
 
 class _Version(argparse.Action):
@@ -71,6 +101,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text)
         if name == chosen:
+            sub_parser.command_tokens = list(argv[list(argv).index(name) + 1 :])
             _command_module(name).add_arguments(sub_parser)
             sub_parser.set_defaults(**{_COMMAND_PARSER: sub_parser})  # for main's usage errors, under its name
     return parser

@@ -35,10 +35,12 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
         (["parity", "m.onnx", "--atol", "nan"], "bkn parity:", "argument --atol"),
         (["parity", "m.onnx", "--no-such-option"], "bkn parity:", "unrecognized arguments: --no-such-option"),
         (["demo", "--no-such-option"], "bkn demo:", "unrecognized arguments: --no-such-option"),
+        (["export", "--no-such-option", "-1"], "bkn export:",
+         "unrecognized arguments: --no-such-option; the following arguments are required: --input-shape"),
         (["train-demo", "--epochs", "-1"], "bkn train-demo:", "argument --epochs"),
     ],
     ids=["no-command", "unknown-command", "export-missing", "export-shape", "export-choice", "parity-value",
-         "parity-unknown", "demo-unknown", "train-demo-value"],
+         "parity-unknown", "demo-unknown", "export-unknown-and-missing", "train-demo-value"],
 )  # fmt: skip
 def test_usage_error_is_one_line_and_exit_2(
     argv: list[str], prefix: str, fragment: str, capsys: pytest.CaptureFixture[str]
