@@ -7,11 +7,13 @@ sub-folder per failing runtime)::
                     that node alone, its inputs as graph inputs), or the whole model when the
                     failure was not localised to a node
     inputs.json     its inputs, Polygraphy JSON (``polygraphy run --load-inputs``)
-    expected.json   the expected outputs as a Polygraphy ``RunResults``, runner ``reference``:
-                    for a sub-model PyTorch's tensor at that value where the localisation matched
-                    one (the module's output, or the input it found diverging: what the file
-                    should compute), else the ONNX reference evaluator's (ONNX's own semantics);
-                    the run's reference (PyTorch or saved outputs) for the whole model
+    expected.json   the expected outputs as a Polygraphy ``RunResults``, its runner named by where
+                    they come from: for a sub-model PyTorch's tensor at that value where the
+                    localisation matched one (runner ``pytorch``: the module's output, or the input
+                    it found diverging: what the file should compute), else the ONNX reference
+                    evaluator's (runner ``onnx-reference-evaluator``: ONNX's own semantics); for
+                    the whole model the run's reference (runner ``expected``: PyTorch's outputs or
+                    the saved ones the run loaded)
     README.txt      what failed and the commands that re-check it (``bkn parity`` and ``polygraphy run``)
 
 The bundle is then re-run on the failing runtime and the README says whether it
@@ -100,19 +102,19 @@ def write_repro(
             assert node is not None  # _sub_model found it
             scope = f"the node producing {first_value!r} ({node.op_type}, node {node.name!r})"
             if pytorch:
-                expected = {str(first_value): loc.expected}
+                expected, runner = {str(first_value): loc.expected}, "pytorch"
                 scope += "; expected.json: PyTorch's tensor there (what the file should compute)"
             else:
-                expected = _evaluate(sub, sub_feed, workdir, "expected.onnx")
+                expected, runner = _evaluate(sub, sub_feed, workdir, "expected.onnx"), "onnx-reference-evaluator"
                 scope += "; expected.json: the ONNX reference evaluator's output of that node (ONNX's semantics)"
         else:
             sub = model
             sub_feed = dict(feed)
-            expected = dict(reference_outputs)
+            expected, runner = dict(reference_outputs), "expected"
             scope = f"the whole model {model_path.name} (the failure was not localised to a node)"
         save_onnx(sub, directory / "model.onnx")
         polygraphy_io.save_inputs(directory / "inputs.json", [sub_feed])
-        polygraphy_io.save_outputs(directory / "expected.json", [expected], runner="reference")
+        polygraphy_io.save_outputs(directory / "expected.json", [expected], runner=runner)
         reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected, policy)
     command = (
         f"bkn parity {directory / 'model.onnx'} --load-inputs {directory / 'inputs.json'} "

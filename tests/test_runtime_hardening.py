@@ -23,7 +23,9 @@ from onnx import TensorProto, helper
 from test_runtime_support import digits_inputs, exported_digits, trained_digits
 
 from bkn_export.cli import main
+from runtime import polygraphy_io
 from runtime.backends.openvino import openvino_devices
+from runtime.backends.reference import ReferenceEvaluatorBackend
 from runtime.parity import run_parity
 from runtime.report import report_text
 
@@ -181,6 +183,7 @@ def test_runtime_divergence_without_metadata_is_localised_node_by_node(tmp_path:
         "parity", str(bundle / "model.onnx"), "--load-inputs", str(bundle / "inputs.json"),
         "--load-outputs", str(bundle / "expected.json"), "--runtimes", "reference",
     ]  # fmt: skip
+    assert list(polygraphy_io.load_outputs(bundle / "expected.json")) == ["onnx-reference-evaluator"]  # where its values come from
     assert main(recheck) == 0
 
 
@@ -287,3 +290,21 @@ def test_a_report_path_that_is_a_symlink_is_replaced_not_written_through(tmp_pat
     write_json(report, link)
     assert not link.is_symlink() and json.loads(link.read_text())["passed"]
     assert target.read_text() == "keep me\n"
+
+
+def test_a_repro_of_the_whole_model_names_its_expected_outputs_by_their_source(tmp_path: Path) -> None:
+    """A failure against saved outputs that every node agrees with ONNX on is not localised to a node: the bundle is
+    the whole model and its expected.json's runner says ``expected`` (the run's reference), not ``reference``, the
+    name of the ONNX reference evaluator's runtime it is re-checked on."""
+    path = exported_digits("inference")
+    feed = {onnx.load(path).graph.input[0].name: digits_inputs()[0]}
+    (name,) = (output.name for output in onnx.load(path).graph.output)
+    backend = ReferenceEvaluatorBackend()
+    backend.load(str(path))
+    wrong = {name: backend.run(feed)[name] + np.float32(0.5)}
+    report = run_parity(None, path, [feed], runtimes="reference", reference_outputs=[wrong], repro_dir=tmp_path / "r")
+    assert not report.passed
+    bundle = tmp_path / "r" / "reference"
+    assert "the whole model" in (bundle / "README.txt").read_text()
+    (iteration,) = polygraphy_io.load_outputs(bundle / "expected.json")["expected"]
+    np.testing.assert_array_equal(iteration[name], wrong[name])
