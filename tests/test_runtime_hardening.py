@@ -183,7 +183,7 @@ def test_runtime_divergence_without_metadata_is_localised_node_by_node(tmp_path:
         "parity", str(bundle / "model.onnx"), "--load-inputs", str(bundle / "inputs.json"),
         "--load-outputs", str(bundle / "expected.json"), "--runtimes", "reference",
     ]  # fmt: skip
-    assert list(polygraphy_io.load_outputs(bundle / "expected.json")) == ["onnx-reference-evaluator"]  # where its values come from
+    assert list(polygraphy_io.load_outputs(bundle / "expected.json")) == ["onnx-reference-evaluator"]
     assert main(recheck) == 0
 
 
