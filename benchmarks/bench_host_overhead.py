@@ -2,7 +2,7 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_host_overhead.py [--channels 64] [--size 8] [--batch 2]
+    OMP_NUM_THREADS=1 python benchmarks/bench_host_overhead.py [--channels 64] [--size 8] [--batch 2] [--network NAME]
         [--steps 300] [--repeats 7] [--profile N] [--json out.json]
 
 Why: on the GPU (benchmarks/RESULTS.md, "GPU check") BKN's eager step costs about a millisecond whatever the
@@ -22,6 +22,14 @@ Steps timed (``bench_kernels.training_steps``, on x: (batch, channels, size, siz
 
 Interleaved repeats of ``--steps`` steps each, 1 thread; the median µs per step. ``--profile N`` prints the N
 functions with the largest own time in ``bkn`` (cProfile).
+
+``--network NAME`` (a network of ``bench_networks.py``, at ``--size``, batch ``--batch``) counts instead of timing:
+per whole train step (forward + cross-entropy + backward + SGD) of the network with BatchNorm and converted, the
+ATen operators dispatched from the host (``torch.profiler``'s leaf ``aten::`` events; those that launch a kernel on
+a GPU, i.e. not a view or an allocation, apart), the Triton launches, and the host synchronisations a GPU would make
+(``aten::_local_scalar_dense``, ``aten::is_nonzero``, ``aten::item``: a tensor read on the host). No time is
+reported in this mode: the network's own convolutions compute on the CPU, on kernel outputs that are uninitialised
+memory, and that time is no host overhead.
 """
 
 from __future__ import annotations
@@ -76,6 +84,55 @@ def _layer_steps(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]
     return {"bkn": steps.bkn, "op": steps.op, "bn": steps.bn}, shape
 
 
+#: Leaf ATen events that read a tensor on the host: on a GPU, each waits for the device (a synchronisation).
+_SYNCS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::item")
+
+
+def _network_counts(args: argparse.Namespace) -> int:
+    """``--network``: host operators, Triton launches and host reads per train step, BatchNorm against BKN."""
+    import copy
+
+    from bench_networks import _NO_KERNEL, NETWORKS, _train_step
+    from torch.profiler import ProfilerActivity, profile
+
+    from bkn_export import convert_batchnorm
+    from bkn_export.nn import _BatchKalmanNorm
+
+    torch.manual_seed(0)
+    batchnorm_model = NETWORKS[args.network]()
+    bkn_model = convert_batchnorm(copy.deepcopy(batchnorm_model), torch.randn(2, 3, args.size, args.size))
+    layers = sum(isinstance(m, _BatchKalmanNorm) for m in bkn_model.modules())
+    x, target = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))
+    counter = [0]
+    rows: dict[str, dict[str, int]] = {}
+    with _launches_skipped(counter):
+        for name, model in (("bn", batchnorm_model), ("bkn", bkn_model)):
+            step = _train_step(model, x, target)
+            for _ in range(3):
+                step()
+            counter[0] = 0
+            with profile(activities=[ProfilerActivity.CPU]) as recorded:
+                step()
+            leaves = [e.name for e in recorded.events() if e.name.startswith("aten::") and not e.cpu_children]
+            rows[name] = {
+                "host_ops": len(leaves),
+                "kernel_ops": sum(1 for n in leaves if n not in _NO_KERNEL and n != "aten::to"),
+                "triton_launches": counter[0],
+                "host_reads": sum(1 for n in leaves if n in _SYNCS),
+            }
+    print(f"torch {torch.__version__}; CUDA route under Triton's interpreter, launches skipped; {args.network} "
+          f"{args.size}x{args.size}, batch {args.batch}; {layers} BKN layers; per train step:")  # fmt: skip
+    print(f"{'':<22}{'bn':>8}{'bkn':>8}{'extra per BKN layer':>22}")
+    for key in ("host_ops", "kernel_ops", "triton_launches", "host_reads"):
+        extra = (rows["bkn"][key] - rows["bn"][key]) / max(layers, 1)
+        print(f"{key:<22}{rows['bn'][key]:>8}{rows['bkn'][key]:>8}{extra:>22.1f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"network": args.network, "size": args.size, "batch": args.batch, "layers": layers} | rows,
+                      handle, indent=1)  # fmt: skip
+    return 0
+
+
 def _child(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bkn_export import kernels
@@ -84,6 +141,8 @@ def _child(args: argparse.Namespace) -> int:
         print("bench_host_overhead: the CPU is not on the CUDA route (TRITON_INTERPRET / BKN_TRITON_ON_CPU)")
         return 1
     torch.set_num_threads(1)
+    if args.network:
+        return _network_counts(args)
     timed, shape = _layer_steps(args)
     counter = [0]
     samples: dict[str, list[float]] = {name: [] for name in timed}
@@ -133,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=_positive, default=300, help="steps per timed sample")
     parser.add_argument("--repeats", type=_positive, default=7, help="interleaved samples per step kind")
     parser.add_argument("--profile", type=int, default=0, help="print the N largest own times of the bkn step")
+    parser.add_argument("--network", default=None, help="count a whole network's step instead (bench_networks names)")
     parser.add_argument("--json", default=None)
     parser.add_argument(_CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
     given = sys.argv[1:] if argv is None else argv

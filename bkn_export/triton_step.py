@@ -37,6 +37,7 @@ from torch import Tensor
 
 from bkn_export import fast_prior, kernels
 from bkn_export import functional as Fk
+from bkn_export.kernels.layout import as_dtype
 from bkn_export.ops import channel_constant
 from bkn_export.tracing import nothing_traces
 
@@ -147,9 +148,9 @@ class _TritonKalmanStep(torch.autograd.Function):
                         _assembly(raw, logit, known), weight, ctx.eps, **extras,
                     )
                 )  # fmt: skip
-                grad_raw, grad_logit = grad_raw.to(raw.dtype), grad_logit.to(logit.dtype)
-                grad_prior_mean = grad_prior_mean.to(prior_mean.dtype)
-                grad_prior_variance = grad_prior_variance.to(prior_variance.dtype)
+                grad_raw, grad_logit = as_dtype(grad_raw, raw.dtype), as_dtype(grad_logit, logit.dtype)
+                grad_prior_mean = as_dtype(grad_prior_mean, prior_mean.dtype)
+                grad_prior_variance = as_dtype(grad_prior_variance, prior_variance.dtype)
         return (
             grad_x,
             grad_prior_mean,
@@ -158,8 +159,8 @@ class _TritonKalmanStep(torch.autograd.Function):
             grad_raw,
             grad_logit,
             None,
-            grad_weight.to(weight.dtype) if weight is not None else None,
-            grad_bias.to(bias.dtype) if bias is not None else None,
+            as_dtype(grad_weight, weight.dtype) if weight is not None else None,
+            as_dtype(grad_bias, bias.dtype) if bias is not None else None,
             None,
             None,
         )

@@ -56,6 +56,7 @@ from bkn_export.kernels.layout import (
     CHANNEL_BLOCK,
     COMBINE_BLOCK_P,
     NUM_WARPS,
+    as_dtype,
     cdiv,
     channel_view,
     choose_single_program,
@@ -730,9 +731,9 @@ def batch_kalman_norm_backward(
     )  # fmt: skip
     return (
         grad_x,
-        grad_prior_mean.to(prior_mean.dtype),
-        grad_prior_variance.to(prior_variance.dtype),
-        grad_prior_weight.to(prior_weight.dtype),
+        as_dtype(grad_prior_mean, prior_mean.dtype),
+        as_dtype(grad_prior_variance, prior_variance.dtype),
+        as_dtype(grad_prior_weight, prior_weight.dtype),
         grad_weight,
         grad_bias,
     )

@@ -188,6 +188,11 @@ def restore_layout(result: Tensor, original: Tensor, working: Tensor) -> Tensor:
     return out.copy_(result)
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the dispatch when ``t`` already has it (the common case: a host µs or two each)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def statistics_vector(t: Tensor, channels: int, name: str) -> Tensor:
     """A per-channel (C,) input as the contiguous float32 vector the kernels read."""
     if t.shape != (channels,):
@@ -195,6 +200,8 @@ def statistics_vector(t: Tensor, channels: int, name: str) -> Tensor:
             f"BKN Triton kernel: {name} must have shape ({channels},) to match the input's channels, "
             f"got {tuple(t.shape)}"
         )
+    if t.dtype == torch.float32 and t.is_contiguous():  # the common case: no dispatch (a host µs or two each)
+        return t
     return t.to(torch.float32).contiguous()
 
 
