@@ -133,7 +133,18 @@ def _own_the_process() -> None:
 
 #: Options whose value may start with a minus sign (a negative number): ``--val-range -1,1``.
 _SIGNED_VALUE_OPTIONS = frozenset({"--input-shape", "--shape-set", "--val-range"})
-_SIGNED_VALUE = re.compile(r"-[\d.\[]")
+#: Of those, the ones that take several values (``nargs="+"``): ``--val-range -1,1 y:0,2``.
+_SIGNED_LIST_OPTIONS = frozenset({"--val-range"})
+_SIGNED_VALUE = re.compile(r"-(?:[\d.\[]|inf)", re.IGNORECASE)
+
+
+def _signed_option(token: str) -> str | None:
+    """The option of :data:`_SIGNED_VALUE_OPTIONS` that ``token`` names, in full or abbreviated as argparse allows
+    (``--val``); None for any other token."""
+    if not token.startswith("--") or "=" in token or len(token) < 3:
+        return None
+    matches = [option for option in _SIGNED_VALUE_OPTIONS if option.startswith(token)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def attach_signed_values(argv: Sequence[str]) -> list[str]:
@@ -141,7 +152,9 @@ def attach_signed_values(argv: Sequence[str]) -> list[str]:
 
     argparse takes a value that starts with '-' for an option unless it is a single number, so
     ``--val-range -1,1`` failed with "expected one argument" and ``--input-shape -1,3,8,8`` never reached
-    the shape's own check; attached, the value reaches its parser (which accepts or refuses it, naming it)."""
+    the shape's own check; attached, the value reaches its parser (which accepts or refuses it, naming it).
+    An option that takes several values (``--val-range -1,1 -2,2 y:0,2``) gets each of them attached, as
+    argparse would have read them (every token up to the next option; ``action="extend"`` joins them)."""
     out: list[str] = []
     tokens = list(argv)
     index = 0
@@ -150,10 +163,18 @@ def attach_signed_values(argv: Sequence[str]) -> list[str]:
         if token == "--":
             out.extend(tokens[index:])
             break
+        option = _signed_option(token)
         following = tokens[index + 1] if index + 1 < len(tokens) else ""
-        if token in _SIGNED_VALUE_OPTIONS and _SIGNED_VALUE.match(following):
+        listed = option in _SIGNED_LIST_OPTIONS and bool(following) and not following.startswith("-")
+        if option is not None and (_SIGNED_VALUE.match(following) or listed):
             out.append(f"{token}={following}")
             index += 2
+            while option in _SIGNED_LIST_OPTIONS and index < len(tokens):
+                value = tokens[index]
+                if value == "--" or (value.startswith("-") and not _SIGNED_VALUE.match(value)):
+                    break
+                out.append(f"{token}={value}")
+                index += 1
             continue
         out.append(token)
         index += 1

@@ -128,17 +128,42 @@ def load_checkpoint(checkpoint: str | os.PathLike[str]) -> Mapping[str, Any]:
     raise CheckpointError(f"checkpoint {path} holds a {type(content).__name__}, not a state dict")
 
 
+#: The first bytes of a zip file's first local header: how ``torch.load`` tells its zip format from the legacy one
+#: (``zipfile.is_zipfile`` looks for an end record anywhere near the end, which a legacy file's raw tensor bytes can
+#: hold by chance).
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _check_zip_checksums(path: Path) -> None:
     """CheckpointError where a ``torch.save`` (zip) file's stored CRC-32 of a record disagrees with its bytes.
 
     ``torch.load`` does not verify them: a file damaged on disk or in transfer loaded with exit 0, some weights
-    changed (a 64-byte corruption changed 17 conv weights by up to 3.5e3). One more read of the file; the
-    legacy (non-zip) format has no checksums to compare."""
-    if not zipfile.is_zipfile(path):
-        return
+    changed (a 64-byte corruption changed 17 conv weights by up to 3.5e3). One more read of the file. Not checked:
+    the legacy (non-zip) format, which has no checksums, and a record whose stored CRC is 0, which is what
+    ``torch.save`` writes for every record under ``torch.utils.serialization.config.save.compute_crc32 = False``
+    (an empty record's CRC is 0 too; any other content has that CRC with probability 2⁻³²)."""
+    with path.open("rb") as handle:
+        if handle.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            return
     try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):  # no central directory (truncated): torch.load says so itself
+        return
+    damaged: str | None = None
+    try:
+        with archive:
+            for record in archive.infolist():
+                if record.CRC == 0:
+                    continue
+                try:
+                    with archive.open(record) as data:
+                        while data.read(1 << 20):  # the reader compares the CRC-32 at the record's end
+                            pass
+                except zipfile.BadZipFile as error:
+                    if "CRC" not in str(error):
+                        raise
+                    damaged = record.filename
+                    break
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt: its zip records do not read ({error})") from error
     if damaged is not None:
@@ -199,8 +224,10 @@ def load_model(spec: str, checkpoint: str | None = None, **factory_kwargs: Any) 
                 warnings.simplefilter("ignore", BatchNormCheckpointWarning)
                 # strict=False, then the same refusal as strict=True: the keys summarised, not listed in full.
                 result = model.load_state_dict(state, strict=False)
-        except BKNError:
+        except CheckpointError:
             raise
+        except BKNError as error:  # a BKN layer refusing its entries (a wiring record that does not read)
+            raise CheckpointError(f"checkpoint {checkpoint}: {error}") from error
         except Exception as error:  # RuntimeError for key/shape mismatches; other types for odd values
             raise CheckpointError(
                 f"checkpoint {checkpoint} does not fit the model built by {spec!r}: {str(error).rstrip('. ')}. "

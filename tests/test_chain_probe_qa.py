@@ -7,16 +7,25 @@ estimate of the layer's input under the source's Gaussian):
   note (variance 60 % / 26 % off in training); it now carries the note dropout carries;
 * adaptive average pooling to a size that does not divide the input's (overlapping windows) was not counted as
   making positions dependent: the conv after it was predicted as if they were independent (variance 26–47 % off).
+
+And what the next QA (same day) found: the train-mode probe drew from Python's / NumPy's global RNGs and its
+answer depended on the caller's seed; a module refusing ``train(True)`` stopped the conversion; a write through a
+view (``y[:, :4].relu_()``) left ``y`` recorded as unchanged; ``tensor_split`` with unsorted indices took the wrong
+channels.
 """
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkn_export import convert_batchnorm, describe_chain
 from bkn_export.chain.record import record_dataflow
-from bkn_export.chain.steps import Elementwise, Identity, predict_steps
+from bkn_export.chain.steps import Channels, Elementwise, Identity, predict_steps
 
 
 class _SortWidth(nn.Module):
@@ -75,6 +84,61 @@ def test_a_module_that_is_the_identity_in_eval_mode_only_is_noted() -> None:
     assert not any("train-mode" in note for note in plain.notes)
 
 
+class _PythonRandomDropPath(nn.Module):
+    """Drops the whole batch with probability 0.1 in training (Python's ``random``), without rescaling."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 0 if self.training and random.random() < 0.1 else x
+
+
+class _NumpyNoise(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.from_numpy(np.random.standard_normal(tuple(x.shape))).to(x) if self.training else x
+
+
+class _SampleDropPath(nn.Module):
+    """DropPath without rescaling: each sample dropped with probability 0.1 in training."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], *([1] * (x.dim() - 1))) >= 0.1).to(x)
+        return x * keep
+
+
+class _InferenceOnlySiLU(nn.Module):
+    def train(self, mode: bool = True) -> _InferenceOnlySiLU:
+        if mode:
+            raise RuntimeError("inference-only")
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x)
+
+
+def test_the_train_mode_probe_keeps_every_global_rng_and_answers_the_same_each_time() -> None:
+    """The probe drew from Python's and NumPy's global RNGs (the caller's sequence changed), and whether a DropPath
+    that drops whole samples got its note at batch 1 depended on the caller's seed (5 of 20 recordings)."""
+    for module in (_PythonRandomDropPath(), _NumpyNoise()):
+        random.seed(1)
+        np.random.seed(1)
+        states = random.getstate(), np.random.get_state()[1].copy()
+        chain = record_dataflow(_between(module).eval(), torch.randn(1, 3, 8, 8))
+        assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+        assert chain["4"].sources[0].steps[0] == Identity("train-mode", "2"), type(module).__name__
+    for seed in range(8):
+        torch.manual_seed(seed)
+        chain = record_dataflow(_between(_SampleDropPath()).eval(), torch.randn(1, 3, 8, 8))
+        assert chain["4"].sources[0].steps[0] == Identity("train-mode", "2"), seed
+
+
+def test_a_module_that_refuses_train_mode_does_not_stop_the_conversion() -> None:
+    """Its ``train(True)`` raised out of the probe: the conversion failed with a misleading "example forward failed"."""
+    chain = record_dataflow(_between(_InferenceOnlySiLU()).eval(), torch.randn(2, 3, 8, 8))
+    (path,) = chain["4"].sources  # not a probed leaf: its forward's own operators were recorded, x * sigmoid(x)
+    assert path.steps[0].kind == "silu" and path.steps[0].module is None
+
+
 def _pooled_conv(output_size: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
@@ -128,6 +192,20 @@ def test_an_activation_after_a_small_fan_in_conv_of_activations_is_named() -> No
     assert wide["6"].notes == ()  # 32 inputs per output: taken as Gaussian, as before
 
 
+def test_a_strided_transposed_conv_counts_the_taps_that_meet_an_output() -> None:
+    """ConvTranspose2d(8, 8, 2, stride=2) sums 8 inputs per output (one tap each), counted as 32 = 8 × 2 × 2: no note,
+    while its prior variance was 42-69 % off, as for the Conv2d(8, 8, 1) that had one."""
+    strided = record_dataflow(_act_conv_act(nn.ConvTranspose2d(8, 8, 2, stride=2), channels=8), torch.randn(2, 3, 8, 8))
+    (note,) = strided["6"].notes
+    assert "summed 8 at a time by conv '3'" in note, note
+    overlapping = record_dataflow(
+        _act_conv_act(nn.ConvTranspose2d(8, 8, 4, stride=2), channels=8), torch.randn(2, 3, 8, 8)
+    )
+    assert overlapping["6"].notes == ()  # 8 × 2 × 2 = 32 inputs per output
+    uneven = record_dataflow(_act_conv_act(nn.ConvTranspose2d(8, 8, 3, stride=2), channels=8), torch.randn(2, 3, 8, 8))
+    assert "summed 8 at a time" in uneven["6"].notes[0]  # 1 or 2 taps per dim meet an output: the fewest counted
+
+
 def test_a_pooling_description_names_dilation_and_ceil_mode() -> None:
     from bkn_export.chain.steps import Pool
     from bkn_export.moments import PoolSpec
@@ -138,3 +216,63 @@ def test_a_pooling_description_names_dilation_and_ceil_mode() -> None:
         == "max_pool2d(kernel (3, 3) stride (2, 2) padding (1, 1) dilation (2, 2) ceil_mode) 'p'"
     )
     assert Pool(PoolSpec.create("avg", 2, kernel_size=2), "p").describe() == "avg_pool2d(kernel (2, 2)) 'p'"
+
+
+class _WrittenThroughView(nn.Module):
+    """conv → BN → (an in-place write through a view of the BN output) → conv → BN."""
+
+    def __init__(self, write: str) -> None:
+        super().__init__()
+        self.write = write
+        self.c0, self.b0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.b0(self.c0(x))
+        if self.write == "method":
+            y[:, :4].relu_()
+        elif self.write == "functional":
+            F.relu(y.narrow(1, 0, 4), inplace=True)
+        elif self.write == "module":
+            self.act(y[:, :4])
+        elif self.write == "base after a view":
+            kept = y[:, :4]
+            F.relu(y, inplace=True)
+            y = torch.cat([kept, y[:, 4:]], 1)
+        elif self.write == "flattened view":
+            y.flatten(2).relu_()
+        return self.b1(self.c1(y))
+
+
+def test_a_write_through_a_view_is_not_taken_as_the_unchanged_tensor() -> None:
+    """``y[:, :4].relu_()`` changes ``y``; the chain still predicted ``conv(y)`` from the source's Gaussian as if it
+    were untouched (prior mean 63-146 % of the scale off, variance 68-402 %, no note). The write now makes ``y`` (and
+    any other view of it) opaque: the layer starts its own chain and says why."""
+    for write in ("method", "functional", "module", "base after a view", "flattened view"):
+        chain = record_dataflow(_WrittenThroughView(write).eval(), torch.randn(2, 3, 8, 8))
+        assert not any(path.normalization == "b0" for path in chain["b1"].sources), write  # not conv(b0's y)
+        assert any("changed in place through another view" in note for note in chain["b1"].notes), write
+    whole = record_dataflow(_WrittenThroughView("none").eval(), torch.randn(2, 3, 8, 8))
+    assert whole["b1"].sources[0].normalization == "b0"  # nothing written: the chain goes on
+
+
+class _TensorSplit(nn.Module):
+    def __init__(self, indices: list[int], channels: int) -> None:
+        super().__init__()
+        self.indices = indices
+        self.c0, self.b0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b1 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b1(torch.tensor_split(self.b0(self.c0(x)), self.indices, dim=1)[2])
+
+
+def test_tensor_split_with_unsorted_indices_takes_the_channels_it_returns() -> None:
+    """``tensor_split(y, [4, 2, 6], 1)[2]`` is ``y[:, 2:6]``: it was wired as channels 4-7 (running sums of the parts'
+    sizes), and with [5, 2] as 6 channels from 5 (a crash at the first train step, after the conversion)."""
+    for indices, channels, expected in (([4, 2, 6], 4, Channels(2, 6)), ([5, 2], 6, Channels(2, 8))):
+        model = convert_batchnorm(_TensorSplit(indices, channels).eval(), torch.randn(2, 3, 8, 8))
+        (path,) = record_dataflow(_TensorSplit(indices, channels).eval(), torch.randn(2, 3, 8, 8))["b1"].sources
+        assert path.steps == (expected,), indices
+        model.train()(torch.randn(2, 3, 8, 8)).sum().backward()

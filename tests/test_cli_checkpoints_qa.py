@@ -72,6 +72,37 @@ def test_a_legacy_checkpoint_without_checksums_still_loads(tmp_path: Path, model
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_legacy_checkpoint_whose_bytes_hold_a_zip_end_record_still_loads(tmp_path: Path) -> None:
+    """``zipfile.is_zipfile`` finds an end-of-archive signature anywhere near a file's end: one float32 weight with
+    those 4 bytes made a legacy file read as a corrupt zip. The format is told by the first bytes, as torch does."""
+    raw = bytearray(torch.randn(4096, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    raw[100:104] = b"PK\x05\x06"
+    weight = torch.frombuffer(raw, dtype=torch.float32).clone()
+    path = tmp_path / "legacy.pt"
+    torch.save({"weight": weight}, path, _use_new_zipfile_serialization=False)
+    assert zipfile.is_zipfile(path)
+    assert torch.equal(load_checkpoint(path)["weight"], weight)
+
+
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path: Path, models: str) -> None:  # noqa: F811
+    """``torch.utils.serialization.config.save.compute_crc32 = False`` (a documented speed option) stores CRC 0 for
+    every record; ``torch.load`` loads such a file and so must the CLI."""
+    from torch.utils.serialization import config
+
+    model = load_model(f"{models}:converted_chain")
+    path = tmp_path / "nocrc.pt"
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        torch.save(model.state_dict(), path)
+    finally:
+        config.save.compute_crc32 = previous
+    with zipfile.ZipFile(path) as archive:
+        assert {record.CRC for record in archive.infolist()} == {0}
+    state = load_checkpoint(path)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 def test_extra_state_length_is_not_a_shape(tmp_path: Path, models: str) -> None:  # noqa: F811
     """Converted at 8x8 and at 16x16, the wiring records differ in length; the state loads either way."""
     small = load_model(f"{models}:converted_chain_at", size=8)
@@ -87,6 +118,20 @@ def test_extra_state_length_is_not_a_shape(tmp_path: Path, models: str) -> None:
             assert torch.equal(loaded.state_dict()[key], value), key
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(loaded.eval()(x), small.eval()(x))
+
+
+def test_a_wiring_record_that_does_not_read_is_a_checkpoint_error_naming_the_file(
+    tmp_path: Path,
+    models: str,  # noqa: F811
+) -> None:
+    """The layer's own loader refuses it (ChainWiringError); the CLI's loader said so without naming the file."""
+    state = dict(load_model(f"{models}:converted_chain").state_dict())
+    key = next(k for k in state if k.endswith("._extra_state"))
+    state[key] = torch.zeros(7, dtype=torch.uint8)
+    path = tmp_path / "garbage.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: .*extra-state tensor is not the JSON of a BKN"):
+        load_model(f"{models}:converted_chain", str(path))
 
 
 def test_a_ddp_checkpoint_is_refused_in_one_short_line_with_the_prefix_hint(
@@ -125,7 +170,16 @@ def test_another_networks_checkpoint_names_counts_and_the_factory_hint(
         (["parity", "--val-range", "-1,1"], ["parity", "--val-range=-1,1"]),
         (["export", "--input-shape", "-1,3,8,8"], ["export", "--input-shape=-1,3,8,8"]),
         (["parity", "--shape-set", "-2,3"], ["parity", "--shape-set=-2,3"]),
-        (["parity", "--val-range", "x:[-1,1]"], ["parity", "--val-range", "x:[-1,1]"]),
+        (["parity", "--val-range", "x:[-1,1]"], ["parity", "--val-range=x:[-1,1]"]),
+        # several values (nargs="+"): each attached, as argparse would have read them, up to the next option
+        (["parity", "--val-range", "-1,1", "-2,2"], ["parity", "--val-range=-1,1", "--val-range=-2,2"]),
+        (
+            ["parity", "--val-range", "0,1", "-2,2", "--seed", "3"],
+            ["parity", "--val-range=0,1", "--val-range=-2,2", "--seed", "3"],
+        ),
+        (["parity", "--val-range", "-1,1", "y:0,2"], ["parity", "--val-range=-1,1", "--val-range=y:0,2"]),
+        (["parity", "--val", "-inf,0"], ["parity", "--val=-inf,0"]),  # argparse's abbreviation; -inf
+        (["parity", "--input-sh", "-1,3"], ["parity", "--input-sh=-1,3"]),
         (["parity", "--val-range", "--iterations", "2"], ["parity", "--val-range", "--iterations", "2"]),
         (["parity", "--", "--val-range", "-1,1"], ["parity", "--", "--val-range", "-1,1"]),
     ],

@@ -55,7 +55,12 @@ Choices and limits, each named in the notes where it applies:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import math
+import random
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -694,6 +699,10 @@ class _Recorder(TorchFunctionMode):
             assert isinstance(module, nn.modules.conv._ConvNd)
             source, step = _fold_padding(source, module, step)
         self.step_node(step, source, out)
+        identity = isinstance(step, Identity) or (isinstance(step, Elementwise) and step.kind == "identity")
+        wrote = out is inp or getattr(module, "inplace", False) is True
+        if wrote and not identity and _memory(out) is not None and _memory(out) == _memory(inp):
+            self._written_through(out, label)  # an in-place module (nn.ReLU(inplace=True)) applied to a view
 
     def _norm(self, name: str, module: nn.Module, source: tuple[_Node | None, Shape], out: Tensor) -> None:
         if name in self.norms:
@@ -728,10 +737,18 @@ class _Recorder(TorchFunctionMode):
         out: Any,
     ) -> None:  # fmt: skip
         outputs = list(_tensors(out))
-        mutated = _mutated(func, args)
+        mutated = _mutated(func, args, kwargs)
         if not outputs and mutated is None:
             return
         label = _op_label(func) + self.where()
+        self._record_function(func, args, kwargs, sources, out, outputs, mutated, label)
+        if mutated is not None:
+            self._written_through(mutated, label)
+
+    def _record_function(
+        self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], sources: list[tuple[_Node | None, Shape]],
+        out: Any, outputs: list[Tensor], mutated: Tensor | None, label: str,
+    ) -> None:  # fmt: skip
         try:
             if func in _SPLIT_FUNCTIONS and sources and outputs and self._split(args, kwargs, sources[0], outputs):
                 return
@@ -744,6 +761,23 @@ class _Recorder(TorchFunctionMode):
             why = ""
         targets = outputs if mutated is None or any(t is mutated for t in outputs) else [*outputs, mutated]
         self.opaque(label, sources, targets, why)
+
+    def _written_through(self, written: Tensor, label: str) -> None:
+        """An in-place op (``label``) wrote ``written``: every other recorded tensor on the same memory (its base, the
+        other views of it: ``y[:, :4].relu_()`` changes ``y``) now holds other values than its producer says. Each
+        becomes opaque, so a layer that reads it starts its own chain, with the reason in its note. Conservative:
+        a view of channels the write did not touch is made opaque too."""
+        memory = _memory(written)
+        if memory is None:
+            return
+        for tensor_id, (ref, node) in list(self.producers.items()):
+            tensor = ref()
+            if tensor is None or tensor is written or _memory(tensor) != memory:
+                continue
+            shape = tuple(tensor.shape)
+            why = "its memory was changed in place through another view of it"
+            self.producers[tensor_id] = (ref, _Node("opaque", shape, ((node, shape),), label=label, why=why))
+            self.nodes.append(self.producers[tensor_id][1])
 
     def _recognised(
         self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], sources: list[tuple[_Node | None, Shape]],
@@ -902,15 +936,27 @@ class _Recorder(TorchFunctionMode):
     def _split(
         self, args: Sequence[Any], kwargs: Mapping[str, Any], source: tuple[_Node | None, Shape], outputs: list[Tensor]
     ) -> bool:
-        """``split`` / ``chunk`` / ``tensor_split`` along the channels: one channel range per output."""
+        """``split`` / ``chunk`` / ``tensor_split`` along the channels: one channel range per output (False, so the
+        outputs are opaque, where an output is not a plain channel range of the input)."""
         dim = _arg(args, kwargs, 2, "dim", 0)
         first = args[0] if args else None
         if not isinstance(first, Tensor) or not isinstance(dim, int) or first.dim() < 2 or dim % first.dim() != 1:
             return False
-        start = 0
-        for out in outputs:
-            self.step_node(Channels(start, start + out.shape[1]), source, out)
-            start += out.shape[1]
+        ranges = []
+        for out in outputs:  # each output's first channel from where its view starts (tensor_split's indices need
+            width = out.shape[1]  # not be sorted: tensor_split(y, [4, 2, 6], 1)[2] is y[:, 2:6])
+            offset, stride = out.storage_offset() - first.storage_offset(), first.stride(1)
+            if width == 0:
+                ranges.append((0, 0))
+                continue
+            if _memory(out) != _memory(first) or stride <= 0 or offset % stride or out.stride() != first.stride():
+                return False
+            start = offset // stride
+            if not 0 <= start <= start + width <= first.shape[1]:
+                return False
+            ranges.append((start, start + width))
+        for out, (start, stop) in zip(outputs, ranges):
+            self.step_node(Channels(start, stop), source, out)
         return True
 
     def _owner_of(self, parameter: Any) -> str | None:
@@ -1185,34 +1231,122 @@ def _identify_activation(module: nn.Module, example: Tensor, name: str) -> Eleme
     return Identity("train-mode", name) if step.kind == "identity" else None
 
 
+#: Train-mode runs of a probed module (each from its own seed) and the batch the last one is widened to: a
+#: per-sample random effect (DropPath drops a whole sample with probability p) is then seen in the output whatever
+#: the example's batch, at the same seeds on every recording. A draw from a global RNG is seen whatever its outcome
+#: (:func:`_global_rng_states`).
+_TRAIN_PROBE_SEEDS = range(2)
+_TRAIN_PROBE_WIDE_BATCH = 64
+_TRAIN_PROBE_MAX_ELEMENTS = 1 << 22
+
+
+def _global_rng_states(devices: Sequence[torch.device]) -> tuple[object, ...]:
+    """The global RNGs' states (torch's CPU one and ``devices``' CUDA ones, Python's ``random``, NumPy's where it is
+    imported), as values comparable with ``==``."""
+    numpy = sys.modules.get("numpy")
+    states: list[object] = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+    states.append(random.getstate())
+    if numpy is not None:
+        kind, keys, *rest = numpy.random.get_state()
+        states.append((kind, keys.tobytes(), *rest))
+    return tuple(bytes(s.numpy()) if isinstance(s, Tensor) else s for s in states)
+
+
+@contextlib.contextmanager
+def _global_rngs_kept() -> Iterator[None]:
+    """Python's ``random`` and, where imported, NumPy's global RNG states restored on exit (a module may draw from
+    them in train mode; torch's own generators are :func:`torch.random.fork_rng`'s)."""
+    python_state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
+
+
+def _train_mode_probes(probe: Tensor, expected: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(seed, input, expected output) of each train-mode run: the probe, then the probe repeated along the batch to
+    :data:`_TRAIN_PROBE_WIDE_BATCH` samples (within :data:`_TRAIN_PROBE_MAX_ELEMENTS`)."""
+    for seed in _TRAIN_PROBE_SEEDS:
+        yield seed, probe, expected
+    repeats = min(_TRAIN_PROBE_WIDE_BATCH // max(probe.shape[0], 1), _TRAIN_PROBE_MAX_ELEMENTS // max(probe.numel(), 1))
+    if probe.dim() >= 1 and repeats > 1:
+        times = (repeats, *([1] * (probe.dim() - 1)))
+        yield len(_TRAIN_PROBE_SEEDS), probe.repeat(times), expected.repeat(times)
+
+
 def _same_in_train_mode(module: nn.Module, probe: Tensor, expected: Tensor) -> bool:
-    """Whether the leaf ``module`` in train mode also gives ``expected`` on ``probe`` (its mode and the RNG state
-    restored after)."""
+    """Whether the leaf ``module`` in train mode also gives ``expected`` on ``probe``, in every run of
+    :func:`_train_mode_probes` (seeded: the same answer on every recording), without drawing from a global RNG
+    (a module that draws is random in training, whatever this draw gave: DropPath that happened to keep every
+    sample). Its mode and every global RNG state (torch's, Python's, NumPy's) are restored after; a module that
+    cannot run in train mode is not the same."""
     if module.training:
         return True
     devices = [probe.device] if probe.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        module.train(True)
+    with torch.random.fork_rng(devices=devices), _global_rngs_kept():
         try:
-            trained = module.forward(probe.clone())
-        except Exception:  # a module that cannot run in train mode here: not taken as a known activation
+            module.train(True)
+            for seed, inputs, wanted in _train_mode_probes(probe, expected):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                numpy = sys.modules.get("numpy")
+                if numpy is not None:
+                    numpy.random.seed(seed)
+                before = _global_rng_states(devices)
+                try:
+                    trained = module.forward(inputs.clone())
+                except Exception:
+                    if inputs is probe:  # a module that cannot run in train mode: not taken as a known activation
+                        return False
+                    continue  # one that takes only the example's batch: judged on the runs at that batch
+                if _global_rng_states(devices) != before or not (
+                    isinstance(trained, Tensor)
+                    and trained.shape == wanted.shape
+                    and torch.allclose(trained, wanted, rtol=1e-4, atol=1e-5)
+                ):
+                    return False
+        except Exception:  # train(True) itself refused
             return False
         finally:
-            module.train(False)
-    return (
-        isinstance(trained, Tensor)
-        and trained.shape == probe.shape
-        and torch.allclose(trained, expected, rtol=1e-4, atol=1e-5)
-    )
+            with contextlib.suppress(Exception):
+                module.train(False)
+    return True
 
 
-def _mutated(func: Any, args: Sequence[Any]) -> Tensor | None:
-    """The tensor an in-place op writes to (its first argument), if ``func`` is one."""
+def _mutated(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The tensor an in-place op writes to (its first argument), if ``func`` is one: a ``name_`` method or
+    function, an in-place dunder, or a function called with ``inplace=True`` (``F.relu(x, inplace=True)``)."""
     name = getattr(func, "__name__", "")
     inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
+    if not inplace:
+        position = _inplace_position(func)
+        inplace = position is not None and _arg(args, kwargs, position, "inplace", False) is True
     if inplace and args and isinstance(args[0], Tensor):
         return args[0]
     return None
+
+
+@functools.cache
+def _inplace_position(func: Any) -> int | None:
+    """The position of ``func``'s ``inplace`` parameter (``torch.nn.functional``'s activations, dropout), if any."""
+    try:
+        parameters = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return parameters.index("inplace") if "inplace" in parameters else None
+
+
+def _memory(tensor: Tensor) -> int | None:
+    """The address of ``tensor``'s storage (shared by a tensor and its views), None for an empty or storage-less one."""
+    try:
+        address = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, fake
+        return None
+    return address or None
 
 
 def _forward_understood(module: nn.Module) -> bool:
@@ -1430,6 +1564,11 @@ def _fan_in(step: Step, modules: Mapping[str, nn.Module]) -> int | None:
     if not isinstance(step, Affine):
         return None
     layer = modules.get(step.module)
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        # per dim, the taps that meet one output position: those j < k with j·d ≡ r (mod s), at least
+        # k // (s / gcd(s, d)) where any does (ConvTranspose2d(8, 8, 2, stride=2): each output sums 8 inputs, not 32)
+        taps = (max(1, k // (s // math.gcd(s, d))) for k, s, d in zip(layer.kernel_size, layer.stride, layer.dilation))
+        return layer.in_channels // layer.groups * math.prod(taps)
     if isinstance(layer, nn.modules.conv._ConvNd):
         return layer.in_channels // layer.groups * math.prod(layer.kernel_size)
     if isinstance(layer, nn.Linear):
