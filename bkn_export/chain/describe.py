@@ -110,6 +110,13 @@ def link_for(name: str, wiring: Wiring | None) -> ChainLink:
     approximations = tuple(dict.fromkeys(a for a in map(_approximation, _steps(wiring.sources)) if a))
     if wiring.transition == "sampled":
         approximations += ("sampled: Monte Carlo, one sample per position",)
+    if wiring.transition == "identity" and any(path.steps or path.origin is not None for path in wiring.sources):
+        # the recorded steps are described but not run: channel c of the layer gets channel c of the sources, whatever
+        # a conv, a slice or a reordering concat between them did (channels swapped by a concat: variance 178 % off)
+        approximations += (
+            "identity: each channel takes the same channel of the sources' posteriors; the recorded steps between "
+            "(convs, activations, slices, reorderings) are not modelled",
+        )
     names = wiring.source_names
     return ChainLink(
         name=name,
