@@ -296,3 +296,11 @@ def test_the_identity_transition_names_the_steps_it_does_not_run() -> None:
     assert any(text.startswith("identity: each channel takes the same channel") for text in links["b1"].approximations)
     propagated = convert_batchnorm(_SwappedHalves().eval(), torch.randn(2, 3, 8, 8))
     assert not any("identity:" in text for link in describe_chain(propagated) for text in link.approximations)
+
+
+def test_a_channel_crop_is_described_as_one() -> None:
+    """``F.pad`` with a negative channel width crops; the description read "zero channels +-2/+0"."""
+    from bkn_export.chain.steps import ChannelPad
+
+    assert ChannelPad(2, 3).describe() == "zero channels +2/+3"
+    assert ChannelPad(-2, 0).describe() == "channels padded / cropped -2/+0"

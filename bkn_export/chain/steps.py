@@ -575,7 +575,10 @@ class ChannelPad:
         return F.pad(sample, (0, 0) * (sample.dim() - 2) + (self.before, self.after))
 
     def describe(self) -> str:
-        return f"zero channels +{self.before}/+{self.after}"
+        if self.before >= 0 and self.after >= 0:
+            return f"zero channels +{self.before}/+{self.after}"
+        # F.pad with a negative width crops: "-2/+0" (was "+-2/+0")
+        return "channels padded / cropped " + "/".join(f"{'+' if n >= 0 else ''}{n}" for n in (self.before, self.after))
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "before": self.before, "after": self.after}
