@@ -206,6 +206,17 @@ def test_a_strided_transposed_conv_counts_the_taps_that_meet_an_output() -> None
     assert "summed 8 at a time" in uneven["6"].notes[0]  # 1 or 2 taps per dim meet an output: the fewest counted
 
 
+def test_a_conv_on_an_input_smaller_than_its_kernel_and_a_small_average_pool_are_named() -> None:
+    """A 3×3 conv (padding 1) on a 1×1 input sums 8 real inputs, counted as 72 (variance 26-126 % off, no note); an
+    AvgPool2d(2) averages 4 ReLU outputs, taken as Gaussian again (variance 14-16 % off, no note)."""
+    tiny = record_dataflow(_act_conv_act(nn.Conv2d(8, 8, 3, padding=1), channels=8), torch.randn(2, 3, 1, 1))
+    assert "summed 8 at a time by conv '3'" in tiny["6"].notes[0]
+    roomy = record_dataflow(_act_conv_act(nn.Conv2d(8, 8, 3, padding=1), channels=8), torch.randn(2, 3, 8, 8))
+    assert roomy["6"].notes == ()  # 72 inputs per output
+    pooled = record_dataflow(_act_conv_act(nn.AvgPool2d(2), channels=4), torch.randn(2, 3, 8, 8))
+    assert "summed 4 at a time by" in pooled["6"].notes[0]
+
+
 def test_a_pooling_description_names_dilation_and_ceil_mode() -> None:
     from bkn_export.chain.steps import Pool
     from bkn_export.moments import PoolSpec

@@ -504,6 +504,9 @@ _AFFINE_FUNCTIONS: dict[Any, bool] = {  # -> transposed
     F.conv1d: False, F.conv2d: False, F.conv3d: False, F.linear: False,
     F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True,
 }  # fmt: skip
+#: A conv's input spatial size, by its name (its first call's, as recorded); empty where not known.
+_Sizes = Mapping[str, tuple[int, ...]]
+_NO_SIZES: _Sizes = {}
 _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__"}
 
 
@@ -564,6 +567,7 @@ class _Recorder(TorchFunctionMode):
         self.nodes: list[_Node] = []  # keeps every node alive (and its id unique) for the walks
         self.kinds: list[str | None] = []  # per running module: its leaf kind (None: not a leaf we know)
         self.probed: dict[int, Elementwise | Identity | None] = {}  # id(module) -> the step its forward computes
+        self.conv_inputs: dict[str, Shape] = {}  # a conv's name -> its first call's input spatial size (_fan_in)
 
     # ----------------------------------------------------------------- producers
 
@@ -697,6 +701,7 @@ class _Recorder(TorchFunctionMode):
             return
         if isinstance(step, Affine) and step.kind == "conv":
             assert isinstance(module, nn.modules.conv._ConvNd)
+            self.conv_inputs.setdefault(step.module, tuple(inp.shape[2:]))
             source, step = _fold_padding(source, module, step)
         self.step_node(step, source, out)
         identity = isinstance(step, Identity) or (isinstance(step, Elementwise) and step.kind == "identity")
@@ -923,6 +928,9 @@ class _Recorder(TorchFunctionMode):
                     label,
                     f"{key}={value} where its module '{owner}' has {expected}, padding_mode {module.padding_mode!r}",
                 )
+        data = _arg(args, kwargs, 0, "input")
+        if isinstance(data, Tensor):
+            self.conv_inputs.setdefault(owner, tuple(data.shape[2:]))
         source, step = _fold_padding(source, module, Affine(owner, "conv"))
         self.step_node(step, source, out)
         return True
@@ -1495,7 +1503,9 @@ def _separates_positions(step: Step) -> bool:
     return (isinstance(step, Flatten) and step.start_dim == 1) or isinstance(step, Subsample)
 
 
-def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) -> tuple[str | None, list[str]]:
+def _dependence(
+    path: SourcePath, modules: Mapping[str, nn.Module], where: str, sizes: _Sizes = _NO_SIZES
+) -> tuple[str | None, list[str]]:
     """(the step after which the path's positions are dependent, or None; approximation notes)."""
     dependent: str | None = None
     notes: list[str] = []
@@ -1505,11 +1515,11 @@ def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) 
             notes.append(shared)
         for index, part in enumerate(path.origin.sources):
             part_dependent, part_notes = _dependence(
-                part, modules, _where(path.origin.combine, index, part, f"{where} → ")
+                part, modules, _where(path.origin.combine, index, part, f"{where} → "), sizes
             )
             notes += part_notes
             dependent = dependent or part_dependent
-    shaped = _shaped_origin(path, modules)  # what made the values reaching the next step non-Gaussian
+    shaped = _shaped_origin(path, modules, sizes)  # what made the values reaching the next step non-Gaussian
     for step in linear_runs(path.steps, modules):  # within a LinearRun the moments are exact
         if isinstance(step, Pool) and "max" in step.spec.kind and shaped is not None:
             notes.append(
@@ -1522,7 +1532,7 @@ def _dependence(path: SourcePath, modules: Mapping[str, nn.Module], where: str) 
                 "of an activation assume a Gaussian input; measured on such inputs: variance 6–76 % off, "
                 "several times on near-zero variances)"
             )
-        shaped = _shaped_after(shaped, step, modules)
+        shaped = _shaped_after(shaped, step, modules, sizes)
         if dependent is not None and combines_positions(step, modules):
             notes.append(
                 f"{where}: approximate variance: {_combining(step, modules).describe()} combines positions that "
@@ -1556,11 +1566,14 @@ class _Shaped:
 _GAUSSIAN_FAN_IN = 16
 
 
-def _fan_in(step: Step, modules: Mapping[str, nn.Module]) -> int | None:
-    """Inputs summed per output of a conv / Linear step (or of a run's last one), None for other steps."""
+def _fan_in(step: Step, modules: Mapping[str, nn.Module], sizes: _Sizes = _NO_SIZES) -> int | None:
+    """Inputs summed per output of a conv / Linear step (or of a run's last one) or of a fixed-window average pooling
+    (its window: AvgPool2d(2) averages 4 values), None for other steps."""
+    if isinstance(step, Pool) and step.spec.kind == "avg":
+        return math.prod(step.spec.kernel_size)
     if isinstance(step, LinearRun):
         affines = [member for member in step.steps if isinstance(member, Affine)]
-        return _fan_in(affines[-1], modules) if affines else None
+        return _fan_in(affines[-1], modules, sizes) if affines else None
     if not isinstance(step, Affine):
         return None
     layer = modules.get(step.module)
@@ -1570,20 +1583,29 @@ def _fan_in(step: Step, modules: Mapping[str, nn.Module]) -> int | None:
         taps = (max(1, k // (s // math.gcd(s, d))) for k, s, d in zip(layer.kernel_size, layer.stride, layer.dilation))
         return layer.in_channels // layer.groups * math.prod(taps)
     if isinstance(layer, nn.modules.conv._ConvNd):
-        return layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+        # taps that can meet the input: at most (n - 1) // d + 1 per axis of an input of n positions (a 3×3 conv,
+        # padding 1, on a 1×1 input sums its 8 channels' one value each, not 72 values)
+        size = sizes.get(step.module, ())
+        taps = (
+            min(k, (n - 1) // d + 1) if i < len(size) and (n := size[i]) > 0 else k
+            for i, (k, d) in enumerate(zip(layer.kernel_size, layer.dilation))
+        )
+        return layer.in_channels // layer.groups * math.prod(taps)
     if isinstance(layer, nn.Linear):
         return layer.in_features
     return None
 
 
-def _shaped_after(shaped: _Shaped | None, step: Step, modules: Mapping[str, nn.Module]) -> _Shaped | None:
+def _shaped_after(
+    shaped: _Shaped | None, step: Step, modules: Mapping[str, nn.Module], sizes: _Sizes = _NO_SIZES
+) -> _Shaped | None:
     """:class:`_Shaped` after ``step``: an activation makes every channel non-Gaussian; a conv, a Linear or a pooling
     makes them Gaussian-like again (sums over many values; not a conv / Linear of fewer than
     :data:`_GAUSSIAN_FAN_IN` inputs per output); a channel slice or pad moves the ranges; every other step (a scale
     and shift, a gate's per-sample channel scale, a resampling, a reshape) keeps them."""
     if isinstance(step, Elementwise) and step.kind != "identity":
         return _Shaped(f"{step.describe()} outputs")
-    fan_in = _fan_in(step, modules)
+    fan_in = _fan_in(step, modules, sizes)
     if shaped is not None and fan_in is not None and fan_in < _GAUSSIAN_FAN_IN:
         return _Shaped(f"{shaped.what} summed {fan_in} at a time by {step.describe()}")
     if shaped is None or isinstance(step, (Affine, LinearRun, Pool)):
@@ -1601,13 +1623,13 @@ def _shaped_after(shaped: _Shaped | None, step: Step, modules: Mapping[str, nn.M
     return _Shaped(shaped.what, kept) if kept else None
 
 
-def _shaped_origin(path: SourcePath, modules: Mapping[str, nn.Module]) -> _Shaped | None:
+def _shaped_origin(path: SourcePath, modules: Mapping[str, nn.Module], sizes: _Sizes = _NO_SIZES) -> _Shaped | None:
     """What makes the values at the start of ``path`` non-Gaussian, or None (a normalization's output, taken as
     Gaussian): a sum with a part that ends non-Gaussian (``relu(bn(x) + relu(y))``), or a concatenation with such
     parts, in their channels."""
     if path.origin is None:
         return None
-    ends = [_shaped_end(part, modules) for part in path.origin.sources]
+    ends = [_shaped_end(part, modules, sizes) for part in path.origin.sources]
     shaped = [(part, end) for part, end in zip(path.origin.sources, ends) if end is not None]
     if not shaped:
         return None
@@ -1626,11 +1648,11 @@ def _shaped_origin(path: SourcePath, modules: Mapping[str, nn.Module]) -> _Shape
     return _Shaped(what, tuple(ranges))
 
 
-def _shaped_end(path: SourcePath, modules: Mapping[str, nn.Module]) -> _Shaped | None:
+def _shaped_end(path: SourcePath, modules: Mapping[str, nn.Module], sizes: _Sizes = _NO_SIZES) -> _Shaped | None:
     """What makes the values at the end of ``path`` non-Gaussian, or None."""
-    shaped = _shaped_origin(path, modules)
+    shaped = _shaped_origin(path, modules, sizes)
     for step in linear_runs(path.steps, modules):
-        shaped = _shaped_after(shaped, step, modules)
+        shaped = _shaped_after(shaped, step, modules, sizes)
     return shaped
 
 
@@ -1648,7 +1670,9 @@ def _last_dependent(step: Step, modules: Mapping[str, nn.Module]) -> Step:
     return step
 
 
-def _layer_record(call: _NormCall, walker: _Walker, modules: Mapping[str, nn.Module]) -> LayerRecord:
+def _layer_record(
+    call: _NormCall, walker: _Walker, modules: Mapping[str, nn.Module], sizes: _Sizes = _NO_SIZES
+) -> LayerRecord:
     node = call.input
     if node is not None and node.kind in ("concat", "sum"):
         combine: Combine = node.kind  # type: ignore[assignment]
@@ -1663,7 +1687,7 @@ def _layer_record(call: _NormCall, walker: _Walker, modules: Mapping[str, nn.Mod
         if shared is not None:
             notes.append(shared)
         for index, source in enumerate(sources):
-            notes += _dependence(source, modules, _where(combine, index, source, ""))[1]
+            notes += _dependence(source, modules, _where(combine, index, source, ""), sizes)[1]
     else:
         reasons = "; ".join(f"{where} {why}" for where, why in fallbacks)
         notes = [f"first in its chain: no normalization upstream ({reasons})"]
@@ -1721,7 +1745,7 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
             handle.remove()
     walker = _Walker()
     modules = dict(model.named_modules())
-    layers = tuple(_layer_record(call, walker, modules) for call in recorder.norms.values())
+    layers = tuple(_layer_record(call, walker, modules, recorder.conv_inputs) for call in recorder.norms.values())
     notes: list[str] = []
     for name, module in model.named_modules():
         label = f"'{name}' ({type(module).__name__})"
