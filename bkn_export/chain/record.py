@@ -1486,6 +1486,7 @@ def shared_sources_note(combine: str, parts: Sequence[SourcePath], where: str) -
         names = set(part.normalizations())
         shared += sorted(name for name in names & seen if name not in shared)
         seen |= names
+    shared = [name for name in shared if not _disjoint_channels(name, parts)]
     if not shared:
         return None
     kind = "addends" if combine == "sum" else "parts"
@@ -1494,6 +1495,44 @@ def shared_sources_note(combine: str, parts: Sequence[SourcePath], where: str) -
         f"{where}approximate variance: the {kind} of this {combine} share the source "
         f"{', '.join(repr(name) for name in shared)} (they are correlated), and {mixed} takes them as independent"
     )
+
+
+#: Steps that keep each channel to itself (what a channel holds may change, never which source channel it came from).
+_CHANNEL_WISE = (Elementwise, Identity, Pool, Resample, Subsample, ScaleShift)
+
+
+def _source_channels(path: SourcePath) -> set[int] | None:
+    """The source channels ``path`` reads, where it starts at a normalization and every step keeps channels apart or
+    selects them (``y[:, 4:]``, a pad, an activation, a pooling); None where a step mixes them or the path starts
+    at a combination."""
+    if path.normalization is None or path.origin is not None or len(path.entry_shape) < 2:
+        return None
+    held: list[int | None] = list(range(path.entry_shape[1]))
+    for step in path.steps:
+        if isinstance(step, Channels):
+            held = held[step.start : step.stop]
+        elif isinstance(step, ChannelPad):
+            held = held[max(-step.before, 0) : len(held) - max(-step.after, 0)]  # a negative width crops
+            held = [None] * max(step.before, 0) + held + [None] * max(step.after, 0)
+        elif not isinstance(step, _CHANNEL_WISE):
+            return None
+    return {channel for channel in held if channel is not None}
+
+
+def _disjoint_channels(name: str, parts: Sequence[SourcePath]) -> bool:
+    """Whether the parts that start at normalization ``name`` read disjoint sets of its channels (``cat([y[:, 4:],
+    y[:, :4]])``): channels of one posterior are independent in the model, so such parts are too."""
+    reading = [part for part in parts if name in set(part.normalizations())]
+    channel_sets = [_source_channels(part) for part in reading]
+    if any(channels is None for channels in channel_sets):
+        return False
+    union: set[int] = set()
+    for channels in channel_sets:
+        assert channels is not None
+        if union & channels:
+            return False
+        union |= channels
+    return True
 
 
 def _separates_positions(step: Step) -> bool:
