@@ -179,6 +179,20 @@ def test_ncu_target_runs_its_steps_on_the_cpu() -> None:
     assert "bkn step on (2, 4, 5, 5) torch.float32 ran on cpu" in result.stdout
 
 
+def test_launch_overhead_probe_runs_its_kernels_under_the_interpreter() -> None:
+    """The env step's host-µs-per-launch probe (device_info.launch_overhead_us), on the CPU under Triton's
+    interpreter: every kind launches (a number, not an error text); the figures mean nothing here."""
+    code = (
+        "import json; from benchmarks.gpu.device_info import launch_overhead_us; "
+        "print(json.dumps(launch_overhead_us(repeats=1, launches=2, device='cpu')))"
+    )
+    result = _run([sys.executable, "-c", code], TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"aten_add", "triton_1_pointer", "triton_16_pointers_4_scalars"}
+    assert all(isinstance(value, float) and value > 0 for value in figures.values()), figures
+
+
 def test_summary_of_an_empty_run_says_what_did_not_run(tmp_path: Path) -> None:
     result = _run([sys.executable, "-m", "benchmarks.gpu.summarize", str(tmp_path)])
     assert result.returncode == 0, result.stderr

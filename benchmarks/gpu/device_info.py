@@ -6,6 +6,13 @@ timed with ``triton.testing.do_bench`` and counted as 2 GiB moved (read + write)
 streaming kernel can reach on this device, the yardstick for the bandwidth fractions.
 Without a CUDA device the device fields are null.
 
+Host time per launch (``launch_us``): the median over repeats of the wall time of 2000 back-to-back launches
+without a synchronisation between them, divided by 2000, for an ATen ``add_`` on a 4-element tensor, an empty
+Triton kernel with one pointer, and a Triton kernel with 16 pointers and 4 scalars (what a BKN kernel takes). On a
+GPU whose work per launch is shorter than the host's, the queue never fills and this is the host's cost of one
+launch: what an eager train step at micro-batch pays per operator (RESULTS.md, "GPU check": 2.7 ms per BKN layer,
+about 8 Triton launches and 50 host operations per layer on the CUDA route, ``bench_host_overhead.py --network``).
+
 Usage (from the repository root)::
 
     python -m benchmarks.gpu.device_info [--json env.json]
@@ -88,7 +95,60 @@ def device_info() -> dict[str, Any] | None:
     except Exception as error:
         info["copy_gbps"] = None
         info["copy_error"] = f"{type(error).__name__}: {error}"[:200]
+    try:
+        info["launch_us"] = launch_overhead_us()
+    except Exception as error:  # Triton missing or broken
+        info["launch_us"] = {"error": f"{type(error).__name__}: {error}"[:200]}
     return info
+
+
+LAUNCHES = 2000
+
+
+def launch_overhead_us(repeats: int = 5, launches: int = LAUNCHES, device: str = "cuda") -> dict[str, float | str]:
+    """Host µs per launch of an ATen op and of two Triton kernels (see the module docstring). ``device="cpu"`` under
+    ``TRITON_INTERPRET=1`` runs the same code on a machine without a GPU (its figures mean nothing: a test's)."""
+    import statistics
+    import time
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def one_pointer(x_ptr):  # type: ignore[no-untyped-def]
+        tl.store(x_ptr, 1.0)
+
+    @triton.jit
+    def many_arguments(  # type: ignore[no-untyped-def]
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, a, b, c, d, BLOCK: tl.constexpr
+    ):
+        tl.store(p0, a + b + c + d)
+
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    x = torch.zeros(4, device=device)
+    pointers = [torch.zeros(4, device=device) for _ in range(16)]
+    kinds = {
+        "aten_add": lambda: x.add_(1.0),
+        "triton_1_pointer": lambda: one_pointer[(1,)](x),
+        "triton_16_pointers_4_scalars": lambda: many_arguments[(1,)](*pointers, 3, 0.5, 7, 1.0, BLOCK=4),
+    }
+    results: dict[str, float | str] = {}
+    for name, launch in kinds.items():
+        try:
+            for _ in range(20):  # compile and warm up
+                launch()
+            synchronize()
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(launches):
+                    launch()
+                synchronize()
+                samples.append((time.perf_counter() - start) / launches * 1e6)
+            results[name] = round(statistics.median(samples), 2)
+        except Exception as error:  # a launch that fails here must not hide the rest of the environment
+            results[name] = f"{type(error).__name__}: {error}"[:200]
+    return results
 
 
 def triton_kernels_used() -> bool | str | None:

@@ -100,6 +100,8 @@ def run_section(work: Path, command: str) -> list[str]:
         bandwidth = f"peak {device.get('peak_gbps')} GB/s ({device.get('peak_source')})" + (
             f"; measured copy {copy} GB/s ({device.get('copy_fraction_of_peak', 0):.0%} of peak)" if copy else ""
         )
+    launch = device.get("launch_us") if device else None
+    launch_text = "; ".join(f"{name} {_text(value)}" for name, value in launch.items()) if launch else "–"
     versions = " / ".join(_text(v) for v in (env.get("torch"), env.get("torch_cuda"), env.get("cudnn")))
     versions += f" / {_text(modules.get('triton'))}"
     rows = [
@@ -109,6 +111,7 @@ def run_section(work: Path, command: str) -> list[str]:
         ["python / torch / CUDA / cuDNN / Triton", f"{_text(env.get('python'))} / {versions}"],
         ["timm / torchvision", f"{_text(modules.get('timm'))} / {_text(modules.get('torchvision'))}"],
         ["HBM bandwidth", bandwidth],
+        ["host µs per launch (no sync between)", launch_text],
         ["modules missing", missing_text],
         ["Triton kernels taken by the op", _text(env.get("triton_kernels_used"))],
         ["command", f"`{command}`"],
