@@ -67,13 +67,18 @@ class _Parser(argparse.ArgumentParser):
         for token in self.command_tokens:
             if token == "--":
                 break
-            if not token.startswith("-") or _NEGATIVE_NUMBER.match(token):
+            if not token.startswith("-") or token == "-" or _NEGATIVE_NUMBER.match(token):
                 continue
             name = token.split("=", 1)[0]
-            known = name in self._option_string_actions or (
-                self.allow_abbrev
-                and name.startswith("--")
-                and any(o.startswith(name) for o in self._option_string_actions)
+            short_with_value = not token.startswith("--") and token[:2] in self._option_string_actions  # -oPATH
+            known = (
+                short_with_value
+                or name in self._option_string_actions
+                or (
+                    self.allow_abbrev
+                    and name.startswith("--")
+                    and any(o.startswith(name) for o in self._option_string_actions)
+                )
             )
             if not known:
                 unknown.append(token)
@@ -136,6 +141,10 @@ _SIGNED_VALUE_OPTIONS = frozenset({"--input-shape", "--shape-set", "--val-range"
 #: Of those, the ones that take several values (``nargs="+"``): ``--val-range -1,1 y:0,2``.
 _SIGNED_LIST_OPTIONS = frozenset({"--val-range"})
 _SIGNED_VALUE = re.compile(r"-(?:[\d.\[]|inf)", re.IGNORECASE)
+#: A ``--val-range`` value: ``[NAME:]LO,HI`` or ``NAME:[LO,HI]`` (numbers, inf, nan). Only such tokens are attached as
+#: its further values, so ``--val-range -1,1 MODEL.onnx`` leaves the positional where it is.
+_NUMBER = r"\s*[-+]?(?:\d|\.\d|inf|nan)[^,\]]*"
+_VAL_RANGE_VALUE = re.compile(rf"(?:[^:,\[\]]+:)?\[?{_NUMBER},{_NUMBER}\]?", re.IGNORECASE)
 
 
 def _signed_option(token: str) -> str | None:
@@ -153,8 +162,9 @@ def attach_signed_values(argv: Sequence[str]) -> list[str]:
     argparse takes a value that starts with '-' for an option unless it is a single number, so
     ``--val-range -1,1`` failed with "expected one argument" and ``--input-shape -1,3,8,8`` never reached
     the shape's own check; attached, the value reaches its parser (which accepts or refuses it, naming it).
-    An option that takes several values (``--val-range -1,1 -2,2 y:0,2``) gets each of them attached, as
-    argparse would have read them (every token up to the next option; ``action="extend"`` joins them)."""
+    An option that takes several values (``--val-range -1,1 -2,2 y:0,2``) gets each following token that reads as
+    one of its values attached (``action="extend"`` joins them); the first other token (an option, ``--``, a
+    positional such as ``MODEL.onnx``) ends them, where argparse would have taken a positional as a value too."""
     out: list[str] = []
     tokens = list(argv)
     index = 0
@@ -165,13 +175,13 @@ def attach_signed_values(argv: Sequence[str]) -> list[str]:
             break
         option = _signed_option(token)
         following = tokens[index + 1] if index + 1 < len(tokens) else ""
-        listed = option in _SIGNED_LIST_OPTIONS and bool(following) and not following.startswith("-")
+        listed = option in _SIGNED_LIST_OPTIONS and _VAL_RANGE_VALUE.fullmatch(following) is not None
         if option is not None and (_SIGNED_VALUE.match(following) or listed):
             out.append(f"{token}={following}")
             index += 2
             while option in _SIGNED_LIST_OPTIONS and index < len(tokens):
                 value = tokens[index]
-                if value == "--" or (value.startswith("-") and not _SIGNED_VALUE.match(value)):
+                if not _VAL_RANGE_VALUE.fullmatch(value):  # an option, "--", or a positional such as MODEL.onnx
                     break
                 out.append(f"{token}={value}")
                 index += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -307,6 +308,9 @@ def test_the_identity_transition_names_the_steps_it_does_not_run() -> None:
     assert any(text.startswith("identity: each channel takes the same channel") for text in links["b1"].approximations)
     propagated = convert_batchnorm(_SwappedHalves().eval(), torch.randn(2, 3, 8, 8))
     assert not any("identity:" in text for link in describe_chain(propagated) for text in link.approximations)
+    dropout = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.1), nn.BatchNorm2d(4))
+    converted = convert_batchnorm(dropout.eval(), torch.randn(2, 3, 8, 8), transition="identity")
+    assert not any("identity:" in text for link in describe_chain(converted) for text in link.approximations)
 
 
 def test_a_channel_crop_is_described_as_one() -> None:
@@ -338,3 +342,49 @@ def test_concat_parts_that_read_disjoint_channels_of_one_source_are_not_called_c
     assert any("share the source 'b0'" in note for note in overlapping["b1"].notes)
     repeated = record_dataflow(_Halves(slice(0, 8), slice(0, 8), 16).eval(), torch.randn(2, 3, 8, 8))
     assert any("share the source 'b0'" in note for note in repeated["b1"].notes)
+
+
+class _AliasTouched(nn.Module):
+    """b1 → relu → (an op on an alias of y) → conv → b2."""
+
+    def __init__(self, touch: str) -> None:
+        super().__init__()
+        self.touch = touch
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.b1(self.c1(x)))
+        if self.touch == "requires_grad_":
+            y.detach().requires_grad_()
+        elif self.touch == "transpose_":
+            y.view(y.shape[0], 8, -1).transpose_(1, 2)
+        elif self.touch == "unsqueeze_":
+            y[:, :, 0].unsqueeze_(2)
+        elif self.touch == "eval dropout":
+            F.dropout(y.view(y.shape), 0.1, training=False, inplace=True)
+        elif self.touch == "out=":
+            torch.mul(y[:, :4], 10.0, out=y[:, :4])
+        return self.b2(self.c2(y))
+
+
+def test_ops_that_write_no_values_keep_the_chain_and_out_writes_are_seen() -> None:
+    """Metadata-only in-place methods (``requires_grad_``, ``transpose_``, ``unsqueeze_``) and an eval-mode in-place
+    dropout write no values: the first version of the write-through check made ``y`` opaque after them. A write through
+    ``out=`` (``torch.mul(y[:, :4], 10, out=y[:, :4])``) does change ``y`` and went unseen."""
+    for touch in ("requires_grad_", "transpose_", "unsqueeze_", "eval dropout"):
+        chain = record_dataflow(_AliasTouched(touch).eval(), torch.randn(2, 3, 8, 8))
+        (path,) = chain["b2"].sources
+        assert path.normalization == "b1" and chain["b2"].notes == (), touch
+    written = record_dataflow(_AliasTouched("out=").eval(), torch.randn(2, 3, 8, 8))
+    assert written["b2"].sources == () and "changed in place" in written["b2"].notes[0]
+
+
+def test_the_train_mode_probe_does_not_reseed_other_devices_generators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.manual_seed`` in the probe also reseeded every CUDA generator, which ``fork_rng`` (CPU probe) does not
+    restore: after a conversion, CUDA training ran from the probe's seed, not the user's."""
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: calls.append(seed))
+    chain = record_dataflow(_between(_Noise()).eval(), torch.randn(2, 3, 8, 8))
+    assert chain["4"].sources[0].steps[0] == Identity("train-mode", "2")
+    assert calls == []

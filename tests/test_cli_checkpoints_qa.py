@@ -180,6 +180,9 @@ def test_another_networks_checkpoint_names_counts_and_the_factory_hint(
         (["parity", "--val-range", "-1,1", "y:0,2"], ["parity", "--val-range=-1,1", "--val-range=y:0,2"]),
         (["parity", "--val", "-inf,0"], ["parity", "--val=-inf,0"]),  # argparse's abbreviation; -inf
         (["parity", "--input-sh", "-1,3"], ["parity", "--input-sh=-1,3"]),
+        # a positional after the values stays one (argparse's nargs="+" would have read it as a value)
+        (["parity", "m:f", "--val-range", "-1,1", "m.onnx"], ["parity", "m:f", "--val-range=-1,1", "m.onnx"]),
+        (["parity", "--val-range", "x:[0,inf]", "m.py:f"], ["parity", "--val-range=x:[0,inf]", "m.py:f"]),
         (["parity", "--val-range", "--iterations", "2"], ["parity", "--val-range", "--iterations", "2"]),
         (["parity", "--", "--val-range", "-1,1"], ["parity", "--", "--val-range", "-1,1"]),
     ],

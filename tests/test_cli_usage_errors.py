@@ -55,6 +55,12 @@ def test_usage_error_is_one_line_and_exit_2(
     assert "usage:" not in err
 
 
+def test_a_short_option_with_its_value_attached_is_not_called_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(["export", "m:f", "-omodel.onnx"], capsys)
+    assert code == 2
+    assert "unrecognized" not in err and "required: --input-shape" in err
+
+
 def test_help_still_prints_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["export", "--help"], capsys)
     assert code == 0

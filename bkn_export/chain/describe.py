@@ -100,6 +100,16 @@ def _feeding(path: SourcePath) -> tuple[str | None, bool]:
     return path.steps[last].module, relu  # type: ignore[union-attr]
 
 
+def _steps_change_values(path: SourcePath) -> bool:
+    """Whether a path has a recorded step other than an identity (dropout in eval, an identity activation)."""
+    if path.origin is not None:
+        return True
+    return any(
+        not (isinstance(step, Identity) or (isinstance(step, Elementwise) and step.kind == "identity"))
+        for step in path.steps
+    )
+
+
 def link_for(name: str, wiring: Wiring | None) -> ChainLink:
     """The description of one layer's wiring (None: not wired)."""
     if wiring is None:
@@ -110,7 +120,7 @@ def link_for(name: str, wiring: Wiring | None) -> ChainLink:
     approximations = tuple(dict.fromkeys(a for a in map(_approximation, _steps(wiring.sources)) if a))
     if wiring.transition == "sampled":
         approximations += ("sampled: Monte Carlo, one sample per position",)
-    if wiring.transition == "identity" and any(path.steps or path.origin is not None for path in wiring.sources):
+    if wiring.transition == "identity" and any(_steps_change_values(path) for path in wiring.sources):
         # the recorded steps are described but not run: channel c of the layer gets channel c of the sources, whatever
         # a conv, a slice or a reordering concat between them did (channels swapped by a concat: variance 178 % off)
         approximations += (

@@ -567,6 +567,7 @@ class _Recorder(TorchFunctionMode):
         self.nodes: list[_Node] = []  # keeps every node alive (and its id unique) for the walks
         self.kinds: list[str | None] = []  # per running module: its leaf kind (None: not a leaf we know)
         self.probed: dict[int, Elementwise | Identity | None] = {}  # id(module) -> the step its forward computes
+        self.by_memory: dict[int, set[int]] = {}  # storage address -> ids of recorded tensors on it (_written_through)
         self.conv_inputs: dict[str, Shape] = {}  # a conv's name -> its first call's input spatial size (_fan_in)
 
     # ----------------------------------------------------------------- producers
@@ -583,6 +584,9 @@ class _Recorder(TorchFunctionMode):
     def produce(self, tensor: Tensor, node: _Node) -> None:
         self.producers[id(tensor)] = (weakref.ref(tensor), node)
         self.nodes.append(node)
+        memory = _memory(tensor)
+        if memory is not None:
+            self.by_memory.setdefault(memory, set()).add(id(tensor))
 
     def steps_node(
         self, steps: tuple[Step, ...], source: tuple[_Node | None, Shape], out: Tensor | None
@@ -704,9 +708,8 @@ class _Recorder(TorchFunctionMode):
             self.conv_inputs.setdefault(step.module, tuple(inp.shape[2:]))
             source, step = _fold_padding(source, module, step)
         self.step_node(step, source, out)
-        identity = isinstance(step, Identity) or (isinstance(step, Elementwise) and step.kind == "identity")
         wrote = out is inp or getattr(module, "inplace", False) is True
-        if wrote and not identity and _memory(out) is not None and _memory(out) == _memory(inp):
+        if wrote and not _identity_step(step) and _memory(out) is not None and _memory(out) == _memory(inp):
             self._written_through(out, label)  # an in-place module (nn.ReLU(inplace=True)) applied to a view
 
     def _norm(self, name: str, module: nn.Module, source: tuple[_Node | None, Shape], out: Tensor) -> None:
@@ -728,7 +731,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.leaf_depth > 0 or self.busy:
             return func(*args, **kwargs)
-        sources = [self.edge(t) for t in _tensors(args)] + [self.edge(t) for t in _tensors(kwargs)]
+        data_kwargs = {key: value for key, value in kwargs.items() if key != "out"}  # out= is written, not read
+        sources = [self.edge(t) for t in _tensors(args)] + [self.edge(t) for t in _tensors(data_kwargs)]
         out = func(*args, **kwargs)
         self.busy = True
         try:
@@ -747,7 +751,9 @@ class _Recorder(TorchFunctionMode):
             return
         label = _op_label(func) + self.where()
         self._record_function(func, args, kwargs, sources, out, outputs, mutated, label)
-        if mutated is not None:
+        producer = self.producer(mutated) if mutated is not None else None
+        unchanged = producer is not None and producer.kind == "step" and _identity_step(producer.step)
+        if mutated is not None and not unchanged and getattr(func, "__name__", "") not in _METADATA_INPLACE:
             self._written_through(mutated, label)
 
     def _record_function(
@@ -775,7 +781,11 @@ class _Recorder(TorchFunctionMode):
         memory = _memory(written)
         if memory is None:
             return
-        for tensor_id, (ref, node) in list(self.producers.items()):
+        for tensor_id in list(self.by_memory.get(memory, ())):
+            entry = self.producers.get(tensor_id)
+            if entry is None:
+                continue
+            ref, node = entry
             tensor = ref()
             if tensor is None or tensor is written or _memory(tensor) != memory:
                 continue
@@ -1286,6 +1296,15 @@ def _train_mode_probes(probe: Tensor, expected: Tensor) -> Iterator[tuple[int, T
         yield len(_TRAIN_PROBE_SEEDS), probe.repeat(times), expected.repeat(times)
 
 
+def _seed_probe_generators(seed: int, devices: Sequence[torch.device]) -> None:
+    """Seed torch's CPU generator and those of ``devices`` only (the ones :func:`torch.random.fork_rng` restores):
+    ``torch.manual_seed`` would also reseed every other CUDA device's, leaving the user's CUDA seed changed."""
+    torch.default_generator.manual_seed(seed)
+    for device in devices:
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def _same_in_train_mode(module: nn.Module, probe: Tensor, expected: Tensor) -> bool:
     """Whether the leaf ``module`` in train mode also gives ``expected`` on ``probe``, in every run of
     :func:`_train_mode_probes` (seeded: the same answer on every recording), without drawing from a global RNG
@@ -1299,7 +1318,7 @@ def _same_in_train_mode(module: nn.Module, probe: Tensor, expected: Tensor) -> b
         try:
             module.train(True)
             for seed, inputs, wanted in _train_mode_probes(probe, expected):
-                torch.manual_seed(seed)
+                _seed_probe_generators(seed, devices)
                 random.seed(seed)
                 numpy = sys.modules.get("numpy")
                 if numpy is not None:
@@ -1327,7 +1346,8 @@ def _same_in_train_mode(module: nn.Module, probe: Tensor, expected: Tensor) -> b
 
 def _mutated(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | None:
     """The tensor an in-place op writes to (its first argument), if ``func`` is one: a ``name_`` method or
-    function, an in-place dunder, or a function called with ``inplace=True`` (``F.relu(x, inplace=True)``)."""
+    function, an in-place dunder, or a function called with ``inplace=True`` (``F.relu(x, inplace=True)``); or
+    the tensor given as ``out=``."""
     name = getattr(func, "__name__", "")
     inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
     if not inplace:
@@ -1335,7 +1355,23 @@ def _mutated(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tenso
         inplace = position is not None and _arg(args, kwargs, position, "inplace", False) is True
     if inplace and args and isinstance(args[0], Tensor):
         return args[0]
-    return None
+    written = kwargs.get("out")
+    return written if isinstance(written, Tensor) else None  # torch.mul(a, b, out=y[:, :4])
+
+
+#: In-place methods that change a tensor's metadata, flags or storage binding, never the values in its memory: the
+#: other views of that memory keep their producers (``y.view(...).transpose_(1, 2)`` leaves ``y`` as it was).
+_METADATA_INPLACE = frozenset(
+    {
+        "requires_grad_", "detach_", "share_memory_", "squeeze_", "unsqueeze_", "transpose_", "t_", "swapdims_",
+        "swapaxes_", "as_strided_", "set_", "resize_", "resize_as_", "rename_", "refine_names", "align_to",
+    }
+)  # fmt: skip
+
+
+def _identity_step(step: Any) -> bool:
+    """Whether a recorded step leaves values as they are (dropout in eval, an identity activation)."""
+    return isinstance(step, Identity) or (isinstance(step, Elementwise) and step.kind == "identity")
 
 
 @functools.cache
@@ -1619,7 +1655,11 @@ def _fan_in(step: Step, modules: Mapping[str, nn.Module], sizes: _Sizes = _NO_SI
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):
         # per dim, the taps that meet one output position: those j < k with j·d ≡ r (mod s), at least
         # k // (s / gcd(s, d)) where any does (ConvTranspose2d(8, 8, 2, stride=2): each output sums 8 inputs, not 32)
-        taps = (max(1, k // (s // math.gcd(s, d))) for k, s, d in zip(layer.kernel_size, layer.stride, layer.dilation))
+        size = sizes.get(step.module, ())
+        taps = (
+            min(max(1, k // (s // math.gcd(s, d))), size[i] if i < len(size) and size[i] > 0 else k)
+            for i, (k, s, d) in enumerate(zip(layer.kernel_size, layer.stride, layer.dilation))
+        )
         return layer.in_channels // layer.groups * math.prod(taps)
     if isinstance(layer, nn.modules.conv._ConvNd):
         # taps that can meet the input: at most (n - 1) // d + 1 per axis of an input of n positions (a 3×3 conv,
