@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--external-data-threshold",
         type=nonnegative_int,
         default=None,
-        help="bytes of weights above which they go to <output>.<id>.data (default 2 GiB)",
+        help="bytes of weights above which they go to <output>.<pid>-<id>.data (default 2 GiB)",
     )
     parser.add_argument(
         "--graph-optimizer",
