@@ -388,3 +388,16 @@ def test_the_train_mode_probe_does_not_reseed_other_devices_generators(monkeypat
     chain = record_dataflow(_between(_Noise()).eval(), torch.randn(2, 3, 8, 8))
     assert chain["4"].sources[0].steps[0] == Identity("train-mode", "2")
     assert calls == []
+
+
+def test_a_forward_hook_that_changes_a_modules_output_is_followed() -> None:
+    """A user's forward hook on the conv (``out * 3 + 1``, returned or in place) ran before the recorder's, which
+    took the changed output for the conv's own: the prior was ``conv(y)``'s, 10× low in variance, no note."""
+    for in_place in (False, True):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        if in_place:
+            model[2].register_forward_hook(lambda module, args, out: out.mul_(3).add_(1))
+        else:
+            model[2].register_forward_hook(lambda module, args, out: out * 3 + 1)
+        (path,) = record_dataflow(model.eval(), torch.randn(2, 3, 8, 8))["3"].sources
+        assert [step.describe() for step in path.steps][1:] == ["×3 + 0", "×1 + 1"], (in_place, path.steps)

@@ -1806,7 +1806,11 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
     for name, module in model.named_modules():
         kind = _leaf_kind(module)
         handles.append(module.register_forward_pre_hook(recorder.pre_hook(name, kind), with_kwargs=True))
-        handles.append(module.register_forward_hook(recorder.post_hook(name), with_kwargs=True, always_call=True))
+        # prepend: the recorder sees the module's own output, before a user's forward hook changes it (whose operators
+        # it then records as it records any function: `out * 3 + 1` in a hook is two steps after the module)
+        handles.append(
+            module.register_forward_hook(recorder.post_hook(name), with_kwargs=True, always_call=True, prepend=True)
+        )
     label = "'input'" if isinstance(example_inputs, Tensor) else "input"
     for tensor, node in _input_nodes(example_inputs, label):
         recorder.produce(tensor, node)
