@@ -401,3 +401,25 @@ def test_a_forward_hook_that_changes_a_modules_output_is_followed() -> None:
             model[2].register_forward_hook(lambda module, args, out: out * 3 + 1)
         (path,) = record_dataflow(model.eval(), torch.randn(2, 3, 8, 8))["3"].sources
         assert [step.describe() for step in path.steps][1:] == ["×3 + 0", "×1 + 1"], (in_place, path.steps)
+
+
+class _ClampedByATensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.b0, self.c1, self.b1 = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.Conv2d(8, 8, 1),
+            nn.BatchNorm2d(8),
+        )
+        self.register_buffer("low", torch.linspace(-1, 1, 8).view(1, 8, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b1(self.c1(torch.clamp(self.b0(self.c0(x)), min=self.low)))
+
+
+def test_a_clamp_with_a_tensor_bound_is_refused_by_name_not_a_crash() -> None:
+    """``torch.clamp(y, min=tensor)`` made the recorder ask a tensor for a truth value: the conversion failed with
+    "the example forward ... failed"."""
+    chain = record_dataflow(_ClampedByATensor().eval(), torch.randn(2, 3, 8, 8))
+    assert chain["b1"].sources == () and "with a tensor bound" in chain["b1"].notes[0]

@@ -877,6 +877,8 @@ class _Recorder(TorchFunctionMode):
             return self._mul(args, kwargs, sources, out, label)
         if func in _CLAMP_FUNCTIONS:
             low, high = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+            if isinstance(low, Tensor) or isinstance(high, Tensor):  # `low == 0` of a tensor bound has no truth value
+                raise _Unsupported(label, "with a tensor bound: only clamp(min=0) or clamp(lo, hi) with numbers")
             if low == 0 and high is None:
                 self.step_node(Elementwise("relu"), source, out)
             elif isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= high:
