@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import struct
 import sys
 import warnings
 import zipfile
@@ -114,8 +115,12 @@ def load_checkpoint(checkpoint: str | os.PathLike[str]) -> Mapping[str, Any]:
                 f"the safe (weights-only) load refused it ({cause or 'unreadable content'}): it is corrupt, "
                 "or holds objects other than tensors and plain containers"
             )
+        elif isinstance(error, (EOFError, struct.error)) or "unexpected eof" in text.lower():
+            raise CheckpointError(
+                f"checkpoint {path} is truncated: its content ends early, at {path.stat().st_size} bytes: {_TRUNCATED}"
+            ) from error
         else:
-            text = (text.splitlines() or [""])[0]
+            text = (text.splitlines() or [""])[0].rstrip(". ")
         raise CheckpointError(
             f"cannot read checkpoint {path}: {type(error).__name__}: {text}. Save it with "
             "torch.save(model.state_dict(), path)."
@@ -127,6 +132,9 @@ def load_checkpoint(checkpoint: str | os.PathLike[str]) -> Mapping[str, Any]:
         return content
     raise CheckpointError(f"checkpoint {path} holds a {type(content).__name__}, not a state dict")
 
+
+#: What a checkpoint that ends early is, and what to do.
+_TRUNCATED = "it was partly written or cut off in transfer. Nothing was loaded: save it again, or copy the whole file"
 
 #: The first bytes of a zip file's first local header: how ``torch.load`` tells its zip format from the legacy one
 #: (``zipfile.is_zipfile`` looks for an end record anywhere near the end, which a legacy file's raw tensor bytes can
@@ -141,14 +149,19 @@ def _check_zip_checksums(path: Path) -> None:
     changed (a 64-byte corruption changed 17 conv weights by up to 3.5e3). One more read of the file. Not checked:
     the legacy (non-zip) format, which has no checksums, and a record whose stored CRC is 0, which is what
     ``torch.save`` writes for every record under ``torch.utils.serialization.config.save.compute_crc32 = False``
-    (an empty record's CRC is 0 too; any other content has that CRC with probability 2⁻³²)."""
+    (an empty record's CRC is 0 too; any other content has that CRC with probability 2⁻³²). A zip file whose
+    end-of-archive record does not read (cut off) is refused as truncated."""
     with path.open("rb") as handle:
         if handle.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
             return
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError):  # no central directory (truncated): torch.load says so itself
-        return
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        # torch.load would say "failed finding central directory ... an internal miniz error".
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or damaged: it begins as a torch.save (zip) file of "
+            f"{path.stat().st_size} bytes, but its end-of-archive record does not read: {_TRUNCATED}"
+        ) from error
     damaged: str | None = None
     try:
         with archive:

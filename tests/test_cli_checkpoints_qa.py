@@ -2,6 +2,8 @@
 
 * A ``torch.save`` file damaged on disk loads in ``torch.load`` without a word (it does not verify the zip's CRC-32
   records): the CLI compares them first and refuses the file (exit 2), instead of exporting changed weights.
+* A checkpoint cut off on disk or in transfer (either format) is refused as truncated, with its size, instead of
+  torch's "internal miniz error" or a bare ``EOFError``.
 * A BKN layer's ``_extra_state`` (its wiring record, JSON text as a uint8 tensor) has a length, not a shape: a
   checkpoint saved from the same model converted at another example size loads, as ``load_state_dict`` loads it.
 * A checkpoint of another layout (``module.`` keys of a DDP wrapper, another network) is refused in one readable
@@ -60,6 +62,30 @@ def test_a_damaged_checkpoint_is_refused_not_loaded(
     code, err = run_cli(export_argv(f"{models}:converted_chain", out, "--checkpoint", str(path)), capsys)
     assert code == 2
     assert_one_line(err, "CheckpointError", "is corrupt")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.99])
+def test_a_truncated_checkpoint_is_refused_as_truncated(
+    tmp_path: Path,
+    models: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    legacy: bool,
+    fraction: float,
+) -> None:
+    model = load_model(f"{models}:converted_chain")
+    whole = tmp_path / "whole.pt"
+    torch.save(model.state_dict(), whole, _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(CheckpointError, match=rf"is truncated.*{path.stat().st_size} bytes.*Nothing was loaded"):
+        load_checkpoint(path)
+    out = tmp_path / "m.onnx"
+    code, err = run_cli(export_argv(f"{models}:converted_chain", out, "--checkpoint", str(path)), capsys)
+    assert code == 2
+    assert_one_line(err, "CheckpointError", "is truncated", "cut off in transfer")
     assert not out.exists()
 
 
