@@ -952,3 +952,32 @@ def test_zoo_paths_predict_a_monte_carlo_of_the_real_modules(network: str) -> No
         assert ((variance - mc_variance).abs() <= 0.1 * mc_variance).all(), layer.name
         checked += 1
     assert checked >= 8
+
+
+class _IdentitySkipBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+def test_a_residual_stack_deeper_than_the_recursion_limit_records_every_addend_in_order() -> None:
+    """n identity-skip blocks nest n sums; flattening them recursed once per block (RecursionError past ~1000)."""
+    import sys
+
+    blocks = sys.getrecursionlimit() + 100
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), *[_IdentitySkipBlock() for _ in range(blocks)])
+    records = record_dataflow(model, torch.randn(2, 1, 2, 2)).layers
+    assert len(records) == blocks
+    last = records[-1]
+    assert last.combine == "single"
+    (path,) = last.sources
+    assert path.origin is not None and path.origin.combine == "sum"
+    addends = path.origin.sources
+    # the stem conv's output (no normalization upstream), then every earlier block's relu(bn(...)) in order
+    assert len(addends) == blocks
+    assert addends[0].falls_back and "model input" in addends[0].fallback
+    assert [addend.normalization for addend in addends[1:]] == [f"{index}.bn" for index in range(1, blocks)]

@@ -1482,13 +1482,20 @@ class _Walker:
         return path
 
     def parts(self, node: _Node) -> list[SourcePath]:
-        """The parts of a concat / addends of a sum; directly nested ones of the same kind flattened."""
+        """The parts of a concat / addends of a sum; directly nested ones of the same kind flattened, in order.
+
+        Iterative (a stack of input iterators): a residual stack of n identity-skip blocks nests n sums, more than
+        Python's recursion limit for deep networks."""
         parts: list[SourcePath] = []
-        for source, shape in node.inputs:
-            if source is not None and source.kind == node.kind:
-                parts.extend(self.parts(source))
-            else:
+        pending = [iter(node.inputs)]
+        while pending:
+            for source, shape in pending[-1]:
+                if source is not None and source.kind == node.kind:
+                    pending.append(iter(source.inputs))
+                    break
                 parts.append(self.path(source, shape))
+            else:
+                pending.pop()
         return parts
 
     def combination(self, node: _Node) -> Combination:
