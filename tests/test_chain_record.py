@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import bkn_export
 from bkn_export import BatchKalmanNorm2d
 from bkn_export.chain.record import Combination, LayerRecord, SourcePath, record_dataflow
 from bkn_export.chain.steps import (
@@ -981,3 +983,54 @@ def test_a_residual_stack_deeper_than_the_recursion_limit_records_every_addend_i
     assert len(addends) == blocks
     assert addends[0].falls_back and "model input" in addends[0].fallback
     assert [addend.normalization for addend in addends[1:]] == [f"{index}.bn" for index in range(1, blocks)]
+
+
+class _SlicedConcat(nn.Module):
+    """``cat([relu(bn(conv x)), x, relu(bn(conv x))])[:, lo:hi]`` then a conv and a normalization (GhostNet's
+    ``cat([x1, x2])[:, :oup]``, with the model input as a middle part)."""
+
+    def __init__(self, lo: int, hi: int, through_concat: bool = True) -> None:
+        super().__init__()
+        self.lo, self.hi, self.through_concat = lo, hi, through_concat
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(hi - lo, 5, 3, padding=1), nn.BatchNorm2d(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.through_concat:
+            y = torch.cat([self.a(x), x, self.b(x)], dim=1)[:, self.lo : self.hi]
+        else:  # the same channels taken from the one branch they come from
+            y = self.a(x)[:, self.lo : self.hi] if self.hi <= 4 else self.b(x)[:, self.lo - 7 : self.hi - 7]
+        return self.head(y)
+
+
+@pytest.mark.parametrize(("lo", "hi", "source"), [(0, 4, "a.1"), (1, 3, "a.1"), (7, 9, "b.1")])
+def test_a_channel_slice_of_a_concat_reads_only_the_parts_it_reaches(lo: int, hi: int, source: str) -> None:
+    """The part that reaches the model input is outside the slice: it no longer makes the sliced channels fall back,
+    and the prior is the one of the same channels taken from their branch directly."""
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    (record,) = [layer for layer in record_dataflow(_SlicedConcat(lo, hi), x).layers if layer.name == "head.1"]
+    (path,) = record.sources
+    assert path.normalization == source and not path.falls_back and path.origin is None
+    assert not any("model input" in note for note in record.notes)
+    torch.manual_seed(0)
+    through = _SlicedConcat(lo, hi)
+    direct = _SlicedConcat(lo, hi, through_concat=False)
+    direct.load_state_dict(through.state_dict())
+    priors = []
+    for model in (through, direct):
+        with warnings.catch_warnings():  # the direct model does not run the other branch
+            warnings.filterwarnings("ignore", "'[ab].1' did not run on the example inputs", UserWarning)
+            converted = bkn_export.convert_batchnorm(model, x)
+        (head,) = [s for s in bkn_export.chain_statistics(converted, x) if s.name == "head.1"]
+        assert head.prior_mean is not None and head.prior_variance is not None
+        priors.append((head.prior_mean, head.prior_variance))
+    torch.testing.assert_close(priors[0], priors[1], rtol=0, atol=0)
+
+
+def test_a_channel_slice_that_reaches_a_falling_back_part_still_falls_back_by_name() -> None:
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    (record,) = [layer for layer in record_dataflow(_SlicedConcat(3, 5), x).layers if layer.name == "head.1"]
+    (path,) = record.sources
+    assert path.origin is not None and [part.normalization for part in path.origin.sources] == ["a.1", None]
+    assert any("reaches the model input" in note for note in record.notes)

@@ -1465,6 +1465,8 @@ class _Walker:
             path = SourcePath(
                 current.label, commute_max_pools(current.post_steps + tuple(steps)), channels, current.shape
             )
+        elif current.kind == "concat" and steps and isinstance(steps[0], Channels):
+            path = self._sliced_concat(current, steps[0], steps[1:], channels)
         elif current.kind in ("concat", "sum"):
             origin = self.combination(current)
             path = SourcePath(None, commute_max_pools(tuple(steps)), channels, current.shape, origin=origin)
@@ -1480,6 +1482,46 @@ class _Walker:
         if node is not None:
             self._paths[key] = path
         return path
+
+    def _sliced_concat(self, node: _Node, first: Channels, rest: Sequence[Step], channels: int) -> SourcePath:
+        """The path of ``cat(parts)[:, start:stop]`` then ``rest``: the parts the channel range does not reach are
+        left out (exact: a part's moments never reach channels outside its own), so a part that falls back
+        (the model input, a constant) no longer makes the sliced channels fall back when it is not among them.
+        The range is shifted to the parts kept, and dropped where it keeps all their channels."""
+        parts = self.parts(node)
+        kept: list[SourcePath] = []
+        offset = start = 0
+        for part in parts:
+            if offset < first.stop and offset + part.channels > first.start:
+                if not kept:
+                    start = offset
+                kept.append(part)
+            offset += part.channels
+        if len(kept) == len(parts) or not kept:
+            return SourcePath(
+                None,
+                commute_max_pools((first, *rest)),
+                channels,
+                node.shape,
+                origin=Combination("concat", tuple(parts)),
+            )
+        width = sum(part.channels for part in kept)
+        shifted = Channels(first.start - start, first.stop - start)
+        slicing: tuple[Step, ...] = () if (shifted.start, shifted.stop) == (0, width) else (shifted,)
+        if len(kept) > 1:
+            entry = (node.shape[0], width, *node.shape[2:])
+            return SourcePath(
+                None, commute_max_pools((*slicing, *rest)), channels, entry, origin=Combination("concat", tuple(kept))
+            )
+        (part,) = kept
+        return SourcePath(
+            part.normalization,
+            commute_max_pools((*part.steps, *slicing, *rest)),
+            channels,
+            part.entry_shape,
+            origin=part.origin,
+            fallback=part.fallback,
+        )
 
     def parts(self, node: _Node) -> list[SourcePath]:
         """The parts of a concat / addends of a sum; directly nested ones of the same kind flattened, in order.
