@@ -196,6 +196,17 @@ def _hint(original: nn.Module) -> str:
             "track_running_stats=True, or set running_mean, running_var and num_batches_tracked to None, "
             "before converting."
         )
+    if (
+        tracking
+        and getattr(original, "momentum", 0.1) is None
+        and getattr(original, "running_mean", None) is not None
+        and getattr(original, "num_batches_tracked", None) is None
+    ):
+        return (
+            "It has momentum=None (a cumulative average of the batch statistics) but num_batches_tracked is None, so "
+            "BatchNorm never updates its running statistics in training (the average has no count); a BKN layer "
+            "keeps one. Before converting, give it num_batches_tracked again (torch.tensor(0)), or set a momentum."
+        )
     missing = [name for name in ("running_mean", "running_var") if getattr(original, name, None) is None]
     counted = getattr(original, "num_batches_tracked", None) is not None
     if missing and (tracking or counted):
@@ -223,6 +234,14 @@ def check_layer(name: str, original: nn.Module, converted: nn.Module, x: Tensor)
     in eval mode (output) and train mode (output and running statistics), on deep copies.
     """
     hint = _hint(original)
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ConversionError(
+            f"cannot check the conversion of '{name}' ({type(original).__name__}): its input in the example forward "
+            f"holds {bad} non-finite value(s) (NaN / inf) of {x.numel()}. Pass a finite example; if it is finite, a "
+            "module before this layer produced them (a diverged or damaged checkpoint: look at the running "
+            "statistics and weights upstream)"
+        )
     _, expected = _run(original, x, training=False)
     _, actual = _run(converted, x, training=False)
     largest, ok = _excess(actual, expected)

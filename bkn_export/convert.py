@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -134,9 +135,27 @@ def _bkn_from_batchnorm(
             f"'{name}' ({type(bn).__name__}) has submodules {left} that {why}; the BKN layer does not keep them",
             stacklevel=4,
         )
+    extra = _extra_state_names(bn)
+    if extra:
+        warnings.warn(
+            f"'{name}' ({type(bn).__name__}) has parameters / buffers {extra} beyond BatchNorm's; the BKN layer "
+            "does not keep them (a checkpoint saved before converting holds them as unexpected keys: drop those "
+            "keys, or replace the module before converting)",
+            stacklevel=4,
+        )
     _take_over_hooks(bn, new, name)
     new.train(bn.training)
     return new
+
+
+def _extra_state_names(bn: nn.Module) -> list[str]:
+    """The module's own parameters and buffers besides BatchNorm's (a subclass's additions), by name."""
+    own = [*bn._parameters, *bn._buffers]
+    return [
+        key
+        for key in own
+        if key not in _STATE and (bn._parameters.get(key) is not None or bn._buffers.get(key) is not None)
+    ]
 
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -284,13 +303,50 @@ def convert_batchnorm(
     against its original on the input it saw in the example forward, in eval and train
     mode, and the whole model's eval-mode outputs; on a difference it raises
     :class:`~bkn_export.errors.ConversionError` and ``model`` is left exactly as it was.
+
+    The example forward runs three times (the guard's reference, the chain's recording, the guard's final check).
+    Every buffer of the model outside its normalization layers (a quantization observer's range, a counter) is put
+    back to its value from before the conversion, before the final check and after it (whether the conversion
+    succeeds or raises); state a module keeps in plain Python attributes (a list of features it taps) is not.
     """
     options = _merge_options(options, option_overrides)
     # Called under torch.inference_mode(), the new BKN parameters would be inference tensors, which no training
     # step can save for backward: they are made, and the chain wired, outside it.
-    with torch.inference_mode(False):
-        return _convert(model, example_inputs, options)
+    with torch.inference_mode(False), _buffers_kept(model) as restore:
+        return _convert(model, example_inputs, options, restore)
 
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Yield a function that puts every buffer of ``model`` back to its value on entry; it is called on exit too.
+
+    The example forwards run the model's own modules (the working copy shares every module without a
+    normalization): one that updates a buffer in eval mode (``torch.ao`` observers, fake-quantize ranges) would
+    otherwise come out of the conversion changed, and answer the guard's final check differently from its first
+    forward."""
+    with torch.no_grad():
+        saved = [
+            (buffer, buffer.detach().clone())
+            for module in model.modules()
+            if not isinstance(module, (*_BN_TYPES, _BatchKalmanNorm))  # their statistics are the conversion's to carry
+            for buffer in module.buffers(recurse=False)
+            if buffer is not None and not nn.parameter.is_lazy(buffer)
+        ]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for buffer, value in saved:
+                if buffer.shape == value.shape and buffer.dtype == value.dtype:
+                    buffer.copy_(value)
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+#: A scripted submodule's ``original_name`` where it was one of the BatchNorms the conversion replaces.
+_SCRIPTED_BATCHNORM_NAMES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
 
 #: Where torch's quantized modules live (their BatchNorms subclass _BatchNorm directly).
 _QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
@@ -298,7 +354,8 @@ _QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.n
 
 def _refuse_unconvertible(model: nn.Module) -> None:
     """Models whose BatchNorms the conversion cannot see as such: a TorchScript module (its submodules are
-    RecursiveScriptModules, so it would be "without BatchNorm" and returned unchanged), an uninitialised
+    RecursiveScriptModules, so it would be "without BatchNorm" and returned unchanged) or one inside the model, an
+    uninitialised
     ``nn.LazyBatchNorm*d`` (materialised into a BatchNorm only by the first forward) and a direct subclass of
     ``_BatchNorm`` (no dimensionality: it was "without BatchNorm" alone, and beside BatchNorm2d layers the chain's
     wiring then told the user to convert it with convert_batchnorm first)."""
@@ -306,6 +363,16 @@ def _refuse_unconvertible(model: nn.Module) -> None:
         raise BKNInputError(
             f"{type(model).__name__}: convert_batchnorm takes the nn.Module, not a TorchScript module "
             "(torch.jit.script / torch.jit.load): convert the eager model, then script or export it"
+        )
+    scripted = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.jit.ScriptModule) and getattr(m, "original_name", "") in _SCRIPTED_BATCHNORM_NAMES
+    ]
+    if scripted:
+        raise BKNInputError(
+            f"{', '.join(repr(n) for n in scripted)}: a BatchNorm inside a TorchScript submodule (torch.jit.script "
+            "/ torch.jit.load), which convert_batchnorm cannot replace: convert the eager submodule, then script it"
         )
     lazy = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._LazyNormBase)]
     if lazy:
@@ -336,8 +403,11 @@ def _refuse_unconvertible(model: nn.Module) -> None:
         )
 
 
-def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> nn.Module:
-    """:func:`convert_batchnorm` with its options merged."""
+def _convert(
+    model: nn.Module, example_inputs: Any, options: KalmanOptions, restore_buffers: Callable[[], None]
+) -> nn.Module:
+    """:func:`convert_batchnorm` with its options merged; ``restore_buffers`` puts the model's buffers back to their
+    values before the conversion (called before the guard's final forward)."""
     _refuse_unconvertible(model)
     originals = {n: m for n, m in model.named_modules() if isinstance(m, (*_BN_TYPES, _BatchKalmanNorm))}
     if not originals:
@@ -386,7 +456,9 @@ def _convert(model: nn.Module, example_inputs: Any, options: KalmanOptions) -> n
             converted.append(name)
     candidate = wire_chain(candidate, example_inputs, options)
     try:
-        candidate = _check_and_synchronise(candidate, originals, converted, synchronised, guard, example_inputs)
+        candidate = _check_and_synchronise(
+            candidate, originals, converted, synchronised, guard, example_inputs, restore_buffers
+        )
     except BaseException:
         # The copy shares every module without a normalization with `model`: the path hooks the
         # wiring put there must not outlive a refused conversion.
@@ -432,8 +504,10 @@ def _check_and_synchronise(
     synchronised: Mapping[str, Any],
     guard: ConversionGuard,
     example_inputs: Any,
+    restore_buffers: Callable[[], None],
 ) -> nn.Module:
-    """The guard's per-layer checks, SyncBatchNorm → SyncBatchKalmanNorm, then the whole-model check."""
+    """The guard's per-layer checks, SyncBatchNorm → SyncBatchKalmanNorm, then the whole-model check (from the
+    buffers the guard's first forward started from)."""
     guard.check_layers(originals, {name: candidate.get_submodule(name) for name in converted})
     if synchronised:
         # SyncBatchNorm keeps synchronised statistics: it becomes SyncBatchKalmanNorm (same group).
@@ -450,6 +524,7 @@ def _check_and_synchronise(
             sync = synchronise_submodules(synchronised_layer(layer, group), layer)
             _take_over_hooks(layer, sync, name)
             candidate = _replace_module(candidate, name, sync)
+    restore_buffers()
     guard.check_model(candidate, example_inputs)
     return candidate
 

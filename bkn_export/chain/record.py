@@ -56,6 +56,7 @@ Choices and limits, each named in the notes where it applies:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import math
@@ -567,6 +568,7 @@ class _Recorder(TorchFunctionMode):
         self.nodes: list[_Node] = []  # keeps every node alive (and its id unique) for the walks
         self.kinds: list[str | None] = []  # per running module: its leaf kind (None: not a leaf we know)
         self.probed: dict[int, Elementwise | Identity | None] = {}  # id(module) -> the step its forward computes
+        self.probe_failed: dict[int, Elementwise | Identity] = {}  # id(module) -> its probe's step, not the example's
         self.by_memory: dict[int, set[int]] = {}  # storage address -> ids of recorded tensors on it (_written_through)
         self.conv_inputs: dict[str, Shape] = {}  # a conv's name -> its first call's input spatial size (_fan_in)
 
@@ -642,13 +644,19 @@ class _Recorder(TorchFunctionMode):
     def _probe(self, name: str, module: nn.Module, example: Tensor) -> str | None:
         """'probed' if the parameter-free module ``name`` computes a known activation
         (:func:`_identify_activation`); cached per module."""
-        if id(module) not in self.probed:
-            self.busy = True
-            try:
+        self.busy = True
+        try:
+            if id(module) not in self.probed:
                 self.probed[id(module)] = _identify_activation(module, example, name)
-            finally:
-                self.busy = False
-        return "probed" if self.probed[id(module)] is not None else None
+            step = self.probed[id(module)]
+            if step is None:
+                return None
+            if not _computes_on(module, step, example):  # this call's values reach what the probe did not cover
+                self.probe_failed[id(module)] = step
+                return None  # not a leaf on this call: the operators its forward runs are recorded as any others
+        finally:
+            self.busy = False
+        return "probed"
 
     def post_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -676,7 +684,10 @@ class _Recorder(TorchFunctionMode):
         unseen = [t for t in _tensors(output) if self.producer(t) is None]
         if unseen and name:
             sources = [self.edge(t) for t in _tensors(args)]
-            self.opaque(f"'{name}' ({type(module).__name__})", sources, unseen)
+            kind = type(module).__name__
+            if isinstance(module, ScriptedSubmodule):
+                kind = f"TorchScript {getattr(module.scripted, 'original_name', type(module.scripted).__name__)}"
+            self.opaque(f"'{name}' ({kind})", sources, unseen)
 
     def _leaf(self, name: str, module: nn.Module, kind: str, args: Any, output: Any) -> None:
         inputs = list(_tensors(args))
@@ -1222,12 +1233,19 @@ def _identify_activation(module: nn.Module, example: Tensor, name: str) -> Eleme
     module must match a candidate there to 1e-4 relative / 1e-5 absolute (e.g. geffnet's
     ``HardSwishMe``, efficientnet-pytorch's ``MemoryEfficientSwish``, custom ``Swish`` modules).
 
-    The module runs in its current mode (the recording's: eval) and once more in train mode (the
-    caller's RNG state kept): a module that is the identity only in eval mode (Gaussian noise,
-    DropPath / stochastic depth) comes back as ``Identity("train-mode", name)``, which
-    :mod:`bkn_export.chain.describe` notes as an effect the prior does not model, as it notes dropout;
-    any other activation whose train-mode output differs is not taken (None).
+    The probe runs on a deep copy of the module (the model's own keeps no state from it; a module that cannot be
+    copied is not probed), and the step found is checked again on every call of the example forward
+    (:func:`_computes_on`, on another copy): on a call whose values it does not match (a branch on their range),
+    the module is not a leaf and the operators it runs are recorded. The copy runs in its current mode (the
+    recording's: eval) and once more in train mode (the caller's RNG state kept): a module that is the identity
+    only in eval mode (Gaussian noise, DropPath / stochastic depth) comes back as ``Identity("train-mode",
+    name)``, which :mod:`bkn_export.chain.describe` notes as an effect the prior does not model, as it notes
+    dropout; any other activation whose train-mode output differs is not taken (None).
     """
+    try:  # probed on a copy: a module that keeps state (a feature tap, an observer) keeps none of the probe's values
+        module = copy.deepcopy(module)
+    except Exception:  # a module that cannot be copied is not probed
+        return None
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(example.numel(), generator=generator).to(example.device)
     probe = torch.linspace(-_PROBE_RANGE, _PROBE_RANGE, example.numel(), dtype=example.dtype, device=example.device)
@@ -1305,6 +1323,22 @@ def _seed_probe_generators(seed: int, devices: Sequence[torch.device]) -> None:
     for device in devices:
         with torch.cuda.device(device):
             torch.cuda.manual_seed(seed)
+
+
+def _computes_on(module: nn.Module, step: Elementwise | Identity, example: Tensor) -> bool:
+    """Whether a copy of the probed ``module`` computes ``step`` on ``example`` (a call's own input) as well, to the
+    probe's tolerance: the probe covers [-8, 8], an example may reach values where the module differs (a branch on
+    the input's range). The copy keeps the model's module free of this run's state."""
+    try:
+        actual = copy.deepcopy(module).forward(example.clone())
+    except Exception:
+        return False
+    expected = example if isinstance(step, Identity) else step.apply(example.clone(), {})
+    return (
+        isinstance(actual, Tensor)
+        and actual.shape == expected.shape
+        and bool(torch.allclose(actual, expected, rtol=1e-4, atol=1e-5, equal_nan=True))
+    )
 
 
 def _same_in_train_mode(module: nn.Module, probe: Tensor, expected: Tensor) -> bool:
@@ -1854,14 +1888,62 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
     example_inputs = copied(example_inputs)  # the recorder knows the inputs by identity: copy before registering
     recorder = _Recorder()
     handles = []
-    for name, module in model.named_modules():
-        kind = _leaf_kind(module)
-        handles.append(module.register_forward_pre_hook(recorder.pre_hook(name, kind), with_kwargs=True))
+    with _scripted_submodules_wrapped(model):
+        for name, module in model.named_modules():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # it takes no hooks; the ScriptedSubmodule around it does, its children run inside TorchScript
+            handles.extend(_register(recorder, name, module))
+        return _recorded(model, example_inputs, recorder, handles)
+
+
+def _register(recorder: _Recorder, name: str, module: nn.Module) -> list[Any]:
+    kind = _leaf_kind(module)
+    return [
+        module.register_forward_pre_hook(recorder.pre_hook(name, kind), with_kwargs=True),
         # prepend: the recorder sees the module's own output, before a user's forward hook changes it (whose operators
         # it then records as it records any function: `out * 3 + 1` in a hook is two steps after the module)
-        handles.append(
-            module.register_forward_hook(recorder.post_hook(name), with_kwargs=True, always_call=True, prepend=True)
-        )
+        module.register_forward_hook(recorder.post_hook(name), with_kwargs=True, always_call=True, prepend=True),
+    ]
+
+
+class ScriptedSubmodule(nn.Module):
+    """A TorchScript submodule, wrapped for one recording: ``register_forward_*hook`` raises on a ScriptModule and
+    the recorder cannot see the ops it runs, so the wrapper takes the hooks and its outputs are opaque (named)."""
+
+    def __init__(self, scripted: nn.Module) -> None:
+        super().__init__()
+        self.scripted = scripted
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.scripted(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _scripted_submodules_wrapped(model: nn.Module) -> Iterator[None]:
+    """Each outermost TorchScript submodule of ``model`` replaced by a :class:`ScriptedSubmodule` (same name) for the
+    block, and put back after it."""
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    scripted_prefixes: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or not isinstance(module, torch.jit.ScriptModule):
+            continue
+        if any(name.startswith(prefix) for prefix in scripted_prefixes):
+            continue
+        scripted_prefixes.append(f"{name}.")
+        parent_name, _, key = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        replaced.append((parent, key, module))
+    try:
+        for parent, key, module in replaced:
+            parent._modules[key] = ScriptedSubmodule(module)
+        yield
+    finally:
+        for parent, key, module in replaced:
+            parent._modules[key] = module
+
+
+def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handles: list[Any]) -> RecordedChain:
+    """Run the example forward under ``recorder`` (its hooks in ``handles``, removed after), then walk back."""
     label = "'input'" if isinstance(example_inputs, Tensor) else "input"
     for tensor, node in _input_nodes(example_inputs, label):
         recorder.produce(tensor, node)
@@ -1891,7 +1973,14 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> RecordedChain:
                 "normalization's (if it also applies an activation, give the module `drop`/`act` children)"
             )
         probed = recorder.probed.get(id(module))
-        if isinstance(probed, Identity):
+        failed = recorder.probe_failed.get(id(module))
+        if failed is not None:
+            notes.append(
+                f"{label} matched {failed.describe().split(' ')[0]} on a probe over [-{_PROBE_RANGE:g}, "
+                f"{_PROBE_RANGE:g}] but computes something else on the example's values: the operators its forward "
+                "ran are recorded instead"
+            )
+        elif isinstance(probed, Identity):
             notes.append(
                 f"{label} is taken as the identity, which its forward is in eval mode on a probe over "
                 f"[-{_PROBE_RANGE:g}, {_PROBE_RANGE:g}]; in train mode it computes something else (noise, DropPath / "
