@@ -156,5 +156,8 @@ def _reproduces(
         outputs = backend.run(dict(feed))
     except Exception as error:
         return f"yes ({type(error).__name__} on load/run)"
+    missing = [name for name in expected if name not in outputs]
+    if missing:
+        return f"yes (the runtime returned no output {', '.join(repr(name) for name in missing)})"
     failing = [name for name, value in expected.items() if not policy.judge(name, value, outputs[name]).passed]
     return f"yes ({', '.join(failing)} differ)" if failing else "no (the failure needs the surrounding graph)"

@@ -38,9 +38,12 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
         (["export", "--no-such-option", "-1"], "bkn export:",
          "unrecognized arguments: --no-such-option; the following arguments are required: --input-shape"),
         (["train-demo", "--epochs", "-1"], "bkn train-demo:", "argument --epochs"),
+        (["parity", "m.onnx", "--seed", "-3"], "bkn parity:", "argument --seed: '-3' must be >= 0"),
+        (["demo", "--seed", "-1"], "bkn demo:", "argument --seed: '-1' must be >= 0"),
     ],
     ids=["no-command", "unknown-command", "export-missing", "export-shape", "export-choice", "parity-value",
-         "parity-unknown", "demo-unknown", "export-unknown-and-missing", "train-demo-value"],
+         "parity-unknown", "demo-unknown", "export-unknown-and-missing", "train-demo-value", "parity-seed",
+         "demo-seed"],
 )  # fmt: skip
 def test_usage_error_is_one_line_and_exit_2(
     argv: list[str], prefix: str, fragment: str, capsys: pytest.CaptureFixture[str]

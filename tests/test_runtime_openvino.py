@@ -246,3 +246,29 @@ def test_no_erf_note_for_a_model_without_erf(tmp_path: Path) -> None:
     backend = OpenVINOBackend()
     backend.load(str(path))
     assert backend.erf_nodes == 0 and backend.failure_notes() == []
+
+
+def test_outputs_are_named_by_the_graph_not_by_a_folded_producer(tmp_path: Path) -> None:
+    """OpenVINO folds a trailing Identity into its producer: the result port carries both names ('r', 'y') and
+    ``get_any_name()`` gave 'r', so parity reported "returned no output 'y'" on a file that agrees (cold QA,
+    2026-12-06). A tensor that is two graph outputs gives both."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4]) for name in ("y", "z")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Identity", ["r"], ["y"]),
+        helper.make_node("Identity", ["r"], ["z"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], outputs), opset_imports=[helper.make_opsetid("", OPSET)]
+    )
+    model.ir_version = 9
+    path = tmp_path / "identity.onnx"
+    onnx.save(model, path)
+    backend = OpenVINOBackend()
+    backend.load(str(path))
+    data = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    result = backend.run({"x": data})
+    assert set(result) == {"y", "z"}
+    np.testing.assert_array_equal(result["y"], np.maximum(data, 0))
+    np.testing.assert_array_equal(result["z"], np.maximum(data, 0))

@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bkn_export.commands.arguments import positive_int
+from bkn_export.commands.arguments import nonnegative_int, positive_int
 from bkn_export.commands.exit_codes import run_command
 
 __all__ = ["add_arguments", "run"]
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bkn-demo", help="directory for the checkpoint, ONNX files and reports")
     parser.add_argument("--steps", type=positive_int, default=1000, help="SGD steps at --batch-size (default 1000)")
     parser.add_argument("--batch-size", type=positive_int, default=2, help="training micro-batch size (default 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--runtimes", default="all", help="'all' or a comma-separated list (see bkn parity)")
     parser.add_argument(
         "--parity-batch", type=positive_int, default=16, help="batch of test digits for the inference-mode parity"

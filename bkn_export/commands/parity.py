@@ -24,7 +24,13 @@ import math
 import sys
 from typing import Any
 
-from bkn_export.commands.arguments import finite_float_in, parse_factory_arg, parse_named_shape, positive_int
+from bkn_export.commands.arguments import (
+    finite_float_in,
+    nonnegative_int,
+    parse_factory_arg,
+    parse_named_shape,
+    positive_int,
+)
 
 __all__ = [
     "add_arguments",
@@ -130,7 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"one input-shape set, {SHAPE_SET_SYNTAX}; repeat to check a dynamic model at several shapes",
     )
     data.add_argument("--iterations", type=positive_int, default=1, help="random input sets per shape set (seeded)")
-    data.add_argument("--seed", type=int, default=0, help="seed of the first random input set (set k: seed + k)")
+    data.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="seed of the first random input set (set k: seed + k)"
+    )
     data.add_argument(
         "--val-range",
         type=parse_val_range,

@@ -106,6 +106,7 @@ class OpenVINOBackend(Backend):
         self.precision = precision
         self.name = f"openvino:{device.lower()}"
         self._compiled: Any = None
+        self._declared_outputs: list[str] = []
         self.inlined_functions = 0
         self.erf_nodes = 0
 
@@ -137,6 +138,7 @@ class OpenVINOBackend(Backend):
         try:
             model = onnx.load(model_path)
             self.inlined_functions = len(model.functions)
+            self._declared_outputs = [output.name for output in model.graph.output]
             prepared = prepare_for_openvino(model)
             self.erf_nodes = sum(
                 node.op_type == "Erf" and node.domain in ("", "ai.onnx") for node in prepared.graph.node
@@ -163,16 +165,26 @@ class OpenVINOBackend(Backend):
         results = request.infer({name: np.ascontiguousarray(array) for name, array in inputs.items()})
         outputs: dict[str, np.ndarray] = {}
         for port, value in results.items():
-            names = port.get_names()
-            name = port.get_any_name() if names else str(port)
             array = np.array(value, copy=True)
             if port.get_element_type() == ov.Type.bf16 and array.itemsize == 2:
                 # OpenVINO hands a bf16 result over as float16 storage: the same bits, to be read as bfloat16
                 import ml_dtypes
 
                 array = array.view(ml_dtypes.bfloat16)
-            outputs[name] = array
+            for name in self._output_names(port):
+                outputs[name] = array
         return outputs
+
+    def _output_names(self, port: Any) -> list[str]:
+        """The graph outputs a result port stands for. Where OpenVINO folds the last node (an Identity, a no-op
+        Cast, a Reshape into its producer) the port carries the producer's tensor name too, and ``get_any_name()``
+        returns the first in sort order (``/Reshape_output_0`` before ``y``): the declared outputs among its names
+        are taken (all of them, where one tensor is several outputs), else any name."""
+        names = set(port.get_names())
+        declared = [name for name in self._declared_outputs if name in names]
+        if declared:
+            return declared
+        return [port.get_any_name()] if names else [str(port)]
 
     def failure_notes(self) -> list[str]:
         """Where the model has ``Erf`` nodes and this device's ``Erf`` is off by more than float32 rounding
