@@ -807,7 +807,7 @@ def _run_one(
     except Exception as error:  # the runtime's failure is a finding, not a crash of the tool
         seconds = time.perf_counter() - started
         if _unsupported_dtype(error, half):
-            reason = f"cannot run {'/'.join(sorted(half))} models: {type(error).__name__}: {error}"
+            reason = f"refused this {'/'.join(sorted(half))} file's operators: {type(error).__name__}: {error}"
             return RuntimeResult(entry.name, Status.UNAVAILABLE, reason, seconds), []
         return RuntimeResult(entry.name, Status.ERROR, f"{type(error).__name__}: {error}", seconds), []
     worst: dict[str, tuple[int, OutputComparison]] = {}

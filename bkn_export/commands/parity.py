@@ -10,8 +10,8 @@ the reports.
 Exit status (:mod:`bkn_export.commands.exit_codes`): 0 every runtime that ran agrees; 1 a
 runtime differs (or could not run the model); 2 bad input or environment (spec,
 checkpoint, ONNX file, inputs/outputs files, input shape/dtype/NaN, runtime name, options,
-custom-op library, an unwritable report path or a full disk, or none of the chosen
-runtimes is available here).
+custom-op library, an unwritable report path or a full disk, none of the chosen
+runtimes is available here, or a runtime named in ``--runtimes`` did not run).
 
 Only argparse and the shared argument types are imported at module level, so
 ``bkn parity --help`` starts without torch, NumPy or onnx.
@@ -440,4 +440,27 @@ def _run(args: argparse.Namespace) -> int:
             f"bkn parity: none of the chosen runtimes ({args.runtimes}) is available here: {reasons}", file=sys.stderr
         )
         return 2
+    unrun = _named_but_not_run(args.runtimes, report.runtimes)
+    if unrun:
+        print(
+            "bkn parity: runtime(s) named in --runtimes did not run: "
+            + "; ".join(f"{name} ({reason})" for name, reason in unrun)
+            + " (name only runtimes this machine runs, or use 'all', which reports the others without failing)",
+            file=sys.stderr,
+        )
+        return 2
     return 0 if report.passed else 1
+
+
+def _named_but_not_run(spec: str, rows: Any) -> list[tuple[str, str]]:
+    """Each name of ``--runtimes`` (not 'all') none of whose runtimes ran, with their reasons: a name the user gave
+    is a runtime they expect a verdict from, so the run cannot pass without it (exit 2, as for a missing
+    library). A prefix of several runtimes ('ort') counts as run where one of them ran."""
+    unrun = []
+    for name in (part.strip() for part in spec.split(",")):
+        if not name or name == "all":
+            continue
+        matched = [row for row in rows if row.runtime == name or row.runtime.startswith(name + ":")]
+        if matched and not any(row.ran for row in matched):
+            unrun.append((name, "; ".join(f"{row.runtime}: {row.reason}" for row in matched)))
+    return unrun
