@@ -44,7 +44,14 @@ import numpy as np
 from runtime._bkn import bkn_layers
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture, TorchEagerBackend, op_node_layers
-from runtime.compare import Criteria, OutputComparison, Tolerance, TolerancePolicy, nonfinite_count
+from runtime.compare import (
+    DEFAULT_TOLERANCES,
+    Criteria,
+    OutputComparison,
+    Tolerance,
+    TolerancePolicy,
+    nonfinite_count,
+)
 from runtime.errors import BKNError, BKNInputError, RuntimeLimitationError, RuntimeLoadError
 from runtime.localize import Localisation, localise
 from runtime.model_io import (
@@ -487,10 +494,45 @@ def run_parity(
             "come out the other way than in the float32 reference; --max-mismatch (Criteria(max_mismatch=...)) "
             "allows a share of differing elements"
         )
+    if report.ran:
+        report.notes.extend(_coarse_default_tolerances(policy, output_specs, references))
     if model is not None and not noise_floor and any(not c.passed for r in report.failures() for c in r.outputs):
         measured = _MeasuredRun(model, mode, feeds, references, input_specs, output_specs, returned_order)
         report.notes.extend(_rounding_hints(report, measured))
     return report
+
+
+#: A default atol at or above this share of an output's largest reference magnitude is named as coarse.
+COARSE_ATOL_SHARE = 0.01
+
+
+def _coarse_default_tolerances(
+    policy: TolerancePolicy, output_specs: Sequence[TensorSpec], references: Sequence[Feed]
+) -> list[str]:
+    """A note per float output judged by its dtype's default tolerance whose atol is at least
+    :data:`COARSE_ATOL_SHARE` of the reference's largest finite magnitude: the defaults are absolute, so on a small
+    output (float16's atol 1e-3 on logits of magnitude 0.03) an error that changes the result passes. Named, not
+    tightened: how close a half-precision file can come is the model's own rounding (``--noise-floor``)."""
+    notes = []
+    for spec in output_specs:
+        source = policy.source(spec.name, spec.dtype)
+        if spec.dtype not in DEFAULT_TOLERANCES or "defaults" not in source or "given" in source or "floor" in source:
+            continue
+        magnitudes = [
+            float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0))
+            for outputs in references
+            if (values := np.asarray(outputs.get(spec.name, np.zeros(0)), dtype=np.float64)).size
+        ]
+        scale = max(magnitudes, default=0.0)
+        atol = policy.tolerance(spec.name, spec.dtype).atol
+        if scale > 0 and atol >= COARSE_ATOL_SHARE * scale:
+            notes.append(
+                f"{spec.name!r}: the default atol {atol:g} ({source}) is {100 * atol / scale:.3g}% of the "
+                f"reference's largest magnitude {scale:.3g}, so a difference that size passes (one that changes an "
+                "argmax included); give --atol / --rtol on this output's scale (Polygraphy's defaults are 1e-5), or "
+                "--noise-floor to measure the model's own rounding"
+            )
+    return notes
 
 
 @dataclass(frozen=True)

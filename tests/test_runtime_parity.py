@@ -374,3 +374,28 @@ def test_assert_parity_refuses_a_bad_tolerance_or_keyword_before_exporting(tmp_p
     with pytest.raises(BKNInputError, match=r"unknown keyword\(s\) \['atoll'\]"):
         assert_parity(trained_digits(), torch.randn(2, 1, 8, 8), atoll=1e-3, export_to=target)
     assert not target.exists()
+
+
+def test_a_default_atol_coarse_for_the_outputs_scale_is_named(tmp_path: Path) -> None:
+    """The dtype defaults are absolute: float32's atol 1e-5 on outputs of magnitude ~1e-4 passes a 10 % error, as
+    float16's 1e-3 passed a perturbed EfficientNet-B0 whose argmax changed (cold QA, 2026-12-06). Named in a note;
+    a given tolerance gets none."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-4)
+        model[0].bias.zero_()
+    example = torch.randn(2, 4)
+    path = tmp_path / "small.onnx"
+    export_onnx(model, example, path)
+    report = run_parity(model, path, {"input": example.numpy()}, runtimes="reference")
+    assert report.passed
+    (note,) = [note for note in report.notes if "default atol" in note]
+    assert "float32 defaults" in note and "of the reference's largest magnitude" in note
+    given = run_parity(model, path, {"input": example.numpy()}, runtimes="reference", atol=1e-9, rtol=1e-6)
+    assert not [note for note in given.notes if "default atol" in note]
+    torch.manual_seed(0)
+    unit = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()  # outputs of magnitude ~1: the default is fine there
+    export_onnx(unit, example, tmp_path / "unit.onnx")
+    plain = run_parity(unit, tmp_path / "unit.onnx", {"input": example.numpy()}, runtimes="reference")
+    assert not [note for note in plain.notes if "default atol" in note]
