@@ -219,6 +219,12 @@ def random_inputs(
         if spec.dtype in ("float32", "float64", "float16", "bfloat16"):
             values = rng.standard_normal(shape) if limits is None else rng.uniform(limits[0], limits[1], shape)
             dtype = ml_dtypes.bfloat16 if spec.dtype == "bfloat16" else spec.dtype
+            largest = float(ml_dtypes.finfo(dtype).max)
+            if limits is not None and max(abs(limits[0]), abs(limits[1])) > largest:
+                raise BKNInputError(
+                    f"input {spec.name!r}: the value range [{limits[0]:g}, {limits[1]:g}) exceeds {spec.dtype}'s "
+                    f"largest finite value {largest:.4g}; give a range within it"
+                )
             arrays[spec.name] = values.astype(dtype)
         elif spec.dtype.startswith(("int", "uint")):
             low, high = (0, 4) if limits is None else (int(limits[0]), int(limits[1]))

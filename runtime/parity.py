@@ -307,8 +307,9 @@ def run_parity(
         )
     declared = declared_mode(onnx_model)
     if mode is not None and declared is not None and mode != declared and mode in ("inference", "training"):
+        article = "an" if declared == "inference" else "a"
         raise BKNInputError(
-            f"mode {mode!r} contradicts {path}, a {declared}-mode export (its metadata / ai.bkn nodes): the "
+            f"mode {mode!r} contradicts {path}, {article} {declared}-mode export (its metadata / ai.bkn nodes): the "
             f"{mode} reference would differ from it everywhere; use mode {declared!r} (or 'auto' on the CLI)"
         )
     # the modes differ only in the BKN layers: a model without any (or saved outputs) computes one function in both

@@ -105,6 +105,8 @@ def print_report(report: ParityReport, console: Console | None = None) -> None:
         console.print(f"[green]parity: {ran} runtime(s) agree with {against}[/]")
     elif report.reference_problems:
         console.print("[bold red]parity FAILED: the reference is broken; no runtime was judged against it[/]")
+    elif not ran:
+        console.print("[bold red]parity FAILED: none of the chosen runtimes ran[/]")
     else:
         console.print(f"[bold red]parity FAILED: {len(report.failures())} of {ran} runtime(s) differ[/]")
 
