@@ -741,3 +741,15 @@ def test_a_layer_frozen_in_eval_mode_inside_a_training_model_is_exported_as_the_
     mismatch = runtime.run_parity(model, path, None, mode="training", runtimes="reference", localise_failures=False)
     assert not mismatch.passed
     assert any("layer(s) '4' train in the model but have no BatchKalmanNorm node" in n for n in mismatch.notes)
+
+
+def test_a_models_dropout_is_named_as_exported_off(tmp_path: Path) -> None:
+    """The file runs Dropout as in eval mode (only the BKN layers train): the export says so, naming the modules."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(64, 2)
+    )
+    x = torch.randn(2, 1, 4, 4)
+    convert_batchnorm(model, x)
+    with pytest.warns(UserWarning, match=r"1 Dropout module\(s\) \('3'\) run as in eval mode \(off\) in the file"):
+        export_onnx(model, x, tmp_path / "dropout.onnx", mode="training")

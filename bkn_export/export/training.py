@@ -199,6 +199,24 @@ def _check_layers(layers: Sequence[tuple[str, _BatchKalmanNorm]], running_stats_
             )
 
 
+def _warn_about_dropout(model: nn.Module) -> None:
+    """Name the model's active Dropout modules, which the training-mode file runs as in eval mode (off), as it runs
+    every module but the BKN layers: the file is compared with that model, not with ``model.train()(x)`` (a cold QA
+    took EfficientNet-B0's 3.2 difference for a wrong export)."""
+    dropouts = [
+        name for name, module in model.named_modules() if isinstance(module, nn.modules.dropout._DropoutNd) and module.p
+    ]
+    if dropouts:
+        shown = ", ".join(repr(name) for name in dropouts[:3]) + (", ..." if len(dropouts) > 3 else "")
+        warnings.warn(
+            f"export_training: {len(dropouts)} Dropout module(s) ({shown}) run as in eval mode (off) in the file, as "
+            "every module but the BKN layers does (and drop-connect / stochastic depth written as functions): compare "
+            "the file with the model in eval mode but its BKN layers in train mode (bkn parity's training "
+            "reference), not with model.train()(x)",
+            stacklevel=4,
+        )
+
+
 def export_training(
     model: nn.Module,
     example_inputs: Any,
@@ -277,6 +295,7 @@ def export_training(
             "about 1e-8 relative (judge with atol/rtol ~1e-7, not float64's 1e-10)",
             stacklevel=3,
         )
+    _warn_about_dropout(work)
     tracked = [name for name, layer in layers if layer.track_running_stats] if running_stats_io else []
     # Only the BKN layers themselves: a recursive ``train()`` would put their children (a
     # norm-act's Dropout) in train mode and bake a fixed random mask into the graph.
