@@ -427,11 +427,11 @@ def run_parity(
         if nonfinite_count(array)
     ]
     if policy.criteria.equal_nan:  # not a pass like any other: the report says what was matched rather than compared
-        held = ", ".join(f"{name!r} {count} in input set {iteration}" for iteration, name, count in nonfinite)
+        held = ", ".join(f"{count} in {name!r} (input set {iteration})" for iteration, name, count in nonfinite)
         report.notes.append(
             "--equal-nan (Criteria(equal_nan=True)) is on: a NaN / ±Inf of the reference passes where a runtime's "
             "output holds the same value at the same position, and the error statistics cover the other elements "
-            f"only; the reference holds {held or 'none'}"
+            f"only; the reference's NaN / ±Inf values: {held or 'none'}"
         )
     else:
         for iteration, name, _ in nonfinite:

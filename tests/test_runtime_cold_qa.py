@@ -1,5 +1,5 @@
 """A repro bundle for a runtime that returned no output the bundle expects, and random inputs of a range their dtype
-holds (cold QA, 2026-12-06).
+holds, and inputs bound by name (cold QA, 2026-12-06).
 
 ``_reproduces`` indexed the runtime's outputs by the expected names: a runtime that named an output otherwise (as
 OpenVINO did for a folded trailing Identity) raised ``KeyError`` from ``--repro``, which lost the whole run's report
@@ -13,10 +13,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper
 
 from runtime.backends.reference import ReferenceEvaluatorBackend
 from runtime.compare import TolerancePolicy
+from runtime.parity import run_parity
 from runtime.repro import _reproduces
 
 
@@ -52,3 +54,22 @@ def test_a_value_range_beyond_the_inputs_dtype_is_refused_by_name() -> None:
     with pytest.raises(BKNInputError, match=r"exceeds float16's largest finite value 6\.55e"):
         random_inputs([half], val_range={"h": (-1e5, 0.0)})
     assert random_inputs([spec], val_range={None: (-1e30, 1e30)})["x"].dtype == np.float32
+
+
+class _TwoInputs(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x * 2 + y
+
+
+def test_inputs_bound_by_name_in_another_order_than_forward_s_are_named(tmp_path: Path) -> None:
+    """A file whose positional inputs were named ('y', 'x') fails everywhere; the run says the inputs were bound by
+    name (it blamed the reference's ONNX semantics only)."""
+    path = tmp_path / "swapped.onnx"
+    example = (torch.randn(2, 3), torch.randn(2, 3))
+    torch.onnx.export(_TwoInputs(), example, str(path), dynamo=False, input_names=["y", "x"], output_names=["out"])
+    report = run_parity(_TwoInputs(), path, runtimes="reference")
+    assert not report.passed
+    assert any("['y', 'x'] are bound to forward's parameters by name" in note for note in report.notes)
+    same = tmp_path / "same.onnx"
+    torch.onnx.export(_TwoInputs(), example, str(same), dynamo=False, input_names=["x", "y"], output_names=["out"])
+    assert not [note for note in run_parity(_TwoInputs(), same, runtimes="reference").notes if "bound to" in note]

@@ -231,6 +231,13 @@ class TorchEagerBackend(Backend):
         if not parameters or not all(name in parameters for name in names):
             return [tensor(name) for name in names], {}
         kwargs = {name: tensor(name) for name in names}
+        forward_order = [name for name in parameters if name in kwargs]
+        if forward_order != names:
+            self._note(
+                f"the file's inputs {names} are bound to forward's parameters by name, not by position (forward takes "
+                f"them as {forward_order}): where the exporter named positional inputs in another order "
+                "(torch.onnx.export's input_names), every output differs; name them as forward's parameters"
+            )
         for name, has_default in parameters.items():
             if name in kwargs:
                 continue
