@@ -81,6 +81,16 @@ def test_a_frozen_layer_changes_no_state_and_observers_see_the_training_layers()
     model(torch.randn(2, 3, 16, 16))
     after = model.stem[1].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], Tensor))
-    stats = chain_statistics(model, torch.randn(2, 3, 16, 16))  # runs the model in train mode: all layers train
-    assert [s.name for s in stats] == ["stem.1", "branch.1", "branch.4", "head.1"]
-    assert model.stem[1].training is False  # chain_statistics restores the modes
+    x = torch.randn(2, 3, 16, 16)
+    stats = chain_statistics(model, x)  # as a train step runs it: the frozen layer runs no Kalman step
+    assert [s.name for s in stats] == ["branch.1", "branch.4", "head.1"]
+    assert model.stem[1].training is False
+    unfrozen = copy.deepcopy(model).train()
+    moved = {s.name: s for s in chain_statistics(unfrozen, x)}
+    assert [*moved] == ["stem.1", "branch.1", "branch.4", "head.1"]
+    # the frozen layer hands on its running statistics, not this batch's: the prior it feeds differs
+    assert stats[0].prior_mean is not None and moved["branch.1"].prior_mean is not None
+    assert not torch.allclose(stats[0].prior_mean, moved["branch.1"].prior_mean)
+    model.eval()
+    assert len(chain_statistics(model, x)) == 4  # a model in eval mode is put in train mode as a whole
+    assert model.training is False and model.stem[1].training is False  # chain_statistics restores the modes

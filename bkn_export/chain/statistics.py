@@ -79,13 +79,20 @@ def _run(model: nn.Module, example_inputs: Any) -> None:
 def chain_statistics(model: nn.Module, example_inputs: Any) -> list[LayerStatistics]:
     """Run ``model`` once in train mode on ``example_inputs`` and report every BKN layer's step.
 
+    A model already in train mode runs with every module's mode as it stands, as a train step runs it: a layer
+    frozen with ``.eval()`` inside it runs no Kalman step (it is not in the list) and hands its running statistics
+    on as its posterior, which the later layers' priors reported here start from. A model in eval mode is put in
+    train mode as a whole for the run. (Before 2026-12-06 every module was put in train mode: a frozen layer was
+    reported with its batch statistics, and the later priors with them.)
+
     example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
     Changes no parameter, running statistic, module mode or RNG state (the forward runs
     under no_grad; buffers, modes and the RNG are restored). Returns one
     :class:`LayerStatistics` per BKN layer that ran, in execution (first-call) order.
     """
     with _untouched(model), observe(model) as observer:
-        model.train()
+        if not model.training:  # a model in train mode keeps its frozen (eval-mode) layers as training runs them
+            model.train()
         _run(model, example_inputs)
     modules = dict(model.named_modules())
     result = []
