@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--external-data-threshold",
         type=nonnegative_int,
         default=None,
-        help="bytes of weights above which they go to <output>.<pid>-<id>.data (default 2 GiB)",
+        help="total bytes of tensors above which every tensor of 1 KiB or more goes to <output>.<pid>-<id>.data "
+        "(default 2 GiB; smaller ones stay in the model file)",
     )
     parser.add_argument(
         "--graph-optimizer",

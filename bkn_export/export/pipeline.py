@@ -12,7 +12,8 @@
                   of dynamic shapes — and the graph input/output names of io_names()
     post-process  the mode's own (inference: fold rules + guarantee + fold report;
                   training: the op's function body, node names)
-    check         onnx.checker (check_model) and, with dynamic_spatial, verify_dynamic_spatial:
+    check         onnx.checker (check_model), with dynamic_batch verify_dynamic_batch, with dynamic_spatial
+                  verify_dynamic_spatial:
                   the file is run at two other spatial sizes
     write         save_onnx (export/io.py): atomic, model and external data as a pair
 
@@ -33,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
@@ -55,6 +57,7 @@ __all__ = [
     "trace",
     "tracing_inputs",
     "validate_request",
+    "verify_dynamic_batch",
     "verify_dynamic_spatial",
 ]
 
@@ -442,7 +445,75 @@ def check_exported(
     ``label`` names the graph in an :class:`ExportError`.
     """
     check_model(proto, label)
+    if request.dynamic_batch:
+        verify_dynamic_batch(proto, traceable, traced)
     return verify_dynamic_spatial(proto, traceable, traced) if request.dynamic_spatial else []
+
+
+def verify_dynamic_batch(proto: onnx.ModelProto, traceable: Traceable, traced: Traced) -> None:
+    """ExportError unless the batch the user asked to be dynamic is, and the file computes the example's own batch.
+
+    torch.export fixes a batch the model uses as a number (``y * x.shape[0]``) to the traced size, with only a
+    warning on stderr: the file then refuses other batches while its metadata says dynamic. And a batch-1 example
+    is traced widened to batch 2 (:func:`tracing_inputs`), so a model that branches on its batch size
+    (``if x.shape[0] > 1``) gives a file of the batch-2 branch: that file is run at the example itself (ONNX
+    Runtime CPU, or the reference evaluator) and its outputs compared with PyTorch's, to a tolerance that catches a
+    wrong branch, not rounding (1e-3 of the output's scale in float32, 2e-2 in half precision). Models of 2 GiB or
+    more are not run."""
+    names = traced.input_names[: len(traceable.inputs)]
+    declared = {value.name: value for value in proto.graph.input}
+    fixed = []
+    for name, tensor in zip(names, traceable.inputs):
+        value = declared.get(name)
+        if value is None or tensor.dim() == 0:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            fixed.append(f"{name!r} at {dims[0].dim_value}")
+    if fixed:
+        raise ExportError(
+            f"dynamic batch: the exporter fixed the batch of input(s) {', '.join(fixed)}: the model's forward uses "
+            "its batch size as a number (x.shape[0] in arithmetic, a view to a fixed batch), which torch.export "
+            "specialises; the file would refuse any other batch. Export with the batch you deploy as the example "
+            "and a static batch (--static-batch / dynamic_batch=False), or make the forward batch-agnostic"
+        )
+    if not any(t.dim() > 0 and t.shape[0] == 1 for t in traceable.inputs) or proto.ByteSize() >= 2**31 - 1:
+        return
+    try:
+        with torch.no_grad():
+            expected = _leaves(traceable.module(*copied(traceable.inputs), *traceable.extra_inputs))
+    except Exception:  # a train-mode step PyTorch refuses at batch 1: nothing to compare with
+        return
+    graph_inputs = set(declared)
+    feeds = {
+        name: value.numpy()
+        for name, value in zip(traced.input_names, (*traceable.inputs, *traceable.extra_inputs))
+        if name in graph_inputs
+    }
+    engine, run = _onnx_runner(proto)
+    try:
+        actual = run(feeds)
+    except Exception as error:  # the engine's own error types
+        raise ExportError(
+            f"dynamic batch: the exported file does not run at the example's batch of 1 on {engine} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); export an example "
+            "of batch 2 or more, or with a static batch (--static-batch / dynamic_batch=False)"
+        ) from error
+    for index, (want, got) in enumerate(zip(expected, actual)):
+        if not isinstance(want, Tensor) or not want.is_floating_point() or tuple(want.shape) != tuple(got.shape):
+            continue
+        reference = want.detach().to(torch.float64).numpy()
+        difference = float(np.max(np.abs(got.astype(np.float64) - reference), initial=0.0))
+        share = 1e-3 if want.dtype in (torch.float32, torch.float64) else 2e-2
+        scale = max(1.0, float(np.max(np.abs(reference), initial=0.0)))
+        if not difference <= share * scale:
+            raise ExportError(
+                f"dynamic batch: the example has batch 1, which the exporter traces widened to 2; at batch 1 the "
+                f"file's output {traced.output_names[index]!r} differs from PyTorch's by {difference:.3g} on "
+                f"{engine}: the model's forward depends on its batch size (a branch on x.shape[0]). Export an "
+                "example of the batch you deploy (2 or more), or with a static batch (--static-batch / "
+                "dynamic_batch=False)"
+            )
 
 
 def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced: Traced) -> list[tuple[int, ...]]:
