@@ -450,6 +450,20 @@ def check_exported(
     return verify_dynamic_spatial(proto, traceable, traced) if request.dynamic_spatial else []
 
 
+def _graph_feeds(
+    traced: Traced, inputs: Sequence[Tensor], extra_inputs: Sequence[Tensor], graph_inputs: set[str]
+) -> dict[str, Any]:
+    """NumPy feeds of the file's graph inputs, named as traced, for ``inputs`` then ``extra_inputs``."""
+    return {
+        name: value.numpy() for name, value in zip(traced.input_names, (*inputs, *extra_inputs)) if name in graph_inputs
+    }
+
+
+def _error_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (an engine's error messages run to many lines)."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 def verify_dynamic_batch(proto: onnx.ModelProto, traceable: Traceable, traced: Traced) -> None:
     """ExportError unless the batch the user asked to be dynamic is, and the file computes the example's own batch.
 
@@ -484,20 +498,15 @@ def verify_dynamic_batch(proto: onnx.ModelProto, traceable: Traceable, traced: T
             expected = _leaves(traceable.module(*copied(traceable.inputs), *traceable.extra_inputs))
     except Exception:  # a train-mode step PyTorch refuses at batch 1: nothing to compare with
         return
-    graph_inputs = set(declared)
-    feeds = {
-        name: value.numpy()
-        for name, value in zip(traced.input_names, (*traceable.inputs, *traceable.extra_inputs))
-        if name in graph_inputs
-    }
+    feeds = _graph_feeds(traced, traceable.inputs, traceable.extra_inputs, set(declared))
     engine, run = _onnx_runner(proto)
     try:
         actual = run(feeds)
     except Exception as error:  # the engine's own error types
         raise ExportError(
             f"dynamic batch: the exported file does not run at the example's batch of 1 on {engine} "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); export an example "
-            "of batch 2 or more, or with a static batch (--static-batch / dynamic_batch=False)"
+            f"({_error_line(error)}); export an example of batch 2 or more, or with a static batch "
+            "(--static-batch / dynamic_batch=False)"
         ) from error
     for index, (want, got) in enumerate(zip(expected, actual)):
         if not isinstance(want, Tensor) or not want.is_floating_point() or tuple(want.shape) != tuple(got.shape):
@@ -549,18 +558,14 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
                     "flatten into a Linear). Export without dynamic_spatial / --dynamic-spatial."
                 ) from error
             continue  # below the network's smallest valid size: try the next multiple of the stride
-        feeds = {
-            name: value.numpy()
-            for name, value in zip(traced.input_names, (*inputs, *traceable.extra_inputs))
-            if name in graph_inputs
-        }
+        feeds = _graph_feeds(traced, inputs, traceable.extra_inputs, graph_inputs)
         try:
             actual = run(feeds)
         except Exception as error:  # the engine's own error types
             raise ExportError(
                 f"dynamic_spatial: the exported file does not run at spatial size {list(size)} on {engine} "
-                f"although PyTorch does ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-                "; export without dynamic_spatial / --dynamic-spatial, or report the model"
+                f"although PyTorch does ({_error_line(error)}); export without dynamic_spatial / "
+                "--dynamic-spatial, or report the model"
             ) from error
         shapes = [tuple(a.shape) for a in actual]
         wanted = [tuple(e.shape) if isinstance(e, Tensor) else () for e in expected]  # a number: a scalar output
