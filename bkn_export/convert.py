@@ -150,12 +150,8 @@ def _bkn_from_batchnorm(
 
 def _extra_state_names(bn: nn.Module) -> list[str]:
     """The module's own parameters and buffers besides BatchNorm's (a subclass's additions), by name."""
-    own = [*bn._parameters, *bn._buffers]
-    return [
-        key
-        for key in own
-        if key not in _STATE and (bn._parameters.get(key) is not None or bn._buffers.get(key) is not None)
-    ]
+    own = {**bn._parameters, **bn._buffers}
+    return [key for key, value in own.items() if value is not None and key not in _STATE]
 
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -346,7 +342,7 @@ def _buffers_kept(model: nn.Module) -> Iterator[Callable[[], None]]:
 
 
 #: A scripted submodule's ``original_name`` where it was one of the BatchNorms the conversion replaces.
-_SCRIPTED_BATCHNORM_NAMES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
+_SCRIPTED_BATCHNORM_NAMES = frozenset(kind.__name__ for kind in _BN_TYPES)
 
 #: Where torch's quantized modules live (their BatchNorms subclass _BatchNorm directly).
 _QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
@@ -455,10 +451,9 @@ def _convert(
                 candidate = _replace_module(candidate, alias, bkn)
             converted.append(name)
     candidate = wire_chain(candidate, example_inputs, options)
+    restore_buffers()  # the guard's final forward starts from the buffers its first one saw
     try:
-        candidate = _check_and_synchronise(
-            candidate, originals, converted, synchronised, guard, example_inputs, restore_buffers
-        )
+        candidate = _check_and_synchronise(candidate, originals, converted, synchronised, guard, example_inputs)
     except BaseException:
         # The copy shares every module without a normalization with `model`: the path hooks the
         # wiring put there must not outlive a refused conversion.
@@ -504,10 +499,8 @@ def _check_and_synchronise(
     synchronised: Mapping[str, Any],
     guard: ConversionGuard,
     example_inputs: Any,
-    restore_buffers: Callable[[], None],
 ) -> nn.Module:
-    """The guard's per-layer checks, SyncBatchNorm → SyncBatchKalmanNorm, then the whole-model check (from the
-    buffers the guard's first forward started from)."""
+    """The guard's per-layer checks, SyncBatchNorm → SyncBatchKalmanNorm, then the whole-model check."""
     guard.check_layers(originals, {name: candidate.get_submodule(name) for name in converted})
     if synchronised:
         # SyncBatchNorm keeps synchronised statistics: it becomes SyncBatchKalmanNorm (same group).
@@ -524,7 +517,6 @@ def _check_and_synchronise(
             sync = synchronise_submodules(synchronised_layer(layer, group), layer)
             _take_over_hooks(layer, sync, name)
             candidate = _replace_module(candidate, name, sync)
-    restore_buffers()
     guard.check_model(candidate, example_inputs)
     return candidate
 

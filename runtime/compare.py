@@ -192,6 +192,14 @@ class TolerancePolicy:
         floor = self.floors.get(output)
         return given if floor is None or floor <= given.atol else Tolerance(floor, given.rtol)
 
+    def uses_defaults(self, output: str, dtype_name: str) -> bool:
+        """Whether ``output`` is judged by its computed dtype's defaults as they are: no per-output or global
+        atol / rtol given, no noise floor above the default atol."""
+        if output in self.per_output or self.atol is not None or self.rtol is not None:
+            return False
+        floor = self.floors.get(output)
+        return floor is None or floor <= self._given(output, dtype_name).atol
+
     def source(self, output: str, dtype_name: str) -> str:
         """Where an output's tolerance comes from, for the report."""
         if output in self.per_output:

@@ -516,8 +516,7 @@ def _coarse_default_tolerances(
     tightened: how close a half-precision file can come is the model's own rounding (``--noise-floor``)."""
     notes = []
     for spec in output_specs:
-        source = policy.source(spec.name, spec.dtype)
-        if spec.dtype not in DEFAULT_TOLERANCES or "defaults" not in source or "given" in source or "floor" in source:
+        if spec.dtype not in DEFAULT_TOLERANCES or not policy.uses_defaults(spec.name, spec.dtype):
             continue
         magnitudes = [
             float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0))
@@ -527,6 +526,7 @@ def _coarse_default_tolerances(
         scale = max(magnitudes, default=0.0)
         atol = policy.tolerance(spec.name, spec.dtype).atol
         if scale > 0 and atol >= COARSE_ATOL_SHARE * scale:
+            source = policy.source(spec.name, spec.dtype)
             notes.append(
                 f"{spec.name!r}: the default atol {atol:g} ({source}) is {100 * atol / scale:.3g}% of the "
                 f"reference's largest magnitude {scale:.3g}, so a difference that size passes (one that changes an "

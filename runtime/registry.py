@@ -136,6 +136,12 @@ def discover(
     return [entry for factory in FACTORIES for entry in factory(options)]
 
 
+def names_runtime(name: str, runtime: str) -> bool:
+    """Whether a name of a selection (``ort``, ``ort:cpu``, ``ort:cpu:all``) names the runtime ``runtime``: the
+    same name, or a prefix of it up to a ``:``."""
+    return runtime == name or runtime.startswith(name + ":")
+
+
 def select(entries: Sequence[RuntimeEntry], spec: str | Sequence[str] = "all") -> list[RuntimeEntry]:
     """The entries a selection names (see the module docstring), in discovery order.
 
@@ -153,7 +159,7 @@ def select(entries: Sequence[RuntimeEntry], spec: str | Sequence[str] = "all") -
         return list(entries)
     chosen: list[RuntimeEntry] = []
     for name in names:
-        matches = [e for e in entries if e.name == name or e.name.startswith(name + ":")]
+        matches = [e for e in entries if names_runtime(name, e.name)]
         if not matches:
             raise UnknownRuntimeError(
                 f"unknown runtime {name!r}. Available here: {', '.join(available) or 'none'}; "

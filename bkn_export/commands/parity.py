@@ -456,11 +456,13 @@ def _named_but_not_run(spec: str, rows: Any) -> list[tuple[str, str]]:
     """Each name of ``--runtimes`` (not 'all') none of whose runtimes ran, with their reasons: a name the user gave
     is a runtime they expect a verdict from, so the run cannot pass without it (exit 2, as for a missing
     library). A prefix of several runtimes ('ort') counts as run where one of them ran."""
+    from runtime.registry import names_runtime
+
     unrun = []
     for name in (part.strip() for part in spec.split(",")):
         if not name or name == "all":
             continue
-        matched = [row for row in rows if row.runtime == name or row.runtime.startswith(name + ":")]
+        matched = [row for row in rows if names_runtime(name, row.runtime)]
         if matched and not any(row.ran for row in matched):
             unrun.append((name, "; ".join(f"{row.runtime}: {row.reason}" for row in matched)))
     return unrun
