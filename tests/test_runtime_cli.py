@@ -67,9 +67,29 @@ def test_parity_exit_1_on_mismatch_names_the_module(
     assert "parity FAILED" in out and "first diverging module: head" in out
 
 
-def test_without_the_checkpoint_the_weights_differ_and_parity_fails() -> None:
+def test_without_the_checkpoint_the_weights_differ_and_parity_fails(capsys: pytest.CaptureFixture[str]) -> None:
     # a fresh factory model is not the trained one: a genuine mismatch, not bad input
     assert main(["parity", SPEC, str(exported_digits("inference")), "--runtimes", "reference", "--no-localise"]) == 1
+    assert "note: no --checkpoint" in capsys.readouterr().out
+
+
+def test_a_model_without_weights_gets_no_checkpoint_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # weights cannot explain a mismatch of a model that has none: the note would send the user the wrong way
+    factory = tmp_path / "stateless.py"
+    factory.write_text("import torch\n\ndef make():\n    return torch.nn.ReLU()\n")
+    onnx_path = tmp_path / "sigmoid.onnx"
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Sigmoid", ["x"], ["y"])],
+        "sigmoid",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), onnx_path)
+    argv = ["parity", f"{factory}:make", str(onnx_path), "--input-shape", "2,3", "--runtimes", "reference"]
+    assert main([*argv, "--no-localise"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out
+    assert "no --checkpoint" not in out
 
 
 @pytest.mark.parametrize(

@@ -422,7 +422,7 @@ def _run(args: argparse.Namespace) -> int:
         write_error = error
     try:
         print_report(report, report_console())
-        if model is not None and not args.checkpoint and report.ran and not report.passed:
+        if model is not None and not args.checkpoint and model.state_dict() and report.ran and not report.passed:
             print(
                 "note: no --checkpoint: the reference has the factory's own weights (random unless the factory "
                 "loads some); a file exported from other weights differs everywhere"
