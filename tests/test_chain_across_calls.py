@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkn_export import LayerStatistics, chain_statistics, convert_batchnorm
+from bkn_export import LayerStatistics, chain_statistics, convert_batchnorm, wire_chain
 from bkn_export.chain import fast
 from bkn_export.chain.scope import PathWatch
+from bkn_export.errors import ChainWiringError
 
 # --------------------------------------------------------------------------- a wired model across calls
 
@@ -122,3 +123,25 @@ def test_a_conv_whose_geometry_changed_in_place_predicts_what_a_fresh_copy_does(
         reference = _priors(model, x)
     for name, (mean, variance) in reference.items():
         torch.testing.assert_close(after[name], (mean, variance), rtol=1e-10, atol=1e-12)
+
+
+def test_a_module_replaced_after_wiring_is_refused_by_name_until_rewired() -> None:
+    """A new module under a recorded name (a new conv or head put in after converting) must not count as a branch
+    not taken: the layers it feeds would train as BatchNorm under a warning that blames a module that did run."""
+    model = _wired().train()
+    x = _inputs(8)
+    model.block = nn.Sequential(OrderedDict(conv=nn.Conv2d(6, 6, 3, padding=1).double()))
+    with pytest.raises(ChainWiringError, match=r"'block\.conv' is now a Conv2d, not the module the chain recorded"):
+        model(x)
+    with pytest.warns(UserWarning, match="hold BKN parameters already"):
+        wire_chain(model, x)
+    assert _priors(model, x)["bn1"][1].isfinite().all()
+
+
+def test_a_module_deleted_after_wiring_is_refused_by_name() -> None:
+    model = _wired().train()
+    del model.block.conv  # the forward still runs: its own attribute lookup fails first otherwise
+    model.block.add_module("other", nn.Identity())
+    model.forward = lambda x: model.bn1(model.up(F.relu(model.bn0(model.stem(x)))))  # type: ignore[method-assign]
+    with pytest.raises(ChainWiringError, match=r"'block\.conv', on a recorded path, is no longer in the model"):
+        model(_inputs(8))

@@ -20,6 +20,7 @@ from bkn_export import recompute
 from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, observers, scratch_for
 from bkn_export.chain.transitions import Transition, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring
+from bkn_export.errors import ChainWiringError
 from bkn_export.nn import Prior, _BatchKalmanNorm
 
 __all__ = ["ChainMembership", "standalone_member"]
@@ -115,6 +116,7 @@ class ChainMembership:
                 continue  # the source did not run at all: no prior anyway
             missing = unrun_module(path, scratch, watched)
             if missing is not None:
+                _still_recorded(scratch, missing)
                 found[index] = missing
         return found
 
@@ -200,6 +202,20 @@ class ChainMembership:
 
     def load_state(self, state: Any, label: str) -> None:
         check_saved_wiring(state, self.wiring, label)
+
+
+def _still_recorded(scratch: ChainScratch, name: str) -> None:
+    """Raise :class:`ChainWiringError` where the watched module ``name`` that did not run is no longer the module the
+    chain recorded (replaced, e.g. ``model.head = nn.Linear(...)`` after wiring, or deleted): its path would otherwise
+    count as a branch not taken and the layers it feeds would train as BatchNorm, under a warning that blames a module
+    that did run. A recorded module that did not run (a branch not taken) passes."""
+    try:
+        scratch.modules[name]  # the lookup refuses a module the chain did not record under this name
+    except KeyError:
+        raise ChainWiringError(
+            f"the model changed after its Kalman chain was wired: '{name}', on a recorded path, is no longer in the "
+            "model. Wire the model again: bkn_export.wire_chain(model, example_inputs)"
+        ) from None
 
 
 def _warn_once(flag: list[bool], text: str, stacklevel: int) -> None:

@@ -149,7 +149,8 @@ class Submodules(Mapping[str, nn.Module]):
         """Refuse a module that the chain recorded under another name: the model was edited in place after wiring
         (``Sequential.insert``, deleting a block), so names now point at other modules, and a prediction through
         them would describe another network (its :class:`PathWatch` stamps its recorded names, so the path check
-        passes). A module the chain does not watch (a replacement: its path counts as not run) passes."""
+        passes), or one under a watched name that is not the recorded one (replaced, wrapped or moved). A module the
+        chain does not watch passes."""
         if self._token is None:
             return
         watches = [h for h in module._forward_pre_hooks.values() if isinstance(h, PathWatch) and h.root is self._token]
@@ -164,8 +165,8 @@ class Submodules(Mapping[str, nn.Module]):
         if not watches and name in self._token.watched:
             raise ChainWiringError(
                 f"the model changed after its Kalman chain was wired: '{name}' is now a {type(module).__name__}, not "
-                "the module the chain recorded there, which still runs elsewhere (wrapped or moved). Wire the model "
-                "again: bkn_export.wire_chain(model, example_inputs)"
+                "the module the chain recorded there (replaced, wrapped or moved in place). Wire the model again: "
+                "bkn_export.wire_chain(model, example_inputs)"
             )
 
     def _registered(self, name: str) -> nn.Module | None:
