@@ -449,14 +449,15 @@ def compare_output(
         # Scaled by the largest magnitude first, so that neither the norms nor the dot product over- or underflow.
         scale = float(np.max(np.abs(np.where(finite, np.maximum(np.abs(ref64), np.abs(act64)), 0.0))))
         scaled_ref, scaled_act = (ref64 / scale, act64 / scale) if scale > 0 else (ref64, act64)
-        norms = float(
-            np.linalg.norm(np.where(finite, scaled_ref, 0.0)) * np.linalg.norm(np.where(finite, scaled_act, 0.0))
-        )
+        norm_ref = float(np.linalg.norm(np.where(finite, scaled_ref, 0.0)))
+        norm_act = float(np.linalg.norm(np.where(finite, scaled_act, 0.0)))
         dot = float(np.sum(np.where(finite, scaled_ref * scaled_act, 0.0)))
         if not finite.any():  # nothing finite to compare: no similarity to show
             result.cosine_similarity = float("nan")
-        else:
-            result.cosine_similarity = dot / norms if norms > 0 else (1.0 if dot == 0 else float("nan"))
+        elif norm_ref > 0 and norm_act > 0:
+            result.cosine_similarity = dot / (norm_ref * norm_act)
+        else:  # zeros against zeros agree; against anything else the cosine is undefined, which no cosine_min passes
+            result.cosine_similarity = 1.0 if norm_ref == norm_act else float("nan")
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             relative = abs_error / np.abs(np.where(ref64 == 0, _RELATIVE_EPSILON, ref64))
         result.mean_abs_error = float(abs_error.mean())

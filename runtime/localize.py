@@ -19,7 +19,8 @@ Method (documented in docs/runtime.md):
 
 Each boundary is compared with the output of the module it leaves, matched by shape
 (a module with several outputs, e.g. a training-mode BKN's posterior statistics, keeps
-only the tensor its forward returned), as copied when that module returned: a later
+only the tensor its forward returned; a module with several different outputs of one shape is
+not compared, since which one a value is cannot be told), as copied when that module returned: a later
 in-place op (``ReLU(inplace=True)``, ``x += shortcut``) does not change it. A fused node
 (Conv with a folded BKN) carries the normalization's scope, so it is compared with the
 normalization's output, the last module of its group. Modules called more than once are
@@ -119,10 +120,15 @@ class Localisation:
 
 
 def _match(capture: ModuleCapture, module: str, actual: np.ndarray) -> np.ndarray | None:
+    """The output of ``module`` (run once) with ``actual``'s shape; None where it has none, or several that differ
+    (a VAE encoder's (μ, log σ²), an LSTM's (h, c)): which of them an ONNX value is cannot be told by shape, and
+    comparing with the wrong one blames the module for a difference it does not make."""
     if capture.calls.get(module, 0) != 1:
         return None
     candidates = [t for t in capture.outputs.get(module, []) if t.shape == actual.shape]
-    return candidates[-1] if candidates else None
+    if not candidates or any(not np.array_equal(t, candidates[0], equal_nan=True) for t in candidates[1:]):
+        return None
+    return candidates[0]
 
 
 def _check(boundary: Boundary, reference: np.ndarray, actual: np.ndarray, policy: TolerancePolicy) -> BoundaryCheck:

@@ -157,6 +157,18 @@ def test_cosine_similarity_neither_overflows_nor_underflows(magnitude: float) ->
     assert not opposite.passed and opposite.cosine_similarity == pytest.approx(-1.0)
 
 
+@pytest.mark.parametrize("zero_side", ["reference", "actual"])
+def test_a_zero_tensor_has_no_cosine_with_a_nonzero_one(zero_side: str) -> None:
+    """An all-zero reference had cosine 1.0 with any output, so --max-mismatch 1 --cosine-min 0.99 passed it."""
+    criteria = Criteria(cosine_min=0.99, max_mismatch=1.0)
+    zeros, values = np.zeros(4, dtype=np.float32), np.array([0.1, 0.96, 0.0, 0.5], dtype=np.float32)
+    reference, actual = (zeros, values) if zero_side == "reference" else (values, zeros)
+    result = compare_output("y", reference, actual, Tolerance(1e-5, 1e-4), criteria=criteria)
+    assert not result.passed and np.isnan(result.cosine_similarity)
+    both = compare_output("y", zeros, zeros.copy(), Tolerance(1e-5, 1e-4), criteria=criteria)
+    assert both.passed and both.cosine_similarity == 1.0
+
+
 def test_one_element_in_a_million_is_not_reported_as_zero_percent() -> None:
     reference = np.zeros(1_000_000, dtype=np.float32)
     actual = reference.copy()
