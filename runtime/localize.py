@@ -28,8 +28,8 @@ skipped.
 
 Without exporter metadata (``torch.onnx.export(dynamo=False)``, third-party files) or
 without a PyTorch model (saved reference outputs), the localisation is **node by node
-against the ONNX reference evaluator** (method "nodes"): every node output, in graph
-order, is exposed on the failing runtime and on ``onnx.reference`` in chunks of
+against the ONNX reference evaluator** (method "nodes"): every node output that depends on
+a graph input, in graph order, is exposed on the failing runtime and on ``onnx.reference`` in chunks of
 :data:`NODE_CHUNK` values (so memory stays bounded on large models), and the first value
 outside tolerance names its ONNX node. This judges the runtime against ONNX's own
 semantics, not against PyTorch; it cannot localise a failure of the reference evaluator
@@ -223,8 +223,18 @@ def localise(
 
 
 def _node_values(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto]]:
-    """Every node output in graph order with its node (optional outputs left empty are left out)."""
-    return [(v, node) for node in model.graph.node for v in node.output if v]
+    """Every node output in graph order that depends on a graph input, with its node (optional outputs left empty
+    are left out). A value computed from initializers and constants alone is the file's, folded by the runtime,
+    not computed from the data: exposed as an output it can come back in another type (OpenVINO returned the int64
+    Slice bound −2⁶³+1 as −2³¹, which the model never sees), so it is not compared."""
+    dependent = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    values = []
+    for node in model.graph.node:
+        subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        if subgraphs or any(name in dependent for name in node.input):  # a subgraph may read outer values
+            dependent.update(v for v in node.output if v)
+            values.extend((v, node) for v in node.output if v)
+    return values
 
 
 def _localise_nodes(
