@@ -50,10 +50,11 @@ import onnx
 from runtime._bkn import save_onnx
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture
-from runtime.compare import OutputComparison, TolerancePolicy, compare_output
+from runtime.compare import OutputComparison, Tolerance, TolerancePolicy, compare_output
+from runtime.noise import NOISE_FACTOR
 from runtime.onnx_scopes import Boundary, module_boundaries, module_inputs, nearest_upstream, prefix_model, with_outputs
 
-__all__ = ["NODE_CHUNK", "BoundaryCheck", "Localisation", "localise"]
+__all__ = ["NODE_CHUNK", "BoundaryCheck", "Localisation", "NoiseFloors", "localise", "noise_floors"]
 
 #: Node outputs exposed per run in the node-by-node localisation.
 NODE_CHUNK = 64
@@ -119,6 +120,53 @@ class Localisation:
         return self.first.label if self.first else None
 
 
+@dataclass(frozen=True)
+class NoiseFloors:
+    """Per module, the largest distance of its captured float32 outputs (inputs) from a float64 copy's:
+    the reference's own rounding there, which a runtime's float32 evaluation shares (:mod:`runtime.noise`)."""
+
+    outputs: Mapping[str, float]
+    inputs: Mapping[str, float]
+
+    def tolerance(self, tolerance: Tolerance, module: str, of: str = "outputs") -> Tolerance:
+        """``tolerance`` with its atol raised to :data:`runtime.noise.NOISE_FACTOR` × the floor of ``module``
+        (never lowered)."""
+        floor = getattr(self, of).get(module, 0.0)
+        return Tolerance(max(tolerance.atol, NOISE_FACTOR * floor), tolerance.rtol)
+
+
+def _largest_distance(float32: list[np.ndarray], float64: list[np.ndarray]) -> float | None:
+    """max |a32 − a64| over the floating tensors of a module's outputs (or inputs) that pair by position and shape;
+    None where they do not pair (the float64 run took another path) or a distance is not finite."""
+    if len(float32) != len(float64):
+        return None
+    largest = 0.0
+    for a32, a64 in zip(float32, float64):
+        if a32.shape != a64.shape:
+            return None
+        if a32.dtype.kind != "f" or a32.size == 0:
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            distance = float(np.max(np.abs(a32.astype(np.float64) - a64.astype(np.float64))))
+        if not np.isfinite(distance):
+            return None
+        largest = max(largest, distance)
+    return largest
+
+
+def noise_floors(float32: ModuleCapture, float64: ModuleCapture) -> NoiseFloors:
+    """:class:`NoiseFloors` of a capture (the parity reference) against the capture of a float64 copy of the model
+    on the same inputs; a module whose tensors do not pair gets no floor."""
+    found: dict[str, dict[str, float]] = {"outputs": {}, "inputs": {}}
+    for kind, floors in found.items():
+        ours, theirs = getattr(float32, kind), getattr(float64, kind)
+        for module, tensors in ours.items():
+            distance = _largest_distance(tensors, theirs.get(module, []))
+            if distance is not None:
+                floors[module] = distance
+    return NoiseFloors(found["outputs"], found["inputs"])
+
+
 def _match(capture: ModuleCapture, module: str, actual: np.ndarray) -> np.ndarray | None:
     """The output of ``module`` (run once) with ``actual``'s shape; None where it has none, or several that differ
     (a VAE encoder's (μ, log σ²), an LSTM's (h, c)): which of them an ONNX value is cannot be told by shape, and
@@ -131,8 +179,16 @@ def _match(capture: ModuleCapture, module: str, actual: np.ndarray) -> np.ndarra
     return candidates[0]
 
 
-def _check(boundary: Boundary, reference: np.ndarray, actual: np.ndarray, policy: TolerancePolicy) -> BoundaryCheck:
+def _check(
+    boundary: Boundary,
+    reference: np.ndarray,
+    actual: np.ndarray,
+    policy: TolerancePolicy,
+    floors: NoiseFloors | None = None,
+) -> BoundaryCheck:
     tolerance = policy.tolerance(boundary.value, actual.dtype.name)
+    if floors is not None:
+        tolerance = floors.tolerance(tolerance, boundary.module)
     result: OutputComparison = compare_output(boundary.value, reference, actual, tolerance, criteria=policy.criteria)
     return BoundaryCheck(
         module=boundary.module,
@@ -177,12 +233,15 @@ class _Runner:
         self.prefix = prefix
         self.count = 0
 
-    def run(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    def run(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """``model``'s outputs on the run's inputs (those it takes), or on ``feeds``."""
         self.count += 1
         path = self.workdir / f"{self.prefix}_{self.count}.onnx"
         save_onnx(model, path)
         backend = self.make_backend()
         backend.load(str(path))
+        if feeds is not None:
+            return backend.run(dict(feeds))
         wanted = {i.name for i in model.graph.input}
         return backend.run({k: v for k, v in self.inputs.items() if k in wanted})
 
@@ -197,6 +256,8 @@ def localise(
     failing_outputs: list[str],
     policy: TolerancePolicy | None = None,
     method: str = "auto",
+    *,
+    floors: NoiseFloors | str | None = None,
 ) -> Localisation:
     """Localise the failure of ``runtime`` (see the module docstring). Never raises; errors go in the result.
 
@@ -204,6 +265,9 @@ def localise(
     method: "auto" (exposed outputs, confirmed on a prefix; bisect when that does not
     reproduce) or "bisect" (prefix models only); both fall back to "nodes" without
     exporter metadata.
+    floors: the reference's own rounding per module (:func:`noise_floors`): a module output (input) is judged with
+    atol at least :data:`runtime.noise.NOISE_FACTOR` times it, so that float32 rounding accumulated upstream is not
+    taken for the first divergence; a string: why there are none (named in the message); None: none.
     """
     if method not in ("auto", "bisect"):
         raise ValueError(f"method must be 'auto' or 'bisect', got {method!r}")
@@ -212,8 +276,13 @@ def localise(
         with tempfile.TemporaryDirectory(prefix="bkn-localise-") as tmp:
             runner = _Runner(make_backend, inputs, Path(tmp))
             result = None
+            measured = floors if isinstance(floors, NoiseFloors) else None
             if capture is not None:
-                result = _localise(model, runner, runtime, reference_outputs, capture, failing_outputs, policy, method)
+                result = _localise(
+                    model, runner, runtime, reference_outputs, capture, failing_outputs, policy, method, measured
+                )  # fmt: skip
+                if isinstance(floors, str) and result.status != "no_metadata":
+                    result.message += f" (module outputs judged without noise floors: {floors})"
             if result is None or result.status == "no_metadata":
                 why = "no PyTorch model (saved reference outputs)" if capture is None else "no exporter module scopes"
                 result = _localise_nodes(model, runner, runtime, Path(tmp), policy, why)
@@ -228,7 +297,7 @@ def _node_values(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto]]:
     not computed from the data: exposed as an output it can come back in another type (OpenVINO returned the int64
     Slice bound −2⁶³+1 as −2³¹, which the model never sees), so it is not compared."""
     dependent = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
-    values = []
+    values: list[tuple[str, onnx.NodeProto]] = []
     for node in model.graph.node:
         subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
         if subgraphs or any(name in dependent for name in node.input):  # a subgraph may read outer values
@@ -253,34 +322,138 @@ def _localise_nodes(
     values = _node_values(model)
     result = Localisation(runtime, "not_localised", method="nodes")
     previous: BoundaryCheck | None = None
+    inherited = 0  # node outputs that differ only by what their inputs carried
     for start in range(0, len(values), NODE_CHUNK):
         chunk = values[start : start + NODE_CHUNK]
         names = [v for v, _ in chunk]
         actual = runner.run(with_outputs(model, names))
         expected = oracle.run(with_outputs(model, names))
+        checks: list[tuple[onnx.NodeProto, BoundaryCheck]] = []
         for value, node in chunk:
-            if value not in actual or value not in expected:
-                continue
-            boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
-            check = _node_check(boundary, expected[value], actual[value], policy)
+            if value in actual and value in expected:
+                boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
+                checks.append((node, _node_check(boundary, expected[value], actual[value], policy)))
+        failing = [(node, check) for node, check in checks if not check.passed]
+        own = _own_divergences(model, runner, oracle, failing, expected, policy) if failing else set()
+        for node, check in checks:
             result.checks.append(check)
-            if not check.passed:
+            if not check.passed and check.onnx_value in own:
                 result.status = "localised"
                 result.first = check
                 result.last_passing = previous.onnx_node if previous else None
                 result.prefix_runs = runner.count
                 result.message = (
-                    f"first diverging ONNX node: {node.name or '(unnamed)'} ({node.op_type}, value {value!r}), "
-                    f"max abs error {check.max_abs_error:.3g} against the ONNX reference evaluator"
+                    f"first diverging ONNX node: {node.name or '(unnamed)'} ({node.op_type}, value "
+                    f"{check.onnx_value!r}), max abs error {check.max_abs_error:.3g} against the ONNX reference "
+                    "evaluator (from the evaluator's own inputs it computes the same difference)"
+                    + _inherited_note(inherited, " before it")
                 )
                 return result
-            previous = check
+            if check.passed:
+                previous = check
+            else:
+                inherited += 1
     result.prefix_runs = runner.count
     result.message = (
         "every node output agrees with the ONNX reference evaluator: the difference is in the graph outputs' "
         "last nodes, or the reference (PyTorch / saved outputs) differs from ONNX's semantics"
+        if not inherited
+        else "no node computes a difference of its own from the ONNX reference evaluator's inputs"
+        + _inherited_note(inherited)
+        + ": the runtime runs the file as ONNX defines it, so the reference (PyTorch / saved outputs) differs from "
+        "ONNX's semantics of this file, or the graph outputs differ only by that rounding (--noise-floor)"
     )
     return result
+
+
+def _inherited_note(count: int, where: str = "") -> str:
+    if not count:
+        return ""
+    return (
+        f"; {count} node output(s){where} differ beyond tolerance only by what their inputs carried (fed the "
+        "evaluator's inputs, each computes the evaluator's value): rounding accumulated upstream"
+    )
+
+
+def _own_divergences(
+    model: onnx.ModelProto,
+    runner: _Runner,
+    oracle: _Runner,
+    failing: list[tuple[onnx.NodeProto, BoundaryCheck]],
+    expected: Mapping[str, np.ndarray],
+    policy: TolerancePolicy,
+) -> set[str]:
+    """The failing node outputs whose node, run alone on the failing runtime from the reference evaluator's values of
+    its inputs, still differs from the evaluator's output: a difference the node makes, not one it inherits (float32
+    rounding accumulated through the layers before it, which each runtime sums in its own order). A node with a
+    subgraph (If, Loop, Scan), or one whose isolated run fails, counts as its own divergence."""
+    initializers = {t.name for t in model.graph.initializer}
+    isolable = [
+        (node, check)
+        for node, check in failing
+        if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+    ]
+    own = {check.onnx_value for node, check in failing} - {check.onnx_value for _, check in isolable}
+    if not isolable:
+        return own
+    wanted = sorted({i for node, _ in isolable for i in node.input if i and i not in initializers})
+    try:
+        inputs = oracle.run(with_outputs(model, wanted)) if wanted else {}
+        isolated, feeds, renamed = _isolated_nodes(model, [node for node, _ in isolable], inputs, expected)
+        computed = runner.run(isolated, feeds)
+    except Exception:  # no isolated verdict: each counts as its own divergence, as before this check
+        return own | {check.onnx_value for _, check in isolable}
+    for node, check in isolable:
+        value = check.onnx_value
+        alone = computed.get(renamed[value])
+        boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
+        if alone is None or not _node_check(boundary, expected[value], alone, policy).passed:
+            own.add(value)
+    return own
+
+
+def _isolated_nodes(
+    model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    inputs: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, str]]:
+    """A model of copies of ``nodes``, each reading its own graph inputs (fed ``inputs``, the evaluator's values) and
+    the file's initializers: (model, feeds, original output name → the copy's output name)."""
+    from onnx.helper import make_graph, make_model, make_tensor_value_info, np_dtype_to_tensor_dtype
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    copies, graph_inputs, graph_outputs, used = [], [], [], {}
+    feeds: dict[str, np.ndarray] = {}
+    renamed: dict[str, str] = {}
+    for index, node in enumerate(nodes):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{node.name}__isolated{index}"
+        for position, name in enumerate(node.input):
+            if not name:
+                continue
+            if name in initializers:
+                used[name] = initializers[name]
+                continue
+            fed = f"{name}__isolated{index}"
+            copy.input[position] = fed
+            feeds[fed] = np.asarray(inputs[name])
+            graph_inputs.append(
+                make_tensor_value_info(fed, np_dtype_to_tensor_dtype(feeds[fed].dtype), feeds[fed].shape)
+            )
+        for position, name in enumerate(node.output):
+            if not name:
+                continue
+            copy.output[position] = renamed[name] = f"{name}__isolated{index}"
+            if name in expected:
+                dtype = np_dtype_to_tensor_dtype(np.asarray(expected[name]).dtype)
+                graph_outputs.append(make_tensor_value_info(renamed[name], dtype, None))
+        copies.append(copy)
+    graph = make_graph(copies, "isolated_nodes", graph_inputs, graph_outputs, initializer=list(used.values()))
+    isolated = make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
+    isolated.ir_version = model.ir_version
+    return isolated, feeds, renamed
 
 
 def _compared(boundary: Boundary, capture: ModuleCapture) -> Boundary | None:
@@ -295,7 +468,12 @@ def _compared(boundary: Boundary, capture: ModuleCapture) -> Boundary | None:
 
 
 def _diverged_input(
-    model: onnx.ModelProto, runner: _Runner, capture: ModuleCapture, first: BoundaryCheck, policy: TolerancePolicy
+    model: onnx.ModelProto,
+    runner: _Runner,
+    capture: ModuleCapture,
+    first: BoundaryCheck,
+    policy: TolerancePolicy,
+    floors: NoiseFloors | None,
 ) -> tuple[str, str, float, np.ndarray] | None:
     """(value, the module whose own code computed it, max abs error, PyTorch's tensor) of an input of the first
     diverging module that already differs from that module's PyTorch input (matched by shape), in the same
@@ -315,7 +493,10 @@ def _diverged_input(
         candidates = [t for t in capture.inputs[first_module] if actual is not None and t.shape == actual.shape]
         if actual is None or len(candidates) != 1:
             continue
-        comparison = compare_output(value, candidates[0], actual, policy.tolerance(value, actual.dtype.name))
+        tolerance = policy.tolerance(value, actual.dtype.name)
+        if floors is not None:
+            tolerance = floors.tolerance(tolerance, first_module, of="inputs")
+        comparison = compare_output(value, candidates[0], actual, tolerance)
         if not comparison.passed:
             return value, producer, comparison.max_abs_error, candidates[0]
     return None
@@ -353,6 +534,7 @@ def _localise(
     failing_outputs: list[str],
     policy: TolerancePolicy,
     method: str,
+    floors: NoiseFloors | None = None,
 ) -> Localisation:
     found = module_boundaries(model, set(capture.outputs), capture.aliases)
     boundaries = [b for b in map(_compared, found, repeat(capture)) if b]
@@ -375,7 +557,7 @@ def _localise(
         reference = _match(capture, boundary.module, actual) if actual is not None else None
         if actual is None or reference is None:
             continue
-        checks.append((boundary, _check(boundary, reference, actual, policy)))
+        checks.append((boundary, _check(boundary, reference, actual, policy, floors)))
     result.checks = [c for _, c in checks]
 
     verdicts: dict[int, BoundaryCheck] = {}  # boundary index -> its check on its prefix model (run once each)
@@ -387,7 +569,7 @@ def _localise(
             actual = outputs[boundary.value]
             reference = _match(capture, boundary.module, actual)
             assert reference is not None
-            verdicts[index] = _check(boundary, reference, actual, policy)
+            verdicts[index] = _check(boundary, reference, actual, policy, floors)
         return verdicts[index]
 
     first_index = next((i for i, (_, c) in enumerate(checks) if not c.passed), None)
@@ -418,7 +600,7 @@ def _localise(
         first, last_passing = _walked_back(model, checks, high, prefix_check)
         result.first = verdicts[first]
         result.last_passing = checks[last_passing][1].module if last_passing is not None else None
-    diverged_input = _diverged_input(model, runner, capture, result.first, policy) if result.first else None
+    diverged_input = _diverged_input(model, runner, capture, result.first, policy, floors) if result.first else None
     result.prefix_runs = runner.count - 1
     if result.first is not None:
         result.status = "localised"

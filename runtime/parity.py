@@ -26,6 +26,7 @@ which (``tolerance_source``).
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import enum
 import hashlib
@@ -53,7 +54,7 @@ from runtime.compare import (
     nonfinite_count,
 )
 from runtime.errors import BKNError, BKNInputError, RuntimeLimitationError, RuntimeLoadError
-from runtime.localize import Localisation, localise
+from runtime.localize import Localisation, NoiseFloors, localise, noise_floors
 from runtime.model_io import (
     TensorSpec,
     check_custom_ops,
@@ -804,9 +805,28 @@ def _localise(
 ) -> Localisation:
     assert entry.make is not None
     capture: ModuleCapture | None = None
+    floors: NoiseFloors | str | None = None
     if reference_backend is not None:
         _, capture = reference_backend.run_capturing(feed)
-    return localise(onnx_model, entry.make, entry.name, feed, reference, capture, failing, policy, method)
+        floors = _module_noise_floors(reference_backend, feed, capture)
+    return localise(
+        onnx_model, entry.make, entry.name, feed, reference, capture, failing, policy, method, floors=floors
+    )  # fmt: skip
+
+
+def _module_noise_floors(backend: TorchEagerBackend, feed: Feed, capture: ModuleCapture) -> NoiseFloors | str:
+    """The reference's own rounding at every module output and input: the capture against a float64 copy of the
+    model's (:func:`runtime.localize.noise_floors`); the reason as text where the model does not run in float64."""
+    import torch
+
+    double = TorchEagerBackend(copy.deepcopy(backend.model).to(torch.float64), backend.mode)
+    double.input_names, double.output_names = backend.input_names, backend.output_names
+    double.file_outputs, double.file_layers = backend.file_outputs, backend.file_layers
+    try:
+        _, in_float64 = double.run_capturing(feed)
+    except Exception as error:  # any failure of that run means: no floors for this model
+        return f"the model does not run in float64 ({type(error).__name__}: {error})"
+    return noise_floors(capture, in_float64)
 
 
 def _unsupported_dtype(error: Exception, half: set[str]) -> bool:

@@ -278,6 +278,16 @@ def test_layer_called_outside_its_roots_forward_is_batchnorm() -> None:
         layer(x)  # once per layer
 
 
+def test_calling_forward_directly_names_the_call_that_carries_the_chain() -> None:
+    """model.forward(x) skips the call hooks that open the chain: the layers run as BatchNorm, and the warning says
+    to call model(x) (a tester read the outputs 0.78 apart from model(x) with no word about .forward)."""
+    model = _wired_chain()
+    model.train()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(RuntimeWarning, match=r"outside a forward.*Call the model, model\(x\), not model\.forward\(x\)"):
+        model.forward(x)
+
+
 def test_threads_never_see_each_others_posteriors() -> None:
     """Two threads in the middle of a forward of the same model at once get their own priors.
 

@@ -142,9 +142,10 @@ class ChainMembership:
         _warn_once(
             self._warned_outside,
             f"BKN layer '{self.wiring.name}' ran in train mode outside a forward of the model it is wired in, so "
-            "without its Kalman prior (as BatchNorm). If it is part of another model now (a torch.fx GraphModule, a "
-            "copy of a submodule, a wrapper built around the layers), wire that model: bkn_export.wire_chain(model, "
-            "example_inputs). Warned once per layer.",
+            "without its Kalman prior (as BatchNorm). Call the model, model(x), not model.forward(x): the chain is "
+            "carried by the model's call, which .forward() skips. If the layer is part of another model now (a "
+            "torch.fx GraphModule, a copy of a submodule, a wrapper built around the layers), wire that model: "
+            "bkn_export.wire_chain(model, example_inputs). Warned once per layer.",
             stacklevel=4,
         )
 
