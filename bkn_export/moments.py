@@ -1311,8 +1311,10 @@ def _padded_source(index: Tensor, size: int, mode: str) -> Tensor:
         mapped = torch.where(mapped >= size, 2 * (size - 1) - mapped, mapped)
     elif mode == "replicate":
         mapped = torch.clamp(index, 0, size - 1)
-    elif mode == "circular":
-        mapped = torch.remainder(index, size)
+    elif mode == "circular":  # index in [−size, 2·size): F.pad refuses to wrap around more than once
+        # (not torch.remainder: with a symbolic size, the ONNX exporter cannot translate it)
+        mapped = torch.where(index < 0, index + size, index)
+        mapped = torch.where(mapped >= size, mapped - size, mapped)
     else:
         raise MomentsError(f"conv_moments: padding mode {mode!r} is not one of {_PADDING_MODES}")
     return mapped

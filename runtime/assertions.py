@@ -190,8 +190,9 @@ def failure_message(report: ParityReport) -> str:
     verdict = (
         "the reference is broken; no runtime was judged against it"
         if report.reference_problems
-        else f"{len(report.failures())} of {len(report.ran)} runtime(s) differ from "
+        else f"{report.failure_counts()} (against "
         + ("PyTorch" if report.reference.startswith("pytorch") else "the saved outputs")
+        + ")"
     )
     lines = [f"parity ({report.mode}) failed for {report.onnx_path}: {verdict}"]
     lines.extend(f"  reference: {problem}" for problem in report.reference_problems)

@@ -157,6 +157,16 @@ class ParityReport:
     def failures(self) -> list[RuntimeResult]:
         return [r for r in self.ran if r.status != Status.PASSED]
 
+    def failure_counts(self) -> str:
+        """``2 of 7 runtime(s) differ``, ``1 of 7 runtime(s) could not run the file``, or both: a runtime that
+        errored (an engine that crashed on the file) did not differ."""
+        differ = sum(r.status == Status.FAILED for r in self.ran)
+        errored = sum(r.status == Status.ERROR for r in self.ran)
+        parts = [f"{differ} of {len(self.ran)} runtime(s) differ"] if differ else []
+        if errored:
+            parts.append(f"{errored}{'' if differ else f' of {len(self.ran)}'} runtime(s) could not run the file")
+        return ", ".join(parts)
+
 
 def _environment() -> dict[str, str]:
     versions = {"python": platform.python_version(), "platform": platform.platform()}

@@ -395,6 +395,24 @@ def test_dynamic_spatial_dims(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, torch_train_step(model, x)["output"], rtol=0, atol=ATOL)
 
 
+def test_dynamic_spatial_dims_through_a_circular_padded_conv(tmp_path: Path) -> None:
+    """The prior through a circular-padded conv mapped its taps with torch.remainder of the spatial size, which the
+    ONNX exporter could not translate once the size was symbolic (TypeError, 'SymbolicTensor')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1, padding_mode="circular"), nn.BatchNorm2d(5),
+    )  # fmt: skip
+    model = _perturb(convert_batchnorm(model, torch.randn(2, 3, 12, 12)), 3)
+    assert {link.name: link.transition for link in describe_chain(model)}["4"] is not None  # through the circular conv
+    path = tmp_path / "circular.onnx"
+    export_training(model, torch.randn(2, 3, 12, 12), path, dynamic_spatial=True)
+    for size in (12, 9):
+        x = torch.randn(2, 3, size, size)
+        got = ort_session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(got, torch_train_step(model, x)["output"], rtol=0, atol=ATOL)
+
+
 def test_fp16_export_keeps_float32_statistics(tmp_path: Path) -> None:
     model, shape = converted_cnn_model()
     path = tmp_path / "half.onnx"

@@ -15,7 +15,8 @@ import torch
 from onnx import numpy_helper
 from test_runtime_support import digits_inputs, exported_digits, trained_digits, workdir
 
-from runtime.parity import SCHEMA_VERSION, ParityReport, run_parity
+from runtime.assertions import failure_message
+from runtime.parity import SCHEMA_VERSION, ParityReport, RuntimeResult, Status, run_parity
 from runtime.report import SCHEMA_PATH, load_schema, render_html, report_text, write_html, write_json
 
 
@@ -145,3 +146,25 @@ def test_html_report_renders_in_headless_chromium_with_plots_visible(tmp_path: P
     red_bars = (pixels[..., 0] > 0.65) & (pixels[..., 1] < 0.25) & (pixels[..., 2] < 0.25)
     assert red_bars.sum() > 500, "no red localisation bars visible in the screenshot"
     assert pixels.std() > 0.05, "the screenshot is blank"
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [
+        (["passed", "error"], "1 of 2 runtime(s) could not run the file"),
+        (["failed", "passed", "passed"], "1 of 3 runtime(s) differ"),
+        (["failed", "error", "passed"], "1 of 3 runtime(s) differ, 1 runtime(s) could not run the file"),
+    ],
+)
+def test_the_verdict_counts_an_engine_that_crashed_apart_from_one_that_differs(
+    statuses: list[str], expected: str
+) -> None:
+    """'parity FAILED: 1 of 7 runtime(s) differ' was printed where the ONNX reference evaluator crashed on a file
+    (its 1-D MaxPool with pads) that every other runtime ran and agreed with: nothing differed."""
+    runtimes = [
+        RuntimeResult(f"r{i}", Status(s), reason="IndexError" if s == "error" else "") for i, s in enumerate(statuses)
+    ]
+    report = ParityReport("m.onnx", "", "inference", [], [], "pytorch (eval)", runtimes, "", {})
+    assert report.failure_counts() == expected
+    assert f"parity FAILED: {expected}" in report_text(report)
+    assert f"failed for m.onnx: {expected} (against PyTorch)" in failure_message(report)

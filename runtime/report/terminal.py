@@ -108,7 +108,7 @@ def print_report(report: ParityReport, console: Console | None = None) -> None:
     elif not ran:
         console.print("[bold red]parity FAILED: none of the chosen runtimes ran[/]")
     else:
-        console.print(f"[bold red]parity FAILED: {len(report.failures())} of {ran} runtime(s) differ[/]")
+        console.print(f"[bold red]parity FAILED: {report.failure_counts()}[/]")
 
 
 def report_text(report: ParityReport, width: int = 160) -> str:
