@@ -57,6 +57,7 @@ __all__ = [
     "TensorSpec",
     "bkn_layers",
     "check_feeds",
+    "copy_model",
     "create_directories",
     "export_onnx",
     "find_plugin_library",
@@ -251,3 +252,11 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     from bkn_export.atomic import write_text_atomic as write
 
     return Path(write(path, text))
+
+
+def copy_model(model: Any) -> Any:
+    """A deep copy of the reference model that survives tensors it keeps from an earlier forward
+    (:func:`bkn_export.copying.copy_module`)."""
+    from bkn_export.copying import copy_module
+
+    return copy_module(model)

@@ -395,8 +395,12 @@ def compare_output(
     tolerance: Tolerance,
     runtime: str = "runtime",
     criteria: Criteria | None = None,
+    atol_floor: np.ndarray | None = None,
 ) -> OutputComparison:
-    """Compare ``actual`` with ``reference`` (any shapes) under ``criteria``; never raises, the verdict says why."""
+    """Compare ``actual`` with ``reference`` (any shapes) under ``criteria``; never raises, the verdict says why.
+
+    atol_floor: an atol per element, broadcastable to the reference (the localisation's per-channel noise floors),
+    below which ``tolerance.atol`` is not lowered; a statistic criterion takes its largest value."""
     criteria = criteria or Criteria()
     reference = np.asarray(reference)
     actual = np.asarray(actual)
@@ -424,10 +428,17 @@ def compare_output(
         actual = actual.astype(np.complex128).view(np.float64).reshape(*actual.shape, 2)
     ref64 = reference.astype(np.float64)
     act64 = actual.astype(np.float64)
+    atol: float | np.ndarray = tolerance.atol
+    if atol_floor is not None and atol_floor.size:
+        try:
+            atol = np.maximum(tolerance.atol, np.broadcast_to(np.asarray(atol_floor, np.float64), ref64.shape))
+        except ValueError:  # a floor of another shape (a complex output's parts): the plain atol
+            atol = tolerance.atol
     nonfinite_reference, nonfinite_actual = result.nonfinite_reference, result.nonfinite_actual
     if criteria.equal_nan:  # the matching NaN / Inf pairs leave the comparison; the rest is judged as always
         matched = (np.isnan(ref64) & np.isnan(act64)) | (np.isinf(ref64) & (ref64 == act64))
         ref64, act64 = ref64[~matched], act64[~matched]
+        atol = atol[~matched] if isinstance(atol, np.ndarray) else atol
         nonfinite_reference, nonfinite_actual = nonfinite_count(ref64), nonfinite_count(act64)
     with np.errstate(invalid="ignore", over="ignore"):
         abs_error = np.abs(act64 - ref64)
@@ -439,7 +450,7 @@ def compare_output(
             result.max_rel_error = float(np.max(finite_error / np.maximum(np.abs(ref64), np.finfo(np.float64).tiny)))
         if not finite.all():  # like the absolute error: a NaN/Inf difference is not a relative error of 0
             result.max_rel_error = result.max_abs_error
-        limit = tolerance.atol + tolerance.rtol * np.abs(ref64)
+        limit = atol + tolerance.rtol * np.abs(ref64)
         # NaN errors count as outside; an infinity counts as inside where the other side holds the same one, and as
         # outside where it does not (+inf against -inf has an infinite limit too).
         with np.errstate(invalid="ignore"):
@@ -456,8 +467,9 @@ def compare_output(
             result.cosine_similarity = float("nan")
         elif norm_ref > 0 and norm_act > 0:
             result.cosine_similarity = dot / (norm_ref * norm_act)
-        else:  # zeros against zeros agree; against anything else the cosine is undefined, which no cosine_min passes
-            result.cosine_similarity = 1.0 if norm_ref == norm_act else float("nan")
+        else:  # zeros against values within atol of zero (a flushed denormal) agree; against anything else the
+            # cosine is undefined, which no cosine_min passes
+            result.cosine_similarity = 1.0 if scale <= tolerance.atol else float("nan")
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             relative = abs_error / np.abs(np.where(ref64 == 0, _RELATIVE_EPSILON, ref64))
         result.mean_abs_error = float(abs_error.mean())
@@ -490,7 +502,7 @@ def compare_output(
             f"{allowed} (max abs error {result.max_abs_error:.3g})"
         )
     elif criteria.error_stat != "elementwise" and not (
-        result.stat_abs_error <= tolerance.atol or result.stat_rel_error <= tolerance.rtol
+        result.stat_abs_error <= np.max(atol, initial=tolerance.atol) or result.stat_rel_error <= tolerance.rtol
     ):
         stat = f"quantile {criteria.error_quantile:g}" if criteria.error_stat == "quantile" else criteria.error_stat
         result.message = (

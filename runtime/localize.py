@@ -19,8 +19,8 @@ Method (documented in docs/runtime.md):
 
 Each boundary is compared with the output of the module it leaves, matched by shape
 (a module with several outputs, e.g. a training-mode BKN's posterior statistics, keeps
-only the tensor its forward returned; a module with several different outputs of one shape is
-not compared, since which one a value is cannot be told), as copied when that module returned: a later
+only the tensor its forward returned; of several outputs of one shape, the one closest to the
+runtime's value, since which one a value is cannot be told), as copied when that module returned: a later
 in-place op (``ReLU(inplace=True)``, ``x += shortcut``) does not change it. A fused node
 (Conv with a folded BKN) carries the normalization's scope, so it is compared with the
 normalization's output, the last module of its group. Modules called more than once are
@@ -50,7 +50,7 @@ import onnx
 from runtime._bkn import save_onnx
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture
-from runtime.compare import OutputComparison, Tolerance, TolerancePolicy, compare_output
+from runtime.compare import OutputComparison, TolerancePolicy, compare_output
 from runtime.noise import NOISE_FACTOR
 from runtime.onnx_scopes import Boundary, module_boundaries, module_inputs, nearest_upstream, prefix_model, with_outputs
 
@@ -122,61 +122,76 @@ class Localisation:
 
 @dataclass(frozen=True)
 class NoiseFloors:
-    """Per module, the largest distance of its captured float32 outputs (inputs) from a float64 copy's:
-    the reference's own rounding there, which a runtime's float32 evaluation shares (:mod:`runtime.noise`)."""
+    """Per module and tensor (its outputs, its inputs, in capture order), NOISE_FACTOR times the largest distance
+    of the captured float32 tensor from a float64 copy's, per channel (dim 1; the whole tensor where it has one
+    dim): the reference's own rounding there, which a runtime's float32 evaluation shares (:mod:`runtime.noise`).
+    Per channel, so that one large channel's rounding does not hide a fault in a small one. None: no floor."""
 
-    outputs: Mapping[str, float]
-    inputs: Mapping[str, float]
+    outputs: Mapping[str, list[np.ndarray | None]]
+    inputs: Mapping[str, list[np.ndarray | None]]
 
-    def tolerance(self, tolerance: Tolerance, module: str, of: str = "outputs") -> Tolerance:
-        """``tolerance`` with its atol raised to :data:`runtime.noise.NOISE_FACTOR` × the floor of ``module``
-        (never lowered)."""
-        floor = getattr(self, of).get(module, 0.0)
-        return Tolerance(max(tolerance.atol, NOISE_FACTOR * floor), tolerance.rtol)
+    def floor(self, module: str, index: int | None, of: str = "outputs") -> np.ndarray | None:
+        """The atol floor (broadcastable to the tensor) of tensor ``index`` of ``module``'s outputs or inputs."""
+        floors = getattr(self, of).get(module, [])
+        return floors[index] if index is not None and index < len(floors) else None
 
 
-def _largest_distance(float32: list[np.ndarray], float64: list[np.ndarray]) -> float | None:
-    """max |a32 − a64| over the floating tensors of a module's outputs (or inputs) that pair by position and shape;
-    None where they do not pair (the float64 run took another path) or a distance is not finite."""
-    if len(float32) != len(float64):
+def _channel_floor(a32: np.ndarray, a64: np.ndarray) -> np.ndarray | None:
+    """NOISE_FACTOR × max |a32 − a64| per channel (dim 1, kept for broadcasting), over the whole tensor where it has
+    fewer than two dims; None where the tensors do not pair, are not floating, or a distance is not finite."""
+    if a32.shape != a64.shape or a32.dtype.kind != "f" or a32.size == 0:
         return None
-    largest = 0.0
-    for a32, a64 in zip(float32, float64):
-        if a32.shape != a64.shape:
-            return None
-        if a32.dtype.kind != "f" or a32.size == 0:
-            continue
-        with np.errstate(invalid="ignore", over="ignore"):
-            distance = float(np.max(np.abs(a32.astype(np.float64) - a64.astype(np.float64))))
-        if not np.isfinite(distance):
-            return None
-        largest = max(largest, distance)
-    return largest
+    with np.errstate(invalid="ignore", over="ignore"):
+        distance = np.abs(a32.astype(np.float64) - a64.astype(np.float64))
+    if not np.isfinite(distance).all():
+        return None
+    axes = tuple(axis for axis in range(distance.ndim) if axis != 1) if distance.ndim >= 2 else None
+    return NOISE_FACTOR * distance.max(axis=axes, keepdims=True)
 
 
 def noise_floors(float32: ModuleCapture, float64: ModuleCapture) -> NoiseFloors:
     """:class:`NoiseFloors` of a capture (the parity reference) against the capture of a float64 copy of the model
-    on the same inputs; a module whose tensors do not pair gets no floor."""
-    found: dict[str, dict[str, float]] = {"outputs": {}, "inputs": {}}
+    on the same inputs; a module whose tensors do not pair (another count: the float64 run took another path) gets
+    none."""
+    found: dict[str, dict[str, list[np.ndarray | None]]] = {"outputs": {}, "inputs": {}}
     for kind, floors in found.items():
         ours, theirs = getattr(float32, kind), getattr(float64, kind)
         for module, tensors in ours.items():
-            distance = _largest_distance(tensors, theirs.get(module, []))
-            if distance is not None:
-                floors[module] = distance
+            doubles = theirs.get(module, [])
+            if len(doubles) == len(tensors):
+                floors[module] = [_channel_floor(a32, a64) for a32, a64 in zip(tensors, doubles)]
     return NoiseFloors(found["outputs"], found["inputs"])
 
 
-def _match(capture: ModuleCapture, module: str, actual: np.ndarray) -> np.ndarray | None:
-    """The output of ``module`` (run once) with ``actual``'s shape; None where it has none, or several that differ
-    (a VAE encoder's (μ, log σ²), an LSTM's (h, c)): which of them an ONNX value is cannot be told by shape, and
-    comparing with the wrong one blames the module for a difference it does not make."""
+def _matched(capture: ModuleCapture, module: str, actual: np.ndarray) -> int | None:
+    """The index among ``module``'s captured outputs (it ran once) of the one with ``actual``'s shape. Where it has
+    several of that shape (a VAE encoder's (μ, log σ²), an LSTM's (h, c)), the closest to ``actual``: which one an
+    ONNX value is cannot be told by shape, and comparing with the other blamed the encoder for its decoder's fault,
+    while a fault in the module itself still shows against the closest."""
     if capture.calls.get(module, 0) != 1:
         return None
-    candidates = [t for t in capture.outputs.get(module, []) if t.shape == actual.shape]
-    if not candidates or any(not np.array_equal(t, candidates[0], equal_nan=True) for t in candidates[1:]):
-        return None
-    return candidates[0]
+    outputs = capture.outputs.get(module, [])
+    candidates = [index for index, t in enumerate(outputs) if t.shape == actual.shape]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    return min(candidates, key=lambda index: _distance(outputs[index], actual))
+
+
+def _match(capture: ModuleCapture, module: str, actual: np.ndarray) -> np.ndarray | None:
+    """The captured output :func:`_matched` picks, or None."""
+    index = _matched(capture, module, actual)
+    return None if index is None else capture.outputs[module][index]
+
+
+def _distance(reference: np.ndarray, actual: np.ndarray) -> float:
+    """max |a − r| in float64, NaN and infinite differences counted as infinite (for picking the closest)."""
+    if reference.dtype.kind not in "fiub" or actual.dtype.kind not in "fiub":
+        return 0.0 if np.array_equal(reference, actual) else float("inf")
+    with np.errstate(invalid="ignore", over="ignore"):
+        difference = np.abs(reference.astype(np.float64) - actual.astype(np.float64))
+    if difference.size == 0:
+        return 0.0
+    return float(np.nanmax(np.where(np.isfinite(difference), difference, np.inf)))
 
 
 def _check(
@@ -184,12 +199,13 @@ def _check(
     reference: np.ndarray,
     actual: np.ndarray,
     policy: TolerancePolicy,
-    floors: NoiseFloors | None = None,
+    floor: np.ndarray | None = None,
 ) -> BoundaryCheck:
+    """``actual`` against ``reference`` under the run's tolerance, its atol raised to ``floor`` (per element)."""
     tolerance = policy.tolerance(boundary.value, actual.dtype.name)
-    if floors is not None:
-        tolerance = floors.tolerance(tolerance, boundary.module)
-    result: OutputComparison = compare_output(boundary.value, reference, actual, tolerance, criteria=policy.criteria)
+    result: OutputComparison = compare_output(
+        boundary.value, reference, actual, tolerance, criteria=policy.criteria, atol_floor=floor
+    )  # fmt: skip
     return BoundaryCheck(
         module=boundary.module,
         modules=list(boundary.modules),
@@ -291,19 +307,27 @@ def localise(
         return Localisation(runtime, "error", message=f"{type(error).__name__}: {error}")
 
 
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _input_dependent(model: onnx.ModelProto) -> set[str]:
+    """The values computed from a graph input (a node with a subgraph counts as such: it may read outer values)."""
+    dependent = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if _has_subgraph(node) or any(name in dependent for name in node.input):
+            dependent.update(v for v in node.output if v)
+    return dependent
+
+
 def _node_values(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto]]:
     """Every node output in graph order that depends on a graph input, with its node (optional outputs left empty
     are left out). A value computed from initializers and constants alone is the file's, folded by the runtime,
     not computed from the data: exposed as an output it can come back in another type (OpenVINO returned the int64
-    Slice bound −2⁶³+1 as −2³¹, which the model never sees), so it is not compared."""
-    dependent = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
-    values: list[tuple[str, onnx.NodeProto]] = []
-    for node in model.graph.node:
-        subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-        if subgraphs or any(name in dependent for name in node.input):  # a subgraph may read outer values
-            dependent.update(v for v in node.output if v)
-            values.extend((v, node) for v in node.output if v)
-    return values
+    Slice bound −2⁶³+1 as −2³¹, which the model never sees), so it is not compared; the isolated run of a node
+    that reads one computes it on the runtime (:func:`_isolated_nodes`)."""
+    dependent = _input_dependent(model)
+    return [(v, node) for node in model.graph.node for v in node.output if v and v in dependent]
 
 
 def _localise_nodes(
@@ -334,7 +358,7 @@ def _localise_nodes(
                 boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
                 checks.append((node, _node_check(boundary, expected[value], actual[value], policy)))
         failing = [(node, check) for node, check in checks if not check.passed]
-        own = _own_divergences(model, runner, oracle, failing, expected, policy) if failing else set()
+        own = _own_divergences(model, runner, oracle, failing, expected, policy) if failing else {}
         for node, check in checks:
             result.checks.append(check)
             if not check.passed and check.onnx_value in own:
@@ -345,8 +369,7 @@ def _localise_nodes(
                 result.message = (
                     f"first diverging ONNX node: {node.name or '(unnamed)'} ({node.op_type}, value "
                     f"{check.onnx_value!r}), max abs error {check.max_abs_error:.3g} against the ONNX reference "
-                    "evaluator (from the evaluator's own inputs it computes the same difference)"
-                    + _inherited_note(inherited, " before it")
+                    f"evaluator ({own[check.onnx_value]})" + _inherited_note(inherited, " before it")
                 )
                 return result
             if check.passed:
@@ -358,10 +381,10 @@ def _localise_nodes(
         "every node output agrees with the ONNX reference evaluator: the difference is in the graph outputs' "
         "last nodes, or the reference (PyTorch / saved outputs) differs from ONNX's semantics"
         if not inherited
-        else "no node computes a difference of its own from the ONNX reference evaluator's inputs"
+        else "no node, run alone from the ONNX reference evaluator's inputs, computes a difference of its own"
         + _inherited_note(inherited)
-        + ": the runtime runs the file as ONNX defines it, so the reference (PyTorch / saved outputs) differs from "
-        "ONNX's semantics of this file, or the graph outputs differ only by that rounding (--noise-floor)"
+        + ": the reference (PyTorch / saved outputs) differs from ONNX's semantics of this file, or the graph "
+        "outputs differ only by that rounding (--noise-floor)"
     )
     return result
 
@@ -382,34 +405,64 @@ def _own_divergences(
     failing: list[tuple[onnx.NodeProto, BoundaryCheck]],
     expected: Mapping[str, np.ndarray],
     policy: TolerancePolicy,
-) -> set[str]:
-    """The failing node outputs whose node, run alone on the failing runtime from the reference evaluator's values of
-    its inputs, still differs from the evaluator's output: a difference the node makes, not one it inherits (float32
-    rounding accumulated through the layers before it, which each runtime sums in its own order). A node with a
-    subgraph (If, Loop, Scan), or one whose isolated run fails, counts as its own divergence."""
-    initializers = {t.name for t in model.graph.initializer}
-    isolable = [
-        (node, check)
-        for node, check in failing
-        if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-    ]
-    own = {check.onnx_value for node, check in failing} - {check.onnx_value for _, check in isolable}
+) -> dict[str, str]:
+    """Of the failing node outputs, those the node itself makes → how that is known: the node, run alone on the
+    failing runtime from the reference evaluator's values of its data inputs (the values computed from weights and
+    constants alone computed by the runtime, as in the file), still differs from the evaluator's output. One that
+    agrees there only inherits its inputs' difference (float32 rounding accumulated through the layers before it,
+    which each runtime sums in its own order) and is left out. A node with a subgraph (If, Loop, Scan), or one whose
+    isolated run fails, is kept, and its reason says it was not run alone."""
+    dependent = _input_dependent(model)
+    own: dict[str, str] = {}
+    isolable = []
+    for node, check in failing:
+        if _has_subgraph(node):
+            own[check.onnx_value] = "not run alone: it holds a subgraph"
+        else:
+            isolable.append((node, check))
     if not isolable:
         return own
-    wanted = sorted({i for node, _ in isolable for i in node.input if i and i not in initializers})
+    wanted = sorted({i for node, _ in isolable for i in node.input if i in dependent})
     try:
         inputs = oracle.run(with_outputs(model, wanted)) if wanted else {}
-        isolated, feeds, renamed = _isolated_nodes(model, [node for node, _ in isolable], inputs, expected)
-        computed = runner.run(isolated, feeds)
-    except Exception:  # no isolated verdict: each counts as its own divergence, as before this check
-        return own | {check.onnx_value for _, check in isolable}
-    for node, check in isolable:
-        value = check.onnx_value
-        alone = computed.get(renamed[value])
-        boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
-        if alone is None or not _node_check(boundary, expected[value], alone, policy).passed:
-            own.add(value)
+    except Exception as error:
+        return own | {check.onnx_value: f"not run alone: {type(error).__name__}" for _, check in isolable}
+    groups = [isolable]
+    try:
+        computed = _run_isolated(model, runner, [node for node, _ in isolable], inputs, expected, dependent)
+    except Exception:  # one node the runtime cannot run alone: each on its own, so the others keep their verdict
+        groups, computed = [[pair] for pair in isolable], {}
+    for group in groups:
+        if len(groups) > 1:
+            try:
+                computed = _run_isolated(model, runner, [node for node, _ in group], inputs, expected, dependent)
+            except Exception as error:
+                own.update({check.onnx_value: f"not run alone: {type(error).__name__}" for _, check in group})
+                continue
+        for node, check in group:
+            value = check.onnx_value
+            alone = computed.get(value)
+            boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
+            if alone is None:
+                own[value] = "not run alone: the runtime returned nothing for it"
+            elif not _node_check(boundary, expected[value], alone, policy).passed:
+                own[value] = "from the evaluator's own inputs it computes the same difference"
     return own
+
+
+def _run_isolated(
+    model: onnx.ModelProto,
+    runner: _Runner,
+    nodes: list[onnx.NodeProto],
+    inputs: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    dependent: set[str],
+) -> dict[str, np.ndarray]:
+    """The outputs (by their names in ``model``) of copies of ``nodes`` run alone on the runtime
+    (:func:`_isolated_nodes`)."""
+    isolated, feeds, renamed = _isolated_nodes(model, nodes, inputs, expected, dependent)
+    computed = runner.run(isolated, feeds)
+    return {original: computed[copy] for original, copy in renamed.items() if copy in computed}
 
 
 def _isolated_nodes(
@@ -417,13 +470,31 @@ def _isolated_nodes(
     nodes: list[onnx.NodeProto],
     inputs: Mapping[str, np.ndarray],
     expected: Mapping[str, np.ndarray],
+    dependent: set[str],
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, str]]:
-    """A model of copies of ``nodes``, each reading its own graph inputs (fed ``inputs``, the evaluator's values) and
-    the file's initializers: (model, feeds, original output name → the copy's output name)."""
+    """A model of copies of ``nodes``, each reading its data inputs (``dependent``) as graph inputs of its own (fed
+    ``inputs``, the evaluator's values; one per name, so ``Mul(x, x)`` reads one) and every other input as the file
+    computes it: its initializers, and the nodes that compute a value from them alone, copied once.
+    Returns (model, feeds, original output name → the copy's output name)."""
     from onnx.helper import make_graph, make_model, make_tensor_value_info, np_dtype_to_tensor_dtype
 
     initializers = {t.name: t for t in model.graph.initializer}
-    copies, graph_inputs, graph_outputs, used = [], [], [], {}
+    producers = {v: (position, node) for position, node in enumerate(model.graph.node) for v in node.output if v}
+    constant_nodes: dict[int, onnx.NodeProto] = {}
+    used: dict[str, onnx.TensorProto] = {}
+
+    def keep_constant(name: str) -> None:
+        """``name`` (computed without the graph inputs) as the file computes it: its producers, their initializers."""
+        if name in initializers:
+            used[name] = initializers[name]
+        elif name in producers and producers[name][0] not in constant_nodes:
+            position, node = producers[name]
+            constant_nodes[position] = node
+            for upstream in node.input:
+                if upstream:
+                    keep_constant(upstream)
+
+    copies, graph_inputs, graph_outputs = [], [], []
     feeds: dict[str, np.ndarray] = {}
     renamed: dict[str, str] = {}
     for index, node in enumerate(nodes):
@@ -433,15 +504,15 @@ def _isolated_nodes(
         for position, name in enumerate(node.input):
             if not name:
                 continue
-            if name in initializers:
-                used[name] = initializers[name]
+            if name not in dependent:
+                keep_constant(name)
                 continue
             fed = f"{name}__isolated{index}"
             copy.input[position] = fed
-            feeds[fed] = np.asarray(inputs[name])
-            graph_inputs.append(
-                make_tensor_value_info(fed, np_dtype_to_tensor_dtype(feeds[fed].dtype), feeds[fed].shape)
-            )
+            if fed not in feeds:
+                feeds[fed] = np.asarray(inputs[name])
+                dtype = np_dtype_to_tensor_dtype(feeds[fed].dtype)
+                graph_inputs.append(make_tensor_value_info(fed, dtype, feeds[fed].shape))
         for position, name in enumerate(node.output):
             if not name:
                 continue
@@ -450,7 +521,8 @@ def _isolated_nodes(
                 dtype = np_dtype_to_tensor_dtype(np.asarray(expected[name]).dtype)
                 graph_outputs.append(make_tensor_value_info(renamed[name], dtype, None))
         copies.append(copy)
-    graph = make_graph(copies, "isolated_nodes", graph_inputs, graph_outputs, initializer=list(used.values()))
+    ordered = [constant_nodes[position] for position in sorted(constant_nodes)] + copies
+    graph = make_graph(ordered, "isolated_nodes", graph_inputs, graph_outputs, initializer=list(used.values()))
     isolated = make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
     isolated.ir_version = model.ir_version
     return isolated, feeds, renamed
@@ -494,9 +566,9 @@ def _diverged_input(
         if actual is None or len(candidates) != 1:
             continue
         tolerance = policy.tolerance(value, actual.dtype.name)
-        if floors is not None:
-            tolerance = floors.tolerance(tolerance, first_module, of="inputs")
-        comparison = compare_output(value, candidates[0], actual, tolerance)
+        index = next(i for i, t in enumerate(capture.inputs[first_module]) if t is candidates[0])
+        floor = floors.floor(first_module, index, of="inputs") if floors is not None else None
+        comparison = compare_output(value, candidates[0], actual, tolerance, atol_floor=floor)
         if not comparison.passed:
             return value, producer, comparison.max_abs_error, candidates[0]
     return None
@@ -554,10 +626,12 @@ def _localise(
     checks: list[tuple[Boundary, BoundaryCheck]] = []
     for boundary in boundaries:
         actual = exposed.get(boundary.value)
-        reference = _match(capture, boundary.module, actual) if actual is not None else None
-        if actual is None or reference is None:
+        index = _matched(capture, boundary.module, actual) if actual is not None else None
+        if actual is None or index is None:
             continue
-        checks.append((boundary, _check(boundary, reference, actual, policy, floors)))
+        reference = capture.outputs[boundary.module][index]
+        floor = floors.floor(boundary.module, index) if floors is not None else None
+        checks.append((boundary, _check(boundary, reference, actual, policy, floor)))
     result.checks = [c for _, c in checks]
 
     verdicts: dict[int, BoundaryCheck] = {}  # boundary index -> its check on its prefix model (run once each)
@@ -567,9 +641,10 @@ def _localise(
             boundary, _ = checks[index]
             outputs = runner.run(prefix_model(model, boundary.value))
             actual = outputs[boundary.value]
-            reference = _match(capture, boundary.module, actual)
-            assert reference is not None
-            verdicts[index] = _check(boundary, reference, actual, policy, floors)
+            matched = _matched(capture, boundary.module, actual)
+            assert matched is not None
+            floor = floors.floor(boundary.module, matched) if floors is not None else None
+            verdicts[index] = _check(boundary, capture.outputs[boundary.module][matched], actual, policy, floor)
         return verdicts[index]
 
     first_index = next((i for i, (_, c) in enumerate(checks) if not c.passed), None)

@@ -28,13 +28,13 @@ layers tried), 19× or more above the floor-based atol of 1.3e-4.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from runtime._bkn import copy_model
 from runtime.compare import Tolerance, default_tolerance
 
 __all__ = ["NOISE_FACTOR", "ReferenceNoise", "measured_noise", "noise_tolerance", "reference_noise"]
@@ -104,7 +104,7 @@ def measured_noise(
     halves = sorted({d for d in dtypes.values() if d in _HALF_DTYPES})
 
     def evaluate(dtype_name: str) -> list[dict[str, np.ndarray]]:
-        copied = copy.deepcopy(model).to(getattr(torch, dtype_name))
+        copied = copy_model(model).to(getattr(torch, dtype_name))
         backend = TorchEagerBackend(copied, mode)
         backend.input_names, backend.output_names = list(input_names), list(output_names)
         return [backend.run(dict(feed)) for feed in feeds]

@@ -26,7 +26,6 @@ which (``tolerance_source``).
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import enum
 import hashlib
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime._bkn import bkn_layers
+from runtime._bkn import bkn_layers, copy_model
 from runtime.backends.base import Backend
 from runtime.backends.torch_eager import ModuleCapture, TorchEagerBackend, op_node_layers
 from runtime.compare import (
@@ -829,7 +828,7 @@ def _module_noise_floors(backend: TorchEagerBackend, feed: Feed, capture: Module
     model's (:func:`runtime.localize.noise_floors`); the reason as text where the model does not run in float64."""
     import torch
 
-    double = TorchEagerBackend(copy.deepcopy(backend.model).to(torch.float64), backend.mode)
+    double = TorchEagerBackend(copy_model(backend.model).to(torch.float64), backend.mode)
     double.input_names, double.output_names = backend.input_names, backend.output_names
     double.file_outputs, double.file_layers = backend.file_outputs, backend.file_layers
     try:

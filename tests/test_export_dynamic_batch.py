@@ -72,3 +72,33 @@ def test_a_batch_agnostic_model_exports_from_a_batch_1_example(tmp_path: Path) -
     _quiet_export(model, torch.randn(1, 3, 4, 4), tmp_path / "plain.onnx")
     session = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[0] == "batch"
+
+
+class _PerSampleConv(nn.Module):
+    """A depthwise conv run as one grouped conv over the batch folded into the channels (geffnet's CondConv):
+    groups = N · C, an ONNX attribute that cannot follow a dynamic batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 1, 3, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        folded = x.reshape(1, n * c, h, w)
+        y = torch.nn.functional.conv2d(folded, self.weight.repeat(n, 1, 1, 1), padding=1, groups=n * c)
+        return y.reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_an_attribute_that_follows_the_batch_is_refused_with_what_to_do(tmp_path: Path, mode: str) -> None:
+    """CondConv networks failed with the exporter's bare "Unsupported attribute type: SymbolicTensor"; with a static
+    batch they export."""
+    from bkn_export import convert_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _PerSampleConv(), nn.BatchNorm2d(4)).eval()
+    model = convert_batchnorm(model, x) if mode == "training" else model
+    with pytest.raises(ExportError, match=r"depends on the input's batch.*dynamic_batch=False, --static-batch"):
+        export_onnx(model, (x,), tmp_path / "dynamic.onnx", mode=mode)
+    export_onnx(model, (x,), tmp_path / "static.onnx", mode=mode, dynamic_batch=False)

@@ -101,6 +101,22 @@ def export_failure_cause(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}{_failing_call(error)}"
 
 
+def shape_attribute_hint(error: BaseException) -> str:
+    """Where the exporter could not write an operator attribute that depends on a dynamic size (its root cause names
+    a ``SymbolicTensor`` attribute: geffnet's CondConv folds the batch into the channels, ``groups = N · groups``),
+    what to do; "" otherwise."""
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if "SymbolicTensor" not in str(cause) or "attribute" not in str(cause).lower():
+        return ""
+    return (
+        ". An operator attribute depends on the input's batch (or spatial) size, which ONNX attributes cannot: e.g. a "
+        "grouped conv with groups = batch × groups (CondConv). Export with a static batch (dynamic_batch=False, "
+        "--static-batch) and without dynamic_spatial"
+    )
+
+
 def _failing_call(error: BaseException) -> str:
     """The model code torch.export stopped at ("The following call raised this error:" and the file, line and
     source it names), from the exporter's messages along the chain of causes; "" where none names one."""

@@ -27,7 +27,6 @@ inputs (test-time adaptation: ``examples/test_time_adaptation.py``).
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -43,9 +42,10 @@ from torch import Tensor, nn
 from bkn_export import functional as Fk
 from bkn_export.chain.observe import observe
 from bkn_export.chain.scope import Observer, Published
+from bkn_export.copying import copy_module
 from bkn_export.distributed import SyncBatchKalmanNorm
 from bkn_export.errors import ExportError, ModelFileError
-from bkn_export.export.common import export_failure_cause, resolve_graph_optimizer
+from bkn_export.export.common import export_failure_cause, resolve_graph_optimizer, shape_attribute_hint
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
 from bkn_export.export.metadata import attach_metadata, export_metadata, output_order_entry, parse_name_scopes
@@ -271,7 +271,7 @@ def export_training(
                 "batch (N, *) with N >= 1 in every input to trace batch statistics"
             )
     check_finite_parameters(model)
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     frozen = set(frozen_layers(work, ((n, m) for n, m in work.named_modules() if isinstance(m, _BatchKalmanNorm))))
     work.eval()
     layers = [(name, m) for name, m in work.named_modules() if isinstance(m, _BatchKalmanNorm) and name not in frozen]
@@ -383,7 +383,7 @@ def _explain_export_failure(error: Exception) -> str:
             "has a different channel count than its input). Re-wire the chain on inputs like these with "
             f"bkn_export.wire_chain(model, example_inputs). Cause: {text}"
         )
-    return f"export_training: torch.onnx.export failed. Cause: {text}"
+    return f"export_training: torch.onnx.export failed. Cause: {text}{shape_attribute_hint(error)}"
 
 
 def attach_function(model: onnx.ModelProto) -> None:

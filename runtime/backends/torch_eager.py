@@ -20,14 +20,13 @@ localisation (:mod:`runtime.localize`).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from runtime._bkn import kept_modes
+from runtime._bkn import copy_model, kept_modes
 from runtime.backends.base import Availability, Backend
 
 __all__ = ["ModuleCapture", "TorchEagerBackend", "array_of", "tensor_of"]
@@ -175,7 +174,7 @@ class TorchEagerBackend(Backend):
             return self.model
         from runtime._bkn import train_bkn_layers
 
-        instance = copy.deepcopy(self.model)
+        instance = copy_model(self.model)
         # Only the BKN layers themselves: their children (a norm-act's Dropout) stay in eval; frozen layers too.
         frozen = train_bkn_layers(instance)
         if frozen is not None:
