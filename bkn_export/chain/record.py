@@ -487,7 +487,7 @@ _TRANSPARENT_METHODS = set(
         "requires_grad_",
         owners=(Tensor,),
     )
-) | {torch.clone, torch.detach}
+) | {torch.clone, torch.detach, torch.as_tensor}  # as_tensor of a tensor: that tensor (or a cast)
 _RESHAPE_FUNCTIONS = set(
     _functions("flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as", owners=(torch, Tensor))
 )
