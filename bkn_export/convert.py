@@ -7,7 +7,6 @@ forward; the names are re-exported here for backward compatibility.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from torch.nn.utils import parametrize
 from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
 from bkn_export.chain.scope import detach_roots, move_root
 from bkn_export.conversion_guard import ConversionGuard, layers_using_prior_in_eval
+from bkn_export.copying import copy_module
 from bkn_export.distributed import process_group_memo
 from bkn_export.errors import BKNInputError, CheckpointError, ConversionError, KalmanOptionsError
 from bkn_export.nn import (
@@ -251,7 +251,7 @@ def _working_copy(model: nn.Module, norm_names: list[str]) -> nn.Module:
     memo.update({id(t): t for t in (*model.parameters(), *model.buffers())})
     memo.update(process_group_memo(model))  # a SyncBatchNorm's sub-group is shared, as it cannot be copied
     try:
-        return copy.deepcopy(model, memo)
+        return copy_module(model, memo)
     except Exception as error:  # deepcopy raises whatever an attribute's __deepcopy__/__reduce__ raises
         raise ConversionError(
             f"cannot copy {type(model).__name__} to convert it without touching the original ({error}); "

@@ -24,20 +24,20 @@ M = TypeVar("M", bound=nn.Module)
 _MODULE_SLOTS = frozenset({"_parameters", "_buffers", "_modules"})
 
 
-def copy_module(model: M) -> M:
-    """``copy.deepcopy(model)``, with every non-leaf tensor held in a module's plain attributes (directly or in
-    lists, tuples and dicts) copied detached."""
+def copy_module(model: M, memo: dict[int, Any] | None = None) -> M:
+    """``copy.deepcopy(model, memo)``, with every non-leaf tensor held in a module's plain attributes (directly or in
+    lists, tuples and dicts) copied detached. memo: objects to keep or replace, by id, as deepcopy's (not changed)."""
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, dict(memo or {}))
     except RuntimeError as error:
         if "deepcopy protocol" not in str(error):
             raise
-    memo: dict[int, Any] = {}
+    detached: dict[int, Any] = {}
     for module in model.modules():
         for name, value in vars(module).items():
             if name not in _MODULE_SLOTS:
-                _detached_into(value, memo)
-    return copy.deepcopy(model, memo)
+                _detached_into(value, detached)
+    return copy.deepcopy(model, {**detached, **(memo or {})})
 
 
 def _detached_into(value: Any, memo: dict[int, Any], depth: int = 0) -> None:

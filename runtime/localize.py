@@ -320,13 +320,17 @@ def _input_dependent(model: onnx.ModelProto) -> set[str]:
     return dependent
 
 
-def _node_values(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto]]:
-    """Every node output in graph order that depends on a graph input, with its node (optional outputs left empty
-    are left out). A value computed from initializers and constants alone is the file's, folded by the runtime,
-    not computed from the data: exposed as an output it can come back in another type (OpenVINO returned the int64
-    Slice bound −2⁶³+1 as −2³¹, which the model never sees), so it is not compared; the isolated run of a node
-    that reads one computes it on the runtime (:func:`_isolated_nodes`)."""
-    dependent = _input_dependent(model)
+def _node_boundary(value: str, node: onnx.NodeProto) -> Boundary:
+    """``value`` of ``node`` as the node-by-node method reports it (the node stands for the module)."""
+    return Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
+
+
+def _node_values(model: onnx.ModelProto, dependent: set[str]) -> list[tuple[str, onnx.NodeProto]]:
+    """Every node output in graph order that depends on a graph input (``dependent``: :func:`_input_dependent`),
+    with its node (optional outputs left empty are left out). A value computed from initializers and constants
+    alone is the file's, folded by the runtime, not computed from the data: exposed as an output it can come back in
+    another type (OpenVINO returned the int64 Slice bound −2⁶³+1 as −2³¹, which the model never sees), so it is not
+    compared; the isolated run of a node that reads one computes it on the runtime (:func:`_isolated_nodes`)."""
     return [(v, node) for node in model.graph.node for v in node.output if v and v in dependent]
 
 
@@ -343,7 +347,8 @@ def _localise_nodes(
             "nothing independent to compare its node outputs with",
         )  # fmt: skip
     oracle = _Runner(ReferenceEvaluatorBackend, runner.inputs, workdir, prefix="oracle")
-    values = _node_values(model)
+    dependent = _input_dependent(model)
+    values = _node_values(model, dependent)
     result = Localisation(runtime, "not_localised", method="nodes")
     previous: BoundaryCheck | None = None
     inherited = 0  # node outputs that differ only by what their inputs carried
@@ -355,10 +360,9 @@ def _localise_nodes(
         checks: list[tuple[onnx.NodeProto, BoundaryCheck]] = []
         for value, node in chunk:
             if value in actual and value in expected:
-                boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
-                checks.append((node, _node_check(boundary, expected[value], actual[value], policy)))
+                checks.append((node, _node_check(_node_boundary(value, node), expected[value], actual[value], policy)))
         failing = [(node, check) for node, check in checks if not check.passed]
-        own = _own_divergences(model, runner, oracle, failing, expected, policy) if failing else {}
+        own = _own_divergences(model, dependent, runner, oracle, failing, expected, policy) if failing else {}
         for node, check in checks:
             result.checks.append(check)
             if not check.passed and check.onnx_value in own:
@@ -400,6 +404,7 @@ def _inherited_note(count: int, where: str = "") -> str:
 
 def _own_divergences(
     model: onnx.ModelProto,
+    dependent: set[str],
     runner: _Runner,
     oracle: _Runner,
     failing: list[tuple[onnx.NodeProto, BoundaryCheck]],
@@ -407,19 +412,13 @@ def _own_divergences(
     policy: TolerancePolicy,
 ) -> dict[str, str]:
     """Of the failing node outputs, those the node itself makes → how that is known: the node, run alone on the
-    failing runtime from the reference evaluator's values of its data inputs (the values computed from weights and
-    constants alone computed by the runtime, as in the file), still differs from the evaluator's output. One that
-    agrees there only inherits its inputs' difference (float32 rounding accumulated through the layers before it,
-    which each runtime sums in its own order) and is left out. A node with a subgraph (If, Loop, Scan), or one whose
-    isolated run fails, is kept, and its reason says it was not run alone."""
-    dependent = _input_dependent(model)
-    own: dict[str, str] = {}
-    isolable = []
-    for node, check in failing:
-        if _has_subgraph(node):
-            own[check.onnx_value] = "not run alone: it holds a subgraph"
-        else:
-            isolable.append((node, check))
+    failing runtime from the reference evaluator's values of its data inputs (``dependent`` values; those computed
+    from weights and constants alone computed by the runtime, as in the file), still differs from the evaluator's
+    output. One that agrees there only inherits its inputs' difference (float32 rounding accumulated through the
+    layers before it, which each runtime sums in its own order) and is left out. A node with a subgraph (If, Loop,
+    Scan), or one whose isolated run fails, is kept, and its reason says it was not run alone."""
+    own = {check.onnx_value: "not run alone: it holds a subgraph" for node, check in failing if _has_subgraph(node)}
+    isolable = [(node, check) for node, check in failing if not _has_subgraph(node)]
     if not isolable:
         return own
     wanted = sorted({i for node, _ in isolable for i in node.input if i in dependent})
@@ -427,26 +426,28 @@ def _own_divergences(
         inputs = oracle.run(with_outputs(model, wanted)) if wanted else {}
     except Exception as error:
         return own | {check.onnx_value: f"not run alone: {type(error).__name__}" for _, check in isolable}
-    groups = [isolable]
-    try:
-        computed = _run_isolated(model, runner, [node for node, _ in isolable], inputs, expected, dependent)
-    except Exception:  # one node the runtime cannot run alone: each on its own, so the others keep their verdict
-        groups, computed = [[pair] for pair in isolable], {}
-    for group in groups:
-        if len(groups) > 1:
-            try:
-                computed = _run_isolated(model, runner, [node for node, _ in group], inputs, expected, dependent)
-            except Exception as error:
-                own.update({check.onnx_value: f"not run alone: {type(error).__name__}" for _, check in group})
-                continue
+
+    def judge(group: list[tuple[onnx.NodeProto, BoundaryCheck]]) -> None:
+        computed = _run_isolated(model, runner, [node for node, _ in group], inputs, expected, dependent)
         for node, check in group:
-            value = check.onnx_value
-            alone = computed.get(value)
-            boundary = Boundary(value=value, node=node.name, op_type=node.op_type, position=0, module=node.name)
+            alone = computed.get(check.onnx_value)
             if alone is None:
-                own[value] = "not run alone: the runtime returned nothing for it"
-            elif not _node_check(boundary, expected[value], alone, policy).passed:
-                own[value] = "from the evaluator's own inputs it computes the same difference"
+                own[check.onnx_value] = "not run alone: the runtime returned nothing for it"
+            elif not _node_check(
+                _node_boundary(check.onnx_value, node), expected[check.onnx_value], alone, policy
+            ).passed:
+                own[check.onnx_value] = "from the evaluator's own inputs it computes the same difference"
+
+    try:
+        judge(isolable)
+    except Exception as error:  # one node the runtime cannot run alone: each on its own, so the others keep theirs
+        if len(isolable) == 1:
+            own[isolable[0][1].onnx_value] = f"not run alone: {type(error).__name__}"
+        for pair in isolable if len(isolable) > 1 else ():
+            try:
+                judge([pair])
+            except Exception as alone_error:
+                own[pair[1].onnx_value] = f"not run alone: {type(alone_error).__name__}"
     return own
 
 
@@ -562,15 +563,16 @@ def _diverged_input(
     exposed = runner.run(with_outputs(model, [value for value, _ in inputs]))
     for value, producer in inputs:
         actual = exposed.get(value)
-        candidates = [t for t in capture.inputs[first_module] if actual is not None and t.shape == actual.shape]
+        recorded = capture.inputs[first_module]
+        candidates = [i for i, t in enumerate(recorded) if actual is not None and t.shape == actual.shape]
         if actual is None or len(candidates) != 1:
             continue
-        tolerance = policy.tolerance(value, actual.dtype.name)
-        index = next(i for i, t in enumerate(capture.inputs[first_module]) if t is candidates[0])
+        (index,) = candidates
         floor = floors.floor(first_module, index, of="inputs") if floors is not None else None
-        comparison = compare_output(value, candidates[0], actual, tolerance, atol_floor=floor)
+        tolerance = policy.tolerance(value, actual.dtype.name)
+        comparison = compare_output(value, recorded[index], actual, tolerance, atol_floor=floor)
         if not comparison.passed:
-            return value, producer, comparison.max_abs_error, candidates[0]
+            return value, producer, comparison.max_abs_error, recorded[index]
     return None
 
 

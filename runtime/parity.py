@@ -459,6 +459,7 @@ def run_parity(
             "reported unavailable; compare them on the file before ONNX Runtime's optimization"
         )
     total = len(chosen)
+    captured: dict[int, tuple[ModuleCapture, NoiseFloors | str]] = {}  # per input set, for every failing runtime
     for index, entry in enumerate(chosen):
         result, failure_notes = _run_one(
             entry, path, feeds, references, policy, half, progress, index, total, ort_only
@@ -473,7 +474,7 @@ def run_parity(
                     progress("localise", entry.name, index, total)
                 result.localisation = _localise(
                     onnx_model, entry, feed, references[result.failing_iteration or 0], reference_backend,
-                    failing, policy, localise_method,
+                    failing, policy, localise_method, captured, result.failing_iteration or 0,
                 )  # fmt: skip
             if repro_dir is not None and result.outputs:
                 from runtime.repro import write_repro
@@ -811,13 +812,19 @@ def _localise(
     failing: list[str],
     policy: TolerancePolicy,
     method: str,
+    captured: dict[int, tuple[ModuleCapture, NoiseFloors | str]],
+    iteration: int,
 ) -> Localisation:
+    """Localise ``entry``'s failure on input set ``iteration`` (``feed``). The reference's module capture and noise
+    floors on that set are computed once and kept in ``captured`` for the other failing runtimes."""
     assert entry.make is not None
     capture: ModuleCapture | None = None
     floors: NoiseFloors | str | None = None
     if reference_backend is not None:
-        _, capture = reference_backend.run_capturing(feed)
-        floors = _module_noise_floors(reference_backend, feed, capture)
+        if iteration not in captured:
+            _, found = reference_backend.run_capturing(feed)
+            captured[iteration] = found, _module_noise_floors(reference_backend, feed, found)
+        capture, floors = captured[iteration]
     return localise(
         onnx_model, entry.make, entry.name, feed, reference, capture, failing, policy, method, floors=floors
     )  # fmt: skip

@@ -91,12 +91,17 @@ _LEAF_SPEC_NOTICE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The last exception of ``error``'s chain of explicit causes (``raise ... from``)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def export_failure_cause(error: BaseException) -> str:
     """The root cause of an exporter failure in one line, without the exporter's colour codes and boilerplate, and
     the model code torch.export stopped at where its messages name it (" Raised at: <file, line> <source>")."""
-    cause: BaseException = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause = root_cause(error)
     lines = _ANSI_ESCAPE.sub("", str(cause)).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0] if lines else ''}{_failing_call(error)}"
 
@@ -105,9 +110,7 @@ def shape_attribute_hint(error: BaseException) -> str:
     """Where the exporter could not write an operator attribute that depends on a dynamic size (its root cause names
     a ``SymbolicTensor`` attribute: geffnet's CondConv folds the batch into the channels, ``groups = N · groups``),
     what to do; "" otherwise."""
-    cause: BaseException = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause = root_cause(error)
     if "SymbolicTensor" not in str(cause) or "attribute" not in str(cause).lower():
         return ""
     return (

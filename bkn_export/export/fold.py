@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, fx, nn
 
+from bkn_export.copying import copy_module
 from bkn_export.errors import ExportError
 from bkn_export.export.checks import NORMALIZATION_TYPES, check_inference_ready
 from bkn_export.export.common import example_tuple
@@ -109,7 +110,7 @@ def _folded_host(host: nn.Module, norm: nn.Module) -> nn.Module:
         _tensor(norm, "bias"),
         float(norm.eps),  # type: ignore[arg-type]
     )
-    new = copy.deepcopy(host)
+    new = copy_module(host)
     original = host.weight
     assert isinstance(original, Tensor)
     transposed = isinstance(host, nn.modules.conv._ConvNd) and host.transposed
@@ -217,7 +218,7 @@ def fold(model: nn.Module, example_inputs: Any = None) -> FoldResult:
     :class:`ExportError` if the model cannot be traced. ``model`` is not modified.
     """
     norms = dict(check_inference_ready(model))
-    folded = copy.deepcopy(model).eval()
+    folded = copy_module(model).eval()
     graph = _trace(folded)
     ranks = _output_ranks(folded, example_inputs) if example_inputs is not None else None
     calls: dict[str, int] = {}

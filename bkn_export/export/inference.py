@@ -25,7 +25,6 @@ the folded copy to float16 and exports that, so the weights are rounded once.
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 import os
@@ -39,6 +38,7 @@ import onnx_ir.passes.common as common_passes
 import torch
 from torch import Tensor, nn
 
+from bkn_export.copying import copy_module
 from bkn_export.errors import ExportError, FoldError
 from bkn_export.export.checks import check_inference_ready, normalization_aliases
 from bkn_export.export.common import export_failure_cause, resolve_opset, shape_attribute_hint
@@ -279,12 +279,12 @@ def _fp16_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[nn.Module
     computes on the example inputs, then convert it to float16 (each weight rounded once); else fold in the ONNX
     graph (from what actually ran)."""
     wide = tuple(t.double() if t.is_floating_point() else t for t in inputs)
-    reference = copy.deepcopy(model).eval().double()
+    reference = copy_module(model).eval().double()
     try:
         folded, report = fold(reference, wide)
     except ExportError as error:  # untraceable: fold in the ONNX graph (in float16) instead
         _log.info("fp16 export: %s; folding in the ONNX graph instead", error)
-        return copy.deepcopy(model).eval().half(), []
+        return copy_module(model).eval().half(), []
     difference = _fold_difference(reference, folded, wide)
     if difference is not None:
         warnings.warn(
@@ -292,7 +292,7 @@ def _fp16_model(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[nn.Module
             "the ONNX graph instead (from what the forward computes). Please report the model's structure.",
             stacklevel=4,
         )
-        return copy.deepcopy(model).eval().half(), []
+        return copy_module(model).eval().half(), []
     return folded.half(), report
 
 

@@ -45,7 +45,12 @@ from bkn_export.chain.scope import Observer, Published
 from bkn_export.copying import copy_module
 from bkn_export.distributed import SyncBatchKalmanNorm
 from bkn_export.errors import ExportError, ModelFileError
-from bkn_export.export.common import export_failure_cause, resolve_graph_optimizer, shape_attribute_hint
+from bkn_export.export.common import (
+    export_failure_cause,
+    resolve_graph_optimizer,
+    root_cause,
+    shape_attribute_hint,
+)
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
 from bkn_export.export.metadata import attach_metadata, export_metadata, output_order_entry, parse_name_scopes
@@ -374,9 +379,7 @@ def _refuse_synchronised(layers: Sequence[tuple[str, _BatchKalmanNorm]]) -> None
 def _explain_export_failure(error: Exception) -> str:
     """The root cause of an exporter failure, in one or two lines."""
     text = export_failure_cause(error)
-    cause: BaseException = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause = root_cause(error)
     if any(k in str(cause) for k in ("mat1 and mat2", "size mismatch", "cannot be multiplied", "must match the size")):
         return (
             "export_training: the Kalman chain's shapes do not fit the example inputs (a layer's prediction "
