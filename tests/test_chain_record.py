@@ -1061,3 +1061,95 @@ def test_torch_as_tensor_of_a_tensor_is_transparent_to_the_chain() -> None:
         links[wrapped] = next(link for link in bkn_export.describe_chain(model) if link.name == "bn2")
     assert links[True].transition == links[False].transition == "propagate"
     assert links[True].sources == links[False].sources
+
+
+class _ZeroChannels(nn.Module):
+    """The option A shortcut as MONAI's ResNet (``shortcut_type="A"``) writes it: ``torch.cat([x.data, zeros], 1)``
+    with a tensor of zeros made in the forward, in one of several spellings; ``"pad"`` is ``F.pad`` over the
+    channels, which the chain carried before."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.stem_conv, self.stem_bn = _conv_bn(3, 8)
+        self.conv1, self.bn1 = _conv_bn(8, 16, stride=2)
+        self.conv2, self.bn2 = _conv_bn(16, 16)
+        self.head_conv, self.head_bn = _conv_bn(16, 4)
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        x = x[:, :, ::2, ::2]
+        shape = (x.shape[0], 4, *x.shape[2:])
+        if self.spelling == "pad":
+            return F.pad(x, (0, 0, 0, 0, 4, 4))
+        if self.spelling == "data":
+            zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            return torch.cat([zeros, x.data, zeros], 1)
+        if self.spelling == "new_zeros":
+            return torch.cat([x.new_zeros(shape), x, x.new_zeros(shape)], dim=1)
+        if self.spelling == "full":
+            return torch.cat([torch.full(shape, 0.0), torch.cat([x, torch.zeros_like(x[:, :4])], 1)], 1)
+        raise AssertionError(self.spelling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.stem_bn(self.stem_conv(x)))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out = F.relu(out + self.shortcut(x))
+        return self.head_bn(self.head_conv(out))
+
+
+@pytest.mark.parametrize("spelling", ["data", "new_zeros", "full"])
+def test_zero_channels_concatenated_are_zero_padding_and_tensor_data_is_transparent(spelling: str) -> None:
+    """MONAI's ResNet ``shortcut_type="A"`` ended the chain at ``torch.zeros`` and ``x.data`` ("__get__"): the layer
+    after every such block ran as BatchNorm. Zero parts of a channel concat are :class:`ChannelPad` of their
+    neighbour (exact: mean 0, variance 0), so the chain, its prior and a train step are those of the ``F.pad``
+    spelling, bit for bit."""
+    torch.manual_seed(0)
+    reference = _ZeroChannels("pad")
+    model = _ZeroChannels(spelling)
+    model.load_state_dict(reference.state_dict())
+    example = torch.randn(2, 3, 8, 8)
+    (path,) = record_dataflow(model, example)["head_bn"].sources
+    assert path.origin is not None and path.origin.combine == "sum"
+    shortcut = path.origin.sources[1]
+    assert (shortcut.normalization, shortcut.steps[-1], shortcut.channels) == ("stem_bn", ChannelPad(4, 4), 16)
+    for net in (reference, model):
+        bkn_export.convert_batchnorm(net, example)
+    assert bkn_export.format_chain(model) == bkn_export.format_chain(reference)
+    data = torch.randn(2, 3, 8, 8)
+    outputs, grads = [], []
+    for net in (reference, model):
+        out = net.train()(data)
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append([p.grad for p in net.parameters()])
+    assert torch.equal(outputs[0], outputs[1])
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name  # running statistics
+    if spelling != "data":  # x.data detaches the model's own shortcut: its gradients are another model's
+        for a, b in zip(*grads):
+            assert a is not None and b is not None and torch.equal(a, b)
+
+
+def test_a_concatenated_constant_other_than_zeros_or_zeros_written_in_place_still_fall_back() -> None:
+    """Only untouched zeros are padding: ones carry a mean of 1; zeros written through a view are no longer zeros."""
+
+    class Concat(nn.Module):
+        def __init__(self, fill: str) -> None:
+            super().__init__()
+            self.fill = fill
+            self.conv0, self.bn0 = _conv_bn(3, 4)
+            self.conv1, self.bn1 = _conv_bn(8, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = self.bn0(self.conv0(x))
+            other = torch.ones_like(x) if self.fill == "ones" else torch.zeros_like(x)
+            if self.fill == "written":
+                other[:, :2] = x[:, :2]
+            return self.bn1(self.conv1(torch.cat([x, other], 1)))
+
+    for fill, op in (("ones", "torch.ones_like"), ("written", "Tensor.__setitem__")):
+        record = record_dataflow(Concat(fill), torch.randn(2, 3, 8, 8))["bn1"]
+        assert record.sources[0].falls_back or any(
+            part.falls_back for part in (record.sources[0].origin.sources if record.sources[0].origin else ())
+        ), fill
+        assert op in record.notes[0], (fill, record.notes)

@@ -471,6 +471,8 @@ _RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample}
 _DROPOUT_FUNCTIONS = set(
     _functions("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
 ) | set(_functions("dropout_", "alpha_dropout_", "feature_dropout", "feature_alpha_dropout", owners=(torch,)))
+#: What ``x.data`` calls under ``__torch_function__``: the property's getter.
+_TENSOR_DATA_GETTER: Callable[..., Any] = inspect.getattr_static(Tensor, "data").__get__
 _TRANSPARENT_METHODS = set(
     _functions(
         "contiguous",
@@ -487,7 +489,11 @@ _TRANSPARENT_METHODS = set(
         "requires_grad_",
         owners=(Tensor,),
     )
-) | {torch.clone, torch.detach, torch.as_tensor}  # as_tensor of a tensor: that tensor (or a cast)
+) | {torch.clone, torch.detach, torch.as_tensor, _TENSOR_DATA_GETTER}  # as_tensor of a tensor: that tensor
+#: Functions that make a new tensor of zeros, whatever their arguments.
+_ZEROS_FUNCTIONS = {torch.zeros, torch.zeros_like, Tensor.new_zeros}
+#: Functions that make a new tensor of one value, by the position of that value among their arguments.
+_FULL_FUNCTIONS = {torch.full: 1, torch.full_like: 1, Tensor.new_full: 2}
 _RESHAPE_FUNCTIONS = set(
     _functions("flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as", owners=(torch, Tensor))
 )
@@ -535,7 +541,7 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 class _Node:
     """What produced a tensor. ``inputs``: (producer or None, shape) per data input."""
 
-    kind: Literal["input", "norm", "step", "concat", "sum", "pad", "opaque"]
+    kind: Literal["input", "norm", "step", "concat", "sum", "pad", "zeros", "opaque"]
     shape: Shape
     inputs: tuple[tuple[_Node | None, Shape], ...] = ()
     step: Step | None = None
@@ -773,6 +779,9 @@ class _Recorder(TorchFunctionMode):
     ) -> None:  # fmt: skip
         try:
             if func in _SPLIT_FUNCTIONS and sources and outputs and self._split(args, kwargs, sources[0], outputs):
+                return
+            if isinstance(out, Tensor) and mutated is None and _zero_filled(func, args, kwargs):
+                self.produce(out, _Node("zeros", tuple(out.shape), label=label))
                 return
             if isinstance(out, Tensor) and sources:
                 if self._recognised(func, args, kwargs, sources, out, label):
@@ -1028,7 +1037,15 @@ class _Recorder(TorchFunctionMode):
         if not isinstance(dim, int) or out.dim() < 2 or dim % out.dim() != 1:
             raise _Unsupported(label, f"along dim {dim} of {tuple(out.shape)}: not the channel dim")
         parts = [s for s in sources if s[1] and s[1][1:2] != (0,)]  # empty parts add no channels
-        self.produce(out, _Node("concat", tuple(out.shape), tuple(parts)))
+        kept = _zero_parts_as_padding(parts)
+        if not kept:  # zeros only
+            self.produce(out, _Node("zeros", tuple(out.shape), label=label))
+        elif len(kept) == 1 and len(parts) > 1:  # one part and zeros: that part, padded
+            node, _ = kept[0]
+            if node is not None:
+                self.produce(out, node)
+        else:
+            self.produce(out, _Node("concat", tuple(out.shape), tuple(kept)))
         return True
 
     def _add(
@@ -1093,6 +1110,50 @@ _SELF_GATED: dict[tuple[Step, ...], tuple[Step, ...]] = {
     _CLAMPED_TIMES_6: (Elementwise("hardswish"), ScaleShift(6.0, 0.0)),
     (Elementwise("softplus", (("beta", 1.0), ("threshold", 20.0))), Elementwise("tanh")): (Elementwise("mish"),),
 }
+
+
+def _zero_filled(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``func(*args, **kwargs)`` makes a new tensor of zeros: ``torch.zeros``, ``zeros_like``,
+    ``new_zeros``, or a ``full`` of 0."""
+    if func in _ZEROS_FUNCTIONS:
+        return True
+    if func in _FULL_FUNCTIONS:
+        value = _arg(args, kwargs, _FULL_FUNCTIONS[func], "fill_value")
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+    return False
+
+
+def _zero_parts_as_padding(parts: Sequence[tuple[_Node | None, Shape]]) -> list[tuple[_Node | None, Shape]]:
+    """A channel concat's parts with every part of zeros (a ResNet "option A" shortcut, ``torch.cat([x,
+    torch.zeros(...)], 1)``) folded into the part after it (or, at the end, before it) as :class:`ChannelPad`:
+    exact, a zero channel has mean 0 and variance 0. Empty where every part is zeros; parts unchanged where
+    none is."""
+    if not any(node is not None and node.kind == "zeros" for node, _ in parts):
+        return list(parts)
+    kept: list[tuple[_Node | None, Shape]] = []
+    zeros = 0
+    for node, shape in parts:
+        if node is not None and node.kind == "zeros":
+            zeros += shape[1]
+        elif zeros:
+            kept.append(_channel_padded(node, shape, zeros, 0))
+            zeros = 0
+        else:
+            kept.append((node, shape))
+    if zeros and kept:
+        kept[-1] = _channel_padded(*kept[-1], 0, zeros)
+    return kept
+
+
+def _channel_padded(node: _Node | None, shape: Shape, before: int, after: int) -> tuple[_Node, Shape]:
+    """The edge of ``node``'s output with ``before`` / ``after`` zero channels added: one :class:`ChannelPad`
+    (merged with the one that made ``node``, if one did)."""
+    if node is not None and node.kind == "step" and isinstance(node.step, ChannelPad):
+        pad = node.step
+        node, shape = node.inputs[0]
+        before, after = before + pad.before, after + pad.after
+    padded = (shape[0], shape[1] + before + after, *shape[2:])
+    return _Node("step", padded, ((node, shape),), step=ChannelPad(before, after)), padded
 
 
 def _is_gate_shape(gate: Sequence[int], full: Sequence[int]) -> bool:
