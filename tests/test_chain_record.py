@@ -6,6 +6,8 @@ recorded LayerRecords (sources, steps, channel counts, combine, notes) against i
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import re
@@ -676,7 +678,10 @@ def test_an_unknown_in_place_op_becomes_the_tensor_s_producer(edit: str) -> None
     assert f"its input {op} in the model's forward (InPlace) cannot carry moments" in chain["bn2"].notes[0]
 
 
-def test_a_layer_that_runs_twice_is_wired_by_its_first_call_with_a_note() -> None:
+def test_a_layer_that_feeds_its_own_second_call_is_first_in_its_chain() -> None:
+    """``bn2`` reads ``bn1`` on its first call and its own first call on its second: one wiring from ``bn1``
+    would give call 2 a prior from the wrong statistics, so it takes batch statistics alone, with the reason."""
+
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -689,8 +694,12 @@ def test_a_layer_that_runs_twice_is_wired_by_its_first_call_with_a_note() -> Non
 
     chain = record_dataflow(Twice(), torch.randn(2, 3, 8, 8))
     assert chain.names == ["bn1", "bn2"]
-    assert chain["bn2"].sources[0].normalization == "bn1"
-    assert chain["bn2"].notes == ("runs 2 times per forward; wired by its first call",)
+    assert (chain["bn2"].combine, chain["bn2"].sources) == ("none", ())
+    assert re.fullmatch(
+        r"first in its chain: it runs 2 times per forward, and call 2's input \(from 'bn2'\) does not come from "
+        r"the same sources .* as call 1's \(from 'bn1'\); one wiring cannot give both calls their prior",
+        chain["bn2"].notes[0],
+    )
 
 
 def test_layers_that_do_not_run_are_named_in_the_chain_notes() -> None:
@@ -1153,3 +1162,82 @@ def test_a_concatenated_constant_other_than_zeros_or_zeros_written_in_place_stil
             part.falls_back for part in (record.sources[0].origin.sources if record.sources[0].origin else ())
         ), fill
         assert op in record.notes[0], (fill, record.notes)
+
+
+class _SharedNorm(nn.Module):
+    """``bn2`` runs on two inputs per forward. ``"sources"``: from ``bna`` then from ``bnb`` (call 2 must not read
+    ``bna``'s statistics); ``"stale"``: ``bn1`` runs on both inputs before ``bn2`` reads the first (the chain
+    would read ``bn1``'s second call); ``"repeat"``: one block applied twice, each call of ``bn2`` fed by the call
+    of ``bn1`` just before it (one wiring serves both)."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = pattern
+        self.la, self.bna = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.lb, self.bnb = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.l2, self.bn2 = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        with torch.no_grad():
+            self.bnb.weight.fill_(4.0)
+            self.bnb.bias.fill_(3.0)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.pattern == "sources":
+            a, b = self.bna(self.la(x)), self.bnb(self.lb(x))
+        elif self.pattern == "stale":
+            a, b = self.bna(self.la(x)), self.bna(self.la(2 * x))
+        else:
+            a = self.bn2(self.l2(self.bna(self.la(x))))
+            return a, self.bn2(self.l2(self.bna(self.la(a))))
+        return self.bn2(self.l2(F.relu(a))), self.bn2(self.l2(F.relu(b)))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        (
+            "sources",
+            r"it runs 2 times per forward, and call 2's input \(from 'bnb'\) does not come from the same "
+            r"sources .* as call 1's \(from 'bna'\); one wiring cannot give both calls their prior",
+        ),
+        (
+            "stale",
+            r"call 1 of 2: its input comes from call 1 of 'bna', but call 2 of 'bna' runs after that and "
+            r"before it",
+        ),
+    ],
+)
+def test_a_layer_whose_calls_need_different_priors_is_first_in_its_chain(pattern: str, why: str) -> None:
+    """One wiring serves every call of a layer, and within a forward the chain reads each source's latest
+    statistics: where a call's right prior would differ from what that gives (a shared norm fed by two other
+    norms, a source called again before the layer reads it), the layer takes batch statistics alone (BatchNorm)
+    with the reason, instead of a prior from the wrong statistics. The whole converted model then computes what
+    the BatchNorm model computes in training mode."""
+    torch.manual_seed(0)
+    model = _SharedNorm(pattern)
+    x = torch.randn(4, 8)
+    layer = {record.name: record for record in record_dataflow(model, x).layers}["bn2"]
+    assert (layer.combine, layer.sources) == ("none", ())
+    assert len(layer.notes) == 1 and re.fullmatch(f"first in its chain: {why}.*", layer.notes[0])
+    reference = model.train()(x)
+    unused = pytest.warns(UserWarning, match="'bnb' did not run") if pattern == "stale" else contextlib.nullcontext()
+    with unused:
+        converted = bkn_export.convert_batchnorm(copy.deepcopy(model), x).train()
+    assert "bn2    batchnorm (first in chain)" in bkn_export.format_chain(converted)
+    for got, expected in zip(converted(x), reference, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_layer_called_again_from_the_same_sources_keeps_its_prior() -> None:
+    """A block applied twice: each call of ``bn2`` reads the call of ``bna`` just before it, through the same
+    steps at the same shapes, so one wiring gives both calls their prior (noted); ``bna`` is fed by the input,
+    then by ``bn2``: its calls differ, and it is first in its chain."""
+    torch.manual_seed(0)
+    layers = {record.name: record for record in record_dataflow(_SharedNorm("repeat"), torch.randn(4, 8)).layers}
+    assert layers["bn2"].combine == "single" and layers["bn2"].sources[0].normalization == "bna"
+    assert layers["bn2"].notes == ("runs 2 times per forward from the same sources; wired by its first call",)
+    assert layers["bna"].combine == "none"
+    assert re.fullmatch(
+        r"first in its chain: it runs 2 times per forward, and call 2's input \(from 'bn2'\) does not come from "
+        r"the same sources .* as call 1's \(from no normalization\); one wiring cannot give both calls their prior",
+        layers["bna"].notes[0],
+    )

@@ -442,8 +442,8 @@ def test_a_model_edited_in_place_after_wiring_is_refused_not_predicted_through_o
 
 def test_shared_layers_run_on_interleaved_inputs_warn_that_a_posterior_was_replaced_unread() -> None:
     """a = blk1(a); b = blk1(b); a = blk2(a): blk2 reads blk1's latest posterior, b's, for a (train outputs 0.35
-    from running a alone, prior_source "input"), with only the wiring note "runs 2 times per forward". One input
-    after the other through the same layers reads each posterior before the next: no warning."""
+    from running a alone, prior_source "input"), with only the wiring note "runs 2 times per forward from the same
+    sources". One input after the other through the same layers reads each posterior before the next: no warning."""
 
     class Streams(nn.Module):
         def __init__(self) -> None:

@@ -102,3 +102,38 @@ def test_an_attribute_that_follows_the_batch_is_refused_with_what_to_do(tmp_path
     with pytest.raises(ExportError, match=r"depends on the input's batch.*dynamic_batch=False, --static-batch"):
         export_onnx(model, (x,), tmp_path / "dynamic.onnx", mode=mode)
     export_onnx(model, (x,), tmp_path / "static.onnx", mode=mode, dynamic_batch=False)
+
+
+class _GraphConv(nn.Module):
+    """A message-passing layer (PyG's shape): node features (N, 4) and edge indices (2, E), whose first axis is not
+    the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        h = self.linear(x)
+        return self.bn(torch.zeros_like(h).index_add(0, edge_index[1], h[edge_index[0]]))
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_an_input_whose_first_axis_is_not_the_batch_is_refused_with_what_to_do(tmp_path: Path, mode: str) -> None:
+    """Third QA of 2026-12-06: a graph network's dynamic-batch export ended in torch.export's bare "UserError:
+    L['edge_index'].size()[0] = 2 is not equal to L['x'].size()[0] = 6"; now the error names both inputs and the
+    static batch, with which the file exports."""
+    from bkn_export import convert_batchnorm
+
+    torch.manual_seed(0)
+    x, edge_index = torch.randn(6, 4), torch.tensor([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]])
+    model = _GraphConv().eval()
+    model = convert_batchnorm(model, (x, edge_index)) if mode == "training" else model
+    first, second = ("input 'x'", "input 'edge_index'") if mode == "inference" else ("input 1", "input 2")
+    with pytest.raises(
+        ExportError,
+        match=rf"{second} has 2 there and {first} 6: an input whose first axis is not the batch .*"
+        r"dynamic_batch=False, --static-batch",
+    ):
+        export_onnx(model, (x, edge_index), tmp_path / "dynamic.onnx", mode=mode)
+    export_onnx(model, (x, edge_index), tmp_path / "static.onnx", mode=mode, dynamic_batch=False)

@@ -550,14 +550,22 @@ class _Node:
     pads: tuple[int, ...] = ()  # a "pad" node's padding, F.pad order
     pad_mode: str = "zeros"
     why: str = ""  # an "opaque" node's reason, where it is a known op in an unsupported form
+    call: int = 0  # a "norm" node's place among all normalization calls of the forward (1, 2, ...)
 
 
 @dataclass
 class _NormCall:
+    """One normalization module's calls in the recorded forward: its first call's input, and every call's
+    (input, place among all normalization calls)."""
+
     name: str
     input: _Node | None
     input_shape: Shape
-    calls: int = 1
+    each: list[tuple[_Node | None, Shape, int]]
+
+    @property
+    def calls(self) -> int:
+        return len(self.each)
 
 
 class _Recorder(TorchFunctionMode):
@@ -568,6 +576,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.producers: dict[int, tuple[weakref.ref[Tensor], _Node]] = {}  # id(tensor) -> (tensor, producer)
         self.norms: dict[str, _NormCall] = {}
+        self.norm_calls = 0  # normalization calls so far in the forward
         self.stack: list[tuple[str, nn.Module]] = []  # modules whose forward is running
         self.leaf_depth = 0  # > 0 inside a recognised module: its own ops are not recorded
         self.busy = False  # the recorder's own tensor calls are not recorded
@@ -730,12 +739,12 @@ class _Recorder(TorchFunctionMode):
             self._written_through(out, label)  # an in-place module (nn.ReLU(inplace=True)) applied to a view
 
     def _norm(self, name: str, module: nn.Module, source: tuple[_Node | None, Shape], out: Tensor) -> None:
-        if name in self.norms:
-            self.norms[name].calls += 1
-        else:
-            self.norms[name] = _NormCall(name, source[0], source[1])
+        self.norm_calls += 1
+        if name not in self.norms:
+            self.norms[name] = _NormCall(name, source[0], source[1], [])
+        self.norms[name].each.append((*source, self.norm_calls))
         post_steps, unsupported = _norm_post_steps(name, module)
-        node = _Node("norm", tuple(out.shape), (source,), label=name, post_steps=post_steps)
+        node = _Node("norm", tuple(out.shape), (source,), label=name, post_steps=post_steps, call=self.norm_calls)
         if unsupported:
             self.nodes.append(node)
             self.opaque(unsupported, [(node, tuple(out.shape))], [out])
@@ -1895,18 +1904,97 @@ def _last_dependent(step: Step, modules: Mapping[str, nn.Module]) -> Step:
     return step
 
 
-def _layer_record(
-    call: _NormCall, walker: _Walker, modules: Mapping[str, nn.Module], sizes: _Sizes = _NO_SIZES
-) -> LayerRecord:
-    node = call.input
+def _walked(node: _Node | None, shape: Shape, walker: _Walker) -> tuple[Combine, tuple[SourcePath, ...]]:
+    """How a normalization input produced by ``node`` combines its sources, and their paths."""
     if node is not None and node.kind in ("concat", "sum"):
-        combine: Combine = node.kind  # type: ignore[assignment]
-        sources = tuple(walker.parts(node))
-    else:
-        combine = "single"
-        sources = (walker.path(node, call.input_shape),)
+        return node.kind, tuple(walker.parts(node))  # type: ignore[return-value]
+    return "single", (walker.path(node, shape),)
+
+
+def _normalizations_reaching(node: _Node | None) -> Iterator[_Node]:
+    """The normalization calls whose outputs reach ``node`` through the steps, concatenations and sums that the
+    walk follows (iterative: deep residual stacks nest thousands of sums)."""
+    seen: set[int] = set()
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.kind == "norm":
+            yield current
+        elif current.kind in ("step", "concat", "sum"):
+            pending.extend(source for source, _ in current.inputs)
+
+
+def _stale_source(node: _Node | None, place: int, places: Mapping[str, Sequence[int]]) -> str | None:
+    """Why the chain would read the wrong statistics for a normalization call at ``place`` whose input ``node``
+    produced: a source module called again between the call that feeds it and this one (``a = bn1(x1); b =
+    bn1(x2); bn2(conv(a))``). Within a forward, each layer reads the *latest* statistics its sources published.
+    None when every source's latest call is the one that feeds it."""
+    for source in _normalizations_reaching(node):
+        calls = places[source.label]
+        latest = max(call for call in calls if call < place)
+        if latest != source.call:
+            return (
+                f"its input comes from call {calls.index(source.call) + 1} of '{source.label}', but call "
+                f"{calls.index(latest) + 1} of '{source.label}' runs after that and before it, and the chain reads "
+                "a source's latest statistics"
+            )
+    return None
+
+
+def _origins(sources: Sequence[SourcePath]) -> str:
+    """The normalizations (or fallbacks) that ``sources`` start from, in order, for a message."""
+    names: list[str] = []
+    pending = list(reversed(sources))
+    while pending:
+        source = pending.pop()
+        if source.origin is not None:
+            pending.extend(reversed(source.origin.sources))
+        elif source.normalization is not None:
+            names.append(repr(source.normalization))
+        else:
+            names.append("no normalization")
+    return ", ".join(dict.fromkeys(names))
+
+
+def _call_conflict(call: _NormCall, walker: _Walker, places: Mapping[str, Sequence[int]]) -> str | None:
+    """Why one wiring cannot give every call of ``call``'s module its right prior, or None.
+
+    A layer has one wiring, taken from its first call; a later call whose input comes from other sources (or
+    through other steps, or at other shapes) would get a prior from the first call's sources: wrong. So would
+    any call whose source was called again in between (:func:`_stale_source`)."""
+    first = _walked(call.input, call.input_shape, walker)
+    for index, (node, shape, place) in enumerate(call.each, 1):
+        walked = _walked(node, shape, walker) if index > 1 else first
+        if walked != first:
+            return (
+                f"it runs {call.calls} times per forward, and call {index}'s input (from {_origins(walked[1])}) "
+                f"does not come from the same sources through the same steps at the same shapes as call 1's (from "
+                f"{_origins(first[1])}); one wiring cannot give both calls their prior"
+            )
+        stale = _stale_source(node, place, places)
+        if stale is not None:
+            return f"call {index} of {call.calls}: {stale}" if call.calls > 1 else stale
+    return None
+
+
+def _layer_record(
+    call: _NormCall,
+    walker: _Walker,
+    modules: Mapping[str, nn.Module],
+    places: Mapping[str, Sequence[int]],
+    sizes: _Sizes = _NO_SIZES,
+) -> LayerRecord:
+    """``places``: each normalization module's calls, by their places among all normalization calls."""
+    combine, sources = _walked(call.input, call.input_shape, walker)
     fallbacks = list(_fallbacks(sources, combine))
-    if any(source.reaches_normalization for source in sources):
+    conflict = _call_conflict(call, walker, places)
+    if conflict is not None:
+        notes = [f"first in its chain: {conflict}"]
+        combine, sources = "none", ()
+    elif any(source.reaches_normalization for source in sources):
         notes = [f"{where} {why}; this part falls back" for where, why in fallbacks]
         shared = shared_sources_note(combine, sources, "") if combine in ("concat", "sum") else None
         if shared is not None:
@@ -1917,8 +2005,8 @@ def _layer_record(
         reasons = "; ".join(f"{where} {why}" for where, why in fallbacks)
         notes = [f"first in its chain: no normalization upstream ({reasons})"]
         combine, sources = "none", ()
-    if call.calls > 1:
-        notes.append(f"runs {call.calls} times per forward; wired by its first call")
+    if call.calls > 1 and conflict is None:
+        notes.append(f"runs {call.calls} times per forward from the same sources; wired by its first call")
     return LayerRecord(call.name, call.input_shape, sources, combine, tuple(notes))
 
 
@@ -2022,7 +2110,10 @@ def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handle
             handle.remove()
     walker = _Walker()
     modules = dict(model.named_modules())
-    layers = tuple(_layer_record(call, walker, modules, recorder.conv_inputs) for call in recorder.norms.values())
+    places = {name: [place for _, _, place in call.each] for name, call in recorder.norms.items()}
+    layers = tuple(
+        _layer_record(call, walker, modules, places, recorder.conv_inputs) for call in recorder.norms.values()
+    )
     notes: list[str] = []
     for name, module in model.named_modules():
         label = f"'{name}' ({type(module).__name__})"

@@ -106,18 +106,45 @@ def export_failure_cause(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}{_failing_call(error)}"
 
 
-def shape_attribute_hint(error: BaseException) -> str:
-    """Where the exporter could not write an operator attribute that depends on a dynamic size (its root cause names
-    a ``SymbolicTensor`` attribute: geffnet's CondConv folds the batch into the channels, ``groups = N · groups``),
-    what to do; "" otherwise."""
+_BATCH_MISMATCH = re.compile(
+    r"L\[(?P<first>[^.]+?)\]\.size\(\)\[0\] = (?P<m>\d+) is not equal to "
+    r"L\[(?P<second>[^.]+?)\]\.size\(\)\[0\] = (?P<n>\d+)"
+)
+
+
+def _guarded_input(source: str) -> str:
+    """An input as torch.export's guards name it: ``'x'`` (a forward argument) → "input 'x'"; ``'args'][1`` (the
+    second of a wrapper's positional inputs) → "input 2"."""
+    position = re.fullmatch(r"'args'\]\[(\d+)", source)
+    return f"input {int(position[1]) + 1}" if position else f"input {source}"
+
+
+def dynamic_shape_hint(error: BaseException) -> str:
+    """What to do where a dynamic size made the export fail; "" where the root cause is not one of these:
+
+    * an operator attribute that depends on a dynamic size (the root cause names a ``SymbolicTensor`` attribute:
+      geffnet's CondConv folds the batch into the channels, ``groups = N · groups``);
+    * inputs whose first axes differ (torch.export: "L['edge_index'].size()[0] = 2 is not equal to
+      L['x'].size()[0] = 6"): a dynamic batch makes axis 0 of every input one size, which an input whose first
+      axis is not the batch (a graph's edge indices) cannot follow."""
     cause = root_cause(error)
-    if "SymbolicTensor" not in str(cause) or "attribute" not in str(cause).lower():
-        return ""
-    return (
-        ". An operator attribute depends on the input's batch (or spatial) size, which ONNX attributes cannot: e.g. a "
-        "grouped conv with groups = batch × groups (CondConv). Export with a static batch (dynamic_batch=False, "
-        "--static-batch) and without dynamic_spatial"
-    )
+    text = str(cause)
+    if "SymbolicTensor" in text and "attribute" in text.lower():
+        return (
+            ". An operator attribute depends on the input's batch (or spatial) size, which ONNX attributes cannot: "
+            "e.g. a grouped conv with groups = batch × groups (CondConv). Export with a static batch "
+            "(dynamic_batch=False, --static-batch) and without dynamic_spatial"
+        )
+    mismatch = _BATCH_MISMATCH.search(text)
+    if mismatch:
+        return (
+            f". A dynamic batch makes axis 0 of every input one batch size, but {_guarded_input(mismatch['first'])} "
+            f"has {mismatch['m']} there and {_guarded_input(mismatch['second'])} {mismatch['n']}: an input whose "
+            "first axis is not "
+            "the batch (edge indices, a fixed table) cannot follow it. Export with a static batch "
+            "(dynamic_batch=False, --static-batch)"
+        )
+    return ""
 
 
 def _failing_call(error: BaseException) -> str:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from bkn_export.copying import copy_module
 from bkn_export.errors import ExportError, FoldError
 from bkn_export.export.checks import check_inference_ready, normalization_aliases
-from bkn_export.export.common import export_failure_cause, resolve_opset, shape_attribute_hint
+from bkn_export.export.common import dynamic_shape_hint, export_failure_cause, resolve_opset
 from bkn_export.export.fold import fold
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, save_onnx
 from bkn_export.export.metadata import (
@@ -79,7 +79,7 @@ def _explain(model: nn.Module, opset: int, dynamic_spatial: bool) -> Callable[[E
 
     def explain(error: Exception) -> str:  # the exporter's root cause
         return f"torch.onnx.export failed for {type(model).__name__} at opset {opset}{hint}. Cause: " + (
-            export_failure_cause(error) + shape_attribute_hint(error)
+            export_failure_cause(error) + dynamic_shape_hint(error)
         )
 
     return explain

@@ -46,10 +46,10 @@ from bkn_export.copying import copy_module
 from bkn_export.distributed import SyncBatchKalmanNorm
 from bkn_export.errors import ExportError, ModelFileError
 from bkn_export.export.common import (
+    dynamic_shape_hint,
     export_failure_cause,
     resolve_graph_optimizer,
     root_cause,
-    shape_attribute_hint,
 )
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
@@ -386,7 +386,7 @@ def _explain_export_failure(error: Exception) -> str:
             "has a different channel count than its input). Re-wire the chain on inputs like these with "
             f"bkn_export.wire_chain(model, example_inputs). Cause: {text}"
         )
-    return f"export_training: torch.onnx.export failed. Cause: {text}{shape_attribute_hint(error)}"
+    return f"export_training: torch.onnx.export failed. Cause: {text}{dynamic_shape_hint(error)}"
 
 
 def attach_function(model: onnx.ModelProto) -> None:
