@@ -54,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
         text = "; ".join(part.strip() for part in message.splitlines() if part.strip())
         unknown = self.unknown_options()
-        if unknown and message.startswith("the following arguments are required"):
+        if unknown and message.startswith(("the following arguments are required", "one of the arguments")):
             # argparse checks required arguments before it reports unknown ones: a misspelt option would
             # otherwise read as "required: ..." while the user did pass them (under another name).
             text = f"unrecognized arguments: {' '.join(unknown)}; {text}"

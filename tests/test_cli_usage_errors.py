@@ -29,20 +29,24 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     [
         ([], "bkn:", "the following arguments are required: command"),
         (["bogus"], "bkn:", "invalid choice: 'bogus'"),
-        (["export"], "bkn export:", "the following arguments are required: spec, --input-shape, -o/--output"),
+        (["export"], "bkn export:", "the following arguments are required: spec, -o/--output"),
+        (["export", "m:f", "-o", "m.onnx"], "bkn export:",
+         "one of the arguments --input-shape --load-inputs is required"),
         (["export", "m:f", "--input-shape", "1,q", "-o", "m.onnx"], "bkn export:", "'q' are not integers"),
         (["export", "m:f", "--input-shape", "1,2", "-o", "m.onnx", "--mode", "bad"], "bkn export:", "--mode"),
         (["parity", "m.onnx", "--atol", "nan"], "bkn parity:", "argument --atol"),
         (["parity", "m.onnx", "--no-such-option"], "bkn parity:", "unrecognized arguments: --no-such-option"),
         (["demo", "--no-such-option"], "bkn demo:", "unrecognized arguments: --no-such-option"),
         (["export", "--no-such-option", "-1"], "bkn export:",
-         "unrecognized arguments: --no-such-option; the following arguments are required: --input-shape"),
+         "unrecognized arguments: --no-such-option; the following arguments are required: -o/--output"),
+        (["export", "m:f", "-o", "m.onnx", "--input-shapes", "1,2"], "bkn export:",
+         "unrecognized arguments: --input-shapes; one of the arguments --input-shape --load-inputs is required"),
         (["train-demo", "--epochs", "-1"], "bkn train-demo:", "argument --epochs"),
         (["parity", "m.onnx", "--seed", "-3"], "bkn parity:", "argument --seed: '-3' must be >= 0"),
         (["demo", "--seed", "-1"], "bkn demo:", "argument --seed: '-1' must be >= 0"),
     ],
-    ids=["no-command", "unknown-command", "export-missing", "export-shape", "export-choice", "parity-value",
-         "parity-unknown", "demo-unknown", "export-unknown-and-missing", "train-demo-value", "parity-seed",
+    ids=["no-command", "unknown-command", "export-missing", "export-examples-missing", "export-shape", "export-choice", "parity-value",
+         "parity-unknown", "demo-unknown", "export-unknown-and-missing", "export-misspelt-examples", "train-demo-value", "parity-seed",
          "demo-seed"],
 )  # fmt: skip
 def test_usage_error_is_one_line_and_exit_2(
@@ -61,7 +65,7 @@ def test_usage_error_is_one_line_and_exit_2(
 def test_a_short_option_with_its_value_attached_is_not_called_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(["export", "m:f", "-omodel.onnx"], capsys)
     assert code == 2
-    assert "unrecognized" not in err and "required: --input-shape" in err
+    assert "unrecognized" not in err and "one of the arguments --input-shape --load-inputs is required" in err
 
 
 def test_help_still_prints_the_usage(capsys: pytest.CaptureFixture[str]) -> None:

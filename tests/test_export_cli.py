@@ -8,6 +8,7 @@ exit with status 2 and a message that names them.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ import pytest
 import torch
 from test_export_inference import randomize_statistics
 
+from bkn_export import BatchKalmanNormBase
 from bkn_export.cli import main
 from bkn_export.commands import export as export_command
 from bkn_export.errors import CheckpointError, FactoryError
@@ -200,3 +202,75 @@ def test_a_float64_model_is_exported_from_float64_examples(tmp_path: Path, mode:
     assert main(["export", f"{source}:net", "--input-shape", "2,3,8,8", "--mode", mode, "-o", str(out)]) == 0
     graph_input = onnx.load(out).graph.input[0]
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+
+
+_GRAPH_MODELS = """
+import torch
+from torch import nn
+from bkn_export import convert_batchnorm
+
+class Graph(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(4, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x, edge_index):
+        h = self.linear(x)
+        return self.bn(torch.zeros_like(h).index_add(0, edge_index[1], h[edge_index[0]]))
+
+def net():
+    torch.manual_seed(0)
+    ring = torch.tensor([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]])
+    return convert_batchnorm(Graph(), (torch.randn(6, 4), ring))
+"""
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_integer_example_inputs_come_from_load_inputs(tmp_path: Path, mode: str) -> None:
+    """Third QA of 2026-12-06: `bkn export` made float examples only, so a graph network (integer edge indices)
+    could not be exported from the CLI. ``--load-inputs x.npz`` gives the examples by forward() argument name; the
+    file computes the model's output on them, and takes the edge indices as int64."""
+    source = tmp_path / "graph_models.py"
+    source.write_text(_GRAPH_MODELS)
+    x = np.random.default_rng(0).standard_normal((6, 4))  # float64: cast to the model's float32
+    edge_index = np.array([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]], dtype=np.int64)
+    np.savez(tmp_path / "inputs.npz", x=x, edge_index=edge_index)
+    out = tmp_path / "graph.onnx"
+    argv = ["export", f"{source}:net", "--load-inputs", str(tmp_path / "inputs.npz"), "--static-batch"]
+    assert main([*argv, "--mode", mode, "-o", str(out)]) == 0
+    inputs = {value.name: value.type.tensor_type.elem_type for value in onnx.load(out).graph.input}
+    assert (inputs["x"], inputs["edge_index"]) == (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
+    model = load_model(f"{source}:net").eval()
+    if mode == "training":  # what the training file computes: BKN layers in train mode, the rest in eval
+        for module in model.modules():
+            if isinstance(module, BatchKalmanNormBase):
+                module.train()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x).float(), torch.from_numpy(edge_index)).numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(["output"], {"x": x.astype(np.float32), "edge_index": edge_index})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.zeros((6, 4)), "edges": np.zeros((2, 6), np.int64)}, r"names \['edges'\], which are not arguments"),
+        ({"edge_index": np.zeros((2, 6), np.int64)}, r"give the first 1 forward\(\) arguments \['x'\]"),
+        ({"x": np.zeros((6, 5)), "edge_index": np.zeros((2, 6), np.int64)}, r"does not run on this example"),
+    ],
+)
+def test_load_inputs_that_do_not_fit_the_forward_exit_2(tmp_path: Path, capsys, arrays, message: str) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "graph_models.py"
+    source.write_text(_GRAPH_MODELS)
+    np.savez(tmp_path / "inputs.npz", **arrays)
+    argv = ["export", f"{source}:net", "--load-inputs", str(tmp_path / "inputs.npz"), "-o", str(tmp_path / "m.onnx")]
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_input_shape_and_load_inputs_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", SPEC, "--input-shape", "1,1,8,8", "--load-inputs", "x.npz", "-o", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 2

@@ -1,4 +1,4 @@
-"""``bkn export pkg.module:factory [--checkpoint ckpt.pt] --input-shape 1,1,8,8 -o model.onnx``.
+"""``bkn export pkg.module:factory [--checkpoint ckpt.pt] (--input-shape 1,1,8,8 | --load-inputs x.npz) -o model.onnx``.
 
 Builds the model with :func:`bkn_export.factory.load_model` (the same spec and checkpoint
 that ``bkn parity`` takes), exports it with :func:`bkn_export.export.export_onnx` and
@@ -25,7 +25,7 @@ from bkn_export.commands.arguments import (
 )
 from bkn_export.commands.exit_codes import run_command
 
-__all__ = ["add_arguments", "example_inputs", "parse_factory_arg", "parse_shape", "run"]
+__all__ = ["add_arguments", "example_inputs", "loaded_example_inputs", "parse_factory_arg", "parse_shape", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,13 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("spec", help="model factory as pkg.module:factory (or path/to/file.py:factory)")
     parser.add_argument("--checkpoint", help="state dict saved with torch.save(model.state_dict(), path)")
-    parser.add_argument(
+    examples = parser.add_mutually_exclusive_group(required=True)
+    examples.add_argument(
         "--input-shape",
         type=parse_named_shape,
         action="append",
-        required=True,
-        help="shape of an example input, e.g. 1,1,8,8, or NAME:1,1,8,8 with NAME a forward() argument "
-        "(repeat for several inputs)",
+        help="shape of a random (standard normal) example input, e.g. 1,1,8,8, or NAME:1,1,8,8 with NAME a "
+        "forward() argument (repeat for several inputs)",
+    )
+    examples.add_argument(
+        "--load-inputs",
+        metavar="PATH",
+        help="the example inputs from a file, for inputs random floats cannot be (token ids, edge indices, masks): "
+        ".npz keyed by forward() argument names (np.savez), or a Polygraphy inputs JSON (its first set); "
+        "floating arrays take the model's floating dtype, others keep theirs",
     )
     parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     parser.add_argument("--mode", choices=("inference", "training"), default="inference")
@@ -140,6 +147,48 @@ def example_inputs(model: Any, shapes: list[tuple[str | None, tuple[int, ...]]])
     return tuple(torch.randn(*shape, dtype=dtype) for _, shape in shapes)
 
 
+def loaded_example_inputs(model: Any, path: str) -> tuple[Any, ...]:
+    """Example tensors for ``model.forward`` from ``--load-inputs``: the file's first input set, its arrays placed by
+    forward() argument name. Floating arrays are cast to the model's floating dtype (as random examples are made);
+    integer and boolean arrays keep their dtype. Raises :class:`OptionError` where the names do not cover the first
+    k arguments, or an array cannot become a tensor (a dtype torch has not)."""
+    import numpy as np
+    import torch
+
+    from bkn_export.errors import OptionError
+    from bkn_export.export.pipeline import forward_argument_names
+    from runtime.polygraphy_io import load_inputs
+
+    feeds = load_inputs(path)
+    if not feeds or not feeds[0]:
+        raise OptionError(f"--load-inputs {path}: the file holds no input")
+    feed = feeds[0]
+    arguments = forward_argument_names(model)
+    unknown = [name for name in feed if name not in arguments]
+    if unknown:
+        raise OptionError(
+            f"--load-inputs {path} names {unknown}, which are not arguments of {type(model).__name__}.forward(); "
+            f"it takes {arguments}"
+        )
+    count = len(feed)
+    if sorted(arguments.index(name) for name in feed) != list(range(count)):
+        raise OptionError(
+            f"--load-inputs {path}: give the first {count} forward() arguments {arguments[:count]}, got {list(feed)}"
+        )
+    dtype = _floating_dtype(model)
+    tensors = []
+    for name in arguments[:count]:
+        array = np.asarray(feed[name])
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+        except TypeError as error:
+            raise OptionError(
+                f"--load-inputs {path}: input {name!r} of dtype {array.dtype} is not a torch dtype"
+            ) from error
+        tensors.append(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    return tuple(tensors)
+
+
 def _floating_dtype(model: Any) -> Any:
     import torch
 
@@ -165,8 +214,9 @@ def _print_report(result: Any) -> None:
         print(f"  {record.module:<32} {record.kind:<15} {target:<40} {record.detail}")
 
 
-def _check_example_runs(model: Any, example: Any, shapes: list[tuple[str | None, tuple[int, ...]]]) -> None:
+def _check_example_runs(model: Any, example: Any, given: str) -> None:
     """One eval, no-grad forward on the example: a shape the model cannot take is bad input (OptionError, exit 2).
+    ``given``: the option the example came from, as the user wrote it.
 
     Catches a wrong channel count (``--input-shape 2,3,8,8`` for a 1-channel stem) before
     tracing, where it would read as an export failure of the model. Modes are restored.
@@ -180,11 +230,10 @@ def _check_example_runs(model: Any, example: Any, shapes: list[tuple[str | None,
     except BKNError:
         raise
     except Exception as error:
-        given = ", ".join(f"{name + ':' if name else ''}{','.join(map(str, shape))}" for name, shape in shapes)
         first = (str(error).strip().splitlines() or [""])[0]
         raise OptionError(
-            f"--input-shape {given}: the model does not run on an example of this shape ({type(error).__name__}: "
-            f"{first}); give the shape its forward() expects (N, C, ...)"
+            f"{given}: the model does not run on this example ({type(error).__name__}: {first}); give the "
+            "shapes (and dtypes) its forward() expects (N, C, ...)"
         ) from error
 
 
@@ -231,8 +280,15 @@ def _run(args: argparse.Namespace) -> int:
     model = load_model(args.spec, args.checkpoint, **dict(args.factory_arg))
     if args.mode == "training":
         _check_has_bkn_layers(model, args.spec)
-    example = example_inputs(model, args.input_shape)
-    _check_example_runs(model, example, args.input_shape)
+    if args.load_inputs:
+        example = loaded_example_inputs(model, args.load_inputs)
+        given = f"--load-inputs {args.load_inputs}"
+    else:
+        example = example_inputs(model, args.input_shape)
+        given = "--input-shape " + ", ".join(
+            f"{name + ':' if name else ''}{','.join(map(str, shape))}" for name, shape in args.input_shape
+        )
+    _check_example_runs(model, example, given)
     result = export_onnx(
         model,
         example,
