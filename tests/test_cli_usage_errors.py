@@ -45,9 +45,9 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
         (["parity", "m.onnx", "--seed", "-3"], "bkn parity:", "argument --seed: '-3' must be >= 0"),
         (["demo", "--seed", "-1"], "bkn demo:", "argument --seed: '-1' must be >= 0"),
     ],
-    ids=["no-command", "unknown-command", "export-missing", "export-examples-missing", "export-shape", "export-choice", "parity-value",
-         "parity-unknown", "demo-unknown", "export-unknown-and-missing", "export-misspelt-examples", "train-demo-value", "parity-seed",
-         "demo-seed"],
+    ids=["no-command", "unknown-command", "export-missing", "export-examples-missing", "export-shape",
+         "export-choice", "parity-value", "parity-unknown", "demo-unknown", "export-unknown-and-missing",
+         "export-misspelt-examples", "train-demo-value", "parity-seed", "demo-seed"],
 )  # fmt: skip
 def test_usage_error_is_one_line_and_exit_2(
     argv: list[str], prefix: str, fragment: str, capsys: pytest.CaptureFixture[str]
