@@ -399,12 +399,33 @@ def _refuse_unconvertible(model: nn.Module) -> None:
         )
 
 
+def _warn_frozen(model: nn.Module) -> None:
+    """Warn, naming them, about frozen BatchNorms (torchvision's, Hugging Face's and detectron2's
+    ``FrozenBatchNorm2d``: fixed statistics and affine, found by class name, as they share no base class): they are
+    left as they are, since they use no batch statistics, and a chain that reaches one computing its affine from
+    buffers ends there (the layer after it says so)."""
+    frozen = [
+        (name, type(module).__name__)
+        for name, module in model.named_modules()
+        if "FrozenBatchNorm" in type(module).__name__ and not isinstance(module, nn.modules.batchnorm._NormBase)
+    ]
+    if frozen:
+        shown = ", ".join(f"'{name}' ({kind})" for name, kind in frozen[:5]) + (" ..." if len(frozen) > 5 else "")
+        warnings.warn(
+            f"{len(frozen)} frozen BatchNorm(s) left as they are: {shown}. They use fixed statistics in train mode "
+            "too, so there is nothing for BKN to estimate; to train one as a BKN layer, replace it with the "
+            "nn.BatchNorm*d holding its state (weight, bias, running_mean, running_var) before converting",
+            stacklevel=4,
+        )
+
+
 def _convert(
     model: nn.Module, example_inputs: Any, options: KalmanOptions, restore_buffers: Callable[[], None]
 ) -> nn.Module:
     """:func:`convert_batchnorm` with its options merged; ``restore_buffers`` puts the model's buffers back to their
     values before the conversion (called before the guard's final forward)."""
     _refuse_unconvertible(model)
+    _warn_frozen(model)
     originals = {n: m for n, m in model.named_modules() if isinstance(m, (*_BN_TYPES, _BatchKalmanNorm))}
     if not originals:
         warnings.warn(

@@ -164,3 +164,41 @@ def test_the_cli_loader_says_it_once_in_its_error_not_also_in_a_warning(tmp_path
         with pytest.raises(CheckpointError, match=r"load_batchnorm_state_dict\(model, torch\.load\(path\)\)"):
             load_model(f"{factory}:converted", str(path))
     assert not [w for w in caught if "load_batchnorm_state_dict" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- frozen BatchNorms
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d's arithmetic (torchvision cannot be installed here): fixed
+    statistics and affine in buffers."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.rand(channels) + 0.5)
+        self.register_buffer("bias", torch.randn(channels))
+        self.register_buffer("running_mean", torch.randn(channels))
+        self.register_buffer("running_var", torch.rand(channels) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def test_frozen_batchnorms_are_left_as_they_are_with_a_warning_naming_them() -> None:
+    """Third QA of 2026-12-06: a Hugging Face backbone's FrozenBatchNorm2d layers were passed over in silence. They
+    are still left as they are (they use no batch statistics, so BKN has nothing to estimate; converting them
+    would change the model in train mode), and the conversion says so, naming each and the remedy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), FrozenBatchNorm2d(4), nn.ReLU()
+    )
+    x = _input()
+    expected = copy.deepcopy(model).train()(x)
+    with pytest.warns(UserWarning, match=r"1 frozen BatchNorm\(s\) left as they are: '4' \(FrozenBatchNorm2d\)") as w:
+        convert_batchnorm(model, x)
+    assert "replace it with the nn.BatchNorm*d holding its state" in str(w[0].message)
+    assert type(model[4]) is FrozenBatchNorm2d
+    torch.testing.assert_close(model.train()(x), expected)
