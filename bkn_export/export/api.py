@@ -32,7 +32,9 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``path`` (written atomically).
 
-    example_inputs: a tensor or a tuple of tensors (N, C, *). mode: "inference" folds
+    example_inputs: a tensor, a tuple of tensors (N, C, *), or a dict of them keyed by the first positional
+    arguments of ``forward()`` (as :func:`bkn_export.convert_batchnorm` takes them; the graph inputs follow
+    ``forward()``'s order). mode: "inference" folds
     the eval-mode BKN into the preceding Conv/Gemm; "training" exports batch statistics
     and the Kalman chain. The model's train/eval mode is left as it was found.
     input_names / output_names: graph I/O names, the same rule in both modes (default:
@@ -50,9 +52,11 @@ def export_onnx(
     else:
         raise OptionError(f"unknown export mode {mode!r}; choose one of {SUPPORTED_MODES}")
     _check_mode_options(exporter, mode, mode_options)
+    from bkn_export.export.pipeline import positional_examples
+
     return exporter(
         model,
-        example_inputs,
+        positional_examples(model, example_inputs),
         path,
         opset=opset,
         dynamic_batch=dynamic_batch,

@@ -72,7 +72,8 @@ def example_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise ExportError(
-            f"example_inputs must be a tensor or a tuple of tensors (N, C, *), got {type(example_inputs).__name__}"
+            "example_inputs must be a tensor, a tuple of tensors (N, C, *) or a dict of them keyed by forward()'s "
+            f"argument names, got {type(example_inputs).__name__}"
         )
     return tuple(inputs)
 

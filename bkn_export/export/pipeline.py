@@ -30,7 +30,7 @@ statistics, posteriors) follow under their own documented names.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,33 @@ def check_finite_parameters(model: nn.Module) -> None:
                 "the exported model would compute NaN/Inf. Retrain or reload the weights (a diverged training "
                 "run, a bad checkpoint) before exporting."
             )
+
+
+def positional_examples(model: nn.Module, example_inputs: Any) -> Any:
+    """``example_inputs`` as :func:`convert_batchnorm` takes them, in the form the exporters take: a dict of keyword
+    inputs (``{"pixel_values": x}``, a Hugging Face model's) becomes the tuple of its tensors in ``forward()``'s
+    argument order; anything else is returned as it is. The keys must be the first k positional arguments of
+    ``forward()`` and the values tensors (the graph inputs are named after them), else :class:`ExportError`."""
+    if not isinstance(example_inputs, Mapping):
+        return example_inputs
+    arguments = forward_argument_names(model)
+    keys = list(example_inputs)
+    unknown = [key for key in keys if key not in arguments]
+    if unknown or sorted(arguments.index(key) for key in keys) != list(range(len(keys))):
+        raise ExportError(
+            f"example_inputs is a dict with keys {keys}; an export takes keyword inputs that are the first "
+            f"{len(keys)} positional arguments of {type(model).__name__}.forward() (it takes {arguments}), since "
+            "each becomes a graph input in that order. Pass the tensors as a tuple in forward()'s order, with any "
+            "other argument fixed in a wrapper module"
+        )
+    values = [example_inputs[name] for name in arguments[: len(keys)]]
+    not_tensors = [name for name, value in zip(arguments, values) if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise ExportError(
+            f"example_inputs[{not_tensors[0]!r}] is not a tensor: an export's inputs are tensors; fix other "
+            "arguments in a wrapper module"
+        )
+    return tuple(values)
 
 
 def forward_argument_names(model: nn.Module) -> list[str]:
