@@ -212,3 +212,36 @@ def test_an_activation_of_a_non_gaussian_input_is_named_as_approximate() -> None
         assert any(re.search(pattern, note) for note in notes), (kind, notes)
     for exact in ("relu conv relu", "gaussian slice of a concat"):
         assert record_dataflow(_Shaped(exact), x)["bn"].notes == (), exact
+
+
+class _FunctionalLinear(nn.Module):
+    """A hand-written linear layer (``F.linear`` on its own parameters): no nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _LinearSubclass(nn.Linear):
+    pass
+
+
+def test_a_functional_linear_that_is_no_nn_linear_is_named_with_what_to_do() -> None:
+    """Third QA of 2026-12-06: the note said "'3''s weight on a (4, 8) output", which reads as a shape problem; it
+    now says the layer is no nn.Linear and how to make it one. A subclass of nn.Linear carries the chain."""
+    layer = record_dataflow(
+        nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), _FunctionalLinear(), nn.BatchNorm1d(8)),
+        torch.randn(4, 4),
+    )["4"]
+    assert layer.combine == "none"
+    assert re.search(r"the weight of '3' \(_FunctionalLinear\), which is no nn\.Linear: .*make the layer an nn\.Linear",
+                     layer.notes[0])  # fmt: skip
+    carried = record_dataflow(
+        nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), _LinearSubclass(8, 8), nn.BatchNorm1d(8)),
+        torch.randn(4, 4),
+    )["4"]
+    assert carried.sources[0].normalization == "1"

@@ -942,10 +942,21 @@ class _Recorder(TorchFunctionMode):
         if owner is None or module is None:
             raise _Unsupported(label, "a weight that is no Conv/Linear module's parameter")
         if _arg(args, kwargs, 2, "bias") is not module.bias:
-            raise _Unsupported(label, f"a bias other than its module '{owner}''s")
+            raise _Unsupported(label, f"a bias other than the one of its module '{owner}'")
         if func is F.linear:
-            if not isinstance(module, nn.Linear) or out.dim() != 2:
-                raise _Unsupported(label, f"'{owner}''s weight on a {tuple(out.shape)} output")
+            if not isinstance(module, nn.Linear):
+                raise _Unsupported(
+                    label,
+                    f"the weight of '{owner}' ({type(module).__name__}), which is no nn.Linear: the chain predicts "
+                    "through F.linear only as an nn.Linear's own forward (make the layer an nn.Linear, or a "
+                    "subclass of it)",
+                )
+            if out.dim() != 2:
+                raise _Unsupported(
+                    label,
+                    f"'{owner}' on a {tuple(out.shape)} output: the chain predicts through a Linear of (N, C) "
+                    "outputs only (a Linear over the last axis of a sequence mixes no channels of a BatchNorm)",
+                )
             self.step_node(Affine(owner, "linear"), source, out)
             return True
         transposed = _AFFINE_FUNCTIONS[func]
