@@ -14,7 +14,7 @@ import numpy as np
 from runtime.backends.base import Availability, Backend
 from runtime.errors import RuntimeLimitationError, RuntimeLoadError
 
-__all__ = ["ReferenceEvaluatorBackend", "reference_limitations"]
+__all__ = ["CORRECTED_OPS", "ReferenceEvaluatorBackend", "reference_limitations"]
 
 
 def reference_limitations(model: Any) -> list[str]:
@@ -40,6 +40,36 @@ def reference_limitations(model: Any) -> list[str]:
     return found
 
 
+#: The one op this backend runs by its own implementation instead of onnx.reference's, and why (shown in the
+#: runtime's availability line, so every report names it).
+CORRECTED_OPS = (
+    "GatherElements by numpy.take_along_axis (onnx.reference's raises on a negative axis where the index and data "
+    "shapes differ, and on more than 64 choices along the axis beyond 2-D)"
+)
+
+
+def _corrected_ops() -> list[type]:
+    """``new_ops`` for the evaluator: ``GatherElements`` as the spec states it. onnx.reference's implementation
+    (``np.choose`` after swapping ``axis`` to the front) compares the wrong dims for a negative ``axis`` ("Except
+    for dimension -1, all dimensions of index and self should be the same size") and ``np.choose`` takes at most
+    64 choices (numpy 2): an index into a longer axis of a 3-D tensor failed. ``take_along_axis`` is the spec's formula
+    ``out[i][j][k] = data[index[i][j][k]][j][k]`` (``axis`` 0), negative indices counted from the end."""
+    from onnx.reference.ops.op_gather_elements import GatherElements as OnnxGatherElements
+
+    class GatherElements(OnnxGatherElements):
+        op_domain = ""
+
+        def _run(self, data: np.ndarray, indices: np.ndarray, axis: int | None = None) -> tuple[np.ndarray]:
+            axis = (axis or 0) % max(data.ndim, 1)
+            size = data.shape[axis]
+            index = indices.astype(np.int64)
+            if index.size and not ((index >= -size).all() and (index < size).all()):
+                raise IndexError(f"GatherElements: an index is outside [-{size}, {size}) along axis {axis}")
+            return (np.take_along_axis(data, np.where(index < 0, index + size, index), axis=axis),)
+
+    return [GatherElements]
+
+
 class ReferenceEvaluatorBackend(Backend):
     """``reference``: the ONNX reference evaluator."""
 
@@ -55,7 +85,7 @@ class ReferenceEvaluatorBackend(Backend):
             from onnx.reference import ReferenceEvaluator  # noqa: F401
         except ImportError as error:
             return Availability(False, f"onnx.reference does not import: {error}")
-        return Availability(True, f"onnx {onnx.__version__}")
+        return Availability(True, f"onnx {onnx.__version__}; {CORRECTED_OPS}")
 
     def load(self, model_path: str) -> None:
         import onnx
@@ -71,7 +101,7 @@ class ReferenceEvaluatorBackend(Backend):
         # an optional-typed output comes back as [tensor] (ONNX Runtime returns the tensor itself)
         self._optional = {o.name for o in model.graph.output if o.type.HasField("optional_type")}
         try:
-            self._evaluator = ReferenceEvaluator(model)
+            self._evaluator = ReferenceEvaluator(model, new_ops=_corrected_ops())
         except Exception as error:
             raise RuntimeLoadError(
                 f"{self.name}: the ONNX reference evaluator cannot load {model_path}: {error}"
