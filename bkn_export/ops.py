@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format  # ATen's rule for BatchNorm's output layout
 
 from bkn_export import cpu_kernels, kernels, native
 from bkn_export import functional as Fk
@@ -100,9 +101,27 @@ def _split_backward_arguments(args: tuple[Any, ...]) -> tuple[KalmanNormInputs, 
 # --------------------------------------------------------------------------- the reference
 
 
+def laid_out(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (x's shape: y or ∂L/∂x) in the layout of BatchNorm's output, ``suggest_memory_format(x)``:
+    channels-last where x is channels-last, else contiguous (a transposed ``(N, C, L)`` view gives a contiguous
+    output, as ATen's BatchNorm does). The ops' fakes promise this layout and every backend returns it, so that a
+    traced graph (torch.compile, torch.export, the ONNX exporter) sees the strides eager execution gives: a
+    ``view`` after the layer that works in eager works there too. A copy only where ``t`` is in another layout."""
+    layout = suggest_memory_format(x)
+    return t if t.is_contiguous(memory_format=layout) else t.contiguous(memory_format=layout)
+
+
+def _laid_out_step(step: KalmanStep, x: Tensor) -> KalmanStep:
+    return KalmanStep(laid_out(step.output, x), step.posterior_mean, step.posterior_variance)
+
+
+def _laid_out_gradients(grads: _InputGradients, x: Tensor) -> _InputGradients:
+    return (laid_out(grads[0], x), *grads[1:])  # type: ignore[return-value]
+
+
 def _reference_forward(inputs: KalmanNormInputs) -> KalmanStep:
     # A custom op may not return its inputs (aliasing); the functional never does.
-    return Fk.batch_kalman_norm(*inputs)
+    return _laid_out_step(Fk.batch_kalman_norm(*inputs), inputs.x)
 
 
 def _reference_backward(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
@@ -112,7 +131,7 @@ def _reference_backward(inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGr
     assert grad_bias is not None  # the reference always returns Σ g
     if grad_weight is None:  # the op always returns one
         grad_weight = torch.zeros_like(grad_bias)
-    return grad_x, grad_mean, grad_variance, grad_p, grad_weight, grad_bias
+    return laid_out(grad_x, inputs.x), grad_mean, grad_variance, grad_p, grad_weight, grad_bias
 
 
 # --------------------------------------------------------------------------- backends
@@ -165,13 +184,13 @@ BACKENDS: dict[str, Backend] = {
 
 def _forward_on(backend: Backend, inputs: KalmanNormInputs) -> KalmanStep:
     if backend.covers(inputs, None):
-        return backend.forward(inputs)
+        return _laid_out_step(backend.forward(inputs), inputs.x)
     return _reference_forward(inputs)
 
 
 def _backward_on(backend: Backend, inputs: KalmanNormInputs, grads: KalmanStep) -> _InputGradients:
     if backend.covers(inputs, grads):
-        return backend.backward(inputs, grads)
+        return _laid_out_gradients(backend.backward(inputs, grads), inputs.x)
     return _reference_backward(inputs, grads)
 
 
@@ -194,7 +213,7 @@ def batch_kalman_norm_backward(*args: Any) -> _InputGradients:
 def _forward_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     x = KalmanNormInputs(*args).x
     statistics = x.new_empty((x.shape[1],), dtype=Fk.statistics_dtype(x.dtype))
-    return torch.empty_like(x), statistics, torch.empty_like(statistics)
+    return torch.empty_like(x, memory_format=suggest_memory_format(x)), statistics, torch.empty_like(statistics)
 
 
 @batch_kalman_norm_backward.register_fake
@@ -203,7 +222,7 @@ def _backward_fake(*args: Any) -> _InputGradients:
     x = inputs.x
     statistics = x.new_empty((x.shape[1],), dtype=Fk.statistics_dtype(x.dtype))
     return (
-        torch.empty_like(x),
+        torch.empty_like(x, memory_format=suggest_memory_format(x)),
         torch.empty_like(inputs.prior_mean),
         torch.empty_like(inputs.prior_variance),
         torch.empty_like(inputs.prior_weight),
@@ -389,6 +408,7 @@ class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
             ctx.save_for_backward(*inputs[:6])
             return tuple(_reference_forward(inputs))  # type: ignore[return-value]
         step, state = cpu_kernels.forward_with_state(inputs)
+        step = _laid_out_step(step, inputs.x)
         ctx.save_for_backward(*inputs[:6], step.posterior_mean, step.posterior_variance)
         # Not the posterior itself (an output: saved above), or ctx would hold it in a cycle.
         ctx.state = (state.stats, state.prior_weight, state.terms[2:], state.fired)
@@ -419,7 +439,7 @@ class _EagerCpuBatchKalmanNorm(torch.autograd.Function):
         # The fast path's per-channel tensors have x's dtype: no casts (cpu_kernels.covers).
         weight_grad = grads[4] if weight is not None else None
         bias_grad = grads[5] if bias is not None else None
-        return (*grads[:4], weight_grad, bias_grad, None, None)
+        return (laid_out(grads[0], x), *grads[1:4], weight_grad, bias_grad, None, None)
 
 
 def _state_takes(output_grads: tuple[Tensor | None, ...], x: Tensor, posterior: Tensor) -> bool:

@@ -470,3 +470,51 @@ def test_shared_layers_run_on_interleaved_inputs_warn_that_a_posterior_was_repla
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per layer
         model(a, b)
+
+
+class _RepeatedBlock(nn.Module):
+    """A weight-tied block repeated ``x.shape[-1] // 4`` times: once on a width-4 example, three times at width 12."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        with torch.no_grad():
+            self.block[2].weight.fill_(4.0)
+            self.block[2].bias.fill_(3.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for _ in range(x.shape[-1] // 4):
+            x = self.block(x)
+        return x
+
+
+def test_calls_beyond_the_recorded_ones_take_no_prior_and_warn() -> None:
+    """Third QA of 2026-12-06: wired on an example that runs the block once, trained on inputs that run it three
+    times, calls 2 and 3 of 'block.2' took a prior from 'stem.1' (mean -0.26) while their input came from
+    'block.2' itself (batch mean -2.65), with no warning. Calls beyond the recorded number now run without the
+    prior (BatchNorm), with a warning naming the counts; the recorded calls keep theirs."""
+    torch.manual_seed(0)
+    model = convert_batchnorm(_RepeatedBlock(), torch.randn(8, 4, 4, 4)).train()
+    layer = model.block[2]
+    assert layer.chain.wiring.calls == 1
+    priors: list[object] = []
+    original = type(layer.chain).prior
+
+    def spy(self: Any, module: Any, x: Tensor) -> Any:
+        prior = original(self, module, x)
+        if module is layer:
+            priors.append(prior)
+        return prior
+
+    x = torch.randn(8, 4, 4, 12)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(layer.chain), "prior", spy)
+        with pytest.warns(
+            RuntimeWarning, match=r"'block.2' ran 2 times in this forward; the example forward .* ran it 1 time"
+        ):
+            model(x)
+    assert priors[0] is not None and priors[1:] == [None, None]
+    wired_again = convert_batchnorm(_RepeatedBlock(), torch.randn(8, 4, 4, 12))
+    assert wired_again.block[2].chain.wiring.calls == 3

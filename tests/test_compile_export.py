@@ -95,3 +95,62 @@ def test_compile_inductor_train_step() -> None:
     y: Tensor = compiled(x)
     torch.testing.assert_close(y, eager(x), rtol=1e-5, atol=1e-5)
     y.sum().backward()
+
+
+class _TransposedNorm(nn.Module):
+    """A conformer's convolution module: BatchNorm1d on a transposed ``(N, L, C)`` tensor, then a ``view`` that
+    needs the contiguous layout BatchNorm gives its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm(self.linear(x).transpose(1, 2))
+        return y.view(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("layout", ["transposed-1d", "channels-last-2d", "channels-last-3d", "sliced-2d"])
+def test_the_op_returns_batchnorms_output_layout_traced_and_eager(layout: str) -> None:
+    """Found 2026-12-06: the op's fake gave ``empty_like(x)`` (a transposed input's strides) while every backend
+    returned BatchNorm's layout (contiguous there), so ``y.view(...)`` after a BKN layer on a transposed input worked
+    in eager and failed under torch.compile ("Cannot view a tensor"). Eager, fake and traced outputs now all take
+    ``suggest_memory_format(x)``, as ATen's BatchNorm does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bkn_export import convert_batchnorm
+
+    torch.manual_seed(0)
+    x = {
+        "transposed-1d": torch.randn(2, 5, 8).transpose(1, 2),
+        "channels-last-2d": torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last),
+        "channels-last-3d": torch.randn(2, 8, 3, 4, 5).to(memory_format=torch.channels_last_3d),
+        "sliced-2d": torch.randn(2, 16, 5, 6)[:, ::2],
+    }[layout]
+    norm = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x.dim()](8).train()
+    model = convert_batchnorm(nn.Sequential(norm), x.detach().clone()).train()
+    x.requires_grad_(True)
+    expected = nn.Sequential(copy.deepcopy(norm)).train()(x)  # BatchNorm's own layout
+    y = model(x)
+    assert y.stride() == expected.stride()
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        fake = model(fake_mode.from_tensor(x.detach()))
+    assert fake.stride() == y.stride()
+    with torch.no_grad(), fast.reference_only():
+        reference = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert reference.stride() == y.stride()
+    torch.testing.assert_close(reference, y)
+    assert grad.shape == x.shape
+
+
+def test_a_view_after_a_layer_on_a_transposed_input_compiles() -> None:
+    from bkn_export import convert_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    model = convert_batchnorm(_TransposedNorm(), x).train()
+    eager = model(x)
+    torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(x), eager)

@@ -274,3 +274,41 @@ def test_input_shape_and_load_inputs_are_exclusive(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["export", SPEC, "--input-shape", "1,1,8,8", "--load-inputs", "x.npz", "-o", str(tmp_path / "m.onnx")])
     assert exit_info.value.code == 2
+
+
+_SCALED_MODELS = """
+import torch
+from torch import nn
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, scale):
+        return self.bn(self.conv(x)) * scale
+
+def net():
+    torch.manual_seed(0)
+    return Scaled()
+"""
+
+
+def test_load_inputs_keeps_a_0d_input_and_reads_big_endian_arrays(tmp_path: Path) -> None:
+    """QA of the new option: a 0-d array became shape (1,) with a batch axis (np.ascontiguousarray), so the file
+    refused the model's own scalar input; a big-endian array crashed with a traceback. Now the scalar stays a 0-d
+    graph input and big-endian values are read as they are."""
+    source = tmp_path / "scaled_models.py"
+    source.write_text(_SCALED_MODELS)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(">f4")
+    np.savez(tmp_path / "inputs.npz", x=x, scale=np.array(2.5, dtype=np.float32))
+    out = tmp_path / "scaled.onnx"
+    assert main(["export", f"{source}:net", "--load-inputs", str(tmp_path / "inputs.npz"), "-o", str(out)]) == 0
+    scale_input = next(value for value in onnx.load(out).graph.input if value.name == "scale")
+    assert len(scale_input.type.tensor_type.shape.dim) == 0
+    model = load_model(f"{source}:net").eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x.astype(np.float32)), torch.tensor(2.5)).numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.astype(np.float32), "scale": np.array(2.5, np.float32)})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -109,21 +109,17 @@ def test_polygraphy_onnxrt_gives_the_same_outputs_as_our_backend(mode: str) -> N
         np.testing.assert_array_equal(ours[name], theirs[name])  # same ORT build and settings: bit-identical
 
 
-@pytest.mark.parametrize(
-    ("axis", "data_shape", "index_shape"),
-    [(-1, (2, 3), (2, 2)), (1, (2, 100, 3), (2, 5, 3)), (0, (4, 3), (2, 3)), (-3, (5, 2, 2), (3, 2, 2))],
-    ids=["negative-axis", "long-axis-3d", "axis-0", "negative-first-axis"],
-)
-def test_the_reference_backend_gathers_elements_as_onnx_runtime_does(
-    tmp_path: Path, axis: int, data_shape: tuple[int, ...], index_shape: tuple[int, ...]
-) -> None:
-    """Third QA of 2026-12-06: onnx.reference's GatherElements raised on a valid model (a negative axis with index
-    and data shapes differing there; more than 64 choices along the axis beyond 2-D), and the reference column
-    failed the verdict. The backend runs GatherElements by take_along_axis (named in its availability line); ONNX
-    Runtime agrees exactly, negative indices included."""
-    import onnxruntime as ort
-
+def _gather_model(
+    axis: int, data_shape: tuple[int, ...], index_shape: tuple[int, ...], in_function: bool
+) -> onnx.ModelProto:
+    """One GatherElements, in the graph or in a model-local function (as the training file's op body is)."""
     node = helper.make_node("GatherElements", ["data", "index"], ["out"], axis=axis)
+    opsets = [helper.make_opsetid("", 20)]
+    functions = []
+    if in_function:
+        functions = [helper.make_function("local", "Gather", ["data", "index"], ["out"], [node], opsets)]
+        node = helper.make_node("Gather", ["data", "index"], ["out"], domain="local")
+        opsets.append(helper.make_opsetid("local", 1))
     graph = helper.make_graph(
         [node],
         "gather",
@@ -131,20 +127,69 @@ def test_the_reference_backend_gathers_elements_as_onnx_runtime_does(
             helper.make_tensor_value_info("data", TensorProto.FLOAT, list(data_shape)),
             helper.make_tensor_value_info("index", TensorProto.INT64, list(index_shape)),
         ],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, list(index_shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
     )
+    return helper.make_model(graph, opset_imports=opsets, functions=functions)
+
+
+@pytest.mark.parametrize("in_function", [False, True], ids=["graph", "function"])
+@pytest.mark.parametrize(
+    ("axis", "data_shape", "index_shape"),
+    [
+        (-1, (2, 3), (2, 2)),
+        (1, (2, 100, 3), (2, 5, 3)),
+        (0, (4, 3), (2, 3)),
+        (-3, (5, 2, 2), (3, 2, 2)),
+        (2, (2, 4, 6, 6), (2, 4, 6, 1)),
+        (-1, (2, 3, 70), (1, 1, 1)),
+        (2, (2, 3, 70), (2, 2, 5)),
+        (1, (2, 0, 3), (2, 0, 3)),
+    ],
+    ids=["negative-axis", "long-axis-3d", "axis-0", "negative-first-axis", "narrower-index", "one-element",
+         "narrower-long-axis", "empty"],
+)  # fmt: skip
+def test_the_reference_backend_gathers_elements_as_onnx_runtime_does(
+    tmp_path: Path, axis: int, data_shape: tuple[int, ...], index_shape: tuple[int, ...], in_function: bool
+) -> None:
+    """Third QA of 2026-12-06: onnx.reference's GatherElements raised on valid models (a negative axis with index
+    and data shapes differing there; more than 64 choices along the axis beyond 2-D), and the reference column
+    failed the verdict. The backend runs GatherElements by take_along_axis over the data the indices reach (named in
+    its availability line), in model-local functions too; ONNX Runtime agrees exactly, negative indices included."""
+    import onnxruntime as ort
+
     path = tmp_path / "gather.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    onnx.save(_gather_model(axis, data_shape, index_shape, in_function), path)
     rng = np.random.default_rng(0)
     size = data_shape[axis]
     feeds = {
         "data": rng.standard_normal(data_shape).astype(np.float32),
-        "index": rng.integers(-size, size, index_shape),
+        "index": rng.integers(-size, size, index_shape) if size else np.zeros(index_shape, np.int64),
     }
     backend = ReferenceEvaluatorBackend()
     assert "GatherElements by numpy.take_along_axis" in backend.available().reason
     backend.load(str(path))
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    np.testing.assert_array_equal(backend.run(feeds)["out"], expected)
-    with pytest.raises(IndexError, match=r"an index is outside \[-\d+, \d+\)"):
-        backend.run({**feeds, "index": np.full(index_shape, size)})
+    got = backend.run(feeds)["out"]
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("axis", "data_shape", "index", "message"),
+    [
+        (1, (2, 3), np.full((2, 2), 3), r"an index is outside \[-3, 2\] along axis 1"),
+        (3, (2, 3, 4), np.zeros((2, 3, 4), np.int64), r"axis 3 is outside \[-3, 2\]"),
+        (-4, (2, 3, 4), np.zeros((2, 3, 4), np.int64), r"axis -4 is outside"),
+        (0, (2, 3), np.zeros((2, 4), np.int64), r"indices \(2, 4\) are longer than data \(2, 3\) on axis 1"),
+        (0, (2, 3), np.zeros((2,), np.int64), r"data of rank 2 and indices of rank 1"),
+    ],
+)
+def test_gather_elements_refuses_what_onnx_runtime_refuses(
+    axis: int, data_shape: tuple[int, ...], index: np.ndarray, message: str
+) -> None:
+    """The QA's invalid models: onnx.reference wrapped an out-of-range axis onto another and read past the data
+    for indices longer than it; ONNX Runtime refuses both, and so does the backend now."""
+    from runtime.backends.reference import gather_elements
+
+    with pytest.raises(ValueError, match=message):
+        gather_elements(np.zeros(data_shape, np.float32), index, axis)

@@ -45,6 +45,8 @@ class ChainMembership:
     _warned_outside: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
     #: Whether the layer has warned that a source published twice before it read one (once per layer).
     _warned_replaced: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
+    #: Whether the layer has warned that it ran more often than in the example forward (once per layer).
+    _warned_extra: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_transition", transition_for(self.wiring))
@@ -71,7 +73,10 @@ class ChainMembership:
 
         A recorded path whose watched modules did not run after its source published in
         this call counts as absent (a RuntimeWarning, once per layer and not while dynamo
-        traces; observers, hence ``chain_statistics``, see it on every call).
+        traces; observers, hence ``chain_statistics``, see it on every call). A call beyond
+        the number the example forward made (``wiring.calls``: a block repeated a data-dependent
+        number of times) has no recorded wiring, and its sources' latest statistics are not its
+        input's: it takes no prior (BatchNorm), with a RuntimeWarning.
         """
         replay = recompute.replaying()
         if replay is not None:  # bkn_export.checkpoint recomputes a segment: the prior its forward predicted
@@ -86,6 +91,8 @@ class ChainMembership:
                 recompute.refuse_unchained(layer, self.name)
                 if self._transition is not None:
                     self._warn_outside_root()
+            elif self._transition is not None and scratch.publications.get(self.name, 0) >= self.wiring.calls:
+                self._warn_extra_call(scratch.publications[self.name] + 1)
             elif self._transition is not None:
                 unrun = self._unrun(scratch)
                 unpublished = self._unpublished(scratch)
@@ -147,6 +154,19 @@ class ChainMembership:
             "torch.fx GraphModule, a copy of a submodule, a wrapper built around the layers), wire that model: "
             "bkn_export.wire_chain(model, example_inputs). Warned once per layer.",
             stacklevel=4,
+        )
+
+    def _warn_extra_call(self, call: int) -> None:
+        recorded = self.wiring.calls
+        _warn_once(
+            self._warned_extra,
+            f"BKN layer '{self.wiring.name}' ran {call} times in this forward; the example forward the chain was "
+            f"recorded on ran it {recorded} time{'s' * (recorded != 1)}. Calls beyond those have no recorded "
+            "wiring (their input does not come from the statistics the layer's sources last published), so they "
+            "run without the Kalman prior, as BatchNorm. If the model repeats a block a data-dependent number of "
+            "times, wire it on an example that runs it as often as training does (bkn_export.wire_chain). "
+            "Warned once per layer.",
+            stacklevel=2,
         )
 
     def _warn_replaced(self, sources: list[str]) -> None:

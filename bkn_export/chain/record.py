@@ -211,6 +211,7 @@ class LayerRecord:
     combine: ``"single"`` (one path), ``"concat"`` (one source per part, channel order),
     ``"sum"`` (one source per addend), or ``"none"`` (no normalization upstream; sources
     is empty, the layer is first in its chain). notes: every fallback and limit met.
+    calls: how many times the layer ran in the example forward.
     """
 
     name: str
@@ -218,6 +219,7 @@ class LayerRecord:
     sources: tuple[SourcePath, ...]
     combine: Combine
     notes: tuple[str, ...] = ()
+    calls: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -226,6 +228,7 @@ class LayerRecord:
             "sources": [s.to_dict() for s in self.sources],
             "combine": self.combine,
             "notes": list(self.notes),
+            "calls": self.calls,
         }
 
     @classmethod
@@ -236,6 +239,7 @@ class LayerRecord:
             sources=tuple(SourcePath.from_dict(s) for s in data["sources"]),
             combine=data["combine"],
             notes=tuple(data.get("notes", ())),
+            calls=int(data.get("calls", 1)),
         )
 
 
@@ -2018,7 +2022,7 @@ def _layer_record(
         combine, sources = "none", ()
     if call.calls > 1 and conflict is None:
         notes.append(f"runs {call.calls} times per forward from the same sources; wired by its first call")
-    return LayerRecord(call.name, call.input_shape, sources, combine, tuple(notes))
+    return LayerRecord(call.name, call.input_shape, sources, combine, tuple(notes), call.calls)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -184,7 +184,7 @@ def plan_wiring(
     position = order.get(name, -1)
 
     def first_in_chain(*why: str) -> Wiring:
-        return Wiring(name, None, (), "none", options.prior_source, 0, position, (*notes, *why))
+        return Wiring(name, None, (), "none", options.prior_source, 0, position, (*notes, *why), record.calls)
 
     if record.combine == "none" or not record.sources:
         return first_in_chain() if notes else first_in_chain("no normalization upstream: first in chain (BatchNorm)")
@@ -202,11 +202,13 @@ def plan_wiring(
                 f"transition='identity' needs equal channel counts, but '{names[0]}' has {widths[0]} and "
                 f"'{name}' has {channels}; use transition='learned' or 'propagate'"
             )
-        return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes))
+        return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes), record.calls)
     if kind == "learned":
         previous = sum(features[n] for n in names)
         notes.append(f"learned: a free {channels}x{previous} matrix over {list(names)} (no path used)")
-        return Wiring(name, kind, sources, combine, options.prior_source, previous, position, tuple(notes))
+        return Wiring(
+            name, kind, sources, combine, options.prior_source, previous, position, tuple(notes), record.calls
+        )
     problem = _unusable(sources, combine, channels)
     if problem:
         return first_in_chain(f"{kind} unavailable ({problem}): batch statistics only, as BatchNorm")
@@ -219,7 +221,7 @@ def plan_wiring(
                     "part: batch statistics alone on them (prior weight 0)"
                 )
             offset += source.channels
-    return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes))
+    return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes), record.calls)
 
 
 def _unusable(sources: tuple[SourcePath, ...], combine: str, channels: int) -> str:

@@ -44,7 +44,8 @@ class Wiring:
     (:class:`~bkn_export.nn.KalmanOptions`); previous_features: C_src, the columns of a
     learned transition matrix (0 otherwise); order: the layer's first-call position in
     the root's forward (-1: it did not run on the example inputs); notes: every
-    fallback, approximation and choice made while wiring.
+    fallback, approximation and choice made while wiring; calls: how many times the layer ran in the example
+    forward (a forward that runs it more often gives the extra calls no prior: :class:`ChainMembership`).
     """
 
     version: ClassVar[int] = EXTRA_STATE_VERSION
@@ -57,6 +58,7 @@ class Wiring:
     previous_features: int = 0
     order: int = -1
     notes: tuple[str, ...] = ()
+    calls: int = 1
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -73,6 +75,7 @@ class Wiring:
             "previous_features": self.previous_features,
             "order": self.order,
             "notes": list(self.notes),
+            "calls": self.calls,
         }
 
 

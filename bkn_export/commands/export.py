@@ -179,8 +179,10 @@ def loaded_example_inputs(model: Any, path: str) -> tuple[Any, ...]:
     tensors = []
     for name in arguments[:count]:
         array = np.asarray(feed[name])
+        if not array.dtype.isnative:  # big-endian data from another machine: the same values in this one's order
+            array = array.astype(array.dtype.newbyteorder("="))
         try:
-            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            tensor = torch.from_numpy(np.array(array, order="C", copy=True))  # a 0-d array stays 0-d
         except TypeError as error:
             raise OptionError(
                 f"--load-inputs {path}: input {name!r} of dtype {array.dtype} is not a torch dtype"

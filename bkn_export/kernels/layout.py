@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from bkn_export.errors import BKNInputError
 
@@ -178,11 +179,12 @@ def working_tensor(x: Tensor, name: str = "x") -> Tensor:
 
 
 def restore_layout(result: Tensor, original: Tensor, working: Tensor) -> Tensor:
-    """``result`` (computed with the strides of ``working``) in the layout ``torch.empty_like(original)``
-    has, which is what the ops' fake implementations promise (one copy, only for unusual layouts)."""
+    """``result`` (computed with the strides of ``working``) in the layout of BatchNorm's output for ``original``,
+    ``suggest_memory_format(original)``, which is what the ops' fake implementations promise
+    (:func:`bkn_export.ops.laid_out`; one copy, only for unusual layouts)."""
     if working is original:
         return result
-    out = torch.empty_like(original)
+    out = torch.empty_like(original, memory_format=suggest_memory_format(original))
     if out.stride() == result.stride():
         return result
     return out.copy_(result)

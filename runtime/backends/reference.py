@@ -14,7 +14,7 @@ import numpy as np
 from runtime.backends.base import Availability, Backend
 from runtime.errors import RuntimeLimitationError, RuntimeLoadError
 
-__all__ = ["CORRECTED_OPS", "ReferenceEvaluatorBackend", "reference_limitations"]
+__all__ = ["CORRECTED_OPS", "ReferenceEvaluatorBackend", "gather_elements", "reference_limitations"]
 
 
 def reference_limitations(model: Any) -> list[str]:
@@ -48,26 +48,49 @@ CORRECTED_OPS = (
 )
 
 
-def _corrected_ops() -> list[type]:
-    """``new_ops`` for the evaluator: ``GatherElements`` as the spec states it. onnx.reference's implementation
-    (``np.choose`` after swapping ``axis`` to the front) compares the wrong dims for a negative ``axis`` ("Except
-    for dimension -1, all dimensions of index and self should be the same size") and ``np.choose`` takes at most
-    64 choices (numpy 2): an index into a longer axis of a 3-D tensor failed. ``take_along_axis`` is the spec's formula
-    ``out[i][j][k] = data[index[i][j][k]][j][k]`` (``axis`` 0), negative indices counted from the end."""
+def gather_elements(data: np.ndarray, indices: np.ndarray, axis: int = 0) -> np.ndarray:
+    """ONNX ``GatherElements`` as the spec states it: ``out[i][j][k] = data[indices[i][j][k]][j][k]`` for
+    ``axis`` 0 (likewise along any axis), ``out`` of the indices' shape, negative indices counted from the end.
+    The indices may be shorter than the data on the other axes (those elements of data are not read), not longer.
+    Raises ValueError for a rank mismatch, an axis or an index out of range, or indices longer than the data."""
+    rank = data.ndim
+    if indices.ndim != rank or rank < 1:
+        raise ValueError(f"GatherElements: data of rank {rank} and indices of rank {indices.ndim}; they must match")
+    if not -rank <= axis < rank:
+        raise ValueError(f"GatherElements: axis {axis} is outside [-{rank}, {rank - 1}]")
+    axis %= rank
+    longer = [d for d in range(rank) if d != axis and indices.shape[d] > data.shape[d]]
+    if longer:
+        raise ValueError(
+            f"GatherElements: indices {indices.shape} are longer than data {data.shape} on axis {longer[0]}"
+        )
+    size = data.shape[axis]
+    index = indices.astype(np.int64)
+    if index.size and not ((index >= -size).all() and (index < size).all()):
+        raise ValueError(f"GatherElements: an index is outside [-{size}, {size - 1}] along axis {axis}")
+    read = tuple(slice(None) if d == axis else slice(0, indices.shape[d]) for d in range(rank))
+    return np.take_along_axis(data[read], np.where(index < 0, index + size, index), axis=axis)
+
+
+def _evaluator_class() -> type:
+    """``onnx.reference.ReferenceEvaluator`` running :func:`gather_elements` for GatherElements. A subclass, not
+    only ``new_ops``: the evaluator builds the evaluators of model-local functions (the training file's
+    BatchKalmanNorm body) and subgraphs as ``self.__class__(...)`` without the caller's ``new_ops``, so the
+    corrected op reaches them only this way."""
+    from onnx.reference import ReferenceEvaluator
     from onnx.reference.ops.op_gather_elements import GatherElements as OnnxGatherElements
 
     class GatherElements(OnnxGatherElements):
         op_domain = ""
 
         def _run(self, data: np.ndarray, indices: np.ndarray, axis: int | None = None) -> tuple[np.ndarray]:
-            axis = (axis or 0) % max(data.ndim, 1)
-            size = data.shape[axis]
-            index = indices.astype(np.int64)
-            if index.size and not ((index >= -size).all() and (index < size).all()):
-                raise IndexError(f"GatherElements: an index is outside [-{size}, {size}) along axis {axis}")
-            return (np.take_along_axis(data, np.where(index < 0, index + size, index), axis=axis),)
+            return (gather_elements(data, indices, axis or 0),)
 
-    return [GatherElements]
+    class CorrectedReferenceEvaluator(ReferenceEvaluator):
+        def __init__(self, proto: Any, new_ops: list[type] | None = None, **kwargs: Any) -> None:
+            super().__init__(proto, new_ops=[*(new_ops or []), GatherElements], **kwargs)
+
+    return CorrectedReferenceEvaluator
 
 
 class ReferenceEvaluatorBackend(Backend):
@@ -89,7 +112,6 @@ class ReferenceEvaluatorBackend(Backend):
 
     def load(self, model_path: str) -> None:
         import onnx
-        from onnx.reference import ReferenceEvaluator
 
         try:
             model = onnx.load(model_path)
@@ -101,7 +123,7 @@ class ReferenceEvaluatorBackend(Backend):
         # an optional-typed output comes back as [tensor] (ONNX Runtime returns the tensor itself)
         self._optional = {o.name for o in model.graph.output if o.type.HasField("optional_type")}
         try:
-            self._evaluator = ReferenceEvaluator(model, new_ops=_corrected_ops())
+            self._evaluator = _evaluator_class()(model)
         except Exception as error:
             raise RuntimeLoadError(
                 f"{self.name}: the ONNX reference evaluator cannot load {model_path}: {error}"
