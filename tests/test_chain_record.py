@@ -1241,3 +1241,37 @@ def test_a_layer_called_again_from_the_same_sources_keeps_its_prior() -> None:
         r"the same sources .* as call 1's \(from no normalization\); one wiring cannot give both calls their prior",
         layers["bna"].notes[0],
     )
+
+
+class _SharedOnTwoInputs(nn.Module):
+    """``bn`` after one conv on two inputs (no normalization upstream of either call), or, with ``relu``, after
+    ``bn0`` on the first call and after ``relu(bn0)`` on the second (the same source, another step)."""
+
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.relu = relu
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv, self.bn = nn.Conv2d(4 if relu else 3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.relu:
+            return self.bn(self.conv(x)), self.bn(self.conv(2 * x))
+        y = self.bn0(self.conv0(x))
+        return self.bn(self.conv(y)), self.bn(self.conv(F.relu(y)))
+
+
+def test_the_notes_of_a_layer_called_twice_say_what_differs() -> None:
+    """QA of the multi-call rule: where no call has a normalization upstream the note said "one wiring cannot give
+    both calls their prior" (nothing could be wired anyway); where calls differ by a step only it named the same
+    source twice. The first now gets the plain first-in-chain note, the second says the steps or shapes differ."""
+    plain = record_dataflow(_SharedOnTwoInputs(relu=False), torch.randn(2, 3, 8, 8))["bn"]
+    assert plain.combine == "none"
+    assert plain.notes[0].startswith("first in its chain: no normalization upstream"), plain.notes
+    stepped = record_dataflow(_SharedOnTwoInputs(relu=True), torch.randn(2, 3, 8, 8))["bn"]
+    assert stepped.combine == "none"
+    assert re.fullmatch(
+        r"first in its chain: it runs 2 times per forward, and call 2's input \(from 'bn0'\) comes from the same "
+        r"sources as call 1's but through other steps or at other shapes; one wiring cannot give both calls their "
+        r"prior",
+        stepped.notes[0],
+    )

@@ -312,3 +312,30 @@ def test_load_inputs_keeps_a_0d_input_and_reads_big_endian_arrays(tmp_path: Path
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x.astype(np.float32), "scale": np.array(2.5, np.float32)})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_export_failure_is_one_line_on_stderr_without_torchs_guard_logs(tmp_path: Path) -> None:
+    """QA of 2026-12-06: a dynamic-batch export of a graph network (edge indices of first axis 2) printed about 30
+    lines of torch's "Error while creating guard" logs before the one-line error; now the one line alone, naming
+    the static batch."""
+    source = tmp_path / "graph_models.py"
+    source.write_text(_GRAPH_MODELS)
+    np.savez(
+        tmp_path / "inputs.npz",
+        x=np.zeros((6, 4), np.float32),
+        edge_index=np.array([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]], dtype=np.int64),
+    )
+    argv = ["export", f"{source}:net", "--load-inputs", str(tmp_path / "inputs.npz"), "-o", str(tmp_path / "m.onnx")]
+    completed = subprocess.run(
+        [sys.executable, "-m", "bkn_export.cli", *argv], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 1
+    assert completed.stderr.count("\n") == 1, completed.stderr
+    assert completed.stderr.startswith("bkn export: ExportError: ") and "--static-batch" in completed.stderr
+
+
+def test_an_example_of_batch_0_is_bad_input(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 8, 8), np.float32))
+    argv = ["export", SPEC, "--load-inputs", str(tmp_path / "empty.npz"), "-o", str(tmp_path / "m.onnx")]
+    assert main(argv) == 2
+    assert "example input 1 has shape (0, 1, 8, 8): an empty batch" in capsys.readouterr().err

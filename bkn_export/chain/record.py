@@ -1981,13 +1981,21 @@ def _call_conflict(call: _NormCall, walker: _Walker, places: Mapping[str, Sequen
     through other steps, or at other shapes) would get a prior from the first call's sources: wrong. So would
     any call whose source was called again in between (:func:`_stale_source`)."""
     first = _walked(call.input, call.input_shape, walker)
-    for index, (node, shape, place) in enumerate(call.each, 1):
-        walked = _walked(node, shape, walker) if index > 1 else first
+    each = [_walked(node, shape, walker) if index > 1 else first for index, (node, shape, _) in enumerate(call.each, 1)]
+    if not any(source.reaches_normalization for _, sources in each for source in sources):
+        return None  # no call has a normalization upstream: first in its chain for that reason alone
+    for index, ((node, _, place), walked) in enumerate(zip(call.each, each), 1):
         if walked != first:
+            ours, theirs = _origins(walked[1]), _origins(first[1])
+            how = (
+                "comes from the same sources as call 1's but through other steps or at other shapes"
+                if ours == theirs
+                else f"does not come from the same sources through the same steps at the same shapes as call 1's "
+                f"(from {theirs})"
+            )
             return (
-                f"it runs {call.calls} times per forward, and call {index}'s input (from {_origins(walked[1])}) "
-                f"does not come from the same sources through the same steps at the same shapes as call 1's (from "
-                f"{_origins(first[1])}); one wiring cannot give both calls their prior"
+                f"it runs {call.calls} times per forward, and call {index}'s input (from {ours}) {how}; one wiring "
+                "cannot give both calls their prior"
             )
         stale = _stale_source(node, place, places)
         if stale is not None:

@@ -87,6 +87,14 @@ LARGE_GRAPH_NODES = 10_000
 #: The FutureWarning torch.export's decomposition raises on every export (copying its own pytree specs).
 _LEAF_SPEC_NOTICE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
+#: Dynamo's notice, when the exporter retries a failed trace with it, that the forward wrote the chain's scratch slot
+#: on the root's token (:mod:`bkn_export.chain.scope`: set and cleared within the traced call, by design), when that
+#: slot is the only side effect it lists.
+_CHAIN_SLOT_NOTICE = (
+    r"While compiling, we found certain side effects happened in the model\.forward\. Here are the list of "
+    r"potential sources you can double check: \[\"[^\",]*\['_bkn_chain_root'\]\"\]$"
+)
+
 
 #: The terminal colour codes torch.onnx puts into its error messages.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -169,6 +177,17 @@ def _without_torchvision_notices(record: logging.LogRecord) -> bool:
     return "torchvision is not installed" not in record.getMessage()
 
 
+def _without_guard_tracebacks(record: logging.LogRecord) -> bool:
+    """Drop torch's "Error while creating guard" / "Created at" logs (about 30 lines of internal traceback on
+    stderr, printed before the exception that the export reports in one line, its cause included)."""
+    message = record.getMessage()
+    return not message.startswith(("Error while creating guard", "Created at:"))
+
+
+#: torch loggers whose records :func:`_without_guard_tracebacks` filters during an export.
+_GUARD_LOGGERS = ("torch._guards",)
+
+
 def run_dynamo_export(
     module: torch.nn.Module,
     args: tuple[Any, ...],
@@ -195,10 +214,13 @@ def run_dynamo_export(
     assert graph_optimizer in GRAPH_OPTIMIZERS, graph_optimizer
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     registration.addFilter(_without_torchvision_notices)
+    for name in _GUARD_LOGGERS:
+        logging.getLogger(name).addFilter(_without_guard_tracebacks)
     try:
         with warnings.catch_warnings():
             # torch.export's own deep copy of its pytree specs (torch 2.13): nothing a caller can change.
             warnings.filterwarnings("ignore", message=_LEAF_SPEC_NOTICE, category=FutureWarning)
+            warnings.filterwarnings("ignore", message=_CHAIN_SLOT_NOTICE, category=UserWarning)
             program = torch.onnx.export(
                 module,
                 args,
@@ -217,6 +239,8 @@ def run_dynamo_export(
         raise ExportError(explain(error)) from error
     finally:
         registration.removeFilter(_without_torchvision_notices)
+        for name in _GUARD_LOGGERS:
+            logging.getLogger(name).removeFilter(_without_guard_tracebacks)
     assert program is not None
     if options.get("output_names") is not None:
         _name_outputs(program.model.graph, list(options["output_names"]))

@@ -109,6 +109,12 @@ def validate_request(
         input_names=_names(input_names, "input_names"),
         output_names=_names(output_names, "output_names"),
     )
+    empty = [index for index, t in enumerate(request.inputs, 1) if t.dim() > 0 and t.shape[0] == 0]
+    if empty:
+        raise OptionError(
+            f"example input {empty[0]} has shape {tuple(request.inputs[empty[0] - 1].shape)}: an empty batch (axis "
+            "0 of size 0) traces no computation a file could be checked on; give an example of batch 1 or more"
+        )
     if request.input_names is not None and len(request.input_names) != len(request.inputs):
         raise OptionError(
             f"input_names has {len(request.input_names)} names {list(request.input_names)} for "
