@@ -137,11 +137,17 @@ def refuse_unchained(layer: nn.Module, name: str) -> None:
     outside :func:`checkpoint`'s recomputation: ``torch.utils.checkpoint`` recomputing it without its chain
     (see the module docstring). A layer called on its own elsewhere runs as first in chain, as documented."""
     if layer.training and torch.is_grad_enabled() and _in_backward():
+        chain = getattr(layer, "chain", None)
+        role = (
+            "its prior comes from layers that ran earlier in the forward, which the recomputation cannot see"
+            if chain is not None and chain.has_predecessor
+            else "it is first in its chain, and its statistics feed the priors of later layers, which the "
+            "recomputation cannot reach"
+        )
         raise RecomputationError(
             f"BKN layer '{name}' is being recomputed during the backward pass without its Kalman chain "
-            "(activation checkpointing with torch.utils.checkpoint): its prior comes from layers that ran earlier "
-            "in the forward, which the recomputation cannot see, so the gradients would be those of another "
-            "function. Checkpoint the segment with bkn_export.checkpoint(function, *args) instead of "
+            f"(activation checkpointing with torch.utils.checkpoint): {role}, so the gradients would be those of "
+            "another function. Checkpoint the segment with bkn_export.checkpoint(function, *args) instead of "
             "torch.utils.checkpoint.checkpoint (same arguments; use_reentrant=False), or checkpoint the whole "
             "wired model."
         )

@@ -378,3 +378,14 @@ def test_checkpoint_sequential_splits_as_torch_does() -> None:
     assert ours == calls
     with pytest.raises(OptionError, match="segments must be at least 1"):
         bkn_export.checkpoint_sequential(modules, 0, x)
+
+
+def test_torch_checkpoint_of_a_first_in_chain_layer_says_what_it_feeds() -> None:
+    """QA of 2026-12-06: the refusal for a first-in-chain layer said "its prior comes from layers that ran
+    earlier", which it has none of; it now says it feeds the priors of later layers."""
+    model = _blocks_model()
+    stem = model.stem
+    model.run = lambda block, x: torch_checkpoint(block, x, use_reentrant=False) if block is stem else block(x)
+    loss = model(torch.randn(2, 3, 8, 8)).square().mean()
+    with pytest.raises(RecomputationError, match=r"it is first in its chain, and its statistics feed the priors"):
+        loss.backward()

@@ -2028,7 +2028,7 @@ def _layer_record(
         reasons = "; ".join(f"{where} {why}" for where, why in fallbacks)
         notes = [f"first in its chain: no normalization upstream ({reasons})"]
         combine, sources = "none", ()
-    if call.calls > 1 and conflict is None:
+    if call.calls > 1 and conflict is None and combine != "none":
         notes.append(f"runs {call.calls} times per forward from the same sources; wired by its first call")
     return LayerRecord(call.name, call.input_shape, sources, combine, tuple(notes), call.calls)
 
