@@ -154,6 +154,8 @@ def positional_examples(model: nn.Module, example_inputs: Any) -> Any:
     ``forward()`` and the values tensors (the graph inputs are named after them), else :class:`ExportError`."""
     if not isinstance(example_inputs, Mapping):
         return example_inputs
+    if not example_inputs:
+        raise ExportError("example_inputs is an empty dict: give the model's inputs, keyed by forward()'s arguments")
     arguments = forward_argument_names(model)
     keys = list(example_inputs)
     unknown = [key for key in keys if key not in arguments]
