@@ -518,3 +518,30 @@ def test_calls_beyond_the_recorded_ones_take_no_prior_and_warn() -> None:
     assert priors[0] is not None and priors[1:] == [None, None]
     wired_again = convert_batchnorm(_RepeatedBlock(), torch.randn(8, 4, 4, 12))
     assert wired_again.block[2].chain.wiring.calls == 3
+
+
+class _ThreeCallsOfOneSource(nn.Module):
+    """``src`` runs on three inputs, then ``cons`` reads its last call: the example shows the latest posterior is
+    the one that feeds ``cons``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.cons = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        ys = [self.src(a), self.src(b), self.src(c)]
+        return self.cons(ys[-1])
+
+
+def test_a_source_published_as_often_as_in_the_example_does_not_warn() -> None:
+    """QA of 2026-12-06: the warning "published twice in this forward before it read one ... may belong to another
+    input" fired where the recording proved the latest call is the layer's input. The wiring keeps how often each
+    source published before each read in the example (``republished``); a forward that does the same is quiet."""
+    torch.manual_seed(0)
+    inputs = tuple(torch.randn(2, 2, 6, 6) for _ in range(3))
+    model = convert_batchnorm(_ThreeCallsOfOneSource(), inputs).train()
+    assert model.cons[1].chain.wiring.republished == (("src.1", 3),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(*inputs)

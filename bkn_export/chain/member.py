@@ -98,7 +98,12 @@ class ChainMembership:
                 unpublished = self._unpublished(scratch)
                 if unrun or unpublished:
                     self._warn([self._describe(i, m) for i, m in unrun.items()] + unpublished)
-                replaced = scratch.unread_publications(self.name, self._sources)
+                recorded = dict(self.wiring.republished)  # what the example forward did: the latest is the input
+                replaced = [
+                    name
+                    for name, count in scratch.unread_publications(self.name, self._sources)
+                    if recorded.get(name) != count
+                ]
                 if replaced:
                     self._warn_replaced(replaced)
                 predict = functools.partial(

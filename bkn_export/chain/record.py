@@ -63,7 +63,7 @@ import math
 import random
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -211,7 +211,8 @@ class LayerRecord:
     combine: ``"single"`` (one path), ``"concat"`` (one source per part, channel order),
     ``"sum"`` (one source per addend), or ``"none"`` (no normalization upstream; sources
     is empty, the layer is first in its chain). notes: every fallback and limit met.
-    calls: how many times the layer ran in the example forward.
+    calls: how many times the layer ran in the example forward; republished: (source, n) for each source that
+    published n > 1 times before each of its calls (:func:`_republished`).
     """
 
     name: str
@@ -220,6 +221,7 @@ class LayerRecord:
     combine: Combine
     notes: tuple[str, ...] = ()
     calls: int = 1
+    republished: tuple[tuple[str, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -229,6 +231,7 @@ class LayerRecord:
             "combine": self.combine,
             "notes": list(self.notes),
             "calls": self.calls,
+            "republished": [list(item) for item in self.republished],
         }
 
     @classmethod
@@ -240,6 +243,7 @@ class LayerRecord:
             combine=data["combine"],
             notes=tuple(data.get("notes", ())),
             calls=int(data.get("calls", 1)),
+            republished=tuple((str(name), int(count)) for name, count in data.get("republished", ())),
         )
 
 
@@ -2003,6 +2007,22 @@ def _call_conflict(call: _NormCall, walker: _Walker, places: Mapping[str, Sequen
     return None
 
 
+def _republished(
+    call: _NormCall, names: Iterable[str], places: Mapping[str, Sequence[int]]
+) -> tuple[tuple[str, int], ...]:
+    """(source, n) for each of ``names`` that was called n > 1 times before each call of ``call``'s layer (since its
+    previous call) in the example forward, the same n before every call: a source called three times whose last
+    call feeds the layer. The runtime warns of a source that published more than once before a read only where it
+    did so another number of times."""
+    reads = [place for _, _, place in call.each]
+    found = []
+    for name in dict.fromkeys(names):
+        counts = {sum(before < s < read for s in places[name]) for before, read in zip([-1, *reads], reads)}
+        if len(counts) == 1 and (count := counts.pop()) > 1:
+            found.append((name, count))
+    return tuple(found)
+
+
 def _layer_record(
     call: _NormCall,
     walker: _Walker,
@@ -2030,7 +2050,10 @@ def _layer_record(
         combine, sources = "none", ()
     if call.calls > 1 and conflict is None and combine != "none":
         notes.append(f"runs {call.calls} times per forward from the same sources; wired by its first call")
-    return LayerRecord(call.name, call.input_shape, sources, combine, tuple(notes), call.calls)
+    names = (name for source in sources for name in source.normalizations())
+    return LayerRecord(
+        call.name, call.input_shape, sources, combine, tuple(notes), call.calls, _republished(call, names, places)
+    )
 
 
 # --------------------------------------------------------------------------- entry point

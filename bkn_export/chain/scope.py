@@ -217,15 +217,16 @@ class ChainScratch:
         self.published_at[name] = self.clock
         self.publications[name] = self.publications.get(name, 0) + 1
 
-    def unread_publications(self, reader: str, sources: Iterable[str]) -> list[str]:
-        """The sources of ``reader`` that published more than once since its last read in this call (their earlier
-        posterior replaced before it read one: the same layers run on interleaved inputs, ``a = block(a); b =
-        block(b)``), noting this read."""
+    def unread_publications(self, reader: str, sources: Iterable[str]) -> list[tuple[str, int]]:
+        """The sources of ``reader`` that published more than once since its last read in this call, with how many
+        times (their earlier posterior replaced before it read one: the same layers run on interleaved inputs,
+        ``a = block(a); b = block(b)``), noting this read."""
         replaced = []
         for source in sources:
             count = self.publications.get(source, 0)
-            if count - self.reads.get((reader, source), 0) > 1:
-                replaced.append(source)
+            since = count - self.reads.get((reader, source), 0)
+            if since > 1:
+                replaced.append((source, since))
             self.reads[(reader, source)] = count
         return replaced
 

@@ -184,7 +184,9 @@ def plan_wiring(
     position = order.get(name, -1)
 
     def first_in_chain(*why: str) -> Wiring:
-        return Wiring(name, None, (), "none", options.prior_source, 0, position, (*notes, *why), record.calls)
+        return Wiring(
+            name, None, (), "none", options.prior_source, 0, position, (*notes, *why), record.calls, record.republished
+        )
 
     if record.combine == "none" or not record.sources:
         return first_in_chain() if notes else first_in_chain("no normalization upstream: first in chain (BatchNorm)")
@@ -202,12 +204,32 @@ def plan_wiring(
                 f"transition='identity' needs equal channel counts, but '{names[0]}' has {widths[0]} and "
                 f"'{name}' has {channels}; use transition='learned' or 'propagate'"
             )
-        return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes), record.calls)
+        return Wiring(
+            name,
+            kind,
+            sources,
+            combine,
+            options.prior_source,
+            0,
+            position,
+            tuple(notes),
+            record.calls,
+            record.republished,
+        )
     if kind == "learned":
         previous = sum(features[n] for n in names)
         notes.append(f"learned: a free {channels}x{previous} matrix over {list(names)} (no path used)")
         return Wiring(
-            name, kind, sources, combine, options.prior_source, previous, position, tuple(notes), record.calls
+            name,
+            kind,
+            sources,
+            combine,
+            options.prior_source,
+            previous,
+            position,
+            tuple(notes),
+            record.calls,
+            record.republished,
         )
     problem = _unusable(sources, combine, channels)
     if problem:
@@ -221,7 +243,9 @@ def plan_wiring(
                     "part: batch statistics alone on them (prior weight 0)"
                 )
             offset += source.channels
-    return Wiring(name, kind, sources, combine, options.prior_source, 0, position, tuple(notes), record.calls)
+    return Wiring(
+        name, kind, sources, combine, options.prior_source, 0, position, tuple(notes), record.calls, record.republished
+    )
 
 
 def _unusable(sources: tuple[SourcePath, ...], combine: str, channels: int) -> str:

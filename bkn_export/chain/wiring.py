@@ -45,7 +45,9 @@ class Wiring:
     learned transition matrix (0 otherwise); order: the layer's first-call position in
     the root's forward (-1: it did not run on the example inputs); notes: every
     fallback, approximation and choice made while wiring; calls: how many times the layer ran in the example
-    forward (a forward that runs it more often gives the extra calls no prior: :class:`ChainMembership`).
+    forward (a forward that runs it more often gives the extra calls no prior: :class:`ChainMembership`);
+    republished: (source, n) for each source that published n > 1 times before each read in the example forward
+    (a source called three times, the layer reading its last call): no warning where a forward does the same.
     """
 
     version: ClassVar[int] = EXTRA_STATE_VERSION
@@ -59,6 +61,7 @@ class Wiring:
     order: int = -1
     notes: tuple[str, ...] = ()
     calls: int = 1
+    republished: tuple[tuple[str, int], ...] = ()
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -76,6 +79,7 @@ class Wiring:
             "order": self.order,
             "notes": list(self.notes),
             "calls": self.calls,
+            "republished": [list(item) for item in self.republished],
         }
 
 
