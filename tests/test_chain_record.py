@@ -1275,3 +1275,25 @@ def test_the_notes_of_a_layer_called_twice_say_what_differs() -> None:
         r"prior",
         stepped.notes[0],
     )
+
+
+class _SliceAfterAConcat(nn.Module):
+    """``n`` reads only ``b``'s channels of ``cat([a(x), b(2x)])``; ``a`` runs again before ``n``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.c, self.n = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = torch.cat([self.a(x), self.b(x * 2)], 1)
+        again = self.a(x * 3)
+        return self.n(self.c(y[:, 4:])), again
+
+
+def test_a_source_called_again_outside_the_channels_read_keeps_the_prior() -> None:
+    """QA of the stale-source rule: a call of 'a' after the concatenation made 'n' first in its chain, though 'n'
+    reads only 'b''s channels; only the sources the walked paths keep count now (the rule for 'b' stands)."""
+    layer = record_dataflow(_SliceAfterAConcat(), torch.randn(8, 4, 5, 5))["n"]
+    assert layer.combine == "single" and layer.sources[0].normalization == "b"
+    assert layer.notes == ()

@@ -63,7 +63,7 @@ import math
 import random
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -1946,12 +1946,17 @@ def _normalizations_reaching(node: _Node | None) -> Iterator[_Node]:
             pending.extend(source for source, _ in current.inputs)
 
 
-def _stale_source(node: _Node | None, place: int, places: Mapping[str, Sequence[int]]) -> str | None:
+def _stale_source(
+    node: _Node | None, place: int, places: Mapping[str, Sequence[int]], wired: Collection[str]
+) -> str | None:
     """Why the chain would read the wrong statistics for a normalization call at ``place`` whose input ``node``
     produced: a source module called again between the call that feeds it and this one (``a = bn1(x1); b =
     bn1(x2); bn2(conv(a))``). Within a forward, each layer reads the *latest* statistics its sources published.
-    None when every source's latest call is the one that feeds it."""
+    Only the sources in ``wired`` count (those the walked paths keep: a part of a concatenation that a channel
+    slice drops is not read). None when every such source's latest call is the one that feeds it."""
     for source in _normalizations_reaching(node):
+        if source.label not in wired:
+            continue
         calls = places[source.label]
         latest = max(call for call in calls if call < place)
         if latest != source.call:
@@ -2001,7 +2006,8 @@ def _call_conflict(call: _NormCall, walker: _Walker, places: Mapping[str, Sequen
                 f"it runs {call.calls} times per forward, and call {index}'s input (from {ours}) {how}; one wiring "
                 "cannot give both calls their prior"
             )
-        stale = _stale_source(node, place, places)
+        wired = {name for path in walked[1] for name in path.normalizations()}
+        stale = _stale_source(node, place, places, wired)
         if stale is not None:
             return f"call {index} of {call.calls}: {stale}" if call.calls > 1 else stale
     return None
