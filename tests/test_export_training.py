@@ -527,8 +527,10 @@ def test_cumulative_momentum_is_refused_for_running_stats_io() -> None:
 
 def test_empty_example_batch_is_refused() -> None:
     model, shape = mlp_model()
-    with pytest.raises(ExportError, match=r"shape \(0, 6\).*N >= 1"):
+    with pytest.raises(OptionError, match=r"shape \(0, 6\): an empty batch"):
         export_training(model, torch.randn(0, *shape), "unused.onnx")
+    with pytest.raises(OptionError, match=r"shape \(2, 0\); the export needs a non-empty batch"):
+        export_training(model, torch.randn(2, 0), "unused.onnx")
 
 
 def test_model_without_bkn_layers_is_refused() -> None:

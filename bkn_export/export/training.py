@@ -44,7 +44,7 @@ from bkn_export.chain.observe import observe
 from bkn_export.chain.scope import Observer, Published
 from bkn_export.copying import copy_module
 from bkn_export.distributed import SyncBatchKalmanNorm
-from bkn_export.errors import ExportError, ModelFileError
+from bkn_export.errors import ExportError, ModelFileError, OptionError
 from bkn_export.export.common import (
     dynamic_shape_hint,
     export_failure_cause,
@@ -270,8 +270,8 @@ def export_training(
     inputs = request.inputs
     for i, t in enumerate(inputs):
         # the normalization layers' own (N, C, *) is checked where they run; an input may be indices (N,)
-        if t.dim() < 1 or t.numel() == 0:
-            raise ExportError(
+        if t.dim() < 1 or t.numel() == 0:  # bad input, as validate_request's empty batch
+            raise OptionError(
                 f"export_training: example input {i} has shape {tuple(t.shape)}; the export needs a non-empty "
                 "batch (N, *) with N >= 1 in every input to trace batch statistics"
             )
