@@ -255,8 +255,11 @@ def test_integer_example_inputs_come_from_load_inputs(tmp_path: Path, mode: str)
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
-        ({"x": np.zeros((6, 4)), "edges": np.zeros((2, 6), np.int64)}, r"names \['edges'\], which are not arguments"),
-        ({"edge_index": np.zeros((2, 6), np.int64)}, r"give the first 1 forward\(\) arguments \['x'\]"),
+        (
+            {"x": np.zeros((6, 4)), "edges": np.zeros((2, 6), np.int64)},
+            r"\['edges'\] are not arguments of Graph.forward\(\)",
+        ),
+        ({"edge_index": np.zeros((2, 6), np.int64)}, r"give the first 2 forward\(\) arguments \['x', 'edge_index'\]"),
         ({"x": np.zeros((6, 5)), "edge_index": np.zeros((2, 6), np.int64)}, r"does not run on this example"),
     ],
 )

@@ -53,7 +53,10 @@ def test_a_dict_of_keyword_inputs_exports_in_forward_order(tmp_path: Path, mode:
 @pytest.mark.parametrize(
     ("examples", "message"),
     [
-        ({"mask": torch.ones(2, 8, 8, 8)}, r"keys \['mask'\]; .* first 1 positional arguments .*'pixel_values'"),
+        (
+            {"mask": torch.ones(2, 8, 8, 8)},
+            r"keys \['mask'\]: give the first 2 forward\(\) arguments \['pixel_values', 'mask'\]",
+        ),
         ({"images": torch.ones(2, 3, 12, 12)}, r"keys \['images'\]"),
         ({"pixel_values": torch.ones(2, 3, 12, 12), "mask": None}, r"example_inputs\['mask'\] is not a tensor"),
         ({}, r"example_inputs is an empty dict"),

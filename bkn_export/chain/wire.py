@@ -183,10 +183,15 @@ def plan_wiring(
     notes = list(record.notes)
     position = order.get(name, -1)
 
-    def first_in_chain(*why: str) -> Wiring:
+    def wiring(kind: str | None, sources: tuple[SourcePath, ...], combine: str, previous: int = 0) -> Wiring:
         return Wiring(
-            name, None, (), "none", options.prior_source, 0, position, (*notes, *why), record.calls, record.republished
-        )
+            name, kind, sources, combine, options.prior_source, previous, position, tuple(notes), record.calls,
+            record.republished,
+        )  # fmt: skip
+
+    def first_in_chain(*why: str) -> Wiring:
+        notes.extend(why)
+        return wiring(None, (), "none")
 
     if record.combine == "none" or not record.sources:
         return first_in_chain() if notes else first_in_chain("no normalization upstream: first in chain (BatchNorm)")
@@ -204,33 +209,11 @@ def plan_wiring(
                 f"transition='identity' needs equal channel counts, but '{names[0]}' has {widths[0]} and "
                 f"'{name}' has {channels}; use transition='learned' or 'propagate'"
             )
-        return Wiring(
-            name,
-            kind,
-            sources,
-            combine,
-            options.prior_source,
-            0,
-            position,
-            tuple(notes),
-            record.calls,
-            record.republished,
-        )
+        return wiring(kind, sources, combine)
     if kind == "learned":
         previous = sum(features[n] for n in names)
         notes.append(f"learned: a free {channels}x{previous} matrix over {list(names)} (no path used)")
-        return Wiring(
-            name,
-            kind,
-            sources,
-            combine,
-            options.prior_source,
-            previous,
-            position,
-            tuple(notes),
-            record.calls,
-            record.republished,
-        )
+        return wiring(kind, sources, combine, previous)
     problem = _unusable(sources, combine, channels)
     if problem:
         return first_in_chain(f"{kind} unavailable ({problem}): batch statistics only, as BatchNorm")
@@ -243,9 +226,7 @@ def plan_wiring(
                     "part: batch statistics alone on them (prior weight 0)"
                 )
             offset += source.channels
-    return Wiring(
-        name, kind, sources, combine, options.prior_source, 0, position, tuple(notes), record.calls, record.republished
-    )
+    return wiring(kind, sources, combine)
 
 
 def _unusable(sources: tuple[SourcePath, ...], combine: str, channels: int) -> str:

@@ -113,27 +113,16 @@ def example_inputs(model: Any, shapes: list[tuple[str | None, tuple[int, ...]]])
     import torch
 
     from bkn_export.errors import OptionError
-    from bkn_export.export.pipeline import forward_argument_names
+    from bkn_export.export.pipeline import forward_argument_names, leading_arguments_problem
 
     named = [name for name, _ in shapes if name is not None]
     if named and len(named) != len(shapes):
         raise OptionError("--input-shape: give every input as NAME:SHAPE, or none (then they follow forward()'s order)")
     if named:
+        problem = leading_arguments_problem(model, named)
+        if problem is not None:
+            raise OptionError(f"--input-shape: {problem}")
         arguments = forward_argument_names(model)
-        unknown = [name for name in named if name not in arguments]
-        if unknown:
-            raise OptionError(
-                f"--input-shape names {unknown} that are not arguments of {type(model).__name__}.forward(); "
-                f"it takes {arguments}"
-            )
-        if len(set(named)) != len(named):
-            raise OptionError(f"--input-shape gives an input twice: {named}")
-        positions = sorted(arguments.index(name) for name in named)
-        if positions != list(range(len(named))):
-            raise OptionError(
-                f"--input-shape: give shapes for the first {max(positions) + 1} forward() arguments "
-                f"{arguments[: max(positions) + 1]}, got {named}"
-            )
         shapes = sorted(shapes, key=lambda item: arguments.index(str(item[0])))
     dtype = _floating_dtype(model)
     needed = sum(dtype.itemsize * math.prod(shape) for _, shape in shapes)
@@ -156,25 +145,18 @@ def loaded_example_inputs(model: Any, path: str) -> tuple[Any, ...]:
     import torch
 
     from bkn_export.errors import OptionError
-    from bkn_export.export.pipeline import forward_argument_names
+    from bkn_export.export.pipeline import forward_argument_names, leading_arguments_problem
     from runtime.polygraphy_io import load_inputs
 
     feeds = load_inputs(path)
     if not feeds or not feeds[0]:
         raise OptionError(f"--load-inputs {path}: the file holds no input")
     feed = feeds[0]
+    problem = leading_arguments_problem(model, list(feed))
+    if problem is not None:
+        raise OptionError(f"--load-inputs {path}: {problem}")
     arguments = forward_argument_names(model)
-    unknown = [name for name in feed if name not in arguments]
-    if unknown:
-        raise OptionError(
-            f"--load-inputs {path} names {unknown}, which are not arguments of {type(model).__name__}.forward(); "
-            f"it takes {arguments}"
-        )
     count = len(feed)
-    if sorted(arguments.index(name) for name in feed) != list(range(count)):
-        raise OptionError(
-            f"--load-inputs {path}: give the first {count} forward() arguments {arguments[:count]}, got {list(feed)}"
-        )
     dtype = _floating_dtype(model)
     tensors = []
     for name in arguments[:count]:

@@ -156,16 +156,14 @@ def positional_examples(model: nn.Module, example_inputs: Any) -> Any:
         return example_inputs
     if not example_inputs:
         raise ExportError("example_inputs is an empty dict: give the model's inputs, keyed by forward()'s arguments")
-    arguments = forward_argument_names(model)
     keys = list(example_inputs)
-    unknown = [key for key in keys if key not in arguments]
-    if unknown or sorted(arguments.index(key) for key in keys) != list(range(len(keys))):
+    problem = leading_arguments_problem(model, keys)
+    if problem is not None:
         raise ExportError(
-            f"example_inputs is a dict with keys {keys}; an export takes keyword inputs that are the first "
-            f"{len(keys)} positional arguments of {type(model).__name__}.forward() (it takes {arguments}), since "
-            "each becomes a graph input in that order. Pass the tensors as a tuple in forward()'s order, with any "
-            "other argument fixed in a wrapper module"
+            f"example_inputs is a dict with keys {keys}: {problem}. Each becomes a graph input in forward()'s order; "
+            "pass the tensors as a tuple in that order, with any other argument fixed in a wrapper module"
         )
+    arguments = forward_argument_names(model)
     values = [example_inputs[name] for name in arguments[: len(keys)]]
     not_tensors = [name for name, value in zip(arguments, values) if not isinstance(value, Tensor)]
     if not_tensors:
@@ -174,6 +172,22 @@ def positional_examples(model: nn.Module, example_inputs: Any) -> Any:
             "arguments in a wrapper module"
         )
     return tuple(values)
+
+
+def leading_arguments_problem(model: nn.Module, names: Sequence[str]) -> str | None:
+    """Why ``names`` (inputs given by name) are not the first ``len(names)`` positional arguments of
+    ``model.forward()`` in some order: a name that is no argument, one given twice, or an earlier argument left out.
+    None when they are (then ``forward_argument_names(model)[:len(names)]`` is their order)."""
+    arguments = forward_argument_names(model)
+    unknown = [name for name in names if name not in arguments]
+    if unknown:
+        return f"{unknown} are not arguments of {type(model).__name__}.forward(), which takes {arguments}"
+    if len(set(names)) != len(names):
+        return f"an input is given twice: {list(names)}"
+    last = max((arguments.index(name) for name in names), default=-1)
+    if last + 1 != len(names):
+        return f"give the first {last + 1} forward() arguments {arguments[: last + 1]}, got {list(names)}"
+    return None
 
 
 def forward_argument_names(model: nn.Module) -> list[str]:
