@@ -91,7 +91,8 @@ class ChainMembership:
                 recompute.refuse_unchained(layer, self.name)
                 if self._transition is not None:
                     self._warn_outside_root()
-            elif self._transition is not None and scratch.publications.get(self.name, 0) >= self.wiring.calls:
+            elif self._transition is not None and not self._recorded_call(scratch):
+                scratch.unread_publications(self.name, self._sources)  # this read happened, prior or not
                 self._warn_extra_call(scratch.publications[self.name] + 1)
             elif self._transition is not None:
                 unrun = self._unrun(scratch)
@@ -100,7 +101,7 @@ class ChainMembership:
                     self._warn([self._describe(i, m) for i, m in unrun.items()] + unpublished)
                 recorded = dict(self.wiring.republished)  # what the example forward did: the latest is the input
                 replaced = [
-                    name
+                    (name, count)
                     for name, count in scratch.unread_publications(self.name, self._sources)
                     if recorded.get(name) != count
                 ]
@@ -115,6 +116,15 @@ class ChainMembership:
         for observer in observers():
             observer.saw_prior(layer, prior, tuple(self._describe(i, m) for i, m in unrun.items()))
         return prior
+
+    def _recorded_call(self, scratch: ChainScratch) -> bool:
+        """Whether this call is one the example forward's wiring covers: one of its first ``wiring.calls``, or a
+        later one whose sources published since the layer's last call as often as between the recorded calls
+        (``wiring.repeats``: the layer applied again to the same source's output, or a block applied again)."""
+        if scratch.publications.get(self.name, 0) < self.wiring.calls:
+            return True
+        repeats = dict(self.wiring.repeats)
+        return bool(repeats) and scratch.publications_since_read(self.name, self._sources) == repeats
 
     def _unrun(self, scratch: ChainScratch) -> dict[int, str]:
         """Index into ``wiring.sources`` → the watched module on that path that did not run."""
@@ -163,22 +173,31 @@ class ChainMembership:
 
     def _warn_extra_call(self, call: int) -> None:
         recorded = self.wiring.calls
+        how = (
+            "how a later call is fed was not recorded"
+            if recorded == 1 or not self.wiring.repeats
+            else "its sources did not publish since its last call as they did between the recorded calls"
+        )
         _warn_once(
             self._warned_extra,
-            f"BKN layer '{self.wiring.name}' ran {call} times in this forward; the example forward the chain was "
-            f"recorded on ran it {recorded} time{'s' * (recorded != 1)}. Calls beyond those have no recorded "
-            "wiring (their input does not come from the statistics the layer's sources last published), so they "
-            "run without the Kalman prior, as BatchNorm. If the model repeats a block a data-dependent number of "
-            "times, wire it on an example that runs it as often as training does (bkn_export.wire_chain). "
-            "Warned once per layer.",
+            f"BKN layer '{self.wiring.name}' runs call {call} in this forward; the example forward the chain was "
+            f"recorded on ran it {recorded} time{'s' * (recorded != 1)}, and {how}, so the chain cannot tell which "
+            "statistics this call's input comes from (a block fed by its own output, in a loop run more often "
+            "than in the example): this call and any like it run without the Kalman prior, as BatchNorm. Wire the "
+            "model on an example that runs the layer as often as training does (bkn_export.wire_chain). Warned "
+            "once per layer (not while torch.compile traces: a warning there would break the graph).",
             stacklevel=2,
         )
 
-    def _warn_replaced(self, sources: list[str]) -> None:
+    def _warn_replaced(self, sources: list[tuple[str, int]]) -> None:
+        counts = ", ".join(f"'{name}' {count} times" for name, count in sources)
+        recorded = dict(self.wiring.republished)
+        example = ", ".join(f"'{name}' {recorded.get(name, 1)}" for name, _ in sources)
         _warn_once(
             self._warned_replaced,
-            f"BKN layer '{self.wiring.name}': its source(s) {', '.join(repr(s) for s in sources)} published twice "
-            "in this forward before it read one, so it reads the latest, which may belong to another input: the "
+            f"BKN layer '{self.wiring.name}': its source(s) published more than once in this forward before it read "
+            f"one ({counts}; in the example forward: {example}), so it reads the latest, which may belong to "
+            "another input: the "
             "same layers run on interleaved inputs (a = block(a); b = block(b), or two streams through shared "
             "layers). The chain is recorded per layer name, one posterior at a time: run each input through the "
             "shared layers in turn (a = block2(block1(a)), then b), or give each stream its own layers. Warned "

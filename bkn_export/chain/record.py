@@ -59,6 +59,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import math
 import random
 import sys
@@ -212,7 +213,9 @@ class LayerRecord:
     ``"sum"`` (one source per addend), or ``"none"`` (no normalization upstream; sources
     is empty, the layer is first in its chain). notes: every fallback and limit met.
     calls: how many times the layer ran in the example forward; republished: (source, n) for each source that
-    published n > 1 times before each of its calls (:func:`_republished`).
+    published n > 1 times before each of its calls (:func:`_republished`); repeats: (source, n) for every source,
+    how often it published between two calls of the layer, where that was the same between every two
+    (:func:`_repeats`).
     """
 
     name: str
@@ -222,6 +225,7 @@ class LayerRecord:
     notes: tuple[str, ...] = ()
     calls: int = 1
     republished: tuple[tuple[str, int], ...] = ()
+    repeats: tuple[tuple[str, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -232,6 +236,7 @@ class LayerRecord:
             "notes": list(self.notes),
             "calls": self.calls,
             "republished": [list(item) for item in self.republished],
+            "repeats": [list(item) for item in self.repeats],
         }
 
     @classmethod
@@ -244,6 +249,7 @@ class LayerRecord:
             notes=tuple(data.get("notes", ())),
             calls=int(data.get("calls", 1)),
             republished=tuple((str(name), int(count)) for name, count in data.get("republished", ())),
+            repeats=tuple((str(name), int(count)) for name, count in data.get("repeats", ())),
         )
 
 
@@ -2029,6 +2035,24 @@ def _republished(
     return tuple(found)
 
 
+def _repeats(call: _NormCall, names: Iterable[str], places: Mapping[str, Sequence[int]]) -> tuple[tuple[str, int], ...]:
+    """(source, n) for every one of ``names``: how many times it was called between two consecutive calls of
+    ``call``'s layer in the example forward, where that is the same n between every two (the layer applied again
+    to the same source's output: n = 0; a block applied again, its source first: n = 1). Empty where the layer ran
+    once, or the counts differ between calls. A forward that calls the layer more often than the example keeps the
+    prior on an extra call only where its sources published as in this pattern since the layer's last call."""
+    reads = [place for _, _, place in call.each]
+    if len(reads) < 2:
+        return ()
+    pattern = []
+    for name in dict.fromkeys(names):
+        counts = {sum(before < s < read for s in places[name]) for before, read in itertools.pairwise(reads)}
+        if len(counts) != 1:
+            return ()
+        pattern.append((name, counts.pop()))
+    return tuple(pattern)
+
+
 def _layer_record(
     call: _NormCall,
     walker: _Walker,
@@ -2056,10 +2080,11 @@ def _layer_record(
         combine, sources = "none", ()
     if call.calls > 1 and conflict is None and combine != "none":
         notes.append(f"runs {call.calls} times per forward from the same sources; wired by its first call")
-    names = (name for source in sources for name in source.normalizations())
+    names = [name for source in sources for name in source.normalizations()]
     return LayerRecord(
-        call.name, call.input_shape, sources, combine, tuple(notes), call.calls, _republished(call, names, places)
-    )
+        call.name, call.input_shape, sources, combine, tuple(notes), call.calls, _republished(call, names, places),
+        _repeats(call, names, places) if names else (),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- entry point

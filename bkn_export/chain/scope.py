@@ -217,6 +217,10 @@ class ChainScratch:
         self.published_at[name] = self.clock
         self.publications[name] = self.publications.get(name, 0) + 1
 
+    def publications_since_read(self, reader: str, sources: Iterable[str]) -> dict[str, int]:
+        """How many times each source of ``reader`` published since its last read in this call (not noting a read)."""
+        return {source: self.publications.get(source, 0) - self.reads.get((reader, source), 0) for source in sources}
+
     def unread_publications(self, reader: str, sources: Iterable[str]) -> list[tuple[str, int]]:
         """The sources of ``reader`` that published more than once since its last read in this call, with how many
         times (their earlier posterior replaced before it read one: the same layers run on interleaved inputs,

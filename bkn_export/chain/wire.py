@@ -186,7 +186,7 @@ def plan_wiring(
     def wiring(kind: str | None, sources: tuple[SourcePath, ...], combine: str, previous: int = 0) -> Wiring:
         return Wiring(
             name, kind, sources, combine, options.prior_source, previous, position, tuple(notes), record.calls,
-            record.republished,
+            record.republished, record.repeats,
         )  # fmt: skip
 
     def first_in_chain(*why: str) -> Wiring:

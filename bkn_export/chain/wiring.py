@@ -47,7 +47,10 @@ class Wiring:
     fallback, approximation and choice made while wiring; calls: how many times the layer ran in the example
     forward (a forward that runs it more often gives the extra calls no prior: :class:`ChainMembership`);
     republished: (source, n) for each source that published n > 1 times before each read in the example forward
-    (a source called three times, the layer reading its last call): no warning where a forward does the same.
+    (a source called three times, the layer reading its last call): no warning where a forward does the same;
+    repeats: (source, n) for every source, how often it published between two calls of the layer in the example
+    forward (empty where the layer ran once or the counts differed): a call beyond ``calls`` keeps its prior only
+    where its sources published so since the layer's last call.
     """
 
     version: ClassVar[int] = EXTRA_STATE_VERSION
@@ -62,6 +65,7 @@ class Wiring:
     notes: tuple[str, ...] = ()
     calls: int = 1
     republished: tuple[tuple[str, int], ...] = ()
+    repeats: tuple[tuple[str, int], ...] = ()
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -80,6 +84,7 @@ class Wiring:
             "notes": list(self.notes),
             "calls": self.calls,
             "republished": [list(item) for item in self.republished],
+            "repeats": [list(item) for item in self.repeats],
         }
 
 
