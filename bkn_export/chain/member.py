@@ -39,6 +39,9 @@ class ChainMembership:
     _transition: Transition | None = field(init=False, compare=False, repr=False)
     #: The normalization layers whose posteriors reach this layer (``wiring.source_names``).
     _sources: tuple[str, ...] = field(init=False, compare=False, repr=False)
+    #: ``wiring.republished`` and ``wiring.repeats`` as mappings, source → count (read on every call).
+    _republished: dict[str, int] = field(init=False, compare=False, repr=False)
+    _repeats: dict[str, int] = field(init=False, compare=False, repr=False)
     #: Whether the layer has warned that a recorded path did not run (once per layer).
     _warned: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
     #: Whether the layer has warned that it ran outside a forward of its root (once per layer).
@@ -51,6 +54,8 @@ class ChainMembership:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_transition", transition_for(self.wiring))
         object.__setattr__(self, "_sources", self.wiring.source_names)
+        object.__setattr__(self, "_republished", dict(self.wiring.republished))
+        object.__setattr__(self, "_repeats", dict(self.wiring.repeats))
 
     @property
     def name(self) -> str:
@@ -99,11 +104,10 @@ class ChainMembership:
                 unpublished = self._unpublished(scratch)
                 if unrun or unpublished:
                     self._warn([self._describe(i, m) for i, m in unrun.items()] + unpublished)
-                recorded = dict(self.wiring.republished)  # what the example forward did: the latest is the input
-                replaced = [
+                replaced = [  # where the example forward did the same, the latest is the input
                     (name, count)
                     for name, count in scratch.unread_publications(self.name, self._sources)
-                    if recorded.get(name) != count
+                    if self._republished.get(name) != count
                 ]
                 if replaced:
                     self._warn_replaced(replaced)
@@ -123,7 +127,7 @@ class ChainMembership:
         (``wiring.repeats``: the layer applied again to the same source's output, or a block applied again)."""
         if scratch.publications.get(self.name, 0) < self.wiring.calls:
             return True
-        repeats = dict(self.wiring.repeats)
+        repeats = self._repeats
         return bool(repeats) and scratch.publications_since_read(self.name, self._sources) == repeats
 
     def _unrun(self, scratch: ChainScratch) -> dict[int, str]:
@@ -191,8 +195,7 @@ class ChainMembership:
 
     def _warn_replaced(self, sources: list[tuple[str, int]]) -> None:
         counts = ", ".join(f"'{name}' {count} times" for name, count in sources)
-        recorded = dict(self.wiring.republished)
-        example = ", ".join(f"'{name}' {recorded.get(name, 1)}" for name, _ in sources)
+        example = ", ".join(f"'{name}' {self._republished.get(name, 1)}" for name, _ in sources)
         _warn_once(
             self._warned_replaced,
             f"BKN layer '{self.wiring.name}': its source(s) published more than once in this forward before it read "

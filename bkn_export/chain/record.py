@@ -59,7 +59,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import itertools
 import math
 import random
 import sys
@@ -573,13 +572,23 @@ class _NormCall:
     (input, place among all normalization calls)."""
 
     name: str
-    input: _Node | None
-    input_shape: Shape
     each: list[tuple[_Node | None, Shape, int]]
+
+    @property
+    def input(self) -> _Node | None:
+        return self.each[0][0]
+
+    @property
+    def input_shape(self) -> Shape:
+        return self.each[0][1]
 
     @property
     def calls(self) -> int:
         return len(self.each)
+
+    @property
+    def places(self) -> list[int]:
+        return [place for _, _, place in self.each]
 
 
 class _Recorder(TorchFunctionMode):
@@ -755,7 +764,7 @@ class _Recorder(TorchFunctionMode):
     def _norm(self, name: str, module: nn.Module, source: tuple[_Node | None, Shape], out: Tensor) -> None:
         self.norm_calls += 1
         if name not in self.norms:
-            self.norms[name] = _NormCall(name, source[0], source[1], [])
+            self.norms[name] = _NormCall(name, [])
         self.norms[name].each.append((*source, self.norm_calls))
         post_steps, unsupported = _norm_post_steps(name, module)
         node = _Node("norm", tuple(out.shape), (source,), label=name, post_steps=post_steps, call=self.norm_calls)
@@ -1989,14 +1998,16 @@ def _origins(sources: Sequence[SourcePath]) -> str:
     return ", ".join(dict.fromkeys(names))
 
 
-def _call_conflict(call: _NormCall, walker: _Walker, places: Mapping[str, Sequence[int]]) -> str | None:
-    """Why one wiring cannot give every call of ``call``'s module its right prior, or None.
+def _call_conflict(
+    call: _NormCall, each: Sequence[tuple[Combine, tuple[SourcePath, ...]]], places: Mapping[str, Sequence[int]]
+) -> str | None:
+    """Why one wiring cannot give every call of ``call``'s module its right prior, or None. ``each``: every call's
+    input walked (:func:`_walked`).
 
     A layer has one wiring, taken from its first call; a later call whose input comes from other sources (or
     through other steps, or at other shapes) would get a prior from the first call's sources: wrong. So would
     any call whose source was called again in between (:func:`_stale_source`)."""
-    first = _walked(call.input, call.input_shape, walker)
-    each = [_walked(node, shape, walker) if index > 1 else first for index, (node, shape, _) in enumerate(call.each, 1)]
+    first = each[0]
     if not any(source.reaches_normalization for _, sources in each for source in sources):
         return None  # no call has a normalization upstream: first in its chain for that reason alone
     for index, ((node, _, place), walked) in enumerate(zip(call.each, each), 1):
@@ -2019,6 +2030,13 @@ def _call_conflict(call: _NormCall, walker: _Walker, places: Mapping[str, Sequen
     return None
 
 
+def _calls_between(call: _NormCall, name: str, places: Mapping[str, Sequence[int]]) -> list[int]:
+    """How many times the normalization ``name`` was called before each call of ``call``'s layer in the example
+    forward, since the layer's previous call (the first count: since the forward began)."""
+    reads = call.places
+    return [sum(before < s < read for s in places[name]) for before, read in zip([-1, *reads], reads)]
+
+
 def _republished(
     call: _NormCall, names: Iterable[str], places: Mapping[str, Sequence[int]]
 ) -> tuple[tuple[str, int], ...]:
@@ -2026,10 +2044,9 @@ def _republished(
     previous call) in the example forward, the same n before every call: a source called three times whose last
     call feeds the layer. The runtime warns of a source that published more than once before a read only where it
     did so another number of times."""
-    reads = [place for _, _, place in call.each]
     found = []
     for name in dict.fromkeys(names):
-        counts = {sum(before < s < read for s in places[name]) for before, read in zip([-1, *reads], reads)}
+        counts = set(_calls_between(call, name, places))
         if len(counts) == 1 and (count := counts.pop()) > 1:
             found.append((name, count))
     return tuple(found)
@@ -2041,12 +2058,11 @@ def _repeats(call: _NormCall, names: Iterable[str], places: Mapping[str, Sequenc
     to the same source's output: n = 0; a block applied again, its source first: n = 1). Empty where the layer ran
     once, or the counts differ between calls. A forward that calls the layer more often than the example keeps the
     prior on an extra call only where its sources published as in this pattern since the layer's last call."""
-    reads = [place for _, _, place in call.each]
-    if len(reads) < 2:
+    if call.calls < 2:
         return ()
     pattern = []
     for name in dict.fromkeys(names):
-        counts = {sum(before < s < read for s in places[name]) for before, read in itertools.pairwise(reads)}
+        counts = set(_calls_between(call, name, places)[1:])
         if len(counts) != 1:
             return ()
         pattern.append((name, counts.pop()))
@@ -2061,9 +2077,10 @@ def _layer_record(
     sizes: _Sizes = _NO_SIZES,
 ) -> LayerRecord:
     """``places``: each normalization module's calls, by their places among all normalization calls."""
-    combine, sources = _walked(call.input, call.input_shape, walker)
+    each = [_walked(node, shape, walker) for node, shape, _ in call.each]
+    combine, sources = each[0]
     fallbacks = list(_fallbacks(sources, combine))
-    conflict = _call_conflict(call, walker, places)
+    conflict = _call_conflict(call, each, places)
     if conflict is not None:
         notes = [f"first in its chain: {conflict}"]
         combine, sources = "none", ()
@@ -2083,7 +2100,7 @@ def _layer_record(
     names = [name for source in sources for name in source.normalizations()]
     return LayerRecord(
         call.name, call.input_shape, sources, combine, tuple(notes), call.calls, _republished(call, names, places),
-        _repeats(call, names, places) if names else (),
+        _repeats(call, names, places),
     )  # fmt: skip
 
 
@@ -2187,7 +2204,7 @@ def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handle
             handle.remove()
     walker = _Walker()
     modules = dict(model.named_modules())
-    places = {name: [place for _, _, place in call.each] for name, call in recorder.norms.items()}
+    places = {name: call.places for name, call in recorder.norms.items()}
     layers = tuple(
         _layer_record(call, walker, modules, places, recorder.conv_inputs) for call in recorder.norms.values()
     )

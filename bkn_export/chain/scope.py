@@ -225,14 +225,10 @@ class ChainScratch:
         """The sources of ``reader`` that published more than once since its last read in this call, with how many
         times (their earlier posterior replaced before it read one: the same layers run on interleaved inputs,
         ``a = block(a); b = block(b)``), noting this read."""
-        replaced = []
-        for source in sources:
-            count = self.publications.get(source, 0)
-            since = count - self.reads.get((reader, source), 0)
-            if since > 1:
-                replaced.append((source, since))
-            self.reads[(reader, source)] = count
-        return replaced
+        since = self.publications_since_read(reader, sources)
+        for source in since:
+            self.reads[(reader, source)] = self.publications.get(source, 0)
+        return [(source, count) for source, count in since.items() if count > 1]
 
 
 _OPEN: ContextVar[Mapping[ChainRoot, ChainScratch]] = ContextVar("bkn_chain_scratches", default=MappingProxyType({}))

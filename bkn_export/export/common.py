@@ -149,8 +149,7 @@ def dynamic_shape_hint(error: BaseException) -> str:
         return (
             f". A dynamic batch makes axis 0 of every input one batch size, but {_guarded_input(mismatch['first'])} "
             f"has {mismatch['m']} there and {_guarded_input(mismatch['second'])} {mismatch['n']}: an input whose "
-            "first axis is not "
-            "the batch (edge indices, a fixed table) cannot follow it. Export with a static batch "
+            "first axis is not the batch (edge indices, a fixed table) cannot follow it. Export with a static batch "
             "(dynamic_batch=False, --static-batch)"
         )
     return ""

@@ -6,6 +6,7 @@ training-mode ``ai.bkn::BatchKalmanNorm`` through its function body) as they are
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,6 +73,7 @@ def gather_elements(data: np.ndarray, indices: np.ndarray, axis: int = 0) -> np.
     return np.take_along_axis(data[read], np.where(index < 0, index + size, index), axis=axis)
 
 
+@functools.cache
 def _evaluator_class() -> type:
     """``onnx.reference.ReferenceEvaluator`` running :func:`gather_elements` for GatherElements. A subclass, not
     only ``new_ops``: the evaluator builds the evaluators of model-local functions (the training file's
