@@ -23,6 +23,7 @@ import bkn_export
 from bkn_export import BatchKalmanNorm2d
 from bkn_export.chain.record import Combination, LayerRecord, SourcePath, record_dataflow
 from bkn_export.chain.steps import (
+    STOP_GRADIENT,
     Affine,
     ChannelPad,
     Channels,
@@ -1107,7 +1108,7 @@ class _ZeroChannels(nn.Module):
 
 
 @pytest.mark.parametrize("spelling", ["data", "new_zeros", "full"])
-def test_zero_channels_concatenated_are_zero_padding_and_tensor_data_is_transparent(spelling: str) -> None:
+def test_zero_channels_concatenated_are_zero_padding_and_tensor_data_keeps_the_values(spelling: str) -> None:
     """MONAI's ResNet ``shortcut_type="A"`` ended the chain at ``torch.zeros`` and ``x.data`` ("__get__"): the layer
     after every such block ran as BatchNorm. Zero parts of a channel concat are :class:`ChannelPad` of their
     neighbour (exact: mean 0, variance 0), so the chain, its prior and a train step are those of the ``F.pad``
@@ -1123,7 +1124,11 @@ def test_zero_channels_concatenated_are_zero_padding_and_tensor_data_is_transpar
     assert (shortcut.normalization, shortcut.steps[-1], shortcut.channels) == ("stem_bn", ChannelPad(4, 4), 16)
     for net in (reference, model):
         bkn_export.convert_batchnorm(net, example)
-    assert bkn_export.format_chain(model) == bkn_export.format_chain(reference)
+    if spelling == "data":  # x.data stops the gradient: a stop-gradient step on the shortcut, the same values
+        assert shortcut.steps[-2] == Identity(STOP_GRADIENT)
+        assert "detach (the prior's gradient stops too) → zero channels" in bkn_export.format_chain(model)
+    else:
+        assert bkn_export.format_chain(model) == bkn_export.format_chain(reference)
     data = torch.randn(2, 3, 8, 8)
     outputs, grads = [], []
     for net in (reference, model):
@@ -1133,7 +1138,8 @@ def test_zero_channels_concatenated_are_zero_padding_and_tensor_data_is_transpar
         grads.append([p.grad for p in net.parameters()])
     assert torch.equal(outputs[0], outputs[1])
     for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
-        assert torch.equal(a, b), name  # running statistics
+        if spelling != "data" or not name.endswith("_extra_state"):  # the wiring holds the stop-gradient step
+            assert torch.equal(a, b), name  # running statistics
     if spelling != "data":  # x.data detaches the model's own shortcut: its gradients are another model's
         for a, b in zip(*grads):
             assert a is not None and b is not None and torch.equal(a, b)

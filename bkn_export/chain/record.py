@@ -74,6 +74,7 @@ from torch.overrides import TorchFunctionMode
 
 from bkn_export import moments
 from bkn_export.chain.steps import (
+    STOP_GRADIENT,
     Affine,
     ChannelPad,
     Channels,
@@ -490,7 +491,6 @@ _TRANSPARENT_METHODS = set(
     _functions(
         "contiguous",
         "clone",
-        "detach",
         "to",
         "float",
         "double",
@@ -502,7 +502,10 @@ _TRANSPARENT_METHODS = set(
         "requires_grad_",
         owners=(Tensor,),
     )
-) | {torch.clone, torch.detach, torch.as_tensor, _TENSOR_DATA_GETTER}  # as_tensor of a tensor: that tensor
+) | {torch.clone, torch.as_tensor}  # as_tensor of a tensor: that tensor
+#: The same values with no gradient: a stop-gradient step (``Identity(STOP_GRADIENT)``), which the prediction detaches
+#: too, so that the chain sends no gradient past the user's ``detach()`` / ``.data`` (a frozen feature extractor).
+_STOP_GRADIENT_FUNCTIONS = {*_functions("detach", owners=(Tensor,)), torch.detach, _TENSOR_DATA_GETTER}
 #: Functions that make a new tensor of zeros, whatever their arguments.
 _ZEROS_FUNCTIONS = {torch.zeros, torch.zeros_like, Tensor.new_zeros}
 #: Functions that make a new tensor of one value, by the position of that value among their arguments.
@@ -903,6 +906,9 @@ class _Recorder(TorchFunctionMode):
             return True
         if func in _TRANSPARENT_METHODS and isinstance(first, Tensor) and first.shape == out.shape:
             self.step_node(_TRANSPARENT, source, out)
+            return True
+        if func in _STOP_GRADIENT_FUNCTIONS and isinstance(first, Tensor) and first.shape == out.shape:
+            self.step_node(Identity(STOP_GRADIENT), source, out)
             return True
         if func in _RESHAPE_FUNCTIONS and isinstance(first, Tensor):
             self.step_node(_reshape_step(tuple(first.shape), tuple(out.shape), label), source, out)

@@ -88,7 +88,9 @@ class Published(NamedTuple):
 
     posterior_mean, posterior_variance: (C,) μ_{j|j}, Σ_{j|j}; count: elements per channel
     its statistics span (an int, a SymInt while tracing); input_shape: (N, C, *) of its
-    input; weight, bias: γ, β (C,) or None; eps: ε (for ``prior_source="output"``).
+    input; weight, bias: γ, β (C,) or None; eps: ε (for ``prior_source="output"``); grad_enabled: whether
+    gradients were on when it published (off: it ran in the user's ``torch.no_grad()`` region, so γ, β are
+    kept detached and the paths from it send the prior no gradient, as the data sends none).
     """
 
     posterior_mean: Tensor
@@ -98,6 +100,7 @@ class Published(NamedTuple):
     weight: Tensor | None
     bias: Tensor | None
     eps: float
+    grad_enabled: bool = True
 
 
 class ChainRoot:

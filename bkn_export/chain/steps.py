@@ -64,6 +64,7 @@ from bkn_export import moments
 from bkn_export.errors import ChainWiringError
 
 __all__ = [
+    "STOP_GRADIENT",
     "Affine",
     "ChannelPad",
     "Channels",
@@ -617,27 +618,45 @@ class Subsample:
         return cls(tuple(data["start"]), tuple(data["stride"]))
 
 
+#: :attr:`Identity.what` of a stop-gradient (``detach()``, ``.data``) on a path.
+STOP_GRADIENT = "stop-gradient"
+
+
 @dataclass(frozen=True)
 class Identity:
     """Something that leaves the tensor as it is for the prior: dropout (its eval-mode
     behaviour; see the module docstring), ``nn.Identity``, clone, a parameter-free module that is
-    the identity in eval mode only (``"train-mode"``: Gaussian noise, DropPath).
+    the identity in eval mode only (``"train-mode"``: Gaussian noise, DropPath), or a stop-gradient
+    (``"stop-gradient"``: ``detach()``, ``.data``), whose moments are its input's and whose prediction is
+    detached there, so that the prior's gradient stops where the data's does (``predict``, ``apply``;
+    a :class:`LinearRun` that holds one detaches its result).
 
-    what: what it is (``"dropout"``, ``"train-mode"``); module: its qualified name, if a module.
+    what: what it is (``"dropout"``, ``"train-mode"``, ``"stop-gradient"``); module: its qualified name,
+    if a module.
     """
 
     what: str
     module: str | None = None
     step: ClassVar[str] = "identity"
 
+    @property
+    def stops_gradient(self) -> bool:
+        return self.what == STOP_GRADIENT
+
     def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        if self.stops_gradient:
+            return mean.detach(), variance.detach(), tuple(spatial)
         return mean, variance, tuple(spatial)
 
     def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
-        return sample
+        return sample.detach() if self.stops_gradient else sample
 
     def describe(self) -> str:
-        label = {"dropout": "dropout (as identity)", "train-mode": "identity in eval mode"}.get(self.what, self.what)
+        label = {
+            "dropout": "dropout (as identity)",
+            "train-mode": "identity in eval mode",
+            STOP_GRADIENT: "detach (the prior's gradient stops too)",
+        }.get(self.what, self.what)
         return label + (f" '{self.module}'" if self.module else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -688,7 +707,12 @@ class LinearRun:
         return specs
 
     def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
-        return moments.linear_path_moments(self._specs(modules), mean, variance, spatial)
+        out_mean, out_variance, out_spatial = moments.linear_path_moments(self._specs(modules), mean, variance, spatial)
+        if any(isinstance(member, Identity) and member.stops_gradient for member in self.steps):
+            # One map for the whole run: its gradient stops at the run's end (the members after the stop-gradient
+            # lose the prior's share of theirs, the conservative side).
+            return out_mean.detach(), out_variance.detach(), out_spatial
+        return out_mean, out_variance, out_spatial
 
     def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
         return apply_steps(self.steps, sample, modules)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from bkn_export.chain.record import SourcePath
+from bkn_export.chain.steps import STOP_GRADIENT
 from bkn_export.errors import ChainWiringError
 from bkn_export.nn import EXTRA_STATE_VERSION
 
@@ -96,9 +97,12 @@ def _names(sources: tuple[SourcePath, ...]) -> Iterator[str]:
 def _path_signature(path: Mapping[str, Any]) -> dict[str, Any]:
     """What makes a saved path compute what it computes (no example shapes, no wording)."""
     origin = path.get("origin")
+    steps = path.get("steps")
+    if isinstance(steps, list):  # a stop-gradient changes no value: checkpoints from before it was recorded load
+        steps = [s for s in steps if not (isinstance(s, Mapping) and s.get("what") == STOP_GRADIENT)]
     return {
         "normalization": path.get("normalization"),
-        "steps": path.get("steps"),
+        "steps": steps,
         "channels": path.get("channels"),
         "origin": None
         if origin is None
