@@ -32,6 +32,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
@@ -845,9 +846,48 @@ def _module_noise_floors(backend: TorchEagerBackend, feed: Feed, capture: Module
     return noise_floors(capture, in_float64)
 
 
-def _unsupported_dtype(error: Exception, half: set[str]) -> bool:
+#: ONNX Runtime's refusal names the node: "Could not find an implementation for Max(13) node with name 'n'".
+_REFUSED_NODE = re.compile(r"implementation for (\w+)\(\d+\) node with name '([^']*)'")
+_HALF_TYPES = ("float16", "bfloat16")
+
+
+def _unsupported_dtype(error: Exception, half: set[str], path: Path | None = None) -> bool:
+    """Whether a runtime's load error is its known refusal of a half-precision file's operators (the runtime is then
+    unavailable for this file, not failing it). Where the error names the refused node (ONNX Runtime's "Could not
+    find an implementation for OP(v) node with name 'n'"), only if that node reads or writes a float16 / bfloat16
+    value: a refused uint16 ``Max`` in a float16 file is the file's failure, as in a float32 one."""
     text = f"{type(error).__name__}: {error}"
-    return bool(half) and any(marker in text for marker in _DTYPE_UNSUPPORTED)
+    if not half or not any(marker in text for marker in _DTYPE_UNSUPPORTED):
+        return False
+    match = _REFUSED_NODE.search(text)
+    if match is None or path is None:
+        return True
+    return _node_computes_in_half(path, match.group(1), match.group(2))
+
+
+def _node_computes_in_half(path: Path, op_type: str, name: str) -> bool:
+    """Whether a node of ``op_type`` (named ``name``, where not empty) in the file at ``path`` has a float16 /
+    bfloat16 input or output, by the file's types after ONNX shape inference; False where that is not known."""
+    import onnx
+
+    try:
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    except Exception:  # an unreadable file: not known, so not excused
+        return False
+    graph = model.graph
+    types = {
+        value.name: value.type.tensor_type.elem_type
+        for value in (*graph.input, *graph.output, *graph.value_info)
+        if value.type.HasField("tensor_type")
+    }
+    types.update({initializer.name: initializer.data_type for initializer in graph.initializer})
+    half_types = {getattr(onnx.TensorProto, kind.upper()) for kind in _HALF_TYPES}
+    for node in graph.node:
+        if node.op_type != op_type or (name and node.name != name):
+            continue
+        if any(types.get(value) in half_types for value in (*node.input, *node.output) if value):
+            return True
+    return False
 
 
 def _run_one(
@@ -885,7 +925,7 @@ def _run_one(
         return RuntimeResult(entry.name, Status.UNAVAILABLE, str(error), time.perf_counter() - started), []
     except Exception as error:  # the runtime's failure is a finding, not a crash of the tool
         seconds = time.perf_counter() - started
-        if _unsupported_dtype(error, half):
+        if _unsupported_dtype(error, half, path):
             reason = f"refused this {'/'.join(sorted(half))} file's operators: {type(error).__name__}: {error}"
             return RuntimeResult(entry.name, Status.UNAVAILABLE, reason, seconds), []
         return RuntimeResult(entry.name, Status.ERROR, f"{type(error).__name__}: {error}", seconds), []

@@ -120,7 +120,7 @@ def _read_json(path: Path) -> Any:
         raise SavedDataError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
     try:
         return json.loads(text, object_pairs_hook=_decoder(str(path)))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:  # ValueError: a malformed pair
         raise SavedDataError(f"{path}: not a Polygraphy JSON file ({type(error).__name__}: {error})") from error
 
 

@@ -470,18 +470,26 @@ def _resized(tensor: Tensor, spatial: tuple[int, ...], generator: torch.Generato
 
 
 def _onnx_runner(proto: onnx.ModelProto) -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
-    """(engine name, run(feeds) -> outputs): ONNX Runtime CPU if installed, else onnx's reference evaluator."""
+    """(engine name, run(feeds) -> outputs): ONNX Runtime CPU if installed and it implements the file's operators
+    (it has no float64 Conv, for one), else onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
     try:
         import onnxruntime as ort
     except ImportError:
-        from onnx.reference import ReferenceEvaluator
-
         evaluator = ReferenceEvaluator(proto)
         return "onnx.reference", lambda feeds: list(evaluator.run(None, feeds))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime's own error types: a valid file it does not implement
+        evaluator = ReferenceEvaluator(proto)
+        return (
+            f"onnx.reference (ONNX Runtime refused the file: {_error_line(error)})",
+            lambda feeds: list(evaluator.run(None, feeds)),
+        )
     return "onnxruntime", lambda feeds: list(session.run(None, feeds))
 
 

@@ -207,11 +207,15 @@ class TorchEagerBackend(Backend):
                 "export's eval-mode forward does not take, and the file does not compute them at all"
             )
 
-    def _arguments(self, model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
+    def _arguments(
+        self, model: Any, inputs: Mapping[str, np.ndarray], narrowing: bool = False
+    ) -> tuple[list[Any], dict[str, Any]]:
         """PyTorch arguments for the ONNX inputs: by name where they match ``forward``'s parameters, else by position.
 
-        Floating inputs are cast at the boundary to the model's floating parameter dtype
-        (a float16 ONNX input feeds a float32 model the same values). A ``forward``
+        Floating inputs narrower than the model's floating parameter dtype are cast to it at the boundary (a
+        float16 ONNX input feeds a float32 model the same values, exactly); wider ones (a float64 timestamp the
+        model computes in float64) keep the file's dtype, so that PyTorch sees the values the runtimes see, unless
+        ``narrowing`` (:meth:`_forward`'s retry where the model refuses them, with a note). A ``forward``
         parameter the exporter dropped (not an ONNX input) keeps its default, or gets
         None when it has none; either way it is noted in :attr:`notes`.
         """
@@ -224,7 +228,9 @@ class TorchEagerBackend(Backend):
 
         def tensor(name: str) -> Any:
             value = tensor_of(inputs[name]).to(device)
-            return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+            if dtype is None or not value.is_floating_point():
+                return value
+            return value.to(dtype) if narrowing or _widens(value.dtype, dtype) else value
 
         parameters = _forward_parameters(model)
         if not parameters or not all(name in parameters for name in names):
@@ -249,6 +255,19 @@ class TorchEagerBackend(Backend):
                 self._note(f"forward argument {name!r} is not an ONNX input (dropped by the exporter): passed None")
         return [], kwargs
 
+    def _wider_inputs(self, model: Any, inputs: Mapping[str, np.ndarray]) -> list[str]:
+        """The floating inputs that :meth:`_arguments` passes wider than the model's floating parameters, with
+        their dtypes (``name (float64)``)."""
+        parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if parameter is None:
+            return []
+        wider = []
+        for name, array in inputs.items():
+            dtype = tensor_of(array).dtype
+            if dtype.is_floating_point and not _widens(dtype, parameter.dtype) and dtype != parameter.dtype:
+                wider.append(f"{name} ({str(dtype).removeprefix('torch.')})")
+        return wider
+
     def _note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
@@ -260,9 +279,30 @@ class TorchEagerBackend(Backend):
         with torch.no_grad():
             for name, buffer in statistics_in.items():
                 buffer.copy_(tensor_of(inputs[name]).to(buffer))
-        args, kwargs = self._arguments(model, {k: v for k, v in inputs.items() if k not in statistics_in})
-        with torch.no_grad():
-            result = model(*args, **kwargs)
+        feeds = {k: v for k, v in inputs.items() if k not in statistics_in}
+        args, kwargs = self._arguments(model, feeds)
+        kept = {name: buffer.clone() for name, buffer in model.named_buffers()} if statistics_in else {}
+        try:
+            with torch.no_grad():
+                result = model(*args, **kwargs)
+        except (RuntimeError, TypeError) as error:
+            wider = self._wider_inputs(model, feeds)
+            if not wider:
+                raise
+            with torch.no_grad():  # a training step may have updated statistics before it failed
+                for name, buffer in model.named_buffers():
+                    if name in kept:
+                        buffer.copy_(kept[name])
+                for name, buffer in statistics_in.items():
+                    buffer.copy_(tensor_of(inputs[name]).to(buffer))
+                args, kwargs = self._arguments(model, feeds, narrowing=True)
+                result = model(*args, **kwargs)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            self._note(
+                f"the PyTorch model refuses the file's wider floating inputs {wider} ({reason}): they were rounded "
+                "to its parameters' dtype for the reference, which therefore saw other values than the runtimes; "
+                "differences of that rounding's size are not the file's"
+            )
         leaves = _output_leaves(result)
         output_names = [n for n in self.output_names if n not in statistics_out] or [
             f"output_{i}" for i in range(len(leaves))
@@ -355,3 +395,13 @@ def op_node_layers(graph_model: Any) -> frozenset[str] | None:
             return None
         layers.add(scope[-1])
     return frozenset(layers) or None
+
+
+def _widens(source: Any, target: Any) -> bool:
+    """Whether every value of float dtype ``source`` is exactly a value of ``target`` (float16 / bfloat16 → float32,
+    anything → float64; equal dtypes count)."""
+    import torch
+
+    if source == target or target == torch.float64:
+        return True
+    return target == torch.float32 and source in (torch.float16, torch.bfloat16)
