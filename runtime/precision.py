@@ -38,36 +38,52 @@ def computed_precision(model: onnx.ModelProto) -> dict[str, str]:
 
     model (N nodes, V named values): one pass over the nodes to map producers, one backward walk per output, so
     O(outputs · (N + V)) at worst. Outputs not listed: computed at their own precision, or not float."""
-    types = _float_types(model)
+    types, elements = _float_types(model)
     producer = {name: node for node in model.graph.node for name in node.output if name}
+    exact = _exact_casts(model, elements)
     narrower = {}
     for output in model.graph.output:
         own = types.get(output.name)
         if own is None:
             continue
-        narrowest = _narrowest(types.get(name) for name in _computed_ancestors(output.name, producer))
+        ancestors = _computed_ancestors(output.name, producer)
+        narrowest = _narrowest(types.get(name) for name in ancestors if name not in exact)
         if narrowest is not None and FLOAT_PRECISION[narrowest] < FLOAT_PRECISION[own]:
             narrower[output.name] = narrowest
     return narrower
 
 
-def _float_types(model: onnx.ModelProto) -> dict[str, str]:
-    """Value name → float type name, from the graph's declarations and, where it runs, shape inference."""
+def _float_types(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, int]]:
+    """Value name → float type name, and value name → ONNX element type (any), from the graph's declarations and,
+    where it runs, shape inference."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
     except Exception:  # a graph that inference cannot type (custom ops...): its declarations alone
         inferred = model.graph
-    types: dict[str, str] = {}
+    elements: dict[str, int] = {}
     for graph in (inferred, model.graph):
         for value in (*graph.input, *graph.output, *graph.value_info):
-            name = _NAMES.get(value.type.tensor_type.elem_type)
-            if name is not None:
-                types.setdefault(value.name, name)
+            if value.type.HasField("tensor_type"):
+                elements.setdefault(value.name, value.type.tensor_type.elem_type)
     for initializer in model.graph.initializer:
-        name = _NAMES.get(initializer.data_type)
-        if name is not None:
-            types.setdefault(initializer.name, name)
-    return types
+        elements.setdefault(initializer.name, initializer.data_type)
+    types = {value: _NAMES[element] for value, element in elements.items() if element in _NAMES}
+    return types, elements
+
+
+#: Element types whose every value a float16 and a bfloat16 hold exactly (|v| ≤ 256).
+_EXACT_IN_HALF = {onnx.TensorProto.BOOL, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+
+def _exact_casts(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[str]:
+    """Outputs of ``Cast`` nodes from bool / int8 / uint8: a 0/1 mask in float16 is exact, so it adds no rounding
+    (before, a float32 output multiplied by such a mask was judged at float16 tolerances, and a real fault passed)."""
+    return {
+        node.output[0]
+        for node in model.graph.node
+        if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.output and node.input
+        and elements.get(node.input[0]) in _EXACT_IN_HALF
+    }  # fmt: skip
 
 
 def _computed_ancestors(output: str, producer: Mapping[str, onnx.NodeProto]) -> Iterable[str]:

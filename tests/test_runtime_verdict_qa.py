@@ -114,3 +114,43 @@ def test_a_malformed_run_results_pair_is_a_saved_data_error(tmp_path: Path, pair
     path.write_text(json.dumps({"lst": [pair], "polygraphy_class": "RunResults"}))
     with pytest.raises(SavedDataError, match="not a Polygraphy JSON file"):
         load_outputs(path)
+
+
+def _masked_matmul(weight: np.ndarray, masked: bool) -> onnx.ModelProto:
+    """y = MatMul(x, W) (× Cast_f32(Cast_f16(x > 0)) where masked), all float32 but the exact 0/1 mask."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"])]
+    if masked:
+        nodes += [
+            helper.make_node("Greater", ["x", "zero"], ["positive"]),
+            helper.make_node("Cast", ["positive"], ["mask16"], to=TensorProto.FLOAT16),
+            helper.make_node("Cast", ["mask16"], ["mask"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["m", "mask"], ["y"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Relu", ["m"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_an_exact_mask_cast_through_float16_keeps_float32_tolerances(masked: bool) -> None:
+    """A bool → float16 → float32 mask is exact: the output is still computed in float32 (before, the whole output
+    was judged at float16 tolerances and a 0.05 % weight fault passed)."""
+    from runtime.precision import computed_precision
+
+    model = _masked_matmul(np.eye(4, dtype=np.float32), masked)
+    assert computed_precision(model) == {}
+    half_mask = _masked_matmul(np.eye(4, dtype=np.float32), True)
+    half_mask.graph.node[1].op_type = "Cast"  # a float value cast to float16 does round: that still counts
+    half_mask.graph.node[1].ClearField("input")
+    half_mask.graph.node[1].input.extend(["x"])
+    half_mask.graph.node[1].attribute.extend([helper.make_attribute("to", TensorProto.FLOAT16)])
+    assert computed_precision(half_mask) == {"y": "float16"}
