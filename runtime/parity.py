@@ -368,7 +368,8 @@ def run_parity(
         )
     reference_backend: TorchEagerBackend | None = None
     if reference_outputs is not None:
-        references = _saved_references(reference_outputs, feeds, onnx_outputs)
+        intermediates = {name for node in onnx_model.graph.node for name in node.output if name}
+        references = _saved_references(reference_outputs, feeds, onnx_outputs, intermediates, notes)
         shaped = {v.name for v in onnx_model.graph.output if v.type.tensor_type.HasField("shape")}
         _check_saved_shapes(references, feeds, input_specs, output_specs, shaped)
         references, converted = _exact_saved_outputs(references, output_specs)
@@ -654,8 +655,15 @@ def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path) -> Feed:
 
 
 def _saved_references(
-    saved: Sequence[Mapping[str, np.ndarray]], feeds: Sequence[Feed], onnx_outputs: Sequence[str]
+    saved: Sequence[Mapping[str, np.ndarray]],
+    feeds: Sequence[Feed],
+    onnx_outputs: Sequence[str],
+    intermediates: Set[str] = frozenset(),
+    notes: list[str] | None = None,
 ) -> list[Feed]:
+    """The saved outputs per input set, as arrays. Values the file computes but does not output (``intermediates``:
+    Polygraphy's ``--onnx-outputs mark all``) are left out with a note where the set also holds a graph output;
+    a name the file does not compute at all means the outputs belong to another model (SavedDataError)."""
     from runtime.errors import SavedDataError
 
     if len(saved) != len(feeds):
@@ -666,6 +674,14 @@ def _saved_references(
     references = []
     for iteration, outputs in enumerate(saved):
         unknown = [name for name in outputs if name not in onnx_outputs]
+        if unknown and any(name in onnx_outputs for name in outputs) and all(name in intermediates for name in unknown):
+            if notes is not None and iteration == 0:
+                notes.append(
+                    f"the saved outputs also hold {len(unknown)} value(s) the file computes but does not output "
+                    f"(e.g. {unknown[0]!r}: Polygraphy's --onnx-outputs mark all): only the graph outputs are compared"
+                )
+            outputs = {name: array for name, array in outputs.items() if name in onnx_outputs}
+            unknown = []
         if unknown:
             raise SavedDataError(
                 f"the saved outputs of iteration {iteration} name {unknown}, which the model does not output "

@@ -154,3 +154,26 @@ def test_an_exact_mask_cast_through_float16_keeps_float32_tolerances(masked: boo
     half_mask.graph.node[1].input.extend(["x"])
     half_mask.graph.node[1].attribute.extend([helper.make_attribute("to", TensorProto.FLOAT16)])
     assert computed_precision(half_mask) == {"y": "float16"}
+
+
+def test_saved_outputs_with_intermediate_values_compare_the_graph_outputs_with_a_note(tmp_path: Path) -> None:
+    """Polygraphy's ``--onnx-outputs mark all`` saves every intermediate value too: those were refused as "another
+    model's" outputs. They are left out with a note; a name the file does not compute is still refused."""
+    nodes = [helper.make_node("Neg", ["x"], ["hidden"]), helper.make_node("Relu", ["hidden"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    x = np.array([-1.0, 0.5, 2.0], np.float32)
+    saved = {"y": np.maximum(-x, 0), "hidden": -x}
+    report = run_parity(None, path, {"x": x}, runtimes="reference", reference_outputs=[saved])
+    assert report.passed
+    assert any("only the graph outputs are compared" in note for note in report.notes), report.notes
+    with pytest.raises(SavedDataError, match="belong to another model"):
+        run_parity(None, path, {"x": x}, runtimes="reference", reference_outputs=[{**saved, "elsewhere": x}])
