@@ -699,7 +699,22 @@ def _localise(
                 f"computed by {producer or 'the model'}'s forward"
                 + (f" after {result.last_passing}" if result.last_passing else "")
                 + f"; first diverging module output: {result.first.label} (ONNX node {result.first.onnx_node})"
+                + _shared_modules_hedge(capture)
             )
     elif not checks:
         result.message = "no ONNX module output could be matched to a PyTorch module output by shape"
     return result
+
+
+def _shared_modules_hedge(capture: ModuleCapture) -> str:
+    """Where modules run more than once per forward (a reused activation, a tied ``Linear``), their outputs are not
+    compared (which call's would it be?), so the code named above may only be where a shared module's fault shows:
+    say so, naming them (before, a fault in a shared ``Linear`` was put in a shared Tanh's own code, undoubted)."""
+    shared = [name for name, calls in capture.calls.items() if calls > 1]
+    if not shared:
+        return ""
+    names = ", ".join(repr(name) for name in shared[:4]) + (", ..." if len(shared) > 4 else "")
+    return (
+        f"; modules run more than once per forward ({names}) have no compared output, so the divergence may be in one "
+        "of them rather than in the code named"
+    )

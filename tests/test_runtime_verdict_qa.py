@@ -177,3 +177,34 @@ def test_saved_outputs_with_intermediate_values_compare_the_graph_outputs_with_a
     assert any("only the graph outputs are compared" in note for note in report.notes), report.notes
     with pytest.raises(SavedDataError, match="belong to another model"):
         run_parity(None, path, {"x": x}, runtimes="reference", reference_outputs=[{**saved, "elsewhere": x}])
+
+
+class _SharedModules(nn.Module):
+    """A tied Linear and a reused Tanh, each called twice: their outputs are not compared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.lin, self.act, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.lin(self.pre(x)))
+        return self.head(self.act(self.lin(x)))
+
+
+def test_a_fault_among_shared_modules_is_not_pinned_on_one_without_saying_so(tmp_path: Path) -> None:
+    """A fault in the tied ``lin`` showed as "act, in its own code": the localisation now names the modules run more
+    than once, which have no compared output, as where the divergence may be."""
+    torch.manual_seed(0)
+    model = _SharedModules().eval()
+    path = tmp_path / "shared.onnx"
+    export_onnx(model, (torch.randn(2, 4),), str(path))
+    proto = onnx.load(path)
+    for index, initializer in enumerate(proto.graph.initializer):
+        if initializer.name == "lin.bias":
+            faulty = numpy_helper.to_array(initializer) + 0.05
+            proto.graph.initializer[index].CopyFrom(numpy_helper.from_array(faulty, initializer.name))
+    onnx.save(proto, path)
+    report = run_parity(model, path, runtimes="reference")
+    (result,) = report.runtimes
+    assert result.status is Status.FAILED and result.localisation is not None
+    assert "modules run more than once per forward ('lin', 'act')" in result.localisation.message
