@@ -89,10 +89,10 @@ _LEAF_SPEC_NOTICE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 #: Dynamo's notice, when the exporter retries a failed trace with it, that the forward wrote the chain's scratch slot
 #: on the root's token (:mod:`bkn_export.chain.scope`: set and cleared within the traced call, by design), when that
-#: slot is the only side effect it lists.
+#: slot is the only side effect it lists (torch 2.13 names it ``...['_bkn_chain_root']``, 2.11 ``..._bkn_chain_root``).
 _CHAIN_SLOT_NOTICE = (
     r"While compiling, we found certain side effects happened in the model\.forward\. Here are the list of "
-    r"potential sources you can double check: \[\"[^\",]*\['_bkn_chain_root'\]\"\]$"
+    r"potential sources you can double check: \[\"[^\",]*(?:\['_bkn_chain_root'\]|\._bkn_chain_root)\"\]$"
 )
 
 
