@@ -46,6 +46,7 @@ from bkn_export.chain.record import (
     record_dataflow,
 )
 from bkn_export.chain.scope import PathWatch, attach_root, global_forward_hooks, watch_modules
+from bkn_export.chain.train_probe import train_only_modules
 from bkn_export.chain.transitions import path_modules
 from bkn_export.chain.wiring import Wiring
 from bkn_export.errors import ChainWiringError
@@ -74,6 +75,7 @@ def wire_chain(
     if recorded is None:
         recorded = record_dataflow(model, example_inputs)
     modules = dict(model.named_modules())
+    _warn_of_train_only_modules(model, example_inputs)
     for record in recorded.layers:
         if not isinstance(modules.get(record.name), _BatchKalmanNorm):
             kind = type(modules.get(record.name)).__name__
@@ -101,6 +103,23 @@ def wire_chain(
             note = "did not run on the example inputs: not wired (BatchNorm)"
             module.join_chain(ChainMembership(root, Wiring(name, None, notes=(note,))))
     return model
+
+
+def _warn_of_train_only_modules(model: nn.Module, example_inputs: Any) -> None:
+    """Warn, naming them, about modules the forward runs only in training (:mod:`bkn_export.chain.train_probe`): the
+    wiring saw the eval-mode forward, so a prior whose path crosses one leaves it out."""
+    only = train_only_modules(model, example_inputs)
+    if only:
+        warnings.warn(
+            f"the forward runs {len(only)} module(s) in train mode that it does not run in eval mode: "
+            + ", ".join(repr(name) for name in only[:5])
+            + (" ..." if len(only) > 5 else "")
+            + ". The chain is wired on the eval-mode forward, so a prior whose path crosses them leaves them out (it "
+            "is the prior of the network without them). Where such a module sits between two normalizations, make "
+            "it run in both modes (the identity in eval mode) so that the wiring sees it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_of_rewired_parameters(modules: Mapping[str, nn.Module]) -> None:

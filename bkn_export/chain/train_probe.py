@@ -1,0 +1,79 @@
+"""Modules a model's forward runs only in training mode, which the eval-mode recording cannot see.
+
+:func:`bkn_export.chain.record.record_dataflow` records the data flow of one **eval-mode** forward (no statistic
+changes, no randomness). A step the forward runs only in training (``if self.training: h = self.augment(h)``)
+between two normalizations is then not in the prior: the prior is that of the model without it. Where that step is a
+module, :func:`train_only_modules` finds it by running the example once in each mode with a pre-hook on every module
+and comparing which modules ran, so that wiring can warn, naming them. The train-mode forward changes nothing: it
+runs without gradients, every buffer (running statistics, counters) is restored afterwards, and so are the global
+random number generators and every module's mode. A forward that fails in train mode (a detection model that wants
+targets, a batch of one value per channel) is not checked. Functional code under ``if self.training:`` (no module
+of its own) is not seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from bkn_export.module_modes import call_example, copied, kept_modes
+
+__all__ = ["train_only_modules"]
+
+
+def train_only_modules(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Qualified names of the modules (outermost first, their submodules left out) that ``model``'s forward on
+    ``example_inputs`` runs in train mode but not in eval mode; empty where the train-mode forward fails."""
+    ran = {mode: _modules_run(model, example_inputs, mode) for mode in (False, True)}
+    if ran[False] is None or ran[True] is None:
+        return []
+    only = [name for name in ran[True] if name not in ran[False]]
+    return [name for name in only if not any(name.startswith(outer + ".") for outer in only if outer != name)]
+
+
+def _modules_run(model: nn.Module, example_inputs: Any, training: bool) -> list[str] | None:
+    """The named modules one forward in the given mode calls, in first-call order; None where it raises."""
+    ran: dict[str, None] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda _module, _args, _name=name: ran.setdefault(_name))
+        for name, module in model.named_modules()
+        if name
+    ]
+    try:
+        with kept_modes(model), _state_kept(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.train(training)
+            call_example(model, copied(example_inputs))
+    except Exception:  # the probe only informs: a forward that needs more in train mode is not checked
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(ran)
+
+
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Every buffer's values and the global random number generators restored after the block."""
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    devices = sorted({buffer.device.index or 0 for buffer, _ in buffers if buffer.device.type == "cuda"})
+    python_state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
+        with torch.no_grad():
+            for buffer, kept in buffers:
+                buffer.copy_(kept)
