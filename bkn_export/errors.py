@@ -26,6 +26,7 @@ __all__ = [
     "PluginLibraryNotFoundError",
     "RecomputationError",
     "RuntimeLoadError",
+    "StaticShapeNeededError",
     "UnsupportedLayerError",
     "UnsupportedTransformError",
 ]
@@ -109,6 +110,15 @@ class KernelError(BKNError, RuntimeError):
 
 class OptionError(BKNError, ValueError):
     """An option is invalid: a non-integer opset, a negative threshold, an unknown input or output name."""
+
+
+class StaticShapeNeededError(ExportError, OptionError):
+    """The model exports, but not with the dynamic batch (or spatial size) asked for: an input whose first axis is not
+    the batch (a graph's edge indices), an operator attribute that follows the batch (CondConv's groups). Exit 2, as
+    for an option the model cannot take (``--static-batch`` is the remedy); an ExportError and an OptionError for
+    API callers."""
+
+    exit_code = 2
 
 
 class OutputWriteError(BKNError, OSError):

@@ -270,7 +270,22 @@ def checkpoint_sequential(
 
     size = len(modules) // segments
     stop = 0
-    for start in range(0, size * (segments - 1), size):
-        stop = start + size
-        input = checkpoint(run(start, stop), input, use_reentrant=use_reentrant, **kwargs)
-    return run(stop, len(modules))(input)
+    with _root_scope(functions):
+        for start in range(0, size * (segments - 1), size):
+            stop = start + size
+            input = checkpoint(run(start, stop), input, use_reentrant=use_reentrant, **kwargs)
+        return run(stop, len(modules))(input)
+
+
+def _root_scope(functions: nn.Sequential | list[nn.Module]) -> AbstractContextManager[Any]:
+    """A forward's chain scratch around ``checkpoint_sequential(model, ...)`` on the wired root itself (torch's
+    documented use: the modules are called one by one, not through ``model(x)``, whose hooks open it); nothing where
+    ``functions`` is not a root or its forward is already running (the call is inside it)."""
+    from contextlib import nullcontext
+
+    from bkn_export.chain.scope import ROOT_ATTRIBUTE, forward_scope, scratch_for
+
+    root = functions.__dict__.get(ROOT_ATTRIBUTE) if isinstance(functions, nn.Module) else None
+    if root is None or scratch_for(root) is not None:
+        return nullcontext()
+    return forward_scope(functions)

@@ -389,3 +389,17 @@ def test_torch_checkpoint_of_a_first_in_chain_layer_says_what_it_feeds() -> None
     loss = model(torch.randn(2, 3, 8, 8)).square().mean()
     with pytest.raises(RecomputationError, match=r"it is first in its chain, and its statistics feed the priors"):
         loss.backward()
+
+
+def test_checkpoint_sequential_of_the_wired_sequential_itself_trains_as_the_plain_model() -> None:
+    """torch's documented use, ``checkpoint_sequential(model, n, x)`` on the converted ``nn.Sequential`` (not inside
+    its forward), ran every layer as BatchNorm: the layers are called one by one, and the chain's scratch opens in
+    ``model(x)``'s hooks. It opens around the call now: outputs, gradients and statistics are the plain step's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*_block(3, 8), *_block(8, 8), *_block(8, 8))
+    plain = _converted(model, torch.randn(2, 3, 8, 8)).train()
+    checkpointed = copy.deepcopy(plain)
+    x = torch.randn(2, 3, 8, 8)
+    plain(x).square().sum().backward()
+    bkn_export.checkpoint_sequential(checkpointed, 3, x).square().sum().backward()
+    _assert_same_state(plain, checkpointed)

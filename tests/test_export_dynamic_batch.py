@@ -94,12 +94,15 @@ def test_an_attribute_that_follows_the_batch_is_refused_with_what_to_do(tmp_path
     """CondConv networks failed with the exporter's bare "Unsupported attribute type: SymbolicTensor"; with a static
     batch they export."""
     from bkn_export import convert_batchnorm
+    from bkn_export.errors import StaticShapeNeededError
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _PerSampleConv(), nn.BatchNorm2d(4)).eval()
     model = convert_batchnorm(model, x) if mode == "training" else model
-    with pytest.raises(ExportError, match=r"depends on the input's batch.*dynamic_batch=False, --static-batch"):
+    with pytest.raises(
+        StaticShapeNeededError, match=r"depends on the input's batch.*dynamic_batch=False, --static-batch"
+    ):
         export_onnx(model, (x,), tmp_path / "dynamic.onnx", mode=mode)
     export_onnx(model, (x,), tmp_path / "static.onnx", mode=mode, dynamic_batch=False)
 

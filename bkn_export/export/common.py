@@ -15,7 +15,7 @@ import onnx_ir as ir
 import torch
 from torch import Tensor
 
-from bkn_export.errors import BKNError, ExportError, OptionError
+from bkn_export.errors import BKNError, ExportError, OptionError, StaticShapeNeededError
 from bkn_export.export.op.op_spec import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 __all__ = [
@@ -235,7 +235,8 @@ def run_dynamo_export(
     except BKNError:
         raise
     except Exception as error:  # the exporter raises (and wraps model errors in) many types
-        raise ExportError(explain(error)) from error
+        kind = StaticShapeNeededError if dynamic_shape_hint(error) else ExportError
+        raise kind(explain(error)) from error
     finally:
         registration.removeFilter(_without_torchvision_notices)
         for name in _GUARD_LOGGERS:
