@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bkn_export.copying import copy_module
 from bkn_export.module_modes import call_example, copied, kept_modes
 
 __all__ = ["train_only_modules"]
@@ -30,8 +31,14 @@ __all__ = ["train_only_modules"]
 
 def train_only_modules(model: nn.Module, example_inputs: Any) -> list[str]:
     """Qualified names of the modules (outermost first, their submodules left out) that ``model``'s forward on
-    ``example_inputs`` runs in train mode but not in eval mode; empty where the train-mode forward fails."""
-    ran = {mode: _modules_run(model, example_inputs, mode) for mode in (False, True)}
+    ``example_inputs`` runs in train mode but not in eval mode; empty where the train-mode forward fails or the model
+    cannot be copied. The forwards run on a copy that shares the parameters (:func:`bkn_export.copying.copy_module`):
+    a module's own state (a feature store, a counter) sees nothing of them."""
+    try:
+        probe = copy_module(model, {id(p): p for p in model.parameters()})
+    except Exception:  # a model deepcopy refuses: not checked
+        return []
+    ran = {mode: _modules_run(probe, example_inputs, mode) for mode in (False, True)}
     if ran[False] is None or ran[True] is None:
         return []
     only = [name for name in ran[True] if name not in ran[False]]
@@ -41,11 +48,14 @@ def train_only_modules(model: nn.Module, example_inputs: Any) -> list[str]:
 def _modules_run(model: nn.Module, example_inputs: Any, training: bool) -> list[str] | None:
     """The named modules one forward in the given mode calls, in first-call order; None where it raises."""
     ran: dict[str, None] = {}
-    handles = [
-        module.register_forward_pre_hook(lambda _module, _args, _name=name: ran.setdefault(_name))
-        for name, module in model.named_modules()
-        if name
-    ]
+    try:
+        handles = [
+            module.register_forward_pre_hook(lambda _module, _args, _name=name: ran.setdefault(_name))
+            for name, module in model.named_modules()
+            if name and not isinstance(module, torch.jit.ScriptModule)  # takes no hooks; runs as one opaque call
+        ]
+    except Exception:  # a module type that refuses hooks
+        return None
     try:
         with kept_modes(model), _state_kept(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
