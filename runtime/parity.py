@@ -34,7 +34,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -882,28 +882,48 @@ def _unsupported_dtype(error: Exception, half: set[str], path: Path | None = Non
 
 
 def _node_computes_in_half(path: Path, op_type: str, name: str) -> bool:
-    """Whether a node of ``op_type`` (named ``name``, where not empty) in the file at ``path`` has a float16 /
-    bfloat16 input or output, by the file's types after ONNX shape inference; False where that is not known."""
+    """Whether the refused node (``op_type``, named ``name``) reads or writes a float16 / bfloat16 value, by the
+    file's types after ONNX shape inference, subgraphs (``If`` / ``Loop`` bodies) included.
+
+    A node of that name decides. Where the name is empty or names no node of the file, the nodes of that op type
+    do: all of them in half (unambiguous), yes; some not, no (a refused uint16 ``Max`` beside a float16 one is not
+    excused); none at all, the node is ONNX Runtime's own (an expanded function body: its bfloat16 ``Relu`` becomes
+    a ``Max`` it has no kernel for), so the refusal is the half-precision file's, yes. An unreadable file: no."""
     import onnx
 
     try:
         model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
     except Exception:  # an unreadable file: not known, so not excused
         return False
-    graph = model.graph
-    types = {
-        value.name: value.type.tensor_type.elem_type
-        for value in (*graph.input, *graph.output, *graph.value_info)
-        if value.type.HasField("tensor_type")
-    }
-    types.update({initializer.name: initializer.data_type for initializer in graph.initializer})
     half_types = {getattr(onnx.TensorProto, kind.upper()) for kind in _HALF_TYPES}
+    types: dict[str, int] = {}
+    nodes: list[Any] = []
+    for graph in _graphs(model.graph):
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.HasField("tensor_type"):
+                types.setdefault(value.name, value.type.tensor_type.elem_type)
+        types.update({initializer.name: initializer.data_type for initializer in graph.initializer})
+        nodes.extend(graph.node)
+
+    def in_half(node: Any) -> bool:
+        return any(types.get(value) in half_types for value in (*node.input, *node.output) if value)
+
+    named = [node for node in nodes if name and node.name == name and node.op_type == op_type]
+    if named:
+        return any(in_half(node) for node in named)
+    candidates = [node for node in nodes if node.op_type == op_type]
+    return all(in_half(node) for node in candidates)
+
+
+def _graphs(graph: Any) -> Iterator[Any]:
+    """``graph`` and every subgraph of its nodes' attributes, depth first."""
+    yield graph
     for node in graph.node:
-        if node.op_type != op_type or (name and node.name != name):
-            continue
-        if any(types.get(value) in half_types for value in (*node.input, *node.output) if value):
-            return True
-    return False
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _graphs(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graphs(subgraph)
 
 
 def _run_one(

@@ -118,3 +118,51 @@ def test_a_no_grad_forward_of_the_whole_model_trains_nothing_and_updates_statist
     torch.testing.assert_close(out, again.train()(x), rtol=0, atol=0)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_no_grad_region_stops_the_priors_gradient_exactly_where_detach_does() -> None:
+    """Same weights, same values: every gradient of the no_grad model equals the detach model's, bit for bit (the
+    first fix detached the whole path part, so the trainable conv after the region lost the prior's share and took a
+    spurious bias gradient; a second QA round caught it)."""
+    detached, no_grad = _converted("detach"), _converted("no_grad")
+    no_grad.load_state_dict(detached.state_dict(), strict=False)
+    x = torch.randn(4, 3, 8, 8)
+    expected, got = _gradients(detached, x), _gradients(no_grad, x)
+    for name, grad in expected.items():
+        assert (grad is None) == (got[name] is None), name
+        if grad is not None:
+            torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)
+
+
+class _DetachBeforeUpsample(nn.Module):
+    """``detach`` inside a run of linear steps (upsample → conv: one exact map): ``where`` puts it before or after
+    the ReLU, which gives the same values and the same data gradients."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.b1(self.c1(x))
+        h = torch.relu(h).detach() if self.where == "after" else torch.relu(h.detach())
+        return self.b2(self.c2(self.up(h)))
+
+
+def test_a_stop_gradient_inside_a_linear_run_keeps_the_gradient_of_the_conv_after_it() -> None:
+    torch.manual_seed(0)
+    models = {where: _DetachBeforeUpsample(where) for where in ("after", "before")}
+    models["before"].load_state_dict(models["after"].state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    grads = {}
+    for where, model in models.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bkn_export.convert_batchnorm(model, x)
+        model.train()
+        model(x).square().sum().backward()
+        grads[where] = model.c2.weight.grad
+    assert grads["after"] is not None and grads["before"] is not None
+    torch.testing.assert_close(grads["after"], grads["before"], rtol=1e-5, atol=1e-6)

@@ -48,8 +48,8 @@ def test_a_module_run_only_in_training_is_named_at_conversion() -> None:
 
 
 def test_the_probe_changes_no_state_and_names_the_outermost_module() -> None:
-    """Buffers (running statistics, counters), the global RNG and every module's mode are as before; ``aug.0`` is
-    left out under ``aug``; a model running the same modules in both modes has none."""
+    """Buffers (running statistics, counters), the global RNG and every module's mode are as before (the probe runs
+    on a copy); ``aug.0`` is left out under ``aug``; a model running the same modules in both modes has none."""
     torch.manual_seed(0)
     model = _TrainOnlyBranch()
     model.b1.train()
@@ -80,3 +80,19 @@ def test_a_forward_that_fails_in_train_mode_is_not_checked_and_converts() -> Non
         warnings.simplefilter("error", RuntimeWarning)
         bkn_export.convert_batchnorm(Head(), torch.randn(1, 3, 8, 8))
     assert train_only_modules(Head(), torch.randn(1, 3, 8, 8)) == []
+
+
+def test_a_train_only_module_after_the_last_normalization_is_not_named() -> None:
+    """An auxiliary head run in training after every normalization lies on no prior's path: no warning."""
+
+    class AuxHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.aux = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.bn(self.conv(x))
+            return h + self.aux(h.mean((2, 3)))[:, :1, None, None] if self.training else h
+
+    assert train_only_modules(AuxHead(), torch.randn(4, 3, 8, 8)) == []

@@ -208,3 +208,30 @@ def test_a_fault_among_shared_modules_is_not_pinned_on_one_without_saying_so(tmp
     (result,) = report.runtimes
     assert result.status is Status.FAILED and result.localisation is not None
     assert "modules run more than once per forward ('lin', 'act')" in result.localisation.message
+
+
+def test_an_unnamed_refused_node_is_excused_only_where_every_node_of_its_type_computes_in_half(tmp_path: Path) -> None:
+    """ONNX Runtime names an unnamed node ''. A refused uint16 ``Max`` beside a float16 ``Max`` is the file's failure
+    (the second QA round: the first rule excused it by the float16 one)."""
+    pytest.importorskip("onnxruntime")
+    nodes = [
+        helper.make_node("Max", ["x", "x"], ["h"]),  # float16: ONNX Runtime runs it
+        helper.make_node("Cast", ["h"], ["u"], to=TensorProto.UINT16),
+        helper.make_node("Max", ["u", "one"], ["v"]),  # uint16: refused
+        helper.make_node("Cast", ["v"], ["y"], to=TensorProto.FLOAT16),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4])],
+        [numpy_helper.from_array(np.array([1], np.uint16), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(model, path)
+    x = np.array([1, 2, 3, 4], np.float16)
+    report = run_parity(None, path, {"x": x}, runtimes="ort:cpu:all", reference_outputs=[{"y": np.maximum(x, 1)}])
+    (result,) = [r for r in report.runtimes if r.runtime == "ort:cpu:all"]
+    assert result.status is Status.ERROR, result

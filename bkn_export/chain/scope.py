@@ -90,7 +90,7 @@ class Published(NamedTuple):
     its statistics span (an int, a SymInt while tracing); input_shape: (N, C, *) of its
     input; weight, bias: γ, β (C,) or None; eps: ε (for ``prior_source="output"``); grad_enabled: whether
     gradients were on when it published (off: it ran in the user's ``torch.no_grad()`` region, so γ, β are
-    kept detached and the paths from it send the prior no gradient, as the data sends none).
+    kept detached: its Gaussian is a constant of the prior, as its output is of the data).
     """
 
     posterior_mean: Tensor

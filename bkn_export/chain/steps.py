@@ -707,12 +707,17 @@ class LinearRun:
         return specs
 
     def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        stops = [i for i, member in enumerate(self.steps) if isinstance(member, Identity) and member.stops_gradient]
+        if not stops:
+            return moments.linear_path_moments(self._specs(modules), mean, variance, spatial)
+        # A stop-gradient inside the run (one map, not step by step), exactly: a run holds at most one conv, the only
+        # member with parameters. Where it comes after the last stop, the run's input is what the stop cuts off;
+        # otherwise nothing after the stop has a gradient to take, and the run's output is cut.
+        convs = [i for i, member in enumerate(self.steps) if isinstance(member, Affine)]
+        if convs and all(i > stops[-1] for i in convs):
+            return moments.linear_path_moments(self._specs(modules), mean.detach(), variance.detach(), spatial)
         out_mean, out_variance, out_spatial = moments.linear_path_moments(self._specs(modules), mean, variance, spatial)
-        if any(isinstance(member, Identity) and member.stops_gradient for member in self.steps):
-            # One map for the whole run: its gradient stops at the run's end (the members after the stop-gradient
-            # lose the prior's share of theirs, the conservative side).
-            return out_mean.detach(), out_variance.detach(), out_spatial
-        return out_mean, out_variance, out_spatial
+        return out_mean.detach(), out_variance.detach(), out_spatial
 
     def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
         return apply_steps(self.steps, sample, modules)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bkn_export.chain.record import is_normalization
 from bkn_export.copying import copy_module
 from bkn_export.module_modes import call_example, copied, kept_modes
 
@@ -31,18 +32,28 @@ __all__ = ["train_only_modules"]
 
 def train_only_modules(model: nn.Module, example_inputs: Any) -> list[str]:
     """Qualified names of the modules (outermost first, their submodules left out) that ``model``'s forward on
-    ``example_inputs`` runs in train mode but not in eval mode; empty where the train-mode forward fails or the model
-    cannot be copied. The forwards run on a copy that shares the parameters (:func:`bkn_export.copying.copy_module`):
-    a module's own state (a feature store, a counter) sees nothing of them."""
+    ``example_inputs`` runs in train mode but not in eval mode, before a normalization layer that runs in both (so
+    that they may lie on a prior's path; an auxiliary head after the last normalization does not); empty where the
+    train-mode forward fails or the model cannot be copied. The forwards run on a copy of the model
+    (:func:`bkn_export.copying.copy_module`) without its forward hooks: the model's parameters, buffers and its
+    modules' own state (a feature store, a counter, a hook's) see nothing of them."""
     try:
-        probe = copy_module(model, {id(p): p for p in model.parameters()})
+        probe = copy_module(model)
     except Exception:  # a model deepcopy refuses: not checked
         return []
+    for module in probe.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
     ran = {mode: _modules_run(probe, example_inputs, mode) for mode in (False, True)}
     if ran[False] is None or ran[True] is None:
         return []
-    only = [name for name in ran[True] if name not in ran[False]]
-    return [name for name in only if not any(name.startswith(outer + ".") for outer in only if outer != name)]
+    in_eval = set(ran[False])
+    only = [name for name in ran[True] if name not in in_eval]
+    outermost = [name for name in only if not any(name.startswith(outer + ".") for outer in only if outer != name)]
+    modules = dict(probe.named_modules())
+    normalizations = [n for n in ran[True] if n in in_eval and is_normalization(modules[n])]
+    order = {name: index for index, name in enumerate(ran[True])}
+    return [name for name in outermost if any(order[n] > order[name] for n in normalizations)]
 
 
 def _modules_run(model: nn.Module, example_inputs: Any, training: bool) -> list[str] | None:
@@ -57,7 +68,7 @@ def _modules_run(model: nn.Module, example_inputs: Any, training: bool) -> list[
     except Exception:  # a module type that refuses hooks
         return None
     try:
-        with kept_modes(model), _state_kept(model), torch.no_grad(), warnings.catch_warnings():
+        with kept_modes(model), _rngs_kept(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.train(training)
             call_example(model, copied(example_inputs))
@@ -70,10 +81,10 @@ def _modules_run(model: nn.Module, example_inputs: Any, training: bool) -> list[
 
 
 @contextlib.contextmanager
-def _state_kept(model: nn.Module) -> Iterator[None]:
-    """Every buffer's values and the global random number generators restored after the block."""
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    devices = sorted({buffer.device.index or 0 for buffer, _ in buffers if buffer.device.type == "cuda"})
+def _rngs_kept(model: nn.Module) -> Iterator[None]:
+    """The global random number generators (torch's on the CPU and the model's CUDA devices, Python's, NumPy's)
+    restored after the block: a train-mode forward draws from them (dropout)."""
+    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
     python_state = random.getstate()
     numpy = sys.modules.get("numpy")
     numpy_state = numpy.random.get_state() if numpy is not None else None
@@ -84,6 +95,3 @@ def _state_kept(model: nn.Module) -> Iterator[None]:
         random.setstate(python_state)
         if numpy is not None:
             numpy.random.set_state(numpy_state)
-        with torch.no_grad():
-            for buffer, kept in buffers:
-                buffer.copy_(kept)

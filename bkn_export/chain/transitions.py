@@ -310,18 +310,6 @@ def _as_prior(part: _Part | None, gaussians: Mapping[str, PriorSource]) -> Prior
     return Prior(part.mean, part.variance, part.known, tuple(gaussians.values()))
 
 
-def _gradient_kept(part: _Part | None, path: SourcePath, published: Mapping[str, Published]) -> _Part | None:
-    """``part``, detached where a source of ``path`` published inside the user's ``torch.no_grad()`` region while
-    this call records gradients: the data from there carries none, so neither do the path's modules' weights
-    through the prior (conservative: also those after the region)."""
-    if part is None or not torch.is_grad_enabled():
-        return part
-    if all(getattr(published.get(name), "grad_enabled", True) for name in path.normalizations()):
-        return part
-    known = None if part.known is None else part.known.detach()
-    return _Part(part.mean.detach(), part.variance.detach(), part.spatial, known)
-
-
 class _PathTransition(Transition):
     """A transition that turns each recorded source path into moments, then combines them (wiring.combine)."""
 
@@ -339,9 +327,7 @@ class _PathTransition(Transition):
         if gaussians is None:
             return None
         parts = [
-            None
-            if index in absent
-            else _gradient_kept(self._source_part(path, gaussians, modules, published, memo), path, published)
+            None if index in absent else self._source_part(path, gaussians, modules, published, memo)
             for index, path in enumerate(wiring.sources)
         ]
         return _as_prior(
