@@ -285,7 +285,9 @@ def _root_scope(functions: nn.Sequential | list[nn.Module]) -> AbstractContextMa
 
     from bkn_export.chain.scope import ROOT_ATTRIBUTE, forward_scope, scratch_for
 
-    root = functions.__dict__.get(ROOT_ATTRIBUTE) if isinstance(functions, nn.Module) else None
+    if not isinstance(functions, nn.Module):
+        return nullcontext()
+    root = functions.__dict__.get(ROOT_ATTRIBUTE)
     if root is None or scratch_for(root) is not None:
         return nullcontext()
     return forward_scope(functions)

@@ -25,7 +25,7 @@ from runtime.compare import FLOAT_PRECISION
 
 __all__ = ["computed_precision"]
 
-_NAMES = {
+_NAMES: dict[int, str] = {
     onnx.TensorProto.BFLOAT16: "bfloat16",
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.FLOAT: "float32",
@@ -72,7 +72,7 @@ def _float_types(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, int]
 
 
 #: Element types whose every value a float16 and a bfloat16 hold exactly (|v| ≤ 256).
-_EXACT_IN_HALF = {onnx.TensorProto.BOOL, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+_EXACT_IN_HALF: set[int] = {onnx.TensorProto.BOOL, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
 
 
 def _exact_casts(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[str]:

@@ -44,15 +44,16 @@ def train_only_modules(model: nn.Module, example_inputs: Any) -> list[str]:
     for module in probe.modules():
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
-    ran = {mode: _modules_run(probe, example_inputs, mode) for mode in (False, True)}
-    if ran[False] is None or ran[True] is None:
+    in_eval_order = _modules_run(probe, example_inputs, False)
+    in_train = _modules_run(probe, example_inputs, True)
+    if in_eval_order is None or in_train is None:
         return []
-    in_eval = set(ran[False])
-    only = [name for name in ran[True] if name not in in_eval]
+    in_eval = set(in_eval_order)
+    only = [name for name in in_train if name not in in_eval]
     outermost = [name for name in only if not any(name.startswith(outer + ".") for outer in only if outer != name)]
     modules = dict(probe.named_modules())
-    normalizations = [n for n in ran[True] if n in in_eval and is_normalization(modules[n])]
-    order = {name: index for index, name in enumerate(ran[True])}
+    normalizations = [n for n in in_train if n in in_eval and is_normalization(modules[n])]
+    order = {name: index for index, name in enumerate(in_train)}
     return [name for name in outermost if any(order[n] > order[name] for n in normalizations)]
 
 
