@@ -300,7 +300,10 @@ def convert_batchnorm(
     mode, and the whole model's eval-mode outputs; on a difference it raises
     :class:`~bkn_export.errors.ConversionError` and ``model`` is left exactly as it was.
 
-    The example forward runs three times (the guard's reference, the chain's recording, the guard's final check).
+    The example forward runs three times on the model (the guard's reference, the chain's recording, the guard's final
+    check) and twice more on a deep copy of it without forward hooks, in eval and train mode
+    (:mod:`bkn_export.chain.train_probe`: which modules run in one mode only; the copy doubles the model's memory
+    for the time of those two forwards, and global forward hooks see them).
     Every buffer of the model outside its normalization layers (a quantization observer's range, a counter) is put
     back to its value from before the conversion, before the final check and after it (whether the conversion
     succeeds or raises); state a module keeps in plain Python attributes (a list of features it taps) is not.

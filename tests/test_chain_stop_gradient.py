@@ -166,3 +166,18 @@ def test_a_stop_gradient_inside_a_linear_run_keeps_the_gradient_of_the_conv_afte
         grads[where] = model.c2.weight.grad
     assert grads["after"] is not None and grads["before"] is not None
     torch.testing.assert_close(grads["after"], grads["before"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transition", ["propagate", "sampled", "learned", "identity"])
+@pytest.mark.parametrize("mode", ["no_grad", "detach", "data"])
+def test_every_transition_stops_the_priors_gradient(mode: str, transition: str) -> None:
+    """``learned`` and ``identity`` do not walk a path's steps: they take a source whose every path is stopped
+    detached (a third QA round found the backbone still training under them)."""
+    torch.manual_seed(0)
+    model = _FrozenBackbone(mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bkn_export.convert_batchnorm(model, torch.randn(4, 3, 8, 8), transition=transition)
+    grads = _gradients(model, torch.randn(4, 3, 8, 8))
+    backbone = {name: grad for name, grad in grads.items() if name.startswith("backbone.")}
+    assert all(grad is None for grad in backbone.values()), backbone

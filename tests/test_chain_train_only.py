@@ -96,3 +96,20 @@ def test_a_train_only_module_after_the_last_normalization_is_not_named() -> None
             return h + self.aux(h.mean((2, 3)))[:, :1, None, None] if self.training else h
 
     assert train_only_modules(AuxHead(), torch.randn(4, 3, 8, 8)) == []
+
+
+def test_a_module_run_only_in_eval_mode_before_a_normalization_is_named_too() -> None:
+    """The converse (a third QA round): a step run only in eval mode is in the eval-mode wiring's prior though
+    training never runs it."""
+
+    class EvalOnly(_TrainOnlyBranch):
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.b1(self.c1(x)))
+            if not self.training:
+                h = self.aug(h)
+            return self.b2(self.c2(h))
+
+    torch.manual_seed(0)
+    expected = r"runs 1 module\(s\) in eval mode that it does not run in train mode: 'aug'"
+    with pytest.warns(RuntimeWarning, match=expected):
+        bkn_export.convert_batchnorm(EvalOnly(), torch.randn(4, 3, 8, 8))

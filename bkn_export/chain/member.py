@@ -19,7 +19,7 @@ from torch import Tensor
 from bkn_export import recompute
 from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, observers, scratch_for
 from bkn_export.chain.transitions import Transition, transition_for, unrun_module
-from bkn_export.chain.wiring import Wiring, check_saved_wiring
+from bkn_export.chain.wiring import Wiring, check_saved_wiring, saved_form
 from bkn_export.errors import ChainWiringError
 from bkn_export.nn import Prior, _BatchKalmanNorm
 
@@ -252,7 +252,7 @@ class ChainMembership:
             observer.saw_posterior(layer, published, op_prior, x)
 
     def wiring_state(self) -> dict[str, Any] | None:
-        return self.wiring.to_dict() if self.root is not None else None
+        return saved_form(self.wiring) if self.root is not None else None
 
     def load_state(self, state: Any, label: str) -> None:
         check_saved_wiring(state, self.wiring, label)

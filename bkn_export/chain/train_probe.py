@@ -18,7 +18,7 @@ import random
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,33 +27,53 @@ from bkn_export.chain.record import is_normalization
 from bkn_export.copying import copy_module
 from bkn_export.module_modes import call_example, copied, kept_modes
 
-__all__ = ["train_only_modules"]
+__all__ = ["ModeOnlyModules", "mode_only_modules", "train_only_modules"]
 
 
-def train_only_modules(model: nn.Module, example_inputs: Any) -> list[str]:
-    """Qualified names of the modules (outermost first, their submodules left out) that ``model``'s forward on
-    ``example_inputs`` runs in train mode but not in eval mode, before a normalization layer that runs in both (so
-    that they may lie on a prior's path; an auxiliary head after the last normalization does not); empty where the
-    train-mode forward fails or the model cannot be copied. The forwards run on a copy of the model
-    (:func:`bkn_export.copying.copy_module`) without its forward hooks: the model's parameters, buffers and its
-    modules' own state (a feature store, a counter, a hook's) see nothing of them."""
+class ModeOnlyModules(NamedTuple):
+    """Modules one forward runs in one mode only, before a normalization layer that runs in both (outermost first,
+    their submodules left out)."""
+
+    train: list[str]
+    eval: list[str]
+
+
+def mode_only_modules(model: nn.Module, example_inputs: Any) -> ModeOnlyModules:
+    """The modules ``model``'s forward on ``example_inputs`` runs in train mode but not in eval mode (left out of the
+    eval-mode wiring's prior) and in eval mode but not in train mode (in the prior, never run in training), each
+    only where a normalization that runs in both modes comes after it (so that it may lie on a prior's path; an
+    auxiliary head after the last normalization does not). Empty where the train-mode forward fails or the model
+    cannot be copied. The forwards run on a copy of the model (:func:`bkn_export.copying.copy_module`) without its
+    forward hooks: the model's parameters, buffers and its modules' own state (a feature store, a counter, a
+    hook's) see nothing of them."""
+    none = ModeOnlyModules([], [])
     try:
         probe = copy_module(model)
     except Exception:  # a model deepcopy refuses: not checked
-        return []
+        return none
     for module in probe.modules():
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
-    in_eval_order = _modules_run(probe, example_inputs, False)
+    in_eval = _modules_run(probe, example_inputs, False)
     in_train = _modules_run(probe, example_inputs, True)
-    if in_eval_order is None or in_train is None:
-        return []
-    in_eval = set(in_eval_order)
-    only = [name for name in in_train if name not in in_eval]
-    outermost = [name for name in only if not any(name.startswith(outer + ".") for outer in only if outer != name)]
+    if in_eval is None or in_train is None:
+        return none
     modules = dict(probe.named_modules())
-    normalizations = [n for n in in_train if n in in_eval and is_normalization(modules[n])]
-    order = {name: index for index, name in enumerate(in_train)}
+    both = set(in_eval) & set(in_train)
+    normalizations = [name for name in both if is_normalization(modules[name])]
+    return ModeOnlyModules(_before(in_train, both, normalizations), _before(in_eval, both, normalizations))
+
+
+def train_only_modules(model: nn.Module, example_inputs: Any) -> list[str]:
+    """:func:`mode_only_modules`' train-mode-only modules."""
+    return mode_only_modules(model, example_inputs).train
+
+
+def _before(ran: list[str], both: set[str], normalizations: list[str]) -> list[str]:
+    """The modules of ``ran`` not in ``both``, outermost, that run before one of ``normalizations`` in ``ran``."""
+    only = [name for name in ran if name not in both]
+    outermost = [name for name in only if not any(name.startswith(outer + ".") for outer in only if outer != name)]
+    order = {name: index for index, name in enumerate(ran)}
     return [name for name in outermost if any(order[n] > order[name] for n in normalizations)]
 
 

@@ -65,6 +65,7 @@ from bkn_export.chain import path_moments
 from bkn_export.chain.record import SourcePath
 from bkn_export.chain.scope import ChainScratch, Published
 from bkn_export.chain.steps import Gate, LinearRun, Step, apply_steps
+from bkn_export.chain.steps import Identity as IdentityStep
 from bkn_export.chain.wiring import Wiring
 from bkn_export.nn import Prior, PriorSource, _BatchKalmanNorm
 
@@ -471,6 +472,32 @@ def _pad_channels(sample: Tensor, channels: int) -> Tensor:
     return torch.cat([sample, sample.new_zeros((sample.shape[0], missing, *sample.shape[2:]))], dim=1)
 
 
+def stopped_sources(paths: Sequence[SourcePath]) -> frozenset[str]:
+    """The source normalizations every one of whose paths to the layer crosses a stop-gradient step (``detach()``,
+    ``.data``): the transitions that do not walk the steps (``learned``, ``identity``) take their Gaussians
+    detached, so that the prior's gradient stops where the data's does."""
+    all_stopped: dict[str, bool] = {}
+
+    def walk(path: SourcePath, stopped: bool) -> None:
+        stopped = stopped or any(isinstance(step, IdentityStep) and step.stops_gradient for step in path.steps)
+        if path.normalization is not None:
+            all_stopped[path.normalization] = all_stopped.get(path.normalization, True) and stopped
+        if path.origin is not None:
+            for source in path.origin.sources:
+                walk(source, stopped)
+
+    for path in paths:
+        walk(path, False)
+    return frozenset(name for name, stopped in all_stopped.items() if stopped)
+
+
+def _cut(gaussians: Mapping[str, PriorSource], stopped: frozenset[str]) -> dict[str, PriorSource]:
+    return {
+        name: g._replace(mean=g.mean.detach(), variance=g.variance.detach()) if name in stopped else g
+        for name, g in gaussians.items()
+    }
+
+
 class Learned(Transition):
     """A free matrix A_k (C_k, C_src) over the concatenated source Gaussians (the layer's parameter)."""
 
@@ -488,6 +515,7 @@ class Learned(Transition):
         gaussians = self._gaussians(published, memo)
         if gaussians is None or absent:  # the matrix was learned for the recorded paths
             return None
+        gaussians = _cut(gaussians, stopped_sources(self.wiring.sources))
         mean = torch.cat([g.mean for g in gaussians.values()])
         variance = torch.cat([g.variance for g in gaussians.values()])
         predicted_mean, predicted_variance = Fk.predict_linear(mean, variance, layer.transition_matrix, None)
@@ -511,6 +539,7 @@ class Identity(Transition):
         gaussians = self._gaussians(published, memo)
         if gaussians is None or absent:
             return None
+        gaussians = _cut(gaussians, stopped_sources(self.wiring.sources))
         parts = [_Part(gaussians[name].mean, gaussians[name].variance, (), None) for name in self.wiring.source_names]
         combine = "concat" if self.wiring.combine == "concat" else "sum"
         channels = [int(g.mean.shape[0]) for g in gaussians.values()]

@@ -46,7 +46,7 @@ from bkn_export.chain.record import (
     record_dataflow,
 )
 from bkn_export.chain.scope import PathWatch, attach_root, global_forward_hooks, watch_modules
-from bkn_export.chain.train_probe import train_only_modules
+from bkn_export.chain.train_probe import mode_only_modules
 from bkn_export.chain.transitions import path_modules
 from bkn_export.chain.wiring import Wiring
 from bkn_export.errors import ChainWiringError
@@ -75,7 +75,7 @@ def wire_chain(
     if recorded is None:
         recorded = record_dataflow(model, example_inputs)
     modules = dict(model.named_modules())
-    _warn_of_train_only_modules(model, example_inputs)
+    _warn_of_mode_only_modules(model, example_inputs)
     for record in recorded.layers:
         if not isinstance(modules.get(record.name), _BatchKalmanNorm):
             kind = type(modules.get(record.name)).__name__
@@ -105,21 +105,28 @@ def wire_chain(
     return model
 
 
-def _warn_of_train_only_modules(model: nn.Module, example_inputs: Any) -> None:
-    """Warn, naming them, about modules the forward runs only in training (:mod:`bkn_export.chain.train_probe`): the
-    wiring saw the eval-mode forward, so a prior whose path crosses one leaves it out."""
-    only = train_only_modules(model, example_inputs)
-    if only:
-        warnings.warn(
-            f"the forward runs {len(only)} module(s) in train mode that it does not run in eval mode: "
-            + ", ".join(repr(name) for name in only[:5])
-            + (" ..." if len(only) > 5 else "")
-            + ". The chain is wired on the eval-mode forward, so a prior whose path crosses them leaves them out (it "
-            "is the prior of the network without them). Where such a module sits between two normalizations, make "
-            "it run in both modes (the identity in eval mode) so that the wiring sees it",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+def _warn_of_mode_only_modules(model: nn.Module, example_inputs: Any) -> None:
+    """Warn, naming them, about modules the forward runs in one mode only before a normalization
+    (:mod:`bkn_export.chain.train_probe`): the wiring saw the eval-mode forward, so a prior whose path crosses a
+    train-only module leaves it out, and one whose path crosses an eval-only module has it, though training never
+    runs it."""
+    found = mode_only_modules(model, example_inputs)
+    for names, runs, effect in (
+        (found.train, "in train mode that it does not run in eval mode", "leaves them out (it is the prior of the "
+         "network without them)"),
+        (found.eval, "in eval mode that it does not run in train mode", "has them, though training never runs them"),
+    ):  # fmt: skip
+        if names:
+            warnings.warn(
+                f"the forward runs {len(names)} module(s) {runs}: "
+                + ", ".join(repr(name) for name in names[:5])
+                + (" ..." if len(names) > 5 else "")
+                + f". The chain is wired on the eval-mode forward, so a prior whose path crosses them {effect}. Where "
+                "such a module sits between two normalizations, make it run in both modes so that the prior and "
+                "training agree",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _warn_of_rewired_parameters(modules: Mapping[str, nn.Module]) -> None:

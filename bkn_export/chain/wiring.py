@@ -94,6 +94,23 @@ def _names(sources: tuple[SourcePath, ...]) -> Iterator[str]:
         yield from source.normalizations()
 
 
+def saved_form(wiring: Wiring) -> dict[str, Any]:
+    """``wiring.to_dict()`` as a checkpoint keeps it: without stop-gradient steps, which change no value (so that a
+    checkpoint is the same whether the forward detaches or not, and an earlier bkn_export, which records none, loads
+    it); the saved wiring is only compared, never wired from."""
+    data = wiring.to_dict()
+    data["sources"] = [_without_stops(path) for path in data.get("sources", ())]
+    return data
+
+
+def _without_stops(path: Mapping[str, Any]) -> dict[str, Any]:
+    steps = [s for s in path.get("steps", ()) if not (isinstance(s, Mapping) and s.get("what") == STOP_GRADIENT)]
+    origin = path.get("origin")
+    if origin is not None:
+        origin = {**origin, "sources": [_without_stops(source) for source in origin.get("sources", ())]}
+    return {**path, "steps": steps, "origin": origin}
+
+
 def _path_signature(path: Mapping[str, Any]) -> dict[str, Any]:
     """What makes a saved path compute what it computes (no example shapes, no wording)."""
     origin = path.get("origin")
