@@ -234,13 +234,10 @@ class ChainMembership:
         affine: the (γ, β) the next layers read where not ``layer``'s parameters themselves (the outputs of
         :mod:`bkn_export.triton_step`'s node, so that their gradients reach it)."""
         weight, bias = affine if affine is not None else (layer.weight, layer.bias)
-        grad_enabled = torch.is_grad_enabled()
-        if not grad_enabled:  # the user's no_grad region: the prior read outside it must not reach γ, β either
+        if not torch.is_grad_enabled():  # the user's no_grad region: the prior read outside it must not reach γ, β
             weight = None if weight is None else weight.detach()
             bias = None if bias is None else bias.detach()
-        published = Published(
-            posterior_mean, posterior_variance, count, tuple(x.shape), weight, bias, layer.eps, grad_enabled
-        )
+        published = Published(posterior_mean, posterior_variance, count, tuple(x.shape), weight, bias, layer.eps)
         if self.root is not None:
             scratch = scratch_for(self.root)
             if scratch is not None:

@@ -88,9 +88,9 @@ class Published(NamedTuple):
 
     posterior_mean, posterior_variance: (C,) μ_{j|j}, Σ_{j|j}; count: elements per channel
     its statistics span (an int, a SymInt while tracing); input_shape: (N, C, *) of its
-    input; weight, bias: γ, β (C,) or None; eps: ε (for ``prior_source="output"``); grad_enabled: whether
-    gradients were on when it published (off: it ran in the user's ``torch.no_grad()`` region, so γ, β are
-    kept detached: its Gaussian is a constant of the prior, as its output is of the data).
+    input; weight, bias: γ, β (C,) or None (detached where the layer ran in the user's ``torch.no_grad()`` region:
+    its Gaussian is then a constant of the prior, as its output is of the data); eps: ε (for
+    ``prior_source="output"``).
     """
 
     posterior_mean: Tensor
@@ -100,7 +100,6 @@ class Published(NamedTuple):
     weight: Tensor | None
     bias: Tensor | None
     eps: float
-    grad_enabled: bool = True
 
 
 class ChainRoot:

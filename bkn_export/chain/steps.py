@@ -629,7 +629,7 @@ class Identity:
     the identity in eval mode only (``"train-mode"``: Gaussian noise, DropPath), or a stop-gradient
     (``"stop-gradient"``: ``detach()``, ``.data``), whose moments are its input's and whose prediction is
     detached there, so that the prior's gradient stops where the data's does (``predict``, ``apply``;
-    a :class:`LinearRun` that holds one detaches its result).
+    a :class:`LinearRun` that holds one cuts its input or its output, whichever is exact).
 
     what: what it is (``"dropout"``, ``"train-mode"``, ``"stop-gradient"``); module: its qualified name,
     if a module.
