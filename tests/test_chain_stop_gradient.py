@@ -181,3 +181,33 @@ def test_every_transition_stops_the_priors_gradient(mode: str, transition: str) 
     grads = _gradients(model, torch.randn(4, 3, 8, 8))
     backbone = {name: grad for name, grad in grads.items() if name.startswith("backbone.")}
     assert all(grad is None for grad in backbone.values()), backbone
+
+
+class _GatedDetach(nn.Module):
+    """A squeeze-and-excitation gate whose branch reads ``h.detach()`` (``stop``) or ``h``: the same values."""
+
+    def __init__(self, stop: bool) -> None:
+        super().__init__()
+        self.stop = stop
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), nn.Sigmoid())
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        return self.b2(self.c2(h * self.gate(h.detach() if self.stop else h)))
+
+
+def test_a_stop_gradient_inside_a_gate_branch_is_left_out_of_the_saved_wiring() -> None:
+    """A fourth QA round: the saved wiring kept a stop inside a gate's branch, so checkpoints of the same values
+    could not be swapped (and an earlier bkn_export's did not load)."""
+    models = {}
+    for stop in (False, True):
+        torch.manual_seed(0)
+        models[stop] = _GatedDetach(stop)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bkn_export.convert_batchnorm(models[stop], torch.randn(4, 3, 8, 8))
+    assert "gate(× detach" in bkn_export.format_chain(models[True])
+    models[True].load_state_dict(models[False].state_dict())
+    models[False].load_state_dict(models[True].state_dict())

@@ -113,3 +113,37 @@ def test_a_module_run_only_in_eval_mode_before_a_normalization_is_named_too() ->
     expected = r"runs 1 module\(s\) in eval mode that it does not run in train mode: 'aug'"
     with pytest.warns(RuntimeWarning, match=expected):
         bkn_export.convert_batchnorm(EvalOnly(), torch.randn(4, 3, 8, 8))
+
+
+def test_dropout_and_blocks_holding_a_normalization_are_not_named() -> None:
+    """A fourth QA round: ``nn.Dropout`` under ``if self.training:`` (the prior takes dropout as the identity
+    anyway) and a stochastic-depth block skipped at random in training (it holds a normalization: the chain's own
+    run check names it when a recorded path does not run) were named."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn(self.conv(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.drop, self.block = nn.Dropout(0.2), Block()
+            self.head, self.bn1 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.bn0(self.stem(x)))
+            if self.training:
+                h = self.drop(h)
+            else:
+                h = h + self.block(h)  # a block stochastic depth always skips in this (exaggerated) example
+            return self.bn1(self.head(h))
+
+    assert train_only_modules(Net(), torch.randn(4, 3, 8, 8)) == []
+    from bkn_export.chain.train_probe import mode_only_modules
+
+    assert mode_only_modules(Net(), torch.randn(4, 3, 8, 8)).eval == []

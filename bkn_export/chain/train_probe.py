@@ -61,7 +61,22 @@ def mode_only_modules(model: nn.Module, example_inputs: Any) -> ModeOnlyModules:
     modules = dict(probe.named_modules())
     both = set(in_eval) & set(in_train)
     normalizations = [name for name in both if is_normalization(modules[name])]
-    return ModeOnlyModules(_before(in_train, both, normalizations), _before(in_eval, both, normalizations))
+    # Not named: dropout (the prior takes it as the identity in both modes anyway), and a module that holds a
+    # normalization (a block that stochastic depth skips at random in training): the chain's own check, each
+    # train-mode forward, names a recorded path whose modules did not run.
+    holders = [name for name, module in modules.items() if name and (_dropout(module) or _holds_normalization(module))]
+    quiet = {name for name in modules if any(name == q or name.startswith(q + ".") for q in holders)}
+    return ModeOnlyModules(
+        _before(in_train, both | quiet, normalizations), _before(in_eval, both | quiet, normalizations)
+    )
+
+
+def _dropout(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout))
+
+
+def _holds_normalization(module: nn.Module) -> bool:
+    return any(is_normalization(inner) for inner in module.modules())
 
 
 def train_only_modules(model: nn.Module, example_inputs: Any) -> list[str]:

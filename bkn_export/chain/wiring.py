@@ -104,19 +104,32 @@ def saved_form(wiring: Wiring) -> dict[str, Any]:
 
 
 def _without_stops(path: Mapping[str, Any]) -> dict[str, Any]:
-    steps = [s for s in path.get("steps", ()) if not (isinstance(s, Mapping) and s.get("what") == STOP_GRADIENT)]
     origin = path.get("origin")
     if origin is not None:
         origin = {**origin, "sources": [_without_stops(source) for source in origin.get("sources", ())]}
-    return {**path, "steps": steps, "origin": origin}
+    return {**path, "steps": _steps_without_stops(path.get("steps")), "origin": origin}
+
+
+def _steps_without_stops(steps: Any) -> Any:
+    """A saved step list without stop-gradient steps, at every depth (a gate's branch, a linear run's members)."""
+    if not isinstance(steps, list):
+        return steps
+    kept = []
+    for step in steps:
+        if isinstance(step, Mapping):
+            if step.get("what") == STOP_GRADIENT:
+                continue
+            step = {
+                key: _steps_without_stops(value) if key in ("branch", "steps") else value for key, value in step.items()
+            }
+        kept.append(step)
+    return kept
 
 
 def _path_signature(path: Mapping[str, Any]) -> dict[str, Any]:
     """What makes a saved path compute what it computes (no example shapes, no wording)."""
     origin = path.get("origin")
-    steps = path.get("steps")
-    if isinstance(steps, list):  # a stop-gradient changes no value: checkpoints from before it was recorded load
-        steps = [s for s in steps if not (isinstance(s, Mapping) and s.get("what") == STOP_GRADIENT)]
+    steps = _steps_without_stops(path.get("steps"))  # a stop-gradient changes no value: earlier checkpoints load
     return {
         "normalization": path.get("normalization"),
         "steps": steps,
