@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from bkn_export.export.fold import fold
     from bkn_export.nn import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, KalmanOptions
     from bkn_export.param_groups import parameter_groups
-    from bkn_export.recompute import checkpoint, checkpoint_sequential
+    from bkn_export.recompute import checkpoint
+    from bkn_export.sequential_checkpoint import checkpoint_sequential
     from bkn_export.swa import update_bn
 
     __version__: str
@@ -54,7 +55,8 @@ _LAZY = {
     **dict.fromkeys(("SyncBatchKalmanNorm", "convert_sync_batchkalmannorm"), "bkn_export.distributed"),
     **dict.fromkeys(("BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "KalmanOptions"), "bkn_export.nn"),
     "fold": "bkn_export.export.fold",
-    **dict.fromkeys(("checkpoint", "checkpoint_sequential"), "bkn_export.recompute"),
+    "checkpoint": "bkn_export.recompute",
+    "checkpoint_sequential": "bkn_export.sequential_checkpoint",
     "update_bn": "bkn_export.swa",
     "parameter_groups": "bkn_export.param_groups",
 }  # fmt: skip

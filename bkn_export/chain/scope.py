@@ -47,7 +47,7 @@ export and :func:`bkn_export.chain_statistics` read instead of patching the laye
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -75,6 +75,7 @@ __all__ = [
     "move_root",
     "observers",
     "open_observer",
+    "root_scope",
     "scratch_for",
     "watch_modules",
 ]
@@ -285,6 +286,16 @@ def forward_scope(model: nn.Module) -> Iterator[ChainScratch]:
         yield scratch
     finally:
         _close_scratch(model, (), None)
+
+
+def root_scope(model: Any) -> AbstractContextManager[Any]:
+    """:func:`forward_scope` where ``model`` is a wired root with no forward of it running (a call that runs its
+    modules one by one, outside ``model(x)``: ``checkpoint_sequential(model, ...)``); nothing otherwise (not a root,
+    or inside its forward already)."""
+    root = model.__dict__.get(ROOT_ATTRIBUTE) if isinstance(model, nn.Module) else None
+    if root is None or scratch_for(root) is not None:
+        return nullcontext()
+    return forward_scope(model)
 
 
 def attach_root(model: nn.Module) -> ChainRoot:
