@@ -1,14 +1,14 @@
-"""Modules a model's forward runs only in training mode, which the eval-mode recording cannot see.
+"""Modules a model's forward runs in one mode only, which the eval-mode recording cannot see as they run in training.
 
 :func:`bkn_export.chain.record.record_dataflow` records the data flow of one **eval-mode** forward (no statistic
 changes, no randomness). A step the forward runs only in training (``if self.training: h = self.augment(h)``)
-between two normalizations is then not in the prior: the prior is that of the model without it. Where that step is a
-module, :func:`train_only_modules` finds it by running the example once in each mode with a pre-hook on every module
-and comparing which modules ran, so that wiring can warn, naming them. The train-mode forward changes nothing: it
-runs without gradients, every buffer (running statistics, counters) is restored afterwards, and so are the global
-random number generators and every module's mode. A forward that fails in train mode (a detection model that wants
-targets, a batch of one value per channel) is not checked. Functional code under ``if self.training:`` (no module
-of its own) is not seen.
+between two normalizations is then not in the prior, and a step it runs only in eval mode is. Where such a step is a
+module, :func:`mode_only_modules` finds it by running the example once in each mode with a pre-hook on every module
+and comparing which modules ran, so that wiring can warn, naming those that run before a normalization. The probe
+changes nothing: both forwards run on a copy of the model without its forward hooks, without gradients, and the
+global random number generators are restored afterwards. A forward that fails in train mode (a detection model that
+wants targets, a batch of one value per channel) is not checked. Functional code under ``if self.training:`` (no
+module of its own) is not seen.
 """
 
 from __future__ import annotations

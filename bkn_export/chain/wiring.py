@@ -129,10 +129,9 @@ def _steps_without_stops(steps: Any) -> Any:
 def _path_signature(path: Mapping[str, Any]) -> dict[str, Any]:
     """What makes a saved path compute what it computes (no example shapes, no wording)."""
     origin = path.get("origin")
-    steps = _steps_without_stops(path.get("steps"))  # a stop-gradient changes no value: earlier checkpoints load
     return {
         "normalization": path.get("normalization"),
-        "steps": steps,
+        "steps": path.get("steps"),
         "channels": path.get("channels"),
         "origin": None
         if origin is None
@@ -282,7 +281,7 @@ def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
         )
     # Both as JSON values (a saved state is JSON; an earlier bkn_export's dict may hold tuples for lists).
     saved_wiring = json.loads(json.dumps(saved.get("wiring")))
-    current_wiring = json.loads(json.dumps(current.to_dict()))
+    current_wiring = json.loads(json.dumps(saved_form(current)))  # as a checkpoint keeps it: no stop-gradient steps
     saved_wiring, current_wiring = _without_root_prefix(saved_wiring, current_wiring)
     saved_signature = _signature(saved_wiring)
     current_signature = _signature(current_wiring)
