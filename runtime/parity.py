@@ -34,7 +34,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -68,7 +68,7 @@ from runtime.model_io import (
     returned_output_order,
     tensor_specs,
 )
-from runtime.precision import computed_precision
+from runtime.precision import computed_precision, graphs, value_types
 from runtime.registry import RuntimeEntry, discover, select
 
 __all__ = ["REFERENCE_DESCRIPTION", "SCHEMA_VERSION", "ParityReport", "RuntimeResult", "Status", "run_parity"]
@@ -892,18 +892,12 @@ def _node_computes_in_half(path: Path, op_type: str, name: str) -> bool:
     import onnx
 
     try:
-        model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception:  # an unreadable file: not known, so not excused
         return False
     half_types = {getattr(onnx.TensorProto, kind.upper()) for kind in _HALF_TYPES}
-    types: dict[str, int] = {}
-    nodes: list[Any] = []
-    for graph in _graphs(model.graph):
-        for value in (*graph.input, *graph.output, *graph.value_info):
-            if value.type.HasField("tensor_type"):
-                types.setdefault(value.name, value.type.tensor_type.elem_type)
-        types.update({initializer.name: initializer.data_type for initializer in graph.initializer})
-        nodes.extend(graph.node)
+    types = value_types(model)
+    nodes = [node for graph in graphs(model.graph) for node in graph.node]
 
     def in_half(node: Any) -> bool:
         return any(types.get(value) in half_types for value in (*node.input, *node.output) if value)
@@ -913,17 +907,6 @@ def _node_computes_in_half(path: Path, op_type: str, name: str) -> bool:
         return any(in_half(node) for node in named)
     candidates = [node for node in nodes if node.op_type == op_type]
     return all(in_half(node) for node in candidates)
-
-
-def _graphs(graph: Any) -> Iterator[Any]:
-    """``graph`` and every subgraph of its nodes' attributes, depth first."""
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                yield from _graphs(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _graphs(subgraph)
 
 
 def _run_one(

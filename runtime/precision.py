@@ -17,13 +17,13 @@ bodies are not looked into: their outputs in the main graph are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import onnx
 
 from runtime.compare import FLOAT_PRECISION
 
-__all__ = ["computed_precision"]
+__all__ = ["computed_precision", "graphs", "value_types"]
 
 _NAMES: dict[int, str] = {
     onnx.TensorProto.BFLOAT16: "bfloat16",
@@ -54,21 +54,38 @@ def computed_precision(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _float_types(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, int]]:
-    """Value name → float type name, and value name → ONNX element type (any), from the graph's declarations and,
-    where it runs, shape inference."""
+    """Value name → float type name, and value name → ONNX element type (any): :func:`value_types`."""
+    elements = value_types(model)
+    types = {value: _NAMES[element] for value, element in elements.items() if element in _NAMES}
+    return types, elements
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Value name → ONNX element type, from the graph's declarations (subgraphs' too) and, where it runs, ONNX shape
+    inference; the main graph's first where a name repeats."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
+        inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # a graph that inference cannot type (custom ops...): its declarations alone
-        inferred = model.graph
+        inferred = model
     elements: dict[str, int] = {}
-    for graph in (inferred, model.graph):
+    for graph in (*graphs(inferred.graph), *graphs(model.graph)):
         for value in (*graph.input, *graph.output, *graph.value_info):
             if value.type.HasField("tensor_type"):
                 elements.setdefault(value.name, value.type.tensor_type.elem_type)
-    for initializer in model.graph.initializer:
-        elements.setdefault(initializer.name, initializer.data_type)
-    types = {value: _NAMES[element] for value, element in elements.items() if element in _NAMES}
-    return types, elements
+        for initializer in graph.initializer:
+            elements.setdefault(initializer.name, initializer.data_type)
+    return elements
+
+
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph of its nodes' attributes (``If`` / ``Loop`` bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from graphs(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from graphs(subgraph)
 
 
 #: Element types whose every value a float16 and a bfloat16 hold exactly (|v| ≤ 256).

@@ -281,12 +281,12 @@ class TorchEagerBackend(Backend):
                 buffer.copy_(tensor_of(inputs[name]).to(buffer))
         feeds = {k: v for k, v in inputs.items() if k not in statistics_in}
         args, kwargs = self._arguments(model, feeds)
-        kept = {name: buffer.clone() for name, buffer in model.named_buffers()} if statistics_in else {}
+        wider = self._wider_inputs(model, feeds)  # the only inputs a retry changes: state kept for it alone
+        kept = {name: buffer.clone() for name, buffer in model.named_buffers()} if wider and statistics_in else {}
         try:
             with torch.no_grad():
                 result = model(*args, **kwargs)
         except (RuntimeError, TypeError) as error:
-            wider = self._wider_inputs(model, feeds)
             if not wider:
                 raise
             with torch.no_grad():  # a training step may have updated statistics before it failed
