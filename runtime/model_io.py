@@ -33,13 +33,16 @@ from runtime._bkn import (
 from runtime.errors import BKNInputError, ModelFileError, RuntimeLoadError
 
 __all__ = [
+    "EXAMPLE_SHAPES_METADATA",
     "OUTPUT_ORDER_METADATA",
     "TensorSpec",
     "check_custom_ops",
     "check_feeds",
     "custom_domains",
     "declared_mode",
+    "default_shape",
     "detect_mode",
+    "example_shapes",
     "input_sets",
     "is_onnxruntime_domain",
     "load_onnx",
@@ -50,6 +53,7 @@ __all__ = [
     "returned_output_order",
     "running_statistics_inputs",
     "tensor_specs",
+    "unsized_dims_note",
 ]
 
 #: The domains of the ONNX standard (the default domain and its alias, ML, and the training preview's gradient and
@@ -191,14 +195,73 @@ def check_custom_ops(model: onnx.ModelProto, path: str | os.PathLike[str], runti
     )
 
 
+#: The metadata entry in which ``bkn_export`` records the example inputs' shapes by graph input name
+#: (``bkn_export.export.metadata.EXAMPLE_SHAPES_KEY``).
+EXAMPLE_SHAPES_METADATA = "bkn_export.example_shapes"
+
+
+def example_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """The example shapes the file was exported at (``bkn_export.example_shapes``), by input name; empty for a file
+    that records none (another exporter, an older version) or an entry that is not a JSON object of int lists."""
+    text = next((prop.value for prop in model.metadata_props if prop.key == EXAMPLE_SHAPES_METADATA), None)
+    try:
+        recorded = json.loads(text) if text is not None else None
+    except ValueError:
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {
+        name: tuple(dims)
+        for name, dims in recorded.items()
+        if isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+    }
+
+
+def default_shape(spec: TensorSpec, batch: int = 2, example: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The shape random inputs take for ``spec`` where none is given: its fixed dims; a symbolic dim 0 ``batch``;
+    another symbolic dim the export example's size where ``example`` (the shape recorded at export) has the
+    input's rank and agrees on its fixed dims, else 1."""
+    usable = example is not None and len(example) == len(spec.shape)
+    if usable:
+        assert example is not None
+        usable = all(not isinstance(d, int) or d == e for d, e in zip(spec.shape, example))
+    return tuple(
+        d if isinstance(d, int) else batch if i == 0 else (int(example[i]) if usable and example else 1)
+        for i, d in enumerate(spec.shape)
+    )
+
+
+def unsized_dims_note(specs: Sequence[TensorSpec], feeds: Sequence[Mapping[str, np.ndarray]]) -> str | None:
+    """A note naming the inputs checked only at size 1 in a symbolic dim other than the batch (every input set), or
+    None: the default where the file records no example shape, and a size at which most networks compute little."""
+    shown = []
+    for spec in specs:
+        dims = [i for i, d in enumerate(spec.shape) if i > 0 and not isinstance(d, int)]
+        arrays = [np.asarray(feed[spec.name]) for feed in feeds if spec.name in feed]
+        if not dims or not arrays:
+            continue
+        ones = [i for i in dims if all(a.ndim == len(spec.shape) and a.shape[i] == 1 for a in arrays)]
+        if ones:
+            shown.append(f"{spec.name!r} (dim(s) {', '.join(map(str, ones))}; shape {tuple(arrays[0].shape)})")
+    if not shown:
+        return None
+    return (
+        f"input(s) {', '.join(shown)} were checked only at size 1 in symbolic dims (the default where the file "
+        "records no example shape): a network that pools or strides computes little there; check the size you "
+        "deploy with --input-shape / --shape-set (inputs=...)"
+    )
+
+
 def random_inputs(
     specs: Sequence[TensorSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
     batch: int = 2,
     val_range: Mapping[str | None, tuple[float, float]] | None = None,
+    examples: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs in each input's ONNX dtype; named dims take ``batch`` (dim 0) or 1, unless ``shapes`` says.
+    """Seeded inputs in each input's ONNX dtype, of the shapes ``shapes`` gives, else :func:`default_shape` (named
+    dims: ``batch`` for dim 0, the export example's size from ``examples`` (:func:`example_shapes`) or 1 for others).
 
     Floating inputs are standard normal, or uniform in [lo, hi) where ``val_range`` gives a
     range for the input's name (or for None: every input); integer inputs are uniform in
@@ -213,7 +276,7 @@ def random_inputs(
         if shapes and spec.name in shapes:
             shape = tuple(int(d) for d in shapes[spec.name])
         else:
-            shape = tuple(d if isinstance(d, int) else (batch if i == 0 else 1) for i, d in enumerate(spec.shape))
+            shape = default_shape(spec, batch, (examples or {}).get(spec.name))
         limits = ranges.get(spec.name, ranges.get(None))
         _check_size(spec, shape)
         if spec.dtype in ("float32", "float64", "float16", "bfloat16"):
@@ -257,8 +320,10 @@ def input_sets(
     iterations: int = 1,
     seed: int = 0,
     val_range: Mapping[str | None, tuple[float, float]] | None = None,
+    examples: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """``iterations`` seeded input sets per shape set (one shape set of the defaults when none given).
+    """``iterations`` seeded input sets per shape set (one shape set of the defaults when none given; an input a
+    shape set does not name takes :func:`default_shape`, with the export example's sizes from ``examples``).
 
     Set k (counting over shape sets, then iterations) uses seed ``seed + k``, so a run is
     reproducible from the seed in the report.
@@ -269,7 +334,7 @@ def input_sets(
     feeds: list[dict[str, np.ndarray]] = []
     for shapes in shape_list:
         for _ in range(iterations):
-            feeds.append(random_inputs(specs, shapes, seed=seed + len(feeds), val_range=val_range))
+            feeds.append(random_inputs(specs, shapes, seed=seed + len(feeds), val_range=val_range, examples=examples))
     return feeds
 
 

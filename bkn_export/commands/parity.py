@@ -257,7 +257,7 @@ def _shape_sets(args: argparse.Namespace, specs: Any) -> list[dict[str, tuple[in
 def _inputs(args: argparse.Namespace, onnx_path: str) -> list[Any] | None:
     """The loaded input sets, random ones of the given shapes / ranges / iterations, or None (run_parity's default)."""
     from runtime.errors import BKNInputError
-    from runtime.model_io import input_sets, load_onnx, running_statistics_inputs, tensor_specs
+    from runtime.model_io import example_shapes, input_sets, load_onnx, running_statistics_inputs, tensor_specs
     from runtime.polygraphy_io import load_inputs
 
     if args.load_inputs:
@@ -282,7 +282,7 @@ def _inputs(args: argparse.Namespace, onnx_path: str) -> list[Any] | None:
     named = {name for shapes in shape_sets for name in shapes} | set(ranges)
     statistics = running_statistics_inputs(onnx_model) - named
     generated = [s for s in specs if s.name not in statistics]
-    return input_sets(generated, shape_sets, args.iterations, args.seed, ranges)
+    return input_sets(generated, shape_sets, args.iterations, args.seed, ranges, example_shapes(onnx_model))
 
 
 def _saved_reference(args: argparse.Namespace) -> tuple[list[Any], str]:

@@ -48,6 +48,7 @@ from bkn_export.export.metadata import (
     FOLD_KINDS,
     attach_metadata,
     build_fold_report,
+    example_shapes_entry,
     export_metadata,
     fold_report_json,
     node_scopes,
@@ -256,6 +257,7 @@ def export_inference(
                 **export_metadata("inference", request.opset, request.fp16, request.dynamic_batch, dynamic_spatial),
                 "fold_report": fold_report_json(report),
                 **output_order_entry(proto),
+                **example_shapes_entry(traced.input_names, request.inputs),
             },
         )
         checked_sizes = check_exported(proto, request, traceable, traced, f"the inference export for {os.fspath(path)}")

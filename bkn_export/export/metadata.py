@@ -10,11 +10,12 @@ went: a Conv/ConvTranspose/Gemm/MatMul (folded) or a BatchNormalization (standal
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 
 import onnx
 import onnx_ir as ir
+from torch import Tensor
 
 from bkn_export._version import package_version
 from bkn_export.export.name_scopes import NAME_SCOPES_KEY, read_name_scopes
@@ -26,6 +27,7 @@ __all__ = [
     "METADATA_PREFIX",
     "attach_metadata",
     "build_fold_report",
+    "example_shapes_entry",
     "export_metadata",
     "fold_report_json",
     "node_scopes",
@@ -147,6 +149,20 @@ def output_order_entry(model: onnx.ModelProto) -> dict[str, str]:
     """``{OUTPUT_ORDER_KEY: JSON list}`` of ``model``'s graph outputs as they stand (call right after the export,
     whose outputs follow the PyTorch model's flattened tensor outputs)."""
     return {OUTPUT_ORDER_KEY: json.dumps([output.name for output in model.graph.output])}
+
+
+#: Metadata key (after :data:`METADATA_PREFIX`) of the example inputs' shapes the file was exported at, keyed by
+#: graph input name; a JSON object of lists of ints. ``runtime`` gives a symbolic dim other than the batch the
+#: example's size by default (a dynamic-spatial file otherwise runs at size 1 there, where most networks compute
+#: little).
+EXAMPLE_SHAPES_KEY = "example_shapes"
+
+
+def example_shapes_entry(names: Sequence[str], inputs: Sequence[Tensor]) -> dict[str, str]:
+    """``{EXAMPLE_SHAPES_KEY: JSON object}``: each example input's shape under its graph input name (the first
+    ``len(inputs)`` of ``names``; tensors only)."""
+    shapes = {name: list(tensor.shape) for name, tensor in zip(names, inputs) if isinstance(tensor, Tensor)}
+    return {EXAMPLE_SHAPES_KEY: json.dumps(shapes)}
 
 
 def attach_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> dict[str, str]:

@@ -53,7 +53,13 @@ from bkn_export.export.common import (
 )
 from bkn_export.export.feeds import check_feeds as feeds_check
 from bkn_export.export.io import DEFAULT_EXTERNAL_DATA_THRESHOLD, load_onnx_file, save_onnx
-from bkn_export.export.metadata import attach_metadata, export_metadata, output_order_entry, parse_name_scopes
+from bkn_export.export.metadata import (
+    attach_metadata,
+    example_shapes_entry,
+    export_metadata,
+    output_order_entry,
+    parse_name_scopes,
+)
 from bkn_export.export.name_scopes import NAME_SCOPES_KEY
 from bkn_export.export.op import function_body, op_spec, schema
 from bkn_export.export.op.translation import translation_table
@@ -350,7 +356,9 @@ def export_training(
     entries = _metadata(
         info, request.opset, request.fp16, request.dynamic_batch, request.dynamic_spatial, graph_optimizer
     )
-    metadata = attach_metadata(proto, {**entries, **output_order_entry(proto)})
+    metadata = attach_metadata(
+        proto, {**entries, **output_order_entry(proto), **example_shapes_entry(traced.input_names, inputs)}
+    )
     checked_sizes = check_exported(proto, request, traceable, traced, "export_training: the exported graph")
     target = save_onnx(proto, path, external_data_threshold=request.external_data_threshold)
     return ExportResult(

@@ -1,0 +1,151 @@
+"""Random parity inputs take the export example's size in symbolic dims (docs QA, 2026-12-07).
+
+A ``dynamic_spatial`` file leaves H and W symbolic; parity's random inputs gave them size 1. A conv without padding
+then failed to run in PyTorch, with a hint to "pass the model that was exported" (it was), and a network that runs
+at 1 x 1 passed on that degenerate input with no note. The export now records its example shapes
+(``bkn_export.example_shapes``) and parity takes them for symbolic dims other than the batch (which stays 2); where a
+file records none, the report notes the inputs checked only at size 1, and the PyTorch error says to give shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from bkn_export import BatchKalmanNorm2d, wire_chain
+from bkn_export.cli import main
+from bkn_export.export import export_onnx
+from bkn_export.export.metadata import read_metadata
+from runtime.errors import BKNInputError
+from runtime.model_io import (
+    EXAMPLE_SHAPES_METADATA,
+    TensorSpec,
+    default_shape,
+    example_shapes,
+    unsized_dims_note,
+)
+from runtime.parity import run_parity
+
+
+def _valid_conv() -> nn.Module:
+    """Runs only where H, W >= 5 (two unpadded 3 x 3 convs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), BatchKalmanNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 3), BatchKalmanNorm2d(2))
+    wire_chain(model, torch.randn(2, 1, 8, 8))
+    return model.eval()
+
+
+def _padded_conv() -> nn.Module:
+    """Runs at any H, W (1 x 1 included)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), BatchKalmanNorm2d(2), nn.ReLU())
+    return model.eval()
+
+
+def _export(model: nn.Module, path: Path, mode: str = "inference") -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, torch.randn(2, 1, 8, 8), path, mode=mode, dynamic_spatial=True)
+    return path
+
+
+def _without_example_shapes(path: Path) -> Path:
+    """The file as another exporter (or an older version) writes it: no example shapes recorded."""
+    proto = onnx.load(str(path))
+    kept = [prop for prop in proto.metadata_props if prop.key != EXAMPLE_SHAPES_METADATA]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    stripped = path.with_name(f"stripped_{path.name}")
+    onnx.save(proto, str(stripped))
+    return stripped
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_the_export_records_its_example_shapes(tmp_path: Path, mode: str) -> None:
+    path = _export(_valid_conv(), tmp_path / f"{mode}.onnx", mode)
+    proto = onnx.load(str(path))
+    assert json.loads(read_metadata(proto)["example_shapes"]) == {"input": [2, 1, 8, 8]}
+    assert example_shapes(proto) == {"input": (2, 1, 8, 8)}
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_parity_of_a_dynamic_spatial_file_runs_at_the_example_size(tmp_path: Path, mode: str) -> None:
+    model = _valid_conv()
+    report = run_parity(model, _export(model, tmp_path / f"{mode}.onnx", mode), runtimes="ort:cpu:all")
+    assert report.passed, report.notes
+    assert [spec.shape for spec in report.inputs] == [(2, 1, 8, 8)]
+    assert not any("size 1" in note for note in report.notes)
+
+
+def test_without_recorded_shapes_a_model_that_cannot_run_at_size_1_names_the_shapes(tmp_path: Path) -> None:
+    model = _valid_conv()
+    stripped = _without_example_shapes(_export(model, tmp_path / "valid.onnx"))
+    with pytest.raises(BKNInputError, match=r"symbolic dims ran at size 1 .*--input-shape"):
+        run_parity(model, stripped, runtimes="ort:cpu:all")
+    given = {"input": np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)}
+    assert run_parity(model, stripped, [given], runtimes="ort:cpu:all").passed
+
+
+def test_without_recorded_shapes_a_size_1_check_is_named_in_the_report(tmp_path: Path) -> None:
+    model = _padded_conv()
+    report = run_parity(
+        model, _without_example_shapes(_export(model, tmp_path / "padded.onnx")), runtimes="ort:cpu:all"
+    )
+    assert report.passed
+    assert [spec.shape for spec in report.inputs] == [(2, 1, 1, 1)]
+    (note,) = [note for note in report.notes if "size 1" in note]
+    assert "'input' (dim(s) 2, 3; shape (2, 1, 1, 1))" in note and "--input-shape" in note
+
+
+def test_the_cli_takes_the_example_size_for_generated_input_sets(tmp_path: Path) -> None:
+    path = _export(_valid_conv(), tmp_path / "valid.onnx")
+    factory = tmp_path / "factory.py"
+    factory.write_text(
+        "import torch\nfrom torch import nn\nfrom bkn_export import BatchKalmanNorm2d, wire_chain\n\n"
+        "def build():\n    torch.manual_seed(0)\n"
+        "    model = nn.Sequential(nn.Conv2d(1, 2, 3), BatchKalmanNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 3), "
+        "BatchKalmanNorm2d(2))\n"
+        "    wire_chain(model, torch.randn(2, 1, 8, 8))\n    return model\n"
+    )
+    report = tmp_path / "report.json"
+    argv = [f"{factory}:build", str(path), "--runtimes", "ort:cpu:all", "--iterations", "2", "--json", str(report)]
+    assert main(["parity", *argv]) == 0
+    written = json.loads(report.read_text())
+    assert [[spec["shape"] for spec in specs] for specs in written["input_sets"]] == [[[2, 1, 8, 8]]] * 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not json", "[1, 2]", '{"x": "2,1,8,8"}', '{"x": [2, -1, 8, 8]}', '{"x": [2, true, 8, 8]}', '{"x": [2.5]}'],
+)
+def test_a_malformed_entry_records_no_example_shape(text: str) -> None:
+    proto = onnx.ModelProto()
+    proto.metadata_props.add(key=EXAMPLE_SHAPES_METADATA, value=text)
+    assert example_shapes(proto) == {}
+
+
+def test_an_example_of_another_rank_or_fixed_dims_is_not_taken() -> None:
+    spec = TensorSpec("x", "float32", ("batch", 3, "height", "width"))
+    assert default_shape(spec) == (2, 3, 1, 1)
+    assert default_shape(spec, example=(4, 3, 16, 12)) == (2, 3, 16, 12)  # the batch stays 2
+    assert default_shape(spec, example=(4, 1, 16, 12)) == (2, 3, 1, 1)  # disagrees on a fixed dim
+    assert default_shape(spec, example=(3, 16, 12)) == (2, 3, 1, 1)  # another rank
+    assert default_shape(TensorSpec("s", "int64", ()), example=()) == ()
+
+
+def test_the_note_names_only_symbolic_dims_held_at_1_in_every_set() -> None:
+    spec = TensorSpec("x", "float32", ("batch", 3, "height", "width"))
+    one = {"x": np.zeros((2, 3, 1, 1), np.float32)}
+    wide = {"x": np.zeros((2, 3, 1, 7), np.float32)}
+    assert unsized_dims_note([spec], [one, wide]) is not None and "dim(s) 2;" in str(
+        unsized_dims_note([spec], [one, wide])
+    )
+    assert unsized_dims_note([spec], [{"x": np.zeros((1, 3, 4, 4), np.float32)}]) is None  # a batch of 1 is no concern
+    assert unsized_dims_note([TensorSpec("x", "float32", (1, 3, 1, 1))], [one]) is None  # fixed dims are the file's
