@@ -466,7 +466,8 @@ def compare_output(
         if not finite.any():  # nothing finite to compare: no similarity to show
             result.cosine_similarity = float("nan")
         elif norm_ref > 0 and norm_act > 0:
-            result.cosine_similarity = dot / (norm_ref * norm_act)
+            # Rounding in the norms can put identical tensors a few ulps past 1 (1.0000000000000004): clipped.
+            result.cosine_similarity = min(1.0, max(-1.0, dot / (norm_ref * norm_act)))
         else:  # zeros against values within atol of zero (a flushed denormal) agree; against anything else the
             # cosine is undefined, which no cosine_min passes
             result.cosine_similarity = 1.0 if scale <= tolerance.atol else float("nan")

@@ -32,8 +32,12 @@ against the ONNX reference evaluator** (method "nodes"): every node output that 
 a graph input, in graph order, is exposed on the failing runtime and on ``onnx.reference`` in chunks of
 :data:`NODE_CHUNK` values (so memory stays bounded on large models), and the first value
 outside tolerance names its ONNX node. This judges the runtime against ONNX's own
-semantics, not against PyTorch; it cannot localise a failure of the reference evaluator
-itself.
+semantics, not against PyTorch. Where the reference evaluator itself differed from the reference in the same
+run (onnx.reference has wrong kernels: opset-9 BatchNormalization and Softmax in onnx 1.23), it is no oracle: the
+node outputs are compared with a runtime that agreed with the reference in that run instead (:class:`NodeOracle`),
+or, with none, the failure is not localised and the message says why (before, correct nodes of ONNX Runtime and
+OpenVINO were blamed for the evaluator's own errors). The evaluator's own failure is localised the same way,
+against a runtime that agreed.
 """
 
 from __future__ import annotations
@@ -54,7 +58,16 @@ from runtime.compare import OutputComparison, TolerancePolicy, compare_output
 from runtime.noise import NOISE_FACTOR
 from runtime.onnx_scopes import Boundary, module_boundaries, module_inputs, nearest_upstream, prefix_model, with_outputs
 
-__all__ = ["NODE_CHUNK", "BoundaryCheck", "Localisation", "NoiseFloors", "localise", "noise_floors"]
+__all__ = [
+    "NODE_CHUNK",
+    "BoundaryCheck",
+    "Localisation",
+    "NodeOracle",
+    "NoiseFloors",
+    "evaluator_oracle",
+    "localise",
+    "noise_floors",
+]
 
 #: Node outputs exposed per run in the node-by-node localisation.
 NODE_CHUNK = 64
@@ -233,6 +246,26 @@ def _node_check(boundary: Boundary, oracle: np.ndarray, actual: np.ndarray, poli
     return _check(boundary, oracle, actual, policy)
 
 
+@dataclass(frozen=True)
+class NodeOracle:
+    """What the node-by-node method compares a failing runtime's node outputs with.
+
+    make: a backend of the oracle (None: no trustworthy oracle, ``why`` says why); name: how messages name it;
+    why: said once in the message, after the oracle's name, where it is not the default.
+    """
+
+    make: Callable[[], Backend] | None
+    name: str
+    why: str = ""
+
+
+def evaluator_oracle() -> NodeOracle:
+    """The default oracle: the ONNX reference evaluator (ONNX's semantics)."""
+    from runtime.backends.reference import ReferenceEvaluatorBackend
+
+    return NodeOracle(ReferenceEvaluatorBackend, "the ONNX reference evaluator")
+
+
 class _Runner:
     """Runs modified models on fresh backends of the failing configuration."""
 
@@ -274,6 +307,7 @@ def localise(
     method: str = "auto",
     *,
     floors: NoiseFloors | str | None = None,
+    node_oracle: NodeOracle | None = None,
 ) -> Localisation:
     """Localise the failure of ``runtime`` (see the module docstring). Never raises; errors go in the result.
 
@@ -284,6 +318,7 @@ def localise(
     floors: the reference's own rounding per module (:func:`noise_floors`): a module output (input) is judged with
     atol at least :data:`runtime.noise.NOISE_FACTOR` times it, so that float32 rounding accumulated upstream is not
     taken for the first divergence; a string: why there are none (named in the message); None: none.
+    node_oracle: what the node-by-node method compares with (default: the ONNX reference evaluator).
     """
     if method not in ("auto", "bisect"):
         raise ValueError(f"method must be 'auto' or 'bisect', got {method!r}")
@@ -301,7 +336,8 @@ def localise(
                     result.message += f" (module outputs judged without noise floors: {floors})"
             if result is None or result.status == "no_metadata":
                 why = "no PyTorch model (saved reference outputs)" if capture is None else "no exporter module scopes"
-                result = _localise_nodes(model, runner, runtime, Path(tmp), policy, why)
+                oracle = node_oracle or evaluator_oracle()
+                result = _localise_nodes(model, runner, runtime, Path(tmp), policy, why, oracle)
             return result
     except Exception as error:  # a localisation failure must not hide the parity verdict
         return Localisation(runtime, "error", message=f"{type(error).__name__}: {error}")
@@ -335,18 +371,26 @@ def _node_values(model: onnx.ModelProto, dependent: set[str]) -> list[tuple[str,
 
 
 def _localise_nodes(
-    model: onnx.ModelProto, runner: _Runner, runtime: str, workdir: Path, policy: TolerancePolicy, why: str
+    model: onnx.ModelProto,
+    runner: _Runner,
+    runtime: str,
+    workdir: Path,
+    policy: TolerancePolicy,
+    why: str,
+    node_oracle: NodeOracle,
 ) -> Localisation:
-    """Node by node against the ONNX reference evaluator (``why``: why no module outputs are compared)."""
-    from runtime.backends.reference import ReferenceEvaluatorBackend
-
-    if runtime == "reference":
+    """Node by node against ``node_oracle`` (``why``: why no module outputs are compared)."""
+    if node_oracle.make is None:
+        return Localisation(runtime, "not_localised", method="nodes", message=f"{why}, and {node_oracle.why}")
+    if runtime == "reference" and node_oracle.name == evaluator_oracle().name:
         return Localisation(
             runtime, "no_metadata", method="nodes",
             message=f"{why}, and the failing runtime is the ONNX reference evaluator itself: "
             "nothing independent to compare its node outputs with",
         )  # fmt: skip
-    oracle = _Runner(ReferenceEvaluatorBackend, runner.inputs, workdir, prefix="oracle")
+    oracle = _Runner(node_oracle.make, runner.inputs, workdir, prefix="oracle")
+    against = node_oracle.name
+    stated = f"{against} ({node_oracle.why})" if node_oracle.why else against
     dependent = _input_dependent(model)
     values = _node_values(model, dependent)
     result = Localisation(runtime, "not_localised", method="nodes")
@@ -362,7 +406,7 @@ def _localise_nodes(
             if value in actual and value in expected:
                 checks.append((node, _node_check(_node_boundary(value, node), expected[value], actual[value], policy)))
         failing = [(node, check) for node, check in checks if not check.passed]
-        own = _own_divergences(model, dependent, runner, oracle, failing, expected, policy) if failing else {}
+        own = _own_divergences(model, dependent, runner, oracle, failing, expected, policy, against) if failing else {}
         for node, check in checks:
             result.checks.append(check)
             if not check.passed and check.onnx_value in own:
@@ -372,8 +416,8 @@ def _localise_nodes(
                 result.prefix_runs = runner.count
                 result.message = (
                     f"first diverging ONNX node: {node.name or '(unnamed)'} ({node.op_type}, value "
-                    f"{check.onnx_value!r}), max abs error {check.max_abs_error:.3g} against the ONNX reference "
-                    f"evaluator ({own[check.onnx_value]})" + _inherited_note(inherited, " before it")
+                    f"{check.onnx_value!r}), max abs error {check.max_abs_error:.3g} against {stated} "
+                    f"({own[check.onnx_value]})" + _inherited_note(inherited, " before it", against)
                 )
                 return result
             if check.passed:
@@ -382,23 +426,24 @@ def _localise_nodes(
                 inherited += 1
     result.prefix_runs = runner.count
     result.message = (
-        "every node output agrees with the ONNX reference evaluator: the difference is in the graph outputs' "
+        f"every node output agrees with {stated}: the difference is in the graph outputs' "
         "last nodes, or the reference (PyTorch / saved outputs) differs from ONNX's semantics"
         if not inherited
-        else "no node, run alone from the ONNX reference evaluator's inputs, computes a difference of its own"
-        + _inherited_note(inherited)
+        else f"no node, run alone from {against}'s inputs, computes a difference of its own"
+        + _inherited_note(inherited, "", against)
         + ": the reference (PyTorch / saved outputs) differs from ONNX's semantics of this file, or the graph "
         "outputs differ only by that rounding (--noise-floor)"
     )
     return result
 
 
-def _inherited_note(count: int, where: str = "") -> str:
+def _inherited_note(count: int, where: str = "", against: str = "the ONNX reference evaluator") -> str:
     if not count:
         return ""
+    oracle = "the evaluator" if against == "the ONNX reference evaluator" else against
     return (
-        f"; {count} node output(s){where} differ beyond tolerance only by what their inputs carried (fed the "
-        "evaluator's inputs, each computes the evaluator's value): rounding accumulated upstream"
+        f"; {count} node output(s){where} differ beyond tolerance only by what their inputs carried (fed "
+        f"{oracle}'s inputs, each computes {oracle}'s value): rounding accumulated upstream"
     )
 
 
@@ -410,6 +455,7 @@ def _own_divergences(
     failing: list[tuple[onnx.NodeProto, BoundaryCheck]],
     expected: Mapping[str, np.ndarray],
     policy: TolerancePolicy,
+    against: str = "the ONNX reference evaluator",
 ) -> dict[str, str]:
     """Of the failing node outputs, those the node itself makes → how that is known: the node, run alone on the
     failing runtime from the reference evaluator's values of its data inputs (``dependent`` values; those computed
@@ -436,7 +482,7 @@ def _own_divergences(
             elif not _node_check(
                 _node_boundary(check.onnx_value, node), expected[check.onnx_value], alone, policy
             ).passed:
-                own[check.onnx_value] = "from the evaluator's own inputs it computes the same difference"
+                own[check.onnx_value] = f"from {against}'s own inputs it computes the same difference"
 
     try:
         judge(isolable)

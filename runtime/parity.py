@@ -54,19 +54,21 @@ from runtime.compare import (
     nonfinite_count,
 )
 from runtime.errors import BKNError, BKNInputError, RuntimeLimitationError, RuntimeLoadError
-from runtime.localize import Localisation, NoiseFloors, localise, noise_floors
+from runtime.localize import Localisation, NodeOracle, NoiseFloors, evaluator_oracle, localise, noise_floors
 from runtime.model_io import (
     TensorSpec,
     check_custom_ops,
     check_feeds,
     declared_mode,
     detect_mode,
+    example_shapes,
     load_onnx,
     onnxruntime_ops,
     random_inputs,
     renamed_op_note,
     returned_output_order,
     tensor_specs,
+    unsized_dims_note,
 )
 from runtime.precision import computed_precision, graphs, value_types
 from runtime.registry import RuntimeEntry, discover, select
@@ -276,7 +278,8 @@ def run_parity(
 
     inputs: arrays keyed by ONNX input name, a sequence in graph-input order, a sequence of
     such dicts (several input sets: iterations, shapes; see :func:`runtime.model_io.input_sets`),
-    or None for seeded standard-normal inputs (named dims: batch 2). seed: of the random
+    or None for seeded standard-normal inputs (named dims: batch 2, others the export example's size that the file
+    records, else 1: :func:`runtime.model_io.default_shape`). seed: of the random
     inputs (reported; give None when the inputs were loaded, not made). mode: "inference"
     (eval forward) or "training" (BKN layers in train mode, every other module in eval,
     on a copy: what the training export computes); None detects it from the graph.
@@ -332,7 +335,11 @@ def run_parity(
     if inputs is None:
         if reference_outputs is not None:
             raise BKNInputError("saved reference outputs need the inputs they were computed from (--load-inputs)")
-        inputs = random_inputs([s for s in input_specs if s.name not in model_statistics], seed=seed or 0)
+        inputs = random_inputs(
+            [s for s in input_specs if s.name not in model_statistics],
+            seed=seed or 0,
+            examples=example_shapes(onnx_model),
+        )
     given = _as_feeds(inputs, input_specs, optional=set(model_statistics))
     feeds = [check_feeds(input_specs, {**model_statistics, **feed}) for feed in given]
     _check_libraries(custom_op_libraries, "custom-op library")
@@ -343,6 +350,9 @@ def run_parity(
     onnx_outputs = [s.name for s in output_specs]
     returned_order, order_note = returned_output_order(onnx_model)
     notes: list[str] = []
+    unsized = unsized_dims_note(input_specs, feeds)
+    if unsized is not None:
+        notes.append(unsized)
     renamed = renamed_op_note(onnx_model)
     if renamed is not None:
         notes.append(renamed)
@@ -382,7 +392,7 @@ def run_parity(
         reference_backend.output_names = returned_order
         reference_backend.file_outputs = frozenset(known_outputs)
         reference_backend.file_layers = op_node_layers(onnx_model)
-        references = [_reference_run(reference_backend, feed, path) for feed in feeds]
+        references = [_reference_run(reference_backend, feed, path, unsized) for feed in feeds]
         notes.extend(reference_backend.notes)
         if order_note is not None:
             notes.append(order_note)
@@ -467,6 +477,11 @@ def run_parity(
             entry, path, feeds, references, policy, half, progress, index, total, ort_only
         )  # fmt: skip
         report.notes.extend(f"{entry.name}: {note}" for note in failure_notes)
+        if progress:
+            progress("done", entry.name, index, total)
+        report.runtimes.append(result)
+    # Failures are localised once every runtime has run: the node-by-node method needs to know which runtimes agreed.
+    for index, (entry, result) in enumerate(zip(chosen, report.runtimes)):
         if result.status in (Status.FAILED, Status.ERROR) and entry.make is not None:
             failing = [c.output for c in result.outputs if not c.passed]
             feed = feeds[result.failing_iteration or 0]
@@ -477,6 +492,7 @@ def run_parity(
                 result.localisation = _localise(
                     onnx_model, entry, feed, references[result.failing_iteration or 0], reference_backend,
                     failing, policy, localise_method, captured, result.failing_iteration or 0,
+                    _node_oracle(entry, chosen, report.runtimes),
                 )  # fmt: skip
             if repro_dir is not None and result.outputs:
                 from runtime.repro import write_repro
@@ -490,9 +506,6 @@ def run_parity(
                 except OSError as error:  # the bundle is extra: its failure must not hide the verdict it explains
                     note = f"repro bundle for {entry.name} not written to {bundle}: {error}"
                 report.notes.append(note)
-        if progress:
-            progress("done", entry.name, index, total)
-        report.runtimes.append(result)
     exact = sorted(
         {
             c.output
@@ -636,10 +649,11 @@ def _with_noise_floors(policy: TolerancePolicy, run: _MeasuredRun) -> tuple[Tole
     return replace(policy, floors=floors), notes
 
 
-def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path) -> Feed:
+def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path, unsized: str | None = None) -> Feed:
     """The PyTorch model's outputs on ``feed``; a model that cannot take the ONNX file's inputs is bad input.
 
-    Raises BKNInputError naming the file, the input shapes and PyTorch's own (first) line.
+    Raises BKNInputError naming the file, the input shapes and PyTorch's own (first) line; where symbolic dims ran
+    at size 1 (``unsized``: :func:`runtime.model_io.unsized_dims_note`), it says to give the shapes instead.
     """
     try:
         return backend.run(feed)
@@ -650,7 +664,13 @@ def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path) -> Feed:
         first = (str(error).strip().splitlines() or [""])[0]
         raise BKNInputError(
             f"the PyTorch model does not run on the inputs of {path} ({shapes}): {type(error).__name__}: {first}; "
-            "pass the model (or factory arguments) that was exported to this file"
+            + (
+                "the file's symbolic dims ran at size 1 (it records no example shape): give the shapes the model "
+                "runs at (--input-shape, or inputs=...), or pass the model (or factory arguments) that was exported "
+                "to this file"
+                if unsized is not None
+                else "pass the model (or factory arguments) that was exported to this file"
+            )
         ) from error
 
 
@@ -831,9 +851,11 @@ def _localise(
     method: str,
     captured: dict[int, tuple[ModuleCapture, NoiseFloors | str]],
     iteration: int,
+    node_oracle: NodeOracle | None = None,
 ) -> Localisation:
     """Localise ``entry``'s failure on input set ``iteration`` (``feed``). The reference's module capture and noise
-    floors on that set are computed once and kept in ``captured`` for the other failing runtimes."""
+    floors on that set are computed once and kept in ``captured`` for the other failing runtimes. node_oracle: what
+    a node-by-node localisation compares with (:func:`_node_oracle`)."""
     assert entry.make is not None
     capture: ModuleCapture | None = None
     floors: NoiseFloors | str | None = None
@@ -843,8 +865,37 @@ def _localise(
             captured[iteration] = found, _module_noise_floors(reference_backend, feed, found)
         capture, floors = captured[iteration]
     return localise(
-        onnx_model, entry.make, entry.name, feed, reference, capture, failing, policy, method, floors=floors
+        onnx_model, entry.make, entry.name, feed, reference, capture, failing, policy, method, floors=floors,
+        node_oracle=node_oracle,
     )  # fmt: skip
+
+
+def _node_oracle(failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results: Sequence[RuntimeResult]) -> NodeOracle:
+    """What a node-by-node localisation of ``failing`` compares with: the ONNX reference evaluator, unless it ran in
+    this run and differed from the reference too (its own kernels can be wrong: onnx 1.23's opset-9
+    BatchNormalization and Softmax); then the first other runtime that agreed with the reference, or none (the
+    localisation then says why, rather than blame correct nodes for the evaluator's errors)."""
+    evaluator = next((r for e, r in zip(chosen, results) if e.name == "reference"), None)
+    if evaluator is None or evaluator.status == Status.PASSED:
+        return evaluator_oracle()
+    agreeing = [
+        entry
+        for entry, result in zip(chosen, results)
+        if result.status == Status.PASSED and entry.make is not None and entry is not failing
+    ]
+    if agreeing:
+        return NodeOracle(
+            agreeing[0].make,
+            agreeing[0].name,
+            "which agreed with the reference in this run; the ONNX reference evaluator did not, so it is no oracle "
+            "here",
+        )
+    return NodeOracle(
+        None,
+        "",
+        "the ONNX reference evaluator differs from the reference in this run too, and no runtime agreed with it: "
+        "nothing trustworthy to compare node outputs with",
+    )
 
 
 def _module_noise_floors(backend: TorchEagerBackend, feed: Feed, capture: ModuleCapture) -> NoiseFloors | str:

@@ -265,3 +265,11 @@ def test_a_cosine_just_below_the_minimum_is_not_printed_as_rounded_to_it() -> No
     assert not result.passed
     assert f"{result.cosine_similarity!r} < 0.9999999999" in result.message
     assert "1.000000" not in result.message
+
+
+def test_the_cosine_of_identical_tensors_is_at_most_1() -> None:
+    """Rounding in the norms put this pair's cosine at 1.0000000000000002 (a report showed 1.0000000000000004)."""
+    reference = np.random.default_rng(5).standard_normal(1000)
+    result = compare_output("y", reference, reference.copy(), Tolerance(0.0, 0.0))
+    assert result.cosine_similarity == 1.0
+    assert compare_output("y", reference, -reference, Tolerance(0.0, 0.0)).cosine_similarity >= -1.0

@@ -136,3 +136,60 @@ def test_a_float64_network_keeps_float64_tolerances(tmp_path: Path) -> None:
     assert result.outputs[0].passed
     assert result.outputs[0].tolerance_source.startswith("float64 defaults")
     assert np.isfinite(result.outputs[0].max_abs_error)
+
+
+def test_a_float16_mask_that_only_picks_a_branch_is_not_named() -> None:
+    """A comparison's bool carries no rounding of the float16 values it compared (cold QA, 2026-12-07): the output is
+    computed in float32 and judged so (before: at float16 tolerances, and a file 800x its real error off passed)."""
+    model = _graph(
+        helper.make_node("Neg", ["x"], ["n"]),
+        helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Relu", ["h"], ["r"]),  # a float16 computation, then only compared
+        helper.make_node("Less", ["r", "zero"], ["mask"]),
+        helper.make_node("Where", ["mask", "n", "x"], ["y"]),
+        input_type=TensorProto.FLOAT,
+        output_type=TensorProto.FLOAT,
+    )
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(2, np.float16), "zero"))
+    assert computed_precision(model) == {}
+    # an index (ArgMax of a float16 value) that gathers float32 values is a decision too
+    model = _graph(
+        helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Sigmoid", ["h"], ["s"]),
+        helper.make_node("ArgMax", ["s"], ["i"], keepdims=1),
+        helper.make_node("Gather", ["x", "i"], ["y"]),
+        input_type=TensorProto.FLOAT,
+        output_type=TensorProto.FLOAT,
+    )
+    assert computed_precision(model) == {}
+
+
+class _HalfMask(nn.Module):
+    """float32 values, a float16 mask picking between them (a mixed-precision idiom)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return torch.where(x.half() < 0, -h, h)
+
+
+def test_a_tampered_file_with_a_float16_mask_fails(tmp_path: Path) -> None:
+    model = _HalfMask().eval()
+    x = torch.randn(8, 64)
+    path = tmp_path / "mask.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+    assert run_parity(model, path, [x.numpy()], runtimes="ort:cpu:all").passed
+    proto = onnx.load(str(path))
+    for tensor in proto.graph.initializer:
+        if tensor.name.endswith("weight"):  # 2e-4 relative: about 800x the file's own float32 error
+            scaled = onnx.numpy_helper.to_array(tensor) * np.float32(1 + 2e-4)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(scaled, tensor.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(tampered))
+    report = run_parity(model, tampered, [x.numpy()], runtimes="ort:cpu:all")
+    assert not report.passed
+    assert not any("narrower float type" in note for note in report.notes)

@@ -272,3 +272,24 @@ def test_outputs_are_named_by_the_graph_not_by_a_folded_producer(tmp_path: Path)
     assert set(result) == {"y", "z"}
     np.testing.assert_array_equal(result["y"], np.maximum(data, 0))
     np.testing.assert_array_equal(result["z"], np.maximum(data, 0))
+
+
+def test_a_scalar_input_keeps_its_rank(tmp_path: Path) -> None:
+    """A rank-0 input (a CumSum axis, a Loop trip count, a OneHot depth) was fed as shape (1,) (np.ascontiguousarray
+    makes a 0-d array 1-d), which OpenVINO refuses: a file that every runtime computes right was reported as one
+    OpenVINO cannot run, exit 1 (cold QA on ONNX's backend test models, 2026-12-07)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    axis = helper.make_tensor_value_info("axis", TensorProto.INT32, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("CumSum", ["x", "axis"], ["y"])], "g", [x, axis], [y]),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+    )
+    model.ir_version = 9
+    path = tmp_path / "cumsum.onnx"
+    onnx.save(model, path)
+    backend = OpenVINOBackend()
+    backend.load(str(path))
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    result = backend.run({"x": data, "axis": np.array(1, dtype=np.int32)})
+    np.testing.assert_array_equal(result["y"], np.cumsum(data, axis=1))

@@ -162,7 +162,8 @@ class OpenVINOBackend(Backend):
         import openvino as ov
 
         request = self._compiled.create_infer_request()
-        results = request.infer({name: np.ascontiguousarray(array) for name, array in inputs.items()})
+        # C order, rank kept: np.ascontiguousarray makes a scalar (0-d) input (1,), which OpenVINO refuses.
+        results = request.infer({name: np.require(array, requirements="C") for name, array in inputs.items()})
         outputs: dict[str, np.ndarray] = {}
         for port, value in results.items():
             array = np.array(value, copy=True)

@@ -281,7 +281,8 @@ class TensorRTBackend(Backend):
                 f"(missing {missing}, unknown {unknown})"
             )
         try:
-            outputs = self._runner.infer({name: np.ascontiguousarray(array) for name, array in inputs.items()})
+            # C order, rank kept (np.ascontiguousarray makes a 0-d input (1,)).
+            outputs = self._runner.infer({name: np.require(array, requirements="C") for name, array in inputs.items()})
         except Exception as error:
             raise RuntimeExecutionError(
                 f"TensorRT engine for {self._model_path} failed to run: {error} (shapes outside the profile "

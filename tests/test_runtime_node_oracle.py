@@ -1,0 +1,123 @@
+"""Node-by-node localisation does not trust the ONNX reference evaluator where it failed in the same run.
+
+Cold QA on ONNX's backend test models (2026-12-07): onnx 1.23's reference evaluator computes an opset-9
+BatchNormalization with batch statistics. With saved outputs one element off (a wrong reference file), ONNX Runtime
+correctly failed, but its correct BatchNormalization was blamed ("from the evaluator's own inputs it computes the same
+difference"), and the repro bundle "confirmed" that non-bug. The evaluator's own failure was never localised, though
+ONNX Runtime agreed with the reference in that run. Now an evaluator that failed in the run is no oracle: a runtime
+that agreed is one, or the failure is not localised, with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.backends.reference import ReferenceEvaluatorBackend
+from runtime.parity import run_parity
+
+_C = 4
+
+
+def _conv_bn9(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+    """Conv -> BatchNormalization (opset 9, inference) -> Relu, its input, and its output computed in float64."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((_C, 3, 3, 3)).astype(np.float32)
+    scale, bias = rng.uniform(0.5, 2, _C).astype(np.float32), rng.standard_normal(_C).astype(np.float32)
+    mean, variance = rng.standard_normal(_C).astype(np.float32), rng.uniform(0.5, 3, _C).astype(np.float32)
+    arrays = [(weight, "W"), (scale, "scale"), (bias, "bias"), (mean, "mean"), (variance, "var")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"], epsilon=1e-5, name="bn"),
+        helper.make_node("Relu", ["b"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, _C, 6, 6])],
+        [numpy_helper.from_array(a, n) for a, n in arrays],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    path = tmp_path / "conv_bn9.onnx"
+    onnx.save(model, path)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = np.zeros((2, _C, 6, 6))
+    for i in range(6):
+        for j in range(6):
+            conv[:, :, i, j] = np.einsum("nckl,ockl->no", padded[:, :, i : i + 3, j : j + 3], weight.astype(np.float64))
+    per_channel = [a.reshape(1, -1, 1, 1).astype(np.float64) for a in (mean, variance, scale, bias)]
+    y = np.maximum((conv - per_channel[0]) / np.sqrt(per_channel[1] + 1e-5) * per_channel[2] + per_channel[3], 0)
+    return path, {"x": x}, y.astype(np.float32)
+
+
+def _evaluator_is_wrong(path: Path, inputs: dict[str, np.ndarray], expected: np.ndarray) -> bool:
+    backend = ReferenceEvaluatorBackend()
+    backend.load(str(path))
+    return not np.allclose(backend.run(inputs)["y"], expected, atol=1e-3)
+
+
+@pytest.fixture
+def conv_bn9(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+    path, inputs, expected = _conv_bn9(tmp_path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, inputs)[0], expected, rtol=1e-4, atol=1e-5)  # ONNX Runtime is right
+    if not _evaluator_is_wrong(path, inputs, expected):
+        pytest.skip("this onnx's reference evaluator computes opset-9 BatchNormalization right: no wrong oracle here")
+    return path, inputs, expected
+
+
+def test_the_evaluators_own_failure_is_localised_against_a_runtime_that_agreed(
+    conv_bn9: tuple[Path, dict[str, np.ndarray], np.ndarray],
+) -> None:
+    path, inputs, expected = conv_bn9
+    report = run_parity(
+        None, path, [inputs], runtimes="ort:cpu:all,reference", reference_outputs=[{"y": expected}], seed=None
+    )
+    statuses = {r.runtime: r.status for r in report.runtimes}
+    assert statuses == {"ort:cpu:all": "passed", "reference": "failed"}
+    localisation = next(r for r in report.runtimes if r.runtime == "reference").localisation
+    assert localisation is not None and localisation.status == "localised"
+    assert localisation.first is not None and localisation.first.onnx_node == "bn"
+    assert "against ort:cpu:all (which agreed with the reference in this run" in localisation.message
+
+
+def test_a_wrong_reference_file_blames_no_node_when_the_evaluator_failed_too(
+    conv_bn9: tuple[Path, dict[str, np.ndarray], np.ndarray],
+) -> None:
+    path, inputs, expected = conv_bn9
+    wrong = expected.copy()
+    wrong[0, 0, 0, 0] += 1e-3  # the saved reference is off; every runtime computes the file right
+    report = run_parity(
+        None, path, [inputs], runtimes="ort:cpu:all,reference", reference_outputs=[{"y": wrong}], seed=None
+    )
+    assert {r.runtime: r.status for r in report.runtimes} == {"ort:cpu:all": "failed", "reference": "failed"}
+    for result in report.runtimes:
+        assert result.localisation is not None
+        assert result.localisation.status == "not_localised", result.localisation.message
+        assert "nothing trustworthy to compare node outputs with" in result.localisation.message
+
+
+def test_an_evaluator_that_agreed_stays_the_oracle(tmp_path: Path) -> None:
+    """Where the evaluator did not run in the parity run (nothing says it is wrong), it stays the oracle."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, path)
+    data = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    wrong = np.maximum(data, 0)
+    wrong[0, 0] += 1.0
+    report = run_parity(None, path, [{"x": data}], runtimes="ort:cpu:all", reference_outputs=[{"y": wrong}], seed=None)
+    (result,) = report.runtimes
+    assert result.localisation is not None
+    assert "the ONNX reference evaluator" in result.localisation.message
+    assert "no oracle" not in result.localisation.message
