@@ -94,6 +94,26 @@ class BoundaryCheck:
         return " + ".join(self.modules) if len(self.modules) > 1 else self.module
 
 
+@dataclass(frozen=True)
+class NodeOracle:
+    """What the node-by-node method compares a failing runtime's node outputs with.
+
+    make: a backend of the oracle (None: no trustworthy oracle, ``why`` says why); name: how messages name it;
+    why: said once in the message, after the oracle's name, where it is not the default.
+    """
+
+    make: Callable[[], Backend] | None
+    name: str
+    why: str = ""
+
+
+def evaluator_oracle() -> NodeOracle:
+    """The default oracle: the ONNX reference evaluator (ONNX's semantics)."""
+    from runtime.backends.reference import ReferenceEvaluatorBackend
+
+    return NodeOracle(ReferenceEvaluatorBackend, "the ONNX reference evaluator")
+
+
 @dataclass
 class Localisation:
     """Where a failing runtime first diverges from PyTorch.
@@ -123,6 +143,9 @@ class Localisation:
     checks: list[BoundaryCheck] = field(default_factory=list)
     prefix_runs: int = 0
     message: str = ""
+    #: What a node-by-node localisation compared with, where not the ONNX reference evaluator: a repro bundle takes
+    #: its sub-model's inputs and expected values from it too. Not reported (the message names it).
+    oracle: NodeOracle | None = field(default=None, repr=False, compare=False)
 
     @property
     def first_module(self) -> str | None:
@@ -244,26 +267,6 @@ def _node_check(boundary: Boundary, oracle: np.ndarray, actual: np.ndarray, poli
             oracle = np.where(both, 0, oracle).astype(oracle.dtype)
             actual = np.where(both, 0, actual).astype(actual.dtype)
     return _check(boundary, oracle, actual, policy)
-
-
-@dataclass(frozen=True)
-class NodeOracle:
-    """What the node-by-node method compares a failing runtime's node outputs with.
-
-    make: a backend of the oracle (None: no trustworthy oracle, ``why`` says why); name: how messages name it;
-    why: said once in the message, after the oracle's name, where it is not the default.
-    """
-
-    make: Callable[[], Backend] | None
-    name: str
-    why: str = ""
-
-
-def evaluator_oracle() -> NodeOracle:
-    """The default oracle: the ONNX reference evaluator (ONNX's semantics)."""
-    from runtime.backends.reference import ReferenceEvaluatorBackend
-
-    return NodeOracle(ReferenceEvaluatorBackend, "the ONNX reference evaluator")
 
 
 class _Runner:
@@ -393,7 +396,7 @@ def _localise_nodes(
     stated = f"{against} ({node_oracle.why})" if node_oracle.why else against
     dependent = _input_dependent(model)
     values = _node_values(model, dependent)
-    result = Localisation(runtime, "not_localised", method="nodes")
+    result = Localisation(runtime, "not_localised", method="nodes", oracle=node_oracle)
     previous: BoundaryCheck | None = None
     inherited = 0  # node outputs that differ only by what their inputs carried
     for start in range(0, len(values), NODE_CHUNK):
@@ -437,10 +440,15 @@ def _localise_nodes(
     return result
 
 
+def _oracle_word(against: str) -> str:
+    """How a message refers back to the oracle: "the evaluator" for the default one, else its name."""
+    return "the evaluator" if against == evaluator_oracle().name else against
+
+
 def _inherited_note(count: int, where: str = "", against: str = "the ONNX reference evaluator") -> str:
     if not count:
         return ""
-    oracle = "the evaluator" if against == "the ONNX reference evaluator" else against
+    oracle = _oracle_word(against)
     return (
         f"; {count} node output(s){where} differ beyond tolerance only by what their inputs carried (fed "
         f"{oracle}'s inputs, each computes {oracle}'s value): rounding accumulated upstream"
@@ -463,6 +471,7 @@ def _own_divergences(
     output. One that agrees there only inherits its inputs' difference (float32 rounding accumulated through the
     layers before it, which each runtime sums in its own order) and is left out. A node with a subgraph (If, Loop,
     Scan), or one whose isolated run fails, is kept, and its reason says it was not run alone."""
+    source = _oracle_word(against)
     own = {check.onnx_value: "not run alone: it holds a subgraph" for node, check in failing if _has_subgraph(node)}
     isolable = [(node, check) for node, check in failing if not _has_subgraph(node)]
     if not isolable:
@@ -482,7 +491,7 @@ def _own_divergences(
             elif not _node_check(
                 _node_boundary(check.onnx_value, node), expected[check.onnx_value], alone, policy
             ).passed:
-                own[check.onnx_value] = f"from {against}'s own inputs it computes the same difference"
+                own[check.onnx_value] = f"from {source}'s own inputs it computes the same difference"
 
     try:
         judge(isolable)

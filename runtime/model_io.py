@@ -13,6 +13,7 @@ Reading a file, describing a graph input and checking user inputs are
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "default_shape",
     "detect_mode",
     "example_shapes",
+    "given_symbols",
     "input_sets",
     "is_onnxruntime_domain",
     "load_onnx",
@@ -213,22 +215,51 @@ def example_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return {
         name: tuple(dims)
         for name, dims in recorded.items()
-        if isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+        if isinstance(dims, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)
+        and math.prod(dims) <= MAX_RANDOM_ELEMENTS  # an edited entry: not a size to generate unasked
     }
 
 
-def default_shape(spec: TensorSpec, batch: int = 2, example: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The shape random inputs take for ``spec`` where none is given: its fixed dims; a symbolic dim 0 ``batch``;
-    another symbolic dim the export example's size where ``example`` (the shape recorded at export) has the
+def default_shape(
+    spec: TensorSpec,
+    batch: int = 2,
+    example: Sequence[int] | None = None,
+    symbols: Mapping[str, int] | None = None,
+) -> tuple[int, ...]:
+    """The shape random inputs take for ``spec`` where none is given: its fixed dims; a named symbolic dim the size
+    ``symbols`` gives that name (another input's given shape: the file says the two dims are one); else a symbolic
+    dim 0 ``batch``, another the export example's size where ``example`` (the shape recorded at export) has the
     input's rank and agrees on its fixed dims, else 1."""
     usable = example is not None and len(example) == len(spec.shape)
     if usable:
         assert example is not None
         usable = all(not isinstance(d, int) or d == e for d, e in zip(spec.shape, example))
-    return tuple(
-        d if isinstance(d, int) else batch if i == 0 else (int(example[i]) if usable and example else 1)
-        for i, d in enumerate(spec.shape)
-    )
+    known = symbols or {}
+
+    def size(i: int, d: int | str) -> int:
+        if isinstance(d, int):
+            return d
+        if d != "?" and d in known:
+            return known[d]
+        if i == 0:
+            return batch
+        return int(example[i]) if usable and example else 1
+
+    return tuple(size(i, d) for i, d in enumerate(spec.shape))
+
+
+def given_symbols(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]] | None) -> dict[str, int]:
+    """Named symbolic dims (``dim_param``) → the size a given shape puts there (the first input that names it)."""
+    symbols: dict[str, int] = {}
+    for spec in specs:
+        given = (shapes or {}).get(spec.name)
+        if given is None or len(given) != len(spec.shape):
+            continue
+        for d, value in zip(spec.shape, given):
+            if isinstance(d, str) and d != "?":
+                symbols.setdefault(d, int(value))
+    return symbols
 
 
 def unsized_dims_note(specs: Sequence[TensorSpec], feeds: Sequence[Mapping[str, np.ndarray]]) -> str | None:
@@ -246,9 +277,8 @@ def unsized_dims_note(specs: Sequence[TensorSpec], feeds: Sequence[Mapping[str, 
     if not shown:
         return None
     return (
-        f"input(s) {', '.join(shown)} were checked only at size 1 in symbolic dims (the default where the file "
-        "records no example shape): a network that pools or strides computes little there; check the size you "
-        "deploy with --input-shape / --shape-set (inputs=...)"
+        f"input(s) {', '.join(shown)} were checked only at size 1 in symbolic dims: a network that pools or strides "
+        "computes little there; check the size you deploy with --input-shape / --shape-set (inputs=...)"
     )
 
 
@@ -261,7 +291,8 @@ def random_inputs(
     examples: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs in each input's ONNX dtype, of the shapes ``shapes`` gives, else :func:`default_shape` (named
-    dims: ``batch`` for dim 0, the export example's size from ``examples`` (:func:`example_shapes`) or 1 for others).
+    dims: a size ``shapes`` gives the same dim name in another input, else ``batch`` for dim 0, the export
+    example's size from ``examples`` (:func:`example_shapes`) or 1 for others).
 
     Floating inputs are standard normal, or uniform in [lo, hi) where ``val_range`` gives a
     range for the input's name (or for None: every input); integer inputs are uniform in
@@ -272,11 +303,12 @@ def random_inputs(
     rng = np.random.default_rng(seed)
     ranges = dict(val_range or {})
     arrays: dict[str, np.ndarray] = {}
+    symbols = given_symbols(specs, shapes)
     for spec in specs:
         if shapes and spec.name in shapes:
             shape = tuple(int(d) for d in shapes[spec.name])
         else:
-            shape = default_shape(spec, batch, (examples or {}).get(spec.name))
+            shape = default_shape(spec, batch, (examples or {}).get(spec.name), symbols)
         limits = ranges.get(spec.name, ranges.get(None))
         _check_size(spec, shape)
         if spec.dtype in ("float32", "float64", "float16", "bfloat16"):

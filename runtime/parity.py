@@ -665,9 +665,8 @@ def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path, unsized: 
         raise BKNInputError(
             f"the PyTorch model does not run on the inputs of {path} ({shapes}): {type(error).__name__}: {first}; "
             + (
-                "the file's symbolic dims ran at size 1 (it records no example shape): give the shapes the model "
-                "runs at (--input-shape, or inputs=...), or pass the model (or factory arguments) that was exported "
-                "to this file"
+                "the file's symbolic dims ran at size 1 here: give the shapes the model runs at (--input-shape, or "
+                "inputs=...), or pass the model (or factory arguments) that was exported to this file"
                 if unsized is not None
                 else "pass the model (or factory arguments) that was exported to this file"
             )
@@ -890,12 +889,15 @@ def _node_oracle(failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results:
             "which agreed with the reference in this run; the ONNX reference evaluator did not, so it is no oracle "
             "here",
         )
-    return NodeOracle(
-        None,
-        "",
-        "the ONNX reference evaluator differs from the reference in this run too, and no runtime agreed with it: "
-        "nothing trustworthy to compare node outputs with",
-    )
+    if failing.name == "reference":
+        why = "the failing runtime is the ONNX reference evaluator itself, and no other runtime agreed with the " + (
+            "reference"
+        )
+    elif evaluator.status == Status.FAILED:
+        why = "the ONNX reference evaluator differs from the reference in this run too, and no runtime agreed with it"
+    else:
+        why = f"the ONNX reference evaluator was {evaluator.status.value} in this run, and no runtime agreed with it"
+    return NodeOracle(None, "", f"{why}: nothing trustworthy to compare node outputs with")
 
 
 def _module_noise_floors(backend: TorchEagerBackend, feed: Feed, capture: ModuleCapture) -> NoiseFloors | str:

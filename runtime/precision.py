@@ -12,7 +12,10 @@ Only computed values count: a graph input or an initializer of a narrower type, 
 bits in every runtime and adds no rounding difference by being cast up. Types come from the graph's own
 declarations (inputs, outputs, initializers, ``value_info``) completed by ONNX shape inference where it
 runs; a value of unknown type counts as nothing. Nodes inside subgraphs (``If`` / ``Loop`` bodies) and function
-bodies are not looked into: their outputs in the main graph are.
+bodies are not looked into: their outputs in the main graph are, and the main-graph values a subgraph reads are on
+its node's path. The walk stops at a value of a non-float type (a comparison's bool, an index, a shape, a float
+cast to an integer): a rounding difference upstream of it shows as a discrete jump (a flipped mask, an index or an
+integer one off), which no float tolerance absorbs, so it does not make the output a narrower type's result.
 """
 
 from __future__ import annotations
@@ -126,6 +129,24 @@ def _computed_ancestors(
         if element is not None and element not in _NAMES and element != onnx.TensorProto.UNDEFINED:
             continue
         pending.extend(n for n in node.input if n)
+        pending.extend(_outer_reads(node))
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node's subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies, nested) read without defining them:
+    values of the enclosing graphs, which the node's outputs depend on as on its inputs."""
+    read: set[str] = set()
+    defined: set[str] = set()
+    for attribute in node.attribute:
+        subgraphs = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+        for subgraph in subgraphs:
+            for graph in graphs(subgraph):
+                defined.update(value.name for value in graph.input)
+                defined.update(initializer.name for initializer in graph.initializer)
+                for inner in graph.node:
+                    read.update(name for name in inner.input if name)
+                    defined.update(name for name in inner.output if name)
+    return read - defined
 
 
 def _narrowest(names: Iterable[str | None]) -> str | None:

@@ -11,7 +11,9 @@ sub-folder per failing runtime)::
                     they come from: for a sub-model PyTorch's tensor at that value where the
                     localisation matched one (runner ``pytorch``: the module's output, or the input
                     it found diverging: what the file should compute), else the ONNX reference
-                    evaluator's (runner ``onnx-reference-evaluator``: ONNX's own semantics); for
+                    evaluator's (runner ``onnx-reference-evaluator``: ONNX's own semantics), or, where
+                    the evaluator failed in the run, the agreeing runtime's the localisation compared
+                    with (runner: its name; its values of the sub-model's inputs too); for
                     the whole model the run's reference (runner ``expected``: PyTorch's outputs or
                     the saved ones the run loaded)
     README.txt      what failed and the commands that re-check it (``bkn parity`` and ``polygraphy run``)
@@ -32,6 +34,7 @@ import onnx
 
 from runtime._bkn import create_directories, save_onnx, write_text_atomic
 from runtime.compare import TolerancePolicy
+from runtime.localize import NodeOracle, evaluator_oracle
 
 __all__ = ["write_repro"]
 
@@ -57,12 +60,15 @@ def _sub_model(model: onnx.ModelProto, value: str, workdir: Path) -> tuple[onnx.
     return sub, inputs
 
 
-def _evaluate(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], workdir: Path, name: str) -> dict[str, Any]:
-    from runtime.backends.reference import ReferenceEvaluatorBackend
-
+def _evaluate(
+    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], workdir: Path, name: str, oracle: NodeOracle
+) -> dict[str, Any]:
+    """``model``'s outputs on ``feed`` computed by ``oracle`` (the ONNX reference evaluator, unless the localisation
+    took another: :class:`runtime.localize.NodeOracle`)."""
+    assert oracle.make is not None
     path = workdir / name
     save_onnx(model, path)
-    backend = ReferenceEvaluatorBackend()
+    backend = oracle.make()
     backend.load(str(path))
     return backend.run(dict(feed))
 
@@ -89,6 +95,9 @@ def write_repro(
     loc = result.localisation
     first_value = loc.first.onnx_value if loc is not None and loc.first is not None else None
     pytorch = loc is not None and loc.expected is not None and loc.expected_value is not None
+    oracle = loc.oracle if loc is not None and loc.oracle is not None and loc.oracle.make is not None else None
+    oracle = oracle or evaluator_oracle()
+    default_oracle = oracle.name == evaluator_oracle().name
     if pytorch:
         first_value = loc.expected_value
     with tempfile.TemporaryDirectory(prefix="bkn-repro-") as tmp:
@@ -96,7 +105,7 @@ def write_repro(
         cut = _sub_model(model, first_value, workdir) if first_value else None
         if cut is not None:
             sub, input_names = cut
-            values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx")
+            values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx", oracle)
             sub_feed = {name: values[name] if name in values else feed[name] for name in input_names}
             node = _node_of(model, str(first_value))
             assert node is not None  # _sub_model found it
@@ -104,9 +113,16 @@ def write_repro(
             if pytorch:
                 expected, runner = {str(first_value): loc.expected}, "pytorch"
                 scope += "; expected.json: PyTorch's tensor there (what the file should compute)"
-            else:
-                expected, runner = _evaluate(sub, sub_feed, workdir, "expected.onnx"), "onnx-reference-evaluator"
+            elif default_oracle:
+                expected = _evaluate(sub, sub_feed, workdir, "expected.onnx", oracle)
+                runner = "onnx-reference-evaluator"
                 scope += "; expected.json: the ONNX reference evaluator's output of that node (ONNX's semantics)"
+            else:  # the evaluator failed in the run: the runtime the localisation compared with
+                expected, runner = _evaluate(sub, sub_feed, workdir, "expected.onnx", oracle), oracle.name
+                scope += (
+                    f"; inputs.json / expected.json: {oracle.name}'s values there ({oracle.why}), as the "
+                    "localisation compared"
+                )
         else:
             sub = model
             sub_feed = dict(feed)

@@ -193,3 +193,26 @@ def test_a_tampered_file_with_a_float16_mask_fails(tmp_path: Path) -> None:
     report = run_parity(model, tampered, [x.numpy()], runtimes="ort:cpu:all")
     assert not report.passed
     assert not any("narrower float type" in note for note in report.notes)
+
+
+def test_float16_values_an_if_branch_reads_from_the_main_graph_are_on_its_path() -> None:
+    """The If's output is the branch's Cast of a float16 main-graph value: a float16 result. The walk reached it only
+    through the bool condition before the walk stopped at non-float values; now through what the branches read."""
+    to_float = helper.make_node("Cast", ["h"], ["then_out"], to=TensorProto.FLOAT)
+    negated = [
+        helper.make_node("Neg", ["h"], ["n"]),
+        helper.make_node("Cast", ["n"], ["else_out"], to=TensorProto.FLOAT),
+    ]
+    then_branch = helper.make_graph([to_float], "then", [], [helper.make_tensor_value_info("then_out", 1, [2])])
+    else_branch = helper.make_graph(negated, "else", [], [helper.make_tensor_value_info("else_out", 1, [2])])
+    model = _graph(
+        helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT16),
+        helper.make_node("Mul", ["c", "c"], ["h"]),  # computed in float16
+        helper.make_node("ReduceMax", ["h"], ["m"], keepdims=0),
+        helper.make_node("Greater", ["m", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch),
+        input_type=TensorProto.FLOAT,
+        output_type=TensorProto.FLOAT,
+    )
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float16), "zero"))
+    assert computed_precision(model) == {"y": "float16"}

@@ -29,6 +29,7 @@ from runtime.model_io import (
     TensorSpec,
     default_shape,
     example_shapes,
+    random_inputs,
     unsized_dims_note,
 )
 from runtime.parity import run_parity
@@ -123,7 +124,16 @@ def test_the_cli_takes_the_example_size_for_generated_input_sets(tmp_path: Path)
 
 @pytest.mark.parametrize(
     "text",
-    ["not json", "[1, 2]", '{"x": "2,1,8,8"}', '{"x": [2, -1, 8, 8]}', '{"x": [2, true, 8, 8]}', '{"x": [2.5]}'],
+    [
+        "not json",
+        "[1, 2]",
+        '{"x": "2,1,8,8"}',
+        '{"x": [2, -1, 8, 8]}',
+        '{"x": [2, true, 8, 8]}',
+        '{"x": [2.5]}',
+        '{"x": [2, 1, 0, 8]}',  # an empty example: the export refuses one, so an edited entry
+        '{"x": [2, 1, 100000, 100000]}',  # more than random inputs are made unasked
+    ],
 )
 def test_a_malformed_entry_records_no_example_shape(text: str) -> None:
     proto = onnx.ModelProto()
@@ -149,3 +159,19 @@ def test_the_note_names_only_symbolic_dims_held_at_1_in_every_set() -> None:
     )
     assert unsized_dims_note([spec], [{"x": np.zeros((1, 3, 4, 4), np.float32)}]) is None  # a batch of 1 is no concern
     assert unsized_dims_note([TensorSpec("x", "float32", (1, 3, 1, 1))], [one]) is None  # fixed dims are the file's
+
+
+def test_a_size_given_for_one_input_holds_for_every_dim_of_that_name() -> None:
+    """Two inputs sharing the file's symbols (x * mask): a shape given for x alone sets mask's dims of the same name
+    (before, mask took its recorded 8 x 8 against x's 16 x 16, and PyTorch failed with a hint to pass the model)."""
+    specs = [
+        TensorSpec("x", "float32", ("batch", 1, "height", "width")),
+        TensorSpec("mask", "float32", ("batch", 1, "height", "width")),
+        TensorSpec("other", "float32", ("batch", 3, "depth")),
+        TensorSpec("unnamed", "float32", ("?", "?")),
+    ]
+    examples = {"mask": (2, 1, 8, 8), "other": (2, 3, 5), "unnamed": (4, 6)}
+    made = random_inputs(specs, {"x": (4, 1, 16, 12)}, examples=examples)
+    assert made["mask"].shape == (4, 1, 16, 12)
+    assert made["other"].shape == (4, 3, 5)  # the batch is one symbol; its own dims keep the example's size
+    assert made["unnamed"].shape == (2, 6)  # dims without a name are not one symbol

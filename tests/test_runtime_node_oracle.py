@@ -10,6 +10,7 @@ that agreed is one, or the failure is not localised, with the reason.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,33 @@ def test_an_evaluator_that_agreed_stays_the_oracle(tmp_path: Path) -> None:
     assert result.localisation is not None
     assert "the ONNX reference evaluator" in result.localisation.message
     assert "no oracle" not in result.localisation.message
+
+
+def test_the_repro_bundle_takes_its_values_from_the_same_oracle(
+    conv_bn9: tuple[Path, dict[str, np.ndarray], np.ndarray], tmp_path: Path
+) -> None:
+    """The bundle of the evaluator's failure: the sub-model's inputs and expected values are the agreeing runtime's,
+    as the localisation compared (the evaluator's own were "ONNX's semantics" there, and it "did not reproduce")."""
+    path, inputs, expected = conv_bn9
+    bundles = tmp_path / "repro"
+    report = run_parity(
+        None, path, [inputs], runtimes="ort:cpu:all,reference", reference_outputs=[{"y": expected}], seed=None,
+        repro_dir=bundles,
+    )  # fmt: skip
+    assert report.runtimes[1].localisation is not None and report.runtimes[1].localisation.status == "localised"
+    readme = (bundles / "reference" / "README.txt").read_text()
+    assert "ort:cpu:all's values there" in readme and "reproduces the failure: yes" in readme
+    saved = json.loads((bundles / "reference" / "expected.json").read_text())
+    assert "ort:cpu:all" in json.dumps(saved)
+
+
+def test_the_message_names_why_there_is_no_oracle(
+    conv_bn9: tuple[Path, dict[str, np.ndarray], np.ndarray],
+) -> None:
+    path, inputs, expected = conv_bn9
+    wrong = expected.copy()
+    wrong[0, 0, 0, 0] += 1e-3
+    report = run_parity(None, path, [inputs], runtimes="reference", reference_outputs=[{"y": wrong}], seed=None)
+    (result,) = report.runtimes
+    assert result.localisation is not None
+    assert "the failing runtime is the ONNX reference evaluator itself" in result.localisation.message
