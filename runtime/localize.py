@@ -98,13 +98,16 @@ class BoundaryCheck:
 class NodeOracle:
     """What the node-by-node method compares a failing runtime's node outputs with.
 
-    make: a backend of the oracle (None: no trustworthy oracle, ``why`` says why); name: how messages name it;
-    why: said once in the message, after the oracle's name, where it is not the default.
+    make: a backend of the oracle (None: no oracle, ``why`` says why); name: how messages name it; why: said once
+    in the message, after the oracle's name, where it is not the default; trusted: False for an oracle that failed
+    against the reference in the run like every runtime: a node where it and the runtime differ is named as their
+    first disagreement, not as the runtime's divergence (either may be wrong there).
     """
 
     make: Callable[[], Backend] | None
     name: str
     why: str = ""
+    trusted: bool = True
 
 
 def evaluator_oracle() -> NodeOracle:
@@ -412,6 +415,14 @@ def _localise_nodes(
         own = _own_divergences(model, dependent, runner, oracle, failing, expected, policy, against) if failing else {}
         for node, check in checks:
             result.checks.append(check)
+            if not check.passed and check.onnx_value in own and not node_oracle.trusted:
+                result.prefix_runs = runner.count
+                result.message = (
+                    f"{runtime} and {stated} first disagree at ONNX node {node.name or '(unnamed)'} ({node.op_type}, "
+                    f"value {check.onnx_value!r}), max abs error {check.max_abs_error:.3g} "
+                    f"({own[check.onnx_value]}): which of the two is wrong there is not known"
+                )
+                return result
             if not check.passed and check.onnx_value in own:
                 result.status = "localised"
                 result.first = check

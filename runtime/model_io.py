@@ -54,6 +54,7 @@ __all__ = [
     "renamed_op_note",
     "returned_output_order",
     "running_statistics_inputs",
+    "symbol_conflicts_note",
     "tensor_specs",
     "unsized_dims_note",
 ]
@@ -282,6 +283,31 @@ def unsized_dims_note(specs: Sequence[TensorSpec], feeds: Sequence[Mapping[str, 
     )
 
 
+def symbol_conflicts_note(specs: Sequence[TensorSpec], feeds: Sequence[Mapping[str, np.ndarray]]) -> str | None:
+    """A note naming the dim names (``dim_param``) that two inputs give different sizes in one input set, or None: the
+    file says such dims are one, so a runtime may refuse the set or broadcast where the model would not."""
+    conflicts = []
+    for index, feed in enumerate(feeds):
+        sizes: dict[str, dict[int, str]] = {}
+        for spec in specs:
+            array = feed.get(spec.name)
+            if array is None or np.ndim(array) != len(spec.shape):
+                continue
+            for d, size in zip(spec.shape, np.shape(array)):
+                if isinstance(d, str) and d != "?":
+                    sizes.setdefault(d, {}).setdefault(int(size), spec.name)
+        for name, seen in sizes.items():
+            if len(seen) > 1:
+                given = ", ".join(f"{size} in {holder!r}" for size, holder in seen.items())
+                conflicts.append(f"{name!r} ({given}; input set {index})")
+    if not conflicts:
+        return None
+    return (
+        f"the file names these dims as one, but the inputs give them different sizes: {'; '.join(conflicts[:4])}"
+        f"{' ...' if len(conflicts) > 4 else ''}: a runtime may refuse them or broadcast where the model would not"
+    )
+
+
 def random_inputs(
     specs: Sequence[TensorSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
@@ -291,8 +317,9 @@ def random_inputs(
     examples: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs in each input's ONNX dtype, of the shapes ``shapes`` gives, else :func:`default_shape` (named
-    dims: a size ``shapes`` gives the same dim name in another input, else ``batch`` for dim 0, the export
-    example's size from ``examples`` (:func:`example_shapes`) or 1 for others).
+    dims: a size ``shapes`` gives the same dim name in another input, or an earlier input's default took for it,
+    else ``batch`` for dim 0, the export example's size from ``examples`` (:func:`example_shapes`) or 1 for
+    others).
 
     Floating inputs are standard normal, or uniform in [lo, hi) where ``val_range`` gives a
     range for the input's name (or for None: every input); integer inputs are uniform in
@@ -309,6 +336,9 @@ def random_inputs(
             shape = tuple(int(d) for d in shapes[spec.name])
         else:
             shape = default_shape(spec, batch, (examples or {}).get(spec.name), symbols)
+            for d, value in zip(spec.shape, shape):  # later inputs follow: one size per dim name in a set
+                if isinstance(d, str) and d != "?":
+                    symbols.setdefault(d, value)
         limits = ranges.get(spec.name, ranges.get(None))
         _check_size(spec, shape)
         if spec.dtype in ("float32", "float64", "float16", "bfloat16"):

@@ -67,6 +67,7 @@ from runtime.model_io import (
     random_inputs,
     renamed_op_note,
     returned_output_order,
+    symbol_conflicts_note,
     tensor_specs,
     unsized_dims_note,
 )
@@ -353,6 +354,9 @@ def run_parity(
     unsized = unsized_dims_note(input_specs, feeds)
     if unsized is not None:
         notes.append(unsized)
+    conflicting = symbol_conflicts_note(input_specs, feeds)
+    if conflicting is not None:
+        notes.append(conflicting)
     renamed = renamed_op_note(onnx_model)
     if renamed is not None:
         notes.append(renamed)
@@ -501,10 +505,10 @@ def run_parity(
                 try:
                     note = write_repro(
                         onnx_model, path, entry, feed, references[result.failing_iteration or 0], result, bundle,
-                        policy,
+                        policy, _bundle_oracle(entry, chosen, report.runtimes),
                     )  # fmt: skip
-                except OSError as error:  # the bundle is extra: its failure must not hide the verdict it explains
-                    note = f"repro bundle for {entry.name} not written to {bundle}: {error}"
+                except Exception as error:  # the bundle is extra: its failure must not hide the verdict it explains
+                    note = f"repro bundle for {entry.name} not written to {bundle}: {type(error).__name__}: {error}"
                 report.notes.append(note)
     exact = sorted(
         {
@@ -869,6 +873,20 @@ def _localise(
     )  # fmt: skip
 
 
+def _bundle_oracle(
+    failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results: Sequence[RuntimeResult]
+) -> NodeOracle:
+    """What computes a repro bundle's sub-model inputs where the localisation names no oracle (a module localisation
+    against PyTorch): :func:`_node_oracle`'s choice, else the evaluator where it ran the file (when every runtime
+    failed, the file itself may be what differs, and the evaluator computes what it holds), else none (the bundle
+    is the whole model)."""
+    oracle = _node_oracle(failing, chosen, results)
+    evaluator = next((r for e, r in zip(chosen, results) if e.name == "reference"), None)
+    if oracle.make is None and evaluator is not None and evaluator.status in (Status.PASSED, Status.FAILED):
+        return evaluator_oracle()
+    return oracle
+
+
 def _node_oracle(failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results: Sequence[RuntimeResult]) -> NodeOracle:
     """What a node-by-node localisation of ``failing`` compares with: the ONNX reference evaluator, unless it ran in
     this run and differed from the reference too (its own kernels can be wrong: onnx 1.23's opset-9
@@ -889,15 +907,27 @@ def _node_oracle(failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results:
             "which agreed with the reference in this run; the ONNX reference evaluator did not, so it is no oracle "
             "here",
         )
+    evaluator_state = {
+        Status.FAILED: "differs from the reference in this run too",
+        Status.ERROR: "could not run the file in this run",
+        Status.UNAVAILABLE: "is unavailable for this file",
+        Status.NOT_APPLICABLE: "was not run",
+    }[evaluator.status]
     if failing.name == "reference":
-        why = "the failing runtime is the ONNX reference evaluator itself, and no other runtime agreed with the " + (
-            "reference"
+        why = "the failing runtime is the ONNX reference evaluator itself"
+    elif evaluator.status == Status.FAILED:  # every runtime failed: the file (or the reference) may be what differs
+        return replace(
+            evaluator_oracle(),
+            why="which differs from the reference in this run too, as every runtime does",
+            trusted=False,
         )
-    elif evaluator.status == Status.FAILED:
-        why = "the ONNX reference evaluator differs from the reference in this run too, and no runtime agreed with it"
     else:
-        why = f"the ONNX reference evaluator was {evaluator.status.value} in this run, and no runtime agreed with it"
-    return NodeOracle(None, "", f"{why}: nothing trustworthy to compare node outputs with")
+        why = f"the ONNX reference evaluator {evaluator_state}"
+    return NodeOracle(
+        None,
+        "",
+        f"{why}, and no other runtime agreed with the reference: nothing trustworthy to compare node outputs with",
+    )
 
 
 def _module_noise_floors(backend: TorchEagerBackend, feed: Feed, capture: ModuleCapture) -> NoiseFloors | str:

@@ -125,28 +125,50 @@ def _computed_ancestors(
         if node is None or (node.op_type == "Constant" and node.domain in ("", "ai.onnx")):
             continue
         yield name
-        element = elements.get(name)
-        if element is not None and element not in _NAMES and element != onnx.TensorProto.UNDEFINED:
+        if not _carries_rounding(elements.get(name)):
             continue
         pending.extend(n for n in node.input if n)
-        pending.extend(_outer_reads(node))
+        pending.extend(_outer_reads(node, elements))
 
 
-def _outer_reads(node: onnx.NodeProto) -> set[str]:
-    """The names a node's subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies, nested) read without defining them:
-    values of the enclosing graphs, which the node's outputs depend on as on its inputs."""
-    read: set[str] = set()
-    defined: set[str] = set()
+def _outer_reads(node: onnx.NodeProto, elements: Mapping[str, int]) -> set[str]:
+    """The enclosing graphs' values that a node's subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies, nested)
+    carry into their outputs through float values: walked back from each subgraph's outputs by the main walk's rule
+    (stopping at a value of a non-float type), so a float16 value a body only compares does not count."""
+    found: set[str] = set()
     for attribute in node.attribute:
-        subgraphs = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
-        for subgraph in subgraphs:
-            for graph in graphs(subgraph):
-                defined.update(value.name for value in graph.input)
-                defined.update(initializer.name for initializer in graph.initializer)
-                for inner in graph.node:
-                    read.update(name for name in inner.input if name)
-                    defined.update(name for name in inner.output if name)
-    return read - defined
+        for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            found |= _reached_from_outside(subgraph, elements)
+    return found
+
+
+def _reached_from_outside(graph: onnx.GraphProto, elements: Mapping[str, int]) -> set[str]:
+    """The names ``graph`` reads without defining them that reach its outputs through float values."""
+    producer = {name: node for node in graph.node for name in node.output if name}
+    defined = set(producer) | {value.name for value in graph.input} | {t.name for t in graph.initializer}
+    outside: set[str] = set()
+    seen: set[str] = set()
+    pending = [value.name for value in graph.output]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is None:
+            if name not in defined:
+                outside.add(name)
+            continue
+        if not _carries_rounding(elements.get(name)):
+            continue
+        pending.extend(n for n in node.input if n)
+        pending.extend(_outer_reads(node, elements))
+    return outside
+
+
+def _carries_rounding(element: int | None) -> bool:
+    """Whether a value of this element type carries the rounding of what computed it: a float, or unknown."""
+    return element is None or element in _NAMES or element == onnx.TensorProto.UNDEFINED
 
 
 def _narrowest(names: Iterable[str | None]) -> str | None:

@@ -82,10 +82,14 @@ def write_repro(
     result: Any,
     directory: Path,
     policy: TolerancePolicy | None = None,
+    oracle: NodeOracle | None = None,
 ) -> str:
     """Write the bundle for one failing runtime (``entry``, ``result``) into ``directory``; returns a one-line note.
 
-    policy: the run's tolerances and criteria, by which the bundle is re-judged (default: the dtype defaults)."""
+    policy: the run's tolerances and criteria, by which the bundle is re-judged (default: the dtype defaults).
+    oracle: what computes a sub-model's inputs (and, without PyTorch's tensor, its expected values) where the
+    localisation names none: the run's choice (:func:`runtime.parity._node_oracle`: the evaluator unless it failed
+    in the run); default the evaluator. One that cannot compute them (``make`` None) gives a whole-model bundle."""
     from runtime import polygraphy_io
     from runtime.onnx_scopes import with_outputs
 
@@ -95,17 +99,19 @@ def write_repro(
     loc = result.localisation
     first_value = loc.first.onnx_value if loc is not None and loc.first is not None else None
     pytorch = loc is not None and loc.expected is not None and loc.expected_value is not None
-    oracle = loc.oracle if loc is not None and loc.oracle is not None and loc.oracle.make is not None else None
-    oracle = oracle or evaluator_oracle()
-    default_oracle = oracle.name == evaluator_oracle().name
+    chosen = loc.oracle if loc is not None and loc.oracle is not None else oracle
+    chosen = chosen or evaluator_oracle()
+    default_oracle = chosen.name == evaluator_oracle().name
     if pytorch:
         first_value = loc.expected_value
+    if chosen.make is None:  # nothing trustworthy computes a sub-model's inputs: the whole model
+        first_value = None
     with tempfile.TemporaryDirectory(prefix="bkn-repro-") as tmp:
         workdir = Path(tmp)
         cut = _sub_model(model, first_value, workdir) if first_value else None
         if cut is not None:
             sub, input_names = cut
-            values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx", oracle)
+            values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx", chosen)
             sub_feed = {name: values[name] if name in values else feed[name] for name in input_names}
             node = _node_of(model, str(first_value))
             assert node is not None  # _sub_model found it
@@ -114,13 +120,13 @@ def write_repro(
                 expected, runner = {str(first_value): loc.expected}, "pytorch"
                 scope += "; expected.json: PyTorch's tensor there (what the file should compute)"
             elif default_oracle:
-                expected = _evaluate(sub, sub_feed, workdir, "expected.onnx", oracle)
+                expected = _evaluate(sub, sub_feed, workdir, "expected.onnx", chosen)
                 runner = "onnx-reference-evaluator"
                 scope += "; expected.json: the ONNX reference evaluator's output of that node (ONNX's semantics)"
             else:  # the evaluator failed in the run: the runtime the localisation compared with
-                expected, runner = _evaluate(sub, sub_feed, workdir, "expected.onnx", oracle), oracle.name
+                expected, runner = _evaluate(sub, sub_feed, workdir, "expected.onnx", chosen), chosen.name
                 scope += (
-                    f"; inputs.json / expected.json: {oracle.name}'s values there ({oracle.why}), as the "
+                    f"; inputs.json / expected.json: {chosen.name}'s values there ({chosen.why}), as the "
                     "localisation compared"
                 )
         else:
@@ -141,12 +147,22 @@ def write_repro(
         f"model.onnx: {scope}\n"
         "inputs.json / expected.json: its inputs and expected outputs (Polygraphy JSON)\n"
         f"Re-running model.onnx on {entry.name} reproduces the failure: {reproduces}\n\n"
-        f"Re-check:\n  {command}\n"
-        f"  polygraphy run {directory / 'model.onnx'} --onnxrt --load-inputs {directory / 'inputs.json'} "
-        f"--load-outputs {directory / 'expected.json'}\n"
+        f"Re-check:\n  {command}\n{_polygraphy_line(entry.name, directory)}"
     )
     write_text_atomic(directory / "README.txt", readme)
     return f"repro bundle for {entry.name} in {directory} (reproduces: {reproduces}): {command}"
+
+
+def _polygraphy_line(runtime: str, directory: Path) -> str:
+    """The ``polygraphy run`` re-check where Polygraphy runs the failing runtime's engine (ONNX Runtime on the CPU,
+    TensorRT); none for the others (a ``--onnxrt`` run would check ONNX Runtime, not the runtime that failed)."""
+    flag = "--onnxrt" if runtime.startswith("ort:cpu") else "--trt" if runtime == "tensorrt" else None
+    if flag is None:
+        return ""
+    return (
+        f"  polygraphy run {directory / 'model.onnx'} {flag} --load-inputs {directory / 'inputs.json'} "
+        f"--load-outputs {directory / 'expected.json'}\n"
+    )
 
 
 def _criteria_flags(policy: TolerancePolicy) -> str:

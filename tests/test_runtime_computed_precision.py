@@ -216,3 +216,26 @@ def test_float16_values_an_if_branch_reads_from_the_main_graph_are_on_its_path()
     )
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float16), "zero"))
     assert computed_precision(model) == {"y": "float16"}
+
+
+def test_a_float16_value_an_if_branch_only_compares_is_not_on_its_path() -> None:
+    """Inside a branch the walk stops at non-float values too: a branch that reads a float16 value only as a Where
+    condition does not make the If's float32 output a float16 result (a review round found every value a branch read
+    counted, so a planted 5e-4 error passed at float16 tolerances)."""
+    branch_nodes = [
+        helper.make_node("Greater", ["h", "zero"], ["gate"]),
+        helper.make_node("Where", ["gate", "x", "x"], ["out"]),
+    ]
+    branch = helper.make_graph(branch_nodes, "branch", [], [helper.make_tensor_value_info("out", 1, [2])])
+    model = _graph(
+        helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT16),
+        helper.make_node("Mul", ["c", "c"], ["h"]),
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+        helper.make_node("Greater", ["m", "limit"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch),
+        input_type=TensorProto.FLOAT,
+        output_type=TensorProto.FLOAT,
+    )
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float16), "zero"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "limit"))
+    assert computed_precision(model) == {}

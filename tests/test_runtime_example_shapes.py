@@ -30,6 +30,7 @@ from runtime.model_io import (
     default_shape,
     example_shapes,
     random_inputs,
+    symbol_conflicts_note,
     unsized_dims_note,
 )
 from runtime.parity import run_parity
@@ -175,3 +176,21 @@ def test_a_size_given_for_one_input_holds_for_every_dim_of_that_name() -> None:
     assert made["mask"].shape == (4, 1, 16, 12)
     assert made["other"].shape == (4, 3, 5)  # the batch is one symbol; its own dims keep the example's size
     assert made["unnamed"].shape == (2, 6)  # dims without a name are not one symbol
+
+
+def test_defaults_give_one_size_per_dim_name() -> None:
+    """a: [N, s], b: [s, N] (y = a * b^T): b follows the sizes a's defaults took (before: b (2, 1) against a (2, 1),
+    which ONNX Runtime broadcast to a (2, 2) output the file says cannot occur)."""
+    specs = [TensorSpec("a", "float32", ("N", "s")), TensorSpec("b", "float32", ("s", "N"))]
+    assert random_inputs(specs)["b"].shape == (1, 2)
+    assert random_inputs(specs, examples={"a": (2, 9)})["b"].shape == (9, 2)
+    assert random_inputs(specs, {"b": (5, 3)})["a"].shape == (3, 5)
+
+
+def test_given_sizes_that_disagree_on_a_dim_name_are_noted() -> None:
+    specs = [TensorSpec("a", "float32", ("N", "s")), TensorSpec("b", "float32", ("s", "N"))]
+    agreeing = {"a": np.zeros((3, 5), np.float32), "b": np.zeros((5, 3), np.float32)}
+    assert symbol_conflicts_note(specs, [agreeing]) is None
+    disagreeing = {"a": np.zeros((3, 5), np.float32), "b": np.zeros((6, 9), np.float32)}
+    note = symbol_conflicts_note(specs, [agreeing, disagreeing])
+    assert note is not None and "'N' (3 in 'a', 9 in 'b'; input set 1)" in note and "'s' (5 in 'a', 6 in 'b'" in note

@@ -11,14 +11,19 @@ that agreed is one, or the failure is not localised, with the reason.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
+from bkn_export import BatchKalmanNorm2d
+from bkn_export.export import export_onnx
 from runtime.backends.reference import ReferenceEvaluatorBackend
 from runtime.parity import run_parity
 
@@ -88,7 +93,7 @@ def test_the_evaluators_own_failure_is_localised_against_a_runtime_that_agreed(
     assert "against ort:cpu:all (which agreed with the reference in this run" in localisation.message
 
 
-def test_a_wrong_reference_file_blames_no_node_when_the_evaluator_failed_too(
+def test_a_wrong_reference_file_blames_no_node_when_every_runtime_failed(
     conv_bn9: tuple[Path, dict[str, np.ndarray], np.ndarray],
 ) -> None:
     path, inputs, expected = conv_bn9
@@ -98,10 +103,14 @@ def test_a_wrong_reference_file_blames_no_node_when_the_evaluator_failed_too(
         None, path, [inputs], runtimes="ort:cpu:all,reference", reference_outputs=[{"y": wrong}], seed=None
     )
     assert {r.runtime: r.status for r in report.runtimes} == {"ort:cpu:all": "failed", "reference": "failed"}
-    for result in report.runtimes:
-        assert result.localisation is not None
-        assert result.localisation.status == "not_localised", result.localisation.message
-        assert "nothing trustworthy to compare node outputs with" in result.localisation.message
+    ort_result, evaluator_result = report.runtimes
+    assert ort_result.localisation is not None and evaluator_result.localisation is not None
+    assert ort_result.localisation.status == "not_localised", ort_result.localisation.message
+    assert ort_result.localisation.first is None  # so a repro bundle is the whole model, blaming no node
+    assert "first disagree at ONNX node bn" in ort_result.localisation.message
+    assert "which of the two is wrong there is not known" in ort_result.localisation.message
+    assert evaluator_result.localisation.status == "not_localised"
+    assert "the failing runtime is the ONNX reference evaluator itself" in evaluator_result.localisation.message
 
 
 def test_an_evaluator_that_agreed_stays_the_oracle(tmp_path: Path) -> None:
@@ -152,3 +161,32 @@ def test_the_message_names_why_there_is_no_oracle(
     (result,) = report.runtimes
     assert result.localisation is not None
     assert "the failing runtime is the ONNX reference evaluator itself" in result.localisation.message
+
+
+def test_a_bundle_the_evaluator_cannot_feed_leaves_the_verdict_standing(tmp_path: Path) -> None:
+    """A file the evaluator cannot run (a grouped ConvTranspose) with a planted fault: the module localisation's
+    bundle took its sub-model's inputs from the evaluator anyway, which raised, and the whole run was lost (exit 2,
+    no report). Now the run's oracle rule applies there too (no runtime agreed: the whole model), and a bundle that
+    cannot be written is a note."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.ConvTranspose2d(2, 4, 3, groups=2), BatchKalmanNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3), BatchKalmanNorm2d(2)
+    ).eval()
+    path = tmp_path / "ct.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, torch.randn(2, 2, 8, 8), path)
+    proto = onnx.load(str(path))
+    weight = next(n for n in proto.graph.node if n.op_type == "Conv").input[1]
+    for tensor in proto.graph.initializer:
+        if tensor.name == weight:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(1.5), weight))
+    planted = tmp_path / "planted.onnx"
+    onnx.save(proto, str(planted))
+    report = run_parity(model, planted, runtimes="ort:cpu:all,reference", repro_dir=tmp_path / "repro")
+    statuses = {r.runtime: r.status for r in report.runtimes}
+    assert statuses == {"ort:cpu:all": "failed", "reference": "unavailable"}
+    (bundle_note,) = [note for note in report.notes if "repro bundle for ort:cpu:all" in note]
+    assert "reproduces: yes" in bundle_note
+    readme = (tmp_path / "repro" / "ort_cpu_all" / "README.txt").read_text()
+    assert "the whole model" in readme and "polygraphy run" in readme and "--onnxrt" in readme
