@@ -110,22 +110,31 @@ def _computed_ancestors(
     output: str, producer: Mapping[str, onnx.NodeProto], elements: Mapping[str, int]
 ) -> Iterable[str]:
     """The values ``output`` depends on that a node computes (itself included), ``Constant`` nodes left out, through
-    float values only: a value of a known non-float type (a comparison's bool, an ArgMax index, a Shape) carries
-    no rounding of what computed it, so the walk stops there (a float16 mask that only picks a Where's branch does
-    not make a float32 output a float16 result: such an output was judged at float16 tolerances, and a file 800x
-    its real error off passed)."""
+    float values only (:func:`_float_walk`): a float16 mask that only picks a Where's branch does not make a float32
+    output a float16 result (such an output was judged at float16 tolerances, and a file 800x its real error off
+    passed)."""
+    return (name for name, node in _float_walk([output], producer, elements) if node is not None)
+
+
+def _float_walk(
+    starts: Iterable[str], producer: Mapping[str, onnx.NodeProto], elements: Mapping[str, int]
+) -> Iterator[tuple[str, onnx.NodeProto | None]]:
+    """Each value reached backwards from ``starts`` (once), with the node of this graph computing it (None: a graph
+    input, an initializer or a value of an enclosing graph; ``Constant`` nodes count as None). The walk goes on
+    through a node's inputs and the enclosing values its subgraphs carry (:func:`_outer_reads`), and stops at a value
+    of a known non-float type (a comparison's bool, an index, a Shape): it carries no rounding of what computed it."""
     seen: set[str] = set()
-    pending = [output]
+    pending = list(starts)
     while pending:
         name = pending.pop()
         if name in seen:
             continue
         seen.add(name)
         node = producer.get(name)
-        if node is None or (node.op_type == "Constant" and node.domain in ("", "ai.onnx")):
-            continue
-        yield name
-        if not _carries_rounding(elements.get(name)):
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            node = None
+        yield name, node
+        if node is None or not _carries_rounding(elements.get(name)):
             continue
         pending.extend(n for n in node.input if n)
         pending.extend(_outer_reads(node, elements))
@@ -133,37 +142,16 @@ def _computed_ancestors(
 
 def _outer_reads(node: onnx.NodeProto, elements: Mapping[str, int]) -> set[str]:
     """The enclosing graphs' values that a node's subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies, nested)
-    carry into their outputs through float values: walked back from each subgraph's outputs by the main walk's rule
-    (stopping at a value of a non-float type), so a float16 value a body only compares does not count."""
+    carry into their outputs through float values: walked back from each subgraph's outputs by the same rule, so a
+    float16 value a body only compares does not count."""
     found: set[str] = set()
     for attribute in node.attribute:
-        for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            found |= _reached_from_outside(subgraph, elements)
+        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            producer = {name: inner for inner in graph.node for name in inner.output if name}
+            defined = set(producer) | {value.name for value in graph.input} | {t.name for t in graph.initializer}
+            outputs = [value.name for value in graph.output]
+            found |= {name for name, _ in _float_walk(outputs, producer, elements) if name not in defined}
     return found
-
-
-def _reached_from_outside(graph: onnx.GraphProto, elements: Mapping[str, int]) -> set[str]:
-    """The names ``graph`` reads without defining them that reach its outputs through float values."""
-    producer = {name: node for node in graph.node for name in node.output if name}
-    defined = set(producer) | {value.name for value in graph.input} | {t.name for t in graph.initializer}
-    outside: set[str] = set()
-    seen: set[str] = set()
-    pending = [value.name for value in graph.output]
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = producer.get(name)
-        if node is None:
-            if name not in defined:
-                outside.add(name)
-            continue
-        if not _carries_rounding(elements.get(name)):
-            continue
-        pending.extend(n for n in node.input if n)
-        pending.extend(_outer_reads(node, elements))
-    return outside
 
 
 def _carries_rounding(element: int | None) -> bool:
