@@ -108,6 +108,9 @@ class NodeOracle:
     name: str
     why: str = ""
     trusted: bool = True
+    #: Whether the run judged the oracle against the reference; one it did not (the evaluator not among the run's
+    #: runtimes) is judged on the failing outputs before node outputs are compared with it (:func:`_vetted`).
+    judged: bool = True
 
 
 def evaluator_oracle() -> NodeOracle:
@@ -343,10 +346,40 @@ def localise(
             if result is None or result.status == "no_metadata":
                 why = "no PyTorch model (saved reference outputs)" if capture is None else "no exporter module scopes"
                 oracle = node_oracle or evaluator_oracle()
+                if not oracle.judged and oracle.make is not None:
+                    oracle = _vetted(oracle, model, runner, reference_outputs, failing_outputs, policy)
                 result = _localise_nodes(model, runner, runtime, Path(tmp), policy, why, oracle)
             return result
     except Exception as error:  # a localisation failure must not hide the parity verdict
         return Localisation(runtime, "error", message=f"{type(error).__name__}: {error}")
+
+
+def _vetted(
+    oracle: NodeOracle,
+    model: onnx.ModelProto,
+    runner: _Runner,
+    reference_outputs: Mapping[str, np.ndarray],
+    failing_outputs: list[str],
+    policy: TolerancePolicy,
+) -> NodeOracle:
+    """``oracle`` judged on the failing outputs against the reference (one run of the whole model): where it differs
+    too, or cannot run the file, it is no trusted oracle (the ONNX reference evaluator has wrong kernels: its
+    BatchNormalization of opsets 7-13)."""
+    assert oracle.make is not None
+    names = [name for name in failing_outputs if name in reference_outputs]
+    try:
+        computed = _Runner(oracle.make, runner.inputs, runner.workdir, prefix="vet").run(model)
+        differs = [
+            name
+            for name in names
+            if name not in computed or not policy.judge(name, reference_outputs[name], computed[name]).passed
+        ]
+    except Exception as error:
+        return replace(oracle, make=None, why=f"{oracle.name} could not run the file ({type(error).__name__})")
+    if differs:
+        why = "which, not among the run's runtimes, was run here and differs from the reference too"
+        return replace(oracle, why=why, trusted=False, judged=True)
+    return replace(oracle, judged=True)
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:

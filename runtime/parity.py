@@ -893,7 +893,9 @@ def _node_oracle(failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results:
     BatchNormalization and Softmax); then the first other runtime that agreed with the reference, or none (the
     localisation then says why, rather than blame correct nodes for the evaluator's errors)."""
     evaluator = next((r for e, r in zip(chosen, results) if e.name == "reference"), None)
-    if evaluator is None or evaluator.status == Status.PASSED:
+    if evaluator is None:  # not run: judged on the failing outputs before it is used (runtime.localize._vetted)
+        return replace(evaluator_oracle(), judged=False)
+    if evaluator.status == Status.PASSED:
         return evaluator_oracle()
     agreeing = [
         entry

@@ -137,21 +137,39 @@ def _float_walk(
         if node is None or not _carries_rounding(elements.get(name)):
             continue
         pending.extend(n for n in node.input if n)
-        pending.extend(_outer_reads(node, elements))
+        pending.extend(_outer_reads(node, list(node.output).index(name), elements))
 
 
-def _outer_reads(node: onnx.NodeProto, elements: Mapping[str, int]) -> set[str]:
+def _outer_reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> set[str]:
     """The enclosing graphs' values that a node's subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies, nested)
-    carry into their outputs through float values: walked back from each subgraph's outputs by the same rule, so a
-    float16 value a body only compares does not count."""
+    carry into its output ``index`` through float values: walked back from the subgraph outputs that output comes
+    from (:func:`_body_outputs`) by the same rule, so a float16 value a body only compares, or only puts in another
+    output, does not count."""
     found: set[str] = set()
     for attribute in node.attribute:
         for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
             producer = {name: inner for inner in graph.node for name in inner.output if name}
             defined = set(producer) | {value.name for value in graph.input} | {t.name for t in graph.initializer}
-            outputs = [value.name for value in graph.output]
+            outputs = _body_outputs(node, index, [value.name for value in graph.output])
             found |= {name for name, _ in _float_walk(outputs, producer, elements) if name not in defined}
     return found
+
+
+def _body_outputs(node: onnx.NodeProto, index: int, outputs: list[str]) -> list[str]:
+    """The subgraph outputs node output ``index`` is computed from: an If branch's output ``index``; for a Loop
+    (body outputs: condition, N carried values, scan outputs) or a Scan (N states, scan outputs), every carried value
+    (each iteration reads them all) and the output's own; all outputs for another op."""
+    standard = node.domain in ("", "ai.onnx")
+    if standard and node.op_type == "If":
+        return outputs[index : index + 1]
+    if standard and node.op_type == "Loop":
+        carried = max(len(node.input) - 2, 0)
+        return list(dict.fromkeys([*outputs[1 : 1 + carried], *outputs[1 + index : 2 + index]]))
+    if standard and node.op_type == "Scan":
+        scan_inputs = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        carried = max(len(node.input) - scan_inputs, 0)
+        return list(dict.fromkeys([*outputs[:carried], *outputs[index : index + 1]]))
+    return outputs
 
 
 def _carries_rounding(element: int | None) -> bool:

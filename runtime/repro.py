@@ -104,7 +104,8 @@ def write_repro(
     default_oracle = chosen.name == evaluator_oracle().name
     if pytorch:
         first_value = loc.expected_value
-    if chosen.make is None:  # nothing trustworthy computes a sub-model's inputs: the whole model
+    unfed = chosen.make is None and first_value is not None
+    if unfed:  # nothing trustworthy computes a sub-model's inputs: the whole model
         first_value = None
     with tempfile.TemporaryDirectory(prefix="bkn-repro-") as tmp:
         workdir = Path(tmp)
@@ -134,6 +135,11 @@ def write_repro(
             sub_feed = dict(feed)
             expected, runner = dict(reference_outputs), "expected"
             scope = f"the whole model {model_path.name} (the failure was not localised to a node)"
+            if unfed:
+                scope = (
+                    f"the whole model {model_path.name} (the failure was localised, but nothing trustworthy here "
+                    f"computes the inputs of a sub-model around it: {chosen.why})"
+                )
         save_onnx(sub, directory / "model.onnx")
         polygraphy_io.save_inputs(directory / "inputs.json", [sub_feed])
         polygraphy_io.save_outputs(directory / "expected.json", [expected], runner=runner)

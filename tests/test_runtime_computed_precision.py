@@ -239,3 +239,39 @@ def test_a_float16_value_an_if_branch_only_compares_is_not_on_its_path() -> None
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float16), "zero"))
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "limit"))
     assert computed_precision(model) == {}
+
+
+def test_a_loop_output_counts_only_the_body_outputs_it_comes_from() -> None:
+    """A Loop whose body carries a float32 value (from x alone) and scans out an outer float16 value: the carried
+    result is a float32 result, the scanned one a float16 result (a third review round found every body output
+    counted for every Loop output: a 5e-4 error in the carried one passed at float16 tolerances)."""
+    info = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Mul", ["v", "v"], ["v_out"]),
+            helper.make_node("Identity", ["h"], ["scanned"]),
+        ],
+        "body",
+        [info("i", TensorProto.INT64, []), info("cond_in", TensorProto.BOOL, []), info("v", TensorProto.FLOAT, None)],
+        [info("cond_out", TensorProto.BOOL, []), info("v_out", TensorProto.FLOAT, None), info("scanned", 10, None)],
+    )
+    nodes = [
+        helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT16),
+        helper.make_node("Mul", ["c", "c"], ["h"]),
+        helper.make_node("Loop", ["trip", "go", "x"], ["y", "z16"], body=body),
+        helper.make_node("Cast", ["z16"], ["z"], to=TensorProto.FLOAT),
+    ]
+    constants = [
+        onnx.numpy_helper.from_array(np.array(1, np.int64), "trip"),
+        onnx.numpy_helper.from_array(np.array(True), "go"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [info("x", TensorProto.FLOAT, [2])],
+        [info("y", TensorProto.FLOAT, [2]), info("z", 1, [1, 2])],
+        constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert computed_precision(model) == {"z": "float16"}

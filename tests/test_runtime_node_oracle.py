@@ -113,8 +113,9 @@ def test_a_wrong_reference_file_blames_no_node_when_every_runtime_failed(
     assert "the failing runtime is the ONNX reference evaluator itself" in evaluator_result.localisation.message
 
 
-def test_an_evaluator_that_agreed_stays_the_oracle(tmp_path: Path) -> None:
-    """Where the evaluator did not run in the parity run (nothing says it is wrong), it stays the oracle."""
+def test_a_wrong_reference_of_a_file_both_compute_alike_says_so(tmp_path: Path) -> None:
+    """ONNX Runtime alone against a wrong saved output: the evaluator, judged here, differs from it too, and every node
+    output agrees with it: the message says the reference differs from ONNX's semantics of the file."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
     model = helper.make_model(
@@ -129,8 +130,9 @@ def test_an_evaluator_that_agreed_stays_the_oracle(tmp_path: Path) -> None:
     report = run_parity(None, path, [{"x": data}], runtimes="ort:cpu:all", reference_outputs=[{"y": wrong}], seed=None)
     (result,) = report.runtimes
     assert result.localisation is not None
-    assert "the ONNX reference evaluator" in result.localisation.message
-    assert "no oracle" not in result.localisation.message
+    assert result.localisation.status == "not_localised"
+    assert result.localisation.message.startswith("every node output agrees with the ONNX reference evaluator")
+    assert "the reference (PyTorch / saved outputs) differs from ONNX's semantics" in result.localisation.message
 
 
 def test_the_repro_bundle_takes_its_values_from_the_same_oracle(
@@ -189,4 +191,22 @@ def test_a_bundle_the_evaluator_cannot_feed_leaves_the_verdict_standing(tmp_path
     (bundle_note,) = [note for note in report.notes if "repro bundle for ort:cpu:all" in note]
     assert "reproduces: yes" in bundle_note
     readme = (tmp_path / "repro" / "ort_cpu_all" / "README.txt").read_text()
-    assert "the whole model" in readme and "polygraphy run" in readme and "--onnxrt" in readme
+    assert "the whole model" in readme and "the failure was localised, but nothing trustworthy" in readme
+    assert "polygraphy run" in readme and "--onnxrt" in readme
+
+
+def test_an_evaluator_left_out_of_the_run_is_judged_before_it_is_trusted(
+    conv_bn9: tuple[Path, dict[str, np.ndarray], np.ndarray],
+) -> None:
+    """`--runtimes ort:cpu:all` alone, a wrong saved reference: the evaluator never ran in the run, so it was trusted,
+    and ONNX Runtime's correct BatchNormalization was "localised" (third review round). It is now run once on the
+    failing outputs first; differing too, it is named only as the other side of a disagreement."""
+    path, inputs, expected = conv_bn9
+    wrong = expected.copy()
+    wrong[0, 0, 0, 0] += 1e-3
+    report = run_parity(None, path, [inputs], runtimes="ort:cpu:all", reference_outputs=[{"y": wrong}], seed=None)
+    (result,) = report.runtimes
+    assert result.status == "failed" and result.localisation is not None
+    assert result.localisation.status == "not_localised" and result.localisation.first is None
+    assert "was run here and differs from the reference too" in result.localisation.message
+    assert "which of the two is wrong there is not known" in result.localisation.message
