@@ -65,6 +65,7 @@ __all__ = [
     "NodeOracle",
     "NoiseFloors",
     "evaluator_oracle",
+    "judged_oracle",
     "localise",
     "noise_floors",
 ]
@@ -109,7 +110,7 @@ class NodeOracle:
     why: str = ""
     trusted: bool = True
     #: Whether the run judged the oracle against the reference; one it did not (the evaluator not among the run's
-    #: runtimes) is judged on the failing outputs before node outputs are compared with it (:func:`_vetted`).
+    #: runtimes) is judged on the failing outputs before node outputs are compared with it (:func:`judged_oracle`).
     judged: bool = True
 
 
@@ -347,28 +348,29 @@ def localise(
                 why = "no PyTorch model (saved reference outputs)" if capture is None else "no exporter module scopes"
                 oracle = node_oracle or evaluator_oracle()
                 if not oracle.judged and oracle.make is not None:
-                    oracle = _vetted(oracle, model, runner, reference_outputs, failing_outputs, policy)
+                    oracle = judged_oracle(oracle, model, inputs, reference_outputs, failing_outputs, policy)
                 result = _localise_nodes(model, runner, runtime, Path(tmp), policy, why, oracle)
             return result
     except Exception as error:  # a localisation failure must not hide the parity verdict
         return Localisation(runtime, "error", message=f"{type(error).__name__}: {error}")
 
 
-def _vetted(
+def judged_oracle(
     oracle: NodeOracle,
     model: onnx.ModelProto,
-    runner: _Runner,
+    inputs: Mapping[str, np.ndarray],
     reference_outputs: Mapping[str, np.ndarray],
     failing_outputs: list[str],
     policy: TolerancePolicy,
 ) -> NodeOracle:
-    """``oracle`` judged on the failing outputs against the reference (one run of the whole model): where it differs
-    too, or cannot run the file, it is no trusted oracle (the ONNX reference evaluator has wrong kernels: its
-    BatchNormalization of opsets 7-13)."""
+    """``oracle`` judged on the failing outputs against the reference (one run of the whole model on ``inputs``, the
+    failing input set): where it differs too it is no trusted oracle (the ONNX reference evaluator has wrong kernels:
+    its BatchNormalization of opsets 7-13); where it cannot run the file, none (``make`` None)."""
     assert oracle.make is not None
     names = [name for name in failing_outputs if name in reference_outputs]
     try:
-        computed = _Runner(oracle.make, runner.inputs, runner.workdir, prefix="vet").run(model)
+        with tempfile.TemporaryDirectory(prefix="bkn-judge-") as tmp:
+            computed = _Runner(oracle.make, inputs, Path(tmp), prefix="judge").run(model)
         differs = [
             name
             for name in names

@@ -121,8 +121,8 @@ def _float_walk(
 ) -> Iterator[tuple[str, onnx.NodeProto | None]]:
     """Each value reached backwards from ``starts`` (once), with the node of this graph computing it (None: a graph
     input, an initializer or a value of an enclosing graph; ``Constant`` nodes count as None). The walk goes on
-    through a node's inputs and the enclosing values its subgraphs carry (:func:`_outer_reads`), and stops at a value
-    of a known non-float type (a comparison's bool, an index, a Shape): it carries no rounding of what computed it."""
+    through what a node's output is computed from (:func:`_reads`), and stops at a value of a known non-float type
+    (a comparison's bool, an index, a Shape): it carries no rounding of what computed it."""
     seen: set[str] = set()
     pending = list(starts)
     while pending:
@@ -136,40 +136,88 @@ def _float_walk(
         yield name, node
         if node is None or not _carries_rounding(elements.get(name)):
             continue
-        pending.extend(n for n in node.input if n)
-        pending.extend(_outer_reads(node, list(node.output).index(name), elements))
+        pending.extend(_reads(node, list(node.output).index(name), elements))
 
 
-def _outer_reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> set[str]:
-    """The enclosing graphs' values that a node's subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies, nested)
-    carry into its output ``index`` through float values: walked back from the subgraph outputs that output comes
-    from (:func:`_body_outputs`) by the same rule, so a float16 value a body only compares, or only puts in another
-    output, does not count."""
-    found: set[str] = set()
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            producer = {name: inner for inner in graph.node for name in inner.output if name}
-            defined = set(producer) | {value.name for value in graph.input} | {t.name for t in graph.initializer}
-            outputs = _body_outputs(node, index, [value.name for value in graph.output])
-            found |= {name for name, _ in _float_walk(outputs, producer, elements) if name not in defined}
-    return found
+def _subgraphs(node: onnx.NodeProto, attribute_name: str | None = None) -> list[onnx.GraphProto]:
+    return [
+        graph
+        for attribute in node.attribute
+        if attribute_name is None or attribute.name == attribute_name
+        for graph in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs))
+    ]
 
 
-def _body_outputs(node: onnx.NodeProto, index: int, outputs: list[str]) -> list[str]:
-    """The subgraph outputs node output ``index`` is computed from: an If branch's output ``index``; for a Loop
-    (body outputs: condition, N carried values, scan outputs) or a Scan (N states, scan outputs), every carried value
-    (each iteration reads them all) and the output's own; all outputs for another op."""
+def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> list[str]:
+    """The values of this graph (or enclosing ones) that node output ``index`` is computed from: a plain node's
+    inputs; an If's condition and what its branches carry into their output ``index``; a Loop's or a Scan's (opset 9
+    and later) initial values and scanned inputs of the states and inputs its body reaches from that output, and the
+    enclosing values the body carries there (:func:`_body_reads`); every input and enclosing value a subgraph reads
+    for another op with subgraphs."""
     standard = node.domain in ("", "ai.onnx")
+    if not _subgraphs(node):
+        return [name for name in node.input if name]
     if standard and node.op_type == "If":
-        return outputs[index : index + 1]
-    if standard and node.op_type == "Loop":
-        carried = max(len(node.input) - 2, 0)
-        return list(dict.fromkeys([*outputs[1 : 1 + carried], *outputs[1 + index : 2 + index]]))
-    if standard and node.op_type == "Scan":
-        scan_inputs = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
-        carried = max(len(node.input) - scan_inputs, 0)
-        return list(dict.fromkeys([*outputs[:carried], *outputs[index : index + 1]]))
-    return outputs
+        names = [name for name in node.input if name]
+        for branch in _subgraphs(node):
+            names += _body_reads(branch, [index], {}, elements)[1]
+        return names
+    loop = standard and node.op_type == "Loop"
+    if loop or (standard and node.op_type == "Scan"):
+        bodies = _subgraphs(node, "body")
+        if len(bodies) != 1:
+            return [name for name in node.input if name]
+        body = bodies[0]
+        if loop:  # body inputs: iteration, condition, N states; outputs: condition, N states, scans; node: M, cond, N
+            states = len(body.input) - 2
+            state_outputs = {2 + k: 1 + k for k in range(states)}
+            start = 1 + index
+            node_input = {position: position for position in range(2, 2 + states)}
+        else:  # body inputs: N states, scanned elements; outputs: N states, scans; node: [sequence_lens,] N, inputs
+            scanned = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+            states = len(body.input) - scanned
+            state_outputs = {k: k for k in range(states)}
+            start = index
+            offset = len(node.input) - len(body.input)  # opset 8's sequence_lens first
+            node_input = {position: offset + position for position in range(len(body.input))}
+        reached, outside = _body_reads(body, [start], state_outputs, elements)
+        names = [
+            node.input[node_input[p]] for p in sorted(reached) if p in node_input and node_input[p] < len(node.input)
+        ]
+        return [name for name in names if name] + outside
+    names = [name for name in node.input if name]
+    for graph in _subgraphs(node):
+        names += _body_reads(graph, list(range(len(graph.output))), {}, elements)[1]
+    return names
+
+
+def _body_reads(
+    graph: onnx.GraphProto, outputs: list[int], state_outputs: Mapping[int, int], elements: Mapping[str, int]
+) -> tuple[set[int], list[str]]:
+    """Walked back from ``graph``'s outputs at positions ``outputs`` by the same rule: the positions of the graph
+    inputs reached and the enclosing values reached. A reached input that is a state (``state_outputs``: input
+    position → the output position the next iteration reads it from) adds that output to the walk, until nothing new
+    is reached; so a state counts for an output only where the output depends on it."""
+    producer = {name: inner for inner in graph.node for name in inner.output if name}
+    positions = {value.name: position for position, value in enumerate(graph.input)}
+    defined = set(producer) | set(positions) | {t.name for t in graph.initializer}
+    walked: set[int] = set()
+    pending = [position for position in outputs if 0 <= position < len(graph.output)]
+    reached: set[int] = set()
+    outside: list[str] = []
+    while pending:
+        walked.update(pending)
+        starts = [graph.output[position].name for position in pending]
+        pending = []
+        for name, _ in _float_walk(starts, producer, elements):
+            if name in positions and positions[name] not in reached:
+                reached.add(positions[name])
+                follow = state_outputs.get(positions[name])
+                if follow is not None and follow not in walked and follow < len(graph.output):
+                    pending.append(follow)
+            elif name not in defined and name not in outside:
+                outside.append(name)
+    return reached, outside
 
 
 def _carries_rounding(element: int | None) -> bool:

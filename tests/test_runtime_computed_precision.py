@@ -275,3 +275,39 @@ def test_a_loop_output_counts_only_the_body_outputs_it_comes_from() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert computed_precision(model) == {"z": "float16"}
+
+
+def test_a_loop_state_counts_only_for_the_states_that_read_it() -> None:
+    """Two carried states: a from x alone, b from a float16 result. a's output is a float32 result (a fourth review
+    round found every state of the node counted for every output, the initial values included)."""
+    info = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Mul", ["a", "a"], ["a_out"]),
+            helper.make_node("Add", ["b", "a"], ["b_out"]),  # b reads a: a's rounding reaches b, not the converse
+        ],
+        "body",
+        [
+            info("i", TensorProto.INT64, []),
+            info("cond_in", TensorProto.BOOL, []),
+            info("a", 1, None),
+            info("b", 1, None),
+        ],
+        [info("cond_out", TensorProto.BOOL, []), info("a_out", 1, None), info("b_out", 1, None)],
+    )
+    nodes = [
+        helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT16),
+        helper.make_node("Mul", ["c", "c"], ["h"]),
+        helper.make_node("Cast", ["h"], ["b0"], to=TensorProto.FLOAT),
+        helper.make_node("Loop", ["trip", "go", "x", "b0"], ["y", "z"], body=body),
+    ]
+    constants = [
+        onnx.numpy_helper.from_array(np.array(2, np.int64), "trip"),
+        onnx.numpy_helper.from_array(np.array(True), "go"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [info("x", TensorProto.FLOAT, [2])], [info("y", 1, [2]), info("z", 1, [2])], constants
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert computed_precision(model) == {"z": "float16"}
