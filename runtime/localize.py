@@ -450,19 +450,18 @@ def _localise_nodes(
         own = _own_divergences(model, dependent, runner, oracle, failing, expected, policy, against) if failing else {}
         for node, check in checks:
             result.checks.append(check)
-            if not check.passed and check.onnx_value in own and not node_oracle.trusted:
-                result.prefix_runs = runner.count
-                result.message = (
-                    f"{runtime} and {stated} first disagree at ONNX node {node.name or '(unnamed)'} ({node.op_type}, "
-                    f"value {check.onnx_value!r}), max abs error {check.max_abs_error:.3g} "
-                    f"({own[check.onnx_value]}): which of the two is wrong there is not known"
-                )
-                return result
             if not check.passed and check.onnx_value in own:
+                result.prefix_runs = runner.count
+                if not node_oracle.trusted:  # either side may be wrong there: a disagreement, not a localisation
+                    result.message = (
+                        f"{runtime} and {stated} first disagree at ONNX node {node.name or '(unnamed)'} "
+                        f"({node.op_type}, value {check.onnx_value!r}), max abs error {check.max_abs_error:.3g} "
+                        f"({own[check.onnx_value]}): which of the two is wrong there is not known"
+                    )
+                    return result
                 result.status = "localised"
                 result.first = check
                 result.last_passing = previous.onnx_node if previous else None
-                result.prefix_runs = runner.count
                 result.message = (
                     f"first diverging ONNX node: {node.name or '(unnamed)'} ({node.op_type}, value "
                     f"{check.onnx_value!r}), max abs error {check.max_abs_error:.3g} against {stated} "

@@ -255,12 +255,16 @@ def given_symbols(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int
     symbols: dict[str, int] = {}
     for spec in specs:
         given = (shapes or {}).get(spec.name)
-        if given is None or len(given) != len(spec.shape):
-            continue
-        for d, value in zip(spec.shape, given):
-            if isinstance(d, str) and d != "?":
-                symbols.setdefault(d, int(value))
+        if given is not None and len(given) == len(spec.shape):
+            _record_symbols(spec, given, symbols)
     return symbols
+
+
+def _record_symbols(spec: TensorSpec, shape: Sequence[int], symbols: dict[str, int]) -> None:
+    """Add the sizes ``shape`` puts in ``spec``'s named symbolic dims to ``symbols`` (a name known keeps its size)."""
+    for d, value in zip(spec.shape, shape):
+        if isinstance(d, str) and d != "?":
+            symbols.setdefault(d, int(value))
 
 
 def unsized_dims_note(specs: Sequence[TensorSpec], feeds: Sequence[Mapping[str, np.ndarray]]) -> str | None:
@@ -336,9 +340,7 @@ def random_inputs(
             shape = tuple(int(d) for d in shapes[spec.name])
         else:
             shape = default_shape(spec, batch, (examples or {}).get(spec.name), symbols)
-            for d, value in zip(spec.shape, shape):  # later inputs follow: one size per dim name in a set
-                if isinstance(d, str) and d != "?":
-                    symbols.setdefault(d, value)
+            _record_symbols(spec, shape, symbols)  # later inputs follow: one size per dim name in a set
         limits = ranges.get(spec.name, ranges.get(None))
         _check_size(spec, shape)
         if spec.dtype in ("float32", "float64", "float16", "bfloat16"):

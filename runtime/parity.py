@@ -653,6 +653,11 @@ def _with_noise_floors(policy: TolerancePolicy, run: _MeasuredRun) -> tuple[Tole
     return replace(policy, floors=floors), notes
 
 
+_UNSIZED_HINT = (
+    "the file's symbolic dims ran at size 1 here: give the shapes the model runs at (--input-shape, or inputs=...), or "
+)
+
+
 def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path, unsized: str | None = None) -> Feed:
     """The PyTorch model's outputs on ``feed``; a model that cannot take the ONNX file's inputs is bad input.
 
@@ -668,12 +673,8 @@ def _reference_run(backend: TorchEagerBackend, feed: Feed, path: Path, unsized: 
         first = (str(error).strip().splitlines() or [""])[0]
         raise BKNInputError(
             f"the PyTorch model does not run on the inputs of {path} ({shapes}): {type(error).__name__}: {first}; "
-            + (
-                "the file's symbolic dims ran at size 1 here: give the shapes the model runs at (--input-shape, or "
-                "inputs=...), or pass the model (or factory arguments) that was exported to this file"
-                if unsized is not None
-                else "pass the model (or factory arguments) that was exported to this file"
-            )
+            + ("" if unsized is None else _UNSIZED_HINT)
+            + "pass the model (or factory arguments) that was exported to this file"
         ) from error
 
 
@@ -873,6 +874,19 @@ def _localise(
     )  # fmt: skip
 
 
+#: How a message says why the evaluator gave no result to compare with, by its status in the run.
+_EVALUATOR_STATE = {
+    Status.ERROR: "could not run the file in this run",
+    Status.UNAVAILABLE: "is unavailable for this file",
+    Status.NOT_APPLICABLE: "was not run",
+}
+
+
+def _evaluator_result(chosen: Sequence[RuntimeEntry], results: Sequence[RuntimeResult]) -> RuntimeResult | None:
+    """The ONNX reference evaluator's result in this run, or None where it was not among the runtimes."""
+    return next((result for entry, result in zip(chosen, results) if entry.name == "reference"), None)
+
+
 def _bundle_oracle(
     failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results: Sequence[RuntimeResult]
 ) -> NodeOracle:
@@ -881,7 +895,7 @@ def _bundle_oracle(
     failed, the file itself may be what differs, and the evaluator computes what it holds), else none (the bundle
     is the whole model)."""
     oracle = _node_oracle(failing, chosen, results)
-    evaluator = next((r for e, r in zip(chosen, results) if e.name == "reference"), None)
+    evaluator = _evaluator_result(chosen, results)
     if oracle.make is None and evaluator is not None and evaluator.status in (Status.PASSED, Status.FAILED):
         return evaluator_oracle()
     return oracle
@@ -892,8 +906,8 @@ def _node_oracle(failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results:
     this run and differed from the reference too (its own kernels can be wrong: onnx 1.23's opset-9
     BatchNormalization and Softmax); then the first other runtime that agreed with the reference, or none (the
     localisation then says why, rather than blame correct nodes for the evaluator's errors)."""
-    evaluator = next((r for e, r in zip(chosen, results) if e.name == "reference"), None)
-    if evaluator is None:  # not run: judged on the failing outputs before it is used (runtime.localize._vetted)
+    evaluator = _evaluator_result(chosen, results)
+    if evaluator is None:  # not run: judged on the failing outputs before it is used (runtime.localize.judged_oracle)
         return replace(evaluator_oracle(), judged=False)
     if evaluator.status == Status.PASSED:
         return evaluator_oracle()
@@ -909,12 +923,6 @@ def _node_oracle(failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results:
             "which agreed with the reference in this run; the ONNX reference evaluator did not, so it is no oracle "
             "here",
         )
-    evaluator_state = {
-        Status.FAILED: "differs from the reference in this run too",
-        Status.ERROR: "could not run the file in this run",
-        Status.UNAVAILABLE: "is unavailable for this file",
-        Status.NOT_APPLICABLE: "was not run",
-    }[evaluator.status]
     if failing.name == "reference":
         why = "the failing runtime is the ONNX reference evaluator itself"
     elif evaluator.status == Status.FAILED:  # every runtime failed: the file (or the reference) may be what differs
@@ -924,7 +932,7 @@ def _node_oracle(failing: RuntimeEntry, chosen: Sequence[RuntimeEntry], results:
             trusted=False,
         )
     else:
-        why = f"the ONNX reference evaluator {evaluator_state}"
+        why = f"the ONNX reference evaluator {_EVALUATOR_STATE[evaluator.status]}"
     return NodeOracle(
         None,
         "",

@@ -12,10 +12,11 @@ Only computed values count: a graph input or an initializer of a narrower type, 
 bits in every runtime and adds no rounding difference by being cast up. Types come from the graph's own
 declarations (inputs, outputs, initializers, ``value_info``) completed by ONNX shape inference where it
 runs; a value of unknown type counts as nothing. Nodes inside subgraphs (``If`` / ``Loop`` bodies) and function
-bodies are not looked into: their outputs in the main graph are, and the main-graph values a subgraph reads are on
-its node's path. The walk stops at a value of a non-float type (a comparison's bool, an index, a shape, a float
-cast to an integer): a rounding difference upstream of it shows as a discrete jump (a flipped mask, an index or an
-integer one off), which no float tolerance absorbs, so it does not make the output a narrower type's result.
+bodies are not counted: their outputs in the main graph are, and the main-graph values a subgraph carries into the
+node output being judged are on its path (walked through the subgraph by the same rule). The walk stops at a value
+of a non-float type (a comparison's bool, an index, a shape, a float cast to an integer): a rounding difference
+upstream of it shows as a discrete jump (a flipped mask, an index or an integer one off), which no float tolerance
+absorbs, so it does not make the output a narrower type's result.
 """
 
 from __future__ import annotations
@@ -157,11 +158,6 @@ def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> lis
     standard = node.domain in ("", "ai.onnx")
     if not _subgraphs(node):
         return [name for name in node.input if name]
-    if standard and node.op_type == "If":
-        names = [name for name in node.input if name]
-        for branch in _subgraphs(node):
-            names += _body_reads(branch, [index], {}, elements)[1]
-        return names
     loop = standard and node.op_type == "Loop"
     if loop or (standard and node.op_type == "Scan"):
         bodies = _subgraphs(node, "body")
@@ -185,9 +181,11 @@ def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> lis
             node.input[node_input[p]] for p in sorted(reached) if p in node_input and node_input[p] < len(node.input)
         ]
         return [name for name in names if name] + outside
+    branch = standard and node.op_type == "If"  # output index of the node is the branch's own
     names = [name for name in node.input if name]
     for graph in _subgraphs(node):
-        names += _body_reads(graph, list(range(len(graph.output))), {}, elements)[1]
+        outputs = [index] if branch else list(range(len(graph.output)))
+        names += _body_reads(graph, outputs, {}, elements)[1]
     return names
 
 
