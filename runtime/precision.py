@@ -8,9 +8,10 @@ agrees. :func:`computed_precision` finds, per float output, the narrowest float 
 on its path (node outputs that the output depends on, through the main graph), so that the output is judged at
 that type's tolerances, and the report says so (:class:`runtime.compare.TolerancePolicy`, ``computed_in``).
 
-Only computed values count: a graph input or an initializer of a narrower type, or a ``Constant``, is the same
-bits in every runtime and adds no rounding difference by being cast up. Types come from the graph's own
-declarations (inputs, outputs, initializers, ``value_info``) completed by ONNX shape inference where it
+Only computed values count: a graph input or an initializer of a narrower type, or a ``Constant``, is the same bits
+in every runtime and adds no rounding difference by being cast up; so is a computed value that holds exact integers
+its type represents (a float16 0/1 mask cast from a bool, ``1 - mask``: :func:`_exact_values`). Types come from the
+graph's own declarations (inputs, outputs, initializers, ``value_info``) completed by ONNX shape inference where it
 runs; a value of unknown type counts as nothing. Nodes inside subgraphs (``If`` / ``Loop`` bodies) and function
 bodies are not counted: their outputs in the main graph are, and the main-graph values a subgraph carries into the
 node output being judged are on its path (walked through the subgraph by the same rule). The walk stops at a value
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
+import numpy as np
 import onnx
 
 from runtime.compare import FLOAT_PRECISION
@@ -44,7 +46,7 @@ def computed_precision(model: onnx.ModelProto) -> dict[str, str]:
     O(outputs · (N + V)) at worst. Outputs not listed: computed at their own precision, or not float."""
     types, elements = _float_types(model)
     producer = {name: node for node in model.graph.node for name in node.output if name}
-    exact = _exact_casts(model, elements)
+    exact = _exact_values(model, elements)
     narrower = {}
     for output in model.graph.output:
         own = types.get(output.name)
@@ -92,19 +94,102 @@ def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from graphs(subgraph)
 
 
-#: Element types whose every value a float16 and a bfloat16 hold exactly (|v| ≤ 256).
-_EXACT_IN_HALF: set[int] = {onnx.TensorProto.BOOL, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+#: Integer element types, by the largest magnitude they hold (a cast from them is an integer of at most that size).
+_INTEGER_BOUNDS: dict[int, int] = {
+    onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.INT8: 2**7,
+    onnx.TensorProto.UINT8: 2**8 - 1,
+    onnx.TensorProto.INT16: 2**15,
+    onnx.TensorProto.UINT16: 2**16 - 1,
+}
+#: Integers a float type holds exactly: up to 2 ** (its significand bits).
+_EXACT_LIMIT: dict[str, int] = {name: 2 ** FLOAT_PRECISION[name] for name in FLOAT_PRECISION}
+#: Ops whose output holds some of their (listed) inputs' values unchanged, by op → positions of the data inputs
+#: (None: every input).
+_SAME_VALUES: dict[str, tuple[int, ...] | None] = {
+    **dict.fromkeys(
+        ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Expand", "Tile", "Slice",
+         "Gather", "GatherElements", "GatherND", "ReduceMax", "ReduceMin", "Cast", "CastLike", "Neg", "Abs",
+         "Relu", "MaxPool", "DepthToSpace", "SpaceToDepth", "Split", "Compress"),
+        (0,),
+    ),
+    "Pad": (0, 2),  # the data and the constant value (absent: 0)
+    "Where": (1, 2),
+    "Concat": None,
+    "Max": None,
+    "Min": None,
+}  # fmt: skip
 
 
-def _exact_casts(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[str]:
-    """Outputs of ``Cast`` nodes from bool / int8 / uint8: a 0/1 mask in float16 is exact, so it adds no rounding
-    (before, a float32 output multiplied by such a mask was judged at float16 tolerances, and a real fault passed)."""
-    return {
-        node.output[0]
-        for node in model.graph.node
-        if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.output and node.input
-        and elements.get(node.input[0]) in _EXACT_IN_HALF
-    }  # fmt: skip
+def _exact_values(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[str]:
+    """Main-graph values computed in a float type that hold exact integers small enough for it (at most 2^11 in
+    float16, 2^8 in bfloat16), so that every runtime computes the same bits and they add no rounding: a 0/1 mask cast
+    from a comparison's bool (``mask.half()``), ``1 - mask``, ``mask * 255``, a sign, their reshapes and selections.
+
+    A forward pass over the nodes (ONNX lists them in topological order) carrying, per value, a bound B on |v| where v
+    is known to be an integer: a cast from bool / (u)int8 / (u)int16 (B its type's), an integer-valued float
+    Constant or initializer (B its largest |v|); ops that move or pick values keep the largest bound of their data
+    inputs (:data:`_SAME_VALUES`); Add / Sub add the bounds, Mul multiplies them, Sign gives 1. A value counts as
+    exact where its own float type holds every integer up to B (before, a float32 output multiplied by ``1 - mask``
+    computed in float16 was judged at float16 tolerances, and a real fault up to those passed)."""
+    bounds: dict[str, float] = {}
+    for tensor in model.graph.initializer:
+        bound = _integer_bound(tensor)
+        if bound is not None:
+            bounds[tensor.name] = bound
+    types = {name: _NAMES[element] for name, element in elements.items() if element in _NAMES}
+    exact: set[str] = set()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        bound = _node_bound(node, bounds, elements)
+        if bound is None:
+            continue
+        for name in node.output:
+            if not name:
+                continue
+            bounds[name] = bound
+            own = types.get(name)
+            if own is not None and bound <= _EXACT_LIMIT[own]:
+                exact.add(name)
+    return exact
+
+
+def _node_bound(node: onnx.NodeProto, bounds: Mapping[str, float], elements: Mapping[str, int]) -> float | None:
+    """The integer bound of ``node``'s outputs (:func:`_exact_values`), or None where they are not known integers."""
+    op = node.op_type
+    if op == "Constant":
+        value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        return None if value is None else _integer_bound(value)
+    if op in ("Cast", "CastLike") and node.input and elements.get(node.input[0]) in _INTEGER_BOUNDS:
+        return float(_INTEGER_BOUNDS[elements[node.input[0]]])
+    if op == "Sign":
+        return 1.0
+    inputs = [name for name in node.input if name]
+    if op in _SAME_VALUES:
+        positions = _SAME_VALUES[op]
+        data = inputs if positions is None else [node.input[p] for p in positions if p < len(node.input)]
+        known = [bounds.get(name) for name in data if name]
+        return None if not known or None in known else max(known)  # type: ignore[type-var]
+    if op in ("Add", "Sub", "Mul") and len(inputs) == 2:
+        first, second = bounds.get(inputs[0]), bounds.get(inputs[1])
+        if first is None or second is None:
+            return None
+        return first * second if op == "Mul" else first + second
+    return None
+
+
+def _integer_bound(tensor: onnx.TensorProto) -> float | None:
+    """max |v| of a float tensor whose every value is an integer (an empty one: 0), else None."""
+    if tensor.data_type not in _NAMES or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    try:
+        values = np.asarray(onnx.numpy_helper.to_array(tensor), dtype=np.float64)
+    except Exception:  # an unreadable tensor: nothing known
+        return None
+    if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+        return None
+    return float(np.max(np.abs(values))) if values.size else 0.0
 
 
 def _computed_ancestors(

@@ -311,3 +311,66 @@ def test_a_loop_state_counts_only_for_the_states_that_read_it() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert computed_precision(model) == {"z": "float16"}
+
+
+def _inverted_mask_graph(constant: float, scale: float | None = None) -> onnx.ModelProto:
+    """y = x · float32(c − float16(x < 0) [· s]): float16 arithmetic on a 0/1 mask, then a float32 product."""
+    nodes = [
+        helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Less", ["h", "zero"], ["b"]),
+        helper.make_node("Cast", ["b"], ["m"], to=TensorProto.FLOAT16),
+        helper.make_node("Sub", ["c", "m"], ["inverted"]),
+    ]
+    last = "inverted"
+    if scale is not None:
+        nodes.append(helper.make_node("Mul", ["inverted", "s"], ["scaled"]))
+        last = "scaled"
+    nodes += [
+        helper.make_node("Cast", [last], ["wide"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "wide"], ["y"]),
+    ]
+    model = _graph(*nodes, input_type=TensorProto.FLOAT, output_type=TensorProto.FLOAT)
+    for name, value in (("zero", 0.0), ("c", constant), ("s", scale)):
+        if value is not None:
+            model.graph.initializer.append(onnx.numpy_helper.from_array(np.full(1, value, np.float16), name))
+    return model
+
+
+def test_float16_arithmetic_on_an_exact_mask_is_not_named() -> None:
+    """``1 - mask.half()`` holds exact small integers in float16: every runtime computes the same bits, so a float32
+    output it multiplies is judged at float32 (before: at float16 tolerances, and a real fault up to those passed)."""
+    assert computed_precision(_inverted_mask_graph(1.0)) == {}
+    assert computed_precision(_inverted_mask_graph(1.0, scale=255.0)) == {}
+    # not exact integers: a fraction, or integers beyond float16's 2^11
+    assert computed_precision(_inverted_mask_graph(0.5)) == {"y": "float16"}
+    assert computed_precision(_inverted_mask_graph(1.0, scale=4097.0)) == {"y": "float16"}
+
+
+class _InvertedHalfMask(nn.Module):
+    """float32 values scaled by ``1 - mask`` computed in float16 (a mixed-precision idiom)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = 1 - (x.half() < 0).half()
+        return self.lin(x) * keep.float()
+
+
+def test_a_tampered_file_with_float16_arithmetic_on_a_mask_fails(tmp_path: Path) -> None:
+    model = _InvertedHalfMask().eval()
+    x = torch.randn(8, 64)
+    path = tmp_path / "mask.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+    assert computed_precision(onnx.load(str(path))) == {}
+    assert run_parity(model, path, [x.numpy()], runtimes="ort:cpu:all").passed
+    proto = onnx.load(str(path))
+    for tensor in proto.graph.initializer:
+        if tensor.name.endswith("weight"):  # 2e-4 relative: far above float32's error, within float16's tolerance
+            scaled = onnx.numpy_helper.to_array(tensor) * np.float32(1 + 2e-4)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(scaled, tensor.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(tampered))
+    assert not run_parity(model, tampered, [x.numpy()], runtimes="ort:cpu:all").passed
