@@ -15,7 +15,10 @@ sub-folder per failing runtime)::
                     the evaluator failed in the run, the agreeing runtime's the localisation compared
                     with (runner: its name; its values of the sub-model's inputs too); for
                     the whole model the run's reference (runner ``expected``: PyTorch's outputs or
-                    the saved ones the run loaded)
+                    the saved ones the run loaded). A sub-model with PyTorch's tensor as its expected
+                    value takes its inputs from the oracle only where the failing runtime's own values
+                    agree with them (PyTorch has none there); where they differ, the bundle is the
+                    whole model and its README names the inputs that differ
     README.txt      what failed and the commands that re-check it (``bkn parity`` and ``polygraphy run``)
 
 The bundle is then re-run on the failing runtime and the README says whether it
@@ -110,10 +113,16 @@ def write_repro(
     with tempfile.TemporaryDirectory(prefix="bkn-repro-") as tmp:
         workdir = Path(tmp)
         cut = _sub_model(model, first_value, workdir) if first_value else None
+        unconfirmed = None
         if cut is not None:
             sub, input_names = cut
             values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx", chosen)
             sub_feed = {name: values[name] if name in values else feed[name] for name in input_names}
+            if pytorch:  # PyTorch has no tensor there: the oracle's inputs count where the failing runtime's agree
+                unconfirmed = _unconfirmed_inputs(model, entry, feed, sub_feed, workdir, policy)
+                if unconfirmed is not None:
+                    cut = None
+        if cut is not None:
             node = _node_of(model, str(first_value))
             assert node is not None  # _sub_model found it
             scope = f"the node producing {first_value!r} ({node.op_type}, node {node.name!r})"
@@ -135,6 +144,11 @@ def write_repro(
             sub_feed = dict(feed)
             expected, runner = dict(reference_outputs), "expected"
             scope = f"the whole model {model_path.name} (the failure was not localised to a node)"
+            if unconfirmed is not None:
+                scope = (
+                    f"the whole model {model_path.name} (the failure was localised to the node producing "
+                    f"{first_value!r}, but {unconfirmed}, so a sub-model around it would not say which is wrong)"
+                )
             if unfed:
                 scope = (
                     f"the whole model {model_path.name} (the failure was localised, but nothing trustworthy here "
@@ -157,6 +171,42 @@ def write_repro(
     )
     write_text_atomic(directory / "README.txt", readme)
     return f"repro bundle for {entry.name} in {directory} (reproduces: {reproduces}): {command}"
+
+
+def _unconfirmed_inputs(
+    model: onnx.ModelProto,
+    entry: Any,
+    feed: Mapping[str, np.ndarray],
+    sub_feed: Mapping[str, np.ndarray],
+    workdir: Path,
+    policy: TolerancePolicy,
+) -> str | None:
+    """None where the failing runtime's own values of the sub-model's inputs agree with ``sub_feed`` (the oracle's:
+    two computations agree, and the values upstream agreed with PyTorch); else why they are not confirmed: the inputs
+    that differ (the divergence begins upstream of the node, or the oracle is wrong there), or the runtime could not
+    compute them."""
+    from runtime.onnx_scopes import with_outputs
+
+    computed = [name for name in sub_feed if name not in feed]
+    if not computed:
+        return None
+    path = workdir / "own.onnx"
+    save_onnx(with_outputs(model, computed), path)
+    try:
+        backend = entry.make()
+        backend.load(str(path))
+        own = backend.run(dict(feed))
+    except Exception as error:
+        return f"{entry.name} could not compute its inputs to compare ({type(error).__name__}: {error})"
+    differing = [
+        name for name in computed if name not in own or not policy.judge(name, sub_feed[name], own[name]).passed
+    ]
+    if not differing:
+        return None
+    return (
+        f"{entry.name}'s own values of its input(s) {', '.join(repr(name) for name in differing)} already differ from "
+        "the oracle's (the divergence begins upstream of that node, inside the layer, or the oracle is wrong there)"
+    )
 
 
 def _polygraphy_line(runtime: str, directory: Path) -> str:

@@ -210,3 +210,67 @@ def test_an_evaluator_left_out_of_the_run_is_judged_before_it_is_trusted(
     assert result.localisation.status == "not_localised" and result.localisation.first is None
     assert "was run here and differs from the reference too" in result.localisation.message
     assert "which of the two is wrong there is not known" in result.localisation.message
+
+
+def _planted_bn_file(tmp_path: Path, model: nn.Module, x: torch.Tensor, opset: int) -> tuple[Path, onnx.ModelProto]:
+    """``model`` exported at ``opset`` (TorchScript: a BatchNormalization node) with its last Conv's weight 1 % off."""
+    path = tmp_path / f"bn{opset}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=opset, dynamo=False
+        )
+    proto = onnx.load(str(path))
+    assert [node.op_type for node in proto.graph.node] == ["Conv", "Relu", "BatchNormalization", "Conv"]
+    weight = proto.graph.node[-1].input[1]
+    for tensor in proto.graph.initializer:
+        if tensor.name == weight:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(1.01), weight))
+    onnx.save(proto, str(path))
+    return path, proto
+
+
+def test_a_bundle_against_pytorch_takes_no_inputs_the_failing_runtime_disputes(tmp_path: Path) -> None:
+    """A localisation against PyTorch names a node whose expected value is PyTorch's tensor, but PyTorch has none for
+    the node's inputs: the bundle took them from the ONNX reference evaluator unjudged. Where that is wrong (onnx 1.23
+    computes an opset-13 BatchNormalization with batch statistics), ONNX Runtime's Conv was fed the wrong input and
+    "reproduced" the failure whatever the Conv computes. Now the oracle's inputs are used where the failing runtime's
+    own agree with them; else the bundle is the whole model and says which inputs differ."""
+    from runtime.backends.base import Availability
+    from runtime.backends.ort import OnnxRuntimeBackend
+    from runtime.localize import Localisation
+    from runtime.registry import RuntimeEntry
+    from runtime.repro import write_repro
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3)).eval()
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-1, 1)
+        model[2].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    feed = {"x": x.numpy()}
+
+    def make() -> OnnxRuntimeBackend:
+        return OnnxRuntimeBackend("CPUExecutionProvider", "all")
+
+    entry = RuntimeEntry("ort:cpu:all", Availability(True, ""), make)
+
+    class _Result:  # the module localisation's finding: the last Conv's output differs from PyTorch's
+        localisation = Localisation("ort:cpu:all", "localised", expected_value="y", expected=expected)
+
+    path, proto = _planted_bn_file(tmp_path, model, x, 13)
+    note = write_repro(proto, path, entry, feed, {"y": expected}, _Result(), tmp_path / "disputed")
+    readme = (tmp_path / "disputed" / "README.txt").read_text()
+    assert "the whole model" in readme and "already differ from the oracle's" in readme, readme
+    bundled = onnx.load(str(tmp_path / "disputed" / "model.onnx"))
+    assert [node.op_type for node in bundled.graph.node] == [node.op_type for node in proto.graph.node]
+    assert "reproduces: yes" in note
+    # where the evaluator computes the BatchNormalization right (opset 14) the two agree: the node alone
+    path, proto = _planted_bn_file(tmp_path, model, x, 14)
+    note = write_repro(proto, path, entry, feed, {"y": expected}, _Result(), tmp_path / "agreed")
+    readme = (tmp_path / "agreed" / "README.txt").read_text()
+    assert "PyTorch's tensor there" in readme, readme
+    assert [node.op_type for node in onnx.load(str(tmp_path / "agreed" / "model.onnx")).graph.node] == ["Conv"]
+    assert "reproduces: yes" in note
