@@ -232,10 +232,7 @@ def default_shape(
     ``symbols`` gives that name (another input's given shape: the file says the two dims are one); else a symbolic
     dim 0 ``batch``, another the export example's size where ``example`` (the shape recorded at export) has the
     input's rank and agrees on its fixed dims, else 1."""
-    usable = example is not None and len(example) == len(spec.shape)
-    if usable:
-        assert example is not None
-        usable = all(not isinstance(d, int) or d == e for d, e in zip(spec.shape, example))
+    usable = example is not None and _fits(spec, example)
     known = symbols or {}
 
     def size(i: int, d: int | str) -> int:
@@ -267,9 +264,21 @@ def _record_symbols(spec: TensorSpec, shape: Sequence[int], symbols: dict[str, i
             symbols.setdefault(d, int(value))
 
 
-def unsized_dims_note(specs: Sequence[TensorSpec], feeds: Sequence[Mapping[str, np.ndarray]]) -> str | None:
+def _fits(spec: TensorSpec, example: Sequence[int]) -> bool:
+    """Whether a recorded example shape can size ``spec``: its rank, and its fixed dims where it has them."""
+    rank = len(example) == len(spec.shape)
+    return rank and all(not isinstance(d, int) or d == e for d, e in zip(spec.shape, example))
+
+
+def unsized_dims_note(
+    specs: Sequence[TensorSpec],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    recorded: Mapping[str, Sequence[int]] | None = None,
+) -> str | None:
     """A note naming the inputs checked only at size 1 in a symbolic dim other than the batch (every input set), or
-    None: the default where the file records no example shape, and a size at which most networks compute little."""
+    None: the default where the file records no example shape, and a size at which most networks compute little.
+    recorded: the file's example shapes (:func:`example_shapes`); those that fit none of its inputs (an input renamed
+    or reshaped after export) are named too, as the reason they were not used."""
     shown = []
     for spec in specs:
         dims = [i for i, d in enumerate(spec.shape) if i > 0 and not isinstance(d, int)]
@@ -281,9 +290,17 @@ def unsized_dims_note(specs: Sequence[TensorSpec], feeds: Sequence[Mapping[str, 
             shown.append(f"{spec.name!r} (dim(s) {', '.join(map(str, ones))}; shape {tuple(arrays[0].shape)})")
     if not shown:
         return None
+    by_name = {spec.name: spec for spec in specs}
+    unfit = [name for name, dims in (recorded or {}).items() if name not in by_name or not _fits(by_name[name], dims)]
+    unused = (
+        f" (the file records example shapes for {', '.join(repr(name) for name in unfit)}, which fit none of its "
+        "inputs: renamed or reshaped after export?)"
+        if unfit
+        else ""
+    )
     return (
-        f"input(s) {', '.join(shown)} were checked only at size 1 in symbolic dims: a network that pools or strides "
-        "computes little there; check the size you deploy with --input-shape / --shape-set (inputs=...)"
+        f"input(s) {', '.join(shown)} were checked only at size 1 in symbolic dims{unused}: a network that pools or "
+        "strides computes little there; check the size you deploy with --input-shape / --shape-set (inputs=...)"
     )
 
 

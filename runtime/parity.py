@@ -351,7 +351,7 @@ def run_parity(
     onnx_outputs = [s.name for s in output_specs]
     returned_order, order_note = returned_output_order(onnx_model)
     notes: list[str] = []
-    unsized = unsized_dims_note(input_specs, feeds)
+    unsized = unsized_dims_note(input_specs, feeds, example_shapes(onnx_model))
     if unsized is not None:
         notes.append(unsized)
     conflicting = symbol_conflicts_note(input_specs, feeds)

@@ -194,3 +194,24 @@ def test_given_sizes_that_disagree_on_a_dim_name_are_noted() -> None:
     disagreeing = {"a": np.zeros((3, 5), np.float32), "b": np.zeros((6, 9), np.float32)}
     note = symbol_conflicts_note(specs, [agreeing, disagreeing])
     assert note is not None and "'N' (3 in 'a', 9 in 'b'; input set 1)" in note and "'s' (5 in 'a', 6 in 'b'" in note
+
+
+def test_recorded_shapes_that_fit_no_input_are_named_with_the_size_1_note(tmp_path: Path) -> None:
+    """An input renamed after export: its recorded example shape fits no input, so the check ran at size 1; the note
+    says so and names the recorded entry, instead of leaving the user to wonder why the export's size was not used."""
+    model = _padded_conv()
+    path = _export(model, tmp_path / "padded.onnx")
+    proto = onnx.load(str(path))
+    old = proto.graph.input[0].name
+    proto.graph.input[0].name = "renamed"
+    for node in proto.graph.node:
+        node.input[:] = ["renamed" if name == old else name for name in node.input]
+    renamed = tmp_path / "renamed.onnx"
+    onnx.save(proto, str(renamed))
+    report = run_parity(model, renamed, runtimes="ort:cpu:all")
+    (note,) = [note for note in report.notes if "size 1" in note]
+    assert f"records example shapes for {old!r}, which fit none of its inputs" in note
+    spec = TensorSpec("x", "float32", ("batch", 3, "height", "width"))
+    one = {"x": np.zeros((2, 3, 1, 1), np.float32)}
+    assert "records example shapes" not in str(unsized_dims_note([spec], [one], {"x": (2, 3, 8, 8)}))
+    assert "for 'x'" in str(unsized_dims_note([spec], [one], {"x": (2, 4, 8, 8)}))  # its fixed dim disagrees
