@@ -291,8 +291,8 @@ def test_a_conv_after_a_concatenation_has_a_path_whose_origin_is_the_concatenati
     assert [type(s) for s in up.steps] == [Elementwise, Resample, Resample, Resample]
     assert [s.spec.mode for s in up.steps[1:]] == ["nearest", "bilinear", "bilinear"]  # type: ignore[union-attr]
     assert chain["dec_bn"].notes[-1] == (
-        "its input: approximate variance: conv 'dec_conv' combines positions that resample(bilinear, size (8, 8)) "
-        "left dependent or unlike, and the moments take them as independent and alike"
+        "its input: approximate variance: conv 'dec_conv' combines positions that resample(bilinear, size (8, 8) "
+        "(as given at the wiring size)) left dependent or unlike, and the moments take them as independent and alike"
     )
 
 

@@ -50,9 +50,17 @@ class ChainMembership:
     _warned_replaced: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
     #: Whether the layer has warned that it ran more often than in the example forward (once per layer).
     _warned_extra: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
+    #: The paths (index into ``wiring.sources``) whose steps hold a padding or resample size computed at the wiring
+    #: size (:meth:`SourcePath.size_bound`), where the transition pushes moments through the steps.
+    _size_bound: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    #: Whether the layer has warned that such a path met another spatial size (once per layer).
+    _warned_resized: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_transition", transition_for(self.wiring))
+        stepped = self.wiring.transition in ("propagate", "sampled")
+        bound = tuple(i for i, path in enumerate(self.wiring.sources) if stepped and any(path.size_bound()))
+        object.__setattr__(self, "_size_bound", bound)
         object.__setattr__(self, "_sources", self.wiring.source_names)
         object.__setattr__(self, "_republished", dict(self.wiring.republished))
         object.__setattr__(self, "_repeats", dict(self.wiring.repeats))
@@ -90,6 +98,7 @@ class ChainMembership:
             return prior
         prior = None
         unrun: dict[int, str] = {}
+        resized: dict[int, str] = {}
         if self.root is not None:
             scratch = scratch_for(self.root)
             if scratch is None:
@@ -104,6 +113,9 @@ class ChainMembership:
                 unpublished = self._unpublished(scratch)
                 if unrun or unpublished:
                     self._warn([self._describe(i, m) for i, m in unrun.items()] + unpublished)
+                resized = self._resized(scratch) if self._size_bound else {}
+                if resized:
+                    self._warn_resized(list(resized.values()))
                 replaced = [  # where the example forward did the same, the latest is the input
                     (name, count)
                     for name, count in scratch.unread_publications(self.name, self._sources)
@@ -113,13 +125,51 @@ class ChainMembership:
                     self._warn_replaced(replaced)
                 predict = functools.partial(
                     self._transition.predict,
-                    layer, scratch.published, scratch.modules, x, scratch.predictions, frozenset(unrun),
+                    layer, scratch.published, scratch.modules, x, scratch.predictions, frozenset(unrun) | set(resized),
                 )  # fmt: skip
                 prior = recompute.kept(predict)
         recompute.remember(layer, prior)
         for observer in observers():
-            observer.saw_prior(layer, prior, tuple(self._describe(i, m) for i, m in unrun.items()))
+            absent = tuple(self._describe(i, m) for i, m in unrun.items()) + tuple(resized.values())
+            observer.saw_prior(layer, prior, absent)
         return prior
+
+    def _resized(self, scratch: ChainScratch) -> dict[int, str]:
+        """Index into ``wiring.sources`` → why that path counts as absent in this call: its steps hold a padding or
+        resample size computed at the wiring example's spatial size, and its source's output has another size now.
+        Not checked while torch.export or a jit trace records the call (a size comparison there would specialise the
+        exported graph to the example's size)."""
+        shapes = {name: published.input_shape for name, published in scratch.published.items()}
+        traced = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if traced and not all(type(d) is int for shape in shapes.values() for d in shape[2:]):
+            return {}  # symbolic sizes (dynamic_spatial): bkn_export.export refuses such paths before it traces
+        found = {}
+        for index in self._size_bound:
+            path = self.wiring.sources[index]
+            changed = path.resized(shapes)
+            if changed is not None:
+                source, recorded, now = changed
+                bound = "; ".join(dict.fromkeys(path.size_bound()))
+                found[index] = (
+                    f"{path.describe()}: {bound} was given at the wiring size ('{source}' output "
+                    f"{list(recorded)}); '{source}' outputs {list(now)} in this call"
+                )
+        if found and traced:  # a file would compute the stale path, where eager training leaves it out
+            raise ChainWiringError(
+                f"BKN layer '{self.wiring.name}': the example inputs run another size than the chain was wired at "
+                f"({'; '.join(found.values())}), so the recorded path does not predict this size; export at the "
+                "wiring size, or wire the chain at this size first (bkn_export.wire_chain(model, example_inputs))"
+            )
+        return found
+
+    @property
+    def size_bound(self) -> tuple[str, ...]:
+        """Per recorded path whose steps hold a padding or resample size given at the wiring size (the transition
+        pushes moments through them), the path and what it holds; empty for most layers."""
+        return tuple(
+            f"{self.wiring.sources[i].describe()}: {'; '.join(dict.fromkeys(self.wiring.sources[i].size_bound()))}"
+            for i in self._size_bound
+        )
 
     def _recorded_call(self, scratch: ChainScratch) -> bool:
         """Whether this call is one the example forward's wiring covers: one of its first ``wiring.calls``, or a
@@ -205,6 +255,21 @@ class ChainMembership:
             "layers). The chain is recorded per layer name, one posterior at a time: run each input through the "
             "shared layers in turn (a = block2(block1(a)), then b), or give each stream its own layers. Warned "
             "once per layer.",
+            stacklevel=2,
+        )
+
+    def _warn_resized(self, problems: list[str]) -> None:
+        _warn_once(
+            self._warned_resized,
+            f"BKN layer '{self.wiring.name}': a recorded path holds a padding or resample size given to F.pad / "
+            "F.interpolate(size=...) when the chain was wired, which the forward may compute from the input's size "
+            "(TF-style 'same' padding, size=skip.shape[2:]; the chain cannot tell it from a constant), and this call "
+            f"runs another size ({'; '.join(problems)}). At this "
+            "size the network pads or resamples "
+            "otherwise, so the recorded path does not predict its statistics: that source counts as absent (no prior "
+            "on its channels; none at all where it is an addend of a sum: BatchNorm statistics there). Wire the chain "
+            "at the size you train at (bkn_export.wire_chain(model, example_inputs)). Warned once per layer; "
+            "chain_statistics shows every call.",
             stacklevel=2,
         )
 

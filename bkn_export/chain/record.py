@@ -93,6 +93,7 @@ from bkn_export.chain.steps import (
     commute_max_pools,
     linear_runs,
     makes_positions_dependent,
+    size_bound,
     step_from_dict,
 )
 from bkn_export.errors import ChainWiringError
@@ -161,6 +162,31 @@ class SourcePath:
         if self.normalization is not None:
             return True
         return self.origin is not None and any(s.reaches_normalization for s in self.origin.sources)
+
+    def size_bound(self) -> Iterator[str]:
+        """What the path's steps (its origin's too) hold that was computed at the wiring example's spatial size by a
+        call that may compute it from the input's size (:func:`bkn_export.chain.steps.size_bound`)."""
+        if self.origin is not None:
+            for source in self.origin.sources:
+                yield from source.size_bound()
+        for step in self.steps:
+            bound = size_bound(step)
+            if bound is not None:
+                yield bound
+
+    def resized(self, shapes: Mapping[str, Sequence[int]]) -> tuple[str, Shape, Shape] | None:
+        """The first normalization this path (or its origin) starts from whose output's spatial size in this call
+        (``shapes``: name → output shape) differs from the recorded one, with both sizes; None where all agree."""
+        if self.origin is not None:
+            for source in self.origin.sources:
+                found = source.resized(shapes)
+                if found is not None:
+                    return found
+        if self.normalization is not None and self.normalization in shapes:
+            now = tuple(shapes[self.normalization])[2:]
+            if now != tuple(self.entry_shape)[2:]:
+                return self.normalization, tuple(self.entry_shape)[2:], now
+        return None
 
     def normalizations(self) -> Iterator[str]:
         """Names of the normalization layers the path (and its origin) starts from, depth first."""
@@ -565,6 +591,7 @@ class _Node:
     post_steps: tuple[Step, ...] = ()
     pads: tuple[int, ...] = ()  # a "pad" node's padding, F.pad order
     pad_mode: str = "zeros"
+    pads_fixed: bool = True  # False: an F.pad call's padding, which may be computed from the input's size
     why: str = ""  # an "opaque" node's reason, where it is a known op in an unsupported form
     call: int = 0  # a "norm" node's place among all normalization calls of the forward (1, 2, ...)
 
@@ -881,7 +908,7 @@ class _Recorder(TorchFunctionMode):
                 resample = moments.ResampleSpec.from_call(args, kwargs)
             except moments.MomentsError as error:
                 raise _Unsupported(label, str(error)) from None
-            self.step_node(Resample(resample), source, out)
+            self.step_node(Resample(resample, size_fixed=resample.size is None), source, out)
             return True
         if func in _AFFINE_FUNCTIONS:
             return self._affine(func, args, kwargs, source, out, label)
@@ -899,7 +926,7 @@ class _Recorder(TorchFunctionMode):
                     raise _Unsupported(label, f"{mode} padding {list(pads)} beyond the channel dim")
                 before, after = pads[spatial_pairs], pads[spatial_pairs + 1]
                 source = self.steps_node((ChannelPad(before, after),), source, None)
-            self._pad(pads[:spatial_pairs], mode, source, out, label)
+            self._pad(pads[:spatial_pairs], mode, source, out, label, fixed=False)  # may be computed from the size
             return True
         if func in _DROPOUT_FUNCTIONS:
             self.step_node(Identity("dropout"), source, out)
@@ -949,15 +976,23 @@ class _Recorder(TorchFunctionMode):
         return False
 
     def _pad(
-        self, pads: tuple[int, ...], mode: str, source: tuple[_Node | None, Shape], out: Tensor, label: str
+        self,
+        pads: tuple[int, ...],
+        mode: str,
+        source: tuple[_Node | None, Shape],
+        out: Tensor,
+        label: str,
+        fixed: bool = True,
     ) -> None:
         """Padding ``pads`` (``F.pad`` order: last dim first) in ``mode``: kept as a 'pad' node,
-        which only a following conv absorbs (:func:`_fold_padding`); no padding is no step."""
+        which only a following conv absorbs (:func:`_fold_padding`); no padding is no step.
+        fixed: False for an ``F.pad`` call, whose amounts may come from the input's size."""
         if not any(pads):
             self.step_node(_TRANSPARENT, source, out)
             return
         text = f"{mode} padding {list(pads)} ({label}) not followed by a conv"
-        self.produce(out, _Node("pad", tuple(out.shape), (source,), label=text, pads=pads, pad_mode=mode))
+        node = _Node("pad", tuple(out.shape), (source,), label=text, pads=pads, pad_mode=mode, pads_fixed=fixed)
+        self.produce(out, node)
 
     def _affine(
         self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], source: tuple[_Node | None, Shape],
@@ -1310,7 +1345,7 @@ def _fold_padding(
         return source, step
     pairs = [(node.pads[2 * i], node.pads[2 * i + 1]) for i in range(len(node.pads) // 2)]  # last dim first
     per_dim = ((0, 0),) * (rank - len(pairs)) + tuple(reversed(pairs))
-    return node.inputs[0], Affine(step.module, "conv", per_dim, node.pad_mode)
+    return node.inputs[0], Affine(step.module, "conv", per_dim, node.pad_mode, node.pads_fixed)
 
 
 #: Activations a parameter-free module is tried against (its forward on a probe tensor),

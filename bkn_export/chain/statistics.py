@@ -33,7 +33,9 @@ class LayerStatistics:
     μ_{k|k}, Σ_{k|k}; prior_weight: p_k after the fallback rule (and 0 on channels
     without a prior); input_shape: (N, C, *); unrun: each recorded path whose watched
     modules did not run after its source published in this forward (that source counted
-    as absent), as ``"path: 'module' did not run ..."``; empty when every path ran.
+    as absent), as ``"path: 'module' did not run ..."``, or whose padding or resample size was
+    given at the wiring size while its source outputs another size now (``"path: the
+    padding ... was given at the wiring size ..."``); empty when every path ran and fits.
     """
 
     name: str

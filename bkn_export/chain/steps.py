@@ -85,6 +85,7 @@ __all__ = [
     "linear_runs",
     "makes_positions_dependent",
     "predict_steps",
+    "size_bound",
     "step_from_dict",
 ]
 
@@ -255,6 +256,21 @@ class Pool:
         return cls(_spec_from(moments.PoolSpec, data["spec"]), data.get("module"))
 
 
+#: How :meth:`describe` marks a constant computed for the wiring example's size (:func:`size_bound`).
+_WIRING_SIZE = " (as given at the wiring size)"
+
+
+def size_bound(step: Any) -> str | None:
+    """What of ``step`` was computed at the wiring example's spatial size by a call that may compute it from the
+    input's size (an ``F.pad`` before a conv: TF-style "same" padding; ``F.interpolate(size=...)``), or None: at
+    another size the network computes another padding or size, and the recorded step no longer predicts it."""
+    if isinstance(step, Affine) and step.input_padding is not None and not step.input_padding_fixed:
+        return f"the padding {[list(pair) for pair in step.input_padding]} before '{step.module}'"
+    if isinstance(step, Resample) and step.spec.size is not None and not step.size_fixed:
+        return f"the resample size {step.spec.size}"
+    return None
+
+
 @dataclass(frozen=True)
 class Resample:
     """Nearest / (bi/tri)linear up- or down-sampling (``nn.Upsample``, ``F.interpolate``).
@@ -265,6 +281,9 @@ class Resample:
 
     spec: moments.ResampleSpec
     module: str | None = None
+    #: False where ``spec.size`` came from an ``F.interpolate(size=...)`` call, which may have computed it from the
+    #: input's size (``size=skip.shape[2:]``): fixed at the wiring example's, and stale at another (:func:`size_bound`).
+    size_fixed: bool = True
     step: ClassVar[str] = "resample"
 
     def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
@@ -286,14 +305,16 @@ class Resample:
     def describe(self) -> str:
         spec = self.spec
         by = f"size {spec.size}" if spec.size is not None else f"scale {spec.scale_factor}"
+        by += _WIRING_SIZE * (spec.size is not None and not self.size_fixed)
         return f"resample({spec.mode}, {by})" + (f" '{self.module}'" if self.module else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "spec": _spec_dict(self.spec), "module": self.module}
+        return {"step": self.step, "spec": _spec_dict(self.spec), "module": self.module, "size_fixed": self.size_fixed}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Resample:
-        return cls(_spec_from(moments.ResampleSpec, data["spec"]), data.get("module"))
+        spec = _spec_from(moments.ResampleSpec, data["spec"])
+        return cls(spec, data.get("module"), bool(data.get("size_fixed", True)))
 
 
 # --------------------------------------------------------------------------- affine layers
@@ -321,6 +342,10 @@ class Affine:
     kind: Literal["conv", "linear"] = "conv"
     input_padding: tuple[tuple[int, int], ...] | None = None
     input_padding_mode: str = "zeros"
+    #: False where ``input_padding`` came from an ``F.pad`` call (a TF-style "same" padding computes it from the
+    #: input's size): fixed at the wiring example's, and stale at another (:func:`size_bound`); True for a padding
+    #: module's, which is the same at every size.
+    input_padding_fixed: bool = True
     step: ClassVar[str] = "affine"
 
     def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
@@ -358,6 +383,7 @@ class Affine:
         padding = ""
         if self.input_padding is not None:
             padding = f" after {self.input_padding_mode} padding {[list(pair) for pair in self.input_padding]}"
+            padding += _WIRING_SIZE * (not self.input_padding_fixed)
         return f"{self.kind} '{self.module}'{padding}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -368,13 +394,15 @@ class Affine:
             "kind": self.kind,
             "input_padding": padding,
             "input_padding_mode": self.input_padding_mode,
+            "input_padding_fixed": self.input_padding_fixed,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Affine:
         padding = data.get("input_padding")
         pairs = None if padding is None else tuple((int(left), int(right)) for left, right in padding)
-        return cls(data["module"], data.get("kind", "conv"), pairs, data.get("input_padding_mode", "zeros"))
+        mode, fixed = data.get("input_padding_mode", "zeros"), bool(data.get("input_padding_fixed", True))
+        return cls(data["module"], data.get("kind", "conv"), pairs, mode, fixed)
 
 
 _TORCH_AFFINE = (

@@ -110,8 +110,14 @@ def _without_stops(path: Mapping[str, Any]) -> dict[str, Any]:
     return {**path, "steps": _steps_without_stops(path.get("steps")), "origin": origin}
 
 
+#: Step keys a checkpoint does not keep: how the forward computed a step's constants (whether at every size or at the
+#: wiring size), which changes no value at the size wired, so that an earlier bkn_export's checkpoint still loads.
+_UNSAVED_STEP_KEYS = frozenset({"input_padding_fixed", "size_fixed"})
+
+
 def _steps_without_stops(steps: Any) -> Any:
-    """A saved step list without stop-gradient steps, at every depth (a gate's branch, a linear run's members)."""
+    """A saved step list without stop-gradient steps (or :data:`_UNSAVED_STEP_KEYS`), at every depth (a gate's branch,
+    a linear run's members)."""
     if not isinstance(steps, list):
         return steps
     kept = []
@@ -120,7 +126,9 @@ def _steps_without_stops(steps: Any) -> Any:
             if step.get("what") == STOP_GRADIENT:
                 continue
             step = {
-                key: _steps_without_stops(value) if key in ("branch", "steps") else value for key, value in step.items()
+                key: _steps_without_stops(value) if key in ("branch", "steps") else value
+                for key, value in step.items()
+                if key not in _UNSAVED_STEP_KEYS
             }
         kept.append(step)
     return kept

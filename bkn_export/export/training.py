@@ -193,8 +193,19 @@ class _TrainingGraph(nn.Module):
 # --------------------------------------------------------------------------- export
 
 
-def _check_layers(layers: Sequence[tuple[str, _BatchKalmanNorm]], running_stats_io: bool) -> None:
+def _check_layers(
+    layers: Sequence[tuple[str, _BatchKalmanNorm]], running_stats_io: bool, dynamic_spatial: bool = False
+) -> None:
     for name, layer in layers:
+        bound = getattr(layer.chain, "size_bound", ())
+        if dynamic_spatial and bound:
+            raise ExportError(
+                f"BKN layer '{name}': its prior's path holds a padding or resample size given to F.pad / "
+                f"F.interpolate(size=...) at the wiring example's size ({bound[0]}), which the forward may compute "
+                "from the input's size; a training-mode file with dynamic_spatial would compute that path at every "
+                "size, where the network may pad or resample otherwise (and eager training leaves it out at other "
+                "sizes). Export without dynamic_spatial / --dynamic-spatial, at the size you train at"
+            )
         if layer.chain is not None and layer.chain.transition == "sampled":
             raise ExportError(
                 f"BKN layer '{name}' uses transition='sampled', a Monte Carlo prediction that draws new noise on "
@@ -296,7 +307,7 @@ def export_training(
             f"export_training: {type(model).__name__} has no BatchKalmanNorm layers; convert it first with "
             "bkn_export.convert_batchnorm(model, example_inputs), or use mode='inference'"
         )
-    _check_layers(layers, running_stats_io)
+    _check_layers(layers, running_stats_io, request.dynamic_spatial)
     _refuse_synchronised(layers)
     if any(t.dtype == torch.float64 for t in inputs):
         warnings.warn(
