@@ -9,20 +9,26 @@ on its path (node outputs that the output depends on, through the main graph), s
 that type's tolerances, and the report says so (:class:`runtime.compare.TolerancePolicy`, ``computed_in``).
 
 Only computed values count: a graph input or an initializer of a narrower type, or a ``Constant``, is the same bits
-in every runtime and adds no rounding difference by being cast up; so is a computed value that holds exact integers
-its type represents (a float16 0/1 mask cast from a bool, ``1 - mask``: :func:`_exact_values`). Types come from the
-graph's own declarations (inputs, outputs, initializers, ``value_info``) completed by ONNX shape inference where it
-runs; a value of unknown type counts as nothing. Nodes inside subgraphs (``If`` / ``Loop`` bodies) and function
-bodies are not counted: their outputs in the main graph are, and the main-graph values a subgraph carries into the
-node output being judged are on its path (walked through the subgraph by the same rule). The walk stops at a value
-of a non-float type (a comparison's bool, an index, a shape, a float cast to an integer): a rounding difference
-upstream of it shows as a discrete jump (a flipped mask, an index or an integer one off), which no float tolerance
-absorbs, so it does not make the output a narrower type's result.
+in every runtime and adds no rounding difference by being cast up; so is a computed value that holds exact values
+its type represents whatever precision a runtime computes it in (a float16 0/1 mask cast from a bool, ``1 - mask``,
+``mask * 0.5``, a count ``mask.sum()``: :func:`_exact_values`). A narrower type's rounding of anything else counts,
+even a single ``Cast`` of an input that every IEEE runtime rounds alike: a runtime may compute a narrower type's
+steps in a wider one (OpenVINO's CPU plugin computes ``x.half().float()`` as ``x``), so the outputs differ by that
+type's rounding. Types come from the graph's own declarations (inputs, outputs, initializers, ``value_info``)
+completed by ONNX shape inference where it runs; a value of unknown type counts as nothing. Values computed inside
+subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies) count where they are on the path of the node output being
+judged, and so do the main-graph values a subgraph carries there (walked through the subgraph by the same rule);
+function bodies are not counted (a custom op's output is, in its declared type). The walk stops at a value of a non-
+float type (a comparison's bool, an index, a shape, a float cast to an integer): a rounding difference upstream of
+it shows as a discrete jump (a flipped mask, an index or an integer one off), which no float tolerance absorbs, so
+it does not make the output a narrower type's result.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -102,8 +108,13 @@ _INTEGER_BOUNDS: dict[int, int] = {
     onnx.TensorProto.INT16: 2**15,
     onnx.TensorProto.UINT16: 2**16 - 1,
 }
-#: Integers a float type holds exactly: up to 2 ** (its significand bits).
-_EXACT_LIMIT: dict[str, int] = {name: 2 ** FLOAT_PRECISION[name] for name in FLOAT_PRECISION}
+#: Per float type, the most significand bits and the finest step 2^-e it holds exactly (its smallest subnormal).
+_EXACT_BITS: dict[str, tuple[int, int]] = {
+    "float16": (11, 24),
+    "bfloat16": (8, 133),
+    "float32": (24, 149),
+    "float64": (53, 1074),
+}
 #: Ops whose output holds some of their (listed) inputs' values unchanged, by op → positions of the data inputs
 #: (None: every input).
 _SAME_VALUES: dict[str, tuple[int, ...] | None] = {
@@ -121,75 +132,173 @@ _SAME_VALUES: dict[str, tuple[int, ...] | None] = {
 }  # fmt: skip
 
 
-def _exact_values(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[str]:
-    """Main-graph values computed in a float type that hold exact integers small enough for it (at most 2^11 in
-    float16, 2^8 in bfloat16), so that every runtime computes the same bits and they add no rounding: a 0/1 mask cast
-    from a comparison's bool (``mask.half()``), ``1 - mask``, ``mask * 255``, a sign, their reshapes and selections.
+@dataclass(frozen=True)
+class _Dyadic:
+    """Values known to be integer multiples of 2^-``step`` with magnitude at most ``bound``."""
 
-    A forward pass over the nodes (ONNX lists them in topological order) carrying, per value, a bound B on |v| where v
-    is known to be an integer: a cast from bool / (u)int8 / (u)int16 (B its type's), an integer-valued float
-    Constant or initializer (B its largest |v|); ops that move or pick values keep the largest bound of their data
-    inputs (:data:`_SAME_VALUES`); Add / Sub add the bounds, Mul multiplies them, Sign gives 1. A value counts as
-    exact where its own float type holds every integer up to B (before, a float32 output multiplied by ``1 - mask``
-    computed in float16 was judged at float16 tolerances, and a real fault up to those passed)."""
-    bounds: dict[str, float] = {}
+    bound: float
+    step: int = 0
+
+    def exact_in(self, name: str) -> bool:
+        """Whether float type ``name`` holds every such value exactly (the significand and the finest step fit)."""
+        bits, finest = _EXACT_BITS[name]
+        return self.step <= finest and self.bound * 2.0**self.step <= 2.0**bits
+
+
+def _exact_values(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[str]:
+    """Main-graph values computed in a float type that hold exact values small and coarse enough for it (integers up
+    to 2^11 in float16, halves up to 2^10...), so that they carry no rounding in any runtime, whatever precision it
+    computes that type's ops in: a 0/1 mask cast from a comparison's bool (``mask.half()``), ``1 - mask``, ``mask *
+    0.5``, a count ``mask.sum()``, a sign, their reshapes and selections.
+
+    A forward pass over the nodes (ONNX lists them in topological order) carrying, per value, a :class:`_Dyadic`: a
+    cast from bool / (u)int8 / (u)int16 (integers of its type's size), a float Constant or initializer whose values are
+    multiples of 2^-e (e ≤ 24); ops that move or pick values keep the largest bound of their data inputs
+    (:data:`_SAME_VALUES`); Add / Sub add the bounds, Mul multiplies them (the steps add), Sign gives 1, ReduceSum
+    multiplies the bound by the count it sums (from static shapes). A value counts as exact where its own float type
+    holds every such value (before, a float32 output scaled by ``1 - mask`` or ``mask * 0.5`` computed in float16 was
+    judged at float16 tolerances, and a real fault up to those passed)."""
+    shapes = _static_shapes(model)
+    integers = _integer_constants(model)
+    known: dict[str, _Dyadic] = {}
     for tensor in model.graph.initializer:
-        bound = _integer_bound(tensor)
-        if bound is not None:
-            bounds[tensor.name] = bound
+        found = _dyadic(tensor)
+        if found is not None:
+            known[tensor.name] = found
     types = {name: _NAMES[element] for name, element in elements.items() if element in _NAMES}
     exact: set[str] = set()
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or not node.output:
             continue
-        bound = _node_bound(node, bounds, elements)
-        if bound is None:
+        found = _node_dyadic(node, known, elements, shapes, integers)
+        if found is None:
             continue
         for name in node.output:
             if not name:
                 continue
-            bounds[name] = bound
+            known[name] = found
             own = types.get(name)
-            if own is not None and bound <= _EXACT_LIMIT[own]:
+            if own is not None and found.exact_in(own):
                 exact.add(name)
     return exact
 
 
-def _node_bound(node: onnx.NodeProto, bounds: Mapping[str, float], elements: Mapping[str, int]) -> float | None:
-    """The integer bound of ``node``'s outputs (:func:`_exact_values`), or None where they are not known integers."""
+def _node_dyadic(
+    node: onnx.NodeProto,
+    known: Mapping[str, _Dyadic],
+    elements: Mapping[str, int],
+    shapes: Mapping[str, tuple[int | None, ...]],
+    integers: Mapping[str, list[int]],
+) -> _Dyadic | None:
+    """What ``node``'s outputs are known to hold (:func:`_exact_values`), or None."""
     op = node.op_type
     if op == "Constant":
         value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
-        return None if value is None else _integer_bound(value)
+        return None if value is None else _dyadic(value)
     if op in ("Cast", "CastLike") and node.input and elements.get(node.input[0]) in _INTEGER_BOUNDS:
-        return float(_INTEGER_BOUNDS[elements[node.input[0]]])
+        return _Dyadic(float(_INTEGER_BOUNDS[elements[node.input[0]]]))
     if op == "Sign":
-        return 1.0
+        return _Dyadic(1.0)
     inputs = [name for name in node.input if name]
     if op in _SAME_VALUES:
         positions = _SAME_VALUES[op]
         data = inputs if positions is None else [node.input[p] for p in positions if p < len(node.input)]
-        known = [bounds.get(name) for name in data if name]
-        return None if not known or None in known else max(known)  # type: ignore[type-var]
+        parts = [known.get(name) for name in data if name]
+        if not parts or any(part is None for part in parts):
+            return None
+        return _Dyadic(max(p.bound for p in parts if p), max(p.step for p in parts if p))
     if op in ("Add", "Sub", "Mul") and len(inputs) == 2:
-        first, second = bounds.get(inputs[0]), bounds.get(inputs[1])
+        first, second = known.get(inputs[0]), known.get(inputs[1])
         if first is None or second is None:
             return None
-        return first * second if op == "Mul" else first + second
+        if op == "Mul":
+            return _Dyadic(first.bound * second.bound, first.step + second.step)
+        return _Dyadic(first.bound + second.bound, max(first.step, second.step))
+    if op == "ReduceSum" and inputs:
+        part, count = known.get(inputs[0]), _reduced_count(node, shapes.get(inputs[0]), integers)
+        return None if part is None or count is None else _Dyadic(part.bound * count, part.step)
     return None
 
 
-def _integer_bound(tensor: onnx.TensorProto) -> float | None:
-    """max |v| of a float tensor whose every value is an integer (an empty one: 0), else None."""
+def _reduced_count(
+    node: onnx.NodeProto, shape: tuple[int | None, ...] | None, integers: Mapping[str, list[int]]
+) -> int | None:
+    """How many elements a ReduceSum adds into each output element, where the input's reduced dims are static (its
+    axes an attribute, or an input that is a constant: ``integers``)."""
+    if shape is None:
+        return None
+    axes: list[int] | None = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    if len(node.input) > 1 and node.input[1]:
+        axes = integers.get(node.input[1])
+        if axes is None:
+            return None
+    noop = next((a.i for a in node.attribute if a.name == "noop_with_empty_axes"), 0)
+    if not axes:
+        if noop:
+            return 1
+        axes = list(range(len(shape)))
+    sizes = [shape[axis] for axis in axes if -len(shape) <= axis < len(shape)]
+    if len(sizes) != len(axes) or any(size is None for size in sizes):
+        return None
+    return math.prod(size for size in sizes if size is not None)
+
+
+def _integer_constants(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Main-graph integer initializers and ``Constant`` outputs of at most 64 elements, as lists (reduction axes)."""
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    tensors += [
+        (node.output[0], attribute.t)
+        for node in model.graph.node
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output
+        for attribute in node.attribute
+        if attribute.name == "value" and attribute.HasField("t")
+    ]
+    found = {}
+    for name, tensor in tensors:
+        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and math.prod(tensor.dims) <= 64:
+            found[name] = [int(v) for v in onnx.numpy_helper.to_array(tensor).reshape(-1)]
+    return found
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Main-graph value name → its shape (None for a symbolic dim), from declarations and ONNX shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    graph = inferred.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return shapes
+
+
+def _dyadic(tensor: onnx.TensorProto) -> _Dyadic | None:
+    """What a float tensor of at most :data:`_DYADIC_ELEMENTS` holds, where every value is a multiple of 2^-e for some
+    e ≤ 24 (an empty one: 0), else None."""
     if tensor.data_type not in _NAMES or tensor.data_location == onnx.TensorProto.EXTERNAL:
         return None
     try:
         values = np.asarray(onnx.numpy_helper.to_array(tensor), dtype=np.float64)
     except Exception:  # an unreadable tensor: nothing known
         return None
-    if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+    if values.size > _DYADIC_ELEMENTS or not np.all(np.isfinite(values)):
         return None
-    return float(np.max(np.abs(values))) if values.size else 0.0
+    bound = float(np.max(np.abs(values))) if values.size else 0.0
+    if not _multiples(values, 24):  # most weights: one pass
+        return None
+    return _Dyadic(bound, next(step for step in range(25) if _multiples(values, step)))
+
+
+#: Initializers larger than this are not read for :func:`_dyadic` (weights; masks and scales are small).
+_DYADIC_ELEMENTS = 1 << 16
+
+
+def _multiples(values: np.ndarray, step: int) -> bool:
+    scaled = values * 2.0**step
+    return bool(np.array_equal(scaled, np.round(scaled)))
 
 
 def _computed_ancestors(
@@ -205,10 +314,11 @@ def _computed_ancestors(
 def _float_walk(
     starts: Iterable[str], producer: Mapping[str, onnx.NodeProto], elements: Mapping[str, int]
 ) -> Iterator[tuple[str, onnx.NodeProto | None]]:
-    """Each value reached backwards from ``starts`` (once), with the node of this graph computing it (None: a graph
-    input, an initializer or a value of an enclosing graph; ``Constant`` nodes count as None). The walk goes on
-    through what a node's output is computed from (:func:`_reads`), and stops at a value of a known non-float type
-    (a comparison's bool, an index, a Shape): it carries no rounding of what computed it."""
+    """Each value reached backwards from ``starts`` (once), with the node computing it (None: a graph input, an
+    initializer or a value of an enclosing graph; ``Constant`` nodes count as None): values of this graph, and the
+    values computed inside the subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies) on the way, with their nodes
+    there. The walk goes on through what a node's output is computed from (:func:`_reads`), and stops at a value of a
+    known non-float type (a comparison's bool, an index, a Shape): it carries no rounding of what computed it."""
     seen: set[str] = set()
     pending = list(starts)
     while pending:
@@ -222,7 +332,12 @@ def _float_walk(
         yield name, node
         if node is None or not _carries_rounding(elements.get(name)):
             continue
-        pending.extend(_reads(node, list(node.output).index(name), elements))
+        reads, inside = _reads(node, list(node.output).index(name), elements)
+        pending.extend(reads)
+        for inner in inside:
+            if inner[0] not in seen:
+                seen.add(inner[0])
+                yield inner
 
 
 def _subgraphs(node: onnx.NodeProto, attribute_name: str | None = None) -> list[onnx.GraphProto]:
@@ -234,20 +349,23 @@ def _subgraphs(node: onnx.NodeProto, attribute_name: str | None = None) -> list[
     ]
 
 
-def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> list[str]:
-    """The values of this graph (or enclosing ones) that node output ``index`` is computed from: a plain node's
-    inputs; an If's condition and what its branches carry into their output ``index``; a Loop's or a Scan's (opset 9
-    and later) initial values and scanned inputs of the states and inputs its body reaches from that output, and the
-    enclosing values the body carries there (:func:`_body_reads`); every input and enclosing value a subgraph reads
-    for another op with subgraphs."""
+_Computed = tuple[str, onnx.NodeProto]
+
+
+def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> tuple[list[str], list[_Computed]]:
+    """The values of this graph (or enclosing ones) that node output ``index`` is computed from, and the values its
+    subgraphs compute on the way (with their nodes): a plain node's inputs; an If's condition and what its branches
+    carry into their output ``index``; a Loop's or a Scan's (opset 9 and later) initial values and scanned inputs of
+    the states and inputs its body reaches from that output, and the enclosing values the body carries there
+    (:func:`_body_reads`); every input and enclosing value a subgraph reads for another op with subgraphs."""
     standard = node.domain in ("", "ai.onnx")
     if not _subgraphs(node):
-        return [name for name in node.input if name]
+        return [name for name in node.input if name], []
     loop = standard and node.op_type == "Loop"
     if loop or (standard and node.op_type == "Scan"):
         bodies = _subgraphs(node, "body")
         if len(bodies) != 1:
-            return [name for name in node.input if name]
+            return [name for name in node.input if name], []
         body = bodies[0]
         if loop:  # body inputs: iteration, condition, N states; outputs: condition, N states, scans; node: M, cond, N
             states = len(body.input) - 2
@@ -261,26 +379,30 @@ def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> lis
             start = index
             offset = len(node.input) - len(body.input)  # opset 8's sequence_lens first
             node_input = {position: offset + position for position in range(len(body.input))}
-        reached, outside = _body_reads(body, [start], state_outputs, elements)
+        reached, outside, computed = _body_reads(body, [start], state_outputs, elements)
         names = [
             node.input[node_input[p]] for p in sorted(reached) if p in node_input and node_input[p] < len(node.input)
         ]
-        return [name for name in names if name] + outside
+        return [name for name in names if name] + outside, computed
     branch = standard and node.op_type == "If"  # output index of the node is the branch's own
     names = [name for name in node.input if name]
+    inside: list[_Computed] = []
     for graph in _subgraphs(node):
         outputs = [index] if branch else list(range(len(graph.output)))
-        names += _body_reads(graph, outputs, {}, elements)[1]
-    return names
+        _, outside, computed = _body_reads(graph, outputs, {}, elements)
+        names += outside
+        inside += computed
+    return names, inside
 
 
 def _body_reads(
     graph: onnx.GraphProto, outputs: list[int], state_outputs: Mapping[int, int], elements: Mapping[str, int]
-) -> tuple[set[int], list[str]]:
+) -> tuple[set[int], list[str], list[_Computed]]:
     """Walked back from ``graph``'s outputs at positions ``outputs`` by the same rule: the positions of the graph
-    inputs reached and the enclosing values reached. A reached input that is a state (``state_outputs``: input
-    position → the output position the next iteration reads it from) adds that output to the walk, until nothing new
-    is reached; so a state counts for an output only where the output depends on it."""
+    inputs reached, the enclosing values reached, and the values computed in the graph (and its own subgraphs) on the
+    way, with their nodes. A reached input that is a state (``state_outputs``: input position → the output position
+    the next iteration reads it from) adds that output to the walk, until nothing new is reached; so a state counts
+    for an output only where the output depends on it."""
     producer = {name: inner for inner in graph.node for name in inner.output if name}
     positions = {value.name: position for position, value in enumerate(graph.input)}
     defined = set(producer) | set(positions) | {t.name for t in graph.initializer}
@@ -288,19 +410,22 @@ def _body_reads(
     pending = [position for position in outputs if 0 <= position < len(graph.output)]
     reached: set[int] = set()
     outside: list[str] = []
+    computed: dict[str, onnx.NodeProto] = {}
     while pending:
         walked.update(pending)
         starts = [graph.output[position].name for position in pending]
         pending = []
-        for name, _ in _float_walk(starts, producer, elements):
+        for name, inner in _float_walk(starts, producer, elements):
+            if inner is not None:
+                computed.setdefault(name, inner)
             if name in positions and positions[name] not in reached:
                 reached.add(positions[name])
                 follow = state_outputs.get(positions[name])
                 if follow is not None and follow not in walked and follow < len(graph.output):
                     pending.append(follow)
-            elif name not in defined and name not in outside:
+            elif inner is None and name not in defined and name not in outside:
                 outside.append(name)
-    return reached, outside
+    return reached, outside, list(computed.items())
 
 
 def _carries_rounding(element: int | None) -> bool:
