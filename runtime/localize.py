@@ -153,6 +153,9 @@ class Localisation:
     #: What a node-by-node localisation compared with, where not the ONNX reference evaluator: a repro bundle takes
     #: its sub-model's inputs and expected values from it too. Not reported (the message names it).
     oracle: NodeOracle | None = field(default=None, repr=False, compare=False)
+    #: The ONNX values of module outputs found to agree with PyTorch, and PyTorch's tensors there: where a repro
+    #: bundle cuts the graph to feed its sub-model PyTorch's own values (:mod:`runtime.repro`). Not reported.
+    agreed: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def first_module(self) -> str | None:
@@ -734,9 +737,12 @@ def _localise(
         reference = capture.outputs[boundary.module][index]
         floor = floors.floor(boundary.module, index) if floors is not None else None
         checks.append((boundary, _check(boundary, reference, actual, policy, floor)))
+        if checks[-1][1].passed:
+            result.agreed[boundary.value] = reference
     result.checks = [c for _, c in checks]
 
     verdicts: dict[int, BoundaryCheck] = {}  # boundary index -> its check on its prefix model (run once each)
+    prefix_agreed: dict[str, tuple[bool, np.ndarray]] = {}  # boundary value -> (passed, PyTorch's tensor) there
 
     def prefix_check(index: int) -> BoundaryCheck:
         if index not in verdicts:
@@ -747,6 +753,7 @@ def _localise(
             assert matched is not None
             floor = floors.floor(boundary.module, matched) if floors is not None else None
             verdicts[index] = _check(boundary, capture.outputs[boundary.module][matched], actual, policy, floor)
+            prefix_agreed[boundary.value] = (verdicts[index].passed, capture.outputs[boundary.module][matched])
         return verdicts[index]
 
     first_index = next((i for i, (_, c) in enumerate(checks) if not c.passed), None)
@@ -777,6 +784,8 @@ def _localise(
         first, last_passing = _walked_back(model, checks, high, prefix_check)
         result.first = verdicts[first]
         result.last_passing = checks[last_passing][1].module if last_passing is not None else None
+    if result.method == "bisect":  # the exposed run did not reproduce: only what the prefix models said counts
+        result.agreed = {value: tensor for value, (passed, tensor) in prefix_agreed.items() if passed}
     diverged_input = _diverged_input(model, runner, capture, result.first, policy, floors) if result.first else None
     result.prefix_runs = runner.count - 1
     if result.first is not None:

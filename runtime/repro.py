@@ -3,22 +3,21 @@
 On a failure, :func:`write_repro` writes into a folder (``bkn parity --repro DIR``, one
 sub-folder per failing runtime)::
 
-    model.onnx      the sub-model around the first diverging node (``onnx.utils.extract_model``:
-                    that node alone, its inputs as graph inputs), or the whole model when the
-                    failure was not localised to a node
-    inputs.json     its inputs, Polygraphy JSON (``polygraphy run --load-inputs``)
+    model.onnx      the sub-model around the first diverging value (``onnx.utils.extract_model``):
+                    after a localisation against PyTorch, the nodes computing that value from the
+                    nearest module outputs upstream that agreed with PyTorch (or from the model's
+                    inputs); after a node-by-node localisation, the diverging node alone, its inputs
+                    as graph inputs; the whole model when the failure was not localised to a node
+    inputs.json     its inputs, Polygraphy JSON (``polygraphy run --load-inputs``): PyTorch's tensors
+                    at the agreeing module outputs (and the run's inputs), or the oracle's values
+                    (the ONNX reference evaluator, or, where it failed in the run, the agreeing runtime
+                    the localisation compared with)
     expected.json   the expected outputs as a Polygraphy ``RunResults``, its runner named by where
-                    they come from: for a sub-model PyTorch's tensor at that value where the
-                    localisation matched one (runner ``pytorch``: the module's output, or the input
-                    it found diverging: what the file should compute), else the ONNX reference
-                    evaluator's (runner ``onnx-reference-evaluator``: ONNX's own semantics), or, where
-                    the evaluator failed in the run, the agreeing runtime's the localisation compared
-                    with (runner: its name; its values of the sub-model's inputs too); for
-                    the whole model the run's reference (runner ``expected``: PyTorch's outputs or
-                    the saved ones the run loaded). A sub-model with PyTorch's tensor as its expected
-                    value takes its inputs from the oracle only where the failing runtime's own values
-                    agree with them (PyTorch has none there); where they differ, the bundle is the
-                    whole model and its README names the inputs that differ
+                    they come from: PyTorch's tensor at the diverging value (runner ``pytorch``: the
+                    module's output, or the input it found diverging: what the file should compute),
+                    else the oracle's output of the node (runner ``onnx-reference-evaluator``: ONNX's
+                    own semantics, or the agreeing runtime's name); for the whole model the run's
+                    reference (runner ``expected``: PyTorch's outputs or the saved ones the run loaded)
     README.txt      what failed and the commands that re-check it (``bkn parity`` and ``polygraphy run``)
 
 The bundle is then re-run on the failing runtime and the README says whether it
@@ -38,6 +37,7 @@ import onnx
 from runtime._bkn import create_directories, save_onnx, write_text_atomic
 from runtime.compare import TolerancePolicy
 from runtime.localize import NodeOracle, evaluator_oracle
+from runtime.precision import value_types
 
 __all__ = ["write_repro"]
 
@@ -61,6 +61,74 @@ def _sub_model(model: onnx.ModelProto, value: str, workdir: Path) -> tuple[onnx.
     if len(model.functions) and not len(sub.functions):
         sub.functions.extend(model.functions)
     return sub, inputs
+
+
+def _pytorch_cut(
+    model: onnx.ModelProto, value: str, agreed: Mapping[str, np.ndarray], feed: Mapping[str, np.ndarray], workdir: Path
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None:
+    """The sub-model computing ``value`` from the nearest values upstream that agree with PyTorch (``agreed``: module
+    outputs the localisation found agreeing, with PyTorch's tensors there) or from the graph's inputs, with those
+    tensors as its inputs, and the README's description of it; None where ``value`` has no producer here.
+
+    Every input is PyTorch's own tensor (or the run's input), so the bundle holds all the nodes between what agrees and
+    what differs, the diverging one among them, whatever the file computes upstream: a node alone fed from a
+    runtime's or the evaluator's values took the file's own fault as its input where it sat in a block's own code
+    (``x + 0.55 * relu(...)``: the bundle was the final Add, which every runtime computes right)."""
+    producer = {name: node for node in model.graph.node for name in node.output if name}
+    if value not in producer:
+        return None
+    initializers = {t.name for t in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    inputs: dict[str, None] = {}
+    nodes: set[int] = set()
+    pending = [name for name in producer[value].input if name]
+    nodes.add(id(producer[value]))
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name in initializers:
+            continue
+        seen.add(name)
+        if name in agreed or name in graph_inputs:
+            inputs[name] = None
+            continue
+        if name not in producer:  # a value of no node, input or initializer here: no cut to make
+            return None
+        node = producer[name]
+        if id(node) not in nodes:
+            nodes.add(id(node))
+            pending.extend(n for n in node.input if n)
+    names = list(inputs)
+    source, target = workdir / "full.onnx", workdir / "cut.onnx"
+    save_onnx(model, source)
+    onnx.utils.extract_model(str(source), str(target), names, [value], check_model=False)
+    sub = onnx.load(str(target))
+    if len(model.functions) and not len(sub.functions):
+        sub.functions.extend(model.functions)
+    elements = value_types(model)
+    sub_feed = {
+        name: _as_declared(agreed[name], elements.get(name)) if name in agreed else feed[name] for name in names
+    }
+    from_pytorch = [name for name in names if name in agreed]
+    scope = (
+        f"the {len(sub.graph.node)} node(s) computing {value!r} from "
+        + (f"the values {', '.join(repr(n) for n in from_pytorch)}, where the file agreed with PyTorch" if from_pytorch
+           else "the model's inputs")
+        + "; inputs.json: PyTorch's tensors there (and the run's inputs); expected.json: PyTorch's tensor at "
+        f"{value!r} (what the file should compute)"
+    )  # fmt: skip
+    return sub, sub_feed, scope
+
+
+def _as_declared(array: np.ndarray, element: int | None) -> np.ndarray:
+    """PyTorch's tensor in the file's declared type for that value (a float16 file compared with a float32 model)."""
+    if element is None or element == onnx.TensorProto.UNDEFINED:
+        return array
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(element)
+    except Exception:  # a type numpy does not have
+        return array
+    return array if array.dtype == dtype else array.astype(dtype)
 
 
 def _evaluate(
@@ -112,23 +180,22 @@ def write_repro(
         first_value = None
     with tempfile.TemporaryDirectory(prefix="bkn-repro-") as tmp:
         workdir = Path(tmp)
-        cut = _sub_model(model, first_value, workdir) if first_value else None
-        unconfirmed = None
+        fed_by_pytorch = _pytorch_cut(model, str(first_value), loc.agreed, feed, workdir) if pytorch else None
+        cut = _sub_model(model, first_value, workdir) if first_value and fed_by_pytorch is None else None
         if cut is not None:
             sub, input_names = cut
             values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx", chosen)
             sub_feed = {name: values[name] if name in values else feed[name] for name in input_names}
-            if pytorch:  # PyTorch has no tensor there: the oracle's inputs count where the failing runtime's agree
-                unconfirmed = _unconfirmed_inputs(model, entry, feed, sub_feed, workdir, policy)
-                if unconfirmed is not None:
-                    cut = None
-        if cut is not None:
+        if fed_by_pytorch is not None:
+            sub, sub_feed, scope = fed_by_pytorch
+            expected, runner = {str(first_value): loc.expected}, "pytorch"
+        elif cut is not None:
             node = _node_of(model, str(first_value))
             assert node is not None  # _sub_model found it
             scope = f"the node producing {first_value!r} ({node.op_type}, node {node.name!r})"
             if pytorch:
                 expected, runner = {str(first_value): loc.expected}, "pytorch"
-                scope += "; expected.json: PyTorch's tensor there (what the file should compute)"
+                scope += f"; inputs.json: {chosen.name}'s values; expected.json: PyTorch's tensor there"
             elif default_oracle:
                 expected = _evaluate(sub, sub_feed, workdir, "expected.onnx", chosen)
                 runner = "onnx-reference-evaluator"
@@ -144,11 +211,6 @@ def write_repro(
             sub_feed = dict(feed)
             expected, runner = dict(reference_outputs), "expected"
             scope = f"the whole model {model_path.name} (the failure was not localised to a node)"
-            if unconfirmed is not None:
-                scope = (
-                    f"the whole model {model_path.name} (the failure was localised to the node producing "
-                    f"{first_value!r}, but {unconfirmed}, so a sub-model around it would not say which is wrong)"
-                )
             if unfed:
                 scope = (
                     f"the whole model {model_path.name} (the failure was localised, but nothing trustworthy here "
@@ -171,42 +233,6 @@ def write_repro(
     )
     write_text_atomic(directory / "README.txt", readme)
     return f"repro bundle for {entry.name} in {directory} (reproduces: {reproduces}): {command}"
-
-
-def _unconfirmed_inputs(
-    model: onnx.ModelProto,
-    entry: Any,
-    feed: Mapping[str, np.ndarray],
-    sub_feed: Mapping[str, np.ndarray],
-    workdir: Path,
-    policy: TolerancePolicy,
-) -> str | None:
-    """None where the failing runtime's own values of the sub-model's inputs agree with ``sub_feed`` (the oracle's:
-    two computations agree, and the values upstream agreed with PyTorch); else why they are not confirmed: the inputs
-    that differ (the divergence begins upstream of the node, or the oracle is wrong there), or the runtime could not
-    compute them."""
-    from runtime.onnx_scopes import with_outputs
-
-    computed = [name for name in sub_feed if name not in feed]
-    if not computed:
-        return None
-    path = workdir / "own.onnx"
-    save_onnx(with_outputs(model, computed), path)
-    try:
-        backend = entry.make()
-        backend.load(str(path))
-        own = backend.run(dict(feed))
-    except Exception as error:
-        return f"{entry.name} could not compute its inputs to compare ({type(error).__name__}: {error})"
-    differing = [
-        name for name in computed if name not in own or not policy.judge(name, sub_feed[name], own[name]).passed
-    ]
-    if not differing:
-        return None
-    return (
-        f"{entry.name}'s own values of its input(s) {', '.join(repr(name) for name in differing)} already differ from "
-        "the oracle's (the divergence begins upstream of that node, inside the layer, or the oracle is wrong there)"
-    )
 
 
 def _polygraphy_line(runtime: str, directory: Path) -> str:

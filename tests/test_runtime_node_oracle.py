@@ -230,12 +230,12 @@ def _planted_bn_file(tmp_path: Path, model: nn.Module, x: torch.Tensor, opset: i
     return path, proto
 
 
-def test_a_bundle_against_pytorch_takes_no_inputs_the_failing_runtime_disputes(tmp_path: Path) -> None:
-    """A localisation against PyTorch names a node whose expected value is PyTorch's tensor, but PyTorch has none for
-    the node's inputs: the bundle took them from the ONNX reference evaluator unjudged. Where that is wrong (onnx 1.23
-    computes an opset-13 BatchNormalization with batch statistics), ONNX Runtime's Conv was fed the wrong input and
-    "reproduced" the failure whatever the Conv computes. Now the oracle's inputs are used where the failing runtime's
-    own agree with them; else the bundle is the whole model and says which inputs differ."""
+def test_a_bundle_against_pytorch_is_fed_pytorchs_own_tensors(tmp_path: Path) -> None:
+    """A localisation against PyTorch names a value whose expected tensor is PyTorch's; the bundle took the inputs of
+    the node computing it from the ONNX reference evaluator, unjudged. Where that is wrong (onnx 1.23 computes an
+    opset-13 BatchNormalization with batch statistics), ONNX Runtime's Conv was fed a wrong input and "reproduced"
+    the failure whatever the Conv computed. Now the sub-model starts at the module outputs that agreed with PyTorch,
+    fed PyTorch's tensors there: no oracle is involved."""
     from runtime.backends.base import Availability
     from runtime.backends.ort import OnnxRuntimeBackend
     from runtime.localize import Localisation
@@ -249,28 +249,64 @@ def test_a_bundle_against_pytorch_takes_no_inputs_the_failing_runtime_disputes(t
         model[2].running_var.uniform_(0.5, 2)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        expected = model(x).numpy()
-    feed = {"x": x.numpy()}
+        normalized, expected = model[:3](x).numpy(), model(x).numpy()
+    path, proto = _planted_bn_file(tmp_path, model, x, 13)
 
     def make() -> OnnxRuntimeBackend:
         return OnnxRuntimeBackend("CPUExecutionProvider", "all")
 
     entry = RuntimeEntry("ort:cpu:all", Availability(True, ""), make)
+    found = Localisation("ort:cpu:all", "localised", expected_value="y", expected=expected)
+    found.agreed = {proto.graph.node[2].output[0]: normalized}  # the BatchNorm module's output agreed
 
-    class _Result:  # the module localisation's finding: the last Conv's output differs from PyTorch's
-        localisation = Localisation("ort:cpu:all", "localised", expected_value="y", expected=expected)
+    class _Result:
+        localisation = found
 
-    path, proto = _planted_bn_file(tmp_path, model, x, 13)
-    note = write_repro(proto, path, entry, feed, {"y": expected}, _Result(), tmp_path / "disputed")
-    readme = (tmp_path / "disputed" / "README.txt").read_text()
-    assert "the whole model" in readme and "already differ from the oracle's" in readme, readme
-    bundled = onnx.load(str(tmp_path / "disputed" / "model.onnx"))
-    assert [node.op_type for node in bundled.graph.node] == [node.op_type for node in proto.graph.node]
-    assert "reproduces: yes" in note
-    # where the evaluator computes the BatchNormalization right (opset 14) the two agree: the node alone
-    path, proto = _planted_bn_file(tmp_path, model, x, 14)
-    note = write_repro(proto, path, entry, feed, {"y": expected}, _Result(), tmp_path / "agreed")
-    readme = (tmp_path / "agreed" / "README.txt").read_text()
-    assert "PyTorch's tensor there" in readme, readme
-    assert [node.op_type for node in onnx.load(str(tmp_path / "agreed" / "model.onnx")).graph.node] == ["Conv"]
-    assert "reproduces: yes" in note
+    note = write_repro(proto, path, entry, {"x": x.numpy()}, {"y": expected}, _Result(), tmp_path / "bundle")
+    readme = (tmp_path / "bundle" / "README.txt").read_text()
+    assert "PyTorch's tensors there" in readme and "where the file agreed with PyTorch" in readme, readme
+    assert [node.op_type for node in onnx.load(str(tmp_path / "bundle" / "model.onnx")).graph.node] == ["Conv"]
+    assert "reproduces: yes" in note  # the planted Conv weight, on PyTorch's own input
+    (inputs,) = json.loads((tmp_path / "bundle" / "inputs.json").read_text())
+    assert list(inputs) == [proto.graph.node[2].output[0]]
+
+
+class _Block(nn.Module):
+    """A residual block with its own code around its modules: ``x + 0.5 * relu(bn(conv(x)))``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1), BatchKalmanNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.5 * torch.relu(self.bn(self.conv(x)))
+
+
+def test_a_fault_in_a_blocks_own_code_is_inside_its_bundle(tmp_path: Path) -> None:
+    """Cold QA (2026-12-07): the 0.5 of the second block's own code changed to 0.55. The localisation named the block,
+    but the bundle was its final Add alone, fed the faulty product as an input: a node every runtime computes right,
+    "reproducing" the failure. Now the bundle is the block's nodes from its agreeing input and its submodules' agreeing
+    outputs, the faulty Mul among them, fed PyTorch's tensors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchKalmanNorm2d(8), _Block(8), _Block(8)).eval()
+    path = tmp_path / "blocks.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, torch.randn(2, 3, 8, 8), path)
+    proto = onnx.load(str(path))
+    multiplies = [node for node in proto.graph.node if node.op_type == "Mul"]
+    assert len(multiplies) == 2
+    faulty = multiplies[-1]
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(0.55, np.float32), "scale_of_the_second_block"))
+    constant = next(i for i, name in enumerate(faulty.input) if name not in {n.output[0] for n in proto.graph.node})
+    faulty.input[constant] = "scale_of_the_second_block"
+    planted = tmp_path / "planted.onnx"
+    onnx.save(proto, str(planted))
+    report = run_parity(model, planted, runtimes="ort:cpu:all", repro_dir=tmp_path / "repro")
+    (result,) = report.runtimes
+    assert result.localisation is not None and result.localisation.first_module == "3", result.localisation.message
+    bundled = onnx.load(str(tmp_path / "repro" / "ort_cpu_all" / "model.onnx"))
+    assert faulty.name in [node.name for node in bundled.graph.node]
+    assert "scale_of_the_second_block" in [t.name for t in bundled.graph.initializer]
+    (bundle_note,) = [note for note in report.notes if "repro bundle for ort:cpu:all" in note]
+    assert "reproduces: yes" in bundle_note
