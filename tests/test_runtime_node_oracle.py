@@ -310,3 +310,28 @@ def test_a_fault_in_a_blocks_own_code_is_inside_its_bundle(tmp_path: Path) -> No
     assert "scale_of_the_second_block" in [t.name for t in bundled.graph.initializer]
     (bundle_note,) = [note for note in report.notes if "repro bundle for ort:cpu:all" in note]
     assert "reproduces: yes" in bundle_note
+
+
+def test_a_file_whose_every_node_agrees_with_the_evaluator_is_named_as_the_difference(tmp_path: Path) -> None:
+    """A file without exporter metadata whose middle conv weight is 5 % off: every runtime fails, each node agrees with
+    the evaluator, nothing is localised. The message said "the difference is in the graph outputs' last nodes" (cold
+    QA, 2026-12-07); it names the file itself (or the reference) instead, the cause it is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    path = tmp_path / "plain.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+    proto = onnx.load(str(path))
+    weight = [node for node in proto.graph.node if node.op_type == "Conv"][1].input[1]
+    for tensor in proto.graph.initializer:
+        if tensor.name == weight:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(1.05), weight))
+    onnx.save(proto, str(path))
+    report = run_parity(model, path, [x.numpy()], runtimes="ort:cpu:all,reference")
+    assert [result.status for result in report.runtimes] == ["failed", "failed"]
+    found = next(result.localisation for result in report.runtimes if result.runtime == "ort:cpu:all")
+    assert found is not None and found.status == "not_localised"
+    assert "the file itself computes something else than the reference" in found.message
+    assert "last nodes" not in found.message
