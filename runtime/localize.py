@@ -477,9 +477,9 @@ def _localise_nodes(
                 inherited += 1
     result.prefix_runs = runner.count
     result.message = (
-        f"every node output agrees with {stated}, so the runtime computes this file as ONNX defines it: the file "
-        "itself computes something else than the reference (PyTorch / saved outputs): a wrong weight or op in the "
-        "file, or a reference that is not this file's"
+        f"every node output agrees with {stated}, so the runtime computes this file as ONNX defines it: the "
+        "reference (PyTorch / saved outputs) differs from ONNX's semantics of this file: the file itself computes "
+        "something else (a wrong weight or op in it), or the reference is not this file's"
         if not inherited
         else f"no node, run alone from {against}'s inputs, computes a difference of its own"
         + _inherited_note(inherited, "", against)
