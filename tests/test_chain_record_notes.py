@@ -275,3 +275,55 @@ def test_a_sum_of_padded_convs_is_named_as_approximate() -> None:
     for model in (_TwoSourceSum(kernel_b=1), _TwoSourceSum(padding=0)):
         notes = record_dataflow(model, torch.randn(2, 3, 6, 6))["bnc"].notes
         assert not any("means that vary with position" in note for note in notes), notes
+
+
+class _TransposedSum(nn.Module):
+    """Two sources, each through a ConvTranspose2d(k=2, stride=2), summed: each addend's mean alternates with the
+    output position's phase (no padding anywhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bna = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv1, self.bnb = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.ta, self.tb = nn.ConvTranspose2d(4, 4, 2, stride=2), nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.bnz = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bnz(self.ta(F.relu(self.bna(self.conv0(x)))) + self.tb(F.relu(self.bnb(self.conv1(x)))))
+
+
+class _UncountedPadSum(_TwoSourceSum):
+    """Average pools that do not count their padding: every window's mean is the input's, positions stay alike."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.avg_pool2d(F.relu(self.bna(self.conv0(x))), 3, 1, 1, count_include_pad=False)
+        b = F.avg_pool2d(F.relu(self.bnb(self.conv1(x))), 3, 1, 1, count_include_pad=False)
+        return self.bnc(a + b)
+
+
+def test_the_bordered_sum_note_covers_transposed_phases_not_uncounted_padding() -> None:
+    """Review of the note: a sum of two strided transposed convs (variance 13 % low) had none; a padded average pool
+    that does not count its padding (the prior within 0.8 %) had one."""
+    notes = record_dataflow(_TransposedSum(), torch.randn(2, 3, 4, 4))["bnz"].notes
+    assert any("phases of a strided transposed conv" in note for note in notes), notes
+    notes = record_dataflow(_UncountedPadSum(), torch.randn(2, 3, 6, 6))["bnc"].notes
+    assert not any("means that vary with position" in note for note in notes), notes
+
+
+class _WeightOnly(nn.Module):
+    """A hand-written conv: a weight parameter and ``F.conv2d``, no ``bias`` attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, 3, 3) * 0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, padding=1)
+
+
+def test_a_functional_conv_of_a_module_without_bias_is_opaque_not_a_crash() -> None:
+    """``module.bias`` of a module that has none raised inside the recorder, reported as "pass example_inputs the
+    model accepts" (review, 2026-12-07); the call cannot carry moments and says so."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), _WeightOnly(), nn.BatchNorm2d(4))
+    notes = record_dataflow(model, torch.randn(2, 3, 8, 8))["4"].notes
+    assert any("cannot carry moments" in note for note in notes), notes

@@ -150,3 +150,65 @@ def test_a_checkpoint_keeps_no_mark_so_earlier_ones_load() -> None:
     assert "input_padding_fixed" not in json.dumps(state["bn1._extra_state"], default=str)
     fresh = _converted(_SamePadded())
     fresh.load_state_dict(state)
+
+
+class _PooledBranch(nn.Module):
+    """DeepLab's image pooling: global pool → conv → BN (1 × 1 at every size) → resample to the input's size → conv →
+    BN. The source's size never changes; the resample's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.relu(self.bn0(self.conv0(F.adaptive_avg_pool2d(x, 1))))
+        return self.bn1(self.conv1(F.interpolate(pooled, size=x.shape[2:], mode="nearest")))
+
+
+class _Viewed(nn.Module):
+    """A view whose spatial sizes come from the input: recorded as the example's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn0(self.conv0(x)))
+        n, c, h, w = y.shape
+        return self.bn1(self.conv1(y.flatten(2).view(n, c, h, w)))
+
+
+@pytest.mark.parametrize("model", [_PooledBranch(), _Viewed()], ids=["pooled-source", "view"])
+def test_a_stale_path_is_found_by_the_layers_own_input_size_and_reshapes_are_marked(model: nn.Module) -> None:
+    """Review of the fix: a source pooled to 1 × 1 keeps its size at every input size, so comparing the source's size
+    missed the stale resample (prior mean 38 % of the scale off at 16 × 16); a view's recorded sizes were not marked
+    (mean 34 % off). The layer's own input size is compared too, and reshapes are marked."""
+    model = _converted(model, 4)
+    at_example, warned = _statistics(model, 4)
+    assert at_example["bn1"].prior_mean is not None and not warned  # type: ignore[attr-defined]
+    elsewhere, warned = _statistics(model, 16)
+    assert elsewhere["bn1"].prior_mean is None and elsewhere["bn1"].unrun  # type: ignore[attr-defined]
+    assert any("'bn1'" in message for message in warned)
+
+
+def test_torch_export_with_symbolic_sizes_refuses_a_path_given_at_the_wiring_size() -> None:
+    """Review of the fix: ``torch.export`` of the train-mode model with symbolic H, W computed the stale path at every
+    size (2.02 off eager at 16 × 16). It raises, naming the path; static sizes export."""
+    model = _converted(_SamePadded()).train()
+    x = torch.randn(2, 3, 8, 8)
+    height, width = torch.export.Dim("height", min=4, max=64), torch.export.Dim("width", min=4, max=64)
+    with pytest.raises(Exception, match="symbolic spatial sizes"):
+        torch.export.export(model, (x,), dynamic_shapes=({2: height, 3: width},))
+    torch.export.export(model, (x,))
+
+
+def test_a_checkpoint_of_another_wiring_size_names_the_padding_that_differs() -> None:
+    """Loading a checkpoint wired at 8 × 8 into the model wired at 9 × 9 (as the warning advises) is refused; the
+    error printed the same step list twice ("saved [relu -> conv dw], this model [relu -> conv dw]")."""
+    from bkn_export.errors import ChainWiringError
+
+    state = _converted(_SamePadded(), 8).state_dict()
+    with pytest.raises(ChainWiringError, match=r"'input_padding': \[\[0, 1\], \[0, 1\]\].*'input_padding': \[\[1, 1\]"):
+        _converted(_SamePadded(), 9).load_state_dict(state)

@@ -31,11 +31,13 @@ class ChainMembership:
     """A layer's place in the chain of ``root``.
 
     root: the wired root's token (None: a standalone layer, which only reports to
-    observers); wiring: the layer's :class:`Wiring`.
+    observers); wiring: the layer's :class:`Wiring`; input_spatial: the spatial size of the layer's input in the
+    example forward the chain was wired on (None: not known), which a path holding a size given at that size needs.
     """
 
     root: ChainRoot | None = field(compare=False, repr=False)
     wiring: Wiring
+    input_spatial: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
     _transition: Transition | None = field(init=False, compare=False, repr=False)
     #: The normalization layers whose posteriors reach this layer (``wiring.source_names``).
     _sources: tuple[str, ...] = field(init=False, compare=False, repr=False)
@@ -113,7 +115,7 @@ class ChainMembership:
                 unpublished = self._unpublished(scratch)
                 if unrun or unpublished:
                     self._warn([self._describe(i, m) for i, m in unrun.items()] + unpublished)
-                resized = self._resized(scratch) if self._size_bound else {}
+                resized = self._resized(scratch, tuple(x.shape[2:])) if self._size_bound else {}
                 if resized:
                     self._warn_resized(list(resized.values()))
                 replaced = [  # where the example forward did the same, the latest is the input
@@ -134,26 +136,35 @@ class ChainMembership:
             observer.saw_prior(layer, prior, absent)
         return prior
 
-    def _resized(self, scratch: ChainScratch) -> dict[int, str]:
-        """Index into ``wiring.sources`` → why that path counts as absent in this call: its steps hold a padding or
-        resample size computed at the wiring example's spatial size, and its source's output has another size now.
-        Not checked while torch.export or a jit trace records the call (a size comparison there would specialise the
-        exported graph to the example's size)."""
+    def _resized(self, scratch: ChainScratch, spatial: tuple[Any, ...]) -> dict[int, str]:
+        """Index into ``wiring.sources`` → why that path counts as absent in this call: its steps hold a padding,
+        resample size or reshape given at the wiring example's spatial size, and this call runs another size: its
+        source's output, or this layer's input (``spatial``; a source pooled to 1 × 1 at every size, then resampled
+        to the input's size), has another size than in the example forward. While torch.export or a jit trace
+        records the call with symbolic spatial sizes, such a path raises :class:`ChainWiringError`: the graph would
+        compute it at every size (eager training leaves it out at other sizes)."""
         shapes = {name: published.input_shape for name, published in scratch.published.items()}
         traced = torch.compiler.is_exporting() or torch.jit.is_tracing()
-        if traced and not all(type(d) is int for shape in shapes.values() for d in shape[2:]):
-            return {}  # symbolic sizes (dynamic_spatial): bkn_export.export refuses such paths before it traces
+        if traced and not all(type(d) is int for shape in (*shapes.values(), (0, 0, *spatial)) for d in shape[2:]):
+            raise ChainWiringError(
+                f"BKN layer '{self.wiring.name}': the model is traced (torch.export / jit) with symbolic spatial "
+                f"sizes, and its prior's path holds what the forward gave at the wiring size ({self.size_bound[0]}); "
+                "the traced graph would compute that path at every size, where the network may pad, resample or "
+                "reshape otherwise. Trace at static spatial sizes (the size the chain was wired at), or in eval mode"
+            )
         found = {}
         for index in self._size_bound:
             path = self.wiring.sources[index]
             changed = path.resized(shapes)
             if changed is not None:
                 source, recorded, now = changed
-                bound = "; ".join(dict.fromkeys(path.size_bound()))
-                found[index] = (
-                    f"{path.describe()}: {bound} was given at the wiring size ('{source}' output "
-                    f"{list(recorded)}); '{source}' outputs {list(now)} in this call"
-                )
+                where = f"'{source}' outputs {list(now)} in this call, {list(recorded)} when wired"
+            elif self.input_spatial is not None and spatial != self.input_spatial:
+                where = f"this layer's input is {list(spatial)} in this call, {list(self.input_spatial)} when wired"
+            else:
+                continue
+            bound = "; ".join(dict.fromkeys(path.size_bound()))
+            found[index] = f"{path.describe()}: {bound} was given at the wiring size; {where}"
         if found and traced:  # a file would compute the stale path, where eager training leaves it out
             raise ChainWiringError(
                 f"BKN layer '{self.wiring.name}': the example inputs run another size than the chain was wired at "
@@ -261,15 +272,14 @@ class ChainMembership:
     def _warn_resized(self, problems: list[str]) -> None:
         _warn_once(
             self._warned_resized,
-            f"BKN layer '{self.wiring.name}': a recorded path holds a padding or resample size given to F.pad / "
-            "F.interpolate(size=...) when the chain was wired, which the forward may compute from the input's size "
-            "(TF-style 'same' padding, size=skip.shape[2:]; the chain cannot tell it from a constant), and this call "
-            f"runs another size ({'; '.join(problems)}). At this "
-            "size the network pads or resamples "
-            "otherwise, so the recorded path does not predict its statistics: that source counts as absent (no prior "
-            "on its channels; none at all where it is an addend of a sum: BatchNorm statistics there). Wire the chain "
-            "at the size you train at (bkn_export.wire_chain(model, example_inputs)). Warned once per layer; "
-            "chain_statistics shows every call.",
+            f"BKN layer '{self.wiring.name}': a recorded path holds a padding, resample size or reshape that the "
+            "forward gave at the wiring size (F.pad, F.interpolate(size=...), view / reshape), which it may compute "
+            "from the input's size (TF-style 'same' padding, size=skip.shape[2:]; the chain cannot tell that from a "
+            f"constant), and this call runs another size ({'; '.join(problems)}). At this size the network may pad, "
+            "resample or reshape otherwise, and the recorded path cannot say whether it does, so that source counts "
+            "as absent (no prior on its channels; none at all where it is an addend of a sum: BatchNorm statistics "
+            "there). Wire the chain at the size you train at (bkn_export.wire_chain(model, example_inputs)). Warned "
+            "once per layer; chain_statistics shows every call.",
             stacklevel=2,
         )
 

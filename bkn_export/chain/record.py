@@ -1005,7 +1005,7 @@ class _Recorder(TorchFunctionMode):
         module = None if owner is None else self._module(owner)
         if owner is None or module is None:
             raise _Unsupported(label, "a weight that is no Conv/Linear module's parameter")
-        if _arg(args, kwargs, 2, "bias") is not module.bias:
+        if _arg(args, kwargs, 2, "bias") is not getattr(module, "bias", None):
             raise _Unsupported(label, f"a bias other than the one of its module '{owner}'")
         if func is F.linear:
             if not isinstance(module, nn.Linear):
@@ -1766,11 +1766,11 @@ def shared_sources_note(combine: str, parts: Sequence[SourcePath], where: str) -
 def bordered_addends_note(
     combine: str, parts: Sequence[SourcePath], where: str, modules: Mapping[str, nn.Module]
 ) -> str | None:
-    """The note for a sum of two or more addends whose means vary with position (each path has a zero-padded conv or
-    a padded pooling: border positions read zeros), or None. Pooled over positions, Var(a + b) = Var(a) + Var(b) +
-    2 Cov_p(M_a(p), M_b(p)); the moments add the pooled variances and leave out that covariance of the addends'
-    positional means, which the shared border pattern makes positive (cold QA, 2026-12-07: 45 % low on a sum of two
-    3 × 3 convs at 4 × 4, up to 7.5 % in MONAI's HighResNet)."""
+    """The note for a sum of two or more addends whose means vary with position (each path has a zero-padded conv, a
+    strided transposed conv or a padded pooling: :func:`_bordering_step`), or None. Pooled over positions, Var(a
+    + b) = Var(a) + Var(b) + 2 Cov_p(M_a(p), M_b(p)); the moments add the pooled variances and leave out that
+    covariance of the addends' positional means, which the shared border pattern makes positive (cold QA,
+    2026-12-07: 45 % low on a sum of two 3 × 3 convs at 4 × 4, up to 7.5 % in MONAI's HighResNet)."""
     if combine != "sum":
         return None
     bordered = [(index, found) for index, part in enumerate(parts) if (found := _bordering_step(part, modules))]
@@ -1779,32 +1779,37 @@ def bordered_addends_note(
     named = "; ".join(f"addend {index}: {step}" for index, step in bordered[:4])
     return (
         f"{where}approximate variance: addends of this sum have means that vary with position (zero padding at the "
-        f"borders: {named}), and the sum adds their pooled variances, leaving out the covariance of those means "
-        "across positions"
+        f"borders, or the phases of a strided transposed conv: {named}), and the sum adds their pooled variances, "
+        "leaving out the covariance of those means across positions"
     )
 
 
 def _bordering_step(path: SourcePath, modules: Mapping[str, nn.Module]) -> str | None:
-    """The first step of ``path`` (or its origin's parts) that reads zeros at the borders: a conv with zero padding
-    (its own, or a pad folded in) or a padded pooling; None where none does."""
+    """The first step of ``path`` (or its origin's parts) after which the mean varies with position: a conv that reads
+    zeros at the borders (its own zero padding, or a pad folded in), a strided transposed conv (each output phase
+    sums other taps), a padded pooling that counts the padding (average with ``count_include_pad``, max); None where
+    none does."""
     for step in (*(s for part in (path.origin.sources if path.origin else ()) for s in part.steps), *path.steps):
         members = step.steps if isinstance(step, LinearRun) else (step,)
         for member in members:
             if isinstance(member, Affine) and member.kind == "conv":
                 layer = modules.get(member.module)
+                conv = layer if isinstance(layer, nn.modules.conv._ConvNd) else None
                 own = (
-                    isinstance(layer, nn.modules.conv._ConvNd)
-                    and layer.padding_mode == "zeros"
-                    and (layer.padding == "same" or any(p > 0 for p in layer.padding if isinstance(p, int)))
+                    conv is not None
+                    and conv.padding_mode == "zeros"
+                    and (conv.padding == "same" or any(p > 0 for p in conv.padding if isinstance(p, int)))
                 )
                 folded = (
                     member.input_padding is not None
                     and member.input_padding_mode == "zeros"
                     and any(side for pair in member.input_padding for side in pair)
                 )
-                if own or folded:
+                phased = conv is not None and conv.transposed and any(s > 1 for s in conv.stride)
+                if own or folded or phased:
                     return member.describe()
-            if isinstance(member, Pool) and any(member.spec.padding):
+            counted = isinstance(member, Pool) and (member.spec.kind == "max" or member.spec.count_include_pad)
+            if isinstance(member, Pool) and any(member.spec.padding) and counted:
                 return member.describe()
     return None
 

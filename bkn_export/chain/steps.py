@@ -261,13 +261,18 @@ _WIRING_SIZE = " (as given at the wiring size)"
 
 
 def size_bound(step: Any) -> str | None:
-    """What of ``step`` was computed at the wiring example's spatial size by a call that may compute it from the
-    input's size (an ``F.pad`` before a conv: TF-style "same" padding; ``F.interpolate(size=...)``), or None: at
-    another size the network computes another padding or size, and the recorded step no longer predicts it."""
+    """What of ``step`` was given at the wiring example's spatial size by a call that may compute it from the input's
+    size (an ``F.pad`` before a conv: TF-style "same" padding; ``F.interpolate(size=...)``; a view / reshape's
+    spatial sizes, in a linear run too), or None: at another size the network may compute another padding, size or
+    shape, and the recorded step no longer predicts it."""
     if isinstance(step, Affine) and step.input_padding is not None and not step.input_padding_fixed:
         return f"the padding {[list(pair) for pair in step.input_padding]} before '{step.module}'"
     if isinstance(step, Resample) and step.spec.size is not None and not step.size_fixed:
         return f"the resample size {step.spec.size}"
+    if isinstance(step, Reshape):
+        return f"the {step.describe()}"
+    if isinstance(step, LinearRun):
+        return next((found for member in step.steps if (found := size_bound(member)) is not None), None)
     return None
 
 

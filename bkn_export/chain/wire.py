@@ -93,8 +93,9 @@ def wire_chain(
         wirings.append((layer, plan_wiring(record, layer.options, order, features, layer.num_features)))
     # The modules on the paths: each forward checks that they ran (bkn_export.chain.scope).
     root.watched = watch_modules(model, root, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
+    inputs = {record.name: tuple(record.input_shape[2:]) for record in recorded.layers}
     for layer, wiring in wirings:
-        layer.join_chain(ChainMembership(root, wiring), wiring.previous_features)
+        layer.join_chain(ChainMembership(root, wiring, inputs.get(wiring.name)), wiring.previous_features)
     _warn_about_hooks(modules, [w for _, w in wirings if w.transition == "propagate" or w.transition == "sampled"])
     for name, module in modules.items():
         if isinstance(module, _BatchKalmanNorm) and name not in order:

@@ -180,6 +180,15 @@ def _steps_text(steps: Any) -> str:
     return "[" + " -> ".join(parts) + "]"
 
 
+def _settings_differ(saved: list[Any], current: list[Any]) -> tuple[str, str]:
+    """The first pair of steps of one kind whose settings differ, as their saved dicts (a padding given at another
+    wiring size: ``input_padding`` [[0, 1], [0, 1]] against [[1, 1], [1, 1]])."""
+    for a, b in zip(saved, current):
+        if a != b:
+            return f"step {a!r}", f"step {b!r}"
+    return _steps_text(saved), _steps_text(current)
+
+
 def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], where: str = "") -> list[str]:
     """'field: saved X, this model Y' for every field that differs (sources path by path, steps as lists)."""
     found = []
@@ -195,7 +204,10 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], where: st
         elif key == "origin" and isinstance(a, Mapping) and isinstance(b, Mapping):
             found += _differences(a, b, f"{name}.")
         elif key == "steps":
-            found.append(f"{name}: saved {_steps_text(a)}, this model {_steps_text(b)}")
+            text_a, text_b = _steps_text(a), _steps_text(b)
+            if text_a == text_b and isinstance(a, list) and isinstance(b, list):  # the steps' settings differ
+                text_a, text_b = _settings_differ(a, b)
+            found.append(f"{name}: saved {text_a}, this model {text_b}")
         elif key == "sources":
             found.append(f"{name}: saved {len(a or [])} path(s), this model {len(b or [])}")
         else:
