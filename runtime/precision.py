@@ -27,8 +27,10 @@ it does not make the output a narrower type's result.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections import ChainMap
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -50,26 +52,19 @@ def computed_precision(model: onnx.ModelProto) -> dict[str, str]:
 
     model (N nodes, V named values): one pass over the nodes to map producers, one backward walk per output, so
     O(outputs · (N + V)) at worst. Outputs not listed: computed at their own precision, or not float."""
-    types, elements = _float_types(model)
+    elements = _scoped_types(model)
     producer = {name: node for node in model.graph.node for name in node.output if name}
     exact = _exact_values(model, elements)
     narrower = {}
     for output in model.graph.output:
-        own = types.get(output.name)
+        own = _NAMES.get(elements.get(output.name, onnx.TensorProto.UNDEFINED))
         if own is None:
             continue
-        ancestors = _computed_ancestors(output.name, producer, elements)
-        narrowest = _narrowest(types.get(name) for name in ancestors if name not in exact)
+        ancestors = _computed_ancestors(output.name, producer, elements, exact)
+        narrowest = _narrowest(_NAMES.get(element) for element in ancestors if element is not None)
         if narrowest is not None and FLOAT_PRECISION[narrowest] < FLOAT_PRECISION[own]:
             narrower[output.name] = narrowest
     return narrower
-
-
-def _float_types(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, int]]:
-    """Value name → float type name, and value name → ONNX element type (any): :func:`value_types`."""
-    elements = value_types(model)
-    types = {value: _NAMES[element] for value, element in elements.items() if element in _NAMES}
-    return types, elements
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -134,15 +129,83 @@ _SAME_VALUES: dict[str, tuple[int, ...] | None] = {
 
 @dataclass(frozen=True)
 class _Dyadic:
-    """Values known to be integer multiples of 2^-``step`` with magnitude at most ``bound``."""
+    """Values known to be integer multiples of 2^-``step`` with magnitude at most ``bound`` (``step`` above
+    :data:`_NOT_DYADIC`: not multiples of any 2^-e that is known), and, where they are few, the values themselves."""
 
     bound: float
     step: int = 0
+    values: frozenset[float] | None = None
 
     def exact_in(self, name: str) -> bool:
-        """Whether float type ``name`` holds every such value exactly (the significand and the finest step fit)."""
+        """Whether float type ``name`` holds every such value exactly (each of the values where they are known; else
+        the significand and the finest step fit)."""
+        if self.values is not None:
+            return all(_holds(name, value) for value in self.values)
         bits, finest = _EXACT_BITS[name]
         return self.step <= finest and self.bound * 2.0**self.step <= 2.0**bits
+
+
+#: A step no float type reaches: values that are not known multiples of a power of two.
+_NOT_DYADIC = 10**6
+#: The most values a :class:`_Dyadic` keeps one by one (a mask's {0, 1}, a bias's {0, -10000}).
+_FEW_VALUES = 64
+
+
+def _holds(name: str, value: float) -> bool:
+    """Whether float type ``name`` represents ``value`` exactly (and finitely)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        dtype: Any = ml_dtypes.bfloat16
+    else:
+        dtype = {"float16": np.float16, "float32": np.float32, "float64": np.float64}[name]
+    with np.errstate(over="ignore"):
+        rounded = float(np.asarray(value, dtype=np.float64).astype(dtype))
+    return math.isfinite(rounded) and rounded == value
+
+
+def _of_values(values: Iterable[float]) -> _Dyadic | None:
+    """What a set of values is known to hold: the values themselves where they are few, with their bound and step;
+    None for none or a non-finite one."""
+    found = np.unique(np.asarray(list(values), dtype=np.float64))
+    if not found.size or not np.all(np.isfinite(found)):
+        return None
+    bound = float(np.max(np.abs(found)))
+    step = next((e for e in range(25) if _multiples(found, e)), _NOT_DYADIC)
+    kept = frozenset(float(v) for v in found) if found.size <= _FEW_VALUES else None
+    if kept is None and step == _NOT_DYADIC:
+        return None
+    return _Dyadic(bound, step, kept)
+
+
+def _combined(op: str, first: _Dyadic, second: _Dyadic) -> _Dyadic | None:
+    """Add / Sub / Mul of two known values: the values pairwise where both are few, else by bound and step."""
+    if first.values is not None and second.values is not None:
+        pairs = [(a, b) for a in first.values for b in second.values]
+        combine = {"Add": float.__add__, "Sub": float.__sub__, "Mul": float.__mul__}[op]
+        found = _of_values(combine(a, b) for a, b in pairs)
+        if found is not None and found.values is not None:
+            return found
+    if _NOT_DYADIC in (first.step, second.step):
+        return None
+    if op == "Mul":
+        return _Dyadic(first.bound * second.bound, first.step + second.step)
+    return _Dyadic(first.bound + second.bound, max(first.step, second.step))
+
+
+def _moved(op: str, parts: Sequence[_Dyadic]) -> _Dyadic | None:
+    """An op that moves, picks or compares its data inputs' values (:data:`_SAME_VALUES`): their union where each is
+    known value by value (negated, made absolute or clamped at 0 for Neg / Abs / Relu), else the largest bound and
+    finest step."""
+    if all(part.values is not None for part in parts):
+        change = {"Neg": lambda v: -v, "Abs": abs, "Relu": lambda v: max(v, 0.0)}.get(op, lambda v: v)
+        found = _of_values(change(v) for part in parts for v in part.values or ())
+        if found is not None:
+            return found
+    steps = [part.step for part in parts]
+    if _NOT_DYADIC in steps:
+        return None
+    return _Dyadic(max(part.bound for part in parts), max(steps))
 
 
 def _exact_values(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[str]:
@@ -195,28 +258,33 @@ def _node_dyadic(
     if op == "Constant":
         value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
         return None if value is None else _dyadic(value)
+    if op in ("Cast", "CastLike") and node.input and elements.get(node.input[0]) == onnx.TensorProto.BOOL:
+        return _of_values([0.0, 1.0])
     if op in ("Cast", "CastLike") and node.input and elements.get(node.input[0]) in _INTEGER_BOUNDS:
         return _Dyadic(float(_INTEGER_BOUNDS[elements[node.input[0]]]))
     if op == "Sign":
-        return _Dyadic(1.0)
+        return _of_values([-1.0, 0.0, 1.0])
     inputs = [name for name in node.input if name]
     if op in _SAME_VALUES:
         positions = _SAME_VALUES[op]
         data = inputs if positions is None else [node.input[p] for p in positions if p < len(node.input)]
         parts = [known.get(name) for name in data if name]
+        if op == "Pad":  # opset < 11 gives the constant as an attribute (default 0); later an input, absent: 0
+            padded = next((a.f for a in node.attribute if a.name == "value"), 0.0)
+            mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+            if len(node.input) < 3 or not node.input[2]:
+                parts.append(_of_values([padded]) if mode == b"constant" else None)
         if not parts or any(part is None for part in parts):
             return None
-        return _Dyadic(max(p.bound for p in parts if p), max(p.step for p in parts if p))
+        return _moved(op, [part for part in parts if part is not None])
     if op in ("Add", "Sub", "Mul") and len(inputs) == 2:
         first, second = known.get(inputs[0]), known.get(inputs[1])
-        if first is None or second is None:
-            return None
-        if op == "Mul":
-            return _Dyadic(first.bound * second.bound, first.step + second.step)
-        return _Dyadic(first.bound + second.bound, max(first.step, second.step))
+        return None if first is None or second is None else _combined(op, first, second)
     if op == "ReduceSum" and inputs:
         part, count = known.get(inputs[0]), _reduced_count(node, shapes.get(inputs[0]), integers)
-        return None if part is None or count is None else _Dyadic(part.bound * count, part.step)
+        if part is None or count is None or part.step == _NOT_DYADIC:
+            return None
+        return _Dyadic(part.bound * count, part.step)
     return None
 
 
@@ -286,10 +354,11 @@ def _dyadic(tensor: onnx.TensorProto) -> _Dyadic | None:
         return None
     if values.size > _DYADIC_ELEMENTS or not np.all(np.isfinite(values)):
         return None
-    bound = float(np.max(np.abs(values))) if values.size else 0.0
-    if not _multiples(values, 24):  # most weights: one pass
+    if not values.size:
+        return _Dyadic(0.0)
+    if values.size > _FEW_VALUES and not _multiples(values, 24):  # most weights: one pass
         return None
-    return _Dyadic(bound, next(step for step in range(25) if _multiples(values, step)))
+    return _of_values(values.reshape(-1))
 
 
 #: Initializers larger than this are not read for :func:`_dyadic` (weights; masks and scales are small).
@@ -301,25 +370,74 @@ def _multiples(values: np.ndarray, step: int) -> bool:
     return bool(np.array_equal(scaled, np.round(scaled)))
 
 
+class _Types(ChainMap[str, int]):
+    """The element types visible in one graph: its own values' first, then its enclosing graphs'. ``scopes``: per
+    graph of the model (by ``id`` of its ``GraphProto``), its own values' types, declared and inferred; a subgraph's
+    value may share a name with another subgraph's (a value ``v`` in two ``If`` nodes' branches, of two types)."""
+
+    def __init__(
+        self, scopes: Mapping[int, Mapping[str, int]], held: Sequence[onnx.GraphProto], *maps: Mapping[str, int]
+    ) -> None:
+        super().__init__(*maps)  # type: ignore[arg-type]
+        self.scopes = scopes
+        #: The GraphProto wrappers ``scopes`` is keyed by: protobuf hands out the same wrapper for a submessage only
+        #: while one is alive, so they are held for the ids to stay theirs.
+        self.held = held
+
+    def inside(self, graph: onnx.GraphProto) -> _Types:
+        return _Types(self.scopes, self.held, self.scopes.get(id(graph), {}), *self.maps)
+
+
+def _scoped_types(model: onnx.ModelProto) -> _Types:
+    """:class:`_Types` of the main graph, with every subgraph's scope: declarations, completed by ONNX shape inference
+    where it runs (its graphs pair with the model's one for one, depth first)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph that inference cannot type (custom ops...): its declarations alone
+        inferred = model
+    own = list(graphs(model.graph))
+    twins = list(graphs(inferred.graph))
+    if len(twins) != len(own):
+        twins = own
+    scopes: dict[int, dict[str, int]] = {}
+    for graph, twin in zip(own, twins):
+        local: dict[str, int] = {}
+        for source in (twin, graph):
+            for value in (*source.input, *source.output, *source.value_info):
+                if value.type.HasField("tensor_type"):
+                    local.setdefault(value.name, value.type.tensor_type.elem_type)
+            for initializer in source.initializer:
+                local.setdefault(initializer.name, initializer.data_type)
+        scopes[id(graph)] = local
+    return _Types(scopes, own, scopes[id(model.graph)])
+
+
 def _computed_ancestors(
-    output: str, producer: Mapping[str, onnx.NodeProto], elements: Mapping[str, int]
-) -> Iterable[str]:
-    """The values ``output`` depends on that a node computes (itself included), ``Constant`` nodes left out, through
-    float values only (:func:`_float_walk`): a float16 mask that only picks a Where's branch does not make a float32
-    output a float16 result (such an output was judged at float16 tolerances, and a file 800x its real error off
-    passed)."""
-    return (name for name, node in _float_walk([output], producer, elements) if node is not None)
+    output: str, producer: Mapping[str, onnx.NodeProto], elements: Mapping[str, int], exact: Collection[str]
+) -> Iterable[int | None]:
+    """The element types of the values ``output`` depends on that a node computes (itself included), ``Constant`` nodes
+    and the main graph's exact values (``exact``) left out, through float values only (:func:`_float_walk`): a float16
+    mask that only picks a Where's branch does not make a float32 output a float16 result (such an output was judged
+    at float16 tolerances, and a file 800x its real error off passed)."""
+    for name, node, element in _float_walk([output], producer, elements):
+        if node is not None and not (producer.get(name) is node and name in exact):
+            yield element
+
+
+_Walked = tuple[str, onnx.NodeProto | None, "int | None"]
 
 
 def _float_walk(
     starts: Iterable[str], producer: Mapping[str, onnx.NodeProto], elements: Mapping[str, int]
-) -> Iterator[tuple[str, onnx.NodeProto | None]]:
+) -> Iterator[_Walked]:
     """Each value reached backwards from ``starts`` (once), with the node computing it (None: a graph input, an
-    initializer or a value of an enclosing graph; ``Constant`` nodes count as None): values of this graph, and the
-    values computed inside the subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies) on the way, with their nodes
-    there. The walk goes on through what a node's output is computed from (:func:`_reads`), and stops at a value of a
-    known non-float type (a comparison's bool, an index, a Shape): it carries no rounding of what computed it."""
+    initializer or a value of an enclosing graph; ``Constant`` nodes count as None) and its element type: values of
+    this graph, and the values computed inside the subgraphs (``If`` branches, ``Loop`` / ``Scan`` bodies) on the way,
+    with their nodes and types there. The walk goes on through what a node's output is computed from
+    (:func:`_reads`), and stops at a value of a known non-float type (a comparison's bool, an index, a Shape): it
+    carries no rounding of what computed it."""
     seen: set[str] = set()
+    inner_seen: set[tuple[str, int]] = set()
     pending = list(starts)
     while pending:
         name = pending.pop()
@@ -329,14 +447,15 @@ def _float_walk(
         node = producer.get(name)
         if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             node = None
-        yield name, node
+        yield name, node, elements.get(name)
         if node is None or not _carries_rounding(elements.get(name)):
             continue
         reads, inside = _reads(node, list(node.output).index(name), elements)
         pending.extend(reads)
         for inner in inside:
-            if inner[0] not in seen:
-                seen.add(inner[0])
+            key = (inner[0], id(inner[1]))
+            if key not in inner_seen:
+                inner_seen.add(key)
                 yield inner
 
 
@@ -349,14 +468,16 @@ def _subgraphs(node: onnx.NodeProto, attribute_name: str | None = None) -> list[
     ]
 
 
-_Computed = tuple[str, onnx.NodeProto]
+def _inside(elements: Mapping[str, int], graph: onnx.GraphProto) -> Mapping[str, int]:
+    """The types visible inside ``graph``, a subgraph of the graph ``elements`` is for."""
+    return elements.inside(graph) if isinstance(elements, _Types) else elements
 
 
-def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> tuple[list[str], list[_Computed]]:
+def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> tuple[list[str], list[_Walked]]:
     """The values of this graph (or enclosing ones) that node output ``index`` is computed from, and the values its
-    subgraphs compute on the way (with their nodes): a plain node's inputs; an If's condition and what its branches
-    carry into their output ``index``; a Loop's or a Scan's (opset 9 and later) initial values and scanned inputs of
-    the states and inputs its body reaches from that output, and the enclosing values the body carries there
+    subgraphs compute on the way (with their nodes and types): a plain node's inputs; an If's condition and what its
+    branches carry into their output ``index``; a Loop's or a Scan's (opset 9 and later) initial values and scanned
+    inputs of the states and inputs its body reaches from that output, and the enclosing values the body carries there
     (:func:`_body_reads`); every input and enclosing value a subgraph reads for another op with subgraphs."""
     standard = node.domain in ("", "ai.onnx")
     if not _subgraphs(node):
@@ -379,17 +500,17 @@ def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> tup
             start = index
             offset = len(node.input) - len(body.input)  # opset 8's sequence_lens first
             node_input = {position: offset + position for position in range(len(body.input))}
-        reached, outside, computed = _body_reads(body, [start], state_outputs, elements)
+        reached, outside, computed = _body_reads(body, [start], state_outputs, _inside(elements, body))
         names = [
             node.input[node_input[p]] for p in sorted(reached) if p in node_input and node_input[p] < len(node.input)
         ]
         return [name for name in names if name] + outside, computed
     branch = standard and node.op_type == "If"  # output index of the node is the branch's own
     names = [name for name in node.input if name]
-    inside: list[_Computed] = []
+    inside: list[_Walked] = []
     for graph in _subgraphs(node):
         outputs = [index] if branch else list(range(len(graph.output)))
-        _, outside, computed = _body_reads(graph, outputs, {}, elements)
+        _, outside, computed = _body_reads(graph, outputs, {}, _inside(elements, graph))
         names += outside
         inside += computed
     return names, inside
@@ -397,12 +518,12 @@ def _reads(node: onnx.NodeProto, index: int, elements: Mapping[str, int]) -> tup
 
 def _body_reads(
     graph: onnx.GraphProto, outputs: list[int], state_outputs: Mapping[int, int], elements: Mapping[str, int]
-) -> tuple[set[int], list[str], list[_Computed]]:
-    """Walked back from ``graph``'s outputs at positions ``outputs`` by the same rule: the positions of the graph
-    inputs reached, the enclosing values reached, and the values computed in the graph (and its own subgraphs) on the
-    way, with their nodes. A reached input that is a state (``state_outputs``: input position → the output position
-    the next iteration reads it from) adds that output to the walk, until nothing new is reached; so a state counts
-    for an output only where the output depends on it."""
+) -> tuple[set[int], list[str], list[_Walked]]:
+    """Walked back from ``graph``'s outputs at positions ``outputs`` by the same rule (``elements``: the types visible
+    in ``graph``): the positions of the graph inputs reached, the enclosing values reached, and the values computed in
+    the graph (and its own subgraphs) on the way, with their nodes and types. A reached input that is a state
+    (``state_outputs``: input position → the output position the next iteration reads it from) adds that output to
+    the walk, until nothing new is reached; so a state counts for an output only where the output depends on it."""
     producer = {name: inner for inner in graph.node for name in inner.output if name}
     positions = {value.name: position for position, value in enumerate(graph.input)}
     defined = set(producer) | set(positions) | {t.name for t in graph.initializer}
@@ -410,14 +531,14 @@ def _body_reads(
     pending = [position for position in outputs if 0 <= position < len(graph.output)]
     reached: set[int] = set()
     outside: list[str] = []
-    computed: dict[str, onnx.NodeProto] = {}
+    computed: dict[tuple[str, int], _Walked] = {}
     while pending:
         walked.update(pending)
         starts = [graph.output[position].name for position in pending]
         pending = []
-        for name, inner in _float_walk(starts, producer, elements):
+        for name, inner, element in _float_walk(starts, producer, elements):
             if inner is not None:
-                computed.setdefault(name, inner)
+                computed.setdefault((name, id(inner)), (name, inner, element))
             if name in positions and positions[name] not in reached:
                 reached.add(positions[name])
                 follow = state_outputs.get(positions[name])
@@ -425,7 +546,7 @@ def _body_reads(
                     pending.append(follow)
             elif inner is None and name not in defined and name not in outside:
                 outside.append(name)
-    return reached, outside, list(computed.items())
+    return reached, outside, list(computed.values())
 
 
 def _carries_rounding(element: int | None) -> bool:

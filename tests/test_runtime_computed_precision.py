@@ -344,9 +344,38 @@ def test_float16_arithmetic_on_an_exact_mask_is_not_named() -> None:
     assert computed_precision(_inverted_mask_graph(1.0, scale=255.0)) == {}
     assert computed_precision(_inverted_mask_graph(0.5)) == {}  # halves: exact too
     assert computed_precision(_inverted_mask_graph(1.0, scale=0.25)) == {}
-    # not exact: a fraction float16 does not hold, or integers beyond its 2^11
+    assert computed_precision(_inverted_mask_graph(1.0, scale=-10000.0)) == {}  # an attention mask's bias
+    # not exact: 0.1 - mask needs 13 significant bits
     assert computed_precision(_inverted_mask_graph(0.1)) == {"y": "float16"}
-    assert computed_precision(_inverted_mask_graph(1.0, scale=4097.0)) == {"y": "float16"}
+
+
+def test_exact_values_are_followed_value_by_value() -> None:
+    """A product of two exact values need not be one (3 × 683 = 2049 needs 12 bits); a large exact value is (a mask
+    bias of -10000 is 625 · 2^4); a Pad's constant counts (opset 10's attribute 0.3 is not exact in float16)."""
+    from runtime.precision import _combined, _of_values
+
+    three, many = _of_values([3.0]), _of_values([683.0])
+    assert three is not None and many is not None
+    product = _combined("Mul", three, many)
+    assert product is not None and not product.exact_in("float16") and product.exact_in("float32")
+    bias = _combined("Mul", _of_values([0.0, 1.0]) or three, _of_values([-10000.0]) or three)
+    assert bias is not None and bias.exact_in("float16") and not bias.exact_in("bfloat16")
+    padded = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+                helper.make_node("Greater", ["h", "zero"], ["b"]),
+                helper.make_node("Cast", ["b"], ["m"], to=TensorProto.FLOAT16),
+                helper.make_node("Pad", ["m"], ["p"], pads=[1, 1], value=0.3),
+                helper.make_node("Cast", ["p"], ["y"], to=TensorProto.FLOAT),
+            ],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+            [onnx.numpy_helper.from_array(np.zeros((), np.float16), "zero")],
+        ),
+        opset_imports=[helper.make_opsetid("", 10)],
+    )  # fmt: skip
+    assert computed_precision(padded) == {"y": "float16"}
 
 
 class _InvertedHalfMask(nn.Module):
@@ -468,3 +497,31 @@ def test_a_float16_computation_inside_an_if_branch_counts() -> None:
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float16), "zero16"))
     onnx.checker.check_model(model, full_check=True)
     assert computed_precision(model) == {}
+
+
+def test_a_branch_value_is_typed_in_its_own_graph() -> None:
+    """Two If nodes whose branches each define a value ``v``, one in float16, one in float32 (valid ONNX): the float32
+    output took the other branch's float16 type, and a planted 6.5e-4 fault passed at float16 tolerances (review,
+    2026-12-07). Each branch's values are typed in their own graph."""
+
+    def branch(name: str, half: bool) -> onnx.GraphProto:
+        nodes = [helper.make_node("Cast", ["x"], ["v"], to=TensorProto.FLOAT16)] if half else []
+        nodes += [helper.make_node("Relu", ["x"], ["v"])] if not half else []
+        nodes.append(helper.make_node("Cast", ["v"], [f"{name}_out"], to=TensorProto.FLOAT))
+        return helper.make_graph(
+            nodes, name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [2])]
+        )
+
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+        helper.make_node("Greater", ["m", "limit"], ["cond"]),
+        helper.make_node("If", ["cond"], ["side"], then_branch=branch("a", True), else_branch=branch("b", True)),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch("c", False), else_branch=branch("d", False)),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("side", "y")],
+        [onnx.numpy_helper.from_array(np.zeros((), np.float32), "limit")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert computed_precision(model) == {"side": "float16"}
