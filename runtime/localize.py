@@ -664,9 +664,11 @@ def _diverged_input(
     inputs = module_inputs(model, first.module, set(capture.outputs), capture.aliases)
     if not inputs:
         return None
-    exposed = runner.run(with_outputs(model, [value for value, _ in inputs]))
+    graph_inputs = {value.name for value in model.graph.input}
+    computed = [value for value, _ in inputs if value not in graph_inputs]
+    exposed = runner.run(with_outputs(model, computed)) if computed else {}
     for value, producer in inputs:
-        actual = exposed.get(value)
+        actual = runner.inputs.get(value) if value in graph_inputs else exposed.get(value)
         recorded = capture.inputs[first_module]
         candidates = [i for i, t in enumerate(recorded) if actual is not None and t.shape == actual.shape]
         if actual is None or len(candidates) != 1:
@@ -802,14 +804,24 @@ def _localise(
             )  # fmt: skip
         else:
             value, producer, error, result.expected = diverged_input
+            agreeing = value in result.agreed or value in {i.name for i in model.graph.input}
+            if agreeing:  # the file reads a value that agrees where PyTorch reads something computed from it
+                first_module = result.first.modules[0] if result.first.modules else result.first.module
+                producer = first_module.rpartition(".")[0]
             result.own_code_of, result.expected_value = producer, value
+            what = "a module output that agrees with PyTorch" if value in result.agreed else "the model input"
+            computed = (
+                f"the file reads {value!r} as it is, {what}, where {producer or 'the model'}'s forward computes that "
+                "input from it: an operation of that forward is missing from the file"
+                if agreeing
+                else f"computed by {producer or 'the model'}'s forward"
+                + (f" after {result.last_passing}" if result.last_passing else "")
+            )
             result.message = (
                 f"first diverging module: {producer or '<model>'}, in its own code (not a submodule): the input "
-                f"of {result.first.label} already differs from PyTorch (value {value!r}, max abs error {error:.3g}), "
-                f"computed by {producer or 'the model'}'s forward"
-                + (f" after {result.last_passing}" if result.last_passing else "")
-                + f"; first diverging module output: {result.first.label} (ONNX node {result.first.onnx_node})"
-                + _shared_modules_hedge(capture)
+                f"of {result.first.label} already differs from PyTorch (value {value!r}, max abs error {error:.3g}); "
+                f"{computed}; first diverging module output: {result.first.label} (ONNX node "
+                f"{result.first.onnx_node})" + _shared_modules_hedge(capture)
             )
     elif not checks:
         result.message = "no ONNX module output could be matched to a PyTorch module output by shape"

@@ -293,8 +293,8 @@ def unsized_dims_note(
     by_name = {spec.name: spec for spec in specs}
     unfit = [name for name, dims in (recorded or {}).items() if name not in by_name or not _fits(by_name[name], dims)]
     unused = (
-        f" (the file records example shapes for {', '.join(repr(name) for name in unfit)}, which fit none of its "
-        "inputs: renamed or reshaped after export?)"
+        f" (the file records example shapes for {', '.join(repr(name) for name in unfit)}, which no input of that "
+        "name and rank takes: renamed or reshaped after export?)"
         if unfit
         else ""
     )

@@ -166,12 +166,12 @@ def module_boundaries(
 def module_inputs(
     model: onnx.ModelProto, module: str, known_modules: set[str] | None = None, aliases: dict[str, str] | None = None
 ) -> list[tuple[str, str]]:
-    """The values computed outside ``module`` that its nodes read (not graph inputs, initializers or constants),
-    each with the innermost module whose node produced it (``''``: the model's own forward), in graph order
-    (``known_modules``, ``aliases``: as :func:`module_boundaries`)."""
+    """The values computed outside ``module`` that its nodes read (not initializers or constants), each with the
+    innermost module whose node produced it (``''``: the model's own forward; a graph input the nodes read as it is
+    counts as the model's too), in graph order (``known_modules``, ``aliases``: as :func:`module_boundaries`)."""
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
-    produced: dict[str, tuple[str, ...] | None] = {}
+    produced: dict[str, tuple[str, ...] | None] = {value.name: None for value in graph.input}
     constants: set[str] = set()
     found: dict[str, str] = {}
     for node, scope in zip(graph.node, _scopes(model, known_modules, aliases)):

@@ -26,6 +26,7 @@ reproduces (a fused kernel may only fail inside the whole graph).
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +38,7 @@ import onnx
 from runtime._bkn import create_directories, save_onnx, write_text_atomic
 from runtime.compare import TolerancePolicy
 from runtime.localize import NodeOracle, evaluator_oracle
-from runtime.precision import value_types
+from runtime.precision import computed_precision, value_types
 
 __all__ = ["write_repro"]
 
@@ -75,7 +76,7 @@ def _pytorch_cut(
     runtime's or the evaluator's values took the file's own fault as its input where it sat in a block's own code
     (``x + 0.55 * relu(...)``: the bundle was the final Add, which every runtime computes right)."""
     producer = {name: node for node in model.graph.node for name in node.output if name}
-    if value not in producer:
+    if value not in producer or value in agreed:  # no node of the file between agreement and divergence
         return None
     initializers = {t.name for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
@@ -180,8 +181,13 @@ def write_repro(
         first_value = None
     with tempfile.TemporaryDirectory(prefix="bkn-repro-") as tmp:
         workdir = Path(tmp)
+        # the file reads a value that agrees with PyTorch (a module output, the model input) where PyTorch's forward
+        # computes the diverging one from it: no node of the file computes the difference
+        missing = pytorch and (first_value in loc.agreed or first_value in {i.name for i in model.graph.input})
         fed_by_pytorch = _pytorch_cut(model, str(first_value), loc.agreed, feed, workdir) if pytorch else None
-        cut = _sub_model(model, first_value, workdir) if first_value and fed_by_pytorch is None else None
+        cut = None
+        if first_value and not missing and fed_by_pytorch is None:
+            cut = _sub_model(model, first_value, workdir)
         if cut is not None:
             sub, input_names = cut
             values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx", chosen)
@@ -211,6 +217,12 @@ def write_repro(
             sub_feed = dict(feed)
             expected, runner = dict(reference_outputs), "expected"
             scope = f"the whole model {model_path.name} (the failure was not localised to a node)"
+            if missing:
+                scope = (
+                    f"the whole model {model_path.name} (the file reads {first_value!r} as it is, where PyTorch's "
+                    "forward computes the diverging input from it: no node of the file computes the difference, an "
+                    "operation is missing from it)"
+                )  # fmt: skip
             if unfed:
                 scope = (
                     f"the whole model {model_path.name} (the failure was localised, but nothing trustworthy here "
@@ -220,6 +232,7 @@ def write_repro(
         polygraphy_io.save_inputs(directory / "inputs.json", [sub_feed])
         polygraphy_io.save_outputs(directory / "expected.json", [expected], runner=runner)
         reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected, policy)
+        tolerances = _tolerances(sub, expected, policy)
     command = (
         f"bkn parity {directory / 'model.onnx'} --load-inputs {directory / 'inputs.json'} "
         f"--load-outputs {directory / 'expected.json'} --runtimes {entry.name}{_criteria_flags(policy)}"
@@ -229,21 +242,44 @@ def write_repro(
         f"model.onnx: {scope}\n"
         "inputs.json / expected.json: its inputs and expected outputs (Polygraphy JSON)\n"
         f"Re-running model.onnx on {entry.name} reproduces the failure: {reproduces}\n\n"
-        f"Re-check:\n  {command}\n{_polygraphy_line(entry.name, directory)}"
+        f"Re-check:\n  {command}\n{_polygraphy_line(entry.name, directory, tolerances)}"
     )
     write_text_atomic(directory / "README.txt", readme)
     return f"repro bundle for {entry.name} in {directory} (reproduces: {reproduces}): {command}"
 
 
-def _polygraphy_line(runtime: str, directory: Path) -> str:
+def _tolerances(sub: onnx.ModelProto, expected: Mapping[str, Any], policy: TolerancePolicy) -> str:
+    """Polygraphy's ``--atol`` / ``--rtol`` for the bundle's outputs, per output, as ``bkn parity`` judges them on the
+    bundle (the precision each was computed in, in ``sub``); Polygraphy's defaults are 1e-5 / 1e-5 whatever the dtype,
+    and a faithful float16 sub-model failed its re-check."""
+    policy = dataclasses.replace(policy, computed_in={**policy.computed_in, **computed_precision(sub)})
+    declared = value_types(sub)
+    tolerances = {}
+    for name, value in expected.items():
+        dtype = np.asarray(value).dtype
+        if dtype.kind != "f":
+            continue
+        own = declared.get(name)
+        if own is not None and onnx.helper.tensor_dtype_to_np_dtype(own).kind == "f":  # the file's, where narrower
+            dtype = min(dtype, onnx.helper.tensor_dtype_to_np_dtype(own), key=lambda d: d.itemsize)
+        tolerances[name] = policy.tolerance(name, dtype.name)
+    if not tolerances:
+        return ""
+    atol = " ".join(f"{name}:{tolerance.atol!r}" for name, tolerance in tolerances.items())
+    rtol = " ".join(f"{name}:{tolerance.rtol!r}" for name, tolerance in tolerances.items())
+    return f" --atol {atol} --rtol {rtol}"
+
+
+def _polygraphy_line(runtime: str, directory: Path, tolerances: str = "") -> str:
     """The ``polygraphy run`` re-check where Polygraphy runs the failing runtime's engine (ONNX Runtime on the CPU,
-    TensorRT); none for the others (a ``--onnxrt`` run would check ONNX Runtime, not the runtime that failed)."""
+    TensorRT), with the run's tolerances (``tolerances``: :func:`_tolerances`); none for the others (a ``--onnxrt``
+    run would check ONNX Runtime, not the runtime that failed)."""
     flag = "--onnxrt" if runtime.startswith("ort:cpu") else "--trt" if runtime == "tensorrt" else None
     if flag is None:
         return ""
     return (
         f"  polygraphy run {directory / 'model.onnx'} {flag} --load-inputs {directory / 'inputs.json'} "
-        f"--load-outputs {directory / 'expected.json'}\n"
+        f"--load-outputs {directory / 'expected.json'}{tolerances}\n"
     )
 
 

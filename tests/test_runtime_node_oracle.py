@@ -335,3 +335,66 @@ def test_a_file_whose_every_node_agrees_with_the_evaluator_is_named_as_the_diffe
     assert found is not None and found.status == "not_localised"
     assert "the file itself computes something else" in found.message
     assert "last nodes" not in found.message
+
+
+class _ScaledBetween(nn.Module):
+    """conv → × 2 in the model's own forward → conv (``between``), or × 2 on the input first (not ``between``)."""
+
+    def __init__(self, between: bool) -> None:
+        super().__init__()
+        self.between = between
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.between:
+            return self.c2(self.c1(x) * 2.0)
+        return self.c2(self.c1(x * 2.0))
+
+
+@pytest.mark.parametrize("between", [True, False], ids=["after-a-module", "on-the-input"])
+def test_an_operation_missing_from_the_file_is_named_and_bundled_whole(tmp_path: Path, between: bool) -> None:
+    """The file drops the model's own ``* 2``: the next module reads a value that agrees with PyTorch (c1's output, or
+    the model input) where PyTorch reads twice it. The localisation blamed c1's own code and the bundle was c1's
+    correct Conv, expected to give PyTorch's doubled tensor ("reproduces: yes"), review of 2026-12-07. Now the model's
+    forward is named, with the missing operation, and the bundle is the whole model, saying why."""
+    torch.manual_seed(0)
+    model = _ScaledBetween(between).eval()
+    path = tmp_path / "scaled.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, torch.randn(2, 3, 8, 8), path)
+    proto = onnx.load(str(path))
+    (multiply,) = [node for node in proto.graph.node if node.op_type == "Mul"]
+    constants = {t.name for t in proto.graph.initializer} | {o for n in proto.graph.node if n.op_type == "Constant"
+                                                             for o in n.output}  # fmt: skip
+    (kept,) = [name for name in multiply.input if name not in constants]
+    for node in proto.graph.node:
+        node.input[:] = [kept if name == multiply.output[0] else name for name in node.input]
+    proto.graph.node.remove(multiply)
+    planted = tmp_path / "dropped.onnx"
+    onnx.save(proto, str(planted))
+    report = run_parity(model, planted, runtimes="ort:cpu:all", repro_dir=tmp_path / "repro")
+    (result,) = report.runtimes
+    assert result.localisation is not None and result.localisation.first_module == "<model>"
+    assert "an operation of that forward is missing from the file" in result.localisation.message
+    readme = (tmp_path / "repro" / "ort_cpu_all" / "README.txt").read_text()
+    assert "the whole model" in readme and "an operation is missing from it" in readme, readme
+
+
+def test_the_polygraphy_recheck_carries_the_runs_tolerances() -> None:
+    """The README's ``polygraphy run`` line used Polygraphy's 1e-5 defaults: a faithful float16 sub-model failed its
+    re-check where the ``bkn parity`` line passed (review, 2026-12-07). It carries the tolerances the run judges by:
+    the file's float16, not the float32 of PyTorch's expected tensor."""
+    from runtime.compare import TolerancePolicy
+    from runtime.repro import _tolerances
+
+    sub = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["a"], ["y"])], "g",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT16, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2])],
+        )
+    )  # fmt: skip
+    expected = {"y": np.zeros(2, np.float32)}
+    assert _tolerances(sub, expected, TolerancePolicy()) == " --atol y:0.001 --rtol y:0.001"
+    assert _tolerances(sub, expected, TolerancePolicy(atol=0.5, rtol=0.25)) == " --atol y:0.5 --rtol y:0.25"

@@ -151,8 +151,10 @@ def render_html(report: ParityReport) -> str:
             continue
         parts.append(
             f"<p class='localisation' data-runtime='{e(result.runtime)}'><b>{e(loc.first_module or loc.status)}</b>: "
-            f"{e(loc.message)} (method {e(loc.method or '–')}, reproduced with outputs exposed: {loc.reproduced}, "
-            f"confirmed on a prefix model: {loc.confirmed}, prefix runs: {loc.prefix_runs})</p>"
+            f"{e(loc.message)} (method {e(loc.method or '–')}"
+            + (f", reproduced with outputs exposed: {loc.reproduced}" if loc.reproduced is not None else "")
+            + (f", confirmed on a prefix model: {loc.confirmed}" if loc.confirmed is not None else "")
+            + f", prefix runs: {loc.prefix_runs})</p>"
         )
         png = _localisation_plot(loc)
         if png:

@@ -95,7 +95,8 @@ def print_report(report: ParityReport, console: Console | None = None) -> None:
     for result in report.failures():
         loc = result.localisation
         if loc is not None:
-            detail = f" ({loc.method}, reproduced with outputs exposed: {loc.reproduced})" if loc.method else ""
+            exposed = f", reproduced with outputs exposed: {loc.reproduced}" if loc.reproduced is not None else ""
+            detail = f" ({loc.method}{exposed})" if loc.method else ""
             console.print(f"[bold]{escape(result.runtime)}[/]: {escape(loc.message or loc.status)}{escape(detail)}")
         elif result.status == "error":
             console.print(f"[bold]{escape(result.runtime)}[/]: {escape(result.reason)}")
