@@ -27,6 +27,7 @@ reproduces (a fused kernel may only fail inside the whole graph).
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -233,9 +234,10 @@ def write_repro(
         polygraphy_io.save_outputs(directory / "expected.json", [expected], runner=runner)
         reproduces = _reproduces(entry, directory / "model.onnx", sub_feed, expected, policy)
         tolerances = _tolerances(sub, expected, policy)
+    quoted = {name: shlex.quote(str(directory / name)) for name in ("model.onnx", "inputs.json", "expected.json")}
     command = (
-        f"bkn parity {directory / 'model.onnx'} --load-inputs {directory / 'inputs.json'} "
-        f"--load-outputs {directory / 'expected.json'} --runtimes {entry.name}{_criteria_flags(policy)}"
+        f"bkn parity {quoted['model.onnx']} --load-inputs {quoted['inputs.json']} "
+        f"--load-outputs {quoted['expected.json']} --runtimes {entry.name}{_criteria_flags(policy)}"
     )
     readme = (
         f"Repro of a parity failure of {entry.name} on {model_path}\n\n"
@@ -265,8 +267,8 @@ def _tolerances(sub: onnx.ModelProto, expected: Mapping[str, Any], policy: Toler
         tolerances[name] = policy.tolerance(name, dtype.name)
     if not tolerances:
         return ""
-    atol = " ".join(f"{name}:{tolerance.atol!r}" for name, tolerance in tolerances.items())
-    rtol = " ".join(f"{name}:{tolerance.rtol!r}" for name, tolerance in tolerances.items())
+    atol = " ".join(shlex.quote(f"{name}:{tolerance.atol!r}") for name, tolerance in tolerances.items())
+    rtol = " ".join(shlex.quote(f"{name}:{tolerance.rtol!r}") for name, tolerance in tolerances.items())
     return f" --atol {atol} --rtol {rtol}"
 
 
@@ -277,9 +279,12 @@ def _polygraphy_line(runtime: str, directory: Path, tolerances: str = "") -> str
     flag = "--onnxrt" if runtime.startswith("ort:cpu") else "--trt" if runtime == "tensorrt" else None
     if flag is None:
         return ""
+    files = ("model.onnx", "inputs.json", "expected.json")
+    model, inputs, outputs = (shlex.quote(str(directory / name)) for name in files)
     return (
-        f"  polygraphy run {directory / 'model.onnx'} {flag} --load-inputs {directory / 'inputs.json'} "
-        f"--load-outputs {directory / 'expected.json'}{tolerances}\n"
+        f"  polygraphy run {model} {flag} --load-inputs {inputs} --load-outputs {outputs}{tolerances}\n"
+        "  (Polygraphy passes |a - r| <= max(atol, rtol |r|), bkn parity |a - r| <= atol + rtol |r|: an element near "
+        "the bound can pass one and fail the other)\n"
     )
 
 

@@ -212,3 +212,60 @@ def test_a_checkpoint_of_another_wiring_size_names_the_padding_that_differs() ->
     state = _converted(_SamePadded(), 8).state_dict()
     with pytest.raises(ChainWiringError, match=r"'input_padding': \[\[0, 1\], \[0, 1\]\].*'input_padding': \[\[1, 1\]"):
         _converted(_SamePadded(), 9).load_state_dict(state)
+
+
+class _PooledBothEnds(nn.Module):
+    """BN at a pooled 4 × 4, resampled to the input's size, conv, pooled to 4 × 4 again, BN: both layers see 4 × 4 at
+    every input size; only the model's input tells the size changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn0(self.conv0(F.adaptive_avg_pool2d(x, 4))))
+        y = self.conv1(F.interpolate(y, size=x.shape[2:], mode="nearest"))
+        return self.bn1(F.adaptive_avg_pool2d(y, 4))
+
+
+class _MeanHead(nn.Module):
+    """conv → BN → ReLU → spatial mean (recorded as reshape(N, C)) → Linear → BatchNorm1d: no size kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc, self.bn1 = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.fc(torch.relu(self.bn0(self.conv0(x))).mean((2, 3))))
+
+
+def test_a_path_between_two_pooled_layers_is_checked_by_the_models_input() -> None:
+    """Second review: both layers' sizes stay 4 × 4, so neither comparison saw the stale resample (prior mean 0.28 sd
+    off at 64 × 64); the model's input size is compared too."""
+    model = _converted(_PooledBothEnds(), 8)
+    found, warned = _statistics(model, 8)
+    assert found["bn1"].prior_mean is not None and not warned  # type: ignore[attr-defined]
+    found, warned = _statistics(model, 16)
+    assert found["bn1"].prior_mean is None and "the model's input is [[16, 16]]" in found["bn1"].unrun[0]  # type: ignore[attr-defined]
+
+
+def test_a_spatial_mean_head_keeps_its_prior_and_exports_at_any_size(tmp_path: Path) -> None:
+    """Second review: ``x.mean((2, 3))`` is recorded as reshape(N, C), which marking every reshape dropped at other
+    sizes and refused in dynamic exports; a reshape to no spatial dims keeps no size."""
+    model = _converted(_MeanHead(), 8)
+    found, warned = _statistics(model, 16)
+    assert found["bn1"].prior_mean is not None and not warned  # type: ignore[attr-defined]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "head.onnx", mode="training", dynamic_spatial=True)
+
+
+def test_jit_trace_at_the_wiring_size_is_not_taken_for_symbolic_sizes() -> None:
+    """Second review: under ``torch.jit.trace`` sizes are tensors, and every trace of a model with such a path was
+    refused as symbolic, at the wiring size too."""
+    model = _converted(_SamePadded(), 8).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, torch.randn(2, 3, 8, 8), check_trace=False)

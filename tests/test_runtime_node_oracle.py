@@ -398,3 +398,24 @@ def test_the_polygraphy_recheck_carries_the_runs_tolerances() -> None:
     expected = {"y": np.zeros(2, np.float32)}
     assert _tolerances(sub, expected, TolerancePolicy()) == " --atol y:0.001 --rtol y:0.001"
     assert _tolerances(sub, expected, TolerancePolicy(atol=0.5, rtol=0.25)) == " --atol y:0.5 --rtol y:0.25"
+
+
+def test_the_recheck_lines_quote_paths_and_output_names(tmp_path: Path) -> None:
+    """An output named with a space split the Polygraphy tolerance argument (second review, 2026-12-07)."""
+    import shlex
+
+    from runtime.compare import TolerancePolicy
+    from runtime.repro import _polygraphy_line, _tolerances
+
+    sub = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["a"], ["my out"])], "g",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("my out", TensorProto.FLOAT, [2])],
+        )
+    )  # fmt: skip
+    line = _polygraphy_line(
+        "ort:cpu:all", tmp_path / "a dir", _tolerances(sub, {"my out": np.zeros(2)}, TolerancePolicy())
+    )
+    words = shlex.split(line.splitlines()[0])
+    assert words[words.index("--atol") + 1] == "my out:1e-05" and str(tmp_path / "a dir" / "model.onnx") in words

@@ -144,8 +144,13 @@ class ChainMembership:
         records the call with symbolic spatial sizes, such a path raises :class:`ChainWiringError`: the graph would
         compute it at every size (eager training leaves it out at other sizes)."""
         shapes = {name: published.input_shape for name, published in scratch.published.items()}
+        inputs = scratch.input_spatial
+        if torch.jit.is_tracing():  # sizes are tensors while a trace records them, concrete for this trace
+            shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+            spatial, inputs = tuple(int(d) for d in spatial), tuple(tuple(int(d) for d in i) for i in inputs)
         traced = torch.compiler.is_exporting() or torch.jit.is_tracing()
-        if traced and not all(type(d) is int for shape in (*shapes.values(), (0, 0, *spatial)) for d in shape[2:]):
+        sizes = (*shapes.values(), (0, 0, *spatial), *((0, 0, *i) for i in inputs))
+        if traced and not all(type(d) is int for shape in sizes for d in shape[2:]):
             raise ChainWiringError(
                 f"BKN layer '{self.wiring.name}': the model is traced (torch.export / jit) with symbolic spatial "
                 f"sizes, and its prior's path holds what the forward gave at the wiring size ({self.size_bound[0]}); "
@@ -153,6 +158,7 @@ class ChainMembership:
                 "reshape otherwise. Trace at static spatial sizes (the size the chain was wired at), or in eval mode"
             )
         found = {}
+        wired = scratch.root.example_spatial
         for index in self._size_bound:
             path = self.wiring.sources[index]
             changed = path.resized(shapes)
@@ -161,6 +167,9 @@ class ChainMembership:
                 where = f"'{source}' outputs {list(now)} in this call, {list(recorded)} when wired"
             elif self.input_spatial is not None and spatial != self.input_spatial:
                 where = f"this layer's input is {list(spatial)} in this call, {list(self.input_spatial)} when wired"
+            elif wired is not None and inputs and inputs != wired:  # pooled at both ends: the model's input tells
+                where = f"the model's input is {[list(i) for i in inputs]} in this call, {[list(i) for i in wired]} "
+                where += "when wired"
             else:
                 continue
             bound = "; ".join(dict.fromkeys(path.size_bound()))

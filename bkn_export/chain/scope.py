@@ -107,18 +107,24 @@ class ChainRoot:
     """The identity of one wired root model (compared by identity; copied with the model).
 
     ``traced`` holds the open scratch only while dynamo traces a call of the root; ``watched`` the names of the
-    modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`).
+    modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`); ``example_spatial`` the
+    spatial sizes of the positional tensor inputs of the example forward the chain was wired on (None: not known, a
+    dict of keyword inputs), which a path holding a size given at that size is checked against
+    (:meth:`ChainScratch.input_spatial`).
     """
 
-    __slots__ = ("traced", "watched")
+    __slots__ = ("example_spatial", "traced", "watched")
 
-    def __init__(self, watched: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, watched: frozenset[str] = frozenset(), example_spatial: tuple[tuple[int, ...], ...] | None = None
+    ) -> None:
         self.traced: ChainScratch | None = None
         self.watched = watched
+        self.example_spatial = example_spatial
 
-    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str]]]:
+    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str], tuple[tuple[int, ...], ...] | None]]:
         # A copy (deepcopy, pickle) is a new identity with no open scratch.
-        return ChainRoot, (self.watched,)
+        return ChainRoot, (self.watched, self.example_spatial)
 
 
 class Submodules(Mapping[str, nn.Module]):
@@ -200,9 +206,13 @@ class ChainScratch:
     every call of each watched module (:class:`PathWatch`), in order.
     """
 
-    def __init__(self, root: ChainRoot, modules: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self, root: ChainRoot, modules: Mapping[str, nn.Module], input_spatial: tuple[tuple[Any, ...], ...] = ()
+    ) -> None:
         self.root = root
         self.modules = modules
+        #: The spatial sizes of this call's positional tensor inputs (dims 2..).
+        self.input_spatial = input_spatial
         self.published: dict[str, Published] = {}
         self.predictions: dict[Any, Any] = {}
         self.token: Token[Mapping[ChainRoot, ChainScratch]] | None = None
@@ -251,7 +261,8 @@ def scratch_for(root: ChainRoot) -> ChainScratch | None:
 def _open_scratch(module: nn.Module, args: Any) -> None:
     """Forward pre-hook of a wired root: a fresh scratch for this call."""
     root: ChainRoot = module.__dict__[ROOT_ATTRIBUTE]
-    scratch = ChainScratch(root, Submodules(module, root))
+    spatial = tuple(tuple(a.shape[2:]) for a in args if isinstance(a, Tensor)) if root.example_spatial else ()
+    scratch = ChainScratch(root, Submodules(module, root), spatial)
     if torch.compiler.is_dynamo_compiling():
         root.traced = scratch
         return

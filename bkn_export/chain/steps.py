@@ -269,7 +269,7 @@ def size_bound(step: Any) -> str | None:
         return f"the padding {[list(pair) for pair in step.input_padding]} before '{step.module}'"
     if isinstance(step, Resample) and step.spec.size is not None and not step.size_fixed:
         return f"the resample size {step.spec.size}"
-    if isinstance(step, Reshape):
+    if isinstance(step, Reshape) and step.spatial:  # (N, C) after a spatial mean keeps no size of the input
         return f"the {step.describe()}"
     if isinstance(step, LinearRun):
         return next((found for member in step.steps if (found := size_bound(member)) is not None), None)

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -82,6 +82,9 @@ def wire_chain(
             raise ChainWiringError(f"'{record.name}' is a {kind}; convert it with convert_batchnorm first")
     _warn_of_rewired_parameters(modules)
     root = attach_root(model)
+    if not isinstance(example_inputs, Mapping):  # keyword inputs: the forward pre-hook does not see them
+        positional = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        root.example_spatial = tuple(tuple(int(d) for d in t.shape[2:]) for t in positional if isinstance(t, Tensor))
     order = {record.name: position for position, record in enumerate(recorded.layers)}
     features = {name: int(m.num_features) for name, m in modules.items() if is_normalization(m)}  # type: ignore[arg-type]
     wirings = []
