@@ -52,8 +52,8 @@ class ChainMembership:
     _warned_replaced: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
     #: Whether the layer has warned that it ran more often than in the example forward (once per layer).
     _warned_extra: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
-    #: The paths (index into ``wiring.sources``) whose steps hold a padding or resample size computed at the wiring
-    #: size (:meth:`SourcePath.size_bound`), where the transition pushes moments through the steps.
+    #: The paths (index into ``wiring.sources``) whose steps hold a padding, resample size or reshape given at the
+    #: wiring size (:meth:`SourcePath.size_bound`), where the transition pushes moments through the steps.
     _size_bound: tuple[int, ...] = field(init=False, compare=False, repr=False)
     #: Whether the layer has warned that such a path met another spatial size (once per layer).
     _warned_resized: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
@@ -139,17 +139,19 @@ class ChainMembership:
     def _resized(self, scratch: ChainScratch, spatial: tuple[Any, ...]) -> dict[int, str]:
         """Index into ``wiring.sources`` → why that path counts as absent in this call: its steps hold a padding,
         resample size or reshape given at the wiring example's spatial size, and this call runs another size: its
-        source's output, or this layer's input (``spatial``; a source pooled to 1 × 1 at every size, then resampled
-        to the input's size), has another size than in the example forward. While torch.export or a jit trace
+        source's output, this layer's input (``spatial``; a source pooled to 1 × 1 at every size, then resampled to
+        the input's size) or the model's first positional input (dims 1..: both ends of a path pooled) has another
+        size than in the example forward. While torch.export or a jit trace
         records the call with symbolic spatial sizes, such a path raises :class:`ChainWiringError`: the graph would
         compute it at every size (eager training leaves it out at other sizes)."""
         shapes = {name: published.input_shape for name, published in scratch.published.items()}
-        inputs = scratch.input_spatial
+        given = scratch.input_shape
         if torch.jit.is_tracing():  # sizes are tensors while a trace records them, concrete for this trace
             shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
-            spatial, inputs = tuple(int(d) for d in spatial), tuple(tuple(int(d) for d in i) for i in inputs)
+            spatial = tuple(int(d) for d in spatial)
+            given = None if given is None else tuple(int(d) for d in given)
         traced = torch.compiler.is_exporting() or torch.jit.is_tracing()
-        sizes = (*shapes.values(), (0, 0, *spatial), *((0, 0, *i) for i in inputs))
+        sizes = (*shapes.values(), (0, 0, *spatial), (0, *(given or ())))
         if traced and not all(type(d) is int for shape in sizes for d in shape[2:]):
             raise ChainWiringError(
                 f"BKN layer '{self.wiring.name}': the model is traced (torch.export / jit) with symbolic spatial "
@@ -158,7 +160,7 @@ class ChainMembership:
                 "reshape otherwise. Trace at static spatial sizes (the size the chain was wired at), or in eval mode"
             )
         found = {}
-        wired = scratch.root.example_spatial
+        wired = scratch.root.example_input
         for index in self._size_bound:
             path = self.wiring.sources[index]
             changed = path.resized(shapes)
@@ -167,9 +169,9 @@ class ChainMembership:
                 where = f"'{source}' outputs {list(now)} in this call, {list(recorded)} when wired"
             elif self.input_spatial is not None and spatial != self.input_spatial:
                 where = f"this layer's input is {list(spatial)} in this call, {list(self.input_spatial)} when wired"
-            elif wired is not None and inputs and inputs != wired:  # pooled at both ends: the model's input tells
-                where = f"the model's input is {[list(i) for i in inputs]} in this call, {[list(i) for i in wired]} "
-                where += "when wired"
+            elif wired is not None and given is not None and given != wired:  # both ends pooled: the input tells
+                where = f"the model's first input is (N, {', '.join(map(str, given))}) in this call, "
+                where += f"(N, {', '.join(map(str, wired))}) when wired"
             else:
                 continue
             bound = "; ".join(dict.fromkeys(path.size_bound()))
@@ -184,8 +186,8 @@ class ChainMembership:
 
     @property
     def size_bound(self) -> tuple[str, ...]:
-        """Per recorded path whose steps hold a padding or resample size given at the wiring size (the transition
-        pushes moments through them), the path and what it holds; empty for most layers."""
+        """Per recorded path whose steps hold a padding, resample size or reshape given at the wiring size (the
+        transition pushes moments through them), the path and what it holds; empty for most layers."""
         return tuple(
             f"{self.wiring.sources[i].describe()}: {'; '.join(dict.fromkeys(self.wiring.sources[i].size_bound()))}"
             for i in self._size_bound

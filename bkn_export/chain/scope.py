@@ -107,24 +107,22 @@ class ChainRoot:
     """The identity of one wired root model (compared by identity; copied with the model).
 
     ``traced`` holds the open scratch only while dynamo traces a call of the root; ``watched`` the names of the
-    modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`); ``example_spatial`` the
-    spatial sizes of the positional tensor inputs of the example forward the chain was wired on (None: not known, a
-    dict of keyword inputs), which a path holding a size given at that size is checked against
-    (:meth:`ChainScratch.input_spatial`).
+    modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`); ``example_input`` the shape
+    (dims 1..) of the first positional input of the example forward the chain was wired on, where a layer's path holds
+    a size given at that size (None: none does, or the example's first input is no tensor), which such a path is
+    checked against (:attr:`ChainScratch.input_shape`).
     """
 
-    __slots__ = ("example_spatial", "traced", "watched")
+    __slots__ = ("example_input", "traced", "watched")
 
-    def __init__(
-        self, watched: frozenset[str] = frozenset(), example_spatial: tuple[tuple[int, ...], ...] | None = None
-    ) -> None:
+    def __init__(self, watched: frozenset[str] = frozenset(), example_input: tuple[int, ...] | None = None) -> None:
         self.traced: ChainScratch | None = None
         self.watched = watched
-        self.example_spatial = example_spatial
+        self.example_input = example_input
 
-    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str], tuple[tuple[int, ...], ...] | None]]:
+    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str], tuple[int, ...] | None]]:
         # A copy (deepcopy, pickle) is a new identity with no open scratch.
-        return ChainRoot, (self.watched, self.example_spatial)
+        return ChainRoot, (self.watched, self.example_input)
 
 
 class Submodules(Mapping[str, nn.Module]):
@@ -207,12 +205,12 @@ class ChainScratch:
     """
 
     def __init__(
-        self, root: ChainRoot, modules: Mapping[str, nn.Module], input_spatial: tuple[tuple[Any, ...], ...] = ()
+        self, root: ChainRoot, modules: Mapping[str, nn.Module], input_shape: tuple[Any, ...] | None = None
     ) -> None:
         self.root = root
         self.modules = modules
-        #: The spatial sizes of this call's positional tensor inputs (dims 2..).
-        self.input_spatial = input_spatial
+        #: The shape (dims 1..) of this call's first positional input where the root has an ``example_input``.
+        self.input_shape = input_shape
         self.published: dict[str, Published] = {}
         self.predictions: dict[Any, Any] = {}
         self.token: Token[Mapping[ChainRoot, ChainScratch]] | None = None
@@ -261,8 +259,8 @@ def scratch_for(root: ChainRoot) -> ChainScratch | None:
 def _open_scratch(module: nn.Module, args: Any) -> None:
     """Forward pre-hook of a wired root: a fresh scratch for this call."""
     root: ChainRoot = module.__dict__[ROOT_ATTRIBUTE]
-    spatial = tuple(tuple(a.shape[2:]) for a in args if isinstance(a, Tensor)) if root.example_spatial else ()
-    scratch = ChainScratch(root, Submodules(module, root), spatial)
+    first = args[0] if root.example_input is not None and args and isinstance(args[0], Tensor) else None
+    scratch = ChainScratch(root, Submodules(module, root), None if first is None else tuple(first.shape[1:]))
     if torch.compiler.is_dynamo_compiling():
         root.traced = scratch
         return

@@ -82,9 +82,6 @@ def wire_chain(
             raise ChainWiringError(f"'{record.name}' is a {kind}; convert it with convert_batchnorm first")
     _warn_of_rewired_parameters(modules)
     root = attach_root(model)
-    if not isinstance(example_inputs, Mapping):  # keyword inputs: the forward pre-hook does not see them
-        positional = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        root.example_spatial = tuple(tuple(int(d) for d in t.shape[2:]) for t in positional if isinstance(t, Tensor))
     order = {record.name: position for position, record in enumerate(recorded.layers)}
     features = {name: int(m.num_features) for name, m in modules.items() if is_normalization(m)}  # type: ignore[arg-type]
     wirings = []
@@ -99,6 +96,7 @@ def wire_chain(
     inputs = {record.name: tuple(record.input_shape[2:]) for record in recorded.layers}
     for layer, wiring in wirings:
         layer.join_chain(ChainMembership(root, wiring, inputs.get(wiring.name)), wiring.previous_features)
+    root.example_input = _first_input_shape(example_inputs, [w for _, w in wirings])
     _warn_about_hooks(modules, [w for _, w in wirings if w.transition == "propagate" or w.transition == "sampled"])
     for name, module in modules.items():
         if isinstance(module, _BatchKalmanNorm) and name not in order:
@@ -107,6 +105,17 @@ def wire_chain(
             note = "did not run on the example inputs: not wired (BatchNorm)"
             module.join_chain(ChainMembership(root, Wiring(name, None, notes=(note,))))
     return model
+
+
+def _first_input_shape(example_inputs: Any, wirings: list[Wiring]) -> tuple[int, ...] | None:
+    """The shape (dims 1..) of the example's first positional input, where a path of ``wirings`` holds a size given at
+    the wiring size (:meth:`SourcePath.size_bound`): what a call's first input is compared with, for a path whose
+    ends keep their size (pooled) while the input's does not. None: no such path (nothing to compare, no cost per
+    call), or no positional tensor first (keyword inputs: the forward pre-hook does not see them)."""
+    if not any(any(path.size_bound()) for wiring in wirings for path in wiring.sources):
+        return None
+    first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs else example_inputs
+    return tuple(int(d) for d in first.shape[1:]) if isinstance(first, Tensor) else None
 
 
 def _warn_of_mode_only_modules(model: nn.Module, example_inputs: Any) -> None:
