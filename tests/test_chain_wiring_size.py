@@ -248,7 +248,7 @@ def test_a_path_between_two_pooled_layers_is_checked_by_the_models_input() -> No
     found, warned = _statistics(model, 8)
     assert found["bn1"].prior_mean is not None and not warned  # type: ignore[attr-defined]
     found, warned = _statistics(model, 16)
-    assert found["bn1"].prior_mean is None and "first input is (N, 3, 16, 16)" in found["bn1"].unrun[0]  # type: ignore[attr-defined]
+    assert found["bn1"].prior_mean is None and "'conv1' reads [16, 16]" in found["bn1"].unrun[0]  # type: ignore[attr-defined]
 
 
 def test_a_spatial_mean_head_keeps_its_prior_and_exports_at_any_size(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from bkn_export import recompute
 from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, observers, scratch_for
-from bkn_export.chain.transitions import Transition, transition_for, unrun_module
+from bkn_export.chain.transitions import Transition, path_modules, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring, saved_form
 from bkn_export.errors import ChainWiringError
 from bkn_export.nn import Prior, _BatchKalmanNorm
@@ -31,13 +32,16 @@ class ChainMembership:
     """A layer's place in the chain of ``root``.
 
     root: the wired root's token (None: a standalone layer, which only reports to
-    observers); wiring: the layer's :class:`Wiring`; input_spatial: the spatial size of the layer's input in the
-    example forward the chain was wired on (None: not known), which a path holding a size given at that size needs.
+    observers); wiring: the layer's :class:`Wiring`; input_spatial, module_inputs: the spatial size of the layer's
+    input, and of each path module's, in the example forward the chain was wired on (None, empty: not known), which a
+    path holding a size given at that size is checked against.
     """
 
     root: ChainRoot | None = field(compare=False, repr=False)
     wiring: Wiring
     input_spatial: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
+    #: Per module on the layer's paths, the spatial size of its input in the example forward (empty: not known).
+    module_inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
     _transition: Transition | None = field(init=False, compare=False, repr=False)
     #: The normalization layers whose posteriors reach this layer (``wiring.source_names``).
     _sources: tuple[str, ...] = field(init=False, compare=False, repr=False)
@@ -140,18 +144,18 @@ class ChainMembership:
         """Index into ``wiring.sources`` → why that path counts as absent in this call: its steps hold a padding,
         resample size or reshape given at the wiring example's spatial size, and this call runs another size: its
         source's output, this layer's input (``spatial``; a source pooled to 1 × 1 at every size, then resampled to
-        the input's size) or the model's first positional input (dims 1..: both ends of a path pooled) has another
-        size than in the example forward. While torch.export or a jit trace
+        the input's size) or the input of a module on the path (both ends of the path pooled) has another size than
+        in the example forward. While torch.export or a jit trace
         records the call with symbolic spatial sizes, such a path raises :class:`ChainWiringError`: the graph would
         compute it at every size (eager training leaves it out at other sizes)."""
         shapes = {name: published.input_shape for name, published in scratch.published.items()}
-        given = scratch.input_shape
+        reads = {name: scratch.module_inputs[name] for name in self.module_inputs if name in scratch.module_inputs}
         if torch.jit.is_tracing():  # sizes are tensors while a trace records them, concrete for this trace
             shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+            reads = {name: tuple(int(d) for d in shape) for name, shape in reads.items()}
             spatial = tuple(int(d) for d in spatial)
-            given = None if given is None else tuple(int(d) for d in given)
         traced = torch.compiler.is_exporting() or torch.jit.is_tracing()
-        sizes = (*shapes.values(), (0, 0, *spatial), (0, *(given or ())))
+        sizes = (*shapes.values(), (0, 0, *spatial), *((0, 0, *read) for read in reads.values()))
         if traced and not all(type(d) is int for shape in sizes for d in shape[2:]):
             raise ChainWiringError(
                 f"BKN layer '{self.wiring.name}': the model is traced (torch.export / jit) with symbolic spatial "
@@ -160,7 +164,6 @@ class ChainMembership:
                 "reshape otherwise. Trace at static spatial sizes (the size the chain was wired at), or in eval mode"
             )
         found = {}
-        wired = scratch.root.example_input
         for index in self._size_bound:
             path = self.wiring.sources[index]
             changed = path.resized(shapes)
@@ -169,9 +172,10 @@ class ChainMembership:
                 where = f"'{source}' outputs {list(now)} in this call, {list(recorded)} when wired"
             elif self.input_spatial is not None and spatial != self.input_spatial:
                 where = f"this layer's input is {list(spatial)} in this call, {list(self.input_spatial)} when wired"
-            elif wired is not None and given is not None and given != wired:  # both ends pooled: the input tells
-                where = f"the model's first input is (N, {', '.join(map(str, given))}) in this call, "
-                where += f"(N, {', '.join(map(str, wired))}) when wired"
+            elif moved := next((m for m in path_modules(path) if m in reads and reads[m] != self.module_inputs[m]), ""):
+                # both ends of the path keep their size (pooled): a module on it reads another size
+                wired = list(self.module_inputs[moved])
+                where = f"'{moved}' reads {list(reads[moved])} in this call, {wired} when wired"
             else:
                 continue
             bound = "; ".join(dict.fromkeys(path.size_bound()))

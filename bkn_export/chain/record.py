@@ -64,7 +64,7 @@ import random
 import sys
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -286,6 +286,9 @@ class RecordedChain:
 
     layers: tuple[LayerRecord, ...]
     notes: tuple[str, ...] = ()
+    #: Per module that ran, the spatial size (dims 2..) of its first input at its first call: what a path's module
+    #: reads at the wiring size (:meth:`bkn_export.chain.member.ChainMembership` compares it in later calls).
+    module_inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -639,6 +642,7 @@ class _Recorder(TorchFunctionMode):
         self.probe_failed: dict[int, Elementwise | Identity] = {}  # id(module) -> its probe's step, not the example's
         self.by_memory: dict[int, set[int]] = {}  # storage address -> ids of recorded tensors on it (_written_through)
         self.conv_inputs: dict[str, Shape] = {}  # a conv's name -> its first call's input spatial size (_fan_in)
+        self.module_inputs: dict[str, tuple[int, ...]] = {}  # every module -> its first call's input spatial size
 
     # ----------------------------------------------------------------- producers
 
@@ -699,6 +703,8 @@ class _Recorder(TorchFunctionMode):
     def pre_hook(self, name: str, static_kind: str | None) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             args = (*args, *kwargs.values())
+            if args and isinstance(args[0], Tensor):
+                self.module_inputs.setdefault(name, tuple(int(d) for d in args[0].shape[2:]))
             kind = static_kind
             if kind is None and self.leaf_depth == 0 and not self.busy and _probe_candidate(module, args):
                 kind = self._probe(name, module, args[0])
@@ -2335,4 +2341,4 @@ def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handle
                 f"{label} is taken as {probed.describe().split(' ')[0]}: its forward matched it on a probe over "
                 f"[-{_PROBE_RANGE:g}, {_PROBE_RANGE:g}]"
             )
-    return RecordedChain(layers, tuple(notes))
+    return RecordedChain(layers, tuple(notes), dict(recorder.module_inputs))

@@ -107,22 +107,18 @@ class ChainRoot:
     """The identity of one wired root model (compared by identity; copied with the model).
 
     ``traced`` holds the open scratch only while dynamo traces a call of the root; ``watched`` the names of the
-    modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`); ``example_input`` the shape
-    (dims 1..) of the first positional input of the example forward the chain was wired on, where a layer's path holds
-    a size given at that size (None: none does, or the example's first input is no tensor), which such a path is
-    checked against (:attr:`ChainScratch.input_shape`).
+    modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`).
     """
 
-    __slots__ = ("example_input", "traced", "watched")
+    __slots__ = ("traced", "watched")
 
-    def __init__(self, watched: frozenset[str] = frozenset(), example_input: tuple[int, ...] | None = None) -> None:
+    def __init__(self, watched: frozenset[str] = frozenset(), *_: Any) -> None:  # *_: a pickle of 2026-12-07's
         self.traced: ChainScratch | None = None
         self.watched = watched
-        self.example_input = example_input
 
-    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str], tuple[int, ...] | None]]:
+    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str]]]:
         # A copy (deepcopy, pickle) is a new identity with no open scratch.
-        return ChainRoot, (self.watched, self.example_input)
+        return ChainRoot, (self.watched,)
 
 
 class Submodules(Mapping[str, nn.Module]):
@@ -204,13 +200,11 @@ class ChainScratch:
     every call of each watched module (:class:`PathWatch`), in order.
     """
 
-    def __init__(
-        self, root: ChainRoot, modules: Mapping[str, nn.Module], input_shape: tuple[Any, ...] | None = None
-    ) -> None:
+    def __init__(self, root: ChainRoot, modules: Mapping[str, nn.Module]) -> None:
         self.root = root
         self.modules = modules
-        #: The shape (dims 1..) of this call's first positional input where the root has an ``example_input``.
-        self.input_shape = input_shape
+        #: Per watched module, the spatial size (dims 2..) of its first input at its latest call in this call.
+        self.module_inputs: dict[str, tuple[Any, ...]] = {}
         self.published: dict[str, Published] = {}
         self.predictions: dict[Any, Any] = {}
         self.token: Token[Mapping[ChainRoot, ChainScratch]] | None = None
@@ -259,8 +253,7 @@ def scratch_for(root: ChainRoot) -> ChainScratch | None:
 def _open_scratch(module: nn.Module, args: Any) -> None:
     """Forward pre-hook of a wired root: a fresh scratch for this call."""
     root: ChainRoot = module.__dict__[ROOT_ATTRIBUTE]
-    first = args[0] if root.example_input is not None and args and isinstance(args[0], Tensor) else None
-    scratch = ChainScratch(root, Submodules(module, root), None if first is None else tuple(first.shape[1:]))
+    scratch = ChainScratch(root, Submodules(module, root))
     if torch.compiler.is_dynamo_compiling():
         root.traced = scratch
         return
@@ -358,7 +351,8 @@ def move_root(source: nn.Module, target: nn.Module) -> None:
 
 
 class PathWatch:
-    """Forward pre-hook on a module of a recorded path: stamps each call into the open scratch.
+    """Forward pre-hook on a module of a recorded path: stamps each call into the open scratch, with the spatial size
+    of its input (:attr:`ChainScratch.module_inputs`).
 
     root: the chain's token; names: the module's qualified names in the root (one module
     may be registered under several). Outside a forward of the root it does nothing.
@@ -375,8 +369,11 @@ class PathWatch:
         if scratch is None:
             return
         scratch.clock += 1
+        spatial = tuple(args[0].shape[2:]) if args and isinstance(args[0], Tensor) else None
         for name in self.names:
             scratch.calls.setdefault(name, []).append(scratch.clock)
+            if spatial is not None:
+                scratch.module_inputs[name] = spatial
 
 
 def global_forward_hooks() -> bool:

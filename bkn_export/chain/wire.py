@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -95,8 +95,10 @@ def wire_chain(
     root.watched = watch_modules(model, root, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
     inputs = {record.name: tuple(record.input_shape[2:]) for record in recorded.layers}
     for layer, wiring in wirings:
-        layer.join_chain(ChainMembership(root, wiring, inputs.get(wiring.name)), wiring.previous_features)
-    root.example_input = _first_input_shape(example_inputs, [w for _, w in wirings])
+        on_paths = {name for path in wiring.sources for name in path_modules(path)}
+        seen = {name: size for name, size in recorded.module_inputs.items() if name in on_paths}
+        membership = ChainMembership(root, wiring, inputs.get(wiring.name), seen)
+        layer.join_chain(membership, wiring.previous_features)
     _warn_about_hooks(modules, [w for _, w in wirings if w.transition == "propagate" or w.transition == "sampled"])
     for name, module in modules.items():
         if isinstance(module, _BatchKalmanNorm) and name not in order:
@@ -105,17 +107,6 @@ def wire_chain(
             note = "did not run on the example inputs: not wired (BatchNorm)"
             module.join_chain(ChainMembership(root, Wiring(name, None, notes=(note,))))
     return model
-
-
-def _first_input_shape(example_inputs: Any, wirings: list[Wiring]) -> tuple[int, ...] | None:
-    """The shape (dims 1..) of the example's first positional input, where a path of ``wirings`` holds a size given at
-    the wiring size (:meth:`SourcePath.size_bound`): what a call's first input is compared with, for a path whose
-    ends keep their size (pooled) while the input's does not. None: no such path (nothing to compare, no cost per
-    call), or no positional tensor first (keyword inputs: the forward pre-hook does not see them)."""
-    if not any(any(path.size_bound()) for wiring in wirings for path in wiring.sources):
-        return None
-    first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs else example_inputs
-    return tuple(int(d) for d in first.shape[1:]) if isinstance(first, Tensor) else None
 
 
 def _warn_of_mode_only_modules(model: nn.Module, example_inputs: Any) -> None:
