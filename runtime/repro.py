@@ -185,7 +185,9 @@ def write_repro(
         # the file reads a value that agrees with PyTorch (a module output, the model input) where PyTorch's forward
         # computes the diverging one from it: no node of the file computes the difference
         missing = pytorch and (first_value in loc.agreed or first_value in {i.name for i in model.graph.input})
-        fed_by_pytorch = _pytorch_cut(model, str(first_value), loc.agreed, feed, workdir) if pytorch else None
+        fed_by_pytorch = None
+        if pytorch and first_value and not missing:
+            fed_by_pytorch = _pytorch_cut(model, first_value, loc.agreed, feed, workdir)
         cut = None
         if first_value and not missing and fed_by_pytorch is None:
             cut = _sub_model(model, first_value, workdir)
@@ -223,7 +225,7 @@ def write_repro(
                     f"the whole model {model_path.name} (the file reads {first_value!r} as it is, where PyTorch's "
                     "forward computes the diverging input from it: no node of the file computes the difference, an "
                     "operation is missing from it)"
-                )  # fmt: skip
+                )
             if unfed:
                 scope = (
                     f"the whole model {model_path.name} (the failure was localised, but nothing trustworthy here "
