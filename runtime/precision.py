@@ -52,9 +52,10 @@ def computed_precision(model: onnx.ModelProto) -> dict[str, str]:
 
     model (N nodes, V named values): one pass over the nodes to map producers, one backward walk per output, so
     O(outputs · (N + V)) at worst. Outputs not listed: computed at their own precision, or not float."""
-    elements = _scoped_types(model)
+    inferred = _inferred(model)
+    elements = _scoped_types(model, inferred)
     producer = {name: node for node in model.graph.node for name in node.output if name}
-    exact = _exact_values(model, elements)
+    exact = _exact_values(model, elements, _static_shapes(inferred))
     narrower = {}
     for output in model.graph.output:
         own = _NAMES.get(elements.get(output.name, onnx.TensorProto.UNDEFINED))
@@ -70,18 +71,28 @@ def computed_precision(model: onnx.ModelProto) -> dict[str, str]:
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """Value name → ONNX element type, from the graph's declarations (subgraphs' too) and, where it runs, ONNX shape
     inference; the main graph's first where a name repeats."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a graph that inference cannot type (custom ops...): its declarations alone
-        inferred = model
     elements: dict[str, int] = {}
-    for graph in (*graphs(inferred.graph), *graphs(model.graph)):
-        for value in (*graph.input, *graph.output, *graph.value_info):
-            if value.type.HasField("tensor_type"):
-                elements.setdefault(value.name, value.type.tensor_type.elem_type)
-        for initializer in graph.initializer:
-            elements.setdefault(initializer.name, initializer.data_type)
+    for graph in (*graphs(_inferred(model).graph), *graphs(model.graph)):
+        _declared(graph, elements)
     return elements
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` completed by ONNX shape inference, or ``model`` itself where inference cannot type it (custom ops)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # its declarations alone
+        return model
+
+
+def _declared(graph: onnx.GraphProto, elements: dict[str, int]) -> None:
+    """Add the element types ``graph`` declares (inputs, outputs, value_info, initializers) to ``elements``, where it
+    has none for the name yet."""
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.HasField("tensor_type"):
+            elements.setdefault(value.name, value.type.tensor_type.elem_type)
+    for initializer in graph.initializer:
+        elements.setdefault(initializer.name, initializer.data_type)
 
 
 def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -208,7 +219,9 @@ def _moved(op: str, parts: Sequence[_Dyadic]) -> _Dyadic | None:
     return _Dyadic(max(part.bound for part in parts), max(steps))
 
 
-def _exact_values(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[str]:
+def _exact_values(
+    model: onnx.ModelProto, elements: Mapping[str, int], shapes: Mapping[str, tuple[int | None, ...]]
+) -> set[str]:
     """Main-graph values computed in a float type that hold exact values small and coarse enough for it (integers up
     to 2^11 in float16, halves up to 2^10...), so that they carry no rounding in any runtime, whatever precision it
     computes that type's ops in: a 0/1 mask cast from a comparison's bool (``mask.half()``), ``1 - mask``, ``mask *
@@ -221,7 +234,6 @@ def _exact_values(model: onnx.ModelProto, elements: Mapping[str, int]) -> set[st
     multiplies the bound by the count it sums (from static shapes). A value counts as exact where its own float type
     holds every such value (before, a float32 output scaled by ``1 - mask`` or ``mask * 0.5`` computed in float16 was
     judged at float16 tolerances, and a real fault up to those passed)."""
-    shapes = _static_shapes(model)
     integers = _integer_constants(model)
     known: dict[str, _Dyadic] = {}
     for tensor in model.graph.initializer:
@@ -328,12 +340,9 @@ def _integer_constants(model: onnx.ModelProto) -> dict[str, list[int]]:
     return found
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Main-graph value name → its shape (None for a symbolic dim), from declarations and ONNX shape inference."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        inferred = model
+def _static_shapes(inferred: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Main-graph value name → its shape (None for a symbolic dim), from ``inferred``'s declarations (a model completed
+    by ONNX shape inference, :func:`_inferred`)."""
     shapes: dict[str, tuple[int | None, ...]] = {}
     graph = inferred.graph
     for value in (*graph.input, *graph.output, *graph.value_info):
@@ -388,13 +397,9 @@ class _Types(ChainMap[str, int]):
         return _Types(self.scopes, self.held, self.scopes.get(id(graph), {}), *self.maps)
 
 
-def _scoped_types(model: onnx.ModelProto) -> _Types:
-    """:class:`_Types` of the main graph, with every subgraph's scope: declarations, completed by ONNX shape inference
-    where it runs (its graphs pair with the model's one for one, depth first)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a graph that inference cannot type (custom ops...): its declarations alone
-        inferred = model
+def _scoped_types(model: onnx.ModelProto, inferred: onnx.ModelProto) -> _Types:
+    """:class:`_Types` of the main graph, with every subgraph's scope: declarations, completed by ``inferred`` (ONNX
+    shape inference's copy, :func:`_inferred`; its graphs pair with the model's one for one, depth first)."""
     own = list(graphs(model.graph))
     twins = list(graphs(inferred.graph))
     if len(twins) != len(own):
@@ -403,11 +408,7 @@ def _scoped_types(model: onnx.ModelProto) -> _Types:
     for graph, twin in zip(own, twins):
         local: dict[str, int] = {}
         for source in (twin, graph):
-            for value in (*source.input, *source.output, *source.value_info):
-                if value.type.HasField("tensor_type"):
-                    local.setdefault(value.name, value.type.tensor_type.elem_type)
-            for initializer in source.initializer:
-                local.setdefault(initializer.name, initializer.data_type)
+            _declared(source, local)
         scopes[id(graph)] = local
     return _Types(scopes, own, scopes[id(model.graph)])
 
