@@ -32,8 +32,11 @@ __all__ = [
     "Boundary",
     "module_boundaries",
     "module_inputs",
+    "node_reads",
     "node_scope",
+    "outer_reads",
     "prefix_model",
+    "sub_model",
     "unwrapped",
     "with_outputs",
 ]
@@ -259,9 +262,34 @@ def with_outputs(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
     return exposed
 
 
+def outer_reads(graph: onnx.GraphProto) -> list[str]:
+    """The names a subgraph (an ``If`` branch, a ``Loop`` / ``Scan`` body) reads from the scopes around it: what its
+    nodes (and theirs, recursively) take that the subgraph does not define (inputs, initializers, node outputs)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    defined |= {out for node in graph.node for out in node.output if out}
+    found: dict[str, None] = {}
+    for node in graph.node:
+        for name in node_reads(node):
+            if name not in defined:
+                found[name] = None
+    return list(found)
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every value ``node`` reads: its inputs, then what its subgraphs read from the enclosing scopes (a branch's
+    Gemm on the main graph's weights), in order, without repeats."""
+    names = dict.fromkeys(name for name in node.input if name)
+    for attribute in node.attribute:
+        for graph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+            names.update(dict.fromkeys(outer_reads(graph)))
+    return list(names)
+
+
 def _upstream(graph: onnx.GraphProto, value: str, stops: set[str]) -> tuple[set[int], set[str]]:
     """Walk up from ``value``: (the indices of the nodes it is computed by, not past a value of ``stops``; the values
-    of ``stops`` reached, ``value`` itself not counted)."""
+    of ``stops`` reached, ``value`` itself not counted). A node's subgraphs' reads of outer values count as its
+    inputs."""
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
     nodes: set[int] = set()
     reached: set[str] = set()
@@ -275,7 +303,7 @@ def _upstream(graph: onnx.GraphProto, value: str, stops: set[str]) -> tuple[set[
             reached.add(name)
         elif name in producer and producer[name] not in nodes:
             nodes.add(producer[name])
-            stack.extend(i for i in graph.node[producer[name]].input if i)
+            stack.extend(node_reads(graph.node[producer[name]]))
     return nodes, reached
 
 
@@ -287,20 +315,33 @@ def nearest_upstream(model: onnx.ModelProto, value: str, stops: set[str]) -> set
 
 def prefix_model(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
     """The sub-model computing ``value`` from the graph inputs: the nodes it depends on, ``value`` its output."""
+    return sub_model(model, [], value)
+
+
+def sub_model(model: onnx.ModelProto, inputs: list[str], value: str) -> onnx.ModelProto:
+    """The sub-model computing ``value`` from ``inputs`` (values of ``model`` made graph inputs, typed as the file
+    declares or infers them) and the graph inputs it needs beyond them: the nodes in between, in graph order, with the
+    initializers they read, ``value`` its only output.
+
+    As ``onnx.utils.extract_model`` does, except that what an ``If`` branch or a ``Loop`` / ``Scan`` body reads from
+    the main graph (its weights, values computed before it) counts as read (:func:`node_reads`): the extractor keeps
+    neither, and a cut through such a node does not load."""
     graph = model.graph
-    needed_nodes = _upstream(graph, value, set())[0]
+    needed_nodes = _upstream(graph, value, set(inputs))[0]
     nodes = [graph.node[i] for i in sorted(needed_nodes)]
-    used = {i for node in nodes for i in node.input} | {value}
-    prefix = onnx.ModelProto()
-    prefix.CopyFrom(model)
-    del prefix.graph.node[:]
-    prefix.graph.node.extend(nodes)
-    kept_inputs = [v for v in graph.input if v.name in used]
-    kept_initializers = [t for t in graph.initializer if t.name in used]
-    del prefix.graph.input[:]
-    prefix.graph.input.extend(kept_inputs)
-    del prefix.graph.initializer[:]
-    prefix.graph.initializer.extend(kept_initializers)
-    del prefix.graph.output[:]
-    prefix.graph.output.extend(_value_info(model, [value]))
-    return prefix
+    used = {name for node in nodes for name in node_reads(node)} | {value}
+    made = set(inputs)
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    del cut.graph.node[:]
+    cut.graph.node.extend(nodes)
+    del cut.graph.input[:]
+    cut.graph.input.extend(_value_info(model, [name for name in inputs if name in used]))
+    cut.graph.input.extend(v for v in graph.input if v.name in used and v.name not in made)
+    del cut.graph.initializer[:]
+    cut.graph.initializer.extend(t for t in graph.initializer if t.name in used and t.name not in made)
+    del cut.graph.sparse_initializer[:]
+    cut.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in used)
+    del cut.graph.output[:]
+    cut.graph.output.extend(_value_info(model, [value]))
+    return cut

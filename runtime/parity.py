@@ -951,7 +951,8 @@ def _module_noise_floors(backend: TorchEagerBackend, feed: Feed, capture: Module
     try:
         _, in_float64 = double.run_capturing(feed)
     except Exception as error:  # any failure of that run means: no floors for this model
-        return f"the model does not run in float64 ({type(error).__name__}: {error})"
+        first_line = next(iter(str(error).strip().splitlines()), "")  # torch's errors run to pages
+        return f"the model does not run in float64 ({type(error).__name__}: {first_line})"
     return noise_floors(capture, in_float64)
 
 

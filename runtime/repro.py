@@ -3,7 +3,7 @@
 On a failure, :func:`write_repro` writes into a folder (``bkn parity --repro DIR``, one
 sub-folder per failing runtime)::
 
-    model.onnx      the sub-model around the first diverging value (``onnx.utils.extract_model``):
+    model.onnx      the sub-model around the first diverging value (:func:`runtime.onnx_scopes.sub_model`):
                     after a localisation against PyTorch, the nodes computing that value from the
                     nearest module outputs upstream that agreed with PyTorch (or from the model's
                     inputs); after a node-by-node localisation, the diverging node alone, its inputs
@@ -39,6 +39,7 @@ import onnx
 from runtime._bkn import create_directories, save_onnx, write_text_atomic
 from runtime.compare import TolerancePolicy
 from runtime.localize import NodeOracle, evaluator_oracle
+from runtime.onnx_scopes import node_reads, sub_model
 from runtime.precision import computed_precision, value_types
 
 __all__ = ["write_repro"]
@@ -48,25 +49,18 @@ def _node_of(model: onnx.ModelProto, value: str) -> onnx.NodeProto | None:
     return next((node for node in model.graph.node if value in node.output), None)
 
 
-def _sub_model(model: onnx.ModelProto, value: str, workdir: Path) -> tuple[onnx.ModelProto, list[str]] | None:
-    """The one-node model producing ``value`` (its non-initializer inputs as graph inputs), or None."""
+def _sub_model(model: onnx.ModelProto, value: str) -> tuple[onnx.ModelProto, list[str]] | None:
+    """The one-node model producing ``value`` (what it reads beyond initializers as graph inputs), or None."""
     node = _node_of(model, value)
     if node is None:
         return None
     initializers = {t.name for t in model.graph.initializer}
-    inputs = [name for name in node.input if name and name not in initializers]
-    source = workdir / "full.onnx"
-    target = workdir / "sub.onnx"
-    save_onnx(model, source)
-    onnx.utils.extract_model(str(source), str(target), inputs, [value], check_model=False)
-    sub = onnx.load(str(target))
-    if len(model.functions) and not len(sub.functions):
-        sub.functions.extend(model.functions)
-    return sub, inputs
+    inputs = [name for name in node_reads(node) if name not in initializers]
+    return sub_model(model, inputs, value), inputs
 
 
 def _pytorch_cut(
-    model: onnx.ModelProto, value: str, agreed: Mapping[str, np.ndarray], feed: Mapping[str, np.ndarray], workdir: Path
+    model: onnx.ModelProto, value: str, agreed: Mapping[str, np.ndarray], feed: Mapping[str, np.ndarray]
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], str] | None:
     """The sub-model computing ``value`` from the nearest values upstream that agree with PyTorch (``agreed``: module
     outputs the localisation found agreeing, with PyTorch's tensors there) or from the graph's inputs, with those
@@ -79,11 +73,11 @@ def _pytorch_cut(
     producer = {name: node for node in model.graph.node for name in node.output if name}
     if value not in producer or value in agreed:  # no node of the file between agreement and divergence
         return None
-    initializers = {t.name for t in model.graph.initializer}
+    initializers = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
     graph_inputs = {i.name for i in model.graph.input}
     inputs: dict[str, None] = {}
     nodes: set[int] = set()
-    pending = [name for name in producer[value].input if name]
+    pending = node_reads(producer[value])
     nodes.add(id(producer[value]))
     seen: set[str] = set()
     while pending:
@@ -99,14 +93,9 @@ def _pytorch_cut(
         node = producer[name]
         if id(node) not in nodes:
             nodes.add(id(node))
-            pending.extend(n for n in node.input if n)
-    names = list(inputs)
-    source, target = workdir / "full.onnx", workdir / "cut.onnx"
-    save_onnx(model, source)
-    onnx.utils.extract_model(str(source), str(target), names, [value], check_model=False)
-    sub = onnx.load(str(target))
-    if len(model.functions) and not len(sub.functions):
-        sub.functions.extend(model.functions)
+            pending.extend(node_reads(node))
+    sub = sub_model(model, list(inputs), value)
+    names = [i.name for i in sub.graph.input]
     elements = value_types(model)
     sub_feed = {
         name: _as_declared(agreed[name], elements.get(name)) if name in agreed else feed[name] for name in names
@@ -187,10 +176,10 @@ def write_repro(
         missing = pytorch and (first_value in loc.agreed or first_value in {i.name for i in model.graph.input})
         fed_by_pytorch = None
         if pytorch and first_value and not missing:
-            fed_by_pytorch = _pytorch_cut(model, first_value, loc.agreed, feed, workdir)
+            fed_by_pytorch = _pytorch_cut(model, first_value, loc.agreed, feed)
         cut = None
         if first_value and not missing and fed_by_pytorch is None:
-            cut = _sub_model(model, first_value, workdir)
+            cut = _sub_model(model, first_value)
         if cut is not None:
             sub, input_names = cut
             values = _evaluate(with_outputs(model, input_names), feed, workdir, "inputs.onnx", chosen)

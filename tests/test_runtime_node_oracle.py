@@ -419,3 +419,90 @@ def test_the_recheck_lines_quote_paths_and_output_names(tmp_path: Path) -> None:
     )
     words = shlex.split(line.splitlines()[0])
     assert words[words.index("--atol") + 1] == "my out:1e-05" and str(tmp_path / "a dir" / "model.onnx") in words
+
+
+class _Branching(nn.Module):
+    """``d(cond(sum(a(x)) > 0, relu(b(·)), tanh(c(·))))``: the branches read the main graph's weights (outer scope)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        y = torch.cond(h.sum() > 0, lambda t: self.b(t).relu(), lambda t: self.c(t).tanh(), (h,))
+        return self.d(y)
+
+
+def test_a_fault_read_inside_a_branch_is_localised_and_bundled(tmp_path: Path) -> None:
+    """Review (2026-12-07): a wrong weight read inside an ``If`` branch (``torch.cond``) from the main graph. The cut
+    models left out what the branch reads from the enclosing graph (as ``onnx.utils.extract_model`` does): the
+    localisation ended in status ``error`` ("input 'b.weight' ... is not output of any previous nodes"). The cuts now
+    keep a subgraph's outer reads; the bundle holds the ``If`` with the weight and reproduces."""
+    torch.manual_seed(0)
+    model = _Branching().eval()
+    with torch.no_grad():
+        model.a.bias += 5  # the then-branch
+    x = torch.randn(2, 4)
+    path = tmp_path / "cond.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18, verbose=False)
+    proto = onnx.load(str(path))
+    (branching,) = [node for node in proto.graph.node if node.op_type == "If"]
+    weight = next(t for t in proto.graph.initializer if t.name == "b.weight")
+    planted = numpy_helper.to_array(weight).copy()
+    planted[0, 0] += 0.5
+    weight.CopyFrom(numpy_helper.from_array(planted, "b.weight"))
+    faulty = tmp_path / "planted.onnx"
+    onnx.save(proto, str(faulty))
+    report = run_parity(model, faulty, [x.numpy()], runtimes="ort:cpu:all", repro_dir=tmp_path / "repro")
+    (result,) = report.runtimes
+    assert result.status == "failed"
+    assert result.localisation is not None and result.localisation.status == "localised", result.localisation
+    assert "the input of d already differs" in result.localisation.message
+    bundled = onnx.load(str(tmp_path / "repro" / "ort_cpu_all" / "model.onnx"))
+    assert branching.name in [node.name for node in bundled.graph.node]
+    assert "b.weight" in [t.name for t in bundled.graph.initializer]
+    onnx.checker.check_model(bundled, full_check=True)
+    (bundle_note,) = [note for note in report.notes if "repro bundle for ort:cpu:all" in note]
+    assert "reproduces: yes" in bundle_note
+
+
+def test_a_cut_keeps_what_a_branch_reads_from_the_main_graph() -> None:
+    """``r = relu(x)`` read only inside both branches, with a weight: the cut computing the ``If``'s output keeps the
+    Relu and the weight (``onnx.utils.extract_model`` keeps neither), and runs."""
+    from runtime.onnx_scopes import node_reads, sub_model
+
+    def branch(name: str, op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["r", "w"], [f"{name}_m"]), helper.make_node(op, [f"{name}_m"], [f"{name}_y"])],
+            name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [2, 2])],
+        )  # fmt: skip
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["g"]),
+        helper.make_node("If", ["g"], ["y"], then_branch=branch("then", "Tanh"), else_branch=branch("else", "Sigmoid")),
+        helper.make_node("Neg", ["y"], ["out"]),
+    ]
+    weights = [
+        numpy_helper.from_array(np.eye(2, dtype=np.float32) * 2, "w"),
+        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 2])], weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert node_reads(model.graph.node[3]) == ["g", "r", "w"]
+    cut = sub_model(model, [], "y")
+    assert [node.op_type for node in cut.graph.node] == ["Relu", "ReduceSum", "Greater", "If"]
+    assert sorted(t.name for t in cut.graph.initializer) == ["w", "zero"]
+    onnx.checker.check_model(cut, full_check=True)
+    x = np.array([[1.0, -2.0], [3.0, 0.5]], np.float32)
+    (y,) = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, np.tanh(np.maximum(x, 0) @ (np.eye(2) * 2)), rtol=1e-6)
+    from_r = sub_model(model, ["r", "g"], "y")  # the branch's outer value made an input
+    assert [node.op_type for node in from_r.graph.node] == ["If"] and [i.name for i in from_r.graph.input] == ["r", "g"]
