@@ -269,3 +269,31 @@ def test_jit_trace_at_the_wiring_size_is_not_taken_for_symbolic_sizes() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.trace(model, torch.randn(2, 3, 8, 8), check_trace=False)
+
+
+class _HalfResized(nn.Module):
+    """``bn2(cat[conv(bn0 x), resample(pool(bn1 x), size=x's)])``: a layer whose concatenated parts come from two
+    sources, one of them through a resample given at the wiring size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self.conv2(self.bn0(self.conv0(x)))
+        resized = F.interpolate(F.adaptive_avg_pool2d(self.bn1(self.conv1(x)), 1), size=x.shape[2:])
+        return self.bn2(torch.cat([kept, resized], 1))
+
+
+def test_a_source_whose_part_is_absent_is_not_listed_among_the_priors_sources() -> None:
+    """(Left in the last note, cosmetic): the prior listed every source Gaussian, the one of a part counted as absent
+    at another size too, and computed it. Only the sources of the parts delivered are listed."""
+    model = _converted(_HalfResized())
+    at_example, _ = _statistics(model, 8)
+    assert [s.name for s in at_example["bn2"].sources] == ["bn0", "bn1"]  # type: ignore[attr-defined]
+    elsewhere, warned = _statistics(model, 16)
+    layer = elsewhere["bn2"]
+    assert [s.name for s in layer.sources] == ["bn0"] and len(layer.unrun) == 1  # type: ignore[attr-defined]
+    assert layer.prior_mean is not None and any("'bn2'" in message for message in warned)  # type: ignore[attr-defined]

@@ -305,10 +305,19 @@ def _remembered(
     return value
 
 
-def _as_prior(part: _Part | None, gaussians: Mapping[str, PriorSource]) -> Prior | None:
+def _as_prior(part: _Part | None, sources: Iterator[PriorSource]) -> Prior | None:
     if part is None:
         return None
-    return Prior(part.mean, part.variance, part.known, tuple(gaussians.values()))
+    return Prior(part.mean, part.variance, part.known, tuple(sources))
+
+
+def _delivered(
+    gaussians: Mapping[str, PriorSource], paths: Sequence[SourcePath], parts: Sequence[_Part | None]
+) -> Iterator[PriorSource]:
+    """The Gaussians of the sources whose paths delivered a part (not a path counted as absent in this call, nor one
+    that reached no source), in the wiring's source order: what a prior lists as its sources."""
+    delivered = {name for path, got in zip(paths, parts) if got is not None for name in path.normalizations()}
+    return (gaussians[name] for name in gaussians if name in delivered)
 
 
 class _PathTransition(Transition):
@@ -331,9 +340,8 @@ class _PathTransition(Transition):
             None if index in absent else self._source_part(path, gaussians, modules, published, memo)
             for index, path in enumerate(wiring.sources)
         ]
-        return _as_prior(
-            _combine(wiring.combine, parts, [p.channels for p in wiring.sources], layer.num_features), gaussians
-        )
+        combined = _combine(wiring.combine, parts, [p.channels for p in wiring.sources], layer.num_features)
+        return _as_prior(combined, _delivered(gaussians, wiring.sources, parts))
 
     def _source_part(
         self,
@@ -543,7 +551,7 @@ class Identity(Transition):
         parts = [_Part(gaussians[name].mean, gaussians[name].variance, (), None) for name in self.wiring.source_names]
         combine = "concat" if self.wiring.combine == "concat" else "sum"
         channels = [int(g.mean.shape[0]) for g in gaussians.values()]
-        return _as_prior(_combine(combine, parts, channels, layer.num_features), gaussians)
+        return _as_prior(_combine(combine, parts, channels, layer.num_features), iter(gaussians.values()))
 
 
 _TRANSITIONS: dict[str, type[Transition]] = {t.kind: t for t in (Propagate, Sampled, Learned, Identity)}
