@@ -355,7 +355,9 @@ def _refuse_unconvertible(model: nn.Module) -> None:
     """Models whose BatchNorms the conversion cannot see as such: a TorchScript module (its submodules are
     RecursiveScriptModules, so it would be "without BatchNorm" and returned unchanged) or one inside the model, an
     uninitialised
-    ``nn.LazyBatchNorm*d`` (materialised into a BatchNorm only by the first forward) and a direct subclass of
+    ``nn.LazyBatchNorm*d`` (materialised into a BatchNorm only by the first forward), a BatchNorm holding one running
+    statistic and not the other (it fails in eval mode itself: the model's own error named no layer) and a direct
+    subclass of
     ``_BatchNorm`` (no dimensionality: it was "without BatchNorm" alone, and beside BatchNorm2d layers the chain's
     wiring then told the user to convert it with convert_batchnorm first)."""
     if isinstance(model, torch.jit.ScriptModule):
@@ -378,6 +380,19 @@ def _refuse_unconvertible(model: nn.Module) -> None:
         raise BKNInputError(
             f"{', '.join(repr(n) for n in lazy)}: uninitialised lazy BatchNorm (nn.LazyBatchNorm*d); run one forward "
             "of the model (which gives it its number of features) before converting"
+        )
+    halved = [
+        f"'{name}' ({'running_mean' if m.running_mean is None else 'running_var'} is None)"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None) != (m.running_var is None)
+    ]
+    if halved:
+        raise ConversionError(
+            f"{', '.join(halved)}: a BatchNorm with one running statistic and not the other, which BatchNorm itself "
+            "cannot run in eval mode (F.batch_norm needs both buffers or neither). Before converting, give it the "
+            "missing buffer (running_mean zeros or running_var ones, then re-estimate both with "
+            "bkn_export.update_bn), or set both to None with track_running_stats=False and num_batches_tracked=None "
+            "(a layer without running statistics)"
         )
     bare = {
         name: m

@@ -188,9 +188,19 @@ def check_custom_ops(model: onnx.ModelProto, path: str | os.PathLike[str], runti
             "custom-op library/plugin was given: pass the library that implements them "
             "(custom_op_libraries=[...] / --custom-op-library)"
         )
+    exported = any(
+        prop.key in ("bkn.mode", "bkn_export.mode") and prop.value == "training" for prop in model.metadata_props
+    )
+    cut = (
+        " The file's metadata says bkn_export's training export wrote it, and that export stores the body (after "
+        "the graph and the metadata, as the file's last field): the file is likely cut short (an interrupted copy or "
+        "download; compare its size with the original's) or rewritten by a tool that drops local functions."
+        if exported
+        else ""
+    )
     raise RuntimeLoadError(
         f"{runtime}: {path} uses {ops}, which has no ONNX function body in the model and no custom-op "
-        "library/plugin was given. Re-export with bkn_export.export.export_onnx(..., mode='training') "
+        f"library/plugin was given.{cut} Re-export with bkn_export.export.export_onnx(..., mode='training') "
         "(which stores the function body), or pass the library (custom_op_libraries=[...] / --custom-op-library). "
         "A file that another tool rewrote may have lost the body: onnx.version_converter.convert_version drops a "
         "model's local functions (re-export with the opset you need, restore the body with "

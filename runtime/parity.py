@@ -527,6 +527,7 @@ def run_parity(
         )
     if report.ran:
         report.notes.extend(_coarse_default_tolerances(policy, output_specs, references))
+        report.notes.extend(_input_insensitive_outputs(policy, output_specs, feeds, references))
     if model is not None and not noise_floor and any(not c.passed for r in report.failures() for c in r.outputs):
         measured = _MeasuredRun(model, mode, feeds, references, input_specs, output_specs, returned_order)
         report.notes.extend(_rounding_hints(report, measured))
@@ -563,6 +564,73 @@ def _coarse_default_tolerances(
                 "argmax included); give --atol / --rtol on this output's scale (Polygraphy's defaults are 1e-5), or "
                 "--noise-floor to measure the model's own rounding"
             )
+    return notes
+
+
+def _first_passes_for_all(arrays: Sequence[np.ndarray], tolerance: Tolerance) -> float | None:
+    """The largest |a − first| over ``arrays`` (float, one shape, finite) where the first, returned in place of each,
+    would pass its tolerance (|first − a| ≤ atol + rtol·|a| everywhere); None where it would not, or where fewer than
+    two arrays, shapes that differ or non-finite values leave nothing to say."""
+    if len(arrays) < 2 or any(a.shape != arrays[0].shape or a.size == 0 for a in arrays):
+        return None
+    values = [np.asarray(a, dtype=np.float64) for a in arrays]
+    if not all(bool(np.isfinite(v).all()) for v in values):
+        return None
+    largest = 0.0
+    for value in values[1:]:
+        moved = np.abs(value - values[0])
+        if not bool(np.all(moved <= tolerance.atol + tolerance.rtol * np.abs(value))):
+            return None
+        largest = max(largest, float(moved.max()))
+    return largest
+
+
+def _samples_differ(array: np.ndarray) -> bool:
+    return array.ndim > 0 and array.shape[0] >= 2 and any(not np.array_equal(row, array[0]) for row in array[1:])
+
+
+def _input_insensitive_outputs(
+    policy: TolerancePolicy, output_specs: Sequence[TensorSpec], feeds: Sequence[Feed], references: Sequence[Feed]
+) -> list[str]:
+    """A note per float output of the reference that moves less than its tolerance where the inputs change: between
+    the input sets, or between the samples of a batch (dim 0, where every input has that batch size ≥ 2 and every
+    float input's samples differ). A runtime that returned one value whatever the input would pass there, so the
+    verdict cannot see a fault whose effect reaches the output only through the inputs' influence (a wrong weight
+    upstream): a constant output, or a network whose output does not respond to its input (randomly initialised,
+    collapsed: cold QA of 2026-12-07, EfficientNet-B0 after three steps, whose output moved 4.7e-10 between input
+    sets against atol 1e-5, passed a stem weight off by 1 %, as a BatchNorm copy of it would)."""
+    sets_differ = any(
+        not np.array_equal(np.asarray(feed[name]), np.asarray(feeds[0].get(name)))
+        for feed in feeds[1:]
+        for name in feed
+    )
+    notes = []
+    for spec in output_specs:
+        if not spec.dtype.startswith(("float", "bfloat")):
+            continue
+        values = [np.asarray(r[spec.name]) for r in references if spec.name in r]
+        tolerance = policy.tolerance(spec.name, spec.dtype)
+        found: dict[str, float | None] = {}
+        if sets_differ and len(values) == len(feeds):
+            found["between the input sets"] = _first_passes_for_all(values, tolerance)
+        for feed, value in zip(feeds, values):
+            inputs = [np.asarray(a) for a in feed.values()]
+            floats = [a for a in inputs if a.dtype.kind == "f"]
+            batch = value.shape[0] if value.ndim else 0
+            if batch >= 2 and floats and all(a.ndim and a.shape[0] == batch for a in inputs):
+                if all(_samples_differ(a) for a in floats):
+                    found["between the samples of the batch"] = _first_passes_for_all(list(value), tolerance)
+                    break
+        if not found or any(largest is None for largest in found.values()):
+            continue
+        notes.append(
+            f"{spec.name!r}: the reference moves less than its tolerance {' and '.join(found)} (largest change "
+            f"{max(v for v in found.values() if v is not None):.3g}; atol {tolerance.atol:g}, rtol {tolerance.rtol:g}) "
+            "though the inputs differ: a runtime that ignored the inputs would pass, so this verdict cannot see a "
+            "fault upstream of where their influence is lost (a wrong weight). A constant output, or a network that "
+            "does not respond to its input (randomly initialised, collapsed): check a trained checkpoint, or inputs "
+            "it responds to"
+        )
     return notes
 
 

@@ -210,8 +210,22 @@ def test_a_checkpoint_of_another_wiring_size_names_the_padding_that_differs() ->
     from bkn_export.errors import ChainWiringError
 
     state = _converted(_SamePadded(), 8).state_dict()
-    with pytest.raises(ChainWiringError, match=r"'input_padding': \[\[0, 1\], \[0, 1\]\].*'input_padding': \[\[1, 1\]"):
+    padding = r"'input_padding': \[\[0, 1\], \[0, 1\]\].*'input_padding': \[\[1, 1\]"
+    with pytest.raises(ChainWiringError, match=padding) as error:
         _converted(_SamePadded(), 9).load_state_dict(state)
+    # QA of 2026-12-07 (third session): the error then printed two identical wiring summaries and left out the cause
+    assert "wired at different input sizes" in str(error.value) and "it was saved with wiring" not in str(error.value)
+
+
+def test_a_checkpoint_whose_wiring_differs_in_an_option_names_it_once() -> None:
+    """A ``prior_source`` mismatch named the option, then printed the same wiring summary for both sides."""
+    from bkn_export.errors import ChainWiringError
+
+    state = _converted(_SamePadded()).state_dict()
+    model = convert_batchnorm(_SamePadded(), torch.randn(2, 3, 8, 8), prior_source="input")
+    with pytest.raises(ChainWiringError, match="prior_source: saved 'output', this model 'input'") as error:
+        model.load_state_dict(state)
+    assert "it was saved with wiring" not in str(error.value) and "input sizes" not in str(error.value)
 
 
 class _PooledBothEnds(nn.Module):

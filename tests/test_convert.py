@@ -170,7 +170,7 @@ def test_a_checkpoint_of_another_wiring_is_refused_before_any_tensor_loads() -> 
     torch.manual_seed(1)
     target = convert_batchnorm(TinyResNet(), x)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(ChainWiringError, match="saved with wiring"):
+    with pytest.raises(ChainWiringError, match="wiring differs in prior_source"):
         target.load_state_dict(saved)
     after = target.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was loaded
@@ -732,6 +732,18 @@ def test_a_torchscript_module_and_an_uninitialised_lazy_batchnorm_are_refused_by
     lazy(torch.randn(2, 3, 8, 8))  # the documented remedy: one forward, then it converts
     convert_batchnorm(lazy, torch.randn(2, 3, 8, 8))
     assert isinstance(lazy[1], BatchKalmanNorm2d)
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_a_batchnorm_with_one_running_statistic_is_refused_by_name(missing: str) -> None:
+    """QA of 2026-12-07 (third session): a BatchNorm whose running_mean alone was set to None gave PyTorch's bare
+    "running_mean must be defined in evaluation mode" from the model's own forward, naming no layer. It is refused
+    before any forward, naming the layer, the buffer and the two remedies; the model is left as it was."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    setattr(model[1], missing, None)
+    with pytest.raises(ConversionError, match=rf"'1' \({missing} is None\): a BatchNorm with one running statistic"):
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert type(model[1]) is nn.BatchNorm2d
 
 
 class _DirectBatchNorm(nn.modules.batchnorm._BatchNorm):

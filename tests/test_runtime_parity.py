@@ -192,6 +192,20 @@ def test_custom_op_without_function_body_or_library_says_what_to_load(tmp_path: 
         run_parity(trained_digits(), path, digits_inputs(), mode="training")
 
 
+def test_a_training_file_cut_after_its_metadata_is_named_as_likely_cut_short(tmp_path: Path) -> None:
+    """QA of 2026-12-07 (third session): a training export cut at a field boundary after its metadata still parses
+    (the body, the file's last field, is gone); the error sent the user to re-export without naming the likely cause."""
+    data = Path(exported_digits("training")).read_bytes()
+    without = onnx.load_from_string(data)
+    del without.functions[:]
+    prefix = without.SerializeToString()  # the fields in number order: the functions (25) come last
+    assert data.startswith(prefix) and len(prefix) < len(data)
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(prefix)
+    with pytest.raises(RuntimeLoadError, match=r"no ONNX function body.*the file is likely cut short"):
+        run_parity(trained_digits(), path, digits_inputs(), mode="training")
+
+
 def test_a_file_whose_opset_onnx_converted_says_that_the_converter_dropped_the_body(tmp_path: Path) -> None:
     """onnx.version_converter keeps the ai.bkn nodes and drops the model's local functions (onnx 1.23): the file no
     longer says how to compute them. The error names the converter and the two ways around it, which both work."""
@@ -399,3 +413,38 @@ def test_a_default_atol_coarse_for_the_outputs_scale_is_named(tmp_path: Path) ->
     export_onnx(unit, example, tmp_path / "unit.onnx")
     plain = run_parity(unit, tmp_path / "unit.onnx", {"input": example.numpy()}, runtimes="reference")
     assert not [note for note in plain.notes if "default atol" in note]
+
+
+class _Collapsed(torch.nn.Module):
+    """``head(relu(conv(x) − 1e3))``: the ReLU is 0 for every input, so the output is the head's bias whatever the
+    input and the conv's weights (a network that does not respond to its input, as a randomly initialised
+    EfficientNet-B0 after three steps did in a cold QA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x) - 1e3).mean((2, 3)))
+
+
+def test_an_output_that_ignores_the_inputs_is_named_where_its_check_cannot_see_upstream(tmp_path: Path) -> None:
+    """QA of 2026-12-07 (third session): a stem weight off by 1 % passed, exit 0, on a network whose output moved
+    4.7e-10 between inputs (right, since the output did not change, but said nothing). The report names such an
+    output; a network that responds to its inputs gets no such note."""
+    torch.manual_seed(0)
+    model = _Collapsed().eval()
+    example = torch.randn(2, 3, 8, 8)
+    good, bad = tmp_path / "collapsed.onnx", tmp_path / "tampered.onnx"
+    export_onnx(model, example, good)
+    (weight,) = [i.name for i in onnx.load(good).graph.initializer if i.name.endswith("conv.weight")]
+    _perturb(good, bad, weight, delta=0.5)
+    sets = [{"x": torch.randn(2, 3, 8, 8).numpy()} for _ in range(2)]
+    report = run_parity(model, bad, sets, runtimes="reference")
+    assert report.passed  # the tampered conv cannot change this output
+    (note,) = [note for note in report.notes if "moves less than its tolerance" in note]
+    assert "between the input sets and between the samples of the batch" in note and "cannot see a fault" in note
+    single = run_parity(model, bad, {"x": example.numpy()}, runtimes="reference")  # one set: the batch tells
+    assert [n for n in single.notes if "between the samples of the batch" in n]
+    responsive = run_parity(trained_digits(), exported_digits("inference"), digits_inputs(), runtimes="reference")
+    assert not [note for note in responsive.notes if "moves less than its tolerance" in note]

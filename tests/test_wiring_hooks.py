@@ -1,6 +1,8 @@
-"""Wiring warns about forward hooks on the modules a prediction goes through: the prior follows each module's own
-function, so a hook that replaces an output (found by a tester: ×2 on a ReLU left the next layer's prior at half
-the mean, a quarter of the variance) is not in it. Torch's weight reparametrization pre-hooks are not warned about."""
+"""Wiring warns about forward hooks on the modules a prediction goes through. The recorder follows what a hook computed
+in the wiring forward as it follows the forward's own code (a ×3 hook is a ×3 step of the path, its number a
+constant), so a hook that computes otherwise later is predicted as it ran then: the warning says so. (It said the
+hook was "not in" the prior, which a tester found false, third QA of 2026-12-07: the prior's variance tracked the ×3.)
+Torch's weight reparametrization pre-hooks are not warned about."""
 
 from __future__ import annotations
 
@@ -41,7 +43,35 @@ def _hook_warnings(prepare: Callable[[nn.Sequential], object]) -> list[str]:
 )
 def test_a_hook_on_a_predicted_module_is_named(prepare: Callable[[nn.Sequential], object], named: str) -> None:
     (message,) = _hook_warnings(prepare)
-    assert named in message and "not in it" in message
+    assert named in message and "follows what a hook computed in the wiring forward" in message
+
+
+@pytest.mark.parametrize("hook", ["output", "input"])
+def test_a_hooks_arithmetic_is_in_the_prior_as_recorded(hook: str) -> None:
+    """A ×3 forward hook on the conv (or pre-hook on its input) is a ×3 step of the path: the prior's variance is
+    9 times that of the network without the hook, as the layer's own batch variance is."""
+    from bkn_export import chain_statistics, format_chain
+
+    def prior_and_batch(model: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+        torch.manual_seed(1)
+        layer = chain_statistics(model, torch.randn(64, 3, 8, 8))[1]
+        assert layer.prior_variance is not None
+        return layer.prior_variance, layer.batch_variance
+
+    plain_prior, plain_batch = prior_and_batch(_net())  # Σ_pred + R: the process noise R is added after the path
+    hooked = _net()
+    if hook == "output":
+        hooked[3].register_forward_hook(lambda mod, args, out: out * 3)
+    else:
+        hooked[3].register_forward_pre_hook(lambda mod, args: (args[0] * 3,))
+    prior, batch = prior_and_batch(hooked)
+    noise = hooked[4].process_noise().detach()
+    torch.testing.assert_close(prior - noise, 9 * (plain_prior - noise), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(batch, 9 * plain_batch, rtol=1e-4, atol=0.0)
+    assert "×3 + 0" in format_chain(hooked)
 
 
 @pytest.mark.parametrize(

@@ -160,8 +160,9 @@ _INPUT_KEEPING_PRE_HOOKS = (PathWatch, WeightNorm, SpectralNorm, BasePruningMeth
 
 def _warn_about_hooks(modules: Mapping[str, nn.Module], wirings: list[Wiring]) -> None:
     """Warn, naming them, about forward (pre-)hooks on the modules a prediction goes through (a path's steps and its
-    source layers): the prediction follows each module's own function, so a hook that replaces an input or an
-    output is not in it, and the prior would describe the network without the hook."""
+    source layers): the recorder follows what a hook computed in the eval-mode wiring forward as it follows the
+    forward's own code (its numbers as constants, a module outside the model as opaque), so a hook that computes
+    otherwise later (a factor that changes, one that acts only in train mode) is predicted as it ran then."""
     paths = [path for w in wirings for path in w.sources]
     names = dict.fromkeys(n for path in paths for n in (*path.normalizations(), *path_modules(path)))
     hooked = []
@@ -177,9 +178,10 @@ def _warn_about_hooks(modules: Mapping[str, nn.Module], wirings: list[Wiring]) -
     if hooked:
         warnings.warn(
             "forward hooks on modules the Kalman chain predicts through: " + ", ".join(hooked) + ". The prediction "
-            "follows each module's own function: a hook that returns a new input or output (not None) is not in it, "
-            "and the layers downstream would get the prior of the network without that hook. Hooks that only read "
-            "are fine; hooks added after wiring are not checked.",
+            "follows what a hook computed in the wiring forward (eval mode) as it follows the forward's own code, "
+            "its numbers recorded as constants (format_chain shows the steps): a hook that computes otherwise later "
+            "(a factor that changes, one that acts only in train mode) is predicted as it ran then; wire again after "
+            "changing it. Hooks that only read are fine; hooks added after wiring are not followed.",
             RuntimeWarning,
             stacklevel=3,
         )

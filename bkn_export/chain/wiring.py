@@ -215,6 +215,32 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], where: st
     return found
 
 
+#: The fields of a saved step that the wiring example's spatial size may have given (:func:`~bkn_export.chain.steps.
+#: size_bound`: a resample's size, a padding before a conv, a reshape's spatial sizes; checkpoints keep no mark of
+#: which were computed from the input's size).
+_SIZE_FIELDS = frozenset({"size", "input_padding", "spatial"})
+
+
+def _without_sizes(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _without_sizes(item) for key, item in value.items() if key not in _SIZE_FIELDS}
+    if isinstance(value, list):
+        return [_without_sizes(item) for item in value]
+    return value
+
+
+def _size_bound_steps_differ(saved: Any, current: Any) -> bool:
+    """Whether two saved wirings (or parts of them) hold a pair of steps of one kind that differ only in what the wiring
+    example's size may have given (:data:`_SIZE_FIELDS`): the same network wired at different input sizes."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        if "step" in saved and saved.get("step") == current.get("step") and saved != current:
+            return _without_sizes(saved) == _without_sizes(current)
+        return any(_size_bound_steps_differ(saved[key], current[key]) for key in saved.keys() & current.keys())
+    if isinstance(saved, list) and isinstance(current, list):
+        return any(_size_bound_steps_differ(a, b) for a, b in zip(saved, current))
+    return False
+
+
 def _v1_equivalent(link: Mapping[str, Any], current: Wiring) -> bool:
     """Whether a version-1 link computes what ``current`` computes."""
     predecessor = link.get("predecessor")
@@ -306,10 +332,21 @@ def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
     saved_signature = _signature(saved_wiring)
     current_signature = _signature(current_wiring)
     if saved_signature != current_signature:
+        saved_summary, current_summary = _summary(saved_signature), _summary(current_signature)
+        summaries = (
+            f" (it was saved with wiring {saved_summary} but this model is wired {current_summary})"
+            if saved_summary != current_summary
+            else ""
+        )
+        sized = (
+            " and example inputs of the size the checkpoint was wired at (a padding, resample size or reshape "
+            "given at the wiring size differs: the two were wired at different input sizes)"
+            if _size_bound_steps_differ(saved_signature, current_signature)
+            else ""
+        )
         raise ChainWiringError(
             f"{label}: the checkpoint's wiring differs in "
-            f"{'; '.join(_differences(saved_signature, current_signature)) or 'the wiring'} (it was saved with "
-            f"wiring {_summary(saved_signature)} but this model is wired {_summary(current_signature)}). Build the "
-            "model the same way and call "
-            "bkn_export.convert_batchnorm(model, example_inputs, ...) with the same options before load_state_dict."
+            f"{'; '.join(_differences(saved_signature, current_signature)) or 'the wiring'}{summaries}. Build the "
+            f"model the same way and call bkn_export.convert_batchnorm(model, example_inputs, ...) with the same "
+            f"options{sized} before load_state_dict."
         )
