@@ -83,6 +83,7 @@ from bkn_export.chain.steps import (
     Gate,
     Identity,
     LinearRun,
+    ParameterScale,
     Pool,
     Resample,
     Reshape,
@@ -1096,6 +1097,33 @@ class _Recorder(TorchFunctionMode):
                 return name
         return None
 
+    def _parameter_scale(self, x: Tensor, factor: Tensor, out: Tensor) -> ParameterScale | None:
+        """``x · a`` where ``a`` is a parameter or buffer that a running module holds (or a view of all of it), of one
+        value or one per channel of x broadcast along the channel dim (``gamma.view(1, -1, 1, 1)``,
+        ``gamma[:, None, None]``); None for any other factor."""
+        if x.shape != out.shape or x.dim() < 2 or factor.numel() not in (1, x.shape[1]):
+            return None
+        if factor.numel() > 1 and not _channel_factor_shape(tuple(factor.shape), tuple(x.shape)):
+            return None
+        held = factor if factor._base is None else factor._base
+        if held.numel() != factor.numel():
+            return None
+        holder = self._holder_of(held)
+        if holder is None or not torch.equal(factor.detach().reshape(-1), held.detach().reshape(-1)):
+            return None
+        return ParameterScale(*holder)
+
+    def _holder_of(self, tensor: Tensor) -> tuple[str, str] | None:
+        """(qualified module name, attribute) of the module that holds ``tensor`` as a parameter or buffer, searched
+        from the innermost running module down through its submodules (``self.scale.gamma`` read in a block's
+        forward), then outward."""
+        for name, running in reversed(self.stack):
+            for inner, module in running.named_modules(remove_duplicate=False):
+                for attribute, held in (*module._parameters.items(), *module._buffers.items()):
+                    if held is tensor:
+                        return ".".join(part for part in (name, inner) if part), attribute
+        return None
+
     def _mean(
         self, first: Tensor, args: Sequence[Any], kwargs: Mapping[str, Any], source: tuple[_Node | None, Shape],
         out: Tensor, label: str,
@@ -1160,11 +1188,19 @@ class _Recorder(TorchFunctionMode):
         self, args: Sequence[Any], kwargs: Mapping[str, Any], sources: list[tuple[_Node | None, Shape]], out: Tensor,
         label: str,
     ) -> bool:  # fmt: skip
-        """``x · c`` by a number (a ScaleShift), or ``x · g`` by a gate computed from x itself (a Gate)."""
+        """``x · c`` by a number (a ScaleShift), by a module's scalar or per-channel tensor (a ParameterScale), or
+        ``x · g`` by a gate computed from x itself (a Gate)."""
         first, other = (args[0] if args else None), _arg(args, kwargs, 1, "other")
         if isinstance(first, Tensor) and isinstance(other, (int, float)):
             self.step_node(ScaleShift(float(other), 0.0), sources[0], out)
             return True
+        if isinstance(first, Tensor) and isinstance(other, Tensor) and len(sources) == 2:
+            scaled, source = self._parameter_scale(first, other, out), sources[0]
+            if scaled is None:  # a · x
+                scaled, source = self._parameter_scale(other, first, out), sources[1]
+            if scaled is not None:
+                self.step_node(scaled, source, out)
+                return True
         if not (isinstance(first, Tensor) and isinstance(other, Tensor)) or len(sources) != 2:
             raise _Unsupported(label, f"of {type(first).__name__} and {type(other).__name__}")
         if first.shape == other.shape == out.shape:  # x · f(x), elementwise: a known activation written out?
@@ -1244,6 +1280,15 @@ def _channel_padded(node: _Node | None, shape: Shape, before: int, after: int) -
         before, after = before + pad.before, after + pad.after
     padded = (shape[0], shape[1] + before + after, *shape[2:])
     return _Node("step", padded, ((node, shape),), step=ChannelPad(before, after)), padded
+
+
+def _channel_factor_shape(factor: Shape, full: Shape) -> bool:
+    """Whether a factor of shape ``factor`` broadcasts against ``full: (N, C, *)`` along the channel dim alone:
+    (C, 1, 1), (1, C, 1, 1), (C,) against (N, C)."""
+    if len(factor) > len(full):
+        return False
+    aligned = range(len(full) - len(factor), len(full))
+    return all(size == (full[1] if dim == 1 else 1) for dim, size in zip(aligned, factor)) and 1 in aligned
 
 
 def _is_gate_shape(gate: Sequence[int], full: Sequence[int]) -> bool:
@@ -1821,7 +1866,7 @@ def _bordering_step(path: SourcePath, modules: Mapping[str, nn.Module]) -> str |
 
 
 #: Steps that keep each channel to itself (what a channel holds may change, never which source channel it came from).
-_CHANNEL_WISE = (Elementwise, Identity, Pool, Resample, Subsample, ScaleShift)
+_CHANNEL_WISE = (Elementwise, Identity, Pool, Resample, Subsample, ScaleShift, ParameterScale)
 
 
 def _source_channels(path: SourcePath) -> set[int] | None:

@@ -23,7 +23,8 @@ Steps: :class:`Elementwise` (activations), :class:`Pool`, :class:`Resample`,
 :class:`Affine` (Conv/ConvTranspose/Linear modules, with a pad folded in),
 :class:`Flatten`, :class:`Reshape`, :class:`Channels` (a channel range),
 :class:`ChannelPad` (zero channels), :class:`Subsample` (``x[:, :, ::2, ::2]``),
-:class:`ScaleShift` (arithmetic with numbers), :class:`Gate` (squeeze-and-excitation),
+:class:`ScaleShift` (arithmetic with numbers), :class:`ParameterScale` (a product with a module's scalar or
+per-channel tensor: ReZero, LayerScale), :class:`Gate` (squeeze-and-excitation),
 :class:`Identity` (dropout). :func:`predict_steps` / :func:`apply_steps` run a tuple of them;
 :func:`predict_steps` first groups, by :func:`linear_runs`, each run of linear spatial steps
 (average pooling, resampling, identity, at most one conv) in which a step combines positions
@@ -73,6 +74,7 @@ __all__ = [
     "Gate",
     "Identity",
     "LinearRun",
+    "ParameterScale",
     "Pool",
     "Resample",
     "Reshape",
@@ -529,6 +531,49 @@ class ScaleShift:
 
 
 @dataclass(frozen=True)
+class ParameterScale:
+    """``y = x · a`` by a tensor ``a`` that module ``owner`` holds as ``name`` (a parameter or buffer), of one value
+    (ReZero / SkipInit's gain) or one per channel (LayerScale's ``x * gamma.view(1, -1, 1, 1)``), read at every call,
+    so a learned or scheduled factor is followed. Exact: mean → a · mean, variance → a² · variance; the prior's
+    gradient reaches ``a``. ``owner`` is not a module on the path (its forward may run around it), so it is not
+    watched."""
+
+    owner: str
+    name: str
+    step: ClassVar[str] = "parameter_scale"
+
+    def _factor(self, modules: Mapping[str, nn.Module], channels: int, like: Tensor) -> Tensor:
+        """``a`` as (1,) or (channels,) in ``like``'s dtype."""
+        factor = getattr(_module(modules, self.owner, self.describe()), self.name, None)
+        if not isinstance(factor, Tensor) or factor.numel() not in (1, channels):
+            found = tuple(factor.shape) if isinstance(factor, Tensor) else type(factor).__name__
+            raise ChainWiringError(
+                f"step {self.describe()}: '{self.owner}.{self.name}' is {found}, not the tensor of 1 or {channels} "
+                "values the chain recorded there (the model changed after wiring): re-record it "
+                "(bkn_export.wire_chain) on this model"
+            )
+        return factor.reshape(-1).to(like.dtype)
+
+    def predict(self, mean: Tensor, variance: Tensor, spatial: Spatial, modules: Mapping[str, nn.Module]) -> Moments:
+        factor = self._factor(modules, int(mean.shape[0]), mean)
+        return mean * factor, variance * (factor * factor), tuple(spatial)
+
+    def apply(self, sample: Tensor, modules: Mapping[str, nn.Module]) -> Tensor:
+        factor = self._factor(modules, int(sample.shape[1]), sample)
+        return sample * factor.reshape(1, -1, *([1] * (sample.dim() - 2)))
+
+    def describe(self) -> str:
+        return f"× '{self.owner}.{self.name}'" if self.owner else f"× '{self.name}'"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "owner": self.owner, "name": self.name}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ParameterScale:
+        return cls(str(data["owner"]), str(data["name"]))
+
+
+@dataclass(frozen=True)
 class Gate:
     """``y = x · g`` with a per-sample, per-channel gate ``g = branch(x)`` of spatial size 1
     (squeeze-and-excitation: global pooling → conv → act → conv → sigmoid).
@@ -774,6 +819,7 @@ Step = (
     | Flatten
     | Reshape
     | ScaleShift
+    | ParameterScale
     | Gate
     | Channels
     | ChannelPad
@@ -784,8 +830,8 @@ Step = (
 _STEP_TYPES: dict[str, type[Step]] = {
     cls.step: cls
     for cls in (
-        Elementwise, Pool, Resample, Affine, Flatten, Reshape, ScaleShift, Gate, Channels, ChannelPad, Subsample,
-        Identity, LinearRun,
+        Elementwise, Pool, Resample, Affine, Flatten, Reshape, ScaleShift, ParameterScale, Gate, Channels, ChannelPad,
+        Subsample, Identity, LinearRun,
     )
 }  # fmt: skip
 

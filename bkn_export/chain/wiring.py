@@ -267,7 +267,7 @@ def _v1_equivalent(link: Mapping[str, Any], current: Wiring) -> bool:
     return actual == expected
 
 
-_NAME_KEYS = ("name", "normalization", "module")
+_NAME_KEYS = ("name", "normalization", "module", "owner")
 
 
 def _without_root_prefix(saved: Any, current: Any) -> tuple[Any, Any]:
