@@ -136,8 +136,14 @@ def _own_the_process() -> None:
     warnings.formatwarning = format_warning
 
 
-#: Options whose value may start with a minus sign (a negative number): ``--val-range -1,1``.
-_SIGNED_VALUE_OPTIONS = frozenset({"--input-shape", "--shape-set", "--val-range"})
+#: Options whose value may start with a minus sign (a negative number): ``--val-range -1,1``; and the numeric options,
+#: whose own check names a negative value (argparse takes ``--rtol -1e-3`` for a missing value: its exponent).
+_SIGNED_VALUE_OPTIONS = frozenset(
+    {
+        "--input-shape", "--shape-set", "--val-range", "--atol", "--rtol", "--cosine-min", "--error-quantile",
+        "--max-mismatch", "--lr",
+    }
+)  # fmt: skip
 #: Of those, the ones that take several values (``nargs="+"``): ``--val-range -1,1 y:0,2``.
 _SIGNED_LIST_OPTIONS = frozenset({"--val-range"})
 _SIGNED_VALUE = re.compile(r"-(?:[\d.\[]|inf)", re.IGNORECASE)

@@ -189,10 +189,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: The first bytes of a shared library: ELF (Linux, BSD), Mach-O (32/64-bit, either byte order, universal), PE (MZ).
+_LIBRARY_MAGICS = (
+    b"\x7fELF", b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe", b"\xcf\xfa\xed\xfe",
+    b"\xca\xfe\xba\xbe", b"MZ",
+)  # fmt: skip
+
+
 def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str) -> None:
+    """Refuse a library that does not exist or is no shared library of any platform (RuntimeLoadError, exit 2: the
+    environment's problem, not the model's; before, a file that was not one let every ONNX Runtime configuration fail
+    to load, reported as the model's failure, exit 1)."""
     for path in paths:
         if not Path(path).is_file():
             raise RuntimeLoadError(f"{kind} {path} does not exist; build it (see docs/runtime.md) or fix the path")
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+        except OSError as error:
+            raise RuntimeLoadError(f"{kind} {path} cannot be read: {error.strerror or error}") from error
+        if not head.startswith(_LIBRARY_MAGICS):
+            raise RuntimeLoadError(
+                f"{kind} {path} is not a shared library (its first bytes {head!r} are no ELF, Mach-O or PE header); "
+                "give the built .so / .dylib / .dll"
+            )
 
 
 def _model_running_statistics(model: Any, mode: str, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:

@@ -519,3 +519,79 @@ def test_a_batchnorm_checkpoint_for_a_converted_factory_points_at_load_batchnorm
     code, err = run_cli(argv, capsys)
     assert code == 2
     assert_one_line(err, "CheckpointError", "lacks only BKN-only entries", "load_batchnorm_state_dict")
+
+
+# --------------------------------------------------------------------------- QA of 2026-12-07 (third session)
+
+
+def test_parity_repro_that_is_a_file_is_refused_before_the_runs(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing regular file as --repro passed the up-front check: every runtime ran, the bundle's failure was a
+    note on stdout, and the exit code was 1, a mismatch's."""
+    onnx_path = _exported_small(tmp_path, models, capsys)
+    (tmp_path / "afile").write_text("keep me")
+    argv = ["parity", f"{models}:small", str(onnx_path), "--runtimes", "reference", "--repro", str(tmp_path / "afile")]
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "OutputWriteError", "is a file, not a directory")
+    assert err.startswith("bkn parity:")  # no blank line first (a progress display on a stderr that is no terminal)
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_parity_custom_op_library_that_is_no_library_is_bad_input(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is not a shared library let every ONNX Runtime configuration fail to load: "5 of 7 runtime(s)
+    could not run the file", exit 1, the model's code; it is the environment's problem."""
+    onnx_path = _exported_small(tmp_path, models, capsys)
+    (tmp_path / "libops.so").write_text("not a library")
+    argv = ["parity", f"{models}:small", str(onnx_path), "--custom-op-library", str(tmp_path / "libops.so")]
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "RuntimeLoadError", "is not a shared library")
+
+
+def test_a_negative_tolerance_in_exponent_form_gets_its_own_message(
+    tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse took ``--rtol -1e-3`` for an option flag: "expected one argument"."""
+    onnx_path = tmp_path / "never.onnx"
+    code, err = run_cli(["parity", f"{models}:small", str(onnx_path), "--rtol", "-1e-3"], capsys)
+    assert code == 2
+    assert_one_line(err, "--rtol", "expected a finite number >= 0")
+
+
+@pytest.mark.parametrize("command", ["demo", "train-demo", "export"])
+def test_an_empty_output_path_is_refused(
+    command: str, tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out ''`` (an unset shell variable) wrote the demo's seven files into the current directory, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    argv = {
+        "demo": ["demo", "--out", "", "--steps", "1"],
+        "train-demo": ["train-demo", "--out", "", "--quick"],
+        "export": export_argv(f"{models}:small", Path("")),
+    }[command]
+    if command == "export":
+        argv[argv.index("-o") + 1] = ""
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "an empty path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models.py"]
+
+
+def test_demo_with_a_runtime_that_cannot_run_here_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bkn demo --runtimes tensorrt`` without TensorRT trained, exported and reported both modes as a MISMATCH,
+    exit 1, where ``bkn parity`` gives 2. Here: refused first (exit 2), nothing written."""
+    from runtime.registry import discover
+
+    unavailable = next((e.name for e in discover() if not e.availability.ok and e.availability.applicable), None)
+    if unavailable is None:
+        pytest.skip("every known runtime runs on this machine")
+    code, err = run_cli(["demo", "--out", str(tmp_path / "out"), "--steps", "1", "--runtimes", unavailable], capsys)
+    assert code == 2
+    assert_one_line(err, "RuntimeLoadError", "cannot run here", unavailable)
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "finite_float_in",
+    "nonempty_path",
     "nonnegative_int",
     "parse_factory_arg",
     "parse_named_shape",
@@ -28,6 +29,14 @@ _Number = TypeVar("_Number", int, float)
 #: Largest single dimension accepted in a shape (ONNX and the runtimes index with int64,
 #: but no real example input comes near this; a typo such as 1000000000 is caught here).
 MAX_DIMENSION = 2**31 - 1
+
+
+def nonempty_path(text: str) -> str:
+    """An output path as given; an empty or blank one (an unset shell variable: ``--out "$DIR"``) is refused, where it
+    would have meant the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?): name where to write")
+    return text
 
 
 def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:

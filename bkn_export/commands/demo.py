@@ -20,14 +20,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bkn_export.commands.arguments import nonnegative_int, positive_int
+from bkn_export.commands.arguments import nonempty_path, nonnegative_int, positive_int
 from bkn_export.commands.exit_codes import run_command
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="bkn-demo", help="directory for the checkpoint, ONNX files and reports")
+    parser.add_argument(
+        "--out", type=nonempty_path, default="bkn-demo", help="directory for the checkpoint, ONNX files and reports"
+    )
     parser.add_argument("--steps", type=positive_int, default=1000, help="SGD steps at --batch-size (default 1000)")
     parser.add_argument("--batch-size", type=positive_int, default=2, help="training micro-batch size (default 2)")
     parser.add_argument("--seed", type=nonnegative_int, default=0)
@@ -56,10 +58,24 @@ def _prepare_out(out: Path) -> None:
 
 
 def _check_runtimes(spec: str) -> None:
-    """Refuse an unknown or empty ``--runtimes`` before training (UnknownRuntimeError)."""
-    from runtime.registry import discover, select
+    """Refuse before training an unknown or empty ``--runtimes`` (UnknownRuntimeError), and a name none of whose
+    runtimes can run here (RuntimeLoadError, as ``bkn parity`` refuses it: exit 2, an environment problem; before, the
+    demo trained, exported and reported both modes as a MISMATCH, exit 1)."""
+    from runtime.errors import RuntimeLoadError
+    from runtime.registry import discover, names_runtime, select
 
-    select(discover(), spec)
+    chosen = select(discover(), spec)
+    unavailable = []
+    for name in (part.strip() for part in spec.split(",")):
+        matched = [entry for entry in chosen if names_runtime(name, entry.name)] if name and name != "all" else []
+        if matched and not any(entry.availability.ok for entry in matched):
+            reasons = "; ".join(f"{entry.name}: {entry.availability.reason}" for entry in matched)
+            unavailable.append(f"{name} ({reasons})")
+    if unavailable:
+        raise RuntimeLoadError(
+            f"runtime(s) named in --runtimes cannot run here: {', '.join(unavailable)}; name only runtimes this "
+            "machine runs, or use 'all', which reports the others without failing"
+        )
 
 
 def _train(args: argparse.Namespace, data: Any, console: Any) -> tuple[Any, Any]:

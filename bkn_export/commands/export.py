@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from bkn_export.commands.arguments import (
+    nonempty_path,
     nonnegative_int,
     parse_factory_arg,
     parse_named_shape,
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ".npz keyed by forward() argument names (np.savez), or a Polygraphy inputs JSON (its first set); "
         "floating arrays take the model's floating dtype, others keep theirs",
     )
-    parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    parser.add_argument("-o", "--output", type=nonempty_path, required=True, help="the .onnx file to write")
     parser.add_argument("--mode", choices=("inference", "training"), default="inference")
     parser.add_argument(
         "--opset",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any
 
@@ -337,6 +338,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from bkn_export.atomic import check_creatable
     from bkn_export.commands.paths import check_distinct_paths, spec_file
+    from bkn_export.errors import OutputWriteError
     from runtime.compare import Criteria, Tolerance
     from runtime.errors import BKNInputError
     from runtime.parity import run_parity
@@ -354,6 +356,11 @@ def _run(args: argparse.Namespace) -> int:
             raise BKNInputError(f"{option} was given an empty path: name the file to write")
         if output_path:
             check_creatable(output_path, directory=folder)
+    if args.repro and os.path.exists(args.repro) and not os.path.isdir(args.repro):  # bundles are folders
+        raise OutputWriteError(
+            f"--repro {args.repro} is a file, not a directory: the repro bundles are written into a folder (created "
+            "if missing); give a folder path"
+        )
     for option, path in (("--save-inputs", args.save_inputs), ("--save-outputs", args.save_outputs)):
         if path and str(path).lower().endswith(".npz"):
             raise BKNInputError(
@@ -390,6 +397,7 @@ def _run(args: argparse.Namespace) -> int:
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=errors, transient=True,
+        disable=not errors.is_terminal,  # piped or in CI: no progress (it left a blank line before an error)
     ) as progress:  # fmt: skip
         task = progress.add_task("parity: discovering runtimes", total=None)
 

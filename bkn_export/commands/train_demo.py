@@ -32,7 +32,7 @@ import torch
 
 from bkn_export import native
 from bkn_export.atomic import check_writable, write_bytes_atomic
-from bkn_export.commands.arguments import positive_float, positive_int
+from bkn_export.commands.arguments import nonempty_path, positive_float, positive_int
 from bkn_export.commands.exit_codes import run_command
 from bkn_export.demo.models import NETWORKS, NORMALIZERS
 from bkn_export.errors import OptionError, OutputWriteError
@@ -145,7 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("bkn-out/train-demo"), help="output directory (default bkn-out/train-demo)"
+        "--out",
+        type=lambda text: Path(nonempty_path(text)),
+        default=Path("bkn-out/train-demo"),
+        help="output directory (default bkn-out/train-demo)",
     )
 
 
