@@ -595,3 +595,10 @@ def test_demo_with_a_runtime_that_cannot_run_here_is_refused_before_training(
     assert code == 2
     assert_one_line(err, "RuntimeLoadError", "cannot run here", unavailable)
     assert not (tmp_path / "out").exists()
+
+
+def test_parity_without_arguments_says_what_it_expects(capsys: pytest.CaptureFixture[str]) -> None:
+    """The message ended in a dangling ``positional argument(s):``."""
+    code, err = run_cli(["parity"], capsys)
+    assert code == 2
+    assert_one_line(err, "expected [SPEC] MODEL.onnx, got 0 positional argument(s) (see `bkn parity --help`)")

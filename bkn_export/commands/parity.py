@@ -228,9 +228,8 @@ def _targets(args: argparse.Namespace) -> tuple[str | None, str]:
                 "--load-outputs REF.json --load-inputs IN.json to compare with saved outputs"
             )
         return None, args.targets[0]
-    raise BKNInputError(
-        f"expected [SPEC] MODEL.onnx, got {len(args.targets)} positional argument(s): {' '.join(args.targets)}"
-    )
+    given = f": {' '.join(args.targets)}" if args.targets else " (see `bkn parity --help`)"
+    raise BKNInputError(f"expected [SPEC] MODEL.onnx, got {len(args.targets)} positional argument(s){given}")
 
 
 def _shape_sets(args: argparse.Namespace, specs: Any) -> list[dict[str, tuple[int, ...]]]:
