@@ -63,6 +63,7 @@ def test_command_runs_end_to_end_and_writes_json_and_png(
     assert report["settings"]["batch_sizes"] == [4]
     assert report["settings"]["normalizers"] == ["batchnorm", "bkn"]
     assert report["environment"]["torch"] == torch.__version__
+    assert report["environment"]["cpu"]  # runs are deterministic per machine, not across CPUs: say which made them
     assert report["started"] and report["finished"]
     assert [(r["normalizer"], r["batch_size"], r["seed"]) for r in report["runs"]] == [
         ("batchnorm", 4, 0),
