@@ -196,11 +196,14 @@ _LIBRARY_MAGICS = (
 )  # fmt: skip
 
 
-def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str) -> None:
-    """Refuse a library that does not exist or is no shared library of any platform (RuntimeLoadError, exit 2: the
-    environment's problem, not the model's; before, a file that was not one let every ONNX Runtime configuration fail
-    to load, reported as the model's failure, exit 1)."""
+def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str, entry: str | None = None) -> None:
+    """Refuse a library that does not exist, is no shared library of any platform, or (``entry``) does not export the
+    function the runtime calls (ONNX Runtime's ``RegisterCustomOps``): RuntimeLoadError, exit 2, the environment's
+    problem, not the model's (before, such a file let every ONNX Runtime configuration fail to load, reported as the
+    model's failure, exit 1)."""
     for path in paths:
+        if Path(path).is_dir():
+            raise RuntimeLoadError(f"{kind} {path} is a directory; give the library file (.so / .dylib / .dll)")
         if not Path(path).is_file():
             raise RuntimeLoadError(f"{kind} {path} does not exist; build it (see docs/runtime.md) or fix the path")
         try:
@@ -213,6 +216,23 @@ def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str) -> None
                 f"{kind} {path} is not a shared library (its first bytes {head!r} are no ELF, Mach-O or PE header); "
                 "give the built .so / .dylib / .dll"
             )
+        if entry is not None and not _exports(path, entry):
+            raise RuntimeLoadError(
+                f"{kind} {path} does not load here or does not export {entry}, the function the runtime calls to "
+                "register its ops: give the library built for it"
+            )
+
+
+def _exports(path: str | os.PathLike[str], symbol: str) -> bool:
+    """Whether the shared library at ``path`` loads here and exports ``symbol`` (the runtime loads it into this
+    process anyway: it is the user's library for it)."""
+    import ctypes
+
+    try:
+        library = ctypes.CDLL(os.fspath(path))
+    except OSError:
+        return False
+    return hasattr(library, symbol)
 
 
 def _model_running_statistics(model: Any, mode: str, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
@@ -363,7 +383,7 @@ def run_parity(
         )
     given = _as_feeds(inputs, input_specs, optional=set(model_statistics))
     feeds = [check_feeds(input_specs, {**model_statistics, **feed}) for feed in given]
-    _check_libraries(custom_op_libraries, "custom-op library")
+    _check_libraries(custom_op_libraries, "custom-op library", entry="RegisterCustomOps")
     _check_libraries(plugin_libraries, "TensorRT plugin library")
     check_custom_ops(onnx_model, path, "every runtime", provided=bool(custom_op_libraries or plugin_libraries))
     chosen = select(discover(custom_op_libraries, plugin_libraries, openvino_precision), runtimes)
@@ -587,38 +607,42 @@ def _coarse_default_tolerances(
     return notes
 
 
-def _first_passes_for_all(arrays: Sequence[np.ndarray], tolerance: Tolerance) -> float | None:
-    """The largest |a − first| over ``arrays`` (float, one shape, finite) where the first, returned in place of each,
-    would pass its tolerance (|first − a| ≤ atol + rtol·|a| everywhere); None where it would not, or where fewer than
-    two arrays, shapes that differ or non-finite values leave nothing to say."""
-    if len(arrays) < 2 or any(a.shape != arrays[0].shape or a.size == 0 for a in arrays):
-        return None
-    values = [np.asarray(a, dtype=np.float64) for a in arrays]
-    if not all(bool(np.isfinite(v).all()) for v in values):
+#: The samples of a batch the note on input-insensitive outputs compares (the first with each of the next ones).
+INSENSITIVITY_SAMPLES = 8
+
+
+def _first_passes_for_all(
+    policy: TolerancePolicy, name: str, arrays: Sequence[np.ndarray]
+) -> tuple[bool, float] | None:
+    """Whether the first of ``arrays``, returned in place of each of the others, would pass the run's own judgement of
+    output ``name`` (its tolerance and criteria: :meth:`~runtime.compare.TolerancePolicy.judge`), with the largest
+    absolute change; None where there is nothing to compare (fewer than two arrays, or shapes that differ). Stops at
+    the first that would fail: an output that responds costs one comparison."""
+    if len(arrays) < 2 or any(np.shape(a) != np.shape(arrays[0]) for a in arrays):
         return None
     largest = 0.0
-    for value in values[1:]:
-        moved = np.abs(value - values[0])
-        if not bool(np.all(moved <= tolerance.atol + tolerance.rtol * np.abs(value))):
-            return None
-        largest = max(largest, float(moved.max()))
-    return largest
+    for other in arrays[1:]:
+        judged = policy.judge(name, other, arrays[0], runtime="the first input's output")
+        if not judged.passed:
+            return False, largest
+        largest = max(largest, float(judged.max_abs_error))
+    return True, largest
 
 
-def _samples_differ(array: np.ndarray) -> bool:
-    return array.ndim > 0 and array.shape[0] >= 2 and any(not np.array_equal(row, array[0]) for row in array[1:])
+def _samples_differ(array: np.ndarray, samples: int) -> bool:
+    return array.ndim > 0 and all(not np.array_equal(array[i], array[0]) for i in range(1, samples))
 
 
 def _input_insensitive_outputs(
     policy: TolerancePolicy, output_specs: Sequence[TensorSpec], feeds: Sequence[Feed], references: Sequence[Feed]
 ) -> list[str]:
-    """A note per float output of the reference that moves less than its tolerance where the inputs change: between
-    the input sets, or between the samples of a batch (dim 0, where every input has that batch size ≥ 2 and every
-    float input's samples differ). A runtime that returned one value whatever the input would pass there, so the
-    verdict cannot see a fault whose effect reaches the output only through the inputs' influence (a wrong weight
-    upstream): a constant output, or a network whose output does not respond to its input (randomly initialised,
-    collapsed: cold QA of 2026-12-07, EfficientNet-B0 after three steps, whose output moved 4.7e-10 between input
-    sets against atol 1e-5, passed a stem weight off by 1 %, as a BatchNorm copy of it would)."""
+    """A note per float output whose reference, where the inputs change, moves less than the run's judgement can see:
+    between the input sets (where their outputs have one shape), or between the first samples of the first set's batch
+    (dim 0, up to :data:`INSENSITIVITY_SAMPLES`, where every input has that batch size and its samples differ). A
+    runtime that returned one value whatever the input would pass there, so the verdict cannot see a fault whose
+    effect reaches the output only through the inputs' influence (a wrong weight upstream). Found by a cold QA of
+    2026-12-07: EfficientNet-B0 after three steps moved 4.7e-10 between inputs (its BatchNorm copy too) against
+    atol 1e-5, and a stem weight off by 1 % passed with nothing said."""
     sets_differ = any(
         not np.array_equal(np.asarray(feed[name]), np.asarray(feeds[0].get(name)))
         for feed in feeds[1:]
@@ -629,27 +653,34 @@ def _input_insensitive_outputs(
         if not spec.dtype.startswith(("float", "bfloat")):
             continue
         values = [np.asarray(r[spec.name]) for r in references if spec.name in r]
-        tolerance = policy.tolerance(spec.name, spec.dtype)
-        found: dict[str, float | None] = {}
-        if sets_differ and len(values) == len(feeds):
-            found["between the input sets"] = _first_passes_for_all(values, tolerance)
-        for feed, value in zip(feeds, values):
-            inputs = [np.asarray(a) for a in feed.values()]
-            floats = [a for a in inputs if a.dtype.kind == "f"]
-            batch = value.shape[0] if value.ndim else 0
-            if batch >= 2 and floats and all(a.ndim and a.shape[0] == batch for a in inputs):
-                if all(_samples_differ(a) for a in floats):
-                    found["between the samples of the batch"] = _first_passes_for_all(list(value), tolerance)
-                    break
-        if not found or any(largest is None for largest in found.values()):
+        if len(values) != len(feeds) or any(v.dtype.kind not in "fV" or v.size == 0 for v in values):
             continue
+        found: dict[str, float] = {}
+        if sets_differ:
+            judged = _first_passes_for_all(policy, spec.name, values)
+            if judged is not None and not judged[0]:
+                continue  # it responds to the sets
+            if judged is not None:
+                found["between the input sets"] = judged[1]
+        value, inputs = values[0], [np.asarray(a) for a in feeds[0].values()]
+        samples = min(value.shape[0], INSENSITIVITY_SAMPLES) if value.ndim else 0
+        if samples >= 2 and inputs and all(a.ndim and a.shape[0] == value.shape[0] for a in inputs):
+            if all(_samples_differ(a, samples) for a in inputs):
+                judged = _first_passes_for_all(policy, spec.name, [value[i] for i in range(samples)])
+                if judged is not None and not judged[0]:
+                    continue  # it responds to the samples
+                if judged is not None:
+                    found["between the samples of the batch"] = judged[1]
+        if not found:
+            continue
+        tolerance = policy.tolerance(spec.name, spec.dtype)
         notes.append(
-            f"{spec.name!r}: the reference moves less than its tolerance {' and '.join(found)} (largest change "
-            f"{max(v for v in found.values() if v is not None):.3g}; atol {tolerance.atol:g}, rtol {tolerance.rtol:g}) "
-            "though the inputs differ: a runtime that ignored the inputs would pass, so this verdict cannot see a "
-            "fault upstream of where their influence is lost (a wrong weight). A constant output, or a network that "
-            "does not respond to its input (randomly initialised, collapsed): check a trained checkpoint, or inputs "
-            "it responds to"
+            f"{spec.name!r}: the reference moves less than this run's judgement can see {' and '.join(found)} "
+            f"(largest change {max(found.values()):.3g}; atol {tolerance.atol:g}, rtol {tolerance.rtol:g}) though the "
+            "inputs differ: a runtime that ignored the inputs would pass, so this verdict cannot see a fault upstream "
+            "of where their influence is lost (a wrong weight). A constant output, an output whose changes are below "
+            "the tolerance (small magnitude: give --atol on its scale), or a network that does not respond to its "
+            "input (randomly initialised, collapsed): check a trained checkpoint, or inputs it responds to"
         )
     return notes
 

@@ -125,3 +125,101 @@ def test_a_checkpoint_round_trips_and_a_training_export_agrees(tmp_path: object)
     export_onnx(model, example, path, mode="training")
     report = run_parity(model, path, {"x": example.numpy()}, runtimes="ort:cpu:all,reference", mode="training")
     assert report.passed, report.runtimes
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.net = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_a_factor_of_the_wrapped_models_root_moves_between_wrapped_and_bare_checkpoints() -> None:
+    """A review: the factor's owner is the wrapped model's root ('net' under the wrapper, '' alone), and the root
+    prefix was stripped from names under it only: the checkpoint moved in neither direction."""
+    torch.manual_seed(0)
+    wrapped = _Wrapped(_Scaled("scalar"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(wrapped, torch.randn(4, 3, 8, 8))
+    bare = _converted("scalar", 1.0)
+    bare.load_state_dict({k.removeprefix("net."): v for k, v in wrapped.state_dict().items()}, strict=True)
+    wrapped.load_state_dict({f"net.{k}": v for k, v in _converted("scalar").state_dict().items()}, strict=True)
+
+
+class _ChangesItsFactor(_Scaled):
+    """``h · s``, then ``s`` halved in place while the layer runs (and restored after): the product used the old
+    value."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.alpha, torch.Tensor)
+        h = torch.relu(self.bn1(self.conv1(x))) * self.alpha
+        with torch.no_grad():
+            self.alpha.mul_(0.5)
+        y = self.bn2(h)
+        with torch.no_grad():
+            self.alpha.mul_(2.0)
+        return y
+
+
+def test_a_factor_written_in_place_after_its_product_is_not_followed() -> None:
+    """A review: the step read the factor when the layer predicted, after the forward had halved it: prior mean 0.5×,
+    variance 0.25× the truth, no note. The layer after such a product is now first in its chain, saying why."""
+    torch.manual_seed(0)
+    model = _ChangesItsFactor("scalar")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
+    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    assert "first in chain" in row and "its factor × 'alpha' was changed in place later in the forward" in row
+
+
+class _Expanded(_Scaled):
+    """``h · g[:1].expand(C)``: a view of the whole of ``g`` in memory size, but its first value repeated."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        assert isinstance(self.alpha, torch.Tensor)
+        return self.bn2(h * self.alpha[:1].expand(6).view(1, -1, 1, 1))
+
+
+def test_a_view_that_repeats_one_value_is_no_parameter_scale() -> None:
+    """A review: accepted as ``× 'alpha'`` where ``alpha`` was still constant (LayerScale's initialisation); once it
+    trains, the prior would be off per channel. Refused (stride 0), the layer first in its chain, saying why."""
+    torch.manual_seed(0)
+    model = _Expanded("view")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
+    text = format_chain(model)
+    assert "× 'alpha'" not in text and "neither a per-channel gate computed from x nor a whole parameter" in text
+
+
+def test_a_checkpoint_whose_layer_was_first_in_its_chain_says_how_to_keep_its_weights() -> None:
+    """A checkpoint of a LayerScale model saved before this step existed (its layer first in its chain; simulated by
+    an unwired copy) is refused; the error says how to keep its weights, and that way loads them."""
+    from bkn_export.errors import ChainWiringError
+
+    class _Detached(_Scaled):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert isinstance(self.alpha, torch.Tensor)
+            return self.bn2(torch.relu(self.bn1(self.conv1(x))) * self.alpha.detach().view(1, -1, 1, 1))
+
+    torch.manual_seed(0)
+    old = _Detached("view")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(old, torch.randn(4, 3, 8, 8))
+    assert "× 'alpha'" not in format_chain(old)
+    state = old.state_dict()
+    model = _converted("view", 1.0)
+    with pytest.raises(ChainWiringError, match=r"saved by an earlier bkn_export.*endswith\('_extra_state'\)"):
+        model.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+        missing = model.load_state_dict(weights, strict=False)
+    assert set(missing.missing_keys) == {"bn2.prior_weight_logit", "bn2.process_noise_raw", "bn2._extra_state"}
+    assert torch.equal(model.alpha, old.alpha)

@@ -537,6 +537,10 @@ def test_parity_repro_that_is_a_file_is_refused_before_the_runs(
     assert_one_line(err, "OutputWriteError", "is a file, not a directory")
     assert err.startswith("bkn parity:")  # no blank line first (a progress display on a stderr that is no terminal)
     assert (tmp_path / "afile").read_text() == "keep me"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    code, err = run_cli([*argv[:-1], str(tmp_path / "dangling")], capsys)
+    assert code == 2
+    assert_one_line(err, "OutputWriteError", "broken symlink")
 
 
 def test_parity_custom_op_library_that_is_no_library_is_bad_input(
@@ -550,6 +554,18 @@ def test_parity_custom_op_library_that_is_no_library_is_bad_input(
     code, err = run_cli(argv, capsys)
     assert code == 2
     assert_one_line(err, "RuntimeLoadError", "is not a shared library")
+    # a review: a shared library that is no custom-op library (the C library itself) still ran every runtime, exit 1
+    import ctypes.util
+
+    found = ctypes.util.find_library("m")
+    libm = next((p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6") if Path(p).is_file()), found)
+    if libm and Path(libm).is_file():
+        code, err = run_cli([*argv[:-1], libm], capsys)
+        assert code == 2
+        assert_one_line(err, "RuntimeLoadError", "does not export RegisterCustomOps")
+    code, err = run_cli([*argv[:-1], str(tmp_path)], capsys)
+    assert code == 2
+    assert_one_line(err, "RuntimeLoadError", "is a directory")
 
 
 def test_a_negative_tolerance_in_exponent_form_gets_its_own_message(

@@ -442,9 +442,13 @@ def test_an_output_that_ignores_the_inputs_is_named_where_its_check_cannot_see_u
     sets = [{"x": torch.randn(2, 3, 8, 8).numpy()} for _ in range(2)]
     report = run_parity(model, bad, sets, runtimes="reference")
     assert report.passed  # the tampered conv cannot change this output
-    (note,) = [note for note in report.notes if "moves less than its tolerance" in note]
+    (note,) = [note for note in report.notes if "moves less than this run's judgement can see" in note]
     assert "between the input sets and between the samples of the batch" in note and "cannot see a fault" in note
     single = run_parity(model, bad, {"x": example.numpy()}, runtimes="reference")  # one set: the batch tells
     assert [n for n in single.notes if "between the samples of the batch" in n]
+    # A review: sets of other batch sizes (not comparable) dropped the batch's finding too; and a looser criterion
+    # (--max-mismatch) was not the judgement the note used.
+    ragged = [{"x": torch.randn(n, 3, 8, 8).numpy()} for n in (2, 3)]
+    assert [n for n in run_parity(model, bad, ragged, runtimes="reference").notes if "samples of the batch" in n]
     responsive = run_parity(trained_digits(), exported_digits("inference"), digits_inputs(), runtimes="reference")
-    assert not [note for note in responsive.notes if "moves less than its tolerance" in note]
+    assert not [note for note in responsive.notes if "moves less than" in note]

@@ -644,6 +644,7 @@ class _Recorder(TorchFunctionMode):
         self.by_memory: dict[int, set[int]] = {}  # storage address -> ids of recorded tensors on it (_written_through)
         self.conv_inputs: dict[str, Shape] = {}  # a conv's name -> its first call's input spatial size (_fan_in)
         self.module_inputs: dict[str, tuple[int, ...]] = {}  # every module -> its first call's input spatial size
+        self.factor_nodes: dict[int, list[_Node]] = {}  # a ParameterScale factor's storage -> the nodes that read it
 
     # ----------------------------------------------------------------- producers
 
@@ -837,6 +838,8 @@ class _Recorder(TorchFunctionMode):
             return
         label = _op_label(func) + self.where()
         self._record_function(func, args, kwargs, sources, out, outputs, mutated, label)
+        if mutated is not None and self.factor_nodes:
+            self._factor_written(mutated, label)
         producer = self.producer(mutated) if mutated is not None else None
         unchanged = producer is not None and producer.kind == "step" and _identity_step(producer.step)
         if mutated is not None and not unchanged and getattr(func, "__name__", "") not in _METADATA_INPLACE:
@@ -861,6 +864,17 @@ class _Recorder(TorchFunctionMode):
             why = ""
         targets = outputs if mutated is None or any(t is mutated for t in outputs) else [*outputs, mutated]
         self.opaque(label, sources, targets, why)
+
+    def _factor_written(self, written: Tensor, label: str) -> None:
+        """An in-place op (``label``) wrote the storage of a factor that ParameterScale steps read
+        (``self.scale.mul_(0.5)`` after ``h * self.scale``): the step would read the written value when the layer
+        predicts, not the one the product used. Each such step's node becomes opaque, so the layers after it start
+        their own chain."""
+        for node in self.factor_nodes.pop(_memory(written) or -1, ()):
+            step = node.step
+            node.kind, node.step, node.label = "opaque", None, label
+            factor = step.describe() if step is not None else ""
+            node.why = f"its factor {factor} was changed in place later in the forward"
 
     def _written_through(self, written: Tensor, label: str) -> None:
         """An in-place op (``label``) wrote ``written``: every other recorded tensor on the same memory (its base, the
@@ -1097,21 +1111,24 @@ class _Recorder(TorchFunctionMode):
                 return name
         return None
 
-    def _parameter_scale(self, x: Tensor, factor: Tensor, out: Tensor) -> ParameterScale | None:
-        """``x · a`` where ``a`` is a parameter or buffer that a running module holds (or a view of all of it), of one
-        value or one per channel of x broadcast along the channel dim (``gamma.view(1, -1, 1, 1)``,
-        ``gamma[:, None, None]``); None for any other factor."""
+    def _parameter_scale(self, x: Tensor, factor: Tensor, out: Tensor) -> tuple[ParameterScale, Tensor] | None:
+        """(the step, the held tensor) for ``x · a`` where ``a`` is a parameter or buffer that a running module holds,
+        or a view of all of it in its own order (``gamma.view(1, -1, 1, 1)``, ``gamma[:, None, None]``: the same
+        memory, the channel dim at stride 1 of a contiguous tensor; not ``gamma[:1].expand(C)``), of one value or one
+        per channel of x broadcast along the channel dim; None for any other factor."""
         if x.shape != out.shape or x.dim() < 2 or factor.numel() not in (1, x.shape[1]):
             return None
         if factor.numel() > 1 and not _channel_factor_shape(tuple(factor.shape), tuple(x.shape)):
             return None
         held = factor if factor._base is None else factor._base
-        if held.numel() != factor.numel():
+        if held.numel() != factor.numel() or factor.data_ptr() != held.data_ptr() or not held.is_contiguous():
+            return None
+        if any(size > 1 and stride != 1 for size, stride in zip(factor.shape, factor.stride())):
             return None
         holder = self._holder_of(held)
-        if holder is None or not torch.equal(factor.detach().reshape(-1), held.detach().reshape(-1)):
+        if holder is None:
             return None
-        return ParameterScale(*holder)
+        return ParameterScale(*holder), held
 
     def _holder_of(self, tensor: Tensor) -> tuple[str, str] | None:
         """(qualified module name, attribute) of the module that holds ``tensor`` as a parameter or buffer, searched
@@ -1199,7 +1216,11 @@ class _Recorder(TorchFunctionMode):
             if scaled is None:  # a · x
                 scaled, source = self._parameter_scale(other, first, out), sources[1]
             if scaled is not None:
-                self.step_node(scaled, source, out)
+                step, held = scaled
+                self.step_node(step, source, out)
+                node, memory = self.producer(out), _memory(held)
+                if node is not None and memory is not None:
+                    self.factor_nodes.setdefault(memory, []).append(node)
                 return True
         if not (isinstance(first, Tensor) and isinstance(other, Tensor)) or len(sources) != 2:
             raise _Unsupported(label, f"of {type(first).__name__} and {type(other).__name__}")
@@ -1215,7 +1236,12 @@ class _Recorder(TorchFunctionMode):
         elif other.shape == out.shape and _is_gate_shape(first.shape, out.shape):
             x, gate = sources[1], sources[0]
         else:
-            raise _Unsupported(label, f"of shapes {[s for _, s in sources]}: not a per-channel gate")
+            raise _Unsupported(
+                label,
+                f"of shapes {[s for _, s in sources]}: neither a per-channel gate computed from x nor a whole "
+                "parameter or buffer of a module (of one value or one per channel, read as it is: not a slice, copy "
+                "or function of it)",
+            )
         branch = _branch_from(gate[0], x[0])
         if branch is None:
             raise _Unsupported(label, "by a gate that is not computed from the gated tensor by steps alone")

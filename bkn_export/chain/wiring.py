@@ -293,11 +293,18 @@ def _strip_names(value: Any, prefix: str) -> Any:
     if not isinstance(value, dict):
         return value
     return {
-        key: item[len(prefix) :]
-        if key in _NAME_KEYS and isinstance(item, str) and item.startswith(prefix)
-        else _strip_names(item, prefix)
-        for key, item in value.items()
+        key: _stripped(item, prefix) if key in _NAME_KEYS else _strip_names(item, prefix) for key, item in value.items()
     }
+
+
+def _stripped(name: Any, prefix: str) -> Any:
+    """``name`` without the root prefix ``prefix`` (ending in '.'); the prefix's own module (a factor the wrapped
+    model's root holds: ``net`` for ``net.``) becomes the root, ''."""
+    if not isinstance(name, str):
+        return name
+    if name == prefix[:-1]:
+        return ""
+    return name[len(prefix) :] if name.startswith(prefix) else name
 
 
 def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
@@ -344,9 +351,18 @@ def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
             if _size_bound_steps_differ(saved_signature, current_signature)
             else ""
         )
+        gained = (
+            " If it is the same model, saved by an earlier bkn_export: this version predicts this layer through a "
+            "path the earlier one could not follow (a product with a module's parameter, ReZero / LayerScale, since "
+            "2026-12-07); keep the checkpoint's weights with model.load_state_dict({k: v for k, v in "
+            "state_dict.items() if not k.endswith('_extra_state')}, strict=False), which leaves the layer's new BKN "
+            "parameters at their initial values."
+            if saved_signature.get("transition") is None and current_signature.get("transition") is not None
+            else ""
+        )
         raise ChainWiringError(
             f"{label}: the checkpoint's wiring differs in "
             f"{'; '.join(_differences(saved_signature, current_signature)) or 'the wiring'}{summaries}. Build the "
             f"model the same way and call bkn_export.convert_batchnorm(model, example_inputs, ...) with the same "
-            f"options{sized} before load_state_dict."
+            f"options{sized} before load_state_dict.{gained}"
         )

@@ -355,6 +355,8 @@ def _run(args: argparse.Namespace) -> int:
             raise BKNInputError(f"{option} was given an empty path: name the file to write")
         if output_path:
             check_creatable(output_path, directory=folder)
+    if args.repro and os.path.islink(args.repro) and not os.path.exists(args.repro):
+        raise OutputWriteError(f"--repro {args.repro} is a broken symlink; give a folder path")
     if args.repro and os.path.exists(args.repro) and not os.path.isdir(args.repro):  # bundles are folders
         raise OutputWriteError(
             f"--repro {args.repro} is a file, not a directory: the repro bundles are written into a folder (created "
@@ -444,7 +446,8 @@ def _run(args: argparse.Namespace) -> int:
     if not report.ran:
         reasons = "; ".join(f"{r.runtime}: {r.reason}" for r in report.runtimes)
         print(
-            f"bkn parity: none of the chosen runtimes ({args.runtimes}) is available here: {reasons}", file=sys.stderr
+            f"bkn parity: RuntimeLoadError: none of the chosen runtimes ({args.runtimes}) is available here: {reasons}",
+            file=sys.stderr,
         )
         return 2
     unrun = _named_but_not_run(args.runtimes, report.runtimes)
