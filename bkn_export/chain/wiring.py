@@ -301,7 +301,7 @@ def _stripped(name: Any, prefix: str) -> Any:
     """``name`` without the root prefix ``prefix`` (ending in '.'); the prefix's own module (a factor the wrapped
     model's root holds: ``net`` for ``net.``) becomes the root, ''."""
     if not isinstance(name, str):
-        return name
+        return _strip_names(name, prefix)
     if name == prefix[:-1]:
         return ""
     return name[len(prefix) :] if name.startswith(prefix) else name
