@@ -216,23 +216,27 @@ def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str, entry: 
                 f"{kind} {path} is not a shared library (its first bytes {head!r} are no ELF, Mach-O or PE header); "
                 "give the built .so / .dylib / .dll"
             )
-        if entry is not None and not _exports(path, entry):
-            raise RuntimeLoadError(
-                f"{kind} {path} does not load here or does not export {entry}, the function the runtime calls to "
-                "register its ops: give the library built for it"
-            )
+        problem = _entry_problem(path, entry) if entry is not None else None
+        if problem is not None:
+            raise RuntimeLoadError(f"{kind} {path} {problem}")
 
 
-def _exports(path: str | os.PathLike[str], symbol: str) -> bool:
-    """Whether the shared library at ``path`` loads here and exports ``symbol`` (the runtime loads it into this
-    process anyway: it is the user's library for it)."""
+def _entry_problem(path: str | os.PathLike[str], symbol: str) -> str | None:
+    """Why the shared library at ``path`` cannot serve as the runtime's library (it does not load here, with the
+    loader's reason, or it does not export ``symbol``), or None. It is loaded into this process, as the runtime would
+    load it anyway."""
     import ctypes
 
     try:
-        library = ctypes.CDLL(os.fspath(path))
-    except OSError:
-        return False
-    return hasattr(library, symbol)
+        library = ctypes.CDLL(os.path.abspath(path))  # a bare name would be looked up in the system's library paths
+    except OSError as error:
+        return f"does not load here ({error}): build it for this machine, or make the libraries it needs findable"
+    if not hasattr(library, symbol):
+        return (
+            f"does not export {symbol}, the function the runtime calls to register its ops: give the library built "
+            "for it"
+        )
+    return None
 
 
 def _model_running_statistics(model: Any, mode: str, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:

@@ -223,3 +223,35 @@ def test_a_checkpoint_whose_layer_was_first_in_its_chain_says_how_to_keep_its_we
         missing = model.load_state_dict(weights, strict=False)
     assert set(missing.missing_keys) == {"bn2.prior_weight_logit", "bn2.process_noise_raw", "bn2._extra_state"}
     assert torch.equal(model.alpha, old.alpha)
+
+
+class _SharedStorage(_Scaled):
+    """Two parameters on one flat storage (FSDP / DeepSpeed / apex style), one written in place (by 1: the values stay,
+    the write is recorded) after the product with the other, or the factor itself."""
+
+    def __init__(self, written: str) -> None:
+        super().__init__("view")
+        flat = torch.cat([torch.full((6,), 3.0), torch.ones(6)])
+        del self.alpha
+        self.alpha, self.other = nn.Parameter(flat[:6]), nn.Parameter(flat[6:])
+        self.written = written
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x))) * self.alpha.view(1, -1, 1, 1)
+        with torch.no_grad():
+            getattr(self, self.written).mul_(1.0)
+        return self.bn2(h)
+
+
+@pytest.mark.parametrize(("written", "kept"), [("other", True), ("alpha", False)])
+def test_only_a_write_to_the_factors_own_bytes_drops_the_step(written: str, kept: bool) -> None:
+    """A review: the in-place check compared storages, so a write to another parameter of one flat storage made the
+    layer first in its chain though its factor never changed. Only a write reaching the factor's own bytes does."""
+    torch.manual_seed(0)
+    model = _SharedStorage(written)
+    assert model.alpha.untyped_storage().data_ptr() == model.other.untyped_storage().data_ptr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
+    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    assert ("× 'alpha'" in row and "propagate" in row) if kept else "first in chain" in row

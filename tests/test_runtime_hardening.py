@@ -324,3 +324,39 @@ def test_a_repro_of_the_whole_model_names_its_expected_outputs_by_their_source(t
     assert "the whole model" in (bundle / "README.txt").read_text()
     (iteration,) = polygraphy_io.load_outputs(bundle / "expected.json")["expected"]
     np.testing.assert_array_equal(iteration[name], wrong[name])
+
+
+def test_a_custom_op_library_that_cannot_be_used_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review of the library check: a library whose own dependency is missing was "does not load here or does not
+    export RegisterCustomOps" (the loader's reason dropped); it says the loader's reason now. And a relative name
+    (``libops.so`` in the current directory, ``./libops.so`` given as a Path) reached ONNX Runtime without its
+    directory, which the loader then looked up in the system's paths: every configuration failed to load a library
+    that was there. It is passed as an absolute path."""
+    import shutil
+    import subprocess
+
+    from runtime.errors import RuntimeLoadError
+
+    library = _library_registering_nothing(tmp_path)
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler is not None
+    (tmp_path / "helper.c").write_text("int helper(void) { return 1; }\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "libhelper.so"), str(tmp_path / "helper.c")])
+    (tmp_path / "dep.c").write_text(
+        "int helper(void);\nvoid *RegisterCustomOps(void *o, const void *a) { (void)o; (void)a; helper(); return 0; }\n"
+    )
+    needing = tmp_path / "libneeds.so"
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-o", str(needing), str(tmp_path / "dep.c"), f"-L{tmp_path}", "-lhelper"],
+        check=True,
+    )
+    (tmp_path / "libhelper.so").unlink()  # the dependency is gone
+    with pytest.raises(RuntimeLoadError, match=r"does not load here \(.*libhelper\.so"):
+        run_parity(trained_digits(), exported_digits("inference"), digits_inputs(), custom_op_libraries=[needing])
+    monkeypatch.chdir(tmp_path)
+    for relative in (library.name, Path(".") / library.name):
+        report = run_parity(
+            trained_digits(), exported_digits("inference"), digits_inputs(), runtimes="ort:cpu:all",
+            custom_op_libraries=[relative],
+        )  # fmt: skip
+        assert report.passed, report.runtimes  # a library that loads and registers (nothing, here) is taken

@@ -644,7 +644,8 @@ class _Recorder(TorchFunctionMode):
         self.by_memory: dict[int, set[int]] = {}  # storage address -> ids of recorded tensors on it (_written_through)
         self.conv_inputs: dict[str, Shape] = {}  # a conv's name -> its first call's input spatial size (_fan_in)
         self.module_inputs: dict[str, tuple[int, ...]] = {}  # every module -> its first call's input spatial size
-        self.factor_nodes: dict[int, list[_Node]] = {}  # a ParameterScale factor's storage -> the nodes that read it
+        #: a ParameterScale factor's storage -> (its byte range there, the node that reads it)
+        self.factor_nodes: dict[int, list[tuple[tuple[int, int], _Node]]] = {}
 
     # ----------------------------------------------------------------- producers
 
@@ -870,7 +871,10 @@ class _Recorder(TorchFunctionMode):
         (``self.scale.mul_(0.5)`` after ``h * self.scale``): the step would read the written value when the layer
         predicts, not the one the product used. Each such step's node becomes opaque, so the layers after it start
         their own chain."""
-        for node in self.factor_nodes.pop(_memory(written) or -1, ()):
+        readers = self.factor_nodes.get(_memory(written) or -1, [])
+        span = _byte_span(written)
+        for reach, node in [entry for entry in readers if span[0] < entry[0][1] and entry[0][0] < span[1]]:
+            readers.remove((reach, node))
             step = node.step
             node.kind, node.step, node.label = "opaque", None, label
             factor = step.describe() if step is not None else ""
@@ -1219,8 +1223,8 @@ class _Recorder(TorchFunctionMode):
                 step, held = scaled
                 self.step_node(step, source, out)
                 node, memory = self.producer(out), _memory(held)
-                if node is not None and memory is not None:
-                    self.factor_nodes.setdefault(memory, []).append(node)
+                if node is not None and memory is not None:  # the factor's own bytes: parameters may share a storage
+                    self.factor_nodes.setdefault(memory, []).append((_byte_span(held), node))
                 return True
         if not (isinstance(first, Tensor) and isinstance(other, Tensor)) or len(sources) != 2:
             raise _Unsupported(label, f"of {type(first).__name__} and {type(other).__name__}")
@@ -1640,6 +1644,14 @@ def _inplace_position(func: Any) -> int | None:
     except (TypeError, ValueError):  # a builtin without a signature
         return None
     return parameters.index("inplace") if "inplace" in parameters else None
+
+
+def _byte_span(tensor: Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes of its storage that ``tensor`` can reach (offset, sizes and strides)."""
+    size = tensor.element_size()
+    first = int(tensor.storage_offset()) * size
+    reach = sum((int(n) - 1) * abs(int(stride)) for n, stride in zip(tensor.shape, tensor.stride()))
+    return first, first + (reach + 1) * size if tensor.numel() else first
 
 
 def _memory(tensor: Tensor) -> int | None:

@@ -133,7 +133,9 @@ class OnnxRuntimeBackend(Backend):
                     "(--custom-op-library)"
                 )
             try:
-                options.register_custom_ops_library(str(library))
+                # absolute: a relative name ("libops.so", Path("./libops.so")) would be looked up in the system's
+                # library paths, not where the file is
+                options.register_custom_ops_library(os.path.abspath(library))
             except Exception as error:
                 raise RuntimeLoadError(f"{self.name}: cannot load custom-op library {library}: {error}") from error
         return options
