@@ -53,13 +53,11 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -360,13 +358,10 @@ def _steady_malloc() -> str:
 def cpu_model() -> str:
     """The CPU's model name and the cores this process may use (absolute times differ between machines:
     RESULTS.md's eighth round)."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} core(s)"
+    from bkn_export.demo.environment import cpu_model_name
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model_name()}, {cores} core(s)"
 
 
 def _run(args: argparse.Namespace) -> int:

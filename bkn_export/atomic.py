@@ -48,6 +48,7 @@ from bkn_export.errors import OutputWriteError
 __all__ = [
     "atomic_writer",
     "check_creatable",
+    "check_folder_creatable",
     "check_writable",
     "create_directories",
     "existing_mode",
@@ -186,6 +187,20 @@ def check_creatable(path: str | os.PathLike[str], directory: bool = False) -> Pa
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot write {target}: directory {ancestor} is not writable")
     return target
+
+
+def check_folder_creatable(path: str | os.PathLike[str]) -> Path:
+    """:func:`check_creatable` for a writer that always writes into ``path`` as a folder (``--repro``): an existing
+    file there, or a broken symlink (which ``mkdir`` cannot follow), is refused too. Raises
+    :class:`OutputWriteError`."""
+    target = Path(path)
+    if target.is_symlink() and not target.exists():
+        raise OutputWriteError(f"{target} is a broken symlink; give a folder path")
+    if target.exists() and not target.is_dir():
+        raise OutputWriteError(
+            f"{target} is a file, not a directory: this writes into a folder (created if missing); give a folder path"
+        )
+    return check_creatable(target, directory=True)
 
 
 def create_directories(directory: str | os.PathLike[str]) -> Path:

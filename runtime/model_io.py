@@ -48,6 +48,7 @@ __all__ = [
     "input_sets",
     "is_onnxruntime_domain",
     "load_onnx",
+    "metadata_mode",
     "onnxruntime_ops",
     "random_inputs",
     "renamed_op_nodes",
@@ -188,14 +189,11 @@ def check_custom_ops(model: onnx.ModelProto, path: str | os.PathLike[str], runti
             "custom-op library/plugin was given: pass the library that implements them "
             "(custom_op_libraries=[...] / --custom-op-library)"
         )
-    exported = any(
-        prop.key in ("bkn.mode", "bkn_export.mode") and prop.value == "training" for prop in model.metadata_props
-    )
     cut = (
         " The file's metadata says bkn_export's training export wrote it, and that export stores the body (after "
         "the graph and the metadata, as the file's last field): the file is likely cut short (an interrupted copy or "
         "download; compare its size with the original's) or rewritten by a tool that drops local functions."
-        if exported
+        if metadata_mode(model) == "training"
         else ""
     )
     raise RuntimeLoadError(
@@ -462,13 +460,22 @@ def renamed_op_note(model: onnx.ModelProto) -> str | None:
     )
 
 
+def metadata_mode(model: onnx.ModelProto) -> str | None:
+    """The mode a ``bkn_export`` export recorded in the file's metadata (``bkn_export.mode``, earlier ``bkn.mode``),
+    or None."""
+    for prop in model.metadata_props:
+        if prop.key in ("bkn.mode", "bkn_export.mode") and prop.value in ("inference", "training"):
+            return prop.value
+    return None
+
+
 def declared_mode(model: onnx.ModelProto) -> str | None:
     """The mode the file says it was exported in: its ``bkn_export.mode`` metadata, else "training" where the graph
     holds ``ai.bkn`` nodes (also renamed ones: :func:`renamed_op_nodes`); None for a file that says nothing
     (exported by other tools)."""
-    for prop in model.metadata_props:
-        if prop.key in ("bkn.mode", "bkn_export.mode") and prop.value in ("inference", "training"):
-            return prop.value
+    said = metadata_mode(model)
+    if said is not None:
+        return said
     if any(is_op_node(node) for node in model.graph.node) or renamed_op_nodes(model):
         return "training"
     return None

@@ -652,6 +652,12 @@ def _input_insensitive_outputs(
         for feed in feeds[1:]
         for name in feed
     )
+    # The first set's batch: its size where every input has one (dim 0), and how many of its first samples all differ.
+    inputs = [np.asarray(a) for a in feeds[0].values()]
+    batch = inputs[0].shape[0] if inputs and all(a.ndim and a.shape[0] == inputs[0].shape[0] for a in inputs) else 0
+    samples = min(batch, INSENSITIVITY_SAMPLES)
+    if samples < 2 or not all(_samples_differ(a, samples) for a in inputs):
+        samples = 0
     notes = []
     for spec in output_specs:
         if not spec.dtype.startswith(("float", "bfloat")):
@@ -666,15 +672,13 @@ def _input_insensitive_outputs(
                 continue  # it responds to the sets
             if judged is not None:
                 found["between the input sets"] = judged[1]
-        value, inputs = values[0], [np.asarray(a) for a in feeds[0].values()]
-        samples = min(value.shape[0], INSENSITIVITY_SAMPLES) if value.ndim else 0
-        if samples >= 2 and inputs and all(a.ndim and a.shape[0] == value.shape[0] for a in inputs):
-            if all(_samples_differ(a, samples) for a in inputs):
-                judged = _first_passes_for_all(policy, spec.name, [value[i] for i in range(samples)])
-                if judged is not None and not judged[0]:
-                    continue  # it responds to the samples
-                if judged is not None:
-                    found["between the samples of the batch"] = judged[1]
+        value = values[0]
+        if samples and value.ndim and value.shape[0] == batch:
+            judged = _first_passes_for_all(policy, spec.name, [value[i] for i in range(samples)])
+            if judged is not None and not judged[0]:
+                continue  # it responds to the samples
+            if judged is not None:
+                found["between the samples of the batch"] = judged[1]
         if not found:
             continue
         tolerance = policy.tolerance(spec.name, spec.dtype)

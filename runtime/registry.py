@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from runtime.backends.base import Availability, Backend
 from runtime.errors import UnknownRuntimeError
 
-__all__ = ["FACTORIES", "DiscoveryOptions", "RuntimeEntry", "discover", "select"]
+__all__ = ["FACTORIES", "DiscoveryOptions", "RuntimeEntry", "discover", "names_runtime", "select", "selection_names"]
 
 #: GPU providers reported even when this onnxruntime package does not list them, so a
 #: report says why they did not run.
@@ -142,13 +142,18 @@ def names_runtime(name: str, runtime: str) -> bool:
     return runtime == name or runtime.startswith(name + ":")
 
 
+def selection_names(spec: str | Sequence[str]) -> list[str]:
+    """The names of a selection (``"ort, tensorrt"`` or a list), stripped, empty ones dropped; ``all`` included."""
+    return [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+
+
 def select(entries: Sequence[RuntimeEntry], spec: str | Sequence[str] = "all") -> list[RuntimeEntry]:
     """The entries a selection names (see the module docstring), in discovery order.
 
     Raises :class:`UnknownRuntimeError` listing the known and the available names when a
     name matches nothing, or when the selection is empty.
     """
-    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    names = selection_names(spec)
     known = [e.name for e in entries]
     available = [e.name for e in entries if e.availability.ok]
     if not names:

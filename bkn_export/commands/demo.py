@@ -62,12 +62,12 @@ def _check_runtimes(spec: str) -> None:
     runtimes can run here (RuntimeLoadError, as ``bkn parity`` refuses it: exit 2, an environment problem; before, the
     demo trained, exported and reported both modes as a MISMATCH, exit 1)."""
     from runtime.errors import RuntimeLoadError
-    from runtime.registry import discover, names_runtime, select
+    from runtime.registry import discover, names_runtime, select, selection_names
 
     chosen = select(discover(), spec)
     unavailable = []
-    for name in (part.strip() for part in spec.split(",")):
-        matched = [entry for entry in chosen if names_runtime(name, entry.name)] if name and name != "all" else []
+    for name in (name for name in selection_names(spec) if name != "all"):
+        matched = [entry for entry in chosen if names_runtime(name, entry.name)]
         if matched and not any(entry.availability.ok for entry in matched):
             reasons = "; ".join(f"{entry.name}: {entry.availability.reason}" for entry in matched)
             unavailable.append(f"{name} ({reasons})")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Any
 
@@ -335,9 +334,8 @@ def _run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from bkn_export.atomic import check_creatable
+    from bkn_export.atomic import check_creatable, check_folder_creatable
     from bkn_export.commands.paths import check_distinct_paths, spec_file
-    from bkn_export.errors import OutputWriteError
     from runtime.compare import Criteria, Tolerance
     from runtime.errors import BKNInputError
     from runtime.parity import run_parity
@@ -353,15 +351,10 @@ def _run(args: argparse.Namespace) -> int:
     for option, (output_path, folder) in outputs.items():
         if output_path is not None and not str(output_path).strip():  # an unset $REPORT in a CI script
             raise BKNInputError(f"{option} was given an empty path: name the file to write")
-        if output_path:
+        if output_path and option == "--repro":  # bundles are folders
+            check_folder_creatable(output_path)
+        elif output_path:
             check_creatable(output_path, directory=folder)
-    if args.repro and os.path.islink(args.repro) and not os.path.exists(args.repro):
-        raise OutputWriteError(f"--repro {args.repro} is a broken symlink; give a folder path")
-    if args.repro and os.path.exists(args.repro) and not os.path.isdir(args.repro):  # bundles are folders
-        raise OutputWriteError(
-            f"--repro {args.repro} is a file, not a directory: the repro bundles are written into a folder (created "
-            "if missing); give a folder path"
-        )
     for option, path in (("--save-inputs", args.save_inputs), ("--save-outputs", args.save_outputs)):
         if path and str(path).lower().endswith(".npz"):
             raise BKNInputError(
@@ -466,12 +459,10 @@ def _named_but_not_run(spec: str, rows: Any) -> list[tuple[str, str]]:
     """Each name of ``--runtimes`` (not 'all') none of whose runtimes ran, with their reasons: a name the user gave
     is a runtime they expect a verdict from, so the run cannot pass without it (exit 2, as for a missing
     library). A prefix of several runtimes ('ort') counts as run where one of them ran."""
-    from runtime.registry import names_runtime
+    from runtime.registry import names_runtime, selection_names
 
     unrun = []
-    for name in (part.strip() for part in spec.split(",")):
-        if not name or name == "all":
-            continue
+    for name in (name for name in selection_names(spec) if name != "all"):
         matched = [row for row in rows if names_runtime(name, row.runtime)]
         if matched and not any(row.ran for row in matched):
             unrun.append((name, "; ".join(f"{row.runtime}: {row.reason}" for row in matched)))

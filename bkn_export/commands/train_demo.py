@@ -17,7 +17,6 @@ unwritable ``--out``; scikit-learn or matplotlib missing: ``pip install -e ".[de
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import functools
 import json
@@ -35,6 +34,7 @@ from bkn_export import native
 from bkn_export.atomic import check_writable, write_bytes_atomic
 from bkn_export.commands.arguments import nonempty_path, positive_float, positive_int
 from bkn_export.commands.exit_codes import run_command
+from bkn_export.demo.environment import cpu_model_name
 from bkn_export.demo.models import NETWORKS, NORMALIZERS
 from bkn_export.errors import OptionError, OutputWriteError
 
@@ -220,23 +220,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     return summary
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else the platform's processor: a run is deterministic per seed on one
-    machine, not across CPUs (their float kernels differ), so the results say which CPU made them."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _environment() -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "native_kernels": native.status(),
