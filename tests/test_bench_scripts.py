@@ -78,3 +78,39 @@ def test_host_overhead_skips_every_launch_and_counts_the_layer_steps(tmp_path: P
     assert record["launches"] == {"bkn": 3, "op": 2, "bn": 0}
     assert all(len(values) == 2 and min(values) > 0 for values in record["samples_us"].values())
     assert "launches skipped" in done.stdout
+
+
+bench_running_statistics = pytest.importorskip("benchmarks.bench_running_statistics")
+
+
+def test_running_statistics_gap_is_one_where_the_running_statistics_are_the_deployed_ones() -> None:
+    """``bench_running_statistics.py`` measures each layer's deployed input (eval mode, pre-hooks) over the test
+    set in float64: a layer whose running statistics are set to exactly those reads ratio 1 and mean error 0,
+    halving its running variance reads 0.5; the train-mode accuracy probe leaves the model's statistics alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), BatchKalmanNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3), BatchKalmanNorm2d(4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # fmt: skip
+    model = wire_chain(model, torch.randn(2, 1, 8, 8))
+    x = torch.randn(50, 1, 8, 8) * 3 + 1
+    model.eval()
+    first = model[0](x).double()
+    expected_mean, expected_variance = first.mean((0, 2, 3)), first.var((0, 2, 3), unbiased=False)
+    deployed = bench_running_statistics.deployed_input_statistics(model, x, batch=16)  # four chunks, one short
+    assert set(deployed) == {"1", "4"}
+    torch.testing.assert_close(deployed["1"][0], expected_mean)
+    torch.testing.assert_close(deployed["1"][1], expected_variance)
+    for name in ("1", "4"):
+        model[int(name)].running_mean.copy_(deployed[name][0])
+        model[int(name)].running_var.copy_(deployed[name][1])
+    gaps = bench_running_statistics.layer_gaps(model, deployed)
+    for name in ("1", "4"):
+        assert gaps[name]["variance_ratio"] == pytest.approx(1.0, rel=1e-6)
+        assert gaps[name]["mean_error"] == pytest.approx(0.0, abs=1e-6)
+    model[4].running_var.mul_(0.5)
+    assert bench_running_statistics.layer_gaps(model, deployed)["4"]["variance_ratio"] == pytest.approx(0.5, rel=1e-6)
+    before = [t.clone() for t in (model[4].running_mean, model[4].running_var)]
+    data = bench_running_statistics.DigitsSplit(x, x, x[:8], torch.zeros(8, dtype=torch.long))
+    assert 0.0 <= bench_running_statistics.train_mode_accuracy(model, data, 2) <= 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, (model[4].running_mean, model[4].running_var)))
