@@ -198,7 +198,7 @@ def check_folder_creatable(path: str | os.PathLike[str]) -> Path:
         raise OutputWriteError(f"{target} is a broken symlink; give a folder path")
     if target.exists() and not target.is_dir():
         raise OutputWriteError(
-            f"{target} is a file, not a directory: this writes into a folder (created if missing); give a folder path"
+            f"{target} is not a directory: this writes into a folder (created if missing); give a folder path"
         )
     return check_creatable(target, directory=True)
 

@@ -202,6 +202,8 @@ def _check_libraries(paths: Sequence[str | os.PathLike[str]], kind: str, entry: 
     problem, not the model's (before, such a file let every ONNX Runtime configuration fail to load, reported as the
     model's failure, exit 1)."""
     for path in paths:
+        if not str(path).strip():
+            raise RuntimeLoadError(f"{kind} was given an empty path (an unset shell variable?): name the library file")
         if Path(path).is_dir():
             raise RuntimeLoadError(f"{kind} {path} is a directory; give the library file (.so / .dylib / .dll)")
         if not Path(path).is_file():
@@ -682,13 +684,19 @@ def _input_insensitive_outputs(
         if not found:
             continue
         tolerance = policy.tolerance(spec.name, spec.dtype)
+        pooled = (
+            ""
+            if "between the input sets" in found
+            else ". Unless it is computed from the whole batch (pooled over dim 0, the same for every sample): such an "
+            "output moves between batches only, which one input set cannot show (give two or more: --iterations 2)"
+        )
         notes.append(
             f"{spec.name!r}: the reference moves less than this run's judgement can see {' and '.join(found)} "
             f"(largest change {max(found.values()):.3g}; atol {tolerance.atol:g}, rtol {tolerance.rtol:g}) though the "
             "inputs differ: a runtime that ignored the inputs would pass, so this verdict cannot see a fault upstream "
             "of where their influence is lost (a wrong weight). A constant output, an output whose changes are below "
             "the tolerance (small magnitude: give --atol on its scale), or a network that does not respond to its "
-            "input (randomly initialised, collapsed): check a trained checkpoint, or inputs it responds to"
+            f"input (randomly initialised, collapsed): check a trained checkpoint, or inputs it responds to{pooled}"
         )
     return notes
 

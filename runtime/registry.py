@@ -162,6 +162,10 @@ def select(entries: Sequence[RuntimeEntry], spec: str | Sequence[str] = "all") -
         )
     if names == ["all"]:
         return list(entries)
+    if "all" in names:
+        raise UnknownRuntimeError(
+            f"'all' cannot be combined with other runtime names (got {spec!r}): give 'all' alone, or the names"
+        )
     chosen: list[RuntimeEntry] = []
     for name in names:
         matches = [e for e in entries if names_runtime(name, e.name)]

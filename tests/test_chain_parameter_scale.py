@@ -7,12 +7,14 @@ its place is recorded as the constant it was at wiring (README)."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 from bkn_export import chain_statistics, convert_batchnorm, format_chain
+from bkn_export.errors import ChainWiringError
 from bkn_export.export import export_onnx
 from runtime.parity import run_parity
 
@@ -128,25 +130,29 @@ def test_a_checkpoint_round_trips_and_a_training_export_agrees(tmp_path: object)
 
 
 class _Wrapped(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, child: str = "net") -> None:
         super().__init__()
-        self.net = inner
+        self.child = child
+        self.add_module(child, inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return getattr(self, self.child)(x)  # type: ignore[no-any-return]
 
 
-def test_a_factor_of_the_wrapped_models_root_moves_between_wrapped_and_bare_checkpoints() -> None:
+@pytest.mark.parametrize("child", ["net", "alpha"])
+def test_a_factor_of_the_wrapped_models_root_moves_between_wrapped_and_bare_checkpoints(child: str) -> None:
     """A review: the factor's owner is the wrapped model's root ('net' under the wrapper, '' alone), and the root
-    prefix was stripped from names under it only: the checkpoint moved in neither direction."""
+    prefix was stripped from names under it only: the checkpoint moved in neither direction. A second review: with
+    the wrapper's child named as the factor's attribute ('alpha'), the step's attribute name was stripped as a
+    module name, to ''."""
     torch.manual_seed(0)
-    wrapped = _Wrapped(_Scaled("scalar"))
+    wrapped = _Wrapped(_Scaled("scalar"), child)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         convert_batchnorm(wrapped, torch.randn(4, 3, 8, 8))
     bare = _converted("scalar", 1.0)
-    bare.load_state_dict({k.removeprefix("net."): v for k, v in wrapped.state_dict().items()}, strict=True)
-    wrapped.load_state_dict({f"net.{k}": v for k, v in _converted("scalar").state_dict().items()}, strict=True)
+    bare.load_state_dict({k.removeprefix(f"{child}."): v for k, v in wrapped.state_dict().items()}, strict=True)
+    wrapped.load_state_dict({f"{child}.{k}": v for k, v in _converted("scalar").state_dict().items()}, strict=True)
 
 
 class _ChangesItsFactor(_Scaled):
@@ -183,6 +189,55 @@ class _Expanded(_Scaled):
         h = torch.relu(self.bn1(self.conv1(x)))
         assert isinstance(self.alpha, torch.Tensor)
         return self.bn2(h * self.alpha[:1].expand(6).view(1, -1, 1, 1))
+
+
+_UNSEEN_CHANGES: dict[str, tuple[Callable[[nn.Module], object], Callable[[nn.Module], object]]] = {
+    # (the change before the layer, the change back after it): the product and the next forward see the old value
+    "foreach": (lambda m: torch._foreach_mul_([m.alpha], 0.5), lambda m: torch._foreach_mul_([m.alpha], 2.0)),
+    "set_": (lambda m: m.alpha.set_(m.alpha.detach() * 0.5), lambda m: m.alpha.set_(m.alpha.detach() * 2.0)),
+    "data": (
+        lambda m: setattr(m.alpha, "data", m.alpha.data * 0.5),
+        lambda m: setattr(m.alpha, "data", m.alpha.data * 2),
+    ),
+    "rebound": (
+        lambda m: setattr(m, "alpha", nn.Parameter(m.alpha.detach() * 0.5)),
+        lambda m: setattr(m, "alpha", nn.Parameter(m.alpha.detach() * 2.0)),
+    ),
+}
+
+
+class _ChangesItsFactorUnseen(_Scaled):
+    """``h · s``, then ``s`` changed by what the recorder does not see as an in-place write to its bytes, and back
+    after the layer ran."""
+
+    def __init__(self, change: str) -> None:
+        super().__init__("scalar")
+        self.change = change
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before, after = _UNSEEN_CHANGES[self.change]
+        h = torch.relu(self.bn1(self.conv1(x))) * self.alpha
+        with torch.no_grad():
+            before(self)
+        y = self.bn2(h)
+        with torch.no_grad():
+            after(self)
+        return y
+
+
+@pytest.mark.parametrize("change", sorted(_UNSEEN_CHANGES))
+def test_a_factor_changed_by_an_unrecorded_write_or_a_rebinding_is_not_followed(change: str) -> None:
+    """A review: ``torch._foreach_mul_([a], k)`` (a list argument: no in-place write seen), ``a.set_``, ``a.data =``
+    and a re-assigned attribute between the product and the layer left the step in place: prior mean 0.5×, variance
+    0.25× the truth, no note. The recorder now compares each factor with the tensor, address and bytes the product
+    read before every normalization call and after the forward."""
+    torch.manual_seed(0)
+    model = _ChangesItsFactorUnseen(change)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
+    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    assert "first in chain" in row and "its factor × 'alpha' was changed later in the forward" in row, row
 
 
 def test_a_view_that_repeats_one_value_is_no_parameter_scale() -> None:
@@ -255,3 +310,12 @@ def test_only_a_write_to_the_factors_own_bytes_drops_the_step(written: str, kept
         convert_batchnorm(model, torch.randn(4, 3, 8, 8))
     (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
     assert ("× 'alpha'" in row and "propagate" in row) if kept else "first in chain" in row
+
+
+def test_a_root_factor_of_another_size_after_wiring_is_named_as_the_model_holds_it() -> None:
+    """The root module's factor replaced by one of another size after wiring: a clear error naming ``'alpha'`` (a
+    review found ``'.alpha'``: the root's empty owner joined with a dot)."""
+    model = _converted("scalar")
+    model.alpha = nn.Parameter(torch.ones(1, 1, 1, 8))  # the product still runs: broadcast over the width
+    with pytest.raises(ChainWiringError, match=r"step × 'alpha': 'alpha' is \(1, 1, 1, 8\), not the tensor of 1 or 6"):
+        model.train()(torch.randn(2, 3, 8, 8))

@@ -534,7 +534,7 @@ def test_parity_repro_that_is_a_file_is_refused_before_the_runs(
     argv = ["parity", f"{models}:small", str(onnx_path), "--runtimes", "reference", "--repro", str(tmp_path / "afile")]
     code, err = run_cli(argv, capsys)
     assert code == 2
-    assert_one_line(err, "OutputWriteError", "is a file, not a directory")
+    assert_one_line(err, "OutputWriteError", "is not a directory")
     assert err.startswith("bkn parity:")  # no blank line first (a progress display on a stderr that is no terminal)
     assert (tmp_path / "afile").read_text() == "keep me"
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
@@ -566,6 +566,25 @@ def test_parity_custom_op_library_that_is_no_library_is_bad_input(
     code, err = run_cli([*argv[:-1], str(tmp_path)], capsys)
     assert code == 2
     assert_one_line(err, "RuntimeLoadError", "is a directory")
+    # a second review: an empty name (an unset shell variable) was reported as "custom-op library  is a directory"
+    code, err = run_cli([*argv[:-1], ""], capsys)
+    assert code == 2
+    assert_one_line(err, "RuntimeLoadError", "an empty path")
+
+
+@pytest.mark.parametrize("runtimes", ["all,reference", "reference,all"])
+def test_all_combined_with_other_runtime_names_says_so(
+    runtimes: str, tmp_path: Path, models: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A review: ``--runtimes all,reference`` said "unknown runtime 'all'", though 'all' is the documented name."""
+    onnx_path = _exported_small(tmp_path, models, capsys)
+    code, err = run_cli(["parity", f"{models}:small", str(onnx_path), "--runtimes", runtimes], capsys)
+    assert code == 2
+    assert_one_line(err, "'all' cannot be combined with other runtime names")
+    code, err = run_cli(["demo", "--out", str(tmp_path / "out"), "--steps", "1", "--runtimes", runtimes], capsys)
+    assert code == 2
+    assert_one_line(err, "'all' cannot be combined with other runtime names")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_negative_tolerance_in_exponent_form_gets_its_own_message(

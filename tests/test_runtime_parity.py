@@ -452,3 +452,32 @@ def test_an_output_that_ignores_the_inputs_is_named_where_its_check_cannot_see_u
     assert [n for n in run_parity(model, bad, ragged, runtimes="reference").notes if "samples of the batch" in n]
     responsive = run_parity(trained_digits(), exported_digits("inference"), digits_inputs(), runtimes="reference")
     assert not [note for note in responsive.notes if "moves less than" in note]
+    assert "Unless it is computed from the whole batch" in single.notes[-1] and "Unless" not in note
+
+
+class _BatchPooled(torch.nn.Module):
+    """``mean_n(lin(x))`` broadcast to every sample: the same for every sample of a batch, and responsive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).mean(0, keepdim=True).expand(x.shape[0], -1) * 1.0
+
+
+def test_an_output_pooled_over_the_batch_is_not_called_input_insensitive(tmp_path: Path) -> None:
+    """A review: an output computed from the whole batch is the same for every sample, and with one input set the
+    note said that a wrong weight upstream could not be seen, though it fails this very check. One set: the note
+    names that case; two sets: the output moves between them, no note."""
+    torch.manual_seed(0)
+    model = _BatchPooled().eval()
+    example = torch.randn(4, 5)
+    export_onnx(model, example, tmp_path / "pooled.onnx")
+    single = run_parity(model, tmp_path / "pooled.onnx", {"x": example.numpy()}, runtimes="reference")
+    (note,) = [note for note in single.notes if "moves less than" in note]
+    assert "between the samples of the batch" in note and "Unless it is computed from the whole batch" in note
+    sets = [{"x": torch.randn(4, 5).numpy()} for _ in range(2)]
+    assert not [
+        n for n in run_parity(model, tmp_path / "pooled.onnx", sets, runtimes="reference").notes if "moves" in n
+    ]

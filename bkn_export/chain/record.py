@@ -646,6 +646,9 @@ class _Recorder(TorchFunctionMode):
         self.module_inputs: dict[str, tuple[int, ...]] = {}  # every module -> its first call's input spatial size
         #: a ParameterScale factor's storage -> (its byte range there, the node that reads it)
         self.factor_nodes: dict[int, list[tuple[tuple[int, int], _Node]]] = {}
+        #: every ParameterScale product: (its node, the tensor it read, that tensor's address and bytes then)
+        self.factor_reads: list[tuple[_Node, Tensor, int, Tensor]] = []
+        self.modules: dict[str, nn.Module] = {}  # the recorded model's modules by name (factors_changed)
 
     # ----------------------------------------------------------------- producers
 
@@ -708,6 +711,12 @@ class _Recorder(TorchFunctionMode):
             args = (*args, *kwargs.values())
             if args and isinstance(args[0], Tensor):
                 self.module_inputs.setdefault(name, tuple(int(d) for d in args[0].shape[2:]))
+            if self.factor_reads and is_normalization(module):  # a factor changed before the layer reads its path
+                self.busy = True
+                try:
+                    self.factors_changed()
+                finally:
+                    self.busy = False
             kind = static_kind
             if kind is None and self.leaf_depth == 0 and not self.busy and _probe_candidate(module, args):
                 kind = self._probe(name, module, args[0])
@@ -879,6 +888,26 @@ class _Recorder(TorchFunctionMode):
             node.kind, node.step, node.label = "opaque", None, label
             factor = step.describe() if step is not None else ""
             node.why = f"its factor {factor} was changed in place later in the forward"
+
+    def factors_changed(self) -> None:
+        """Before each normalization call and after the forward: a ParameterScale step whose factor its module no
+        longer holds as the tensor, at the address and with the bytes the product read (rebound: ``self.a =
+        nn.Parameter(...)``, ``a.data = ...``, ``a.set_(...)``; written by an operator the recorder does not see as
+        in-place, ``torch._foreach_mul_([a], k)``) would read another value when the layer predicts. Its node becomes
+        opaque, as for an in-place write the recorder sees (:meth:`_factor_written`)."""
+        for node, held, address, recorded in self.factor_reads:
+            step = node.step
+            if node.kind != "step" or not isinstance(step, ParameterScale):
+                continue  # already made opaque
+            module = self.modules.get(step.owner)
+            now = getattr(module, step.name, None) if module is not None else None
+            if now is held and now.data_ptr() == address and torch.equal(_bytes_of(now), recorded):
+                continue
+            node.kind, node.step = "opaque", None
+            node.why = (
+                f"its factor {step.describe()} was changed later in the forward (rebound, or written by an operator "
+                "that is not recorded as in-place)"
+            )
 
     def _written_through(self, written: Tensor, label: str) -> None:
         """An in-place op (``label``) wrote ``written``: every other recorded tensor on the same memory (its base, the
@@ -1225,6 +1254,8 @@ class _Recorder(TorchFunctionMode):
                 node, memory = self.producer(out), _memory(held)
                 if node is not None and memory is not None:  # the factor's own bytes: parameters may share a storage
                     self.factor_nodes.setdefault(memory, []).append((_byte_span(held), node))
+                if node is not None:
+                    self.factor_reads.append((node, held, held.data_ptr(), _bytes_of(held).clone()))
                 return True
         if not (isinstance(first, Tensor) and isinstance(other, Tensor)) or len(sources) != 2:
             raise _Unsupported(label, f"of {type(first).__name__} and {type(other).__name__}")
@@ -1644,6 +1675,11 @@ def _inplace_position(func: Any) -> int | None:
     except (TypeError, ValueError):  # a builtin without a signature
         return None
     return parameters.index("inplace") if "inplace" in parameters else None
+
+
+def _bytes_of(tensor: Tensor) -> Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view (NaN compares equal to itself there)."""
+    return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def _byte_span(tensor: Tensor) -> tuple[int, int]:
@@ -2375,6 +2411,7 @@ def _scripted_submodules_wrapped(model: nn.Module) -> Iterator[None]:
 def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handles: list[Any]) -> RecordedChain:
     """Run the example forward under ``recorder`` (its hooks in ``handles``, removed after), then walk back."""
     label = "'input'" if isinstance(example_inputs, Tensor) else "input"
+    recorder.modules = dict(model.named_modules())
     for tensor, node in _input_nodes(example_inputs, label):
         recorder.produce(tensor, node)
     try:
@@ -2389,6 +2426,7 @@ def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handle
     finally:
         for handle in handles:
             handle.remove()
+    recorder.factors_changed()
     walker = _Walker()
     modules = dict(model.named_modules())
     places = {name: call.places for name, call in recorder.norms.items()}

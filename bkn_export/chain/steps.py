@@ -548,7 +548,7 @@ class ParameterScale:
         if not isinstance(factor, Tensor) or factor.numel() not in (1, channels):
             found = tuple(factor.shape) if isinstance(factor, Tensor) else type(factor).__name__
             raise ChainWiringError(
-                f"step {self.describe()}: '{self.owner}.{self.name}' is {found}, not the tensor of 1 or {channels} "
+                f"step {self.describe()}: '{self._qualified}' is {found}, not the tensor of 1 or {channels} "
                 "values the chain recorded there (the model changed after wiring): re-record it "
                 "(bkn_export.wire_chain) on this model"
             )
@@ -562,8 +562,13 @@ class ParameterScale:
         factor = self._factor(modules, int(sample.shape[1]), sample)
         return sample * factor.reshape(1, -1, *([1] * (sample.dim() - 2)))
 
+    @property
+    def _qualified(self) -> str:
+        """``owner.name``, or ``name`` where the root module holds the factor."""
+        return f"{self.owner}.{self.name}" if self.owner else self.name
+
     def describe(self) -> str:
-        return f"× '{self.owner}.{self.name}'" if self.owner else f"× '{self.name}'"
+        return f"× '{self._qualified}'"
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "owner": self.owner, "name": self.name}

@@ -293,8 +293,17 @@ def _strip_names(value: Any, prefix: str) -> Any:
     if not isinstance(value, dict):
         return value
     return {
-        key: _stripped(item, prefix) if key in _NAME_KEYS else _strip_names(item, prefix) for key, item in value.items()
+        key: _stripped(item, prefix)
+        if key in _NAME_KEYS and not _attribute_name(value, key)
+        else _strip_names(item, prefix)
+        for key, item in value.items()
     }
+
+
+def _attribute_name(entry: Mapping[str, Any], key: str) -> bool:
+    """Whether ``entry[key]`` names an attribute, not a module: a ParameterScale step's ``name`` (its ``owner`` is
+    the module)."""
+    return key == "name" and entry.get("step") == "parameter_scale"
 
 
 def _stripped(name: Any, prefix: str) -> Any:
@@ -347,7 +356,7 @@ def check_saved_wiring(saved: Any, current: Wiring, label: str) -> None:
         )
         sized = (
             " and example inputs of the size the checkpoint was wired at (a padding, resample size or reshape "
-            "given at the wiring size differs: the two were wired at different input sizes)"
+            "given at the wiring size differs: the two may have been wired at different input sizes)"
             if _size_bound_steps_differ(saved_signature, current_signature)
             else ""
         )
