@@ -121,6 +121,8 @@ def module_boundaries(
     initializers = {t.name for t in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
     scopes = _scopes(model, known_modules, aliases)
+    aliases = aliases or {}
+    known = None if known_modules is None else known_modules | set(aliases)
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
         for name in node.input:
@@ -135,7 +137,10 @@ def module_boundaries(
         owners = []
         for name in node.input:
             owner = _parameter_owner(name) if name in initializers else None
-            owner = unwrapped(owner, known_modules) if owner else None
+            # a parameter named through another registration of its module (nnU-Net's conv, held as `conv` and as
+            # `all_modules.0`) is the module's known name, as in the scopes
+            owner = unwrapped(owner, known) if owner else None
+            owner = aliases.get(owner, owner) if owner else None
             if owner and (known_modules is None or owner in known_modules) and owner not in owners:
                 owners.append(owner)
         # A module whose parameters this node reads but which has nodes of its own (a wired BKN layer's step reads

@@ -489,6 +489,8 @@ def test_a_parametrized_weight_keeps_its_constraint() -> None:
     keys = set(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # true here: a parametrized layer is no source (its output through the parametrization cannot carry moments)
+        warnings.filterwarnings("ignore", message="none of the 2 BKN layers has a Kalman prior")
         convert_batchnorm(model, torch.randn(2, 3, 8, 8))
     layer = model[1]
     assert isinstance(layer, BatchKalmanNorm2d) and parametrize.is_parametrized(layer, "weight")
@@ -784,3 +786,31 @@ def test_a_quantized_batchnorm_is_refused_as_quantized() -> None:
     model.add_module("extra", quantized)  # registered, never called
     with pytest.raises(ConversionError, match=r"'extra': a quantized BatchNorm.*convert it before quantizing"):
         convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+
+
+class _GatedLinearUnits(nn.Module):
+    """``bn2(fc2(a · σ(b)))`` with ``a, b = bn1(fc1 x).chunk(2)``: TabNet's gated unit, which the chain cannot carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn1, self.fc2, self.bn2 = (
+            nn.Linear(4, 16),
+            nn.BatchNorm1d(16),
+            nn.Linear(8, 16),
+            nn.BatchNorm1d(16),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.bn1(self.fc1(x)).chunk(2, dim=1)
+        return self.bn2(self.fc2(a * torch.sigmoid(b)))  # type: ignore[no-any-return]
+
+
+def test_a_network_where_no_layer_gets_a_prior_says_it_trains_as_batchnorm() -> None:
+    """A cold QA: on pytorch-tabnet's TabNet (21 layers) and pytorchcv's Jasper every layer was first in its chain, so
+    the converted network trained exactly as with BatchNorm, and only format_chain said why. Conversion now warns;
+    a network whose layers have a prior does not."""
+    with pytest.warns(UserWarning, match=r"none of the 2 BKN layers has a Kalman prior.*'bn2'.*exactly as with Batch"):
+        convert_batchnorm(_GatedLinearUnits(), torch.randn(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_batchnorm(_conv_bn_net(), torch.randn(2, 3, 8, 8))

@@ -115,3 +115,45 @@ def test_arrays_in_graph_order_may_include_the_statistics_or_leave_them_out(tmp_
     assert runtime.run_parity(model, path, [x.numpy()], mode="training", runtimes="ort:cpu:all").passed
     with pytest.raises(BKNInputError, match=r"got 2 inputs.*or only \['input'\]: the others have defaults"):
         runtime.run_parity(model, path, [x.numpy(), statistics[0]], mode="training", runtimes="ort:cpu:all")
+
+
+class _WithAnUnusedLayer(nn.Module):
+    """A registered BatchNorm the forward never calls (pytorch-tabnet's ``TabNetNoEmbeddings.initial_bn``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.BatchNorm1d(4)
+        self.fc, self.bn, self.out = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+def test_a_layer_the_forward_never_runs_keeps_its_statistics_in_the_file(tmp_path: Path) -> None:
+    """A cold QA on TabNet: ``running_stats_io=True`` was refused ("export with example inputs that reach every BKN
+    layer", which no input can do for a layer the forward never calls). Now the file passes that layer's statistics
+    through unchanged, as PyTorch leaves them, with a warning naming it; parity compares them on every runtime."""
+    torch.manual_seed(0)
+    model = convert_batchnorm(_WithAnUnusedLayer(), torch.randn(8, 4))
+    with torch.no_grad():
+        model.unused.running_mean.uniform_(-1.0, 1.0)
+    x = torch.randn(4, 4)
+    with pytest.warns(UserWarning, match=r"1 BKN layer\(s\) \('unused'\) did not run .* passes their running"):
+        report = runtime.assert_parity(
+            model, x, mode="training", runtimes="ort:cpu:all,reference", export_options={"running_stats_io": True}
+        )
+    for result in report.runtimes:
+        assert {"unused.running_mean_out", "unused.running_var_out", "bn.running_mean_out"} <= {
+            o.output for o in result.outputs
+        }
+        assert all(o.passed for o in result.outputs)
+    import onnxruntime
+
+    path = tmp_path / "unused.onnx"
+    runtime.assert_parity(
+        model, x, mode="training", runtimes="reference", export_to=path, export_options={"running_stats_io": True}
+    )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.asarray(model.get_buffer(i.name).numpy()) for i in session.get_inputs() if "running" in i.name}
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x.numpy(), **feeds})))
+    np.testing.assert_array_equal(outputs["unused.running_mean_out"], model.unused.running_mean.numpy())

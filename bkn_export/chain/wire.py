@@ -100,6 +100,7 @@ def wire_chain(
         membership = ChainMembership(root, wiring, inputs.get(wiring.name), seen)
         layer.join_chain(membership, wiring.previous_features)
     _warn_about_hooks(modules, [w for _, w in wirings if w.transition == "propagate" or w.transition == "sampled"])
+    _warn_if_no_layer_has_a_prior([w for _, w in wirings])
     for name, module in modules.items():
         if isinstance(module, _BatchKalmanNorm) and name not in order:
             if options is not None:
@@ -107,6 +108,23 @@ def wire_chain(
             note = "did not run on the example inputs: not wired (BatchNorm)"
             module.join_chain(ChainMembership(root, Wiring(name, None, notes=(note,))))
     return model
+
+
+def _warn_if_no_layer_has_a_prior(wirings: list[Wiring]) -> None:
+    """Warn where two or more layers ran and none has a prior: every one first in its chain, the network trains
+    exactly as with BatchNorm (a cold QA found TabNet and Jasper so, each path cut by an operator the chain cannot
+    carry: ``chunk``, ``masked_fill``), and nothing said so but ``format_chain``."""
+    if len(wirings) < 2 or any(w.transition is not None for w in wirings):
+        return
+    example = next((w for w in wirings[1:] if w.notes), None)
+    reason = f" (e.g. '{example.name}': {example.notes[0]})" if example is not None else ""
+    warnings.warn(
+        f"none of the {len(wirings)} BKN layers has a Kalman prior: each is first in its chain{reason}, so the "
+        "network trains exactly as with BatchNorm. format_chain(model) gives each layer's reason (an operator on "
+        "the path between two layers that the chain cannot carry moments through)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _warn_of_mode_only_modules(model: nn.Module, example_inputs: Any) -> None:

@@ -147,6 +147,8 @@ class _TrainingGraph(nn.Module):
         self._layers = dict(layers)
         self.running_stats = list(running_stats)
         self.expose_posteriors = expose_posteriors
+        #: layers of ``running_stats`` that the traced forward did not run (their statistics pass through)
+        self.unrun: set[str] = set()
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         inputs, stats = args[: self.num_inputs], args[self.num_inputs :]
@@ -160,7 +162,9 @@ class _TrainingGraph(nn.Module):
             layer = self._layers[name]
             assert layer.momentum is not None
             running_mean, running_var = stats[2 * i], stats[2 * i + 1]
-            for call in self._calls(observer, name):  # one update per call, in order, as its own forward does
+            if name not in observer.calls:  # a layer the forward does not run keeps its statistics, as in PyTorch
+                self.unrun.add(name)
+            for call in observer.calls.get(name, ()):  # one update per call, in order, as its own forward does
                 running_mean, running_var = Fk.running_statistics_update(
                     running_mean, running_var, call.posterior_mean, call.posterior_variance, layer.momentum, call.count
                 )
@@ -182,8 +186,8 @@ class _TrainingGraph(nn.Module):
         if name not in observer.calls:
             raise ExportError(
                 f"BKN layer '{name}' did not run on the example inputs in the export's forward (the model in eval "
-                "mode, only its BKN layers in train mode), so its running statistics and posterior cannot be graph "
-                "outputs; export with example inputs that reach every BKN layer. A branch the model takes only "
+                "mode, only its BKN layers in train mode), so it has no posterior to expose; export with example "
+                "inputs that reach every BKN layer, or without expose_posteriors. A branch the model takes only "
                 "when it is itself in train mode (`if self.training:`, a VAE or deep-supervision head) is not in "
                 "a training-mode file"
             )
@@ -219,6 +223,22 @@ def _check_layers(
                 f"BKN layer '{name}' has momentum=None (cumulative moving average), whose factor depends on "
                 "num_batches_tracked; running_stats_io supports a fixed momentum: set layer.momentum (e.g. 0.1)"
             )
+
+
+def _warn_about_unrun(graph: nn.Module) -> None:
+    """Name the layers whose running statistics are graph inputs and outputs but which the forward did not run: the
+    file passes their statistics through unchanged, as PyTorch leaves them (a registered layer the forward never
+    calls, as pytorch-tabnet's ``initial_bn``; or a branch these inputs, or train mode, would take)."""
+    unrun = sorted(getattr(graph, "unrun", ()))
+    if unrun:
+        shown = ", ".join(repr(name) for name in unrun[:3]) + (", ..." if len(unrun) > 3 else "")
+        warnings.warn(
+            f"export_training: {len(unrun)} BKN layer(s) ({shown}) did not run on the example inputs in the export's "
+            "forward (the model in eval mode, only its BKN layers in train mode): the file passes their running "
+            "statistics through unchanged, as PyTorch does for a layer that does not run. If a branch runs them "
+            "(other inputs; `if self.training:`), that branch is not in the file",
+            stacklevel=4,
+        )
 
 
 def _warn_about_dropout(model: nn.Module) -> None:
@@ -360,6 +380,7 @@ def export_training(
         # Training mode is the point of this export; the exporter's reminder is noise here.
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         traced = trace(traceable, request, _explain_export_failure)
+    _warn_about_unrun(traceable.module)
     proto = traced.program.model_proto
     attach_function(proto)
     node_layers = _name_nodes(proto)
