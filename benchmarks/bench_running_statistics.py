@@ -105,9 +105,9 @@ def layer_gaps(model: nn.Module, deployed: dict[str, tuple[Tensor, Tensor]]) -> 
         tiny = torch.finfo(torch.float64).tiny
         running_mean = module.running_mean.double()
         running_var = module.running_var.double()
-        gaps[name] = {
-            "variance_ratio": float((running_var / variance.clamp_min(tiny)).median()),
-            "mean_error": float(((running_mean - mean).abs() / variance.clamp_min(tiny).sqrt()).median()),
+        gaps[name] = {  # the median of an even count is the mean of the middle two (torch.median takes the lower)
+            "variance_ratio": float((running_var / variance.clamp_min(tiny)).quantile(0.5)),
+            "mean_error": float(((running_mean - mean).abs() / variance.clamp_min(tiny).sqrt()).quantile(0.5)),
         }
     return gaps
 

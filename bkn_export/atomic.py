@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -200,7 +201,18 @@ def check_folder_creatable(path: str | os.PathLike[str]) -> Path:
         raise OutputWriteError(
             f"{target} is not a directory: this writes into a folder (created if missing); give a folder path"
         )
-    return check_creatable(target, directory=True)
+    checked = check_creatable(target, directory=True)
+    if not target.exists():
+        # os.access passes root anywhere, /proc included: create (and remove) a folder where this one would go
+        ancestor = next(parent for parent in target.parents if parent.exists())
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".bkn-probe-", dir=ancestor))
+        except OSError as error:
+            raise OutputWriteError(
+                f"cannot create the folder {target}: a folder cannot be created in {ancestor} "
+                f"({error.strerror or error})"
+            ) from error
+    return checked
 
 
 def create_directories(directory: str | os.PathLike[str]) -> Path:

@@ -305,7 +305,9 @@ def check_outputs(expected: Any, actual: Any, what: str = "the model's eval-mode
                 f"conversion would change {what} (output {index}): largest difference {largest:.3g}, beyond the "
                 "guard's tolerance (bkn_export.conversion_guard.TOLERANCES). The model was left unchanged; "
                 "every normalization layer matched on its own, so look for code that inspects module types "
-                "(isinstance(m, nn.BatchNorm2d)) in the model's forward."
+                "(isinstance(m, nn.BatchNorm2d)) in the model's forward, or a forward that changes the model's own "
+                "parameters or buffers (a decay or counter step: each forward then computes with other values) or "
+                "draws random numbers in eval mode."
             )
 
 

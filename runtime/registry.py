@@ -160,7 +160,7 @@ def select(entries: Sequence[RuntimeEntry], spec: str | Sequence[str] = "all") -
         raise UnknownRuntimeError(
             f"no runtime named (got {spec!r}); give 'all' or names such as {', '.join(available[:3]) or 'reference'}"
         )
-    if names == ["all"]:
+    if set(names) == {"all"}:
         return list(entries)
     if "all" in names:
         raise UnknownRuntimeError(

@@ -319,3 +319,59 @@ def test_a_root_factor_of_another_size_after_wiring_is_named_as_the_model_holds_
     model.alpha = nn.Parameter(torch.ones(1, 1, 1, 8))  # the product still runs: broadcast over the width
     with pytest.raises(ChainWiringError, match=r"step × 'alpha': 'alpha' is \(1, 1, 1, 8\), not the tensor of 1 or 6"):
         model.train()(torch.randn(2, 3, 8, 8))
+
+
+class _Holder(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(value))
+
+
+class _Block(nn.Module):
+    def __init__(self, holder: nn.Module) -> None:
+        super().__init__()
+        self.h = holder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.h.alpha  # type: ignore[no-any-return]
+
+
+class _HeldElsewhere(nn.Module):
+    """``bn2(relu(bn1(conv1 x)) · alpha)``, alpha held by a module the root registers as ``shared`` and ``blk`` as
+    ``h``; ``swap``: the holder is replaced between the product and bn2 (and put back after)."""
+
+    def __init__(self, swap: bool) -> None:
+        super().__init__()
+        self.swap = swap
+        self.shared = _Holder(3.0)
+        self.conv1, self.bn1, self.bn2 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.blk = _Block(self.shared)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blk(torch.relu(self.bn1(self.conv1(x))))
+        held = self.blk.h
+        if self.swap:
+            self.blk.h = _Holder(1.5)
+        y = self.bn2(h)
+        self.blk.h = held
+        return y  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_factor_read_through_a_second_name_is_followed_and_a_swapped_holder_is_not(swap: bool) -> None:
+    """A review: a factor read as ``blk.h.alpha`` (its module registered first as ``shared``) was dropped, its owner
+    missing from the de-duplicated module names; a holder re-assigned between the product and the layer was not
+    seen (the prior read the new holder's factor: mean 0.5×, variance 0.25×). Owners are now looked up live, by
+    the name the prediction uses."""
+    torch.manual_seed(0)
+    model = _HeldElsewhere(swap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
+    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    if swap:
+        assert "first in chain" in row and "its factor × 'blk.h.alpha' was changed later in the forward" in row, row
+    else:
+        assert "× 'blk.h.alpha'" in row and "first in chain" not in row, row
+        model.train()(torch.randn(2, 3, 8, 8)).sum().backward()
+        assert model.shared.alpha.grad is not None

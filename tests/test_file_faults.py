@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from test_hardening_cli import MODELS, assert_one_line, export_argv, run_cli
 
-from bkn_export.atomic import check_creatable, check_writable, write_text_atomic
+from bkn_export.atomic import check_creatable, check_folder_creatable, check_writable, write_text_atomic
 from bkn_export.cli import main
 from bkn_export.commands.paths import check_distinct_paths, spec_file
 from bkn_export.errors import OptionError, OutputWriteError
@@ -225,3 +225,14 @@ def test_parity_prints_its_verdict_before_a_report_write_error(
     assert "ort:cpu:all" in out and "parity FAILED" in out
     assert_one_line(err, "OutputWriteError", "No space left on device")
     assert list(reports.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+def test_a_folder_output_under_a_pseudo_filesystem_is_refused_before_the_run(tmp_path: Path) -> None:
+    """A review: as root, ``--repro /proc/x`` passed the up-front check (``os.access`` grants root every directory),
+    every runtime ran, and the bundle failed as a note, exit 1. The check now creates (and removes) a folder where
+    the new one would go; a creatable folder is still accepted and nothing is left behind."""
+    with pytest.raises(OutputWriteError, match="a folder cannot be created in /proc"):
+        check_folder_creatable("/proc/bkn-probe-test/x")
+    assert check_folder_creatable(tmp_path / "new" / "repro") == tmp_path / "new" / "repro"
+    assert list(tmp_path.iterdir()) == []

@@ -585,6 +585,8 @@ def test_all_combined_with_other_runtime_names_says_so(
     assert code == 2
     assert_one_line(err, "'all' cannot be combined with other runtime names")
     assert not (tmp_path / "out").exists()
+    code, err = run_cli(["parity", f"{models}:small", str(onnx_path), "--runtimes", "all,all"], capsys)
+    assert "cannot be combined" not in err  # 'all' twice is 'all'
 
 
 def test_a_negative_tolerance_in_exponent_form_gets_its_own_message(

@@ -646,9 +646,9 @@ class _Recorder(TorchFunctionMode):
         self.module_inputs: dict[str, tuple[int, ...]] = {}  # every module -> its first call's input spatial size
         #: a ParameterScale factor's storage -> (its byte range there, the node that reads it)
         self.factor_nodes: dict[int, list[tuple[tuple[int, int], _Node]]] = {}
-        #: every ParameterScale product: (its node, the tensor it read, that tensor's address and bytes then)
-        self.factor_reads: list[tuple[_Node, Tensor, int, Tensor]] = []
-        self.modules: dict[str, nn.Module] = {}  # the recorded model's modules by name (factors_changed)
+        #: every ParameterScale product: (its node, its label, the tensor it read, that tensor's address and bytes then)
+        self.factor_reads: list[tuple[_Node, str, Tensor, int, Tensor]] = []
+        self.model: nn.Module | None = None  # the recorded model, its modules looked up live (factors_changed)
 
     # ----------------------------------------------------------------- producers
 
@@ -890,20 +890,22 @@ class _Recorder(TorchFunctionMode):
             node.why = f"its factor {factor} was changed in place later in the forward"
 
     def factors_changed(self) -> None:
-        """Before each normalization call and after the forward: a ParameterScale step whose factor its module no
-        longer holds as the tensor, at the address and with the bytes the product read (rebound: ``self.a =
-        nn.Parameter(...)``, ``a.data = ...``, ``a.set_(...)``; written by an operator the recorder does not see as
-        in-place, ``torch._foreach_mul_([a], k)``) would read another value when the layer predicts. Its node becomes
-        opaque, as for an in-place write the recorder sees (:meth:`_factor_written`)."""
-        for node, held, address, recorded in self.factor_reads:
+        """Before each normalization call and after the forward: a ParameterScale step whose factor is no longer,
+        looked up as a prediction looks it up (its owner by name from the model, live: a re-assigned holder counts),
+        the tensor at the address and with the bytes the product read (rebound: ``self.a = nn.Parameter(...)``,
+        ``a.data = ...``, ``a.set_(...)``; written by an operator the recorder does not see as in-place,
+        ``torch._foreach_mul_([a], k)``) could read another value when the layer predicts. Its node becomes opaque,
+        as for an in-place write the recorder sees (:meth:`_factor_written`). Conservative, as that is: a change
+        after the layer that reads the product ran (a schedule stepped at the end of the forward) drops it too."""
+        for node, label, held, address, recorded in self.factor_reads:
             step = node.step
             if node.kind != "step" or not isinstance(step, ParameterScale):
                 continue  # already made opaque
-            module = self.modules.get(step.owner)
-            now = getattr(module, step.name, None) if module is not None else None
-            if now is held and now.data_ptr() == address and torch.equal(_bytes_of(now), recorded):
-                continue
-            node.kind, node.step = "opaque", None
+            now = getattr(_live_module(self.model, step.owner), step.name, None)
+            if isinstance(now, Tensor) and now is held and now.data_ptr() == address:
+                if torch.equal(_bytes_of(now), recorded):
+                    continue
+            node.kind, node.step, node.label = "opaque", None, label
             node.why = (
                 f"its factor {step.describe()} was changed later in the forward (rebound, or written by an operator "
                 "that is not recorded as in-place)"
@@ -1255,7 +1257,7 @@ class _Recorder(TorchFunctionMode):
                 if node is not None and memory is not None:  # the factor's own bytes: parameters may share a storage
                     self.factor_nodes.setdefault(memory, []).append((_byte_span(held), node))
                 if node is not None:
-                    self.factor_reads.append((node, held, held.data_ptr(), _bytes_of(held).clone()))
+                    self.factor_reads.append((node, label, held, held.data_ptr(), _bytes_of(held).clone()))
                 return True
         if not (isinstance(first, Tensor) and isinstance(other, Tensor)) or len(sources) != 2:
             raise _Unsupported(label, f"of {type(first).__name__} and {type(other).__name__}")
@@ -1675,6 +1677,16 @@ def _inplace_position(func: Any) -> int | None:
     except (TypeError, ValueError):  # a builtin without a signature
         return None
     return parameters.index("inplace") if "inplace" in parameters else None
+
+
+def _live_module(model: nn.Module | None, name: str) -> nn.Module | None:
+    """``model``'s submodule ``name`` as its attributes hold it now (any registration's name), or None."""
+    if model is None:
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _bytes_of(tensor: Tensor) -> Tensor:
@@ -2411,7 +2423,7 @@ def _scripted_submodules_wrapped(model: nn.Module) -> Iterator[None]:
 def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handles: list[Any]) -> RecordedChain:
     """Run the example forward under ``recorder`` (its hooks in ``handles``, removed after), then walk back."""
     label = "'input'" if isinstance(example_inputs, Tensor) else "input"
-    recorder.modules = dict(model.named_modules())
+    recorder.model = model
     for tensor, node in _input_nodes(example_inputs, label):
         recorder.produce(tensor, node)
     try:

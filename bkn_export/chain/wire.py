@@ -120,8 +120,8 @@ def _warn_if_no_layer_has_a_prior(wirings: list[Wiring]) -> None:
     reason = f" (e.g. '{example.name}': {example.notes[0]})" if example is not None else ""
     warnings.warn(
         f"none of the {len(wirings)} BKN layers has a Kalman prior: each is first in its chain{reason}, so the "
-        "network trains exactly as with BatchNorm. format_chain(model) gives each layer's reason (an operator on "
-        "the path between two layers that the chain cannot carry moments through)",
+        "network trains exactly as with BatchNorm. format_chain(model) gives each layer's reason (an operator the "
+        "chain cannot carry moments through between two layers, or no normalization upstream of a layer)",
         UserWarning,
         stacklevel=3,
     )

@@ -186,8 +186,9 @@ class _TrainingGraph(nn.Module):
         if name not in observer.calls:
             raise ExportError(
                 f"BKN layer '{name}' did not run on the example inputs in the export's forward (the model in eval "
-                "mode, only its BKN layers in train mode), so it has no posterior to expose; export with example "
-                "inputs that reach every BKN layer, or without expose_posteriors. A branch the model takes only "
+                "mode, only its BKN layers in train mode), so it has no posterior to expose: export without "
+                "expose_posteriors (a layer the forward never calls never has one), or with example inputs that "
+                "take the branch that runs it. A branch the model takes only "
                 "when it is itself in train mode (`if self.training:`, a VAE or deep-supervision head) is not in "
                 "a training-mode file"
             )

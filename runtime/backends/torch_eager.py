@@ -201,11 +201,11 @@ class TorchEagerBackend(Backend):
             shown = ", ".join(repr(n) for n in missing[:6]) + (" ..." if len(missing) > 6 else "")
             self._note(
                 f"layer(s) {shown} train in the model but have no BatchKalmanNorm node in the file: either the "
-                "forward does not run them (a layer registered but never called, or a branch the model takes only "
-                "when it is itself in train mode, `if self.training:`, which the training export's eval-mode forward "
-                "does not take), and the file does not compute them at all; or they were exported frozen (in eval "
-                "mode) and the file computes them with their running statistics (put them in eval mode in the model, "
-                "model.get_submodule(name).eval(), to compare what the file computes)"
+                "forward does not run them (a layer registered but never called, a branch only other inputs take, or "
+                "one the model takes only when it is itself in train mode, `if self.training:`, which the training "
+                "export's eval-mode forward does not take), and the file does not compute them at all; or they were "
+                "exported frozen (in eval mode) and the file computes them with their running statistics (put them in "
+                "eval mode in the model, model.get_submodule(name).eval(), to compare what the file computes)"
             )
 
     def _arguments(
