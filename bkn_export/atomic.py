@@ -38,6 +38,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -201,17 +202,20 @@ def check_folder_creatable(path: str | os.PathLike[str]) -> Path:
         raise OutputWriteError(
             f"{target} is not a directory: this writes into a folder (created if missing); give a folder path"
         )
+    broken = next((parent for parent in target.parents if parent.is_symlink() and not parent.exists()), None)
+    if broken is not None:
+        raise OutputWriteError(f"cannot create the folder {target}: {broken} is a broken symlink")
     checked = check_creatable(target, directory=True)
-    if not target.exists():
-        # os.access passes root anywhere, /proc included: create (and remove) a folder where this one would go
-        ancestor = next(parent for parent in target.parents if parent.exists())
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".bkn-probe-", dir=ancestor))
-        except OSError as error:
-            raise OutputWriteError(
-                f"cannot create the folder {target}: a folder cannot be created in {ancestor} "
-                f"({error.strerror or error})"
-            ) from error
+    # os.access grants root every directory, /proc and /sys included: create (and remove) a folder where the writer's
+    # files or folder would go
+    where = target if target.is_dir() else next(parent for parent in target.parents if parent.exists())
+    try:
+        probe = tempfile.mkdtemp(prefix=".bkn-probe-", dir=where)
+    except OSError as error:
+        raise OutputWriteError(
+            f"cannot write into {target}: a folder cannot be created in {where} ({error.strerror or error})"
+        ) from error
+    shutil.rmtree(probe, ignore_errors=True)
     return checked
 
 

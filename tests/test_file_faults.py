@@ -236,3 +236,11 @@ def test_a_folder_output_under_a_pseudo_filesystem_is_refused_before_the_run(tmp
         check_folder_creatable("/proc/bkn-probe-test/x")
     assert check_folder_creatable(tmp_path / "new" / "repro") == tmp_path / "new" / "repro"
     assert list(tmp_path.iterdir()) == []
+    # a second review: an existing folder there was not probed; a folder below a broken symlink passed
+    if Path("/proc/self/fd").is_dir():
+        with pytest.raises(OutputWriteError, match="a folder cannot be created in /proc/self/fd"):
+            check_folder_creatable("/proc/self/fd")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputWriteError, match="dangling is a broken symlink"):
+        check_folder_creatable(tmp_path / "dangling" / "repro")
+    assert check_folder_creatable(tmp_path) == tmp_path and sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]

@@ -901,11 +901,15 @@ class _Recorder(TorchFunctionMode):
             step = node.step
             if node.kind != "step" or not isinstance(step, ParameterScale):
                 continue  # already made opaque
-            now = getattr(_live_module(self.model, step.owner), step.name, None)
+            holder = _live_module(self.model, step.owner)
+            now = getattr(holder, step.name, None)
             if isinstance(now, Tensor) and now is held and now.data_ptr() == address:
                 if torch.equal(_bytes_of(now), recorded):
                     continue
             node.kind, node.step, node.label = "opaque", None, label
+            if holder is None:
+                node.why = f"its factor {step.describe()}: the module holding it cannot be looked up by that name"
+                continue
             node.why = (
                 f"its factor {step.describe()} was changed later in the forward (rebound, or written by an operator "
                 "that is not recorded as in-place)"
@@ -1680,12 +1684,17 @@ def _inplace_position(func: Any) -> int | None:
 
 
 def _live_module(model: nn.Module | None, name: str) -> nn.Module | None:
-    """``model``'s submodule ``name`` as its attributes hold it now (any registration's name), or None."""
-    if model is None:
-        return None
+    """``model``'s submodule ``name`` as it is registered now, looked up as a prediction looks it up
+    (:class:`bkn_export.chain.scope.Submodules`: each atom a key of its parent's ``_modules``, else
+    ``get_submodule``), or None."""
+    module: nn.Module | None = model
+    for atom in name.split(".") if name else ():
+        module = module._modules.get(atom) if module is not None else None
+    if module is not None or model is None:
+        return module
     try:
         return model.get_submodule(name)
-    except AttributeError:
+    except Exception:  # an override may raise anything: the holder is then not found
         return None
 
 
