@@ -814,3 +814,30 @@ def test_a_network_where_no_layer_gets_a_prior_says_it_trains_as_batchnorm() -> 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert_batchnorm(_conv_bn_net(), torch.randn(2, 3, 8, 8))
+
+
+class _ScriptedHolder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.alpha
+
+
+class _ReadsAScriptedAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.s = torch.jit.script(_ScriptedHolder())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x) * self.s.alpha)  # type: ignore[no-any-return]
+
+
+def test_a_forward_reading_a_torchscript_submodules_attribute_is_refused_naming_it() -> None:
+    """A review: the recorder's wrapper around a TorchScript submodule has none of its attributes, and the error
+    blamed the example inputs ("pass example_inputs the model accepts")."""
+    with pytest.raises(ChainWiringError, match="reads an attribute of a TorchScript submodule") as refused:
+        convert_batchnorm(_ReadsAScriptedAttribute(), torch.randn(2, 3, 8, 8))
+    assert "example_inputs" not in str(refused.value)

@@ -2439,6 +2439,13 @@ def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handle
         with eval_mode(model), torch.no_grad(), recorder:
             call_example(model, example_inputs)
     except Exception as error:
+        if isinstance(error, AttributeError) and f"'{ScriptedSubmodule.__name__}' object" in str(error):
+            raise ChainWiringError(
+                f"the forward of {type(model).__name__} reads an attribute of a TorchScript submodule ({error}): the "
+                "chain recorder runs each TorchScript submodule behind a wrapper of its own (it takes no hooks), "
+                "which has no such attribute. Keep that submodule in Python while converting (script it after), "
+                "or read the value inside the scripted module's own forward"
+            ) from error
         raise ChainWiringError(
             f"the example forward of {type(model).__name__} failed while recording its chain "
             f"({type(error).__name__}: {error}); pass example_inputs the model accepts: a tensor, a tuple of "
