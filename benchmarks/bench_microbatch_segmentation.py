@@ -3,7 +3,7 @@
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_microbatch_segmentation.py [--networks basicunet,unet]
-        [--norms batchnorm,bkn,groupnorm] [--batches 1,2,8] [--steps 400] [--seeds 0,1] [--size 48]
+        [--norms batchnorm,bkn,groupnorm] [--batches 1,2,8] [--steps 1500] [--seeds 0,1] [--size 48]
         [--train-size 2000] [--test-size 256] [--json out.json]
 
 Why: the project's micro-batch accuracy evidence (``bkn train-demo``) is classification of scikit-learn's 8×8
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", type=_names, default=["basicunet"], help="basicunet, unet (default basicunet)")
     parser.add_argument("--norms", type=_names, default=list(NORMS), help="default batchnorm,bkn,groupnorm")
     parser.add_argument("--batches", type=_integers, default=[1, 2, 8], help="training batches (default 1,2,8)")
-    parser.add_argument("--steps", type=int, default=400, help="Adam steps per run (default 400)")
+    parser.add_argument("--steps", type=int, default=1500, help="Adam steps per run (default 1500)")
     parser.add_argument("--seeds", type=_integers, default=[0, 1], help="default 0,1")
     parser.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
     parser.add_argument("--train-size", type=int, default=2000, help="training pool per seed (default 2000)")

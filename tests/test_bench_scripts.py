@@ -114,3 +114,31 @@ def test_running_statistics_gap_is_one_where_the_running_statistics_are_the_depl
     data = bench_running_statistics.DigitsSplit(x, x, x[:8], torch.zeros(8, dtype=torch.long))
     assert 0.0 <= bench_running_statistics.train_mode_accuracy(model, data, 2) <= 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, (model[4].running_mean, model[4].running_var)))
+
+
+bench_segmentation = pytest.importorskip("benchmarks.bench_microbatch_segmentation")
+
+
+def test_the_segmentation_benchmark_starts_every_variant_of_a_seed_from_the_same_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bench_microbatch_segmentation.py``: its data are a function of the seed, every normalization of a seed starts
+    from the BatchNorm network's convolution weights, and a tiny grid runs end to end (every Dice in [0, 1])."""
+    pytest.importorskip("monai")
+    first, again = (bench_segmentation.synthetic_segmentation(3, 16, seed=5) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert set(first[1].unique().tolist()) <= {0.0, 1.0}
+    convs = {
+        norm: [m.weight for m in bench_segmentation.make_variant("basicunet", norm, 0, 16)[0].modules()
+               if isinstance(m, nn.Conv2d)]
+        for norm in bench_segmentation.NORMS
+    }  # fmt: skip
+    assert all(torch.equal(a, b) for norm in ("bkn", "groupnorm") for a, b in zip(convs["batchnorm"], convs[norm]))
+    out = tmp_path / "seg.json"
+    argv = ["--steps", "2", "--size", "16", "--train-size", "8", "--test-size", "4", "--batches", "2", "--seeds", "0"]
+    assert bench_segmentation.main([*argv, "--loss-window", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["norm"] for r in rows] == list(bench_segmentation.NORMS)
+    assert all(0.0 <= r["eval_dice"] <= 1.0 and r["finite"] for r in rows)
+    with pytest.raises(SystemExit):
+        bench_segmentation.main(["--norms", "layernorm"])
