@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps, --train-size, --test-size, --loss-window and --threads must be ≥ 1")
     if args.size < 16 or args.size % 16:
         parser.error("--size must be a multiple of 16 (the U-Nets downsample 4 or 3 times by 2)")
+    if args.size < 32 and 1 in args.batches:
+        parser.error("at batch 1, --size must be at least 32 (BasicUNet's bottleneck would hold one value per channel)")
     torch.set_num_threads(args.threads)
     test_data = synthetic_segmentation(args.test_size, args.size, args.test_seed)
     print(f"foreground fraction of the held-out set: {float(test_data[1].mean()):.3f}", file=sys.stderr)

@@ -826,18 +826,31 @@ class _ScriptedHolder(nn.Module):
 
 
 class _ReadsAScriptedAttribute(nn.Module):
-    def __init__(self) -> None:
+    """``bn2(bn1(conv x) · s.alpha)``, ``s`` a TorchScript module whose parameter the Python forward reads; or
+    ``bn2(s(h) if hasattr(s, "alpha") else relu(h))``."""
+
+    def __init__(self, branch: bool) -> None:
         super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.branch = branch
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
         self.s = torch.jit.script(_ScriptedHolder())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x) * self.s.alpha)  # type: ignore[no-any-return]
+        h = self.bn1(self.conv(x))
+        if self.branch:
+            return self.bn2(self.s(h) if hasattr(self.s, "alpha") else torch.relu(h))  # type: ignore[no-any-return]
+        return self.bn2(h * self.s.alpha)  # type: ignore[no-any-return]
 
 
-def test_a_forward_reading_a_torchscript_submodules_attribute_is_refused_naming_it() -> None:
-    """A review: the recorder's wrapper around a TorchScript submodule has none of its attributes, and the error
-    blamed the example inputs ("pass example_inputs the model accepts")."""
-    with pytest.raises(ChainWiringError, match="reads an attribute of a TorchScript submodule") as refused:
-        convert_batchnorm(_ReadsAScriptedAttribute(), torch.randn(2, 3, 8, 8))
-    assert "example_inputs" not in str(refused.value)
+@pytest.mark.parametrize("branch", [False, True])
+def test_a_forward_reading_a_torchscript_submodules_attributes_records_what_it_runs(branch: bool) -> None:
+    """Reviews: the recorder's wrapper around a TorchScript submodule had none of its attributes, so reading one
+    failed with an error blaming the example inputs, and ``hasattr`` took the other branch (a chain through a ReLU
+    the model never runs, no note). The wrapper now hands them on; a factor held inside TorchScript is no
+    ParameterScale (its name while recording is the wrapper's: the first train step crashed), so the layer after it
+    starts its chain, saying why, and the model trains."""
+    torch.manual_seed(0)
+    model = convert_batchnorm(_ReadsAScriptedAttribute(branch), torch.randn(2, 3, 8, 8))
+    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    assert "first in chain" in row and ("'s' (TorchScript" in row if branch else "Tensor.mul" in row), row
+    model.train()(torch.randn(2, 3, 8, 8)).sum().backward()

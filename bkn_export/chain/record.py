@@ -1175,6 +1175,8 @@ class _Recorder(TorchFunctionMode):
         forward), then outward."""
         for name, running in reversed(self.stack):
             for inner, module in running.named_modules(remove_duplicate=False):
+                if isinstance(module, torch.jit.ScriptModule):
+                    continue  # held inside TorchScript: its name during recording is the wrapper's, not the model's
                 for attribute, held in (*module._parameters.items(), *module._buffers.items()):
                     if held is tensor:
                         return ".".join(part for part in (name, inner) if part), attribute
@@ -1687,14 +1689,14 @@ def _live_module(model: nn.Module | None, name: str) -> nn.Module | None:
     """``model``'s submodule ``name`` as it is registered now, looked up as a prediction looks it up
     (:class:`bkn_export.chain.scope.Submodules`: each atom a key of its parent's ``_modules``, else
     ``get_submodule``), or None."""
-    module: nn.Module | None = model
-    for atom in name.split(".") if name else ():
-        module = module._modules.get(atom) if module is not None else None
-    if module is not None or model is None:
-        return module
-    try:
-        return model.get_submodule(name)
-    except Exception:  # an override may raise anything: the holder is then not found
+    if model is None:
+        return None
+    try:  # a TorchScript module's `_modules` is no dict; an override of get_submodule may raise anything
+        module: nn.Module | None = model
+        for atom in name.split(".") if name else ():
+            module = module._modules.get(atom) if module is not None else None
+        return module if module is not None else model.get_submodule(name)
+    except Exception:
         return None
 
 
@@ -2404,6 +2406,16 @@ class ScriptedSubmodule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.scripted(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """The scripted module's attributes too, as the forward around it reads them (``self.s.alpha``,
+        ``hasattr(self.s, "alpha")``): the recording must take the branches the model takes."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "scripted":
+                raise
+            return getattr(self.scripted, name)
+
 
 @contextlib.contextmanager
 def _scripted_submodules_wrapped(model: nn.Module) -> Iterator[None]:
@@ -2439,13 +2451,6 @@ def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handle
         with eval_mode(model), torch.no_grad(), recorder:
             call_example(model, example_inputs)
     except Exception as error:
-        if isinstance(error, AttributeError) and f"'{ScriptedSubmodule.__name__}' object" in str(error):
-            raise ChainWiringError(
-                f"the forward of {type(model).__name__} reads an attribute of a TorchScript submodule ({error}): the "
-                "chain recorder runs each TorchScript submodule behind a wrapper of its own (it takes no hooks), "
-                "which has no such attribute. Keep that submodule in Python while converting (script it after), "
-                "or read the value inside the scripted module's own forward"
-            ) from error
         raise ChainWiringError(
             f"the example forward of {type(model).__name__} failed while recording its chain "
             f"({type(error).__name__}: {error}); pass example_inputs the model accepts: a tensor, a tuple of "
