@@ -63,6 +63,15 @@ def _converted(kind: str, value: float = 3.0) -> nn.Module:
         return convert_batchnorm(model, torch.randn(4, 3, 8, 8))
 
 
+def _bn2_row_after_converting(model: nn.Module) -> str:
+    """``model`` converted (warnings silenced) on a (4, 3, 8, 8) example; its ``format_chain`` row of ``bn2``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
+    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    return row
+
+
 def _prior(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
     layer = chain_statistics(model, torch.randn(8, 3, 8, 8))[1]
@@ -175,10 +184,7 @@ def test_a_factor_written_in_place_after_its_product_is_not_followed() -> None:
     variance 0.25× the truth, no note. The layer after such a product is now first in its chain, saying why."""
     torch.manual_seed(0)
     model = _ChangesItsFactor("scalar")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
-    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    row = _bn2_row_after_converting(model)
     assert "first in chain" in row and "its factor × 'alpha' was changed in place later in the forward" in row
 
 
@@ -233,10 +239,7 @@ def test_a_factor_changed_by_an_unrecorded_write_or_a_rebinding_is_not_followed(
     read before every normalization call and after the forward."""
     torch.manual_seed(0)
     model = _ChangesItsFactorUnseen(change)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
-    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    row = _bn2_row_after_converting(model)
     assert "first in chain" in row and "its factor × 'alpha' was changed later in the forward" in row, row
 
 
@@ -305,10 +308,7 @@ def test_only_a_write_to_the_factors_own_bytes_drops_the_step(written: str, kept
     torch.manual_seed(0)
     model = _SharedStorage(written)
     assert model.alpha.untyped_storage().data_ptr() == model.other.untyped_storage().data_ptr()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
-    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    row = _bn2_row_after_converting(model)
     assert ("× 'alpha'" in row and "propagate" in row) if kept else "first in chain" in row
 
 
@@ -365,10 +365,7 @@ def test_a_factor_read_through_a_second_name_is_followed_and_a_swapped_holder_is
     the name the prediction uses."""
     torch.manual_seed(0)
     model = _HeldElsewhere(swap)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_batchnorm(model, torch.randn(4, 3, 8, 8))
-    (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
+    row = _bn2_row_after_converting(model)
     if swap:
         assert "first in chain" in row and "its factor × 'blk.h.alpha' was changed later in the forward" in row, row
     else:

@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from bkn_export import moments
+from bkn_export.chain.scope import Submodules
 from bkn_export.chain.steps import (
     STOP_GRADIENT,
     Affine,
@@ -1687,15 +1688,11 @@ def _inplace_position(func: Any) -> int | None:
 
 def _live_module(model: nn.Module | None, name: str) -> nn.Module | None:
     """``model``'s submodule ``name`` as it is registered now, looked up as a prediction looks it up
-    (:class:`bkn_export.chain.scope.Submodules`: each atom a key of its parent's ``_modules``, else
-    ``get_submodule``), or None."""
+    (:class:`bkn_export.chain.scope.Submodules`), or None."""
     if model is None:
         return None
     try:  # a TorchScript module's `_modules` is no dict; an override of get_submodule may raise anything
-        module: nn.Module | None = model
-        for atom in name.split(".") if name else ():
-            module = module._modules.get(atom) if module is not None else None
-        return module if module is not None else model.get_submodule(name)
+        return Submodules(model)[name]
     except Exception:
         return None
 

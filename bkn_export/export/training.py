@@ -226,18 +226,21 @@ def _check_layers(
             )
 
 
-def _warn_about_unrun(graph: nn.Module) -> None:
+def _listed(names: Sequence[str]) -> str:
+    """The first three names, quoted, and ", ..." where there are more."""
+    return ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _warn_about_unrun(unrun: Sequence[str]) -> None:
     """Name the layers whose running statistics are graph inputs and outputs but which the forward did not run: the
     file passes their statistics through unchanged, as PyTorch leaves them (a registered layer the forward never
     calls, as pytorch-tabnet's ``initial_bn``; or a branch these inputs, or train mode, would take)."""
-    unrun = sorted(getattr(graph, "unrun", ()))
     if unrun:
-        shown = ", ".join(repr(name) for name in unrun[:3]) + (", ..." if len(unrun) > 3 else "")
         warnings.warn(
-            f"export_training: {len(unrun)} BKN layer(s) ({shown}) did not run on the example inputs in the export's "
-            "forward (the model in eval mode, only its BKN layers in train mode): the file passes their running "
-            "statistics through unchanged, as PyTorch does for a layer that does not run. If a branch runs them "
-            "(other inputs; `if self.training:`), that branch is not in the file",
+            f"export_training: {len(unrun)} BKN layer(s) ({_listed(unrun)}) did not run on the example inputs in the "
+            "export's forward (the model in eval mode, only its BKN layers in train mode): the file passes their "
+            "running statistics through unchanged, as PyTorch does for a layer that does not run. If a branch runs "
+            "them (other inputs; `if self.training:`), that branch is not in the file",
             stacklevel=4,
         )
 
@@ -250,12 +253,11 @@ def _warn_about_dropout(model: nn.Module) -> None:
         name for name, module in model.named_modules() if isinstance(module, nn.modules.dropout._DropoutNd) and module.p
     ]
     if dropouts:
-        shown = ", ".join(repr(name) for name in dropouts[:3]) + (", ..." if len(dropouts) > 3 else "")
         warnings.warn(
-            f"export_training: {len(dropouts)} Dropout module(s) ({shown}) run as in eval mode (off) in the file, as "
-            "every module but the BKN layers does (and drop-connect / stochastic depth written as functions): compare "
-            "the file with the model in eval mode but its BKN layers in train mode (bkn parity's training "
-            "reference), not with model.train()(x)",
+            f"export_training: {len(dropouts)} Dropout module(s) ({_listed(dropouts)}) run as in eval mode (off) in "
+            "the file, as every module but the BKN layers does (and drop-connect / stochastic depth written as "
+            "functions): compare the file with the model in eval mode but its BKN layers in train mode (bkn parity's "
+            "training reference), not with model.train()(x)",
             stacklevel=4,
         )
 
@@ -365,8 +367,9 @@ def export_training(
     if expose_posteriors:
         suffixes = (POSTERIOR_MEAN_SUFFIX, POSTERIOR_VARIANCE_SUFFIX)
         extra_outputs += [name + suffix for name, _ in layers for suffix in suffixes]
+    graph = _TrainingGraph(work, len(inputs), layers, tracked, expose_posteriors)
     traceable = Traceable(
-        module=_TrainingGraph(work, len(inputs), layers, tracked, expose_posteriors),
+        module=graph,
         model=model,
         inputs=inputs,
         extra_inputs=tuple(stat_inputs),
@@ -381,7 +384,7 @@ def export_training(
         # Training mode is the point of this export; the exporter's reminder is noise here.
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         traced = trace(traceable, request, _explain_export_failure)
-    _warn_about_unrun(traceable.module)
+    _warn_about_unrun(sorted(graph.unrun))
     proto = traced.program.model_proto
     attach_function(proto)
     node_layers = _name_nodes(proto)
