@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from bkn_export import BatchKalmanNorm2d, native
+from bkn_export import BatchKalmanNorm1d, BatchKalmanNorm2d, native
 from bkn_export.chain.wire import wire_chain
 
 bench_networks = pytest.importorskip("benchmarks.bench_networks")
@@ -142,3 +142,40 @@ def test_the_segmentation_benchmark_starts_every_variant_of_a_seed_from_the_same
     assert all(0.0 <= r["eval_dice"] <= 1.0 and r["finite"] for r in rows)
     with pytest.raises(SystemExit):
         bench_segmentation.main(["--norms", "layernorm"])
+
+
+bench_tabular = pytest.importorskip("benchmarks.bench_microbatch_tabular")
+
+
+def test_the_tabular_benchmark_starts_every_variant_of_a_seed_from_the_same_weights(tmp_path: Path) -> None:
+    """``bench_microbatch_tabular.py``: a seed's split is standardised by its training half and is the same on every
+    call; every normalization of a seed starts from the BatchNorm network's Linear weights, the BKN variant
+    converted (its three BatchNorm1d layers are BKN layers, the second and third wired through the Linears); a tiny
+    grid runs end to end."""
+    pytest.importorskip("sklearn")
+    split, again = (bench_tabular.load_split("wine", seed=3) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(split[:4], again[:4]))
+    torch.testing.assert_close(split.train_x.mean(0), torch.zeros(13), atol=1e-5, rtol=0)
+    assert split.classes == 3 and len(split.train_x) + len(split.test_x) == 178
+    variants = {norm: bench_tabular.make_variant(norm, 13, 3, 8, seed=0)[0] for norm in bench_tabular.NORMS}
+    linears = {
+        norm: [m.weight for m in model.modules() if isinstance(m, nn.Linear)] for norm, model in variants.items()
+    }
+    assert all(len(linears[norm]) == 4 for norm in bench_tabular.NORMS)
+    assert all(
+        torch.equal(a, b) for norm in ("bkn", "layernorm", "none") for a, b in zip(linears["batchnorm"], linears[norm])
+    )
+    assert [type(m).__name__ for m in variants["bkn"].modules() if "Norm" in type(m).__name__] == [
+        "BatchKalmanNorm1d"
+    ] * 3
+    assert sum(m.chain is not None and m.chain.has_predecessor for m in variants["bkn"].modules()
+               if isinstance(m, BatchKalmanNorm1d)) == 2  # fmt: skip
+    out = tmp_path / "tabular.json"
+    argv = ["--datasets", "wine", "--steps", "2", "--batches", "2", "--seeds", "0", "--width", "8"]
+    assert bench_tabular.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["norm"] for r in rows] == list(bench_tabular.NORMS)
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 and r["finite"] for r in rows)
+    for bad in (["--batches", "1"], ["--norms", "groupnorm"], ["--datasets", "iris"]):
+        with pytest.raises(SystemExit):
+            bench_tabular.main(bad)
