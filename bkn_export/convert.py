@@ -23,6 +23,7 @@ from bkn_export.conversion_guard import ConversionGuard, layers_using_prior_in_e
 from bkn_export.copying import copy_module
 from bkn_export.distributed import process_group_memo
 from bkn_export.errors import BKNInputError, CheckpointError, ConversionError, KalmanOptionsError
+from bkn_export.module_hooks import take_over_hooks
 from bkn_export.nn import (
     BKN_PARAMETERS,
     BatchKalmanNorm1d,
@@ -143,7 +144,7 @@ def _bkn_from_batchnorm(
             "keys, or replace the module before converting)",
             stacklevel=4,
         )
-    _take_over_hooks(bn, new, name)
+    take_over_hooks(bn, new, name)
     new.train(bn.training)
     return new
 
@@ -155,21 +156,6 @@ def _extra_state_names(bn: nn.Module) -> list[str]:
 
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_CARRIED_HOOKS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_call",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
-_UNCARRIED_HOOKS = (
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
 
 
 def _parametrized_names(bn: nn.Module) -> tuple[str, ...]:
@@ -201,36 +187,6 @@ def _take_over_state(bn: nn.Module, new: _BatchKalmanNorm, parametrized: tuple[s
         source, target = getattr(bn, attribute, None), getattr(new, attribute, None)
         if source is not None and target is not None:
             setattr(new, attribute, source)
-
-
-def _take_over_hooks(bn: nn.Module, new: nn.Module, name: str) -> None:
-    """Move ``bn``'s forward (pre-)hooks and backward hooks to ``new``: the same dicts, so their handles still work.
-
-    The hooks fire on the converted layer as they did on the BatchNorm (with kwargs and
-    always_call as registered; ``handle.remove()`` removes them from the converted layer).
-    State-dict hooks are not carried over: warned, naming the module. The hooks are moved
-    before the guard's checks, so (as on the BatchNorm during the guard's recording forward)
-    they also run in the conversion's own forward passes. The dicts stay shared with ``bn``,
-    which the converted model no longer holds.
-    """
-    for attribute in _CARRIED_HOOKS:
-        theirs = getattr(bn, attribute, None)
-        if not theirs:
-            continue
-        ours = getattr(new, attribute)
-        if ours:
-            ours.update(theirs)
-        else:
-            object.__setattr__(new, attribute, theirs)
-    if getattr(bn, "_is_full_backward_hook", None) is not None:
-        object.__setattr__(new, "_is_full_backward_hook", bn._is_full_backward_hook)
-    dropped = [attribute.strip("_") for attribute in _UNCARRIED_HOOKS if getattr(bn, attribute, None)]
-    if dropped:
-        warnings.warn(
-            f"'{name}' ({type(bn).__name__}) has {', '.join(dropped)} registered, which the BKN layer does not keep; "
-            "register them again on the converted layer",
-            stacklevel=5,
-        )
 
 
 def _working_copy(model: nn.Module, norm_names: list[str]) -> nn.Module:
@@ -554,7 +510,7 @@ def _check_and_synchronise(
                     "or BatchKalmanNormAct*d, or replace it with a non-synchronised BatchNorm before converting"
                 )
             sync = synchronise_submodules(synchronised_layer(layer, group), layer)
-            _take_over_hooks(layer, sync, name)
+            take_over_hooks(layer, sync, name)
             candidate = _replace_module(candidate, name, sync)
     guard.check_model(candidate, example_inputs)
     return candidate

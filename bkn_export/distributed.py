@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from bkn_export import functional as Fk
 from bkn_export.errors import BKNInputError, DistributedError
+from bkn_export.module_hooks import take_over_hooks
 from bkn_export.nn import _BatchKalmanNorm
 from bkn_export.tracing import nothing_traces
 
@@ -274,7 +275,7 @@ def convert_sync_batchkalmannorm(model: nn.Module, process_group: Any = None) ->
     one synchronised layer under all of them.
     """
     _check_synchronisable(model)
-    return _synchronised(model, process_group, {})
+    return _synchronised(model, process_group, {}, "")
 
 
 def _check_synchronisable(model: nn.Module) -> None:
@@ -304,18 +305,21 @@ def _check_synchronisable(model: nn.Module) -> None:
             )
 
 
-def _synchronised(model: nn.Module, process_group: Any, done: dict[int, nn.Module]) -> nn.Module:
-    """:func:`convert_sync_batchkalmannorm` with ``done``: id of each module visited → what replaces it."""
+def _synchronised(model: nn.Module, process_group: Any, done: dict[int, nn.Module], name: str) -> nn.Module:
+    """:func:`convert_sync_batchkalmannorm` of ``model`` (named ``name`` in the root) with ``done``: id of each module
+    visited → what replaces it. A replaced layer's forward hooks move to its replacement (as ``convert_batchnorm``
+    moves a BatchNorm's): a review of 2026-12-07 found them dropped, which the chain then reported as removed."""
     if id(model) in done:
         return done[id(model)]
     if isinstance(model, _BatchKalmanNorm) and not isinstance(model, SyncBatchKalmanNorm):
         done[id(model)] = synchronised_layer(model, process_group)
+        take_over_hooks(model, done[id(model)], name)
         return done[id(model)]
     done[id(model)] = model
-    for name, child in list(model._modules.items()):  # every name: named_children() lists a child once
+    for child_name, child in list(model._modules.items()):  # every name: named_children() lists a child once
         if child is None:
             continue
-        converted = _synchronised(child, process_group, done)
+        converted = _synchronised(child, process_group, done, f"{name}.{child_name}" if name else child_name)
         if converted is not child:
-            setattr(model, name, converted)
+            setattr(model, child_name, converted)
     return model

@@ -459,3 +459,16 @@ def test_a_training_export_of_a_synchronised_model_is_refused_by_name(tmp_path: 
     with pytest.raises(ExportError, match=r"3 layer\(s\) are SyncBatchKalmanNorm \('1', '4', '7'\).*one process"):
         export_onnx(model, x, tmp_path / "sync.onnx", mode="training")
     assert not (tmp_path / "sync.onnx").exists()
+
+
+def test_the_sync_conversion_keeps_a_layers_forward_hooks() -> None:
+    """convert_sync_batchkalmannorm dropped the hooks of the layers it replaced (convert_batchnorm moves a
+    BatchNorm's), which the chain then reported as removed by the user (a review of the fifth session of
+    2026-12-07): the same hook dicts move, and a handle still removes its hook from the new layer."""
+    model = _chain_model("propagate")
+    handle = model[4].register_forward_pre_hook(lambda module, args: None)
+    converted = convert_sync_batchkalmannorm(model)
+    assert isinstance(converted[4], SyncBatchKalmanNorm)
+    assert handle.id in converted[4]._forward_pre_hooks
+    handle.remove()
+    assert handle.id not in converted[4]._forward_pre_hooks

@@ -85,3 +85,156 @@ def test_a_hooks_arithmetic_is_in_the_prior_as_recorded(hook: str) -> None:
 )
 def test_weight_reparametrizations_and_other_modules_are_not_warned(prepare: Callable[[nn.Sequential], object]) -> None:
     assert _hook_warnings(prepare) == []
+
+
+def _converted(prepare: Callable[[nn.Sequential], object] = lambda m: None) -> nn.Sequential:
+    model = _net()
+    prepare(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    return model
+
+
+def _train_step_warnings(model: nn.Module) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()(torch.randn(4, 3, 8, 8)).sum().backward()
+    return [str(w.message) for w in caught if "other forward hooks than when the chain was wired" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda m: m[3].register_forward_hook(lambda mod, args, out: out * 3), "'3': 1 forward hook(s) added"),
+        (
+            lambda m: m[4].register_forward_pre_hook(lambda mod, args: (args[0] * 3,)),
+            "'4': 1 forward pre-hook(s) added",
+        ),
+        (lambda m: m[1].register_forward_hook(lambda mod, args, out: out * 3), "'1': 1 forward hook(s) added"),
+        (lambda m: setattr(m[2], "forward", lambda x: torch.relu(x) * 3), "'2': its forward set on the instance"),
+    ],
+    ids=["conv output", "layer input", "source output", "activation forward"],
+)
+def test_a_hook_added_after_wiring_is_named_at_the_first_train_step(
+    change: Callable[[nn.Sequential], object], named: str
+) -> None:
+    """A hook added after wiring is not in the prior: a cold QA (fifth session of 2026-12-07) found a ×3 hook on the
+    conv, the layer's input or the source's output, or a forward set on the ReLU, leave the prior's variance 1/9 of
+    the network's with no word at train time. The first train step now names the module and the change, once per
+    model."""
+    model = _converted()
+    change(model)
+    (message,) = _train_step_warnings(model)
+    assert named in message and "wire the chain again" in message
+    assert _train_step_warnings(model) == []
+
+
+def test_a_hook_removed_after_wiring_is_named() -> None:
+    """A ×3 hook present at wiring is a step of the path (format_chain shows it); removing it left the prior's
+    variance 8.9 times the network's, silently."""
+    handles = []
+    model = _converted(lambda m: handles.append(m[3].register_forward_hook(lambda mod, args, out: out * 3)))
+    handles[0].remove()
+    (message,) = _train_step_warnings(model)
+    assert "'3': 1 forward hook(s) removed" in message
+
+
+def _library_hook(module: nn.Module, args: object, out: object) -> None:
+    return None
+
+
+_library_hook.__module__ = "runtime.backends.torch_eager"  # as parity's localisation hooks are
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: torch.nn.utils.prune.l1_unstructured(m[3], "weight", 0.3),
+        lambda m: torch.nn.utils.weight_norm(m[3]),
+        lambda m: m[4].register_forward_hook(lambda mod, args, out: None),  # the layer's own output: not its input
+        lambda m: m[3].register_forward_hook(_library_hook),
+    ],
+    ids=["prune", "weight_norm", "the layer's output", "the library's own hook"],
+)
+def test_hook_changes_that_leave_the_prediction_as_wired_are_not_named(
+    change: Callable[[nn.Sequential], object],
+) -> None:
+    model = _converted()
+    change(model)
+    assert _train_step_warnings(model) == []
+
+
+def test_a_forward_set_on_an_instance_is_recorded_instead_of_its_class_forward() -> None:
+    """``relu.forward = lambda x: torch.relu(x) * 3`` before conversion: the recorder took the class's ReLU (a cold QA
+    found the prior's variance 0.112 of the network's, no note); it now records the instance's forward, a ×3 step."""
+    from bkn_export import chain_statistics, format_chain
+
+    def prior_variance(model: nn.Sequential) -> torch.Tensor:
+        torch.manual_seed(1)
+        variance = chain_statistics(model, torch.randn(64, 3, 8, 8))[1].prior_variance
+        assert variance is not None
+        return variance - model[4].process_noise().detach()
+
+    patched = _converted(lambda m: setattr(m[2], "forward", lambda x: torch.relu(x) * 3))
+    assert "×3 + 0" in format_chain(patched)
+    torch.testing.assert_close(prior_variance(patched), 9 * prior_variance(_converted()), rtol=1e-5, atol=0.0)
+
+
+def test_spectral_norm_runs_one_power_iteration_per_forward_as_with_batchnorm() -> None:
+    """``parametrizations.spectral_norm`` on the conv a prior goes through: in train mode every read of its weight runs
+    a power iteration, and the prediction read it 4–7 more times per forward (a cold QA, fifth session of 2026-12-07:
+    its vector u 0.10 from the BatchNorm model's after one forward, the prior of another σ than the conv's). The
+    prediction reads it with the parametrization in eval mode: σ from the vectors the conv's own read just updated."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    def with_spectral_norm(model: nn.Sequential) -> None:
+        torch.manual_seed(5)
+        spectral_norm(model[3])
+
+    batchnorm = _net()
+    with_spectral_norm(batchnorm)
+    converted = _converted(with_spectral_norm)
+    torch.manual_seed(2)
+    for x in torch.randn(3, 4, 3, 8, 8):
+        batchnorm.train()(x)
+        converted.train()(x)
+    vectors = [m[3].parametrizations.weight[0] for m in (batchnorm, converted)]
+    torch.testing.assert_close(vectors[1]._u, vectors[0]._u, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(vectors[1]._v, vectors[0]._v, rtol=0.0, atol=0.0)
+    assert converted[3].parametrizations.weight[0].training  # left as it was
+
+
+def test_a_model_pickled_before_the_hooks_were_kept_trains() -> None:
+    """A whole-model pickle saved before the chain kept hooks (its memberships lack the field, its root passes no
+    hooks): the first train step crashed (AttributeError '_hooked', a review of the fifth session of 2026-12-07).
+    It trains, comparing no hooks, and its copies do too."""
+    import copy
+    import io
+
+    model = _converted()
+    layer = model[4]
+    object.__delattr__(layer.chain, "_hooked")  # as unpickled from before: no __post_init__ ran
+    layer.chain.root.hooks = {}
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for trained in (loaded, copy.deepcopy(loaded)):
+        assert _train_step_warnings(trained) == []
+
+
+def test_a_normalization_whose_forward_is_set_on_its_instance_is_no_source() -> None:
+    """``bn.forward = lambda t: Bkn.forward(bn, t) * 2`` before wiring: the recorder took the layer's output for the
+    normalization's (the ×2 missing from the path: the next prior 2× off in mean, 4× in variance, no note; a review
+    of the fifth session of 2026-12-07). The layer it feeds starts its chain, saying why."""
+    from bkn_export import format_chain, wire_chain
+
+    model = _converted()
+    layer = model[1]
+    layer.forward = lambda t: type(layer).forward(layer, t) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wire_chain(model, torch.randn(2, 3, 8, 8))
+    assert model[4].chain.transition is None
+    assert "its source '1' has a forward set on its instance" in format_chain(model)

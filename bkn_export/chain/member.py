@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bkn_export import recompute
-from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, observers, scratch_for
+from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, hook_change, observers, scratch_for
 from bkn_export.chain.transitions import Transition, path_modules, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring, saved_form
 from bkn_export.errors import ChainWiringError
 from bkn_export.nn import Prior, _BatchKalmanNorm
 
-__all__ = ["ChainMembership", "standalone_member"]
+__all__ = ["ChainMembership", "hooked_names", "standalone_member"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class ChainMembership:
     _warned_replaced: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
     #: Whether the layer has warned that it ran more often than in the example forward (once per layer).
     _warned_extra: list[bool] = field(init=False, compare=False, repr=False, default_factory=list)
+    #: The modules whose hooks the layer's prediction assumes as wired, and which of their hooks (:func:`hooked_names`).
+    _hooked: tuple[tuple[str, tuple[bool, bool, bool]], ...] = field(init=False, compare=False, repr=False)
     #: The paths (index into ``wiring.sources``) whose steps hold a padding, resample size or reshape given at the
     #: wiring size (:meth:`SourcePath.size_bound`), where the transition pushes moments through the steps.
     _size_bound: tuple[int, ...] = field(init=False, compare=False, repr=False)
@@ -70,6 +73,7 @@ class ChainMembership:
         object.__setattr__(self, "_sources", self.wiring.source_names)
         object.__setattr__(self, "_republished", dict(self.wiring.republished))
         object.__setattr__(self, "_repeats", dict(self.wiring.repeats))
+        object.__setattr__(self, "_hooked", hooked_names(self.wiring))
 
     @property
     def name(self) -> str:
@@ -122,6 +126,9 @@ class ChainMembership:
                 resized = self._resized(scratch, tuple(x.shape[2:])) if self._size_bound else {}
                 if resized:
                     self._warn_resized(list(resized.values()))
+                rehooked, parametrizations = self._inspect_modules(scratch)
+                if rehooked:
+                    self._warn_rehooked(rehooked)
                 replaced = [  # where the example forward did the same, the latest is the input
                     (name, count)
                     for name, count in scratch.unread_publications(self.name, self._sources)
@@ -129,16 +136,66 @@ class ChainMembership:
                 ]
                 if replaced:
                     self._warn_replaced(replaced)
+                left_out = frozenset(unrun) | set(resized)
                 predict = functools.partial(
                     self._transition.predict,
-                    layer, scratch.published, scratch.modules, x, scratch.predictions, frozenset(unrun) | set(resized),
-                )  # fmt: skip
-                prior = recompute.kept(predict)
+                    layer,
+                    scratch.published,
+                    scratch.modules,
+                    x,
+                    scratch.predictions,
+                    left_out,
+                )
+                with _in_eval_mode(parametrizations) if parametrizations else nullcontext():
+                    prior = recompute.kept(predict)
         recompute.remember(layer, prior)
         for observer in observers():
             absent = tuple(self._describe(i, m) for i, m in unrun.items()) + tuple(resized.values())
             observer.saw_prior(layer, prior, absent)
         return prior
+
+    def _inspect_modules(self, scratch: ChainScratch) -> tuple[list[str], list[nn.Module]]:
+        """One pass over the modules this layer's prediction goes through (a step's module, a source layer, this
+        layer): (what changed in their hooks since wiring, their parametrizations in train mode).
+
+        Hooks: forward hooks or pre-hooks added or removed, or an instance ``forward`` set or deleted, since the chain
+        was wired (:func:`bkn_export.chain.scope.hook_change`; the library's own hooks and torch's weight
+        reparametrizations aside). The recorded path computes what each module did when wired (a hook's effect
+        recorded with it), which the change may make another computation; a hook that only reads changes nothing,
+        and which kind it is cannot be told, so the prior stays and a warning names the change. Not compared once
+        the model has warned, while Dynamo traces (it guards on hooks itself), nor for a root pickled before the
+        hooks were kept (``ChainRoot.hooks`` empty).
+
+        Parametrizations (``torch.nn.utils.parametrize``): the prediction reads their weights in eval mode
+        (:func:`_in_eval_mode`)."""
+        assert self.root is not None  # called within a forward of the root
+        wired = self.root.hooks
+        compare = bool(wired) and not self.root.warned_hooks and not torch.compiler.is_compiling()
+        modules = scratch.modules
+        changes: list[str] = []
+        parametrizations: list[nn.Module] = []
+        hooked = self.__dict__.get("_hooked")
+        if hooked is None:  # a membership pickled before the field existed: unpickling runs no __post_init__
+            hooked = hooked_names(self.wiring)
+            object.__setattr__(self, "_hooked", hooked)
+        for name, kinds in hooked:
+            try:
+                module = modules[name]
+            except KeyError:
+                continue
+            signature = wired.get(name) if compare else None
+            if signature is not None and signature.raw != (
+                tuple(module._forward_pre_hooks),
+                tuple(module._forward_hooks),
+                "forward" in module.__dict__,
+            ):  # the raw keys first: unchanged in the usual case, and no call
+                change = hook_change(module, signature, kinds)
+                if change is not None:
+                    changes.append(f"'{name}': {change}")
+            owned = module._modules.get("parametrizations")  # what parametrize.is_parametrized reads, without getattr
+            if isinstance(owned, nn.ModuleDict):
+                parametrizations += [p for p in owned.modules() if p.training]
+        return changes, parametrizations
 
     def _resized(self, scratch: ChainScratch, spatial: tuple[Any, ...]) -> dict[int, str]:
         """Index into ``wiring.sources`` → why that path counts as absent in this call: its steps hold a padding,
@@ -284,6 +341,20 @@ class ChainMembership:
             stacklevel=2,
         )
 
+    def _warn_rehooked(self, changes: list[str]) -> None:
+        assert self.root is not None
+        _warn_once(
+            self.root.warned_hooks,
+            f"BKN layer '{self.wiring.name}': modules its Kalman prior goes through have other forward hooks than when "
+            f"the chain was wired ({'; '.join(changes)}). The prior predicts the network as wired, with what each hook "
+            "did then (format_chain shows the steps): a hook added since that changes a module's input or output "
+            "(returns a value, or edits a tensor in place) is not in it, and one removed since still is. Hooks that "
+            "only read change nothing. Where a hook changes what the network computes, wire the chain again "
+            "(bkn_export.wire_chain(model, example_inputs); save the state dict first and load it after, to keep "
+            "what the BKN layers learned). Warned once per model.",
+            stacklevel=2,
+        )
+
     def _warn_resized(self, problems: list[str]) -> None:
         _warn_once(
             self._warned_resized,
@@ -343,6 +414,43 @@ class ChainMembership:
 
     def load_state(self, state: Any, label: str) -> None:
         check_saved_wiring(state, self.wiring, label)
+
+
+#: Which changes of a module's hooks change a prediction through it (:func:`bkn_export.chain.scope.hook_change`'s
+#: kinds: pre-hooks, forward hooks, an instance forward): all, on a step's module; its output's, on a source layer;
+#: its input's, on the layer itself.
+_STEP_HOOKS, _SOURCE_HOOKS, _OWN_HOOKS = (True, True, True), (False, True, True), (True, False, False)
+
+
+def hooked_names(wiring: Wiring) -> tuple[tuple[str, tuple[bool, bool, bool]], ...]:
+    """The modules whose hooks a layer's prediction assumes as wired, with which of their hooks count: the layer itself
+    (its pre-hooks change its input), its source layers and every module its paths go through; none for a layer
+    without a predecessor."""
+    if not wiring.sources:
+        return ()
+    found: dict[str, tuple[bool, bool, bool]] = {wiring.name: _OWN_HOOKS}
+    for path in wiring.sources:
+        found.update({name: _SOURCE_HOOKS for name in path.normalizations() if name not in found})
+        found.update({name: _STEP_HOOKS for name in path_modules(path) if name not in found})
+    return tuple(found.items())
+
+
+@contextmanager
+def _in_eval_mode(parametrizations: list[nn.Module]) -> Iterator[None]:
+    """``parametrizations`` (the train-mode ``torch.nn.utils.parametrize`` modules of the modules a prediction goes
+    through) in eval mode while it reads their weights, and back after. Each read of a parametrized weight runs the
+    parametrization; in train mode ``parametrizations.spectral_norm`` then runs another power iteration and updates
+    its vectors (a cold QA, fifth session of 2026-12-07: 5–8 iterations per forward where the network runs 1, and
+    a prior of another σ than the conv's). In eval mode it takes σ from the vectors the module's own read just
+    updated: the weight the module ran, and no side effect. A parametrization that draws noise in train mode gives
+    its expectation."""
+    for parametrization in parametrizations:
+        parametrization.training = False
+    try:
+        yield
+    finally:
+        for parametrization in parametrizations:
+            parametrization.training = True
 
 
 def _still_recorded(scratch: ChainScratch, name: str) -> None:

@@ -320,9 +320,12 @@ def is_normalization(module: nn.Module) -> bool:
 def _defining_class(module: nn.Module, table: Mapping[type, Any]) -> type | None:
     """The most derived class of ``module`` in ``table``, if ``module`` runs that class's forward.
 
-    A subclass that overrides ``forward`` (a conv with padding computed at run time) is
+    A subclass that overrides ``forward`` (a conv with padding computed at run time), or an
+    instance whose ``forward`` is replaced (``conv.forward = lambda x: ...``: a LoRA patch), is
     not that class for our purposes: its own ops are recorded instead.
     """
+    if "forward" in module.__dict__:
+        return None
     for cls in type(module).__mro__:
         if cls in table:
             return cls if type(module).forward is cls.forward else None  # type: ignore[attr-defined]

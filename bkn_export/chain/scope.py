@@ -54,6 +54,9 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from bkn_export import functional as Fk
 from bkn_export.errors import ChainWiringError
@@ -62,6 +65,7 @@ from bkn_export.nn import _EXTRA_STATE_KEY, Prior, _BatchKalmanNorm
 __all__ = [
     "ChainRoot",
     "ChainScratch",
+    "HookSignature",
     "Observation",
     "Observer",
     "PathWatch",
@@ -72,6 +76,10 @@ __all__ = [
     "detach_roots",
     "forward_scope",
     "global_forward_hooks",
+    "hook_change",
+    "hook_signature",
+    "hook_signatures",
+    "library_hook",
     "move_root",
     "observers",
     "open_observer",
@@ -110,15 +118,21 @@ class ChainRoot:
     modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`).
     """
 
-    __slots__ = ("traced", "watched")
+    __slots__ = ("hooks", "traced", "warned_hooks", "watched")
 
-    def __init__(self, watched: frozenset[str] = frozenset(), *_: Any) -> None:  # *_: a pickle of 2026-12-07's
+    def __init__(self, watched: frozenset[str] = frozenset(), hooks: Any = None, *_: Any) -> None:
         self.traced: ChainScratch | None = None
         self.watched = watched
+        #: Per module a prediction goes through (path modules, source layers, the layers themselves), its hooks as
+        #: wired (:func:`hook_signatures`); empty for a pickle of a root from before 2026-12-07's fifth session
+        #: (which passed an input shape or nothing here): nothing is compared then.
+        self.hooks: dict[str, HookSignature] = dict(hooks) if isinstance(hooks, dict) else {}
+        #: Whether a layer has warned that those hooks changed (once per root; a copy warns again).
+        self.warned_hooks: list[bool] = []
 
-    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str]]]:
-        # A copy (deepcopy, pickle) is a new identity with no open scratch.
-        return ChainRoot, (self.watched,)
+    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str], dict[str, HookSignature]]]:
+        # A copy (deepcopy, pickle) is a new identity with no open scratch; hook keys survive both.
+        return ChainRoot, (self.watched, self.hooks)
 
 
 class Submodules(Mapping[str, nn.Module]):
@@ -348,6 +362,7 @@ def move_root(source: nn.Module, target: nn.Module) -> None:
     detach_roots(source)
     _install(target, root)
     watch_modules(target, root, watched)
+    root.hooks = hook_signatures(target, root.hooks)  # the target's own modules, with their new watches
 
 
 class PathWatch:
@@ -374,6 +389,72 @@ class PathWatch:
             scratch.calls.setdefault(name, []).append(scratch.clock)
             if spatial is not None:
                 scratch.module_inputs[name] = spatial
+
+
+class HookSignature(NamedTuple):
+    """A module's forward hooks and forward as a prediction through it assumes them (:func:`hook_signature`).
+
+    raw: the keys of all its forward pre-hooks and forward hooks and whether its instance replaces ``forward``
+    (compared first: unchanged in the usual case); user: the same without the library's own hooks
+    (:func:`library_hook`), which come and go around calls (parity's localisation, export) and compute nothing.
+    """
+
+    raw: tuple[tuple[int, ...], tuple[int, ...], bool]
+    user: tuple[tuple[int, ...], tuple[int, ...], bool]
+
+
+def library_hook(hook: Any) -> bool:
+    """Whether ``hook`` leaves a module's computation as the chain recorded it: bkn_export's and its runtime's own
+    hooks (which read or stamp), torch's weight reparametrizations (``weight_norm``, ``spectral_norm``, ``prune``:
+    pre-hooks that set the weight, which the prediction reads in the weight) and torch.distributed's (FSDP's
+    gathering of a module's parameters around its forward)."""
+    if isinstance(hook, (PathWatch, WeightNorm, SpectralNorm, BasePruningMethod)):
+        return True
+    module = getattr(hook, "__module__", None) or ""
+    return module.startswith(("bkn_export.", "runtime.", "torch.distributed."))
+
+
+def hook_signature(module: nn.Module) -> HookSignature:
+    """``module``'s :class:`HookSignature` now."""
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    replaced = "forward" in module.__dict__
+    raw = (tuple(pre), tuple(post), replaced)
+    user_pre = tuple(key for key, hook in pre.items() if not library_hook(hook))
+    user_post = tuple(key for key, hook in post.items() if not library_hook(hook))
+    return HookSignature(raw, (user_pre, user_post, replaced))
+
+
+def hook_change(
+    module: nn.Module, wired: HookSignature, kinds: tuple[bool, bool, bool] = (True, True, True)
+) -> str | None:
+    """What changed in ``module``'s own hooks or forward since ``wired`` was taken, or None: forward pre-hooks or
+    forward hooks added or removed (not the library's, :func:`library_hook`), or a ``forward`` set or deleted on the
+    instance; ``kinds`` says which of those three count (a layer's own output hooks do not change its input)."""
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    replaced = "forward" in module.__dict__
+    if (tuple(pre), tuple(post), replaced) == wired.raw:
+        return None
+    now = hook_signature(module).user
+    changes = []
+    pairs = ((wired.user[0], now[0]), (wired.user[1], now[1]))
+    for counts, kind, (then, current) in zip(kinds[:2], ("forward pre-hook", "forward hook"), pairs):
+        added, removed = len(set(current) - set(then)), len(set(then) - set(current))
+        if counts:
+            changes += [f"{n} {kind}(s) {how}" for n, how in ((added, "added"), (removed, "removed")) if n]
+    if kinds[2] and replaced != wired.user[2]:
+        changes.append("its forward set on the instance" if replaced else "the forward set on its instance removed")
+    return ", ".join(changes) or None
+
+
+def hook_signatures(model: nn.Module, names: Iterable[str]) -> dict[str, HookSignature]:
+    """:func:`hook_signature` of each module of ``model`` named in ``names`` (names that are no module skipped)."""
+    found = {}
+    for name in dict.fromkeys(names):
+        try:
+            found[name] = hook_signature(model.get_submodule(name))
+        except AttributeError:
+            continue
+    return found
 
 
 def global_forward_hooks() -> bool:

@@ -32,11 +32,8 @@ from dataclasses import replace
 from typing import Any
 
 from torch import nn
-from torch.nn.utils.prune import BasePruningMethod
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
-from bkn_export.chain.member import ChainMembership
+from bkn_export.chain.member import ChainMembership, hooked_names
 from bkn_export.chain.record import (
     Combination,
     LayerRecord,
@@ -45,7 +42,7 @@ from bkn_export.chain.record import (
     is_normalization,
     record_dataflow,
 )
-from bkn_export.chain.scope import PathWatch, attach_root, global_forward_hooks, watch_modules
+from bkn_export.chain.scope import attach_root, global_forward_hooks, hook_signatures, library_hook, watch_modules
 from bkn_export.chain.train_probe import mode_only_modules
 from bkn_export.chain.transitions import path_modules
 from bkn_export.chain.wiring import Wiring
@@ -84,15 +81,19 @@ def wire_chain(
     root = attach_root(model)
     order = {record.name: position for position, record in enumerate(recorded.layers)}
     features = {name: int(m.num_features) for name, m in modules.items() if is_normalization(m)}  # type: ignore[arg-type]
+    patched = frozenset(name for name in features if "forward" in modules[name].__dict__)
     wirings = []
     for record in recorded.layers:
         layer = modules[record.name]
         assert isinstance(layer, _BatchKalmanNorm)
         if options is not None:
             layer.options = options
-        wirings.append((layer, plan_wiring(record, layer.options, order, features, layer.num_features)))
+        wirings.append((layer, plan_wiring(record, layer.options, order, features, layer.num_features, patched)))
     # The modules on the paths: each forward checks that they ran (bkn_export.chain.scope).
     root.watched = watch_modules(model, root, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
+    # What each prediction goes through, with the hooks it has now: a prior whose modules' hooks change later counts as
+    # absent (bkn_export.chain.member), where it would predict what they computed when wired.
+    root.hooks = hook_signatures(model, (n for _, w in wirings for n, _ in hooked_names(w)))
     inputs = {record.name: tuple(record.input_shape[2:]) for record in recorded.layers}
     for layer, wiring in wirings:
         on_paths = {name for path in wiring.sources for name in path_modules(path)}
@@ -171,11 +172,6 @@ def _warn_of_rewired_parameters(modules: Mapping[str, nn.Module]) -> None:
         )
 
 
-#: Forward pre-hooks that set a module's weight and return None (the input unchanged): ours, and torch's weight
-#: reparametrizations (``weight_norm``, ``spectral_norm``, ``prune``), whose effect the prediction reads in the weight.
-_INPUT_KEEPING_PRE_HOOKS = (PathWatch, WeightNorm, SpectralNorm, BasePruningMethod)
-
-
 def _warn_about_hooks(modules: Mapping[str, nn.Module], wirings: list[Wiring]) -> None:
     """Warn, naming them, about forward (pre-)hooks on the modules a prediction goes through (a path's steps and its
     source layers): the recorder follows what a hook computed in the eval-mode wiring forward as it follows the
@@ -188,9 +184,10 @@ def _warn_about_hooks(modules: Mapping[str, nn.Module], wirings: list[Wiring]) -
         module = modules.get(name)
         if module is None:
             continue
-        pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, _INPUT_KEEPING_PRE_HOOKS)]
-        if pre or module._forward_hooks:
-            hooked.append(f"'{name}' ({len(pre)} pre-hook(s), {len(module._forward_hooks)} hook(s))")
+        pre = [h for h in module._forward_pre_hooks.values() if not library_hook(h)]
+        post = [h for h in module._forward_hooks.values() if not library_hook(h)]
+        if pre or post:
+            hooked.append(f"'{name}' ({len(pre)} pre-hook(s), {len(post)} hook(s))")
     if global_forward_hooks():
         hooked.append("every module (global forward hooks)")
     if hooked:
@@ -199,7 +196,8 @@ def _warn_about_hooks(modules: Mapping[str, nn.Module], wirings: list[Wiring]) -
             "follows what a hook computed in the wiring forward (eval mode) as it follows the forward's own code, "
             "its numbers recorded as constants (format_chain shows the steps): a hook that computes otherwise later "
             "(a factor that changes, one that acts only in train mode) is predicted as it ran then; wire again after "
-            "changing it. Hooks that only read are fine; hooks added after wiring are not followed.",
+            "changing it. Hooks that only read are fine; hooks added or removed after wiring are not followed (the "
+            "first train step after such a change names it).",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -223,11 +221,13 @@ def plan_wiring(
     order: Mapping[str, int],
     features: Mapping[str, int],
     channels: int,
+    replaced_forwards: frozenset[str] = frozenset(),
 ) -> Wiring:
     """The wiring of one layer (see the module docstring).
 
     order: first-call position of every normalization that ran; features: C_j of every
-    normalization; channels: C_k of this layer.
+    normalization; channels: C_k of this layer; replaced_forwards: the normalizations whose instance
+    has a ``forward`` of its own (a layer they feed starts its chain).
     """
     name = record.name
     notes = list(record.notes)
@@ -250,6 +250,12 @@ def plan_wiring(
         sources, combine, branch_notes = _branches_only(sources, combine, order)
         notes += branch_notes
     names = tuple(dict.fromkeys(n for s in sources for n in s.normalizations()))
+    patched = [n for n in names if n in replaced_forwards]
+    if patched:
+        return first_in_chain(
+            f"first in its chain: its source '{patched[0]}' has a forward set on its instance, so its output is not "
+            "the normalization's the chain predicts through (put what that forward adds in a module of its own)"
+        )
     kind = options.transition
     if kind == "identity":
         widths = [features[n] for n in names]
