@@ -6,9 +6,10 @@ Specification:
   ``output`` or ``output_<i>``, or the dict keys / named-tuple fields that lead to them (each
   graph output holds the tensor under that key); ``input_names`` / ``output_names`` replace
   them in both modes, and a wrong count or a clash is an OptionError;
-* ``dynamic_spatial=True`` is verified by running the file at twice the example size and
-  at the smallest multiple of the network's total stride; a model that cannot run there is
-  an ExportError, no file written;
+* ``dynamic_spatial=True`` is verified by running the file at twice the example size, at the
+  example size plus one (where PyTorch runs it) and at the smallest multiple of the network's
+  total stride, against PyTorch's output shapes and values; a model that cannot run at twice
+  the size, or a file that computes otherwise at any of them, is an ExportError, no file written;
 * non-finite parameters are refused in both modes, naming the parameter.
 """
 
@@ -22,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkn_export import convert_batchnorm
@@ -288,11 +290,40 @@ def test_dynamic_spatial_is_checked_at_twice_the_size_and_at_the_total_stride(tm
     example = torch.randn(2, 1, 8, 8)
     model = prepared(Strided(), mode, (example,))
     result = export_onnx(model, example, tmp_path / "m.onnx", mode=mode, dynamic_spatial=True)
-    assert result.extra["dynamic_spatial_checked"] == [(16, 16), (4, 4)]  # 2 × 8, and the total stride 4
+    assert result.extra["dynamic_spatial_checked"] == [(16, 16), (9, 9), (4, 4)]  # 2 × 8, 8 + 1, the total stride 4
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]) == (["x"], ["output"])
     (out,) = session.run(None, {"x": np.random.default_rng(0).standard_normal((3, 1, 20, 12), np.float32)})
     assert out.shape == (3, 3)
+
+
+class SameConv(nn.Conv2d):
+    """TF-style "same" padding computed from the input's size with ceil(i / s) written -(i // -s), as geffnet's tf_*
+    networks and timm's Conv2dSame do: the exporter writes the floor division as ONNX's truncating Div."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, stride, kernel in zip(x.shape[-1:-3:-1], self.stride[::-1], self.kernel_size[::-1]):
+            total = max((-(size // -stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_dynamic_spatial_compares_values_at_an_odd_size(tmp_path: Path) -> None:
+    """A cold QA (fifth session of 2026-12-07): a file of TF-"same"-padded convs passed the shape check at 2 × and
+    at the total stride (even sizes inside) and was 0.03–0.26 off at odd sizes on ONNX Runtime and OpenVINO, its
+    metadata saying dynamic_spatial. The check now also runs the example size plus one and compares values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        SameConv(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), SameConv(8, 8, 3, stride=2), nn.BatchNorm2d(8),
+        nn.AdaptiveAvgPool2d(1),  # pooled: the output's shape is the same at every size
+    )  # fmt: skip
+    example = torch.randn(2, 3, 16, 16)
+    convert_batchnorm(model.eval(), example)
+    with pytest.raises(ExportError, match=r"at spatial size \[17, 17\] the exported file's output 'output' differs"):
+        export_onnx(model, example, tmp_path / "m.onnx", dynamic_spatial=True)
+    assert not (tmp_path / "m.onnx").exists()
+    export_onnx(model, example, tmp_path / "m.onnx")  # at the example's size the file is right
 
 
 class FlattenHead(nn.Module):
@@ -328,3 +359,19 @@ def test_non_finite_weights_are_refused_naming_the_parameter(tmp_path: Path, mod
         model.head.bias[2] = value
     with pytest.raises(NonFiniteWeightsError, match=r"parameter 'head\.bias' of Linear 'head' has 1 NaN/Inf value"):
         export_onnx(model, example, tmp_path / "m.onnx", mode=mode)
+
+
+def test_a_unet_that_only_runs_at_multiples_of_its_stride_keeps_dynamic_spatial_with_a_warning(tmp_path: Path) -> None:
+    """MONAI's BasicUNet pads each up-sampled map to its skip's size, which the file does not carry: at the example
+    size plus one the file fails to run (Concat 32 and 33). That failure is loud, so it is a warning naming the sizes
+    to run, not a refusal (which a review of the fifth session of 2026-12-07 found: dynamic_spatial impossible for
+    a UNet that runs at every multiple of 16)."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    model = nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4), norm="batch")
+    example = torch.randn(1, 1, 32, 32)
+    convert_batchnorm(model.eval(), example)
+    with pytest.warns(UserWarning, match=r"does not run at spatial size \[33, 33\].*multiples of the network's total"):
+        result = export_onnx(model, example, tmp_path / "unet.onnx", dynamic_spatial=True)
+    assert (33, 33) not in result.extra["dynamic_spatial_checked"]
+    assert (64, 64) in result.extra["dynamic_spatial_checked"]
