@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -50,6 +52,7 @@ __all__ = [
     "load_onnx",
     "metadata_mode",
     "onnxruntime_ops",
+    "quantization_ops",
     "random_inputs",
     "renamed_op_nodes",
     "renamed_op_note",
@@ -78,6 +81,20 @@ def onnxruntime_ops(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+#: Operators that only a quantized graph holds (ONNX's and ONNX Runtime's: ``onnxruntime.quantization`` writes them).
+QUANTIZATION_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
+     "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
+     "QLinearSigmoid", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
+     "QGemm"}
+)  # fmt: skip
+
+
+def quantization_ops(model: onnx.ModelProto) -> list[str]:
+    """The graph's quantization operators (:data:`QUANTIZATION_OPS`), in graph order, each once."""
+    return list(dict.fromkeys(node.op_type for node in model.graph.node if node.op_type in QUANTIZATION_OPS))
+
+
 def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
     """Load and check ``path``; raises :class:`ModelFileError` naming the file and the cause.
 
@@ -93,7 +110,17 @@ def load_onnx(path: str | os.PathLike[str], load_external_data: bool = True) -> 
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFileError(f"ONNX file {file} fails onnx.checker: {first_line}. Re-export it.") from error
+        remedy = "Re-export it."
+        if "topologically sorted" in str(error):
+            # What a tool that rewrote the file left (ONNX Runtime's float16 converter places its output Casts so):
+            # ONNX Runtime loads it, the checker and other runtimes do not; sorting is the remedy, not an export.
+            remedy = (
+                "Its nodes are out of order, as a graph tool that rewrote the file can leave them (ONNX Runtime's "
+                f"float16 converter does); sort them and pass the sorted file: {shlex.quote(sys.executable)} -c "
+                '"import onnx_ir as ir, sys; m = ir.load(sys.argv[1]); m.graph.sort(); ir.save(m, sys.argv[2])" '
+                "in.onnx sorted.onnx"
+            )
+        raise ModelFileError(f"ONNX file {file} fails onnx.checker: {first_line}. {remedy}") from error
     return model
 
 

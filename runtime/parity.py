@@ -64,6 +64,7 @@ from runtime.model_io import (
     example_shapes,
     load_onnx,
     onnxruntime_ops,
+    quantization_ops,
     random_inputs,
     renamed_op_note,
     returned_output_order,
@@ -519,6 +520,14 @@ def run_parity(
             f"the file holds ONNX Runtime's own ops ({', '.join(ort_only[:4])}{', ...' if len(ort_only) > 4 else ''}: "
             "a file ONNX Runtime optimized and saved), which only ONNX Runtime runs: the other runtimes are "
             "reported unavailable; compare them on the file before ONNX Runtime's optimization"
+        )
+    quantized = quantization_ops(onnx_model)
+    if quantized:
+        report.notes.append(
+            f"the file is quantized ({', '.join(quantized[:4])}{', ...' if len(quantized) > 4 else ''}: "
+            "onnxruntime.quantization writes these): it approximates the model by design, so its outputs differ from "
+            "PyTorch's by the quantization's error, which float tolerances fail; judge it with tolerances set for "
+            "that error (--atol / --rtol) or by an accuracy metric"
         )
     total = len(chosen)
     captured: dict[int, tuple[ModuleCapture, NoiseFloors | str]] = {}  # per input set, for every failing runtime

@@ -854,3 +854,15 @@ def test_a_forward_reading_a_torchscript_submodules_attributes_records_what_it_r
     (row,) = [line for line in format_chain(model).splitlines() if line.startswith("bn2")]
     assert "first in chain" in row and ("'s' (TorchScript" in row if branch else "Tensor.mul" in row), row
     model.train()(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_a_batchnorm_whose_forward_is_replaced_on_the_instance_is_refused_naming_that() -> None:
+    """``bn.forward = lambda x: orig(x) * 2 + 1``: the guard refused (right) but advised an adapter, which is for
+    subclasses (a cold QA, fifth session of 2026-12-07); the refusal now names the instance's forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    original = model[1].forward
+    model[1].forward = lambda x: original(x) * 2 + 1
+    with pytest.raises(ConversionError, match=r"Its forward is replaced on the instance \(module.forward = \.\.\.\)"):
+        convert_batchnorm(model, torch.randn(2, 3, 6, 6))
+    assert type(model[1]) is nn.BatchNorm2d  # left unchanged
