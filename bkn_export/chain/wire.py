@@ -91,8 +91,8 @@ def wire_chain(
         wirings.append((layer, plan_wiring(record, layer.options, order, features, layer.num_features, patched)))
     # The modules on the paths: each forward checks that they ran (bkn_export.chain.scope).
     root.watched = watch_modules(model, root, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
-    # What each prediction goes through, with the hooks it has now: a prior whose modules' hooks change later counts as
-    # absent (bkn_export.chain.member), where it would predict what they computed when wired.
+    # What each prediction goes through, with the hooks it has now: a train step after those hooks change warns that
+    # the prior predicts what they computed when wired (bkn_export.chain.member).
     root.hooks = hook_signatures(model, (n for _, w in wirings for n, _ in hooked_names(w)))
     inputs = {record.name: tuple(record.input_shape[2:]) for record in recorded.layers}
     for layer, wiring in wirings:
