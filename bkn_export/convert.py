@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
 from bkn_export.chain.scope import detach_roots, move_root
-from bkn_export.conversion_guard import ConversionGuard, layers_using_prior_in_eval
+from bkn_export.conversion_guard import INSTANCE_FORWARD_HINT, ConversionGuard, layers_using_prior_in_eval
 from bkn_export.copying import copy_module
 from bkn_export.distributed import process_group_memo
 from bkn_export.errors import BKNInputError, CheckpointError, ConversionError, KalmanOptionsError
@@ -409,6 +409,10 @@ def _convert(
     # Before the guard's example forward: torch 2.11's F.batch_norm raises a bare ValueError for eps <= 0 even in
     # eval mode (2.13 only in train mode), which would hide this error naming the layer.
     for name, source in originals.items():
+        if isinstance(source, _BN_TYPES) and "forward" in source.__dict__:
+            # Before any forward: the guard's copies would call the original through the instance's forward (a
+            # closure over it), and a train-mode check would update its running statistics before refusing.
+            raise ConversionError(f"'{name}' ({type(source).__name__}) cannot be converted. {INSTANCE_FORWARD_HINT}")
         if isinstance(source, _BN_TYPES) and not source.eps > 0:
             raise ConversionError(
                 f"'{name}' ({type(source).__name__}) has eps={source.eps}: PyTorch's BatchNorm refuses to train "

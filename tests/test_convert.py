@@ -858,11 +858,16 @@ def test_a_forward_reading_a_torchscript_submodules_attributes_records_what_it_r
 
 def test_a_batchnorm_whose_forward_is_replaced_on_the_instance_is_refused_naming_that() -> None:
     """``bn.forward = lambda x: orig(x) * 2 + 1``: the guard refused (right) but advised an adapter, which is for
-    subclasses (a cold QA, fifth session of 2026-12-07); the refusal now names the instance's forward."""
+    subclasses (a cold QA, fifth session of 2026-12-07); and in train mode its copies called the original through
+    the closure, so the refused conversion had updated the model's running statistics (the review after). The
+    refusal now comes before any forward and names the instance's forward."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
-    original = model[1].forward
-    model[1].forward = lambda x: original(x) * 2 + 1
-    with pytest.raises(ConversionError, match=r"Its forward is replaced on the instance \(module.forward = \.\.\.\)"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
+    bn = model[1]
+    original = bn.forward
+    bn.forward = lambda x: original(x) * 2 + 1
+    before = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    with pytest.raises(ConversionError, match=r"'1' \(BatchNorm2d\) cannot be converted. Its forward is replaced on"):
         convert_batchnorm(model, torch.randn(2, 3, 6, 6))
-    assert type(model[1]) is nn.BatchNorm2d  # left unchanged
+    assert type(model[1]) is nn.BatchNorm2d  # left unchanged, its statistics too
+    assert all(torch.equal(a, b) for a, b in zip(before, (bn.running_mean, bn.running_var, bn.num_batches_tracked)))

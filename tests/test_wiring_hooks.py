@@ -233,8 +233,7 @@ def test_a_normalization_whose_forward_is_set_on_its_instance_is_no_source() -> 
     model = _converted()
     layer = model[1]
     layer.forward = lambda t: type(layer).forward(layer, t) * 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(UserWarning, match=r"1 normalization layer\(s\) have a forward set on their instance \('1'"):
         wire_chain(model, torch.randn(2, 3, 8, 8))
     assert model[4].chain.transition is None
     assert "its source '1' has a forward set on its instance" in format_chain(model)

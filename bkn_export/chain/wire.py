@@ -82,6 +82,16 @@ def wire_chain(
     order = {record.name: position for position, record in enumerate(recorded.layers)}
     features = {name: int(m.num_features) for name, m in modules.items() if is_normalization(m)}  # type: ignore[arg-type]
     patched = frozenset(name for name in features if "forward" in modules[name].__dict__)
+    if patched:
+        shown = ", ".join(map(repr, sorted(patched)[:3])) + (", ..." if len(patched) > 3 else "")
+        warnings.warn(
+            f"{len(patched)} normalization layer(s) have a forward set on their instance ({shown}; accelerate's hooks "
+            "set one): the chain cannot see what it computes around the normalization, so the layers they feed "
+            "start their chains (no prior from them). Delete the "
+            "instance's forward (del layer.forward; accelerate.hooks.remove_hook_from_module) before wiring",
+            UserWarning,
+            stacklevel=3,
+        )
     wirings = []
     for record in recorded.layers:
         layer = modules[record.name]
@@ -253,8 +263,8 @@ def plan_wiring(
     patched = [n for n in names if n in replaced_forwards]
     if patched:
         return first_in_chain(
-            f"first in its chain: its source '{patched[0]}' has a forward set on its instance, so its output is not "
-            "the normalization's the chain predicts through (put what that forward adds in a module of its own)"
+            f"first in its chain: its source '{patched[0]}' has a forward set on its instance, which may compute more "
+            "than the normalization and which the chain cannot see into (del the instance's forward before wiring)"
         )
     kind = options.transition
     if kind == "identity":

@@ -483,7 +483,7 @@ def _onnx_runner(proto: onnx.ModelProto) -> tuple[str, Callable[[dict[str, Any]]
         return "onnx.reference", lambda feeds: list(evaluator.run(None, feeds))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a probe that fails is reported by the caller, not printed in red
     try:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ONNX Runtime's own error types: a valid file it does not implement
