@@ -186,19 +186,8 @@ def _refuse(
     )
 
 
-#: Why a BatchNorm whose instance holds a ``forward`` cannot be converted, and what to do.
-INSTANCE_FORWARD_HINT = (
-    "Its forward is replaced on the instance (module.forward = ...; accelerate's hooks set one), which the converted "
-    "layer does not carry over. Put what the new forward adds into a module of its own around the BatchNorm (or a "
-    "BatchNorm subclass with an adapter: bkn_export.norm_act.register_batchnorm_adapter), or restore the forward "
-    "(del module.forward; accelerate.hooks.remove_hook_from_module), before converting."
-)
-
-
 def _hint(original: nn.Module) -> str:
-    """The likely cause of a refusal, where the module's own setup explains it; else ''."""
-    if "forward" in original.__dict__:
-        return INSTANCE_FORWARD_HINT
+    """The likely cause of a refusal, where the module's running-statistics setup explains it; else ''."""
     tracking = getattr(original, "track_running_stats", True)
     if not tracking and getattr(original, "running_mean", None) is not None:
         return (

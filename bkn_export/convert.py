@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from bkn_export.chain import bkn_layers, describe_chain, format_chain, wire_chain
 from bkn_export.chain.scope import detach_roots, move_root
-from bkn_export.conversion_guard import INSTANCE_FORWARD_HINT, ConversionGuard, layers_using_prior_in_eval
+from bkn_export.conversion_guard import ConversionGuard, layers_using_prior_in_eval
 from bkn_export.copying import copy_module
 from bkn_export.distributed import process_group_memo
 from bkn_export.errors import BKNInputError, CheckpointError, ConversionError, KalmanOptionsError
@@ -156,6 +156,14 @@ def _extra_state_names(bn: nn.Module) -> list[str]:
 
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+#: Why a BatchNorm whose instance holds a ``forward`` cannot be converted, and what to do.
+INSTANCE_FORWARD_HINT = (
+    "Its forward is replaced on the instance (module.forward = ...; accelerate's hooks set one), which the converted "
+    "layer does not carry over. Put what the new forward adds into a module of its own around the BatchNorm (or a "
+    "BatchNorm subclass with an adapter: bkn_export.norm_act.register_batchnorm_adapter), or restore the forward "
+    "(del module.forward; accelerate.hooks.remove_hook_from_module), before converting."
+)
 
 
 def _parametrized_names(bn: nn.Module) -> tuple[str, ...]:

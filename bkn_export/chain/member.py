@@ -184,14 +184,9 @@ class ChainMembership:
             except KeyError:
                 continue
             signature = wired.get(name) if compare else None
-            if signature is not None and signature.raw != (
-                tuple(module._forward_pre_hooks),
-                tuple(module._forward_hooks),
-                "forward" in module.__dict__,
-            ):  # the raw keys first: unchanged in the usual case, and no call
-                change = hook_change(module, signature, kinds)
-                if change is not None:
-                    changes.append(f"'{name}': {change}")
+            change = hook_change(module, signature, kinds) if signature is not None else None
+            if change is not None:
+                changes.append(f"'{name}': {change}")
             owned = module._modules.get("parametrizations")  # what parametrize.is_parametrized reads, without getattr
             if isinstance(owned, nn.ModuleDict):
                 parametrizations += [p for p in owned.modules() if p.training]

@@ -414,14 +414,17 @@ def library_hook(hook: Any) -> bool:
     return module.startswith(("bkn_export.", "runtime.", "torch.distributed."))
 
 
+def _raw_signature(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """The keys of ``module``'s forward pre-hooks and forward hooks, and whether its instance sets ``forward``."""
+    return tuple(module._forward_pre_hooks), tuple(module._forward_hooks), "forward" in module.__dict__
+
+
 def hook_signature(module: nn.Module) -> HookSignature:
     """``module``'s :class:`HookSignature` now."""
-    pre, post = module._forward_pre_hooks, module._forward_hooks
-    replaced = "forward" in module.__dict__
-    raw = (tuple(pre), tuple(post), replaced)
-    user_pre = tuple(key for key, hook in pre.items() if not library_hook(hook))
-    user_post = tuple(key for key, hook in post.items() if not library_hook(hook))
-    return HookSignature(raw, (user_pre, user_post, replaced))
+    raw = _raw_signature(module)
+    user_pre = tuple(key for key, hook in module._forward_pre_hooks.items() if not library_hook(hook))
+    user_post = tuple(key for key, hook in module._forward_hooks.items() if not library_hook(hook))
+    return HookSignature(raw, (user_pre, user_post, raw[2]))
 
 
 def hook_change(
@@ -429,20 +432,18 @@ def hook_change(
 ) -> str | None:
     """What changed in ``module``'s own hooks or forward since ``wired`` was taken, or None: forward pre-hooks or
     forward hooks added or removed (not the library's, :func:`library_hook`), or a ``forward`` set or deleted on the
-    instance; ``kinds`` says which of those three count (a layer's own output hooks do not change its input)."""
-    pre, post = module._forward_pre_hooks, module._forward_hooks
-    replaced = "forward" in module.__dict__
-    if (tuple(pre), tuple(post), replaced) == wired.raw:
+    instance; ``kinds`` says which of those three count (a layer's own output hooks do not change its input). The raw
+    keys are compared first: unchanged in the usual case (it runs in every wired layer's train step)."""
+    if _raw_signature(module) == wired.raw:
         return None
     now = hook_signature(module).user
     changes = []
-    pairs = ((wired.user[0], now[0]), (wired.user[1], now[1]))
-    for counts, kind, (then, current) in zip(kinds[:2], ("forward pre-hook", "forward hook"), pairs):
-        added, removed = len(set(current) - set(then)), len(set(then) - set(current))
+    for counts, kind, then, current in zip(kinds[:2], ("forward pre-hook", "forward hook"), wired.user[:2], now[:2]):
         if counts:
+            added, removed = len(set(current) - set(then)), len(set(then) - set(current))
             changes += [f"{n} {kind}(s) {how}" for n, how in ((added, "added"), (removed, "removed")) if n]
-    if kinds[2] and replaced != wired.user[2]:
-        changes.append("its forward set on the instance" if replaced else "the forward set on its instance removed")
+    if kinds[2] and now[2] != wired.user[2]:
+        changes.append("its forward set on the instance" if now[2] else "the forward set on its instance removed")
     return ", ".join(changes) or None
 
 

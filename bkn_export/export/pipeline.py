@@ -589,8 +589,8 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
     the exporter writes as ONNX's truncating Div, gave 0.03–0.26 errors at odd sizes and none
     at even ones, a cold QA of 2026-12-07; a file that fails to run there, as a UNet whose
     up-sampling pads to its skip's size, gets a warning, not a refusal: that failure is loud),
-    and the smallest multiple of the network's total
-    stride T (from the eager run) other than E that PyTorch runs. At each size the ONNX file
+    and the smallest multiple of the network's total stride T (from the eager run) other than
+    E that PyTorch runs. At each size the ONNX file
     (ONNX Runtime CPU, or the reference evaluator without it) must run, return outputs of the
     shapes PyTorch returns, and values within a tolerance that catches another computation, not
     rounding (1e-3 of the output's scale in float32, 2e-2 in half precision; parity judges the
