@@ -326,6 +326,31 @@ def test_dynamic_spatial_compares_values_at_an_odd_size(tmp_path: Path) -> None:
     export_onnx(model, example, tmp_path / "m.onnx")  # at the example's size the file is right
 
 
+class Scaled(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+
+def test_the_odd_size_value_check_judges_small_outputs_by_their_own_scale(tmp_path: Path) -> None:
+    """The value check's tolerance was 1e-3 of max(1, the output's largest magnitude): an output of scale 1e-3 (a
+    regression head in small units) differed by its whole size at the odd size and passed. The scale's floor is
+    now 1e-3, so such an output is judged relative to itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        SameConv(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), SameConv(8, 8, 3, stride=2), nn.BatchNorm2d(8),
+        nn.AdaptiveAvgPool2d(1), Scaled(1e-3),
+    )  # fmt: skip
+    example = torch.randn(2, 3, 16, 16)
+    convert_batchnorm(model.eval(), example)
+    with pytest.raises(ExportError, match=r"at spatial size \[17, 17\] the exported file's output 'output' differs"):
+        export_onnx(model, example, tmp_path / "m.onnx", dynamic_spatial=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 class FlattenHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
