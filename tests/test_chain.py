@@ -316,6 +316,44 @@ def test_chain_statistics_changes_no_state() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+class _Resizing(nn.Module):
+    """Resizes its buffer in its first forward, as a ``torch.ao`` observer (which starts empty) does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.resize_(x.shape[1]).copy_(x.detach().mean((0, 2, 3)))
+        return x
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["runs", "the forward raises"])
+def test_chain_statistics_restores_a_buffer_its_forward_resized(fails: bool) -> None:
+    """A cold QA (sixth session of 2026-12-07): on a QAT-prepared model before its first forward the restore's
+    ``copy_`` of a resized observer buffer raised inside the ``finally``, leaving the model in train mode with the
+    running statistics the run had updated (and hiding the forward's own error). Each buffer now gets its shape and
+    values back, and the modes are restored, whatever happened."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), _Resizing())  # fmt: skip
+    convert_batchnorm(model.eval(), torch.randn(2, 3, 8, 8))
+    model[5].seen = torch.zeros(0)  # empty again, as an observer before its first forward
+    if fails:
+        model.add_module("fail", nn.Linear(1, 1).eval())  # a (2, 8, 8, 8) input: the shapes do not match
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+    inputs = torch.randn(2, 3, 8, 8)
+    if fails:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            chain_statistics(model, inputs)
+    else:
+        assert [s.name for s in chain_statistics(model, inputs)] == ["1", "4"]
+    assert not any(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        if isinstance(value, Tensor):
+            assert value.shape == before[key].shape and torch.equal(value, before[key]), key
+
+
 # --------------------------------------------------------------------------- the option in the training export
 
 

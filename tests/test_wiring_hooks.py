@@ -237,3 +237,104 @@ def test_a_normalization_whose_forward_is_set_on_its_instance_is_no_source() -> 
         wire_chain(model, torch.randn(2, 3, 8, 8))
     assert model[4].chain.transition is None
     assert "its source '1' has a forward set on its instance" in format_chain(model)
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+def _blocks() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(4), _Block(4), _Block(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(2, 4, 8, 8))
+    return model
+
+
+def _block_step_warnings(model: nn.Module) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()(torch.randn(4, 4, 8, 8)).sum().backward()
+    return [str(w.message) for w in caught if "other forward hooks than when the chain was wired" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda m: m[0].register_forward_hook(lambda mod, args, out: out * 3), "'0': 1 forward hook(s) added"),
+        (lambda m: m[1].register_forward_pre_hook(lambda mod, args: (args[0] * 3,)), "'1': 1 forward pre-hook(s)"),
+    ],
+    ids=["output of the block a path leaves", "input of the block a path enters"],
+)
+def test_a_hook_added_after_wiring_on_a_block_a_path_crosses_is_named(
+    change: Callable[[nn.Sequential], object], named: str
+) -> None:
+    """The path from block 0's normalization to block 1's leaves block 0 by its output and enters block 1 by its
+    input: a ×3 hook there after wiring changes what the path carries (a prior variance 1/9 of the network's), and
+    only the modules on the path were compared (the left items of 2026-12-07's fifth session)."""
+    model = _blocks()
+    change(model)
+    (message,) = _block_step_warnings(model)
+    assert named in message
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.register_forward_hook(lambda mod, args, out: out * 3),  # the root: the model's output
+        lambda m: m[0].register_forward_pre_hook(lambda mod, args: (args[0] * 3,)),  # before the first normalization
+        lambda m: m[2].register_forward_hook(lambda mod, args, out: out * 3),  # after the last
+    ],
+    ids=["the root", "the first block's input", "the last block's output"],
+)
+def test_a_hook_on_a_block_no_path_crosses_that_way_is_not_named(change: Callable[[nn.Sequential], object]) -> None:
+    model = _blocks()
+    change(model)
+    assert _block_step_warnings(model) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "change", "named"),
+    [
+        (nn.LeakyReLU(0.1), lambda a: setattr(a, "negative_slope", 0.5), "negative_slope 0.1 → 0.5"),
+        (nn.Hardtanh(-1.0, 1.0), lambda a: setattr(a, "max_val", 0.3), "max_val 1.0 → 0.3"),
+        (nn.AvgPool2d(2), lambda a: setattr(a, "kernel_size", 3), "kernel_size 2 → 3"),
+    ],
+    ids=["leaky slope", "hardtanh bound", "pool kernel"],
+)
+def test_a_setting_changed_after_wiring_on_a_path_module_is_refused(
+    module: nn.Module, change: Callable[[nn.Module], object], named: str
+) -> None:
+    """A cold QA (sixth session of 2026-12-07): ``negative_slope`` 0.1 → 0.5 after conversion left the prior's
+    variance 37 % low (Hardtanh's bounds: 8.4× high; a pooling's kernel: +135 %), the chain still describing the old
+    value, no word. The recorded steps hold those settings as constants (a conv's stride and padding are read at
+    every call); the train step now refuses, as it does for a module replaced after wiring, and wiring again
+    follows the new setting. ``inplace`` changes nothing and passes."""
+    from bkn_export import wire_chain
+    from bkn_export.errors import ChainWiringError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), module, nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8))  # fmt: skip
+    example = torch.randn(2, 3, 8, 8)
+    convert_batchnorm(model.eval(), example)
+    model.train()
+    if hasattr(module, "inplace"):
+        module.inplace = True
+        model(example)
+        module.inplace = False
+    change(module)
+    with pytest.raises(ChainWiringError, match=rf"'2' \({type(module).__name__}\): {named}.*Wire the model again"):
+        model(example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wire_chain(model.eval(), example)
+    model.train()(example)  # wired again at the new setting

@@ -9,6 +9,7 @@ model carry it as it is.
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -19,8 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from bkn_export import recompute
-from bkn_export.chain.scope import ChainRoot, ChainScratch, Published, hook_change, observers, scratch_for
-from bkn_export.chain.transitions import Transition, path_modules, transition_for, unrun_module
+from bkn_export.chain.scope import (
+    ChainRoot,
+    ChainScratch,
+    Published,
+    hook_change,
+    observers,
+    scratch_for,
+    settings_change,
+)
+from bkn_export.chain.transitions import Transition, path_modules, path_sequences, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring, saved_form
 from bkn_export.errors import ChainWiringError
 from bkn_export.nn import Prior, _BatchKalmanNorm
@@ -156,7 +165,11 @@ class ChainMembership:
 
     def _inspect_modules(self, scratch: ChainScratch) -> tuple[list[str], list[nn.Module]]:
         """One pass over the modules this layer's prediction goes through (a step's module, a source layer, this
-        layer): (what changed in their hooks since wiring, their parametrizations in train mode).
+        layer, a container a path enters or leaves): (what changed in their hooks since wiring, their
+        parametrizations in train mode); raises :class:`ChainWiringError` where a path module's settings that its step
+        holds as constants changed (:func:`bkn_export.chain.scope.module_settings`: ``LeakyReLU.negative_slope``, a
+        pooling's kernel; a cold QA of 2026-12-07's sixth session: a prior variance 37 % low after a slope change,
+        8.4× high after Hardtanh's bounds, with no word), as it does for a module replaced after wiring.
 
         Hooks: forward hooks or pre-hooks added or removed, or an instance ``forward`` set or deleted, since the chain
         was wired (:func:`bkn_export.chain.scope.hook_change`; the library's own hooks and torch's weight
@@ -178,6 +191,8 @@ class ChainMembership:
         if hooked is None:  # a membership pickled before the field existed: unpickling runs no __post_init__
             hooked = hooked_names(self.wiring)
             object.__setattr__(self, "_hooked", hooked)
+        held = self.root.settings if not torch.compiler.is_compiling() else {}
+        changed_settings: list[str] = []
         for name, kinds in hooked:
             try:
                 module = modules[name]
@@ -187,9 +202,19 @@ class ChainMembership:
             change = hook_change(module, signature, kinds) if signature is not None else None
             if change is not None:
                 changes.append(f"'{name}': {change}")
+            settings = held.get(name)
+            setting = settings_change(module, settings) if settings is not None else None
+            if setting is not None:
+                changed_settings.append(f"'{name}' ({type(module).__name__}): {setting}")
             owned = module._modules.get("parametrizations")  # what parametrize.is_parametrized reads, without getattr
             if isinstance(owned, nn.ModuleDict):
                 parametrizations += [p for p in owned.modules() if p.training]
+        if changed_settings:
+            raise ChainWiringError(
+                f"BKN layer '{self.wiring.name}': the model changed after its Kalman chain was wired: "
+                f"{'; '.join(changed_settings)}. The prior's path holds those settings as recorded, so it would "
+                "predict the network as it was. Wire the model again: bkn_export.wire_chain(model, example_inputs)"
+            )
         return changes, parametrizations
 
     def _resized(self, scratch: ChainScratch, spatial: tuple[Any, ...]) -> dict[int, str]:
@@ -419,15 +444,40 @@ _STEP_HOOKS, _SOURCE_HOOKS, _OWN_HOOKS = (True, True, True), (False, True, True)
 
 def hooked_names(wiring: Wiring) -> tuple[tuple[str, tuple[bool, bool, bool]], ...]:
     """The modules whose hooks a layer's prediction assumes as wired, with which of their hooks count: the layer itself
-    (its pre-hooks change its input), its source layers and every module its paths go through; none for a layer
-    without a predecessor."""
+    (its pre-hooks change its input), its source layers, every module its paths go through, and the containers a path
+    enters or leaves (:func:`_crossed_containers`); none for a layer without a predecessor."""
     if not wiring.sources:
         return ()
     found: dict[str, tuple[bool, bool, bool]] = {wiring.name: _OWN_HOOKS}
     for path in wiring.sources:
         found.update({name: _SOURCE_HOOKS for name in path.normalizations() if name not in found})
         found.update({name: _STEP_HOOKS for name in path_modules(path) if name not in found})
+    sequences = [[*sequence, wiring.name] for path in wiring.sources for sequence in path_sequences(path)]
+    for name, kinds in _crossed_containers(sequences).items():
+        if name not in found:
+            found[name] = kinds
     return tuple(found.items())
+
+
+def _crossed_containers(sequences: list[list[str]]) -> dict[str, tuple[bool, bool, bool]]:
+    """The modules holding some names of a path but not the whole path (a block whose output a path from a
+    normalization inside it leaves by; the block it enters): a forward hook on such a container changes what the path
+    carries where the path leaves it, a pre-hook where the path enters it, a forward set on its instance either way.
+    sequences: runs of qualified module names in the order a value goes through them (:func:`path_sequences`, the
+    layer last). Returns name → which of :func:`~bkn_export.chain.scope.hook_change`'s kinds count; the root ('')
+    never (its hooks see the model's inputs and outputs)."""
+    crossed: dict[str, tuple[bool, bool, bool]] = {}
+    for sequence in sequences:
+        ancestors = {name.rsplit(".", depth)[0] for name in sequence for depth in range(1, name.count(".") + 1)}
+        for ancestor in ancestors:
+            prefix = ancestor + "."
+            inside = [name.startswith(prefix) for name in sequence]
+            enters = any(not a and b for a, b in itertools.pairwise(inside))
+            leaves = any(a and not b for a, b in itertools.pairwise(inside))
+            if enters or leaves:
+                was = crossed.get(ancestor, (False, False, False))
+                crossed[ancestor] = (was[0] or enters, was[1] or leaves, True)
+    return crossed
 
 
 @contextmanager

@@ -80,11 +80,14 @@ __all__ = [
     "hook_signature",
     "hook_signatures",
     "library_hook",
+    "module_settings",
+    "module_settings_of",
     "move_root",
     "observers",
     "open_observer",
     "root_scope",
     "scratch_for",
+    "settings_change",
     "watch_modules",
 ]
 
@@ -118,21 +121,27 @@ class ChainRoot:
     modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`).
     """
 
-    __slots__ = ("hooks", "traced", "warned_hooks", "watched")
+    __slots__ = ("hooks", "settings", "traced", "warned_hooks", "watched")
 
-    def __init__(self, watched: frozenset[str] = frozenset(), hooks: Any = None, *_: Any) -> None:
+    def __init__(self, watched: frozenset[str] = frozenset(), hooks: Any = None, settings: Any = None, *_: Any) -> None:
         self.traced: ChainScratch | None = None
         self.watched = watched
         #: Per module a prediction goes through (path modules, source layers, the layers themselves), its hooks as
         #: wired (:func:`hook_signatures`); empty for a pickle of a root from before 2026-12-07's fifth session
         #: (which passed an input shape or nothing here): nothing is compared then.
         self.hooks: dict[str, HookSignature] = dict(hooks) if isinstance(hooks, dict) else {}
+        #: Per module on a path whose settings the recording took as constants (an activation's slope, a pooling's
+        #: kernel), those settings as wired (:func:`module_settings_of`); empty for a pickle from before 2026-12-07's
+        #: sixth session: nothing is compared then.
+        self.settings: dict[str, Settings] = dict(settings) if isinstance(settings, dict) else {}
         #: Whether a layer has warned that those hooks changed (once per root; a copy warns again).
         self.warned_hooks: list[bool] = []
 
-    def __reduce__(self) -> tuple[type[ChainRoot], tuple[frozenset[str], dict[str, HookSignature]]]:
-        # A copy (deepcopy, pickle) is a new identity with no open scratch; hook keys survive both.
-        return ChainRoot, (self.watched, self.hooks)
+    def __reduce__(
+        self,
+    ) -> tuple[type[ChainRoot], tuple[frozenset[str], dict[str, HookSignature], dict[str, Settings]]]:
+        # A copy (deepcopy, pickle) is a new identity with no open scratch; hook keys and settings survive both.
+        return ChainRoot, (self.watched, self.hooks, self.settings)
 
 
 class Submodules(Mapping[str, nn.Module]):
@@ -363,6 +372,7 @@ def move_root(source: nn.Module, target: nn.Module) -> None:
     _install(target, root)
     watch_modules(target, root, watched)
     root.hooks = hook_signatures(target, root.hooks)  # the target's own modules, with their new watches
+    root.settings = module_settings_of(target, root.settings)
 
 
 class PathWatch:
@@ -456,6 +466,54 @@ def hook_signatures(model: nn.Module, names: Iterable[str]) -> dict[str, HookSig
         except AttributeError:
             continue
     return found
+
+
+#: A module's settings as :func:`module_settings` reads them: (attribute, value) pairs.
+Settings = tuple[tuple[str, Any], ...]
+
+
+def module_settings(module: nn.Module) -> Settings | None:
+    """The settings of ``module`` that a recorded step holds as constants: the attributes its class declares in
+    torch's ``__constants__`` (LeakyReLU's ``negative_slope``, Hardtanh's bounds, a pooling's kernel, stride and
+    padding, Upsample's scale and mode, Flatten's dims, a pad's widths), ``inplace`` aside (it changes no value); None
+    for a module whose steps read it at every call (a conv, a Linear: their weights, stride and padding are followed),
+    a normalization, dropout (no step) or a class without ``__constants__``."""
+    if isinstance(
+        module,
+        (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd),
+    ) or isinstance(module, _BatchKalmanNorm):
+        return None
+    constants = getattr(type(module), "__constants__", None)
+    if not isinstance(constants, (list, tuple)):
+        return None
+    names = [name for name in constants if isinstance(name, str) and name != "inplace"]
+    found = tuple((name, module.__dict__.get(name)) for name in names)
+    return found or None
+
+
+def module_settings_of(model: nn.Module, names: Iterable[str]) -> dict[str, Settings]:
+    """:func:`module_settings` of each module of ``model`` named in ``names`` that has such settings."""
+    found = {}
+    for name in dict.fromkeys(names):
+        try:
+            settings = module_settings(model.get_submodule(name))
+        except AttributeError:
+            continue
+        if settings is not None:
+            found[name] = settings
+    return found
+
+
+def settings_change(module: nn.Module, wired: Settings) -> str | None:
+    """What changed in ``module``'s settings since ``wired`` was taken (``negative_slope 0.1 → 0.5``), or None."""
+    now = module_settings(module)
+    if now == wired:
+        return None
+    if now is None:
+        return f"now a {type(module).__name__}, whose settings the chain does not hold"
+    was = dict(wired)
+    changed = [f"{name} {was.get(name)!r} → {value!r}" for name, value in now if was.get(name, value) != value]
+    return ", ".join(changed) or "its settings changed"
 
 
 def global_forward_hooks() -> bool:

@@ -6,6 +6,7 @@ the real modules between the sources and the layer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,19 +55,50 @@ class LayerStatistics:
 
 @contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
-    """Restore every module's mode, every buffer and the RNG states after the block."""
+    """Restore every module's mode, every buffer and the RNG states after the block.
+
+    A buffer the forward resized (a ``torch.ao`` observer's, which starts empty) or replaced gets its own tensor and
+    values back; every buffer and mode is restored even where one cannot be, and an error of the block itself is
+    never hidden by the restore (a cold QA, sixth session of 2026-12-07: a QAT model's resized observer buffer made the
+    restore raise, which left the model in train mode with the running statistics the run had updated)."""
     modes = {module: module.training for module in model.modules()}
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [
+        (module, name, buffer, buffer.detach().clone())
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
     devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             yield
-    finally:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-        for module, mode in modes.items():
-            module.training = mode
+    except BaseException:
+        failed = _restore(modes, buffers)
+        if failed:
+            warnings.warn(f"chain_statistics could not restore {', '.join(failed)}", RuntimeWarning, stacklevel=3)
+        raise
+    failed = _restore(modes, buffers)
+    if failed:
+        raise RuntimeError(f"chain_statistics could not restore {', '.join(failed)} after its run")
+
+
+def _restore(modes: dict[nn.Module, bool], buffers: list[tuple[nn.Module, str, Tensor, Tensor]]) -> list[str]:
+    """Put back each module's mode and each buffer (the same tensor, its saved values and shape); the buffers that
+    could not be (with the error), named."""
+    failed = []
+    with torch.no_grad():
+        for module, name, buffer, saved in buffers:
+            try:
+                module._buffers[name] = buffer
+                if buffer.shape == saved.shape:
+                    buffer.copy_(saved)
+                else:
+                    buffer.data = saved  # its shape back (an observer's resize_ changed it)
+            except Exception as error:  # torch's own error types; the rest are still restored
+                failed.append(f"buffer '{name}' of {type(module).__name__} ({type(error).__name__}: {error})")
+    for module, mode in modes.items():
+        module.training = mode
+    return failed
 
 
 def _run(model: nn.Module, example_inputs: Any) -> None:

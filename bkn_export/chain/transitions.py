@@ -76,6 +76,7 @@ __all__ = [
     "Sampled",
     "Transition",
     "path_modules",
+    "path_sequences",
     "source_gaussian",
     "transition_for",
     "unrun_module",
@@ -112,6 +113,18 @@ def path_modules(path: SourcePath) -> Iterator[str]:
         for source in path.origin.sources:
             yield from path_modules(source)
     yield from _step_modules(path.steps)
+
+
+def path_sequences(path: SourcePath) -> list[list[str]]:
+    """``path`` as the runs of names a value goes through, from a source normalization (or the start of a path that
+    reaches none) to the path's end: one per source the path combines, each the source's name, then its modules in
+    order (a squeeze-and-excitation gate's branch where the gate stands)."""
+    tail = list(_step_modules(path.steps))
+    if path.normalization is not None:
+        return [[path.normalization, *tail]]
+    if path.origin is not None:
+        return [[*head, *tail] for source in path.origin.sources for head in path_sequences(source)]
+    return [tail]
 
 
 def _path_start(path: SourcePath, scratch: ChainScratch, watched: AbstractSet[str]) -> int | str | None:

@@ -42,7 +42,14 @@ from bkn_export.chain.record import (
     is_normalization,
     record_dataflow,
 )
-from bkn_export.chain.scope import attach_root, global_forward_hooks, hook_signatures, library_hook, watch_modules
+from bkn_export.chain.scope import (
+    attach_root,
+    global_forward_hooks,
+    hook_signatures,
+    library_hook,
+    module_settings_of,
+    watch_modules,
+)
 from bkn_export.chain.train_probe import mode_only_modules
 from bkn_export.chain.transitions import path_modules
 from bkn_export.chain.wiring import Wiring
@@ -104,6 +111,8 @@ def wire_chain(
     # What each prediction goes through, with the hooks it has now: a train step after those hooks change warns that
     # the prior predicts what they computed when wired (bkn_export.chain.member).
     root.hooks = hook_signatures(model, (n for _, w in wirings for n, _ in hooked_names(w)))
+    # The settings of the path's modules that its steps hold as constants: a train step after one changes refuses.
+    root.settings = module_settings_of(model, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
     inputs = {record.name: tuple(record.input_shape[2:]) for record in recorded.layers}
     for layer, wiring in wirings:
         on_paths = {name for path in wiring.sources for name in path_modules(path)}
