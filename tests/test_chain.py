@@ -354,6 +354,31 @@ def test_chain_statistics_restores_a_buffer_its_forward_resized(fails: bool) -> 
             assert value.shape == before[key].shape and torch.equal(value, before[key]), key
 
 
+class _Caching(nn.Module):
+    """Fills a buffer registered as None and registers another in its forward (a lazily built cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cache", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.cache = x.detach().mean(0)
+        if "seen" not in self._buffers:
+            self.register_buffer("seen", torch.ones(1), persistent=False)
+        return x
+
+
+def test_chain_statistics_leaves_the_buffers_registered_as_they_were() -> None:
+    """The review of that fix: a buffer that was None stayed filled and a buffer the forward registered stayed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    convert_batchnorm(model.eval(), torch.randn(2, 3, 8, 8))
+    model.add_module("cache", _Caching())
+    chain_statistics(model, torch.randn(2, 3, 8, 8))
+    assert model.cache.cache is None and "seen" not in model.cache._buffers
+    assert "seen" not in model.cache._non_persistent_buffers_set
+
+
 # --------------------------------------------------------------------------- the option in the training export
 
 

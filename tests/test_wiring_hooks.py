@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -338,3 +339,48 @@ def test_a_setting_changed_after_wiring_on_a_path_module_is_refused(
         warnings.simplefilter("ignore")
         wire_chain(model.eval(), example)
     model.train()(example)  # wired again at the new setting
+
+
+def test_a_hook_on_a_module_list_is_not_named() -> None:
+    """A ``ModuleList`` is never called, so its hooks never run: the review of the container check found a pre-hook on
+    one named as a change of the prior's path."""
+
+    class Listed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = _Block(4)  # the path from its normalization enters the list's first block
+            self.blocks = nn.ModuleList([_Block(4), _Block(4)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Listed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(2, 4, 8, 8))
+    model.blocks.register_forward_pre_hook(lambda mod, args: None)
+    assert _block_step_warnings(model) == []
+    model.blocks[0].register_forward_hook(lambda mod, args, out: out * 3)  # a block the path leaves: named
+    (message,) = _block_step_warnings(model)
+    assert "'blocks.0': 1 forward hook(s) added" in message
+
+
+@pytest.mark.parametrize(
+    ("wired", "now", "refused"),
+    [(float("nan"), float("nan"), False), (np.float32(0.1), np.float32(0.1), False), (np.float32(0.1), 0.5, True)],
+    ids=["NaN stays NaN", "a NumPy slope kept", "a NumPy slope changed"],
+)
+def test_settings_are_compared_by_value(wired: float, now: float, refused: bool) -> None:
+    """NaN equals NaN (a pad's value, unpickled) and a NumPy scalar is a setting too (the review's reading)."""
+    from bkn_export.chain.scope import module_settings, settings_change
+
+    pad = nn.ConstantPad2d(1, 0.0)
+    pad.value = wired
+    settings = module_settings(pad)
+    assert settings is not None and ("value", wired) in [(k, v) for k, v in settings if k == "value"]
+    pad.value = now
+    assert (settings_change(pad, settings) is not None) == refused

@@ -46,6 +46,7 @@ export and :func:`bkn_export.chain_statistics` read instead of patching the laye
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
@@ -458,13 +459,16 @@ def hook_change(
 
 
 def hook_signatures(model: nn.Module, names: Iterable[str]) -> dict[str, HookSignature]:
-    """:func:`hook_signature` of each module of ``model`` named in ``names`` (names that are no module skipped)."""
+    """:func:`hook_signature` of each module of ``model`` named in ``names`` (names that are no module skipped, and a
+    ``ModuleList`` / ``ModuleDict``: never called, its hooks never run)."""
     found = {}
     for name in dict.fromkeys(names):
         try:
-            found[name] = hook_signature(model.get_submodule(name))
+            module = model.get_submodule(name)
         except AttributeError:
             continue
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            found[name] = hook_signature(module)
     return found
 
 
@@ -487,8 +491,34 @@ def module_settings(module: nn.Module) -> Settings | None:
     if not isinstance(constants, (list, tuple)):
         return None
     names = [name for name in constants if isinstance(name, str) and name != "inplace"]
-    found = tuple((name, module.__dict__.get(name)) for name in names)
+    found = tuple((name, value) for name in names if _plain(value := module.__dict__.get(name)))
     return found or None
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a number (NumPy's too), string, None or a tuple / list of those (compared by value; a
+    tensor is not)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(item) for item in value)
+    return value is None or (isinstance(value, (numbers.Number, str)) and not isinstance(value, Tensor))
+
+
+def _same(value: Any, wired: Any) -> bool:
+    """``value == wired``, NaN equal to NaN (a pad's value, unpickled), element by element in tuples."""
+    if value is wired:
+        return True
+    if isinstance(value, (tuple, list)) and isinstance(wired, (tuple, list)):
+        return len(value) == len(wired) and all(_same(a, b) for a, b in zip(value, wired))
+    try:
+        return bool(value == wired) or (value != value and wired != wired)  # NaN: unequal to itself
+    except (TypeError, ValueError):
+        return False
+
+
+def settings_moved(module: nn.Module, wired: Settings) -> bool:
+    """Whether a setting of ``module`` differs from ``wired`` (per call: a lookup and compare per setting)."""
+    held = module.__dict__
+    return any(held.get(name) is not value and not _same(held.get(name), value) for name, value in wired)
 
 
 def module_settings_of(model: nn.Module, names: Iterable[str]) -> dict[str, Settings]:
@@ -506,14 +536,11 @@ def module_settings_of(model: nn.Module, names: Iterable[str]) -> dict[str, Sett
 
 def settings_change(module: nn.Module, wired: Settings) -> str | None:
     """What changed in ``module``'s settings since ``wired`` was taken (``negative_slope 0.1 → 0.5``), or None."""
-    now = module_settings(module)
-    if now == wired:
+    if not settings_moved(module, wired):
         return None
-    if now is None:
-        return f"now a {type(module).__name__}, whose settings the chain does not hold"
-    was = dict(wired)
-    changed = [f"{name} {was.get(name)!r} → {value!r}" for name, value in now if was.get(name, value) != value]
-    return ", ".join(changed) or "its settings changed"
+    held = module.__dict__
+    changed = [f"{name} {value!r} → {held.get(name)!r}" for name, value in wired if not _same(held.get(name), value)]
+    return ", ".join(changed)
 
 
 def global_forward_hooks() -> bool:

@@ -62,6 +62,7 @@ def _untouched(model: nn.Module) -> Iterator[None]:
     never hidden by the restore (a cold QA, sixth session of 2026-12-07: a QAT model's resized observer buffer made the
     restore raise, which left the model in train mode with the running statistics the run had updated)."""
     modes = {module: module.training for module in model.modules()}
+    registered = {module: (dict(module._buffers), set(module._non_persistent_buffers_set)) for module in modes}
     buffers = [
         (module, name, buffer, buffer.detach().clone())
         for module in model.modules()
@@ -73,23 +74,32 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             yield
     except BaseException:
-        failed = _restore(modes, buffers)
+        failed = _restore(modes, registered, buffers)
         if failed:
             warnings.warn(f"chain_statistics could not restore {', '.join(failed)}", RuntimeWarning, stacklevel=3)
         raise
-    failed = _restore(modes, buffers)
+    failed = _restore(modes, registered, buffers)
     if failed:
         raise RuntimeError(f"chain_statistics could not restore {', '.join(failed)} after its run")
 
 
-def _restore(modes: dict[nn.Module, bool], buffers: list[tuple[nn.Module, str, Tensor, Tensor]]) -> list[str]:
-    """Put back each module's mode and each buffer (the same tensor, its saved values and shape); the buffers that
-    could not be (with the error), named."""
+def _restore(
+    modes: dict[nn.Module, bool],
+    registered: dict[nn.Module, tuple[dict[str, Tensor | None], set[str]]],
+    buffers: list[tuple[nn.Module, str, Tensor, Tensor]],
+) -> list[str]:
+    """Put back each module's mode, its buffer entries as they were registered (one the run registered removed, one
+    that was None None again), and each buffer (the same tensor, its saved values and shape); the buffers that could
+    not be (with the error), named."""
+    for module, (entries, non_persistent) in registered.items():
+        module._buffers.clear()
+        module._buffers.update(entries)
+        module._non_persistent_buffers_set.clear()
+        module._non_persistent_buffers_set.update(non_persistent)
     failed = []
     with torch.no_grad():
         for module, name, buffer, saved in buffers:
             try:
-                module._buffers[name] = buffer
                 if buffer.shape == saved.shape:
                     buffer.copy_(saved)
                 else:

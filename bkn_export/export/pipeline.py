@@ -29,6 +29,7 @@ statistics, posteriors) follow under their own documented names.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -531,7 +532,8 @@ def verify_dynamic_batch(proto: onnx.ModelProto, traceable: Traceable, traced: T
     is traced widened to batch 2 (:func:`tracing_inputs`), so a model that branches on its batch size
     (``if x.shape[0] > 1``) gives a file of the batch-2 branch: that file is run at the example itself (ONNX
     Runtime CPU, or the reference evaluator) and its outputs compared with PyTorch's, to a tolerance that catches a
-    wrong branch, not rounding (1e-3 of the output's scale in float32, 2e-2 in half precision). Models of 2 GiB or
+    wrong branch, not rounding (1e-3 of the output's scale in float32, 2e-2 in half precision; beyond that, a file
+    within ten times PyTorch's own rounding of the float64 output passes: :func:`_beyond_rounding`). Models of 2 GiB or
     more are not run."""
     names = traced.input_names[: len(traceable.inputs)]
     declared = {value.name: value for value in proto.graph.input}
@@ -568,7 +570,7 @@ def verify_dynamic_batch(proto: onnx.ModelProto, traceable: Traceable, traced: T
             "(--static-batch / dynamic_batch=False)"
         ) from error
     differing = _differing_output(expected, actual)
-    if differing is not None:
+    if differing is not None and _beyond_rounding(traceable, traceable.inputs, expected, actual, differing[0]):
         index, difference = differing
         raise ExportError(
             f"dynamic batch: the example has batch 1, which the exporter traces widened to 2; at batch 1 the "
@@ -593,9 +595,10 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
     E that PyTorch runs. At each size the ONNX file
     (ONNX Runtime CPU, or the reference evaluator without it) must run, return outputs of the
     shapes PyTorch returns, and values within a tolerance that catches another computation, not
-    rounding (1e-3 of the output's scale in float32, 2e-2 in half precision; parity judges the
-    rest). Inputs of rank > 2 all take the new spatial size. Models of 2 GiB or more are not run
-    (protobuf cannot hold them in memory): returns [].
+    rounding (1e-3 of the output's scale in float32, 2e-2 in half precision; beyond that, a file
+    within ten times PyTorch's own rounding of the float64 output passes: :func:`_beyond_rounding`;
+    parity judges the rest). Inputs of rank > 2 all take the new spatial size. Models of 2 GiB or
+    more are not run (protobuf cannot hold them in memory): returns [].
     """
     if proto.ByteSize() >= 2**31 - 1:
         return []
@@ -648,7 +651,7 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
                 f"{engine}, PyTorch {wanted}; export without dynamic_spatial / --dynamic-spatial"
             )
         differing = _differing_output(expected, actual)
-        if differing is not None:
+        if differing is not None and _beyond_rounding(traceable, inputs, expected, actual, differing[0]):
             index, difference = differing
             raise ExportError(
                 f"dynamic_spatial: at spatial size {list(size)} the exported file's output "
@@ -665,6 +668,9 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
 
 #: The smallest output scale :func:`_differing_output` judges by (below, an absolute tolerance).
 _SMALLEST_SCALE = 1e-3
+#: A file within this many times PyTorch's own float32 rounding of the exact (float64) output is taken as right
+#: whatever the first tolerance said (:func:`_beyond_rounding`).
+_ROUNDING_FACTOR = 10.0
 
 
 def _differing_output(expected: Sequence[Any], actual: Sequence[Any]) -> tuple[int, float] | None:
@@ -672,14 +678,41 @@ def _differing_output(expected: Sequence[Any], actual: Sequence[Any]) -> tuple[i
     from PyTorch's (``expected``) by more than another computation's tolerance, not rounding: 1e-3 of the output's
     scale in float32 and float64, 2e-2 in half precision; None if none does. The scale is the output's largest
     magnitude, at least 1e-3 (an output of all zeros is judged at 1e-6, resp. 2e-5): a small output (a regression head
-    in small units) is judged relative to itself, not to 1."""
+    in small units) is judged relative to itself, not to 1. Callers then ask :func:`_beyond_rounding` (an output that
+    cancels keeps the rounding of what it cancels)."""
     for index, (want, got) in enumerate(zip(expected, actual)):
         if not isinstance(want, Tensor) or not want.is_floating_point() or tuple(want.shape) != tuple(got.shape):
             continue
         reference = want.detach().to(torch.float64).numpy()
         difference = float(np.max(np.abs(got.astype(np.float64) - reference), initial=0.0))
         share = 1e-3 if want.dtype in (torch.float32, torch.float64) else 2e-2
-        scale = max(_SMALLEST_SCALE, float(np.max(np.abs(reference), initial=0.0)))
-        if not difference <= share * scale:
+        if not difference <= share * max(_SMALLEST_SCALE, float(np.max(np.abs(reference), initial=0.0))):
             return index, difference
     return None
+
+
+def _beyond_rounding(
+    traceable: Traceable, inputs: Sequence[Tensor], expected: Sequence[Any], actual: Sequence[Any], index: int
+) -> bool:
+    """Whether output ``index`` of the file (``actual``) is further from the exact output than rounding explains: the
+    module run in float64 on ``inputs`` gives the exact output, and the file must be within
+    :data:`_ROUNDING_FACTOR` times PyTorch's own distance from it (``expected``). An output that cancels
+    (``h − mean(h)`` of values near 2000: float32 steps of 1.2e-4 on an output of 0.18) differs by its rounding in
+    both engines, which 1e-3 of its scale refused (a review of 2026-12-07's sixth session); a file that computes
+    otherwise differs far beyond it. True (beyond) where the module does not run in float64."""
+    want = expected[index]
+    if not isinstance(want, Tensor) or want.dtype == torch.float64:
+        return True
+    try:
+        exact_module = copy.deepcopy(traceable.module).double()
+        widened = [t.double() if t.is_floating_point() else t for t in copied((*inputs, *traceable.extra_inputs))]
+        with torch.no_grad():
+            exact = _leaves(exact_module(*widened))[index]
+    except Exception:  # a module that does not run in float64: the first tolerance stands
+        return True
+    if not isinstance(exact, Tensor) or exact.shape != want.shape:
+        return True
+    exact_values = exact.detach().to(torch.float64).numpy()
+    torch_rounding = float(np.max(np.abs(want.detach().to(torch.float64).numpy() - exact_values), initial=0.0))
+    file_error = float(np.max(np.abs(np.asarray(actual[index], dtype=np.float64) - exact_values), initial=0.0))
+    return not file_error <= _ROUNDING_FACTOR * torch_rounding
