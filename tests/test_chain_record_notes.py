@@ -6,7 +6,9 @@ that printed a whole tensor."""
 from __future__ import annotations
 
 import re
+import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -327,3 +329,20 @@ def test_a_functional_conv_of_a_module_without_bias_is_opaque_not_a_crash() -> N
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), _WeightOnly(), nn.BatchNorm2d(4))
     notes = record_dataflow(model, torch.randn(2, 3, 8, 8))["4"].notes
     assert any("cannot carry moments" in note for note in notes), notes
+
+
+def test_a_prior_through_a_flatten_of_unlike_positions_is_warned_at_wiring() -> None:
+    """A cold QA (sixth session of 2026-12-07): Conv1d on 4 positions → flatten → Linear → BatchNorm1d, a prior variance
+    2–10× the layer's input's, and only format_chain said so. Wiring now warns, naming the layer; a pooled path does
+    not."""
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 3, 3, padding=1), nn.Flatten(1), nn.Linear(12, 5),
+                         nn.BatchNorm1d(5))  # fmt: skip
+    with pytest.warns(RuntimeWarning, match=r"1 BKN layer\(s\) predict their prior through a flatten .*: '4'"):
+        convert_batchnorm(flat.eval(), torch.randn(4, 3, 4))
+    pooled = nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 3, 3, padding=1), nn.AdaptiveAvgPool1d(1), nn.Flatten(1),
+                           nn.Linear(3, 5), nn.BatchNorm1d(5))  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_batchnorm(pooled.eval(), torch.randn(4, 3, 4))
+    assert not [w for w in caught if "predict their prior through a flatten" in str(w.message)]

@@ -2054,7 +2054,20 @@ def _dependence(
             dependent = None
         if makes_positions_dependent(step, modules):
             dependent = _last_dependent(step, modules).describe()
+        if _one_position(step):  # nothing left to be unlike
+            dependent = None
     return dependent, notes
+
+
+def _one_position(step: Step) -> bool:
+    """Whether ``step`` (a run: its last member) leaves one position: an adaptive pooling to size 1 (a global
+    pooling before a flatten, where the flatten is exact; its note fired there, found 2026-12-07's sixth session)."""
+    if isinstance(step, LinearRun) and step.steps:
+        step = step.steps[-1]
+    if not isinstance(step, Pool) or not step.spec.kind.startswith("adaptive"):
+        return False
+    size = step.spec.output_size
+    return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
 
 
 @dataclass(frozen=True)

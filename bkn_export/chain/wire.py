@@ -121,6 +121,7 @@ def wire_chain(
         layer.join_chain(membership, wiring.previous_features)
     _warn_about_hooks(modules, [w for _, w in wirings if w.transition == "propagate" or w.transition == "sampled"])
     _warn_if_no_layer_has_a_prior([w for _, w in wirings])
+    _warn_of_separated_positions([w for _, w in wirings if w.transition == "propagate"])
     for name, module in modules.items():
         if isinstance(module, _BatchKalmanNorm) and name not in order:
             if options is not None:
@@ -145,6 +146,33 @@ def _warn_if_no_layer_has_a_prior(wirings: list[Wiring]) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+#: The note :mod:`bkn_export.chain.record` gives a path whose positions a flatten or strided selection separates after
+#: a step left them unlike (borders).
+_SEPARATED = "gives each position its channel's moments over all positions"
+
+
+def _warn_of_separated_positions(wirings: list[Wiring]) -> None:
+    """Warn, naming them, about layers whose ``propagate`` prior goes through a flatten (or strided selection) of
+    positions that a conv's borders left unlike: the prior gives every position its channel's pooled moments, so a
+    Linear after it weighs border and inner positions alike. Unlike the other named approximations this one has no
+    bound: a cold QA (sixth session of 2026-12-07) measured, for Conv1d on 4 positions → flatten → Linear →
+    BatchNorm1d, a prior variance 2–10× the layer's input's and a mean 11 standard deviations off, the posterior at
+    batch 2 twice as far from the population mean as BatchNorm's batch mean; ``format_chain`` alone said so."""
+    found = [w.name for w in wirings if any(_SEPARATED in note for note in w.notes)]
+    if found:
+        warnings.warn(
+            f"{len(found)} BKN layer(s) predict their prior through a flatten (or strided selection) of positions that "
+            "a conv's borders left unlike: "
+            + ", ".join(repr(name) for name in found[:5])
+            + (" ..." if len(found) > 5 else "")
+            + ". The prior gives every position its channel's moments over all positions, which is far off where "
+            "border positions weigh much (few positions per channel): format_chain(model) names the step; pooling "
+            "before the flatten avoids it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_of_mode_only_modules(model: nn.Module, example_inputs: Any) -> None:
