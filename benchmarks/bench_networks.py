@@ -10,11 +10,12 @@ Usage::
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
 within every repeat (the order alternates), in one process with one torch thread. One sample is ``--steps`` steps;
-the figure is the median over ``--repeats`` samples and the ratio BKN / BatchNorm of the medians. The default clock
-is this process's CPU time, which on a shared machine leaves out time spent waiting for a core; ``--clock wall``
-uses elapsed time. ``--compile`` adds the same pair under ``torch.compile`` (default backend). ``--profile N``
-instead prints, per network and batch, the N operators with the most self CPU time over 3 steps of the converted
-network (``torch.profiler``; the Python-level ``autograd.Function`` s of ``bkn_export`` show up by name).
+the figure is the median over ``--repeats`` samples and the ratio BKN / BatchNorm of the medians, with the first
+and third quartiles of the per-repeat ratios (each repeat's two samples side by side: the run's own spread). The
+default clock is this process's CPU time, which on a shared machine leaves out time spent waiting for a core;
+``--clock wall`` uses elapsed time. ``--compile`` adds the same pair under ``torch.compile`` (default backend).
+``--profile N`` instead prints, per network and batch, the N operators with the most self CPU time over 3 steps of
+the converted network (``torch.profiler``; the Python-level ``autograd.Function`` s of ``bkn_export`` show up by name).
 ``--count-ops`` instead counts, per network and batch, the compute operators one eager train step dispatches
 (``torch.profiler`` events that call no other operator, without views, allocations and metadata ops: on a GPU each is
 about one kernel launch, the cost that dominates a micro-batch step there), BatchNorm against BKN, with the
@@ -109,6 +110,9 @@ class Row:
     bkn_pytorch_forms_ms: float | None = None
     #: The converted network without its chain (``--unwired``), else None.
     bkn_unwired_ms: float | None = None
+    #: The first and third quartiles of the per-repeat ratios BKN / BatchNorm (each repeat's two samples taken
+    #: side by side), None with fewer than two repeats: how far the machine moved the ratio during the run.
+    ratio_quartiles: tuple[float, float] | None = None
 
     @property
     def ratio(self) -> float:
@@ -172,7 +176,8 @@ def _pair(
         steps_by_variant["bkn_pytorch_forms"] = _without_native(_train_step(copy.deepcopy(bkn_model), x, target))
     if unwired and not compiled:
         steps_by_variant["bkn_unwired"] = _train_step(_unwire(copy.deepcopy(bkn_model)), x, target)
-    medians = interleaved_medians(steps_by_variant, repeats, steps, clock)
+    samples = interleaved_samples(steps_by_variant, repeats, steps, clock)
+    medians = {key: statistics.median(values) for key, values in samples.items()}
     return Row(
         name,
         batch,
@@ -181,14 +186,32 @@ def _pair(
         medians["bkn"],
         medians.get("bkn_pytorch_forms"),
         medians.get("bkn_unwired"),
+        paired_quartiles(samples["bkn"], samples["batchnorm"]),
     )
+
+
+def paired_quartiles(numerators: list[float], denominators: list[float]) -> tuple[float, float] | None:
+    """The first and third quartiles of the ratios of samples taken in the same repeat; None below two repeats."""
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    if len(ratios) < 2:
+        return None
+    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+    return first, third
 
 
 def interleaved_medians(
     variants: dict[str, Callable[[], Any]], repeats: int, steps: int, clock: Callable[[], float]
 ) -> dict[str, float]:
-    """Median ms per call of each variant: two warm-up calls each (and compilation), then ``repeats`` samples of
-    ``steps`` calls, the variants interleaved within every repeat in an order that alternates."""
+    """Median ms per call of each variant over :func:`interleaved_samples`."""
+    samples = interleaved_samples(variants, repeats, steps, clock)
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def interleaved_samples(
+    variants: dict[str, Callable[[], Any]], repeats: int, steps: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
+    """Ms per call of each variant, one sample per repeat: two warm-up calls each (and compilation), then ``repeats``
+    samples of ``steps`` calls, the variants interleaved within every repeat in an order that alternates."""
     for step in variants.values():
         step()
         step()
@@ -197,7 +220,7 @@ def interleaved_medians(
     for repeat in range(repeats):
         for key in order if repeat % 2 == 0 else reversed(order):
             samples[key].append(_time(variants[key], steps, clock))
-    return {key: statistics.median(values) for key, values in samples.items()}
+    return samples
 
 
 def _unwire(model: nn.Module) -> nn.Module:
@@ -401,7 +424,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"bkn_export.native: {native.status() if native.takes(torch.zeros(1)) else 'off (PyTorch forms)'}")
     extra = f" {'BKN-PyTorch ms':>15} {'ratio':>7}" if args.compare_native else ""
     extra += f" {'unwired ms':>11} {'ratio':>7}" if args.unwired else ""
-    print(f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7}{extra}")
+    header = f"{'network':<16} {'batch':>5} {'variant':<8} {'BN ms':>9} {'BKN ms':>9} {'BKN/BN':>7} {'quartiles':>11}"
+    print(header + extra)
     for name in names:
         for batch in batches:
             for compiled in (False, True) if args.compile else (False,):
@@ -417,9 +441,10 @@ def _run(args: argparse.Namespace) -> int:
                 forms, unwired = row.bkn_pytorch_forms_ms, row.bkn_unwired_ms
                 extra = "" if forms is None else f" {forms:>15.2f} {forms / row.batchnorm_ms:>6.2f}x"
                 extra += "" if unwired is None else f" {unwired:>11.2f} {unwired / row.batchnorm_ms:>6.2f}x"
+                spread = "-" if row.ratio_quartiles is None else "{:.2f}-{:.2f}".format(*row.ratio_quartiles)
                 print(
                     f"{row.network:<16} {row.batch:>5} {row.variant:<8} {row.batchnorm_ms:>9.2f} "
-                    f"{row.bkn_ms:>9.2f} {row.ratio:>6.2f}x{extra}",
+                    f"{row.bkn_ms:>9.2f} {row.ratio:>6.2f}x {spread:>11}{extra}",
                     flush=True,
                 )
     if args.json:

@@ -179,3 +179,10 @@ def test_the_tabular_benchmark_starts_every_variant_of_a_seed_from_the_same_weig
     for bad in (["--batches", "1"], ["--norms", "groupnorm"], ["--datasets", "iris"]):
         with pytest.raises(SystemExit):
             bench_tabular.main(bad)
+
+
+def test_paired_quartiles_are_of_the_per_repeat_ratios() -> None:
+    """Each repeat's BKN sample over its BatchNorm sample, not the ratio of separately sorted samples."""
+    quartiles = bench_networks.paired_quartiles([2.0, 3.0, 6.0, 4.0, 5.0], [1.0, 3.0, 3.0, 2.0, 5.0])
+    assert quartiles == (1.0, 2.0)  # ratios 2, 1, 2, 2, 1
+    assert bench_networks.paired_quartiles([1.0], [1.0]) is None
