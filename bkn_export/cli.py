@@ -99,7 +99,7 @@ class _Version(argparse.Action):
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = _Parser(prog="bkn", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="bkn", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action=_Version, nargs=0, help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)

@@ -213,7 +213,7 @@ def find_plugin_library(path: str | os.PathLike[str] | None = None, static: bool
             return candidate
         raise PluginLibraryNotFoundError(
             f"TensorRT plugin library {candidate} does not exist; build it with "
-            f"`cmake -S {PLUGIN_SOURCE_DIR} -B build/tensorrt && cmake --build build/tensorrt` "
+            f"`cmake -S {_plugin_sources()} -B build/tensorrt && cmake --build build/tensorrt` "
             "(see plugins/tensorrt/README.md)"
         )
     from_env = os.environ.get(PLUGIN_LIBRARY_ENV)
@@ -228,9 +228,17 @@ def find_plugin_library(path: str | os.PathLike[str] | None = None, static: bool
             return candidate
         looked.append(str(candidate))
     raise PluginLibraryNotFoundError(
-        f"TensorRT plugin library {name} not found (looked at: {'; '.join(looked)}). Build it as described in "
-        f"plugins/tensorrt/README.md and pass its path or set ${PLUGIN_LIBRARY_ENV}."
+        f"TensorRT plugin library {name} not found (looked at: {'; '.join(looked)}). Build it from "
+        f"{_plugin_sources()} as its README.md describes, and pass its path or set ${PLUGIN_LIBRARY_ENV}."
     )
+
+
+def _plugin_sources() -> str:
+    """Where the plugin's sources are: beside the package in a checkout; in the source distribution's
+    ``plugins/tensorrt`` where the package was installed from a wheel (which holds no C++ sources)."""
+    if PLUGIN_SOURCE_DIR.is_dir():
+        return str(PLUGIN_SOURCE_DIR)
+    return "plugins/tensorrt of the bkn-export source distribution or repository (not in the installed wheel)"
 
 
 def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

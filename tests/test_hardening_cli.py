@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -639,3 +640,17 @@ def test_parity_without_arguments_says_what_it_expects(capsys: pytest.CaptureFix
     code, err = run_cli(["parity"], capsys)
     assert code == 2
     assert_one_line(err, "expected [SPEC] MODEL.onnx, got 0 positional argument(s) (see `bkn parity --help`)")
+
+
+def test_a_factory_module_in_the_current_directory_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bkn export mynet:factory`` from the folder holding ``mynet.py``: the console script does not put the current
+    directory on ``sys.path`` (``python -m`` does), and the import failed (an install QA, sixth session of
+    2026-12-07). The directory is searched last while the spec imports, and taken off again."""
+    from bkn_export.factory import load_factory
+
+    (tmp_path / "bkn_qa_mynet.py").write_text("import torch\ndef factory():\n    return torch.nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    assert callable(load_factory("bkn_qa_mynet:factory"))
+    assert sys.path == before

@@ -149,6 +149,27 @@ def test_the_library_is_built_once_into_the_cache(tmp_path: Path) -> None:
     second = _status_in_subprocess({"BKN_NATIVE_CACHE": str(tmp_path)})
     assert str(built[0]) in second and built[0].stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [built[0].name]
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable by the other users of a shared cache (mkstemp's 0600 plus the linker's bits gave 0711: an install QA)
+    assert built[0].stat().st_mode & 0o777 == 0o755 & ~umask
+
+
+def test_no_home_directory_falls_back_with_the_reason(tmp_path: Path) -> None:
+    """A container run as a uid without a password entry and without $HOME: ``Path.home()`` raises RuntimeError,
+    which escaped ``native.status()`` and every ``convert_batchnorm`` (an install QA, 2026-12-07's sixth session)."""
+    code = (
+        "import pathlib\n"
+        "def no_home(): raise RuntimeError('Could not determine home directory.')\n"
+        "pathlib.Path.home = staticmethod(no_home)\n"
+        "from bkn_export import native; print(native.status()); print(native.library() is None)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_CACHE_HOME", "BKN_NATIVE_CACHE")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "BKN_NATIVE": "1"}, capture_output=True, text=True, check=True
+    )
+    assert "no cache directory (Could not determine home directory." in result.stdout
+    assert result.stdout.strip().endswith("True")
 
 
 @needs_library
