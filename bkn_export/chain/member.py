@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,11 +23,15 @@ from bkn_export import recompute
 from bkn_export.chain.scope import (
     ChainRoot,
     ChainScratch,
+    HookSignature,
     Published,
+    Settings,
     hook_change,
     observers,
+    raw_signature,
     scratch_for,
     settings_change,
+    settings_moved,
 )
 from bkn_export.chain.transitions import Transition, path_modules, path_sequences, transition_for, unrun_module
 from bkn_export.chain.wiring import Wiring, check_saved_wiring, saved_form
@@ -191,24 +195,26 @@ class ChainMembership:
         if hooked is None:  # a membership pickled before the field existed: unpickling runs no __post_init__
             hooked = hooked_names(self.wiring)
             object.__setattr__(self, "_hooked", hooked)
-        held = self.root.settings if not torch.compiler.is_compiling() else {}
+        compiling = torch.compiler.is_compiling()
+        held = self.root.settings if not compiling else {}
+        if not compiling and wired:  # one pass per forward over the root's modules says which of this layer's to inspect
+            if scratch.inspected is None:
+                scratch.inspected = _moved_modules(self.root, modules)
+            kinds_of = self.__dict__.get("_hooked_kinds")
+            if kinds_of is None:
+                kinds_of = dict(hooked)
+                object.__setattr__(self, "_hooked_kinds", kinds_of)
+            hooked = tuple((name, kinds_of[name]) for name in scratch.inspected if name in kinds_of)
         changed_settings: list[str] = []
         for name, kinds in hooked:
-            try:
-                module = modules[name]
-            except KeyError:
+            found = _inspect(modules, name, kinds, wired.get(name) if compare else None, held)
+            if found is None:
                 continue
-            signature = wired.get(name) if compare else None
-            change = hook_change(module, signature, kinds) if signature is not None else None
-            if change is not None:
-                changes.append(f"'{name}': {change}")
-            settings = held.get(name)
-            setting = settings_change(module, settings) if settings is not None else None
-            if setting is not None:
-                changed_settings.append(f"'{name}' ({type(module).__name__}): {setting}")
-            owned = module._modules.get("parametrizations")  # what parametrize.is_parametrized reads, without getattr
-            if isinstance(owned, nn.ModuleDict):
-                parametrizations += [p for p in owned.modules() if p.training]
+            if found.change is not None:
+                changes.append(f"'{name}': {found.change}")
+            if found.setting is not None:
+                changed_settings.append(found.setting)
+            parametrizations += found.parametrizations
         if changed_settings:
             raise ChainWiringError(
                 f"BKN layer '{self.wiring.name}': the model changed after its Kalman chain was wired: "
@@ -440,6 +446,60 @@ class ChainMembership:
 #: kinds: pre-hooks, forward hooks, an instance forward): all, on a step's module; its output's, on a source layer;
 #: its input's, on the layer itself.
 _STEP_HOOKS, _SOURCE_HOOKS, _OWN_HOOKS = (True, True, True), (False, True, True), (True, False, False)
+
+
+class _Inspected(NamedTuple):
+    """What :meth:`ChainMembership._inspect_modules` found on one module in one forward: its hook change (or None),
+    its settings' change named with the module (or None), its parametrizations in train mode."""
+
+    change: str | None
+    setting: str | None
+    parametrizations: list[nn.Module]
+
+
+def _moved_modules(root: ChainRoot, modules: Mapping[str, nn.Module]) -> tuple[str, ...]:
+    """The modules of ``root``'s wiring whose hooks or forward changed in any way since wiring (raw keys: the
+    library's own hooks too), whose held settings moved, or that hold parametrizations: the only ones a layer's
+    :meth:`ChainMembership._inspect_modules` needs to look at (usually none). Once per forward: a DenseNet's layers
+    share most of their modules, and looking at each per layer cost 5 ms a step."""
+    moved = []
+    for name, signature in root.hooks.items():
+        try:
+            module = modules[name]
+        except KeyError:
+            continue
+        settings = root.settings.get(name)
+        if (
+            raw_signature(module) != signature.raw
+            or (settings is not None and settings_moved(module, settings))
+            or isinstance(module._modules.get("parametrizations"), nn.ModuleDict)
+        ):
+            moved.append(name)
+    for name, settings in root.settings.items():  # a path module whose hooks were not kept (an older pickle)
+        if name not in root.hooks and name in modules and settings_moved(modules[name], settings):
+            moved.append(name)
+    return tuple(moved)
+
+
+def _inspect(
+    modules: Mapping[str, nn.Module],
+    name: str,
+    kinds: tuple[bool, bool, bool],
+    signature: HookSignature | None,
+    held: Mapping[str, Settings],
+) -> _Inspected | None:
+    """:class:`_Inspected` of module ``name`` (None where the model holds no such module)."""
+    try:
+        module = modules[name]
+    except KeyError:
+        return None
+    change = hook_change(module, signature, kinds) if signature is not None else None
+    settings = held.get(name)
+    setting = settings_change(module, settings) if settings is not None else None
+    owned = module._modules.get("parametrizations")  # what parametrize.is_parametrized reads, without getattr
+    parametrizations = [p for p in owned.modules() if p.training] if isinstance(owned, nn.ModuleDict) else []
+    described = None if setting is None else f"'{name}' ({type(module).__name__}): {setting}"
+    return _Inspected(change, described, parametrizations)
 
 
 def hooked_names(wiring: Wiring) -> tuple[tuple[str, tuple[bool, bool, bool]], ...]:

@@ -71,6 +71,7 @@ __all__ = [
     "Observer",
     "PathWatch",
     "Published",
+    "Settings",
     "Submodules",
     "attach_root",
     "close_observer",
@@ -86,9 +87,11 @@ __all__ = [
     "move_root",
     "observers",
     "open_observer",
+    "raw_signature",
     "root_scope",
     "scratch_for",
     "settings_change",
+    "settings_moved",
     "watch_modules",
 ]
 
@@ -231,6 +234,9 @@ class ChainScratch:
         self.module_inputs: dict[str, tuple[Any, ...]] = {}
         self.published: dict[str, Published] = {}
         self.predictions: dict[Any, Any] = {}
+        #: The wired modules whose hooks, settings or parametrizations the layers' checks look at in this call,
+        #: found on the first check (:func:`bkn_export.chain.member._moved_modules`); None before it.
+        self.inspected: tuple[str, ...] | None = None
         self.token: Token[Mapping[ChainRoot, ChainScratch]] | None = None
         self.clock = 0
         self.published_at: dict[str, int] = {}
@@ -425,14 +431,14 @@ def library_hook(hook: Any) -> bool:
     return module.startswith(("bkn_export.", "runtime.", "torch.distributed."))
 
 
-def _raw_signature(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+def raw_signature(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
     """The keys of ``module``'s forward pre-hooks and forward hooks, and whether its instance sets ``forward``."""
     return tuple(module._forward_pre_hooks), tuple(module._forward_hooks), "forward" in module.__dict__
 
 
 def hook_signature(module: nn.Module) -> HookSignature:
     """``module``'s :class:`HookSignature` now."""
-    raw = _raw_signature(module)
+    raw = raw_signature(module)
     user_pre = tuple(key for key, hook in module._forward_pre_hooks.items() if not library_hook(hook))
     user_post = tuple(key for key, hook in module._forward_hooks.items() if not library_hook(hook))
     return HookSignature(raw, (user_pre, user_post, raw[2]))
@@ -445,7 +451,7 @@ def hook_change(
     forward hooks added or removed (not the library's, :func:`library_hook`), or a ``forward`` set or deleted on the
     instance; ``kinds`` says which of those three count (a layer's own output hooks do not change its input). The raw
     keys are compared first: unchanged in the usual case (it runs in every wired layer's train step)."""
-    if _raw_signature(module) == wired.raw:
+    if raw_signature(module) == wired.raw:
         return None
     now = hook_signature(module).user
     changes = []
