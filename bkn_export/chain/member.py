@@ -197,7 +197,7 @@ class ChainMembership:
             object.__setattr__(self, "_hooked", hooked)
         compiling = torch.compiler.is_compiling()
         held = self.root.settings if not compiling else {}
-        if not compiling and wired:  # one pass per forward over the root's modules says which of this layer's to inspect
+        if not compiling and wired:  # one pass per forward over the root's modules: which of this layer's to inspect
             if scratch.inspected is None:
                 scratch.inspected = _moved_modules(self.root, modules)
             kinds_of = self.__dict__.get("_hooked_kinds")
