@@ -8,7 +8,6 @@ dict holding one under ``"state_dict"`` or ``"model"``, loaded strictly.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -17,7 +16,7 @@ import sys
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +68,9 @@ def _import(module: str) -> Any:
             del sys.modules[name]
             raise _import_failure(f"model spec file {module}", error) from error
         return loaded
+    _search_current_directory()
     try:
-        with _current_directory_last():
-            return importlib.import_module(module)
+        return importlib.import_module(module)
     except ImportError as error:
         raise FactoryError(
             f"cannot import module {module!r} of the model spec: {error}. Is the package installed, or the "
@@ -81,20 +80,13 @@ def _import(module: str) -> Any:
         raise _import_failure(f"module {module!r} of the model spec", error) from error
 
 
-@contextlib.contextmanager
-def _current_directory_last() -> Iterator[None]:
-    """The current directory at the end of ``sys.path`` while the spec's module imports (``bkn export mynet:factory``
-    from the folder holding ``mynet.py``: the console script, unlike ``python -m``, does not put it there; last, so
-    that it never shadows an installed package)."""
+def _search_current_directory() -> None:
+    """Put the current directory at the end of ``sys.path`` (``bkn export mynet:factory`` from the folder holding
+    ``mynet.py``: the console script, unlike ``python -m``, does not put it there). Last, so that it never shadows an
+    installed package; kept, since the factory may import its own siblings when it is called (a review, 2026-12-07)."""
     here = os.getcwd()
-    added = here not in sys.path and "" not in sys.path
-    if added:
+    if here not in sys.path and "" not in sys.path:
         sys.path.append(here)
-    try:
-        yield
-    finally:
-        if added and here in sys.path:
-            sys.path.remove(here)
 
 
 def load_factory(spec: str) -> Callable[..., Any]:

@@ -333,15 +333,15 @@ def test_a_functional_conv_of_a_module_without_bias_is_opaque_not_a_crash() -> N
 
 def test_a_prior_through_a_flatten_of_unlike_positions_is_warned_at_wiring() -> None:
     """A cold QA (sixth session of 2026-12-07): Conv1d on 4 positions → flatten → Linear → BatchNorm1d, a prior variance
-    2–10× the layer's input's, and only format_chain said so. Wiring now warns, naming the layer; a pooled path does
-    not."""
+    2–10× the layer's input's, and only format_chain said so. Wiring now warns, naming the layer; a path pooled to one
+    position does not (a dropout after the pooling included: the review)."""
     torch.manual_seed(0)
     flat = nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 3, 3, padding=1), nn.Flatten(1), nn.Linear(12, 5),
                          nn.BatchNorm1d(5))  # fmt: skip
     with pytest.warns(RuntimeWarning, match=r"1 BKN layer\(s\) predict their prior through a flatten .*: '4'"):
         convert_batchnorm(flat.eval(), torch.randn(4, 3, 4))
-    pooled = nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 3, 3, padding=1), nn.AdaptiveAvgPool1d(1), nn.Flatten(1),
-                           nn.Linear(3, 5), nn.BatchNorm1d(5))  # fmt: skip
+    pooled = nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 3, 3, padding=1), nn.AdaptiveAvgPool1d(1), nn.Dropout(0.1),
+                           nn.Flatten(1), nn.Linear(3, 5), nn.BatchNorm1d(5))  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         convert_batchnorm(pooled.eval(), torch.randn(4, 3, 4))

@@ -645,12 +645,14 @@ def test_parity_without_arguments_says_what_it_expects(capsys: pytest.CaptureFix
 def test_a_factory_module_in_the_current_directory_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``bkn export mynet:factory`` from the folder holding ``mynet.py``: the console script does not put the current
     directory on ``sys.path`` (``python -m`` does), and the import failed (an install QA, sixth session of
-    2026-12-07). The directory is searched last while the spec imports, and taken off again."""
+    2026-12-07). The directory is searched last, and stays for the factory's own imports."""
     from bkn_export.factory import load_factory
 
-    (tmp_path / "bkn_qa_mynet.py").write_text("import torch\ndef factory():\n    return torch.nn.Linear(2, 2)\n")
+    (tmp_path / "bkn_qa_mynet.py").write_text(
+        "import torch\ndef factory():\n    from bkn_qa_mylayers import width\n    return torch.nn.Linear(width, 2)\n"
+    )
+    (tmp_path / "bkn_qa_mylayers.py").write_text("width = 3\n")  # a sibling the factory imports when called
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    before = list(sys.path)
-    assert callable(load_factory("bkn_qa_mynet:factory"))
-    assert sys.path == before
+    assert load_factory("bkn_qa_mynet:factory")().in_features == 3
+    assert sys.path[-1] == str(tmp_path)  # searched last

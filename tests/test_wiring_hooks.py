@@ -97,10 +97,10 @@ def _converted(prepare: Callable[[nn.Sequential], object] = lambda m: None) -> n
     return model
 
 
-def _train_step_warnings(model: nn.Module) -> list[str]:
+def _train_step_warnings(model: nn.Module, channels: int = 3) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model.train()(torch.randn(4, 3, 8, 8)).sum().backward()
+        model.train()(torch.randn(4, channels, 8, 8)).sum().backward()
     return [str(w.message) for w in caught if "other forward hooks than when the chain was wired" in str(w.message)]
 
 
@@ -261,10 +261,7 @@ def _blocks() -> nn.Sequential:
 
 
 def _block_step_warnings(model: nn.Module) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.train()(torch.randn(4, 4, 8, 8)).sum().backward()
-    return [str(w.message) for w in caught if "other forward hooks than when the chain was wired" in str(w.message)]
+    return _train_step_warnings(model, channels=4)
 
 
 @pytest.mark.parametrize(

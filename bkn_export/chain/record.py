@@ -2062,8 +2062,8 @@ def _dependence(
 def _one_position(step: Step) -> bool:
     """Whether ``step`` (a run: its last member) leaves one position: an adaptive pooling to size 1 (a global
     pooling before a flatten, where the flatten is exact; its note fired there, found 2026-12-07's sixth session)."""
-    if isinstance(step, LinearRun) and step.steps:
-        step = step.steps[-1]
+    if isinstance(step, LinearRun):  # its last member that is not an identity (a dropout after the pooling)
+        step = next((member for member in reversed(step.steps) if not isinstance(member, Identity)), step)
     if not isinstance(step, Pool) or not step.spec.kind.startswith("adaptive"):
         return False
     size = step.spec.output_size

@@ -164,7 +164,7 @@ def _warn_of_separated_positions(wirings: list[Wiring]) -> None:
     if found:
         warnings.warn(
             f"{len(found)} BKN layer(s) predict their prior through a flatten (or strided selection) of positions that "
-            "a conv's borders left unlike: "
+            "an earlier step left unlike (a conv's borders, a pooling's uneven windows): "
             + ", ".join(repr(name) for name in found[:5])
             + (" ..." if len(found) > 5 else "")
             + ". The prior gives every position its channel's moments over all positions, which is far off where "

@@ -128,9 +128,7 @@ def _build(compiler: list[str], target: Path) -> None:
         result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             raise OSError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[:2000]}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o755 & ~umask)  # mkstemp's 0600: other users of a shared cache could not load it
+        os.chmod(temporary, 0o755)  # mkstemp's 0600: other users of a shared cache could not load it
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
