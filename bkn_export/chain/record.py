@@ -102,6 +102,7 @@ from bkn_export.errors import ChainWiringError
 from bkn_export.module_modes import call_example, copied, eval_mode
 
 __all__ = [
+    "SEPARATED_POSITIONS",
     "Combination",
     "LayerRecord",
     "RecordedChain",
@@ -109,6 +110,10 @@ __all__ = [
     "is_normalization",
     "record_dataflow",
 ]
+
+#: What a path's note says where a flatten or strided selection separates positions that an earlier step left unlike
+#: (wiring warns about such layers: :func:`bkn_export.chain.wire.wire_chain`).
+SEPARATED_POSITIONS = "gives each position its channel's moments over all positions"
 
 Shape = tuple[int, ...]
 Combine = Literal["none", "single", "concat", "sum"]
@@ -2048,8 +2053,8 @@ def _dependence(
             dependent = None  # one note per cause
         elif dependent is not None and _separates_positions(step):
             notes.append(
-                f"{where}: approximate: {step.describe()} gives each position its channel's moments over all "
-                f"positions, but {dependent} left positions unlike (borders differ) or dependent"
+                f"{where}: approximate: {step.describe()} {SEPARATED_POSITIONS}, but {dependent} left positions "
+                "unlike (borders differ) or dependent"
             )
             dependent = None
         if makes_positions_dependent(step, modules):
@@ -2060,8 +2065,9 @@ def _dependence(
 
 
 def _one_position(step: Step) -> bool:
-    """Whether ``step`` (a run: its last member) leaves one position: an adaptive pooling to size 1 (a global
-    pooling before a flatten, where the flatten is exact; its note fired there, found 2026-12-07's sixth session)."""
+    """Whether ``step`` (a run: its last member that is not an identity) leaves one position: an adaptive pooling to
+    size 1 (a global pooling before a flatten, where the flatten is exact; its note fired there, found 2026-12-07's
+    sixth session)."""
     if isinstance(step, LinearRun):  # its last member that is not an identity (a dropout after the pooling)
         step = next((member for member in reversed(step.steps) if not isinstance(member, Identity)), step)
     if not isinstance(step, Pool) or not step.spec.kind.startswith("adaptive"):

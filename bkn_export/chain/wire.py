@@ -35,6 +35,7 @@ from torch import nn
 
 from bkn_export.chain.member import ChainMembership, hooked_names
 from bkn_export.chain.record import (
+    SEPARATED_POSITIONS,
     Combination,
     LayerRecord,
     RecordedChain,
@@ -148,19 +149,15 @@ def _warn_if_no_layer_has_a_prior(wirings: list[Wiring]) -> None:
     )
 
 
-#: The note :mod:`bkn_export.chain.record` gives a path whose positions a flatten or strided selection separates after
-#: a step left them unlike (borders).
-_SEPARATED = "gives each position its channel's moments over all positions"
-
-
 def _warn_of_separated_positions(wirings: list[Wiring]) -> None:
     """Warn, naming them, about layers whose ``propagate`` prior goes through a flatten (or strided selection) of
-    positions that a conv's borders left unlike: the prior gives every position its channel's pooled moments, so a
-    Linear after it weighs border and inner positions alike. Unlike the other named approximations this one has no
-    bound: a cold QA (sixth session of 2026-12-07) measured, for Conv1d on 4 positions → flatten → Linear →
-    BatchNorm1d, a prior variance 2–10× the layer's input's and a mean 11 standard deviations off, the posterior at
-    batch 2 twice as far from the population mean as BatchNorm's batch mean; ``format_chain`` alone said so."""
-    found = [w.name for w in wirings if any(_SEPARATED in note for note in w.notes)]
+    positions that an earlier step left unlike (a conv's borders, a pooling): the prior gives every position its
+    channel's pooled moments, so a Linear after it weighs border and inner positions alike. Unlike the other named
+    approximations this one has no bound: a cold QA (sixth session of 2026-12-07) measured, for Conv1d on 4
+    positions → flatten → Linear → BatchNorm1d, a prior variance 2–10× the layer's input's and a mean 11 standard
+    deviations off, the posterior at batch 2 twice as far from the population mean as BatchNorm's batch mean;
+    ``format_chain`` alone said so."""
+    found = [w.name for w in wirings if any(SEPARATED_POSITIONS in note for note in w.notes)]
     if found:
         warnings.warn(
             f"{len(found)} BKN layer(s) predict their prior through a flatten (or strided selection) of positions that "
