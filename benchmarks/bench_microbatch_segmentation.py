@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -53,7 +52,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bkn_export
-from bkn_export.atomic import write_text_atomic
+
+try:
+    from benchmarks.seeded_grid import integers, names, print_summary, write_results
+except ImportError:  # run as a script: benchmarks/ is on sys.path, the repository root may not be
+    from seeded_grid import integers, names, print_summary, write_results  # type: ignore[no-redef]
 
 NETWORKS = ("basicunet", "unet")
 NORMS = ("batchnorm", "bkn", "groupnorm")
@@ -237,24 +240,13 @@ def run_one(
     }
 
 
-def _names(text: str) -> list[str]:
-    return [part for part in text.replace(",", " ").split() if part]
-
-
-def _integers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in _names(text)]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--networks", type=_names, default=["basicunet"], help="basicunet, unet (default basicunet)")
-    parser.add_argument("--norms", type=_names, default=list(NORMS), help="default batchnorm,bkn,groupnorm")
-    parser.add_argument("--batches", type=_integers, default=[1, 2, 8], help="training batches (default 1,2,8)")
+    parser.add_argument("--networks", type=names, default=["basicunet"], help="basicunet, unet (default basicunet)")
+    parser.add_argument("--norms", type=names, default=list(NORMS), help="default batchnorm,bkn,groupnorm")
+    parser.add_argument("--batches", type=integers, default=[1, 2, 8], help="training batches (default 1,2,8)")
     parser.add_argument("--steps", type=int, default=1500, help="Adam steps per run (default 1500)")
-    parser.add_argument("--seeds", type=_integers, default=[0, 1], help="default 0,1")
+    parser.add_argument("--seeds", type=integers, default=[0, 1], help="default 0,1")
     parser.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
     parser.add_argument("--train-size", type=int, default=2000, help="training pool per seed (default 2000)")
     parser.add_argument("--test-size", type=int, default=256, help="held-out images (default 256)")
@@ -301,25 +293,10 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     print()
-    print("Mean eval Dice over seeds (min–max):")
-    print()
-    print("| network | norm | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
-    print("|---|---|" + "---|" * len(args.batches))
-    summary = []
-    for name in args.networks:
-        for norm in args.norms:
-            cells = []
-            for batch in args.batches:
-                dice = [r["eval_dice"] for r in results if (r["network"], r["norm"], r["batch"]) == (name, norm, batch)]
-                mean = statistics.fmean(dice)
-                summary.append({"network": name, "norm": norm, "batch": batch, "mean_dice": mean, "dice": dice})
-                cells.append(f"{mean:.4f} ({min(dice):.4f}–{max(dice):.4f})")
-            print(f"| {name} | {norm} | " + " | ".join(cells) + " |")
+    metric = ("eval_dice", "dice", "eval Dice")
+    summary = print_summary(results, ("network", args.networks), args.norms, args.batches, metric)
     if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "json"}
-        settings["torch"] = torch.__version__
-        payload = {"settings": settings, "results": results, "summary": summary}
-        write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+        write_results(args.json, vars(args), results, summary)
     return 0
 
 

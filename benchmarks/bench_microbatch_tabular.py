@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import statistics
 import sys
 import time
 import warnings
@@ -48,7 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bkn_export
-from bkn_export.atomic import write_text_atomic
+
+try:
+    from benchmarks.seeded_grid import integers, names, print_summary, write_results
+except ImportError:  # run as a script: benchmarks/ is on sys.path, the repository root may not be
+    from seeded_grid import integers, names, print_summary, write_results  # type: ignore[no-redef]
 
 DATASETS = ("breast_cancer", "wine", "digits")
 NORMS = ("batchnorm", "bkn", "layernorm", "none")
@@ -183,24 +185,13 @@ def run_one(dataset: str, norm: str, batch: int, seed: int, split: Split, args: 
     }
 
 
-def _names(text: str) -> list[str]:
-    return [part for part in text.replace(",", " ").split() if part]
-
-
-def _integers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in _names(text)]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", type=_names, default=list(DATASETS), help="default breast_cancer,wine,digits")
-    parser.add_argument("--norms", type=_names, default=list(NORMS), help="default batchnorm,bkn,layernorm,none")
-    parser.add_argument("--batches", type=_integers, default=[2, 4, 8], help="training batches, ≥ 2 (default 2,4,8)")
+    parser.add_argument("--datasets", type=names, default=list(DATASETS), help="default breast_cancer,wine,digits")
+    parser.add_argument("--norms", type=names, default=list(NORMS), help="default batchnorm,bkn,layernorm,none")
+    parser.add_argument("--batches", type=integers, default=[2, 4, 8], help="training batches, ≥ 2 (default 2,4,8)")
     parser.add_argument("--steps", type=int, default=1500, help="Adam steps per run (default 1500)")
-    parser.add_argument("--seeds", type=_integers, default=[0, 1, 2, 3, 4], help="default 0,1,2,3,4")
+    parser.add_argument("--seeds", type=integers, default=[0, 1, 2, 3, 4], help="default 0,1,2,3,4")
     parser.add_argument("--width", type=int, default=64, help="hidden width (default 64)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write every row and the settings here")
@@ -237,27 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     print()
-    print("Mean eval accuracy over seeds (min–max):")
-    print()
-    print("| dataset | norm | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
-    print("|---|---|" + "---|" * len(args.batches))
-    summary = []
-    for dataset in args.datasets:
-        for norm in args.norms:
-            cells = []
-            for batch in args.batches:
-                rows = [r for r in results if (r["dataset"], r["norm"], r["batch"]) == (dataset, norm, batch)]
-                accuracy = [r["eval_accuracy"] for r in rows]
-                mean = statistics.fmean(accuracy)
-                summary.append({"dataset": dataset, "norm": norm, "batch": batch, "mean_accuracy": mean,
-                                "accuracy": accuracy})  # fmt: skip
-                cells.append(f"{mean:.4f} ({min(accuracy):.4f}–{max(accuracy):.4f})")
-            print(f"| {dataset} | {norm} | " + " | ".join(cells) + " |")
+    summary = print_summary(
+        results, ("dataset", args.datasets), args.norms, args.batches, ("eval_accuracy", "accuracy", "eval accuracy")
+    )
     if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "json"}
-        settings["torch"] = torch.__version__
-        payload = {"settings": settings, "results": results, "summary": summary}
-        write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+        write_results(args.json, vars(args), results, summary)
     return 0
 
 

@@ -27,7 +27,7 @@ Every choice is a note that :func:`bkn_export.describe_chain` shows.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -132,6 +132,11 @@ def wire_chain(
     return model
 
 
+def _first_five(items: Sequence[str]) -> str:
+    """The first five of ``items``, comma-separated, and " ..." where there are more (a warning's list of names)."""
+    return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
+
+
 def _warn_if_no_layer_has_a_prior(wirings: list[Wiring]) -> None:
     """Warn where two or more layers ran and none has a prior: every one first in its chain, the network trains
     exactly as with BatchNorm (a cold QA found TabNet and Jasper so, each path cut by an operator the chain cannot
@@ -162,8 +167,7 @@ def _warn_of_separated_positions(wirings: list[Wiring]) -> None:
         warnings.warn(
             f"{len(found)} BKN layer(s) predict their prior through a flatten (or strided selection) of positions that "
             "an earlier step left unlike (a conv's borders, a pooling's uneven windows): "
-            + ", ".join(repr(name) for name in found[:5])
-            + (" ..." if len(found) > 5 else "")
+            + _first_five([repr(name) for name in found])
             + ". The prior gives every position its channel's moments over all positions, which is far off where "
             "border positions weigh much (few positions per channel): format_chain(model) names the step; pooling "
             "before the flatten avoids it",
@@ -186,8 +190,7 @@ def _warn_of_mode_only_modules(model: nn.Module, example_inputs: Any) -> None:
         if names:
             warnings.warn(
                 f"the forward runs {len(names)} module(s) {runs}: "
-                + ", ".join(repr(name) for name in names[:5])
-                + (" ..." if len(names) > 5 else "")
+                + _first_five([repr(name) for name in names])
                 + f". The chain is wired on the eval-mode forward, so a prior whose path crosses them {effect}. Where "
                 "such a module sits between two normalizations, make it run in both modes so that the prior and "
                 "training agree",
@@ -206,8 +209,7 @@ def _warn_of_rewired_parameters(modules: Mapping[str, nn.Module]) -> None:
     ]
     if held:
         warnings.warn(
-            f"{len(held)} BKN layer(s) hold BKN parameters already: {', '.join(held[:5])}"
-            + (" ..." if len(held) > 5 else "")
+            f"{len(held)} BKN layer(s) hold BKN parameters already: {_first_five(held)}"
             + ". Wiring the chain again (wire_chain, or convert_batchnorm on a converted model) gives them new "
             "parameters at their initial values, and what they learned is gone (new objects: an optimizer built "
             "before holds the old ones). To keep it, load the saved state_dict after wiring instead",
