@@ -99,29 +99,29 @@ BKN_BOTH_DTYPES(KALMAN_NORM_BACKWARD, kalman_norm_backward)
 #endif
 
 typedef double bkn_kalman_d8 __attribute__((vector_size(8 * sizeof(double)), aligned(sizeof(double))));
-typedef float bkn_kalman_f8 __attribute__((vector_size(8 * sizeof(float)), aligned(sizeof(float))));
 typedef float bkn_kalman_f16 __attribute__((vector_size(16 * sizeof(float)), aligned(sizeof(float))));
 
-static inline __attribute__((always_inline)) bkn_kalman_d8 bkn_kalman_load_float(const float* p) {
-  bkn_kalman_f8 v;
+/* The batch statistics' accumulators: four doubles each, a width AVX2 keeps in a register. (Eight-double
+ * accumulators, as the gradient's vectors, were kept on the stack by GCC's AVX2 build: every add went through
+ * memory, 4x slower, benchmarks/RESULTS.md.) */
+typedef double bkn_kalman_d4 __attribute__((vector_size(4 * sizeof(double))));
+typedef float bkn_kalman_f4 __attribute__((vector_size(4 * sizeof(float)), aligned(sizeof(float))));
+typedef double bkn_kalman_d4u __attribute__((vector_size(4 * sizeof(double)), aligned(sizeof(double))));
+
+static inline __attribute__((always_inline)) bkn_kalman_d4 bkn_kalman_load_float(const float* p) {
+  bkn_kalman_f4 v;
   memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, bkn_kalman_d8);
+  return __builtin_convertvector(v, bkn_kalman_d4);
 }
-static inline __attribute__((always_inline)) bkn_kalman_d8 bkn_kalman_load_double(const double* p) {
-  bkn_kalman_d8 v;
+static inline __attribute__((always_inline)) bkn_kalman_d4 bkn_kalman_load_double(const double* p) {
+  bkn_kalman_d4u v;
   memcpy(&v, p, sizeof v);
   return v;
 }
-static inline __attribute__((always_inline)) void bkn_kalman_store_float(float* p, bkn_kalman_d8 v) {
-  bkn_kalman_f8 rounded = __builtin_convertvector(v, bkn_kalman_f8);
-  memcpy(p, &rounded, sizeof rounded);
-}
-static inline __attribute__((always_inline)) void bkn_kalman_store_double(double* p, bkn_kalman_d8 v) {
-  memcpy(p, &v, sizeof v);
-}
-/* The eight lanes summed in a fixed order, then the scalar tail. */
-static inline __attribute__((always_inline)) double bkn_kalman_lane_sum(bkn_kalman_d8 v, double tail) {
-  return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) + tail;
+/* Eight lanes (lo: 0-3, hi: 4-7) summed in a fixed order, then the scalar tail. */
+static inline __attribute__((always_inline)) double bkn_kalman_lane_sum(bkn_kalman_d4 lo, bkn_kalman_d4 hi,
+                                                                        double tail) {
+  return (((lo[0] + lo[1]) + (lo[2] + lo[3])) + ((hi[0] + hi[1]) + (hi[2] + hi[3]))) + tail;
 }
 
 #define KALMAN_INPUT_GRADIENT(T, V, LANES, NAME)                                                            \
@@ -160,8 +160,9 @@ KALMAN_INPUT_GRADIENT(double, bkn_kalman_d8, 8, kalman_input_gradient_f64)
  *   xbar = sum x / n,   S = (sum (x - xbar)^2 - (sum (x - xbar))^2 / n) / n, clamped at 0,   n = N inner
  * Two passes over the channel's N planes, one after the other (the second reads them from cache where they fit):
  * the sum, then the centred sums (the centred form keeps inputs whose mean is large against their spread exact;
- * the second term removes the rounding of xbar). Each sum runs in two sets of eight lanes (two dependency chains)
- * in a fixed order, whatever the build, so every build gives the same bits. No temporary the size of x.
+ * the second term removes the rounding of xbar). Each sum runs in two sets of eight lanes (two dependency chains,
+ * each lane set held as two four-double vectors) in a fixed order, whatever the build, so every build gives the
+ * same bits. No temporary the size of x.
  * params (float64): [0] C, [1] inner. n: N * C * inner. mean, variance: (C,). */
 #define KALMAN_BATCH_STATISTICS(T, NAME)                                                                    \
   BKN_KALMAN_BUILDS void bkn_##NAME(int64_t n, const T* restrict x, const double* params, T* restrict mean, \
@@ -170,35 +171,49 @@ KALMAN_INPUT_GRADIENT(double, bkn_kalman_d8, 8, kalman_input_gradient_f64)
     int64_t samples = channels > 0 && inner > 0 ? n / (channels * inner) : 0;                               \
     double count = (double)(samples * inner);                                                               \
     for (int64_t c = 0; c < channels; ++c) {                                                                \
-      bkn_kalman_d8 lanes = {0}, lanes_b = {0};                                                             \
+      bkn_kalman_d4 lo = {0}, hi = {0}, lo_b = {0}, hi_b = {0};                                             \
       double tail = 0.0;                                                                                    \
       for (int64_t s = 0; s < samples; ++s) {                                                               \
         const T* v = x + (s * channels + c) * inner;                                                        \
         int64_t i = 0;                                                                                      \
         for (; i + 16 <= inner; i += 16) {                                                                  \
-          lanes += bkn_kalman_load_##T(v + i);                                                              \
-          lanes_b += bkn_kalman_load_##T(v + i + 8);                                                        \
+          lo += bkn_kalman_load_##T(v + i);                                                                 \
+          hi += bkn_kalman_load_##T(v + i + 4);                                                             \
+          lo_b += bkn_kalman_load_##T(v + i + 8);                                                           \
+          hi_b += bkn_kalman_load_##T(v + i + 12);                                                          \
         }                                                                                                   \
-        for (; i + 8 <= inner; i += 8) lanes += bkn_kalman_load_##T(v + i);                                 \
+        for (; i + 8 <= inner; i += 8) {                                                                    \
+          lo += bkn_kalman_load_##T(v + i);                                                                 \
+          hi += bkn_kalman_load_##T(v + i + 4);                                                             \
+        }                                                                                                   \
         for (; i < inner; ++i) tail += (double)v[i];                                                        \
       }                                                                                                     \
-      double xbar = bkn_kalman_lane_sum(lanes + lanes_b, tail) / count;                                     \
-      bkn_kalman_d8 centred = {0}, squares = {0}, centred_b = {0}, squares_b = {0};                         \
+      double xbar = bkn_kalman_lane_sum(lo + lo_b, hi + hi_b, tail) / count;                                \
+      bkn_kalman_d4 centred_lo = {0}, centred_hi = {0}, squares_lo = {0}, squares_hi = {0};                 \
+      bkn_kalman_d4 centred_lo_b = {0}, centred_hi_b = {0}, squares_lo_b = {0}, squares_hi_b = {0};         \
       double centred_tail = 0.0, squares_tail = 0.0;                                                        \
       for (int64_t s = 0; s < samples; ++s) {                                                               \
         const T* v = x + (s * channels + c) * inner;                                                        \
         int64_t i = 0;                                                                                      \
         for (; i + 16 <= inner; i += 16) {                                                                  \
-          bkn_kalman_d8 d = bkn_kalman_load_##T(v + i) - xbar, e = bkn_kalman_load_##T(v + i + 8) - xbar;   \
-          centred += d;                                                                                     \
-          squares += d * d;                                                                                 \
-          centred_b += e;                                                                                   \
-          squares_b += e * e;                                                                               \
+          bkn_kalman_d4 d_lo = bkn_kalman_load_##T(v + i) - xbar, d_hi = bkn_kalman_load_##T(v + i + 4) - xbar; \
+          bkn_kalman_d4 e_lo = bkn_kalman_load_##T(v + i + 8) - xbar;                                       \
+          bkn_kalman_d4 e_hi = bkn_kalman_load_##T(v + i + 12) - xbar;                                      \
+          centred_lo += d_lo;                                                                               \
+          centred_hi += d_hi;                                                                               \
+          squares_lo += d_lo * d_lo;                                                                        \
+          squares_hi += d_hi * d_hi;                                                                        \
+          centred_lo_b += e_lo;                                                                             \
+          centred_hi_b += e_hi;                                                                             \
+          squares_lo_b += e_lo * e_lo;                                                                      \
+          squares_hi_b += e_hi * e_hi;                                                                      \
         }                                                                                                   \
         for (; i + 8 <= inner; i += 8) {                                                                    \
-          bkn_kalman_d8 d = bkn_kalman_load_##T(v + i) - xbar;                                              \
-          centred += d;                                                                                     \
-          squares += d * d;                                                                                 \
+          bkn_kalman_d4 d_lo = bkn_kalman_load_##T(v + i) - xbar, d_hi = bkn_kalman_load_##T(v + i + 4) - xbar; \
+          centred_lo += d_lo;                                                                               \
+          centred_hi += d_hi;                                                                               \
+          squares_lo += d_lo * d_lo;                                                                        \
+          squares_hi += d_hi * d_hi;                                                                        \
         }                                                                                                   \
         for (; i < inner; ++i) {                                                                            \
           double d = (double)v[i] - xbar;                                                                   \
@@ -206,8 +221,8 @@ KALMAN_INPUT_GRADIENT(double, bkn_kalman_d8, 8, kalman_input_gradient_f64)
           squares_tail += d * d;                                                                            \
         }                                                                                                   \
       }                                                                                                     \
-      double sum_centred = bkn_kalman_lane_sum(centred + centred_b, centred_tail);                          \
-      double sum_squares = bkn_kalman_lane_sum(squares + squares_b, squares_tail);                          \
+      double sum_centred = bkn_kalman_lane_sum(centred_lo + centred_lo_b, centred_hi + centred_hi_b, centred_tail); \
+      double sum_squares = bkn_kalman_lane_sum(squares_lo + squares_lo_b, squares_hi + squares_hi_b, squares_tail); \
       double spread = (sum_squares - sum_centred * sum_centred / count) / count;                            \
       mean[c] = (T)xbar;                                                                                    \
       variance[c] = (T)(spread < 0.0 ? 0.0 : spread); /* NaN stays NaN, as clamp_min */                     \
