@@ -1,6 +1,6 @@
 """The speed benchmarks' own logic (not their timings, which live in benchmarks/RESULTS.md): what the
 ``--unwired`` variant of ``bench_networks.py`` steps, ``bench_op_passes.py``'s table and input errors, and what
-``bench_host_overhead.py`` runs."""
+``bench_host_overhead.py`` runs, and ``bench_cold_dispatch.py``'s figures and input errors."""
 
 from __future__ import annotations
 
@@ -186,3 +186,28 @@ def test_paired_quartiles_are_of_the_per_repeat_ratios() -> None:
     quartiles = bench_networks.paired_quartiles([2.0, 3.0, 6.0, 4.0, 5.0], [1.0, 3.0, 3.0, 2.0, 5.0])
     assert quartiles == (1.0, 2.0)  # ratios 2, 1, 2, 2, 1
     assert bench_networks.paired_quartiles([1.0], [1.0]) is None
+
+
+bench_cold_dispatch = pytest.importorskip("benchmarks.bench_cold_dispatch")
+
+
+def test_cold_dispatch_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench_cold_dispatch.py``: one line per figure and the same figures in its JSON, each a positive time."""
+    out = tmp_path / "cold.json"
+    assert bench_cold_dispatch.main(["--shape", "2x4x6x6", "--repeats", "2", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    record = json.loads(out.read_text())
+    assert record["shape"] == [2, 4, 6, 6]
+    names = ["add_ warm", "add_ after dw conv", "add_ after 1x1 conv", "add_ after relu", "add_ after sum",
+             "2nd add_ after dw conv", "python loop warm", "python loop after dw conv"]  # fmt: skip
+    assert list(record["us"]) == names
+    assert [line.rsplit(None, 1)[0].strip() for line in lines] == names
+    assert all(value > 0 for value in record["us"].values())
+
+
+@pytest.mark.parametrize("shape", ["2x3", "2x0x3x3", "2xAx3x3"])
+def test_cold_dispatch_refuses_a_bad_shape_with_exit_code_2(shape: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        bench_cold_dispatch.main([f"--shape={shape}"])
+    assert raised.value.code == 2
+    assert "--shape" in capsys.readouterr().err
