@@ -103,7 +103,7 @@ typedef float bkn_kalman_f16 __attribute__((vector_size(16 * sizeof(float)), ali
 
 /* The batch statistics' accumulators: four doubles each, a width AVX2 keeps in a register. (Eight-double
  * accumulators, as the gradient's vectors, were kept on the stack by GCC's AVX2 build: every add went through
- * memory, 4x slower, benchmarks/RESULTS.md.) */
+ * memory, 4x slower: benchmarks/RESULTS.md, "Twenty-fifth round".) */
 typedef double bkn_kalman_d4 __attribute__((vector_size(4 * sizeof(double))));
 typedef float bkn_kalman_f4 __attribute__((vector_size(4 * sizeof(float)), aligned(sizeof(float))));
 typedef double bkn_kalman_d4u __attribute__((vector_size(4 * sizeof(double)), aligned(sizeof(double))));
