@@ -101,21 +101,19 @@ BKN_BOTH_DTYPES(KALMAN_NORM_BACKWARD, kalman_norm_backward)
 typedef double bkn_kalman_d8 __attribute__((vector_size(8 * sizeof(double)), aligned(sizeof(double))));
 typedef float bkn_kalman_f16 __attribute__((vector_size(16 * sizeof(float)), aligned(sizeof(float))));
 
-/* The batch statistics' accumulators: four doubles each, a width AVX2 keeps in a register. (Eight-double
- * accumulators, as the gradient's vectors, were kept on the stack by GCC's AVX2 build: every add went through
- * memory, 4x slower: benchmarks/RESULTS.md, "Twenty-fifth round".) */
+/* The batch statistics' accumulators: four doubles each, a width AVX2 keeps in a register, loaded from four
+ * scalars (which GCC turns into one vector load and conversion). Eight-double accumulators, as the gradient's
+ * vectors, were kept on the stack by GCC's AVX2 build, every add going through memory, and a four-float memcpy
+ * converted to four doubles went through the stack too: 4x slower, benchmarks/RESULTS.md, "Twenty-fifth round".
+ * The AVX-512 build now uses 256-bit vectors as well. */
 typedef double bkn_kalman_d4 __attribute__((vector_size(4 * sizeof(double))));
-typedef float bkn_kalman_f4 __attribute__((vector_size(4 * sizeof(float)), aligned(sizeof(float))));
-typedef double bkn_kalman_d4u __attribute__((vector_size(4 * sizeof(double)), aligned(sizeof(double))));
 
 static inline __attribute__((always_inline)) bkn_kalman_d4 bkn_kalman_load_float(const float* p) {
-  bkn_kalman_f4 v;
-  memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, bkn_kalman_d4);
+  bkn_kalman_d4 v = {p[0], p[1], p[2], p[3]};
+  return v;
 }
 static inline __attribute__((always_inline)) bkn_kalman_d4 bkn_kalman_load_double(const double* p) {
-  bkn_kalman_d4u v;
-  memcpy(&v, p, sizeof v);
+  bkn_kalman_d4 v = {p[0], p[1], p[2], p[3]};
   return v;
 }
 /* Eight lanes (lo: 0-3, hi: 4-7) summed in a fixed order, then the scalar tail. */
