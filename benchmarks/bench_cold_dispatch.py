@@ -2,13 +2,15 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_cold_dispatch.py [--repeats 60] [--shape 2x64x112x112] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_cold_dispatch.py [--repeats 60] [--shape 2x64x112x112] [--threads 1]
+        [--json out.json]
 
 Why: a wired BKN layer's step runs many small operators and a good deal of Python (the prediction through the
-path's steps, the Kalman update, the running statistics) between two convolutions of the network. A convolution
-over a micro-batch's activations (a few MiB) evicts the caches, so the first host code after it runs from memory:
-its instructions, the interpreter's and the dispatcher's data. This script times, one torch thread, median of
-``--repeats`` samples in µs:
+path's steps, the Kalman update, the running statistics) between two convolutions of the network. On some machines
+the first host code after a convolution over a micro-batch's activations (a few MiB) runs much slower than the
+same code warm; a single pass over the same tensor (a ReLU, a sum) costs it far less, so it is not the data size
+alone (the cause is not measured here: caches, TLB, the convolution library's own state). This script times,
+``--threads`` torch threads (default one), median of ``--repeats`` samples in µs:
 
 * ``add_ warm``: ``a.add_(b)`` on (240,) float32 tensors, right after another ``add_``;
 * ``add_ after <op>``: the same ``add_`` right after ``<op>`` on x of ``--shape``: a depthwise 3×3 conv, a 1×1 conv
@@ -16,8 +18,8 @@ its instructions, the interpreter's and the dispatcher's data. This script times
 * ``2nd add_ after dw conv``: the ``add_`` that follows the first one after the depthwise conv (warm again);
 * ``python loop warm`` / ``python loop after dw conv``: a 100-iteration Python loop, no torch call.
 
-The difference between the cold and warm figures is a per-layer cost that no kernel shows; what it is on a given
-machine depends on its caches and memory latency (benchmarks/RESULTS.md, "Twenty-fifth round").
+The difference between the cold and warm figures is a cost that no kernel's time shows; how large it is depends on
+the machine (benchmarks/RESULTS.md, "Twenty-fifth round"). ``--json`` writes the figures with the settings.
 """
 
 from __future__ import annotations
@@ -107,13 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
     torch.set_num_threads(args.threads)
     figures = measure(args.shape, args.repeats)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {cpu_model()}; x {tuple(args.shape)}; median µs")
     for name, value in figures.items():
         print(f"{name:28s} {value:9.1f}")
     if args.json:
-        record = {"torch": torch.__version__, "cpu": cpu_model(), "shape": list(args.shape), "us": figures}
+        record = {
+            "torch": torch.__version__,
+            "cpu": cpu_model(),
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "shape": list(args.shape),
+            "us": figures,
+        }
         write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
     return 0
 

@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,7 +198,7 @@ def test_cold_dispatch_reports_every_figure(tmp_path: Path, capsys: pytest.Captu
     assert bench_cold_dispatch.main(["--shape", "2x4x6x6", "--repeats", "2", "--json", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     record = json.loads(out.read_text())
-    assert record["shape"] == [2, 4, 6, 6]
+    assert (record["shape"], record["threads"], record["repeats"]) == ([2, 4, 6, 6], 1, 2)
     names = ["add_ warm", "add_ after dw conv", "add_ after 1x1 conv", "add_ after relu", "add_ after sum",
              "2nd add_ after dw conv", "python loop warm", "python loop after dw conv"]  # fmt: skip
     assert list(record["us"]) == names
@@ -205,9 +206,38 @@ def test_cold_dispatch_reports_every_figure(tmp_path: Path, capsys: pytest.Captu
     assert all(value > 0 for value in record["us"].values())
 
 
-@pytest.mark.parametrize("shape", ["2x3", "2x0x3x3", "2xAx3x3"])
-def test_cold_dispatch_refuses_a_bad_shape_with_exit_code_2(shape: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["--shape=2x3"], "--shape"),
+        (["--shape=2x0x3x3"], "--shape"),
+        (["--shape=2xAx3x3"], "--shape"),
+        (["--repeats=0"], "--repeats"),
+        (["--threads=0"], "--threads"),
+    ],
+)
+def test_cold_dispatch_refuses_bad_arguments_with_exit_code_2(
+    arguments: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as raised:
-        bench_cold_dispatch.main([f"--shape={shape}"])
+        bench_cold_dispatch.main(arguments)
     assert raised.value.code == 2
-    assert "--shape" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
+
+
+def test_cold_dispatch_times_the_call_right_after_the_one_before() -> None:
+    """``_median_us``: per sample, the op before, then the untimed calls, then the one timed call, ``repeats`` samples;
+    the figure is the timed call's (here it sleeps, the others do not)."""
+    calls: list[str] = []
+
+    def before() -> None:
+        calls.append("before")
+
+    def timed() -> None:
+        calls.append("timed")
+        if calls[-2] != "before":  # the timed call of a sample (with skip=1: the second after `before`)
+            time.sleep(0.002)
+
+    figure = bench_cold_dispatch._median_us(before, timed, repeats=3, skip=1)
+    assert calls == ["before", "timed", "timed"] * 3
+    assert figure >= 2000.0
