@@ -569,10 +569,9 @@ def verify_dynamic_batch(proto: onnx.ModelProto, traceable: Traceable, traced: T
             f"({_error_line(error)}); export an example of batch 2 or more, or with a static batch "
             "(--static-batch / dynamic_batch=False)"
         ) from error
-    differing = _differing_outputs(expected, actual)
-    beyond = _beyond_rounding(traceable, traceable.inputs, expected, actual, differing) if differing else None
-    if beyond is not None:
-        index, difference = beyond
+    wrong = _wrong_output(traceable, traceable.inputs, expected, actual)
+    if wrong is not None:
+        index, difference = wrong
         raise ExportError(
             f"dynamic batch: the example has batch 1, which the exporter traces widened to 2; at batch 1 the "
             f"file's output {traced.output_names[index]!r} differs from PyTorch's by {difference:.3g} on "
@@ -651,10 +650,9 @@ def verify_dynamic_spatial(proto: onnx.ModelProto, traceable: Traceable, traced:
                 f"dynamic_spatial: at spatial size {list(size)} the exported file returns shapes {shapes} on "
                 f"{engine}, PyTorch {wanted}; export without dynamic_spatial / --dynamic-spatial"
             )
-        differing = _differing_outputs(expected, actual)
-        beyond = _beyond_rounding(traceable, inputs, expected, actual, differing) if differing else None
-        if beyond is not None:
-            index, difference = beyond
+        wrong = _wrong_output(traceable, inputs, expected, actual)
+        if wrong is not None:
+            index, difference = wrong
             raise ExportError(
                 f"dynamic_spatial: at spatial size {list(size)} the exported file's output "
                 f"{traced.output_names[index]!r} differs from PyTorch's by {difference:.3g} on {engine}: the file "
@@ -673,6 +671,16 @@ _SMALLEST_SCALE = 1e-3
 #: A file within this many times PyTorch's own float32 rounding of the exact (float64) output is taken as right
 #: whatever the first tolerance said (:func:`_beyond_rounding`).
 _ROUNDING_FACTOR = 10.0
+
+
+def _wrong_output(
+    traceable: Traceable, inputs: Sequence[Tensor], expected: Sequence[Any], actual: Sequence[Any]
+) -> tuple[int, float] | None:
+    """(index, largest difference) of the first output of the file (``actual``) that is wrong: beyond the tolerance
+    (:func:`_differing_outputs`) and beyond rounding (:func:`_beyond_rounding`, run only where the first check fails);
+    None where every output is right."""
+    differing = _differing_outputs(expected, actual)
+    return _beyond_rounding(traceable, inputs, expected, actual, differing) if differing else None
 
 
 def _differing_outputs(expected: Sequence[Any], actual: Sequence[Any]) -> dict[int, float]:
