@@ -7,12 +7,16 @@ Torch's weight reparametrization pre-hooks are not warned about."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from bkn_export import convert_batchnorm
 
@@ -381,3 +385,111 @@ def test_settings_are_compared_by_value(wired: float, now: float, refused: bool)
     assert settings is not None and ("value", wired) in [(k, v) for k, v in settings if k == "value"]
     pad.value = now
     assert (settings_change(pad, settings) is not None) == refused
+
+
+# --------------------------------------------------------------------------- global forward hooks
+
+
+def _triple_conv_outputs(module: nn.Module, args: object, out: Any) -> Any:
+    return out * 3 if isinstance(module, nn.Conv2d) else None
+
+
+def _triple_relu_inputs(module: nn.Module, args: Any) -> Any:
+    return (args[0] * 3,) if isinstance(module, nn.ReLU) else None
+
+
+@contextmanager
+def _global_hook(register: Callable[[Any], RemovableHandle], hook: Any) -> Iterator[RemovableHandle]:
+    """A global forward (pre-)hook, removed on exit whatever happens (it runs around every module of the process)."""
+    handle = register(hook)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("register", "hook", "named"),
+    [
+        (register_module_forward_hook, _triple_conv_outputs, "every module: 1 global forward hook(s) added"),
+        (register_module_forward_pre_hook, _triple_relu_inputs, "every module: 1 global forward pre-hook(s) added"),
+    ],
+    ids=["forward hook", "forward pre-hook"],
+)
+def test_a_global_hook_added_after_wiring_is_named_at_the_first_train_step(
+    register: Callable[[Any], RemovableHandle], hook: Any, named: str
+) -> None:
+    """A global hook (``register_module_forward_hook``) registered after wiring runs around every module a prior goes
+    through: ×3 on each conv's output changes what the path carries, and the chain kept predicting the network as
+    wired with no word (only wiring looked at global hooks). The first train step names it, once per model."""
+    model = _converted()
+    with _global_hook(register, hook):
+        (message,) = _train_step_warnings(model)
+        assert named in message and "wire the chain again" in message
+        assert _train_step_warnings(model) == []
+
+
+def test_a_global_hook_removed_after_wiring_is_named() -> None:
+    """A ×3 global hook present at wiring is a step of every conv on a path; removed, it still is."""
+    with _global_hook(register_module_forward_hook, _triple_conv_outputs) as handle:
+        model = _converted()
+        handle.remove()
+        (message,) = _train_step_warnings(model)
+    assert "every module: 1 global forward hook(s) removed" in message
+
+
+def test_a_global_hook_removed_and_registered_again_is_named() -> None:
+    """Registered again, a hook has a new key, and which hook it is cannot be told: both changes are named."""
+    with _global_hook(register_module_forward_hook, _triple_conv_outputs) as handle:
+        model = _converted()
+        handle.remove()
+        with _global_hook(register_module_forward_hook, _triple_conv_outputs):
+            (message,) = _train_step_warnings(model)
+    assert "every module: 1 global forward hook(s) added, 1 global forward hook(s) removed" in message
+
+
+def test_global_hooks_as_wired_are_not_named() -> None:
+    """Nothing changed (no global hook; one present at wiring and at every step; one registered and removed between
+    two steps, the keys as wired again; torch's ``ModuleTracker`` hooks, which ``FlopCounterMode`` registers around a
+    step and which only read): no warning."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert _train_step_warnings(_converted()) == []
+    with _global_hook(register_module_forward_hook, _triple_conv_outputs):
+        model = _converted()
+        assert _train_step_warnings(model) == []
+        with _global_hook(register_module_forward_pre_hook, _triple_relu_inputs):
+            pass
+        assert _train_step_warnings(model) == []
+        with FlopCounterMode(display=False):
+            assert _train_step_warnings(model) == []
+
+
+@pytest.mark.parametrize("layout", ["current", "without global hooks"])
+def test_a_pickled_root_compares_global_hooks_as_its_layout_allows(layout: str, monkeypatch: Any) -> None:
+    """A whole-model pickle keeps the global hooks as wired, and its copies compare them; one saved before they were
+    kept (its root's three constructor arguments) loads, trains and compares none."""
+    import copy
+    import io
+
+    from bkn_export.chain.scope import ChainRoot
+
+    def reduce_before_global_hooks(root: ChainRoot) -> tuple[type[ChainRoot], tuple[Any, ...]]:
+        return ChainRoot, (root.watched, root.hooks, root.settings)
+
+    model = _converted()
+    if layout == "without global hooks":
+        monkeypatch.setattr(ChainRoot, "__reduce__", reduce_before_global_hooks)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    monkeypatch.undo()
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with _global_hook(register_module_forward_hook, _triple_conv_outputs):
+        for trained in (loaded, copy.deepcopy(loaded)):
+            found = _train_step_warnings(trained)
+            if layout == "current":
+                (message,) = found
+                assert "every module: 1 global forward hook(s) added" in message
+            else:
+                assert found == []

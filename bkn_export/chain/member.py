@@ -26,6 +26,7 @@ from bkn_export.chain.scope import (
     HookSignature,
     Published,
     Settings,
+    global_hook_change,
     hook_change,
     observers,
     raw_signature,
@@ -179,9 +180,11 @@ class ChainMembership:
         was wired (:func:`bkn_export.chain.scope.hook_change`; the library's own hooks and torch's weight
         reparametrizations aside). The recorded path computes what each module did when wired (a hook's effect
         recorded with it), which the change may make another computation; a hook that only reads changes nothing,
-        and which kind it is cannot be told, so the prior stays and a warning names the change. Not compared once
-        the model has warned, while Dynamo traces (it guards on hooks itself), nor for a root pickled before the
-        hooks were kept (``ChainRoot.hooks`` empty).
+        and which kind it is cannot be told, so the prior stays and a warning names the change. torch's global
+        forward (pre-)hooks run around every module, so they are compared too, once per forward (by the first layer
+        that inspects: :func:`bkn_export.chain.scope.global_hook_change`). Not compared once the model has warned,
+        while Dynamo traces (it guards on hooks itself), nor for a root pickled before the hooks were kept
+        (``ChainRoot.hooks`` empty; ``ChainRoot.global_hooks`` None: the global ones only).
 
         Parametrizations (``torch.nn.utils.parametrize``): the prediction reads their weights in eval mode
         (:func:`_in_eval_mode`)."""
@@ -200,6 +203,9 @@ class ChainMembership:
         if not compiling and wired:  # one pass per forward over the root's modules: which of this layer's to inspect
             if scratch.inspected is None:
                 scratch.inspected = _moved_modules(self.root, modules)
+                wired_globals = self.root.global_hooks
+                if compare and wired_globals is not None and (change := global_hook_change(wired_globals)):
+                    changes.append(f"every module: {change}")
             kinds_of = self.__dict__.get("_hooked_kinds")
             if kinds_of is None:
                 kinds_of = dict(hooked)

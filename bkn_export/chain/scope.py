@@ -55,6 +55,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -66,6 +67,7 @@ from bkn_export.nn import _EXTRA_STATE_KEY, Prior, _BatchKalmanNorm
 __all__ = [
     "ChainRoot",
     "ChainScratch",
+    "GlobalHooks",
     "HookSignature",
     "Observation",
     "Observer",
@@ -78,6 +80,8 @@ __all__ = [
     "detach_roots",
     "forward_scope",
     "global_forward_hooks",
+    "global_hook_change",
+    "global_hooks",
     "hook_change",
     "hook_signature",
     "hook_signatures",
@@ -125,9 +129,16 @@ class ChainRoot:
     modules its paths go through that carry a :class:`PathWatch` (:func:`watch_modules`).
     """
 
-    __slots__ = ("hooks", "settings", "traced", "warned_hooks", "watched")
+    __slots__ = ("global_hooks", "hooks", "settings", "traced", "warned_hooks", "watched")
 
-    def __init__(self, watched: frozenset[str] = frozenset(), hooks: Any = None, settings: Any = None, *_: Any) -> None:
+    def __init__(
+        self,
+        watched: frozenset[str] = frozenset(),
+        hooks: Any = None,
+        settings: Any = None,
+        global_hooks: Any = None,
+        *_: Any,
+    ) -> None:
         self.traced: ChainScratch | None = None
         self.watched = watched
         #: Per module a prediction goes through (path modules, source layers, the layers themselves), its hooks as
@@ -138,14 +149,19 @@ class ChainRoot:
         #: kernel), those settings as wired (:func:`module_settings_of`); empty for a pickle from before 2026-12-07's
         #: sixth session: nothing is compared then.
         self.settings: dict[str, Settings] = dict(settings) if isinstance(settings, dict) else {}
+        #: torch's global forward (pre-)hooks as wired (:func:`global_hooks`); None for a pickle of a root from before
+        #: they were kept (which passed three arguments): nothing is compared then.
+        self.global_hooks: GlobalHooks | None = global_hooks if isinstance(global_hooks, GlobalHooks) else None
         #: Whether a layer has warned that those hooks changed (once per root; a copy warns again).
         self.warned_hooks: list[bool] = []
 
     def __reduce__(
         self,
-    ) -> tuple[type[ChainRoot], tuple[frozenset[str], dict[str, HookSignature], dict[str, Settings]]]:
+    ) -> tuple[
+        type[ChainRoot], tuple[frozenset[str], dict[str, HookSignature], dict[str, Settings], GlobalHooks | None]
+    ]:
         # A copy (deepcopy, pickle) is a new identity with no open scratch; hook keys and settings survive both.
-        return ChainRoot, (self.watched, self.hooks, self.settings)
+        return ChainRoot, (self.watched, self.hooks, self.settings, self.global_hooks)
 
 
 class Submodules(Mapping[str, nn.Module]):
@@ -423,12 +439,13 @@ class HookSignature(NamedTuple):
 def library_hook(hook: Any) -> bool:
     """Whether ``hook`` leaves a module's computation as the chain recorded it: bkn_export's and its runtime's own
     hooks (which read or stamp), torch's weight reparametrizations (``weight_norm``, ``spectral_norm``, ``prune``:
-    pre-hooks that set the weight, which the prediction reads in the weight) and torch.distributed's (FSDP's
-    gathering of a module's parameters around its forward)."""
+    pre-hooks that set the weight, which the prediction reads in the weight), torch.distributed's (FSDP's
+    gathering of a module's parameters around its forward) and torch's ``ModuleTracker`` (global hooks that note
+    which module runs, for ``FlopCounterMode``)."""
     if isinstance(hook, (PathWatch, WeightNorm, SpectralNorm, BasePruningMethod)):
         return True
     module = getattr(hook, "__module__", None) or ""
-    return module.startswith(("bkn_export.", "runtime.", "torch.distributed."))
+    return module.startswith(("bkn_export.", "runtime.", "torch.distributed.", "torch.utils.module_tracker"))
 
 
 def raw_signature(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
@@ -457,10 +474,53 @@ def hook_change(
     changes = []
     for counts, kind, then, current in zip(kinds[:2], ("forward pre-hook", "forward hook"), wired.user[:2], now[:2]):
         if counts:
-            added, removed = len(set(current) - set(then)), len(set(then) - set(current))
-            changes += [f"{n} {kind}(s) {how}" for n, how in ((added, "added"), (removed, "removed")) if n]
+            changes += _keys_change(kind, then, current)
     if kinds[2] and now[2] != wired.user[2]:
         changes.append("its forward set on the instance" if now[2] else "the forward set on its instance removed")
+    return ", ".join(changes) or None
+
+
+def _keys_change(kind: str, wired: Iterable[int], now: Iterable[int]) -> list[str]:
+    """How many hooks of ``kind`` were added and removed between the keys ``wired`` and ``now`` (a hook removed and
+    registered again has a new key: one of each)."""
+    then, current = set(wired), set(now)
+    counts = ((len(current - then), "added"), (len(then - current), "removed"))
+    return [f"{n} {kind}(s) {how}" for n, how in counts if n]
+
+
+class GlobalHooks(NamedTuple):
+    """The keys of torch's global forward pre-hooks and forward hooks (``register_module_forward_pre_hook``,
+    ``register_module_forward_hook``: they run around every module's forward), the library's own aside
+    (:func:`library_hook`)."""
+
+    pre_hooks: frozenset[int]
+    hooks: frozenset[int]
+
+
+def global_hooks() -> GlobalHooks:
+    """The :class:`GlobalHooks` registered now."""
+    pre, post = torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks
+    return GlobalHooks(
+        frozenset(key for key, hook in pre.items() if not library_hook(hook)),
+        frozenset(key for key, hook in post.items() if not library_hook(hook)),
+    )
+
+
+def _same_keys(hooks: Mapping[int, Any], wired: frozenset[int]) -> bool:
+    """Whether ``hooks`` holds the keys ``wired``, without a keys view where both are empty."""
+    return (not hooks and not wired) or hooks.keys() == wired
+
+
+def global_hook_change(wired: GlobalHooks) -> str | None:
+    """What changed in torch's global forward (pre-)hooks since ``wired`` was taken, or None (the library's own hooks
+    aside). The keys are compared as they are first: unchanged in the usual case (it runs once in every train step),
+    and with no global hook then or now, nothing is allocated."""
+    pre, post = torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks
+    if _same_keys(pre, wired.pre_hooks) and _same_keys(post, wired.hooks):
+        return None
+    now = global_hooks()
+    changes = _keys_change("global forward pre-hook", wired.pre_hooks, now.pre_hooks)
+    changes += _keys_change("global forward hook", wired.hooks, now.hooks)
     return ", ".join(changes) or None
 
 
@@ -550,10 +610,9 @@ def settings_change(module: nn.Module, wired: Settings) -> str | None:
 
 
 def global_forward_hooks() -> bool:
-    """Whether global forward (pre-)hooks are registered (``nn.modules.module.register_module_forward_hook``)."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+    """Whether global forward (pre-)hooks are registered (``nn.modules.module.register_module_forward_hook``), the
+    library's own aside (:func:`library_hook`)."""
+    return any(global_hooks())
 
 
 def watch_modules(model: nn.Module, root: ChainRoot, names: Iterable[str]) -> frozenset[str]:

@@ -46,6 +46,7 @@ from bkn_export.chain.record import (
 from bkn_export.chain.scope import (
     attach_root,
     global_forward_hooks,
+    global_hooks,
     hook_signatures,
     library_hook,
     module_settings_of,
@@ -112,6 +113,7 @@ def wire_chain(
     # What each prediction goes through, with the hooks it has now: a train step after those hooks change warns that
     # the prior predicts what they computed when wired (bkn_export.chain.member).
     root.hooks = hook_signatures(model, (n for _, w in wirings for n, _ in hooked_names(w)))
+    root.global_hooks = global_hooks()  # torch's global forward hooks, around every one of those modules
     # The settings of the path's modules that its steps hold as constants: a train step after one changes refuses.
     root.settings = module_settings_of(model, (n for _, w in wirings for path in w.sources for n in path_modules(path)))
     inputs = {record.name: tuple(record.input_shape[2:]) for record in recorded.layers}
