@@ -4,8 +4,8 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_networks.py [--networks resnet18,mobilenetv3,efficientnet_b0,densenet121]
         [--batches 2,16] [--size 64] [--repeats 11] [--steps 2] [--clock process|wall] [--compile] [--json out.json]
-        [--profile N] [--count-ops] [--kernel-times] [--reference-moments] [--no-native] [--compare-native]
-        [--unwired] [--steady-malloc]
+        [--profile N] [--count-ops] [--kernel-times] [--prior-times] [--reference-moments] [--no-native]
+        [--compare-native] [--unwired] [--steady-malloc]
 
 For each network and batch size it builds the network twice from the same seed — once as shipped (BatchNorm), once
 converted with ``bkn_export.convert_batchnorm`` (default options) — and times one train step of each, interleaved
@@ -26,6 +26,11 @@ proxy for the Triton kernels it would generate on a GPU).
 ``--repeats`` steps of the converted network (ms per step and calls per step per kernel, against the step's wall time):
 how much of the step the per-channel and per-activation kernels themselves take, the rest being Python, autograd and
 ATen.
+``--prior-times`` instead times, per network and batch, each BKN layer's prediction forward (its ``_prior`` call:
+the chain's checks, the prediction's Functions and kernels, the prior's assembly) in ``--repeats`` train steps, and
+the same call repeated warm right after it on the same input (the forward's memo of predictions put back before each
+repeat, so that it does the same work): how much of the prediction's host time is its code's own, and how much the
+network around it adds (caches made cold by the convolutions).
 ``--no-native`` runs the PyTorch forms of the per-channel kernels instead of the C kernels of
 :mod:`bkn_export.native` (the header line says which ran); ``--compare-native`` times a third variant in the
 same interleaved loop, a copy of the converted network stepped with the PyTorch forms (its ms and ratio to
@@ -53,6 +58,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -277,6 +283,102 @@ def _kernel_times(name: str, batch: int, size: int, steps: int) -> None:
     print(f"{sum(seconds.values()) / steps * 1e3:9.2f} ms in all, of a {step_ms:.1f} ms step (wall clock)")
 
 
+@dataclass(frozen=True)
+class PriorTime:
+    """One wired layer's prediction forward (``--prior-times``), µs per call: in the train step, and warm."""
+
+    layer: str
+    channels: int
+    #: Its ``_prior`` call (the chain's checks, the prediction's Functions and kernels, the prior's assembly) as
+    #: the train step runs it, mean over the timed steps.
+    in_network_us: float
+    #: The same call repeated right after it on the same input, with the forward's memo of predictions put back
+    #: before each repeat (the same work again), median: the host code with warm caches.
+    warm_us: float
+
+
+def prior_times(model: nn.Module, step: Callable[[], None], steps: int, repeats: int) -> list[PriorTime]:
+    """Time every BKN layer's ``_prior`` in ``steps`` train steps of ``model`` (``step`` steps it; two untimed
+    steps first), then once more with each call repeated ``repeats`` times warm (:class:`PriorTime`). The step's
+    values are those of an untimed step: the timed call's own result goes on, the repeats' are dropped."""
+    from bkn_export.chain.scope import scratch_for
+    from bkn_export.nn import _BatchKalmanNorm
+
+    names = {module: name for name, module in model.named_modules() if isinstance(module, _BatchKalmanNorm)}
+    in_network: dict[str, float] = {}
+    warm: dict[str, list[float]] = {}
+    repeating = False
+    prior = _BatchKalmanNorm._prior
+
+    def timed(layer: _BatchKalmanNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        root = getattr(layer.chain, "root", None)
+        scratch = scratch_for(root) if repeating and root is not None else None
+        before = None if scratch is None else dict(scratch.predictions)
+        start = time.perf_counter()
+        result = prior(layer, x)
+        elapsed = time.perf_counter() - start
+        name = names.get(layer, type(layer).__name__)
+        if scratch is None or before is None:
+            if not repeating:
+                in_network[name] = in_network.get(name, 0.0) + elapsed
+            return result
+        after = dict(scratch.predictions)
+        samples = warm.setdefault(name, [])
+        for _ in range(repeats):
+            scratch.predictions.clear()
+            scratch.predictions.update(before)
+            start = time.perf_counter()
+            prior(layer, x)
+            samples.append(time.perf_counter() - start)
+        scratch.predictions.clear()
+        scratch.predictions.update(after)
+        return result
+
+    step()
+    step()
+    _BatchKalmanNorm._prior = timed  # type: ignore[method-assign]
+    try:
+        for _ in range(steps):
+            step()
+        repeating = True
+        step()
+    finally:
+        _BatchKalmanNorm._prior = prior  # type: ignore[method-assign]
+    return [
+        PriorTime(
+            name,
+            int(layer.num_features),
+            in_network[name] / steps * 1e6,
+            statistics.median(warm[name]) * 1e6 if warm.get(name) else math.nan,
+        )
+        for layer, name in names.items()
+        if name in in_network
+    ]
+
+
+def _prior_times(name: str, batch: int, size: int, steps: int) -> None:
+    """Print :func:`prior_times` of the converted network, slowest layer first, and the step's wall time."""
+    torch.manual_seed(0)
+    model = convert_batchnorm(NETWORKS[name](), torch.randn(2, 3, size, size))
+    step = _train_step(model, torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
+    start = time.perf_counter()
+    step()
+    step_ms = (time.perf_counter() - start) * 1e3
+    rows = prior_times(model, step, steps, _WARM_REPEATS)
+    print(f"== {name}, batch {batch}, {size}x{size}: each BKN layer's prediction forward (_prior), µs per call")
+    print(f"{'in step':>9} {'warm':>9} {'ratio':>6} {'C':>5}  layer")
+    for row in sorted(rows, key=lambda r: -r.in_network_us):
+        ratio = row.in_network_us / row.warm_us if row.warm_us > 0 else math.nan
+        print(f"{row.in_network_us:9.0f} {row.warm_us:9.0f} {ratio:6.2f} {row.channels:5d}  {row.layer}")
+    total = sum(r.in_network_us for r in rows) / 1e3
+    total_warm = sum(r.warm_us for r in rows if not math.isnan(r.warm_us)) / 1e3
+    print(f"{total:9.2f} ms in the step, {total_warm:.2f} ms warm, {len(rows)} layers; a step took {step_ms:.1f} ms")
+
+
+#: Repeats of each layer's warm ``_prior`` call (``--prior-times``).
+_WARM_REPEATS = 31
+
+
 #: Operators that launch no kernel: views, allocation, metadata (excluded from ``--count-ops``).
 _NO_KERNEL = (
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view", "aten::as_strided",
@@ -335,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count-ops", action="store_true", help="count dispatched compute ops instead of timing")
     parser.add_argument(
         "--kernel-times", action="store_true", help="time each C kernel of bkn_export.native per step instead"
+    )
+    parser.add_argument(
+        "--prior-times", action="store_true", help="time each BKN layer's prediction forward, in the step and warm"
     )
     parser.add_argument("--reference-moments", action="store_true", help="no fused eager predictions")
     parser.add_argument("--no-native", action="store_true", help="no bkn_export.native C kernels")
@@ -406,6 +511,11 @@ def _run(args: argparse.Namespace) -> int:
         for name in names:
             for batch in batches:
                 _kernel_times(name, batch, args.size, max(args.repeats, 1))
+        return 0
+    if args.prior_times:
+        for name in names:
+            for batch in batches:
+                _prior_times(name, batch, args.size, max(args.repeats, 1))
         return 0
     if args.count_ops:
         what = "inductor kernels (torch.compile)" if args.compile else "compute ops dispatched (eager)"

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,33 @@ def test_cold_dispatch_times_the_call_right_after_the_one_before() -> None:
     figure = bench_cold_dispatch._median_us(before, timed, repeats=3, skip=1)
     assert calls == ["before", "timed", "timed"] * 3
     assert figure >= 2000.0
+
+
+def test_prior_times_cover_every_layer_and_leave_the_steps_as_they_were() -> None:
+    """``--prior-times``: a row per BKN layer with both times, and the timed steps (the repeated warm calls
+    included) train the network exactly as untimed steps do: the repeats' priors are dropped and the forward's memo
+    of predictions is put back after them."""
+    torch.manual_seed(0)
+    timed = _wired()
+    untimed = copy.deepcopy(timed)
+    x, target = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 6, 6)
+
+    def stepper(model: nn.Module) -> Callable[[], None]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), target).backward()
+            optimizer.step()
+
+        return step
+
+    rows = bench_networks.prior_times(timed, stepper(timed), steps=2, repeats=3)
+    step = stepper(untimed)
+    for _ in range(2 + 2 + 1):  # the untimed steps, the timed ones, the one with the warm repeats
+        step()
+    assert [(row.layer, row.channels) for row in rows] == [("1", 4), ("4", 5)]
+    assert all(row.in_network_us > 0 and row.warm_us > 0 for row in rows)
+    for mine, theirs in zip(timed.state_dict().values(), untimed.state_dict().values(), strict=True):
+        if isinstance(mine, torch.Tensor):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
