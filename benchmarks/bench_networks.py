@@ -356,8 +356,9 @@ def prior_times(model: nn.Module, step: Callable[[], None], steps: int, repeats:
     ]
 
 
-def _prior_times(name: str, batch: int, size: int, steps: int) -> None:
-    """Print :func:`prior_times` of the converted network, slowest layer first, and the step's wall time."""
+def _prior_times(name: str, batch: int, size: int, steps: int) -> list[PriorTime]:
+    """Print :func:`prior_times` of the converted network, slowest layer first, and the step's wall time; return
+    the rows."""
     torch.manual_seed(0)
     model = convert_batchnorm(NETWORKS[name](), torch.randn(2, 3, size, size))
     step = _train_step(model, torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
@@ -373,6 +374,7 @@ def _prior_times(name: str, batch: int, size: int, steps: int) -> None:
     total = sum(r.in_network_us for r in rows) / 1e3
     total_warm = sum(r.warm_us for r in rows if not math.isnan(r.warm_us)) / 1e3
     print(f"{total:9.2f} ms in the step, {total_warm:.2f} ms warm, {len(rows)} layers; a step took {step_ms:.1f} ms")
+    return rows
 
 
 #: Repeats of each layer's warm ``_prior`` call (``--prior-times``).
@@ -513,9 +515,18 @@ def _run(args: argparse.Namespace) -> int:
                 _kernel_times(name, batch, args.size, max(args.repeats, 1))
         return 0
     if args.prior_times:
-        for name in names:
-            for batch in batches:
-                _prior_times(name, batch, args.size, max(args.repeats, 1))
+        timed = [
+            {"network": name, "batch": batch, "size": args.size, **asdict(row)}
+            for name in names
+            for batch in batches
+            for row in _prior_times(name, batch, args.size, max(args.repeats, 1))
+        ]
+        if args.json:
+            from bkn_export.atomic import write_text_atomic
+
+            payload: dict[str, Any] = {"torch": torch.__version__, "native": native.status(), "malloc": allocator}
+            payload |= {"cpu": cpu_model()}
+            write_text_atomic(args.json, json.dumps(payload | {"args": vars(args), "prior_times": timed}, indent=2))
         return 0
     if args.count_ops:
         what = "inductor kernels (torch.compile)" if args.compile else "compute ops dispatched (eager)"

@@ -272,3 +272,17 @@ def test_prior_times_cover_every_layer_and_leave_the_steps_as_they_were() -> Non
     for mine, theirs in zip(timed.state_dict().values(), untimed.state_dict().values(), strict=True):
         if isinstance(mine, torch.Tensor):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_prior_times_command_line_writes_a_row_per_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--prior-times --json``: the printed table and the JSON hold one row per BKN layer of the network."""
+    pytest.importorskip("monai")
+    out = tmp_path / "prior.json"
+    arguments = ["--networks", "resnet18", "--size", "32", "--batches", "2", "--repeats", "1", "--prior-times"]
+    assert bench_networks.main([*arguments, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    layers = [row["layer"] for row in record["prior_times"]]
+    assert len(layers) == 20 and len(set(layers)) == 20  # MONAI ResNet-18: 20 BatchNorm2d layers
+    assert all(f"  {layer}\n" in printed for layer in layers)
+    assert all(row["in_network_us"] > 0 and row["warm_us"] > 0 for row in record["prior_times"])
