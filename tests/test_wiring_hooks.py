@@ -493,3 +493,120 @@ def test_a_pickled_root_compares_global_hooks_as_its_layout_allows(layout: str, 
                 assert "every module: 1 global forward hook(s) added" in message
             else:
                 assert found == []
+
+
+class _Tap(nn.Module):
+    """A block that returns its input (a feature tap that keeps a buffer): the recording has no step for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _passing(through: Callable[[], nn.Module]) -> nn.Sequential:
+    """Source layer '1' → ReLU → the pass-through module '3' → conv '4' → layer '5'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), through(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    return model
+
+
+_PASS_THROUGH = pytest.mark.parametrize(
+    "through", [_Tap, nn.Identity, lambda: nn.Sequential(_Tap())], ids=["block", "nn.Identity", "container"]
+)
+
+
+@_PASS_THROUGH
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda m: m.register_forward_hook(lambda mod, args, out: out * 3), "'3': 1 forward hook(s) added"),
+        (lambda m: m.register_forward_pre_hook(lambda mod, args: (args[0] * 3,)), "'3': 1 forward pre-hook(s) added"),
+    ],
+    ids=["forward hook", "pre-hook"],
+)
+def test_a_hook_added_after_wiring_on_a_pass_through_module_is_named(
+    through: Callable[[], nn.Module], change: Callable[[nn.Module], object], named: str
+) -> None:
+    """A module on the path that returned its input unchanged records no step, and its hooks were not compared: a ×3
+    hook on it after wiring left the prior's variance 1/9 of the layer's batch variance (0.11 against 1.02), with no
+    word (a review of 2026-12-08 measured 0.26 against 0.95). The first train step now names it."""
+    model = _passing(through)
+    assert "'3'" not in model[5].chain.wiring.sources[0].describe()  # no step: the path is unchanged
+    assert _train_step_warnings(model) == []
+    change(model[3])
+    (message,) = _train_step_warnings(model)
+    assert named in message
+
+
+def test_a_hook_on_a_pass_through_module_at_wiring_is_named() -> None:
+    """A hook on it at wiring is followed as recorded (its ×3 a step of the path), which the wiring warning says."""
+
+    def prepare(model: nn.Sequential) -> None:
+        model[3].register_forward_hook(lambda mod, args, out: out * 3)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(), nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+    )  # fmt: skip
+    prepare(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    (message,) = [str(w.message) for w in caught if "forward hooks on modules the Kalman chain" in str(w.message)]
+    assert "'3' (0 pre-hook(s), 1 hook(s))" in message
+
+
+@_PASS_THROUGH
+def test_a_pickled_or_copied_model_compares_a_pass_through_modules_hooks(through: Callable[[], nn.Module]) -> None:
+    """A whole-model pickle and a deep copy keep the pass-through modules; one pickled before the chain kept them (its
+    wiring and membership lack the fields) trains, comparing the others."""
+    import copy
+    import io
+
+    def pickled(model: nn.Module) -> nn.Module:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    for kept in (pickled(_passing(through)), copy.deepcopy(_passing(through))):
+        kept[3].register_forward_hook(lambda mod, args, out: out * 3)
+        (message,) = _train_step_warnings(kept)
+        assert "'3': 1 forward hook(s) added" in message
+    older = _passing(through)
+    object.__delattr__(older[5].chain.wiring, "passed")  # as unpickled from before: the class default, ()
+    object.__delattr__(older[5].chain, "_hooked")
+    older = pickled(older)
+    assert _train_step_warnings(older) == []
+    older[4].register_forward_hook(lambda mod, args, out: out * 3)
+    assert "'4': 1 forward hook(s) added" in _train_step_warnings(older)[0]
+
+
+@pytest.mark.parametrize("saved_by", ["this version", "a writer that keeps the pass-through modules"])
+def test_a_checkpoint_loads_whether_or_not_it_names_pass_through_modules(saved_by: str) -> None:
+    """The pass-through modules are not kept in a checkpoint (what an earlier bkn_export saved and reads): a
+    checkpoint saved now is the earlier format, and loads in a model wired now with no error or warning; a saved
+    wiring that names them loads as well."""
+    from bkn_export import extra_state
+
+    state = _passing(_Tap).state_dict()
+    saved = extra_state.decode(state["5._extra_state"])
+    assert "passed" not in saved["wiring"]
+    if saved_by != "this version":
+        state["5._extra_state"] = extra_state.encode({**saved, "wiring": {**saved["wiring"], "passed": ["3"]}})
+    model = _passing(_Tap)
+    assert model[5].chain.wiring.passed == ("3",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.load_state_dict(state)
+    assert _train_step_warnings(model) == []

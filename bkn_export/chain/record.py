@@ -248,7 +248,9 @@ class LayerRecord:
     calls: how many times the layer ran in the example forward; republished: (source, n) for each source that
     published n > 1 times before each of its calls (:func:`_republished`); repeats: (source, n) for every source,
     how often it published between two calls of the layer, where that was the same between every two
-    (:func:`_repeats`).
+    (:func:`_repeats`). passed: the modules that returned a value on the layer's paths unchanged (an ``nn.Identity``, a
+    block whose forward returns its input): they record no step, yet a hook added to one later changes what reaches
+    the layer (:func:`_passed_through`).
     """
 
     name: str
@@ -259,6 +261,7 @@ class LayerRecord:
     calls: int = 1
     republished: tuple[tuple[str, int], ...] = ()
     repeats: tuple[tuple[str, int], ...] = ()
+    passed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -270,6 +273,7 @@ class LayerRecord:
             "calls": self.calls,
             "republished": [list(item) for item in self.republished],
             "repeats": [list(item) for item in self.repeats],
+            "passed": list(self.passed),
         }
 
     @classmethod
@@ -283,6 +287,7 @@ class LayerRecord:
             calls=int(data.get("calls", 1)),
             republished=tuple((str(name), int(count)) for name, count in data.get("republished", ())),
             repeats=tuple((str(name), int(count)) for name, count in data.get("repeats", ())),
+            passed=tuple(str(name) for name in data.get("passed", ())),
         )
 
 
@@ -648,6 +653,9 @@ class _Recorder(TorchFunctionMode):
         self.busy = False  # the recorder's own tensor calls are not recorded
         self.nodes: list[_Node] = []  # keeps every node alive (and its id unique) for the walks
         self.kinds: list[str | None] = []  # per running module: its leaf kind (None: not a leaf we know)
+        self.entries: list[_Node | None] = []  # per running module: its first input's producer when it was called
+        #: id(node) -> the modules that returned that node's value unchanged (:func:`_passed_through`)
+        self.passed: dict[int, list[str]] = {}
         self.probed: dict[int, Elementwise | Identity | None] = {}  # id(module) -> the step its forward computes
         self.probe_failed: dict[int, Elementwise | Identity] = {}  # id(module) -> its probe's step, not the example's
         self.by_memory: dict[int, set[int]] = {}  # storage address -> ids of recorded tensors on it (_written_through)
@@ -731,6 +739,7 @@ class _Recorder(TorchFunctionMode):
                 kind = self._probe(name, module, args[0])
             self.stack.append((name, module))
             self.kinds.append(kind)
+            self.entries.append(self.producer(args[0]) if args and isinstance(args[0], Tensor) else None)
             if kind is not None:
                 self.leaf_depth += 1
 
@@ -758,6 +767,7 @@ class _Recorder(TorchFunctionMode):
             args = (*args, *kwargs.values())
             self.stack.pop()
             kind = self.kinds.pop()
+            entry = self.entries.pop()
             if kind is not None:
                 self.leaf_depth -= 1
             if self.leaf_depth > 0:
@@ -768,10 +778,24 @@ class _Recorder(TorchFunctionMode):
                     self._unseen_outputs(name, module, args, output)
                 else:
                     self._leaf(name, module, kind, args, output)
+                self._note_passed(name, entry, output)
             finally:
                 self.busy = False
 
         return hook
+
+    def _note_passed(self, name: str, entry: _Node | None, output: Any) -> None:
+        """Note module ``name`` where its first output holds the value its first input held when it was called
+        (``entry``'s; the same tensor, or one a view or ``contiguous`` gave): a module that returned its input
+        unchanged records no step, yet a hook on it changes what the path carries (the root aside: its hooks see the
+        model's inputs and outputs)."""
+        if not name or entry is None:
+            return
+        out = next(_tensors(output), None)
+        if out is not None and self.producer(out) is entry:
+            names = self.passed.setdefault(id(entry), [])
+            if name not in names:
+                names.append(name)
 
     def _unseen_outputs(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         """An unrecognised module whose outputs no recorded op produced (custom autograd
@@ -2331,14 +2355,45 @@ def _repeats(call: _NormCall, names: Iterable[str], places: Mapping[str, Sequenc
     return tuple(pattern)
 
 
+#: No module returned a recorded value unchanged (:func:`_passed_through`).
+_NOTHING_PASSED: Mapping[int, Sequence[str]] = {}
+
+
+def _passed_through(nodes: Iterable[_Node | None], passed: Mapping[int, Sequence[str]]) -> tuple[str, ...]:
+    """The modules that returned unchanged a value that the walk from ``nodes`` (a layer's inputs) follows: of every
+    step, concatenation and sum node on the way and of the normalization outputs it reaches (``passed``: id(node) →
+    names, :meth:`_Recorder._note_passed`). A module called on such a value counts whether or not its output is the
+    one the path's next step read (``y = identity(x)`` then ``conv(x)``: the same tensor, which the recording cannot
+    tell apart); a hook added to it later is then named though the prior may not depend on it. Iterative, as
+    :func:`_normalizations_reaching`."""
+    if not passed:
+        return ()
+    found: dict[str, None] = {}
+    seen: set[int] = set()
+    pending = list(nodes)
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.kind not in ("norm", "step", "concat", "sum"):
+            continue
+        found.update(dict.fromkeys(passed.get(id(current), ())))
+        if current.kind != "norm":
+            pending.extend(source for source, _ in current.inputs)
+    return tuple(found)
+
+
 def _layer_record(
     call: _NormCall,
     walker: _Walker,
     modules: Mapping[str, nn.Module],
     places: Mapping[str, Sequence[int]],
     sizes: _Sizes = _NO_SIZES,
+    passed: Mapping[int, Sequence[str]] = _NOTHING_PASSED,
 ) -> LayerRecord:
-    """``places``: each normalization module's calls, by their places among all normalization calls."""
+    """``places``: each normalization module's calls, by their places among all normalization calls; ``passed``: the
+    modules that returned a node's value unchanged, by id(node) (:func:`_passed_through`)."""
     each = [_walked(node, shape, walker) for node, shape, _ in call.each]
     combine, sources = each[0]
     fallbacks = list(_fallbacks(sources, combine))
@@ -2363,9 +2418,10 @@ def _layer_record(
     if call.calls > 1 and conflict is None and combine != "none":
         notes.append(f"runs {call.calls} times per forward from the same sources; wired by its first call")
     names = [name for source in sources for name in source.normalizations()]
+    through = _passed_through((node for node, _, _ in call.each), passed) if sources else ()
     return LayerRecord(
         call.name, call.input_shape, sources, combine, tuple(notes), call.calls, _republished(call, names, places),
-        _repeats(call, names, places),
+        _repeats(call, names, places), through,
     )  # fmt: skip
 
 
@@ -2483,7 +2539,8 @@ def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handle
     modules = dict(model.named_modules())
     places = {name: call.places for name, call in recorder.norms.items()}
     layers = tuple(
-        _layer_record(call, walker, modules, places, recorder.conv_inputs) for call in recorder.norms.values()
+        _layer_record(call, walker, modules, places, recorder.conv_inputs, recorder.passed)
+        for call in recorder.norms.values()
     )
     notes: list[str] = []
     for name, module in model.named_modules():

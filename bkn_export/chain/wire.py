@@ -221,12 +221,14 @@ def _warn_of_rewired_parameters(modules: Mapping[str, nn.Module]) -> None:
 
 
 def _warn_about_hooks(modules: Mapping[str, nn.Module], wirings: list[Wiring]) -> None:
-    """Warn, naming them, about forward (pre-)hooks on the modules a prediction goes through (a path's steps and its
-    source layers): the recorder follows what a hook computed in the eval-mode wiring forward as it follows the
-    forward's own code (its numbers as constants, a module outside the model as opaque), so a hook that computes
-    otherwise later (a factor that changes, one that acts only in train mode) is predicted as it ran then."""
+    """Warn, naming them, about forward (pre-)hooks on the modules a prediction goes through (a path's steps, its
+    source layers, the modules that returned its value unchanged): the recorder follows what a hook computed in the
+    eval-mode wiring forward as it follows the forward's own code (its numbers as constants, a module outside the model
+    as opaque), so a hook that computes otherwise later (a factor that changes, one that acts only in train mode) is
+    predicted as it ran then."""
     paths = [path for w in wirings for path in w.sources]
     names = dict.fromkeys(n for path in paths for n in (*path.normalizations(), *path_modules(path)))
+    names.update(dict.fromkeys(n for w in wirings for n in w.passed))
     hooked = []
     for name in names:
         module = modules.get(name)
@@ -284,7 +286,7 @@ def plan_wiring(
     def wiring(kind: str | None, sources: tuple[SourcePath, ...], combine: str, previous: int = 0) -> Wiring:
         return Wiring(
             name, kind, sources, combine, options.prior_source, previous, position, tuple(notes), record.calls,
-            record.republished, record.repeats,
+            record.republished, record.repeats, record.passed,
         )  # fmt: skip
 
     def first_in_chain(*why: str) -> Wiring:

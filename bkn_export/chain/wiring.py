@@ -51,7 +51,9 @@ class Wiring:
     (a source called three times, the layer reading its last call): no warning where a forward does the same;
     repeats: (source, n) for every source, how often it published between two calls of the layer in the example
     forward (empty where the layer ran once or the counts differed): a call beyond ``calls`` keeps its prior only
-    where its sources published so since the layer's last call.
+    where its sources published so since the layer's last call. passed: the modules that returned a value on the
+    layer's paths unchanged (no step of a path names them: :attr:`~bkn_export.chain.record.LayerRecord.passed`),
+    whose hooks the prediction assumes as wired all the same; not kept in a checkpoint (:func:`saved_form`).
     """
 
     version: ClassVar[int] = EXTRA_STATE_VERSION
@@ -67,6 +69,7 @@ class Wiring:
     calls: int = 1
     republished: tuple[tuple[str, int], ...] = ()
     repeats: tuple[tuple[str, int], ...] = ()
+    passed: tuple[str, ...] = ()
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -86,6 +89,7 @@ class Wiring:
             "calls": self.calls,
             "republished": [list(item) for item in self.republished],
             "repeats": [list(item) for item in self.repeats],
+            "passed": list(self.passed),
         }
 
 
@@ -94,11 +98,16 @@ def _names(sources: tuple[SourcePath, ...]) -> Iterator[str]:
         yield from source.normalizations()
 
 
+#: Wiring keys a checkpoint does not keep: what only the hook check reads (the modules that returned a path's value
+#: unchanged), which computes nothing, so that a checkpoint saved now is the one an earlier bkn_export saved.
+_UNSAVED_WIRING_KEYS = frozenset({"passed"})
+
+
 def saved_form(wiring: Wiring) -> dict[str, Any]:
     """``wiring.to_dict()`` as a checkpoint keeps it: without stop-gradient steps, which change no value (so that a
     checkpoint is the same whether the forward detaches or not, and an earlier bkn_export, which records none, loads
-    it); the saved wiring is only compared, never wired from."""
-    data = wiring.to_dict()
+    it), nor :data:`_UNSAVED_WIRING_KEYS`; the saved wiring is only compared, never wired from."""
+    data = {key: value for key, value in wiring.to_dict().items() if key not in _UNSAVED_WIRING_KEYS}
     data["sources"] = [_without_stops(path) for path in data.get("sources", ())]
     return data
 
