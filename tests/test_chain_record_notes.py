@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkn_export import convert_batchnorm, describe_chain
-from bkn_export.chain.record import record_dataflow
+from bkn_export.chain.record import SEPARATED_POSITIONS, record_dataflow
 
 
 class _FlattenHead(nn.Module):
@@ -59,6 +59,19 @@ def test_flatten_where_positions_are_alike_stays_exact() -> None:
         nn.BatchNorm1d(5),
     )  # fmt: skip
     assert record_dataflow(model, torch.randn(2, 3, 8, 8))["6"].notes == ()
+
+
+@pytest.mark.parametrize(("window", "noted"), [(4, False), (2, True)])
+def test_flatten_after_a_pooling_module_is_noted_only_where_positions_are_left(window: int, noted: bool) -> None:
+    """A padded conv leaves border positions unlike. ``AvgPool2d(4)`` on its 4×4 output leaves one position, so the
+    flatten after it is exact and gets no note (it had one: only adaptive pooling was recognised); ``AvgPool2d(2)``
+    leaves 2×2 unlike positions, and the flatten's note stays."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+        nn.AvgPool2d(window), nn.Flatten(), nn.Linear(4 * (4 // window) ** 2, 5), nn.BatchNorm1d(5),
+    )  # fmt: skip
+    notes = record_dataflow(model, torch.randn(2, 3, 4, 4))["7"].notes
+    assert any(SEPARATED_POSITIONS in note for note in notes) == noted, notes
 
 
 class _SharedSum(nn.Module):

@@ -659,7 +659,8 @@ class _Recorder(TorchFunctionMode):
         self.probed: dict[int, Elementwise | Identity | None] = {}  # id(module) -> the step its forward computes
         self.probe_failed: dict[int, Elementwise | Identity] = {}  # id(module) -> its probe's step, not the example's
         self.by_memory: dict[int, set[int]] = {}  # storage address -> ids of recorded tensors on it (_written_through)
-        self.conv_inputs: dict[str, Shape] = {}  # a conv's name -> its first call's input spatial size (_fan_in)
+        #: a conv's or pooling module's name -> its first call's input spatial size (_fan_in, _one_position)
+        self.input_sizes: dict[str, Shape] = {}
         self.module_inputs: dict[str, tuple[int, ...]] = {}  # every module -> its first call's input spatial size
         #: a ParameterScale factor's storage -> (its byte range there, the node that reads it)
         self.factor_nodes: dict[int, list[tuple[tuple[int, int], _Node]]] = {}
@@ -833,9 +834,11 @@ class _Recorder(TorchFunctionMode):
         except _Unsupported as reason:
             self.opaque(reason.what, [source], outputs, reason.why)
             return
+        if isinstance(step, Pool) and step.module is not None:
+            self.input_sizes.setdefault(step.module, tuple(inp.shape[2:]))
         if isinstance(step, Affine) and step.kind == "conv":
             assert isinstance(module, nn.modules.conv._ConvNd)
-            self.conv_inputs.setdefault(step.module, tuple(inp.shape[2:]))
+            self.input_sizes.setdefault(step.module, tuple(inp.shape[2:]))
             source, step = _fold_padding(source, module, step)
         self.step_node(step, source, out)
         wrote = out is inp or getattr(module, "inplace", False) is True
@@ -1139,7 +1142,7 @@ class _Recorder(TorchFunctionMode):
                 )
         data = _arg(args, kwargs, 0, "input")
         if isinstance(data, Tensor):
-            self.conv_inputs.setdefault(owner, tuple(data.shape[2:]))
+            self.input_sizes.setdefault(owner, tuple(data.shape[2:]))
         source, step = _fold_padding(source, module, Affine(owner, "conv"))
         self.step_node(step, source, out)
         return True
@@ -2083,21 +2086,27 @@ def _dependence(
             dependent = None
         if makes_positions_dependent(step, modules):
             dependent = _last_dependent(step, modules).describe()
-        if _one_position(step):  # nothing left to be unlike
+        if _one_position(step, sizes):  # nothing left to be unlike
             dependent = None
     return dependent, notes
 
 
-def _one_position(step: Step) -> bool:
+def _one_position(step: Step, sizes: _Sizes = _NO_SIZES) -> bool:
     """Whether ``step`` (a run: its last member that is not an identity) leaves one position: an adaptive pooling to
-    size 1 (a global pooling before a flatten, where the flatten is exact; its note fired there, found 2026-12-07's
-    sixth session)."""
+    size 1, or a pooling module whose window covered its whole input in the example forward (``AvgPool2d(4)`` on a
+    4×4 map; ``sizes``: its input size then). A flatten after it is exact (its note fired after a global pooling,
+    found 2026-12-07's sixth session). A pooling function (``F.avg_pool2d``) has no recorded size: not recognised."""
     if isinstance(step, LinearRun):  # its last member that is not an identity (a dropout after the pooling)
         step = next((member for member in reversed(step.steps) if not isinstance(member, Identity)), step)
-    if not isinstance(step, Pool) or not step.spec.kind.startswith("adaptive"):
+    if not isinstance(step, Pool):
         return False
-    size = step.spec.output_size
-    return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+    if step.spec.kind.startswith("adaptive"):
+        size = step.spec.output_size
+        return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+    spatial = sizes.get(step.module) if step.module is not None else None
+    if spatial is None or len(spatial) != step.spec.rank:
+        return False
+    return all(s == 1 for s in step.spec.output_shape(spatial))
 
 
 @dataclass(frozen=True)
@@ -2539,7 +2548,7 @@ def _recorded(model: nn.Module, example_inputs: Any, recorder: _Recorder, handle
     modules = dict(model.named_modules())
     places = {name: call.places for name, call in recorder.norms.items()}
     layers = tuple(
-        _layer_record(call, walker, modules, places, recorder.conv_inputs, recorder.passed)
+        _layer_record(call, walker, modules, places, recorder.input_sizes, recorder.passed)
         for call in recorder.norms.values()
     )
     notes: list[str] = []
