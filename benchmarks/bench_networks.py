@@ -290,22 +290,26 @@ class PriorTime:
     layer: str
     channels: int
     #: Its ``_prior`` call (the chain's checks, the prediction's Functions and kernels, the prior's assembly) as
-    #: the train step runs it, mean over the timed steps.
+    #: the train step runs it, mean over the timed steps and the layer's calls in each.
     in_network_us: float
     #: The same call repeated right after it on the same input, with the forward's memo of predictions put back
     #: before each repeat (the same work again), median: the host code with warm caches.
     warm_us: float
+    #: How many times the layer ran per train step (a layer applied twice in the forward: 2).
+    calls_per_step: float = 1.0
 
 
 def prior_times(model: nn.Module, step: Callable[[], None], steps: int, repeats: int) -> list[PriorTime]:
     """Time every BKN layer's ``_prior`` in ``steps`` train steps of ``model`` (``step`` steps it; two untimed
-    steps first), then once more with each call repeated ``repeats`` times warm (:class:`PriorTime`). The step's
+    steps first), then once more with each call repeated ``repeats`` times warm (:class:`PriorTime`, per call; the
+    totals per step weigh each layer by its calls). The step's
     values are those of an untimed step: the timed call's own result goes on, the repeats' are dropped."""
     from bkn_export.chain.scope import scratch_for
     from bkn_export.nn import _BatchKalmanNorm
 
     names = {module: name for name, module in model.named_modules() if isinstance(module, _BatchKalmanNorm)}
     in_network: dict[str, float] = {}
+    calls: dict[str, int] = {}
     warm: dict[str, list[float]] = {}
     repeating = False
     prior = _BatchKalmanNorm._prior
@@ -321,6 +325,7 @@ def prior_times(model: nn.Module, step: Callable[[], None], steps: int, repeats:
         if scratch is None or before is None:
             if not repeating:
                 in_network[name] = in_network.get(name, 0.0) + elapsed
+                calls[name] = calls.get(name, 0) + 1
             return result
         after = dict(scratch.predictions)
         samples = warm.setdefault(name, [])
@@ -348,8 +353,9 @@ def prior_times(model: nn.Module, step: Callable[[], None], steps: int, repeats:
         PriorTime(
             name,
             int(layer.num_features),
-            in_network[name] / steps * 1e6,
+            in_network[name] / calls[name] * 1e6,
             statistics.median(warm[name]) * 1e6 if warm.get(name) else math.nan,
+            calls[name] / steps,
         )
         for layer, name in names.items()
         if name in in_network
@@ -362,17 +368,18 @@ def _prior_times(name: str, batch: int, size: int, steps: int) -> list[PriorTime
     torch.manual_seed(0)
     model = convert_batchnorm(NETWORKS[name](), torch.randn(2, 3, size, size))
     step = _train_step(model, torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
+    step()
     start = time.perf_counter()
     step()
-    step_ms = (time.perf_counter() - start) * 1e3
+    step_ms = (time.perf_counter() - start) * 1e3  # the second step: the first one's allocations are made
     rows = prior_times(model, step, steps, _WARM_REPEATS)
     print(f"== {name}, batch {batch}, {size}x{size}: each BKN layer's prediction forward (_prior), µs per call")
     print(f"{'in step':>9} {'warm':>9} {'ratio':>6} {'C':>5}  layer")
     for row in sorted(rows, key=lambda r: -r.in_network_us):
         ratio = row.in_network_us / row.warm_us if row.warm_us > 0 else math.nan
         print(f"{row.in_network_us:9.0f} {row.warm_us:9.0f} {ratio:6.2f} {row.channels:5d}  {row.layer}")
-    total = sum(r.in_network_us for r in rows) / 1e3
-    total_warm = sum(r.warm_us for r in rows if not math.isnan(r.warm_us)) / 1e3
+    total = sum(r.in_network_us * r.calls_per_step for r in rows) / 1e3
+    total_warm = sum(r.warm_us * r.calls_per_step for r in rows if not math.isnan(r.warm_us)) / 1e3
     print(f"{total:9.2f} ms in the step, {total_warm:.2f} ms warm, {len(rows)} layers; a step took {step_ms:.1f} ms")
     return rows
 

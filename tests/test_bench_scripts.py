@@ -268,7 +268,7 @@ def test_prior_times_cover_every_layer_and_leave_the_steps_as_they_were() -> Non
     for _ in range(2 + 2 + 1):  # the untimed steps, the timed ones, the one with the warm repeats
         step()
     assert [(row.layer, row.channels) for row in rows] == [("1", 4), ("4", 5)]
-    assert all(row.in_network_us > 0 and row.warm_us > 0 for row in rows)
+    assert all(row.in_network_us > 0 and row.warm_us > 0 and row.calls_per_step == 1.0 for row in rows)
     for mine, theirs in zip(timed.state_dict().values(), untimed.state_dict().values(), strict=True):
         if isinstance(mine, torch.Tensor):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

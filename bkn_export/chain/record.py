@@ -653,7 +653,7 @@ class _Recorder(TorchFunctionMode):
         self.busy = False  # the recorder's own tensor calls are not recorded
         self.nodes: list[_Node] = []  # keeps every node alive (and its id unique) for the walks
         self.kinds: list[str | None] = []  # per running module: its leaf kind (None: not a leaf we know)
-        self.entries: list[_Node | None] = []  # per running module: its first input's producer when it was called
+        self.entries: list[tuple[_Node, ...]] = []  # per running module: its inputs' producers when it was called
         #: id(node) -> the modules that returned that node's value unchanged (:func:`_passed_through`)
         self.passed: dict[int, list[str]] = {}
         self.probed: dict[int, Elementwise | Identity | None] = {}  # id(module) -> the step its forward computes
@@ -740,7 +740,7 @@ class _Recorder(TorchFunctionMode):
                 kind = self._probe(name, module, args[0])
             self.stack.append((name, module))
             self.kinds.append(kind)
-            self.entries.append(self.producer(args[0]) if args and isinstance(args[0], Tensor) else None)
+            self.entries.append(tuple(node for node in map(self.producer, _tensors(args)) if node is not None))
             if kind is not None:
                 self.leaf_depth += 1
 
@@ -768,7 +768,7 @@ class _Recorder(TorchFunctionMode):
             args = (*args, *kwargs.values())
             self.stack.pop()
             kind = self.kinds.pop()
-            entry = self.entries.pop()
+            entries = self.entries.pop()
             if kind is not None:
                 self.leaf_depth -= 1
             if self.leaf_depth > 0:
@@ -779,24 +779,26 @@ class _Recorder(TorchFunctionMode):
                     self._unseen_outputs(name, module, args, output)
                 else:
                     self._leaf(name, module, kind, args, output)
-                self._note_passed(name, entry, output)
+                self._note_passed(name, entries, output)
             finally:
                 self.busy = False
 
         return hook
 
-    def _note_passed(self, name: str, entry: _Node | None, output: Any) -> None:
-        """Note module ``name`` where its first output holds the value its first input held when it was called
-        (``entry``'s; the same tensor, or one a view or ``contiguous`` gave): a module that returned its input
+    def _note_passed(self, name: str, entries: tuple[_Node, ...], output: Any) -> None:
+        """Note module ``name`` for each of its outputs that holds a value one of its inputs held when it was called
+        (``entries``: their producers then; the same tensor, or one a view or ``contiguous`` gave), wherever they sit
+        in its arguments and results (``m(mask, x)`` returning ``(aux, x)``): a module that returned an input
         unchanged records no step, yet a hook on it changes what the path carries (the root aside: its hooks see the
         model's inputs and outputs)."""
-        if not name or entry is None:
+        if not name or not entries:
             return
-        out = next(_tensors(output), None)
-        if out is not None and self.producer(out) is entry:
-            names = self.passed.setdefault(id(entry), [])
-            if name not in names:
-                names.append(name)
+        for out in _tensors(output):
+            node = self.producer(out)
+            if node is not None and any(node is entry for entry in entries):
+                names = self.passed.setdefault(id(node), [])
+                if name not in names:
+                    names.append(name)
 
     def _unseen_outputs(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         """An unrecognised module whose outputs no recorded op produced (custom autograd

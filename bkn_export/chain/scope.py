@@ -47,6 +47,7 @@ export and :func:`bkn_export.chain_statistics` read instead of patching the laye
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
@@ -160,7 +161,8 @@ class ChainRoot:
     ) -> tuple[
         type[ChainRoot], tuple[frozenset[str], dict[str, HookSignature], dict[str, Settings], GlobalHooks | None]
     ]:
-        # A copy (deepcopy, pickle) is a new identity with no open scratch; hook keys and settings survive both.
+        # A copy (deepcopy, pickle) is a new identity with no open scratch; hook keys and settings survive both (the
+        # global hooks' keys mean something in the process that took them only: GlobalHooks.process).
         return ChainRoot, (self.watched, self.hooks, self.settings, self.global_hooks)
 
 
@@ -491,10 +493,12 @@ def _keys_change(kind: str, wired: Iterable[int], now: Iterable[int]) -> list[st
 class GlobalHooks(NamedTuple):
     """The keys of torch's global forward pre-hooks and forward hooks (``register_module_forward_pre_hook``,
     ``register_module_forward_hook``: they run around every module's forward), the library's own aside
-    (:func:`library_hook`)."""
+    (:func:`library_hook`), and the process that took them: a key is a counter of that process (another process
+    numbers its hooks from 0 again), so in another one only how many there are can be compared."""
 
     pre_hooks: frozenset[int]
     hooks: frozenset[int]
+    process: int = -1
 
 
 def global_hooks() -> GlobalHooks:
@@ -503,6 +507,7 @@ def global_hooks() -> GlobalHooks:
     return GlobalHooks(
         frozenset(key for key, hook in pre.items() if not library_hook(hook)),
         frozenset(key for key, hook in post.items() if not library_hook(hook)),
+        os.getpid(),
     )
 
 
@@ -514,14 +519,29 @@ def _same_keys(hooks: Mapping[int, Any], wired: frozenset[int]) -> bool:
 def global_hook_change(wired: GlobalHooks) -> str | None:
     """What changed in torch's global forward (pre-)hooks since ``wired`` was taken, or None (the library's own hooks
     aside). The keys are compared as they are first: unchanged in the usual case (it runs once in every train step),
-    and with no global hook then or now, nothing is allocated."""
+    and with no global hook then or now, nothing is allocated. Taken in another process (a model pickled there),
+    only the numbers of hooks are compared: one hook replaced by another is not seen then."""
     pre, post = torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks
-    if _same_keys(pre, wired.pre_hooks) and _same_keys(post, wired.hooks):
+    same_process = wired.process == os.getpid()
+    if same_process and _same_keys(pre, wired.pre_hooks) and _same_keys(post, wired.hooks):
         return None
     now = global_hooks()
-    changes = _keys_change("global forward pre-hook", wired.pre_hooks, now.pre_hooks)
-    changes += _keys_change("global forward hook", wired.hooks, now.hooks)
+    pairs = (
+        ("global forward pre-hook", wired.pre_hooks, now.pre_hooks),
+        ("global forward hook", wired.hooks, now.hooks),
+    )
+    if same_process:
+        changes = [change for kind, then, current in pairs for change in _keys_change(kind, then, current)]
+    else:
+        changes = [change for kind, then, current in pairs for change in _count_change(kind, len(then), len(current))]
     return ", ".join(changes) or None
+
+
+def _count_change(kind: str, wired: int, now: int) -> list[str]:
+    """How many hooks of ``kind`` more or fewer there are than the ``wired`` number, as :func:`_keys_change` says it."""
+    if now == wired:
+        return []
+    return [f"{abs(now - wired)} {kind}(s) {'added' if now > wired else 'removed'} (wired in another process)"]
 
 
 def hook_signatures(model: nn.Module, names: Iterable[str]) -> dict[str, HookSignature]:
@@ -612,7 +632,8 @@ def settings_change(module: nn.Module, wired: Settings) -> str | None:
 def global_forward_hooks() -> bool:
     """Whether global forward (pre-)hooks are registered (``nn.modules.module.register_module_forward_hook``), the
     library's own aside (:func:`library_hook`)."""
-    return any(global_hooks())
+    hooks = global_hooks()
+    return bool(hooks.pre_hooks or hooks.hooks)
 
 
 def watch_modules(model: nn.Module, root: ChainRoot, names: Iterable[str]) -> frozenset[str]:
