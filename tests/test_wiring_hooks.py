@@ -552,8 +552,17 @@ def _passing(through: Callable[[], nn.Module]) -> nn.Sequential:
     return model
 
 
+class _Double(nn.Module):
+    """A block computing with tensor operators: its ``× 2`` is a step of the path that names no module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
 _PASS_THROUGH = pytest.mark.parametrize(
-    "through", [_Tap, nn.Identity, lambda: nn.Sequential(_Tap())], ids=["block", "nn.Identity", "container"]
+    "through",
+    [_Tap, nn.Identity, lambda: nn.Sequential(_Tap()), _Double],
+    ids=["block", "nn.Identity", "container", "computing block"],
 )
 
 
@@ -569,9 +578,10 @@ _PASS_THROUGH = pytest.mark.parametrize(
 def test_a_hook_added_after_wiring_on_a_pass_through_module_is_named(
     through: Callable[[], nn.Module], change: Callable[[nn.Module], object], named: str
 ) -> None:
-    """A module on the path that returned its input unchanged records no step, and its hooks were not compared: a ×3
-    hook on it after wiring left the prior's variance 1/9 of the layer's batch variance (0.11 against 1.02), with no
-    word (a review of 2026-12-08 measured 0.26 against 0.95). The first train step now names it."""
+    """A module on the path that returned its input unchanged records no step (one computing with tensor operators
+    records steps that name no module), and its hooks were not compared: a ×3 hook on it after wiring left the prior's
+    variance 1/9 of the layer's batch variance (0.11 against 1.02), with no word (a review of 2026-12-08 measured
+    0.26 against 0.95). The first train step now names it."""
     model = _passing(through)
     assert "'3'" not in model[5].chain.wiring.sources[0].describe()  # no step: the path is unchanged
     assert _train_step_warnings(model) == []

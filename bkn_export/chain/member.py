@@ -510,20 +510,21 @@ def _inspect(
 
 def hooked_names(wiring: Wiring) -> tuple[tuple[str, tuple[bool, bool, bool]], ...]:
     """The modules whose hooks a layer's prediction assumes as wired, with which of their hooks count: the layer itself
-    (its pre-hooks change its input), its source layers, every module its paths go through (those with a step, and
-    those that returned the path's value unchanged: ``wiring.passed``, an ``nn.Identity``), and the containers a path
-    enters or leaves (:func:`_crossed_containers`); none for a layer without a predecessor."""
+    (its pre-hooks change its input), its source layers, every module its paths go through (those with a step, the
+    containers a path enters or leaves: :func:`_crossed_containers`, and the other modules that returned a value of
+    the path: ``wiring.passed``, an ``nn.Identity`` or a ``return x * 2``); none for a layer without a
+    predecessor."""
     if not wiring.sources:
         return ()
     found: dict[str, tuple[bool, bool, bool]] = {wiring.name: _OWN_HOOKS}
     for path in wiring.sources:
         found.update({name: _SOURCE_HOOKS for name in path.normalizations() if name not in found})
         found.update({name: _STEP_HOOKS for name in path_modules(path) if name not in found})
-    found.update({name: _STEP_HOOKS for name in wiring.passed if name not in found})
     sequences = [[*sequence, wiring.name] for path in wiring.sources for sequence in path_sequences(path)]
     for name, kinds in _crossed_containers(sequences).items():
         if name not in found:
             found[name] = kinds
+    found.update({name: _STEP_HOOKS for name in wiring.passed if name not in found})  # after containers: their kinds
     return tuple(found.items())
 
 

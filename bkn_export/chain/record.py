@@ -248,9 +248,9 @@ class LayerRecord:
     calls: how many times the layer ran in the example forward; republished: (source, n) for each source that
     published n > 1 times before each of its calls (:func:`_republished`); repeats: (source, n) for every source,
     how often it published between two calls of the layer, where that was the same between every two
-    (:func:`_repeats`). passed: the modules that returned a value on the layer's paths unchanged (an ``nn.Identity``, a
-    block whose forward returns its input): they record no step, yet a hook added to one later changes what reaches
-    the layer (:func:`_passed_through`).
+    (:func:`_repeats`). passed: the modules that returned a value on the layer's paths, unchanged (an ``nn.Identity``,
+    a block whose forward returns its input) or computed by tensor operators (``return x * 2``): no step names them,
+    yet a hook added to one later changes what reaches the layer (:func:`_passed_through`).
     """
 
     name: str
@@ -654,7 +654,7 @@ class _Recorder(TorchFunctionMode):
         self.nodes: list[_Node] = []  # keeps every node alive (and its id unique) for the walks
         self.kinds: list[str | None] = []  # per running module: its leaf kind (None: not a leaf we know)
         self.entries: list[tuple[_Node, ...]] = []  # per running module: its inputs' producers when it was called
-        #: id(node) -> the modules that returned that node's value unchanged (:func:`_passed_through`)
+        #: id(node) -> the modules that returned that node's value, unchanged or computed (:meth:`_note_passed`)
         self.passed: dict[int, list[str]] = {}
         self.probed: dict[int, Elementwise | Identity | None] = {}  # id(module) -> the step its forward computes
         self.probe_failed: dict[int, Elementwise | Identity] = {}  # id(module) -> its probe's step, not the example's
@@ -786,16 +786,18 @@ class _Recorder(TorchFunctionMode):
         return hook
 
     def _note_passed(self, name: str, entries: tuple[_Node, ...], output: Any) -> None:
-        """Note module ``name`` for each of its outputs that holds a value one of its inputs held when it was called
-        (``entries``: their producers then; the same tensor, or one a view or ``contiguous`` gave), wherever they sit
-        in its arguments and results (``m(mask, x)`` returning ``(aux, x)``): a module that returned an input
-        unchanged records no step, yet a hook on it changes what the path carries (the root aside: its hooks see the
-        model's inputs and outputs)."""
-        if not name or not entries:
+        """Note module ``name`` for each recorded value it returned (``output``'s tensors, wherever they sit in its
+        results: ``(aux, x)``): one of its inputs unchanged (``entries``: their producers when it was called; the same
+        tensor, or one a view or ``contiguous`` gave), or one computed in it from tensor operators that record steps
+        with no module name (``return x * 2``). Either way a hook on it changes what a path through that value
+        carries, and no step of the path names it (the root aside: its hooks see the model's inputs and outputs)."""
+        if not name:
             return
         for out in _tensors(output):
             node = self.producer(out)
-            if node is not None and any(node is entry for entry in entries):
+            if node is None or (node.kind == "step" and getattr(node.step, "module", None) == name):
+                continue  # not recorded, or the module's own step (which names it)
+            if node.kind == "step" or any(node is entry for entry in entries):
                 names = self.passed.setdefault(id(node), [])
                 if name not in names:
                     names.append(name)
@@ -2371,7 +2373,7 @@ _NOTHING_PASSED: Mapping[int, Sequence[str]] = {}
 
 
 def _passed_through(nodes: Iterable[_Node | None], passed: Mapping[int, Sequence[str]]) -> tuple[str, ...]:
-    """The modules that returned unchanged a value that the walk from ``nodes`` (a layer's inputs) follows: of every
+    """The modules that returned a value that the walk from ``nodes`` (a layer's inputs) follows: of every
     step, concatenation and sum node on the way and of the normalization outputs it reaches (``passed``: id(node) →
     names, :meth:`_Recorder._note_passed`). A module called on such a value counts whether or not its output is the
     one the path's next step read (``y = identity(x)`` then ``conv(x)``: the same tensor, which the recording cannot

@@ -284,9 +284,11 @@ def plan_wiring(
     position = order.get(name, -1)
 
     def wiring(kind: str | None, sources: tuple[SourcePath, ...], combine: str, previous: int = 0) -> Wiring:
+        named = {n for path in sources for n in (*path.normalizations(), *path_modules(path))}
+        passed = tuple(n for n in record.passed if n not in named and n != name) if sources else ()
         return Wiring(
             name, kind, sources, combine, options.prior_source, previous, position, tuple(notes), record.calls,
-            record.republished, record.repeats, record.passed,
+            record.republished, record.repeats, passed,
         )  # fmt: skip
 
     def first_in_chain(*why: str) -> Wiring:

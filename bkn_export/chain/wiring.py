@@ -51,8 +51,8 @@ class Wiring:
     (a source called three times, the layer reading its last call): no warning where a forward does the same;
     repeats: (source, n) for every source, how often it published between two calls of the layer in the example
     forward (empty where the layer ran once or the counts differed): a call beyond ``calls`` keeps its prior only
-    where its sources published so since the layer's last call. passed: the modules that returned a value on the
-    layer's paths unchanged (no step of a path names them: :attr:`~bkn_export.chain.record.LayerRecord.passed`),
+    where its sources published so since the layer's last call. passed: the other modules that returned a value on
+    the layer's paths (no step of a path names them: :attr:`~bkn_export.chain.record.LayerRecord.passed`),
     whose hooks the prediction assumes as wired all the same; not kept in a checkpoint (:func:`saved_form`).
     """
 
