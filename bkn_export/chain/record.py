@@ -788,19 +788,23 @@ class _Recorder(TorchFunctionMode):
     def _note_passed(self, name: str, entries: tuple[_Node, ...], output: Any) -> None:
         """Note module ``name`` for each recorded value it returned (``output``'s tensors, wherever they sit in its
         results: ``(aux, x)``): one of its inputs unchanged (``entries``: their producers when it was called; the same
-        tensor, or one a view or ``contiguous`` gave), or one computed in it from tensor operators that record steps
-        with no module name (``return x * 2``). Either way a hook on it changes what a path through that value
-        carries, and no step of the path names it (the root aside: its hooks see the model's inputs and outputs)."""
+        tensor, or one a view or ``contiguous`` gave), or one computed in it from tensor operators that name no module
+        (``return x * 2``, ``a + b``, ``torch.cat``, ``F.pad``: :data:`_COMPUTED`). Either way a hook on it changes
+        what a path through that value carries, and no step of the path names it (the root aside: its hooks see the
+        model's inputs and outputs)."""
         if not name:
             return
         for out in _tensors(output):
             node = self.producer(out)
             if node is None or (node.kind == "step" and getattr(node.step, "module", None) == name):
                 continue  # not recorded, or the module's own step (which names it)
-            if node.kind == "step" or any(node is entry for entry in entries):
-                names = self.passed.setdefault(id(node), [])
-                if name not in names:
-                    names.append(name)
+            if node.kind in _COMPUTED or any(node is entry for entry in entries):
+                # A pad the next conv folds in: that conv's step reads the pad's input, where the walk finds it.
+                padded = node.inputs[0][0] if node.kind == "pad" and node.inputs else None
+                for noted in (node,) if padded is None else (node, padded):
+                    names = self.passed.setdefault(id(noted), [])
+                    if name not in names:
+                        names.append(name)
 
     def _unseen_outputs(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         """An unrecognised module whose outputs no recorded op produced (custom autograd
@@ -2368,6 +2372,10 @@ def _repeats(call: _NormCall, names: Iterable[str], places: Mapping[str, Sequenc
     return tuple(pattern)
 
 
+#: Nodes a module computes with tensor operators that name no module (``x * 2``, ``a + b``, ``torch.cat``, ``F.pad``):
+#: a module that returns one is noted by :meth:`_Recorder._note_passed`.
+_COMPUTED = frozenset({"step", "sum", "concat", "pad"})
+
 #: No module returned a recorded value unchanged (:func:`_passed_through`).
 _NOTHING_PASSED: Mapping[int, Sequence[str]] = {}
 
@@ -2389,7 +2397,7 @@ def _passed_through(nodes: Iterable[_Node | None], passed: Mapping[int, Sequence
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if current.kind not in ("norm", "step", "concat", "sum"):
+        if current.kind not in ("norm", "step", "concat", "sum", "pad"):
             continue
         found.update(dict.fromkeys(passed.get(id(current), ())))
         if current.kind != "norm":

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
@@ -493,12 +494,26 @@ def _keys_change(kind: str, wired: Iterable[int], now: Iterable[int]) -> list[st
 class GlobalHooks(NamedTuple):
     """The keys of torch's global forward pre-hooks and forward hooks (``register_module_forward_pre_hook``,
     ``register_module_forward_hook``: they run around every module's forward), the library's own aside
-    (:func:`library_hook`), and the process that took them: a key is a counter of that process (another process
-    numbers its hooks from 0 again), so in another one only how many there are can be compared."""
+    (:func:`library_hook`), and the process that took them (:data:`_PROCESS`): a key is a counter of that process
+    (another process numbers its hooks from 0 again), so in another one only how many there are can be compared."""
 
     pre_hooks: frozenset[int]
     hooks: frozenset[int]
-    process: int = -1
+    process: str = ""
+
+
+#: This process's token for :class:`GlobalHooks`: random, not its pid (a container's processes reuse pids: each is
+#: pid 1 in its own namespace), and new in a forked child (whose own hooks then number on from its parent's).
+_PROCESS = uuid.uuid4().hex
+
+
+def _new_process_token() -> None:
+    global _PROCESS
+    _PROCESS = uuid.uuid4().hex
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_process_token)
 
 
 def global_hooks() -> GlobalHooks:
@@ -507,7 +522,7 @@ def global_hooks() -> GlobalHooks:
     return GlobalHooks(
         frozenset(key for key, hook in pre.items() if not library_hook(hook)),
         frozenset(key for key, hook in post.items() if not library_hook(hook)),
-        os.getpid(),
+        _PROCESS,
     )
 
 
@@ -522,7 +537,7 @@ def global_hook_change(wired: GlobalHooks) -> str | None:
     and with no global hook then or now, nothing is allocated. Taken in another process (a model pickled there),
     only the numbers of hooks are compared: one hook replaced by another is not seen then."""
     pre, post = torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks
-    same_process = wired.process == os.getpid()
+    same_process = wired.process == _PROCESS
     if same_process and _same_keys(pre, wired.pre_hooks) and _same_keys(post, wired.hooks):
         return None
     now = global_hooks()

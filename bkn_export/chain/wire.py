@@ -284,8 +284,14 @@ def plan_wiring(
     position = order.get(name, -1)
 
     def wiring(kind: str | None, sources: tuple[SourcePath, ...], combine: str, previous: int = 0) -> Wiring:
+        # Not the path's own step modules and sources, nor the layer and the blocks that hold it: a block around the
+        # layer that returns a value of the path (a U-Net encoder's skip features) does so after the layer ran.
         named = {n for path in sources for n in (*path.normalizations(), *path_modules(path))}
-        passed = tuple(n for n in record.passed if n not in named and n != name) if sources else ()
+        passed = (
+            tuple(n for n in record.passed if n not in named and n != name and not name.startswith(f"{n}."))
+            if sources
+            else ()
+        )
         return Wiring(
             name, kind, sources, combine, options.prior_source, previous, position, tuple(notes), record.calls,
             record.republished, record.repeats, passed,
