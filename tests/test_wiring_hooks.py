@@ -590,6 +590,14 @@ def test_a_hook_added_after_wiring_on_a_pass_through_module_is_named(
     assert named in message
 
 
+def _convert_quietly(model: nn.Module) -> nn.Module:
+    """``model`` converted and wired on a (2, 3, 8, 8) example, its wiring warnings ignored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    return model
+
+
 class _Second(nn.Module):
     """Passes the path's value on in second place: returns ``(summary, x)`` from ``x``, or ``x`` from ``(mask, x)``."""
 
@@ -618,10 +626,7 @@ def test_a_value_passed_through_in_second_place_is_compared_too(place: str) -> N
     second place; only first inputs and outputs were looked at, so a ×3 hook on it after wiring was not named (a
     review measured the prior's variance at 0.11 of the batch's, against 0.95)."""
     torch.manual_seed(0)
-    model = _PassedSecond(place)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    model = _convert_quietly(_PassedSecond(place))
     assert model.bn1.chain.wiring.passed == ("passing",)
     assert _train_step_warnings(model) == []
     if place == "output":
@@ -668,10 +673,7 @@ def test_a_module_returning_a_sum_concat_or_pad_is_compared(how: str) -> None:
     (folded into the next conv) was not, and a ×3 hook on it left the prior's variance a ninth of the batch's with no
     word (a review of 2026-12-08)."""
     torch.manual_seed(0)
-    model = _Combining(how)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    model = _convert_quietly(_Combining(how))
     assert model.bn1.chain.wiring.passed == ("m",)
     model.m.register_forward_hook(lambda mod, args, out: out * 3)
     (message,) = _train_step_warnings(model)
@@ -705,10 +707,7 @@ def test_a_block_holding_the_layer_is_not_compared_for_returning_a_value_of_its_
     """The block returns its skip feature, a value of ``bn2``'s path, after ``bn2`` ran: a hook on it (a feature
     capture) cannot change that prior, and is not named (it was, for a moment of 2026-12-08's session)."""
     torch.manual_seed(0)
-    model = _Encoder()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_batchnorm(model, torch.randn(2, 3, 8, 8))
+    model = _convert_quietly(_Encoder())
     assert "down" not in model.down.bn2.chain.wiring.passed
     model.down.register_forward_hook(lambda mod, args, out: (out[0], out[1] * 3))
     with warnings.catch_warnings(record=True) as caught:
