@@ -302,8 +302,8 @@ class PriorTime:
 def prior_times(model: nn.Module, step: Callable[[], None], steps: int, repeats: int) -> list[PriorTime]:
     """Time every BKN layer's ``_prior`` in ``steps`` train steps of ``model`` (``step`` steps it; two untimed
     steps first), then once more with each call repeated ``repeats`` times warm (:class:`PriorTime`, per call; the
-    totals per step weigh each layer by its calls). The step's
-    values are those of an untimed step: the timed call's own result goes on, the repeats' are dropped."""
+    totals per step weigh each layer by its calls). The step's values are those of an untimed step: the call's own
+    result goes on, the repeats' are dropped."""
     from bkn_export.chain.scope import scratch_for
     from bkn_export.nn import _BatchKalmanNorm
 
@@ -315,18 +315,18 @@ def prior_times(model: nn.Module, step: Callable[[], None], steps: int, repeats:
     prior = _BatchKalmanNorm._prior
 
     def timed(layer: _BatchKalmanNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        name = names.get(layer, type(layer).__name__)
         root = getattr(layer.chain, "root", None)
         scratch = scratch_for(root) if repeating and root is not None else None
-        before = None if scratch is None else dict(scratch.predictions)
-        start = time.perf_counter()
-        result = prior(layer, x)
-        elapsed = time.perf_counter() - start
-        name = names.get(layer, type(layer).__name__)
-        if scratch is None or before is None:
+        if scratch is None:
+            start = time.perf_counter()
+            result = prior(layer, x)
             if not repeating:
-                in_network[name] = in_network.get(name, 0.0) + elapsed
+                in_network[name] = in_network.get(name, 0.0) + time.perf_counter() - start
                 calls[name] = calls.get(name, 0) + 1
             return result
+        before = dict(scratch.predictions)
+        result = prior(layer, x)
         after = dict(scratch.predictions)
         samples = warm.setdefault(name, [])
         for _ in range(repeats):

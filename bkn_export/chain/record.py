@@ -2376,13 +2376,13 @@ def _repeats(call: _NormCall, names: Iterable[str], places: Mapping[str, Sequenc
 #: a module that returns one is noted by :meth:`_Recorder._note_passed`.
 _COMPUTED = frozenset({"step", "sum", "concat", "pad"})
 
-#: No module returned a recorded value unchanged (:func:`_passed_through`).
+#: No module returned a recorded value (:func:`_passed_through`).
 _NOTHING_PASSED: Mapping[int, Sequence[str]] = {}
 
 
 def _passed_through(nodes: Iterable[_Node | None], passed: Mapping[int, Sequence[str]]) -> tuple[str, ...]:
     """The modules that returned a value that the walk from ``nodes`` (a layer's inputs) follows: of every
-    step, concatenation and sum node on the way and of the normalization outputs it reaches (``passed``: id(node) →
+    :data:`_COMPUTED` node on the way and of the normalization outputs it reaches (``passed``: id(node) →
     names, :meth:`_Recorder._note_passed`). A module called on such a value counts whether or not its output is the
     one the path's next step read (``y = identity(x)`` then ``conv(x)``: the same tensor, which the recording cannot
     tell apart); a hook added to it later is then named though the prior may not depend on it. Iterative, as
@@ -2397,7 +2397,7 @@ def _passed_through(nodes: Iterable[_Node | None], passed: Mapping[int, Sequence
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if current.kind not in ("norm", "step", "concat", "sum", "pad"):
+        if current.kind != "norm" and current.kind not in _COMPUTED:
             continue
         found.update(dict.fromkeys(passed.get(id(current), ())))
         if current.kind != "norm":
@@ -2414,7 +2414,7 @@ def _layer_record(
     passed: Mapping[int, Sequence[str]] = _NOTHING_PASSED,
 ) -> LayerRecord:
     """``places``: each normalization module's calls, by their places among all normalization calls; ``passed``: the
-    modules that returned a node's value unchanged, by id(node) (:func:`_passed_through`)."""
+    modules that returned a node's value, by id(node) (:meth:`_Recorder._note_passed`)."""
     each = [_walked(node, shape, walker) for node, shape, _ in call.each]
     combine, sources = each[0]
     fallbacks = list(_fallbacks(sources, combine))

@@ -222,7 +222,7 @@ def _warn_of_rewired_parameters(modules: Mapping[str, nn.Module]) -> None:
 
 def _warn_about_hooks(modules: Mapping[str, nn.Module], wirings: list[Wiring]) -> None:
     """Warn, naming them, about forward (pre-)hooks on the modules a prediction goes through (a path's steps, its
-    source layers, the modules that returned its value unchanged): the recorder follows what a hook computed in the
+    source layers, the other modules that returned a value of it): the recorder follows what a hook computed in the
     eval-mode wiring forward as it follows the forward's own code (its numbers as constants, a module outside the model
     as opaque), so a hook that computes otherwise later (a factor that changes, one that acts only in train mode) is
     predicted as it ran then."""

@@ -98,8 +98,8 @@ def _names(sources: tuple[SourcePath, ...]) -> Iterator[str]:
         yield from source.normalizations()
 
 
-#: Wiring keys a checkpoint does not keep: what only the hook check reads (the modules that returned a path's value
-#: unchanged), which computes nothing, so that a checkpoint saved now is the one an earlier bkn_export saved.
+#: Wiring keys a checkpoint does not keep: what only the hook check reads (the other modules that returned a path's
+#: value), which computes nothing, so that a checkpoint saved now is the one an earlier bkn_export saved.
 _UNSAVED_WIRING_KEYS = frozenset({"passed"})
 
 
